@@ -1,0 +1,210 @@
+//! Multi-head self-attention on packed variable-length sequences, forward and backward.
+//! Layout: qkv [tokens, 3d] = (q | k | v), head h owns columns h·dh..(h+1)·dh of each part.
+//! Every key of an item is valid (packing removed the padding), so no mask is needed.
+//! Saved for backward: the softmax probabilities, per item then head, len × len.
+//! Parallel over items (each owns disjoint rows of every output); within an item, each
+//! head's four products are small GEMMs read in place from the qkv rows via strides.
+
+use rayon::prelude::*;
+
+use super::gemm::{Strided, gemm_strided};
+
+/// Start of each item's probabilities in the packed buffer, and the total size.
+pub fn prob_offsets(offsets: &[usize], heads: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(offsets.len());
+    out.push(0);
+    for w in offsets.windows(2) {
+        let len = w[1] - w[0];
+        out.push(out.last().unwrap() + heads * len * len);
+    }
+    out
+}
+
+/// Split `buf` into consecutive chunks of `unit × (ends[i+1] - ends[i])` elements.
+fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a mut [T]> {
+    let mut parts = Vec::with_capacity(ends.len() - 1);
+    for w in ends.windows(2) {
+        let (head, tail) = buf.split_at_mut((w[1] - w[0]) * unit);
+        parts.push(head);
+        buf = tail;
+    }
+    parts
+}
+
+fn softmax_rows(p: &mut [f32], len: usize) {
+    for row in p.chunks_exact_mut(len) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f32>) {
+    let tokens = offsets[offsets.len() - 1];
+    let d = qkv.len() / tokens.max(1) / 3;
+    let dh = d / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let poff = prob_offsets(offsets, heads);
+    let mut out = vec![0.0; tokens * d];
+    let mut probs = vec![0.0; poff[poff.len() - 1]];
+    let outs = split_by(&mut out, offsets, d);
+    let ps = split_by(&mut probs, &poff, 1);
+    let row3 = Strided::rows(3 * d);
+    outs.into_par_iter()
+        .zip(ps)
+        .enumerate()
+        .for_each(|(b, (out, p))| {
+            let (s, len) = (offsets[b], offsets[b + 1] - offsets[b]);
+            let x = &qkv[s * 3 * d..(s + len) * 3 * d];
+            for h in 0..heads {
+                let p = &mut p[h * len * len..(h + 1) * len * len];
+                let (q, k, v) = (
+                    x[h * dh..].as_ptr(),
+                    x[d + h * dh..].as_ptr(),
+                    x[2 * d + h * dh..].as_ptr(),
+                );
+                // SAFETY: q, k, v address rows 0..len, columns 0..dh of their part of x (row
+                // stride 3d); p is len×len; out's head block is rows 0..len, columns h·dh.. (+dh).
+                unsafe {
+                    // S = scale · Q Kᵀ
+                    gemm_strided(
+                        len,
+                        dh,
+                        len,
+                        scale,
+                        q,
+                        row3,
+                        k,
+                        Strided::transposed(3 * d),
+                        0.0,
+                        p.as_mut_ptr(),
+                        Strided::rows(len),
+                    );
+                }
+                softmax_rows(p, len);
+                unsafe {
+                    // O = P V
+                    gemm_strided(
+                        len,
+                        len,
+                        dh,
+                        1.0,
+                        p.as_ptr(),
+                        Strided::rows(len),
+                        v,
+                        row3,
+                        0.0,
+                        out[h * dh..].as_mut_ptr(),
+                        Strided::rows(d),
+                    );
+                }
+            }
+        });
+    (out, probs)
+}
+
+pub fn backward(
+    qkv: &[f32],
+    probs: &[f32],
+    offsets: &[usize],
+    heads: usize,
+    dout: &[f32],
+) -> Vec<f32> {
+    let tokens = offsets[offsets.len() - 1];
+    let d = qkv.len() / tokens.max(1) / 3;
+    let dh = d / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let poff = prob_offsets(offsets, heads);
+    let mut dqkv = vec![0.0; qkv.len()];
+    let parts = split_by(&mut dqkv, offsets, 3 * d);
+    let row3 = Strided::rows(3 * d);
+    parts.into_par_iter().enumerate().for_each(|(b, dx)| {
+        let (s, len) = (offsets[b], offsets[b + 1] - offsets[b]);
+        let x = &qkv[s * 3 * d..(s + len) * 3 * d];
+        let dout = &dout[s * d..(s + len) * d];
+        let mut ds = vec![0.0f32; len * len];
+        for h in 0..heads {
+            let p = &probs[poff[b] + h * len * len..poff[b] + (h + 1) * len * len];
+            let (q, k, v) = (
+                x[h * dh..].as_ptr(),
+                x[d + h * dh..].as_ptr(),
+                x[2 * d + h * dh..].as_ptr(),
+            );
+            let d_o = dout[h * dh..].as_ptr();
+            let (dq, dk, dv) = (h * dh, d + h * dh, 2 * d + h * dh);
+            // SAFETY: as in forward; dq/dk/dv address disjoint column blocks of dx.
+            unsafe {
+                // dV = Pᵀ dO
+                gemm_strided(
+                    len,
+                    len,
+                    dh,
+                    1.0,
+                    p.as_ptr(),
+                    Strided::transposed(len),
+                    d_o,
+                    Strided::rows(d),
+                    0.0,
+                    dx[dv..].as_mut_ptr(),
+                    row3,
+                );
+                // dP = dO Vᵀ
+                gemm_strided(
+                    len,
+                    dh,
+                    len,
+                    1.0,
+                    d_o,
+                    Strided::rows(d),
+                    v,
+                    Strided::transposed(3 * d),
+                    0.0,
+                    ds.as_mut_ptr(),
+                    Strided::rows(len),
+                );
+            }
+            // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
+            for (dsr, pr) in ds.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
+                let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                for (g, &pij) in dsr.iter_mut().zip(pr) {
+                    *g = pij * (*g - dot) * scale;
+                }
+            }
+            unsafe {
+                // dQ = dS K ; dK = dSᵀ Q
+                gemm_strided(
+                    len,
+                    len,
+                    dh,
+                    1.0,
+                    ds.as_ptr(),
+                    Strided::rows(len),
+                    k,
+                    row3,
+                    0.0,
+                    dx[dq..].as_mut_ptr(),
+                    row3,
+                );
+                gemm_strided(
+                    len,
+                    len,
+                    dh,
+                    1.0,
+                    ds.as_ptr(),
+                    Strided::transposed(len),
+                    q,
+                    row3,
+                    0.0,
+                    dx[dk..].as_mut_ptr(),
+                    row3,
+                );
+            }
+        }
+    });
+    dqkv
+}

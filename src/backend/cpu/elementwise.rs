@@ -1,0 +1,183 @@
+//! Elementwise and row ops: bias, residual, GELU, dropout, row gather/scatter, masking,
+//! segment pooling. Plain loops; rayon where rows are independent and the work is large.
+
+use rayon::prelude::*;
+
+/// Below this many elements a loop is cheaper than waking the thread pool.
+const PAR_MIN: usize = 1 << 15;
+
+pub fn add_bias(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+pub fn bias_bwd(dy: &[f32], dbias: &mut [f32]) {
+    for row in dy.chunks_exact(dbias.len()) {
+        for (d, g) in dbias.iter_mut().zip(row) {
+            *d += g;
+        }
+    }
+}
+
+pub fn add_assign(y: &mut [f32], x: &[f32]) {
+    for (a, b) in y.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+const GELU_C: f32 = 0.797_884_6; // sqrt(2/π)
+const GELU_A: f32 = 0.044_715;
+
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + (GELU_C * (x + GELU_A * x * x * x)).tanh())
+}
+
+pub fn gelu_grad(x: f32) -> f32 {
+    let u = GELU_C * (x + GELU_A * x * x * x);
+    let t = u.tanh();
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * x * x)
+}
+
+pub fn gelu_fwd(x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    if x.len() >= PAR_MIN {
+        y.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(y, x)| {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o = gelu(v);
+                }
+            });
+    } else {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = gelu(v);
+        }
+    }
+    y
+}
+
+pub fn gelu_bwd(x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0.0; x.len()];
+    let body = |dx: &mut [f32], x: &[f32], dy: &[f32]| {
+        for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+            *o = g * gelu_grad(v);
+        }
+    };
+    if x.len() >= PAR_MIN {
+        dx.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096).zip(dy.par_chunks(4096)))
+            .for_each(|(dx, (x, dy))| body(dx, x, dy));
+    } else {
+        body(&mut dx, x, dy);
+    }
+    dx
+}
+
+/// Counter-based hash → uniform in [0, 1): the dropout keep decision of element `i`.
+/// (murmur3's finaliser over seed and index; cheap, and identical on every device.)
+pub fn dropout_uniform(seed: u64, i: u64) -> f32 {
+    let mut h = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+    h ^= h >> 33;
+    (h >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+}
+
+/// Inverted dropout in place: kept elements scaled by 1/(1-p). Used for both directions.
+pub fn dropout(x: &mut [f32], p: f32, seed: u64) {
+    if p <= 0.0 {
+        return;
+    }
+    let scale = 1.0 / (1.0 - p);
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = if dropout_uniform(seed, i as u64) < p {
+            0.0
+        } else {
+            *v * scale
+        };
+    }
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+pub fn l2_normalize_rows(x: &mut [f32], cols: usize) {
+    for row in x.chunks_exact_mut(cols) {
+        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        if n > 0.0 {
+            row.iter_mut().for_each(|v| *v /= n);
+        }
+    }
+}
+
+pub fn gather_rows(table: &[f32], cols: usize, ids: &[u32]) -> Vec<f32> {
+    let mut out = vec![0.0; ids.len() * cols];
+    for (row, &id) in out.chunks_exact_mut(cols).zip(ids) {
+        let id = id as usize;
+        row.copy_from_slice(&table[id * cols..(id + 1) * cols]);
+    }
+    out
+}
+
+pub fn scatter_add_rows(dy: &[f32], cols: usize, ids: &[u32], dtable: &mut [f32]) {
+    for (row, &id) in dy.chunks_exact(cols).zip(ids) {
+        let id = id as usize;
+        add_assign(&mut dtable[id * cols..(id + 1) * cols], row);
+    }
+}
+
+pub fn set_rows(x: &mut [f32], rows: &[u32], value: &[f32]) {
+    let cols = value.len();
+    for &r in rows {
+        let r = r as usize;
+        x[r * cols..(r + 1) * cols].copy_from_slice(value);
+    }
+}
+
+pub fn set_rows_bwd(dx: &mut [f32], rows: &[u32], dvalue: &mut [f32]) {
+    let cols = dvalue.len();
+    for &r in rows {
+        let row = &mut dx[r as usize * cols..(r as usize + 1) * cols];
+        add_assign(dvalue, row);
+        row.fill(0.0);
+    }
+}
+
+pub fn segment_mean_fwd(x: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
+    let items = offsets.len() - 1;
+    let mut y = vec![0.0; items * cols];
+    for (b, out) in y.chunks_exact_mut(cols).enumerate() {
+        let (s, e) = (offsets[b], offsets[b + 1]);
+        for row in x[s * cols..e * cols].chunks_exact(cols) {
+            add_assign(out, row);
+        }
+        let inv = 1.0 / (e - s) as f32;
+        out.iter_mut().for_each(|v| *v *= inv);
+    }
+    y
+}
+
+pub fn segment_mean_bwd(dy: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
+    let mut dx = vec![0.0; offsets[offsets.len() - 1] * cols];
+    for (b, g) in dy.chunks_exact(cols).enumerate() {
+        let (s, e) = (offsets[b], offsets[b + 1]);
+        let inv = 1.0 / (e - s) as f32;
+        for row in dx[s * cols..e * cols].chunks_exact_mut(cols) {
+            for (o, v) in row.iter_mut().zip(g) {
+                *o = v * inv;
+            }
+        }
+    }
+    dx
+}

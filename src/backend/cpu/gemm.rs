@@ -1,0 +1,101 @@
+//! Row-major SGEMM through `matrixmultiply` (packed, AVX2/FMA micro-kernels, threaded).
+//! Transposes are expressed as strides, so no operand is ever copied.
+
+use crate::backend::Gemm;
+
+pub fn gemm(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let Gemm {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        alpha,
+        beta,
+    } = g;
+    debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Strides (row, col) of op(a) [m, k] and op(b) [k, n].
+    let (rsa, csa) = if trans_a {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (rsb, csb) = if trans_b {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    // SAFETY: the slices hold at least m·k, k·n and m·n elements (checked by the callers'
+    // shape validation and the debug assertion above); the strides stay inside them.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// A matrix inside a larger buffer: element (i, j) is at `ptr[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub struct Strided {
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl Strided {
+    pub const fn rows(rs: usize) -> Self {
+        Strided {
+            rs: rs as isize,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major matrix with row stride `rs`.
+    pub const fn transposed(rs: usize) -> Self {
+        Strided {
+            rs: 1,
+            cs: rs as isize,
+        }
+    }
+}
+
+/// `c = alpha·a·b + beta·c` with a [m,k], b [k,n], c [m,n] given by their strides; used for
+/// the per-(item, head) products of attention, read straight out of the packed qkv rows.
+///
+/// # Safety
+/// Every addressed element must lie inside the allocation behind its pointer, and `c` must
+/// not alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    sa: Strided,
+    b: *const f32,
+    sb: Strided,
+    beta: f32,
+    c: *mut f32,
+    sc: Strided,
+) {
+    unsafe {
+        matrixmultiply::sgemm(
+            m, k, n, alpha, a, sa.rs, sa.cs, b, sb.rs, sb.cs, beta, c, sc.rs, sc.cs,
+        )
+    }
+}

@@ -1,0 +1,37 @@
+//! Fused losses: the loss and its gradient in one pass, the gradient written over the logits.
+
+use super::elementwise::sigmoid;
+
+/// Mean over all entries of `max(x,0) − x·y + log(1 + e^{−|x|})` (stable BCE-with-logits).
+/// Gradient of the mean, times `scale`, replaces the logits. Returns the mean loss.
+pub fn bce_with_logits(logits: &mut [f32], targets: &[f32], scale: f32) -> f32 {
+    let n = logits.len().max(1) as f32;
+    let mut loss = 0.0f64;
+    for (x, &y) in logits.iter_mut().zip(targets) {
+        let v = *x;
+        loss += (v.max(0.0) - v * y + (-v.abs()).exp().ln_1p()) as f64;
+        *x = (sigmoid(v) - y) * scale / n;
+    }
+    (loss / n as f64) as f32
+}
+
+/// Mean over rows of `−log softmax(x)[target]`; the gradient of the mean, times `scale`,
+/// replaces the logits. Returns the mean loss.
+pub fn cross_entropy(logits: &mut [f32], classes: usize, targets: &[u32], scale: f32) -> f32 {
+    let n = targets.len().max(1) as f32;
+    let mut loss = 0.0f64;
+    for (row, &t) in logits.chunks_exact_mut(classes).zip(targets) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let t = t as usize;
+        loss += (sum.ln() - (row[t].ln())) as f64;
+        let k = scale / (sum * n);
+        row.iter_mut().for_each(|v| *v *= k);
+        row[t] -= scale / n;
+    }
+    (loss / n as f64) as f32
+}

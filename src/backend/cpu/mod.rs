@@ -1,0 +1,403 @@
+//! The CPU backend: the reference implementation of every op, and the device the tests,
+//! CI and embedded inference run on. Kernels live one concern per file as plain functions
+//! over slices; this file only checks shapes and dispatches.
+
+pub mod attention;
+pub mod elementwise;
+pub mod gemm;
+pub mod gru;
+pub mod layernorm;
+pub mod losses;
+pub mod optim;
+
+use super::{AdamW, Backend, Gemm, GruStep, Segments, expect_len};
+use crate::tensor::{Ids, Tensor, View, ViewMut};
+use crate::{Error, Result};
+
+#[derive(Debug, Default)]
+pub struct Cpu;
+
+impl Cpu {
+    pub fn new() -> Self {
+        Cpu
+    }
+}
+
+fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.shape() != b.shape() {
+        return Err(Error::shape(
+            op,
+            format!("{:?} vs {:?}", a.shape(), b.shape()),
+        ));
+    }
+    Ok(())
+}
+
+fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()> {
+    if x.rows() != seg.tokens() {
+        return Err(Error::shape(
+            op,
+            format!("{} rows for a batch of {} segments", x.rows(), seg.tokens()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_ids(op: &'static str, ids: &[u32], bound: usize) -> Result<()> {
+    if let Some((i, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|&(_, &id)| id as usize >= bound)
+    {
+        return Err(Error::shape(
+            op,
+            format!("index {id} at position {i} is out of range (< {bound})"),
+        ));
+    }
+    Ok(())
+}
+
+impl Backend for Cpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        expect_len("upload", "data", data.len(), shape.iter().product())?;
+        Ok(Tensor::from_cpu(data.to_vec(), shape))
+    }
+
+    fn upload_ids(&mut self, data: &[u32]) -> Result<Ids> {
+        Ok(Ids::from_cpu(data.to_vec()))
+    }
+
+    fn zeros(&mut self, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::from_cpu(vec![0.0; shape.iter().product()], shape))
+    }
+
+    fn download(&mut self, x: View) -> Result<Vec<f32>> {
+        Ok(x.cpu().to_vec())
+    }
+
+    fn fill(&mut self, x: ViewMut, value: f32) -> Result<()> {
+        x.cpu().fill(value);
+        Ok(())
+    }
+
+    fn copy(&mut self, src: View, dst: ViewMut) -> Result<()> {
+        expect_len("copy", "destination", dst.len(), src.len())?;
+        dst.cpu().copy_from_slice(src.cpu());
+        Ok(())
+    }
+
+    fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
+        expect_len("gemm", "a", a.len(), g.m * g.k)?;
+        expect_len("gemm", "b", b.len(), g.k * g.n)?;
+        expect_len("gemm", "c", c.len(), g.m * g.n)?;
+        gemm::gemm(g, a.cpu(), b.cpu(), c.cpu());
+        Ok(())
+    }
+
+    fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()> {
+        expect_len("add_bias", "bias", bias.len(), y.cols())?;
+        elementwise::add_bias(y.cpu_mut(), bias.cpu());
+        Ok(())
+    }
+
+    fn bias_bwd(&mut self, dy: &Tensor, dbias: ViewMut) -> Result<()> {
+        expect_len("bias_bwd", "dbias", dbias.len(), dy.cols())?;
+        elementwise::bias_bwd(dy.cpu(), dbias.cpu());
+        Ok(())
+    }
+
+    fn add_assign(&mut self, y: &mut Tensor, x: &Tensor) -> Result<()> {
+        same_shape("add_assign", y, x)?;
+        elementwise::add_assign(y.cpu_mut(), x.cpu());
+        Ok(())
+    }
+
+    fn scale(&mut self, x: ViewMut, s: f32) -> Result<()> {
+        x.cpu().iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn sum_squares(&mut self, x: View) -> Result<f64> {
+        Ok(optim::sum_squares(x.cpu()))
+    }
+
+    fn gelu_fwd(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::from_cpu(elementwise::gelu_fwd(x.cpu()), x.shape()))
+    }
+
+    fn gelu_bwd(&mut self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        same_shape("gelu_bwd", x, dy)?;
+        Ok(Tensor::from_cpu(
+            elementwise::gelu_bwd(x.cpu(), dy.cpu()),
+            x.shape(),
+        ))
+    }
+
+    fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::config(format!(
+                "dropout probability {p} is not in [0, 1)"
+            )));
+        }
+        elementwise::dropout(x.cpu_mut(), p, seed);
+        Ok(())
+    }
+
+    fn dropout_bwd(&mut self, dy: &mut Tensor, p: f32, seed: u64) -> Result<()> {
+        self.dropout_fwd(dy, p, seed)
+    }
+
+    fn sigmoid(&mut self, x: &Tensor) -> Result<Tensor> {
+        let y = x.cpu().iter().map(|&v| elementwise::sigmoid(v)).collect();
+        Ok(Tensor::from_cpu(y, x.shape()))
+    }
+
+    fn l2_normalize_rows(&mut self, x: &mut Tensor) -> Result<()> {
+        let cols = x.cols();
+        elementwise::l2_normalize_rows(x.cpu_mut(), cols);
+        Ok(())
+    }
+
+    fn gather_rows(&mut self, table: View, cols: usize, ids: &Ids) -> Result<Tensor> {
+        if cols == 0 || table.len() % cols != 0 {
+            return Err(Error::shape(
+                "gather_rows",
+                format!("table of {} values with {cols} columns", table.len()),
+            ));
+        }
+        check_ids("gather_rows", ids.cpu(), table.len() / cols)?;
+        Ok(Tensor::from_cpu(
+            elementwise::gather_rows(table.cpu(), cols, ids.cpu()),
+            &[ids.len(), cols],
+        ))
+    }
+
+    fn scatter_add_rows(&mut self, dy: &Tensor, ids: &Ids, dtable: ViewMut) -> Result<()> {
+        let cols = dy.cols();
+        expect_len("scatter_add_rows", "dy", dy.rows(), ids.len())?;
+        check_ids("scatter_add_rows", ids.cpu(), dtable.len() / cols.max(1))?;
+        elementwise::scatter_add_rows(dy.cpu(), cols, ids.cpu(), dtable.cpu());
+        Ok(())
+    }
+
+    fn set_rows(&mut self, x: &mut Tensor, rows: &Ids, value: View) -> Result<()> {
+        expect_len("set_rows", "value", value.len(), x.cols())?;
+        check_ids("set_rows", rows.cpu(), x.rows())?;
+        elementwise::set_rows(x.cpu_mut(), rows.cpu(), value.cpu());
+        Ok(())
+    }
+
+    fn set_rows_bwd(&mut self, dx: &mut Tensor, rows: &Ids, dvalue: ViewMut) -> Result<()> {
+        expect_len("set_rows_bwd", "dvalue", dvalue.len(), dx.cols())?;
+        check_ids("set_rows_bwd", rows.cpu(), dx.rows())?;
+        elementwise::set_rows_bwd(dx.cpu_mut(), rows.cpu(), dvalue.cpu());
+        Ok(())
+    }
+
+    fn segment_mean_fwd(&mut self, x: &Tensor, seg: &Segments) -> Result<Tensor> {
+        rows_of("segment_mean_fwd", x, seg)?;
+        let y = elementwise::segment_mean_fwd(x.cpu(), x.cols(), &seg.offsets);
+        Ok(Tensor::from_cpu(y, &[seg.items(), x.cols()]))
+    }
+
+    fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {
+        expect_len("segment_mean_bwd", "dy rows", dy.rows(), seg.items())?;
+        let dx = elementwise::segment_mean_bwd(dy.cpu(), dy.cols(), &seg.offsets);
+        Ok(Tensor::from_cpu(dx, &[seg.tokens(), dy.cols()]))
+    }
+
+    fn layernorm_fwd(
+        &mut self,
+        x: &Tensor,
+        gamma: View,
+        beta: View,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        expect_len("layernorm_fwd", "gamma", gamma.len(), x.cols())?;
+        expect_len("layernorm_fwd", "beta", beta.len(), x.cols())?;
+        let (y, stats) = layernorm::forward(x.cpu(), gamma.cpu(), beta.cpu(), eps);
+        Ok((
+            Tensor::from_cpu(y, x.shape()),
+            Tensor::from_cpu(stats, &[x.rows(), 2]),
+        ))
+    }
+
+    fn layernorm_bwd(
+        &mut self,
+        x: &Tensor,
+        stats: &Tensor,
+        gamma: View,
+        dy: &Tensor,
+        dgamma: ViewMut,
+        dbeta: ViewMut,
+    ) -> Result<Tensor> {
+        same_shape("layernorm_bwd", x, dy)?;
+        expect_len("layernorm_bwd", "stats", stats.len(), 2 * x.rows())?;
+        expect_len("layernorm_bwd", "gamma", gamma.len(), x.cols())?;
+        expect_len("layernorm_bwd", "dgamma", dgamma.len(), x.cols())?;
+        expect_len("layernorm_bwd", "dbeta", dbeta.len(), x.cols())?;
+        let dx = layernorm::backward(
+            x.cpu(),
+            stats.cpu(),
+            gamma.cpu(),
+            dy.cpu(),
+            dgamma.cpu(),
+            dbeta.cpu(),
+        );
+        Ok(Tensor::from_cpu(dx, x.shape()))
+    }
+
+    fn attention_fwd(
+        &mut self,
+        qkv: &Tensor,
+        seg: &Segments,
+        heads: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        rows_of("attention_fwd", qkv, seg)?;
+        if qkv.cols() % (3 * heads) != 0 {
+            return Err(Error::shape(
+                "attention_fwd",
+                format!("{} qkv columns for {heads} heads", qkv.cols()),
+            ));
+        }
+        let (out, probs) = attention::forward(qkv.cpu(), &seg.offsets, heads);
+        let n = probs.len();
+        Ok((
+            Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]),
+            Tensor::from_cpu(probs, &[n]),
+        ))
+    }
+
+    fn attention_bwd(
+        &mut self,
+        qkv: &Tensor,
+        probs: &Tensor,
+        seg: &Segments,
+        heads: usize,
+        dout: &Tensor,
+    ) -> Result<Tensor> {
+        rows_of("attention_bwd", qkv, seg)?;
+        rows_of("attention_bwd", dout, seg)?;
+        expect_len("attention_bwd", "dout columns", dout.cols() * 3, qkv.cols())?;
+        let poff = attention::prob_offsets(&seg.offsets, heads);
+        expect_len("attention_bwd", "probs", probs.len(), poff[poff.len() - 1])?;
+        let dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu());
+        Ok(Tensor::from_cpu(dqkv, qkv.shape()))
+    }
+
+    fn gru_step_fwd(
+        &mut self,
+        step: GruStep,
+        seg: &Segments,
+        xproj: &Tensor,
+        hproj: &Tensor,
+        h: &mut Tensor,
+        out: &mut Tensor,
+        gates: &mut Tensor,
+    ) -> Result<()> {
+        let (b, hd) = (seg.items(), step.hidden);
+        rows_of("gru_step_fwd", xproj, seg)?;
+        rows_of("gru_step_fwd", out, seg)?;
+        expect_len("gru_step_fwd", "xproj columns", xproj.cols(), 3 * hd)?;
+        expect_len("gru_step_fwd", "hproj", hproj.len(), b * 3 * hd)?;
+        expect_len("gru_step_fwd", "h", h.len(), b * hd)?;
+        expect_len("gru_step_fwd", "gates", gates.len(), b * 4 * hd)?;
+        if step.out_col + hd > out.cols() {
+            return Err(Error::shape("gru_step_fwd", "output columns too narrow"));
+        }
+        let oc = out.cols();
+        gru::step_fwd(
+            step,
+            &seg.offsets,
+            xproj.cpu(),
+            hproj.cpu(),
+            h.cpu_mut(),
+            out.cpu_mut(),
+            oc,
+            gates.cpu_mut(),
+        );
+        Ok(())
+    }
+
+    fn gru_step_bwd(
+        &mut self,
+        step: GruStep,
+        seg: &Segments,
+        gates: &Tensor,
+        h_prev: &Tensor,
+        dout: &Tensor,
+        dh: &mut Tensor,
+        dxproj: &mut Tensor,
+        dhproj: &mut Tensor,
+    ) -> Result<()> {
+        let (b, hd) = (seg.items(), step.hidden);
+        rows_of("gru_step_bwd", dout, seg)?;
+        rows_of("gru_step_bwd", dxproj, seg)?;
+        expect_len("gru_step_bwd", "gates", gates.len(), b * 4 * hd)?;
+        expect_len("gru_step_bwd", "h_prev", h_prev.len(), b * hd)?;
+        expect_len("gru_step_bwd", "dh", dh.len(), b * hd)?;
+        expect_len("gru_step_bwd", "dhproj", dhproj.len(), b * 3 * hd)?;
+        if step.out_col + hd > dout.cols() {
+            return Err(Error::shape("gru_step_bwd", "output columns too narrow"));
+        }
+        let oc = dout.cols();
+        gru::step_bwd(
+            step,
+            &seg.offsets,
+            gates.cpu(),
+            h_prev.cpu(),
+            dout.cpu(),
+            oc,
+            dh.cpu_mut(),
+            dxproj.cpu_mut(),
+            dhproj.cpu_mut(),
+        );
+        Ok(())
+    }
+
+    fn bce_with_logits(
+        &mut self,
+        logits: &mut Tensor,
+        targets: &Tensor,
+        scale: f32,
+    ) -> Result<f32> {
+        same_shape("bce_with_logits", logits, targets)?;
+        Ok(losses::bce_with_logits(
+            logits.cpu_mut(),
+            targets.cpu(),
+            scale,
+        ))
+    }
+
+    fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
+        expect_len("cross_entropy", "targets", targets.len(), logits.rows())?;
+        let classes = logits.cols();
+        check_ids("cross_entropy", targets.cpu(), classes)?;
+        Ok(losses::cross_entropy(
+            logits.cpu_mut(),
+            classes,
+            targets.cpu(),
+            scale,
+        ))
+    }
+
+    fn adamw(
+        &mut self,
+        params: ViewMut,
+        grads: View,
+        m: ViewMut,
+        v: ViewMut,
+        hp: AdamW,
+    ) -> Result<()> {
+        let n = params.len();
+        expect_len("adamw", "grads", grads.len(), n)?;
+        expect_len("adamw", "m", m.len(), n)?;
+        expect_len("adamw", "v", v.len(), n)?;
+        optim::adamw(params.cpu(), grads.cpu(), m.cpu(), v.cpu(), hp);
+        Ok(())
+    }
+}

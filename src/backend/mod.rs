@@ -1,0 +1,280 @@
+//! The one interface every device implements: each op, forward and backward.
+//!
+//! `model/` and `nn/` call only this trait, so a CUDA backend fills it in without touching
+//! them. Conventions, stated once:
+//! - Activations are row-major `[rows, cols]` f32 tensors; a batch of variable-length
+//!   sequences is packed without padding, item `b` owning rows `offsets[b]..offsets[b+1]`
+//!   (`Segments`). Padding is never computed on.
+//! - Ops that produce a new activation return it; ops named `*_bwd` return the input gradient
+//!   (written, `=`) and accumulate parameter gradients (`+=`) into the views they are given.
+//! - Shapes are checked at this boundary and reported as `Error::Shape` naming the op.
+
+pub mod cpu;
+
+use crate::Result;
+use crate::tensor::{Ids, Tensor, View, ViewMut};
+
+/// `c = alpha · op(a) · op(b) + beta · c`, row-major; op(a) is `[m, k]`, op(b) is `[k, n]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// a is stored `[k, m]` and used transposed.
+    pub trans_a: bool,
+    /// b is stored `[n, k]` and used transposed.
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+/// A batch of variable-length sequences packed row after row.
+#[derive(Clone, Debug)]
+pub struct Segments {
+    /// `offsets[b]..offsets[b+1]` are item b's rows; `offsets[0] = 0`.
+    pub offsets: Vec<usize>,
+    /// The same offsets on the device.
+    pub device: Ids,
+    pub max_len: usize,
+}
+
+impl GruStep {
+    /// The packed row item b reads at this step, or None if the item is idle.
+    pub fn row(&self, offsets: &[usize], b: usize) -> Option<usize> {
+        let len = offsets[b + 1] - offsets[b];
+        if self.s >= len {
+            return None;
+        }
+        Some(
+            offsets[b]
+                + if self.reverse {
+                    len - 1 - self.s
+                } else {
+                    self.s
+                },
+        )
+    }
+}
+
+impl Segments {
+    pub fn from_lengths(b: &mut dyn Backend, lengths: &[usize]) -> Result<Segments> {
+        let mut offsets = Vec::with_capacity(lengths.len() + 1);
+        offsets.push(0);
+        for (i, &l) in lengths.iter().enumerate() {
+            if l == 0 {
+                return Err(crate::Error::data(format!(
+                    "item {i} of a batch has no segment"
+                )));
+            }
+            offsets.push(offsets[i] + l);
+        }
+        let device = b.upload_ids(&offsets.iter().map(|&o| o as u32).collect::<Vec<_>>())?;
+        let max_len = lengths.iter().copied().max().unwrap_or(0);
+        Ok(Segments {
+            offsets,
+            device,
+            max_len,
+        })
+    }
+    pub fn items(&self) -> usize {
+        self.offsets.len() - 1
+    }
+    pub fn tokens(&self) -> usize {
+        *self.offsets.last().unwrap()
+    }
+    pub fn len(&self, item: usize) -> usize {
+        self.offsets[item + 1] - self.offsets[item]
+    }
+}
+
+/// AdamW hyper-parameters of one update over a range of the flat buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step, for bias correction.
+    pub step: u64,
+    /// Multiplies every gradient first (gradient-norm clipping).
+    pub grad_scale: f32,
+}
+
+/// What the GRU step kernels need to find one timestep inside a packed batch.
+#[derive(Clone, Copy, Debug)]
+pub struct GruStep {
+    /// Step of the recurrence (0-based); items with `len <= s` are idle at this step.
+    pub s: usize,
+    /// The reverse direction visits item b's timestep `len_b − 1 − s` at step s.
+    pub reverse: bool,
+    pub hidden: usize,
+    /// Column offset of this direction inside the output rows (0 forward, H reverse).
+    pub out_col: usize,
+}
+
+pub trait Backend {
+    fn name(&self) -> &'static str;
+
+    // ---- memory -------------------------------------------------------------------------
+    fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor>;
+    fn upload_ids(&mut self, data: &[u32]) -> Result<Ids>;
+    fn zeros(&mut self, shape: &[usize]) -> Result<Tensor>;
+    fn download(&mut self, x: View) -> Result<Vec<f32>>;
+    fn fill(&mut self, x: ViewMut, value: f32) -> Result<()>;
+    fn copy(&mut self, src: View, dst: ViewMut) -> Result<()>;
+
+    // ---- dense algebra ------------------------------------------------------------------
+    fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()>;
+    /// `y[r, :] += bias`.
+    fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()>;
+    /// `dbias += Σ_r dy[r, :]`.
+    fn bias_bwd(&mut self, dy: &Tensor, dbias: ViewMut) -> Result<()>;
+    /// `y += x` (the residual stream).
+    fn add_assign(&mut self, y: &mut Tensor, x: &Tensor) -> Result<()>;
+    /// `x *= s`.
+    fn scale(&mut self, x: ViewMut, s: f32) -> Result<()>;
+    /// `Σ x²`, accumulated in f64 on the host side of the reduction.
+    fn sum_squares(&mut self, x: View) -> Result<f64>;
+
+    // ---- elementwise --------------------------------------------------------------------
+    /// GELU, tanh approximation (PyTorch `approximate="tanh"`).
+    fn gelu_fwd(&mut self, x: &Tensor) -> Result<Tensor>;
+    fn gelu_bwd(&mut self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
+    /// Inverted dropout in place; the keep mask is a hash of (seed, element index), so the
+    /// backward pass recomputes it and every device draws the same mask.
+    fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()>;
+    fn dropout_bwd(&mut self, dy: &mut Tensor, p: f32, seed: u64) -> Result<()>;
+    fn sigmoid(&mut self, x: &Tensor) -> Result<Tensor>;
+    /// Each row scaled to unit L2 norm (a zero row stays zero).
+    fn l2_normalize_rows(&mut self, x: &mut Tensor) -> Result<()>;
+
+    // ---- rows ---------------------------------------------------------------------------
+    /// `out[i, :] = table[ids[i], :]` (embedding lookup; also picks masked segments).
+    fn gather_rows(&mut self, table: View, cols: usize, ids: &Ids) -> Result<Tensor>;
+    /// `dtable[ids[i], :] += dy[i, :]`.
+    fn scatter_add_rows(&mut self, dy: &Tensor, ids: &Ids, dtable: ViewMut) -> Result<()>;
+    /// `x[rows[i], :] = value` (the learned [MASK] feature).
+    fn set_rows(&mut self, x: &mut Tensor, rows: &Ids, value: View) -> Result<()>;
+    /// `dvalue += Σ_i dx[rows[i], :]`, then those rows of dx are zeroed.
+    fn set_rows_bwd(&mut self, dx: &mut Tensor, rows: &Ids, dvalue: ViewMut) -> Result<()>;
+    /// Mean over each item's rows: `[tokens, d] -> [items, d]`.
+    fn segment_mean_fwd(&mut self, x: &Tensor, seg: &Segments) -> Result<Tensor>;
+    fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor>;
+
+    // ---- layers -------------------------------------------------------------------------
+    /// LayerNorm over the last dimension; returns y and the saved `[rows, 2]` (mean, rstd).
+    fn layernorm_fwd(
+        &mut self,
+        x: &Tensor,
+        gamma: View,
+        beta: View,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)>;
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd(
+        &mut self,
+        x: &Tensor,
+        stats: &Tensor,
+        gamma: View,
+        dy: &Tensor,
+        dgamma: ViewMut,
+        dbeta: ViewMut,
+    ) -> Result<Tensor>;
+    /// Multi-head self-attention core on packed `qkv [tokens, 3d]` (q | k | v, heads
+    /// contiguous inside each): returns the context `[tokens, d]` and the saved softmax
+    /// probabilities (per item and head, `len × len`, packed).
+    fn attention_fwd(
+        &mut self,
+        qkv: &Tensor,
+        seg: &Segments,
+        heads: usize,
+    ) -> Result<(Tensor, Tensor)>;
+    fn attention_bwd(
+        &mut self,
+        qkv: &Tensor,
+        probs: &Tensor,
+        seg: &Segments,
+        heads: usize,
+        dout: &Tensor,
+    ) -> Result<Tensor>;
+    /// One GRU timestep for every item (gate order r, z, n as in PyTorch):
+    /// `xproj [tokens, 3H]` (input projections incl. b_ih), `hproj [items, 3H]` (W_hh·h + b_hh),
+    /// `h [items, H]` updated in place, the output row of each active item written at
+    /// `out[step.row(b), out_col..out_col + H]`, gates `[items, 4H]` (r, z, n, hproj_n) saved.
+    #[allow(clippy::too_many_arguments)]
+    fn gru_step_fwd(
+        &mut self,
+        step: GruStep,
+        seg: &Segments,
+        xproj: &Tensor,
+        hproj: &Tensor,
+        h: &mut Tensor,
+        out: &mut Tensor,
+        gates: &mut Tensor,
+    ) -> Result<()>;
+    /// Backward of one timestep. `dh [items, H]` holds the gradient flowing into h_t from
+    /// later steps; on return it holds the part of dL/dh_{t-1} that bypasses W_hh
+    /// (the caller adds `dhproj · W_hh`). Writes this step's rows of `dxproj` and `dhproj`.
+    #[allow(clippy::too_many_arguments)]
+    fn gru_step_bwd(
+        &mut self,
+        step: GruStep,
+        seg: &Segments,
+        gates: &Tensor,
+        h_prev: &Tensor,
+        dout: &Tensor,
+        dh: &mut Tensor,
+        dxproj: &mut Tensor,
+        dhproj: &mut Tensor,
+    ) -> Result<()>;
+
+    // ---- losses (fused: loss and gradient in one pass) ---------------------------------
+    /// Mean sigmoid binary cross-entropy over all `[n, C]` entries; the gradient of that
+    /// mean (times `scale`) overwrites the logits.
+    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32)
+    -> Result<f32>;
+    /// Mean softmax cross-entropy over rows; the gradient of that mean (times `scale`)
+    /// overwrites the logits.
+    fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32>;
+
+    // ---- optimizer ----------------------------------------------------------------------
+    fn adamw(
+        &mut self,
+        params: ViewMut,
+        grads: View,
+        m: ViewMut,
+        v: ViewMut,
+        hp: AdamW,
+    ) -> Result<()>;
+}
+
+/// Check that a tensor has the expected element count; name the op and the operand.
+pub(crate) fn expect_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(crate::Error::shape(
+            op,
+            format!("{what} has {got} elements, expected {want}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Open the device named on the command line: `cpu`, `cuda`, or `auto` (CUDA when this
+/// build has it and a GPU is present, else the CPU).
+pub fn open(device: &str) -> Result<Box<dyn Backend>> {
+    match device {
+        "cpu" => Ok(Box::new(cpu::Cpu::new())),
+        "auto" => Ok(Box::new(cpu::Cpu::new())),
+        "cuda" => Err(crate::Error::Device {
+            what: if cfg!(feature = "cuda") {
+                "the CUDA backend is not implemented yet in this version".into()
+            } else {
+                "this build of semshare has no CUDA support (rebuild with `--features cuda`)".into()
+            },
+        }),
+        other => Err(crate::Error::config(format!(
+            "unknown device `{other}` (expected auto, cpu or cuda)"
+        ))),
+    }
+}

@@ -1,0 +1,466 @@
+//! The `semshare` command line: demo, synth, train, eval, embed, score.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use semshare::backend::{self, Backend};
+use semshare::checkpoint::Checkpoint;
+use semshare::data::dataset::Dataset;
+use semshare::data::synth::{SynthConfig, SynthPreset, generate};
+use semshare::eval::{EmbeddingSet, EvalConfig, Report};
+use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
+use semshare::train::{RunOptions, TrainConfig, embed_split, evaluate_split, train};
+use semshare::{Error, Result};
+
+const USAGE: &str = "\
+semshare — label-wise cross-modal retrieval by semantic sharing (Yang et al., IJCAI 2021)
+
+USAGE: semshare <COMMAND> [OPTIONS]
+
+COMMANDS:
+  demo     synthesize data, train, evaluate; prints the trained model against the untrained one
+             [--steps N] [--out DIR] [--seed S] [--device D]
+  synth    write a synthetic dataset
+             --out DIR [--preset balanced|weak-image|weak-text] [--seed S]
+             [--train N] [--val N] [--test N]
+  train    train on a dataset directory
+             --data DIR [--out DIR] [--config FILE.json] [--model small|paper]
+             [--steps N] [--batch N] [--lr X] [--lambda X] [--seed S] [--resume CKPT] [--device D]
+  eval     retrieval metrics of a checkpoint on a split
+             --data DIR --checkpoint CKPT [--split test|val|train] [--embedding pooled|label] [--json] [--device D]
+  embed    write the embeddings of a split (the input of `score`)
+             --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--device D]
+  score    metrics for embeddings produced by any model
+             --embeddings FILE [--json]
+
+  --device auto|cpu|cuda   (default auto: CUDA when built with it and a GPU is present)
+  A config file is JSON: {\"model\": {...}, \"train\": {...}}; flags override it.
+";
+
+/// Parsed `--flag value` pairs and bare `--switch`es, checked against what a command takes.
+struct Args {
+    flags: HashMap<String, String>,
+}
+
+impl Args {
+    fn parse(raw: &[String], takes_value: &[&str], switches: &[&str]) -> Result<Args> {
+        let mut flags = HashMap::new();
+        let mut it = raw.iter();
+        while let Some(a) = it.next() {
+            let name = a
+                .strip_prefix("--")
+                .ok_or_else(|| Error::config(format!("unexpected argument `{a}`")))?;
+            if switches.contains(&name) {
+                flags.insert(name.to_string(), String::new());
+            } else if takes_value.contains(&name) {
+                let v = it
+                    .next()
+                    .ok_or_else(|| Error::config(format!("--{name} needs a value")))?;
+                flags.insert(name.to_string(), v.clone());
+            } else {
+                return Err(Error::config(format!("unknown option --{name}")));
+            }
+        }
+        Ok(Args { flags })
+    }
+    fn get(&self, name: &str) -> Option<&str> {
+        self.flags.get(name).map(String::as_str)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.flags.contains_key(name)
+    }
+    fn need(&self, name: &str) -> Result<&str> {
+        self.get(name)
+            .ok_or_else(|| Error::config(format!("--{name} is required")))
+    }
+    fn path(&self, name: &str) -> Result<PathBuf> {
+        self.need(name).map(PathBuf::from)
+    }
+    fn num<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>> {
+        self.get(name)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| Error::config(format!("--{name}: `{v}` is not a valid number")))
+            })
+            .transpose()
+    }
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match run(&argv) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(argv: &[String]) -> Result<()> {
+    let Some((cmd, rest)) = argv.split_first() else {
+        print!("{USAGE}");
+        return Ok(());
+    };
+    match cmd.as_str() {
+        "demo" => demo(&Args::parse(
+            rest,
+            &["steps", "out", "seed", "device"],
+            &[],
+        )?),
+        "synth" => synth(&Args::parse(
+            rest,
+            &["out", "preset", "seed", "train", "val", "test"],
+            &[],
+        )?),
+        "train" => train_cmd(&Args::parse(
+            rest,
+            &[
+                "data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed",
+                "resume", "device",
+            ],
+            &[],
+        )?),
+        "eval" => eval_cmd(&Args::parse(
+            rest,
+            &["data", "checkpoint", "split", "embedding", "device"],
+            &["json"],
+        )?),
+        "embed" => embed_cmd(&Args::parse(
+            rest,
+            &["data", "checkpoint", "out", "split", "embedding", "device"],
+            &[],
+        )?),
+        "score" => score_cmd(&Args::parse(rest, &["embeddings"], &["json"])?),
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => Err(Error::config(format!(
+            "unknown command `{other}` (try `semshare help`)"
+        ))),
+    }
+}
+
+fn device(args: &Args) -> Result<Box<dyn Backend>> {
+    backend::open(args.get("device").unwrap_or("auto"))
+}
+
+/// Model and training configuration: preset, then the config file, then flags.
+fn configs(args: &Args) -> Result<(ModelConfig, TrainConfig)> {
+    let mut model =
+        serde_json::to_value(ModelConfig::preset(args.get("model").unwrap_or("small"))?)
+            .expect("serialises");
+    let mut train = serde_json::to_value(TrainConfig::default()).expect("serialises");
+    if let Some(path) = args.get("config") {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let file: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        let obj = file
+            .as_object()
+            .ok_or_else(|| Error::format(path, "expected a JSON object"))?;
+        for (key, value) in obj {
+            let target = match key.as_str() {
+                "model" => &mut model,
+                "train" => &mut train,
+                _ => {
+                    return Err(Error::format(
+                        path,
+                        format!("unknown section `{key}` (expected model, train)"),
+                    ));
+                }
+            };
+            let fields = value
+                .as_object()
+                .ok_or_else(|| Error::format(path, format!("`{key}` must be an object")))?;
+            for (k, v) in fields {
+                target[k] = v.clone();
+            }
+        }
+    }
+    let bad = |e: serde_json::Error| Error::config(e.to_string());
+    let mut model: ModelConfig = serde_json::from_value(model).map_err(bad)?;
+    let mut train: TrainConfig = serde_json::from_value(train).map_err(bad)?;
+    if let Some(v) = args.num("steps")? {
+        train.steps = v;
+    }
+    if let Some(v) = args.num("batch")? {
+        train.batch_size = v;
+    }
+    if let Some(v) = args.num("lr")? {
+        train.lr = v;
+    }
+    if let Some(v) = args.num("seed")? {
+        train.seed = v;
+    }
+    if let Some(v) = args.num("lambda")? {
+        model.lambda = v;
+    }
+    Ok((model, train))
+}
+
+/// The model's vocabulary, labels and object classes come from the dataset.
+fn fit_to_data(model: &mut ModelConfig, data: &Dataset) {
+    model.vocab = data.meta.vocab_size();
+    model.labels = data.meta.num_labels;
+    model.region_dim = data.meta.feature_dim;
+    model.object_classes = data.meta.num_object_classes.max(1);
+    model.max_regions = data.meta.regions;
+    model.max_tokens = data.meta.max_tokens;
+}
+
+fn load_data(args: &Args) -> Result<Dataset> {
+    let dir = args.path("data")?;
+    if !dir.is_dir() {
+        return Err(Error::config(format!(
+            "data directory {} does not exist",
+            dir.display()
+        )));
+    }
+    Dataset::load(&dir)
+}
+
+fn split_of<'a>(data: &'a Dataset, args: &Args) -> Result<&'a semshare::data::dataset::Split> {
+    match args.get("split").unwrap_or("test") {
+        "train" => Ok(&data.train),
+        "val" => Ok(&data.val),
+        "test" => Ok(&data.test),
+        s => Err(Error::config(format!(
+            "unknown split `{s}` (expected train, val or test)"
+        ))),
+    }
+}
+
+fn synth(args: &Args) -> Result<()> {
+    let preset: SynthPreset = args.get("preset").unwrap_or("balanced").parse()?;
+    let mut cfg = SynthConfig::preset(preset, args.num("seed")?.unwrap_or(0));
+    if let Some(n) = args.num("train")? {
+        cfg.train = n;
+    }
+    if let Some(n) = args.num("val")? {
+        cfg.val = n;
+    }
+    if let Some(n) = args.num("test")? {
+        cfg.test = n;
+    }
+    let out = args.path("out")?;
+    let data = generate(&cfg)?;
+    data.save(&out)?;
+    println!(
+        "wrote {} ({} / {} / {} images in train / val / test) to {}",
+        data.meta.name,
+        data.train.num_images(),
+        data.val.num_images(),
+        data.test.num_images(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn train_cmd(args: &Args) -> Result<()> {
+    let mut dev = device(args)?;
+    let data = load_data(args)?;
+    let (mut model, cfg) = configs(args)?;
+    fit_to_data(&mut model, &data);
+    let opts = RunOptions {
+        out_dir: args
+            .get("out")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("runs/latest")),
+        resume: args.get("resume").map(PathBuf::from),
+        progress: true,
+    };
+    let s = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
+    println!(
+        "trained {} steps in {:.1}s on {}: final loss {:.4}, best validation NDCG@{} {:.2} at step {} ({})",
+        s.steps,
+        s.seconds,
+        dev.name(),
+        s.final_loss,
+        cfg.eval_k,
+        s.best_ndcg,
+        s.best_step,
+        s.best_checkpoint.display()
+    );
+    Ok(())
+}
+
+fn load_model(dev: &mut dyn Backend, path: &Path) -> Result<(SemShare, semshare::tensor::Tensor)> {
+    let ckpt = Checkpoint::load(path)?;
+    let net = SemShare::new(&ckpt.model)?;
+    let params = net.store.upload(dev, &ckpt.params)?;
+    Ok((net, params))
+}
+
+fn eval_cmd(args: &Args) -> Result<()> {
+    let mut dev = device(args)?;
+    let data = load_data(args)?;
+    let (net, params) = load_model(dev.as_mut(), &args.path("checkpoint")?)?;
+    semshare::train::check_fits(&data, &net.cfg)?;
+    let kind: EmbeddingKind = args.get("embedding").unwrap_or("pooled").parse()?;
+    let report = evaluate_split(
+        dev.as_mut(),
+        &net,
+        &params,
+        &data,
+        split_of(&data, args)?,
+        kind,
+        &EvalConfig::default(),
+    )?;
+    print_report(&report, args.has("json"));
+    Ok(())
+}
+
+fn embed_cmd(args: &Args) -> Result<()> {
+    let mut dev = device(args)?;
+    let data = load_data(args)?;
+    let (net, params) = load_model(dev.as_mut(), &args.path("checkpoint")?)?;
+    semshare::train::check_fits(&data, &net.cfg)?;
+    let kind: EmbeddingKind = args.get("embedding").unwrap_or("pooled").parse()?;
+    let split = split_of(&data, args)?;
+    let (ie, te, dim) = embed_split(dev.as_mut(), &net, &params, &data, split, kind)?;
+    let c = data.meta.num_labels;
+    let set = EmbeddingSet::new(
+        ie,
+        split.labels.clone(),
+        te,
+        split.text_labels(c),
+        dim,
+        c,
+        Some(split.text_item.clone()),
+    )?;
+    let out = args.path("out")?;
+    set.save(&out)?;
+    println!(
+        "wrote {} image and {} text embeddings of width {dim} to {}",
+        split.num_images(),
+        split.num_texts(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn score_cmd(args: &Args) -> Result<()> {
+    let set = EmbeddingSet::load(&args.path("embeddings")?)?;
+    print_report(&set.evaluate(&EvalConfig::default())?, args.has("json"));
+    Ok(())
+}
+
+fn print_report(r: &Report, json: bool) {
+    if json {
+        println!("{}", r.to_json());
+    } else {
+        print!("{}", r.table());
+    }
+}
+
+fn demo(args: &Args) -> Result<()> {
+    let mut dev = device(args)?;
+    let seed = args.num("seed")?.unwrap_or(0);
+    let out = args
+        .get("out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("semshare-demo"));
+    let mut synth_cfg = SynthConfig::preset(SynthPreset::Balanced, seed);
+    (synth_cfg.train, synth_cfg.val, synth_cfg.test) = (2000, 300, 600);
+    eprintln!(
+        "synthesizing {} / {} / {} images (balanced preset, seed {seed}) ...",
+        synth_cfg.train, synth_cfg.val, synth_cfg.test
+    );
+    let data = generate(&synth_cfg)?;
+    let mut model = ModelConfig::small();
+    fit_to_data(&mut model, &data);
+    let cfg = TrainConfig {
+        steps: args.num("steps")?.unwrap_or(600),
+        eval_every: 200,
+        seed,
+        warmup: 50,
+        ..TrainConfig::default()
+    };
+    let eval_cfg = EvalConfig::default();
+    let untrained = SemShare::new(&model)?;
+    let init = untrained
+        .store
+        .upload(dev.as_mut(), &untrained.store.init_values(seed))?;
+    let before = evaluate_split(
+        dev.as_mut(),
+        &untrained,
+        &init,
+        &data,
+        &data.test,
+        EmbeddingKind::Pooled,
+        &eval_cfg,
+    )?;
+    eprintln!(
+        "training the `small` model for {} steps of {} pairs on {} ...",
+        cfg.steps,
+        cfg.batch_size,
+        dev.name()
+    );
+    let opts = RunOptions {
+        out_dir: out.clone(),
+        resume: None,
+        progress: true,
+    };
+    let summary = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
+    let (net, params) = load_model(dev.as_mut(), &summary.best_checkpoint)?;
+    let after = evaluate_split(
+        dev.as_mut(),
+        &net,
+        &params,
+        &data,
+        &data.test,
+        EmbeddingKind::Pooled,
+        &eval_cfg,
+    )?;
+    println!(
+        "\nsemshare demo: {} test images / {} texts, trained {} steps in {:.0}s",
+        data.test.num_images(),
+        data.test.num_texts(),
+        summary.steps,
+        summary.seconds
+    );
+    println!(
+        "{:<10}{:>12}{:>12}{:>12}{:>12}",
+        "metric", "untrained", "trained", "I2T", "T2I"
+    );
+    let row = |name: &str, f: &dyn Fn(&Report) -> f64, i2t: f64, t2i: f64| {
+        println!(
+            "{name:<10}{:>12.2}{:>12.2}{:>12.2}{:>12.2}",
+            f(&before),
+            f(&after),
+            i2t,
+            t2i
+        );
+    };
+    for k in [10, 100, 500] {
+        let get = |r: &Report| r.avg.ndcg_at(k).unwrap_or(0.0);
+        row(
+            &format!("NDCG@{k}"),
+            &get,
+            after.i2t.ndcg_at(k).unwrap_or(0.0),
+            after.t2i.ndcg_at(k).unwrap_or(0.0),
+        );
+    }
+    row(
+        "mAP@all",
+        &|r: &Report| r.avg.map_all,
+        after.i2t.map_all,
+        after.t2i.map_all,
+    );
+    for k in [1, 5, 10] {
+        let get = |r: &Report| r.avg.recall_at(k).unwrap_or(0.0);
+        row(
+            &format!("R@{k}"),
+            &get,
+            after.i2t.recall_at(k).unwrap_or(0.0),
+            after.t2i.recall_at(k).unwrap_or(0.0),
+        );
+    }
+    println!(
+        "(untrained/trained: average of I2T and T2I; best checkpoint: {})",
+        summary.best_checkpoint.display()
+    );
+    Ok(())
+}

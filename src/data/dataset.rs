@@ -1,0 +1,1118 @@
+//! In-memory dataset and its plain on-disk form (DESIGN.md §6).
+//!
+//! A dataset directory holds:
+//!
+//! - `dataset.json` — the manifest: `format` = `"semshare-dataset"`, `version` = 1, the meta fields
+//!   (`name`, `regions` R, `feature_dim` Dr, `max_tokens` T, `num_labels` C,
+//!   `num_object_classes` K_obj, `vocab_size` V), `vocab_file`, `labels_file`, and `splits`:
+//!   for each of `train`, `val`, `test` the shard file name, its image and text counts, its size
+//!   in bytes and a checksum of the whole shard file (`"fnv1a64x4:<16 hex digits>"`, see
+//!   [`checksum`]).
+//! - `vocab.txt` — one token per line, id = line number; ids 0, 1, 2 are `[PAD]`, `[UNK]`, `[MASK]`.
+//! - `labels.txt` — one label name per line, in label column order.
+//! - one safetensors shard per split (`train.safetensors`, …) with the tensors
+//!
+//! | tensor | shape | dtype |
+//! |---|---|---|
+//! | `image.features` | [N, R, Dr] | f32 (f16 and bf16 are read too) |
+//! | `image.boxes` | [N, R, 5] | f32, (x1/W, y1/H, x2/W, y2/H, area/(W·H)) |
+//! | `image.count` | [N] | u16, valid regions per image, 1..=R |
+//! | `image.classes` | [N, R] | u16, optional, object class < K_obj |
+//! | `text.tokens` | [M, T] | u32, 0-padded after `text.length` |
+//! | `text.length` | [M] | u16, 1..=T |
+//! | `text.item` | [M] | u32, image index of each text (optional when M = N: text i ↔ image i) |
+//! | `labels` | [N, C] | u8, 0/1, ≥ 1 label per image |
+//!
+//! Everything read is validated; every error names the file, the tensor and, where it applies,
+//! the item. The memory-mapped shard reader (a later issue) uses the same names and checks.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorInfo, View};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The manifest file of a dataset directory.
+pub const MANIFEST_FILE: &str = "dataset.json";
+/// The `format` field of the manifest.
+pub const FORMAT_NAME: &str = "semshare-dataset";
+/// The manifest version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Reserved vocabulary ids.
+pub const PAD: u32 = 0;
+pub const UNK: u32 = 1;
+pub const MASK: u32 = 2;
+/// The reserved tokens, in id order.
+pub const RESERVED_TOKENS: [&str; 3] = ["[PAD]", "[UNK]", "[MASK]"];
+/// The split names, in manifest order.
+pub const SPLIT_NAMES: [&str; 3] = ["train", "val", "test"];
+
+/// Tensor names of a shard (DESIGN.md §6).
+pub mod tensor {
+    pub const IMAGE_FEATURES: &str = "image.features";
+    pub const IMAGE_BOXES: &str = "image.boxes";
+    pub const IMAGE_COUNT: &str = "image.count";
+    pub const IMAGE_CLASSES: &str = "image.classes";
+    pub const TEXT_TOKENS: &str = "text.tokens";
+    pub const TEXT_LENGTH: &str = "text.length";
+    pub const TEXT_ITEM: &str = "text.item";
+    pub const LABELS: &str = "labels";
+    pub const ALL: [&str; 8] = [
+        IMAGE_FEATURES,
+        IMAGE_BOXES,
+        IMAGE_COUNT,
+        IMAGE_CLASSES,
+        TEXT_TOKENS,
+        TEXT_LENGTH,
+        TEXT_ITEM,
+        LABELS,
+    ];
+}
+use tensor::*;
+
+/// What a dataset is made of: shapes, vocabulary, label names.
+#[derive(Clone, PartialEq)]
+pub struct Meta {
+    pub name: String,
+    /// R: region slots per image.
+    pub regions: usize,
+    /// Dr: region feature width.
+    pub feature_dim: usize,
+    /// T: token slots per text.
+    pub max_tokens: usize,
+    /// C: labels.
+    pub num_labels: usize,
+    /// K_obj: object classes of regions (0 when no split has classes).
+    pub num_object_classes: usize,
+    /// The vocabulary; 0 [PAD], 1 [UNK], 2 [MASK].
+    pub vocab: Vec<String>,
+    /// C label names.
+    pub label_names: Vec<String>,
+}
+
+impl Meta {
+    /// V: vocabulary size, reserved ids included.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.len()
+    }
+}
+
+impl fmt::Debug for Meta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Meta")
+            .field("name", &self.name)
+            .field("regions", &self.regions)
+            .field("feature_dim", &self.feature_dim)
+            .field("max_tokens", &self.max_tokens)
+            .field("num_labels", &self.num_labels)
+            .field("num_object_classes", &self.num_object_classes)
+            .field("vocab_size", &self.vocab.len())
+            .field("label_names", &self.label_names)
+            .finish()
+    }
+}
+
+/// One split: N images and M texts, row-major, shapes as in the module table.
+#[derive(Clone, Default, PartialEq)]
+pub struct Split {
+    /// [N, R, Dr]
+    pub image_features: Vec<f32>,
+    /// [N, R, 5]
+    pub image_boxes: Vec<f32>,
+    /// [N], each in 1..=R
+    pub image_count: Vec<u16>,
+    /// [N, R], each < K_obj
+    pub image_classes: Option<Vec<u16>>,
+    /// [M, T], 0-padded
+    pub text_tokens: Vec<u32>,
+    /// [M], each in 1..=T
+    pub text_length: Vec<u16>,
+    /// [M], image index of each text
+    pub text_item: Vec<u32>,
+    /// [N, C], 0/1
+    pub labels: Vec<u8>,
+}
+
+impl fmt::Debug for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Split")
+            .field("images", &self.num_images())
+            .field("texts", &self.num_texts())
+            .field("image_features", &self.image_features.len())
+            .field("image_classes", &self.image_classes.as_ref().map(Vec::len))
+            .field("text_tokens", &self.text_tokens.len())
+            .field("labels", &self.labels.len())
+            .finish()
+    }
+}
+
+/// A problem found in a split: which tensor, which item, what.
+#[derive(Debug)]
+struct Problem {
+    tensor: &'static str,
+    item: Option<usize>,
+    what: String,
+}
+
+impl Problem {
+    fn new(tensor: &'static str, item: Option<usize>, what: impl Into<String>) -> Self {
+        Problem {
+            tensor,
+            item,
+            what: what.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.item {
+            Some(i) => write!(f, "tensor {}, item {i}: {}", self.tensor, self.what),
+            None => write!(f, "tensor {}: {}", self.tensor, self.what),
+        }
+    }
+}
+
+impl Split {
+    /// N.
+    pub fn num_images(&self) -> usize {
+        self.image_count.len()
+    }
+
+    /// M.
+    pub fn num_texts(&self) -> usize {
+        self.text_length.len()
+    }
+
+    /// [M, C]: the labels of each text's image. `num_labels` is C.
+    pub fn text_labels(&self, num_labels: usize) -> Vec<u8> {
+        let c = num_labels;
+        let mut out = Vec::with_capacity(self.num_texts() * c);
+        for &item in &self.text_item {
+            let i = item as usize;
+            out.extend_from_slice(&self.labels[i * c..(i + 1) * c]);
+        }
+        out
+    }
+
+    /// For each image, the indices of its texts, in text order.
+    pub fn image_texts(&self) -> Vec<Vec<usize>> {
+        let mut groups = vec![Vec::new(); self.num_images()];
+        for (t, &item) in self.text_item.iter().enumerate() {
+            groups[item as usize].push(t);
+        }
+        groups
+    }
+
+    /// The images at `images` (in that order, repeats allowed) with all their texts; `text_item`
+    /// is remapped to positions in `images`. Texts are grouped by new image, in original order.
+    ///
+    /// Panics if an index is ≥ N (a caller bug, like slice indexing).
+    pub fn subset(&self, images: &[usize]) -> Split {
+        let n = self.num_images();
+        let m = self.num_texts();
+        if let Some(&bad) = images.iter().find(|&&i| i >= n) {
+            panic!("Split::subset: image index {bad} out of range (N = {n})");
+        }
+        if images.is_empty() {
+            return Split {
+                image_classes: self.image_classes.as_ref().map(|_| Vec::new()),
+                ..Split::default()
+            };
+        }
+        // Per-item widths from the (non-empty) split itself.
+        let r = self.image_boxes.len() / (5 * n);
+        let dr = self.image_features.len() / (n * r).max(1);
+        let c = self.labels.len() / n;
+        let t = if m == 0 {
+            0
+        } else {
+            self.text_tokens.len() / m
+        };
+
+        let take = |src: &[f32], width: usize| -> Vec<f32> {
+            let mut v = Vec::with_capacity(images.len() * width);
+            for &i in images {
+                v.extend_from_slice(&src[i * width..(i + 1) * width]);
+            }
+            v
+        };
+        let groups = self.image_texts();
+        let mut out = Split {
+            image_features: take(&self.image_features, r * dr),
+            image_boxes: take(&self.image_boxes, r * 5),
+            image_count: images.iter().map(|&i| self.image_count[i]).collect(),
+            image_classes: self.image_classes.as_ref().map(|cls| {
+                let mut v = Vec::with_capacity(images.len() * r);
+                for &i in images {
+                    v.extend_from_slice(&cls[i * r..(i + 1) * r]);
+                }
+                v
+            }),
+            labels: Vec::with_capacity(images.len() * c),
+            ..Split::default()
+        };
+        for (new, &i) in images.iter().enumerate() {
+            out.labels
+                .extend_from_slice(&self.labels[i * c..(i + 1) * c]);
+            for &tx in &groups[i] {
+                out.text_tokens
+                    .extend_from_slice(&self.text_tokens[tx * t..(tx + 1) * t]);
+                out.text_length.push(self.text_length[tx]);
+                out.text_item.push(new as u32);
+            }
+        }
+        out
+    }
+
+    /// Checks every invariant of this split against `meta`.
+    fn check(&self, meta: &Meta) -> std::result::Result<(), Problem> {
+        let (r, dr, t, c) = (
+            meta.regions,
+            meta.feature_dim,
+            meta.max_tokens,
+            meta.num_labels,
+        );
+        let (k_obj, v) = (meta.num_object_classes, meta.vocab.len());
+        let n = self.num_images();
+        let m = self.num_texts();
+        let want_len = |tensor, got: usize, dims: &[usize]| {
+            let want = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            if want == Some(got) {
+                Ok(())
+            } else {
+                Err(Problem::new(
+                    tensor,
+                    None,
+                    format!("{got} values, expected shape {dims:?}"),
+                ))
+            }
+        };
+        want_len(IMAGE_FEATURES, self.image_features.len(), &[n, r, dr])?;
+        want_len(IMAGE_BOXES, self.image_boxes.len(), &[n, r, 5])?;
+        if let Some(cls) = &self.image_classes {
+            want_len(IMAGE_CLASSES, cls.len(), &[n, r])?;
+            if n > 0 && k_obj == 0 {
+                return Err(Problem::new(
+                    IMAGE_CLASSES,
+                    None,
+                    "present but num_object_classes is 0",
+                ));
+            }
+        }
+        want_len(LABELS, self.labels.len(), &[n, c])?;
+        want_len(TEXT_TOKENS, self.text_tokens.len(), &[m, t])?;
+        want_len(TEXT_ITEM, self.text_item.len(), &[m])?;
+        if n > u32::MAX as usize {
+            return Err(Problem::new(
+                IMAGE_COUNT,
+                None,
+                format!("{n} images exceed u32 ids"),
+            ));
+        }
+
+        for i in 0..n {
+            let count = self.image_count[i] as usize;
+            if count == 0 || count > r {
+                let what = format!("region count {count} outside 1..={r}");
+                return Err(Problem::new(IMAGE_COUNT, Some(i), what));
+            }
+            let feats = &self.image_features[i * r * dr..(i + 1) * r * dr];
+            if let Some(p) = feats.iter().position(|x| !x.is_finite()) {
+                let what = format!(
+                    "non-finite value {} at region {}, dim {}",
+                    feats[p],
+                    p / dr,
+                    p % dr
+                );
+                return Err(Problem::new(IMAGE_FEATURES, Some(i), what));
+            }
+            let boxes = &self.image_boxes[i * r * 5..(i + 1) * r * 5];
+            for (reg, b) in boxes.chunks_exact(5).enumerate() {
+                if let Some(&x) = b.iter().find(|x| !(0.0..=1.0).contains(*x)) {
+                    let what = format!("region {reg}: box value {x} outside [0, 1] in {b:?}");
+                    return Err(Problem::new(IMAGE_BOXES, Some(i), what));
+                }
+                if reg < count && (b[0] > b[2] || b[1] > b[3]) {
+                    let what = format!("region {reg}: box {b:?} has x1 > x2 or y1 > y2");
+                    return Err(Problem::new(IMAGE_BOXES, Some(i), what));
+                }
+            }
+            if let Some(cls) = &self.image_classes {
+                let row = &cls[i * r..(i + 1) * r];
+                if let Some(p) = row.iter().position(|&k| k as usize >= k_obj) {
+                    let what = format!("region {p}: class {} ≥ num_object_classes {k_obj}", row[p]);
+                    return Err(Problem::new(IMAGE_CLASSES, Some(i), what));
+                }
+            }
+            let row = &self.labels[i * c..(i + 1) * c];
+            if let Some(p) = row.iter().position(|&y| y > 1) {
+                let what = format!("label {p} has value {}, expected 0 or 1", row[p]);
+                return Err(Problem::new(LABELS, Some(i), what));
+            }
+            if !row.contains(&1) {
+                return Err(Problem::new(LABELS, Some(i), "image has no label"));
+            }
+        }
+
+        let mut has_text = vec![false; n];
+        for j in 0..m {
+            let len = self.text_length[j] as usize;
+            if len == 0 || len > t {
+                let what = format!("text length {len} outside 1..={t}");
+                return Err(Problem::new(TEXT_LENGTH, Some(j), what));
+            }
+            let row = &self.text_tokens[j * t..(j + 1) * t];
+            for (p, &tok) in row.iter().enumerate() {
+                let bad = if p < len {
+                    !(tok == UNK || (tok >= 3 && (tok as usize) < v))
+                } else {
+                    tok != PAD
+                };
+                if bad {
+                    let what = if p < len {
+                        format!(
+                            "token {tok} at position {p} (length {len}) is not [UNK] or in 3..{v}"
+                        )
+                    } else {
+                        format!("token {tok} at padding position {p} (length {len}), expected 0")
+                    };
+                    return Err(Problem::new(TEXT_TOKENS, Some(j), what));
+                }
+            }
+            let item = self.text_item[j] as usize;
+            if item >= n {
+                let what = format!("image index {item} ≥ number of images {n}");
+                return Err(Problem::new(TEXT_ITEM, Some(j), what));
+            }
+            has_text[item] = true;
+        }
+        if let Some(i) = has_text.iter().position(|&h| !h) {
+            return Err(Problem::new(
+                TEXT_ITEM,
+                None,
+                format!("image {i} has no text"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A dataset: meta plus the three splits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub meta: Meta,
+    pub train: Split,
+    pub val: Split,
+    pub test: Split,
+}
+
+fn check_name_list(what: &str, names: &[String]) -> std::result::Result<(), String> {
+    let mut seen = HashSet::with_capacity(names.len());
+    for (i, s) in names.iter().enumerate() {
+        if s.is_empty() || s.contains(['\n', '\r']) {
+            return Err(format!(
+                "{what} entry {i} ({s:?}) is empty or contains a line break"
+            ));
+        }
+        if !seen.insert(s.as_str()) {
+            return Err(format!("{what} entry {i} ({s:?}) is a duplicate"));
+        }
+    }
+    Ok(())
+}
+
+impl Meta {
+    fn check(&self) -> std::result::Result<(), String> {
+        let max16 = u16::MAX as usize;
+        if self.regions == 0 || self.regions > max16 {
+            return Err(format!("regions {} outside 1..={max16}", self.regions));
+        }
+        if self.feature_dim == 0 {
+            return Err("feature_dim is 0".into());
+        }
+        if self.max_tokens == 0 || self.max_tokens > max16 {
+            return Err(format!(
+                "max_tokens {} outside 1..={max16}",
+                self.max_tokens
+            ));
+        }
+        if self.num_labels == 0 {
+            return Err("num_labels is 0".into());
+        }
+        if self.num_object_classes > max16 + 1 {
+            return Err(format!(
+                "num_object_classes {} > 65536",
+                self.num_object_classes
+            ));
+        }
+        if self.label_names.len() != self.num_labels {
+            let n = self.label_names.len();
+            return Err(format!(
+                "{n} label names for num_labels {}",
+                self.num_labels
+            ));
+        }
+        if self.vocab.len() < RESERVED_TOKENS.len() || self.vocab.len() > u32::MAX as usize {
+            return Err(format!(
+                "vocabulary size {} outside 3..=2^32-1",
+                self.vocab.len()
+            ));
+        }
+        for (id, want) in RESERVED_TOKENS.iter().enumerate() {
+            if self.vocab[id] != *want {
+                return Err(format!(
+                    "vocabulary id {id} is {:?}, expected {want}",
+                    self.vocab[id]
+                ));
+            }
+        }
+        check_name_list("vocabulary", &self.vocab)?;
+        check_name_list("label names", &self.label_names)?;
+        Ok(())
+    }
+}
+
+impl Dataset {
+    /// The splits with their names, in manifest order.
+    pub fn splits(&self) -> [(&'static str, &Split); 3] {
+        [
+            ("train", &self.train),
+            ("val", &self.val),
+            ("test", &self.test),
+        ]
+    }
+
+    /// Checks every invariant: meta sanity, shapes, region counts in 1..=R, boxes in [0, 1] with
+    /// x1 ≤ x2 and y1 ≤ y2, object classes < K_obj, finite features, text lengths in 1..=T,
+    /// tokens [UNK] or in 3..V before the length and [PAD] after it, `text.item` < N, every
+    /// image with ≥ 1 text, labels 0/1 with ≥ 1 label per image.
+    pub fn validate(&self) -> Result<()> {
+        self.meta
+            .check()
+            .map_err(|e| Error::data(format!("dataset {:?}: {e}", self.meta.name)))?;
+        for (name, split) in self.splits() {
+            split
+                .check(&self.meta)
+                .map_err(|p| Error::data(format!("{name} split: {p}")))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the dataset directory (created if missing); every file is written to a temporary
+    /// file in the same directory and renamed into place, the manifest last. Validates first.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        self.validate()?;
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut splits = BTreeMap::new();
+        for (name, split) in self.splits() {
+            let shard = format!("{name}.safetensors");
+            let path = dir.join(&shard);
+            let bytes =
+                encode_shard(name, split, &self.meta).map_err(|e| Error::format(&path, e))?;
+            write_atomic(&path, &bytes)?;
+            let entry = ManifestSplit {
+                shard,
+                images: split.num_images(),
+                texts: split.num_texts(),
+                bytes: bytes.len() as u64,
+                checksum: format_checksum(checksum(&bytes)),
+            };
+            splits.insert(name.to_string(), entry);
+        }
+        let lines = |v: &[String]| {
+            v.iter()
+                .flat_map(|s| [s.as_str(), "\n"])
+                .collect::<String>()
+        };
+        write_atomic(&dir.join(VOCAB_FILE), lines(&self.meta.vocab).as_bytes())?;
+        write_atomic(
+            &dir.join(LABELS_FILE),
+            lines(&self.meta.label_names).as_bytes(),
+        )?;
+        let m = &self.meta;
+        let manifest = Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            name: m.name.clone(),
+            regions: m.regions,
+            feature_dim: m.feature_dim,
+            max_tokens: m.max_tokens,
+            num_labels: m.num_labels,
+            num_object_classes: m.num_object_classes,
+            vocab_size: m.vocab.len(),
+            vocab_file: VOCAB_FILE.into(),
+            labels_file: LABELS_FILE.into(),
+            splits,
+        };
+        let path = dir.join(MANIFEST_FILE);
+        let mut json = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| Error::format(&path, format!("cannot encode manifest: {e}")))?;
+        json.push('\n');
+        write_atomic(&path, json.as_bytes())
+    }
+
+    /// Reads and validates a dataset directory written by [`Dataset::save`] (or by a converter
+    /// following the same format).
+    pub fn load(dir: impl AsRef<Path>) -> Result<Dataset> {
+        let dir = dir.as_ref();
+        let mpath = dir.join(MANIFEST_FILE);
+        let text = fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;
+        let man: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&mpath, format!("not a valid manifest: {e}")))?;
+        if man.format != FORMAT_NAME {
+            let what = format!("format {:?}, expected {FORMAT_NAME:?}", man.format);
+            return Err(Error::format(&mpath, what));
+        }
+        if man.version != FORMAT_VERSION {
+            let what = format!(
+                "format version {}, this build reads {FORMAT_VERSION}",
+                man.version
+            );
+            return Err(Error::format(&mpath, what));
+        }
+        let vocab_path = dir.join(plain_file_name(&mpath, "vocab_file", &man.vocab_file)?);
+        let labels_path = dir.join(plain_file_name(&mpath, "labels_file", &man.labels_file)?);
+        let vocab = read_lines(&vocab_path)?;
+        if vocab.len() != man.vocab_size {
+            let what = format!(
+                "{} tokens, dataset.json says vocab_size {}",
+                vocab.len(),
+                man.vocab_size
+            );
+            return Err(Error::format(&vocab_path, what));
+        }
+        let label_names = read_lines(&labels_path)?;
+        if label_names.len() != man.num_labels {
+            let n = label_names.len();
+            let what = format!(
+                "{n} label names, dataset.json says num_labels {}",
+                man.num_labels
+            );
+            return Err(Error::format(&labels_path, what));
+        }
+        let meta = Meta {
+            name: man.name.clone(),
+            regions: man.regions,
+            feature_dim: man.feature_dim,
+            max_tokens: man.max_tokens,
+            num_labels: man.num_labels,
+            num_object_classes: man.num_object_classes,
+            vocab,
+            label_names,
+        };
+        meta.check().map_err(|e| Error::format(&mpath, e))?;
+        for key in man.splits.keys() {
+            if !SPLIT_NAMES.contains(&key.as_str()) {
+                let what = format!("unknown split {key:?} (expected {SPLIT_NAMES:?})");
+                return Err(Error::format(&mpath, what));
+            }
+        }
+        let mut splits = Vec::with_capacity(3);
+        for name in SPLIT_NAMES {
+            let Some(entry) = man.splits.get(name) else {
+                return Err(Error::format(&mpath, format!("split {name:?} missing")));
+            };
+            let shard = plain_file_name(&mpath, &format!("splits.{name}.shard"), &entry.shard)?;
+            splits.push(read_shard(&dir.join(shard), entry, &meta)?);
+        }
+        let test = splits.pop().expect("three splits");
+        let val = splits.pop().expect("three splits");
+        let train = splits.pop().expect("three splits");
+        Ok(Dataset {
+            meta,
+            train,
+            val,
+            test,
+        })
+    }
+}
+
+const VOCAB_FILE: &str = "vocab.txt";
+const LABELS_FILE: &str = "labels.txt";
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    format: String,
+    version: u32,
+    name: String,
+    regions: usize,
+    feature_dim: usize,
+    max_tokens: usize,
+    num_labels: usize,
+    num_object_classes: usize,
+    vocab_size: usize,
+    vocab_file: String,
+    labels_file: String,
+    splits: BTreeMap<String, ManifestSplit>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestSplit {
+    shard: String,
+    images: usize,
+    texts: usize,
+    bytes: u64,
+    checksum: String,
+}
+
+/// A name in the manifest must be a plain file name inside the dataset directory.
+fn plain_file_name<'a>(mpath: &Path, field: &str, name: &'a str) -> Result<&'a str> {
+    let ok = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
+    if ok {
+        Ok(name)
+    } else {
+        Err(Error::format(
+            mpath,
+            format!("{field} {name:?} is not a plain file name"),
+        ))
+    }
+}
+
+fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::format(
+            path,
+            format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+        )
+    })?;
+    let mut lines: Vec<String> = text
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect();
+    if lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    if let Some(i) = lines.iter().position(String::is_empty) {
+        return Err(Error::format(path, format!("line {} is empty", i + 1)));
+    }
+    Ok(lines)
+}
+
+/// Writes `bytes` to `path` via a temporary file in the same directory and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default();
+    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checksum
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// `fnv1a64x4`: FNV-1a over little-endian 64-bit words in four interleaved lanes (fast on large
+/// shards), precisely:
+///
+/// 1. lanes `h[0..4] = FNV_OFFSET`; for every full 32-byte block, word j (bytes 8j..8j+8, little
+///    endian) updates `h[j] = (h[j] ^ word) * FNV_PRIME` (wrapping).
+/// 2. the remaining `len % 32` bytes go through plain byte-wise FNV-1a 64 from `FNV_OFFSET` → `t`.
+/// 3. `f = FNV_OFFSET`; for x in `[h0, h1, h2, h3, t, len]`: `f = (f ^ x) * FNV_PRIME`.
+/// 4. the result is the SplitMix64 finaliser of `f`.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    let mut h = [FNV_OFFSET; 4];
+    let mut blocks = bytes.chunks_exact(32);
+    for block in &mut blocks {
+        for (j, lane) in h.iter_mut().enumerate() {
+            let w = u64::from_le_bytes(block[8 * j..8 * j + 8].try_into().expect("8 bytes"));
+            *lane = (*lane ^ w).wrapping_mul(FNV_PRIME);
+        }
+    }
+    let mut t = FNV_OFFSET;
+    for &b in blocks.remainder() {
+        t = (t ^ b as u64).wrapping_mul(FNV_PRIME);
+    }
+    let mut f = FNV_OFFSET;
+    for x in [h[0], h[1], h[2], h[3], t, bytes.len() as u64] {
+        f = (f ^ x).wrapping_mul(FNV_PRIME);
+    }
+    f = (f ^ (f >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    f = (f ^ (f >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    f ^ (f >> 31)
+}
+
+fn format_checksum(c: u64) -> String {
+    format!("fnv1a64x4:{c:016x}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shard encoding
+
+struct Owned {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &Owned {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        (&self.data[..]).into()
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn le_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+fn le_u16(v: &[u16]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+fn le_u32(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn encode_shard(split_name: &str, s: &Split, meta: &Meta) -> std::result::Result<Vec<u8>, String> {
+    let (n, m) = (s.num_images(), s.num_texts());
+    let (r, dr, t, c) = (
+        meta.regions,
+        meta.feature_dim,
+        meta.max_tokens,
+        meta.num_labels,
+    );
+    let mut tensors: Vec<(&str, Owned)> = vec![
+        (
+            IMAGE_FEATURES,
+            Owned {
+                dtype: Dtype::F32,
+                shape: vec![n, r, dr],
+                data: le_f32(&s.image_features),
+            },
+        ),
+        (
+            IMAGE_BOXES,
+            Owned {
+                dtype: Dtype::F32,
+                shape: vec![n, r, 5],
+                data: le_f32(&s.image_boxes),
+            },
+        ),
+        (
+            IMAGE_COUNT,
+            Owned {
+                dtype: Dtype::U16,
+                shape: vec![n],
+                data: le_u16(&s.image_count),
+            },
+        ),
+        (
+            TEXT_TOKENS,
+            Owned {
+                dtype: Dtype::U32,
+                shape: vec![m, t],
+                data: le_u32(&s.text_tokens),
+            },
+        ),
+        (
+            TEXT_LENGTH,
+            Owned {
+                dtype: Dtype::U16,
+                shape: vec![m],
+                data: le_u16(&s.text_length),
+            },
+        ),
+        (
+            TEXT_ITEM,
+            Owned {
+                dtype: Dtype::U32,
+                shape: vec![m],
+                data: le_u32(&s.text_item),
+            },
+        ),
+        (
+            LABELS,
+            Owned {
+                dtype: Dtype::U8,
+                shape: vec![n, c],
+                data: s.labels.clone(),
+            },
+        ),
+    ];
+    if let Some(cls) = &s.image_classes {
+        tensors.push((
+            IMAGE_CLASSES,
+            Owned {
+                dtype: Dtype::U16,
+                shape: vec![n, r],
+                data: le_u16(cls),
+            },
+        ));
+    }
+    let info = HashMap::from([
+        ("format".to_string(), "semshare-shard".to_string()),
+        ("version".to_string(), FORMAT_VERSION.to_string()),
+        ("split".to_string(), split_name.to_string()),
+    ]);
+    safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (*k, v)), Some(info))
+        .map_err(|e| format!("cannot encode shard: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shard decoding
+
+fn read_shard(path: &Path, entry: &ManifestSplit, meta: &Meta) -> Result<Split> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let fmt_err = |what: String| Error::format(path, what);
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt_err(diagnose(&bytes, &e)))?;
+    for name in st.names() {
+        if !tensor::ALL.contains(&name) {
+            let what = format!("unexpected tensor {name:?} (known: {:?})", tensor::ALL);
+            return Err(fmt_err(what));
+        }
+    }
+    let (n, m) = (entry.images, entry.texts);
+    let (r, dr, t, c) = (
+        meta.regions,
+        meta.feature_dim,
+        meta.max_tokens,
+        meta.num_labels,
+    );
+    // Shapes and dtypes first: they name the tensor; then the manifest's size and checksum.
+    let get = |name: &'static str, dtypes: &[Dtype], shape: &[usize]| -> Result<Option<_>> {
+        let view = match st.tensor(name) {
+            Ok(v) => v,
+            Err(_) => return Ok(None),
+        };
+        if !dtypes.contains(&view.dtype()) {
+            let what = format!(
+                "tensor {name}: dtype {}, expected {}",
+                view.dtype(),
+                dtype_list(dtypes)
+            );
+            return Err(fmt_err(what));
+        }
+        if view.shape() != shape {
+            let what = format!(
+                "tensor {name}: shape {:?}, expected {shape:?}",
+                view.shape()
+            );
+            return Err(fmt_err(what));
+        }
+        Ok(Some(view))
+    };
+    let need = |name: &'static str, v: Option<_>| {
+        v.ok_or_else(|| fmt_err(format!("tensor {name} missing")))
+    };
+    let float_types = [Dtype::F32, Dtype::F16, Dtype::BF16];
+    let features = need(
+        IMAGE_FEATURES,
+        get(IMAGE_FEATURES, &float_types, &[n, r, dr])?,
+    )?;
+    let boxes = need(IMAGE_BOXES, get(IMAGE_BOXES, &[Dtype::F32], &[n, r, 5])?)?;
+    let count = need(IMAGE_COUNT, get(IMAGE_COUNT, &[Dtype::U16], &[n])?)?;
+    let classes = get(IMAGE_CLASSES, &[Dtype::U16], &[n, r])?;
+    let tokens = need(TEXT_TOKENS, get(TEXT_TOKENS, &[Dtype::U32], &[m, t])?)?;
+    let length = need(TEXT_LENGTH, get(TEXT_LENGTH, &[Dtype::U16], &[m])?)?;
+    let item = get(TEXT_ITEM, &[Dtype::U32], &[m])?;
+    let labels = need(LABELS, get(LABELS, &[Dtype::U8], &[n, c])?)?;
+    if item.is_none() && m != n {
+        let what = format!("tensor {TEXT_ITEM} missing, required when texts ({m}) ≠ images ({n})");
+        return Err(fmt_err(what));
+    }
+    if bytes.len() as u64 != entry.bytes {
+        let what = format!("{} bytes, dataset.json says {}", bytes.len(), entry.bytes);
+        return Err(fmt_err(what));
+    }
+    let sum = format_checksum(checksum(&bytes));
+    if sum != entry.checksum {
+        let what = format!(
+            "checksum mismatch: file has {sum}, dataset.json says {}",
+            entry.checksum
+        );
+        return Err(fmt_err(what));
+    }
+
+    let split = Split {
+        image_features: match features.dtype() {
+            Dtype::F16 => features
+                .data()
+                .chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            Dtype::BF16 => features
+                .data()
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            _ => features
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        },
+        image_boxes: boxes
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        image_count: from_u16(count.data()),
+        image_classes: classes.map(|v| from_u16(v.data())),
+        text_tokens: from_u32(tokens.data()),
+        text_length: from_u16(length.data()),
+        text_item: match item {
+            Some(v) => from_u32(v.data()),
+            None => (0..m as u32).collect(),
+        },
+        labels: labels.data().to_vec(),
+    };
+    split.check(meta).map_err(|p| fmt_err(p.to_string()))?;
+    Ok(split)
+}
+
+fn from_u16(b: &[u8]) -> Vec<u16> {
+    b.chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+fn from_u32(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn dtype_list(dtypes: &[Dtype]) -> String {
+    dtypes
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+/// IEEE half → f32, by hand.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let mant = (h & 0x3ff) as u32;
+    match exp {
+        0 => {
+            // Zero or subnormal: mant · 2^-24, exact in f32.
+            let v = mant as f32 * (1.0 / 16_777_216.0);
+            if sign != 0 { -v } else { v }
+        }
+        31 => f32::from_bits(sign | 0x7f80_0000 | (mant << 13)),
+        _ => f32::from_bits(sign | ((exp + 112) << 23) | (mant << 13)),
+    }
+}
+
+/// Explains why safetensors rejected `bytes`, naming the tensor where possible (a truncated file,
+/// a header whose dtype or shape does not match the byte range of a tensor).
+fn diagnose(bytes: &[u8], err: &safetensors::SafeTensorError) -> String {
+    let len = bytes.len();
+    if len < 8 {
+        return format!(
+            "truncated: {len} bytes, shorter than the 8-byte safetensors header length"
+        );
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if n > (len - 8) as u64 {
+        return format!(
+            "truncated inside the header: header length {n}, but only {} bytes follow",
+            len - 8
+        );
+    }
+    let header = &bytes[8..8 + n as usize];
+    let Ok(map) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(header) else {
+        return format!("not a safetensors file: {err}");
+    };
+    let data_len = len - 8 - n as usize;
+    let mut infos = Vec::new();
+    for (name, value) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        match serde_json::from_value::<TensorInfo>(value) {
+            Ok(info) => infos.push((name, info)),
+            Err(e) => return format!("tensor {name}: bad header entry: {e}"),
+        }
+    }
+    infos.sort_by_key(|(_, i)| i.data_offsets);
+    let mut expected_start = 0usize;
+    for (name, info) in &infos {
+        let (s, e) = info.data_offsets;
+        let elems = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let need = elems
+            .and_then(|x| x.checked_mul(info.dtype.bitsize()))
+            .map(|b| b.div_ceil(8));
+        if e < s || Some(e - s) != need {
+            let need = need.map_or("an overflowing number of".to_string(), |b| b.to_string());
+            return format!(
+                "tensor {name}: dtype {} with shape {:?} needs {need} bytes, but its data_offsets [{s}, {e}) span {}",
+                info.dtype,
+                info.shape,
+                e.saturating_sub(s)
+            );
+        }
+        if e > data_len {
+            return format!(
+                "truncated: tensor {name} needs bytes [{s}, {e}) of the data section, which has {data_len} bytes"
+            );
+        }
+        if s != expected_start {
+            return format!("tensor {name}: data_offsets start at {s}, expected {expected_start}");
+        }
+        expected_start = e;
+    }
+    if expected_start != data_len {
+        return format!("data section has {data_len} bytes, tensors cover {expected_start}");
+    }
+    format!("not a valid safetensors file: {err}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_matches_known_values() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+        assert!(f16_to_f32(0x7e00).is_nan());
+        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+    }
+
+    #[test]
+    fn checksum_sees_every_byte_and_length() {
+        let base: Vec<u8> = (0..100u32).map(|i| (i * 7 + 3) as u8).collect();
+        let c0 = checksum(&base);
+        for pos in [0, 31, 32, 63, 96, 99] {
+            let mut b = base.clone();
+            b[pos] ^= 0x80;
+            assert_ne!(checksum(&b), c0, "flip at {pos}");
+        }
+        assert_ne!(checksum(&base[..99]), c0);
+        assert_ne!(checksum(&[]), checksum(&[0]));
+    }
+}

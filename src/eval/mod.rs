@@ -1,0 +1,8 @@
+//! Evaluation: retrieval metrics (`metrics`) and the embedding files `score --embeddings` reads
+//! (`embeddings`). DESIGN.md §1, "Retrieval" and "Metrics".
+
+pub mod embeddings;
+pub mod metrics;
+
+pub use embeddings::EmbeddingSet;
+pub use metrics::{DirectionMetrics, EvalConfig, Report, Side, evaluate};

@@ -1,0 +1,147 @@
+//! Model hyper-parameters and the presets of DESIGN.md §2.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Dr: region feature width.
+    pub region_dim: usize,
+    /// R: most regions per image.
+    pub max_regions: usize,
+    /// Dw: word embedding width.
+    pub word_dim: usize,
+    /// H: GRU units per direction.
+    pub gru_hidden: usize,
+    /// d: model width.
+    pub dim: usize,
+    /// L: shared encoder blocks.
+    pub layers: usize,
+    /// h: attention heads.
+    pub heads: usize,
+    /// f: feed-forward width.
+    pub ffn: usize,
+    /// T: most tokens per text.
+    pub max_tokens: usize,
+    /// V: vocabulary size (ids 0 [PAD], 1 [UNK], 2 [MASK]).
+    pub vocab: usize,
+    /// C: labels.
+    pub labels: usize,
+    /// K_obj: detector object classes (the image context target).
+    pub object_classes: usize,
+    pub dropout: f32,
+    /// Probability that a valid segment is masked for the context loss (Eq. 5).
+    pub mask_prob: f32,
+    /// λ of Eq. 6: L = L1 + λ·L2.
+    pub lambda: f32,
+}
+
+pub const MASK_TOKEN: u32 = 2;
+
+impl ModelConfig {
+    /// CPU, CI and the demo.
+    pub fn small() -> Self {
+        ModelConfig {
+            region_dim: 256,
+            max_regions: 36,
+            word_dim: 64,
+            gru_hidden: 128,
+            dim: 256,
+            layers: 2,
+            heads: 4,
+            ffn: 512,
+            max_tokens: 24,
+            vocab: 2000,
+            labels: 24,
+            object_classes: 100,
+            dropout: 0.1,
+            mask_prob: 0.15,
+            lambda: 0.01,
+        }
+    }
+
+    /// The paper's sizes (GPU).
+    pub fn paper() -> Self {
+        ModelConfig {
+            region_dim: 1024,
+            max_regions: 36,
+            word_dim: 300,
+            gru_hidden: 512,
+            dim: 1024,
+            layers: 6,
+            heads: 8,
+            ffn: 2048,
+            max_tokens: 64,
+            vocab: 10_000,
+            labels: 24,
+            object_classes: 1600,
+            dropout: 0.1,
+            mask_prob: 0.15,
+            lambda: 0.01,
+        }
+    }
+
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "small" => Ok(Self::small()),
+            "paper" => Ok(Self::paper()),
+            _ => Err(Error::config(format!(
+                "unknown model preset `{name}` (expected small or paper)"
+            ))),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("region_dim", self.region_dim),
+            ("max_regions", self.max_regions),
+            ("word_dim", self.word_dim),
+            ("gru_hidden", self.gru_hidden),
+            ("dim", self.dim),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("ffn", self.ffn),
+            ("max_tokens", self.max_tokens),
+            ("labels", self.labels),
+            ("object_classes", self.object_classes),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::config(format!("model.{name} must be positive")));
+            }
+        }
+        if self.vocab <= MASK_TOKEN as usize {
+            return Err(Error::config(format!(
+                "model.vocab = {} leaves no room for words after [PAD] [UNK] [MASK]",
+                self.vocab
+            )));
+        }
+        if self.dim % self.heads != 0 {
+            return Err(Error::config(format!(
+                "model.dim = {} is not divisible by model.heads = {}",
+                self.dim, self.heads
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config(format!(
+                "model.dropout = {} is not in [0, 1)",
+                self.dropout
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.mask_prob) {
+            return Err(Error::config(format!(
+                "model.mask_prob = {} is not in [0, 1]",
+                self.mask_prob
+            )));
+        }
+        if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
+            return Err(Error::config(format!(
+                "model.lambda = {} must be finite and ≥ 0",
+                self.lambda
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,256 @@
+//! The Semantic Sharing model (Yang et al., IJCAI 2021, §3.2), composed by hand in the order
+//! of the paper's equations:
+//!   Eq. 3  e_t = φ(ψ1(x̂_t) + ψ2(l_t))            modality-specific (image.rs, text.rs)
+//!          h = SharedTransformer(e), z = mean_t h_t  shared by both modalities (shared.rs)
+//!   Eq. 4  L1 = BCE(g(z), y)                          shared classifier g
+//!   Eq. 5  L2 = CE(g_v(h_t), c_t) | CE(g_w(h_t), w_t) over masked segments t
+//!   Eq. 6  L = L1 + λ·L2, summed over the two modalities
+
+use crate::backend::{Backend, Segments};
+use crate::nn::{Dropout, Linear, ParamStore};
+use crate::tensor::Tensor;
+use crate::{Error, Result};
+
+use super::batch::{Batch, MaskPlan};
+use super::config::{MASK_TOKEN, ModelConfig};
+use super::image::{ImageCache, ImageEncoder};
+use super::shared::{SharedCache, SharedEncoder};
+use super::text::{TextCache, TextEncoder, positions};
+
+#[derive(Clone, Debug)]
+pub struct SemShare {
+    pub cfg: ModelConfig,
+    pub image: ImageEncoder,
+    pub text: TextEncoder,
+    pub shared: SharedEncoder,
+    /// g: d → C, shared.
+    pub classifier: Linear,
+    /// g_v: d → K_obj (masked region → object class).
+    pub object_head: Linear,
+    /// g_w: d → V (masked token → token).
+    pub word_head: Linear,
+    pub store: ParamStore,
+}
+
+/// The two retrieval embeddings of DESIGN.md §1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbeddingKind {
+    /// z: the mean of the final hidden states.
+    Pooled,
+    /// The authors' code: mean over segments of the L2-normalised sigmoid(g(h_t)), normalised.
+    Label,
+}
+
+impl std::str::FromStr for EmbeddingKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pooled" => Ok(EmbeddingKind::Pooled),
+            "label" => Ok(EmbeddingKind::Label),
+            _ => Err(Error::config(format!(
+                "unknown embedding `{s}` (expected pooled or label)"
+            ))),
+        }
+    }
+}
+
+/// One modality's losses (unweighted means).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ModalityLoss {
+    pub label: f32,
+    pub context: f32,
+    pub masked: usize,
+}
+
+/// Weights of the loss terms in one backward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct LossWeights {
+    pub label: f32,
+    pub context: f32,
+}
+
+enum SideCache {
+    Image(ImageCache),
+    Text(TextCache),
+}
+
+struct Encoded {
+    hidden: Tensor,
+    seg: Segments,
+    side: SideCache,
+    shared: SharedCache,
+}
+
+impl SemShare {
+    pub fn new(cfg: &ModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let mut store = ParamStore::new();
+        let image = ImageEncoder::new(&mut store, cfg);
+        let text = TextEncoder::new(&mut store, cfg);
+        let shared = SharedEncoder::new(&mut store, "shared", cfg);
+        let classifier = Linear::new(&mut store, "classifier", cfg.dim, cfg.labels, true);
+        let object_head = Linear::new(
+            &mut store,
+            "heads.object",
+            cfg.dim,
+            cfg.object_classes,
+            true,
+        );
+        let word_head = Linear::new(&mut store, "heads.word", cfg.dim, cfg.vocab, true);
+        Ok(SemShare {
+            cfg: cfg.clone(),
+            image,
+            text,
+            shared,
+            classifier,
+            object_head,
+            word_head,
+            store,
+        })
+    }
+
+    /// Modality-specific encoder, then the shared transformer.
+    fn encode(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        batch: &Batch,
+        plan: &MaskPlan,
+        drop: Dropout,
+    ) -> Result<Encoded> {
+        let seg = Segments::from_lengths(dev, batch.lengths())?;
+        let tokens = seg.tokens();
+        let (e, side) = match batch {
+            Batch::Image(b) => {
+                let features = dev.upload(&b.features, &[tokens, self.cfg.region_dim])?;
+                let boxes = dev.upload(&b.boxes, &[tokens, 5])?;
+                let masked = if plan.rows.is_empty() {
+                    None
+                } else {
+                    Some(dev.upload_ids(&plan.rows)?)
+                };
+                let (e, c) = self
+                    .image
+                    .forward(dev, w, features, boxes, masked, drop.site(1))?;
+                (e, SideCache::Image(c))
+            }
+            Batch::Text(b) => {
+                let mut ids = b.tokens.clone();
+                for &r in &plan.rows {
+                    ids[r as usize] = MASK_TOKEN;
+                }
+                let ids = dev.upload_ids(&ids)?;
+                let pos = dev.upload(
+                    &positions(&b.lengths, self.cfg.dim),
+                    &[tokens, self.cfg.dim],
+                )?;
+                let (e, c) = self.text.forward(dev, w, ids, pos, &seg, drop.site(2))?;
+                (e, SideCache::Text(c))
+            }
+        };
+        let (hidden, shared) = self.shared.forward(dev, w, e, &seg, drop.site(3))?;
+        Ok(Encoded {
+            hidden,
+            seg,
+            side,
+            shared,
+        })
+    }
+
+    fn encode_backward(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        g: &mut Tensor,
+        enc: Encoded,
+        dh: Tensor,
+    ) -> Result<()> {
+        let de = self.shared.backward(dev, w, g, &enc.seg, enc.shared, dh)?;
+        match enc.side {
+            SideCache::Image(c) => self.image.backward(dev, w, g, c, &de),
+            SideCache::Text(c) => self.text.backward(dev, w, g, &enc.seg, c, &de),
+        }
+    }
+
+    /// The context targets of a batch, if it has any: region classes or tokens.
+    pub fn context_targets(batch: &Batch) -> Option<&[u32]> {
+        match batch {
+            Batch::Image(b) => b.classes.as_deref(),
+            Batch::Text(b) => Some(&b.tokens),
+        }
+    }
+
+    /// Forward and backward of one modality: accumulates the gradient of
+    /// `weights.label · L1 + weights.context · L2` into `g` and returns the unweighted losses.
+    pub fn loss_backward(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        g: &mut Tensor,
+        batch: &Batch,
+        plan: &MaskPlan,
+        drop: Dropout,
+        weights: LossWeights,
+    ) -> Result<ModalityLoss> {
+        let items = batch.items();
+        let enc = self.encode(dev, w, batch, plan, drop)?;
+        // Eq. 4: L1 = BCE(g(z), y), z = mean_t h_t.
+        let z = dev.segment_mean_fwd(&enc.hidden, &enc.seg)?;
+        let mut logits = self.classifier.forward(dev, w, &z)?;
+        let labels = dev.upload(batch.labels(), &[items, self.cfg.labels])?;
+        let label = dev.bce_with_logits(&mut logits, &labels, weights.label)?;
+        let dz = self.classifier.backward(dev, w, g, &z, &logits)?;
+        let mut dh = dev.segment_mean_bwd(&dz, &enc.seg)?;
+        // Eq. 5: L2 over the masked segments, by the modality's head.
+        let mut loss = ModalityLoss {
+            label,
+            context: 0.0,
+            masked: plan.rows.len(),
+        };
+        if !plan.rows.is_empty() {
+            let head = match batch {
+                Batch::Image(_) => &self.object_head,
+                Batch::Text(_) => &self.word_head,
+            };
+            let rows = dev.upload_ids(&plan.rows)?;
+            let targets = dev.upload_ids(&plan.targets)?;
+            let hm = dev.gather_rows(enc.hidden.view(), self.cfg.dim, &rows)?;
+            let mut ctx_logits = head.forward(dev, w, &hm)?;
+            loss.context = dev.cross_entropy(&mut ctx_logits, &targets, weights.context)?;
+            if weights.context != 0.0 {
+                let dhm = head.backward(dev, w, g, &hm, &ctx_logits)?;
+                dev.scatter_add_rows(&dhm, &rows, dh.view_mut())?;
+            }
+        }
+        self.encode_backward(dev, w, g, enc, dh)?;
+        Ok(loss)
+    }
+
+    /// Retrieval embeddings of a batch, `[items, d]` (pooled) or `[items, C]` (label).
+    pub fn embed(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        batch: &Batch,
+        kind: EmbeddingKind,
+    ) -> Result<Tensor> {
+        let enc = self.encode(dev, w, batch, &MaskPlan::default(), Dropout::OFF)?;
+        match kind {
+            EmbeddingKind::Pooled => dev.segment_mean_fwd(&enc.hidden, &enc.seg),
+            EmbeddingKind::Label => {
+                let logits = self.classifier.forward(dev, w, &enc.hidden)?;
+                let mut s = dev.sigmoid(&logits)?;
+                dev.l2_normalize_rows(&mut s)?;
+                let mut e = dev.segment_mean_fwd(&s, &enc.seg)?;
+                dev.l2_normalize_rows(&mut e)?;
+                Ok(e)
+            }
+        }
+    }
+
+    /// Label logits g(z) of a batch, `[items, C]` (evaluation of the classifier itself).
+    pub fn classify(&self, dev: &mut dyn Backend, w: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let z = self.embed(dev, w, batch, EmbeddingKind::Pooled)?;
+        self.classifier.forward(dev, w, &z)
+    }
+}

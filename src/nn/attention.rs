@@ -1,0 +1,70 @@
+//! Multi-head self-attention: qkv = x W_qkvᵀ, per-head softmax(q kᵀ/√dh) v, out projection.
+
+use super::linear::Linear;
+use super::params::ParamStore;
+use crate::Result;
+use crate::backend::{Backend, Segments};
+use crate::tensor::Tensor;
+
+#[derive(Clone, Debug)]
+pub struct MultiHeadAttention {
+    pub qkv: Linear,
+    pub out: Linear,
+    pub heads: usize,
+}
+
+pub struct AttentionCache {
+    qkv: Tensor,
+    probs: Tensor,
+    context: Tensor,
+}
+
+impl MultiHeadAttention {
+    pub fn new(store: &mut ParamStore, name: &str, dim: usize, heads: usize) -> Self {
+        assert!(
+            dim % heads == 0,
+            "model width {dim} is not divisible by {heads} heads"
+        );
+        MultiHeadAttention {
+            qkv: Linear::new(store, &format!("{name}.qkv"), dim, 3 * dim, true),
+            out: Linear::new(store, &format!("{name}.out"), dim, dim, true),
+            heads,
+        }
+    }
+
+    /// The input x is not cached here: the block keeps it (it is also the residual).
+    pub fn forward(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        x: &Tensor,
+        seg: &Segments,
+    ) -> Result<(Tensor, AttentionCache)> {
+        let qkv = self.qkv.forward(dev, w, x)?;
+        let (context, probs) = dev.attention_fwd(&qkv, seg, self.heads)?;
+        let y = self.out.forward(dev, w, &context)?;
+        Ok((
+            y,
+            AttentionCache {
+                qkv,
+                probs,
+                context,
+            },
+        ))
+    }
+
+    pub fn backward(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        g: &mut Tensor,
+        x: &Tensor,
+        seg: &Segments,
+        c: AttentionCache,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let dcontext = self.out.backward(dev, w, g, &c.context, dy)?;
+        let dqkv = dev.attention_bwd(&c.qkv, &c.probs, seg, self.heads, &dcontext)?;
+        self.qkv.backward(dev, w, g, x, &dqkv)
+    }
+}

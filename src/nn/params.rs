@@ -1,0 +1,127 @@
+//! Parameters: ranges of one flat buffer, addressed by stable PyTorch-like names.
+//!
+//! Layers register their parameters with a `ParamStore` when built; the store hands back a
+//! `Param` (offset and length in the flat buffer). Values, gradients and both AdamW moments
+//! are four flat buffers with the same layout, so the optimizer is one fused pass and a
+//! checkpoint is a list of (name, shape, range).
+
+use crate::Result;
+use crate::backend::Backend;
+use crate::rng::Rng;
+use crate::tensor::{Tensor, View, ViewMut};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Param {
+    pub offset: usize,
+    pub len: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    Zeros,
+    Ones,
+    /// Uniform in ±a.
+    Uniform(f32),
+    /// Normal with this standard deviation.
+    Normal(f32),
+}
+
+#[derive(Clone, Debug)]
+pub struct ParamInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub param: Param,
+    pub init: Init,
+    /// Whether AdamW's weight decay applies (matrices yes; biases, norms, vectors no).
+    pub decay: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ParamStore {
+    pub infos: Vec<ParamInfo>,
+    pub total: usize,
+}
+
+impl ParamStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        init: Init,
+        decay: bool,
+    ) -> Param {
+        let len = shape.iter().product();
+        let param = Param {
+            offset: self.total,
+            len,
+        };
+        self.total += len;
+        self.infos.push(ParamInfo {
+            name: name.into(),
+            shape: shape.to_vec(),
+            param,
+            init,
+            decay,
+        });
+        param
+    }
+
+    pub fn find(&self, name: &str) -> Option<&ParamInfo> {
+        self.infos.iter().find(|i| i.name == name)
+    }
+
+    /// Initial values, drawn in registration order from one seeded stream.
+    pub fn init_values(&self, seed: u64) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        let mut v = vec![0.0f32; self.total];
+        for info in &self.infos {
+            let dst = &mut v[info.param.offset..info.param.offset + info.param.len];
+            match info.init {
+                Init::Zeros => {}
+                Init::Ones => dst.fill(1.0),
+                Init::Uniform(a) => dst
+                    .iter_mut()
+                    .for_each(|x| *x = ((rng.uniform() * 2.0 - 1.0) * a as f64) as f32),
+                Init::Normal(s) => dst
+                    .iter_mut()
+                    .for_each(|x| *x = (rng.normal() * s as f64) as f32),
+            }
+        }
+        v
+    }
+
+    /// Maximal runs of consecutive parameters with the same decay flag: (offset, len, decay).
+    pub fn decay_runs(&self) -> Vec<(usize, usize, bool)> {
+        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+        for info in &self.infos {
+            match runs.last_mut() {
+                Some(last) if last.2 == info.decay && last.0 + last.1 == info.param.offset => {
+                    last.1 += info.param.len
+                }
+                _ => runs.push((info.param.offset, info.param.len, info.decay)),
+            }
+        }
+        runs
+    }
+
+    pub fn upload(&self, b: &mut dyn Backend, values: &[f32]) -> Result<Tensor> {
+        b.upload(values, &[self.total])
+    }
+}
+
+impl Param {
+    pub fn of(self, t: &Tensor) -> View<'_> {
+        t.sub(self.offset, self.len)
+    }
+    pub fn of_mut(self, t: &mut Tensor) -> ViewMut<'_> {
+        t.sub_mut(self.offset, self.len)
+    }
+    /// This parameter's and another's gradient views at once.
+    pub fn with_mut(self, other: Param, t: &mut Tensor) -> (ViewMut<'_>, ViewMut<'_>) {
+        t.sub_pair_mut((self.offset, self.len), (other.offset, other.len))
+    }
+}

@@ -1,0 +1,216 @@
+//! Device tensors: a shape plus storage on one backend.
+//!
+//! Activations are `Tensor`s of f32 (row-major, last dimension contiguous). Index data
+//! (token ids, segment offsets, class targets) are `Ids` of u32. Both are owned by the
+//! caller; a backend only allocates, reads and writes them. Parameters are not tensors of
+//! their own: they are ranges of one flat buffer (`crate::nn::params`), passed to ops as views.
+
+/// Where the numbers live. The CUDA backend adds its own variant.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    Cpu(Vec<f32>),
+}
+
+#[derive(Clone, Debug)]
+pub enum IdStorage {
+    Cpu(Vec<u32>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub(crate) storage: Storage,
+    shape: Vec<usize>,
+}
+
+/// u32 index data on a device: token ids, targets, segment offsets.
+#[derive(Clone, Debug)]
+pub struct Ids {
+    pub(crate) storage: IdStorage,
+}
+
+/// A borrowed contiguous range of device memory: a parameter inside the flat buffer, or a
+/// whole tensor. Views are slices, so disjoint mutable views (a weight's and a bias's gradient)
+/// can coexist.
+#[derive(Clone, Copy, Debug)]
+pub enum View<'a> {
+    Cpu(&'a [f32]),
+}
+
+#[derive(Debug)]
+pub enum ViewMut<'a> {
+    Cpu(&'a mut [f32]),
+}
+
+impl Tensor {
+    pub fn from_cpu(data: Vec<f32>, shape: &[usize]) -> Tensor {
+        assert_eq!(
+            data.len(),
+            shape.iter().product::<usize>(),
+            "tensor data does not match shape {shape:?}"
+        );
+        Tensor {
+            storage: Storage::Cpu(data),
+            shape: shape.to_vec(),
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows of a 2-d view of the tensor: all dimensions but the last.
+    pub fn rows(&self) -> usize {
+        self.shape[..self.shape.len().saturating_sub(1)]
+            .iter()
+            .product()
+    }
+
+    /// The last dimension.
+    pub fn cols(&self) -> usize {
+        *self.shape.last().unwrap_or(&1)
+    }
+
+    /// Same storage, another shape with the same number of elements.
+    pub fn reshape(mut self, shape: &[usize]) -> Tensor {
+        assert_eq!(
+            self.len(),
+            shape.iter().product::<usize>(),
+            "reshape {:?} -> {shape:?}",
+            self.shape
+        );
+        self.shape = shape.to_vec();
+        self
+    }
+
+    pub fn view(&self) -> View<'_> {
+        View::Cpu(self.cpu())
+    }
+
+    pub fn view_mut(&mut self) -> ViewMut<'_> {
+        ViewMut::Cpu(self.cpu_mut())
+    }
+
+    /// The contiguous range `offset..offset + len` (a parameter inside the flat buffer).
+    pub fn sub(&self, offset: usize, len: usize) -> View<'_> {
+        match &self.storage {
+            Storage::Cpu(v) => View::Cpu(&v[offset..offset + len]),
+        }
+    }
+
+    pub fn sub_mut(&mut self, offset: usize, len: usize) -> ViewMut<'_> {
+        match &mut self.storage {
+            Storage::Cpu(v) => ViewMut::Cpu(&mut v[offset..offset + len]),
+        }
+    }
+
+    /// Two disjoint mutable ranges at once (a weight's and a bias's gradient).
+    pub fn sub_pair_mut(
+        &mut self,
+        a: (usize, usize),
+        b: (usize, usize),
+    ) -> (ViewMut<'_>, ViewMut<'_>) {
+        assert!(
+            a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+            "overlapping ranges {a:?} {b:?}"
+        );
+        match &mut self.storage {
+            Storage::Cpu(v) => {
+                if a.0 < b.0 {
+                    let (lo, hi) = v.split_at_mut(b.0);
+                    (
+                        ViewMut::Cpu(&mut lo[a.0..a.0 + a.1]),
+                        ViewMut::Cpu(&mut hi[..b.1]),
+                    )
+                } else {
+                    let (lo, hi) = v.split_at_mut(a.0);
+                    (
+                        ViewMut::Cpu(&mut hi[..a.1]),
+                        ViewMut::Cpu(&mut lo[b.0..b.0 + b.1]),
+                    )
+                }
+            }
+        }
+    }
+
+    /// Host data of a CPU tensor.
+    pub fn cpu(&self) -> &[f32] {
+        match &self.storage {
+            Storage::Cpu(v) => v,
+        }
+    }
+
+    pub fn cpu_mut(&mut self) -> &mut [f32] {
+        match &mut self.storage {
+            Storage::Cpu(v) => v,
+        }
+    }
+}
+
+impl Ids {
+    pub fn from_cpu(data: Vec<u32>) -> Ids {
+        Ids {
+            storage: IdStorage::Cpu(data),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.storage {
+            IdStorage::Cpu(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn cpu(&self) -> &[u32] {
+        match &self.storage {
+            IdStorage::Cpu(v) => v,
+        }
+    }
+}
+
+impl<'a> View<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            View::Cpu(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn cpu(self) -> &'a [f32] {
+        match self {
+            View::Cpu(s) => s,
+        }
+    }
+}
+
+impl<'a> ViewMut<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            ViewMut::Cpu(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn cpu(self) -> &'a mut [f32] {
+        match self {
+            ViewMut::Cpu(s) => s,
+        }
+    }
+    pub fn reborrow(&mut self) -> ViewMut<'_> {
+        match self {
+            ViewMut::Cpu(s) => ViewMut::Cpu(s),
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! Training (Algorithm 1): each iteration samples a mini-batch of (image, text, labels)
+//! pairs, runs both modalities forward and backward through the shared model, clips the
+//! gradient norm and takes one AdamW step over the flat parameter buffer.
+//! Deterministic on the CPU: the same seed gives bitwise the same loss curve.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{AdamW, Backend};
+use crate::checkpoint::Checkpoint;
+use crate::data::batches::{PairSampler, image_batch, text_batch};
+use crate::data::dataset::{Dataset, Split};
+use crate::eval::metrics::{EvalConfig, Report, Side, evaluate};
+use crate::model::{
+    Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch,
+};
+use crate::nn::Dropout;
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Image–text pairs per step.
+    pub batch_size: usize,
+    pub steps: u64,
+    /// Peak learning rate, reached after `warmup` steps, then cosine decay to `lr · min_lr_ratio`.
+    pub lr: f32,
+    pub warmup: u64,
+    pub min_lr_ratio: f32,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Global gradient-norm clip (0: off).
+    pub clip_norm: f32,
+    pub seed: u64,
+    /// Validate (and keep the best checkpoint) every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Which embedding validation ranks with: "pooled" or "label".
+    pub embedding: String,
+    /// Validation NDCG cut-off.
+    pub eval_k: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 32,
+            steps: 1000,
+            lr: 5e-4,
+            warmup: 100,
+            min_lr_ratio: 0.05,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            clip_norm: 1.0,
+            seed: 0,
+            eval_every: 250,
+            embedding: "pooled".into(),
+            eval_k: 500,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.steps == 0 {
+            return Err(Error::config(
+                "train.batch_size and train.steps must be positive",
+            ));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::config(format!(
+                "train.lr = {} must be positive",
+                self.lr
+            )));
+        }
+        self.embedding.parse::<EmbeddingKind>()?;
+        Ok(())
+    }
+
+    /// Linear warm-up, then cosine decay.
+    pub fn lr_at(&self, step: u64) -> f32 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f32 / self.warmup as f32;
+        }
+        let span = (self.steps.saturating_sub(self.warmup)).max(1) as f32;
+        let t = ((step - self.warmup) as f32 / span).min(1.0);
+        let floor = self.lr * self.min_lr_ratio;
+        floor + (self.lr - floor) * 0.5 * (1.0 + (std::f32::consts::PI * t).cos())
+    }
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct StepStats {
+    pub step: u64,
+    /// L = L1 + λ·L2 over both modalities.
+    pub loss: f32,
+    pub image_label: f32,
+    pub text_label: f32,
+    pub image_context: f32,
+    pub text_context: f32,
+    pub grad_norm: f32,
+    pub lr: f32,
+}
+
+/// The model, its flat parameter buffer, the gradient buffer and AdamW's moments, on a device.
+pub struct Trainer {
+    pub net: SemShare,
+    pub params: Tensor,
+    pub grads: Tensor,
+    m: Tensor,
+    v: Tensor,
+    pub step: u64,
+    pub cfg: TrainConfig,
+    decay_runs: Vec<(usize, usize, bool)>,
+}
+
+impl Trainer {
+    pub fn new(dev: &mut dyn Backend, model: &ModelConfig, cfg: TrainConfig) -> Result<Self> {
+        let net = SemShare::new(model)?;
+        let init = net.store.init_values(cfg.seed);
+        Self::assemble(dev, net, &init, None, 0, cfg)
+    }
+
+    pub fn from_checkpoint(
+        dev: &mut dyn Backend,
+        ckpt: &Checkpoint,
+        cfg: TrainConfig,
+    ) -> Result<Self> {
+        let net = SemShare::new(&ckpt.model)?;
+        Self::assemble(
+            dev,
+            net,
+            &ckpt.params,
+            ckpt.optimizer.as_ref(),
+            ckpt.step,
+            cfg,
+        )
+    }
+
+    fn assemble(
+        dev: &mut dyn Backend,
+        net: SemShare,
+        values: &[f32],
+        moments: Option<&(Vec<f32>, Vec<f32>)>,
+        step: u64,
+        cfg: TrainConfig,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let n = net.store.total;
+        let params = dev.upload(values, &[n])?;
+        let grads = dev.zeros(&[n])?;
+        let (m, v) = match moments {
+            Some((m, v)) => (dev.upload(m, &[n])?, dev.upload(v, &[n])?),
+            None => (dev.zeros(&[n])?, dev.zeros(&[n])?),
+        };
+        let decay_runs = net.store.decay_runs();
+        Ok(Trainer {
+            net,
+            params,
+            grads,
+            m,
+            v,
+            step,
+            cfg,
+            decay_runs,
+        })
+    }
+
+    /// One iteration of Algorithm 1 on a batch of pairs. On a non-finite loss or gradient
+    /// the parameters are left untouched and an error says which term diverged.
+    pub fn step(
+        &mut self,
+        dev: &mut dyn Backend,
+        images: ImageBatch,
+        texts: TextBatch,
+    ) -> Result<StepStats> {
+        let cfg = &self.net.cfg;
+        let mut rng = Rng::derive(self.cfg.seed ^ 0x5EED, self.step);
+        let image_plan = images
+            .classes
+            .as_ref()
+            .map(|c| MaskPlan::draw(&mut rng, c, cfg.mask_prob))
+            .unwrap_or_default();
+        let text_plan = MaskPlan::draw(&mut rng, &texts.tokens, cfg.mask_prob);
+        let drop = Dropout {
+            p: cfg.dropout,
+            seed: rng.next_u64(),
+        };
+        let weights = LossWeights {
+            label: 1.0,
+            context: cfg.lambda,
+        };
+
+        dev.fill(self.grads.view_mut(), 0.0)?;
+        let image = self.net.loss_backward(
+            dev,
+            &self.params,
+            &mut self.grads,
+            &Batch::Image(images),
+            &image_plan,
+            drop.site(1),
+            weights,
+        )?;
+        let text = self.net.loss_backward(
+            dev,
+            &self.params,
+            &mut self.grads,
+            &Batch::Text(texts),
+            &text_plan,
+            drop.site(2),
+            weights,
+        )?;
+        let loss = image.label + text.label + cfg.lambda * (image.context + text.context);
+        let stats = StepStats {
+            step: self.step,
+            loss,
+            image_label: image.label,
+            text_label: text.label,
+            image_context: image.context,
+            text_context: text.context,
+            grad_norm: 0.0,
+            lr: self.cfg.lr_at(self.step),
+        };
+        for (name, v) in [
+            ("image label loss", image.label),
+            ("text label loss", text.label),
+            ("image context loss", image.context),
+            ("text context loss", text.context),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::NonFinite {
+                    what: format!("{name} is {v} at step {}", self.step),
+                });
+            }
+        }
+        let norm = dev.sum_squares(self.grads.view())?.sqrt() as f32;
+        if !norm.is_finite() {
+            return Err(Error::NonFinite {
+                what: format!("gradient norm is {norm} at step {}", self.step),
+            });
+        }
+        let grad_scale = if self.cfg.clip_norm > 0.0 && norm > self.cfg.clip_norm {
+            self.cfg.clip_norm / norm
+        } else {
+            1.0
+        };
+        let hp = AdamW {
+            lr: stats.lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: 0.0,
+            step: self.step + 1,
+            grad_scale,
+        };
+        for &(off, len, decay) in &self.decay_runs {
+            let hp = AdamW {
+                weight_decay: if decay { self.cfg.weight_decay } else { 0.0 },
+                ..hp
+            };
+            dev.adamw(
+                self.params.sub_mut(off, len),
+                self.grads.sub(off, len),
+                self.m.sub_mut(off, len),
+                self.v.sub_mut(off, len),
+                hp,
+            )?;
+        }
+        self.step += 1;
+        Ok(StepStats {
+            grad_norm: norm,
+            ..stats
+        })
+    }
+
+    pub fn checkpoint(&self, dev: &mut dyn Backend, state: String) -> Result<Checkpoint> {
+        Ok(Checkpoint {
+            model: self.net.cfg.clone(),
+            params: dev.download(self.params.view())?,
+            optimizer: Some((dev.download(self.m.view())?, dev.download(self.v.view())?)),
+            step: self.step,
+            state,
+        })
+    }
+}
+
+/// Embeddings of every image and text of a split, `[N, D]` and `[M, D]`.
+pub fn embed_split(
+    dev: &mut dyn Backend,
+    net: &SemShare,
+    params: &Tensor,
+    data: &Dataset,
+    split: &Split,
+    kind: EmbeddingKind,
+) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+    const CHUNK: usize = 64;
+    let mut run = |batches: Vec<Batch>| -> Result<(Vec<f32>, usize)> {
+        let mut out = Vec::new();
+        let mut dim = 0;
+        for b in batches {
+            let e = net.embed(dev, params, &b, kind)?;
+            dim = e.cols();
+            out.extend(dev.download(e.view())?);
+        }
+        Ok((out, dim))
+    };
+    let idx = |n: usize| (0..n).collect::<Vec<_>>();
+    let images = idx(split.num_images())
+        .chunks(CHUNK)
+        .map(|c| Batch::Image(image_batch(&data.meta, split, c)))
+        .collect();
+    let texts = idx(split.num_texts())
+        .chunks(CHUNK)
+        .map(|c| Batch::Text(text_batch(&data.meta, split, c)))
+        .collect();
+    let (ie, dim) = run(images)?;
+    let (te, _) = run(texts)?;
+    Ok((ie, te, dim))
+}
+
+/// Retrieval metrics of a model on one split (I2T, T2I, average).
+pub fn evaluate_split(
+    dev: &mut dyn Backend,
+    net: &SemShare,
+    params: &Tensor,
+    data: &Dataset,
+    split: &Split,
+    kind: EmbeddingKind,
+    cfg: &EvalConfig,
+) -> Result<Report> {
+    let (ie, te, dim) = embed_split(dev, net, params, data, split, kind)?;
+    let c = data.meta.num_labels;
+    let text_labels = split.text_labels(c);
+    evaluate(
+        &Side::new(&ie, dim, &split.labels, c),
+        &Side::new(&te, dim, &text_labels, c),
+        &split.text_item,
+        cfg,
+    )
+}
+
+/// Where a training run writes, and how it reports.
+pub struct RunOptions {
+    pub out_dir: PathBuf,
+    /// Continue from this checkpoint (parameters, optimizer state and step).
+    pub resume: Option<PathBuf>,
+    /// Print a progress line to stderr.
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: f32,
+    pub best_ndcg: f64,
+    pub best_step: u64,
+    pub seconds: f64,
+    pub losses: Vec<f32>,
+    pub best_checkpoint: PathBuf,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct RunState {
+    best_ndcg: f64,
+    best_step: u64,
+}
+
+fn validation_ndcg(report: &Report, k: usize) -> f64 {
+    report
+        .avg
+        .ndcg_at(k)
+        .or_else(|| report.avg.ndcg.last().map(|x| x.1))
+        .unwrap_or(0.0)
+}
+
+/// Train on `data.train`, validate on `data.val`, keep `best.safetensors` and `last.safetensors`
+/// in `opts.out_dir`. A diverging loss stops the run with an error; checkpoints already
+/// written stay as they were.
+pub fn train(
+    dev: &mut dyn Backend,
+    data: &Dataset,
+    model: &ModelConfig,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+) -> Result<TrainSummary> {
+    check_fits(data, model)?;
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
+    let (mut trainer, mut state) = match &opts.resume {
+        Some(path) => {
+            let ckpt = Checkpoint::load(path)?;
+            if &ckpt.model != model {
+                return Err(Error::config(format!(
+                    "{}: the checkpoint's model configuration differs from the requested one",
+                    path.display()
+                )));
+            }
+            let state: RunState = serde_json::from_str(&ckpt.state).unwrap_or_default();
+            (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, state)
+        }
+        None => (
+            Trainer::new(dev, model, cfg.clone())?,
+            RunState {
+                best_ndcg: -1.0,
+                best_step: 0,
+            },
+        ),
+    };
+    let kind: EmbeddingKind = cfg.embedding.parse()?;
+    let eval_cfg = EvalConfig {
+        ndcg_ks: vec![cfg.eval_k],
+        precision_ks: vec![],
+        recall_ks: vec![],
+        pr_points: 1,
+    };
+    let sampler = PairSampler::new(&data.train, cfg.batch_size, cfg.seed);
+    if sampler.steps_per_epoch() == 0 {
+        return Err(Error::data(format!(
+            "the training split has fewer paired images than one batch of {}",
+            cfg.batch_size
+        )));
+    }
+    let best_path = opts.out_dir.join("best.safetensors");
+    let last_path = opts.out_dir.join("last.safetensors");
+    let start = Instant::now();
+    let first = trainer.step;
+    let mut losses = Vec::new();
+    let mut last_loss = f32::NAN;
+    while trainer.step < cfg.steps {
+        let pairs = sampler.pairs(trainer.step);
+        let imgs: Vec<usize> = pairs.iter().map(|p| p.0).collect();
+        let txts: Vec<usize> = pairs.iter().map(|p| p.1).collect();
+        let stats = trainer.step(
+            dev,
+            image_batch(&data.meta, &data.train, &imgs),
+            text_batch(&data.meta, &data.train, &txts),
+        )?;
+        losses.push(stats.loss);
+        last_loss = stats.loss;
+        let done = trainer.step;
+        if opts.progress && (done % 10 == 0 || done == cfg.steps) {
+            let rate = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            let eta = (cfg.steps - done) as f64 / rate.max(1e-9);
+            eprint!(
+                "\rstep {done:>6}/{}  loss {:.4}  {rate:.1} steps/s  ETA {:>4.0}s   ",
+                cfg.steps, stats.loss, eta
+            );
+        }
+        let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
+        if validate {
+            let report = evaluate_split(
+                dev,
+                &trainer.net,
+                &trainer.params,
+                data,
+                &data.val,
+                kind,
+                &eval_cfg,
+            )?;
+            let ndcg = validation_ndcg(&report, cfg.eval_k);
+            if ndcg > state.best_ndcg {
+                state = RunState {
+                    best_ndcg: ndcg,
+                    best_step: done,
+                };
+                trainer
+                    .checkpoint(
+                        dev,
+                        serde_json::to_string(&state).expect("state serialises"),
+                    )?
+                    .save(&best_path)?;
+            }
+            if opts.progress {
+                eprintln!(
+                    "\rstep {done:>6}/{}  loss {:.4}  val NDCG@{} {ndcg:.2} (best {:.2} at {})",
+                    cfg.steps, stats.loss, cfg.eval_k, state.best_ndcg, state.best_step
+                );
+            }
+            trainer
+                .checkpoint(
+                    dev,
+                    serde_json::to_string(&state).expect("state serialises"),
+                )?
+                .save(&last_path)?;
+        }
+    }
+    Ok(TrainSummary {
+        steps: trainer.step,
+        final_loss: last_loss,
+        best_ndcg: state.best_ndcg,
+        best_step: state.best_step,
+        seconds: start.elapsed().as_secs_f64(),
+        losses,
+        best_checkpoint: best_path,
+    })
+}
+
+/// The dataset's shapes must match the model's.
+pub fn check_fits(data: &Dataset, model: &ModelConfig) -> Result<()> {
+    let m = &data.meta;
+    let checks = [
+        ("region feature width (Dr)", m.feature_dim, model.region_dim),
+        ("vocabulary size (V)", m.vocab_size(), model.vocab),
+        ("label count (C)", m.num_labels, model.labels),
+    ];
+    for (what, d, want) in checks {
+        if d != want {
+            return Err(Error::config(format!(
+                "dataset `{}` has {what} {d}, the model expects {want}",
+                m.name
+            )));
+        }
+    }
+    if m.num_object_classes > model.object_classes {
+        return Err(Error::config(format!(
+            "dataset `{}` has {} object classes, the model has {}",
+            m.name, m.num_object_classes, model.object_classes
+        )));
+    }
+    Ok(())
+}
+
+pub fn default_out_dir() -> &'static Path {
+    Path::new("runs/latest")
+}
