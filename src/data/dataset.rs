@@ -31,6 +31,7 @@ use std::fmt;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorInfo, View};
 use serde::{Deserialize, Serialize};
@@ -229,11 +230,7 @@ impl Split {
         let r = self.image_boxes.len() / (5 * n);
         let dr = self.image_features.len() / (n * r).max(1);
         let c = self.labels.len() / n;
-        let t = if m == 0 {
-            0
-        } else {
-            self.text_tokens.len() / m
-        };
+        let t = self.text_tokens.len().checked_div(m).unwrap_or(0);
 
         let take = |src: &[f32], width: usize| -> Vec<f32> {
             let mut v = Vec::with_capacity(images.len() * width);
@@ -705,7 +702,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|s| s.to_string_lossy())
         .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let k = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp-{}-{k}", std::process::id()));
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -1091,6 +1090,683 @@ fn diagnose(bytes: &[u8], err: &safetensors::SafeTensorError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::synth::tests::tiny;
+    use crate::data::synth::{SynthPreset, generate};
+    use proptest::prelude::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A fresh, empty directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let k = NEXT.fetch_add(1, Ordering::Relaxed);
+            let p = std::env::temp_dir()
+                .join(format!("semshare-test-{}-{tag}-{k}", std::process::id()));
+            let _ = fs::remove_dir_all(&p);
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn small() -> Dataset {
+        generate(&tiny(SynthPreset::Balanced, 17)).unwrap()
+    }
+
+    /// Saves `small()` and returns (dir, dataset).
+    fn saved(tag: &str) -> (TempDir, Dataset) {
+        let dir = TempDir::new(tag);
+        let ds = small();
+        ds.save(&dir.0).unwrap();
+        (dir, ds)
+    }
+
+    fn load_err(dir: &Path) -> String {
+        match Dataset::load(dir) {
+            Ok(_) => panic!("load of a corrupted dataset succeeded"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn assert_mentions(msg: &str, parts: &[&str]) {
+        for p in parts {
+            assert!(msg.contains(p), "error {msg:?} does not mention {p:?}");
+        }
+    }
+
+    /// Rewrites the manifest entry of `split` so that size and checksum match the shard again:
+    /// lets a test get past the checksum to the value checks.
+    fn reseal(dir: &Path, split: &str) {
+        let bytes = fs::read(dir.join(format!("{split}.safetensors"))).unwrap();
+        let mpath = dir.join(MANIFEST_FILE);
+        let mut man: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&mpath).unwrap()).unwrap();
+        man["splits"][split]["checksum"] = format_checksum(checksum(&bytes)).into();
+        man["splits"][split]["bytes"] = bytes.len().into();
+        fs::write(&mpath, serde_json::to_string(&man).unwrap()).unwrap();
+    }
+
+    /// Byte offset in the shard file of element `index` of `tensor`.
+    fn element_offset(bytes: &[u8], tensor: &str, index: usize) -> usize {
+        let (n, meta) = SafeTensors::read_metadata(bytes).unwrap();
+        let info = meta.info(tensor).unwrap();
+        8 + n + info.data_offsets.0 + index * info.dtype.bitsize() / 8
+    }
+
+    fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+        let mpath = dir.join(MANIFEST_FILE);
+        let mut man: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&mpath).unwrap()).unwrap();
+        f(&mut man);
+        fs::write(&mpath, serde_json::to_string(&man).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn save_then_load_gives_the_same_dataset() {
+        let (dir, ds) = saved("roundtrip");
+        let back = Dataset::load(&dir.0).unwrap();
+        assert!(back == ds);
+        let names: HashSet<String> = fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let want = [
+            "dataset.json",
+            "vocab.txt",
+            "labels.txt",
+            "train.safetensors",
+            "val.safetensors",
+            "test.safetensors",
+        ];
+        assert_eq!(
+            names,
+            want.iter().map(|s| s.to_string()).collect(),
+            "no temp files left behind"
+        );
+        let vocab = fs::read_to_string(dir.0.join("vocab.txt")).unwrap();
+        assert!(vocab.starts_with("[PAD]\n[UNK]\n[MASK]\nanimals.w0\n"));
+
+        // Overwriting an existing dataset, without classes and with an empty split.
+        let mut other = ds.clone();
+        other.train.image_classes = None;
+        other.val = other.val.subset(&[]);
+        other.save(&dir.0).unwrap();
+        assert!(Dataset::load(&dir.0).unwrap() == other);
+    }
+
+    #[test]
+    fn save_refuses_invalid_data() {
+        let dir = TempDir::new("invalid");
+        let mut ds = small();
+        ds.test.labels[0] = 2;
+        let e = ds.save(&dir.0).unwrap_err().to_string();
+        assert_mentions(&e, &["test split", "labels", "item 0"]);
+        assert!(!dir.0.exists());
+    }
+
+    #[test]
+    fn subset_keeps_texts_and_remaps_items() {
+        let ds = small();
+        let s = ds.train.subset(&[5, 2, 5]);
+        assert_eq!(s.num_images(), 3);
+        assert_eq!(s.num_texts(), 9);
+        assert_eq!(s.text_item, vec![0, 0, 0, 1, 1, 1, 2, 2, 2]);
+        let (r, dr, t, c) = (8, 16, 10, 6);
+        assert_eq!(
+            s.image_features[r * dr..2 * r * dr],
+            ds.train.image_features[2 * r * dr..3 * r * dr]
+        );
+        assert_eq!(
+            s.text_tokens[3 * t..4 * t],
+            ds.train.text_tokens[6 * t..7 * t]
+        );
+        assert_eq!(s.labels[..c], ds.train.labels[5 * c..6 * c]);
+        assert_eq!(
+            s.image_classes.as_ref().unwrap()[..r],
+            ds.train.image_classes.as_ref().unwrap()[5 * r..6 * r]
+        );
+        let sub = Dataset {
+            train: s,
+            ..ds.clone()
+        };
+        sub.validate().unwrap();
+        let tl = sub.train.text_labels(c);
+        for j in 0..sub.train.num_texts() {
+            let i = sub.train.text_item[j] as usize;
+            assert_eq!(tl[j * c..(j + 1) * c], sub.train.labels[i * c..(i + 1) * c]);
+        }
+        assert_eq!(sub.train.image_texts()[1], vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn validate_names_split_tensor_and_item() {
+        type Corrupt = fn(&mut Dataset);
+        let cases: Vec<(Corrupt, &[&str])> = vec![
+            (
+                |d| d.train.image_count[3] = 0,
+                &["train split", "image.count", "item 3"],
+            ),
+            (
+                |d| d.val.image_count[1] = 9,
+                &["val split", "image.count", "item 1"],
+            ),
+            (
+                |d| d.test.image_features[2 * 8 * 16 + 5] = f32::NAN,
+                &["test split", "image.features", "item 2", "NaN"],
+            ),
+            (
+                |d| d.train.image_features.pop().map(drop).unwrap(),
+                &["train split", "image.features", "shape"],
+            ),
+            (
+                |d| d.train.image_boxes[4 * 8 * 5 + 1] = 1.5,
+                &["image.boxes", "item 4"],
+            ),
+            (
+                |d| d.train.image_boxes[7 * 8 * 5] = 0.99,
+                &["image.boxes", "item 7", "x1 > x2"],
+            ),
+            (
+                |d| d.val.image_classes.as_mut().unwrap()[8 * 2 + 1] = 40,
+                &["val split", "image.classes", "item 2"],
+            ),
+            (|d| d.train.text_length[10] = 0, &["text.length", "item 10"]),
+            (
+                |d| d.train.text_length[11] = 11,
+                &["text.length", "item 11"],
+            ),
+            (
+                |d| d.train.text_tokens[12 * 10] = 200,
+                &["text.tokens", "item 12", "token 200"],
+            ),
+            (
+                |d| d.train.text_tokens[12 * 10] = 2,
+                &["text.tokens", "item 12", "token 2"],
+            ),
+            (
+                |d| d.train.text_tokens[12 * 10] = 0,
+                &["text.tokens", "item 12", "token 0"],
+            ),
+            (
+                |d| {
+                    let j = 13;
+                    let len = d.train.text_length[j] as usize;
+                    d.train.text_length[j] = (len - 1) as u16;
+                },
+                &["text.tokens", "item 13", "padding"],
+            ),
+            (
+                |d| d.train.text_item[14] = 60,
+                &["text.item", "item 14", "60"],
+            ),
+            (|d| d.train.labels[6 * 6 + 2] = 3, &["labels", "item 6"]),
+            (
+                |d| d.train.labels[8 * 6..9 * 6].fill(0),
+                &["labels", "item 8", "no label"],
+            ),
+            (
+                |d| {
+                    let keep: Vec<usize> = (0..d.train.num_texts())
+                        .filter(|&j| d.train.text_item[j] != 4)
+                        .collect();
+                    d.train.text_item = keep.iter().map(|&j| d.train.text_item[j]).collect();
+                    d.train.text_length = keep.iter().map(|&j| d.train.text_length[j]).collect();
+                    d.train.text_tokens = keep
+                        .iter()
+                        .flat_map(|&j| d.train.text_tokens[j * 10..(j + 1) * 10].to_vec())
+                        .collect();
+                },
+                &["text.item", "image 4 has no text"],
+            ),
+            (|d| d.meta.vocab[2] = "[MSK]".into(), &["vocabulary id 2"]),
+            (
+                |d| d.meta.vocab[7] = "animals.w0".into(),
+                &["vocabulary entry 7", "duplicate"],
+            ),
+            (
+                |d| d.meta.label_names.pop().map(drop).unwrap(),
+                &["label names"],
+            ),
+        ];
+        let base = small();
+        base.validate().unwrap();
+        for (corrupt, parts) in cases {
+            let mut d = base.clone();
+            corrupt(&mut d);
+            let e = d.validate().unwrap_err();
+            assert!(matches!(e, Error::Data { .. }), "{e}");
+            assert_mentions(&e.to_string(), parts);
+        }
+    }
+
+    #[test]
+    fn truncated_shards_are_errors_naming_file_and_tensor() {
+        let (dir, _) = saved("truncate");
+        let path = dir.0.join("train.safetensors");
+        let full = fs::read(&path).unwrap();
+        let data_start =
+            element_offset(&full, IMAGE_FEATURES, 0).min(element_offset(&full, LABELS, 0));
+        let len = full.len();
+        let cases: Vec<(usize, Vec<&str>)> = vec![
+            (0, vec!["train.safetensors", "truncated"]),
+            (5, vec!["train.safetensors", "truncated"]),
+            (20, vec!["train.safetensors", "truncated inside the header"]),
+            (
+                data_start + 10,
+                vec!["train.safetensors", "truncated: tensor"],
+            ),
+            (
+                element_offset(&full, IMAGE_FEATURES, 100),
+                vec!["train.safetensors", "truncated: tensor image.features"],
+            ),
+            (len - 1, vec!["train.safetensors", "truncated: tensor"]),
+        ];
+        for (cut, parts) in cases {
+            fs::write(&path, &full[..cut]).unwrap();
+            assert_mentions(&load_err(&dir.0), &parts);
+        }
+        // One byte too many: the data section is longer than its tensors.
+        let mut longer = full.clone();
+        longer.push(0);
+        fs::write(&path, &longer).unwrap();
+        assert_mentions(&load_err(&dir.0), &["train.safetensors", "data section"]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn any_truncation_or_byte_flip_is_an_error_not_a_panic(cut_frac in 0.0f64..1.0, flip_frac in 0.0f64..1.0, bit in 0u8..8) {
+            let (dir, _) = saved("prop");
+            let path = dir.0.join("val.safetensors");
+            let full = fs::read(&path).unwrap();
+            let cut = (cut_frac * full.len() as f64) as usize;
+            fs::write(&path, &full[..cut]).unwrap();
+            let e = Dataset::load(&dir.0).unwrap_err().to_string();
+            prop_assert!(e.contains("val.safetensors"), "{}", e);
+            let mut flipped = full.clone();
+            let k = (flip_frac * full.len() as f64) as usize;
+            flipped[k] ^= 1 << bit;
+            fs::write(&path, &flipped).unwrap();
+            let e = Dataset::load(&dir.0).unwrap_err().to_string();
+            prop_assert!(e.contains("val.safetensors"), "{}", e);
+        }
+
+        #[test]
+        fn random_shapes_round_trip(seed in 0u64..1000, r in 1usize..6, dr in 1usize..9, t in 1usize..7, c in 1usize..5, tpi in 1usize..4) {
+            let cfg = crate::data::synth::SynthConfig {
+                train: 7, val: 1, test: 3, regions: r, feature_dim: dr, max_tokens: t, num_labels: c,
+                texts_per_image: tpi, vocab_size: 40, num_object_classes: 3,
+                ..tiny(SynthPreset::WeakText, seed)
+            };
+            let ds = generate(&cfg).unwrap();
+            let dir = TempDir::new("shapes");
+            ds.save(&dir.0).unwrap();
+            prop_assert!(Dataset::load(&dir.0).unwrap() == ds);
+        }
+    }
+
+    #[test]
+    fn header_dtype_changes_are_errors_naming_the_tensor() {
+        let (dir, _) = saved("dtype");
+        let path = dir.0.join("test.safetensors");
+        let full = fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(full[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&full[8..8 + n]).unwrap().to_string();
+        let cases = [
+            // Same element size: safetensors accepts it, our dtype check does not.
+            (
+                "\"image.count\":{\"dtype\":\"U16\"",
+                "\"image.count\":{\"dtype\":\"I16\"",
+                vec!["test.safetensors", "image.count", "dtype I16"],
+            ),
+            (
+                "\"text.tokens\":{\"dtype\":\"U32\"",
+                "\"text.tokens\":{\"dtype\":\"F32\"",
+                vec!["text.tokens", "dtype F32"],
+            ),
+            // Different size: the header no longer matches the byte ranges.
+            (
+                "\"image.features\":{\"dtype\":\"F32\"",
+                "\"image.features\":{\"dtype\":\"F16\"",
+                vec!["image.features", "needs"],
+            ),
+            (
+                "\"labels\":{\"dtype\":\"U8\"",
+                "\"labels\":{\"dtype\":\"I8\"",
+                vec!["labels", "dtype I8"],
+            ),
+        ];
+        for (from, to, parts) in cases {
+            assert!(header.contains(from), "{from} not in {header}");
+            let mut bytes = full.clone();
+            bytes[8..8 + n].copy_from_slice(header.replacen(from, to, 1).as_bytes());
+            fs::write(&path, &bytes).unwrap();
+            assert_mentions(&load_err(&dir.0), &parts);
+        }
+        // A wrong shape with the right byte count: [30, 6] labels as [6, 30].
+        let from = "\"labels\":{\"dtype\":\"U8\",\"shape\":[30,6]";
+        assert!(header.contains(from), "{header}");
+        let mut bytes = full.clone();
+        bytes[8..8 + n].copy_from_slice(
+            header
+                .replacen(from, "\"labels\":{\"dtype\":\"U8\",\"shape\":[6,30]", 1)
+                .as_bytes(),
+        );
+        fs::write(&path, &bytes).unwrap();
+        assert_mentions(
+            &load_err(&dir.0),
+            &[
+                "test.safetensors",
+                "labels",
+                "shape [6, 30]",
+                "expected [30, 6]",
+            ],
+        );
+    }
+
+    #[test]
+    fn checksum_mismatch_is_an_error() {
+        let (dir, _) = saved("checksum");
+        let path = dir.0.join("train.safetensors");
+        let mut bytes = fs::read(&path).unwrap();
+        let k = element_offset(&bytes, IMAGE_FEATURES, 77);
+        bytes[k] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        assert_mentions(
+            &load_err(&dir.0),
+            &["train.safetensors", "checksum mismatch"],
+        );
+        edit_manifest(&dir.0, |m| {
+            m["splits"]["val"]["checksum"] = "fnv1a64x4:0000000000000000".into()
+        });
+        reseal(&dir.0, "train");
+        assert_mentions(&load_err(&dir.0), &["val.safetensors", "checksum mismatch"]);
+    }
+
+    #[test]
+    fn bad_values_on_disk_are_errors_naming_file_tensor_and_item() {
+        let (r, dr, t) = (8, 16, 10);
+        type Patch = (
+            &'static str,
+            &'static str,
+            usize,
+            Vec<u8>,
+            Vec<&'static str>,
+        );
+        let cases: Vec<Patch> = vec![
+            (
+                "train",
+                IMAGE_FEATURES,
+                (4 * r + 1) * dr + 3,
+                f32::NAN.to_le_bytes().to_vec(),
+                vec!["train.safetensors", "image.features", "item 4", "NaN"],
+            ),
+            (
+                "val",
+                IMAGE_FEATURES,
+                2 * r * dr,
+                f32::INFINITY.to_le_bytes().to_vec(),
+                vec!["val.safetensors", "image.features", "item 2", "inf"],
+            ),
+            (
+                "test",
+                TEXT_TOKENS,
+                5 * t,
+                200u32.to_le_bytes().to_vec(),
+                vec!["test.safetensors", "text.tokens", "item 5", "token 200"],
+            ),
+            (
+                "test",
+                TEXT_TOKENS,
+                6 * t,
+                u32::MAX.to_le_bytes().to_vec(),
+                vec!["text.tokens", "item 6"],
+            ),
+            (
+                "train",
+                IMAGE_COUNT,
+                9,
+                0u16.to_le_bytes().to_vec(),
+                vec!["image.count", "item 9"],
+            ),
+            (
+                "train",
+                IMAGE_CLASSES,
+                3 * r,
+                999u16.to_le_bytes().to_vec(),
+                vec!["image.classes", "item 3", "999"],
+            ),
+            (
+                "train",
+                IMAGE_BOXES,
+                2 * r * 5,
+                (-0.5f32).to_le_bytes().to_vec(),
+                vec!["image.boxes", "item 2"],
+            ),
+            (
+                "train",
+                TEXT_ITEM,
+                11,
+                1000u32.to_le_bytes().to_vec(),
+                vec!["text.item", "item 11"],
+            ),
+            (
+                "val",
+                TEXT_LENGTH,
+                1,
+                50u16.to_le_bytes().to_vec(),
+                vec!["val.safetensors", "text.length", "item 1"],
+            ),
+            (
+                "train",
+                LABELS,
+                6 * 7 + 1,
+                vec![7],
+                vec!["labels", "item 7"],
+            ),
+        ];
+        for (split, tensor, index, value, parts) in cases {
+            let (dir, _) = saved("values");
+            let path = dir.0.join(format!("{split}.safetensors"));
+            let mut bytes = fs::read(&path).unwrap();
+            let k = element_offset(&bytes, tensor, index);
+            bytes[k..k + value.len()].copy_from_slice(&value);
+            fs::write(&path, &bytes).unwrap();
+            reseal(&dir.0, split);
+            let e = Dataset::load(&dir.0).unwrap_err();
+            assert!(matches!(e, Error::Format { .. }), "{e}");
+            assert_mentions(&e.to_string(), &parts);
+        }
+    }
+
+    #[test]
+    fn missing_files_and_bad_manifests_are_errors() {
+        let (dir, _) = saved("missing");
+        let d = &dir.0;
+        let e = Dataset::load(d.join("nowhere")).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }));
+        assert_mentions(&e.to_string(), &["nowhere", "dataset.json"]);
+
+        let manifest = fs::read_to_string(d.join(MANIFEST_FILE)).unwrap();
+        let restore = || fs::write(d.join(MANIFEST_FILE), &manifest).unwrap();
+        for file in ["val.safetensors", "vocab.txt", "labels.txt"] {
+            let keep = fs::read(d.join(file)).unwrap();
+            fs::remove_file(d.join(file)).unwrap();
+            assert_mentions(&load_err(d), &[file]);
+            fs::write(d.join(file), keep).unwrap();
+        }
+        Dataset::load(d).unwrap();
+
+        fs::write(d.join(MANIFEST_FILE), &manifest[..manifest.len() / 2]).unwrap();
+        assert_mentions(&load_err(d), &["dataset.json", "not a valid manifest"]);
+        restore();
+        type Edit = fn(&mut serde_json::Value);
+        let edits: Vec<(Edit, &[&str])> = vec![
+            (|m| m["version"] = 2.into(), &["dataset.json", "version 2"]),
+            (
+                |m| m["format"] = "other".into(),
+                &["dataset.json", "format"],
+            ),
+            (|m| m["colour"] = 1.into(), &["dataset.json", "colour"]),
+            (
+                |m| m["vocab_size"] = 199.into(),
+                &["vocab.txt", "vocab_size 199"],
+            ),
+            (
+                |m| m["num_labels"] = 7.into(),
+                &["labels.txt", "num_labels 7"],
+            ),
+            (
+                |m| m["regions"] = 9.into(),
+                &["train.safetensors", "image.features", "shape"],
+            ),
+            (
+                |m| m["splits"]["val"]["images"] = 21.into(),
+                &["val.safetensors", "shape"],
+            ),
+            (
+                |m| m["splits"]["test"]["texts"] = 89.into(),
+                &["test.safetensors", "text.tokens", "shape"],
+            ),
+            (
+                |m| m["splits"]["train"]["bytes"] = 1.into(),
+                &["train.safetensors", "dataset.json says 1"],
+            ),
+            (
+                |m| m["splits"]["train"]["shard"] = "../x.safetensors".into(),
+                &["dataset.json", "not a plain file name"],
+            ),
+            (
+                |m| drop(m["splits"].as_object_mut().unwrap().remove("test")),
+                &["dataset.json", "split \"test\" missing"],
+            ),
+            (
+                |m| m["splits"]["extra"] = m["splits"]["val"].clone(),
+                &["dataset.json", "unknown split"],
+            ),
+        ];
+        for (edit, parts) in edits {
+            edit_manifest(d, edit);
+            assert_mentions(&load_err(d), parts);
+            restore();
+        }
+        let vocab = fs::read_to_string(d.join("vocab.txt")).unwrap();
+        fs::write(d.join("vocab.txt"), vocab.replacen("animals.w1\n", "\n", 1)).unwrap();
+        assert_mentions(&load_err(d), &["vocab.txt", "line 5 is empty"]);
+    }
+
+    /// Re-encodes a shard with different tensors (as a converter might write it).
+    fn rewrite_shard(path: &Path, f: impl FnOnce(&mut Vec<(String, Owned)>)) {
+        let bytes = fs::read(path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<(String, Owned)> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    Owned {
+                        dtype: v.dtype(),
+                        shape: v.shape().to_vec(),
+                        data: v.data().to_vec(),
+                    },
+                )
+            })
+            .collect();
+        f(&mut tensors);
+        let out =
+            safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
+                .unwrap();
+        fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn half_precision_features_and_implicit_text_item_are_read() {
+        let mut cfg = tiny(SynthPreset::Balanced, 23);
+        cfg.texts_per_image = 1;
+        let ds = generate(&cfg).unwrap();
+        let dir = TempDir::new("half");
+        for dtype in [Dtype::BF16, Dtype::F16] {
+            let p = dir.0.join("train.safetensors");
+            ds.save(&dir.0).unwrap();
+            rewrite_shard(&p, |ts| {
+                ts.retain(|(k, _)| k != TEXT_ITEM);
+                let f = ts.iter_mut().find(|(k, _)| k == IMAGE_FEATURES).unwrap();
+                f.1.dtype = dtype;
+                f.1.data = ds
+                    .train
+                    .image_features
+                    .iter()
+                    .flat_map(|&x| {
+                        let h = if dtype == Dtype::BF16 {
+                            (x.to_bits() >> 16) as u16
+                        } else {
+                            f32_to_f16_trunc(x)
+                        };
+                        h.to_le_bytes()
+                    })
+                    .collect();
+            });
+            reseal(&dir.0, "train");
+            let back = Dataset::load(&dir.0).unwrap();
+            assert_eq!(back.train.text_item, ds.train.text_item);
+            for (a, b) in back
+                .train
+                .image_features
+                .iter()
+                .zip(&ds.train.image_features)
+            {
+                assert!(
+                    (a - b).abs() <= 1e-2 * b.abs().max(1e-2),
+                    "{dtype}: {a} vs {b}"
+                );
+            }
+        }
+        // Without text.item, M must equal N.
+        let p = dir.0.join("val.safetensors");
+        let mut cfg3 = cfg.clone();
+        cfg3.texts_per_image = 2;
+        generate(&cfg3).unwrap().save(&dir.0).unwrap();
+        rewrite_shard(&p, |ts| ts.retain(|(k, _)| k != TEXT_ITEM));
+        reseal(&dir.0, "val");
+        assert_mentions(&load_err(&dir.0), &["val.safetensors", "text.item missing"]);
+        // Unknown and missing tensors.
+        generate(&cfg).unwrap().save(&dir.0).unwrap();
+        rewrite_shard(&p, |ts| ts.retain(|(k, _)| k != IMAGE_BOXES));
+        reseal(&dir.0, "val");
+        assert_mentions(
+            &load_err(&dir.0),
+            &["val.safetensors", "tensor image.boxes missing"],
+        );
+        rewrite_shard(&p, |ts| {
+            let extra = Owned {
+                dtype: Dtype::U8,
+                shape: vec![1],
+                data: vec![0],
+            };
+            ts.push(("text.feature".to_string(), extra));
+        });
+        reseal(&dir.0, "val");
+        assert_mentions(
+            &load_err(&dir.0),
+            &["val.safetensors", "unexpected tensor \"text.feature\""],
+        );
+    }
+
+    /// f32 → f16 by truncation, for normal values of moderate size (test data only).
+    fn f32_to_f16_trunc(x: f32) -> u16 {
+        let b = x.to_bits();
+        let sign = ((b >> 16) & 0x8000) as u16;
+        let exp = ((b >> 23) & 0xff) as i32 - 127 + 15;
+        if exp <= 0 {
+            return sign;
+        }
+        sign | ((exp as u16) << 10) | ((b >> 13) & 0x3ff) as u16
+    }
 
     #[test]
     fn f16_conversion_matches_known_values() {
@@ -1101,6 +1777,9 @@ mod tests {
         assert!(f16_to_f32(0x7c00).is_infinite());
         assert!(f16_to_f32(0x7e00).is_nan());
         assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+        for x in [0.5f32, -3.25, 1000.0, 0.0999] {
+            assert!((f16_to_f32(f32_to_f16_trunc(x)) - x).abs() <= x.abs() * 1e-3);
+        }
     }
 
     #[test]

@@ -581,3 +581,401 @@ fn random_span(rng: &mut Rng) -> (f32, f32) {
     let b = a + 0.05 + (1.0 - a - 0.05) * rng.uniform();
     (a as f32, (b as f32).min(1.0))
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A small configuration that exercises everything (several texts per image, classes).
+    pub(crate) fn tiny(preset: SynthPreset, seed: u64) -> SynthConfig {
+        SynthConfig {
+            train: 60,
+            val: 20,
+            test: 30,
+            num_labels: 6,
+            regions: 8,
+            feature_dim: 16,
+            max_tokens: 10,
+            vocab_size: 200,
+            num_object_classes: 40,
+            texts_per_image: 3,
+            ..SynthConfig::preset(preset, seed)
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    fn same_bits(a: &Dataset, b: &Dataset) -> bool {
+        a == b
+            && a.splits()
+                .iter()
+                .zip(b.splits())
+                .all(|((_, x), (_, y))| bits(&x.image_features) == bits(&y.image_features))
+    }
+
+    #[test]
+    fn same_seed_gives_bitwise_identical_dataset() {
+        let cfg = tiny(SynthPreset::Balanced, 11);
+        let (a, b) = (generate(&cfg).unwrap(), generate(&cfg).unwrap());
+        assert!(same_bits(&a, &b));
+        let c = generate(&tiny(SynthPreset::Balanced, 12)).unwrap();
+        assert!(a.train.image_features != c.train.image_features);
+        assert!(a.train.text_tokens != c.train.text_tokens);
+        assert_eq!(a.meta.name, "synth-balanced-11");
+    }
+
+    #[test]
+    fn every_preset_validates_with_expected_shapes() {
+        for p in SynthPreset::ALL {
+            let cfg = tiny(p, 3);
+            let ds = generate(&cfg).unwrap();
+            ds.validate().unwrap();
+            for ((name, s), n) in ds.splits().into_iter().zip([60, 20, 30]) {
+                assert_eq!(s.num_images(), n, "{name}");
+                assert_eq!(s.num_texts(), 3 * n, "{name}");
+                assert_eq!(s.image_features.len(), n * 8 * 16);
+                for (j, &item) in s.text_item.iter().enumerate() {
+                    assert_eq!(item as usize, j / 3);
+                }
+                for &count in &s.image_count {
+                    assert!((3..=8).contains(&count), "{count}");
+                }
+                for &len in &s.text_length {
+                    assert!((2..=10).contains(&len), "{len}");
+                }
+                for b in s.image_boxes.chunks_exact(5) {
+                    if b[4] > 0.0 {
+                        assert!(b[0] < b[2] && b[1] < b[3]);
+                        assert!((b[4] - (b[2] - b[0]) * (b[3] - b[1])).abs() < 1e-6);
+                    }
+                }
+            }
+            assert_eq!(ds.meta.vocab.len(), 200);
+            assert_eq!(ds.meta.vocab[3], "animals.w0");
+            assert_eq!(ds.meta.vocab[199], format!("filler{}", 200 - 3 - 6 * 8 - 1));
+        }
+    }
+
+    #[test]
+    fn splits_use_independent_streams_and_items_do_not_depend_on_split_size() {
+        let cfg = tiny(SynthPreset::Balanced, 5);
+        let ds = generate(&cfg).unwrap();
+        let k = 20 * 8 * 16;
+        assert!(ds.train.image_features[..k] != ds.val.image_features[..k]);
+        assert!(ds.train.labels[..20 * 6] != ds.val.labels[..20 * 6]);
+        let bigger = generate(&SynthConfig { train: 90, ..cfg }).unwrap();
+        let first60: Vec<usize> = (0..60).collect();
+        assert!(bigger.train.subset(&first60) == ds.train);
+        assert!(bigger.test == ds.test);
+    }
+
+    #[test]
+    fn presets_differ_only_in_their_weak_modality() {
+        let (b, wi, wt) = (
+            SynthPreset::Balanced,
+            SynthPreset::WeakImage,
+            SynthPreset::WeakText,
+        );
+        let (cb, ci, ct) = (
+            SynthConfig::preset(b, 1),
+            SynthConfig::preset(wi, 1),
+            SynthConfig::preset(wt, 1),
+        );
+        assert!(ci.image_signal < cb.image_signal && ci.image_noise > cb.image_noise);
+        assert_eq!(
+            (ci.text_signal, ci.text_confuser),
+            (cb.text_signal, cb.text_confuser)
+        );
+        assert!(ct.text_signal < cb.text_signal && ct.text_confuser > cb.text_confuser);
+        assert_eq!(
+            (ct.image_signal, ct.image_noise),
+            (cb.image_signal, cb.image_noise)
+        );
+        assert_eq!(
+            (cb.regions, cb.feature_dim, cb.max_tokens, cb.vocab_size),
+            (36, 256, 24, 2000)
+        );
+        assert_eq!((cb.num_labels, cb.num_object_classes), (24, 100));
+        assert_eq!((cb.train, cb.val, cb.test), (4000, 500, 1000));
+
+        let (db, di, dt) = (
+            generate(&tiny(b, 9)).unwrap(),
+            generate(&tiny(wi, 9)).unwrap(),
+            generate(&tiny(wt, 9)).unwrap(),
+        );
+        assert_eq!(db.train.labels, di.train.labels);
+        assert_eq!(db.train.text_tokens, di.train.text_tokens);
+        assert!(db.train.image_features != di.train.image_features);
+        assert_eq!(db.train.image_features, dt.train.image_features);
+        assert!(db.train.text_tokens != dt.train.text_tokens);
+    }
+
+    #[test]
+    fn preset_names_round_trip() {
+        for p in SynthPreset::ALL {
+            assert_eq!(p.to_string().parse::<SynthPreset>().unwrap(), p);
+        }
+        assert_eq!(
+            "weak-image".parse::<SynthPreset>().unwrap(),
+            SynthPreset::WeakImage
+        );
+        let e = "strong".parse::<SynthPreset>().unwrap_err().to_string();
+        assert!(e.contains("strong"), "{e}");
+    }
+
+    #[test]
+    fn label_frequencies_and_cooccurrence_are_sane() {
+        let cfg = SynthConfig {
+            train: 3000,
+            val: 0,
+            test: 0,
+            regions: 3,
+            feature_dim: 1,
+            max_tokens: 4,
+            ..SynthConfig::preset(SynthPreset::Balanced, 21)
+        };
+        let ds = generate(&cfg).unwrap();
+        let (n, c) = (ds.train.num_images(), cfg.num_labels);
+        let y = &ds.train.labels;
+        let per_item: Vec<usize> = y
+            .chunks(c)
+            .map(|r| r.iter().map(|&v| v as usize).sum())
+            .collect();
+        assert!(per_item.iter().all(|&k| (1..=MAX_LABELS).contains(&k)));
+        let mean = per_item.iter().sum::<usize>() as f64 / n as f64;
+        assert!((2.0..4.0).contains(&mean), "mean labels per item {mean}");
+        let freq: Vec<f64> = (0..c)
+            .map(|l| (0..n).filter(|&i| y[i * c + l] == 1).count() as f64 / n as f64)
+            .collect();
+        for (l, &f) in freq.iter().enumerate() {
+            assert!((0.02..0.5).contains(&f), "label {l} frequency {f}");
+        }
+        // Labels of one topic co-occur more than independence predicts, others less.
+        let world = World::new(&cfg);
+        let (mut same, mut cross) = ((0.0, 0), (0.0, 0));
+        for a in 0..c {
+            for b in a + 1..c {
+                let both = (0..n)
+                    .filter(|&i| y[i * c + a] == 1 && y[i * c + b] == 1)
+                    .count() as f64
+                    / n as f64;
+                let lift = both / (freq[a] * freq[b]);
+                let acc = if world.topic_of[a] == world.topic_of[b] {
+                    &mut same
+                } else {
+                    &mut cross
+                };
+                acc.0 += lift;
+                acc.1 += 1;
+            }
+        }
+        let (same, cross) = (same.0 / same.1 as f64, cross.0 / cross.1 as f64);
+        assert!(
+            same > 2.0 && cross < 1.0,
+            "co-occurrence lift: same topic {same}, across {cross}"
+        );
+    }
+
+    /// The knobs mean what they say: the share of label regions and of label/confuser words
+    /// matches the configured probabilities, and noisy regions stay nearest their prototype.
+    #[test]
+    fn knobs_set_the_share_of_signal_in_each_modality() {
+        let cfg = SynthConfig {
+            train: 400,
+            val: 0,
+            test: 0,
+            feature_dim: 64,
+            ..tiny(SynthPreset::Balanced, 4)
+        };
+        let ds = generate(&cfg).unwrap();
+        let world = World::new(&cfg);
+        let (s, r, dr, t, c) = (
+            &ds.train,
+            cfg.regions,
+            cfg.feature_dim,
+            cfg.max_tokens,
+            cfg.num_labels,
+        );
+        let classes = s.image_classes.as_ref().unwrap();
+        let (mut regions, mut signal, mut nearest_ok) = (0, 0, 0);
+        for i in 0..s.num_images() {
+            for k in 0..s.image_count[i] as usize {
+                regions += 1;
+                let proto_of_class = world
+                    .proto_class
+                    .iter()
+                    .position(|&x| x == classes[i * r + k])
+                    .unwrap();
+                if proto_of_class < c * PROTOS_PER_LABEL {
+                    assert_eq!(s.labels[i * c + proto_of_class / PROTOS_PER_LABEL], 1);
+                    signal += 1;
+                }
+                let x = &s.image_features[(i * r + k) * dr..(i * r + k + 1) * dr];
+                let dist = |p: usize| -> f32 {
+                    let q = &world.prototypes[p * dr..(p + 1) * dr];
+                    let scale = 1.0 / (1.0 + cfg.image_noise * cfg.image_noise).sqrt();
+                    x.iter().zip(q).map(|(a, b)| (a - b * scale).powi(2)).sum()
+                };
+                let best = (0..world.proto_class.len())
+                    .min_by(|&a, &b| dist(a).total_cmp(&dist(b)))
+                    .unwrap();
+                nearest_ok += (best == proto_of_class) as usize;
+            }
+        }
+        let share = signal as f64 / regions as f64;
+        assert!(
+            (share - cfg.image_signal as f64).abs() < 0.03,
+            "label-region share {share}"
+        );
+        let nearest = nearest_ok as f64 / regions as f64;
+        assert!(
+            nearest > 0.9,
+            "regions nearest to their own prototype: {nearest}"
+        );
+
+        let w = cfg.words_per_label();
+        let (mut tokens, mut own, mut confuser) = (0, 0, 0);
+        for j in 0..s.num_texts() {
+            let item = s.text_item[j] as usize;
+            for &tok in &s.text_tokens[j * t..j * t + s.text_length[j] as usize] {
+                tokens += 1;
+                let id = tok as usize - 3;
+                if id < c * w {
+                    if s.labels[item * c + id / w] == 1 {
+                        own += 1;
+                    } else {
+                        confuser += 1;
+                    }
+                }
+            }
+        }
+        let (own, confuser) = (own as f64 / tokens as f64, confuser as f64 / tokens as f64);
+        assert!(
+            (own - cfg.text_signal as f64).abs() < 0.03,
+            "label-word share {own}"
+        );
+        assert!(
+            (confuser - cfg.text_confuser as f64).abs() < 0.03,
+            "confuser share {confuser}"
+        );
+    }
+
+    #[test]
+    fn given_labels_are_used_row_by_row_in_split_order() {
+        let mut cfg = tiny(SynthPreset::WeakText, 2);
+        let n = cfg.train + cfg.val + cfg.test;
+        let c = cfg.num_labels;
+        let labels: Vec<u8> = (0..n * c)
+            .map(|k| ((k / c + k % c) % 3 == 0) as u8)
+            .collect();
+        cfg.labels = Some(labels.clone());
+        let ds = generate(&cfg).unwrap();
+        let got: Vec<u8> = [&ds.train, &ds.val, &ds.test]
+            .iter()
+            .flat_map(|s| s.labels.clone())
+            .collect();
+        assert_eq!(got, labels);
+
+        cfg.labels = Some(labels[c..].to_vec());
+        let e = generate(&cfg).unwrap_err().to_string();
+        assert!(e.contains("given label matrix"), "{e}");
+        let mut empty_row = labels.clone();
+        empty_row[5 * c..6 * c].fill(0);
+        cfg.labels = Some(empty_row);
+        let e = generate(&cfg).unwrap_err().to_string();
+        assert!(e.contains("row 5 has no label"), "{e}");
+    }
+
+    #[test]
+    fn bad_configurations_are_errors() {
+        let base = tiny(SynthPreset::Balanced, 1);
+        let cases: Vec<(SynthConfig, &str)> = vec![
+            (
+                SynthConfig {
+                    vocab_size: 9,
+                    ..base.clone()
+                },
+                "vocab_size",
+            ),
+            (
+                SynthConfig {
+                    image_signal: 1.5,
+                    ..base.clone()
+                },
+                "image_signal",
+            ),
+            (
+                SynthConfig {
+                    text_signal: 0.7,
+                    text_confuser: 0.5,
+                    ..base.clone()
+                },
+                "exceeds 1",
+            ),
+            (
+                SynthConfig {
+                    image_noise: f32::NAN,
+                    ..base.clone()
+                },
+                "image_noise",
+            ),
+            (
+                SynthConfig {
+                    texts_per_image: 0,
+                    ..base.clone()
+                },
+                "texts_per_image",
+            ),
+            (
+                SynthConfig {
+                    num_labels: 0,
+                    ..base.clone()
+                },
+                "num_labels",
+            ),
+            (
+                SynthConfig {
+                    regions: 0,
+                    ..base.clone()
+                },
+                "regions",
+            ),
+            (
+                SynthConfig {
+                    num_object_classes: 0,
+                    ..base.clone()
+                },
+                "num_object_classes",
+            ),
+        ];
+        for (cfg, want) in cases {
+            let e = generate(&cfg).unwrap_err();
+            assert!(
+                matches!(e, Error::Config { .. }) && e.to_string().contains(want),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn odd_shapes_generate_valid_data() {
+        // One label, one region, one token, few object classes (shared round-robin).
+        let cfg = SynthConfig {
+            num_labels: 1,
+            regions: 1,
+            max_tokens: 1,
+            vocab_size: 5,
+            num_object_classes: 2,
+            train: 5,
+            val: 0,
+            test: 1,
+            ..tiny(SynthPreset::WeakImage, 8)
+        };
+        let ds = generate(&cfg).unwrap();
+        assert_eq!(ds.train.image_count, vec![1; 5]);
+        assert_eq!(ds.val.num_images(), 0);
+        assert!(ds.train.labels.iter().all(|&y| y == 1));
+    }
+}
