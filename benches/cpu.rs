@@ -18,24 +18,11 @@ use semshare::train::{TrainConfig, Trainer};
 const BATCH: usize = 32;
 
 fn config() -> ModelConfig {
-    ModelConfig {
-        vocab: 2000,
-        object_classes: 100,
-        labels: 24,
-        ..ModelConfig::small()
-    }
+    ModelConfig { vocab: 2000, object_classes: 100, labels: 24, ..ModelConfig::small() }
 }
 
 fn lengths(rng: &mut Rng, full: bool, lo: usize, hi: usize) -> Vec<usize> {
-    (0..BATCH)
-        .map(|_| {
-            if full {
-                hi
-            } else {
-                lo + rng.below(hi - lo + 1)
-            }
-        })
-        .collect()
+    (0..BATCH).map(|_| if full { hi } else { lo + rng.below(hi - lo + 1) }).collect()
 }
 
 fn batches(cfg: &ModelConfig, full: bool, seed: u64) -> (ImageBatch, TextBatch) {
@@ -43,13 +30,7 @@ fn batches(cfg: &ModelConfig, full: bool, seed: u64) -> (ImageBatch, TextBatch) 
     let il = lengths(&mut rng, full, 12, cfg.max_regions);
     let tl = lengths(&mut rng, full, 6, cfg.max_tokens);
     (
-        ImageBatch::random(
-            &mut rng,
-            &il,
-            cfg.region_dim,
-            cfg.object_classes,
-            cfg.labels,
-        ),
+        ImageBatch::random(&mut rng, &il, cfg.region_dim, cfg.object_classes, cfg.labels),
         TextBatch::random(&mut rng, &tl, cfg.vocab, cfg.labels),
     )
 }
@@ -62,9 +43,7 @@ fn train_step(c: &mut Criterion) {
         let mut dev = Cpu::new();
         let mut trainer = Trainer::new(&mut dev, &cfg, TrainConfig::default()).unwrap();
         let (ib, tb) = batches(&cfg, full, 1);
-        g.bench_function(name, |b| {
-            b.iter(|| black_box(trainer.step(&mut dev, ib.clone(), tb.clone()).unwrap()))
-        });
+        g.bench_function(name, |b| b.iter(|| black_box(trainer.step(&mut dev, ib.clone(), tb.clone()).unwrap())));
     }
     g.finish();
 }
@@ -76,10 +55,7 @@ fn inference(c: &mut Criterion) {
     for (name, full) in [("full", true), ("mixed", false)] {
         let mut dev = Cpu::new();
         let net = SemShare::new(&cfg).unwrap();
-        let w = net
-            .store
-            .upload(&mut dev, &net.store.init_values(0))
-            .unwrap();
+        let w = net.store.upload(&mut dev, &net.store.init_values(0)).unwrap();
         let (ib, tb) = batches(&cfg, full, 2);
         let (ib, tb) = (Batch::Image(ib), Batch::Text(tb));
         g.bench_function(name, |b| {
@@ -103,25 +79,11 @@ fn ops(c: &mut Criterion) {
     let a = dev.upload(&rand(m * k), &[m, k]).unwrap();
     let w = dev.upload(&rand(n * k), &[n, k]).unwrap();
     let mut y = dev.zeros(&[m, n]).unwrap();
-    let gm = Gemm {
-        m,
-        n,
-        k,
-        trans_a: false,
-        trans_b: true,
-        alpha: 1.0,
-        beta: 0.0,
-    };
-    g.bench_function("gemm_1152x256x768", |b| {
-        b.iter(|| dev.gemm(gm, a.view(), w.view(), y.view_mut()).unwrap())
-    });
+    let gm = Gemm { m, n, k, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+    g.bench_function("gemm_1152x256x768", |b| b.iter(|| dev.gemm(gm, a.view(), w.view(), y.view_mut()).unwrap()));
     let seg = Segments::from_lengths(&mut dev, &[36; BATCH]).unwrap();
-    let qkv = dev
-        .upload(&rand(36 * BATCH * 768), &[36 * BATCH, 768])
-        .unwrap();
-    g.bench_function("attention_fwd_32x4x36x64", |b| {
-        b.iter(|| black_box(dev.attention_fwd(&qkv, &seg, 4).unwrap()))
-    });
+    let qkv = dev.upload(&rand(36 * BATCH * 768), &[36 * BATCH, 768]).unwrap();
+    g.bench_function("attention_fwd_32x4x36x64", |b| b.iter(|| black_box(dev.attention_fwd(&qkv, &seg, 4).unwrap())));
     let (ctx, probs) = dev.attention_fwd(&qkv, &seg, 4).unwrap();
     g.bench_function("attention_bwd_32x4x36x64", |b| {
         b.iter(|| black_box(dev.attention_bwd(&qkv, &probs, &seg, 4, &ctx).unwrap()))

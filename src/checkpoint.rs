@@ -35,11 +35,7 @@ impl Checkpoint {
         if self.params.len() != net.store.total {
             return Err(Error::shape(
                 "checkpoint",
-                format!(
-                    "{} parameters for a model of {}",
-                    self.params.len(),
-                    net.store.total
-                ),
+                format!("{} parameters for a model of {}", self.params.len(), net.store.total),
             ));
         }
         let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = net
@@ -65,22 +61,17 @@ impl Checkpoint {
             .map_err(|e| Error::format(path, e.to_string()))?;
         let meta = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
-            (
-                "model".to_string(),
-                serde_json::to_string(&self.model).expect("config serialises"),
-            ),
+            ("model".to_string(), serde_json::to_string(&self.model).expect("config serialises")),
             ("step".to_string(), self.step.to_string()),
             ("state".to_string(), self.state.clone()),
         ]);
-        let bytes = safetensors::serialize(views, Some(meta))
-            .map_err(|e| Error::format(path, e.to_string()))?;
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::format(path, e.to_string()))?;
         atomic_write(path, &bytes)
     }
 
     pub fn load(path: &Path) -> Result<Checkpoint> {
         let bytes = read(path)?;
-        let bad =
-            |what: String| Error::format(path, format!("not a valid semshare checkpoint: {what}"));
+        let bad = |what: String| Error::format(path, format!("not a valid semshare checkpoint: {what}"));
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();
@@ -89,38 +80,23 @@ impl Checkpoint {
             Some(f) => return Err(bad(format!("format `{f}`, expected `{FORMAT}`"))),
             None => return Err(bad("no `format` in the metadata".into())),
         }
-        let model: ModelConfig = serde_json::from_str(
-            meta.get("model")
-                .ok_or_else(|| bad("no model configuration".into()))?,
-        )
-        .map_err(|e| bad(format!("model configuration: {e}")))?;
-        let step = meta
-            .get("step")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("missing or bad `step`".into()))?;
+        let model: ModelConfig =
+            serde_json::from_str(meta.get("model").ok_or_else(|| bad("no model configuration".into()))?)
+                .map_err(|e| bad(format!("model configuration: {e}")))?;
+        let step = meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| bad("missing or bad `step`".into()))?;
         let state = meta.get("state").cloned().unwrap_or_default();
         let net = SemShare::new(&model).map_err(|e| bad(e.to_string()))?;
         let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let t = st
-                .tensor(name)
-                .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+            let t = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
             if t.dtype() != Dtype::F32 {
-                return Err(bad(format!(
-                    "tensor `{name}` is {:?}, expected F32",
-                    t.dtype()
-                )));
+                return Err(bad(format!("tensor `{name}` is {:?}, expected F32", t.dtype())));
             }
             if t.shape() != shape {
-                return Err(bad(format!(
-                    "tensor `{name}` has shape {:?}, expected {shape:?}",
-                    t.shape()
-                )));
+                return Err(bad(format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.shape())));
             }
             let v = bytes_to_f32(t.data());
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(bad(format!(
-                    "tensor `{name}` holds a non-finite value at element {i}"
-                )));
+                return Err(bad(format!("tensor `{name}` holds a non-finite value at element {i}")));
             }
             Ok(v)
         };
@@ -130,24 +106,13 @@ impl Checkpoint {
             params[info.param.offset..info.param.offset + info.param.len].copy_from_slice(&v);
         }
         let optimizer = match (st.tensor(EXP_AVG).is_ok(), st.tensor(EXP_AVG_SQ).is_ok()) {
-            (true, true) => Some((
-                tensor(EXP_AVG, &[net.store.total])?,
-                tensor(EXP_AVG_SQ, &[net.store.total])?,
-            )),
+            (true, true) => Some((tensor(EXP_AVG, &[net.store.total])?, tensor(EXP_AVG_SQ, &[net.store.total])?)),
             (false, false) => None,
             _ => {
-                return Err(bad(
-                    "only one of the two optimizer moments is present".into()
-                ));
+                return Err(bad("only one of the two optimizer moments is present".into()));
             }
         };
-        Ok(Checkpoint {
-            model,
-            params,
-            optimizer,
-            step,
-            state,
-        })
+        Ok(Checkpoint { model, params, optimizer, step, state })
     }
 }
 
@@ -179,13 +144,7 @@ mod tests {
         let n = net.store.total;
         let params = net.store.init_values(5);
         let m: Vec<f32> = (0..n).map(|i| i as f32 * 1e-3).collect();
-        Checkpoint {
-            model,
-            params,
-            optimizer: Some((m.clone(), m)),
-            step: 42,
-            state: "{\"best\":1.5}".into(),
-        }
+        Checkpoint { model, params, optimizer: Some((m.clone(), m)), step: 42, state: "{\"best\":1.5}".into() }
     }
 
     #[test]
@@ -202,16 +161,8 @@ mod tests {
         assert_eq!(back.model, c.model);
         let bytes = std::fs::read(&path).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
-        assert_eq!(
-            st.tensor("shared.layers.0.attn.qkv.weight")
-                .unwrap()
-                .shape(),
-            &[24, 8]
-        );
-        assert_eq!(
-            st.tensor("text.gru.weight_hh_l0_reverse").unwrap().shape(),
-            &[9, 3]
-        );
+        assert_eq!(st.tensor("shared.layers.0.attn.qkv.weight").unwrap().shape(), &[24, 8]);
+        assert_eq!(st.tensor("text.gru.weight_hh_l0_reverse").unwrap().shape(), &[9, 3]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -232,9 +183,7 @@ mod tests {
         flipped[10] ^= 0xFF;
         std::fs::write(&bad, &flipped).unwrap();
         assert!(Checkpoint::load(&bad).is_err());
-        let e = Checkpoint::load(&dir.join("missing.safetensors"))
-            .unwrap_err()
-            .to_string();
+        let e = Checkpoint::load(&dir.join("missing.safetensors")).unwrap_err().to_string();
         assert!(e.contains("missing.safetensors"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

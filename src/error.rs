@@ -8,10 +8,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug)]
 pub enum Error {
     /// An I/O failure on a named file.
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// A file whose content is not what it claims (corrupt, truncated, wrong dtype or shape).
     Format { path: PathBuf, what: String },
     /// A tensor with the wrong shape for an op or a layer.
@@ -28,22 +25,13 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
     pub fn format(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
-        Error::Format {
-            path: path.into(),
-            what: what.into(),
-        }
+        Error::Format { path: path.into(), what: what.into() }
     }
     pub fn shape(op: &'static str, what: impl Into<String>) -> Self {
-        Error::Shape {
-            op,
-            what: what.into(),
-        }
+        Error::Shape { op, what: what.into() }
     }
     pub fn data(what: impl Into<String>) -> Self {
         Error::Data { what: what.into() }

@@ -13,9 +13,7 @@ use crate::checkpoint::Checkpoint;
 use crate::data::batches::{PairSampler, image_batch, text_batch};
 use crate::data::dataset::{Dataset, Split};
 use crate::eval::metrics::{EvalConfig, Report, Side, evaluate};
-use crate::model::{
-    Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch,
-};
+use crate::model::{Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch};
 use crate::nn::Dropout;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -70,15 +68,10 @@ impl Default for TrainConfig {
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 || self.steps == 0 {
-            return Err(Error::config(
-                "train.batch_size and train.steps must be positive",
-            ));
+            return Err(Error::config("train.batch_size and train.steps must be positive"));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::config(format!(
-                "train.lr = {} must be positive",
-                self.lr
-            )));
+            return Err(Error::config(format!("train.lr = {} must be positive", self.lr)));
         }
         self.embedding.parse::<EmbeddingKind>()?;
         Ok(())
@@ -129,20 +122,9 @@ impl Trainer {
         Self::assemble(dev, net, &init, None, 0, cfg)
     }
 
-    pub fn from_checkpoint(
-        dev: &mut dyn Backend,
-        ckpt: &Checkpoint,
-        cfg: TrainConfig,
-    ) -> Result<Self> {
+    pub fn from_checkpoint(dev: &mut dyn Backend, ckpt: &Checkpoint, cfg: TrainConfig) -> Result<Self> {
         let net = SemShare::new(&ckpt.model)?;
-        Self::assemble(
-            dev,
-            net,
-            &ckpt.params,
-            ckpt.optimizer.as_ref(),
-            ckpt.step,
-            cfg,
-        )
+        Self::assemble(dev, net, &ckpt.params, ckpt.optimizer.as_ref(), ckpt.step, cfg)
     }
 
     fn assemble(
@@ -162,42 +144,19 @@ impl Trainer {
             None => (dev.zeros(&[n])?, dev.zeros(&[n])?),
         };
         let decay_runs = net.store.decay_runs();
-        Ok(Trainer {
-            net,
-            params,
-            grads,
-            m,
-            v,
-            step,
-            cfg,
-            decay_runs,
-        })
+        Ok(Trainer { net, params, grads, m, v, step, cfg, decay_runs })
     }
 
     /// One iteration of Algorithm 1 on a batch of pairs. On a non-finite loss or gradient
     /// the parameters are left untouched and an error says which term diverged.
-    pub fn step(
-        &mut self,
-        dev: &mut dyn Backend,
-        images: ImageBatch,
-        texts: TextBatch,
-    ) -> Result<StepStats> {
+    pub fn step(&mut self, dev: &mut dyn Backend, images: ImageBatch, texts: TextBatch) -> Result<StepStats> {
         let cfg = &self.net.cfg;
         let mut rng = Rng::derive(self.cfg.seed ^ 0x5EED, self.step);
-        let image_plan = images
-            .classes
-            .as_ref()
-            .map(|c| MaskPlan::draw(&mut rng, c, cfg.mask_prob))
-            .unwrap_or_default();
+        let image_plan =
+            images.classes.as_ref().map(|c| MaskPlan::draw(&mut rng, c, cfg.mask_prob)).unwrap_or_default();
         let text_plan = MaskPlan::draw(&mut rng, &texts.tokens, cfg.mask_prob);
-        let drop = Dropout {
-            p: cfg.dropout,
-            seed: rng.next_u64(),
-        };
-        let weights = LossWeights {
-            label: 1.0,
-            context: cfg.lambda,
-        };
+        let drop = Dropout { p: cfg.dropout, seed: rng.next_u64() };
+        let weights = LossWeights { label: 1.0, context: cfg.lambda };
 
         dev.fill(self.grads.view_mut(), 0.0)?;
         let image = self.net.loss_backward(
@@ -236,22 +195,15 @@ impl Trainer {
             ("text context loss", text.context),
         ] {
             if !v.is_finite() {
-                return Err(Error::NonFinite {
-                    what: format!("{name} is {v} at step {}", self.step),
-                });
+                return Err(Error::NonFinite { what: format!("{name} is {v} at step {}", self.step) });
             }
         }
         let norm = dev.sum_squares(self.grads.view())?.sqrt() as f32;
         if !norm.is_finite() {
-            return Err(Error::NonFinite {
-                what: format!("gradient norm is {norm} at step {}", self.step),
-            });
+            return Err(Error::NonFinite { what: format!("gradient norm is {norm} at step {}", self.step) });
         }
-        let grad_scale = if self.cfg.clip_norm > 0.0 && norm > self.cfg.clip_norm {
-            self.cfg.clip_norm / norm
-        } else {
-            1.0
-        };
+        let grad_scale =
+            if self.cfg.clip_norm > 0.0 && norm > self.cfg.clip_norm { self.cfg.clip_norm / norm } else { 1.0 };
         let hp = AdamW {
             lr: stats.lr,
             beta1: self.cfg.beta1,
@@ -262,10 +214,7 @@ impl Trainer {
             grad_scale,
         };
         for &(off, len, decay) in &self.decay_runs {
-            let hp = AdamW {
-                weight_decay: if decay { self.cfg.weight_decay } else { 0.0 },
-                ..hp
-            };
+            let hp = AdamW { weight_decay: if decay { self.cfg.weight_decay } else { 0.0 }, ..hp };
             dev.adamw(
                 self.params.sub_mut(off, len),
                 self.grads.sub(off, len),
@@ -275,10 +224,7 @@ impl Trainer {
             )?;
         }
         self.step += 1;
-        Ok(StepStats {
-            grad_norm: norm,
-            ..stats
-        })
+        Ok(StepStats { grad_norm: norm, ..stats })
     }
 
     pub fn checkpoint(&self, dev: &mut dyn Backend, state: String) -> Result<Checkpoint> {
@@ -313,14 +259,9 @@ pub fn embed_split(
         Ok((out, dim))
     };
     let idx = |n: usize| (0..n).collect::<Vec<_>>();
-    let images = idx(split.num_images())
-        .chunks(CHUNK)
-        .map(|c| Batch::Image(image_batch(&data.meta, split, c)))
-        .collect();
-    let texts = idx(split.num_texts())
-        .chunks(CHUNK)
-        .map(|c| Batch::Text(text_batch(&data.meta, split, c)))
-        .collect();
+    let images =
+        idx(split.num_images()).chunks(CHUNK).map(|c| Batch::Image(image_batch(&data.meta, split, c))).collect();
+    let texts = idx(split.num_texts()).chunks(CHUNK).map(|c| Batch::Text(text_batch(&data.meta, split, c))).collect();
     let (ie, dim) = run(images)?;
     let (te, _) = run(texts)?;
     Ok((ie, te, dim))
@@ -339,12 +280,7 @@ pub fn evaluate_split(
     let (ie, te, dim) = embed_split(dev, net, params, data, split, kind)?;
     let c = data.meta.num_labels;
     let text_labels = split.text_labels(c);
-    evaluate(
-        &Side::new(&ie, dim, &split.labels, c),
-        &Side::new(&te, dim, &text_labels, c),
-        &split.text_item,
-        cfg,
-    )
+    evaluate(&Side::new(&ie, dim, &split.labels, c), &Side::new(&te, dim, &text_labels, c), &split.text_item, cfg)
 }
 
 /// Where a training run writes, and how it reports.
@@ -374,11 +310,7 @@ struct RunState {
 }
 
 fn validation_ndcg(report: &Report, k: usize) -> f64 {
-    report
-        .avg
-        .ndcg_at(k)
-        .or_else(|| report.avg.ndcg.last().map(|x| x.1))
-        .unwrap_or(0.0)
+    report.avg.ndcg_at(k).or_else(|| report.avg.ndcg.last().map(|x| x.1)).unwrap_or(0.0)
 }
 
 /// Train on `data.train`, validate on `data.val`, keep `best.safetensors` and `last.safetensors`
@@ -405,21 +337,10 @@ pub fn train(
             let state: RunState = serde_json::from_str(&ckpt.state).unwrap_or_default();
             (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, state)
         }
-        None => (
-            Trainer::new(dev, model, cfg.clone())?,
-            RunState {
-                best_ndcg: -1.0,
-                best_step: 0,
-            },
-        ),
+        None => (Trainer::new(dev, model, cfg.clone())?, RunState { best_ndcg: -1.0, best_step: 0 }),
     };
     let kind: EmbeddingKind = cfg.embedding.parse()?;
-    let eval_cfg = EvalConfig {
-        ndcg_ks: vec![cfg.eval_k],
-        precision_ks: vec![],
-        recall_ks: vec![],
-        pr_points: 1,
-    };
+    let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
     let sampler = PairSampler::new(&data.train, cfg.batch_size, cfg.seed);
     if sampler.steps_per_epoch() == 0 {
         return Err(Error::data(format!(
@@ -448,34 +369,15 @@ pub fn train(
         if opts.progress && (done % 10 == 0 || done == cfg.steps) {
             let rate = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
             let eta = (cfg.steps - done) as f64 / rate.max(1e-9);
-            eprint!(
-                "\rstep {done:>6}/{}  loss {:.4}  {rate:.1} steps/s  ETA {:>4.0}s   ",
-                cfg.steps, stats.loss, eta
-            );
+            eprint!("\rstep {done:>6}/{}  loss {:.4}  {rate:.1} steps/s  ETA {:>4.0}s   ", cfg.steps, stats.loss, eta);
         }
         let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
         if validate {
-            let report = evaluate_split(
-                dev,
-                &trainer.net,
-                &trainer.params,
-                data,
-                &data.val,
-                kind,
-                &eval_cfg,
-            )?;
+            let report = evaluate_split(dev, &trainer.net, &trainer.params, data, &data.val, kind, &eval_cfg)?;
             let ndcg = validation_ndcg(&report, cfg.eval_k);
             if ndcg > state.best_ndcg {
-                state = RunState {
-                    best_ndcg: ndcg,
-                    best_step: done,
-                };
-                trainer
-                    .checkpoint(
-                        dev,
-                        serde_json::to_string(&state).expect("state serialises"),
-                    )?
-                    .save(&best_path)?;
+                state = RunState { best_ndcg: ndcg, best_step: done };
+                trainer.checkpoint(dev, serde_json::to_string(&state).expect("state serialises"))?.save(&best_path)?;
             }
             if opts.progress {
                 eprintln!(
@@ -483,12 +385,7 @@ pub fn train(
                     cfg.steps, stats.loss, cfg.eval_k, state.best_ndcg, state.best_step
                 );
             }
-            trainer
-                .checkpoint(
-                    dev,
-                    serde_json::to_string(&state).expect("state serialises"),
-                )?
-                .save(&last_path)?;
+            trainer.checkpoint(dev, serde_json::to_string(&state).expect("state serialises"))?.save(&last_path)?;
         }
     }
     Ok(TrainSummary {
@@ -512,10 +409,7 @@ pub fn check_fits(data: &Dataset, model: &ModelConfig) -> Result<()> {
     ];
     for (what, d, want) in checks {
         if d != want {
-            return Err(Error::config(format!(
-                "dataset `{}` has {what} {d}, the model expects {want}",
-                m.name
-            )));
+            return Err(Error::config(format!("dataset `{}` has {what} {d}, the model expects {want}", m.name)));
         }
     }
     if m.num_object_classes > model.object_classes {

@@ -5,10 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn semshare(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_semshare"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
+    Command::new(env!("CARGO_BIN_EXE_semshare")).args(args).output().expect("the binary runs")
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -31,10 +28,7 @@ fn fails_with(out: &Output, needle: &str) {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     let line = stderr.lines().last().unwrap_or("");
-    assert!(
-        line.starts_with("error: ") && line.contains(needle),
-        "expected an error about `{needle}`, got: {stderr}"
-    );
+    assert!(line.starts_with("error: ") && line.contains(needle), "expected an error about `{needle}`, got: {stderr}");
 }
 
 fn path(p: &Path) -> &str {
@@ -63,11 +57,7 @@ fn synth_train_eval_embed_score() {
     ]));
     assert!(data.join("dataset.json").is_file());
     let cfg = dir.join("cfg.json");
-    std::fs::write(
-        &cfg,
-        r#"{"model": {"layers": 1, "ffn": 64}, "train": {"eval_every": 3, "warmup": 2}}"#,
-    )
-    .unwrap();
+    std::fs::write(&cfg, r#"{"model": {"layers": 1, "ffn": 64}, "train": {"eval_every": 3, "warmup": 2}}"#).unwrap();
     let out = ok(&semshare(&[
         "train",
         "--data",
@@ -105,27 +95,10 @@ fn synth_train_eval_embed_score() {
     ]));
     assert!(out.contains("trained 8 steps"), "{out}");
 
-    let table = ok(&semshare(&[
-        "eval",
-        "--data",
-        path(&data),
-        "--checkpoint",
-        path(&best),
-    ]));
-    assert!(
-        table.contains("NDCG@500") && table.contains("mAP@all") && table.contains("R@10"),
-        "{table}"
-    );
-    let json = ok(&semshare(&[
-        "eval",
-        "--data",
-        path(&data),
-        "--checkpoint",
-        path(&best),
-        "--embedding",
-        "label",
-        "--json",
-    ]));
+    let table = ok(&semshare(&["eval", "--data", path(&data), "--checkpoint", path(&best)]));
+    assert!(table.contains("NDCG@500") && table.contains("mAP@all") && table.contains("R@10"), "{table}");
+    let json =
+        ok(&semshare(&["eval", "--data", path(&data), "--checkpoint", path(&best), "--embedding", "label", "--json"]));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let ndcg = v["avg"]["ndcg"][2][1].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&ndcg), "{json}");
@@ -145,16 +118,8 @@ fn synth_train_eval_embed_score() {
     let scored = ok(&semshare(&["score", "--embeddings", path(&emb), "--json"]));
     let s: serde_json::Value = serde_json::from_str(&scored).unwrap();
     // `score` on the embeddings of a split equals `eval` on that split.
-    let direct = ok(&semshare(&[
-        "eval",
-        "--data",
-        path(&data),
-        "--checkpoint",
-        path(&best),
-        "--split",
-        "val",
-        "--json",
-    ]));
+    let direct =
+        ok(&semshare(&["eval", "--data", path(&data), "--checkpoint", path(&best), "--split", "val", "--json"]));
     let d: serde_json::Value = serde_json::from_str(&direct).unwrap();
     assert_eq!(s["avg"]["map_all"], d["avg"]["map_all"]);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -163,50 +128,22 @@ fn synth_train_eval_embed_score() {
 #[test]
 fn bad_input_gives_one_line_errors() {
     let dir = tmp("bad");
-    fails_with(
-        &semshare(&["train", "--data", path(&dir.join("nope"))]),
-        "does not exist",
-    );
+    fails_with(&semshare(&["train", "--data", path(&dir.join("nope"))]), "does not exist");
     fails_with(&semshare(&["demo", "--device", "cuda"]), "CUDA");
     fails_with(&semshare(&["demo", "--device", "tpu"]), "unknown device");
     fails_with(&semshare(&["frobnicate"]), "unknown command");
     fails_with(&semshare(&["train", "--steps"]), "needs a value");
-    fails_with(
-        &semshare(&["synth", "--out", path(&dir), "--train", "many"]),
-        "not a valid number",
-    );
+    fails_with(&semshare(&["synth", "--out", path(&dir), "--train", "many"]), "not a valid number");
 
     let data = dir.join("data");
-    ok(&semshare(&[
-        "synth",
-        "--out",
-        path(&data),
-        "--train",
-        "40",
-        "--val",
-        "10",
-        "--test",
-        "10",
-    ]));
+    ok(&semshare(&["synth", "--out", path(&data), "--train", "40", "--val", "10", "--test", "10"]));
     let ckpt = dir.join("corrupt.safetensors");
     std::fs::write(&ckpt, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    fails_with(&semshare(&["eval", "--data", path(&data), "--checkpoint", path(&ckpt)]), "corrupt.safetensors");
     fails_with(
-        &semshare(&["eval", "--data", path(&data), "--checkpoint", path(&ckpt)]),
-        "corrupt.safetensors",
-    );
-    fails_with(
-        &semshare(&[
-            "eval",
-            "--data",
-            path(&data),
-            "--checkpoint",
-            path(&dir.join("missing.safetensors")),
-        ]),
+        &semshare(&["eval", "--data", path(&data), "--checkpoint", path(&dir.join("missing.safetensors"))]),
         "missing.safetensors",
     );
-    fails_with(
-        &semshare(&["score", "--embeddings", path(&ckpt)]),
-        "corrupt.safetensors",
-    );
+    fails_with(&semshare(&["score", "--embeddings", path(&ckpt)]), "corrupt.safetensors");
     std::fs::remove_dir_all(&dir).unwrap();
 }

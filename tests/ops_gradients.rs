@@ -11,7 +11,7 @@
 //! (a missing or doubled term moves the error to ~1e-1).
 //!
 //! Accumulating outputs (parameter gradients, `scatter_add_rows`, `set_rows_bwd`'s dvalue)
-//! start from random values that are subtracted afterwards: an op that overwrites fails.
+//! start from small random values that are subtracted afterwards: an op that overwrites fails.
 //! Overwritten outputs (`dhproj`) are poisoned with NaN; outputs an op must not touch hold
 //! sentinels compared bit for bit.
 
@@ -39,9 +39,24 @@ fn lengths_strategy(max_items: usize, max_len: usize) -> impl Strategy<Value = V
 }
 
 fn assert_grad(what: &str, got: &[f32], want: &[f64]) -> R {
-    let e = rel_err(got, want);
+    assert_grad_floor(what, got, want, 0.0)
+}
+
+/// `‖got − want‖ / max(‖want‖, floor)`: for one small part of a larger gradient (a recurrent
+/// weight that only a few steps reach), whose f32 rounding is set by the size of the whole.
+fn assert_grad_floor(what: &str, got: &[f32], want: &[f64], floor: f64) -> R {
+    let diff: Vec<f64> = got.iter().zip(want).map(|(a, b)| *a as f64 - b).collect();
+    let e = norm(&diff) / norm(want).max(floor).max(1e-30);
+    common::report(what, e);
     prop_assert!(e < TOL, "{}: rel err {:e} (‖want‖ = {:e})", what, e, norm(want));
     Ok(())
+}
+
+/// The starting value of an accumulating output: nonzero (an op that overwrites instead of
+/// adding is off by it, ≳ 1e-3 relative to these gradients: ten times TOL), but small, so that rounding
+/// `before + gradient` to f32 costs ~1e-9, not ~1e-7, of a gradient that may be ~1e-4.
+fn prefill(seed: u64, n: usize) -> Vec<f32> {
+    randv_scaled(seed, n, 1e-2)
 }
 
 /// `got − before`, in f64 (what an accumulating op added).
@@ -58,7 +73,7 @@ fn check_linear(rows: usize, inputs: usize, outputs: usize, seed: u64) -> R {
     let w = randv(seed ^ 1, outputs * inputs);
     let bias = randv(seed ^ 2, outputs);
     let r = randv(seed ^ 3, rows * outputs);
-    let (dw0, db0) = (randv(seed ^ 4, outputs * inputs), randv(seed ^ 5, outputs));
+    let (dw0, db0) = (prefill(seed ^ 4, outputs * inputs), prefill(seed ^ 5, outputs));
 
     // Backward exactly as nn::Linear does it, through the backend.
     let xt = b.upload(&x, &[rows, inputs]).unwrap();
@@ -76,9 +91,8 @@ fn check_linear(rows: usize, inputs: usize, outputs: usize, seed: u64) -> R {
     let (nx, nw) = (x.len(), w.len());
     let all: Vec<f64> = [to64(&x), to64(&w), to64(&bias)].concat();
     let r64 = to64(&r);
-    let mut f = |p: &[f64]| {
-        dot64(&r64, &naive::linear(&p[..nx], &p[nx..nx + nw], Some(&p[nx + nw..]), inputs, outputs))
-    };
+    let mut f =
+        |p: &[f64]| dot64(&r64, &naive::linear(&p[..nx], &p[nx..nx + nw], Some(&p[nx + nw..]), inputs, outputs));
     let g = fd_grad(&mut f, &all, H);
     assert_grad("dx", &b.download(dx.view()).unwrap(), &g[..nx])?;
     assert_grad("dW (accumulated)", &added(&b.download(dw.view()).unwrap(), &dw0), &g[nx..nx + nw])?;
@@ -87,7 +101,7 @@ fn check_linear(rows: usize, inputs: usize, outputs: usize, seed: u64) -> R {
 }
 
 proptest! {
-    #![proptest_config(common::config(32))]
+    #![proptest_config(common::config(64))]
 
     #[test]
     fn linear_backward_matches_fd(rows in 1usize..9, inputs in 1usize..10, outputs in 1usize..10, seed: u64) {
@@ -121,11 +135,29 @@ fn check_gelu_bwd(n: usize, scale: f64, seed: u64) -> R {
     let rt = b.upload(&r, &[n]).unwrap();
     let dx = b.gelu_bwd(&xt, &rt).unwrap();
     let want = fd_elementwise(|v| v.iter().map(|&a| naive::gelu(a)).collect(), &to64(&x), &to64(&r));
-    assert_grad("gelu dx", &b.download(dx.view()).unwrap(), &want)
+    // The kernel's tanh t is a rational approximation with absolute error below 1e-6
+    // (elementwise::tanh_fast); through GELU'(x) = (1 + t)/2 + x(1 − t²)·c(1 + 3a·x²)/2 that is
+    // up to |r|·1e-6·(1/2 + |x|·c(1 + 3a·x²)) per element (~1e-3 relative where GELU' ≈ 0, x ≈ −3),
+    // an allowance added to TOL·‖want‖.
+    let (c, a) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+    let allow: Vec<f64> = x
+        .iter()
+        .zip(&r)
+        .map(|(&x, &r)| {
+            let x = x as f64;
+            (r as f64).abs() * 1e-6 * (0.5 + x.abs() * c * (1.0 + 3.0 * a * x * x))
+        })
+        .collect();
+    let got = b.download(dx.view()).unwrap();
+    let diff: Vec<f64> = got.iter().zip(&want).map(|(a, b)| *a as f64 - b).collect();
+    let e = norm(&diff) / (norm(&want) + norm(&allow) / TOL);
+    common::report("gelu dx", e);
+    prop_assert!(e < TOL, "gelu dx: error {e:e} (‖want‖ = {:e}, allowance {:e})", norm(&want), norm(&allow));
+    Ok(())
 }
 
 proptest! {
-    #![proptest_config(common::config(64))]
+    #![proptest_config(common::config(128))]
 
     #[test]
     fn gelu_bwd_matches_fd(n in 1usize..400, scale in 0.1f64..6.0, seed: u64) {
@@ -167,7 +199,7 @@ fn check_segment_mean_bwd(lengths: &[usize], cols: usize, seed: u64) -> R {
 }
 
 proptest! {
-    #![proptest_config(common::config(48))]
+    #![proptest_config(common::config(96))]
 
     #[test]
     fn segment_mean_bwd_matches_fd(lengths in lengths_strategy(5, 6), cols in 1usize..6, seed: u64) {
@@ -181,7 +213,7 @@ proptest! {
         let table = randv(seed, vocab * cols);
         let ids = rand_ids(seed ^ 1, n, vocab); // repeated ids must add up
         let r = randv(seed ^ 2, n * cols);
-        let d0 = randv(seed ^ 3, vocab * cols);
+        let d0 = prefill(seed ^ 3, vocab * cols);
         let rt = b.upload(&r, &[n, cols]).unwrap();
         let it = b.upload_ids(&ids).unwrap();
         let mut dt = b.upload(&d0, &[vocab, cols]).unwrap();
@@ -207,7 +239,7 @@ proptest! {
         let value = randv(seed ^ 1, cols);
         let idx = rand_ids(seed ^ 2, n, rows); // duplicates: the value is set once, counted once
         let r = randv(seed ^ 3, rows * cols);
-        let d0 = randv(seed ^ 4, cols);
+        let d0 = prefill(seed ^ 4, cols);
         let mut dx = b.upload(&r, &[rows, cols]).unwrap();
         let it = b.upload_ids(&idx).unwrap();
         let mut dv = b.upload(&d0, &[cols]).unwrap();
@@ -237,7 +269,7 @@ fn check_layernorm_bwd(rows: usize, d: usize, seed: u64) -> R {
     let gamma = rand_range(seed ^ 1, d, 0.5, 1.5);
     let beta = randv(seed ^ 2, d);
     let r = randv(seed ^ 3, rows * d);
-    let (dg0, db0) = (randv(seed ^ 4, d), randv(seed ^ 5, d));
+    let (dg0, db0) = (prefill(seed ^ 4, d), prefill(seed ^ 5, d));
     let xt = b.upload(&x, &[rows, d]).unwrap();
     let (gt, bt) = (b.upload(&gamma, &[d]).unwrap(), b.upload(&beta, &[d]).unwrap());
     let (_, stats) = b.layernorm_fwd(&xt, gt.view(), bt.view(), eps).unwrap();
@@ -257,10 +289,20 @@ fn check_layernorm_bwd(rows: usize, d: usize, seed: u64) -> R {
     // size. So the error is measured against the larger of ‖dx‖ and the terms' size; a wrong
     // or missing term would still be off by the terms' full size.
     let st = naive::layernorm(&to64(&x), &to64(&gamma), &to64(&beta), eps as f64).1;
-    let terms = (0..rows * d).map(|i| (st[2 * (i / d) + 1] * r[i] as f64 * gamma[i % d] as f64).powi(2)).sum::<f64>().sqrt();
+    let terms =
+        (0..rows * d).map(|i| (st[2 * (i / d) + 1] * r[i] as f64 * gamma[i % d] as f64).powi(2)).sum::<f64>().sqrt();
     let diff: Vec<f64> = gdx.iter().zip(&g[..nx]).map(|(a, b)| *a as f64 - b).collect();
     let e = norm(&diff) / norm(&g[..nx]).max(terms);
-    prop_assert!(e < TOL, "layernorm dx: error {:e} relative to max(‖dx‖ = {:e}, terms {:e}) (rows {}, d {})", e, norm(&g[..nx]), terms, rows, d);
+    common::report("layernorm dx (vs terms)", e);
+    prop_assert!(
+        e < TOL,
+        "layernorm dx: error {:e} relative to max(‖dx‖ = {:e}, terms {:e}) (rows {}, d {})",
+        e,
+        norm(&g[..nx]),
+        terms,
+        rows,
+        d
+    );
     if d == 1 {
         prop_assert!(added(&b.download(dg.view()).unwrap(), &dg0).iter().all(|v| v.abs() < 1e-6));
     } else {
@@ -271,7 +313,7 @@ fn check_layernorm_bwd(rows: usize, d: usize, seed: u64) -> R {
 }
 
 proptest! {
-    #![proptest_config(common::config(48))]
+    #![proptest_config(common::config(96))]
 
     #[test]
     fn layernorm_bwd_matches_fd(rows in 1usize..8, d in 1usize..24, seed: u64) {
@@ -307,7 +349,7 @@ fn check_attention_bwd(lengths: &[usize], heads: usize, dh: usize, seed: u64) ->
 }
 
 proptest! {
-    #![proptest_config(common::config(32))]
+    #![proptest_config(common::config(64))]
 
     #[test]
     fn attention_bwd_matches_fd(lengths in lengths_strategy(4, 6), heads in 1usize..4, dh in 1usize..4, seed: u64) {
@@ -388,7 +430,12 @@ fn check_gru_step_bwd(lengths: &[usize], hd: usize, s: usize, reverse: bool, see
                 got_x.push(gx[j]);
                 want_x.push(g[j]);
             } else {
-                prop_assert_eq!(gx[j].to_bits(), sentinel[j].to_bits(), "dxproj[{}] of a row not visited was written", j);
+                prop_assert_eq!(
+                    gx[j].to_bits(),
+                    sentinel[j].to_bits(),
+                    "dxproj[{}] of a row not visited was written",
+                    j
+                );
                 prop_assert_eq!(g[j], 0.0);
             }
         }
@@ -400,7 +447,7 @@ fn check_gru_step_bwd(lengths: &[usize], hd: usize, s: usize, reverse: bool, see
 }
 
 proptest! {
-    #![proptest_config(common::config(48))]
+    #![proptest_config(common::config(96))]
 
     #[test]
     fn gru_step_bwd_matches_fd(lengths in lengths_strategy(4, 5), hd in 1usize..5, s_frac in 0.0f64..1.0, reverse: bool, seed: u64) {
@@ -443,7 +490,7 @@ fn check_bigru(lengths: &[usize], inputs: usize, hidden: usize, seed: u64) -> R 
     let mut store = ParamStore::new();
     let gru = BiGru::new(&mut store, "gru", inputs, hidden);
     let wv = randv_scaled(seed, store.total, 0.8);
-    let g0 = randv(seed ^ 1, store.total);
+    let g0 = prefill(seed ^ 1, store.total);
     let seg = segments(b, lengths);
     let x = randv(seed ^ 2, seg.tokens() * inputs);
     let r = randv(seed ^ 3, seg.tokens() * 2 * hidden);
@@ -469,15 +516,24 @@ fn check_bigru(lengths: &[usize], inputs: usize, hidden: usize, seed: u64) -> R 
     let fd = fd_grad(&mut f, &all, H);
     assert_grad("bigru dx", &b.download(dx.view()).unwrap(), &fd[..nx])?;
     let gp = added(&b.download(g.view()).unwrap(), &g0);
+    // A parameter's gradient can be tiny next to the rest (weight_hh of a length-2 sequence:
+    // one step sees a nonzero h_prev), while its f32 rounding follows the size of the terms
+    // summed into it; so each is measured against at least 1e-3 of the whole gradient's norm.
+    let floor = 1e-3 * norm(&fd[nx..]);
     for info in &store.infos {
         let p = info.param;
-        assert_grad(&info.name, &gp[p.offset..p.offset + p.len], &fd[nx + p.offset..nx + p.offset + p.len])?;
+        assert_grad_floor(
+            &info.name,
+            &gp[p.offset..p.offset + p.len],
+            &fd[nx + p.offset..nx + p.offset + p.len],
+            floor,
+        )?;
     }
     Ok(())
 }
 
 proptest! {
-    #![proptest_config(common::config(16))]
+    #![proptest_config(common::config(32))]
 
     #[test]
     fn bigru_backward_matches_fd(lengths in lengths_strategy(4, 5), inputs in 1usize..4, hidden in 1usize..4, seed: u64) {
@@ -495,7 +551,7 @@ fn bigru_backward_edge_batches() {
 // ---- losses: the gradients the fused kernels write over the logits ---------------------------
 
 proptest! {
-    #![proptest_config(common::config(48))]
+    #![proptest_config(common::config(96))]
 
     #[test]
     fn bce_with_logits_gradient_matches_fd(n in 1usize..6, classes in 1usize..9, scale in 0.1f64..8.0, w in 0.1f32..3.0, seed: u64) {
@@ -508,7 +564,9 @@ proptest! {
         b.bce_with_logits(&mut xt, &yt, w).unwrap();
         let y64 = to64(&y);
         let want = fd_grad(&mut |p| w as f64 * naive::bce_mean(p, &y64), &to64(&x), H);
-        assert_grad("bce dlogits", &b.download(xt.view()).unwrap(), &want)?;
+        // Floor w/m: the size of each term of σ(x) − y (see ops_forward.rs).
+        let m = (n * classes) as f64;
+        assert_grad_floor("bce dlogits", &b.download(xt.view()).unwrap(), &want, w as f64 / m)?;
     }
 
     #[test]
@@ -521,6 +579,7 @@ proptest! {
         let tt = b.upload_ids(&t).unwrap();
         b.cross_entropy(&mut xt, &tt, w).unwrap();
         let want = fd_grad(&mut |p| w as f64 * naive::ce_mean(p, classes, &t), &to64(&x), H);
-        assert_grad("ce dlogits", &b.download(xt.view()).unwrap(), &want)?;
+        // Floor w/n: the size of the terms of softmax − onehot (see ops_forward.rs).
+        assert_grad_floor("ce dlogits", &b.download(xt.view()).unwrap(), &want, w as f64 / n as f64)?;
     }
 }

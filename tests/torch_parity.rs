@@ -13,9 +13,7 @@ use std::path::PathBuf;
 use safetensors::{Dtype, SafeTensors};
 use semshare::backend::Backend;
 use semshare::backend::cpu::Cpu;
-use semshare::model::{
-    Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch,
-};
+use semshare::model::{Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch};
 use semshare::nn::Dropout;
 
 /// Relative-norm tolerance of each parameter gradient and of the losses (f32 vs f64).
@@ -32,55 +30,33 @@ struct Fixture {
 
 impl Fixture {
     fn load(file: &str) -> Fixture {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(file);
-        let bytes =
-            std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(file);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         let (_, header) = SafeTensors::read_metadata(&bytes).expect("fixture header");
         let meta = header.metadata().clone().expect("fixture metadata");
-        assert_eq!(
-            meta.get("format").map(String::as_str),
-            Some("semshare-torch-parity-v1")
-        );
-        let cfg: ModelConfig =
-            serde_json::from_str(&meta["model"]).expect("model configuration in the metadata");
+        assert_eq!(meta.get("format").map(String::as_str), Some("semshare-torch-parity-v1"));
+        let cfg: ModelConfig = serde_json::from_str(&meta["model"]).expect("model configuration in the metadata");
         let st = SafeTensors::deserialize(&bytes).expect("fixture tensors");
         let (mut f32s, mut i32s) = (HashMap::new(), HashMap::new());
         for (name, view) in st.tensors() {
             let data = view.data();
             match view.dtype() {
                 Dtype::F32 => {
-                    let v = data
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                        .collect();
+                    let v = data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
                     f32s.insert(name, (view.shape().to_vec(), v));
                 }
                 Dtype::I32 => {
-                    let v = data
-                        .chunks_exact(4)
-                        .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
-                        .collect();
+                    let v = data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect();
                     i32s.insert(name, v);
                 }
                 other => panic!("{file}: tensor {name} has unexpected dtype {other:?}"),
             }
         }
-        Fixture {
-            name: file.to_string(),
-            cfg,
-            f32s,
-            i32s,
-        }
+        Fixture { name: file.to_string(), cfg, f32s, i32s }
     }
 
     fn f(&self, name: &str) -> &[f32] {
-        &self
-            .f32s
-            .get(name)
-            .unwrap_or_else(|| panic!("{}: no F32 tensor {name}", self.name))
-            .1
+        &self.f32s.get(name).unwrap_or_else(|| panic!("{}: no F32 tensor {name}", self.name)).1
     }
 
     fn shape(&self, name: &str) -> &[usize] {
@@ -141,11 +117,7 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
         num += (g as f64 - w as f64).powi(2);
         den += (w as f64).powi(2);
     }
-    if den > 0.0 {
-        (num / den).sqrt()
-    } else {
-        num.sqrt()
-    }
+    if den > 0.0 { (num / den).sqrt() } else { num.sqrt() }
 }
 
 fn check_fixture(file: &str) {
@@ -157,80 +129,30 @@ fn check_fixture(file: &str) {
     // Parameters by name; every Rust parameter must be in the fixture, with its shape.
     let mut values = vec![f32::NAN; net.store.total];
     for info in &net.store.infos {
-        assert_eq!(
-            fx.shape(&info.name),
-            &info.shape[..],
-            "{file}: shape of {}",
-            info.name
-        );
-        values[info.param.offset..info.param.offset + info.param.len]
-            .copy_from_slice(fx.f(&info.name));
+        assert_eq!(fx.shape(&info.name), &info.shape[..], "{file}: shape of {}", info.name);
+        values[info.param.offset..info.param.offset + info.param.len].copy_from_slice(fx.f(&info.name));
     }
-    let n_params = fx
-        .f32s
-        .keys()
-        .filter(|k| !k.starts_with("input.") && !k.starts_with("expect."))
-        .count();
-    assert_eq!(
-        n_params,
-        net.store.infos.len(),
-        "{file}: the fixture has parameters the model lacks"
-    );
+    let n_params = fx.f32s.keys().filter(|k| !k.starts_with("input.") && !k.starts_with("expect.")).count();
+    assert_eq!(n_params, net.store.infos.len(), "{file}: the fixture has parameters the model lacks");
     let w = net.store.upload(&mut dev, &values).expect("upload");
     let mut g = dev.zeros(&[net.store.total]).expect("grad buffer");
-    let weights = LossWeights {
-        label: 1.0,
-        context: cfg.lambda,
-    };
+    let weights = LossWeights { label: 1.0, context: cfg.lambda };
 
     let (image, image_plan) = fx.image();
     let (text, text_plan) = fx.text();
     let li = net
-        .loss_backward(
-            &mut dev,
-            &w,
-            &mut g,
-            &image,
-            &image_plan,
-            Dropout::OFF,
-            weights,
-        )
+        .loss_backward(&mut dev, &w, &mut g, &image, &image_plan, Dropout::OFF, weights)
         .expect("image loss_backward");
-    let lt = net
-        .loss_backward(
-            &mut dev,
-            &w,
-            &mut g,
-            &text,
-            &text_plan,
-            Dropout::OFF,
-            weights,
-        )
-        .expect("text loss_backward");
+    let lt =
+        net.loss_backward(&mut dev, &w, &mut g, &text, &text_plan, Dropout::OFF, weights).expect("text loss_backward");
 
     let mut failures = Vec::new();
     let mut worst_loss = 0.0f64;
     for (what, got, want) in [
-        (
-            "image.label_loss",
-            li.label as f64,
-            fx.scalar("expect.image.label_loss"),
-        ),
-        (
-            "image.context_loss",
-            li.context as f64,
-            fx.scalar("expect.image.context_loss"),
-        ),
-        (
-            "text.label_loss",
-            lt.label as f64,
-            fx.scalar("expect.text.label_loss"),
-        ),
-        (
-            "text.context_loss",
-            lt.context as f64,
-            fx.scalar("expect.text.context_loss"),
-        ),
+        ("image.label_loss", li.label as f64, fx.scalar("expect.image.label_loss")),
+        ("image.context_loss", li.context as f64, fx.scalar("expect.image.context_loss")),
+        ("text.label_loss", lt.label as f64, fx.scalar("expect.text.label_loss")),
+        ("text.context_loss", lt.context as f64, fx.scalar("expect.text.context_loss")),
     ] {
         let e = (got - want).abs() / want.abs().max(1e-30);
         worst_loss = worst_loss.max(e);
@@ -255,18 +177,11 @@ fn check_fixture(file: &str) {
 
     let mut worst_embed = 0.0f64;
     for (kind, batch) in [("image", &image), ("text", &text)] {
-        for (ek, key) in [
-            (EmbeddingKind::Pooled, "pooled"),
-            (EmbeddingKind::Label, "label_embedding"),
-        ] {
+        for (ek, key) in [(EmbeddingKind::Pooled, "pooled"), (EmbeddingKind::Label, "label_embedding")] {
             let e = net.embed(&mut dev, &w, batch, ek).expect("embed");
             let got = dev.download(e.view()).expect("download embedding");
             let want_name = format!("expect.{kind}.{key}");
-            assert_eq!(
-                e.shape(),
-                fx.shape(&want_name),
-                "{file}: shape of {want_name}"
-            );
+            assert_eq!(e.shape(), fx.shape(&want_name), "{file}: shape of {want_name}");
             let err = rel_err(&got, fx.f(&want_name));
             worst_embed = worst_embed.max(err);
             if !(err <= EMBED_TOL) {
@@ -280,12 +195,7 @@ fn check_fixture(file: &str) {
          over {} tensors; embeddings max rel err {worst_embed:.3e}",
         net.store.infos.len()
     );
-    assert!(
-        failures.is_empty(),
-        "{file}: {} mismatches vs PyTorch:\n  {}",
-        failures.len(),
-        failures.join("\n  ")
-    );
+    assert!(failures.is_empty(), "{file}: {} mismatches vs PyTorch:\n  {}", failures.len(), failures.join("\n  "));
 }
 
 #[test]

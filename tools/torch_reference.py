@@ -51,6 +51,7 @@ expected (computed in float64, stored F32):
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -530,13 +531,17 @@ def bench_cpu(args):
     common = dict(torch=torch.__version__, threads=args.threads, preset="small", batch=B,
                   inputs="mixed" if args.mixed else "full", attn=args.attn, dtype="fp32",
                   runs=args.runs, regions=ni, tokens=nt)
+
+    def load():  # other work on the machine distorts these timings: say how much there was
+        return dict(loadavg_1m=round(os.getloadavg()[0], 2))
+
     med, best = timed(step)
     print(json.dumps(dict(measure="train_step", median_ms=round(med, 2), min_ms=round(best, 2),
-                          pairs_per_s=round(B / med * 1e3, 1), **common)), flush=True)
+                          pairs_per_s=round(B / med * 1e3, 1), **common, **load())), flush=True)
     for which in ("pooled", "label"):
         med, best = timed(lambda: embed(which))
         print(json.dumps(dict(measure=f"embed_{which}", median_ms=round(med, 2), min_ms=round(best, 2),
-                              **common)), flush=True)
+                              **common, **load())), flush=True)
 
 
 def main():

@@ -45,14 +45,7 @@ impl GruStep {
         if self.s >= len {
             return None;
         }
-        Some(
-            offsets[b]
-                + if self.reverse {
-                    len - 1 - self.s
-                } else {
-                    self.s
-                },
-        )
+        Some(offsets[b] + if self.reverse { len - 1 - self.s } else { self.s })
     }
 }
 
@@ -62,19 +55,13 @@ impl Segments {
         offsets.push(0);
         for (i, &l) in lengths.iter().enumerate() {
             if l == 0 {
-                return Err(crate::Error::data(format!(
-                    "item {i} of a batch has no segment"
-                )));
+                return Err(crate::Error::data(format!("item {i} of a batch has no segment")));
             }
             offsets.push(offsets[i] + l);
         }
         let device = b.upload_ids(&offsets.iter().map(|&o| o as u32).collect::<Vec<_>>())?;
         let max_len = lengths.iter().copied().max().unwrap_or(0);
-        Ok(Segments {
-            offsets,
-            device,
-            max_len,
-        })
+        Ok(Segments { offsets, device, max_len })
     }
     pub fn items(&self) -> usize {
         self.offsets.len() - 1
@@ -120,6 +107,8 @@ pub trait Backend {
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor>;
     fn upload_ids(&mut self, data: &[u32]) -> Result<Ids>;
     fn zeros(&mut self, shape: &[usize]) -> Result<Tensor>;
+    /// A tensor whose contents are unspecified: only for outputs an op overwrites whole.
+    fn alloc(&mut self, shape: &[usize]) -> Result<Tensor>;
     fn download(&mut self, x: View) -> Result<Vec<f32>>;
     fn fill(&mut self, x: ViewMut, value: f32) -> Result<()>;
     fn copy(&mut self, src: View, dst: ViewMut) -> Result<()>;
@@ -164,13 +153,7 @@ pub trait Backend {
 
     // ---- layers -------------------------------------------------------------------------
     /// LayerNorm over the last dimension; returns y and the saved `[rows, 2]` (mean, rstd).
-    fn layernorm_fwd(
-        &mut self,
-        x: &Tensor,
-        gamma: View,
-        beta: View,
-        eps: f32,
-    ) -> Result<(Tensor, Tensor)>;
+    fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)>;
     #[allow(clippy::too_many_arguments)]
     fn layernorm_bwd(
         &mut self,
@@ -184,12 +167,7 @@ pub trait Backend {
     /// Multi-head self-attention core on packed `qkv [tokens, 3d]` (q | k | v, heads
     /// contiguous inside each): returns the context `[tokens, d]` and the saved softmax
     /// probabilities (per item and head, `len × len`, packed).
-    fn attention_fwd(
-        &mut self,
-        qkv: &Tensor,
-        seg: &Segments,
-        heads: usize,
-    ) -> Result<(Tensor, Tensor)>;
+    fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)>;
     fn attention_bwd(
         &mut self,
         qkv: &Tensor,
@@ -232,30 +210,19 @@ pub trait Backend {
     // ---- losses (fused: loss and gradient in one pass) ---------------------------------
     /// Mean sigmoid binary cross-entropy over all `[n, C]` entries; the gradient of that
     /// mean (times `scale`) overwrites the logits.
-    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32)
-    -> Result<f32>;
+    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32>;
     /// Mean softmax cross-entropy over rows; the gradient of that mean (times `scale`)
     /// overwrites the logits.
     fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32>;
 
     // ---- optimizer ----------------------------------------------------------------------
-    fn adamw(
-        &mut self,
-        params: ViewMut,
-        grads: View,
-        m: ViewMut,
-        v: ViewMut,
-        hp: AdamW,
-    ) -> Result<()>;
+    fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()>;
 }
 
 /// Check that a tensor has the expected element count; name the op and the operand.
 pub(crate) fn expect_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
-        return Err(crate::Error::shape(
-            op,
-            format!("{what} has {got} elements, expected {want}"),
-        ));
+        return Err(crate::Error::shape(op, format!("{what} has {got} elements, expected {want}")));
     }
     Ok(())
 }
@@ -273,8 +240,6 @@ pub fn open(device: &str) -> Result<Box<dyn Backend>> {
                 "this build of semshare has no CUDA support (rebuild with `--features cuda`)".into()
             },
         }),
-        other => Err(crate::Error::config(format!(
-            "unknown device `{other}` (expected auto, cpu or cuda)"
-        ))),
+        other => Err(crate::Error::config(format!("unknown device `{other}` (expected auto, cpu or cuda)"))),
     }
 }

@@ -48,15 +48,11 @@ impl Args {
         let mut flags = HashMap::new();
         let mut it = raw.iter();
         while let Some(a) = it.next() {
-            let name = a
-                .strip_prefix("--")
-                .ok_or_else(|| Error::config(format!("unexpected argument `{a}`")))?;
+            let name = a.strip_prefix("--").ok_or_else(|| Error::config(format!("unexpected argument `{a}`")))?;
             if switches.contains(&name) {
                 flags.insert(name.to_string(), String::new());
             } else if takes_value.contains(&name) {
-                let v = it
-                    .next()
-                    .ok_or_else(|| Error::config(format!("--{name} needs a value")))?;
+                let v = it.next().ok_or_else(|| Error::config(format!("--{name} needs a value")))?;
                 flags.insert(name.to_string(), v.clone());
             } else {
                 return Err(Error::config(format!("unknown option --{name}")));
@@ -71,18 +67,14 @@ impl Args {
         self.flags.contains_key(name)
     }
     fn need(&self, name: &str) -> Result<&str> {
-        self.get(name)
-            .ok_or_else(|| Error::config(format!("--{name} is required")))
+        self.get(name).ok_or_else(|| Error::config(format!("--{name} is required")))
     }
     fn path(&self, name: &str) -> Result<PathBuf> {
         self.need(name).map(PathBuf::from)
     }
     fn num<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>> {
         self.get(name)
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| Error::config(format!("--{name}: `{v}` is not a valid number")))
-            })
+            .map(|v| v.parse().map_err(|_| Error::config(format!("--{name}: `{v}` is not a valid number"))))
             .transpose()
     }
 }
@@ -104,42 +96,21 @@ fn run(argv: &[String]) -> Result<()> {
         return Ok(());
     };
     match cmd.as_str() {
-        "demo" => demo(&Args::parse(
-            rest,
-            &["steps", "out", "seed", "device"],
-            &[],
-        )?),
-        "synth" => synth(&Args::parse(
-            rest,
-            &["out", "preset", "seed", "train", "val", "test"],
-            &[],
-        )?),
+        "demo" => demo(&Args::parse(rest, &["steps", "out", "seed", "device"], &[])?),
+        "synth" => synth(&Args::parse(rest, &["out", "preset", "seed", "train", "val", "test"], &[])?),
         "train" => train_cmd(&Args::parse(
             rest,
-            &[
-                "data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed",
-                "resume", "device",
-            ],
+            &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device"],
             &[],
         )?),
-        "eval" => eval_cmd(&Args::parse(
-            rest,
-            &["data", "checkpoint", "split", "embedding", "device"],
-            &["json"],
-        )?),
-        "embed" => embed_cmd(&Args::parse(
-            rest,
-            &["data", "checkpoint", "out", "split", "embedding", "device"],
-            &[],
-        )?),
+        "eval" => eval_cmd(&Args::parse(rest, &["data", "checkpoint", "split", "embedding", "device"], &["json"])?),
+        "embed" => embed_cmd(&Args::parse(rest, &["data", "checkpoint", "out", "split", "embedding", "device"], &[])?),
         "score" => score_cmd(&Args::parse(rest, &["embeddings"], &["json"])?),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
         }
-        other => Err(Error::config(format!(
-            "unknown command `{other}` (try `semshare help`)"
-        ))),
+        other => Err(Error::config(format!("unknown command `{other}` (try `semshare help`)"))),
     }
 }
 
@@ -150,30 +121,21 @@ fn device(args: &Args) -> Result<Box<dyn Backend>> {
 /// Model and training configuration: preset, then the config file, then flags.
 fn configs(args: &Args) -> Result<(ModelConfig, TrainConfig)> {
     let mut model =
-        serde_json::to_value(ModelConfig::preset(args.get("model").unwrap_or("small"))?)
-            .expect("serialises");
+        serde_json::to_value(ModelConfig::preset(args.get("model").unwrap_or("small"))?).expect("serialises");
     let mut train = serde_json::to_value(TrainConfig::default()).expect("serialises");
     if let Some(path) = args.get("config") {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        let obj = file
-            .as_object()
-            .ok_or_else(|| Error::format(path, "expected a JSON object"))?;
+        let file: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        let obj = file.as_object().ok_or_else(|| Error::format(path, "expected a JSON object"))?;
         for (key, value) in obj {
             let target = match key.as_str() {
                 "model" => &mut model,
                 "train" => &mut train,
                 _ => {
-                    return Err(Error::format(
-                        path,
-                        format!("unknown section `{key}` (expected model, train)"),
-                    ));
+                    return Err(Error::format(path, format!("unknown section `{key}` (expected model, train)")));
                 }
             };
-            let fields = value
-                .as_object()
-                .ok_or_else(|| Error::format(path, format!("`{key}` must be an object")))?;
+            let fields = value.as_object().ok_or_else(|| Error::format(path, format!("`{key}` must be an object")))?;
             for (k, v) in fields {
                 target[k] = v.clone();
             }
@@ -213,10 +175,7 @@ fn fit_to_data(model: &mut ModelConfig, data: &Dataset) {
 fn load_data(args: &Args) -> Result<Dataset> {
     let dir = args.path("data")?;
     if !dir.is_dir() {
-        return Err(Error::config(format!(
-            "data directory {} does not exist",
-            dir.display()
-        )));
+        return Err(Error::config(format!("data directory {} does not exist", dir.display())));
     }
     Dataset::load(&dir)
 }
@@ -226,9 +185,7 @@ fn split_of<'a>(data: &'a Dataset, args: &Args) -> Result<&'a semshare::data::da
         "train" => Ok(&data.train),
         "val" => Ok(&data.val),
         "test" => Ok(&data.test),
-        s => Err(Error::config(format!(
-            "unknown split `{s}` (expected train, val or test)"
-        ))),
+        s => Err(Error::config(format!("unknown split `{s}` (expected train, val or test)"))),
     }
 }
 
@@ -264,10 +221,7 @@ fn train_cmd(args: &Args) -> Result<()> {
     let (mut model, cfg) = configs(args)?;
     fit_to_data(&mut model, &data);
     let opts = RunOptions {
-        out_dir: args
-            .get("out")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("runs/latest")),
+        out_dir: args.get("out").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runs/latest")),
         resume: args.get("resume").map(PathBuf::from),
         progress: true,
     };
@@ -299,15 +253,8 @@ fn eval_cmd(args: &Args) -> Result<()> {
     let (net, params) = load_model(dev.as_mut(), &args.path("checkpoint")?)?;
     semshare::train::check_fits(&data, &net.cfg)?;
     let kind: EmbeddingKind = args.get("embedding").unwrap_or("pooled").parse()?;
-    let report = evaluate_split(
-        dev.as_mut(),
-        &net,
-        &params,
-        &data,
-        split_of(&data, args)?,
-        kind,
-        &EvalConfig::default(),
-    )?;
+    let report =
+        evaluate_split(dev.as_mut(), &net, &params, &data, split_of(&data, args)?, kind, &EvalConfig::default())?;
     print_report(&report, args.has("json"));
     Ok(())
 }
@@ -321,15 +268,8 @@ fn embed_cmd(args: &Args) -> Result<()> {
     let split = split_of(&data, args)?;
     let (ie, te, dim) = embed_split(dev.as_mut(), &net, &params, &data, split, kind)?;
     let c = data.meta.num_labels;
-    let set = EmbeddingSet::new(
-        ie,
-        split.labels.clone(),
-        te,
-        split.text_labels(c),
-        dim,
-        c,
-        Some(split.text_item.clone()),
-    )?;
+    let set =
+        EmbeddingSet::new(ie, split.labels.clone(), te, split.text_labels(c), dim, c, Some(split.text_item.clone()))?;
     let out = args.path("out")?;
     set.save(&out)?;
     println!(
@@ -358,12 +298,9 @@ fn print_report(r: &Report, json: bool) {
 fn demo(args: &Args) -> Result<()> {
     let mut dev = device(args)?;
     let seed = args.num("seed")?.unwrap_or(0);
-    let out = args
-        .get("out")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("semshare-demo"));
+    let out = args.get("out").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("semshare-demo"));
     let mut synth_cfg = SynthConfig::preset(SynthPreset::Balanced, seed);
-    (synth_cfg.train, synth_cfg.val, synth_cfg.test) = (2000, 300, 600);
+    (synth_cfg.train, synth_cfg.val, synth_cfg.test) = (2000, 300, 1000);
     eprintln!(
         "synthesizing {} / {} / {} images (balanced preset, seed {seed}) ...",
         synth_cfg.train, synth_cfg.val, synth_cfg.test
@@ -372,7 +309,7 @@ fn demo(args: &Args) -> Result<()> {
     let mut model = ModelConfig::small();
     fit_to_data(&mut model, &data);
     let cfg = TrainConfig {
-        steps: args.num("steps")?.unwrap_or(600),
+        steps: args.num("steps")?.unwrap_or(800),
         eval_every: 200,
         seed,
         warmup: 50,
@@ -380,40 +317,13 @@ fn demo(args: &Args) -> Result<()> {
     };
     let eval_cfg = EvalConfig::default();
     let untrained = SemShare::new(&model)?;
-    let init = untrained
-        .store
-        .upload(dev.as_mut(), &untrained.store.init_values(seed))?;
-    let before = evaluate_split(
-        dev.as_mut(),
-        &untrained,
-        &init,
-        &data,
-        &data.test,
-        EmbeddingKind::Pooled,
-        &eval_cfg,
-    )?;
-    eprintln!(
-        "training the `small` model for {} steps of {} pairs on {} ...",
-        cfg.steps,
-        cfg.batch_size,
-        dev.name()
-    );
-    let opts = RunOptions {
-        out_dir: out.clone(),
-        resume: None,
-        progress: true,
-    };
+    let init = untrained.store.upload(dev.as_mut(), &untrained.store.init_values(seed))?;
+    let before = evaluate_split(dev.as_mut(), &untrained, &init, &data, &data.test, EmbeddingKind::Pooled, &eval_cfg)?;
+    eprintln!("training the `small` model for {} steps of {} pairs on {} ...", cfg.steps, cfg.batch_size, dev.name());
+    let opts = RunOptions { out_dir: out.clone(), resume: None, progress: true };
     let summary = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
     let (net, params) = load_model(dev.as_mut(), &summary.best_checkpoint)?;
-    let after = evaluate_split(
-        dev.as_mut(),
-        &net,
-        &params,
-        &data,
-        &data.test,
-        EmbeddingKind::Pooled,
-        &eval_cfg,
-    )?;
+    let after = evaluate_split(dev.as_mut(), &net, &params, &data, &data.test, EmbeddingKind::Pooled, &eval_cfg)?;
     println!(
         "\nsemshare demo: {} test images / {} texts, trained {} steps in {:.0}s",
         data.test.num_images(),
@@ -421,46 +331,19 @@ fn demo(args: &Args) -> Result<()> {
         summary.steps,
         summary.seconds
     );
-    println!(
-        "{:<10}{:>12}{:>12}{:>12}{:>12}",
-        "metric", "untrained", "trained", "I2T", "T2I"
-    );
+    println!("{:<10}{:>12}{:>12}{:>12}{:>12}", "metric", "untrained", "trained", "I2T", "T2I");
     let row = |name: &str, f: &dyn Fn(&Report) -> f64, i2t: f64, t2i: f64| {
-        println!(
-            "{name:<10}{:>12.2}{:>12.2}{:>12.2}{:>12.2}",
-            f(&before),
-            f(&after),
-            i2t,
-            t2i
-        );
+        println!("{name:<10}{:>12.2}{:>12.2}{:>12.2}{:>12.2}", f(&before), f(&after), i2t, t2i);
     };
     for k in [10, 100, 500] {
         let get = |r: &Report| r.avg.ndcg_at(k).unwrap_or(0.0);
-        row(
-            &format!("NDCG@{k}"),
-            &get,
-            after.i2t.ndcg_at(k).unwrap_or(0.0),
-            after.t2i.ndcg_at(k).unwrap_or(0.0),
-        );
+        row(&format!("NDCG@{k}"), &get, after.i2t.ndcg_at(k).unwrap_or(0.0), after.t2i.ndcg_at(k).unwrap_or(0.0));
     }
-    row(
-        "mAP@all",
-        &|r: &Report| r.avg.map_all,
-        after.i2t.map_all,
-        after.t2i.map_all,
-    );
+    row("mAP@all", &|r: &Report| r.avg.map_all, after.i2t.map_all, after.t2i.map_all);
     for k in [1, 5, 10] {
         let get = |r: &Report| r.avg.recall_at(k).unwrap_or(0.0);
-        row(
-            &format!("R@{k}"),
-            &get,
-            after.i2t.recall_at(k).unwrap_or(0.0),
-            after.t2i.recall_at(k).unwrap_or(0.0),
-        );
+        row(&format!("R@{k}"), &get, after.i2t.recall_at(k).unwrap_or(0.0), after.t2i.recall_at(k).unwrap_or(0.0));
     }
-    println!(
-        "(untrained/trained: average of I2T and T2I; best checkpoint: {})",
-        summary.best_checkpoint.display()
-    );
+    println!("(untrained/trained: average of I2T and T2I; best checkpoint: {})", summary.best_checkpoint.display());
     Ok(())
 }

@@ -12,15 +12,12 @@ pub fn image_batch(meta: &Meta, split: &Split, items: &[usize]) -> ImageBatch {
     for &i in items {
         let n = split.image_count[i] as usize;
         b.lengths.push(n);
-        b.features
-            .extend_from_slice(&split.image_features[i * r * dr..(i * r + n) * dr]);
-        b.boxes
-            .extend_from_slice(&split.image_boxes[i * r * 5..(i * r + n) * 5]);
+        b.features.extend_from_slice(&split.image_features[i * r * dr..(i * r + n) * dr]);
+        b.boxes.extend_from_slice(&split.image_boxes[i * r * 5..(i * r + n) * 5]);
         if let (Some(out), Some(src)) = (classes.as_mut(), split.image_classes.as_ref()) {
             out.extend(src[i * r..i * r + n].iter().map(|&k| k as u32));
         }
-        b.labels
-            .extend(split.labels[i * c..(i + 1) * c].iter().map(|&y| y as f32));
+        b.labels.extend(split.labels[i * c..(i + 1) * c].iter().map(|&y| y as f32));
     }
     b.classes = classes;
     b
@@ -33,11 +30,9 @@ pub fn text_batch(meta: &Meta, split: &Split, texts: &[usize]) -> TextBatch {
     for &j in texts {
         let n = split.text_length[j] as usize;
         b.lengths.push(n);
-        b.tokens
-            .extend_from_slice(&split.text_tokens[j * t..j * t + n]);
+        b.tokens.extend_from_slice(&split.text_tokens[j * t..j * t + n]);
         let i = split.text_item[j] as usize;
-        b.labels
-            .extend(split.labels[i * c..(i + 1) * c].iter().map(|&y| y as f32));
+        b.labels.extend(split.labels[i * c..(i + 1) * c].iter().map(|&y| y as f32));
     }
     b
 }
@@ -55,19 +50,12 @@ pub struct PairSampler {
 impl PairSampler {
     pub fn new(split: &Split, batch: usize, seed: u64) -> Self {
         let texts_of = split.image_texts();
-        PairSampler {
-            seed,
-            images: split.num_images(),
-            texts_of,
-            batch: batch.max(1),
-        }
+        PairSampler { seed, images: split.num_images(), texts_of, batch: batch.max(1) }
     }
 
     /// Images that have at least one text are the ones sampled.
     fn usable(&self) -> Vec<usize> {
-        (0..self.images)
-            .filter(|&i| !self.texts_of[i].is_empty())
-            .collect()
+        (0..self.images).filter(|&i| !self.texts_of[i].is_empty()).collect()
     }
 
     pub fn steps_per_epoch(&self) -> usize {

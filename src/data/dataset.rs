@@ -63,16 +63,8 @@ pub mod tensor {
     pub const TEXT_LENGTH: &str = "text.length";
     pub const TEXT_ITEM: &str = "text.item";
     pub const LABELS: &str = "labels";
-    pub const ALL: [&str; 8] = [
-        IMAGE_FEATURES,
-        IMAGE_BOXES,
-        IMAGE_COUNT,
-        IMAGE_CLASSES,
-        TEXT_TOKENS,
-        TEXT_LENGTH,
-        TEXT_ITEM,
-        LABELS,
-    ];
+    pub const ALL: [&str; 8] =
+        [IMAGE_FEATURES, IMAGE_BOXES, IMAGE_COUNT, IMAGE_CLASSES, TEXT_TOKENS, TEXT_LENGTH, TEXT_ITEM, LABELS];
 }
 use tensor::*;
 
@@ -162,11 +154,7 @@ struct Problem {
 
 impl Problem {
     fn new(tensor: &'static str, item: Option<usize>, what: impl Into<String>) -> Self {
-        Problem {
-            tensor,
-            item,
-            what: what.into(),
-        }
+        Problem { tensor, item, what: what.into() }
     }
 }
 
@@ -221,10 +209,7 @@ impl Split {
             panic!("Split::subset: image index {bad} out of range (N = {n})");
         }
         if images.is_empty() {
-            return Split {
-                image_classes: self.image_classes.as_ref().map(|_| Vec::new()),
-                ..Split::default()
-            };
+            return Split { image_classes: self.image_classes.as_ref().map(|_| Vec::new()), ..Split::default() };
         }
         // Per-item widths from the (non-empty) split itself.
         let r = self.image_boxes.len() / (5 * n);
@@ -255,11 +240,9 @@ impl Split {
             ..Split::default()
         };
         for (new, &i) in images.iter().enumerate() {
-            out.labels
-                .extend_from_slice(&self.labels[i * c..(i + 1) * c]);
+            out.labels.extend_from_slice(&self.labels[i * c..(i + 1) * c]);
             for &tx in &groups[i] {
-                out.text_tokens
-                    .extend_from_slice(&self.text_tokens[tx * t..(tx + 1) * t]);
+                out.text_tokens.extend_from_slice(&self.text_tokens[tx * t..(tx + 1) * t]);
                 out.text_length.push(self.text_length[tx]);
                 out.text_item.push(new as u32);
             }
@@ -269,12 +252,7 @@ impl Split {
 
     /// Checks every invariant of this split against `meta`.
     fn check(&self, meta: &Meta) -> std::result::Result<(), Problem> {
-        let (r, dr, t, c) = (
-            meta.regions,
-            meta.feature_dim,
-            meta.max_tokens,
-            meta.num_labels,
-        );
+        let (r, dr, t, c) = (meta.regions, meta.feature_dim, meta.max_tokens, meta.num_labels);
         let (k_obj, v) = (meta.num_object_classes, meta.vocab.len());
         let n = self.num_images();
         let m = self.num_texts();
@@ -283,11 +261,7 @@ impl Split {
             if want == Some(got) {
                 Ok(())
             } else {
-                Err(Problem::new(
-                    tensor,
-                    None,
-                    format!("{got} values, expected shape {dims:?}"),
-                ))
+                Err(Problem::new(tensor, None, format!("{got} values, expected shape {dims:?}")))
             }
         };
         want_len(IMAGE_FEATURES, self.image_features.len(), &[n, r, dr])?;
@@ -295,22 +269,14 @@ impl Split {
         if let Some(cls) = &self.image_classes {
             want_len(IMAGE_CLASSES, cls.len(), &[n, r])?;
             if n > 0 && k_obj == 0 {
-                return Err(Problem::new(
-                    IMAGE_CLASSES,
-                    None,
-                    "present but num_object_classes is 0",
-                ));
+                return Err(Problem::new(IMAGE_CLASSES, None, "present but num_object_classes is 0"));
             }
         }
         want_len(LABELS, self.labels.len(), &[n, c])?;
         want_len(TEXT_TOKENS, self.text_tokens.len(), &[m, t])?;
         want_len(TEXT_ITEM, self.text_item.len(), &[m])?;
         if n > u32::MAX as usize {
-            return Err(Problem::new(
-                IMAGE_COUNT,
-                None,
-                format!("{n} images exceed u32 ids"),
-            ));
+            return Err(Problem::new(IMAGE_COUNT, None, format!("{n} images exceed u32 ids")));
         }
 
         for i in 0..n {
@@ -321,12 +287,7 @@ impl Split {
             }
             let feats = &self.image_features[i * r * dr..(i + 1) * r * dr];
             if let Some(p) = feats.iter().position(|x| !x.is_finite()) {
-                let what = format!(
-                    "non-finite value {} at region {}, dim {}",
-                    feats[p],
-                    p / dr,
-                    p % dr
-                );
+                let what = format!("non-finite value {} at region {}, dim {}", feats[p], p / dr, p % dr);
                 return Err(Problem::new(IMAGE_FEATURES, Some(i), what));
             }
             let boxes = &self.image_boxes[i * r * 5..(i + 1) * r * 5];
@@ -366,16 +327,10 @@ impl Split {
             }
             let row = &self.text_tokens[j * t..(j + 1) * t];
             for (p, &tok) in row.iter().enumerate() {
-                let bad = if p < len {
-                    !(tok == UNK || (tok >= 3 && (tok as usize) < v))
-                } else {
-                    tok != PAD
-                };
+                let bad = if p < len { !(tok == UNK || (tok >= 3 && (tok as usize) < v)) } else { tok != PAD };
                 if bad {
                     let what = if p < len {
-                        format!(
-                            "token {tok} at position {p} (length {len}) is not [UNK] or in 3..{v}"
-                        )
+                        format!("token {tok} at position {p} (length {len}) is not [UNK] or in 3..{v}")
                     } else {
                         format!("token {tok} at padding position {p} (length {len}), expected 0")
                     };
@@ -390,11 +345,7 @@ impl Split {
             has_text[item] = true;
         }
         if let Some(i) = has_text.iter().position(|&h| !h) {
-            return Err(Problem::new(
-                TEXT_ITEM,
-                None,
-                format!("image {i} has no text"),
-            ));
+            return Err(Problem::new(TEXT_ITEM, None, format!("image {i} has no text")));
         }
         Ok(())
     }
@@ -413,9 +364,7 @@ fn check_name_list(what: &str, names: &[String]) -> std::result::Result<(), Stri
     let mut seen = HashSet::with_capacity(names.len());
     for (i, s) in names.iter().enumerate() {
         if s.is_empty() || s.contains(['\n', '\r']) {
-            return Err(format!(
-                "{what} entry {i} ({s:?}) is empty or contains a line break"
-            ));
+            return Err(format!("{what} entry {i} ({s:?}) is empty or contains a line break"));
         }
         if !seen.insert(s.as_str()) {
             return Err(format!("{what} entry {i} ({s:?}) is a duplicate"));
@@ -434,39 +383,24 @@ impl Meta {
             return Err("feature_dim is 0".into());
         }
         if self.max_tokens == 0 || self.max_tokens > max16 {
-            return Err(format!(
-                "max_tokens {} outside 1..={max16}",
-                self.max_tokens
-            ));
+            return Err(format!("max_tokens {} outside 1..={max16}", self.max_tokens));
         }
         if self.num_labels == 0 {
             return Err("num_labels is 0".into());
         }
         if self.num_object_classes > max16 + 1 {
-            return Err(format!(
-                "num_object_classes {} > 65536",
-                self.num_object_classes
-            ));
+            return Err(format!("num_object_classes {} > 65536", self.num_object_classes));
         }
         if self.label_names.len() != self.num_labels {
             let n = self.label_names.len();
-            return Err(format!(
-                "{n} label names for num_labels {}",
-                self.num_labels
-            ));
+            return Err(format!("{n} label names for num_labels {}", self.num_labels));
         }
         if self.vocab.len() < RESERVED_TOKENS.len() || self.vocab.len() > u32::MAX as usize {
-            return Err(format!(
-                "vocabulary size {} outside 3..=2^32-1",
-                self.vocab.len()
-            ));
+            return Err(format!("vocabulary size {} outside 3..=2^32-1", self.vocab.len()));
         }
         for (id, want) in RESERVED_TOKENS.iter().enumerate() {
             if self.vocab[id] != *want {
-                return Err(format!(
-                    "vocabulary id {id} is {:?}, expected {want}",
-                    self.vocab[id]
-                ));
+                return Err(format!("vocabulary id {id} is {:?}, expected {want}", self.vocab[id]));
             }
         }
         check_name_list("vocabulary", &self.vocab)?;
@@ -478,11 +412,7 @@ impl Meta {
 impl Dataset {
     /// The splits with their names, in manifest order.
     pub fn splits(&self) -> [(&'static str, &Split); 3] {
-        [
-            ("train", &self.train),
-            ("val", &self.val),
-            ("test", &self.test),
-        ]
+        [("train", &self.train), ("val", &self.val), ("test", &self.test)]
     }
 
     /// Checks every invariant: meta sanity, shapes, region counts in 1..=R, boxes in [0, 1] with
@@ -490,13 +420,9 @@ impl Dataset {
     /// tokens [UNK] or in 3..V before the length and [PAD] after it, `text.item` < N, every
     /// image with ≥ 1 text, labels 0/1 with ≥ 1 label per image.
     pub fn validate(&self) -> Result<()> {
-        self.meta
-            .check()
-            .map_err(|e| Error::data(format!("dataset {:?}: {e}", self.meta.name)))?;
+        self.meta.check().map_err(|e| Error::data(format!("dataset {:?}: {e}", self.meta.name)))?;
         for (name, split) in self.splits() {
-            split
-                .check(&self.meta)
-                .map_err(|p| Error::data(format!("{name} split: {p}")))?;
+            split.check(&self.meta).map_err(|p| Error::data(format!("{name} split: {p}")))?;
         }
         Ok(())
     }
@@ -511,8 +437,7 @@ impl Dataset {
         for (name, split) in self.splits() {
             let shard = format!("{name}.safetensors");
             let path = dir.join(&shard);
-            let bytes =
-                encode_shard(name, split, &self.meta).map_err(|e| Error::format(&path, e))?;
+            let bytes = encode_shard(name, split, &self.meta).map_err(|e| Error::format(&path, e))?;
             write_atomic(&path, &bytes)?;
             let entry = ManifestSplit {
                 shard,
@@ -523,16 +448,9 @@ impl Dataset {
             };
             splits.insert(name.to_string(), entry);
         }
-        let lines = |v: &[String]| {
-            v.iter()
-                .flat_map(|s| [s.as_str(), "\n"])
-                .collect::<String>()
-        };
+        let lines = |v: &[String]| v.iter().flat_map(|s| [s.as_str(), "\n"]).collect::<String>();
         write_atomic(&dir.join(VOCAB_FILE), lines(&self.meta.vocab).as_bytes())?;
-        write_atomic(
-            &dir.join(LABELS_FILE),
-            lines(&self.meta.label_names).as_bytes(),
-        )?;
+        write_atomic(&dir.join(LABELS_FILE), lines(&self.meta.label_names).as_bytes())?;
         let m = &self.meta;
         let manifest = Manifest {
             format: FORMAT_NAME.into(),
@@ -561,37 +479,27 @@ impl Dataset {
         let dir = dir.as_ref();
         let mpath = dir.join(MANIFEST_FILE);
         let text = fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;
-        let man: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&mpath, format!("not a valid manifest: {e}")))?;
+        let man: Manifest =
+            serde_json::from_str(&text).map_err(|e| Error::format(&mpath, format!("not a valid manifest: {e}")))?;
         if man.format != FORMAT_NAME {
             let what = format!("format {:?}, expected {FORMAT_NAME:?}", man.format);
             return Err(Error::format(&mpath, what));
         }
         if man.version != FORMAT_VERSION {
-            let what = format!(
-                "format version {}, this build reads {FORMAT_VERSION}",
-                man.version
-            );
+            let what = format!("format version {}, this build reads {FORMAT_VERSION}", man.version);
             return Err(Error::format(&mpath, what));
         }
         let vocab_path = dir.join(plain_file_name(&mpath, "vocab_file", &man.vocab_file)?);
         let labels_path = dir.join(plain_file_name(&mpath, "labels_file", &man.labels_file)?);
         let vocab = read_lines(&vocab_path)?;
         if vocab.len() != man.vocab_size {
-            let what = format!(
-                "{} tokens, dataset.json says vocab_size {}",
-                vocab.len(),
-                man.vocab_size
-            );
+            let what = format!("{} tokens, dataset.json says vocab_size {}", vocab.len(), man.vocab_size);
             return Err(Error::format(&vocab_path, what));
         }
         let label_names = read_lines(&labels_path)?;
         if label_names.len() != man.num_labels {
             let n = label_names.len();
-            let what = format!(
-                "{n} label names, dataset.json says num_labels {}",
-                man.num_labels
-            );
+            let what = format!("{n} label names, dataset.json says num_labels {}", man.num_labels);
             return Err(Error::format(&labels_path, what));
         }
         let meta = Meta {
@@ -622,12 +530,7 @@ impl Dataset {
         let test = splits.pop().expect("three splits");
         let val = splits.pop().expect("three splits");
         let train = splits.pop().expect("three splits");
-        Ok(Dataset {
-            meta,
-            train,
-            val,
-            test,
-        })
+        Ok(Dataset { meta, train, val, test })
     }
 }
 
@@ -664,28 +567,14 @@ struct ManifestSplit {
 /// A name in the manifest must be a plain file name inside the dataset directory.
 fn plain_file_name<'a>(mpath: &Path, field: &str, name: &'a str) -> Result<&'a str> {
     let ok = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
-    if ok {
-        Ok(name)
-    } else {
-        Err(Error::format(
-            mpath,
-            format!("{field} {name:?} is not a plain file name"),
-        ))
-    }
+    if ok { Ok(name) } else { Err(Error::format(mpath, format!("{field} {name:?} is not a plain file name"))) }
 }
 
 fn read_lines(path: &Path) -> Result<Vec<String>> {
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        Error::format(
-            path,
-            format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to()),
-        )
-    })?;
-    let mut lines: Vec<String> = text
-        .split('\n')
-        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
-        .collect();
+    let text = String::from_utf8(bytes)
+        .map_err(|e| Error::format(path, format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
+    let mut lines: Vec<String> = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect();
     if lines.last().is_some_and(|l| l.is_empty()) {
         lines.pop();
     }
@@ -698,10 +587,7 @@ fn read_lines(path: &Path) -> Result<Vec<String>> {
 /// Writes `bytes` to `path` via a temporary file in the same directory and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|s| s.to_string_lossy())
-        .unwrap_or_default();
+    let file_name = path.file_name().map(|s| s.to_string_lossy()).unwrap_or_default();
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let k = NEXT.fetch_add(1, Ordering::Relaxed);
     let tmp: PathBuf = dir.join(format!(".{file_name}.tmp-{}-{k}", std::process::id()));
@@ -793,79 +679,18 @@ fn le_u32(v: &[u32]) -> Vec<u8> {
 
 fn encode_shard(split_name: &str, s: &Split, meta: &Meta) -> std::result::Result<Vec<u8>, String> {
     let (n, m) = (s.num_images(), s.num_texts());
-    let (r, dr, t, c) = (
-        meta.regions,
-        meta.feature_dim,
-        meta.max_tokens,
-        meta.num_labels,
-    );
+    let (r, dr, t, c) = (meta.regions, meta.feature_dim, meta.max_tokens, meta.num_labels);
     let mut tensors: Vec<(&str, Owned)> = vec![
-        (
-            IMAGE_FEATURES,
-            Owned {
-                dtype: Dtype::F32,
-                shape: vec![n, r, dr],
-                data: le_f32(&s.image_features),
-            },
-        ),
-        (
-            IMAGE_BOXES,
-            Owned {
-                dtype: Dtype::F32,
-                shape: vec![n, r, 5],
-                data: le_f32(&s.image_boxes),
-            },
-        ),
-        (
-            IMAGE_COUNT,
-            Owned {
-                dtype: Dtype::U16,
-                shape: vec![n],
-                data: le_u16(&s.image_count),
-            },
-        ),
-        (
-            TEXT_TOKENS,
-            Owned {
-                dtype: Dtype::U32,
-                shape: vec![m, t],
-                data: le_u32(&s.text_tokens),
-            },
-        ),
-        (
-            TEXT_LENGTH,
-            Owned {
-                dtype: Dtype::U16,
-                shape: vec![m],
-                data: le_u16(&s.text_length),
-            },
-        ),
-        (
-            TEXT_ITEM,
-            Owned {
-                dtype: Dtype::U32,
-                shape: vec![m],
-                data: le_u32(&s.text_item),
-            },
-        ),
-        (
-            LABELS,
-            Owned {
-                dtype: Dtype::U8,
-                shape: vec![n, c],
-                data: s.labels.clone(),
-            },
-        ),
+        (IMAGE_FEATURES, Owned { dtype: Dtype::F32, shape: vec![n, r, dr], data: le_f32(&s.image_features) }),
+        (IMAGE_BOXES, Owned { dtype: Dtype::F32, shape: vec![n, r, 5], data: le_f32(&s.image_boxes) }),
+        (IMAGE_COUNT, Owned { dtype: Dtype::U16, shape: vec![n], data: le_u16(&s.image_count) }),
+        (TEXT_TOKENS, Owned { dtype: Dtype::U32, shape: vec![m, t], data: le_u32(&s.text_tokens) }),
+        (TEXT_LENGTH, Owned { dtype: Dtype::U16, shape: vec![m], data: le_u16(&s.text_length) }),
+        (TEXT_ITEM, Owned { dtype: Dtype::U32, shape: vec![m], data: le_u32(&s.text_item) }),
+        (LABELS, Owned { dtype: Dtype::U8, shape: vec![n, c], data: s.labels.clone() }),
     ];
     if let Some(cls) = &s.image_classes {
-        tensors.push((
-            IMAGE_CLASSES,
-            Owned {
-                dtype: Dtype::U16,
-                shape: vec![n, r],
-                data: le_u16(cls),
-            },
-        ));
+        tensors.push((IMAGE_CLASSES, Owned { dtype: Dtype::U16, shape: vec![n, r], data: le_u16(cls) }));
     }
     let info = HashMap::from([
         ("format".to_string(), "semshare-shard".to_string()),
@@ -890,12 +715,7 @@ fn read_shard(path: &Path, entry: &ManifestSplit, meta: &Meta) -> Result<Split> 
         }
     }
     let (n, m) = (entry.images, entry.texts);
-    let (r, dr, t, c) = (
-        meta.regions,
-        meta.feature_dim,
-        meta.max_tokens,
-        meta.num_labels,
-    );
+    let (r, dr, t, c) = (meta.regions, meta.feature_dim, meta.max_tokens, meta.num_labels);
     // Shapes and dtypes first: they name the tensor; then the manifest's size and checksum.
     let get = |name: &'static str, dtypes: &[Dtype], shape: &[usize]| -> Result<Option<_>> {
         let view = match st.tensor(name) {
@@ -903,30 +723,18 @@ fn read_shard(path: &Path, entry: &ManifestSplit, meta: &Meta) -> Result<Split> 
             Err(_) => return Ok(None),
         };
         if !dtypes.contains(&view.dtype()) {
-            let what = format!(
-                "tensor {name}: dtype {}, expected {}",
-                view.dtype(),
-                dtype_list(dtypes)
-            );
+            let what = format!("tensor {name}: dtype {}, expected {}", view.dtype(), dtype_list(dtypes));
             return Err(fmt_err(what));
         }
         if view.shape() != shape {
-            let what = format!(
-                "tensor {name}: shape {:?}, expected {shape:?}",
-                view.shape()
-            );
+            let what = format!("tensor {name}: shape {:?}, expected {shape:?}", view.shape());
             return Err(fmt_err(what));
         }
         Ok(Some(view))
     };
-    let need = |name: &'static str, v: Option<_>| {
-        v.ok_or_else(|| fmt_err(format!("tensor {name} missing")))
-    };
+    let need = |name: &'static str, v: Option<_>| v.ok_or_else(|| fmt_err(format!("tensor {name} missing")));
     let float_types = [Dtype::F32, Dtype::F16, Dtype::BF16];
-    let features = need(
-        IMAGE_FEATURES,
-        get(IMAGE_FEATURES, &float_types, &[n, r, dr])?,
-    )?;
+    let features = need(IMAGE_FEATURES, get(IMAGE_FEATURES, &float_types, &[n, r, dr])?)?;
     let boxes = need(IMAGE_BOXES, get(IMAGE_BOXES, &[Dtype::F32], &[n, r, 5])?)?;
     let count = need(IMAGE_COUNT, get(IMAGE_COUNT, &[Dtype::U16], &[n])?)?;
     let classes = get(IMAGE_CLASSES, &[Dtype::U16], &[n, r])?;
@@ -944,36 +752,23 @@ fn read_shard(path: &Path, entry: &ManifestSplit, meta: &Meta) -> Result<Split> 
     }
     let sum = format_checksum(checksum(&bytes));
     if sum != entry.checksum {
-        let what = format!(
-            "checksum mismatch: file has {sum}, dataset.json says {}",
-            entry.checksum
-        );
+        let what = format!("checksum mismatch: file has {sum}, dataset.json says {}", entry.checksum);
         return Err(fmt_err(what));
     }
 
     let split = Split {
         image_features: match features.dtype() {
-            Dtype::F16 => features
-                .data()
-                .chunks_exact(2)
-                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
-                .collect(),
+            Dtype::F16 => {
+                features.data().chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect()
+            }
             Dtype::BF16 => features
                 .data()
                 .chunks_exact(2)
                 .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
                 .collect(),
-            _ => features
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+            _ => features.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         },
-        image_boxes: boxes
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        image_boxes: boxes.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         image_count: from_u16(count.data()),
         image_classes: classes.map(|v| from_u16(v.data())),
         text_tokens: from_u32(tokens.data()),
@@ -989,22 +784,14 @@ fn read_shard(path: &Path, entry: &ManifestSplit, meta: &Meta) -> Result<Split> 
 }
 
 fn from_u16(b: &[u8]) -> Vec<u16> {
-    b.chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .collect()
+    b.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
 }
 fn from_u32(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    b.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 fn dtype_list(dtypes: &[Dtype]) -> String {
-    dtypes
-        .iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join(" or ")
+    dtypes.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" or ")
 }
 
 /// IEEE half → f32, by hand.
@@ -1028,16 +815,11 @@ fn f16_to_f32(h: u16) -> f32 {
 fn diagnose(bytes: &[u8], err: &safetensors::SafeTensorError) -> String {
     let len = bytes.len();
     if len < 8 {
-        return format!(
-            "truncated: {len} bytes, shorter than the 8-byte safetensors header length"
-        );
+        return format!("truncated: {len} bytes, shorter than the 8-byte safetensors header length");
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     if n > (len - 8) as u64 {
-        return format!(
-            "truncated inside the header: header length {n}, but only {} bytes follow",
-            len - 8
-        );
+        return format!("truncated inside the header: header length {n}, but only {} bytes follow", len - 8);
     }
     let header = &bytes[8..8 + n as usize];
     let Ok(map) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(header) else {
@@ -1059,9 +841,7 @@ fn diagnose(bytes: &[u8], err: &safetensors::SafeTensorError) -> String {
     for (name, info) in &infos {
         let (s, e) = info.data_offsets;
         let elems = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let need = elems
-            .and_then(|x| x.checked_mul(info.dtype.bitsize()))
-            .map(|b| b.div_ceil(8));
+        let need = elems.and_then(|x| x.checked_mul(info.dtype.bitsize())).map(|b| b.div_ceil(8));
         if e < s || Some(e - s) != need {
             let need = need.map_or("an overflowing number of".to_string(), |b| b.to_string());
             return format!(
@@ -1101,8 +881,7 @@ mod tests {
         fn new(tag: &str) -> TempDir {
             static NEXT: AtomicUsize = AtomicUsize::new(0);
             let k = NEXT.fetch_add(1, Ordering::Relaxed);
-            let p = std::env::temp_dir()
-                .join(format!("semshare-test-{}-{tag}-{k}", std::process::id()));
+            let p = std::env::temp_dir().join(format!("semshare-test-{}-{tag}-{k}", std::process::id()));
             let _ = fs::remove_dir_all(&p);
             TempDir(p)
         }
@@ -1143,8 +922,7 @@ mod tests {
     fn reseal(dir: &Path, split: &str) {
         let bytes = fs::read(dir.join(format!("{split}.safetensors"))).unwrap();
         let mpath = dir.join(MANIFEST_FILE);
-        let mut man: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(&mpath).unwrap()).unwrap();
+        let mut man: serde_json::Value = serde_json::from_str(&fs::read_to_string(&mpath).unwrap()).unwrap();
         man["splits"][split]["checksum"] = format_checksum(checksum(&bytes)).into();
         man["splits"][split]["bytes"] = bytes.len().into();
         fs::write(&mpath, serde_json::to_string(&man).unwrap()).unwrap();
@@ -1159,8 +937,7 @@ mod tests {
 
     fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
         let mpath = dir.join(MANIFEST_FILE);
-        let mut man: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(&mpath).unwrap()).unwrap();
+        let mut man: serde_json::Value = serde_json::from_str(&fs::read_to_string(&mpath).unwrap()).unwrap();
         f(&mut man);
         fs::write(&mpath, serde_json::to_string(&man).unwrap()).unwrap();
     }
@@ -1170,23 +947,11 @@ mod tests {
         let (dir, ds) = saved("roundtrip");
         let back = Dataset::load(&dir.0).unwrap();
         assert!(back == ds);
-        let names: HashSet<String> = fs::read_dir(&dir.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        let want = [
-            "dataset.json",
-            "vocab.txt",
-            "labels.txt",
-            "train.safetensors",
-            "val.safetensors",
-            "test.safetensors",
-        ];
-        assert_eq!(
-            names,
-            want.iter().map(|s| s.to_string()).collect(),
-            "no temp files left behind"
-        );
+        let names: HashSet<String> =
+            fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let want =
+            ["dataset.json", "vocab.txt", "labels.txt", "train.safetensors", "val.safetensors", "test.safetensors"];
+        assert_eq!(names, want.iter().map(|s| s.to_string()).collect(), "no temp files left behind");
         let vocab = fs::read_to_string(dir.0.join("vocab.txt")).unwrap();
         assert!(vocab.starts_with("[PAD]\n[UNK]\n[MASK]\nanimals.w0\n"));
 
@@ -1216,23 +981,11 @@ mod tests {
         assert_eq!(s.num_texts(), 9);
         assert_eq!(s.text_item, vec![0, 0, 0, 1, 1, 1, 2, 2, 2]);
         let (r, dr, t, c) = (8, 16, 10, 6);
-        assert_eq!(
-            s.image_features[r * dr..2 * r * dr],
-            ds.train.image_features[2 * r * dr..3 * r * dr]
-        );
-        assert_eq!(
-            s.text_tokens[3 * t..4 * t],
-            ds.train.text_tokens[6 * t..7 * t]
-        );
+        assert_eq!(s.image_features[r * dr..2 * r * dr], ds.train.image_features[2 * r * dr..3 * r * dr]);
+        assert_eq!(s.text_tokens[3 * t..4 * t], ds.train.text_tokens[6 * t..7 * t]);
         assert_eq!(s.labels[..c], ds.train.labels[5 * c..6 * c]);
-        assert_eq!(
-            s.image_classes.as_ref().unwrap()[..r],
-            ds.train.image_classes.as_ref().unwrap()[5 * r..6 * r]
-        );
-        let sub = Dataset {
-            train: s,
-            ..ds.clone()
-        };
+        assert_eq!(s.image_classes.as_ref().unwrap()[..r], ds.train.image_classes.as_ref().unwrap()[5 * r..6 * r]);
+        let sub = Dataset { train: s, ..ds.clone() };
         sub.validate().unwrap();
         let tl = sub.train.text_labels(c);
         for j in 0..sub.train.num_texts() {
@@ -1246,51 +999,18 @@ mod tests {
     fn validate_names_split_tensor_and_item() {
         type Corrupt = fn(&mut Dataset);
         let cases: Vec<(Corrupt, &[&str])> = vec![
-            (
-                |d| d.train.image_count[3] = 0,
-                &["train split", "image.count", "item 3"],
-            ),
-            (
-                |d| d.val.image_count[1] = 9,
-                &["val split", "image.count", "item 1"],
-            ),
-            (
-                |d| d.test.image_features[2 * 8 * 16 + 5] = f32::NAN,
-                &["test split", "image.features", "item 2", "NaN"],
-            ),
-            (
-                |d| d.train.image_features.pop().map(drop).unwrap(),
-                &["train split", "image.features", "shape"],
-            ),
-            (
-                |d| d.train.image_boxes[4 * 8 * 5 + 1] = 1.5,
-                &["image.boxes", "item 4"],
-            ),
-            (
-                |d| d.train.image_boxes[7 * 8 * 5] = 0.99,
-                &["image.boxes", "item 7", "x1 > x2"],
-            ),
-            (
-                |d| d.val.image_classes.as_mut().unwrap()[8 * 2 + 1] = 40,
-                &["val split", "image.classes", "item 2"],
-            ),
+            (|d| d.train.image_count[3] = 0, &["train split", "image.count", "item 3"]),
+            (|d| d.val.image_count[1] = 9, &["val split", "image.count", "item 1"]),
+            (|d| d.test.image_features[2 * 8 * 16 + 5] = f32::NAN, &["test split", "image.features", "item 2", "NaN"]),
+            (|d| d.train.image_features.pop().map(drop).unwrap(), &["train split", "image.features", "shape"]),
+            (|d| d.train.image_boxes[4 * 8 * 5 + 1] = 1.5, &["image.boxes", "item 4"]),
+            (|d| d.train.image_boxes[7 * 8 * 5] = 0.99, &["image.boxes", "item 7", "x1 > x2"]),
+            (|d| d.val.image_classes.as_mut().unwrap()[8 * 2 + 1] = 40, &["val split", "image.classes", "item 2"]),
             (|d| d.train.text_length[10] = 0, &["text.length", "item 10"]),
-            (
-                |d| d.train.text_length[11] = 11,
-                &["text.length", "item 11"],
-            ),
-            (
-                |d| d.train.text_tokens[12 * 10] = 200,
-                &["text.tokens", "item 12", "token 200"],
-            ),
-            (
-                |d| d.train.text_tokens[12 * 10] = 2,
-                &["text.tokens", "item 12", "token 2"],
-            ),
-            (
-                |d| d.train.text_tokens[12 * 10] = 0,
-                &["text.tokens", "item 12", "token 0"],
-            ),
+            (|d| d.train.text_length[11] = 11, &["text.length", "item 11"]),
+            (|d| d.train.text_tokens[12 * 10] = 200, &["text.tokens", "item 12", "token 200"]),
+            (|d| d.train.text_tokens[12 * 10] = 2, &["text.tokens", "item 12", "token 2"]),
+            (|d| d.train.text_tokens[12 * 10] = 0, &["text.tokens", "item 12", "token 0"]),
             (
                 |d| {
                     let j = 13;
@@ -1299,38 +1019,22 @@ mod tests {
                 },
                 &["text.tokens", "item 13", "padding"],
             ),
-            (
-                |d| d.train.text_item[14] = 60,
-                &["text.item", "item 14", "60"],
-            ),
+            (|d| d.train.text_item[14] = 60, &["text.item", "item 14", "60"]),
             (|d| d.train.labels[6 * 6 + 2] = 3, &["labels", "item 6"]),
-            (
-                |d| d.train.labels[8 * 6..9 * 6].fill(0),
-                &["labels", "item 8", "no label"],
-            ),
+            (|d| d.train.labels[8 * 6..9 * 6].fill(0), &["labels", "item 8", "no label"]),
             (
                 |d| {
-                    let keep: Vec<usize> = (0..d.train.num_texts())
-                        .filter(|&j| d.train.text_item[j] != 4)
-                        .collect();
+                    let keep: Vec<usize> = (0..d.train.num_texts()).filter(|&j| d.train.text_item[j] != 4).collect();
                     d.train.text_item = keep.iter().map(|&j| d.train.text_item[j]).collect();
                     d.train.text_length = keep.iter().map(|&j| d.train.text_length[j]).collect();
-                    d.train.text_tokens = keep
-                        .iter()
-                        .flat_map(|&j| d.train.text_tokens[j * 10..(j + 1) * 10].to_vec())
-                        .collect();
+                    d.train.text_tokens =
+                        keep.iter().flat_map(|&j| d.train.text_tokens[j * 10..(j + 1) * 10].to_vec()).collect();
                 },
                 &["text.item", "image 4 has no text"],
             ),
             (|d| d.meta.vocab[2] = "[MSK]".into(), &["vocabulary id 2"]),
-            (
-                |d| d.meta.vocab[7] = "animals.w0".into(),
-                &["vocabulary entry 7", "duplicate"],
-            ),
-            (
-                |d| d.meta.label_names.pop().map(drop).unwrap(),
-                &["label names"],
-            ),
+            (|d| d.meta.vocab[7] = "animals.w0".into(), &["vocabulary entry 7", "duplicate"]),
+            (|d| d.meta.label_names.pop().map(drop).unwrap(), &["label names"]),
         ];
         let base = small();
         base.validate().unwrap();
@@ -1348,21 +1052,14 @@ mod tests {
         let (dir, _) = saved("truncate");
         let path = dir.0.join("train.safetensors");
         let full = fs::read(&path).unwrap();
-        let data_start =
-            element_offset(&full, IMAGE_FEATURES, 0).min(element_offset(&full, LABELS, 0));
+        let data_start = element_offset(&full, IMAGE_FEATURES, 0).min(element_offset(&full, LABELS, 0));
         let len = full.len();
         let cases: Vec<(usize, Vec<&str>)> = vec![
             (0, vec!["train.safetensors", "truncated"]),
             (5, vec!["train.safetensors", "truncated"]),
             (20, vec!["train.safetensors", "truncated inside the header"]),
-            (
-                data_start + 10,
-                vec!["train.safetensors", "truncated: tensor"],
-            ),
-            (
-                element_offset(&full, IMAGE_FEATURES, 100),
-                vec!["train.safetensors", "truncated: tensor image.features"],
-            ),
+            (data_start + 10, vec!["train.safetensors", "truncated: tensor"]),
+            (element_offset(&full, IMAGE_FEATURES, 100), vec!["train.safetensors", "truncated: tensor image.features"]),
             (len - 1, vec!["train.safetensors", "truncated: tensor"]),
         ];
         for (cut, parts) in cases {
@@ -1434,11 +1131,7 @@ mod tests {
                 "\"image.features\":{\"dtype\":\"F16\"",
                 vec!["image.features", "needs"],
             ),
-            (
-                "\"labels\":{\"dtype\":\"U8\"",
-                "\"labels\":{\"dtype\":\"I8\"",
-                vec!["labels", "dtype I8"],
-            ),
+            ("\"labels\":{\"dtype\":\"U8\"", "\"labels\":{\"dtype\":\"I8\"", vec!["labels", "dtype I8"]),
         ];
         for (from, to, parts) in cases {
             assert!(header.contains(from), "{from} not in {header}");
@@ -1451,21 +1144,10 @@ mod tests {
         let from = "\"labels\":{\"dtype\":\"U8\",\"shape\":[30,6]";
         assert!(header.contains(from), "{header}");
         let mut bytes = full.clone();
-        bytes[8..8 + n].copy_from_slice(
-            header
-                .replacen(from, "\"labels\":{\"dtype\":\"U8\",\"shape\":[6,30]", 1)
-                .as_bytes(),
-        );
+        bytes[8..8 + n]
+            .copy_from_slice(header.replacen(from, "\"labels\":{\"dtype\":\"U8\",\"shape\":[6,30]", 1).as_bytes());
         fs::write(&path, &bytes).unwrap();
-        assert_mentions(
-            &load_err(&dir.0),
-            &[
-                "test.safetensors",
-                "labels",
-                "shape [6, 30]",
-                "expected [30, 6]",
-            ],
-        );
+        assert_mentions(&load_err(&dir.0), &["test.safetensors", "labels", "shape [6, 30]", "expected [30, 6]"]);
     }
 
     #[test]
@@ -1476,13 +1158,8 @@ mod tests {
         let k = element_offset(&bytes, IMAGE_FEATURES, 77);
         bytes[k] ^= 1;
         fs::write(&path, &bytes).unwrap();
-        assert_mentions(
-            &load_err(&dir.0),
-            &["train.safetensors", "checksum mismatch"],
-        );
-        edit_manifest(&dir.0, |m| {
-            m["splits"]["val"]["checksum"] = "fnv1a64x4:0000000000000000".into()
-        });
+        assert_mentions(&load_err(&dir.0), &["train.safetensors", "checksum mismatch"]);
+        edit_manifest(&dir.0, |m| m["splits"]["val"]["checksum"] = "fnv1a64x4:0000000000000000".into());
         reseal(&dir.0, "train");
         assert_mentions(&load_err(&dir.0), &["val.safetensors", "checksum mismatch"]);
     }
@@ -1490,13 +1167,7 @@ mod tests {
     #[test]
     fn bad_values_on_disk_are_errors_naming_file_tensor_and_item() {
         let (r, dr, t) = (8, 16, 10);
-        type Patch = (
-            &'static str,
-            &'static str,
-            usize,
-            Vec<u8>,
-            Vec<&'static str>,
-        );
+        type Patch = (&'static str, &'static str, usize, Vec<u8>, Vec<&'static str>);
         let cases: Vec<Patch> = vec![
             (
                 "train",
@@ -1519,55 +1190,13 @@ mod tests {
                 200u32.to_le_bytes().to_vec(),
                 vec!["test.safetensors", "text.tokens", "item 5", "token 200"],
             ),
-            (
-                "test",
-                TEXT_TOKENS,
-                6 * t,
-                u32::MAX.to_le_bytes().to_vec(),
-                vec!["text.tokens", "item 6"],
-            ),
-            (
-                "train",
-                IMAGE_COUNT,
-                9,
-                0u16.to_le_bytes().to_vec(),
-                vec!["image.count", "item 9"],
-            ),
-            (
-                "train",
-                IMAGE_CLASSES,
-                3 * r,
-                999u16.to_le_bytes().to_vec(),
-                vec!["image.classes", "item 3", "999"],
-            ),
-            (
-                "train",
-                IMAGE_BOXES,
-                2 * r * 5,
-                (-0.5f32).to_le_bytes().to_vec(),
-                vec!["image.boxes", "item 2"],
-            ),
-            (
-                "train",
-                TEXT_ITEM,
-                11,
-                1000u32.to_le_bytes().to_vec(),
-                vec!["text.item", "item 11"],
-            ),
-            (
-                "val",
-                TEXT_LENGTH,
-                1,
-                50u16.to_le_bytes().to_vec(),
-                vec!["val.safetensors", "text.length", "item 1"],
-            ),
-            (
-                "train",
-                LABELS,
-                6 * 7 + 1,
-                vec![7],
-                vec!["labels", "item 7"],
-            ),
+            ("test", TEXT_TOKENS, 6 * t, u32::MAX.to_le_bytes().to_vec(), vec!["text.tokens", "item 6"]),
+            ("train", IMAGE_COUNT, 9, 0u16.to_le_bytes().to_vec(), vec!["image.count", "item 9"]),
+            ("train", IMAGE_CLASSES, 3 * r, 999u16.to_le_bytes().to_vec(), vec!["image.classes", "item 3", "999"]),
+            ("train", IMAGE_BOXES, 2 * r * 5, (-0.5f32).to_le_bytes().to_vec(), vec!["image.boxes", "item 2"]),
+            ("train", TEXT_ITEM, 11, 1000u32.to_le_bytes().to_vec(), vec!["text.item", "item 11"]),
+            ("val", TEXT_LENGTH, 1, 50u16.to_le_bytes().to_vec(), vec!["val.safetensors", "text.length", "item 1"]),
+            ("train", LABELS, 6 * 7 + 1, vec![7], vec!["labels", "item 7"]),
         ];
         for (split, tensor, index, value, parts) in cases {
             let (dir, _) = saved("values");
@@ -1607,47 +1236,20 @@ mod tests {
         type Edit = fn(&mut serde_json::Value);
         let edits: Vec<(Edit, &[&str])> = vec![
             (|m| m["version"] = 2.into(), &["dataset.json", "version 2"]),
-            (
-                |m| m["format"] = "other".into(),
-                &["dataset.json", "format"],
-            ),
+            (|m| m["format"] = "other".into(), &["dataset.json", "format"]),
             (|m| m["colour"] = 1.into(), &["dataset.json", "colour"]),
-            (
-                |m| m["vocab_size"] = 199.into(),
-                &["vocab.txt", "vocab_size 199"],
-            ),
-            (
-                |m| m["num_labels"] = 7.into(),
-                &["labels.txt", "num_labels 7"],
-            ),
-            (
-                |m| m["regions"] = 9.into(),
-                &["train.safetensors", "image.features", "shape"],
-            ),
-            (
-                |m| m["splits"]["val"]["images"] = 21.into(),
-                &["val.safetensors", "shape"],
-            ),
-            (
-                |m| m["splits"]["test"]["texts"] = 89.into(),
-                &["test.safetensors", "text.tokens", "shape"],
-            ),
-            (
-                |m| m["splits"]["train"]["bytes"] = 1.into(),
-                &["train.safetensors", "dataset.json says 1"],
-            ),
-            (
-                |m| m["splits"]["train"]["shard"] = "../x.safetensors".into(),
-                &["dataset.json", "not a plain file name"],
-            ),
+            (|m| m["vocab_size"] = 199.into(), &["vocab.txt", "vocab_size 199"]),
+            (|m| m["num_labels"] = 7.into(), &["labels.txt", "num_labels 7"]),
+            (|m| m["regions"] = 9.into(), &["train.safetensors", "image.features", "shape"]),
+            (|m| m["splits"]["val"]["images"] = 21.into(), &["val.safetensors", "shape"]),
+            (|m| m["splits"]["test"]["texts"] = 89.into(), &["test.safetensors", "text.tokens", "shape"]),
+            (|m| m["splits"]["train"]["bytes"] = 1.into(), &["train.safetensors", "dataset.json says 1"]),
+            (|m| m["splits"]["train"]["shard"] = "../x.safetensors".into(), &["dataset.json", "not a plain file name"]),
             (
                 |m| drop(m["splits"].as_object_mut().unwrap().remove("test")),
                 &["dataset.json", "split \"test\" missing"],
             ),
-            (
-                |m| m["splits"]["extra"] = m["splits"]["val"].clone(),
-                &["dataset.json", "unknown split"],
-            ),
+            (|m| m["splits"]["extra"] = m["splits"]["val"].clone(), &["dataset.json", "unknown split"]),
         ];
         for (edit, parts) in edits {
             edit_manifest(d, edit);
@@ -1666,21 +1268,10 @@ mod tests {
         let mut tensors: Vec<(String, Owned)> = st
             .tensors()
             .into_iter()
-            .map(|(k, v)| {
-                (
-                    k,
-                    Owned {
-                        dtype: v.dtype(),
-                        shape: v.shape().to_vec(),
-                        data: v.data().to_vec(),
-                    },
-                )
-            })
+            .map(|(k, v)| (k, Owned { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }))
             .collect();
         f(&mut tensors);
-        let out =
-            safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
-                .unwrap();
+        let out = safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None).unwrap();
         fs::write(path, out).unwrap();
     }
 
@@ -1702,11 +1293,7 @@ mod tests {
                     .image_features
                     .iter()
                     .flat_map(|&x| {
-                        let h = if dtype == Dtype::BF16 {
-                            (x.to_bits() >> 16) as u16
-                        } else {
-                            f32_to_f16_trunc(x)
-                        };
+                        let h = if dtype == Dtype::BF16 { (x.to_bits() >> 16) as u16 } else { f32_to_f16_trunc(x) };
                         h.to_le_bytes()
                     })
                     .collect();
@@ -1714,16 +1301,8 @@ mod tests {
             reseal(&dir.0, "train");
             let back = Dataset::load(&dir.0).unwrap();
             assert_eq!(back.train.text_item, ds.train.text_item);
-            for (a, b) in back
-                .train
-                .image_features
-                .iter()
-                .zip(&ds.train.image_features)
-            {
-                assert!(
-                    (a - b).abs() <= 1e-2 * b.abs().max(1e-2),
-                    "{dtype}: {a} vs {b}"
-                );
+            for (a, b) in back.train.image_features.iter().zip(&ds.train.image_features) {
+                assert!((a - b).abs() <= 1e-2 * b.abs().max(1e-2), "{dtype}: {a} vs {b}");
             }
         }
         // Without text.item, M must equal N.
@@ -1738,23 +1317,13 @@ mod tests {
         generate(&cfg).unwrap().save(&dir.0).unwrap();
         rewrite_shard(&p, |ts| ts.retain(|(k, _)| k != IMAGE_BOXES));
         reseal(&dir.0, "val");
-        assert_mentions(
-            &load_err(&dir.0),
-            &["val.safetensors", "tensor image.boxes missing"],
-        );
+        assert_mentions(&load_err(&dir.0), &["val.safetensors", "tensor image.boxes missing"]);
         rewrite_shard(&p, |ts| {
-            let extra = Owned {
-                dtype: Dtype::U8,
-                shape: vec![1],
-                data: vec![0],
-            };
+            let extra = Owned { dtype: Dtype::U8, shape: vec![1], data: vec![0] };
             ts.push(("text.feature".to_string(), extra));
         });
         reseal(&dir.0, "val");
-        assert_mentions(
-            &load_err(&dir.0),
-            &["val.safetensors", "unexpected tensor \"text.feature\""],
-        );
+        assert_mentions(&load_err(&dir.0), &["val.safetensors", "unexpected tensor \"text.feature\""]);
     }
 
     /// f32 → f16 by truncation, for normal values of moderate size (test data only).

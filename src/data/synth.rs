@@ -85,11 +85,7 @@ pub enum SynthPreset {
 }
 
 impl SynthPreset {
-    pub const ALL: [SynthPreset; 3] = [
-        SynthPreset::Balanced,
-        SynthPreset::WeakImage,
-        SynthPreset::WeakText,
-    ];
+    pub const ALL: [SynthPreset; 3] = [SynthPreset::Balanced, SynthPreset::WeakImage, SynthPreset::WeakText];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -112,11 +108,7 @@ impl FromStr for SynthPreset {
         SynthPreset::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| {
-                Error::config(format!(
-                    "unknown synthetic preset {s:?} (balanced, weak-image, weak-text)"
-                ))
-            })
+            .ok_or_else(|| Error::config(format!("unknown synthetic preset {s:?} (balanced, weak-image, weak-text)")))
     }
 }
 
@@ -218,16 +210,10 @@ impl SynthConfig {
             return bad("feature_dim must be ≥ 1".into());
         }
         if self.max_tokens == 0 || self.max_tokens > max16 {
-            return bad(format!(
-                "max_tokens {} outside 1..={max16}",
-                self.max_tokens
-            ));
+            return bad(format!("max_tokens {} outside 1..={max16}", self.max_tokens));
         }
         if self.num_object_classes == 0 || self.num_object_classes > max16 + 1 {
-            return bad(format!(
-                "num_object_classes {} outside 1..=65536",
-                self.num_object_classes
-            ));
+            return bad(format!("num_object_classes {} outside 1..=65536", self.num_object_classes));
         }
         if self.texts_per_image == 0 {
             return bad("texts_per_image must be ≥ 1".into());
@@ -249,26 +235,14 @@ impl SynthConfig {
             }
         }
         if self.text_signal + self.text_confuser > 1.0 {
-            return bad(format!(
-                "text_signal {} + text_confuser {} exceeds 1",
-                self.text_signal, self.text_confuser
-            ));
+            return bad(format!("text_signal {} + text_confuser {} exceeds 1", self.text_signal, self.text_confuser));
         }
         if !(self.image_noise.is_finite() && self.image_noise >= 0.0) {
-            return bad(format!(
-                "image_noise {} must be finite and ≥ 0",
-                self.image_noise
-            ));
+            return bad(format!("image_noise {} must be finite and ≥ 0", self.image_noise));
         }
         let n = self.train + self.val + self.test;
-        if n > u32::MAX as usize
-            || n.checked_mul(self.texts_per_image)
-                .is_none_or(|m| m > u32::MAX as usize)
-        {
-            return bad(format!(
-                "{n} images × {} texts exceed u32 ids",
-                self.texts_per_image
-            ));
+        if n > u32::MAX as usize || n.checked_mul(self.texts_per_image).is_none_or(|m| m > u32::MAX as usize) {
+            return bad(format!("{n} images × {} texts exceed u32 ids", self.texts_per_image));
         }
         if let Some(labels) = &self.labels {
             let c = self.num_labels;
@@ -280,10 +254,7 @@ impl SynthConfig {
             }
             for (i, row) in labels.chunks_exact(c).enumerate() {
                 if let Some(p) = row.iter().position(|&y| y > 1) {
-                    return bad(format!(
-                        "given labels: row {i}, label {p} has value {}, expected 0/1",
-                        row[p]
-                    ));
+                    return bad(format!("given labels: row {i}, label {p} has value {}, expected 0/1", row[p]));
                 }
                 if !row.contains(&1) {
                     return bad(format!("given labels: row {i} has no label"));
@@ -358,9 +329,7 @@ impl World {
         let popularity = (0..c).map(|_| 0.5 + rng.uniform()).collect();
 
         let n_protos = c * PROTOS_PER_LABEL + CLUTTER_PROTOS;
-        let prototypes = (0..n_protos * cfg.feature_dim)
-            .map(|_| rng.normal() as f32)
-            .collect();
+        let prototypes = (0..n_protos * cfg.feature_dim).map(|_| rng.normal() as f32).collect();
         let k_obj = cfg.num_object_classes;
         let mut classes: Vec<u16> = (0..k_obj).map(|k| k as u16).collect();
         rng.shuffle(&mut classes);
@@ -426,13 +395,8 @@ pub fn generate(cfg: &SynthConfig) -> Result<Dataset> {
     let c = cfg.num_labels;
     let w = cfg.words_per_label();
     let mut vocab: Vec<String> = RESERVED_TOKENS.iter().map(|s| s.to_string()).collect();
-    let label_names: Vec<String> = (0..c)
-        .map(|l| {
-            LABEL_NAMES
-                .get(l)
-                .map_or_else(|| format!("label{l}"), |s| s.to_string())
-        })
-        .collect();
+    let label_names: Vec<String> =
+        (0..c).map(|l| LABEL_NAMES.get(l).map_or_else(|| format!("label{l}"), |s| s.to_string())).collect();
     for name in &label_names {
         vocab.extend((0..w).map(|j| format!("{name}.w{j}")));
     }
@@ -464,23 +428,12 @@ pub fn generate(cfg: &SynthConfig) -> Result<Dataset> {
             })
             .collect();
         row0 += n;
-        splits.push(generate_split(
-            cfg,
-            &world,
-            &label_sets,
-            image_seed,
-            text_seed,
-        ));
+        splits.push(generate_split(cfg, &world, &label_sets, image_seed, text_seed));
     }
     let test = splits.pop().expect("three splits");
     let val = splits.pop().expect("three splits");
     let train = splits.pop().expect("three splits");
-    let ds = Dataset {
-        meta,
-        train,
-        val,
-        test,
-    };
+    let ds = Dataset { meta, train, val, test };
     ds.validate()?;
     Ok(ds)
 }
@@ -563,10 +516,7 @@ fn generate_split(
                     None
                 };
                 *tok = match label {
-                    Some(l) => {
-                        (RESERVED_TOKENS.len() + l * w + sample_cdf(&mut rng, &world.word_cdf))
-                            as u32
-                    }
+                    Some(l) => (RESERVED_TOKENS.len() + l * w + sample_cdf(&mut rng, &world.word_cdf)) as u32,
                     None => (filler0 + sample_cdf(&mut rng, &world.filler_cdf)) as u32,
                 };
             }
@@ -673,38 +623,18 @@ pub(crate) mod tests {
 
     #[test]
     fn presets_differ_only_in_their_weak_modality() {
-        let (b, wi, wt) = (
-            SynthPreset::Balanced,
-            SynthPreset::WeakImage,
-            SynthPreset::WeakText,
-        );
-        let (cb, ci, ct) = (
-            SynthConfig::preset(b, 1),
-            SynthConfig::preset(wi, 1),
-            SynthConfig::preset(wt, 1),
-        );
+        let (b, wi, wt) = (SynthPreset::Balanced, SynthPreset::WeakImage, SynthPreset::WeakText);
+        let (cb, ci, ct) = (SynthConfig::preset(b, 1), SynthConfig::preset(wi, 1), SynthConfig::preset(wt, 1));
         assert!(ci.image_signal < cb.image_signal && ci.image_noise > cb.image_noise);
-        assert_eq!(
-            (ci.text_signal, ci.text_confuser),
-            (cb.text_signal, cb.text_confuser)
-        );
+        assert_eq!((ci.text_signal, ci.text_confuser), (cb.text_signal, cb.text_confuser));
         assert!(ct.text_signal < cb.text_signal && ct.text_confuser > cb.text_confuser);
-        assert_eq!(
-            (ct.image_signal, ct.image_noise),
-            (cb.image_signal, cb.image_noise)
-        );
-        assert_eq!(
-            (cb.regions, cb.feature_dim, cb.max_tokens, cb.vocab_size),
-            (36, 256, 24, 2000)
-        );
+        assert_eq!((ct.image_signal, ct.image_noise), (cb.image_signal, cb.image_noise));
+        assert_eq!((cb.regions, cb.feature_dim, cb.max_tokens, cb.vocab_size), (36, 256, 24, 2000));
         assert_eq!((cb.num_labels, cb.num_object_classes), (24, 100));
         assert_eq!((cb.train, cb.val, cb.test), (4000, 500, 1000));
 
-        let (db, di, dt) = (
-            generate(&tiny(b, 9)).unwrap(),
-            generate(&tiny(wi, 9)).unwrap(),
-            generate(&tiny(wt, 9)).unwrap(),
-        );
+        let (db, di, dt) =
+            (generate(&tiny(b, 9)).unwrap(), generate(&tiny(wi, 9)).unwrap(), generate(&tiny(wt, 9)).unwrap());
         assert_eq!(db.train.labels, di.train.labels);
         assert_eq!(db.train.text_tokens, di.train.text_tokens);
         assert!(db.train.image_features != di.train.image_features);
@@ -717,10 +647,7 @@ pub(crate) mod tests {
         for p in SynthPreset::ALL {
             assert_eq!(p.to_string().parse::<SynthPreset>().unwrap(), p);
         }
-        assert_eq!(
-            "weak-image".parse::<SynthPreset>().unwrap(),
-            SynthPreset::WeakImage
-        );
+        assert_eq!("weak-image".parse::<SynthPreset>().unwrap(), SynthPreset::WeakImage);
         let e = "strong".parse::<SynthPreset>().unwrap_err().to_string();
         assert!(e.contains("strong"), "{e}");
     }
@@ -739,16 +666,11 @@ pub(crate) mod tests {
         let ds = generate(&cfg).unwrap();
         let (n, c) = (ds.train.num_images(), cfg.num_labels);
         let y = &ds.train.labels;
-        let per_item: Vec<usize> = y
-            .chunks(c)
-            .map(|r| r.iter().map(|&v| v as usize).sum())
-            .collect();
+        let per_item: Vec<usize> = y.chunks(c).map(|r| r.iter().map(|&v| v as usize).sum()).collect();
         assert!(per_item.iter().all(|&k| (1..=MAX_LABELS).contains(&k)));
         let mean = per_item.iter().sum::<usize>() as f64 / n as f64;
         assert!((2.0..4.0).contains(&mean), "mean labels per item {mean}");
-        let freq: Vec<f64> = (0..c)
-            .map(|l| (0..n).filter(|&i| y[i * c + l] == 1).count() as f64 / n as f64)
-            .collect();
+        let freq: Vec<f64> = (0..c).map(|l| (0..n).filter(|&i| y[i * c + l] == 1).count() as f64 / n as f64).collect();
         for (l, &f) in freq.iter().enumerate() {
             assert!((0.02..0.5).contains(&f), "label {l} frequency {f}");
         }
@@ -757,57 +679,31 @@ pub(crate) mod tests {
         let (mut same, mut cross) = ((0.0, 0), (0.0, 0));
         for a in 0..c {
             for b in a + 1..c {
-                let both = (0..n)
-                    .filter(|&i| y[i * c + a] == 1 && y[i * c + b] == 1)
-                    .count() as f64
-                    / n as f64;
+                let both = (0..n).filter(|&i| y[i * c + a] == 1 && y[i * c + b] == 1).count() as f64 / n as f64;
                 let lift = both / (freq[a] * freq[b]);
-                let acc = if world.topic_of[a] == world.topic_of[b] {
-                    &mut same
-                } else {
-                    &mut cross
-                };
+                let acc = if world.topic_of[a] == world.topic_of[b] { &mut same } else { &mut cross };
                 acc.0 += lift;
                 acc.1 += 1;
             }
         }
         let (same, cross) = (same.0 / same.1 as f64, cross.0 / cross.1 as f64);
-        assert!(
-            same > 2.0 && cross < 1.0,
-            "co-occurrence lift: same topic {same}, across {cross}"
-        );
+        assert!(same > 2.0 && cross < 1.0, "co-occurrence lift: same topic {same}, across {cross}");
     }
 
     /// The knobs mean what they say: the share of label regions and of label/confuser words
     /// matches the configured probabilities, and noisy regions stay nearest their prototype.
     #[test]
     fn knobs_set_the_share_of_signal_in_each_modality() {
-        let cfg = SynthConfig {
-            train: 400,
-            val: 0,
-            test: 0,
-            feature_dim: 64,
-            ..tiny(SynthPreset::Balanced, 4)
-        };
+        let cfg = SynthConfig { train: 400, val: 0, test: 0, feature_dim: 64, ..tiny(SynthPreset::Balanced, 4) };
         let ds = generate(&cfg).unwrap();
         let world = World::new(&cfg);
-        let (s, r, dr, t, c) = (
-            &ds.train,
-            cfg.regions,
-            cfg.feature_dim,
-            cfg.max_tokens,
-            cfg.num_labels,
-        );
+        let (s, r, dr, t, c) = (&ds.train, cfg.regions, cfg.feature_dim, cfg.max_tokens, cfg.num_labels);
         let classes = s.image_classes.as_ref().unwrap();
         let (mut regions, mut signal, mut nearest_ok) = (0, 0, 0);
         for i in 0..s.num_images() {
             for k in 0..s.image_count[i] as usize {
                 regions += 1;
-                let proto_of_class = world
-                    .proto_class
-                    .iter()
-                    .position(|&x| x == classes[i * r + k])
-                    .unwrap();
+                let proto_of_class = world.proto_class.iter().position(|&x| x == classes[i * r + k]).unwrap();
                 if proto_of_class < c * PROTOS_PER_LABEL {
                     assert_eq!(s.labels[i * c + proto_of_class / PROTOS_PER_LABEL], 1);
                     signal += 1;
@@ -818,22 +714,14 @@ pub(crate) mod tests {
                     let scale = 1.0 / (1.0 + cfg.image_noise * cfg.image_noise).sqrt();
                     x.iter().zip(q).map(|(a, b)| (a - b * scale).powi(2)).sum()
                 };
-                let best = (0..world.proto_class.len())
-                    .min_by(|&a, &b| dist(a).total_cmp(&dist(b)))
-                    .unwrap();
+                let best = (0..world.proto_class.len()).min_by(|&a, &b| dist(a).total_cmp(&dist(b))).unwrap();
                 nearest_ok += (best == proto_of_class) as usize;
             }
         }
         let share = signal as f64 / regions as f64;
-        assert!(
-            (share - cfg.image_signal as f64).abs() < 0.03,
-            "label-region share {share}"
-        );
+        assert!((share - cfg.image_signal as f64).abs() < 0.03, "label-region share {share}");
         let nearest = nearest_ok as f64 / regions as f64;
-        assert!(
-            nearest > 0.9,
-            "regions nearest to their own prototype: {nearest}"
-        );
+        assert!(nearest > 0.9, "regions nearest to their own prototype: {nearest}");
 
         let w = cfg.words_per_label();
         let (mut tokens, mut own, mut confuser) = (0, 0, 0);
@@ -852,14 +740,8 @@ pub(crate) mod tests {
             }
         }
         let (own, confuser) = (own as f64 / tokens as f64, confuser as f64 / tokens as f64);
-        assert!(
-            (own - cfg.text_signal as f64).abs() < 0.03,
-            "label-word share {own}"
-        );
-        assert!(
-            (confuser - cfg.text_confuser as f64).abs() < 0.03,
-            "confuser share {confuser}"
-        );
+        assert!((own - cfg.text_signal as f64).abs() < 0.03, "label-word share {own}");
+        assert!((confuser - cfg.text_confuser as f64).abs() < 0.03, "confuser share {confuser}");
     }
 
     #[test]
@@ -867,15 +749,10 @@ pub(crate) mod tests {
         let mut cfg = tiny(SynthPreset::WeakText, 2);
         let n = cfg.train + cfg.val + cfg.test;
         let c = cfg.num_labels;
-        let labels: Vec<u8> = (0..n * c)
-            .map(|k| ((k / c + k % c) % 3 == 0) as u8)
-            .collect();
+        let labels: Vec<u8> = (0..n * c).map(|k| ((k / c + k % c) % 3 == 0) as u8).collect();
         cfg.labels = Some(labels.clone());
         let ds = generate(&cfg).unwrap();
-        let got: Vec<u8> = [&ds.train, &ds.val, &ds.test]
-            .iter()
-            .flat_map(|s| s.labels.clone())
-            .collect();
+        let got: Vec<u8> = [&ds.train, &ds.val, &ds.test].iter().flat_map(|s| s.labels.clone()).collect();
         assert_eq!(got, labels);
 
         cfg.labels = Some(labels[c..].to_vec());
@@ -892,70 +769,18 @@ pub(crate) mod tests {
     fn bad_configurations_are_errors() {
         let base = tiny(SynthPreset::Balanced, 1);
         let cases: Vec<(SynthConfig, &str)> = vec![
-            (
-                SynthConfig {
-                    vocab_size: 9,
-                    ..base.clone()
-                },
-                "vocab_size",
-            ),
-            (
-                SynthConfig {
-                    image_signal: 1.5,
-                    ..base.clone()
-                },
-                "image_signal",
-            ),
-            (
-                SynthConfig {
-                    text_signal: 0.7,
-                    text_confuser: 0.5,
-                    ..base.clone()
-                },
-                "exceeds 1",
-            ),
-            (
-                SynthConfig {
-                    image_noise: f32::NAN,
-                    ..base.clone()
-                },
-                "image_noise",
-            ),
-            (
-                SynthConfig {
-                    texts_per_image: 0,
-                    ..base.clone()
-                },
-                "texts_per_image",
-            ),
-            (
-                SynthConfig {
-                    num_labels: 0,
-                    ..base.clone()
-                },
-                "num_labels",
-            ),
-            (
-                SynthConfig {
-                    regions: 0,
-                    ..base.clone()
-                },
-                "regions",
-            ),
-            (
-                SynthConfig {
-                    num_object_classes: 0,
-                    ..base.clone()
-                },
-                "num_object_classes",
-            ),
+            (SynthConfig { vocab_size: 9, ..base.clone() }, "vocab_size"),
+            (SynthConfig { image_signal: 1.5, ..base.clone() }, "image_signal"),
+            (SynthConfig { text_signal: 0.7, text_confuser: 0.5, ..base.clone() }, "exceeds 1"),
+            (SynthConfig { image_noise: f32::NAN, ..base.clone() }, "image_noise"),
+            (SynthConfig { texts_per_image: 0, ..base.clone() }, "texts_per_image"),
+            (SynthConfig { num_labels: 0, ..base.clone() }, "num_labels"),
+            (SynthConfig { regions: 0, ..base.clone() }, "regions"),
+            (SynthConfig { num_object_classes: 0, ..base.clone() }, "num_object_classes"),
         ];
         for (cfg, want) in cases {
             let e = generate(&cfg).unwrap_err();
-            assert!(
-                matches!(e, Error::Config { .. }) && e.to_string().contains(want),
-                "{e}"
-            );
+            assert!(matches!(e, Error::Config { .. }) && e.to_string().contains(want), "{e}");
         }
     }
 

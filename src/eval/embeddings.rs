@@ -51,15 +51,7 @@ impl EmbeddingSet {
         num_labels: usize,
         text_item: Option<Vec<u32>>,
     ) -> Result<Self> {
-        let set = EmbeddingSet {
-            dim,
-            num_labels,
-            image_emb,
-            image_labels,
-            text_emb,
-            text_labels,
-            text_item,
-        };
+        let set = EmbeddingSet { dim, num_labels, image_emb, image_labels, text_emb, text_labels, text_item };
         set.check().map_err(Error::data)?;
         Ok(set)
     }
@@ -77,12 +69,7 @@ impl EmbeddingSet {
         self.text_emb.len() / self.dim
     }
     pub fn images(&self) -> Side<'_> {
-        Side::new(
-            &self.image_emb,
-            self.dim,
-            &self.image_labels,
-            self.num_labels,
-        )
+        Side::new(&self.image_emb, self.dim, &self.image_labels, self.num_labels)
     }
     pub fn texts(&self) -> Side<'_> {
         Side::new(&self.text_emb, self.dim, &self.text_labels, self.num_labels)
@@ -108,18 +95,14 @@ impl EmbeddingSet {
     fn check(&self) -> std::result::Result<(), String> {
         let (d, c) = (self.dim, self.num_labels);
         if d == 0 {
-            return Err(format!(
-                "tensor `{IMAGE_EMBEDDING}`: embedding dimension is 0"
-            ));
+            return Err(format!("tensor `{IMAGE_EMBEDDING}`: embedding dimension is 0"));
         }
         if c == 0 {
             return Err(format!("tensor `{IMAGE_LABELS}`: number of labels is 0"));
         }
         let rows = |name: &str, len: usize, width: usize| -> std::result::Result<usize, String> {
             if len % width != 0 {
-                return Err(format!(
-                    "tensor `{name}`: {len} values is not a multiple of {width}"
-                ));
+                return Err(format!("tensor `{name}`: {len} values is not a multiple of {width}"));
             }
             match len / width {
                 0 => Err(format!("tensor `{name}` has no rows")),
@@ -129,10 +112,7 @@ impl EmbeddingSet {
         };
         let n = rows(IMAGE_EMBEDDING, self.image_emb.len(), d)?;
         let m = rows(TEXT_EMBEDDING, self.text_emb.len(), d)?;
-        for (name, labels, want) in [
-            (IMAGE_LABELS, &self.image_labels, n),
-            (TEXT_LABELS, &self.text_labels, m),
-        ] {
+        for (name, labels, want) in [(IMAGE_LABELS, &self.image_labels, n), (TEXT_LABELS, &self.text_labels, m)] {
             let got = rows(name, labels.len(), c)?;
             if got != want {
                 return Err(format!("tensor `{name}` has {got} rows, expected {want}"));
@@ -146,17 +126,9 @@ impl EmbeddingSet {
                 ));
             }
         }
-        for (name, emb) in [
-            (IMAGE_EMBEDDING, &self.image_emb),
-            (TEXT_EMBEDDING, &self.text_emb),
-        ] {
+        for (name, emb) in [(IMAGE_EMBEDDING, &self.image_emb), (TEXT_EMBEDDING, &self.text_emb)] {
             if let Some(i) = emb.iter().position(|x| !x.is_finite()) {
-                return Err(format!(
-                    "tensor `{name}` row {}: non-finite value {} at column {}",
-                    i / d,
-                    emb[i],
-                    i % d
-                ));
+                return Err(format!("tensor `{name}` row {}: non-finite value {} at column {}", i / d, emb[i], i % d));
             }
         }
         match &self.text_item {
@@ -165,15 +137,13 @@ impl EmbeddingSet {
                  {m} texts and {n} images"
             )),
             None => Ok(()),
-            Some(items) if items.len() != m => Err(format!(
-                "tensor `{TEXT_ITEM}` has {} entries, expected {m} (one per text)",
-                items.len()
-            )),
+            Some(items) if items.len() != m => {
+                Err(format!("tensor `{TEXT_ITEM}` has {} entries, expected {m} (one per text)", items.len()))
+            }
             Some(items) => match items.iter().position(|&i| i as usize >= n) {
-                Some(j) => Err(format!(
-                    "tensor `{TEXT_ITEM}` row {j}: image {} out of range (there are {n} images)",
-                    items[j]
-                )),
+                Some(j) => {
+                    Err(format!("tensor `{TEXT_ITEM}` row {j}: image {} out of range (there are {n} images)", items[j]))
+                }
                 None => Ok(()),
             },
         }
@@ -183,8 +153,7 @@ impl EmbeddingSet {
     pub fn load(path: &Path) -> Result<EmbeddingSet> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |what: String| Error::format(path, what);
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
 
         let tensor = |name: &str, dtype: Dtype, rank: usize| -> Result<Option<TensorView<'_>>> {
             let view = match st.tensor(name) {
@@ -192,16 +161,10 @@ impl EmbeddingSet {
                 Err(_) => return Ok(None),
             };
             if view.dtype() != dtype {
-                return Err(bad(format!(
-                    "tensor `{name}` has dtype {:?}, expected {dtype:?}",
-                    view.dtype()
-                )));
+                return Err(bad(format!("tensor `{name}` has dtype {:?}, expected {dtype:?}", view.dtype())));
             }
             if view.shape().len() != rank {
-                return Err(bad(format!(
-                    "tensor `{name}` has shape {:?}, expected rank {rank}",
-                    view.shape()
-                )));
+                return Err(bad(format!("tensor `{name}` has shape {:?}, expected rank {rank}", view.shape())));
             }
             Ok(Some(view))
         };
@@ -219,10 +182,7 @@ impl EmbeddingSet {
         let (m, c) = (text_emb.shape()[0], image_labels.shape()[1]);
         let expect = |name: &str, view: &TensorView, want: &[usize]| -> Result<()> {
             if view.shape() != want {
-                return Err(bad(format!(
-                    "tensor `{name}` has shape {:?}, expected {want:?}",
-                    view.shape()
-                )));
+                return Err(bad(format!("tensor `{name}` has shape {:?}, expected {want:?}", view.shape())));
             }
             Ok(())
         };
@@ -234,10 +194,7 @@ impl EmbeddingSet {
         }
 
         let f32s = |v: &TensorView| -> Vec<f32> {
-            v.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
+            v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
         };
         let set = EmbeddingSet {
             dim: d,
@@ -246,12 +203,8 @@ impl EmbeddingSet {
             image_labels: image_labels.data().to_vec(),
             text_emb: f32s(&text_emb),
             text_labels: text_labels.data().to_vec(),
-            text_item: text_item.map(|v| {
-                v.data()
-                    .chunks_exact(4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
-            }),
+            text_item: text_item
+                .map(|v| v.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
         };
         set.check().map_err(bad)?;
         Ok(set)
@@ -263,23 +216,14 @@ impl EmbeddingSet {
         let le_f32 = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let image_emb = le_f32(&self.image_emb);
         let text_emb = le_f32(&self.text_emb);
-        let item = self
-            .text_item
-            .as_ref()
-            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+        let item = self.text_item.as_ref().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
         let (n, m, d, c) = (self.n_images(), self.n_texts(), self.dim, self.num_labels);
-        let bad = |e: safetensors::SafeTensorError| {
-            Error::format(path, format!("cannot serialise embeddings: {e}"))
-        };
-        let view =
-            |dtype, shape: Vec<usize>, data| TensorView::new(dtype, shape, data).map_err(bad);
+        let bad = |e: safetensors::SafeTensorError| Error::format(path, format!("cannot serialise embeddings: {e}"));
+        let view = |dtype, shape: Vec<usize>, data| TensorView::new(dtype, shape, data).map_err(bad);
         let mut tensors = vec![
             (IMAGE_EMBEDDING, view(Dtype::F32, vec![n, d], &image_emb)?),
             (TEXT_EMBEDDING, view(Dtype::F32, vec![m, d], &text_emb)?),
-            (
-                IMAGE_LABELS,
-                view(Dtype::U8, vec![n, c], &self.image_labels)?,
-            ),
+            (IMAGE_LABELS, view(Dtype::U8, vec![n, c], &self.image_labels)?),
             (TEXT_LABELS, view(Dtype::U8, vec![m, c], &self.text_labels)?),
         ];
         if let Some(item) = &item {
@@ -292,9 +236,7 @@ impl EmbeddingSet {
 
 /// Writes `bytes` to a sibling temporary file, syncs it and renames it over `path`.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::format(path, "not a file path"))?;
+    let name = path.file_name().ok_or_else(|| Error::format(path, "not a file path"))?;
     let mut tmp_name = name.to_os_string();
     tmp_name.push(".tmp");
     let tmp: PathBuf = path.with_file_name(tmp_name);
@@ -322,10 +264,7 @@ mod tests {
     fn temp_path(tag: &str) -> PathBuf {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        std::env::temp_dir().join(format!(
-            "semshare-emb-{}-{n}-{tag}.safetensors",
-            std::process::id()
-        ))
+        std::env::temp_dir().join(format!("semshare-emb-{}-{n}-{tag}.safetensors", std::process::id()))
     }
 
     /// 2 images, D = 2, C = 3; with `item`, 3 texts paired by `text.item`, else 2 texts.
@@ -345,10 +284,8 @@ mod tests {
 
     /// Writes raw tensors (name, dtype, shape, bytes) as a safetensors file.
     fn write_raw(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
-        let views: Vec<(&str, TensorView)> = tensors
-            .iter()
-            .map(|(n, dt, s, b)| (*n, TensorView::new(*dt, s.clone(), b).unwrap()))
-            .collect();
+        let views: Vec<(&str, TensorView)> =
+            tensors.iter().map(|(n, dt, s, b)| (*n, TensorView::new(*dt, s.clone(), b).unwrap())).collect();
         std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
     }
 
@@ -359,18 +296,8 @@ mod tests {
     /// The tensors of a valid file with 2 images and 2 texts (D = 2, C = 2), no text.item.
     fn valid_raw() -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
         vec![
-            (
-                IMAGE_EMBEDDING,
-                Dtype::F32,
-                vec![2, 2],
-                f32_bytes(&[1.0, 0.0, 0.0, 1.0]),
-            ),
-            (
-                TEXT_EMBEDDING,
-                Dtype::F32,
-                vec![2, 2],
-                f32_bytes(&[1.0, 1.0, 0.0, 1.0]),
-            ),
+            (IMAGE_EMBEDDING, Dtype::F32, vec![2, 2], f32_bytes(&[1.0, 0.0, 0.0, 1.0])),
+            (TEXT_EMBEDDING, Dtype::F32, vec![2, 2], f32_bytes(&[1.0, 1.0, 0.0, 1.0])),
             (IMAGE_LABELS, Dtype::U8, vec![2, 2], vec![1, 0, 0, 1]),
             (TEXT_LABELS, Dtype::U8, vec![2, 2], vec![1, 0, 1, 1]),
         ]
@@ -434,12 +361,7 @@ mod tests {
         };
 
         let mut raw = valid_raw();
-        raw[0] = (
-            IMAGE_EMBEDDING,
-            Dtype::F64,
-            vec![2, 1],
-            f32_bytes(&[1.0, 0.0, 0.0, 1.0]),
-        );
+        raw[0] = (IMAGE_EMBEDDING, Dtype::F64, vec![2, 1], f32_bytes(&[1.0, 0.0, 0.0, 1.0]));
         check("dtype", raw, &["image.embedding", "F64"]);
 
         let mut raw = valid_raw();
@@ -467,12 +389,7 @@ mod tests {
         check("dimmismatch", raw, &["text.embedding", "[2, 3]"]);
 
         let mut raw = valid_raw();
-        raw.push((
-            TEXT_ITEM,
-            Dtype::U32,
-            vec![2],
-            [0u32, 2].iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
+        raw.push((TEXT_ITEM, Dtype::U32, vec![2], [0u32, 2].iter().flat_map(|x| x.to_le_bytes()).collect()));
         check("item", raw, &["text.item", "row 1", "image 2"]);
 
         let mut raw = valid_raw();
@@ -518,10 +435,7 @@ mod tests {
         let p = temp_path("garbage");
         std::fs::write(&p, b"this is not a safetensors file at all").unwrap();
         let e = load_err(&p);
-        assert!(
-            e.contains("not a valid safetensors file") && e.contains("garbage"),
-            "{e}"
-        );
+        assert!(e.contains("not a valid safetensors file") && e.contains("garbage"), "{e}");
         let p = temp_path("absent");
         let e = EmbeddingSet::load(&p).unwrap_err();
         assert!(matches!(e, Error::Io { .. }), "{e}");
@@ -529,26 +443,10 @@ mod tests {
 
     #[test]
     fn new_validates_like_load() {
-        let e = EmbeddingSet::new(
-            vec![1.0, f32::INFINITY],
-            vec![1],
-            vec![1.0, 0.0],
-            vec![1],
-            2,
-            1,
-            None,
-        );
+        let e = EmbeddingSet::new(vec![1.0, f32::INFINITY], vec![1], vec![1.0, 0.0], vec![1], 2, 1, None);
         let e = e.unwrap_err().to_string();
         assert!(e.contains("image.embedding") && e.contains("row 0"), "{e}");
-        let e = EmbeddingSet::new(
-            vec![1.0, 0.0],
-            vec![1],
-            vec![1.0, 0.0],
-            vec![1],
-            2,
-            1,
-            Some(vec![1]),
-        );
+        let e = EmbeddingSet::new(vec![1.0, 0.0], vec![1], vec![1.0, 0.0], vec![1], 2, 1, Some(vec![1]));
         assert!(e.unwrap_err().to_string().contains("text.item"));
         let e = EmbeddingSet::new(vec![1.0, 0.0], vec![1], vec![1.0, 0.0], vec![1], 0, 1, None);
         assert!(e.is_err());

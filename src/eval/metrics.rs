@@ -41,12 +41,7 @@ pub struct Side<'a> {
 
 impl<'a> Side<'a> {
     pub fn new(emb: &'a [f32], dim: usize, labels: &'a [u8], num_labels: usize) -> Self {
-        Side {
-            emb,
-            dim,
-            labels,
-            num_labels,
-        }
+        Side { emb, dim, labels, num_labels }
     }
 
     /// Number of items (`emb.len() / dim`; 0 when `dim` is 0). Not validated.
@@ -75,9 +70,7 @@ impl<'a> Side<'a> {
             return Err(Error::data(format!("{name}: no items")));
         }
         if n > u32::MAX as usize {
-            return Err(Error::data(format!(
-                "{name}: {n} items is more than 2^32 - 1"
-            )));
+            return Err(Error::data(format!("{name}: {n} items is more than 2^32 - 1")));
         }
         if Some(self.labels.len()) != n.checked_mul(self.num_labels) {
             return Err(Error::data(format!(
@@ -132,15 +125,9 @@ impl Default for EvalConfig {
 
 impl EvalConfig {
     pub fn validate(&self) -> Result<()> {
-        for (what, ks) in [
-            ("NDCG@k", &self.ndcg_ks),
-            ("P@k", &self.precision_ks),
-            ("R@K", &self.recall_ks),
-        ] {
+        for (what, ks) in [("NDCG@k", &self.ndcg_ks), ("P@k", &self.precision_ks), ("R@K", &self.recall_ks)] {
             if ks.contains(&0) {
-                return Err(Error::config(format!(
-                    "evaluation: {what} needs k ≥ 1, got 0"
-                )));
+                return Err(Error::config(format!("evaluation: {what} needs k ≥ 1, got 0")));
             }
         }
         Ok(())
@@ -177,10 +164,7 @@ impl DirectionMetrics {
     /// (the PR curves are averaged point by point).
     pub fn mean(a: &DirectionMetrics, b: &DirectionMetrics) -> DirectionMetrics {
         let pairs = |x: &[(usize, f64)], y: &[(usize, f64)]| -> Vec<(usize, f64)> {
-            x.iter()
-                .zip(y)
-                .map(|(&(k, u), &(_, v))| (k, (u + v) / 2.0))
-                .collect()
+            x.iter().zip(y).map(|(&(k, u), &(_, v))| (k, (u + v) / 2.0)).collect()
         };
         DirectionMetrics {
             ndcg: pairs(&a.ndcg, &b.ndcg),
@@ -239,20 +223,12 @@ impl Report {
 
 /// Relevance of a pair: the number of shared labels `y_q · y_g` (multi-hot rows).
 pub fn relevance(yq: &[u8], yg: &[u8]) -> u32 {
-    yq.iter()
-        .zip(yg)
-        .map(|(&a, &b)| u32::from(a != 0 && b != 0))
-        .sum()
+    yq.iter().zip(yg).map(|(&a, &b)| u32::from(a != 0 && b != 0)).sum()
 }
 
 /// `DCG@k = Σ_{r=1..min(k, len)} rel_r / log2(r + 1)`.
 pub fn dcg_at_k(rels_in_rank_order: &[u32], k: usize) -> f64 {
-    rels_in_rank_order
-        .iter()
-        .take(k)
-        .enumerate()
-        .map(|(i, &rel)| f64::from(rel) / ((i + 2) as f64).log2())
-        .sum()
+    rels_in_rank_order.iter().take(k).enumerate().map(|(i, &rel)| f64::from(rel) / ((i + 2) as f64).log2()).sum()
 }
 
 /// NDCG@k of one query in [0, 1]: DCG@k over the ranking divided by IDCG@k, the DCG@k of
@@ -261,11 +237,7 @@ pub fn ndcg_at_k(rels_in_rank_order: &[u32], all_rels: &[u32], k: usize) -> f64 
     let mut ideal = all_rels.to_vec();
     ideal.sort_unstable_by(|a, b| b.cmp(a));
     let idcg = dcg_at_k(&ideal, k);
-    if idcg > 0.0 {
-        dcg_at_k(rels_in_rank_order, k) / idcg
-    } else {
-        0.0
-    }
+    if idcg > 0.0 { dcg_at_k(rels_in_rank_order, k) / idcg } else { 0.0 }
 }
 
 /// IDCG@k from a histogram of the gallery's relevances (`hist[v]` = items with relevance v).
@@ -308,9 +280,7 @@ pub fn precision_at_k(rels_in_rank_order: &[u32], k: usize) -> f64 {
 
 /// The PR curve's rank cutoffs `k_i = ceil(i·G/P)`, i = 1..P (repeats when P > G).
 pub fn pr_cutoffs(gallery: usize, points: usize) -> Vec<usize> {
-    (1..=points)
-        .map(|i| (i * gallery).div_ceil(points))
-        .collect()
+    (1..=points).map(|i| (i * gallery).div_ceil(points)).collect()
 }
 
 /// One query's precision–recall curve at [`pr_cutoffs`]: (recall, precision) pairs in [0, 1].
@@ -324,11 +294,7 @@ pub fn pr_curve(rels_in_rank_order: &[u32], points: usize) -> Vec<(f64, f64)> {
             hits += usize::from(rels_in_rank_order[seen] > 0);
             seen += 1;
         }
-        let recall = if total == 0 {
-            0.0
-        } else {
-            hits as f64 / total as f64
-        };
+        let recall = if total == 0 { 0.0 } else { hits as f64 / total as f64 };
         let precision = if k == 0 { 0.0 } else { hits as f64 / k as f64 };
         out.push((recall, precision));
     }
@@ -341,11 +307,7 @@ pub fn normalize_rows(emb: &mut [f32], dim: usize) {
         return;
     }
     for row in emb.chunks_exact_mut(dim) {
-        let norm = row
-            .iter()
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt();
+        let norm = row.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
         if norm > 0.0 {
             let inv = 1.0 / norm;
             for x in row {
@@ -358,21 +320,13 @@ pub fn normalize_rows(emb: &mut [f32], dim: usize) {
 /// A u64 whose ascending order is descending similarity, then ascending gallery index.
 fn rank_key(sim: f32, index: usize) -> u64 {
     let bits = (sim + 0.0).to_bits(); // + 0.0 turns -0.0 into +0.0: they tie
-    let ascending = if bits >> 31 == 1 {
-        !bits
-    } else {
-        bits | 0x8000_0000
-    };
+    let ascending = if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 };
     (u64::from(!ascending) << 32) | index as u64
 }
 
 /// The gallery indices ordered by similarity, descending; ties go to the lower index first.
 pub fn rank_order(sims: &[f32]) -> Vec<u32> {
-    let mut keys: Vec<u64> = sims
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| rank_key(s, i))
-        .collect();
+    let mut keys: Vec<u64> = sims.iter().enumerate().map(|(i, &s)| rank_key(s, i)).collect();
     keys.sort_unstable();
     keys.into_iter().map(|k| k as u32).collect()
 }
@@ -383,12 +337,7 @@ pub fn rank_order(sims: &[f32]) -> Vec<u32> {
 /// Retrieval scores in both directions. `text_item[j]` is the image text `j` describes (the
 /// paired item of R@K). Every input is validated: consistent lengths, equal embedding widths and
 /// label counts, labels 0/1, finite embeddings, `text_item[j] < n_images`.
-pub fn evaluate(
-    images: &Side,
-    texts: &Side,
-    text_item: &[u32],
-    cfg: &EvalConfig,
-) -> Result<Report> {
+pub fn evaluate(images: &Side, texts: &Side, text_item: &[u32], cfg: &EvalConfig) -> Result<Report> {
     evaluate_blocked(images, texts, text_item, cfg, SIM_BLOCK_FLOATS)
 }
 
@@ -409,16 +358,10 @@ fn evaluate_blocked(
         )));
     }
     if images.num_labels != texts.num_labels {
-        return Err(Error::data(format!(
-            "images have {} labels but texts {}",
-            images.num_labels, texts.num_labels
-        )));
+        return Err(Error::data(format!("images have {} labels but texts {}", images.num_labels, texts.num_labels)));
     }
     if text_item.len() != n_txt {
-        return Err(Error::data(format!(
-            "text_item has {} entries for {n_txt} texts",
-            text_item.len()
-        )));
+        return Err(Error::data(format!("text_item has {} entries for {n_txt} texts", text_item.len())));
     }
     if let Some(j) = text_item.iter().position(|&i| i as usize >= n_img) {
         return Err(Error::data(format!(
@@ -476,13 +419,7 @@ impl Prepared {
                 }
             }
         }
-        Prepared {
-            n,
-            dim: side.dim,
-            emb,
-            words,
-            bits,
-        }
+        Prepared { n, dim: side.dim, emb, words, bits }
     }
 
     fn label_bits(&self, i: usize) -> &[u64] {
@@ -540,9 +477,7 @@ fn direction<'p>(
             .enumerate()
             .map_init(
                 || (Vec::<u64>::with_capacity(ng), Vec::<u32>::with_capacity(ng)),
-                |(keys, rels), (r, row)| {
-                    query_stats(q, g, start + r, row, pairs(start + r), cfg, keys, rels)
-                },
+                |(keys, rels), (r, row)| query_stats(q, g, start + r, row, pairs(start + r), cfg, keys, rels),
             )
             .collect();
         stats.extend(block_stats);
@@ -565,12 +500,7 @@ fn query_stats(
     keys.extend(sims.iter().enumerate().map(|(j, &s)| rank_key(s, j)));
     keys.sort_unstable();
     let yq = q.label_bits(qi);
-    let rel = |j: usize| -> u32 {
-        yq.iter()
-            .zip(g.label_bits(j))
-            .map(|(a, b)| (a & b).count_ones())
-            .sum()
-    };
+    let rel = |j: usize| -> u32 { yq.iter().zip(g.label_bits(j)).map(|(a, b)| (a & b).count_ones()).sum() };
     rels.clear();
     rels.extend(keys.iter().map(|&k| rel(k as u32 as usize)));
     let max_rel = rels.iter().copied().max().unwrap_or(0) as usize;
@@ -583,28 +513,15 @@ fn query_stats(
         .iter()
         .map(|&k| {
             let idcg = idcg_from_hist(&hist, k);
-            if idcg > 0.0 {
-                dcg_at_k(rels, k) / idcg
-            } else {
-                0.0
-            }
+            if idcg > 0.0 { dcg_at_k(rels, k) / idcg } else { 0.0 }
         })
         .collect();
-    let first_pair = paired
-        .iter()
-        .filter_map(|&j| {
-            keys.binary_search(&rank_key(sims[j as usize], j as usize))
-                .ok()
-        })
-        .min();
+    let first_pair =
+        paired.iter().filter_map(|&j| keys.binary_search(&rank_key(sims[j as usize], j as usize)).ok()).min();
     QueryStats {
         ndcg,
         ap: average_precision(rels),
-        precision: cfg
-            .precision_ks
-            .iter()
-            .map(|&k| precision_at_k(rels, k))
-            .collect(),
+        precision: cfg.precision_ks.iter().map(|&k| precision_at_k(rels, k)).collect(),
         pr: pr_curve(rels, cfg.pr_points),
         first_pair,
     }
@@ -615,29 +532,18 @@ fn summarise(stats: &[QueryStats], cfg: &EvalConfig) -> DirectionMetrics {
     let mean = |f: &dyn Fn(&QueryStats) -> f64| stats.iter().map(f).sum::<f64>() / n;
     let with_pair = stats.iter().filter(|s| s.first_pair.is_some()).count();
     DirectionMetrics {
-        ndcg: (cfg.ndcg_ks.iter().enumerate())
-            .map(|(i, &k)| (k, 100.0 * mean(&|s| s.ndcg[i])))
-            .collect(),
+        ndcg: (cfg.ndcg_ks.iter().enumerate()).map(|(i, &k)| (k, 100.0 * mean(&|s| s.ndcg[i]))).collect(),
         map_all: 100.0 * mean(&|s| s.ap),
         precision: (cfg.precision_ks.iter().enumerate())
             .map(|(i, &k)| (k, 100.0 * mean(&|s| s.precision[i])))
             .collect(),
-        pr_curve: (0..cfg.pr_points)
-            .map(|p| (mean(&|s| s.pr[p].0), mean(&|s| s.pr[p].1)))
-            .collect(),
+        pr_curve: (0..cfg.pr_points).map(|p| (mean(&|s| s.pr[p].0), mean(&|s| s.pr[p].1))).collect(),
         recall: cfg
             .recall_ks
             .iter()
             .map(|&k| {
-                let hits = stats
-                    .iter()
-                    .filter(|s| s.first_pair.is_some_and(|r| r < k))
-                    .count();
-                let r = if with_pair == 0 {
-                    0.0
-                } else {
-                    100.0 * hits as f64 / with_pair as f64
-                };
+                let hits = stats.iter().filter(|s| s.first_pair.is_some_and(|r| r < k)).count();
+                let r = if with_pair == 0 { 0.0 } else { 100.0 * hits as f64 / with_pair as f64 };
                 (k, r)
             })
             .collect(),
@@ -658,12 +564,7 @@ mod tests {
     }
 
     fn cfg(ndcg: &[usize], prec: &[usize], recall: &[usize], pr_points: usize) -> EvalConfig {
-        EvalConfig {
-            ndcg_ks: ndcg.to_vec(),
-            precision_ks: prec.to_vec(),
-            recall_ks: recall.to_vec(),
-            pr_points,
-        }
+        EvalConfig { ndcg_ks: ndcg.to_vec(), precision_ks: prec.to_vec(), recall_ks: recall.to_vec(), pr_points }
     }
 
     #[test]
@@ -747,10 +648,7 @@ mod tests {
     #[test]
     fn ties_go_to_lower_gallery_index() {
         // -0.0 and 0.0 tie as well.
-        assert_eq!(
-            rank_order(&[0.5, 0.9, 0.5, -0.0, 0.0, 0.9]),
-            vec![1, 5, 0, 2, 3, 4]
-        );
+        assert_eq!(rank_order(&[0.5, 0.9, 0.5, -0.0, 0.0, 0.9]), vec![1, 5, 0, 2, 3, 4]);
         assert_eq!(rank_order(&[0.0, -0.0, -1.0, 1.0]), vec![3, 0, 1, 2]);
 
         // Query (1, 0), label [1]. Gallery: g0 = (0, 1) rel 0, g1 = (2, 0) rel 0,
@@ -863,10 +761,7 @@ mod tests {
 
         // Query blocks of any size give the same report (1 row per SGEMM and more).
         for block in [1, 4, 5, 8, 12] {
-            assert_eq!(
-                evaluate_blocked(&images, &texts, &[1, 0, 2, 0], &c, block).unwrap(),
-                r
-            );
+            assert_eq!(evaluate_blocked(&images, &texts, &[1, 0, 2, 0], &c, block).unwrap(), r);
         }
 
         let table = r.table();
@@ -892,77 +787,31 @@ mod tests {
         let err = |r: Result<Report>| r.unwrap_err().to_string();
 
         let nan = [1.0, 0.0, 0.0, 1.0, 1.0, f32::NAN];
-        let e = err(evaluate(
-            &img,
-            &Side::new(&nan, 2, &txt_lab, 2),
-            &[0, 1, 1],
-            &c,
-        ));
+        let e = err(evaluate(&img, &Side::new(&nan, 2, &txt_lab, 2), &[0, 1, 1], &c));
         assert!(e.contains("texts") && e.contains("row 2"), "{e}");
         let inf = [1.0, 0.0, f32::INFINITY, 1.0];
-        let e = err(evaluate(
-            &Side::new(&inf, 2, &img_lab, 2),
-            &txt,
-            &[0, 1, 1],
-            &c,
-        ));
+        let e = err(evaluate(&Side::new(&inf, 2, &img_lab, 2), &txt, &[0, 1, 1], &c));
         assert!(e.contains("images") && e.contains("row 1"), "{e}");
         let lab2 = [1, 0, 2, 1];
-        let e = err(evaluate(
-            &Side::new(&img_emb, 2, &lab2, 2),
-            &txt,
-            &[0, 1, 1],
-            &c,
-        ));
-        assert!(
-            e.contains("images") && e.contains("row 1") && e.contains("value 2"),
-            "{e}"
-        );
+        let e = err(evaluate(&Side::new(&img_emb, 2, &lab2, 2), &txt, &[0, 1, 1], &c));
+        assert!(e.contains("images") && e.contains("row 1") && e.contains("value 2"), "{e}");
         let e = err(evaluate(&img, &txt, &[0, 2, 1], &c));
         assert!(e.contains("row 1") && e.contains("image 2"), "{e}");
         let e = err(evaluate(&img, &txt, &[0, 1], &c));
         assert!(e.contains("text_item"), "{e}");
-        let e = err(evaluate(
-            &img,
-            &Side::new(&txt_emb, 3, &txt_lab[..4], 2),
-            &[0, 1],
-            &c,
-        ));
+        let e = err(evaluate(&img, &Side::new(&txt_emb, 3, &txt_lab[..4], 2), &[0, 1], &c));
         assert!(e.contains("dimension"), "{e}");
-        let e = err(evaluate(
-            &img,
-            &Side::new(&txt_emb[..5], 2, &txt_lab, 2),
-            &[0, 1, 1],
-            &c,
-        ));
+        let e = err(evaluate(&img, &Side::new(&txt_emb[..5], 2, &txt_lab, 2), &[0, 1, 1], &c));
         assert!(e.contains("texts"), "{e}");
-        let e = err(evaluate(
-            &img,
-            &Side::new(&txt_emb, 2, &txt_lab[..4], 2),
-            &[0, 1, 1],
-            &c,
-        ));
+        let e = err(evaluate(&img, &Side::new(&txt_emb, 2, &txt_lab[..4], 2), &[0, 1, 1], &c));
         assert!(e.contains("texts") && e.contains("label values"), "{e}");
-        let e = err(evaluate(
-            &img,
-            &Side::new(&txt_emb, 2, &txt_lab, 1),
-            &[0, 1, 1],
-            &c,
-        ));
+        let e = err(evaluate(&img, &Side::new(&txt_emb, 2, &txt_lab, 1), &[0, 1, 1], &c));
         assert!(e.contains("texts"), "{e}");
-        let e = err(evaluate(
-            &Side::new(&img_emb, 0, &img_lab, 2),
-            &txt,
-            &[0, 1, 1],
-            &c,
-        ));
+        let e = err(evaluate(&Side::new(&img_emb, 0, &img_lab, 2), &txt, &[0, 1, 1], &c));
         assert!(e.contains("images") && e.contains("dimension"), "{e}");
         let e = err(evaluate(&Side::new(&[], 2, &[], 2), &txt, &[0, 1, 1], &c));
         assert!(e.contains("images") && e.contains("no items"), "{e}");
-        let zero_k = EvalConfig {
-            ndcg_ks: vec![0],
-            ..EvalConfig::default()
-        };
+        let zero_k = EvalConfig { ndcg_ks: vec![0], ..EvalConfig::default() };
         let e = err(evaluate(&img, &txt, &[0, 1, 1], &zero_k));
         assert!(e.contains("NDCG"), "{e}");
     }
@@ -982,26 +831,14 @@ mod tests {
     impl Data {
         fn random(seed: u64, n_img: usize, n_txt: usize, dim: usize, c: usize) -> Data {
             let mut rng = Rng::new(seed);
-            let mut emb = |n: usize| {
-                (0..n * dim)
-                    .map(|_| rng.normal() as f32)
-                    .collect::<Vec<_>>()
-            };
+            let mut emb = |n: usize| (0..n * dim).map(|_| rng.normal() as f32).collect::<Vec<_>>();
             let (img_emb, txt_emb) = (emb(n_img), emb(n_txt));
             let mut rng = Rng::derive(seed, 1);
             let mut lab = |n: usize| (0..n * c).map(|_| rng.bernoulli(0.4) as u8).collect();
             let (img_lab, txt_lab) = (lab(n_img), lab(n_txt));
             let mut rng = Rng::derive(seed, 2);
             let text_item = (0..n_txt).map(|_| rng.below(n_img) as u32).collect();
-            Data {
-                dim,
-                c,
-                img_emb,
-                img_lab,
-                txt_emb,
-                txt_lab,
-                text_item,
-            }
+            Data { dim, c, img_emb, img_lab, txt_emb, txt_lab, text_item }
         }
         fn images(&self) -> Side<'_> {
             Side::new(&self.img_emb, self.dim, &self.img_lab, self.c)
@@ -1015,18 +852,9 @@ mod tests {
     }
 
     fn cos64(a: &[f32], b: &[f32]) -> f64 {
-        let dot = |x: &[f32], y: &[f32]| -> f64 {
-            x.iter()
-                .zip(y)
-                .map(|(&u, &v)| f64::from(u) * f64::from(v))
-                .sum()
-        };
+        let dot = |x: &[f32], y: &[f32]| -> f64 { x.iter().zip(y).map(|(&u, &v)| f64::from(u) * f64::from(v)).sum() };
         let (na, nb) = (dot(a, a).sqrt(), dot(b, b).sqrt());
-        if na == 0.0 || nb == 0.0 {
-            0.0
-        } else {
-            dot(a, b) / (na * nb)
-        }
+        if na == 0.0 || nb == 0.0 { 0.0 } else { dot(a, b) / (na * nb) }
     }
 
     /// The smallest gap between two f64 cosine similarities of one query, over all queries.
@@ -1043,21 +871,14 @@ mod tests {
     }
 
     /// The definition, written the obvious way: f64 cosine, a stable sort, the primitives.
-    fn naive_direction(
-        q: &Side,
-        g: &Side,
-        paired: &[Vec<u32>],
-        cfg: &EvalConfig,
-    ) -> DirectionMetrics {
+    fn naive_direction(q: &Side, g: &Side, paired: &[Vec<u32>], cfg: &EvalConfig) -> DirectionMetrics {
         let (nq, ng) = (q.rows(), g.rows());
         let (mut ndcg, mut ap) = (vec![0.0; cfg.ndcg_ks.len()], 0.0);
         let mut prec = vec![0.0; cfg.precision_ks.len()];
         let mut pr = vec![(0.0, 0.0); cfg.pr_points];
         let (mut hits, mut with_pair) = (vec![0usize; cfg.recall_ks.len()], 0usize);
         for (qi, qrow) in q.emb.chunks(q.dim).enumerate() {
-            let sims: Vec<f64> = (0..ng)
-                .map(|j| cos64(qrow, &g.emb[j * g.dim..(j + 1) * g.dim]))
-                .collect();
+            let sims: Vec<f64> = (0..ng).map(|j| cos64(qrow, &g.emb[j * g.dim..(j + 1) * g.dim])).collect();
             let mut order: Vec<usize> = (0..ng).collect();
             order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a])); // stable: ties keep index order
             let yq = &q.labels[qi * q.num_labels..(qi + 1) * q.num_labels];
@@ -1077,10 +898,7 @@ mod tests {
             }
             if !paired[qi].is_empty() {
                 with_pair += 1;
-                let best = order
-                    .iter()
-                    .position(|j| paired[qi].contains(&(*j as u32)))
-                    .unwrap();
+                let best = order.iter().position(|j| paired[qi].contains(&(*j as u32))).unwrap();
                 for (h, &k) in hits.iter_mut().zip(&cfg.recall_ks) {
                     *h += usize::from(best < k);
                 }
@@ -1088,31 +906,12 @@ mod tests {
         }
         let n = nq as f64;
         DirectionMetrics {
-            ndcg: cfg
-                .ndcg_ks
-                .iter()
-                .zip(ndcg)
-                .map(|(&k, v)| (k, 100.0 * v / n))
-                .collect(),
+            ndcg: cfg.ndcg_ks.iter().zip(ndcg).map(|(&k, v)| (k, 100.0 * v / n)).collect(),
             map_all: 100.0 * ap / n,
-            precision: cfg
-                .precision_ks
-                .iter()
-                .zip(prec)
-                .map(|(&k, v)| (k, 100.0 * v / n))
-                .collect(),
+            precision: cfg.precision_ks.iter().zip(prec).map(|(&k, v)| (k, 100.0 * v / n)).collect(),
             pr_curve: pr.into_iter().map(|(r, p)| (r / n, p / n)).collect(),
             recall: (cfg.recall_ks.iter().zip(hits))
-                .map(|(&k, h)| {
-                    (
-                        k,
-                        if with_pair == 0 {
-                            0.0
-                        } else {
-                            100.0 * h as f64 / with_pair as f64
-                        },
-                    )
-                })
+                .map(|(&k, h)| (k, if with_pair == 0 { 0.0 } else { 100.0 * h as f64 / with_pair as f64 }))
                 .collect(),
         }
     }
@@ -1128,10 +927,7 @@ mod tests {
         pairs(&got.ndcg, &want.ndcg);
         pairs(&got.precision, &want.precision);
         pairs(&got.recall, &want.recall);
-        assert!(
-            (got.map_all - want.map_all).abs() < 1e-9,
-            "{got:?} vs {want:?}"
-        );
+        assert!((got.map_all - want.map_all).abs() < 1e-9, "{got:?} vs {want:?}");
         assert_eq!(got.pr_curve.len(), want.pr_curve.len());
         for (x, y) in got.pr_curve.iter().zip(&want.pr_curve) {
             assert!((x.0 - y.0).abs() < 1e-12 && (x.1 - y.1).abs() < 1e-12);
@@ -1144,9 +940,7 @@ mod tests {
             && d.precision.iter().all(|&(_, v)| pct(v))
             && d.recall.iter().all(|&(_, v)| pct(v))
             && pct(d.map_all)
-            && d.pr_curve
-                .iter()
-                .all(|&(r, p)| (0.0..=1.0).contains(&r) && (0.0..=1.0).contains(&p))
+            && d.pr_curve.iter().all(|&(r, p)| (0.0..=1.0).contains(&r) && (0.0..=1.0).contains(&p))
     }
 
     proptest! {

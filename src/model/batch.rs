@@ -80,37 +80,18 @@ impl MaskPlan {
 impl ImageBatch {
     /// Random regions (unit normal features, valid boxes, classes < `classes`) for benchmarks
     /// and tests.
-    pub fn random(
-        rng: &mut Rng,
-        lengths: &[usize],
-        region_dim: usize,
-        classes: usize,
-        labels: usize,
-    ) -> ImageBatch {
+    pub fn random(rng: &mut Rng, lengths: &[usize], region_dim: usize, classes: usize, labels: usize) -> ImageBatch {
         let tokens: usize = lengths.iter().sum();
-        let features = (0..tokens * region_dim)
-            .map(|_| rng.normal() as f32)
-            .collect();
+        let features = (0..tokens * region_dim).map(|_| rng.normal() as f32).collect();
         let mut boxes = Vec::with_capacity(tokens * 5);
         for _ in 0..tokens {
             let (x1, y1) = (rng.uniform() * 0.5, rng.uniform() * 0.5);
-            let (x2, y2) = (
-                x1 + 0.1 + rng.uniform() * 0.4,
-                y1 + 0.1 + rng.uniform() * 0.4,
-            );
+            let (x2, y2) = (x1 + 0.1 + rng.uniform() * 0.4, y1 + 0.1 + rng.uniform() * 0.4);
             boxes.extend([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)].map(|v| v as f32));
         }
         let classes = Some((0..tokens).map(|_| rng.below(classes) as u32).collect());
-        let labels = (0..lengths.len() * labels)
-            .map(|_| rng.bernoulli(0.2) as u32 as f32)
-            .collect();
-        ImageBatch {
-            lengths: lengths.to_vec(),
-            features,
-            boxes,
-            classes,
-            labels,
-        }
+        let labels = (0..lengths.len() * labels).map(|_| rng.bernoulli(0.2) as u32 as f32).collect();
+        ImageBatch { lengths: lengths.to_vec(), features, boxes, classes, labels }
     }
 }
 
@@ -118,16 +99,8 @@ impl TextBatch {
     /// Random token ids in [3, vocab) for benchmarks and tests.
     pub fn random(rng: &mut Rng, lengths: &[usize], vocab: usize, labels: usize) -> TextBatch {
         let tokens: usize = lengths.iter().sum();
-        let tokens = (0..tokens)
-            .map(|_| 3 + rng.below(vocab - 3) as u32)
-            .collect();
-        let labels = (0..lengths.len() * labels)
-            .map(|_| rng.bernoulli(0.2) as u32 as f32)
-            .collect();
-        TextBatch {
-            lengths: lengths.to_vec(),
-            tokens,
-            labels,
-        }
+        let tokens = (0..tokens).map(|_| 3 + rng.below(vocab - 3) as u32).collect();
+        let labels = (0..lengths.len() * labels).map(|_| rng.bernoulli(0.2) as u32 as f32).collect();
+        TextBatch { lengths: lengths.to_vec(), tokens, labels }
     }
 }

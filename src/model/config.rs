@@ -87,9 +87,7 @@ impl ModelConfig {
         match name {
             "small" => Ok(Self::small()),
             "paper" => Ok(Self::paper()),
-            _ => Err(Error::config(format!(
-                "unknown model preset `{name}` (expected small or paper)"
-            ))),
+            _ => Err(Error::config(format!("unknown model preset `{name}` (expected small or paper)"))),
         }
     }
 
@@ -125,22 +123,13 @@ impl ModelConfig {
             )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::config(format!(
-                "model.dropout = {} is not in [0, 1)",
-                self.dropout
-            )));
+            return Err(Error::config(format!("model.dropout = {} is not in [0, 1)", self.dropout)));
         }
         if !(0.0..=1.0).contains(&self.mask_prob) {
-            return Err(Error::config(format!(
-                "model.mask_prob = {} is not in [0, 1]",
-                self.mask_prob
-            )));
+            return Err(Error::config(format!("model.mask_prob = {} is not in [0, 1]", self.mask_prob)));
         }
         if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
-            return Err(Error::config(format!(
-                "model.lambda = {} must be finite and ≥ 0",
-                self.lambda
-            )));
+            return Err(Error::config(format!("model.lambda = {} must be finite and ≥ 0", self.lambda)));
         }
         Ok(())
     }

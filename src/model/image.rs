@@ -24,12 +24,7 @@ pub struct ImageCache {
 impl ImageEncoder {
     pub fn new(store: &mut ParamStore, cfg: &ModelConfig) -> Self {
         ImageEncoder {
-            mask_feature: store.add(
-                "image.mask_feature",
-                &[cfg.region_dim],
-                Init::Normal(0.02),
-                false,
-            ),
+            mask_feature: store.add("image.mask_feature", &[cfg.region_dim], Init::Normal(0.02), false),
             embed: SegmentEmbed::new(store, "image", cfg.region_dim, 5, cfg.dim),
         }
     }
@@ -48,14 +43,7 @@ impl ImageEncoder {
         }
         let (mut e, embed) = self.embed.forward(dev, w, features, boxes)?;
         drop.forward(dev, &mut e)?;
-        Ok((
-            e,
-            ImageCache {
-                embed,
-                masked,
-                drop,
-            },
-        ))
+        Ok((e, ImageCache { embed, masked, drop }))
     }
 
     pub fn backward(

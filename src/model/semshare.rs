@@ -47,9 +47,7 @@ impl std::str::FromStr for EmbeddingKind {
         match s {
             "pooled" => Ok(EmbeddingKind::Pooled),
             "label" => Ok(EmbeddingKind::Label),
-            _ => Err(Error::config(format!(
-                "unknown embedding `{s}` (expected pooled or label)"
-            ))),
+            _ => Err(Error::config(format!("unknown embedding `{s}` (expected pooled or label)"))),
         }
     }
 }
@@ -89,24 +87,9 @@ impl SemShare {
         let text = TextEncoder::new(&mut store, cfg);
         let shared = SharedEncoder::new(&mut store, "shared", cfg);
         let classifier = Linear::new(&mut store, "classifier", cfg.dim, cfg.labels, true);
-        let object_head = Linear::new(
-            &mut store,
-            "heads.object",
-            cfg.dim,
-            cfg.object_classes,
-            true,
-        );
+        let object_head = Linear::new(&mut store, "heads.object", cfg.dim, cfg.object_classes, true);
         let word_head = Linear::new(&mut store, "heads.word", cfg.dim, cfg.vocab, true);
-        Ok(SemShare {
-            cfg: cfg.clone(),
-            image,
-            text,
-            shared,
-            classifier,
-            object_head,
-            word_head,
-            store,
-        })
+        Ok(SemShare { cfg: cfg.clone(), image, text, shared, classifier, object_head, word_head, store })
     }
 
     /// Modality-specific encoder, then the shared transformer.
@@ -124,14 +107,8 @@ impl SemShare {
             Batch::Image(b) => {
                 let features = dev.upload(&b.features, &[tokens, self.cfg.region_dim])?;
                 let boxes = dev.upload(&b.boxes, &[tokens, 5])?;
-                let masked = if plan.rows.is_empty() {
-                    None
-                } else {
-                    Some(dev.upload_ids(&plan.rows)?)
-                };
-                let (e, c) = self
-                    .image
-                    .forward(dev, w, features, boxes, masked, drop.site(1))?;
+                let masked = if plan.rows.is_empty() { None } else { Some(dev.upload_ids(&plan.rows)?) };
+                let (e, c) = self.image.forward(dev, w, features, boxes, masked, drop.site(1))?;
                 (e, SideCache::Image(c))
             }
             Batch::Text(b) => {
@@ -140,21 +117,13 @@ impl SemShare {
                     ids[r as usize] = MASK_TOKEN;
                 }
                 let ids = dev.upload_ids(&ids)?;
-                let pos = dev.upload(
-                    &positions(&b.lengths, self.cfg.dim),
-                    &[tokens, self.cfg.dim],
-                )?;
+                let pos = dev.upload(&positions(&b.lengths, self.cfg.dim), &[tokens, self.cfg.dim])?;
                 let (e, c) = self.text.forward(dev, w, ids, pos, &seg, drop.site(2))?;
                 (e, SideCache::Text(c))
             }
         };
         let (hidden, shared) = self.shared.forward(dev, w, e, &seg, drop.site(3))?;
-        Ok(Encoded {
-            hidden,
-            seg,
-            side,
-            shared,
-        })
+        Ok(Encoded { hidden, seg, side, shared })
     }
 
     fn encode_backward(
@@ -202,11 +171,7 @@ impl SemShare {
         let dz = self.classifier.backward(dev, w, g, &z, &logits)?;
         let mut dh = dev.segment_mean_bwd(&dz, &enc.seg)?;
         // Eq. 5: L2 over the masked segments, by the modality's head.
-        let mut loss = ModalityLoss {
-            label,
-            context: 0.0,
-            masked: plan.rows.len(),
-        };
+        let mut loss = ModalityLoss { label, context: 0.0, masked: plan.rows.len() };
         if !plan.rows.is_empty() {
             let head = match batch {
                 Batch::Image(_) => &self.object_head,
@@ -227,13 +192,7 @@ impl SemShare {
     }
 
     /// Retrieval embeddings of a batch, `[items, d]` (pooled) or `[items, C]` (label).
-    pub fn embed(
-        &self,
-        dev: &mut dyn Backend,
-        w: &Tensor,
-        batch: &Batch,
-        kind: EmbeddingKind,
-    ) -> Result<Tensor> {
+    pub fn embed(&self, dev: &mut dyn Backend, w: &Tensor, batch: &Batch, kind: EmbeddingKind) -> Result<Tensor> {
         let enc = self.encode(dev, w, batch, &MaskPlan::default(), Dropout::OFF)?;
         match kind {
             EmbeddingKind::Pooled => dev.segment_mean_fwd(&enc.hidden, &enc.seg),

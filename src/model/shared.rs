@@ -21,15 +21,7 @@ pub struct SharedCache {
 impl SharedEncoder {
     pub fn new(store: &mut ParamStore, name: &str, cfg: &ModelConfig) -> Self {
         let blocks = (0..cfg.layers)
-            .map(|i| {
-                EncoderBlock::new(
-                    store,
-                    &format!("{name}.layers.{i}"),
-                    cfg.dim,
-                    cfg.heads,
-                    cfg.ffn,
-                )
-            })
+            .map(|i| EncoderBlock::new(store, &format!("{name}.layers.{i}"), cfg.dim, cfg.heads, cfg.ffn))
             .collect();
         SharedEncoder { blocks }
     }

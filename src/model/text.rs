@@ -70,15 +70,7 @@ impl TextEncoder {
         let (states, gru) = self.gru.forward(dev, w, words, seg)?;
         let (mut e, embed) = self.embed.forward(dev, w, states, positions)?;
         drop.forward(dev, &mut e)?;
-        Ok((
-            e,
-            TextCache {
-                tokens,
-                gru,
-                embed,
-                drop,
-            },
-        ))
+        Ok((e, TextCache { tokens, gru, embed, drop }))
     }
 
     pub fn backward(

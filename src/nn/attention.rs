@@ -21,10 +21,7 @@ pub struct AttentionCache {
 
 impl MultiHeadAttention {
     pub fn new(store: &mut ParamStore, name: &str, dim: usize, heads: usize) -> Self {
-        assert!(
-            dim % heads == 0,
-            "model width {dim} is not divisible by {heads} heads"
-        );
+        assert!(dim % heads == 0, "model width {dim} is not divisible by {heads} heads");
         MultiHeadAttention {
             qkv: Linear::new(store, &format!("{name}.qkv"), dim, 3 * dim, true),
             out: Linear::new(store, &format!("{name}.out"), dim, dim, true),
@@ -43,14 +40,7 @@ impl MultiHeadAttention {
         let qkv = self.qkv.forward(dev, w, x)?;
         let (context, probs) = dev.attention_fwd(&qkv, seg, self.heads)?;
         let y = self.out.forward(dev, w, &context)?;
-        Ok((
-            y,
-            AttentionCache {
-                qkv,
-                probs,
-                context,
-            },
-        ))
+        Ok((y, AttentionCache { qkv, probs, context }))
     }
 
     pub fn backward(

@@ -61,19 +61,7 @@ impl EncoderBlock {
         drop.site(2).forward(dev, &mut f)?;
         dev.add_assign(&mut f, &x1)?;
         let (y, norm2) = self.norm2.forward(dev, w, f)?;
-        Ok((
-            y,
-            BlockCache {
-                x,
-                attn,
-                norm1,
-                x1,
-                pre_gelu,
-                hidden,
-                norm2,
-                drop,
-            },
-        ))
+        Ok((y, BlockCache { x, attn, norm1, x1, pre_gelu, hidden, norm2, drop }))
     }
 
     pub fn backward(

@@ -14,12 +14,7 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(store: &mut ParamStore, name: &str, vocab: usize, dim: usize) -> Self {
-        let weight = store.add(
-            format!("{name}.weight"),
-            &[vocab, dim],
-            Init::Normal(1.0 / (dim as f32).sqrt()),
-            true,
-        );
+        let weight = store.add(format!("{name}.weight"), &[vocab, dim], Init::Normal(1.0 / (dim as f32).sqrt()), true);
         Embedding { weight, vocab, dim }
     }
 
@@ -27,13 +22,7 @@ impl Embedding {
         dev.gather_rows(self.weight.of(w), self.dim, ids)
     }
 
-    pub fn backward(
-        &self,
-        dev: &mut dyn Backend,
-        g: &mut Tensor,
-        ids: &Ids,
-        dy: &Tensor,
-    ) -> Result<()> {
+    pub fn backward(&self, dev: &mut dyn Backend, g: &mut Tensor, ids: &Ids, dy: &Tensor) -> Result<()> {
         dev.scatter_add_rows(dy, ids, self.weight.of_mut(g))
     }
 }

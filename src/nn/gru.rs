@@ -38,58 +38,23 @@ pub struct BiGruCache {
 }
 
 impl GruDirection {
-    fn new(
-        store: &mut ParamStore,
-        name: &str,
-        inputs: usize,
-        hidden: usize,
-        reverse: bool,
-    ) -> Self {
+    fn new(store: &mut ParamStore, name: &str, inputs: usize, hidden: usize, reverse: bool) -> Self {
         // torch.nn.GRU's initialisation: U(±1/√H) for every weight and bias.
         let a = 1.0 / (hidden as f32).sqrt();
         let sfx = if reverse { "_reverse" } else { "" };
         let mut lin = |kind: &str, inp: usize| {
-            let weight = store.add(
-                format!("{name}.weight_{kind}_l0{sfx}"),
-                &[3 * hidden, inp],
-                Init::Uniform(a),
-                true,
-            );
-            Linear {
-                weight,
-                bias: None,
-                inputs: inp,
-                outputs: 3 * hidden,
-            }
+            let weight = store.add(format!("{name}.weight_{kind}_l0{sfx}"), &[3 * hidden, inp], Init::Uniform(a), true);
+            Linear { weight, bias: None, inputs: inp, outputs: 3 * hidden }
         };
         let mut input = lin("ih", inputs);
         let mut hid = lin("hh", hidden);
-        input.bias = Some(store.add(
-            format!("{name}.bias_ih_l0{sfx}"),
-            &[3 * hidden],
-            Init::Uniform(a),
-            false,
-        ));
-        hid.bias = Some(store.add(
-            format!("{name}.bias_hh_l0{sfx}"),
-            &[3 * hidden],
-            Init::Uniform(a),
-            false,
-        ));
-        GruDirection {
-            input,
-            hidden: hid,
-            reverse,
-        }
+        input.bias = Some(store.add(format!("{name}.bias_ih_l0{sfx}"), &[3 * hidden], Init::Uniform(a), false));
+        hid.bias = Some(store.add(format!("{name}.bias_hh_l0{sfx}"), &[3 * hidden], Init::Uniform(a), false));
+        GruDirection { input, hidden: hid, reverse }
     }
 
     fn step(&self, s: usize, hidden: usize) -> GruStep {
-        GruStep {
-            s,
-            reverse: self.reverse,
-            hidden,
-            out_col: if self.reverse { hidden } else { 0 },
-        }
+        GruStep { s, reverse: self.reverse, hidden, out_col: if self.reverse { hidden } else { 0 } }
     }
 
     fn forward(
@@ -104,23 +69,13 @@ impl GruDirection {
         let items = seg.items();
         let xproj = self.input.forward(dev, w, x)?;
         let mut h = dev.zeros(&[items, hidden])?;
-        let mut cache = DirectionCache {
-            gates: Vec::with_capacity(seg.max_len),
-            h_prev: Vec::with_capacity(seg.max_len),
-        };
+        let mut cache =
+            DirectionCache { gates: Vec::with_capacity(seg.max_len), h_prev: Vec::with_capacity(seg.max_len) };
         for s in 0..seg.max_len {
             let hproj = self.hidden.forward(dev, w, &h)?;
             let mut gates = dev.zeros(&[items, 4 * hidden])?;
             cache.h_prev.push(h.clone());
-            dev.gru_step_fwd(
-                self.step(s, hidden),
-                seg,
-                &xproj,
-                &hproj,
-                &mut h,
-                out,
-                &mut gates,
-            )?;
+            dev.gru_step_fwd(self.step(s, hidden), seg, &xproj, &hproj, &mut h, out, &mut gates)?;
             cache.gates.push(gates);
         }
         Ok(cache)
@@ -159,27 +114,12 @@ impl GruDirection {
                 &mut dhproj,
             )?;
             // dh_{s-1} += dhproj · W_hh
-            let gh = Gemm {
-                m: items,
-                n: hidden,
-                k: 3 * hidden,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 1.0,
-            };
+            let gh = Gemm { m: items, n: hidden, k: 3 * hidden, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
             dev.gemm(gh, dhproj.view(), w_hh, dh.view_mut())?;
-            dev.copy(
-                dhproj.view(),
-                dhproj_all.sub_mut(s * items * 3 * hidden, items * 3 * hidden),
-            )?;
-            dev.copy(
-                c.h_prev[s].view(),
-                h_prev_all.sub_mut(s * items * hidden, items * hidden),
-            )?;
+            dev.copy(dhproj.view(), dhproj_all.sub_mut(s * items * 3 * hidden, items * 3 * hidden))?;
+            dev.copy(c.h_prev[s].view(), h_prev_all.sub_mut(s * items * hidden, items * hidden))?;
         }
-        self.hidden
-            .backward_params(dev, g, &h_prev_all, &dhproj_all)?;
+        self.hidden.backward_params(dev, g, &h_prev_all, &dhproj_all)?;
         self.input.backward(dev, w, g, x, &dxproj)
     }
 }
@@ -206,13 +146,7 @@ impl BiGru {
         let mut out = dev.zeros(&[seg.tokens(), 2 * self.hidden])?;
         let fwd = self.dirs[0].forward(dev, w, &x, seg, &mut out, self.hidden)?;
         let rev = self.dirs[1].forward(dev, w, &x, seg, &mut out, self.hidden)?;
-        Ok((
-            out,
-            BiGruCache {
-                x,
-                dirs: [fwd, rev],
-            },
-        ))
+        Ok((out, BiGruCache { x, dirs: [fwd, rev] }))
     }
 
     #[allow(clippy::too_many_arguments)]

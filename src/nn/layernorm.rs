@@ -27,12 +27,7 @@ impl LayerNorm {
     }
 
     /// Takes x by value: it is what backward needs.
-    pub fn forward(
-        &self,
-        dev: &mut dyn Backend,
-        w: &Tensor,
-        x: Tensor,
-    ) -> Result<(Tensor, LayerNormCache)> {
+    pub fn forward(&self, dev: &mut dyn Backend, w: &Tensor, x: Tensor) -> Result<(Tensor, LayerNormCache)> {
         let (y, stats) = dev.layernorm_fwd(&x, self.weight.of(w), self.bias.of(w), EPS)?;
         Ok((y, LayerNormCache { x, stats }))
     }

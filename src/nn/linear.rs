@@ -15,13 +15,7 @@ pub struct Linear {
 
 impl Linear {
     /// Xavier-uniform weight, zero bias; registered as `{name}.weight` and `{name}.bias`.
-    pub fn new(
-        store: &mut ParamStore,
-        name: &str,
-        inputs: usize,
-        outputs: usize,
-        bias: bool,
-    ) -> Self {
+    pub fn new(store: &mut ParamStore, name: &str, inputs: usize, outputs: usize, bias: bool) -> Self {
         let a = (6.0 / (inputs + outputs) as f32).sqrt();
         Self::with_init(store, name, inputs, outputs, bias, Init::Uniform(a))
     }
@@ -36,12 +30,7 @@ impl Linear {
     ) -> Self {
         let weight = store.add(format!("{name}.weight"), &[outputs, inputs], init, true);
         let bias = bias.then(|| store.add(format!("{name}.bias"), &[outputs], Init::Zeros, false));
-        Linear {
-            weight,
-            bias,
-            inputs,
-            outputs,
-        }
+        Linear { weight, bias, inputs, outputs }
     }
 
     pub fn forward(&self, dev: &mut dyn Backend, w: &Tensor, x: &Tensor) -> Result<Tensor> {
@@ -49,23 +38,11 @@ impl Linear {
         if x.cols() != self.inputs {
             return Err(crate::Error::shape(
                 "linear",
-                format!(
-                    "input has {} columns, layer takes {}",
-                    x.cols(),
-                    self.inputs
-                ),
+                format!("input has {} columns, layer takes {}", x.cols(), self.inputs),
             ));
         }
-        let mut y = dev.zeros(&[rows, self.outputs])?;
-        let g = Gemm {
-            m: rows,
-            n: self.outputs,
-            k: self.inputs,
-            trans_a: false,
-            trans_b: true,
-            alpha: 1.0,
-            beta: 0.0,
-        };
+        let mut y = dev.alloc(&[rows, self.outputs])?;
+        let g = Gemm { m: rows, n: self.outputs, k: self.inputs, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
         dev.gemm(g, x.view(), self.weight.of(w), y.view_mut())?;
         if let Some(b) = self.bias {
             dev.add_bias(&mut y, b.of(w))?;
@@ -74,23 +51,10 @@ impl Linear {
     }
 
     /// Parameter gradients only (the input needs none, e.g. the first layer on data).
-    pub fn backward_params(
-        &self,
-        dev: &mut dyn Backend,
-        g: &mut Tensor,
-        x: &Tensor,
-        dy: &Tensor,
-    ) -> Result<()> {
+    pub fn backward_params(&self, dev: &mut dyn Backend, g: &mut Tensor, x: &Tensor, dy: &Tensor) -> Result<()> {
         let rows = x.rows();
-        let gw = Gemm {
-            m: self.outputs,
-            n: self.inputs,
-            k: rows,
-            trans_a: true,
-            trans_b: false,
-            alpha: 1.0,
-            beta: 1.0,
-        };
+        let gw =
+            Gemm { m: self.outputs, n: self.inputs, k: rows, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 };
         dev.gemm(gw, dy.view(), x.view(), self.weight.of_mut(g))?;
         if let Some(b) = self.bias {
             dev.bias_bwd(dy, b.of_mut(g))?;
@@ -109,16 +73,9 @@ impl Linear {
     ) -> Result<Tensor> {
         self.backward_params(dev, g, x, dy)?;
         let rows = x.rows();
-        let mut dx = dev.zeros(&[rows, self.inputs])?;
-        let gx = Gemm {
-            m: rows,
-            n: self.inputs,
-            k: self.outputs,
-            trans_a: false,
-            trans_b: false,
-            alpha: 1.0,
-            beta: 0.0,
-        };
+        let mut dx = dev.alloc(&[rows, self.inputs])?;
+        let gx =
+            Gemm { m: rows, n: self.inputs, k: self.outputs, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
         dev.gemm(gx, dy.view(), self.weight.of(w), dx.view_mut())?;
         Ok(dx)
     }

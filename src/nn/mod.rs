@@ -41,25 +41,14 @@ impl Dropout {
 
     /// The dropout of a sub-site (layer i, position k): same p, an independent mask.
     pub fn site(self, site: u64) -> Dropout {
-        Dropout {
-            p: self.p,
-            seed: crate::rng::Rng::derive(self.seed, site).next_u64(),
-        }
+        Dropout { p: self.p, seed: crate::rng::Rng::derive(self.seed, site).next_u64() }
     }
 
     pub fn forward(self, dev: &mut dyn Backend, x: &mut Tensor) -> Result<()> {
-        if self.p > 0.0 {
-            dev.dropout_fwd(x, self.p, self.seed)
-        } else {
-            Ok(())
-        }
+        if self.p > 0.0 { dev.dropout_fwd(x, self.p, self.seed) } else { Ok(()) }
     }
 
     pub fn backward(self, dev: &mut dyn Backend, dy: &mut Tensor) -> Result<()> {
-        if self.p > 0.0 {
-            dev.dropout_bwd(dy, self.p, self.seed)
-        } else {
-            Ok(())
-        }
+        if self.p > 0.0 { dev.dropout_bwd(dy, self.p, self.seed) } else { Ok(()) }
     }
 }

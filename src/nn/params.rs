@@ -47,26 +47,11 @@ impl ParamStore {
         Self::default()
     }
 
-    pub fn add(
-        &mut self,
-        name: impl Into<String>,
-        shape: &[usize],
-        init: Init,
-        decay: bool,
-    ) -> Param {
+    pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init, decay: bool) -> Param {
         let len = shape.iter().product();
-        let param = Param {
-            offset: self.total,
-            len,
-        };
+        let param = Param { offset: self.total, len };
         self.total += len;
-        self.infos.push(ParamInfo {
-            name: name.into(),
-            shape: shape.to_vec(),
-            param,
-            init,
-            decay,
-        });
+        self.infos.push(ParamInfo { name: name.into(), shape: shape.to_vec(), param, init, decay });
         param
     }
 
@@ -83,12 +68,8 @@ impl ParamStore {
             match info.init {
                 Init::Zeros => {}
                 Init::Ones => dst.fill(1.0),
-                Init::Uniform(a) => dst
-                    .iter_mut()
-                    .for_each(|x| *x = ((rng.uniform() * 2.0 - 1.0) * a as f64) as f32),
-                Init::Normal(s) => dst
-                    .iter_mut()
-                    .for_each(|x| *x = (rng.normal() * s as f64) as f32),
+                Init::Uniform(a) => dst.iter_mut().for_each(|x| *x = ((rng.uniform() * 2.0 - 1.0) * a as f64) as f32),
+                Init::Normal(s) => dst.iter_mut().for_each(|x| *x = (rng.normal() * s as f64) as f32),
             }
         }
         v
@@ -99,9 +80,7 @@ impl ParamStore {
         let mut runs: Vec<(usize, usize, bool)> = Vec::new();
         for info in &self.infos {
             match runs.last_mut() {
-                Some(last) if last.2 == info.decay && last.0 + last.1 == info.param.offset => {
-                    last.1 += info.param.len
-                }
+                Some(last) if last.2 == info.decay && last.0 + last.1 == info.param.offset => last.1 += info.param.len,
                 _ => runs.push((info.param.offset, info.param.len, info.decay)),
             }
         }

@@ -23,13 +23,7 @@ pub struct SegmentEmbedCache {
 }
 
 impl SegmentEmbed {
-    pub fn new(
-        store: &mut ParamStore,
-        name: &str,
-        content: usize,
-        location: usize,
-        dim: usize,
-    ) -> Self {
+    pub fn new(store: &mut ParamStore, name: &str, content: usize, location: usize, dim: usize) -> Self {
         SegmentEmbed {
             psi1: Linear::new(store, &format!("{name}.psi1"), content, dim, true),
             psi2: Linear::new(store, &format!("{name}.psi2"), location, dim, true),
@@ -49,15 +43,7 @@ impl SegmentEmbed {
         dev.add_assign(&mut s, &l)?;
         let (normed, norm) = self.norm.forward(dev, w, s)?;
         let e = dev.gelu_fwd(&normed)?;
-        Ok((
-            e,
-            SegmentEmbedCache {
-                x,
-                loc,
-                norm,
-                normed,
-            },
-        ))
+        Ok((e, SegmentEmbedCache { x, loc, norm, normed }))
     }
 
     /// Returns dx (the content's gradient); the location is data and gets none.

@@ -16,7 +16,7 @@ pub enum IdStorage {
     Cpu(Vec<u32>),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Tensor {
     pub(crate) storage: Storage,
     shape: Vec<usize>,
@@ -41,17 +41,33 @@ pub enum ViewMut<'a> {
     Cpu(&'a mut [f32]),
 }
 
+impl Clone for Tensor {
+    fn clone(&self) -> Self {
+        let storage = match &self.storage {
+            Storage::Cpu(v) => {
+                let mut c = crate::backend::cpu::pool::take(v.len());
+                c.clear();
+                c.extend_from_slice(v);
+                Storage::Cpu(c)
+            }
+        };
+        Tensor { storage, shape: self.shape.clone() }
+    }
+}
+
+/// CPU buffers go back to the pool they came from.
+impl Drop for Tensor {
+    fn drop(&mut self) {
+        match &mut self.storage {
+            Storage::Cpu(v) => crate::backend::cpu::pool::give(std::mem::take(v)),
+        }
+    }
+}
+
 impl Tensor {
     pub fn from_cpu(data: Vec<f32>, shape: &[usize]) -> Tensor {
-        assert_eq!(
-            data.len(),
-            shape.iter().product::<usize>(),
-            "tensor data does not match shape {shape:?}"
-        );
-        Tensor {
-            storage: Storage::Cpu(data),
-            shape: shape.to_vec(),
-        }
+        assert_eq!(data.len(), shape.iter().product::<usize>(), "tensor data does not match shape {shape:?}");
+        Tensor { storage: Storage::Cpu(data), shape: shape.to_vec() }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -68,9 +84,7 @@ impl Tensor {
 
     /// Rows of a 2-d view of the tensor: all dimensions but the last.
     pub fn rows(&self) -> usize {
-        self.shape[..self.shape.len().saturating_sub(1)]
-            .iter()
-            .product()
+        self.shape[..self.shape.len().saturating_sub(1)].iter().product()
     }
 
     /// The last dimension.
@@ -80,12 +94,7 @@ impl Tensor {
 
     /// Same storage, another shape with the same number of elements.
     pub fn reshape(mut self, shape: &[usize]) -> Tensor {
-        assert_eq!(
-            self.len(),
-            shape.iter().product::<usize>(),
-            "reshape {:?} -> {shape:?}",
-            self.shape
-        );
+        assert_eq!(self.len(), shape.iter().product::<usize>(), "reshape {:?} -> {shape:?}", self.shape);
         self.shape = shape.to_vec();
         self
     }
@@ -112,29 +121,16 @@ impl Tensor {
     }
 
     /// Two disjoint mutable ranges at once (a weight's and a bias's gradient).
-    pub fn sub_pair_mut(
-        &mut self,
-        a: (usize, usize),
-        b: (usize, usize),
-    ) -> (ViewMut<'_>, ViewMut<'_>) {
-        assert!(
-            a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
-            "overlapping ranges {a:?} {b:?}"
-        );
+    pub fn sub_pair_mut(&mut self, a: (usize, usize), b: (usize, usize)) -> (ViewMut<'_>, ViewMut<'_>) {
+        assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "overlapping ranges {a:?} {b:?}");
         match &mut self.storage {
             Storage::Cpu(v) => {
                 if a.0 < b.0 {
                     let (lo, hi) = v.split_at_mut(b.0);
-                    (
-                        ViewMut::Cpu(&mut lo[a.0..a.0 + a.1]),
-                        ViewMut::Cpu(&mut hi[..b.1]),
-                    )
+                    (ViewMut::Cpu(&mut lo[a.0..a.0 + a.1]), ViewMut::Cpu(&mut hi[..b.1]))
                 } else {
                     let (lo, hi) = v.split_at_mut(a.0);
-                    (
-                        ViewMut::Cpu(&mut hi[..a.1]),
-                        ViewMut::Cpu(&mut lo[b.0..b.0 + b.1]),
-                    )
+                    (ViewMut::Cpu(&mut hi[..a.1]), ViewMut::Cpu(&mut lo[b.0..b.0 + b.1]))
                 }
             }
         }
@@ -156,9 +152,7 @@ impl Tensor {
 
 impl Ids {
     pub fn from_cpu(data: Vec<u32>) -> Ids {
-        Ids {
-            storage: IdStorage::Cpu(data),
-        }
+        Ids { storage: IdStorage::Cpu(data) }
     }
 
     pub fn len(&self) -> usize {

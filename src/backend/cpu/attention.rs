@@ -50,91 +50,74 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f
     let dh = d / heads;
     let scale = 1.0 / (dh as f32).sqrt();
     let poff = prob_offsets(offsets, heads);
-    let mut out = vec![0.0; tokens * d];
-    let mut probs = vec![0.0; poff[poff.len() - 1]];
+    let mut out = super::pool::dirty(tokens * d); // every element is written
+    let mut probs = super::pool::dirty(poff[poff.len() - 1]); // every element is written
     let outs = split_by(&mut out, offsets, d);
     let ps = split_by(&mut probs, &poff, 1);
     let row3 = Strided::rows(3 * d);
-    outs.into_par_iter()
-        .zip(ps)
-        .enumerate()
-        .for_each(|(b, (out, p))| {
-            let (s, len) = (offsets[b], offsets[b + 1] - offsets[b]);
-            let x = &qkv[s * 3 * d..(s + len) * 3 * d];
-            for h in 0..heads {
-                let p = &mut p[h * len * len..(h + 1) * len * len];
-                let (q, k, v) = (
-                    x[h * dh..].as_ptr(),
-                    x[d + h * dh..].as_ptr(),
-                    x[2 * d + h * dh..].as_ptr(),
+    outs.into_par_iter().zip(ps).enumerate().for_each(|(b, (out, p))| {
+        let (s, len) = (offsets[b], offsets[b + 1] - offsets[b]);
+        let x = &qkv[s * 3 * d..(s + len) * 3 * d];
+        for h in 0..heads {
+            let p = &mut p[h * len * len..(h + 1) * len * len];
+            let (q, k, v) = (x[h * dh..].as_ptr(), x[d + h * dh..].as_ptr(), x[2 * d + h * dh..].as_ptr());
+            // SAFETY: q, k, v address rows 0..len, columns 0..dh of their part of x (row
+            // stride 3d); p is len×len; out's head block is rows 0..len, columns h·dh.. (+dh).
+            unsafe {
+                // S = scale · Q Kᵀ
+                gemm_strided(
+                    len,
+                    dh,
+                    len,
+                    scale,
+                    q,
+                    row3,
+                    k,
+                    Strided::transposed(3 * d),
+                    0.0,
+                    p.as_mut_ptr(),
+                    Strided::rows(len),
                 );
-                // SAFETY: q, k, v address rows 0..len, columns 0..dh of their part of x (row
-                // stride 3d); p is len×len; out's head block is rows 0..len, columns h·dh.. (+dh).
-                unsafe {
-                    // S = scale · Q Kᵀ
-                    gemm_strided(
-                        len,
-                        dh,
-                        len,
-                        scale,
-                        q,
-                        row3,
-                        k,
-                        Strided::transposed(3 * d),
-                        0.0,
-                        p.as_mut_ptr(),
-                        Strided::rows(len),
-                    );
-                }
-                softmax_rows(p, len);
-                unsafe {
-                    // O = P V
-                    gemm_strided(
-                        len,
-                        len,
-                        dh,
-                        1.0,
-                        p.as_ptr(),
-                        Strided::rows(len),
-                        v,
-                        row3,
-                        0.0,
-                        out[h * dh..].as_mut_ptr(),
-                        Strided::rows(d),
-                    );
-                }
             }
-        });
+            softmax_rows(p, len);
+            unsafe {
+                // O = P V
+                gemm_strided(
+                    len,
+                    len,
+                    dh,
+                    1.0,
+                    p.as_ptr(),
+                    Strided::rows(len),
+                    v,
+                    row3,
+                    0.0,
+                    out[h * dh..].as_mut_ptr(),
+                    Strided::rows(d),
+                );
+            }
+        }
+    });
     (out, probs)
 }
 
-pub fn backward(
-    qkv: &[f32],
-    probs: &[f32],
-    offsets: &[usize],
-    heads: usize,
-    dout: &[f32],
-) -> Vec<f32> {
+pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dout: &[f32]) -> Vec<f32> {
     let tokens = offsets[offsets.len() - 1];
     let d = qkv.len() / tokens.max(1) / 3;
     let dh = d / heads;
     let scale = 1.0 / (dh as f32).sqrt();
     let poff = prob_offsets(offsets, heads);
-    let mut dqkv = vec![0.0; qkv.len()];
+    let mut dqkv = super::pool::dirty(qkv.len()); // every element is written
     let parts = split_by(&mut dqkv, offsets, 3 * d);
     let row3 = Strided::rows(3 * d);
     parts.into_par_iter().enumerate().for_each(|(b, dx)| {
         let (s, len) = (offsets[b], offsets[b + 1] - offsets[b]);
         let x = &qkv[s * 3 * d..(s + len) * 3 * d];
         let dout = &dout[s * d..(s + len) * d];
-        let mut ds = vec![0.0f32; len * len];
+        let mut ds = super::pool::zeroed(len * len);
         for h in 0..heads {
             let p = &probs[poff[b] + h * len * len..poff[b] + (h + 1) * len * len];
-            let (q, k, v) = (
-                x[h * dh..].as_ptr(),
-                x[d + h * dh..].as_ptr(),
-                x[2 * d + h * dh..].as_ptr(),
-            );
+            let (q, k, v) = (x[h * dh..].as_ptr(), x[d + h * dh..].as_ptr(), x[2 * d + h * dh..].as_ptr());
             let d_o = dout[h * dh..].as_ptr();
             let (dq, dk, dv) = (h * dh, d + h * dh, 2 * d + h * dh);
             // SAFETY: as in forward; dq/dk/dv address disjoint column blocks of dx.

@@ -73,16 +73,14 @@ pub fn gelu_grad(x: f32) -> f32 {
 }
 
 pub fn gelu_fwd(x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0.0; x.len()];
+    let mut y = super::pool::dirty(x.len()); // every element is written
     let body = |y: &mut [f32], x: &[f32]| {
         for (o, &v) in y.iter_mut().zip(x) {
             *o = gelu(v);
         }
     };
     if x.len() >= PAR_MIN {
-        y.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(y, x)| body(y, x));
+        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| body(y, x));
     } else {
         body(&mut y, x);
     }
@@ -90,7 +88,7 @@ pub fn gelu_fwd(x: &[f32]) -> Vec<f32> {
 }
 
 pub fn gelu_bwd(x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0.0; x.len()];
+    let mut dx = super::pool::dirty(x.len()); // every element is written
     let body = |dx: &mut [f32], x: &[f32], dy: &[f32]| {
         for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
             *o = g * gelu_grad(v);
@@ -127,11 +125,7 @@ pub fn dropout(x: &mut [f32], p: f32, seed: u64) {
     }
     let scale = 1.0 / (1.0 - p);
     for (i, v) in x.iter_mut().enumerate() {
-        *v = if dropout_uniform(seed, i as u64) < p {
-            0.0
-        } else {
-            *v * scale
-        };
+        *v = if dropout_uniform(seed, i as u64) < p { 0.0 } else { *v * scale };
     }
 }
 
@@ -154,7 +148,7 @@ pub fn l2_normalize_rows(x: &mut [f32], cols: usize) {
 }
 
 pub fn gather_rows(table: &[f32], cols: usize, ids: &[u32]) -> Vec<f32> {
-    let mut out = vec![0.0; ids.len() * cols];
+    let mut out = super::pool::dirty(ids.len() * cols); // every element is written
     for (row, &id) in out.chunks_exact_mut(cols).zip(ids) {
         let id = id as usize;
         row.copy_from_slice(&table[id * cols..(id + 1) * cols]);
@@ -188,7 +182,7 @@ pub fn set_rows_bwd(dx: &mut [f32], rows: &[u32], dvalue: &mut [f32]) {
 
 pub fn segment_mean_fwd(x: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
     let items = offsets.len() - 1;
-    let mut y = vec![0.0; items * cols];
+    let mut y = super::pool::zeroed(items * cols);
     for (b, out) in y.chunks_exact_mut(cols).enumerate() {
         let (s, e) = (offsets[b], offsets[b + 1]);
         for row in x[s * cols..e * cols].chunks_exact(cols) {
@@ -201,7 +195,7 @@ pub fn segment_mean_fwd(x: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
 }
 
 pub fn segment_mean_bwd(dy: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
-    let mut dx = vec![0.0; offsets[offsets.len() - 1] * cols];
+    let mut dx = super::pool::dirty(offsets[offsets.len() - 1] * cols); // every element is written
     for (b, g) in dy.chunks_exact(cols).enumerate() {
         let (s, e) = (offsets[b], offsets[b + 1]);
         let inv = 1.0 / (e - s) as f32;

@@ -22,13 +22,16 @@ pub fn cross_entropy(logits: &mut [f32], classes: usize, targets: &[u32], scale:
     let mut loss = 0.0f64;
     for (row, &t) in logits.chunks_exact_mut(classes).zip(targets) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let t = t as usize;
+        // The target's shifted logit before exponentiating: ln(exp(x_t − max)) underflows to
+        // −∞ once the gap passes ~103.
+        let target = row[t] - max;
         let mut sum = 0.0f32;
         for v in row.iter_mut() {
             *v = (*v - max).exp();
             sum += *v;
         }
-        let t = t as usize;
-        loss += (sum.ln() - (row[t].ln())) as f64;
+        loss += (sum.ln() - target) as f64;
         let k = scale / (sum * n);
         row.iter_mut().for_each(|v| *v *= k);
         row[t] -= scale / n;

@@ -9,6 +9,7 @@ pub mod gru;
 pub mod layernorm;
 pub mod losses;
 pub mod optim;
+pub mod pool;
 
 use super::{AdamW, Backend, Gemm, GruStep, Segments, expect_len};
 use crate::tensor::{Ids, Tensor, View, ViewMut};
@@ -25,34 +26,21 @@ impl Cpu {
 
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {
-        return Err(Error::shape(
-            op,
-            format!("{:?} vs {:?}", a.shape(), b.shape()),
-        ));
+        return Err(Error::shape(op, format!("{:?} vs {:?}", a.shape(), b.shape())));
     }
     Ok(())
 }
 
 fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()> {
     if x.rows() != seg.tokens() {
-        return Err(Error::shape(
-            op,
-            format!("{} rows for a batch of {} segments", x.rows(), seg.tokens()),
-        ));
+        return Err(Error::shape(op, format!("{} rows for a batch of {} segments", x.rows(), seg.tokens())));
     }
     Ok(())
 }
 
 fn check_ids(op: &'static str, ids: &[u32], bound: usize) -> Result<()> {
-    if let Some((i, &id)) = ids
-        .iter()
-        .enumerate()
-        .find(|&(_, &id)| id as usize >= bound)
-    {
-        return Err(Error::shape(
-            op,
-            format!("index {id} at position {i} is out of range (< {bound})"),
-        ));
+    if let Some((i, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= bound) {
+        return Err(Error::shape(op, format!("index {id} at position {i} is out of range (< {bound})")));
     }
     Ok(())
 }
@@ -64,7 +52,10 @@ impl Backend for Cpu {
 
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         expect_len("upload", "data", data.len(), shape.iter().product())?;
-        Ok(Tensor::from_cpu(data.to_vec(), shape))
+        let mut v = pool::take(data.len());
+        v.clear();
+        v.extend_from_slice(data);
+        Ok(Tensor::from_cpu(v, shape))
     }
 
     fn upload_ids(&mut self, data: &[u32]) -> Result<Ids> {
@@ -72,7 +63,11 @@ impl Backend for Cpu {
     }
 
     fn zeros(&mut self, shape: &[usize]) -> Result<Tensor> {
-        Ok(Tensor::from_cpu(vec![0.0; shape.iter().product()], shape))
+        Ok(Tensor::from_cpu(pool::zeroed(shape.iter().product()), shape))
+    }
+
+    fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::from_cpu(pool::dirty(shape.iter().product()), shape))
     }
 
     fn download(&mut self, x: View) -> Result<Vec<f32>> {
@@ -131,17 +126,12 @@ impl Backend for Cpu {
 
     fn gelu_bwd(&mut self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         same_shape("gelu_bwd", x, dy)?;
-        Ok(Tensor::from_cpu(
-            elementwise::gelu_bwd(x.cpu(), dy.cpu()),
-            x.shape(),
-        ))
+        Ok(Tensor::from_cpu(elementwise::gelu_bwd(x.cpu(), dy.cpu()), x.shape()))
     }
 
     fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
         if !(0.0..1.0).contains(&p) {
-            return Err(Error::config(format!(
-                "dropout probability {p} is not in [0, 1)"
-            )));
+            return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
         }
         elementwise::dropout(x.cpu_mut(), p, seed);
         Ok(())
@@ -164,16 +154,10 @@ impl Backend for Cpu {
 
     fn gather_rows(&mut self, table: View, cols: usize, ids: &Ids) -> Result<Tensor> {
         if cols == 0 || table.len() % cols != 0 {
-            return Err(Error::shape(
-                "gather_rows",
-                format!("table of {} values with {cols} columns", table.len()),
-            ));
+            return Err(Error::shape("gather_rows", format!("table of {} values with {cols} columns", table.len())));
         }
         check_ids("gather_rows", ids.cpu(), table.len() / cols)?;
-        Ok(Tensor::from_cpu(
-            elementwise::gather_rows(table.cpu(), cols, ids.cpu()),
-            &[ids.len(), cols],
-        ))
+        Ok(Tensor::from_cpu(elementwise::gather_rows(table.cpu(), cols, ids.cpu()), &[ids.len(), cols]))
     }
 
     fn scatter_add_rows(&mut self, dy: &Tensor, ids: &Ids, dtable: ViewMut) -> Result<()> {
@@ -210,20 +194,11 @@ impl Backend for Cpu {
         Ok(Tensor::from_cpu(dx, &[seg.tokens(), dy.cols()]))
     }
 
-    fn layernorm_fwd(
-        &mut self,
-        x: &Tensor,
-        gamma: View,
-        beta: View,
-        eps: f32,
-    ) -> Result<(Tensor, Tensor)> {
+    fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
         expect_len("layernorm_fwd", "gamma", gamma.len(), x.cols())?;
         expect_len("layernorm_fwd", "beta", beta.len(), x.cols())?;
         let (y, stats) = layernorm::forward(x.cpu(), gamma.cpu(), beta.cpu(), eps);
-        Ok((
-            Tensor::from_cpu(y, x.shape()),
-            Tensor::from_cpu(stats, &[x.rows(), 2]),
-        ))
+        Ok((Tensor::from_cpu(y, x.shape()), Tensor::from_cpu(stats, &[x.rows(), 2])))
     }
 
     fn layernorm_bwd(
@@ -240,36 +215,18 @@ impl Backend for Cpu {
         expect_len("layernorm_bwd", "gamma", gamma.len(), x.cols())?;
         expect_len("layernorm_bwd", "dgamma", dgamma.len(), x.cols())?;
         expect_len("layernorm_bwd", "dbeta", dbeta.len(), x.cols())?;
-        let dx = layernorm::backward(
-            x.cpu(),
-            stats.cpu(),
-            gamma.cpu(),
-            dy.cpu(),
-            dgamma.cpu(),
-            dbeta.cpu(),
-        );
+        let dx = layernorm::backward(x.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu());
         Ok(Tensor::from_cpu(dx, x.shape()))
     }
 
-    fn attention_fwd(
-        &mut self,
-        qkv: &Tensor,
-        seg: &Segments,
-        heads: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
         rows_of("attention_fwd", qkv, seg)?;
         if qkv.cols() % (3 * heads) != 0 {
-            return Err(Error::shape(
-                "attention_fwd",
-                format!("{} qkv columns for {heads} heads", qkv.cols()),
-            ));
+            return Err(Error::shape("attention_fwd", format!("{} qkv columns for {heads} heads", qkv.cols())));
         }
         let (out, probs) = attention::forward(qkv.cpu(), &seg.offsets, heads);
         let n = probs.len();
-        Ok((
-            Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]),
-            Tensor::from_cpu(probs, &[n]),
-        ))
+        Ok((Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]), Tensor::from_cpu(probs, &[n])))
     }
 
     fn attention_bwd(
@@ -310,16 +267,7 @@ impl Backend for Cpu {
             return Err(Error::shape("gru_step_fwd", "output columns too narrow"));
         }
         let oc = out.cols();
-        gru::step_fwd(
-            step,
-            &seg.offsets,
-            xproj.cpu(),
-            hproj.cpu(),
-            h.cpu_mut(),
-            out.cpu_mut(),
-            oc,
-            gates.cpu_mut(),
-        );
+        gru::step_fwd(step, &seg.offsets, xproj.cpu(), hproj.cpu(), h.cpu_mut(), out.cpu_mut(), oc, gates.cpu_mut());
         Ok(())
     }
 
@@ -359,40 +307,19 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn bce_with_logits(
-        &mut self,
-        logits: &mut Tensor,
-        targets: &Tensor,
-        scale: f32,
-    ) -> Result<f32> {
+    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {
         same_shape("bce_with_logits", logits, targets)?;
-        Ok(losses::bce_with_logits(
-            logits.cpu_mut(),
-            targets.cpu(),
-            scale,
-        ))
+        Ok(losses::bce_with_logits(logits.cpu_mut(), targets.cpu(), scale))
     }
 
     fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
         expect_len("cross_entropy", "targets", targets.len(), logits.rows())?;
         let classes = logits.cols();
         check_ids("cross_entropy", targets.cpu(), classes)?;
-        Ok(losses::cross_entropy(
-            logits.cpu_mut(),
-            classes,
-            targets.cpu(),
-            scale,
-        ))
+        Ok(losses::cross_entropy(logits.cpu_mut(), classes, targets.cpu(), scale))
     }
 
-    fn adamw(
-        &mut self,
-        params: ViewMut,
-        grads: View,
-        m: ViewMut,
-        v: ViewMut,
-        hp: AdamW,
-    ) -> Result<()> {
+    fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()> {
         let n = params.len();
         expect_len("adamw", "grads", grads.len(), n)?;
         expect_len("adamw", "m", m.len(), n)?;

@@ -18,7 +18,5 @@ pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamW) 
 
 pub fn sum_squares(x: &[f32]) -> f64 {
     // Blocked so the f32 partial sums stay short; the total is f64.
-    x.chunks(1024)
-        .map(|c| c.iter().map(|v| v * v).sum::<f32>() as f64)
-        .sum()
+    x.chunks(1024).map(|c| c.iter().map(|v| v * v).sum::<f32>() as f64).sum()
 }
