@@ -830,3 +830,39 @@ fn adamw_first_step_moves_each_weight_by_lr() {
     b.adamw(p.view_mut(), g.view(), m.view_mut(), v.view_mut(), AdamW { weight_decay: 0.5, ..hp }).unwrap();
     assert!((b.download(p.view()).unwrap()[0] - 2.0 * 0.95).abs() < 1e-6);
 }
+
+#[test]
+fn adamw_rejects_step_zero_and_betas_outside_the_unit_interval() {
+    let mut c = dev();
+    let b: &mut dyn Backend = &mut c;
+    let mut p = b.upload(&[1.0], &[1]).unwrap();
+    let g = b.upload(&[0.5], &[1]).unwrap();
+    let (mut m, mut v) = (b.zeros(&[1]).unwrap(), b.zeros(&[1]).unwrap());
+    let hp = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 0, grad_scale: 1.0 };
+    for bad in [hp, AdamW { step: 1, beta1: 1.0, ..hp }, AdamW { step: 1, beta2: -0.1, ..hp }] {
+        assert!(b.adamw(p.view_mut(), g.view(), m.view_mut(), v.view_mut(), bad).is_err(), "{bad:?}");
+    }
+    assert_eq!(b.download(p.view()).unwrap(), [1.0], "a rejected update must not touch the parameters");
+}
+
+#[test]
+fn row_ops_reject_tensors_without_columns_and_attention_zero_heads() {
+    // Each of these walked rows of width 0 (a panic in chunks_exact) or divided by heads.
+    let mut c = dev();
+    let b: &mut dyn Backend = &mut c;
+    let empty = b.zeros(&[3, 0]).unwrap();
+    let none = b.zeros(&[0]).unwrap();
+    let seg = segments(b, &[1, 2]);
+    assert!(b.add_bias(&mut empty.clone(), none.view()).is_err());
+    assert!(b.bias_bwd(&empty, b_zeros(0).view_mut()).is_err());
+    assert!(b.l2_normalize_rows(&mut empty.clone()).is_err());
+    assert!(b.segment_mean_fwd(&empty, &seg).is_err());
+    assert!(b.layernorm_fwd(&empty, none.view(), none.view(), 1e-5).is_err());
+    let ids = b.upload_ids(&[0, 0, 0]).unwrap();
+    assert!(b.cross_entropy(&mut empty.clone(), &ids, 1.0).is_err());
+    assert!(b.bce_with_logits(&mut empty.clone(), &empty, 1.0).is_err());
+    let qkv = b.zeros(&[3, 12]).unwrap();
+    assert!(b.attention_fwd(&qkv, &seg, 0).is_err());
+    let (dout, probs) = (b.zeros(&[3, 4]).unwrap(), b.zeros(&[5]).unwrap());
+    assert!(b.attention_bwd(&qkv, &probs, &seg, 0, &dout).is_err());
+}

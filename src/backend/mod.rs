@@ -219,6 +219,30 @@ pub trait Backend {
     fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()>;
 }
 
+/// Row-wise ops need at least one column: a `[rows, 0]` tensor has no rows to walk.
+pub(crate) fn expect_cols(op: &'static str, x: &Tensor) -> Result<()> {
+    if x.cols() == 0 {
+        return Err(crate::Error::shape(op, format!("tensor of shape {:?} has no columns", x.shape())));
+    }
+    Ok(())
+}
+
+impl AdamW {
+    /// Bias correction divides by 1 − β^step: step 0 would write NaN into every parameter.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.step == 0 {
+            return Err(crate::Error::config("AdamW step is 1-based; step 0 would divide by zero"));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return Err(crate::Error::config(format!(
+                "AdamW betas ({}, {}) must be in [0, 1)",
+                self.beta1, self.beta2
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Check that a tensor has the expected element count; name the op and the operand.
 pub(crate) fn expect_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {

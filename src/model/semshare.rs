@@ -151,6 +151,7 @@ impl SemShare {
 
     /// Forward and backward of one modality: accumulates the gradient of
     /// `weights.label · L1 + weights.context · L2` into `g` and returns the unweighted losses.
+    #[allow(clippy::too_many_arguments)]
     pub fn loss_backward(
         &self,
         dev: &mut dyn Backend,

@@ -26,10 +26,10 @@ pub struct TextCache {
 
 /// PE(t)_{2i} = sin(t / 10000^{2i/d}), PE(t)_{2i+1} = cos(t / 10000^{2i/d}).
 pub fn position_encoding(t: usize, dim: usize, out: &mut [f32]) {
-    for i in 0..dim {
+    for (i, o) in out[..dim].iter_mut().enumerate() {
         let freq = (10000f64).powf(-((i / 2 * 2) as f64) / dim as f64);
         let a = t as f64 * freq;
-        out[i] = if i % 2 == 0 { a.sin() } else { a.cos() } as f32;
+        *o = if i % 2 == 0 { a.sin() } else { a.cos() } as f32;
     }
 }
 

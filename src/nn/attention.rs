@@ -43,6 +43,7 @@ impl MultiHeadAttention {
         Ok((y, AttentionCache { qkv, probs, context }))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         dev: &mut dyn Backend,

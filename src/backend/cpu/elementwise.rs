@@ -37,6 +37,7 @@ const GELU_A: f32 = 0.044_715;
 /// Max abs error vs f64 tanh < 1e-6 (tested).
 #[inline(always)]
 pub fn tanh_fast(x: f32) -> f32 {
+    #[allow(clippy::excessive_precision)] // Eigen's coefficients, kept digit for digit
     const A: [f32; 7] = [
         4.893_524_6e-3,
         6.372_619_3e-4,
@@ -140,9 +141,10 @@ pub fn sigmoid(x: f32) -> f32 {
 
 pub fn l2_normalize_rows(x: &mut [f32], cols: usize) {
     for row in x.chunks_exact_mut(cols) {
-        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        // f64: a long row of small values would lose digits in an f32 sum of squares.
+        let n = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
         if n > 0.0 {
-            row.iter_mut().for_each(|v| *v /= n);
+            row.iter_mut().for_each(|v| *v = (*v as f64 / n) as f32);
         }
     }
 }

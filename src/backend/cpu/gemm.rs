@@ -16,8 +16,9 @@ pub fn gemm(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     // Strides (row, col) of op(a) [m, k] and op(b) [k, n].
     let (rsa, csa) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
-    // Below ~1 M multiply-adds a split costs more than it saves.
-    let parts = if m * n * k < (1 << 20) || m < 16 { 1 } else { rayon::current_num_threads().min(m / 8).max(1) };
+    // Below ~1 M multiply-adds, or for the 32-row recurrent GEMMs of the GRU, waking the
+    // second thread costs more than it saves.
+    let parts = if m * n * k < (1 << 20) || m < 64 { 1 } else { rayon::current_num_threads().min(m / 8).max(1) };
     let rows_per = m.div_ceil(parts).next_multiple_of(8);
     let (a_addr, b_addr) = (a.as_ptr() as usize, b.as_ptr() as usize);
     let block = |(i, c): (usize, &mut [f32])| {

@@ -57,7 +57,8 @@ pub fn backward(
     let d = gamma.len();
     let rows = x.len() / d;
     let mut dx = super::pool::dirty(x.len()); // every element is written
-    let row = |(dx, (st, (x, dy))): (&mut [f32], (&[f32], (&[f32], &[f32])))| {
+    type Row<'a> = (&'a mut [f32], (&'a [f32], (&'a [f32], &'a [f32])));
+    let row = |(dx, (st, (x, dy))): Row| {
         let (mean, rstd) = (st[0], st[1]);
         // g = dy ⊙ γ; dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂))
         for i in 0..d {

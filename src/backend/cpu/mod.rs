@@ -11,7 +11,7 @@ pub mod losses;
 pub mod optim;
 pub mod pool;
 
-use super::{AdamW, Backend, Gemm, GruStep, Segments, expect_len};
+use super::{AdamW, Backend, Gemm, GruStep, Segments, expect_cols, expect_len};
 use crate::tensor::{Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
 
@@ -94,12 +94,14 @@ impl Backend for Cpu {
     }
 
     fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()> {
+        expect_cols("add_bias", y)?;
         expect_len("add_bias", "bias", bias.len(), y.cols())?;
         elementwise::add_bias(y.cpu_mut(), bias.cpu());
         Ok(())
     }
 
     fn bias_bwd(&mut self, dy: &Tensor, dbias: ViewMut) -> Result<()> {
+        expect_cols("bias_bwd", dy)?;
         expect_len("bias_bwd", "dbias", dbias.len(), dy.cols())?;
         elementwise::bias_bwd(dy.cpu(), dbias.cpu());
         Ok(())
@@ -147,6 +149,7 @@ impl Backend for Cpu {
     }
 
     fn l2_normalize_rows(&mut self, x: &mut Tensor) -> Result<()> {
+        expect_cols("l2_normalize_rows", x)?;
         let cols = x.cols();
         elementwise::l2_normalize_rows(x.cpu_mut(), cols);
         Ok(())
@@ -161,6 +164,7 @@ impl Backend for Cpu {
     }
 
     fn scatter_add_rows(&mut self, dy: &Tensor, ids: &Ids, dtable: ViewMut) -> Result<()> {
+        expect_cols("scatter_add_rows", dy)?;
         let cols = dy.cols();
         expect_len("scatter_add_rows", "dy", dy.rows(), ids.len())?;
         check_ids("scatter_add_rows", ids.cpu(), dtable.len() / cols.max(1))?;
@@ -184,17 +188,20 @@ impl Backend for Cpu {
 
     fn segment_mean_fwd(&mut self, x: &Tensor, seg: &Segments) -> Result<Tensor> {
         rows_of("segment_mean_fwd", x, seg)?;
+        expect_cols("segment_mean_fwd", x)?;
         let y = elementwise::segment_mean_fwd(x.cpu(), x.cols(), &seg.offsets);
         Ok(Tensor::from_cpu(y, &[seg.items(), x.cols()]))
     }
 
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {
         expect_len("segment_mean_bwd", "dy rows", dy.rows(), seg.items())?;
+        expect_cols("segment_mean_bwd", dy)?;
         let dx = elementwise::segment_mean_bwd(dy.cpu(), dy.cols(), &seg.offsets);
         Ok(Tensor::from_cpu(dx, &[seg.tokens(), dy.cols()]))
     }
 
     fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
+        expect_cols("layernorm_fwd", x)?;
         expect_len("layernorm_fwd", "gamma", gamma.len(), x.cols())?;
         expect_len("layernorm_fwd", "beta", beta.len(), x.cols())?;
         let (y, stats) = layernorm::forward(x.cpu(), gamma.cpu(), beta.cpu(), eps);
@@ -211,6 +218,7 @@ impl Backend for Cpu {
         dbeta: ViewMut,
     ) -> Result<Tensor> {
         same_shape("layernorm_bwd", x, dy)?;
+        expect_cols("layernorm_bwd", x)?;
         expect_len("layernorm_bwd", "stats", stats.len(), 2 * x.rows())?;
         expect_len("layernorm_bwd", "gamma", gamma.len(), x.cols())?;
         expect_len("layernorm_bwd", "dgamma", dgamma.len(), x.cols())?;
@@ -221,7 +229,7 @@ impl Backend for Cpu {
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
         rows_of("attention_fwd", qkv, seg)?;
-        if qkv.cols() % (3 * heads) != 0 {
+        if heads == 0 || qkv.cols() == 0 || qkv.cols() % (3 * heads) != 0 {
             return Err(Error::shape("attention_fwd", format!("{} qkv columns for {heads} heads", qkv.cols())));
         }
         let (out, probs) = attention::forward(qkv.cpu(), &seg.offsets, heads);
@@ -239,6 +247,9 @@ impl Backend for Cpu {
     ) -> Result<Tensor> {
         rows_of("attention_bwd", qkv, seg)?;
         rows_of("attention_bwd", dout, seg)?;
+        if heads == 0 || qkv.cols() == 0 || qkv.cols() % (3 * heads) != 0 {
+            return Err(Error::shape("attention_bwd", format!("{} qkv columns for {heads} heads", qkv.cols())));
+        }
         expect_len("attention_bwd", "dout columns", dout.cols() * 3, qkv.cols())?;
         let poff = attention::prob_offsets(&seg.offsets, heads);
         expect_len("attention_bwd", "probs", probs.len(), poff[poff.len() - 1])?;
@@ -309,17 +320,20 @@ impl Backend for Cpu {
 
     fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {
         same_shape("bce_with_logits", logits, targets)?;
+        expect_cols("bce_with_logits", logits)?;
         Ok(losses::bce_with_logits(logits.cpu_mut(), targets.cpu(), scale))
     }
 
     fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
         expect_len("cross_entropy", "targets", targets.len(), logits.rows())?;
+        expect_cols("cross_entropy", logits)?;
         let classes = logits.cols();
         check_ids("cross_entropy", targets.cpu(), classes)?;
         Ok(losses::cross_entropy(logits.cpu_mut(), classes, targets.cpu(), scale))
     }
 
     fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()> {
+        hp.check()?;
         let n = params.len();
         expect_len("adamw", "grads", grads.len(), n)?;
         expect_len("adamw", "m", m.len(), n)?;
