@@ -1,7 +1,9 @@
 //! Evaluation: retrieval metrics (`metrics`) and the embedding files `score --embeddings` reads
 //! (`embeddings`). DESIGN.md §1, "Retrieval" and "Metrics".
 
+pub mod cca;
 pub mod embeddings;
+pub mod linalg;
 pub mod metrics;
 
 pub use embeddings::EmbeddingSet;
