@@ -12,8 +12,7 @@
 //! finiteness, item ids) with an error naming the file, the tensor and the row.
 
 use std::borrow::Cow;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -210,8 +209,7 @@ impl EmbeddingSet {
         Ok(set)
     }
 
-    /// Writes the set as safetensors, atomically: a sibling `<name>.tmp` is written, synced and
-    /// renamed over `path`.
+    /// Writes the set as safetensors, atomically (`io::atomic_write`).
     pub fn save(&self, path: &Path) -> Result<()> {
         let le_f32 = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let image_emb = le_f32(&self.image_emb);
@@ -230,34 +228,14 @@ impl EmbeddingSet {
             tensors.push((TEXT_ITEM, view(Dtype::U32, vec![m], item)?));
         }
         let bytes = safetensors::serialize(tensors, None).map_err(bad)?;
-        write_atomically(path, &bytes)
+        crate::io::atomic_write(path, &bytes)
     }
-}
-
-/// Writes `bytes` to a sibling temporary file, syncs it and renames it over `path`.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().ok_or_else(|| Error::format(path, "not a file path"))?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(".tmp");
-    let tmp: PathBuf = path.with_file_name(tmp_name);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A fresh path in the system temp folder (no tempfile crate).
