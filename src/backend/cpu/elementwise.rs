@@ -105,28 +105,50 @@ pub fn gelu_bwd(x: &[f32], dy: &[f32]) -> Vec<f32> {
     dx
 }
 
-/// The dropout keep decision of element `i` as a uniform in [0, 1) with 16-bit resolution:
-/// one 64-bit counter hash (murmur3's finaliser) serves four consecutive elements, so every
-/// device draws the same mask cheaply.
+/// The 64-bit counter hash (murmur3's finaliser) behind elements `4·group .. 4·group + 4`.
 #[inline(always)]
-pub fn dropout_uniform(seed: u64, i: u64) -> f32 {
-    let mut h = seed ^ (i / 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+fn dropout_hash(seed: u64, group: u64) -> u64 {
+    let mut h = seed ^ group.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     h ^= h >> 33;
     h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
     h ^= h >> 33;
     h = h.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
     h ^= h >> 33;
-    ((h >> (16 * (i % 4))) & 0xFFFF) as f32 * (1.0 / 65536.0)
+    h
+}
+
+/// The dropout keep decision of element `i` as a uniform in [0, 1) with 16-bit resolution:
+/// one hash serves four consecutive elements, so every device draws the same mask cheaply.
+#[inline(always)]
+pub fn dropout_uniform(seed: u64, i: u64) -> f32 {
+    ((dropout_hash(seed, i / 4) >> (16 * (i % 4))) & 0xFFFF) as f32 * (1.0 / 65536.0)
 }
 
 /// Inverted dropout in place: kept elements scaled by 1/(1-p). Used for both directions.
+/// Hashes once per four elements and splits the tensor over the pool in blocks whose start
+/// is a multiple of four, so every block sees the same masks `dropout_uniform` defines.
 pub fn dropout(x: &mut [f32], p: f32, seed: u64) {
     if p <= 0.0 {
         return;
     }
     let scale = 1.0 / (1.0 - p);
-    for (i, v) in x.iter_mut().enumerate() {
-        *v = if dropout_uniform(seed, i as u64) < p { 0.0 } else { *v * scale };
+    // Keep iff the 16-bit draw u satisfies u / 65536 ≥ p, i.e. u ≥ ⌈p · 65536⌉.
+    let threshold = (p as f64 * 65536.0).ceil() as u64;
+    const BLOCK: usize = 4096;
+    let body = |(b, x): (usize, &mut [f32])| {
+        let first_group = (b * BLOCK / 4) as u64;
+        for (g, quad) in x.chunks_mut(4).enumerate() {
+            let h = dropout_hash(seed, first_group + g as u64);
+            for (lane, v) in quad.iter_mut().enumerate() {
+                let keep = (h >> (16 * lane)) & 0xFFFF >= threshold;
+                *v = if keep { *v * scale } else { 0.0 };
+            }
+        }
+    };
+    if x.len() >= PAR_MIN {
+        x.par_chunks_mut(BLOCK).enumerate().for_each(body);
+    } else {
+        x.chunks_mut(BLOCK).enumerate().for_each(body);
     }
 }
 
@@ -234,5 +256,20 @@ mod tests {
         let kept = x.iter().filter(|&&v| v != 0.0).count() as f64 / x.len() as f64;
         assert!((kept - 0.75).abs() < 0.01, "{kept}");
         assert!(x.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn blocked_parallel_dropout_draws_the_per_element_definition() {
+        // Odd lengths on both paths (serial and split over the pool), p at and between the
+        // 16-bit grid points: every element must follow dropout_uniform exactly.
+        for (len, p, seed) in [(13, 0.1f32, 1u64), (4097, 0.5, 2), (PAR_MIN + 4095, 0.25, 3), (70_001, 0.15, 4)] {
+            let x: Vec<f32> = (0..len).map(|i| 1.0 + i as f32 * 1e-3).collect();
+            let mut y = x.clone();
+            dropout(&mut y, p, seed);
+            for (i, (&a, &b)) in x.iter().zip(&y).enumerate() {
+                let want = if dropout_uniform(seed, i as u64) < p { 0.0 } else { a * (1.0 / (1.0 - p)) };
+                assert_eq!(b.to_bits(), want.to_bits(), "len {len}, p {p}, element {i}");
+            }
+        }
     }
 }
