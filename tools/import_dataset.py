@@ -52,6 +52,7 @@ import json
 import os
 import re
 import sys
+import zipfile
 from collections import Counter
 
 import numpy as np
@@ -87,17 +88,29 @@ def mat_variables(path):
     if is_hdf5(path):
         import h5py
 
-        f = h5py.File(path, "r")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            fail(f"{path}: not a readable MATLAB v7.3 (HDF5) file ({e})")
         names = [k for k in f.keys() if not k.startswith("#")]
-        # HDF5 holds MATLAB's column-major arrays with reversed dimensions: transpose back.
-        return {k: (lambda k=k: np.asarray(f[k][()]).T) for k in names}
+
+        def read(k):
+            if not isinstance(f[k], h5py.Dataset):
+                fail(f"{path}:{k}: a MATLAB struct, cell or sparse matrix; save it as a full numeric array")
+            # HDF5 holds MATLAB's column-major arrays with reversed dimensions: transpose back.
+            return np.asarray(f[k][()]).T
+
+        return {k: (lambda k=k: read(k)) for k in names}
     import scipy.io
+    import scipy.sparse
 
     try:
         data = scipy.io.loadmat(path)
     except Exception as e:  # scipy raises several types for corrupt files
         fail(f"{path}: not a readable MATLAB file ({e})")
-    return {k: (lambda k=k: data[k]) for k in data if not k.startswith("__")}
+    # MATLAB sparse matrices (e.g. some NUS-WIDE tag matrices) arrive as scipy.sparse.
+    dense = lambda x: x.toarray() if scipy.sparse.issparse(x) else x  # noqa: E731
+    return {k: (lambda k=k: dense(data[k])) for k in data if not k.startswith("__")}
 
 
 def parse_spec(spec):
@@ -119,13 +132,13 @@ def load_array(spec, default_var=None):
         if path.endswith(".npy"):
             return np.load(path, mmap_mode="r", allow_pickle=False), path
         if path.endswith(".npz"):
-            z = np.load(path, allow_pickle=False)
-            names = list(z.keys())
-            var = var or (names[0] if len(names) == 1 else default_var)
-            if var not in names:
-                fail(f"{path}: no array {var!r} (arrays: {', '.join(names)})")
-            return z[var], f"{path}:{var}"
-    except ValueError as e:
+            with np.load(path, allow_pickle=False) as z:
+                names = list(z.keys())
+                var = var or (names[0] if len(names) == 1 else default_var)
+                if var not in names:
+                    fail(f"{path}: no array {var!r} (arrays: {', '.join(names)})")
+                return z[var], f"{path}:{var}"
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         fail(f"{path}: cannot read ({e})")
     variables = mat_variables(path)
     names = sorted(variables)

@@ -21,6 +21,7 @@ import unittest
 import h5py
 import numpy as np
 import scipy.io
+import scipy.sparse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import import_dataset as imp  # noqa: E402
@@ -360,6 +361,22 @@ class MatLayout(Base):
         with open(self.p("junk.mat"), "wb") as f:
             f.write(b"not a mat file at all" * 10)
         self.fails(base + ["--features", self.p("f.npy"), "--labels", self.p("junk.mat")], "junk.mat")
+        with open(self.p("f.npy"), "r+b") as f:
+            f.truncate(200)  # header intact, data cut short
+        self.fails(base + ["--features", self.p("f.npy")], "f.npy", "cannot read")
+        np.save(self.p("f.npy"), feats)
+        with open(self.p("bad.npz"), "wb") as f:
+            f.write(b"PK\x03\x04 not really a zip")
+        self.fails(base + ["--features", self.p("bad.npz")], "bad.npz", "cannot read")
+        with h5py.File(self.p("cell.mat"), "w", userblock_size=512) as f:
+            f.create_group("IAll")
+        self.fails(base + ["--features", self.p("cell.mat")], "cell.mat:IAll", "struct, cell or sparse")
+        sparse = scipy.sparse.csc_matrix(tags.astype(np.float64))
+        scipy.io.savemat(self.p("t.mat"), {"YAll": sparse})
+        self.ok(*base, "--val", 3, "--features", self.p("f.npy"))  # MATLAB sparse tag matrix: read densely
+        _, splits, _, _ = read_source(self.p("src"))
+        self.assertEqual(splits["train"]["text.tokens"].shape[0], 10)
+        os.remove(self.p("src", "source.json"))
         self.write("short.txt", "a\nb\n")
         self.fails(base + ["--features", self.p("f.npy"), "--tag-list", self.p("short.txt")], "short.txt", "2 tags", "6 columns")
 
