@@ -27,7 +27,10 @@ mat     DCMH-style MATLAB files, v5 (scipy.io) or v7.3 (HDF5, h5py; MATLAB store
         global = one region per image, or [N,R,D] regions; .npy/.npz accepted too). DCMH's IAll
         holds raw pixels [N,3,224,224]: an importer cannot turn pixels into region features, so a
         4-d array is refused with a message saying to extract features first. All items in one
-        set; the DCMH split is made here (--query, --train, --val, --seed or --no-shuffle).
+        set; the DCMH split is made here: a permutation (numpy default_rng(--seed), or file
+        order with --no-shuffle as DCMH's TensorFlow code), test = its first --query (2000)
+        items, database = the rest, train = the first --train (10000) of the database, val =
+        the next --val (1000) of the database.
 scan    SCAN / bottom-up-attention precomputed: --dir DIR with {split}_ims.npy [N,36,2048] and
         {split}_caps.txt (k captions per image, k = lines / N, consecutive); captions tokenised
         (lower case, words and single punctuation marks), vocabulary from the training captions
@@ -201,7 +204,8 @@ def first_bad_row(mask):
 
 
 def image_features(a, where, n=None, dtype="keep"):
-    """[N,D] (global: one region) or [N,R,D] -> ([N,R,D] float array (maybe memory-mapped), R)."""
+    """[N,D] (global: one region) or [N,R,D] -> ([N,R,D] float array, maybe memory-mapped, and
+    the stored dtype); every value is checked finite (and representable in f16 when stored so)."""
     shape = tuple(a.shape)
     if len(shape) == 4:
         fail(
