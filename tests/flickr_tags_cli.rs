@@ -115,3 +115,19 @@ fn flickr_tags_bad_arguments() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The source directory of `--format source` goes through `semshare pack` and `semshare check`.
+#[test]
+#[ignore = "needs semshare pack/check from issue3-core"]
+fn flickr_tags_source_packs_and_checks() {
+    let dir = tmp("pack");
+    let real = dir.join("real");
+    std::fs::create_dir_all(&real).unwrap();
+    fake_mirflickr(&real, 60);
+    let (src, packed) = (dir.join("src"), dir.join("packed"));
+    let args = ["synth", "--preset", "flickr-tags", "--labels", p(&real), "--out", p(&src), "--format", "source"];
+    ok(&semshare(&[&args[..], &["--train", "30", "--val", "8", "--test", "10"]].concat()));
+    ok(&semshare(&["pack", "--from", p(&src), "--out", p(&packed)]));
+    ok(&semshare(&["check", p(&packed)]));
+    let _ = std::fs::remove_dir_all(&dir);
+}

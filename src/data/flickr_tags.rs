@@ -203,7 +203,8 @@ pub fn generate_flickr_tags(cfg: &FlickrTagsConfig, real: &RealTags) -> Result<F
         );
         return Err(Error::config(what));
     }
-    // Images of every row from the synthetic generator; its (throwaway) texts are one token long.
+    // Images of every row from the synthetic generator; its throwaway texts are one token long
+    // over the smallest vocabulary it accepts (the images do not depend on the vocabulary).
     let images = SynthConfig {
         train: n,
         val: 0,
@@ -212,6 +213,7 @@ pub fn generate_flickr_tags(cfg: &FlickrTagsConfig, real: &RealTags) -> Result<F
         regions: cfg.regions,
         feature_dim: cfg.feature_dim,
         max_tokens: 1,
+        vocab_size: RESERVED_TOKENS.len() + c + 1,
         num_object_classes: cfg.num_object_classes,
         texts_per_image: 1,
         labels: Some(real.labels.clone()),
