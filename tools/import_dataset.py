@@ -35,7 +35,10 @@ scan    SCAN / bottom-up-attention precomputed: --dir DIR with {split}_ims.npy [
         {split}_caps.txt (k captions per image, k = lines / N, consecutive); captions tokenised
         (lower case, words and single punctuation marks), vocabulary from the training captions
         (count >= --min-count), unknown words -> [UNK]. SCAN has no boxes: every region gets the
-        whole-image box (0, 0, 1, 1, 1).
+        whole-image box (0, 0, 1, 1, 1). Optional {split}_LABELS.npy (--labels) and region
+        classes {split}_CLASSES.npy (--classes), as in the authors' COCO files; without labels
+        every item gets one shared label (instance retrieval only). Files whose images are
+        repeated once per caption (M = N) are imported row by row as they are.
 flickr  The IJCAI'21 authors' layout: --dir DIR with {split}_preim.npy [N,R,D],
         {split}_box.npy [N,R,4] (pixel x1, y1, x2, y2), {split}_hw.npy [N,2] image sizes
         (height, width unless --hw-order wh), {split}_label.mat and {split}_tag.mat (variable
@@ -759,7 +762,7 @@ def cmd_scan(a):
         for ours, theirs in mapping.items():
             arr, w = load_array(os.path.join(a.dir, f"{theirs}_{a.labels}.npy"))
             y_all[ours] = labels_matrix(arr, w, a.label_kind, a.label_base, a.num_classes)
-    splits, truncated, names = {}, 0, None
+    splits, truncated, names, k_obj = {}, 0, None, a.num_object_classes
     for ours in mapping:
         feats, where = ims[ours]
         n = feats.shape[0]
@@ -786,8 +789,15 @@ def cmd_scan(a):
         names = names or label_names_for(a.label_names, y.shape[1])
         k = m // n
         item = np.repeat(np.arange(n, dtype=np.uint32), k)  # SCAN: captions k*i .. k*i+k-1 are image i's
-        splits[ours] = Split(feats, fdt, y, length, tokens=tokens, item=item)
-    write_source(a.out, a.name, splits, names, vocab)
+        classes = None
+        cls_path = os.path.join(a.dir, f"{mapping[ours]}_{a.classes}.npy") if a.classes else None
+        if cls_path and os.path.exists(cls_path):
+            classes, kc = region_classes(*load_array(cls_path), n, feats.shape[1])
+            k_obj = k_obj or kc
+        splits[ours] = Split(feats, fdt, y, length, classes=classes, tokens=tokens, item=item)
+    if k_obj is None and any(s.classes is not None for s in splits.values()):
+        k_obj = 1 + max(int(s.classes.max()) for s in splits.values() if s.classes is not None and s.n)
+    write_source(a.out, a.name, splits, names, vocab, k_obj)
     report(a.out, a.name, splits, truncated)
 
 
@@ -897,6 +907,8 @@ def main(argv=None):
     q.add_argument("--splits", default="train=train,val=dev,test=test", help="OURS=THEIRS,... file prefixes")
     q.add_argument("--min-count", type=int, default=4, help="vocabulary: training words seen this often (SCAN: 4)")
     q.add_argument("--labels", help="optional labels in {split}_LABELS.npy (e.g. `label`); default one label")
+    q.add_argument("--classes", help="optional region classes in {split}_CLASSES.npy where present (e.g. `cls`):"
+                   " scores [N,R,K] (argmax) or ids [N,R]")
 
     q = sub.add_parser("flickr", help="the IJCAI'21 authors' FLICKR layout")
     common(q)

@@ -395,7 +395,10 @@ class ScanLayout(Base):
             np.save(self.p(f"{s}_ims.npy"), ims[s])
             self.write(f"{s}_caps.txt", "\n".join(lines) + "\n")
             np.save(self.p(f"{s}_label.npy"), self.multihot(n, 3))
-        self.ok("scan", "--dir", self.dir, "--out", self.p("src"), "--min-count", 2, "--max-tokens", 4, "--labels", "label")
+        scores = self.rng.random((2, 36, 5))
+        np.save(self.p("train_cls.npy"), scores)  # the authors' COCO files: train only
+        self.ok("scan", "--dir", self.dir, "--out", self.p("src"), "--min-count", 2, "--max-tokens", 4, "--labels", "label",
+                "--classes", "cls")
         doc, splits, labels, vocab = read_source(self.p("src"))
         # Train counts: the 2, dog 2, cat 2, sits 2, a 2, . 2; others once. Count desc, then name.
         self.assertEqual(vocab, ["[PAD]", "[UNK]", "[MASK]", ".", "a", "cat", "dog", "sits", "the"])
@@ -413,6 +416,9 @@ class ScanLayout(Base):
         np.testing.assert_array_equal(splits["val"]["text.tokens"][1], [1, 1, 0, 0])  # zebra ! -> [UNK] [UNK]
         np.testing.assert_array_equal(splits["val"]["text.item"], [0, 0])
         self.assertNotIn("text.item", splits["test"])  # one caption per image
+        np.testing.assert_array_equal(tr["image.classes"], scores.argmax(-1))
+        self.assertEqual(doc["num_object_classes"], 5)
+        self.assertNotIn("image.classes", splits["val"])
         self.assertEqual(splits["test"]["text.tokens"].shape, (2, 4))
 
     def test_bad_scan_inputs(self):
