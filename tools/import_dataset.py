@@ -18,8 +18,9 @@ Vocabulary ids 0, 1, 2 are [PAD], [UNK], [MASK]; real tokens start at 3.
 
 Layouts (run `import_dataset.py LAYOUT --help` for every option):
 
-numpy   --train/--val/--test [--database] PATH, each an .npz file or a folder of KEY.npy files;
-        the user names the arrays (--features, --labels, and --tokens + --vocab, --tags, or
+numpy   --train/--val/--test [--database] PATH, each an .npz file, a folder of KEY.npy files or
+        a .mat file (v5 or v7.3, KEY = variable; e.g. Wikipedia's per-split files); the user
+        names the arrays (--features, --labels, and --tokens + --vocab, --tags, or
         --text-features; optional --boxes, --count, --classes, --length, --item).
 mat     DCMH-style MATLAB files, v5 (scipy.io) or v7.3 (HDF5, h5py; MATLAB stores arrays
         column-major, so every HDF5 array is transposed back): --labels FILE[:VAR] (LAll),
@@ -152,6 +153,19 @@ def load_array(spec, default_var=None):
     if var not in variables:
         fail(f"{path}: no variable {var!r} (variables: {', '.join(names)})")
     return variables[var](), f"{path}:{var}"
+
+
+def array_names(path):
+    """The array names of an .npz or .mat file."""
+    if not os.path.isfile(path):
+        fail(f"{path}: file not found")
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return list(z.files)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            fail(f"{path}: cannot read ({e})")
+    return list(mat_variables(path))
 
 
 def read_lines(path, what):
@@ -658,10 +672,8 @@ def cmd_numpy(a):
                         fail(f"{path}: no {key}.npy")
                     return None, None
                 return load_array(f)
-            if not required and os.path.isfile(path):
-                with np.load(path, allow_pickle=False) as z:
-                    if key not in z.files:
-                        return None, None
+            if not required and key not in array_names(path):
+                return None, None
             return load_array(f"{path}:{key}")
 
         feats, where = get(a.features)
@@ -875,7 +887,7 @@ def main(argv=None):
     q = sub.add_parser("numpy", help="generic .npy/.npz arrays named by the user")
     common(q)
     for s in SPLITS:
-        q.add_argument(f"--{s}", help=f"{s} split: an .npz file or a folder of KEY.npy files")
+        q.add_argument(f"--{s}", help=f"{s} split: an .npz file, a folder of KEY.npy files, or a .mat file")
     q.add_argument("--features", required=True, help="image features [N,R,Dr] or global [N,D]")
     q.add_argument("--labels", required=True, help="labels: multi-hot [N,C] or class indices [N]")
     q.add_argument("--boxes", help="normalised boxes [N,R,5] (default: the whole image for every region)")

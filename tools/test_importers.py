@@ -204,6 +204,30 @@ class NumpyLayout(Base):
         np.testing.assert_array_equal(got["text.length"], [2] * 5)
         np.testing.assert_array_equal(got["labels"], np.eye(4, dtype=np.uint8)[np.arange(5) % 4])
 
+    def test_single_label_mat_split_files_like_wikipedia(self):
+        # Wikipedia-style: predefined splits, global image and text (LDA) features, 1-based classes
+        # as a MATLAB column; v5 for train, v7.3 for test.
+        made = {}
+        for s, n in [("train", 6), ("val", 2), ("test", 3)]:
+            arrays = {"I": self.rng.standard_normal((n, 7)), "T": self.rng.random((n, 4)),
+                      "L": (np.arange(n) % 3 + 1).reshape(n, 1).astype(np.float64)}
+            if s == "test":
+                savemat73(self.p(s + ".mat"), arrays)
+            else:
+                scipy.io.savemat(self.p(s + ".mat"), arrays)
+            made[s] = arrays
+        self.ok("numpy", "--out", self.p("src"), *sum([[f"--{s}", self.p(s + ".mat")] for s in made], []),
+                "--features", "I", "--text-features", "T", "--labels", "L", "--label-base", "1", "--num-classes", "3")
+        _, splits, labels, _ = read_source(self.p("src"))
+        self.assertEqual(len(labels), 3)
+        for s, a in made.items():
+            got = splits[s]
+            np.testing.assert_array_equal(got["image.features"][:, 0], a["I"].astype(np.float32))
+            np.testing.assert_array_equal(got["text.features"][:, 0], a["T"].astype(np.float32))
+            np.testing.assert_array_equal(got["text.length"], np.ones(len(a["L"])))
+            np.testing.assert_array_equal(got["labels"].argmax(1) + 1, a["L"][:, 0])
+            np.testing.assert_array_equal(got["labels"].sum(1), np.ones(len(a["L"])))
+
     def test_tag_matrix_and_f16_option(self):
         tags = {s: (self.rng.random((n, 5)) < 0.5).astype(np.uint8) for s, n in [("train", 4), ("val", 2), ("test", 2)]}
         for s, tg in tags.items():
