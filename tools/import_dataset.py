@@ -216,6 +216,8 @@ def as_int(a, where):
 
 
 def first_bad_row(mask):
+    if mask.shape[0] == 0:
+        return None
     rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
     return int(rows[0]) if rows.size else None
 
@@ -308,7 +310,7 @@ def tags_to_tokens(a, where, max_tokens):
     empty = np.flatnonzero(counts == 0)
     if empty.size:
         fail(f"{where}: item {int(empty[0])} has no tag, so no text ({empty.size} such items)")
-    t = int(min(counts.max(), max_tokens))
+    t = int(min(counts.max(), max_tokens)) if counts.size else 1
     tokens = np.zeros((v.shape[0], t), np.uint32)
     for i in range(v.shape[0]):
         cols = np.flatnonzero(v[i])[:t]
@@ -561,8 +563,12 @@ def write_source(out, name, splits, label_names, vocab=None, num_object_classes=
             continue
         if s.labels.shape[1] != c:
             raise AssertionError(f"{split_name}: {s.labels.shape[1]} label columns, {c} names")
-        if s.classes is not None and num_object_classes is not None and s.n and int(s.classes.max()) >= num_object_classes:
-            fail(f"{split_name}: region class {int(s.classes.max())} >= number of object classes {num_object_classes}")
+        if s.classes is not None and num_object_classes is not None and s.n:
+            bad = np.argwhere(s.classes >= num_object_classes)
+            if bad.size:
+                i, r = (int(x) for x in bad[0])
+                fail(f"{split_name} split, item {i}, region {r}: class {s.classes[i, r]} >= --num-object-classes"
+                     f" {num_object_classes}")
         tensors = [
             ("image.features", s.features, s.feature_dtype),
             ("image.boxes", s.boxes, np.dtype("<f4")),
@@ -937,6 +943,9 @@ def main(argv=None):
     try:
         {"numpy": cmd_numpy, "mat": cmd_mat, "scan": cmd_scan, "flickr": cmd_flickr}[a.layout](a)
     except ImportError_ as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the output side: --out not writable, disk full, ...
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

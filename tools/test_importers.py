@@ -229,16 +229,17 @@ class NumpyLayout(Base):
             np.testing.assert_array_equal(got["labels"].sum(1), np.ones(len(a["L"])))
 
     def test_tag_matrix_and_f16_option(self):
-        tags = {s: (self.rng.random((n, 5)) < 0.5).astype(np.uint8) for s, n in [("train", 4), ("val", 2), ("test", 2)]}
+        tags = {s: (self.rng.random((n, 5)) < 0.5).astype(np.uint8) for s, n in [("train", 4), ("val", 0), ("test", 2)]}
         for s, tg in tags.items():
             tg[:, 0] = 1
-            np.savez(self.p(s + ".npz"), f=self.rng.standard_normal((tg.shape[0], 2, 3)), y=self.multihot(tg.shape[0], 2), t=tg)
+            y = self.multihot(tg.shape[0], 2) if tg.shape[0] else np.zeros((0, 2))  # val: an empty split
+            np.savez(self.p(s + ".npz"), f=self.rng.standard_normal((tg.shape[0], 2, 3)), y=y, t=tg)
         self.write("tags.txt", "a 10\nb 9\nc 9\nd 2\ne 1\n")
         self.ok("numpy", "--out", self.p("src"), *sum([[f"--{s}", self.p(s + ".npz")] for s in tags], []), "--features", "f",
                 "--labels", "y", "--tags", "t", "--tag-list", self.p("tags.txt"), "--features-dtype", "f16", "--max-tokens", "3")
         _, splits, _, vocab = read_source(self.p("src"))
         self.assertEqual(vocab, ["[PAD]", "[UNK]", "[MASK]", "a", "b", "c", "d", "e"])
-        t = min(3, max(int(tg.sum(1).max()) for tg in tags.values()))  # one T for all splits
+        t = min(3, max(int(tg.sum(1).max()) for tg in tags.values() if tg.size))  # one T for all splits
         for s, tg in tags.items():
             got = splits[s]
             self.assertEqual(got["image.features"].dtype, np.float16)
@@ -271,6 +272,13 @@ class NumpyLayout(Base):
         case({"test": dict(good, y=np.array([0, 1, 5, 1]))}, ("--num-classes", "2"), "test.npz:y", "item 2: class 5 outside 0..1")
         big = dict(good, f=np.full((n, 2, 3), 1e6))
         case({"val": big}, ("--features-dtype", "f16"), "val.npz:f", "does not fit f16")
+        zero = dict(good, k=np.zeros((n, 2)))
+        case({"train": dict(good, k=np.full((n, 2), 5)), "val": zero, "test": zero}, ("--classes", "k", "--num-object-classes", "3"),
+             "train split, item 0, region 0: class 5 >= --num-object-classes 3")
+        with open(self.p("file"), "w"):
+            pass
+        self.assertEqual(run("numpy", "--out", self.p("file"), "--train", self.p("train.npz"), "--val", self.p("val.npz"),
+                             "--test", self.p("test.npz"), "--features", "f", "--labels", "y", "--tags", "t")[0], 1)
         err = case({}, ("--count", "zz"), "train.npz", "no array 'zz'")
         self.assertIn("arrays:", err)
 
