@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use semshare::backend::{self, Backend};
 use semshare::checkpoint::Checkpoint;
 use semshare::data::dataset::Dataset;
+use semshare::data::flickr_tags::{FlickrTagsConfig, RealTags, generate_flickr_tags};
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::{EmbeddingSet, EvalConfig, Report};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
@@ -24,6 +25,10 @@ COMMANDS:
   synth    write a synthetic dataset
              --out DIR [--preset balanced|weak-image|weak-text] [--seed S]
              [--train N] [--val N] [--test N]
+           or real MIRFlickr-25K labels and tag texts with synthetic regions
+             --preset flickr-tags --labels DIR --out DIR [--seed S] [--format dataset|source]
+             [--train N] [--val N] [--test N]   (defaults 10000 / 1000 / 2000 queries)
+             --format source writes a source directory for `pack`, retrieval set included
   train    train on a dataset directory
              --data DIR [--out DIR] [--config FILE.json] [--model small|paper]
              [--steps N] [--batch N] [--lr X] [--lambda X] [--seed S] [--resume CKPT] [--device D]
@@ -97,7 +102,9 @@ fn run(argv: &[String]) -> Result<()> {
     };
     match cmd.as_str() {
         "demo" => demo(&Args::parse(rest, &["steps", "out", "seed", "device"], &[])?),
-        "synth" => synth(&Args::parse(rest, &["out", "preset", "seed", "train", "val", "test"], &[])?),
+        "synth" => {
+            synth(&Args::parse(rest, &["out", "preset", "seed", "train", "val", "test", "labels", "format"], &[])?)
+        }
         "train" => train_cmd(&Args::parse(
             rest,
             &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device"],
@@ -190,7 +197,18 @@ fn split_of<'a>(data: &'a Dataset, args: &Args) -> Result<&'a semshare::data::da
 }
 
 fn synth(args: &Args) -> Result<()> {
-    let preset: SynthPreset = args.get("preset").unwrap_or("balanced").parse()?;
+    if args.get("preset") == Some("flickr-tags") {
+        return synth_flickr_tags(args);
+    }
+    for flag in ["labels", "format"] {
+        if args.has(flag) {
+            return Err(Error::config(format!("--{flag} is only for --preset flickr-tags")));
+        }
+    }
+    let name = args.get("preset").unwrap_or("balanced");
+    let preset: SynthPreset = name.parse().map_err(|_| {
+        Error::config(format!("unknown preset `{name}` (balanced, weak-image, weak-text, flickr-tags)"))
+    })?;
     let mut cfg = SynthConfig::preset(preset, args.num("seed")?.unwrap_or(0));
     if let Some(n) = args.num("train")? {
         cfg.train = n;
@@ -212,6 +230,46 @@ fn synth(args: &Args) -> Result<()> {
         data.test.num_images(),
         out.display()
     );
+    Ok(())
+}
+
+fn synth_flickr_tags(args: &Args) -> Result<()> {
+    let mut cfg = FlickrTagsConfig::new(args.num("seed")?.unwrap_or(0));
+    for (flag, field) in [("train", &mut cfg.train), ("val", &mut cfg.val), ("test", &mut cfg.queries)] {
+        if let Some(n) = args.num(flag)? {
+            *field = n;
+        }
+    }
+    let source = match args.get("format").unwrap_or("dataset") {
+        "dataset" => false,
+        "source" => true,
+        f => return Err(Error::config(format!("unknown --format `{f}` (expected dataset or source)"))),
+    };
+    let labels = args.path("labels")?;
+    let out = args.path("out")?;
+    let data = generate_flickr_tags(&cfg, &RealTags::load(&labels)?)?;
+    let sizes = format!(
+        "{} / {} / {} queries / {} retrieval",
+        data.train.num_images(),
+        data.val.num_images(),
+        data.test.num_images(),
+        data.database.num_images()
+    );
+    let name = data.meta.name.clone();
+    let (truncated, t) = (data.truncated, data.meta.max_tokens);
+    if source {
+        data.save_source(&out)?;
+        println!("wrote source directory {name} (train / val / test {sizes}) to {}", out.display());
+    } else {
+        data.into_dataset().save(&out)?;
+        println!(
+            "wrote {name} (train / val / test {sizes}; the retrieval set only with --format source) to {}",
+            out.display()
+        );
+    }
+    if truncated > 0 {
+        println!("{truncated} items have more than {t} tags: their texts keep the first {t} (most frequent)");
+    }
     Ok(())
 }
 

@@ -1,6 +1,8 @@
-//! Data (DESIGN.md §6): the in-memory dataset with its on-disk form, and the synthetic generator.
+//! Data (DESIGN.md §6): the in-memory dataset with its on-disk form, the synthetic generator, and
+//! its `flickr-tags` variant (real MIRFlickr-25K labels and tags).
 
 pub mod dataset;
+pub mod flickr_tags;
 pub mod synth;
 
 pub use dataset::{Dataset, Meta, Split};
