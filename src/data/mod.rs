@@ -1,6 +1,7 @@
 //! Data (DESIGN.md §6): the in-memory dataset with its on-disk form, and the synthetic generator.
 
 pub mod dataset;
+pub mod shards;
 pub mod synth;
 
 pub use dataset::{Dataset, Meta, Split};

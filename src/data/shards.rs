@@ -1,0 +1,1005 @@
+//! The on-disk dataset (docs/FORMAT.md, the normative spec): memory-mapped safetensors shards
+//! read through [`DatasetReader`], written through [`DatasetWriter`].
+//!
+//! Validation is split in two (FORMAT.md §Validation):
+//! - on open: the manifest, every shard header (dtypes, shapes against the manifest, byte ranges,
+//!   file size) and the small per-item tensors (region counts, text lengths, `text.item`, labels);
+//! - per item, when read ([`Shard::check_image`], [`Shard::check_text`]): features finite, boxes,
+//!   object classes, token ids. The batch assembly runs them on every item it delivers, so a NaN
+//!   never reaches training silently; `semshare check` runs them on every item plus checksums.
+//!
+//! Shards are little-endian (safetensors) and so is every supported host.
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("semshare reads little-endian shards in place; big-endian hosts are not supported");
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+
+use super::dataset::{
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, MASK, Meta, PAD, RESERVED_TOKENS, UNK, checksum, diagnose,
+    format_checksum, plain_file_name, read_lines, tensor::*,
+};
+use crate::{Error, Result};
+
+/// The split names a manifest may hold; `database` is optional (the retrieval set of `test`).
+pub const SPLITS: [&str; 4] = ["train", "val", "test", "database"];
+/// The split names every manifest holds.
+pub const REQUIRED_SPLITS: [&str; 3] = ["train", "val", "test"];
+pub const VOCAB_FILE: &str = "vocab.txt";
+pub const LABELS_FILE: &str = "labels.txt";
+/// Pre-extracted text segments (instead of `text.tokens`).
+pub const TEXT_FEATURES: &str = "text.features";
+
+/// Storage type of region or text features; widened to f32 when a batch is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeatureDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FeatureDtype {
+    fn of(d: Dtype) -> Option<Self> {
+        match d {
+            Dtype::F32 => Some(FeatureDtype::F32),
+            Dtype::F16 => Some(FeatureDtype::F16),
+            Dtype::BF16 => Some(FeatureDtype::BF16),
+            _ => None,
+        }
+    }
+    pub fn dtype(self) -> Dtype {
+        match self {
+            FeatureDtype::F32 => Dtype::F32,
+            FeatureDtype::F16 => Dtype::F16,
+            FeatureDtype::BF16 => Dtype::BF16,
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            FeatureDtype::F32 => 4,
+            FeatureDtype::F16 | FeatureDtype::BF16 => 2,
+        }
+    }
+
+    /// Appends `bytes` (little-endian values of this type) widened to f32.
+    pub fn widen_into(self, bytes: &[u8], out: &mut Vec<f32>) {
+        let n = bytes.len() / self.size();
+        let start = out.len();
+        out.resize(start + n, 0.0);
+        let dst = &mut out[start..];
+        match self {
+            FeatureDtype::F32 => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(&bytes[..4 * n]),
+            FeatureDtype::F16 => match bytemuck::try_cast_slice::<u8, u16>(&bytes[..2 * n]) {
+                Ok(src) => src.reinterpret_cast::<f16>().convert_to_f32_slice(dst),
+                Err(_) => {
+                    for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *d = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                    }
+                }
+            },
+            FeatureDtype::BF16 => match bytemuck::try_cast_slice::<u8, u16>(&bytes[..2 * n]) {
+                Ok(src) => src.reinterpret_cast::<bf16>().convert_to_f32_slice(dst),
+                Err(_) => {
+                    for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *d = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                    }
+                }
+            },
+        }
+    }
+
+    /// Index of the first NaN or infinite value in `bytes`, found on the raw bits (no widening).
+    pub fn first_non_finite(self, bytes: &[u8]) -> Option<usize> {
+        // All exponent bits set ⇔ NaN or ±inf. The OR-fold has no early exit, so it vectorises;
+        // the position is searched only when something is wrong.
+        fn scan<T: bytemuck::Pod + Copy + std::ops::BitAnd<Output = T> + PartialEq>(bytes: &[u8], mask: T) -> Option<usize> {
+            let v = typed::<T>(bytes);
+            if !v.iter().fold(false, |acc, &w| acc | ((w & mask) == mask)) {
+                return None;
+            }
+            v.iter().position(|&w| (w & mask) == mask)
+        }
+        match self {
+            FeatureDtype::F32 => scan::<u32>(bytes, 0x7f80_0000),
+            FeatureDtype::F16 => scan::<u16>(bytes, 0x7c00),
+            FeatureDtype::BF16 => scan::<u16>(bytes, 0x7f80),
+        }
+    }
+
+    fn value(self, bytes: &[u8], k: usize) -> f32 {
+        let mut v = Vec::with_capacity(1);
+        self.widen_into(&bytes[k * self.size()..(k + 1) * self.size()], &mut v);
+        v[0]
+    }
+}
+
+/// The raw bytes of a tensor as `&[T]`: borrowed when aligned, copied otherwise.
+pub fn typed<T: bytemuck::Pod>(bytes: &[u8]) -> Cow<'_, [T]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(v) => Cow::Borrowed(v),
+        Err(_) => Cow::Owned(bytes.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifest (version 2)
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    format: String,
+    version: u32,
+    name: String,
+    regions: usize,
+    feature_dim: usize,
+    max_tokens: usize,
+    /// Dt of `text.features`; 0 when texts are tokens.
+    text_feature_dim: usize,
+    num_labels: usize,
+    num_object_classes: usize,
+    vocab_size: usize,
+    vocab_file: String,
+    labels_file: String,
+    splits: BTreeMap<String, Vec<ShardEntry>>,
+}
+
+/// One shard of a split, as the manifest lists it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardEntry {
+    pub file: String,
+    pub images: usize,
+    pub texts: usize,
+    pub bytes: u64,
+    pub checksum: String,
+}
+
+/// What every shard of a dataset agrees on: the meta of [`Meta`] plus the text representation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub meta: Meta,
+    /// Dt: width of pre-extracted text segments; 0 when texts are token ids.
+    pub text_feature_dim: usize,
+}
+
+impl Layout {
+    pub fn text_features(&self) -> bool {
+        self.text_feature_dim > 0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One shard
+
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    /// Byte offset of row 0 in the file.
+    start: usize,
+    /// Bytes per leading-dimension row.
+    row: usize,
+}
+
+/// A memory-mapped, structurally validated shard: every tensor's dtype and shape match the
+/// layout and every byte range lies inside the file, so row access cannot go out of bounds.
+pub struct Shard {
+    pub path: PathBuf,
+    map: Mmap,
+    images: usize,
+    texts: usize,
+    features: Loc,
+    feature_dtype: FeatureDtype,
+    boxes: Loc,
+    count: Loc,
+    classes: Option<Loc>,
+    /// `text.tokens` or `text.features` rows.
+    text: Loc,
+    text_dtype: Option<FeatureDtype>,
+    length: Loc,
+    item: Option<Loc>,
+    labels: Loc,
+}
+
+/// The per-shard facts a reader checks: from the manifest, or inferred (source files).
+#[derive(Clone, Copy, Debug)]
+pub struct Counts {
+    pub images: usize,
+    pub texts: usize,
+}
+
+fn item_err(path: &Path, tensor: &str, item: usize, what: impl std::fmt::Display) -> Error {
+    Error::format(path, format!("tensor {tensor}, item {item}: {what}"))
+}
+
+impl Shard {
+    /// Maps `path` and checks its header against `layout`; `counts` None takes N and M from the
+    /// file itself (source files of `pack`).
+    pub fn open(path: &Path, layout: &Layout, counts: Option<Counts>) -> Result<Shard> {
+        let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len < 8 {
+            return Err(Error::format(
+                path,
+                format!("truncated: {len} bytes, shorter than the 8-byte safetensors header length"),
+            ));
+        }
+        // SAFETY: the map is read-only and shards are never modified in place (writers replace
+        // files by rename); FORMAT.md requires that nothing truncates a shard while it is open.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let st = SafeTensors::deserialize(&map).map_err(|e| Error::format(path, diagnose(&map, &e)))?;
+        // Parsed, so the 8-byte length prefix exists and fits.
+        let header_len = u64::from_le_bytes([map[0], map[1], map[2], map[3], map[4], map[5], map[6], map[7]]) as usize;
+        let data0 = 8 + header_len;
+        let text_name = if layout.text_features() { TEXT_FEATURES } else { TEXT_TOKENS };
+        for name in st.names() {
+            let name: &str = name;
+            let known = [IMAGE_FEATURES, IMAGE_BOXES, IMAGE_COUNT, IMAGE_CLASSES, TEXT_LENGTH, TEXT_ITEM, LABELS];
+            if !known.contains(&name) && name != text_name {
+                let what = format!("unexpected tensor {name:?} (this dataset's texts are {text_name})");
+                return Err(Error::format(path, what));
+            }
+        }
+        let fmt_err = |what: String| Error::format(path, what);
+        let m = &layout.meta;
+        let (r, dr, t, c, dt) = (m.regions, m.feature_dim, m.max_tokens, m.num_labels, layout.text_feature_dim);
+        let shape_of = |name: &str| st.tensor(name).ok().map(|v| v.shape().to_vec());
+        let lead = |name: &str| shape_of(name).and_then(|s| s.first().copied());
+        let counts = match counts {
+            Some(c) => c,
+            None => Counts { images: lead(IMAGE_COUNT).unwrap_or(0), texts: lead(TEXT_LENGTH).unwrap_or(0) },
+        };
+        let (n, mm) = (counts.images, counts.texts);
+        let get = |name: &str, dtypes: &[Dtype], shape: &[usize]| -> Result<Option<(Loc, Dtype)>> {
+            let Ok(view) = st.tensor(name) else { return Ok(None) };
+            if !dtypes.contains(&view.dtype()) {
+                let list = dtypes.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" or ");
+                return Err(fmt_err(format!("tensor {name}: dtype {}, expected {list}", view.dtype())));
+            }
+            if view.shape() != shape {
+                return Err(fmt_err(format!("tensor {name}: shape {:?}, expected {shape:?}", view.shape())));
+            }
+            let info = st_info(&map, name).ok_or_else(|| fmt_err(format!("tensor {name}: no header entry")))?;
+            let rows = shape[0].max(1);
+            let row = view.data_len() / rows;
+            Ok(Some((Loc { start: data0 + info, row }, view.dtype())))
+        };
+        let need = |name: &str, v: Option<(Loc, Dtype)>| v.ok_or_else(|| fmt_err(format!("tensor {name} missing")));
+        let floats = [Dtype::F32, Dtype::F16, Dtype::BF16];
+        let (features, fdt) = need(IMAGE_FEATURES, get(IMAGE_FEATURES, &floats, &[n, r, dr])?)?;
+        let (boxes, _) = need(IMAGE_BOXES, get(IMAGE_BOXES, &[Dtype::F32], &[n, r, 5])?)?;
+        let (count, _) = need(IMAGE_COUNT, get(IMAGE_COUNT, &[Dtype::U16], &[n])?)?;
+        let classes = get(IMAGE_CLASSES, &[Dtype::U16], &[n, r])?.map(|x| x.0);
+        let (text, text_dtype) = if layout.text_features() {
+            let (l, d) = need(TEXT_FEATURES, get(TEXT_FEATURES, &floats, &[mm, t, dt])?)?;
+            (l, FeatureDtype::of(d))
+        } else {
+            (need(TEXT_TOKENS, get(TEXT_TOKENS, &[Dtype::U32], &[mm, t])?)?.0, None)
+        };
+        let (length, _) = need(TEXT_LENGTH, get(TEXT_LENGTH, &[Dtype::U16], &[mm])?)?;
+        let item = get(TEXT_ITEM, &[Dtype::U32], &[mm])?.map(|x| x.0);
+        let (labels, _) = need(LABELS, get(LABELS, &[Dtype::U8], &[n, c])?)?;
+        if item.is_none() && mm != n {
+            let what = format!("tensor {TEXT_ITEM} missing, required when texts ({mm}) ≠ images ({n})");
+            return Err(fmt_err(what));
+        }
+        let feature_dtype = FeatureDtype::of(fdt).ok_or_else(|| fmt_err("image.features: bad dtype".into()))?;
+        let shard = Shard {
+            path: path.to_path_buf(),
+            map,
+            images: n,
+            texts: mm,
+            features,
+            feature_dtype,
+            boxes,
+            count,
+            classes,
+            text,
+            text_dtype,
+            length,
+            item,
+            labels,
+        };
+        shard.check_structure(layout)?;
+        Ok(shard)
+    }
+
+    pub fn num_images(&self) -> usize {
+        self.images
+    }
+    pub fn num_texts(&self) -> usize {
+        self.texts
+    }
+    pub fn feature_dtype(&self) -> FeatureDtype {
+        self.feature_dtype
+    }
+    pub fn text_dtype(&self) -> Option<FeatureDtype> {
+        self.text_dtype
+    }
+    pub fn has_classes(&self) -> bool {
+        self.classes.is_some()
+    }
+    pub fn file_bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// Row `i` of a tensor; `i` < its leading dimension (checked by the callers' index ranges).
+    fn row(&self, loc: Loc, i: usize) -> &[u8] {
+        &self.map[loc.start + i * loc.row..loc.start + (i + 1) * loc.row]
+    }
+
+    /// Valid regions of image `i`.
+    pub fn count(&self, i: usize) -> usize {
+        let b = self.row(self.count, i);
+        u16::from_le_bytes([b[0], b[1]]) as usize
+    }
+    /// Valid segments of text `j`.
+    pub fn length(&self, j: usize) -> usize {
+        let b = self.row(self.length, j);
+        u16::from_le_bytes([b[0], b[1]]) as usize
+    }
+    /// The image (shard-local index) text `j` describes.
+    pub fn text_item(&self, j: usize) -> usize {
+        match self.item {
+            Some(loc) => {
+                let b = self.row(loc, j);
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+            }
+            None => j,
+        }
+    }
+    pub fn labels(&self, i: usize) -> &[u8] {
+        self.row(self.labels, i)
+    }
+    /// All R region rows of image `i`, raw (feature dtype).
+    pub fn feature_bytes(&self, i: usize) -> &[u8] {
+        self.row(self.features, i)
+    }
+    /// [R, 5] boxes of image `i`, raw f32.
+    pub fn box_bytes(&self, i: usize) -> &[u8] {
+        self.row(self.boxes, i)
+    }
+    pub fn class_bytes(&self, i: usize) -> Option<&[u8]> {
+        self.classes.map(|l| self.row(l, i))
+    }
+    /// All T token ids (raw u32) or segment rows (raw features) of text `j`.
+    pub fn text_bytes(&self, j: usize) -> &[u8] {
+        self.row(self.text, j)
+    }
+
+    /// The cheap checks every open runs: counts and lengths in range, `text.item` < N, every
+    /// image with a text, labels 0/1 with at least one label.
+    fn check_structure(&self, layout: &Layout) -> Result<()> {
+        let m = &layout.meta;
+        let p = &self.path;
+        let mut has_text = vec![false; self.images];
+        for i in 0..self.images {
+            let count = self.count(i);
+            if count == 0 || count > m.regions {
+                return Err(item_err(p, IMAGE_COUNT, i, format!("region count {count} outside 1..={}", m.regions)));
+            }
+            let row = self.labels(i);
+            if let Some(k) = row.iter().position(|&y| y > 1) {
+                return Err(item_err(p, LABELS, i, format!("label {k} has value {}, expected 0 or 1", row[k])));
+            }
+            if !row.contains(&1) {
+                return Err(item_err(p, LABELS, i, "image has no label"));
+            }
+        }
+        for j in 0..self.texts {
+            let len = self.length(j);
+            if len == 0 || len > m.max_tokens {
+                let what = format!("text length {len} outside 1..={}", m.max_tokens);
+                return Err(item_err(p, TEXT_LENGTH, j, what));
+            }
+            let item = self.text_item(j);
+            if item >= self.images {
+                let what = format!("image index {item} ≥ number of images {}", self.images);
+                return Err(item_err(p, TEXT_ITEM, j, what));
+            }
+            has_text[item] = true;
+        }
+        if let Some(i) = has_text.iter().position(|&h| !h) {
+            return Err(Error::format(p, format!("tensor {TEXT_ITEM}: image {i} has no text")));
+        }
+        Ok(())
+    }
+
+    /// Content checks of image `i`: finite features and boxes in [0, 1] with x1 ≤ x2, y1 ≤ y2
+    /// in its valid regions, object classes < K_obj.
+    pub fn check_image(&self, layout: &Layout, i: usize) -> Result<()> {
+        let m = &layout.meta;
+        let p = &self.path;
+        let count = self.count(i);
+        let dr = m.feature_dim;
+        let feats = &self.feature_bytes(i)[..count * dr * self.feature_dtype.size()];
+        if let Some(k) = self.feature_dtype.first_non_finite(feats) {
+            let v = self.feature_dtype.value(feats, k);
+            return Err(item_err(p, IMAGE_FEATURES, i, format!("non-finite value {v} at region {}, dim {}", k / dr, k % dr)));
+        }
+        let boxes = typed::<f32>(self.box_bytes(i));
+        for (reg, b) in boxes.chunks_exact(5).take(count).enumerate() {
+            if let Some(&x) = b.iter().find(|x| !(0.0..=1.0).contains(*x)) {
+                return Err(item_err(p, IMAGE_BOXES, i, format!("region {reg}: box value {x} outside [0, 1] in {b:?}")));
+            }
+            if b[0] > b[2] || b[1] > b[3] {
+                return Err(item_err(p, IMAGE_BOXES, i, format!("region {reg}: box {b:?} has x1 > x2 or y1 > y2")));
+            }
+        }
+        if let Some(bytes) = self.class_bytes(i) {
+            let k_obj = m.num_object_classes;
+            let cls = typed::<u16>(bytes);
+            if let Some(reg) = cls[..count].iter().position(|&k| k as usize >= k_obj) {
+                let what = format!("region {reg}: class {} ≥ num_object_classes {k_obj}", cls[reg]);
+                return Err(item_err(p, IMAGE_CLASSES, i, what));
+            }
+        }
+        Ok(())
+    }
+
+    /// Content checks of text `j`: tokens [UNK] or in 3..V before its length and [PAD] after
+    /// it; or finite segment features.
+    pub fn check_text(&self, layout: &Layout, j: usize) -> Result<()> {
+        let p = &self.path;
+        let len = self.length(j);
+        match self.text_dtype {
+            Some(dt) => {
+                let d = layout.text_feature_dim;
+                let feats = &self.text_bytes(j)[..len * d * dt.size()];
+                if let Some(k) = dt.first_non_finite(feats) {
+                    let what = format!("non-finite value {} at segment {}, dim {}", dt.value(feats, k), k / d, k % d);
+                    return Err(item_err(p, TEXT_FEATURES, j, what));
+                }
+            }
+            None => {
+                let v = layout.meta.vocab.len();
+                let row = typed::<u32>(self.text_bytes(j));
+                for (pos, &tok) in row.iter().enumerate() {
+                    let bad = if pos < len { !(tok == UNK || (tok > MASK && (tok as usize) < v)) } else { tok != PAD };
+                    if bad {
+                        let what = if pos < len {
+                            format!("token {tok} at position {pos} (length {len}) is not [UNK] or in 3..{v}")
+                        } else {
+                            format!("token {tok} at padding position {pos} (length {len}), expected 0")
+                        };
+                        return Err(item_err(p, TEXT_TOKENS, j, what));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Offset of tensor `name` inside the data section, from the (already validated) header.
+fn st_info(bytes: &[u8], name: &str) -> Option<usize> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).ok()?;
+    meta.info(name).map(|i| i.data_offsets.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A split: many shards, one indexable collection
+
+/// The shards of one split behind global image and text indices.
+pub struct SplitReader {
+    pub name: String,
+    pub shards: Vec<Shard>,
+    /// image_base[s] = global index of shard s's image 0; last entry N.
+    image_base: Vec<usize>,
+    text_base: Vec<usize>,
+}
+
+impl SplitReader {
+    fn new(name: &str, shards: Vec<Shard>) -> Result<SplitReader> {
+        let mut image_base = vec![0];
+        let mut text_base = vec![0];
+        for s in &shards {
+            image_base.push(image_base[image_base.len() - 1] + s.images);
+            text_base.push(text_base[text_base.len() - 1] + s.texts);
+        }
+        if image_base[shards.len()] > u32::MAX as usize || text_base[shards.len()] > u32::MAX as usize {
+            return Err(Error::data(format!("split {name}: more than 2^32 items")));
+        }
+        if let Some(first) = shards.first() {
+            for s in &shards[1..] {
+                let same = s.feature_dtype == first.feature_dtype
+                    && s.text_dtype == first.text_dtype
+                    && s.has_classes() == first.has_classes();
+                if !same {
+                    let what = format!(
+                        "feature dtypes or presence of image.classes differ from {} (a split's shards must agree)",
+                        first.path.display()
+                    );
+                    return Err(Error::format(&s.path, what));
+                }
+            }
+        }
+        Ok(SplitReader { name: name.to_string(), shards, image_base, text_base })
+    }
+
+    pub fn num_images(&self) -> usize {
+        self.image_base[self.shards.len()]
+    }
+    pub fn num_texts(&self) -> usize {
+        self.text_base[self.shards.len()]
+    }
+    /// (shard, local index) of global image `i` (< N).
+    pub fn locate_image(&self, i: usize) -> (&Shard, usize) {
+        let s = self.image_base.partition_point(|&b| b <= i) - 1;
+        (&self.shards[s], i - self.image_base[s])
+    }
+    pub fn locate_text(&self, j: usize) -> (&Shard, usize) {
+        let s = self.text_base.partition_point(|&b| b <= j) - 1;
+        (&self.shards[s], j - self.text_base[s])
+    }
+    /// Global image index of text `j`.
+    pub fn text_image(&self, j: usize) -> usize {
+        let s = self.text_base.partition_point(|&b| b <= j) - 1;
+        self.image_base[s] + self.shards[s].text_item(j - self.text_base[s])
+    }
+    pub fn labels(&self, i: usize) -> &[u8] {
+        let (s, k) = self.locate_image(i);
+        s.labels(k)
+    }
+    /// [N, C] labels of every image.
+    pub fn image_labels(&self) -> Vec<u8> {
+        (0..self.num_images()).flat_map(|i| self.labels(i).iter().copied()).collect()
+    }
+    /// [M, C]: the labels of each text's image.
+    pub fn text_labels(&self) -> Vec<u8> {
+        (0..self.num_texts()).flat_map(|j| self.labels(self.text_image(j)).iter().copied()).collect()
+    }
+    /// [M] global image of each text.
+    pub fn text_items(&self) -> Vec<u32> {
+        (0..self.num_texts()).map(|j| self.text_image(j) as u32).collect()
+    }
+    /// For each image, its texts (global indices, in text order).
+    pub fn image_texts(&self) -> Vec<Vec<usize>> {
+        let mut groups = vec![Vec::new(); self.num_images()];
+        for j in 0..self.num_texts() {
+            groups[self.text_image(j)].push(j);
+        }
+        groups
+    }
+    pub fn feature_dtype(&self) -> FeatureDtype {
+        self.shards.first().map_or(FeatureDtype::F32, |s| s.feature_dtype)
+    }
+    pub fn text_dtype(&self) -> Option<FeatureDtype> {
+        self.shards.first().and_then(|s| s.text_dtype)
+    }
+    pub fn has_classes(&self) -> bool {
+        self.shards.first().is_some_and(|s| s.has_classes())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A dataset directory
+
+/// An opened dataset directory: the layout and its splits, memory-mapped.
+pub struct DatasetReader {
+    pub dir: PathBuf,
+    pub layout: Layout,
+    splits: Vec<SplitReader>,
+    entries: BTreeMap<String, Vec<ShardEntry>>,
+}
+
+impl DatasetReader {
+    /// Opens `dir` with the structural checks of the module doc.
+    pub fn open(dir: impl AsRef<Path>) -> Result<DatasetReader> {
+        let dir = dir.as_ref();
+        let mpath = dir.join(MANIFEST_FILE);
+        let text = fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;
+        let probe: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&mpath, format!("not a valid manifest: {e}")))?;
+        if probe.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+            let what = format!("format {:?}, expected {FORMAT_NAME:?}", probe.get("format"));
+            return Err(Error::format(&mpath, what));
+        }
+        let version = probe.get("version").and_then(|v| v.as_u64());
+        if version != Some(FORMAT_VERSION as u64) {
+            let what = format!(
+                "format version {}, this build reads {FORMAT_VERSION} (docs/FORMAT.md says what changed)",
+                version.map_or("?".into(), |v| v.to_string())
+            );
+            return Err(Error::format(&mpath, what));
+        }
+        let man: Manifest =
+            serde_json::from_value(probe).map_err(|e| Error::format(&mpath, format!("not a valid manifest: {e}")))?;
+        let vocab_path = dir.join(plain_file_name(&mpath, "vocab_file", &man.vocab_file)?);
+        let labels_path = dir.join(plain_file_name(&mpath, "labels_file", &man.labels_file)?);
+        let vocab = read_lines(&vocab_path)?;
+        if vocab.len() != man.vocab_size {
+            let what = format!("{} tokens, dataset.json says vocab_size {}", vocab.len(), man.vocab_size);
+            return Err(Error::format(&vocab_path, what));
+        }
+        let label_names = read_lines(&labels_path)?;
+        if label_names.len() != man.num_labels {
+            let n = label_names.len();
+            let what = format!("{n} label names, dataset.json says num_labels {}", man.num_labels);
+            return Err(Error::format(&labels_path, what));
+        }
+        let meta = Meta {
+            name: man.name.clone(),
+            regions: man.regions,
+            feature_dim: man.feature_dim,
+            max_tokens: man.max_tokens,
+            num_labels: man.num_labels,
+            num_object_classes: man.num_object_classes,
+            vocab,
+            label_names,
+        };
+        meta.check().map_err(|e| Error::format(&mpath, e))?;
+        let layout = Layout { meta, text_feature_dim: man.text_feature_dim };
+        for key in man.splits.keys() {
+            if !SPLITS.contains(&key.as_str()) {
+                return Err(Error::format(&mpath, format!("unknown split {key:?} (expected {SPLITS:?})")));
+            }
+        }
+        let mut splits = Vec::new();
+        for name in SPLITS {
+            let Some(entries) = man.splits.get(name) else {
+                if REQUIRED_SPLITS.contains(&name) {
+                    return Err(Error::format(&mpath, format!("split {name:?} missing")));
+                }
+                continue;
+            };
+            let mut shards = Vec::with_capacity(entries.len());
+            for (k, e) in entries.iter().enumerate() {
+                let file = plain_file_name(&mpath, &format!("splits.{name}[{k}].file"), &e.file)?;
+                let path = dir.join(file);
+                let shard = Shard::open(&path, &layout, Some(Counts { images: e.images, texts: e.texts }))?;
+                if shard.map.len() as u64 != e.bytes {
+                    let what = format!("{} bytes, dataset.json says {}", shard.map.len(), e.bytes);
+                    return Err(Error::format(&path, what));
+                }
+                shards.push(shard);
+            }
+            splits.push(SplitReader::new(name, shards)?);
+        }
+        Ok(DatasetReader { dir: dir.to_path_buf(), layout, splits, entries: man.splits })
+    }
+
+    pub fn meta(&self) -> &Meta {
+        &self.layout.meta
+    }
+    pub fn split(&self, name: &str) -> Result<&SplitReader> {
+        self.splits.iter().find(|s| s.name == name).ok_or_else(|| {
+            Error::config(format!("dataset {} has no split {name:?}", self.dir.display()))
+        })
+    }
+    pub fn database(&self) -> Option<&SplitReader> {
+        self.splits.iter().find(|s| s.name == "database")
+    }
+    pub fn splits(&self) -> &[SplitReader] {
+        &self.splits
+    }
+
+    /// The full scan of `semshare check`: every shard's checksum and every item's content.
+    /// Returns every problem found (at most `limit`), each naming file, tensor and item.
+    pub fn check(&self, limit: usize) -> Vec<Error> {
+        let mut errors = Vec::new();
+        for split in &self.splits {
+            let entries = &self.entries[&split.name];
+            for (shard, entry) in split.shards.iter().zip(entries) {
+                let sum = format_checksum(checksum(&shard.map));
+                if sum != entry.checksum {
+                    let what = format!("checksum mismatch: file has {sum}, dataset.json says {}", entry.checksum);
+                    errors.push(Error::format(&shard.path, what));
+                }
+                for i in 0..shard.images {
+                    if let Err(e) = shard.check_image(&self.layout, i) {
+                        errors.push(e);
+                    }
+                }
+                for j in 0..shard.texts {
+                    if let Err(e) = shard.check_text(&self.layout, j) {
+                        errors.push(e);
+                    }
+                }
+                if errors.len() >= limit {
+                    errors.truncate(limit);
+                    return errors;
+                }
+            }
+        }
+        errors
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writer
+
+/// One image as raw little-endian rows (shapes of the shard table: [R, Dr], [R, 5], [R]).
+pub struct ImageRecord<'a> {
+    pub features: &'a [u8],
+    pub feature_dtype: FeatureDtype,
+    pub boxes: &'a [u8],
+    pub count: u16,
+    pub classes: Option<&'a [u8]>,
+    pub labels: &'a [u8],
+}
+
+/// One text of that image: raw `[T]` u32 tokens (`dtype` None) or `[T, Dt]` features.
+pub struct TextRecord<'a> {
+    pub content: &'a [u8],
+    pub dtype: Option<FeatureDtype>,
+    pub length: u16,
+}
+
+#[derive(Default)]
+struct ShardBuilder {
+    images: usize,
+    texts: usize,
+    feature_dtype: Option<FeatureDtype>,
+    text_dtype: Option<FeatureDtype>,
+    classes: Option<bool>,
+    features: Vec<u8>,
+    boxes: Vec<u8>,
+    count: Vec<u8>,
+    class_bytes: Vec<u8>,
+    text: Vec<u8>,
+    length: Vec<u8>,
+    item: Vec<u8>,
+    labels: Vec<u8>,
+}
+
+impl ShardBuilder {
+    fn bytes(&self) -> usize {
+        self.features.len() + self.boxes.len() + self.class_bytes.len() + self.text.len() + self.labels.len()
+    }
+}
+
+struct Owned<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: &'a [u8],
+}
+
+impl View for &Owned<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes a dataset directory: shards of about `shard_bytes` each (whole images with their
+/// texts), then vocabulary, labels and the manifest with checksums; all into a hidden temporary
+/// directory renamed into place by [`DatasetWriter::finish`]. Dropped unfinished, it removes
+/// the temporary directory: a half-written dataset is never visible.
+pub struct DatasetWriter {
+    out: PathBuf,
+    tmp: PathBuf,
+    layout: Layout,
+    shard_bytes: usize,
+    splits: BTreeMap<String, Vec<ShardEntry>>,
+    split: Option<String>,
+    current: ShardBuilder,
+    finished: bool,
+}
+
+impl DatasetWriter {
+    pub fn create(out: impl AsRef<Path>, layout: Layout, shard_bytes: usize) -> Result<DatasetWriter> {
+        let out = out.as_ref().to_path_buf();
+        layout.meta.check().map_err(|e| Error::data(format!("dataset {:?}: {e}", layout.meta.name)))?;
+        let name = out.file_name().ok_or_else(|| Error::config(format!("{} is not a directory path", out.display())))?;
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = parent.join(format!(".{}.tmp-{}-{k}", name.to_string_lossy(), std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(DatasetWriter {
+            out,
+            tmp,
+            layout,
+            shard_bytes: shard_bytes.max(1),
+            splits: BTreeMap::new(),
+            split: None,
+            current: ShardBuilder::default(),
+            finished: false,
+        })
+    }
+
+    /// Starts split `name` (one of [`SPLITS`]); ends the previous one.
+    pub fn begin_split(&mut self, name: &str) -> Result<()> {
+        if !SPLITS.contains(&name) || self.splits.contains_key(name) {
+            return Err(Error::config(format!("split {name:?} unknown or written twice")));
+        }
+        self.flush()?;
+        self.splits.insert(name.to_string(), Vec::new());
+        self.split = Some(name.to_string());
+        Ok(())
+    }
+
+    /// Appends one image with its texts to the current split.
+    pub fn push(&mut self, image: &ImageRecord, texts: &[TextRecord]) -> Result<()> {
+        let m = &self.layout.meta;
+        let (r, dr, t, dt) = (m.regions, m.feature_dim, m.max_tokens, self.layout.text_feature_dim);
+        let split = self.split.clone().ok_or_else(|| Error::config("DatasetWriter::push before begin_split"))?;
+        let bad = |what: String| Error::data(format!("{split} split, image {}: {what}", self.current.images));
+        let b = &self.current;
+        if image.features.len() != r * dr * image.feature_dtype.size()
+            || image.boxes.len() != r * 5 * 4
+            || image.labels.len() != m.num_labels
+            || image.classes.is_some_and(|c| c.len() != 2 * r)
+        {
+            return Err(bad("row sizes do not match the layout".into()));
+        }
+        if b.feature_dtype.is_some_and(|d| d != image.feature_dtype) || b.classes.is_some_and(|c| c != image.classes.is_some()) {
+            return Err(bad("feature dtype or presence of classes differs from the shard's first image".into()));
+        }
+        if texts.is_empty() {
+            return Err(bad("no text".into()));
+        }
+        for tx in texts {
+            let want = match tx.dtype {
+                Some(d) if dt > 0 => t * dt * d.size(),
+                None if dt == 0 => t * 4,
+                _ => return Err(bad("text representation differs from the layout".into())),
+            };
+            if tx.content.len() != want || (b.texts > 0 && b.text_dtype != tx.dtype) {
+                return Err(bad("text row size or dtype does not match the layout".into()));
+            }
+        }
+        let b = &mut self.current;
+        b.feature_dtype = Some(image.feature_dtype);
+        b.classes = Some(image.classes.is_some());
+        b.features.extend_from_slice(image.features);
+        b.boxes.extend_from_slice(image.boxes);
+        b.count.extend_from_slice(&image.count.to_le_bytes());
+        if let Some(c) = image.classes {
+            b.class_bytes.extend_from_slice(c);
+        }
+        b.labels.extend_from_slice(image.labels);
+        for tx in texts {
+            b.text_dtype = tx.dtype;
+            b.text.extend_from_slice(tx.content);
+            b.length.extend_from_slice(&tx.length.to_le_bytes());
+            b.item.extend_from_slice(&(b.images as u32).to_le_bytes());
+            b.texts += 1;
+        }
+        b.images += 1;
+        if b.bytes() >= self.shard_bytes {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the current shard (if it holds anything) and lists it in the manifest.
+    fn flush(&mut self) -> Result<()> {
+        let b = std::mem::take(&mut self.current);
+        let Some(split) = self.split.clone() else { return Ok(()) };
+        let list = self.splits.get_mut(&split).expect("begin_split inserted the split");
+        if b.images == 0 {
+            return Ok(());
+        }
+        let m = &self.layout.meta;
+        let (n, mm) = (b.images, b.texts);
+        let (r, dr, t, c, dt) = (m.regions, m.feature_dim, m.max_tokens, m.num_labels, self.layout.text_feature_dim);
+        let fdt = b.feature_dtype.unwrap_or(FeatureDtype::F32);
+        let mut tensors = vec![
+            (IMAGE_FEATURES, Owned { dtype: fdt.dtype(), shape: vec![n, r, dr], data: &b.features }),
+            (IMAGE_BOXES, Owned { dtype: Dtype::F32, shape: vec![n, r, 5], data: &b.boxes }),
+            (IMAGE_COUNT, Owned { dtype: Dtype::U16, shape: vec![n], data: &b.count }),
+            (TEXT_LENGTH, Owned { dtype: Dtype::U16, shape: vec![mm], data: &b.length }),
+            (TEXT_ITEM, Owned { dtype: Dtype::U32, shape: vec![mm], data: &b.item }),
+            (LABELS, Owned { dtype: Dtype::U8, shape: vec![n, c], data: &b.labels }),
+        ];
+        match b.text_dtype {
+            Some(d) => tensors.push((TEXT_FEATURES, Owned { dtype: d.dtype(), shape: vec![mm, t, dt], data: &b.text })),
+            None => tensors.push((TEXT_TOKENS, Owned { dtype: Dtype::U32, shape: vec![mm, t], data: &b.text })),
+        }
+        if b.classes == Some(true) {
+            tensors.push((IMAGE_CLASSES, Owned { dtype: Dtype::U16, shape: vec![n, r], data: &b.class_bytes }));
+        }
+        let file = format!("{split}-{:05}.safetensors", list.len());
+        let path = self.tmp.join(&file);
+        let info = std::collections::HashMap::from([
+            ("format".to_string(), "semshare-shard".to_string()),
+            ("version".to_string(), FORMAT_VERSION.to_string()),
+            ("split".to_string(), split.clone()),
+        ]);
+        let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (*k, v)), Some(info))
+            .map_err(|e| Error::format(&path, format!("cannot encode shard: {e}")))?;
+        write_synced(&path, &bytes)?;
+        list.push(ShardEntry {
+            file,
+            images: n,
+            texts: mm,
+            bytes: bytes.len() as u64,
+            checksum: format_checksum(checksum(&bytes)),
+        });
+        Ok(())
+    }
+
+    /// Writes vocabulary, labels and manifest, then moves the directory into place (replacing
+    /// an existing dataset there). Required splits never begun are written empty.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        self.flush()?;
+        for name in REQUIRED_SPLITS {
+            self.splits.entry(name.to_string()).or_default();
+        }
+        let m = &self.layout.meta;
+        let lines = |v: &[String]| v.iter().flat_map(|s| [s.as_str(), "\n"]).collect::<String>();
+        write_synced(&self.tmp.join(VOCAB_FILE), lines(&m.vocab).as_bytes())?;
+        write_synced(&self.tmp.join(LABELS_FILE), lines(&m.label_names).as_bytes())?;
+        let manifest = Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            name: m.name.clone(),
+            regions: m.regions,
+            feature_dim: m.feature_dim,
+            max_tokens: m.max_tokens,
+            text_feature_dim: self.layout.text_feature_dim,
+            num_labels: m.num_labels,
+            num_object_classes: m.num_object_classes,
+            vocab_size: m.vocab.len(),
+            vocab_file: VOCAB_FILE.into(),
+            labels_file: LABELS_FILE.into(),
+            splits: std::mem::take(&mut self.splits),
+        };
+        let mpath = self.tmp.join(MANIFEST_FILE);
+        let mut json = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| Error::format(&mpath, format!("cannot encode manifest: {e}")))?;
+        json.push('\n');
+        write_synced(&mpath, json.as_bytes())?;
+        // Replace: old aside, new in, old removed. A reader sees the old or the new dataset
+        // (or, between the two renames, none), never a mix.
+        let old = self.tmp.with_extension("old");
+        let had_old = self.out.exists();
+        if had_old {
+            fs::rename(&self.out, &old).map_err(|e| Error::io(&self.out, e))?;
+        }
+        fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
+        if had_old {
+            let _ = fs::remove_dir_all(&old);
+        }
+        if let Some(parent) = self.out.parent()
+            && let Ok(d) = fs::File::open(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
+        {
+            let _ = d.sync_all(); // best effort: not every filesystem syncs directories
+        }
+        self.finished = true;
+        Ok(self.out.clone())
+    }
+}
+
+impl Drop for DatasetWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// The reserved vocabulary alone (datasets whose texts are features).
+pub fn reserved_vocab() -> Vec<String> {
+    RESERVED_TOKENS.iter().map(|s| s.to_string()).collect()
+}
