@@ -44,6 +44,7 @@ fn tiny() -> ModelConfig {
         dropout: 0.0,
         mask_prob: 0.15,
         lambda: 0.5,
+        text_feature_dim: 0,
     }
 }
 
@@ -80,6 +81,7 @@ fn text_batch(cfg: &ModelConfig, lengths: &[usize], seed: u64) -> Batch {
         lengths: lengths.to_vec(),
         tokens: ids,
         labels: labels(seed ^ 3, lengths.len(), cfg.labels),
+        ..TextBatch::default()
     })
 }
 
@@ -313,6 +315,7 @@ fn embeddings_do_not_depend_on_the_rest_of_the_batch() {
                         lengths: vec![lengths[item]],
                         tokens: x.tokens[off[item]..off[item + 1]].to_vec(),
                         labels: x.labels[item * cfg.labels..(item + 1) * cfg.labels].to_vec(),
+                        features: Vec::new(),
                     }),
                 };
                 let one = s.model.embed(b, &w, &single, kind).unwrap();

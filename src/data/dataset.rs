@@ -736,8 +736,14 @@ mod tests {
         assert!(back == ds);
         let names: HashSet<String> =
             fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        let want =
-            ["dataset.json", "vocab.txt", "labels.txt", "train-00000.safetensors", "val-00000.safetensors", "test-00000.safetensors"];
+        let want = [
+            "dataset.json",
+            "vocab.txt",
+            "labels.txt",
+            "train-00000.safetensors",
+            "val-00000.safetensors",
+            "test-00000.safetensors",
+        ];
         assert_eq!(names, want.iter().map(|s| s.to_string()).collect(), "no temp files left behind");
         let vocab = fs::read_to_string(dir.0.join("vocab.txt")).unwrap();
         assert!(vocab.starts_with("[PAD]\n[UNK]\n[MASK]\nanimals.w0\n"));
@@ -846,7 +852,10 @@ mod tests {
             (5, vec!["train-00000.safetensors", "truncated"]),
             (20, vec!["train-00000.safetensors", "truncated inside the header"]),
             (data_start + 10, vec!["train-00000.safetensors", "truncated: tensor"]),
-            (element_offset(&full, IMAGE_FEATURES, 100), vec!["train-00000.safetensors", "truncated: tensor image.features"]),
+            (
+                element_offset(&full, IMAGE_FEATURES, 100),
+                vec!["train-00000.safetensors", "truncated: tensor image.features"],
+            ),
             (len - 1, vec!["train-00000.safetensors", "truncated: tensor"]),
         ];
         for (cut, parts) in cases {
@@ -982,7 +991,13 @@ mod tests {
             ("train", IMAGE_CLASSES, 3 * r, 999u16.to_le_bytes().to_vec(), vec!["image.classes", "item 3", "999"]),
             ("train", IMAGE_BOXES, 2 * r * 5, (-0.5f32).to_le_bytes().to_vec(), vec!["image.boxes", "item 2"]),
             ("train", TEXT_ITEM, 11, 1000u32.to_le_bytes().to_vec(), vec!["text.item", "item 11"]),
-            ("val", TEXT_LENGTH, 1, 50u16.to_le_bytes().to_vec(), vec!["val-00000.safetensors", "text.length", "item 1"]),
+            (
+                "val",
+                TEXT_LENGTH,
+                1,
+                50u16.to_le_bytes().to_vec(),
+                vec!["val-00000.safetensors", "text.length", "item 1"],
+            ),
             ("train", LABELS, 6 * 7 + 1, vec![7], vec!["labels", "item 7"]),
         ];
         for (split, tensor, index, value, parts) in cases {
@@ -1031,7 +1046,10 @@ mod tests {
             (|m| m["splits"]["val"][0]["images"] = 21.into(), &["val-00000.safetensors", "shape"]),
             (|m| m["splits"]["test"][0]["texts"] = 89.into(), &["test-00000.safetensors", "text.tokens", "shape"]),
             (|m| m["splits"]["train"][0]["bytes"] = 1.into(), &["train-00000.safetensors", "dataset.json says 1"]),
-            (|m| m["splits"]["train"][0]["file"] = "../x.safetensors".into(), &["dataset.json", "not a plain file name"]),
+            (
+                |m| m["splits"]["train"][0]["file"] = "../x.safetensors".into(),
+                &["dataset.json", "not a plain file name"],
+            ),
             (
                 |m| drop(m["splits"].as_object_mut().unwrap().remove("test")),
                 &["dataset.json", "split \"test\" missing"],
@@ -1080,7 +1098,11 @@ mod tests {
                     .image_features
                     .iter()
                     .flat_map(|&x| {
-                        let h = if dtype == Dtype::BF16 { half::bf16::from_f32(x).to_bits() } else { half::f16::from_f32(x).to_bits() };
+                        let h = if dtype == Dtype::BF16 {
+                            half::bf16::from_f32(x).to_bits()
+                        } else {
+                            half::f16::from_f32(x).to_bits()
+                        };
                         h.to_le_bytes()
                     })
                     .collect();

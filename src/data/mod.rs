@@ -7,3 +7,5 @@ pub mod synth;
 pub use dataset::{Dataset, Meta, Split};
 pub use synth::{SynthConfig, SynthPreset, generate};
 pub mod batches;
+pub mod loader;
+pub mod pack;

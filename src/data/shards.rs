@@ -103,7 +103,10 @@ impl FeatureDtype {
     pub fn first_non_finite(self, bytes: &[u8]) -> Option<usize> {
         // All exponent bits set ⇔ NaN or ±inf. The OR-fold has no early exit, so it vectorises;
         // the position is searched only when something is wrong.
-        fn scan<T: bytemuck::Pod + Copy + std::ops::BitAnd<Output = T> + PartialEq>(bytes: &[u8], mask: T) -> Option<usize> {
+        fn scan<T: bytemuck::Pod + Copy + std::ops::BitAnd<Output = T> + PartialEq>(
+            bytes: &[u8],
+            mask: T,
+        ) -> Option<usize> {
             let v = typed::<T>(bytes);
             if !v.iter().fold(false, |acc, &w| acc | ((w & mask) == mask)) {
                 return None;
@@ -424,12 +427,22 @@ impl Shard {
         let feats = &self.feature_bytes(i)[..count * dr * self.feature_dtype.size()];
         if let Some(k) = self.feature_dtype.first_non_finite(feats) {
             let v = self.feature_dtype.value(feats, k);
-            return Err(item_err(p, IMAGE_FEATURES, i, format!("non-finite value {v} at region {}, dim {}", k / dr, k % dr)));
+            return Err(item_err(
+                p,
+                IMAGE_FEATURES,
+                i,
+                format!("non-finite value {v} at region {}, dim {}", k / dr, k % dr),
+            ));
         }
         let boxes = typed::<f32>(self.box_bytes(i));
         for (reg, b) in boxes.chunks_exact(5).take(count).enumerate() {
             if let Some(&x) = b.iter().find(|x| !(0.0..=1.0).contains(*x)) {
-                return Err(item_err(p, IMAGE_BOXES, i, format!("region {reg}: box value {x} outside [0, 1] in {b:?}")));
+                return Err(item_err(
+                    p,
+                    IMAGE_BOXES,
+                    i,
+                    format!("region {reg}: box value {x} outside [0, 1] in {b:?}"),
+                ));
             }
             if b[0] > b[2] || b[1] > b[3] {
                 return Err(item_err(p, IMAGE_BOXES, i, format!("region {reg}: box {b:?} has x1 > x2 or y1 > y2")));
@@ -672,9 +685,10 @@ impl DatasetReader {
         &self.layout.meta
     }
     pub fn split(&self, name: &str) -> Result<&SplitReader> {
-        self.splits.iter().find(|s| s.name == name).ok_or_else(|| {
-            Error::config(format!("dataset {} has no split {name:?}", self.dir.display()))
-        })
+        self.splits
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| Error::config(format!("dataset {} has no split {name:?}", self.dir.display())))
     }
     pub fn database(&self) -> Option<&SplitReader> {
         self.splits.iter().find(|s| s.name == "database")
@@ -798,7 +812,8 @@ impl DatasetWriter {
     pub fn create(out: impl AsRef<Path>, layout: Layout, shard_bytes: usize) -> Result<DatasetWriter> {
         let out = out.as_ref().to_path_buf();
         layout.meta.check().map_err(|e| Error::data(format!("dataset {:?}: {e}", layout.meta.name)))?;
-        let name = out.file_name().ok_or_else(|| Error::config(format!("{} is not a directory path", out.display())))?;
+        let name =
+            out.file_name().ok_or_else(|| Error::config(format!("{} is not a directory path", out.display())))?;
         let parent = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -846,7 +861,9 @@ impl DatasetWriter {
         {
             return Err(bad("row sizes do not match the layout".into()));
         }
-        if b.feature_dtype.is_some_and(|d| d != image.feature_dtype) || b.classes.is_some_and(|c| c != image.classes.is_some()) {
+        if b.feature_dtype.is_some_and(|d| d != image.feature_dtype)
+            || b.classes.is_some_and(|c| c != image.classes.is_some())
+        {
             return Err(bad("feature dtype or presence of classes differs from the shard's first image".into()));
         }
         if texts.is_empty() {
