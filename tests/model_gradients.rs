@@ -186,6 +186,28 @@ fn image_loss_gradient_matches_fd() {
     s.check_fd("image.mask_feature", &batch, &plan, Dropout::OFF, &mask);
 }
 
+/// Texts as pre-extracted segment features: ψ1 reads them (no embedding, no GRU) and, with
+/// no token to predict, the text context loss is dropped.
+#[test]
+fn text_feature_loss_gradient_matches_fd() {
+    let cfg = ModelConfig { text_feature_dim: 5, ..tiny() };
+    let model = SemShare::new(&cfg).unwrap();
+    assert!(model.store.find("text.embedding.weight").is_none() && model.store.find("text.psi1.weight").is_some());
+    assert_eq!(model.store.find("text.psi1.weight").unwrap().param.len, 5 * cfg.dim);
+    let wv = params(&model, 11);
+    let s = Setup { model, wv };
+    let lengths = [4, 1, 3];
+    let batch = Batch::Text(TextBatch {
+        lengths: lengths.to_vec(),
+        features: rand_range(12, 8 * 5, -1.0, 1.0),
+        labels: labels(13, lengths.len(), cfg.labels),
+        ..TextBatch::default()
+    });
+    assert!(SemShare::context_targets(&batch).is_none());
+    let coords = s.coords(&["text.", "shared.", "classifier."], &[], 14);
+    s.check_fd("text feature batch", &batch, &MaskPlan::default(), Dropout::OFF, &coords);
+}
+
 #[test]
 fn text_loss_gradient_matches_fd() {
     let s = Setup::new(4);
