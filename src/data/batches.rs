@@ -1,7 +1,8 @@
 //! Packing dataset items into model batches (no padding: DESIGN.md's packed layout).
 //!
-//! Items are copied from the memory-mapped shards into reusable buffers in their storage dtype
-//! (what a GPU upload wants), each item's content checked on the way ([`Shard::check_image`],
+//! Items are copied from the shards into reusable buffers in their storage dtype (what a GPU
+//! upload wants; features by pread, see [`Shard::read_features`]), each item's content
+//! checked on the way ([`Shard::check_image`],
 //! [`Shard::check_text`]): a NaN feature is an error naming file, tensor and item, never a
 //! silent input. [`RawImages::widen`] and [`RawTexts::widen`] make the f32 batches of the CPU
 //! model.
@@ -42,23 +43,32 @@ fn push_labels(out: &mut Vec<f32>, labels: &[u8]) {
     out.extend(labels.iter().map(|&y| y as f32));
 }
 
+/// Sets `v.len()` to `n`, zero-filling only what was never allocated: every byte is
+/// overwritten next, so clearing first would be a wasted pass over the batch.
+fn set_len_for_overwrite(v: &mut Vec<u8>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0);
+    } else {
+        v.truncate(n);
+    }
+}
+
 impl RawImages {
     /// Replaces the content with images `items` (global indices < N) of `split`.
     pub fn fill(&mut self, layout: &Layout, split: &SplitReader, items: &[usize]) -> Result<()> {
-        let dr = layout.meta.feature_dim;
         self.lengths.clear();
-        self.features.clear();
         self.boxes.clear();
         self.labels.clear();
         self.dtype = Some(split.feature_dtype());
         let mut classes = self.classes.take().unwrap_or_default();
         classes.clear();
+        let mut total = 0;
         for &i in items {
             let (shard, k) = split.locate_image(i);
-            shard.check_image(layout, k)?;
+            shard.check_image_boxes_and_classes(layout, k)?;
             let n = shard.count(k);
             self.lengths.push(n);
-            self.features.extend_from_slice(&shard.feature_bytes(k)[..n * dr * shard.feature_dtype().size()]);
+            total += shard.feature_len(layout, k);
             self.boxes.extend_from_slice(&typed::<f32>(&shard.box_bytes(k)[..n * 5 * 4]));
             if let Some(b) = shard.class_bytes(k) {
                 classes.extend(typed::<u16>(&b[..2 * n]).iter().map(|&c| c as u32));
@@ -66,6 +76,14 @@ impl RawImages {
             push_labels(&mut self.labels, shard.labels(k));
         }
         self.classes = split.has_classes().then_some(classes);
+        set_len_for_overwrite(&mut self.features, total);
+        let mut at = 0;
+        for &i in items {
+            let (shard, k) = split.locate_image(i);
+            let len = shard.feature_len(layout, k);
+            shard.read_features(layout, k, &mut self.features[at..at + len])?;
+            at += len;
+        }
         Ok(())
     }
 
@@ -94,21 +112,27 @@ impl RawTexts {
     pub fn fill(&mut self, layout: &Layout, split: &SplitReader, texts: &[usize]) -> Result<()> {
         self.lengths.clear();
         self.tokens.clear();
-        self.features.clear();
         self.labels.clear();
         self.dtype = split.text_dtype();
+        let mut total = 0;
         for &j in texts {
             let (shard, k): (&Shard, usize) = split.locate_text(j);
-            shard.check_text(layout, k)?;
             let n = shard.length(k);
             self.lengths.push(n);
-            match shard.text_dtype() {
-                Some(d) => {
-                    self.features.extend_from_slice(&shard.text_bytes(k)[..n * layout.text_feature_dim * d.size()])
-                }
-                None => self.tokens.extend_from_slice(&typed::<u32>(&shard.text_bytes(k)[..4 * n])),
+            total += shard.text_feature_len(layout, k);
+            if shard.text_dtype().is_none() {
+                shard.check_text(layout, k)?;
+                self.tokens.extend_from_slice(&typed::<u32>(&shard.text_bytes(k)[..4 * n]));
             }
             push_labels(&mut self.labels, shard.labels(shard.text_item(k)));
+        }
+        set_len_for_overwrite(&mut self.features, total);
+        let mut at = 0;
+        for &j in texts {
+            let (shard, k) = split.locate_text(j);
+            let len = shard.text_feature_len(layout, k);
+            shard.read_text_features(layout, k, &mut self.features[at..at + len])?;
+            at += len;
         }
         Ok(())
     }

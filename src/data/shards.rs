@@ -197,6 +197,9 @@ struct Loc {
 /// layout and every byte range lies inside the file, so row access cannot go out of bounds.
 pub struct Shard {
     pub path: PathBuf,
+    /// For streaming copies (`read_features`): pread moves bytes from the page cache without
+    /// mapping them, so streaming a dataset larger than memory keeps the resident set small.
+    file: fs::File,
     map: Mmap,
     images: usize,
     texts: usize,
@@ -298,6 +301,7 @@ impl Shard {
         let feature_dtype = FeatureDtype::of(fdt).ok_or_else(|| fmt_err("image.features: bad dtype".into()))?;
         let shard = Shard {
             path: path.to_path_buf(),
+            file,
             map,
             images: n,
             texts: mm,
@@ -417,23 +421,79 @@ impl Shard {
         Ok(())
     }
 
+    /// Bytes of image `i`'s valid region features.
+    pub fn feature_len(&self, layout: &Layout, i: usize) -> usize {
+        self.count(i) * layout.meta.feature_dim * self.feature_dtype.size()
+    }
+
+    /// Bytes of text `j`'s valid segment features (0 for token texts).
+    pub fn text_feature_len(&self, layout: &Layout, j: usize) -> usize {
+        self.text_dtype.map_or(0, |d| self.length(j) * layout.text_feature_dim * d.size())
+    }
+
+    /// Copies image `i`'s valid region features into `dst` (of [`Shard::feature_len`] bytes) by
+    /// pread, not through the map, and checks that they are finite.
+    pub fn read_features(&self, layout: &Layout, i: usize, dst: &mut [u8]) -> Result<()> {
+        self.read_at(dst, self.features.start + i * self.features.row)?;
+        self.check_image_features(layout, i, dst)
+    }
+
+    /// Copies text `j`'s valid segment features into `dst` (of [`Shard::text_feature_len`]
+    /// bytes) by pread and checks them.
+    pub fn read_text_features(&self, layout: &Layout, j: usize, dst: &mut [u8]) -> Result<()> {
+        self.read_at(dst, self.text.start + j * self.text.row)?;
+        self.check_text_features(layout, j, dst)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: usize) -> Result<()> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            self.file.read_exact_at(buf, offset as u64).map_err(|e| Error::io(&self.path, e))
+        }
+        #[cfg(not(unix))]
+        {
+            buf.copy_from_slice(&self.map[offset..offset + buf.len()]);
+            Ok(())
+        }
+    }
+
+    fn check_image_features(&self, layout: &Layout, i: usize, feats: &[u8]) -> Result<()> {
+        let dr = layout.meta.feature_dim;
+        match self.feature_dtype.first_non_finite(feats) {
+            None => Ok(()),
+            Some(k) => {
+                let v = self.feature_dtype.value(feats, k);
+                let what = format!("non-finite value {v} at region {}, dim {}", k / dr, k % dr);
+                Err(item_err(&self.path, IMAGE_FEATURES, i, what))
+            }
+        }
+    }
+
+    fn check_text_features(&self, layout: &Layout, j: usize, feats: &[u8]) -> Result<()> {
+        let (Some(dt), d) = (self.text_dtype, layout.text_feature_dim) else { return Ok(()) };
+        match dt.first_non_finite(feats) {
+            None => Ok(()),
+            Some(k) => {
+                let what = format!("non-finite value {} at segment {}, dim {}", dt.value(feats, k), k / d, k % d);
+                Err(item_err(&self.path, TEXT_FEATURES, j, what))
+            }
+        }
+    }
+
     /// Content checks of image `i`: finite features and boxes in [0, 1] with x1 ≤ x2, y1 ≤ y2
     /// in its valid regions, object classes < K_obj.
     pub fn check_image(&self, layout: &Layout, i: usize) -> Result<()> {
+        let len = self.count(i) * layout.meta.feature_dim * self.feature_dtype.size();
+        self.check_image_features(layout, i, &self.feature_bytes(i)[..len])?;
+        self.check_image_boxes_and_classes(layout, i)
+    }
+
+    /// The content checks of image `i` other than its features.
+    pub fn check_image_boxes_and_classes(&self, layout: &Layout, i: usize) -> Result<()> {
         let m = &layout.meta;
         let p = &self.path;
         let count = self.count(i);
-        let dr = m.feature_dim;
-        let feats = &self.feature_bytes(i)[..count * dr * self.feature_dtype.size()];
-        if let Some(k) = self.feature_dtype.first_non_finite(feats) {
-            let v = self.feature_dtype.value(feats, k);
-            return Err(item_err(
-                p,
-                IMAGE_FEATURES,
-                i,
-                format!("non-finite value {v} at region {}, dim {}", k / dr, k % dr),
-            ));
-        }
         let boxes = typed::<f32>(self.box_bytes(i));
         for (reg, b) in boxes.chunks_exact(5).take(count).enumerate() {
             if let Some(&x) = b.iter().find(|x| !(0.0..=1.0).contains(*x)) {
@@ -466,12 +526,8 @@ impl Shard {
         let len = self.length(j);
         match self.text_dtype {
             Some(dt) => {
-                let d = layout.text_feature_dim;
-                let feats = &self.text_bytes(j)[..len * d * dt.size()];
-                if let Some(k) = dt.first_non_finite(feats) {
-                    let what = format!("non-finite value {} at segment {}, dim {}", dt.value(feats, k), k / d, k % d);
-                    return Err(item_err(p, TEXT_FEATURES, j, what));
-                }
+                let feats = &self.text_bytes(j)[..len * layout.text_feature_dim * dt.size()];
+                self.check_text_features(layout, j, feats)?;
             }
             None => {
                 let v = layout.meta.vocab.len();
