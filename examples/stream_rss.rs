@@ -39,9 +39,12 @@ fn main() {
             let t = Instant::now();
             let mut loader = Loader::new(data, "train", BATCH, 0, 0..steps, POOL).expect("loader");
             let mut bytes = 0usize;
+            let mut peak_file = String::new();
             while let Some(b) = loader.next_batch() {
                 bytes += b.expect("batch").images.feature_bytes();
+                peak_file = status("RssFile:");
             }
+            println!("RssFile at the last batch: {peak_file}");
             let secs = t.elapsed().as_secs_f64();
             println!(
                 "streamed {:.2} GB of fp16 features ({n} images, {steps} batches) in {secs:.1}s ({:.2} GB/s)",
@@ -50,7 +53,13 @@ fn main() {
             );
             let pool_mb = (POOL * BATCH * generator::IMAGE_BYTES) as f64 / 1e6;
             println!("buffer pool: {POOL} × {BATCH} images = {pool_mb:.0} MB of features");
-            println!("VmHWM {}  VmRSS {}", status("VmHWM:"), status("VmRSS:"));
+            println!(
+                "VmHWM {}  VmRSS {} (RssAnon {}, RssFile {})",
+                status("VmHWM:"),
+                status("VmRSS:"),
+                status("RssAnon:"),
+                status("RssFile:")
+            );
         }
         _ => eprintln!("usage: stream_rss gen DIR IMAGES | stream DIR"),
     }

@@ -1,14 +1,15 @@
 //! Packing dataset items into model batches (no padding: DESIGN.md's packed layout).
 //!
 //! Items are copied from the shards into reusable buffers in their storage dtype (what a GPU
-//! upload wants; features by pread, see [`Shard::read_features`]), each item's content
-//! checked on the way ([`Shard::check_image`],
+//! upload wants). Per-item data is copied by pread ([`Shard::read_features`] and friends), not
+//! through the map, so streaming keeps the resident set at the pool's size; each item's content
+//! is checked on the way ([`Shard::check_image`],
 //! [`Shard::check_text`]): a NaN feature is an error naming file, tensor and item, never a
 //! silent input. [`RawImages::widen`] and [`RawTexts::widen`] make the f32 batches of the CPU
 //! model.
 
 use crate::Result;
-use crate::data::shards::{FeatureDtype, Layout, Shard, SplitReader, typed};
+use crate::data::shards::{FeatureDtype, Layout, Shard, SplitReader};
 use crate::model::{ImageBatch, TextBatch};
 use crate::rng::Rng;
 
@@ -26,6 +27,7 @@ pub struct RawImages {
     pub classes: Option<Vec<u32>>,
     /// [items, C] as 0/1 floats.
     pub labels: Vec<f32>,
+    scratch: Vec<u8>,
 }
 
 /// Texts of a batch, packed: token ids, or segment features in storage dtype.
@@ -37,6 +39,7 @@ pub struct RawTexts {
     pub features: Vec<u8>,
     pub dtype: Option<FeatureDtype>,
     pub labels: Vec<f32>,
+    scratch: Vec<u8>,
 }
 
 fn push_labels(out: &mut Vec<f32>, labels: &[u8]) {
@@ -65,14 +68,9 @@ impl RawImages {
         let mut total = 0;
         for &i in items {
             let (shard, k) = split.locate_image(i);
-            shard.check_image_boxes_and_classes(layout, k)?;
-            let n = shard.count(k);
-            self.lengths.push(n);
+            self.lengths.push(shard.count(k));
             total += shard.feature_len(layout, k);
-            self.boxes.extend_from_slice(&typed::<f32>(&shard.box_bytes(k)[..n * 5 * 4]));
-            if let Some(b) = shard.class_bytes(k) {
-                classes.extend(typed::<u16>(&b[..2 * n]).iter().map(|&c| c as u32));
-            }
+            shard.read_boxes_and_classes(layout, k, &mut self.boxes, &mut classes, &mut self.scratch)?;
             push_labels(&mut self.labels, shard.labels(k));
         }
         self.classes = split.has_classes().then_some(classes);
@@ -121,8 +119,7 @@ impl RawTexts {
             self.lengths.push(n);
             total += shard.text_feature_len(layout, k);
             if shard.text_dtype().is_none() {
-                shard.check_text(layout, k)?;
-                self.tokens.extend_from_slice(&typed::<u32>(&shard.text_bytes(k)[..4 * n]));
+                shard.read_tokens(layout, k, &mut self.tokens, &mut self.scratch)?;
             }
             push_labels(&mut self.labels, shard.labels(shard.text_item(k)));
         }

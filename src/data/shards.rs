@@ -197,7 +197,7 @@ struct Loc {
 /// layout and every byte range lies inside the file, so row access cannot go out of bounds.
 pub struct Shard {
     pub path: PathBuf,
-    /// For streaming copies (`read_features`): pread moves bytes from the page cache without
+    /// For streaming copies (`read_*`): pread moves bytes from the page cache without
     /// mapping them, so streaming a dataset larger than memory keeps the resident set small.
     file: fs::File,
     map: Mmap,
@@ -317,6 +317,7 @@ impl Shard {
             labels,
         };
         shard.check_structure(layout)?;
+        shard.release_mapped_pages();
         Ok(shard)
     }
 
@@ -381,6 +382,17 @@ impl Shard {
     /// All T token ids (raw u32) or segment rows (raw features) of text `j`.
     pub fn text_bytes(&self, j: usize) -> &[u8] {
         self.row(self.text, j)
+    }
+
+    /// Unmaps the pages the open scan read through the map (they stay in the page cache): a
+    /// reader's resident set does not start at the size of its per-item tensors.
+    fn release_mapped_pages(&self) {
+        #[cfg(unix)]
+        // SAFETY: a read-only file mapping: MADV_DONTNEED only drops page-table entries; the
+        // next access faults the same bytes back from the file, so no reference sees other data.
+        unsafe {
+            let _ = self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, self.map.len());
+        }
     }
 
     /// The cheap checks every open runs: counts and lengths in range, `text.item` < N, every
@@ -489,31 +501,55 @@ impl Shard {
         self.check_image_boxes_and_classes(layout, i)
     }
 
-    /// The content checks of image `i` other than its features.
+    /// The content checks of image `i` other than its features, read through the map.
     pub fn check_image_boxes_and_classes(&self, layout: &Layout, i: usize) -> Result<()> {
-        let m = &layout.meta;
-        let p = &self.path;
         let count = self.count(i);
-        let boxes = typed::<f32>(self.box_bytes(i));
-        for (reg, b) in boxes.chunks_exact(5).take(count).enumerate() {
+        self.check_boxes(i, &typed::<f32>(self.box_bytes(i))[..5 * count])?;
+        match self.class_bytes(i) {
+            Some(bytes) => self.check_classes(layout, i, &typed::<u16>(bytes)[..count]),
+            None => Ok(()),
+        }
+    }
+
+    /// Boxes of image `i`'s valid regions: in [0, 1], x1 ≤ x2, y1 ≤ y2.
+    fn check_boxes(&self, i: usize, boxes: &[f32]) -> Result<()> {
+        for (reg, b) in boxes.chunks_exact(5).enumerate() {
             if let Some(&x) = b.iter().find(|x| !(0.0..=1.0).contains(*x)) {
-                return Err(item_err(
-                    p,
-                    IMAGE_BOXES,
-                    i,
-                    format!("region {reg}: box value {x} outside [0, 1] in {b:?}"),
-                ));
+                let what = format!("region {reg}: box value {x} outside [0, 1] in {b:?}");
+                return Err(item_err(&self.path, IMAGE_BOXES, i, what));
             }
             if b[0] > b[2] || b[1] > b[3] {
-                return Err(item_err(p, IMAGE_BOXES, i, format!("region {reg}: box {b:?} has x1 > x2 or y1 > y2")));
+                let what = format!("region {reg}: box {b:?} has x1 > x2 or y1 > y2");
+                return Err(item_err(&self.path, IMAGE_BOXES, i, what));
             }
         }
-        if let Some(bytes) = self.class_bytes(i) {
-            let k_obj = m.num_object_classes;
-            let cls = typed::<u16>(bytes);
-            if let Some(reg) = cls[..count].iter().position(|&k| k as usize >= k_obj) {
+        Ok(())
+    }
+
+    /// Object classes of image `i`'s valid regions: < K_obj.
+    fn check_classes(&self, layout: &Layout, i: usize, cls: &[u16]) -> Result<()> {
+        let k_obj = layout.meta.num_object_classes;
+        match cls.iter().position(|&k| k as usize >= k_obj) {
+            None => Ok(()),
+            Some(reg) => {
                 let what = format!("region {reg}: class {} ≥ num_object_classes {k_obj}", cls[reg]);
-                return Err(item_err(p, IMAGE_CLASSES, i, what));
+                Err(item_err(&self.path, IMAGE_CLASSES, i, what))
+            }
+        }
+    }
+
+    /// A [T] token row of text `j` of length `len`: [UNK] or 3..V before it, [PAD] after.
+    fn check_tokens(&self, layout: &Layout, j: usize, len: usize, row: &[u32]) -> Result<()> {
+        let v = layout.meta.vocab.len();
+        for (pos, &tok) in row.iter().enumerate() {
+            let bad = if pos < len { !(tok == UNK || (tok > MASK && (tok as usize) < v)) } else { tok != PAD };
+            if bad {
+                let what = if pos < len {
+                    format!("token {tok} at position {pos} (length {len}) is not [UNK] or in 3..{v}")
+                } else {
+                    format!("token {tok} at padding position {pos} (length {len}), expected 0")
+                };
+                return Err(item_err(&self.path, TEXT_TOKENS, j, what));
             }
         }
         Ok(())
@@ -522,29 +558,49 @@ impl Shard {
     /// Content checks of text `j`: tokens [UNK] or in 3..V before its length and [PAD] after
     /// it; or finite segment features.
     pub fn check_text(&self, layout: &Layout, j: usize) -> Result<()> {
-        let p = &self.path;
         let len = self.length(j);
         match self.text_dtype {
             Some(dt) => {
                 let feats = &self.text_bytes(j)[..len * layout.text_feature_dim * dt.size()];
-                self.check_text_features(layout, j, feats)?;
+                self.check_text_features(layout, j, feats)
             }
-            None => {
-                let v = layout.meta.vocab.len();
-                let row = typed::<u32>(self.text_bytes(j));
-                for (pos, &tok) in row.iter().enumerate() {
-                    let bad = if pos < len { !(tok == UNK || (tok > MASK && (tok as usize) < v)) } else { tok != PAD };
-                    if bad {
-                        let what = if pos < len {
-                            format!("token {tok} at position {pos} (length {len}) is not [UNK] or in 3..{v}")
-                        } else {
-                            format!("token {tok} at padding position {pos} (length {len}), expected 0")
-                        };
-                        return Err(item_err(p, TEXT_TOKENS, j, what));
-                    }
-                }
-            }
+            None => self.check_tokens(layout, j, len, &typed::<u32>(self.text_bytes(j))),
         }
+    }
+
+    /// Appends image `i`'s valid boxes (pread) to `boxes` and its classes, if any, to
+    /// `classes`, checked; `scratch` is reused.
+    pub fn read_boxes_and_classes(
+        &self,
+        layout: &Layout,
+        i: usize,
+        boxes: &mut Vec<f32>,
+        classes: &mut Vec<u32>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let count = self.count(i);
+        let start = boxes.len();
+        boxes.resize(start + 5 * count, 0.0);
+        self.read_at(bytemuck::cast_slice_mut(&mut boxes[start..]), self.boxes.start + i * self.boxes.row)?;
+        self.check_boxes(i, &boxes[start..])?;
+        if let Some(loc) = self.classes {
+            scratch.resize(2 * count, 0);
+            self.read_at(scratch, loc.start + i * loc.row)?;
+            let cls = typed::<u16>(scratch);
+            self.check_classes(layout, i, &cls)?;
+            classes.extend(cls.iter().map(|&k| k as u32));
+        }
+        Ok(())
+    }
+
+    /// Appends text `j`'s valid token ids (pread) to `tokens`, checked; `scratch` is reused.
+    pub fn read_tokens(&self, layout: &Layout, j: usize, tokens: &mut Vec<u32>, scratch: &mut Vec<u8>) -> Result<()> {
+        scratch.resize(self.text.row, 0);
+        self.read_at(scratch, self.text.start + j * self.text.row)?;
+        let row = typed::<u32>(scratch);
+        let len = self.length(j);
+        self.check_tokens(layout, j, len, &row)?;
+        tokens.extend_from_slice(&row[..len]);
         Ok(())
     }
 }
