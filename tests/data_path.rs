@@ -68,51 +68,62 @@ fn le<T: Copy, const K: usize>(v: &[T], f: impl Fn(T) -> [u8; K]) -> Vec<u8> {
 
 /// A source file of `n` images with two texts each: f16 regions, tokens or bf16 text features.
 fn source_file(path: &Path, n: usize, seed: u64, text_features: bool) {
+    source_file_shaped(path, n, seed, text_features, R, T);
+}
+
+/// The same with `r` region slots and `t` text segment slots (1 and 1: global items).
+fn source_file_shaped(path: &Path, n: usize, seed: u64, text_features: bool, r: usize, t: usize) {
     let mut rng = Rng::new(seed);
     let m = 2 * n;
-    let feats: Vec<f32> = (0..n * R * DR).map(|_| rng.normal() as f32).collect();
+    let feats: Vec<f32> = (0..n * r * DR).map(|_| rng.normal() as f32).collect();
     let mut boxes = Vec::new();
-    for _ in 0..n * R {
+    for _ in 0..n * r {
         let (x1, y1) = (rng.uniform() * 0.5, rng.uniform() * 0.5);
         let (x2, y2) = (x1 + 0.3, y1 + 0.2);
         boxes.extend([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)].map(|v| v as f32));
     }
-    let count: Vec<u16> = (0..n).map(|_| 1 + rng.below(R) as u16).collect();
-    let classes: Vec<u16> = (0..n * R).map(|_| rng.below(7) as u16).collect();
+    let count: Vec<u16> = (0..n).map(|_| 1 + rng.below(r) as u16).collect();
+    let classes: Vec<u16> = (0..n * r).map(|_| rng.below(7) as u16).collect();
     let mut labels = vec![0u8; n * C];
     for i in 0..n {
         labels[i * C + rng.below(C)] = 1;
         labels[i * C + rng.below(C)] = 1;
     }
-    let length: Vec<u16> = (0..m).map(|_| 1 + rng.below(T) as u16).collect();
+    let length: Vec<u16> = (0..m).map(|_| 1 + rng.below(t) as u16).collect();
     let item: Vec<u32> = (0..m as u32).map(|j| j / 2).collect();
-    let mut t = vec![
-        ("image.features", Owned { dtype: Dtype::F16, shape: vec![n, R, DR], data: f16_bytes(&feats) }),
-        ("image.boxes", Owned { dtype: Dtype::F32, shape: vec![n, R, 5], data: le(&boxes, f32::to_le_bytes) }),
+    let mut tensors = vec![
+        ("image.features", Owned { dtype: Dtype::F16, shape: vec![n, r, DR], data: f16_bytes(&feats) }),
+        ("image.boxes", Owned { dtype: Dtype::F32, shape: vec![n, r, 5], data: le(&boxes, f32::to_le_bytes) }),
         ("image.count", Owned { dtype: Dtype::U16, shape: vec![n], data: le(&count, u16::to_le_bytes) }),
-        ("image.classes", Owned { dtype: Dtype::U16, shape: vec![n, R], data: le(&classes, u16::to_le_bytes) }),
+        ("image.classes", Owned { dtype: Dtype::U16, shape: vec![n, r], data: le(&classes, u16::to_le_bytes) }),
         ("text.length", Owned { dtype: Dtype::U16, shape: vec![m], data: le(&length, u16::to_le_bytes) }),
         ("text.item", Owned { dtype: Dtype::U32, shape: vec![m], data: le(&item, u32::to_le_bytes) }),
         ("labels", Owned { dtype: Dtype::U8, shape: vec![n, C], data: labels }),
     ];
     if text_features {
-        let f: Vec<f32> = (0..m * T * DT).map(|_| rng.normal() as f32).collect();
-        t.push(("text.features", Owned { dtype: Dtype::BF16, shape: vec![m, T, DT], data: bf16_bytes(&f) }));
+        let f: Vec<f32> = (0..m * t * DT).map(|_| rng.normal() as f32).collect();
+        tensors.push(("text.features", Owned { dtype: Dtype::BF16, shape: vec![m, t, DT], data: bf16_bytes(&f) }));
     } else {
-        let mut tokens = vec![0u32; m * T];
+        let mut tokens = vec![0u32; m * t];
         for j in 0..m {
             for p in 0..length[j] as usize {
-                tokens[j * T + p] = 3 + rng.below(VOCAB - 3) as u32;
+                tokens[j * t + p] = 3 + rng.below(VOCAB - 3) as u32;
             }
         }
-        t.push(("text.tokens", Owned { dtype: Dtype::U32, shape: vec![m, T], data: le(&tokens, u32::to_le_bytes) }));
+        tensors
+            .push(("text.tokens", Owned { dtype: Dtype::U32, shape: vec![m, t], data: le(&tokens, u32::to_le_bytes) }));
     }
-    let bytes = safetensors::tensor::serialize(t.iter().map(|(k, v)| (*k, v)), None).unwrap();
+    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (*k, v)), None).unwrap();
     fs::write(path, bytes).unwrap();
 }
 
 /// A source directory: train in two files, val, test and (optionally) a database.
 fn source_dir(name: &str, text_features: bool, database: bool) -> PathBuf {
+    source_dir_shaped(name, text_features, database, R, T)
+}
+
+fn source_dir_shaped(name: &str, text_features: bool, database: bool, r: usize, t: usize) -> PathBuf {
+    let source_file = |p: &Path, n, seed, tf| source_file_shaped(p, n, seed, tf, r, t);
     let dir = tmp(name);
     let mut splits = serde_json::json!({
         "train": ["train-a.safetensors", "train-b.safetensors"],
@@ -160,14 +171,24 @@ fn tiny_model(data: &DatasetReader) -> ModelConfig {
 
 /// Packs, checks, trains 4 steps and evaluates `test`.
 fn pack_train_eval(name: &str, text_features: bool, database: bool) -> (Arc<DatasetReader>, semshare::eval::Report) {
-    let src = source_dir(name, text_features, database);
+    pack_train_eval_shaped(name, text_features, database, R, T)
+}
+
+fn pack_train_eval_shaped(
+    name: &str,
+    text_features: bool,
+    database: bool,
+    r: usize,
+    t: usize,
+) -> (Arc<DatasetReader>, semshare::eval::Report) {
+    let src = source_dir_shaped(name, text_features, database, r, t);
     let out = src.join("packed");
-    let summary = pack(&src, &out, 3000).unwrap();
+    let summary = pack(&src, &out, 3000 * r / R).unwrap();
     let data = Arc::new(DatasetReader::open(&out).unwrap());
     assert!(data.check(10).is_empty(), "{:?}", data.check(10));
     let train_split = data.split("train").unwrap();
     assert_eq!((train_split.num_images(), train_split.num_texts()), (40, 80));
-    assert!(train_split.shards.len() > 2, "3000-byte shards: {:?}", summary.splits);
+    assert!(train_split.shards.len() > 2, "small shards: {:?}", summary.splits);
     assert_eq!(data.database().is_some(), database);
     assert_eq!(data.meta().num_object_classes, 7, "inferred as the largest class + 1");
 
@@ -226,6 +247,14 @@ fn texts_as_segment_features_train_and_evaluate() {
     assert_eq!(data.layout.text_feature_dim, DT);
     assert_eq!(data.split("train").unwrap().text_dtype(), Some(FeatureDtype::BF16));
     assert!(report.avg.map_all > 0.0);
+}
+
+/// Global items in both modalities: one region per image, one segment per text.
+#[test]
+fn global_items_train_and_evaluate() {
+    let (data, report) = pack_train_eval_shaped("global", true, true, 1, 1);
+    assert_eq!((data.meta().regions, data.meta().max_tokens), (1, 1));
+    assert!(report.avg.ndcg_at(10).unwrap() > 0.0);
 }
 
 #[test]
