@@ -8,6 +8,8 @@
 //! silent input. [`RawImages::widen`] and [`RawTexts::widen`] make the f32 batches of the CPU
 //! model.
 
+use rayon::prelude::*;
+
 use crate::Result;
 use crate::data::shards::{FeatureDtype, Layout, Shard, SplitReader};
 use crate::model::{ImageBatch, TextBatch};
@@ -46,6 +48,17 @@ fn push_labels(out: &mut Vec<f32>, labels: &[u8]) {
     out.extend(labels.iter().map(|&y| y as f32));
 }
 
+/// `buf` cut into consecutive pieces of the given lengths (which sum to at most its length).
+fn split_lengths(mut buf: &mut [u8], lens: impl Iterator<Item = usize>) -> Vec<&mut [u8]> {
+    let mut out = Vec::new();
+    for len in lens {
+        let (head, rest) = std::mem::take(&mut buf).split_at_mut(len);
+        out.push(head);
+        buf = rest;
+    }
+    out
+}
+
 /// Sets `v.len()` to `n`, zero-filling only what was never allocated: every byte is
 /// overwritten next, so clearing first would be a wasted pass over the batch.
 fn set_len_for_overwrite(v: &mut Vec<u8>, n: usize) {
@@ -75,14 +88,21 @@ impl RawImages {
         }
         self.classes = split.has_classes().then_some(classes);
         set_len_for_overwrite(&mut self.features, total);
-        let mut at = 0;
-        for &i in items {
+        // The bulk of the bytes: one pread per item, spread over the thread pool.
+        let lens = items.iter().map(|&i| {
             let (shard, k) = split.locate_image(i);
-            let len = shard.feature_len(layout, k);
-            shard.read_features(layout, k, &mut self.features[at..at + len])?;
-            at += len;
-        }
-        Ok(())
+            shard.feature_len(layout, k)
+        });
+        let dsts = split_lengths(&mut self.features, lens);
+        let results: Vec<Result<()>> = items
+            .par_iter()
+            .zip(dsts)
+            .map(|(&i, dst)| {
+                let (shard, k) = split.locate_image(i);
+                shard.read_features(layout, k, dst)
+            })
+            .collect();
+        results.into_iter().collect()
     }
 
     /// The f32 batch of the CPU model.
@@ -165,13 +185,15 @@ pub struct PairSampler {
     texts_of: Vec<Vec<usize>>,
     usable: Vec<usize>,
     batch: usize,
+    /// The shuffled order of the epoch last asked for (shuffling per step would cost O(N)).
+    order: Option<(u64, Vec<usize>)>,
 }
 
 impl PairSampler {
     /// `texts_of[i]`: the texts of image i ([`SplitReader::image_texts`]).
     pub fn new(texts_of: Vec<Vec<usize>>, batch: usize, seed: u64) -> Self {
         let usable = (0..texts_of.len()).filter(|&i| !texts_of[i].is_empty()).collect();
-        PairSampler { seed, texts_of, usable, batch: batch.max(1) }
+        PairSampler { seed, texts_of, usable, batch: batch.max(1), order: None }
     }
 
     pub fn steps_per_epoch(&self) -> usize {
@@ -179,11 +201,15 @@ impl PairSampler {
     }
 
     /// The images and texts of global step `step` (0-based), written into `images`, `texts`.
-    pub fn pairs_into(&self, step: u64, images: &mut Vec<usize>, texts: &mut Vec<usize>) {
+    pub fn pairs_into(&mut self, step: u64, images: &mut Vec<usize>, texts: &mut Vec<usize>) {
         let per_epoch = self.steps_per_epoch().max(1) as u64;
         let (epoch, k) = (step / per_epoch, (step % per_epoch) as usize);
-        let mut order = self.usable.clone();
-        Rng::derive(self.seed, epoch).shuffle(&mut order);
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut order = self.usable.clone();
+            Rng::derive(self.seed, epoch).shuffle(&mut order);
+            self.order = Some((epoch, order));
+        }
+        let order = &self.order.as_ref().expect("set above").1;
         let mut pick = Rng::derive(self.seed ^ 0x7E57, step);
         images.clear();
         texts.clear();

@@ -67,7 +67,7 @@ impl Loader {
         pool: usize,
     ) -> Result<Loader> {
         let s = data.split(split)?;
-        let sampler = PairSampler::new(s.image_texts(), batch, seed);
+        let mut sampler = PairSampler::new(s.image_texts(), batch, seed);
         if sampler.steps_per_epoch() == 0 {
             return Err(Error::data(format!("the {split} split has fewer paired images than one batch of {batch}")));
         }
@@ -80,7 +80,7 @@ impl Loader {
         let split = split.to_string();
         let worker = std::thread::Builder::new()
             .name("semshare-loader".into())
-            .spawn(move || fill_loop(&data, &split, &sampler, steps, &free_rx, &full_tx))
+            .spawn(move || fill_loop(&data, &split, &mut sampler, steps, &free_rx, &full_tx))
             .map_err(|e| Error::config(format!("cannot start the loader thread: {e}")))?;
         Ok(Loader { full: Some(full_rx), free: Some(free_tx), worker: Some(worker) })
     }
@@ -96,7 +96,7 @@ impl Loader {
 fn fill_loop(
     data: &DatasetReader,
     split: &str,
-    sampler: &PairSampler,
+    sampler: &mut PairSampler,
     steps: Range<u64>,
     free: &Receiver<PairBatch>,
     full: &SyncSender<Result<PairBatch>>,
