@@ -1,30 +1,24 @@
-//! In-memory dataset and its plain on-disk form (DESIGN.md §6).
+//! The in-memory dataset (what `synth` generates) and the names, checks and checksum shared with
+//! the on-disk format (DESIGN.md §6; `docs/FORMAT.md` is the normative spec).
 //!
-//! A dataset directory holds:
-//!
-//! - `dataset.json` — the manifest: `format` = `"semshare-dataset"`, `version` = 1, the meta fields
-//!   (`name`, `regions` R, `feature_dim` Dr, `max_tokens` T, `num_labels` C,
-//!   `num_object_classes` K_obj, `vocab_size` V), `vocab_file`, `labels_file`, and `splits`:
-//!   for each of `train`, `val`, `test` the shard file name, its image and text counts, its size
-//!   in bytes and a checksum of the whole shard file (`"fnv1a64x4:<16 hex digits>"`, see
-//!   [`checksum`]).
-//! - `vocab.txt` — one token per line, id = line number; ids 0, 1, 2 are `[PAD]`, `[UNK]`, `[MASK]`.
-//! - `labels.txt` — one label name per line, in label column order.
-//! - one safetensors shard per split (`train.safetensors`, …) with the tensors
+//! On disk a dataset is a directory of safetensors shards plus `dataset.json`, read through
+//! [`DatasetReader`] and written through [`DatasetWriter`] (`src/data/shards.rs`);
+//! [`Dataset::save`] and [`Dataset::load`] go through them. Training and evaluation read the
+//! directory through the reader, never through this in-memory form. A [`Split`] holds, row-major:
 //!
 //! | tensor | shape | dtype |
 //! |---|---|---|
-//! | `image.features` | [N, R, Dr] | f32 (f16 and bf16 are read too) |
+//! | `image.features` | [N, R, Dr] | f32 |
 //! | `image.boxes` | [N, R, 5] | f32, (x1/W, y1/H, x2/W, y2/H, area/(W·H)) |
 //! | `image.count` | [N] | u16, valid regions per image, 1..=R |
 //! | `image.classes` | [N, R] | u16, optional, object class < K_obj |
 //! | `text.tokens` | [M, T] | u32, 0-padded after `text.length` |
 //! | `text.length` | [M] | u16, 1..=T |
-//! | `text.item` | [M] | u32, image index of each text (optional when M = N: text i ↔ image i) |
+//! | `text.item` | [M] | u32, image index of each text |
 //! | `labels` | [N, C] | u8, 0/1, ≥ 1 label per image |
 //!
-//! Everything read is validated; every error names the file, the tensor and, where it applies,
-//! the item. The memory-mapped shard reader (a later issue) uses the same names and checks.
+//! Everything is validated; every error names the split or file, the tensor and, where it
+//! applies, the item.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;

@@ -1095,7 +1095,9 @@ impl DatasetWriter {
         write_synced(&mpath, json.as_bytes())?;
         // Replace: old aside, new in, old removed. A reader sees the old or the new dataset
         // (or, between the two renames, none), never a mix.
-        let old = self.tmp.with_extension("old");
+        let mut old = self.tmp.clone().into_os_string();
+        old.push(".old");
+        let old = PathBuf::from(old);
         let had_old = self.out.exists();
         if had_old {
             fs::rename(&self.out, &old).map_err(|e| Error::io(&self.out, e))?;
