@@ -534,3 +534,45 @@ fn an_empty_or_tiny_file_is_an_error() {
         assert!(e.contains("test-00000.safetensors"), "{e}");
     }
 }
+
+/// The batch path (pread, parallel, storage dtype) against the in-memory path (the map, widened
+/// on load): the same images and texts, the same values.
+#[test]
+fn batches_equal_the_loaded_dataset() {
+    use semshare::data::Dataset;
+    use semshare::data::batches::{image_batch, text_batch};
+    let src = source_dir("batches", false, false);
+    let out = src.join("packed");
+    pack(&src, &out, 2500).unwrap();
+    let data = DatasetReader::open(&out).unwrap();
+    let mem = Dataset::load(&out).unwrap();
+    let split = data.split("train").unwrap();
+    let items = [39, 0, 17, 17, 24, 5];
+    let b = image_batch(&data.layout, split, &items).unwrap();
+    let (mut at, mut box_at) = (0, 0);
+    for (n, &i) in items.iter().enumerate() {
+        let count = mem.train.image_count[i] as usize;
+        assert_eq!(b.lengths[n], count);
+        assert_eq!(b.features[at..at + count * DR], mem.train.image_features[i * R * DR..(i * R + count) * DR]);
+        assert_eq!(b.boxes[box_at..box_at + 5 * count], mem.train.image_boxes[i * R * 5..(i * R + count) * 5]);
+        let classes = &mem.train.image_classes.as_ref().unwrap()[i * R..i * R + count];
+        let got: Vec<u16> = b.classes.as_ref().unwrap()[at / DR..at / DR + count].iter().map(|&k| k as u16).collect();
+        assert_eq!(got, classes);
+        let want: Vec<f32> = mem.train.labels[i * C..(i + 1) * C].iter().map(|&y| y as f32).collect();
+        assert_eq!(b.labels[n * C..(n + 1) * C], want);
+        at += count * DR;
+        box_at += 5 * count;
+    }
+    assert_eq!(at, b.features.len());
+    let texts = [79, 1, 40, 41];
+    let t = text_batch(&data.layout, split, &texts).unwrap();
+    let mut at = 0;
+    for (n, &j) in texts.iter().enumerate() {
+        let len = mem.train.text_length[j] as usize;
+        assert_eq!(t.tokens[at..at + len], mem.train.text_tokens[j * T..j * T + len]);
+        let i = mem.train.text_item[j] as usize;
+        let want: Vec<f32> = mem.train.labels[i * C..(i + 1) * C].iter().map(|&y| y as f32).collect();
+        assert_eq!(t.labels[n * C..(n + 1) * C], want);
+        at += len;
+    }
+}

@@ -1134,3 +1134,68 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn reserved_vocab() -> Vec<String> {
     RESERVED_TOKENS.iter().map(|s| s.to_string()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f16s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn widening_is_the_same_aligned_or_not() {
+        let values = [0.5f32, -3.25, 1000.0, 6.1e-5, 0.0, -0.0, 65504.0];
+        for dtype in [FeatureDtype::F32, FeatureDtype::F16, FeatureDtype::BF16] {
+            let bytes: Vec<u8> = match dtype {
+                FeatureDtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                FeatureDtype::F16 => f16s(&values),
+                FeatureDtype::BF16 => values.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+            };
+            let mut aligned = Vec::new();
+            dtype.widen_into(&bytes, &mut aligned);
+            // The same bytes one past an aligned address take the copying path.
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(&bytes);
+            let mut unaligned = vec![7.0];
+            dtype.widen_into(&shifted[1..], &mut unaligned);
+            assert_eq!(unaligned[0], 7.0, "appends");
+            assert_eq!(aligned, unaligned[1..]);
+            for (got, want) in aligned.iter().zip(values) {
+                assert!((got - want).abs() <= want.abs() * 4e-3, "{dtype:?}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_values_are_found_where_they_are() {
+        let mut v = vec![1.0f32; 37];
+        for (pos, bad) in [(0, f32::NAN), (36, f32::INFINITY), (17, f32::NEG_INFINITY)] {
+            v.fill(1.0);
+            v[pos] = bad;
+            let f32_bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            assert_eq!(FeatureDtype::F32.first_non_finite(&f32_bytes), Some(pos));
+            assert_eq!(FeatureDtype::F16.first_non_finite(&f16s(&v)), Some(pos));
+            let bf: Vec<u8> = v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect();
+            assert_eq!(FeatureDtype::BF16.first_non_finite(&bf), Some(pos));
+        }
+        // The largest finite values are finite; f16 overflows to inf when converted, not here.
+        let big: Vec<u8> = [f32::MAX, -f32::MAX].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(FeatureDtype::F32.first_non_finite(&big), None);
+        assert_eq!(FeatureDtype::F16.first_non_finite(&0x7bffu16.to_le_bytes()), None);
+        assert_eq!(FeatureDtype::F16.first_non_finite(&0x7c00u16.to_le_bytes()), Some(0));
+    }
+
+    #[test]
+    fn typed_views_borrow_when_aligned_and_copy_otherwise() {
+        let words = [1u32, 2, 0xdead_beef];
+        let bytes: Vec<u8> = words.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut shifted = vec![0u8; bytes.len() + 1];
+        shifted[1..].copy_from_slice(&bytes);
+        let a = typed::<u32>(&bytes);
+        let b = typed::<u32>(&shifted[1..]);
+        assert!(matches!(b, Cow::Owned(_)));
+        assert_eq!(&a[..], &words[..]);
+        assert_eq!(&b[..], &words[..]);
+    }
+}
