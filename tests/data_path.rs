@@ -395,6 +395,18 @@ fn check_names_the_nan_item_and_the_truncated_file() {
     let run = semshare(&["check", packed.to_str().unwrap()]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(String::from_utf8_lossy(&run.stdout).contains("database 20/40"));
+
+    // Train and evaluate from the command line: test queries against the database.
+    let (packed, run_dir) = (packed.to_str().unwrap(), src.join("run"));
+    let run_dir = run_dir.to_str().unwrap();
+    let run =
+        semshare(&["train", "--data", packed, "--steps", "3", "--batch", "8", "--out", run_dir, "--device", "cpu"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let ckpt = format!("{run_dir}/best.safetensors");
+    let run = semshare(&["eval", "--data", packed, "--checkpoint", &ckpt, "--device", "cpu"]);
+    let table = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(table.contains("NDCG@500") && !table.contains("R@1"), "{table}");
 }
 
 // ---------------------------------------------------------------------------------------------
