@@ -27,7 +27,7 @@ use std::path::Path;
 
 use safetensors::tensor::TensorInfo;
 
-use super::shards::{DatasetReader, DatasetWriter, FeatureDtype, ImageRecord, Layout, SplitReader, TextRecord, typed};
+use super::shards::{DatasetReader, DatasetWriter, Layout, SplitReader, typed};
 
 use crate::{Error, Result};
 
@@ -244,7 +244,7 @@ impl Split {
     }
 
     /// Checks every invariant of this split against `meta`.
-    fn check(&self, meta: &Meta) -> std::result::Result<(), Problem> {
+    pub(crate) fn check(&self, meta: &Meta) -> std::result::Result<(), impl std::fmt::Display> {
         let (r, dr, t, c) = (meta.regions, meta.feature_dim, meta.max_tokens, meta.num_labels);
         let (k_obj, v) = (meta.num_object_classes, meta.vocab.len());
         let n = self.num_images();
@@ -431,28 +431,8 @@ impl Dataset {
         self.validate()?;
         let layout = Layout { meta: self.meta.clone(), text_feature_dim: 0 };
         let mut w = DatasetWriter::create(dir, layout, shard_bytes)?;
-        let (r, dr, t, c) = (self.meta.regions, self.meta.feature_dim, self.meta.max_tokens, self.meta.num_labels);
         for (name, split) in self.splits() {
-            w.begin_split(name)?;
-            for (i, texts) in split.image_texts().iter().enumerate() {
-                let image = ImageRecord {
-                    features: bytemuck::cast_slice(&split.image_features[i * r * dr..(i + 1) * r * dr]),
-                    feature_dtype: FeatureDtype::F32,
-                    boxes: bytemuck::cast_slice(&split.image_boxes[i * r * 5..(i + 1) * r * 5]),
-                    count: split.image_count[i],
-                    classes: split.image_classes.as_ref().map(|k| bytemuck::cast_slice(&k[i * r..(i + 1) * r])),
-                    labels: &split.labels[i * c..(i + 1) * c],
-                };
-                let texts: Vec<TextRecord> = texts
-                    .iter()
-                    .map(|&j| TextRecord {
-                        content: bytemuck::cast_slice(&split.text_tokens[j * t..(j + 1) * t]),
-                        dtype: None,
-                        length: split.text_length[j],
-                    })
-                    .collect();
-                w.push(&image, &texts)?;
-            }
+            w.write_split(name, split)?;
         }
         w.finish().map(drop)
     }

@@ -27,7 +27,7 @@ use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
 use super::dataset::{
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, MASK, Meta, PAD, RESERVED_TOKENS, UNK, checksum, diagnose,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, MASK, Meta, PAD, RESERVED_TOKENS, Split, UNK, checksum, diagnose,
     format_checksum, plain_file_name, read_lines, tensor::*,
 };
 use crate::{Error, Result};
@@ -1011,6 +1011,36 @@ impl DatasetWriter {
         b.images += 1;
         if b.bytes() >= self.shard_bytes {
             self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Validates an in-memory split and writes it as split `name`: f32 features, token texts.
+    /// `Dataset::save` writes train, val and test this way; a generator with a retrieval set
+    /// writes it as `"database"`.
+    pub fn write_split(&mut self, name: &str, split: &Split) -> Result<()> {
+        let m = &self.layout.meta;
+        split.check(m).map_err(|p| Error::data(format!("{name} split: {p}")))?;
+        let (r, dr, t, c) = (m.regions, m.feature_dim, m.max_tokens, m.num_labels);
+        self.begin_split(name)?;
+        for (i, texts) in split.image_texts().iter().enumerate() {
+            let image = ImageRecord {
+                features: bytemuck::cast_slice(&split.image_features[i * r * dr..(i + 1) * r * dr]),
+                feature_dtype: FeatureDtype::F32,
+                boxes: bytemuck::cast_slice(&split.image_boxes[i * r * 5..(i + 1) * r * 5]),
+                count: split.image_count[i],
+                classes: split.image_classes.as_ref().map(|k| bytemuck::cast_slice(&k[i * r..(i + 1) * r])),
+                labels: &split.labels[i * c..(i + 1) * c],
+            };
+            let texts: Vec<TextRecord> = texts
+                .iter()
+                .map(|&j| TextRecord {
+                    content: bytemuck::cast_slice(&split.text_tokens[j * t..(j + 1) * t]),
+                    dtype: None,
+                    length: split.text_length[j],
+                })
+                .collect();
+            self.push(&image, &texts)?;
         }
         Ok(())
     }
