@@ -588,3 +588,27 @@ fn batches_equal_the_loaded_dataset() {
         at += len;
     }
 }
+
+/// A generator with a retrieval set writes it through `write_split`; invalid splits are refused.
+#[test]
+fn in_memory_splits_write_as_any_split_database_included() {
+    use semshare::data::synth::{SynthConfig, SynthPreset, generate};
+    let mut cfg = SynthConfig::preset(SynthPreset::Balanced, 3);
+    (cfg.train, cfg.val, cfg.test) = (20, 6, 8);
+    (cfg.feature_dim, cfg.vocab_size, cfg.max_tokens, cfg.regions) = (8, 60, 6, 4);
+    let ds = generate(&cfg).unwrap();
+    let out = tmp("write-split").join("data");
+    let mut w = DatasetWriter::create(&out, Layout { meta: ds.meta.clone(), text_feature_dim: 0 }, 4000).unwrap();
+    for (name, split) in [("train", &ds.train), ("val", &ds.val), ("test", &ds.val), ("database", &ds.test)] {
+        w.write_split(name, split).unwrap();
+    }
+    let mut bad = ds.test.clone();
+    bad.labels[0] = 9;
+    let e = w.write_split("val", &bad).unwrap_err().to_string();
+    assert!(e.contains("labels") && e.contains("item 0"), "{e}");
+    w.finish().unwrap();
+    let data = DatasetReader::open(&out).unwrap();
+    assert_eq!(data.database().unwrap().num_images(), 8);
+    assert!(data.split("train").unwrap().shards.len() > 1);
+    assert!(data.check(10).is_empty());
+}
