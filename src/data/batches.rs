@@ -49,7 +49,7 @@ fn push_labels(out: &mut Vec<f32>, labels: &[u8]) {
 }
 
 /// `buf` cut into consecutive pieces of the given lengths (which sum to at most its length).
-fn split_lengths(mut buf: &mut [u8], lens: impl Iterator<Item = usize>) -> Vec<&mut [u8]> {
+fn split_lengths<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     let mut out = Vec::new();
     for len in lens {
         let (head, rest) = std::mem::take(&mut buf).split_at_mut(len);
@@ -61,9 +61,9 @@ fn split_lengths(mut buf: &mut [u8], lens: impl Iterator<Item = usize>) -> Vec<&
 
 /// Sets `v.len()` to `n`, zero-filling only what was never allocated: every byte is
 /// overwritten next, so clearing first would be a wasted pass over the batch.
-fn set_len_for_overwrite(v: &mut Vec<u8>, n: usize) {
+fn set_len_for_overwrite<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
     if v.len() < n {
-        v.resize(n, 0);
+        v.resize(n, T::default());
     } else {
         v.truncate(n);
     }
@@ -73,7 +73,6 @@ impl RawImages {
     /// Replaces the content with images `items` (global indices < N) of `split`.
     pub fn fill(&mut self, layout: &Layout, split: &SplitReader, items: &[usize]) -> Result<()> {
         self.lengths.clear();
-        self.boxes.clear();
         self.labels.clear();
         self.dtype = Some(split.feature_dtype());
         let mut classes = self.classes.take().unwrap_or_default();
@@ -83,23 +82,25 @@ impl RawImages {
             let (shard, k) = split.locate_image(i);
             self.lengths.push(shard.count(k));
             total += shard.feature_len(layout, k);
-            shard.read_boxes_and_classes(layout, k, &mut self.boxes, &mut classes, &mut self.scratch)?;
+            shard.read_classes(layout, k, &mut classes, &mut self.scratch)?;
             push_labels(&mut self.labels, shard.labels(k));
         }
         self.classes = split.has_classes().then_some(classes);
+        // The bulk of the bytes: preads per item (features, boxes), spread over the thread pool.
         set_len_for_overwrite(&mut self.features, total);
-        // The bulk of the bytes: one pread per item, spread over the thread pool.
-        let lens = items.iter().map(|&i| {
+        set_len_for_overwrite(&mut self.boxes, 5 * self.lengths.iter().sum::<usize>());
+        let feature_lens = items.iter().map(|&i| {
             let (shard, k) = split.locate_image(i);
             shard.feature_len(layout, k)
         });
-        let dsts = split_lengths(&mut self.features, lens);
-        let results: Vec<Result<()>> = items
-            .par_iter()
-            .zip(dsts)
-            .map(|(&i, dst)| {
+        let feature_dsts = split_lengths(&mut self.features, feature_lens);
+        let box_dsts = split_lengths(&mut self.boxes, self.lengths.iter().map(|n| 5 * n));
+        let results: Vec<Result<()>> = (items, feature_dsts, box_dsts)
+            .into_par_iter()
+            .map(|(&i, features, boxes)| {
                 let (shard, k) = split.locate_image(i);
-                shard.read_features(layout, k, dst)
+                shard.read_features(layout, k, features)?;
+                shard.read_boxes(k, boxes)
             })
             .collect();
         results.into_iter().collect()

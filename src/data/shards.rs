@@ -206,14 +206,19 @@ pub struct Shard {
     features: Loc,
     feature_dtype: FeatureDtype,
     boxes: Loc,
-    count: Loc,
+    /// The small per-item tensors, copied at open (a few bytes per item): every batch needs
+    /// them, and reading them through the map would keep their page-cache folios mapped.
+    counts: Vec<u16>,
     classes: Option<Loc>,
     /// `text.tokens` or `text.features` rows.
     text: Loc,
     text_dtype: Option<FeatureDtype>,
-    length: Loc,
-    item: Option<Loc>,
-    labels: Loc,
+    lengths: Vec<u16>,
+    /// Empty when the shard has no `text.item` (text j describes image j).
+    items: Vec<u32>,
+    /// [N, C]
+    label_rows: Vec<u8>,
+    label_width: usize,
 }
 
 /// The per-shard facts a reader checks: from the manifest, or inferred (source files).
@@ -299,6 +304,11 @@ impl Shard {
             return Err(fmt_err(what));
         }
         let feature_dtype = FeatureDtype::of(fdt).ok_or_else(|| fmt_err("image.features: bad dtype".into()))?;
+        // In bounds: each tensor's shape was checked and its bytes lie inside the file.
+        let counts = typed::<u16>(&map[count.start..count.start + 2 * n]).into_owned();
+        let lengths = typed::<u16>(&map[length.start..length.start + 2 * mm]).into_owned();
+        let items = item.map_or_else(Vec::new, |l| typed::<u32>(&map[l.start..l.start + 4 * mm]).into_owned());
+        let label_rows = map[labels.start..labels.start + n * c].to_vec();
         let shard = Shard {
             path: path.to_path_buf(),
             file,
@@ -308,13 +318,14 @@ impl Shard {
             features,
             feature_dtype,
             boxes,
-            count,
+            counts,
             classes,
             text,
             text_dtype,
-            length,
-            item,
-            labels,
+            lengths,
+            items,
+            label_rows,
+            label_width: c,
         };
         shard.check_structure(layout)?;
         shard.release_mapped_pages();
@@ -347,26 +358,18 @@ impl Shard {
 
     /// Valid regions of image `i`.
     pub fn count(&self, i: usize) -> usize {
-        let b = self.row(self.count, i);
-        u16::from_le_bytes([b[0], b[1]]) as usize
+        self.counts[i] as usize
     }
     /// Valid segments of text `j`.
     pub fn length(&self, j: usize) -> usize {
-        let b = self.row(self.length, j);
-        u16::from_le_bytes([b[0], b[1]]) as usize
+        self.lengths[j] as usize
     }
     /// The image (shard-local index) text `j` describes.
     pub fn text_item(&self, j: usize) -> usize {
-        match self.item {
-            Some(loc) => {
-                let b = self.row(loc, j);
-                u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
-            }
-            None => j,
-        }
+        self.items.get(j).map_or(j, |&i| i as usize)
     }
     pub fn labels(&self, i: usize) -> &[u8] {
-        self.row(self.labels, i)
+        &self.label_rows[i * self.label_width..(i + 1) * self.label_width]
     }
     /// All R region rows of image `i`, raw (feature dtype).
     pub fn feature_bytes(&self, i: usize) -> &[u8] {
@@ -568,28 +571,21 @@ impl Shard {
         }
     }
 
-    /// Appends image `i`'s valid boxes (pread) to `boxes` and its classes, if any, to
-    /// `classes`, checked; `scratch` is reused.
-    pub fn read_boxes_and_classes(
-        &self,
-        layout: &Layout,
-        i: usize,
-        boxes: &mut Vec<f32>,
-        classes: &mut Vec<u32>,
-        scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        let count = self.count(i);
-        let start = boxes.len();
-        boxes.resize(start + 5 * count, 0.0);
-        self.read_at(bytemuck::cast_slice_mut(&mut boxes[start..]), self.boxes.start + i * self.boxes.row)?;
-        self.check_boxes(i, &boxes[start..])?;
-        if let Some(loc) = self.classes {
-            scratch.resize(2 * count, 0);
-            self.read_at(scratch, loc.start + i * loc.row)?;
-            let cls = typed::<u16>(scratch);
-            self.check_classes(layout, i, &cls)?;
-            classes.extend(cls.iter().map(|&k| k as u32));
-        }
+    /// Copies image `i`'s valid boxes (pread) into `dst` (5 × count values) and checks them.
+    pub fn read_boxes(&self, i: usize, dst: &mut [f32]) -> Result<()> {
+        self.read_at(bytemuck::cast_slice_mut(dst), self.boxes.start + i * self.boxes.row)?;
+        self.check_boxes(i, dst)
+    }
+
+    /// Appends image `i`'s valid object classes (pread), if the shard has them, to `classes`,
+    /// checked; `scratch` is reused.
+    pub fn read_classes(&self, layout: &Layout, i: usize, classes: &mut Vec<u32>, scratch: &mut Vec<u8>) -> Result<()> {
+        let Some(loc) = self.classes else { return Ok(()) };
+        scratch.resize(2 * self.count(i), 0);
+        self.read_at(scratch, loc.start + i * loc.row)?;
+        let cls = typed::<u16>(scratch);
+        self.check_classes(layout, i, &cls)?;
+        classes.extend(cls.iter().map(|&k| k as u32));
         Ok(())
     }
 
