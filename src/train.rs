@@ -10,9 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{AdamW, Backend};
 use crate::checkpoint::Checkpoint;
-use crate::data::batches::{PairSampler, image_batch, text_batch};
-use crate::data::dataset::{Dataset, Split};
-use crate::eval::metrics::{EvalConfig, Report, Side, evaluate};
+use std::sync::Arc;
+
+use crate::data::batches::{image_batch, text_batch};
+use crate::data::loader::Loader;
+use crate::data::shards::{DatasetReader, Layout, SplitReader};
+use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery};
 use crate::model::{Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch};
 use crate::nn::Dropout;
 use crate::rng::Rng;
@@ -243,44 +246,55 @@ pub fn embed_split(
     dev: &mut dyn Backend,
     net: &SemShare,
     params: &Tensor,
-    data: &Dataset,
-    split: &Split,
+    layout: &Layout,
+    split: &SplitReader,
     kind: EmbeddingKind,
 ) -> Result<(Vec<f32>, Vec<f32>, usize)> {
     const CHUNK: usize = 64;
-    let mut run = |batches: Vec<Batch>| -> Result<(Vec<f32>, usize)> {
-        let mut out = Vec::new();
-        let mut dim = 0;
-        for b in batches {
-            let e = net.embed(dev, params, &b, kind)?;
+    let mut out = [Vec::new(), Vec::new()];
+    let mut dim = 0;
+    for (side, n) in [split.num_images(), split.num_texts()].into_iter().enumerate() {
+        let idx: Vec<usize> = (0..n).collect();
+        for c in idx.chunks(CHUNK) {
+            let batch = match side {
+                0 => Batch::Image(image_batch(layout, split, c)?),
+                _ => Batch::Text(text_batch(layout, split, c)?),
+            };
+            let e = net.embed(dev, params, &batch, kind)?;
             dim = e.cols();
-            out.extend(dev.download(e.view())?);
+            out[side].extend(dev.download(e.view())?);
         }
-        Ok((out, dim))
-    };
-    let idx = |n: usize| (0..n).collect::<Vec<_>>();
-    let images =
-        idx(split.num_images()).chunks(CHUNK).map(|c| Batch::Image(image_batch(&data.meta, split, c))).collect();
-    let texts = idx(split.num_texts()).chunks(CHUNK).map(|c| Batch::Text(text_batch(&data.meta, split, c))).collect();
-    let (ie, dim) = run(images)?;
-    let (te, _) = run(texts)?;
+    }
+    let [ie, te] = out;
     Ok((ie, te, dim))
 }
 
-/// Retrieval metrics of a model on one split (I2T, T2I, average).
+/// Retrieval metrics of a model on split `name` (I2T, T2I, average). For `test` with a
+/// `database` split, the test items are the queries and the database is the gallery (the
+/// MIRFlickr protocol); otherwise queries and gallery are the split itself.
 pub fn evaluate_split(
     dev: &mut dyn Backend,
     net: &SemShare,
     params: &Tensor,
-    data: &Dataset,
-    split: &Split,
+    data: &DatasetReader,
+    name: &str,
     kind: EmbeddingKind,
     cfg: &EvalConfig,
 ) -> Result<Report> {
-    let (ie, te, dim) = embed_split(dev, net, params, data, split, kind)?;
-    let c = data.meta.num_labels;
-    let text_labels = split.text_labels(c);
-    evaluate(&Side::new(&ie, dim, &split.labels, c), &Side::new(&te, dim, &text_labels, c), &split.text_item, cfg)
+    let split = data.split(name)?;
+    let c = data.meta().num_labels;
+    let (ie, te, dim) = embed_split(dev, net, params, &data.layout, split, kind)?;
+    let (image_labels, text_labels) = (split.image_labels(), split.text_labels());
+    let (images, texts) = (Side::new(&ie, dim, &image_labels, c), Side::new(&te, dim, &text_labels, c));
+    match data.database() {
+        Some(db) if name == "test" => {
+            let (gie, gte, _) = embed_split(dev, net, params, &data.layout, db, kind)?;
+            let (gil, gtl) = (db.image_labels(), db.text_labels());
+            let gallery_images = Side::new(&gie, dim, &gil, c);
+            evaluate_against_gallery(&images, &texts, &gallery_images, &Side::new(&gte, dim, &gtl, c), cfg)
+        }
+        _ => evaluate(&images, &texts, &split.text_items(), cfg),
+    }
 }
 
 /// Where a training run writes, and how it reports.
@@ -318,12 +332,12 @@ fn validation_ndcg(report: &Report, k: usize) -> f64 {
 /// written stay as they were.
 pub fn train(
     dev: &mut dyn Backend,
-    data: &Dataset,
+    data: &Arc<DatasetReader>,
     model: &ModelConfig,
     cfg: &TrainConfig,
     opts: &RunOptions,
 ) -> Result<TrainSummary> {
-    check_fits(data, model)?;
+    check_fits(&data.layout, model)?;
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
     let (mut trainer, mut state) = match &opts.resume {
         Some(path) => {
@@ -341,28 +355,21 @@ pub fn train(
     };
     let kind: EmbeddingKind = cfg.embedding.parse()?;
     let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
-    let sampler = PairSampler::new(&data.train, cfg.batch_size, cfg.seed);
-    if sampler.steps_per_epoch() == 0 {
-        return Err(Error::data(format!(
-            "the training split has fewer paired images than one batch of {}",
-            cfg.batch_size
-        )));
-    }
     let best_path = opts.out_dir.join("best.safetensors");
     let last_path = opts.out_dir.join("last.safetensors");
     let start = Instant::now();
     let first = trainer.step;
     let mut losses = Vec::new();
     let mut last_loss = f32::NAN;
+    const POOL: usize = 3;
+    let mut loader = Loader::new(Arc::clone(data), "train", cfg.batch_size, cfg.seed, first..cfg.steps, POOL)?;
     while trainer.step < cfg.steps {
-        let pairs = sampler.pairs(trainer.step);
-        let imgs: Vec<usize> = pairs.iter().map(|p| p.0).collect();
-        let txts: Vec<usize> = pairs.iter().map(|p| p.1).collect();
-        let stats = trainer.step(
-            dev,
-            image_batch(&data.meta, &data.train, &imgs),
-            text_batch(&data.meta, &data.train, &txts),
-        )?;
+        let (images, texts) = match loader.next_batch() {
+            Some(Ok(b)) => (b.images.widen(), b.texts.widen()),
+            Some(Err(e)) => return Err(e),
+            None => return Err(Error::data("the loader stopped before the last step")),
+        };
+        let stats = trainer.step(dev, images, texts)?;
         losses.push(stats.loss);
         last_loss = stats.loss;
         let done = trainer.step;
@@ -373,7 +380,7 @@ pub fn train(
         }
         let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
         if validate {
-            let report = evaluate_split(dev, &trainer.net, &trainer.params, data, &data.val, kind, &eval_cfg)?;
+            let report = evaluate_split(dev, &trainer.net, &trainer.params, data, "val", kind, &eval_cfg)?;
             let ndcg = validation_ndcg(&report, cfg.eval_k);
             if ndcg > state.best_ndcg {
                 state = RunState { best_ndcg: ndcg, best_step: done };
@@ -400,12 +407,13 @@ pub fn train(
 }
 
 /// The dataset's shapes must match the model's.
-pub fn check_fits(data: &Dataset, model: &ModelConfig) -> Result<()> {
-    let m = &data.meta;
+pub fn check_fits(layout: &Layout, model: &ModelConfig) -> Result<()> {
+    let m = &layout.meta;
     let checks = [
         ("region feature width (Dr)", m.feature_dim, model.region_dim),
         ("vocabulary size (V)", m.vocab_size(), model.vocab),
         ("label count (C)", m.num_labels, model.labels),
+        ("text feature width (Dt, 0 for tokens)", layout.text_feature_dim, model.text_feature_dim),
     ];
     for (what, d, want) in checks {
         if d != want {

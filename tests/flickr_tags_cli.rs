@@ -118,7 +118,6 @@ fn flickr_tags_bad_arguments() {
 
 /// The source directory of `--format source` goes through `semshare pack` and `semshare check`.
 #[test]
-#[ignore = "needs semshare pack/check from issue3-core"]
 fn flickr_tags_source_packs_and_checks() {
     let dir = tmp("pack");
     let real = dir.join("real");

@@ -134,7 +134,6 @@ fn check_source(src: &Path) {
 /// Every source directory the importers write is accepted by `semshare pack` and the packed
 /// dataset by `semshare check`.
 #[test]
-#[ignore = "needs semshare pack/check from issue3-core"]
 fn imported_sources_pack_and_check() {
     if !python_ready("imported_sources_pack_and_check") {
         return;

@@ -44,6 +44,7 @@ fn tiny() -> ModelConfig {
         dropout: 0.0,
         mask_prob: 0.15,
         lambda: 0.5,
+        text_feature_dim: 0,
     }
 }
 
@@ -80,6 +81,7 @@ fn text_batch(cfg: &ModelConfig, lengths: &[usize], seed: u64) -> Batch {
         lengths: lengths.to_vec(),
         tokens: ids,
         labels: labels(seed ^ 3, lengths.len(), cfg.labels),
+        ..TextBatch::default()
     })
 }
 
@@ -182,6 +184,28 @@ fn image_loss_gradient_matches_fd() {
     // The [MASK] feature alone: the only route to it is through the two masked rows.
     let mask = s.range("image.mask_feature").collect::<Vec<_>>();
     s.check_fd("image.mask_feature", &batch, &plan, Dropout::OFF, &mask);
+}
+
+/// Texts as pre-extracted segment features: ψ1 reads them (no embedding, no GRU) and, with
+/// no token to predict, the text context loss is dropped.
+#[test]
+fn text_feature_loss_gradient_matches_fd() {
+    let cfg = ModelConfig { text_feature_dim: 5, ..tiny() };
+    let model = SemShare::new(&cfg).unwrap();
+    assert!(model.store.find("text.embedding.weight").is_none() && model.store.find("text.psi1.weight").is_some());
+    assert_eq!(model.store.find("text.psi1.weight").unwrap().param.len, 5 * cfg.dim);
+    let wv = params(&model, 11);
+    let s = Setup { model, wv };
+    let lengths = [4, 1, 3];
+    let batch = Batch::Text(TextBatch {
+        lengths: lengths.to_vec(),
+        features: rand_range(12, 8 * 5, -1.0, 1.0),
+        labels: labels(13, lengths.len(), cfg.labels),
+        ..TextBatch::default()
+    });
+    assert!(SemShare::context_targets(&batch).is_none());
+    let coords = s.coords(&["text.", "shared.", "classifier."], &[], 14);
+    s.check_fd("text feature batch", &batch, &MaskPlan::default(), Dropout::OFF, &coords);
 }
 
 #[test]
@@ -313,6 +337,7 @@ fn embeddings_do_not_depend_on_the_rest_of_the_batch() {
                         lengths: vec![lengths[item]],
                         tokens: x.tokens[off[item]..off[item + 1]].to_vec(),
                         labels: x.labels[item * cfg.labels..(item + 1) * cfg.labels].to_vec(),
+                        features: Vec::new(),
                     }),
                 };
                 let one = s.model.embed(b, &w, &single, kind).unwrap();

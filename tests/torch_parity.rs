@@ -104,6 +104,7 @@ impl Fixture {
             lengths: self.lengths("input.text.lengths"),
             tokens,
             labels: self.f("input.text.labels").to_vec(),
+            ..TextBatch::default()
         };
         (Batch::Text(batch), MaskPlan { rows, targets })
     }

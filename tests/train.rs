@@ -3,7 +3,11 @@
 
 use semshare::Error;
 use semshare::backend::cpu::Cpu;
+use std::path::Path;
+use std::sync::Arc;
+
 use semshare::data::Dataset;
+use semshare::data::shards::DatasetReader;
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::model::ModelConfig;
 use semshare::train::{RunOptions, TrainConfig, train};
@@ -33,9 +37,15 @@ fn tiny_model(data: &Dataset) -> ModelConfig {
     }
 }
 
-fn run(data: &Dataset, cfg: &TrainConfig, dir: &std::path::Path) -> semshare::Result<semshare::train::TrainSummary> {
+/// Training reads datasets from disk: `data` is written to `dir/data` and opened.
+fn open(data: &Dataset, dir: &Path) -> Arc<DatasetReader> {
+    data.save(dir.join("data")).unwrap();
+    Arc::new(DatasetReader::open(dir.join("data")).unwrap())
+}
+
+fn run(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::Result<semshare::train::TrainSummary> {
     let opts = RunOptions { out_dir: dir.to_path_buf(), resume: None, progress: false };
-    train(&mut Cpu::new(), data, &tiny_model(data), cfg, &opts)
+    train(&mut Cpu::new(), &open(data, dir), &tiny_model(data), cfg, &opts)
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -74,9 +84,11 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     run(&data, &cfg, &dir).unwrap();
     let last = dir.join("last.safetensors");
     let before = std::fs::read(&last).unwrap();
-    data.train.image_features.iter_mut().for_each(|x| *x = f32::NAN);
+    // Finite (a NaN could not get past the loader) but large enough to overflow ψ1.
+    data.train.image_features.iter_mut().for_each(|x| *x = f32::MAX);
     let opts = RunOptions { out_dir: dir.clone(), resume: Some(last.clone()), progress: false };
-    let err = train(&mut Cpu::new(), &data, &tiny_model(&data), &TrainConfig { steps: 8, ..cfg }, &opts).unwrap_err();
+    let reader = open(&data, &dir);
+    let err = train(&mut Cpu::new(), &reader, &tiny_model(&data), &TrainConfig { steps: 8, ..cfg }, &opts).unwrap_err();
     assert!(matches!(err, Error::NonFinite { .. }), "{err}");
     assert!(err.to_string().contains("image label loss is NaN at step 4"), "{err}");
     assert_eq!(std::fs::read(&last).unwrap(), before, "the last good checkpoint must stay intact");
@@ -94,7 +106,7 @@ fn resuming_reproduces_an_uninterrupted_run() {
     run(&data, &TrainConfig { steps: 5, ..cfg.clone() }, &dir).unwrap();
     // Continued from step 5 to 10.
     let opts = RunOptions { out_dir: dir.clone(), resume: Some(dir.join("last.safetensors")), progress: false };
-    let rest = train(&mut Cpu::new(), &data, &tiny_model(&data), &cfg, &opts).unwrap();
+    let rest = train(&mut Cpu::new(), &open(&data, &dir), &tiny_model(&data), &cfg, &opts).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&rest.losses), bits(&whole.losses[5..]));
 }

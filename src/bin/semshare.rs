@@ -1,13 +1,15 @@
-//! The `semshare` command line: demo, synth, train, eval, embed, score.
+//! The `semshare` command line: demo, synth, pack, check, train, eval, embed, score.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use semshare::backend::{self, Backend};
 use semshare::checkpoint::Checkpoint;
-use semshare::data::dataset::Dataset;
 use semshare::data::flickr_tags::{FlickrTagsConfig, RealTags, generate_flickr_tags};
+use semshare::data::pack::pack;
+use semshare::data::shards::{DatasetReader, Layout};
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::{EmbeddingSet, EvalConfig, Report};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
@@ -29,11 +31,16 @@ COMMANDS:
              --preset flickr-tags --labels DIR --out DIR [--seed S] [--format dataset|source]
              [--train N] [--val N] [--test N]   (defaults 10000 / 1000 / 2000 queries)
              --format source writes a source directory for `pack`, retrieval set included
+  pack     build a dataset directory from a source directory (docs/FORMAT.md)
+             --from SRC --out DIR [--shard-mb N (default 256)]
+  check    validate a dataset directory completely (checksums, every item); exit 1 on a problem
+             DIR
   train    train on a dataset directory
              --data DIR [--out DIR] [--config FILE.json] [--model small|paper]
              [--steps N] [--batch N] [--lr X] [--lambda X] [--seed S] [--resume CKPT] [--device D]
   eval     retrieval metrics of a checkpoint on a split
-             --data DIR --checkpoint CKPT [--split test|val|train] [--embedding pooled|label] [--json] [--device D]
+             --data DIR --checkpoint CKPT [--split test|val|train|database]
+             (test with a database split: test queries ranked against the database) [--embedding pooled|label] [--json] [--device D]
   embed    write the embeddings of a split (the input of `score`)
              --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--device D]
   score    metrics for embeddings produced by any model
@@ -105,6 +112,8 @@ fn run(argv: &[String]) -> Result<()> {
         "synth" => {
             synth(&Args::parse(rest, &["out", "preset", "seed", "train", "val", "test", "labels", "format"], &[])?)
         }
+        "pack" => pack_cmd(&Args::parse(rest, &["from", "out", "shard-mb"], &[])?),
+        "check" => check_cmd(rest),
         "train" => train_cmd(&Args::parse(
             rest,
             &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device"],
@@ -169,30 +178,62 @@ fn configs(args: &Args) -> Result<(ModelConfig, TrainConfig)> {
     Ok((model, train))
 }
 
-/// The model's vocabulary, labels and object classes come from the dataset.
-fn fit_to_data(model: &mut ModelConfig, data: &Dataset) {
-    model.vocab = data.meta.vocab_size();
-    model.labels = data.meta.num_labels;
-    model.region_dim = data.meta.feature_dim;
-    model.object_classes = data.meta.num_object_classes.max(1);
-    model.max_regions = data.meta.regions;
-    model.max_tokens = data.meta.max_tokens;
+/// The model's vocabulary, labels, object classes and text representation come from the data.
+fn fit_to_data(model: &mut ModelConfig, layout: &Layout) {
+    let m = &layout.meta;
+    model.vocab = m.vocab_size();
+    model.labels = m.num_labels;
+    model.region_dim = m.feature_dim;
+    model.object_classes = m.num_object_classes.max(1);
+    model.max_regions = m.regions;
+    model.max_tokens = m.max_tokens;
+    model.text_feature_dim = layout.text_feature_dim;
 }
 
-fn load_data(args: &Args) -> Result<Dataset> {
+fn load_data(args: &Args) -> Result<Arc<DatasetReader>> {
     let dir = args.path("data")?;
     if !dir.is_dir() {
         return Err(Error::config(format!("data directory {} does not exist", dir.display())));
     }
-    Dataset::load(&dir)
+    Ok(Arc::new(DatasetReader::open(&dir)?))
 }
 
-fn split_of<'a>(data: &'a Dataset, args: &Args) -> Result<&'a semshare::data::dataset::Split> {
-    match args.get("split").unwrap_or("test") {
-        "train" => Ok(&data.train),
-        "val" => Ok(&data.val),
-        "test" => Ok(&data.test),
-        s => Err(Error::config(format!("unknown split `{s}` (expected train, val or test)"))),
+fn split_name(args: &Args) -> &str {
+    args.get("split").unwrap_or("test")
+}
+
+fn pack_cmd(args: &Args) -> Result<()> {
+    let mb: usize = args.num("shard-mb")?.unwrap_or(256);
+    if mb == 0 {
+        return Err(Error::config("--shard-mb must be positive"));
+    }
+    let s = pack(&args.path("from")?, &args.path("out")?, mb << 20)?;
+    for (name, n, m, shards) in &s.splits {
+        println!("{name}: {n} images, {m} texts in {shards} shard(s)");
+    }
+    println!("wrote {}", s.out.display());
+    Ok(())
+}
+
+/// Every problem found, one per line; an error (exit 1) when there is any.
+fn check_cmd(rest: &[String]) -> Result<()> {
+    let [dir] = rest else {
+        return Err(Error::config("usage: semshare check DIR"));
+    };
+    const LIMIT: usize = 100;
+    let data = DatasetReader::open(dir)?;
+    let problems = data.check(LIMIT);
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    if problems.is_empty() {
+        let counts: Vec<String> =
+            data.splits().iter().map(|s| format!("{} {}/{}", s.name, s.num_images(), s.num_texts())).collect();
+        println!("{dir}: ok ({} images/texts)", counts.join(", "));
+        Ok(())
+    } else {
+        let more = if problems.len() == LIMIT { " (stopped counting)" } else { "" };
+        Err(Error::data(format!("{dir}: {} problem(s){more}", problems.len())))
     }
 }
 
@@ -261,11 +302,8 @@ fn synth_flickr_tags(args: &Args) -> Result<()> {
         data.save_source(&out)?;
         println!("wrote source directory {name} (train / val / test {sizes}) to {}", out.display());
     } else {
-        data.into_dataset().save(&out)?;
-        println!(
-            "wrote {name} (train / val / test {sizes}; the retrieval set only with --format source) to {}",
-            out.display()
-        );
+        data.save(&out, 256 << 20)?;
+        println!("wrote {name} (train / val / test {sizes}) to {}", out.display());
     }
     if truncated > 0 {
         println!("{truncated} items have more than {t} tags: their texts keep the first {t} (most frequent)");
@@ -277,7 +315,7 @@ fn train_cmd(args: &Args) -> Result<()> {
     let mut dev = device(args)?;
     let data = load_data(args)?;
     let (mut model, cfg) = configs(args)?;
-    fit_to_data(&mut model, &data);
+    fit_to_data(&mut model, &data.layout);
     let opts = RunOptions {
         out_dir: args.get("out").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runs/latest")),
         resume: args.get("resume").map(PathBuf::from),
@@ -309,10 +347,9 @@ fn eval_cmd(args: &Args) -> Result<()> {
     let mut dev = device(args)?;
     let data = load_data(args)?;
     let (net, params) = load_model(dev.as_mut(), &args.path("checkpoint")?)?;
-    semshare::train::check_fits(&data, &net.cfg)?;
+    semshare::train::check_fits(&data.layout, &net.cfg)?;
     let kind: EmbeddingKind = args.get("embedding").unwrap_or("pooled").parse()?;
-    let report =
-        evaluate_split(dev.as_mut(), &net, &params, &data, split_of(&data, args)?, kind, &EvalConfig::default())?;
+    let report = evaluate_split(dev.as_mut(), &net, &params, &data, split_name(args), kind, &EvalConfig::default())?;
     print_report(&report, args.has("json"));
     Ok(())
 }
@@ -321,13 +358,12 @@ fn embed_cmd(args: &Args) -> Result<()> {
     let mut dev = device(args)?;
     let data = load_data(args)?;
     let (net, params) = load_model(dev.as_mut(), &args.path("checkpoint")?)?;
-    semshare::train::check_fits(&data, &net.cfg)?;
+    semshare::train::check_fits(&data.layout, &net.cfg)?;
     let kind: EmbeddingKind = args.get("embedding").unwrap_or("pooled").parse()?;
-    let split = split_of(&data, args)?;
-    let (ie, te, dim) = embed_split(dev.as_mut(), &net, &params, &data, split, kind)?;
-    let c = data.meta.num_labels;
-    let set =
-        EmbeddingSet::new(ie, split.labels.clone(), te, split.text_labels(c), dim, c, Some(split.text_item.clone()))?;
+    let split = data.split(split_name(args))?;
+    let (ie, te, dim) = embed_split(dev.as_mut(), &net, &params, &data.layout, split, kind)?;
+    let c = data.meta().num_labels;
+    let set = EmbeddingSet::new(ie, split.image_labels(), te, split.text_labels(), dim, c, Some(split.text_items()))?;
     let out = args.path("out")?;
     set.save(&out)?;
     println!(
@@ -363,9 +399,10 @@ fn demo(args: &Args) -> Result<()> {
         "synthesizing {} / {} / {} images (balanced preset, seed {seed}) ...",
         synth_cfg.train, synth_cfg.val, synth_cfg.test
     );
-    let data = generate(&synth_cfg)?;
+    generate(&synth_cfg)?.save(out.join("data"))?;
+    let data = Arc::new(DatasetReader::open(out.join("data"))?);
     let mut model = ModelConfig::small();
-    fit_to_data(&mut model, &data);
+    fit_to_data(&mut model, &data.layout);
     let cfg = TrainConfig {
         steps: args.num("steps")?.unwrap_or(800),
         eval_every: 200,
@@ -376,16 +413,16 @@ fn demo(args: &Args) -> Result<()> {
     let eval_cfg = EvalConfig::default();
     let untrained = SemShare::new(&model)?;
     let init = untrained.store.upload(dev.as_mut(), &untrained.store.init_values(seed))?;
-    let before = evaluate_split(dev.as_mut(), &untrained, &init, &data, &data.test, EmbeddingKind::Pooled, &eval_cfg)?;
+    let before = evaluate_split(dev.as_mut(), &untrained, &init, &data, "test", EmbeddingKind::Pooled, &eval_cfg)?;
     eprintln!("training the `small` model for {} steps of {} pairs on {} ...", cfg.steps, cfg.batch_size, dev.name());
     let opts = RunOptions { out_dir: out.clone(), resume: None, progress: true };
     let summary = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
     let (net, params) = load_model(dev.as_mut(), &summary.best_checkpoint)?;
-    let after = evaluate_split(dev.as_mut(), &net, &params, &data, &data.test, EmbeddingKind::Pooled, &eval_cfg)?;
+    let after = evaluate_split(dev.as_mut(), &net, &params, &data, "test", EmbeddingKind::Pooled, &eval_cfg)?;
     println!(
         "\nsemshare demo: {} test images / {} texts, trained {} steps in {:.0}s",
-        data.test.num_images(),
-        data.test.num_texts(),
+        data.split("test")?.num_images(),
+        data.split("test")?.num_texts(),
         summary.steps,
         summary.seconds
     );

@@ -1,40 +1,33 @@
-//! In-memory dataset and its plain on-disk form (DESIGN.md §6).
+//! The in-memory dataset (what `synth` generates) and the names, checks and checksum shared with
+//! the on-disk format (DESIGN.md §6; `docs/FORMAT.md` is the normative spec).
 //!
-//! A dataset directory holds:
-//!
-//! - `dataset.json` — the manifest: `format` = `"semshare-dataset"`, `version` = 1, the meta fields
-//!   (`name`, `regions` R, `feature_dim` Dr, `max_tokens` T, `num_labels` C,
-//!   `num_object_classes` K_obj, `vocab_size` V), `vocab_file`, `labels_file`, and `splits`:
-//!   for each of `train`, `val`, `test` the shard file name, its image and text counts, its size
-//!   in bytes and a checksum of the whole shard file (`"fnv1a64x4:<16 hex digits>"`, see
-//!   [`checksum`]).
-//! - `vocab.txt` — one token per line, id = line number; ids 0, 1, 2 are `[PAD]`, `[UNK]`, `[MASK]`.
-//! - `labels.txt` — one label name per line, in label column order.
-//! - one safetensors shard per split (`train.safetensors`, …) with the tensors
+//! On disk a dataset is a directory of safetensors shards plus `dataset.json`, read through
+//! [`DatasetReader`] and written through [`DatasetWriter`] (`src/data/shards.rs`);
+//! [`Dataset::save`] and [`Dataset::load`] go through them. Training and evaluation read the
+//! directory through the reader, never through this in-memory form. A [`Split`] holds, row-major:
 //!
 //! | tensor | shape | dtype |
 //! |---|---|---|
-//! | `image.features` | [N, R, Dr] | f32 (f16 and bf16 are read too) |
+//! | `image.features` | [N, R, Dr] | f32 |
 //! | `image.boxes` | [N, R, 5] | f32, (x1/W, y1/H, x2/W, y2/H, area/(W·H)) |
 //! | `image.count` | [N] | u16, valid regions per image, 1..=R |
 //! | `image.classes` | [N, R] | u16, optional, object class < K_obj |
 //! | `text.tokens` | [M, T] | u32, 0-padded after `text.length` |
 //! | `text.length` | [M] | u16, 1..=T |
-//! | `text.item` | [M] | u32, image index of each text (optional when M = N: text i ↔ image i) |
+//! | `text.item` | [M] | u32, image index of each text |
 //! | `labels` | [N, C] | u8, 0/1, ≥ 1 label per image |
 //!
-//! Everything read is validated; every error names the file, the tensor and, where it applies,
-//! the item. The memory-mapped shard reader (a later issue) uses the same names and checks.
+//! Everything is validated; every error names the split or file, the tensor and, where it
+//! applies, the item.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorInfo, View};
-use serde::{Deserialize, Serialize};
+use safetensors::tensor::TensorInfo;
+
+use super::shards::{DatasetReader, DatasetWriter, Layout, SplitReader, typed};
 
 use crate::{Error, Result};
 
@@ -42,8 +35,8 @@ use crate::{Error, Result};
 pub const MANIFEST_FILE: &str = "dataset.json";
 /// The `format` field of the manifest.
 pub const FORMAT_NAME: &str = "semshare-dataset";
-/// The manifest version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The manifest version this build reads and writes (docs/FORMAT.md lists the changes).
+pub const FORMAT_VERSION: u32 = 2;
 /// Reserved vocabulary ids.
 pub const PAD: u32 = 0;
 pub const UNK: u32 = 1;
@@ -251,7 +244,7 @@ impl Split {
     }
 
     /// Checks every invariant of this split against `meta`.
-    fn check(&self, meta: &Meta) -> std::result::Result<(), Problem> {
+    pub(crate) fn check(&self, meta: &Meta) -> std::result::Result<(), impl std::fmt::Display> {
         let (r, dr, t, c) = (meta.regions, meta.feature_dim, meta.max_tokens, meta.num_labels);
         let (k_obj, v) = (meta.num_object_classes, meta.vocab.len());
         let n = self.num_images();
@@ -374,7 +367,7 @@ fn check_name_list(what: &str, names: &[String]) -> std::result::Result<(), Stri
 }
 
 impl Meta {
-    fn check(&self) -> std::result::Result<(), String> {
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
         let max16 = u16::MAX as usize;
         if self.regions == 0 || self.regions > max16 {
             return Err(format!("regions {} outside 1..={max16}", self.regions));
@@ -427,150 +420,81 @@ impl Dataset {
         Ok(())
     }
 
-    /// Writes the dataset directory (created if missing); every file is written to a temporary
-    /// file in the same directory and renamed into place, the manifest last. Validates first.
+    /// Writes the dataset directory through [`DatasetWriter`] (one shard per split, f32
+    /// features), replacing whatever was there. Validates first.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
-        self.validate()?;
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut splits = BTreeMap::new();
-        for (name, split) in self.splits() {
-            let shard = format!("{name}.safetensors");
-            let path = dir.join(&shard);
-            let bytes = encode_shard(name, split, &self.meta).map_err(|e| Error::format(&path, e))?;
-            write_atomic(&path, &bytes)?;
-            let entry = ManifestSplit {
-                shard,
-                images: split.num_images(),
-                texts: split.num_texts(),
-                bytes: bytes.len() as u64,
-                checksum: format_checksum(checksum(&bytes)),
-            };
-            splits.insert(name.to_string(), entry);
-        }
-        let lines = |v: &[String]| v.iter().flat_map(|s| [s.as_str(), "\n"]).collect::<String>();
-        write_atomic(&dir.join(VOCAB_FILE), lines(&self.meta.vocab).as_bytes())?;
-        write_atomic(&dir.join(LABELS_FILE), lines(&self.meta.label_names).as_bytes())?;
-        let m = &self.meta;
-        let manifest = Manifest {
-            format: FORMAT_NAME.into(),
-            version: FORMAT_VERSION,
-            name: m.name.clone(),
-            regions: m.regions,
-            feature_dim: m.feature_dim,
-            max_tokens: m.max_tokens,
-            num_labels: m.num_labels,
-            num_object_classes: m.num_object_classes,
-            vocab_size: m.vocab.len(),
-            vocab_file: VOCAB_FILE.into(),
-            labels_file: LABELS_FILE.into(),
-            splits,
-        };
-        let path = dir.join(MANIFEST_FILE);
-        let mut json = serde_json::to_string_pretty(&manifest)
-            .map_err(|e| Error::format(&path, format!("cannot encode manifest: {e}")))?;
-        json.push('\n');
-        write_atomic(&path, json.as_bytes())
+        self.save_sharded(dir, usize::MAX)
     }
 
-    /// Reads and validates a dataset directory written by [`Dataset::save`] (or by a converter
-    /// following the same format).
+    /// Like [`Dataset::save`], with shards of about `shard_bytes` each.
+    pub fn save_sharded(&self, dir: impl AsRef<Path>, shard_bytes: usize) -> Result<()> {
+        self.validate()?;
+        let layout = Layout { meta: self.meta.clone(), text_feature_dim: 0 };
+        let mut w = DatasetWriter::create(dir, layout, shard_bytes)?;
+        for (name, split) in self.splits() {
+            w.write_split(name, split)?;
+        }
+        w.finish().map(drop)
+    }
+
+    /// Reads a dataset directory into memory through [`DatasetReader`], with the full content
+    /// check of `semshare check` (checksums included). Texts must be tokens and there must be
+    /// no `database` split: the in-memory form has neither (use [`DatasetReader`]).
     pub fn load(dir: impl AsRef<Path>) -> Result<Dataset> {
-        let dir = dir.as_ref();
-        let mpath = dir.join(MANIFEST_FILE);
-        let text = fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;
-        let man: Manifest =
-            serde_json::from_str(&text).map_err(|e| Error::format(&mpath, format!("not a valid manifest: {e}")))?;
-        if man.format != FORMAT_NAME {
-            let what = format!("format {:?}, expected {FORMAT_NAME:?}", man.format);
-            return Err(Error::format(&mpath, what));
+        let reader = DatasetReader::open(dir)?;
+        if let Some(e) = reader.check(1).into_iter().next() {
+            return Err(e);
         }
-        if man.version != FORMAT_VERSION {
-            let what = format!("format version {}, this build reads {FORMAT_VERSION}", man.version);
-            return Err(Error::format(&mpath, what));
-        }
-        let vocab_path = dir.join(plain_file_name(&mpath, "vocab_file", &man.vocab_file)?);
-        let labels_path = dir.join(plain_file_name(&mpath, "labels_file", &man.labels_file)?);
-        let vocab = read_lines(&vocab_path)?;
-        if vocab.len() != man.vocab_size {
-            let what = format!("{} tokens, dataset.json says vocab_size {}", vocab.len(), man.vocab_size);
-            return Err(Error::format(&vocab_path, what));
-        }
-        let label_names = read_lines(&labels_path)?;
-        if label_names.len() != man.num_labels {
-            let n = label_names.len();
-            let what = format!("{n} label names, dataset.json says num_labels {}", man.num_labels);
-            return Err(Error::format(&labels_path, what));
-        }
-        let meta = Meta {
-            name: man.name.clone(),
-            regions: man.regions,
-            feature_dim: man.feature_dim,
-            max_tokens: man.max_tokens,
-            num_labels: man.num_labels,
-            num_object_classes: man.num_object_classes,
-            vocab,
-            label_names,
-        };
-        meta.check().map_err(|e| Error::format(&mpath, e))?;
-        for key in man.splits.keys() {
-            if !SPLIT_NAMES.contains(&key.as_str()) {
-                let what = format!("unknown split {key:?} (expected {SPLIT_NAMES:?})");
-                return Err(Error::format(&mpath, what));
-            }
+        if reader.layout.text_features() || reader.database().is_some() {
+            return Err(Error::config(format!(
+                "{}: text features or a database split cannot be held by the in-memory Dataset",
+                reader.dir.display()
+            )));
         }
         let mut splits = Vec::with_capacity(3);
-        for name in SPLIT_NAMES {
-            let Some(entry) = man.splits.get(name) else {
-                return Err(Error::format(&mpath, format!("split {name:?} missing")));
-            };
-            let shard = plain_file_name(&mpath, &format!("splits.{name}.shard"), &entry.shard)?;
-            splits.push(read_shard(&dir.join(shard), entry, &meta)?);
+        for name in ["train", "val", "test"] {
+            splits.push(materialize(&reader, reader.split(name)?));
         }
         let test = splits.pop().expect("three splits");
         let val = splits.pop().expect("three splits");
         let train = splits.pop().expect("three splits");
-        Ok(Dataset { meta, train, val, test })
+        Ok(Dataset { meta: reader.layout.meta.clone(), train, val, test })
     }
 }
 
-const VOCAB_FILE: &str = "vocab.txt";
-const LABELS_FILE: &str = "labels.txt";
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Manifest {
-    format: String,
-    version: u32,
-    name: String,
-    regions: usize,
-    feature_dim: usize,
-    max_tokens: usize,
-    num_labels: usize,
-    num_object_classes: usize,
-    vocab_size: usize,
-    vocab_file: String,
-    labels_file: String,
-    splits: BTreeMap<String, ManifestSplit>,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ManifestSplit {
-    shard: String,
-    images: usize,
-    texts: usize,
-    bytes: u64,
-    checksum: String,
+/// A split of an opened (token-text) dataset, copied into memory.
+fn materialize(reader: &DatasetReader, s: &SplitReader) -> Split {
+    let mut out = Split {
+        image_classes: s.has_classes().then(Vec::new),
+        text_item: s.text_items(),
+        labels: s.image_labels(),
+        ..Split::default()
+    };
+    let r = reader.layout.meta.regions;
+    for i in 0..s.num_images() {
+        let (shard, k) = s.locate_image(i);
+        shard.feature_dtype().widen_into(shard.feature_bytes(k), &mut out.image_features);
+        out.image_boxes.extend_from_slice(&typed::<f32>(shard.box_bytes(k)));
+        out.image_count.push(shard.count(k) as u16);
+        if let (Some(dst), Some(b)) = (out.image_classes.as_mut(), shard.class_bytes(k)) {
+            dst.extend_from_slice(&typed::<u16>(b)[..r]);
+        }
+    }
+    for j in 0..s.num_texts() {
+        let (shard, k) = s.locate_text(j);
+        out.text_tokens.extend_from_slice(&typed::<u32>(shard.text_bytes(k)));
+        out.text_length.push(shard.length(k) as u16);
+    }
+    out
 }
 
 /// A name in the manifest must be a plain file name inside the dataset directory.
-fn plain_file_name<'a>(mpath: &Path, field: &str, name: &'a str) -> Result<&'a str> {
+pub(crate) fn plain_file_name<'a>(mpath: &Path, field: &str, name: &'a str) -> Result<&'a str> {
     let ok = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
     if ok { Ok(name) } else { Err(Error::format(mpath, format!("{field} {name:?} is not a plain file name"))) }
 }
 
-fn read_lines(path: &Path) -> Result<Vec<String>> {
+pub(crate) fn read_lines(path: &Path) -> Result<Vec<String>> {
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     let text = String::from_utf8(bytes)
         .map_err(|e| Error::format(path, format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
@@ -582,25 +506,6 @@ fn read_lines(path: &Path) -> Result<Vec<String>> {
         return Err(Error::format(path, format!("line {} is empty", i + 1)));
     }
     Ok(lines)
-}
-
-/// Writes `bytes` to `path` via a temporary file in the same directory and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|s| s.to_string_lossy()).unwrap_or_default();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let k = NEXT.fetch_add(1, Ordering::Relaxed);
-    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp-{}-{k}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -639,180 +544,13 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     f ^ (f >> 31)
 }
 
-fn format_checksum(c: u64) -> String {
+pub(crate) fn format_checksum(c: u64) -> String {
     format!("fnv1a64x4:{c:016x}")
-}
-
-// ---------------------------------------------------------------------------------------------
-// Shard encoding
-
-struct Owned {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &Owned {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        (&self.data[..]).into()
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-fn le_f32(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-fn le_u16(v: &[u16]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-fn le_u32(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn encode_shard(split_name: &str, s: &Split, meta: &Meta) -> std::result::Result<Vec<u8>, String> {
-    let (n, m) = (s.num_images(), s.num_texts());
-    let (r, dr, t, c) = (meta.regions, meta.feature_dim, meta.max_tokens, meta.num_labels);
-    let mut tensors: Vec<(&str, Owned)> = vec![
-        (IMAGE_FEATURES, Owned { dtype: Dtype::F32, shape: vec![n, r, dr], data: le_f32(&s.image_features) }),
-        (IMAGE_BOXES, Owned { dtype: Dtype::F32, shape: vec![n, r, 5], data: le_f32(&s.image_boxes) }),
-        (IMAGE_COUNT, Owned { dtype: Dtype::U16, shape: vec![n], data: le_u16(&s.image_count) }),
-        (TEXT_TOKENS, Owned { dtype: Dtype::U32, shape: vec![m, t], data: le_u32(&s.text_tokens) }),
-        (TEXT_LENGTH, Owned { dtype: Dtype::U16, shape: vec![m], data: le_u16(&s.text_length) }),
-        (TEXT_ITEM, Owned { dtype: Dtype::U32, shape: vec![m], data: le_u32(&s.text_item) }),
-        (LABELS, Owned { dtype: Dtype::U8, shape: vec![n, c], data: s.labels.clone() }),
-    ];
-    if let Some(cls) = &s.image_classes {
-        tensors.push((IMAGE_CLASSES, Owned { dtype: Dtype::U16, shape: vec![n, r], data: le_u16(cls) }));
-    }
-    let info = HashMap::from([
-        ("format".to_string(), "semshare-shard".to_string()),
-        ("version".to_string(), FORMAT_VERSION.to_string()),
-        ("split".to_string(), split_name.to_string()),
-    ]);
-    safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (*k, v)), Some(info))
-        .map_err(|e| format!("cannot encode shard: {e}"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Shard decoding
-
-fn read_shard(path: &Path, entry: &ManifestSplit, meta: &Meta) -> Result<Split> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let fmt_err = |what: String| Error::format(path, what);
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt_err(diagnose(&bytes, &e)))?;
-    for name in st.names() {
-        if !tensor::ALL.contains(&name) {
-            let what = format!("unexpected tensor {name:?} (known: {:?})", tensor::ALL);
-            return Err(fmt_err(what));
-        }
-    }
-    let (n, m) = (entry.images, entry.texts);
-    let (r, dr, t, c) = (meta.regions, meta.feature_dim, meta.max_tokens, meta.num_labels);
-    // Shapes and dtypes first: they name the tensor; then the manifest's size and checksum.
-    let get = |name: &'static str, dtypes: &[Dtype], shape: &[usize]| -> Result<Option<_>> {
-        let view = match st.tensor(name) {
-            Ok(v) => v,
-            Err(_) => return Ok(None),
-        };
-        if !dtypes.contains(&view.dtype()) {
-            let what = format!("tensor {name}: dtype {}, expected {}", view.dtype(), dtype_list(dtypes));
-            return Err(fmt_err(what));
-        }
-        if view.shape() != shape {
-            let what = format!("tensor {name}: shape {:?}, expected {shape:?}", view.shape());
-            return Err(fmt_err(what));
-        }
-        Ok(Some(view))
-    };
-    let need = |name: &'static str, v: Option<_>| v.ok_or_else(|| fmt_err(format!("tensor {name} missing")));
-    let float_types = [Dtype::F32, Dtype::F16, Dtype::BF16];
-    let features = need(IMAGE_FEATURES, get(IMAGE_FEATURES, &float_types, &[n, r, dr])?)?;
-    let boxes = need(IMAGE_BOXES, get(IMAGE_BOXES, &[Dtype::F32], &[n, r, 5])?)?;
-    let count = need(IMAGE_COUNT, get(IMAGE_COUNT, &[Dtype::U16], &[n])?)?;
-    let classes = get(IMAGE_CLASSES, &[Dtype::U16], &[n, r])?;
-    let tokens = need(TEXT_TOKENS, get(TEXT_TOKENS, &[Dtype::U32], &[m, t])?)?;
-    let length = need(TEXT_LENGTH, get(TEXT_LENGTH, &[Dtype::U16], &[m])?)?;
-    let item = get(TEXT_ITEM, &[Dtype::U32], &[m])?;
-    let labels = need(LABELS, get(LABELS, &[Dtype::U8], &[n, c])?)?;
-    if item.is_none() && m != n {
-        let what = format!("tensor {TEXT_ITEM} missing, required when texts ({m}) ≠ images ({n})");
-        return Err(fmt_err(what));
-    }
-    if bytes.len() as u64 != entry.bytes {
-        let what = format!("{} bytes, dataset.json says {}", bytes.len(), entry.bytes);
-        return Err(fmt_err(what));
-    }
-    let sum = format_checksum(checksum(&bytes));
-    if sum != entry.checksum {
-        let what = format!("checksum mismatch: file has {sum}, dataset.json says {}", entry.checksum);
-        return Err(fmt_err(what));
-    }
-
-    let split = Split {
-        image_features: match features.dtype() {
-            Dtype::F16 => {
-                features.data().chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect()
-            }
-            Dtype::BF16 => features
-                .data()
-                .chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-                .collect(),
-            _ => features.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        },
-        image_boxes: boxes.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        image_count: from_u16(count.data()),
-        image_classes: classes.map(|v| from_u16(v.data())),
-        text_tokens: from_u32(tokens.data()),
-        text_length: from_u16(length.data()),
-        text_item: match item {
-            Some(v) => from_u32(v.data()),
-            None => (0..m as u32).collect(),
-        },
-        labels: labels.data().to_vec(),
-    };
-    split.check(meta).map_err(|p| fmt_err(p.to_string()))?;
-    Ok(split)
-}
-
-fn from_u16(b: &[u8]) -> Vec<u16> {
-    b.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
-}
-fn from_u32(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-}
-
-fn dtype_list(dtypes: &[Dtype]) -> String {
-    dtypes.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" or ")
-}
-
-/// IEEE half → f32, by hand.
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let mant = (h & 0x3ff) as u32;
-    match exp {
-        0 => {
-            // Zero or subnormal: mant · 2^-24, exact in f32.
-            let v = mant as f32 * (1.0 / 16_777_216.0);
-            if sign != 0 { -v } else { v }
-        }
-        31 => f32::from_bits(sign | 0x7f80_0000 | (mant << 13)),
-        _ => f32::from_bits(sign | ((exp + 112) << 23) | (mant << 13)),
-    }
 }
 
 /// Explains why safetensors rejected `bytes`, naming the tensor where possible (a truncated file,
 /// a header whose dtype or shape does not match the byte range of a tensor).
-fn diagnose(bytes: &[u8], err: &safetensors::SafeTensorError) -> String {
+pub(crate) fn diagnose(bytes: &[u8], err: &safetensors::SafeTensorError) -> String {
     let len = bytes.len();
     if len < 8 {
         return format!("truncated: {len} bytes, shorter than the 8-byte safetensors header length");
@@ -873,7 +611,30 @@ mod tests {
     use crate::data::synth::tests::tiny;
     use crate::data::synth::{SynthPreset, generate};
     use proptest::prelude::*;
-    use std::sync::atomic::AtomicUsize;
+    use safetensors::tensor::{Dtype, SafeTensors, View};
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A tensor to re-encode (as a converter might write it).
+    struct Owned {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    }
+    impl View for &Owned {
+        fn dtype(&self) -> Dtype {
+            self.dtype
+        }
+        fn shape(&self) -> &[usize] {
+            &self.shape
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            (&self.data[..]).into()
+        }
+        fn data_len(&self) -> usize {
+            self.data.len()
+        }
+    }
 
     /// A fresh, empty directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -920,11 +681,11 @@ mod tests {
     /// Rewrites the manifest entry of `split` so that size and checksum match the shard again:
     /// lets a test get past the checksum to the value checks.
     fn reseal(dir: &Path, split: &str) {
-        let bytes = fs::read(dir.join(format!("{split}.safetensors"))).unwrap();
+        let bytes = fs::read(dir.join(format!("{split}-00000.safetensors"))).unwrap();
         let mpath = dir.join(MANIFEST_FILE);
         let mut man: serde_json::Value = serde_json::from_str(&fs::read_to_string(&mpath).unwrap()).unwrap();
-        man["splits"][split]["checksum"] = format_checksum(checksum(&bytes)).into();
-        man["splits"][split]["bytes"] = bytes.len().into();
+        man["splits"][split][0]["checksum"] = format_checksum(checksum(&bytes)).into();
+        man["splits"][split][0]["bytes"] = bytes.len().into();
         fs::write(&mpath, serde_json::to_string(&man).unwrap()).unwrap();
     }
 
@@ -949,8 +710,14 @@ mod tests {
         assert!(back == ds);
         let names: HashSet<String> =
             fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        let want =
-            ["dataset.json", "vocab.txt", "labels.txt", "train.safetensors", "val.safetensors", "test.safetensors"];
+        let want = [
+            "dataset.json",
+            "vocab.txt",
+            "labels.txt",
+            "train-00000.safetensors",
+            "val-00000.safetensors",
+            "test-00000.safetensors",
+        ];
         assert_eq!(names, want.iter().map(|s| s.to_string()).collect(), "no temp files left behind");
         let vocab = fs::read_to_string(dir.0.join("vocab.txt")).unwrap();
         assert!(vocab.starts_with("[PAD]\n[UNK]\n[MASK]\nanimals.w0\n"));
@@ -958,7 +725,7 @@ mod tests {
         // Overwriting an existing dataset, without classes and with an empty split.
         let mut other = ds.clone();
         other.train.image_classes = None;
-        other.val = other.val.subset(&[]);
+        other.val = Split::default(); // an empty split has no shard, so no image.classes either
         other.save(&dir.0).unwrap();
         assert!(Dataset::load(&dir.0).unwrap() == other);
     }
@@ -1050,17 +817,20 @@ mod tests {
     #[test]
     fn truncated_shards_are_errors_naming_file_and_tensor() {
         let (dir, _) = saved("truncate");
-        let path = dir.0.join("train.safetensors");
+        let path = dir.0.join("train-00000.safetensors");
         let full = fs::read(&path).unwrap();
         let data_start = element_offset(&full, IMAGE_FEATURES, 0).min(element_offset(&full, LABELS, 0));
         let len = full.len();
         let cases: Vec<(usize, Vec<&str>)> = vec![
-            (0, vec!["train.safetensors", "truncated"]),
-            (5, vec!["train.safetensors", "truncated"]),
-            (20, vec!["train.safetensors", "truncated inside the header"]),
-            (data_start + 10, vec!["train.safetensors", "truncated: tensor"]),
-            (element_offset(&full, IMAGE_FEATURES, 100), vec!["train.safetensors", "truncated: tensor image.features"]),
-            (len - 1, vec!["train.safetensors", "truncated: tensor"]),
+            (0, vec!["train-00000.safetensors", "truncated"]),
+            (5, vec!["train-00000.safetensors", "truncated"]),
+            (20, vec!["train-00000.safetensors", "truncated inside the header"]),
+            (data_start + 10, vec!["train-00000.safetensors", "truncated: tensor"]),
+            (
+                element_offset(&full, IMAGE_FEATURES, 100),
+                vec!["train-00000.safetensors", "truncated: tensor image.features"],
+            ),
+            (len - 1, vec!["train-00000.safetensors", "truncated: tensor"]),
         ];
         for (cut, parts) in cases {
             fs::write(&path, &full[..cut]).unwrap();
@@ -1070,7 +840,7 @@ mod tests {
         let mut longer = full.clone();
         longer.push(0);
         fs::write(&path, &longer).unwrap();
-        assert_mentions(&load_err(&dir.0), &["train.safetensors", "data section"]);
+        assert_mentions(&load_err(&dir.0), &["train-00000.safetensors", "data section"]);
     }
 
     proptest! {
@@ -1078,18 +848,18 @@ mod tests {
         #[test]
         fn any_truncation_or_byte_flip_is_an_error_not_a_panic(cut_frac in 0.0f64..1.0, flip_frac in 0.0f64..1.0, bit in 0u8..8) {
             let (dir, _) = saved("prop");
-            let path = dir.0.join("val.safetensors");
+            let path = dir.0.join("val-00000.safetensors");
             let full = fs::read(&path).unwrap();
             let cut = (cut_frac * full.len() as f64) as usize;
             fs::write(&path, &full[..cut]).unwrap();
             let e = Dataset::load(&dir.0).unwrap_err().to_string();
-            prop_assert!(e.contains("val.safetensors"), "{}", e);
+            prop_assert!(e.contains("val-00000.safetensors"), "{}", e);
             let mut flipped = full.clone();
             let k = (flip_frac * full.len() as f64) as usize;
             flipped[k] ^= 1 << bit;
             fs::write(&path, &flipped).unwrap();
             let e = Dataset::load(&dir.0).unwrap_err().to_string();
-            prop_assert!(e.contains("val.safetensors"), "{}", e);
+            prop_assert!(e.contains("val-00000.safetensors"), "{}", e);
         }
 
         #[test]
@@ -1109,7 +879,7 @@ mod tests {
     #[test]
     fn header_dtype_changes_are_errors_naming_the_tensor() {
         let (dir, _) = saved("dtype");
-        let path = dir.0.join("test.safetensors");
+        let path = dir.0.join("test-00000.safetensors");
         let full = fs::read(&path).unwrap();
         let n = u64::from_le_bytes(full[..8].try_into().unwrap()) as usize;
         let header = std::str::from_utf8(&full[8..8 + n]).unwrap().to_string();
@@ -1118,7 +888,7 @@ mod tests {
             (
                 "\"image.count\":{\"dtype\":\"U16\"",
                 "\"image.count\":{\"dtype\":\"I16\"",
-                vec!["test.safetensors", "image.count", "dtype I16"],
+                vec!["test-00000.safetensors", "image.count", "dtype I16"],
             ),
             (
                 "\"text.tokens\":{\"dtype\":\"U32\"",
@@ -1147,21 +917,21 @@ mod tests {
         bytes[8..8 + n]
             .copy_from_slice(header.replacen(from, "\"labels\":{\"dtype\":\"U8\",\"shape\":[6,30]", 1).as_bytes());
         fs::write(&path, &bytes).unwrap();
-        assert_mentions(&load_err(&dir.0), &["test.safetensors", "labels", "shape [6, 30]", "expected [30, 6]"]);
+        assert_mentions(&load_err(&dir.0), &["test-00000.safetensors", "labels", "shape [6, 30]", "expected [30, 6]"]);
     }
 
     #[test]
     fn checksum_mismatch_is_an_error() {
         let (dir, _) = saved("checksum");
-        let path = dir.0.join("train.safetensors");
+        let path = dir.0.join("train-00000.safetensors");
         let mut bytes = fs::read(&path).unwrap();
         let k = element_offset(&bytes, IMAGE_FEATURES, 77);
         bytes[k] ^= 1;
         fs::write(&path, &bytes).unwrap();
-        assert_mentions(&load_err(&dir.0), &["train.safetensors", "checksum mismatch"]);
-        edit_manifest(&dir.0, |m| m["splits"]["val"]["checksum"] = "fnv1a64x4:0000000000000000".into());
+        assert_mentions(&load_err(&dir.0), &["train-00000.safetensors", "checksum mismatch"]);
+        edit_manifest(&dir.0, |m| m["splits"]["val"][0]["checksum"] = "fnv1a64x4:0000000000000000".into());
         reseal(&dir.0, "train");
-        assert_mentions(&load_err(&dir.0), &["val.safetensors", "checksum mismatch"]);
+        assert_mentions(&load_err(&dir.0), &["val-00000.safetensors", "checksum mismatch"]);
     }
 
     #[test]
@@ -1174,33 +944,39 @@ mod tests {
                 IMAGE_FEATURES,
                 (4 * r + 1) * dr + 3,
                 f32::NAN.to_le_bytes().to_vec(),
-                vec!["train.safetensors", "image.features", "item 4", "NaN"],
+                vec!["train-00000.safetensors", "image.features", "item 4", "NaN"],
             ),
             (
                 "val",
                 IMAGE_FEATURES,
                 2 * r * dr,
                 f32::INFINITY.to_le_bytes().to_vec(),
-                vec!["val.safetensors", "image.features", "item 2", "inf"],
+                vec!["val-00000.safetensors", "image.features", "item 2", "inf"],
             ),
             (
                 "test",
                 TEXT_TOKENS,
                 5 * t,
                 200u32.to_le_bytes().to_vec(),
-                vec!["test.safetensors", "text.tokens", "item 5", "token 200"],
+                vec!["test-00000.safetensors", "text.tokens", "item 5", "token 200"],
             ),
             ("test", TEXT_TOKENS, 6 * t, u32::MAX.to_le_bytes().to_vec(), vec!["text.tokens", "item 6"]),
             ("train", IMAGE_COUNT, 9, 0u16.to_le_bytes().to_vec(), vec!["image.count", "item 9"]),
             ("train", IMAGE_CLASSES, 3 * r, 999u16.to_le_bytes().to_vec(), vec!["image.classes", "item 3", "999"]),
             ("train", IMAGE_BOXES, 2 * r * 5, (-0.5f32).to_le_bytes().to_vec(), vec!["image.boxes", "item 2"]),
             ("train", TEXT_ITEM, 11, 1000u32.to_le_bytes().to_vec(), vec!["text.item", "item 11"]),
-            ("val", TEXT_LENGTH, 1, 50u16.to_le_bytes().to_vec(), vec!["val.safetensors", "text.length", "item 1"]),
+            (
+                "val",
+                TEXT_LENGTH,
+                1,
+                50u16.to_le_bytes().to_vec(),
+                vec!["val-00000.safetensors", "text.length", "item 1"],
+            ),
             ("train", LABELS, 6 * 7 + 1, vec![7], vec!["labels", "item 7"]),
         ];
         for (split, tensor, index, value, parts) in cases {
             let (dir, _) = saved("values");
-            let path = dir.0.join(format!("{split}.safetensors"));
+            let path = dir.0.join(format!("{split}-00000.safetensors"));
             let mut bytes = fs::read(&path).unwrap();
             let k = element_offset(&bytes, tensor, index);
             bytes[k..k + value.len()].copy_from_slice(&value);
@@ -1222,7 +998,7 @@ mod tests {
 
         let manifest = fs::read_to_string(d.join(MANIFEST_FILE)).unwrap();
         let restore = || fs::write(d.join(MANIFEST_FILE), &manifest).unwrap();
-        for file in ["val.safetensors", "vocab.txt", "labels.txt"] {
+        for file in ["val-00000.safetensors", "vocab.txt", "labels.txt"] {
             let keep = fs::read(d.join(file)).unwrap();
             fs::remove_file(d.join(file)).unwrap();
             assert_mentions(&load_err(d), &[file]);
@@ -1235,16 +1011,19 @@ mod tests {
         restore();
         type Edit = fn(&mut serde_json::Value);
         let edits: Vec<(Edit, &[&str])> = vec![
-            (|m| m["version"] = 2.into(), &["dataset.json", "version 2"]),
+            (|m| m["version"] = 1.into(), &["dataset.json", "version 1"]),
             (|m| m["format"] = "other".into(), &["dataset.json", "format"]),
             (|m| m["colour"] = 1.into(), &["dataset.json", "colour"]),
             (|m| m["vocab_size"] = 199.into(), &["vocab.txt", "vocab_size 199"]),
             (|m| m["num_labels"] = 7.into(), &["labels.txt", "num_labels 7"]),
-            (|m| m["regions"] = 9.into(), &["train.safetensors", "image.features", "shape"]),
-            (|m| m["splits"]["val"]["images"] = 21.into(), &["val.safetensors", "shape"]),
-            (|m| m["splits"]["test"]["texts"] = 89.into(), &["test.safetensors", "text.tokens", "shape"]),
-            (|m| m["splits"]["train"]["bytes"] = 1.into(), &["train.safetensors", "dataset.json says 1"]),
-            (|m| m["splits"]["train"]["shard"] = "../x.safetensors".into(), &["dataset.json", "not a plain file name"]),
+            (|m| m["regions"] = 9.into(), &["train-00000.safetensors", "image.features", "shape"]),
+            (|m| m["splits"]["val"][0]["images"] = 21.into(), &["val-00000.safetensors", "shape"]),
+            (|m| m["splits"]["test"][0]["texts"] = 89.into(), &["test-00000.safetensors", "text.tokens", "shape"]),
+            (|m| m["splits"]["train"][0]["bytes"] = 1.into(), &["train-00000.safetensors", "dataset.json says 1"]),
+            (
+                |m| m["splits"]["train"][0]["file"] = "../x.safetensors".into(),
+                &["dataset.json", "not a plain file name"],
+            ),
             (
                 |m| drop(m["splits"].as_object_mut().unwrap().remove("test")),
                 &["dataset.json", "split \"test\" missing"],
@@ -1282,7 +1061,7 @@ mod tests {
         let ds = generate(&cfg).unwrap();
         let dir = TempDir::new("half");
         for dtype in [Dtype::BF16, Dtype::F16] {
-            let p = dir.0.join("train.safetensors");
+            let p = dir.0.join("train-00000.safetensors");
             ds.save(&dir.0).unwrap();
             rewrite_shard(&p, |ts| {
                 ts.retain(|(k, _)| k != TEXT_ITEM);
@@ -1293,7 +1072,11 @@ mod tests {
                     .image_features
                     .iter()
                     .flat_map(|&x| {
-                        let h = if dtype == Dtype::BF16 { (x.to_bits() >> 16) as u16 } else { f32_to_f16_trunc(x) };
+                        let h = if dtype == Dtype::BF16 {
+                            half::bf16::from_f32(x).to_bits()
+                        } else {
+                            half::f16::from_f32(x).to_bits()
+                        };
                         h.to_le_bytes()
                     })
                     .collect();
@@ -1306,49 +1089,24 @@ mod tests {
             }
         }
         // Without text.item, M must equal N.
-        let p = dir.0.join("val.safetensors");
+        let p = dir.0.join("val-00000.safetensors");
         let mut cfg3 = cfg.clone();
         cfg3.texts_per_image = 2;
         generate(&cfg3).unwrap().save(&dir.0).unwrap();
         rewrite_shard(&p, |ts| ts.retain(|(k, _)| k != TEXT_ITEM));
         reseal(&dir.0, "val");
-        assert_mentions(&load_err(&dir.0), &["val.safetensors", "text.item missing"]);
+        assert_mentions(&load_err(&dir.0), &["val-00000.safetensors", "text.item missing"]);
         // Unknown and missing tensors.
         generate(&cfg).unwrap().save(&dir.0).unwrap();
         rewrite_shard(&p, |ts| ts.retain(|(k, _)| k != IMAGE_BOXES));
         reseal(&dir.0, "val");
-        assert_mentions(&load_err(&dir.0), &["val.safetensors", "tensor image.boxes missing"]);
+        assert_mentions(&load_err(&dir.0), &["val-00000.safetensors", "tensor image.boxes missing"]);
         rewrite_shard(&p, |ts| {
             let extra = Owned { dtype: Dtype::U8, shape: vec![1], data: vec![0] };
             ts.push(("text.feature".to_string(), extra));
         });
         reseal(&dir.0, "val");
-        assert_mentions(&load_err(&dir.0), &["val.safetensors", "unexpected tensor \"text.feature\""]);
-    }
-
-    /// f32 → f16 by truncation, for normal values of moderate size (test data only).
-    fn f32_to_f16_trunc(x: f32) -> u16 {
-        let b = x.to_bits();
-        let sign = ((b >> 16) & 0x8000) as u16;
-        let exp = ((b >> 23) & 0xff) as i32 - 127 + 15;
-        if exp <= 0 {
-            return sign;
-        }
-        sign | ((exp as u16) << 10) | ((b >> 13) & 0x3ff) as u16
-    }
-
-    #[test]
-    fn f16_conversion_matches_known_values() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
-        assert_eq!(f16_to_f32(0x7bff), 65504.0);
-        assert!(f16_to_f32(0x7c00).is_infinite());
-        assert!(f16_to_f32(0x7e00).is_nan());
-        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
-        for x in [0.5f32, -3.25, 1000.0, 0.0999] {
-            assert!((f16_to_f32(f32_to_f16_trunc(x)) - x).abs() <= x.abs() * 1e-3);
-        }
+        assert_mentions(&load_err(&dir.0), &["val-00000.safetensors", "unexpected tensor \"text.feature\""]);
     }
 
     #[test]

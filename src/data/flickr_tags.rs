@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use super::dataset::{Dataset, Meta, RESERVED_TOKENS, Split};
+use super::shards::{DatasetWriter, Layout};
 use super::synth::{SynthConfig, SynthPreset, generate};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -154,6 +155,20 @@ impl FlickrTags {
     /// The dataset without the database split, as [`Dataset::save`] writes it today.
     pub fn into_dataset(self) -> Dataset {
         Dataset { meta: self.meta, train: self.train, val: self.val, test: self.test }
+    }
+
+    /// Writes the dataset directory (docs/FORMAT.md), the `database` split included, so that
+    /// `semshare eval --split test` ranks the retrieval set for the queries (the standard
+    /// MIRFlickr protocol). Atomic like every dataset write.
+    pub fn save(&self, dir: impl AsRef<Path>, shard_bytes: usize) -> Result<()> {
+        let layout = Layout { meta: self.meta.clone(), text_feature_dim: 0 };
+        let mut w = DatasetWriter::create(dir, layout, shard_bytes)?;
+        for (name, split) in
+            [("train", &self.train), ("val", &self.val), ("test", &self.test), ("database", &self.database)]
+        {
+            w.write_split(name, split)?;
+        }
+        w.finish().map(drop)
     }
 
     /// Writes a source directory for `semshare pack`: one safetensors file per split (database

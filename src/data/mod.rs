@@ -3,8 +3,11 @@
 
 pub mod dataset;
 pub mod flickr_tags;
+pub mod shards;
 pub mod synth;
 
 pub use dataset::{Dataset, Meta, Split};
 pub use synth::{SynthConfig, SynthPreset, generate};
 pub mod batches;
+pub mod loader;
+pub mod pack;

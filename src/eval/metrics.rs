@@ -396,6 +396,42 @@ fn evaluate_blocked(
     Ok(Report { i2t, t2i, avg })
 }
 
+/// The gallery protocol (MIRFlickr: 2,000 test queries against the ~18,000-item database):
+/// I2T ranks the gallery's texts for each query image, T2I the gallery's images for each query
+/// text, relevance by shared labels as always. Queries are not in the gallery, so no item is
+/// paired with a query and R@K is not reported (`cfg.recall_ks` is ignored).
+pub fn evaluate_against_gallery(
+    query_images: &Side,
+    query_texts: &Side,
+    gallery_images: &Side,
+    gallery_texts: &Side,
+    cfg: &EvalConfig,
+) -> Result<Report> {
+    let cfg = EvalConfig { recall_ks: Vec::new(), ..cfg.clone() };
+    cfg.validate()?;
+    let sides = [
+        ("query images", query_images),
+        ("query texts", query_texts),
+        ("gallery images", gallery_images),
+        ("gallery texts", gallery_texts),
+    ];
+    for (name, side) in sides {
+        side.validate(name)?;
+        if side.dim != query_images.dim || side.num_labels != query_images.num_labels {
+            return Err(Error::data(format!(
+                "{name}: embedding width {} and {} labels, query images have {} and {}",
+                side.dim, side.num_labels, query_images.dim, query_images.num_labels
+            )));
+        }
+    }
+    let no_pairs = |_: usize| -> &[u32] { &[] };
+    let [qi, qt, gi, gt] = sides.map(|(_, s)| Prepared::new(s));
+    let i2t = direction(&qi, &gt, &no_pairs, &cfg, SIM_BLOCK_FLOATS);
+    let t2i = direction(&qt, &gi, &no_pairs, &cfg, SIM_BLOCK_FLOATS);
+    let avg = DirectionMetrics::mean(&i2t, &t2i);
+    Ok(Report { i2t, t2i, avg })
+}
+
 /// A validated side, ready for ranking: normalised embeddings and labels packed as bits.
 struct Prepared {
     n: usize,

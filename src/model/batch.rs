@@ -17,12 +17,14 @@ pub struct ImageBatch {
     pub labels: Vec<f32>,
 }
 
-/// Texts as token sequences.
+/// Texts as token sequences, or as pre-extracted segment features.
 #[derive(Clone, Debug, Default)]
 pub struct TextBatch {
     pub lengths: Vec<usize>,
-    /// [tokens] ids < V, never [PAD].
+    /// [tokens] ids < V, never [PAD]; empty when the texts are `features`.
     pub tokens: Vec<u32>,
+    /// [segments, Dt] pre-extracted segment features; empty when the texts are `tokens`.
+    pub features: Vec<f32>,
     /// [items, C]
     pub labels: Vec<f32>,
 }
@@ -101,6 +103,6 @@ impl TextBatch {
         let tokens: usize = lengths.iter().sum();
         let tokens = (0..tokens).map(|_| 3 + rng.below(vocab - 3) as u32).collect();
         let labels = (0..lengths.len() * labels).map(|_| rng.bernoulli(0.2) as u32 as f32).collect();
-        TextBatch { lengths: lengths.to_vec(), tokens, labels }
+        TextBatch { lengths: lengths.to_vec(), tokens, labels, features: Vec::new() }
     }
 }

@@ -36,6 +36,10 @@ pub struct ModelConfig {
     pub mask_prob: f32,
     /// λ of Eq. 6: L = L1 + λ·L2.
     pub lambda: f32,
+    /// Dt: width of pre-extracted text segments (`text.features`); 0 when texts are tokens.
+    /// With Dt > 0 the text side has no word embedding and no GRU: ψ1 reads the features.
+    #[serde(default)]
+    pub text_feature_dim: usize,
 }
 
 pub const MASK_TOKEN: u32 = 2;
@@ -59,6 +63,7 @@ impl ModelConfig {
             dropout: 0.1,
             mask_prob: 0.15,
             lambda: 0.01,
+            text_feature_dim: 0,
         }
     }
 
@@ -80,7 +85,13 @@ impl ModelConfig {
             dropout: 0.1,
             mask_prob: 0.15,
             lambda: 0.01,
+            text_feature_dim: 0,
         }
+    }
+
+    /// Texts arrive as segment features (the text side then starts at ψ1).
+    pub fn text_features(&self) -> bool {
+        self.text_feature_dim > 0
     }
 
     pub fn preset(name: &str) -> Result<Self> {

@@ -15,7 +15,7 @@ use super::batch::{Batch, MaskPlan};
 use super::config::{MASK_TOKEN, ModelConfig};
 use super::image::{ImageCache, ImageEncoder};
 use super::shared::{SharedCache, SharedEncoder};
-use super::text::{TextCache, TextEncoder, positions};
+use super::text::{TextCache, TextEncoder, TextInput, positions};
 
 #[derive(Clone, Debug)]
 pub struct SemShare {
@@ -112,13 +112,17 @@ impl SemShare {
                 (e, SideCache::Image(c))
             }
             Batch::Text(b) => {
-                let mut ids = b.tokens.clone();
-                for &r in &plan.rows {
-                    ids[r as usize] = MASK_TOKEN;
-                }
-                let ids = dev.upload_ids(&ids)?;
+                let input = if self.cfg.text_features() {
+                    TextInput::Features(dev.upload(&b.features, &[tokens, self.cfg.text_feature_dim])?)
+                } else {
+                    let mut ids = b.tokens.clone();
+                    for &r in &plan.rows {
+                        ids[r as usize] = MASK_TOKEN;
+                    }
+                    TextInput::Tokens(dev.upload_ids(&ids)?)
+                };
                 let pos = dev.upload(&positions(&b.lengths, self.cfg.dim), &[tokens, self.cfg.dim])?;
-                let (e, c) = self.text.forward(dev, w, ids, pos, &seg, drop.site(2))?;
+                let (e, c) = self.text.forward(dev, w, input, pos, &seg, drop.site(2))?;
                 (e, SideCache::Text(c))
             }
         };
@@ -141,10 +145,13 @@ impl SemShare {
         }
     }
 
-    /// The context targets of a batch, if it has any: region classes or tokens.
+    /// The context targets of a batch, if it has any: region classes or tokens. Texts given
+    /// as segment features have no token to predict, so their L2 term is dropped (like images
+    /// without region classes).
     pub fn context_targets(batch: &Batch) -> Option<&[u32]> {
         match batch {
             Batch::Image(b) => b.classes.as_deref(),
+            Batch::Text(b) if b.tokens.is_empty() => None,
             Batch::Text(b) => Some(&b.tokens),
         }
     }

@@ -1,25 +1,38 @@
 //! Text side (modality-specific): tokens → word embedding → Bi-GRU → ŵ_t = [h→_t ; h←_t],
 //! then e_t = φ(ψ1(ŵ_t) + ψ2(PE(t))) with the sinusoidal position encoding PE.
 
-use crate::Result;
 use crate::backend::{Backend, Segments};
 use crate::nn::gru::BiGruCache;
 use crate::nn::segment::SegmentEmbedCache;
 use crate::nn::{BiGru, Dropout, Embedding, ParamStore, SegmentEmbed};
 use crate::tensor::{Ids, Tensor};
+use crate::{Error, Result};
 
 use super::config::ModelConfig;
 
+/// Token texts: word embedding E, then the Bi-GRU.
 #[derive(Clone, Debug)]
-pub struct TextEncoder {
+pub struct WordEncoder {
     pub embedding: Embedding,
     pub gru: BiGru,
+}
+
+#[derive(Clone, Debug)]
+pub struct TextEncoder {
+    /// None when texts arrive as pre-extracted segment features (`text_feature_dim` > 0):
+    /// ψ1 then reads those features directly.
+    pub words: Option<WordEncoder>,
     pub embed: SegmentEmbed,
 }
 
+/// What the text side reads: token ids, or segment features `[segments, Dt]`.
+pub enum TextInput {
+    Tokens(Ids),
+    Features(Tensor),
+}
+
 pub struct TextCache {
-    tokens: Ids,
-    gru: BiGruCache,
+    words: Option<(Ids, BiGruCache)>,
     embed: SegmentEmbedCache,
     drop: Dropout,
 }
@@ -50,9 +63,17 @@ pub fn positions(lengths: &[usize], dim: usize) -> Vec<f32> {
 
 impl TextEncoder {
     pub fn new(store: &mut ParamStore, cfg: &ModelConfig) -> Self {
+        if cfg.text_features() {
+            return TextEncoder {
+                words: None,
+                embed: SegmentEmbed::new(store, "text", cfg.text_feature_dim, cfg.dim, cfg.dim),
+            };
+        }
         TextEncoder {
-            embedding: Embedding::new(store, "text.embedding", cfg.vocab, cfg.word_dim),
-            gru: BiGru::new(store, "text.gru", cfg.word_dim, cfg.gru_hidden),
+            words: Some(WordEncoder {
+                embedding: Embedding::new(store, "text.embedding", cfg.vocab, cfg.word_dim),
+                gru: BiGru::new(store, "text.gru", cfg.word_dim, cfg.gru_hidden),
+            }),
             embed: SegmentEmbed::new(store, "text", 2 * cfg.gru_hidden, cfg.dim, cfg.dim),
         }
     }
@@ -61,16 +82,23 @@ impl TextEncoder {
         &self,
         dev: &mut dyn Backend,
         w: &Tensor,
-        tokens: Ids,
+        input: TextInput,
         positions: Tensor,
         seg: &Segments,
         drop: Dropout,
     ) -> Result<(Tensor, TextCache)> {
-        let words = self.embedding.forward(dev, w, &tokens)?;
-        let (states, gru) = self.gru.forward(dev, w, words, seg)?;
-        let (mut e, embed) = self.embed.forward(dev, w, states, positions)?;
+        let (segments, words) = match (input, &self.words) {
+            (TextInput::Tokens(tokens), Some(we)) => {
+                let vectors = we.embedding.forward(dev, w, &tokens)?;
+                let (states, gru) = we.gru.forward(dev, w, vectors, seg)?;
+                (states, Some((tokens, gru)))
+            }
+            (TextInput::Features(x), None) => (x, None),
+            _ => return Err(Error::config("text batch (tokens or features) does not match the model's text side")),
+        };
+        let (mut e, embed) = self.embed.forward(dev, w, segments, positions)?;
         drop.forward(dev, &mut e)?;
-        Ok((e, TextCache { tokens, gru, embed, drop }))
+        Ok((e, TextCache { words, embed, drop }))
     }
 
     pub fn backward(
@@ -84,8 +112,12 @@ impl TextEncoder {
     ) -> Result<()> {
         let mut de = de.clone();
         c.drop.backward(dev, &mut de)?;
-        let dstates = self.embed.backward(dev, w, g, c.embed, &de)?;
-        let dwords = self.gru.backward(dev, w, g, seg, c.gru, &dstates)?;
-        self.embedding.backward(dev, g, &c.tokens, &dwords)
+        let dsegments = self.embed.backward(dev, w, g, c.embed, &de)?;
+        // Pre-extracted features are inputs: their gradient stops here.
+        if let (Some(we), Some((tokens, gru))) = (&self.words, c.words) {
+            let dwords = we.gru.backward(dev, w, g, seg, gru, &dsegments)?;
+            we.embedding.backward(dev, g, &tokens, &dwords)?;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,201 @@
+//! `semshare pack`: a source directory (what the importers in `tools/` write; docs/FORMAT.md,
+//! "Source directory") becomes a dataset directory with shards of a chosen size, every item
+//! validated on the way, checksums in the manifest, written atomically.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::SafeTensors;
+use serde::Deserialize;
+
+use super::dataset::{Meta, diagnose, plain_file_name, read_lines, tensor::*};
+use super::shards::{
+    DatasetWriter, ImageRecord, LABELS_FILE, Layout, SPLITS, Shard, TEXT_FEATURES, TextRecord, VOCAB_FILE,
+    reserved_vocab, typed,
+};
+use crate::{Error, Result};
+
+pub const SOURCE_FILE: &str = "source.json";
+pub const SOURCE_FORMAT: &str = "semshare-source";
+pub const SOURCE_VERSION: u32 = 1;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Source {
+    format: String,
+    version: u32,
+    name: String,
+    splits: BTreeMap<String, Vec<String>>,
+    /// K_obj; absent: the largest class id found + 1.
+    #[serde(default)]
+    num_object_classes: Option<usize>,
+}
+
+/// What `pack` wrote.
+#[derive(Clone, Debug)]
+pub struct PackSummary {
+    pub out: PathBuf,
+    /// (split, images, texts, shards)
+    pub splits: Vec<(String, usize, usize, usize)>,
+}
+
+/// Shape `name` of a source file's header, without trusting anything else in it.
+fn header_shape(path: &Path, bytes: &[u8], name: &str) -> Result<Option<Vec<usize>>> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::format(path, diagnose(bytes, &e)))?;
+    Ok(st.tensor(name).ok().map(|v| v.shape().to_vec()))
+}
+
+/// R, Dr, T, Dt, C from the first source file.
+fn infer_layout(src: &Path, first: &Path, name: &str, text_features: bool) -> Result<Layout> {
+    let bytes = fs::read(first).map_err(|e| Error::io(first, e))?;
+    let dims = |tensor: &str, rank: usize| -> Result<Vec<usize>> {
+        match header_shape(first, &bytes, tensor)? {
+            Some(s) if s.len() == rank => Ok(s),
+            Some(s) => Err(Error::format(first, format!("tensor {tensor}: shape {s:?} is not of rank {rank}"))),
+            None => Err(Error::format(first, format!("tensor {tensor} missing"))),
+        }
+    };
+    let f = dims(IMAGE_FEATURES, 3)?;
+    let c = dims(LABELS, 2)?[1];
+    let (t, dt) = if text_features {
+        let s = dims(TEXT_FEATURES, 3)?;
+        (s[1], s[2])
+    } else {
+        (dims(TEXT_TOKENS, 2)?[1], 0)
+    };
+    let vocab = if text_features { reserved_vocab() } else { read_lines(&src.join(VOCAB_FILE))? };
+    let label_names = read_lines(&src.join(LABELS_FILE))?;
+    if label_names.len() != c {
+        let what = format!("{} label names, the tensors have C = {c} labels", label_names.len());
+        return Err(Error::format(src.join(LABELS_FILE), what));
+    }
+    let meta = Meta {
+        name: name.to_string(),
+        regions: f[1],
+        feature_dim: f[2],
+        max_tokens: t,
+        num_labels: c,
+        num_object_classes: u16::MAX as usize + 1,
+        vocab,
+        label_names,
+    };
+    meta.check().map_err(|e| Error::format(first, e))?;
+    Ok(Layout { meta, text_feature_dim: dt })
+}
+
+/// Packs `src` into `out` with shards of about `shard_bytes`.
+pub fn pack(src: &Path, out: &Path, shard_bytes: usize) -> Result<PackSummary> {
+    let spath = src.join(SOURCE_FILE);
+    let text = fs::read_to_string(&spath).map_err(|e| Error::io(&spath, e))?;
+    let source: Source =
+        serde_json::from_str(&text).map_err(|e| Error::format(&spath, format!("not a valid source.json: {e}")))?;
+    if source.format != SOURCE_FORMAT || source.version != SOURCE_VERSION {
+        let what = format!(
+            "format {:?} version {}, expected {SOURCE_FORMAT:?} version {SOURCE_VERSION}",
+            source.format, source.version
+        );
+        return Err(Error::format(&spath, what));
+    }
+    for (name, files) in &source.splits {
+        if !SPLITS.contains(&name.as_str()) {
+            return Err(Error::format(&spath, format!("unknown split {name:?} (expected {SPLITS:?})")));
+        }
+        if files.is_empty() && name == "train" {
+            return Err(Error::format(&spath, "split \"train\" lists no file"));
+        }
+    }
+    let mut files: Vec<(&str, Vec<PathBuf>)> = Vec::new();
+    for name in SPLITS {
+        match source.splits.get(name) {
+            Some(list) => {
+                let paths = list
+                    .iter()
+                    .enumerate()
+                    .map(|(k, f)| plain_file_name(&spath, &format!("splits.{name}[{k}]"), f).map(|f| src.join(f)))
+                    .collect::<Result<Vec<_>>>()?;
+                files.push((name, paths));
+            }
+            None if name == "database" => {}
+            None => return Err(Error::format(&spath, format!("split {name:?} missing"))),
+        }
+    }
+    let first =
+        files.iter().flat_map(|(_, f)| f.first()).next().ok_or_else(|| Error::format(&spath, "no source file"))?;
+    let first_bytes = fs::read(first).map_err(|e| Error::io(first, e))?;
+    let text_features = header_shape(first, &first_bytes, TEXT_FEATURES)?.is_some();
+    let mut layout = infer_layout(src, first, &source.name, text_features)?;
+
+    // Pass 1: open everything (structure checked against the first file's shapes) and find K_obj.
+    let mut opened: Vec<(&str, Vec<Shard>)> = Vec::new();
+    let mut max_class: Option<usize> = None;
+    for (name, paths) in &files {
+        let mut shards = Vec::new();
+        for p in paths {
+            let shard = Shard::open(p, &layout, None)?;
+            for i in 0..shard.num_images() {
+                if let Some(b) = shard.class_bytes(i) {
+                    let top = typed::<u16>(b)[..shard.count(i)].iter().map(|&k| k as usize).max();
+                    max_class = max_class.max(top);
+                }
+            }
+            shards.push(shard);
+        }
+        opened.push((name, shards));
+    }
+    let found = max_class.map_or(0, |k| k + 1);
+    layout.meta.num_object_classes = match source.num_object_classes {
+        Some(k) if k < found => {
+            let what = format!("num_object_classes {k}, but the files hold class id {}", found - 1);
+            return Err(Error::format(&spath, what));
+        }
+        Some(k) => k,
+        None => found,
+    };
+    layout.meta.check().map_err(|e| Error::format(&spath, e))?;
+
+    // Pass 2: validate every item and write it.
+    let mut w = DatasetWriter::create(out, layout.clone(), shard_bytes)?;
+    let mut summary = PackSummary { out: out.to_path_buf(), splits: Vec::new() };
+    for (name, shards) in &opened {
+        w.begin_split(name)?;
+        let (mut n, mut m) = (0, 0);
+        for shard in shards {
+            let mut texts_of = vec![Vec::new(); shard.num_images()];
+            for j in 0..shard.num_texts() {
+                shard.check_text(&layout, j)?;
+                texts_of[shard.text_item(j)].push(j);
+            }
+            for (i, texts) in texts_of.iter().enumerate() {
+                shard.check_image(&layout, i)?;
+                let image = ImageRecord {
+                    features: shard.feature_bytes(i),
+                    feature_dtype: shard.feature_dtype(),
+                    boxes: shard.box_bytes(i),
+                    count: shard.count(i) as u16,
+                    classes: shard.class_bytes(i),
+                    labels: shard.labels(i),
+                };
+                let records: Vec<TextRecord> = texts
+                    .iter()
+                    .map(|&j| TextRecord {
+                        content: shard.text_bytes(j),
+                        dtype: shard.text_dtype(),
+                        length: shard.length(j) as u16,
+                    })
+                    .collect();
+                w.push(&image, &records).map_err(|e| Error::format(&shard.path, format!("image {i}: {e}")))?;
+            }
+            n += shard.num_images();
+            m += shard.num_texts();
+        }
+        summary.splits.push((name.to_string(), n, m, 0));
+    }
+    let out = w.finish()?;
+    // Read back what was written: the reader's structural checks see the final files.
+    let written = super::shards::DatasetReader::open(&out)?;
+    for s in &mut summary.splits {
+        s.3 = written.split(&s.0)?.shards.len();
+    }
+    Ok(summary)
+}
