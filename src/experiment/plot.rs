@@ -184,7 +184,10 @@ pub fn figure1_svg(title: &str, k: usize, curves: &[EtaCurve]) -> Result<String>
             let (px, py) = (xa.x(p.eta), y(p.mean));
             if let Some(sd) = p.std {
                 let (ya, yb) = (y(p.mean - sd), y(p.mean + sd));
-                let _ = writeln!(w, r#"<line x1="{px:.2}" y1="{ya:.2}" x2="{px:.2}" y2="{yb:.2}" stroke="{color}"/>"#);
+                let _ = writeln!(
+                    w,
+                    r#"<line class="errorbar" x1="{px:.2}" y1="{ya:.2}" x2="{px:.2}" y2="{yb:.2}" stroke="{color}"/>"#
+                );
                 for yc in [ya, yb] {
                     let _ = writeln!(
                         w,
