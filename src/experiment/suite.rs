@@ -36,7 +36,8 @@ pub enum Variant {
     #[serde(rename = "st")]
     St,
     /// Global features: one segment per item (mean of the region features with the whole-image
-    /// box; mean of the text segments) and the FC shared model of `wo-t`.
+    /// box; mean of the text segments) and the FC shared model of `wo-t`. No context loss: a
+    /// masked global segment has no other segment to be predicted from, so L2 is undefined.
     #[serde(rename = "wo-r")]
     WoR,
     /// The shared transformer replaced by an FC shared model of the same depth and widths
@@ -160,7 +161,7 @@ impl Variant {
             Variant::OursCon => VariantSpec { consistency: Consistency::Triplet, ..ours },
             Variant::Imc => VariantSpec { shared_model: false, consistency: Consistency::Imc, ..ours },
             Variant::St => VariantSpec { shared_model: false, ..ours },
-            Variant::WoR => VariantSpec { trunk: Trunk::Fc, segments: Segments::Global, ..ours },
+            Variant::WoR => VariantSpec { trunk: Trunk::Fc, segments: Segments::Global, context_loss: false, ..ours },
             Variant::WoT => VariantSpec { trunk: Trunk::Fc, ..ours },
             Variant::WoC => VariantSpec { context_loss: false, ..ours },
             Variant::WoL => VariantSpec { label_loss: false, ..ours },
@@ -454,7 +455,7 @@ mod tests {
         assert_eq!(differs(Variant::OursCon), ["consistency"]);
         assert_eq!(differs(Variant::Imc), ["shared_model", "consistency"]);
         assert_eq!(differs(Variant::St), ["shared_model"]);
-        assert_eq!(differs(Variant::WoR), ["trunk", "segments"]);
+        assert_eq!(differs(Variant::WoR), ["trunk", "segments", "context_loss"]);
         assert_eq!(differs(Variant::WoT), ["trunk"]);
         assert_eq!(differs(Variant::WoC), ["context_loss"]);
         assert_eq!(differs(Variant::WoL), ["label_loss"]);
