@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod io;
 pub mod model;
 pub mod nn;

@@ -1,0 +1,189 @@
+//! A suite's results: the scores of each run, their mean ± sample standard deviation over seeds,
+//! and Table 1 as markdown (`table1.md`) and JSON (`table1.json`).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::suite::{SuiteState, Variant};
+use crate::eval::metrics::{DirectionMetrics, Report};
+use crate::{Error, Result};
+
+/// One score in both directions and their average (×100, as `eval::Report`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Directions {
+    pub i2t: f64,
+    pub t2i: f64,
+    pub avg: f64,
+}
+
+/// What Table 1 keeps of one run's test report: NDCG@k and mAP@all.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scores {
+    /// The k of `ndcg` (500 in the paper).
+    pub k: usize,
+    pub ndcg: Directions,
+    pub map_all: Directions,
+}
+
+impl Scores {
+    /// Takes NDCG@k and mAP@all from a report; an error when the report has no NDCG@k or a
+    /// score is not finite.
+    pub fn from_report(report: &Report, k: usize) -> Result<Scores> {
+        let ndcg = |d: &DirectionMetrics, name: &str| {
+            d.ndcg_at(k).ok_or_else(|| Error::data(format!("the {name} report has no NDCG@{k}")))
+        };
+        let s = Scores {
+            k,
+            ndcg: Directions {
+                i2t: ndcg(&report.i2t, "I2T")?,
+                t2i: ndcg(&report.t2i, "T2I")?,
+                avg: ndcg(&report.avg, "average")?,
+            },
+            map_all: Directions { i2t: report.i2t.map_all, t2i: report.t2i.map_all, avg: report.avg.map_all },
+        };
+        let all = [s.ndcg.i2t, s.ndcg.t2i, s.ndcg.avg, s.map_all.i2t, s.map_all.t2i, s.map_all.avg];
+        if all.iter().any(|x| !x.is_finite()) {
+            return Err(Error::data(format!("a run's scores are not finite: {all:?}")));
+        }
+        Ok(s)
+    }
+}
+
+/// Mean and sample standard deviation (denominator n − 1) of one score over seeds.
+/// `std` is None for a single seed, where the sample deviation is undefined.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MeanStd {
+    pub mean: f64,
+    pub std: Option<f64>,
+}
+
+/// `mean = Σx/n`, `std = sqrt(Σ(x − mean)² / (n − 1))`.
+pub fn mean_std(xs: &[f64]) -> Result<MeanStd> {
+    if xs.is_empty() {
+        return Err(Error::data("mean ± std of no values"));
+    }
+    if let Some(x) = xs.iter().find(|x| !x.is_finite()) {
+        return Err(Error::data(format!("mean ± std of a non-finite value ({x})")));
+    }
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let std = (xs.len() > 1).then(|| (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt());
+    Ok(MeanStd { mean, std })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DirectionsSummary {
+    pub i2t: MeanStd,
+    pub t2i: MeanStd,
+    pub avg: MeanStd,
+}
+
+fn summarize_directions(xs: &[Directions]) -> Result<DirectionsSummary> {
+    let col = |f: fn(&Directions) -> f64| mean_std(&xs.iter().map(f).collect::<Vec<_>>());
+    Ok(DirectionsSummary { i2t: col(|d| d.i2t)?, t2i: col(|d| d.t2i)?, avg: col(|d| d.avg)? })
+}
+
+/// One row of Table 1: a variant (at one η) over its seeds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub variant: Variant,
+    pub eta: Option<f64>,
+    pub seeds: usize,
+    pub k: usize,
+    pub ndcg: DirectionsSummary,
+    pub map_all: DirectionsSummary,
+}
+
+impl Summary {
+    /// Row label: the variant, with its η when it has one (`ours+con (η=1)`).
+    pub fn label(&self) -> String {
+        match self.eta {
+            Some(eta) => format!("{} (η={eta})", self.variant),
+            None => self.variant.to_string(),
+        }
+    }
+}
+
+/// Aggregates one variant's runs (every seed at one η); all must use the same NDCG cut-off.
+pub fn summarize(variant: Variant, eta: Option<f64>, runs: &[Scores]) -> Result<Summary> {
+    let first = runs.first().ok_or_else(|| Error::data(format!("no finished run of `{variant}` to summarise")))?;
+    if let Some(r) = runs.iter().find(|r| r.k != first.k) {
+        return Err(Error::data(format!(
+            "`{variant}`: runs scored NDCG@{} and NDCG@{} cannot be averaged",
+            first.k, r.k
+        )));
+    }
+    Ok(Summary {
+        variant,
+        eta,
+        seeds: runs.len(),
+        k: first.k,
+        ndcg: summarize_directions(&runs.iter().map(|r| r.ndcg).collect::<Vec<_>>())?,
+        map_all: summarize_directions(&runs.iter().map(|r| r.map_all).collect::<Vec<_>>())?,
+    })
+}
+
+/// One row per (variant, η) of the suite that has at least one finished run, in suite order.
+pub fn summaries(state: &SuiteState) -> Result<Vec<Summary>> {
+    let mut out = Vec::new();
+    let mut seen: Vec<(Variant, Option<f64>)> = Vec::new();
+    for key in state.suite.runs() {
+        let id = (key.variant, key.eta);
+        if seen.contains(&id) {
+            continue;
+        }
+        seen.push(id);
+        let runs: Vec<Scores> = state.records_of(key.variant, key.eta).iter().map(|r| r.scores).collect();
+        if !runs.is_empty() {
+            out.push(summarize(key.variant, key.eta, &runs)?);
+        }
+    }
+    Ok(out)
+}
+
+fn cell(m: &MeanStd) -> String {
+    match m.std {
+        Some(s) => format!("{:.2} ± {:.2}", m.mean, s),
+        None => format!("{:.2} ± —", m.mean),
+    }
+}
+
+/// Table 1 as markdown: variants as rows, NDCG@k and mAP@all for I2T, T2I and their average.
+pub fn table1_markdown(title: &str, rows: &[Summary]) -> Result<String> {
+    let first = rows.first().ok_or_else(|| Error::data("Table 1 with no rows"))?;
+    if let Some(r) = rows.iter().find(|r| r.k != first.k) {
+        return Err(Error::data(format!("rows scored NDCG@{} and NDCG@{} in one table", first.k, r.k)));
+    }
+    let k = first.k;
+    let mut s = format!("# {title}\n\n");
+    s += &format!(
+        "| method | seeds | NDCG@{k} I2T | NDCG@{k} T2I | NDCG@{k} avg | mAP@all I2T | mAP@all T2I | mAP@all avg |\n"
+    );
+    s += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    for r in rows {
+        let cells = [&r.ndcg.i2t, &r.ndcg.t2i, &r.ndcg.avg, &r.map_all.i2t, &r.map_all.t2i, &r.map_all.avg];
+        let cells: Vec<String> = cells.into_iter().map(cell).collect();
+        s += &format!("| {} | {} | {} |\n", r.label(), r.seeds, cells.join(" | "));
+    }
+    s += "\nScores ×100 on the test split: mean ± sample standard deviation over seeds (n − 1 in the \
+          denominator; — where one seed makes it undefined).\n";
+    Ok(s)
+}
+
+#[derive(Serialize)]
+struct Table1Json<'a> {
+    title: &'a str,
+    rows: &'a [Summary],
+}
+
+/// Writes `dir/table1.md` and `dir/table1.json`, each atomically (a reader sees the previous
+/// table or the new one).
+pub fn write_table1(dir: &Path, title: &str, rows: &[Summary]) -> Result<()> {
+    let md = table1_markdown(title, rows)?;
+    let json = serde_json::to_string_pretty(&Table1Json { title, rows })
+        .map_err(|e| Error::data(format!("Table 1 as JSON: {e}")))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::io::atomic_write(&dir.join("table1.md"), md.as_bytes())?;
+    crate::io::atomic_write(&dir.join("table1.json"), json.as_bytes())
+}
