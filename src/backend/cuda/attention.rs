@@ -56,7 +56,10 @@ fn plan(
     let d = qkv.cols() / 3;
     let dh = d / heads;
     if dh == 0 || dh > MAX_HEAD_DIM {
-        return Err(Error::shape(op, format!("head dim {dh} (d {d}, {heads} heads): the fused kernel supports 1..={MAX_HEAD_DIM}")));
+        return Err(Error::shape(
+            op,
+            format!("head dim {dh} (d {d}, {heads} heads): the fused kernel supports 1..={MAX_HEAD_DIM}"),
+        ));
     }
     let items = seg.items();
     let ids = dev_ids(&seg.device)?;
@@ -72,9 +75,10 @@ fn plan(
             format!("item {item} has {max_len} segments; the fused attention kernel holds at most {MAX_LEN} on chip"),
         ));
     }
-    let grid = items.checked_mul(heads).filter(|&g| g <= i32::MAX as usize).ok_or_else(|| {
-        Error::shape(op, format!("{items} items × {heads} heads exceeds one launch"))
-    })?;
+    let grid = items
+        .checked_mul(heads)
+        .filter(|&g| g <= i32::MAX as usize)
+        .ok_or_else(|| Error::shape(op, format!("{items} items × {heads} heads exceeds one launch")))?;
     let (threads, smem) = launch_shape(max_len, dh, backward);
     cuda.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
     let limit = cuda

@@ -72,7 +72,10 @@ pub(super) fn step_bwd(
 ) -> Result<()> {
     const K: &str = "gru_step_bwd_f32";
     if dxproj.cols() != 3 * step.hidden {
-        return Err(Error::shape("gru_step_bwd", format!("dxproj has {} columns, expected {}", dxproj.cols(), 3 * step.hidden)));
+        return Err(Error::shape(
+            "gru_step_bwd",
+            format!("dxproj has {} columns, expected {}", dxproj.cols(), 3 * step.hidden),
+        ));
     }
     let (grid, ints) = common_args("gru_step_bwd", step, seg, dout.cols())?;
     if seg.items() == 0 || step.hidden == 0 {
