@@ -82,7 +82,7 @@ fn twenty_steps_stay_within_1e3() {
     let mut cpu = common::cpu();
     let cfg = config();
     let tc = TrainConfig { warmup: 2, lr: 1e-3, ..TrainConfig::default() };
-    let mut run = |dev: &mut dyn Backend| {
+    let run = |dev: &mut dyn Backend| {
         let mut t = Trainer::new(dev, &cfg, tc.clone()).unwrap();
         let mut losses = vec![];
         for s in 0..20 {
