@@ -85,19 +85,25 @@ fn plan(
         .ctx
         .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .map_err(dev_err("query the shared-memory limit"))? as usize;
-    if smem > limit {
+    let f = cuda.function(kernel)?;
+    // SAFETY: f is a kernel of our loaded module.
+    let fixed = unsafe {
+        result::function::get_function_attribute(f, cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+    }
+    .map_err(dev_err(format!("query the static shared memory of {kernel}")))? as usize;
+    if smem + fixed > limit {
         return Err(Error::shape(
             op,
             format!(
-                "items of {max_len} segments at head dim {dh} need {smem} bytes of shared memory per block; \
+                "items of {max_len} segments at head dim {dh} need {} bytes of shared memory per block; \
                  {} allows {limit}",
+                smem + fixed,
                 cuda.device_name()
             ),
         ));
     }
     if smem > DEFAULT_SMEM {
-        let f = cuda.function(kernel)?;
-        // SAFETY: f is a kernel of our loaded module; the value is within the device's opt-in limit.
+        // SAFETY: as above; static + dynamic stays within the device's opt-in limit (checked).
         unsafe {
             result::function::set_function_attribute(
                 f,
