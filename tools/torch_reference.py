@@ -30,7 +30,8 @@ bench-gpu [--device cuda|cpu] [--tiny] [--modes fp32,tf32,bf16] [--compile] [--a
     BCE 128x24, masked-token CE 614x10000, cosine ranking 5000x5000 + top-100) in fp32 and bf16,
     and the device copy bandwidth. Median (and min) of --runs timed with CUDA events after
     --warmup; inputs of single ops rotate over several copies so repeats do not just hit L2.
-    One JSON line per measurement. `--device cpu --tiny` is a smoke run of the same code.
+    One JSON line per measurement ("measure", "mode", "median_ms", ...; tools/gpu-run.sh
+    tabulates them). `--device cpu --tiny` is a smoke run of the same code.
 
 Fixture format (safetensors, little-endian)
 -------------------------------------------
@@ -686,10 +687,10 @@ def bench_ops(args, dev, out):
     def emit(op, prec, shape, fn, **extra):
         try:
             med, best = timer(fn)
-            print(json.dumps(dict(measure="op", op=op, precision=prec, shape=shape, median_ms=med,
+            print(json.dumps(dict(measure=op, mode=prec, shape=shape, median_ms=med,
                                   min_ms=best, runs=args.runs, **extra, **out)), flush=True)
         except Exception as e:
-            print(json.dumps(dict(measure="op", op=op, precision=prec, shape=shape,
+            print(json.dumps(dict(measure=op, mode=prec, shape=shape,
                                   error=f"{type(e).__name__}: {e}", **out)), flush=True)
 
     set_tf32(False)
