@@ -59,6 +59,7 @@ mod cuda {
         std::fs::write(&unity, text).unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", unity.display())));
 
         let nvcc = find_nvcc(&root);
+        check_version(&nvcc);
         let fatbin = out.join("semshare_kernels.fatbin");
         let output = Command::new(&nvcc)
             .args(["-fatbin", "-O3", "-std=c++17", "-lineinfo"])
@@ -113,6 +114,29 @@ mod cuda {
             return p;
         }
         fail(&format!("feature `cuda` needs nvcc 13.0 and none was found; {TOOLCHAIN_HINT}"))
+    }
+
+    /// Refuses a compiler newer than CUDA 13.0: driver 580 (the target machines) cannot JIT
+    /// PTX from a newer one. Older releases that know sm_90 are fine.
+    fn check_version(nvcc: &Path) {
+        let out = Command::new(nvcc)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| fail(&format!("cannot run {}: {e}; {TOOLCHAIN_HINT}", nvcc.display())));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let release = text.split("release ").nth(1).and_then(|r| r.split(',').next()).unwrap_or("");
+        let mut parts = release.split('.').map(|p| p.trim().parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if major == 0 {
+            fail(&format!("cannot read the CUDA release from `{} --version`:\n{text}", nvcc.display()));
+        }
+        if (major, minor) > (13, 0) {
+            fail(&format!(
+                "{} is CUDA {major}.{minor}; the target driver (580) loads code from CUDA 13.0 at most. \
+                 Use the pinned compiler: tools/setup-cuda-toolchain.sh, then NVCC=.cuda-toolchain/cuda/bin/nvcc",
+                nvcc.display()
+            ));
+        }
     }
 
     fn fail(msg: &str) -> ! {

@@ -139,6 +139,7 @@ impl Pool {
     /// Frees every cached block (after the stream drains, since kernels may still use them).
     pub fn release_cached(&self) -> Result<()> {
         self.stream.synchronize().map_err(dev_err("synchronize"))?;
+        self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
         let blocks: Vec<u64> = match self.free.lock() {
             Ok(mut f) => f.drain().flat_map(|(_, v)| v).collect(),
             Err(_) => return Ok(()),
@@ -199,6 +200,7 @@ impl DevBuf {
     /// A device copy (ordered on the pool's stream).
     pub fn try_clone(&self) -> Result<DevBuf> {
         let c = DevBuf::new(&self.pool, self.len)?;
+        self.pool.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
         // SAFETY: both ranges are live pool blocks of at least len * 4 bytes.
         unsafe { result::memcpy_dtod_async(c.ptr, self.ptr, self.len * 4, self.pool.stream.cu_stream()) }
             .map_err(dev_err("copy device to device"))?;
@@ -471,7 +473,8 @@ impl Cuda {
 
     /// An event recorded now on the stream; `a.elapsed_ms(&b)` after `b.synchronize()`.
     pub fn event(&self) -> Result<CudaEvent> {
-        self.stream.record_event(None).map_err(dev_err("record event"))
+        // cudarc's default (None) creates events with timing disabled.
+        self.stream.record_event(Some(cu::CUevent_flags::CU_EVENT_DEFAULT)).map_err(dev_err("record event"))
     }
 
     fn function(&mut self, name: &'static str) -> Result<cu::CUfunction> {
@@ -486,6 +489,12 @@ impl Cuda {
         Ok(f)
     }
 
+    /// Makes this backend's context current on the calling thread (raw driver calls need it;
+    /// a `Cuda` may move between threads). Cheap when already current.
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(dev_err("bind context"))
+    }
+
     /// Launches kernel `name` on the stream. Errors name the kernel and the configuration.
     pub fn launch(
         &mut self,
@@ -495,6 +504,7 @@ impl Cuda {
         shared_bytes: u32,
         args: &[Arg],
     ) -> Result<()> {
+        self.bind()?;
         let f = self.function(name)?;
         // cuLaunchKernel wants a pointer to each argument's value.
         let mut values: Vec<[u8; 8]> = args
@@ -557,6 +567,7 @@ impl Cuda {
         let op = |t: bool| {
             if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N }
         };
+        self.bind()?;
         // SAFETY: the caller's pointers are live device ranges covering every batch at these
         // strides and leading dimensions (checked by the ops that call this); alpha/beta are
         // host scalars read during the call.
@@ -596,4 +607,25 @@ fn set_math_mode(blas: &mut cudarc::cublas::CudaBlas, tf32: bool) -> Result<()> 
     };
     // SAFETY: a live handle owned by `blas`.
     unsafe { cublas_sys::cublasSetMathMode(*blas.handle(), mode) }.result().map_err(blas_err("set math mode"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_fit_waste_little_and_are_few() {
+        let mut classes = std::collections::BTreeSet::new();
+        for bytes in (0..1 << 20).step_by(97).chain([1, 255, 256, 257, 1 << 30, (1 << 30) + 1]) {
+            let c = size_class(bytes);
+            assert!(c >= bytes.max(256), "{bytes} -> {c}");
+            assert!(c as f64 <= 1.25 * bytes.max(256) as f64, "{bytes} -> {c}: over 25% slack");
+            assert_eq!(size_class(c), c, "a class is its own class");
+            if bytes < 1 << 20 {
+                classes.insert(c);
+            }
+        }
+        // 4 per power of two between 256 B and 1 MiB: a bounded number of free lists.
+        assert!(classes.len() <= 4 * 13, "{} classes", classes.len());
+    }
 }

@@ -91,6 +91,7 @@ impl Cuda {
         if elems == 0 {
             return Ok(());
         }
+        self.bind()?;
         // SAFETY: ptr..ptr + 4·elems is a live pool block or view into one.
         unsafe { result::memset_d8_async(ptr, 0, elems * 4, self.stream.cu_stream()) }.map_err(dev_err("memset"))
     }
@@ -104,6 +105,7 @@ impl Backend for Cuda {
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         expect_len("upload", "data", data.len(), shape.iter().product())?;
         let t = self.alloc_tensor(shape)?;
+        self.bind()?;
         if !data.is_empty() {
             let p = tensor_ptr(&t)?;
             // SAFETY: the block holds data.len() f32; pageable host memory is staged before
@@ -116,6 +118,7 @@ impl Backend for Cuda {
 
     fn upload_ids(&mut self, data: &[u32]) -> Result<Ids> {
         let buf = DevBuf::new(&self.pool, data.len())?;
+        self.bind()?;
         if !data.is_empty() {
             // SAFETY: as in upload.
             unsafe { result::memcpy_htod_async(buf.ptr(), data, self.stream.cu_stream()) }
@@ -138,6 +141,7 @@ impl Backend for Cuda {
 
     fn download(&mut self, x: View) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; x.len()];
+        self.bind()?;
         if !out.is_empty() {
             let p = ptr_of(&x)?;
             // SAFETY: x is a live device range of out.len() f32; we synchronise before reading.
@@ -163,6 +167,7 @@ impl Backend for Cuda {
             return Ok(());
         }
         let (s, d) = (ptr_of(&src)?, ptr_of_mut(&dst)?);
+        self.bind()?;
         // SAFETY: both are live device ranges of src.len() f32 (a view and a disjoint mutable view).
         unsafe { result::memcpy_dtod_async(d, s, src.len() * 4, self.stream.cu_stream()) }
             .map_err(dev_err("copy device to device"))
@@ -174,8 +179,9 @@ impl Backend for Cuda {
         expect_len("gemm", "c", c.len(), g.m * g.n)?;
         let (pa, pb, pc) = (ptr_of(&a)?, ptr_of(&b)?, ptr_of_mut(&c)?);
         if g.k == 0 {
-            // cuBLAS leaves C untouched when k = 0; the definition is C = beta·C.
-            return self.scale(c, g.beta);
+            // Nothing to multiply: the definition is C = beta·C (and exactly 0 for beta = 0,
+            // as cuBLAS would write, even over NaN).
+            return if g.beta == 0.0 { self.fill(c, 0.0) } else { self.scale(c, g.beta) };
         }
         let lda = if g.trans_a { g.m } else { g.k };
         let ldb = if g.trans_b { g.k } else { g.n };
