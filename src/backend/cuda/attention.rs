@@ -50,8 +50,8 @@ fn plan(
     seg: &Segments,
     heads: usize,
 ) -> Result<Plan> {
-    if heads == 0 {
-        return Err(Error::shape(op, "0 heads"));
+    if heads == 0 || qkv.cols() % (3 * heads) != 0 {
+        return Err(Error::shape(op, format!("{} qkv columns for {heads} heads", qkv.cols())));
     }
     let d = qkv.cols() / 3;
     let dh = d / heads;
