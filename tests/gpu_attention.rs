@@ -119,4 +119,14 @@ fn attention_refuses_what_it_cannot_hold() {
             other => panic!("attention_bwd at lengths {lengths:?}, dh {dh}: expected a shape error, got {other:?}"),
         }
     }
+    // qkv columns that do not split into 3 × heads (27 = 3 · 9 for 2 heads).
+    let seg = segments(g, &[3, 4]);
+    let qkv = g.upload(&randv(9, 7 * 27), &[7, 27]).unwrap();
+    let probs = g.zeros(&[2 * (9 + 16)]).unwrap();
+    let dout = g.upload(&randv(10, 7 * 9), &[7, 9]).unwrap();
+    assert!(matches!(g.attention_fwd(&qkv, &seg, 2), Err(Error::Shape { .. })), "attention_fwd, 27 columns, 2 heads");
+    assert!(
+        matches!(g.attention_bwd(&qkv, &probs, &seg, 2, &dout), Err(Error::Shape { .. })),
+        "attention_bwd, 27 columns, 2 heads"
+    );
 }
