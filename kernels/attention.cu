@@ -34,6 +34,14 @@
 // and probs 5.3 MB; bwd reads qkv, probs, dout (80.8 MB) and writes dqkv (56.6 MB): 218 MB in all,
 // 73 µs at 2.97 TB/s. FLOPs: 2.0 G (0.68 fwd + 1.36 bwd), 40 µs at 50.5 TFLOP/s. Target ≤ 247 µs
 // (half of PyTorch SDPA's 0.495 ms). Measured: owed to the first H100 run.
+// Prediction (to check against that run): fwd 35–50 µs, bwd 60–90 µs, fwd+bwd 100–140 µs. The
+// products are bound by shared-memory wavefronts, not FFMA: gemm_nt issues 8 LDS.128 per 64 FFMA
+// per thread and its K/V reads are 2-way bank-conflicted when ks = 2 (rows 528 B apart, chunks
+// interleaved by 16 B); gemm_nn is near balanced (broadcast A, one LDS.128 of B per 16 FFMA).
+// Occupancy at len 36: fwd 3 blocks/SM (smem), bwd 2 (smem 87.6 KB). Leads if it misses, in
+// order: (1) row pad chosen per ks (pad 8 floats for ks 2 makes gemm_nt conflict-free at
+// dh 128), (2) 4×8 tiles in gemm_nt, (3) bwd under 75 KB (Q, K loaded into V, dO's slots after
+// dP) for 3 blocks/SM. Verified without a GPU by tools/kernel-emu/run.sh (a CPU emulation).
 //
 // ptxas (nvcc 13.0.88, -O3 -Xptxas -v; no spills, 0-byte stack frame, no LDL/STL in the SASS):
 //   attention_fwd_f32  sm_90: 64 registers (capped by __launch_bounds__(512, 2), so three
