@@ -21,6 +21,17 @@ bench-cpu [--mixed] [--attn explicit|sdpa] [--runs N] [--threads N]
     The CPU anchor of ANCHORS.md: `small` preset, 32 images + 32 texts, V 2000, C 24,
     K_obj 100, mask prob 0.15, fp32 eager, AdamW step included. Prints one JSON line per
     measurement (median ms over --runs after warm-up).
+bench-gpu [--device cuda|cpu] [--tiny] [--modes fp32,tf32,bf16] [--compile] [--attn sdpa|explicit]
+          [--runs N] [--warmup N] [--no-model] [--no-ops]
+    The GPU anchors of ANCHORS.md: `paper` preset, 128 images (36 regions) + 128 texts (T 32),
+    V 10000, C 24, K_obj 1600, mask prob 0.15. Per mode: a training step (both modalities,
+    forward + backward + fused AdamW) and embedding 128 + 128 items; then the single ops at the
+    same shapes (SDPA (128, 8, 36, 128), LayerNorm 4608x1024, cuDNN Bi-GRU B 128 T 32 300->512,
+    BCE 128x24, masked-token CE 614x10000, cosine ranking 5000x5000 + top-100) in fp32 and bf16,
+    and the device copy bandwidth. Median (and min) of --runs timed with CUDA events after
+    --warmup; inputs of single ops rotate over several copies so repeats do not just hit L2.
+    One JSON line per measurement ("measure", "mode", "median_ms", ...; tools/gpu-run.sh
+    tabulates them). `--device cpu --tiny` is a smoke run of the same code.
 
 Fixture format (safetensors, little-endian)
 -------------------------------------------
@@ -544,6 +555,261 @@ def bench_cpu(args):
                               **common, **load())), flush=True)
 
 
+# ------------------------------------------------------------------------------------------
+# GPU benchmark (ANCHORS.md)
+
+
+def paper_config():
+    return dict(region_dim=1024, max_regions=36, word_dim=300, gru_hidden=512, dim=1024, layers=6,
+                heads=8, ffn=2048, max_tokens=64, vocab=10000, labels=24, object_classes=1600,
+                dropout=0.1, mask_prob=0.15, **{"lambda": 0.01})
+
+
+class Timer:
+    """Median/min ms of fn over `runs` after `warmup`: CUDA events on a GPU (the work is
+    asynchronous), perf_counter around a synchronised call on the CPU."""
+
+    def __init__(self, dev, warmup, runs):
+        self.dev, self.warmup, self.runs = dev, warmup, runs
+
+    def __call__(self, fn):
+        for _ in range(self.warmup):
+            fn()
+        cuda = self.dev.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.dev)
+        ts = []
+        for _ in range(self.runs):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+        return round(statistics.median(ts), 4), round(min(ts), 4)
+
+
+def set_tf32(on):
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def autocast_for(dev, mode):
+    """bf16 autocast for mode bf16*, else a no-op context."""
+    import contextlib
+    if mode.startswith("bf16"):
+        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def bench_model(args, dev, out, modes):
+    cfg = tiny_config() if args.tiny else paper_config()
+    B = 4 if args.tiny else 128
+    R, T = cfg["max_regions"], (cfg["max_tokens"] if args.tiny else 32)
+    torch.manual_seed(0)
+    img_len, txt_len = [R] * B, [T] * B
+    ni, nt = sum(img_len), sum(txt_len)
+    dt = torch.float32
+    img = image_batch(torch.randn(ni, cfg["region_dim"]), torch.rand(ni, 5), img_len,
+                      torch.randint(0, cfg["object_classes"], (ni,)),
+                      (torch.rand(B, cfg["labels"]) < 0.2).float(), dt, T=R)
+    txt = text_batch(torch.randint(3, cfg["vocab"], (nt,)), txt_len,
+                     (torch.rand(B, cfg["labels"]) < 0.2).float(), dt, T=T)
+    img = {k: v.to(dev) for k, v in img.items()}
+    txt = {k: (v if k == "lengths" else v.to(dev)) for k, v in txt.items()}  # GRU packing wants CPU lengths
+    lam = cfg["lambda"]
+    timer = Timer(dev, args.warmup, args.runs)
+    for mode in modes:
+        torch.manual_seed(0)
+        model = SemShare(cfg, sdpa=(args.attn == "sdpa")).to(dev)
+        params = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
+                                fused=(dev.type == "cuda"))
+        set_tf32(mode == "tf32")
+        if mode == "bf16-compile":
+            # torch.compile(model) would compile only forward(), which this model does not use:
+            # compile the submodules that do the work (the GRU's packing stays eager).
+            model.shared = torch.compile(model.shared)
+            model.image = torch.compile(model.image)
+            model.classifier = torch.compile(model.classifier)
+        run_model = model
+
+        def mask_for(b):
+            return (torch.rand(b["valid"].shape, device=dev) < cfg["mask_prob"]) & b["valid"]
+
+        def step():
+            run_model.train()
+            im, tm = mask_for(img), mask_for(txt)
+            opt.zero_grad(set_to_none=True)
+            with autocast_for(dev, mode):
+                il1, il2 = run_model.losses("image", img, im)
+                tl1, tl2 = run_model.losses("text", txt, tm)
+                loss = il1 + lam * il2 + tl1 + lam * tl2
+            loss.backward()
+            opt.step()
+
+        def embed():
+            run_model.eval()
+            with torch.no_grad(), autocast_for(dev, mode):
+                run_model.embed("image", img, "pooled")
+                run_model.embed("text", txt, "pooled")
+
+        common = dict(mode=mode, tf32=(mode == "tf32"), attn=args.attn, preset="tiny" if args.tiny else "paper",
+                      batch=B, regions=ni, tokens=nt, params=params, runs=args.runs, **out)
+        try:
+            med, best = timer(step)
+            print(json.dumps(dict(measure="train_step", median_ms=med, min_ms=best,
+                                  pairs_per_s=round(B / med * 1e3, 1), **common)), flush=True)
+            med, best = timer(embed)
+            print(json.dumps(dict(measure=f"embed_{B}+{B}", median_ms=med, min_ms=best, **common)), flush=True)
+        except Exception as e:  # one failing mode (e.g. compile) must not lose the others
+            print(json.dumps(dict(measure="model", error=f"{type(e).__name__}: {e}", **common)), flush=True)
+        del model, opt, run_model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench_ops(args, dev, out):
+    tiny = args.tiny
+    timer = Timer(dev, args.warmup, args.runs)
+    copies = 4  # rotate inputs: LayerNorm's 19 MB (and the SDPA operands per copy) fit in L2
+    counter = [0]
+
+    def nxt(xs):
+        counter[0] += 1
+        return xs[counter[0] % len(xs)]
+
+    def emit(op, prec, shape, fn, **extra):
+        try:
+            med, best = timer(fn)
+            print(json.dumps(dict(measure=op, mode=prec, shape=shape, median_ms=med,
+                                  min_ms=best, runs=args.runs, **extra, **out)), flush=True)
+        except Exception as e:
+            print(json.dumps(dict(measure=op, mode=prec, shape=shape,
+                                  error=f"{type(e).__name__}: {e}", **out)), flush=True)
+
+    set_tf32(False)
+    B, H, L, Dh = (4, 2, 6, 8) if tiny else (128, 8, 36, 128)
+    rows, d = (24, 16) if tiny else (4608, 1024)
+    gb, gt, gi, gh = (4, 7, 6, 5) if tiny else (128, 32, 300, 512)
+    ce_rows, vocab = (9, 23) if tiny else (614, 10000)
+    n_rank, topk = (50, 5) if tiny else (5000, 100)
+    for prec in ("fp32", "bf16"):
+        ac = lambda: autocast_for(dev, prec)
+        # SDPA, no mask (every item has 36 regions): forward, and forward + backward of q, k, v.
+        qkv = [[torch.randn(B, H, L, Dh, device=dev, requires_grad=True) for _ in range(3)] for _ in range(copies)]
+        gout = torch.randn(B, H, L, Dh, device=dev)
+
+        def sdpa_fwd():
+            q, k, v = nxt(qkv)
+            with torch.no_grad(), ac():
+                F.scaled_dot_product_attention(q, k, v)
+
+        def sdpa_fwd_bwd():
+            q, k, v = nxt(qkv)
+            with ac():
+                o = F.scaled_dot_product_attention(q, k, v)
+            torch.autograd.grad(o, (q, k, v), gout.to(o.dtype))
+
+        emit("sdpa_fwd", prec, [B, H, L, Dh], sdpa_fwd)
+        emit("sdpa_fwd_bwd", prec, [B, H, L, Dh], sdpa_fwd_bwd)
+        del qkv
+        # LayerNorm over d: forward, and forward + backward (dx, dgamma, dbeta).
+        xs = [torch.randn(rows, d, device=dev, requires_grad=True) for _ in range(copies)]
+        w = torch.ones(d, device=dev, requires_grad=True)
+        bias = torch.zeros(d, device=dev, requires_grad=True)
+        gy = torch.randn(rows, d, device=dev)
+
+        def ln_fwd():
+            with torch.no_grad(), ac():
+                F.layer_norm(nxt(xs), (d,), w, bias, LN_EPS)
+
+        def ln_fwd_bwd():
+            x = nxt(xs)
+            with ac():
+                y = F.layer_norm(x, (d,), w, bias, LN_EPS)
+            torch.autograd.grad(y, (x, w, bias), gy.to(y.dtype))
+
+        emit("layernorm_fwd", prec, [rows, d], ln_fwd)
+        emit("layernorm_fwd_bwd", prec, [rows, d], ln_fwd_bwd)
+        del xs
+        # Bi-GRU (cuDNN on a GPU), full-length sequences: forward, and forward + backward.
+        gru = nn.GRU(gi, gh, batch_first=True, bidirectional=True).to(dev)
+        gx = [torch.randn(gb, gt, gi, device=dev, requires_grad=True) for _ in range(copies)]
+        ggo = torch.randn(gb, gt, 2 * gh, device=dev)
+
+        def gru_fwd():
+            with torch.no_grad(), ac():
+                gru(nxt(gx))
+
+        def gru_fwd_bwd():
+            x = nxt(gx)
+            with ac():
+                o, _ = gru(x)
+            torch.autograd.grad(o, [x] + list(gru.parameters()), ggo.to(o.dtype))
+
+        emit("bigru_fwd", prec, [gb, gt, gi, gh], gru_fwd)
+        emit("bigru_fwd_bwd", prec, [gb, gt, gi, gh], gru_fwd_bwd)
+        del gru, gx
+        # Multi-label BCE with logits and masked-token cross-entropy, forward + backward.
+        bl = [torch.randn(gb, 24, device=dev, requires_grad=True) for _ in range(copies)]
+        by = (torch.rand(gb, 24, device=dev) < 0.2).float()
+
+        def bce():
+            x = nxt(bl)
+            with ac():
+                loss = F.binary_cross_entropy_with_logits(x, by)
+            torch.autograd.grad(loss, x)
+
+        cl = [torch.randn(ce_rows, vocab, device=dev, requires_grad=True) for _ in range(copies)]
+        cy = torch.randint(0, vocab, (ce_rows,), device=dev)
+
+        def ce():
+            x = nxt(cl)
+            with ac():
+                loss = F.cross_entropy(x, cy)
+            torch.autograd.grad(loss, x)
+
+        emit("bce_fwd_bwd", prec, [gb, 24], bce)
+        emit("ce_fwd_bwd", prec, [ce_rows, vocab], ce)
+        del bl, cl
+    # Retrieval: cosine similarity of n queries against n gallery items, top-k per query (fp32).
+    qe = torch.nn.functional.normalize(torch.randn(n_rank, 1024 if not tiny else 16, device=dev), dim=1)
+    ge = torch.nn.functional.normalize(torch.randn(n_rank, qe.shape[1], device=dev), dim=1)
+    emit("cosine_rank_topk", "fp32", [n_rank, n_rank, topk], lambda: torch.topk(qe @ ge.T, topk, dim=1))
+    # Device copy bandwidth: bytes read + written per second.
+    n = (1 << 16) if tiny else (1 << 28)  # 1 GiB of f32 on the GPU
+    src, dst = torch.randn(n, device=dev), torch.empty(n, device=dev)
+    med, best = timer(lambda: dst.copy_(src))
+    print(json.dumps(dict(measure="copy_bandwidth", bytes=2 * 4 * n, median_ms=med,
+                          gb_per_s_median=round(2 * 4 * n / med / 1e6, 1),
+                          gb_per_s_best=round(2 * 4 * n / best / 1e6, 1), **out)), flush=True)
+
+
+def bench_gpu(args):
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench-gpu: torch sees no CUDA device (use --device cpu --tiny for a smoke run)")
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in ("fp32", "tf32", "bf16")]
+    if bad:
+        sys.exit(f"bench-gpu: unknown modes {bad} (fp32, tf32, bf16)")
+    if args.compile:
+        modes.append("bf16-compile")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    out = dict(torch=torch.__version__, device=name,
+               cuda=torch.version.cuda if dev.type == "cuda" else None)
+    if not args.no_model:
+        bench_model(args, dev, out, modes)
+    if not args.no_ops:
+        bench_ops(args, dev, out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -559,9 +825,19 @@ def main():
     b.add_argument("--runs", type=int, default=20)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--threads", type=int, default=2)
+    g = sub.add_parser("bench-gpu")
+    g.add_argument("--device", default="cuda")
+    g.add_argument("--tiny", action="store_true", help="tiny config and shapes (smoke run)")
+    g.add_argument("--modes", default="fp32,tf32,bf16")
+    g.add_argument("--compile", action="store_true", help="also bf16 autocast + torch.compile")
+    g.add_argument("--attn", choices=["explicit", "sdpa"], default="sdpa")
+    g.add_argument("--runs", type=int, default=30)
+    g.add_argument("--warmup", type=int, default=5)
+    g.add_argument("--no-model", action="store_true")
+    g.add_argument("--no-ops", action="store_true")
     a = ap.parse_args()
     torch.set_default_dtype(torch.float32)
-    {"fixture": make_fixture, "check": check_fixture, "bench-cpu": bench_cpu}[a.cmd](a)
+    {"fixture": make_fixture, "check": check_fixture, "bench-cpu": bench_cpu, "bench-gpu": bench_gpu}[a.cmd](a)
 
 
 if __name__ == "__main__":

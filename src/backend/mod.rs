@@ -10,6 +10,8 @@
 //! - Shapes are checked at this boundary and reported as `Error::Shape` naming the op.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::Result;
 use crate::tensor::{Ids, Tensor, View, ViewMut};
@@ -256,13 +258,14 @@ pub(crate) fn expect_len(op: &'static str, what: &str, got: usize, want: usize) 
 pub fn open(device: &str) -> Result<Box<dyn Backend>> {
     match device {
         "cpu" => Ok(Box::new(cpu::Cpu::new())),
+        #[cfg(feature = "cuda")]
+        "auto" if cuda::available() => Ok(Box::new(cuda::Cuda::new(0)?)),
         "auto" => Ok(Box::new(cpu::Cpu::new())),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Box::new(cuda::Cuda::new(0)?)),
+        #[cfg(not(feature = "cuda"))]
         "cuda" => Err(crate::Error::Device {
-            what: if cfg!(feature = "cuda") {
-                "the CUDA backend is not implemented yet in this version".into()
-            } else {
-                "this build of semshare has no CUDA support (rebuild with `--features cuda`)".into()
-            },
+            what: "this build of semshare has no CUDA support (rebuild with `--features cuda`)".into(),
         }),
         other => Err(crate::Error::config(format!("unknown device `{other}` (expected auto, cpu or cuda)"))),
     }

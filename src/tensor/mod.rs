@@ -6,14 +6,18 @@
 //! their own: they are ranges of one flat buffer (`crate::nn::params`), passed to ops as views.
 
 /// Where the numbers live. The CUDA backend adds its own variant.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum Storage {
     Cpu(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::backend::cuda::DevBuf),
 }
 
 #[derive(Clone, Debug)]
 pub enum IdStorage {
     Cpu(Vec<u32>),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::backend::cuda::DevIds),
 }
 
 #[derive(Debug)]
@@ -34,11 +38,15 @@ pub struct Ids {
 #[derive(Clone, Copy, Debug)]
 pub enum View<'a> {
     Cpu(&'a [f32]),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::backend::cuda::DevView<'a>),
 }
 
 #[derive(Debug)]
 pub enum ViewMut<'a> {
     Cpu(&'a mut [f32]),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::backend::cuda::DevViewMut<'a>),
 }
 
 impl Clone for Tensor {
@@ -50,6 +58,10 @@ impl Clone for Tensor {
                 c.extend_from_slice(v);
                 Storage::Cpu(c)
             }
+            // Clone cannot return an error: a device copy that fails (out of memory) panics
+            // with the driver's message. The model clones only small activations.
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Storage::Cuda(b.try_clone().unwrap_or_else(|e| panic!("cloning a CUDA tensor: {e}"))),
         };
         Tensor { storage, shape: self.shape.clone() }
     }
@@ -60,6 +72,8 @@ impl Drop for Tensor {
     fn drop(&mut self) {
         match &mut self.storage {
             Storage::Cpu(v) => crate::backend::cpu::pool::give(std::mem::take(v)),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => {} // DevBuf's own drop returns the block to its pool
         }
     }
 }
@@ -68,6 +82,21 @@ impl Tensor {
     pub fn from_cpu(data: Vec<f32>, shape: &[usize]) -> Tensor {
         assert_eq!(data.len(), shape.iter().product::<usize>(), "tensor data does not match shape {shape:?}");
         Tensor { storage: Storage::Cpu(data), shape: shape.to_vec() }
+    }
+
+    /// A tensor over storage a backend allocated (`len(storage) == shape.product()`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn from_storage(storage: Storage, shape: &[usize]) -> Tensor {
+        Tensor { storage, shape: shape.to_vec() }
+    }
+
+    /// The device this tensor lives on: "cpu" or "cuda".
+    pub fn device(&self) -> &'static str {
+        match &self.storage {
+            Storage::Cpu(_) => "cpu",
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => "cuda",
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -100,23 +129,35 @@ impl Tensor {
     }
 
     pub fn view(&self) -> View<'_> {
-        View::Cpu(self.cpu())
+        let n = self.len();
+        self.sub(0, n)
     }
 
     pub fn view_mut(&mut self) -> ViewMut<'_> {
-        ViewMut::Cpu(self.cpu_mut())
+        let n = self.len();
+        self.sub_mut(0, n)
     }
 
     /// The contiguous range `offset..offset + len` (a parameter inside the flat buffer).
     pub fn sub(&self, offset: usize, len: usize) -> View<'_> {
         match &self.storage {
             Storage::Cpu(v) => View::Cpu(&v[offset..offset + len]),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => {
+                assert!(offset + len <= b.len(), "range {offset}+{len} of a {}-element tensor", b.len());
+                View::Cuda(b.view(offset, len))
+            }
         }
     }
 
     pub fn sub_mut(&mut self, offset: usize, len: usize) -> ViewMut<'_> {
         match &mut self.storage {
             Storage::Cpu(v) => ViewMut::Cpu(&mut v[offset..offset + len]),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => {
+                assert!(offset + len <= b.len(), "range {offset}+{len} of a {}-element tensor", b.len());
+                ViewMut::Cuda(b.view_mut(offset, len))
+            }
         }
     }
 
@@ -133,19 +174,34 @@ impl Tensor {
                     (ViewMut::Cpu(&mut hi[..a.1]), ViewMut::Cpu(&mut lo[b.0..b.0 + b.1]))
                 }
             }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(buf) => {
+                assert!(a.0 + a.1 <= buf.len() && b.0 + b.1 <= buf.len(), "ranges {a:?} {b:?} out of bounds");
+                let (lo, hi) = if a.0 < b.0 { (a, b) } else { (b, a) };
+                let (x, y) = buf.view_mut(0, buf.len()).split_at(hi.0);
+                let (x, _) = x.split_at(lo.0 + lo.1);
+                let (_, x) = x.split_at(lo.0);
+                let (y, _) = y.split_at(hi.1);
+                if a.0 < b.0 { (ViewMut::Cuda(x), ViewMut::Cuda(y)) } else { (ViewMut::Cuda(y), ViewMut::Cuda(x)) }
+            }
         }
     }
 
-    /// Host data of a CPU tensor.
+    /// Host data of a CPU tensor. Panics on a device tensor: handing one backend's tensor to
+    /// another is a programming error (download it first).
     pub fn cpu(&self) -> &[f32] {
         match &self.storage {
             Storage::Cpu(v) => v,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => panic!("a CUDA tensor was used as a CPU tensor"),
         }
     }
 
     pub fn cpu_mut(&mut self) -> &mut [f32] {
         match &mut self.storage {
             Storage::Cpu(v) => v,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => panic!("a CUDA tensor was used as a CPU tensor"),
         }
     }
 }
@@ -158,6 +214,8 @@ impl Ids {
     pub fn len(&self) -> usize {
         match &self.storage {
             IdStorage::Cpu(v) => v.len(),
+            #[cfg(feature = "cuda")]
+            IdStorage::Cuda(d) => d.len(),
         }
     }
 
@@ -168,6 +226,8 @@ impl Ids {
     pub fn cpu(&self) -> &[u32] {
         match &self.storage {
             IdStorage::Cpu(v) => v,
+            #[cfg(feature = "cuda")]
+            IdStorage::Cuda(_) => panic!("CUDA index data was used as CPU index data"),
         }
     }
 }
@@ -176,6 +236,8 @@ impl<'a> View<'a> {
     pub fn len(&self) -> usize {
         match self {
             View::Cpu(s) => s.len(),
+            #[cfg(feature = "cuda")]
+            View::Cuda(d) => d.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -184,6 +246,8 @@ impl<'a> View<'a> {
     pub fn cpu(self) -> &'a [f32] {
         match self {
             View::Cpu(s) => s,
+            #[cfg(feature = "cuda")]
+            View::Cuda(_) => panic!("a CUDA view was used as a CPU view"),
         }
     }
 }
@@ -192,6 +256,8 @@ impl<'a> ViewMut<'a> {
     pub fn len(&self) -> usize {
         match self {
             ViewMut::Cpu(s) => s.len(),
+            #[cfg(feature = "cuda")]
+            ViewMut::Cuda(d) => d.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -200,11 +266,15 @@ impl<'a> ViewMut<'a> {
     pub fn cpu(self) -> &'a mut [f32] {
         match self {
             ViewMut::Cpu(s) => s,
+            #[cfg(feature = "cuda")]
+            ViewMut::Cuda(_) => panic!("a CUDA view was used as a CPU view"),
         }
     }
     pub fn reborrow(&mut self) -> ViewMut<'_> {
         match self {
             ViewMut::Cpu(s) => ViewMut::Cpu(s),
+            #[cfg(feature = "cuda")]
+            ViewMut::Cuda(d) => ViewMut::Cuda(d.reborrow()),
         }
     }
 }

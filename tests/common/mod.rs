@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod gpu;
+
 use semshare::backend::{Backend, Segments};
 use semshare::tensor::Tensor;
 

@@ -1,0 +1,431 @@
+// kernels/attention.cu — fused multi-head self-attention on packed variable-length sequences,
+// forward and backward, for short sequences (len <= 64) and head dim <= 128.
+// Layout: qkv [tokens, 3d] row-major = (q | k | v), head h owns columns h·dh..(h+1)·dh of each
+// part; item b owns rows offsets[b]..offsets[b+1] (packing is the key-padding mask: every key of
+// an item is valid, no other item's row is visible). probs: per item then head, len × len,
+// packed (item b starts at heads · Σ_{b'<b} len_b'²): the CPU twin's layout.
+// Launch: one block per (item, head), blockIdx.x = item · heads + head; blockDim.x and the dynamic
+// shared memory come from the batch's longest item (src/backend/cuda/attention.rs).
+// CPU twin: src/backend/cpu/attention.rs::{forward, backward}. Test: tests/gpu_attention.rs.
+//
+// Why one block holds everything: at len 36 a head's Q, K, V are 55 KB and the score matrix
+// 5 KB, so the whole problem of an (item, head) fits on chip; each input is read from device
+// memory once and each output written once, with no len×len intermediate in device memory except
+// the probabilities the backward pass needs anyway. No atomics: a block owns its output rows and
+// columns outright, so results do not depend on scheduling.
+//
+// Shared memory (floats; storage type T is converted to f32 on load):
+//   Lp = len rounded up to 4, DS = dh rounded up to 4, + 4 (row pad: consecutive rows fall on
+//   consecutive 16-byte bank groups, so the float4 reads of eight different rows in a quarter
+//   warp do not conflict), LS = Lp + 4 (score rows, float4-aligned).
+//   fwd: Q, K, V [Lp][DS] + S/P [Lp][LS]                 len 36, dh 128: 62.8 KB; len 64: 118.8 KB
+//   bwd: Q, K, V, dO [Lp][DS] + P, dP/dS [Lp][LS]        len 36, dh 128: 87.6 KB; len 64: 170.0 KB
+//   (sm_80 allows 163 KB per block: the host refuses len > 60 at dh 128 there, with an error.)
+//   Pad rows and columns are zero-filled, so the products run over whole float4 groups without
+//   bounds checks and padding contributes exact zeros.
+// Threads: blockDim.x = 32 · ceil((Lp/4) · (DS_compute/4) / 32), at most 512: one thread per
+//   4×4 output tile of the [len, dh] products (P·V, dS·K, Pᵀ·dO, dSᵀ·Q). The [len, len] products
+//   (Q·Kᵀ, dO·Vᵀ) use 4×4 tiles too, split over the inner dimension across 2–8 adjacent lanes
+//   (summed with shuffles) so the block's threads stay busy at len 36 (81 tiles).
+// Arithmetic: f32 FFMA throughout (tensor cores would need TF32 and miss the 1e-5 check against
+//   the CPU), softmax in f32 with the row max subtracted, same operation order as the CPU twin.
+//
+// Floors at (128 items, 8 heads, len 36, dh 128), f32: fwd reads qkv 56.6 MB, writes out 18.9 MB
+// and probs 5.3 MB; bwd reads qkv, probs, dout (80.8 MB) and writes dqkv (56.6 MB): 218 MB in all,
+// 73 µs at 2.97 TB/s. FLOPs: 2.0 G (0.68 fwd + 1.36 bwd), 40 µs at 50.5 TFLOP/s. Target ≤ 247 µs
+// (half of PyTorch SDPA's 0.495 ms). Measured: owed to the first H100 run.
+// Prediction (to check against that run): fwd 35–50 µs, bwd 60–90 µs, fwd+bwd 100–140 µs. The
+// products are bound by shared-memory wavefronts, not FFMA: gemm_nt issues 8 LDS.128 per 64 FFMA
+// per thread and its K/V reads are 2-way bank-conflicted when ks = 2 (rows 528 B apart, chunks
+// interleaved by 16 B); gemm_nn is near balanced (broadcast A, one LDS.128 of B per 16 FFMA).
+// Occupancy at len 36: fwd 3 blocks/SM (smem), bwd 2 (smem 87.6 KB). Leads if it misses, in
+// order: (1) row pad chosen per ks (pad 8 floats for ks 2 makes gemm_nt conflict-free at
+// dh 128), (2) 4×8 tiles in gemm_nt, (3) bwd under 75 KB (Q, K loaded into V, dO's slots after
+// dP) for 3 blocks/SM. Verified without a GPU by tools/kernel-emu/run.sh (a CPU emulation).
+//
+// ptxas (nvcc 13.0.88, -O3 -Xptxas -v; no spills, 0-byte stack frame, no LDL/STL in the SASS):
+//   attention_fwd_f32  sm_90: 64 registers (capped by __launch_bounds__(512, 2), so three
+//                      288-thread blocks fit an SM at len 36), 128 B static smem + dynamic
+//                      sm_80: 64 registers, 128 B static smem + dynamic
+//   attention_bwd_f32  sm_90: 110 registers, 128 B static smem + dynamic (smem allows 2 blocks
+//                      per SM at len 36 anyway); sm_80: 110 registers, same
+#include "common.cuh"
+
+namespace attention {
+using common::from_f32;
+using common::to_f32;
+using common::warp_max;
+using common::warp_sum;
+
+// Limits the host enforces (src/backend/cuda/attention.rs): len <= 64, dh <= 128, so at most
+// (64/4)·(128/4) = 512 tiles, one per thread.
+constexpr int MAX_THREADS = 512;
+
+__device__ __forceinline__ int round4(int x) { return (x + 3) & ~3; }
+
+// 16-byte global -> shared copy that bypasses registers and L1 (sm_80+), so a thread can have
+// all of its share of Q, K, V in flight at once.
+__device__ __forceinline__ void cp_async16(float* smem, const float* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Geometry of one (item, head) problem, the same in every thread.
+struct Shape {
+  int len, lp;  // rows, rows rounded up to 4
+  int dh, dp;   // head dim, rounded up to 4
+  int ds, ls;   // row strides (floats) of the [Lp][DS] and [Lp][LS] shared arrays
+};
+
+__device__ __forceinline__ Shape make_shape(int len, int dh) {
+  Shape s;
+  s.len = len;
+  s.lp = round4(len);
+  s.dh = dh;
+  s.dp = round4(dh);
+  s.ds = s.dp + 4;
+  s.ls = s.lp + 4;
+  return s;
+}
+
+// sm[r][c] = g[r · stride + c] for r < len, c < dh; zero for the pad rows (r < Lp) and pad
+// columns (c < DP). `vec`: 16-byte copies (f32 storage, dh, stride and base all 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void load_rows(float* sm, const T* g, size_t stride, const Shape& s, bool vec) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  if constexpr (sizeof(T) == 4) {
+    if (vec) {
+      const int cg = s.dh >> 2;
+      for (int e = tid; e < s.len * cg; e += nt) {
+        const int r = e / cg, c = (e - r * cg) << 2;
+        cp_async16(sm + r * s.ds + c, reinterpret_cast<const float*>(g) + r * stride + c);
+      }
+      for (int e = tid; e < (s.lp - s.len) * s.dp; e += nt) {
+        const int r = s.len + e / s.dp, c = e % s.dp;
+        sm[r * s.ds + c] = 0.0f;
+      }
+      return;
+    }
+  }
+  for (int e = tid; e < s.lp * s.dp; e += nt) {
+    const int r = e / s.dp, c = e - r * s.dp;
+    sm[r * s.ds + c] = (r < s.len && c < s.dh) ? to_f32(g[r * stride + c]) : 0.0f;
+  }
+}
+
+// Square [len, len] probabilities of this (item, head) into sm [Lp][LS], pads zero.
+template <typename T> __device__ __forceinline__ void load_probs(float* sm, const T* p, const Shape& s) {
+  for (int e = threadIdx.x; e < s.lp * s.lp; e += blockDim.x) {
+    const int r = e / s.lp, c = e - r * s.lp;
+    sm[r * s.ls + c] = (r < s.len && c < s.len) ? to_f32(p[r * s.len + c]) : 0.0f;
+  }
+}
+
+// g[r · stride + c] = acc[rr][cc] for the 4×4 tile at (r0, c0), rows < len, columns < dh.
+template <typename T>
+__device__ __forceinline__ void store_tile(T* g, size_t stride, const Shape& s, int r0, int c0, const float (&acc)[4][4],
+                                           bool vec) {
+#pragma unroll
+  for (int rr = 0; rr < 4; ++rr) {
+    const int r = r0 + rr;
+    if (r >= s.len) break;
+    T* row = g + r * stride;
+    if constexpr (sizeof(T) == 4) {
+      if (vec) {  // dh % 4 == 0 here, so c0 + 3 < dh
+        *reinterpret_cast<float4*>(row + c0) = make_float4(acc[rr][0], acc[rr][1], acc[rr][2], acc[rr][3]);
+        continue;
+      }
+    }
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc)
+      if (c0 + cc < s.dh) row[c0 + cc] = from_f32<T>(acc[rr][cc]);
+  }
+}
+
+// C[i][j] = alpha · Σ_k A[i][k] · B[j][k] for i, j < len (Q·Kᵀ, dO·Vᵀ). A, B: [Lp][DS] with zero
+// pad columns, so k runs over whole float4 groups. Each 4×4 tile takes rows {ti + a·nt} and
+// columns {tj + b·nt} (strided, so a quarter warp reads 8 consecutive rows: conflict-free) and is
+// split over `ks` adjacent lanes along k; every thread runs the same trip count so the shuffle
+// reduction has full warps.
+__device__ __forceinline__ void gemm_nt(const float* A, const float* B, const Shape& s, float alpha, float* C) {
+  const int nt = (s.len + 3) >> 2, tiles = nt * nt, nk = s.dp >> 2;
+  int ks = 1;
+  while (ks < 8 && tiles * ks * 2 <= (int)blockDim.x) ks <<= 1;
+  const int work = tiles * ks;
+  for (int base = 0; base < work; base += blockDim.x) {
+    const int w = base + threadIdx.x;
+    const bool active = w < work;
+    const int t = active ? w / ks : 0, p = w % ks;
+    const int ti = t / nt, tj = t - ti * nt;
+    const float* a[4];
+    const float* b[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      a[u] = A + min(ti + u * nt, s.len - 1) * s.ds;
+      b[u] = B + min(tj + u * nt, s.len - 1) * s.ds;
+    }
+    float acc[4][4] = {};
+    for (int kk = p; kk < nk; kk += ks) {
+      float4 x[4], y[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        x[u] = *reinterpret_cast<const float4*>(a[u] + 4 * kk);
+        y[u] = *reinterpret_cast<const float4*>(b[u] + 4 * kk);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          acc[i][j] = fmaf(x[i].x, y[j].x, acc[i][j]);
+          acc[i][j] = fmaf(x[i].y, y[j].y, acc[i][j]);
+          acc[i][j] = fmaf(x[i].z, y[j].z, acc[i][j]);
+          acc[i][j] = fmaf(x[i].w, y[j].w, acc[i][j]);
+        }
+    }
+    for (int o = 1; o < ks; o <<= 1)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += __shfl_xor_sync(0xffffffffu, acc[i][j], o);
+    if (active && p == 0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = ti + i * nt;
+        if (r >= s.len) break;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int c = tj + j * nt;
+          if (c < s.len) C[r * s.ls + c] = alpha * acc[i][j];
+        }
+      }
+    }
+  }
+}
+
+// acc = Σ_j A(i, j) · B[j][c] for the tile rows r0..r0+3, columns c0..c0+3 (P·V, dS·K when
+// !TRANS with A(i, j) = M[i][j]; Pᵀ·dO, dSᵀ·Q when TRANS with A(i, j) = M[j][i]). M: [Lp][LS],
+// B: [Lp][DS]; j runs over Lp (pads are zero on both sides). Rows of a tile are contiguous so a
+// float4 of M feeds four rows (TRANS) or four steps of j (!TRANS); lanes of a warp share r0 and
+// read consecutive columns of B.
+template <bool TRANS>
+__device__ __forceinline__ void gemm_nn(const float* M, const float* B, const Shape& s, int r0, int c0,
+                                        float (&acc)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  if constexpr (TRANS) {
+#pragma unroll 4
+    for (int j = 0; j < s.lp; ++j) {
+      const float4 a = *reinterpret_cast<const float4*>(M + j * s.ls + r0);
+      const float4 b = *reinterpret_cast<const float4*>(B + j * s.ds + c0);
+      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[i][c] = fmaf(av[i], bv[c], acc[i][c]);
+    }
+  } else {
+    for (int j = 0; j < s.lp; j += 4) {
+      float4 a[4], b[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        a[u] = *reinterpret_cast<const float4*>(M + (r0 + u) * s.ls + j);
+        b[u] = *reinterpret_cast<const float4*>(B + (j + u) * s.ds + c0);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float av[4] = {a[i].x, a[i].y, a[i].z, a[i].w};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          acc[i][0] = fmaf(av[u], b[u].x, acc[i][0]);
+          acc[i][1] = fmaf(av[u], b[u].y, acc[i][1]);
+          acc[i][2] = fmaf(av[u], b[u].z, acc[i][2]);
+          acc[i][3] = fmaf(av[u], b[u].w, acc[i][3]);
+        }
+      }
+    }
+  }
+}
+
+// heads · Σ_{b' < b} len_b'²: where item b's probabilities start. Summed by the whole block
+// (a few loads per thread even for thousands of items) while the cp.async copies are in flight.
+__device__ __forceinline__ size_t prob_offset(const uint32_t* offsets, int b, int heads, unsigned long long* red) {
+  unsigned long long acc = 0;
+  for (int i = threadIdx.x; i < b; i += blockDim.x) {
+    const unsigned long long l = offsets[i + 1] - offsets[i];
+    acc += l * l;
+  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) red[warp] = acc;
+  __syncthreads();
+  unsigned long long total = 0;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += red[w];
+  return (size_t)total * heads;
+}
+
+// An item longer than the launch was sized for (Segments whose host and device offsets
+// disagree): fill its outputs with NaN so the error surfaces, never a silently wrong answer.
+template <typename T> __device__ void poison_rows(T* g, size_t stride, int len, int cols) {
+  for (int e = threadIdx.x; e < len * cols; e += blockDim.x)
+    g[(e / cols) * stride + e % cols] = from_f32<T>(__int_as_float(0x7fc00000));
+}
+
+template <typename T> __device__ __forceinline__ bool aligned16(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+template <typename T>
+__device__ void fwd(const T* __restrict__ qkv, const uint32_t* __restrict__ offsets, int heads, int dh, int max_len,
+                    float scale, T* __restrict__ out, T* __restrict__ probs) {
+  extern __shared__ float4 attn_fwd_smem[];
+  __shared__ unsigned long long red[MAX_THREADS / 32];
+  const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
+  const size_t d = (size_t)heads * dh;
+  const int start = offsets[b], len = offsets[b + 1] - start;
+  if (len <= 0) return;
+  const T* x = qkv + (size_t)start * 3 * d + (size_t)h * dh;
+  T* o = out + (size_t)start * d + (size_t)h * dh;
+  if (len > max_len) {
+    poison_rows(o, d, len, dh);
+    return;
+  }
+  const Shape s = make_shape(len, dh);
+  float* Q = reinterpret_cast<float*>(attn_fwd_smem);
+  float* K = Q + s.lp * s.ds;
+  float* V = K + s.lp * s.ds;
+  float* S = V + s.lp * s.ds;
+  const bool vec = sizeof(T) == 4 && dh % 4 == 0 && aligned16(qkv) && aligned16(out);
+  load_rows(Q, x, 3 * d, s, vec);
+  load_rows(K, x + d, 3 * d, s, vec);
+  load_rows(V, x + 2 * d, 3 * d, s, vec);
+  const size_t poff = prob_offset(offsets, b, heads, red) + (size_t)h * len * len;
+  cp_async_wait_all();
+  __syncthreads();
+
+  // S = scale · Q Kᵀ
+  gemm_nt(Q, K, s, scale, S);
+  __syncthreads();
+
+  // Row softmax, one warp per row (len <= 64: two entries per lane); pads set to zero.
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  T* pg = probs + poff;
+  for (int i = threadIdx.x >> 5; i < s.lp; i += warps) {
+    float* row = S + i * s.ls;
+    if (i >= len) {
+      for (int j = lane; j < s.lp; j += 32) row[j] = 0.0f;
+      continue;
+    }
+    const float v0 = lane < len ? row[lane] : -INFINITY;
+    const float v1 = lane + 32 < len ? row[lane + 32] : -INFINITY;
+    const float m = warp_max(fmaxf(v0, v1));
+    const float e0 = lane < len ? expf(v0 - m) : 0.0f;
+    const float e1 = lane + 32 < len ? expf(v1 - m) : 0.0f;
+    const float inv = 1.0f / warp_sum(e0 + e1);
+    const float p0 = e0 * inv, p1 = e1 * inv;
+    if (lane < s.lp) row[lane] = p0;  // p = 0 on the pad columns
+    if (lane + 32 < s.lp) row[lane + 32] = p1;
+    if (lane < len) pg[i * len + lane] = from_f32<T>(p0);
+    if (lane + 32 < len) pg[i * len + lane + 32] = from_f32<T>(p1);
+  }
+  __syncthreads();
+
+  // O = P V
+  const int cg = s.dp >> 2, tiles = (s.lp >> 2) * cg;
+  for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
+    const int r0 = (t / cg) << 2, c0 = (t % cg) << 2;
+    float acc[4][4];
+    gemm_nn<false>(S, V, s, r0, c0, acc);
+    store_tile(o, d, s, r0, c0, acc, vec);
+  }
+}
+
+template <typename T>
+__device__ void bwd(const T* __restrict__ qkv, const T* __restrict__ probs, const uint32_t* __restrict__ offsets,
+                    int heads, int dh, int max_len, float scale, const T* __restrict__ dout, T* __restrict__ dqkv) {
+  extern __shared__ float4 attn_bwd_smem[];
+  __shared__ unsigned long long red[MAX_THREADS / 32];
+  const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
+  const size_t d = (size_t)heads * dh;
+  const int start = offsets[b], len = offsets[b + 1] - start;
+  if (len <= 0) return;
+  const T* x = qkv + (size_t)start * 3 * d + (size_t)h * dh;
+  const T* dO_g = dout + (size_t)start * d + (size_t)h * dh;
+  T* dx = dqkv + (size_t)start * 3 * d + (size_t)h * dh;
+  if (len > max_len) {
+    for (int part = 0; part < 3; ++part) poison_rows(dx + part * d, 3 * d, len, dh);
+    return;
+  }
+  const Shape s = make_shape(len, dh);
+  float* Q = reinterpret_cast<float*>(attn_bwd_smem);
+  float* K = Q + s.lp * s.ds;
+  float* V = K + s.lp * s.ds;
+  float* dO = V + s.lp * s.ds;
+  float* P = dO + s.lp * s.ds;
+  float* dS = P + s.lp * s.ls;
+  const bool vec = sizeof(T) == 4 && dh % 4 == 0 && aligned16(qkv) && aligned16(dout) && aligned16(dqkv);
+  load_rows(Q, x, 3 * d, s, vec);
+  load_rows(K, x + d, 3 * d, s, vec);
+  load_rows(V, x + 2 * d, 3 * d, s, vec);
+  load_rows(dO, dO_g, d, s, vec);
+  const size_t poff = prob_offset(offsets, b, heads, red) + (size_t)h * len * len;
+  load_probs(P, probs + poff, s);
+  cp_async_wait_all();
+  __syncthreads();
+
+  const int cg = s.dp >> 2, tiles = (s.lp >> 2) * cg;
+  // dV = Pᵀ dO (straight to device memory), and dP = dO Vᵀ (into dS): independent, one phase.
+  for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
+    const int r0 = (t / cg) << 2, c0 = (t % cg) << 2;
+    float acc[4][4];
+    gemm_nn<true>(P, dO, s, r0, c0, acc);
+    store_tile(dx + 2 * d, 3 * d, s, r0, c0, acc, vec);
+  }
+  gemm_nt(dO, V, s, 1.0f, dS);
+  __syncthreads();
+
+  // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, one warp per row; pads set to zero.
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int i = threadIdx.x >> 5; i < s.lp; i += warps) {
+    float* g = dS + i * s.ls;
+    if (i >= len) {
+      for (int j = lane; j < s.lp; j += 32) g[j] = 0.0f;
+      continue;
+    }
+    const float* p = P + i * s.ls;
+    const float p0 = lane < len ? p[lane] : 0.0f, p1 = lane + 32 < len ? p[lane + 32] : 0.0f;
+    const float g0 = lane < len ? g[lane] : 0.0f, g1 = lane + 32 < len ? g[lane + 32] : 0.0f;
+    const float dot = warp_sum(p0 * g0 + p1 * g1);
+    if (lane < s.lp) g[lane] = lane < len ? p0 * (g0 - dot) * scale : 0.0f;
+    if (lane + 32 < s.lp) g[lane + 32] = lane + 32 < len ? p1 * (g1 - dot) * scale : 0.0f;
+  }
+  __syncthreads();
+
+  // dQ = dS K ; dK = dSᵀ Q
+  for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
+    const int r0 = (t / cg) << 2, c0 = (t % cg) << 2;
+    float acc[4][4];
+    gemm_nn<false>(dS, K, s, r0, c0, acc);
+    store_tile(dx, 3 * d, s, r0, c0, acc, vec);
+    gemm_nn<true>(dS, Q, s, r0, c0, acc);
+    store_tile(dx + d, 3 * d, s, r0, c0, acc, vec);
+  }
+}
+
+}  // namespace attention
+
+// out [tokens, d] = softmax(scale · Q Kᵀ) V per (item, head); probs as described above.
+extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS, 2)
+    attention_fwd_f32(const float* qkv, const uint32_t* offsets, int heads, int dh, int max_len, float scale,
+                      float* out, float* probs) {
+  attention::fwd<float>(qkv, offsets, heads, dh, max_len, scale, out, probs);
+}
+
+// dqkv [tokens, 3d] (written whole: every row of every item, every head's columns).
+extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS)
+    attention_bwd_f32(const float* qkv, const float* probs, const uint32_t* offsets, int heads, int dh, int max_len,
+                      float scale, const float* dout, float* dqkv) {
+  attention::bwd<float>(qkv, probs, offsets, heads, dh, max_len, scale, dout, dqkv);
+}

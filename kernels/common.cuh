@@ -1,0 +1,69 @@
+// kernels/common.cuh — helpers shared by every kernel file (included once: build.rs compiles
+// all kernels/*.cu as one translation unit, so file-local helpers live in a namespace per file).
+// Storage types: float and __nv_bfloat16; arithmetic is always f32 (load -> f32 -> store).
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace common {
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
+// Butterfly sums: every lane ends with the total, in the same order on every run.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide sum for blockDim.x a multiple of 32 (<= 1024); `scratch` holds 32 floats.
+// Every thread gets the total. Fixed tree order: deterministic.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : 0.0f;
+  return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : -INFINITY;
+  return warp_max(v);
+}
+
+// Stage 2 of every deterministic column reduction (bias grad, LayerNorm dgamma/dbeta):
+// out[c] += Σ_{k < parts} partial[k * cols + c], summed in k order.
+__device__ __forceinline__ void colsum_finish(const float* partial, int parts, int cols, float* out) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float s = 0.0f;
+  for (int k = 0; k < parts; ++k) s += partial[(size_t)k * cols + c];
+  out[c] += s;
+}
+
+}  // namespace common
+
+// Rows each block of a column-reduction's stage 1 covers; the host sizes the partials as
+// ceil(rows / COLSUM_ROWS) x cols. Keep in step with COLSUM_ROWS in src/backend/cuda/mod.rs.
+#define COLSUM_ROWS 64
+
+// out[c] += Σ partial[k, c]: stage 2 shared by bias_bwd and layernorm_bwd.
+extern "C" __global__ void colsum_finish_f32(const float* partial, int parts, int cols, float* out) {
+  common::colsum_finish(partial, parts, cols, out);
+}

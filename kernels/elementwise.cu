@@ -1,0 +1,146 @@
+// kernels/elementwise.cu — fill, bias, residual, scale, GELU, dropout, sigmoid.
+// Layout: flat or row-major [rows, cols]. Launch: one thread per element, grid-stride loops
+// (so any n fits a grid capped at a few waves), except bias_bwd (column reduction, below).
+// CPU twin: src/backend/cpu/elementwise.rs. Test: tests/gpu_ops.rs.
+// Why no vector (float4) loads: every op here is memory-bound and already coalesced; the
+// row-major tensors have odd column counts (e.g. 3·300), so a float4 path needs a scalar tail
+// and alignment checks for a few percent at most — left for when a profile says so.
+#include "common.cuh"
+
+namespace elementwise {
+using common::from_f32;
+using common::to_f32;
+
+#define GRID_STRIDE(i, n) \
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+template <typename T> __device__ void add_bias(T* y, const T* bias, size_t n, int cols) {
+  GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(y[i]) + to_f32(bias[i % cols]));
+}
+
+// Stage 1 of dbias = Σ_r dy[r, :]: block (32 columns x 8 row lanes) sums COLSUM_ROWS rows;
+// the 8 lanes are combined in shared memory in a fixed order, so the result does not depend
+// on scheduling (no atomics). Stage 2 is colsum_finish_f32 in common.cuh.
+template <typename T> __device__ void bias_bwd_partial(const T* dy, int rows, int cols, float* partial) {
+  __shared__ float acc[8][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const int r0 = blockIdx.y * COLSUM_ROWS;
+  const int r1 = min(rows, r0 + COLSUM_ROWS);
+  float s = 0.0f;
+  if (c < cols)
+    for (int r = r0 + threadIdx.y; r < r1; r += 8) s += to_f32(dy[(size_t)r * cols + c]);
+  acc[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float t = 0.0f;
+    for (int k = 0; k < 8; ++k) t += acc[k][threadIdx.x];
+    partial[(size_t)blockIdx.y * cols + c] = t;
+  }
+}
+
+template <typename T> __device__ void add_assign(T* y, const T* x, size_t n) {
+  GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(y[i]) + to_f32(x[i]));
+}
+
+template <typename T> __device__ void scale(T* x, float s, size_t n) {
+  GRID_STRIDE(i, n) x[i] = from_f32<T>(to_f32(x[i]) * s);
+}
+
+// The CPU's tanh_fast, coefficient for coefficient (clamped rational 13/6, max error < 1e-6),
+// so GPU and CPU GELU differ by FMA rounding only; tanhf would differ by ~1e-7 more and cost more.
+__device__ __forceinline__ float tanh_fast(float x) {
+  x = fminf(fmaxf(x, -7.905311f), 7.905311f);
+  const float x2 = x * x;
+  float p = x2 * -2.7607685e-16f + 2.0001879e-13f;
+  p = x2 * p + -8.6046715e-11f;
+  p = x2 * p + 5.122297e-08f;
+  p = x2 * p + 1.4857224e-05f;
+  p = x2 * p + 6.3726193e-04f;
+  p = (x2 * p + 4.8935246e-03f) * x;
+  float q = x2 * 1.1982584e-06f + 1.1853471e-04f;
+  q = x2 * q + 2.2684346e-03f;
+  q = x2 * q + 4.893525e-03f;
+  return p / q;
+}
+#define GELU_C 0.7978846f
+#define GELU_A 0.044715f
+
+template <typename T> __device__ void gelu_fwd(const T* x, T* y, size_t n) {
+  GRID_STRIDE(i, n) {
+    const float v = to_f32(x[i]);
+    y[i] = from_f32<T>(0.5f * v * (1.0f + tanh_fast(GELU_C * (v + GELU_A * v * v * v))));
+  }
+}
+
+template <typename T> __device__ void gelu_bwd(const T* x, const T* dy, T* dx, size_t n) {
+  GRID_STRIDE(i, n) {
+    const float v = to_f32(x[i]);
+    const float t = tanh_fast(GELU_C * (v + GELU_A * v * v * v));
+    const float g = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * GELU_C * (1.0f + 3.0f * GELU_A * v * v);
+    dx[i] = from_f32<T>(to_f32(dy[i]) * g);
+  }
+}
+
+// Bit-identical to the CPU's dropout_uniform(seed, i): integer-only hash (murmur3 finaliser),
+// one 64-bit hash per four elements, 16 bits each. The mask is recomputed in backward.
+__device__ __forceinline__ float dropout_uniform(uint64_t seed, uint64_t i) {
+  uint64_t h = seed ^ ((i / 4) * 0x9E3779B97F4A7C15ull);
+  h ^= h >> 33;
+  h *= 0xFF51AFD7ED558CCDull;
+  h ^= h >> 33;
+  h *= 0xC4CEB9FE1A85EC53ull;
+  h ^= h >> 33;
+  return (float)((h >> (16 * (i % 4))) & 0xFFFF) * (1.0f / 65536.0f);
+}
+
+// `scale` = 1/(1-p) computed on the host in f32, exactly as the CPU does.
+template <typename T> __device__ void dropout(T* x, float p, float scale, uint64_t seed, size_t n) {
+  GRID_STRIDE(i, n) x[i] = dropout_uniform(seed, i) < p ? from_f32<T>(0.0f) : from_f32<T>(to_f32(x[i]) * scale);
+}
+
+template <typename T> __device__ void fill(T* x, float v, size_t n) {
+  GRID_STRIDE(i, n) x[i] = from_f32<T>(v);
+}
+
+template <typename T> __device__ void sigmoid_fwd(const T* x, T* y, size_t n) {
+  GRID_STRIDE(i, n) {
+    const float v = to_f32(x[i]);
+    // The stable two-branch form of the CPU twin: never exp of a large positive number.
+    float s;
+    if (v >= 0.0f) {
+      s = 1.0f / (1.0f + expf(-v));
+    } else {
+      const float e = expf(v);
+      s = e / (1.0f + e);
+    }
+    y[i] = from_f32<T>(s);
+  }
+}
+}  // namespace elementwise
+
+#define EW_ENTRY(T, SUF)                                                                                    \
+  extern "C" __global__ void add_bias_fwd_##SUF(T* y, const T* b, size_t n, int cols) {                      \
+    elementwise::add_bias<T>(y, b, n, cols);                                                                 \
+  }                                                                                                          \
+  extern "C" __global__ void bias_bwd_##SUF(const T* dy, int rows, int cols, float* partial) {               \
+    elementwise::bias_bwd_partial<T>(dy, rows, cols, partial);                                               \
+  }                                                                                                          \
+  extern "C" __global__ void add_assign_fwd_##SUF(T* y, const T* x, size_t n) {                              \
+    elementwise::add_assign<T>(y, x, n);                                                                     \
+  }                                                                                                          \
+  extern "C" __global__ void scale_fwd_##SUF(T* x, float s, size_t n) { elementwise::scale<T>(x, s, n); }    \
+  extern "C" __global__ void gelu_fwd_##SUF(const T* x, T* y, size_t n) { elementwise::gelu_fwd<T>(x, y, n); } \
+  extern "C" __global__ void gelu_bwd_##SUF(const T* x, const T* dy, T* dx, size_t n) {                      \
+    elementwise::gelu_bwd<T>(x, dy, dx, n);                                                                  \
+  }                                                                                                          \
+  extern "C" __global__ void dropout_fwd_##SUF(T* x, float p, float scale, uint64_t seed, size_t n) {        \
+    elementwise::dropout<T>(x, p, scale, seed, n);                                                           \
+  }                                                                                                          \
+  extern "C" __global__ void dropout_bwd_##SUF(T* dy, float p, float scale, uint64_t seed, size_t n) {       \
+    elementwise::dropout<T>(dy, p, scale, seed, n);                                                          \
+  }                                                                                                          \
+  extern "C" __global__ void fill_fwd_##SUF(T* x, float v, size_t n) { elementwise::fill<T>(x, v, n); }     \
+  extern "C" __global__ void sigmoid_fwd_##SUF(const T* x, T* y, size_t n) { elementwise::sigmoid_fwd<T>(x, y, n); }
+
+EW_ENTRY(float, f32)
+EW_ENTRY(__nv_bfloat16, bf16)

@@ -1,0 +1,131 @@
+// kernels/gru.cu — fused GRU gates for one timestep of a packed batch, forward and backward
+// (PyTorch equations, gate order r, z, n):
+//   r = σ(x_r + h_r),  z = σ(x_z + h_z),  n = tanh(x_n + r ⊙ h_n),  h' = (1 − z) ⊙ n + z ⊙ h
+// x_* = W_i* x_t + b_i* (xproj [tokens, 3H], one GEMM for every step), h_* = W_h* h + b_h*
+// (hproj [items, 3H], one cuBLAS GEMM per step). Item b at step s reads packed row
+// offsets[b] + s (forward) or offsets[b] + len_b − 1 − s (reverse); items with len_b <= s are
+// idle: h unchanged, no output row, saved gates zero (fwd) / dhproj zero and dh passed through (bwd).
+// Saved per step: gates [items, 4H] = (r, z, n, h_n).
+// Launch: one thread per (item, unit), flat index over items · H, grid-stride; any block size.
+// CPU twin: src/backend/cpu/gru.rs::{step_fwd, step_bwd}. Test: tests/gpu_gru.rs.
+// Why scalar loads: each thread touches 7 (fwd) / 8 (bwd) values in 5–6 arrays with unit-stride
+// lanes, so every access is already a full coalesced line; a step moves 3.4 MB at B 128, H 512
+// (1.1 µs at 3 TB/s) and the launch itself costs about as much.
+//
+// ptxas (nvcc 13.0.88, -O3; no spills, no stack frame):
+//   sm_90 gru_step_fwd_f32: 32 registers; gru_step_bwd_f32: 32 registers; no shared memory
+//   sm_80 gru_step_fwd_f32: 33 registers; gru_step_bwd_f32: 31 registers
+//
+// The persistent alternative (DESIGN.md §5; not built): today each step is a cuBLAS GEMM
+// [items, H] × [H, 3H] plus this kernel, 2 × T launches per direction whose cost at B 128 is
+// mostly launch latency and re-reading W_hh (3H × H = 3 MB at H 512) from L2 every step. A
+// persistent kernel would launch once per direction with one cooperative grid of ~132 blocks,
+// block j owning a slice of hidden units j·H/G..: it keeps its rows of W_hh (3 · H/G × H; 24 KB of
+// bf16 or 48 KB of f32 at G = 128) in shared memory for all T steps, computes its slice of
+// hproj for every item from h_{t-1} (read from global/L2, [items, H]), applies these same gate
+// equations in registers, writes its slice of h_t, and then waits at a grid-wide barrier
+// (cooperative launch or a flag per step) before step t + 1 reads the whole h_t. Backward runs
+// the same schedule in reverse with W_hhᵀ slices, accumulating dhproj for the one weight-gradient
+// GEMM afterwards. What it buys: T·2 launches → 1, W_hh read from device memory once instead of T
+// times; what it costs: one grid barrier per step (~2–3 µs) and the tie to a co-resident grid.
+#include "common.cuh"
+
+namespace gru {
+using common::from_f32;
+using common::to_f32;
+
+// The CPU twin's sigmoid: the branch keeps exp from overflowing for large |x|.
+__device__ __forceinline__ float sigmoid(float x) {
+  if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+  const float e = expf(x);
+  return e / (1.0f + e);
+}
+
+// The packed row item b reads at step s, or -1 when the item is idle.
+__device__ __forceinline__ long long step_row(const uint32_t* offsets, int b, int s, int reverse) {
+  const int start = offsets[b], len = offsets[b + 1] - start;
+  if (s >= len) return -1;
+  return (long long)start + (reverse ? len - 1 - s : s);
+}
+
+template <typename T>
+__device__ void step_fwd(const T* __restrict__ xproj, const T* __restrict__ hproj, T* __restrict__ h,
+                         T* __restrict__ out, T* __restrict__ gates, const uint32_t* __restrict__ offsets, int items,
+                         int H, int s, int reverse, int out_cols, int out_col) {
+  const size_t n = (size_t)items * H;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+    const int b = (int)(e / H), i = (int)(e - (size_t)b * H);
+    T* g = gates + (size_t)b * 4 * H;
+    const long long row = step_row(offsets, b, s, reverse);
+    if (row < 0) {
+      g[i] = g[H + i] = g[2 * H + i] = g[3 * H + i] = from_f32<T>(0.0f);
+      continue;
+    }
+    const T* x = xproj + (size_t)row * 3 * H;
+    const T* hp = hproj + (size_t)b * 3 * H;
+    const float h_n = to_f32(hp[2 * H + i]);
+    const float r = sigmoid(to_f32(x[i]) + to_f32(hp[i]));
+    const float z = sigmoid(to_f32(x[H + i]) + to_f32(hp[H + i]));
+    const float nn = tanhf(to_f32(x[2 * H + i]) + r * h_n);
+    const float hn = (1.0f - z) * nn + z * to_f32(h[e]);
+    h[e] = from_f32<T>(hn);
+    out[(size_t)row * out_cols + out_col + i] = from_f32<T>(hn);
+    g[i] = from_f32<T>(r);
+    g[H + i] = from_f32<T>(z);
+    g[2 * H + i] = from_f32<T>(nn);
+    g[3 * H + i] = from_f32<T>(h_n);
+  }
+}
+
+// dh holds dL/dh_t from later steps on entry and the part of dL/dh_{t-1} that bypasses W_hh on
+// return (the caller adds dhproj · W_hh with a GEMM).
+template <typename T>
+__device__ void step_bwd(const T* __restrict__ gates, const T* __restrict__ h_prev, const T* __restrict__ dout,
+                         T* __restrict__ dh, T* __restrict__ dxproj, T* __restrict__ dhproj,
+                         const uint32_t* __restrict__ offsets, int items, int H, int s, int reverse, int out_cols,
+                         int out_col) {
+  const size_t n = (size_t)items * H;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+    const int b = (int)(e / H), i = (int)(e - (size_t)b * H);
+    T* dhp = dhproj + (size_t)b * 3 * H;
+    const long long row = step_row(offsets, b, s, reverse);
+    if (row < 0) {
+      dhp[i] = dhp[H + i] = dhp[2 * H + i] = from_f32<T>(0.0f);
+      continue;
+    }
+    const T* g = gates + (size_t)b * 4 * H;
+    const float r = to_f32(g[i]), z = to_f32(g[H + i]), nn = to_f32(g[2 * H + i]), h_n = to_f32(g[3 * H + i]);
+    const float d = to_f32(dh[e]) + to_f32(dout[(size_t)row * out_cols + out_col + i]);
+    const float dn = d * (1.0f - z);
+    const float dz = d * (to_f32(h_prev[e]) - nn);
+    const float da_n = dn * (1.0f - nn * nn);
+    const float dr = da_n * h_n;
+    const float da_r = dr * r * (1.0f - r);
+    const float da_z = dz * z * (1.0f - z);
+    T* dx = dxproj + (size_t)row * 3 * H;
+    dx[i] = from_f32<T>(da_r);
+    dx[H + i] = from_f32<T>(da_z);
+    dx[2 * H + i] = from_f32<T>(da_n);
+    dhp[i] = from_f32<T>(da_r);
+    dhp[H + i] = from_f32<T>(da_z);
+    dhp[2 * H + i] = from_f32<T>(da_n * r);
+    dh[e] = from_f32<T>(d * z);
+  }
+}
+
+}  // namespace gru
+
+// One forward timestep: h [items, H] in place, out [tokens, out_cols] at columns
+// out_col..out_col + H of each active item's row, gates [items, 4H].
+extern "C" __global__ void gru_step_fwd_f32(const float* xproj, const float* hproj, float* h, float* out, float* gates,
+                                            const uint32_t* offsets, int items, int H, int s, int reverse,
+                                            int out_cols, int out_col) {
+  gru::step_fwd<float>(xproj, hproj, h, out, gates, offsets, items, H, s, reverse, out_cols, out_col);
+}
+
+// One backward timestep: dh in place, this step's rows of dxproj [tokens, 3H], dhproj [items, 3H].
+extern "C" __global__ void gru_step_bwd_f32(const float* gates, const float* h_prev, const float* dout, float* dh,
+                                            float* dxproj, float* dhproj, const uint32_t* offsets, int items, int H,
+                                            int s, int reverse, int out_cols, int out_col) {
+  gru::step_bwd<float>(gates, h_prev, dout, dh, dxproj, dhproj, offsets, items, H, s, reverse, out_cols, out_col);
+}

@@ -1,0 +1,112 @@
+// kernels/layernorm.cu — LayerNorm over the last dimension, forward and backward.
+// Layout: x [rows, d] row-major; stats [rows, 2] = (mean, rstd) saved for backward.
+// Launch: one warp per row, 8 rows per 256-thread block; dgamma/dbeta by a deterministic
+// two-stage column reduction (layernorm_params_bwd + colsum_finish in common.cuh).
+// CPU twin: src/backend/cpu/layernorm.rs. Test: tests/gpu_ops.rs.
+// Why a warp per row: d ≤ 2048 here, so a row is 64 values per lane at most; the reductions
+// are register shuffles with no shared memory or block barrier. The row is read once from
+// DRAM; the later passes over it hit L1 (a 4 KB row per warp, 32 KB per block).
+// Why two-pass variance (mean first, then Σ(x−mean)²): the CPU twin's formula, and it does not
+// cancel catastrophically the way E[x²]−mean² does for rows with a large mean.
+// Why dgamma/dbeta in a separate pass rather than atomics: run-to-run identical gradients.
+#include "common.cuh"
+
+namespace layernorm {
+using common::from_f32;
+using common::to_f32;
+using common::warp_sum;
+
+template <typename T>
+__device__ void fwd(const T* x, const T* gamma, const T* beta, float eps, int rows, int d, T* y, float* stats) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const T* xr = x + (size_t)row * d;
+  T* yr = y + (size_t)row * d;
+  float s = 0.0f;
+  for (int i = lane; i < d; i += 32) s += to_f32(xr[i]);
+  const float mean = warp_sum(s) / (float)d;
+  float v = 0.0f;
+  for (int i = lane; i < d; i += 32) {
+    const float t = to_f32(xr[i]) - mean;
+    v += t * t;
+  }
+  const float rstd = 1.0f / sqrtf(warp_sum(v) / (float)d + eps);
+  for (int i = lane; i < d; i += 32)
+    yr[i] = from_f32<T>((to_f32(xr[i]) - mean) * rstd * to_f32(gamma[i]) + to_f32(beta[i]));
+  if (lane == 0) {
+    stats[2 * (size_t)row] = mean;
+    stats[2 * (size_t)row + 1] = rstd;
+  }
+}
+
+// dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ γ.
+template <typename T>
+__device__ void bwd(const T* x, const float* stats, const T* gamma, const T* dy, int rows, int d, T* dx) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const T* xr = x + (size_t)row * d;
+  const T* gr = dy + (size_t)row * d;
+  const float mean = stats[2 * (size_t)row], rstd = stats[2 * (size_t)row + 1];
+  float sg = 0.0f, sgx = 0.0f;
+  for (int i = lane; i < d; i += 32) {
+    const float g = to_f32(gr[i]) * to_f32(gamma[i]);
+    sg += g;
+    sgx += g * (to_f32(xr[i]) - mean);
+  }
+  const float mg = warp_sum(sg) / (float)d;
+  const float mgx = warp_sum(sgx) * rstd / (float)d;
+  T* out = dx + (size_t)row * d;
+  for (int i = lane; i < d; i += 32) {
+    const float g = to_f32(gr[i]) * to_f32(gamma[i]);
+    const float xhat = (to_f32(xr[i]) - mean) * rstd;
+    out[i] = from_f32<T>(rstd * (g - mg - xhat * mgx));
+  }
+}
+
+// Stage 1 of dgamma = Σ_r dy·x̂ and dbeta = Σ_r dy: block (32 columns x 8 row lanes) over
+// COLSUM_ROWS rows; partial = [2][parts][d] (dgamma parts, then dbeta parts).
+template <typename T>
+__device__ void params_partial(const T* x, const float* stats, const T* dy, int rows, int d, float* partial) {
+  __shared__ float acc_g[8][33], acc_b[8][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const int r0 = blockIdx.y * COLSUM_ROWS, r1 = min(rows, r0 + COLSUM_ROWS);
+  float sg = 0.0f, sb = 0.0f;
+  if (c < d)
+    for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+      const float g = to_f32(dy[(size_t)r * d + c]);
+      const float xhat = (to_f32(x[(size_t)r * d + c]) - stats[2 * (size_t)r]) * stats[2 * (size_t)r + 1];
+      sg += g * xhat;
+      sb += g;
+    }
+  acc_g[threadIdx.y][threadIdx.x] = sg;
+  acc_b[threadIdx.y][threadIdx.x] = sb;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < d) {
+    float tg = 0.0f, tb = 0.0f;
+    for (int k = 0; k < 8; ++k) {
+      tg += acc_g[k][threadIdx.x];
+      tb += acc_b[k][threadIdx.x];
+    }
+    const size_t parts = gridDim.y;
+    partial[(size_t)blockIdx.y * d + c] = tg;
+    partial[parts * d + (size_t)blockIdx.y * d + c] = tb;
+  }
+}
+}  // namespace layernorm
+
+#define LN_ENTRY(T, SUF)                                                                                      \
+  extern "C" __global__ void layernorm_fwd_##SUF(const T* x, const T* gamma, const T* beta, float eps, int rows, \
+                                                 int d, T* y, float* stats) {                                 \
+    layernorm::fwd<T>(x, gamma, beta, eps, rows, d, y, stats);                                                \
+  }                                                                                                           \
+  extern "C" __global__ void layernorm_bwd_##SUF(const T* x, const float* stats, const T* gamma, const T* dy,   \
+                                                 int rows, int d, T* dx) {                                    \
+    layernorm::bwd<T>(x, stats, gamma, dy, rows, d, dx);                                                      \
+  }                                                                                                           \
+  extern "C" __global__ void layernorm_params_bwd_##SUF(const T* x, const float* stats, const T* dy, int rows,  \
+                                                        int d, float* partial) {                              \
+    layernorm::params_partial<T>(x, stats, dy, rows, d, partial);                                             \
+  }
+
+LN_ENTRY(float, f32)
+LN_ENTRY(__nv_bfloat16, bf16)

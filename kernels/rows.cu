@@ -1,0 +1,122 @@
+// kernels/rows.cu — row ops: embedding gather / scatter-add, [MASK] row set and its backward,
+// segment mean pooling, L2 row normalisation.
+// Layout: row-major [rows, cols]; index data u32; segments as u32 offsets [items + 1].
+// CPU twin: src/backend/cpu/elementwise.rs. Test: tests/gpu_ops.rs.
+#include "common.cuh"
+
+namespace rows {
+using common::from_f32;
+using common::to_f32;
+
+// out[i, :] = table[ids[i], :]; one thread per output element, consecutive threads on
+// consecutive columns so each row read is coalesced.
+template <typename T>
+__device__ void gather(const T* table, const uint32_t* ids, int n, int cols, T* out) {
+  const size_t total = (size_t)n * cols;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+    const size_t i = e / cols, c = e % cols;
+    out[e] = table[(size_t)ids[i] * cols + c];
+  }
+}
+
+// dtable[ids[i], :] += dy[i, :] with float atomics: sort-free and fast, but the order in which
+// repeated ids add up is not fixed, so the result is reproducible to rounding only (the test
+// allows 1e-5 relative). A deterministic variant would sort ids (segmented reduction); the
+// embedding gradient is one small op of the step, so atomics win here.
+template <typename T>
+__device__ void scatter_add(const T* dy, const uint32_t* ids, int n, int cols, float* dtable) {
+  const size_t total = (size_t)n * cols;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+    const size_t i = e / cols, c = e % cols;
+    atomicAdd(&dtable[(size_t)ids[i] * cols + c], to_f32(dy[e]));
+  }
+}
+
+template <typename T>
+__device__ void set_rows(T* x, const uint32_t* rows, int n, int cols, const T* value) {
+  const size_t total = (size_t)n * cols;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+    const size_t i = e / cols, c = e % cols;
+    x[(size_t)rows[i] * cols + c] = value[c];
+  }
+}
+
+// dvalue += Σ_i dx[rows[i], :], then those rows are zeroed. One thread per column walks the
+// row list in order: deterministic, and a repeated row contributes once (its second visit
+// reads the zero the first wrote), exactly as the CPU loop.
+template <typename T>
+__device__ void set_rows_bwd(T* dx, const uint32_t* rows, int n, int cols, float* dvalue) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float s = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    T* p = dx + (size_t)rows[i] * cols + c;
+    s += to_f32(*p);
+    *p = from_f32<T>(0.0f);
+  }
+  dvalue[c] += s;
+}
+
+// y[b, c] = mean over item b's rows of x[r, c]; grid (column blocks, items). Sum then scale by
+// 1/len, in row order, as the CPU does.
+template <typename T>
+__device__ void segment_mean_fwd(const T* x, const uint32_t* offsets, int items, int cols, T* y) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+  if (c >= cols || b >= items) return;
+  const uint32_t s = offsets[b], e = offsets[b + 1];
+  float acc = 0.0f;
+  for (uint32_t r = s; r < e; ++r) acc += to_f32(x[(size_t)r * cols + c]);
+  y[(size_t)b * cols + c] = from_f32<T>(acc * (1.0f / (float)(e - s)));
+}
+
+template <typename T>
+__device__ void segment_mean_bwd(const T* dy, const uint32_t* offsets, int items, int cols, T* dx) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+  if (c >= cols || b >= items) return;
+  const uint32_t s = offsets[b], e = offsets[b + 1];
+  const float g = to_f32(dy[(size_t)b * cols + c]) * (1.0f / (float)(e - s));
+  for (uint32_t r = s; r < e; ++r) dx[(size_t)r * cols + c] = from_f32<T>(g);
+}
+
+// One warp per row: the squared norm is a warp butterfly sum; a zero row stays zero.
+// Division (not a reciprocal multiply) as in the CPU twin.
+template <typename T> __device__ void l2norm(T* x, int rows, int cols) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  T* p = x + (size_t)row * cols;
+  float s = 0.0f;
+  for (int c = lane; c < cols; c += 32) {
+    const float v = to_f32(p[c]);
+    s += v * v;
+  }
+  const float n = sqrtf(common::warp_sum(s));
+  if (n > 0.0f)
+    for (int c = lane; c < cols; c += 32) p[c] = from_f32<T>(to_f32(p[c]) / n);
+}
+}  // namespace rows
+
+#define ROWS_ENTRY(T, SUF)                                                                                     \
+  extern "C" __global__ void gather_rows_fwd_##SUF(const T* table, const uint32_t* ids, int n, int cols, T* out) { \
+    rows::gather<T>(table, ids, n, cols, out);                                                                 \
+  }                                                                                                            \
+  extern "C" __global__ void scatter_add_rows_bwd_##SUF(const T* dy, const uint32_t* ids, int n, int cols,      \
+                                                        float* dtable) {                                       \
+    rows::scatter_add<T>(dy, ids, n, cols, dtable);                                                            \
+  }                                                                                                            \
+  extern "C" __global__ void set_rows_fwd_##SUF(T* x, const uint32_t* r, int n, int cols, const T* value) {    \
+    rows::set_rows<T>(x, r, n, cols, value);                                                                   \
+  }                                                                                                            \
+  extern "C" __global__ void set_rows_bwd_##SUF(T* dx, const uint32_t* r, int n, int cols, float* dvalue) {    \
+    rows::set_rows_bwd<T>(dx, r, n, cols, dvalue);                                                             \
+  }                                                                                                            \
+  extern "C" __global__ void segment_mean_fwd_##SUF(const T* x, const uint32_t* off, int items, int cols, T* y) { \
+    rows::segment_mean_fwd<T>(x, off, items, cols, y);                                                         \
+  }                                                                                                            \
+  extern "C" __global__ void segment_mean_bwd_##SUF(const T* dy, const uint32_t* off, int items, int cols,      \
+                                                    T* dx) {                                                   \
+    rows::segment_mean_bwd<T>(dy, off, items, cols, dx);                                                       \
+  }                                                                                                            \
+  extern "C" __global__ void l2norm_fwd_##SUF(T* x, int rows, int cols) { rows::l2norm<T>(x, rows, cols); }
+
+ROWS_ENTRY(float, f32)
+ROWS_ENTRY(__nv_bfloat16, bf16)

@@ -1,0 +1,190 @@
+//! Fused multi-head attention on the GPU (kernels/attention.cu): launch configuration and the
+//! limits of the on-chip design. `ops.rs` has already checked the shapes the CPU twin checks.
+//!
+//! One block per (item, head) holds that head's Q, K, V (and dO) plus the `len × len` scores in
+//! shared memory, so the launch is sized by the batch's longest item: `threads` one per 4×4
+//! output tile, shared memory as in the kernel file's header. Items longer than `MAX_LEN` or
+//! heads wider than `MAX_HEAD_DIM`, or a size the GPU's shared memory cannot hold, are refused
+//! with an error before anything is launched (never a truncated answer).
+
+use cudarc::driver::result;
+use cudarc::driver::sys as cu;
+
+use super::{Arg, Cuda, dev_err, dev_ids};
+use crate::backend::Segments;
+use crate::tensor::Tensor;
+use crate::{Error, Result};
+
+/// Longest item (rows of one sequence) the fused kernels hold on chip.
+pub const MAX_LEN: usize = 64;
+/// Widest head the fused kernels hold on chip.
+pub const MAX_HEAD_DIM: usize = 128;
+/// Shared memory a block gets without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
+
+/// Threads per block and dynamic shared-memory bytes for items up to `max_len` rows and head
+/// dim `dh` (mirrors `Shape` in kernels/attention.cu).
+pub fn launch_shape(max_len: usize, dh: usize, backward: bool) -> (u32, usize) {
+    let lp = max_len.div_ceil(4) * 4;
+    let dp = dh.div_ceil(4) * 4;
+    let (ds, ls) = (dp + 4, lp + 4);
+    let floats = if backward { 4 * lp * ds + 2 * lp * ls } else { 3 * lp * ds + lp * ls };
+    let tiles = (lp / 4) * (dp / 4);
+    let threads = tiles.max(1).div_ceil(32) * 32;
+    (threads as u32, floats * 4)
+}
+
+/// Everything the two launches share: checked geometry and the launch configuration.
+struct Plan {
+    dh: usize,
+    max_len: usize,
+    grid: u32,
+    threads: u32,
+    smem: usize,
+}
+
+fn plan(
+    cuda: &mut Cuda,
+    (op, kernel, backward): (&'static str, &'static str, bool),
+    qkv: &Tensor,
+    seg: &Segments,
+    heads: usize,
+) -> Result<Plan> {
+    if heads == 0 || qkv.cols() % (3 * heads) != 0 {
+        return Err(Error::shape(op, format!("{} qkv columns for {heads} heads", qkv.cols())));
+    }
+    let d = qkv.cols() / 3;
+    let dh = d / heads;
+    if dh == 0 || dh > MAX_HEAD_DIM {
+        return Err(Error::shape(
+            op,
+            format!("head dim {dh} (d {d}, {heads} heads): the fused kernel supports 1..={MAX_HEAD_DIM}"),
+        ));
+    }
+    let items = seg.items();
+    let ids = dev_ids(&seg.device)?;
+    if ids.len() != items + 1 {
+        return Err(Error::shape(op, format!("{} device offsets for {items} items", ids.len())));
+    }
+    // The host offsets are the truth: seg.max_len is a public field a caller may have left stale.
+    let max_len = seg.offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    if max_len > MAX_LEN {
+        let item = seg.offsets.windows(2).position(|w| w[1] - w[0] == max_len).unwrap_or(0);
+        return Err(Error::shape(
+            op,
+            format!("item {item} has {max_len} segments; the fused attention kernel holds at most {MAX_LEN} on chip"),
+        ));
+    }
+    let grid = items
+        .checked_mul(heads)
+        .filter(|&g| g <= i32::MAX as usize)
+        .ok_or_else(|| Error::shape(op, format!("{items} items × {heads} heads exceeds one launch")))?;
+    let (threads, smem) = launch_shape(max_len, dh, backward);
+    cuda.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+    let limit = cuda
+        .ctx
+        .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(dev_err("query the shared-memory limit"))? as usize;
+    let f = cuda.function(kernel)?;
+    // SAFETY: f is a kernel of our loaded module.
+    let fixed = unsafe {
+        result::function::get_function_attribute(f, cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+    }
+    .map_err(dev_err(format!("query the static shared memory of {kernel}")))? as usize;
+    if smem + fixed > limit {
+        return Err(Error::shape(
+            op,
+            format!(
+                "items of {max_len} segments at head dim {dh} need {} bytes of shared memory per block; \
+                 {} allows {limit}",
+                smem + fixed,
+                cuda.device_name()
+            ),
+        ));
+    }
+    if smem > DEFAULT_SMEM {
+        // SAFETY: as above; static + dynamic stays within the device's opt-in limit (checked).
+        unsafe {
+            result::function::set_function_attribute(
+                f,
+                cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+        }
+        .map_err(dev_err(format!("allow {smem} bytes of shared memory for {kernel}")))?;
+    }
+    Ok(Plan { dh, max_len, grid: grid as u32, threads, smem })
+}
+
+/// Context `[tokens, d]` and the saved probabilities (per item and head, `len × len`, packed
+/// like the CPU's `prob_offsets`).
+pub(super) fn forward(cuda: &mut Cuda, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
+    const K: &str = "attention_fwd_f32";
+    let p = plan(cuda, ("attention_fwd", K, false), qkv, seg, heads)?;
+    let tokens = seg.tokens();
+    let n_probs = crate::backend::cpu::attention::prob_offsets(&seg.offsets, heads)[seg.items()];
+    let out = cuda.alloc_tensor(&[tokens, qkv.cols() / 3])?;
+    let probs = cuda.alloc_tensor(&[n_probs])?;
+    if tokens == 0 {
+        return Ok((out, probs));
+    }
+    let scale = 1.0 / (p.dh as f32).sqrt();
+    let args = [
+        Arg::tensor(qkv)?,
+        Arg::ids(&seg.device)?,
+        Arg::int(K, heads)?,
+        Arg::int(K, p.dh)?,
+        Arg::int(K, p.max_len)?,
+        Arg::F32(scale),
+        Arg::tensor(&out)?,
+        Arg::tensor(&probs)?,
+    ];
+    cuda.launch(K, (p.grid, 1, 1), (p.threads, 1, 1), p.smem as u32, &args)?;
+    Ok((out, probs))
+}
+
+/// `dqkv [tokens, 3d]`.
+pub(super) fn backward(
+    cuda: &mut Cuda,
+    qkv: &Tensor,
+    probs: &Tensor,
+    seg: &Segments,
+    heads: usize,
+    dout: &Tensor,
+) -> Result<Tensor> {
+    const K: &str = "attention_bwd_f32";
+    let p = plan(cuda, ("attention_bwd", K, true), qkv, seg, heads)?;
+    let dqkv = cuda.alloc_tensor(qkv.shape())?;
+    if seg.tokens() == 0 {
+        return Ok(dqkv);
+    }
+    let scale = 1.0 / (p.dh as f32).sqrt();
+    let args = [
+        Arg::tensor(qkv)?,
+        Arg::tensor(probs)?,
+        Arg::ids(&seg.device)?,
+        Arg::int(K, heads)?,
+        Arg::int(K, p.dh)?,
+        Arg::int(K, p.max_len)?,
+        Arg::F32(scale),
+        Arg::tensor(dout)?,
+        Arg::tensor(&dqkv)?,
+    ];
+    cuda.launch(K, (p.grid, 1, 1), (p.threads, 1, 1), p.smem as u32, &args)?;
+    Ok(dqkv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_shape_matches_the_kernel_header() {
+        // kernels/attention.cu header: len 36, dh 128 → 62.8 KB fwd, 87.6 KB bwd, 288 threads.
+        assert_eq!(launch_shape(36, 128, false), (288, 62_784));
+        assert_eq!(launch_shape(36, 128, true), (288, 87_552));
+        assert_eq!(launch_shape(64, 128, true), (512, 169_984));
+        assert_eq!(launch_shape(1, 64, false).0, 32);
+        assert!(launch_shape(MAX_LEN, MAX_HEAD_DIM, false).0 <= 512); // __launch_bounds__
+    }
+}

@@ -1,0 +1,631 @@
+//! The CUDA backend: our kernels (`kernels/*.cu`, one embedded fatbin) and cuBLAS GEMMs behind
+//! the same `Backend` trait as the CPU twin.
+//!
+//! # For kernel authors: launching a kernel
+//! ```ignore
+//! use crate::backend::cuda::{Arg, Cuda, blocks};
+//! // inside an op of `impl Backend for Cuda` (or a helper taking `&mut Cuda`):
+//! let y = self.alloc_tensor(x.shape())?;                   // from the caching pool
+//! self.launch("gelu_fwd_f32", (blocks(n, 256), 1, 1), (256, 1, 1), 0,
+//!             &[Arg::tensor(x)?, Arg::tensor(&y)?, Arg::U64(n as u64)])?;
+//! ```
+//! - Entry points are `extern "C"` named `<op>_<fwd|bwd>_<dtype>` and looked up by name once
+//!   (cached). An unknown name or a failed launch is an `Error::Device` naming the kernel.
+//! - `Arg` is the kernel's parameter list in order: `Arg::tensor(&t)`, `Arg::view(v)`,
+//!   `Arg::view_mut(v)`, `Arg::ids(&ids)` give device pointers (`T*`), then `I32` (`int`),
+//!   `U32`, `U64` (`size_t`, `uint64_t`), `F32` (`float`). The kernel's C signature must match.
+//! - Everything runs on one stream (`self.stream`), so launches and copies are ordered and no
+//!   event bookkeeping is needed; `download` synchronises.
+//! - Scratch: `self.scratch(elems)` is a pooled `Tensor` returned to the pool when dropped.
+//! - cuBLAS: `self.gemm_strided_batched(..)` is the row-major strided-batched GEMM (e.g.
+//!   attention scores per (item, head)); `self.blas_handle()` for anything else.
+//!
+//! # Design
+//! - Loading: `cudarc` with dynamic loading; `is_culib_present()` is checked before the first
+//!   driver call (cudarc panics when libcuda is missing; we return an error).
+//! - Memory: a caching allocator (`Pool`): size classes (4 per power of two, ≤ 25% slack),
+//!   free lists per class, blocks handed back on `Tensor` drop. After the first training step
+//!   every request is served from the lists: no cuMemAlloc/cuMemFree inside the step loop
+//!   (those synchronise the device). On out-of-memory the cached blocks are released and the
+//!   request retried once; if it still fails the error says how much was asked and is free.
+//! - TF32: off by default, so GEMMs are IEEE f32 and the GPU matches the CPU reference to
+//!   1e-4 over a whole training step (TF32's 10-bit mantissa gives ~1e-3). Turn it on with
+//!   `SEMSHARE_TF32=1` or `Cuda::set_tf32(true)`: the benchmarks do (the issue's step target
+//!   is "f32 storage with TF32 GEMMs").
+//! - Timing: `Cuda::event()` / `elapsed_ms` wrap CUDA events on the one stream.
+
+pub mod attention;
+pub mod gru;
+mod ops;
+
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::sys as cublas_sys;
+use cudarc::driver::sys as cu;
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result};
+
+use crate::tensor::{Ids, Storage, Tensor, View, ViewMut};
+use crate::{Error, Result};
+
+/// The kernels, compiled by build.rs (SASS sm_80 + sm_90, PTX compute_90).
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/semshare_kernels.fatbin"));
+
+/// Rows per block in stage 1 of the deterministic column reductions (kernels/common.cuh).
+pub(crate) const COLSUM_ROWS: usize = 64;
+
+/// Blocks of `threads` covering `n` elements, capped for grid-stride kernels (a few waves on
+/// any current GPU; more blocks only add scheduling).
+pub fn blocks(n: usize, threads: usize) -> u32 {
+    n.div_ceil(threads).clamp(1, 65_535) as u32
+}
+
+fn describe(e: DriverError) -> String {
+    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
+    let text = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{name} ({text})")
+}
+
+pub(crate) fn dev_err(what: impl std::fmt::Display) -> impl FnOnce(DriverError) -> Error {
+    move |e| Error::Device { what: format!("CUDA: {what}: {}", describe(e)) }
+}
+
+fn blas_err(what: impl std::fmt::Display) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Error {
+    move |e| Error::Device { what: format!("cuBLAS: {what}: {:?}", e.0) }
+}
+
+/// Whether this process can use a GPU: libcuda loads and reports at least one device.
+pub fn available() -> bool {
+    // SAFETY: only probes for the shared library; no driver call is made if it is absent.
+    if !unsafe { cu::is_culib_present() } {
+        return false;
+    }
+    CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
+}
+
+// ---- memory --------------------------------------------------------------------------------
+
+/// The caching allocator shared by every buffer of one `Cuda` backend.
+pub struct Pool {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    free: Mutex<HashMap<usize, Vec<u64>>>,
+}
+
+/// Bytes actually reserved for a request: 4 size classes per power of two, 256 B minimum.
+fn size_class(bytes: usize) -> usize {
+    let b = bytes.max(256);
+    let top = usize::BITS - 1 - b.leading_zeros(); // floor(log2 b)
+    let step = 1usize << top.saturating_sub(2);
+    b.div_ceil(step) * step
+}
+
+impl Pool {
+    fn take(self: &Arc<Self>, bytes: usize) -> Result<(u64, usize)> {
+        let class = size_class(bytes);
+        if let Some(p) = self.free.lock().ok().and_then(|mut f| f.get_mut(&class).and_then(|v| v.pop())) {
+            return Ok((p, class));
+        }
+        self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+        // SAFETY: a plain device allocation of `class` bytes in the bound context.
+        match unsafe { result::malloc_sync(class) } {
+            Ok(p) => Ok((p, class)),
+            Err(e) if e.0 == cu::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                self.release_cached()?;
+                // SAFETY: as above.
+                unsafe { result::malloc_sync(class) }.map(|p| (p, class)).map_err(|_| {
+                    let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+                    Error::Device {
+                        what: format!(
+                            "CUDA out of memory: asked for {} ({bytes} bytes), {} free of {}",
+                            mib(class),
+                            mib(free),
+                            mib(total)
+                        ),
+                    }
+                })
+            }
+            Err(e) => Err(dev_err(format!("allocate {bytes} bytes"))(e)),
+        }
+    }
+
+    fn give(&self, ptr: u64, class: usize) {
+        if let Ok(mut f) = self.free.lock() {
+            f.entry(class).or_default().push(ptr);
+        }
+    }
+
+    /// Frees every cached block (after the stream drains, since kernels may still use them).
+    pub fn release_cached(&self) -> Result<()> {
+        self.stream.synchronize().map_err(dev_err("synchronize"))?;
+        self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+        let blocks: Vec<u64> = match self.free.lock() {
+            Ok(mut f) => f.drain().flat_map(|(_, v)| v).collect(),
+            Err(_) => return Ok(()),
+        };
+        for p in blocks {
+            // SAFETY: p came from malloc_sync in this context and is in no live buffer.
+            unsafe { result::free_sync(p) }.map_err(dev_err("free"))?;
+        }
+        Ok(())
+    }
+
+    /// Bytes held in the free lists.
+    pub fn cached_bytes(&self) -> usize {
+        self.free.lock().map(|f| f.iter().map(|(c, v)| c * v.len()).sum()).unwrap_or(0)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Errors cannot be returned from drop; a failing free at teardown leaks, nothing worse.
+        let _ = self.release_cached();
+    }
+}
+
+fn mib(b: usize) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+/// A device buffer from the pool; back to the pool on drop.
+pub struct DevBuf {
+    ptr: u64,
+    class: usize,
+    /// Elements (4 bytes each: f32 or u32) the owner asked for.
+    len: usize,
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevBuf({:#x}, {} elements)", self.ptr, self.len)
+    }
+}
+
+impl DevBuf {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    fn new(pool: &Arc<Pool>, len: usize) -> Result<DevBuf> {
+        let (ptr, class) = pool.take(len * 4)?;
+        Ok(DevBuf { ptr, class, len, pool: pool.clone() })
+    }
+    /// A device copy (ordered on the pool's stream).
+    pub fn try_clone(&self) -> Result<DevBuf> {
+        let c = DevBuf::new(&self.pool, self.len)?;
+        self.pool.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+        // SAFETY: both ranges are live pool blocks of at least len * 4 bytes.
+        unsafe { result::memcpy_dtod_async(c.ptr, self.ptr, self.len * 4, self.pool.stream.cu_stream()) }
+            .map_err(dev_err("copy device to device"))?;
+        Ok(c)
+    }
+    pub fn view(&self, offset: usize, len: usize) -> DevView<'_> {
+        DevView { ptr: self.ptr + 4 * offset as u64, len, _b: std::marker::PhantomData }
+    }
+    pub fn view_mut(&mut self, offset: usize, len: usize) -> DevViewMut<'_> {
+        DevViewMut { ptr: self.ptr + 4 * offset as u64, len, _b: std::marker::PhantomData }
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        // Stream order makes reuse safe: the next kernel using this block runs after every
+        // earlier one that read or wrote it.
+        self.pool.give(self.ptr, self.class);
+    }
+}
+
+/// u32 index data on the device; `bound` (max + 1) is kept on the host so range checks need
+/// no device round trip.
+#[derive(Clone, Debug)]
+pub struct DevIds {
+    buf: Arc<DevBuf>,
+    bound: u32,
+}
+
+impl DevIds {
+    pub fn len(&self) -> usize {
+        self.buf.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.buf.len == 0
+    }
+    pub fn ptr(&self) -> u64 {
+        self.buf.ptr
+    }
+    /// 1 + the largest id (0 when empty).
+    pub fn bound(&self) -> u32 {
+        self.bound
+    }
+}
+
+/// A borrowed device range of f32.
+#[derive(Clone, Copy, Debug)]
+pub struct DevView<'a> {
+    ptr: u64,
+    len: usize,
+    _b: std::marker::PhantomData<&'a ()>,
+}
+
+#[derive(Debug)]
+pub struct DevViewMut<'a> {
+    ptr: u64,
+    len: usize,
+    _b: std::marker::PhantomData<&'a mut ()>,
+}
+
+impl<'a> DevView<'a> {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn sub(self, offset: usize, len: usize) -> DevView<'a> {
+        DevView { ptr: self.ptr + 4 * offset as u64, len, _b: std::marker::PhantomData }
+    }
+}
+
+impl<'a> DevViewMut<'a> {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn reborrow(&mut self) -> DevViewMut<'_> {
+        DevViewMut { ptr: self.ptr, len: self.len, _b: std::marker::PhantomData }
+    }
+    /// Split at `mid` into two disjoint mutable ranges.
+    pub fn split_at(self, mid: usize) -> (DevViewMut<'a>, DevViewMut<'a>) {
+        let mid = mid.min(self.len);
+        (
+            DevViewMut { ptr: self.ptr, len: mid, _b: std::marker::PhantomData },
+            DevViewMut { ptr: self.ptr + 4 * mid as u64, len: self.len - mid, _b: std::marker::PhantomData },
+        )
+    }
+}
+
+// ---- kernel arguments --------------------------------------------------------------------
+
+/// One kernel parameter, in the order of the kernel's C signature.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    /// A device pointer (`T*`).
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+fn device_only(what: &str) -> Error {
+    Error::Device { what: format!("{what} is not on the CUDA device (tensors from another backend?)") }
+}
+
+/// The device address of a CUDA tensor (an error for a tensor of another backend).
+pub fn tensor_ptr(t: &Tensor) -> Result<u64> {
+    match &t.storage {
+        Storage::Cuda(b) => Ok(b.ptr),
+        #[allow(unreachable_patterns)]
+        _ => Err(device_only("a tensor")),
+    }
+}
+
+pub fn view_ptr(v: View) -> Result<u64> {
+    match v {
+        View::Cuda(d) => Ok(d.ptr),
+        #[allow(unreachable_patterns)]
+        _ => Err(device_only("a view")),
+    }
+}
+
+pub fn view_mut_ptr(v: &ViewMut) -> Result<u64> {
+    match v {
+        ViewMut::Cuda(d) => Ok(d.ptr),
+        #[allow(unreachable_patterns)]
+        _ => Err(device_only("a mutable view")),
+    }
+}
+
+impl Arg {
+    pub fn tensor(t: &Tensor) -> Result<Arg> {
+        tensor_ptr(t).map(Arg::Ptr)
+    }
+    pub fn view(v: View) -> Result<Arg> {
+        view_ptr(v).map(Arg::Ptr)
+    }
+    pub fn view_mut(v: &ViewMut) -> Result<Arg> {
+        view_mut_ptr(v).map(Arg::Ptr)
+    }
+    pub fn ids(i: &Ids) -> Result<Arg> {
+        Ok(Arg::Ptr(dev_ids(i)?.ptr()))
+    }
+    /// A non-negative count as a C `int`, or a shape error naming the kernel.
+    pub fn int(kernel: &'static str, n: usize) -> Result<Arg> {
+        i32::try_from(n).map(Arg::I32).map_err(|_| Error::shape(kernel, format!("{n} exceeds a 32-bit int")))
+    }
+}
+
+pub(crate) fn dev_ids(i: &Ids) -> Result<&DevIds> {
+    match &i.storage {
+        crate::tensor::IdStorage::Cuda(d) => Ok(d),
+        #[allow(unreachable_patterns)]
+        _ => Err(device_only("index data")),
+    }
+}
+
+// ---- the backend -----------------------------------------------------------------------------
+
+struct Module(cu::CUmodule);
+
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pool: Arc<Pool>,
+    module: Module,
+    functions: HashMap<&'static str, cu::CUfunction>,
+    blas: cudarc::cublas::CudaBlas,
+    tf32: bool,
+    device_name: String,
+}
+
+impl Drop for Cuda {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: the module was loaded in this context; no launch can follow the drop.
+        let _ = unsafe { result::module::unload(self.module.0) };
+    }
+}
+
+impl Cuda {
+    /// Opens GPU `ordinal`: context, one stream, the kernels, cuBLAS. Every failure (no
+    /// libcuda, no device, a driver too old for the fatbin) is an `Error::Device`.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        // SAFETY: only probes for the shared libraries; cudarc would panic on first use without.
+        if !unsafe { cu::is_culib_present() } {
+            return Err(Error::Device {
+                what: "no CUDA driver: libcuda.so could not be loaded (is an NVIDIA GPU and driver present?)".into(),
+            });
+        }
+        // SAFETY: as above.
+        if !unsafe { cublas_sys::is_culib_present() } {
+            return Err(Error::Device {
+                what: "libcublas.so (CUDA 13) could not be loaded: add it to LD_LIBRARY_PATH".into(),
+            });
+        }
+        let count = CudaContext::device_count().map_err(dev_err("count devices"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Device { what: format!("no CUDA device {ordinal} ({count} present)") });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(dev_err(format!("open device {ordinal}")))?;
+        // SAFETY: one stream orders every launch and copy, and buffers are raw pool blocks that
+        // cudarc never sees, so its per-buffer event tracking has nothing to track.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(dev_err("create stream"))?;
+        let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        // cuModuleLoadData wants an aligned image; include_bytes! guarantees alignment 1.
+        let mut image = vec![0u64; FATBIN.len().div_ceil(8)];
+        // SAFETY: image has at least FATBIN.len() bytes; u64 -> u8 reinterpretation is valid.
+        unsafe { std::ptr::copy_nonoverlapping(FATBIN.as_ptr(), image.as_mut_ptr() as *mut u8, FATBIN.len()) };
+        ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+        // SAFETY: image is a complete fatbin produced by build.rs and outlives the call.
+        let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| {
+            Error::Device {
+                what: format!(
+                    "CUDA: cannot load the kernels on {device_name}: {} (the fatbin has sm_80/sm_90 code and compute_90 PTX; the driver must support CUDA 13.0)",
+                    describe(e)
+                ),
+            }
+        })?;
+        let mut blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(blas_err("create handle"))?;
+        let tf32 = std::env::var("SEMSHARE_TF32").is_ok_and(|v| v == "1");
+        let pool = Arc::new(Pool { ctx: ctx.clone(), stream: stream.clone(), free: Mutex::new(HashMap::new()) });
+        set_math_mode(&mut blas, tf32)?;
+        Ok(Cuda { ctx, stream, pool, module: Module(module), functions: HashMap::new(), blas, tf32, device_name })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// TF32 tensor-core GEMMs (faster, ~1e-3 relative error) or IEEE f32 (the default).
+    pub fn set_tf32(&mut self, on: bool) -> Result<()> {
+        set_math_mode(&mut self.blas, on)?;
+        self.tf32 = on;
+        Ok(())
+    }
+
+    pub fn tf32(&self) -> bool {
+        self.tf32
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn blas_handle(&self) -> cublas_sys::cublasHandle_t {
+        *self.blas.handle()
+    }
+
+    /// Waits for every launch so far.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(dev_err("synchronize"))
+    }
+
+    /// An event recorded now on the stream; `a.elapsed_ms(&b)` after `b.synchronize()`.
+    pub fn event(&self) -> Result<CudaEvent> {
+        // cudarc's default (None) creates events with timing disabled.
+        self.stream.record_event(Some(cu::CUevent_flags::CU_EVENT_DEFAULT)).map_err(dev_err("record event"))
+    }
+
+    fn function(&mut self, name: &'static str) -> Result<cu::CUfunction> {
+        if let Some(&f) = self.functions.get(name) {
+            return Ok(f);
+        }
+        let cname = CString::new(name).map_err(|_| Error::Device { what: format!("bad kernel name {name:?}") })?;
+        // SAFETY: the module is loaded and alive for as long as self.
+        let f = unsafe { result::module::get_function(self.module.0, cname) }
+            .map_err(dev_err(format!("kernel `{name}` is not in the fatbin")))?;
+        self.functions.insert(name, f);
+        Ok(f)
+    }
+
+    /// Makes this backend's context current on the calling thread (raw driver calls need it;
+    /// a `Cuda` may move between threads). Cheap when already current.
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(dev_err("bind context"))
+    }
+
+    /// Launches kernel `name` on the stream. Errors name the kernel and the configuration.
+    pub fn launch(
+        &mut self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        self.bind()?;
+        let f = self.function(name)?;
+        // cuLaunchKernel wants a pointer to each argument's value.
+        let mut values: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| {
+                let mut v = [0u8; 8];
+                match *a {
+                    Arg::Ptr(p) | Arg::U64(p) => v.copy_from_slice(&p.to_ne_bytes()),
+                    Arg::I32(x) => v[..4].copy_from_slice(&x.to_ne_bytes()),
+                    Arg::U32(x) => v[..4].copy_from_slice(&x.to_ne_bytes()),
+                    Arg::F32(x) => v[..4].copy_from_slice(&x.to_ne_bytes()),
+                }
+                v
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr() as *mut c_void).collect();
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(()); // nothing to do (an empty tensor)
+        }
+        // SAFETY: f is a kernel of our module; params point to values that outlive the call and
+        // match the kernel's signature (the `Arg` contract above); every pointer argument is a
+        // live pool block or a view into one, kept alive by the caller's borrows until the
+        // stream runs the kernel (blocks return to the pool only on drop, and reuse is
+        // stream-ordered).
+        unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream.cu_stream(), &mut params) }
+            .map_err(dev_err(format!("launch {name} grid {grid:?} block {block:?} smem {shared_bytes}")))
+    }
+
+    /// A pooled tensor whose contents are unspecified.
+    pub fn alloc_tensor(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Ok(Tensor::from_storage(Storage::Cuda(DevBuf::new(&self.pool, n)?), shape))
+    }
+
+    /// Pooled scratch space of `elems` f32 (returned to the pool on drop).
+    pub fn scratch(&mut self, elems: usize) -> Result<Tensor> {
+        self.alloc_tensor(&[elems])
+    }
+
+    /// Row-major strided-batched GEMM over `batch` independent products:
+    /// `C_i = alpha · op(A_i) · op(B_i) + beta · C_i`, `op(A_i)` `[m, k]`, `op(B_i)` `[k, n]`,
+    /// pointers advancing by `stride_*` elements per batch; `lda/ldb/ldc` are row strides.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_strided_batched(
+        &mut self,
+        (m, n, k): (usize, usize, usize),
+        (trans_a, trans_b): (bool, bool),
+        alpha: f32,
+        (a, lda, stride_a): (u64, usize, usize),
+        (b, ldb, stride_b): (u64, usize, usize),
+        beta: f32,
+        (c, ldc, stride_c): (u64, usize, usize),
+        batch: usize,
+    ) -> Result<()> {
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let int = |v: usize| i32::try_from(v).map_err(|_| Error::shape("gemm", format!("{v} exceeds a 32-bit int")));
+        // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: swap operands, m and n.
+        let op = |t: bool| {
+            if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N }
+        };
+        self.bind()?;
+        // SAFETY: the caller's pointers are live device ranges covering every batch at these
+        // strides and leading dimensions (checked by the ops that call this); alpha/beta are
+        // host scalars read during the call.
+        unsafe {
+            cudarc::cublas::result::sgemm_strided_batched(
+                *self.blas.handle(),
+                op(trans_b),
+                op(trans_a),
+                int(n)?,
+                int(m)?,
+                int(k)?,
+                &alpha,
+                b as *const f32,
+                int(ldb)?,
+                stride_b as i64,
+                a as *const f32,
+                int(lda)?,
+                stride_a as i64,
+                &beta,
+                c as *mut f32,
+                int(ldc)?,
+                stride_c as i64,
+                int(batch)?,
+            )
+        }
+        .map_err(blas_err(format!("sgemm_strided_batched m={m} n={n} k={k} batch={batch}")))
+    }
+}
+
+fn set_math_mode(blas: &mut cudarc::cublas::CudaBlas, tf32: bool) -> Result<()> {
+    let mode = if tf32 {
+        cublas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+    } else {
+        // DEFAULT: IEEE f32 SGEMM (since CUDA 11 TF32 is opt-in); PEDANTIC would also forbid
+        // split-K reductions and cost speed for no accuracy the tests need.
+        cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+    };
+    // SAFETY: a live handle owned by `blas`.
+    unsafe { cublas_sys::cublasSetMathMode(*blas.handle(), mode) }.result().map_err(blas_err("set math mode"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_fit_waste_little_and_are_few() {
+        let mut classes = std::collections::BTreeSet::new();
+        for bytes in (0..1 << 20).step_by(97).chain([1, 255, 256, 257, 1 << 30, (1 << 30) + 1]) {
+            let c = size_class(bytes);
+            assert!(c >= bytes.max(256), "{bytes} -> {c}");
+            assert!(c as f64 <= 1.25 * bytes.max(256) as f64, "{bytes} -> {c}: over 25% slack");
+            assert_eq!(size_class(c), c, "a class is its own class");
+            if bytes < 1 << 20 {
+                classes.insert(c);
+            }
+        }
+        // 4 per power of two between 256 B and 1 MiB: a bounded number of free lists.
+        assert!(classes.len() <= 4 * 13, "{} classes", classes.len());
+    }
+}

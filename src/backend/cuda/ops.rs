@@ -1,0 +1,585 @@
+//! `impl Backend for Cuda`: shape checks (the CPU twin's, word for word in the messages) and
+//! one launch per op. Attention and the GRU step live in `attention.rs` and `gru.rs`.
+
+use super::{Arg, COLSUM_ROWS, Cuda, DevBuf, DevIds, blocks, dev_err, dev_ids, tensor_ptr, view_mut_ptr, view_ptr};
+use crate::backend::{AdamW, Backend, Gemm, GruStep, Segments, expect_cols, expect_len};
+use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
+use crate::{Error, Result};
+use cudarc::driver::result;
+use std::sync::Arc;
+
+const THREADS: u32 = 256;
+
+fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.shape() != b.shape() {
+        return Err(Error::shape(op, format!("{:?} vs {:?}", a.shape(), b.shape())));
+    }
+    Ok(())
+}
+
+fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()> {
+    if x.rows() != seg.tokens() {
+        return Err(Error::shape(op, format!("{} rows for a batch of {} segments", x.rows(), seg.tokens())));
+    }
+    Ok(())
+}
+
+/// The bound is tracked on the host at upload, so this costs no device round trip.
+fn check_ids(op: &'static str, ids: &Ids, bound: usize) -> Result<()> {
+    let b = dev_ids(ids)?.bound() as usize;
+    if b > bound {
+        return Err(Error::shape(op, format!("index {} is out of range (< {bound})", b - 1)));
+    }
+    Ok(())
+}
+
+fn ptr_of(v: &View) -> Result<u64> {
+    view_ptr(*v)
+}
+
+fn ptr_of_mut(v: &ViewMut) -> Result<u64> {
+    view_mut_ptr(v)
+}
+
+impl Cuda {
+    /// A flat elementwise launch: grid-stride over `n`.
+    fn flat(&mut self, name: &'static str, n: usize, args: &[Arg]) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(name, (blocks(n, THREADS as usize).min(4096), 1, 1), (THREADS, 1, 1), 0, args)
+    }
+
+    /// `out[c] += Σ_r x[r, c]` in two deterministic stages; `stage1` fills `[parts, cols]`.
+    fn column_sum(&mut self, stage1: &'static str, rows: usize, cols: usize, pre: &[Arg], outs: &[u64]) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let parts = rows.div_ceil(COLSUM_ROWS);
+        let partial = self.scratch(parts * cols * outs.len())?;
+        let mut args = pre.to_vec();
+        args.extend([Arg::int(stage1, rows)?, Arg::int(stage1, cols)?, Arg::tensor(&partial)?]);
+        self.launch(stage1, (cols.div_ceil(32) as u32, parts as u32, 1), (32, 8, 1), 0, &args)?;
+        let base = tensor_ptr(&partial)?;
+        for (i, &out) in outs.iter().enumerate() {
+            let p = Arg::Ptr(base + 4 * (i * parts * cols) as u64);
+            self.launch(
+                "colsum_finish_f32",
+                (blocks(cols, THREADS as usize), 1, 1),
+                (THREADS, 1, 1),
+                0,
+                &[p, Arg::int("colsum_finish", parts)?, Arg::int("colsum_finish", cols)?, Arg::Ptr(out)],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Block partial sums written to scratch, summed on the host in f64.
+    fn host_sum(&mut self, name: &'static str, n: usize, pre: &[Arg]) -> Result<f64> {
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let nb = blocks(n, THREADS as usize).min(1024) as usize;
+        let partial = self.scratch(nb)?;
+        let mut args = pre.to_vec();
+        args.extend([Arg::U64(n as u64), Arg::tensor(&partial)?]);
+        self.launch(name, (nb as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+        Ok(self.download(partial.view())?.iter().map(|&v| v as f64).sum())
+    }
+
+    fn memset0(&mut self, ptr: u64, elems: usize) -> Result<()> {
+        if elems == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: ptr..ptr + 4·elems is a live pool block or view into one.
+        unsafe { result::memset_d8_async(ptr, 0, elems * 4, self.stream.cu_stream()) }.map_err(dev_err("memset"))
+    }
+}
+
+impl Backend for Cuda {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        expect_len("upload", "data", data.len(), shape.iter().product())?;
+        let t = self.alloc_tensor(shape)?;
+        self.bind()?;
+        if !data.is_empty() {
+            let p = tensor_ptr(&t)?;
+            // SAFETY: the block holds data.len() f32; pageable host memory is staged before
+            // the call returns, so `data` may be dropped afterwards.
+            unsafe { result::memcpy_htod_async(p, data, self.stream.cu_stream()) }
+                .map_err(dev_err(format!("upload {} bytes", data.len() * 4)))?;
+        }
+        Ok(t)
+    }
+
+    fn upload_ids(&mut self, data: &[u32]) -> Result<Ids> {
+        let buf = DevBuf::new(&self.pool, data.len())?;
+        self.bind()?;
+        if !data.is_empty() {
+            // SAFETY: as in upload.
+            unsafe { result::memcpy_htod_async(buf.ptr(), data, self.stream.cu_stream()) }
+                .map_err(dev_err(format!("upload {} bytes of indices", data.len() * 4)))?;
+        }
+        let bound = data.iter().max().map_or(0, |&m| m.saturating_add(1));
+        Ok(Ids { storage: IdStorage::Cuda(DevIds { buf: Arc::new(buf), bound }) })
+    }
+
+    fn zeros(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let t = self.alloc_tensor(shape)?;
+        let p = ptr_of(&t.view())?;
+        self.memset0(p, t.len())?;
+        Ok(t)
+    }
+
+    fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
+        self.alloc_tensor(shape)
+    }
+
+    fn download(&mut self, x: View) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; x.len()];
+        self.bind()?;
+        if !out.is_empty() {
+            let p = ptr_of(&x)?;
+            // SAFETY: x is a live device range of out.len() f32; we synchronise before reading.
+            unsafe { result::memcpy_dtoh_async(&mut out, p, self.stream.cu_stream()) }
+                .map_err(dev_err(format!("download {} bytes", out.len() * 4)))?;
+        }
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    fn fill(&mut self, x: ViewMut, value: f32) -> Result<()> {
+        let n = x.len();
+        if value == 0.0 && value.is_sign_positive() {
+            let p = ptr_of_mut(&x)?;
+            return self.memset0(p, n);
+        }
+        self.flat("fill_fwd_f32", n, &[Arg::view_mut(&x)?, Arg::F32(value), Arg::U64(n as u64)])
+    }
+
+    fn copy(&mut self, src: View, dst: ViewMut) -> Result<()> {
+        expect_len("copy", "destination", dst.len(), src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        let (s, d) = (ptr_of(&src)?, ptr_of_mut(&dst)?);
+        self.bind()?;
+        // SAFETY: both are live device ranges of src.len() f32 (a view and a disjoint mutable view).
+        unsafe { result::memcpy_dtod_async(d, s, src.len() * 4, self.stream.cu_stream()) }
+            .map_err(dev_err("copy device to device"))
+    }
+
+    fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
+        expect_len("gemm", "a", a.len(), g.m * g.k)?;
+        expect_len("gemm", "b", b.len(), g.k * g.n)?;
+        expect_len("gemm", "c", c.len(), g.m * g.n)?;
+        let (pa, pb, pc) = (ptr_of(&a)?, ptr_of(&b)?, ptr_of_mut(&c)?);
+        if g.k == 0 {
+            // Nothing to multiply: the definition is C = beta·C (and exactly 0 for beta = 0,
+            // as cuBLAS would write, even over NaN).
+            return if g.beta == 0.0 { self.fill(c, 0.0) } else { self.scale(c, g.beta) };
+        }
+        let lda = if g.trans_a { g.m } else { g.k };
+        let ldb = if g.trans_b { g.k } else { g.n };
+        self.gemm_strided_batched(
+            (g.m, g.n, g.k),
+            (g.trans_a, g.trans_b),
+            g.alpha,
+            (pa, lda, 0),
+            (pb, ldb, 0),
+            g.beta,
+            (pc, g.n, 0),
+            1,
+        )
+    }
+
+    fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()> {
+        expect_cols("add_bias", y)?;
+        expect_len("add_bias", "bias", bias.len(), y.cols())?;
+        let n = y.len();
+        let args = [Arg::tensor(y)?, Arg::view(bias)?, Arg::U64(n as u64), Arg::int("add_bias", y.cols())?];
+        self.flat("add_bias_fwd_f32", n, &args)
+    }
+
+    fn bias_bwd(&mut self, dy: &Tensor, dbias: ViewMut) -> Result<()> {
+        expect_cols("bias_bwd", dy)?;
+        expect_len("bias_bwd", "dbias", dbias.len(), dy.cols())?;
+        let out = ptr_of_mut(&dbias)?;
+        self.column_sum("bias_bwd_f32", dy.rows(), dy.cols(), &[Arg::tensor(dy)?], &[out])
+    }
+
+    fn add_assign(&mut self, y: &mut Tensor, x: &Tensor) -> Result<()> {
+        same_shape("add_assign", y, x)?;
+        let n = y.len();
+        self.flat("add_assign_fwd_f32", n, &[Arg::tensor(y)?, Arg::tensor(x)?, Arg::U64(n as u64)])
+    }
+
+    fn scale(&mut self, x: ViewMut, s: f32) -> Result<()> {
+        let n = x.len();
+        self.flat("scale_fwd_f32", n, &[Arg::view_mut(&x)?, Arg::F32(s), Arg::U64(n as u64)])
+    }
+
+    fn sum_squares(&mut self, x: View) -> Result<f64> {
+        let n = x.len();
+        self.host_sum("sum_squares_fwd_f32", n, &[Arg::view(x)?])
+    }
+
+    fn gelu_fwd(&mut self, x: &Tensor) -> Result<Tensor> {
+        let y = self.alloc_tensor(x.shape())?;
+        let n = x.len();
+        self.flat("gelu_fwd_f32", n, &[Arg::tensor(x)?, Arg::tensor(&y)?, Arg::U64(n as u64)])?;
+        Ok(y)
+    }
+
+    fn gelu_bwd(&mut self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        same_shape("gelu_bwd", x, dy)?;
+        let dx = self.alloc_tensor(x.shape())?;
+        let n = x.len();
+        self.flat("gelu_bwd_f32", n, &[Arg::tensor(x)?, Arg::tensor(dy)?, Arg::tensor(&dx)?, Arg::U64(n as u64)])?;
+        Ok(dx)
+    }
+
+    fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
+        }
+        if p <= 0.0 {
+            return Ok(());
+        }
+        let n = x.len();
+        let scale = 1.0 / (1.0 - p); // the CPU's f32 expression, so kept values match bit for bit
+        let args = [Arg::tensor(x)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), Arg::U64(n as u64)];
+        self.flat("dropout_fwd_f32", n, &args)
+    }
+
+    fn dropout_bwd(&mut self, dy: &mut Tensor, p: f32, seed: u64) -> Result<()> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
+        }
+        if p <= 0.0 {
+            return Ok(());
+        }
+        let n = dy.len();
+        let scale = 1.0 / (1.0 - p);
+        let args = [Arg::tensor(dy)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), Arg::U64(n as u64)];
+        self.flat("dropout_bwd_f32", n, &args)
+    }
+
+    fn sigmoid(&mut self, x: &Tensor) -> Result<Tensor> {
+        let y = self.alloc_tensor(x.shape())?;
+        let n = x.len();
+        self.flat("sigmoid_fwd_f32", n, &[Arg::tensor(x)?, Arg::tensor(&y)?, Arg::U64(n as u64)])?;
+        Ok(y)
+    }
+
+    fn l2_normalize_rows(&mut self, x: &mut Tensor) -> Result<()> {
+        expect_cols("l2_normalize_rows", x)?;
+        let (rows, cols) = (x.rows(), x.cols());
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let args = [Arg::tensor(x)?, Arg::int("l2_normalize_rows", rows)?, Arg::int("l2_normalize_rows", cols)?];
+        self.launch("l2norm_fwd_f32", (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)
+    }
+
+    fn gather_rows(&mut self, table: View, cols: usize, ids: &Ids) -> Result<Tensor> {
+        if cols == 0 || table.len() % cols != 0 {
+            return Err(Error::shape("gather_rows", format!("table of {} values with {cols} columns", table.len())));
+        }
+        check_ids("gather_rows", ids, table.len() / cols)?;
+        let out = self.alloc_tensor(&[ids.len(), cols])?;
+        let n = ids.len() * cols;
+        let args = [
+            Arg::view(table)?,
+            Arg::ids(ids)?,
+            Arg::int("gather_rows", ids.len())?,
+            Arg::int("gather_rows", cols)?,
+            Arg::tensor(&out)?,
+        ];
+        self.flat("gather_rows_fwd_f32", n, &args)?;
+        Ok(out)
+    }
+
+    fn scatter_add_rows(&mut self, dy: &Tensor, ids: &Ids, dtable: ViewMut) -> Result<()> {
+        expect_cols("scatter_add_rows", dy)?;
+        let cols = dy.cols();
+        expect_len("scatter_add_rows", "dy", dy.rows(), ids.len())?;
+        check_ids("scatter_add_rows", ids, dtable.len() / cols.max(1))?;
+        let n = dy.len();
+        let args = [
+            Arg::tensor(dy)?,
+            Arg::ids(ids)?,
+            Arg::int("scatter_add_rows", ids.len())?,
+            Arg::int("scatter_add_rows", cols)?,
+            Arg::view_mut(&dtable)?,
+        ];
+        self.flat("scatter_add_rows_bwd_f32", n, &args)
+    }
+
+    fn set_rows(&mut self, x: &mut Tensor, rows: &Ids, value: View) -> Result<()> {
+        expect_len("set_rows", "value", value.len(), x.cols())?;
+        check_ids("set_rows", rows, x.rows())?;
+        let n = rows.len() * x.cols();
+        let args = [
+            Arg::tensor(x)?,
+            Arg::ids(rows)?,
+            Arg::int("set_rows", rows.len())?,
+            Arg::int("set_rows", x.cols())?,
+            Arg::view(value)?,
+        ];
+        self.flat("set_rows_fwd_f32", n, &args)
+    }
+
+    fn set_rows_bwd(&mut self, dx: &mut Tensor, rows: &Ids, dvalue: ViewMut) -> Result<()> {
+        expect_len("set_rows_bwd", "dvalue", dvalue.len(), dx.cols())?;
+        check_ids("set_rows_bwd", rows, dx.rows())?;
+        let cols = dx.cols();
+        if cols == 0 || rows.is_empty() {
+            return Ok(());
+        }
+        let args = [
+            Arg::tensor(dx)?,
+            Arg::ids(rows)?,
+            Arg::int("set_rows_bwd", rows.len())?,
+            Arg::int("set_rows_bwd", cols)?,
+            Arg::view_mut(&dvalue)?,
+        ];
+        self.launch("set_rows_bwd_f32", (blocks(cols, THREADS as usize), 1, 1), (THREADS, 1, 1), 0, &args)
+    }
+
+    fn segment_mean_fwd(&mut self, x: &Tensor, seg: &Segments) -> Result<Tensor> {
+        expect_cols("segment_mean_fwd", x)?;
+        rows_of("segment_mean_fwd", x, seg)?;
+        let (items, cols) = (seg.items(), x.cols());
+        let y = self.alloc_tensor(&[items, cols])?;
+        if items == 0 || cols == 0 {
+            return Ok(y);
+        }
+        let args = [
+            Arg::tensor(x)?,
+            Arg::ids(&seg.device)?,
+            Arg::int("segment_mean_fwd", items)?,
+            Arg::int("segment_mean_fwd", cols)?,
+            Arg::tensor(&y)?,
+        ];
+        self.launch("segment_mean_fwd_f32", (blocks(cols, 128), items as u32, 1), (128, 1, 1), 0, &args)?;
+        Ok(y)
+    }
+
+    fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {
+        expect_cols("segment_mean_bwd", dy)?;
+        expect_len("segment_mean_bwd", "dy rows", dy.rows(), seg.items())?;
+        let (items, cols) = (seg.items(), dy.cols());
+        let dx = self.alloc_tensor(&[seg.tokens(), cols])?;
+        if items == 0 || cols == 0 {
+            return Ok(dx);
+        }
+        let args = [
+            Arg::tensor(dy)?,
+            Arg::ids(&seg.device)?,
+            Arg::int("segment_mean_bwd", items)?,
+            Arg::int("segment_mean_bwd", cols)?,
+            Arg::tensor(&dx)?,
+        ];
+        self.launch("segment_mean_bwd_f32", (blocks(cols, 128), items as u32, 1), (128, 1, 1), 0, &args)?;
+        Ok(dx)
+    }
+
+    fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
+        expect_cols("layernorm_fwd", x)?;
+        expect_len("layernorm_fwd", "gamma", gamma.len(), x.cols())?;
+        expect_len("layernorm_fwd", "beta", beta.len(), x.cols())?;
+        let (rows, d) = (x.rows(), x.cols());
+        let y = self.alloc_tensor(x.shape())?;
+        let stats = self.alloc_tensor(&[rows, 2])?;
+        if rows == 0 || d == 0 {
+            return Ok((y, stats));
+        }
+        let args = [
+            Arg::tensor(x)?,
+            Arg::view(gamma)?,
+            Arg::view(beta)?,
+            Arg::F32(eps),
+            Arg::int("layernorm_fwd", rows)?,
+            Arg::int("layernorm_fwd", d)?,
+            Arg::tensor(&y)?,
+            Arg::tensor(&stats)?,
+        ];
+        self.launch("layernorm_fwd_f32", (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+        Ok((y, stats))
+    }
+
+    fn layernorm_bwd(
+        &mut self,
+        x: &Tensor,
+        stats: &Tensor,
+        gamma: View,
+        dy: &Tensor,
+        dgamma: ViewMut,
+        dbeta: ViewMut,
+    ) -> Result<Tensor> {
+        same_shape("layernorm_bwd", x, dy)?;
+        expect_cols("layernorm_bwd", x)?;
+        expect_len("layernorm_bwd", "stats", stats.len(), 2 * x.rows())?;
+        expect_len("layernorm_bwd", "gamma", gamma.len(), x.cols())?;
+        expect_len("layernorm_bwd", "dgamma", dgamma.len(), x.cols())?;
+        expect_len("layernorm_bwd", "dbeta", dbeta.len(), x.cols())?;
+        let (rows, d) = (x.rows(), x.cols());
+        let dx = self.alloc_tensor(x.shape())?;
+        if rows == 0 || d == 0 {
+            return Ok(dx);
+        }
+        let args = [
+            Arg::tensor(x)?,
+            Arg::tensor(stats)?,
+            Arg::view(gamma)?,
+            Arg::tensor(dy)?,
+            Arg::int("layernorm_bwd", rows)?,
+            Arg::int("layernorm_bwd", d)?,
+            Arg::tensor(&dx)?,
+        ];
+        self.launch("layernorm_bwd_f32", (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+        let outs = [ptr_of_mut(&dgamma)?, ptr_of_mut(&dbeta)?];
+        let pre = [Arg::tensor(x)?, Arg::tensor(stats)?, Arg::tensor(dy)?];
+        self.column_sum("layernorm_params_bwd_f32", rows, d, &pre, &outs)?;
+        Ok(dx)
+    }
+
+    fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
+        rows_of("attention_fwd", qkv, seg)?;
+        if heads == 0 || qkv.cols() == 0 || qkv.cols() % (3 * heads) != 0 {
+            return Err(Error::shape("attention_fwd", format!("{} qkv columns for {heads} heads", qkv.cols())));
+        }
+        super::attention::forward(self, qkv, seg, heads)
+    }
+
+    fn attention_bwd(
+        &mut self,
+        qkv: &Tensor,
+        probs: &Tensor,
+        seg: &Segments,
+        heads: usize,
+        dout: &Tensor,
+    ) -> Result<Tensor> {
+        rows_of("attention_bwd", qkv, seg)?;
+        rows_of("attention_bwd", dout, seg)?;
+        expect_len("attention_bwd", "dout columns", dout.cols() * 3, qkv.cols())?;
+        let poff = crate::backend::cpu::attention::prob_offsets(&seg.offsets, heads);
+        expect_len("attention_bwd", "probs", probs.len(), poff[poff.len() - 1])?;
+        super::attention::backward(self, qkv, probs, seg, heads, dout)
+    }
+
+    fn gru_step_fwd(
+        &mut self,
+        step: GruStep,
+        seg: &Segments,
+        xproj: &Tensor,
+        hproj: &Tensor,
+        h: &mut Tensor,
+        out: &mut Tensor,
+        gates: &mut Tensor,
+    ) -> Result<()> {
+        let (b, hd) = (seg.items(), step.hidden);
+        rows_of("gru_step_fwd", xproj, seg)?;
+        rows_of("gru_step_fwd", out, seg)?;
+        expect_len("gru_step_fwd", "xproj columns", xproj.cols(), 3 * hd)?;
+        expect_len("gru_step_fwd", "hproj", hproj.len(), b * 3 * hd)?;
+        expect_len("gru_step_fwd", "h", h.len(), b * hd)?;
+        expect_len("gru_step_fwd", "gates", gates.len(), b * 4 * hd)?;
+        if step.out_col + hd > out.cols() {
+            return Err(Error::shape("gru_step_fwd", "output columns too narrow"));
+        }
+        super::gru::step_fwd(self, step, seg, xproj, hproj, h, out, gates)
+    }
+
+    fn gru_step_bwd(
+        &mut self,
+        step: GruStep,
+        seg: &Segments,
+        gates: &Tensor,
+        h_prev: &Tensor,
+        dout: &Tensor,
+        dh: &mut Tensor,
+        dxproj: &mut Tensor,
+        dhproj: &mut Tensor,
+    ) -> Result<()> {
+        let (b, hd) = (seg.items(), step.hidden);
+        rows_of("gru_step_bwd", dout, seg)?;
+        rows_of("gru_step_bwd", dxproj, seg)?;
+        expect_len("gru_step_bwd", "gates", gates.len(), b * 4 * hd)?;
+        expect_len("gru_step_bwd", "h_prev", h_prev.len(), b * hd)?;
+        expect_len("gru_step_bwd", "dh", dh.len(), b * hd)?;
+        expect_len("gru_step_bwd", "dhproj", dhproj.len(), b * 3 * hd)?;
+        if step.out_col + hd > dout.cols() {
+            return Err(Error::shape("gru_step_bwd", "output columns too narrow"));
+        }
+        super::gru::step_bwd(self, step, seg, gates, h_prev, dout, dh, dxproj, dhproj)
+    }
+
+    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {
+        expect_cols("bce_with_logits", logits)?;
+        same_shape("bce_with_logits", logits, targets)?;
+        let n = logits.len();
+        let sum = self.host_sum(
+            "bce_with_logits_fwd_f32",
+            n,
+            &[Arg::tensor(logits)?, Arg::tensor(targets)?, Arg::F32(scale)],
+        )?;
+        Ok((sum / n.max(1) as f64) as f32)
+    }
+
+    fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
+        expect_cols("cross_entropy", logits)?;
+        expect_len("cross_entropy", "targets", targets.len(), logits.rows())?;
+        let (rows, classes) = (logits.rows(), logits.cols());
+        check_ids("cross_entropy", targets, classes)?;
+        if rows == 0 {
+            return Ok(0.0);
+        }
+        let row_loss = self.scratch(rows)?;
+        let args = [
+            Arg::tensor(logits)?,
+            Arg::ids(targets)?,
+            Arg::int("cross_entropy", rows)?,
+            Arg::int("cross_entropy", classes)?,
+            Arg::F32(scale),
+            Arg::tensor(&row_loss)?,
+        ];
+        self.launch("cross_entropy_fwd_f32", (rows as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+        let losses = self.download(row_loss.view())?;
+        Ok((losses.iter().map(|&v| v as f64).sum::<f64>() / rows as f64) as f32)
+    }
+
+    fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()> {
+        hp.check()?;
+        let n = params.len();
+        expect_len("adamw", "grads", grads.len(), n)?;
+        expect_len("adamw", "m", m.len(), n)?;
+        expect_len("adamw", "v", v.len(), n)?;
+        // The CPU's host-side constants, computed the same way (f64 then f32).
+        let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
+        let bc2 = 1.0 - (hp.beta2 as f64).powi(hp.step as i32);
+        let step_size = (hp.lr as f64 / bc1) as f32;
+        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+        let decay = 1.0 - hp.lr * hp.weight_decay;
+        let args = [
+            Arg::view_mut(&params)?,
+            Arg::view(grads)?,
+            Arg::view_mut(&m)?,
+            Arg::view_mut(&v)?,
+            Arg::U64(n as u64),
+            Arg::F32(hp.beta1),
+            Arg::F32(hp.beta2),
+            Arg::F32(hp.eps),
+            Arg::F32(step_size),
+            Arg::F32(inv_sqrt_bc2),
+            Arg::F32(decay),
+            Arg::F32(hp.grad_scale),
+        ];
+        self.flat("adamw_fwd_f32", n, &args)
+    }
+}

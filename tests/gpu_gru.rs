@@ -1,0 +1,129 @@
+//! GRU step gates on the GPU (kernels/gru.cu) against the CPU twin
+//! (`semshare::backend::cpu::Cpu`), forward and backward, one timestep at a time, on fresh
+//! random inputs: both directions, the first, a middle and the last step, a step where every
+//! item is idle, ragged lengths (idle items mid-batch), hidden sizes 1, 7, 128 and 512 (the
+//! paper preset), a single item, and an output column offset inside a wider output.
+//! Outputs are poisoned with NaN first: buffers the op writes whole (gates, dhproj) must come
+//! back finite; buffers it writes in part (the output rows and dxproj rows of this step) must
+//! keep NaN exactly where the CPU keeps it. Tolerance: relative norm 1e-5 (the only difference
+//! is expf/tanhf against Rust's exp/tanh and FMA contraction, ~1e-7).
+//!
+//! Without a GPU each test prints one skip line; with SEMSHARE_REQUIRE_GPU=1 it fails.
+
+mod common;
+
+use common::gpu::gpu_or_skip;
+use common::{cpu, rand_range, randv, segments};
+use semshare::backend::{Backend, GruStep, Segments};
+use semshare::tensor::Tensor;
+
+const TOL: f64 = 1e-5;
+
+/// Same NaN positions and relative-norm error ≤ tol over the rest.
+fn compare(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(g, w)| g.is_nan() != w.is_nan()) {
+        panic!("{what}: element {i} is {} on the GPU and {} on the CPU (unwritten or wrong)", got[i], want[i]);
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want).filter(|(g, _)| !g.is_nan()) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    let err = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    common::report(what, err);
+    assert!(err <= TOL, "{what}: relative error {err:.3e} > {TOL:.0e}");
+}
+
+/// The same host data as a tensor on both backends.
+fn pair(c: &mut dyn Backend, g: &mut dyn Backend, data: &[f32], shape: &[usize]) -> (Tensor, Tensor) {
+    (c.upload(data, shape).unwrap(), g.upload(data, shape).unwrap())
+}
+
+/// Saved gates as the forward pass leaves them: r, z in (0, 1), n in (−1, 1), h_n any.
+fn random_gates(seed: u64, items: usize, hidden: usize) -> Vec<f32> {
+    let rz = rand_range(seed, items * 2 * hidden, 0.01, 0.99);
+    let n = randv(seed ^ 1, items * hidden);
+    let hn = randv(seed ^ 2, items * hidden);
+    let mut g = Vec::with_capacity(items * 4 * hidden);
+    for b in 0..items {
+        g.extend_from_slice(&rz[b * 2 * hidden..(b + 1) * 2 * hidden]);
+        g.extend_from_slice(&n[b * hidden..(b + 1) * hidden]);
+        g.extend_from_slice(&hn[b * hidden..(b + 1) * hidden]);
+    }
+    g
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_step(
+    c: &mut dyn Backend,
+    g: &mut dyn Backend,
+    cseg: &Segments,
+    gseg: &Segments,
+    step: GruStep,
+    out_cols: usize,
+    seed: u64,
+    what: &str,
+) {
+    let (items, tokens, hd) = (cseg.items(), cseg.tokens(), step.hidden);
+    let nan = |n: usize| vec![f32::NAN; n];
+
+    // ---- forward
+    let (cx, gx) = pair(c, g, &randv(seed, tokens * 3 * hd), &[tokens, 3 * hd]);
+    let (chp, ghp) = pair(c, g, &randv(seed ^ 0x11, items * 3 * hd), &[items, 3 * hd]);
+    let (mut ch, mut gh) = pair(c, g, &randv(seed ^ 0x22, items * hd), &[items, hd]);
+    let (mut cout, mut gout) = pair(c, g, &nan(tokens * out_cols), &[tokens, out_cols]);
+    let (mut cgates, mut ggates) = pair(c, g, &nan(items * 4 * hd), &[items, 4 * hd]);
+    c.gru_step_fwd(step, cseg, &cx, &chp, &mut ch, &mut cout, &mut cgates).unwrap();
+    g.gru_step_fwd(step, gseg, &gx, &ghp, &mut gh, &mut gout, &mut ggates).unwrap();
+    compare(&format!("gru_step_fwd h, {what}"), &g.download(gh.view()).unwrap(), ch.cpu());
+    compare(&format!("gru_step_fwd out, {what}"), &g.download(gout.view()).unwrap(), cout.cpu());
+    compare(&format!("gru_step_fwd gates, {what}"), &g.download(ggates.view()).unwrap(), cgates.cpu());
+
+    // ---- backward
+    let (cg, gg) = pair(c, g, &random_gates(seed ^ 0x33, items, hd), &[items, 4 * hd]);
+    let (chprev, ghprev) = pair(c, g, &randv(seed ^ 0x44, items * hd), &[items, hd]);
+    let (cdo, gdo) = pair(c, g, &randv(seed ^ 0x55, tokens * out_cols), &[tokens, out_cols]);
+    let (mut cdh, mut gdh) = pair(c, g, &randv(seed ^ 0x66, items * hd), &[items, hd]);
+    let (mut cdx, mut gdx) = pair(c, g, &nan(tokens * 3 * hd), &[tokens, 3 * hd]);
+    let (mut cdhp, mut gdhp) = pair(c, g, &nan(items * 3 * hd), &[items, 3 * hd]);
+    c.gru_step_bwd(step, cseg, &cg, &chprev, &cdo, &mut cdh, &mut cdx, &mut cdhp).unwrap();
+    g.gru_step_bwd(step, gseg, &gg, &ghprev, &gdo, &mut gdh, &mut gdx, &mut gdhp).unwrap();
+    compare(&format!("gru_step_bwd dh, {what}"), &g.download(gdh.view()).unwrap(), cdh.cpu());
+    compare(&format!("gru_step_bwd dxproj, {what}"), &g.download(gdx.view()).unwrap(), cdx.cpu());
+    compare(&format!("gru_step_bwd dhproj, {what}"), &g.download(gdhp.view()).unwrap(), cdhp.cpu());
+}
+
+fn check(g: &mut dyn Backend, lengths: &[usize], hidden: usize, extra_cols: usize, seed: u64) {
+    let mut c = cpu();
+    let cseg = segments(&mut c, lengths);
+    let gseg = segments(g, lengths);
+    let max = cseg.max_len;
+    let mut steps = vec![0, 1, max / 2, max.saturating_sub(1), max]; // `max`: every item idle
+    steps.sort_unstable();
+    steps.dedup();
+    for reverse in [false, true] {
+        for &s in &steps {
+            // Bi-GRU layout [h→ ; h←] inside rows `extra_cols` wider than 2H.
+            let step = GruStep { s, reverse, hidden, out_col: if reverse { hidden } else { 0 } };
+            let what = format!("lengths {lengths:?} H {hidden} step {s} reverse {reverse} cols +{extra_cols}");
+            let seed = seed.wrapping_mul(1000).wrapping_add(s as u64 * 2 + reverse as u64);
+            check_step(&mut c, g, &cseg, &gseg, step, 2 * hidden + extra_cols, seed, &what);
+        }
+    }
+}
+
+#[test]
+fn gru_step_matches_cpu() {
+    let Some(mut g) = gpu_or_skip("gpu_gru::gru_step_matches_cpu") else { return };
+    let g = g.as_mut();
+    // Benchmark configuration: 128 texts of up to 32 tokens, H 512.
+    let lengths: Vec<usize> = (0..128).map(|i| 1 + (i * 37 + 11) % 32).collect();
+    check(g, &lengths, 512, 0, 1);
+    // Small preset H 128, ragged with idle items in the middle of the batch.
+    check(g, &[24, 1, 7, 24, 3], 128, 0, 2);
+    // A single item; odd hidden sizes; output rows wider than 2H.
+    check(g, &[5], 7, 3, 3);
+    check(g, &[1], 1, 0, 4);
+    check(g, &[64, 2, 35, 36], 7, 1, 5);
+}

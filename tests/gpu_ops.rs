@@ -1,0 +1,370 @@
+//! Every CUDA op against its CPU twin (dfdx style: one body of `Backend` calls, run on both
+//! devices). Fresh random inputs per shape, odd shapes included; outputs the op allocates start
+//! as NaN (`poison`) and in-place outputs start from random data, so an element a kernel
+//! forgets to write fails the comparison.
+//!
+//! Tolerances (relative L2 norm of the difference): `EXACT` 1e-5 where the GPU does the CPU's
+//! arithmetic in the same order (FMA contraction and expf/sqrtf ulps only); `REDUCE` 1e-4 where
+//! a sum runs in a different order (tree/blocked reductions on the GPU, sequential loops on the
+//! CPU: each reordering costs ~n·eps relative on an element, 1e-5 for n ≈ 100 terms) or with
+//! atomics (scatter-add).
+//! Attention and the GRU step have their own tests (tests/gpu_attention.rs, tests/gpu_gru.rs).
+
+mod common;
+
+use common::gpu::{gpu_or_skip, poison};
+use common::{rand_ids, rand_range, randv, randv_scaled, rel_err};
+use semshare::backend::{AdamW, Backend, Gemm, Segments};
+use semshare::tensor::Ids;
+
+const EXACT: f64 = 1e-5;
+const REDUCE: f64 = 1e-4;
+
+/// (rows, cols): one row, one column, odd, warp-sized, block-sized, larger than a block.
+const SHAPES: [(usize, usize); 7] = [(1, 1), (1, 300), (3, 5), (7, 33), (64, 256), (130, 300), (257, 1024)];
+
+/// Runs `body` on the CPU and the GPU with the same seed; compares every returned vector.
+fn twin(test: &str, tol: f64, body: impl Fn(&mut dyn Backend, u64) -> Vec<(&'static str, Vec<f32>)>) {
+    let Some(mut gpu) = gpu_or_skip(test) else { return };
+    let mut cpu = common::cpu();
+    for seed in 0..2u64 {
+        let want = body(&mut cpu, seed);
+        let got = body(gpu.as_mut(), seed);
+        assert_eq!(want.len(), got.len());
+        for ((name, w), (_, g)) in want.iter().zip(&got) {
+            assert_eq!(w.len(), g.len(), "{test} {name}: length");
+            assert!(g.iter().all(|v| v.is_finite()), "{test} {name} seed {seed}: non-finite output on the GPU");
+            let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+            let e = rel_err(g, &w64);
+            common::report(&format!("{test} {name}"), e);
+            assert!(e <= tol, "{test} {name} seed {seed}: relative error {e:.3e} > {tol:.0e}");
+        }
+    }
+}
+
+fn up(dev: &mut dyn Backend, v: &[f32], shape: &[usize]) -> semshare::tensor::Tensor {
+    dev.upload(v, shape).unwrap()
+}
+
+fn down(dev: &mut dyn Backend, t: &semshare::tensor::Tensor) -> Vec<f32> {
+    dev.download(t.view()).unwrap()
+}
+
+#[test]
+fn upload_download_zeros_fill_copy() {
+    twin("memory", 0.0, |dev, seed| {
+        let mut out = vec![];
+        for &(r, c) in &SHAPES {
+            let x = up(dev, &randv(seed ^ (r * c) as u64, r * c), &[r, c]);
+            poison(dev, &[r * c]);
+            let z = dev.zeros(&[r, c]).unwrap();
+            let mut f = dev.alloc(&[r, c]).unwrap();
+            dev.fill(f.view_mut(), 0.25).unwrap();
+            let mut y = dev.alloc(&[r, c]).unwrap();
+            dev.copy(x.view(), y.view_mut()).unwrap();
+            out.extend([
+                ("x", down(dev, &x)),
+                ("zeros", down(dev, &z)),
+                ("fill", down(dev, &f)),
+                ("copy", down(dev, &y)),
+            ]);
+        }
+        out
+    });
+}
+
+#[test]
+fn gemm_all_transpositions() {
+    // Each output is a k-term dot product in a different order (cuBLAS tiles vs matrixmultiply).
+    twin("gemm", REDUCE, |dev, seed| {
+        let mut out = vec![];
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (33, 17, 65), (128, 96, 256), (130, 300, 257)] {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let a = up(dev, &randv(seed ^ 1, m * k), &[m * k]);
+                let b = up(dev, &randv(seed ^ 2, k * n), &[k * n]);
+                let mut c = up(dev, &randv(seed ^ 3, m * n), &[m, n]);
+                let g = Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha: 0.75, beta: 0.5 };
+                dev.gemm(g, a.view(), b.view(), c.view_mut()).unwrap();
+                out.push(("c = 0.75 op(a) op(b) + 0.5 c", down(dev, &c)));
+            }
+        }
+        out
+    });
+}
+
+#[test]
+fn gemm_with_k_zero_scales_c() {
+    twin("gemm k=0", EXACT, |dev, seed| {
+        let a = up(dev, &[], &[0]);
+        let mut c = up(dev, &randv(seed, 12), &[3, 4]);
+        let g = Gemm { m: 3, n: 4, k: 0, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.5 };
+        dev.gemm(g, a.view(), a.view(), c.view_mut()).unwrap();
+        vec![("c", down(dev, &c))]
+    });
+}
+
+#[test]
+fn bias_residual_scale() {
+    twin("bias/residual/scale", EXACT, |dev, seed| {
+        let mut out = vec![];
+        for &(r, c) in &SHAPES {
+            let s = seed ^ (r * 1000 + c) as u64;
+            let mut y = up(dev, &randv(s, r * c), &[r, c]);
+            let b = up(dev, &randv(s ^ 1, c), &[c]);
+            dev.add_bias(&mut y, b.view()).unwrap();
+            let x = up(dev, &randv(s ^ 2, r * c), &[r, c]);
+            dev.add_assign(&mut y, &x).unwrap();
+            dev.scale(y.view_mut(), -1.5).unwrap();
+            out.push(("y", down(dev, &y)));
+        }
+        out
+    });
+}
+
+#[test]
+fn bias_grad() {
+    // Column sums: 64-row blocks then a sum of block partials on the GPU, one sequential loop
+    // on the CPU.
+    twin("bias_bwd", REDUCE, |dev, seed| {
+        let mut out = vec![];
+        for &(r, c) in &SHAPES {
+            let s = seed ^ (r * 1000 + c) as u64;
+            let dy = up(dev, &randv(s, r * c), &[r, c]);
+            let mut db = up(dev, &randv(s ^ 1, c), &[c]);
+            dev.bias_bwd(&dy, db.view_mut()).unwrap();
+            out.push(("dbias", down(dev, &db)));
+        }
+        out
+    });
+}
+
+#[test]
+fn gelu_sigmoid() {
+    twin("gelu/sigmoid", EXACT, |dev, seed| {
+        let mut out = vec![];
+        for &(r, c) in &SHAPES {
+            let s = seed ^ (r * 1000 + c) as u64;
+            let x = up(dev, &randv_scaled(s, r * c, 6.0), &[r, c]);
+            let dy = up(dev, &randv(s ^ 1, r * c), &[r, c]);
+            poison(dev, &[r * c]);
+            let y = dev.gelu_fwd(&x).unwrap();
+            let dx = dev.gelu_bwd(&x, &dy).unwrap();
+            let sg = dev.sigmoid(&x).unwrap();
+            out.extend([("gelu", down(dev, &y)), ("gelu_bwd", down(dev, &dx)), ("sigmoid", down(dev, &sg))]);
+        }
+        out
+    });
+}
+
+#[test]
+fn dropout_mask_is_bit_identical() {
+    // The mask is an integer hash: the zero pattern must match exactly, not just in norm.
+    let Some(mut gpu) = gpu_or_skip("dropout") else { return };
+    let mut cpu = common::cpu();
+    for &(r, c) in &SHAPES {
+        for (p, seed) in [(0.1f32, 7u64), (0.5, u64::MAX - 3)] {
+            let x = randv(seed ^ (r * c) as u64, r * c);
+            let run = |dev: &mut dyn Backend| {
+                let mut t = dev.upload(&x, &[r, c]).unwrap();
+                dev.dropout_fwd(&mut t, p, seed).unwrap();
+                let fwd = dev.download(t.view()).unwrap();
+                dev.dropout_bwd(&mut t, p, seed).unwrap();
+                (fwd, dev.download(t.view()).unwrap())
+            };
+            let (wf, wb) = run(&mut cpu);
+            let (gf, gb) = run(gpu.as_mut());
+            for (w, g) in [(&wf, &gf), (&wb, &gb)] {
+                let zw: Vec<bool> = w.iter().map(|v| *v == 0.0).collect();
+                let zg: Vec<bool> = g.iter().map(|v| *v == 0.0).collect();
+                assert_eq!(zw, zg, "dropout mask differs at shape {r}x{c} p {p}");
+                assert_eq!(w, g, "kept values are x·(1/(1-p)) on both devices");
+            }
+        }
+    }
+}
+
+#[test]
+fn l2_normalize_rows() {
+    twin("l2_normalize_rows", REDUCE, |dev, seed| {
+        let mut out = vec![];
+        for &(r, c) in &SHAPES {
+            let mut v = randv(seed ^ (r * c) as u64, r * c);
+            v[..c].iter_mut().for_each(|x| *x = 0.0); // a zero row stays zero
+            let mut x = up(dev, &v, &[r, c]);
+            dev.l2_normalize_rows(&mut x).unwrap();
+            out.push(("x / |x|", down(dev, &x)));
+        }
+        out
+    });
+}
+
+#[test]
+fn gather_and_set_rows() {
+    twin("gather/set_rows", EXACT, |dev, seed| {
+        let mut out = vec![];
+        for &(r, c) in &SHAPES {
+            let s = seed ^ (r * 1000 + c) as u64;
+            let table = up(dev, &randv(s, r * c), &[r, c]);
+            let ids = dev.upload_ids(&rand_ids(s ^ 1, 2 * r + 1, r)).unwrap();
+            poison(dev, &[(2 * r + 1) * c]);
+            let g = dev.gather_rows(table.view(), c, &ids).unwrap();
+            let mut x = up(dev, &randv(s ^ 2, r * c), &[r, c]);
+            let value = up(dev, &randv(s ^ 3, c), &[c]);
+            let rows = dev.upload_ids(&rand_ids(s ^ 4, r.div_ceil(3), r)).unwrap();
+            dev.set_rows(&mut x, &rows, value.view()).unwrap();
+            out.extend([("gather", down(dev, &g)), ("set_rows", down(dev, &x))]);
+        }
+        out
+    });
+}
+
+#[test]
+fn scatter_add_and_set_rows_bwd() {
+    // scatter_add: float atomics, repeated ids add in a run-dependent order. set_rows_bwd sums
+    // the masked rows in list order on both devices but the values are then compared after
+    // the scatter's reordering too, so both use the reduction tolerance.
+    twin("scatter_add/set_rows_bwd", REDUCE, |dev, seed| {
+        let mut out = vec![];
+        for &(r, c) in &SHAPES {
+            let s = seed ^ (r * 1000 + c) as u64;
+            let n = 3 * r + 2;
+            let dy = up(dev, &randv(s, n * c), &[n, c]);
+            let ids = dev.upload_ids(&rand_ids(s ^ 1, n, r)).unwrap();
+            let mut dtable = up(dev, &randv(s ^ 2, r * c), &[r, c]);
+            dev.scatter_add_rows(&dy, &ids, dtable.view_mut()).unwrap();
+            let mut dx = up(dev, &randv(s ^ 3, r * c), &[r, c]);
+            let rows = dev.upload_ids(&rand_ids(s ^ 4, r.div_ceil(2), r)).unwrap(); // repeats likely
+            let mut dvalue = up(dev, &randv(s ^ 5, c), &[c]);
+            dev.set_rows_bwd(&mut dx, &rows, dvalue.view_mut()).unwrap();
+            out.extend([("scatter_add", down(dev, &dtable)), ("dx", down(dev, &dx)), ("dvalue", down(dev, &dvalue))]);
+        }
+        out
+    });
+}
+
+#[test]
+fn segment_mean_fwd_bwd() {
+    twin("segment_mean", EXACT, |dev, seed| {
+        let mut out = vec![];
+        for lengths in [vec![1], vec![36, 1, 17], vec![5; 33], (1..=40).collect::<Vec<usize>>()] {
+            for c in [1, 7, 256, 300] {
+                let seg = Segments::from_lengths(dev, &lengths).unwrap();
+                let (t, b) = (seg.tokens(), seg.items());
+                let x = up(dev, &randv(seed ^ (t * c) as u64, t * c), &[t, c]);
+                let dy = up(dev, &randv(seed ^ 9, b * c), &[b, c]);
+                poison(dev, &[b * c, t * c]);
+                let y = dev.segment_mean_fwd(&x, &seg).unwrap();
+                let dx = dev.segment_mean_bwd(&dy, &seg).unwrap();
+                out.extend([("mean", down(dev, &y)), ("dx", down(dev, &dx))]);
+            }
+        }
+        out
+    });
+}
+
+#[test]
+fn layernorm_fwd_bwd() {
+    // Row statistics: a warp's butterfly sum on the GPU, eight-lane blocked sums on the CPU;
+    // dgamma/dbeta: blocked column sums vs one sequential loop.
+    twin("layernorm", REDUCE, |dev, seed| {
+        let mut out = vec![];
+        for &(r, c) in &SHAPES {
+            let s = seed ^ (r * 1000 + c) as u64;
+            let mut xv = randv_scaled(s, r * c, 3.0);
+            xv.iter_mut().for_each(|v| *v += 2.0); // a non-zero mean
+            let x = up(dev, &xv, &[r, c]);
+            let gamma = up(dev, &rand_range(s ^ 1, c, 0.5, 1.5), &[c]);
+            let beta = up(dev, &randv(s ^ 2, c), &[c]);
+            let dy = up(dev, &randv(s ^ 3, r * c), &[r, c]);
+            poison(dev, &[r * c, 2 * r]);
+            let (y, stats) = dev.layernorm_fwd(&x, gamma.view(), beta.view(), 1e-5).unwrap();
+            let mut dgamma = up(dev, &randv(s ^ 4, c), &[c]);
+            let mut dbeta = up(dev, &randv(s ^ 5, c), &[c]);
+            poison(dev, &[r * c]);
+            let dx = dev.layernorm_bwd(&x, &stats, gamma.view(), &dy, dgamma.view_mut(), dbeta.view_mut()).unwrap();
+            out.extend([
+                ("y", down(dev, &y)),
+                ("stats", down(dev, &stats)),
+                ("dx", down(dev, &dx)),
+                ("dgamma", down(dev, &dgamma)),
+                ("dbeta", down(dev, &dbeta)),
+            ]);
+        }
+        out
+    });
+}
+
+#[test]
+fn fused_losses() {
+    // Loss totals are reductions (block partials + f64 on the host vs one f64 loop); the
+    // gradients are elementwise except the softmax denominator (a block sum).
+    twin("losses", REDUCE, |dev, seed| {
+        let mut out = vec![];
+        for &(r, c) in &[(1, 1), (3, 24), (128, 24), (61, 1000), (7, 10_000)] {
+            let s = seed ^ (r * 100_000 + c) as u64;
+            let mut logits = up(dev, &randv_scaled(s, r * c, 8.0), &[r, c]);
+            let targets: Vec<f32> = rand_ids(s ^ 1, r * c, 2).iter().map(|&v| v as f32).collect();
+            let targets = up(dev, &targets, &[r, c]);
+            let bce = dev.bce_with_logits(&mut logits, &targets, 0.7).unwrap();
+            let mut ce_logits = up(dev, &randv_scaled(s ^ 2, r * c, 8.0), &[r, c]);
+            let cls: Ids = dev.upload_ids(&rand_ids(s ^ 3, r, c)).unwrap();
+            let ce = dev.cross_entropy(&mut ce_logits, &cls, 1.3).unwrap();
+            out.extend([
+                ("bce loss", vec![bce]),
+                ("bce grad", down(dev, &logits)),
+                ("ce loss", vec![ce]),
+                ("ce grad", down(dev, &ce_logits)),
+            ]);
+        }
+        out
+    });
+}
+
+#[test]
+fn sum_squares_and_adamw() {
+    twin("sum_squares/adamw", REDUCE, |dev, seed| {
+        let mut out = vec![];
+        for n in [1, 255, 4097, 300_001] {
+            let s = seed ^ n as u64;
+            let mut p = up(dev, &randv(s, n), &[n]);
+            let g = up(dev, &randv(s ^ 1, n), &[n]);
+            let mut m = dev.zeros(&[n]).unwrap();
+            let mut v = dev.zeros(&[n]).unwrap();
+            let ss = dev.sum_squares(g.view()).unwrap() as f32;
+            for step in 1..=3 {
+                let hp =
+                    AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 0.5 };
+                dev.adamw(p.view_mut(), g.view(), m.view_mut(), v.view_mut(), hp).unwrap();
+            }
+            out.extend([("sum_squares", vec![ss]), ("p", down(dev, &p)), ("m", down(dev, &m)), ("v", down(dev, &v))]);
+        }
+        out
+    });
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_crash() {
+    let Some(mut gpu) = gpu_or_skip("bad input") else { return };
+    let dev = gpu.as_mut();
+    let table = dev.upload(&randv(1, 12), &[4, 3]).unwrap();
+    let ids = dev.upload_ids(&[0, 4]).unwrap();
+    let err = dev.gather_rows(table.view(), 3, &ids).unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
+    let mut logits = dev.upload(&randv(2, 6), &[2, 3]).unwrap();
+    let cls = dev.upload_ids(&[1, 3]).unwrap();
+    assert!(dev.cross_entropy(&mut logits, &cls, 1.0).is_err());
+    let x = dev.upload(&randv(3, 6), &[2, 3]).unwrap();
+    let y = dev.upload(&randv(4, 6), &[3, 2]).unwrap();
+    assert!(dev.gelu_bwd(&x, &y).is_err());
+}
+
+#[test]
+fn out_of_memory_says_how_much() {
+    let Some(mut gpu) = gpu_or_skip("out of memory") else { return };
+    // 2^40 floats = 4 TiB: more than any GPU has.
+    let err = gpu.alloc(&[1 << 40]).unwrap_err().to_string();
+    assert!(err.contains("out of memory") && err.contains("asked for") && err.contains("free"), "{err}");
+    // The device still works afterwards.
+    let t = gpu.upload(&[1.0, 2.0], &[2]).unwrap();
+    assert_eq!(gpu.download(t.view()).unwrap(), vec![1.0, 2.0]);
+}

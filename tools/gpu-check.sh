@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds the GPU check bundle here (no GPU needed) and leaves it in target/gpu-bundle/:
+# release GPU test binaries (tests/gpu_*.rs), the GPU benchmark, the CLI (demo), the PyTorch
+# baseline and run.sh. The GPU machine has no Rust toolchain: build here, run there with
+#     bash target/gpu-bundle/run.sh          (device tool: carry ["target/gpu-bundle"])
+# The kernels are inside the binaries (embedded fatbin); CUDA libraries come from the driver
+# and /usr/local/cuda/lib64 there. Binaries are stripped so the bundle stays under 64 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BUNDLE=target/gpu-bundle
+
+tools/setup-cuda-toolchain.sh >/dev/null
+
+# Release test binaries of the GPU suite and the GPU bench; the executables' paths come from
+# cargo's JSON messages (their names carry a hash).
+build() {
+  cargo "$@" --features cuda --no-run --message-format=json-render-diagnostics |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"]:
+        print(m["target"]["name"], m["executable"])'
+}
+rm -rf "$BUNDLE"
+mkdir -p "$BUNDLE/tests" "$BUNDLE/benches"
+build test --release --test 'gpu_*' | while read -r name exe; do cp "$exe" "$BUNDLE/tests/$name"; done
+build bench --bench gpu | while read -r name exe; do cp "$exe" "$BUNDLE/benches/$name"; done
+cargo build --release --features cuda --bin semshare
+cp target/release/semshare "$BUNDLE/semshare"
+strip "$BUNDLE"/tests/* "$BUNDLE"/benches/* "$BUNDLE/semshare"
+cp tools/torch_reference.py "$BUNDLE/"
+cp tools/gpu-run.sh "$BUNDLE/run.sh"
+chmod +x "$BUNDLE/run.sh"
+{
+  echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (dirty)')"
+  echo "built $(date -u +%FT%TZ) on $(uname -m)"
+  .cuda-toolchain/cuda/bin/nvcc --version | tail -1
+} >"$BUNDLE/MANIFEST"
+
+ls "$BUNDLE/tests" | grep -q . || { echo "error: no GPU test binaries were built" >&2; exit 1; }
+size=$(du -sb "$BUNDLE" | cut -f1)
+if (( size > 64 * 1024 * 1024 )); then
+  echo "error: $BUNDLE is $((size >> 20)) MiB, over the 64 MiB the device tool carries" >&2
+  exit 1
+fi
+echo "bundle: $ROOT/$BUNDLE ($((size >> 20)) MiB): $(ls "$BUNDLE/tests" | tr '\n' ' ')"
+echo "run on the GPU machine: bash $BUNDLE/run.sh"
