@@ -16,6 +16,7 @@ use crate::data::batches::{image_batch, text_batch};
 use crate::data::loader::Loader;
 use crate::data::shards::{DatasetReader, Layout, SplitReader};
 use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery};
+use crate::experiment::suite::Variant;
 use crate::model::{Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch};
 use crate::nn::Dropout;
 use crate::rng::Rng;
@@ -45,6 +46,18 @@ pub struct TrainConfig {
     pub embedding: String,
     /// Validation NDCG cut-off.
     pub eval_k: usize,
+    /// Stop after this many validations without a better validation NDCG (0: never).
+    pub patience: u64,
+    /// The method or Table 1 variant trained (`ours` is the paper's); its model structure must
+    /// be in the model configuration (`Variant::configure`).
+    pub variant: Variant,
+    /// η: weight of the consistency term of `ours+con` and `imc`.
+    pub eta: f32,
+    /// Margin of `ours+con`'s triplet consistency loss.
+    pub triplet_margin: f32,
+    /// α and β of the DSCMR-style objective `J1 + α·J2 + β·J3`.
+    pub dscmr_alpha: f32,
+    pub dscmr_beta: f32,
 }
 
 impl Default for TrainConfig {
@@ -64,6 +77,12 @@ impl Default for TrainConfig {
             eval_every: 250,
             embedding: "pooled".into(),
             eval_k: 500,
+            patience: 0,
+            variant: Variant::Ours,
+            eta: 1.0,
+            triplet_margin: 0.2,
+            dscmr_alpha: 1e-3,
+            dscmr_beta: 0.1,
         }
     }
 }
@@ -77,6 +96,19 @@ impl TrainConfig {
             return Err(Error::config(format!("train.lr = {} must be positive", self.lr)));
         }
         self.embedding.parse::<EmbeddingKind>()?;
+        if !self.variant.spec().trained {
+            return Err(Error::config(format!("variant `{}` is fitted in closed form, not trained", self.variant)));
+        }
+        for (name, v) in [
+            ("eta", self.eta),
+            ("triplet_margin", self.triplet_margin),
+            ("dscmr_alpha", self.dscmr_alpha),
+            ("dscmr_beta", self.dscmr_beta),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(Error::config(format!("train.{name} = {v} must be finite and ≥ 0")));
+            }
+        }
         Ok(())
     }
 

@@ -44,7 +44,7 @@ fn tiny() -> ModelConfig {
         dropout: 0.0,
         mask_prob: 0.15,
         lambda: 0.5,
-        text_feature_dim: 0,
+        ..ModelConfig::small()
     }
 }
 

@@ -12,6 +12,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::report::Scores;
+use crate::model::ModelConfig;
+pub use crate::model::Trunk;
 use crate::{Error, Result};
 
 /// The methods of the paper's Table 1 (DESIGN.md §1 "Experiments"). Each differs from `ours`
@@ -60,15 +62,6 @@ pub enum Variant {
     /// segment feature); no training (`eval::cca`).
     #[serde(rename = "cca")]
     Cca,
-}
-
-/// The trunk both modalities' segments go through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum Trunk {
-    /// L post-LN encoder blocks with attention (DESIGN.md §1 "Shared model").
-    Transformer,
-    /// L blocks `x = LN(x + FFN(x))` without attention.
-    Fc,
 }
 
 /// The segments an item is made of.
@@ -170,6 +163,31 @@ impl Variant {
             }
             Variant::Cca => VariantSpec { trained: false, context_loss: false, label_loss: false, ..ours },
         }
+    }
+}
+
+impl Variant {
+    /// `base` with the structure this variant defines (trunk, separate models, segments).
+    pub fn configure(self, base: &ModelConfig) -> ModelConfig {
+        let spec = self.spec();
+        ModelConfig {
+            trunk: spec.trunk,
+            separate_models: !spec.shared_model,
+            global_segments: spec.segments == Segments::Global,
+            ..base.clone()
+        }
+    }
+
+    /// Whether `model` has the structure this variant defines.
+    pub fn check_model(self, model: &ModelConfig) -> Result<()> {
+        let want = self.configure(model);
+        if &want != model {
+            return Err(Error::config(format!(
+                "variant `{self}` needs model.trunk = {:?}, model.separate_models = {}, model.global_segments = {}",
+                want.trunk, want.separate_models, want.global_segments
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -40,6 +40,30 @@ pub struct ModelConfig {
     /// With Dt > 0 the text side has no word embedding and no GRU: ψ1 reads the features.
     #[serde(default)]
     pub text_feature_dim: usize,
+    /// What the segments of both modalities go through after their encoders (Table 1's `wo-t`
+    /// and `wo-r` use the FC trunk).
+    #[serde(default)]
+    pub trunk: Trunk,
+    /// Each modality its own trunk and classifier (Table 1's `st` and `imc`); parameter names
+    /// of the text side's copies start with `text_`.
+    #[serde(default)]
+    pub separate_models: bool,
+    /// One global segment per item, the mean of its encoded segments (Table 1's `wo-r`); no
+    /// masking, as a lone segment has nothing to be predicted from.
+    #[serde(default)]
+    pub global_segments: bool,
+}
+
+/// The trunk both modalities' segments go through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Trunk {
+    /// L post-LN encoder blocks with attention (DESIGN.md §1 "Shared model").
+    #[default]
+    #[serde(rename = "transformer")]
+    Transformer,
+    /// L blocks `x = LN(x + FFN(x))`: the transformer block without its attention sublayer.
+    #[serde(rename = "fc")]
+    Fc,
 }
 
 pub const MASK_TOKEN: u32 = 2;
@@ -64,6 +88,9 @@ impl ModelConfig {
             mask_prob: 0.15,
             lambda: 0.01,
             text_feature_dim: 0,
+            trunk: Trunk::Transformer,
+            separate_models: false,
+            global_segments: false,
         }
     }
 
@@ -86,6 +113,9 @@ impl ModelConfig {
             mask_prob: 0.15,
             lambda: 0.01,
             text_feature_dim: 0,
+            trunk: Trunk::Transformer,
+            separate_models: false,
+            global_segments: false,
         }
     }
 

@@ -8,5 +8,5 @@ pub mod shared;
 pub mod text;
 
 pub use batch::{Batch, ImageBatch, MaskPlan, TextBatch};
-pub use config::ModelConfig;
+pub use config::{ModelConfig, Trunk};
 pub use semshare::{EmbeddingKind, LossWeights, ModalityLoss, SemShare};
