@@ -16,7 +16,10 @@ use crate::data::batches::{image_batch, text_batch};
 use crate::data::loader::Loader;
 use crate::data::shards::{DatasetReader, Layout, SplitReader};
 use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery};
-use crate::experiment::suite::Variant;
+use crate::experiment::consistency::{
+    BatchShape, DscmrWeights, PairBatch, dscmr_loss, imc_consistency, triplet_consistency,
+};
+use crate::experiment::suite::{Consistency, Variant};
 use crate::model::{Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch};
 use crate::nn::Dropout;
 use crate::rng::Rng;
@@ -128,12 +131,14 @@ impl TrainConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct StepStats {
     pub step: u64,
-    /// L = L1 + λ·L2 over both modalities.
+    /// L = L1 + λ·L2 over both modalities, plus the variant's cross-modal term.
     pub loss: f32,
     pub image_label: f32,
     pub text_label: f32,
     pub image_context: f32,
     pub text_context: f32,
+    /// The weighted cross-modal term of `ours+con`, `imc` (η·loss) or DSCMR (J); 0 otherwise.
+    pub consistency: f32,
     pub grad_norm: f32,
     pub lr: f32,
 }
@@ -171,6 +176,7 @@ impl Trainer {
         cfg: TrainConfig,
     ) -> Result<Self> {
         cfg.validate()?;
+        cfg.variant.check_model(&net.cfg)?;
         let n = net.store.total;
         let params = dev.upload(values, &[n])?;
         let grads = dev.zeros(&[n])?;
@@ -182,37 +188,39 @@ impl Trainer {
         Ok(Trainer { net, params, grads, m, v, step, cfg, decay_runs })
     }
 
-    /// One iteration of Algorithm 1 on a batch of pairs. On a non-finite loss or gradient
-    /// the parameters are left untouched and an error says which term diverged.
+    /// One iteration of Algorithm 1 on a batch of pairs (text i describes image i). On a
+    /// non-finite loss or gradient the parameters are left untouched and an error says which
+    /// term diverged.
     pub fn step(&mut self, dev: &mut dyn Backend, images: ImageBatch, texts: TextBatch) -> Result<StepStats> {
         let cfg = &self.net.cfg;
+        let weights = self.loss_weights();
         let mut rng = Rng::derive(self.cfg.seed ^ 0x5EED, self.step);
-        let image_plan =
-            images.classes.as_ref().map(|c| MaskPlan::draw(&mut rng, c, cfg.mask_prob)).unwrap_or_default();
-        let text_plan = MaskPlan::draw(&mut rng, &texts.tokens, cfg.mask_prob);
+        // Segments are masked only for a context loss to predict them.
+        let (image_plan, text_plan) = if weights.context != 0.0 && !cfg.global_segments {
+            let image_plan =
+                images.classes.as_ref().map(|c| MaskPlan::draw(&mut rng, c, cfg.mask_prob)).unwrap_or_default();
+            (image_plan, MaskPlan::draw(&mut rng, &texts.tokens, cfg.mask_prob))
+        } else {
+            Default::default()
+        };
         let drop = Dropout { p: cfg.dropout, seed: rng.next_u64() };
-        let weights = LossWeights { label: 1.0, context: cfg.lambda };
+        let pair_labels: Vec<u8> = images.labels.iter().map(|&y| (y > 0.5) as u8).collect();
 
+        let (images, texts) = (Batch::Image(images), Batch::Text(texts));
+        let fi = self.net.forward_loss(dev, &self.params, &images, &image_plan, drop.site(1), weights)?;
+        let ft = self.net.forward_loss(dev, &self.params, &texts, &text_plan, drop.site(2), weights)?;
+        let (image, text) = (fi.loss, ft.loss);
         dev.fill(self.grads.view_mut(), 0.0)?;
-        let image = self.net.loss_backward(
-            dev,
-            &self.params,
-            &mut self.grads,
-            &Batch::Image(images),
-            &image_plan,
-            drop.site(1),
-            weights,
-        )?;
-        let text = self.net.loss_backward(
-            dev,
-            &self.params,
-            &mut self.grads,
-            &Batch::Text(texts),
-            &text_plan,
-            drop.site(2),
-            weights,
-        )?;
-        let loss = image.label + text.label + cfg.lambda * (image.context + text.context);
+        let (consistency, extra) = self.cross_modal(dev, &fi.z, &ft.z, &pair_labels)?;
+        let (dz_images, dz_texts) = match &extra {
+            Some((du, dv)) => (Some(du), Some(dv)),
+            None => (None, None),
+        };
+        self.net.backward_loss(dev, &self.params, &mut self.grads, fi, dz_images)?;
+        self.net.backward_loss(dev, &self.params, &mut self.grads, ft, dz_texts)?;
+
+        let loss =
+            weights.label * (image.label + text.label) + weights.context * (image.context + text.context) + consistency;
         let stats = StepStats {
             step: self.step,
             loss,
@@ -220,6 +228,7 @@ impl Trainer {
             text_label: text.label,
             image_context: image.context,
             text_context: text.context,
+            consistency,
             grad_norm: 0.0,
             lr: self.cfg.lr_at(self.step),
         };
@@ -228,6 +237,7 @@ impl Trainer {
             ("text label loss", text.label),
             ("image context loss", image.context),
             ("text context loss", text.context),
+            ("consistency loss", consistency),
         ] {
             if !v.is_finite() {
                 return Err(Error::NonFinite { what: format!("{name} is {v} at step {}", self.step) });
@@ -260,6 +270,66 @@ impl Trainer {
         }
         self.step += 1;
         Ok(StepStats { grad_norm: norm, ..stats })
+    }
+
+    /// The weights of L1 and L2 (Eq. 6) for the variant: `wo-l` keeps L2 at weight 1 (AdamW
+    /// is invariant to a constant loss scale, so λ alone would change nothing but clipping).
+    pub fn loss_weights(&self) -> LossWeights {
+        let spec = self.cfg.variant.spec();
+        let context = match (spec.context_loss, spec.label_loss) {
+            (false, _) => 0.0,
+            (true, false) => 1.0,
+            (true, true) => self.net.cfg.lambda,
+        };
+        LossWeights { label: if spec.label_loss { 1.0 } else { 0.0 }, context }
+    }
+
+    /// The variant's loss over both modalities' pooled embeddings U and V: its weighted value
+    /// and `(∂/∂U, ∂/∂V)` on the device. DSCMR's label projection P = gᵀ also receives its
+    /// gradient here, in the classifier weight's gradient.
+    fn cross_modal(
+        &mut self,
+        dev: &mut dyn Backend,
+        u: &Tensor,
+        v: &Tensor,
+        labels: &[u8],
+    ) -> Result<(f32, Option<(Tensor, Tensor)>)> {
+        let kind = self.cfg.variant.spec().consistency;
+        if kind == Consistency::None {
+            return Ok((0.0, None));
+        }
+        let (items, dim, c) = (u.rows(), u.cols(), self.net.cfg.labels);
+        let (uh, vh) = (dev.download(u.view())?, dev.download(v.view())?);
+        let batch = PairBatch { images: &uh, texts: &vh, labels, shape: BatchShape { items, dim, labels: c } };
+        let eta = self.cfg.eta as f64;
+        let (loss, d_images, d_texts) = match kind {
+            Consistency::Triplet | Consistency::Imc => {
+                let l = if kind == Consistency::Triplet {
+                    triplet_consistency(&batch, self.cfg.triplet_margin as f64)?
+                } else {
+                    imc_consistency(&batch)?
+                };
+                let scale = |d: Vec<f32>| d.into_iter().map(|x| (eta * x as f64) as f32).collect::<Vec<f32>>();
+                (eta * l.loss, scale(l.d_images), scale(l.d_texts))
+            }
+            Consistency::Dscmr => {
+                let weight = self.net.classifier.weight;
+                let w = dev.download(weight.of(&self.params))?;
+                // P = Wᵀ: the classifier weight is stored [C, d].
+                let p: Vec<f32> = (0..dim * c).map(|i| w[(i % c) * dim + i / c]).collect();
+                let weights = DscmrWeights { alpha: self.cfg.dscmr_alpha as f64, beta: self.cfg.dscmr_beta as f64 };
+                let l = dscmr_loss(&batch, &p, weights)?;
+                let dw: Vec<f32> = (0..c * dim).map(|i| l.d_projection[(i % dim) * c + i / dim]).collect();
+                let dw = dev.upload(&dw, &[c, dim])?;
+                let rows = dev.upload_ids(&(0..c as u32).collect::<Vec<_>>())?;
+                dev.scatter_add_rows(&dw, &rows, weight.of_mut(&mut self.grads))?;
+                (l.pair.loss, l.pair.d_images, l.pair.d_texts)
+            }
+            Consistency::None => unreachable!("returned above"),
+        };
+        let du = dev.upload(&d_images, &[items, dim])?;
+        let dv = dev.upload(&d_texts, &[items, dim])?;
+        Ok((loss as f32, Some((du, dv))))
     }
 
     pub fn checkpoint(&self, dev: &mut dyn Backend, state: String) -> Result<Checkpoint> {
@@ -353,6 +423,9 @@ pub struct TrainSummary {
 struct RunState {
     best_ndcg: f64,
     best_step: u64,
+    /// Validations since the best one (early stopping).
+    #[serde(default)]
+    stale: u64,
 }
 
 fn validation_ndcg(report: &Report, k: usize) -> f64 {
@@ -383,7 +456,7 @@ pub fn train(
             let state: RunState = serde_json::from_str(&ckpt.state).unwrap_or_default();
             (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, state)
         }
-        None => (Trainer::new(dev, model, cfg.clone())?, RunState { best_ndcg: -1.0, best_step: 0 }),
+        None => (Trainer::new(dev, model, cfg.clone())?, RunState { best_ndcg: -1.0, best_step: 0, stale: 0 }),
     };
     let kind: EmbeddingKind = cfg.embedding.parse()?;
     let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
@@ -415,8 +488,10 @@ pub fn train(
             let report = evaluate_split(dev, &trainer.net, &trainer.params, data, "val", kind, &eval_cfg)?;
             let ndcg = validation_ndcg(&report, cfg.eval_k);
             if ndcg > state.best_ndcg {
-                state = RunState { best_ndcg: ndcg, best_step: done };
+                state = RunState { best_ndcg: ndcg, best_step: done, stale: 0 };
                 trainer.checkpoint(dev, serde_json::to_string(&state).expect("state serialises"))?.save(&best_path)?;
+            } else {
+                state.stale += 1;
             }
             if opts.progress {
                 eprintln!(
@@ -425,6 +500,12 @@ pub fn train(
                 );
             }
             trainer.checkpoint(dev, serde_json::to_string(&state).expect("state serialises"))?.save(&last_path)?;
+            if cfg.patience > 0 && state.stale >= cfg.patience {
+                if opts.progress {
+                    eprintln!("early stop: {} validations without a better NDCG@{}", state.stale, cfg.eval_k);
+                }
+                break;
+            }
         }
     }
     Ok(TrainSummary {

@@ -137,7 +137,7 @@ fn outputs_in_recycled_buffers_are_overwritten_whole() {
     // encoder block, forward and backward, with dropout.
     let mut store = ParamStore::new();
     let lin = Linear::new(&mut store, "lin", 50, 50, true);
-    let block = EncoderBlock::new(&mut store, "block", d, heads, 2 * d);
+    let block = EncoderBlock::new(&mut store, "block", d, Some(heads), 2 * d);
     let w = b.upload(&store.init_values(15), &[store.total]).unwrap();
     let xlin = b.upload(&randv(16, 100 * 50), &[100, 50]).unwrap();
     let xb = randv(17, aseg.tokens() * d);

@@ -268,10 +268,11 @@ fn check_mha(lengths: &[usize], heads: usize, dh: usize, seed: u64) -> R {
 
 // ---- EncoderBlock ---------------------------------------------------------------------------
 
-fn check_block(lengths: &[usize], heads: usize, dh: usize, ffn: usize, drop: Dropout, seed: u64) -> R {
+/// `heads: None` is the FC block (no attention sublayer) of Table 1's `wo-t`.
+fn check_block(lengths: &[usize], heads: Option<usize>, dh: usize, ffn: usize, drop: Dropout, seed: u64) -> R {
     let mut c = common::cpu();
     let seg: Segments = segments(&mut c, lengths);
-    let dim = heads * dh;
+    let dim = heads.unwrap_or(1) * dh;
     let mut store = ParamStore::new();
     let block = EncoderBlock::new(&mut store, "block", dim, heads, ffn);
     let layer = Layer {
@@ -374,7 +375,7 @@ proptest! {
     }
 
     #[test]
-    fn encoder_block_gradients(lengths in lengths_strategy(3, 4), heads in 1usize..3, dh in 4usize..6, ffn in 1usize..8, p in prop_oneof![Just(0.0f32), 0.1f32..0.5], seed: u64) {
+    fn encoder_block_gradients(lengths in lengths_strategy(3, 4), heads in prop_oneof![Just(None), (1usize..3).prop_map(Some)], dh in 4usize..6, ffn in 1usize..8, p in prop_oneof![Just(0.0f32), 0.1f32..0.5], seed: u64) {
         check_block(&lengths, heads, dh, ffn, Dropout { p, seed: seed ^ 0xD0 }, seed)?;
     }
 
@@ -395,9 +396,10 @@ fn layer_gradients_fixed_cases() {
     check_layernorm(1, 4, 2).unwrap();
     check_mha(&[1], 2, 2, 3).unwrap(); // one item with one segment
     check_mha(&[4, 1, 2], 2, 3, 4).unwrap();
-    check_block(&[1], 2, 2, 5, Dropout::OFF, 5).unwrap(); // width 4
-    check_block(&[3, 1, 2], 2, 3, 7, Dropout::OFF, 6).unwrap();
-    check_block(&[3, 1, 2], 2, 3, 7, Dropout { p: 0.3, seed: 77 }, 7).unwrap();
+    check_block(&[1], Some(2), 2, 5, Dropout::OFF, 5).unwrap(); // width 4
+    check_block(&[3, 1, 2], Some(2), 3, 7, Dropout::OFF, 6).unwrap();
+    check_block(&[3, 1, 2], Some(2), 3, 7, Dropout { p: 0.3, seed: 77 }, 7).unwrap();
+    check_block(&[3, 1, 2], None, 4, 7, Dropout { p: 0.3, seed: 78 }, 8).unwrap(); // FC block
     check_bigru(&[1], 2, 3, 8).unwrap();
     check_bigru(&[4, 1, 3], 3, 2, 9).unwrap();
     check_segment_embed(1, 3, 5, 4, 10).unwrap(); // one token
@@ -413,7 +415,7 @@ fn encoder_block_dropout_is_active_and_deterministic() {
     let b: &mut dyn Backend = &mut c;
     let seg = segments(b, &[3, 2]);
     let mut store = ParamStore::new();
-    let block = EncoderBlock::new(&mut store, "block", 4, 2, 6);
+    let block = EncoderBlock::new(&mut store, "block", 4, Some(2), 6);
     let w = b.upload(&params(&store, 1), &[store.total]).unwrap();
     let x = randv(2, 5 * 4);
     let run = |b: &mut dyn Backend, drop: Dropout| {

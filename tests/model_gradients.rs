@@ -353,3 +353,134 @@ fn embeddings_do_not_depend_on_the_rest_of_the_batch() {
         }
     }
 }
+
+// ---- Table 1's structural variants ----------------------------------------------------------
+
+fn setup_with(cfg: ModelConfig, seed: u64) -> Setup {
+    let model = SemShare::new(&cfg).unwrap();
+    let wv = params(&model, seed);
+    Setup { model, wv }
+}
+
+/// `wo-t` and `wo-r`: the FC trunk has no attention parameters, and with global segments every
+/// path (encoder → mean → FC trunk → classifier) still has the gradient of its loss.
+#[test]
+fn fc_trunk_and_global_segments_gradients_match_fd() {
+    use semshare::model::Trunk;
+    let fc = ModelConfig { trunk: Trunk::Fc, ..tiny() };
+    let s = setup_with(fc.clone(), 31);
+    assert!(s.model.store.infos.iter().all(|i| !i.name.contains(".attn.") && !i.name.contains(".norm1.")));
+    let img = image_batch(&fc, &[3, 1, 2], true, 32);
+    s.check_fd("FC trunk, image batch", &img, &plan(&img, &[0, 4]), Dropout::OFF, &s.coords(IMAGE_PARAMS, &[], 33));
+    let txt = text_batch(&fc, &[4, 1, 3], 34);
+    s.check_fd("FC trunk, text batch", &txt, &plan(&txt, &[2]), Dropout::OFF, &s.coords(TEXT_PARAMS, &[], 35));
+
+    let global = ModelConfig { global_segments: true, ..fc };
+    let s = setup_with(global.clone(), 36);
+    let img = image_batch(&global, &[3, 1, 2], false, 37);
+    let none = MaskPlan::default();
+    s.check_fd(
+        "global segments, image batch",
+        &img,
+        &none,
+        Dropout::OFF,
+        &s.coords(&["image.", "shared.", "classifier."], &[], 38),
+    );
+    let txt = text_batch(&global, &[4, 1, 3], 39);
+    s.check_fd(
+        "global segments, text batch",
+        &txt,
+        &none,
+        Dropout::OFF,
+        &s.coords(&["text.", "shared.", "classifier."], &[], 40),
+    );
+    // The trunk sees the mean of the encoded segments: the order of an item's regions is lost.
+    let mut c = common::cpu();
+    let b: &mut dyn Backend = &mut c;
+    let wt = b.upload(&s.wv, &[s.wv.len()]).unwrap();
+    let swapped = match &img {
+        Batch::Image(x) => {
+            let (r, dr) = (0..3, global.region_dim);
+            let mut y = x.clone();
+            for (i, j) in r.clone().zip(r.rev()) {
+                y.features[i * dr..(i + 1) * dr].copy_from_slice(&x.features[j * dr..(j + 1) * dr]);
+                y.boxes[i * 5..(i + 1) * 5].copy_from_slice(&x.boxes[j * 5..(j + 1) * 5]);
+            }
+            Batch::Image(y)
+        }
+        _ => unreachable!(),
+    };
+    let mut embed = |batch: &Batch| {
+        let e = s.model.embed(b, &wt, batch, EmbeddingKind::Pooled).unwrap();
+        b.download(e.view()).unwrap()
+    };
+    let (e1, e2) = (embed(&img), embed(&swapped));
+    assert!(rel_err(&e2, &common::to64(&e1)) < 1e-5, "global segments depend on the regions' order");
+    // A masked global segment has nothing left to predict it from.
+    let mut g = b.zeros(&[s.wv.len()]).unwrap();
+    let with_classes = image_batch(&global, &[2], true, 41);
+    let lw = LossWeights { label: 1.0, context: 1.0 };
+    let err = s.model.loss_backward(b, &wt, &mut g, &with_classes, &plan(&with_classes, &[0]), Dropout::OFF, lw);
+    assert!(err.is_err(), "masking a global segment must be refused");
+}
+
+/// `st` and `imc`: two models that share no parameter; each modality's batch reaches only its own.
+#[test]
+fn separate_models_share_no_parameter() {
+    let cfg = ModelConfig { separate_models: true, ..tiny() };
+    let s = setup_with(cfg.clone(), 42);
+    let shared_names = |prefix: &str| -> Vec<String> {
+        s.model.store.infos.iter().filter(|i| i.name.starts_with(prefix)).map(|i| i.name.clone()).collect()
+    };
+    let (image_trunk, text_trunk) = (shared_names("shared."), shared_names("text_shared."));
+    assert_eq!(image_trunk.len(), text_trunk.len());
+    assert!(s.model.store.find("text_classifier.weight").is_some());
+    let mut c = common::cpu();
+    let b: &mut dyn Backend = &mut c;
+    let txt = text_batch(&cfg, &[3, 2], 43);
+    let (_, g) = s.grad(b, &s.wv, &txt, &plan(&txt, &[1]), Dropout::OFF);
+    assert_zero(&s, &g, &["shared.", "classifier.", "image.", "heads.object."], "text batch, separate models");
+    assert_some_nonzero(&s, &g, "text_shared.layers.0.attn.qkv.weight");
+    assert_some_nonzero(&s, &g, "text_classifier.weight");
+    let img = image_batch(&cfg, &[2, 2], true, 44);
+    let (_, g) = s.grad(b, &s.wv, &img, &plan(&img, &[1]), Dropout::OFF);
+    assert_zero(&s, &g, &["text_shared.", "text_classifier.", "text.", "heads.word."], "image batch, separate models");
+    let coords = s.coords(&["text.", "text_shared.", "text_classifier.", "heads.word."], &[], 45);
+    s.check_fd("separate models, text batch", &txt, &plan(&txt, &[1]), Dropout::OFF, &coords);
+}
+
+/// `backward_loss(extra_dz = r)` is the gradient of `L + Σ r ⊙ z`: how the cross-modal losses
+/// of `ours+con`, `imc` and DSCMR reach the model.
+#[test]
+fn extra_pooled_gradient_matches_fd() {
+    let s = Setup::new(46);
+    let cfg = s.model.cfg.clone();
+    let img = image_batch(&cfg, &[3, 1, 2], true, 47);
+    let pl = plan(&img, &[1]);
+    let r = randv(48, 3 * cfg.dim);
+    let mut c = common::cpu();
+    let b: &mut dyn Backend = &mut c;
+    let mut eval = |w: &[f32], want_grad: bool| -> (f64, Vec<f32>) {
+        let wt = b.upload(w, &[w.len()]).unwrap();
+        let f = s.model.forward_loss(b, &wt, &img, &pl, Dropout::OFF, weights(&cfg)).unwrap();
+        let z = b.download(f.z.view()).unwrap();
+        let loss = f.loss.label as f64
+            + cfg.lambda as f64 * f.loss.context as f64
+            + z.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+        if !want_grad {
+            return (loss, vec![]);
+        }
+        let mut g = b.zeros(&[w.len()]).unwrap();
+        let rt = b.upload(&r, &[3, cfg.dim]).unwrap();
+        s.model.backward_loss(b, &wt, &mut g, f, Some(&rt)).unwrap();
+        (loss, b.download(g.view()).unwrap())
+    };
+    let (_, g) = eval(&s.wv, true);
+    let coords = s.coords(IMAGE_PARAMS, &[], 49);
+    let fd = fd32_at(&mut |w: &[f32]| eval(w, false).0, &s.wv, &coords, STEP);
+    let got: Vec<f32> = coords.iter().map(|&i| g[i]).collect();
+    let diff: Vec<f64> = got.iter().zip(&fd).map(|(a, b)| *a as f64 - b).collect();
+    let e = common::norm(&diff) / common::norm(&fd);
+    common::report("extra dz", e);
+    assert!(e < TOL && common::norm(&fd) > 1e-3, "extra dz: rel err {e:e}");
+}

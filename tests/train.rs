@@ -110,3 +110,118 @@ fn resuming_reproduces_an_uninterrupted_run() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&rest.losses), bits(&whole.losses[5..]));
 }
+
+// ---- Table 1's variants in the trainer ------------------------------------------------------
+
+use semshare::data::batches::{image_batch, text_batch};
+use semshare::experiment::suite::Variant;
+use semshare::train::Trainer;
+
+fn run_variant(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::train::TrainSummary {
+    let opts = RunOptions { out_dir: dir.to_path_buf(), resume: None, progress: false };
+    let model = cfg.variant.configure(&tiny_model(data));
+    train(&mut Cpu::new(), &open(data, dir), &model, cfg, &opts).unwrap()
+}
+
+/// η = 0 turns `ours+con` into `ours` and `imc` into `st`: the consistency path adds nothing
+/// else, so the loss curves are bitwise the same; η > 0 changes them.
+#[test]
+fn eta_zero_variants_equal_their_base_bitwise() {
+    let data = tiny_data(7);
+    let base = TrainConfig { steps: 6, batch_size: 8, eval_every: 3, warmup: 2, seed: 3, ..TrainConfig::default() };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let curve = |variant, eta, name: &str| {
+        bits(&run_variant(&data, &TrainConfig { variant, eta, ..base.clone() }, &tmp(name)).losses)
+    };
+    assert_eq!(curve(Variant::OursCon, 0.0, "con0"), curve(Variant::Ours, 0.0, "ours"));
+    assert_eq!(curve(Variant::Imc, 0.0, "imc0"), curve(Variant::St, 0.0, "st"));
+    assert_ne!(curve(Variant::OursCon, 1.0, "con1"), curve(Variant::Ours, 1.0, "ours1"));
+    assert_ne!(curve(Variant::Imc, 1.0, "imc1"), curve(Variant::St, 1.0, "st1"));
+}
+
+/// One step of each variant from the same start: the gradient reaches exactly the parameters
+/// its definition says.
+#[test]
+fn each_variant_trains_exactly_what_defines_it() {
+    let data = tiny_data(8);
+    let dir = tmp("variants");
+    let reader = open(&data, &dir);
+    let split = reader.split("train").unwrap();
+    let items: Vec<usize> = (0..8).collect();
+    let grads_after_step = |variant: Variant| {
+        let mut dev = Cpu::new();
+        let cfg = TrainConfig { variant, batch_size: 8, ..TrainConfig::default() };
+        let model = variant.configure(&tiny_model(&data));
+        let mut t = Trainer::new(&mut dev, &model, cfg).unwrap();
+        let images = image_batch(&reader.layout, split, &items).unwrap();
+        let texts = text_batch(&reader.layout, split, &items).unwrap();
+        let stats = t.step(&mut dev, images, texts).unwrap();
+        let g = dev_download(&mut dev, &t.grads);
+        let norm_of = |prefix: &str| -> f64 {
+            let infos = t.net.store.infos.iter().filter(|i| i.name.starts_with(prefix));
+            infos.flat_map(|i| &g[i.param.offset..i.param.offset + i.param.len]).map(|&x| (x as f64).powi(2)).sum()
+        };
+        let norms: Vec<(String, f64)> = ["heads.", "classifier.weight", "classifier.bias", "shared.", "text_shared."]
+            .iter()
+            .map(|p| (p.to_string(), norm_of(p)))
+            .collect();
+        (stats, norms)
+    };
+    let norm = |n: &[(String, f64)], p: &str| n.iter().find(|(k, _)| k == p).unwrap().1;
+
+    let (s, n) = grads_after_step(Variant::Ours);
+    assert!(s.text_context > 0.0 && norm(&n, "heads.") > 0.0 && s.consistency == 0.0, "{s:?}");
+    for v in [Variant::WoC, Variant::WoR] {
+        let (s, n) = grads_after_step(v);
+        assert_eq!((s.image_context, s.text_context, norm(&n, "heads.")), (0.0, 0.0, 0.0), "{v}: no context loss");
+        assert!(norm(&n, "classifier.weight") > 0.0, "{v}");
+    }
+    let (s, n) = grads_after_step(Variant::WoL);
+    assert_eq!(norm(&n, "classifier.weight") + norm(&n, "classifier.bias"), 0.0, "wo-l trains no classifier");
+    assert!(norm(&n, "heads.") > 0.0 && (s.loss - (s.image_context + s.text_context)).abs() < 1e-6, "{s:?}");
+    let (s, n) = grads_after_step(Variant::Dscmr);
+    assert!(s.consistency > 0.0 && (s.loss - s.consistency).abs() < 1e-6, "DSCMR's J is the whole loss: {s:?}");
+    assert_eq!(norm(&n, "heads.") + norm(&n, "classifier.bias"), 0.0, "DSCMR: no context loss, P has no bias");
+    assert!(norm(&n, "classifier.weight") > 0.0, "DSCMR's projection P = gᵀ is trained");
+    for v in [Variant::St, Variant::Imc] {
+        let (_, n) = grads_after_step(v);
+        assert!(norm(&n, "shared.") > 0.0 && norm(&n, "text_shared.") > 0.0, "{v}: two trunks, both trained");
+    }
+    let (s, _) = grads_after_step(Variant::OursCon);
+    assert!(s.consistency > 0.0, "{s:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn dev_download(dev: &mut Cpu, t: &semshare::tensor::Tensor) -> Vec<f32> {
+    use semshare::backend::Backend;
+    dev.download(t.view()).unwrap()
+}
+
+#[test]
+fn a_model_without_the_variants_structure_is_refused() {
+    let data = tiny_data(9);
+    let cfg = TrainConfig { variant: Variant::St, ..TrainConfig::default() };
+    let err = Trainer::new(&mut Cpu::new(), &tiny_model(&data), cfg).err().expect("st needs separate models");
+    assert!(err.to_string().contains("separate_models = true"), "{err}");
+    let cca = TrainConfig { variant: Variant::Cca, ..TrainConfig::default() };
+    assert!(Trainer::new(&mut Cpu::new(), &tiny_model(&data), cca).is_err(), "CCA is not trained");
+}
+
+/// With patience p, training stops after p validations without a better validation NDCG.
+#[test]
+fn patience_stops_a_run_that_no_longer_improves() {
+    let data = tiny_data(10);
+    // A learning rate so small that validation NDCG never strictly improves after the first.
+    let cfg = TrainConfig {
+        steps: 40,
+        batch_size: 8,
+        eval_every: 4,
+        warmup: 1,
+        lr: 1e-20,
+        patience: 2,
+        ..TrainConfig::default()
+    };
+    let s = run(&data, &cfg, &tmp("patience"));
+    let s = s.unwrap();
+    assert_eq!((s.best_step, s.steps), (4, 12), "best at the first validation, stop after two more");
+}

@@ -5,6 +5,9 @@
 //!   Eq. 4  L1 = BCE(g(z), y)                          shared classifier g
 //!   Eq. 5  L2 = CE(g_v(h_t), c_t) | CE(g_w(h_t), w_t) over masked segments t
 //!   Eq. 6  L = L1 + λ·L2, summed over the two modalities
+//! Table 1's structural variants are configuration (`ModelConfig`): `separate_models` gives
+//! the text side its own trunk and classifier (`st`, `imc`), `trunk` the FC trunk (`wo-t`),
+//! `global_segments` one segment per item (`wo-r`).
 
 use crate::backend::{Backend, Segments};
 use crate::nn::{Dropout, Linear, ParamStore};
@@ -25,6 +28,8 @@ pub struct SemShare {
     pub shared: SharedEncoder,
     /// g: d → C, shared.
     pub classifier: Linear,
+    /// The text side's own trunk and classifier when the models are separate.
+    pub text_models: Option<(SharedEncoder, Linear)>,
     /// g_v: d → K_obj (masked region → object class).
     pub object_head: Linear,
     /// g_w: d → V (masked token → token).
@@ -77,6 +82,23 @@ struct Encoded {
     seg: Segments,
     side: SideCache,
     shared: SharedCache,
+    /// With global segments: the encoder's segments, averaged into one per item.
+    local: Option<Segments>,
+}
+
+/// One modality's forward pass and losses, held until its backward (so that a loss over both
+/// modalities' pooled embeddings can join in first).
+pub struct Forward {
+    enc: Encoded,
+    /// z: the pooled embedding, `[items, d]`.
+    pub z: Tensor,
+    /// ∂(weight·L1)/∂logits, written in place by the loss.
+    dlogits: Tensor,
+    /// Masked rows, their hidden states and ∂(weight·L2)/∂(context logits); None if no context
+    /// gradient flows.
+    context: Option<(crate::tensor::Ids, Tensor, Tensor)>,
+    text: bool,
+    pub loss: ModalityLoss,
 }
 
 impl SemShare {
@@ -89,7 +111,19 @@ impl SemShare {
         let classifier = Linear::new(&mut store, "classifier", cfg.dim, cfg.labels, true);
         let object_head = Linear::new(&mut store, "heads.object", cfg.dim, cfg.object_classes, true);
         let word_head = Linear::new(&mut store, "heads.word", cfg.dim, cfg.vocab, true);
-        Ok(SemShare { cfg: cfg.clone(), image, text, shared, classifier, object_head, word_head, store })
+        let text_models = cfg.separate_models.then(|| {
+            let trunk = SharedEncoder::new(&mut store, "text_shared", cfg);
+            (trunk, Linear::new(&mut store, "text_classifier", cfg.dim, cfg.labels, true))
+        });
+        Ok(SemShare { cfg: cfg.clone(), image, text, shared, classifier, text_models, object_head, word_head, store })
+    }
+
+    /// The trunk and classifier a modality goes through: the shared ones, or the text side's own.
+    fn models(&self, text: bool) -> (&SharedEncoder, &Linear) {
+        match &self.text_models {
+            Some((trunk, classifier)) if text => (trunk, classifier),
+            _ => (&self.shared, &self.classifier),
+        }
     }
 
     /// Modality-specific encoder, then the shared transformer.
@@ -126,8 +160,15 @@ impl SemShare {
                 (e, SideCache::Text(c))
             }
         };
-        let (hidden, shared) = self.shared.forward(dev, w, e, &seg, drop.site(3))?;
-        Ok(Encoded { hidden, seg, side, shared })
+        let (e, seg, local) = if self.cfg.global_segments {
+            let global = Segments::from_lengths(dev, &vec![1; seg.items()])?;
+            (dev.segment_mean_fwd(&e, &seg)?, global, Some(seg))
+        } else {
+            (e, seg, None)
+        };
+        let trunk = self.models(matches!(batch, Batch::Text(_))).0;
+        let (hidden, shared) = trunk.forward(dev, w, e, &seg, drop.site(3))?;
+        Ok(Encoded { hidden, seg, side, shared, local })
     }
 
     fn encode_backward(
@@ -138,10 +179,15 @@ impl SemShare {
         enc: Encoded,
         dh: Tensor,
     ) -> Result<()> {
-        let de = self.shared.backward(dev, w, g, &enc.seg, enc.shared, dh)?;
+        let trunk = self.models(matches!(enc.side, SideCache::Text(_))).0;
+        let de = trunk.backward(dev, w, g, &enc.seg, enc.shared, dh)?;
+        let (de, seg) = match enc.local {
+            Some(local) => (dev.segment_mean_bwd(&de, &local)?, local),
+            None => (de, enc.seg),
+        };
         match enc.side {
             SideCache::Image(c) => self.image.backward(dev, w, g, c, &de),
-            SideCache::Text(c) => self.text.backward(dev, w, g, &enc.seg, c, &de),
+            SideCache::Text(c) => self.text.backward(dev, w, g, &seg, c, &de),
         }
     }
 
@@ -169,34 +215,72 @@ impl SemShare {
         drop: Dropout,
         weights: LossWeights,
     ) -> Result<ModalityLoss> {
+        let f = self.forward_loss(dev, w, batch, plan, drop, weights)?;
+        let loss = f.loss;
+        self.backward_loss(dev, w, g, f, None)?;
+        Ok(loss)
+    }
+
+    /// One modality's forward pass and its weighted losses L1 (Eq. 4) and L2 (Eq. 5); the
+    /// gradients are applied by [`SemShare::backward_loss`].
+    pub fn forward_loss(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        batch: &Batch,
+        plan: &MaskPlan,
+        drop: Dropout,
+        weights: LossWeights,
+    ) -> Result<Forward> {
+        if self.cfg.global_segments && !plan.rows.is_empty() {
+            return Err(Error::config("global segments cannot be masked: nothing is left to predict them from"));
+        }
         let items = batch.items();
+        let text = matches!(batch, Batch::Text(_));
         let enc = self.encode(dev, w, batch, plan, drop)?;
         // Eq. 4: L1 = BCE(g(z), y), z = mean_t h_t.
         let z = dev.segment_mean_fwd(&enc.hidden, &enc.seg)?;
-        let mut logits = self.classifier.forward(dev, w, &z)?;
+        let mut dlogits = self.models(text).1.forward(dev, w, &z)?;
         let labels = dev.upload(batch.labels(), &[items, self.cfg.labels])?;
-        let label = dev.bce_with_logits(&mut logits, &labels, weights.label)?;
-        let dz = self.classifier.backward(dev, w, g, &z, &logits)?;
-        let mut dh = dev.segment_mean_bwd(&dz, &enc.seg)?;
+        let label = dev.bce_with_logits(&mut dlogits, &labels, weights.label)?;
         // Eq. 5: L2 over the masked segments, by the modality's head.
         let mut loss = ModalityLoss { label, context: 0.0, masked: plan.rows.len() };
+        let mut context = None;
         if !plan.rows.is_empty() {
-            let head = match batch {
-                Batch::Image(_) => &self.object_head,
-                Batch::Text(_) => &self.word_head,
-            };
+            let head = if text { &self.word_head } else { &self.object_head };
             let rows = dev.upload_ids(&plan.rows)?;
             let targets = dev.upload_ids(&plan.targets)?;
             let hm = dev.gather_rows(enc.hidden.view(), self.cfg.dim, &rows)?;
             let mut ctx_logits = head.forward(dev, w, &hm)?;
             loss.context = dev.cross_entropy(&mut ctx_logits, &targets, weights.context)?;
             if weights.context != 0.0 {
-                let dhm = head.backward(dev, w, g, &hm, &ctx_logits)?;
-                dev.scatter_add_rows(&dhm, &rows, dh.view_mut())?;
+                context = Some((rows, hm, ctx_logits));
             }
         }
-        self.encode_backward(dev, w, g, enc, dh)?;
-        Ok(loss)
+        Ok(Forward { enc, z, dlogits, context, text, loss })
+    }
+
+    /// Backward of [`SemShare::forward_loss`] into `g`, with `extra_dz` (the gradient of a
+    /// further loss with respect to the pooled embedding z) added where z's gradient is formed.
+    pub fn backward_loss(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        g: &mut Tensor,
+        f: Forward,
+        extra_dz: Option<&Tensor>,
+    ) -> Result<()> {
+        let mut dz = self.models(f.text).1.backward(dev, w, g, &f.z, &f.dlogits)?;
+        if let Some(extra) = extra_dz {
+            dev.add_assign(&mut dz, extra)?;
+        }
+        let mut dh = dev.segment_mean_bwd(&dz, &f.enc.seg)?;
+        if let Some((rows, hm, ctx_logits)) = f.context {
+            let head = if f.text { &self.word_head } else { &self.object_head };
+            let dhm = head.backward(dev, w, g, &hm, &ctx_logits)?;
+            dev.scatter_add_rows(&dhm, &rows, dh.view_mut())?;
+        }
+        self.encode_backward(dev, w, g, f.enc, dh)
     }
 
     /// Retrieval embeddings of a batch, `[items, d]` (pooled) or `[items, C]` (label).
@@ -205,7 +289,7 @@ impl SemShare {
         match kind {
             EmbeddingKind::Pooled => dev.segment_mean_fwd(&enc.hidden, &enc.seg),
             EmbeddingKind::Label => {
-                let logits = self.classifier.forward(dev, w, &enc.hidden)?;
+                let logits = self.models(matches!(batch, Batch::Text(_))).1.forward(dev, w, &enc.hidden)?;
                 let mut s = dev.sigmoid(&logits)?;
                 dev.l2_normalize_rows(&mut s)?;
                 let mut e = dev.segment_mean_fwd(&s, &enc.seg)?;
@@ -218,6 +302,6 @@ impl SemShare {
     /// Label logits g(z) of a batch, `[items, C]` (evaluation of the classifier itself).
     pub fn classify(&self, dev: &mut dyn Backend, w: &Tensor, batch: &Batch) -> Result<Tensor> {
         let z = self.embed(dev, w, batch, EmbeddingKind::Pooled)?;
-        self.classifier.forward(dev, w, &z)
+        self.models(matches!(batch, Batch::Text(_))).1.forward(dev, w, &z)
     }
 }

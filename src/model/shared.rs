@@ -1,5 +1,6 @@
 //! The shared model: L post-LN transformer blocks used by BOTH modalities with the same
-//! weights, then z = mean of the final hidden states over the item's segments.
+//! weights, then z = mean of the final hidden states over the item's segments. With
+//! `Trunk::Fc` the blocks have no attention (Table 1's `wo-t`).
 
 use crate::Result;
 use crate::backend::{Backend, Segments};
@@ -7,7 +8,7 @@ use crate::nn::block::BlockCache;
 use crate::nn::{Dropout, EncoderBlock, ParamStore};
 use crate::tensor::Tensor;
 
-use super::config::ModelConfig;
+use super::config::{ModelConfig, Trunk};
 
 #[derive(Clone, Debug)]
 pub struct SharedEncoder {
@@ -20,8 +21,9 @@ pub struct SharedCache {
 
 impl SharedEncoder {
     pub fn new(store: &mut ParamStore, name: &str, cfg: &ModelConfig) -> Self {
+        let heads = (cfg.trunk == Trunk::Transformer).then_some(cfg.heads);
         let blocks = (0..cfg.layers)
-            .map(|i| EncoderBlock::new(store, &format!("{name}.layers.{i}"), cfg.dim, cfg.heads, cfg.ffn))
+            .map(|i| EncoderBlock::new(store, &format!("{name}.layers.{i}"), cfg.dim, heads, cfg.ffn))
             .collect();
         SharedEncoder { blocks }
     }

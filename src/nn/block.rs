@@ -1,6 +1,7 @@
 //! One post-LN transformer encoder block:
 //!   x₁ = LN₁(x + Drop(MHA(x)))
 //!   y  = LN₂(x₁ + Drop(W₂ Drop(GELU(W₁ x₁))))
+//! Without its attention sublayer (x₁ = x) it is the FC block of Table 1's `wo-t` and `wo-r`.
 
 use super::Dropout;
 use super::attention::{AttentionCache, MultiHeadAttention};
@@ -13,17 +14,15 @@ use crate::tensor::Tensor;
 
 #[derive(Clone, Debug)]
 pub struct EncoderBlock {
-    pub attn: MultiHeadAttention,
-    pub norm1: LayerNorm,
+    /// The attention sublayer and its norm; `None` in an FC block.
+    pub attention: Option<(MultiHeadAttention, LayerNorm)>,
     pub fc1: Linear,
     pub fc2: Linear,
     pub norm2: LayerNorm,
 }
 
 pub struct BlockCache {
-    x: Tensor,
-    attn: AttentionCache,
-    norm1: LayerNormCache,
+    attention: Option<(Tensor, AttentionCache, LayerNormCache)>,
     x1: Tensor,
     pre_gelu: Tensor,
     hidden: Tensor,
@@ -32,10 +31,13 @@ pub struct BlockCache {
 }
 
 impl EncoderBlock {
-    pub fn new(store: &mut ParamStore, name: &str, dim: usize, heads: usize, ffn: usize) -> Self {
+    /// `heads: None` builds the FC block.
+    pub fn new(store: &mut ParamStore, name: &str, dim: usize, heads: Option<usize>, ffn: usize) -> Self {
         EncoderBlock {
-            attn: MultiHeadAttention::new(store, &format!("{name}.attn"), dim, heads),
-            norm1: LayerNorm::new(store, &format!("{name}.norm1"), dim),
+            attention: heads.map(|heads| {
+                let attn = MultiHeadAttention::new(store, &format!("{name}.attn"), dim, heads);
+                (attn, LayerNorm::new(store, &format!("{name}.norm1"), dim))
+            }),
             fc1: Linear::new(store, &format!("{name}.ffn.fc1"), dim, ffn, true),
             fc2: Linear::new(store, &format!("{name}.ffn.fc2"), ffn, dim, true),
             norm2: LayerNorm::new(store, &format!("{name}.norm2"), dim),
@@ -50,10 +52,16 @@ impl EncoderBlock {
         seg: &Segments,
         drop: Dropout,
     ) -> Result<(Tensor, BlockCache)> {
-        let (mut a, attn) = self.attn.forward(dev, w, &x, seg)?;
-        drop.site(0).forward(dev, &mut a)?;
-        dev.add_assign(&mut a, &x)?;
-        let (x1, norm1) = self.norm1.forward(dev, w, a)?;
+        let (x1, attention) = match &self.attention {
+            Some((attn, norm1)) => {
+                let (mut a, attn_cache) = attn.forward(dev, w, &x, seg)?;
+                drop.site(0).forward(dev, &mut a)?;
+                dev.add_assign(&mut a, &x)?;
+                let (x1, norm1_cache) = norm1.forward(dev, w, a)?;
+                (x1, Some((x, attn_cache, norm1_cache)))
+            }
+            None => (x, None),
+        };
         let pre_gelu = self.fc1.forward(dev, w, &x1)?;
         let mut hidden = dev.gelu_fwd(&pre_gelu)?;
         drop.site(1).forward(dev, &mut hidden)?;
@@ -61,7 +69,7 @@ impl EncoderBlock {
         drop.site(2).forward(dev, &mut f)?;
         dev.add_assign(&mut f, &x1)?;
         let (y, norm2) = self.norm2.forward(dev, w, f)?;
-        Ok((y, BlockCache { x, attn, norm1, x1, pre_gelu, hidden, norm2, drop }))
+        Ok((y, BlockCache { attention, x1, pre_gelu, hidden, norm2, drop }))
     }
 
     pub fn backward(
@@ -81,10 +89,13 @@ impl EncoderBlock {
         let dpre = dev.gelu_bwd(&c.pre_gelu, &dhidden)?;
         let dx1_ffn = self.fc1.backward(dev, w, g, &c.x1, &dpre)?;
         dev.add_assign(&mut dx1, &dx1_ffn)?;
-        let mut dx = self.norm1.backward(dev, w, g, c.norm1, &dx1)?;
+        let (Some((attn, norm1)), Some((x, attn_cache, norm1_cache))) = (&self.attention, c.attention) else {
+            return Ok(dx1);
+        };
+        let mut dx = norm1.backward(dev, w, g, norm1_cache, &dx1)?;
         let mut da = dx.clone();
         c.drop.site(0).backward(dev, &mut da)?;
-        let dx_attn = self.attn.backward(dev, w, g, &c.x, seg, c.attn, &da)?;
+        let dx_attn = attn.backward(dev, w, g, &x, seg, attn_cache, &da)?;
         dev.add_assign(&mut dx, &dx_attn)?;
         Ok(dx)
     }
