@@ -16,8 +16,8 @@ use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::EvalConfig;
 use semshare::eval::cca::CcaConfig;
 use semshare::experiment::run::{
-    ExperimentConfig, bag_of_words, bow_vocabulary, cca_report, fingerprint, mean_region_features, mean_text_features,
-    run_suite, state_path,
+    ExperimentConfig, bag_of_words, bow_vocabulary, cca_grid, cca_report, fingerprint, mean_region_features,
+    mean_text_features, run_suite, select_cca, state_path,
 };
 use semshare::experiment::suite::{RunKey, RunRecord, SuiteKind, SuiteState, Variant};
 use semshare::model::ModelConfig;
@@ -359,8 +359,14 @@ fn cca_retrieves_the_pair_when_the_modalities_are_linearly_related() {
     for (name, d) in [("I2T", &r.i2t), ("T2I", &r.t2i)] {
         assert!(d.recall_at(1).unwrap() > 97.0, "{name} R@1 {:?}", d.recall);
     }
-    // The runner's setting (ridge 0.1) still ranks the pair first almost always.
-    let r = cca_report(&data, "train", "test", semshare::experiment::run::CCA, &eval).unwrap();
+    // Validation picks a setting that still ranks the pair first almost always.
+    let (best, val) = select_cca(&data, "train", "val", &cca_grid(), 500).unwrap();
+    assert!(cca_grid().iter().any(|c| (c.dims, c.reg) == (best.dims, best.reg)) && val > 0.0, "{best:?} {val}");
+    let one = [CcaConfig { dims: 6, reg: 1e-6 }];
+    let (_, ndcg) = select_cca(&data, "train", "test", &one, 500).unwrap();
+    assert_eq!(ndcg, cca_report(&data, "train", "test", one[0], &eval).unwrap().avg.ndcg_at(500).unwrap());
+    assert!(select_cca(&data, "train", "val", &[], 500).is_err());
+    let r = cca_report(&data, "train", "test", CcaConfig { dims: 6, reg: 0.1 }, &eval).unwrap();
     assert!(r.avg.recall_at(1).unwrap() > 80.0, "{:?}", r.avg.recall);
 }
 
