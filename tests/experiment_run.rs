@@ -133,6 +133,23 @@ fn a_restricted_table1_suite_completes_and_writes_the_table() {
 }
 
 #[test]
+fn an_eta_sweep_writes_figure1_and_its_own_table() {
+    let dir = tmp("eta");
+    let data = tiny_data(&dir);
+    let cfg = ExperimentConfig { suite: SuiteKind::Eta, ..config(&data, &dir, &[Variant::OursCon], 1) };
+    let state = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    let etas: Vec<Option<f64>> = state.finished.iter().map(|r| r.key.eta).collect();
+    assert_eq!(etas, [0.0, 0.01, 0.1, 1.0, 10.0].map(Some));
+    assert!(dir.join("runs/eta/ours+con-s0-eta0.01/best.safetensors").is_file());
+    let svg = std::fs::read_to_string(dir.join("results/figure1.svg")).unwrap();
+    assert!(svg.contains("ours+con") && svg.trim_end().ends_with("</svg>"));
+    let md = std::fs::read_to_string(dir.join("results/eta.md")).unwrap();
+    assert!(md.contains("| ours+con (η=0.01) | 1 |"), "{md}");
+    assert!(dir.join("results/eta.json").is_file() && dir.join("results/eta-state.json").is_file());
+    assert!(!dir.join("results/table1.md").exists(), "the sweep leaves Table 1 alone");
+}
+
+#[test]
 fn a_resumed_suite_does_only_the_remaining_runs() {
     let dir = tmp("resume");
     let data = tiny_data(&dir);
