@@ -1,4 +1,4 @@
-//! The `semshare` command line: demo, synth, pack, check, train, eval, embed, score.
+//! The `semshare` command line: demo, synth, pack, check, train, eval, embed, score, experiment.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,8 @@ use semshare::data::pack::pack;
 use semshare::data::shards::{DatasetReader, Layout};
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::{EmbeddingSet, EvalConfig, Report};
+use semshare::experiment::run::{ExperimentConfig, build_suite, default_budget, run_suite, state_path, suite_name};
+use semshare::experiment::suite::{SuiteKind, SuiteState, Variant};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
 use semshare::train::{RunOptions, TrainConfig, embed_split, evaluate_split, train};
 use semshare::{Error, Result};
@@ -45,6 +47,12 @@ COMMANDS:
              --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--device D]
   score    metrics for embeddings produced by any model
              --embeddings FILE [--json]
+  experiment  run a suite of docs/EXPERIMENTS-DESIGN.md (resumes where a killed one stopped)
+             --suite table1|eta --data DIR [--seeds N (default 3)] [--variants a,b,...]
+             [--model small|paper] [--config FILE.json] [--steps N] [--device D]
+             [--out DIR (default docs/results/<dataset>)] [--runs DIR (default runs/experiments/<dataset>)]
+             budget per run unless the config file or --steps say otherwise: batch 32, 600 steps,
+             warm-up 60, lr 5e-4, validation every 100 steps, patience 3
 
   --device auto|cpu|cuda   (default auto: CUDA when built with it and a GPU is present)
   A config file is JSON: {\"model\": {...}, \"train\": {...}}; flags override it.
@@ -122,6 +130,11 @@ fn run(argv: &[String]) -> Result<()> {
         "eval" => eval_cmd(&Args::parse(rest, &["data", "checkpoint", "split", "embedding", "device"], &["json"])?),
         "embed" => embed_cmd(&Args::parse(rest, &["data", "checkpoint", "out", "split", "embedding", "device"], &[])?),
         "score" => score_cmd(&Args::parse(rest, &["embeddings"], &["json"])?),
+        "experiment" => experiment_cmd(&Args::parse(
+            rest,
+            &["suite", "data", "seeds", "variants", "model", "config", "out", "runs", "steps", "device"],
+            &[],
+        )?),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
@@ -134,11 +147,12 @@ fn device(args: &Args) -> Result<Box<dyn Backend>> {
     backend::open(args.get("device").unwrap_or("auto"))
 }
 
-/// Model and training configuration: preset, then the config file, then flags.
-fn configs(args: &Args) -> Result<(ModelConfig, TrainConfig)> {
+/// Model and training configuration: preset (and `base` for training), then the config file,
+/// then flags.
+fn configs(args: &Args, base: TrainConfig) -> Result<(ModelConfig, TrainConfig)> {
     let mut model =
         serde_json::to_value(ModelConfig::preset(args.get("model").unwrap_or("small"))?).expect("serialises");
-    let mut train = serde_json::to_value(TrainConfig::default()).expect("serialises");
+    let mut train = serde_json::to_value(base).expect("serialises");
     if let Some(path) = args.get("config") {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let file: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
@@ -314,7 +328,7 @@ fn synth_flickr_tags(args: &Args) -> Result<()> {
 fn train_cmd(args: &Args) -> Result<()> {
     let mut dev = device(args)?;
     let data = load_data(args)?;
-    let (mut model, cfg) = configs(args)?;
+    let (mut model, cfg) = configs(args, TrainConfig::default())?;
     fit_to_data(&mut model, &data.layout);
     let opts = RunOptions {
         out_dir: args.get("out").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runs/latest")),
@@ -332,6 +346,55 @@ fn train_cmd(args: &Args) -> Result<()> {
         s.best_ndcg,
         s.best_step,
         s.best_checkpoint.display()
+    );
+    Ok(())
+}
+
+fn experiment_cmd(args: &Args) -> Result<()> {
+    let suite: SuiteKind = args.need("suite")?.parse()?;
+    let seeds: u64 = args.num("seeds")?.unwrap_or(3);
+    if seeds == 0 {
+        return Err(Error::config("--seeds must be positive"));
+    }
+    let variants = match args.get("variants") {
+        Some(list) => Some(list.split(',').map(|v| v.trim().parse::<Variant>()).collect::<Result<Vec<_>>>()?),
+        None => None,
+    };
+    let data = load_data(args)?;
+    let (mut model, train) = configs(args, default_budget())?;
+    fit_to_data(&mut model, &data.layout);
+    let dataset = data.meta().name.clone();
+    let cfg = ExperimentConfig {
+        suite,
+        seeds,
+        variants,
+        model,
+        train,
+        out: args.get("out").map_or_else(|| Path::new("docs/results").join(&dataset), PathBuf::from),
+        runs_dir: args.get("runs").map_or_else(|| Path::new("runs/experiments").join(&dataset), PathBuf::from),
+        progress: true,
+    };
+    // A bad --variants or another suite's state file is refused before anything is printed.
+    SuiteState::open(&state_path(&cfg.out, suite), &build_suite(&data, &cfg)?)?;
+    let mut dev = device(args)?;
+    eprintln!(
+        "experiment {} on {dataset} ({} seed(s), {} steps per run) on {}; results in {}",
+        suite_name(suite),
+        seeds,
+        cfg.train.steps,
+        dev.name(),
+        cfg.out.display()
+    );
+    let state = run_suite(dev.as_mut(), &data, &cfg)?;
+    let (done, total) = state.progress();
+    let files = match suite {
+        SuiteKind::Table1 => "table1.md, table1.json",
+        SuiteKind::Eta => "figure1.svg, eta.md, eta.json",
+    };
+    println!(
+        "{done}/{total} runs finished; wrote {files} and {} in {}",
+        state_path(&cfg.out, suite).file_name().and_then(|n| n.to_str()).unwrap_or(""),
+        cfg.out.display()
     );
     Ok(())
 }

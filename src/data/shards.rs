@@ -804,6 +804,10 @@ impl DatasetReader {
     pub fn splits(&self) -> &[SplitReader] {
         &self.splits
     }
+    /// The manifest's shard list of every split (file, counts, size, checksum).
+    pub fn shard_entries(&self) -> &BTreeMap<String, Vec<ShardEntry>> {
+        &self.entries
+    }
 
     /// The full scan of `semshare check`: every shard's checksum and every item's content.
     /// Returns every problem found (at most `limit`), each naming file, tensor and item.

@@ -180,10 +180,16 @@ struct Table1Json<'a> {
 /// Writes `dir/table1.md` and `dir/table1.json`, each atomically (a reader sees the previous
 /// table or the new one).
 pub fn write_table1(dir: &Path, title: &str, rows: &[Summary]) -> Result<()> {
+    write_table(dir, "table1", title, rows)
+}
+
+/// [`write_table1`] under another file stem: `dir/<stem>.md` and `dir/<stem>.json` (the η
+/// sweep's rows go to `eta.md` / `eta.json`, beside Table 1 without clobbering it).
+pub fn write_table(dir: &Path, stem: &str, title: &str, rows: &[Summary]) -> Result<()> {
     let md = table1_markdown(title, rows)?;
     let json = serde_json::to_string_pretty(&Table1Json { title, rows })
         .map_err(|e| Error::data(format!("Table 1 as JSON: {e}")))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    crate::io::atomic_write(&dir.join("table1.md"), md.as_bytes())?;
-    crate::io::atomic_write(&dir.join("table1.json"), json.as_bytes())
+    crate::io::atomic_write(&dir.join(format!("{stem}.md")), md.as_bytes())?;
+    crate::io::atomic_write(&dir.join(format!("{stem}.json")), json.as_bytes())
 }

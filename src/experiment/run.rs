@@ -1,0 +1,472 @@
+//! The experiment runner (docs/EXPERIMENTS-DESIGN.md §3, §4 items 8 and 10): runs a suite's
+//! remaining runs one after the other (train, test-evaluate the best checkpoint, record), rewrites
+//! the reports after each, and fits the CCA baseline in closed form.
+//!
+//! A suite killed at any point resumes from `<out>/<suite>-state.json`: the run in progress is
+//! started again from scratch (its run directory is removed first), finished runs are kept.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::plot::{eta_curves, write_figure1};
+use super::report::{Scores, summaries, write_table, write_table1};
+use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState, Variant};
+use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
+use crate::data::dataset::{MASK, checksum};
+use crate::data::shards::{DatasetReader, SplitReader};
+use crate::eval::cca::{Cca, CcaConfig};
+use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery, normalize_rows};
+use crate::model::{EmbeddingKind, ModelConfig, SemShare};
+use crate::train::{RunOptions, TrainConfig, check_fits, evaluate_split, train};
+use crate::{Error, Result};
+
+/// The NDCG cut-off of Table 1 and Figure 1.
+pub const NDCG_K: usize = 500;
+
+/// Columns of CCA's bag of words at most (the most frequent training words): the text
+/// covariance is `[q, q]` and its Cholesky factor costs q³/3, so 4096 words is ≈ 2·10¹⁰ flops
+/// and 134 MB — a few seconds to a minute on the host — where a 20k vocabulary would not fit.
+pub const MAX_BOW_WORDS: usize = 4096;
+
+/// CCA's candidate settings, chosen per dataset on the validation split (as the trained runs
+/// choose their checkpoint): canonical dimensions {8, 16, 32, 64} × ridge {0.1, 1, 10, 100} of
+/// the mean variance. Few dimensions: the label-driven correlations live in a subspace of at
+/// most C (≤ 38 here) directions, and every further one adds spurious correlation that the
+/// cosine in the whitened canonical space weights as much as the real ones. Large ridge: a bag
+/// of words over thousands of words from a few thousand texts has a rank-deficient covariance,
+/// whose weakly regularised canonical correlations are spuriously near 1 (large ridge moves CCA
+/// towards PLS). On `synth` small (4000 training pairs, V = 2000, C = 24) validation NDCG@100
+/// went from 31.6 at the crate's default (64 dims, 1e-3) to 37.7 at (64, 0.1), 53.0 at (16, 1)
+/// and 54.6 at (16, 10). Each fit takes ≈ 5 s on 2 cores, so the selection ≈ 80 s, once per
+/// dataset and session (every seed reuses it: CCA has no randomness).
+pub fn cca_grid() -> Vec<CcaConfig> {
+    let mut grid = Vec::new();
+    for dims in [8, 16, 32, 64] {
+        for reg in [0.1, 1.0, 10.0, 100.0] {
+            grid.push(CcaConfig { dims, reg });
+        }
+    }
+    grid
+}
+
+/// What `semshare experiment` runs.
+#[derive(Clone, Debug)]
+pub struct ExperimentConfig {
+    pub suite: SuiteKind,
+    /// Seeds 0..seeds.
+    pub seeds: u64,
+    /// Only these variants of the suite (in the suite's order); None: all of them.
+    pub variants: Option<Vec<Variant>>,
+    /// The base model (the `ours` structure; each variant changes it by `Variant::configure`).
+    pub model: ModelConfig,
+    /// The budget of every trained run; variant, seed and η are set per run.
+    pub train: TrainConfig,
+    /// Results: `<suite>-state.json`, `table1.md/json` or `figure1.svg` + `eta.md/json`.
+    pub out: PathBuf,
+    /// Run directories (checkpoints): `<runs_dir>/<suite>/<variant>-s<seed>[-eta<η>]`.
+    pub runs_dir: PathBuf,
+    /// Progress lines to stderr (the suite's and each training run's).
+    pub progress: bool,
+}
+
+/// The per-run budget of docs/EXPERIMENTS-DESIGN.md §5: batch 32, 600 steps, warm-up 60,
+/// lr 5e-4 (cosine), validation every 100 steps, patience 3.
+pub fn default_budget() -> TrainConfig {
+    TrainConfig {
+        batch_size: 32,
+        steps: 600,
+        warmup: 60,
+        lr: 5e-4,
+        eval_every: 100,
+        patience: 3,
+        eval_k: NDCG_K,
+        ..TrainConfig::default()
+    }
+}
+
+/// The suite's name in file names (`table1`, `eta`).
+pub fn suite_name(kind: SuiteKind) -> &'static str {
+    match kind {
+        SuiteKind::Table1 => "table1",
+        SuiteKind::Eta => "eta",
+    }
+}
+
+/// The budget without the fields each run sets (variant, seed, η).
+fn budget_only(train: &TrainConfig) -> TrainConfig {
+    let d = TrainConfig::default();
+    TrainConfig { variant: d.variant, seed: d.seed, eta: d.eta, ..train.clone() }
+}
+
+/// What must not change between a suite and its resumption: the dataset (name and every
+/// shard's checksum from the manifest), the base model configuration and the budget.
+/// `<dataset name>:<fnv1a64x4 of all of it, hex>`.
+pub fn fingerprint(data: &DatasetReader, model: &ModelConfig, train: &TrainConfig) -> Result<String> {
+    let json = |v: serde_json::Result<String>| v.map_err(|e| Error::data(format!("fingerprint: {e}")));
+    let mut text = format!("dataset {}\n", data.meta().name);
+    for (split, entries) in data.shard_entries() {
+        for e in entries {
+            text += &format!("shard {split} {} {}\n", e.file, e.checksum);
+        }
+    }
+    text += &format!("model {}\n", json(serde_json::to_string(model))?);
+    text += &format!("train {}\n", json(serde_json::to_string(&budget_only(train)))?);
+    Ok(format!("{}:{:016x}", data.meta().name, checksum(text.as_bytes())))
+}
+
+/// The suite `cfg` describes on `data` (restricted to `cfg.variants`).
+pub fn build_suite(data: &DatasetReader, cfg: &ExperimentConfig) -> Result<Suite> {
+    let fp = fingerprint(data, &cfg.model, &cfg.train)?;
+    let mut suite = match cfg.suite {
+        SuiteKind::Table1 => Suite::table1(cfg.seeds, fp)?,
+        SuiteKind::Eta => Suite::eta_sweep(cfg.seeds, fp)?,
+    };
+    if let Some(only) = &cfg.variants {
+        if let Some(v) = only.iter().find(|v| !suite.variants.contains(v)) {
+            let names: Vec<&str> = suite.variants.iter().map(|v| v.name()).collect();
+            return Err(Error::config(format!(
+                "the {} suite has no variant `{v}` (it runs {})",
+                suite_name(cfg.suite),
+                names.join(", ")
+            )));
+        }
+        suite.variants.retain(|v| only.contains(v));
+        suite.validate()?;
+    }
+    Ok(suite)
+}
+
+/// Where run `key` of a suite trains.
+pub fn run_dir(runs_dir: &Path, kind: SuiteKind, key: &RunKey) -> PathBuf {
+    let mut name = format!("{}-s{}", key.variant, key.seed);
+    if let Some(eta) = key.eta {
+        name += &format!("-eta{eta}");
+    }
+    runs_dir.join(suite_name(kind)).join(name)
+}
+
+/// `<out>/<suite>-state.json`.
+pub fn state_path(out: &Path, kind: SuiteKind) -> PathBuf {
+    out.join(format!("{}-state.json", suite_name(kind)))
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    if s >= 3600 { format!("{}h{:02}m", s / 3600, (s % 3600) / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
+}
+
+/// Does every remaining run of the suite, recording each and rewriting the reports after each;
+/// returns the final state. A state file of another suite (other dataset, model, budget, seeds
+/// or variants) is refused.
+pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &ExperimentConfig) -> Result<SuiteState> {
+    let suite = build_suite(data, cfg)?;
+    TrainConfig { variant: Variant::Ours, ..cfg.train.clone() }.validate()?;
+    check_fits(&data.layout, &cfg.model)?;
+    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+    let path = state_path(&cfg.out, cfg.suite);
+    let mut state = SuiteState::open(&path, &suite)?;
+    let total = state.progress().1;
+    let mut cca: Option<Report> = None;
+    for key in state.remaining() {
+        let k = state.finished.len() + 1;
+        if cfg.progress {
+            let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
+            let eta = if done.is_empty() {
+                "—".to_string()
+            } else {
+                duration(done.iter().sum::<f64>() / done.len() as f64 * (total - k + 1) as f64)
+            };
+            eprintln!("run {k}/{total}  {key}  starting  (suite ETA {eta})");
+        }
+        let start = Instant::now();
+        let (report, best_step) = if key.variant.spec().trained {
+            train_and_test(dev, data, cfg, &key)?
+        } else {
+            // Deterministic: one fit serves every seed of a session.
+            let report = match &cca {
+                Some(r) => r,
+                None => cca.insert(cca_run(data, cfg.progress)?),
+            };
+            (report.clone(), 0)
+        };
+        let scores = Scores::from_report(&report, NDCG_K)?;
+        let report = serde_json::to_value(&report).map_err(|e| Error::data(format!("report as JSON: {e}")))?;
+        let seconds = start.elapsed().as_secs_f64();
+        state.record(&path, RunRecord { key, scores, report, seconds, best_step })?;
+        write_reports(&state, data.meta().name.as_str(), &cfg.out)?;
+        if cfg.progress {
+            let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
+            let mean = done.iter().sum::<f64>() / done.len() as f64;
+            eprintln!(
+                "run {k}/{total}  {key}  test NDCG@{NDCG_K} {:.2}  mAP {:.2}  ({}, best step {best_step})  ETA {}",
+                scores.ndcg.avg,
+                scores.map_all.avg,
+                duration(seconds),
+                duration(mean * (total - k) as f64)
+            );
+        }
+    }
+    Ok(state)
+}
+
+/// Trains run `key` from scratch and test-evaluates its best checkpoint (pooled embeddings,
+/// `EvalConfig::default()`, the protocol of `train::evaluate_split`).
+fn train_and_test(
+    dev: &mut dyn Backend,
+    data: &Arc<DatasetReader>,
+    cfg: &ExperimentConfig,
+    key: &RunKey,
+) -> Result<(Report, u64)> {
+    let model = key.variant.configure(&cfg.model);
+    let train_cfg = TrainConfig {
+        variant: key.variant,
+        seed: key.seed,
+        eta: key.eta.map_or(cfg.train.eta, |e| e as f32),
+        ..cfg.train.clone()
+    };
+    let dir = run_dir(&cfg.runs_dir, cfg.suite, key);
+    if dir.exists() {
+        // A run killed half-way: start it again, not from its stale checkpoints.
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    let opts = RunOptions { out_dir: dir, resume: None, progress: cfg.progress };
+    let summary = train(dev, data, &model, &train_cfg, &opts)?;
+    let ckpt = Checkpoint::load(&summary.best_checkpoint)?;
+    let net = SemShare::new(&ckpt.model)?;
+    let params = net.store.upload(dev, &ckpt.params)?;
+    let report = evaluate_split(dev, &net, &params, data, "test", EmbeddingKind::Pooled, &EvalConfig::default())?;
+    Ok((report, summary.best_step))
+}
+
+/// Rewrites the suite's reports from its state: Table 1 (`table1.md`, `table1.json`), or for
+/// the η sweep Figure 1 (`figure1.svg`) and its rows as a table (`eta.md`, `eta.json`).
+pub fn write_reports(state: &SuiteState, dataset: &str, out: &Path) -> Result<()> {
+    let rows = summaries(state)?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    match state.suite.kind {
+        SuiteKind::Table1 => write_table1(out, &format!("Table 1 — {dataset}"), &rows),
+        SuiteKind::Eta => {
+            write_table(out, "eta", &format!("η sweep — {dataset}"), &rows)?;
+            let title = format!("Figure 1 — {dataset}: NDCG@{NDCG_K} against η");
+            write_figure1(&out.join("figure1.svg"), &title, NDCG_K, &eta_curves(state)?)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CCA (§4 item 8)
+
+/// `[N, Dr]`: each image's mean over its valid region features.
+pub fn mean_region_features(data: &DatasetReader, split: &SplitReader) -> Result<Vec<f32>> {
+    let dr = data.meta().feature_dim;
+    let mut out = Vec::with_capacity(split.num_images() * dr);
+    let (mut bytes, mut wide) = (Vec::new(), Vec::new());
+    for i in 0..split.num_images() {
+        let (shard, k) = split.locate_image(i);
+        bytes.resize(shard.feature_len(&data.layout, k), 0);
+        shard.read_features(&data.layout, k, &mut bytes)?;
+        wide.clear();
+        shard.feature_dtype().widen_into(&bytes, &mut wide);
+        out.extend(mean_rows(&wide, dr));
+    }
+    Ok(out)
+}
+
+/// `[M, Dt]`: each text's mean over its valid segment features (`text.features`).
+pub fn mean_text_features(data: &DatasetReader, split: &SplitReader) -> Result<Vec<f32>> {
+    let dt = data.layout.text_feature_dim;
+    let Some(dtype) = split.text_dtype() else {
+        return Err(Error::data(format!("split {}: texts are tokens, not segment features", split.name)));
+    };
+    let mut out = Vec::with_capacity(split.num_texts() * dt);
+    let (mut bytes, mut wide) = (Vec::new(), Vec::new());
+    for j in 0..split.num_texts() {
+        let (shard, k) = split.locate_text(j);
+        bytes.resize(shard.text_feature_len(&data.layout, k), 0);
+        shard.read_text_features(&data.layout, k, &mut bytes)?;
+        wide.clear();
+        dtype.widen_into(&bytes, &mut wide);
+        out.extend(mean_rows(&wide, dt));
+    }
+    Ok(out)
+}
+
+/// Mean of the `[rows, cols]` rows (f64 accumulation).
+fn mean_rows(x: &[f32], cols: usize) -> Vec<f32> {
+    let rows = x.len() / cols;
+    let mut m = vec![0.0f64; cols];
+    for row in x.chunks_exact(cols) {
+        for (a, &v) in m.iter_mut().zip(row) {
+            *a += f64::from(v);
+        }
+    }
+    m.into_iter().map(|a| (a / rows.max(1) as f64) as f32).collect()
+}
+
+/// Every text's valid token ids, reserved ids (PAD, UNK, MASK) dropped.
+fn split_tokens(data: &DatasetReader, split: &SplitReader) -> Result<Vec<Vec<u32>>> {
+    let (mut tokens, mut scratch) = (Vec::new(), Vec::new());
+    let mut out = Vec::with_capacity(split.num_texts());
+    for j in 0..split.num_texts() {
+        let (shard, k) = split.locate_text(j);
+        tokens.clear();
+        shard.read_tokens(&data.layout, k, &mut tokens, &mut scratch)?;
+        out.push(tokens.iter().copied().filter(|&t| t > MASK).collect());
+    }
+    Ok(out)
+}
+
+/// The bag of words' columns: the token ids (≥ 3) that occur in `split`'s texts, the
+/// `max_words` with the highest document frequency (ties to the lower id), in ascending id order.
+pub fn bow_vocabulary(data: &DatasetReader, split: &SplitReader, max_words: usize) -> Result<Vec<u32>> {
+    let mut df = vec![0usize; data.meta().vocab_size()];
+    for mut doc in split_tokens(data, split)? {
+        doc.sort_unstable();
+        doc.dedup();
+        for t in doc {
+            df[t as usize] += 1;
+        }
+    }
+    let mut words: Vec<u32> = (0..df.len() as u32).filter(|&t| df[t as usize] > 0).collect();
+    words.sort_by_key(|&t| (std::cmp::Reverse(df[t as usize]), t));
+    words.truncate(max_words);
+    words.sort_unstable();
+    Ok(words)
+}
+
+/// `[M, words.len()]`: each text's word counts over `words` (other ids ignored), L2-normalised
+/// (a text with none of the words stays zero).
+pub fn bag_of_words(data: &DatasetReader, split: &SplitReader, words: &[u32]) -> Result<Vec<f32>> {
+    let q = words.len();
+    let mut col = vec![usize::MAX; data.meta().vocab_size()];
+    for (c, &t) in words.iter().enumerate() {
+        col[t as usize] = c;
+    }
+    let docs = split_tokens(data, split)?;
+    let mut out = vec![0.0f32; docs.len() * q];
+    for (j, doc) in docs.iter().enumerate() {
+        for &t in doc {
+            if let Some(&c) = col.get(t as usize).filter(|&&c| c != usize::MAX) {
+                out[j * q + c] += 1.0;
+            }
+        }
+    }
+    normalize_rows(&mut out, q);
+    Ok(out)
+}
+
+/// CCA's input features of a split: `[N, Dr]` images, `[M, q]` texts (mean `text.features`
+/// when the dataset has them, else the bag of words over `words`).
+fn cca_inputs(data: &DatasetReader, split: &SplitReader, words: Option<&[u32]>) -> Result<(Vec<f32>, Vec<f32>)> {
+    let images = mean_region_features(data, split)?;
+    let texts = match words {
+        Some(w) => bag_of_words(data, split, w)?,
+        None => mean_text_features(data, split)?,
+    };
+    Ok((images, texts))
+}
+
+/// The training pairs of CCA: each text of split `train` with its image.
+struct CcaTraining {
+    /// The bag of words' columns; None for segment-feature texts.
+    words: Option<Vec<u32>>,
+    x: Vec<f32>,
+    y: Vec<f32>,
+    n: usize,
+    p: usize,
+    q: usize,
+}
+
+impl CcaTraining {
+    fn new(data: &DatasetReader, train: &str) -> Result<CcaTraining> {
+        let tr = data.split(train)?;
+        let words = if data.layout.text_features() { None } else { Some(bow_vocabulary(data, tr, MAX_BOW_WORDS)?) };
+        if words.as_ref().is_some_and(|w| w.is_empty()) {
+            return Err(Error::data(format!("CCA: the {train} split's texts have no word (ids ≥ 3)")));
+        }
+        let (p, q) = (data.meta().feature_dim, words.as_ref().map_or(data.layout.text_feature_dim, Vec::len));
+        let (images, y) = cca_inputs(data, tr, words.as_deref())?;
+        let items = tr.text_items();
+        let x = items.iter().flat_map(|&i| images[i as usize * p..(i as usize + 1) * p].iter().copied()).collect();
+        Ok(CcaTraining { words, x, y, n: items.len(), p, q })
+    }
+
+    fn fit(&self, cfg: CcaConfig) -> Result<Cca> {
+        Cca::fit(&self.x, &self.y, self.n, self.p, self.q, cfg)
+    }
+
+    /// Retrieval on split `test` in the canonical space of `cca` (the protocol of
+    /// `train::evaluate_split`: `test` against the `database` split when there is one).
+    fn evaluate(&self, data: &DatasetReader, cca: &Cca, test: &str, eval_cfg: &EvalConfig) -> Result<Report> {
+        let c = data.meta().num_labels;
+        let k = cca.dims();
+        let project = |split: &SplitReader| -> Result<(Vec<f32>, Vec<f32>)> {
+            let (images, texts) = cca_inputs(data, split, self.words.as_deref())?;
+            Ok((cca.project_x(&images)?, cca.project_y(&texts)?))
+        };
+        let split = data.split(test)?;
+        let (ie, te) = project(split)?;
+        let (il, tl) = (split.image_labels(), split.text_labels());
+        let (qi, qt) = (Side::new(&ie, k, &il, c), Side::new(&te, k, &tl, c));
+        match data.database() {
+            Some(db) if test == "test" => {
+                let (gie, gte) = project(db)?;
+                let (gil, gtl) = (db.image_labels(), db.text_labels());
+                let (gi, gt) = (Side::new(&gie, k, &gil, c), Side::new(&gte, k, &gtl, c));
+                evaluate_against_gallery(&qi, &qt, &gi, &gt, eval_cfg)
+            }
+            _ => evaluate(&qi, &qt, &split.text_items(), eval_cfg),
+        }
+    }
+}
+
+/// The CCA baseline: fits on the `train` split's pairs (each text with its image), projects
+/// split `test` (and, as `evaluate_split` does for `test`, the `database` split as gallery when
+/// there is one) and scores by cosine in the canonical space (`evaluate` normalises the rows,
+/// as it does the models' embeddings).
+pub fn cca_report(
+    data: &DatasetReader,
+    train: &str,
+    test: &str,
+    cca_cfg: CcaConfig,
+    eval_cfg: &EvalConfig,
+) -> Result<Report> {
+    let t = CcaTraining::new(data, train)?;
+    t.evaluate(data, &t.fit(cca_cfg)?, test, eval_cfg)
+}
+
+/// Fits every setting of `grid` on split `train` and returns the one with the best average
+/// NDCG@k on split `val` (the first on a tie), with that score.
+pub fn select_cca(
+    data: &DatasetReader,
+    train: &str,
+    val: &str,
+    grid: &[CcaConfig],
+    k: usize,
+) -> Result<(CcaConfig, f64)> {
+    let t = CcaTraining::new(data, train)?;
+    let eval_cfg = EvalConfig { ndcg_ks: vec![k], precision_ks: vec![], recall_ks: vec![], pr_points: 0 };
+    let mut best: Option<(CcaConfig, f64)> = None;
+    for &cfg in grid {
+        let r = t.evaluate(data, &t.fit(cfg)?, val, &eval_cfg)?;
+        let score = r.avg.ndcg_at(k).unwrap_or(f64::NEG_INFINITY);
+        if best.is_none_or(|(_, b)| score > b) {
+            best = Some((cfg, score));
+        }
+    }
+    best.ok_or_else(|| Error::config("CCA: an empty grid of settings"))
+}
+
+/// Table 1's CCA run: settings selected on `val` from [`cca_grid`], then fitted on `train`
+/// and evaluated on `test`.
+pub fn cca_run(data: &DatasetReader, progress: bool) -> Result<Report> {
+    let (cfg, val) = select_cca(data, "train", "val", &cca_grid(), NDCG_K)?;
+    if progress {
+        eprintln!("cca: {} dims, ridge {} selected (validation NDCG@{NDCG_K} {val:.2})", cfg.dims, cfg.reg);
+    }
+    cca_report(data, "train", "test", cfg, &EvalConfig::default())
+}

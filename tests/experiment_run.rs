@@ -1,0 +1,465 @@
+//! The experiment runner (`src/experiment/run.rs`) and `semshare experiment`: a restricted Table 1
+//! suite on a tiny dataset, resumption after a kill, refusal of another suite's state, the CCA
+//! baseline's features (hand-computed) and its retrieval on exactly linearly related modalities.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use semshare::Error;
+use semshare::backend::cpu::Cpu;
+use semshare::data::Meta;
+use semshare::data::shards::{
+    DatasetReader, DatasetWriter, FeatureDtype, ImageRecord, Layout, TextRecord, reserved_vocab,
+};
+use semshare::data::synth::{SynthConfig, SynthPreset, generate};
+use semshare::eval::EvalConfig;
+use semshare::eval::cca::CcaConfig;
+use semshare::experiment::run::{
+    ExperimentConfig, bag_of_words, bow_vocabulary, cca_grid, cca_report, fingerprint, mean_region_features,
+    mean_text_features, run_suite, select_cca, state_path,
+};
+use semshare::experiment::suite::{RunKey, RunRecord, SuiteKind, SuiteState, Variant};
+use semshare::model::ModelConfig;
+use semshare::train::TrainConfig;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("semshare-exprun-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny synthetic dataset on disk (token texts).
+fn tiny_data(dir: &Path) -> Arc<DatasetReader> {
+    let mut cfg = SynthConfig::preset(SynthPreset::Balanced, 4);
+    (cfg.train, cfg.val, cfg.test) = (48, 16, 24);
+    (cfg.feature_dim, cfg.vocab_size, cfg.max_tokens, cfg.regions) = (16, 60, 8, 6);
+    generate(&cfg).unwrap().save(dir.join("data")).unwrap();
+    Arc::new(DatasetReader::open(dir.join("data")).unwrap())
+}
+
+fn tiny_model(data: &DatasetReader) -> ModelConfig {
+    let m = data.meta();
+    ModelConfig {
+        region_dim: m.feature_dim,
+        max_regions: m.regions,
+        word_dim: 8,
+        gru_hidden: 8,
+        dim: 16,
+        layers: 1,
+        heads: 2,
+        ffn: 32,
+        max_tokens: m.max_tokens,
+        vocab: m.vocab_size(),
+        labels: m.num_labels,
+        object_classes: m.num_object_classes.max(1),
+        ..ModelConfig::small()
+    }
+}
+
+fn config(data: &DatasetReader, dir: &Path, variants: &[Variant], seeds: u64) -> ExperimentConfig {
+    ExperimentConfig {
+        suite: SuiteKind::Table1,
+        seeds,
+        variants: Some(variants.to_vec()),
+        model: tiny_model(data),
+        train: TrainConfig { steps: 3, batch_size: 8, warmup: 1, eval_every: 0, ..TrainConfig::default() },
+        out: dir.join("results"),
+        runs_dir: dir.join("runs"),
+        progress: false,
+    }
+}
+
+fn keys(state: &SuiteState) -> Vec<RunKey> {
+    state.finished.iter().map(|r| r.key).collect()
+}
+
+/// The same records, up to the last digit the state file's JSON may change (serde_json reads
+/// floats back to within an ulp, not always exactly).
+fn same_records(a: &[RunRecord], b: &[RunRecord]) {
+    assert_eq!(a.len(), b.len());
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.abs().max(1.0);
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((x.key, x.best_step, x.scores.k), (y.key, y.best_step, y.scores.k));
+        let (s, t) = (&x.scores, &y.scores);
+        let pairs = [
+            (s.ndcg.i2t, t.ndcg.i2t),
+            (s.ndcg.t2i, t.ndcg.t2i),
+            (s.ndcg.avg, t.ndcg.avg),
+            (s.map_all.i2t, t.map_all.i2t),
+            (s.map_all.t2i, t.map_all.t2i),
+            (s.map_all.avg, t.map_all.avg),
+            (x.seconds, y.seconds),
+        ];
+        assert!(pairs.iter().all(|&(u, v)| close(u, v)), "{}: {pairs:?}", x.key);
+    }
+}
+
+#[test]
+fn a_restricted_table1_suite_completes_and_writes_the_table() {
+    let dir = tmp("table1");
+    let data = tiny_data(&dir);
+    let cfg = config(&data, &dir, &[Variant::WoC, Variant::Ours, Variant::Cca], 2);
+    let state = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    // Suite order (seed-major, Table 1's variant order), whatever order --variants named them.
+    let want: Vec<RunKey> = (0..2)
+        .flat_map(|seed| [Variant::Ours, Variant::WoC, Variant::Cca].map(|variant| RunKey { variant, seed, eta: None }))
+        .collect();
+    assert_eq!(keys(&state), want);
+    for r in &state.finished {
+        let trained = r.key.variant != Variant::Cca;
+        assert_eq!(r.best_step, if trained { 3 } else { 0 }, "{}", r.key);
+        assert!(r.scores.k == 500 && r.scores.ndcg.avg > 0.0 && r.seconds > 0.0, "{:?}", r.scores);
+        assert!(r.report["i2t"]["ndcg"].is_array(), "the full report is kept");
+        let run = dir.join("runs/table1").join(format!("{}-s{}", r.key.variant, r.key.seed));
+        assert_eq!(run.join("best.safetensors").is_file(), trained, "{}", run.display());
+    }
+    let md = std::fs::read_to_string(dir.join("results/table1.md")).unwrap();
+    for row in ["| ours | 2 |", "| wo-c | 2 |", "| cca | 2 |"] {
+        assert!(md.contains(row), "{row} missing from\n{md}");
+    }
+    assert!(!md.contains("ours+con"), "{md}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results/table1.json")).unwrap()).unwrap();
+    assert_eq!(json["rows"].as_array().unwrap().len(), 3);
+    // CCA is deterministic: both seeds give the same scores.
+    let cca = state.records_of(Variant::Cca, None);
+    assert_eq!(cca[0].scores, cca[1].scores);
+    // Run again: nothing left to do, nothing changes.
+    let again = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    assert_eq!(again.suite, state.suite);
+    same_records(&again.finished, &state.finished);
+}
+
+#[test]
+fn an_eta_sweep_writes_figure1_and_its_own_table() {
+    let dir = tmp("eta");
+    let data = tiny_data(&dir);
+    let cfg = ExperimentConfig { suite: SuiteKind::Eta, ..config(&data, &dir, &[Variant::OursCon], 1) };
+    let state = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    let etas: Vec<Option<f64>> = state.finished.iter().map(|r| r.key.eta).collect();
+    assert_eq!(etas, [0.0, 0.01, 0.1, 1.0, 10.0].map(Some));
+    assert!(dir.join("runs/eta/ours+con-s0-eta0.01/best.safetensors").is_file());
+    let svg = std::fs::read_to_string(dir.join("results/figure1.svg")).unwrap();
+    assert!(svg.contains("ours+con") && svg.trim_end().ends_with("</svg>"));
+    let md = std::fs::read_to_string(dir.join("results/eta.md")).unwrap();
+    assert!(md.contains("| ours+con (η=0.01) | 1 |"), "{md}");
+    assert!(dir.join("results/eta.json").is_file() && dir.join("results/eta-state.json").is_file());
+    assert!(!dir.join("results/table1.md").exists(), "the sweep leaves Table 1 alone");
+}
+
+#[test]
+fn a_resumed_suite_does_only_the_remaining_runs() {
+    let dir = tmp("resume");
+    let data = tiny_data(&dir);
+    let full_cfg = config(&data, &dir.join("full"), &[Variant::Ours, Variant::Cca], 2);
+    let full = run_suite(&mut Cpu::new(), &data, &full_cfg).unwrap();
+    assert_eq!(full.finished.len(), 4);
+
+    // A suite killed during its third run (ours, seed 1): two records on disk, a half-written
+    // run directory.
+    let cfg = config(&data, &dir.join("killed"), &[Variant::Ours, Variant::Cca], 2);
+    let killed = SuiteState { suite: full.suite.clone(), finished: full.finished[..2].to_vec() };
+    std::fs::create_dir_all(&cfg.out).unwrap();
+    std::fs::write(state_path(&cfg.out, SuiteKind::Table1), serde_json::to_vec(&killed).unwrap()).unwrap();
+    let stale = cfg.runs_dir.join("table1/ours-s1");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("stale.txt"), "from the killed run").unwrap();
+
+    let resumed = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    assert_eq!(keys(&resumed), keys(&full));
+    same_records(&resumed.finished[..2], &full.finished[..2]); // kept as recorded
+    assert!(!cfg.runs_dir.join("table1/ours-s0").exists(), "the recorded run was trained again");
+    assert!(stale.join("best.safetensors").is_file() && !stale.join("stale.txt").exists());
+    // Training and evaluation are deterministic on the CPU: the redone run scores the same.
+    assert_eq!(resumed.finished[2].scores, full.finished[2].scores);
+    assert_eq!(resumed.finished[2].best_step, full.finished[2].best_step);
+    assert!(resumed.finished[2].seconds != full.finished[2].seconds, "timed anew");
+}
+
+#[test]
+fn a_state_of_another_suite_is_refused() {
+    let dir = tmp("refuse");
+    let data = tiny_data(&dir);
+    let cfg = config(&data, &dir, &[Variant::Cca], 1);
+    run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    let longer = ExperimentConfig { train: TrainConfig { steps: 4, ..cfg.train.clone() }, ..cfg.clone() };
+    let e = run_suite(&mut Cpu::new(), &data, &longer).unwrap_err();
+    assert!(matches!(e, Error::Config { .. }) && e.to_string().contains("different suite"), "{e}");
+    let more_seeds = ExperimentConfig { seeds: 2, ..cfg.clone() };
+    assert!(run_suite(&mut Cpu::new(), &data, &more_seeds).unwrap_err().to_string().contains("different suite"));
+
+    // The fingerprint: dataset and budget, not what each run sets.
+    let fp = fingerprint(&data, &cfg.model, &cfg.train).unwrap();
+    assert!(fp.starts_with(&format!("{}:", data.meta().name)), "{fp}");
+    let per_run = TrainConfig { seed: 7, variant: Variant::Imc, eta: 10.0, ..cfg.train.clone() };
+    assert_eq!(fingerprint(&data, &cfg.model, &per_run).unwrap(), fp);
+    let model = ModelConfig { lambda: 0.5, ..cfg.model.clone() };
+    assert_ne!(fingerprint(&data, &model, &cfg.train).unwrap(), fp);
+    let other = tmp("refuse-other");
+    let mut synth = SynthConfig::preset(SynthPreset::Balanced, 5);
+    (synth.train, synth.val, synth.test) = (48, 16, 24);
+    (synth.feature_dim, synth.vocab_size, synth.max_tokens, synth.regions) = (16, 60, 8, 6);
+    generate(&synth).unwrap().save(other.join("data")).unwrap();
+    let other = DatasetReader::open(other.join("data")).unwrap();
+    assert_ne!(fingerprint(&other, &cfg.model, &cfg.train).unwrap(), fp, "other shard checksums");
+
+    // Variants outside the suite are named.
+    let eta = ExperimentConfig { suite: SuiteKind::Eta, variants: Some(vec![Variant::Ours]), ..cfg };
+    assert!(run_suite(&mut Cpu::new(), &data, &eta).unwrap_err().to_string().contains("no variant `ours`"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// CCA
+
+/// One image with its valid region rows and labels, and one text: tokens or segment rows.
+struct Item {
+    regions: Vec<Vec<f32>>,
+    labels: Vec<u8>,
+    tokens: Vec<u32>,
+    segments: Vec<Vec<f32>>,
+}
+
+const R: usize = 3;
+const T: usize = 4;
+const GARBAGE: f32 = 1e3; // in the padding rows: must not reach a mean
+
+/// Writes `splits` with the writer; texts are segment features when `dt > 0`, else tokens.
+fn write(dir: &Path, dr: usize, dt: usize, vocab: usize, splits: &[(&str, Vec<Item>)]) -> DatasetReader {
+    let c = splits[0].1[0].labels.len();
+    let mut words = reserved_vocab();
+    words.extend((3..vocab).map(|i| format!("w{i}")));
+    let meta = Meta {
+        name: "hand".into(),
+        regions: R,
+        feature_dim: dr,
+        max_tokens: T,
+        num_labels: c,
+        num_object_classes: 0,
+        vocab: words,
+        label_names: (0..c).map(|i| format!("l{i}")).collect(),
+    };
+    let out = dir.join("data");
+    let mut w = DatasetWriter::create(&out, Layout { meta, text_feature_dim: dt }, usize::MAX).unwrap();
+    let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let boxes = le(&[0.1f32, 0.1, 0.5, 0.5, 0.16].repeat(R));
+    for (name, items) in splits {
+        w.begin_split(name).unwrap();
+        for it in items {
+            let mut f: Vec<f32> = it.regions.concat();
+            f.resize(R * dr, GARBAGE);
+            let image = ImageRecord {
+                features: &le(&f),
+                feature_dtype: FeatureDtype::F32,
+                boxes: &boxes,
+                count: it.regions.len() as u16,
+                classes: None,
+                labels: &it.labels,
+            };
+            let (content, dtype, length) = if dt > 0 {
+                let mut s = it.segments.concat();
+                s.resize(T * dt, GARBAGE);
+                (le(&s), Some(FeatureDtype::F32), it.segments.len())
+            } else {
+                let mut t = it.tokens.clone();
+                t.resize(T, 0);
+                (t.iter().flat_map(|x| x.to_le_bytes()).collect(), None, it.tokens.len())
+            };
+            w.push(&image, &[TextRecord { content: &content, dtype, length: length as u16 }]).unwrap();
+        }
+    }
+    w.finish().unwrap();
+    DatasetReader::open(&out).unwrap()
+}
+
+/// SplitMix64 uniforms in [-1, 1).
+struct Gen(u64);
+impl Gen {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+#[test]
+fn cca_features_are_means_of_valid_rows_and_a_normalised_bag_of_words() {
+    let dir = tmp("cca-features");
+    let item = |regions: Vec<Vec<f32>>, tokens: Vec<u32>, l: u8| Item {
+        regions,
+        labels: vec![l, 1 - l],
+        tokens,
+        segments: vec![],
+    };
+    // Tokens: 1 is [UNK] (dropped), 3..=6 words; document frequencies in train: w3 2, w4 2,
+    // w5 1, w6 1.
+    let train = vec![
+        item(vec![vec![1.0, 2.0], vec![3.0, 6.0]], vec![3, 3, 4, 1], 1),
+        item(vec![vec![-1.0, 0.5]], vec![4, 5, 3], 0),
+        item(vec![vec![0.0, 0.0], vec![1.0, 1.0], vec![2.0, 5.0]], vec![1, 6], 1),
+    ];
+    let test = vec![item(vec![vec![4.0, 4.0]], vec![1, 1], 0), item(vec![vec![2.0, 0.0]], vec![5, 6, 6], 1)];
+    let data = write(&dir, 2, 0, 8, &[("train", train), ("val", vec![]), ("test", test)]);
+    let tr = data.split("train").unwrap();
+
+    assert_eq!(mean_region_features(&data, tr).unwrap(), [2.0, 4.0, -1.0, 0.5, 1.0, 2.0]);
+    assert!(mean_text_features(&data, tr).is_err(), "token texts have no segment features");
+
+    assert_eq!(bow_vocabulary(&data, tr, 100).unwrap(), [3, 4, 5, 6], "words seen in train; 7 never is");
+    // The two most frequent (w3, w4: 2 each), then w5 before w6 on the tie.
+    assert_eq!(bow_vocabulary(&data, tr, 2).unwrap(), [3, 4]);
+    assert_eq!(bow_vocabulary(&data, tr, 3).unwrap(), [3, 4, 5]);
+
+    let words = [3, 4, 5];
+    let bow = bag_of_words(&data, tr, &words).unwrap();
+    let (a, b) = (2.0 / 5f32.sqrt(), 1.0 / 5f32.sqrt()); // counts (2, 1, 0)
+    let c = 1.0 / 3f32.sqrt(); // (1, 1, 1)
+    let want = [a, b, 0.0, c, c, c, 0.0, 0.0, 0.0]; // the third text has only [UNK] and w6
+    for (g, w) in bow.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{bow:?}");
+    }
+    let te = data.split("test").unwrap();
+    assert_eq!(bag_of_words(&data, te, &words).unwrap(), [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
+}
+
+/// Text features an exact linear map of the images' mean region features (each side spread over
+/// its valid rows differently): CCA finds the paired item first.
+#[test]
+fn cca_retrieves_the_pair_when_the_modalities_are_linearly_related() {
+    let dir = tmp("cca-linear");
+    let (dr, dt) = (6, 8);
+    let mut g = Gen(9);
+    let a: Vec<f32> = g.vec(dt * dr); // [dt, dr]
+    let mut items = |n: usize| -> Vec<Item> {
+        (0..n)
+            .map(|i| {
+                let x = g.vec(dr);
+                let d = g.vec(dr);
+                let regions = match i % 3 {
+                    0 => vec![x.clone()],
+                    1 => vec![
+                        x.iter().zip(&d).map(|(u, v)| u + v).collect(),
+                        x.iter().zip(&d).map(|(u, v)| u - v).collect(),
+                    ],
+                    _ => vec![
+                        x.clone(),
+                        x.iter().zip(&d).map(|(u, v)| u + v).collect(),
+                        x.iter().zip(&d).map(|(u, v)| u - v).collect(),
+                    ],
+                };
+                let y: Vec<f32> = (0..dt).map(|r| (0..dr).map(|c| a[r * dr + c] * x[c]).sum()).collect();
+                let e = g.vec(dt);
+                let segments = if i % 2 == 0 {
+                    vec![y]
+                } else {
+                    vec![y.iter().zip(&e).map(|(u, v)| u + v).collect(), y.iter().zip(&e).map(|(u, v)| u - v).collect()]
+                };
+                Item { regions, labels: vec![1, (i % 2) as u8], tokens: vec![], segments }
+            })
+            .collect()
+    };
+    let splits = [("train", items(80)), ("val", items(4)), ("test", items(40))];
+    let data = write(&dir, dr, dt, 4, &splits);
+    let te = data.split("test").unwrap();
+    let means = mean_text_features(&data, te).unwrap();
+    assert_eq!(means.len(), 40 * dt);
+
+    let eval = EvalConfig { recall_ks: vec![1], ..EvalConfig::default() };
+    let r = cca_report(&data, "train", "test", CcaConfig { dims: dr, reg: 1e-6 }, &eval).unwrap();
+    for (name, d) in [("I2T", &r.i2t), ("T2I", &r.t2i)] {
+        assert!(d.recall_at(1).unwrap() > 97.0, "{name} R@1 {:?}", d.recall);
+    }
+    // Validation picks a setting that still ranks the pair first almost always.
+    let (best, val) = select_cca(&data, "train", "val", &cca_grid(), 500).unwrap();
+    assert!(cca_grid().iter().any(|c| (c.dims, c.reg) == (best.dims, best.reg)) && val > 0.0, "{best:?} {val}");
+    let one = [CcaConfig { dims: 6, reg: 1e-6 }];
+    let (_, ndcg) = select_cca(&data, "train", "test", &one, 500).unwrap();
+    assert_eq!(ndcg, cca_report(&data, "train", "test", one[0], &eval).unwrap().avg.ndcg_at(500).unwrap());
+    assert!(select_cca(&data, "train", "val", &[], 500).is_err());
+    let r = cca_report(&data, "train", "test", CcaConfig { dims: 6, reg: 0.1 }, &eval).unwrap();
+    assert!(r.avg.recall_at(1).unwrap() > 80.0, "{:?}", r.avg.recall);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line
+
+fn semshare(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_semshare")).args(args).output().expect("the binary runs")
+}
+
+fn fails_with(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "expected one error line about `{needle}`, got: {stderr}"
+    );
+}
+
+#[test]
+fn semshare_experiment_runs_a_restricted_suite_and_refuses_bad_arguments() {
+    let dir = tmp("cli");
+    let _ = tiny_data(&dir);
+    let data = dir.join("data");
+    let cfg = dir.join("cfg.json");
+    std::fs::write(&cfg, r#"{"model": {"layers": 1, "ffn": 32, "dim": 16, "heads": 2}, "train": {"batch_size": 8}}"#)
+        .unwrap();
+    let (out, runs) = (dir.join("results"), dir.join("runs"));
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let args = [
+        "experiment",
+        "--suite",
+        "table1",
+        "--data",
+        &p(&data),
+        "--steps",
+        "2",
+        "--seeds",
+        "1",
+        "--variants",
+        "ours,cca",
+        "--config",
+        &p(&cfg),
+        "--out",
+        &p(&out),
+        "--runs",
+        &p(&runs),
+        "--device",
+        "cpu",
+    ];
+    let o = semshare(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("table1.md")).unwrap();
+    assert!(md.contains("| ours | 1 |") && md.contains("| cca | 1 |"), "{md}");
+    assert!(runs.join("table1/ours-s0/best.safetensors").is_file());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2/2 runs finished"));
+
+    // Same suite, different budget: refused, the state untouched.
+    let mut longer = args.to_vec();
+    longer[6] = "3";
+    fails_with(&semshare(&longer), "different suite");
+
+    let d = p(&data);
+    fails_with(&semshare(&["experiment", "--suite", "table2", "--data", &d]), "unknown suite `table2`");
+    fails_with(&semshare(&["experiment", "--data", &d]), "--suite is required");
+    fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &p(&dir.join("nope"))]), "does not exist");
+    fails_with(
+        &semshare(&["experiment", "--suite", "eta", "--data", &d, "--variants", "ours,foo"]),
+        "unknown variant `foo`",
+    );
+    fails_with(
+        &semshare(&["experiment", "--suite", "eta", "--data", &d, "--variants", "ours", "--out", &p(&dir.join("x"))]),
+        "no variant `ours`",
+    );
+    fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--seeds", "0"]), "--seeds");
+    fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--lr", "1"]), "unknown option --lr");
+}
