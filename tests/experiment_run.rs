@@ -187,8 +187,13 @@ fn a_state_of_another_suite_is_refused() {
     let longer = ExperimentConfig { train: TrainConfig { steps: 4, ..cfg.train.clone() }, ..cfg.clone() };
     let e = run_suite(&mut Cpu::new(), &data, &longer).unwrap_err();
     assert!(matches!(e, Error::Config { .. }) && e.to_string().contains("different suite"), "{e}");
+    // More seeds extend the suite: the finished run is kept, only the new seed runs.
     let more_seeds = ExperimentConfig { seeds: 2, ..cfg.clone() };
-    assert!(run_suite(&mut Cpu::new(), &data, &more_seeds).unwrap_err().to_string().contains("different suite"));
+    let extended = run_suite(&mut Cpu::new(), &data, &more_seeds).unwrap();
+    assert_eq!(extended.finished.iter().map(|r| r.key.seed).collect::<Vec<_>>(), [0, 1]);
+    // Fewer seeds than recorded: the recorded seed-1 run is not in the suite asked for.
+    let e = run_suite(&mut Cpu::new(), &data, &cfg).unwrap_err();
+    assert!(e.to_string().contains("not in the requested suite"), "{e}");
 
     // The fingerprint: dataset and budget, not what each run sets.
     let fp = fingerprint(&data, &cfg.model, &cfg.train).unwrap();

@@ -139,8 +139,12 @@ fn a_state_file_of_another_suite_or_a_corrupt_one_is_an_error() {
 
     let other = Suite::table1(1, "data=weak-image").unwrap();
     assert!(matches!(SuiteState::open(&path, &other), Err(Error::Config { .. })), "other fingerprint");
+    // More seeds extend the suite and keep its finished runs; fewer than recorded do not fit.
     let more_seeds = Suite::table1(2, "data=balanced").unwrap();
-    assert!(matches!(SuiteState::open(&path, &more_seeds), Err(Error::Config { .. })), "other seeds");
+    let mut extended = SuiteState::open(&path, &more_seeds).unwrap();
+    assert_eq!((extended.finished.len(), extended.remaining().len()), (1, 19));
+    extended.record(&path, record(more_seeds.runs()[10], 1)).unwrap(); // seed 1
+    assert!(matches!(SuiteState::open(&path, &suite), Err(Error::Config { .. })), "seed 1 is not in a 1-seed suite");
 
     std::fs::write(&path, b"{\"suite\": ").unwrap();
     assert!(matches!(SuiteState::open(&path, &suite), Err(Error::Format { .. })), "truncated file");

@@ -370,19 +370,30 @@ impl SuiteState {
             return Ok(SuiteState { suite: suite.clone(), finished: Vec::new() });
         }
         let bytes = crate::io::read(path)?;
-        let state: SuiteState =
+        let mut state: SuiteState =
             serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("not a suite state file: {e}")))?;
-        if &state.suite != suite {
+        // More seeds or variants extend a suite: its finished runs stay valid.
+        let old = &state.suite;
+        if (old.kind, &old.etas, &old.fingerprint) != (suite.kind, &suite.etas, &suite.fingerprint) {
             return Err(Error::config(format!(
-                "{}: holds a different suite (kind, variants, seeds, η or fingerprint); \
+                "{}: holds a different suite (kind, η or fingerprint); \
                  use another output directory or remove the file to start over",
                 path.display()
             )));
         }
+        state.suite = suite.clone();
         let runs = suite.runs();
         for (i, r) in state.finished.iter().enumerate() {
-            if !runs.contains(&r.key) || state.finished[..i].iter().any(|q| q.key == r.key) {
-                return Err(Error::format(path, format!("run `{}` is not in the suite or is recorded twice", r.key)));
+            if state.finished[..i].iter().any(|q| q.key == r.key) {
+                return Err(Error::format(path, format!("run `{}` is recorded twice", r.key)));
+            }
+            if !runs.contains(&r.key) {
+                return Err(Error::config(format!(
+                    "{}: run `{}` is not in the requested suite; \
+                     ask for its seeds and variants too, or use another output directory",
+                    path.display(),
+                    r.key
+                )));
             }
         }
         Ok(state)
