@@ -328,7 +328,9 @@ fn synth_flickr_tags(args: &Args) -> Result<()> {
 fn train_cmd(args: &Args) -> Result<()> {
     let mut dev = device(args)?;
     let data = load_data(args)?;
-    let (mut model, cfg) = configs(args, TrainConfig::default())?;
+    let (model, cfg) = configs(args, TrainConfig::default())?;
+    // The variant's structure (trunk, separate models, segments) goes with it.
+    let mut model = cfg.variant.configure(&model);
     fit_to_data(&mut model, &data.layout);
     let opts = RunOptions {
         out_dir: args.get("out").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runs/latest")),
