@@ -245,6 +245,69 @@ impl AdamW {
     }
 }
 
+/// Shape checks every backend makes, so that both name the same op and operand.
+pub(crate) fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.shape() != b.shape() {
+        return Err(crate::Error::shape(op, format!("{:?} vs {:?}", a.shape(), b.shape())));
+    }
+    Ok(())
+}
+
+pub(crate) fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()> {
+    if x.rows() != seg.tokens() {
+        return Err(crate::Error::shape(op, format!("{} rows for a batch of {} segments", x.rows(), seg.tokens())));
+    }
+    Ok(())
+}
+
+/// The GRU step's operands against the batch and the hidden width (`Backend::gru_step_fwd`).
+pub(crate) fn check_gru_step_fwd(
+    step: GruStep,
+    seg: &Segments,
+    xproj: &Tensor,
+    hproj: &Tensor,
+    h: &Tensor,
+    out: &Tensor,
+    gates: &Tensor,
+) -> Result<()> {
+    let (b, hd) = (seg.items(), step.hidden);
+    rows_of("gru_step_fwd", xproj, seg)?;
+    rows_of("gru_step_fwd", out, seg)?;
+    expect_len("gru_step_fwd", "xproj columns", xproj.cols(), 3 * hd)?;
+    expect_len("gru_step_fwd", "hproj", hproj.len(), b * 3 * hd)?;
+    expect_len("gru_step_fwd", "h", h.len(), b * hd)?;
+    expect_len("gru_step_fwd", "gates", gates.len(), b * 4 * hd)?;
+    if step.out_col + hd > out.cols() {
+        return Err(crate::Error::shape("gru_step_fwd", "output columns too narrow"));
+    }
+    Ok(())
+}
+
+/// The GRU step backward's operands (`Backend::gru_step_bwd`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_gru_step_bwd(
+    step: GruStep,
+    seg: &Segments,
+    gates: &Tensor,
+    h_prev: &Tensor,
+    dout: &Tensor,
+    dh: &Tensor,
+    dxproj: &Tensor,
+    dhproj: &Tensor,
+) -> Result<()> {
+    let (b, hd) = (seg.items(), step.hidden);
+    rows_of("gru_step_bwd", dout, seg)?;
+    rows_of("gru_step_bwd", dxproj, seg)?;
+    expect_len("gru_step_bwd", "gates", gates.len(), b * 4 * hd)?;
+    expect_len("gru_step_bwd", "h_prev", h_prev.len(), b * hd)?;
+    expect_len("gru_step_bwd", "dh", dh.len(), b * hd)?;
+    expect_len("gru_step_bwd", "dhproj", dhproj.len(), b * 3 * hd)?;
+    if step.out_col + hd > dout.cols() {
+        return Err(crate::Error::shape("gru_step_bwd", "output columns too narrow"));
+    }
+    Ok(())
+}
+
 /// Check that a tensor has the expected element count; name the op and the operand.
 pub(crate) fn expect_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {

@@ -11,7 +11,10 @@ pub mod losses;
 pub mod optim;
 pub mod pool;
 
-use super::{AdamW, Backend, Gemm, GruStep, Segments, expect_cols, expect_len};
+use super::{
+    AdamW, Backend, Gemm, GruStep, Segments, check_gru_step_bwd, check_gru_step_fwd, expect_cols, expect_len, rows_of,
+    same_shape,
+};
 use crate::tensor::{Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
 
@@ -22,20 +25,6 @@ impl Cpu {
     pub fn new() -> Self {
         Cpu
     }
-}
-
-fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
-    if a.shape() != b.shape() {
-        return Err(Error::shape(op, format!("{:?} vs {:?}", a.shape(), b.shape())));
-    }
-    Ok(())
-}
-
-fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()> {
-    if x.rows() != seg.tokens() {
-        return Err(Error::shape(op, format!("{} rows for a batch of {} segments", x.rows(), seg.tokens())));
-    }
-    Ok(())
 }
 
 fn check_ids(op: &'static str, ids: &[u32], bound: usize) -> Result<()> {
@@ -267,16 +256,7 @@ impl Backend for Cpu {
         out: &mut Tensor,
         gates: &mut Tensor,
     ) -> Result<()> {
-        let (b, hd) = (seg.items(), step.hidden);
-        rows_of("gru_step_fwd", xproj, seg)?;
-        rows_of("gru_step_fwd", out, seg)?;
-        expect_len("gru_step_fwd", "xproj columns", xproj.cols(), 3 * hd)?;
-        expect_len("gru_step_fwd", "hproj", hproj.len(), b * 3 * hd)?;
-        expect_len("gru_step_fwd", "h", h.len(), b * hd)?;
-        expect_len("gru_step_fwd", "gates", gates.len(), b * 4 * hd)?;
-        if step.out_col + hd > out.cols() {
-            return Err(Error::shape("gru_step_fwd", "output columns too narrow"));
-        }
+        check_gru_step_fwd(step, seg, xproj, hproj, h, out, gates)?;
         let oc = out.cols();
         gru::step_fwd(step, &seg.offsets, xproj.cpu(), hproj.cpu(), h.cpu_mut(), out.cpu_mut(), oc, gates.cpu_mut());
         Ok(())
@@ -293,16 +273,7 @@ impl Backend for Cpu {
         dxproj: &mut Tensor,
         dhproj: &mut Tensor,
     ) -> Result<()> {
-        let (b, hd) = (seg.items(), step.hidden);
-        rows_of("gru_step_bwd", dout, seg)?;
-        rows_of("gru_step_bwd", dxproj, seg)?;
-        expect_len("gru_step_bwd", "gates", gates.len(), b * 4 * hd)?;
-        expect_len("gru_step_bwd", "h_prev", h_prev.len(), b * hd)?;
-        expect_len("gru_step_bwd", "dh", dh.len(), b * hd)?;
-        expect_len("gru_step_bwd", "dhproj", dhproj.len(), b * 3 * hd)?;
-        if step.out_col + hd > dout.cols() {
-            return Err(Error::shape("gru_step_bwd", "output columns too narrow"));
-        }
+        check_gru_step_bwd(step, seg, gates, h_prev, dout, dh, dxproj, dhproj)?;
         let oc = dout.cols();
         gru::step_bwd(
             step,

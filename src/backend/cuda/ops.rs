@@ -2,27 +2,16 @@
 //! one launch per op. Attention and the GRU step live in `attention.rs` and `gru.rs`.
 
 use super::{Arg, COLSUM_ROWS, Cuda, DevBuf, DevIds, blocks, dev_err, dev_ids, tensor_ptr, view_mut_ptr, view_ptr};
-use crate::backend::{AdamW, Backend, Gemm, GruStep, Segments, expect_cols, expect_len};
+use crate::backend::{
+    AdamW, Backend, Gemm, GruStep, Segments, check_gru_step_bwd, check_gru_step_fwd, expect_cols, expect_len, rows_of,
+    same_shape,
+};
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
 use cudarc::driver::result;
 use std::sync::Arc;
 
 const THREADS: u32 = 256;
-
-fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
-    if a.shape() != b.shape() {
-        return Err(Error::shape(op, format!("{:?} vs {:?}", a.shape(), b.shape())));
-    }
-    Ok(())
-}
-
-fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()> {
-    if x.rows() != seg.tokens() {
-        return Err(Error::shape(op, format!("{} rows for a batch of {} segments", x.rows(), seg.tokens())));
-    }
-    Ok(())
-}
 
 /// The bound is tracked on the host at upload, so this costs no device round trip.
 fn check_ids(op: &'static str, ids: &Ids, bound: usize) -> Result<()> {
@@ -483,16 +472,7 @@ impl Backend for Cuda {
         out: &mut Tensor,
         gates: &mut Tensor,
     ) -> Result<()> {
-        let (b, hd) = (seg.items(), step.hidden);
-        rows_of("gru_step_fwd", xproj, seg)?;
-        rows_of("gru_step_fwd", out, seg)?;
-        expect_len("gru_step_fwd", "xproj columns", xproj.cols(), 3 * hd)?;
-        expect_len("gru_step_fwd", "hproj", hproj.len(), b * 3 * hd)?;
-        expect_len("gru_step_fwd", "h", h.len(), b * hd)?;
-        expect_len("gru_step_fwd", "gates", gates.len(), b * 4 * hd)?;
-        if step.out_col + hd > out.cols() {
-            return Err(Error::shape("gru_step_fwd", "output columns too narrow"));
-        }
+        check_gru_step_fwd(step, seg, xproj, hproj, h, out, gates)?;
         super::gru::step_fwd(self, step, seg, xproj, hproj, h, out, gates)
     }
 
@@ -507,16 +487,7 @@ impl Backend for Cuda {
         dxproj: &mut Tensor,
         dhproj: &mut Tensor,
     ) -> Result<()> {
-        let (b, hd) = (seg.items(), step.hidden);
-        rows_of("gru_step_bwd", dout, seg)?;
-        rows_of("gru_step_bwd", dxproj, seg)?;
-        expect_len("gru_step_bwd", "gates", gates.len(), b * 4 * hd)?;
-        expect_len("gru_step_bwd", "h_prev", h_prev.len(), b * hd)?;
-        expect_len("gru_step_bwd", "dh", dh.len(), b * hd)?;
-        expect_len("gru_step_bwd", "dhproj", dhproj.len(), b * 3 * hd)?;
-        if step.out_col + hd > dout.cols() {
-            return Err(Error::shape("gru_step_bwd", "output columns too narrow"));
-        }
+        check_gru_step_bwd(step, seg, gates, h_prev, dout, dh, dxproj, dhproj)?;
         super::gru::step_bwd(self, step, seg, gates, h_prev, dout, dh, dxproj, dhproj)
     }
 
