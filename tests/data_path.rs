@@ -2,19 +2,18 @@
 //! checked, read back through the memory-mapped reader, trained on and evaluated (database
 //! split, text features); the loader; `semshare check` on broken datasets; hostile shards.
 
-use std::borrow::Cow;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use safetensors::tensor::{Dtype, View};
+use safetensors::tensor::Dtype;
 use semshare::backend::cpu::Cpu;
 use semshare::data::loader::Loader;
 use semshare::data::pack::pack;
 use semshare::data::shards::{
-    DatasetReader, DatasetWriter, FeatureDtype, ImageRecord, Layout, TextRecord, reserved_vocab,
+    DatasetReader, DatasetWriter, FeatureDtype, ImageRecord, Layout, RawTensor, TextRecord, reserved_vocab,
 };
 use semshare::data::{Meta, dataset::checksum};
 use semshare::eval::EvalConfig;
@@ -34,26 +33,6 @@ fn tmp(name: &str) -> PathBuf {
     let _ = fs::remove_dir_all(&d);
     fs::create_dir_all(&d).unwrap();
     d
-}
-
-struct Owned {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-impl View for &Owned {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
 }
 
 fn f16_bytes(v: &[f32]) -> Vec<u8> {
@@ -92,17 +71,17 @@ fn source_file_shaped(path: &Path, n: usize, seed: u64, text_features: bool, r: 
     let length: Vec<u16> = (0..m).map(|_| 1 + rng.below(t) as u16).collect();
     let item: Vec<u32> = (0..m as u32).map(|j| j / 2).collect();
     let mut tensors = vec![
-        ("image.features", Owned { dtype: Dtype::F16, shape: vec![n, r, DR], data: f16_bytes(&feats) }),
-        ("image.boxes", Owned { dtype: Dtype::F32, shape: vec![n, r, 5], data: le(&boxes, f32::to_le_bytes) }),
-        ("image.count", Owned { dtype: Dtype::U16, shape: vec![n], data: le(&count, u16::to_le_bytes) }),
-        ("image.classes", Owned { dtype: Dtype::U16, shape: vec![n, r], data: le(&classes, u16::to_le_bytes) }),
-        ("text.length", Owned { dtype: Dtype::U16, shape: vec![m], data: le(&length, u16::to_le_bytes) }),
-        ("text.item", Owned { dtype: Dtype::U32, shape: vec![m], data: le(&item, u32::to_le_bytes) }),
-        ("labels", Owned { dtype: Dtype::U8, shape: vec![n, C], data: labels }),
+        ("image.features", RawTensor { dtype: Dtype::F16, shape: vec![n, r, DR], data: f16_bytes(&feats) }),
+        ("image.boxes", RawTensor { dtype: Dtype::F32, shape: vec![n, r, 5], data: le(&boxes, f32::to_le_bytes) }),
+        ("image.count", RawTensor { dtype: Dtype::U16, shape: vec![n], data: le(&count, u16::to_le_bytes) }),
+        ("image.classes", RawTensor { dtype: Dtype::U16, shape: vec![n, r], data: le(&classes, u16::to_le_bytes) }),
+        ("text.length", RawTensor { dtype: Dtype::U16, shape: vec![m], data: le(&length, u16::to_le_bytes) }),
+        ("text.item", RawTensor { dtype: Dtype::U32, shape: vec![m], data: le(&item, u32::to_le_bytes) }),
+        ("labels", RawTensor { dtype: Dtype::U8, shape: vec![n, C], data: labels }),
     ];
     if text_features {
         let f: Vec<f32> = (0..m * t * DT).map(|_| rng.normal() as f32).collect();
-        tensors.push(("text.features", Owned { dtype: Dtype::BF16, shape: vec![m, t, DT], data: bf16_bytes(&f) }));
+        tensors.push(("text.features", RawTensor { dtype: Dtype::BF16, shape: vec![m, t, DT], data: bf16_bytes(&f) }));
     } else {
         let mut tokens = vec![0u32; m * t];
         for j in 0..m {
@@ -110,8 +89,10 @@ fn source_file_shaped(path: &Path, n: usize, seed: u64, text_features: bool, r: 
                 tokens[j * t + p] = 3 + rng.below(VOCAB - 3) as u32;
             }
         }
-        tensors
-            .push(("text.tokens", Owned { dtype: Dtype::U32, shape: vec![m, t], data: le(&tokens, u32::to_le_bytes) }));
+        tensors.push((
+            "text.tokens",
+            RawTensor { dtype: Dtype::U32, shape: vec![m, t], data: le(&tokens, u32::to_le_bytes) },
+        ));
     }
     let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (*k, v)), None).unwrap();
     fs::write(path, bytes).unwrap();

@@ -608,33 +608,13 @@ pub(crate) fn diagnose(bytes: &[u8], err: &safetensors::SafeTensorError) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::shards::RawTensor;
     use crate::data::synth::tests::tiny;
     use crate::data::synth::{SynthPreset, generate};
     use proptest::prelude::*;
-    use safetensors::tensor::{Dtype, SafeTensors, View};
+    use safetensors::tensor::{Dtype, SafeTensors};
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A tensor to re-encode (as a converter might write it).
-    struct Owned {
-        dtype: Dtype,
-        shape: Vec<usize>,
-        data: Vec<u8>,
-    }
-    impl View for &Owned {
-        fn dtype(&self) -> Dtype {
-            self.dtype
-        }
-        fn shape(&self) -> &[usize] {
-            &self.shape
-        }
-        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-            (&self.data[..]).into()
-        }
-        fn data_len(&self) -> usize {
-            self.data.len()
-        }
-    }
 
     /// A fresh, empty directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -1041,13 +1021,13 @@ mod tests {
     }
 
     /// Re-encodes a shard with different tensors (as a converter might write it).
-    fn rewrite_shard(path: &Path, f: impl FnOnce(&mut Vec<(String, Owned)>)) {
+    fn rewrite_shard(path: &Path, f: impl FnOnce(&mut Vec<(String, RawTensor<Vec<u8>>)>)) {
         let bytes = fs::read(path).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
-        let mut tensors: Vec<(String, Owned)> = st
+        let mut tensors: Vec<(String, RawTensor<Vec<u8>>)> = st
             .tensors()
             .into_iter()
-            .map(|(k, v)| (k, Owned { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }))
+            .map(|(k, v)| (k, RawTensor { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }))
             .collect();
         f(&mut tensors);
         let out = safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None).unwrap();
@@ -1102,7 +1082,7 @@ mod tests {
         reseal(&dir.0, "val");
         assert_mentions(&load_err(&dir.0), &["val-00000.safetensors", "tensor image.boxes missing"]);
         rewrite_shard(&p, |ts| {
-            let extra = Owned { dtype: Dtype::U8, shape: vec![1], data: vec![0] };
+            let extra = RawTensor { dtype: Dtype::U8, shape: vec![1], data: vec![0] };
             ts.push(("text.feature".to_string(), extra));
         });
         reseal(&dir.0, "val");

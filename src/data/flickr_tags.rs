@@ -20,10 +20,10 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use safetensors::tensor::{Dtype, SafeTensors};
 
 use super::dataset::{Dataset, Meta, RESERVED_TOKENS, Split};
-use super::shards::{DatasetWriter, Layout};
+use super::shards::{DatasetWriter, Layout, RawTensor};
 use super::synth::{SynthConfig, SynthPreset, generate};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -289,27 +289,6 @@ pub fn generate_flickr_tags(cfg: &FlickrTagsConfig, real: &RealTags) -> Result<F
 // ---------------------------------------------------------------------------------------------
 // Source-file encoding (the tensors of src/data/dataset.rs, one file per split)
 
-struct Owned {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &Owned {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        (&self.data[..]).into()
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
 fn le<T: Copy, const B: usize>(v: &[T], f: impl Fn(T) -> [u8; B]) -> Vec<u8> {
     v.iter().flat_map(|&x| f(x)).collect()
 }
@@ -317,7 +296,7 @@ fn le<T: Copy, const B: usize>(v: &[T], f: impl Fn(T) -> [u8; B]) -> Vec<u8> {
 fn encode_source_file(split: &str, s: &Split, m: &Meta) -> std::result::Result<Vec<u8>, String> {
     let (n, nt) = (s.num_images(), s.num_texts());
     let (r, dr, t, c) = (m.regions, m.feature_dim, m.max_tokens, m.num_labels);
-    let own = |dtype, shape: Vec<usize>, data| Owned { dtype, shape, data };
+    let own = |dtype, shape: Vec<usize>, data| RawTensor { dtype, shape, data };
     let mut tensors = vec![
         ("image.features", own(Dtype::F32, vec![n, r, dr], le(&s.image_features, f32::to_le_bytes))),
         ("image.boxes", own(Dtype::F32, vec![n, r, 5], le(&s.image_boxes, f32::to_le_bytes))),
@@ -381,8 +360,8 @@ mod tests {
         fs::create_dir_all(dir).unwrap();
         let (n, c, k) = (real.len(), real.label_names.len(), real.tag_names.len());
         let t = [
-            ("labels", Owned { dtype: Dtype::U8, shape: vec![n, c], data: real.labels.clone() }),
-            ("tags", Owned { dtype: Dtype::U8, shape: vec![n, k], data: real.tags.clone() }),
+            ("labels", RawTensor { dtype: Dtype::U8, shape: vec![n, c], data: real.labels.clone() }),
+            ("tags", RawTensor { dtype: Dtype::U8, shape: vec![n, k], data: real.tags.clone() }),
         ];
         let bytes = safetensors::tensor::serialize(t.iter().map(|(k, v)| (*k, v)), None).unwrap();
         fs::write(dir.join(DATA_FILE), bytes).unwrap();

@@ -884,13 +884,15 @@ impl ShardBuilder {
     }
 }
 
-struct Owned<'a> {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: &'a [u8],
+/// A tensor for `safetensors::serialize`, its bytes in any container (borrowed from a shard
+/// builder, or owned by a converter).
+pub struct RawTensor<B: AsRef<[u8]>> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: B,
 }
 
-impl View for &Owned<'_> {
+impl<B: AsRef<[u8]>> View for &RawTensor<B> {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
@@ -898,10 +900,10 @@ impl View for &Owned<'_> {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.data)
+        Cow::Borrowed(self.data.as_ref())
     }
     fn data_len(&self) -> usize {
-        self.data.len()
+        self.data.as_ref().len()
     }
 }
 
@@ -1058,19 +1060,21 @@ impl DatasetWriter {
         let (r, dr, t, c, dt) = (m.regions, m.feature_dim, m.max_tokens, m.num_labels, self.layout.text_feature_dim);
         let fdt = b.feature_dtype.unwrap_or(FeatureDtype::F32);
         let mut tensors = vec![
-            (IMAGE_FEATURES, Owned { dtype: fdt.dtype(), shape: vec![n, r, dr], data: &b.features }),
-            (IMAGE_BOXES, Owned { dtype: Dtype::F32, shape: vec![n, r, 5], data: &b.boxes }),
-            (IMAGE_COUNT, Owned { dtype: Dtype::U16, shape: vec![n], data: &b.count }),
-            (TEXT_LENGTH, Owned { dtype: Dtype::U16, shape: vec![mm], data: &b.length }),
-            (TEXT_ITEM, Owned { dtype: Dtype::U32, shape: vec![mm], data: &b.item }),
-            (LABELS, Owned { dtype: Dtype::U8, shape: vec![n, c], data: &b.labels }),
+            (IMAGE_FEATURES, RawTensor { dtype: fdt.dtype(), shape: vec![n, r, dr], data: &b.features }),
+            (IMAGE_BOXES, RawTensor { dtype: Dtype::F32, shape: vec![n, r, 5], data: &b.boxes }),
+            (IMAGE_COUNT, RawTensor { dtype: Dtype::U16, shape: vec![n], data: &b.count }),
+            (TEXT_LENGTH, RawTensor { dtype: Dtype::U16, shape: vec![mm], data: &b.length }),
+            (TEXT_ITEM, RawTensor { dtype: Dtype::U32, shape: vec![mm], data: &b.item }),
+            (LABELS, RawTensor { dtype: Dtype::U8, shape: vec![n, c], data: &b.labels }),
         ];
         match b.text_dtype {
-            Some(d) => tensors.push((TEXT_FEATURES, Owned { dtype: d.dtype(), shape: vec![mm, t, dt], data: &b.text })),
-            None => tensors.push((TEXT_TOKENS, Owned { dtype: Dtype::U32, shape: vec![mm, t], data: &b.text })),
+            Some(d) => {
+                tensors.push((TEXT_FEATURES, RawTensor { dtype: d.dtype(), shape: vec![mm, t, dt], data: &b.text }))
+            }
+            None => tensors.push((TEXT_TOKENS, RawTensor { dtype: Dtype::U32, shape: vec![mm, t], data: &b.text })),
         }
         if b.classes == Some(true) {
-            tensors.push((IMAGE_CLASSES, Owned { dtype: Dtype::U16, shape: vec![n, r], data: &b.class_bytes }));
+            tensors.push((IMAGE_CLASSES, RawTensor { dtype: Dtype::U16, shape: vec![n, r], data: &b.class_bytes }));
         }
         let file = format!("{split}-{:05}.safetensors", list.len());
         let path = self.tmp.join(&file);
