@@ -260,6 +260,54 @@ pub(crate) fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()
     Ok(())
 }
 
+/// Layer norm's operands: x `[rows, d]` with d > 0, γ and β of length d.
+pub(crate) fn check_layernorm_fwd(x: &Tensor, gamma: &View, beta: &View) -> Result<()> {
+    expect_cols("layernorm_fwd", x)?;
+    expect_len("layernorm_fwd", "gamma", gamma.len(), x.cols())?;
+    expect_len("layernorm_fwd", "beta", beta.len(), x.cols())
+}
+
+/// Layer norm backward's operands (`Backend::layernorm_bwd`).
+pub(crate) fn check_layernorm_bwd(
+    x: &Tensor,
+    stats: &Tensor,
+    gamma: &View,
+    dy: &Tensor,
+    dgamma_len: usize,
+    dbeta_len: usize,
+) -> Result<()> {
+    same_shape("layernorm_bwd", x, dy)?;
+    expect_cols("layernorm_bwd", x)?;
+    expect_len("layernorm_bwd", "stats", stats.len(), 2 * x.rows())?;
+    expect_len("layernorm_bwd", "gamma", gamma.len(), x.cols())?;
+    expect_len("layernorm_bwd", "dgamma", dgamma_len, x.cols())?;
+    expect_len("layernorm_bwd", "dbeta", dbeta_len, x.cols())
+}
+
+/// qkv `[tokens, 3·d]` for the batch, with d split into `heads` heads.
+pub(crate) fn check_attention(op: &'static str, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<()> {
+    rows_of(op, qkv, seg)?;
+    if heads == 0 || qkv.cols() == 0 || qkv.cols() % (3 * heads) != 0 {
+        return Err(crate::Error::shape(op, format!("{} qkv columns for {heads} heads", qkv.cols())));
+    }
+    Ok(())
+}
+
+/// Attention backward's operands, probabilities included (`Backend::attention_bwd`).
+pub(crate) fn check_attention_bwd(
+    qkv: &Tensor,
+    probs: &Tensor,
+    seg: &Segments,
+    heads: usize,
+    dout: &Tensor,
+) -> Result<()> {
+    check_attention("attention_bwd", qkv, seg, heads)?;
+    rows_of("attention_bwd", dout, seg)?;
+    expect_len("attention_bwd", "dout columns", dout.cols() * 3, qkv.cols())?;
+    let poff = cpu::attention::prob_offsets(&seg.offsets, heads);
+    expect_len("attention_bwd", "probs", probs.len(), poff[poff.len() - 1])
+}
+
 /// The GRU step's operands against the batch and the hidden width (`Backend::gru_step_fwd`).
 pub(crate) fn check_gru_step_fwd(
     step: GruStep,

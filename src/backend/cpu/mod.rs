@@ -12,8 +12,8 @@ pub mod optim;
 pub mod pool;
 
 use super::{
-    AdamW, Backend, Gemm, GruStep, Segments, check_gru_step_bwd, check_gru_step_fwd, expect_cols, expect_len, rows_of,
-    same_shape,
+    AdamW, Backend, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
+    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -190,9 +190,7 @@ impl Backend for Cpu {
     }
 
     fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
-        expect_cols("layernorm_fwd", x)?;
-        expect_len("layernorm_fwd", "gamma", gamma.len(), x.cols())?;
-        expect_len("layernorm_fwd", "beta", beta.len(), x.cols())?;
+        check_layernorm_fwd(x, &gamma, &beta)?;
         let (y, stats) = layernorm::forward(x.cpu(), gamma.cpu(), beta.cpu(), eps);
         Ok((Tensor::from_cpu(y, x.shape()), Tensor::from_cpu(stats, &[x.rows(), 2])))
     }
@@ -206,21 +204,13 @@ impl Backend for Cpu {
         dgamma: ViewMut,
         dbeta: ViewMut,
     ) -> Result<Tensor> {
-        same_shape("layernorm_bwd", x, dy)?;
-        expect_cols("layernorm_bwd", x)?;
-        expect_len("layernorm_bwd", "stats", stats.len(), 2 * x.rows())?;
-        expect_len("layernorm_bwd", "gamma", gamma.len(), x.cols())?;
-        expect_len("layernorm_bwd", "dgamma", dgamma.len(), x.cols())?;
-        expect_len("layernorm_bwd", "dbeta", dbeta.len(), x.cols())?;
+        check_layernorm_bwd(x, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
         let dx = layernorm::backward(x.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu());
         Ok(Tensor::from_cpu(dx, x.shape()))
     }
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
-        rows_of("attention_fwd", qkv, seg)?;
-        if heads == 0 || qkv.cols() == 0 || qkv.cols() % (3 * heads) != 0 {
-            return Err(Error::shape("attention_fwd", format!("{} qkv columns for {heads} heads", qkv.cols())));
-        }
+        check_attention("attention_fwd", qkv, seg, heads)?;
         let (out, probs) = attention::forward(qkv.cpu(), &seg.offsets, heads);
         let n = probs.len();
         Ok((Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]), Tensor::from_cpu(probs, &[n])))
@@ -234,14 +224,7 @@ impl Backend for Cpu {
         heads: usize,
         dout: &Tensor,
     ) -> Result<Tensor> {
-        rows_of("attention_bwd", qkv, seg)?;
-        rows_of("attention_bwd", dout, seg)?;
-        if heads == 0 || qkv.cols() == 0 || qkv.cols() % (3 * heads) != 0 {
-            return Err(Error::shape("attention_bwd", format!("{} qkv columns for {heads} heads", qkv.cols())));
-        }
-        expect_len("attention_bwd", "dout columns", dout.cols() * 3, qkv.cols())?;
-        let poff = attention::prob_offsets(&seg.offsets, heads);
-        expect_len("attention_bwd", "probs", probs.len(), poff[poff.len() - 1])?;
+        check_attention_bwd(qkv, probs, seg, heads, dout)?;
         let dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu());
         Ok(Tensor::from_cpu(dqkv, qkv.shape()))
     }

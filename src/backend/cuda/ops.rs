@@ -3,8 +3,8 @@
 
 use super::{Arg, COLSUM_ROWS, Cuda, DevBuf, DevIds, blocks, dev_err, dev_ids, tensor_ptr, view_mut_ptr, view_ptr};
 use crate::backend::{
-    AdamW, Backend, Gemm, GruStep, Segments, check_gru_step_bwd, check_gru_step_fwd, expect_cols, expect_len, rows_of,
-    same_shape,
+    AdamW, Backend, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
+    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -379,9 +379,7 @@ impl Backend for Cuda {
     }
 
     fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
-        expect_cols("layernorm_fwd", x)?;
-        expect_len("layernorm_fwd", "gamma", gamma.len(), x.cols())?;
-        expect_len("layernorm_fwd", "beta", beta.len(), x.cols())?;
+        check_layernorm_fwd(x, &gamma, &beta)?;
         let (rows, d) = (x.rows(), x.cols());
         let y = self.alloc_tensor(x.shape())?;
         let stats = self.alloc_tensor(&[rows, 2])?;
@@ -411,12 +409,7 @@ impl Backend for Cuda {
         dgamma: ViewMut,
         dbeta: ViewMut,
     ) -> Result<Tensor> {
-        same_shape("layernorm_bwd", x, dy)?;
-        expect_cols("layernorm_bwd", x)?;
-        expect_len("layernorm_bwd", "stats", stats.len(), 2 * x.rows())?;
-        expect_len("layernorm_bwd", "gamma", gamma.len(), x.cols())?;
-        expect_len("layernorm_bwd", "dgamma", dgamma.len(), x.cols())?;
-        expect_len("layernorm_bwd", "dbeta", dbeta.len(), x.cols())?;
+        check_layernorm_bwd(x, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
         let (rows, d) = (x.rows(), x.cols());
         let dx = self.alloc_tensor(x.shape())?;
         if rows == 0 || d == 0 {
@@ -439,10 +432,7 @@ impl Backend for Cuda {
     }
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
-        rows_of("attention_fwd", qkv, seg)?;
-        if heads == 0 || qkv.cols() == 0 || qkv.cols() % (3 * heads) != 0 {
-            return Err(Error::shape("attention_fwd", format!("{} qkv columns for {heads} heads", qkv.cols())));
-        }
+        check_attention("attention_fwd", qkv, seg, heads)?;
         super::attention::forward(self, qkv, seg, heads)
     }
 
@@ -454,11 +444,7 @@ impl Backend for Cuda {
         heads: usize,
         dout: &Tensor,
     ) -> Result<Tensor> {
-        rows_of("attention_bwd", qkv, seg)?;
-        rows_of("attention_bwd", dout, seg)?;
-        expect_len("attention_bwd", "dout columns", dout.cols() * 3, qkv.cols())?;
-        let poff = crate::backend::cpu::attention::prob_offsets(&seg.offsets, heads);
-        expect_len("attention_bwd", "probs", probs.len(), poff[poff.len() - 1])?;
+        check_attention_bwd(qkv, probs, seg, heads, dout)?;
         super::attention::backward(self, qkv, probs, seg, heads, dout)
     }
 
