@@ -2,6 +2,9 @@
 //! checked, read back through the memory-mapped reader, trained on and evaluated (database
 //! split, text features); the loader; `semshare check` on broken datasets; hostile shards.
 
+mod common;
+use common::tiny_model;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +20,7 @@ use semshare::data::shards::{
 };
 use semshare::data::{Meta, dataset::checksum};
 use semshare::eval::EvalConfig;
-use semshare::model::{EmbeddingKind, ModelConfig};
+use semshare::model::EmbeddingKind;
 use semshare::rng::Rng;
 use semshare::train::{RunOptions, TrainConfig, evaluate_split, train};
 
@@ -128,26 +131,6 @@ fn source_dir_shaped(name: &str, text_features: bool, database: bool, r: usize, 
         fs::write(dir.join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
     }
     dir
-}
-
-fn tiny_model(data: &DatasetReader) -> ModelConfig {
-    let m = data.meta();
-    ModelConfig {
-        region_dim: m.feature_dim,
-        max_regions: m.regions,
-        word_dim: 8,
-        gru_hidden: 8,
-        dim: 16,
-        layers: 1,
-        heads: 2,
-        ffn: 32,
-        max_tokens: m.max_tokens,
-        vocab: m.vocab_size(),
-        labels: m.num_labels,
-        object_classes: m.num_object_classes,
-        text_feature_dim: data.layout.text_feature_dim,
-        ..ModelConfig::small()
-    }
 }
 
 /// Packs, checks, trains 4 steps and evaluates `test`.

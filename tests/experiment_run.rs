@@ -2,6 +2,9 @@
 //! suite on a tiny dataset, resumption after a kill, refusal of another suite's state, the CCA
 //! baseline's features (hand-computed) and its retrieval on exactly linearly related modalities.
 
+mod common;
+use common::tiny_model;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -37,25 +40,6 @@ fn tiny_data(dir: &Path) -> Arc<DatasetReader> {
     (cfg.feature_dim, cfg.vocab_size, cfg.max_tokens, cfg.regions) = (16, 60, 8, 6);
     generate(&cfg).unwrap().save(dir.join("data")).unwrap();
     Arc::new(DatasetReader::open(dir.join("data")).unwrap())
-}
-
-fn tiny_model(data: &DatasetReader) -> ModelConfig {
-    let m = data.meta();
-    ModelConfig {
-        region_dim: m.feature_dim,
-        max_regions: m.regions,
-        word_dim: 8,
-        gru_hidden: 8,
-        dim: 16,
-        layers: 1,
-        heads: 2,
-        ffn: 32,
-        max_tokens: m.max_tokens,
-        vocab: m.vocab_size(),
-        labels: m.num_labels,
-        object_classes: m.num_object_classes.max(1),
-        ..ModelConfig::small()
-    }
 }
 
 fn config(data: &DatasetReader, dir: &Path, variants: &[Variant], seeds: u64) -> ExperimentConfig {

@@ -510,3 +510,24 @@ pub mod naive {
         y
     }
 }
+
+/// A tiny model (d = 16, one layer) fitted to a dataset's shapes: training tests on disk.
+pub fn tiny_model(data: &semshare::data::shards::DatasetReader) -> semshare::model::ModelConfig {
+    let m = data.meta();
+    semshare::model::ModelConfig {
+        region_dim: m.feature_dim,
+        max_regions: m.regions,
+        word_dim: 8,
+        gru_hidden: 8,
+        dim: 16,
+        layers: 1,
+        heads: 2,
+        ffn: 32,
+        max_tokens: m.max_tokens,
+        vocab: m.vocab_size(),
+        labels: m.num_labels,
+        object_classes: m.num_object_classes.max(1),
+        text_feature_dim: data.layout.text_feature_dim,
+        ..semshare::model::ModelConfig::small()
+    }
+}
