@@ -432,6 +432,9 @@ fn validation_ndcg(report: &Report, k: usize) -> f64 {
     report.avg.ndcg_at(k).or_else(|| report.avg.ndcg.last().map(|x| x.1)).unwrap_or(0.0)
 }
 
+/// The checkpoint file of the best validation step in a run directory.
+pub const BEST_CHECKPOINT: &str = "best.safetensors";
+
 /// Train on `data.train`, validate on `data.val`, keep `best.safetensors` and `last.safetensors`
 /// in `opts.out_dir`. A diverging loss stops the run with an error; checkpoints already
 /// written stay as they were.
@@ -460,7 +463,7 @@ pub fn train(
     };
     let kind: EmbeddingKind = cfg.embedding.parse()?;
     let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
-    let best_path = opts.out_dir.join("best.safetensors");
+    let best_path = opts.out_dir.join(BEST_CHECKPOINT);
     let last_path = opts.out_dir.join("last.safetensors");
     let start = Instant::now();
     let first = trainer.step;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use semshare::Error;
 use semshare::eval::metrics::{DirectionMetrics, Report};
 use semshare::experiment::plot::{EtaCurve, EtaPoint, eta_curves, figure1_svg, write_figure1};
-use semshare::experiment::report::{Directions, Scores, mean_std, summaries, summarize, write_table1};
+use semshare::experiment::report::{Directions, Scores, Tables, mean_std, summarize, write_table};
 use semshare::experiment::suite::{RunRecord, Suite, SuiteState, Variant};
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -76,7 +76,14 @@ fn summaries_cannot_mix_cut_offs() {
 
 fn record_of(state: &SuiteState, variant: Variant, seed: u64, ndcg_avg: f64) -> RunRecord {
     let key = *state.suite.runs().iter().find(|k| k.variant == variant && k.seed == seed).unwrap();
-    RunRecord { key, scores: scores(ndcg_avg), report: serde_json::Value::Null, seconds: 1.0, best_step: 10 }
+    RunRecord {
+        key,
+        scores: scores(ndcg_avg),
+        label: None,
+        report: serde_json::Value::Null,
+        seconds: 1.0,
+        best_step: 10,
+    }
 }
 
 #[test]
@@ -97,14 +104,25 @@ fn table1_files_hold_mean_and_std_per_variant_in_suite_order() {
         let r = record_of(&state, v, seed, x);
         state.record(&state_path, r).unwrap();
     }
-    let rows = summaries(&state).unwrap();
-    let order: Vec<String> = rows.iter().map(|r| r.label()).collect();
+    // Label scores for two of ours' seeds (10 below pooled) and none for the others.
+    let ours = state.records_of(Variant::Ours, None).iter().map(|r| (r.key, r.scores)).collect::<Vec<_>>();
+    for (key, pooled) in &ours[..2] {
+        state.record_label(&state_path, key, scores(pooled.ndcg.avg - 10.0)).unwrap();
+    }
+    let tables = Tables::of(&state).unwrap();
+    let order: Vec<String> = tables.pooled.iter().map(|r| r.label()).collect();
     assert_eq!(order, ["ours", "imc (η=1)", "st"]);
-    assert_eq!(rows.iter().map(|r| r.seeds).collect::<Vec<_>>(), [3, 2, 1]);
+    assert_eq!(tables.pooled.iter().map(|r| r.seeds).collect::<Vec<_>>(), [3, 2, 1]);
+    assert_eq!(tables.label.len(), 1);
+    assert_eq!((tables.label[0].variant, tables.label[0].seeds), (Variant::Ours, 2));
+    assert!(close(tables.label[0].ndcg.avg.mean, 56.5), "{:?}", tables.label[0]);
+    assert!(state.record_label(&state_path, &state.suite.runs()[1], scores(1.0)).is_err(), "not recorded");
 
     let out = dir.join("results");
-    write_table1(&out, "Table 1 — balanced", &rows).unwrap();
+    write_table(&out, "table1", "Table 1 — balanced", &tables).unwrap();
     let md = std::fs::read_to_string(out.join("table1.md")).unwrap();
+    let (md, label_md) = md.split_once("ranked with the label embedding").unwrap();
+    assert!(label_md.contains("| ours | 2 | 55.50 ± 0.71 |"), "{label_md}");
     let lines: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
     assert!(lines[0].contains("NDCG@500 I2T") && lines[0].contains("mAP@all avg"), "{md}");
     // ours: avg 67.17 ± 1.26; I2T = avg − 1 → 66.17 ± 1.26; T2I 68.17 ± 1.26.
@@ -123,6 +141,7 @@ fn table1_files_hold_mean_and_std_per_variant_in_suite_order() {
     assert!(close(ours["ndcg"]["avg"]["std"].as_f64().unwrap(), 1.258_305_739_211_791_6));
     assert!(json["rows"][2]["ndcg"]["avg"]["std"].is_null());
     assert_eq!(json["rows"][1]["eta"], 1.0);
+    assert_eq!(json["label_rows"].as_array().unwrap().len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -320,7 +339,14 @@ fn figure1_from_a_suite_state() {
     let mut state = SuiteState::open(&path, &suite).unwrap();
     for (i, key) in suite.runs().into_iter().enumerate() {
         let x = 60.0 + i as f64;
-        let r = RunRecord { key, scores: scores(x), report: serde_json::Value::Null, seconds: 1.0, best_step: 1 };
+        let r = RunRecord {
+            key,
+            scores: scores(x),
+            label: None,
+            report: serde_json::Value::Null,
+            seconds: 1.0,
+            best_step: 1,
+        };
         state.record(&path, r).unwrap();
     }
     let curves = eta_curves(&state).unwrap();

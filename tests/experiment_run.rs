@@ -77,6 +77,10 @@ fn same_records(a: &[RunRecord], b: &[RunRecord]) {
             (x.seconds, y.seconds),
         ];
         assert!(pairs.iter().all(|&(u, v)| close(u, v)), "{}: {pairs:?}", x.key);
+        match (x.label, y.label) {
+            (Some(l), Some(m)) => assert!(close(l.ndcg.avg, m.ndcg.avg) && close(l.map_all.avg, m.map_all.avg)),
+            (l, m) => assert_eq!(l.is_some(), m.is_some(), "{}: label scores on one side only", x.key),
+        }
     }
 }
 
@@ -96,17 +100,23 @@ fn a_restricted_table1_suite_completes_and_writes_the_table() {
         assert_eq!(r.best_step, if trained { 3 } else { 0 }, "{}", r.key);
         assert!(r.scores.k == 500 && r.scores.ndcg.avg > 0.0 && r.seconds > 0.0, "{:?}", r.scores);
         assert!(r.report["i2t"]["ndcg"].is_array(), "the full report is kept");
+        // Label scores of the same checkpoint for the trained runs; CCA has no classifier.
+        assert_eq!(r.label.is_some(), trained, "{}", r.key);
+        assert!(r.label.is_none_or(|l| l.k == 500 && l.ndcg.avg > 0.0 && l != r.scores), "{:?}", r.label);
         let run = dir.join("runs/table1").join(format!("{}-s{}", r.key.variant, r.key.seed));
         assert_eq!(run.join("best.safetensors").is_file(), trained, "{}", run.display());
     }
     let md = std::fs::read_to_string(dir.join("results/table1.md")).unwrap();
+    let (pooled, label) = md.split_once("ranked with the label embedding").unwrap();
     for row in ["| ours | 2 |", "| wo-c | 2 |", "| cca | 2 |"] {
-        assert!(md.contains(row), "{row} missing from\n{md}");
+        assert!(pooled.contains(row), "{row} missing from\n{md}");
     }
+    assert!(label.contains("| ours | 2 |") && label.contains("| wo-c | 2 |") && !label.contains("| cca"), "{md}");
     assert!(!md.contains("ours+con"), "{md}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("results/table1.json")).unwrap()).unwrap();
     assert_eq!(json["rows"].as_array().unwrap().len(), 3);
+    assert_eq!(json["label_rows"].as_array().unwrap().len(), 2);
     // CCA is deterministic: both seeds give the same scores.
     let cca = state.records_of(Variant::Cca, None);
     assert_eq!(cca[0].scores, cca[1].scores);
@@ -160,6 +170,38 @@ fn a_resumed_suite_does_only_the_remaining_runs() {
     assert_eq!(resumed.finished[2].scores, full.finished[2].scores);
     assert_eq!(resumed.finished[2].best_step, full.finished[2].best_step);
     assert!(resumed.finished[2].seconds != full.finished[2].seconds, "timed anew");
+}
+
+#[test]
+fn runs_recorded_without_label_scores_get_them_from_their_checkpoints() {
+    let dir = tmp("fill-label");
+    let data = tiny_data(&dir);
+    let cfg = config(&data, &dir, &[Variant::Ours, Variant::WoL, Variant::Cca], 1);
+    let full = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    // The state file of a suite from before label scores were kept; wo-l's checkpoint is gone.
+    let mut old = full.clone();
+    for r in &mut old.finished {
+        r.label = None;
+    }
+    let path = state_path(&cfg.out, SuiteKind::Table1);
+    let text = String::from_utf8(serde_json::to_vec_pretty(&old).unwrap()).unwrap();
+    assert!(!text.contains("\"label\""), "an old state file has no label field");
+    std::fs::write(&path, text).unwrap();
+    std::fs::remove_dir_all(cfg.runs_dir.join("table1/wo-l-s0")).unwrap();
+
+    let filled = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    assert_eq!(keys(&filled), keys(&full));
+    assert!(filled.finished.iter().zip(&full.finished).all(|(a, b)| a.scores == b.scores && a.seconds == b.seconds));
+    let label = |s: &SuiteState, v: Variant| s.records_of(v, None)[0].label;
+    assert_eq!(label(&filled, Variant::Ours), label(&full, Variant::Ours), "deterministic: the same scores");
+    assert!(label(&filled, Variant::Ours).is_some());
+    assert_eq!(label(&filled, Variant::WoL), None, "no checkpoint, nothing to score");
+    assert_eq!(label(&filled, Variant::Cca), None);
+    let on_disk: SuiteState = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(on_disk.records_of(Variant::Ours, None)[0].label, label(&full, Variant::Ours));
+    let md = std::fs::read_to_string(cfg.out.join("table1.md")).unwrap();
+    let (_, label_table) = md.split_once("ranked with the label embedding").unwrap();
+    assert!(label_table.contains("| ours | 1 |") && !label_table.contains("| wo-l"), "{md}");
 }
 
 #[test]

@@ -11,28 +11,12 @@
 
 mod common;
 
-use common::gpu::{gpu_or_skip, poison};
+use common::gpu::{compare_twins, gpu_or_skip, poison};
 use common::{Gen, cpu, randv, segments};
 use semshare::Error;
 use semshare::backend::Backend;
 
 const TOL: f64 = 1e-5;
-
-/// Same NaN positions (none, for an output written whole) and relative-norm error ≤ tol.
-fn compare(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(g, w)| g.is_nan() != w.is_nan()) {
-        panic!("{what}: element {i} is {} on the GPU and {} on the CPU (unwritten or wrong)", got[i], want[i]);
-    }
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(want).filter(|(g, _)| !g.is_nan()) {
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    let err = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
-    common::report(what, err);
-    assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");
-}
 
 fn check(g: &mut dyn Backend, lengths: &[usize], heads: usize, dh: usize, seed: u64) {
     let what = format!("lengths {lengths:?} heads {heads} dh {dh}");
@@ -56,12 +40,12 @@ fn check(g: &mut dyn Backend, lengths: &[usize], heads: usize, dh: usize, seed: 
     let (g_out, g_probs) = g.attention_fwd(&gq, &gseg, heads).unwrap();
     assert_eq!(g_out.shape(), c_out.shape(), "{what}: out shape");
     assert_eq!(g_probs.shape(), c_probs.shape(), "{what}: probs shape");
-    compare(&format!("attention_fwd out, {what}"), &g.download(g_out.view()).unwrap(), c_out.cpu(), TOL);
-    compare(&format!("attention_fwd probs, {what}"), &g.download(g_probs.view()).unwrap(), c_probs.cpu(), TOL);
+    compare_twins(&format!("attention_fwd out, {what}"), &g.download(g_out.view()).unwrap(), c_out.cpu(), TOL);
+    compare_twins(&format!("attention_fwd probs, {what}"), &g.download(g_probs.view()).unwrap(), c_probs.cpu(), TOL);
     poison(g, &[tokens * 3 * d]);
     let g_dqkv = g.attention_bwd(&gq, &g_probs, &gseg, heads, &gdo).unwrap();
     assert_eq!(g_dqkv.shape(), c_dqkv.shape(), "{what}: dqkv shape");
-    compare(&format!("attention_bwd dqkv, {what}"), &g.download(g_dqkv.view()).unwrap(), c_dqkv.cpu(), TOL);
+    compare_twins(&format!("attention_bwd dqkv, {what}"), &g.download(g_dqkv.view()).unwrap(), c_dqkv.cpu(), TOL);
 }
 
 #[test]

@@ -12,28 +12,12 @@
 
 mod common;
 
-use common::gpu::gpu_or_skip;
+use common::gpu::{compare_twins, gpu_or_skip};
 use common::{cpu, rand_range, randv, segments};
 use semshare::backend::{Backend, GruStep, Segments};
 use semshare::tensor::Tensor;
 
 const TOL: f64 = 1e-5;
-
-/// Same NaN positions and relative-norm error ≤ tol over the rest.
-fn compare(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(g, w)| g.is_nan() != w.is_nan()) {
-        panic!("{what}: element {i} is {} on the GPU and {} on the CPU (unwritten or wrong)", got[i], want[i]);
-    }
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(want).filter(|(g, _)| !g.is_nan()) {
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    let err = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
-    common::report(what, err);
-    assert!(err <= TOL, "{what}: relative error {err:.3e} > {TOL:.0e}");
-}
 
 /// The same host data as a tensor on both backends.
 fn pair(c: &mut dyn Backend, g: &mut dyn Backend, data: &[f32], shape: &[usize]) -> (Tensor, Tensor) {
@@ -76,9 +60,9 @@ fn check_step(
     let (mut cgates, mut ggates) = pair(c, g, &nan(items * 4 * hd), &[items, 4 * hd]);
     c.gru_step_fwd(step, cseg, &cx, &chp, &mut ch, &mut cout, &mut cgates).unwrap();
     g.gru_step_fwd(step, gseg, &gx, &ghp, &mut gh, &mut gout, &mut ggates).unwrap();
-    compare(&format!("gru_step_fwd h, {what}"), &g.download(gh.view()).unwrap(), ch.cpu());
-    compare(&format!("gru_step_fwd out, {what}"), &g.download(gout.view()).unwrap(), cout.cpu());
-    compare(&format!("gru_step_fwd gates, {what}"), &g.download(ggates.view()).unwrap(), cgates.cpu());
+    compare_twins(&format!("gru_step_fwd h, {what}"), &g.download(gh.view()).unwrap(), ch.cpu(), TOL);
+    compare_twins(&format!("gru_step_fwd out, {what}"), &g.download(gout.view()).unwrap(), cout.cpu(), TOL);
+    compare_twins(&format!("gru_step_fwd gates, {what}"), &g.download(ggates.view()).unwrap(), cgates.cpu(), TOL);
 
     // ---- backward
     let (cg, gg) = pair(c, g, &random_gates(seed ^ 0x33, items, hd), &[items, 4 * hd]);
@@ -89,9 +73,9 @@ fn check_step(
     let (mut cdhp, mut gdhp) = pair(c, g, &nan(items * 3 * hd), &[items, 3 * hd]);
     c.gru_step_bwd(step, cseg, &cg, &chprev, &cdo, &mut cdh, &mut cdx, &mut cdhp).unwrap();
     g.gru_step_bwd(step, gseg, &gg, &ghprev, &gdo, &mut gdh, &mut gdx, &mut gdhp).unwrap();
-    compare(&format!("gru_step_bwd dh, {what}"), &g.download(gdh.view()).unwrap(), cdh.cpu());
-    compare(&format!("gru_step_bwd dxproj, {what}"), &g.download(gdx.view()).unwrap(), cdx.cpu());
-    compare(&format!("gru_step_bwd dhproj, {what}"), &g.download(gdhp.view()).unwrap(), cdhp.cpu());
+    compare_twins(&format!("gru_step_bwd dh, {what}"), &g.download(gdh.view()).unwrap(), cdh.cpu(), TOL);
+    compare_twins(&format!("gru_step_bwd dxproj, {what}"), &g.download(gdx.view()).unwrap(), cdx.cpu(), TOL);
+    compare_twins(&format!("gru_step_bwd dhproj, {what}"), &g.download(gdhp.view()).unwrap(), cdhp.cpu(), TOL);
 }
 
 fn check(g: &mut dyn Backend, lengths: &[usize], hidden: usize, extra_cols: usize, seed: u64) {

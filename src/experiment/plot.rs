@@ -10,6 +10,7 @@ use std::path::Path;
 
 use super::report::summaries;
 use super::suite::SuiteState;
+use crate::model::EmbeddingKind;
 use crate::{Error, Result};
 
 /// One point: η and the score over seeds (×100).
@@ -29,7 +30,7 @@ pub struct EtaCurve {
 
 /// Figure 1's curves from an η-sweep state: average NDCG@k per (variant, η) with finished runs.
 pub fn eta_curves(state: &SuiteState) -> Result<Vec<EtaCurve>> {
-    let rows = summaries(state)?;
+    let rows = summaries(state, EmbeddingKind::Pooled)?;
     let mut curves: Vec<EtaCurve> = Vec::new();
     for r in rows {
         let Some(eta) = r.eta else { continue };

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::suite::{SuiteState, Variant};
 use crate::eval::metrics::{DirectionMetrics, Report};
+use crate::model::EmbeddingKind;
 use crate::{Error, Result};
 
 /// One score in both directions and their average (×100, as `eval::Report`).
@@ -124,8 +125,9 @@ pub fn summarize(variant: Variant, eta: Option<f64>, runs: &[Scores]) -> Result<
     })
 }
 
-/// One row per (variant, η) of the suite that has at least one finished run, in suite order.
-pub fn summaries(state: &SuiteState) -> Result<Vec<Summary>> {
+/// One row per (variant, η) of the suite that has at least one finished run scored with
+/// `embedding`, in suite order (CCA has no `label` scores, so no row in that table).
+pub fn summaries(state: &SuiteState, embedding: EmbeddingKind) -> Result<Vec<Summary>> {
     let mut out = Vec::new();
     let mut seen: Vec<(Variant, Option<f64>)> = Vec::new();
     for key in state.suite.runs() {
@@ -134,12 +136,36 @@ pub fn summaries(state: &SuiteState) -> Result<Vec<Summary>> {
             continue;
         }
         seen.push(id);
-        let runs: Vec<Scores> = state.records_of(key.variant, key.eta).iter().map(|r| r.scores).collect();
+        let runs: Vec<Scores> = state
+            .records_of(key.variant, key.eta)
+            .iter()
+            .filter_map(|r| match embedding {
+                EmbeddingKind::Pooled => Some(r.scores),
+                EmbeddingKind::Label => r.label,
+            })
+            .collect();
         if !runs.is_empty() {
             out.push(summarize(key.variant, key.eta, &runs)?);
         }
     }
     Ok(out)
+}
+
+/// A suite's rows ranked with each retrieval embedding.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Tables {
+    /// Ranked with the pooled embedding z (`rows` in the JSON, as before label rows existed).
+    #[serde(rename = "rows")]
+    pub pooled: Vec<Summary>,
+    /// The same checkpoints ranked with the label embedding.
+    #[serde(rename = "label_rows")]
+    pub label: Vec<Summary>,
+}
+
+impl Tables {
+    pub fn of(state: &SuiteState) -> Result<Tables> {
+        Ok(Tables { pooled: summaries(state, EmbeddingKind::Pooled)?, label: summaries(state, EmbeddingKind::Label)? })
+    }
 }
 
 fn cell(m: &MeanStd) -> String {
@@ -149,15 +175,30 @@ fn cell(m: &MeanStd) -> String {
     }
 }
 
-/// Table 1 as markdown: variants as rows, NDCG@k and mAP@all for I2T, T2I and their average.
-pub fn table1_markdown(title: &str, rows: &[Summary]) -> Result<String> {
+/// Table 1 as markdown: a table per retrieval embedding (pooled first), variants as rows,
+/// NDCG@k and mAP@all for I2T, T2I and their average.
+pub fn table1_markdown(title: &str, tables: &Tables) -> Result<String> {
+    let mut s = format!("# {title}\n\n## Ranked with the pooled embedding z\n\n");
+    s += &markdown_rows(&tables.pooled)?;
+    s += "\n## The same checkpoints ranked with the label embedding\n\n";
+    if tables.label.is_empty() {
+        s += "No run has label scores yet.\n";
+    } else {
+        s += &markdown_rows(&tables.label)?;
+    }
+    s += "\nScores ×100 on the test split: mean ± sample standard deviation over seeds (n − 1 in the \
+          denominator; — where one seed makes it undefined). Each run's checkpoint is the one with the \
+          best validation NDCG with the pooled embedding; CCA has no classifier, so no label row.\n";
+    Ok(s)
+}
+
+fn markdown_rows(rows: &[Summary]) -> Result<String> {
     let first = rows.first().ok_or_else(|| Error::data("Table 1 with no rows"))?;
     if let Some(r) = rows.iter().find(|r| r.k != first.k) {
         return Err(Error::data(format!("rows scored NDCG@{} and NDCG@{} in one table", first.k, r.k)));
     }
     let k = first.k;
-    let mut s = format!("# {title}\n\n");
-    s += &format!(
+    let mut s = format!(
         "| method | seeds | NDCG@{k} I2T | NDCG@{k} T2I | NDCG@{k} avg | mAP@all I2T | mAP@all T2I | mAP@all avg |\n"
     );
     s += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
@@ -166,28 +207,21 @@ pub fn table1_markdown(title: &str, rows: &[Summary]) -> Result<String> {
         let cells: Vec<String> = cells.into_iter().map(cell).collect();
         s += &format!("| {} | {} | {} |\n", r.label(), r.seeds, cells.join(" | "));
     }
-    s += "\nScores ×100 on the test split: mean ± sample standard deviation over seeds (n − 1 in the \
-          denominator; — where one seed makes it undefined).\n";
     Ok(s)
 }
 
 #[derive(Serialize)]
-struct Table1Json<'a> {
+struct TablesJson<'a> {
     title: &'a str,
-    rows: &'a [Summary],
+    #[serde(flatten)]
+    tables: &'a Tables,
 }
 
-/// Writes `dir/table1.md` and `dir/table1.json`, each atomically (a reader sees the previous
-/// table or the new one).
-pub fn write_table1(dir: &Path, title: &str, rows: &[Summary]) -> Result<()> {
-    write_table(dir, "table1", title, rows)
-}
-
-/// [`write_table1`] under another file stem: `dir/<stem>.md` and `dir/<stem>.json` (the η
-/// sweep's rows go to `eta.md` / `eta.json`, beside Table 1 without clobbering it).
-pub fn write_table(dir: &Path, stem: &str, title: &str, rows: &[Summary]) -> Result<()> {
-    let md = table1_markdown(title, rows)?;
-    let json = serde_json::to_string_pretty(&Table1Json { title, rows })
+/// Writes `dir/<stem>.md` and `dir/<stem>.json` (`table1`, or `eta` for the η sweep's rows
+/// beside Table 1), each atomically (a reader sees the previous table or the new one).
+pub fn write_table(dir: &Path, stem: &str, title: &str, tables: &Tables) -> Result<()> {
+    let md = table1_markdown(title, tables)?;
+    let json = serde_json::to_string_pretty(&TablesJson { title, tables })
         .map_err(|e| Error::data(format!("Table 1 as JSON: {e}")))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     crate::io::atomic_write(&dir.join(format!("{stem}.md")), md.as_bytes())?;

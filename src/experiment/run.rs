@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::plot::{eta_curves, write_figure1};
-use super::report::{Scores, summaries, write_table, write_table1};
+use super::report::{Scores, Tables, write_table};
 use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState, Variant};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
@@ -167,6 +167,8 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let path = state_path(&cfg.out, cfg.suite);
     let mut state = SuiteState::open(&path, &suite)?;
+    fill_in_label_scores(dev, data, cfg, &mut state, &path)?;
+    write_reports(&state, data.meta().name.as_str(), &cfg.out)?;
     let total = state.progress().1;
     let mut cca: Option<Report> = None;
     for key in state.remaining() {
@@ -181,20 +183,22 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
             eprintln!("run {k}/{total}  {key}  starting  (suite ETA {eta})");
         }
         let start = Instant::now();
-        let (report, best_step) = if key.variant.spec().trained {
-            train_and_test(dev, data, cfg, &key)?
+        let (report, label, best_step) = if key.variant.spec().trained {
+            let (report, best_step) = train_and_test(dev, data, cfg, &key, EmbeddingKind::Pooled)?;
+            let label = test_checkpoint(dev, data, &best_checkpoint(cfg, &key), EmbeddingKind::Label)?;
+            (report, Some(Scores::from_report(&label, NDCG_K)?), best_step)
         } else {
             // Deterministic: one fit serves every seed of a session.
             let report = match &cca {
                 Some(r) => r,
                 None => cca.insert(cca_run(data, cfg.progress)?),
             };
-            (report.clone(), 0)
+            (report.clone(), None, 0)
         };
         let scores = Scores::from_report(&report, NDCG_K)?;
         let report = serde_json::to_value(&report).map_err(|e| Error::data(format!("report as JSON: {e}")))?;
         let seconds = start.elapsed().as_secs_f64();
-        state.record(&path, RunRecord { key, scores, report, seconds, best_step })?;
+        state.record(&path, RunRecord { key, scores, label, report, seconds, best_step })?;
         write_reports(&state, data.meta().name.as_str(), &cfg.out)?;
         if cfg.progress {
             let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
@@ -211,13 +215,60 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     Ok(state)
 }
 
-/// Trains run `key` from scratch and test-evaluates its best checkpoint (pooled embeddings,
-/// `EvalConfig::default()`, the protocol of `train::evaluate_split`).
+/// Scores runs recorded without `label` scores (by a suite from before they were kept) from
+/// their best checkpoint, when the run directory still holds it; the others stay without.
+fn fill_in_label_scores(
+    dev: &mut dyn Backend,
+    data: &Arc<DatasetReader>,
+    cfg: &ExperimentConfig,
+    state: &mut SuiteState,
+    path: &Path,
+) -> Result<()> {
+    let missing: Vec<RunKey> =
+        state.finished.iter().filter(|r| r.label.is_none() && r.key.variant.spec().trained).map(|r| r.key).collect();
+    for key in missing {
+        let ckpt = best_checkpoint(cfg, &key);
+        if !ckpt.exists() {
+            if cfg.progress {
+                eprintln!("{key}: no label scores and no checkpoint at {} to compute them", ckpt.display());
+            }
+            continue;
+        }
+        let scores = Scores::from_report(&test_checkpoint(dev, data, &ckpt, EmbeddingKind::Label)?, NDCG_K)?;
+        if cfg.progress {
+            eprintln!("{key}: label scores filled in from {}: NDCG@{NDCG_K} {:.2}", ckpt.display(), scores.ndcg.avg);
+        }
+        state.record_label(path, &key, scores)?;
+    }
+    Ok(())
+}
+
+/// The checkpoint run `key` is scored with (best validation NDCG, pooled embedding).
+fn best_checkpoint(cfg: &ExperimentConfig, key: &RunKey) -> PathBuf {
+    run_dir(&cfg.runs_dir, cfg.suite, key).join(crate::train::BEST_CHECKPOINT)
+}
+
+/// The test report of a checkpoint ranked with `embedding` (`EvalConfig::default()`, the
+/// protocol of `train::evaluate_split`).
+fn test_checkpoint(
+    dev: &mut dyn Backend,
+    data: &DatasetReader,
+    ckpt: &Path,
+    embedding: EmbeddingKind,
+) -> Result<Report> {
+    let ckpt = Checkpoint::load(ckpt)?;
+    let net = SemShare::new(&ckpt.model)?;
+    let params = net.store.upload(dev, &ckpt.params)?;
+    evaluate_split(dev, &net, &params, data, "test", embedding, &EvalConfig::default())
+}
+
+/// Trains run `key` from scratch and test-evaluates its best checkpoint ranked with `embedding`.
 fn train_and_test(
     dev: &mut dyn Backend,
     data: &Arc<DatasetReader>,
     cfg: &ExperimentConfig,
     key: &RunKey,
+    embedding: EmbeddingKind,
 ) -> Result<(Report, u64)> {
     let model = key.variant.configure(&cfg.model);
     let train_cfg = TrainConfig {
@@ -233,24 +284,20 @@ fn train_and_test(
     }
     let opts = RunOptions { out_dir: dir, resume: None, progress: cfg.progress };
     let summary = train(dev, data, &model, &train_cfg, &opts)?;
-    let ckpt = Checkpoint::load(&summary.best_checkpoint)?;
-    let net = SemShare::new(&ckpt.model)?;
-    let params = net.store.upload(dev, &ckpt.params)?;
-    let report = evaluate_split(dev, &net, &params, data, "test", EmbeddingKind::Pooled, &EvalConfig::default())?;
-    Ok((report, summary.best_step))
+    Ok((test_checkpoint(dev, data, &summary.best_checkpoint, embedding)?, summary.best_step))
 }
 
 /// Rewrites the suite's reports from its state: Table 1 (`table1.md`, `table1.json`), or for
 /// the η sweep Figure 1 (`figure1.svg`) and its rows as a table (`eta.md`, `eta.json`).
 pub fn write_reports(state: &SuiteState, dataset: &str, out: &Path) -> Result<()> {
-    let rows = summaries(state)?;
-    if rows.is_empty() {
+    let tables = Tables::of(state)?;
+    if tables.pooled.is_empty() {
         return Ok(());
     }
     match state.suite.kind {
-        SuiteKind::Table1 => write_table1(out, &format!("Table 1 — {dataset}"), &rows),
+        SuiteKind::Table1 => write_table(out, "table1", &format!("Table 1 — {dataset}"), &tables),
         SuiteKind::Eta => {
-            write_table(out, "eta", &format!("η sweep — {dataset}"), &rows)?;
+            write_table(out, "eta", &format!("η sweep — {dataset}"), &tables)?;
             let title = format!("Figure 1 — {dataset}: NDCG@{NDCG_K} against η");
             write_figure1(&out.join("figure1.svg"), &title, NDCG_K, &eta_curves(state)?)
         }

@@ -345,7 +345,14 @@ fn has_duplicate<T: PartialEq>(xs: &[T]) -> bool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     pub key: RunKey,
+    /// Test scores ranked with the `pooled` embedding z (every variant; the space the
+    /// consistency losses act on and the one validation selects the checkpoint with).
     pub scores: Scores,
+    /// The same checkpoint's test scores ranked with the `label` embedding (DESIGN.md §1, the
+    /// authors' retrieval embedding); None for CCA, which has no classifier, and for runs
+    /// recorded before suites kept it until [`crate::experiment::run::run_suite`] fills it in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<Scores>,
     /// The full `eval::Report` of the test split (PR curves, every cut-off), kept as JSON.
     pub report: serde_json::Value,
     /// Wall-clock seconds of the run (training + evaluation).
@@ -418,14 +425,25 @@ impl SuiteState {
             return Err(Error::config(format!("run `{}` is already recorded", record.key)));
         }
         self.finished.push(record);
-        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::data(format!("suite state: {e}")));
-        match json.and_then(|bytes| crate::io::atomic_write(path, &bytes)) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.finished.pop(); // memory stays what the disk says
-                Err(e)
-            }
-        }
+        self.save(path).inspect_err(|_| {
+            self.finished.pop(); // memory stays what the disk says
+        })
+    }
+
+    /// Sets the `label` scores of finished run `key` and rewrites the state file atomically.
+    pub fn record_label(&mut self, path: &Path, key: &RunKey, label: Scores) -> Result<()> {
+        let Some(i) = self.finished.iter().position(|r| r.key == *key) else {
+            return Err(Error::config(format!("run `{key}` is not recorded")));
+        };
+        let old = self.finished[i].label.replace(label);
+        self.save(path).inspect_err(|_| {
+            self.finished[i].label = old; // memory stays what the disk says
+        })
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::data(format!("suite state: {e}")))?;
+        crate::io::atomic_write(path, &bytes)
     }
 
     /// The finished records of one variant at one η, in seed order of the suite.

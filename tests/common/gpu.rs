@@ -52,3 +52,20 @@ pub fn poison(dev: &mut dyn Backend, elems: &[usize]) {
     }
     drop(held); // back to the free lists, newest on top
 }
+
+/// Same NaN positions (none, for an output written whole) and relative-norm error ≤ `tol`
+/// over the rest: an element the GPU left poisoned, or wrote where the CPU did not, fails.
+pub fn compare_twins(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(g, w)| g.is_nan() != w.is_nan()) {
+        panic!("{what}: element {i} is {} on the GPU and {} on the CPU (unwritten or wrong)", got[i], want[i]);
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want).filter(|(g, _)| !g.is_nan()) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    let err = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    super::report(what, err);
+    assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");
+}
