@@ -1,6 +1,8 @@
 //! Training behaviour: bitwise determinism on the CPU, learning, divergence handling that
 //! keeps the last good checkpoint, and resumption.
 
+mod common;
+
 use semshare::Error;
 use semshare::backend::cpu::Cpu;
 use std::path::Path;
@@ -20,21 +22,7 @@ fn tiny_data(seed: u64) -> Dataset {
 }
 
 fn tiny_model(data: &Dataset) -> ModelConfig {
-    ModelConfig {
-        region_dim: data.meta.feature_dim,
-        max_regions: data.meta.regions,
-        word_dim: 8,
-        gru_hidden: 8,
-        dim: 16,
-        layers: 1,
-        heads: 2,
-        ffn: 32,
-        max_tokens: data.meta.max_tokens,
-        vocab: data.meta.vocab_size(),
-        labels: data.meta.num_labels,
-        object_classes: data.meta.num_object_classes,
-        ..ModelConfig::small()
-    }
+    common::tiny_model_of(&data.meta, 0)
 }
 
 /// Training reads datasets from disk: `data` is written to `dir/data` and opened.

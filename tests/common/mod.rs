@@ -513,7 +513,11 @@ pub mod naive {
 
 /// A tiny model (d = 16, one layer) fitted to a dataset's shapes: training tests on disk.
 pub fn tiny_model(data: &semshare::data::shards::DatasetReader) -> semshare::model::ModelConfig {
-    let m = data.meta();
+    tiny_model_of(data.meta(), data.layout.text_feature_dim)
+}
+
+/// [`tiny_model`] from a dataset's metadata (an in-memory `Dataset` has token texts: 0).
+pub fn tiny_model_of(m: &semshare::data::Meta, text_feature_dim: usize) -> semshare::model::ModelConfig {
     semshare::model::ModelConfig {
         region_dim: m.feature_dim,
         max_regions: m.regions,
@@ -527,7 +531,7 @@ pub fn tiny_model(data: &semshare::data::shards::DatasetReader) -> semshare::mod
         vocab: m.vocab_size(),
         labels: m.num_labels,
         object_classes: m.num_object_classes.max(1),
-        text_feature_dim: data.layout.text_feature_dim,
+        text_feature_dim,
         ..semshare::model::ModelConfig::small()
     }
 }
