@@ -109,7 +109,7 @@ fn table1_files_hold_mean_and_std_per_variant_in_suite_order() {
     for (key, pooled) in &ours[..2] {
         state.record_label(&state_path, key, scores(pooled.ndcg.avg - 10.0)).unwrap();
     }
-    let tables = Tables::of(&state).unwrap();
+    let tables = Tables::of(&state, "pooled").unwrap();
     let order: Vec<String> = tables.pooled.iter().map(|r| r.label()).collect();
     assert_eq!(order, ["ours", "imc (η=1)", "st"]);
     assert_eq!(tables.pooled.iter().map(|r| r.seeds).collect::<Vec<_>>(), [3, 2, 1]);
@@ -123,6 +123,7 @@ fn table1_files_hold_mean_and_std_per_variant_in_suite_order() {
     let md = std::fs::read_to_string(out.join("table1.md")).unwrap();
     let (md, label_md) = md.split_once("ranked with the label embedding").unwrap();
     assert!(label_md.contains("| ours | 2 | 55.50 ± 0.71 |"), "{label_md}");
+    assert!(label_md.contains("best validation NDCG ranked with the pooled embedding"), "{label_md}");
     let lines: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
     assert!(lines[0].contains("NDCG@500 I2T") && lines[0].contains("mAP@all avg"), "{md}");
     // ours: avg 67.17 ± 1.26; I2T = avg − 1 → 66.17 ± 1.26; T2I 68.17 ± 1.26.
@@ -142,6 +143,7 @@ fn table1_files_hold_mean_and_std_per_variant_in_suite_order() {
     assert!(json["rows"][2]["ndcg"]["avg"]["std"].is_null());
     assert_eq!(json["rows"][1]["eta"], 1.0);
     assert_eq!(json["label_rows"].as_array().unwrap().len(), 1);
+    assert_eq!(json["checkpoints_selected_with"], "pooled");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -205,6 +205,27 @@ fn runs_recorded_without_label_scores_get_them_from_their_checkpoints() {
 }
 
 #[test]
+fn a_suite_can_select_checkpoints_with_the_label_embedding() {
+    let dir = tmp("label-val");
+    let data = tiny_data(&dir);
+    let pooled = config(&data, &dir, &[Variant::Ours], 1);
+    let cfg =
+        ExperimentConfig { train: TrainConfig { embedding: "label".into(), ..pooled.train.clone() }, ..pooled.clone() };
+    assert_ne!(
+        fingerprint(&data, &cfg.model, &cfg.train).unwrap(),
+        fingerprint(&data, &pooled.model, &pooled.train).unwrap(),
+        "another selection is another suite"
+    );
+    let state = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    assert!(state.finished[0].label.is_some());
+    let md = std::fs::read_to_string(cfg.out.join("table1.md")).unwrap();
+    assert!(md.contains("best validation NDCG ranked with the label embedding"), "{md}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg.out.join("table1.json")).unwrap()).unwrap();
+    assert_eq!(json["checkpoints_selected_with"], "label");
+}
+
+#[test]
 fn a_state_of_another_suite_is_refused() {
     let dir = tmp("refuse");
     let data = tiny_data(&dir);

@@ -160,11 +160,19 @@ pub struct Tables {
     /// The same checkpoints ranked with the label embedding.
     #[serde(rename = "label_rows")]
     pub label: Vec<Summary>,
+    /// The embedding validation ranked with to choose each run's checkpoint
+    /// (`TrainConfig::embedding`).
+    #[serde(rename = "checkpoints_selected_with")]
+    pub selected_with: String,
 }
 
 impl Tables {
-    pub fn of(state: &SuiteState) -> Result<Tables> {
-        Ok(Tables { pooled: summaries(state, EmbeddingKind::Pooled)?, label: summaries(state, EmbeddingKind::Label)? })
+    pub fn of(state: &SuiteState, selected_with: &str) -> Result<Tables> {
+        Ok(Tables {
+            pooled: summaries(state, EmbeddingKind::Pooled)?,
+            label: summaries(state, EmbeddingKind::Label)?,
+            selected_with: selected_with.to_string(),
+        })
     }
 }
 
@@ -187,8 +195,12 @@ pub fn table1_markdown(title: &str, tables: &Tables) -> Result<String> {
         s += &markdown_rows(&tables.label)?;
     }
     s += "\nScores ×100 on the test split: mean ± sample standard deviation over seeds (n − 1 in the \
-          denominator; — where one seed makes it undefined). Each run's checkpoint is the one with the \
-          best validation NDCG with the pooled embedding; CCA has no classifier, so no label row.\n";
+          denominator; — where one seed makes it undefined). ";
+    s += &format!(
+        "Each run's checkpoint is the one with the best validation NDCG ranked with the {} embedding; \
+         CCA has no classifier, so no label row.\n",
+        tables.selected_with
+    );
     Ok(s)
 }
 

@@ -168,7 +168,7 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     let path = state_path(&cfg.out, cfg.suite);
     let mut state = SuiteState::open(&path, &suite)?;
     fill_in_label_scores(dev, data, cfg, &mut state, &path)?;
-    write_reports(&state, data.meta().name.as_str(), &cfg.out)?;
+    write_reports(&state, data.meta().name.as_str(), &cfg.out, &cfg.train.embedding)?;
     let total = state.progress().1;
     let mut cca: Option<Report> = None;
     for key in state.remaining() {
@@ -199,7 +199,7 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
         let report = serde_json::to_value(&report).map_err(|e| Error::data(format!("report as JSON: {e}")))?;
         let seconds = start.elapsed().as_secs_f64();
         state.record(&path, RunRecord { key, scores, label, report, seconds, best_step })?;
-        write_reports(&state, data.meta().name.as_str(), &cfg.out)?;
+        write_reports(&state, data.meta().name.as_str(), &cfg.out, &cfg.train.embedding)?;
         if cfg.progress {
             let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
             let mean = done.iter().sum::<f64>() / done.len() as f64;
@@ -289,8 +289,8 @@ fn train_and_test(
 
 /// Rewrites the suite's reports from its state: Table 1 (`table1.md`, `table1.json`), or for
 /// the η sweep Figure 1 (`figure1.svg`) and its rows as a table (`eta.md`, `eta.json`).
-pub fn write_reports(state: &SuiteState, dataset: &str, out: &Path) -> Result<()> {
-    let tables = Tables::of(state)?;
+pub fn write_reports(state: &SuiteState, dataset: &str, out: &Path, selected_with: &str) -> Result<()> {
+    let tables = Tables::of(state, selected_with)?;
     if tables.pooled.is_empty() {
         return Ok(());
     }
