@@ -19,8 +19,9 @@ done
 [[ -f "$DATA/flickr-tags/dataset.json" ]] ||
   $BIN synth --preset flickr-tags --labels ../shared/data/mirflickr25k --train 4000 --val 500 --test 1000 \
     --out "$DATA/flickr-tags"
-suite() { # suite DATASET SUITE SEEDS
-  $BIN experiment --suite "$2" --data "$DATA/$1" --seeds "$3" --out "docs/results/$1" --runs "$DATA/runs/$1"
+suite() { # suite DATASET SUITE SEEDS [OUT_NAME EXTRA_ARGS...]
+  local out=${4:-$1}
+  $BIN experiment --suite "$2" --data "$DATA/$1" --seeds "$3" --out "docs/results/$out" --runs "$DATA/runs/$out" "${@:5}"
 }
 suite flickr-tags table1 "$SEEDS"
 suite weak-image table1 1
@@ -29,3 +30,8 @@ suite flickr-tags eta 1
 suite weak-image table1 "$SEEDS"
 suite balanced table1 "$SEEDS"
 suite flickr-tags eta "$SEEDS"
+# Checks of the report: 3x the budget for the figure's methods (one seed), and checkpoints
+# selected with the label embedding instead of pooled.
+suite flickr-tags table1 1 flickr-tags-1800 --variants ours,imc,dscmr --steps 1800
+suite flickr-tags table1 "$SEEDS" flickr-tags-label-select --variants ours,imc,st,wo-c,dscmr \
+  --config tools/experiment-label-select.json
