@@ -19,6 +19,7 @@ use crate::data::shards::{DatasetReader, SplitReader};
 use crate::eval::cca::{Cca, CcaConfig};
 use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery, normalize_rows};
 use crate::model::{EmbeddingKind, ModelConfig, SemShare};
+use crate::tensor::Tensor;
 use crate::train::{RunOptions, TrainConfig, check_fits, evaluate_split, train};
 use crate::{Error, Result};
 
@@ -184,8 +185,10 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
         }
         let start = Instant::now();
         let (report, label, best_step) = if key.variant.spec().trained {
-            let (report, best_step) = train_and_test(dev, data, cfg, &key, EmbeddingKind::Pooled)?;
-            let label = test_checkpoint(dev, data, &best_checkpoint(cfg, &key), EmbeddingKind::Label)?;
+            let (ckpt, best_step) = train_run(dev, data, cfg, &key)?;
+            let (net, params) = load_checkpoint(dev, &ckpt)?;
+            let report = test_report(dev, data, &net, &params, EmbeddingKind::Pooled)?;
+            let label = test_report(dev, data, &net, &params, EmbeddingKind::Label)?;
             (report, Some(Scores::from_report(&label, NDCG_K)?), best_step)
         } else {
             // Deterministic: one fit serves every seed of a session.
@@ -234,7 +237,8 @@ fn fill_in_label_scores(
             }
             continue;
         }
-        let scores = Scores::from_report(&test_checkpoint(dev, data, &ckpt, EmbeddingKind::Label)?, NDCG_K)?;
+        let (net, params) = load_checkpoint(dev, &ckpt)?;
+        let scores = Scores::from_report(&test_report(dev, data, &net, &params, EmbeddingKind::Label)?, NDCG_K)?;
         if cfg.progress {
             eprintln!("{key}: label scores filled in from {}: NDCG@{NDCG_K} {:.2}", ckpt.display(), scores.ndcg.avg);
         }
@@ -248,28 +252,33 @@ fn best_checkpoint(cfg: &ExperimentConfig, key: &RunKey) -> PathBuf {
     run_dir(&cfg.runs_dir, cfg.suite, key).join(crate::train::BEST_CHECKPOINT)
 }
 
-/// The test report of a checkpoint ranked with `embedding` (`EvalConfig::default()`, the
-/// protocol of `train::evaluate_split`).
-fn test_checkpoint(
-    dev: &mut dyn Backend,
-    data: &DatasetReader,
-    ckpt: &Path,
-    embedding: EmbeddingKind,
-) -> Result<Report> {
-    let ckpt = Checkpoint::load(ckpt)?;
+/// A checkpoint's model and its parameters on `dev`.
+fn load_checkpoint(dev: &mut dyn Backend, path: &Path) -> Result<(SemShare, Tensor)> {
+    let ckpt = Checkpoint::load(path)?;
     let net = SemShare::new(&ckpt.model)?;
     let params = net.store.upload(dev, &ckpt.params)?;
-    evaluate_split(dev, &net, &params, data, "test", embedding, &EvalConfig::default())
+    Ok((net, params))
 }
 
-/// Trains run `key` from scratch and test-evaluates its best checkpoint ranked with `embedding`.
-fn train_and_test(
+/// The test report ranked with `embedding` (`EvalConfig::default()`, the protocol of
+/// `train::evaluate_split`).
+fn test_report(
+    dev: &mut dyn Backend,
+    data: &DatasetReader,
+    net: &SemShare,
+    params: &Tensor,
+    embedding: EmbeddingKind,
+) -> Result<Report> {
+    evaluate_split(dev, net, params, data, "test", embedding, &EvalConfig::default())
+}
+
+/// Trains run `key` from scratch; returns its best checkpoint and that checkpoint's step.
+fn train_run(
     dev: &mut dyn Backend,
     data: &Arc<DatasetReader>,
     cfg: &ExperimentConfig,
     key: &RunKey,
-    embedding: EmbeddingKind,
-) -> Result<(Report, u64)> {
+) -> Result<(PathBuf, u64)> {
     let model = key.variant.configure(&cfg.model);
     let train_cfg = TrainConfig {
         variant: key.variant,
@@ -284,7 +293,7 @@ fn train_and_test(
     }
     let opts = RunOptions { out_dir: dir, resume: None, progress: cfg.progress };
     let summary = train(dev, data, &model, &train_cfg, &opts)?;
-    Ok((test_checkpoint(dev, data, &summary.best_checkpoint, embedding)?, summary.best_step))
+    Ok((summary.best_checkpoint, summary.best_step))
 }
 
 /// Rewrites the suite's reports from its state: Table 1 (`table1.md`, `table1.json`), or for
