@@ -247,7 +247,8 @@ fn fill_in_label_scores(
     Ok(())
 }
 
-/// The checkpoint run `key` is scored with (best validation NDCG, pooled embedding).
+/// The checkpoint run `key` is scored with (best validation NDCG, ranked with
+/// `TrainConfig::embedding`).
 fn best_checkpoint(cfg: &ExperimentConfig, key: &RunKey) -> PathBuf {
     run_dir(&cfg.runs_dir, cfg.suite, key).join(crate::train::BEST_CHECKPOINT)
 }

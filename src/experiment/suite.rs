@@ -346,7 +346,8 @@ fn has_duplicate<T: PartialEq>(xs: &[T]) -> bool {
 pub struct RunRecord {
     pub key: RunKey,
     /// Test scores ranked with the `pooled` embedding z (every variant; the space the
-    /// consistency losses act on and the one validation selects the checkpoint with).
+    /// consistency losses act on). Validation ranks with `TrainConfig::embedding` (pooled
+    /// unless the suite's configuration says label).
     pub scores: Scores,
     /// The same checkpoint's test scores ranked with the `label` embedding (DESIGN.md §1, the
     /// authors' retrieval embedding); None for CCA, which has no classifier, and for runs
