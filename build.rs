@@ -7,6 +7,10 @@
 //! would forbid inlining device helpers across files and costs registers). The price: each
 //! kernel file keeps its file-local helpers in its own namespace so names cannot collide.
 //! Without the feature nothing here runs and no CUDA tool is needed.
+//!
+//! Also with `cuda`: the emulated device (`emu/`, a stand-in for libcuda and libcublas that runs
+//! the fatbin's PTX on the CPU) is compiled with plain `rustc` into `$OUT_DIR/emu/`, and the
+//! deliberately broken kernels of `tests/kernels/` into PTX for the emulator's own tests.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -66,6 +70,9 @@ mod cuda {
             .args(["-gencode", "arch=compute_80,code=sm_80"])
             .args(["-gencode", "arch=compute_90,code=sm_90"])
             .args(["-gencode", "arch=compute_90,code=compute_90"])
+            // Plain (uncompressed) entries: the emulated device reads the PTX out of this very
+            // fatbin, so what it runs is what the GPU JIT-compiles.
+            .arg("-compress-mode=none")
             // -v: per-kernel registers/spills (kept in OUT_DIR/ptxas.txt); -warn-spills: flag them.
             .args(["-Xptxas", "-v,-warn-spills"])
             .arg("-I")
@@ -87,6 +94,79 @@ mod cuda {
                 println!("cargo:warning=ptxas: {line}");
             }
         }
+        broken_kernels(&root, &nvcc, &out);
+        emulator(&root, &out);
+    }
+
+    /// `tests/kernels/*.cu` → PTX: kernels with a planted bug that the emulator must catch.
+    fn broken_kernels(root: &Path, nvcc: &Path, out: &Path) {
+        let dir = root.join("tests/kernels");
+        println!("cargo:rerun-if-changed={}", dir.display());
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        files.sort();
+        for src in files.into_iter().filter(|p| p.extension().is_some_and(|e| e == "cu")) {
+            println!("cargo:rerun-if-changed={}", src.display());
+            let stem = src.file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
+            let ptx = out.join(format!("{stem}.ptx"));
+            let o = Command::new(nvcc)
+                .args(["-ptx", "-O3", "-std=c++17", "-arch=compute_90", "-o"])
+                .arg(&ptx)
+                .arg(&src)
+                .output()
+                .unwrap_or_else(|e| fail(&format!("cannot run {}: {e}", nvcc.display())));
+            if !o.status.success() {
+                fail(&format!("nvcc failed on {}:\n{}", src.display(), String::from_utf8_lossy(&o.stderr)));
+            }
+        }
+    }
+
+    /// The emulated device: `emu/libcuda.rs` → `$OUT_DIR/emu/libcuda.so` (soname `libcuda.so`),
+    /// `emu/libcublas.rs` → `libcublas.so` linked against it. Plain rustc, std only, optimised
+    /// whatever the profile (it interprets every kernel instruction). Its folder reaches the
+    /// crate as `SEMSHARE_EMU_DIR`.
+    fn emulator(root: &Path, out: &Path) {
+        let src = root.join("emu");
+        println!("cargo:rerun-if-changed={}", src.display());
+        let dir = out.join("emu");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", dir.display())));
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+        let target = std::env::var("TARGET").unwrap_or_default();
+        for (root_file, lib, extra) in [
+            ("libcuda.rs", "cuda", vec![]),
+            (
+                "libcublas.rs",
+                "cublas",
+                vec!["-L".to_string(), dir.display().to_string(), "-l".into(), "dylib=cuda".into()],
+            ),
+        ] {
+            let file = src.join(root_file);
+            println!("cargo:rerun-if-changed={}", file.display());
+            let mut cmd = Command::new(&rustc);
+            cmd.args(["--edition", "2021", "--crate-type", "cdylib", "--crate-name"])
+                .arg(format!("semshare_emu_{lib}"))
+                .args(["-C", "opt-level=3", "-C", "debuginfo=0"])
+                .arg("-C")
+                .arg(format!("link-arg=-Wl,-soname,lib{lib}.so"))
+                .args(&extra);
+            if !target.is_empty() {
+                cmd.args(["--target", &target]);
+            }
+            let o = cmd
+                .arg(&file)
+                .arg("-o")
+                .arg(dir.join(format!("lib{lib}.so")))
+                .output()
+                .unwrap_or_else(|e| fail(&format!("cannot run {rustc}: {e}")));
+            if !o.status.success() {
+                fail(&format!(
+                    "building the emulated device ({}) failed:\n{}",
+                    file.display(),
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+        }
+        println!("cargo:rustc-env=SEMSHARE_EMU_DIR={}", dir.display());
     }
 
     /// `$NVCC`, `$CUDA_HOME/bin/nvcc`, `nvcc` on PATH, then the pinned toolchain folder.

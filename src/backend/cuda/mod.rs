@@ -75,8 +75,39 @@ fn blas_err(what: impl std::fmt::Display) -> impl FnOnce(cudarc::cublas::result:
     move |e| Error::Device { what: format!("cuBLAS: {what}: {:?}", e.0) }
 }
 
+/// Whether `SEMSHARE_GPU=emulated` asks for the emulated device instead of a GPU.
+pub fn emulated() -> bool {
+    std::env::var("SEMSHARE_GPU").is_ok_and(|v| v == "emulated")
+}
+
+/// With `SEMSHARE_GPU=emulated`: opens the emulated device's `libcuda.so` and `libcublas.so`
+/// (`emu/`, built by build.rs) by path, once, before cudarc's first driver call. cudarc's own
+/// `dlopen("libcuda.so")` then finds them by their soname, so everything below, cudarc
+/// included, runs exactly as on a GPU.
+fn load_emulator_if_asked() -> Result<()> {
+    static LOADED: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    if !emulated() {
+        return Ok(());
+    }
+    let loaded = LOADED.get_or_init(|| {
+        let dir = std::path::Path::new(env!("SEMSHARE_EMU_DIR"));
+        for lib in ["libcuda.so", "libcublas.so"] {
+            let path = dir.join(lib);
+            // SAFETY: our own library (emu/), whose loading runs no initialisers.
+            let l = unsafe { libloading::Library::new(&path) }
+                .map_err(|e| format!("SEMSHARE_GPU=emulated: cannot load {}: {e}", path.display()))?;
+            std::mem::forget(l); // loaded for the life of the process, as a driver is
+        }
+        Ok(())
+    });
+    loaded.clone().map_err(|what| Error::Device { what })
+}
+
 /// Whether this process can use a GPU: libcuda loads and reports at least one device.
 pub fn available() -> bool {
+    if load_emulator_if_asked().is_err() {
+        return false;
+    }
     // SAFETY: only probes for the shared library; no driver call is made if it is absent.
     if !unsafe { cu::is_culib_present() } {
         return false;
@@ -396,6 +427,7 @@ impl Cuda {
     /// Opens GPU `ordinal`: context, one stream, the kernels, cuBLAS. Every failure (no
     /// libcuda, no device, a driver too old for the fatbin) is an `Error::Device`.
     pub fn new(ordinal: usize) -> Result<Cuda> {
+        load_emulator_if_asked()?;
         // SAFETY: only probes for the shared libraries; cudarc would panic on first use without.
         if !unsafe { cu::is_culib_present() } {
             return Err(Error::Device {

@@ -1,0 +1,122 @@
+//! cuBLAS SGEMM on the CPU: the same column-major arguments, every operand checked against the
+//! live allocations before anything is read or written. Columns of C are split over threads;
+//! each column accumulates in f32 (cuBLAS's order differs, as the CPU twin's does: the twin
+//! tests' tolerances cover it).
+
+pub use crate::sgemm_abi::Sgemm;
+
+fn operand(
+    name: &str,
+    ptr: u64,
+    trans: bool,
+    rows: i64,
+    cols: i64,
+    ld: i64,
+    stride: i64,
+    batch: i64,
+) -> Result<(), String> {
+    // Stored (not transposed) shape: op(X) = X is rows × cols; op(X) = Xᵀ stores cols × rows.
+    let (sr, sc) = if trans { (cols, rows) } else { (rows, cols) };
+    if sr == 0 || sc == 0 {
+        return Ok(());
+    }
+    let last = (sc - 1) * ld + (sr - 1) + (batch - 1) * stride;
+    let first = (batch - 1) * stride.min(0);
+    let start = ptr as i64 + 4 * first;
+    crate::check_range(
+        start as u64,
+        (4 * (last - first + 1)) as u64,
+        &format!("cuBLAS sgemm operand {name} ({sr}x{sc}, ld {ld}, stride {stride}, batch {batch})"),
+    )
+}
+
+fn tf32(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    // Round to nearest (ties away) at 10 mantissa bits.
+    let b = x.to_bits();
+    f32::from_bits(b.wrapping_add(0x1000) & !0x1fff)
+}
+
+pub fn run(g: &Sgemm) -> Result<(), String> {
+    let (m, n, k, batch) = (g.m as i64, g.n as i64, g.k as i64, g.batch as i64);
+    if m == 0 || n == 0 || batch == 0 {
+        return Ok(());
+    }
+    let (ta, tb) = (g.trans_a != 0, g.trans_b != 0);
+    if k > 0 && g.alpha != 0.0 {
+        operand("A", g.a, ta, m, k, g.lda as i64, g.stride_a, batch)?;
+        operand("B", g.b, tb, k, n, g.ldb as i64, g.stride_b, batch)?;
+    }
+    operand("C", g.c, false, m, n, g.ldc as i64, g.stride_c, batch)?;
+    let (mu, nu, ku) = (m as usize, n as usize, k as usize);
+    let workers = std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1).min(nu).max(1);
+    for bi in 0..batch {
+        let a = (g.a as i64 + 4 * bi * g.stride_a) as *const f32;
+        let b = (g.b as i64 + 4 * bi * g.stride_b) as *const f32;
+        let c = (g.c as i64 + 4 * bi * g.stride_c) as usize;
+        // op(A) as a contiguous column-major m × k copy, so the inner loop is unit-stride.
+        let mut aop = vec![0f32; mu * ku];
+        if k > 0 && g.alpha != 0.0 {
+            for p in 0..ku {
+                for i in 0..mu {
+                    // SAFETY: every index is inside the range `operand` checked.
+                    let v = unsafe {
+                        if ta {
+                            *a.add(i * g.lda as usize + p)
+                        } else {
+                            *a.add(p * g.lda as usize + i)
+                        }
+                    };
+                    aop[p * mu + i] = if g.tf32 != 0 { tf32(v) } else { v };
+                }
+            }
+        }
+        let aop = &aop;
+        let cols_per = nu.div_ceil(workers);
+        std::thread::scope(|s| {
+            for w in 0..workers {
+                let (j0, j1) = (w * cols_per, ((w + 1) * cols_per).min(nu));
+                let b = b as usize;
+                s.spawn(move || {
+                    let b = b as *const f32;
+                    let mut acc = vec![0f32; mu];
+                    for j in j0..j1 {
+                        acc.fill(0.0);
+                        if k > 0 && g.alpha != 0.0 {
+                            for p in 0..ku {
+                                // SAFETY: inside the checked range of B.
+                                let mut bv = unsafe {
+                                    if tb {
+                                        *b.add(p * g.ldb as usize + j)
+                                    } else {
+                                        *b.add(j * g.ldb as usize + p)
+                                    }
+                                };
+                                if g.tf32 != 0 {
+                                    bv = tf32(bv);
+                                }
+                                let col = &aop[p * mu..(p + 1) * mu];
+                                for (x, &av) in acc.iter_mut().zip(col) {
+                                    *x += av * bv;
+                                }
+                            }
+                        }
+                        let cp = (c + 4 * j * g.ldc as usize) as *mut f32;
+                        for (i, &x) in acc.iter().enumerate() {
+                            // SAFETY: inside the checked range of C; columns are split between
+                            // threads, so no two write one element.
+                            unsafe {
+                                let dst = cp.add(i);
+                                // beta = 0 does not read C (it may hold NaN), as in cuBLAS.
+                                *dst = if g.beta == 0.0 { g.alpha * x } else { g.alpha * x + g.beta * *dst };
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    Ok(())
+}

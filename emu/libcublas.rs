@@ -1,0 +1,266 @@
+//! The emulated device's stand-in for `libcublas.so`: handles, streams, math modes, and SGEMM
+//! (plain and strided-batched) with cuBLAS's argument validation. The arithmetic and the range
+//! checks run in `libcuda.so` (this library's one dependency), which owns the allocation table;
+//! TF32 math mode rounds the inputs to TF32 as tensor cores do.
+
+#![allow(non_snake_case, clippy::missing_safety_doc)]
+
+mod sgemm_abi;
+
+use std::ffi::{c_char, c_int, c_void};
+
+use sgemm_abi::Sgemm;
+
+type Status = c_int;
+const SUCCESS: Status = 0;
+const NOT_INITIALIZED: Status = 1;
+const INVALID_VALUE: Status = 7;
+const EXECUTION_FAILED: Status = 13;
+
+extern "C" {
+    fn semshare_emu_sgemm(g: *const Sgemm, err: *mut c_char, err_len: usize) -> c_int;
+    fn semshare_emu_fault(msg: *const c_char) -> u32;
+    fn semshare_emu_sticky() -> u32;
+}
+
+struct Handle {
+    math_mode: c_int,
+    pointer_mode: c_int,
+    stream: *mut c_void,
+}
+
+fn say(msg: &str) {
+    eprintln!("semshare-emu: {msg}");
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasCreate_v2(h: *mut *mut c_void) -> Status {
+    if h.is_null() {
+        return INVALID_VALUE;
+    }
+    *h = Box::into_raw(Box::new(Handle { math_mode: 0, pointer_mode: 0, stream: std::ptr::null_mut() })) as *mut c_void;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasDestroy_v2(h: *mut c_void) -> Status {
+    if h.is_null() {
+        return NOT_INITIALIZED;
+    }
+    drop(Box::from_raw(h as *mut Handle));
+    SUCCESS
+}
+
+unsafe fn handle<'a>(h: *mut c_void) -> Option<&'a mut Handle> {
+    (h as *mut Handle).as_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasSetStream_v2(h: *mut c_void, s: *mut c_void) -> Status {
+    match handle(h) {
+        Some(h) => {
+            h.stream = s;
+            SUCCESS
+        }
+        None => NOT_INITIALIZED,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasGetStream_v2(h: *mut c_void, s: *mut *mut c_void) -> Status {
+    match (handle(h), s.is_null()) {
+        (Some(h), false) => {
+            *s = h.stream;
+            SUCCESS
+        }
+        (None, _) => NOT_INITIALIZED,
+        _ => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasSetMathMode(h: *mut c_void, mode: c_int) -> Status {
+    match handle(h) {
+        Some(h) => {
+            h.math_mode = mode;
+            SUCCESS
+        }
+        None => NOT_INITIALIZED,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasGetMathMode(h: *mut c_void, mode: *mut c_int) -> Status {
+    match (handle(h), mode.is_null()) {
+        (Some(h), false) => {
+            *mode = h.math_mode;
+            SUCCESS
+        }
+        (None, _) => NOT_INITIALIZED,
+        _ => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasSetPointerMode_v2(h: *mut c_void, mode: c_int) -> Status {
+    match handle(h) {
+        Some(h) => {
+            h.pointer_mode = mode;
+            SUCCESS
+        }
+        None => NOT_INITIALIZED,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasGetPointerMode_v2(h: *mut c_void, mode: *mut c_int) -> Status {
+    match (handle(h), mode.is_null()) {
+        (Some(h), false) => {
+            *mode = h.pointer_mode;
+            SUCCESS
+        }
+        (None, _) => NOT_INITIALIZED,
+        _ => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasSetWorkspace_v2(h: *mut c_void, _ws: *mut c_void, _bytes: usize) -> Status {
+    if h.is_null() {
+        NOT_INITIALIZED
+    } else {
+        SUCCESS
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasGetVersion_v2(_h: *mut c_void, v: *mut c_int) -> Status {
+    if v.is_null() {
+        return INVALID_VALUE;
+    }
+    *v = 130000;
+    SUCCESS
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    what: &str,
+    h: *mut c_void,
+    ta: c_int,
+    tb: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: *const f32,
+    a: *const f32,
+    lda: c_int,
+    sa: i64,
+    b: *const f32,
+    ldb: c_int,
+    sb: i64,
+    beta: *const f32,
+    c: *mut f32,
+    ldc: c_int,
+    sc: i64,
+    batch: c_int,
+) -> Status {
+    let Some(hd) = handle(h) else { return NOT_INITIALIZED };
+    if semshare_emu_sticky() != 0 {
+        return EXECUTION_FAILED;
+    }
+    // cuBLAS's own argument checks (CUBLAS_STATUS_INVALID_VALUE).
+    let rows = |t: c_int, r: c_int, cc: c_int| if t == 0 { r } else { cc };
+    let bad = if !(0..=2).contains(&ta) || !(0..=2).contains(&tb) {
+        Some("transa/transb must be N, T or C".to_string())
+    } else if m < 0 || n < 0 || k < 0 || batch < 0 {
+        Some(format!("negative size m={m} n={n} k={k} batch={batch}"))
+    } else if lda < rows(ta, m, k).max(1) {
+        Some(format!("lda {lda} < {} (rows of A as stored)", rows(ta, m, k).max(1)))
+    } else if ldb < rows(tb, k, n).max(1) {
+        Some(format!("ldb {ldb} < {} (rows of B as stored)", rows(tb, k, n).max(1)))
+    } else if ldc < m.max(1) {
+        Some(format!("ldc {ldc} < m = {}", m.max(1)))
+    } else if alpha.is_null() || beta.is_null() {
+        Some("alpha or beta is a null pointer".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = bad {
+        say(&format!("{what}: CUBLAS_STATUS_INVALID_VALUE: {why}"));
+        return INVALID_VALUE;
+    }
+    let g = Sgemm {
+        trans_a: (ta != 0) as i32,
+        trans_b: (tb != 0) as i32,
+        m,
+        n,
+        k,
+        alpha: *alpha,
+        a: a as u64,
+        lda,
+        stride_a: sa,
+        b: b as u64,
+        ldb,
+        stride_b: sb,
+        beta: *beta,
+        c: c as u64,
+        ldc,
+        stride_c: sc,
+        batch,
+        // CUBLAS_TF32_TENSOR_OP_MATH = 3 (the low bits; 16 is a flag).
+        tf32: ((hd.math_mode & 0xf) == 3) as i32,
+    };
+    let mut err = [0 as c_char; 1024];
+    if semshare_emu_sgemm(&g, err.as_mut_ptr(), err.len()) != 0 {
+        // As on the GPU: an out-of-range operand faults the context.
+        let msg = std::ffi::CStr::from_ptr(err.as_ptr()).to_string_lossy().into_owned();
+        let full = std::ffi::CString::new(format!("{what}: {msg}")).unwrap_or_default();
+        semshare_emu_fault(full.as_ptr());
+        return EXECUTION_FAILED;
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasSgemm_v2(
+    h: *mut c_void,
+    ta: c_int,
+    tb: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: *const f32,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: *const f32,
+    c: *mut f32,
+    ldc: c_int,
+) -> Status {
+    sgemm("cublasSgemm", h, ta, tb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasSgemmStridedBatched(
+    h: *mut c_void,
+    ta: c_int,
+    tb: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: *const f32,
+    a: *const f32,
+    lda: c_int,
+    sa: i64,
+    b: *const f32,
+    ldb: c_int,
+    sb: i64,
+    beta: *const f32,
+    c: *mut f32,
+    ldc: c_int,
+    sc: i64,
+    batch: c_int,
+) -> Status {
+    sgemm("cublasSgemmStridedBatched", h, ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch)
+}

@@ -1,0 +1,26 @@
+//! The one call between the two stand-ins: `libcublas.so` hands a GEMM to `libcuda.so`, which
+//! owns the allocation table the operands are checked against.
+
+/// Column-major `C_i = alpha · op(A_i) · op(B_i) + beta · C_i`, cuBLAS's argument meaning.
+#[repr(C)]
+pub struct Sgemm {
+    pub trans_a: i32,
+    pub trans_b: i32,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub alpha: f32,
+    pub a: u64,
+    pub lda: i32,
+    pub stride_a: i64,
+    pub b: u64,
+    pub ldb: i32,
+    pub stride_b: i64,
+    pub beta: f32,
+    pub c: u64,
+    pub ldc: i32,
+    pub stride_c: i64,
+    pub batch: i32,
+    /// Round A and B to TF32 (10-bit mantissa) as tensor cores do.
+    pub tf32: i32,
+}
