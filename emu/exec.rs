@@ -69,6 +69,8 @@ struct Block<'k> {
     shadow: Vec<Shadow>,
     epoch: u32,
     warp_epoch: Vec<u32>,
+    /// The allocation of the last global access: most accesses of a kernel hit a few buffers.
+    last_alloc: std::cell::Cell<(u64, u64)>,
 }
 
 pub fn launch(k: &Kernel, l: &Launch) -> Result<(), String> {
@@ -141,6 +143,7 @@ impl<'k> Block<'k> {
             shadow: vec![FRESH; shared_bytes.div_ceil(4)],
             epoch: 1,
             warp_epoch: vec![0; nthreads.div_ceil(32)],
+            last_alloc: std::cell::Cell::new((0, 0)),
         }
     }
 
@@ -161,7 +164,8 @@ impl<'k> Block<'k> {
     }
 
     fn run(&mut self, l: &Launch) -> Result<(), String> {
-        self.regs.fill(0);
+        // Registers keep the previous block's values: PTX never reads one it has not written
+        // (ptxas would refuse), and clearing them per block costs more than the block.
         self.pc.fill(0);
         self.state.fill(State::Run);
         self.shared.fill(0xff);
@@ -209,15 +213,22 @@ impl<'k> Block<'k> {
         let mut any = false;
         let nregs = self.k.nregs as usize;
         for w in 0..self.warp_epoch.len() {
-            let lanes: Vec<usize> = (w * 32..((w + 1) * 32).min(self.nthreads)).collect();
-            let waiting: Vec<usize> = lanes.iter().copied().filter(|&t| self.state[t] == State::Warp).collect();
-            if waiting.is_empty() {
+            let mut waiting = [0usize; 32];
+            let mut nwait = 0;
+            for t in w * 32..((w + 1) * 32).min(self.nthreads) {
+                if self.state[t] == State::Warp {
+                    waiting[nwait] = t;
+                    nwait += 1;
+                }
+            }
+            if nwait == 0 {
                 continue;
             }
+            let waiting = &waiting[..nwait];
             // Each waiting lane's mask: every live lane in it must be waiting too.
             let mut masks = [0u32; 32];
             let mut ready = true;
-            for &t in &waiting {
+            for &t in waiting {
                 let mask = match &self.k.code[self.pc[t]].op {
                     Op::Shfl { mask, .. } | Op::Vote { mask, .. } | Op::BarWarp { mask } => self.val(t, mask) as u32,
                     _ => 0,
@@ -241,8 +252,9 @@ impl<'k> Block<'k> {
                 continue;
             }
             // Results first (every lane reads the others' values before any writes).
-            let mut results: Vec<(usize, Option<(u32, u64)>, Option<(u32, u64)>)> = Vec::new();
-            for &t in &waiting {
+            let mut results = [(0usize, None::<(u32, u64)>, None::<(u32, u64)>); 32];
+            let mut nres = 0;
+            for &t in waiting {
                 let lane = (t % 32) as u32;
                 let pc = self.pc[t];
                 let present = |u: usize| u < self.nthreads && self.state[u] == State::Warp && self.pc[u] == pc;
@@ -281,7 +293,8 @@ impl<'k> Block<'k> {
                         } else {
                             POISON
                         };
-                        results.push((t, Some((*d, v)), p.map(|p| (p, pv as u64))));
+                        results[nres] = (t, Some((*d, v)), p.map(|p| (p, pv as u64)));
+                        nres += 1;
                     }
                     Op::Vote { mode, d, a, negate, .. } => {
                         let mask = masks[t % 32];
@@ -302,12 +315,16 @@ impl<'k> Block<'k> {
                             VoteMode::Any => (ballot != 0) as u64,
                             VoteMode::Uni => (ballot == members || ballot == 0) as u64,
                         };
-                        results.push((t, Some((*d, v)), None));
+                        results[nres] = (t, Some((*d, v)), None);
+                        nres += 1;
                     }
-                    _ => results.push((t, None, None)),
+                    _ => {
+                        results[nres] = (t, None, None);
+                        nres += 1;
+                    }
                 }
             }
-            for (t, d, p) in results {
+            for &(t, d, p) in &results[..nres] {
                 let base = t * nregs;
                 if let Some((r, v)) = d {
                     self.regs[base + r as usize] = v;
@@ -324,7 +341,7 @@ impl<'k> Block<'k> {
         Ok(any)
     }
 
-    #[inline]
+    #[inline(never)]
     fn special(&self, t: usize, s: Special) -> u64 {
         let tid = self.tid3(t);
         let lane = (t % 32) as u64;
@@ -346,7 +363,7 @@ impl<'k> Block<'k> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn val(&self, t: usize, s: &Src) -> u64 {
         match *s {
             Src::Reg(r) => self.regs[t * self.k.nregs as usize + r as usize],
@@ -355,22 +372,26 @@ impl<'k> Block<'k> {
         }
     }
 
-    #[inline]
-    fn set(&mut self, t: usize, r: u32, v: u64) {
-        let n = self.k.nregs as usize;
-        self.regs[t * n + r as usize] = v;
-    }
-
     fn err(&self, t: usize, what: String) -> String {
         format!("{}: {what}", self.where_(t))
     }
 
     /// Global range check: inside one live allocation.
+    #[inline]
     fn check_global(&self, t: usize, l: &Launch, addr: u64, bytes: u64, what: &str) -> Result<(), String> {
+        let (s, n) = self.last_alloc.get();
+        if addr >= s && addr.saturating_add(bytes) <= s + n {
+            return Ok(());
+        }
+        self.check_global_slow(t, l, addr, bytes, what)
+    }
+
+    fn check_global_slow(&self, t: usize, l: &Launch, addr: u64, bytes: u64, what: &str) -> Result<(), String> {
         let i = l.allocs.partition_point(|&(s, _)| s <= addr);
         if i > 0 {
             let (s, n) = l.allocs[i - 1];
             if addr >= s && addr.saturating_add(bytes) <= s + n {
+                self.last_alloc.set((s, n));
                 return Ok(());
             }
             if addr < s + n {
@@ -396,6 +417,23 @@ impl<'k> Block<'k> {
         Err(self.err(t, format!("global {what} of {bytes} bytes at {addr:#x} is outside every allocation")))
     }
 
+    /// Which static shared variable `off` falls in (or just after), for messages.
+    fn shared_var_at(&self, off: u64) -> String {
+        match self.k.shared_vars.iter().rfind(|v| v.offset <= off) {
+            Some(v) if off < v.offset + v.bytes => {
+                format!(" (in `{}`, {} bytes at offset {})", v.name, v.bytes, v.offset)
+            }
+            Some(v) => format!(
+                " ({} bytes past the end of `{}`, {} bytes at offset {})",
+                off - (v.offset + v.bytes),
+                v.name,
+                v.bytes,
+                v.offset
+            ),
+            None => String::new(),
+        }
+    }
+
     fn check_shared(&self, t: usize, off: u64, bytes: u64, what: &str) -> Result<(), String> {
         if off.saturating_add(bytes) <= self.shared.len() as u64 {
             return Ok(());
@@ -404,8 +442,8 @@ impl<'k> Block<'k> {
         Err(self.err(
             t,
             format!(
-                "shared {what} of {bytes} bytes at offset {off} (element {} as 4-byte words) is out of bounds: the block has {} bytes of shared memory ({} static, {dynamic} dynamic)",
-                off / 4,
+                "shared {what} of {bytes} bytes at offset {off}{} is out of bounds: the block has {} bytes of shared memory ({} static, {dynamic} dynamic)",
+                self.shared_var_at(off),
                 self.shared.len(),
                 self.k.static_shared
             ),
@@ -418,13 +456,20 @@ impl<'k> Block<'k> {
             || (prev != MULTI && prev as usize / 32 == t / 32 && self.warp_epoch[t / 32] != prev_wepoch)
     }
 
-    fn race(&self, t: usize, other: u32, off: u64, kind: &str) -> String {
+    /// `t` did `now` to a word that `other` did `before` with no barrier in between.
+    fn race(&self, t: usize, other: u32, off: u64, now: &str, before: &str) -> String {
         let who = if other == MULTI {
             "several other threads".to_string()
         } else {
             format!("thread {}", dim3(self.tid3(other as usize)))
         };
-        self.err(t, format!("shared-memory race: {kind} shared offset {off} (4-byte word {}) that {who} accessed with no __syncthreads() in between", off / 4))
+        self.err(
+            t,
+            format!(
+                "shared-memory race: this thread {now} shared offset {off}{} that {who} {before} with no __syncthreads() in between",
+                self.shared_var_at(off)
+            ),
+        )
     }
 
     fn shared_read(&mut self, t: usize, off: u64, bytes: u64) -> Result<u64, String> {
@@ -433,7 +478,7 @@ impl<'k> Block<'k> {
         for w in (off / 4)..(off + bytes).div_ceil(4) {
             let s = self.shadow[w as usize];
             if s.w_tid != NONE && s.w_tid != t as u32 && !self.ordered(s.w_tid, s.w_epoch, s.w_wepoch, t) {
-                return Err(self.race(t, s.w_tid, w * 4, "reads"));
+                return Err(self.race(t, s.w_tid, w * 4, "reads", "wrote"));
             }
             let s = &mut self.shadow[w as usize];
             if s.r_tid == NONE || s.r_epoch != self.epoch {
@@ -459,14 +504,14 @@ impl<'k> Block<'k> {
         for w in (off / 4)..(off + bytes).div_ceil(4) {
             let s = self.shadow[w as usize];
             if s.w_tid != NONE && s.w_tid != t as u32 && !self.ordered(s.w_tid, s.w_epoch, s.w_wepoch, t) {
-                return Err(self.race(t, s.w_tid, w * 4, "writes"));
+                return Err(self.race(t, s.w_tid, w * 4, "writes", "wrote"));
             }
             if s.r_tid != NONE
                 && s.r_tid != t as u32
                 && s.r_epoch == self.epoch
                 && !self.ordered(s.r_tid, s.r_epoch, s.r_wepoch, t)
             {
-                return Err(self.race(t, s.r_tid, w * 4, "writes"));
+                return Err(self.race(t, s.r_tid, w * 4, "writes", "read"));
             }
             self.shadow[w as usize] =
                 Shadow { w_tid: t as u32, w_epoch: self.epoch, w_wepoch: wep, r_tid: NONE, r_epoch: 0, r_wepoch: 0 };
@@ -552,6 +597,27 @@ impl<'k> Block<'k> {
     fn step(&mut self, t: usize, l: &Launch) -> Result<(), String> {
         let k = self.k;
         let nregs = k.nregs as usize;
+        let base = t * nregs;
+        // Register reads and writes without bounds checks: the decoder only emits indices of
+        // declared registers (< nregs), and `base` is this thread's row of `regs`.
+        macro_rules! rd {
+            ($s:expr) => {{
+                let s: &Src = $s;
+                match *s {
+                    // SAFETY: see above.
+                    Src::Reg(r) => unsafe { *self.regs.get_unchecked(base + r as usize) },
+                    Src::Imm(v) => v,
+                    Src::Special(sp) => self.special(t, sp),
+                }
+            }};
+        }
+        macro_rules! wr {
+            ($r:expr, $v:expr) => {{
+                let v = $v;
+                // SAFETY: see above.
+                unsafe { *self.regs.get_unchecked_mut(base + $r as usize) = v };
+            }};
+        }
         let mut budget: u64 = 1 << 34;
         loop {
             budget -= 1;
@@ -569,30 +635,30 @@ impl<'k> Block<'k> {
             }
             match &inst.op {
                 Op::Mov { ty, d, a } => {
-                    let v = mask(*ty, self.val(t, a));
-                    self.set(t, *d, v);
+                    let v = mask(*ty, rd!(&a));
+                    wr!(*d, v);
                 }
                 Op::Pack { part_bits, d, parts } => {
                     let mut v = 0u64;
                     for (i, p) in parts.iter().enumerate() {
-                        v |= (self.val(t, p) & ones(*part_bits)) << (i as u32 * part_bits);
+                        v |= (rd!(&p) & ones(*part_bits)) << (i as u32 * part_bits);
                     }
-                    self.set(t, *d, v);
+                    wr!(*d, v);
                 }
                 Op::Unpack { part_bits, ds, a } => {
-                    let v = self.val(t, a);
+                    let v = rd!(&a);
                     for (i, d) in ds.iter().enumerate() {
                         if let Some(d) = d {
-                            self.set(t, *d, (v >> (i as u32 * part_bits)) & ones(*part_bits));
+                            wr!(*d, (v >> (i as u32 * part_bits)) & ones(*part_bits));
                         }
                     }
                 }
                 Op::Arith { op, ty, ftz, d, a, b } => {
-                    let v = arith(*op, *ty, *ftz, self.val(t, a), self.val(t, b));
-                    self.set(t, *d, v);
+                    let v = arith(*op, *ty, *ftz, rd!(&a), rd!(&b));
+                    wr!(*d, v);
                 }
                 Op::ArithRnd { op, ty, rnd, d, a, b } => {
-                    let (x, y) = (self.val(t, a), self.val(t, b));
+                    let (x, y) = (rd!(&a), rd!(&b));
                     let v = if *ty == Ty::F32 {
                         let (x, y) = (f32::from_bits(x as u32) as f64, f32::from_bits(y as u32) as f64);
                         let exact = match op {
@@ -604,14 +670,14 @@ impl<'k> Block<'k> {
                     } else {
                         arith(*op, *ty, false, x, y)
                     };
-                    self.set(t, *d, v);
+                    wr!(*d, v);
                 }
                 Op::Unary { op, ty, ftz, d, a } => {
-                    let v = unary(*op, *ty, *ftz, self.val(t, a));
-                    self.set(t, *d, v);
+                    let v = unary(*op, *ty, *ftz, rd!(&a));
+                    wr!(*d, v);
                 }
                 Op::Fma { ty, rnd, ftz, sat, d, a, b, c } => {
-                    let (x, y, z) = (self.val(t, a), self.val(t, b), self.val(t, c));
+                    let (x, y, z) = (rd!(&a), rd!(&b), rd!(&c));
                     let v = if *ty == Ty::F64 {
                         f64::from_bits(x).mul_add(f64::from_bits(y), f64::from_bits(z)).to_bits()
                     } else {
@@ -626,19 +692,19 @@ impl<'k> Block<'k> {
                         }
                         flush(r, *ftz).to_bits() as u64
                     };
-                    self.set(t, *d, v);
+                    wr!(*d, v);
                 }
                 Op::Mad { mode, ty, d, a, b, c } => {
-                    let p = arith(*mode, *ty, false, self.val(t, a), self.val(t, b));
+                    let p = arith(*mode, *ty, false, rd!(&a), rd!(&b));
                     let rty = if *mode == AOp::MulWide { wide_ty(*ty) } else { *ty };
-                    let v = arith(AOp::Add, rty, false, p, self.val(t, c));
-                    self.set(t, *d, v);
+                    let v = arith(AOp::Add, rty, false, p, rd!(&c));
+                    wr!(*d, v);
                 }
                 Op::Setp { cmp, ty, ftz, d, dn, a, b, comb } => {
-                    let r = compare(*cmp, *ty, *ftz, self.val(t, a), self.val(t, b));
+                    let r = compare(*cmp, *ty, *ftz, rd!(&a), rd!(&b));
                     let (mut p, mut q) = (r, !r);
                     if let Some((bop, c, neg)) = comb {
-                        let c = (self.val(t, c) & 1 != 0) != *neg;
+                        let c = (rd!(&c) & 1 != 0) != *neg;
                         let f = |x: bool| match bop {
                             BoolOp::And => x && c,
                             BoolOp::Or => x || c,
@@ -647,27 +713,27 @@ impl<'k> Block<'k> {
                         p = f(p);
                         q = f(q);
                     }
-                    self.set(t, *d, p as u64);
+                    wr!(*d, p as u64);
                     if let Some(dn) = dn {
-                        self.set(t, *dn, q as u64);
+                        wr!(*dn, q as u64);
                     }
                 }
                 Op::Selp { ty, d, a, b, p } => {
-                    let v = if self.val(t, p) & 1 != 0 { self.val(t, a) } else { self.val(t, b) };
-                    self.set(t, *d, mask(*ty, v));
+                    let v = if rd!(&p) & 1 != 0 { rd!(&a) } else { rd!(&b) };
+                    wr!(*d, mask(*ty, v));
                 }
                 Op::Cvt { dty, sty, rnd, sat, ftz, d, a } => {
-                    let v = convert(*dty, *sty, *rnd, *sat, *ftz, self.val(t, a));
-                    self.set(t, *d, v);
+                    let v = convert(*dty, *sty, *rnd, *sat, *ftz, rd!(&a));
+                    wr!(*d, v);
                 }
                 Op::Cvta { to_generic, space, d, a } => {
-                    let v = self.val(t, a);
+                    let v = rd!(&a);
                     let r = match (space, to_generic) {
                         (Space::Shared, true) => (v & 0xffff_ffff) + SHARED_WINDOW,
                         (Space::Shared, false) => v.wrapping_sub(SHARED_WINDOW) & 0xffff_ffff,
                         _ => v,
                     };
-                    self.set(t, *d, r);
+                    wr!(*d, r);
                 }
                 Op::Ld { space, ty, ds, addr } => {
                     let bytes = ty.bytes() as u64;
@@ -679,7 +745,7 @@ impl<'k> Block<'k> {
                     for (i, dst) in ds.iter().enumerate() {
                         let v = self.load(t, l, *space, a0 + i as u64 * bytes, bytes)?;
                         if let Some(dst) = dst {
-                            self.set(t, *dst, if ty.signed() { sext(v, ty.bits()) } else { v });
+                            wr!(*dst, if ty.signed() { sext(v, ty.bits()) } else { v });
                         }
                     }
                 }
@@ -691,7 +757,7 @@ impl<'k> Block<'k> {
                         return Err(self.err(t, format!("misaligned {total}-byte vector store at {a0:#x}")));
                     }
                     for (i, s) in srcs.iter().enumerate() {
-                        let v = self.val(t, s);
+                        let v = rd!(&s);
                         self.store(t, l, *space, a0 + i as u64 * bytes, bytes, v)?;
                     }
                 }
@@ -701,7 +767,7 @@ impl<'k> Block<'k> {
                     if a % bytes != 0 {
                         return Err(self.err(t, format!("misaligned {bytes}-byte atomic at {a:#x}")));
                     }
-                    let (bv, cv) = (self.val(t, b), c.map(|c| self.val(t, &c)).unwrap_or(0));
+                    let (bv, cv) = (rd!(&b), c.map(|c| rd!(&c)).unwrap_or(0));
                     let (sh, a) = self.resolve(*space, a);
                     let old = if sh {
                         self.check_shared(t, a, bytes, "atomic")?;
@@ -717,13 +783,13 @@ impl<'k> Block<'k> {
                         global_atomic(*op, *ty, a, bv, cv)
                     };
                     if let Some(d) = d {
-                        self.set(t, *d, old);
+                        wr!(*d, old);
                     }
                 }
                 Op::CpAsync { dst, src, bytes, src_bytes } => {
                     let (da, sa) = (self.addr(t, dst), self.addr(t, src));
                     let n = *bytes as u64;
-                    let fill = src_bytes.map(|s| self.val(t, &s).min(n)).unwrap_or(n);
+                    let fill = src_bytes.map(|s| rd!(&s).min(n)).unwrap_or(n);
                     if da % n != 0 || sa % n != 0 {
                         return Err(self.err(t, format!("misaligned {n}-byte cp.async ({sa:#x} -> shared {da})")));
                     }

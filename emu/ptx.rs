@@ -376,7 +376,6 @@ pub enum Op {
 pub struct Inst {
     pub guard: Option<(u32, bool)>,
     pub op: Op,
-    pub line: u32,
     /// The instruction as written, for messages.
     pub text: String,
 }
@@ -408,8 +407,6 @@ pub struct Kernel {
     pub dynamic_offset: u64,
     pub maxntid: Option<(u32, u32, u32)>,
     pub reqntid: Option<(u32, u32, u32)>,
-    /// Register names by index, for messages.
-    pub reg_names: Vec<String>,
 }
 
 pub struct Module {
@@ -752,10 +749,10 @@ fn parse_kernel(header: &str, body: &str, module_shared: &[(String, u64, u64)]) 
     let mut ctx = ctx;
     for (line, s) in &raw {
         let inst = decode(&mut ctx, s).map_err(|e| format!("PTX {name} line {line}: {e} in `{s}`"))?;
-        code.push(Inst { guard: inst.0, op: inst.1, line: *line, text: s.clone() });
+        code.push(Inst { guard: inst.0, op: inst.1, text: s.clone() });
     }
     // Falling off the end exits.
-    code.push(Inst { guard: None, op: Op::Exit, line: 0, text: "(end of kernel)".into() });
+    code.push(Inst { guard: None, op: Op::Exit, text: "(end of kernel)".into() });
     Ok(Kernel {
         name,
         params,
@@ -767,7 +764,6 @@ fn parse_kernel(header: &str, body: &str, module_shared: &[(String, u64, u64)]) 
         dynamic_offset,
         maxntid,
         reqntid,
-        reg_names: regs.names,
     })
 }
 

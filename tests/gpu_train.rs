@@ -100,3 +100,27 @@ fn twenty_steps_stay_within_1e3() {
     let e = rel_err(&pg, &to64(&pw));
     assert!(e <= 1e-3, "parameters after 20 steps: relative error {e:.3e}");
 }
+
+/// `semshare demo --device cuda`, end to end through the CLI (synthesis, training, checkpoint,
+/// evaluation), shrunk to a few steps and items: the run completes and reports finite metrics.
+#[test]
+fn demo_runs_on_the_device() {
+    if gpu_or_skip("demo_runs_on_the_device").is_none() {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("semshare-gpu-demo-{}", std::process::id()));
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_semshare"))
+        .args(["demo", "--device", "cuda", "--steps", "3", "--train", "64", "--val", "16", "--test", "32", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run semshare");
+    let _ = std::fs::remove_dir_all(&out);
+    let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "demo --device cuda failed ({}):\n{stderr}", run.status);
+    assert!(stderr.contains("on cuda") || stderr.contains("emulated"), "not on the CUDA device:\n{stderr}");
+    let ndcg =
+        stdout.lines().find(|l| l.starts_with("NDCG@500")).unwrap_or_else(|| panic!("no NDCG@500 row:\n{stdout}"));
+    let values: Vec<f64> = ndcg.split_whitespace().skip(1).map(|v| v.parse().expect("a number")).collect();
+    assert_eq!(values.len(), 4, "{ndcg}");
+    assert!(values.iter().all(|v| v.is_finite() && (0.0..=100.0).contains(v)), "{ndcg}");
+}

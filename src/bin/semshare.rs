@@ -26,6 +26,7 @@ USAGE: semshare <COMMAND> [OPTIONS]
 COMMANDS:
   demo     synthesize data, train, evaluate; prints the trained model against the untrained one
              [--steps N] [--out DIR] [--seed S] [--device D]
+             [--train N] [--val N] [--test N]   (defaults 2000 / 300 / 1000)
   synth    write a synthetic dataset
              --out DIR [--preset balanced|weak-image|weak-text] [--seed S]
              [--train N] [--val N] [--test N]
@@ -116,7 +117,7 @@ fn run(argv: &[String]) -> Result<()> {
         return Ok(());
     };
     match cmd.as_str() {
-        "demo" => demo(&Args::parse(rest, &["steps", "out", "seed", "device"], &[])?),
+        "demo" => demo(&Args::parse(rest, &["steps", "out", "seed", "device", "train", "val", "test"], &[])?),
         "synth" => {
             synth(&Args::parse(rest, &["out", "preset", "seed", "train", "val", "test", "labels", "format"], &[])?)
         }
@@ -459,7 +460,9 @@ fn demo(args: &Args) -> Result<()> {
     let seed = args.num("seed")?.unwrap_or(0);
     let out = args.get("out").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("semshare-demo"));
     let mut synth_cfg = SynthConfig::preset(SynthPreset::Balanced, seed);
-    (synth_cfg.train, synth_cfg.val, synth_cfg.test) = (2000, 300, 1000);
+    synth_cfg.train = args.num("train")?.unwrap_or(2000);
+    synth_cfg.val = args.num("val")?.unwrap_or(300);
+    synth_cfg.test = args.num("test")?.unwrap_or(1000);
     eprintln!(
         "synthesizing {} / {} / {} images (balanced preset, seed {seed}) ...",
         synth_cfg.train, synth_cfg.val, synth_cfg.test

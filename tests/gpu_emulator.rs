@@ -1,0 +1,163 @@
+//! The emulated device's own checks (`SEMSHARE_GPU=emulated`): kernels with a planted bug
+//! (`tests/kernels/broken.cu`) must fail with a message naming the kernel, the block, the thread
+//! and what went wrong; the same kernels without the bug must pass; a partial warp behaves as
+//! on the hardware. On a real GPU (or with no device) these tests print a skip line: they test
+//! the emulator, not the GPU.
+#![cfg(feature = "cuda")]
+
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaContext, DriverError, result, sys};
+
+static PTX: &str = concat!(include_str!(concat!(env!("OUT_DIR"), "/broken.ptx")), "\0");
+
+/// A fault leaves the context failed (as on a GPU) until the last user releases it: the tests
+/// of this file take turns.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+struct Device {
+    _ctx: std::sync::Arc<CudaContext>,
+    module: sys::CUmodule,
+}
+
+fn device(test: &str) -> Option<Device> {
+    if !semshare::backend::cuda::emulated() {
+        eprintln!("SKIP {test}: tests the emulated device (SEMSHARE_GPU=emulated)");
+        return None;
+    }
+    assert!(semshare::backend::cuda::available(), "{test}: the emulated device did not load");
+    let ctx = CudaContext::new(0).expect("open the emulated device");
+    ctx.bind_to_thread().expect("bind");
+    // SAFETY: PTX text with a terminating NUL, alive for the program.
+    let module = unsafe { result::module::load_data(PTX.as_ptr() as *const c_void) }.expect("load broken.ptx");
+    Some(Device { _ctx: ctx, module })
+}
+
+fn upload(v: &[f32]) -> u64 {
+    // SAFETY: a fresh allocation of exactly v.len() floats, then a copy of as many.
+    unsafe {
+        let p = result::malloc_sync(v.len() * 4).expect("alloc");
+        result::memcpy_htod_sync(p, v).expect("upload");
+        p
+    }
+}
+
+fn download(p: u64, n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    // SAFETY: p holds at least n floats.
+    unsafe { result::memcpy_dtoh_sync(&mut v, p) }.expect("download");
+    v
+}
+
+/// Launches `name` with pointer and int arguments; the driver's error, if any, as text.
+fn launch(d: &Device, name: &str, grid: u32, block: u32, args: &[u64]) -> Result<(), String> {
+    let cname = std::ffi::CString::new(name).expect("name");
+    // SAFETY: the module is loaded; `args` match each kernel's signature (pointers and ints as
+    // 8-byte slots, read at their declared size).
+    unsafe {
+        let f = result::module::get_function(d.module, cname).map_err(text)?;
+        let mut slots: Vec<u64> = args.to_vec();
+        let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, std::ptr::null_mut(), &mut params).map_err(text)?;
+        result::ctx::synchronize().map_err(text)
+    }
+}
+
+fn text(e: DriverError) -> String {
+    let s = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{:?}: {s}", e.0)
+}
+
+#[test]
+fn a_missing_barrier_is_a_race_naming_both_threads() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("missing_barrier") else { return };
+    let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    let (x, y) = (upload(&input), upload(&vec![0.0; 64]));
+    launch(&d, "with_barrier", 1, 64, &[x, y]).expect("the kernel with its barrier passes");
+    let want: Vec<f32> = (0..64).map(|i| ((i + 1) % 64) as f32).collect();
+    assert_eq!(download(y, 64), want);
+
+    let e = launch(&d, "missing_barrier", 1, 64, &[x, y]).expect_err("a missing barrier must fail");
+    for part in
+        ["CUDA_ERROR_LAUNCH_FAILED", "kernel `missing_barrier`", "block (0,0,0)", "thread (", "race", "__syncthreads"]
+    {
+        assert!(e.contains(part), "missing `{part}` in: {e}");
+    }
+}
+
+#[test]
+fn an_index_one_past_the_end_names_kernel_thread_and_index() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("one_past_the_end") else { return };
+    let y = upload(&vec![0.0; 64]);
+    let e = launch(&d, "one_past_the_end", 2, 64, &[y, 64]).expect_err("one past the end must fail");
+    // Thread 0 of block 1 is element 64 of 64.
+    for part in [
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+        "kernel `one_past_the_end`",
+        "block (1,0,0) thread (0,0,0)",
+        "global store",
+        "element 64 of 64",
+    ] {
+        assert!(e.contains(part), "missing `{part}` in: {e}");
+    }
+    // As on a GPU, the context stays failed: the next call reports the fault too.
+    let again = launch(&d, "one_past_the_end", 1, 32, &[y, 16]).expect_err("sticky");
+    assert!(again.contains("ILLEGAL_ADDRESS"), "{again}");
+}
+
+#[test]
+fn a_shared_index_one_past_the_end_names_the_shared_size() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("shared_one_past_the_end") else { return };
+    let (x, y) = (upload(&vec![1.0; 32]), upload(&vec![0.0; 32]));
+    let e = launch(&d, "shared_one_past_the_end", 1, 32, &[x, y]).expect_err("must fail");
+    for part in [
+        "kernel `shared_one_past_the_end`",
+        "thread (31,0,0)",
+        "shared store",
+        "offset 128",
+        "128 bytes of shared memory",
+    ] {
+        assert!(e.contains(part), "missing `{part}` in: {e}");
+    }
+}
+
+#[test]
+fn a_partial_warp_reads_poison_from_lanes_that_do_not_exist() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("warp_sum") else { return };
+    let x = upload(&vec![1.0; 64]);
+    let y = upload(&vec![0.0; 64]);
+    // Two full warps: every lane sums 32 ones.
+    launch(&d, "warp_sum", 1, 64, &[x, y]).expect("full warps");
+    assert!(download(y, 64).iter().all(|&v| v == 32.0));
+    // 48 threads: warp 1 has 16 lanes; a full-mask shuffle from a missing lane is undefined on
+    // the GPU and NaN here, so the kernel's assumption shows up as NaN in its output.
+    launch(&d, "warp_sum", 1, 48, &[x, y]).expect("a partial warp is legal");
+    let out = download(y, 48);
+    assert!(out[..32].iter().all(|&v| v == 32.0), "the full warp is unaffected: {:?}", &out[..32]);
+    assert!(out[32..].iter().all(|v| v.is_nan()), "the partial warp must see poison: {:?}", &out[32..]);
+}
+
+#[test]
+fn launch_limits_are_the_hardwares() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("launch_limits") else { return };
+    let y = upload(&vec![0.0; 64]);
+    let e = launch(&d, "one_past_the_end", 1, 2048, &[y, 0]).expect_err("2048 threads per block");
+    assert!(e.contains("INVALID_VALUE") && e.contains("1024 threads"), "{e}");
+    let cname = std::ffi::CString::new("one_past_the_end").expect("name");
+    // SAFETY: as in `launch`; the launch is refused before any argument is read.
+    let e = unsafe {
+        let f = result::module::get_function(d.module, cname).expect("function");
+        let mut slots = [y, 0u64];
+        let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        result::launch_kernel(f, (1, 70_000, 1), (32, 1, 1), 0, std::ptr::null_mut(), &mut params)
+    }
+    .map_err(text)
+    .expect_err("grid y over 65535");
+    assert!(e.contains("65535"), "{e}");
+}

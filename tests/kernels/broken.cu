@@ -1,0 +1,45 @@
+// Kernels with a planted bug, one each, for the emulated device's own tests
+// (tests/gpu_emulator.rs): the emulator must stop each with a message naming the kernel, the
+// block and the thread. build.rs compiles this file to PTX; nothing else uses it.
+
+// Each thread publishes its value and reads its neighbour's without __syncthreads() between:
+// on the GPU the neighbour may not have written yet.
+extern "C" __global__ void missing_barrier(const float* in, float* out) {
+  __shared__ float s[256];
+  int t = threadIdx.x;
+  s[t] = in[t];
+  // (the missing __syncthreads() goes here)
+  out[t] = s[(t + 1) % blockDim.x];
+}
+
+// The same with the barrier: must pass.
+extern "C" __global__ void with_barrier(const float* in, float* out) {
+  __shared__ float s[256];
+  int t = threadIdx.x;
+  s[t] = in[t];
+  __syncthreads();
+  out[t] = s[(t + 1) % blockDim.x];
+}
+
+// `<=` where `<` was meant: the thread with i == n writes one element past the end.
+extern "C" __global__ void one_past_the_end(float* out, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i <= n) out[i] = 1.0f;
+}
+
+// Shifts a block's values by one slot of a shared array sized for the block: the last thread
+// writes one past the end of the array.
+extern "C" __global__ void shared_one_past_the_end(const float* in, float* out) {
+  __shared__ float s[32];
+  int t = threadIdx.x;
+  s[t + 1] = in[t];
+  __syncthreads();
+  out[t] = s[t];
+}
+
+// A full-warp butterfly sum: correct only when every lane of the warp exists.
+extern "C" __global__ void warp_sum(const float* in, float* out) {
+  float v = in[threadIdx.x];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  out[threadIdx.x] = v;
+}
