@@ -23,7 +23,7 @@ DEADLINE_S=${DEADLINE_S:-540}
 RESERVE_S=15 # kept back for packing and the summary
 T0=$SECONDS
 ALL_STAGES=(tests demo bench torch)
-declare -A CAP=([tests]=${TESTS_S:-330} [demo]=${DEMO_S:-150} [bench]=${BENCH_S:-330} [torch]=${TORCH_S:-180})
+declare -A CAP=([tests]=${TESTS_S:-300} [demo]=${DEMO_S:-200} [bench]=${BENCH_S:-330} [torch]=${TORCH_S:-180})
 declare -A STATUS=() WHY=()
 BLOCK=""      # why no GPU stage can run (no driver, no cuBLAS)
 CUBLAS=""     # the cuBLAS every stage loads
@@ -119,17 +119,22 @@ torch_rows() {
 comparisons() {
   awk -F'\t' '
     FILENAME == ARGV[1] { s[$1] = $2; ns++; next }
-    $2 != "error" { t[$1] = $2; g[$1] = $3; nt++ }
+    $2 == "error" { err[$1] = 1; nt++; next }
+    { t[$1] = $2; g[$1] = $3; nt++ }
     function gbs(bytes, ms) { return bytes / ms / 1e6 }
+    function missing(a, b) { # the names of what this call did not measure
+      return "missing: " (a in s ? "" : "semshare " a " ") (b in t ? "" : "pytorch " b (b in err ? " (error)" : ""))
+    }
     function ratio(label, a, b) {
       if (a in s && b in t) printf "%-28s semshare %9.4f ms  pytorch %9.4f ms  ratio %.2f (semshare/pytorch)\n", label, s[a], t[b], s[a] / t[b]
-      else if (a in s || b in t) printf "%-28s %s\n", label, "one side missing: " (a in s ? "" : "semshare " a " ") (b in t ? "" : "pytorch " b)
+      else printf "%-28s %s\n", label, missing(a, b)
     }
-    function bw(label, bytes, a, b,   x) {
+    function bw(label, bytes, a, b,   x, line) {
       line = sprintf("%-28s", label)
       if (a in s) { x = gbs(bytes, s[a]); line = line sprintf(" semshare %8.1f GB/s", x); if (copy > 0) line = line sprintf(" = %5.1f%% of copy", 100 * x / copy) }
       if (b in t) { x = gbs(bytes, t[b]); line = line sprintf("  pytorch %8.1f GB/s", x); if (copy > 0) line = line sprintf(" = %5.1f%%", 100 * x / copy) }
-      if ((a in s) || (b in t)) print line
+      if (!(a in s) || !(b in t)) line = line "  " missing(a, b)
+      print line
     }
     END {
       N = 4608 * 1024 * 4 # one [4608, 1024] f32 tensor, bytes
