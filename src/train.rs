@@ -249,8 +249,17 @@ impl Trainer {
         }
         let grad_scale =
             if self.cfg.clip_norm > 0.0 && norm > self.cfg.clip_norm { self.cfg.clip_norm / norm } else { 1.0 };
+        self.optimizer_update(dev, stats.lr, grad_scale)?;
+        self.step += 1;
+        Ok(StepStats { grad_norm: norm, ..stats })
+    }
+
+    /// The AdamW update of `step` from the gradient buffer: one launch per run of parameters
+    /// sharing a weight-decay setting, bias correction for step `self.step + 1` (the caller
+    /// advances the step). Public so the GPU benchmark times exactly what a step runs.
+    pub fn optimizer_update(&mut self, dev: &mut dyn Backend, lr: f32, grad_scale: f32) -> Result<()> {
         let hp = AdamW {
-            lr: stats.lr,
+            lr,
             beta1: self.cfg.beta1,
             beta2: self.cfg.beta2,
             eps: self.cfg.eps,
@@ -268,8 +277,12 @@ impl Trainer {
                 hp,
             )?;
         }
-        self.step += 1;
-        Ok(StepStats { grad_norm: norm, ..stats })
+        Ok(())
+    }
+
+    /// How many AdamW launches `optimizer_update` makes (one per decay run).
+    pub fn optimizer_launches(&self) -> usize {
+        self.decay_runs.len()
     }
 
     /// The weights of L1 and L2 (Eq. 6) for the variant: `wo-l` keeps L2 at weight 1 (AdamW

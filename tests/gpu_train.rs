@@ -93,12 +93,15 @@ fn twenty_steps_stay_within_1e3() {
     };
     let (lw, pw) = run(&mut cpu);
     let (lg, pg) = run(gpu.as_mut());
+    let mut worst_loss = 0.0f64;
     for (s, (a, b)) in lg.iter().zip(&lw).enumerate() {
         let e = ((a - b) / b).abs() as f64;
         assert!(e <= 1e-3, "step {s}: loss {a} vs {b} ({e:.3e})");
+        worst_loss = worst_loss.max(e);
     }
     let e = rel_err(&pg, &to64(&pw));
     assert!(e <= 1e-3, "parameters after 20 steps: relative error {e:.3e}");
+    eprintln!("20 steps: worst loss error {worst_loss:.3e}, parameters {e:.3e}");
 }
 
 /// `semshare demo --device cuda`, end to end through the CLI (synthesis, training, checkpoint,

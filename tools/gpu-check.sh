@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds the GPU check bundle here (no GPU needed) and leaves it in target/gpu-bundle/:
 # release GPU test binaries (tests/gpu_*.rs), the GPU benchmark, the CLI (demo), the PyTorch
-# baseline and run.sh. The GPU machine has no Rust toolchain: build here, run there with
-#     bash target/gpu-bundle/run.sh          (device tool: carry ["target/gpu-bundle"])
-# The kernels are inside the binaries (embedded fatbin); CUDA libraries come from the driver
-# and /usr/local/cuda/lib64 there. Binaries are stripped so the bundle stays under 64 MiB.
+# baseline and run.sh. The GPU machine has no Rust toolchain: build here, run there in two
+# device calls of at most 540 s each (device tool: carry ["target/gpu-bundle"]):
+#     STAGES=tests,demo  bash target/gpu-bundle/run.sh
+#     STAGES=bench,torch bash target/gpu-bundle/run.sh
+# The kernels are inside the binaries (embedded fatbin); libcuda and cuBLAS are found there by
+# run.sh. Binaries are stripped so the bundle stays under 64 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

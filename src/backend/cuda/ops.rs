@@ -63,17 +63,60 @@ impl Cuda {
         Ok(())
     }
 
-    /// Block partial sums written to scratch, summed on the host in f64.
-    fn host_sum(&mut self, name: &'static str, n: usize, pre: &[Arg]) -> Result<f64> {
+    /// Block partial sums written to scratch (left on the device: no synchronisation).
+    fn partial_sums(&mut self, name: &'static str, n: usize, pre: &[Arg]) -> Result<Tensor> {
         if n == 0 {
-            return Ok(0.0);
+            return self.scratch(0); // no launch; sums to 0
         }
         let nb = blocks(n, THREADS as usize).min(1024) as usize;
         let partial = self.scratch(nb)?;
         let mut args = pre.to_vec();
         args.extend([Arg::U64(n as u64), Arg::tensor(&partial)?]);
         self.launch(name, (nb as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+        Ok(partial)
+    }
+
+    /// Partial sums summed on the host in f64 (the download synchronises).
+    fn host_total(&mut self, partial: &Tensor) -> Result<f64> {
         Ok(self.download(partial.view())?.iter().map(|&v| v as f64).sum())
+    }
+
+    /// The kernel of `sum_squares` alone: per-block partial sums of squares, on the device.
+    /// `sum_squares` is this plus a download; the GPU benchmark times this part.
+    pub fn sum_squares_partials(&mut self, x: View) -> Result<Tensor> {
+        self.partial_sums("sum_squares_fwd_f32", x.len(), &[Arg::view(x)?])
+    }
+
+    /// The kernel of `bce_with_logits` alone (the gradient overwrites the logits; per-block
+    /// partial loss sums stay on the device); `bce_with_logits` is this plus a download.
+    pub fn bce_with_logits_partials(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<Tensor> {
+        expect_cols("bce_with_logits", logits)?;
+        same_shape("bce_with_logits", logits, targets)?;
+        let n = logits.len();
+        self.partial_sums("bce_with_logits_fwd_f32", n, &[Arg::tensor(logits)?, Arg::tensor(targets)?, Arg::F32(scale)])
+    }
+
+    /// The kernel of `cross_entropy` alone (the gradient overwrites the logits; the per-row
+    /// losses stay on the device); `cross_entropy` is this plus a download.
+    pub fn cross_entropy_rows(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<Tensor> {
+        expect_cols("cross_entropy", logits)?;
+        expect_len("cross_entropy", "targets", targets.len(), logits.rows())?;
+        let (rows, classes) = (logits.rows(), logits.cols());
+        check_ids("cross_entropy", targets, classes)?;
+        let row_loss = self.scratch(rows)?;
+        if rows == 0 {
+            return Ok(row_loss);
+        }
+        let args = [
+            Arg::tensor(logits)?,
+            Arg::ids(targets)?,
+            Arg::int("cross_entropy", rows)?,
+            Arg::int("cross_entropy", classes)?,
+            Arg::F32(scale),
+            Arg::tensor(&row_loss)?,
+        ];
+        self.launch("cross_entropy_fwd_f32", (rows as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+        Ok(row_loss)
     }
 
     fn memset0(&mut self, ptr: u64, elems: usize) -> Result<()> {
@@ -213,8 +256,8 @@ impl Backend for Cuda {
     }
 
     fn sum_squares(&mut self, x: View) -> Result<f64> {
-        let n = x.len();
-        self.host_sum("sum_squares_fwd_f32", n, &[Arg::view(x)?])
+        let partial = self.sum_squares_partials(x)?;
+        self.host_total(&partial)
     }
 
     fn gelu_fwd(&mut self, x: &Tensor) -> Result<Tensor> {
@@ -478,37 +521,18 @@ impl Backend for Cuda {
     }
 
     fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {
-        expect_cols("bce_with_logits", logits)?;
-        same_shape("bce_with_logits", logits, targets)?;
+        let partial = self.bce_with_logits_partials(logits, targets, scale)?;
         let n = logits.len();
-        let sum = self.host_sum(
-            "bce_with_logits_fwd_f32",
-            n,
-            &[Arg::tensor(logits)?, Arg::tensor(targets)?, Arg::F32(scale)],
-        )?;
-        Ok((sum / n.max(1) as f64) as f32)
+        Ok((self.host_total(&partial)? / n.max(1) as f64) as f32)
     }
 
     fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
-        expect_cols("cross_entropy", logits)?;
-        expect_len("cross_entropy", "targets", targets.len(), logits.rows())?;
-        let (rows, classes) = (logits.rows(), logits.cols());
-        check_ids("cross_entropy", targets, classes)?;
+        let row_loss = self.cross_entropy_rows(logits, targets, scale)?;
+        let rows = logits.rows();
         if rows == 0 {
             return Ok(0.0);
         }
-        let row_loss = self.scratch(rows)?;
-        let args = [
-            Arg::tensor(logits)?,
-            Arg::ids(targets)?,
-            Arg::int("cross_entropy", rows)?,
-            Arg::int("cross_entropy", classes)?,
-            Arg::F32(scale),
-            Arg::tensor(&row_loss)?,
-        ];
-        self.launch("cross_entropy_fwd_f32", (rows as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
-        let losses = self.download(row_loss.view())?;
-        Ok((losses.iter().map(|&v| v as f64).sum::<f64>() / rows as f64) as f32)
+        Ok((self.host_total(&row_loss)? / rows as f64) as f32)
     }
 
     fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()> {
