@@ -550,7 +550,7 @@ impl<'k> Block<'k> {
             v[..bytes as usize].copy_from_slice(&l.params[addr as usize..end as usize]);
             return Ok(u64::from_le_bytes(v));
         }
-        if addr % bytes != 0 {
+        if !addr.is_multiple_of(bytes) {
             return Err(self.err(t, format!("misaligned {bytes}-byte load at {addr:#x}")));
         }
         let (sh, a) = self.resolve(space, addr);
@@ -573,7 +573,7 @@ impl<'k> Block<'k> {
         if space == Space::Param {
             return Err(self.err(t, "store to parameter space".into()));
         }
-        if addr % bytes != 0 {
+        if !addr.is_multiple_of(bytes) {
             return Err(self.err(t, format!("misaligned {bytes}-byte store at {addr:#x}")));
         }
         let (sh, a) = self.resolve(space, addr);
@@ -739,7 +739,7 @@ impl<'k> Block<'k> {
                     let bytes = ty.bytes() as u64;
                     let a0 = self.addr(t, addr);
                     let total = bytes * ds.len() as u64;
-                    if *space != Space::Param && a0 % total != 0 {
+                    if *space != Space::Param && !a0.is_multiple_of(total) {
                         return Err(self.err(t, format!("misaligned {total}-byte vector load at {a0:#x}")));
                     }
                     for (i, dst) in ds.iter().enumerate() {
@@ -753,7 +753,7 @@ impl<'k> Block<'k> {
                     let bytes = ty.bytes() as u64;
                     let a0 = self.addr(t, addr);
                     let total = bytes * srcs.len() as u64;
-                    if a0 % total != 0 {
+                    if !a0.is_multiple_of(total) {
                         return Err(self.err(t, format!("misaligned {total}-byte vector store at {a0:#x}")));
                     }
                     for (i, s) in srcs.iter().enumerate() {
@@ -764,7 +764,7 @@ impl<'k> Block<'k> {
                 Op::Atom { space, op, ty, d, addr, b, c } => {
                     let a = self.addr(t, addr);
                     let bytes = ty.bytes() as u64;
-                    if a % bytes != 0 {
+                    if !a.is_multiple_of(bytes) {
                         return Err(self.err(t, format!("misaligned {bytes}-byte atomic at {a:#x}")));
                     }
                     let (bv, cv) = (rd!(&b), c.map(|c| rd!(&c)).unwrap_or(0));

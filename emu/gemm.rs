@@ -5,6 +5,7 @@
 
 pub use crate::sgemm_abi::Sgemm;
 
+#[allow(clippy::too_many_arguments)]
 fn operand(
     name: &str,
     ptr: u64,

@@ -587,7 +587,7 @@ fn memset(dst: u64, value: u32, width: usize, n: usize, what: &str) -> CUresult 
     if let Err(e) = check_range(dst, (n * width) as u64, what) {
         return fail(INVALID_VALUE, e);
     }
-    if dst % width as u64 != 0 {
+    if !dst.is_multiple_of(width as u64) {
         return fail(INVALID_VALUE, format!("{what}: {dst:#x} is not {width}-byte aligned"));
     }
     // SAFETY: the range was checked against the live allocations.

@@ -640,12 +640,8 @@ fn parse_kernel(header: &str, body: &str, module_shared: &[(String, u64, u64)]) 
     }
     let dims = |key: &str| -> Option<(u32, u32, u32)> {
         let p = perf.find(key)?;
-        let nums: Vec<u32> = perf[p + key.len()..]
-            .split(|c: char| c == '.' || c == '{')
-            .next()?
-            .split(',')
-            .filter_map(|x| x.trim().parse().ok())
-            .collect();
+        let nums: Vec<u32> =
+            perf[p + key.len()..].split(['.', '{']).next()?.split(',').filter_map(|x| x.trim().parse().ok()).collect();
         Some((nums.first().copied()?, nums.get(1).copied().unwrap_or(1), nums.get(2).copied().unwrap_or(1)))
     };
     let maxntid = dims(".maxntid");
@@ -676,8 +672,7 @@ fn parse_kernel(header: &str, body: &str, module_shared: &[(String, u64, u64)]) 
         pos += stmt.len() + 1;
         let mut s = stmt.trim();
         // Labels: `NAME:` before an instruction.
-        loop {
-            let Some(colon) = s.find(':') else { break };
+        while let Some(colon) = s.find(':') {
             let cand = &s[..colon];
             if !cand.is_empty() && cand.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$') {
                 labels.insert(cand.to_string(), raw.len());

@@ -59,23 +59,29 @@ __device__ void set_rows_bwd(T* dx, const uint32_t* rows, int n, int cols, float
 
 // y[b, c] = mean over item b's rows of x[r, c]; grid (column blocks, items). Sum then scale by
 // 1/len, in row order, as the CPU does.
+// Grid-stride over items (grid y) and columns (grid x): the host caps grid y at the hardware's
+// 65,535 and grid x at blocks(), so any number of items and any width is covered.
 template <typename T>
 __device__ void segment_mean_fwd(const T* x, const uint32_t* offsets, int items, int cols, T* y) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
-  if (c >= cols || b >= items) return;
-  const uint32_t s = offsets[b], e = offsets[b + 1];
-  float acc = 0.0f;
-  for (uint32_t r = s; r < e; ++r) acc += to_f32(x[(size_t)r * cols + c]);
-  y[(size_t)b * cols + c] = from_f32<T>(acc * (1.0f / (float)(e - s)));
+  for (int b = blockIdx.y; b < items; b += gridDim.y) {
+    const uint32_t s = offsets[b], e = offsets[b + 1];
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+      float acc = 0.0f;
+      for (uint32_t r = s; r < e; ++r) acc += to_f32(x[(size_t)r * cols + c]);
+      y[(size_t)b * cols + c] = from_f32<T>(acc * (1.0f / (float)(e - s)));
+    }
+  }
 }
 
 template <typename T>
 __device__ void segment_mean_bwd(const T* dy, const uint32_t* offsets, int items, int cols, T* dx) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
-  if (c >= cols || b >= items) return;
-  const uint32_t s = offsets[b], e = offsets[b + 1];
-  const float g = to_f32(dy[(size_t)b * cols + c]) * (1.0f / (float)(e - s));
-  for (uint32_t r = s; r < e; ++r) dx[(size_t)r * cols + c] = from_f32<T>(g);
+  for (int b = blockIdx.y; b < items; b += gridDim.y) {
+    const uint32_t s = offsets[b], e = offsets[b + 1];
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+      const float g = to_f32(dy[(size_t)b * cols + c]) * (1.0f / (float)(e - s));
+      for (uint32_t r = s; r < e; ++r) dx[(size_t)r * cols + c] = from_f32<T>(g);
+    }
+  }
 }
 
 // One warp per row: the squared norm is a warp butterfly sum; a zero row stays zero.

@@ -246,8 +246,12 @@ fn scatter_add_and_set_rows_bwd() {
 fn segment_mean_fwd_bwd() {
     twin("segment_mean", EXACT, |dev, seed| {
         let mut out = vec![];
-        for lengths in [vec![1], vec![36, 1, 17], vec![5; 33], (1..=40).collect::<Vec<usize>>()] {
+        // 70,000 items: more than grid y's 65,535 (the kernel strides over the capped grid).
+        for lengths in [vec![1], vec![36, 1, 17], vec![5; 33], (1..=40).collect::<Vec<usize>>(), vec![1; 70_000]] {
             for c in [1, 7, 256, 300] {
+                if lengths.len() > 1000 && c > 1 {
+                    continue;
+                }
                 let seg = Segments::from_lengths(dev, &lengths).unwrap();
                 let (t, b) = (seg.tokens(), seg.items());
                 let x = up(dev, &randv(seed ^ (t * c) as u64, t * c), &[t, c]);
@@ -346,6 +350,11 @@ fn sum_squares_and_adamw() {
 fn bad_input_is_an_error_not_a_crash() {
     let Some(mut gpu) = gpu_or_skip("bad input") else { return };
     let dev = gpu.as_mut();
+    // A column sum over more rows than grid y can hold (65,535 blocks of 64 rows) is refused.
+    let tall = dev.zeros(&[65_535 * 64 + 1, 1]).unwrap();
+    let mut db = dev.zeros(&[1]).unwrap();
+    let err = dev.bias_bwd(&tall, db.view_mut()).unwrap_err();
+    assert!(err.to_string().contains("65535"), "{err}");
     let table = dev.upload(&randv(1, 12), &[4, 3]).unwrap();
     let ids = dev.upload_ids(&[0, 4]).unwrap();
     let err = dev.gather_rows(table.view(), 3, &ids).unwrap_err();

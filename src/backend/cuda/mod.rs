@@ -55,6 +55,14 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/semshare_kernel
 /// Rows per block in stage 1 of the deterministic column reductions (kernels/common.cuh).
 pub(crate) const COLSUM_ROWS: usize = 64;
 
+/// The hardware's limit on grid y and z (grid x goes to 2^31 - 1).
+pub(crate) const MAX_GRID_Y: usize = 65_535;
+
+/// Grid y for `n` rows of a kernel that strides over grid y: capped at the hardware's limit.
+pub fn grid_y(n: usize) -> u32 {
+    n.clamp(1, MAX_GRID_Y) as u32
+}
+
 /// Blocks of `threads` covering `n` elements, capped for grid-stride kernels (a few waves on
 /// any current GPU; more blocks only add scheduling).
 pub fn blocks(n: usize, threads: usize) -> u32 {

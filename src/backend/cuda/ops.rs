@@ -1,7 +1,10 @@
 //! `impl Backend for Cuda`: shape checks (the CPU twin's, word for word in the messages) and
 //! one launch per op. Attention and the GRU step live in `attention.rs` and `gru.rs`.
 
-use super::{Arg, COLSUM_ROWS, Cuda, DevBuf, DevIds, blocks, dev_err, dev_ids, tensor_ptr, view_mut_ptr, view_ptr};
+use super::{
+    Arg, COLSUM_ROWS, Cuda, DevBuf, DevIds, MAX_GRID_Y, blocks, dev_err, dev_ids, grid_y, tensor_ptr, view_mut_ptr,
+    view_ptr,
+};
 use crate::backend::{
     AdamW, Backend, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
     check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, expect_cols, expect_len, rows_of, same_shape,
@@ -45,6 +48,15 @@ impl Cuda {
             return Ok(());
         }
         let parts = rows.div_ceil(COLSUM_ROWS);
+        if parts > MAX_GRID_Y {
+            return Err(Error::shape(
+                stage1,
+                format!(
+                    "{rows} rows need {parts} blocks in grid y, over the GPU's {MAX_GRID_Y}: at most {} rows",
+                    MAX_GRID_Y * COLSUM_ROWS
+                ),
+            ));
+        }
         let partial = self.scratch(parts * cols * outs.len())?;
         let mut args = pre.to_vec();
         args.extend([Arg::int(stage1, rows)?, Arg::int(stage1, cols)?, Arg::tensor(&partial)?]);
@@ -398,7 +410,7 @@ impl Backend for Cuda {
             Arg::int("segment_mean_fwd", cols)?,
             Arg::tensor(&y)?,
         ];
-        self.launch("segment_mean_fwd_f32", (blocks(cols, 128), items as u32, 1), (128, 1, 1), 0, &args)?;
+        self.launch("segment_mean_fwd_f32", (blocks(cols, 128), grid_y(items), 1), (128, 1, 1), 0, &args)?;
         Ok(y)
     }
 
@@ -417,7 +429,7 @@ impl Backend for Cuda {
             Arg::int("segment_mean_bwd", cols)?,
             Arg::tensor(&dx)?,
         ];
-        self.launch("segment_mean_bwd_f32", (blocks(cols, 128), items as u32, 1), (128, 1, 1), 0, &args)?;
+        self.launch("segment_mean_bwd_f32", (blocks(cols, 128), grid_y(items), 1), (128, 1, 1), 0, &args)?;
         Ok(dx)
     }
 
