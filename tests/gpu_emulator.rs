@@ -112,7 +112,7 @@ fn an_index_one_past_the_end_names_kernel_thread_and_index() {
 fn a_shared_index_one_past_the_end_names_the_shared_size() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(d) = device("shared_one_past_the_end") else { return };
-    let (x, y) = (upload(&vec![1.0; 32]), upload(&vec![0.0; 32]));
+    let (x, y) = (upload(&[1.0; 32]), upload(&[0.0; 32]));
     let e = launch(&d, "shared_one_past_the_end", 1, 32, &[x, y]).expect_err("must fail");
     for part in [
         "kernel `shared_one_past_the_end`",
