@@ -1,8 +1,11 @@
 //! File helpers shared by checkpoints, datasets and embeddings.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use safetensors::tensor::View;
 
 use crate::{Error, Result};
 
@@ -14,7 +17,9 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => PathBuf::from("."),
     };
     let name = path.file_name().ok_or_else(|| Error::config(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
+    let prefix = format!(".{}.tmp.", name.to_string_lossy());
+    remove_stale_temps(&dir, &prefix);
+    let tmp = dir.join(format!("{prefix}{}", std::process::id()));
     let result = (|| {
         let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
@@ -31,8 +36,206 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// The whole of a regular file (see [`read_limited`]).
 pub fn read(path: &Path) -> Result<Vec<u8>> {
-    fs::read(path).map_err(|e| Error::io(path, e))
+    read_limited(path, u64::MAX)
+}
+
+/// Most bytes a configuration or manifest file may have: they are parsed whole, in memory.
+pub const SMALL_FILE_LIMIT: u64 = 16 << 20;
+
+/// Opens `path` for reading if it is a regular file: a FIFO would block the open forever, a
+/// device or a directory is never what a command wants. Returns the file and its size.
+pub fn open_regular(path: &Path) -> Result<(fs::File, u64)> {
+    // stat before open: opening a FIFO blocks until a writer comes.
+    let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(path, format!("is {}, not a regular file", kind_of(&meta))));
+    }
+    let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(path, format!("is {}, not a regular file", kind_of(&meta))));
+    }
+    Ok((file, meta.len()))
+}
+
+/// The whole of regular file `path`, refused when it is larger than `limit` bytes.
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let (file, len) = open_regular(path)?;
+    if len > limit {
+        return Err(Error::format(path, format!("{len} bytes, more than the {limit} this file may have")));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // `take`: a file growing while it is read stops at the limit, not at memory's end.
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::format(path, format!("more than the {limit} bytes this file may have")));
+    }
+    Ok(bytes)
+}
+
+/// [`read_limited`] as UTF-8 text.
+pub fn read_text(path: &Path, limit: u64) -> Result<String> {
+    String::from_utf8(read_limited(path, limit)?)
+        .map_err(|e| Error::format(path, format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to())))
+}
+
+fn kind_of(meta: &fs::Metadata) -> String {
+    let t = meta.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO".into();
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device".into();
+        }
+        if t.is_socket() {
+            return "a socket".into();
+        }
+    }
+    if t.is_dir() {
+        "a directory".into()
+    } else if t.is_symlink() {
+        "a symbolic link".into()
+    } else if t.is_file() {
+        format!("a file of {} bytes", meta.len())
+    } else {
+        "not a file or directory".into()
+    }
+}
+
+/// Checks that an output may be written at `out`: a missing path or an empty directory is free;
+/// a `what` this program wrote (`is_ours` says so from its manifest) is replaced only with
+/// `force`; anything else, never. The error says what is there.
+pub fn claim_output(out: &Path, what: &str, force: bool, is_ours: impl Fn(&Path) -> bool) -> Result<()> {
+    let meta = match fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(out, e)),
+        Ok(m) => m,
+    };
+    if meta.is_dir() {
+        let mut entries = fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+        if entries.next().is_none() {
+            return Ok(());
+        }
+    }
+    if !meta.file_type().is_symlink() && is_ours(out) {
+        return if force {
+            Ok(())
+        } else {
+            Err(Error::refused(out, format!("already holds a {what}; pass --force to replace it")))
+        };
+    }
+    let there = if meta.is_dir() {
+        let n = fs::read_dir(out).map(|d| d.count()).unwrap_or(0);
+        format!("a directory with {n} entries")
+    } else {
+        kind_of(&meta)
+    };
+    Err(Error::refused(
+        out,
+        format!("is {there}, not a {what} written by semshare; refusing to replace it (choose another output)"),
+    ))
+}
+
+/// `path` made absolute with symbolic links resolved as far as it exists (an output may not).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(p) = fs::canonicalize(path) {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+            resolved(parent).join(name)
+        }
+        _ => std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf()),
+    }
+}
+
+/// Whether two paths name the same file or directory (after resolving links).
+pub fn same_path(a: &Path, b: &Path) -> bool {
+    resolved(a) == resolved(b) || same_file(a, b)
+}
+
+/// Refuses an output that is one of the command's inputs: the same path or file (hard links
+/// included), a directory holding the input (replacing it would delete the input), or a path
+/// inside an input directory (a dataset must not gain or lose files under its readers).
+pub fn refuse_overlap(out: &Path, input: &Path, input_what: &str) -> Result<()> {
+    overlap(out, input, input_what, true)
+}
+
+/// [`refuse_overlap`] for an input directory that may hold the output (a source directory
+/// `pack` reads only the listed files of): the output may not be the input or hold it.
+pub fn refuse_replacing(out: &Path, input: &Path, input_what: &str) -> Result<()> {
+    overlap(out, input, input_what, false)
+}
+
+fn overlap(out: &Path, input: &Path, input_what: &str, refuse_inside: bool) -> Result<()> {
+    let (o, i) = (resolved(out), resolved(input));
+    let why = if o == i {
+        Some(format!("is the {input_what} {}", input.display()))
+    } else if i.starts_with(&o) {
+        Some(format!("contains the {input_what} {}", input.display()))
+    } else if refuse_inside && o.starts_with(&i) && i.is_dir() {
+        Some(format!("is inside the {input_what} {}", input.display()))
+    } else {
+        same_file(out, input).then(|| format!("is the same file as the {input_what} {}", input.display()))
+    };
+    match why {
+        Some(w) => Err(Error::refused(out, format!("{w}: an output may not overwrite an input"))),
+        None => Ok(()),
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (fs::metadata(a), fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    let _ = (a, b);
+    false
+}
+
+/// Whether process `pid` may still be running (unknown counts as running: nothing is removed).
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") { Path::new("/proc").join(pid.to_string()).exists() } else { true }
+}
+
+/// Removes what killed processes left in `dir`: entries named `prefix` + PID (+ anything) whose
+/// process is gone (temporary files `.NAME.tmp.PID`, dataset directories `.NAME.tmp-PID-K`).
+/// Each removal is reported on stderr; returns what was removed.
+pub fn remove_stale_temps(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else { continue };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let Ok(pid) = digits.parse::<u32>() else { continue };
+        if process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let gone = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+        if gone.is_ok() {
+            eprintln!("removed {}, left behind by process {pid} (no longer running)", path.display());
+            removed.push(path);
+        }
+    }
+    removed
 }
 
 pub fn f32_to_bytes(v: &[f32]) -> Vec<u8> {
@@ -41,4 +244,33 @@ pub fn f32_to_bytes(v: &[f32]) -> Vec<u8> {
 
 pub fn bytes_to_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// safetensors bytes that are the same for the same tensors and metadata. The crate writes
+/// `__metadata__` from a `HashMap`, whose order changes per process; here the tensors are
+/// serialised without it and the metadata is put first in the header in key order.
+pub fn safetensors_bytes<S, V, I>(tensors: I, metadata: &BTreeMap<&str, String>) -> std::result::Result<Vec<u8>, String>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+    V: View,
+    I: IntoIterator<Item = (S, V)>,
+{
+    let bytes = safetensors::tensor::serialize(tensors, None).map_err(|e| e.to_string())?;
+    if metadata.is_empty() {
+        return Ok(bytes);
+    }
+    // The crate's own output: an 8-byte length, a JSON object padded with spaces, the data.
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).map_err(|e| e.to_string())?.trim_end();
+    let tensors_json = header.strip_prefix('{').ok_or("safetensors header is not a JSON object")?;
+    let meta_json = serde_json::to_string(metadata).map_err(|e| e.to_string())?;
+    let sep = if tensors_json.starts_with('}') { "" } else { "," };
+    let mut new_header = format!("{{\"__metadata__\":{meta_json}{sep}{tensors_json}").into_bytes();
+    // Data stays 8-byte aligned, as the crate aligns it.
+    new_header.resize(new_header.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + new_header.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(new_header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&new_header);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }

@@ -46,6 +46,7 @@ fn config(data: &DatasetReader, dir: &Path, variants: &[Variant], seeds: u64) ->
     ExperimentConfig {
         suite: SuiteKind::Table1,
         seeds,
+        only_seed: None,
         variants: Some(variants.to_vec()),
         model: tiny_model(data),
         train: TrainConfig { steps: 3, batch_size: 8, warmup: 1, eval_every: 0, ..TrainConfig::default() },

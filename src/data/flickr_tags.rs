@@ -15,7 +15,6 @@
 //! `train` = the first 10,000 of the database, `val` = the next 1,000 of the database (disjoint
 //! from train and test; still in the retrieval set, as every non-query item is).
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -308,8 +307,8 @@ fn encode_source_file(split: &str, s: &Split, m: &Meta) -> std::result::Result<V
     if let Some(cls) = &s.image_classes {
         tensors.push(("image.classes", own(Dtype::U16, vec![n, r], le(cls, u16::to_le_bytes))));
     }
-    let info = HashMap::from([("format".to_string(), "semshare-source".to_string()), ("split".into(), split.into())]);
-    safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (*k, v)), Some(info))
+    let info = std::collections::BTreeMap::from([("format", "semshare-source".to_string()), ("split", split.into())]);
+    crate::io::safetensors_bytes(tensors.iter().map(|(k, v)| (*k, v)), &info)
         .map_err(|e| format!("cannot encode split {split}: {e}"))
 }
 

@@ -749,7 +749,7 @@ pub(crate) mod tests {
         let mut cfg = tiny(SynthPreset::WeakText, 2);
         let n = cfg.train + cfg.val + cfg.test;
         let c = cfg.num_labels;
-        let labels: Vec<u8> = (0..n * c).map(|k| ((k / c + k % c) % 3 == 0) as u8).collect();
+        let labels: Vec<u8> = (0..n * c).map(|k| (k / c + k % c).is_multiple_of(3) as u8).collect();
         cfg.labels = Some(labels.clone());
         let ds = generate(&cfg).unwrap();
         let got: Vec<u8> = [&ds.train, &ds.val, &ds.test].iter().flat_map(|s| s.labels.clone()).collect();

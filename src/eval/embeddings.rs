@@ -100,7 +100,7 @@ impl EmbeddingSet {
             return Err(format!("tensor `{IMAGE_LABELS}`: number of labels is 0"));
         }
         let rows = |name: &str, len: usize, width: usize| -> std::result::Result<usize, String> {
-            if len % width != 0 {
+            if !len.is_multiple_of(width) {
                 return Err(format!("tensor `{name}`: {len} values is not a multiple of {width}"));
             }
             match len / width {

@@ -58,6 +58,9 @@ pub struct ExperimentConfig {
     pub suite: SuiteKind,
     /// Seeds 0..seeds.
     pub seeds: u64,
+    /// Run this seed alone instead: the suite is the seeds its state file records plus this one,
+    /// and only this seed's runs are done (`seeds` is then unused).
+    pub only_seed: Option<u64>,
     /// Only these variants of the suite (in the suite's order); None: all of them.
     pub variants: Option<Vec<Variant>>,
     /// The base model (the `ours` structure; each variant changes it by `Variant::configure`).
@@ -124,6 +127,12 @@ pub fn build_suite(data: &DatasetReader, cfg: &ExperimentConfig) -> Result<Suite
         SuiteKind::Table1 => Suite::table1(cfg.seeds, fp)?,
         SuiteKind::Eta => Suite::eta_sweep(cfg.seeds, fp)?,
     };
+    if let Some(seed) = cfg.only_seed {
+        suite.seeds = recorded_seeds(&state_path(&cfg.out, cfg.suite));
+        if !suite.seeds.contains(&seed) {
+            suite.seeds.push(seed);
+        }
+    }
     if let Some(only) = &cfg.variants {
         if let Some(v) = only.iter().find(|v| !suite.variants.contains(v)) {
             let names: Vec<&str> = suite.variants.iter().map(|v| v.name()).collect();
@@ -137,6 +146,13 @@ pub fn build_suite(data: &DatasetReader, cfg: &ExperimentConfig) -> Result<Suite
         suite.validate()?;
     }
     Ok(suite)
+}
+
+/// The seeds a suite's state file lists (none when there is no readable one: opening it then
+/// says what is wrong).
+fn recorded_seeds(path: &Path) -> Vec<u64> {
+    let Ok(bytes) = crate::io::read(path) else { return Vec::new() };
+    serde_json::from_slice::<SuiteState>(&bytes).map(|s| s.suite.seeds).unwrap_or_default()
 }
 
 /// Where run `key` of a suite trains.
@@ -165,14 +181,20 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     let suite = build_suite(data, cfg)?;
     TrainConfig { variant: Variant::Ours, ..cfg.train.clone() }.validate()?;
     check_fits(&data.layout, &cfg.model)?;
+    // Every run needs all three; an empty one is found now, not after the first training.
+    crate::train::require_items(data, "train", "the suite")?;
+    crate::train::require_items(data, "val", "the suite")?;
+    crate::train::require_items(data, "test", "the suite")?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let path = state_path(&cfg.out, cfg.suite);
     let mut state = SuiteState::open(&path, &suite)?;
     fill_in_label_scores(dev, data, cfg, &mut state, &path)?;
     write_reports(&state, data.meta().name.as_str(), &cfg.out, &cfg.train.embedding)?;
-    let total = state.progress().1;
+    let remaining: Vec<RunKey> =
+        state.remaining().into_iter().filter(|k| cfg.only_seed.is_none_or(|s| k.seed == s)).collect();
+    let total = state.finished.len() + remaining.len();
     let mut cca: Option<Report> = None;
-    for key in state.remaining() {
+    for key in remaining {
         let k = state.finished.len() + 1;
         if cfg.progress {
             let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
@@ -289,12 +311,16 @@ fn train_run(
     };
     let dir = run_dir(&cfg.runs_dir, cfg.suite, key);
     if dir.exists() {
-        // A run killed half-way: start it again, not from its stale checkpoints.
+        // A run killed half-way (the directory is the suite's own, named by the run): start it
+        // again, not from its stale checkpoints.
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    let opts = RunOptions { out_dir: dir, resume: None, progress: cfg.progress };
+    let opts = RunOptions { out_dir: dir.clone(), resume: None, replace: false, progress: cfg.progress };
     let summary = train(dev, data, &model, &train_cfg, &opts)?;
-    Ok((summary.best_checkpoint, summary.best_step))
+    let best = summary
+        .best_checkpoint
+        .ok_or_else(|| Error::data(format!("run {key}: no best checkpoint in {}", dir.display())))?;
+    Ok((best, summary.best_step))
 }
 
 /// Rewrites the suite's reports from its state: Table 1 (`table1.md`, `table1.json`), or for
