@@ -274,3 +274,98 @@ where
     out.extend_from_slice(&bytes[8 + n..]);
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+    fn temp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("semshare-io-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn safetensors_metadata_is_written_in_key_order_and_reads_back() {
+        let data = [1u8, 2, 3, 4, 5, 6, 7, 8];
+        let view = TensorView::new(Dtype::U8, vec![8], &data).unwrap();
+        let meta = BTreeMap::from([("zeta", "1".to_string()), ("alpha", "2".to_string()), ("mid", "3".into())]);
+        let bytes = safetensors_bytes([("t", view.clone())], &meta).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + header_len) % 8, 0, "data stays aligned");
+        let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+        assert!(header.starts_with(r#"{"__metadata__":{"alpha":"2","mid":"3","zeta":"1"},"t":"#), "{header}");
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("t").unwrap().data(), &data);
+        let (_, m) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(m.metadata().as_ref().unwrap()["mid"], "3");
+        // No tensors and no metadata are the crate's own output.
+        let empty = safetensors_bytes(Vec::<(&str, TensorView)>::new(), &meta).unwrap();
+        assert!(SafeTensors::read_metadata(&empty).is_ok());
+        let plain = safetensors_bytes([("t", view)], &BTreeMap::new()).unwrap();
+        assert!(SafeTensors::deserialize(&plain).is_ok());
+    }
+
+    #[test]
+    fn outputs_are_claimed_only_where_nothing_foreign_is_lost() {
+        let d = temp("claim");
+        let never = |_: &Path| false;
+        assert!(claim_output(&d.join("new"), "dataset", false, never).is_ok());
+        assert!(claim_output(&d, "dataset", false, never).is_ok(), "an empty directory");
+        fs::write(d.join("f"), "x").unwrap();
+        let e = claim_output(&d.join("f"), "dataset", true, never).unwrap_err().to_string();
+        assert!(e.contains("is a file of 1 bytes, not a dataset"), "{e}");
+        let e = claim_output(&d, "dataset", true, never).unwrap_err().to_string();
+        assert!(e.contains("a directory with 1 entries"), "{e}");
+        let ours = |_: &Path| true;
+        assert!(claim_output(&d, "dataset", false, ours).unwrap_err().to_string().contains("--force"));
+        assert!(claim_output(&d, "dataset", true, ours).is_ok());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn overlapping_outputs_and_inputs_are_refused() {
+        let d = temp("overlap");
+        let input = d.join("in");
+        fs::create_dir_all(&input).unwrap();
+        fs::write(input.join("a"), "x").unwrap();
+        assert!(refuse_overlap(&input, &input, "dataset").is_err());
+        assert!(refuse_overlap(&d, &input, "dataset").is_err(), "holds the input");
+        assert!(refuse_overlap(&input.join("out"), &input, "dataset").is_err(), "inside the input");
+        assert!(refuse_replacing(&input.join("out"), &input, "source").is_ok());
+        assert!(refuse_overlap(&d.join("other"), &input, "dataset").is_ok());
+        // A hard link is the same file under another name.
+        fs::hard_link(input.join("a"), d.join("link")).unwrap();
+        assert!(refuse_overlap(&d.join("link"), &input.join("a"), "checkpoint").is_err());
+        assert!(refuse_overlap(&d.join(".").join("in").join("a"), &input.join("a"), "checkpoint").is_err());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn only_temporaries_of_dead_processes_are_removed() {
+        let d = temp("stale");
+        let dead = u32::MAX; // above any pid_max
+        fs::write(d.join(format!(".x.tmp.{dead}")), "left").unwrap();
+        fs::write(d.join(format!(".x.tmp.{}", std::process::id())), "mine").unwrap();
+        fs::write(d.join(".x.tmp.notapid"), "other").unwrap();
+        fs::write(d.join(format!(".y.tmp.{dead}")), "another target's").unwrap();
+        let removed = remove_stale_temps(&d, ".x.tmp.");
+        assert_eq!(removed, [d.join(format!(".x.tmp.{dead}"))]);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 3);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn files_are_read_only_when_regular_and_small_enough() {
+        let d = temp("read");
+        fs::write(d.join("f"), "12345").unwrap();
+        assert_eq!(read_limited(&d.join("f"), 5).unwrap(), b"12345");
+        assert!(read_limited(&d.join("f"), 4).unwrap_err().to_string().contains("more than the 4"));
+        assert!(read(&d).unwrap_err().to_string().contains("is a directory, not a regular file"));
+        #[cfg(target_os = "linux")]
+        assert!(read(Path::new("/dev/zero")).unwrap_err().to_string().contains("is a device"));
+        fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -716,6 +716,18 @@ mod tests {
     }
 
     #[test]
+    fn the_checksum_in_chunks_equals_the_checksum_in_one_pass() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for chunk in [32, 64, 96, 992] {
+            let mut sum = Checksum::new();
+            for c in bytes.chunks(chunk) {
+                sum.update(c);
+            }
+            assert_eq!(sum.finish(), checksum(&bytes), "chunks of {chunk}");
+        }
+    }
+
+    #[test]
     fn save_then_load_gives_the_same_dataset() {
         let (dir, ds) = saved("roundtrip");
         let back = Dataset::load(&dir.0).unwrap();

@@ -76,3 +76,21 @@ pub fn check_memory(net: &SemShare, batch: usize, training: bool) -> Result<()> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+
+    #[test]
+    fn the_estimate_passes_the_presets_and_stops_orders_of_magnitude() {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        let paper = MemoryEstimate::of(&SemShare::new(&ModelConfig::paper()).unwrap(), 128, true);
+        assert!((1.0..40.0).contains(&gib(paper.total())), "paper preset, batch 128: {paper:?}");
+        let small = MemoryEstimate::of(&SemShare::new(&ModelConfig::small()).unwrap(), 32, true);
+        assert!(gib(small.total()) < 2.0, "{small:?}");
+        let wide = ModelConfig { dim: 65536, ..ModelConfig::small() };
+        let wide = MemoryEstimate::of(&SemShare::new(&wide).unwrap(), 32, true);
+        assert!(gib(wide.params) > 100.0, "{wide:?}");
+    }
+}
