@@ -226,6 +226,29 @@ fn a_suite_can_select_checkpoints_with_the_label_embedding() {
     assert_eq!(json["checkpoints_selected_with"], "label");
 }
 
+/// `--seed K`: one chosen seed runs alone, added to what the state file records; a later run
+/// of seeds 0..N keeps it and does only the missing ones. A rebuilt identical dataset resumes
+/// the suite (its fingerprint holds the shards' checksums, and the shards' bytes are the same).
+#[test]
+fn one_chosen_seed_runs_alone_and_joins_the_suite() {
+    let dir = tmp("one-seed");
+    let data = tiny_data(&dir);
+    let cfg = config(&data, &dir, &[Variant::Ours], 1);
+    let seed2 = ExperimentConfig { only_seed: Some(2), ..cfg.clone() };
+    let state = run_suite(&mut Cpu::new(), &data, &seed2).unwrap();
+    assert_eq!(state.finished.iter().map(|r| r.key.seed).collect::<Vec<_>>(), [2]);
+    let seed0 = ExperimentConfig { only_seed: Some(0), ..cfg.clone() };
+    let state = run_suite(&mut Cpu::new(), &data, &seed0).unwrap();
+    assert_eq!(state.suite.seeds, [2, 0]);
+    assert_eq!(state.finished.iter().map(|r| r.key.seed).collect::<Vec<_>>(), [2, 0]);
+    // Seeds 0..3 from a dataset rebuilt byte for byte: only seed 1 is left to do.
+    std::fs::remove_dir_all(dir.join("data")).unwrap();
+    let rebuilt = tiny_data(&dir);
+    let all = ExperimentConfig { seeds: 3, ..config(&rebuilt, &dir, &[Variant::Ours], 1) };
+    let state = run_suite(&mut Cpu::new(), &rebuilt, &all).unwrap();
+    assert_eq!(state.finished.iter().map(|r| r.key.seed).collect::<Vec<_>>(), [2, 0, 1]);
+}
+
 #[test]
 fn a_state_of_another_suite_is_refused() {
     let dir = tmp("refuse");
@@ -514,5 +537,7 @@ fn semshare_experiment_runs_a_restricted_suite_and_refuses_bad_arguments() {
         "no variant `ours`",
     );
     fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--seeds", "0"]), "--seeds");
+    fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--seeds", "2", "--seed", "1"]), "--seed K");
+    fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--out", &d]), "is the dataset (--data)");
     fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--lr", "1"]), "unknown option --lr");
 }
