@@ -19,8 +19,8 @@ use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::EvalConfig;
 use semshare::eval::cca::CcaConfig;
 use semshare::experiment::run::{
-    ExperimentConfig, bag_of_words, bow_vocabulary, cca_grid, cca_report, fingerprint, mean_region_features,
-    mean_text_features, run_suite, select_cca, state_path,
+    ExperimentConfig, bag_of_words, bow_vocabulary, cca_grid, cca_report, fingerprint, is_legacy_fingerprint,
+    mean_region_features, mean_text_features, run_suite, select_cca, state_path,
 };
 use semshare::experiment::suite::{RunKey, RunRecord, SuiteKind, SuiteState, Variant};
 use semshare::model::ModelConfig;
@@ -247,6 +247,41 @@ fn one_chosen_seed_runs_alone_and_joins_the_suite() {
     let all = ExperimentConfig { seeds: 3, ..config(&rebuilt, &dir, &[Variant::Ours], 1) };
     let state = run_suite(&mut Cpu::new(), &rebuilt, &all).unwrap();
     assert_eq!(state.finished.iter().map(|r| r.key.seed).collect::<Vec<_>>(), [2, 0, 1]);
+}
+
+/// Shards written before their `__metadata__` was sorted had it in a per-process order: a
+/// suite fingerprinted then is recognised on the same data written now.
+#[test]
+fn a_fingerprint_made_with_another_metadata_order_is_the_same_suite() {
+    let dir = tmp("legacy");
+    let data = tiny_data(&dir);
+    let cfg = config(&data, &dir, &[Variant::Cca], 1);
+    let now = fingerprint(&data, &cfg.model, &cfg.train).unwrap();
+    let (shard, manifest) = (dir.join("data/train-00000.safetensors"), dir.join("data/dataset.json"));
+    let (sorted, sorted_manifest) = (std::fs::read(&shard).unwrap(), std::fs::read_to_string(&manifest).unwrap());
+    let from = r#"{"__metadata__":{"format":"semshare-shard","split":"train","version":"2"}"#;
+    let to = r#"{"__metadata__":{"version":"2","format":"semshare-shard","split":"train"}"#;
+    assert!(sorted[8..].starts_with(from.as_bytes()));
+    let mut shuffled = sorted.clone();
+    shuffled[8..8 + to.len()].copy_from_slice(to.as_bytes());
+    std::fs::write(&shard, &shuffled).unwrap();
+    let sum = |b: &[u8]| format!("fnv1a64x4:{:016x}", semshare::data::dataset::checksum(b));
+    std::fs::write(&manifest, sorted_manifest.replace(&sum(&sorted), &sum(&shuffled))).unwrap();
+    let old = Arc::new(DatasetReader::open(dir.join("data")).unwrap());
+    let old_fp = fingerprint(&old, &cfg.model, &cfg.train).unwrap();
+    assert_ne!(old_fp, now);
+    run_suite(&mut Cpu::new(), &old, &cfg).unwrap();
+
+    // The same dataset written by today's writer.
+    std::fs::write(&shard, &sorted).unwrap();
+    std::fs::write(&manifest, &sorted_manifest).unwrap();
+    let data = Arc::new(DatasetReader::open(dir.join("data")).unwrap());
+    assert!(is_legacy_fingerprint(&data, &cfg.model, &cfg.train, &old_fp).unwrap());
+    assert!(!is_legacy_fingerprint(&data, &cfg.model, &cfg.train, &now.replace(':', ":0")).unwrap());
+    let more = ExperimentConfig { seeds: 2, ..cfg.clone() };
+    let state = run_suite(&mut Cpu::new(), &data, &more).unwrap();
+    assert_eq!(state.finished.len(), 2, "resumed and extended");
+    assert_eq!(state.suite.fingerprint, old_fp);
 }
 
 #[test]

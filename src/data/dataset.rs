@@ -528,12 +528,12 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     sum.finish()
 }
 
-/// [`checksum`] over chunks (a file read by pread): every chunk but the last must be a
-/// multiple of 32 bytes, so that the blocks fall where they would in one pass.
+/// [`checksum`] over chunks of any size (a file read by pread in blocks).
 #[derive(Clone, Debug)]
 pub struct Checksum {
     h: [u64; 4],
-    t: u64,
+    /// Bytes of an unfinished 32-byte block.
+    pending: Vec<u8>,
     len: u64,
 }
 
@@ -545,28 +545,44 @@ impl Default for Checksum {
 
 impl Checksum {
     pub fn new() -> Self {
-        Checksum { h: [FNV_OFFSET; 4], t: FNV_OFFSET, len: 0 }
+        Checksum { h: [FNV_OFFSET; 4], pending: Vec::with_capacity(32), len: 0 }
     }
 
-    pub fn update(&mut self, bytes: &[u8]) {
-        debug_assert!(self.len.is_multiple_of(32), "only the last chunk may end inside a 32-byte block");
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        if !self.pending.is_empty() {
+            let take = (32 - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() < 32 {
+                return;
+            }
+            let block: [u8; 32] = self.pending[..].try_into().expect("32 bytes");
+            self.pending.clear();
+            self.block(&block);
+        }
         let mut blocks = bytes.chunks_exact(32);
         for block in &mut blocks {
-            for (j, lane) in self.h.iter_mut().enumerate() {
-                let w = u64::from_le_bytes(block[8 * j..8 * j + 8].try_into().expect("8 bytes"));
-                *lane = (*lane ^ w).wrapping_mul(FNV_PRIME);
-            }
+            self.block(block);
         }
-        for &b in blocks.remainder() {
-            self.t = (self.t ^ b as u64).wrapping_mul(FNV_PRIME);
+        self.pending.extend_from_slice(blocks.remainder());
+    }
+
+    fn block(&mut self, block: &[u8]) {
+        for (j, lane) in self.h.iter_mut().enumerate() {
+            let w = u64::from_le_bytes(block[8 * j..8 * j + 8].try_into().expect("8 bytes"));
+            *lane = (*lane ^ w).wrapping_mul(FNV_PRIME);
         }
-        self.len += bytes.len() as u64;
     }
 
     pub fn finish(self) -> u64 {
+        let mut t = FNV_OFFSET;
+        for &b in &self.pending {
+            t = (t ^ b as u64).wrapping_mul(FNV_PRIME);
+        }
         let h = self.h;
         let mut f = FNV_OFFSET;
-        for x in [h[0], h[1], h[2], h[3], self.t, self.len] {
+        for x in [h[0], h[1], h[2], h[3], t, self.len] {
             f = (f ^ x).wrapping_mul(FNV_PRIME);
         }
         f = (f ^ (f >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -718,7 +734,7 @@ mod tests {
     #[test]
     fn the_checksum_in_chunks_equals_the_checksum_in_one_pass() {
         let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 13) as u8).collect();
-        for chunk in [32, 64, 96, 992] {
+        for chunk in [1, 7, 32, 33, 96, 999] {
             let mut sum = Checksum::new();
             for c in bytes.chunks(chunk) {
                 sum.update(c);

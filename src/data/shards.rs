@@ -591,18 +591,66 @@ impl Shard {
 
     /// The checksum of the whole file ([`checksum`]), read by pread in blocks.
     pub fn file_checksum(&self) -> Result<u64> {
-        const BLOCK: usize = 4 << 20; // a multiple of 32, as `Checksum::update` needs
-        let len = self.map.len();
         let mut sum = Checksum::new();
-        let mut buf = vec![0u8; BLOCK.min(len)];
-        let mut offset = 0;
+        self.checksum_from(0, &mut sum)?;
+        Ok(sum.finish())
+    }
+
+    /// Feeds the file's bytes from `offset` to its end into `sum`, by pread in blocks.
+    fn checksum_from(&self, mut offset: usize, sum: &mut Checksum) -> Result<()> {
+        const BLOCK: usize = 4 << 20;
+        let len = self.map.len();
+        let mut buf = vec![0u8; BLOCK.min(len.saturating_sub(offset))];
         while offset < len {
             let n = BLOCK.min(len - offset);
             self.read_at(&mut buf[..n], offset)?;
             sum.update(&buf[..n]);
             offset += n;
         }
-        Ok(sum.finish())
+        Ok(())
+    }
+
+    /// The file's checksum under every order of its header's `__metadata__` entries: what
+    /// writers before the entries were sorted (they went through a `HashMap`) wrote for the same
+    /// content, so a suite fingerprint made from one of them still identifies this dataset.
+    /// The file's own order comes first; just that one when there are more than 6 entries.
+    pub fn metadata_order_checksums(&self) -> Result<Vec<u64>> {
+        let own = self.file_checksum()?;
+        let mut len8 = [0u8; 8];
+        self.read_at(&mut len8, 0)?;
+        let n = u64::from_le_bytes(len8) as usize; // validated at open
+        let mut header = vec![0u8; n];
+        self.read_at(&mut header, 8)?;
+        const PREFIX: &str = "{\"__metadata__\":";
+        let Some(after) = std::str::from_utf8(&header).ok().and_then(|h| h.strip_prefix(PREFIX)) else {
+            return Ok(vec![own]);
+        };
+        let mut stream =
+            serde_json::Deserializer::from_str(after).into_iter::<serde_json::Map<String, serde_json::Value>>();
+        let Some(Ok(entries)) = stream.next() else { return Ok(vec![own]) };
+        let rest = &after[stream.byte_offset()..];
+        let entries: Vec<String> =
+            entries.iter().map(|(k, v)| format!("{}:{v}", serde_json::Value::from(k.as_str()))).collect();
+        if entries.len() > 6 {
+            return Ok(vec![own]);
+        }
+        let mut sums = vec![own];
+        for order in permutations(entries.len()) {
+            let meta: Vec<&str> = order.iter().map(|&i| entries[i].as_str()).collect();
+            let candidate = format!("{PREFIX}{{{}}}{rest}", meta.join(","));
+            if candidate.len() != n {
+                continue;
+            }
+            let mut sum = Checksum::new();
+            sum.update(&len8);
+            sum.update(candidate.as_bytes());
+            self.checksum_from(8 + n, &mut sum)?;
+            let sum = sum.finish();
+            if !sums.contains(&sum) {
+                sums.push(sum);
+            }
+        }
+        Ok(sums)
     }
 
     /// Copies image `i`'s valid boxes (pread) into `dst` (5 × count values) and checks them.
@@ -633,6 +681,22 @@ impl Shard {
         tokens.extend_from_slice(&row[..len]);
         Ok(())
     }
+}
+
+/// Every order of `0..k`.
+fn permutations(k: usize) -> Vec<Vec<usize>> {
+    if k == 0 {
+        return vec![Vec::new()];
+    }
+    let mut out = Vec::new();
+    for p in permutations(k - 1) {
+        for at in 0..=p.len() {
+            let mut q = p.clone();
+            q.insert(at, k - 1);
+            out.push(q);
+        }
+    }
+    out
 }
 
 /// One image's full rows as `pack` copies them (see [`Shard::read_image_rows`]); reused.
