@@ -16,8 +16,7 @@
 //! from train and test; still in the retrieval set, as every non-query item is).
 
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors};
 
@@ -187,12 +186,12 @@ impl FlickrTags {
             let file = format!("{name}.safetensors");
             let path = dir.join(&file);
             let bytes = encode_source_file(name, s, m).map_err(|e| Error::format(&path, e))?;
-            write_atomic(&path, &bytes)?;
+            crate::io::atomic_write(&path, &bytes)?;
             files.insert(name.into(), serde_json::json!([file]));
         }
         let lines = |v: &[String]| v.iter().flat_map(|s| [s.as_str(), "\n"]).collect::<String>();
-        write_atomic(&dir.join("labels.txt"), lines(&m.label_names).as_bytes())?;
-        write_atomic(&dir.join("vocab.txt"), lines(&m.vocab).as_bytes())?;
+        crate::io::atomic_write(&dir.join("labels.txt"), lines(&m.label_names).as_bytes())?;
+        crate::io::atomic_write(&dir.join("vocab.txt"), lines(&m.vocab).as_bytes())?;
         let doc = serde_json::json!({
             "format": "semshare-source",
             "version": 1,
@@ -202,7 +201,7 @@ impl FlickrTags {
         });
         let mut json = serde_json::to_string_pretty(&doc).expect("a JSON value serialises");
         json.push('\n');
-        write_atomic(&manifest, json.as_bytes())
+        crate::io::atomic_write(&manifest, json.as_bytes())
     }
 }
 
@@ -312,26 +311,10 @@ fn encode_source_file(split: &str, s: &Split, m: &Meta) -> std::result::Result<V
         .map_err(|e| format!("cannot encode split {split}: {e}"))
 }
 
-/// Writes `bytes` to `path` via a temporary file in the same directory and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|s| s.to_string_lossy()).unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     /// A MIRFlickr-like directory: `n` items, `c` labels, `k` tags, written like the real one.
     pub(crate) fn fake_dir(dir: &Path, n: usize, c: usize, k: usize, seed: u64) -> RealTags {
