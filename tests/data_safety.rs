@@ -168,6 +168,41 @@ fn train_never_replaces_another_runs_checkpoints() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Two `train --out r` started together: one trains, the other fails (on the lock, or on the
+/// first one's checkpoints if it came later), and `best.safetensors` is the one that trained.
+#[test]
+fn two_concurrent_trains_into_one_directory_never_both_succeed() {
+    let dir = tmp("race");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+    let run = dir.join("r");
+    let start = |seed: &str| {
+        Command::new(env!("CARGO_BIN_EXE_semshare"))
+            .args(["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run)])
+            .args(["--steps", "30", "--seed", seed, "--device", "cpu"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start("1"), start("2"));
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let won: Vec<usize> = (0..2).filter(|&i| outs[i].status.success()).collect();
+    assert_eq!(won.len(), 1, "exactly one succeeds: {:?}", outs.iter().map(|o| o.status).collect::<Vec<_>>());
+    let lost = &outs[1 - won[0]];
+    let stderr = String::from_utf8_lossy(&lost.stderr);
+    assert!(
+        stderr.contains("another `semshare train` is writing")
+            || stderr.contains("holds the checkpoints of another run"),
+        "{stderr}"
+    );
+    assert_eq!(lost.status.code(), Some(1));
+    let best = Checkpoint::load(&run.join("best.safetensors")).unwrap();
+    let winner_out = String::from_utf8_lossy(&outs[won[0]].stdout);
+    assert!(winner_out.contains(&format!("at step {}", best.step)), "{winner_out} vs step {}", best.step);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn train_writes_a_fresh_run_directory_by_default() {
     let dir = tmp("fresh");

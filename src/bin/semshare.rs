@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use semshare::backend::{self, Backend};
 use semshare::checkpoint::Checkpoint;
+use semshare::config::{Configs, fit_to_data, read_config_file};
 use semshare::data::flickr_tags::{FlickrTagsConfig, RealTags, generate_flickr_tags};
 use semshare::data::pack::{is_source, pack};
 use semshare::data::shards::{DatasetReader, Layout, is_dataset};
@@ -14,7 +15,7 @@ use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::{EmbeddingSet, EvalConfig, Report};
 use semshare::experiment::run::{ExperimentConfig, build_suite, default_budget, run_suite, state_path, suite_name};
 use semshare::experiment::suite::{SuiteKind, SuiteState, Variant};
-use semshare::io::{SMALL_FILE_LIMIT, claim_output, read_text, refuse_overlap, refuse_replacing};
+use semshare::io::{claim_output, refuse_overlap, refuse_replacing};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
 use semshare::train::{RunOptions, TrainConfig, embed_split, evaluate_split, fresh_run_dir, train};
 use semshare::{Error, Result};
@@ -160,99 +161,34 @@ fn device(args: &Args) -> Result<Box<dyn Backend>> {
 }
 
 /// Model and training configuration: preset (and `base` for training), then the config file,
-/// then flags. Also the `model` keys the file sets (the dataset must agree with those it
-/// determines, `fit_to_data`).
-fn configs(args: &Args, base: TrainConfig) -> Result<(ModelConfig, TrainConfig, BTreeSet<String>)> {
-    let mut model =
-        serde_json::to_value(ModelConfig::preset(args.get("model").unwrap_or("small"))?).expect("serialises");
-    let mut train = serde_json::to_value(base).expect("serialises");
-    let mut model_keys = BTreeSet::new();
-    if let Some(path) = args.get("config") {
-        let text = read_text(Path::new(path), SMALL_FILE_LIMIT)?;
-        let file: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        let obj = file.as_object().ok_or_else(|| Error::format(path, "expected a JSON object"))?;
-        for (key, value) in obj {
-            let target = match key.as_str() {
-                "model" => &mut model,
-                "train" => &mut train,
-                _ => {
-                    return Err(Error::format(path, format!("unknown section `{key}` (expected model, train)")));
-                }
-            };
-            let fields = value.as_object().ok_or_else(|| Error::format(path, format!("`{key}` must be an object")))?;
-            for (k, v) in fields {
-                target[k] = v.clone();
-                // Parsed key by key, so that an error names the key (serde's does not).
-                let parsed = match key.as_str() {
-                    "model" => serde_json::from_value::<ModelConfig>(target.clone()).map(drop),
-                    _ => serde_json::from_value::<TrainConfig>(target.clone()).map(drop),
-                };
-                parsed.map_err(|e| Error::format(path, format!("{key}.{k}: {e}")))?;
-                if key == "model" {
-                    model_keys.insert(k.clone());
-                }
-            }
-        }
-    }
-    let source = args.get("config").unwrap_or("the preset");
-    let bad = |e: serde_json::Error| Error::config(format!("{source}: {e}"));
-    let mut model: ModelConfig = serde_json::from_value(model).map_err(bad)?;
-    let mut train: TrainConfig = serde_json::from_value(train).map_err(bad)?;
+/// then flags.
+fn configs(args: &Args, base: TrainConfig) -> Result<Configs> {
+    let model = ModelConfig::preset(args.get("model").unwrap_or("small"))?;
+    let mut c = match args.get("config") {
+        Some(path) => read_config_file(model, base, Path::new(path))?,
+        None => Configs { model, train: base, model_keys: BTreeSet::new() },
+    };
     if let Some(v) = args.num("steps")? {
-        train.steps = v;
+        c.train.steps = v;
     }
     if let Some(v) = args.num("batch")? {
-        train.batch_size = v;
+        c.train.batch_size = v;
     }
     if let Some(v) = args.num("lr")? {
-        train.lr = v;
+        c.train.lr = v;
     }
     if let Some(v) = args.num("seed")? {
-        train.seed = v;
+        c.train.seed = v;
     }
     if let Some(v) = args.num("lambda")? {
-        model.lambda = v;
+        c.model.lambda = v;
     }
-    Ok((model, train, model_keys))
+    Ok(c)
 }
 
-/// The model's vocabulary, labels, object classes, shapes and text representation come from the
-/// data. A value the config file set (`file_keys`) must agree with the dataset: it is not
-/// silently replaced.
-fn fit_to_data(model: &mut ModelConfig, layout: &Layout, file_keys: &BTreeSet<String>, args: &Args) -> Result<()> {
-    let m = &layout.meta;
-    let data_values = [
-        ("vocab", &mut model.vocab, m.vocab_size()),
-        ("labels", &mut model.labels, m.num_labels),
-        ("region_dim", &mut model.region_dim, m.feature_dim),
-        ("max_regions", &mut model.max_regions, m.regions),
-        ("max_tokens", &mut model.max_tokens, m.max_tokens),
-        ("text_feature_dim", &mut model.text_feature_dim, layout.text_feature_dim),
-    ];
-    let file = args.get("config").unwrap_or("");
-    for (key, field, from_data) in data_values {
-        if file_keys.contains(key) && *field != from_data {
-            return Err(Error::format(
-                file,
-                format!(
-                    "model.{key} = {field}, but dataset `{}` has {from_data} (the dataset sets it: remove the key)",
-                    m.name
-                ),
-            ));
-        }
-        *field = from_data;
-    }
-    // More object classes than the data has is allowed (the head is larger), fewer is not.
-    let classes = m.num_object_classes.max(1);
-    if !file_keys.contains("object_classes") {
-        model.object_classes = classes;
-    } else if model.object_classes < classes {
-        return Err(Error::format(
-            file,
-            format!("model.object_classes = {}, but dataset `{}` has {classes}", model.object_classes, m.name),
-        ));
-    }
-    Ok(())
+/// [`fit_to_data`] with the `--config` file named in its errors.
+fn fit(model: &mut ModelConfig, layout: &Layout, c: &Configs, args: &Args) -> Result<()> {
+    fit_to_data(model, layout, &c.model_keys, Path::new(args.get("config").unwrap_or("--config")))
 }
 
 fn load_data(args: &Args) -> Result<Arc<DatasetReader>> {
@@ -393,10 +329,11 @@ fn synth_flickr_tags(args: &Args) -> Result<()> {
 fn train_cmd(args: &Args) -> Result<()> {
     let mut dev = device(args)?;
     let data = load_data(args)?;
-    let (model, cfg, file_keys) = configs(args, TrainConfig::default())?;
+    let c = configs(args, TrainConfig::default())?;
+    let cfg = c.train.clone();
     // The variant's structure (trunk, separate models, segments) goes with it.
-    let mut model = cfg.variant.configure(&model);
-    fit_to_data(&mut model, &data.layout, &file_keys, args)?;
+    let mut model = cfg.variant.configure(&c.model);
+    fit(&mut model, &data.layout, &c, args)?;
     let resume = args.get("resume").map(PathBuf::from);
     let out_dir = match args.get("out") {
         Some(out) => PathBuf::from(out),
@@ -449,8 +386,9 @@ fn experiment_cmd(args: &Args) -> Result<()> {
         None => None,
     };
     let data = load_data(args)?;
-    let (mut model, train, file_keys) = configs(args, default_budget())?;
-    fit_to_data(&mut model, &data.layout, &file_keys, args)?;
+    let c = configs(args, default_budget())?;
+    let (mut model, train) = (c.model.clone(), c.train.clone());
+    fit(&mut model, &data.layout, &c, args)?;
     let dataset = data.meta().name.clone();
     let cfg = ExperimentConfig {
         suite,
@@ -563,7 +501,7 @@ fn demo(args: &Args) -> Result<()> {
     generate(&synth_cfg)?.save(out.join("data"))?;
     let data = Arc::new(DatasetReader::open(out.join("data"))?);
     let mut model = ModelConfig::small();
-    fit_to_data(&mut model, &data.layout, &BTreeSet::new(), args)?;
+    fit_to_data(&mut model, &data.layout, &BTreeSet::new(), Path::new("the small preset"))?;
     let cfg = TrainConfig {
         steps: args.num("steps")?.unwrap_or(800),
         eval_every: 200,
