@@ -356,6 +356,9 @@ fn fifos_devices_and_directories_are_refused_at_open() {
     ] {
         fails_with(&semshare_within_a_minute(&args), "val-00000.safetensors: is a FIFO, not a regular file");
     }
+    let fifo = dir.join("emb.safetensors");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    fails_with(&semshare_within_a_minute(&["score", "--embeddings", path(&fifo)]), "emb.safetensors: is a FIFO");
     let other = synth(&dir, "other", &[]);
     fails_with(
         &semshare(&["train", "--data", path(&other), "--config", "/dev/zero"]),

@@ -88,7 +88,7 @@ impl RealTags {
     pub fn load(dir: impl AsRef<Path>) -> Result<RealTags> {
         let dir = dir.as_ref();
         let path = dir.join(DATA_FILE);
-        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = crate::io::read(&path)?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::format(&path, format!("not safetensors: {e}")))?;
         let matrix = |name: &str| -> Result<(Vec<u8>, usize, usize)> {
             let v = st.tensor(name).map_err(|_| Error::format(&path, format!("tensor {name} missing")))?;
@@ -120,7 +120,7 @@ impl RealTags {
 }
 
 fn read_names(path: &Path, want: usize, what: &str) -> Result<Vec<String>> {
-    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_text(path, 256 << 20)?;
     let names: Vec<String> = text.lines().map(str::to_string).collect();
     if names.len() != want {
         return Err(Error::format(path, format!("{} lines for {want} {what}", names.len())));

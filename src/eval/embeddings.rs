@@ -150,7 +150,7 @@ impl EmbeddingSet {
 
     /// Reads and validates an embeddings file.
     pub fn load(path: &Path) -> Result<EmbeddingSet> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::io::read(path)?;
         let bad = |what: String| Error::format(path, what);
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
 
