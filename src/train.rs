@@ -109,10 +109,9 @@ impl TrainConfig {
                 return Err(Error::config(format!("train.{name} = {v} must be finite and > 0")));
             }
         }
-        for (name, v) in [("min_lr_ratio", self.min_lr_ratio)] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(Error::config(format!("train.{name} = {v} is not in [0, 1]")));
-            }
+        // A ratio below 0 would make the learning rate negative at the end of the schedule.
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(Error::config(format!("train.min_lr_ratio = {} is not in [0, 1]", self.min_lr_ratio)));
         }
         for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
