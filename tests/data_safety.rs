@@ -217,6 +217,10 @@ fn train_writes_a_fresh_run_directory_by_default() {
     let b = ok(&run(&[]));
     assert!(a.contains("runs/synth-balanced-2-1/best.safetensors"), "{a}");
     assert!(b.contains("runs/synth-balanced-2-2/best.safetensors"), "{b}");
+    // A run refused before it trains leaves no directory behind.
+    let bad = config(&dir, r#"{"train": {"eps": -1}}"#);
+    fails_with(&run(&["--config", path(&bad)]), "train.eps");
+    assert!(!dir.join("runs/synth-balanced-2-3").exists());
     // Resuming without --out continues in the checkpoint's directory.
     let c = ok(&run(&["--steps", "4", "--resume", "runs/synth-balanced-2-1/last.safetensors"]));
     assert!(c.contains("trained 4 steps") && c.contains("runs/synth-balanced-2-1/best"), "{c}");

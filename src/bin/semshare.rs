@@ -335,18 +335,25 @@ fn train_cmd(args: &Args) -> Result<()> {
     let mut model = cfg.variant.configure(&c.model);
     fit(&mut model, &data.layout, &c, args)?;
     let resume = args.get("resume").map(PathBuf::from);
-    let out_dir = match args.get("out") {
-        Some(out) => PathBuf::from(out),
+    let (out_dir, fresh) = match args.get("out") {
+        Some(out) => (PathBuf::from(out), false),
         // Resuming in place continues that run's directory; otherwise a new one, never
         // another run's.
         None => match resume.as_deref().and_then(Path::parent) {
-            Some(dir) if resume.is_some() && !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => fresh_run_dir(Path::new("runs"), &data.meta().name)?,
+            Some(dir) if !dir.as_os_str().is_empty() => (dir.to_path_buf(), false),
+            _ => (fresh_run_dir(Path::new("runs"), &data.meta().name)?, true),
         },
     };
     refuse_overlap(&out_dir, &data.dir, "dataset (--data)")?;
     let opts = RunOptions { out_dir, resume, replace: args.has("force"), progress: true };
-    let s = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
+    let s = train(dev.as_mut(), &data, &model, &cfg, &opts).inspect_err(|_| {
+        if fresh {
+            // A run refused before writing a checkpoint leaves no empty directory behind
+            // (remove_dir keeps one that holds anything).
+            let _ = std::fs::remove_file(opts.out_dir.join(semshare::train::LOCK_FILE));
+            let _ = std::fs::remove_dir(&opts.out_dir);
+        }
+    })?;
     let Some(best) = &s.best_checkpoint else {
         let from = opts.resume.as_deref().unwrap_or(Path::new("the checkpoint"));
         println!(
