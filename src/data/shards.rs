@@ -304,10 +304,19 @@ impl Shard {
         }
         let feature_dtype = FeatureDtype::of(fdt).ok_or_else(|| fmt_err("image.features: bad dtype".into()))?;
         // In bounds: each tensor's shape was checked and its bytes lie inside the file.
-        let counts = typed::<u16>(&map[count.start..count.start + 2 * n]).into_owned();
-        let lengths = typed::<u16>(&map[length.start..length.start + 2 * mm]).into_owned();
-        let items = item.map_or_else(Vec::new, |l| typed::<u32>(&map[l.start..l.start + 4 * mm]).into_owned());
-        let label_rows = map[labels.start..labels.start + n * c].to_vec();
+        // Copied by pread, as every bulk read: only the header is read through the map.
+        let read = |start: usize, len: usize| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; len];
+            read_exact_at(&file, &map, path, &mut buf, start)?;
+            Ok(buf)
+        };
+        let counts = typed::<u16>(&read(count.start, 2 * n)?).into_owned();
+        let lengths = typed::<u16>(&read(length.start, 2 * mm)?).into_owned();
+        let items = match item {
+            Some(l) => typed::<u32>(&read(l.start, 4 * mm)?).into_owned(),
+            None => Vec::new(),
+        };
+        let label_rows = read(labels.start, n * c)?;
         let shard = Shard {
             path: path.to_path_buf(),
             file,
@@ -460,16 +469,7 @@ impl Shard {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: usize) -> Result<()> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::FileExt;
-            self.file.read_exact_at(buf, offset as u64).map_err(|e| Error::io(&self.path, e))
-        }
-        #[cfg(not(unix))]
-        {
-            buf.copy_from_slice(&self.map[offset..offset + buf.len()]);
-            Ok(())
-        }
+        read_exact_at(&self.file, &self.map, &self.path, buf, offset)
     }
 
     fn check_image_features(&self, layout: &Layout, i: usize, feats: &[u8]) -> Result<()> {
@@ -706,6 +706,23 @@ pub struct ImageRows {
     pub boxes: Vec<u8>,
     /// None when the shard has no `image.classes`.
     pub classes: Option<Vec<u8>>,
+}
+
+/// Fills `buf` from `offset` of `file` by pread: a file truncated meanwhile is an error naming
+/// `path`, where reading through `map` would raise SIGBUS (hosts without pread use the map).
+fn read_exact_at(file: &fs::File, map: &Mmap, path: &Path, buf: &mut [u8], offset: usize) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        let _ = map;
+        file.read_exact_at(buf, offset as u64).map_err(|e| Error::io(path, e))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        buf.copy_from_slice(&map[offset..offset + buf.len()]);
+        Ok(())
+    }
 }
 
 /// Offset of tensor `name` inside the data section, from the (already validated) header.
