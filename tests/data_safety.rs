@@ -524,11 +524,37 @@ fn synth_train_and_embed_twice_give_byte_identical_files() {
         let emb = root.join("emb.safetensors");
         let ckpt = run.join("best.safetensors");
         ok(&semshare(&["embed", "--data", path(&data), "--checkpoint", path(&ckpt), "--out", path(&emb)]));
+        let (results, runs) = (root.join("results"), root.join("suite-runs"));
+        ok(&semshare(&[
+            "experiment",
+            "--suite",
+            "table1",
+            "--data",
+            path(&data),
+            "--variants",
+            "ours",
+            "--seeds",
+            "1",
+            "--config",
+            path(&cfg),
+            "--steps",
+            "2",
+            "--out",
+            path(&results),
+            "--runs",
+            path(&runs),
+            "--device",
+            "cpu",
+        ]));
+        // The suite's state records each run's wall-clock seconds (for its ETA); the reports
+        // made from it do not.
+        std::fs::remove_file(results.join("table1-state.json")).unwrap();
         outputs.push(snapshot(&root));
     }
     let names: Vec<_> = outputs[0].keys().collect();
     assert!(names.iter().any(|n| n.ends_with("train-00000.safetensors")), "{names:?}");
     assert!(names.iter().any(|n| n.ends_with("run/last.safetensors")), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with("results/table1.json")), "{names:?}");
     assert_eq!(outputs[0].keys().collect::<Vec<_>>(), outputs[1].keys().collect::<Vec<_>>());
     for (file, bytes) in &outputs[0] {
         assert!(&outputs[1][file] == bytes, "{} differs between two identical runs", file.display());
