@@ -274,6 +274,10 @@ fn sizes_are_checked_before_anything_is_allocated() {
         fails_with(&semshare(&["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run)]), needle);
     }
     assert!(!run.join("best.safetensors").exists());
+    let big = dir.join("big");
+    fails_with(&semshare(&["synth", "--out", path(&big), "--train", "100000000"]), "GiB to generate");
+    fails_with(&semshare(&["synth", "--out", path(&big), "--train", &u64::MAX.to_string()]), "overflows");
+    assert!(!big.exists());
     fails_with(
         &semshare(&["pack", "--from", path(&dir), "--out", path(&dir.join("o")), "--shard-mb", "17592186044416"]),
         "--shard-mb 17592186044416",

@@ -240,9 +240,27 @@ impl SynthConfig {
         if !(self.image_noise.is_finite() && self.image_noise >= 0.0) {
             return bad(format!("image_noise {} must be finite and ≥ 0", self.image_noise));
         }
-        let n = self.train + self.val + self.test;
+        let Some(n) = self.train.checked_add(self.val).and_then(|n| n.checked_add(self.test)) else {
+            return bad("train + val + test overflows".into());
+        };
         if n > u32::MAX as usize || n.checked_mul(self.texts_per_image).is_none_or(|m| m > u32::MAX as usize) {
             return bad(format!("{n} images × {} texts exceed u32 ids", self.texts_per_image));
+        }
+        // The dataset is generated in memory, then copied into shards: refused up front when
+        // that cannot fit, rather than met by an allocation failure half-way.
+        let per_image = 4 * self.regions * (self.feature_dim + 6)
+            + self.num_labels
+            + 4 * self.texts_per_image * (self.max_tokens + 2);
+        let need = 2.0 * n as f64 * per_image as f64;
+        if let Some(available) = crate::model::memory::available_memory()
+            && need > available as f64
+        {
+            let gib = |b: f64| b / (1u64 << 30) as f64;
+            return bad(format!(
+                "{n} images need about {:.1} GiB to generate, more than the {:.1} GiB available",
+                gib(need),
+                gib(available as f64)
+            ));
         }
         if let Some(labels) = &self.labels {
             let c = self.num_labels;
