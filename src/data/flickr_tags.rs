@@ -209,7 +209,8 @@ impl FlickrTags {
 pub fn generate_flickr_tags(cfg: &FlickrTagsConfig, real: &RealTags) -> Result<FlickrTags> {
     let n = real.len();
     let (c, k, t) = (real.label_names.len(), real.tag_names.len(), cfg.max_tokens);
-    if cfg.queries == 0 || cfg.train == 0 || cfg.queries + cfg.train + cfg.val > n {
+    let used = cfg.queries.checked_add(cfg.train).and_then(|u| u.checked_add(cfg.val));
+    if cfg.queries == 0 || cfg.train == 0 || used.is_none_or(|u| u > n) {
         let what = format!(
             "flickr-tags: queries {} + train {} + val {} must be ≥ 1 each (val ≥ 0) and fit the {n} items",
             cfg.queries, cfg.train, cfg.val
