@@ -3,12 +3,12 @@
 //! and in the metadata the model configuration, the step and the trainer's state.
 //! Written atomically: a crash mid-write leaves the previous checkpoint intact.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
-use crate::io::{atomic_write, bytes_to_f32, f32_to_bytes, read};
+use crate::io::{atomic_write, bytes_to_f32, f32_to_bytes, read, safetensors_bytes};
 use crate::model::{ModelConfig, SemShare};
 use crate::{Error, Result};
 
@@ -59,13 +59,13 @@ impl Checkpoint {
             .map(|(n, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.as_str(), v)))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| Error::format(path, e.to_string()))?;
-        let meta = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("model".to_string(), serde_json::to_string(&self.model).expect("config serialises")),
-            ("step".to_string(), self.step.to_string()),
-            ("state".to_string(), self.state.clone()),
+        let meta = BTreeMap::from([
+            ("format", FORMAT.to_string()),
+            ("model", serde_json::to_string(&self.model).expect("config serialises")),
+            ("step", self.step.to_string()),
+            ("state", self.state.clone()),
         ]);
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::format(path, e.to_string()))?;
+        let bytes = safetensors_bytes(views, &meta).map_err(|e| Error::format(path, e))?;
         atomic_write(path, &bytes)
     }
 
@@ -86,14 +86,29 @@ impl Checkpoint {
         let step = meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| bad("missing or bad `step`".into()))?;
         let state = meta.get("state").cloned().unwrap_or_default();
         let net = SemShare::new(&model).map_err(|e| bad(e.to_string()))?;
-        let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        // Every tensor's dtype and shape is checked against the model before anything is
+        // allocated: the metadata alone may ask for any size, the tensors are in the file.
+        let checked = |name: &str, shape: &[usize]| -> Result<TensorView<'_>> {
             let t = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
             if t.dtype() != Dtype::F32 {
                 return Err(bad(format!("tensor `{name}` is {:?}, expected F32", t.dtype())));
             }
-            if t.shape() != shape {
+            if t.shape() != shape || t.data().len() != 4 * shape.iter().product::<usize>() {
                 return Err(bad(format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.shape())));
             }
+            Ok(t)
+        };
+        let total = [net.store.total];
+        let mut views = Vec::with_capacity(net.store.infos.len());
+        for info in &net.store.infos {
+            views.push(checked(&info.name, &info.shape)?);
+        }
+        let moments = match (st.tensor(EXP_AVG).is_ok(), st.tensor(EXP_AVG_SQ).is_ok()) {
+            (true, true) => Some((checked(EXP_AVG, &total)?, checked(EXP_AVG_SQ, &total)?)),
+            (false, false) => None,
+            _ => return Err(bad("only one of the two optimizer moments is present".into())),
+        };
+        let values = |name: &str, t: &TensorView<'_>| -> Result<Vec<f32>> {
             let v = bytes_to_f32(t.data());
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 return Err(bad(format!("tensor `{name}` holds a non-finite value at element {i}")));
@@ -101,16 +116,21 @@ impl Checkpoint {
             Ok(v)
         };
         let mut params = vec![0.0f32; net.store.total];
-        for info in &net.store.infos {
-            let v = tensor(&info.name, &info.shape)?;
+        for (info, view) in net.store.infos.iter().zip(&views) {
+            let v = values(&info.name, view)?;
             params[info.param.offset..info.param.offset + info.param.len].copy_from_slice(&v);
         }
-        let optimizer = match (st.tensor(EXP_AVG).is_ok(), st.tensor(EXP_AVG_SQ).is_ok()) {
-            (true, true) => Some((tensor(EXP_AVG, &[net.store.total])?, tensor(EXP_AVG_SQ, &[net.store.total])?)),
-            (false, false) => None,
-            _ => {
-                return Err(bad("only one of the two optimizer moments is present".into()));
+        let optimizer = match moments {
+            Some((m, v)) => {
+                let (m, v) = (values(EXP_AVG, &m)?, values(EXP_AVG_SQ, &v)?);
+                // A second moment is a mean of squares: negative means corrupt (AdamW would
+                // take its square root).
+                if let Some(i) = v.iter().position(|&x| x < 0.0) {
+                    return Err(bad(format!("tensor `{EXP_AVG_SQ}` holds a negative value {} at element {i}", v[i])));
+                }
+                Some((m, v))
             }
+            None => None,
         };
         Ok(Checkpoint { model, params, optimizer, step, state })
     }

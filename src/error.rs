@@ -21,6 +21,8 @@ pub enum Error {
     Device { what: String },
     /// Training diverged: the loss became NaN or infinite.
     NonFinite { what: String },
+    /// An output refused because writing it would destroy something (not ours, an input, in use).
+    Refused { path: PathBuf, what: String },
 }
 
 impl Error {
@@ -39,6 +41,9 @@ impl Error {
     pub fn config(what: impl Into<String>) -> Self {
         Error::Config { what: what.into() }
     }
+    pub fn refused(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::Refused { path: path.into(), what: what.into() }
+    }
 }
 
 impl fmt::Display for Error {
@@ -51,6 +56,7 @@ impl fmt::Display for Error {
             Error::Config { what } => write!(f, "configuration: {what}"),
             Error::Device { what } => write!(f, "device: {what}"),
             Error::NonFinite { what } => write!(f, "training diverged: {what}"),
+            Error::Refused { path, what } => write!(f, "{}: {what}", path.display()),
         }
     }
 }

@@ -1,8 +1,11 @@
 //! File helpers shared by checkpoints, datasets and embeddings.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use safetensors::tensor::View;
 
 use crate::{Error, Result};
 
@@ -14,7 +17,9 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => PathBuf::from("."),
     };
     let name = path.file_name().ok_or_else(|| Error::config(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
+    let prefix = format!(".{}.tmp.", name.to_string_lossy());
+    remove_stale_temps(&dir, &prefix);
+    let tmp = dir.join(format!("{prefix}{}", std::process::id()));
     let result = (|| {
         let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
@@ -31,8 +36,206 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// The whole of a regular file (see [`read_limited`]).
 pub fn read(path: &Path) -> Result<Vec<u8>> {
-    fs::read(path).map_err(|e| Error::io(path, e))
+    read_limited(path, u64::MAX)
+}
+
+/// Most bytes a configuration or manifest file may have: they are parsed whole, in memory.
+pub const SMALL_FILE_LIMIT: u64 = 16 << 20;
+
+/// Opens `path` for reading if it is a regular file: a FIFO would block the open forever, a
+/// device or a directory is never what a command wants. Returns the file and its size.
+pub fn open_regular(path: &Path) -> Result<(fs::File, u64)> {
+    // stat before open: opening a FIFO blocks until a writer comes.
+    let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(path, format!("is {}, not a regular file", kind_of(&meta))));
+    }
+    let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(path, format!("is {}, not a regular file", kind_of(&meta))));
+    }
+    Ok((file, meta.len()))
+}
+
+/// The whole of regular file `path`, refused when it is larger than `limit` bytes.
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let (file, len) = open_regular(path)?;
+    if len > limit {
+        return Err(Error::format(path, format!("{len} bytes, more than the {limit} this file may have")));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // `take`: a file growing while it is read stops at the limit, not at memory's end.
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::format(path, format!("more than the {limit} bytes this file may have")));
+    }
+    Ok(bytes)
+}
+
+/// [`read_limited`] as UTF-8 text.
+pub fn read_text(path: &Path, limit: u64) -> Result<String> {
+    String::from_utf8(read_limited(path, limit)?)
+        .map_err(|e| Error::format(path, format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to())))
+}
+
+fn kind_of(meta: &fs::Metadata) -> String {
+    let t = meta.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO".into();
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device".into();
+        }
+        if t.is_socket() {
+            return "a socket".into();
+        }
+    }
+    if t.is_dir() {
+        "a directory".into()
+    } else if t.is_symlink() {
+        "a symbolic link".into()
+    } else if t.is_file() {
+        format!("a file of {} bytes", meta.len())
+    } else {
+        "not a file or directory".into()
+    }
+}
+
+/// Checks that an output may be written at `out`: a missing path or an empty directory is free;
+/// a `what` this program wrote (`is_ours` says so from its manifest) is replaced only with
+/// `force`; anything else, never. The error says what is there.
+pub fn claim_output(out: &Path, what: &str, force: bool, is_ours: impl Fn(&Path) -> bool) -> Result<()> {
+    let meta = match fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(out, e)),
+        Ok(m) => m,
+    };
+    if meta.is_dir() {
+        let mut entries = fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+        if entries.next().is_none() {
+            return Ok(());
+        }
+    }
+    if !meta.file_type().is_symlink() && is_ours(out) {
+        return if force {
+            Ok(())
+        } else {
+            Err(Error::refused(out, format!("already holds a {what}; pass --force to replace it")))
+        };
+    }
+    let there = if meta.is_dir() {
+        let n = fs::read_dir(out).map(|d| d.count()).unwrap_or(0);
+        format!("a directory with {n} entries")
+    } else {
+        kind_of(&meta)
+    };
+    Err(Error::refused(
+        out,
+        format!("is {there}, not a {what} written by semshare; refusing to replace it (choose another output)"),
+    ))
+}
+
+/// `path` made absolute with symbolic links resolved as far as it exists (an output may not).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(p) = fs::canonicalize(path) {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+            resolved(parent).join(name)
+        }
+        _ => std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf()),
+    }
+}
+
+/// Whether two paths name the same file or directory (after resolving links).
+pub fn same_path(a: &Path, b: &Path) -> bool {
+    resolved(a) == resolved(b) || same_file(a, b)
+}
+
+/// Refuses an output that is one of the command's inputs: the same path or file (hard links
+/// included), a directory holding the input (replacing it would delete the input), or a path
+/// inside an input directory (a dataset must not gain or lose files under its readers).
+pub fn refuse_overlap(out: &Path, input: &Path, input_what: &str) -> Result<()> {
+    overlap(out, input, input_what, true)
+}
+
+/// [`refuse_overlap`] for an input directory that may hold the output (a source directory
+/// `pack` reads only the listed files of): the output may not be the input or hold it.
+pub fn refuse_replacing(out: &Path, input: &Path, input_what: &str) -> Result<()> {
+    overlap(out, input, input_what, false)
+}
+
+fn overlap(out: &Path, input: &Path, input_what: &str, refuse_inside: bool) -> Result<()> {
+    let (o, i) = (resolved(out), resolved(input));
+    let why = if o == i {
+        Some(format!("is the {input_what} {}", input.display()))
+    } else if i.starts_with(&o) {
+        Some(format!("contains the {input_what} {}", input.display()))
+    } else if refuse_inside && o.starts_with(&i) && i.is_dir() {
+        Some(format!("is inside the {input_what} {}", input.display()))
+    } else {
+        same_file(out, input).then(|| format!("is the same file as the {input_what} {}", input.display()))
+    };
+    match why {
+        Some(w) => Err(Error::refused(out, format!("{w}: an output may not overwrite an input"))),
+        None => Ok(()),
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (fs::metadata(a), fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    let _ = (a, b);
+    false
+}
+
+/// Whether process `pid` may still be running (unknown counts as running: nothing is removed).
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") { Path::new("/proc").join(pid.to_string()).exists() } else { true }
+}
+
+/// Removes what killed processes left in `dir`: entries named `prefix` + PID (+ anything) whose
+/// process is gone (temporary files `.NAME.tmp.PID`, dataset directories `.NAME.tmp-PID-K`).
+/// Each removal is reported on stderr; returns what was removed.
+pub fn remove_stale_temps(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else { continue };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let Ok(pid) = digits.parse::<u32>() else { continue };
+        if process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let gone = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+        if gone.is_ok() {
+            eprintln!("removed {}, left behind by process {pid} (no longer running)", path.display());
+            removed.push(path);
+        }
+    }
+    removed
 }
 
 pub fn f32_to_bytes(v: &[f32]) -> Vec<u8> {
@@ -41,4 +244,128 @@ pub fn f32_to_bytes(v: &[f32]) -> Vec<u8> {
 
 pub fn bytes_to_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// safetensors bytes that are the same for the same tensors and metadata. The crate writes
+/// `__metadata__` from a `HashMap`, whose order changes per process; here the tensors are
+/// serialised without it and the metadata is put first in the header in key order.
+pub fn safetensors_bytes<S, V, I>(tensors: I, metadata: &BTreeMap<&str, String>) -> std::result::Result<Vec<u8>, String>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+    V: View,
+    I: IntoIterator<Item = (S, V)>,
+{
+    let bytes = safetensors::tensor::serialize(tensors, None).map_err(|e| e.to_string())?;
+    if metadata.is_empty() {
+        return Ok(bytes);
+    }
+    // The crate's own output: an 8-byte length, a JSON object padded with spaces, the data.
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).map_err(|e| e.to_string())?.trim_end();
+    let tensors_json = header.strip_prefix('{').ok_or("safetensors header is not a JSON object")?;
+    let meta_json = serde_json::to_string(metadata).map_err(|e| e.to_string())?;
+    let sep = if tensors_json.starts_with('}') { "" } else { "," };
+    let mut new_header = format!("{{\"__metadata__\":{meta_json}{sep}{tensors_json}").into_bytes();
+    // Data stays 8-byte aligned, as the crate aligns it.
+    new_header.resize(new_header.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + new_header.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(new_header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&new_header);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+    fn temp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("semshare-io-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn safetensors_metadata_is_written_in_key_order_and_reads_back() {
+        let data = [1u8, 2, 3, 4, 5, 6, 7, 8];
+        let view = TensorView::new(Dtype::U8, vec![8], &data).unwrap();
+        let meta = BTreeMap::from([("zeta", "1".to_string()), ("alpha", "2".to_string()), ("mid", "3".into())]);
+        let bytes = safetensors_bytes([("t", view.clone())], &meta).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + header_len) % 8, 0, "data stays aligned");
+        let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+        assert!(header.starts_with(r#"{"__metadata__":{"alpha":"2","mid":"3","zeta":"1"},"t":"#), "{header}");
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("t").unwrap().data(), &data);
+        let (_, m) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(m.metadata().as_ref().unwrap()["mid"], "3");
+        // No tensors and no metadata are the crate's own output.
+        let empty = safetensors_bytes(Vec::<(&str, TensorView)>::new(), &meta).unwrap();
+        assert!(SafeTensors::read_metadata(&empty).is_ok());
+        let plain = safetensors_bytes([("t", view)], &BTreeMap::new()).unwrap();
+        assert!(SafeTensors::deserialize(&plain).is_ok());
+    }
+
+    #[test]
+    fn outputs_are_claimed_only_where_nothing_foreign_is_lost() {
+        let d = temp("claim");
+        let never = |_: &Path| false;
+        assert!(claim_output(&d.join("new"), "dataset", false, never).is_ok());
+        assert!(claim_output(&d, "dataset", false, never).is_ok(), "an empty directory");
+        fs::write(d.join("f"), "x").unwrap();
+        let e = claim_output(&d.join("f"), "dataset", true, never).unwrap_err().to_string();
+        assert!(e.contains("is a file of 1 bytes, not a dataset"), "{e}");
+        let e = claim_output(&d, "dataset", true, never).unwrap_err().to_string();
+        assert!(e.contains("a directory with 1 entries"), "{e}");
+        let ours = |_: &Path| true;
+        assert!(claim_output(&d, "dataset", false, ours).unwrap_err().to_string().contains("--force"));
+        assert!(claim_output(&d, "dataset", true, ours).is_ok());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn overlapping_outputs_and_inputs_are_refused() {
+        let d = temp("overlap");
+        let input = d.join("in");
+        fs::create_dir_all(&input).unwrap();
+        fs::write(input.join("a"), "x").unwrap();
+        assert!(refuse_overlap(&input, &input, "dataset").is_err());
+        assert!(refuse_overlap(&d, &input, "dataset").is_err(), "holds the input");
+        assert!(refuse_overlap(&input.join("out"), &input, "dataset").is_err(), "inside the input");
+        assert!(refuse_replacing(&input.join("out"), &input, "source").is_ok());
+        assert!(refuse_overlap(&d.join("other"), &input, "dataset").is_ok());
+        // A hard link is the same file under another name.
+        fs::hard_link(input.join("a"), d.join("link")).unwrap();
+        assert!(refuse_overlap(&d.join("link"), &input.join("a"), "checkpoint").is_err());
+        assert!(refuse_overlap(&d.join(".").join("in").join("a"), &input.join("a"), "checkpoint").is_err());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn only_temporaries_of_dead_processes_are_removed() {
+        let d = temp("stale");
+        let dead = u32::MAX; // above any pid_max
+        fs::write(d.join(format!(".x.tmp.{dead}")), "left").unwrap();
+        fs::write(d.join(format!(".x.tmp.{}", std::process::id())), "mine").unwrap();
+        fs::write(d.join(".x.tmp.notapid"), "other").unwrap();
+        fs::write(d.join(format!(".y.tmp.{dead}")), "another target's").unwrap();
+        let removed = remove_stale_temps(&d, ".x.tmp.");
+        assert_eq!(removed, [d.join(format!(".x.tmp.{dead}"))]);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 3);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn files_are_read_only_when_regular_and_small_enough() {
+        let d = temp("read");
+        fs::write(d.join("f"), "12345").unwrap();
+        assert_eq!(read_limited(&d.join("f"), 5).unwrap(), b"12345");
+        assert!(read_limited(&d.join("f"), 4).unwrap_err().to_string().contains("more than the 4"));
+        assert!(read(&d).unwrap_err().to_string().contains("is a directory, not a regular file"));
+        #[cfg(target_os = "linux")]
+        assert!(read(Path::new("/dev/zero")).unwrap_err().to_string().contains("is a device"));
+        fs::remove_dir_all(&d).unwrap();
+    }
 }

@@ -26,6 +26,9 @@ use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
+/// Most image–text pairs per step.
+pub const MAX_BATCH: usize = 1 << 16;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -95,14 +98,33 @@ impl TrainConfig {
         if self.batch_size == 0 || self.steps == 0 {
             return Err(Error::config("train.batch_size and train.steps must be positive"));
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::config(format!("train.lr = {} must be positive", self.lr)));
+        if self.batch_size > MAX_BATCH {
+            return Err(Error::config(format!("train.batch_size = {} is larger than {MAX_BATCH}", self.batch_size)));
+        }
+        if self.eval_k == 0 {
+            return Err(Error::config("train.eval_k must be positive"));
+        }
+        for (name, v) in [("lr", self.lr), ("eps", self.eps)] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(Error::config(format!("train.{name} = {v} must be finite and > 0")));
+            }
+        }
+        // A ratio below 0 would make the learning rate negative at the end of the schedule.
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(Error::config(format!("train.min_lr_ratio = {} is not in [0, 1]", self.min_lr_ratio)));
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::config(format!("train.{name} = {v} is not in [0, 1)")));
+            }
         }
         self.embedding.parse::<EmbeddingKind>()?;
         if !self.variant.spec().trained {
             return Err(Error::config(format!("variant `{}` is fitted in closed form, not trained", self.variant)));
         }
         for (name, v) in [
+            ("weight_decay", self.weight_decay),
+            ("clip_norm", self.clip_norm),
             ("eta", self.eta),
             ("triplet_margin", self.triplet_margin),
             ("dscmr_alpha", self.dscmr_alpha),
@@ -158,12 +180,14 @@ pub struct Trainer {
 impl Trainer {
     pub fn new(dev: &mut dyn Backend, model: &ModelConfig, cfg: TrainConfig) -> Result<Self> {
         let net = SemShare::new(model)?;
+        crate::model::memory::check_memory(&net, cfg.batch_size, true)?;
         let init = net.store.init_values(cfg.seed);
         Self::assemble(dev, net, &init, None, 0, cfg)
     }
 
     pub fn from_checkpoint(dev: &mut dyn Backend, ckpt: &Checkpoint, cfg: TrainConfig) -> Result<Self> {
         let net = SemShare::new(&ckpt.model)?;
+        crate::model::memory::check_memory(&net, cfg.batch_size, true)?;
         Self::assemble(dev, net, &ckpt.params, ckpt.optimizer.as_ref(), ckpt.step, cfg)
     }
 
@@ -356,6 +380,9 @@ impl Trainer {
     }
 }
 
+/// Items per forward pass of [`embed_split`].
+pub const EMBED_CHUNK: usize = 64;
+
 /// Embeddings of every image and text of a split, `[N, D]` and `[M, D]`.
 pub fn embed_split(
     dev: &mut dyn Backend,
@@ -365,12 +392,14 @@ pub fn embed_split(
     split: &SplitReader,
     kind: EmbeddingKind,
 ) -> Result<(Vec<f32>, Vec<f32>, usize)> {
-    const CHUNK: usize = 64;
+    if split.num_images() == 0 {
+        return Err(Error::data(format!("split `{}` is empty: nothing to embed or evaluate", split.name)));
+    }
     let mut out = [Vec::new(), Vec::new()];
     let mut dim = 0;
     for (side, n) in [split.num_images(), split.num_texts()].into_iter().enumerate() {
         let idx: Vec<usize> = (0..n).collect();
-        for c in idx.chunks(CHUNK) {
+        for c in idx.chunks(EMBED_CHUNK) {
             let batch = match side {
                 0 => Batch::Image(image_batch(layout, split, c)?),
                 _ => Batch::Text(text_batch(layout, split, c)?),
@@ -415,24 +444,31 @@ pub fn evaluate_split(
 /// Where a training run writes, and how it reports.
 pub struct RunOptions {
     pub out_dir: PathBuf,
-    /// Continue from this checkpoint (parameters, optimizer state and step).
+    /// Continue from this checkpoint (parameters, optimizer state and step) up to
+    /// `TrainConfig::steps`, the total step count.
     pub resume: Option<PathBuf>,
+    /// Replace the checkpoints of another run in `out_dir` (the CLI's `--force`); without it
+    /// they are refused, unless `resume` continues that run.
+    pub replace: bool,
     /// Print a progress line to stderr.
     pub progress: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainSummary {
+    /// The step the run ended at (the resumed checkpoint's when there was nothing to train).
     pub steps: u64,
     pub final_loss: f32,
     pub best_ndcg: f64,
     pub best_step: u64,
     pub seconds: f64,
+    /// The loss of each step trained; empty when a resumed checkpoint had reached `steps`.
     pub losses: Vec<f32>,
-    pub best_checkpoint: PathBuf,
+    /// The run directory's best checkpoint; None when the run wrote none.
+    pub best_checkpoint: Option<PathBuf>,
 }
 
-#[derive(Serialize, Deserialize, Default)]
+#[derive(Serialize, Deserialize)]
 struct RunState {
     best_ndcg: f64,
     best_step: u64,
@@ -447,6 +483,84 @@ fn validation_ndcg(report: &Report, k: usize) -> f64 {
 
 /// The checkpoint file of the best validation step in a run directory.
 pub const BEST_CHECKPOINT: &str = "best.safetensors";
+/// The checkpoint of the last validation step, to resume from.
+pub const LAST_CHECKPOINT: &str = "last.safetensors";
+/// Locked by the process training into a run directory (`flock`: released when it exits).
+pub const LOCK_FILE: &str = ".lock";
+
+/// A new run directory `<root>/<name>-<k>` (the first k ≥ 1 not taken), created here so that
+/// two runs started at once get different ones.
+pub fn fresh_run_dir(root: &Path, name: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+    let name: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || "-_".contains(c) { c } else { '_' }).collect();
+    for k in 1u32.. {
+        let dir = root.join(format!("{name}-{k}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io(&dir, e)),
+        }
+    }
+    Err(Error::config(format!("{}: no free run directory name", root.display())))
+}
+
+/// Makes `out` this run's directory: creates it and takes its lock (a second `train` into it
+/// fails here; the lock goes with the process, so a killed run leaves none behind). The
+/// checkpoints of another run there are refused unless `resume` continues that run (it lies in
+/// `out`) or `replace` says to remove them. The returned file holds the lock.
+fn claim_run_dir(out: &Path, resume: Option<&Path>, replace: bool) -> Result<std::fs::File> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let lock_path = out.join(LOCK_FILE);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, e))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(Error::refused(
+                out,
+                format!(
+                    "another `semshare train` is writing this run directory (it holds {LOCK_FILE}); choose another --out"
+                ),
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+    }
+    let continuing = resume.and_then(Path::parent).is_some_and(|dir| crate::io::same_path(dir, out));
+    let existing: Vec<&str> = [BEST_CHECKPOINT, LAST_CHECKPOINT].into_iter().filter(|f| out.join(f).exists()).collect();
+    if !existing.is_empty() && !continuing {
+        if !replace {
+            return Err(Error::refused(
+                out,
+                format!(
+                    "holds the checkpoints of another run ({}); pass --resume {} to continue it, --force to replace it, or choose another --out",
+                    existing.join(", "),
+                    out.join(LAST_CHECKPOINT).display()
+                ),
+            ));
+        }
+        for f in existing {
+            std::fs::remove_file(out.join(f)).map_err(|e| Error::io(out.join(f), e))?;
+        }
+    }
+    Ok(lock)
+}
+
+/// A split that must hold items: refused before any work, naming the split and what needs it.
+pub fn require_items(data: &DatasetReader, name: &str, needed_for: &str) -> Result<()> {
+    let split = data.split(name)?;
+    if split.num_images() == 0 || split.num_texts() == 0 {
+        return Err(Error::data(format!(
+            "dataset {}: split `{name}` is empty, and {needed_for} needs it",
+            data.dir.display()
+        )));
+    }
+    Ok(())
+}
 
 /// Train on `data.train`, validate on `data.val`, keep `best.safetensors` and `last.safetensors`
 /// in `opts.out_dir`. A diverging loss stops the run with an error; checkpoints already
@@ -459,8 +573,11 @@ pub fn train(
     opts: &RunOptions,
 ) -> Result<TrainSummary> {
     check_fits(&data.layout, model)?;
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
-    let (mut trainer, mut state) = match &opts.resume {
+    cfg.validate()?;
+    require_items(data, "train", "training")?;
+    require_items(data, "val", "selecting the best checkpoint")?;
+    let fresh = RunState { best_ndcg: -1.0, best_step: 0, stale: 0 };
+    let resumed = match &opts.resume {
         Some(path) => {
             let ckpt = Checkpoint::load(path)?;
             if &ckpt.model != model {
@@ -469,15 +586,40 @@ pub fn train(
                     path.display()
                 )));
             }
-            let state: RunState = serde_json::from_str(&ckpt.state).unwrap_or_default();
-            (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, state)
+            let state: RunState = serde_json::from_str(&ckpt.state).map_err(|e| {
+                Error::format(path, format!("metadata `state` is not a trainer state ({e}); cannot resume from it"))
+            })?;
+            if ckpt.step >= cfg.steps {
+                // Nothing to train: `steps` is the total, and this run has done it.
+                return Ok(TrainSummary {
+                    steps: ckpt.step,
+                    final_loss: f32::NAN,
+                    best_ndcg: state.best_ndcg,
+                    best_step: state.best_step,
+                    seconds: 0.0,
+                    losses: Vec::new(),
+                    best_checkpoint: None,
+                });
+            }
+            Some((ckpt, state))
         }
-        None => (Trainer::new(dev, model, cfg.clone())?, RunState { best_ndcg: -1.0, best_step: 0, stale: 0 }),
+        None => None,
+    };
+    let _lock = claim_run_dir(&opts.out_dir, opts.resume.as_deref(), opts.replace)?;
+    let (mut trainer, mut state) = match resumed {
+        Some((ckpt, state)) => {
+            // Continued elsewhere, the best checkpoint is chosen anew among the steps trained
+            // here: the resumed run's best lies in its own directory.
+            let same_dir =
+                opts.resume.as_deref().and_then(Path::parent).is_some_and(|d| crate::io::same_path(d, &opts.out_dir));
+            (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, if same_dir { state } else { fresh })
+        }
+        None => (Trainer::new(dev, model, cfg.clone())?, fresh),
     };
     let kind: EmbeddingKind = cfg.embedding.parse()?;
     let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
     let best_path = opts.out_dir.join(BEST_CHECKPOINT);
-    let last_path = opts.out_dir.join("last.safetensors");
+    let last_path = opts.out_dir.join(LAST_CHECKPOINT);
     let start = Instant::now();
     let first = trainer.step;
     let mut losses = Vec::new();
@@ -531,7 +673,7 @@ pub fn train(
         best_step: state.best_step,
         seconds: start.elapsed().as_secs_f64(),
         losses,
-        best_checkpoint: best_path,
+        best_checkpoint: best_path.is_file().then_some(best_path),
     })
 }
 
@@ -556,8 +698,4 @@ pub fn check_fits(layout: &Layout, model: &ModelConfig) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-pub fn default_out_dir() -> &'static Path {
-    Path::new("runs/latest")
 }

@@ -1,38 +1,12 @@
 //! The `semshare` binary end to end, as a new user would run it: the happy path on a tiny
 //! synthetic dataset, and bad input that must give a one-line error and a non-zero exit.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn semshare(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_semshare")).args(args).output().expect("the binary runs")
-}
+use common::cli::{fails_with, ok, path, semshare};
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("semshare-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A clean failure: non-zero exit, no panic, one `error:` line naming the problem.
-fn fails_with(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "should have failed: {stderr}");
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let line = stderr.lines().last().unwrap_or("");
-    assert!(line.starts_with("error: ") && line.contains(needle), "expected an error about `{needle}`, got: {stderr}");
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
+fn tmp(name: &str) -> std::path::PathBuf {
+    common::cli::tmp("cli", name)
 }
 
 #[test]

@@ -19,8 +19,8 @@ use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::EvalConfig;
 use semshare::eval::cca::CcaConfig;
 use semshare::experiment::run::{
-    ExperimentConfig, bag_of_words, bow_vocabulary, cca_grid, cca_report, fingerprint, mean_region_features,
-    mean_text_features, run_suite, select_cca, state_path,
+    ExperimentConfig, bag_of_words, bow_vocabulary, cca_grid, cca_report, fingerprint, is_legacy_fingerprint,
+    mean_region_features, mean_text_features, run_suite, select_cca, state_path,
 };
 use semshare::experiment::suite::{RunKey, RunRecord, SuiteKind, SuiteState, Variant};
 use semshare::model::ModelConfig;
@@ -46,6 +46,7 @@ fn config(data: &DatasetReader, dir: &Path, variants: &[Variant], seeds: u64) ->
     ExperimentConfig {
         suite: SuiteKind::Table1,
         seeds,
+        only_seed: None,
         variants: Some(variants.to_vec()),
         model: tiny_model(data),
         train: TrainConfig { steps: 3, batch_size: 8, warmup: 1, eval_every: 0, ..TrainConfig::default() },
@@ -223,6 +224,64 @@ fn a_suite_can_select_checkpoints_with_the_label_embedding() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(cfg.out.join("table1.json")).unwrap()).unwrap();
     assert_eq!(json["checkpoints_selected_with"], "label");
+}
+
+/// `--seed K`: one chosen seed runs alone, added to what the state file records; a later run
+/// of seeds 0..N keeps it and does only the missing ones. A rebuilt identical dataset resumes
+/// the suite (its fingerprint holds the shards' checksums, and the shards' bytes are the same).
+#[test]
+fn one_chosen_seed_runs_alone_and_joins_the_suite() {
+    let dir = tmp("one-seed");
+    let data = tiny_data(&dir);
+    let cfg = config(&data, &dir, &[Variant::Ours], 1);
+    let seed2 = ExperimentConfig { only_seed: Some(2), ..cfg.clone() };
+    let state = run_suite(&mut Cpu::new(), &data, &seed2).unwrap();
+    assert_eq!(state.finished.iter().map(|r| r.key.seed).collect::<Vec<_>>(), [2]);
+    let seed0 = ExperimentConfig { only_seed: Some(0), ..cfg.clone() };
+    let state = run_suite(&mut Cpu::new(), &data, &seed0).unwrap();
+    assert_eq!(state.suite.seeds, [2, 0]);
+    assert_eq!(state.finished.iter().map(|r| r.key.seed).collect::<Vec<_>>(), [2, 0]);
+    // Seeds 0..3 from a dataset rebuilt byte for byte: only seed 1 is left to do.
+    std::fs::remove_dir_all(dir.join("data")).unwrap();
+    let rebuilt = tiny_data(&dir);
+    let all = ExperimentConfig { seeds: 3, ..config(&rebuilt, &dir, &[Variant::Ours], 1) };
+    let state = run_suite(&mut Cpu::new(), &rebuilt, &all).unwrap();
+    assert_eq!(state.finished.iter().map(|r| r.key.seed).collect::<Vec<_>>(), [2, 0, 1]);
+}
+
+/// Shards written before their `__metadata__` was sorted had it in a per-process order: a
+/// suite fingerprinted then is recognised on the same data written now.
+#[test]
+fn a_fingerprint_made_with_another_metadata_order_is_the_same_suite() {
+    let dir = tmp("legacy");
+    let data = tiny_data(&dir);
+    let cfg = config(&data, &dir, &[Variant::Cca], 1);
+    let now = fingerprint(&data, &cfg.model, &cfg.train).unwrap();
+    let (shard, manifest) = (dir.join("data/train-00000.safetensors"), dir.join("data/dataset.json"));
+    let (sorted, sorted_manifest) = (std::fs::read(&shard).unwrap(), std::fs::read_to_string(&manifest).unwrap());
+    let from = r#"{"__metadata__":{"format":"semshare-shard","split":"train","version":"2"}"#;
+    let to = r#"{"__metadata__":{"version":"2","format":"semshare-shard","split":"train"}"#;
+    assert!(sorted[8..].starts_with(from.as_bytes()));
+    let mut shuffled = sorted.clone();
+    shuffled[8..8 + to.len()].copy_from_slice(to.as_bytes());
+    std::fs::write(&shard, &shuffled).unwrap();
+    let sum = |b: &[u8]| format!("fnv1a64x4:{:016x}", semshare::data::dataset::checksum(b));
+    std::fs::write(&manifest, sorted_manifest.replace(&sum(&sorted), &sum(&shuffled))).unwrap();
+    let old = Arc::new(DatasetReader::open(dir.join("data")).unwrap());
+    let old_fp = fingerprint(&old, &cfg.model, &cfg.train).unwrap();
+    assert_ne!(old_fp, now);
+    run_suite(&mut Cpu::new(), &old, &cfg).unwrap();
+
+    // The same dataset written by today's writer.
+    std::fs::write(&shard, &sorted).unwrap();
+    std::fs::write(&manifest, &sorted_manifest).unwrap();
+    let data = Arc::new(DatasetReader::open(dir.join("data")).unwrap());
+    assert!(is_legacy_fingerprint(&data, &cfg.model, &cfg.train, &old_fp).unwrap());
+    assert!(!is_legacy_fingerprint(&data, &cfg.model, &cfg.train, &now.replace(':', ":0")).unwrap());
+    let more = ExperimentConfig { seeds: 2, ..cfg.clone() };
+    let state = run_suite(&mut Cpu::new(), &data, &more).unwrap();
+    assert_eq!(state.finished.len(), 2, "resumed and extended");
+    assert_eq!(state.suite.fingerprint, old_fp);
 }
 
 #[test]
@@ -513,5 +572,7 @@ fn semshare_experiment_runs_a_restricted_suite_and_refuses_bad_arguments() {
         "no variant `ours`",
     );
     fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--seeds", "0"]), "--seeds");
+    fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--seeds", "2", "--seed", "1"]), "--seed K");
+    fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--out", &d]), "is the dataset (--data)");
     fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--lr", "1"]), "unknown option --lr");
 }

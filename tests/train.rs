@@ -32,7 +32,7 @@ fn open(data: &Dataset, dir: &Path) -> Arc<DatasetReader> {
 }
 
 fn run(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::Result<semshare::train::TrainSummary> {
-    let opts = RunOptions { out_dir: dir.to_path_buf(), resume: None, progress: false };
+    let opts = RunOptions { out_dir: dir.to_path_buf(), resume: None, replace: false, progress: false };
     train(&mut Cpu::new(), &open(data, dir), &tiny_model(data), cfg, &opts)
 }
 
@@ -74,7 +74,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     let before = std::fs::read(&last).unwrap();
     // Finite (a NaN could not get past the loader) but large enough to overflow ψ1.
     data.train.image_features.iter_mut().for_each(|x| *x = f32::MAX);
-    let opts = RunOptions { out_dir: dir.clone(), resume: Some(last.clone()), progress: false };
+    let opts = RunOptions { out_dir: dir.clone(), resume: Some(last.clone()), replace: false, progress: false };
     let reader = open(&data, &dir);
     let err = train(&mut Cpu::new(), &reader, &tiny_model(&data), &TrainConfig { steps: 8, ..cfg }, &opts).unwrap_err();
     assert!(matches!(err, Error::NonFinite { .. }), "{err}");
@@ -93,7 +93,12 @@ fn resuming_reproduces_an_uninterrupted_run() {
     let dir = tmp("parts");
     run(&data, &TrainConfig { steps: 5, ..cfg.clone() }, &dir).unwrap();
     // Continued from step 5 to 10.
-    let opts = RunOptions { out_dir: dir.clone(), resume: Some(dir.join("last.safetensors")), progress: false };
+    let opts = RunOptions {
+        out_dir: dir.clone(),
+        resume: Some(dir.join("last.safetensors")),
+        replace: false,
+        progress: false,
+    };
     let rest = train(&mut Cpu::new(), &open(&data, &dir), &tiny_model(&data), &cfg, &opts).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&rest.losses), bits(&whole.losses[5..]));
@@ -106,7 +111,7 @@ use semshare::experiment::suite::Variant;
 use semshare::train::Trainer;
 
 fn run_variant(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::train::TrainSummary {
-    let opts = RunOptions { out_dir: dir.to_path_buf(), resume: None, progress: false };
+    let opts = RunOptions { out_dir: dir.to_path_buf(), resume: None, replace: false, progress: false };
     let model = cfg.variant.configure(&tiny_model(data));
     train(&mut Cpu::new(), &open(data, dir), &model, cfg, &opts).unwrap()
 }

@@ -287,7 +287,7 @@ pub(crate) fn check_layernorm_bwd(
 /// qkv `[tokens, 3·d]` for the batch, with d split into `heads` heads.
 pub(crate) fn check_attention(op: &'static str, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<()> {
     rows_of(op, qkv, seg)?;
-    if heads == 0 || qkv.cols() == 0 || qkv.cols() % (3 * heads) != 0 {
+    if heads == 0 || qkv.cols() == 0 || !qkv.cols().is_multiple_of(3 * heads) {
         return Err(crate::Error::shape(op, format!("{} qkv columns for {heads} heads", qkv.cols())));
     }
     Ok(())

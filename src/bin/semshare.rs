@@ -1,21 +1,23 @@
 //! The `semshare` command line: demo, synth, pack, check, train, eval, embed, score, experiment.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use semshare::backend::{self, Backend};
 use semshare::checkpoint::Checkpoint;
+use semshare::config::{Configs, fit_to_data, read_config_file};
 use semshare::data::flickr_tags::{FlickrTagsConfig, RealTags, generate_flickr_tags};
-use semshare::data::pack::pack;
-use semshare::data::shards::{DatasetReader, Layout};
+use semshare::data::pack::{is_source, pack};
+use semshare::data::shards::{DatasetReader, Layout, is_dataset};
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::{EmbeddingSet, EvalConfig, Report};
 use semshare::experiment::run::{ExperimentConfig, build_suite, default_budget, run_suite, state_path, suite_name};
 use semshare::experiment::suite::{SuiteKind, SuiteState, Variant};
+use semshare::io::{claim_output, refuse_overlap, refuse_replacing};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
-use semshare::train::{RunOptions, TrainConfig, embed_split, evaluate_split, train};
+use semshare::train::{RunOptions, TrainConfig, embed_split, evaluate_split, fresh_run_dir, train};
 use semshare::{Error, Result};
 
 const USAGE: &str = "\
@@ -29,31 +31,38 @@ COMMANDS:
              [--train N] [--val N] [--test N]   (defaults 2000 / 300 / 1000)
   synth    write a synthetic dataset
              --out DIR [--preset balanced|weak-image|weak-text] [--seed S]
-             [--train N] [--val N] [--test N]
+             [--train N] [--val N] [--test N] [--force]
            or real MIRFlickr-25K labels and tag texts with synthetic regions
              --preset flickr-tags --labels DIR --out DIR [--seed S] [--format dataset|source]
-             [--train N] [--val N] [--test N]   (defaults 10000 / 1000 / 2000 queries)
+             [--train N] [--val N] [--test N] [--force]  (defaults 10000 / 1000 / 2000 queries)
              --format source writes a source directory for `pack`, retrieval set included
   pack     build a dataset directory from a source directory (docs/FORMAT.md)
-             --from SRC --out DIR [--shard-mb N (default 256)]
+             --from SRC --out DIR [--shard-mb N (default 256)] [--force]
   check    validate a dataset directory completely (checksums, every item); exit 1 on a problem
              DIR
   train    train on a dataset directory
-             --data DIR [--out DIR] [--config FILE.json] [--model small|paper]
-             [--steps N] [--batch N] [--lr X] [--lambda X] [--seed S] [--resume CKPT] [--device D]
+             --data DIR [--out DIR (default: a new runs/<dataset>-<k>)] [--config FILE.json]
+             [--model small|paper] [--steps N] [--batch N] [--lr X] [--lambda X] [--seed S]
+             [--resume CKPT] [--force] [--device D]
+             --steps is the total: --resume continues CKPT's run up to it (nothing to do if
+             CKPT is there already); --force replaces another run's checkpoints in --out
   eval     retrieval metrics of a checkpoint on a split
              --data DIR --checkpoint CKPT [--split test|val|train|database]
              (test with a database split: test queries ranked against the database) [--embedding pooled|label] [--json] [--device D]
   embed    write the embeddings of a split (the input of `score`)
-             --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--device D]
+             --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--force] [--device D]
   score    metrics for embeddings produced by any model
              --embeddings FILE [--json]
   experiment  run a suite of docs/EXPERIMENTS-DESIGN.md (resumes where a killed one stopped)
-             --suite table1|eta --data DIR [--seeds N (default 3)] [--variants a,b,...]
+             --suite table1|eta --data DIR [--seeds N (default 3) | --seed K] [--variants a,b,...]
              [--model small|paper] [--config FILE.json] [--steps N] [--device D]
              [--out DIR (default docs/results/<dataset>)] [--runs DIR (default runs/experiments/<dataset>)]
              budget per run unless the config file or --steps say otherwise: batch 32, 600 steps,
              warm-up 60, lr 5e-4, validation every 100 steps, patience 3
+             --seed K runs seed K alone (adding it to the suite's state file)
+
+  An existing output is replaced only with --force and only if semshare wrote it (its
+  manifest says so); an output may not be one of the command's inputs.
 
   --device auto|cpu|cuda   (default auto: CUDA when built with it and a GPU is present)
   A config file is JSON: {\"model\": {...}, \"train\": {...}}; flags override it.
@@ -118,22 +127,26 @@ fn run(argv: &[String]) -> Result<()> {
     };
     match cmd.as_str() {
         "demo" => demo(&Args::parse(rest, &["steps", "out", "seed", "device", "train", "val", "test"], &[])?),
-        "synth" => {
-            synth(&Args::parse(rest, &["out", "preset", "seed", "train", "val", "test", "labels", "format"], &[])?)
-        }
-        "pack" => pack_cmd(&Args::parse(rest, &["from", "out", "shard-mb"], &[])?),
+        "synth" => synth(&Args::parse(
+            rest,
+            &["out", "preset", "seed", "train", "val", "test", "labels", "format"],
+            &["force"],
+        )?),
+        "pack" => pack_cmd(&Args::parse(rest, &["from", "out", "shard-mb"], &["force"])?),
         "check" => check_cmd(rest),
         "train" => train_cmd(&Args::parse(
             rest,
             &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device"],
-            &[],
+            &["force"],
         )?),
         "eval" => eval_cmd(&Args::parse(rest, &["data", "checkpoint", "split", "embedding", "device"], &["json"])?),
-        "embed" => embed_cmd(&Args::parse(rest, &["data", "checkpoint", "out", "split", "embedding", "device"], &[])?),
+        "embed" => {
+            embed_cmd(&Args::parse(rest, &["data", "checkpoint", "out", "split", "embedding", "device"], &["force"])?)
+        }
         "score" => score_cmd(&Args::parse(rest, &["embeddings"], &["json"])?),
         "experiment" => experiment_cmd(&Args::parse(
             rest,
-            &["suite", "data", "seeds", "variants", "model", "config", "out", "runs", "steps", "device"],
+            &["suite", "data", "seeds", "seed", "variants", "model", "config", "out", "runs", "steps", "device"],
             &[],
         )?),
         "help" | "--help" | "-h" => {
@@ -150,59 +163,33 @@ fn device(args: &Args) -> Result<Box<dyn Backend>> {
 
 /// Model and training configuration: preset (and `base` for training), then the config file,
 /// then flags.
-fn configs(args: &Args, base: TrainConfig) -> Result<(ModelConfig, TrainConfig)> {
-    let mut model =
-        serde_json::to_value(ModelConfig::preset(args.get("model").unwrap_or("small"))?).expect("serialises");
-    let mut train = serde_json::to_value(base).expect("serialises");
-    if let Some(path) = args.get("config") {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        let obj = file.as_object().ok_or_else(|| Error::format(path, "expected a JSON object"))?;
-        for (key, value) in obj {
-            let target = match key.as_str() {
-                "model" => &mut model,
-                "train" => &mut train,
-                _ => {
-                    return Err(Error::format(path, format!("unknown section `{key}` (expected model, train)")));
-                }
-            };
-            let fields = value.as_object().ok_or_else(|| Error::format(path, format!("`{key}` must be an object")))?;
-            for (k, v) in fields {
-                target[k] = v.clone();
-            }
-        }
-    }
-    let bad = |e: serde_json::Error| Error::config(e.to_string());
-    let mut model: ModelConfig = serde_json::from_value(model).map_err(bad)?;
-    let mut train: TrainConfig = serde_json::from_value(train).map_err(bad)?;
+fn configs(args: &Args, base: TrainConfig) -> Result<Configs> {
+    let model = ModelConfig::preset(args.get("model").unwrap_or("small"))?;
+    let mut c = match args.get("config") {
+        Some(path) => read_config_file(model, base, Path::new(path))?,
+        None => Configs { model, train: base, model_keys: BTreeSet::new() },
+    };
     if let Some(v) = args.num("steps")? {
-        train.steps = v;
+        c.train.steps = v;
     }
     if let Some(v) = args.num("batch")? {
-        train.batch_size = v;
+        c.train.batch_size = v;
     }
     if let Some(v) = args.num("lr")? {
-        train.lr = v;
+        c.train.lr = v;
     }
     if let Some(v) = args.num("seed")? {
-        train.seed = v;
+        c.train.seed = v;
     }
     if let Some(v) = args.num("lambda")? {
-        model.lambda = v;
+        c.model.lambda = v;
     }
-    Ok((model, train))
+    Ok(c)
 }
 
-/// The model's vocabulary, labels, object classes and text representation come from the data.
-fn fit_to_data(model: &mut ModelConfig, layout: &Layout) {
-    let m = &layout.meta;
-    model.vocab = m.vocab_size();
-    model.labels = m.num_labels;
-    model.region_dim = m.feature_dim;
-    model.object_classes = m.num_object_classes.max(1);
-    model.max_regions = m.regions;
-    model.max_tokens = m.max_tokens;
-    model.text_feature_dim = layout.text_feature_dim;
+/// [`fit_to_data`] with the `--config` file named in its errors.
+fn fit(model: &mut ModelConfig, layout: &Layout, c: &Configs, args: &Args) -> Result<()> {
+    fit_to_data(model, layout, &c.model_keys, Path::new(args.get("config").unwrap_or("--config")))
 }
 
 fn load_data(args: &Args) -> Result<Arc<DatasetReader>> {
@@ -217,12 +204,19 @@ fn split_name(args: &Args) -> &str {
     args.get("split").unwrap_or("test")
 }
 
+/// Most MiB per shard `pack` takes (1 TiB).
+const MAX_SHARD_MB: usize = 1 << 20;
+
 fn pack_cmd(args: &Args) -> Result<()> {
     let mb: usize = args.num("shard-mb")?.unwrap_or(256);
-    if mb == 0 {
-        return Err(Error::config("--shard-mb must be positive"));
-    }
-    let s = pack(&args.path("from")?, &args.path("out")?, mb << 20)?;
+    let shard_bytes = mb
+        .checked_mul(1 << 20)
+        .filter(|_| (1..=MAX_SHARD_MB).contains(&mb))
+        .ok_or_else(|| Error::config(format!("--shard-mb {mb} is outside 1..={MAX_SHARD_MB}")))?;
+    let (from, out) = (args.path("from")?, args.path("out")?);
+    refuse_replacing(&out, &from, "source directory (--from)")?;
+    claim_output(&out, "dataset", args.has("force"), is_dataset)?;
+    let s = pack(&from, &out, shard_bytes)?;
     for (name, n, m, shards) in &s.splits {
         println!("{name}: {n} images, {m} texts in {shards} shard(s)");
     }
@@ -276,6 +270,7 @@ fn synth(args: &Args) -> Result<()> {
         cfg.test = n;
     }
     let out = args.path("out")?;
+    claim_output(&out, "dataset", args.has("force"), is_dataset)?;
     let data = generate(&cfg)?;
     data.save(&out)?;
     println!(
@@ -303,6 +298,12 @@ fn synth_flickr_tags(args: &Args) -> Result<()> {
     };
     let labels = args.path("labels")?;
     let out = args.path("out")?;
+    refuse_replacing(&out, &labels, "labels directory (--labels)")?;
+    if source {
+        claim_output(&out, "source directory", args.has("force"), is_source)?;
+    } else {
+        claim_output(&out, "dataset", args.has("force"), is_dataset)?;
+    }
     let data = generate_flickr_tags(&cfg, &RealTags::load(&labels)?)?;
     let sizes = format!(
         "{} / {} / {} queries / {} retrieval",
@@ -329,16 +330,41 @@ fn synth_flickr_tags(args: &Args) -> Result<()> {
 fn train_cmd(args: &Args) -> Result<()> {
     let mut dev = device(args)?;
     let data = load_data(args)?;
-    let (model, cfg) = configs(args, TrainConfig::default())?;
+    let c = configs(args, TrainConfig::default())?;
+    let cfg = c.train.clone();
     // The variant's structure (trunk, separate models, segments) goes with it.
-    let mut model = cfg.variant.configure(&model);
-    fit_to_data(&mut model, &data.layout);
-    let opts = RunOptions {
-        out_dir: args.get("out").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("runs/latest")),
-        resume: args.get("resume").map(PathBuf::from),
-        progress: true,
+    let mut model = cfg.variant.configure(&c.model);
+    fit(&mut model, &data.layout, &c, args)?;
+    let resume = args.get("resume").map(PathBuf::from);
+    let (out_dir, fresh) = match args.get("out") {
+        Some(out) => (PathBuf::from(out), false),
+        // Resuming in place continues that run's directory; otherwise a new one, never
+        // another run's.
+        None => match resume.as_deref().and_then(Path::parent) {
+            Some(dir) if !dir.as_os_str().is_empty() => (dir.to_path_buf(), false),
+            _ => (fresh_run_dir(Path::new("runs"), &data.meta().name)?, true),
+        },
     };
-    let s = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
+    refuse_overlap(&out_dir, &data.dir, "dataset (--data)")?;
+    let opts = RunOptions { out_dir, resume, replace: args.has("force"), progress: true };
+    let s = train(dev.as_mut(), &data, &model, &cfg, &opts).inspect_err(|_| {
+        if fresh {
+            // A run refused before writing a checkpoint leaves no empty directory behind
+            // (remove_dir keeps one that holds anything).
+            let _ = std::fs::remove_file(opts.out_dir.join(semshare::train::LOCK_FILE));
+            let _ = std::fs::remove_dir(&opts.out_dir);
+        }
+    })?;
+    let Some(best) = &s.best_checkpoint else {
+        let from = opts.resume.as_deref().unwrap_or(Path::new("the checkpoint"));
+        println!(
+            "{} is at step {} already, and --steps {} is the total: nothing trained, no checkpoint written (pass a larger --steps to continue)",
+            from.display(),
+            s.steps,
+            cfg.steps
+        );
+        return Ok(());
+    };
     println!(
         "trained {} steps in {:.1}s on {}: final loss {:.4}, best validation NDCG@{} {:.2} at step {} ({})",
         s.steps,
@@ -348,7 +374,7 @@ fn train_cmd(args: &Args) -> Result<()> {
         cfg.eval_k,
         s.best_ndcg,
         s.best_step,
-        s.best_checkpoint.display()
+        best.display()
     );
     Ok(())
 }
@@ -359,17 +385,23 @@ fn experiment_cmd(args: &Args) -> Result<()> {
     if seeds == 0 {
         return Err(Error::config("--seeds must be positive"));
     }
+    let only_seed: Option<u64> = args.num("seed")?;
+    if only_seed.is_some() && args.has("seeds") {
+        return Err(Error::config("--seed K runs one seed: it does not go with --seeds"));
+    }
     let variants = match args.get("variants") {
         Some(list) => Some(list.split(',').map(|v| v.trim().parse::<Variant>()).collect::<Result<Vec<_>>>()?),
         None => None,
     };
     let data = load_data(args)?;
-    let (mut model, train) = configs(args, default_budget())?;
-    fit_to_data(&mut model, &data.layout);
+    let c = configs(args, default_budget())?;
+    let (mut model, train) = (c.model.clone(), c.train.clone());
+    fit(&mut model, &data.layout, &c, args)?;
     let dataset = data.meta().name.clone();
     let cfg = ExperimentConfig {
         suite,
         seeds,
+        only_seed,
         variants,
         model,
         train,
@@ -377,13 +409,15 @@ fn experiment_cmd(args: &Args) -> Result<()> {
         runs_dir: args.get("runs").map_or_else(|| Path::new("runs/experiments").join(&dataset), PathBuf::from),
         progress: true,
     };
+    refuse_overlap(&cfg.out, &data.dir, "dataset (--data)")?;
+    refuse_overlap(&cfg.runs_dir, &data.dir, "dataset (--data)")?;
     // A bad --variants or another suite's state file is refused before anything is printed.
     SuiteState::open(&state_path(&cfg.out, suite), &build_suite(&data, &cfg)?)?;
     let mut dev = device(args)?;
+    let seed_text = only_seed.map_or_else(|| format!("{seeds} seed(s)"), |k| format!("seed {k}"));
     eprintln!(
-        "experiment {} on {dataset} ({} seed(s), {} steps per run) on {}; results in {}",
+        "experiment {} on {dataset} ({seed_text}, {} steps per run) on {}; results in {}",
         suite_name(suite),
-        seeds,
         cfg.train.steps,
         dev.name(),
         cfg.out.display()
@@ -402,9 +436,13 @@ fn experiment_cmd(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Items per forward pass when embedding (`train::embed_split`).
+const EMBED_CHUNK: usize = semshare::train::EMBED_CHUNK;
+
 fn load_model(dev: &mut dyn Backend, path: &Path) -> Result<(SemShare, semshare::tensor::Tensor)> {
     let ckpt = Checkpoint::load(path)?;
     let net = SemShare::new(&ckpt.model)?;
+    semshare::model::memory::check_memory(&net, EMBED_CHUNK, false)?;
     let params = net.store.upload(dev, &ckpt.params)?;
     Ok((net, params))
 }
@@ -427,10 +465,13 @@ fn embed_cmd(args: &Args) -> Result<()> {
     semshare::train::check_fits(&data.layout, &net.cfg)?;
     let kind: EmbeddingKind = args.get("embedding").unwrap_or("pooled").parse()?;
     let split = data.split(split_name(args))?;
+    let out = args.path("out")?;
+    refuse_overlap(&out, &args.path("checkpoint")?, "checkpoint (--checkpoint)")?;
+    refuse_overlap(&out, &data.dir, "dataset (--data)")?;
+    claim_output(&out, "embeddings file", args.has("force"), |p| EmbeddingSet::load(p).is_ok())?;
     let (ie, te, dim) = embed_split(dev.as_mut(), &net, &params, &data.layout, split, kind)?;
     let c = data.meta().num_labels;
     let set = EmbeddingSet::new(ie, split.image_labels(), te, split.text_labels(), dim, c, Some(split.text_items()))?;
-    let out = args.path("out")?;
     set.save(&out)?;
     println!(
         "wrote {} image and {} text embeddings of width {dim} to {}",
@@ -470,7 +511,7 @@ fn demo(args: &Args) -> Result<()> {
     generate(&synth_cfg)?.save(out.join("data"))?;
     let data = Arc::new(DatasetReader::open(out.join("data"))?);
     let mut model = ModelConfig::small();
-    fit_to_data(&mut model, &data.layout);
+    fit_to_data(&mut model, &data.layout, &BTreeSet::new(), Path::new("the small preset"))?;
     let cfg = TrainConfig {
         steps: args.num("steps")?.unwrap_or(800),
         eval_every: 200,
@@ -483,9 +524,11 @@ fn demo(args: &Args) -> Result<()> {
     let init = untrained.store.upload(dev.as_mut(), &untrained.store.init_values(seed))?;
     let before = evaluate_split(dev.as_mut(), &untrained, &init, &data, "test", EmbeddingKind::Pooled, &eval_cfg)?;
     eprintln!("training the `small` model for {} steps of {} pairs on {} ...", cfg.steps, cfg.batch_size, dev.name());
-    let opts = RunOptions { out_dir: out.clone(), resume: None, progress: true };
+    // The demo's own directory: its previous checkpoints are replaced.
+    let opts = RunOptions { out_dir: out.clone(), resume: None, replace: true, progress: true };
     let summary = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
-    let (net, params) = load_model(dev.as_mut(), &summary.best_checkpoint)?;
+    let best = summary.best_checkpoint.clone().ok_or_else(|| Error::data("the demo run wrote no checkpoint"))?;
+    let (net, params) = load_model(dev.as_mut(), &best)?;
     let after = evaluate_split(dev.as_mut(), &net, &params, &data, "test", EmbeddingKind::Pooled, &eval_cfg)?;
     println!(
         "\nsemshare demo: {} test images / {} texts, trained {} steps in {:.0}s",
@@ -507,6 +550,6 @@ fn demo(args: &Args) -> Result<()> {
         let get = |r: &Report| r.avg.recall_at(k).unwrap_or(0.0);
         row(&format!("R@{k}"), &get, after.i2t.recall_at(k).unwrap_or(0.0), after.t2i.recall_at(k).unwrap_or(0.0));
     }
-    println!("(untrained/trained: average of I2T and T2I; best checkpoint: {})", summary.best_checkpoint.display());
+    println!("(untrained/trained: average of I2T and T2I; best checkpoint: {})", best.display());
     Ok(())
 }

@@ -22,7 +22,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::fs;
 use std::path::Path;
 
 use safetensors::tensor::TensorInfo;
@@ -494,10 +493,11 @@ pub(crate) fn plain_file_name<'a>(mpath: &Path, field: &str, name: &'a str) -> R
     if ok { Ok(name) } else { Err(Error::format(mpath, format!("{field} {name:?} is not a plain file name"))) }
 }
 
+/// Most bytes of a vocabulary or label file (a few million words).
+const LINES_FILE_LIMIT: u64 = 256 << 20;
+
 pub(crate) fn read_lines(path: &Path) -> Result<Vec<String>> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| Error::format(path, format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
+    let text = crate::io::read_text(path, LINES_FILE_LIMIT)?;
     let mut lines: Vec<String> = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect();
     if lines.last().is_some_and(|l| l.is_empty()) {
         lines.pop();
@@ -523,25 +523,72 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// 3. `f = FNV_OFFSET`; for x in `[h0, h1, h2, h3, t, len]`: `f = (f ^ x) * FNV_PRIME`.
 /// 4. the result is the SplitMix64 finaliser of `f`.
 pub fn checksum(bytes: &[u8]) -> u64 {
-    let mut h = [FNV_OFFSET; 4];
-    let mut blocks = bytes.chunks_exact(32);
-    for block in &mut blocks {
-        for (j, lane) in h.iter_mut().enumerate() {
+    let mut sum = Checksum::new();
+    sum.update(bytes);
+    sum.finish()
+}
+
+/// [`checksum`] over chunks of any size (a file read by pread in blocks).
+#[derive(Clone, Debug)]
+pub struct Checksum {
+    h: [u64; 4],
+    /// Bytes of an unfinished 32-byte block.
+    pending: Vec<u8>,
+    len: u64,
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Checksum {
+    pub fn new() -> Self {
+        Checksum { h: [FNV_OFFSET; 4], pending: Vec::with_capacity(32), len: 0 }
+    }
+
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        if !self.pending.is_empty() {
+            let take = (32 - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() < 32 {
+                return;
+            }
+            let block: [u8; 32] = self.pending[..].try_into().expect("32 bytes");
+            self.pending.clear();
+            self.block(&block);
+        }
+        let mut blocks = bytes.chunks_exact(32);
+        for block in &mut blocks {
+            self.block(block);
+        }
+        self.pending.extend_from_slice(blocks.remainder());
+    }
+
+    fn block(&mut self, block: &[u8]) {
+        for (j, lane) in self.h.iter_mut().enumerate() {
             let w = u64::from_le_bytes(block[8 * j..8 * j + 8].try_into().expect("8 bytes"));
             *lane = (*lane ^ w).wrapping_mul(FNV_PRIME);
         }
     }
-    let mut t = FNV_OFFSET;
-    for &b in blocks.remainder() {
-        t = (t ^ b as u64).wrapping_mul(FNV_PRIME);
+
+    pub fn finish(self) -> u64 {
+        let mut t = FNV_OFFSET;
+        for &b in &self.pending {
+            t = (t ^ b as u64).wrapping_mul(FNV_PRIME);
+        }
+        let h = self.h;
+        let mut f = FNV_OFFSET;
+        for x in [h[0], h[1], h[2], h[3], t, self.len] {
+            f = (f ^ x).wrapping_mul(FNV_PRIME);
+        }
+        f = (f ^ (f >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        f = (f ^ (f >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        f ^ (f >> 31)
     }
-    let mut f = FNV_OFFSET;
-    for x in [h[0], h[1], h[2], h[3], t, bytes.len() as u64] {
-        f = (f ^ x).wrapping_mul(FNV_PRIME);
-    }
-    f = (f ^ (f >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    f = (f ^ (f >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    f ^ (f >> 31)
 }
 
 pub(crate) fn format_checksum(c: u64) -> String {
@@ -613,6 +660,7 @@ mod tests {
     use crate::data::synth::{SynthPreset, generate};
     use proptest::prelude::*;
     use safetensors::tensor::{Dtype, SafeTensors};
+    use std::fs;
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -681,6 +729,18 @@ mod tests {
         let mut man: serde_json::Value = serde_json::from_str(&fs::read_to_string(&mpath).unwrap()).unwrap();
         f(&mut man);
         fs::write(&mpath, serde_json::to_string(&man).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn the_checksum_in_chunks_equals_the_checksum_in_one_pass() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for chunk in [1, 7, 32, 33, 96, 999] {
+            let mut sum = Checksum::new();
+            for c in bytes.chunks(chunk) {
+                sum.update(c);
+            }
+            assert_eq!(sum.finish(), checksum(&bytes), "chunks of {chunk}");
+        }
     }
 
     #[test]

@@ -15,10 +15,8 @@
 //! `train` = the first 10,000 of the database, `val` = the next 1,000 of the database (disjoint
 //! from train and test; still in the retrieval set, as every non-query item is).
 
-use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors};
 
@@ -90,7 +88,7 @@ impl RealTags {
     pub fn load(dir: impl AsRef<Path>) -> Result<RealTags> {
         let dir = dir.as_ref();
         let path = dir.join(DATA_FILE);
-        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = crate::io::read(&path)?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::format(&path, format!("not safetensors: {e}")))?;
         let matrix = |name: &str| -> Result<(Vec<u8>, usize, usize)> {
             let v = st.tensor(name).map_err(|_| Error::format(&path, format!("tensor {name} missing")))?;
@@ -122,7 +120,7 @@ impl RealTags {
 }
 
 fn read_names(path: &Path, want: usize, what: &str) -> Result<Vec<String>> {
-    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_text(path, 256 << 20)?;
     let names: Vec<String> = text.lines().map(str::to_string).collect();
     if names.len() != want {
         return Err(Error::format(path, format!("{} lines for {want} {what}", names.len())));
@@ -188,12 +186,12 @@ impl FlickrTags {
             let file = format!("{name}.safetensors");
             let path = dir.join(&file);
             let bytes = encode_source_file(name, s, m).map_err(|e| Error::format(&path, e))?;
-            write_atomic(&path, &bytes)?;
+            crate::io::atomic_write(&path, &bytes)?;
             files.insert(name.into(), serde_json::json!([file]));
         }
         let lines = |v: &[String]| v.iter().flat_map(|s| [s.as_str(), "\n"]).collect::<String>();
-        write_atomic(&dir.join("labels.txt"), lines(&m.label_names).as_bytes())?;
-        write_atomic(&dir.join("vocab.txt"), lines(&m.vocab).as_bytes())?;
+        crate::io::atomic_write(&dir.join("labels.txt"), lines(&m.label_names).as_bytes())?;
+        crate::io::atomic_write(&dir.join("vocab.txt"), lines(&m.vocab).as_bytes())?;
         let doc = serde_json::json!({
             "format": "semshare-source",
             "version": 1,
@@ -203,7 +201,7 @@ impl FlickrTags {
         });
         let mut json = serde_json::to_string_pretty(&doc).expect("a JSON value serialises");
         json.push('\n');
-        write_atomic(&manifest, json.as_bytes())
+        crate::io::atomic_write(&manifest, json.as_bytes())
     }
 }
 
@@ -211,7 +209,8 @@ impl FlickrTags {
 pub fn generate_flickr_tags(cfg: &FlickrTagsConfig, real: &RealTags) -> Result<FlickrTags> {
     let n = real.len();
     let (c, k, t) = (real.label_names.len(), real.tag_names.len(), cfg.max_tokens);
-    if cfg.queries == 0 || cfg.train == 0 || cfg.queries + cfg.train + cfg.val > n {
+    let used = cfg.queries.checked_add(cfg.train).and_then(|u| u.checked_add(cfg.val));
+    if cfg.queries == 0 || cfg.train == 0 || used.is_none_or(|u| u > n) {
         let what = format!(
             "flickr-tags: queries {} + train {} + val {} must be ≥ 1 each (val ≥ 0) and fit the {n} items",
             cfg.queries, cfg.train, cfg.val
@@ -308,31 +307,15 @@ fn encode_source_file(split: &str, s: &Split, m: &Meta) -> std::result::Result<V
     if let Some(cls) = &s.image_classes {
         tensors.push(("image.classes", own(Dtype::U16, vec![n, r], le(cls, u16::to_le_bytes))));
     }
-    let info = HashMap::from([("format".to_string(), "semshare-source".to_string()), ("split".into(), split.into())]);
-    safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (*k, v)), Some(info))
+    let info = std::collections::BTreeMap::from([("format", "semshare-source".to_string()), ("split", split.into())]);
+    crate::io::safetensors_bytes(tensors.iter().map(|(k, v)| (*k, v)), &info)
         .map_err(|e| format!("cannot encode split {split}: {e}"))
-}
-
-/// Writes `bytes` to `path` via a temporary file in the same directory and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|s| s.to_string_lossy()).unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     /// A MIRFlickr-like directory: `n` items, `c` labels, `k` tags, written like the real one.
     pub(crate) fn fake_dir(dir: &Path, n: usize, c: usize, k: usize, seed: u64) -> RealTags {

@@ -3,7 +3,6 @@
 //! validated on the way, checksums in the manifest, written atomically.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::SafeTensors;
@@ -11,8 +10,8 @@ use serde::Deserialize;
 
 use super::dataset::{Meta, diagnose, plain_file_name, read_lines, tensor::*};
 use super::shards::{
-    DatasetWriter, ImageRecord, LABELS_FILE, Layout, SPLITS, Shard, TEXT_FEATURES, TextRecord, VOCAB_FILE,
-    reserved_vocab, typed,
+    DatasetWriter, ImageRecord, ImageRows, LABELS_FILE, Layout, SPLITS, Shard, TEXT_FEATURES, TextRecord, VOCAB_FILE,
+    reserved_vocab,
 };
 use crate::{Error, Result};
 
@@ -32,6 +31,14 @@ struct Source {
     num_object_classes: Option<usize>,
 }
 
+/// Whether `dir` is a source directory by its `source.json`'s `format` (what
+/// `synth --format source` may replace).
+pub fn is_source(dir: &Path) -> bool {
+    let Ok(text) = crate::io::read_text(&dir.join(SOURCE_FILE), crate::io::SMALL_FILE_LIMIT) else { return false };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .is_ok_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(SOURCE_FORMAT))
+}
+
 /// What `pack` wrote.
 #[derive(Clone, Debug)]
 pub struct PackSummary {
@@ -48,7 +55,7 @@ fn header_shape(path: &Path, bytes: &[u8], name: &str) -> Result<Option<Vec<usiz
 
 /// R, Dr, T, Dt, C from the first source file.
 fn infer_layout(src: &Path, first: &Path, name: &str, text_features: bool) -> Result<Layout> {
-    let bytes = fs::read(first).map_err(|e| Error::io(first, e))?;
+    let bytes = crate::io::read(first)?;
     let dims = |tensor: &str, rank: usize| -> Result<Vec<usize>> {
         match header_shape(first, &bytes, tensor)? {
             Some(s) if s.len() == rank => Ok(s),
@@ -87,7 +94,7 @@ fn infer_layout(src: &Path, first: &Path, name: &str, text_features: bool) -> Re
 /// Packs `src` into `out` with shards of about `shard_bytes`.
 pub fn pack(src: &Path, out: &Path, shard_bytes: usize) -> Result<PackSummary> {
     let spath = src.join(SOURCE_FILE);
-    let text = fs::read_to_string(&spath).map_err(|e| Error::io(&spath, e))?;
+    let text = crate::io::read_text(&spath, crate::io::SMALL_FILE_LIMIT)?;
     let source: Source =
         serde_json::from_str(&text).map_err(|e| Error::format(&spath, format!("not a valid source.json: {e}")))?;
     if source.format != SOURCE_FORMAT || source.version != SOURCE_VERSION {
@@ -122,22 +129,23 @@ pub fn pack(src: &Path, out: &Path, shard_bytes: usize) -> Result<PackSummary> {
     }
     let first =
         files.iter().flat_map(|(_, f)| f.first()).next().ok_or_else(|| Error::format(&spath, "no source file"))?;
-    let first_bytes = fs::read(first).map_err(|e| Error::io(first, e))?;
+    let first_bytes = crate::io::read(first)?;
     let text_features = header_shape(first, &first_bytes, TEXT_FEATURES)?.is_some();
     let mut layout = infer_layout(src, first, &source.name, text_features)?;
 
     // Pass 1: open everything (structure checked against the first file's shapes) and find K_obj.
     let mut opened: Vec<(&str, Vec<Shard>)> = Vec::new();
     let mut max_class: Option<usize> = None;
+    let (mut classes, mut scratch) = (Vec::new(), Vec::new());
     for (name, paths) in &files {
         let mut shards = Vec::new();
         for p in paths {
             let shard = Shard::open(p, &layout, None)?;
             for i in 0..shard.num_images() {
-                if let Some(b) = shard.class_bytes(i) {
-                    let top = typed::<u16>(b)[..shard.count(i)].iter().map(|&k| k as usize).max();
-                    max_class = max_class.max(top);
-                }
+                // By pread, as everything `pack` reads: a file truncated meanwhile is an error.
+                classes.clear();
+                shard.read_classes(&layout, i, &mut classes, &mut scratch)?;
+                max_class = max_class.max(classes.iter().map(|&k| k as usize).max());
             }
             shards.push(shard);
         }
@@ -157,29 +165,34 @@ pub fn pack(src: &Path, out: &Path, shard_bytes: usize) -> Result<PackSummary> {
     // Pass 2: validate every item and write it.
     let mut w = DatasetWriter::create(out, layout.clone(), shard_bytes)?;
     let mut summary = PackSummary { out: out.to_path_buf(), splits: Vec::new() };
+    let (mut rows, mut text_rows) = (ImageRows::default(), Vec::new());
     for (name, shards) in &opened {
         w.begin_split(name)?;
         let (mut n, mut m) = (0, 0);
         for shard in shards {
             let mut texts_of = vec![Vec::new(); shard.num_images()];
             for j in 0..shard.num_texts() {
-                shard.check_text(&layout, j)?;
                 texts_of[shard.text_item(j)].push(j);
             }
             for (i, texts) in texts_of.iter().enumerate() {
-                shard.check_image(&layout, i)?;
+                shard.read_image_rows(&layout, i, &mut rows)?;
+                text_rows.resize_with(texts.len(), Vec::new);
+                for (row, &j) in text_rows.iter_mut().zip(texts) {
+                    shard.read_text_row(&layout, j, row)?;
+                }
                 let image = ImageRecord {
-                    features: shard.feature_bytes(i),
+                    features: &rows.features,
                     feature_dtype: shard.feature_dtype(),
-                    boxes: shard.box_bytes(i),
+                    boxes: &rows.boxes,
                     count: shard.count(i) as u16,
-                    classes: shard.class_bytes(i),
+                    classes: rows.classes.as_deref(),
                     labels: shard.labels(i),
                 };
                 let records: Vec<TextRecord> = texts
                     .iter()
-                    .map(|&j| TextRecord {
-                        content: shard.text_bytes(j),
+                    .zip(&text_rows)
+                    .map(|(&j, row)| TextRecord {
+                        content: row,
                         dtype: shard.text_dtype(),
                         length: shard.length(j) as u16,
                     })

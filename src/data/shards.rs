@@ -27,8 +27,8 @@ use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
 use super::dataset::{
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, MASK, Meta, PAD, RESERVED_TOKENS, Split, UNK, checksum, diagnose,
-    format_checksum, plain_file_name, read_lines, tensor::*,
+    Checksum, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, MASK, Meta, PAD, RESERVED_TOKENS, Split, UNK, checksum,
+    diagnose, format_checksum, plain_file_name, read_lines, tensor::*,
 };
 use crate::{Error, Result};
 
@@ -236,8 +236,7 @@ impl Shard {
     /// Maps `path` and checks its header against `layout`; `counts` None takes N and M from the
     /// file itself (source files of `pack`).
     pub fn open(path: &Path, layout: &Layout, counts: Option<Counts>) -> Result<Shard> {
-        let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let (file, len) = crate::io::open_regular(path)?;
         if len < 8 {
             return Err(Error::format(
                 path,
@@ -305,10 +304,19 @@ impl Shard {
         }
         let feature_dtype = FeatureDtype::of(fdt).ok_or_else(|| fmt_err("image.features: bad dtype".into()))?;
         // In bounds: each tensor's shape was checked and its bytes lie inside the file.
-        let counts = typed::<u16>(&map[count.start..count.start + 2 * n]).into_owned();
-        let lengths = typed::<u16>(&map[length.start..length.start + 2 * mm]).into_owned();
-        let items = item.map_or_else(Vec::new, |l| typed::<u32>(&map[l.start..l.start + 4 * mm]).into_owned());
-        let label_rows = map[labels.start..labels.start + n * c].to_vec();
+        // Copied by pread, as every bulk read: only the header is read through the map.
+        let read = |start: usize, len: usize| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; len];
+            read_exact_at(&file, &map, path, &mut buf, start)?;
+            Ok(buf)
+        };
+        let counts = typed::<u16>(&read(count.start, 2 * n)?).into_owned();
+        let lengths = typed::<u16>(&read(length.start, 2 * mm)?).into_owned();
+        let items = match item {
+            Some(l) => typed::<u32>(&read(l.start, 4 * mm)?).into_owned(),
+            None => Vec::new(),
+        };
+        let label_rows = read(labels.start, n * c)?;
         let shard = Shard {
             path: path.to_path_buf(),
             file,
@@ -461,16 +469,7 @@ impl Shard {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: usize) -> Result<()> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::FileExt;
-            self.file.read_exact_at(buf, offset as u64).map_err(|e| Error::io(&self.path, e))
-        }
-        #[cfg(not(unix))]
-        {
-            buf.copy_from_slice(&self.map[offset..offset + buf.len()]);
-            Ok(())
-        }
+        read_exact_at(&self.file, &self.map, &self.path, buf, offset)
     }
 
     fn check_image_features(&self, layout: &Layout, i: usize, feats: &[u8]) -> Result<()> {
@@ -497,20 +496,34 @@ impl Shard {
     }
 
     /// Content checks of image `i`: finite features and boxes in [0, 1] with x1 ≤ x2, y1 ≤ y2
-    /// in its valid regions, object classes < K_obj.
+    /// in its valid regions, object classes < K_obj. Read by pread (as every full scan reads):
+    /// a file truncated meanwhile is an error naming it, where the map would raise SIGBUS.
     pub fn check_image(&self, layout: &Layout, i: usize) -> Result<()> {
-        let len = self.count(i) * layout.meta.feature_dim * self.feature_dtype.size();
-        self.check_image_features(layout, i, &self.feature_bytes(i)[..len])?;
-        self.check_image_boxes_and_classes(layout, i)
+        self.read_image_rows(layout, i, &mut ImageRows::default())
     }
 
-    /// The content checks of image `i` other than its features, read through the map.
-    pub fn check_image_boxes_and_classes(&self, layout: &Layout, i: usize) -> Result<()> {
+    /// Image `i`'s full rows (valid regions and padding) into `rows`, by pread, content-checked
+    /// ([`Shard::check_image`]): what `pack` copies into its shards.
+    pub fn read_image_rows(&self, layout: &Layout, i: usize, rows: &mut ImageRows) -> Result<()> {
         let count = self.count(i);
-        self.check_boxes(i, &typed::<f32>(self.box_bytes(i))[..5 * count])?;
-        match self.class_bytes(i) {
-            Some(bytes) => self.check_classes(layout, i, &typed::<u16>(bytes)[..count]),
-            None => Ok(()),
+        rows.features.resize(self.features.row, 0);
+        self.read_at(&mut rows.features, self.features.start + i * self.features.row)?;
+        let valid = count * layout.meta.feature_dim * self.feature_dtype.size();
+        self.check_image_features(layout, i, &rows.features[..valid])?;
+        rows.boxes.resize(self.boxes.row, 0);
+        self.read_at(&mut rows.boxes, self.boxes.start + i * self.boxes.row)?;
+        self.check_boxes(i, &typed::<f32>(&rows.boxes)[..5 * count])?;
+        match self.classes {
+            Some(loc) => {
+                let classes = rows.classes.get_or_insert_with(Vec::new);
+                classes.resize(loc.row, 0);
+                self.read_at(classes, loc.start + i * loc.row)?;
+                self.check_classes(layout, i, &typed::<u16>(classes)[..count])
+            }
+            None => {
+                rows.classes = None;
+                Ok(())
+            }
         }
     }
 
@@ -559,16 +572,85 @@ impl Shard {
     }
 
     /// Content checks of text `j`: tokens [UNK] or in 3..V before its length and [PAD] after
-    /// it; or finite segment features.
+    /// it; or finite segment features. Read by pread, as [`Shard::check_image`].
     pub fn check_text(&self, layout: &Layout, j: usize) -> Result<()> {
+        self.read_text_row(layout, j, &mut Vec::new())
+    }
+
+    /// Text `j`'s full row (`[T]` tokens or `[T, Dt]` features, padding included) into `row`,
+    /// by pread, content-checked ([`Shard::check_text`]).
+    pub fn read_text_row(&self, layout: &Layout, j: usize, row: &mut Vec<u8>) -> Result<()> {
         let len = self.length(j);
+        row.resize(self.text.row, 0);
+        self.read_at(row, self.text.start + j * self.text.row)?;
         match self.text_dtype {
-            Some(dt) => {
-                let feats = &self.text_bytes(j)[..len * layout.text_feature_dim * dt.size()];
-                self.check_text_features(layout, j, feats)
-            }
-            None => self.check_tokens(layout, j, len, &typed::<u32>(self.text_bytes(j))),
+            Some(dt) => self.check_text_features(layout, j, &row[..len * layout.text_feature_dim * dt.size()]),
+            None => self.check_tokens(layout, j, len, &typed::<u32>(row)),
         }
+    }
+
+    /// The checksum of the whole file ([`checksum`]), read by pread in blocks.
+    pub fn file_checksum(&self) -> Result<u64> {
+        let mut sum = Checksum::new();
+        self.checksum_from(0, &mut sum)?;
+        Ok(sum.finish())
+    }
+
+    /// Feeds the file's bytes from `offset` to its end into `sum`, by pread in blocks.
+    fn checksum_from(&self, mut offset: usize, sum: &mut Checksum) -> Result<()> {
+        const BLOCK: usize = 4 << 20;
+        let len = self.map.len();
+        let mut buf = vec![0u8; BLOCK.min(len.saturating_sub(offset))];
+        while offset < len {
+            let n = BLOCK.min(len - offset);
+            self.read_at(&mut buf[..n], offset)?;
+            sum.update(&buf[..n]);
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// The file's checksum under every order of its header's `__metadata__` entries: what
+    /// writers before the entries were sorted (they went through a `HashMap`) wrote for the same
+    /// content, so a suite fingerprint made from one of them still identifies this dataset.
+    /// The file's own order comes first; just that one when there are more than 6 entries.
+    pub fn metadata_order_checksums(&self) -> Result<Vec<u64>> {
+        let own = self.file_checksum()?;
+        let mut len8 = [0u8; 8];
+        self.read_at(&mut len8, 0)?;
+        let n = u64::from_le_bytes(len8) as usize; // validated at open
+        let mut header = vec![0u8; n];
+        self.read_at(&mut header, 8)?;
+        const PREFIX: &str = "{\"__metadata__\":";
+        let Some(after) = std::str::from_utf8(&header).ok().and_then(|h| h.strip_prefix(PREFIX)) else {
+            return Ok(vec![own]);
+        };
+        let mut stream =
+            serde_json::Deserializer::from_str(after).into_iter::<serde_json::Map<String, serde_json::Value>>();
+        let Some(Ok(entries)) = stream.next() else { return Ok(vec![own]) };
+        let rest = &after[stream.byte_offset()..];
+        let entries: Vec<String> =
+            entries.iter().map(|(k, v)| format!("{}:{v}", serde_json::Value::from(k.as_str()))).collect();
+        if entries.len() > 6 {
+            return Ok(vec![own]);
+        }
+        let mut sums = vec![own];
+        for order in permutations(entries.len()) {
+            let meta: Vec<&str> = order.iter().map(|&i| entries[i].as_str()).collect();
+            let candidate = format!("{PREFIX}{{{}}}{rest}", meta.join(","));
+            if candidate.len() != n {
+                continue;
+            }
+            let mut sum = Checksum::new();
+            sum.update(&len8);
+            sum.update(candidate.as_bytes());
+            self.checksum_from(8 + n, &mut sum)?;
+            let sum = sum.finish();
+            if !sums.contains(&sum) {
+                sums.push(sum);
+            }
+        }
+        Ok(sums)
     }
 
     /// Copies image `i`'s valid boxes (pread) into `dst` (5 × count values) and checks them.
@@ -597,6 +679,48 @@ impl Shard {
         let len = self.length(j);
         self.check_tokens(layout, j, len, &row)?;
         tokens.extend_from_slice(&row[..len]);
+        Ok(())
+    }
+}
+
+/// Every order of `0..k`.
+fn permutations(k: usize) -> Vec<Vec<usize>> {
+    if k == 0 {
+        return vec![Vec::new()];
+    }
+    let mut out = Vec::new();
+    for p in permutations(k - 1) {
+        for at in 0..=p.len() {
+            let mut q = p.clone();
+            q.insert(at, k - 1);
+            out.push(q);
+        }
+    }
+    out
+}
+
+/// One image's full rows as `pack` copies them (see [`Shard::read_image_rows`]); reused.
+#[derive(Default)]
+pub struct ImageRows {
+    pub features: Vec<u8>,
+    pub boxes: Vec<u8>,
+    /// None when the shard has no `image.classes`.
+    pub classes: Option<Vec<u8>>,
+}
+
+/// Fills `buf` from `offset` of `file` by pread: a file truncated meanwhile is an error naming
+/// `path`, where reading through `map` would raise SIGBUS (hosts without pread use the map).
+fn read_exact_at(file: &fs::File, map: &Mmap, path: &Path, buf: &mut [u8], offset: usize) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        let _ = map;
+        file.read_exact_at(buf, offset as u64).map_err(|e| Error::io(path, e))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        buf.copy_from_slice(&map[offset..offset + buf.len()]);
         Ok(())
     }
 }
@@ -718,7 +842,7 @@ impl DatasetReader {
     pub fn open(dir: impl AsRef<Path>) -> Result<DatasetReader> {
         let dir = dir.as_ref();
         let mpath = dir.join(MANIFEST_FILE);
-        let text = fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;
+        let text = crate::io::read_text(&mpath, crate::io::SMALL_FILE_LIMIT)?;
         let probe: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::format(&mpath, format!("not a valid manifest: {e}")))?;
         if probe.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
@@ -810,24 +934,33 @@ impl DatasetReader {
     }
 
     /// The full scan of `semshare check`: every shard's checksum and every item's content.
-    /// Returns every problem found (at most `limit`), each naming file, tensor and item.
+    /// Returns every problem found (at most `limit`), each naming file, tensor and item. Reads
+    /// by pread, never through the map: a shard truncated meanwhile is an error, not SIGBUS.
     pub fn check(&self, limit: usize) -> Vec<Error> {
         let mut errors = Vec::new();
+        let (mut image, mut text) = (ImageRows::default(), Vec::new());
         for split in &self.splits {
             let entries = &self.entries[&split.name];
             for (shard, entry) in split.shards.iter().zip(entries) {
-                let sum = format_checksum(checksum(&shard.map));
-                if sum != entry.checksum {
-                    let what = format!("checksum mismatch: file has {sum}, dataset.json says {}", entry.checksum);
-                    errors.push(Error::format(&shard.path, what));
+                match shard.file_checksum().map(format_checksum) {
+                    Ok(sum) if sum != entry.checksum => {
+                        let what = format!("checksum mismatch: file has {sum}, dataset.json says {}", entry.checksum);
+                        errors.push(Error::format(&shard.path, what));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        // Unreadable (truncated): its items would only repeat that.
+                        errors.push(e);
+                        continue;
+                    }
                 }
                 for i in 0..shard.images {
-                    if let Err(e) = shard.check_image(&self.layout, i) {
+                    if let Err(e) = shard.read_image_rows(&self.layout, i, &mut image) {
                         errors.push(e);
                     }
                 }
                 for j in 0..shard.texts {
-                    if let Err(e) = shard.check_text(&self.layout, j) {
+                    if let Err(e) = shard.read_text_row(&self.layout, j, &mut text) {
                         errors.push(e);
                     }
                 }
@@ -932,10 +1065,13 @@ impl DatasetWriter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        refuse_non_dataset(&out)?;
         fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let k = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tmp = parent.join(format!(".{}.tmp-{}-{k}", name.to_string_lossy(), std::process::id()));
+        let prefix = format!(".{}.tmp-", name.to_string_lossy());
+        crate::io::remove_stale_temps(&parent, &prefix);
+        let tmp = parent.join(format!("{prefix}{}-{k}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
         Ok(DatasetWriter {
@@ -1078,12 +1214,12 @@ impl DatasetWriter {
         }
         let file = format!("{split}-{:05}.safetensors", list.len());
         let path = self.tmp.join(&file);
-        let info = std::collections::HashMap::from([
-            ("format".to_string(), "semshare-shard".to_string()),
-            ("version".to_string(), FORMAT_VERSION.to_string()),
-            ("split".to_string(), split.clone()),
+        let info = BTreeMap::from([
+            ("format", "semshare-shard".to_string()),
+            ("version", FORMAT_VERSION.to_string()),
+            ("split", split.clone()),
         ]);
-        let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, v)| (*k, v)), Some(info))
+        let bytes = crate::io::safetensors_bytes(tensors.iter().map(|(k, v)| (*k, v)), &info)
             .map_err(|e| Error::format(&path, format!("cannot encode shard: {e}")))?;
         write_synced(&path, &bytes)?;
         list.push(ShardEntry {
@@ -1127,6 +1263,8 @@ impl DatasetWriter {
             .map_err(|e| Error::format(&mpath, format!("cannot encode manifest: {e}")))?;
         json.push('\n');
         write_synced(&mpath, json.as_bytes())?;
+        // Checked again: something may have appeared at `out` while the dataset was written.
+        refuse_non_dataset(&self.out)?;
         // Replace: old aside, new in, old removed. A reader sees the old or the new dataset
         // (or, between the two renames, none), never a mix.
         let mut old = self.tmp.clone().into_os_string();
@@ -1156,6 +1294,20 @@ impl Drop for DatasetWriter {
             let _ = fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// Whether `dir` is a dataset directory by its manifest's `format` (the one thing a writer may
+/// replace).
+pub fn is_dataset(dir: &Path) -> bool {
+    let Ok(text) = crate::io::read_text(&dir.join(MANIFEST_FILE), crate::io::SMALL_FILE_LIMIT) else { return false };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .is_ok_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(FORMAT_NAME))
+}
+
+/// A writer replaces a dataset (or an empty directory), never anything else; whether it may
+/// replace a dataset is the caller's decision (the CLI's `--force`, [`crate::io::claim_output`]).
+fn refuse_non_dataset(out: &Path) -> Result<()> {
+    crate::io::claim_output(out, "dataset", true, is_dataset)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

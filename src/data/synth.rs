@@ -240,9 +240,27 @@ impl SynthConfig {
         if !(self.image_noise.is_finite() && self.image_noise >= 0.0) {
             return bad(format!("image_noise {} must be finite and ≥ 0", self.image_noise));
         }
-        let n = self.train + self.val + self.test;
+        let Some(n) = self.train.checked_add(self.val).and_then(|n| n.checked_add(self.test)) else {
+            return bad("train + val + test overflows".into());
+        };
         if n > u32::MAX as usize || n.checked_mul(self.texts_per_image).is_none_or(|m| m > u32::MAX as usize) {
             return bad(format!("{n} images × {} texts exceed u32 ids", self.texts_per_image));
+        }
+        // The dataset is generated in memory, then copied into shards: refused up front when
+        // that cannot fit, rather than met by an allocation failure half-way.
+        let per_image = 4 * self.regions * (self.feature_dim + 6)
+            + self.num_labels
+            + 4 * self.texts_per_image * (self.max_tokens + 2);
+        let need = 2.0 * n as f64 * per_image as f64;
+        if let Some(available) = crate::model::memory::available_memory()
+            && need > available as f64
+        {
+            let gib = |b: f64| b / (1u64 << 30) as f64;
+            return bad(format!(
+                "{n} images need about {:.1} GiB to generate, more than the {:.1} GiB available",
+                gib(need),
+                gib(available as f64)
+            ));
         }
         if let Some(labels) = &self.labels {
             let c = self.num_labels;
@@ -749,7 +767,7 @@ pub(crate) mod tests {
         let mut cfg = tiny(SynthPreset::WeakText, 2);
         let n = cfg.train + cfg.val + cfg.test;
         let c = cfg.num_labels;
-        let labels: Vec<u8> = (0..n * c).map(|k| ((k / c + k % c) % 3 == 0) as u8).collect();
+        let labels: Vec<u8> = (0..n * c).map(|k| (k / c + k % c).is_multiple_of(3) as u8).collect();
         cfg.labels = Some(labels.clone());
         let ds = generate(&cfg).unwrap();
         let got: Vec<u8> = [&ds.train, &ds.val, &ds.test].iter().flat_map(|s| s.labels.clone()).collect();

@@ -169,7 +169,7 @@ impl Cca {
 
 fn project(x: &[f32], mean: &[f64], w: &[f64], k: usize, op: &'static str) -> Result<Vec<f32>> {
     let cols = mean.len();
-    if x.len() % cols != 0 {
+    if !x.len().is_multiple_of(cols) {
         return Err(Error::shape(op, format!("{} values are not rows of {cols} features", x.len())));
     }
     let rows = x.len() / cols;

@@ -100,7 +100,7 @@ impl EmbeddingSet {
             return Err(format!("tensor `{IMAGE_LABELS}`: number of labels is 0"));
         }
         let rows = |name: &str, len: usize, width: usize| -> std::result::Result<usize, String> {
-            if len % width != 0 {
+            if !len.is_multiple_of(width) {
                 return Err(format!("tensor `{name}`: {len} values is not a multiple of {width}"));
             }
             match len / width {
@@ -150,7 +150,7 @@ impl EmbeddingSet {
 
     /// Reads and validates an embeddings file.
     pub fn load(path: &Path) -> Result<EmbeddingSet> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::io::read(path)?;
         let bad = |what: String| Error::format(path, what);
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
 

@@ -58,7 +58,7 @@ impl<'a> Side<'a> {
         if self.num_labels == 0 {
             return Err(Error::data(format!("{name}: number of labels is 0")));
         }
-        if self.emb.len() % self.dim != 0 {
+        if !self.emb.len().is_multiple_of(self.dim) {
             return Err(Error::data(format!(
                 "{name}: {} embedding values is not a whole number of rows of dimension {}",
                 self.emb.len(),

@@ -14,7 +14,7 @@ use super::report::{Scores, Tables, write_table};
 use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState, Variant};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
-use crate::data::dataset::{MASK, checksum};
+use crate::data::dataset::{MASK, checksum, format_checksum};
 use crate::data::shards::{DatasetReader, SplitReader};
 use crate::eval::cca::{Cca, CcaConfig};
 use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery, normalize_rows};
@@ -58,6 +58,9 @@ pub struct ExperimentConfig {
     pub suite: SuiteKind,
     /// Seeds 0..seeds.
     pub seeds: u64,
+    /// Run this seed alone instead: the suite is the seeds its state file records plus this one,
+    /// and only this seed's runs are done (`seeds` is then unused).
+    pub only_seed: Option<u64>,
     /// Only these variants of the suite (in the suite's order); None: all of them.
     pub variants: Option<Vec<Variant>>,
     /// The base model (the `ours` structure; each variant changes it by `Variant::configure`).
@@ -105,16 +108,61 @@ fn budget_only(train: &TrainConfig) -> TrainConfig {
 /// shard's checksum from the manifest), the base model configuration and the budget.
 /// `<dataset name>:<fnv1a64x4 of all of it, hex>`.
 pub fn fingerprint(data: &DatasetReader, model: &ModelConfig, train: &TrainConfig) -> Result<String> {
+    let sums: Vec<&str> = data.shard_entries().values().flatten().map(|e| e.checksum.as_str()).collect();
+    fingerprint_with(data, model, train, &sums)
+}
+
+/// [`fingerprint`] with the shards' checksums given (in the manifest's order).
+fn fingerprint_with(data: &DatasetReader, model: &ModelConfig, train: &TrainConfig, sums: &[&str]) -> Result<String> {
     let json = |v: serde_json::Result<String>| v.map_err(|e| Error::data(format!("fingerprint: {e}")));
     let mut text = format!("dataset {}\n", data.meta().name);
-    for (split, entries) in data.shard_entries() {
-        for e in entries {
-            text += &format!("shard {split} {} {}\n", e.file, e.checksum);
-        }
+    let shards = data.shard_entries().iter().flat_map(|(split, entries)| entries.iter().map(move |e| (split, e)));
+    for ((split, e), sum) in shards.zip(sums) {
+        text += &format!("shard {split} {} {sum}\n", e.file);
     }
     text += &format!("model {}\n", json(serde_json::to_string(model))?);
     text += &format!("train {}\n", json(serde_json::to_string(&budget_only(train)))?);
     Ok(format!("{}:{:016x}", data.meta().name, checksum(text.as_bytes())))
+}
+
+/// Whether `recorded` is this suite's fingerprint as it was made before shard headers were
+/// written in one order: the same dataset, model and budget, the shards' `__metadata__` in
+/// another order. Then a dataset rebuilt with the documented commands resumes a committed suite.
+pub fn is_legacy_fingerprint(
+    data: &DatasetReader,
+    model: &ModelConfig,
+    train: &TrainConfig,
+    recorded: &str,
+) -> Result<bool> {
+    if !recorded.starts_with(&format!("{}:", data.meta().name)) {
+        return Ok(false);
+    }
+    // In the manifest's order, as `fingerprint` lists the shards.
+    let mut candidates: Vec<Vec<String>> = Vec::new();
+    for split in data.shard_entries().keys() {
+        for shard in &data.split(split)?.shards {
+            candidates.push(shard.metadata_order_checksums()?.into_iter().map(format_checksum).collect());
+        }
+    }
+    // Every combination of the shards' candidates (6 per shard with 3 metadata entries).
+    let total: usize = candidates.iter().map(Vec::len).try_fold(1usize, |a, n| a.checked_mul(n)).unwrap_or(usize::MAX);
+    if total > 1 << 20 {
+        return Ok(false);
+    }
+    for mut k in 0..total {
+        let sums: Vec<&str> = candidates
+            .iter()
+            .map(|c| {
+                let pick = &c[k % c.len()];
+                k /= c.len();
+                pick.as_str()
+            })
+            .collect();
+        if fingerprint_with(data, model, train, &sums)? == recorded {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The suite `cfg` describes on `data` (restricted to `cfg.variants`).
@@ -124,6 +172,19 @@ pub fn build_suite(data: &DatasetReader, cfg: &ExperimentConfig) -> Result<Suite
         SuiteKind::Table1 => Suite::table1(cfg.seeds, fp)?,
         SuiteKind::Eta => Suite::eta_sweep(cfg.seeds, fp)?,
     };
+    let recorded = recorded_suite(&state_path(&cfg.out, cfg.suite));
+    if let Some(old) = &recorded
+        && old.fingerprint != suite.fingerprint
+        && is_legacy_fingerprint(data, &cfg.model, &cfg.train, &old.fingerprint)?
+    {
+        suite.fingerprint = old.fingerprint.clone();
+    }
+    if let Some(seed) = cfg.only_seed {
+        suite.seeds = recorded.map(|s| s.seeds).unwrap_or_default();
+        if !suite.seeds.contains(&seed) {
+            suite.seeds.push(seed);
+        }
+    }
     if let Some(only) = &cfg.variants {
         if let Some(v) = only.iter().find(|v| !suite.variants.contains(v)) {
             let names: Vec<&str> = suite.variants.iter().map(|v| v.name()).collect();
@@ -137,6 +198,13 @@ pub fn build_suite(data: &DatasetReader, cfg: &ExperimentConfig) -> Result<Suite
         suite.validate()?;
     }
     Ok(suite)
+}
+
+/// The suite a state file records (None when there is no readable one: opening it then says
+/// what is wrong).
+fn recorded_suite(path: &Path) -> Option<Suite> {
+    let bytes = crate::io::read(path).ok()?;
+    serde_json::from_slice::<SuiteState>(&bytes).ok().map(|s| s.suite)
 }
 
 /// Where run `key` of a suite trains.
@@ -165,14 +233,20 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     let suite = build_suite(data, cfg)?;
     TrainConfig { variant: Variant::Ours, ..cfg.train.clone() }.validate()?;
     check_fits(&data.layout, &cfg.model)?;
+    // Every run needs all three; an empty one is found now, not after the first training.
+    crate::train::require_items(data, "train", "the suite")?;
+    crate::train::require_items(data, "val", "the suite")?;
+    crate::train::require_items(data, "test", "the suite")?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let path = state_path(&cfg.out, cfg.suite);
     let mut state = SuiteState::open(&path, &suite)?;
     fill_in_label_scores(dev, data, cfg, &mut state, &path)?;
     write_reports(&state, data.meta().name.as_str(), &cfg.out, &cfg.train.embedding)?;
-    let total = state.progress().1;
+    let remaining: Vec<RunKey> =
+        state.remaining().into_iter().filter(|k| cfg.only_seed.is_none_or(|s| k.seed == s)).collect();
+    let total = state.finished.len() + remaining.len();
     let mut cca: Option<Report> = None;
-    for key in state.remaining() {
+    for key in remaining {
         let k = state.finished.len() + 1;
         if cfg.progress {
             let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
@@ -289,12 +363,16 @@ fn train_run(
     };
     let dir = run_dir(&cfg.runs_dir, cfg.suite, key);
     if dir.exists() {
-        // A run killed half-way: start it again, not from its stale checkpoints.
+        // A run killed half-way (the directory is the suite's own, named by the run): start it
+        // again, not from its stale checkpoints.
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    let opts = RunOptions { out_dir: dir, resume: None, progress: cfg.progress };
+    let opts = RunOptions { out_dir: dir.clone(), resume: None, replace: false, progress: cfg.progress };
     let summary = train(dev, data, &model, &train_cfg, &opts)?;
-    Ok((summary.best_checkpoint, summary.best_step))
+    let best = summary
+        .best_checkpoint
+        .ok_or_else(|| Error::data(format!("run {key}: no best checkpoint in {}", dir.display())))?;
+    Ok((best, summary.best_step))
 }
 
 /// Rewrites the suite's reports from its state: Table 1 (`table1.md`, `table1.json`), or for

@@ -312,10 +312,10 @@ impl Suite {
         if self.kind == SuiteKind::Table1 && self.etas.len() != 1 {
             return Err(Error::config("table1 uses one η for ours+con and imc"));
         }
-        if self.kind == SuiteKind::Eta {
-            if let Some(v) = self.variants.iter().find(|v| !v.uses_eta()) {
-                return Err(Error::config(format!("the η sweep cannot run `{v}`, which has no η")));
-            }
+        if self.kind == SuiteKind::Eta
+            && let Some(v) = self.variants.iter().find(|v| !v.uses_eta())
+        {
+            return Err(Error::config(format!("the η sweep cannot run `{v}`, which has no η")));
         }
         Ok(())
     }

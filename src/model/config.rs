@@ -68,6 +68,18 @@ pub enum Trunk {
 
 pub const MASK_TOKEN: u32 = 2;
 
+/// Upper bounds of the sizes, far above the paper's (DESIGN.md §2): they keep every product of
+/// sizes far from overflowing, and a typo from reaching an allocation (the memory estimate,
+/// `model::memory`, then judges what is within them).
+const MAX_WIDTH: usize = 1 << 16;
+const MAX_INPUT_WIDTH: usize = 1 << 20;
+const MAX_FFN: usize = 1 << 18;
+const MAX_LAYERS: usize = 1024;
+const MAX_SEGMENTS: usize = u16::MAX as usize;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_LABELS: usize = 1 << 16;
+const MAX_OBJECT_CLASSES: usize = 1 << 16;
+
 impl ModelConfig {
     /// CPU, CI and the demo.
     pub fn small() -> Self {
@@ -151,13 +163,32 @@ impl ModelConfig {
                 return Err(Error::config(format!("model.{name} must be positive")));
             }
         }
+        let bounded = [
+            ("region_dim", self.region_dim, MAX_INPUT_WIDTH),
+            ("text_feature_dim", self.text_feature_dim, MAX_INPUT_WIDTH),
+            ("word_dim", self.word_dim, MAX_WIDTH),
+            ("gru_hidden", self.gru_hidden, MAX_WIDTH),
+            ("dim", self.dim, MAX_WIDTH),
+            ("ffn", self.ffn, MAX_FFN),
+            ("layers", self.layers, MAX_LAYERS),
+            ("max_regions", self.max_regions, MAX_SEGMENTS),
+            ("max_tokens", self.max_tokens, MAX_SEGMENTS),
+            ("vocab", self.vocab, MAX_VOCAB),
+            ("labels", self.labels, MAX_LABELS),
+            ("object_classes", self.object_classes, MAX_OBJECT_CLASSES),
+        ];
+        for (name, v, max) in bounded {
+            if v > max {
+                return Err(Error::config(format!("model.{name} = {v} is larger than the {max} this build allows")));
+            }
+        }
         if self.vocab <= MASK_TOKEN as usize {
             return Err(Error::config(format!(
                 "model.vocab = {} leaves no room for words after [PAD] [UNK] [MASK]",
                 self.vocab
             )));
         }
-        if self.dim % self.heads != 0 {
+        if !self.dim.is_multiple_of(self.heads) {
             return Err(Error::config(format!(
                 "model.dim = {} is not divisible by model.heads = {}",
                 self.dim, self.heads

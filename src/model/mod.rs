@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod config;
 pub mod image;
+pub mod memory;
 pub mod semshare;
 pub mod shared;
 pub mod text;

@@ -21,7 +21,7 @@ pub struct AttentionCache {
 
 impl MultiHeadAttention {
     pub fn new(store: &mut ParamStore, name: &str, dim: usize, heads: usize) -> Self {
-        assert!(dim % heads == 0, "model width {dim} is not divisible by {heads} heads");
+        assert!(dim.is_multiple_of(heads), "model width {dim} is not divisible by {heads} heads");
         MultiHeadAttention {
             qkv: Linear::new(store, &format!("{name}.qkv"), dim, 3 * dim, true),
             out: Linear::new(store, &format!("{name}.out"), dim, dim, true),

@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod gpu;
 
 use semshare::backend::{Backend, Segments};

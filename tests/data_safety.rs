@@ -1,0 +1,567 @@
+//! Issue 14's reproducers, each turned from "it lost data / it crashed" into "it refused with a
+//! clear message": exit code 1, one `error:` line naming the file or option, and nothing that
+//! existed before the command changed. Plus: the same command gives the same bytes.
+//! Everything runs in its own temporary directory.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cli::{fails_with, ok, path, semshare, snapshot};
+use semshare::checkpoint::Checkpoint;
+
+fn tmp(name: &str) -> PathBuf {
+    common::cli::tmp("safety", name)
+}
+
+/// A tiny dataset at `dir/name`.
+fn synth(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let mut args = vec!["synth", "--out", path(&out), "--train", "40", "--val", "12", "--test", "12", "--seed", "2"];
+    args.extend_from_slice(extra);
+    ok(&semshare(&args));
+    out
+}
+
+/// A tiny model and budget, as a config file in `dir`.
+fn tiny_config(dir: &Path) -> PathBuf {
+    let cfg = dir.join("tiny.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model": {"layers": 1, "dim": 16, "heads": 2, "ffn": 32, "word_dim": 8, "gru_hidden": 8},
+            "train": {"eval_every": 2, "warmup": 1, "batch_size": 8}}"#,
+    )
+    .unwrap();
+    cfg
+}
+
+fn train(data: &Path, cfg: &Path, out: &Path, steps: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--data",
+        path(data),
+        "--config",
+        path(cfg),
+        "--out",
+        path(out),
+        "--steps",
+        steps,
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    semshare(&args)
+}
+
+/// A config file holding `json`.
+fn config(dir: &Path, json: &str) -> PathBuf {
+    let p = dir.join("bad.json");
+    std::fs::write(&p, json).unwrap();
+    p
+}
+
+/// A PID no process can have (above the kernel's limit): what a killed process left behind.
+fn dead_pid() -> u64 {
+    let max = std::fs::read_to_string("/proc/sys/kernel/pid_max").map_or(4_194_304, |s| s.trim().parse().unwrap());
+    max + 1
+}
+
+// ---- data lost --------------------------------------------------------------------------------
+
+#[test]
+fn outputs_never_replace_what_semshare_did_not_write() {
+    let dir = tmp("outputs");
+    // `synth --out p` over a user's directory: refused, with or without --force.
+    let p = dir.join("p");
+    std::fs::create_dir_all(p.join("sub")).unwrap();
+    std::fs::write(p.join("thesis.txt"), "x").unwrap();
+    let before = snapshot(&dir);
+    fails_with(&semshare(&["synth", "--out", path(&p)]), "not a dataset");
+    fails_with(&semshare(&["synth", "--out", path(&p), "--force"]), "p: is a directory with 2 entries");
+    // `synth --out file.txt`: the file stays a file.
+    let file = dir.join("file.txt");
+    std::fs::write(&file, "keep").unwrap();
+    let before_file = snapshot(&dir);
+    fails_with(&semshare(&["synth", "--out", path(&file), "--force"]), "file.txt: is a file");
+    assert_eq!(snapshot(&dir), before_file);
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(snapshot(&dir), before);
+
+    // A dataset of ours is replaced only with --force.
+    let data = synth(&dir, "data", &[]);
+    let kept = snapshot(&data);
+    fails_with(&semshare(&["synth", "--out", path(&data), "--seed", "9"]), "pass --force");
+    assert_eq!(snapshot(&data), kept);
+    ok(&semshare(&["synth", "--out", path(&data), "--seed", "9", "--train", "40", "--force"]));
+    assert_ne!(snapshot(&data), kept);
+
+    // `pack --from src --out src`, and an output holding the source: the source stays.
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("source.json"), r#"{"format": "semshare-source"}"#).unwrap();
+    let before = snapshot(&dir);
+    fails_with(&semshare(&["pack", "--from", path(&src), "--out", path(&src)]), "is the source directory");
+    fails_with(&semshare(&["pack", "--from", path(&src), "--out", path(&dir), "--force"]), "contains the source");
+    assert_eq!(snapshot(&dir), before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn embed_never_writes_over_its_inputs() {
+    let dir = tmp("embed");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+    let run = dir.join("run");
+    ok(&train(&data, &cfg, &run, "2", &[]));
+    let ckpt = run.join("best.safetensors");
+    let before = snapshot(&dir);
+    let embed = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["embed", "--data", path(&data), "--checkpoint", path(&ckpt), "--out", path(out)];
+        args.extend_from_slice(extra);
+        semshare(&args)
+    };
+    fails_with(&embed(&ckpt, &["--force"]), "is the checkpoint");
+    fails_with(&embed(&data.join("test-00000.safetensors"), &["--force"]), "is inside the dataset");
+    fails_with(&embed(&dir.join("tiny.json"), &["--force"]), "tiny.json: is a file");
+    assert_eq!(snapshot(&dir), before);
+    // Its own output is replaced with --force only.
+    let emb = dir.join("emb.safetensors");
+    ok(&embed(&emb, &[]));
+    fails_with(&embed(&emb, &[]), "pass --force");
+    ok(&embed(&emb, &["--force"]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn train_never_replaces_another_runs_checkpoints() {
+    let dir = tmp("train");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+    let run = dir.join("r");
+    ok(&train(&data, &cfg, &run, "2", &[]));
+    let first = snapshot(&run);
+    // Training again into the same --out: refused, the best checkpoint stays.
+    fails_with(&train(&data, &cfg, &run, "4", &["--seed", "1"]), "holds the checkpoints of another run");
+    assert_eq!(snapshot(&run), first);
+    // Continuing that run is what --resume is for; replacing it, what --force is for.
+    let last = run.join("last.safetensors");
+    ok(&train(&data, &cfg, &run, "4", &["--resume", path(&last)]));
+    ok(&train(&data, &cfg, &run, "2", &["--seed", "1", "--force"]));
+    // Into the dataset: refused.
+    let before = snapshot(&data);
+    fails_with(&train(&data, &cfg, &data, "2", &[]), "is the dataset (--data)");
+    fails_with(&train(&data, &cfg, &data.join("run"), "2", &[]), "is inside the dataset (--data)");
+    assert_eq!(snapshot(&data), before);
+
+    // A second `train` while one holds the run directory's lock fails at once; when the holder
+    // is gone (as a killed process's lock is), training proceeds.
+    let busy = dir.join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    let lock = std::fs::File::create(busy.join(".lock")).unwrap();
+    lock.try_lock().unwrap();
+    fails_with(&train(&data, &cfg, &busy, "2", &[]), "another `semshare train` is writing this run directory");
+    assert!(!busy.join("best.safetensors").exists());
+    drop(lock);
+    ok(&train(&data, &cfg, &busy, "2", &[]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Two `train --out r` started together: one trains, the other fails (on the lock, or on the
+/// first one's checkpoints if it came later), and `best.safetensors` is the one that trained.
+#[test]
+fn two_concurrent_trains_into_one_directory_never_both_succeed() {
+    let dir = tmp("race");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+    let run = dir.join("r");
+    let start = |seed: &str| {
+        Command::new(env!("CARGO_BIN_EXE_semshare"))
+            .args(["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run)])
+            .args(["--steps", "30", "--seed", seed, "--device", "cpu"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start("1"), start("2"));
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let won: Vec<usize> = (0..2).filter(|&i| outs[i].status.success()).collect();
+    assert_eq!(won.len(), 1, "exactly one succeeds: {:?}", outs.iter().map(|o| o.status).collect::<Vec<_>>());
+    let lost = &outs[1 - won[0]];
+    let stderr = String::from_utf8_lossy(&lost.stderr);
+    assert!(
+        stderr.contains("another `semshare train` is writing")
+            || stderr.contains("holds the checkpoints of another run"),
+        "{stderr}"
+    );
+    assert_eq!(lost.status.code(), Some(1));
+    let best = Checkpoint::load(&run.join("best.safetensors")).unwrap();
+    let winner_out = String::from_utf8_lossy(&outs[won[0]].stdout);
+    assert!(winner_out.contains(&format!("at step {}", best.step)), "{winner_out} vs step {}", best.step);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn train_writes_a_fresh_run_directory_by_default() {
+    let dir = tmp("fresh");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train", "--data", path(&data), "--config", path(&cfg), "--steps", "2", "--device", "cpu"];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_semshare")).args(&args).current_dir(&dir).output().unwrap()
+    };
+    let a = ok(&run(&[]));
+    let b = ok(&run(&[]));
+    assert!(a.contains("runs/synth-balanced-2-1/best.safetensors"), "{a}");
+    assert!(b.contains("runs/synth-balanced-2-2/best.safetensors"), "{b}");
+    // A run refused before it trains leaves no directory behind.
+    let bad = config(&dir, r#"{"train": {"eps": -1}}"#);
+    fails_with(&run(&["--config", path(&bad)]), "train.eps");
+    assert!(!dir.join("runs/synth-balanced-2-3").exists());
+    // Resuming without --out continues in the checkpoint's directory.
+    let c = ok(&run(&["--steps", "4", "--resume", "runs/synth-balanced-2-1/last.safetensors"]));
+    assert!(c.contains("trained 4 steps") && c.contains("runs/synth-balanced-2-1/best"), "{c}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn temporary_files_of_killed_processes_are_removed_when_the_output_is_written_again() {
+    let dir = tmp("stale");
+    let pid = dead_pid();
+    let stale_dataset = dir.join(format!(".data.tmp-{pid}-0"));
+    std::fs::create_dir_all(&stale_dataset).unwrap();
+    std::fs::write(stale_dataset.join("train-00000.safetensors"), "half").unwrap();
+    let live = dir.join(format!(".data.tmp-{}-0", std::process::id()));
+    std::fs::create_dir_all(&live).unwrap();
+    let data = synth(&dir, "data", &[]);
+    assert!(!stale_dataset.exists(), "a dead process's temporary dataset is removed");
+    assert!(live.exists(), "a running process's is not");
+
+    let cfg = tiny_config(&dir);
+    let run = dir.join("run");
+    ok(&train(&data, &cfg, &run, "2", &[]));
+    let stale = run.join(format!(".last.safetensors.tmp.{pid}"));
+    std::fs::write(&stale, vec![0u8; 1000]).unwrap();
+    let out = train(&data, &cfg, &run, "4", &["--resume", path(&run.join("last.safetensors"))]);
+    ok(&out);
+    assert!(!stale.exists());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("left behind by process"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---- panics and aborts ------------------------------------------------------------------------
+
+#[test]
+fn sizes_are_checked_before_anything_is_allocated() {
+    let dir = tmp("sizes");
+    let data = synth(&dir, "data", &[]);
+    let run = dir.join("run");
+    let cases = [
+        (r#"{"model": {"dim": 1000000000}}"#, "model.dim = 1000000000"),
+        (r#"{"model": {"gru_hidden": 1000000000}}"#, "model.gru_hidden"),
+        (r#"{"model": {"word_dim": 1000000000}}"#, "model.word_dim"),
+        (r#"{"model": {"layers": 100000}}"#, "model.layers"),
+        (r#"{"model": {"ffn": 1000000000000}}"#, "model.ffn"),
+        (r#"{"model": {"ffn": 1e12}}"#, "model.ffn"),
+        (r#"{"model": {"dim": 65536}}"#, "this model needs about"),
+        (r#"{"train": {"batch_size": 100000000}}"#, "train.batch_size"),
+    ];
+    for (json, needle) in cases {
+        let cfg = config(&dir, json);
+        fails_with(&semshare(&["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run)]), needle);
+    }
+    assert!(!run.join("best.safetensors").exists());
+    let big = dir.join("big");
+    fails_with(&semshare(&["synth", "--out", path(&big), "--train", "100000000"]), "GiB to generate");
+    fails_with(&semshare(&["synth", "--out", path(&big), "--train", &u64::MAX.to_string()]), "overflows");
+    assert!(!big.exists());
+    fails_with(
+        &semshare(&["pack", "--from", path(&dir), "--out", path(&dir.join("o")), "--shard-mb", "17592186044416"]),
+        "--shard-mb 17592186044416",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Rewrites one `__metadata__` entry of a safetensors file.
+fn set_metadata(file: &Path, key: &str, value: &str) {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"][key] = value.into();
+    let mut h = serde_json::to_vec(&header).unwrap();
+    h.resize(h.len().next_multiple_of(8), b' ');
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(file, out).unwrap();
+}
+
+#[test]
+fn checkpoints_are_checked_before_anything_is_allocated() {
+    let dir = tmp("ckpt");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+    let run = dir.join("run");
+    ok(&train(&data, &cfg, &run, "2", &[]));
+    let good = std::fs::read(run.join("last.safetensors")).unwrap();
+    let bad = dir.join("bad.safetensors");
+    let model: serde_json::Value =
+        serde_json::to_value(Checkpoint::load(&run.join("last.safetensors")).unwrap().model).unwrap();
+    for (key, value, needle) in
+        [("dim", 65536, "has shape"), ("dim", 1_000_000_000, "model.dim"), ("gru_hidden", 1_000_000_000, "gru_hidden")]
+    {
+        std::fs::write(&bad, &good).unwrap();
+        let mut m = model.clone();
+        m[key] = value.into();
+        set_metadata(&bad, "model", &m.to_string());
+        let e = Checkpoint::load(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad.safetensors") && e.contains(needle), "{e}");
+        fails_with(&semshare(&["eval", "--data", path(&data), "--checkpoint", path(&bad)]), needle);
+        fails_with(&train(&data, &cfg, &dir.join("resumed"), "4", &["--resume", path(&bad)]), "bad.safetensors");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs the binary, killing it if it has not finished within a minute (a hang is a failure).
+fn semshare_within_a_minute(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_semshare"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("semshare {args:?} hangs");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn fifos_devices_and_directories_are_refused_at_open() {
+    let dir = tmp("fifo");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+    let run = dir.join("run");
+    ok(&train(&data, &cfg, &run, "2", &[]));
+    let ckpt = run.join("best.safetensors");
+    let shard = data.join("val-00000.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    assert!(Command::new("mkfifo").arg(&shard).status().unwrap().success());
+    let d = path(&data);
+    for args in [
+        vec!["check", d],
+        vec!["train", "--data", d, "--config", path(&cfg), "--out", path(&dir.join("r2"))],
+        vec!["eval", "--data", d, "--checkpoint", path(&ckpt)],
+        vec!["embed", "--data", d, "--checkpoint", path(&ckpt), "--out", path(&dir.join("e.safetensors"))],
+    ] {
+        fails_with(&semshare_within_a_minute(&args), "val-00000.safetensors: is a FIFO, not a regular file");
+    }
+    let fifo = dir.join("emb.safetensors");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    fails_with(&semshare_within_a_minute(&["score", "--embeddings", path(&fifo)]), "emb.safetensors: is a FIFO");
+    let other = synth(&dir, "other", &[]);
+    fails_with(
+        &semshare(&["train", "--data", path(&other), "--config", "/dev/zero"]),
+        "/dev/zero: is a device, not a regular file",
+    );
+    fails_with(&semshare(&["train", "--data", path(&other), "--config", path(&dir)]), "is a directory");
+    let huge = dir.join("huge.json");
+    std::fs::File::create(&huge).unwrap().set_len(17 << 20).unwrap();
+    fails_with(&semshare(&["train", "--data", path(&other), "--config", path(&huge)]), "huge.json: 17825792 bytes");
+    fails_with(&semshare(&["eval", "--data", path(&other), "--checkpoint", path(&dir)]), "is a directory");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `check` reads by pread: a shard truncated after the dataset was opened (as by another process
+/// while `check` runs) is an error naming it, where reading through the map raised SIGBUS.
+#[test]
+fn a_shard_truncated_under_check_is_an_error_not_a_signal() {
+    let dir = tmp("truncate");
+    let data = synth(&dir, "data", &[]);
+    let reader = semshare::data::shards::DatasetReader::open(&data).unwrap();
+    assert!(reader.check(10).is_empty());
+    let shard = data.join("train-00000.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len / 2).unwrap();
+    let problems = reader.check(10);
+    assert!(!problems.is_empty());
+    for p in &problems {
+        assert!(p.to_string().contains("train-00000.safetensors"), "{p}");
+    }
+    let split = reader.split("train").unwrap();
+    let (shard, k) = split.locate_image(split.num_images() - 1);
+    assert!(shard.check_image(&reader.layout, k).unwrap_err().to_string().contains("train-00000.safetensors"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---- silently accepted ------------------------------------------------------------------------
+
+#[test]
+fn every_hyper_parameter_has_a_range_and_the_dataset_decides_its_own_sizes() {
+    let dir = tmp("ranges");
+    let data = synth(&dir, "data", &[]);
+    let run = dir.join("run");
+    let cases = [
+        (r#"{"train": {"min_lr_ratio": -5}}"#, "train.min_lr_ratio = -5"),
+        (r#"{"train": {"eps": -1}}"#, "train.eps = -1"),
+        (r#"{"train": {"clip_norm": -1}}"#, "train.clip_norm = -1"),
+        (r#"{"train": {"lr": 0}}"#, "train.lr = 0"),
+        (r#"{"train": {"beta2": 1.5}}"#, "train.beta2 = 1.5"),
+        (r#"{"train": {"weight_decay": -0.1}}"#, "train.weight_decay"),
+        (r#"{"model": {"region_dim": 7}}"#, "model.region_dim = 7, but dataset"),
+        (r#"{"model": {"vocab": 5}}"#, "model.vocab = 5, but dataset"),
+        (r#"{"model": {"text_feature_dim": 12}}"#, "model.text_feature_dim = 12, but dataset"),
+    ];
+    for (json, needle) in cases {
+        let cfg = config(&dir, json);
+        fails_with(&semshare(&["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run)]), needle);
+    }
+    assert!(!run.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn resuming_a_finished_run_says_so_and_claims_no_checkpoint() {
+    let dir = tmp("resume");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+    let a = dir.join("a");
+    ok(&train(&data, &cfg, &a, "2", &[]));
+    let b = dir.join("b");
+    let out = ok(&train(&data, &cfg, &b, "2", &["--resume", path(&a.join("last.safetensors"))]));
+    assert!(out.contains("is at step 2 already") && out.contains("nothing trained"), "{out}");
+    assert!(!out.contains("b/best.safetensors") && !b.exists(), "{out}");
+    // Continued into another directory, the run gets its own best checkpoint there.
+    let out = ok(&train(&data, &cfg, &b, "4", &["--resume", path(&a.join("last.safetensors"))]));
+    assert!(out.contains("trained 4 steps") && b.join("best.safetensors").is_file(), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn corrupt_optimiser_state_is_an_error_naming_file_and_tensor() {
+    let dir = tmp("state");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+    let run = dir.join("run");
+    ok(&train(&data, &cfg, &run, "2", &[]));
+    let last = run.join("last.safetensors");
+    let bad = dir.join("bad.safetensors");
+    let mut ckpt = Checkpoint::load(&last).unwrap();
+    ckpt.state = "{\"best_ndcg\": ".into();
+    ckpt.save(&bad).unwrap();
+    fails_with(
+        &train(&data, &cfg, &dir.join("r1"), "4", &["--resume", path(&bad)]),
+        "bad.safetensors: metadata `state`",
+    );
+    let mut ckpt = Checkpoint::load(&last).unwrap();
+    ckpt.optimizer.as_mut().unwrap().1[3] = -1.0;
+    ckpt.save(&bad).unwrap();
+    fails_with(
+        &train(&data, &cfg, &dir.join("r2"), "4", &["--resume", path(&bad)]),
+        "bad.safetensors: not a valid semshare checkpoint: tensor `optimizer.exp_avg_sq` holds a negative value",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_empty_split_is_an_error_naming_it_before_any_work() {
+    let dir = tmp("empty");
+    let cfg = tiny_config(&dir);
+    let no_val = synth(&dir, "no-val", &["--val", "0"]);
+    let run = dir.join("run");
+    fails_with(&train(&no_val, &cfg, &run, "2", &[]), "split `val` is empty");
+    assert!(!run.exists(), "refused before the run directory is made");
+    let no_test = synth(&dir, "no-test", &["--test", "0"]);
+    ok(&train(&no_test, &cfg, &run, "2", &[]));
+    let ckpt = run.join("best.safetensors");
+    fails_with(&semshare(&["eval", "--data", path(&no_test), "--checkpoint", path(&ckpt)]), "split `test` is empty");
+    let emb = dir.join("e.safetensors");
+    fails_with(
+        &semshare(&["embed", "--data", path(&no_test), "--checkpoint", path(&ckpt), "--out", path(&emb)]),
+        "split `test` is empty",
+    );
+    assert!(!emb.exists());
+    let suite = dir.join("suite");
+    fails_with(
+        &semshare(&[
+            "experiment",
+            "--suite",
+            "table1",
+            "--data",
+            path(&no_test),
+            "--variants",
+            "ours",
+            "--seeds",
+            "1",
+            "--out",
+            path(&suite),
+            "--runs",
+            path(&suite),
+            "--steps",
+            "2",
+        ]),
+        "split `test` is empty",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---- same command, same bytes -----------------------------------------------------------------
+
+#[test]
+fn synth_train_and_embed_twice_give_byte_identical_files() {
+    let dir = tmp("bytes");
+    let cfg = tiny_config(&dir);
+    let mut outputs = Vec::new();
+    for name in ["a", "b"] {
+        let root = dir.join(name);
+        let data = synth(&root, "data", &["--preset", "weak-text"]);
+        let run = root.join("run");
+        ok(&train(&data, &cfg, &run, "4", &["--seed", "3"]));
+        let emb = root.join("emb.safetensors");
+        let ckpt = run.join("best.safetensors");
+        ok(&semshare(&["embed", "--data", path(&data), "--checkpoint", path(&ckpt), "--out", path(&emb)]));
+        let (results, runs) = (root.join("results"), root.join("suite-runs"));
+        ok(&semshare(&[
+            "experiment",
+            "--suite",
+            "table1",
+            "--data",
+            path(&data),
+            "--variants",
+            "ours",
+            "--seeds",
+            "1",
+            "--config",
+            path(&cfg),
+            "--steps",
+            "2",
+            "--out",
+            path(&results),
+            "--runs",
+            path(&runs),
+            "--device",
+            "cpu",
+        ]));
+        // The suite's state records each run's wall-clock seconds (for its ETA); the reports
+        // made from it do not.
+        std::fs::remove_file(results.join("table1-state.json")).unwrap();
+        outputs.push(snapshot(&root));
+    }
+    let names: Vec<_> = outputs[0].keys().collect();
+    assert!(names.iter().any(|n| n.ends_with("train-00000.safetensors")), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with("run/last.safetensors")), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with("results/table1.json")), "{names:?}");
+    assert_eq!(outputs[0].keys().collect::<Vec<_>>(), outputs[1].keys().collect::<Vec<_>>());
+    for (file, bytes) in &outputs[0] {
+        assert!(&outputs[1][file] == bytes, "{} differs between two identical runs", file.display());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
