@@ -699,7 +699,7 @@ impl<'k> Block<'k> {
                 }
                 Op::Mad { mode, ty, d, a, b, c } => {
                     let p = arith(*mode, *ty, false, rd!(&a), rd!(&b));
-                    let rty = if *mode == AOp::MulWide { wide_ty(*ty) } else { *ty };
+                    let rty = if *mode == AOp::MulWide { wide(*ty) } else { *ty };
                     let v = arith(AOp::Add, rty, false, p, rd!(&c));
                     wr!(*d, v);
                 }
@@ -881,16 +881,6 @@ fn saturate(x: f32) -> f32 {
         0.0
     } else {
         x.clamp(0.0, 1.0)
-    }
-}
-
-fn wide_ty(ty: Ty) -> Ty {
-    match ty {
-        Ty::S16 => Ty::S32,
-        Ty::U16 => Ty::U32,
-        Ty::S32 => Ty::S64,
-        Ty::U32 => Ty::U64,
-        t => t,
     }
 }
 
