@@ -524,24 +524,56 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// 4. the result is the SplitMix64 finaliser of `f`.
 pub fn checksum(bytes: &[u8]) -> u64 {
     let mut h = [FNV_OFFSET; 4];
-    let mut blocks = bytes.chunks_exact(32);
-    for block in &mut blocks {
+    let whole = bytes.len() / 32 * 32;
+    checksum_blocks(&mut h, &bytes[..whole]);
+    checksum_finish(h, &bytes[whole..], bytes.len() as u64)
+}
+
+/// Step 1 of [`checksum`] over `blocks`, a whole number of 32-byte blocks.
+fn checksum_blocks(h: &mut [u64; 4], blocks: &[u8]) {
+    for block in blocks.chunks_exact(32) {
         for (j, lane) in h.iter_mut().enumerate() {
             let w = u64::from_le_bytes(block[8 * j..8 * j + 8].try_into().expect("8 bytes"));
             *lane = (*lane ^ w).wrapping_mul(FNV_PRIME);
         }
     }
+}
+
+/// Steps 2–4 of [`checksum`]: the `len % 32` trailing bytes, the lanes and the length.
+fn checksum_finish(h: [u64; 4], tail: &[u8], len: u64) -> u64 {
     let mut t = FNV_OFFSET;
-    for &b in blocks.remainder() {
+    for &b in tail {
         t = (t ^ b as u64).wrapping_mul(FNV_PRIME);
     }
     let mut f = FNV_OFFSET;
-    for x in [h[0], h[1], h[2], h[3], t, bytes.len() as u64] {
+    for x in [h[0], h[1], h[2], h[3], t, len] {
         f = (f ^ x).wrapping_mul(FNV_PRIME);
     }
     f = (f ^ (f >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     f = (f ^ (f >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     f ^ (f >> 31)
+}
+
+/// [`checksum`] of the first `len` bytes of `file`, read by pread in pieces rather than through
+/// a memory map: a file truncated meanwhile is an I/O error, not a SIGBUS.
+#[cfg(unix)]
+pub fn checksum_file(file: &fs::File, len: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: usize = 1 << 20; // a multiple of the 32-byte block
+    let mut h = [FNV_OFFSET; 4];
+    let mut buf = vec![0u8; PIECE.min(len as usize)];
+    let mut at = 0u64;
+    loop {
+        let n = PIECE.min((len - at) as usize);
+        file.read_exact_at(&mut buf[..n], at)?;
+        at += n as u64;
+        if at == len {
+            let whole = n / 32 * 32;
+            checksum_blocks(&mut h, &buf[..whole]);
+            return Ok(checksum_finish(h, &buf[whole..n], len));
+        }
+        checksum_blocks(&mut h, &buf[..n]);
+    }
 }
 
 pub(crate) fn format_checksum(c: u64) -> String {
@@ -1100,5 +1132,21 @@ mod tests {
         }
         assert_ne!(checksum(&base[..99]), c0);
         assert_ne!(checksum(&[]), checksum(&[0]));
+    }
+
+    #[test]
+    fn checksum_of_a_file_read_in_pieces_is_the_checksum_of_its_bytes() {
+        let dir = TempDir::new("checksum-file");
+        fs::create_dir_all(&dir.0).unwrap();
+        // Lengths around the 32-byte block and the 1 MiB piece.
+        for len in [0usize, 1, 31, 32, 33, (1 << 20) - 1, 1 << 20, (1 << 20) + 33, 3 << 20] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 253) as u8).collect();
+            let path = dir.0.join("f");
+            fs::write(&path, &bytes).unwrap();
+            let file = fs::File::open(&path).unwrap();
+            assert_eq!(checksum_file(&file, len as u64).unwrap(), checksum(&bytes), "{len} bytes");
+        }
+        let file = fs::File::open(dir.0.join("f")).unwrap();
+        assert!(checksum_file(&file, (3 << 20) + 1).is_err(), "a file shorter than its length is an error");
     }
 }

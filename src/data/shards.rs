@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -219,6 +220,11 @@ pub struct Shard {
     /// [N, C]
     label_rows: Vec<u8>,
     label_width: usize,
+    /// The manifest's checksum of this file (None for the source files of `pack`).
+    expected_checksum: Option<String>,
+    /// Outcome of comparing the file with `expected_checksum`, done by the first item read, so
+    /// that a flipped byte is never trained on (the error message when it differs).
+    checksum_outcome: OnceLock<std::result::Result<(), String>>,
 }
 
 /// The per-shard facts a reader checks: from the manifest, or inferred (source files).
@@ -326,6 +332,8 @@ impl Shard {
             items,
             label_rows,
             label_width: c,
+            expected_checksum: None,
+            checksum_outcome: OnceLock::new(),
         };
         shard.check_structure(layout)?;
         shard.release_mapped_pages();
@@ -461,6 +469,7 @@ impl Shard {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: usize) -> Result<()> {
+        self.verify_checksum()?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::FileExt;
@@ -470,6 +479,31 @@ impl Shard {
         {
             buf.copy_from_slice(&self.map[offset..offset + buf.len()]);
             Ok(())
+        }
+    }
+
+    /// Compares the whole file with the manifest's checksum the first time it is called (every
+    /// pread of an item calls it: one pass over the file, cheap next to an epoch) and repeats
+    /// the outcome afterwards; a shard opened without a manifest has nothing to compare.
+    pub fn verify_checksum(&self) -> Result<()> {
+        let Some(expected) = &self.expected_checksum else { return Ok(()) };
+        let outcome = self.checksum_outcome.get_or_init(|| self.compare_checksum(expected));
+        outcome.as_ref().map_err(|what| Error::format(&self.path, what.clone())).copied()
+    }
+
+    fn compare_checksum(&self, expected: &str) -> std::result::Result<(), String> {
+        #[cfg(unix)]
+        let sum = super::dataset::checksum_file(&self.file, self.map.len() as u64)
+            .map_err(|e| format!("reading for the checksum: {e}"))?;
+        #[cfg(not(unix))]
+        let sum = checksum(&self.map);
+        let sum = format_checksum(sum);
+        if sum == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "checksum mismatch: file has {sum}, dataset.json says {expected} (changed after it was written)"
+            ))
         }
     }
 
@@ -777,11 +811,12 @@ impl DatasetReader {
             for (k, e) in entries.iter().enumerate() {
                 let file = plain_file_name(&mpath, &format!("splits.{name}[{k}].file"), &e.file)?;
                 let path = dir.join(file);
-                let shard = Shard::open(&path, &layout, Some(Counts { images: e.images, texts: e.texts }))?;
+                let mut shard = Shard::open(&path, &layout, Some(Counts { images: e.images, texts: e.texts }))?;
                 if shard.map.len() as u64 != e.bytes {
                     let what = format!("{} bytes, dataset.json says {}", shard.map.len(), e.bytes);
                     return Err(Error::format(&path, what));
                 }
+                shard.expected_checksum = Some(e.checksum.clone());
                 shards.push(shard);
             }
             splits.push(SplitReader::new(name, shards)?);
