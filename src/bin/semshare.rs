@@ -1,12 +1,12 @@
 //! The `semshare` command line: demo, synth, pack, check, train, eval, embed, score, experiment.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use semshare::backend::{self, Backend};
 use semshare::checkpoint::Checkpoint;
+use semshare::cli::{Args, apply_config_file};
 use semshare::data::flickr_tags::{FlickrTagsConfig, RealTags, generate_flickr_tags};
 use semshare::data::pack::pack;
 use semshare::data::shards::{DatasetReader, Layout};
@@ -57,47 +57,6 @@ COMMANDS:
   --device auto|cpu|cuda   (default auto: CUDA when built with it and a GPU is present)
   A config file is JSON: {\"model\": {...}, \"train\": {...}}; flags override it.
 ";
-
-/// Parsed `--flag value` pairs and bare `--switch`es, checked against what a command takes.
-struct Args {
-    flags: HashMap<String, String>,
-}
-
-impl Args {
-    fn parse(raw: &[String], takes_value: &[&str], switches: &[&str]) -> Result<Args> {
-        let mut flags = HashMap::new();
-        let mut it = raw.iter();
-        while let Some(a) = it.next() {
-            let name = a.strip_prefix("--").ok_or_else(|| Error::config(format!("unexpected argument `{a}`")))?;
-            if switches.contains(&name) {
-                flags.insert(name.to_string(), String::new());
-            } else if takes_value.contains(&name) {
-                let v = it.next().ok_or_else(|| Error::config(format!("--{name} needs a value")))?;
-                flags.insert(name.to_string(), v.clone());
-            } else {
-                return Err(Error::config(format!("unknown option --{name}")));
-            }
-        }
-        Ok(Args { flags })
-    }
-    fn get(&self, name: &str) -> Option<&str> {
-        self.flags.get(name).map(String::as_str)
-    }
-    fn has(&self, name: &str) -> bool {
-        self.flags.contains_key(name)
-    }
-    fn need(&self, name: &str) -> Result<&str> {
-        self.get(name).ok_or_else(|| Error::config(format!("--{name} is required")))
-    }
-    fn path(&self, name: &str) -> Result<PathBuf> {
-        self.need(name).map(PathBuf::from)
-    }
-    fn num<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>> {
-        self.get(name)
-            .map(|v| v.parse().map_err(|_| Error::config(format!("--{name}: `{v}` is not a valid number"))))
-            .transpose()
-    }
-}
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -150,30 +109,11 @@ fn device(args: &Args) -> Result<Box<dyn Backend>> {
 /// Model and training configuration: preset (and `base` for training), then the config file,
 /// then flags.
 fn configs(args: &Args, base: TrainConfig) -> Result<(ModelConfig, TrainConfig)> {
-    let mut model =
-        serde_json::to_value(ModelConfig::preset(args.get("model").unwrap_or("small"))?).expect("serialises");
-    let mut train = serde_json::to_value(base).expect("serialises");
+    let (mut model, mut train) = (ModelConfig::preset(args.get("model").unwrap_or("small"))?, base);
     if let Some(path) = args.get("config") {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        let obj = file.as_object().ok_or_else(|| Error::format(path, "expected a JSON object"))?;
-        for (key, value) in obj {
-            let target = match key.as_str() {
-                "model" => &mut model,
-                "train" => &mut train,
-                _ => {
-                    return Err(Error::format(path, format!("unknown section `{key}` (expected model, train)")));
-                }
-            };
-            let fields = value.as_object().ok_or_else(|| Error::format(path, format!("`{key}` must be an object")))?;
-            for (k, v) in fields {
-                target[k] = v.clone();
-            }
-        }
+        (model, train) = apply_config_file(Path::new(path), &text, model, train)?;
     }
-    let bad = |e: serde_json::Error| Error::config(e.to_string());
-    let mut model: ModelConfig = serde_json::from_value(model).map_err(bad)?;
-    let mut train: TrainConfig = serde_json::from_value(train).map_err(bad)?;
     if let Some(v) = args.num("steps")? {
         train.steps = v;
     }
