@@ -100,10 +100,11 @@ impl Checkpoint {
             }
             Ok(v)
         };
-        let mut params = vec![0.0f32; net.store.total];
+        // Appended in layout order rather than allocated up front: the metadata may claim any
+        // size, the tensors found in the file bound what is allocated (found by fuzzing).
+        let mut params = Vec::new();
         for info in &net.store.infos {
-            let v = tensor(&info.name, &info.shape)?;
-            params[info.param.offset..info.param.offset + info.param.len].copy_from_slice(&v);
+            params.extend_from_slice(&tensor(&info.name, &info.shape)?);
         }
         let optimizer = match (st.tensor(EXP_AVG).is_ok(), st.tensor(EXP_AVG_SQ).is_ok()) {
             (true, true) => Some((tensor(EXP_AVG, &[net.store.total])?, tensor(EXP_AVG_SQ, &[net.store.total])?)),

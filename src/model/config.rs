@@ -68,6 +68,11 @@ pub enum Trunk {
 
 pub const MASK_TOKEN: u32 = 2;
 
+/// The largest width, count or vocabulary a model may have (2^20; the paper's largest is 10,000).
+pub const MAX_SIZE: usize = 1 << 20;
+/// The most trunk blocks a model may have (the paper's is 6).
+pub const MAX_LAYERS: usize = 1024;
+
 impl ModelConfig {
     /// CPU, CI and the demo.
     pub fn small() -> Self {
@@ -151,6 +156,29 @@ impl ModelConfig {
                 return Err(Error::config(format!("model.{name} must be positive")));
             }
         }
+        // Upper bounds keep every parameter count representable and the layer loops short
+        // (found by fuzzing: a typo such as `"dim": 4000000000` overflowed the count).
+        let sizes = [
+            ("region_dim", self.region_dim),
+            ("max_regions", self.max_regions),
+            ("word_dim", self.word_dim),
+            ("gru_hidden", self.gru_hidden),
+            ("dim", self.dim),
+            ("ffn", self.ffn),
+            ("max_tokens", self.max_tokens),
+            ("vocab", self.vocab),
+            ("labels", self.labels),
+            ("object_classes", self.object_classes),
+            ("text_feature_dim", self.text_feature_dim),
+        ];
+        for (name, v) in sizes {
+            if v > MAX_SIZE {
+                return Err(Error::config(format!("model.{name} = {v} is larger than {MAX_SIZE}")));
+            }
+        }
+        if self.layers > MAX_LAYERS {
+            return Err(Error::config(format!("model.layers = {} is larger than {MAX_LAYERS}", self.layers)));
+        }
         if self.vocab <= MASK_TOKEN as usize {
             return Err(Error::config(format!(
                 "model.vocab = {} leaves no room for words after [PAD] [UNK] [MASK]",
@@ -173,5 +201,24 @@ impl ModelConfig {
             return Err(Error::config(format!("model.lambda = {} must be finite and ≥ 0", self.lambda)));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_past_the_bounds_are_errors_naming_the_field() {
+        let too_big = [
+            ModelConfig { dim: 4_000_000_000, heads: 1, ..ModelConfig::small() },
+            ModelConfig { vocab: usize::MAX, ..ModelConfig::small() },
+            ModelConfig { layers: 100_000_000, ..ModelConfig::small() },
+        ];
+        for (cfg, field) in too_big.iter().zip(["model.dim", "model.vocab", "model.layers"]) {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("larger than"), "{e}");
+        }
+        ModelConfig { dim: MAX_SIZE, heads: 1, layers: MAX_LAYERS, ..ModelConfig::small() }.validate().unwrap();
     }
 }
