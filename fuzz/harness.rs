@@ -20,11 +20,12 @@ use semshare::train::TrainConfig;
 /// A fuzz target's body: takes the input, must not panic.
 pub type Target = fn(&[u8]);
 
-/// Every target by name, as `cargo fuzz run NAME` and `tests/fuzz-regressions/NAME/` call it.
+/// Every target by name, as `cargo fuzz run NAME` and `tests/fuzz-regressions/NAME/` name it.
 pub const TARGETS: &[(&str, Target)] = &[
     ("shard", shard),
     ("manifest", manifest),
     ("checkpoint", checkpoint),
+    ("checkpoint_model", checkpoint_model),
     ("embeddings", embeddings),
     ("config", config),
     ("pack_source", pack_source),
@@ -156,6 +157,19 @@ pub fn checkpoint(data: &[u8]) {
     if let Ok(ckpt) = Checkpoint::load(&path) {
         let _ = SemShare::new(&ckpt.model);
     }
+}
+
+/// Arbitrary bytes as the model configuration in a checkpoint's metadata (JSON inside a JSON
+/// string of the header, which byte mutations of a whole file rarely keep valid): the tiny
+/// checkpoint seed with its `model` entry replaced, through [`checkpoint`].
+pub fn checkpoint_model(data: &[u8]) {
+    const TINY: &[u8] = include_bytes!("seeds/checkpoint/tiny.safetensors");
+    let Ok(model) = std::str::from_utf8(data) else { return };
+    let st = safetensors::SafeTensors::deserialize(TINY).expect("the seed parses");
+    let (_, header) = safetensors::SafeTensors::read_metadata(TINY).expect("the seed parses");
+    let mut metadata = header.metadata().clone().unwrap_or_default();
+    metadata.insert("model".into(), model.into());
+    checkpoint(&safetensors::serialize(st.tensors(), Some(metadata)).expect("the seed's tensors serialise"));
 }
 
 /// Arbitrary bytes as the embeddings file of `score`, loaded and scored.

@@ -101,7 +101,7 @@ impl Checkpoint {
             Ok(v)
         };
         // Appended in layout order rather than allocated up front: the metadata may claim any
-        // size, the tensors found in the file bound what is allocated (found by fuzzing).
+        // size, the tensors found in the file bound what is allocated (tests/fuzz-regressions/).
         let mut params = Vec::new();
         for info in &net.store.infos {
             params.extend_from_slice(&tensor(&info.name, &info.shape)?);

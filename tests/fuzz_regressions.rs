@@ -152,6 +152,7 @@ fn write_fuzz_fixtures_and_seeds() {
     Checkpoint { model: model.clone(), params: params.clone(), optimizer: Some(moments), step: 3, state: "{}".into() }
         .save(&path)
         .unwrap();
+    put("checkpoint_model", "tiny.json", serde_json::to_string(&model).unwrap().as_bytes());
     let path = seeds.join("checkpoint/inference.safetensors");
     Checkpoint { model, params, optimizer: None, step: 0, state: String::new() }.save(&path).unwrap();
 
