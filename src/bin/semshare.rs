@@ -1,12 +1,13 @@
 //! The `semshare` command line: demo, synth, pack, check, train, eval, embed, score, experiment.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use semshare::backend::{self, Backend};
 use semshare::checkpoint::Checkpoint;
+use semshare::cli::Args;
 use semshare::config::{Configs, fit_to_data, read_config_file};
 use semshare::data::flickr_tags::{FlickrTagsConfig, RealTags, generate_flickr_tags};
 use semshare::data::pack::{is_source, pack};
@@ -67,47 +68,6 @@ COMMANDS:
   --device auto|cpu|cuda   (default auto: CUDA when built with it and a GPU is present)
   A config file is JSON: {\"model\": {...}, \"train\": {...}}; flags override it.
 ";
-
-/// Parsed `--flag value` pairs and bare `--switch`es, checked against what a command takes.
-struct Args {
-    flags: HashMap<String, String>,
-}
-
-impl Args {
-    fn parse(raw: &[String], takes_value: &[&str], switches: &[&str]) -> Result<Args> {
-        let mut flags = HashMap::new();
-        let mut it = raw.iter();
-        while let Some(a) = it.next() {
-            let name = a.strip_prefix("--").ok_or_else(|| Error::config(format!("unexpected argument `{a}`")))?;
-            if switches.contains(&name) {
-                flags.insert(name.to_string(), String::new());
-            } else if takes_value.contains(&name) {
-                let v = it.next().ok_or_else(|| Error::config(format!("--{name} needs a value")))?;
-                flags.insert(name.to_string(), v.clone());
-            } else {
-                return Err(Error::config(format!("unknown option --{name}")));
-            }
-        }
-        Ok(Args { flags })
-    }
-    fn get(&self, name: &str) -> Option<&str> {
-        self.flags.get(name).map(String::as_str)
-    }
-    fn has(&self, name: &str) -> bool {
-        self.flags.contains_key(name)
-    }
-    fn need(&self, name: &str) -> Result<&str> {
-        self.get(name).ok_or_else(|| Error::config(format!("--{name} is required")))
-    }
-    fn path(&self, name: &str) -> Result<PathBuf> {
-        self.need(name).map(PathBuf::from)
-    }
-    fn num<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>> {
-        self.get(name)
-            .map(|v| v.parse().map_err(|_| Error::config(format!("--{name}: `{v}` is not a valid number"))))
-            .transpose()
-    }
-}
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();

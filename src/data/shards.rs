@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -219,6 +220,11 @@ pub struct Shard {
     /// [N, C]
     label_rows: Vec<u8>,
     label_width: usize,
+    /// The manifest's checksum of this file (None for the source files of `pack`).
+    expected_checksum: Option<String>,
+    /// Outcome of comparing the file with `expected_checksum`, done by the first item read, so
+    /// that a flipped byte is never trained on (the error message when it differs).
+    checksum_outcome: OnceLock<std::result::Result<(), String>>,
 }
 
 /// The per-shard facts a reader checks: from the manifest, or inferred (source files).
@@ -334,6 +340,8 @@ impl Shard {
             items,
             label_rows,
             label_width: c,
+            expected_checksum: None,
+            checksum_outcome: OnceLock::new(),
         };
         shard.check_structure(layout)?;
         shard.release_mapped_pages();
@@ -469,7 +477,28 @@ impl Shard {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: usize) -> Result<()> {
+        self.verify_checksum()?;
         read_exact_at(&self.file, &self.map, &self.path, buf, offset)
+    }
+
+    /// Compares the whole file with the manifest's checksum the first time it is called (every
+    /// pread of an item calls it: one pass over the file, cheap next to an epoch) and repeats
+    /// the outcome afterwards; a shard opened without a manifest has nothing to compare.
+    pub fn verify_checksum(&self) -> Result<()> {
+        let Some(expected) = &self.expected_checksum else { return Ok(()) };
+        let outcome = self.checksum_outcome.get_or_init(|| self.compare_checksum(expected));
+        outcome.as_ref().map_err(|what| Error::format(&self.path, what.clone())).copied()
+    }
+
+    fn compare_checksum(&self, expected: &str) -> std::result::Result<(), String> {
+        let sum = format_checksum(self.file_checksum().map_err(|e| format!("reading for the checksum: {e}"))?);
+        if sum == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "checksum mismatch: file has {sum}, dataset.json says {expected} (changed after it was written)"
+            ))
+        }
     }
 
     fn check_image_features(&self, layout: &Layout, i: usize, feats: &[u8]) -> Result<()> {
@@ -603,7 +632,8 @@ impl Shard {
         let mut buf = vec![0u8; BLOCK.min(len.saturating_sub(offset))];
         while offset < len {
             let n = BLOCK.min(len - offset);
-            self.read_at(&mut buf[..n], offset)?;
+            // Not `read_at`: that one verifies this very checksum first.
+            read_exact_at(&self.file, &self.map, &self.path, &mut buf[..n], offset)?;
             sum.update(&buf[..n]);
             offset += n;
         }
@@ -901,11 +931,12 @@ impl DatasetReader {
             for (k, e) in entries.iter().enumerate() {
                 let file = plain_file_name(&mpath, &format!("splits.{name}[{k}].file"), &e.file)?;
                 let path = dir.join(file);
-                let shard = Shard::open(&path, &layout, Some(Counts { images: e.images, texts: e.texts }))?;
+                let mut shard = Shard::open(&path, &layout, Some(Counts { images: e.images, texts: e.texts }))?;
                 if shard.map.len() as u64 != e.bytes {
                     let what = format!("{} bytes, dataset.json says {}", shard.map.len(), e.bytes);
                     return Err(Error::format(&path, what));
                 }
+                shard.expected_checksum = Some(e.checksum.clone());
                 shards.push(shard);
             }
             splits.push(SplitReader::new(name, shards)?);

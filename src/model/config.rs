@@ -206,3 +206,22 @@ impl ModelConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_past_the_bounds_are_errors_naming_the_field() {
+        let too_big = [
+            ModelConfig { dim: 4_000_000_000, heads: 1, ..ModelConfig::small() },
+            ModelConfig { vocab: usize::MAX, ..ModelConfig::small() },
+            ModelConfig { layers: 100_000_000, ..ModelConfig::small() },
+        ];
+        for (cfg, field) in too_big.iter().zip(["model.dim", "model.vocab", "model.layers"]) {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("larger than"), "{e}");
+        }
+        ModelConfig { dim: MAX_WIDTH, heads: 1, layers: MAX_LAYERS, ..ModelConfig::small() }.validate().unwrap();
+    }
+}

@@ -1,0 +1,202 @@
+//! Replays every input that ever crashed a fuzz target (`tests/fuzz-regressions/<target>/`) and
+//! every fuzz seed (`fuzz/seeds/<target>/`) through the code the target runs (`fuzz/harness.rs`):
+//! each must end in Ok or an error, never a panic. docs/results/fuzz.md says how they were found.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+#[path = "../fuzz/harness.rs"]
+mod harness;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs every file under `dir/<target>/` through its target; returns the files that panicked.
+fn replay(dir: &Path) -> (usize, Vec<String>) {
+    let (mut count, mut panicked) = (0, Vec::new());
+    for &(name, target) in harness::TARGETS {
+        let Ok(entries) = std::fs::read_dir(dir.join(name)) else { continue };
+        let mut files: Vec<PathBuf> = entries.map(|e| e.expect("directory entry").path()).collect();
+        files.sort();
+        for file in files {
+            let bytes = std::fs::read(&file).expect("readable input");
+            if catch_unwind(AssertUnwindSafe(|| target(&bytes))).is_err() {
+                panicked.push(file.display().to_string());
+            }
+            count += 1;
+        }
+    }
+    harness::remove_scratch();
+    (count, panicked)
+}
+
+#[test]
+fn inputs_that_crashed_a_fuzz_target_are_errors_now() {
+    let (count, panicked) = replay(&root().join("tests/fuzz-regressions"));
+    assert!(panicked.is_empty(), "panicked on {panicked:?}");
+    eprintln!("{count} regression inputs replayed");
+}
+
+#[test]
+fn fuzz_seeds_run_through_every_target() {
+    let (count, panicked) = replay(&root().join("fuzz/seeds"));
+    assert!(panicked.is_empty(), "panicked on {panicked:?}");
+    assert!(count >= harness::TARGETS.len(), "every target has a seed ({count} files)");
+}
+
+/// Seeds must be valid inputs (each reaches the end of its parser), or the fuzzer starts lost.
+#[test]
+fn fuzz_seeds_are_accepted_where_they_should_be() {
+    let seed = |target: &str, file: &str| std::fs::read(root().join("fuzz/seeds").join(target).join(file)).unwrap();
+    let dir = harness::scratch().join("dataset");
+    harness::manifest(&seed("manifest", "dataset.json"));
+    let data = semshare::data::shards::DatasetReader::open(&dir).expect("the manifest seed opens the fixture");
+    assert!(data.check(10).is_empty(), "the fixture dataset passes `check`");
+    let path = harness::scratch().join("c.safetensors");
+    std::fs::write(&path, seed("checkpoint", "tiny.safetensors")).unwrap();
+    semshare::checkpoint::Checkpoint::load(&path).expect("the checkpoint seed loads");
+    std::fs::write(&path, seed("embeddings", "with-items.safetensors")).unwrap();
+    semshare::eval::EmbeddingSet::load(&path).expect("the embeddings seed loads");
+    harness::pack_source(&seed("pack_source", "fixture.bin"));
+    let packed = semshare::data::shards::DatasetReader::open(harness::scratch().join("packed")).expect("packed");
+    assert_eq!(packed.split("train").unwrap().num_images(), 6);
+    let text = String::from_utf8(seed("config", "variant.json")).unwrap();
+    let (model, train) = (semshare::model::ModelConfig::small(), semshare::train::TrainConfig::default());
+    semshare::config::apply_config_json(model, train, &text, Path::new("variant.json"))
+        .expect("the config seed applies");
+    harness::remove_scratch();
+}
+
+/// Writes the fixture dataset (`fuzz/fixtures/dataset/`) and the seeds of every target
+/// (`fuzz/seeds/`). Run by hand after a format change:
+/// `cargo test --test fuzz_regressions -- --ignored write_fuzz_fixtures_and_seeds`.
+#[test]
+#[ignore = "rewrites committed files under fuzz/"]
+fn write_fuzz_fixtures_and_seeds() {
+    use semshare::checkpoint::Checkpoint;
+    use semshare::data::shards::{DatasetWriter, FeatureDtype, ImageRecord, TextRecord};
+    use semshare::eval::EmbeddingSet;
+    use semshare::model::{ModelConfig, SemShare};
+
+    let fuzz = root().join("fuzz");
+    let fixture = fuzz.join("fixtures/dataset");
+    let _ = std::fs::remove_dir_all(&fixture);
+    let layout = harness::layout(0);
+    let mut w = DatasetWriter::create(&fixture, layout, 700).unwrap();
+    let le_f32 = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let boxes =
+        le_f32(&[0.1, 0.1, 0.5, 0.5, 0.16, 0.0, 0.2, 1.0, 0.9, 0.72, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    let classes: Vec<u8> = [3u16, 6, 0, 0].iter().flat_map(|x| x.to_le_bytes()).collect();
+    for (split, n) in [("train", 6), ("val", 3), ("test", 3), ("database", 3)] {
+        w.begin_split(split).unwrap();
+        for i in 0..n {
+            let features = le_f32(&(0..32).map(|k| (k + i) as f32 * 0.125 - 1.0).collect::<Vec<_>>());
+            let labels = [1, (i % 2) as u8, (i % 3 == 0) as u8];
+            let count = if i % 2 == 0 { 2 } else { 1 };
+            let image = ImageRecord {
+                features: &features,
+                feature_dtype: FeatureDtype::F32,
+                boxes: &boxes,
+                count,
+                classes: Some(&classes),
+                labels: &labels,
+            };
+            let le_u32 = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            let (three, one) = (le_u32(&[5 + i as u32, 1, 7, 0, 0, 0]), le_u32(&[8 + i as u32, 0, 0, 0, 0, 0]));
+            let mut texts = vec![TextRecord { content: &three, dtype: None, length: 3 }];
+            if i % 3 == 1 {
+                texts.push(TextRecord { content: &one, dtype: None, length: 1 });
+            }
+            w.push(&image, &texts).unwrap();
+        }
+    }
+    w.finish().unwrap();
+    let mut listed: Vec<String> = std::fs::read_dir(&fixture)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "dataset.json")
+        .collect();
+    listed.sort();
+    let mut expected: Vec<String> = harness::DATASET_FILES.iter().map(|f| f.0.to_string()).collect();
+    expected.sort();
+    assert_eq!(listed, expected, "harness::DATASET_FILES must list the fixture's files");
+
+    let seeds = fuzz.join("seeds");
+    let put = |target: &str, name: &str, bytes: &[u8]| {
+        let dir = seeds.join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    };
+    put("manifest", "dataset.json", &std::fs::read(fixture.join("dataset.json")).unwrap());
+
+    let model = ModelConfig {
+        region_dim: 3,
+        max_regions: 2,
+        word_dim: 2,
+        gru_hidden: 2,
+        dim: 4,
+        layers: 1,
+        heads: 2,
+        ffn: 4,
+        max_tokens: 3,
+        vocab: 5,
+        labels: 2,
+        object_classes: 2,
+        ..ModelConfig::small()
+    };
+    let total = SemShare::new(&model).unwrap().store.total;
+    let params = SemShare::new(&model).unwrap().store.init_values(1);
+    let path = seeds.join("checkpoint/tiny.safetensors");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let moments = (vec![0.01; total], vec![0.001; total]);
+    Checkpoint { model: model.clone(), params: params.clone(), optimizer: Some(moments), step: 3, state: "{}".into() }
+        .save(&path)
+        .unwrap();
+    put("checkpoint_model", "tiny.json", serde_json::to_string(&model).unwrap().as_bytes());
+    let path = seeds.join("checkpoint/inference.safetensors");
+    Checkpoint { model, params, optimizer: None, step: 0, state: String::new() }.save(&path).unwrap();
+
+    let image_emb = vec![1.0, 0.0, 0.0, -2.5, 0.5, 0.5];
+    let (image_labels, text_labels) = (vec![1, 0, 1, 0, 1, 0, 1, 1, 0], vec![1, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1]);
+    let set = EmbeddingSet::new(
+        image_emb.clone(),
+        image_labels.clone(),
+        vec![0.5, 0.5, 1.0, 0.0, -1.0, 3.0, 0.0, 1.0],
+        text_labels,
+        2,
+        3,
+        Some(vec![1, 0, 2, 1]),
+    )
+    .unwrap();
+    std::fs::create_dir_all(seeds.join("embeddings")).unwrap();
+    set.save(&seeds.join("embeddings/with-items.safetensors")).unwrap();
+    let set = EmbeddingSet::new(image_emb.clone(), image_labels.clone(), image_emb, image_labels, 2, 3, None).unwrap();
+    set.save(&seeds.join("embeddings/paired.safetensors")).unwrap();
+
+    put("config", "small.json", br#"{"model": {"layers": 1, "ffn": 64}, "train": {"eval_every": 3, "warmup": 2}}"#);
+    put("config", "variant.json", br#"{"train": {"variant": "imc", "eta": 0.1, "lr": 1e-3, "min_lr_ratio": 0.1}}"#);
+    put("config", "fc.json", br#"{"model": {"dim": 16, "heads": 2, "trunk": "fc", "separate_models": true}}"#);
+
+    let source = br#"{"format": "semshare-source", "version": 1, "name": "fuzz", "splits": {"train": ["f3.safetensors", "f4.safetensors"], "val": ["f5.safetensors"], "test": ["f6.safetensors"], "database": ["f7.safetensors"]}, "num_object_classes": 7}"#;
+    let mut packed: Vec<u8> = source.to_vec();
+    for file in [
+        "labels.txt",
+        "vocab.txt",
+        "train-00000.safetensors",
+        "train-00001.safetensors",
+        "val-00000.safetensors",
+        "test-00000.safetensors",
+        "database-00000.safetensors",
+    ] {
+        packed.extend_from_slice(harness::FILE_SEPARATOR);
+        packed.extend_from_slice(&std::fs::read(fixture.join(file)).unwrap());
+    }
+    put("pack_source", "fixture.bin", &packed);
+
+    put("cli", "train.txt", b"train\n--data\nd\n--steps\n5\n--lr\n1e-3\n--model\nsmall\n--config\nc.json");
+    put("cli", "eval.txt", b"eval\n--data\nd\n--checkpoint\nc\n--json\n--embedding\nlabel\n--split\nval");
+    put("cli", "experiment.txt", b"experiment\n--suite\ntable1\n--variants\nours,cca\n--seeds\n2\n--data\nd");
+    put("cli", "synth.txt", b"synth\n--preset\nweak-image\n--train\n10\n--out\no");
+    put("cli", "pack.txt", b"pack\n--from\na\n--out\nb\n--shard-mb\n1");
+}
