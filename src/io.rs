@@ -369,3 +369,16 @@ mod tests {
         fs::remove_dir_all(&d).unwrap();
     }
 }
+
+/// Bytes the machine can give this process now: `MemAvailable` of /proc/meminfo (`MemTotal` on
+/// kernels without it); None where there is no /proc/meminfo (no check is made then).
+pub fn host_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib.saturating_mul(1024))
+    };
+    field("MemAvailable:").or_else(|| field("MemTotal:"))
+}

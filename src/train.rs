@@ -180,14 +180,14 @@ pub struct Trainer {
 impl Trainer {
     pub fn new(dev: &mut dyn Backend, model: &ModelConfig, cfg: TrainConfig) -> Result<Self> {
         let net = SemShare::new(model)?;
-        crate::model::memory::check_memory(&net, cfg.batch_size, true)?;
+        crate::model::memory::check_memory(dev, &net, cfg.batch_size, true)?;
         let init = net.store.init_values(cfg.seed);
         Self::assemble(dev, net, &init, None, 0, cfg)
     }
 
     pub fn from_checkpoint(dev: &mut dyn Backend, ckpt: &Checkpoint, cfg: TrainConfig) -> Result<Self> {
         let net = SemShare::new(&ckpt.model)?;
-        crate::model::memory::check_memory(&net, cfg.batch_size, true)?;
+        crate::model::memory::check_memory(dev, &net, cfg.batch_size, true)?;
         Self::assemble(dev, net, &ckpt.params, ckpt.optimizer.as_ref(), ckpt.step, cfg)
     }
 

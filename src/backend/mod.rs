@@ -104,6 +104,8 @@ pub struct GruStep {
 
 pub trait Backend {
     fn name(&self) -> &'static str;
+    /// Bytes this device can still allocate (None: unknown, and no size check is made).
+    fn available_memory(&self) -> Option<u64>;
 
     // ---- memory -------------------------------------------------------------------------
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor>;

@@ -442,7 +442,7 @@ const EMBED_CHUNK: usize = semshare::train::EMBED_CHUNK;
 fn load_model(dev: &mut dyn Backend, path: &Path) -> Result<(SemShare, semshare::tensor::Tensor)> {
     let ckpt = Checkpoint::load(path)?;
     let net = SemShare::new(&ckpt.model)?;
-    semshare::model::memory::check_memory(&net, EMBED_CHUNK, false)?;
+    semshare::model::memory::check_memory(dev, &net, EMBED_CHUNK, false)?;
     let params = net.store.upload(dev, &ckpt.params)?;
     Ok((net, params))
 }

@@ -252,7 +252,7 @@ impl SynthConfig {
             + self.num_labels
             + 4 * self.texts_per_image * (self.max_tokens + 2);
         let need = 2.0 * n as f64 * per_image as f64;
-        if let Some(available) = crate::model::memory::available_memory()
+        if let Some(available) = crate::io::host_available_memory()
             && need > available as f64
         {
             let gib = |b: f64| b / (1u64 << 30) as f64;

@@ -4,6 +4,7 @@
 //! it is there to stop sizes that are off by orders of magnitude.
 
 use super::SemShare;
+use crate::backend::Backend;
 use crate::{Error, Result};
 
 /// Bytes, estimated.
@@ -41,37 +42,26 @@ impl MemoryEstimate {
     }
 }
 
-/// Bytes the machine can give this process now: `MemAvailable` of /proc/meminfo (`MemTotal` on
-/// kernels without it); None where there is no /proc/meminfo (no check is made then).
-pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kib| kib.saturating_mul(1024))
-    };
-    field("MemAvailable:").or_else(|| field("MemTotal:"))
-}
-
 fn gib(bytes: f64) -> String {
     format!("{:.1} GiB", bytes / (1u64 << 30) as f64)
 }
 
-/// Refuses a model (at `batch` items per pass) that needs more memory than is available.
-pub fn check_memory(net: &SemShare, batch: usize, training: bool) -> Result<()> {
-    let Some(available) = available_memory() else { return Ok(()) };
+/// Refuses a model (at `batch` items per pass) that needs more memory than `dev` has free:
+/// the host's for the CPU, the GPU's for CUDA.
+pub fn check_memory(dev: &dyn Backend, net: &SemShare, batch: usize, training: bool) -> Result<()> {
+    let Some(available) = dev.available_memory() else { return Ok(()) };
     let need = MemoryEstimate::of(net, batch, training);
     if need.total() > available as f64 {
         let what = if training { "training" } else { "inference" };
         return Err(Error::config(format!(
             "this model needs about {} for {what} ({} parameters: {}; activations at batch {batch}: {}), \
-             more than the {} available: make it or the batch smaller",
+             more than the {} available on the {} device: make it or the batch smaller",
             gib(need.total()),
             net.store.total,
             gib(need.params),
             gib(need.activations),
-            gib(available as f64)
+            gib(available as f64),
+            dev.name()
         )));
     }
     Ok(())

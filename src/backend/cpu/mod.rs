@@ -38,6 +38,10 @@ impl Backend for Cpu {
         "cpu"
     }
 
+    fn available_memory(&self) -> Option<u64> {
+        crate::io::host_available_memory()
+    }
+
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         expect_len("upload", "data", data.len(), shape.iter().product())?;
         let mut v = host_pool::take(data.len());

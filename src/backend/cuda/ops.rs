@@ -145,6 +145,12 @@ impl Backend for Cuda {
         "cuda"
     }
 
+    fn available_memory(&self) -> Option<u64> {
+        // Free on the device plus what the pool holds for reuse.
+        let (free, _) = self.ctx.mem_get_info().ok()?;
+        Some(free as u64 + self.pool.cached_bytes() as u64)
+    }
+
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         expect_len("upload", "data", data.len(), shape.iter().product())?;
         let t = self.alloc_tensor(shape)?;
