@@ -16,11 +16,12 @@ use crate::data::batches::{image_batch, text_batch};
 use crate::data::loader::Loader;
 use crate::data::shards::{DatasetReader, Layout, SplitReader};
 use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery};
-use crate::experiment::consistency::{
+use crate::model::consistency::{
     BatchShape, DscmrWeights, PairBatch, dscmr_loss, imc_consistency, triplet_consistency,
 };
-use crate::experiment::suite::{Consistency, Variant};
-use crate::model::{Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch};
+use crate::model::{
+    Batch, Consistency, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch, Variant,
+};
 use crate::nn::Dropout;
 use crate::rng::Rng;
 use crate::tensor::Tensor;

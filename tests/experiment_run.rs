@@ -22,8 +22,9 @@ use semshare::experiment::run::{
     ExperimentConfig, bag_of_words, bow_vocabulary, cca_grid, cca_report, fingerprint, is_legacy_fingerprint,
     mean_region_features, mean_text_features, run_suite, select_cca, state_path,
 };
-use semshare::experiment::suite::{RunKey, RunRecord, SuiteKind, SuiteState, Variant};
+use semshare::experiment::suite::{RunKey, RunRecord, SuiteKind, SuiteState};
 use semshare::model::ModelConfig;
+use semshare::model::Variant;
 use semshare::train::TrainConfig;
 
 fn tmp(name: &str) -> PathBuf {

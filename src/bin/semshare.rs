@@ -14,9 +14,9 @@ use semshare::data::shards::{DatasetReader, Layout, is_dataset};
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::{EmbeddingSet, EvalConfig, Report};
 use semshare::experiment::run::{ExperimentConfig, build_suite, default_budget, run_suite, state_path, suite_name};
-use semshare::experiment::suite::{SuiteKind, SuiteState, Variant};
+use semshare::experiment::suite::{SuiteKind, SuiteState};
 use semshare::io::{claim_output, refuse_overlap, refuse_replacing};
-use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
+use semshare::model::{EmbeddingKind, ModelConfig, SemShare, Variant};
 use semshare::train::{RunOptions, TrainConfig, embed_split, evaluate_split, fresh_run_dir, train};
 use semshare::{Error, Result};
 

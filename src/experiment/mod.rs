@@ -1,8 +1,8 @@
-//! The paper's experiments (DESIGN.md §1 "Experiments"; issue 5): the variants of Table 1, the
-//! η sweep of Figure 1, the consistency losses those variants add, the resumable suite
-//! bookkeeping, and the reports (markdown + JSON table, SVG figure).
+//! The paper's experiments (DESIGN.md §1 "Experiments"; issue 5): suites of Table 1's variants
+//! and Figure 1's η sweep, the resumable suite bookkeeping, and the reports (markdown + JSON
+//! table, SVG figure). The variants and their consistency losses are part of the objective
+//! (`model::variant`, `model::consistency`); this module only runs studies of them.
 //!
-//! - `consistency`: the losses of `ours+con`, `imc` and the DSCMR-style baseline, on host arrays.
 //! - `suite`: which runs a suite is made of, and the state file that lets a killed suite resume.
 //! - `report`: per-run scores, mean ± sample std over seeds, `table1.md` / `table1.json`.
 //! - `plot`: Figure 1 (NDCG@500 against η) as a self-contained SVG.
@@ -11,7 +11,6 @@
 //!
 //! What is wired where, and the equations, are in `docs/EXPERIMENTS-DESIGN.md`.
 
-pub mod consistency;
 pub mod plot;
 pub mod report;
 pub mod run;

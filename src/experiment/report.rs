@@ -5,9 +5,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::suite::{SuiteState, Variant};
+use super::suite::SuiteState;
 use crate::eval::metrics::{DirectionMetrics, Report};
-use crate::model::EmbeddingKind;
+use crate::model::{EmbeddingKind, Variant};
 use crate::{Error, Result};
 
 /// One score in both directions and their average (×100, as `eval::Report`).

@@ -11,14 +11,14 @@ use std::time::Instant;
 
 use super::plot::{eta_curves, write_figure1};
 use super::report::{Scores, Tables, write_table};
-use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState, Variant};
+use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::data::dataset::{MASK, checksum, format_checksum};
 use crate::data::shards::{DatasetReader, SplitReader};
 use crate::eval::cca::{Cca, CcaConfig};
 use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery, normalize_rows};
-use crate::model::{EmbeddingKind, ModelConfig, SemShare};
+use crate::model::{EmbeddingKind, ModelConfig, SemShare, Variant};
 use crate::tensor::Tensor;
 use crate::train::{RunOptions, TrainConfig, check_fits, evaluate_split, train};
 use crate::{Error, Result};
