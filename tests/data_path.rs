@@ -20,9 +20,10 @@ use semshare::data::shards::{
 };
 use semshare::data::{Meta, dataset::checksum};
 use semshare::eval::EvalConfig;
+use semshare::inference::evaluate_split;
 use semshare::model::EmbeddingKind;
 use semshare::rng::Rng;
-use semshare::train::{RunOptions, TrainConfig, evaluate_split, train};
+use semshare::train::{RunOptions, TrainConfig, train};
 
 const R: usize = 4;
 const DR: usize = 8;

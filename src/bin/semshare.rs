@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use semshare::backend::{self, Backend};
-use semshare::checkpoint::Checkpoint;
 use semshare::config::{Configs, fit_to_data, read_config_file};
 use semshare::data::flickr_tags::{FlickrTagsConfig, RealTags, generate_flickr_tags};
 use semshare::data::pack::{is_source, pack};
@@ -15,9 +14,10 @@ use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::{EmbeddingSet, EvalConfig, Report};
 use semshare::experiment::run::{ExperimentConfig, build_suite, default_budget, run_suite, state_path, suite_name};
 use semshare::experiment::suite::{SuiteKind, SuiteState};
+use semshare::inference::{embed_split, evaluate_split, load_model};
 use semshare::io::{claim_output, refuse_overlap, refuse_replacing};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare, Variant};
-use semshare::train::{RunOptions, TrainConfig, embed_split, evaluate_split, fresh_run_dir, train};
+use semshare::train::{RunOptions, TrainConfig, fresh_run_dir, train};
 use semshare::{Error, Result};
 
 const USAGE: &str = "\
@@ -434,17 +434,6 @@ fn experiment_cmd(args: &Args) -> Result<()> {
         cfg.out.display()
     );
     Ok(())
-}
-
-/// Items per forward pass when embedding (`train::embed_split`).
-const EMBED_CHUNK: usize = semshare::train::EMBED_CHUNK;
-
-fn load_model(dev: &mut dyn Backend, path: &Path) -> Result<(SemShare, semshare::tensor::Tensor)> {
-    let ckpt = Checkpoint::load(path)?;
-    let net = SemShare::new(&ckpt.model)?;
-    semshare::model::memory::check_memory(dev, &net, EMBED_CHUNK, false)?;
-    let params = net.store.upload(dev, &ckpt.params)?;
-    Ok((net, params))
 }
 
 fn eval_cmd(args: &Args) -> Result<()> {
