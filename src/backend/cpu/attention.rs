@@ -8,17 +8,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{Strided, gemm_strided};
-
-/// Start of each item's probabilities in the packed buffer, and the total size.
-pub fn prob_offsets(offsets: &[usize], heads: usize) -> Vec<usize> {
-    let mut out = Vec::with_capacity(offsets.len());
-    out.push(0);
-    for w in offsets.windows(2) {
-        let len = w[1] - w[0];
-        out.push(out.last().unwrap() + heads * len * len);
-    }
-    out
-}
+use crate::backend::prob_offsets;
 
 /// Split `buf` into consecutive chunks of `unit × (ends[i+1] - ends[i])` elements.
 fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a mut [T]> {
