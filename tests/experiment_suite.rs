@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use semshare::Error;
-use semshare::experiment::report::{Directions, Scores};
+use semshare::experiment::scores::{Directions, Scores};
 use semshare::experiment::suite::{ETA_GRID, RunKey, RunRecord, Suite, SuiteState, TABLE1_ETA};
 use semshare::model::Variant;
 

@@ -3,8 +3,9 @@
 //! table, SVG figure). The variants and their consistency losses are part of the objective
 //! (`model::variant`, `model::consistency`); this module only runs studies of them.
 //!
+//! - `scores`: what a finished run scored (NDCG@k, mAP@all): recorded by the suite, read by the reports.
 //! - `suite`: which runs a suite is made of, and the state file that lets a killed suite resume.
-//! - `report`: per-run scores, mean ± sample std over seeds, `table1.md` / `table1.json`.
+//! - `report`: mean ± sample std over seeds, `table1.md` / `table1.json`.
 //! - `plot`: Figure 1 (NDCG@500 against η) as a self-contained SVG.
 //! - `run`: the runner (`semshare experiment`): trains and evaluates a suite's remaining runs,
 //!   fits the CCA baseline, rewrites the reports after each run.
@@ -14,4 +15,5 @@
 pub mod plot;
 pub mod report;
 pub mod run;
+pub mod scores;
 pub mod suite;

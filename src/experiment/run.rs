@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::plot::{eta_curves, write_figure1};
-use super::report::{Scores, Tables, write_table};
+use super::report::{Tables, write_table};
+use super::scores::Scores;
 use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState};
 use crate::backend::Backend;
 use crate::data::dataset::{MASK, checksum, format_checksum};

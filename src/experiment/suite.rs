@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::report::Scores;
+use super::scores::Scores;
 use crate::model::Variant;
 use crate::{Error, Result};
 
