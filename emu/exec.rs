@@ -619,17 +619,20 @@ impl<'k> Block<'k> {
             }};
         }
         let mut budget: u64 = 1 << 34;
+        // The pc lives in a local; `self.pc[t]` is brought up to date before anything that can
+        // fail (memory operations name the instruction) and whenever the thread stops.
+        let mut pc = self.pc[t];
         loop {
             budget -= 1;
             if budget == 0 {
+                self.pc[t] = pc;
                 return Err(self.err(t, "no barrier or exit after 2^34 instructions (an endless loop?)".into()));
             }
-            let pc = self.pc[t];
             let inst = &k.code[pc];
             if let Some((p, neg)) = inst.guard {
                 let v = self.regs[t * nregs + p as usize] & 1 != 0;
                 if v == neg {
-                    self.pc[t] = pc + 1;
+                    pc += 1;
                     continue;
                 }
             }
@@ -696,7 +699,7 @@ impl<'k> Block<'k> {
                 }
                 Op::Mad { mode, ty, d, a, b, c } => {
                     let p = arith(*mode, *ty, false, rd!(&a), rd!(&b));
-                    let rty = if *mode == AOp::MulWide { wide_ty(*ty) } else { *ty };
+                    let rty = if *mode == AOp::MulWide { wide(*ty) } else { *ty };
                     let v = arith(AOp::Add, rty, false, p, rd!(&c));
                     wr!(*d, v);
                 }
@@ -736,6 +739,7 @@ impl<'k> Block<'k> {
                     wr!(*d, r);
                 }
                 Op::Ld { space, ty, ds, addr } => {
+                    self.pc[t] = pc;
                     let bytes = ty.bytes() as u64;
                     let a0 = self.addr(t, addr);
                     let total = bytes * ds.len() as u64;
@@ -750,6 +754,7 @@ impl<'k> Block<'k> {
                     }
                 }
                 Op::St { space, ty, addr, srcs } => {
+                    self.pc[t] = pc;
                     let bytes = ty.bytes() as u64;
                     let a0 = self.addr(t, addr);
                     let total = bytes * srcs.len() as u64;
@@ -762,6 +767,7 @@ impl<'k> Block<'k> {
                     }
                 }
                 Op::Atom { space, op, ty, d, addr, b, c } => {
+                    self.pc[t] = pc;
                     let a = self.addr(t, addr);
                     let bytes = ty.bytes() as u64;
                     if !a.is_multiple_of(bytes) {
@@ -787,6 +793,7 @@ impl<'k> Block<'k> {
                     }
                 }
                 Op::CpAsync { dst, src, bytes, src_bytes } => {
+                    self.pc[t] = pc;
                     let (da, sa) = (self.addr(t, dst), self.addr(t, src));
                     let n = *bytes as u64;
                     let fill = src_bytes.map(|s| rd!(&s).min(n)).unwrap_or(n);
@@ -806,24 +813,27 @@ impl<'k> Block<'k> {
                     }
                 }
                 Op::Bra { target } => {
-                    self.pc[t] = *target;
+                    pc = *target;
                     continue;
                 }
                 Op::Bar => {
+                    self.pc[t] = pc;
                     self.state[t] = State::Barrier;
                     return Ok(());
                 }
                 Op::BarWarp { .. } | Op::Shfl { .. } | Op::Vote { .. } => {
+                    self.pc[t] = pc;
                     self.state[t] = State::Warp;
                     return Ok(());
                 }
                 Op::Exit => {
+                    self.pc[t] = pc;
                     self.state[t] = State::Exited;
                     return Ok(());
                 }
                 Op::Nop => {}
             }
-            self.pc[t] = pc + 1;
+            pc += 1;
         }
     }
 }
@@ -871,16 +881,6 @@ fn saturate(x: f32) -> f32 {
         0.0
     } else {
         x.clamp(0.0, 1.0)
-    }
-}
-
-fn wide_ty(ty: Ty) -> Ty {
-    match ty {
-        Ty::S16 => Ty::S32,
-        Ty::U16 => Ty::U32,
-        Ty::S32 => Ty::S64,
-        Ty::U32 => Ty::U64,
-        t => t,
     }
 }
 

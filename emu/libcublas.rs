@@ -55,73 +55,62 @@ unsafe fn handle<'a>(h: *mut c_void) -> Option<&'a mut Handle> {
     (h as *mut Handle).as_mut()
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn cublasSetStream_v2(h: *mut c_void, s: *mut c_void) -> Status {
+/// Runs `f` on a live handle: NOT_INITIALIZED for a null one.
+unsafe fn with_handle(h: *mut c_void, f: impl FnOnce(&mut Handle) -> Status) -> Status {
     match handle(h) {
-        Some(h) => {
-            h.stream = s;
-            SUCCESS
-        }
+        Some(h) => f(h),
         None => NOT_INITIALIZED,
     }
+}
+
+/// Writes a handle's field to `out`: NOT_INITIALIZED, INVALID_VALUE for a null `out`.
+unsafe fn get<T: Copy>(h: *mut c_void, out: *mut T, field: impl FnOnce(&Handle) -> T) -> Status {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    with_handle(h, |h| {
+        *out = field(h);
+        SUCCESS
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasSetStream_v2(h: *mut c_void, s: *mut c_void) -> Status {
+    with_handle(h, |h| {
+        h.stream = s;
+        SUCCESS
+    })
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasGetStream_v2(h: *mut c_void, s: *mut *mut c_void) -> Status {
-    match (handle(h), s.is_null()) {
-        (Some(h), false) => {
-            *s = h.stream;
-            SUCCESS
-        }
-        (None, _) => NOT_INITIALIZED,
-        _ => INVALID_VALUE,
-    }
+    get(h, s, |h| h.stream)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasSetMathMode(h: *mut c_void, mode: c_int) -> Status {
-    match handle(h) {
-        Some(h) => {
-            h.math_mode = mode;
-            SUCCESS
-        }
-        None => NOT_INITIALIZED,
-    }
+    with_handle(h, |h| {
+        h.math_mode = mode;
+        SUCCESS
+    })
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasGetMathMode(h: *mut c_void, mode: *mut c_int) -> Status {
-    match (handle(h), mode.is_null()) {
-        (Some(h), false) => {
-            *mode = h.math_mode;
-            SUCCESS
-        }
-        (None, _) => NOT_INITIALIZED,
-        _ => INVALID_VALUE,
-    }
+    get(h, mode, |h| h.math_mode)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasSetPointerMode_v2(h: *mut c_void, mode: c_int) -> Status {
-    match handle(h) {
-        Some(h) => {
-            h.pointer_mode = mode;
-            SUCCESS
-        }
-        None => NOT_INITIALIZED,
-    }
+    with_handle(h, |h| {
+        h.pointer_mode = mode;
+        SUCCESS
+    })
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cublasGetPointerMode_v2(h: *mut c_void, mode: *mut c_int) -> Status {
-    match (handle(h), mode.is_null()) {
-        (Some(h), false) => {
-            *mode = h.pointer_mode;
-            SUCCESS
-        }
-        (None, _) => NOT_INITIALIZED,
-        _ => INVALID_VALUE,
-    }
+    get(h, mode, |h| h.pointer_mode)
 }
 
 #[no_mangle]

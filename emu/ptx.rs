@@ -1314,7 +1314,8 @@ fn decode(ctx: &mut Ctx, s: &str) -> Result<Decoded, String> {
     Ok((guard, op))
 }
 
-fn wide(ty: Ty) -> Ty {
+/// The type of a `.wide` result: twice the width.
+pub fn wide(ty: Ty) -> Ty {
     match ty {
         Ty::S16 => Ty::S32,
         Ty::U16 => Ty::U32,

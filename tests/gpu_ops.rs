@@ -377,3 +377,29 @@ fn out_of_memory_says_how_much() {
     let t = gpu.upload(&[1.0, 2.0], &[2]).unwrap();
     assert_eq!(gpu.download(t.view()).unwrap(), vec![1.0, 2.0]);
 }
+
+/// Zero rows, zero items, zero ids: every op returns an empty result (or leaves its output as
+/// it was) on both devices, launching nothing it could not size.
+#[test]
+fn empty_inputs() {
+    let Some(mut gpu) = gpu_or_skip("empty inputs") else { return };
+    let mut cpu = common::cpu();
+    for dev in [&mut cpu as &mut dyn Backend, gpu.as_mut()] {
+        let name = dev.name();
+        let x = dev.zeros(&[0, 8]).unwrap();
+        let gamma = dev.upload(&[1.0; 8], &[8]).unwrap();
+        let beta = dev.zeros(&[8]).unwrap();
+        let (y, _stats) = dev.layernorm_fwd(&x, gamma.view(), beta.view(), 1e-5).unwrap();
+        assert_eq!(y.shape(), &[0, 8], "{name} layernorm");
+        assert_eq!(dev.gelu_fwd(&x).unwrap().shape(), &[0, 8], "{name} gelu");
+        let mut db = dev.upload(&[2.0; 8], &[8]).unwrap();
+        dev.bias_bwd(&x, db.view_mut()).unwrap();
+        assert_eq!(dev.download(db.view()).unwrap(), vec![2.0; 8], "{name} bias_bwd of no rows adds nothing");
+        assert_eq!(dev.sum_squares(x.view()).unwrap(), 0.0, "{name} sum_squares");
+        let table = dev.upload(&randv(1, 24), &[3, 8]).unwrap();
+        let none = dev.upload_ids(&[]).unwrap();
+        assert_eq!(dev.gather_rows(table.view(), 8, &none).unwrap().shape(), &[0, 8], "{name} gather");
+        let seg = Segments::from_lengths(dev, &[]).unwrap();
+        assert_eq!(dev.segment_mean_fwd(&x, &seg).unwrap().shape(), &[0, 8], "{name} segment_mean");
+    }
+}
