@@ -13,7 +13,7 @@ use crate::checkpoint::Checkpoint;
 use std::sync::Arc;
 
 use crate::data::loader::Loader;
-use crate::data::shards::{DatasetReader, Layout};
+use crate::data::shard::{DatasetReader, Layout};
 use crate::eval::metrics::{EvalConfig, Report};
 use crate::inference::evaluate_split;
 use crate::model::consistency::{

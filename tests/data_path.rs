@@ -15,7 +15,7 @@ use safetensors::tensor::Dtype;
 use semshare::backend::cpu::Cpu;
 use semshare::data::loader::Loader;
 use semshare::data::pack::pack;
-use semshare::data::shards::{
+use semshare::data::shard::{
     DatasetReader, DatasetWriter, FeatureDtype, ImageRecord, Layout, RawTensor, TextRecord, reserved_vocab,
 };
 use semshare::data::{Meta, dataset::checksum};

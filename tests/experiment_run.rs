@@ -12,7 +12,7 @@ use std::sync::Arc;
 use semshare::Error;
 use semshare::backend::cpu::Cpu;
 use semshare::data::Meta;
-use semshare::data::shards::{
+use semshare::data::shard::{
     DatasetReader, DatasetWriter, FeatureDtype, ImageRecord, Layout, TextRecord, reserved_vocab,
 };
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};

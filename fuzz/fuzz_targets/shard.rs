@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use semshare::data::Meta;
-use semshare::data::shards::{Layout, Shard, reserved_vocab};
+use semshare::data::shard::{Layout, Shard, reserved_vocab};
 
 fn layout(text_feature_dim: usize) -> Layout {
     let mut vocab = reserved_vocab();

@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::Result;
-use crate::data::shards::{FeatureDtype, Layout, Shard, SplitReader};
+use crate::data::shard::{FeatureDtype, Layout, Shard, SplitReader};
 use crate::model::{ImageBatch, TextBatch};
 use crate::rng::Rng;
 

@@ -26,7 +26,7 @@ use std::path::Path;
 
 use safetensors::tensor::TensorInfo;
 
-use super::shards::{DatasetReader, DatasetWriter, Layout, SplitReader, typed};
+use super::shard::{DatasetReader, DatasetWriter, Layout, SplitReader, typed};
 
 use crate::{Error, Result};
 
@@ -655,7 +655,7 @@ pub(crate) fn diagnose(bytes: &[u8], err: &safetensors::SafeTensorError) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::shards::RawTensor;
+    use crate::data::shard::RawTensor;
     use crate::data::synth::tests::tiny;
     use crate::data::synth::{SynthPreset, generate};
     use proptest::prelude::*;

@@ -21,7 +21,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors};
 
 use super::dataset::{Dataset, Meta, RESERVED_TOKENS, Split};
-use super::shards::{DatasetWriter, Layout, RawTensor};
+use super::shard::{DatasetWriter, Layout, RawTensor};
 use super::synth::{SynthConfig, SynthPreset, generate};
 use crate::rng::Rng;
 use crate::{Error, Result};

@@ -3,7 +3,7 @@
 
 pub mod dataset;
 pub mod flickr_tags;
-pub mod shards;
+pub mod shard;
 pub mod synth;
 
 pub use dataset::{Dataset, Meta, Split};

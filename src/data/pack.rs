@@ -9,7 +9,7 @@ use safetensors::tensor::SafeTensors;
 use serde::Deserialize;
 
 use super::dataset::{Meta, diagnose, plain_file_name, read_lines, tensor::*};
-use super::shards::{
+use super::shard::{
     DatasetWriter, ImageRecord, ImageRows, LABELS_FILE, Layout, SPLITS, Shard, TEXT_FEATURES, TextRecord, VOCAB_FILE,
     reserved_vocab,
 };
@@ -206,7 +206,7 @@ pub fn pack(src: &Path, out: &Path, shard_bytes: usize) -> Result<PackSummary> {
     }
     let out = w.finish()?;
     // Read back what was written: the reader's structural checks see the final files.
-    let written = super::shards::DatasetReader::open(&out)?;
+    let written = super::shard::DatasetReader::open(&out)?;
     for s in &mut summary.splits {
         s.3 = written.split(&s.0)?.shards.len();
     }

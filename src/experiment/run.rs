@@ -15,7 +15,7 @@ use super::scores::Scores;
 use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState};
 use crate::backend::Backend;
 use crate::data::dataset::{MASK, checksum, format_checksum};
-use crate::data::shards::{DatasetReader, SplitReader};
+use crate::data::shard::{DatasetReader, SplitReader};
 use crate::eval::cca::{Cca, CcaConfig};
 use crate::eval::metrics::{EvalConfig, Report, normalize_rows};
 use crate::inference::{evaluate_embedded, evaluate_split, load_model};

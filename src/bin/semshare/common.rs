@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::args::Args;
 use semshare::backend::{self, Backend};
 use semshare::config::{Configs, fit_to_data, read_config_file};
-use semshare::data::shards::{DatasetReader, Layout};
+use semshare::data::shard::{DatasetReader, Layout};
 use semshare::eval::Report;
 use semshare::model::ModelConfig;
 use semshare::train::TrainConfig;

@@ -2,7 +2,7 @@
 
 use crate::args::Args;
 use semshare::data::pack::pack;
-use semshare::data::shards::is_dataset;
+use semshare::data::shard::is_dataset;
 use semshare::io::{claim_output, refuse_replacing};
 use semshare::{Error, Result};
 
