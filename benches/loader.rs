@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use semshare::data::loader::Loader;
-use semshare::data::shard::DatasetReader;
+use semshare::data::reader::DatasetReader;
 
 #[path = "support/gen.rs"]
 mod generator;

@@ -5,7 +5,8 @@
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::data::batches::{image_batch, text_batch};
-use crate::data::shard::{DatasetReader, Layout, SplitReader};
+use crate::data::format::Layout;
+use crate::data::reader::{DatasetReader, SplitReader};
 use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery};
 use crate::model::{Batch, EmbeddingKind, SemShare};
 use crate::tensor::Tensor;

@@ -12,8 +12,9 @@ use crate::backend::{AdamW, Backend};
 use crate::checkpoint::Checkpoint;
 use std::sync::Arc;
 
+use crate::data::format::Layout;
 use crate::data::loader::Loader;
-use crate::data::shard::{DatasetReader, Layout};
+use crate::data::reader::DatasetReader;
 use crate::eval::metrics::{EvalConfig, Report};
 use crate::inference::evaluate_split;
 use crate::model::consistency::{

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use semshare::data::Dataset;
-use semshare::data::shard::DatasetReader;
+use semshare::data::reader::DatasetReader;
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::model::ModelConfig;
 use semshare::train::{RunOptions, TrainConfig, train};

@@ -5,7 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use semshare::data::Meta;
-use semshare::data::shard::{Layout, Shard, reserved_vocab};
+use semshare::data::format::{Layout, reserved_vocab};
+use semshare::data::shard::Shard;
 
 fn layout(text_feature_dim: usize) -> Layout {
     let mut vocab = reserved_vocab();

@@ -1,6 +1,6 @@
 //! `semshare check DIR`: full validation of a dataset.
 
-use semshare::data::shard::DatasetReader;
+use semshare::data::reader::DatasetReader;
 use semshare::{Error, Result};
 
 /// Every problem found, one per line; an error (exit 1) when there is any.

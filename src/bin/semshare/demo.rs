@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::args::Args;
 use crate::common::device;
 use semshare::config::fit_to_data;
-use semshare::data::shard::DatasetReader;
+use semshare::data::reader::DatasetReader;
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::eval::{EvalConfig, Report};
 use semshare::inference::{evaluate_split, load_model};

@@ -1,8 +1,8 @@
 //! `semshare pack`: a source directory (docs/FORMAT.md) into a dataset.
 
 use crate::args::Args;
+use semshare::data::format::is_dataset;
 use semshare::data::pack::pack;
-use semshare::data::shard::is_dataset;
 use semshare::io::{claim_output, refuse_replacing};
 use semshare::{Error, Result};
 

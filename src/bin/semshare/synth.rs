@@ -3,8 +3,8 @@
 
 use crate::args::Args;
 use semshare::data::flickr_tags::{FlickrTagsConfig, RealTags, generate_flickr_tags};
+use semshare::data::format::is_dataset;
 use semshare::data::pack::is_source;
-use semshare::data::shard::is_dataset;
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::io::{claim_output, refuse_replacing};
 use semshare::{Error, Result};
