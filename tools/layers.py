@@ -12,7 +12,7 @@ and `semshare::…` in the binary. A path is resolved to the file that defines t
 code, so it ties nothing. Fails on:
   - an import from a higher floor (FLOORS below, the table of docs/ARCHITECTURE.md);
   - a cycle between top-level modules (e.g. `train` -> `experiment` -> `train`);
-  - a cycle between files (e.g. `data/dataset.rs` <-> `data/shards.rs`).
+  - a cycle between files (e.g. `experiment/report.rs` <-> `experiment/suite.rs`).
 Each message names the files and the imported names that tie them. It also fails on a source
 file of src/ over MAX_LINES lines, its `#[cfg(test)]` modules aside.
 """
@@ -284,12 +284,37 @@ def check(root):
         if top(a) != top(b) and a != "src/lib.rs":
             module_edges.setdefault((top(a), top(b)), []).append(f"{a} -> {b}: {', '.join(sorted(names))}")
     for comp in cycles({m for e in module_edges for m in e}, module_edges):
-        ties = [t for (a, b), ts in sorted(module_edges.items()) if a in comp and b in comp for t in ts]
-        problems.append(f"module cycle {' <-> '.join(comp)}:\n    " + "\n    ".join(ties))
+        circle = shortest_circle(comp, module_edges)
+        ties = [t for a, b in zip(circle, circle[1:]) for t in module_edges[(a, b)]]
+        problems.append(f"module cycle {' -> '.join(circle)}:\n    " + "\n    ".join(ties))
     for comp in cycles(set(crate.code), edges):
-        ties = [f"{a} -> {b}: {', '.join(sorted(n))}" for (a, b), n in sorted(edges.items()) if a in comp and b in comp]
-        problems.append(f"file cycle {' <-> '.join(comp)}:\n    " + "\n    ".join(ties))
+        circle = shortest_circle(comp, edges)
+        ties = [f"{a} -> {b}: {', '.join(sorted(edges[(a, b)]))}" for a, b in zip(circle, circle[1:])]
+        problems.append(f"file cycle {' -> '.join(circle)}:\n    " + "\n    ".join(ties))
     return problems
+
+
+def shortest_circle(comp, edges):
+    """The shortest closed path inside a strongly connected component: [a, b, …, a]."""
+    inside = set(comp)
+    best = None
+    for start in sorted(comp):
+        paths, frontier = {start: [start]}, [start]
+        while frontier and not (best and len(paths[frontier[0]]) >= len(best)):
+            nxt = []
+            for v in frontier:
+                for (a, b) in sorted(edges):
+                    if a != v or b not in inside:
+                        continue
+                    if b == start:
+                        circle = paths[v] + [start]
+                        if best is None or len(circle) < len(best):
+                            best = circle
+                    elif b not in paths:
+                        paths[b] = paths[v] + [b]
+                        nxt.append(b)
+            frontier = nxt
+    return best
 
 
 def self_test():
@@ -299,7 +324,7 @@ def self_test():
         # (file, line to append, what the report must contain)
         ("src/eval/linalg.rs", "use crate::eval::cca::Cca;", ["file cycle", "src/eval/cca.rs", "src/eval/linalg.rs", "Cca"]),
         ("src/nn/linear.rs", "fn f() { let _ = crate::train::MAX_BATCH; }", ["upward import: src/nn/linear.rs", "MAX_BATCH", "src/train.rs"]),
-        ("src/eval/linalg.rs", "use crate::data::Dataset;", ["module cycle", "data <-> eval", "Dataset"]),
+        ("src/eval/linalg.rs", "use crate::data::Dataset;", ["module cycle data -> eval -> data", "Dataset", "Side"]),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(os.path.join(here, "src"), os.path.join(tmp, "src"))
