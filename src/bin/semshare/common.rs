@@ -1,5 +1,5 @@
 //! What several commands share: the device, the configuration (preset, file, flags), the
-//! dataset and the report printout.
+//! dataset, a trained model to evaluate or embed with, and the report printout.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -11,7 +11,9 @@ use semshare::config::{Configs, fit_to_data, read_config_file};
 use semshare::data::format::Layout;
 use semshare::data::reader::DatasetReader;
 use semshare::eval::Report;
-use semshare::model::ModelConfig;
+use semshare::inference::load_model;
+use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
+use semshare::tensor::Tensor;
 use semshare::train::TrainConfig;
 use semshare::{Error, Result};
 
@@ -67,5 +69,26 @@ pub fn print_report(r: &Report, json: bool) {
         println!("{}", r.to_json());
     } else {
         print!("{}", r.table());
+    }
+}
+
+/// What `eval` and `embed` start from: the `--checkpoint` on the `--device`, checked against
+/// the `--data` it is used with, and the `--embedding` to rank with.
+pub struct Trained {
+    pub dev: Box<dyn Backend>,
+    pub data: Arc<DatasetReader>,
+    pub net: SemShare,
+    pub params: Tensor,
+    pub kind: EmbeddingKind,
+}
+
+impl Trained {
+    pub fn open(args: &Args) -> Result<Trained> {
+        let mut dev = device(args)?;
+        let data = load_data(args)?;
+        let (net, params) = load_model(dev.as_mut(), &args.path("checkpoint")?)?;
+        semshare::train::check_fits(&data.layout, &net.cfg)?;
+        let kind: EmbeddingKind = args.get("embedding").unwrap_or("pooled").parse()?;
+        Ok(Trained { dev, data, net, params, kind })
     }
 }

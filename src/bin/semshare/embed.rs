@@ -1,19 +1,14 @@
 //! `semshare embed`: a split's embeddings into a file for `score`.
 
 use crate::args::Args;
-use crate::common::{device, load_data, split_name};
+use crate::common::{Trained, split_name};
 use semshare::Result;
 use semshare::eval::EmbeddingSet;
-use semshare::inference::{embed_split, load_model};
+use semshare::inference::embed_split;
 use semshare::io::{claim_output, refuse_overlap};
-use semshare::model::EmbeddingKind;
 
 pub fn run(args: &Args) -> Result<()> {
-    let mut dev = device(args)?;
-    let data = load_data(args)?;
-    let (net, params) = load_model(dev.as_mut(), &args.path("checkpoint")?)?;
-    semshare::train::check_fits(&data.layout, &net.cfg)?;
-    let kind: EmbeddingKind = args.get("embedding").unwrap_or("pooled").parse()?;
+    let Trained { mut dev, data, net, params, kind } = Trained::open(args)?;
     let split = data.split(split_name(args))?;
     let out = args.path("out")?;
     refuse_overlap(&out, &args.path("checkpoint")?, "checkpoint (--checkpoint)")?;
