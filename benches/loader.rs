@@ -7,9 +7,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use semshare::data::dataset::checksum_file;
+use semshare::data::checksum::checksum_file;
 use semshare::data::loader::Loader;
-use semshare::data::shards::DatasetReader;
+use semshare::data::reader::DatasetReader;
 
 #[path = "support/gen.rs"]
 mod generator;

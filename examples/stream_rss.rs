@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use semshare::data::loader::Loader;
-use semshare::data::shards::DatasetReader;
+use semshare::data::reader::DatasetReader;
 
 #[path = "../benches/support/gen.rs"]
 mod generator;

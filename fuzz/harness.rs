@@ -13,7 +13,9 @@ use semshare::config::apply_config_json;
 use semshare::data::Meta;
 use semshare::data::batches::{RawImages, RawTexts};
 use semshare::data::pack::pack;
-use semshare::data::shards::{DatasetReader, Layout, Shard, reserved_vocab};
+use semshare::data::format::{Layout, reserved_vocab};
+use semshare::data::reader::DatasetReader;
+use semshare::data::shard::Shard;
 use semshare::eval::{EmbeddingSet, EvalConfig};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
 use semshare::train::TrainConfig;
@@ -264,7 +266,7 @@ pub fn cli(data: &[u8]) {
     }
     if let Some(list) = args.get("variants") {
         for v in list.split(',') {
-            let _ = v.trim().parse::<semshare::experiment::suite::Variant>();
+            let _ = v.trim().parse::<semshare::model::Variant>();
         }
     }
     if let Some(p) = args.get("preset") {

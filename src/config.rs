@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::data::shards::Layout;
+use crate::data::format::Layout;
 use crate::io::{SMALL_FILE_LIMIT, read_text};
 use crate::model::ModelConfig;
 use crate::train::TrainConfig;

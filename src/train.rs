@@ -12,15 +12,17 @@ use crate::backend::{AdamW, Backend};
 use crate::checkpoint::Checkpoint;
 use std::sync::Arc;
 
-use crate::data::batches::{image_batch, text_batch};
+use crate::data::format::Layout;
 use crate::data::loader::Loader;
-use crate::data::shards::{DatasetReader, Layout, SplitReader};
-use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery};
-use crate::experiment::consistency::{
+use crate::data::reader::DatasetReader;
+use crate::eval::metrics::{EvalConfig, Report};
+use crate::inference::evaluate_split;
+use crate::model::consistency::{
     BatchShape, DscmrWeights, PairBatch, dscmr_loss, imc_consistency, triplet_consistency,
 };
-use crate::experiment::suite::{Consistency, Variant};
-use crate::model::{Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch};
+use crate::model::{
+    Batch, Consistency, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch, Variant,
+};
 use crate::nn::Dropout;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -377,67 +379,6 @@ impl Trainer {
             step: self.step,
             state,
         })
-    }
-}
-
-/// Items per forward pass of [`embed_split`].
-pub const EMBED_CHUNK: usize = 64;
-
-/// Embeddings of every image and text of a split, `[N, D]` and `[M, D]`.
-pub fn embed_split(
-    dev: &mut dyn Backend,
-    net: &SemShare,
-    params: &Tensor,
-    layout: &Layout,
-    split: &SplitReader,
-    kind: EmbeddingKind,
-) -> Result<(Vec<f32>, Vec<f32>, usize)> {
-    if split.num_images() == 0 {
-        return Err(Error::data(format!("split `{}` is empty: nothing to embed or evaluate", split.name)));
-    }
-    let mut out = [Vec::new(), Vec::new()];
-    let mut dim = 0;
-    for (side, n) in [split.num_images(), split.num_texts()].into_iter().enumerate() {
-        let idx: Vec<usize> = (0..n).collect();
-        for c in idx.chunks(EMBED_CHUNK) {
-            let batch = match side {
-                0 => Batch::Image(image_batch(layout, split, c)?),
-                _ => Batch::Text(text_batch(layout, split, c)?),
-            };
-            let e = net.embed(dev, params, &batch, kind)?;
-            dim = e.cols();
-            out[side].extend(dev.download(e.view())?);
-        }
-    }
-    let [ie, te] = out;
-    Ok((ie, te, dim))
-}
-
-/// Retrieval metrics of a model on split `name` (I2T, T2I, average). For `test` with a
-/// `database` split, the test items are the queries and the database is the gallery (the
-/// MIRFlickr protocol); otherwise queries and gallery are the split itself.
-pub fn evaluate_split(
-    dev: &mut dyn Backend,
-    net: &SemShare,
-    params: &Tensor,
-    data: &DatasetReader,
-    name: &str,
-    kind: EmbeddingKind,
-    cfg: &EvalConfig,
-) -> Result<Report> {
-    let split = data.split(name)?;
-    let c = data.meta().num_labels;
-    let (ie, te, dim) = embed_split(dev, net, params, &data.layout, split, kind)?;
-    let (image_labels, text_labels) = (split.image_labels(), split.text_labels());
-    let (images, texts) = (Side::new(&ie, dim, &image_labels, c), Side::new(&te, dim, &text_labels, c));
-    match data.database() {
-        Some(db) if name == "test" => {
-            let (gie, gte, _) = embed_split(dev, net, params, &data.layout, db, kind)?;
-            let (gil, gtl) = (db.image_labels(), db.text_labels());
-            let gallery_images = Side::new(&gie, dim, &gil, c);
-            evaluate_against_gallery(&images, &texts, &gallery_images, &Side::new(&gte, dim, &gtl, c), cfg)
-        }
-        _ => evaluate(&images, &texts, &split.text_items(), cfg),
     }
 }
 

@@ -13,16 +13,17 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use safetensors::tensor::Dtype;
 use semshare::backend::cpu::Cpu;
+use semshare::data::format::{FeatureDtype, Layout, reserved_vocab};
 use semshare::data::loader::Loader;
 use semshare::data::pack::pack;
-use semshare::data::shards::{
-    DatasetReader, DatasetWriter, FeatureDtype, ImageRecord, Layout, RawTensor, TextRecord, reserved_vocab,
-};
-use semshare::data::{Meta, dataset::checksum};
+use semshare::data::reader::DatasetReader;
+use semshare::data::writer::{DatasetWriter, ImageRecord, RawTensor, TextRecord};
+use semshare::data::{Meta, checksum::checksum};
 use semshare::eval::EvalConfig;
+use semshare::inference::evaluate_split;
 use semshare::model::EmbeddingKind;
 use semshare::rng::Rng;
-use semshare::train::{RunOptions, TrainConfig, evaluate_split, train};
+use semshare::train::{RunOptions, TrainConfig, train};
 
 const R: usize = 4;
 const DR: usize = 8;

@@ -386,7 +386,7 @@ fn fifos_devices_and_directories_are_refused_at_open() {
 fn a_shard_truncated_under_check_is_an_error_not_a_signal() {
     let dir = tmp("truncate");
     let data = synth(&dir, "data", &[]);
-    let reader = semshare::data::shards::DatasetReader::open(&data).unwrap();
+    let reader = semshare::data::reader::DatasetReader::open(&data).unwrap();
     assert!(reader.check(10).is_empty());
     let shard = data.join("train-00000.safetensors");
     let len = std::fs::metadata(&shard).unwrap().len();

@@ -1,10 +1,10 @@
-//! The consistency losses of `src/experiment/consistency.rs`: hand-computed cases, central
+//! The consistency losses of `src/model/consistency.rs`: hand-computed cases, central
 //! finite-difference gradient checks in f64 on random batches (B = 1, small, and batches where
 //! every pair shares a label), f32 = f64, and bad input returned as errors.
 
 use proptest::prelude::*;
 use semshare::Error;
-use semshare::experiment::consistency::{
+use semshare::model::consistency::{
     BatchShape, DscmrWeights, PairBatch, PairLoss, dscmr_loss, imc_consistency, triplet_consistency,
 };
 

@@ -7,8 +7,10 @@ use std::path::PathBuf;
 use semshare::Error;
 use semshare::eval::metrics::{DirectionMetrics, Report};
 use semshare::experiment::plot::{EtaCurve, EtaPoint, eta_curves, figure1_svg, write_figure1};
-use semshare::experiment::report::{Directions, Scores, Tables, mean_std, summarize, write_table};
-use semshare::experiment::suite::{RunRecord, Suite, SuiteState, Variant};
+use semshare::experiment::report::{Tables, mean_std, summarize, write_table};
+use semshare::experiment::scores::{Directions, Scores};
+use semshare::experiment::suite::{RunRecord, Suite, SuiteState};
+use semshare::model::Variant;
 
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("semshare-report-{tag}-{}", std::process::id()));

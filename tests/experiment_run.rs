@@ -12,18 +12,19 @@ use std::sync::Arc;
 use semshare::Error;
 use semshare::backend::cpu::Cpu;
 use semshare::data::Meta;
-use semshare::data::shards::{
-    DatasetReader, DatasetWriter, FeatureDtype, ImageRecord, Layout, TextRecord, reserved_vocab,
-};
+use semshare::data::format::{FeatureDtype, Layout, reserved_vocab};
+use semshare::data::reader::DatasetReader;
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
+use semshare::data::writer::{DatasetWriter, ImageRecord, TextRecord};
 use semshare::eval::EvalConfig;
 use semshare::eval::cca::CcaConfig;
 use semshare::experiment::run::{
     ExperimentConfig, bag_of_words, bow_vocabulary, cca_grid, cca_report, fingerprint, is_legacy_fingerprint,
     mean_region_features, mean_text_features, run_suite, select_cca, state_path,
 };
-use semshare::experiment::suite::{RunKey, RunRecord, SuiteKind, SuiteState, Variant};
+use semshare::experiment::suite::{RunKey, RunRecord, SuiteKind, SuiteState};
 use semshare::model::ModelConfig;
+use semshare::model::Variant;
 use semshare::train::TrainConfig;
 
 fn tmp(name: &str) -> PathBuf {
@@ -265,7 +266,7 @@ fn a_fingerprint_made_with_another_metadata_order_is_the_same_suite() {
     let mut shuffled = sorted.clone();
     shuffled[8..8 + to.len()].copy_from_slice(to.as_bytes());
     std::fs::write(&shard, &shuffled).unwrap();
-    let sum = |b: &[u8]| format!("fnv1a64x4:{:016x}", semshare::data::dataset::checksum(b));
+    let sum = |b: &[u8]| format!("fnv1a64x4:{:016x}", semshare::data::checksum::checksum(b));
     std::fs::write(&manifest, sorted_manifest.replace(&sum(&sorted), &sum(&shuffled))).unwrap();
     let old = Arc::new(DatasetReader::open(dir.join("data")).unwrap());
     let old_fp = fingerprint(&old, &cfg.model, &cfg.train).unwrap();

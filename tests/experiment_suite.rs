@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use semshare::Error;
-use semshare::experiment::report::{Directions, Scores};
-use semshare::experiment::suite::{ETA_GRID, RunKey, RunRecord, Suite, SuiteState, TABLE1_ETA, Variant};
+use semshare::experiment::scores::{Directions, Scores};
+use semshare::experiment::suite::{ETA_GRID, RunKey, RunRecord, Suite, SuiteState, TABLE1_ETA};
+use semshare::model::Variant;
 
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("semshare-suite-{tag}-{}", std::process::id()));

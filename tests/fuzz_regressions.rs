@@ -51,7 +51,7 @@ fn fuzz_seeds_are_accepted_where_they_should_be() {
     let seed = |target: &str, file: &str| std::fs::read(root().join("fuzz/seeds").join(target).join(file)).unwrap();
     let dir = harness::scratch().join("dataset");
     harness::manifest(&seed("manifest", "dataset.json"));
-    let data = semshare::data::shards::DatasetReader::open(&dir).expect("the manifest seed opens the fixture");
+    let data = semshare::data::reader::DatasetReader::open(&dir).expect("the manifest seed opens the fixture");
     assert!(data.check(10).is_empty(), "the fixture dataset passes `check`");
     let path = harness::scratch().join("c.safetensors");
     std::fs::write(&path, seed("checkpoint", "tiny.safetensors")).unwrap();
@@ -59,7 +59,7 @@ fn fuzz_seeds_are_accepted_where_they_should_be() {
     std::fs::write(&path, seed("embeddings", "with-items.safetensors")).unwrap();
     semshare::eval::EmbeddingSet::load(&path).expect("the embeddings seed loads");
     harness::pack_source(&seed("pack_source", "fixture.bin"));
-    let packed = semshare::data::shards::DatasetReader::open(harness::scratch().join("packed")).expect("packed");
+    let packed = semshare::data::reader::DatasetReader::open(harness::scratch().join("packed")).expect("packed");
     assert_eq!(packed.split("train").unwrap().num_images(), 6);
     let text = String::from_utf8(seed("config", "variant.json")).unwrap();
     let (model, train) = (semshare::model::ModelConfig::small(), semshare::train::TrainConfig::default());
@@ -75,7 +75,8 @@ fn fuzz_seeds_are_accepted_where_they_should_be() {
 #[ignore = "rewrites committed files under fuzz/"]
 fn write_fuzz_fixtures_and_seeds() {
     use semshare::checkpoint::Checkpoint;
-    use semshare::data::shards::{DatasetWriter, FeatureDtype, ImageRecord, TextRecord};
+    use semshare::data::format::FeatureDtype;
+    use semshare::data::writer::{DatasetWriter, ImageRecord, TextRecord};
     use semshare::eval::EmbeddingSet;
     use semshare::model::{ModelConfig, SemShare};
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use semshare::data::Dataset;
-use semshare::data::shards::DatasetReader;
+use semshare::data::reader::DatasetReader;
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::model::ModelConfig;
 use semshare::train::{RunOptions, TrainConfig, train};
@@ -107,7 +107,7 @@ fn resuming_reproduces_an_uninterrupted_run() {
 // ---- Table 1's variants in the trainer ------------------------------------------------------
 
 use semshare::data::batches::{image_batch, text_batch};
-use semshare::experiment::suite::Variant;
+use semshare::model::Variant;
 use semshare::train::Trainer;
 
 fn run_variant(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::train::TrainSummary {

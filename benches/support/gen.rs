@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use semshare::data::Meta;
-use semshare::data::shards::{DatasetWriter, FeatureDtype, ImageRecord, Layout, TextRecord, reserved_vocab};
+use semshare::data::format::{FeatureDtype, Layout, reserved_vocab};
+use semshare::data::writer::{DatasetWriter, ImageRecord, TextRecord};
 
 pub const R: usize = 36;
 pub const DR: usize = 1024;
@@ -17,7 +18,7 @@ pub const IMAGE_BYTES: usize = R * DR * 2;
 /// Writes `images` train images (and a 16-image val and test) to `dir` unless a dataset with
 /// that many train images is already there.
 pub fn ensure(dir: &Path, images: usize) {
-    if let Ok(d) = semshare::data::shards::DatasetReader::open(dir)
+    if let Ok(d) = semshare::data::reader::DatasetReader::open(dir)
         && d.split("train").map(|s| s.num_images()).ok() == Some(images)
     {
         return;

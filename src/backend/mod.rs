@@ -12,6 +12,9 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod open;
+
+pub use open::open;
 
 use crate::Result;
 use crate::tensor::{Ids, Tensor, View, ViewMut};
@@ -295,6 +298,18 @@ pub(crate) fn check_attention(op: &'static str, qkv: &Tensor, seg: &Segments, he
     Ok(())
 }
 
+/// Start of each item's saved attention probabilities (per item, then head, len × len) in
+/// the packed buffer, and the total size: the layout both backends write.
+pub fn prob_offsets(offsets: &[usize], heads: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(offsets.len());
+    out.push(0);
+    for w in offsets.windows(2) {
+        let len = w[1] - w[0];
+        out.push(out.last().unwrap() + heads * len * len);
+    }
+    out
+}
+
 /// Attention backward's operands, probabilities included (`Backend::attention_bwd`).
 pub(crate) fn check_attention_bwd(
     qkv: &Tensor,
@@ -306,7 +321,7 @@ pub(crate) fn check_attention_bwd(
     check_attention("attention_bwd", qkv, seg, heads)?;
     rows_of("attention_bwd", dout, seg)?;
     expect_len("attention_bwd", "dout columns", dout.cols() * 3, qkv.cols())?;
-    let poff = cpu::attention::prob_offsets(&seg.offsets, heads);
+    let poff = prob_offsets(&seg.offsets, heads);
     expect_len("attention_bwd", "probs", probs.len(), poff[poff.len() - 1])
 }
 
@@ -364,22 +379,4 @@ pub(crate) fn expect_len(op: &'static str, what: &str, got: usize, want: usize) 
         return Err(crate::Error::shape(op, format!("{what} has {got} elements, expected {want}")));
     }
     Ok(())
-}
-
-/// Open the device named on the command line: `cpu`, `cuda`, or `auto` (CUDA when this
-/// build has it and a GPU is present, else the CPU).
-pub fn open(device: &str) -> Result<Box<dyn Backend>> {
-    match device {
-        "cpu" => Ok(Box::new(cpu::Cpu::new())),
-        #[cfg(feature = "cuda")]
-        "auto" if cuda::available() => Ok(Box::new(cuda::Cuda::new(0)?)),
-        "auto" => Ok(Box::new(cpu::Cpu::new())),
-        #[cfg(feature = "cuda")]
-        "cuda" => Ok(Box::new(cuda::Cuda::new(0)?)),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => Err(crate::Error::Device {
-            what: "this build of semshare has no CUDA support (rebuild with `--features cuda`)".into(),
-        }),
-        other => Err(crate::Error::config(format!("unknown device `{other}` (expected auto, cpu or cuda)"))),
-    }
 }

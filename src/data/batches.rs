@@ -11,7 +11,9 @@
 use rayon::prelude::*;
 
 use crate::Result;
-use crate::data::shards::{FeatureDtype, Layout, Shard, SplitReader};
+use crate::data::format::{FeatureDtype, Layout};
+use crate::data::reader::SplitReader;
+use crate::data::shard::Shard;
 use crate::model::{ImageBatch, TextBatch};
 use crate::rng::Rng;
 

@@ -2,7 +2,7 @@
 //! the on-disk format (DESIGN.md §6; `docs/FORMAT.md` is the normative spec).
 //!
 //! On disk a dataset is a directory of safetensors shards plus `dataset.json`, read through
-//! [`DatasetReader`] and written through [`DatasetWriter`] (`src/data/shards.rs`);
+//! [`DatasetReader`] and written through [`DatasetWriter`] (`reader.rs`, `writer.rs`);
 //! [`Dataset::save`] and [`Dataset::load`] go through them. Training and evaluation read the
 //! directory through the reader, never through this in-memory form. A [`Split`] holds, row-major:
 //!
@@ -20,87 +20,14 @@
 //! Everything is validated; every error names the split or file, the tensor and, where it
 //! applies, the item.
 
-use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
-use safetensors::tensor::TensorInfo;
-
-use super::shards::{DatasetReader, DatasetWriter, Layout, SplitReader, typed};
+use super::format::{FeatureDtype, Layout, Meta, PAD, UNK, tensor::*, typed};
+use super::reader::{DatasetReader, SplitReader};
+use super::writer::{DatasetWriter, ImageRecord, TextRecord};
 
 use crate::{Error, Result};
-
-/// The manifest file of a dataset directory.
-pub const MANIFEST_FILE: &str = "dataset.json";
-/// The `format` field of the manifest.
-pub const FORMAT_NAME: &str = "semshare-dataset";
-/// The manifest version this build reads and writes (docs/FORMAT.md lists the changes).
-pub const FORMAT_VERSION: u32 = 2;
-/// Reserved vocabulary ids.
-pub const PAD: u32 = 0;
-pub const UNK: u32 = 1;
-pub const MASK: u32 = 2;
-/// The reserved tokens, in id order.
-pub const RESERVED_TOKENS: [&str; 3] = ["[PAD]", "[UNK]", "[MASK]"];
-/// The split names, in manifest order.
-pub const SPLIT_NAMES: [&str; 3] = ["train", "val", "test"];
-
-/// Tensor names of a shard (DESIGN.md §6).
-pub mod tensor {
-    pub const IMAGE_FEATURES: &str = "image.features";
-    pub const IMAGE_BOXES: &str = "image.boxes";
-    pub const IMAGE_COUNT: &str = "image.count";
-    pub const IMAGE_CLASSES: &str = "image.classes";
-    pub const TEXT_TOKENS: &str = "text.tokens";
-    pub const TEXT_LENGTH: &str = "text.length";
-    pub const TEXT_ITEM: &str = "text.item";
-    pub const LABELS: &str = "labels";
-    pub const ALL: [&str; 8] =
-        [IMAGE_FEATURES, IMAGE_BOXES, IMAGE_COUNT, IMAGE_CLASSES, TEXT_TOKENS, TEXT_LENGTH, TEXT_ITEM, LABELS];
-}
-use tensor::*;
-
-/// What a dataset is made of: shapes, vocabulary, label names.
-#[derive(Clone, PartialEq)]
-pub struct Meta {
-    pub name: String,
-    /// R: region slots per image.
-    pub regions: usize,
-    /// Dr: region feature width.
-    pub feature_dim: usize,
-    /// T: token slots per text.
-    pub max_tokens: usize,
-    /// C: labels.
-    pub num_labels: usize,
-    /// K_obj: object classes of regions (0 when no split has classes).
-    pub num_object_classes: usize,
-    /// The vocabulary; 0 [PAD], 1 [UNK], 2 [MASK].
-    pub vocab: Vec<String>,
-    /// C label names.
-    pub label_names: Vec<String>,
-}
-
-impl Meta {
-    /// V: vocabulary size, reserved ids included.
-    pub fn vocab_size(&self) -> usize {
-        self.vocab.len()
-    }
-}
-
-impl fmt::Debug for Meta {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Meta")
-            .field("name", &self.name)
-            .field("regions", &self.regions)
-            .field("feature_dim", &self.feature_dim)
-            .field("max_tokens", &self.max_tokens)
-            .field("num_labels", &self.num_labels)
-            .field("num_object_classes", &self.num_object_classes)
-            .field("vocab_size", &self.vocab.len())
-            .field("label_names", &self.label_names)
-            .finish()
-    }
-}
 
 /// One split: N images and M texts, row-major, shapes as in the module table.
 #[derive(Clone, Default, PartialEq)]
@@ -352,55 +279,6 @@ pub struct Dataset {
     pub test: Split,
 }
 
-fn check_name_list(what: &str, names: &[String]) -> std::result::Result<(), String> {
-    let mut seen = HashSet::with_capacity(names.len());
-    for (i, s) in names.iter().enumerate() {
-        if s.is_empty() || s.contains(['\n', '\r']) {
-            return Err(format!("{what} entry {i} ({s:?}) is empty or contains a line break"));
-        }
-        if !seen.insert(s.as_str()) {
-            return Err(format!("{what} entry {i} ({s:?}) is a duplicate"));
-        }
-    }
-    Ok(())
-}
-
-impl Meta {
-    pub(crate) fn check(&self) -> std::result::Result<(), String> {
-        let max16 = u16::MAX as usize;
-        if self.regions == 0 || self.regions > max16 {
-            return Err(format!("regions {} outside 1..={max16}", self.regions));
-        }
-        if self.feature_dim == 0 {
-            return Err("feature_dim is 0".into());
-        }
-        if self.max_tokens == 0 || self.max_tokens > max16 {
-            return Err(format!("max_tokens {} outside 1..={max16}", self.max_tokens));
-        }
-        if self.num_labels == 0 {
-            return Err("num_labels is 0".into());
-        }
-        if self.num_object_classes > max16 + 1 {
-            return Err(format!("num_object_classes {} > 65536", self.num_object_classes));
-        }
-        if self.label_names.len() != self.num_labels {
-            let n = self.label_names.len();
-            return Err(format!("{n} label names for num_labels {}", self.num_labels));
-        }
-        if self.vocab.len() < RESERVED_TOKENS.len() || self.vocab.len() > u32::MAX as usize {
-            return Err(format!("vocabulary size {} outside 3..=2^32-1", self.vocab.len()));
-        }
-        for (id, want) in RESERVED_TOKENS.iter().enumerate() {
-            if self.vocab[id] != *want {
-                return Err(format!("vocabulary id {id} is {:?}, expected {want}", self.vocab[id]));
-            }
-        }
-        check_name_list("vocabulary", &self.vocab)?;
-        check_name_list("label names", &self.label_names)?;
-        Ok(())
-    }
-}
-
 impl Dataset {
     /// The splits with their names, in manifest order.
     pub fn splits(&self) -> [(&'static str, &Split); 3] {
@@ -461,6 +339,40 @@ impl Dataset {
     }
 }
 
+/// The in-memory form's way onto disk (here rather than in `writer.rs`, so the writer knows only
+/// raw records and the dependency runs one way: dataset -> writer).
+impl DatasetWriter {
+    /// Validates an in-memory split and writes it as split `name`: f32 features, token texts.
+    /// `Dataset::save` writes train, val and test this way; a generator with a retrieval set
+    /// writes it as `"database"`.
+    pub fn write_split(&mut self, name: &str, split: &Split) -> Result<()> {
+        let m = &self.layout().meta;
+        split.check(m).map_err(|p| Error::data(format!("{name} split: {p}")))?;
+        let (r, dr, t, c) = (m.regions, m.feature_dim, m.max_tokens, m.num_labels);
+        self.begin_split(name)?;
+        for (i, texts) in split.image_texts().iter().enumerate() {
+            let image = ImageRecord {
+                features: bytemuck::cast_slice(&split.image_features[i * r * dr..(i + 1) * r * dr]),
+                feature_dtype: FeatureDtype::F32,
+                boxes: bytemuck::cast_slice(&split.image_boxes[i * r * 5..(i + 1) * r * 5]),
+                count: split.image_count[i],
+                classes: split.image_classes.as_ref().map(|k| bytemuck::cast_slice(&k[i * r..(i + 1) * r])),
+                labels: &split.labels[i * c..(i + 1) * c],
+            };
+            let texts: Vec<TextRecord> = texts
+                .iter()
+                .map(|&j| TextRecord {
+                    content: bytemuck::cast_slice(&split.text_tokens[j * t..(j + 1) * t]),
+                    dtype: None,
+                    length: split.text_length[j],
+                })
+                .collect();
+            self.push(&image, &texts)?;
+        }
+        Ok(())
+    }
+}
+
 /// A split of an opened (token-text) dataset, copied into memory.
 fn materialize(reader: &DatasetReader, s: &SplitReader) -> Split {
     let mut out = Split {
@@ -487,196 +399,17 @@ fn materialize(reader: &DatasetReader, s: &SplitReader) -> Split {
     out
 }
 
-/// A name in the manifest must be a plain file name inside the dataset directory.
-pub(crate) fn plain_file_name<'a>(mpath: &Path, field: &str, name: &'a str) -> Result<&'a str> {
-    let ok = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
-    if ok { Ok(name) } else { Err(Error::format(mpath, format!("{field} {name:?} is not a plain file name"))) }
-}
-
-/// Most bytes of a vocabulary or label file (a few million words).
-const LINES_FILE_LIMIT: u64 = 256 << 20;
-
-pub(crate) fn read_lines(path: &Path) -> Result<Vec<String>> {
-    let text = crate::io::read_text(path, LINES_FILE_LIMIT)?;
-    let mut lines: Vec<String> = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()).collect();
-    if lines.last().is_some_and(|l| l.is_empty()) {
-        lines.pop();
-    }
-    if let Some(i) = lines.iter().position(String::is_empty) {
-        return Err(Error::format(path, format!("line {} is empty", i + 1)));
-    }
-    Ok(lines)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Checksum
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-/// `fnv1a64x4`: FNV-1a over little-endian 64-bit words in four interleaved lanes (fast on large
-/// shards), precisely:
-///
-/// 1. lanes `h[0..4] = FNV_OFFSET`; for every full 32-byte block, word j (bytes 8j..8j+8, little
-///    endian) updates `h[j] = (h[j] ^ word) * FNV_PRIME` (wrapping).
-/// 2. the remaining `len % 32` bytes go through plain byte-wise FNV-1a 64 from `FNV_OFFSET` → `t`.
-/// 3. `f = FNV_OFFSET`; for x in `[h0, h1, h2, h3, t, len]`: `f = (f ^ x) * FNV_PRIME`.
-/// 4. the result is the SplitMix64 finaliser of `f`.
-pub fn checksum(bytes: &[u8]) -> u64 {
-    let mut sum = Checksum::new();
-    sum.update(bytes);
-    sum.finish()
-}
-
-/// [`checksum`] over chunks of any size (a file read by pread in blocks).
-#[derive(Clone, Debug)]
-pub struct Checksum {
-    h: [u64; 4],
-    /// Bytes of an unfinished 32-byte block.
-    pending: Vec<u8>,
-    len: u64,
-}
-
-impl Default for Checksum {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Checksum {
-    pub fn new() -> Self {
-        Checksum { h: [FNV_OFFSET; 4], pending: Vec::with_capacity(32), len: 0 }
-    }
-
-    pub fn update(&mut self, mut bytes: &[u8]) {
-        self.len += bytes.len() as u64;
-        if !self.pending.is_empty() {
-            let take = (32 - self.pending.len()).min(bytes.len());
-            self.pending.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
-            if self.pending.len() < 32 {
-                return;
-            }
-            let block: [u8; 32] = self.pending[..].try_into().expect("32 bytes");
-            self.pending.clear();
-            self.block(&block);
-        }
-        let mut blocks = bytes.chunks_exact(32);
-        for block in &mut blocks {
-            self.block(block);
-        }
-        self.pending.extend_from_slice(blocks.remainder());
-    }
-
-    fn block(&mut self, block: &[u8]) {
-        for (j, lane) in self.h.iter_mut().enumerate() {
-            let w = u64::from_le_bytes(block[8 * j..8 * j + 8].try_into().expect("8 bytes"));
-            *lane = (*lane ^ w).wrapping_mul(FNV_PRIME);
-        }
-    }
-
-    pub fn finish(self) -> u64 {
-        let mut t = FNV_OFFSET;
-        for &b in &self.pending {
-            t = (t ^ b as u64).wrapping_mul(FNV_PRIME);
-        }
-        let h = self.h;
-        let mut f = FNV_OFFSET;
-        for x in [h[0], h[1], h[2], h[3], t, self.len] {
-            f = (f ^ x).wrapping_mul(FNV_PRIME);
-        }
-        f = (f ^ (f >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        f = (f ^ (f >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        f ^ (f >> 31)
-    }
-}
-
-/// [`checksum`] of the first `len` bytes of `file`, read by pread in 1 MiB pieces rather than
-/// through a memory map: a file truncated meanwhile is an I/O error, not a SIGBUS.
-#[cfg(unix)]
-pub fn checksum_file(file: &std::fs::File, len: u64) -> std::io::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut sum = Checksum::new();
-    let mut buf = vec![0u8; (1usize << 20).min(len as usize)];
-    let mut at = 0u64;
-    while at < len {
-        let n = buf.len().min((len - at) as usize);
-        file.read_exact_at(&mut buf[..n], at)?;
-        sum.update(&buf[..n]);
-        at += n as u64;
-    }
-    Ok(sum.finish())
-}
-
-pub(crate) fn format_checksum(c: u64) -> String {
-    format!("fnv1a64x4:{c:016x}")
-}
-
-/// Explains why safetensors rejected `bytes`, naming the tensor where possible (a truncated file,
-/// a header whose dtype or shape does not match the byte range of a tensor).
-pub(crate) fn diagnose(bytes: &[u8], err: &safetensors::SafeTensorError) -> String {
-    let len = bytes.len();
-    if len < 8 {
-        return format!("truncated: {len} bytes, shorter than the 8-byte safetensors header length");
-    }
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    if n > (len - 8) as u64 {
-        return format!("truncated inside the header: header length {n}, but only {} bytes follow", len - 8);
-    }
-    let header = &bytes[8..8 + n as usize];
-    let Ok(map) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(header) else {
-        return format!("not a safetensors file: {err}");
-    };
-    let data_len = len - 8 - n as usize;
-    let mut infos = Vec::new();
-    for (name, value) in map {
-        if name == "__metadata__" {
-            continue;
-        }
-        match serde_json::from_value::<TensorInfo>(value) {
-            Ok(info) => infos.push((name, info)),
-            Err(e) => return format!("tensor {name}: bad header entry: {e}"),
-        }
-    }
-    infos.sort_by_key(|(_, i)| i.data_offsets);
-    let mut expected_start = 0usize;
-    for (name, info) in &infos {
-        let (s, e) = info.data_offsets;
-        let elems = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let need = elems.and_then(|x| x.checked_mul(info.dtype.bitsize())).map(|b| b.div_ceil(8));
-        if e < s || Some(e - s) != need {
-            let need = need.map_or("an overflowing number of".to_string(), |b| b.to_string());
-            return format!(
-                "tensor {name}: dtype {} with shape {:?} needs {need} bytes, but its data_offsets [{s}, {e}) span {}",
-                info.dtype,
-                info.shape,
-                e.saturating_sub(s)
-            );
-        }
-        if e > data_len {
-            return format!(
-                "truncated: tensor {name} needs bytes [{s}, {e}) of the data section, which has {data_len} bytes"
-            );
-        }
-        if s != expected_start {
-            return format!("tensor {name}: data_offsets start at {s}, expected {expected_start}");
-        }
-        expected_start = e;
-    }
-    if expected_start != data_len {
-        return format!("data section has {data_len} bytes, tensors cover {expected_start}");
-    }
-    format!("not a valid safetensors file: {err}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::shards::RawTensor;
+    use crate::data::checksum::{Checksum, checksum, format_checksum};
+    use crate::data::format::MANIFEST_FILE;
     use crate::data::synth::tests::tiny;
     use crate::data::synth::{SynthPreset, generate};
+    use crate::data::writer::RawTensor;
     use proptest::prelude::*;
     use safetensors::tensor::{Dtype, SafeTensors};
+    use std::collections::HashSet;
     use std::fs;
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};

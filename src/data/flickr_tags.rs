@@ -20,9 +20,11 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors};
 
-use super::dataset::{Dataset, Meta, RESERVED_TOKENS, Split};
-use super::shards::{DatasetWriter, Layout, RawTensor};
+use super::dataset::{Dataset, Split};
+use super::format::Layout;
+use super::format::{Meta, RESERVED_TOKENS};
 use super::synth::{SynthConfig, SynthPreset, generate};
+use super::writer::{DatasetWriter, RawTensor};
 use crate::rng::Rng;
 use crate::{Error, Result};
 

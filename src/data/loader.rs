@@ -15,7 +15,7 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::thread::JoinHandle;
 
 use super::batches::{PairSampler, RawImages, RawTexts};
-use super::shards::DatasetReader;
+use super::reader::DatasetReader;
 use crate::{Error, Result};
 
 /// One step's pairs: image i of the batch goes with text i.

@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::SafeTensors;
 use serde::Deserialize;
 
-use super::dataset::{Meta, diagnose, plain_file_name, read_lines, tensor::*};
-use super::shards::{
-    DatasetWriter, ImageRecord, ImageRows, LABELS_FILE, Layout, SPLITS, Shard, TEXT_FEATURES, TextRecord, VOCAB_FILE,
-    reserved_vocab,
-};
+use super::format::{LABELS_FILE, Layout, SPLITS, TEXT_FEATURES, VOCAB_FILE, reserved_vocab};
+use super::format::{Meta, diagnose, plain_file_name, read_lines, tensor::*};
+use super::shard::{ImageRows, Shard};
+use super::writer::{DatasetWriter, ImageRecord, TextRecord};
 use crate::{Error, Result};
 
 pub const SOURCE_FILE: &str = "source.json";
@@ -206,7 +205,7 @@ pub fn pack(src: &Path, out: &Path, shard_bytes: usize) -> Result<PackSummary> {
     }
     let out = w.finish()?;
     // Read back what was written: the reader's structural checks see the final files.
-    let written = super::shards::DatasetReader::open(&out)?;
+    let written = super::reader::DatasetReader::open(&out)?;
     for s in &mut summary.splits {
         s.3 = written.split(&s.0)?.shards.len();
     }

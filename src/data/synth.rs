@@ -34,7 +34,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::dataset::{Dataset, Meta, RESERVED_TOKENS, Split};
+use super::dataset::{Dataset, Split};
+use super::format::{Meta, RESERVED_TOKENS};
 use crate::rng::Rng;
 use crate::{Error, Result};
 

@@ -1,18 +1,19 @@
-//! The paper's experiments (DESIGN.md §1 "Experiments"; issue 5): the variants of Table 1, the
-//! η sweep of Figure 1, the consistency losses those variants add, the resumable suite
-//! bookkeeping, and the reports (markdown + JSON table, SVG figure).
+//! The paper's experiments (DESIGN.md §1 "Experiments"; issue 5): suites of Table 1's variants
+//! and Figure 1's η sweep, the resumable suite bookkeeping, and the reports (markdown + JSON
+//! table, SVG figure). The variants and their consistency losses are part of the objective
+//! (`model::variant`, `model::consistency`); this module only runs studies of them.
 //!
-//! - `consistency`: the losses of `ours+con`, `imc` and the DSCMR-style baseline, on host arrays.
+//! - `scores`: what a finished run scored (NDCG@k, mAP@all): recorded by the suite, read by the reports.
 //! - `suite`: which runs a suite is made of, and the state file that lets a killed suite resume.
-//! - `report`: per-run scores, mean ± sample std over seeds, `table1.md` / `table1.json`.
+//! - `report`: mean ± sample std over seeds, `table1.md` / `table1.json`.
 //! - `plot`: Figure 1 (NDCG@500 against η) as a self-contained SVG.
 //! - `run`: the runner (`semshare experiment`): trains and evaluates a suite's remaining runs,
 //!   fits the CCA baseline, rewrites the reports after each run.
 //!
 //! What is wired where, and the equations, are in `docs/EXPERIMENTS-DESIGN.md`.
 
-pub mod consistency;
 pub mod plot;
 pub mod report;
 pub mod run;
+pub mod scores;
 pub mod suite;

@@ -10,17 +10,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::plot::{eta_curves, write_figure1};
-use super::report::{Scores, Tables, write_table};
-use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState, Variant};
+use super::report::{Tables, write_table};
+use super::scores::Scores;
+use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState};
 use crate::backend::Backend;
-use crate::checkpoint::Checkpoint;
-use crate::data::dataset::{MASK, checksum, format_checksum};
-use crate::data::shards::{DatasetReader, SplitReader};
+use crate::data::checksum::{checksum, format_checksum};
+use crate::data::format::MASK;
+use crate::data::reader::{DatasetReader, SplitReader};
 use crate::eval::cca::{Cca, CcaConfig};
-use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery, normalize_rows};
-use crate::model::{EmbeddingKind, ModelConfig, SemShare};
+use crate::eval::metrics::{EvalConfig, Report, normalize_rows};
+use crate::inference::{evaluate_embedded, evaluate_split, load_model};
+use crate::model::{EmbeddingKind, ModelConfig, SemShare, Variant};
 use crate::tensor::Tensor;
-use crate::train::{RunOptions, TrainConfig, check_fits, evaluate_split, train};
+use crate::train::{RunOptions, TrainConfig, check_fits, train};
 use crate::{Error, Result};
 
 /// The NDCG cut-off of Table 1 and Figure 1.
@@ -260,7 +262,7 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
         let start = Instant::now();
         let (report, label, best_step) = if key.variant.spec().trained {
             let (ckpt, best_step) = train_run(dev, data, cfg, &key)?;
-            let (net, params) = load_checkpoint(dev, &ckpt)?;
+            let (net, params) = load_model(dev, &ckpt)?;
             let report = test_report(dev, data, &net, &params, EmbeddingKind::Pooled)?;
             let label = test_report(dev, data, &net, &params, EmbeddingKind::Label)?;
             (report, Some(Scores::from_report(&label, NDCG_K)?), best_step)
@@ -311,7 +313,7 @@ fn fill_in_label_scores(
             }
             continue;
         }
-        let (net, params) = load_checkpoint(dev, &ckpt)?;
+        let (net, params) = load_model(dev, &ckpt)?;
         let scores = Scores::from_report(&test_report(dev, data, &net, &params, EmbeddingKind::Label)?, NDCG_K)?;
         if cfg.progress {
             eprintln!("{key}: label scores filled in from {}: NDCG@{NDCG_K} {:.2}", ckpt.display(), scores.ndcg.avg);
@@ -327,16 +329,8 @@ fn best_checkpoint(cfg: &ExperimentConfig, key: &RunKey) -> PathBuf {
     run_dir(&cfg.runs_dir, cfg.suite, key).join(crate::train::BEST_CHECKPOINT)
 }
 
-/// A checkpoint's model and its parameters on `dev`.
-fn load_checkpoint(dev: &mut dyn Backend, path: &Path) -> Result<(SemShare, Tensor)> {
-    let ckpt = Checkpoint::load(path)?;
-    let net = SemShare::new(&ckpt.model)?;
-    let params = net.store.upload(dev, &ckpt.params)?;
-    Ok((net, params))
-}
-
 /// The test report ranked with `embedding` (`EvalConfig::default()`, the protocol of
-/// `train::evaluate_split`).
+/// `inference::evaluate_split`).
 fn test_report(
     dev: &mut dyn Backend,
     data: &DatasetReader,
@@ -535,27 +529,13 @@ impl CcaTraining {
     }
 
     /// Retrieval on split `test` in the canonical space of `cca` (the protocol of
-    /// `train::evaluate_split`: `test` against the `database` split when there is one).
+    /// `inference::evaluate_split`: `test` against the `database` split when there is one).
     fn evaluate(&self, data: &DatasetReader, cca: &Cca, test: &str, eval_cfg: &EvalConfig) -> Result<Report> {
-        let c = data.meta().num_labels;
         let k = cca.dims();
-        let project = |split: &SplitReader| -> Result<(Vec<f32>, Vec<f32>)> {
+        evaluate_embedded(data, test, eval_cfg, |split| {
             let (images, texts) = cca_inputs(data, split, self.words.as_deref())?;
-            Ok((cca.project_x(&images)?, cca.project_y(&texts)?))
-        };
-        let split = data.split(test)?;
-        let (ie, te) = project(split)?;
-        let (il, tl) = (split.image_labels(), split.text_labels());
-        let (qi, qt) = (Side::new(&ie, k, &il, c), Side::new(&te, k, &tl, c));
-        match data.database() {
-            Some(db) if test == "test" => {
-                let (gie, gte) = project(db)?;
-                let (gil, gtl) = (db.image_labels(), db.text_labels());
-                let (gi, gt) = (Side::new(&gie, k, &gil, c), Side::new(&gte, k, &gtl, c));
-                evaluate_against_gallery(&qi, &qt, &gi, &gt, eval_cfg)
-            }
-            _ => evaluate(&qi, &qt, &split.text_items(), eval_cfg),
-        }
+            Ok((cca.project_x(&images)?, cca.project_y(&texts)?, k))
+        })
     }
 }
 

@@ -5,19 +5,23 @@
 //! caller; a backend only allocates, reads and writes them. Parameters are not tensors of
 //! their own: they are ranges of one flat buffer (`crate::nn::params`), passed to ops as views.
 
+#[cfg(feature = "cuda")]
+pub mod device;
+pub mod host_pool;
+
 /// Where the numbers live. The CUDA backend adds its own variant.
 #[derive(Debug)]
 pub enum Storage {
     Cpu(Vec<f32>),
     #[cfg(feature = "cuda")]
-    Cuda(crate::backend::cuda::DevBuf),
+    Cuda(device::DevBuf),
 }
 
 #[derive(Clone, Debug)]
 pub enum IdStorage {
     Cpu(Vec<u32>),
     #[cfg(feature = "cuda")]
-    Cuda(crate::backend::cuda::DevIds),
+    Cuda(device::DevIds),
 }
 
 #[derive(Debug)]
@@ -39,21 +43,21 @@ pub struct Ids {
 pub enum View<'a> {
     Cpu(&'a [f32]),
     #[cfg(feature = "cuda")]
-    Cuda(crate::backend::cuda::DevView<'a>),
+    Cuda(device::DevView<'a>),
 }
 
 #[derive(Debug)]
 pub enum ViewMut<'a> {
     Cpu(&'a mut [f32]),
     #[cfg(feature = "cuda")]
-    Cuda(crate::backend::cuda::DevViewMut<'a>),
+    Cuda(device::DevViewMut<'a>),
 }
 
 impl Clone for Tensor {
     fn clone(&self) -> Self {
         let storage = match &self.storage {
             Storage::Cpu(v) => {
-                let mut c = crate::backend::cpu::pool::take(v.len());
+                let mut c = host_pool::take(v.len());
                 c.clear();
                 c.extend_from_slice(v);
                 Storage::Cpu(c)
@@ -71,7 +75,7 @@ impl Clone for Tensor {
 impl Drop for Tensor {
     fn drop(&mut self) {
         match &mut self.storage {
-            Storage::Cpu(v) => crate::backend::cpu::pool::give(std::mem::take(v)),
+            Storage::Cpu(v) => host_pool::give(std::mem::take(v)),
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {} // DevBuf's own drop returns the block to its pool
         }

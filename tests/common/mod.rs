@@ -513,7 +513,7 @@ pub mod naive {
 }
 
 /// A tiny model (d = 16, one layer) fitted to a dataset's shapes: training tests on disk.
-pub fn tiny_model(data: &semshare::data::shards::DatasetReader) -> semshare::model::ModelConfig {
+pub fn tiny_model(data: &semshare::data::reader::DatasetReader) -> semshare::model::ModelConfig {
     tiny_model_of(data.meta(), data.layout.text_feature_dim)
 }
 

@@ -8,17 +8,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{Strided, gemm_strided};
-
-/// Start of each item's probabilities in the packed buffer, and the total size.
-pub fn prob_offsets(offsets: &[usize], heads: usize) -> Vec<usize> {
-    let mut out = Vec::with_capacity(offsets.len());
-    out.push(0);
-    for w in offsets.windows(2) {
-        let len = w[1] - w[0];
-        out.push(out.last().unwrap() + heads * len * len);
-    }
-    out
-}
+use crate::backend::prob_offsets;
 
 /// Split `buf` into consecutive chunks of `unit × (ends[i+1] - ends[i])` elements.
 fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a mut [T]> {
@@ -50,8 +40,8 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f
     let dh = d / heads;
     let scale = 1.0 / (dh as f32).sqrt();
     let poff = prob_offsets(offsets, heads);
-    let mut out = super::pool::dirty(tokens * d); // every element is written
-    let mut probs = super::pool::dirty(poff[poff.len() - 1]); // every element is written
+    let mut out = crate::tensor::host_pool::dirty(tokens * d); // every element is written
+    let mut probs = crate::tensor::host_pool::dirty(poff[poff.len() - 1]); // every element is written
     let outs = split_by(&mut out, offsets, d);
     let ps = split_by(&mut probs, &poff, 1);
     let row3 = Strided::rows(3 * d);
@@ -107,14 +97,14 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
     let dh = d / heads;
     let scale = 1.0 / (dh as f32).sqrt();
     let poff = prob_offsets(offsets, heads);
-    let mut dqkv = super::pool::dirty(qkv.len()); // every element is written
+    let mut dqkv = crate::tensor::host_pool::dirty(qkv.len()); // every element is written
     let parts = split_by(&mut dqkv, offsets, 3 * d);
     let row3 = Strided::rows(3 * d);
     parts.into_par_iter().enumerate().for_each(|(b, dx)| {
         let (s, len) = (offsets[b], offsets[b + 1] - offsets[b]);
         let x = &qkv[s * 3 * d..(s + len) * 3 * d];
         let dout = &dout[s * d..(s + len) * d];
-        let mut ds = super::pool::zeroed(len * len);
+        let mut ds = crate::tensor::host_pool::zeroed(len * len);
         for h in 0..heads {
             let p = &probs[poff[b] + h * len * len..poff[b] + (h + 1) * len * len];
             let (q, k, v) = (x[h * dh..].as_ptr(), x[d + h * dh..].as_ptr(), x[2 * d + h * dh..].as_ptr());

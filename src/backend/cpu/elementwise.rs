@@ -74,7 +74,7 @@ pub fn gelu_grad(x: f32) -> f32 {
 }
 
 pub fn gelu_fwd(x: &[f32]) -> Vec<f32> {
-    let mut y = super::pool::dirty(x.len()); // every element is written
+    let mut y = crate::tensor::host_pool::dirty(x.len()); // every element is written
     let body = |y: &mut [f32], x: &[f32]| {
         for (o, &v) in y.iter_mut().zip(x) {
             *o = gelu(v);
@@ -89,7 +89,7 @@ pub fn gelu_fwd(x: &[f32]) -> Vec<f32> {
 }
 
 pub fn gelu_bwd(x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let mut dx = super::pool::dirty(x.len()); // every element is written
+    let mut dx = crate::tensor::host_pool::dirty(x.len()); // every element is written
     let body = |dx: &mut [f32], x: &[f32], dy: &[f32]| {
         for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
             *o = g * gelu_grad(v);
@@ -172,7 +172,7 @@ pub fn l2_normalize_rows(x: &mut [f32], cols: usize) {
 }
 
 pub fn gather_rows(table: &[f32], cols: usize, ids: &[u32]) -> Vec<f32> {
-    let mut out = super::pool::dirty(ids.len() * cols); // every element is written
+    let mut out = crate::tensor::host_pool::dirty(ids.len() * cols); // every element is written
     for (row, &id) in out.chunks_exact_mut(cols).zip(ids) {
         let id = id as usize;
         row.copy_from_slice(&table[id * cols..(id + 1) * cols]);
@@ -206,7 +206,7 @@ pub fn set_rows_bwd(dx: &mut [f32], rows: &[u32], dvalue: &mut [f32]) {
 
 pub fn segment_mean_fwd(x: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
     let items = offsets.len() - 1;
-    let mut y = super::pool::zeroed(items * cols);
+    let mut y = crate::tensor::host_pool::zeroed(items * cols);
     for (b, out) in y.chunks_exact_mut(cols).enumerate() {
         let (s, e) = (offsets[b], offsets[b + 1]);
         for row in x[s * cols..e * cols].chunks_exact(cols) {
@@ -219,7 +219,7 @@ pub fn segment_mean_fwd(x: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
 }
 
 pub fn segment_mean_bwd(dy: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
-    let mut dx = super::pool::dirty(offsets[offsets.len() - 1] * cols); // every element is written
+    let mut dx = crate::tensor::host_pool::dirty(offsets[offsets.len() - 1] * cols); // every element is written
     for (b, g) in dy.chunks_exact(cols).enumerate() {
         let (s, e) = (offsets[b], offsets[b + 1]);
         let inv = 1.0 / (e - s) as f32;

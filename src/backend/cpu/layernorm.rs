@@ -26,8 +26,8 @@ fn sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
 pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     let rows = x.len() / d;
-    let mut y = super::pool::dirty(x.len()); // every element is written
-    let mut stats = super::pool::dirty(rows * 2); // every element is written
+    let mut y = crate::tensor::host_pool::dirty(x.len()); // every element is written
+    let mut stats = crate::tensor::host_pool::dirty(rows * 2); // every element is written
     let row = |(y, (st, x)): (&mut [f32], (&mut [f32], &[f32]))| {
         let mean = sum2(x, x, |a, _| a) / d as f32;
         let var = sum2(x, x, |a, _| (a - mean) * (a - mean)) / d as f32;
@@ -56,7 +56,7 @@ pub fn backward(
 ) -> Vec<f32> {
     let d = gamma.len();
     let rows = x.len() / d;
-    let mut dx = super::pool::dirty(x.len()); // every element is written
+    let mut dx = crate::tensor::host_pool::dirty(x.len()); // every element is written
     type Row<'a> = (&'a mut [f32], (&'a [f32], (&'a [f32], &'a [f32])));
     let row = |(dx, (st, (x, dy))): Row| {
         let (mean, rstd) = (st[0], st[1]);

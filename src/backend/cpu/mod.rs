@@ -9,13 +9,12 @@ pub mod gru;
 pub mod layernorm;
 pub mod losses;
 pub mod optim;
-pub mod pool;
 
 use super::{
     AdamW, Backend, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
     check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, expect_cols, expect_len, rows_of, same_shape,
 };
-use crate::tensor::{Ids, Tensor, View, ViewMut};
+use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
 
 #[derive(Debug, Default)]
@@ -45,7 +44,7 @@ impl Backend for Cpu {
 
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         expect_len("upload", "data", data.len(), shape.iter().product())?;
-        let mut v = pool::take(data.len());
+        let mut v = host_pool::take(data.len());
         v.clear();
         v.extend_from_slice(data);
         Ok(Tensor::from_cpu(v, shape))
@@ -56,11 +55,11 @@ impl Backend for Cpu {
     }
 
     fn zeros(&mut self, shape: &[usize]) -> Result<Tensor> {
-        Ok(Tensor::from_cpu(pool::zeroed(shape.iter().product()), shape))
+        Ok(Tensor::from_cpu(host_pool::zeroed(shape.iter().product()), shape))
     }
 
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
-        Ok(Tensor::from_cpu(pool::dirty(shape.iter().product()), shape))
+        Ok(Tensor::from_cpu(host_pool::dirty(shape.iter().product()), shape))
     }
 
     fn download(&mut self, x: View) -> Result<Vec<f32>> {

@@ -122,7 +122,7 @@ pub(super) fn forward(cuda: &mut Cuda, qkv: &Tensor, seg: &Segments, heads: usiz
     const K: &str = "attention_fwd_f32";
     let p = plan(cuda, ("attention_fwd", K, false), qkv, seg, heads)?;
     let tokens = seg.tokens();
-    let n_probs = crate::backend::cpu::attention::prob_offsets(&seg.offsets, heads)[seg.items()];
+    let n_probs = crate::backend::prob_offsets(&seg.offsets, heads)[seg.items()];
     let out = cuda.alloc_tensor(&[tokens, qkv.cols() / 3])?;
     let probs = cuda.alloc_tensor(&[n_probs])?;
     if tokens == 0 {

@@ -23,11 +23,8 @@
 //! # Design
 //! - Loading: `cudarc` with dynamic loading; `is_culib_present()` is checked before the first
 //!   driver call (cudarc panics when libcuda is missing; we return an error).
-//! - Memory: a caching allocator (`Pool`): size classes (4 per power of two, ≤ 25% slack),
-//!   free lists per class, blocks handed back on `Tensor` drop. After the first training step
-//!   every request is served from the lists: no cuMemAlloc/cuMemFree inside the step loop
-//!   (those synchronise the device). On out-of-memory the cached blocks are released and the
-//!   request retried once; if it still fails the error says how much was asked and is free.
+//! - Memory: the caching allocator (`Pool`) and the buffers a tensor holds live on the tensor's
+//!   floor, in `crate::tensor::device`; this backend allocates from one `Pool` per context.
 //! - TF32: off by default, so GEMMs are IEEE f32 and the GPU matches the CPU reference to
 //!   1e-4 over a whole training step (TF32's 10-bit mantissa gives ~1e-3). Turn it on with
 //!   `SEMSHARE_TF32=1` or `Cuda::set_tf32(true)`: the benchmarks do (the step target
@@ -40,12 +37,14 @@ mod ops;
 
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys as cu;
-use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
 
+pub use crate::tensor::device::{DevBuf, DevIds, DevView, DevViewMut, Pool};
+pub(crate) use crate::tensor::device::{describe, dev_err};
 use crate::tensor::{Ids, Storage, Tensor, View, ViewMut};
 use crate::{Error, Result};
 
@@ -67,16 +66,6 @@ pub fn grid_y(n: usize) -> u32 {
 /// any current GPU; more blocks only add scheduling).
 pub fn blocks(n: usize, threads: usize) -> u32 {
     n.div_ceil(threads).clamp(1, 65_535) as u32
-}
-
-fn describe(e: DriverError) -> String {
-    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
-    let text = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    format!("{name} ({text})")
-}
-
-pub(crate) fn dev_err(what: impl std::fmt::Display) -> impl FnOnce(DriverError) -> Error {
-    move |e| Error::Device { what: format!("CUDA: {what}: {}", describe(e)) }
 }
 
 fn blas_err(what: impl std::fmt::Display) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Error {
@@ -123,221 +112,6 @@ pub fn available() -> bool {
     CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
 }
 
-// ---- memory --------------------------------------------------------------------------------
-
-/// The caching allocator shared by every buffer of one `Cuda` backend.
-pub struct Pool {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    free: Mutex<HashMap<usize, Vec<u64>>>,
-}
-
-/// Bytes actually reserved for a request: 4 size classes per power of two, 256 B minimum.
-fn size_class(bytes: usize) -> usize {
-    let b = bytes.max(256);
-    let top = usize::BITS - 1 - b.leading_zeros(); // floor(log2 b)
-    let step = 1usize << top.saturating_sub(2);
-    b.div_ceil(step) * step
-}
-
-impl Pool {
-    fn take(self: &Arc<Self>, bytes: usize) -> Result<(u64, usize)> {
-        let class = size_class(bytes);
-        if let Some(p) = self.free.lock().ok().and_then(|mut f| f.get_mut(&class).and_then(|v| v.pop())) {
-            return Ok((p, class));
-        }
-        self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
-        // SAFETY: a plain device allocation of `class` bytes in the bound context.
-        match unsafe { result::malloc_sync(class) } {
-            Ok(p) => Ok((p, class)),
-            Err(e) if e.0 == cu::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-                self.release_cached()?;
-                // SAFETY: as above.
-                unsafe { result::malloc_sync(class) }.map(|p| (p, class)).map_err(|_| {
-                    let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
-                    Error::Device {
-                        what: format!(
-                            "CUDA out of memory: asked for {} ({bytes} bytes), {} free of {}",
-                            mib(class),
-                            mib(free),
-                            mib(total)
-                        ),
-                    }
-                })
-            }
-            Err(e) => Err(dev_err(format!("allocate {bytes} bytes"))(e)),
-        }
-    }
-
-    fn give(&self, ptr: u64, class: usize) {
-        if let Ok(mut f) = self.free.lock() {
-            f.entry(class).or_default().push(ptr);
-        }
-    }
-
-    /// Frees every cached block (after the stream drains, since kernels may still use them).
-    pub fn release_cached(&self) -> Result<()> {
-        self.stream.synchronize().map_err(dev_err("synchronize"))?;
-        self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
-        let blocks: Vec<u64> = match self.free.lock() {
-            Ok(mut f) => f.drain().flat_map(|(_, v)| v).collect(),
-            Err(_) => return Ok(()),
-        };
-        for p in blocks {
-            // SAFETY: p came from malloc_sync in this context and is in no live buffer.
-            unsafe { result::free_sync(p) }.map_err(dev_err("free"))?;
-        }
-        Ok(())
-    }
-
-    /// Bytes held in the free lists.
-    pub fn cached_bytes(&self) -> usize {
-        self.free.lock().map(|f| f.iter().map(|(c, v)| c * v.len()).sum()).unwrap_or(0)
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // Errors cannot be returned from drop; a failing free at teardown leaks, nothing worse.
-        let _ = self.release_cached();
-    }
-}
-
-fn mib(b: usize) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
-}
-
-/// A device buffer from the pool; back to the pool on drop.
-pub struct DevBuf {
-    ptr: u64,
-    class: usize,
-    /// Elements (4 bytes each: f32 or u32) the owner asked for.
-    len: usize,
-    pool: Arc<Pool>,
-}
-
-impl std::fmt::Debug for DevBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DevBuf({:#x}, {} elements)", self.ptr, self.len)
-    }
-}
-
-impl DevBuf {
-    pub fn ptr(&self) -> u64 {
-        self.ptr
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    fn new(pool: &Arc<Pool>, len: usize) -> Result<DevBuf> {
-        let (ptr, class) = pool.take(len * 4)?;
-        Ok(DevBuf { ptr, class, len, pool: pool.clone() })
-    }
-    /// A device copy (ordered on the pool's stream).
-    pub fn try_clone(&self) -> Result<DevBuf> {
-        let c = DevBuf::new(&self.pool, self.len)?;
-        self.pool.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
-        // SAFETY: both ranges are live pool blocks of at least len * 4 bytes.
-        unsafe { result::memcpy_dtod_async(c.ptr, self.ptr, self.len * 4, self.pool.stream.cu_stream()) }
-            .map_err(dev_err("copy device to device"))?;
-        Ok(c)
-    }
-    pub fn view(&self, offset: usize, len: usize) -> DevView<'_> {
-        DevView { ptr: self.ptr + 4 * offset as u64, len, _b: std::marker::PhantomData }
-    }
-    pub fn view_mut(&mut self, offset: usize, len: usize) -> DevViewMut<'_> {
-        DevViewMut { ptr: self.ptr + 4 * offset as u64, len, _b: std::marker::PhantomData }
-    }
-}
-
-impl Drop for DevBuf {
-    fn drop(&mut self) {
-        // Stream order makes reuse safe: the next kernel using this block runs after every
-        // earlier one that read or wrote it.
-        self.pool.give(self.ptr, self.class);
-    }
-}
-
-/// u32 index data on the device; `bound` (max + 1) is kept on the host so range checks need
-/// no device round trip.
-#[derive(Clone, Debug)]
-pub struct DevIds {
-    buf: Arc<DevBuf>,
-    bound: u32,
-}
-
-impl DevIds {
-    pub fn len(&self) -> usize {
-        self.buf.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.buf.len == 0
-    }
-    pub fn ptr(&self) -> u64 {
-        self.buf.ptr
-    }
-    /// 1 + the largest id (0 when empty).
-    pub fn bound(&self) -> u32 {
-        self.bound
-    }
-}
-
-/// A borrowed device range of f32.
-#[derive(Clone, Copy, Debug)]
-pub struct DevView<'a> {
-    ptr: u64,
-    len: usize,
-    _b: std::marker::PhantomData<&'a ()>,
-}
-
-#[derive(Debug)]
-pub struct DevViewMut<'a> {
-    ptr: u64,
-    len: usize,
-    _b: std::marker::PhantomData<&'a mut ()>,
-}
-
-impl<'a> DevView<'a> {
-    pub fn ptr(&self) -> u64 {
-        self.ptr
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn sub(self, offset: usize, len: usize) -> DevView<'a> {
-        DevView { ptr: self.ptr + 4 * offset as u64, len, _b: std::marker::PhantomData }
-    }
-}
-
-impl<'a> DevViewMut<'a> {
-    pub fn ptr(&self) -> u64 {
-        self.ptr
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn reborrow(&mut self) -> DevViewMut<'_> {
-        DevViewMut { ptr: self.ptr, len: self.len, _b: std::marker::PhantomData }
-    }
-    /// Split at `mid` into two disjoint mutable ranges.
-    pub fn split_at(self, mid: usize) -> (DevViewMut<'a>, DevViewMut<'a>) {
-        let mid = mid.min(self.len);
-        (
-            DevViewMut { ptr: self.ptr, len: mid, _b: std::marker::PhantomData },
-            DevViewMut { ptr: self.ptr + 4 * mid as u64, len: self.len - mid, _b: std::marker::PhantomData },
-        )
-    }
-}
-
 // ---- kernel arguments --------------------------------------------------------------------
 
 /// One kernel parameter, in the order of the kernel's C signature.
@@ -358,7 +132,7 @@ fn device_only(what: &str) -> Error {
 /// The device address of a CUDA tensor (an error for a tensor of another backend).
 pub fn tensor_ptr(t: &Tensor) -> Result<u64> {
     match &t.storage {
-        Storage::Cuda(b) => Ok(b.ptr),
+        Storage::Cuda(b) => Ok(b.ptr()),
         #[allow(unreachable_patterns)]
         _ => Err(device_only("a tensor")),
     }
@@ -366,7 +140,7 @@ pub fn tensor_ptr(t: &Tensor) -> Result<u64> {
 
 pub fn view_ptr(v: View) -> Result<u64> {
     match v {
-        View::Cuda(d) => Ok(d.ptr),
+        View::Cuda(d) => Ok(d.ptr()),
         #[allow(unreachable_patterns)]
         _ => Err(device_only("a view")),
     }
@@ -374,7 +148,7 @@ pub fn view_ptr(v: View) -> Result<u64> {
 
 pub fn view_mut_ptr(v: &ViewMut) -> Result<u64> {
     match v {
-        ViewMut::Cuda(d) => Ok(d.ptr),
+        ViewMut::Cuda(d) => Ok(d.ptr()),
         #[allow(unreachable_patterns)]
         _ => Err(device_only("a mutable view")),
     }
@@ -474,7 +248,7 @@ impl Cuda {
         })?;
         let mut blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(blas_err("create handle"))?;
         let tf32 = std::env::var("SEMSHARE_TF32").is_ok_and(|v| v == "1");
-        let pool = Arc::new(Pool { ctx: ctx.clone(), stream: stream.clone(), free: Mutex::new(HashMap::new()) });
+        let pool = Arc::new(Pool::new(ctx.clone(), stream.clone()));
         set_math_mode(&mut blas, tf32)?;
         Ok(Cuda { ctx, stream, pool, module: Module(module), functions: HashMap::new(), blas, tf32, device_name })
     }
@@ -647,25 +421,4 @@ fn set_math_mode(blas: &mut cudarc::cublas::CudaBlas, tf32: bool) -> Result<()> 
     };
     // SAFETY: a live handle owned by `blas`.
     unsafe { cublas_sys::cublasSetMathMode(*blas.handle(), mode) }.result().map_err(blas_err("set math mode"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::size_class;
-
-    #[test]
-    fn size_classes_fit_waste_little_and_are_few() {
-        let mut classes = std::collections::BTreeSet::new();
-        for bytes in (0..1 << 20).step_by(97).chain([1, 255, 256, 257, 1 << 30, (1 << 30) + 1]) {
-            let c = size_class(bytes);
-            assert!(c >= bytes.max(256), "{bytes} -> {c}");
-            assert!(c as f64 <= 1.25 * bytes.max(256) as f64, "{bytes} -> {c}: over 25% slack");
-            assert_eq!(size_class(c), c, "a class is its own class");
-            if bytes < 1 << 20 {
-                classes.insert(c);
-            }
-        }
-        // 4 per power of two between 256 B and 1 MiB: a bounded number of free lists.
-        assert!(classes.len() <= 4 * 13, "{} classes", classes.len());
-    }
 }

@@ -12,7 +12,6 @@ use crate::backend::{
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
 use cudarc::driver::result;
-use std::sync::Arc;
 
 const THREADS: u32 = 256;
 
@@ -175,7 +174,7 @@ impl Backend for Cuda {
                 .map_err(dev_err(format!("upload {} bytes of indices", data.len() * 4)))?;
         }
         let bound = data.iter().max().map_or(0, |&m| m.saturating_add(1));
-        Ok(Ids { storage: IdStorage::Cuda(DevIds { buf: Arc::new(buf), bound }) })
+        Ok(Ids { storage: IdStorage::Cuda(DevIds::new(buf, bound)) })
     }
 
     fn zeros(&mut self, shape: &[usize]) -> Result<Tensor> {

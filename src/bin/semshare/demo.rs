@@ -1,0 +1,75 @@
+//! `semshare demo`: synthesize data, train the `small` model, evaluate it against the
+//! untrained one.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use semshare::cli::Args;
+use crate::common::device;
+use semshare::config::fit_to_data;
+use semshare::data::reader::DatasetReader;
+use semshare::data::synth::{SynthConfig, SynthPreset, generate};
+use semshare::eval::{EvalConfig, Report};
+use semshare::inference::{evaluate_split, load_model};
+use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
+use semshare::train::{RunOptions, TrainConfig, train};
+use semshare::{Error, Result};
+
+pub fn run(args: &Args) -> Result<()> {
+    let mut dev = device(args)?;
+    let seed = args.num("seed")?.unwrap_or(0);
+    let out = args.get("out").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("semshare-demo"));
+    let mut synth_cfg = SynthConfig::preset(SynthPreset::Balanced, seed);
+    synth_cfg.train = args.num("train")?.unwrap_or(2000);
+    synth_cfg.val = args.num("val")?.unwrap_or(300);
+    synth_cfg.test = args.num("test")?.unwrap_or(1000);
+    eprintln!(
+        "synthesizing {} / {} / {} images (balanced preset, seed {seed}) ...",
+        synth_cfg.train, synth_cfg.val, synth_cfg.test
+    );
+    generate(&synth_cfg)?.save(out.join("data"))?;
+    let data = Arc::new(DatasetReader::open(out.join("data"))?);
+    let mut model = ModelConfig::small();
+    fit_to_data(&mut model, &data.layout, &BTreeSet::new(), Path::new("the small preset"))?;
+    let cfg = TrainConfig {
+        steps: args.num("steps")?.unwrap_or(800),
+        eval_every: 200,
+        seed,
+        warmup: 50,
+        ..TrainConfig::default()
+    };
+    let eval_cfg = EvalConfig::default();
+    let untrained = SemShare::new(&model)?;
+    let init = untrained.store.upload(dev.as_mut(), &untrained.store.init_values(seed))?;
+    let before = evaluate_split(dev.as_mut(), &untrained, &init, &data, "test", EmbeddingKind::Pooled, &eval_cfg)?;
+    eprintln!("training the `small` model for {} steps of {} pairs on {} ...", cfg.steps, cfg.batch_size, dev.name());
+    // The demo's own directory: its previous checkpoints are replaced.
+    let opts = RunOptions { out_dir: out.clone(), resume: None, replace: true, progress: true };
+    let summary = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
+    let best = summary.best_checkpoint.clone().ok_or_else(|| Error::data("the demo run wrote no checkpoint"))?;
+    let (net, params) = load_model(dev.as_mut(), &best)?;
+    let after = evaluate_split(dev.as_mut(), &net, &params, &data, "test", EmbeddingKind::Pooled, &eval_cfg)?;
+    println!(
+        "\nsemshare demo: {} test images / {} texts, trained {} steps in {:.0}s",
+        data.split("test")?.num_images(),
+        data.split("test")?.num_texts(),
+        summary.steps,
+        summary.seconds
+    );
+    println!("{:<10}{:>12}{:>12}{:>12}{:>12}", "metric", "untrained", "trained", "I2T", "T2I");
+    let row = |name: &str, f: &dyn Fn(&Report) -> f64, i2t: f64, t2i: f64| {
+        println!("{name:<10}{:>12.2}{:>12.2}{:>12.2}{:>12.2}", f(&before), f(&after), i2t, t2i);
+    };
+    for k in [10, 100, 500] {
+        let get = |r: &Report| r.avg.ndcg_at(k).unwrap_or(0.0);
+        row(&format!("NDCG@{k}"), &get, after.i2t.ndcg_at(k).unwrap_or(0.0), after.t2i.ndcg_at(k).unwrap_or(0.0));
+    }
+    row("mAP@all", &|r: &Report| r.avg.map_all, after.i2t.map_all, after.t2i.map_all);
+    for k in [1, 5, 10] {
+        let get = |r: &Report| r.avg.recall_at(k).unwrap_or(0.0);
+        row(&format!("R@{k}"), &get, after.i2t.recall_at(k).unwrap_or(0.0), after.t2i.recall_at(k).unwrap_or(0.0));
+    }
+    println!("(untrained/trained: average of I2T and T2I; best checkpoint: {})", best.display());
+    Ok(())
+}

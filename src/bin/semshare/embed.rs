@@ -1,0 +1,28 @@
+//! `semshare embed`: a split's embeddings into a file for `score`.
+
+use semshare::cli::Args;
+use crate::common::{Trained, split_name};
+use semshare::Result;
+use semshare::eval::EmbeddingSet;
+use semshare::inference::embed_split;
+use semshare::io::{claim_output, refuse_overlap};
+
+pub fn run(args: &Args) -> Result<()> {
+    let Trained { mut dev, data, net, params, kind } = Trained::open(args)?;
+    let split = data.split(split_name(args))?;
+    let out = args.path("out")?;
+    refuse_overlap(&out, &args.path("checkpoint")?, "checkpoint (--checkpoint)")?;
+    refuse_overlap(&out, &data.dir, "dataset (--data)")?;
+    claim_output(&out, "embeddings file", args.has("force"), |p| EmbeddingSet::load(p).is_ok())?;
+    let (ie, te, dim) = embed_split(dev.as_mut(), &net, &params, &data.layout, split, kind)?;
+    let c = data.meta().num_labels;
+    let set = EmbeddingSet::new(ie, split.image_labels(), te, split.text_labels(), dim, c, Some(split.text_items()))?;
+    set.save(&out)?;
+    println!(
+        "wrote {} image and {} text embeddings of width {dim} to {}",
+        split.num_images(),
+        split.num_texts(),
+        out.display()
+    );
+    Ok(())
+}

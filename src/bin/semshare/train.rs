@@ -1,0 +1,61 @@
+//! `semshare train`: one training run into a run directory.
+
+use std::path::{Path, PathBuf};
+
+use semshare::cli::Args;
+use crate::common::{configs, device, fit, load_data};
+use semshare::Result;
+use semshare::io::refuse_overlap;
+use semshare::train::{RunOptions, TrainConfig, fresh_run_dir, train};
+
+pub fn run(args: &Args) -> Result<()> {
+    let mut dev = device(args)?;
+    let data = load_data(args)?;
+    let c = configs(args, TrainConfig::default())?;
+    let cfg = c.train.clone();
+    // The variant's structure (trunk, separate models, segments) goes with it.
+    let mut model = cfg.variant.configure(&c.model);
+    fit(&mut model, &data.layout, &c, args)?;
+    let resume = args.get("resume").map(PathBuf::from);
+    let (out_dir, fresh) = match args.get("out") {
+        Some(out) => (PathBuf::from(out), false),
+        // Resuming in place continues that run's directory; otherwise a new one, never
+        // another run's.
+        None => match resume.as_deref().and_then(Path::parent) {
+            Some(dir) if !dir.as_os_str().is_empty() => (dir.to_path_buf(), false),
+            _ => (fresh_run_dir(Path::new("runs"), &data.meta().name)?, true),
+        },
+    };
+    refuse_overlap(&out_dir, &data.dir, "dataset (--data)")?;
+    let opts = RunOptions { out_dir, resume, replace: args.has("force"), progress: true };
+    let s = train(dev.as_mut(), &data, &model, &cfg, &opts).inspect_err(|_| {
+        if fresh {
+            // A run refused before writing a checkpoint leaves no empty directory behind
+            // (remove_dir keeps one that holds anything).
+            let _ = std::fs::remove_file(opts.out_dir.join(semshare::train::LOCK_FILE));
+            let _ = std::fs::remove_dir(&opts.out_dir);
+        }
+    })?;
+    let Some(best) = &s.best_checkpoint else {
+        let from = opts.resume.as_deref().unwrap_or(Path::new("the checkpoint"));
+        println!(
+            "{} is at step {} already, and --steps {} is the total: nothing trained, no checkpoint written (pass a larger --steps to continue)",
+            from.display(),
+            s.steps,
+            cfg.steps
+        );
+        return Ok(());
+    };
+    println!(
+        "trained {} steps in {:.1}s on {}: final loss {:.4}, best validation NDCG@{} {:.2} at step {} ({})",
+        s.steps,
+        s.seconds,
+        dev.name(),
+        s.final_loss,
+        cfg.eval_k,
+        s.best_ndcg,
+        s.best_step,
+        best.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! Writing a dataset directory: [`DatasetWriter`] takes images and texts as raw rows, cuts
+//! shards at a size, and publishes the directory atomically (a temporary directory renamed into
+//! place) with the manifest and its checksums.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use std::borrow::Cow;
+
+use safetensors::tensor::{Dtype, View};
+
+use super::checksum::{checksum, format_checksum};
+use super::format::{
+    FORMAT_NAME, FORMAT_VERSION, FeatureDtype, LABELS_FILE, Layout, MANIFEST_FILE, Manifest, REQUIRED_SPLITS, SPLITS,
+    ShardEntry, TEXT_FEATURES, VOCAB_FILE, is_dataset, tensor::*,
+};
+use crate::{Error, Result};
+
+/// One image as raw little-endian rows (shapes of the shard table: [R, Dr], [R, 5], [R]).
+pub struct ImageRecord<'a> {
+    pub features: &'a [u8],
+    pub feature_dtype: FeatureDtype,
+    pub boxes: &'a [u8],
+    pub count: u16,
+    pub classes: Option<&'a [u8]>,
+    pub labels: &'a [u8],
+}
+
+/// One text of that image: raw `[T]` u32 tokens (`dtype` None) or `[T, Dt]` features.
+pub struct TextRecord<'a> {
+    pub content: &'a [u8],
+    pub dtype: Option<FeatureDtype>,
+    pub length: u16,
+}
+
+#[derive(Default)]
+struct ShardBuilder {
+    images: usize,
+    texts: usize,
+    feature_dtype: Option<FeatureDtype>,
+    text_dtype: Option<FeatureDtype>,
+    classes: Option<bool>,
+    features: Vec<u8>,
+    boxes: Vec<u8>,
+    count: Vec<u8>,
+    class_bytes: Vec<u8>,
+    text: Vec<u8>,
+    length: Vec<u8>,
+    item: Vec<u8>,
+    labels: Vec<u8>,
+}
+
+impl ShardBuilder {
+    fn bytes(&self) -> usize {
+        self.features.len() + self.boxes.len() + self.class_bytes.len() + self.text.len() + self.labels.len()
+    }
+}
+
+/// A tensor for `safetensors::serialize`, its bytes in any container (borrowed from a shard
+/// builder, or owned by a converter).
+pub struct RawTensor<B: AsRef<[u8]>> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: B,
+}
+
+impl<B: AsRef<[u8]>> View for &RawTensor<B> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.data.as_ref())
+    }
+    fn data_len(&self) -> usize {
+        self.data.as_ref().len()
+    }
+}
+
+/// Writes a dataset directory: shards of about `shard_bytes` each (whole images with their
+/// texts), then vocabulary, labels and the manifest with checksums; all into a hidden temporary
+/// directory renamed into place by [`DatasetWriter::finish`]. Dropped unfinished, it removes
+/// the temporary directory: a half-written dataset is never visible.
+pub struct DatasetWriter {
+    out: PathBuf,
+    tmp: PathBuf,
+    layout: Layout,
+    shard_bytes: usize,
+    splits: BTreeMap<String, Vec<ShardEntry>>,
+    split: Option<String>,
+    current: ShardBuilder,
+    finished: bool,
+}
+
+impl DatasetWriter {
+    /// What every shard of this dataset agrees on.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn create(out: impl AsRef<Path>, layout: Layout, shard_bytes: usize) -> Result<DatasetWriter> {
+        let out = out.as_ref().to_path_buf();
+        layout.meta.check().map_err(|e| Error::data(format!("dataset {:?}: {e}", layout.meta.name)))?;
+        let name =
+            out.file_name().ok_or_else(|| Error::config(format!("{} is not a directory path", out.display())))?;
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        refuse_non_dataset(&out)?;
+        fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!(".{}.tmp-", name.to_string_lossy());
+        crate::io::remove_stale_temps(&parent, &prefix);
+        let tmp = parent.join(format!("{prefix}{}-{k}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(DatasetWriter {
+            out,
+            tmp,
+            layout,
+            shard_bytes: shard_bytes.max(1),
+            splits: BTreeMap::new(),
+            split: None,
+            current: ShardBuilder::default(),
+            finished: false,
+        })
+    }
+
+    /// Starts split `name` (one of [`SPLITS`]); ends the previous one.
+    pub fn begin_split(&mut self, name: &str) -> Result<()> {
+        if !SPLITS.contains(&name) || self.splits.contains_key(name) {
+            return Err(Error::config(format!("split {name:?} unknown or written twice")));
+        }
+        self.flush()?;
+        self.splits.insert(name.to_string(), Vec::new());
+        self.split = Some(name.to_string());
+        Ok(())
+    }
+
+    /// Appends one image with its texts to the current split.
+    pub fn push(&mut self, image: &ImageRecord, texts: &[TextRecord]) -> Result<()> {
+        let m = &self.layout.meta;
+        let (r, dr, t, dt) = (m.regions, m.feature_dim, m.max_tokens, self.layout.text_feature_dim);
+        let split = self.split.clone().ok_or_else(|| Error::config("DatasetWriter::push before begin_split"))?;
+        let bad = |what: String| Error::data(format!("{split} split, image {}: {what}", self.current.images));
+        let b = &self.current;
+        if image.features.len() != r * dr * image.feature_dtype.size()
+            || image.boxes.len() != r * 5 * 4
+            || image.labels.len() != m.num_labels
+            || image.classes.is_some_and(|c| c.len() != 2 * r)
+        {
+            return Err(bad("row sizes do not match the layout".into()));
+        }
+        if b.feature_dtype.is_some_and(|d| d != image.feature_dtype)
+            || b.classes.is_some_and(|c| c != image.classes.is_some())
+        {
+            return Err(bad("feature dtype or presence of classes differs from the shard's first image".into()));
+        }
+        if texts.is_empty() {
+            return Err(bad("no text".into()));
+        }
+        for tx in texts {
+            let want = match tx.dtype {
+                Some(d) if dt > 0 => t * dt * d.size(),
+                None if dt == 0 => t * 4,
+                _ => return Err(bad("text representation differs from the layout".into())),
+            };
+            if tx.content.len() != want || (b.texts > 0 && b.text_dtype != tx.dtype) {
+                return Err(bad("text row size or dtype does not match the layout".into()));
+            }
+        }
+        let b = &mut self.current;
+        b.feature_dtype = Some(image.feature_dtype);
+        b.classes = Some(image.classes.is_some());
+        b.features.extend_from_slice(image.features);
+        b.boxes.extend_from_slice(image.boxes);
+        b.count.extend_from_slice(&image.count.to_le_bytes());
+        if let Some(c) = image.classes {
+            b.class_bytes.extend_from_slice(c);
+        }
+        b.labels.extend_from_slice(image.labels);
+        for tx in texts {
+            b.text_dtype = tx.dtype;
+            b.text.extend_from_slice(tx.content);
+            b.length.extend_from_slice(&tx.length.to_le_bytes());
+            b.item.extend_from_slice(&(b.images as u32).to_le_bytes());
+            b.texts += 1;
+        }
+        b.images += 1;
+        if b.bytes() >= self.shard_bytes {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the current shard (if it holds anything) and lists it in the manifest.
+    fn flush(&mut self) -> Result<()> {
+        let b = std::mem::take(&mut self.current);
+        let Some(split) = self.split.clone() else { return Ok(()) };
+        let list = self.splits.get_mut(&split).expect("begin_split inserted the split");
+        if b.images == 0 {
+            return Ok(());
+        }
+        let m = &self.layout.meta;
+        let (n, mm) = (b.images, b.texts);
+        let (r, dr, t, c, dt) = (m.regions, m.feature_dim, m.max_tokens, m.num_labels, self.layout.text_feature_dim);
+        let fdt = b.feature_dtype.unwrap_or(FeatureDtype::F32);
+        let mut tensors = vec![
+            (IMAGE_FEATURES, RawTensor { dtype: fdt.dtype(), shape: vec![n, r, dr], data: &b.features }),
+            (IMAGE_BOXES, RawTensor { dtype: Dtype::F32, shape: vec![n, r, 5], data: &b.boxes }),
+            (IMAGE_COUNT, RawTensor { dtype: Dtype::U16, shape: vec![n], data: &b.count }),
+            (TEXT_LENGTH, RawTensor { dtype: Dtype::U16, shape: vec![mm], data: &b.length }),
+            (TEXT_ITEM, RawTensor { dtype: Dtype::U32, shape: vec![mm], data: &b.item }),
+            (LABELS, RawTensor { dtype: Dtype::U8, shape: vec![n, c], data: &b.labels }),
+        ];
+        match b.text_dtype {
+            Some(d) => {
+                tensors.push((TEXT_FEATURES, RawTensor { dtype: d.dtype(), shape: vec![mm, t, dt], data: &b.text }))
+            }
+            None => tensors.push((TEXT_TOKENS, RawTensor { dtype: Dtype::U32, shape: vec![mm, t], data: &b.text })),
+        }
+        if b.classes == Some(true) {
+            tensors.push((IMAGE_CLASSES, RawTensor { dtype: Dtype::U16, shape: vec![n, r], data: &b.class_bytes }));
+        }
+        let file = format!("{split}-{:05}.safetensors", list.len());
+        let path = self.tmp.join(&file);
+        let info = BTreeMap::from([
+            ("format", "semshare-shard".to_string()),
+            ("version", FORMAT_VERSION.to_string()),
+            ("split", split.clone()),
+        ]);
+        let bytes = crate::io::safetensors_bytes(tensors.iter().map(|(k, v)| (*k, v)), &info)
+            .map_err(|e| Error::format(&path, format!("cannot encode shard: {e}")))?;
+        write_synced(&path, &bytes)?;
+        list.push(ShardEntry {
+            file,
+            images: n,
+            texts: mm,
+            bytes: bytes.len() as u64,
+            checksum: format_checksum(checksum(&bytes)),
+        });
+        Ok(())
+    }
+
+    /// Writes vocabulary, labels and manifest, then moves the directory into place (replacing
+    /// an existing dataset there). Required splits never begun are written empty.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        self.flush()?;
+        for name in REQUIRED_SPLITS {
+            self.splits.entry(name.to_string()).or_default();
+        }
+        let m = &self.layout.meta;
+        let lines = |v: &[String]| v.iter().flat_map(|s| [s.as_str(), "\n"]).collect::<String>();
+        write_synced(&self.tmp.join(VOCAB_FILE), lines(&m.vocab).as_bytes())?;
+        write_synced(&self.tmp.join(LABELS_FILE), lines(&m.label_names).as_bytes())?;
+        let manifest = Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            name: m.name.clone(),
+            regions: m.regions,
+            feature_dim: m.feature_dim,
+            max_tokens: m.max_tokens,
+            text_feature_dim: self.layout.text_feature_dim,
+            num_labels: m.num_labels,
+            num_object_classes: m.num_object_classes,
+            vocab_size: m.vocab.len(),
+            vocab_file: VOCAB_FILE.into(),
+            labels_file: LABELS_FILE.into(),
+            splits: std::mem::take(&mut self.splits),
+        };
+        let mpath = self.tmp.join(MANIFEST_FILE);
+        let mut json = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| Error::format(&mpath, format!("cannot encode manifest: {e}")))?;
+        json.push('\n');
+        write_synced(&mpath, json.as_bytes())?;
+        // Checked again: something may have appeared at `out` while the dataset was written.
+        refuse_non_dataset(&self.out)?;
+        // Replace: old aside, new in, old removed. A reader sees the old or the new dataset
+        // (or, between the two renames, none), never a mix.
+        let mut old = self.tmp.clone().into_os_string();
+        old.push(".old");
+        let old = PathBuf::from(old);
+        let had_old = self.out.exists();
+        if had_old {
+            fs::rename(&self.out, &old).map_err(|e| Error::io(&self.out, e))?;
+        }
+        fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
+        if had_old {
+            let _ = fs::remove_dir_all(&old);
+        }
+        if let Some(parent) = self.out.parent()
+            && let Ok(d) = fs::File::open(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
+        {
+            let _ = d.sync_all(); // best effort: not every filesystem syncs directories
+        }
+        self.finished = true;
+        Ok(self.out.clone())
+    }
+}
+
+impl Drop for DatasetWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// A writer replaces a dataset (or an empty directory), never anything else; whether it may
+/// replace a dataset is the caller's decision (the CLI's `--force`, [`crate::io::claim_output`]).
+fn refuse_non_dataset(out: &Path) -> Result<()> {
+    crate::io::claim_output(out, "dataset", true, is_dataset)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
