@@ -1,8 +1,8 @@
 //! `semshare score`: metrics of embeddings from any model.
 
-use semshare::cli::Args;
 use crate::common::print_report;
 use semshare::Result;
+use semshare::cli::Args;
 use semshare::eval::{EmbeddingSet, EvalConfig};
 
 pub fn run(args: &Args) -> Result<()> {
