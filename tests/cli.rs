@@ -121,3 +121,41 @@ fn bad_input_gives_one_line_errors() {
     fails_with(&semshare(&["score", "--embeddings", path(&ckpt)]), "corrupt.safetensors");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn score_without_pairing_reports_label_metrics_and_says_why_not_recall() {
+    let dir = tmp("unpaired");
+    // 2 images, 3 texts, no `text.item`: nothing says which text belongs to which image.
+    let set = semshare::eval::EmbeddingSet::new(
+        vec![1.0, 0.0, 0.0, 1.0],
+        vec![1, 0, 0, 1],
+        vec![0.9, 0.1, 0.2, 0.8, 0.5, 0.5],
+        vec![1, 0, 0, 1, 1, 1],
+        2,
+        2,
+        None,
+    )
+    .unwrap();
+    let emb = dir.join("unpaired.safetensors");
+    set.save(&emb).unwrap();
+
+    let out = semshare(&["score", "--embeddings", path(&emb)]);
+    let table = ok(&out);
+    assert!(table.contains("NDCG@10") && table.contains("mAP@all") && table.contains("P@"), "{table}");
+    assert!(!table.contains("R@"), "{table}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let note: Vec<&str> = stderr.lines().filter(|l| l.contains("R@K")).collect();
+    assert_eq!(note.len(), 1, "{stderr}");
+    assert!(note[0].contains("3 texts and 2 images") && note[0].contains("text.item"), "{stderr}");
+
+    // --json: one JSON document on stdout, the R@K fields absent.
+    let json = ok(&semshare(&["score", "--embeddings", path(&emb), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for dir in ["i2t", "t2i", "avg"] {
+        assert!(v[dir].get("recall").is_none(), "{json}");
+        assert!(v[dir]["map_all"].as_f64().is_some(), "{json}");
+    }
+    // An image query's relevant texts: image 0 (label 0) ranks text 0 first, which shares it.
+    assert!(v["i2t"]["ndcg"][0][1].as_f64().unwrap() > 0.0, "{json}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
