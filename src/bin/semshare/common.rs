@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use semshare::cli::Args;
 use semshare::backend::{self, Backend};
+use semshare::cli::Args;
 use semshare::config::{Configs, fit_to_data, read_config_file};
 use semshare::data::format::Layout;
 use semshare::data::reader::DatasetReader;

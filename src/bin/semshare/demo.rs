@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use semshare::cli::Args;
 use crate::common::device;
+use semshare::cli::Args;
 use semshare::config::fit_to_data;
 use semshare::data::reader::DatasetReader;
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};

@@ -1,8 +1,8 @@
 //! `semshare embed`: a split's embeddings into a file for `score`.
 
-use semshare::cli::Args;
 use crate::common::{Trained, split_name};
 use semshare::Result;
+use semshare::cli::Args;
 use semshare::eval::EmbeddingSet;
 use semshare::inference::embed_split;
 use semshare::io::{claim_output, refuse_overlap};

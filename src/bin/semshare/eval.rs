@@ -1,8 +1,8 @@
 //! `semshare eval`: a checkpoint's retrieval metrics on a split.
 
-use semshare::cli::Args;
 use crate::common::{Trained, print_report, split_name};
 use semshare::Result;
+use semshare::cli::Args;
 use semshare::eval::EvalConfig;
 use semshare::inference::evaluate_split;
 

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use semshare::cli::Args;
 use crate::common::{configs, device, fit, load_data};
+use semshare::cli::Args;
 use semshare::experiment::run::{ExperimentConfig, build_suite, default_budget, run_suite, state_path, suite_name};
 use semshare::experiment::suite::{SuiteKind, SuiteState};
 use semshare::io::refuse_overlap;

@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use semshare::cli::Args;
 use crate::common::{configs, device, fit, load_data};
 use semshare::Result;
+use semshare::cli::Args;
 use semshare::io::refuse_overlap;
 use semshare::train::{RunOptions, TrainConfig, fresh_run_dir, train};
 
