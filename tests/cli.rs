@@ -159,3 +159,17 @@ fn score_without_pairing_reports_label_metrics_and_says_why_not_recall() {
     assert!(v["i2t"]["ndcg"][0][1].as_f64().unwrap() > 0.0, "{json}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn flag_equals_value_works_like_flag_space_value() {
+    let dir = tmp("equals");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let sizes = ["--train", "40", "--val", "10", "--test", "10", "--seed", "5"];
+    ok(&semshare(&[&["synth", "--out", path(&a)][..], &sizes].concat()));
+    let (out_b, train_b) = (format!("--out={}", path(&b)), "--train=40");
+    ok(&semshare(&["synth", &out_b, train_b, "--val=10", "--test", "10", "--seed=5"]));
+    assert_eq!(common::cli::snapshot(&a), common::cli::snapshot(&b));
+    let checked = ok(&semshare(&["check", path(&b)]));
+    assert!(checked.contains("ok"), "{checked}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
