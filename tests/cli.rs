@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cli::{fails_with, ok, path, semshare};
+use common::cli::{fails_with, ok, path, semshare, usage_error};
 
 fn tmp(name: &str) -> std::path::PathBuf {
     common::cli::tmp("cli", name)
@@ -105,8 +105,8 @@ fn bad_input_gives_one_line_errors() {
     fails_with(&semshare(&["train", "--data", path(&dir.join("nope"))]), "does not exist");
     fails_with(&semshare(&["demo", "--device", "cuda"]), "CUDA");
     fails_with(&semshare(&["demo", "--device", "tpu"]), "unknown device");
-    fails_with(&semshare(&["frobnicate"]), "unknown command");
-    fails_with(&semshare(&["train", "--steps"]), "needs a value");
+    usage_error(&semshare(&["frobnicate"]), "unknown command `frobnicate`");
+    usage_error(&semshare(&["train", "--steps"]), "--steps needs a value");
     fails_with(&semshare(&["synth", "--out", path(&dir), "--train", "many"]), "not a valid number");
 
     let data = dir.join("data");
@@ -158,6 +158,49 @@ fn score_without_pairing_reports_label_metrics_and_says_why_not_recall() {
     // An image query's relevant texts: image 0 (label 0) ranks text 0 first, which shares it.
     assert!(v["i2t"]["ndcg"][0][1].as_f64().unwrap() > 0.0, "{json}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Every command, as `semshare help` lists them.
+const COMMANDS: [&str; 9] = ["demo", "synth", "pack", "check", "train", "eval", "embed", "score", "experiment"];
+
+#[test]
+fn version_and_help_for_every_command() {
+    for flag in ["--version", "-V"] {
+        assert_eq!(ok(&semshare(&[flag])), format!("semshare {}\n", env!("CARGO_PKG_VERSION")));
+    }
+    let full = ok(&semshare(&["help"]));
+    assert_eq!(ok(&semshare(&["--help"])), full);
+    assert_eq!(ok(&semshare(&[])), full);
+    for cmd in COMMANDS {
+        let help = ok(&semshare(&["help", cmd]));
+        assert!(help.starts_with(&format!("USAGE: semshare {cmd} ")), "{help}");
+        for asked in [semshare(&[cmd, "--help"]), semshare(&[cmd, "-h"]), semshare(&[cmd, "--out", "x", "--help"])] {
+            assert_eq!(ok(&asked), help, "{cmd}");
+        }
+        // One source: the command's block of the full usage is in its help, word for word.
+        let block: String = full
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("  {cmd} ")))
+            .take_while(|l| l.starts_with(&format!("  {cmd} ")) || l.starts_with("    "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(!block.is_empty() && help.contains(&block), "{cmd}: {block:?} not in {help}");
+    }
+    usage_error(&semshare(&["help", "frobnicate"]), "unknown command `frobnicate`");
+}
+
+#[test]
+fn unknown_options_and_stray_arguments_exit_2_with_one_line() {
+    usage_error(&semshare(&["train", "--nope"]), "unknown option --nope");
+    usage_error(&semshare(&["train", "--nope=1"]), "unknown option --nope");
+    usage_error(&semshare(&["score", "--json=yes"]), "--json is a switch");
+    usage_error(&semshare(&["score", "--embeddings="]), "--embeddings needs a value");
+    usage_error(&semshare(&["eval", "data"]), "unexpected argument `data`");
+    usage_error(&semshare(&["check"]), "check takes one directory");
+    usage_error(&semshare(&["check", "a", "b"]), "check takes one directory");
+    usage_error(&semshare(&["check", "--json"]), "unknown option --json");
+    // A value the parser took but the command refuses is an ordinary error (exit 1).
+    fails_with(&semshare(&["demo", "--steps=many"]), "--steps: `many` is not a valid number");
 }
 
 #[test]
