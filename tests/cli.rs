@@ -216,3 +216,26 @@ fn flag_equals_value_works_like_flag_space_value() {
     assert!(checked.contains("ok"), "{checked}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn piped_progress_is_plain_lines() {
+    let dir = tmp("progress");
+    let data = dir.join("data");
+    ok(&semshare(&["synth", "--out", path(&data), "--train", "40", "--val", "10", "--test", "10"]));
+    let cfg = dir.join("cfg.json");
+    std::fs::write(&cfg, r#"{"model": {"layers": 1, "ffn": 32, "dim": 16, "heads": 2}, "train": {"eval_every": 3}}"#)
+        .unwrap();
+    let run = dir.join("run");
+    let args = ["train", "--data", path(&data), "--out", path(&run), "--config", path(&cfg)];
+    let out = semshare(&[&args[..], &["--steps=6", "--batch=8", "--device=cpu"]].concat());
+    ok(&out);
+    // stderr is a pipe here: no `\r` redraws, a plain line per tenth of the run (every step of 6).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    for step in 1..=6 {
+        let line = format!("step {step:>6}/6  loss ");
+        assert!(stderr.lines().any(|l| l.starts_with(&line)), "no line for step {step}: {stderr}");
+    }
+    assert!(stderr.lines().any(|l| l.starts_with("step      6/6") && l.contains("val NDCG@")), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -161,7 +161,8 @@ const DEVICE_NOTE: &str = "  --device auto|cpu|cuda   (default auto: CUDA when b
 ";
 const CONFIG_NOTE: &str = "  A config file is JSON: {\"model\": {...}, \"train\": {...}}; flags override it.
 ";
-const GENERAL_NOTE: &str = "  --flag=value is the same as --flag value. Exit status: 0 success, 1 error,
+const GENERAL_NOTE: &str = "  --flag=value is the same as --flag value. Progress goes to stderr: redrawn in place on a
+  terminal, a plain line now and then when piped. Exit status: 0 success, 1 error,
   2 command line not understood (unknown command or option, missing value, stray argument).
 ";
 
