@@ -226,10 +226,10 @@ pub fn pack_source(data: &[u8]) {
             None => break,
         }
     }
-    if let Ok(summary) = pack(&src, &out, 1 << 11) {
-        if let Ok(reader) = DatasetReader::open(&summary.out) {
-            read_all_items(&reader);
-        }
+    if let Ok(summary) = pack(&src, &out, 1 << 11)
+        && let Ok(reader) = DatasetReader::open(&summary.out)
+    {
+        read_all_items(&reader);
     }
 }
 

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use crate::{Error, Result};
 
-/// Parsed `--flag value` pairs and bare `--switch`es, checked against what a command takes.
+/// Parsed `--flag value` (or `--flag=value`) pairs and bare `--switch`es, checked against what
+/// a command takes.
 pub struct Args {
     flags: HashMap<String, String>,
 }
@@ -16,12 +17,26 @@ impl Args {
         let mut flags = HashMap::new();
         let mut it = raw.iter();
         while let Some(a) = it.next() {
-            let name = a.strip_prefix("--").ok_or_else(|| Error::config(format!("unexpected argument `{a}`")))?;
+            let flag = a.strip_prefix("--").ok_or_else(|| Error::config(format!("unexpected argument `{a}`")))?;
+            let (name, inline) = match flag.split_once('=') {
+                Some((name, value)) => (name, Some(value)),
+                None => (flag, None),
+            };
             if switches.contains(&name) {
+                if inline.is_some() {
+                    return Err(Error::config(format!("--{name} is a switch: it takes no value")));
+                }
                 flags.insert(name.to_string(), String::new());
             } else if takes_value.contains(&name) {
-                let v = it.next().ok_or_else(|| Error::config(format!("--{name} needs a value")))?;
-                flags.insert(name.to_string(), v.clone());
+                let v = match inline {
+                    Some(v) => v,
+                    None => it.next().ok_or_else(|| Error::config(format!("--{name} needs a value")))?,
+                };
+                // `--out=` is a missing value, not an empty path.
+                if v.is_empty() {
+                    return Err(Error::config(format!("--{name} needs a value")));
+                }
+                flags.insert(name.to_string(), v.to_string());
             } else {
                 return Err(Error::config(format!("unknown option --{name}")));
             }
@@ -44,5 +59,36 @@ impl Args {
         self.get(name)
             .map(|v| v.parse().map_err(|_| Error::config(format!("--{name}: `{v}` is not a valid number"))))
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[&str]) -> Result<Args> {
+        let raw: Vec<String> = raw.iter().map(|s| s.to_string()).collect();
+        Args::parse(&raw, &["out", "steps"], &["force"])
+    }
+
+    #[test]
+    fn flag_equals_value_is_the_same_as_flag_space_value() {
+        let a = parse(&["--out=dir/x=y", "--steps", "5", "--force"]).unwrap();
+        assert_eq!(a.get("out"), Some("dir/x=y"));
+        assert_eq!(a.num::<u64>("steps").unwrap(), Some(5));
+        assert!(a.has("force"));
+        let b = parse(&["--steps=7"]).unwrap();
+        assert_eq!(b.num::<u64>("steps").unwrap(), Some(7));
+    }
+
+    #[test]
+    fn bad_command_lines_are_errors_naming_the_option() {
+        let err = |raw: &[&str]| parse(raw).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(&["--out="]).contains("--out needs a value"));
+        assert!(err(&["--out"]).contains("--out needs a value"));
+        assert!(err(&["--force=yes"]).contains("--force is a switch"));
+        assert!(err(&["--nope=1"]).contains("unknown option --nope"));
+        assert!(err(&["--nope"]).contains("unknown option --nope"));
+        assert!(err(&["out"]).contains("unexpected argument `out`"));
     }
 }

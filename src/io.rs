@@ -275,6 +275,19 @@ where
     Ok(out)
 }
 
+/// Bytes the machine can give this process now: `MemAvailable` of /proc/meminfo (`MemTotal` on
+/// kernels without it); None where there is no /proc/meminfo (no check is made then).
+pub fn host_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib.saturating_mul(1024))
+    };
+    field("MemAvailable:").or_else(|| field("MemTotal:"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,17 +381,4 @@ mod tests {
         assert!(read(Path::new("/dev/zero")).unwrap_err().to_string().contains("is a device"));
         fs::remove_dir_all(&d).unwrap();
     }
-}
-
-/// Bytes the machine can give this process now: `MemAvailable` of /proc/meminfo (`MemTotal` on
-/// kernels without it); None where there is no /proc/meminfo (no check is made then).
-pub fn host_available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kib| kib.saturating_mul(1024))
-    };
-    field("MemAvailable:").or_else(|| field("MemTotal:"))
 }

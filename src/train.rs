@@ -3,8 +3,9 @@
 //! gradient norm and takes one AdamW step over the flat parameter buffer.
 //! Deterministic on the CPU: the same seed gives bitwise the same loss curve.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -391,7 +392,8 @@ pub struct RunOptions {
     /// Replace the checkpoints of another run in `out_dir` (the CLI's `--force`); without it
     /// they are refused, unless `resume` continues that run.
     pub replace: bool,
-    /// Print a progress line to stderr.
+    /// Print progress to stderr: one line redrawn in place on a terminal; when stderr is piped
+    /// (a log file, CI), plain lines every tenth of the run or 30 s, whichever comes first.
     pub progress: bool,
 }
 
@@ -566,6 +568,11 @@ pub fn train(
     let mut losses = Vec::new();
     let mut last_loss = f32::NAN;
     const POOL: usize = 3;
+    // `\r` redraws are for a terminal; in a log they pile up on one line.
+    let redraw = std::io::stderr().is_terminal();
+    let cr = if redraw { "\r" } else { "" };
+    let piped_every_steps = (cfg.steps / 10).max(1);
+    let mut last_piped = Instant::now();
     let mut loader = Loader::new(Arc::clone(data), "train", cfg.batch_size, cfg.seed, first..cfg.steps, POOL)?;
     while trainer.step < cfg.steps {
         let (images, texts) = match loader.next_batch() {
@@ -577,10 +584,22 @@ pub fn train(
         losses.push(stats.loss);
         last_loss = stats.loss;
         let done = trainer.step;
-        if opts.progress && (done % 10 == 0 || done == cfg.steps) {
+        let line_due = if redraw {
+            done % 10 == 0 || done == cfg.steps
+        } else {
+            done % piped_every_steps == 0 || last_piped.elapsed() >= Duration::from_secs(30)
+        };
+        if opts.progress && line_due {
             let rate = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
             let eta = (cfg.steps - done) as f64 / rate.max(1e-9);
-            eprint!("\rstep {done:>6}/{}  loss {:.4}  {rate:.1} steps/s  ETA {:>4.0}s   ", cfg.steps, stats.loss, eta);
+            let line =
+                format!("step {done:>6}/{}  loss {:.4}  {rate:.1} steps/s  ETA {:>4.0}s", cfg.steps, stats.loss, eta);
+            if redraw {
+                eprint!("\r{line}   ");
+            } else {
+                eprintln!("{line}");
+                last_piped = Instant::now();
+            }
         }
         let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
         if validate {
@@ -594,7 +613,7 @@ pub fn train(
             }
             if opts.progress {
                 eprintln!(
-                    "\rstep {done:>6}/{}  loss {:.4}  val NDCG@{} {ndcg:.2} (best {:.2} at {})",
+                    "{cr}step {done:>6}/{}  loss {:.4}  val NDCG@{} {ndcg:.2} (best {:.2} at {})",
                     cfg.steps, stats.loss, cfg.eval_k, state.best_ndcg, state.best_step
                 );
             }

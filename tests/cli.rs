@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cli::{fails_with, ok, path, semshare};
+use common::cli::{fails_with, ok, path, semshare, usage_error};
 
 fn tmp(name: &str) -> std::path::PathBuf {
     common::cli::tmp("cli", name)
@@ -105,8 +105,8 @@ fn bad_input_gives_one_line_errors() {
     fails_with(&semshare(&["train", "--data", path(&dir.join("nope"))]), "does not exist");
     fails_with(&semshare(&["demo", "--device", "cuda"]), "CUDA");
     fails_with(&semshare(&["demo", "--device", "tpu"]), "unknown device");
-    fails_with(&semshare(&["frobnicate"]), "unknown command");
-    fails_with(&semshare(&["train", "--steps"]), "needs a value");
+    usage_error(&semshare(&["frobnicate"]), "unknown command `frobnicate`");
+    usage_error(&semshare(&["train", "--steps"]), "--steps needs a value");
     fails_with(&semshare(&["synth", "--out", path(&dir), "--train", "many"]), "not a valid number");
 
     let data = dir.join("data");
@@ -119,5 +119,123 @@ fn bad_input_gives_one_line_errors() {
         "missing.safetensors",
     );
     fails_with(&semshare(&["score", "--embeddings", path(&ckpt)]), "corrupt.safetensors");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn score_without_pairing_reports_label_metrics_and_says_why_not_recall() {
+    let dir = tmp("unpaired");
+    // 2 images, 3 texts, no `text.item`: nothing says which text belongs to which image.
+    let set = semshare::eval::EmbeddingSet::new(
+        vec![1.0, 0.0, 0.0, 1.0],
+        vec![1, 0, 0, 1],
+        vec![0.9, 0.1, 0.2, 0.8, 0.5, 0.5],
+        vec![1, 0, 0, 1, 1, 1],
+        2,
+        2,
+        None,
+    )
+    .unwrap();
+    let emb = dir.join("unpaired.safetensors");
+    set.save(&emb).unwrap();
+
+    let out = semshare(&["score", "--embeddings", path(&emb)]);
+    let table = ok(&out);
+    assert!(table.contains("NDCG@10") && table.contains("mAP@all") && table.contains("P@"), "{table}");
+    assert!(!table.contains("R@"), "{table}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let note: Vec<&str> = stderr.lines().filter(|l| l.contains("R@K")).collect();
+    assert_eq!(note.len(), 1, "{stderr}");
+    assert!(note[0].contains("3 texts and 2 images") && note[0].contains("text.item"), "{stderr}");
+
+    // --json: one JSON document on stdout, the R@K fields absent.
+    let json = ok(&semshare(&["score", "--embeddings", path(&emb), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for dir in ["i2t", "t2i", "avg"] {
+        assert!(v[dir].get("recall").is_none(), "{json}");
+        assert!(v[dir]["map_all"].as_f64().is_some(), "{json}");
+    }
+    // An image query's relevant texts: image 0 (label 0) ranks text 0 first, which shares it.
+    assert!(v["i2t"]["ndcg"][0][1].as_f64().unwrap() > 0.0, "{json}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Every command, as `semshare help` lists them.
+const COMMANDS: [&str; 9] = ["demo", "synth", "pack", "check", "train", "eval", "embed", "score", "experiment"];
+
+#[test]
+fn version_and_help_for_every_command() {
+    for flag in ["--version", "-V"] {
+        assert_eq!(ok(&semshare(&[flag])), format!("semshare {}\n", env!("CARGO_PKG_VERSION")));
+    }
+    let full = ok(&semshare(&["help"]));
+    assert_eq!(ok(&semshare(&["--help"])), full);
+    assert_eq!(ok(&semshare(&[])), full);
+    for cmd in COMMANDS {
+        let help = ok(&semshare(&["help", cmd]));
+        assert!(help.starts_with(&format!("USAGE: semshare {cmd} ")), "{help}");
+        for asked in [semshare(&[cmd, "--help"]), semshare(&[cmd, "-h"]), semshare(&[cmd, "--out", "x", "--help"])] {
+            assert_eq!(ok(&asked), help, "{cmd}");
+        }
+        // One source: the command's block of the full usage is in its help, word for word.
+        let block: String = full
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("  {cmd} ")))
+            .take_while(|l| l.starts_with(&format!("  {cmd} ")) || l.starts_with("    "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(!block.is_empty() && help.contains(&block), "{cmd}: {block:?} not in {help}");
+    }
+    usage_error(&semshare(&["help", "frobnicate"]), "unknown command `frobnicate`");
+}
+
+#[test]
+fn unknown_options_and_stray_arguments_exit_2_with_one_line() {
+    usage_error(&semshare(&["train", "--nope"]), "unknown option --nope");
+    usage_error(&semshare(&["train", "--nope=1"]), "unknown option --nope");
+    usage_error(&semshare(&["score", "--json=yes"]), "--json is a switch");
+    usage_error(&semshare(&["score", "--embeddings="]), "--embeddings needs a value");
+    usage_error(&semshare(&["eval", "data"]), "unexpected argument `data`");
+    usage_error(&semshare(&["check"]), "check takes one directory");
+    usage_error(&semshare(&["check", "a", "b"]), "check takes one directory");
+    usage_error(&semshare(&["check", "--json"]), "unknown option --json");
+    // A value the parser took but the command refuses is an ordinary error (exit 1).
+    fails_with(&semshare(&["demo", "--steps=many"]), "--steps: `many` is not a valid number");
+}
+
+#[test]
+fn flag_equals_value_works_like_flag_space_value() {
+    let dir = tmp("equals");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let sizes = ["--train", "40", "--val", "10", "--test", "10", "--seed", "5"];
+    ok(&semshare(&[&["synth", "--out", path(&a)][..], &sizes].concat()));
+    let (out_b, train_b) = (format!("--out={}", path(&b)), "--train=40");
+    ok(&semshare(&["synth", &out_b, train_b, "--val=10", "--test", "10", "--seed=5"]));
+    assert_eq!(common::cli::snapshot(&a), common::cli::snapshot(&b));
+    let checked = ok(&semshare(&["check", path(&b)]));
+    assert!(checked.contains("ok"), "{checked}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn piped_progress_is_plain_lines() {
+    let dir = tmp("progress");
+    let data = dir.join("data");
+    ok(&semshare(&["synth", "--out", path(&data), "--train", "40", "--val", "10", "--test", "10"]));
+    let cfg = dir.join("cfg.json");
+    std::fs::write(&cfg, r#"{"model": {"layers": 1, "ffn": 32, "dim": 16, "heads": 2}, "train": {"eval_every": 3}}"#)
+        .unwrap();
+    let run = dir.join("run");
+    let args = ["train", "--data", path(&data), "--out", path(&run), "--config", path(&cfg)];
+    let out = semshare(&[&args[..], &["--steps=6", "--batch=8", "--device=cpu"]].concat());
+    ok(&out);
+    // stderr is a pipe here: no `\r` redraws, a plain line per tenth of the run (every step of 6).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    for step in 1..=6 {
+        let line = format!("step {step:>6}/6  loss ");
+        assert!(stderr.lines().any(|l| l.starts_with(&line)), "no line for step {step}: {stderr}");
+    }
+    assert!(stderr.lines().any(|l| l.starts_with("step      6/6") && l.contains("val NDCG@")), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

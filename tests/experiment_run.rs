@@ -575,5 +575,9 @@ fn semshare_experiment_runs_a_restricted_suite_and_refuses_bad_arguments() {
     fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--seeds", "0"]), "--seeds");
     fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--seeds", "2", "--seed", "1"]), "--seed K");
     fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--out", &d]), "is the dataset (--data)");
-    fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &d, "--lr", "1"]), "unknown option --lr");
+    // Not understood by the parser: exit 2 (main.rs, USAGE_ERROR).
+    let unknown = semshare(&["experiment", "--suite", "eta", "--data", &d, "--lr", "1"]);
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert_eq!(unknown.status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("error: unknown option --lr") && stderr.lines().count() == 1, "{stderr}");
 }

@@ -6,9 +6,11 @@
 //! | `text.embedding`  | F32   | [M, D] |                                                  |
 //! | `image.labels`    | U8    | [N, C] | multi-hot, 0 or 1                                |
 //! | `text.labels`     | U8    | [M, C] | multi-hot, 0 or 1                                |
-//! | `text.item`       | U32   | [M]    | optional: the image of each text; absent → M = N, text i ↔ image i |
+//! | `text.item`       | U32   | [M]    | optional: the image of each text (see below)      |
 //!
-//! Other tensors are ignored. Everything is validated on load (dtype, shape, label values,
+//! Without `text.item`, M = N pairs text i with image i; M ≠ N leaves the set unpaired: it is
+//! scored with the label metrics only, since R@K needs to know which text belongs to which
+//! image ([`EmbeddingSet::is_paired`]). Other tensors are ignored. Everything is validated on load (dtype, shape, label values,
 //! finiteness, item ids) with an error naming the file, the tensor and the row.
 
 use std::borrow::Cow;
@@ -16,7 +18,7 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use super::metrics::{EvalConfig, Report, Side, evaluate};
+use super::metrics::{EvalConfig, Report, Side, evaluate, evaluate_unpaired};
 use crate::{Error, Result};
 
 pub const IMAGE_EMBEDDING: &str = "image.embedding";
@@ -25,7 +27,8 @@ pub const IMAGE_LABELS: &str = "image.labels";
 pub const TEXT_LABELS: &str = "text.labels";
 pub const TEXT_ITEM: &str = "text.item";
 
-/// Image and text embeddings with their labels and the text → image pairing; always valid.
+/// Image and text embeddings with their labels and the text → image pairing, if any; always
+/// valid.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EmbeddingSet {
     dim: usize,
@@ -39,7 +42,8 @@ pub struct EmbeddingSet {
 
 impl EmbeddingSet {
     /// Builds a set from row-major `[N, dim]` / `[M, dim]` embeddings and `[N, num_labels]` /
-    /// `[M, num_labels]` labels; `text_item = None` pairs text i with image i (needs M = N).
+    /// `[M, num_labels]` labels; `text_item = None` pairs text i with image i when M = N and
+    /// leaves the set unpaired otherwise.
     /// Validated like a loaded file (errors are `Error::Data`).
     pub fn new(
         image_emb: Vec<f32>,
@@ -77,17 +81,27 @@ impl EmbeddingSet {
     pub fn explicit_text_item(&self) -> Option<&[u32]> {
         self.text_item.as_deref()
     }
-    /// The image of each text: `text.item`, or the identity when absent.
-    pub fn text_item(&self) -> Cow<'_, [u32]> {
+    /// Whether texts are paired with images: by `text.item`, or one to one when M = N.
+    pub fn is_paired(&self) -> bool {
+        self.text_item.is_some() || self.n_texts() == self.n_images()
+    }
+    /// The image of each text: `text.item`, or the identity when absent and M = N; None for an
+    /// unpaired set.
+    pub fn text_item(&self) -> Option<Cow<'_, [u32]>> {
         match &self.text_item {
-            Some(v) => Cow::Borrowed(v),
-            None => Cow::Owned((0..self.n_texts() as u32).collect()),
+            Some(v) => Some(Cow::Borrowed(v)),
+            None if self.is_paired() => Some(Cow::Owned((0..self.n_texts() as u32).collect())),
+            None => None,
         }
     }
 
-    /// Retrieval scores of these embeddings (see [`evaluate`]).
+    /// Retrieval scores of these embeddings (see [`evaluate`]); an unpaired set gets the label
+    /// metrics without R@K ([`evaluate_unpaired`]).
     pub fn evaluate(&self, cfg: &EvalConfig) -> Result<Report> {
-        evaluate(&self.images(), &self.texts(), &self.text_item(), cfg)
+        match self.text_item() {
+            Some(items) => evaluate(&self.images(), &self.texts(), &items, cfg),
+            None => evaluate_unpaired(&self.images(), &self.texts(), cfg),
+        }
     }
 
     /// Shape and value checks; the message names the tensor and the row.
@@ -131,10 +145,6 @@ impl EmbeddingSet {
             }
         }
         match &self.text_item {
-            None if m != n => Err(format!(
-                "no `{TEXT_ITEM}` tensor, so texts pair with images one to one, but there are \
-                 {m} texts and {n} images"
-            )),
             None => Ok(()),
             Some(items) if items.len() != m => {
                 Err(format!("tensor `{TEXT_ITEM}` has {} entries, expected {m} (one per text)", items.len()))
@@ -301,11 +311,12 @@ mod tests {
             assert_eq!(back, set);
             assert_eq!(back.explicit_text_item().is_some(), item);
             if item {
-                assert_eq!(&*back.text_item(), &[1, 0, 1]);
+                assert_eq!(&*back.text_item().unwrap(), &[1, 0, 1]);
                 assert_eq!((back.n_images(), back.n_texts(), back.dim()), (2, 3, 2));
             } else {
-                assert_eq!(&*back.text_item(), &[0, 1]);
+                assert_eq!(&*back.text_item().unwrap(), &[0, 1]);
             }
+            assert!(back.is_paired());
             assert!(back.evaluate(&crate::eval::EvalConfig::default()).is_ok());
         }
         // Saving over an existing file replaces it.
@@ -375,11 +386,6 @@ mod tests {
         check("itemdtype", raw, &["text.item", "I64"]);
 
         let mut raw = valid_raw();
-        raw[1] = (TEXT_EMBEDDING, Dtype::F32, vec![3, 2], f32_bytes(&[0.0; 6]));
-        raw[3] = (TEXT_LABELS, Dtype::U8, vec![3, 2], vec![0; 6]);
-        check("noitem", raw, &["text.item", "3 texts", "2 images"]);
-
-        let mut raw = valid_raw();
         raw[0] = (IMAGE_EMBEDDING, Dtype::F32, vec![0, 2], vec![]);
         raw[2] = (IMAGE_LABELS, Dtype::U8, vec![0, 2], vec![]);
         check("empty", raw, &["image.embedding", "no rows"]);
@@ -387,6 +393,23 @@ mod tests {
         let mut raw = valid_raw();
         raw[0] = (IMAGE_EMBEDDING, Dtype::F32, vec![4], f32_bytes(&[0.0; 4]));
         check("rank", raw, &["image.embedding", "rank 2"]);
+    }
+
+    #[test]
+    fn more_texts_than_images_without_text_item_is_unpaired() {
+        let mut raw = valid_raw();
+        raw[1] = (TEXT_EMBEDDING, Dtype::F32, vec![3, 2], f32_bytes(&[1.0, 1.0, 0.0, 1.0, 1.0, 0.0]));
+        raw[3] = (TEXT_LABELS, Dtype::U8, vec![3, 2], vec![1, 0, 1, 1, 0, 1]);
+        let path = temp_path("unpaired");
+        write_raw(&path, &raw);
+        let set = EmbeddingSet::load(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(!set.is_paired() && set.text_item().is_none());
+        let report = set.evaluate(&EvalConfig::default()).unwrap();
+        assert!(report.avg.recall.is_empty() && report.avg.ndcg_at(10).is_some(), "{report:?}");
+        // Paired by a `text.item`, the same file gets R@K.
+        let paired = EmbeddingSet { text_item: Some(vec![0, 1, 1]), ..set };
+        assert!(paired.evaluate(&EvalConfig::default()).unwrap().avg.recall_at(1).is_some());
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //!   pairs in [0, 1].
 //! - R@K of the paired item (instance-level): an image query hits if any of its texts is in the
 //!   top K; a text query hits if its image is. Queries without any paired item (an image no text
-//!   points to) are left out of R@K's mean.
+//!   points to) are left out of R@K's mean. Without a pairing (`evaluate_unpaired`, the gallery
+//!   protocol) there is no R@K: the report's `recall` is empty.
 //!
 //! Every score except the PR curve is a mean over queries ×100.
 
@@ -142,6 +143,9 @@ pub struct DirectionMetrics {
     pub map_all: f64,
     pub precision: Vec<(usize, f64)>,
     pub pr_curve: Vec<(f64, f64)>,
+    /// R@K of the paired item; empty, and absent from the JSON, when nothing pairs queries with
+    /// gallery items (the gallery protocol, unpaired embeddings) or no K was asked for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub recall: Vec<(usize, f64)>,
 }
 
@@ -338,16 +342,31 @@ pub fn rank_order(sims: &[f32]) -> Vec<u32> {
 /// paired item of R@K). Every input is validated: consistent lengths, equal embedding widths and
 /// label counts, labels 0/1, finite embeddings, `text_item[j] < n_images`.
 pub fn evaluate(images: &Side, texts: &Side, text_item: &[u32], cfg: &EvalConfig) -> Result<Report> {
-    evaluate_blocked(images, texts, text_item, cfg, SIM_BLOCK_FLOATS)
+    evaluate_blocked(images, texts, Some(text_item), cfg, SIM_BLOCK_FLOATS)
+}
+
+/// Retrieval scores of images and texts with no pairing (nothing says which text describes which
+/// image, so the counts may differ): the label metrics only. R@K asks whether the paired item
+/// was found, so it is not reported (`cfg.recall_ks` is ignored; `recall` is empty).
+pub fn evaluate_unpaired(images: &Side, texts: &Side, cfg: &EvalConfig) -> Result<Report> {
+    evaluate_blocked(images, texts, None, cfg, SIM_BLOCK_FLOATS)
 }
 
 fn evaluate_blocked(
     images: &Side,
     texts: &Side,
-    text_item: &[u32],
+    text_item: Option<&[u32]>,
     cfg: &EvalConfig,
     block_floats: usize,
 ) -> Result<Report> {
+    let unpaired;
+    let cfg = match text_item {
+        Some(_) => cfg,
+        None => {
+            unpaired = EvalConfig { recall_ks: Vec::new(), ..cfg.clone() };
+            &unpaired
+        }
+    };
     cfg.validate()?;
     let n_img = images.validate("images")?;
     let n_txt = texts.validate("texts")?;
@@ -360,9 +379,12 @@ fn evaluate_blocked(
     if images.num_labels != texts.num_labels {
         return Err(Error::data(format!("images have {} labels but texts {}", images.num_labels, texts.num_labels)));
     }
-    if text_item.len() != n_txt {
-        return Err(Error::data(format!("text_item has {} entries for {n_txt} texts", text_item.len())));
+    if let Some(items) = text_item
+        && items.len() != n_txt
+    {
+        return Err(Error::data(format!("text_item has {} entries for {n_txt} texts", items.len())));
     }
+    let text_item = text_item.unwrap_or(&[]);
     if let Some(j) = text_item.iter().position(|&i| i as usize >= n_img) {
         return Err(Error::data(format!(
             "texts: row {j} pairs with image {} but there are {n_img} images",
@@ -373,7 +395,7 @@ fn evaluate_blocked(
     let img = Prepared::new(images);
     let txt = Prepared::new(texts);
 
-    // I2T: the texts of each image (CSR); T2I: the one image of each text.
+    // I2T: the texts of each image (CSR); T2I: the one image of each text; none when unpaired.
     let mut img_offsets = vec![0usize; n_img + 1];
     for &i in text_item {
         img_offsets[i as usize + 1] += 1;
@@ -382,13 +404,13 @@ fn evaluate_blocked(
         img_offsets[i + 1] += img_offsets[i];
     }
     let mut fill = img_offsets.clone();
-    let mut img_texts = vec![0u32; n_txt];
+    let mut img_texts = vec![0u32; text_item.len()];
     for (j, &i) in text_item.iter().enumerate() {
         img_texts[fill[i as usize]] = j as u32;
         fill[i as usize] += 1;
     }
     let i2t_pairs = |q: usize| &img_texts[img_offsets[q]..img_offsets[q + 1]];
-    let t2i_pairs = |q: usize| std::slice::from_ref(&text_item[q]);
+    let t2i_pairs = |q: usize| text_item.get(q).map_or(&[][..], std::slice::from_ref);
 
     let i2t = direction(&img, &txt, &i2t_pairs, cfg, block_floats);
     let t2i = direction(&txt, &img, &t2i_pairs, cfg, block_floats);
@@ -797,7 +819,7 @@ mod tests {
 
         // Query blocks of any size give the same report (1 row per SGEMM and more).
         for block in [1, 4, 5, 8, 12] {
-            assert_eq!(evaluate_blocked(&images, &texts, &[1, 0, 2, 0], &c, block).unwrap(), r);
+            assert_eq!(evaluate_blocked(&images, &texts, Some(&[1, 0, 2, 0]), &c, block).unwrap(), r);
         }
 
         let table = r.table();
@@ -808,6 +830,15 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(json["t2i"]["map_all"], 87.5);
         assert_eq!(json["i2t"]["recall"][2][0], 3);
+
+        // Without the pairing: the same label metrics, R@K left out (and absent from the JSON).
+        let unpaired = evaluate_unpaired(&images, &texts, &c).unwrap();
+        let strip = |d: &DirectionMetrics| DirectionMetrics { recall: Vec::new(), ..d.clone() };
+        assert_eq!((strip(&r.i2t), strip(&r.t2i), strip(&r.avg)), (unpaired.i2t, unpaired.t2i, unpaired.avg));
+        let json: serde_json::Value =
+            serde_json::from_str(&evaluate_unpaired(&images, &texts, &c).unwrap().to_json()).unwrap();
+        assert!(json["i2t"].get("recall").is_none() && json["avg"].get("ndcg").is_some(), "{json}");
+        assert!(!evaluate_unpaired(&images, &texts, &c).unwrap().table().contains("R@"));
     }
 
     #[test]
@@ -992,7 +1023,7 @@ mod tests {
             prop_assume!(min_gap(&d.images(), &d.texts()) > 1e-4);
             prop_assume!(min_gap(&d.texts(), &d.images()) > 1e-4);
             let cfg = cfg(&[1, 3, 12], &[1, 2, 12], &[1, 2, 5], points);
-            let r = evaluate_blocked(&d.images(), &d.texts(), &d.text_item, &cfg, block).unwrap();
+            let r = evaluate_blocked(&d.images(), &d.texts(), Some(&d.text_item), &cfg, block).unwrap();
             let mut img_texts = vec![Vec::new(); n_img];
             for (j, &i) in d.text_item.iter().enumerate() {
                 img_texts[i as usize].push(j as u32);

@@ -33,6 +33,21 @@ pub fn fails_with(out: &Output, needle: &str) {
     assert!(line.starts_with("error: ") && line.contains(needle), "expected an error about `{needle}`, got: {stderr}");
 }
 
+/// A command line `semshare` does not understand: exit code 2, one `error:` line naming
+/// `needle` and pointing to the help.
+pub fn usage_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "expected an error about `{needle}`: {stderr}"
+    );
+    assert!(lines[0].contains("--help`)") || lines[0].contains("`semshare help`)"), "{stderr}");
+}
+
 pub fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }

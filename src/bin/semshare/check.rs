@@ -4,10 +4,7 @@ use semshare::data::reader::DatasetReader;
 use semshare::{Error, Result};
 
 /// Every problem found, one per line; an error (exit 1) when there is any.
-pub fn run(rest: &[String]) -> Result<()> {
-    let [dir] = rest else {
-        return Err(Error::config("usage: semshare check DIR"));
-    };
+pub fn run(dir: &str) -> Result<()> {
     const LIMIT: usize = 100;
     let data = DatasetReader::open(dir)?;
     let problems = data.check(LIMIT);

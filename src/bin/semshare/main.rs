@@ -17,98 +17,290 @@ use std::process::ExitCode;
 use semshare::cli::Args;
 use semshare::{Error, Result};
 
-const USAGE: &str = "\
+/// What `semshare` and `semshare help` print above the commands.
+const HEADER: &str = "\
 semshare — label-wise cross-modal retrieval by semantic sharing (Yang et al., IJCAI 2021)
 
 USAGE: semshare <COMMAND> [OPTIONS]
+       semshare help <COMMAND>   (or semshare <COMMAND> --help): one command's usage
+       semshare --version
 
 COMMANDS:
-  demo     synthesize data, train, evaluate; prints the trained model against the untrained one
+";
+
+/// How a command takes its arguments.
+enum Takes {
+    /// `--flag value` options (`values`) and `--switch`es, parsed by [`Args`].
+    Flags { values: &'static [&'static str], switches: &'static [&'static str], run: fn(&Args) -> Result<()> },
+    /// One directory, no options.
+    Dir(fn(&str) -> Result<()>),
+}
+
+/// One command: its name, its part of the usage text (the one source of both `semshare help`
+/// and `semshare help CMD`), and what it takes.
+struct Command {
+    name: &'static str,
+    /// What it does, then its options, indented as in the full usage.
+    usage: &'static str,
+    takes: Takes,
+}
+
+const COMMANDS: &[Command] = &[
+    Command {
+        name: "demo",
+        usage: "  demo     synthesize data, train, evaluate; prints the trained model against the untrained one
              [--steps N] [--out DIR] [--seed S] [--device D]
              [--train N] [--val N] [--test N]   (defaults 2000 / 300 / 1000)
-  synth    write a synthetic dataset
+",
+        takes: Takes::Flags {
+            values: &["steps", "out", "seed", "device", "train", "val", "test"],
+            switches: &[],
+            run: demo::run,
+        },
+    },
+    Command {
+        name: "synth",
+        usage: "  synth    write a synthetic dataset
              --out DIR [--preset balanced|weak-image|weak-text] [--seed S]
              [--train N] [--val N] [--test N] [--force]
            or real MIRFlickr-25K labels and tag texts with synthetic regions
              --preset flickr-tags --labels DIR --out DIR [--seed S] [--format dataset|source]
              [--train N] [--val N] [--test N] [--force]  (defaults 10000 / 1000 / 2000 queries)
              --format source writes a source directory for `pack`, retrieval set included
-  pack     build a dataset directory from a source directory (docs/FORMAT.md)
+",
+        takes: Takes::Flags {
+            values: &["out", "preset", "seed", "train", "val", "test", "labels", "format"],
+            switches: &["force"],
+            run: synth::run,
+        },
+    },
+    Command {
+        name: "pack",
+        usage: "  pack     build a dataset directory from a source directory (docs/FORMAT.md)
              --from SRC --out DIR [--shard-mb N (default 256)] [--force]
-  check    validate a dataset directory completely (checksums, every item); exit 1 on a problem
+",
+        takes: Takes::Flags { values: &["from", "out", "shard-mb"], switches: &["force"], run: pack::run },
+    },
+    Command {
+        name: "check",
+        usage: "  check    validate a dataset directory completely (checksums, every item); exit 1 on a problem
              DIR
-  train    train on a dataset directory
+",
+        takes: Takes::Dir(check::run),
+    },
+    Command {
+        name: "train",
+        usage: "  train    train on a dataset directory
              --data DIR [--out DIR (default: a new runs/<dataset>-<k>)] [--config FILE.json]
              [--model small|paper] [--steps N] [--batch N] [--lr X] [--lambda X] [--seed S]
              [--resume CKPT] [--force] [--device D]
              --steps is the total: --resume continues CKPT's run up to it (nothing to do if
              CKPT is there already); --force replaces another run's checkpoints in --out
-  eval     retrieval metrics of a checkpoint on a split
+",
+        takes: Takes::Flags {
+            values: &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device"],
+            switches: &["force"],
+            run: train::run,
+        },
+    },
+    Command {
+        name: "eval",
+        usage: "  eval     retrieval metrics of a checkpoint on a split
              --data DIR --checkpoint CKPT [--split test|val|train|database]
              (test with a database split: test queries ranked against the database) [--embedding pooled|label] [--json] [--device D]
-  embed    write the embeddings of a split (the input of `score`)
+",
+        takes: Takes::Flags {
+            values: &["data", "checkpoint", "split", "embedding", "device"],
+            switches: &["json"],
+            run: eval::run,
+        },
+    },
+    Command {
+        name: "embed",
+        usage: "  embed    write the embeddings of a split (the input of `score`)
              --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--force] [--device D]
-  score    metrics for embeddings produced by any model
+",
+        takes: Takes::Flags {
+            values: &["data", "checkpoint", "out", "split", "embedding", "device"],
+            switches: &["force"],
+            run: embed::run,
+        },
+    },
+    Command {
+        name: "score",
+        usage: "  score    metrics for embeddings produced by any model
              --embeddings FILE [--json]
-  experiment  run a suite of docs/EXPERIMENTS-DESIGN.md (resumes where a killed one stopped)
+             without `text.item` and with more (or fewer) texts than images, nothing pairs them:
+             the label metrics only, R@K left out (absent from --json)
+",
+        takes: Takes::Flags { values: &["embeddings"], switches: &["json"], run: score::run },
+    },
+    Command {
+        name: "experiment",
+        usage: "  experiment  run a suite of docs/EXPERIMENTS-DESIGN.md (resumes where a killed one stopped)
              --suite table1|eta --data DIR [--seeds N (default 3) | --seed K] [--variants a,b,...]
              [--model small|paper] [--config FILE.json] [--steps N] [--device D]
              [--out DIR (default docs/results/<dataset>)] [--runs DIR (default runs/experiments/<dataset>)]
              budget per run unless the config file or --steps say otherwise: batch 32, 600 steps,
              warm-up 60, lr 5e-4, validation every 100 steps, patience 3
              --seed K runs seed K alone (adding it to the suite's state file)
+",
+        takes: Takes::Flags {
+            values: &["suite", "data", "seeds", "seed", "variants", "model", "config", "out", "runs", "steps", "device"],
+            switches: &[],
+            run: experiment::run,
+        },
+    },
+];
 
-  An existing output is replaced only with --force and only if semshare wrote it (its
+/// Notes under the commands; each goes with a command's own help when it takes the option.
+const FORCE_NOTE: &str = "  An existing output is replaced only with --force and only if semshare wrote it (its
   manifest says so); an output may not be one of the command's inputs.
-
-  --device auto|cpu|cuda   (default auto: CUDA when built with it and a GPU is present)
-  A config file is JSON: {\"model\": {...}, \"train\": {...}}; flags override it.
 ";
+const DEVICE_NOTE: &str = "  --device auto|cpu|cuda   (default auto: CUDA when built with it and a GPU is present)
+";
+const CONFIG_NOTE: &str = "  A config file is JSON: {\"model\": {...}, \"train\": {...}}; flags override it.
+";
+const GENERAL_NOTE: &str = "  --flag=value is the same as --flag value. Progress goes to stderr: redrawn in place on a
+  terminal, a plain line now and then when piped. Exit status: 0 success, 1 error,
+  2 command line not understood (unknown command or option, missing value, stray argument).
+";
+
+/// Exit status of a command line that is not understood (1 is every other error).
+const USAGE_ERROR: u8 = 2;
+
+impl Command {
+    fn takes(&self, option: &str) -> bool {
+        match &self.takes {
+            Takes::Flags { values, switches, .. } => values.contains(&option) || switches.contains(&option),
+            Takes::Dir(_) => false,
+        }
+    }
+
+    /// `semshare help CMD`: this command's part of the usage and the notes that concern it.
+    fn help(&self) -> String {
+        let operands = match self.takes {
+            Takes::Flags { .. } => "[OPTIONS]",
+            Takes::Dir(_) => "DIR",
+        };
+        let mut s = format!("USAGE: semshare {} {operands}\n\n{}\n", self.name, self.usage);
+        for (option, note) in [("force", FORCE_NOTE), ("device", DEVICE_NOTE), ("config", CONFIG_NOTE)] {
+            if self.takes(option) {
+                s += note;
+            }
+        }
+        s + GENERAL_NOTE
+    }
+}
+
+/// `semshare help`: every command and every note.
+fn usage() -> String {
+    let commands: String = COMMANDS.iter().map(|c| c.usage).collect();
+    format!("{HEADER}{commands}\n{FORCE_NOTE}\n{DEVICE_NOTE}{CONFIG_NOTE}\n{GENERAL_NOTE}")
+}
+
+fn find(name: &str) -> std::result::Result<&'static Command, Failure> {
+    COMMANDS
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| Failure::Usage { error: Error::config(format!("unknown command `{name}`")), command: None })
+}
+
+/// Why `semshare` stopped: a command line it did not understand (exit 2) or an error (exit 1).
+enum Failure {
+    Usage { error: Error, command: Option<&'static str> },
+    Run(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Run(e)
+    }
+}
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     match run(&argv) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Failure::Run(e)) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+        Err(Failure::Usage { error, command }) => {
+            let help = command.map_or_else(|| "semshare help".to_string(), |c| format!("semshare {c} --help"));
+            // The parser's errors are `Config`; its "configuration:" prefix says nothing here.
+            let what = match error {
+                Error::Config { what } => what,
+                other => other.to_string(),
+            };
+            eprintln!("error: {what} (see `{help}`)");
+            ExitCode::from(USAGE_ERROR)
         }
     }
 }
 
-fn run(argv: &[String]) -> Result<()> {
-    let Some((cmd, rest)) = argv.split_first() else {
-        print!("{USAGE}");
+fn run(argv: &[String]) -> std::result::Result<(), Failure> {
+    let Some((first, rest)) = argv.split_first() else {
+        print!("{}", usage());
         return Ok(());
     };
-    match cmd.as_str() {
-        "demo" => demo::run(&Args::parse(rest, &["steps", "out", "seed", "device", "train", "val", "test"], &[])?),
-        "synth" => synth::run(&Args::parse(
-            rest,
-            &["out", "preset", "seed", "train", "val", "test", "labels", "format"],
-            &["force"],
-        )?),
-        "pack" => pack::run(&Args::parse(rest, &["from", "out", "shard-mb"], &["force"])?),
-        "check" => check::run(rest),
-        "train" => train::run(&Args::parse(
-            rest,
-            &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device"],
-            &["force"],
-        )?),
-        "eval" => eval::run(&Args::parse(rest, &["data", "checkpoint", "split", "embedding", "device"], &["json"])?),
-        "embed" => {
-            embed::run(&Args::parse(rest, &["data", "checkpoint", "out", "split", "embedding", "device"], &["force"])?)
+    match first.as_str() {
+        "--version" | "-V" => {
+            println!("semshare {}", env!("CARGO_PKG_VERSION"));
+            return Ok(());
         }
-        "score" => score::run(&Args::parse(rest, &["embeddings"], &["json"])?),
-        "experiment" => experiment::run(&Args::parse(
-            rest,
-            &["suite", "data", "seeds", "seed", "variants", "model", "config", "out", "runs", "steps", "device"],
-            &[],
-        )?),
         "help" | "--help" | "-h" => {
-            print!("{USAGE}");
-            Ok(())
+            match rest {
+                [] => print!("{}", usage()),
+                [name] => print!("{}", find(name)?.help()),
+                [_, extra, ..] => {
+                    let error = Error::config(format!("unexpected argument `{extra}`: help takes one command"));
+                    return Err(Failure::Usage { error, command: None });
+                }
+            }
+            return Ok(());
         }
-        other => Err(Error::config(format!("unknown command `{other}` (try `semshare help`)"))),
+        _ => {}
+    }
+    let cmd = find(first)?;
+    // As in every Rust CLI, --help anywhere asks for the command's usage rather than running it.
+    if rest.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{}", cmd.help());
+        return Ok(());
+    }
+    let usage_error = |error| Failure::Usage { error, command: Some(cmd.name) };
+    match &cmd.takes {
+        Takes::Flags { values, switches, run } => {
+            let args = Args::parse(rest, values, switches).map_err(usage_error)?;
+            Ok(run(&args)?)
+        }
+        Takes::Dir(run) => match rest {
+            [dir] if !dir.starts_with("--") => Ok(run(dir)?),
+            [flag] => Err(usage_error(Error::config(format!("unknown option {flag}: {} takes a directory", cmd.name)))),
+            _ => {
+                Err(usage_error(Error::config(format!("{} takes one directory: semshare {} DIR", cmd.name, cmd.name))))
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The usage text and the parser come from one table: every option a command accepts is in
+    /// its usage, and its help is its block of the full usage.
+    #[test]
+    fn every_option_a_command_takes_is_in_its_usage() {
+        let full = usage();
+        for c in COMMANDS {
+            assert!(c.usage.starts_with(&format!("  {} ", c.name)), "{}", c.usage);
+            assert!(full.contains(c.usage) && c.help().contains(c.usage), "{}", c.name);
+            if let Takes::Flags { values, switches, .. } = &c.takes {
+                for option in values.iter().chain(switches.iter()) {
+                    assert!(c.usage.contains(&format!("--{option}")), "{}: --{option} is not in its usage", c.name);
+                }
+            }
+        }
     }
 }
