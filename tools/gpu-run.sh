@@ -6,6 +6,9 @@
 #               each stage is capped by the time left and by its own cap (TESTS_S, DEMO_S,
 #               BENCH_S, TORCH_S).
 #   OUT         logs and results (default: out/ beside this script).
+#   SEMSHARE_GPU=emulated  a dry run on the emulated device (no driver needed): tests every
+#               stage's plumbing and the summary before GPU time is spent (DEMO_ARGS shrinks the
+#               demo; default 3 steps on 64/16/32 items). No figure of it is a GPU figure.
 # tests: tests/gpu_* with SEMSHARE_REQUIRE_GPU=1 (a skip fails). demo: semshare demo --device
 # cuda. bench: criterion (benches/gpu) with CRITERION_HOME=$OUT/criterion, packed into
 # $OUT/criterion.tar.gz at the end (the device tool returns 8 files, 2 folders deep). torch: the
@@ -186,6 +189,7 @@ finish() {
     echo "GPU CHECK SUMMARY  $(date -u +%FT%TZ)  stages $STAGES  $((SECONDS - T0)) s of the ${DEADLINE_S} s deadline"
     echo "card:   $(awk -F': ' '/^card: /{print $2; f=1} END{if(!f) print "unknown"}' "$OUT/device.txt" 2>/dev/null)"
     echo "cuBLAS: ${CUBLAS:-none}"
+    if [[ ${SEMSHARE_GPU:-} == emulated ]]; then echo "device: EMULATED (SEMSHARE_GPU=emulated): a dry run, no GPU figure"; fi
     echo "bundle: $(head -1 "$HERE/MANIFEST" 2>/dev/null || echo 'no MANIFEST')"
     echo
     printf '%-6s  %-6s  %s\n' stage status "result / why"
@@ -263,15 +267,22 @@ cublas_candidates() {
   echo "run $(date -u +%FT%TZ) on $(hostname 2>/dev/null || echo '?') ($(uname -srm)), stages $STAGES, deadline ${DEADLINE_S} s"
 } >"$OUT/device.txt"
 
-LIBCUDA=$(find_lib libcuda.so.1 /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib/wsl/lib | awk 'NR == 1')
-mapfile -t FOUND < <(cublas_candidates | while read -r f; do [[ -e $f ]] && readlink -f "$f"; done | awk '!seen[$0]++')
-CUBLAS=${FOUND[0]:-}
-if [[ -z $LIBCUDA ]]; then
-  BLOCK="no NVIDIA driver (libcuda.so.1 not found)"
-fi
-if [[ -z $CUBLAS ]]; then
-  others=$(timeout 20 find /usr /opt -name 'libcublas.so.*' 2>/dev/null | awk 'NR <= 3' | tr '\n' ' ' || true)
-  BLOCK="${BLOCK:+$BLOCK; }no cuBLAS 13 found (libcublas.so.13 in /usr/local/cuda*/lib64, ldconfig -p, site-packages nvidia/*/lib)${others:+; other versions: $others}"
+if [[ ${SEMSHARE_GPU:-} == emulated ]]; then
+  # A dry run on the emulated device (emu/, built into the binaries): every stage's plumbing and
+  # the summary's parsing before GPU time is spent. Its timings are no GPU figure.
+  LIBCUDA="" CUBLAS="" FOUND=()
+  DEMO_ARGS=${DEMO_ARGS:---steps 3 --train 64 --val 16 --test 32}
+else
+  LIBCUDA=$(find_lib libcuda.so.1 /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib/wsl/lib | awk 'NR == 1')
+  mapfile -t FOUND < <(cublas_candidates | while read -r f; do [[ -e $f ]] && readlink -f "$f"; done | awk '!seen[$0]++')
+  CUBLAS=${FOUND[0]:-}
+  if [[ -z $LIBCUDA ]]; then
+    BLOCK="no NVIDIA driver (libcuda.so.1 not found)"
+  fi
+  if [[ -z $CUBLAS ]]; then
+    others=$(timeout 20 find /usr /opt -name 'libcublas.so.*' 2>/dev/null | awk 'NR <= 3' | tr '\n' ' ' || true)
+    BLOCK="${BLOCK:+$BLOCK; }no cuBLAS 13 found (libcublas.so.13 in /usr/local/cuda*/lib64, ldconfig -p, site-packages nvidia/*/lib)${others:+; other versions: $others}"
+  fi
 fi
 
 # cudarc dlopens "libcuda.so" and "libcublas.so" first: links in a private folder, first on
@@ -296,6 +307,7 @@ export SEMSHARE_REQUIRE_GPU=1
     echo "card: nvidia-smi not found"
   fi
   if [[ -n $BLOCK ]]; then echo "blocked: $BLOCK"; fi
+  if [[ ${SEMSHARE_GPU:-} == emulated ]]; then echo "device: EMULATED (SEMSHARE_GPU=emulated): a dry run, no figure here is a GPU figure"; fi
 } >>"$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
@@ -350,7 +362,8 @@ if has demo && can_start demo; then
   log=$OUT/demo.log
   : >"$log"
   rc=0
-  capped $((SECONDS + CAP[demo])) "$log" "$HERE/semshare" demo --device cuda --out "$WORK/demo" || rc=$?
+  # shellcheck disable=SC2086 # DEMO_ARGS is a list of flags (the emulated dry run's are smaller)
+  capped $((SECONDS + CAP[demo])) "$log" "$HERE/semshare" demo --device cuda --out "$WORK/demo" ${DEMO_ARGS:-} || rc=$?
   if ((rc == 0)); then
     STATUS[demo]=ok
     WHY[demo]=$(awk '/^semshare demo:/ { sub(/^semshare demo: /, ""); print }' "$log")
