@@ -725,6 +725,14 @@ impl<'k> Block<'k> {
                     let v = if rd!(&p) & 1 != 0 { rd!(&a) } else { rd!(&b) };
                     wr!(*d, mask(*ty, v));
                 }
+                Op::Bfe { ty, d, a, pos, len } => {
+                    let v = bit_extract(*ty, rd!(a), rd!(pos), rd!(len));
+                    wr!(*d, v);
+                }
+                Op::Bfi { ty, d, a, b, pos, len } => {
+                    let v = bit_insert(*ty, rd!(a), rd!(b), rd!(pos), rd!(len));
+                    wr!(*d, v);
+                }
                 Op::Cvt { dty, sty, rnd, sat, ftz, d, a } => {
                     let v = convert(*dty, *sty, *rnd, *sat, *ftz, rd!(&a));
                     wr!(*d, v);
@@ -836,6 +844,39 @@ impl<'k> Block<'k> {
             pc += 1;
         }
     }
+}
+
+/// PTX `bfe`: position and length are the low 8 bits of their operands; a field past the
+/// register's top is cut there; signed types sign-extend from the field's top bit.
+fn bit_extract(ty: Ty, a: u64, pos: u64, len: u64) -> u64 {
+    let bits = ty.bits() as u64;
+    let (pos, len) = (pos & 0xff, len & 0xff);
+    let a = a & ones(bits as u32);
+    if len == 0 {
+        return 0;
+    }
+    let field = if pos >= bits { 0 } else { (a >> pos) & ones(len.min(64) as u32) };
+    if ty.signed() {
+        let top = (pos + len - 1).min(bits - 1);
+        let sign = (a >> top) & 1 == 1;
+        let width = len.min(bits.saturating_sub(pos)) as u32;
+        let ext = if sign && width < 64 { field | !ones(width) } else { field };
+        ext & ones(bits as u32)
+    } else {
+        field & ones(bits as u32)
+    }
+}
+
+/// PTX `bfi`: `b` with `len` low bits of `a` written from bit `pos`; nothing past the top.
+fn bit_insert(ty: Ty, a: u64, b: u64, pos: u64, len: u64) -> u64 {
+    let bits = ty.bits() as u64;
+    let (pos, len) = (pos & 0xff, len & 0xff);
+    let b = b & ones(bits as u32);
+    if len == 0 || pos >= bits {
+        return b;
+    }
+    let mask = ones(len.min(bits - pos) as u32) << pos;
+    ((b & !mask) | ((a << pos) & mask)) & ones(bits as u32)
 }
 
 #[inline]

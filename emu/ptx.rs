@@ -286,6 +286,23 @@ pub enum Op {
         b: Src,
         comb: Option<(BoolOp, Src, bool)>,
     },
+    /// `bfe`: `len` bits of `a` from bit `pos` (sign-extended for signed types).
+    Bfe {
+        ty: Ty,
+        d: u32,
+        a: Src,
+        pos: Src,
+        len: Src,
+    },
+    /// `bfi`: `b` with bits `[pos, pos + len)` replaced by the low bits of `a`.
+    Bfi {
+        ty: Ty,
+        d: u32,
+        a: Src,
+        b: Src,
+        pos: Src,
+        len: Src,
+    },
     Selp {
         ty: Ty,
         d: u32,
@@ -1146,6 +1163,29 @@ fn decode(ctx: &mut Ctx, s: &str) -> Result<Decoded, String> {
                 a: ctx.src(&ops[1], ty)?,
                 b: ctx.src(&ops[2], ty)?,
                 p: ctx.src(&ops[3], Ty::Pred)?,
+            }
+        }
+        "bfe" => {
+            want(4)?;
+            let ty = last_ty(mods)?;
+            Op::Bfe {
+                ty,
+                d: ctx.dst(&ops[0])?,
+                a: ctx.src(&ops[1], ty)?,
+                pos: ctx.src(&ops[2], Ty::U32)?,
+                len: ctx.src(&ops[3], Ty::U32)?,
+            }
+        }
+        "bfi" => {
+            want(5)?;
+            let ty = last_ty(mods)?;
+            Op::Bfi {
+                ty,
+                d: ctx.dst(&ops[0])?,
+                a: ctx.src(&ops[1], ty)?,
+                b: ctx.src(&ops[2], ty)?,
+                pos: ctx.src(&ops[3], Ty::U32)?,
+                len: ctx.src(&ops[4], Ty::U32)?,
             }
         }
         "cvt" => {

@@ -161,3 +161,22 @@ fn launch_limits_are_the_hardwares() {
     .expect_err("grid y over 65535");
     assert!(e.contains("65535"), "{e}");
 }
+
+#[test]
+fn bit_field_instructions_match_their_definition() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("bit_fields") else { return };
+    let input: Vec<u32> = (0..64u32).map(|i| i.wrapping_mul(0x9E37_79B9) ^ 0x8000_0001).collect();
+    let x = upload(&input.iter().map(|&v| f32::from_bits(v)).collect::<Vec<_>>());
+    let y = upload(&[0.0; 5 * 64]);
+    launch(&d, "bit_fields", 1, 64, &[x, y]).expect("bit_fields");
+    let got: Vec<u32> = download(y, 5 * 64).iter().map(|v| v.to_bits()).collect();
+    for (t, &v) in input.iter().enumerate() {
+        let (p, n) = (t as u32 % 29, 1 + t as u32 % 7);
+        let field = (v >> p) & ((1 << n) - 1);
+        let signed = if field >> (n - 1) & 1 == 1 { field | !((1 << n) - 1) } else { field };
+        let mask = ((1u32 << n) - 1) << p;
+        let insert = (0xA5A5_A5A5 & !mask) | ((v << p) & mask);
+        assert_eq!(&got[5 * t..5 * t + 5], &[field, signed, insert, v, 0], "thread {t}");
+    }
+}

@@ -43,3 +43,21 @@ extern "C" __global__ void warp_sum(const float* in, float* out) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   out[threadIdx.x] = v;
 }
+
+// Not broken: the bit-field instructions (bfe, bfi) the compiler emits for shifts and masks,
+// written out so that the emulator's decoding of each is tested whatever the compiler picks.
+extern "C" __global__ void bit_fields(const unsigned* in, unsigned* out) {
+  const unsigned x = in[threadIdx.x], p = threadIdx.x % 29, n = 1 + threadIdx.x % 7;
+  unsigned u, f;
+  int s;
+  unsigned long long w;
+  asm("bfe.u32 %0, %1, %2, %3;" : "=r"(u) : "r"(x), "r"(p), "r"(n));
+  asm("bfe.s32 %0, %1, %2, %3;" : "=r"(s) : "r"(x), "r"(p), "r"(n));
+  asm("bfi.b32 %0, %1, %2, %3, %4;" : "=r"(f) : "r"(x), "r"(0xA5A5A5A5u), "r"(p), "r"(n));
+  asm("bfi.b64 %0, %1, %2, %3, %4;" : "=l"(w) : "l"((unsigned long long)x), "l"(0ull), "r"(32u), "r"(32u));
+  out[5 * threadIdx.x + 0] = u;
+  out[5 * threadIdx.x + 1] = (unsigned)s;
+  out[5 * threadIdx.x + 2] = f;
+  out[5 * threadIdx.x + 3] = (unsigned)(w >> 32);
+  out[5 * threadIdx.x + 4] = (unsigned)w;
+}
