@@ -725,6 +725,69 @@ impl<'k> Block<'k> {
                     let v = if rd!(&p) & 1 != 0 { rd!(&a) } else { rd!(&b) };
                     wr!(*d, mask(*ty, v));
                 }
+                Op::Lop3 { d, a, b, c, lut } => {
+                    let v = lop3(rd!(a), rd!(b), rd!(c), rd!(lut));
+                    wr!(*d, v);
+                }
+                Op::Shf { left, clamp, d, a, b, n } => {
+                    let wide = ((rd!(b) & 0xffff_ffff) << 32) | (rd!(a) & 0xffff_ffff);
+                    let n = rd!(n) & 0xffff_ffff;
+                    let n = if *clamp { n.min(32) } else { n & 31 };
+                    let v = if *left { (wide << n) >> 32 } else { wide >> n } & 0xffff_ffff;
+                    wr!(*d, v);
+                }
+                Op::Prmt { d, a, b, sel } => {
+                    let bytes = ((rd!(b) & 0xffff_ffff) << 32) | (rd!(a) & 0xffff_ffff);
+                    let s = rd!(sel);
+                    let mut v = 0u64;
+                    for i in 0..4 {
+                        let nib = (s >> (4 * i)) & 0xf;
+                        let byte = (bytes >> (8 * (nib & 7))) & 0xff;
+                        // Bit 3 of the selector: the byte's sign bit, replicated.
+                        let byte = if nib & 8 != 0 {
+                            if byte & 0x80 != 0 {
+                                0xff
+                            } else {
+                                0
+                            }
+                        } else {
+                            byte
+                        };
+                        v |= byte << (8 * i);
+                    }
+                    wr!(*d, v);
+                }
+                Op::Bfind { ty, shiftamt, d, a } => {
+                    let bits = ty.bits();
+                    let x = rd!(a) & ones(bits);
+                    // Signed: the most significant bit that differs from the sign.
+                    let x = if ty.signed() && (x >> (bits - 1)) & 1 == 1 { !x & ones(bits) } else { x };
+                    let v = if x == 0 {
+                        0xffff_ffff
+                    } else {
+                        let pos = 63 - x.leading_zeros() as u64;
+                        if *shiftamt {
+                            bits as u64 - 1 - pos
+                        } else {
+                            pos
+                        }
+                    };
+                    wr!(*d, v);
+                }
+                Op::Testp { ty, what, d, a } => {
+                    let x = rd!(a);
+                    let f = if *ty == Ty::F64 { f64::from_bits(x) } else { f32::from_bits(x as u32) as f64 };
+                    let sub = if *ty == Ty::F64 { f.is_subnormal() } else { f32::from_bits(x as u32).is_subnormal() };
+                    let v = match what {
+                        0 => f.is_finite(),
+                        1 => f.is_infinite(),
+                        2 => !f.is_nan(),
+                        3 => f.is_nan(),
+                        4 => f.is_finite() && f != 0.0 && !sub,
+                        _ => sub,
+                    };
+                    wr!(*d, v as u64);
+                }
                 Op::Bfe { ty, d, a, pos, len } => {
                     let v = bit_extract(*ty, rd!(a), rd!(pos), rd!(len));
                     wr!(*d, v);
@@ -844,6 +907,19 @@ impl<'k> Block<'k> {
             pc += 1;
         }
     }
+}
+
+/// PTX `lop3`: bit i of the result is bit `(a_i << 2 | b_i << 1 | c_i)` of the truth table
+/// (the table of `F(0xF0, 0xCC, 0xAA)`).
+fn lop3(a: u64, b: u64, c: u64, lut: u64) -> u64 {
+    let mut v = 0u64;
+    for i in 0..8 {
+        if (lut >> i) & 1 == 1 {
+            let pick = |x: u64, bit: u64| if i & bit != 0 { x } else { !x };
+            v |= pick(a, 4) & pick(b, 2) & pick(c, 1);
+        }
+    }
+    v & 0xffff_ffff
 }
 
 /// PTX `bfe`: position and length are the low 8 bits of their operands; a field past the

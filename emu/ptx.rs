@@ -303,6 +303,44 @@ pub enum Op {
         pos: Src,
         len: Src,
     },
+    /// `lop3.b32`: any bitwise function of three inputs, given by its truth table.
+    Lop3 {
+        d: u32,
+        a: Src,
+        b: Src,
+        c: Src,
+        lut: Src,
+    },
+    /// `shf.{l,r}.{wrap,clamp}.b32`: the funnel shift of the 64-bit `{b, a}`.
+    Shf {
+        left: bool,
+        clamp: bool,
+        d: u32,
+        a: Src,
+        b: Src,
+        n: Src,
+    },
+    /// `prmt.b32` (default mode): bytes of `{b, a}` picked by the selector's nibbles.
+    Prmt {
+        d: u32,
+        a: Src,
+        b: Src,
+        sel: Src,
+    },
+    /// `bfind`: the position of the most significant (non-sign) bit, all ones if none.
+    Bfind {
+        ty: Ty,
+        shiftamt: bool,
+        d: u32,
+        a: Src,
+    },
+    /// `testp.{finite,infinite,number,notanumber,normal,subnormal}`.
+    Testp {
+        ty: Ty,
+        what: u8,
+        d: u32,
+        a: Src,
+    },
     Selp {
         ty: Ty,
         d: u32,
@@ -1164,6 +1202,58 @@ fn decode(ctx: &mut Ctx, s: &str) -> Result<Decoded, String> {
                 b: ctx.src(&ops[2], ty)?,
                 p: ctx.src(&ops[3], Ty::Pred)?,
             }
+        }
+        "lop3" => {
+            want(5)?;
+            Op::Lop3 {
+                d: ctx.dst(&ops[0])?,
+                a: ctx.src(&ops[1], Ty::B32)?,
+                b: ctx.src(&ops[2], Ty::B32)?,
+                c: ctx.src(&ops[3], Ty::B32)?,
+                lut: ctx.src(&ops[4], Ty::B32)?,
+            }
+        }
+        "shf" => {
+            want(4)?;
+            Op::Shf {
+                left: mods.contains(&"l"),
+                clamp: mods.contains(&"clamp"),
+                d: ctx.dst(&ops[0])?,
+                a: ctx.src(&ops[1], Ty::B32)?,
+                b: ctx.src(&ops[2], Ty::B32)?,
+                n: ctx.src(&ops[3], Ty::U32)?,
+            }
+        }
+        "prmt" => {
+            want(4)?;
+            if mods.iter().any(|m| ["f4e", "b4e", "rc8", "ecl", "ecr", "rc16"].contains(m)) {
+                return Err("prmt with a mode is not emulated".into());
+            }
+            Op::Prmt {
+                d: ctx.dst(&ops[0])?,
+                a: ctx.src(&ops[1], Ty::B32)?,
+                b: ctx.src(&ops[2], Ty::B32)?,
+                sel: ctx.src(&ops[3], Ty::B32)?,
+            }
+        }
+        "bfind" => {
+            want(2)?;
+            let ty = last_ty(mods)?;
+            Op::Bfind { ty, shiftamt: mods.contains(&"shiftamt"), d: ctx.dst(&ops[0])?, a: ctx.src(&ops[1], ty)? }
+        }
+        "testp" => {
+            want(2)?;
+            let ty = last_ty(mods)?;
+            let what = match mods.first().copied() {
+                Some("finite") => 0,
+                Some("infinite") => 1,
+                Some("number") => 2,
+                Some("notanumber") => 3,
+                Some("normal") => 4,
+                Some("subnormal") => 5,
+                _ => return Err("testp without a property".into()),
+            };
+            Op::Testp { ty, what, d: ctx.dst(&ops[0])?, a: ctx.src(&ops[1], ty)? }
         }
         "bfe" => {
             want(4)?;

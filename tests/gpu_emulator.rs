@@ -180,3 +180,30 @@ fn bit_field_instructions_match_their_definition() {
         assert_eq!(&got[5 * t..5 * t + 5], &[field, signed, insert, v, 0], "thread {t}");
     }
 }
+
+#[test]
+fn lop3_shf_prmt_bfind_match_their_definition() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("bit_ops") else { return };
+    let input: Vec<u32> = (0..64u32).map(|i| i.wrapping_mul(0x85EB_CA6B).rotate_left(i) ^ 0x0F0F_8001).collect();
+    let x = upload(&input.iter().map(|&v| f32::from_bits(v)).collect::<Vec<_>>());
+    let y = upload(&[0.0; 6 * 64]);
+    launch(&d, "bit_ops", 1, 64, &[x, y]).expect("bit_ops");
+    let got: Vec<u32> = download(y, 6 * 64).iter().map(|v| v.to_bits()).collect();
+    for t in 0..64 {
+        let (a, b, n) = (input[t], input[(t + 1) % 64], t as u32 % 40);
+        let majority = (a & b) | (a & n) | (b & n);
+        let wide = ((b as u64) << 32) | a as u64;
+        let left = ((wide << (n & 31)) >> 32) as u32;
+        let right = (wide >> (n & 31)) as u32;
+        let clamped = (wide >> n.min(32)) as u32;
+        // Selector 0x9E40, nibbles from the low end: byte 0 of a, byte 4 (b's lowest), byte 6
+        // sign-extended (nibble 0xE: byte 6 with bit 3 set), byte 1 sign-extended (nibble 9).
+        let byte = |i: u32| ((wide >> (8 * i)) & 0xff) as u32;
+        let sign = |i: u32| if byte(i) & 0x80 != 0 { 0xff } else { 0 };
+        let permuted = byte(0) | byte(4) << 8 | sign(6) << 16 | sign(1) << 24;
+        let v = a >> (n % 32);
+        let msb = if v == 0 { u32::MAX } else { 31 - v.leading_zeros() };
+        assert_eq!(&got[6 * t..6 * t + 6], &[majority, left, right, clamped, permuted, msb], "thread {t}");
+    }
+}

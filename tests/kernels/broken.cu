@@ -61,3 +61,21 @@ extern "C" __global__ void bit_fields(const unsigned* in, unsigned* out) {
   out[5 * threadIdx.x + 3] = (unsigned)(w >> 32);
   out[5 * threadIdx.x + 4] = (unsigned)w;
 }
+
+// Not broken either: lop3, shf, prmt and bfind, written out for the same reason.
+extern "C" __global__ void bit_ops(const unsigned* in, unsigned* out) {
+  const unsigned x = in[threadIdx.x], y = in[(threadIdx.x + 1) % blockDim.x], n = threadIdx.x % 40;
+  unsigned l, sl, sr, sc, pm, bf;
+  asm("lop3.b32 %0, %1, %2, %3, 0xE8;" : "=r"(l) : "r"(x), "r"(y), "r"(n));  // majority(a, b, c)
+  asm("shf.l.wrap.b32 %0, %1, %2, %3;" : "=r"(sl) : "r"(x), "r"(y), "r"(n));
+  asm("shf.r.wrap.b32 %0, %1, %2, %3;" : "=r"(sr) : "r"(x), "r"(y), "r"(n));
+  asm("shf.r.clamp.b32 %0, %1, %2, %3;" : "=r"(sc) : "r"(x), "r"(y), "r"(n));
+  asm("prmt.b32 %0, %1, %2, 0x9E40;" : "=r"(pm) : "r"(x), "r"(y));
+  asm("bfind.u32 %0, %1;" : "=r"(bf) : "r"(x >> n % 32));
+  out[6 * threadIdx.x + 0] = l;
+  out[6 * threadIdx.x + 1] = sl;
+  out[6 * threadIdx.x + 2] = sr;
+  out[6 * threadIdx.x + 3] = sc;
+  out[6 * threadIdx.x + 4] = pm;
+  out[6 * threadIdx.x + 5] = bf;
+}
