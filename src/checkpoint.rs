@@ -121,8 +121,21 @@ impl InferenceSpec {
         ) -> std::result::Result<Option<T>, String> {
             meta.get(key).map(|s| serde_json::from_str(s).map_err(|e| format!("metadata `{key}`: {e}"))).transpose()
         }
-        let vocab: Option<Vec<String>> = parse(meta, "vocab")?;
-        if let Some(v) = &vocab {
+        let embedding =
+            meta.get("embedding").map(|e| e.parse::<EmbeddingKind>()).transpose().map_err(|e| e.to_string())?;
+        let spec = InferenceSpec {
+            vocab: parse(meta, "vocab")?,
+            label_names: parse(meta, "labels")?,
+            inputs: parse(meta, "inputs")?,
+            embedding,
+        };
+        spec.check(model)?;
+        Ok(spec)
+    }
+
+    /// Each part that is present agrees with `model`.
+    fn check(&self, model: &ModelConfig) -> std::result::Result<(), String> {
+        if let Some(v) = &self.vocab {
             if v.len() != model.vocab {
                 return Err(format!(
                     "metadata `vocab` has {} entries, the model's vocabulary {}",
@@ -134,14 +147,12 @@ impl InferenceSpec {
                 return Err(format!("metadata `vocab` does not start with {}", RESERVED_TOKENS.join(" ")));
             }
         }
-        let label_names: Option<Vec<String>> = parse(meta, "labels")?;
-        if let Some(l) = &label_names
+        if let Some(l) = &self.label_names
             && l.len() != model.labels
         {
             return Err(format!("metadata `labels` has {} names, the model {} labels", l.len(), model.labels));
         }
-        let inputs: Option<InputSpec> = parse(meta, "inputs")?;
-        if let Some(i) = &inputs
+        if let Some(i) = &self.inputs
             && (i.region_dim != model.region_dim || i.text_feature_dim != model.text_feature_dim)
         {
             return Err(format!(
@@ -149,9 +160,7 @@ impl InferenceSpec {
                 i.region_dim, i.text_feature_dim, model.region_dim, model.text_feature_dim
             ));
         }
-        let embedding =
-            meta.get("embedding").map(|e| e.parse::<EmbeddingKind>()).transpose().map_err(|e| e.to_string())?;
-        Ok(InferenceSpec { vocab, label_names, inputs, embedding })
+        Ok(())
     }
 }
 
@@ -164,6 +173,7 @@ impl Checkpoint {
                 format!("{} parameters for a model of {}", self.params.len(), net.store.total),
             ));
         }
+        self.spec.check(&self.model).map_err(|e| Error::format(path, format!("not written: {e}")))?;
         let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = net
             .store
             .infos
@@ -349,10 +359,15 @@ mod tests {
         c.spec = InferenceSpec::default();
         c.save(&path).unwrap();
         assert_eq!(Checkpoint::load(&path).unwrap().spec, InferenceSpec::default());
+        // A spec that disagrees with the model is neither written nor read.
         c.spec.label_names = Some(vec!["sky".into()]);
-        c.save(&path).unwrap();
-        let e = Checkpoint::load(&path).unwrap_err().to_string();
+        let e = c.save(&path).unwrap_err().to_string();
         assert!(e.contains("s.safetensors") && e.contains("`labels` has 1 names"), "{e}");
+        let mut meta = std::collections::HashMap::from([("labels".to_string(), "[\"sky\"]".to_string())]);
+        assert!(InferenceSpec::read(&meta, &c.model).unwrap_err().contains("`labels` has 1 names"));
+        meta.insert("labels".into(), "[\"a\",\"b\",\"c\"]".into());
+        meta.insert("embedding".into(), "mean".into());
+        assert!(InferenceSpec::read(&meta, &c.model).unwrap_err().contains("unknown embedding `mean`"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

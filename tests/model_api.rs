@@ -93,6 +93,7 @@ fn a_trained_checkpoint_embeds_like_the_evaluation_path() {
     assert_eq!((inputs.region_dim, inputs.max_regions, inputs.max_tokens), (12, 5, 8));
     assert_eq!((inputs.region_dtype, inputs.text_dtype), (FeatureDtype::F32, None));
     assert_eq!(model.embedding(), EmbeddingKind::Pooled);
+    assert_eq!(model.label_names(), Some(&data.meta.label_names[..]));
 
     let (images, texts) = items(&data);
     assert!(images.len() > semshare::inference::EMBED_CHUNK, "the test must cross a chunk boundary");
@@ -172,5 +173,42 @@ fn bad_inputs_are_errors_naming_the_item() {
     model.embed_token_ids(&[vec![3, 4]]).unwrap();
     let e = err(model.embed_texts(&["sky"]));
     assert!(e.contains("old.safetensors") && e.contains("no vocabulary"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_model_of_text_features_embeds_features_and_refuses_tokens() {
+    let dir = tmp("features");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = semshare::model::ModelConfig {
+        region_dim: 4,
+        max_regions: 3,
+        text_feature_dim: 6,
+        dim: 8,
+        layers: 1,
+        heads: 2,
+        ffn: 16,
+        max_tokens: 4,
+        vocab: 3,
+        labels: 3,
+        object_classes: 2,
+        ..semshare::model::ModelConfig::small()
+    };
+    let params = semshare::model::SemShare::new(&cfg).unwrap().store.init_values(3);
+    let path = dir.join("f.safetensors");
+    let ckpt =
+        Checkpoint { model: cfg, params, optimizer: None, step: 0, state: String::new(), spec: Default::default() };
+    ckpt.save(&path).unwrap();
+    let mut model = semshare::Model::load(&path, open("cpu").unwrap()).unwrap();
+    let (a, b) = (common::randv(1, 12), common::randv(2, 6));
+    let e = model.embed_text_features(&[&a, &b]).unwrap();
+    assert_eq!((e.len(), e.dim), (2, 8));
+    unit_rows(&e);
+    // One at a time gives the same rows: an item's embedding does not depend on its batch.
+    assert!(max_diff(e.row(1), model.embed_text_features(&[&b]).unwrap().row(0)) <= 1e-6);
+    let msg = |r: semshare::Result<Embeddings>| r.unwrap_err().to_string();
+    assert!(msg(model.embed_text_features(&[&a[..7]])).contains("text 0 has 7 feature values"));
+    assert!(msg(model.embed_token_ids(&[vec![1]])).contains("embed_text_features"));
+    assert!(model.label_names().is_none());
     std::fs::remove_dir_all(&dir).unwrap();
 }

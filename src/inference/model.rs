@@ -129,6 +129,12 @@ impl Model {
         &self.spec
     }
 
+    /// The label names, in the order of the `label` embedding's coordinates (None for a
+    /// checkpoint that does not record them).
+    pub fn label_names(&self) -> Option<&[String]> {
+        self.spec.label_names.as_deref()
+    }
+
     /// The embedding returned: the checkpoint's, or `pooled` when it records none.
     pub fn embedding(&self) -> EmbeddingKind {
         self.embedding
@@ -192,7 +198,7 @@ impl Model {
         let cfg = &self.net.cfg;
         if cfg.text_features() {
             return Err(Error::config(format!(
-                "{}: this model reads texts as segment features of width {}, not tokens",
+                "{}: this model reads texts as segment features of width {}, not tokens: use embed_text_features",
                 self.path.display(),
                 cfg.text_feature_dim
             )));
@@ -221,6 +227,40 @@ impl Model {
             let lengths = items.clone().map(|i| texts[i].as_ref().len()).collect();
             let tokens = items.clone().flat_map(|i| texts[i].as_ref().iter().copied()).collect();
             Batch::Text(TextBatch { lengths, tokens, features: Vec::new(), labels: vec![0.0; items.len() * labels] })
+        })
+    }
+
+    /// Embeddings of texts given as pre-extracted segment features, for a model trained on them
+    /// (`text_feature_dim` Dt > 0): each text 1..=T segments, `[segments, Dt]` row-major.
+    pub fn embed_text_features(&mut self, texts: &[&[f32]]) -> Result<Embeddings> {
+        let cfg = &self.net.cfg;
+        let dt = cfg.text_feature_dim;
+        if dt == 0 {
+            return Err(Error::config(format!(
+                "{}: this model reads texts as token ids, not segment features",
+                self.path.display()
+            )));
+        }
+        if texts.is_empty() {
+            return Err(Error::data("embed_text_features: no texts given"));
+        }
+        for (i, t) in texts.iter().enumerate() {
+            if t.is_empty() || !t.len().is_multiple_of(dt) || t.len() / dt > cfg.max_tokens {
+                return Err(Error::data(format!(
+                    "embed_text_features: text {i} has {} feature values, not 1 to {} segments of width {dt}",
+                    t.len(),
+                    cfg.max_tokens
+                )));
+            }
+            if !t.iter().all(|x| x.is_finite()) {
+                return Err(Error::data(format!("embed_text_features: text {i} has a non-finite feature value")));
+            }
+        }
+        let labels = cfg.labels;
+        self.embed_chunks(texts.len(), |items| {
+            let lengths = texts[items.clone()].iter().map(|t| t.len() / dt).collect();
+            let features = texts[items.clone()].concat();
+            Batch::Text(TextBatch { lengths, tokens: Vec::new(), features, labels: vec![0.0; items.len() * labels] })
         })
     }
 
