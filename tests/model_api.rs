@@ -26,6 +26,10 @@ fn tmp(name: &str) -> PathBuf {
 
 /// A tiny dataset in `dir/data` and a model trained on it for four steps: its best checkpoint.
 fn trained(dir: &Path) -> (Dataset, Arc<DatasetReader>, PathBuf) {
+    trained_with(dir, "pooled")
+}
+
+fn trained_with(dir: &Path, embedding: &str) -> (Dataset, Arc<DatasetReader>, PathBuf) {
     let mut cfg = SynthConfig::preset(SynthPreset::Balanced, 7);
     (cfg.train, cfg.val, cfg.test) = (32, 16, 70);
     (cfg.feature_dim, cfg.vocab_size, cfg.max_tokens, cfg.regions) = (12, 40, 8, 5);
@@ -33,7 +37,14 @@ fn trained(dir: &Path) -> (Dataset, Arc<DatasetReader>, PathBuf) {
     data.save(dir.join("data")).unwrap();
     let reader = Arc::new(DatasetReader::open(dir.join("data")).unwrap());
     let model = common::tiny_model_of(&data.meta, 0);
-    let train_cfg = TrainConfig { steps: 4, batch_size: 8, eval_every: 2, warmup: 1, ..TrainConfig::default() };
+    let train_cfg = TrainConfig {
+        steps: 4,
+        batch_size: 8,
+        eval_every: 2,
+        warmup: 1,
+        embedding: embedding.into(),
+        ..TrainConfig::default()
+    };
     let opts = RunOptions { out_dir: dir.join("run"), resume: None, replace: false, progress: false };
     let summary = train(&mut Cpu::new(), &reader, &model, &train_cfg, &opts).unwrap();
     (data, reader, summary.best_checkpoint.unwrap())
@@ -116,6 +127,16 @@ fn a_trained_checkpoint_embeds_like_the_evaluation_path() {
         // The same input gives bitwise the same output.
         assert_eq!(model.embed_images(&regions).unwrap(), ie);
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_embedding_a_checkpoint_was_selected_with_is_the_default() {
+    let dir = tmp("label");
+    let (_, _, best) = trained_with(&dir, "label");
+    let mut model = semshare::Model::load(&best, open("cpu").unwrap()).unwrap();
+    assert_eq!((model.embedding(), model.dim()), (EmbeddingKind::Label, model.config().labels));
+    assert_eq!(model.embed_token_ids(&[vec![3, 4]]).unwrap().dim, model.config().labels);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
