@@ -137,6 +137,16 @@ fn the_embedding_a_checkpoint_was_selected_with_is_the_default() {
     let mut model = semshare::Model::load(&best, open("cpu").unwrap()).unwrap();
     assert_eq!((model.embedding(), model.dim()), (EmbeddingKind::Label, model.config().labels));
     assert_eq!(model.embed_token_ids(&[vec![3, 4]]).unwrap().dim, model.config().labels);
+    // `semshare eval` without --embedding ranks with it too.
+    let eval = |extra: &[&str]| {
+        let (data, ckpt) = (dir.join("data"), best.clone());
+        let args =
+            [&["eval", "--data", common::cli::path(&data), "--checkpoint", common::cli::path(&ckpt), "--json"], extra];
+        common::cli::ok(&common::cli::semshare(&args.concat()))
+    };
+    let default = eval(&[]);
+    assert_eq!(default, eval(&["--embedding", "label"]));
+    assert_ne!(default, eval(&["--embedding", "pooled"]));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
