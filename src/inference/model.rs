@@ -25,28 +25,30 @@ use super::{EMBED_CHUNK, upload_model};
 ///
 /// ```
 /// # fn main() -> semshare::Result<()> {
-/// use semshare::checkpoint::Checkpoint;
+/// use semshare::checkpoint::{Checkpoint, InferenceSpec};
 /// use semshare::inference::{Model, Regions};
 /// use semshare::model::{ModelConfig, SemShare};
 ///
-/// // A tiny untrained model, saved as `semshare train` saves one (without the vocabulary).
+/// // A tiny untrained model saved as `semshare train` saves one: with its vocabulary.
 /// let cfg = ModelConfig {
 ///     region_dim: 4, max_regions: 3, word_dim: 4, gru_hidden: 4, dim: 8, layers: 1, heads: 2,
-///     ffn: 16, max_tokens: 6, vocab: 10, labels: 3, object_classes: 2, ..ModelConfig::small()
+///     ffn: 16, max_tokens: 6, vocab: 7, labels: 3, object_classes: 2, ..ModelConfig::small()
 /// };
+/// let vocab = ["[PAD]", "[UNK]", "[MASK]", "sky", "clouds", "sea", "dog"].map(String::from).to_vec();
+/// let spec = InferenceSpec { vocab: Some(vocab), ..InferenceSpec::default() };
 /// let params = SemShare::new(&cfg)?.store.init_values(1);
 /// let path = std::env::temp_dir().join(format!("semshare-doc-{}.safetensors", std::process::id()));
-/// let ckpt = Checkpoint { model: cfg, params, optimizer: None, step: 0, state: String::new(), spec: Default::default() };
-/// ckpt.save(&path)?;
+/// Checkpoint { model: cfg, params, optimizer: None, step: 0, state: String::new(), spec }.save(&path)?;
 ///
 /// let mut model = Model::load(&path, semshare::backend::open("cpu")?)?;
-/// let texts = model.embed_token_ids(&[vec![3, 4, 5], vec![7]])?;
+/// assert_eq!(model.tokenize("Sky, clouds! A dog.")?, [3, 4, 1, 6]); // `a` is not a word: [UNK]
+/// let texts = model.embed_texts(&["sky clouds", "a dog by the sea"])?;
+/// assert_eq!(texts, model.embed_token_ids(&[vec![3, 4], vec![1, 6, 1, 1, 5]])?);
 /// let images = model.embed_images(&[Regions::new(&[0.5; 8])])?; // two regions of width 4
 /// assert_eq!((texts.len(), images.len(), texts.dim), (2, 1, 8));
 /// let cosine: f32 = texts.row(0).iter().zip(images.row(0)).map(|(a, b)| a * b).sum();
 /// assert!(cosine.abs() <= 1.0 + 1e-5);
-/// // Strings need the vocabulary, which `semshare train` stores in every checkpoint.
-/// assert!(model.embed_texts(&["sky clouds"]).unwrap_err().to_string().contains("vocabulary"));
+/// assert!(model.embed_texts(&["?!"]).is_err()); // no word
 /// # std::fs::remove_file(&path).ok();
 /// # Ok(())
 /// # }
@@ -60,6 +62,17 @@ pub struct Model {
     /// Word → id of the stored vocabulary (None for a checkpoint without one).
     words: Option<HashMap<String, u32>>,
     path: PathBuf,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("device", &self.dev.name())
+            .field("embedding", &self.embedding)
+            .field("config", &self.net.cfg)
+            .finish()
+    }
 }
 
 /// One image as its detector regions: `features` is `[regions, Dr]` row-major; `boxes`, if
