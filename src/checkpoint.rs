@@ -40,7 +40,7 @@ pub struct Checkpoint {
 /// under the keys `vocab`, `labels` (JSON arrays of strings), `inputs` (JSON) and `embedding`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct InferenceSpec {
-    /// The vocabulary, id order: 0 [PAD], 1 [UNK], 2 [MASK], then words (V entries).
+    /// The vocabulary, id order: 0 `[PAD]`, 1 `[UNK]`, 2 `[MASK]`, then words (V entries).
     pub vocab: Option<Vec<String>>,
     /// The C label names, in the order of the label embedding's coordinates.
     pub label_names: Option<Vec<String>>,

@@ -169,7 +169,7 @@ impl Model {
     /// split on whitespace; a piece that is a word of the vocabulary is that word; otherwise
     /// its leading and trailing punctuation is dropped and it is looked up again (`sky,` is
     /// `sky`); otherwise each of its runs of letters and digits is a word (`sea-side` is `sea`
-    /// `side`). A word not in the vocabulary becomes [UNK]; only the first T words (the model's
+    /// `side`). A word not in the vocabulary becomes `[UNK]`; only the first T words (the model's
     /// `max_tokens`) are kept.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         let vocab = self.words.as_ref().ok_or_else(|| {
@@ -206,7 +206,7 @@ impl Model {
         self.embed_token_ids(&ids)
     }
 
-    /// Embeddings of texts given as token ids: each 1..=T ids in 1..V ([PAD] is not a token).
+    /// Embeddings of texts given as token ids: each 1..=T ids in 1..V (`[PAD]` is not a token).
     pub fn embed_token_ids<T: AsRef<[u32]>>(&mut self, texts: &[T]) -> Result<Embeddings> {
         let cfg = &self.net.cfg;
         if cfg.text_features() {
