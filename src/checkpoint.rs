@@ -1,15 +1,19 @@
 //! Checkpoints: one safetensors file holding every parameter under its stable name (so it
 //! loads in PyTorch or numpy with no mapping table), the AdamW moments as two flat tensors,
-//! and in the metadata the model configuration, the step and the trainer's state.
+//! and in the metadata the model configuration, the step and the trainer's state, and what
+//! inference needs from the training data ([`InferenceSpec`]: vocabulary, label names, input
+//! shapes and dtypes, the retrieval embedding), so that a checkpoint is a self-contained model.
 //! Written atomically: a crash mid-write leaves the previous checkpoint intact.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
 
+use crate::data::format::{FeatureDtype, Layout, RESERVED_TOKENS};
 use crate::io::{atomic_write, bytes_to_f32, f32_to_bytes, read, safetensors_bytes};
-use crate::model::{ModelConfig, SemShare};
+use crate::model::{EmbeddingKind, ModelConfig, SemShare};
 use crate::{Error, Result};
 
 pub const FORMAT: &str = "semshare.checkpoint.v1";
@@ -27,6 +31,137 @@ pub struct Checkpoint {
     pub step: u64,
     /// Trainer state as JSON (schedule position, best validation score, ...).
     pub state: String,
+    /// What inference needs beyond the parameters; each part is None in a checkpoint written
+    /// before it was recorded.
+    pub spec: InferenceSpec,
+}
+
+/// What a model needs from its training data to be used without it. Stored in the metadata
+/// under the keys `vocab`, `labels` (JSON arrays of strings), `inputs` (JSON) and `embedding`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InferenceSpec {
+    /// The vocabulary, id order: 0 `[PAD]`, 1 `[UNK]`, 2 `[MASK]`, then words (V entries).
+    pub vocab: Option<Vec<String>>,
+    /// The C label names, in the order of the label embedding's coordinates.
+    pub label_names: Option<Vec<String>>,
+    /// The shapes and dtypes of the inputs the model was trained on.
+    pub inputs: Option<InputSpec>,
+    /// The retrieval embedding the checkpoint was selected with (`TrainConfig::embedding`).
+    pub embedding: Option<EmbeddingKind>,
+}
+
+/// The inputs a model was trained on: widths equal the model's, the dtypes are how the
+/// dataset stored its features (inference widens every dtype to f32).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Dr and its storage dtype.
+    pub region_dim: usize,
+    pub region_dtype: FeatureDtype,
+    /// R: most regions per image.
+    pub max_regions: usize,
+    /// Dt (0 when texts are token ids) and its storage dtype.
+    pub text_feature_dim: usize,
+    pub text_dtype: Option<FeatureDtype>,
+    /// T: most tokens (or text segments) per text.
+    pub max_tokens: usize,
+}
+
+impl InferenceSpec {
+    /// The spec of a model trained on a dataset of `layout` whose features are stored as
+    /// `region_dtype` and `text_dtype`, selected by `embedding`.
+    pub fn of(
+        layout: &Layout,
+        region_dtype: FeatureDtype,
+        text_dtype: Option<FeatureDtype>,
+        embedding: EmbeddingKind,
+    ) -> InferenceSpec {
+        let m = &layout.meta;
+        InferenceSpec {
+            vocab: Some(m.vocab.clone()),
+            label_names: Some(m.label_names.clone()),
+            inputs: Some(InputSpec {
+                region_dim: m.feature_dim,
+                region_dtype,
+                max_regions: m.regions,
+                text_feature_dim: layout.text_feature_dim,
+                text_dtype,
+                max_tokens: m.max_tokens,
+            }),
+            embedding: Some(embedding),
+        }
+    }
+
+    fn write(&self, meta: &mut BTreeMap<&str, String>) {
+        fn json(v: &impl Serialize) -> String {
+            serde_json::to_string(v).expect("spec serialises")
+        }
+        if let Some(v) = &self.vocab {
+            meta.insert("vocab", json(v));
+        }
+        if let Some(l) = &self.label_names {
+            meta.insert("labels", json(l));
+        }
+        if let Some(i) = &self.inputs {
+            meta.insert("inputs", json(i));
+        }
+        if let Some(e) = self.embedding {
+            meta.insert("embedding", e.name().to_string());
+        }
+    }
+
+    /// The spec in `meta`, checked against `model`; a part that is absent stays None.
+    fn read(
+        meta: &std::collections::HashMap<String, String>,
+        model: &ModelConfig,
+    ) -> std::result::Result<Self, String> {
+        fn parse<T: serde::de::DeserializeOwned>(
+            meta: &std::collections::HashMap<String, String>,
+            key: &str,
+        ) -> std::result::Result<Option<T>, String> {
+            meta.get(key).map(|s| serde_json::from_str(s).map_err(|e| format!("metadata `{key}`: {e}"))).transpose()
+        }
+        let embedding =
+            meta.get("embedding").map(|e| e.parse::<EmbeddingKind>()).transpose().map_err(|e| e.to_string())?;
+        let spec = InferenceSpec {
+            vocab: parse(meta, "vocab")?,
+            label_names: parse(meta, "labels")?,
+            inputs: parse(meta, "inputs")?,
+            embedding,
+        };
+        spec.check(model)?;
+        Ok(spec)
+    }
+
+    /// Each part that is present agrees with `model`.
+    fn check(&self, model: &ModelConfig) -> std::result::Result<(), String> {
+        if let Some(v) = &self.vocab {
+            if v.len() != model.vocab {
+                return Err(format!(
+                    "metadata `vocab` has {} entries, the model's vocabulary {}",
+                    v.len(),
+                    model.vocab
+                ));
+            }
+            if v.iter().zip(RESERVED_TOKENS).any(|(a, b)| a != b) {
+                return Err(format!("metadata `vocab` does not start with {}", RESERVED_TOKENS.join(" ")));
+            }
+        }
+        if let Some(l) = &self.label_names
+            && l.len() != model.labels
+        {
+            return Err(format!("metadata `labels` has {} names, the model {} labels", l.len(), model.labels));
+        }
+        if let Some(i) = &self.inputs
+            && (i.region_dim != model.region_dim || i.text_feature_dim != model.text_feature_dim)
+        {
+            return Err(format!(
+                "metadata `inputs` has widths Dr {} and Dt {}, the model {} and {}",
+                i.region_dim, i.text_feature_dim, model.region_dim, model.text_feature_dim
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Checkpoint {
@@ -38,6 +173,7 @@ impl Checkpoint {
                 format!("{} parameters for a model of {}", self.params.len(), net.store.total),
             ));
         }
+        self.spec.check(&self.model).map_err(|e| Error::format(path, format!("not written: {e}")))?;
         let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = net
             .store
             .infos
@@ -65,6 +201,8 @@ impl Checkpoint {
             ("step", self.step.to_string()),
             ("state", self.state.clone()),
         ]);
+        let mut meta = meta;
+        self.spec.write(&mut meta);
         let bytes = safetensors_bytes(views, &meta).map_err(|e| Error::format(path, e))?;
         atomic_write(path, &bytes)
     }
@@ -85,6 +223,7 @@ impl Checkpoint {
                 .map_err(|e| bad(format!("model configuration: {e}")))?;
         let step = meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| bad("missing or bad `step`".into()))?;
         let state = meta.get("state").cloned().unwrap_or_default();
+        let spec = InferenceSpec::read(&meta, &model).map_err(bad)?;
         let net = SemShare::new(&model).map_err(|e| bad(e.to_string()))?;
         // Every tensor's dtype and shape is checked against the model before anything is
         // allocated: the metadata alone may ask for any size, the tensors are in the file.
@@ -132,7 +271,7 @@ impl Checkpoint {
             }
             None => None,
         };
-        Ok(Checkpoint { model, params, optimizer, step, state })
+        Ok(Checkpoint { model, params, optimizer, step, state, spec })
     }
 }
 
@@ -164,7 +303,14 @@ mod tests {
         let n = net.store.total;
         let params = net.store.init_values(5);
         let m: Vec<f32> = (0..n).map(|i| i as f32 * 1e-3).collect();
-        Checkpoint { model, params, optimizer: Some((m.clone(), m)), step: 42, state: "{\"best\":1.5}".into() }
+        Checkpoint {
+            model,
+            params,
+            optimizer: Some((m.clone(), m)),
+            step: 42,
+            state: "{\"best\":1.5}".into(),
+            spec: InferenceSpec::default(),
+        }
     }
 
     #[test]
@@ -183,6 +329,45 @@ mod tests {
         let st = SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.tensor("shared.layers.0.attn.qkv.weight").unwrap().shape(), &[24, 8]);
         assert_eq!(st.tensor("text.gru.weight_hh_l0_reverse").unwrap().shape(), &[9, 3]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_inference_spec_round_trips_and_is_checked_against_the_model() {
+        let dir = std::env::temp_dir().join(format!("semshare-ckpt-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.safetensors");
+        let mut c = sample();
+        let mut vocab: Vec<String> = RESERVED_TOKENS.iter().map(|s| s.to_string()).collect();
+        vocab.extend((3..11).map(|i| format!("w{i}")));
+        c.spec = InferenceSpec {
+            vocab: Some(vocab),
+            label_names: Some(vec!["sky".into(), "sea".into(), "dog".into()]),
+            inputs: Some(InputSpec {
+                region_dim: 6,
+                region_dtype: FeatureDtype::F16,
+                max_regions: 4,
+                text_feature_dim: 0,
+                text_dtype: None,
+                max_tokens: 5,
+            }),
+            embedding: Some(EmbeddingKind::Label),
+        };
+        c.save(&path).unwrap();
+        assert_eq!(Checkpoint::load(&path).unwrap().spec, c.spec);
+        // A checkpoint of an older build has no spec: it loads, with every part None.
+        c.spec = InferenceSpec::default();
+        c.save(&path).unwrap();
+        assert_eq!(Checkpoint::load(&path).unwrap().spec, InferenceSpec::default());
+        // A spec that disagrees with the model is neither written nor read.
+        c.spec.label_names = Some(vec!["sky".into()]);
+        let e = c.save(&path).unwrap_err().to_string();
+        assert!(e.contains("s.safetensors") && e.contains("`labels` has 1 names"), "{e}");
+        let mut meta = std::collections::HashMap::from([("labels".to_string(), "[\"sky\"]".to_string())]);
+        assert!(InferenceSpec::read(&meta, &c.model).unwrap_err().contains("`labels` has 1 names"));
+        meta.insert("labels".into(), "[\"a\",\"b\",\"c\"]".into());
+        meta.insert("embedding".into(), "mean".into());
+        assert!(InferenceSpec::read(&meta, &c.model).unwrap_err().contains("unknown embedding `mean`"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

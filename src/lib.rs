@@ -17,3 +17,4 @@ pub mod tensor;
 pub mod train;
 
 pub use error::{Error, Result};
+pub use inference::Model;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{AdamW, Backend};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, InferenceSpec};
 use std::sync::Arc;
 
 use crate::data::format::Layout;
@@ -379,6 +379,7 @@ impl Trainer {
             optimizer: Some((dev.download(self.m.view())?, dev.download(self.v.view())?)),
             step: self.step,
             state,
+            spec: InferenceSpec::default(),
         })
     }
 }
@@ -560,6 +561,13 @@ pub fn train(
         None => (Trainer::new(dev, model, cfg.clone())?, fresh),
     };
     let kind: EmbeddingKind = cfg.embedding.parse()?;
+    // Every checkpoint of the run carries what inference needs from this dataset.
+    let train_split = data.split("train")?;
+    let spec = InferenceSpec::of(&data.layout, train_split.feature_dtype(), train_split.text_dtype(), kind);
+    let checkpoint = |trainer: &Trainer, dev: &mut dyn Backend, state: &RunState| -> Result<Checkpoint> {
+        let state = serde_json::to_string(state).expect("state serialises");
+        Ok(Checkpoint { spec: spec.clone(), ..trainer.checkpoint(dev, state)? })
+    };
     let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
     let best_path = opts.out_dir.join(BEST_CHECKPOINT);
     let last_path = opts.out_dir.join(LAST_CHECKPOINT);
@@ -607,7 +615,7 @@ pub fn train(
             let ndcg = validation_ndcg(&report, cfg.eval_k);
             if ndcg > state.best_ndcg {
                 state = RunState { best_ndcg: ndcg, best_step: done, stale: 0 };
-                trainer.checkpoint(dev, serde_json::to_string(&state).expect("state serialises"))?.save(&best_path)?;
+                checkpoint(&trainer, dev, &state)?.save(&best_path)?;
             } else {
                 state.stale += 1;
             }
@@ -617,7 +625,7 @@ pub fn train(
                     cfg.steps, stats.loss, cfg.eval_k, state.best_ndcg, state.best_step
                 );
             }
-            trainer.checkpoint(dev, serde_json::to_string(&state).expect("state serialises"))?.save(&last_path)?;
+            checkpoint(&trainer, dev, &state)?.save(&last_path)?;
             if cfg.patience > 0 && state.stale >= cfg.patience {
                 if opts.progress {
                     eprintln!("early stop: {} validations without a better NDCG@{}", state.stale, cfg.eval_k);

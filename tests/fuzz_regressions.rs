@@ -151,12 +151,21 @@ fn write_fuzz_fixtures_and_seeds() {
     let path = seeds.join("checkpoint/tiny.safetensors");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let moments = (vec![0.01; total], vec![0.001; total]);
-    Checkpoint { model: model.clone(), params: params.clone(), optimizer: Some(moments), step: 3, state: "{}".into() }
-        .save(&path)
-        .unwrap();
+    Checkpoint {
+        model: model.clone(),
+        params: params.clone(),
+        optimizer: Some(moments),
+        step: 3,
+        state: "{}".into(),
+        spec: Default::default(),
+    }
+    .save(&path)
+    .unwrap();
     put("checkpoint_model", "tiny.json", serde_json::to_string(&model).unwrap().as_bytes());
     let path = seeds.join("checkpoint/inference.safetensors");
-    Checkpoint { model, params, optimizer: None, step: 0, state: String::new() }.save(&path).unwrap();
+    Checkpoint { model, params, optimizer: None, step: 0, state: String::new(), spec: Default::default() }
+        .save(&path)
+        .unwrap();
 
     let image_emb = vec![1.0, 0.0, 0.0, -2.5, 0.5, 0.5];
     let (image_labels, text_labels) = (vec![1, 0, 1, 0, 1, 0, 1, 1, 0], vec![1, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 1]);

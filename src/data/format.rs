@@ -144,7 +144,7 @@ impl Meta {
 }
 
 /// Storage type of region or text features; widened to f32 when a batch is built.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FeatureDtype {
     F32,
     F16,

@@ -46,6 +46,16 @@ pub enum EmbeddingKind {
     Label,
 }
 
+impl EmbeddingKind {
+    /// The name `FromStr` reads back: `pooled` or `label`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EmbeddingKind::Pooled => "pooled",
+            EmbeddingKind::Label => "label",
+        }
+    }
+}
+
 impl std::str::FromStr for EmbeddingKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

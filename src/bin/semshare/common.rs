@@ -6,12 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use semshare::backend::{self, Backend};
+use semshare::checkpoint::Checkpoint;
 use semshare::cli::Args;
 use semshare::config::{Configs, fit_to_data, read_config_file};
 use semshare::data::format::Layout;
 use semshare::data::reader::DatasetReader;
 use semshare::eval::Report;
-use semshare::inference::load_model;
+use semshare::inference::upload_model;
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
 use semshare::tensor::Tensor;
 use semshare::train::TrainConfig;
@@ -73,7 +74,7 @@ pub fn print_report(r: &Report, json: bool) {
 }
 
 /// What `eval` and `embed` start from: the `--checkpoint` on the `--device`, checked against
-/// the `--data` it is used with, and the `--embedding` to rank with.
+/// the `--data` it is used with, and the `--embedding` to rank with (default: the checkpoint's).
 pub struct Trained {
     pub dev: Box<dyn Backend>,
     pub data: Arc<DatasetReader>,
@@ -86,9 +87,14 @@ impl Trained {
     pub fn open(args: &Args) -> Result<Trained> {
         let mut dev = device(args)?;
         let data = load_data(args)?;
-        let (net, params) = load_model(dev.as_mut(), &args.path("checkpoint")?)?;
+        let ckpt = Checkpoint::load(&args.path("checkpoint")?)?;
+        let (net, params) = upload_model(dev.as_mut(), &ckpt)?;
         semshare::train::check_fits(&data.layout, &net.cfg)?;
-        let kind: EmbeddingKind = args.get("embedding").unwrap_or("pooled").parse()?;
+        // Without --embedding, the one the checkpoint was selected with (pooled if it has none).
+        let kind = match args.get("embedding") {
+            Some(name) => name.parse()?,
+            None => ckpt.spec.embedding.unwrap_or(EmbeddingKind::Pooled),
+        };
         Ok(Trained { dev, data, net, params, kind })
     }
 }

@@ -1,6 +1,10 @@
 //! Inference: a trained model's embeddings of a split and their retrieval metrics. The one
 //! embedding path of `semshare eval`, `embed` and `demo`, of validation during training and of
-//! the experiment runner.
+//! the experiment runner; and [`Model`], a trained model as a library user embeds with it.
+
+mod model;
+
+pub use model::{Embeddings, Model, Regions};
 
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
@@ -15,7 +19,11 @@ use crate::{Error, Result};
 /// A checkpoint's model and its parameters on `dev`, refused before the upload when the model
 /// and a batch of [`EMBED_CHUNK`] items would not fit in the device's memory.
 pub fn load_model(dev: &mut dyn Backend, path: &std::path::Path) -> Result<(SemShare, Tensor)> {
-    let ckpt = Checkpoint::load(path)?;
+    upload_model(dev, &Checkpoint::load(path)?)
+}
+
+/// A loaded checkpoint's model and its parameters on `dev`, refused as [`load_model`] does.
+pub fn upload_model(dev: &mut dyn Backend, ckpt: &Checkpoint) -> Result<(SemShare, Tensor)> {
     let net = SemShare::new(&ckpt.model)?;
     crate::model::memory::check_memory(dev, &net, EMBED_CHUNK, false)?;
     let params = net.store.upload(dev, &ckpt.params)?;

@@ -1,0 +1,343 @@
+//! A trained model as a library user sees it: one self-contained checkpoint in, normalised
+//! embeddings of texts and images out, no dataset and no labels needed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::backend::Backend;
+use crate::checkpoint::{Checkpoint, InferenceSpec};
+use crate::data::format::{PAD, UNK};
+use crate::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
+use crate::tensor::Tensor;
+use crate::{Error, Result};
+
+use super::{EMBED_CHUNK, upload_model};
+
+/// A trained model on a device, ready to embed texts and images for retrieval.
+///
+/// Every embedding is an L2-normalised `f32` row, so the cosine similarity of a text and an
+/// image is the dot product of their rows. Which embedding (`pooled` z or the `label`
+/// embedding) is the one the checkpoint was selected with, or `pooled` for a checkpoint that
+/// does not record it; [`Model::set_embedding`] chooses the other.
+///
+/// Inputs are checked, never trusted: wrong widths, empty inputs, too many regions or tokens,
+/// ids outside the vocabulary and non-finite values are errors naming the item.
+///
+/// ```
+/// # fn main() -> semshare::Result<()> {
+/// use semshare::checkpoint::{Checkpoint, InferenceSpec};
+/// use semshare::inference::{Model, Regions};
+/// use semshare::model::{ModelConfig, SemShare};
+///
+/// // A tiny untrained model saved as `semshare train` saves one: with its vocabulary.
+/// let cfg = ModelConfig {
+///     region_dim: 4, max_regions: 3, word_dim: 4, gru_hidden: 4, dim: 8, layers: 1, heads: 2,
+///     ffn: 16, max_tokens: 6, vocab: 7, labels: 3, object_classes: 2, ..ModelConfig::small()
+/// };
+/// let vocab = ["[PAD]", "[UNK]", "[MASK]", "sky", "clouds", "sea", "dog"].map(String::from).to_vec();
+/// let spec = InferenceSpec { vocab: Some(vocab), ..InferenceSpec::default() };
+/// let params = SemShare::new(&cfg)?.store.init_values(1);
+/// let path = std::env::temp_dir().join(format!("semshare-doc-{}.safetensors", std::process::id()));
+/// Checkpoint { model: cfg, params, optimizer: None, step: 0, state: String::new(), spec }.save(&path)?;
+///
+/// let mut model = Model::load(&path, semshare::backend::open("cpu")?)?;
+/// assert_eq!(model.tokenize("Sky, clouds! A dog.")?, [3, 4, 1, 6]); // `a` is not a word: [UNK]
+/// let texts = model.embed_texts(&["sky clouds", "a dog by the sea"])?;
+/// assert_eq!(texts, model.embed_token_ids(&[vec![3, 4], vec![1, 6, 1, 1, 5]])?);
+/// let images = model.embed_images(&[Regions::new(&[0.5; 8])])?; // two regions of width 4
+/// assert_eq!((texts.len(), images.len(), texts.dim), (2, 1, 8));
+/// let cosine: f32 = texts.row(0).iter().zip(images.row(0)).map(|(a, b)| a * b).sum();
+/// assert!(cosine.abs() <= 1.0 + 1e-5);
+/// assert!(model.embed_texts(&["?!"]).is_err()); // no word
+/// # std::fs::remove_file(&path).ok();
+/// # Ok(())
+/// # }
+/// ```
+pub struct Model {
+    dev: Box<dyn Backend>,
+    net: SemShare,
+    params: Tensor,
+    spec: InferenceSpec,
+    embedding: EmbeddingKind,
+    /// Word → id of the stored vocabulary (None for a checkpoint without one).
+    words: Option<HashMap<String, u32>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("device", &self.dev.name())
+            .field("embedding", &self.embedding)
+            .field("config", &self.net.cfg)
+            .finish()
+    }
+}
+
+/// One image as its detector regions: `features` is `[regions, Dr]` row-major; `boxes`, if
+/// given, `[regions, 5]` as the dataset stores them, `(x1/W, y1/H, x2/W, y2/H, area/(W·H))`.
+/// Without boxes every region is given the whole image's box `(0, 0, 1, 1, 1)`: a model
+/// trained with real boxes then embeds a little differently, so pass them when you have them.
+#[derive(Clone, Copy, Debug)]
+pub struct Regions<'a> {
+    pub features: &'a [f32],
+    pub boxes: Option<&'a [f32]>,
+}
+
+impl<'a> Regions<'a> {
+    pub fn new(features: &'a [f32]) -> Self {
+        Regions { features, boxes: None }
+    }
+    pub fn with_boxes(self, boxes: &'a [f32]) -> Self {
+        Regions { boxes: Some(boxes), ..self }
+    }
+}
+
+/// Embeddings of n items, one L2-normalised row of width `dim` each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embeddings {
+    /// `[n, dim]` row-major.
+    pub values: Vec<f32>,
+    pub dim: usize,
+}
+
+impl Embeddings {
+    pub fn len(&self) -> usize {
+        self.values.len() / self.dim.max(1)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+    /// Item `i`'s embedding.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.dim..(i + 1) * self.dim]
+    }
+    pub fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
+        self.values.chunks_exact(self.dim.max(1))
+    }
+}
+
+const WHOLE_IMAGE_BOX: [f32; 5] = [0.0, 0.0, 1.0, 1.0, 1.0];
+
+impl Model {
+    /// The checkpoint at `path` (a `best.safetensors` of `semshare train`) on `dev`, e.g.
+    /// `semshare::backend::open("cpu")?` or `open("auto")?`.
+    pub fn load(path: impl AsRef<Path>, mut dev: Box<dyn Backend>) -> Result<Model> {
+        let path = path.as_ref().to_path_buf();
+        let ckpt = Checkpoint::load(&path)?;
+        let (net, params) = upload_model(dev.as_mut(), &ckpt)?;
+        let words =
+            ckpt.spec.vocab.as_ref().map(|v| v.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect());
+        let embedding = ckpt.spec.embedding.unwrap_or(EmbeddingKind::Pooled);
+        Ok(Model { dev, net, params, spec: ckpt.spec, embedding, words, path })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.net.cfg
+    }
+
+    /// What the checkpoint records of its training data (vocabulary, label names, inputs).
+    pub fn spec(&self) -> &InferenceSpec {
+        &self.spec
+    }
+
+    /// The label names, in the order of the `label` embedding's coordinates (None for a
+    /// checkpoint that does not record them).
+    pub fn label_names(&self) -> Option<&[String]> {
+        self.spec.label_names.as_deref()
+    }
+
+    /// The embedding returned: the checkpoint's, or `pooled` when it records none.
+    pub fn embedding(&self) -> EmbeddingKind {
+        self.embedding
+    }
+
+    pub fn set_embedding(&mut self, kind: EmbeddingKind) {
+        self.embedding = kind;
+    }
+
+    /// Width of the embeddings: d for `pooled`, C (one coordinate per label) for `label`.
+    pub fn dim(&self) -> usize {
+        match self.embedding {
+            EmbeddingKind::Pooled => self.net.cfg.dim,
+            EmbeddingKind::Label => self.net.cfg.labels,
+        }
+    }
+
+    /// The token ids of `text` by the stored vocabulary. The rule: the text is lowercased and
+    /// split on whitespace; a piece that is a word of the vocabulary is that word; otherwise
+    /// its leading and trailing punctuation is dropped and it is looked up again (`sky,` is
+    /// `sky`); otherwise each of its runs of letters and digits is a word (`sea-side` is `sea`
+    /// `side`). A word not in the vocabulary becomes `[UNK]`; only the first T words (the model's
+    /// `max_tokens`) are kept.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let vocab = self.words.as_ref().ok_or_else(|| {
+            Error::config(format!(
+                "{}: the checkpoint holds no vocabulary (written before semshare stored one): pass token ids to embed_token_ids",
+                self.path.display()
+            ))
+        })?;
+        let not_alphanumeric = |c: char| !c.is_alphanumeric();
+        let mut ids = Vec::new();
+        for piece in text.to_lowercase().split_whitespace() {
+            let trimmed = piece.trim_matches(not_alphanumeric);
+            match vocab.get(piece).or_else(|| vocab.get(trimmed)) {
+                Some(&id) => ids.push(id),
+                None => ids.extend(
+                    trimmed
+                        .split(not_alphanumeric)
+                        .filter(|w| !w.is_empty())
+                        .map(|w| vocab.get(w).copied().unwrap_or(UNK)),
+                ),
+            }
+        }
+        ids.truncate(self.net.cfg.max_tokens);
+        Ok(ids)
+    }
+
+    /// Embeddings of texts given as strings, tokenised by [`Model::tokenize`]. A text with no
+    /// word at all (empty, or punctuation only) is an error.
+    pub fn embed_texts<S: AsRef<str>>(&mut self, texts: &[S]) -> Result<Embeddings> {
+        let ids = texts.iter().map(|t| self.tokenize(t.as_ref())).collect::<Result<Vec<_>>>()?;
+        if let Some(i) = ids.iter().position(Vec::is_empty) {
+            return Err(Error::data(format!("embed_texts: text {i} ({:?}) has no word", texts[i].as_ref())));
+        }
+        self.embed_token_ids(&ids)
+    }
+
+    /// Embeddings of texts given as token ids: each 1..=T ids in 1..V (`[PAD]` is not a token).
+    pub fn embed_token_ids<T: AsRef<[u32]>>(&mut self, texts: &[T]) -> Result<Embeddings> {
+        let cfg = &self.net.cfg;
+        if cfg.text_features() {
+            return Err(Error::config(format!(
+                "{}: this model reads texts as segment features of width {}, not tokens: use embed_text_features",
+                self.path.display(),
+                cfg.text_feature_dim
+            )));
+        }
+        if texts.is_empty() {
+            return Err(Error::data("embed_token_ids: no texts given"));
+        }
+        for (i, t) in texts.iter().enumerate() {
+            let t = t.as_ref();
+            if t.is_empty() || t.len() > cfg.max_tokens {
+                return Err(Error::data(format!(
+                    "embed_token_ids: text {i} has {} tokens, the model takes 1 to {}",
+                    t.len(),
+                    cfg.max_tokens
+                )));
+            }
+            if let Some(&id) = t.iter().find(|&&id| id == PAD || id as usize >= cfg.vocab) {
+                return Err(Error::data(format!(
+                    "embed_token_ids: text {i} has token id {id}, outside 1..{} (0 is [PAD])",
+                    cfg.vocab
+                )));
+            }
+        }
+        let labels = cfg.labels;
+        self.embed_chunks(texts.len(), |items| {
+            let lengths = items.clone().map(|i| texts[i].as_ref().len()).collect();
+            let tokens = items.clone().flat_map(|i| texts[i].as_ref().iter().copied()).collect();
+            Batch::Text(TextBatch { lengths, tokens, features: Vec::new(), labels: vec![0.0; items.len() * labels] })
+        })
+    }
+
+    /// Embeddings of texts given as pre-extracted segment features, for a model trained on them
+    /// (`text_feature_dim` Dt > 0): each text 1..=T segments, `[segments, Dt]` row-major.
+    pub fn embed_text_features(&mut self, texts: &[&[f32]]) -> Result<Embeddings> {
+        let cfg = &self.net.cfg;
+        let dt = cfg.text_feature_dim;
+        if dt == 0 {
+            return Err(Error::config(format!(
+                "{}: this model reads texts as token ids, not segment features",
+                self.path.display()
+            )));
+        }
+        if texts.is_empty() {
+            return Err(Error::data("embed_text_features: no texts given"));
+        }
+        for (i, t) in texts.iter().enumerate() {
+            if t.is_empty() || !t.len().is_multiple_of(dt) || t.len() / dt > cfg.max_tokens {
+                return Err(Error::data(format!(
+                    "embed_text_features: text {i} has {} feature values, not 1 to {} segments of width {dt}",
+                    t.len(),
+                    cfg.max_tokens
+                )));
+            }
+            if !t.iter().all(|x| x.is_finite()) {
+                return Err(Error::data(format!("embed_text_features: text {i} has a non-finite feature value")));
+            }
+        }
+        let labels = cfg.labels;
+        self.embed_chunks(texts.len(), |items| {
+            let lengths = texts[items.clone()].iter().map(|t| t.len() / dt).collect();
+            let features = texts[items.clone()].concat();
+            Batch::Text(TextBatch { lengths, tokens: Vec::new(), features, labels: vec![0.0; items.len() * labels] })
+        })
+    }
+
+    /// Embeddings of images, each 1..=R regions of width Dr (the model's `region_dim`).
+    pub fn embed_images(&mut self, images: &[Regions<'_>]) -> Result<Embeddings> {
+        let cfg = &self.net.cfg;
+        let dr = cfg.region_dim;
+        if images.is_empty() {
+            return Err(Error::data("embed_images: no images given"));
+        }
+        for (i, im) in images.iter().enumerate() {
+            let n = im.features.len();
+            if n == 0 || !n.is_multiple_of(dr) || n / dr > cfg.max_regions {
+                return Err(Error::data(format!(
+                    "embed_images: image {i} has {n} feature values, not 1 to {} regions of width {dr}",
+                    cfg.max_regions
+                )));
+            }
+            if let Some(b) = im.boxes
+                && b.len() != 5 * (n / dr)
+            {
+                return Err(Error::data(format!(
+                    "embed_images: image {i} has {} box values for {} regions (5 each)",
+                    b.len(),
+                    n / dr
+                )));
+            }
+            let finite = im.features.iter().chain(im.boxes.unwrap_or(&[])).all(|x| x.is_finite());
+            if !finite {
+                return Err(Error::data(format!("embed_images: image {i} has a non-finite feature or box value")));
+            }
+        }
+        let labels = cfg.labels;
+        self.embed_chunks(images.len(), |items| {
+            let mut b = ImageBatch { labels: vec![0.0; items.len() * labels], ..ImageBatch::default() };
+            for im in &images[items] {
+                let regions = im.features.len() / dr;
+                b.lengths.push(regions);
+                b.features.extend_from_slice(im.features);
+                match im.boxes {
+                    Some(boxes) => b.boxes.extend_from_slice(boxes),
+                    None => (0..regions).for_each(|_| b.boxes.extend_from_slice(&WHOLE_IMAGE_BOX)),
+                }
+            }
+            Batch::Image(b)
+        })
+    }
+
+    /// The embeddings of `n` checked items, [`EMBED_CHUNK`] per forward pass, normalised.
+    fn embed_chunks(&mut self, n: usize, batch_of: impl Fn(std::ops::Range<usize>) -> Batch) -> Result<Embeddings> {
+        let mut values = Vec::with_capacity(n * self.dim());
+        for start in (0..n).step_by(EMBED_CHUNK) {
+            let batch = batch_of(start..(start + EMBED_CHUNK).min(n));
+            let e = self.net.embed(self.dev.as_mut(), &self.params, &batch, self.embedding)?;
+            values.extend(self.dev.download(e.view())?);
+        }
+        let dim = self.dim();
+        for row in values.chunks_exact_mut(dim) {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            // A zero row has no direction; it stays zero rather than becoming NaN.
+            if norm > 0.0 {
+                row.iter_mut().for_each(|x| *x /= norm);
+            }
+        }
+        Ok(Embeddings { values, dim })
+    }
+}
