@@ -1,0 +1,97 @@
+//! Exact top-k search by inner product: for each query row, the k gallery rows with the largest
+//! score, best first, ties to the lower gallery id. The gallery is walked in tiles (one GEMM of a
+//! block of queries against a tile into a small scratch), so the full `[queries, gallery]` score
+//! matrix never exists; each query keeps a running candidate list that a bound filters and
+//! `select_nth_unstable` trims. Parallel over blocks of queries on the rayon pool.
+//! The CUDA twin (`kernels/topk.cu`) orders by the same `rank_key`.
+
+use rayon::prelude::*;
+
+use super::gemm::gemm;
+use crate::backend::Gemm;
+
+/// Gallery rows per tile: a 32-query block's scores against one tile are 128 KiB.
+pub const TILE: usize = 1024;
+/// Queries per GEMM (and per rayon task): enough rows for the GEMM micro-kernels.
+const QUERY_BLOCK: usize = 32;
+
+/// A u64 whose ascending order is descending score, then ascending id (−0.0 ties +0.0). The one
+/// order of every top-k and ranking, on both devices.
+pub fn rank_key(score: f32, id: u32) -> u64 {
+    let bits = (score + 0.0).to_bits(); // + 0.0 turns -0.0 into +0.0
+    let ascending = if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 };
+    (u64::from(!ascending) << 32) | u64::from(id)
+}
+
+/// The gallery id a key carries.
+pub fn key_id(key: u64) -> u32 {
+    key as u32
+}
+
+/// The score a key carries (−0.0 comes back as +0.0).
+pub fn key_score(key: u64) -> f32 {
+    let ascending = !((key >> 32) as u32);
+    f32::from_bits(if ascending >> 31 == 1 { ascending & 0x7fff_ffff } else { !ascending })
+}
+
+/// Top-k of `queries [nq, dim]` against `gallery [ng, dim]` over gallery tiles of `tile` rows:
+/// `nq · k` keys, query after query, each query's best first. Shapes are the caller's to check
+/// (`backend::check_top_k`): dim > 0, 1 ≤ k ≤ ng, ng < 2³².
+pub fn top_k_keys(queries: &[f32], gallery: &[f32], dim: usize, k: usize, tile: usize) -> Vec<u64> {
+    let (nq, ng) = (queries.len() / dim, gallery.len() / dim);
+    let tile = tile.clamp(1, ng.max(1));
+    let mut out = vec![0u64; nq * k];
+    out.par_chunks_mut(QUERY_BLOCK * k).enumerate().for_each(|(b, out)| {
+        let m = out.len() / k;
+        let qb = &queries[b * QUERY_BLOCK * dim..(b * QUERY_BLOCK + m) * dim];
+        let mut scores = vec![0.0f32; m * tile];
+        let mut run: Vec<Vec<u64>> = (0..m).map(|_| Vec::with_capacity(2 * k + 64)).collect();
+        for t0 in (0..ng).step_by(tile) {
+            let n = tile.min(ng - t0);
+            let g = Gemm { m, n, k: dim, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+            gemm(g, qb, &gallery[t0 * dim..(t0 + n) * dim], &mut scores[..m * n]);
+            for (i, r) in run.iter_mut().enumerate() {
+                merge(r, &scores[i * n..(i + 1) * n], t0, k);
+            }
+        }
+        for (r, o) in run.iter_mut().zip(out.chunks_mut(k)) {
+            trim(r, k);
+            r.sort_unstable();
+            o.copy_from_slice(r);
+        }
+    });
+    out
+}
+
+/// Keeps the k smallest keys of `run` (in no order).
+fn trim(run: &mut Vec<u64>, k: usize) {
+    if run.len() > k {
+        run.select_nth_unstable(k - 1);
+        run.truncate(k);
+    }
+}
+
+/// Adds one tile's scores (gallery ids from `base`) to a query's candidates: only keys that
+/// beat the current k-th can still make the top k; the list is trimmed back to k as it grows.
+fn merge(run: &mut Vec<u64>, scores: &[f32], base: usize, k: usize) {
+    let mut bound = u64::MAX;
+    if run.len() >= k {
+        trim(run, k);
+        bound = *run.iter().max().unwrap();
+    }
+    for (j, &s) in scores.iter().enumerate() {
+        let key = rank_key(s, (base + j) as u32);
+        if key < bound {
+            run.push(key);
+            if run.len() >= 2 * k + 64 {
+                trim(run, k);
+                bound = *run.iter().max().unwrap();
+            }
+        }
+    }
+}
+
+/// Splits keys into (ids, scores).
+pub fn split_keys(keys: &[u64]) -> (Vec<u32>, Vec<f32>) {
+    (keys.iter().map(|&k| key_id(k)).collect(), keys.iter().map(|&k| key_score(k)).collect())
+}
