@@ -50,7 +50,7 @@ fn plan(
     seg: &Segments,
     heads: usize,
 ) -> Result<Plan> {
-    if heads == 0 || qkv.cols() % (3 * heads) != 0 {
+    if heads == 0 || !qkv.cols().is_multiple_of(3 * heads) {
         return Err(Error::shape(op, format!("{} qkv columns for {heads} heads", qkv.cols())));
     }
     let d = qkv.cols() / 3;

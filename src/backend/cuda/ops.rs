@@ -337,7 +337,7 @@ impl Backend for Cuda {
     }
 
     fn gather_rows(&mut self, table: View, cols: usize, ids: &Ids) -> Result<Tensor> {
-        if cols == 0 || table.len() % cols != 0 {
+        if cols == 0 || !table.len().is_multiple_of(cols) {
             return Err(Error::shape("gather_rows", format!("table of {} values with {cols} columns", table.len())));
         }
         check_ids("gather_rows", ids, table.len() / cols)?;
