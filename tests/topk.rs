@@ -33,9 +33,18 @@ fn brute(q: &[f32], g: &[f32], dim: usize, k: usize) -> (Vec<u32>, Vec<f64>) {
     (ids, scores)
 }
 
-/// (queries, gallery, dim, k): one query, k = 1, k = gallery, a gallery of one row.
-const CASES: [(usize, usize, usize, usize); 7] =
-    [(1, 1, 1, 1), (1, 50, 7, 1), (3, 50, 7, 50), (5, 97, 16, 10), (33, 130, 64, 17), (70, 300, 33, 128), (2, 9, 3, 9)];
+/// (queries, gallery, dim, k): one query, k = 1, k = gallery, a gallery of one row, more
+/// queries than one block of the search (256, with a short last block).
+const CASES: [(usize, usize, usize, usize); 8] = [
+    (1, 1, 1, 1),
+    (1, 50, 7, 1),
+    (3, 50, 7, 50),
+    (5, 97, 16, 10),
+    (33, 130, 64, 17),
+    (70, 300, 33, 128),
+    (2, 9, 3, 9),
+    (600, 40, 8, 5),
+];
 
 #[test]
 fn exact_data_matches_brute_force_with_ties() {
