@@ -7,7 +7,7 @@
 use super::{Arg, Cuda, dev_err, tensor_ptr, view_ptr};
 use crate::backend::Backend;
 use crate::backend::cpu::topk::split_keys;
-use crate::tensor::View;
+use crate::tensor::{Tensor, View};
 use crate::{Error, Result};
 use cudarc::driver::result;
 
@@ -23,8 +23,8 @@ pub fn default_tile(nq: usize, ng: usize) -> usize {
 }
 
 impl Cuda {
-    /// `Backend::top_k` over gallery tiles of `tile` rows (operands checked by the caller with
-    /// `check_top_k`; the tests choose small tiles to cross tile edges).
+    /// `Backend::top_k` over gallery tiles of `tile` rows (the tests choose small tiles to
+    /// cross tile edges): `top_k_keys` and one download.
     pub fn top_k_tiled(
         &mut self,
         queries: View,
@@ -33,15 +33,29 @@ impl Cuda {
         k: usize,
         tile: usize,
     ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let run = self.top_k_keys(queries, gallery, dim, k, tile)?;
+        let words = self.download(run.view())?;
+        let keys: Vec<u64> =
+            words.chunks_exact(2).map(|w| u64::from(w[0].to_bits()) | (u64::from(w[1].to_bits()) << 32)).collect();
+        Ok(split_keys(&keys))
+    }
+
+    /// The device part of `top_k_tiled`: each query's k best `rank_key`s, ascending, as
+    /// `[nq · k · 2]` f32 words (a u64 key is two words, low first), left on the device (the
+    /// GPU benchmark times this).
+    pub fn top_k_keys(&mut self, queries: View, gallery: View, dim: usize, k: usize, tile: usize) -> Result<Tensor> {
         let (nq, ng) = crate::backend::check_top_k(queries.len(), gallery.len(), dim, k)?;
         if k > MAX_K {
             return Err(Error::shape("top_k", format!("k = {k} is over the CUDA kernel's {MAX_K}")));
+        }
+        if nq > i32::MAX as usize {
+            return Err(Error::shape("top_k", format!("{nq} queries are over the grid's {}", i32::MAX)));
         }
         let tile = tile.clamp(1, ng);
         let (pq, pg) = (view_ptr(queries)?, view_ptr(gallery)?);
         let scores = self.scratch(nq * tile)?;
         // Keys are u64: two f32 slots each (pool blocks are 256-byte aligned).
-        let run = self.scratch(2 * nq * k)?;
+        let run = self.alloc_tensor(&[2 * nq * k])?;
         let (ps, pr) = (tensor_ptr(&scores)?, tensor_ptr(&run)?);
         self.bind()?;
         // SAFETY: pr..pr + 8·nq·k is the live `run` block; all-ones is the worst key.
@@ -69,9 +83,6 @@ impl Cuda {
             ];
             self.launch("topk_merge_fwd_f32", (nq as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
         }
-        let words = self.download(run.view())?;
-        let keys: Vec<u64> =
-            words.chunks_exact(2).map(|w| u64::from(w[0].to_bits()) | (u64::from(w[1].to_bits()) << 32)).collect();
-        Ok(split_keys(&keys[..nq * k]))
+        Ok(run)
     }
 }
