@@ -6,7 +6,7 @@
 //!   order (score descending, then the lower id) is the CPU's.
 //! - Random data: same ids, scores within 1e-5 (GEMM summation order differs).
 //!
-//! Small tiles make several tiles per search (the default tile holds 16 M scores). Without a
+//! Small tiles make several tiles per search, large ones several candidate-buffer merges per tile (the default tile holds 16 M scores). Without a
 //! GPU each test prints one skip line; with SEMSHARE_REQUIRE_GPU=1 it fails.
 
 #![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
@@ -17,7 +17,7 @@ use common::{Gen, cpu, randv};
 use semshare::backend::Backend;
 
 /// (queries, gallery, dim, k, tile).
-const CASES: [(usize, usize, usize, usize, usize); 7] = [
+const CASES: [(usize, usize, usize, usize, usize); 9] = [
     (1, 1, 1, 1, 1),
     (1, 50, 7, 1, 16),
     (3, 50, 7, 50, 16),
@@ -25,6 +25,9 @@ const CASES: [(usize, usize, usize, usize, usize); 7] = [
     (9, 130, 64, 17, 64),
     (3, 300, 33, 128, 300),
     (2, 9, 3, 9, 4),
+    // Tiles of several 256-key chunks: the candidate buffer fills and is merged mid-tile.
+    (2, 1000, 8, 5, 1000),
+    (1, 2000, 4, 128, 700),
 ];
 
 fn quantised(seed: u64, n: usize) -> Vec<f32> {
