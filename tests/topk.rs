@@ -9,7 +9,7 @@ mod common;
 
 use common::Gen;
 use semshare::backend::Backend;
-use semshare::backend::cpu::topk::{rank_key, split_keys, top_k_keys};
+use semshare::backend::cpu::topk::{rank_key, split_keys, top_k_keys, top_k_keys_split};
 
 /// Entries in {−1, −3/4, …, 1}: exact products and sums.
 fn quantised(seed: u64, n: usize) -> Vec<f32> {
@@ -68,6 +68,24 @@ fn exact_data_matches_brute_force_with_ties() {
             assert_eq!(top_k_keys(&q, &g, dim, k, tile), whole, "case {s}: tile {tile}");
         }
         assert_eq!(split_keys(&whole), (ids, scores));
+    }
+}
+
+#[test]
+fn gallery_split_across_threads_gives_the_same_keys() {
+    // A few queries against a large gallery: the search splits the gallery into ranges.
+    let (nq, ng, dim) = (3, 9000, 8);
+    let q = quantised(7, nq * dim);
+    let mut g = quantised(8, ng * dim);
+    let (a, b) = g.split_at_mut(dim * 4500); // a tie across the ranges' cut
+    b[..dim].copy_from_slice(&a[dim * 4499..dim * 4500]);
+    for k in [1, 10, 128] {
+        let (want, _) = brute(&q, &g, dim, k);
+        for parts in [1, 2, 3, 7] {
+            let keys = top_k_keys_split(&q, &g, dim, k, 1000, parts);
+            assert_eq!(split_keys(&keys).0, want, "k {k} parts {parts}");
+        }
+        assert_eq!(split_keys(&top_k_keys(&q, &g, dim, k, 1000)).0, want, "k {k}");
     }
 }
 

@@ -41,6 +41,39 @@ pub fn key_score(key: u64) -> f32 {
 /// (`backend::check_top_k`): dim > 0, 1 ≤ k ≤ ng, ng < 2³².
 pub fn top_k_keys(queries: &[f32], gallery: &[f32], dim: usize, k: usize, tile: usize) -> Vec<u64> {
     let (nq, ng) = (queries.len() / dim, gallery.len() / dim);
+    // Fewer query blocks than threads (a handful of queries): split the gallery as well, in
+    // parts of at least 4,096 rows, so that every thread has work.
+    let free = rayon::current_num_threads() / nq.div_ceil(QUERY_BLOCK);
+    top_k_keys_split(queries, gallery, dim, k, tile, free.min(ng / k.max(4096)))
+}
+
+/// `top_k_keys` over `parts` gallery ranges searched in parallel (at most ng / k, so each range
+/// holds a full top-k), their per-query candidates merged: the same keys for any `parts`.
+pub fn top_k_keys_split(queries: &[f32], gallery: &[f32], dim: usize, k: usize, tile: usize, parts: usize) -> Vec<u64> {
+    let (nq, ng) = (queries.len() / dim, gallery.len() / dim);
+    let parts = parts.clamp(1, (ng / k).max(1));
+    if parts == 1 {
+        return search(queries, gallery, dim, k, tile, 0);
+    }
+    let cut: Vec<usize> = (0..=parts).map(|p| p * ng / parts).collect();
+    let partial: Vec<Vec<u64>> = (0..parts)
+        .into_par_iter()
+        .map(|p| search(queries, &gallery[cut[p] * dim..cut[p + 1] * dim], dim, k, tile, cut[p]))
+        .collect();
+    let mut out = Vec::with_capacity(nq * k);
+    let mut cand = Vec::with_capacity(parts * k);
+    for i in 0..nq {
+        cand.clear();
+        cand.extend(partial.iter().flat_map(|v| v[i * k..(i + 1) * k].iter().copied()));
+        cand.sort_unstable();
+        out.extend_from_slice(&cand[..k]);
+    }
+    out
+}
+
+/// The search of one gallery range whose first row has id `base`.
+fn search(queries: &[f32], gallery: &[f32], dim: usize, k: usize, tile: usize, base: usize) -> Vec<u64> {
+    let (nq, ng) = (queries.len() / dim, gallery.len() / dim);
     let tile = tile.clamp(1, ng.max(1));
     let mut out = vec![0u64; nq * k];
     out.par_chunks_mut(QUERY_BLOCK * k).enumerate().for_each(|(b, out)| {
@@ -53,7 +86,7 @@ pub fn top_k_keys(queries: &[f32], gallery: &[f32], dim: usize, k: usize, tile: 
             let g = Gemm { m, n, k: dim, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
             gemm(g, qb, &gallery[t0 * dim..(t0 + n) * dim], &mut scores[..m * n]);
             for (i, r) in run.iter_mut().enumerate() {
-                merge(r, &scores[i * n..(i + 1) * n], t0, k);
+                merge(r, &scores[i * n..(i + 1) * n], base + t0, k);
             }
         }
         for (r, o) in run.iter_mut().zip(out.chunks_mut(k)) {
