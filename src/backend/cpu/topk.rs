@@ -2,7 +2,8 @@
 //! score, best first, ties to the lower gallery id. The gallery is walked in tiles (one GEMM of a
 //! block of queries against a tile into a small scratch), so the full `[queries, gallery]` score
 //! matrix never exists; each query keeps a running candidate list that a bound filters and
-//! `select_nth_unstable` trims. Parallel over blocks of queries on the rayon pool.
+//! `select_nth_unstable` trims. Parallel over blocks of queries on the rayon pool, and over
+//! gallery ranges too when there are fewer blocks than threads.
 //! The CUDA twin (`kernels/topk.cu`) orders by the same `rank_key`.
 
 use rayon::prelude::*;
@@ -13,8 +14,8 @@ use crate::backend::Gemm;
 /// Gallery rows per tile: a query block's scores against one tile are 1 MiB.
 pub const TILE: usize = 1024;
 /// Queries per GEMM (and per rayon task). Each GEMM repacks its gallery tile, so short blocks
-/// spend their time packing: 1,000 × 100,000 × 256 top-10 on 2 (shared) cores ran 0.57 s at 256 rows,
-/// 1.2 s at 64, 2.7 s at 32 (tile 512 to 2,048 made no difference at 256).
+/// spend their time packing: 1,000 × 100,000 × 256 top-10 on 2 (shared) cores ran 0.57 s at
+/// 256 rows, 1.2 s at 64, 2.7 s at 32 (tile 512 to 2,048 made no difference at 256).
 const QUERY_BLOCK: usize = 256;
 
 /// Query blocks shorter than this score by dot products, not a GEMM, which would repack each
@@ -37,7 +38,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// A u64 whose ascending order is descending score, then ascending id (−0.0 ties +0.0). The one
-/// order of every top-k and ranking, on both devices.
+/// order of every top-k and ranking, on both devices. A NaN sorts by its bits: a positive one
+/// before +∞, a negative one after −∞.
 pub fn rank_key(score: f32, id: u32) -> u64 {
     let bits = (score + 0.0).to_bits(); // + 0.0 turns -0.0 into +0.0
     let ascending = if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 };
