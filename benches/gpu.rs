@@ -263,6 +263,20 @@ mod gpu {
         g.finish();
     }
 
+    /// Exact top-100 of 5,000 queries against 5,000 gallery items (d = 256, one tile): GEMM +
+    /// kernels/topk.cu, keys left on the device (issue 13's "5,000 × 5,000 rank + top-100").
+    pub fn retrieval(c: &mut Criterion, dev: &mut Cuda) {
+        let mut rng = Rng::new(13);
+        let (n, d, k) = (5000, 256, 100);
+        let q = rand(dev, &mut rng, &[n, d]);
+        let g_ = rand(dev, &mut rng, &[n, d]);
+        let mut g = c.benchmark_group("retrieval");
+        bench(&mut g, "top100_5000x5000_d256", dev, |dev| {
+            drop(black_box(dev.top_k_keys(q.view(), g_.view(), d, k, n).expect("top_k")));
+        });
+        g.finish();
+    }
+
     pub fn end_to_end(c: &mut Criterion, dev: &mut Cuda) {
         let cfg = config();
         let mut g = c.benchmark_group("paper_b128_t32");
@@ -340,6 +354,7 @@ fn main() {
             .sample_size(20)
             .configure_from_args();
         gpu::kernels(&mut c, &mut dev);
+        gpu::retrieval(&mut c, &mut dev);
         gpu::end_to_end(&mut c, &mut dev);
         c.final_summary();
     }

@@ -222,6 +222,14 @@ pub trait Backend {
     /// overwrites the logits.
     fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32>;
 
+    // ---- retrieval ----------------------------------------------------------------------
+    /// Exact top-k by inner product: for each row of `queries [nq, dim]`, the k rows of
+    /// `gallery [ng, dim]` with the largest score, best first, ties to the lower gallery id
+    /// (`cpu::topk::rank_key`). Returns (ids, scores), `nq · k` each, query after query. The
+    /// full score matrix is never built (the gallery is tiled). Errors for dim = 0, an empty
+    /// side, a length that is not a multiple of dim, k = 0 or k > ng (no clamping).
+    fn top_k(&mut self, queries: View, gallery: View, dim: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)>;
+
     // ---- optimizer ----------------------------------------------------------------------
     fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()>;
 }
@@ -371,6 +379,30 @@ pub(crate) fn check_gru_step_bwd(
         return Err(crate::Error::shape("gru_step_bwd", "output columns too narrow"));
     }
     Ok(())
+}
+
+/// `Backend::top_k`'s operands; returns (queries, gallery rows).
+pub(crate) fn check_top_k(queries: usize, gallery: usize, dim: usize, k: usize) -> Result<(usize, usize)> {
+    let err = |what: String| Err(crate::Error::shape("top_k", what));
+    if dim == 0 {
+        return err("dimension 0".into());
+    }
+    for (what, len) in [("queries", queries), ("gallery", gallery)] {
+        if len == 0 {
+            return err(format!("{what} are empty"));
+        }
+        if !len.is_multiple_of(dim) {
+            return err(format!("{what} have {len} values, not a multiple of dimension {dim}"));
+        }
+    }
+    let (nq, ng) = (queries / dim, gallery / dim);
+    if ng >= u32::MAX as usize {
+        return err(format!("{ng} gallery rows do not fit a u32 id"));
+    }
+    if k == 0 || k > ng {
+        return err(format!("k = {k} for a gallery of {ng} rows (1 ≤ k ≤ {ng})"));
+    }
+    Ok((nq, ng))
 }
 
 /// Check that a tensor has the expected element count; name the op and the operand.

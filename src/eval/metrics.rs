@@ -23,6 +23,7 @@
 //!
 //! Every score except the PR curve is a mean over queries ×100.
 
+use crate::backend::cpu::topk::rank_key;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -321,16 +322,10 @@ pub fn normalize_rows(emb: &mut [f32], dim: usize) {
     }
 }
 
-/// A u64 whose ascending order is descending similarity, then ascending gallery index.
-fn rank_key(sim: f32, index: usize) -> u64 {
-    let bits = (sim + 0.0).to_bits(); // + 0.0 turns -0.0 into +0.0: they tie
-    let ascending = if bits >> 31 == 1 { !bits } else { bits | 0x8000_0000 };
-    (u64::from(!ascending) << 32) | index as u64
-}
-
-/// The gallery indices ordered by similarity, descending; ties go to the lower index first.
+/// The gallery indices ordered by similarity, descending; ties go to the lower index first
+/// (`rank_key`, the order of `Backend::top_k` too).
 pub fn rank_order(sims: &[f32]) -> Vec<u32> {
-    let mut keys: Vec<u64> = sims.iter().enumerate().map(|(i, &s)| rank_key(s, i)).collect();
+    let mut keys: Vec<u64> = sims.iter().enumerate().map(|(i, &s)| rank_key(s, i as u32)).collect();
     keys.sort_unstable();
     keys.into_iter().map(|k| k as u32).collect()
 }
@@ -555,7 +550,7 @@ fn query_stats(
     rels: &mut Vec<u32>,
 ) -> QueryStats {
     keys.clear();
-    keys.extend(sims.iter().enumerate().map(|(j, &s)| rank_key(s, j)));
+    keys.extend(sims.iter().enumerate().map(|(j, &s)| rank_key(s, j as u32)));
     keys.sort_unstable();
     let yq = q.label_bits(qi);
     let rel = |j: usize| -> u32 { yq.iter().zip(g.label_bits(j)).map(|(a, b)| (a & b).count_ones()).sum() };
@@ -574,8 +569,7 @@ fn query_stats(
             if idcg > 0.0 { dcg_at_k(rels, k) / idcg } else { 0.0 }
         })
         .collect();
-    let first_pair =
-        paired.iter().filter_map(|&j| keys.binary_search(&rank_key(sims[j as usize], j as usize)).ok()).min();
+    let first_pair = paired.iter().filter_map(|&j| keys.binary_search(&rank_key(sims[j as usize], j)).ok()).min();
     QueryStats {
         ndcg,
         ap: average_precision(rels),

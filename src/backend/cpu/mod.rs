@@ -9,10 +9,12 @@ pub mod gru;
 pub mod layernorm;
 pub mod losses;
 pub mod optim;
+pub mod topk;
 
 use super::{
     AdamW, Backend, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
-    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, expect_cols, expect_len, rows_of, same_shape,
+    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of,
+    same_shape,
 };
 use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
@@ -287,6 +289,11 @@ impl Backend for Cpu {
         let classes = logits.cols();
         check_ids("cross_entropy", targets.cpu(), classes)?;
         Ok(losses::cross_entropy(logits.cpu_mut(), classes, targets.cpu(), scale))
+    }
+
+    fn top_k(&mut self, queries: View, gallery: View, dim: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        check_top_k(queries.len(), gallery.len(), dim, k)?;
+        Ok(topk::split_keys(&topk::top_k_keys(queries.cpu(), gallery.cpu(), dim, k, topk::TILE)))
     }
 
     fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()> {

@@ -34,6 +34,7 @@
 pub mod attention;
 pub mod gru;
 mod ops;
+pub mod topk;
 
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};

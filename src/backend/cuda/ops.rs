@@ -7,7 +7,8 @@ use super::{
 };
 use crate::backend::{
     AdamW, Backend, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
-    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, expect_cols, expect_len, rows_of, same_shape,
+    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of,
+    same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -550,6 +551,11 @@ impl Backend for Cuda {
             return Ok(0.0);
         }
         Ok((self.host_total(&row_loss)? / rows as f64) as f32)
+    }
+
+    fn top_k(&mut self, queries: View, gallery: View, dim: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        let (nq, ng) = check_top_k(queries.len(), gallery.len(), dim, k)?;
+        self.top_k_tiled(queries, gallery, dim, k, super::topk::default_tile(nq, ng))
     }
 
     fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()> {

@@ -1,0 +1,97 @@
+//! Exact top-k on the GPU (a cuBLAS GEMM per gallery tile + kernels/topk.cu) against its CPU
+//! twin (`Cpu::top_k`): one query, k = 1, k = gallery size, k = the kernel's 128, galleries that
+//! are not a multiple of the tile, a gallery of one row.
+//! - Exact data (entries multiples of 1/4, dim ≤ 64: every inner product exact in f32 in any
+//!   summation order) with duplicate gallery rows: ids and scores equal bit for bit, so the tie
+//!   order (score descending, then the lower id) is the CPU's.
+//! - Random data: same ids, scores within 1e-5 (GEMM summation order differs).
+//!
+//! Small tiles make several tiles per search, large ones several candidate-buffer merges per tile (the default tile holds 16 M scores). Without a
+//! GPU each test prints one skip line; with SEMSHARE_REQUIRE_GPU=1 it fails.
+
+#![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
+
+mod common;
+
+use common::{Gen, cpu, randv};
+use semshare::backend::Backend;
+
+/// (queries, gallery, dim, k, tile).
+const CASES: [(usize, usize, usize, usize, usize); 9] = [
+    (1, 1, 1, 1, 1),
+    (1, 50, 7, 1, 16),
+    (3, 50, 7, 50, 16),
+    (5, 97, 16, 10, 32),
+    (9, 130, 64, 17, 64),
+    (3, 300, 33, 128, 300),
+    (2, 9, 3, 9, 4),
+    // Tiles of several 256-key chunks: the candidate buffer fills and is merged mid-tile.
+    (2, 1000, 8, 5, 1000),
+    (1, 2000, 4, 128, 700),
+];
+
+fn quantised(seed: u64, n: usize) -> Vec<f32> {
+    let mut g = Gen::new(seed);
+    (0..n).map(|_| (g.below(9) as f32 - 4.0) / 4.0).collect()
+}
+
+#[cfg(feature = "cuda")]
+fn run(exact: bool) {
+    let test = if exact { "top_k exact" } else { "top_k random" };
+    let Some(mut gpu) = common::gpu::cuda_or_skip(test) else { return };
+    let mut c = cpu();
+    for (s, &(nq, ng, dim, k, tile)) in CASES.iter().enumerate() {
+        let (q, mut g) = if exact {
+            (quantised(s as u64, nq * dim), quantised(100 + s as u64, ng * dim))
+        } else {
+            (randv(s as u64, nq * dim), randv(50 + s as u64, ng * dim))
+        };
+        if exact && ng > 3 {
+            // Duplicate rows across tiles and inside one: equal scores at different ids.
+            let (a, b) = g.split_at_mut(dim * (ng / 2));
+            b[..dim].copy_from_slice(&a[..dim]);
+            b[dim..2 * dim].copy_from_slice(&a[..dim]);
+        }
+        let (cq, cg) = (c.upload(&q, &[nq, dim]).unwrap(), c.upload(&g, &[ng, dim]).unwrap());
+        let (want_ids, want_scores) = c.top_k(cq.view(), cg.view(), dim, k).unwrap();
+        let (gq, gg) = (gpu.upload(&q, &[nq, dim]).unwrap(), gpu.upload(&g, &[ng, dim]).unwrap());
+        let (ids, scores) = gpu.top_k_tiled(gq.view(), gg.view(), dim, k, tile).unwrap();
+        assert_eq!(ids, want_ids, "{test} case {s}: ids");
+        for (r, (&got, &w)) in scores.iter().zip(&want_scores).enumerate() {
+            let ok = if exact { got.to_bits() == w.to_bits() } else { (got - w).abs() <= 1e-5 * (1.0 + w.abs()) };
+            assert!(ok, "{test} case {s} rank {r}: {got} vs {w}");
+        }
+        if s == 3 {
+            // The trait's entry (one tile here) agrees with the tiled one.
+            assert_eq!(gpu.top_k(gq.view(), gg.view(), dim, k).unwrap(), (ids, scores), "{test}: default tile");
+        }
+    }
+}
+
+#[test]
+fn top_k_exact_data_with_ties_equals_cpu() {
+    #[cfg(feature = "cuda")]
+    run(true);
+    #[cfg(not(feature = "cuda"))]
+    common::gpu::gpu_or_skip("top_k exact");
+}
+
+#[test]
+fn top_k_random_data_matches_cpu() {
+    #[cfg(feature = "cuda")]
+    run(false);
+    #[cfg(not(feature = "cuda"))]
+    common::gpu::gpu_or_skip("top_k random");
+}
+
+#[test]
+fn top_k_bad_operands_are_errors() {
+    let Some(mut gpu) = common::gpu::gpu_or_skip("top_k errors") else { return };
+    let q = gpu.upload(&[1.0; 6], &[2, 3]).unwrap();
+    let g = gpu.upload(&vec![1.0; 3 * 200], &[200, 3]).unwrap();
+    let err = |r: semshare::Result<(Vec<u32>, Vec<f32>)>| r.unwrap_err().to_string();
+    assert!(err(gpu.top_k(q.view(), g.view(), 3, 0)).contains("k = 0"));
+    assert!(err(gpu.top_k(q.view(), g.view(), 3, 201)).contains("k = 201 for a gallery of 200 rows"));
+    assert!(err(gpu.top_k(q.view(), g.view(), 4, 1)).contains("not a multiple of dimension 4"));
+    assert!(err(gpu.top_k(q.view(), g.view(), 3, 129)).contains("over the CUDA kernel's 128"));
+}
