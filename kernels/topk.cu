@@ -18,10 +18,7 @@ __device__ __forceinline__ unsigned long long rank_key(float s, uint32_t id) {
   uint32_t bits = __float_as_uint(s);
   if (bits == 0x80000000u) bits = 0;  // -0.0 ties +0.0
   const uint32_t asc = (bits >> 31) ? ~bits : (bits | 0x80000000u);
-  // mov.b64 {lo, hi}: the pack the emulator decodes (the compiler's `bfi.b64` for shift-or is not).
-  unsigned long long key;
-  asm("mov.b64 %0, {%1, %2};" : "=l"(key) : "r"(id), "r"(~asc));
-  return key;
+  return ((unsigned long long)~asc << 32) | id;
 }
 
 // s[0, TOPK_SORT) ascending, with TOPK_THREADS threads; ends with a barrier.
