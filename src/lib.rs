@@ -1,4 +1,64 @@
 //! semshare: label-wise cross-modal retrieval by semantic sharing (Yang et al., IJCAI 2021).
+//!
+//! One transformer classification model is trained on both modalities (images as bags of
+//! detected regions, texts as token sequences or segment features) and ranks texts for an image
+//! query and images for a text query in the space they share. This crate is the runtime: the
+//! model with manual autograd, training, evaluation, a CPU backend that runs everywhere and a
+//! CUDA backend (feature `cuda`), and the inference API below. The `semshare` binary wraps it
+//! (`semshare help`).
+//!
+//! # Load, embed, query
+//!
+//! A checkpoint of `semshare train` is self-contained: parameters, model configuration,
+//! vocabulary, label names and the retrieval embedding it was selected with. [`Model`] embeds
+//! texts (strings, token ids or segment features) and images (region features, optional boxes)
+//! into unit vectors, with no dataset and no labels, and searches a gallery exactly:
+//!
+//! ```
+//! # fn main() -> semshare::Result<()> {
+//! # let checkpoint = semshare::inference::tiny_checkpoint("crate")?;
+//! use semshare::{Model, inference::Regions};
+//!
+//! // `checkpoint`: e.g. `runs/demo/best.safetensors`; "auto" is CUDA when built and present.
+//! let mut model = Model::load(&checkpoint, semshare::backend::open("cpu")?)?;
+//!
+//! // A gallery of images, each its detector regions `[regions, Dr]` (here Dr = 4).
+//! let (beach, dog) = ([0.9_f32, 0.1, 0.0, 0.3, 0.8, 0.2, 0.1, 0.4], [0.1_f32, 0.7, 0.9, 0.0]);
+//! let gallery = model.embed_images(&[Regions::new(&beach), Regions::new(&dog)])?;
+//!
+//! // Text queries, tokenised by the stored vocabulary (unknown words are `[UNK]`).
+//! let queries = model.embed_texts(&["sky clouds over the sea", "a dog"])?;
+//! let hits = model.search(&queries, &gallery, 2)?;
+//! for (text, hit) in ["sky clouds over the sea", "a dog"].iter().zip(&hits) {
+//!     println!("{text:?}: image {} (cosine {:.3})", hit.ids[0], hit.scores[0]);
+//! }
+//! assert!(hits.iter().all(|h| h.scores[0] >= h.scores[1]));
+//! # std::fs::remove_file(&checkpoint).ok();
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/embed_and_query.rs` does the same on the demo's data (`cargo run --release --
+//! demo`, then `cargo run --release --example embed_and_query`).
+//!
+//! # Where things are
+//!
+//! The modules are floors: each imports only from its own floor or below
+//! (`docs/ARCHITECTURE.md`).
+//!
+//! | floor | modules |
+//! |---|---|
+//! | 0 | [`error`], [`rng`], [`io`] (atomic writes, output claims), [`cli`] |
+//! | 1 | [`tensor`] |
+//! | 2 | [`backend`]: the `Backend` trait, every op forward and backward; CPU and CUDA |
+//! | 3 | [`nn`]: layers with forward + backward |
+//! | 4 | [`model`]: the encoders, the shared model, the objective (Eqs. 3–6) |
+//! | 5 | [`data`], [`eval`], [`checkpoint`] |
+//! | 6 | [`train`], [`inference`] ([`Model`]), [`config`] |
+//! | 7 | [`experiment`] |
+//!
+//! Errors are one [`Error`] type whose message names the file, tensor, item or option at
+//! fault; no function of the library exits or panics on bad input.
 
 pub mod backend;
 pub mod checkpoint;

@@ -2,9 +2,14 @@
 //! embedding path of `semshare eval`, `embed` and `demo`, of validation during training and of
 //! the experiment runner; and [`Model`], a trained model as a library user embeds with it.
 
+#![deny(missing_docs)]
+
+mod doc_example;
 mod model;
 
-pub use model::{Embeddings, Model, Regions};
+#[doc(hidden)]
+pub use doc_example::tiny_checkpoint;
+pub use model::{Embeddings, Hits, Model, Regions};
 
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;

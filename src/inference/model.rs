@@ -25,34 +25,24 @@ use super::{EMBED_CHUNK, upload_model};
 ///
 /// ```
 /// # fn main() -> semshare::Result<()> {
-/// use semshare::checkpoint::{Checkpoint, InferenceSpec};
-/// use semshare::inference::{Model, Regions};
-/// use semshare::model::{ModelConfig, SemShare};
+/// # let path = semshare::inference::tiny_checkpoint("model")?;
+/// use semshare::{Model, inference::Regions};
 ///
-/// // A tiny untrained model saved as `semshare train` saves one: with its vocabulary.
-/// let cfg = ModelConfig {
-///     region_dim: 4, max_regions: 3, word_dim: 4, gru_hidden: 4, dim: 8, layers: 1, heads: 2,
-///     ffn: 16, max_tokens: 6, vocab: 7, labels: 3, object_classes: 2, ..ModelConfig::small()
-/// };
-/// let vocab = ["[PAD]", "[UNK]", "[MASK]", "sky", "clouds", "sea", "dog"].map(String::from).to_vec();
-/// let spec = InferenceSpec { vocab: Some(vocab), ..InferenceSpec::default() };
-/// let params = SemShare::new(&cfg)?.store.init_values(1);
-/// let path = std::env::temp_dir().join(format!("semshare-doc-{}.safetensors", std::process::id()));
-/// Checkpoint { model: cfg, params, optimizer: None, step: 0, state: String::new(), spec }.save(&path)?;
-///
+/// // `path`: a checkpoint of `semshare train`, e.g. `runs/demo/best.safetensors`.
 /// let mut model = Model::load(&path, semshare::backend::open("cpu")?)?;
-/// assert_eq!(model.tokenize("Sky, clouds! A dog.")?, [3, 4, 1, 6]); // `a` is not a word: [UNK]
 /// let texts = model.embed_texts(&["sky clouds", "a dog by the sea"])?;
-/// assert_eq!(texts, model.embed_token_ids(&[vec![3, 4], vec![1, 6, 1, 1, 5]])?);
 /// let images = model.embed_images(&[Regions::new(&[0.5; 8])])?; // two regions of width 4
 /// assert_eq!((texts.len(), images.len(), texts.dim), (2, 1, 8));
+/// // Rows are unit vectors: a dot product is the cosine.
 /// let cosine: f32 = texts.row(0).iter().zip(images.row(0)).map(|(a, b)| a * b).sum();
 /// assert!(cosine.abs() <= 1.0 + 1e-5);
-/// assert!(model.embed_texts(&["?!"]).is_err()); // no word
+/// // The texts closest to the image, best first.
+/// let hits = model.search(&images, &texts, 2)?;
+/// assert_eq!(hits[0].ids.len(), 2);
 /// # std::fs::remove_file(&path).ok();
 /// # Ok(())
 /// # }
-/// ```
+/// /// ```
 pub struct Model {
     dev: Box<dyn Backend>,
     net: SemShare,
@@ -79,33 +69,65 @@ impl std::fmt::Debug for Model {
 /// given, `[regions, 5]` as the dataset stores them, `(x1/W, y1/H, x2/W, y2/H, area/(W·H))`.
 /// Without boxes every region is given the whole image's box `(0, 0, 1, 1, 1)`: a model
 /// trained with real boxes then embeds a little differently, so pass them when you have them.
+///
+/// ```
+/// use semshare::inference::Regions;
+///
+/// let features = [0.1_f32; 2 * 4]; // two regions of width 4
+/// let boxes = [0.0, 0.0, 0.5, 1.0, 0.5, 0.5, 0.0, 1.0, 1.0, 0.5]; // left half, right half
+/// let image = Regions::new(&features).with_boxes(&boxes);
+/// assert_eq!(image.boxes.map(|b| b.len()), Some(10));
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct Regions<'a> {
+    /// `[regions, Dr]` row-major.
     pub features: &'a [f32],
+    /// `[regions, 5]` row-major, or None for whole-image boxes.
     pub boxes: Option<&'a [f32]>,
 }
 
 impl<'a> Regions<'a> {
+    /// An image of `features`, `[regions, Dr]`, every region with the whole-image box.
     pub fn new(features: &'a [f32]) -> Self {
         Regions { features, boxes: None }
     }
+    /// The same image with its regions' boxes, `[regions, 5]`.
     pub fn with_boxes(self, boxes: &'a [f32]) -> Self {
         Regions { boxes: Some(boxes), ..self }
     }
 }
 
 /// Embeddings of n items, one L2-normalised row of width `dim` each.
+///
+/// ```
+/// # fn main() -> semshare::Result<()> {
+/// # let path = semshare::inference::tiny_checkpoint("embeddings")?;
+/// let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+/// let e = model.embed_texts(&["sky", "sea dog", "clouds"])?;
+/// assert_eq!((e.len(), e.dim, e.values.len()), (3, 8, 24));
+/// for row in e.rows() {
+///     let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+///     assert!((norm - 1.0).abs() < 1e-5);
+/// }
+/// assert_eq!(e.row(1), &e.values[8..16]);
+/// # std::fs::remove_file(&path).ok();
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Embeddings {
     /// `[n, dim]` row-major.
     pub values: Vec<f32>,
+    /// The width of each row.
     pub dim: usize,
 }
 
 impl Embeddings {
+    /// The number of items (rows).
     pub fn len(&self) -> usize {
         self.values.len() / self.dim.max(1)
     }
+    /// True when there is no item.
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }
@@ -113,16 +135,40 @@ impl Embeddings {
     pub fn row(&self, i: usize) -> &[f32] {
         &self.values[i * self.dim..(i + 1) * self.dim]
     }
+    /// The items' embeddings in order.
     pub fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
         self.values.chunks_exact(self.dim.max(1))
     }
+}
+
+/// One query's nearest gallery items, best first: their rows in the gallery and their scores
+/// (inner products; cosines for normalised rows). Equal scores go to the lower row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hits {
+    /// Gallery rows, best first.
+    pub ids: Vec<u32>,
+    /// Their scores, in the same order (non-increasing).
+    pub scores: Vec<f32>,
 }
 
 const WHOLE_IMAGE_BOX: [f32; 5] = [0.0, 0.0, 1.0, 1.0, 1.0];
 
 impl Model {
     /// The checkpoint at `path` (a `best.safetensors` of `semshare train`) on `dev`, e.g.
-    /// `semshare::backend::open("cpu")?` or `open("auto")?`.
+    /// `semshare::backend::open("cpu")?` or `open("auto")?` (CUDA when built and present).
+    /// Errors name the file: missing, not a checkpoint, corrupt, or too large for the device.
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("load")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// let model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// assert_eq!(model.config().dim, 8);
+    /// assert!(semshare::Model::load("no/such/file.safetensors", semshare::backend::open("cpu")?).is_err());
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn load(path: impl AsRef<Path>, mut dev: Box<dyn Backend>) -> Result<Model> {
         let path = path.as_ref().to_path_buf();
         let ckpt = Checkpoint::load(&path)?;
@@ -133,31 +179,96 @@ impl Model {
         Ok(Model { dev, net, params, spec: ckpt.spec, embedding, words, path })
     }
 
+    /// The model's configuration (widths, depth, vocabulary and label counts).
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("config")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// assert_eq!((model.config().region_dim, model.config().max_regions), (4, 3));
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn config(&self) -> &ModelConfig {
         &self.net.cfg
     }
 
     /// What the checkpoint records of its training data (vocabulary, label names, inputs).
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("spec")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// assert_eq!(model.spec().vocab.as_ref().map(Vec::len), Some(7));
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn spec(&self) -> &InferenceSpec {
         &self.spec
     }
 
     /// The label names, in the order of the `label` embedding's coordinates (None for a
     /// checkpoint that does not record them).
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("labels")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// assert_eq!(model.label_names().unwrap(), ["sky", "water", "animal"]);
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn label_names(&self) -> Option<&[String]> {
         self.spec.label_names.as_deref()
     }
 
     /// The embedding returned: the checkpoint's, or `pooled` when it records none.
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("embedding")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// use semshare::model::EmbeddingKind;
+    /// assert_eq!(model.embedding(), EmbeddingKind::Pooled); // this checkpoint records none
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn embedding(&self) -> EmbeddingKind {
         self.embedding
     }
 
+    /// Returns `kind` from now on: `Pooled` (width d) or `Label` (one coordinate per label).
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("set-embedding")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// use semshare::model::EmbeddingKind;
+    /// model.set_embedding(EmbeddingKind::Label);
+    /// assert_eq!(model.embed_texts(&["sky"])?.dim, 3); // C = 3 labels
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn set_embedding(&mut self, kind: EmbeddingKind) {
         self.embedding = kind;
     }
 
     /// Width of the embeddings: d for `pooled`, C (one coordinate per label) for `label`.
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("dim")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// assert_eq!(model.dim(), model.config().dim);
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn dim(&self) -> usize {
         match self.embedding {
             EmbeddingKind::Pooled => self.net.cfg.dim,
@@ -171,6 +282,19 @@ impl Model {
     /// `sky`); otherwise each of its runs of letters and digits is a word (`sea-side` is `sea`
     /// `side`). A word not in the vocabulary becomes `[UNK]`; only the first T words (the model's
     /// `max_tokens`) are kept.
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("tokenize")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// // Vocabulary: [PAD] [UNK] [MASK] sky clouds sea dog
+    /// assert_eq!(model.tokenize("Sky, clouds! A dog.")?, [3, 4, 1, 6]); // `a` is not a word: [UNK]
+    /// assert_eq!(model.tokenize("sea-dog")?, [5, 6]);
+    /// assert!(model.tokenize("?!")?.is_empty());
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         let vocab = self.words.as_ref().ok_or_else(|| {
             Error::config(format!(
@@ -198,6 +322,18 @@ impl Model {
 
     /// Embeddings of texts given as strings, tokenised by [`Model::tokenize`]. A text with no
     /// word at all (empty, or punctuation only) is an error.
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("embed-texts")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// let e = model.embed_texts(&["sky clouds", "a dog by the sea"])?;
+    /// assert_eq!(e, model.embed_token_ids(&[vec![3, 4], vec![1, 6, 1, 1, 5]])?);
+    /// assert!(model.embed_texts(&["?!"]).is_err()); // no word
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn embed_texts<S: AsRef<str>>(&mut self, texts: &[S]) -> Result<Embeddings> {
         let ids = texts.iter().map(|t| self.tokenize(t.as_ref())).collect::<Result<Vec<_>>>()?;
         if let Some(i) = ids.iter().position(Vec::is_empty) {
@@ -207,6 +343,20 @@ impl Model {
     }
 
     /// Embeddings of texts given as token ids: each 1..=T ids in 1..V (`[PAD]` is not a token).
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("embed-token-ids")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// let e = model.embed_token_ids(&[vec![3, 4], vec![6]])?;
+    /// assert_eq!(e.len(), 2);
+    /// assert!(model.embed_token_ids(&[vec![0]]).is_err()); // [PAD]
+    /// assert!(model.embed_token_ids(&[vec![7]]).is_err()); // outside the vocabulary of 7
+    /// assert!(model.embed_token_ids(&[vec![3; 7]]).is_err()); // more than T = 6 tokens
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn embed_token_ids<T: AsRef<[u32]>>(&mut self, texts: &[T]) -> Result<Embeddings> {
         let cfg = &self.net.cfg;
         if cfg.text_features() {
@@ -245,6 +395,19 @@ impl Model {
 
     /// Embeddings of texts given as pre-extracted segment features, for a model trained on them
     /// (`text_feature_dim` Dt > 0): each text 1..=T segments, `[segments, Dt]` row-major.
+    /// A model trained on token ids refuses them.
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("embed-text-features")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// // This model reads token ids (Dt = 0): segment features are refused, naming the reason.
+    /// let err = model.embed_text_features(&[&[0.1; 4]]).unwrap_err();
+    /// assert!(err.to_string().contains("token ids"));
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn embed_text_features(&mut self, texts: &[&[f32]]) -> Result<Embeddings> {
         let cfg = &self.net.cfg;
         let dt = cfg.text_feature_dim;
@@ -278,6 +441,22 @@ impl Model {
     }
 
     /// Embeddings of images, each 1..=R regions of width Dr (the model's `region_dim`).
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("embed-images")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// use semshare::inference::Regions;
+    /// let one = [0.2_f32; 4]; // one region of width 4
+    /// let two = [0.1_f32, 0.3, 0.0, 0.9, 0.5, 0.5, 0.5, 0.5];
+    /// let e = model.embed_images(&[Regions::new(&one), Regions::new(&two)])?;
+    /// assert_eq!(e.len(), 2);
+    /// assert!(model.embed_images(&[Regions::new(&[0.2; 5])]).is_err()); // not a multiple of 4
+    /// assert!(model.embed_images(&[Regions::new(&[0.2; 16])]).is_err()); // 4 regions, R = 3
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn embed_images(&mut self, images: &[Regions<'_>]) -> Result<Embeddings> {
         let cfg = &self.net.cfg;
         let dr = cfg.region_dim;
@@ -320,6 +499,46 @@ impl Model {
             }
             Batch::Image(b)
         })
+    }
+
+    /// For each query, the `k` gallery rows with the largest inner product, best first, ties to
+    /// the lower row: exact search on the model's device (`Backend::top_k`, the ranking `eval`
+    /// uses). Queries and gallery must have the same width; `k` must be 1 to the gallery's size.
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("search")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// use semshare::inference::Regions;
+    /// let gallery = model.embed_texts(&["sky", "sea", "dog", "sky clouds"])?;
+    /// let query = model.embed_images(&[Regions::new(&[0.3; 8])])?;
+    /// let hits = model.search(&query, &gallery, 3)?;
+    /// assert_eq!((hits.len(), hits[0].ids.len()), (1, 3));
+    /// assert!(hits[0].scores[0] >= hits[0].scores[1]);
+    /// assert!(model.search(&query, &gallery, 5).is_err()); // k larger than the gallery
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn search(&mut self, queries: &Embeddings, gallery: &Embeddings, k: usize) -> Result<Vec<Hits>> {
+        if queries.dim != gallery.dim {
+            return Err(Error::shape(
+                "search",
+                format!("queries have width {} and the gallery {}", queries.dim, gallery.dim),
+            ));
+        }
+        if k == 0 || k > gallery.len() {
+            return Err(Error::config(format!("search: k = {k}, the gallery has {} items", gallery.len())));
+        }
+        let dim = queries.dim;
+        let q = self.dev.upload(&queries.values, &[queries.len(), dim])?;
+        let g = self.dev.upload(&gallery.values, &[gallery.len(), dim])?;
+        let (ids, scores) = self.dev.top_k(q.view(), g.view(), dim, k)?;
+        Ok(ids
+            .chunks_exact(k)
+            .zip(scores.chunks_exact(k))
+            .map(|(i, s)| Hits { ids: i.to_vec(), scores: s.to_vec() })
+            .collect())
     }
 
     /// The embeddings of `n` checked items, [`EMBED_CHUNK`] per forward pass, normalised.
