@@ -4,7 +4,10 @@
 //! (`model::variant`, `model::consistency`); this module only runs studies of them.
 //!
 //! - `scores`: what a finished run scored (NDCG@k, mAP@all): recorded by the suite, read by the reports.
-//! - `suite`: which runs a suite is made of, and the state file that lets a killed suite resume.
+//! - `state`: the resumable bookkeeping every study shares: a plan of runs, the finished ones, one
+//!   JSON file rewritten atomically after each run.
+//! - `suite`: which runs a suite is made of (a plan of `state`).
+//! - `tune`: `semshare tune`, successive halving over hyper-parameters (a plan of `state` too).
 //! - `report`: mean ± sample std over seeds, `table1.md` / `table1.json`.
 //! - `plot`: Figure 1 (NDCG@500 against η) as a self-contained SVG.
 //! - `run`: the runner (`semshare experiment`): trains and evaluates a suite's remaining runs,
@@ -16,4 +19,6 @@ pub mod plot;
 pub mod report;
 pub mod run;
 pub mod scores;
+pub mod state;
 pub mod suite;
+pub mod tune;

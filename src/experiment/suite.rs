@@ -1,7 +1,8 @@
-//! What a suite runs, and the state file that lets a killed suite resume where it stopped.
+//! What a suite runs, and its state file (`experiment::state`), which lets a killed suite resume
+//! where it stopped.
 //!
-//! A suite is an ordered list of runs (variant, seed, η). The runner asks [`SuiteState::remaining`]
-//! for what is left, trains one run, and calls [`SuiteState::record`], which rewrites the state
+//! A suite is an ordered list of runs (variant, seed, η). The runner asks `SuiteState::remaining`
+//! for what is left, trains one run, and calls `SuiteState::record`, which rewrites the state
 //! file atomically; a suite killed at any point loses at most the run in progress, and the next
 //! start does exactly the runs not yet recorded, in the suite's order.
 
@@ -12,6 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::scores::Scores;
+use super::state::{Plan, StudyState};
 use crate::model::Variant;
 use crate::{Error, Result};
 
@@ -170,89 +172,36 @@ pub struct RunRecord {
     pub best_step: u64,
 }
 
-/// The suite and its finished runs; on disk as one JSON file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SuiteState {
-    pub suite: Suite,
-    pub finished: Vec<RunRecord>,
+/// The suite and its finished runs; on disk as one JSON file (`experiment::state`).
+pub type SuiteState = StudyState<Suite>;
+
+impl Plan for Suite {
+    type Key = RunKey;
+    type Record = RunRecord;
+
+    fn key(record: &RunRecord) -> &RunKey {
+        &record.key
+    }
+    fn validate(&self) -> Result<()> {
+        Suite::validate(self)
+    }
+    // More seeds or variants extend a suite: its finished runs stay valid.
+    fn conflict(&self, old: &Suite) -> Option<String> {
+        let same = (old.kind, &old.etas, &old.fingerprint) == (self.kind, &self.etas, &self.fingerprint);
+        (!same).then(|| "suite (kind, η or fingerprint)".to_string())
+    }
+    fn runs(&self, _finished: &[RunRecord]) -> Vec<RunKey> {
+        Suite::runs(self)
+    }
+    fn widen_hint(&self) -> &'static str {
+        "ask for its seeds and variants too"
+    }
 }
 
-impl SuiteState {
-    /// The state at `path` if it exists (it must be for the same suite), else a fresh one
-    /// (written at the first [`record`](Self::record)).
-    pub fn open(path: &Path, suite: &Suite) -> Result<SuiteState> {
-        suite.validate()?;
-        if !path.exists() {
-            return Ok(SuiteState { suite: suite.clone(), finished: Vec::new() });
-        }
-        let bytes = crate::io::read(path)?;
-        let mut state: SuiteState =
-            serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("not a suite state file: {e}")))?;
-        // More seeds or variants extend a suite: its finished runs stay valid.
-        let old = &state.suite;
-        if (old.kind, &old.etas, &old.fingerprint) != (suite.kind, &suite.etas, &suite.fingerprint) {
-            return Err(Error::config(format!(
-                "{}: holds a different suite (kind, η or fingerprint); \
-                 use another output directory or remove the file to start over",
-                path.display()
-            )));
-        }
-        state.suite = suite.clone();
-        let runs = suite.runs();
-        for (i, r) in state.finished.iter().enumerate() {
-            if state.finished[..i].iter().any(|q| q.key == r.key) {
-                return Err(Error::format(path, format!("run `{}` is recorded twice", r.key)));
-            }
-            if !runs.contains(&r.key) {
-                return Err(Error::config(format!(
-                    "{}: run `{}` is not in the requested suite; \
-                     ask for its seeds and variants too, or use another output directory",
-                    path.display(),
-                    r.key
-                )));
-            }
-        }
-        Ok(state)
-    }
-
-    /// The runs not yet recorded, in the suite's order.
-    pub fn remaining(&self) -> Vec<RunKey> {
-        self.suite.runs().into_iter().filter(|k| !self.finished.iter().any(|r| r.key == *k)).collect()
-    }
-
-    /// (finished, total) runs.
-    pub fn progress(&self) -> (usize, usize) {
-        (self.finished.len(), self.suite.runs().len())
-    }
-
-    /// Adds a finished run and rewrites the state file atomically.
-    pub fn record(&mut self, path: &Path, record: RunRecord) -> Result<()> {
-        if !self.suite.runs().contains(&record.key) {
-            return Err(Error::config(format!("run `{}` is not part of this suite", record.key)));
-        }
-        if self.finished.iter().any(|r| r.key == record.key) {
-            return Err(Error::config(format!("run `{}` is already recorded", record.key)));
-        }
-        self.finished.push(record);
-        self.save(path).inspect_err(|_| {
-            self.finished.pop(); // memory stays what the disk says
-        })
-    }
-
+impl StudyState<Suite> {
     /// Sets the `label` scores of finished run `key` and rewrites the state file atomically.
     pub fn record_label(&mut self, path: &Path, key: &RunKey, label: Scores) -> Result<()> {
-        let Some(i) = self.finished.iter().position(|r| r.key == *key) else {
-            return Err(Error::config(format!("run `{key}` is not recorded")));
-        };
-        let old = self.finished[i].label.replace(label);
-        self.save(path).inspect_err(|_| {
-            self.finished[i].label = old; // memory stays what the disk says
-        })
-    }
-
-    fn save(&self, path: &Path) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::data(format!("suite state: {e}")))?;
-        crate::io::atomic_write(path, &bytes)
+        self.update(path, key, |r| r.label = Some(label))
     }
 
     /// The finished records of one variant at one η, in seed order of the suite.

@@ -1,5 +1,5 @@
 //! The `semshare` command line: a dispatcher over one file per command (demo, synth, pack,
-//! check, train, eval, embed, score, experiment); the commands are thin glue over the library.
+//! check, train, eval, embed, score, experiment, tune); the commands are thin glue over the library.
 
 mod check;
 mod common;
@@ -11,6 +11,7 @@ mod pack;
 mod score;
 mod synth;
 mod train;
+mod tune;
 
 use std::process::ExitCode;
 
@@ -149,6 +150,26 @@ const COMMANDS: &[Command] = &[
             values: &["suite", "data", "seeds", "seed", "variants", "model", "config", "out", "runs", "steps", "device"],
             switches: &[],
             run: experiment::run,
+        },
+    },
+    Command {
+        name: "tune",
+        usage: "  tune     search hyper-parameters on the validation split by successive halving (resumable)
+             --data DIR [--trials N (default 27)] [--reduction η (default 3)] [--rungs N]
+             [--min-steps N (default one epoch, at least 50)] [--seed S] [--workers N]
+             [--model small|paper] [--config FILE.json] [--device D (default cpu)]
+             [--out DIR (default runs/tune/<dataset>)] [--runs DIR (default <out>/trials)]
+             searches lr, weight decay, dropout, λ, warm-up, batch size, width and depth; rung r
+             trains the best n/η^r trials for min-steps·η^r steps; writes trials.md (every trial)
+             and best-config.json (for `train --config`)
+",
+        takes: Takes::Flags {
+            values: &[
+                "data", "trials", "reduction", "rungs", "min-steps", "seed", "workers", "model", "config", "device",
+                "out", "runs",
+            ],
+            switches: &[],
+            run: tune::run,
         },
     },
 ];

@@ -1,0 +1,119 @@
+//! The resumable bookkeeping every study shares (a Table 1 suite, an η sweep, a tuning run): a
+//! plan of runs and the runs finished so far, in one JSON file rewritten atomically after each.
+//! A study killed at any point loses at most its runs in progress; the next start does exactly
+//! the planned runs not yet recorded.
+
+use std::fmt::Display;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// What a study runs. The plan may depend on results: successive halving promotes the best
+/// trials of a rung only once the rung is finished, so [`Plan::runs`] sees the finished records.
+pub trait Plan: Clone + PartialEq + Serialize + DeserializeOwned {
+    /// Names one run.
+    type Key: Clone + PartialEq + Display;
+    /// What a finished run recorded.
+    type Record: Clone + Serialize + DeserializeOwned;
+
+    /// The run a record is of.
+    fn key(record: &Self::Record) -> &Self::Key;
+    /// An error for a plan that cannot be run (empty, duplicated, out of range).
+    fn validate(&self) -> Result<()>;
+    /// Why a state file recording `old` cannot be continued as this plan (another dataset,
+    /// model, budget …), or None when it can.
+    fn conflict(&self, old: &Self) -> Option<String>;
+    /// Every run known so far, in the order they are done, given the finished runs.
+    fn runs(&self, finished: &[Self::Record]) -> Vec<Self::Key>;
+    /// What to ask for so that a recorded run outside this plan is in it again.
+    fn widen_hint(&self) -> &'static str;
+}
+
+/// A plan and its finished runs; on disk as one JSON file (`suite`, `finished`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(bound(serialize = "P: Serialize", deserialize = "P: DeserializeOwned"))]
+pub struct StudyState<P: Plan> {
+    pub suite: P,
+    pub finished: Vec<P::Record>,
+}
+
+impl<P: Plan> StudyState<P> {
+    /// The state at `path` if it exists (it must be of a plan this one continues), else a fresh
+    /// one (written at the first [`record`](Self::record)).
+    pub fn open(path: &Path, plan: &P) -> Result<Self> {
+        plan.validate()?;
+        if !path.exists() {
+            return Ok(StudyState { suite: plan.clone(), finished: Vec::new() });
+        }
+        let bytes = crate::io::read(path)?;
+        let mut state: Self =
+            serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("not a state file: {e}")))?;
+        if let Some(why) = plan.conflict(&state.suite) {
+            return Err(Error::config(format!(
+                "{}: holds a different {why}; use another output directory or remove the file to start over",
+                path.display()
+            )));
+        }
+        state.suite = plan.clone();
+        for (i, r) in state.finished.iter().enumerate() {
+            let key = P::key(r);
+            if state.finished[..i].iter().any(|q| P::key(q) == key) {
+                return Err(Error::format(path, format!("run `{key}` is recorded twice")));
+            }
+            if !state.suite.runs(&state.finished[..i]).contains(key) {
+                return Err(Error::config(format!(
+                    "{}: run `{key}` is not in the requested suite; {}, or use another output directory",
+                    path.display(),
+                    plan.widen_hint()
+                )));
+            }
+        }
+        Ok(state)
+    }
+
+    /// The planned runs not yet recorded, in the plan's order.
+    pub fn remaining(&self) -> Vec<P::Key> {
+        let done: Vec<&P::Key> = self.finished.iter().map(P::key).collect();
+        self.suite.runs(&self.finished).into_iter().filter(|k| !done.contains(&k)).collect()
+    }
+
+    /// (finished, known so far) runs.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.finished.len(), self.suite.runs(&self.finished).len())
+    }
+
+    /// Adds a finished run and rewrites the state file atomically.
+    pub fn record(&mut self, path: &Path, record: P::Record) -> Result<()> {
+        let key = P::key(&record);
+        if !self.suite.runs(&self.finished).contains(key) {
+            return Err(Error::config(format!("run `{key}` is not part of this suite")));
+        }
+        if self.finished.iter().any(|r| P::key(r) == key) {
+            return Err(Error::config(format!("run `{key}` is already recorded")));
+        }
+        self.finished.push(record);
+        self.save(path).inspect_err(|_| {
+            self.finished.pop(); // memory stays what the disk says
+        })
+    }
+
+    /// Changes finished run `key`'s record with `change` and rewrites the state file atomically.
+    pub fn update(&mut self, path: &Path, key: &P::Key, change: impl FnOnce(&mut P::Record)) -> Result<()> {
+        let Some(i) = self.finished.iter().position(|r| P::key(r) == key) else {
+            return Err(Error::config(format!("run `{key}` is not recorded")));
+        };
+        let old = self.finished[i].clone();
+        change(&mut self.finished[i]);
+        self.save(path).inspect_err(|_| {
+            self.finished[i] = old; // memory stays what the disk says
+        })
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::data(format!("state file: {e}")))?;
+        crate::io::atomic_write(path, &bytes)
+    }
+}

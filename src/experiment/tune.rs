@@ -1,0 +1,471 @@
+//! `semshare tune`: hyper-parameter search on the validation split by successive halving
+//! (Jamieson & Talwalkar 2016; the synchronous form of ASHA, Li et al. 2020).
+//!
+//! n trials are drawn from the search space by seed. Rung 0 trains each for `min_steps`; rung
+//! r + 1 trains the best ⌊n / η^(r+1)⌋ of rung r (validation score, ties to the lower trial) for
+//! η times as many steps, from scratch: the cosine schedule then spans each rung's budget, and a
+//! trial's score at a rung does not depend on which rung it came from. Every rung costs about
+//! n · `min_steps` steps, so the budget is `rungs · n · min_steps` steps.
+//!
+//! The plan and the finished trials are a [`StudyState`] (the experiment runner's resumable
+//! state): a tune killed at any point restarts only its trials in progress, and the promotions
+//! are a function of the recorded scores, so a resumed tune makes the same choices. Trials run
+//! in parallel, one device per worker; each is deterministic by seed, so the result does not
+//! depend on the number of workers.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::run::fingerprint;
+use super::state::{Plan, StudyState};
+use crate::data::reader::DatasetReader;
+use crate::model::ModelConfig;
+use crate::rng::Rng;
+use crate::train::{RunOptions, TrainConfig, check_fits, require_items, train};
+use crate::{Error, Result};
+
+/// One point of the search space. `dim` and `layers` size the shared model; heads stay the
+/// base model's and the feed-forward width is 2·dim (the `small` preset's ratio).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trial {
+    pub id: usize,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub dropout: f32,
+    /// λ, the context loss's weight (0: no context loss).
+    pub lambda: f32,
+    /// Warm-up as a fraction of the trial's steps.
+    pub warmup: f32,
+    pub batch_size: usize,
+    pub dim: usize,
+    pub layers: usize,
+}
+
+fn log_uniform(rng: &mut Rng, lo: f64, hi: f64) -> f32 {
+    (lo.ln() + rng.uniform() * (hi.ln() - lo.ln())).exp() as f32
+}
+
+/// Rounded to 3 significant digits: the table and the config file stay readable.
+fn round3(x: f32) -> f32 {
+    if x == 0.0 {
+        return 0.0;
+    }
+    let scale = 10f32.powi(2 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
+}
+
+impl Trial {
+    /// Trial `id` of the search space, drawn from `seed`'s stream `id` (so trial k is the same
+    /// whatever the number of trials). Widths are multiples of the base model's heads; batches
+    /// are at most `max_batch` (the training split's pairs).
+    pub fn sample(seed: u64, id: usize, base: &ModelConfig, max_batch: usize) -> Trial {
+        let mut rng = Rng::derive(seed, 0x7475_6e65_0000_0000 | id as u64);
+        let mut pick = |xs: &[usize]| xs[rng.below(xs.len())];
+        let batch_size = pick(&[16, 32, 64]).min(max_batch.max(1));
+        let dim = pick(&[128, 256, 384]).next_multiple_of(base.heads);
+        let layers = pick(&[1, 2, 3]);
+        let lr = round3(log_uniform(&mut rng, 1e-4, 3e-3));
+        let weight_decay = round3(log_uniform(&mut rng, 1e-4, 0.3));
+        let dropout = round3((rng.uniform() * 0.3) as f32);
+        // One trial in six without the context loss: whether it helps is data-dependent.
+        let lambda = if rng.below(6) == 0 { 0.0 } else { round3(log_uniform(&mut rng, 1e-3, 0.3)) };
+        let warmup = round3((0.02 + rng.uniform() * 0.18) as f32);
+        Trial { id, lr, weight_decay, dropout, lambda, warmup, batch_size, dim, layers }
+    }
+
+    /// The base configuration with this trial's values, trained for `steps`.
+    pub fn apply(&self, model: &ModelConfig, train: &TrainConfig, steps: u64) -> (ModelConfig, TrainConfig) {
+        let model = ModelConfig {
+            dim: self.dim,
+            ffn: 2 * self.dim,
+            layers: self.layers,
+            dropout: self.dropout,
+            lambda: self.lambda,
+            ..model.clone()
+        };
+        let train = TrainConfig {
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup: (self.warmup as f64 * steps as f64).round() as u64,
+            batch_size: self.batch_size,
+            steps,
+            // Four validations per trial: the best checkpoint of each is its score.
+            eval_every: (steps / 4).max(1),
+            patience: 0,
+            ..train.clone()
+        };
+        (model, train)
+    }
+}
+
+/// A trial at a rung.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrialKey {
+    pub trial: usize,
+    pub rung: usize,
+}
+
+impl fmt::Display for TrialKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "trial {} rung {}", self.trial, self.rung)
+    }
+}
+
+/// A finished trial at a rung.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrialRecord {
+    pub key: TrialKey,
+    pub steps: u64,
+    /// Best validation score of the run (NDCG@k, `TrainConfig::eval_k`); None when the trial
+    /// failed (`error` says why), which ranks it last.
+    pub score: Option<f64>,
+    pub best_step: u64,
+    pub seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What a tune runs: the trials drawn, the rungs, and a fingerprint of the dataset and the base
+/// configuration (`experiment::run::fingerprint`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TunePlan {
+    pub trials: Vec<Trial>,
+    pub min_steps: u64,
+    /// η of successive halving: each rung keeps 1/η of the trials and trains η times longer.
+    pub reduction: usize,
+    pub rungs: usize,
+    pub seed: u64,
+    pub fingerprint: String,
+}
+
+impl TunePlan {
+    /// Steps of a trial at `rung`.
+    pub fn steps(&self, rung: usize) -> u64 {
+        self.min_steps * (self.reduction as u64).pow(rung as u32)
+    }
+
+    /// How many trials rung `rung` trains.
+    pub fn survivors(&self, rung: usize) -> usize {
+        (self.trials.len() / self.reduction.pow(rung as u32)).max(1)
+    }
+
+    /// Steps of the whole tune.
+    pub fn budget(&self) -> u64 {
+        (0..self.rungs).map(|r| self.survivors(r) as u64 * self.steps(r)).sum()
+    }
+
+    /// The trials of rung `rung`'s records, best first (failed last, ties to the lower trial).
+    pub fn ranking(finished: &[TrialRecord], rung: usize) -> Vec<&TrialRecord> {
+        let mut at: Vec<&TrialRecord> = finished.iter().filter(|r| r.key.rung == rung).collect();
+        let score = |r: &TrialRecord| r.score.unwrap_or(f64::NEG_INFINITY);
+        at.sort_by(|a, b| score(b).total_cmp(&score(a)).then(a.key.trial.cmp(&b.key.trial)));
+        at
+    }
+}
+
+impl Plan for TunePlan {
+    type Key = TrialKey;
+    type Record = TrialRecord;
+
+    fn key(record: &TrialRecord) -> &TrialKey {
+        &record.key
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.trials.is_empty() || self.min_steps == 0 || self.rungs == 0 {
+            return Err(Error::config("tune: trials, min_steps and rungs must be positive"));
+        }
+        if self.reduction < 2 {
+            return Err(Error::config(format!("tune: reduction (η) = {} must be at least 2", self.reduction)));
+        }
+        // Rung r trains min_steps · η^r steps: no overflow, and not absurdly long.
+        let last =
+            (self.reduction as u64).checked_pow(self.rungs as u32 - 1).and_then(|f| f.checked_mul(self.min_steps));
+        if last.is_none_or(|s| s > 10_000_000) {
+            return Err(Error::config(format!(
+                "tune: {} rungs from {} steps at η = {} is more than 10,000,000 steps for the last rung",
+                self.rungs, self.min_steps, self.reduction
+            )));
+        }
+        Ok(())
+    }
+
+    fn conflict(&self, old: &TunePlan) -> Option<String> {
+        (old != self).then(|| "tune (dataset, base configuration, seed, trials or rungs)".to_string())
+    }
+
+    fn runs(&self, finished: &[TrialRecord]) -> Vec<TrialKey> {
+        let mut keys: Vec<TrialKey> = self.trials.iter().map(|t| TrialKey { trial: t.id, rung: 0 }).collect();
+        for rung in 1..self.rungs {
+            let previous = Self::ranking(finished, rung - 1);
+            if previous.len() < self.survivors(rung - 1) {
+                break; // rung - 1 is not finished: who goes on is not known yet
+            }
+            let promoted = previous.iter().take(self.survivors(rung)).map(|r| TrialKey { trial: r.key.trial, rung });
+            keys.extend(promoted);
+        }
+        keys
+    }
+
+    fn widen_hint(&self) -> &'static str {
+        "ask for the same tune"
+    }
+}
+
+pub type TuneState = StudyState<TunePlan>;
+
+/// What `semshare tune` runs.
+#[derive(Clone, Debug)]
+pub struct TuneConfig {
+    /// The base configuration: the data's sizes fitted, every value the search does not set.
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub trials: usize,
+    pub min_steps: u64,
+    pub reduction: usize,
+    pub rungs: usize,
+    pub seed: u64,
+    /// Trials trained at once, each on its own device.
+    pub workers: usize,
+    /// The device each worker opens (`backend::open`).
+    pub device: String,
+    /// `tune-state.json`, `trials.md`, `best-config.json`.
+    pub out: PathBuf,
+    /// A directory per trial and rung; those of the last rung are kept.
+    pub runs_dir: PathBuf,
+}
+
+/// Rungs so that the last trains a single trial: ⌊log_η n⌋ + 1.
+pub fn default_rungs(trials: usize, reduction: usize) -> usize {
+    let (mut rungs, mut n) = (1, trials);
+    while reduction >= 2 && n >= reduction {
+        n /= reduction;
+        rungs += 1;
+    }
+    rungs
+}
+
+pub fn state_path(out: &Path) -> PathBuf {
+    out.join("tune-state.json")
+}
+
+/// The plan `cfg` describes on `data`.
+pub fn build_plan(data: &DatasetReader, cfg: &TuneConfig) -> Result<TunePlan> {
+    let max_batch = data.split("train")?.num_images();
+    let plan = TunePlan {
+        trials: (0..cfg.trials).map(|id| Trial::sample(cfg.seed, id, &cfg.model, max_batch)).collect(),
+        min_steps: cfg.min_steps,
+        reduction: cfg.reduction,
+        rungs: cfg.rungs,
+        seed: cfg.seed,
+        fingerprint: fingerprint(data, &cfg.model, &cfg.train)?,
+    };
+    plan.validate()?;
+    Ok(plan)
+}
+
+/// Where trial `key` trains.
+pub fn trial_dir(runs_dir: &Path, key: &TrialKey) -> PathBuf {
+    runs_dir.join(format!("trial{}-rung{}", key.trial, key.rung))
+}
+
+/// Trains every remaining trial, rung after rung, `cfg.workers` at a time, recording each;
+/// rewrites `trials.md` after each and `best-config.json` at the end. `progress` receives one
+/// line per trial started and finished. Returns the final state.
+pub fn run_tune(data: &Arc<DatasetReader>, cfg: &TuneConfig, progress: &(dyn Fn(&str) + Sync)) -> Result<TuneState> {
+    if cfg.workers == 0 {
+        return Err(Error::config("tune: workers must be positive"));
+    }
+    let plan = build_plan(data, cfg)?;
+    for trial in &plan.trials {
+        let (model, train) = trial.apply(&cfg.model, &cfg.train, plan.steps(plan.rungs - 1));
+        model.validate()?;
+        train.validate()?;
+        check_fits(&data.layout, &model)?;
+    }
+    require_items(data, "train", "tune")?;
+    require_items(data, "val", "tune")?;
+    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+    let path = state_path(&cfg.out);
+    let state = Mutex::new(TuneState::open(&path, &plan)?);
+    loop {
+        let remaining: VecDeque<TrialKey> = state.lock().map_err(poisoned)?.remaining().into();
+        if remaining.is_empty() {
+            break;
+        }
+        let queue = Mutex::new(remaining);
+        let first_error: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..cfg.workers.min(queue.lock().map_or(1, |q| q.len())) {
+                s.spawn(|| {
+                    if let Err(e) = worker(data, cfg, &plan, &queue, &state, &path, progress) {
+                        queue.lock().map(|mut q| q.clear()).ok(); // the others stop after their trial
+                        first_error.lock().map(|mut f| f.get_or_insert(e).to_string()).ok();
+                    }
+                });
+            }
+        });
+        if let Some(e) = first_error.into_inner().map_err(poisoned)? {
+            return Err(e);
+        }
+        write_table(&*state.lock().map_err(poisoned)?, &cfg.out)?;
+    }
+    let state = state.into_inner().map_err(poisoned)?;
+    write_table(&state, &cfg.out)?;
+    write_best_config(&state, cfg)?;
+    Ok(state)
+}
+
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
+    Error::data("tune: a worker panicked")
+}
+
+/// Takes trials off `queue` until it is empty, training and recording each.
+fn worker(
+    data: &Arc<DatasetReader>,
+    cfg: &TuneConfig,
+    plan: &TunePlan,
+    queue: &Mutex<VecDeque<TrialKey>>,
+    state: &Mutex<TuneState>,
+    path: &Path,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<()> {
+    let mut dev = crate::backend::open(&cfg.device)?;
+    while let Some(key) = queue.lock().map_err(poisoned)?.pop_front() {
+        let trial = &plan.trials[key.trial];
+        let steps = plan.steps(key.rung);
+        let (model, train_cfg) = trial.apply(&cfg.model, &cfg.train, steps);
+        let dir = trial_dir(&cfg.runs_dir, &key);
+        if dir.exists() {
+            // A trial killed half-way (the directory is the tune's own, named by the trial):
+            // start it again, not from its stale checkpoints.
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        progress(&format!("{key}: {steps} steps  {}", describe(trial)));
+        let start = Instant::now();
+        let opts = RunOptions { out_dir: dir.clone(), resume: None, replace: false, progress: false };
+        let record = match train(dev.as_mut(), data, &model, &train_cfg, &opts) {
+            Ok(summary) => TrialRecord {
+                key,
+                steps,
+                score: Some(summary.best_ndcg),
+                best_step: summary.best_step,
+                seconds: start.elapsed().as_secs_f64(),
+                error: None,
+            },
+            // A configuration that diverges is a result of the search, not a reason to stop it.
+            Err(e @ Error::NonFinite { .. }) => TrialRecord {
+                key,
+                steps,
+                score: None,
+                best_step: 0,
+                seconds: start.elapsed().as_secs_f64(),
+                error: Some(e.to_string()),
+            },
+            Err(e) => return Err(e),
+        };
+        let line = match (&record.score, &record.error) {
+            (Some(score), _) => {
+                format!("{key}: validation NDCG@{} {:.2} ({:.0}s)", train_cfg.eval_k, score, record.seconds)
+            }
+            (None, Some(e)) => format!("{key}: failed: {e}"),
+            (None, None) => format!("{key}: no score"),
+        };
+        state.lock().map_err(poisoned)?.record(path, record)?;
+        if key.rung + 1 < plan.rungs {
+            // Later rungs train from scratch: only the last rung's checkpoints are worth keeping.
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        progress(&line);
+    }
+    Ok(())
+}
+
+fn describe(t: &Trial) -> String {
+    format!(
+        "lr {} wd {} dropout {} λ {} warmup {} batch {} dim {} layers {}",
+        t.lr, t.weight_decay, t.dropout, t.lambda, t.warmup, t.batch_size, t.dim, t.layers
+    )
+}
+
+/// The best trial of the highest rung with a record, and its record.
+pub fn best(state: &TuneState) -> Option<(&Trial, &TrialRecord)> {
+    let top = state.finished.iter().map(|r| r.key.rung).max()?;
+    let record = TunePlan::ranking(&state.finished, top).into_iter().next().filter(|r| r.score.is_some())?;
+    Some((&state.suite.trials[record.key.trial], record))
+}
+
+/// `trials.md`: every trial, its values and its score at each rung, best of the last rung first.
+pub fn write_table(state: &TuneState, out: &Path) -> Result<()> {
+    let plan = &state.suite;
+    let mut text = format!(
+        "# semshare tune\n\n{} trials, {} rungs of {} steps (η = {}), seed {}; budget {} steps. Score: best validation NDCG; — not trained at that rung.\n\n",
+        plan.trials.len(),
+        plan.rungs,
+        (0..plan.rungs).map(|r| plan.steps(r).to_string()).collect::<Vec<_>>().join(" / "),
+        plan.reduction,
+        plan.seed,
+        plan.budget()
+    );
+    text += "| trial | lr | weight decay | dropout | λ | warm-up | batch | dim | layers |";
+    text += &(0..plan.rungs).map(|r| format!(" rung {r} |")).collect::<String>();
+    text += "\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+    text += &"---:|".repeat(plan.rungs);
+    text += "\n";
+    // Trials by the highest rung reached, then by score there.
+    let mut order: Vec<(usize, f64, usize)> = plan
+        .trials
+        .iter()
+        .map(|t| {
+            let recs = state.finished.iter().filter(|r| r.key.trial == t.id);
+            let top = recs.max_by_key(|r| r.key.rung);
+            (top.map_or(0, |r| r.key.rung), top.and_then(|r| r.score).unwrap_or(f64::NEG_INFINITY), t.id)
+        })
+        .collect();
+    order.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then(a.2.cmp(&b.2)));
+    for (_, _, id) in order {
+        let t = &plan.trials[id];
+        text += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            t.id, t.lr, t.weight_decay, t.dropout, t.lambda, t.warmup, t.batch_size, t.dim, t.layers
+        );
+        for rung in 0..plan.rungs {
+            let cell = match state.finished.iter().find(|r| r.key == TrialKey { trial: id, rung }) {
+                Some(TrialRecord { score: Some(s), .. }) => format!(" {s:.2} |"),
+                Some(_) => " failed |".to_string(),
+                None => " — |".to_string(),
+            };
+            text += &cell;
+        }
+        text += "\n";
+    }
+    crate::io::atomic_write(&out.join("trials.md"), text.as_bytes())
+}
+
+/// `best-config.json`: the best trial's values as a config file for `train --config`, with the
+/// steps of the last rung (or, for an unfinished tune, nothing: the best is not known yet).
+pub fn write_best_config(state: &TuneState, cfg: &TuneConfig) -> Result<Option<PathBuf>> {
+    if !state.remaining().is_empty() {
+        return Ok(None);
+    }
+    let Some((trial, record)) = best(state) else {
+        return Err(Error::data("tune: every trial of the last rung failed: no configuration to recommend"));
+    };
+    let (model, train) = trial.apply(&cfg.model, &cfg.train, record.steps);
+    let json = serde_json::json!({
+        "model": { "dim": model.dim, "ffn": model.ffn, "layers": model.layers, "dropout": model.dropout, "lambda": model.lambda },
+        "train": {
+            "lr": train.lr, "weight_decay": train.weight_decay, "warmup": train.warmup,
+            "batch_size": train.batch_size, "steps": train.steps, "eval_every": train.eval_every
+        }
+    });
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Error::data(format!("best config: {e}")))? + "\n";
+    let path = cfg.out.join("best-config.json");
+    crate::io::atomic_write(&path, text.as_bytes())?;
+    Ok(Some(path))
+}

@@ -1,0 +1,177 @@
+//! `semshare tune` (issue 15, item 3): successive halving on the validation split, resumable
+//! through the experiment runner's state file, deterministic by seed whatever the workers.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::cli::{ok, semshare};
+use semshare::config::read_config_file;
+use semshare::data::reader::DatasetReader;
+use semshare::data::synth::{SynthConfig, SynthPreset, generate};
+use semshare::experiment::state::Plan;
+use semshare::experiment::tune::{TuneConfig, TunePlan, TuneState, best, build_plan, run_tune, state_path};
+use semshare::model::ModelConfig;
+use semshare::train::TrainConfig;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("semshare-tune-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn dataset(dir: &Path) -> Arc<DatasetReader> {
+    let mut cfg = SynthConfig::preset(SynthPreset::Balanced, 3);
+    (cfg.train, cfg.val, cfg.test) = (48, 16, 16);
+    (cfg.feature_dim, cfg.vocab_size, cfg.max_tokens, cfg.regions) = (8, 30, 6, 3);
+    let data = generate(&cfg).unwrap();
+    data.save(dir.join("data")).unwrap();
+    Arc::new(DatasetReader::open(dir.join("data")).unwrap())
+}
+
+fn config(data: &DatasetReader, dir: &Path, workers: usize) -> TuneConfig {
+    let model = ModelConfig { word_dim: 8, gru_hidden: 8, ..common::tiny_model_of(data.meta(), 0) };
+    TuneConfig {
+        model,
+        train: TrainConfig { eval_k: 10, ..TrainConfig::default() },
+        trials: 5,
+        min_steps: 2,
+        reduction: 2,
+        rungs: 3,
+        seed: 11,
+        workers,
+        device: "cpu".into(),
+        out: dir.join("out"),
+        runs_dir: dir.join("out/trials"),
+    }
+}
+
+fn scores(state: &TuneState) -> Vec<(usize, usize, Option<f64>)> {
+    let mut s: Vec<_> = state.finished.iter().map(|r| (r.key.trial, r.key.rung, r.score)).collect();
+    s.sort_by_key(|x| (x.1, x.0));
+    s
+}
+
+#[test]
+fn halves_the_trials_rung_by_rung_and_writes_a_loadable_config() {
+    let dir = tmp("halving");
+    let data = dataset(&dir);
+    let cfg = config(&data, &dir, 2);
+    let state = run_tune(&data, &cfg, &|_| {}).unwrap();
+    let plan = &state.suite;
+    // 5 trials, then the best 2, then the best 1; steps 2, 4, 8.
+    let per_rung: Vec<usize> = (0..3).map(|r| state.finished.iter().filter(|t| t.key.rung == r).count()).collect();
+    assert_eq!(per_rung, [5, 2, 1]);
+    assert_eq!((plan.steps(0), plan.steps(2), plan.budget()), (2, 8, 5 * 2 + 2 * 4 + 8));
+    for rung in 1..3 {
+        let promoted: Vec<usize> = TunePlan::ranking(&state.finished, rung - 1)
+            .iter()
+            .take(plan.survivors(rung))
+            .map(|r| r.key.trial)
+            .collect();
+        let mut trained: Vec<usize> =
+            state.finished.iter().filter(|r| r.key.rung == rung).map(|r| r.key.trial).collect();
+        trained.sort();
+        let mut expected = promoted.clone();
+        expected.sort();
+        assert_eq!(trained, expected, "rung {rung} trains the best of rung {}", rung - 1);
+    }
+    assert!(state.finished.iter().all(|r| r.score.is_some_and(|s| (0.0..=100.0).contains(&s))));
+    // Only the last rung's run directories are kept.
+    let kept: Vec<String> = std::fs::read_dir(&cfg.runs_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let (winner, record) = best(&state).unwrap();
+    assert_eq!(kept, [format!("trial{}-rung2", winner.id)]);
+    assert_eq!(record.key.rung, 2);
+
+    // best-config.json is a config file `train --config` reads, with the winner's values.
+    let c = read_config_file(cfg.model.clone(), cfg.train.clone(), &cfg.out.join("best-config.json")).unwrap();
+    assert_eq!((c.train.lr, c.train.batch_size, c.train.steps), (winner.lr, winner.batch_size, 8));
+    assert_eq!((c.model.dim, c.model.layers, c.model.lambda), (winner.dim, winner.layers, winner.lambda));
+    let table = std::fs::read_to_string(cfg.out.join("trials.md")).unwrap();
+    assert_eq!(table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| trial")).count(), 5, "{table}");
+
+    // Deterministic by seed: one worker gives the same scores and the same winner as two.
+    let dir1 = tmp("one-worker");
+    let one = run_tune(&data, &config(&data, &dir1, 1), &|_| {}).unwrap();
+    assert_eq!(scores(&one), scores(&state));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir1);
+}
+
+#[test]
+fn a_killed_tune_resumes_and_makes_the_same_choices() {
+    let dir = tmp("resume");
+    let data = dataset(&dir);
+    let cfg = config(&data, &dir, 1);
+    let full = run_tune(&data, &cfg, &|_| {}).unwrap();
+
+    // Killed after rung 0 and one trial of rung 1, with that rung's other trial half-way.
+    let dir2 = tmp("resume-killed");
+    let cfg2 = config(&data, &dir2, 2);
+    let path = state_path(&cfg2.out);
+    std::fs::create_dir_all(&cfg2.out).unwrap();
+    let mut killed = TuneState::open(&path, &build_plan(&data, &cfg2).unwrap()).unwrap();
+    let upto: Vec<_> = full
+        .finished
+        .iter()
+        .filter(|r| r.key.rung == 0)
+        .chain(full.finished.iter().find(|r| r.key.rung == 1))
+        .cloned()
+        .collect();
+    for r in upto {
+        killed.record(&path, r).unwrap();
+    }
+    let pending = killed.remaining();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    let stale = semshare::experiment::tune::trial_dir(&cfg2.runs_dir, &pending[0]);
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("last.safetensors"), b"half-written").unwrap();
+    let mut lines = std::sync::Mutex::new(Vec::new());
+    let resumed = run_tune(&data, &cfg2, &|l| lines.lock().unwrap().push(l.to_string())).unwrap();
+    assert_eq!(scores(&resumed), scores(&full));
+    // Only the two trials not recorded were trained again.
+    let started = lines.get_mut().unwrap().iter().filter(|l| l.contains(" steps  lr ")).count();
+    assert_eq!(started, 2);
+
+    // Another seed's tune does not continue this state file.
+    let other = TuneConfig { seed: 12, ..cfg2.clone() };
+    let e = run_tune(&data, &other, &|_| {}).unwrap_err().to_string();
+    assert!(e.contains("holds a different tune"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir2);
+}
+
+#[test]
+fn the_plan_promotes_only_after_a_rung_is_finished() {
+    let dir = tmp("plan");
+    let data = dataset(&dir);
+    let plan = build_plan(&data, &config(&data, &dir, 1)).unwrap();
+    assert_eq!(plan.runs(&[]).len(), 5);
+    assert!(TunePlan { reduction: 1, ..plan.clone() }.validate().is_err());
+    assert!(TunePlan { rungs: 40, ..plan.clone() }.validate().is_err(), "2^39 steps");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_command_tunes_and_refuses_bad_options() {
+    let dir = tmp("cli");
+    dataset(&dir);
+    let (data, out) = (dir.join("data"), dir.join("tuned"));
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let config = dir.join("tiny.json");
+    std::fs::write(&config, r#"{"model": {"word_dim": 8, "gru_hidden": 8, "heads": 2}, "train": {"eval_k": 10}}"#)
+        .unwrap();
+    let c = config.to_str().unwrap();
+    let args = ["tune", "--data", d, "--out", o, "--config", c, "--trials", "3", "--min-steps", "1", "--workers", "1"];
+    let stdout = ok(&semshare(&args));
+    assert!(stdout.contains("trials finished") && out.join("best-config.json").exists(), "{stdout}");
+    let train_out = dir.join("run");
+    let best = out.join("best-config.json");
+    ok(&semshare(&["train", "--data", d, "--config", best.to_str().unwrap(), "--out", train_out.to_str().unwrap()]));
+    common::cli::fails_with(&semshare(&["tune", "--data", d, "--out", o, "--reduction", "1"]), "reduction");
+    let _ = std::fs::remove_dir_all(&dir);
+}
