@@ -18,10 +18,11 @@ use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::data::writer::{DatasetWriter, ImageRecord, TextRecord};
 use semshare::eval::EvalConfig;
 use semshare::eval::cca::CcaConfig;
-use semshare::experiment::run::{
-    ExperimentConfig, bag_of_words, bow_vocabulary, cca_grid, cca_report, fingerprint, is_legacy_fingerprint,
-    mean_region_features, mean_text_features, run_suite, select_cca, state_path,
+use semshare::experiment::baselines::{
+    RIDGE_GRID, bag_of_words, bow_vocabulary, cca_grid, cca_report, linear_report, mean_region_features,
+    mean_text_features, ridge_report, select_cca,
 };
+use semshare::experiment::run::{ExperimentConfig, fingerprint, is_legacy_fingerprint, run_suite, state_path};
 use semshare::experiment::suite::{RunKey, RunRecord, SuiteKind, SuiteState};
 use semshare::model::ModelConfig;
 use semshare::model::Variant;
@@ -497,6 +498,52 @@ fn cca_retrieves_the_pair_when_the_modalities_are_linearly_related() {
     assert!(select_cca(&data, "train", "val", &[], 500).is_err());
     let r = cca_report(&data, "train", "test", CcaConfig { dims: 6, reg: 0.1 }, &eval).unwrap();
     assert!(r.avg.recall_at(1).unwrap() > 80.0, "{:?}", r.avg.recall);
+}
+
+#[test]
+fn ridge_maps_each_direction_and_the_linear_map_recovers_the_classes() {
+    let dir = tmp("ridge-linear");
+    let (dr, dt) = (6, 8);
+    let mut g = Gen(21);
+    let a: Vec<f32> = g.vec(dt * dr);
+    // Texts are a linear function of their image; the class is the sign of the image's first
+    // feature, one-hot: a linear map onto the labels separates it.
+    let mut items = |n: usize| -> Vec<Item> {
+        (0..n)
+            .map(|_| {
+                let x = g.vec(dr);
+                let y: Vec<f32> = (0..dt).map(|r| (0..dr).map(|c| a[r * dr + c] * x[c]).sum()).collect();
+                let positive = x[0] > 0.0;
+                Item {
+                    labels: vec![positive as u8, !positive as u8],
+                    regions: vec![x],
+                    tokens: vec![],
+                    segments: vec![y],
+                }
+            })
+            .collect()
+    };
+    let splits = [("train", items(120)), ("val", items(30)), ("test", items(60))];
+    let data = Arc::new(write(&dir, dr, dt, 4, &splits));
+    let (ridge, regs) = ridge_report(&data, "val", "test").unwrap();
+    for (name, d) in [("I2T", &ridge.i2t), ("T2I", &ridge.t2i)] {
+        assert!(d.recall_at(1).unwrap() > 97.0, "{name} R@1 {:?} (ridges {regs:?})", d.recall);
+    }
+    assert!(regs.iter().all(|r| RIDGE_GRID.contains(r)));
+    assert_eq!(ridge.avg.map_all, (ridge.i2t.map_all + ridge.t2i.map_all) / 2.0);
+    let (linear, reg) = linear_report(&data, "val", "test").unwrap();
+    assert!(linear.avg.map_all > 80.0, "mAP {} at ridge {reg} (chance ≈ 50)", linear.avg.map_all);
+
+    // In a suite they are runs like CCA's: recorded without label scores, the same in every seed.
+    let cfg = config(&data, &dir, &[Variant::Ridge, Variant::Linear], 2);
+    let state = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    assert_eq!(state.finished.len(), 4);
+    let linear_runs = state.records_of(Variant::Linear, None);
+    assert_eq!(linear_runs[0].scores, linear_runs[1].scores);
+    assert!(state.finished.iter().all(|r| r.label.is_none() && r.best_step == 0));
+    assert_eq!(state.records_of(Variant::Ridge, None)[0].scores.map_all.avg, ridge.avg.map_all);
+    let table = std::fs::read_to_string(cfg.out.join("table1.md")).unwrap();
+    assert!(table.contains("ridge") && table.contains("linear"), "{table}");
 }
 
 // ---------------------------------------------------------------------------------------------

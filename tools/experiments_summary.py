@@ -19,7 +19,7 @@ import statistics
 import sys
 
 ABLATIONS = ["wo-r", "wo-t", "wo-c", "wo-l"]
-BASELINES = ["imc", "st", "dscmr", "cca"]
+BASELINES = ["imc", "st", "dscmr", "cca", "ridge", "linear"]
 
 
 def ndcg(report, k):

@@ -5,6 +5,7 @@ pub mod cca;
 pub mod embeddings;
 pub mod linalg;
 pub mod metrics;
+pub mod ridge;
 
 pub use embeddings::EmbeddingSet;
 pub use metrics::{DirectionMetrics, EvalConfig, Report, Side, evaluate};

@@ -10,11 +10,14 @@
 //! - `tune`: `semshare tune`, successive halving over hyper-parameters (a plan of `state` too).
 //! - `report`: mean ± sample std over seeds, `table1.md` / `table1.json`.
 //! - `plot`: Figure 1 (NDCG@500 against η) as a self-contained SVG.
+//! - `baselines`: the closed-form baselines (CCA, ridge least squares, the supervised linear map),
+//!   each with its settings chosen on validation.
 //! - `run`: the runner (`semshare experiment`): trains and evaluates a suite's remaining runs,
-//!   fits the CCA baseline, rewrites the reports after each run.
+//!   fits the closed-form baselines, rewrites the reports after each run.
 //!
 //! What is wired where, and the equations, are in `docs/EXPERIMENTS-DESIGN.md`.
 
+pub mod baselines;
 pub mod plot;
 pub mod report;
 pub mod run;

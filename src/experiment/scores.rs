@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 use crate::eval::metrics::{DirectionMetrics, Report};
 use crate::{Error, Result};
 
+/// The NDCG cut-off of Table 1 and Figure 1.
+pub const NDCG_K: usize = 500;
+
 /// One score in both directions and their average (×100, as `eval::Report`).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Directions {

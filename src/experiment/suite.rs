@@ -265,6 +265,8 @@ mod tests {
         assert_eq!(differs(Variant::WoC), ["context_loss"]);
         assert_eq!(differs(Variant::WoL), ["label_loss"]);
         assert_eq!(differs(Variant::Dscmr), ["label_loss", "context_loss", "consistency"]);
-        assert_eq!(differs(Variant::Cca), ["trained", "label_loss", "context_loss"]);
+        for closed_form in [Variant::Cca, Variant::Ridge, Variant::Linear] {
+            assert_eq!(differs(closed_form), ["trained", "label_loss", "context_loss"]);
+        }
     }
 }

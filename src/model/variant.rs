@@ -56,6 +56,15 @@ pub enum Variant {
     /// segment feature); no training (`eval::cca`).
     #[serde(rename = "cca")]
     Cca,
+    /// Ridge least squares in closed form on the same pooled features, one map per direction:
+    /// image features onto text features (I2T) and back (T2I), ranked by cosine; no training
+    /// (`eval::ridge`).
+    #[serde(rename = "ridge")]
+    Ridge,
+    /// The supervised linear map: ridge regression of each modality's pooled features onto the
+    /// one-hot (multi-hot) labels, ranked by cosine in label space; no training (`eval::ridge`).
+    #[serde(rename = "linear")]
+    Linear,
 }
 
 /// The segments an item is made of.
@@ -97,7 +106,7 @@ pub struct VariantSpec {
 
 impl Variant {
     /// Every variant, in the row order of Table 1.
-    pub const ALL: [Variant; 10] = [
+    pub const ALL: [Variant; 12] = [
         Variant::Ours,
         Variant::OursCon,
         Variant::Imc,
@@ -108,6 +117,8 @@ impl Variant {
         Variant::WoL,
         Variant::Dscmr,
         Variant::Cca,
+        Variant::Ridge,
+        Variant::Linear,
     ];
 
     /// The variants of Figure 1's η sweep.
@@ -125,6 +136,8 @@ impl Variant {
             Variant::WoL => "wo-l",
             Variant::Dscmr => "dscmr",
             Variant::Cca => "cca",
+            Variant::Ridge => "ridge",
+            Variant::Linear => "linear",
         }
     }
 
@@ -155,7 +168,9 @@ impl Variant {
             Variant::Dscmr => {
                 VariantSpec { label_loss: false, context_loss: false, consistency: Consistency::Dscmr, ..ours }
             }
-            Variant::Cca => VariantSpec { trained: false, context_loss: false, label_loss: false, ..ours },
+            Variant::Cca | Variant::Ridge | Variant::Linear => {
+                VariantSpec { trained: false, context_loss: false, label_loss: false, ..ours }
+            }
         }
     }
 }
