@@ -457,10 +457,15 @@ pub fn write_best_config(state: &TuneState, cfg: &TuneConfig) -> Result<Option<P
         return Err(Error::data("tune: every trial of the last rung failed: no configuration to recommend"));
     };
     let (model, train) = trial.apply(&cfg.model, &cfg.train, record.steps);
+    // f32 values as their shortest decimal (0.0255, not 0.025499999523162842): they read back equal.
+    let short = |x: f32| x.to_string().parse::<f64>().unwrap_or(f64::from(x));
     let json = serde_json::json!({
-        "model": { "dim": model.dim, "ffn": model.ffn, "layers": model.layers, "dropout": model.dropout, "lambda": model.lambda },
+        "model": {
+            "dim": model.dim, "ffn": model.ffn, "layers": model.layers,
+            "dropout": short(model.dropout), "lambda": short(model.lambda)
+        },
         "train": {
-            "lr": train.lr, "weight_decay": train.weight_decay, "warmup": train.warmup,
+            "lr": short(train.lr), "weight_decay": short(train.weight_decay), "warmup": train.warmup,
             "batch_size": train.batch_size, "steps": train.steps, "eval_every": train.eval_every
         }
     });
