@@ -11,6 +11,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
+use crate::data::checksum::Checksum;
 use crate::data::format::{FeatureDtype, Layout, RESERVED_TOKENS};
 use crate::io::{atomic_write, bytes_to_f32, f32_to_bytes, read, safetensors_bytes};
 use crate::model::{EmbeddingKind, ModelConfig, SemShare};
@@ -165,6 +166,20 @@ impl InferenceSpec {
 }
 
 impl Checkpoint {
+    /// The model's identity for the indexes built with it: `fnv1a64x4` (the dataset checksum)
+    /// over the model configuration (JSON) and the parameters (little-endian f32), as 16 hex
+    /// digits. The optimizer state, the step and the inference spec are left out: they do not
+    /// change an embedding.
+    pub fn fingerprint(&self) -> String {
+        let mut sum = Checksum::new();
+        sum.update(serde_json::to_string(&self.model).expect("config serialises").as_bytes());
+        sum.update(&(self.params.len() as u64).to_le_bytes());
+        for chunk in self.params.chunks(1 << 16) {
+            sum.update(&f32_to_bytes(chunk));
+        }
+        format!("{:016x}", sum.finish())
+    }
+
     pub fn save(&self, path: &Path) -> Result<()> {
         let net = SemShare::new(&self.model)?;
         if self.params.len() != net.store.total {
