@@ -20,7 +20,9 @@ pub fn run(args: &Args) -> Result<()> {
     let source = match given[..] {
         [one] => one,
         [] => {
-            return Err(Error::config("give one source: --data DIR, --texts FILE, --features F.npy or --vectors V.npy"));
+            return Err(Error::config(
+                "give one source: --data DIR, --texts FILE, --features F.npy or --vectors V.npy",
+            ));
         }
         _ => return Err(Error::config(format!("give one source, not --{}", given.join(" and --")))),
     };
