@@ -166,10 +166,11 @@ const COMMANDS: &[Command] = &[
              or pre-computed query vectors (inner product, as given; CKPT optional):
                --vectors Q.npy               float32 [Q, D]
              [--k N (default 10)] [--json (one {\"query\", \"results\": [{\"id\", \"score\"}]} per line)] [--device D]
+             [--timing (stderr: time to open the index, to search, in all)]
 ",
         takes: Takes::Flags {
             values: &["index", "checkpoint", "text", "queries", "features", "side", "vectors", "k", "device"],
-            switches: &["json"],
+            switches: &["json", "timing"],
             run: query::run,
         },
     },

@@ -16,7 +16,9 @@ enum Named {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    let start = std::time::Instant::now();
     let index = Index::open(&args.path("index")?)?;
+    let opened = start.elapsed();
     let k: usize = args.num("k")?.unwrap_or(10);
     if k == 0 {
         return Err(Error::config("--k must be at least 1"));
@@ -34,6 +36,7 @@ pub fn run(args: &Args) -> Result<()> {
             "give one kind of query: --text \"...\" / --queries FILE (texts), --features Q.npy, or --vectors Q.npy",
         ));
     }
+    let searched;
     let (names, results) = if kinds[0] == "vectors" {
         let path = args.path("vectors")?;
         let q = read_npy(&path)?;
@@ -61,7 +64,9 @@ pub fn run(args: &Args) -> Result<()> {
         }
         let names = (0..q.shape[0]).map(Named::Row).collect();
         let mut dev = device(args)?;
+        let t = std::time::Instant::now();
         let results = search(dev.as_mut(), &index, &q.values, k)?;
+        searched = t.elapsed();
         (names, results)
     } else {
         let checkpoint = args.path("checkpoint")?;
@@ -91,10 +96,22 @@ pub fn run(args: &Args) -> Result<()> {
             .map_err(|e| Error::format(&path, e.to_string()))?;
             ((0..items.len()).map(Named::Row).collect(), emb)
         };
+        let t = std::time::Instant::now();
         let results = search(model.device(), &index, &emb.values, k)?;
+        searched = t.elapsed();
         (names, results)
     };
     print_results(&index, &names, &results, args.has("json"));
+    if args.has("timing") {
+        let (nq, s) = (results.len(), searched.as_secs_f64());
+        eprintln!(
+            "timing: index opened in {:.3} s; top-{k} of {nq} queries against {} items in {s:.3} s ({:.0} queries/s); {:.3} s in all",
+            opened.as_secs_f64(),
+            index.len(),
+            nq as f64 / s.max(1e-9),
+            start.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }
 
