@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::checksum::Checksum;
 use crate::data::format::{FeatureDtype, Layout, RESERVED_TOKENS};
-use crate::io::{atomic_write, bytes_to_f32, f32_to_bytes, read, safetensors_bytes};
+use crate::io::{atomic_write, bytes_to_f32, f32_to_bytes, open_regular, safetensors_bytes};
 use crate::model::{EmbeddingKind, ModelConfig, SemShare};
 use crate::{Error, Result};
 
@@ -223,7 +223,21 @@ impl Checkpoint {
     }
 
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let bytes = read(path)?;
+        Self::load_with(path, true)
+    }
+
+    /// [`Checkpoint::load`] for inference: the optimizer moments (two thirds of a training
+    /// checkpoint) are checked for presence, dtype and shape but not converted, and `optimizer`
+    /// is None; a query's start-up does not pay for them.
+    pub fn load_for_inference(path: &Path) -> Result<Checkpoint> {
+        Self::load_with(path, false)
+    }
+
+    fn load_with(path: &Path, with_optimizer: bool) -> Result<Checkpoint> {
+        let (file, _) = open_regular(path)?;
+        // SAFETY: read-only map; checkpoints are replaced by rename (`atomic_write`), never
+        // modified in place. Mapped rather than read: the file is parsed where it lies.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let bad = |what: String| Error::format(path, format!("not a valid semshare checkpoint: {what}"));
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
@@ -275,6 +289,7 @@ impl Checkpoint {
             params[info.param.offset..info.param.offset + info.param.len].copy_from_slice(&v);
         }
         let optimizer = match moments {
+            Some(_) if !with_optimizer => None,
             Some((m, v)) => {
                 let (m, v) = (values(EXP_AVG, &m)?, values(EXP_AVG_SQ, &v)?);
                 // A second moment is a mean of squares: negative means corrupt (AdamW would

@@ -129,7 +129,7 @@ impl Model {
     /// `semshare::backend::open("cpu")?` or `open("auto")?`.
     pub fn load(path: impl AsRef<Path>, mut dev: Box<dyn Backend>) -> Result<Model> {
         let path = path.as_ref().to_path_buf();
-        let ckpt = Checkpoint::load(&path)?;
+        let ckpt = Checkpoint::load_for_inference(&path)?;
         let (net, params) = upload_model(dev.as_mut(), &ckpt)?;
         let words =
             ckpt.spec.vocab.as_ref().map(|v| v.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect());
