@@ -346,7 +346,7 @@ impl Index {
             Ok((t.shape().to_vec(), start..start + t.data().len()))
         };
         for name in st.names() {
-            if ![EMBEDDINGS, ID_OFFSETS, ID_BYTES, LABELS].contains(&&*name) {
+            if ![EMBEDDINGS, ID_OFFSETS, ID_BYTES, LABELS].contains(&name) {
                 return Err(bad(format!("unexpected tensor `{name}`")));
             }
         }
@@ -357,7 +357,7 @@ impl Index {
         if n == 0 || dim == 0 {
             return Err(bad(format!("tensor `{EMBEDDINGS}` has shape {shape:?}: no items")));
         }
-        if (base + vectors.start) % 4 != 0 {
+        if !(base + vectors.start).is_multiple_of(4) {
             return Err(bad(format!("tensor `{EMBEDDINGS}` is not 4-byte aligned")));
         }
         let (shape, offsets) = tensor(ID_OFFSETS, Dtype::U64)?;
