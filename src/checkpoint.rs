@@ -167,12 +167,15 @@ impl InferenceSpec {
 
 impl Checkpoint {
     /// The model's identity for the indexes built with it: `fnv1a64x4` (the dataset checksum)
-    /// over the model configuration (JSON) and the parameters (little-endian f32), as 16 hex
-    /// digits. The optimizer state, the step and the inference spec are left out: they do not
-    /// change an embedding.
+    /// over the model configuration (JSON), the vocabulary if stored (it decides how a string
+    /// is tokenised) and the parameters (little-endian f32), as 16 hex digits. The optimizer
+    /// state, the step and the rest of the spec are left out: they do not change an embedding.
     pub fn fingerprint(&self) -> String {
         let mut sum = Checksum::new();
         sum.update(serde_json::to_string(&self.model).expect("config serialises").as_bytes());
+        if let Some(vocab) = &self.spec.vocab {
+            sum.update(serde_json::to_string(vocab).expect("strings serialise").as_bytes());
+        }
         sum.update(&(self.params.len() as u64).to_le_bytes());
         for chunk in self.params.chunks(1 << 16) {
             sum.update(&f32_to_bytes(chunk));
@@ -341,6 +344,28 @@ mod tests {
             state: "{\"best\":1.5}".into(),
             spec: InferenceSpec::default(),
         }
+    }
+
+    #[test]
+    fn the_fingerprint_follows_what_changes_an_embedding_and_survives_a_round_trip() {
+        let c = sample();
+        let f = c.fingerprint();
+        assert_eq!(f.len(), 16);
+        let same = Checkpoint { optimizer: None, step: 7, state: String::new(), ..sample() };
+        assert_eq!(same.fingerprint(), f, "optimizer, step and state do not embed");
+        let mut param = sample();
+        param.params[3] = f32::from_bits(param.params[3].to_bits() ^ 1);
+        let config = Checkpoint { model: ModelConfig { lambda: 0.5, ..tiny() }, ..sample() };
+        let words: Vec<String> = (0..11).map(|i| format!("w{i}")).collect();
+        let vocab = Checkpoint { spec: InferenceSpec { vocab: Some(words), ..InferenceSpec::default() }, ..sample() };
+        for (what, other) in [("a parameter's last bit", param), ("the config", config), ("the vocabulary", vocab)] {
+            assert_ne!(other.fingerprint(), f, "{what}");
+        }
+        let path = std::env::temp_dir().join(format!("semshare-ckpt-fp-{}.safetensors", std::process::id()));
+        c.save(&path).unwrap();
+        assert_eq!(Checkpoint::load_for_inference(&path).unwrap().fingerprint(), f);
+        assert_eq!(Checkpoint::load_for_inference(&path).unwrap().optimizer, None);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
