@@ -11,8 +11,9 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
+use crate::data::checksum::Checksum;
 use crate::data::format::{FeatureDtype, Layout, RESERVED_TOKENS};
-use crate::io::{atomic_write, bytes_to_f32, f32_to_bytes, read, safetensors_bytes};
+use crate::io::{atomic_write, bytes_to_f32, f32_to_bytes, open_regular, safetensors_bytes};
 use crate::model::{EmbeddingKind, ModelConfig, SemShare};
 use crate::{Error, Result};
 
@@ -165,6 +166,23 @@ impl InferenceSpec {
 }
 
 impl Checkpoint {
+    /// The model's identity for the indexes built with it: `fnv1a64x4` (the dataset checksum)
+    /// over the model configuration (JSON), the vocabulary if stored (it decides how a string
+    /// is tokenised) and the parameters (little-endian f32), as 16 hex digits. The optimizer
+    /// state, the step and the rest of the spec are left out: they do not change an embedding.
+    pub fn fingerprint(&self) -> String {
+        let mut sum = Checksum::new();
+        sum.update(serde_json::to_string(&self.model).expect("config serialises").as_bytes());
+        if let Some(vocab) = &self.spec.vocab {
+            sum.update(serde_json::to_string(vocab).expect("strings serialise").as_bytes());
+        }
+        sum.update(&(self.params.len() as u64).to_le_bytes());
+        for chunk in self.params.chunks(1 << 16) {
+            sum.update(&f32_to_bytes(chunk));
+        }
+        format!("{:016x}", sum.finish())
+    }
+
     pub fn save(&self, path: &Path) -> Result<()> {
         let net = SemShare::new(&self.model)?;
         if self.params.len() != net.store.total {
@@ -208,7 +226,21 @@ impl Checkpoint {
     }
 
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let bytes = read(path)?;
+        Self::load_with(path, true)
+    }
+
+    /// [`Checkpoint::load`] for inference: the optimizer moments (two thirds of a training
+    /// checkpoint) are checked for presence, dtype and shape but not converted, and `optimizer`
+    /// is None; a query's start-up does not pay for them.
+    pub fn load_for_inference(path: &Path) -> Result<Checkpoint> {
+        Self::load_with(path, false)
+    }
+
+    fn load_with(path: &Path, with_optimizer: bool) -> Result<Checkpoint> {
+        let (file, _) = open_regular(path)?;
+        // SAFETY: read-only map; checkpoints are replaced by rename (`atomic_write`), never
+        // modified in place. Mapped rather than read: the file is parsed where it lies.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let bad = |what: String| Error::format(path, format!("not a valid semshare checkpoint: {what}"));
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
@@ -260,6 +292,7 @@ impl Checkpoint {
             params[info.param.offset..info.param.offset + info.param.len].copy_from_slice(&v);
         }
         let optimizer = match moments {
+            Some(_) if !with_optimizer => None,
             Some((m, v)) => {
                 let (m, v) = (values(EXP_AVG, &m)?, values(EXP_AVG_SQ, &v)?);
                 // A second moment is a mean of squares: negative means corrupt (AdamW would
@@ -311,6 +344,28 @@ mod tests {
             state: "{\"best\":1.5}".into(),
             spec: InferenceSpec::default(),
         }
+    }
+
+    #[test]
+    fn the_fingerprint_follows_what_changes_an_embedding_and_survives_a_round_trip() {
+        let c = sample();
+        let f = c.fingerprint();
+        assert_eq!(f.len(), 16);
+        let same = Checkpoint { optimizer: None, step: 7, state: String::new(), ..sample() };
+        assert_eq!(same.fingerprint(), f, "optimizer, step and state do not embed");
+        let mut param = sample();
+        param.params[3] = f32::from_bits(param.params[3].to_bits() ^ 1);
+        let config = Checkpoint { model: ModelConfig { lambda: 0.5, ..tiny() }, ..sample() };
+        let words: Vec<String> = (0..11).map(|i| format!("w{i}")).collect();
+        let vocab = Checkpoint { spec: InferenceSpec { vocab: Some(words), ..InferenceSpec::default() }, ..sample() };
+        for (what, other) in [("a parameter's last bit", param), ("the config", config), ("the vocabulary", vocab)] {
+            assert_ne!(other.fingerprint(), f, "{what}");
+        }
+        let path = std::env::temp_dir().join(format!("semshare-ckpt-fp-{}.safetensors", std::process::id()));
+        c.save(&path).unwrap();
+        assert_eq!(Checkpoint::load_for_inference(&path).unwrap().fingerprint(), f);
+        assert_eq!(Checkpoint::load_for_inference(&path).unwrap().optimizer, None);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

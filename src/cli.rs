@@ -9,7 +9,8 @@ use crate::{Error, Result};
 /// Parsed `--flag value` (or `--flag=value`) pairs and bare `--switch`es, checked against what
 /// a command takes.
 pub struct Args {
-    flags: HashMap<String, String>,
+    /// Every value of a flag, in the order given (a repeated flag keeps them all).
+    flags: HashMap<String, Vec<String>>,
 }
 
 impl Args {
@@ -26,7 +27,7 @@ impl Args {
                 if inline.is_some() {
                     return Err(Error::config(format!("--{name} is a switch: it takes no value")));
                 }
-                flags.insert(name.to_string(), String::new());
+                flags.insert(name.to_string(), vec![String::new()]);
             } else if takes_value.contains(&name) {
                 let v = match inline {
                     Some(v) => v,
@@ -36,15 +37,20 @@ impl Args {
                 if v.is_empty() {
                     return Err(Error::config(format!("--{name} needs a value")));
                 }
-                flags.insert(name.to_string(), v.to_string());
+                flags.entry(name.to_string()).or_insert_with(Vec::new).push(v.to_string());
             } else {
                 return Err(Error::config(format!("unknown option --{name}")));
             }
         }
         Ok(Args { flags })
     }
+    /// The flag's value; the last one when it is given more than once.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.flags.get(name).map(String::as_str)
+        self.flags.get(name).and_then(|v| v.last()).map(String::as_str)
+    }
+    /// Every value of a repeatable flag (`--text a --text b`), in order; empty when absent.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.flags.get(name).map(|v| v.iter().map(String::as_str).collect()).unwrap_or_default()
     }
     pub fn has(&self, name: &str) -> bool {
         self.flags.contains_key(name)
@@ -79,6 +85,8 @@ mod tests {
         assert!(a.has("force"));
         let b = parse(&["--steps=7"]).unwrap();
         assert_eq!(b.num::<u64>("steps").unwrap(), Some(7));
+        let c = parse(&["--out", "a", "--out=b"]).unwrap();
+        assert_eq!((c.all("out"), c.get("out"), c.all("steps").len()), (vec!["a", "b"], Some("b"), 0));
     }
 
     #[test]

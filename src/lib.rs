@@ -68,6 +68,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+pub mod index;
 pub mod inference;
 pub mod io;
 pub mod model;

@@ -161,7 +161,8 @@ fn score_without_pairing_reports_label_metrics_and_says_why_not_recall() {
 }
 
 /// Every command, as `semshare help` lists them.
-const COMMANDS: [&str; 9] = ["demo", "synth", "pack", "check", "train", "eval", "embed", "score", "experiment"];
+const COMMANDS: [&str; 12] =
+    ["demo", "synth", "pack", "check", "train", "eval", "embed", "score", "index", "query", "export", "experiment"];
 
 #[test]
 fn version_and_help_for_every_command() {

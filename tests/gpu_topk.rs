@@ -95,3 +95,53 @@ fn top_k_bad_operands_are_errors() {
     assert!(err(gpu.top_k(q.view(), g.view(), 4, 1)).contains("not a multiple of dimension 4"));
     assert!(err(gpu.top_k(q.view(), g.view(), 3, 129)).contains("over the CUDA kernel's 128"));
 }
+
+/// Rows of four entries ±1/2 at distinct positions (norm exactly 1, as an index stores rows):
+/// every inner product is exact in any summation order, and ties are frequent.
+fn four_halves(seed: u64, n: usize, dim: usize) -> Vec<f32> {
+    let mut g = Gen::new(seed);
+    let mut v = vec![0.0f32; n * dim];
+    for row in v.chunks_exact_mut(dim) {
+        let mut placed = 0;
+        while placed < 4 {
+            let at = g.below(dim);
+            if row[at] == 0.0 {
+                row[at] = if g.below(2) == 0 { 0.5 } else { -0.5 };
+                placed += 1;
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn index_search_on_the_gpu_equals_the_cpu() {
+    // `semshare query` on a CUDA device: the mapped gallery is uploaded and searched by the
+    // same `Backend::top_k`; ids and scores as on the CPU.
+    let Some(mut gpu) = common::gpu::gpu_or_skip("index search") else { return };
+    let (n, dim, nq) = (2500, 24, 7);
+    let vectors = four_halves(21, n, dim);
+    let gallery = semshare::index::Gallery {
+        origin: semshare::index::Origin::Vectors,
+        dim,
+        vectors,
+        ids: (0..n).map(|i| format!("g{i}")).collect(),
+        labels: None,
+    };
+    let path = std::env::temp_dir().join(format!("semshare-gpu-index-{}.idx", std::process::id()));
+    gallery.save(&path).unwrap();
+    let index = semshare::index::Index::open(&path).unwrap();
+    let queries = four_halves(22, nq, dim);
+    for k in [1, 10, 128] {
+        let want = semshare::index::search(&mut cpu(), &index, &queries, k).unwrap();
+        let got = semshare::index::search(gpu.as_mut(), &index, &queries, k).unwrap();
+        let ids = |r: &Vec<Vec<semshare::index::Hit>>| {
+            r.iter().map(|q| q.iter().map(|h| h.item).collect::<Vec<_>>()).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&got), ids(&want), "k {k}");
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert_eq!(g.score.to_bits(), w.score.to_bits(), "k {k}");
+        }
+    }
+    std::fs::remove_file(&path).unwrap();
+}

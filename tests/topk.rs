@@ -133,3 +133,24 @@ fn bad_operands_are_errors() {
     assert!(err(cpu.top_k(q.view(), e.view(), 3, 1)).contains("gallery are empty"));
     assert_eq!(cpu.top_k(q.view(), g.view(), 3, 4).unwrap().0, [0, 1, 2, 3, 0, 1, 2, 3]);
 }
+
+#[test]
+fn infinite_scores_and_ties_at_the_kth_are_kept_by_the_float_filter() {
+    // dim 1 and queries of 1.0: the scores are the gallery's values, exactly. The filter skips
+    // scores below the k-th's without making their keys; an equal score must still be ranked
+    // by id, and ±∞ must order like any other score.
+    let mut g = Gen::new(5);
+    let specials = [f32::INFINITY, f32::NEG_INFINITY, 0.0, 0.5, -0.5];
+    let gallery: Vec<f32> = (0..3000).map(|_| specials[g.below(specials.len())]).collect();
+    for nq in [1, 6] {
+        let q = vec![1.0f32; nq];
+        for k in [1, 7, 100, 2999] {
+            let mut all: Vec<u64> = gallery.iter().enumerate().map(|(j, &s)| rank_key(s, j as u32)).collect();
+            all.sort_unstable();
+            let want: Vec<u64> = (0..nq).flat_map(|_| all[..k].iter().copied()).collect();
+            for tile in [1, 64, 1024] {
+                assert_eq!(top_k_keys(&q, &gallery, 1, k, tile), want, "queries {nq} k {k} tile {tile}");
+            }
+        }
+    }
+}

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use crate::backend::Backend;
 use crate::checkpoint::{Checkpoint, InferenceSpec};
-use crate::data::format::{PAD, UNK};
+use crate::data::format::{Layout, PAD, UNK};
+use crate::data::reader::SplitReader;
+use crate::eval::metrics::normalize_rows;
 use crate::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
@@ -52,6 +54,8 @@ pub struct Model {
     /// Word → id of the stored vocabulary (None for a checkpoint without one).
     words: Option<HashMap<String, u32>>,
     path: PathBuf,
+    /// `Checkpoint::fingerprint`, computed once at load.
+    fingerprint: String,
 }
 
 impl std::fmt::Debug for Model {
@@ -171,12 +175,60 @@ impl Model {
     /// ```
     pub fn load(path: impl AsRef<Path>, mut dev: Box<dyn Backend>) -> Result<Model> {
         let path = path.as_ref().to_path_buf();
-        let ckpt = Checkpoint::load(&path)?;
+        let ckpt = Checkpoint::load_for_inference(&path)?;
         let (net, params) = upload_model(dev.as_mut(), &ckpt)?;
         let words =
             ckpt.spec.vocab.as_ref().map(|v| v.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect());
         let embedding = ckpt.spec.embedding.unwrap_or(EmbeddingKind::Pooled);
-        Ok(Model { dev, net, params, spec: ckpt.spec, embedding, words, path })
+        let fingerprint = ckpt.fingerprint();
+        Ok(Model { dev, net, params, spec: ckpt.spec, embedding, words, path, fingerprint })
+    }
+
+    /// The checkpoint file this model was loaded from.
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("path")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// assert_eq!(model.path(), path.as_path());
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The checkpoint's `Checkpoint::fingerprint`: an index records it, so that a query with
+    /// another model is refused.
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("fingerprint")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// let again = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// assert_eq!(model.fingerprint(), again.fingerprint()); // the same parameters and config
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The device the model runs on (e.g. for `Backend::top_k` against a gallery).
+    ///
+    /// ```
+    /// # fn main() -> semshare::Result<()> {
+    /// # let path = semshare::inference::tiny_checkpoint("device")?;
+    /// # let mut model = semshare::Model::load(&path, semshare::backend::open("cpu")?)?;
+    /// assert_eq!(model.device().name(), "cpu");
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn device(&mut self) -> &mut dyn Backend {
+        self.dev.as_mut()
     }
 
     /// The model's configuration (widths, depth, vocabulary and label counts).
@@ -539,6 +591,17 @@ impl Model {
             .zip(scores.chunks_exact(k))
             .map(|(i, s)| Hits { ids: i.to_vec(), scores: s.to_vec() })
             .collect())
+    }
+
+    /// The embeddings of every image and every text of a dataset split (which the model must
+    /// fit: `train::check_fits`), by the evaluation's own path ([`super::embed_split`]), each
+    /// row normalised as `eval` normalises before ranking. No labels are read.
+    pub fn embed_split(&mut self, layout: &Layout, split: &SplitReader) -> Result<(Embeddings, Embeddings)> {
+        let (mut images, mut texts, dim) =
+            super::embed_split(self.dev.as_mut(), &self.net, &self.params, layout, split, self.embedding)?;
+        normalize_rows(&mut images, dim);
+        normalize_rows(&mut texts, dim);
+        Ok((Embeddings { values: images, dim }, Embeddings { values: texts, dim }))
     }
 
     /// The embeddings of `n` checked items, [`EMBED_CHUNK`] per forward pass, normalised.

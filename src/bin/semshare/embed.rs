@@ -1,9 +1,10 @@
-//! `semshare embed`: a split's embeddings into a file for `score`.
+//! `semshare embed`: a split's embeddings, L2-normalised, into a file for `score`.
 
 use crate::common::{Trained, split_name};
 use semshare::Result;
 use semshare::cli::Args;
 use semshare::eval::EmbeddingSet;
+use semshare::eval::metrics::normalize_rows;
 use semshare::inference::embed_split;
 use semshare::io::{claim_output, refuse_overlap};
 
@@ -14,7 +15,10 @@ pub fn run(args: &Args) -> Result<()> {
     refuse_overlap(&out, &args.path("checkpoint")?, "checkpoint (--checkpoint)")?;
     refuse_overlap(&out, &data.dir, "dataset (--data)")?;
     claim_output(&out, "embeddings file", args.has("force"), |p| EmbeddingSet::load(p).is_ok())?;
-    let (ie, te, dim) = embed_split(dev.as_mut(), &net, &params, &data.layout, split, kind)?;
+    let (mut ie, mut te, dim) = embed_split(dev.as_mut(), &net, &params, &data.layout, split, kind)?;
+    // Unit rows, as `eval` ranks them (it normalises too, so the metrics are the same).
+    normalize_rows(&mut ie, dim);
+    normalize_rows(&mut te, dim);
     let c = data.meta().num_labels;
     let set = EmbeddingSet::new(ie, split.image_labels(), te, split.text_labels(), dim, c, Some(split.text_items()))?;
     set.save(&out)?;

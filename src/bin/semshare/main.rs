@@ -1,5 +1,6 @@
 //! The `semshare` command line: a dispatcher over one file per command (demo, synth, pack,
-//! check, train, eval, embed, score, experiment, tune); the commands are thin glue over the library.
+//! check, train, eval, embed, score, index, query, export, experiment, tune); the commands are thin
+//! glue over the library.
 
 mod check;
 mod common;
@@ -7,7 +8,10 @@ mod demo;
 mod embed;
 mod eval;
 mod experiment;
+mod export;
+mod index;
 mod pack;
+mod query;
 mod score;
 mod synth;
 mod train;
@@ -118,7 +122,7 @@ const COMMANDS: &[Command] = &[
     },
     Command {
         name: "embed",
-        usage: "  embed    write the embeddings of a split (the input of `score`)
+        usage: "  embed    write the L2-normalised embeddings of a split (the input of `score`)
              --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--force] [--device D]
 ",
         takes: Takes::Flags {
@@ -135,6 +139,51 @@ const COMMANDS: &[Command] = &[
              the label metrics only, R@K left out (absent from --json)
 ",
         takes: Takes::Flags { values: &["embeddings"], switches: &["json"], run: score::run },
+    },
+    Command {
+        name: "index",
+        usage: "  index    build a gallery index (normalised embeddings, ids, labels if any, the model's fingerprint)
+             --checkpoint CKPT --out INDEX and one source:
+               --data DIR [--split S (default test)] [--side image|text]   a split; ids split/i, split/text/j
+               --texts FILE                  one text per line (unlabelled)
+               --features F.npy [--side image|text]   float32 [N, S, D] or [N, D] segment features
+                                             (unlabelled; trailing all-zero segments are padding)
+             or raw vectors, no model (only `query --vectors` searches them):
+               --vectors V.npy               float32 [N, D], normalised here
+             [--ids FILE (one per line; default FILE-stem/i)] [--embedding pooled|label]
+             [--append (add to INDEX: same model and embedding, new ids)] [--force] [--device D]
+",
+        takes: Takes::Flags {
+            values: &["checkpoint", "out", "data", "split", "side", "texts", "features", "vectors", "ids", "embedding", "device"],
+            switches: &["append", "force"],
+            run: index::run,
+        },
+    },
+    Command {
+        name: "query",
+        usage: "  query    the top-k items of an index, best first (ties to the earlier item)
+             --index INDEX --checkpoint CKPT (the model that built it) and queries:
+               --text \"...\" (repeatable) and/or --queries FILE (one text per line)
+               --features Q.npy [--side image|text]   segment features, as for `index`
+             or pre-computed query vectors (inner product, as given; CKPT optional):
+               --vectors Q.npy               float32 [Q, D]
+             [--k N (default 10)] [--json (one {\"query\", \"results\": [{\"id\", \"score\"}]} per line)] [--device D]
+             [--timing (stderr: time to open the index, to search, in all)]
+",
+        takes: Takes::Flags {
+            values: &["index", "checkpoint", "text", "queries", "features", "side", "vectors", "k", "device"],
+            switches: &["json", "timing"],
+            run: query::run,
+        },
+    },
+    Command {
+        name: "export",
+        usage: "  export   an index's vectors for FAISS, hnswlib, USearch or a vector database
+             --index INDEX --format npy|jsonl --out PATH [--force]
+             npy: PATH holds float32 [N, D] (.npy v1), PATH.ids.txt (for X.npy: X.ids.txt) the ids;
+             jsonl: one {\"id\", \"vector\", \"payload\": {\"labels\": [...]}} per line (Qdrant, Milvus)
+",
+        takes: Takes::Flags { values: &["index", "format", "out"], switches: &["force"], run: export::run },
     },
     Command {
         name: "experiment",

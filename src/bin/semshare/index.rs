@@ -1,0 +1,142 @@
+//! `semshare index`: a gallery index from a dataset split, a file of texts, a feature file or
+//! raw vectors (`semshare::index`).
+
+use std::path::{Path, PathBuf};
+
+use crate::common::{device, split_name};
+use semshare::cli::Args;
+use semshare::data::reader::DatasetReader;
+use semshare::index::build::{from_features, from_split, from_texts, from_vectors, generated_ids, read_ids};
+use semshare::index::npy::read_npy;
+use semshare::index::{Gallery, Index, Modality};
+use semshare::io::{claim_output, read_text, refuse_overlap};
+use semshare::{Error, Model, Result};
+
+/// The sources, exactly one of which is given.
+const SOURCES: [&str; 4] = ["data", "texts", "features", "vectors"];
+
+pub fn run(args: &Args) -> Result<()> {
+    let given: Vec<&str> = SOURCES.into_iter().filter(|s| args.has(s)).collect();
+    let source = match given[..] {
+        [one] => one,
+        [] => {
+            return Err(Error::config(
+                "give one source: --data DIR, --texts FILE, --features F.npy or --vectors V.npy",
+            ));
+        }
+        _ => return Err(Error::config(format!("give one source, not --{}", given.join(" and --")))),
+    };
+    let out = args.path("out")?;
+    let input = args.path(source)?;
+    refuse_overlap(&out, &input, &format!("input (--{source})"))?;
+    for extra in ["checkpoint", "ids"] {
+        if let Some(p) = args.get(extra) {
+            refuse_overlap(&out, Path::new(p), &format!("input (--{extra})"))?;
+        }
+    }
+    let existing = if args.has("append") {
+        if !out.exists() {
+            return Err(Error::config(format!(
+                "--append: {} does not exist yet (build it without --append)",
+                out.display()
+            )));
+        }
+        Some(Index::open(&out)?)
+    } else {
+        claim_output(&out, "gallery index", args.has("force"), |p| Index::open(p).is_ok())?;
+        None
+    };
+    let side: Option<Modality> = args.get("side").map(str::parse).transpose()?;
+    let gallery = if source == "vectors" {
+        if args.has("checkpoint") {
+            return Err(Error::config("--vectors indexes raw vectors without a model: drop --checkpoint"));
+        }
+        let vectors = read_npy(&input)?;
+        let n = vectors.shape.first().copied().unwrap_or(0);
+        from_vectors(vectors, ids(args, &input, n)?).map_err(|e| in_file(&input, e))?
+    } else {
+        let checkpoint = args.path("checkpoint")?;
+        let mut model = Model::load(&checkpoint, device(args)?)?;
+        if let Some(e) = args.get("embedding") {
+            model.set_embedding(e.parse()?);
+        }
+        match source {
+            "data" => {
+                let data = DatasetReader::open(&input)?;
+                semshare::train::check_fits(&data.layout, model.config())?;
+                let split = data.split(split_name(args))?;
+                if args.has("ids") {
+                    return Err(Error::config("--ids names items of a file; a split's items are named split/i"));
+                }
+                from_split(&mut model, &data.layout, split, side.unwrap_or(Modality::Image))?
+            }
+            "texts" => {
+                if side == Some(Modality::Image) {
+                    return Err(Error::config("--texts are texts: --side image does not apply"));
+                }
+                let texts = read_lines(&input)?;
+                let ids = ids(args, &input, texts.len())?;
+                from_texts(&mut model, &texts, ids).map_err(|e| in_file(&input, e))?
+            }
+            _ => {
+                let features = read_npy(&input)?;
+                let ids = ids(args, &input, features.shape.first().copied().unwrap_or(0))?;
+                from_features(&mut model, &features, side.unwrap_or(Modality::Image), ids)
+                    .map_err(|e| in_file(&input, e))?
+            }
+        }
+    };
+    let (added, what) = (gallery.len(), describe(&gallery));
+    let gallery = match existing {
+        Some(index) => {
+            let mut all = index.to_gallery();
+            all.append(gallery).map_err(|e| in_file(&out, e))?;
+            all
+        }
+        None => gallery,
+    };
+    gallery.save(&out)?;
+    println!("wrote {} ({added} {what} added, {} in all, dimension {})", out.display(), gallery.len(), gallery.dim);
+    Ok(())
+}
+
+fn describe(g: &Gallery) -> String {
+    match &g.origin {
+        semshare::index::Origin::Model { modality, embedding, .. } => {
+            format!("{} items, {} embedding", modality.name(), embedding.name())
+        }
+        semshare::index::Origin::Vectors => "raw vectors".into(),
+    }
+}
+
+/// `--ids FILE`, or `stem/0`, `stem/1`, … after the input file's name.
+fn ids(args: &Args, input: &Path, n: usize) -> Result<Vec<String>> {
+    match args.get("ids") {
+        Some(p) => read_ids(&PathBuf::from(p), n),
+        None => {
+            let stem = input.file_stem().map_or("item".into(), |s| s.to_string_lossy().into_owned());
+            Ok(generated_ids(&stem, n))
+        }
+    }
+}
+
+/// One text per line; an empty line is an error naming it.
+pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let text = read_text(path, u64::MAX)?;
+    let lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
+    if lines.is_empty() {
+        return Err(Error::format(path, "no lines: nothing to embed"));
+    }
+    if let Some(i) = lines.iter().position(|l| l.trim().is_empty()) {
+        return Err(Error::format(path, format!("line {} is empty", i + 1)));
+    }
+    Ok(lines)
+}
+
+/// A data error of a file's content, said with the file's name.
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Data { what } => Error::format(path, what),
+        other => other,
+    }
+}

@@ -1,0 +1,115 @@
+//! Galleries from what users have: a dataset split, a file of texts, a feature file, or raw
+//! vectors. Embedding goes through [`Model`] (and so through the evaluation's own path); every
+//! row is normalised.
+
+use std::path::Path;
+
+use super::file::{Gallery, Labels, Modality, Origin};
+use super::npy::NpyF32;
+use crate::data::format::Layout;
+use crate::data::reader::SplitReader;
+use crate::eval::metrics::normalize_rows;
+use crate::inference::{Embeddings, Model, Regions};
+use crate::{Error, Result};
+
+/// The origin an index embedded by `model` records.
+pub fn model_origin(model: &Model, modality: Modality) -> Origin {
+    Origin::Model {
+        fingerprint: model.fingerprint().to_string(),
+        checkpoint: model.path().display().to_string(),
+        embedding: model.embedding(),
+        modality,
+    }
+}
+
+/// Ids `prefix/0`, `prefix/1`, …
+pub fn generated_ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}/{i}")).collect()
+}
+
+/// One id per line of `path` (a trailing empty line aside), `n` of them.
+pub fn read_ids(path: &Path, n: usize) -> Result<Vec<String>> {
+    let text = crate::io::read_text(path, u64::MAX)?;
+    let ids: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
+    if ids.len() != n {
+        return Err(Error::format(path, format!("{} ids (one per line) for {n} items", ids.len())));
+    }
+    if let Some(i) = ids.iter().position(String::is_empty) {
+        return Err(Error::format(path, format!("line {} is an empty id", i + 1)));
+    }
+    Ok(ids)
+}
+
+/// Every image (or every text) of a dataset split, ids `split/i` (texts `split/text/j`), with
+/// the split's labels and the checkpoint's label names.
+pub fn from_split(model: &mut Model, layout: &Layout, split: &SplitReader, side: Modality) -> Result<Gallery> {
+    let (images, texts) = model.embed_split(layout, split)?;
+    let (emb, labels, ids) = match side {
+        Modality::Image => (images, split.image_labels(), generated_ids(&split.name, split.num_images())),
+        Modality::Text => {
+            (texts, split.text_labels(), generated_ids(&format!("{}/text", split.name), split.num_texts()))
+        }
+    };
+    let count = layout.meta.num_labels;
+    let names = model.label_names().map(<[String]>::to_vec).or_else(|| Some(layout.meta.label_names.clone()));
+    let labels = Some(Labels { values: labels, count, names: names.filter(|n| n.len() == count) });
+    Ok(Gallery { origin: model_origin(model, side), dim: emb.dim, vectors: emb.values, ids, labels })
+}
+
+/// Texts as strings (tokenised by the model's vocabulary), no labels.
+pub fn from_texts(model: &mut Model, texts: &[String], ids: Vec<String>) -> Result<Gallery> {
+    let emb = model.embed_texts(texts)?;
+    Ok(unlabelled(model_origin(model, Modality::Text), emb, ids))
+}
+
+/// Items as segment features `[N, S, D]` (or `[N, D]`, one segment each): image regions, or a
+/// text-feature model's text segments. Trailing all-zero segments of an item are padding.
+pub fn from_features(model: &mut Model, features: &NpyF32, side: Modality, ids: Vec<String>) -> Result<Gallery> {
+    let items = feature_items(features)?;
+    let emb = match side {
+        Modality::Image => model.embed_images(&items.iter().map(|f| Regions::new(f)).collect::<Vec<_>>())?,
+        Modality::Text => model.embed_text_features(&items)?,
+    };
+    Ok(unlabelled(model_origin(model, side), emb, ids))
+}
+
+/// Each item's segments of a `[N, S, D]` or `[N, D]` array, trailing all-zero segments cut.
+pub fn feature_items(features: &NpyF32) -> Result<Vec<&[f32]>> {
+    let (n, d) = match features.shape[..] {
+        [n, d] | [n, _, d] => (n, d),
+        _ => return Err(Error::data(format!("features of shape {:?}: expected [N, S, D] or [N, D]", features.shape))),
+    };
+    if n == 0 || d == 0 {
+        return Err(Error::data(format!("features of shape {:?}: no items", features.shape)));
+    }
+    let per_item = features.values.len() / n;
+    let mut items = Vec::with_capacity(n);
+    for (i, item) in features.values.chunks_exact(per_item).enumerate() {
+        let used = item.chunks_exact(d).rposition(|s| s.iter().any(|&x| x != 0.0)).map_or(0, |p| p + 1);
+        if used == 0 {
+            return Err(Error::data(format!("feature item {i} is all zeros: no segment to embed")));
+        }
+        items.push(&item[..used * d]);
+    }
+    Ok(items)
+}
+
+/// Raw vectors `[N, D]`, normalised here (a zero row stays zero); no model, no labels.
+pub fn from_vectors(vectors: NpyF32, ids: Vec<String>) -> Result<Gallery> {
+    let [n, dim] = vectors.shape[..] else {
+        return Err(Error::data(format!("vectors of shape {:?}: expected [N, D]", vectors.shape)));
+    };
+    if n == 0 || dim == 0 {
+        return Err(Error::data(format!("vectors of shape {:?}: no items", vectors.shape)));
+    }
+    if let Some(i) = vectors.values.iter().position(|x| !x.is_finite()) {
+        return Err(Error::data(format!("vector {} holds a non-finite value", i / dim)));
+    }
+    let mut values = vectors.values;
+    normalize_rows(&mut values, dim);
+    Ok(Gallery { origin: Origin::Vectors, dim, vectors: values, ids, labels: None })
+}
+
+fn unlabelled(origin: Origin, emb: Embeddings, ids: Vec<String>) -> Gallery {
+    Gallery { origin, dim: emb.dim, vectors: emb.values, ids, labels: None }
+}

@@ -1,0 +1,48 @@
+//! Exact top-k of queries against an index, by `Backend::top_k` (inner product; the rows are
+//! normalised, so cosine). On the CPU the gallery is searched straight from the map; another
+//! device gets it uploaded.
+
+use super::file::Index;
+use crate::backend::Backend;
+use crate::tensor::View;
+use crate::{Error, Result};
+
+/// One result: the item's position in the index and its score.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hit {
+    pub item: usize,
+    pub score: f32,
+}
+
+/// The top `k` items of `index` for each row of `queries [nq, dim]` (used as given: pass
+/// normalised rows for cosine), best first, ties to the lower item. `k` above the index's size
+/// returns every item.
+pub fn search(dev: &mut dyn Backend, index: &Index, queries: &[f32], k: usize) -> Result<Vec<Vec<Hit>>> {
+    let dim = index.dim();
+    if k == 0 {
+        return Err(Error::config("k must be at least 1"));
+    }
+    if queries.is_empty() || !queries.len().is_multiple_of(dim) {
+        return Err(Error::data(format!(
+            "{} query values are not whole rows of the index's dimension {dim} ({})",
+            queries.len(),
+            index.path().display()
+        )));
+    }
+    if let Some(i) = queries.iter().position(|x| !x.is_finite()) {
+        return Err(Error::data(format!("query {} holds a non-finite value", i / dim)));
+    }
+    let k = k.min(index.len());
+    let (ids, scores) = if dev.name() == "cpu" {
+        dev.top_k(View::Cpu(queries), View::Cpu(index.vectors()), dim, k)?
+    } else {
+        let q = dev.upload(queries, &[queries.len() / dim, dim])?;
+        let g = dev.upload(index.vectors(), &[index.len(), dim])?;
+        dev.top_k(q.view(), g.view(), dim, k)?
+    };
+    Ok(ids
+        .chunks_exact(k)
+        .zip(scores.chunks_exact(k))
+        .map(|(ids, scores)| ids.iter().zip(scores).map(|(&i, &score)| Hit { item: i as usize, score }).collect())
+        .collect())
+}
