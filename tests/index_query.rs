@@ -30,6 +30,8 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
+        // The fixture outlives every test (a static has no drop): earlier runs' are removed here.
+        semshare::io::remove_stale_temps(&std::env::temp_dir(), "semshare-index-");
         let dir = tmp("index", "fixture");
         let mut cfg = SynthConfig::preset(SynthPreset::Balanced, 11);
         (cfg.train, cfg.val, cfg.test) = (32, 12, 40);
