@@ -30,6 +30,8 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
+        // The fixture outlives every test (a static has no drop): earlier runs' are removed here.
+        semshare::io::remove_stale_temps(&std::env::temp_dir(), "semshare-index-");
         let dir = tmp("index", "fixture");
         let mut cfg = SynthConfig::preset(SynthPreset::Balanced, 11);
         (cfg.train, cfg.val, cfg.test) = (32, 12, 40);
@@ -325,6 +327,7 @@ fn another_models_index_and_bad_queries_are_refused_with_one_line() {
         "give one kind of query",
     );
     usage_error(&q(&["--text"]), "--text needs a value");
+    fails_with(&q(&["--checkpoint", ck, "--text", "a", "--side", "image"]), "--side says what --features are");
     // A raw-vectors index has no model to embed a text for.
     write_npy(&dir.join("g.npy"), &[0.6, 0.8, 1.0, 0.0], &[2, 2]).unwrap();
     ok(&semshare(&["index", "--vectors", path(&dir.join("g.npy")), "--out", path(&dir.join("raw.idx"))]));
@@ -560,6 +563,15 @@ fn a_feature_file_gallery_needs_no_labels() {
             "b",
         ]),
         "give one source",
+    );
+    let (g, out) = (dir.join("gallery.npy"), dir.join("z.idx"));
+    let (g, out) = (path(&g), path(&out));
+    let ck = path(&f.ckpt);
+    fails_with(&semshare(&["index", "--vectors", g, "--out", out, "--checkpoint", ck]), "--checkpoint does not apply");
+    fails_with(&semshare(&["index", "--vectors", g, "--out", out, "--side", "text"]), "--side does not apply");
+    fails_with(
+        &semshare(&["index", "--features", g, "--out", out, "--checkpoint", ck, "--split", "val"]),
+        "--split does not apply",
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -26,6 +26,16 @@ pub fn run(args: &Args) -> Result<()> {
         }
         _ => return Err(Error::config(format!("give one source, not --{}", given.join(" and --")))),
     };
+    // A flag the source does not use is a mistake to report, not to ignore.
+    let unused: &[&str] = match source {
+        "data" => &["ids"],
+        "texts" => &["split", "side"],
+        "features" => &["split"],
+        _ => &["checkpoint", "split", "side", "embedding", "device"],
+    };
+    if let Some(flag) = unused.iter().find(|f| args.has(f)) {
+        return Err(Error::config(format!("--{flag} does not apply to an index from --{source}")));
+    }
     let out = args.path("out")?;
     let input = args.path(source)?;
     refuse_overlap(&out, &input, &format!("input (--{source})"))?;
@@ -48,9 +58,6 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let side: Option<Modality> = args.get("side").map(str::parse).transpose()?;
     let gallery = if source == "vectors" {
-        if args.has("checkpoint") {
-            return Err(Error::config("--vectors indexes raw vectors without a model: drop --checkpoint"));
-        }
         let vectors = read_npy(&input)?;
         let n = vectors.shape.first().copied().unwrap_or(0);
         from_vectors(vectors, ids(args, &input, n)?).map_err(|e| in_file(&input, e))?
@@ -65,15 +72,9 @@ pub fn run(args: &Args) -> Result<()> {
                 let data = DatasetReader::open(&input)?;
                 semshare::train::check_fits(&data.layout, model.config())?;
                 let split = data.split(split_name(args))?;
-                if args.has("ids") {
-                    return Err(Error::config("--ids names items of a file; a split's items are named split/i"));
-                }
                 from_split(&mut model, &data.layout, split, side.unwrap_or(Modality::Image))?
             }
             "texts" => {
-                if side == Some(Modality::Image) {
-                    return Err(Error::config("--texts are texts: --side image does not apply"));
-                }
                 let texts = read_lines(&input)?;
                 let ids = ids(args, &input, texts.len())?;
                 from_texts(&mut model, &texts, ids).map_err(|e| in_file(&input, e))?

@@ -36,6 +36,9 @@ pub fn run(args: &Args) -> Result<()> {
             "give one kind of query: --text \"...\" / --queries FILE (texts), --features Q.npy, or --vectors Q.npy",
         ));
     }
+    if args.has("side") && kinds[0] != "features" {
+        return Err(Error::config("--side says what --features are; it does not apply to other queries"));
+    }
     let searched;
     let (names, results) = if kinds[0] == "vectors" {
         let path = args.path("vectors")?;
