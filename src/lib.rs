@@ -38,6 +38,32 @@
 //! # }
 //! ```
 //!
+//! A gallery too large to embed per query goes into an index file once ([`index`]; what
+//! `semshare index` writes): normalised embeddings, string ids, optional labels and the model's
+//! fingerprint, memory-mapped when opened, searched exactly by the same top-k:
+//!
+//! ```
+//! # fn main() -> semshare::Result<()> {
+//! # let checkpoint = semshare::inference::tiny_checkpoint("crate-index")?;
+//! # let file = std::env::temp_dir().join(format!("semshare-doc-{}-gallery.index", std::process::id()));
+//! use semshare::{Model, index};
+//!
+//! let mut model = Model::load(&checkpoint, semshare::backend::open("cpu")?)?;
+//! let captions = ["sky clouds", "a dog", "the sea"].map(String::from).to_vec();
+//! let ids = vec!["c1".into(), "c2".into(), "c3".into()];
+//! index::build::from_texts(&mut model, &captions, ids)?.save(&file)?;
+//!
+//! let gallery = index::Index::open(&file)?; // mapped, checked, not copied
+//! gallery.check_model(model.fingerprint(), model.path())?; // the model that built it
+//! let query = model.embed_texts(&["dog"])?;
+//! let hits = index::search(model.device(), &gallery, &query.values, 2)?;
+//! assert_eq!(gallery.id(hits[0][0].item), "c2");
+//! # std::fs::remove_file(&file).ok();
+//! # std::fs::remove_file(&checkpoint).ok();
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! `examples/embed_and_query.rs` does the same on the demo's data (`cargo run --release --
 //! demo`, then `cargo run --release --example embed_and_query`).
 //!
@@ -54,7 +80,7 @@
 //! | 3 | [`nn`]: layers with forward + backward |
 //! | 4 | [`model`]: the encoders, the shared model, the objective (Eqs. 3–6) |
 //! | 5 | [`data`], [`eval`], [`checkpoint`] |
-//! | 6 | [`train`], [`inference`] ([`Model`]), [`config`] |
+//! | 6 | [`train`], [`inference`] ([`Model`]), [`config`], [`index`] |
 //! | 7 | [`experiment`] |
 //!
 //! Errors are one [`Error`] type whose message names the file, tensor, item or option at
