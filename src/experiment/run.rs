@@ -22,7 +22,7 @@ use crate::eval::metrics::{EvalConfig, Report, normalize_rows};
 use crate::inference::{evaluate_embedded, evaluate_split, load_model};
 use crate::model::{EmbeddingKind, ModelConfig, SemShare, Variant};
 use crate::tensor::Tensor;
-use crate::train::{RunOptions, TrainConfig, check_fits, train};
+use crate::train::{Progress, ProgressFn, RunOptions, TrainConfig, check_fits, train};
 use crate::{Error, Result};
 
 /// The NDCG cut-off of Table 1 and Figure 1.
@@ -73,8 +73,8 @@ pub struct ExperimentConfig {
     pub out: PathBuf,
     /// Run directories (checkpoints): `<runs_dir>/<suite>/<variant>-s<seed>[-eta<η>]`.
     pub runs_dir: PathBuf,
-    /// Progress lines to stderr (the suite's and each training run's).
-    pub progress: bool,
+    /// Receives the suite's and each training run's progress (None: nothing is reported).
+    pub progress: Option<ProgressFn>,
 }
 
 /// The per-run budget of docs/EXPERIMENTS-DESIGN.md §5: batch 32, 600 steps, warm-up 60,
@@ -250,14 +250,14 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     let mut cca: Option<Report> = None;
     for key in remaining {
         let k = state.finished.len() + 1;
-        if cfg.progress {
+        if let Some(p) = &cfg.progress {
             let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
             let eta = if done.is_empty() {
                 "—".to_string()
             } else {
                 duration(done.iter().sum::<f64>() / done.len() as f64 * (total - k + 1) as f64)
             };
-            eprintln!("run {k}/{total}  {key}  starting  (suite ETA {eta})");
+            p.report(Progress::Note(format!("run {k}/{total}  {key}  starting  (suite ETA {eta})")));
         }
         let start = Instant::now();
         let (report, label, best_step) = if key.variant.spec().trained {
@@ -270,7 +270,7 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
             // Deterministic: one fit serves every seed of a session.
             let report = match &cca {
                 Some(r) => r,
-                None => cca.insert(cca_run(data, cfg.progress)?),
+                None => cca.insert(cca_run(data, cfg.progress.as_ref())?),
             };
             (report.clone(), None, 0)
         };
@@ -279,16 +279,16 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
         let seconds = start.elapsed().as_secs_f64();
         state.record(&path, RunRecord { key, scores, label, report, seconds, best_step })?;
         write_reports(&state, data.meta().name.as_str(), &cfg.out, &cfg.train.embedding)?;
-        if cfg.progress {
+        if let Some(p) = &cfg.progress {
             let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
             let mean = done.iter().sum::<f64>() / done.len() as f64;
-            eprintln!(
+            p.report(Progress::Note(format!(
                 "run {k}/{total}  {key}  test NDCG@{NDCG_K} {:.2}  mAP {:.2}  ({}, best step {best_step})  ETA {}",
                 scores.ndcg.avg,
                 scores.map_all.avg,
                 duration(seconds),
                 duration(mean * (total - k) as f64)
-            );
+            )));
         }
     }
     Ok(state)
@@ -308,15 +308,22 @@ fn fill_in_label_scores(
     for key in missing {
         let ckpt = best_checkpoint(cfg, &key);
         if !ckpt.exists() {
-            if cfg.progress {
-                eprintln!("{key}: no label scores and no checkpoint at {} to compute them", ckpt.display());
+            if let Some(p) = &cfg.progress {
+                p.report(Progress::Note(format!(
+                    "{key}: no label scores and no checkpoint at {} to compute them",
+                    ckpt.display()
+                )));
             }
             continue;
         }
         let (net, params) = load_model(dev, &ckpt)?;
         let scores = Scores::from_report(&test_report(dev, data, &net, &params, EmbeddingKind::Label)?, NDCG_K)?;
-        if cfg.progress {
-            eprintln!("{key}: label scores filled in from {}: NDCG@{NDCG_K} {:.2}", ckpt.display(), scores.ndcg.avg);
+        if let Some(p) = &cfg.progress {
+            p.report(Progress::Note(format!(
+                "{key}: label scores filled in from {}: NDCG@{NDCG_K} {:.2}",
+                ckpt.display(),
+                scores.ndcg.avg
+            )));
         }
         state.record_label(path, &key, scores)?;
     }
@@ -361,7 +368,13 @@ fn train_run(
         // again, not from its stale checkpoints.
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    let opts = RunOptions { out_dir: dir.clone(), resume: None, replace: false, progress: cfg.progress };
+    let opts = RunOptions {
+        out_dir: dir.clone(),
+        resume: None,
+        replace: false,
+        progress: cfg.progress.clone(),
+        resolved_config: None,
+    };
     let summary = train(dev, data, &model, &train_cfg, &opts)?;
     let best = summary
         .best_checkpoint
@@ -578,10 +591,13 @@ pub fn select_cca(
 
 /// Table 1's CCA run: settings selected on `val` from [`cca_grid`], then fitted on `train`
 /// and evaluated on `test`.
-pub fn cca_run(data: &DatasetReader, progress: bool) -> Result<Report> {
+pub fn cca_run(data: &DatasetReader, progress: Option<&ProgressFn>) -> Result<Report> {
     let (cfg, val) = select_cca(data, "train", "val", &cca_grid(), NDCG_K)?;
-    if progress {
-        eprintln!("cca: {} dims, ridge {} selected (validation NDCG@{NDCG_K} {val:.2})", cfg.dims, cfg.reg);
+    if let Some(p) = progress {
+        p.report(Progress::Note(format!(
+            "cca: {} dims, ridge {} selected (validation NDCG@{NDCG_K} {val:.2})",
+            cfg.dims, cfg.reg
+        )));
     }
     cca_report(data, "train", "test", cfg, &EvalConfig::default())
 }
