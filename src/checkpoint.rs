@@ -2,7 +2,8 @@
 //! loads in PyTorch or numpy with no mapping table), the AdamW moments as two flat tensors,
 //! and in the metadata the model configuration, the step and the trainer's state, and what
 //! inference needs from the training data ([`InferenceSpec`]: vocabulary, label names, input
-//! shapes and dtypes, the retrieval embedding), so that a checkpoint is a self-contained model.
+//! shapes and dtypes, the retrieval embedding, the input normalisation), so that a checkpoint is
+//! a self-contained model.
 //! Written atomically: a crash mid-write leaves the previous checkpoint intact.
 
 use std::collections::BTreeMap;
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::checksum::Checksum;
 use crate::data::format::{FeatureDtype, Layout, RESERVED_TOKENS};
 use crate::io::{atomic_write, bytes_to_f32, f32_to_bytes, open_regular, safetensors_bytes};
-use crate::model::{EmbeddingKind, ModelConfig, SemShare};
+use crate::model::{EmbeddingKind, InputNorm, ModelConfig, SemShare};
 use crate::{Error, Result};
 
 pub const FORMAT: &str = "semshare.checkpoint.v1";
@@ -38,7 +39,8 @@ pub struct Checkpoint {
 }
 
 /// What a model needs from its training data to be used without it. Stored in the metadata
-/// under the keys `vocab`, `labels` (JSON arrays of strings), `inputs` (JSON) and `embedding`.
+/// under the keys `vocab`, `labels` (JSON arrays of strings), `inputs` (JSON), `embedding` and
+/// `normalization` (JSON).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct InferenceSpec {
     /// The vocabulary, id order: 0 `[PAD]`, 1 `[UNK]`, 2 `[MASK]`, then words (V entries).
@@ -49,6 +51,9 @@ pub struct InferenceSpec {
     pub inputs: Option<InputSpec>,
     /// The retrieval embedding the checkpoint was selected with (`TrainConfig::embedding`).
     pub embedding: Option<EmbeddingKind>,
+    /// The training split's feature statistics every input is normalised with; None: the
+    /// features as they come (also what a checkpoint written before it was recorded means).
+    pub normalization: Option<InputNorm>,
 }
 
 /// The inputs a model was trained on: widths equal the model's, the dtypes are how the
@@ -90,6 +95,7 @@ impl InferenceSpec {
                 max_tokens: m.max_tokens,
             }),
             embedding: Some(embedding),
+            normalization: None,
         }
     }
 
@@ -108,6 +114,9 @@ impl InferenceSpec {
         }
         if let Some(e) = self.embedding {
             meta.insert("embedding", e.name().to_string());
+        }
+        if let Some(n) = &self.normalization {
+            meta.insert("normalization", json(n));
         }
     }
 
@@ -129,6 +138,7 @@ impl InferenceSpec {
             label_names: parse(meta, "labels")?,
             inputs: parse(meta, "inputs")?,
             embedding,
+            normalization: parse(meta, "normalization")?,
         };
         spec.check(model)?;
         Ok(spec)
@@ -152,6 +162,9 @@ impl InferenceSpec {
             && l.len() != model.labels
         {
             return Err(format!("metadata `labels` has {} names, the model {} labels", l.len(), model.labels));
+        }
+        if let Some(n) = &self.normalization {
+            n.check(model.region_dim, model.text_feature_dim).map_err(|e| format!("metadata `normalization`: {e}"))?;
         }
         if let Some(i) = &self.inputs
             && (i.region_dim != model.region_dim || i.text_feature_dim != model.text_feature_dim)
@@ -407,6 +420,13 @@ mod tests {
                 max_tokens: 5,
             }),
             embedding: Some(EmbeddingKind::Label),
+            normalization: Some(InputNorm {
+                image: crate::model::FeatureNorm {
+                    mean: vec![0.5, -1.0, 0.0, 2.0, 1e-7, 3.25],
+                    inv_std: vec![1.0 / 3.0; 6],
+                },
+                text: None,
+            }),
         };
         c.save(&path).unwrap();
         assert_eq!(Checkpoint::load(&path).unwrap().spec, c.spec);
@@ -423,6 +443,10 @@ mod tests {
         meta.insert("labels".into(), "[\"a\",\"b\",\"c\"]".into());
         meta.insert("embedding".into(), "mean".into());
         assert!(InferenceSpec::read(&meta, &c.model).unwrap_err().contains("unknown embedding `mean`"));
+        meta.insert("embedding".into(), "label".into());
+        meta.insert("normalization".into(), r#"{"image":{"mean":[0.0],"inv_std":[1.0]},"text":null}"#.into());
+        let e = InferenceSpec::read(&meta, &c.model).unwrap_err();
+        assert!(e.contains("`normalization`") && e.contains("1 means"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,5 +1,6 @@
 //! Configuration files (`--config`): JSON with optional `model` and `train` sections whose
-//! fields override a preset; and the model values the dataset decides. Library functions, so
+//! fields override a preset (and an optional `reasons` section, which `train` writes into
+//! `resolved-config.json` and reading ignores); and the model values the dataset decides. Library functions, so
 //! that a fuzz target reaches the parser the command line uses.
 
 use std::collections::BTreeSet;
@@ -19,6 +20,15 @@ pub struct Configs {
     /// The `model` keys the file sets: the dataset must agree with those it decides
     /// ([`fit_to_data`]).
     pub model_keys: BTreeSet<String>,
+    /// The `train` keys the file (or a flag) sets: the data-aware defaults leave them as given.
+    pub train_keys: BTreeSet<String>,
+}
+
+impl Configs {
+    /// A preset, nothing given explicitly.
+    pub fn new(model: ModelConfig, train: TrainConfig) -> Configs {
+        Configs { model, train, model_keys: BTreeSet::new(), train_keys: BTreeSet::new() }
+    }
 }
 
 /// `model` and `train` with the fields of config file `path` (at most 16 MiB, a regular file).
@@ -31,13 +41,14 @@ pub fn read_config_file(model: ModelConfig, train: TrainConfig, path: &Path) -> 
 pub fn apply_config_json(model: ModelConfig, train: TrainConfig, text: &str, path: &Path) -> Result<Configs> {
     let mut model = serde_json::to_value(model).map_err(|e| Error::config(e.to_string()))?;
     let mut train = serde_json::to_value(train).map_err(|e| Error::config(e.to_string()))?;
-    let mut model_keys = BTreeSet::new();
+    let (mut model_keys, mut train_keys) = (BTreeSet::new(), BTreeSet::new());
     let file: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::format(path, e.to_string()))?;
     let obj = file.as_object().ok_or_else(|| Error::format(path, "expected a JSON object"))?;
     for (key, value) in obj {
         let target = match key.as_str() {
             "model" => &mut model,
             "train" => &mut train,
+            "reasons" => continue,
             _ => return Err(Error::format(path, format!("unknown section `{key}` (expected model, train)"))),
         };
         let fields = value.as_object().ok_or_else(|| Error::format(path, format!("`{key}` must be an object")))?;
@@ -51,6 +62,8 @@ pub fn apply_config_json(model: ModelConfig, train: TrainConfig, text: &str, pat
             parsed.map_err(|e| Error::format(path, format!("{key}.{k}: {e}")))?;
             if key == "model" {
                 model_keys.insert(k.clone());
+            } else {
+                train_keys.insert(k.clone());
             }
         }
     }
@@ -59,6 +72,7 @@ pub fn apply_config_json(model: ModelConfig, train: TrainConfig, text: &str, pat
         model: serde_json::from_value(model).map_err(bad)?,
         train: serde_json::from_value(train).map_err(bad)?,
         model_keys,
+        train_keys,
     })
 }
 

@@ -91,6 +91,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod defaults;
 pub mod error;
 pub mod eval;
 pub mod experiment;

@@ -3,9 +3,8 @@
 //! gradient norm and takes one AdamW step over the flat parameter buffer.
 //! Deterministic on the CPU: the same seed gives bitwise the same loss curve.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +28,9 @@ use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
+mod progress;
+pub use progress::{Progress, ProgressFn};
+
 /// Most image–text pairs per step.
 pub const MAX_BATCH: usize = 1 << 16;
 
@@ -51,12 +53,19 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Validate (and keep the best checkpoint) every this many steps (0: only at the end).
     pub eval_every: u64,
-    /// Which embedding validation ranks with: "pooled" or "label".
+    /// Which embedding validation ranks with: "pooled", "label", or "best" (both are scored and
+    /// the better one selects the checkpoint, which records it).
     pub embedding: String,
+    /// The validation score that selects the checkpoint: "ndcg" (NDCG@`eval_k`, the paper's)
+    /// or "map" (mAP@all).
+    pub val_metric: String,
     /// Validation NDCG cut-off.
     pub eval_k: usize,
-    /// Stop after this many validations without a better validation NDCG (0: never).
+    /// Stop after this many validations without a better validation score (0: never).
     pub patience: u64,
+    /// Input normalisation: "none", or "standardize" (each feature to zero mean and unit
+    /// variance with the training split's statistics, stored in the checkpoint).
+    pub normalize: String,
     /// The method or Table 1 variant trained (`ours` is the paper's); its model structure must
     /// be in the model configuration (`Variant::configure`).
     pub variant: Variant,
@@ -85,8 +94,10 @@ impl Default for TrainConfig {
             seed: 0,
             eval_every: 250,
             embedding: "pooled".into(),
+            val_metric: "ndcg".into(),
             eval_k: 500,
             patience: 0,
+            normalize: "none".into(),
             variant: Variant::Ours,
             eta: 1.0,
             triplet_margin: 0.2,
@@ -121,7 +132,16 @@ impl TrainConfig {
                 return Err(Error::config(format!("train.{name} = {v} is not in [0, 1)")));
             }
         }
-        self.embedding.parse::<EmbeddingKind>()?;
+        self.validation_embeddings()?;
+        if !["ndcg", "map"].contains(&self.val_metric.as_str()) {
+            return Err(Error::config(format!("train.val_metric = `{}` (expected ndcg or map)", self.val_metric)));
+        }
+        if !["none", "standardize"].contains(&self.normalize.as_str()) {
+            return Err(Error::config(format!(
+                "train.normalize = `{}` (expected none or standardize)",
+                self.normalize
+            )));
+        }
         if !self.variant.spec().trained {
             return Err(Error::config(format!("variant `{}` is fitted in closed form, not trained", self.variant)));
         }
@@ -138,6 +158,23 @@ impl TrainConfig {
             }
         }
         Ok(())
+    }
+
+    /// The embeddings validation scores: the one `embedding` names, or both for "best" (pooled
+    /// first: on equal scores it is kept).
+    pub fn validation_embeddings(&self) -> Result<Vec<EmbeddingKind>> {
+        match self.embedding.as_str() {
+            "best" => Ok(vec![EmbeddingKind::Pooled, EmbeddingKind::Label]),
+            name => name
+                .parse::<EmbeddingKind>()
+                .map(|k| vec![k])
+                .map_err(|_| Error::config(format!("train.embedding = `{name}` (expected pooled, label or best)"))),
+        }
+    }
+
+    /// The name of the validation score, e.g. `NDCG@500` or `mAP@all`.
+    pub fn metric_name(&self) -> String {
+        if self.val_metric == "map" { "mAP@all".into() } else { format!("NDCG@{}", self.eval_k) }
     }
 
     /// Linear warm-up, then cosine decay.
@@ -393,9 +430,11 @@ pub struct RunOptions {
     /// Replace the checkpoints of another run in `out_dir` (the CLI's `--force`); without it
     /// they are refused, unless `resume` continues that run.
     pub replace: bool,
-    /// Print progress to stderr: one line redrawn in place on a terminal; when stderr is piped
-    /// (a log file, CI), plain lines every tenth of the run or 30 s, whichever comes first.
-    pub progress: bool,
+    /// Receives a report after every step and validation (None: nothing is reported).
+    pub progress: Option<ProgressFn>,
+    /// The configuration as resolved for this run (`defaults::resolve`), written to the run
+    /// directory as [`RESOLVED_CONFIG`] once the directory is claimed.
+    pub resolved_config: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -403,8 +442,10 @@ pub struct TrainSummary {
     /// The step the run ended at (the resumed checkpoint's when there was nothing to train).
     pub steps: u64,
     pub final_loss: f32,
-    pub best_ndcg: f64,
+    /// The best validation score (`TrainConfig::metric_name`), its step and embedding.
+    pub best_score: f64,
     pub best_step: u64,
+    pub best_embedding: Option<EmbeddingKind>,
     pub seconds: f64,
     /// The loss of each step trained; empty when a resumed checkpoint had reached `steps`.
     pub losses: Vec<f32>,
@@ -414,15 +455,30 @@ pub struct TrainSummary {
 
 #[derive(Serialize, Deserialize)]
 struct RunState {
-    best_ndcg: f64,
+    /// The best validation score (named `best_ndcg` by checkpoints before other scores existed).
+    #[serde(alias = "best_ndcg")]
+    best_score: f64,
     best_step: u64,
     /// Validations since the best one (early stopping).
     #[serde(default)]
     stale: u64,
+    /// The embedding the best score was reached with.
+    #[serde(default)]
+    best_embedding: Option<String>,
 }
 
-fn validation_ndcg(report: &Report, k: usize) -> f64 {
-    report.avg.ndcg_at(k).or_else(|| report.avg.ndcg.last().map(|x| x.1)).unwrap_or(0.0)
+impl RunState {
+    fn embedding(&self) -> Option<EmbeddingKind> {
+        self.best_embedding.as_deref().and_then(|e| e.parse().ok())
+    }
+}
+
+/// The averaged validation score `cfg.val_metric` of a report.
+fn validation_score(report: &Report, cfg: &TrainConfig) -> f64 {
+    if cfg.val_metric == "map" {
+        return report.avg.map_all;
+    }
+    report.avg.ndcg_at(cfg.eval_k).or_else(|| report.avg.ndcg.last().map(|x| x.1)).unwrap_or(0.0)
 }
 
 /// The checkpoint file of the best validation step in a run directory.
@@ -431,6 +487,8 @@ pub const BEST_CHECKPOINT: &str = "best.safetensors";
 pub const LAST_CHECKPOINT: &str = "last.safetensors";
 /// Locked by the process training into a run directory (`flock`: released when it exits).
 pub const LOCK_FILE: &str = ".lock";
+/// The run's resolved configuration, loadable by `train --config`.
+pub const RESOLVED_CONFIG: &str = "resolved-config.json";
 
 /// A new run directory `<root>/<name>-<k>` (the first k ≥ 1 not taken), created here so that
 /// two runs started at once get different ones.
@@ -520,7 +578,7 @@ pub fn train(
     cfg.validate()?;
     require_items(data, "train", "training")?;
     require_items(data, "val", "selecting the best checkpoint")?;
-    let fresh = RunState { best_ndcg: -1.0, best_step: 0, stale: 0 };
+    let fresh = RunState { best_score: -1.0, best_step: 0, stale: 0, best_embedding: None };
     let resumed = match &opts.resume {
         Some(path) => {
             let ckpt = Checkpoint::load(path)?;
@@ -538,8 +596,9 @@ pub fn train(
                 return Ok(TrainSummary {
                     steps: ckpt.step,
                     final_loss: f32::NAN,
-                    best_ndcg: state.best_ndcg,
+                    best_score: state.best_score,
                     best_step: state.best_step,
+                    best_embedding: state.embedding(),
                     seconds: 0.0,
                     losses: Vec::new(),
                     best_checkpoint: None,
@@ -550,23 +609,46 @@ pub fn train(
         None => None,
     };
     let _lock = claim_run_dir(&opts.out_dir, opts.resume.as_deref(), opts.replace)?;
-    let (mut trainer, mut state) = match resumed {
+    if let Some(text) = &opts.resolved_config {
+        crate::io::atomic_write(&opts.out_dir.join(RESOLVED_CONFIG), text.as_bytes())?;
+    }
+    let train_split = data.split("train")?;
+    let (mut trainer, mut state, norm) = match resumed {
         Some((ckpt, state)) => {
             // Continued elsewhere, the best checkpoint is chosen anew among the steps trained
             // here: the resumed run's best lies in its own directory.
             let same_dir =
                 opts.resume.as_deref().and_then(Path::parent).is_some_and(|d| crate::io::same_path(d, &opts.out_dir));
-            (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, if same_dir { state } else { fresh })
+            // A resumed run keeps the inputs it was trained on.
+            let norm = ckpt.spec.normalization.clone();
+            (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, if same_dir { state } else { fresh }, norm)
         }
-        None => (Trainer::new(dev, model, cfg.clone())?, fresh),
+        None => {
+            let norm = match cfg.normalize.as_str() {
+                "standardize" => Some(crate::data::stats::input_norm(&data.layout, train_split)?),
+                _ => None,
+            };
+            (Trainer::new(dev, model, cfg.clone())?, fresh, norm)
+        }
     };
-    let kind: EmbeddingKind = cfg.embedding.parse()?;
+    trainer.net.set_input_norm(norm.clone())?;
+    let kinds = cfg.validation_embeddings()?;
     // Every checkpoint of the run carries what inference needs from this dataset.
-    let train_split = data.split("train")?;
-    let spec = InferenceSpec::of(&data.layout, train_split.feature_dtype(), train_split.text_dtype(), kind);
+    let spec = InferenceSpec {
+        normalization: norm,
+        ..InferenceSpec::of(&data.layout, train_split.feature_dtype(), train_split.text_dtype(), kinds[0])
+    };
     let checkpoint = |trainer: &Trainer, dev: &mut dyn Backend, state: &RunState| -> Result<Checkpoint> {
+        let embedding = Some(state.embedding().unwrap_or(kinds[0]));
+        let spec = InferenceSpec { embedding, ..spec.clone() };
         let state = serde_json::to_string(state).expect("state serialises");
-        Ok(Checkpoint { spec: spec.clone(), ..trainer.checkpoint(dev, state)? })
+        Ok(Checkpoint { spec, ..trainer.checkpoint(dev, state)? })
+    };
+    let metric = cfg.metric_name();
+    let report = |p: Progress| {
+        if let Some(f) = &opts.progress {
+            f.report(p);
+        }
     };
     let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
     let best_path = opts.out_dir.join(BEST_CHECKPOINT);
@@ -576,11 +658,6 @@ pub fn train(
     let mut losses = Vec::new();
     let mut last_loss = f32::NAN;
     const POOL: usize = 3;
-    // `\r` redraws are for a terminal; in a log they pile up on one line.
-    let redraw = std::io::stderr().is_terminal();
-    let cr = if redraw { "\r" } else { "" };
-    let piped_every_steps = (cfg.steps / 10).max(1);
-    let mut last_piped = Instant::now();
     let mut loader = Loader::new(Arc::clone(data), "train", cfg.batch_size, cfg.seed, first..cfg.steps, POOL)?;
     while trainer.step < cfg.steps {
         let (images, texts) = match loader.next_batch() {
@@ -592,44 +669,38 @@ pub fn train(
         losses.push(stats.loss);
         last_loss = stats.loss;
         let done = trainer.step;
-        let line_due = if redraw {
-            done % 10 == 0 || done == cfg.steps
-        } else {
-            done % piped_every_steps == 0 || last_piped.elapsed() >= Duration::from_secs(30)
-        };
-        if opts.progress && line_due {
-            let rate = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            let eta = (cfg.steps - done) as f64 / rate.max(1e-9);
-            let line =
-                format!("step {done:>6}/{}  loss {:.4}  {rate:.1} steps/s  ETA {:>4.0}s", cfg.steps, stats.loss, eta);
-            if redraw {
-                eprint!("\r{line}   ");
-            } else {
-                eprintln!("{line}");
-                last_piped = Instant::now();
-            }
-        }
+        let steps_per_sec = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        report(Progress::Step { step: done, total: cfg.steps, loss: stats.loss, steps_per_sec });
         let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
         if validate {
-            let report = evaluate_split(dev, &trainer.net, &trainer.params, data, "val", kind, &eval_cfg)?;
-            let ndcg = validation_ndcg(&report, cfg.eval_k);
-            if ndcg > state.best_ndcg {
-                state = RunState { best_ndcg: ndcg, best_step: done, stale: 0 };
+            let mut scores = Vec::with_capacity(kinds.len());
+            for &kind in &kinds {
+                let r = evaluate_split(dev, &trainer.net, &trainer.params, data, "val", kind, &eval_cfg)?;
+                scores.push((kind, validation_score(&r, cfg)));
+            }
+            // The better embedding; on equal scores the first (pooled).
+            let (kind, score) =
+                scores.iter().copied().reduce(|a, b| if b.1 > a.1 { b } else { a }).expect("one embedding at least");
+            if score > state.best_score {
+                let best_embedding = Some(kind.name().to_string());
+                state = RunState { best_score: score, best_step: done, stale: 0, best_embedding };
                 checkpoint(&trainer, dev, &state)?.save(&best_path)?;
             } else {
                 state.stale += 1;
             }
-            if opts.progress {
-                eprintln!(
-                    "{cr}step {done:>6}/{}  loss {:.4}  val NDCG@{} {ndcg:.2} (best {:.2} at {})",
-                    cfg.steps, stats.loss, cfg.eval_k, state.best_ndcg, state.best_step
-                );
-            }
+            report(Progress::Validation {
+                step: done,
+                total: cfg.steps,
+                loss: stats.loss,
+                metric: metric.clone(),
+                scores,
+                best: state.best_score,
+                best_step: state.best_step,
+                best_embedding: state.embedding(),
+            });
             checkpoint(&trainer, dev, &state)?.save(&last_path)?;
             if cfg.patience > 0 && state.stale >= cfg.patience {
-                if opts.progress {
-                    eprintln!("early stop: {} validations without a better NDCG@{}", state.stale, cfg.eval_k);
-                }
+                report(Progress::EarlyStop { stale: state.stale, metric: metric.clone() });
                 break;
             }
         }
@@ -637,8 +708,9 @@ pub fn train(
     Ok(TrainSummary {
         steps: trainer.step,
         final_loss: last_loss,
-        best_ndcg: state.best_ndcg,
+        best_score: state.best_score,
         best_step: state.best_step,
+        best_embedding: state.embedding(),
         seconds: start.elapsed().as_secs_f64(),
         losses,
         best_checkpoint: best_path.is_file().then_some(best_path),

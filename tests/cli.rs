@@ -240,3 +240,44 @@ fn piped_progress_is_plain_lines() {
     assert!(stderr.lines().any(|l| l.starts_with("step      6/6") && l.contains("val NDCG@")), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `train` with no training flags resolves its configuration from the data, prints each choice
+/// with its reason, writes it to the run directory, and a run from that file keeps every value.
+#[test]
+fn train_resolves_defaults_from_the_data_and_the_written_config_loads_back() {
+    let dir = tmp("defaults");
+    let data = dir.join("data");
+    ok(&semshare(&["synth", "--out", path(&data), "--train", "40", "--val", "10", "--test", "10"]));
+    let cfg = dir.join("cfg.json");
+    std::fs::write(&cfg, r#"{"model": {"layers": 1, "ffn": 32, "dim": 16, "heads": 2}}"#).unwrap();
+    let run = dir.join("run");
+    let out = semshare(&["train", "--data", path(&data), "--out", path(&run), "--config", path(&cfg), "--device=cpu"]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "train.normalize = \"standardize\"  (each input feature",
+        "train.embedding = \"best\"  (validation scores both",
+        "train.steps = 300  (a cap, not a target",
+        "train.patience = 20  (stop after 20 epochs",
+        "model.lambda = 0.01  (the context loss predicts masked region classes and tokens)",
+    ] {
+        assert!(stderr.contains(want), "no `{want}` in: {stderr}");
+    }
+    assert!(stderr.contains("val NDCG@10 pooled ") && stderr.contains(" / label "), "{stderr}");
+    let resolved = run.join("resolved-config.json");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&resolved).unwrap()).unwrap();
+    assert_eq!(doc["train"]["steps"], 300);
+    assert!(doc["reasons"]["train.steps"].as_str().unwrap().contains("a cap"));
+    // The dataset's own values are not in it: it loads on any split of the same data.
+    assert!(doc["model"].get("region_dim").is_none() && doc["model"]["dim"] == 16);
+
+    let run2 = dir.join("run2");
+    let args = ["train", "--data", path(&data), "--out", path(&run2), "--config", path(&resolved), "--steps", "3"];
+    let out = semshare(&args);
+    let stdout = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("train.steps = 3  (given explicitly)"), "{stderr}");
+    assert!(stderr.contains("train.normalize = \"standardize\"  (given explicitly)"), "{stderr}");
+    assert!(stdout.contains("trained 3 steps"), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -159,7 +159,8 @@ fn pack_train_eval_shaped(
 
     let model = tiny_model(&data);
     let cfg = TrainConfig { steps: 4, batch_size: 8, eval_every: 0, warmup: 1, ..TrainConfig::default() };
-    let run = RunOptions { out_dir: src.join("run"), resume: None, replace: false, progress: false };
+    let run =
+        RunOptions { out_dir: src.join("run"), resume: None, replace: false, progress: None, resolved_config: None };
     let s = train(&mut Cpu::new(), &data, &model, &cfg, &run).unwrap();
     assert!(s.losses.iter().all(|l| l.is_finite()) && s.losses.len() == 4);
     let net = semshare::model::SemShare::new(&model).unwrap();
@@ -576,4 +577,64 @@ fn in_memory_splits_write_as_any_split_database_included() {
     assert_eq!(data.database().unwrap().num_images(), 8);
     assert!(data.split("train").unwrap().shards.len() > 1);
     assert!(data.check(10).is_empty());
+}
+
+/// `train`'s data-aware defaults (`defaults::resolve`): decided from the data, explicit values
+/// kept, and the written `resolved-config.json` loads back to the same configuration.
+#[test]
+fn defaults_are_resolved_from_the_data_and_explicit_values_win() {
+    use semshare::config::{Configs, apply_config_json, fit_to_data};
+    use semshare::defaults::resolve;
+    // Global items with text features: a context loss would have nothing to predict.
+    let src = source_dir_shaped("defaults-global", true, false, 1, 1);
+    pack(&src, &src.join("packed"), 1 << 20).unwrap();
+    let data = DatasetReader::open(src.join("packed")).unwrap();
+    let model = tiny_model(&data);
+    let c = Configs::new(model.clone(), TrainConfig::default());
+    let r = resolve(&c, &model, &data).unwrap();
+    let reason = |r: &semshare::defaults::Resolved, key: &str| {
+        r.choices.iter().find(|c| c.key == key).unwrap_or_else(|| panic!("no choice {key}")).reason.clone()
+    };
+    assert_eq!(r.model.lambda, 0.0);
+    assert!(reason(&r, "model.lambda").contains("nothing to predict"), "{}", reason(&r, "model.lambda"));
+    assert_eq!((r.train.normalize.as_str(), r.train.embedding.as_str()), ("standardize", "best"));
+    // 40 training items in batches of 32: one step an epoch, validated every epoch; the cap is
+    // 100,000 / 40 epochs, clamped to 300, and patience a tenth of it, clamped to 20.
+    assert_eq!((r.train.eval_every, r.train.steps, r.train.patience), (1, 300, 20));
+    // Items with two labels: NDCG, cut at the validation split's 8 items.
+    assert_eq!((r.train.val_metric.as_str(), r.train.eval_k), ("ndcg", 8));
+    assert!(r.lines().iter().all(|l| l.contains(" = ") && l.ends_with(')')), "{:?}", r.lines());
+
+    // Explicit values (a config key, a flag) win, and say so.
+    let mut given = c.clone();
+    (given.train.steps, given.model.lambda) = (7, 0.5);
+    given.train_keys.insert("steps".into());
+    given.model_keys.insert("lambda".into());
+    let mut given_model = model.clone();
+    given_model.lambda = 0.5;
+    let g = resolve(&given, &given_model, &data).unwrap();
+    assert_eq!((g.train.steps, g.model.lambda), (7, 0.5));
+    assert_eq!(reason(&g, "train.steps"), "given explicitly");
+    assert_eq!(reason(&g, "model.lambda"), "given explicitly");
+
+    // The written file is a config: read back, everything in it is explicit, and resolving it
+    // again changes nothing.
+    let path = Path::new("resolved-config.json");
+    let mut back =
+        apply_config_json(semshare::model::ModelConfig::small(), TrainConfig::default(), &r.to_json(), path).unwrap();
+    let mut back_model = back.model.clone();
+    fit_to_data(&mut back_model, &data.layout, &back.model_keys, path).unwrap();
+    back.model = back_model.clone();
+    let again = resolve(&back, &back_model, &data).unwrap();
+    assert_eq!((&again.train, &again.model), (&r.train, &r.model));
+    assert!(again.choices.iter().filter(|c| c.key != "model.inputs").all(|c| c.reason == "given explicitly"));
+
+    // Token texts and region classes: the context loss stays.
+    let src = source_dir("defaults-tokens", false, false);
+    pack(&src, &src.join("packed"), 1 << 20).unwrap();
+    let data = DatasetReader::open(src.join("packed")).unwrap();
+    let model = tiny_model(&data);
+    let r = resolve(&Configs::new(model.clone(), TrainConfig::default()), &model, &data).unwrap();
+    assert_eq!(r.model.lambda, model.lambda);
+    assert!(reason(&r, "model.lambda").contains("region classes and tokens"), "{}", reason(&r, "model.lambda"));
 }

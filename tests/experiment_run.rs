@@ -54,7 +54,7 @@ fn config(data: &DatasetReader, dir: &Path, variants: &[Variant], seeds: u64) ->
         train: TrainConfig { steps: 3, batch_size: 8, warmup: 1, eval_every: 0, ..TrainConfig::default() },
         out: dir.join("results"),
         runs_dir: dir.join("runs"),
-        progress: false,
+        progress: None,
     }
 }
 

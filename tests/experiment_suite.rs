@@ -35,8 +35,9 @@ fn record(key: RunKey, i: usize) -> RunRecord {
 fn table1_lists_every_variant_per_seed_seed_major() {
     let s = Suite::table1(3, "data=balanced preset=small").unwrap();
     let runs = s.runs();
-    assert_eq!(runs.len(), 30);
-    for (seed, chunk) in runs.chunks(10).enumerate() {
+    let n = Variant::ALL.len();
+    assert_eq!(runs.len(), 3 * n);
+    for (seed, chunk) in runs.chunks(n).enumerate() {
         let variants: Vec<Variant> = chunk.iter().map(|k| k.variant).collect();
         assert_eq!(variants, Variant::ALL);
         for k in chunk {
@@ -125,7 +126,8 @@ fn out_of_order_records_leave_the_rest_in_suite_order() {
     assert_eq!(state.remaining(), want);
     // records_of: one variant's runs in seed order, whatever the recording order.
     let mut state = state;
-    state.record(&path, record(runs[10 + 2], 12)).unwrap(); // imc, seed 1
+    let n = Variant::ALL.len();
+    state.record(&path, record(runs[n + 2], n + 2)).unwrap(); // imc, seed 1
     let imc: Vec<u64> = state.records_of(Variant::Imc, Some(TABLE1_ETA)).iter().map(|r| r.key.seed).collect();
     assert_eq!(imc, [0, 1]);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -144,8 +146,9 @@ fn a_state_file_of_another_suite_or_a_corrupt_one_is_an_error() {
     // More seeds extend the suite and keep its finished runs; fewer than recorded do not fit.
     let more_seeds = Suite::table1(2, "data=balanced").unwrap();
     let mut extended = SuiteState::open(&path, &more_seeds).unwrap();
-    assert_eq!((extended.finished.len(), extended.remaining().len()), (1, 19));
-    extended.record(&path, record(more_seeds.runs()[10], 1)).unwrap(); // seed 1
+    let n = Variant::ALL.len();
+    assert_eq!((extended.finished.len(), extended.remaining().len()), (1, 2 * n - 1));
+    extended.record(&path, record(more_seeds.runs()[n], 1)).unwrap(); // seed 1
     assert!(matches!(SuiteState::open(&path, &suite), Err(Error::Config { .. })), "seed 1 is not in a 1-seed suite");
 
     std::fs::write(&path, b"{\"suite\": ").unwrap();

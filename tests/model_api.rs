@@ -30,6 +30,10 @@ fn trained(dir: &Path) -> (Dataset, Arc<DatasetReader>, PathBuf) {
 }
 
 fn trained_with(dir: &Path, embedding: &str) -> (Dataset, Arc<DatasetReader>, PathBuf) {
+    trained_cfg(dir, |c| c.embedding = embedding.into())
+}
+
+fn trained_cfg(dir: &Path, change: impl FnOnce(&mut TrainConfig)) -> (Dataset, Arc<DatasetReader>, PathBuf) {
     let mut cfg = SynthConfig::preset(SynthPreset::Balanced, 7);
     (cfg.train, cfg.val, cfg.test) = (32, 16, 70);
     (cfg.feature_dim, cfg.vocab_size, cfg.max_tokens, cfg.regions) = (12, 40, 8, 5);
@@ -37,15 +41,10 @@ fn trained_with(dir: &Path, embedding: &str) -> (Dataset, Arc<DatasetReader>, Pa
     data.save(dir.join("data")).unwrap();
     let reader = Arc::new(DatasetReader::open(dir.join("data")).unwrap());
     let model = common::tiny_model_of(&data.meta, 0);
-    let train_cfg = TrainConfig {
-        steps: 4,
-        batch_size: 8,
-        eval_every: 2,
-        warmup: 1,
-        embedding: embedding.into(),
-        ..TrainConfig::default()
-    };
-    let opts = RunOptions { out_dir: dir.join("run"), resume: None, replace: false, progress: false };
+    let mut train_cfg = TrainConfig { steps: 4, batch_size: 8, eval_every: 2, warmup: 1, ..TrainConfig::default() };
+    change(&mut train_cfg);
+    let opts =
+        RunOptions { out_dir: dir.join("run"), resume: None, replace: false, progress: None, resolved_config: None };
     let summary = train(&mut Cpu::new(), &reader, &model, &train_cfg, &opts).unwrap();
     (data, reader, summary.best_checkpoint.unwrap())
 }
@@ -127,6 +126,75 @@ fn a_trained_checkpoint_embeds_like_the_evaluation_path() {
         // The same input gives bitwise the same output.
         assert_eq!(model.embed_images(&regions).unwrap(), ie);
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn standardised_inputs_are_stored_in_the_checkpoint_and_applied_by_every_path() {
+    let dir = tmp("norm");
+    let (data, reader, best) = trained_cfg(&dir, |c| c.normalize = "standardize".into());
+    let ckpt = Checkpoint::load(&best).unwrap();
+    let norm = ckpt.spec.normalization.clone().expect("the checkpoint stores the statistics");
+    let train_split = reader.split("train").unwrap();
+    assert_eq!(norm, semshare::data::stats::input_norm(&reader.layout, train_split).unwrap());
+    // The training split's regions, standardised, have mean 0 and variance 1 per feature.
+    let b = semshare::data::batches::image_batch(&reader.layout, train_split, &(0..32).collect::<Vec<_>>()).unwrap();
+    let x = norm.image.apply(&b.features);
+    let rows = (x.len() / 12) as f64;
+    for j in 0..12 {
+        let mean = x.iter().skip(j).step_by(12).map(|&v| v as f64).sum::<f64>() / rows;
+        let var = x.iter().skip(j).step_by(12).map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / rows;
+        assert!(mean.abs() < 1e-4 && (var - 1.0).abs() < 1e-3, "feature {j}: mean {mean}, variance {var}");
+    }
+    assert!(norm.text.is_none(), "token texts have no features to normalise");
+
+    // eval/embed (embed_split) and the library's Model apply it alike, to raw features.
+    let (images, _) = items(&data);
+    let regions: Vec<Regions> = images.iter().map(|(f, b)| Regions::new(f).with_boxes(b)).collect();
+    let mut model = semshare::Model::load(&best, open("cpu").unwrap()).unwrap();
+    let mut dev = Cpu::new();
+    let (net, params) = load_model(&mut dev, &best).unwrap();
+    assert_eq!(net.input_norm.as_ref(), Some(&norm));
+    let split = reader.split("test").unwrap();
+    let (want, _, dim) = embed_split(&mut dev, &net, &params, &reader.layout, split, EmbeddingKind::Pooled).unwrap();
+    model.set_embedding(EmbeddingKind::Pooled);
+    let got = model.embed_images(&regions).unwrap();
+    assert!(max_diff(&got.values, &normalised(&want, dim)) <= 1e-6);
+    // Without it the same parameters embed differently: the statistics are really applied.
+    let mut plain = net.clone();
+    plain.set_input_norm(None).unwrap();
+    let (raw, _, _) = embed_split(&mut dev, &plain, &params, &reader.layout, split, EmbeddingKind::Pooled).unwrap();
+    assert!(max_diff(&normalised(&raw, dim), &normalised(&want, dim)) > 1e-3);
+    // Statistics of the wrong width are refused, naming what disagrees.
+    let mut bad = norm.clone();
+    bad.image.mean.pop();
+    let e = plain.set_input_norm(Some(bad)).unwrap_err().to_string();
+    assert!(e.contains("11 means") && e.contains("12 features"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn validation_with_both_embeddings_records_the_better_one() {
+    let dir = tmp("best");
+    let (_, reader, best) = trained_cfg(&dir, |c| {
+        c.embedding = "best".into();
+        c.val_metric = "map".into();
+    });
+    let ckpt = Checkpoint::load(&best).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&ckpt.state).unwrap();
+    let chosen = ckpt.spec.embedding.expect("recorded");
+    assert_eq!(state["best_embedding"].as_str(), Some(chosen.name()));
+    // The recorded embedding is the one with the better validation mAP at that step.
+    let mut dev = Cpu::new();
+    let (net, params) = load_model(&mut dev, &best).unwrap();
+    let mut score = |k| {
+        let cfg = semshare::eval::EvalConfig::default();
+        semshare::inference::evaluate_split(&mut dev, &net, &params, &reader, "val", k, &cfg).unwrap().avg.map_all
+    };
+    let (pooled, label) = (score(EmbeddingKind::Pooled), score(EmbeddingKind::Label));
+    let want = if label > pooled { EmbeddingKind::Label } else { EmbeddingKind::Pooled };
+    assert_eq!(chosen, want, "pooled {pooled}, label {label}");
+    assert!((state["best_score"].as_f64().unwrap() - pooled.max(label)).abs() < 1e-9);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

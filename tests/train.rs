@@ -32,7 +32,8 @@ fn open(data: &Dataset, dir: &Path) -> Arc<DatasetReader> {
 }
 
 fn run(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::Result<semshare::train::TrainSummary> {
-    let opts = RunOptions { out_dir: dir.to_path_buf(), resume: None, replace: false, progress: false };
+    let opts =
+        RunOptions { out_dir: dir.to_path_buf(), resume: None, replace: false, progress: None, resolved_config: None };
     train(&mut Cpu::new(), &open(data, dir), &tiny_model(data), cfg, &opts)
 }
 
@@ -74,7 +75,13 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     let before = std::fs::read(&last).unwrap();
     // Finite (a NaN could not get past the loader) but large enough to overflow ψ1.
     data.train.image_features.iter_mut().for_each(|x| *x = f32::MAX);
-    let opts = RunOptions { out_dir: dir.clone(), resume: Some(last.clone()), replace: false, progress: false };
+    let opts = RunOptions {
+        out_dir: dir.clone(),
+        resume: Some(last.clone()),
+        replace: false,
+        progress: None,
+        resolved_config: None,
+    };
     let reader = open(&data, &dir);
     let err = train(&mut Cpu::new(), &reader, &tiny_model(&data), &TrainConfig { steps: 8, ..cfg }, &opts).unwrap_err();
     assert!(matches!(err, Error::NonFinite { .. }), "{err}");
@@ -97,7 +104,8 @@ fn resuming_reproduces_an_uninterrupted_run() {
         out_dir: dir.clone(),
         resume: Some(dir.join("last.safetensors")),
         replace: false,
-        progress: false,
+        progress: None,
+        resolved_config: None,
     };
     let rest = train(&mut Cpu::new(), &open(&data, &dir), &tiny_model(&data), &cfg, &opts).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -111,7 +119,8 @@ use semshare::model::Variant;
 use semshare::train::Trainer;
 
 fn run_variant(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::train::TrainSummary {
-    let opts = RunOptions { out_dir: dir.to_path_buf(), resume: None, replace: false, progress: false };
+    let opts =
+        RunOptions { out_dir: dir.to_path_buf(), resume: None, replace: false, progress: None, resolved_config: None };
     let model = cfg.variant.configure(&tiny_model(data));
     train(&mut Cpu::new(), &open(data, dir), &model, cfg, &opts).unwrap()
 }

@@ -33,7 +33,7 @@ FLOORS = {
     "nn": 3,
     "model": 4,
     "data": 5, "eval": 5, "checkpoint": 5,
-    "train": 6, "inference": 6, "config": 6, "index": 6,
+    "train": 6, "inference": 6, "config": 6, "defaults": 6, "index": 6,
     "experiment": 7,
     "bin": 8,
 }

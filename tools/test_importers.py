@@ -24,6 +24,7 @@ import scipy.io
 import scipy.sparse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import import_cub  # noqa: E402
 import import_dataset as imp  # noqa: E402
 
 TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "import_dataset.py")
@@ -565,6 +566,90 @@ class Writer(Base):
         self.assertEqual(done.returncode, 1)
         self.assertIn("no array 'nope'", done.stderr)
         self.assertNotIn("Traceback", done.stderr)
+
+
+class CubRecipe(Base):
+    """tools/import_cub.py: the README's protocol on a made-up file of CUB-10's layout."""
+
+    def make(self, name="cub.safetensors", per_class=60, classes=10, di=5, dt=3):
+        n = per_class * classes
+        # Rows sorted by class as in the real file; row i's features encode i, to trace rows.
+        image = self.rng.random((n, di)).astype(np.float32)
+        image[:, 0] = np.arange(n)
+        text = self.rng.standard_normal((n, dt)).astype(np.float32)
+        text[:, 0] = np.arange(n) + 0.5
+        labels = np.repeat(np.arange(classes), per_class).astype(np.uint8)
+        tensors = [("image", image, np.dtype("<f4")), ("labels", labels, np.dtype("|u1")), ("text", text, np.dtype("<f4"))]
+        imp.write_safetensors(self.p(name), tensors, {})
+        return self.p(name), image, text, labels
+
+    def cub(self, *argv):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = import_cub.main([str(a) for a in argv])
+        return code, err.getvalue()
+
+    def test_protocol_split_is_stratified_disjoint_and_keeps_the_pairs(self):
+        path, image, text, labels = self.make()
+        code, err = self.cub("--data", path, "--seed", 3, "--out", self.p("src"))
+        self.assertEqual(code, 0, err)
+        doc, splits, names, vocab = read_source(self.p("src"))
+        self.assertEqual(doc["name"], "cub10-3")
+        self.assertIsNone(vocab)
+        self.assertEqual(names, [f"class{c}" for c in range(10)])
+        seen = []
+        for split, per in (("train", 42), ("val", 6), ("test", 12)):
+            s = splits[split]
+            self.assertEqual(s["image.features"].shape, (10 * per, 1, 5))
+            self.assertEqual(s["text.features"].shape, (10 * per, 1, 3))
+            self.assertTrue((s["text.length"] == 1).all() and (s["image.count"] == 1).all())
+            self.assertNotIn("text.item", s)
+            rows = s["image.features"][:, 0, 0].astype(np.int64)
+            # Image row i is paired with text row i, values copied exactly, one-hot labels.
+            np.testing.assert_array_equal(s["image.features"][:, 0, :], image[rows])
+            np.testing.assert_array_equal(s["text.features"][:, 0, :], text[rows])
+            np.testing.assert_array_equal(s["labels"].argmax(1), labels[rows])
+            self.assertTrue((s["labels"].sum(1) == 1).all())
+            self.assertEqual(np.bincount(labels[rows], minlength=10).tolist(), [per] * 10)
+            seen.extend(rows.tolist())
+        self.assertEqual(sorted(seen), list(range(600)))
+        # The protocol itself: shuffled by seed, then each class's first 42 / next 6 / next 12.
+        perm = np.random.default_rng(3).permutation(600)
+        for c in range(10):
+            members = perm[labels[perm] == c]
+            train_rows = splits["train"]["image.features"][:, 0, 0].astype(np.int64)
+            self.assertEqual(sorted(members[:42].tolist()), sorted(r for r in train_rows if labels[r] == c))
+        # Split order is the shuffled order, not class order.
+        train_rows = splits["train"]["image.features"][:, 0, 0].astype(np.int64)
+        self.assertEqual(train_rows.tolist(), [r for r in perm if r in set(train_rows.tolist())])
+
+    def test_same_seed_same_split_other_seed_other_split(self):
+        path, *_ = self.make()
+        rows = {}
+        for run_name, seed in (("a", 1), ("b", 1), ("c", 2)):
+            code, err = self.cub("--data", path, "--seed", seed, "--out", self.p(run_name))
+            self.assertEqual(code, 0, err)
+            rows[run_name] = read_source(self.p(run_name))[1]["test"]["image.features"][:, 0, 0].tolist()
+        self.assertEqual(rows["a"], rows["b"])
+        self.assertNotEqual(sorted(rows["a"]), sorted(rows["c"]))
+
+    def test_bad_inputs_name_the_file_and_tensor(self):
+        path, *_ = self.make("short.safetensors", per_class=59)
+        code, err = self.cub("--data", path, "--seed", 0, "--out", self.p("src"))
+        self.assertEqual(code, 1)
+        self.assertIn("short.safetensors:labels: class 0 has 59 items", err)
+        imp.write_safetensors(self.p("nolabels.safetensors"), [("image", np.zeros((2, 2), np.float32), np.dtype("<f4"))], {})
+        code, err = self.cub("--data", self.p("nolabels.safetensors"), "--seed", 0, "--out", self.p("src"))
+        self.assertEqual(code, 1)
+        self.assertIn("nolabels.safetensors: no tensor `text`", err)
+        path, image, text, labels = self.make("inf.safetensors")
+        image[7, 2] = np.inf
+        imp.write_safetensors(path, [("image", image, np.dtype("<f4")), ("labels", labels, np.dtype("|u1")),
+                                     ("text", text, np.dtype("<f4"))], {})
+        code, err = self.cub("--data", path, "--seed", 0, "--out", self.p("src"))
+        self.assertEqual(code, 1)
+        self.assertIn("inf.safetensors:image: item 7: non-finite", err)
+        self.assertFalse(os.path.exists(self.p("src", "source.json")))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ pub mod flickr_tags;
 pub mod format;
 pub mod reader;
 pub mod shard;
+pub mod stats;
 pub mod synth;
 pub mod writer;
 

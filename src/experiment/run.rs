@@ -22,7 +22,7 @@ use crate::eval::metrics::{EvalConfig, Report};
 use crate::inference::{evaluate_split, load_model};
 use crate::model::{EmbeddingKind, ModelConfig, SemShare, Variant};
 use crate::tensor::Tensor;
-use crate::train::{RunOptions, TrainConfig, check_fits, train};
+use crate::train::{Progress, ProgressFn, RunOptions, TrainConfig, check_fits, train};
 use crate::{Error, Result};
 
 /// What `semshare experiment` runs.
@@ -44,8 +44,8 @@ pub struct ExperimentConfig {
     pub out: PathBuf,
     /// Run directories (checkpoints): `<runs_dir>/<suite>/<variant>-s<seed>[-eta<η>]`.
     pub runs_dir: PathBuf,
-    /// Progress lines to stderr (the suite's and each training run's).
-    pub progress: bool,
+    /// Receives the suite's and each training run's progress (None: nothing is reported).
+    pub progress: Option<ProgressFn>,
 }
 
 /// The per-run budget of docs/EXPERIMENTS-DESIGN.md §5: batch 32, 600 steps, warm-up 60,
@@ -221,14 +221,14 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     let mut fitted: Vec<(Variant, Report)> = Vec::new();
     for key in remaining {
         let k = state.finished.len() + 1;
-        if cfg.progress {
+        if let Some(p) = &cfg.progress {
             let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
             let eta = if done.is_empty() {
                 "—".to_string()
             } else {
                 duration(done.iter().sum::<f64>() / done.len() as f64 * (total - k + 1) as f64)
             };
-            eprintln!("run {k}/{total}  {key}  starting  (suite ETA {eta})");
+            p.report(Progress::Note(format!("run {k}/{total}  {key}  starting  (suite ETA {eta})")));
         }
         let start = Instant::now();
         let (report, label, best_step) = if key.variant.spec().trained {
@@ -243,8 +243,8 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
                 Some((_, r)) => r.clone(),
                 None => {
                     let (report, line) = closed_form_run(data, key.variant)?;
-                    if cfg.progress {
-                        eprintln!("{line}");
+                    if let Some(p) = &cfg.progress {
+                        p.report(Progress::Note(line));
                     }
                     fitted.push((key.variant, report.clone()));
                     report
@@ -257,16 +257,16 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
         let seconds = start.elapsed().as_secs_f64();
         state.record(&path, RunRecord { key, scores, label, report, seconds, best_step })?;
         write_reports(&state, data.meta().name.as_str(), &cfg.out, &cfg.train.embedding)?;
-        if cfg.progress {
+        if let Some(p) = &cfg.progress {
             let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
             let mean = done.iter().sum::<f64>() / done.len() as f64;
-            eprintln!(
+            p.report(Progress::Note(format!(
                 "run {k}/{total}  {key}  test NDCG@{NDCG_K} {:.2}  mAP {:.2}  ({}, best step {best_step})  ETA {}",
                 scores.ndcg.avg,
                 scores.map_all.avg,
                 duration(seconds),
                 duration(mean * (total - k) as f64)
-            );
+            )));
         }
     }
     Ok(state)
@@ -286,15 +286,22 @@ fn fill_in_label_scores(
     for key in missing {
         let ckpt = best_checkpoint(cfg, &key);
         if !ckpt.exists() {
-            if cfg.progress {
-                eprintln!("{key}: no label scores and no checkpoint at {} to compute them", ckpt.display());
+            if let Some(p) = &cfg.progress {
+                p.report(Progress::Note(format!(
+                    "{key}: no label scores and no checkpoint at {} to compute them",
+                    ckpt.display()
+                )));
             }
             continue;
         }
         let (net, params) = load_model(dev, &ckpt)?;
         let scores = Scores::from_report(&test_report(dev, data, &net, &params, EmbeddingKind::Label)?, NDCG_K)?;
-        if cfg.progress {
-            eprintln!("{key}: label scores filled in from {}: NDCG@{NDCG_K} {:.2}", ckpt.display(), scores.ndcg.avg);
+        if let Some(p) = &cfg.progress {
+            p.report(Progress::Note(format!(
+                "{key}: label scores filled in from {}: NDCG@{NDCG_K} {:.2}",
+                ckpt.display(),
+                scores.ndcg.avg
+            )));
         }
         state.record_label(path, &key, scores)?;
     }
@@ -339,7 +346,13 @@ fn train_run(
         // again, not from its stale checkpoints.
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    let opts = RunOptions { out_dir: dir.clone(), resume: None, replace: false, progress: cfg.progress };
+    let opts = RunOptions {
+        out_dir: dir.clone(),
+        resume: None,
+        replace: false,
+        progress: cfg.progress.clone(),
+        resolved_config: None,
+    };
     let summary = train(dev, data, &model, &train_cfg, &opts)?;
     let best = summary
         .best_checkpoint

@@ -72,8 +72,13 @@ impl Trial {
         let lr = round3(log_uniform(&mut rng, 1e-4, 3e-3));
         let weight_decay = round3(log_uniform(&mut rng, 1e-4, 0.3));
         let dropout = round3((rng.uniform() * 0.3) as f32);
-        // One trial in six without the context loss: whether it helps is data-dependent.
-        let lambda = if rng.below(6) == 0 { 0.0 } else { round3(log_uniform(&mut rng, 1e-3, 0.3)) };
+        // One trial in six without the context loss: whether it helps is data-dependent. A base
+        // without it (nothing to predict, or switched off) keeps it off.
+        let lambda = match rng.below(6) {
+            _ if base.lambda == 0.0 => 0.0,
+            0 => 0.0,
+            _ => round3(log_uniform(&mut rng, 1e-3, 0.3)),
+        };
         let warmup = round3((0.02 + rng.uniform() * 0.18) as f32);
         Trial { id, lr, weight_decay, dropout, lambda, warmup, batch_size, dim, layers }
     }
@@ -121,8 +126,8 @@ impl fmt::Display for TrialKey {
 pub struct TrialRecord {
     pub key: TrialKey,
     pub steps: u64,
-    /// Best validation score of the run (NDCG@k, `TrainConfig::eval_k`); None when the trial
-    /// failed (`error` says why), which ranks it last.
+    /// Best validation score of the run (`TrainConfig::metric_name`); None when the trial failed
+    /// (`error` says why), which ranks it last.
     pub score: Option<f64>,
     pub best_step: u64,
     pub seconds: f64,
@@ -140,6 +145,8 @@ pub struct TunePlan {
     pub reduction: usize,
     pub rungs: usize,
     pub seed: u64,
+    /// The validation score trials are ranked by (`TrainConfig::metric_name`).
+    pub metric: String,
     pub fingerprint: String,
 }
 
@@ -263,6 +270,7 @@ pub fn build_plan(data: &DatasetReader, cfg: &TuneConfig) -> Result<TunePlan> {
         reduction: cfg.reduction,
         rungs: cfg.rungs,
         seed: cfg.seed,
+        metric: cfg.train.metric_name(),
         fingerprint: fingerprint(data, &cfg.model, &cfg.train)?,
     };
     plan.validate()?;
@@ -348,12 +356,13 @@ fn worker(
         }
         progress(&format!("{key}: {steps} steps  {}", describe(trial)));
         let start = Instant::now();
-        let opts = RunOptions { out_dir: dir.clone(), resume: None, replace: false, progress: false };
+        let opts =
+            RunOptions { out_dir: dir.clone(), resume: None, replace: false, progress: None, resolved_config: None };
         let record = match train(dev.as_mut(), data, &model, &train_cfg, &opts) {
             Ok(summary) => TrialRecord {
                 key,
                 steps,
-                score: Some(summary.best_ndcg),
+                score: Some(summary.best_score),
                 best_step: summary.best_step,
                 seconds: start.elapsed().as_secs_f64(),
                 error: None,
@@ -371,7 +380,7 @@ fn worker(
         };
         let line = match (&record.score, &record.error) {
             (Some(score), _) => {
-                format!("{key}: validation NDCG@{} {:.2} ({:.0}s)", train_cfg.eval_k, score, record.seconds)
+                format!("{key}: validation {} {:.2} ({:.0}s)", train_cfg.metric_name(), score, record.seconds)
             }
             (None, Some(e)) => format!("{key}: failed: {e}"),
             (None, None) => format!("{key}: no score"),
@@ -404,13 +413,14 @@ pub fn best(state: &TuneState) -> Option<(&Trial, &TrialRecord)> {
 pub fn write_table(state: &TuneState, out: &Path) -> Result<()> {
     let plan = &state.suite;
     let mut text = format!(
-        "# semshare tune\n\n{} trials, {} rungs of {} steps (η = {}), seed {}; budget {} steps. Score: best validation NDCG; — not trained at that rung.\n\n",
+        "# semshare tune\n\n{} trials, {} rungs of {} steps (η = {}), seed {}; budget {} steps. Score: best validation {}; — not trained at that rung.\n\n",
         plan.trials.len(),
         plan.rungs,
         (0..plan.rungs).map(|r| plan.steps(r).to_string()).collect::<Vec<_>>().join(" / "),
         plan.reduction,
         plan.seed,
-        plan.budget()
+        plan.budget(),
+        plan.metric
     );
     text += "| trial | lr | weight decay | dropout | λ | warm-up | batch | dim | layers |";
     text += &(0..plan.rungs).map(|r| format!(" rung {r} |")).collect::<String>();

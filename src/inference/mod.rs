@@ -29,7 +29,8 @@ pub fn load_model(dev: &mut dyn Backend, path: &std::path::Path) -> Result<(SemS
 
 /// A loaded checkpoint's model and its parameters on `dev`, refused as [`load_model`] does.
 pub fn upload_model(dev: &mut dyn Backend, ckpt: &Checkpoint) -> Result<(SemShare, Tensor)> {
-    let net = SemShare::new(&ckpt.model)?;
+    let mut net = SemShare::new(&ckpt.model)?;
+    net.set_input_norm(ckpt.spec.normalization.clone())?;
     crate::model::memory::check_memory(dev, &net, EMBED_CHUNK, false)?;
     let params = net.store.upload(dev, &ckpt.params)?;
     Ok((net, params))

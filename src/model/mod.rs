@@ -5,6 +5,7 @@ pub mod batch;
 pub mod config;
 pub mod consistency;
 pub mod image;
+pub mod input_norm;
 pub mod memory;
 pub mod semshare;
 pub mod shared;
@@ -13,5 +14,6 @@ pub mod variant;
 
 pub use batch::{Batch, ImageBatch, MaskPlan, TextBatch};
 pub use config::{ModelConfig, Trunk};
+pub use input_norm::{FeatureNorm, InputNorm};
 pub use semshare::{EmbeddingKind, LossWeights, ModalityLoss, SemShare};
 pub use variant::{Consistency, Variant, VariantSpec};

@@ -1,9 +1,10 @@
 //! What several commands share: the device, the configuration (preset, file, flags), the
 //! dataset, a trained model to evaluate or embed with, and the report printout.
 
-use std::collections::BTreeSet;
+use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use semshare::backend::{self, Backend};
 use semshare::checkpoint::Checkpoint;
@@ -15,7 +16,7 @@ use semshare::eval::Report;
 use semshare::inference::upload_model;
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
 use semshare::tensor::Tensor;
-use semshare::train::TrainConfig;
+use semshare::train::{Progress, ProgressFn, TrainConfig};
 use semshare::{Error, Result};
 
 pub fn device(args: &Args) -> Result<Box<dyn Backend>> {
@@ -28,22 +29,28 @@ pub fn configs(args: &Args, base: TrainConfig) -> Result<Configs> {
     let model = ModelConfig::preset(args.get("model").unwrap_or("small"))?;
     let mut c = match args.get("config") {
         Some(path) => read_config_file(model, base, Path::new(path))?,
-        None => Configs { model, train: base, model_keys: BTreeSet::new() },
+        None => Configs::new(model, base),
     };
+    // A flag is explicit, like a key of the file: the data-aware defaults keep it.
     if let Some(v) = args.num("steps")? {
         c.train.steps = v;
+        c.train_keys.insert("steps".into());
     }
     if let Some(v) = args.num("batch")? {
         c.train.batch_size = v;
+        c.train_keys.insert("batch_size".into());
     }
     if let Some(v) = args.num("lr")? {
         c.train.lr = v;
+        c.train_keys.insert("lr".into());
     }
     if let Some(v) = args.num("seed")? {
         c.train.seed = v;
+        c.train_keys.insert("seed".into());
     }
     if let Some(v) = args.num("lambda")? {
         c.model.lambda = v;
+        c.model_keys.insert("lambda".into());
     }
     Ok(c)
 }
@@ -97,4 +104,47 @@ impl Trained {
         };
         Ok(Trained { dev, data, net, params, kind })
     }
+}
+
+/// The progress display of `train`, `demo` and `experiment`, on stderr: on a terminal the step
+/// line is redrawn in place (`\r`) every 10 steps; piped (a log, CI) a plain line every tenth of
+/// the run (of its step cap) or 30 s, whichever comes first. Validations, an early stop and the
+/// suite's notes are lines of their own.
+pub fn progress_printer() -> ProgressFn {
+    let redraw = std::io::stderr().is_terminal();
+    let cr = if redraw { "\r" } else { "" };
+    let last_piped = Mutex::new(Instant::now());
+    ProgressFn::new(move |p| match p {
+        Progress::Step { step, total, loss, steps_per_sec } => {
+            let mut last = last_piped.lock().unwrap_or_else(|e| e.into_inner());
+            let due = if redraw {
+                step % 10 == 0 || step == total
+            } else {
+                step % (total / 10).max(1) == 0 || last.elapsed() >= Duration::from_secs(30)
+            };
+            if !due {
+                return;
+            }
+            let eta = (total - step) as f64 / steps_per_sec.max(1e-9);
+            let line = format!("step {step:>6}/{total}  loss {loss:.4}  {steps_per_sec:.1} steps/s  ETA {eta:>4.0}s");
+            if redraw {
+                eprint!("\r{line}   ");
+            } else {
+                eprintln!("{line}");
+                *last = Instant::now();
+            }
+        }
+        Progress::Validation { step, total, loss, metric, scores, best, best_step, best_embedding } => {
+            let scores: Vec<String> = scores.iter().map(|(k, s)| format!("{} {s:.2}", k.name())).collect();
+            let with = best_embedding.map(|k| format!(", {}", k.name())).unwrap_or_default();
+            eprintln!(
+                "{cr}step {step:>6}/{total}  loss {loss:.4}  val {metric} {} (best {best:.2} at {best_step}{with})",
+                scores.join(" / ")
+            );
+        }
+        Progress::EarlyStop { stale, metric } => {
+            eprintln!("early stop: {stale} validations without a better {metric}")
+        }
+        Progress::Note(line) => eprintln!("{line}"),
+    })
 }

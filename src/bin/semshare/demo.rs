@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::common::device;
+use crate::common::{device, progress_printer};
 use semshare::cli::Args;
 use semshare::config::fit_to_data;
 use semshare::data::reader::DatasetReader;
@@ -45,7 +45,13 @@ pub fn run(args: &Args) -> Result<()> {
     let before = evaluate_split(dev.as_mut(), &untrained, &init, &data, "test", EmbeddingKind::Pooled, &eval_cfg)?;
     eprintln!("training the `small` model for {} steps of {} pairs on {} ...", cfg.steps, cfg.batch_size, dev.name());
     // The demo's own directory: its previous checkpoints are replaced.
-    let opts = RunOptions { out_dir: out.clone(), resume: None, replace: true, progress: true };
+    let opts = RunOptions {
+        out_dir: out.clone(),
+        resume: None,
+        replace: true,
+        progress: Some(progress_printer()),
+        resolved_config: None,
+    };
     let summary = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
     let best = summary.best_checkpoint.clone().ok_or_else(|| Error::data("the demo run wrote no checkpoint"))?;
     let (net, params) = load_model(dev.as_mut(), &best)?;

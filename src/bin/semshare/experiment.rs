@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{configs, device, fit, load_data};
+use crate::common::{configs, device, fit, load_data, progress_printer};
 use semshare::cli::Args;
 use semshare::experiment::run::{ExperimentConfig, build_suite, default_budget, run_suite, state_path, suite_name};
 use semshare::experiment::suite::{SuiteKind, SuiteState};
@@ -38,7 +38,7 @@ pub fn run(args: &Args) -> Result<()> {
         train,
         out: args.get("out").map_or_else(|| Path::new("docs/results").join(&dataset), PathBuf::from),
         runs_dir: args.get("runs").map_or_else(|| Path::new("runs/experiments").join(&dataset), PathBuf::from),
-        progress: true,
+        progress: Some(progress_printer()),
     };
     refuse_overlap(&cfg.out, &data.dir, "dataset (--data)")?;
     refuse_overlap(&cfg.runs_dir, &data.dir, "dataset (--data)")?;

@@ -101,6 +101,9 @@ const COMMANDS: &[Command] = &[
              [--resume CKPT] [--force] [--device D]
              --steps is the total: --resume continues CKPT's run up to it (nothing to do if
              CKPT is there already); --force replaces another run's checkpoints in --out
+             What no flag or config key gives is decided from the data (normalisation, step
+             cap and early stopping by epochs, context loss, validation score, embedding),
+             printed with a reason each and written to --out as resolved-config.json
 ",
         takes: Takes::Flags {
             values: &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device"],

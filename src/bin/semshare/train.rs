@@ -2,9 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{configs, device, fit, load_data};
+use crate::common::{configs, device, fit, load_data, progress_printer};
 use semshare::Result;
 use semshare::cli::Args;
+use semshare::defaults::resolve;
 use semshare::io::refuse_overlap;
 use semshare::train::{RunOptions, TrainConfig, fresh_run_dir, train};
 
@@ -12,10 +13,16 @@ pub fn run(args: &Args) -> Result<()> {
     let mut dev = device(args)?;
     let data = load_data(args)?;
     let c = configs(args, TrainConfig::default())?;
-    let cfg = c.train.clone();
     // The variant's structure (trunk, separate models, segments) goes with it.
-    let mut model = cfg.variant.configure(&c.model);
+    let mut model = c.train.variant.configure(&c.model);
     fit(&mut model, &data.layout, &c, args)?;
+    // What was not given is decided from the data, each choice with its reason.
+    let resolved = resolve(&c, &model, &data)?;
+    eprintln!("configuration for {} (given values kept):", data.meta().name);
+    for line in resolved.lines() {
+        eprintln!("  {line}");
+    }
+    let (model, cfg) = (resolved.model.clone(), resolved.train.clone());
     let resume = args.get("resume").map(PathBuf::from);
     let (out_dir, fresh) = match args.get("out") {
         Some(out) => (PathBuf::from(out), false),
@@ -27,7 +34,13 @@ pub fn run(args: &Args) -> Result<()> {
         },
     };
     refuse_overlap(&out_dir, &data.dir, "dataset (--data)")?;
-    let opts = RunOptions { out_dir, resume, replace: args.has("force"), progress: true };
+    let opts = RunOptions {
+        out_dir,
+        resume,
+        replace: args.has("force"),
+        progress: Some(progress_printer()),
+        resolved_config: Some(resolved.to_json()),
+    };
     let s = train(dev.as_mut(), &data, &model, &cfg, &opts).inspect_err(|_| {
         if fresh {
             // A run refused before writing a checkpoint leaves no empty directory behind
@@ -46,14 +59,15 @@ pub fn run(args: &Args) -> Result<()> {
         );
         return Ok(());
     };
+    let with = s.best_embedding.map(|k| format!(" with the {} embedding", k.name())).unwrap_or_default();
     println!(
-        "trained {} steps in {:.1}s on {}: final loss {:.4}, best validation NDCG@{} {:.2} at step {} ({})",
+        "trained {} steps in {:.1}s on {}: final loss {:.4}, best validation {} {:.2} at step {}{with} ({})",
         s.steps,
         s.seconds,
         dev.name(),
         s.final_loss,
-        cfg.eval_k,
-        s.best_ndcg,
+        cfg.metric_name(),
+        s.best_score,
         s.best_step,
         best.display()
     );

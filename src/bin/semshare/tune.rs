@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use crate::common::{configs, fit, load_data};
 use semshare::cli::Args;
+use semshare::defaults::resolve;
 use semshare::experiment::tune::{TuneConfig, build_plan, default_rungs, run_tune, state_path};
 use semshare::io::refuse_overlap;
 use semshare::train::TrainConfig;
@@ -16,6 +17,13 @@ pub fn run(args: &Args) -> Result<()> {
     let c = configs(args, TrainConfig::default())?;
     let mut model = c.model.clone();
     fit(&mut model, &data.layout, &c, args)?;
+    // The base every trial starts from: what `train` would resolve from the data (input
+    // normalisation, validation score and embedding, λ when there is nothing to predict).
+    let resolved = resolve(&c, &model, &data)?;
+    eprintln!("base configuration for {} (given values kept; the search sets its own):", data.meta().name);
+    for line in resolved.lines() {
+        eprintln!("  {line}");
+    }
     let trials = args.num("trials")?.unwrap_or(27);
     let reduction = args.num("reduction")?.unwrap_or(3);
     // One epoch of the training split at the base batch, at least 50 steps.
@@ -25,8 +33,8 @@ pub fn run(args: &Args) -> Result<()> {
     let out = args.get("out").map_or_else(|| Path::new("runs/tune").join(&dataset), PathBuf::from);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cfg = TuneConfig {
-        model,
-        train: c.train,
+        model: resolved.model,
+        train: resolved.train,
         trials,
         min_steps: args.num("min-steps")?.unwrap_or(epoch.max(50)),
         reduction,
