@@ -866,3 +866,16 @@ fn row_ops_reject_tensors_without_columns_and_attention_zero_heads() {
     let (dout, probs) = (b.zeros(&[3, 4]).unwrap(), b.zeros(&[5]).unwrap());
     assert!(b.attention_bwd(&qkv, &probs, &seg, 0, &dout).is_err());
 }
+
+/// The suite runs per forced path (`SEMSHARE_CPU=portable cargo test --test ops_forward`, .ci/run):
+/// the path the kernels took is the one asked for, and it is printed.
+#[test]
+fn cpu_path_is_the_forced_one() {
+    use semshare::backend::cpu::dispatch;
+    let active = dispatch::active().unwrap().path();
+    println!("CPU path: {}", active.name());
+    match std::env::var(dispatch::ENV) {
+        Ok(name) if !name.is_empty() => assert_eq!(active.name(), name),
+        _ => assert_eq!(active, dispatch::best().path()),
+    }
+}

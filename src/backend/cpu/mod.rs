@@ -3,11 +3,13 @@
 //! over slices; this file only checks shapes and dispatches.
 
 pub mod attention;
+pub mod dispatch;
 pub mod elementwise;
 pub mod gemm;
 pub mod gru;
 pub mod layernorm;
 pub mod losses;
+pub mod microkernel;
 pub mod optim;
 pub mod topk;
 
@@ -83,7 +85,7 @@ impl Backend for Cpu {
         expect_len("gemm", "a", a.len(), g.m * g.k)?;
         expect_len("gemm", "b", b.len(), g.k * g.n)?;
         expect_len("gemm", "c", c.len(), g.m * g.n)?;
-        gemm::gemm(g, a.cpu(), b.cpu(), c.cpu());
+        gemm::gemm(dispatch::active()?, g, a.cpu(), b.cpu(), c.cpu());
         Ok(())
     }
 
@@ -216,6 +218,7 @@ impl Backend for Cpu {
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
         check_attention("attention_fwd", qkv, seg, heads)?;
+        dispatch::active()?;
         let (out, probs) = attention::forward(qkv.cpu(), &seg.offsets, heads);
         let n = probs.len();
         Ok((Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]), Tensor::from_cpu(probs, &[n])))
@@ -230,6 +233,7 @@ impl Backend for Cpu {
         dout: &Tensor,
     ) -> Result<Tensor> {
         check_attention_bwd(qkv, probs, seg, heads, dout)?;
+        dispatch::active()?;
         let dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu());
         Ok(Tensor::from_cpu(dqkv, qkv.shape()))
     }
@@ -293,6 +297,7 @@ impl Backend for Cpu {
 
     fn top_k(&mut self, queries: View, gallery: View, dim: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
         check_top_k(queries.len(), gallery.len(), dim, k)?;
+        dispatch::active()?;
         Ok(topk::split_keys(&topk::top_k_keys(queries.cpu(), gallery.cpu(), dim, k, topk::TILE)))
     }
 
