@@ -38,6 +38,14 @@ fn check_ids(op: &'static str, ids: &[u32], bound: usize) -> Result<()> {
     Ok(())
 }
 
+fn dropout(x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
+    }
+    elementwise::dropout(x.cpu_mut(), p, seed);
+    Ok(())
+}
+
 impl Backend for Cpu {
     /// "cpu (avx2)": the device and the kernels' path (dispatch.rs), so that every command
     /// and bench that prints the device says which path ran.
@@ -152,16 +160,12 @@ impl Backend for Cpu {
 
     fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
         let _timer = profile::time("dropout_fwd");
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
-        }
-        elementwise::dropout(x.cpu_mut(), p, seed);
-        Ok(())
+        dropout(x, p, seed)
     }
 
     fn dropout_bwd(&mut self, dy: &mut Tensor, p: f32, seed: u64) -> Result<()> {
         let _timer = profile::time("dropout_bwd");
-        self.dropout_fwd(dy, p, seed)
+        dropout(dy, p, seed) // the same mask (same seed) on the gradient
     }
 
     fn sigmoid(&mut self, x: &Tensor) -> Result<Tensor> {

@@ -78,7 +78,7 @@ pub fn table(per: usize) -> String {
     }
     out += &format!("| **all ops** | {total:.2} | 100 % |\n\n| op | calls | ms | share |\n|---|---|---|---|\n");
     let mut ops: Vec<_> = times.into_iter().collect();
-    ops.sort_by(|a, b| b.1.1.cmp(&a.1.1));
+    ops.sort_by_key(|op| std::cmp::Reverse(op.1.1));
     for (op, (n, d)) in ops {
         let ms = d.as_secs_f64() * 1e3 / per;
         out += &format!("| {op} | {:.0} | {ms:.2} | {:.1} % |\n", n as f64 / per, 100.0 * ms / total.max(1e-12));
