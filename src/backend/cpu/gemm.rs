@@ -10,7 +10,8 @@
 //! to four KC slices) and the GRU's 32-row recurrent GEMMs (one MC block). Packing buffers are
 //! per thread, 64-byte aligned and reused (no allocation per call). Parallel on the rayon pool:
 //! the threads pack each B panel together and then take row blocks of C against it (B is
-//! packed once, not once per thread), or, with too few rows (the GRU's 32), column blocks.
+//! packed once, not once per thread), or, with fewer rows, column blocks (the GRU's 32-row
+//! recurrent GEMMs run on one thread: latency-bound).
 
 use std::cell::RefCell;
 use std::thread::LocalKey;
@@ -97,10 +98,11 @@ pub unsafe fn gemm_strided(
     // Below ~1 M multiply-adds waking a second thread costs more than it saves.
     let parallel = m * n * k >= (1 << 20) && threads > 1;
     // Row blocks share one packed B panel (packed by all threads together); only A is packed
-    // per thread. With too few rows for that (the GRU's 32), column blocks, each thread
-    // packing its own part of B.
+    // per thread. With too few rows for that, column blocks, each thread packing its own part
+    // of B; but the GRU's 32-row recurrent GEMMs stay on one thread (latency-bound: waking a
+    // second one made them 2x slower, `cargo bench --bench cpu -- gemm/.*gru`, loaded VM).
     let row_parts = if parallel && m >= 2 * MC { threads.min(m.div_ceil(MC)) } else { 1 };
-    let col_parts = if parallel && row_parts == 1 { threads.min(n.div_ceil(4 * NR)) } else { 1 };
+    let col_parts = if parallel && row_parts == 1 && m >= 64 { threads.min(n.div_ceil(4 * NR)) } else { 1 };
     if col_parts == 1 {
         // SAFETY: as the caller guarantees.
         unsafe { blocked(kernel, row_parts, m, k, n, alpha, a, sa, b, sb, beta, c, sc) };
