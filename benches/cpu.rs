@@ -10,6 +10,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 
 use semshare::backend::cpu::Cpu;
+use semshare::backend::cpu::{dispatch, gemm as cpu_gemm};
 use semshare::backend::{Backend, Gemm, Segments};
 use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
 use semshare::rng::Rng;
@@ -36,6 +37,8 @@ fn batches(cfg: &ModelConfig, full: bool, seed: u64) -> (ImageBatch, TextBatch) 
 }
 
 fn train_step(c: &mut Criterion) {
+    // tools/bench_cpu_report.py reads this line.
+    eprintln!("semshare CPU path: {}", dispatch::active().expect("SEMSHARE_CPU").path().name());
     let cfg = config();
     let mut g = c.benchmark_group("train_step_small_b32");
     g.sample_size(20);
@@ -91,5 +94,68 @@ fn ops(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, train_step, inference, ops);
+/// The fp32 GEMM before issue 17: matrixmultiply's packed AVX2 kernels, split over row blocks
+/// of C on the rayon pool exactly as backend/cpu/gemm.rs did, kept here to compare versions.
+fn matrixmultiply_rows(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    use rayon::prelude::*;
+    let Gemm { m, n, k, trans_a, trans_b, alpha, beta } = g;
+    let (rsa, csa) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let parts = if m * n * k < (1 << 20) || m < 64 { 1 } else { rayon::current_num_threads().min(m / 8).max(1) };
+    let rows_per = m.div_ceil(parts).next_multiple_of(8);
+    let (a_addr, b_addr) = (a.as_ptr() as usize, b.as_ptr() as usize);
+    c[..m * n].par_chunks_mut(rows_per * n).enumerate().for_each(|(i, c)| {
+        let rows = c.len() / n;
+        // SAFETY: as in the old gemm.rs: row block i of op(a), all of b, this block of c.
+        unsafe {
+            let a = (a_addr as *const f32).offset((i * rows_per) as isize * rsa);
+            matrixmultiply::sgemm(
+                rows,
+                k,
+                n,
+                alpha,
+                a,
+                rsa,
+                csa,
+                b_addr as *const f32,
+                rsb,
+                csb,
+                beta,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    });
+}
+
+/// Our GEMM (the active path) against matrixmultiply on the `small` preset's shapes, side by
+/// side: `cargo bench --bench cpu -- gemm`.
+fn gemm_versions(c: &mut Criterion) {
+    let kernels = dispatch::active().expect("SEMSHARE_CPU");
+    let mut rng = Rng::new(4);
+    let mut g = c.benchmark_group("gemm");
+    // (name, m, k, n, trans_a, trans_b): activations × weights used transposed ([n, k] stored),
+    // a weight gradient (dW = dYᵀ·X), and the GRU's 32-row recurrent product.
+    let shapes = [
+        ("image_qkv_1152x256x768", 1152, 256, 768, false, true),
+        ("image_ffn_up_1152x256x512", 1152, 256, 512, false, true),
+        ("image_ffn_down_1152x512x256", 1152, 512, 256, false, true),
+        ("text_qkv_768x256x768", 768, 256, 768, false, true),
+        ("image_qkv_dw_768x1152x256", 768, 1152, 256, true, false),
+        ("gru_recurrent_32x128x384", 32, 128, 384, false, true),
+    ];
+    for (name, m, k, n, trans_a, trans_b) in shapes {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+        let mut y = vec![0f32; m * n];
+        let gm = Gemm { m, n, k, trans_a, trans_b, alpha: 1.0, beta: 0.0 };
+        let ours = format!("semshare_{}/{name}", kernels.path().name());
+        g.bench_function(ours, |bn| bn.iter(|| cpu_gemm::gemm(kernels, gm, &a, &b, &mut y)));
+        g.bench_function(format!("matrixmultiply/{name}"), |bn| bn.iter(|| matrixmultiply_rows(gm, &a, &b, &mut y)));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, train_step, inference, ops, gemm_versions);
 criterion_main!(benches);

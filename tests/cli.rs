@@ -281,3 +281,27 @@ fn train_resolves_defaults_from_the_data_and_the_written_config_loads_back() {
     assert!(stdout.contains("trained 3 steps"), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A forced CPU kernel path that is unknown, or that this CPU (or this version) cannot run:
+/// one `error:` line naming it and the missing feature, exit 1, never an illegal instruction.
+#[test]
+fn forced_cpu_path_errors_are_one_line() {
+    use semshare::backend::cpu::dispatch::CpuPath;
+    let dir = tmp("cpu-path");
+    let with = |forced: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_semshare"))
+            .env("SEMSHARE_CPU", forced)
+            .args(["demo", "--device", "cpu", "--steps", "1", "--out", path(&dir.join("out"))])
+            .output()
+            .unwrap()
+    };
+    fails_with(&with("sse9"), "SEMSHARE_CPU=sse9: unknown CPU path");
+    for p in CpuPath::ALL {
+        match p.kernels() {
+            Err(why) => fails_with(&with(p.name()), &why),
+            Ok(_) => println!("{} runs here: no error to check", p.name()),
+        }
+    }
+    assert!(!dir.join("out").exists(), "nothing written before the device opened");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

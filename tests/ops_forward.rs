@@ -36,7 +36,7 @@ fn lengths_strategy(max_items: usize, max_len: usize) -> impl Strategy<Value = V
 fn name_is_cpu() {
     let mut c = dev();
     let b: &mut dyn Backend = &mut c;
-    assert_eq!(b.name(), "cpu");
+    assert!(b.name().starts_with("cpu ("), "{}", b.name());
 }
 
 proptest! {
@@ -865,4 +865,17 @@ fn row_ops_reject_tensors_without_columns_and_attention_zero_heads() {
     assert!(b.attention_fwd(&qkv, &seg, 0).is_err());
     let (dout, probs) = (b.zeros(&[3, 4]).unwrap(), b.zeros(&[5]).unwrap());
     assert!(b.attention_bwd(&qkv, &probs, &seg, 0, &dout).is_err());
+}
+
+/// The suite runs per forced path (`SEMSHARE_CPU=portable cargo test --test ops_forward`, .ci/run):
+/// the path the kernels took is the one asked for, and it is printed.
+#[test]
+fn cpu_path_is_the_forced_one() {
+    use semshare::backend::cpu::dispatch;
+    let active = dispatch::active().unwrap().path();
+    println!("CPU path: {}", active.name());
+    match std::env::var(dispatch::ENV) {
+        Ok(name) if !name.is_empty() => assert_eq!(active.name(), name),
+        _ => assert_eq!(active, dispatch::best().path()),
+    }
 }

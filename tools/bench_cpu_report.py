@@ -2,27 +2,48 @@
 """CPU benchmark report: semshare (criterion) against PyTorch eager and ONNX Runtime, all
 measured in this one run on this machine, printed as one markdown table with ratios.
 
-    python3 tools/bench_cpu_report.py [--skip-onnx] > report.md
+    python3 tools/bench_cpu_report.py [--skip-onnx] [--json] [--evidence DIR] > report.md
 
-Runs, in order: `cargo bench --bench cpu` (train step and embedding, full and mixed lengths),
-`tools/torch_reference.py bench-cpu` (full, mixed), `tools/onnx_baseline.py` (full, mixed).
-A ratio below 1 means semshare is faster. The load average next to each figure says how much
-other work shared the two cores (a ratio is only meaningful when both sides saw the same).
+Runs, in order: `cargo bench --bench cpu` (train step, embedding, full and mixed lengths, and
+the GEMM versions side by side), `tools/torch_reference.py bench-cpu` (full, mixed),
+`tools/onnx_baseline.py` (full, mixed). A ratio below 1 means semshare is faster. The load
+average next to each figure says how much other work shared the cores (a ratio is only
+meaningful when both sides saw the same).
+
+Evidence: the CPU's model and flags, the kernels' path semshare took (SEMSHARE_CPU or the best
+one detected) and the raw output of every run are written to a new directory (default
+target/bench_cpu_report/<UTC time>/; an existing one is refused, never overwritten).
+`--json` prints one line per figure instead of the table:
+{"measure", "inputs", "precision", "semshare_ms", "torch_ms", "ort_ms"} (null where not measured).
+Precision is fp32 only: the bf16 path (AMX) is owed (issue 17).
 """
 
 import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The model's GEMM shapes in benches/cpu.rs's `gemm` group.
+GEMM_SHAPES = ("image_qkv_1152x256x768", "image_ffn_up_1152x256x512", "image_ffn_down_1152x512x256",
+               "text_qkv_768x256x768", "image_qkv_dw_768x1152x256", "gru_recurrent_32x128x384")
 
-def run(cmd, **kw):
+
+def run(cmd, evidence, name, **kw):
+    """Runs cmd, keeps its stdout and stderr under evidence/name.{stdout,stderr}, returns both."""
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, **kw).stdout
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+    for ext, text in (("stdout", p.stdout), ("stderr", p.stderr)):
+        with open(os.path.join(evidence, f"{name}.{ext}"), "x") as f:
+            f.write(f"$ {' '.join(cmd)}\n{text}")
+    if p.returncode != 0:
+        sys.exit(f"{cmd[0]} failed (exit {p.returncode}); its output is in {evidence}/{name}.stderr")
+    return p.stdout, p.stderr
 
 
 def criterion_median_ms(group, name):
@@ -35,46 +56,100 @@ def json_lines(text):
     return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
 
 
+def cpu_info():
+    """Model name and flags from /proc/cpuinfo (Linux), else what platform says."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = value.split()
+    except OSError:
+        pass
+    return model, flags
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--json", action="store_true", help="one JSON line per figure instead of the markdown table")
+    ap.add_argument("--evidence", help="directory for the raw outputs (must not exist)")
     a = ap.parse_args()
 
+    evidence = a.evidence or os.path.join(ROOT, "target", "bench_cpu_report", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    try:
+        os.makedirs(evidence)
+    except FileExistsError:
+        sys.exit(f"{evidence}: already exists; choose a new --evidence directory")
+    model, flags = cpu_info()
+    simd = [f for f in flags if re.match(r"(avx|fma|amx|sse4|f16c|asimd|sve)", f)]
+
     load_before = os.getloadavg()[0]
-    run(["cargo", "bench", "--bench", "cpu", "--", "train_step|embed"])
+    _, bench_err = run(["cargo", "bench", "--bench", "cpu", "--", "train_step|embed|gemm"], evidence, "cargo_bench")
+    path = re.search(r"semshare CPU path: (\w+)", bench_err)
+    path = path.group(1) if path else "unknown"
     ours = {(kind, inputs): criterion_median_ms(group, inputs)
             for kind, group in (("train", "train_step_small_b32"), ("embed", "embed_small_32img_32txt"))
             for inputs in ("full", "mixed")}
+    gemm = {shape: (criterion_median_ms("gemm", f"semshare_{path}_{shape}"),
+                    criterion_median_ms("gemm", f"matrixmultiply_{shape}")) for shape in GEMM_SHAPES}
     load_after_rust = os.getloadavg()[0]
 
     torch_ms, onnx_ms = {}, {}
     for inputs in ("full", "mixed"):
-        flags = ["--mixed"] if inputs == "mixed" else []
-        for rec in json_lines(run([sys.executable, "tools/torch_reference.py", "bench-cpu", "--attn", "sdpa"] + flags)):
+        flags_ = ["--mixed"] if inputs == "mixed" else []
+        out, _ = run([sys.executable, "tools/torch_reference.py", "bench-cpu", "--attn", "sdpa"] + flags_, evidence, f"torch_{inputs}")
+        for rec in json_lines(out):
             if rec["measure"] == "train_step":
                 torch_ms[("train", inputs)] = rec["median_ms"]
         if not a.skip_onnx:
-            recs = json_lines(run([sys.executable, "tools/onnx_baseline.py"] + flags, env=dict(os.environ, PYTHONWARNINGS="ignore")))
+            out, _ = run([sys.executable, "tools/onnx_baseline.py"] + flags_, evidence, f"onnx_{inputs}",
+                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            recs = json_lines(out)
             onnx_ms[("embed", inputs)] = next(r["median_ms"] for r in recs if r["runtime"] == "onnxruntime")
             # PyTorch eager embedding, timed in the same process as ONNX Runtime (median of its runs).
-            eager = [r["median_ms"] for r in recs if r["runtime"] == "torch_eager"]
-            torch_ms[("embed", inputs)] = sorted(eager)[len(eager) // 2]
+            eager = sorted(r["median_ms"] for r in recs if r["runtime"] == "torch_eager")
+            torch_ms[("embed", inputs)] = eager[len(eager) // 2]
     load_end = os.getloadavg()[0]
 
     import torch
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-          f"2 threads everywhere; load average 1 min: {load_before:.2f} before, {load_after_rust:.2f} after "
-          f"semshare, {load_end:.2f} at the end.\n")
-    print("| measure | inputs | semshare (ms) | PyTorch eager (ms) | ratio | ONNX Runtime (ms) | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    machine = {"cpu": model, "cores": os.cpu_count(), "simd_flags": simd, "all_flags": flags, "semshare_cpu_path": path,
+               "torch": torch.__version__, "load_before": load_before, "load_after_semshare": load_after_rust,
+               "load_end": load_end, "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    with open(os.path.join(evidence, "machine.json"), "x") as f:
+        json.dump(machine, f, indent=1)
+
+    figures = []
     for kind in ("train", "embed"):
         for inputs in ("full", "mixed"):
-            o, t = ours[(kind, inputs)], torch_ms.get((kind, inputs))
-            x = onnx_ms.get((kind, inputs))
-            cells = [f"{o:.1f}", f"{t:.1f}" if t else "—", f"{o / t:.2f}" if t else "—",
-                     f"{x:.1f}" if x else "—", f"{o / x:.2f}" if x else "—"]
-            name = "train step, batch 32" if kind == "train" else "embed 32 images + 32 texts"
-            print(f"| {name} | {inputs} | " + " | ".join(cells) + " |")
+            measure = "train step, batch 32" if kind == "train" else "embed 32 images + 32 texts"
+            figures.append({"measure": measure, "inputs": inputs, "precision": "fp32", "semshare_ms": ours[(kind, inputs)],
+                            "torch_ms": torch_ms.get((kind, inputs)), "ort_ms": onnx_ms.get((kind, inputs))})
+    with open(os.path.join(evidence, "figures.jsonl"), "x") as f:
+        f.writelines(json.dumps(r) + "\n" for r in figures)
+    if a.json:
+        for r in figures:
+            print(json.dumps(r))
+        return
+
+    print(f"Machine: {model}, {os.cpu_count()} cores, SIMD flags {' '.join(simd) or 'none'}; semshare CPU path "
+          f"`{path}`; torch {torch.__version__}, 2 threads everywhere; load average 1 min: {load_before:.2f} before, "
+          f"{load_after_rust:.2f} after semshare, {load_end:.2f} at the end. Raw outputs: {evidence}.\n")
+    print("| measure | inputs | precision | semshare (ms) | PyTorch eager (ms) | ratio | ONNX Runtime (ms) | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in figures:
+        o, t, x = r["semshare_ms"], r["torch_ms"], r["ort_ms"]
+        cells = [f"{o:.1f}", f"{t:.1f}" if t else "—", f"{o / t:.2f}" if t else "—",
+                 f"{x:.1f}" if x else "—", f"{o / x:.2f}" if x else "—"]
+        print(f"| {r['measure']} | {r['inputs']} | {r['precision']} | " + " | ".join(cells) + " |")
+    print(f"\n| GEMM (m x k x n) | semshare `{path}` (ms) | matrixmultiply (ms) | ratio | semshare GFLOP/s |")
+    print("|---|---|---|---|---|")
+    for shape, (o, mm) in gemm.items():
+        m, k, n = (int(v) for v in shape.rsplit("_", 1)[1].split("x"))
+        print(f"| {shape} | {o:.3f} | {mm:.3f} | {o / mm:.2f} | {2 * m * k * n / o / 1e6:.0f} |")
 
 
 if __name__ == "__main__":

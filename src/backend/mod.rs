@@ -107,6 +107,11 @@ pub struct GruStep {
 
 pub trait Backend {
     fn name(&self) -> &'static str;
+    /// Whether this device computes on host memory, so that `View::Cpu` of any slice (a memory
+    /// map, say) is an operand as it is, with no upload.
+    fn on_host(&self) -> bool {
+        false
+    }
     /// Bytes this device can still allocate (None: unknown, and no size check is made).
     fn available_memory(&self) -> Option<u64>;
 

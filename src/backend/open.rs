@@ -10,10 +10,10 @@ use crate::Result;
 /// build has it and a GPU is present, else the CPU).
 pub fn open(device: &str) -> Result<Box<dyn Backend>> {
     match device {
-        "cpu" => Ok(Box::new(cpu::Cpu::new())),
+        "cpu" => open_cpu(),
         #[cfg(feature = "cuda")]
         "auto" if cuda::available() => Ok(Box::new(cuda::Cuda::new(0)?)),
-        "auto" => Ok(Box::new(cpu::Cpu::new())),
+        "auto" => open_cpu(),
         #[cfg(feature = "cuda")]
         "cuda" => Ok(Box::new(cuda::Cuda::new(0)?)),
         #[cfg(not(feature = "cuda"))]
@@ -22,4 +22,10 @@ pub fn open(device: &str) -> Result<Box<dyn Backend>> {
         }),
         other => Err(crate::Error::config(format!("unknown device `{other}` (expected auto, cpu or cuda)"))),
     }
+}
+
+/// The CPU, once its kernels' path is settled: a bad `SEMSHARE_CPU` fails here, in one line.
+fn open_cpu() -> Result<Box<dyn Backend>> {
+    cpu::dispatch::active()?;
+    Ok(Box::new(cpu::Cpu::new()))
 }

@@ -23,6 +23,8 @@
 //!
 //! Every score except the PR curve is a mean over queries ×100.
 
+use crate::backend::cpu::dispatch;
+use crate::backend::cpu::gemm::{Strided, gemm_strided};
 use crate::backend::cpu::topk::rank_key;
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -354,6 +356,7 @@ fn evaluate_blocked(
     cfg: &EvalConfig,
     block_floats: usize,
 ) -> Result<Report> {
+    dispatch::active()?; // a bad SEMSHARE_CPU is reported here, not replaced in direction()
     let unpaired;
     let cfg = match text_item {
         Some(_) => cfg,
@@ -508,21 +511,19 @@ fn direction<'p>(
         // SAFETY: Q's block is rows×dim (row stride dim), G is ng×dim read as its transpose
         // (row stride 1, column stride dim), sims is rows×ng (row stride ng); all in bounds.
         unsafe {
-            matrixmultiply::sgemm(
+            gemm_strided(
+                dispatch::current(),
                 rows,
                 q.dim,
                 ng,
                 1.0,
                 q.emb[start * q.dim..].as_ptr(),
-                q.dim as isize,
-                1,
+                Strided::rows(q.dim),
                 g.emb.as_ptr(),
-                1,
-                g.dim as isize,
+                Strided::transposed(g.dim),
                 0.0,
                 sims.as_mut_ptr(),
-                ng as isize,
-                1,
+                Strided::rows(ng),
             );
         }
         let block_stats: Vec<QueryStats> = sims

@@ -33,7 +33,7 @@ pub fn search(dev: &mut dyn Backend, index: &Index, queries: &[f32], k: usize) -
         return Err(Error::data(format!("query {} holds a non-finite value", i / dim)));
     }
     let k = k.min(index.len());
-    let (ids, scores) = if dev.name() == "cpu" {
+    let (ids, scores) = if dev.on_host() {
         dev.top_k(View::Cpu(queries), View::Cpu(index.vectors()), dim, k)?
     } else {
         let q = dev.upload(queries, &[queries.len() / dim, dim])?;

@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 
+use super::dispatch;
 use super::gemm::{Strided, gemm_strided};
 use crate::backend::prob_offsets;
 
@@ -35,6 +36,7 @@ fn softmax_rows(p: &mut [f32], len: usize) {
 }
 
 pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f32>) {
+    let kernels = dispatch::current();
     let tokens = offsets[offsets.len() - 1];
     let d = qkv.len() / tokens.max(1) / 3;
     let dh = d / heads;
@@ -56,6 +58,7 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f
             unsafe {
                 // S = scale · Q Kᵀ
                 gemm_strided(
+                    kernels,
                     len,
                     dh,
                     len,
@@ -73,6 +76,7 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f
             unsafe {
                 // O = P V
                 gemm_strided(
+                    kernels,
                     len,
                     len,
                     dh,
@@ -92,6 +96,7 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f
 }
 
 pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dout: &[f32]) -> Vec<f32> {
+    let kernels = dispatch::current();
     let tokens = offsets[offsets.len() - 1];
     let d = qkv.len() / tokens.max(1) / 3;
     let dh = d / heads;
@@ -114,6 +119,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
             unsafe {
                 // dV = Pᵀ dO
                 gemm_strided(
+                    kernels,
                     len,
                     len,
                     dh,
@@ -128,6 +134,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
                 );
                 // dP = dO Vᵀ
                 gemm_strided(
+                    kernels,
                     len,
                     dh,
                     len,
@@ -151,6 +158,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
             unsafe {
                 // dQ = dS K ; dK = dSᵀ Q
                 gemm_strided(
+                    kernels,
                     len,
                     len,
                     dh,
@@ -164,6 +172,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
                     row3,
                 );
                 gemm_strided(
+                    kernels,
                     len,
                     len,
                     dh,

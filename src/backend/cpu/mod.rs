@@ -3,12 +3,15 @@
 //! over slices; this file only checks shapes and dispatches.
 
 pub mod attention;
+pub mod dispatch;
 pub mod elementwise;
 pub mod gemm;
 pub mod gru;
 pub mod layernorm;
 pub mod losses;
+pub mod microkernel;
 pub mod optim;
+pub mod profile;
 pub mod topk;
 
 use super::{
@@ -35,9 +38,28 @@ fn check_ids(op: &'static str, ids: &[u32], bound: usize) -> Result<()> {
     Ok(())
 }
 
+fn dropout(x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
+    }
+    elementwise::dropout(x.cpu_mut(), p, seed);
+    Ok(())
+}
+
 impl Backend for Cpu {
+    /// "cpu (avx2)": the device and the kernels' path (dispatch.rs), so that every command
+    /// and bench that prints the device says which path ran.
+    fn on_host(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
-        "cpu"
+        match dispatch::current().path() {
+            dispatch::CpuPath::Amx => "cpu (amx)",
+            dispatch::CpuPath::Avx512 => "cpu (avx512)",
+            dispatch::CpuPath::Avx2 => "cpu (avx2)",
+            dispatch::CpuPath::Portable => "cpu (portable)",
+        }
     }
 
     fn available_memory(&self) -> Option<u64> {
@@ -45,6 +67,7 @@ impl Backend for Cpu {
     }
 
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        let _timer = profile::time("upload");
         expect_len("upload", "data", data.len(), shape.iter().product())?;
         let mut v = host_pool::take(data.len());
         v.clear();
@@ -53,41 +76,49 @@ impl Backend for Cpu {
     }
 
     fn upload_ids(&mut self, data: &[u32]) -> Result<Ids> {
+        let _timer = profile::time("upload_ids");
         Ok(Ids::from_cpu(data.to_vec()))
     }
 
     fn zeros(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let _timer = profile::time("zeros");
         Ok(Tensor::from_cpu(host_pool::zeroed(shape.iter().product()), shape))
     }
 
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let _timer = profile::time("alloc");
         Ok(Tensor::from_cpu(host_pool::dirty(shape.iter().product()), shape))
     }
 
     fn download(&mut self, x: View) -> Result<Vec<f32>> {
+        let _timer = profile::time("download");
         Ok(x.cpu().to_vec())
     }
 
     fn fill(&mut self, x: ViewMut, value: f32) -> Result<()> {
+        let _timer = profile::time("fill");
         x.cpu().fill(value);
         Ok(())
     }
 
     fn copy(&mut self, src: View, dst: ViewMut) -> Result<()> {
+        let _timer = profile::time("copy");
         expect_len("copy", "destination", dst.len(), src.len())?;
         dst.cpu().copy_from_slice(src.cpu());
         Ok(())
     }
 
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
+        let _timer = profile::time("gemm");
         expect_len("gemm", "a", a.len(), g.m * g.k)?;
         expect_len("gemm", "b", b.len(), g.k * g.n)?;
         expect_len("gemm", "c", c.len(), g.m * g.n)?;
-        gemm::gemm(g, a.cpu(), b.cpu(), c.cpu());
+        gemm::gemm(dispatch::active()?, g, a.cpu(), b.cpu(), c.cpu());
         Ok(())
     }
 
     fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()> {
+        let _timer = profile::time("add_bias");
         expect_cols("add_bias", y)?;
         expect_len("add_bias", "bias", bias.len(), y.cols())?;
         elementwise::add_bias(y.cpu_mut(), bias.cpu());
@@ -95,6 +126,7 @@ impl Backend for Cpu {
     }
 
     fn bias_bwd(&mut self, dy: &Tensor, dbias: ViewMut) -> Result<()> {
+        let _timer = profile::time("bias_bwd");
         expect_cols("bias_bwd", dy)?;
         expect_len("bias_bwd", "dbias", dbias.len(), dy.cols())?;
         elementwise::bias_bwd(dy.cpu(), dbias.cpu());
@@ -102,47 +134,52 @@ impl Backend for Cpu {
     }
 
     fn add_assign(&mut self, y: &mut Tensor, x: &Tensor) -> Result<()> {
+        let _timer = profile::time("add_assign");
         same_shape("add_assign", y, x)?;
         elementwise::add_assign(y.cpu_mut(), x.cpu());
         Ok(())
     }
 
     fn scale(&mut self, x: ViewMut, s: f32) -> Result<()> {
+        let _timer = profile::time("scale");
         x.cpu().iter_mut().for_each(|v| *v *= s);
         Ok(())
     }
 
     fn sum_squares(&mut self, x: View) -> Result<f64> {
+        let _timer = profile::time("sum_squares");
         Ok(optim::sum_squares(x.cpu()))
     }
 
     fn gelu_fwd(&mut self, x: &Tensor) -> Result<Tensor> {
+        let _timer = profile::time("gelu_fwd");
         Ok(Tensor::from_cpu(elementwise::gelu_fwd(x.cpu()), x.shape()))
     }
 
     fn gelu_bwd(&mut self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let _timer = profile::time("gelu_bwd");
         same_shape("gelu_bwd", x, dy)?;
         Ok(Tensor::from_cpu(elementwise::gelu_bwd(x.cpu(), dy.cpu()), x.shape()))
     }
 
     fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
-        }
-        elementwise::dropout(x.cpu_mut(), p, seed);
-        Ok(())
+        let _timer = profile::time("dropout_fwd");
+        dropout(x, p, seed)
     }
 
     fn dropout_bwd(&mut self, dy: &mut Tensor, p: f32, seed: u64) -> Result<()> {
-        self.dropout_fwd(dy, p, seed)
+        let _timer = profile::time("dropout_bwd");
+        dropout(dy, p, seed) // the same mask (same seed) on the gradient
     }
 
     fn sigmoid(&mut self, x: &Tensor) -> Result<Tensor> {
+        let _timer = profile::time("sigmoid");
         let y = x.cpu().iter().map(|&v| elementwise::sigmoid(v)).collect();
         Ok(Tensor::from_cpu(y, x.shape()))
     }
 
     fn l2_normalize_rows(&mut self, x: &mut Tensor) -> Result<()> {
+        let _timer = profile::time("l2_normalize_rows");
         expect_cols("l2_normalize_rows", x)?;
         let cols = x.cols();
         elementwise::l2_normalize_rows(x.cpu_mut(), cols);
@@ -150,6 +187,7 @@ impl Backend for Cpu {
     }
 
     fn gather_rows(&mut self, table: View, cols: usize, ids: &Ids) -> Result<Tensor> {
+        let _timer = profile::time("gather_rows");
         if cols == 0 || !table.len().is_multiple_of(cols) {
             return Err(Error::shape("gather_rows", format!("table of {} values with {cols} columns", table.len())));
         }
@@ -158,6 +196,7 @@ impl Backend for Cpu {
     }
 
     fn scatter_add_rows(&mut self, dy: &Tensor, ids: &Ids, dtable: ViewMut) -> Result<()> {
+        let _timer = profile::time("scatter_add_rows");
         expect_cols("scatter_add_rows", dy)?;
         let cols = dy.cols();
         expect_len("scatter_add_rows", "dy", dy.rows(), ids.len())?;
@@ -167,6 +206,7 @@ impl Backend for Cpu {
     }
 
     fn set_rows(&mut self, x: &mut Tensor, rows: &Ids, value: View) -> Result<()> {
+        let _timer = profile::time("set_rows");
         expect_len("set_rows", "value", value.len(), x.cols())?;
         check_ids("set_rows", rows.cpu(), x.rows())?;
         elementwise::set_rows(x.cpu_mut(), rows.cpu(), value.cpu());
@@ -174,6 +214,7 @@ impl Backend for Cpu {
     }
 
     fn set_rows_bwd(&mut self, dx: &mut Tensor, rows: &Ids, dvalue: ViewMut) -> Result<()> {
+        let _timer = profile::time("set_rows_bwd");
         expect_len("set_rows_bwd", "dvalue", dvalue.len(), dx.cols())?;
         check_ids("set_rows_bwd", rows.cpu(), dx.rows())?;
         elementwise::set_rows_bwd(dx.cpu_mut(), rows.cpu(), dvalue.cpu());
@@ -181,6 +222,7 @@ impl Backend for Cpu {
     }
 
     fn segment_mean_fwd(&mut self, x: &Tensor, seg: &Segments) -> Result<Tensor> {
+        let _timer = profile::time("segment_mean_fwd");
         rows_of("segment_mean_fwd", x, seg)?;
         expect_cols("segment_mean_fwd", x)?;
         let y = elementwise::segment_mean_fwd(x.cpu(), x.cols(), &seg.offsets);
@@ -188,6 +230,7 @@ impl Backend for Cpu {
     }
 
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {
+        let _timer = profile::time("segment_mean_bwd");
         expect_len("segment_mean_bwd", "dy rows", dy.rows(), seg.items())?;
         expect_cols("segment_mean_bwd", dy)?;
         let dx = elementwise::segment_mean_bwd(dy.cpu(), dy.cols(), &seg.offsets);
@@ -195,6 +238,7 @@ impl Backend for Cpu {
     }
 
     fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
+        let _timer = profile::time("layernorm_fwd");
         check_layernorm_fwd(x, &gamma, &beta)?;
         let (y, stats) = layernorm::forward(x.cpu(), gamma.cpu(), beta.cpu(), eps);
         Ok((Tensor::from_cpu(y, x.shape()), Tensor::from_cpu(stats, &[x.rows(), 2])))
@@ -209,13 +253,16 @@ impl Backend for Cpu {
         dgamma: ViewMut,
         dbeta: ViewMut,
     ) -> Result<Tensor> {
+        let _timer = profile::time("layernorm_bwd");
         check_layernorm_bwd(x, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
         let dx = layernorm::backward(x.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu());
         Ok(Tensor::from_cpu(dx, x.shape()))
     }
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
+        let _timer = profile::time("attention_fwd");
         check_attention("attention_fwd", qkv, seg, heads)?;
+        dispatch::active()?;
         let (out, probs) = attention::forward(qkv.cpu(), &seg.offsets, heads);
         let n = probs.len();
         Ok((Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]), Tensor::from_cpu(probs, &[n])))
@@ -229,7 +276,9 @@ impl Backend for Cpu {
         heads: usize,
         dout: &Tensor,
     ) -> Result<Tensor> {
+        let _timer = profile::time("attention_bwd");
         check_attention_bwd(qkv, probs, seg, heads, dout)?;
+        dispatch::active()?;
         let dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu());
         Ok(Tensor::from_cpu(dqkv, qkv.shape()))
     }
@@ -244,6 +293,7 @@ impl Backend for Cpu {
         out: &mut Tensor,
         gates: &mut Tensor,
     ) -> Result<()> {
+        let _timer = profile::time("gru_step_fwd");
         check_gru_step_fwd(step, seg, xproj, hproj, h, out, gates)?;
         let oc = out.cols();
         gru::step_fwd(step, &seg.offsets, xproj.cpu(), hproj.cpu(), h.cpu_mut(), out.cpu_mut(), oc, gates.cpu_mut());
@@ -261,6 +311,7 @@ impl Backend for Cpu {
         dxproj: &mut Tensor,
         dhproj: &mut Tensor,
     ) -> Result<()> {
+        let _timer = profile::time("gru_step_bwd");
         check_gru_step_bwd(step, seg, gates, h_prev, dout, dh, dxproj, dhproj)?;
         let oc = dout.cols();
         gru::step_bwd(
@@ -278,12 +329,14 @@ impl Backend for Cpu {
     }
 
     fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {
+        let _timer = profile::time("bce_with_logits");
         same_shape("bce_with_logits", logits, targets)?;
         expect_cols("bce_with_logits", logits)?;
         Ok(losses::bce_with_logits(logits.cpu_mut(), targets.cpu(), scale))
     }
 
     fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
+        let _timer = profile::time("cross_entropy");
         expect_len("cross_entropy", "targets", targets.len(), logits.rows())?;
         expect_cols("cross_entropy", logits)?;
         let classes = logits.cols();
@@ -292,11 +345,14 @@ impl Backend for Cpu {
     }
 
     fn top_k(&mut self, queries: View, gallery: View, dim: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        let _timer = profile::time("top_k");
         check_top_k(queries.len(), gallery.len(), dim, k)?;
+        dispatch::active()?;
         Ok(topk::split_keys(&topk::top_k_keys(queries.cpu(), gallery.cpu(), dim, k, topk::TILE)))
     }
 
     fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()> {
+        let _timer = profile::time("adamw");
         hp.check()?;
         let n = params.len();
         expect_len("adamw", "grads", grads.len(), n)?;

@@ -1,0 +1,173 @@
+//! Which instruction-set path the CPU kernels take: detected once per process at run time, the
+//! best one this CPU can run, or the one `SEMSHARE_CPU=amx|avx512|avx2|portable` forces.
+//!
+//! Built paths: `avx2` (AVX2 + FMA, x86-64) and `portable` (plain Rust, every target). `avx512`
+//! and `amx` are named so that forcing them is a clear error rather than a silent fall-back:
+//! no machine this project has could run and test them, so they are owed (issue 17), and the
+//! best path on a CPU with AVX-512 or AMX is `avx2` until they exist.
+
+use std::sync::OnceLock;
+
+use crate::{Error, Result};
+
+/// The environment variable that forces a path.
+pub const ENV: &str = "SEMSHARE_CPU";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuPath {
+    Amx,
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl CpuPath {
+    /// Best first: the order in which detection tries them.
+    pub const ALL: [CpuPath; 4] = [CpuPath::Amx, CpuPath::Avx512, CpuPath::Avx2, CpuPath::Portable];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuPath::Amx => "amx",
+            CpuPath::Avx512 => "avx512",
+            CpuPath::Avx2 => "avx2",
+            CpuPath::Portable => "portable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        CpuPath::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
+            Error::config(format!("{ENV}={s}: unknown CPU path (expected one of amx, avx512, avx2, portable)"))
+        })
+    }
+
+    /// The first CPU feature this path needs that this CPU lacks, if any.
+    pub fn missing_feature(self) -> Option<&'static str> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let needs: &[(&str, bool)] = match self {
+                CpuPath::Amx => &[
+                    ("avx512f", is_x86_feature_detected!("avx512f")),
+                    ("amx-tile", amx_bits().0),
+                    ("amx-bf16", amx_bits().1),
+                ],
+                CpuPath::Avx512 => &[
+                    ("avx512f", is_x86_feature_detected!("avx512f")),
+                    ("avx512bw", is_x86_feature_detected!("avx512bw")),
+                    ("avx512vl", is_x86_feature_detected!("avx512vl")),
+                ],
+                CpuPath::Avx2 => {
+                    &[("avx2", is_x86_feature_detected!("avx2")), ("fma", is_x86_feature_detected!("fma"))]
+                }
+                CpuPath::Portable => &[],
+            };
+            needs.iter().find(|(_, has)| !has).map(|(name, _)| *name)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        match self {
+            CpuPath::Amx => Some("amx-tile (x86-64 only)"),
+            CpuPath::Avx512 => Some("avx512f (x86-64 only)"),
+            CpuPath::Avx2 => Some("avx2 (x86-64 only)"),
+            CpuPath::Portable => None,
+        }
+    }
+
+    /// Whether this version has kernels for the path.
+    pub fn built(self) -> bool {
+        matches!(self, CpuPath::Avx2 | CpuPath::Portable)
+    }
+
+    /// The kernels of this path, or why this machine cannot run them (one line).
+    pub fn kernels(self) -> std::result::Result<Kernels, String> {
+        if let Some(f) = self.missing_feature() {
+            return Err(format!("the {} path needs {f}, which this CPU lacks", self.name()));
+        }
+        if !self.built() {
+            return Err(format!("the {} path is not built in this version (owed: issue 17)", self.name()));
+        }
+        Ok(Kernels(self))
+    }
+}
+
+/// (AMX-TILE, AMX-BF16) from CPUID leaf 7 (EDX bits 24 and 22): `is_x86_feature_detected!`
+/// has no stable name for them.
+#[cfg(target_arch = "x86_64")]
+fn amx_bits() -> (bool, bool) {
+    // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is valid when leaf 0 reports it.
+    #[allow(unused_unsafe)] // safe to call from Rust 1.94 on; unsafe before
+    let edx = unsafe {
+        if std::arch::x86_64::__cpuid(0).eax < 7 {
+            return (false, false);
+        }
+        std::arch::x86_64::__cpuid_count(7, 0).edx
+    };
+    (edx & (1 << 24) != 0, edx & (1 << 22) != 0)
+}
+
+/// Proof that this CPU can run a path's kernels: only [`CpuPath::kernels`] makes one, so an
+/// intrinsic the CPU lacks is never reached (no illegal-instruction signal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels(CpuPath);
+
+impl Kernels {
+    pub fn path(self) -> CpuPath {
+        self.0
+    }
+}
+
+/// The best path this CPU can run.
+pub fn best() -> Kernels {
+    CpuPath::ALL.into_iter().find_map(|p| p.kernels().ok()).expect("the portable path runs everywhere")
+}
+
+/// The path for a value of `SEMSHARE_CPU` (`None`: unset, the best one).
+pub fn select(forced: Option<&str>) -> Result<Kernels> {
+    match forced {
+        None | Some("") => Ok(best()),
+        Some(name) => CpuPath::parse(name)?.kernels().map_err(|why| Error::config(format!("{ENV}={name}: {why}"))),
+    }
+}
+
+static ACTIVE: OnceLock<std::result::Result<Kernels, String>> = OnceLock::new();
+
+/// The path of this process, chosen on first use from `SEMSHARE_CPU` and the CPU's features;
+/// an unknown or unsupported forced path is an error every time it is asked for.
+pub fn active() -> Result<Kernels> {
+    ACTIVE
+        .get_or_init(|| select(std::env::var(ENV).ok().as_deref()).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|e| Error::config(e.trim_start_matches("configuration: ").to_string()))
+}
+
+/// The active path for code below the entry points that already returned [`active`]'s error:
+/// the best path when the forced one is invalid.
+pub fn current() -> Kernels {
+    active().unwrap_or_else(|_| best())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_missing_paths_are_one_line_errors() {
+        let e = select(Some("sse9")).unwrap_err().to_string();
+        assert!(e.contains("SEMSHARE_CPU=sse9") && e.contains("unknown") && !e.contains('\n'), "{e}");
+        for p in CpuPath::ALL {
+            match p.kernels() {
+                Ok(k) => assert_eq!(select(Some(p.name())).unwrap(), k),
+                Err(why) => {
+                    let e = select(Some(p.name())).unwrap_err().to_string();
+                    assert!(e.contains(p.name()) && e.contains(&why) && !e.contains('\n'), "{e}");
+                }
+            }
+        }
+        assert!(CpuPath::Portable.kernels().is_ok());
+        assert_eq!(select(None).unwrap(), best());
+    }
+
+    #[test]
+    fn detection_prefers_the_best_built_path() {
+        let want = if CpuPath::Avx2.kernels().is_ok() { CpuPath::Avx2 } else { CpuPath::Portable };
+        assert_eq!(best().path(), want);
+    }
+}

@@ -1,0 +1,160 @@
+//! The CPU GEMM on every path this machine can run, against the f64 definition on fresh random
+//! inputs: odd sizes, every transpose, beta 0 and 1, alpha ≠ 1, strided operands. A path the
+//! machine lacks (or this version does not build) is printed as not run, by name, never passed.
+
+use semshare::backend::Gemm;
+use semshare::backend::cpu::dispatch::{CpuPath, Kernels};
+use semshare::backend::cpu::gemm::{Strided, gemm, gemm_strided};
+use semshare::rng::Rng;
+
+fn runnable_paths() -> Vec<Kernels> {
+    let mut run = Vec::new();
+    for p in CpuPath::ALL {
+        match p.kernels() {
+            Ok(k) => run.push(k),
+            Err(why) => println!("not run: CPU path {}: {why}", p.name()),
+        }
+    }
+    assert!(run.iter().any(|k| k.path() == CpuPath::Portable));
+    run
+}
+
+fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+/// element (i, j) of op(x) for a row-major x that is [rows, cols] before op.
+fn at(x: &[f32], trans: bool, i: usize, j: usize, rows_op: usize, cols_op: usize) -> f64 {
+    (if trans { x[j * rows_op + i] } else { x[i * cols_op + j] }) as f64
+}
+
+fn check(kernels: Kernels, g: Gemm, rng: &mut Rng) {
+    let Gemm { m, n, k, trans_a, trans_b, alpha, beta } = g;
+    let (a, b) = (random(rng, m * k), random(rng, k * n));
+    let c0 = if beta == 0.0 { vec![f32::NAN; m * n] } else { random(rng, m * n) };
+    let mut c = c0.clone();
+    gemm(kernels, g, &a, &b, &mut c);
+    for i in 0..m {
+        for j in 0..n {
+            let (mut dot, mut mag) = (0f64, 0f64);
+            for p in 0..k {
+                let t = at(&a, trans_a, i, p, m, k) * at(&b, trans_b, p, j, k, n);
+                dot += t;
+                mag += t.abs();
+            }
+            let prior = if beta == 0.0 { 0.0 } else { beta as f64 * c0[i * n + j] as f64 };
+            let want = alpha as f64 * dot + prior;
+            let tol = 1e-5 * (alpha.abs() as f64 * mag + prior.abs()) + 1e-6;
+            let got = c[i * n + j] as f64;
+            assert!(
+                (got - want).abs() <= tol,
+                "{:?} {m}x{k}x{n} ta={trans_a} tb={trans_b} beta={beta}: c[{i},{j}] = {got}, want {want}",
+                kernels.path()
+            );
+        }
+    }
+}
+
+#[test]
+fn gemm_matches_f64_on_every_runnable_path() {
+    let mut rng = Rng::new(0x6e3);
+    let sizes = [(1, 1, 1), (7, 7, 7), (33, 33, 33), (1, 300, 17), (32, 128, 384), (97, 513, 50), (200, 5, 70)];
+    for kernels in runnable_paths() {
+        for &(m, k, n) in &sizes {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                for (alpha, beta) in [(1.0, 0.0), (1.0, 1.0), (-0.5, 0.75)] {
+                    check(kernels, Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha, beta }, &mut rng);
+                }
+            }
+        }
+        println!("ran: CPU path {}", kernels.path().name());
+    }
+}
+
+/// The shared block's largest GEMM, as the model calls it (weights [n, k] used transposed),
+/// large enough to cross every block size and to run on both threads.
+#[test]
+fn gemm_matches_f64_at_model_shape() {
+    let mut rng = Rng::new(0x1152);
+    for kernels in runnable_paths() {
+        for beta in [0.0, 1.0] {
+            let g = Gemm { m: 1152, n: 768, k: 256, trans_a: false, trans_b: true, alpha: 1.0, beta };
+            check(kernels, g, &mut rng);
+        }
+        // k beyond one KC slice, n beyond one NC panel, m not a multiple of MR.
+        check(
+            kernels,
+            Gemm { m: 131, n: 1100, k: 600, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 },
+            &mut rng,
+        );
+    }
+}
+
+#[test]
+fn zero_k_scales_c_by_beta() {
+    for kernels in runnable_paths() {
+        let mut c = vec![2.0f32; 6];
+        gemm(
+            kernels,
+            Gemm { m: 2, n: 3, k: 0, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.5 },
+            &[],
+            &[],
+            &mut c,
+        );
+        assert_eq!(c, vec![1.0; 6]);
+        let mut c = vec![f32::NAN; 6];
+        gemm(
+            kernels,
+            Gemm { m: 2, n: 3, k: 0, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 },
+            &[],
+            &[],
+            &mut c,
+        );
+        assert_eq!(c, vec![0.0; 6]);
+    }
+}
+
+/// Operands inside larger buffers (attention's per-head blocks of the packed qkv rows), C
+/// with a column stride too; elements of C outside the block stay untouched.
+#[test]
+fn strided_operands() {
+    let mut rng = Rng::new(0x57);
+    let (m, k, n) = (37, 19, 23);
+    let (lda, ldb, ldc) = (3 * k + 5, n + 9, 2 * m + 3);
+    let a = random(&mut rng, m * lda);
+    let b = random(&mut rng, k * ldb);
+    for kernels in runnable_paths() {
+        // C stored transposed: element (i, j) at c[j·ldc + i].
+        let c0 = random(&mut rng, n * ldc);
+        let mut c = c0.clone();
+        // SAFETY: every addressed element is inside a, b and c.
+        unsafe {
+            gemm_strided(
+                kernels,
+                m,
+                k,
+                n,
+                1.0,
+                a[2..].as_ptr(),
+                Strided::rows(lda),
+                b[1..].as_ptr(),
+                Strided::rows(ldb),
+                1.0,
+                c.as_mut_ptr(),
+                Strided::transposed(ldc),
+            );
+        }
+        for j in 0..n {
+            for i in 0..ldc {
+                let got = c[j * ldc + i] as f64;
+                if i >= m {
+                    assert_eq!(got, c0[j * ldc + i] as f64, "outside the block");
+                    continue;
+                }
+                let dot: f64 = (0..k).map(|p| a[2 + i * lda + p] as f64 * b[1 + p * ldb + j] as f64).sum();
+                let want = dot + c0[j * ldc + i] as f64;
+                assert!((got - want).abs() < 1e-4, "{:?} c[{i},{j}] = {got}, want {want}", kernels.path());
+            }
+        }
+    }
+}
