@@ -79,6 +79,43 @@ impl Segments {
     }
 }
 
+/// What a device's host code submitted to the device and waited for. Counted in the backend's
+/// host code, not in a driver, so the emulated device and a GPU give the same counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Kernel launches of our own kernels.
+    pub kernels: u64,
+    /// cuBLAS calls (each one or more kernels on the device).
+    pub blas_calls: u64,
+    /// Memsets and device-to-device copies put on the stream (tensor clones included).
+    pub copies: u64,
+    /// Host waits on the device: every device-to-host read and stream synchronisation.
+    pub syncs: u64,
+    /// Device allocations that reached the driver (the caching pool's misses).
+    pub allocs: u64,
+    /// Bytes copied host to device.
+    pub upload_bytes: u64,
+}
+
+impl Counters {
+    /// Everything the stream runs: kernels, cuBLAS calls, memsets and copies.
+    pub fn launches(&self) -> u64 {
+        self.kernels + self.blas_calls + self.copies
+    }
+
+    /// The counts since `earlier` (a snapshot of the same device).
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        Counters {
+            kernels: self.kernels - earlier.kernels,
+            blas_calls: self.blas_calls - earlier.blas_calls,
+            copies: self.copies - earlier.copies,
+            syncs: self.syncs - earlier.syncs,
+            allocs: self.allocs - earlier.allocs,
+            upload_bytes: self.upload_bytes - earlier.upload_bytes,
+        }
+    }
+}
+
 /// AdamW hyper-parameters of one update over a range of the flat buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamW {
@@ -109,6 +146,11 @@ pub trait Backend {
     fn name(&self) -> &'static str;
     /// Bytes this device can still allocate (None: unknown, and no size check is made).
     fn available_memory(&self) -> Option<u64>;
+    /// What this device has run and waited for since it was opened (None: not counted, as on
+    /// the CPU, where nothing is launched or waited for).
+    fn counters(&self) -> Option<Counters> {
+        None
+    }
 
     // ---- memory -------------------------------------------------------------------------
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor>;

@@ -11,6 +11,7 @@
 //! error says how much was asked and is free.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys as cu;
@@ -32,6 +33,10 @@ pub struct Pool {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     free: Mutex<HashMap<usize, Vec<u64>>>,
+    /// Requests the free lists could not serve (each reached the driver).
+    misses: AtomicU64,
+    /// Device-to-device copies made by `DevBuf::try_clone` (a tensor's `clone`).
+    clones: AtomicU64,
 }
 
 /// Bytes actually reserved for a request: 4 size classes per power of two, 256 B minimum.
@@ -44,7 +49,7 @@ fn size_class(bytes: usize) -> usize {
 
 impl Pool {
     pub(crate) fn new(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Pool {
-        Pool { ctx, stream, free: Mutex::new(HashMap::new()) }
+        Pool { ctx, stream, free: Mutex::new(HashMap::new()), misses: AtomicU64::new(0), clones: AtomicU64::new(0) }
     }
 
     fn take(self: &Arc<Self>, bytes: usize) -> Result<(u64, usize)> {
@@ -52,6 +57,7 @@ impl Pool {
         if let Some(p) = self.free.lock().ok().and_then(|mut f| f.get_mut(&class).and_then(|v| v.pop())) {
             return Ok((p, class));
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
         self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
         // SAFETY: a plain device allocation of `class` bytes in the bound context.
         match unsafe { result::malloc_sync(class) } {
@@ -94,6 +100,16 @@ impl Pool {
             unsafe { result::free_sync(p) }.map_err(dev_err("free"))?;
         }
         Ok(())
+    }
+
+    /// Allocations that reached the driver so far (the free lists' misses).
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    /// Tensor clones (device-to-device copies) made through the pool so far.
+    pub fn clones(&self) -> u64 {
+        self.clones.load(Ordering::Relaxed)
     }
 
     /// Bytes held in the free lists.
@@ -145,6 +161,7 @@ impl DevBuf {
     /// A device copy (ordered on the pool's stream).
     pub fn try_clone(&self) -> Result<DevBuf> {
         let c = DevBuf::new(&self.pool, self.len)?;
+        self.pool.clones.fetch_add(1, Ordering::Relaxed);
         self.pool.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
         // SAFETY: both ranges are live pool blocks of at least len * 4 bytes.
         unsafe { result::memcpy_dtod_async(c.ptr, self.ptr, self.len * 4, self.pool.stream.cu_stream()) }

@@ -44,6 +44,7 @@ use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
 
+use crate::backend::Counters;
 pub use crate::tensor::device::{DevBuf, DevIds, DevView, DevViewMut, Pool};
 pub(crate) use crate::tensor::device::{describe, dev_err};
 use crate::tensor::{Ids, Storage, Tensor, View, ViewMut};
@@ -195,6 +196,8 @@ pub struct Cuda {
     blas: cudarc::cublas::CudaBlas,
     tf32: bool,
     device_name: String,
+    /// Counted here, in the host code (`Backend::counters`); allocations and clones by the pool.
+    pub(crate) counts: Counters,
 }
 
 impl Drop for Cuda {
@@ -251,7 +254,17 @@ impl Cuda {
         let tf32 = std::env::var("SEMSHARE_TF32").is_ok_and(|v| v == "1");
         let pool = Arc::new(Pool::new(ctx.clone(), stream.clone()));
         set_math_mode(&mut blas, tf32)?;
-        Ok(Cuda { ctx, stream, pool, module: Module(module), functions: HashMap::new(), blas, tf32, device_name })
+        Ok(Cuda {
+            ctx,
+            stream,
+            pool,
+            module: Module(module),
+            functions: HashMap::new(),
+            blas,
+            tf32,
+            device_name,
+            counts: Counters::default(),
+        })
     }
 
     pub fn device_name(&self) -> &str {
@@ -282,8 +295,17 @@ impl Cuda {
     }
 
     /// Waits for every launch so far.
-    pub fn synchronize(&self) -> Result<()> {
+    pub fn synchronize(&mut self) -> Result<()> {
+        self.counts.syncs += 1;
         self.stream.synchronize().map_err(dev_err("synchronize"))
+    }
+
+    /// The counts so far (`Backend::counters`).
+    pub fn counts(&self) -> Counters {
+        let mut c = self.counts;
+        c.allocs = self.pool.misses();
+        c.copies += self.pool.clones();
+        c
     }
 
     /// An event recorded now on the stream; `a.elapsed_ms(&b)` after `b.synchronize()`.
@@ -339,6 +361,7 @@ impl Cuda {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(()); // nothing to do (an empty tensor)
         }
+        self.counts.kernels += 1;
         // SAFETY: f is a kernel of our module; params point to values that outlive the call and
         // match the kernel's signature (the `Arg` contract above); every pointer argument is a
         // live pool block or a view into one, kept alive by the caller's borrows until the
@@ -383,6 +406,7 @@ impl Cuda {
             if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N }
         };
         self.bind()?;
+        self.counts.blas_calls += 1;
         // SAFETY: the caller's pointers are live device ranges covering every batch at these
         // strides and leading dimensions (checked by the ops that call this); alpha/beta are
         // host scalars read during the call.

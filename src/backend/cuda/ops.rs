@@ -6,7 +6,7 @@ use super::{
     view_ptr,
 };
 use crate::backend::{
-    AdamW, Backend, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
+    AdamW, Backend, Counters, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
     check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of,
     same_shape,
 };
@@ -136,6 +136,7 @@ impl Cuda {
             return Ok(());
         }
         self.bind()?;
+        self.counts.copies += 1;
         // SAFETY: ptr..ptr + 4·elems is a live pool block or view into one.
         unsafe { result::memset_d8_async(ptr, 0, elems * 4, self.stream.cu_stream()) }.map_err(dev_err("memset"))
     }
@@ -144,6 +145,10 @@ impl Cuda {
 impl Backend for Cuda {
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn counters(&self) -> Option<Counters> {
+        Some(self.counts())
     }
 
     fn available_memory(&self) -> Option<u64> {
@@ -157,6 +162,7 @@ impl Backend for Cuda {
         let t = self.alloc_tensor(shape)?;
         self.bind()?;
         if !data.is_empty() {
+            self.counts.upload_bytes += 4 * data.len() as u64;
             let p = tensor_ptr(&t)?;
             // SAFETY: the block holds data.len() f32; pageable host memory is staged before
             // the call returns, so `data` may be dropped afterwards.
@@ -170,6 +176,7 @@ impl Backend for Cuda {
         let buf = DevBuf::new(&self.pool, data.len())?;
         self.bind()?;
         if !data.is_empty() {
+            self.counts.upload_bytes += 4 * data.len() as u64;
             // SAFETY: as in upload.
             unsafe { result::memcpy_htod_async(buf.ptr(), data, self.stream.cu_stream()) }
                 .map_err(dev_err(format!("upload {} bytes of indices", data.len() * 4)))?;
@@ -218,6 +225,7 @@ impl Backend for Cuda {
         }
         let (s, d) = (ptr_of(&src)?, ptr_of_mut(&dst)?);
         self.bind()?;
+        self.counts.copies += 1;
         // SAFETY: both are live device ranges of src.len() f32 (a view and a disjoint mutable view).
         unsafe { result::memcpy_dtod_async(d, s, src.len() * 4, self.stream.cu_stream()) }
             .map_err(dev_err("copy device to device"))
