@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{AdamW, Backend};
+use crate::backend::step::record;
+use crate::backend::{AdamW, Backend, DecayMask, GuardParams};
 use crate::checkpoint::{Checkpoint, InferenceSpec};
 use std::sync::Arc;
 
@@ -168,6 +169,10 @@ pub struct StepStats {
     pub lr: f32,
 }
 
+/// Steps whose records the device holds until the host reads them (`Trainer::read_stats`);
+/// a step past this many reads them first.
+pub const STATS_ROWS: usize = 64;
+
 /// The model, its flat parameter buffer, the gradient buffer and AdamW's moments, on a device.
 pub struct Trainer {
     pub net: SemShare,
@@ -175,9 +180,18 @@ pub struct Trainer {
     pub grads: Tensor,
     m: Tensor,
     v: Tensor,
+    /// The next step to take (steps left untaken by a divergence are taken again).
     pub step: u64,
     pub cfg: TrainConfig,
-    decay_runs: Vec<(usize, usize, bool)>,
+    decay: DecayMask,
+    /// One `step::record` row per step not yet read: `[STATS_ROWS, record::LEN]`.
+    records: Tensor,
+    /// 1 on the device from a diverging step until the host reports it: later updates skip.
+    halted: Tensor,
+    /// (step, learning rate) of each record row in use, in order.
+    unread: Vec<(u64, f32)>,
+    /// Stats read early (the rows ran out) and not yet returned.
+    read: Vec<StepStats>,
 }
 
 impl Trainer {
@@ -211,34 +225,61 @@ impl Trainer {
             Some((m, v)) => (dev.upload(m, &[n])?, dev.upload(v, &[n])?),
             None => (dev.zeros(&[n])?, dev.zeros(&[n])?),
         };
-        let decay_runs = net.store.decay_runs();
-        Ok(Trainer { net, params, grads, m, v, step, cfg, decay_runs })
+        let decay = DecayMask::new(dev, net.store.decay_runs())?;
+        let records = dev.zeros(&[STATS_ROWS, record::LEN])?;
+        let halted = dev.zeros(&[1])?;
+        let (unread, read) = (Vec::new(), Vec::new());
+        Ok(Trainer { net, params, grads, m, v, step, cfg, decay, records, halted, unread, read })
     }
 
-    /// One iteration of Algorithm 1 on a batch of pairs (text i describes image i). On a
+    /// One iteration of Algorithm 1 on a batch of pairs (text i describes image i), read back
+    /// at once: [`Trainer::step_deferred`] then [`Trainer::read_stats`] (one host sync). On a
     /// non-finite loss or gradient the parameters are left untouched and an error says which
     /// term diverged.
     pub fn step(&mut self, dev: &mut dyn Backend, images: ImageBatch, texts: TextBatch) -> Result<StepStats> {
-        let cfg = &self.net.cfg;
+        self.step_deferred(dev, images, texts)?;
+        let stats = self.read_stats(dev)?;
+        Ok(*stats.last().expect("the step just taken"))
+    }
+
+    /// One iteration of Algorithm 1 that leaves its losses, gradient norm and status on the
+    /// device: the host does not wait for the device (variants with a cross-modal loss aside,
+    /// which compute it on the host). The non-finite check and the clipping run on the device;
+    /// a diverging step leaves the parameters untouched, and so does every step after it until
+    /// [`Trainer::read_stats`] reports it.
+    pub fn step_deferred(&mut self, dev: &mut dyn Backend, images: ImageBatch, texts: TextBatch) -> Result<()> {
+        if self.unread.len() == STATS_ROWS {
+            let early = self.read_stats(dev)?;
+            self.read.extend(early);
+        }
+        let row = self.unread.len() * record::LEN;
         let weights = self.loss_weights();
-        let mut rng = Rng::derive(self.cfg.seed ^ 0x5EED, self.step);
-        // Segments are masked only for a context loss to predict them.
-        let (image_plan, text_plan) = if weights.context != 0.0 && !cfg.global_segments {
-            let image_plan =
-                images.classes.as_ref().map(|c| MaskPlan::draw(&mut rng, c, cfg.mask_prob)).unwrap_or_default();
-            (image_plan, MaskPlan::draw(&mut rng, &texts.tokens, cfg.mask_prob))
-        } else {
-            Default::default()
-        };
-        let drop = Dropout { p: cfg.dropout, seed: rng.next_u64() };
+        let (image_plan, text_plan, drop) = self.draws(&images, &texts);
         let pair_labels: Vec<u8> = images.labels.iter().map(|&y| (y > 0.5) as u8).collect();
 
         let (images, texts) = (Batch::Image(images), Batch::Text(texts));
-        let fi = self.net.forward_loss(dev, &self.params, &images, &image_plan, drop.site(1), weights)?;
-        let ft = self.net.forward_loss(dev, &self.params, &texts, &text_plan, drop.site(2), weights)?;
-        let (image, text) = (fi.loss, ft.loss);
+        let fi = self.net.forward_loss(
+            dev,
+            &self.params,
+            &images,
+            &image_plan,
+            drop.site(1),
+            weights,
+            self.records.sub_mut(row + record::IMAGE_LABEL, 2),
+        )?;
+        let ft = self.net.forward_loss(
+            dev,
+            &self.params,
+            &texts,
+            &text_plan,
+            drop.site(2),
+            weights,
+            self.records.sub_mut(row + record::TEXT_LABEL, 2),
+        )?;
         dev.fill(self.grads.view_mut(), 0.0)?;
         let (consistency, extra) = self.cross_modal(dev, &fi.z, &ft.z, &pair_labels)?;
+        // A kernel fill, not an upload: the batch is the step's only upload.
+        dev.fill(self.records.sub_mut(row + record::CONSISTENCY, 1), consistency)?;
         let (dz_images, dz_texts) = match &extra {
             Some((du, dv)) => (Some(du), Some(dv)),
             None => (None, None),
@@ -246,70 +287,113 @@ impl Trainer {
         self.net.backward_loss(dev, &self.params, &mut self.grads, fi, dz_images)?;
         self.net.backward_loss(dev, &self.params, &mut self.grads, ft, dz_texts)?;
 
-        let loss =
-            weights.label * (image.label + text.label) + weights.context * (image.context + text.context) + consistency;
-        let stats = StepStats {
-            step: self.step,
-            loss,
-            image_label: image.label,
-            text_label: text.label,
-            image_context: image.context,
-            text_context: text.context,
-            consistency,
-            grad_norm: 0.0,
-            lr: self.cfg.lr_at(self.step),
-        };
-        for (name, v) in [
-            ("image label loss", image.label),
-            ("text label loss", text.label),
-            ("image context loss", image.context),
-            ("text context loss", text.context),
-            ("consistency loss", consistency),
-        ] {
-            if !v.is_finite() {
-                return Err(Error::NonFinite { what: format!("{name} is {v} at step {}", self.step) });
-            }
-        }
-        let norm = dev.sum_squares(self.grads.view())?.sqrt() as f32;
-        if !norm.is_finite() {
-            return Err(Error::NonFinite { what: format!("gradient norm is {norm} at step {}", self.step) });
-        }
-        let grad_scale =
-            if self.cfg.clip_norm > 0.0 && norm > self.cfg.clip_norm { self.cfg.clip_norm / norm } else { 1.0 };
-        self.optimizer_update(dev, stats.lr, grad_scale)?;
+        dev.sum_squares_into(self.grads.view(), self.records.sub_mut(row + record::SUM_SQUARES, 1))?;
+        let guard =
+            GuardParams { label_weight: weights.label, context_weight: weights.context, clip_norm: self.cfg.clip_norm };
+        dev.step_guard(self.records.sub_mut(row, record::LEN), self.halted.view_mut(), guard)?;
+        let lr = self.cfg.lr_at(self.step);
+        self.apply_update(dev, lr, row)?;
+        self.unread.push((self.step, lr));
         self.step += 1;
-        Ok(StepStats { grad_norm: norm, ..stats })
+        Ok(())
     }
 
-    /// The AdamW update of `step` from the gradient buffer: one launch per run of parameters
-    /// sharing a weight-decay setting, bias correction for step `self.step + 1` (the caller
-    /// advances the step). Public so the GPU benchmark times exactly what a step runs.
-    pub fn optimizer_update(&mut self, dev: &mut dyn Backend, lr: f32, grad_scale: f32) -> Result<()> {
+    /// What the next step draws for this batch: the masked segments of each modality and the
+    /// dropout seed (a function of the seed and the step alone).
+    pub fn draws(&self, images: &ImageBatch, texts: &TextBatch) -> (MaskPlan, MaskPlan, Dropout) {
+        let cfg = &self.net.cfg;
+        let mut rng = Rng::derive(self.cfg.seed ^ 0x5EED, self.step);
+        // Segments are masked only for a context loss to predict them.
+        let (image_plan, text_plan) = if self.loss_weights().context != 0.0 && !cfg.global_segments {
+            let image_plan =
+                images.classes.as_ref().map(|c| MaskPlan::draw(&mut rng, c, cfg.mask_prob)).unwrap_or_default();
+            (image_plan, MaskPlan::draw(&mut rng, &texts.tokens, cfg.mask_prob))
+        } else {
+            Default::default()
+        };
+        (image_plan, text_plan, Dropout { p: cfg.dropout, seed: rng.next_u64() })
+    }
+
+    /// The stats of every step taken since the last read, oldest first, in one download (one
+    /// host sync). The first diverging step is an error naming its term and step; the trainer
+    /// then stands at that step, its parameters as they were before it.
+    pub fn read_stats(&mut self, dev: &mut dyn Backend) -> Result<Vec<StepStats>> {
+        let mut out = std::mem::take(&mut self.read);
+        if self.unread.is_empty() {
+            return Ok(out);
+        }
+        let unread = std::mem::take(&mut self.unread);
+        let rows = dev.download(self.records.sub(0, unread.len() * record::LEN))?;
+        for (&(step, lr), r) in unread.iter().zip(rows.chunks_exact(record::LEN)) {
+            let status = r[record::STATUS] as u32;
+            if status != 0 {
+                self.step = step;
+                dev.fill(self.halted.view_mut(), 0.0)?;
+                let bit = status.trailing_zeros() as usize;
+                let value = match bit {
+                    0..=4 => r[bit],
+                    _ => r[record::GRAD_NORM],
+                };
+                let what = record::NAMES[bit.min(record::NAMES.len() - 1)];
+                return Err(Error::NonFinite { what: format!("{what} is {value} at step {step}") });
+            }
+            out.push(StepStats {
+                step,
+                loss: r[record::LOSS],
+                image_label: r[record::IMAGE_LABEL],
+                text_label: r[record::TEXT_LABEL],
+                image_context: r[record::IMAGE_CONTEXT],
+                text_context: r[record::TEXT_CONTEXT],
+                consistency: r[record::CONSISTENCY],
+                grad_norm: r[record::GRAD_NORM],
+                lr,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The AdamW update of `self.step` from the gradient buffer in one launch, the clip factor
+    /// and the go/skip status read on the device from record row `row` (element offset).
+    fn apply_update(&mut self, dev: &mut dyn Backend, lr: f32, row: usize) -> Result<()> {
         let hp = AdamW {
             lr,
             beta1: self.cfg.beta1,
             beta2: self.cfg.beta2,
             eps: self.cfg.eps,
-            weight_decay: 0.0,
+            weight_decay: self.cfg.weight_decay,
             step: self.step + 1,
-            grad_scale,
+            grad_scale: 1.0,
         };
-        for &(off, len, decay) in &self.decay_runs {
-            let hp = AdamW { weight_decay: if decay { self.cfg.weight_decay } else { 0.0 }, ..hp };
-            dev.adamw(
-                self.params.sub_mut(off, len),
-                self.grads.sub(off, len),
-                self.m.sub_mut(off, len),
-                self.v.sub_mut(off, len),
-                hp,
-            )?;
-        }
-        Ok(())
+        dev.adamw_masked(
+            self.params.view_mut(),
+            self.grads.view(),
+            self.m.view_mut(),
+            self.v.view_mut(),
+            &self.decay,
+            hp,
+            self.records.sub(row, record::LEN),
+        )
     }
 
-    /// How many AdamW launches `optimizer_update` makes (one per decay run).
+    /// The AdamW update a step makes, with a clip factor given here: bias correction for
+    /// step `self.step + 1` (the caller advances the step). Public so the GPU benchmark times
+    /// exactly what a step runs; the factor goes through the next free record row (one upload).
+    pub fn optimizer_update(&mut self, dev: &mut dyn Backend, lr: f32, grad_scale: f32) -> Result<()> {
+        if self.unread.len() == STATS_ROWS {
+            let early = self.read_stats(dev)?;
+            self.read.extend(early);
+        }
+        let mut rec = vec![0.0; record::LEN];
+        rec[record::CLIP] = grad_scale;
+        let row = self.unread.len() * record::LEN;
+        let given = dev.upload(&rec, &[record::LEN])?;
+        dev.copy(given.view(), self.records.sub_mut(row, record::LEN))?;
+        self.apply_update(dev, lr, row)
+    }
+
+    /// How many AdamW launches `optimizer_update` makes: one, whatever the decay runs.
     pub fn optimizer_launches(&self) -> usize {
-        self.decay_runs.len()
+        1
     }
 
     /// The weights of L1 and L2 (Eq. 6) for the variant: `wo-l` keeps L2 at weight 1 (AdamW

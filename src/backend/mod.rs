@@ -13,8 +13,10 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod open;
+pub mod step;
 
 pub use open::open;
+pub use step::{DecayMask, GuardParams};
 
 use crate::Result;
 use crate::tensor::{Ids, Tensor, View, ViewMut};
@@ -199,6 +201,10 @@ pub trait Backend {
     /// Mean over each item's rows: `[tokens, d] -> [items, d]`.
     fn segment_mean_fwd(&mut self, x: &Tensor, seg: &Segments) -> Result<Tensor>;
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor>;
+    /// `[tokens, dim]`: each row's sinusoidal position encoding, the position counted inside
+    /// its item (`cpu::positions`). The CUDA backend keeps the table on the device, so a batch
+    /// uploads none of it.
+    fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor>;
 
     // ---- layers -------------------------------------------------------------------------
     /// LayerNorm over the last dimension; returns y and the saved `[rows, 2]` (mean, rstd).
@@ -257,12 +263,25 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---- losses (fused: loss and gradient in one pass) ---------------------------------
-    /// Mean sigmoid binary cross-entropy over all `[n, C]` entries; the gradient of that
-    /// mean (times `scale`) overwrites the logits.
-    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32>;
-    /// Mean softmax cross-entropy over rows; the gradient of that mean (times `scale`)
-    /// overwrites the logits.
-    fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32>;
+    /// Mean sigmoid binary cross-entropy over all `[n, C]` entries, written to `loss[0]` on
+    /// the device (no host read); the gradient of that mean (times `scale`) overwrites the
+    /// logits.
+    fn bce_with_logits_into(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32, loss: ViewMut) -> Result<()>;
+    /// Mean softmax cross-entropy over rows, written to `loss[0]` on the device; the gradient
+    /// of that mean (times `scale`) overwrites the logits.
+    fn cross_entropy_into(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32, loss: ViewMut) -> Result<()>;
+    /// [`Backend::bce_with_logits_into`], read back (one host sync).
+    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {
+        let mut loss = self.alloc(&[1])?;
+        self.bce_with_logits_into(logits, targets, scale, loss.view_mut())?;
+        Ok(self.download(loss.view())?[0])
+    }
+    /// [`Backend::cross_entropy_into`], read back (one host sync).
+    fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
+        let mut loss = self.alloc(&[1])?;
+        self.cross_entropy_into(logits, targets, scale, loss.view_mut())?;
+        Ok(self.download(loss.view())?[0])
+    }
 
     // ---- retrieval ----------------------------------------------------------------------
     /// Exact top-k by inner product: for each row of `queries [nq, dim]`, the k rows of
@@ -274,6 +293,41 @@ pub trait Backend {
 
     // ---- optimizer ----------------------------------------------------------------------
     fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()>;
+    /// `Σ x²` (f32) into `out[0]`, left on the device.
+    fn sum_squares_into(&mut self, x: View, out: ViewMut) -> Result<()>;
+    /// Completes a step's record (`step::record`) on the device: total loss, gradient norm,
+    /// clip factor and status (`step::guard`, the CPU's and the kernel's arithmetic).
+    fn step_guard(&mut self, record: ViewMut, halted: ViewMut, p: GuardParams) -> Result<()>;
+    /// AdamW over the whole flat buffer in one pass, decaying the parameters `mask` says,
+    /// every gradient times the record's clip factor; nothing changes when the record's status
+    /// is not 0. `hp.weight_decay` is the decayed runs' rate; `hp.grad_scale` is not used.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_masked(
+        &mut self,
+        params: ViewMut,
+        grads: View,
+        m: ViewMut,
+        v: ViewMut,
+        mask: &DecayMask,
+        hp: AdamW,
+        record: View,
+    ) -> Result<()>;
+}
+
+/// The one-pass AdamW's operands (`Backend::adamw_masked`).
+pub(crate) fn check_adamw_masked(
+    n: usize,
+    grads: usize,
+    m: usize,
+    v: usize,
+    mask: &DecayMask,
+    record: usize,
+) -> Result<()> {
+    expect_len("adamw_masked", "grads", grads, n)?;
+    expect_len("adamw_masked", "m", m, n)?;
+    expect_len("adamw_masked", "v", v, n)?;
+    expect_len("adamw_masked", "decay mask", mask.len(), n)?;
+    expect_len("adamw_masked", "record", record, step::record::LEN)
 }
 
 /// Row-wise ops need at least one column: a `[rows, 0]` tensor has no rows to walk.

@@ -5,12 +5,13 @@
 //! importing the CUDA backend; the backend allocates through `Pool` and reads pointers from here.
 //!
 //! The allocator: size classes (4 per power of two, ≤ 25% slack), free lists per class, blocks
-//! handed back when a buffer drops. After the first training step every request is served from
+//! handed back when a buffer drops; a request no list of its class serves takes the smallest
+//! cached block of up to twice its size. After the first training step every request is served from
 //! the lists: no cuMemAlloc/cuMemFree inside the step loop (those synchronise the device). On out
 //! of memory the cached blocks are released and the request retried once; if it still fails the
 //! error says how much was asked and is free.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -32,7 +33,7 @@ pub(crate) fn dev_err(what: impl std::fmt::Display) -> impl FnOnce(DriverError) 
 pub struct Pool {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    free: Mutex<HashMap<usize, Vec<u64>>>,
+    free: Mutex<BTreeMap<usize, Vec<u64>>>,
     /// Requests the free lists could not serve (each reached the driver).
     misses: AtomicU64,
     /// Device-to-device copies made by `DevBuf::try_clone` (a tensor's `clone`).
@@ -49,13 +50,19 @@ fn size_class(bytes: usize) -> usize {
 
 impl Pool {
     pub(crate) fn new(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Pool {
-        Pool { ctx, stream, free: Mutex::new(HashMap::new()), misses: AtomicU64::new(0), clones: AtomicU64::new(0) }
+        Pool { ctx, stream, free: Mutex::new(BTreeMap::new()), misses: AtomicU64::new(0), clones: AtomicU64::new(0) }
     }
 
     fn take(self: &Arc<Self>, bytes: usize) -> Result<(u64, usize)> {
         let class = size_class(bytes);
-        if let Some(p) = self.free.lock().ok().and_then(|mut f| f.get_mut(&class).and_then(|v| v.pop())) {
-            return Ok((p, class));
+        // The request's class, else the smallest cached block of at most twice its size: a
+        // batch whose masked-segment count moves between steps then still reuses the blocks
+        // of the earlier steps instead of reaching the driver (which synchronises).
+        if let Ok(mut f) = self.free.lock() {
+            let found = f.range_mut(class..=2 * class).find_map(|(&c, v)| v.pop().map(|p| (p, c)));
+            if let Some(hit) = found {
+                return Ok(hit);
+            }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
@@ -92,7 +99,7 @@ impl Pool {
         self.stream.synchronize().map_err(dev_err("synchronize"))?;
         self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
         let blocks: Vec<u64> = match self.free.lock() {
-            Ok(mut f) => f.drain().flat_map(|(_, v)| v).collect(),
+            Ok(mut f) => std::mem::take(&mut *f).into_values().flatten().collect(),
             Err(_) => return Ok(()),
         };
         for p in blocks {

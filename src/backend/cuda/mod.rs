@@ -34,6 +34,7 @@
 pub mod attention;
 pub mod gru;
 mod ops;
+mod step;
 pub mod topk;
 
 use std::collections::HashMap;
@@ -44,7 +45,7 @@ use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
 
-use crate::backend::Counters;
+use crate::backend::{Counters, Segments};
 pub use crate::tensor::device::{DevBuf, DevIds, DevView, DevViewMut, Pool};
 pub(crate) use crate::tensor::device::{describe, dev_err};
 use crate::tensor::{Ids, Storage, Tensor, View, ViewMut};
@@ -198,6 +199,8 @@ pub struct Cuda {
     device_name: String,
     /// Counted here, in the host code (`Backend::counters`); allocations and clones by the pool.
     pub(crate) counts: Counters,
+    /// The position-encoding table on the device: (dim, rows, `[rows, dim]`), grown on demand.
+    positions: Option<(usize, usize, Tensor)>,
 }
 
 impl Drop for Cuda {
@@ -264,6 +267,7 @@ impl Cuda {
             tf32,
             device_name,
             counts: Counters::default(),
+            positions: None,
         })
     }
 
@@ -369,6 +373,33 @@ impl Cuda {
         // stream-ordered).
         unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream.cu_stream(), &mut params) }
             .map_err(dev_err(format!("launch {name} grid {grid:?} block {block:?} smem {shared_bytes}")))
+    }
+
+    /// Position encodings of every packed row (`Backend::positions`): rows of the table kept
+    /// on the device, which is uploaded only when a longer item or another width asks for it.
+    pub(crate) fn segment_positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
+        let need = seg.max_len;
+        let fits = matches!(&self.positions, Some((d, rows, _)) if *d == dim && *rows >= need);
+        if !fits {
+            let rows = need.next_power_of_two().max(64);
+            let table = crate::backend::cpu::positions::table(rows, dim);
+            let t = crate::backend::Backend::upload(self, &table, &[rows, dim])?;
+            self.positions = Some((dim, rows, t));
+        }
+        let out = self.alloc_tensor(&[seg.tokens(), dim])?;
+        let (items, table) = (seg.items(), tensor_ptr(&self.positions.as_ref().expect("made above").2)?);
+        if items == 0 || dim == 0 {
+            return Ok(out);
+        }
+        let args = [
+            Arg::Ptr(table),
+            Arg::ids(&seg.device)?,
+            Arg::int("positions", items)?,
+            Arg::int("positions", dim)?,
+            Arg::tensor(&out)?,
+        ];
+        self.launch("segment_rows_fwd_f32", (blocks(dim, 128), grid_y(items), 1), (128, 1, 1), 0, &args)?;
+        Ok(out)
     }
 
     /// A pooled tensor whose contents are unspecified.

@@ -6,9 +6,9 @@ use super::{
     view_ptr,
 };
 use crate::backend::{
-    AdamW, Backend, Counters, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
-    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of,
-    same_shape,
+    AdamW, Backend, Counters, DecayMask, Gemm, GruStep, GuardParams, Segments, check_attention, check_attention_bwd,
+    check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols,
+    expect_len, rows_of, same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -428,6 +428,10 @@ impl Backend for Cuda {
         Ok(y)
     }
 
+    fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
+        self.segment_positions(seg, dim)
+    }
+
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {
         expect_cols("segment_mean_bwd", dy)?;
         expect_len("segment_mean_bwd", "dy rows", dy.rows(), seg.items())?;
@@ -546,19 +550,16 @@ impl Backend for Cuda {
         super::gru::step_bwd(self, step, seg, gates, h_prev, dout, dh, dxproj, dhproj)
     }
 
-    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {
+    fn bce_with_logits_into(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32, loss: ViewMut) -> Result<()> {
+        expect_len("bce_with_logits", "loss", loss.len(), 1)?;
         let partial = self.bce_with_logits_partials(logits, targets, scale)?;
-        let n = logits.len();
-        Ok((self.host_total(&partial)? / n.max(1) as f64) as f32)
+        self.finish_sum(&partial, logits.len(), &loss)
     }
 
-    fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
+    fn cross_entropy_into(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32, loss: ViewMut) -> Result<()> {
+        expect_len("cross_entropy", "loss", loss.len(), 1)?;
         let row_loss = self.cross_entropy_rows(logits, targets, scale)?;
-        let rows = logits.rows();
-        if rows == 0 {
-            return Ok(0.0);
-        }
-        Ok((self.host_total(&row_loss)? / rows as f64) as f32)
+        self.finish_sum(&row_loss, logits.rows(), &loss)
     }
 
     fn top_k(&mut self, queries: View, gallery: View, dim: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
@@ -593,5 +594,26 @@ impl Backend for Cuda {
             Arg::F32(hp.grad_scale),
         ];
         self.flat("adamw_fwd_f32", n, &args)
+    }
+
+    fn sum_squares_into(&mut self, x: View, out: ViewMut) -> Result<()> {
+        super::step::sum_squares_into(self, x, out)
+    }
+
+    fn step_guard(&mut self, record: ViewMut, halted: ViewMut, p: GuardParams) -> Result<()> {
+        super::step::step_guard(self, record, halted, p)
+    }
+
+    fn adamw_masked(
+        &mut self,
+        params: ViewMut,
+        grads: View,
+        m: ViewMut,
+        v: ViewMut,
+        mask: &DecayMask,
+        hp: AdamW,
+        record: View,
+    ) -> Result<()> {
+        super::step::adamw_masked(self, params, grads, m, v, mask, hp, record)
     }
 }
