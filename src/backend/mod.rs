@@ -16,6 +16,7 @@ mod open;
 pub mod step;
 
 pub use open::open;
+pub(crate) use step::check_adamw_masked;
 pub use step::{DecayMask, GuardParams};
 
 use crate::Result;
@@ -219,6 +220,35 @@ pub trait Backend {
         dgamma: ViewMut,
         dbeta: ViewMut,
     ) -> Result<Tensor>;
+    /// The post-LN join of a sublayer: `a ← x + dropout(a)` (kept: LayerNorm backward reads
+    /// it), then LayerNorm of it; returns y and the saved `[rows, 2]` (mean, rstd). The same
+    /// values as `dropout_fwd`, `add_assign`, `layernorm_fwd` in turn, in one pass on CUDA.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_fwd(
+        &mut self,
+        a: &mut Tensor,
+        x: &Tensor,
+        gamma: View,
+        beta: View,
+        eps: f32,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)>;
+    /// Backward of [`Backend::residual_layernorm_fwd`] from its saved input s: returns
+    /// `(dx, da)`, the residual's gradient (`layernorm_bwd`) and the sublayer's (`dx` through
+    /// the dropout mask), and accumulates dgamma and dbeta. One row pass on CUDA, no copy.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_bwd(
+        &mut self,
+        s: &Tensor,
+        stats: &Tensor,
+        gamma: View,
+        dy: &Tensor,
+        dgamma: ViewMut,
+        dbeta: ViewMut,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)>;
     /// Multi-head self-attention core on packed `qkv [tokens, 3d]` (q | k | v, heads
     /// contiguous inside each): returns the context `[tokens, d]` and the saved softmax
     /// probabilities (per item and head, `len × len`, packed).
@@ -312,22 +342,6 @@ pub trait Backend {
         hp: AdamW,
         record: View,
     ) -> Result<()>;
-}
-
-/// The one-pass AdamW's operands (`Backend::adamw_masked`).
-pub(crate) fn check_adamw_masked(
-    n: usize,
-    grads: usize,
-    m: usize,
-    v: usize,
-    mask: &DecayMask,
-    record: usize,
-) -> Result<()> {
-    expect_len("adamw_masked", "grads", grads, n)?;
-    expect_len("adamw_masked", "m", m, n)?;
-    expect_len("adamw_masked", "v", v, n)?;
-    expect_len("adamw_masked", "decay mask", mask.len(), n)?;
-    expect_len("adamw_masked", "record", record, step::record::LEN)
 }
 
 /// Row-wise ops need at least one column: a `[rows, 0]` tensor has no rows to walk.

@@ -124,3 +124,19 @@ impl DecayMask {
         self.len() == 0
     }
 }
+
+/// The one-pass AdamW's operands (`Backend::adamw_masked`).
+pub(crate) fn check_adamw_masked(
+    n: usize,
+    grads: usize,
+    m: usize,
+    v: usize,
+    mask: &DecayMask,
+    record: usize,
+) -> Result<()> {
+    super::expect_len("adamw_masked", "grads", grads, n)?;
+    super::expect_len("adamw_masked", "m", m, n)?;
+    super::expect_len("adamw_masked", "v", v, n)?;
+    super::expect_len("adamw_masked", "decay mask", mask.len(), n)?;
+    super::expect_len("adamw_masked", "record", record, record::LEN)
+}

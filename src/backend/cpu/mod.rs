@@ -220,6 +220,39 @@ impl Backend for Cpu {
         Ok(Tensor::from_cpu(dx, x.shape()))
     }
 
+    fn residual_layernorm_fwd(
+        &mut self,
+        a: &mut Tensor,
+        x: &Tensor,
+        gamma: View,
+        beta: View,
+        eps: f32,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)> {
+        same_shape("residual_layernorm_fwd", a, x)?;
+        self.dropout_fwd(a, p, seed)?;
+        self.add_assign(a, x)?;
+        self.layernorm_fwd(a, gamma, beta, eps)
+    }
+
+    fn residual_layernorm_bwd(
+        &mut self,
+        s: &Tensor,
+        stats: &Tensor,
+        gamma: View,
+        dy: &Tensor,
+        dgamma: ViewMut,
+        dbeta: ViewMut,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)> {
+        let dx = self.layernorm_bwd(s, stats, gamma, dy, dgamma, dbeta)?;
+        let mut da = dx.clone();
+        self.dropout_bwd(&mut da, p, seed)?;
+        Ok((dx, da))
+    }
+
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
         check_attention("attention_fwd", qkv, seg, heads)?;
         let (out, probs) = attention::forward(qkv.cpu(), &seg.offsets, heads);

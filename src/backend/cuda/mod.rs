@@ -33,6 +33,7 @@
 
 pub mod attention;
 pub mod gru;
+mod norm;
 mod ops;
 mod step;
 pub mod topk;

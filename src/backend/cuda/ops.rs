@@ -43,7 +43,14 @@ impl Cuda {
     }
 
     /// `out[c] += Σ_r x[r, c]` in two deterministic stages; `stage1` fills `[parts, cols]`.
-    fn column_sum(&mut self, stage1: &'static str, rows: usize, cols: usize, pre: &[Arg], outs: &[u64]) -> Result<()> {
+    pub(super) fn column_sum(
+        &mut self,
+        stage1: &'static str,
+        rows: usize,
+        cols: usize,
+        pre: &[Arg],
+        outs: &[u64],
+    ) -> Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
@@ -502,6 +509,33 @@ impl Backend for Cuda {
         let pre = [Arg::tensor(x)?, Arg::tensor(stats)?, Arg::tensor(dy)?];
         self.column_sum("layernorm_params_bwd_f32", rows, d, &pre, &outs)?;
         Ok(dx)
+    }
+
+    fn residual_layernorm_fwd(
+        &mut self,
+        a: &mut Tensor,
+        x: &Tensor,
+        gamma: View,
+        beta: View,
+        eps: f32,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)> {
+        super::norm::forward(self, a, x, gamma, beta, eps, p, seed)
+    }
+
+    fn residual_layernorm_bwd(
+        &mut self,
+        s: &Tensor,
+        stats: &Tensor,
+        gamma: View,
+        dy: &Tensor,
+        dgamma: ViewMut,
+        dbeta: ViewMut,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)> {
+        super::norm::backward(self, s, stats, gamma, dy, dgamma, dbeta, p, seed)
     }
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {

@@ -3,7 +3,9 @@
 //! R regions and every text with T tokens). After the warm-up it prints one JSON line per
 //! configuration: wall milliseconds per step and, with `--counts`, what one step launches,
 //! waits for, allocates and uploads, as the backend's host code counts them (the same on the
-//! emulated device as on a GPU).
+//! emulated device as on a GPU). The measured steps are deferred (`Trainer::step_deferred`):
+//! the counts are those of steps between two log points; `ms_per_step` includes the one read
+//! after them.
 
 use crate::common::device;
 use semshare::backend::Counters;
@@ -50,13 +52,19 @@ pub fn run(args: &Args) -> Result<()> {
         trainer.step(dev.as_mut(), i, t)?;
     }
     let batches: Vec<_> = (warmup..warmup + steps).map(batch_of).collect();
+    // The measured steps are the steps between two log points: deferred, their stats read
+    // once after the count (the read is the log point's one sync).
     let before = dev.counters().unwrap_or_default();
     let start = std::time::Instant::now();
     for (i, t) in batches {
-        trainer.step(dev.as_mut(), i, t)?;
+        trainer.step_deferred(dev.as_mut(), i, t)?;
     }
-    let seconds = start.elapsed().as_secs_f64();
     let after = dev.counters().unwrap_or_default();
+    let stats = trainer.read_stats(dev.as_mut())?;
+    let seconds = start.elapsed().as_secs_f64();
+    if stats.len() as u64 != steps {
+        return Err(Error::Device { what: format!("bench-step: {} stats for {steps} steps", stats.len()) });
+    }
     let mut line = format!(
         "{{\"model\": \"{preset}\", \"device\": \"{}\", \"batch\": {batch}, \"regions\": {regions}, \"tokens\": {tokens}, \"steps\": {steps}, \"ms_per_step\": {:.3}",
         dev.name(),
