@@ -1,7 +1,8 @@
 // kernels/rows.cu — row ops: embedding gather / scatter-add, [MASK] row set and its backward,
-// segment mean pooling, L2 row normalisation.
+// segment mean pooling, L2 row normalisation, table rows per segment (position encodings).
 // Layout: row-major [rows, cols]; index data u32; segments as u32 offsets [items + 1].
-// CPU twin: src/backend/cpu/elementwise.rs. Test: tests/gpu_ops.rs.
+// CPU twins: src/backend/cpu/elementwise.rs, src/backend/cpu/positions.rs.
+// Tests: tests/gpu_ops.rs, tests/gpu_step.rs (positions).
 #include "common.cuh"
 
 namespace rows {

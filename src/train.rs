@@ -235,7 +235,7 @@ impl Trainer {
     /// One iteration of Algorithm 1 on a batch of pairs (text i describes image i), read back
     /// at once: [`Trainer::step_deferred`] then [`Trainer::read_stats`] (one host sync). On a
     /// non-finite loss or gradient the parameters are left untouched and an error says which
-    /// term diverged.
+    /// term diverged. Stats of earlier deferred steps not yet read are read and dropped.
     pub fn step(&mut self, dev: &mut dyn Backend, images: ImageBatch, texts: TextBatch) -> Result<StepStats> {
         self.step_deferred(dev, images, texts)?;
         let stats = self.read_stats(dev)?;
