@@ -235,9 +235,11 @@ mod gpu {
         bench(&mut g, "segment_mean_fwd_4608x1024", dev, |dev| drop(black_box(dev.segment_mean_fwd(&x, &seg))));
         g.finish();
 
-        // The optimiser step as the trainer runs it: one AdamW launch per parameter run over
-        // the paper model's real parameter set (random gradients), then the gradient norm's
-        // reduction (kernel only). `adamw_one_launch` is the same update as one launch.
+        // The optimiser step as the trainer runs it: one AdamW launch over the paper model's
+        // real parameter set (random gradients) with the per-parameter decay mask and the clip
+        // factor read on the device, then the gradient norm's reduction (kernel only).
+        // `adamw_one_launch` is the plain update without the mask: their ratio is the cost of
+        // the mask's run search.
         let mut g = c.benchmark_group("optimizer_71M");
         let mut trainer = Trainer::new(dev, &cfg, TrainConfig::default()).expect("trainer");
         let n = trainer.params.len();

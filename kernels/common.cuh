@@ -6,6 +6,19 @@
 #include <stdint.h>
 
 namespace common {
+// Bit-identical to the CPU's dropout_uniform(seed, i): integer-only hash (murmur3 finaliser),
+// one 64-bit hash per four elements, 16 bits each. The mask is recomputed in backward.
+__device__ __forceinline__ float dropout_uniform(uint64_t seed, uint64_t i) {
+  uint64_t h = seed ^ ((i / 4) * 0x9E3779B97F4A7C15ull);
+  h ^= h >> 33;
+  h *= 0xFF51AFD7ED558CCDull;
+  h ^= h >> 33;
+  h *= 0xC4CEB9FE1A85EC53ull;
+  h ^= h >> 33;
+  return (float)((h >> (16 * (i % 4))) & 0xFFFF) * (1.0f / 65536.0f);
+}
+
+
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -81,21 +81,9 @@ template <typename T> __device__ void gelu_bwd(const T* x, const T* dy, T* dx, s
   }
 }
 
-// Bit-identical to the CPU's dropout_uniform(seed, i): integer-only hash (murmur3 finaliser),
-// one 64-bit hash per four elements, 16 bits each. The mask is recomputed in backward.
-__device__ __forceinline__ float dropout_uniform(uint64_t seed, uint64_t i) {
-  uint64_t h = seed ^ ((i / 4) * 0x9E3779B97F4A7C15ull);
-  h ^= h >> 33;
-  h *= 0xFF51AFD7ED558CCDull;
-  h ^= h >> 33;
-  h *= 0xC4CEB9FE1A85EC53ull;
-  h ^= h >> 33;
-  return (float)((h >> (16 * (i % 4))) & 0xFFFF) * (1.0f / 65536.0f);
-}
-
 // `scale` = 1/(1-p) computed on the host in f32, exactly as the CPU does.
 template <typename T> __device__ void dropout(T* x, float p, float scale, uint64_t seed, size_t n) {
-  GRID_STRIDE(i, n) x[i] = dropout_uniform(seed, i) < p ? from_f32<T>(0.0f) : from_f32<T>(to_f32(x[i]) * scale);
+  GRID_STRIDE(i, n) x[i] = common::dropout_uniform(seed, i) < p ? from_f32<T>(0.0f) : from_f32<T>(to_f32(x[i]) * scale);
 }
 
 template <typename T> __device__ void fill(T* x, float v, size_t n) {

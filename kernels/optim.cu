@@ -1,5 +1,7 @@
-// kernels/optim.cu — AdamW over the flat parameter buffer, and Σx² for gradient-norm clipping.
-// CPU twin: src/backend/cpu/optim.rs. Test: tests/gpu_ops.rs.
+// kernels/optim.cu — AdamW over the flat parameter buffer, Σx² for gradient-norm clipping, and
+// the step's guard (loss total, norm, clip factor, non-finite status) so no value leaves the device.
+// CPU twins: src/backend/cpu/optim.rs, src/backend/step.rs::guard. Tests: tests/gpu_ops.rs,
+// tests/gpu_step.rs.
 // Why one launch over the whole flat buffer: 71 M parameters, four streams (p, g, m, v),
 // purely bandwidth-bound; per-tensor launches would add ~200 launches per step for nothing.
 // The bias corrections and decay factor are computed on the host (in f64, as the CPU does)
@@ -10,16 +12,84 @@
 namespace optim {
 using common::to_f32;
 
+// Slots of a step's record (src/backend/step.rs::record).
+constexpr int REC_IMAGE_LABEL = 0, REC_IMAGE_CONTEXT = 1, REC_TEXT_LABEL = 2, REC_TEXT_CONTEXT = 3;
+constexpr int REC_CONSISTENCY = 4, REC_SUM_SQUARES = 5, REC_LOSS = 6, REC_GRAD_NORM = 7, REC_CLIP = 8;
+constexpr int REC_STATUS = 9;
+constexpr unsigned NORM_BIT = 1u << 5, HALTED_BIT = 1u << 6;
+
+__device__ __forceinline__ void adamw_element(float* p, const float* g, float* m, float* v, size_t i, float beta1,
+                                              float beta2, float eps, float step_size, float inv_sqrt_bc2,
+                                              float decay, float grad_scale) {
+  const float gi = g[i] * grad_scale;
+  const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+  const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+  m[i] = mi;
+  v[i] = vi;
+  p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) * inv_sqrt_bc2 + eps);
+}
+
 __device__ void adamw(float* p, const float* g, float* m, float* v, size_t n, float beta1, float beta2, float eps,
                       float step_size, float inv_sqrt_bc2, float decay, float grad_scale) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    const float gi = g[i] * grad_scale;
-    const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-    const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) * inv_sqrt_bc2 + eps);
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    adamw_element(p, g, m, v, i, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
+}
+
+// The run holding element i: the largest r with starts[r] <= i (starts[0] = 0, ascending).
+__device__ __forceinline__ int run_of(const uint32_t* starts, int runs, size_t i) {
+  int lo = 0, hi = runs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (starts[mid] <= i) lo = mid;
+    else hi = mid - 1;
   }
+  return lo;
+}
+
+// One launch for every parameter: mask = [start_0 .. start_{runs-1}, end, decayed_0 .. decayed_{runs-1}];
+// the clip factor and the go/skip status come from the step's record, written by step_guard
+// earlier on the stream, so the host never reads the gradient norm. Why a run table and not a
+// byte per parameter: ~70 runs stay in L1, a byte mask would add 71 MB of reads per step.
+__device__ void adamw_masked(float* p, const float* g, float* m, float* v, size_t n, const uint32_t* mask, int runs,
+                             float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay,
+                             const float* rec) {
+  if (rec[REC_STATUS] != 0.0f) return;
+  const float clip = rec[REC_CLIP];
+  const uint32_t* decayed = mask + runs + 1;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float d = decayed[run_of(mask, runs, i)] ? decay : 1.0f;
+    adamw_element(p, g, m, v, i, beta1, beta2, eps, step_size, inv_sqrt_bc2, d, clip);
+  }
+}
+
+// out[0] = Σ partial / divisor, summed in f64 by one warp (lane-strided, then a shuffle tree):
+// the device's finish of what the host used to add up after a download.
+__device__ void sum_finish(const float* partial, int n, size_t divisor, float* out) {
+  double s = 0.0;
+  for (int i = threadIdx.x; i < n; i += 32) s += (double)partial[i];
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+  if (threadIdx.x == 0) out[0] = (float)(s / (double)divisor);
+}
+
+// The CPU's step::guard, operation for operation (explicit _rn: no contraction into FMA).
+__device__ void step_guard(float* rec, float* halted, float label_weight, float context_weight, float clip_norm) {
+  const float labels = __fmul_rn(label_weight, __fadd_rn(rec[REC_IMAGE_LABEL], rec[REC_TEXT_LABEL]));
+  const float contexts = __fmul_rn(context_weight, __fadd_rn(rec[REC_IMAGE_CONTEXT], rec[REC_TEXT_CONTEXT]));
+  const float loss = __fadd_rn(__fadd_rn(labels, contexts), rec[REC_CONSISTENCY]);
+  const float norm = (float)sqrt((double)rec[REC_SUM_SQUARES]);
+  unsigned status = 0;
+  for (int i = 0; i < 5; ++i)
+    if (!isfinite(rec[i])) status |= 1u << i;
+  if (!isfinite(norm)) status |= NORM_BIT;
+  if (*halted != 0.0f) status |= HALTED_BIT;
+  else if (status != 0) *halted = 1.0f;
+  float clip = 1.0f;
+  if (status != 0) clip = 0.0f;
+  else if (clip_norm > 0.0f && norm > clip_norm) clip = __fdiv_rn(clip_norm, norm);
+  rec[REC_LOSS] = loss;
+  rec[REC_GRAD_NORM] = norm;
+  rec[REC_CLIP] = clip;
+  rec[REC_STATUS] = (float)status;
 }
 
 // partial[block] = Σ x² over this block's grid-stride share (f32); the host adds in f64.
@@ -39,6 +109,20 @@ extern "C" __global__ void adamw_fwd_f32(float* p, const float* g, float* m, flo
                                          float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay,
                                          float grad_scale) {
   optim::adamw(p, g, m, v, n, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, grad_scale);
+}
+extern "C" __global__ void adamw_masked_fwd_f32(float* p, const float* g, float* m, float* v, size_t n,
+                                                const uint32_t* mask, int runs, float beta1, float beta2, float eps,
+                                                float step_size, float inv_sqrt_bc2, float decay, const float* rec) {
+  optim::adamw_masked(p, g, m, v, n, mask, runs, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, rec);
+}
+// Launch: one warp.
+extern "C" __global__ void sum_finish_f32(const float* partial, int n, size_t divisor, float* out) {
+  optim::sum_finish(partial, n, divisor, out);
+}
+// Launch: one thread.
+extern "C" __global__ void step_guard_f32(float* rec, float* halted, float label_weight, float context_weight,
+                                          float clip_norm) {
+  optim::step_guard(rec, halted, label_weight, context_weight, clip_norm);
 }
 extern "C" __global__ void sum_squares_fwd_f32(const float* x, size_t n, float* partial) {
   optim::sum_squares<float>(x, n, partial);

@@ -1,7 +1,8 @@
 // kernels/rows.cu — row ops: embedding gather / scatter-add, [MASK] row set and its backward,
-// segment mean pooling, L2 row normalisation.
+// segment mean pooling, L2 row normalisation, table rows per segment (position encodings).
 // Layout: row-major [rows, cols]; index data u32; segments as u32 offsets [items + 1].
-// CPU twin: src/backend/cpu/elementwise.rs. Test: tests/gpu_ops.rs.
+// CPU twins: src/backend/cpu/elementwise.rs, src/backend/cpu/positions.rs.
+// Tests: tests/gpu_ops.rs, tests/gpu_step.rs (positions).
 #include "common.cuh"
 
 namespace rows {
@@ -84,6 +85,16 @@ __device__ void segment_mean_bwd(const T* dy, const uint32_t* offsets, int items
   }
 }
 
+// out[offsets[b] + t, :] = table[t, :] for every row t of item b (position encodings).
+template <typename T>
+__device__ void segment_rows(const float* table, const uint32_t* offsets, int items, int cols, T* out) {
+  for (int b = blockIdx.y; b < items; b += gridDim.y) {
+    const uint32_t s = offsets[b], e = offsets[b + 1];
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
+      for (uint32_t r = s; r < e; ++r) out[(size_t)r * cols + c] = from_f32<T>(table[(size_t)(r - s) * cols + c]);
+  }
+}
+
 // One warp per row: the squared norm is a warp butterfly sum; a zero row stays zero.
 // Division (not a reciprocal multiply) as in the CPU twin.
 template <typename T> __device__ void l2norm(T* x, int rows, int cols) {
@@ -121,6 +132,10 @@ template <typename T> __device__ void l2norm(T* x, int rows, int cols) {
   extern "C" __global__ void segment_mean_bwd_##SUF(const T* dy, const uint32_t* off, int items, int cols,      \
                                                     T* dx) {                                                   \
     rows::segment_mean_bwd<T>(dy, off, items, cols, dx);                                                       \
+  }                                                                                                            \
+  extern "C" __global__ void segment_rows_fwd_##SUF(const float* table, const uint32_t* off, int items, int cols, \
+                                                    T* out) {                                                  \
+    rows::segment_rows<T>(table, off, items, cols, out);                                                       \
   }                                                                                                            \
   extern "C" __global__ void l2norm_fwd_##SUF(T* x, int rows, int cols) { rows::l2norm<T>(x, rows, cols); }
 

@@ -13,8 +13,11 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod open;
+pub mod step;
 
 pub use open::open;
+pub(crate) use step::check_adamw_masked;
+pub use step::{DecayMask, GuardParams};
 
 use crate::Result;
 use crate::tensor::{Ids, Tensor, View, ViewMut};
@@ -79,6 +82,43 @@ impl Segments {
     }
 }
 
+/// What a device's host code submitted to the device and waited for. Counted in the backend's
+/// host code, not in a driver, so the emulated device and a GPU give the same counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Kernel launches of our own kernels.
+    pub kernels: u64,
+    /// cuBLAS calls (each one or more kernels on the device).
+    pub blas_calls: u64,
+    /// Memsets and device-to-device copies put on the stream (tensor clones included).
+    pub copies: u64,
+    /// Host waits on the device: every device-to-host read and stream synchronisation.
+    pub syncs: u64,
+    /// Device allocations that reached the driver (the caching pool's misses).
+    pub allocs: u64,
+    /// Bytes copied host to device.
+    pub upload_bytes: u64,
+}
+
+impl Counters {
+    /// Everything the stream runs: kernels, cuBLAS calls, memsets and copies.
+    pub fn launches(&self) -> u64 {
+        self.kernels + self.blas_calls + self.copies
+    }
+
+    /// The counts since `earlier` (a snapshot of the same device).
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        Counters {
+            kernels: self.kernels - earlier.kernels,
+            blas_calls: self.blas_calls - earlier.blas_calls,
+            copies: self.copies - earlier.copies,
+            syncs: self.syncs - earlier.syncs,
+            allocs: self.allocs - earlier.allocs,
+            upload_bytes: self.upload_bytes - earlier.upload_bytes,
+        }
+    }
+}
+
 /// AdamW hyper-parameters of one update over a range of the flat buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamW {
@@ -114,6 +154,11 @@ pub trait Backend {
     }
     /// Bytes this device can still allocate (None: unknown, and no size check is made).
     fn available_memory(&self) -> Option<u64>;
+    /// What this device has run and waited for since it was opened (None: not counted, as on
+    /// the CPU, where nothing is launched or waited for).
+    fn counters(&self) -> Option<Counters> {
+        None
+    }
 
     // ---- memory -------------------------------------------------------------------------
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor>;
@@ -162,6 +207,10 @@ pub trait Backend {
     /// Mean over each item's rows: `[tokens, d] -> [items, d]`.
     fn segment_mean_fwd(&mut self, x: &Tensor, seg: &Segments) -> Result<Tensor>;
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor>;
+    /// `[tokens, dim]`: each row's sinusoidal position encoding, the position counted inside
+    /// its item (`cpu::positions`). The CUDA backend keeps the table on the device, so a batch
+    /// uploads none of it.
+    fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor>;
 
     // ---- layers -------------------------------------------------------------------------
     /// LayerNorm over the last dimension; returns y and the saved `[rows, 2]` (mean, rstd).
@@ -176,6 +225,35 @@ pub trait Backend {
         dgamma: ViewMut,
         dbeta: ViewMut,
     ) -> Result<Tensor>;
+    /// The post-LN join of a sublayer: `a ← x + dropout(a)` (kept: LayerNorm backward reads
+    /// it), then LayerNorm of it; returns y and the saved `[rows, 2]` (mean, rstd). The same
+    /// values as `dropout_fwd`, `add_assign`, `layernorm_fwd` in turn, in one pass on CUDA.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_fwd(
+        &mut self,
+        a: &mut Tensor,
+        x: &Tensor,
+        gamma: View,
+        beta: View,
+        eps: f32,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)>;
+    /// Backward of [`Backend::residual_layernorm_fwd`] from its saved input s: returns
+    /// `(dx, da)`, the residual's gradient (`layernorm_bwd`) and the sublayer's (`dx` through
+    /// the dropout mask), and accumulates dgamma and dbeta. One row pass on CUDA, no copy.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_bwd(
+        &mut self,
+        s: &Tensor,
+        stats: &Tensor,
+        gamma: View,
+        dy: &Tensor,
+        dgamma: ViewMut,
+        dbeta: ViewMut,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)>;
     /// Multi-head self-attention core on packed `qkv [tokens, 3d]` (q | k | v, heads
     /// contiguous inside each): returns the context `[tokens, d]` and the saved softmax
     /// probabilities (per item and head, `len × len`, packed).
@@ -220,12 +298,25 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---- losses (fused: loss and gradient in one pass) ---------------------------------
-    /// Mean sigmoid binary cross-entropy over all `[n, C]` entries; the gradient of that
-    /// mean (times `scale`) overwrites the logits.
-    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32>;
-    /// Mean softmax cross-entropy over rows; the gradient of that mean (times `scale`)
-    /// overwrites the logits.
-    fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32>;
+    /// Mean sigmoid binary cross-entropy over all `[n, C]` entries, written to `loss[0]` on
+    /// the device (no host read); the gradient of that mean (times `scale`) overwrites the
+    /// logits.
+    fn bce_with_logits_into(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32, loss: ViewMut) -> Result<()>;
+    /// Mean softmax cross-entropy over rows, written to `loss[0]` on the device; the gradient
+    /// of that mean (times `scale`) overwrites the logits.
+    fn cross_entropy_into(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32, loss: ViewMut) -> Result<()>;
+    /// [`Backend::bce_with_logits_into`], read back (one host sync).
+    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {
+        let mut loss = self.alloc(&[1])?;
+        self.bce_with_logits_into(logits, targets, scale, loss.view_mut())?;
+        Ok(self.download(loss.view())?[0])
+    }
+    /// [`Backend::cross_entropy_into`], read back (one host sync).
+    fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
+        let mut loss = self.alloc(&[1])?;
+        self.cross_entropy_into(logits, targets, scale, loss.view_mut())?;
+        Ok(self.download(loss.view())?[0])
+    }
 
     // ---- retrieval ----------------------------------------------------------------------
     /// Exact top-k by inner product: for each row of `queries [nq, dim]`, the k rows of
@@ -237,6 +328,25 @@ pub trait Backend {
 
     // ---- optimizer ----------------------------------------------------------------------
     fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()>;
+    /// `Σ x²` (f32) into `out[0]`, left on the device.
+    fn sum_squares_into(&mut self, x: View, out: ViewMut) -> Result<()>;
+    /// Completes a step's record (`step::record`) on the device: total loss, gradient norm,
+    /// clip factor and status (`step::guard`, the CPU's and the kernel's arithmetic).
+    fn step_guard(&mut self, record: ViewMut, halted: ViewMut, p: GuardParams) -> Result<()>;
+    /// AdamW over the whole flat buffer in one pass, decaying the parameters `mask` says,
+    /// every gradient times the record's clip factor; nothing changes when the record's status
+    /// is not 0. `hp.weight_decay` is the decayed runs' rate; `hp.grad_scale` is not used.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_masked(
+        &mut self,
+        params: ViewMut,
+        grads: View,
+        m: ViewMut,
+        v: ViewMut,
+        mask: &DecayMask,
+        hp: AdamW,
+        record: View,
+    ) -> Result<()>;
 }
 
 /// Row-wise ops need at least one column: a `[rows, 0]` tensor has no rows to walk.

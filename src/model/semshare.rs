@@ -11,7 +11,7 @@
 
 use crate::backend::{Backend, Segments};
 use crate::nn::{Dropout, Linear, ParamStore};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, ViewMut};
 use crate::{Error, Result};
 
 use super::batch::{Batch, MaskPlan};
@@ -19,7 +19,7 @@ use super::config::{MASK_TOKEN, ModelConfig};
 use super::image::{ImageCache, ImageEncoder};
 use super::input_norm::InputNorm;
 use super::shared::{SharedCache, SharedEncoder};
-use super::text::{TextCache, TextEncoder, TextInput, positions};
+use super::text::{TextCache, TextEncoder, TextInput};
 
 #[derive(Clone, Debug)]
 pub struct SemShare {
@@ -133,7 +133,8 @@ pub struct Forward {
     /// gradient flows.
     context: Option<(crate::tensor::Ids, Tensor, Tensor)>,
     text: bool,
-    pub loss: ModalityLoss,
+    /// Segments masked for L2.
+    pub masked: usize,
 }
 
 impl SemShare {
@@ -217,7 +218,7 @@ impl SemShare {
                     }
                     TextInput::Tokens(dev.upload_ids(&ids)?)
                 };
-                let pos = dev.upload(&positions(&b.lengths, self.cfg.dim), &[tokens, self.cfg.dim])?;
+                let pos = dev.positions(&seg, self.cfg.dim)?;
                 let (e, c) = self.text.forward(dev, w, input, pos, &seg, drop.site(2))?;
                 (e, SideCache::Text(c))
             }
@@ -277,14 +278,18 @@ impl SemShare {
         drop: Dropout,
         weights: LossWeights,
     ) -> Result<ModalityLoss> {
-        let f = self.forward_loss(dev, w, batch, plan, drop, weights)?;
-        let loss = f.loss;
+        let mut losses = dev.alloc(&[2])?;
+        let f = self.forward_loss(dev, w, batch, plan, drop, weights, losses.view_mut())?;
+        let masked = f.masked;
         self.backward_loss(dev, w, g, f, None)?;
-        Ok(loss)
+        let l = dev.download(losses.view())?;
+        Ok(ModalityLoss { label: l[0], context: l[1], masked })
     }
 
-    /// One modality's forward pass and its weighted losses L1 (Eq. 4) and L2 (Eq. 5); the
-    /// gradients are applied by [`SemShare::backward_loss`].
+    /// One modality's forward pass and its losses L1 (Eq. 4) and L2 (Eq. 5), unweighted,
+    /// written to `losses[0..2]` on the device (no host read; 0 for an L2 with nothing
+    /// masked); the weighted gradients are applied by [`SemShare::backward_loss`].
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_loss(
         &self,
         dev: &mut dyn Backend,
@@ -293,7 +298,11 @@ impl SemShare {
         plan: &MaskPlan,
         drop: Dropout,
         weights: LossWeights,
+        losses: ViewMut,
     ) -> Result<Forward> {
+        if losses.len() != 2 {
+            return Err(Error::shape("forward_loss", format!("{} loss slots, expected 2", losses.len())));
+        }
         if self.cfg.global_segments && !plan.rows.is_empty() {
             return Err(Error::config("global segments cannot be masked: nothing is left to predict them from"));
         }
@@ -304,22 +313,24 @@ impl SemShare {
         let z = dev.segment_mean_fwd(&enc.hidden, &enc.seg)?;
         let mut dlogits = self.models(text).1.forward(dev, w, &z)?;
         let labels = dev.upload(batch.labels(), &[items, self.cfg.labels])?;
-        let label = dev.bce_with_logits(&mut dlogits, &labels, weights.label)?;
+        let (label_slot, mut context_slot) = losses.split_at(1);
+        dev.bce_with_logits_into(&mut dlogits, &labels, weights.label, label_slot)?;
         // Eq. 5: L2 over the masked segments, by the modality's head.
-        let mut loss = ModalityLoss { label, context: 0.0, masked: plan.rows.len() };
         let mut context = None;
-        if !plan.rows.is_empty() {
+        if plan.rows.is_empty() {
+            dev.fill(context_slot.reborrow(), 0.0)?;
+        } else {
             let head = if text { &self.word_head } else { &self.object_head };
             let rows = dev.upload_ids(&plan.rows)?;
             let targets = dev.upload_ids(&plan.targets)?;
             let hm = dev.gather_rows(enc.hidden.view(), self.cfg.dim, &rows)?;
             let mut ctx_logits = head.forward(dev, w, &hm)?;
-            loss.context = dev.cross_entropy(&mut ctx_logits, &targets, weights.context)?;
+            dev.cross_entropy_into(&mut ctx_logits, &targets, weights.context, context_slot)?;
             if weights.context != 0.0 {
                 context = Some((rows, hm, ctx_logits));
             }
         }
-        Ok(Forward { enc, z, dlogits, context, text, loss })
+        Ok(Forward { enc, z, dlogits, context, text, masked: plan.rows.len() })
     }
 
     /// Backward of [`SemShare::forward_loss`] into `g`, with `extra_dz` (the gradient of a

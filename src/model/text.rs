@@ -37,29 +37,7 @@ pub struct TextCache {
     drop: Dropout,
 }
 
-/// PE(t)_{2i} = sin(t / 10000^{2i/d}), PE(t)_{2i+1} = cos(t / 10000^{2i/d}).
-pub fn position_encoding(t: usize, dim: usize, out: &mut [f32]) {
-    for (i, o) in out[..dim].iter_mut().enumerate() {
-        let freq = (10000f64).powf(-((i / 2 * 2) as f64) / dim as f64);
-        let a = t as f64 * freq;
-        *o = if i % 2 == 0 { a.sin() } else { a.cos() } as f32;
-    }
-}
-
-/// The position encodings of every packed row.
-pub fn positions(lengths: &[usize], dim: usize) -> Vec<f32> {
-    let total: usize = lengths.iter().sum();
-    let max = lengths.iter().copied().max().unwrap_or(0);
-    let mut table = vec![0.0; max * dim];
-    for (t, row) in table.chunks_exact_mut(dim).enumerate() {
-        position_encoding(t, dim, row);
-    }
-    let mut out = Vec::with_capacity(total * dim);
-    for &l in lengths {
-        out.extend_from_slice(&table[..l * dim]);
-    }
-    out
-}
+pub use crate::backend::cpu::positions::{position_encoding, positions};
 
 impl TextEncoder {
     pub fn new(store: &mut ParamStore, cfg: &ModelConfig) -> Self {

@@ -2,6 +2,7 @@
 //!   x₁ = LN₁(x + Drop(MHA(x)))
 //!   y  = LN₂(x₁ + Drop(W₂ Drop(GELU(W₁ x₁))))
 //! Without its attention sublayer (x₁ = x) it is the FC block of Table 1's `wo-t` and `wo-r`.
+//! Each `LN(x + Drop(·))` join is one fused op forward and one backward (no clone).
 
 use super::Dropout;
 use super::attention::{AttentionCache, MultiHeadAttention};
@@ -54,10 +55,8 @@ impl EncoderBlock {
     ) -> Result<(Tensor, BlockCache)> {
         let (x1, attention) = match &self.attention {
             Some((attn, norm1)) => {
-                let (mut a, attn_cache) = attn.forward(dev, w, &x, seg)?;
-                drop.site(0).forward(dev, &mut a)?;
-                dev.add_assign(&mut a, &x)?;
-                let (x1, norm1_cache) = norm1.forward(dev, w, a)?;
+                let (a, attn_cache) = attn.forward(dev, w, &x, seg)?;
+                let (x1, norm1_cache) = norm1.forward_residual(dev, w, a, &x, drop.site(0))?;
                 (x1, Some((x, attn_cache, norm1_cache)))
             }
             None => (x, None),
@@ -65,10 +64,8 @@ impl EncoderBlock {
         let pre_gelu = self.fc1.forward(dev, w, &x1)?;
         let mut hidden = dev.gelu_fwd(&pre_gelu)?;
         drop.site(1).forward(dev, &mut hidden)?;
-        let mut f = self.fc2.forward(dev, w, &hidden)?;
-        drop.site(2).forward(dev, &mut f)?;
-        dev.add_assign(&mut f, &x1)?;
-        let (y, norm2) = self.norm2.forward(dev, w, f)?;
+        let f = self.fc2.forward(dev, w, &hidden)?;
+        let (y, norm2) = self.norm2.forward_residual(dev, w, f, &x1, drop.site(2))?;
         Ok((y, BlockCache { attention, x1, pre_gelu, hidden, norm2, drop }))
     }
 
@@ -81,9 +78,7 @@ impl EncoderBlock {
         c: BlockCache,
         dy: &Tensor,
     ) -> Result<Tensor> {
-        let mut dx1 = self.norm2.backward(dev, w, g, c.norm2, dy)?;
-        let mut df = dx1.clone();
-        c.drop.site(2).backward(dev, &mut df)?;
+        let (mut dx1, df) = self.norm2.backward_residual(dev, w, g, c.norm2, dy, c.drop.site(2))?;
         let mut dhidden = self.fc2.backward(dev, w, g, &c.hidden, &df)?;
         c.drop.site(1).backward(dev, &mut dhidden)?;
         let dpre = dev.gelu_bwd(&c.pre_gelu, &dhidden)?;
@@ -92,9 +87,7 @@ impl EncoderBlock {
         let (Some((attn, norm1)), Some((x, attn_cache, norm1_cache))) = (&self.attention, c.attention) else {
             return Ok(dx1);
         };
-        let mut dx = norm1.backward(dev, w, g, norm1_cache, &dx1)?;
-        let mut da = dx.clone();
-        c.drop.site(0).backward(dev, &mut da)?;
+        let (mut dx, da) = norm1.backward_residual(dev, w, g, norm1_cache, &dx1, c.drop.site(0))?;
         let dx_attn = attn.backward(dev, w, g, &x, seg, attn_cache, &da)?;
         dev.add_assign(&mut dx, &dx_attn)?;
         Ok(dx)

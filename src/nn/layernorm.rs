@@ -1,5 +1,6 @@
 //! LayerNorm over the last dimension with affine γ, β.
 
+use super::Dropout;
 use super::params::{Init, Param, ParamStore};
 use crate::Result;
 use crate::backend::Backend;
@@ -30,6 +31,36 @@ impl LayerNorm {
     pub fn forward(&self, dev: &mut dyn Backend, w: &Tensor, x: Tensor) -> Result<(Tensor, LayerNormCache)> {
         let (y, stats) = dev.layernorm_fwd(&x, self.weight.of(w), self.bias.of(w), EPS)?;
         Ok((y, LayerNormCache { x, stats }))
+    }
+
+    /// The post-LN join `LN(x + drop(a))` in one op (`Backend::residual_layernorm_fwd`):
+    /// `a` becomes the norm's input and the cache keeps it.
+    pub fn forward_residual(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        mut a: Tensor,
+        x: &Tensor,
+        drop: Dropout,
+    ) -> Result<(Tensor, LayerNormCache)> {
+        let (y, stats) =
+            dev.residual_layernorm_fwd(&mut a, x, self.weight.of(w), self.bias.of(w), EPS, drop.p, drop.seed)?;
+        Ok((y, LayerNormCache { x: a, stats }))
+    }
+
+    /// Backward of [`LayerNorm::forward_residual`]: `(d x, d a)`, the residual's gradient and
+    /// the sublayer's (through the same dropout mask).
+    pub fn backward_residual(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        g: &mut Tensor,
+        c: LayerNormCache,
+        dy: &Tensor,
+        drop: Dropout,
+    ) -> Result<(Tensor, Tensor)> {
+        let (dg, db) = self.weight.with_mut(self.bias, g);
+        dev.residual_layernorm_bwd(&c.x, &c.stats, self.weight.of(w), dy, dg, db, drop.p, drop.seed)
     }
 
     pub fn backward(

@@ -5,12 +5,14 @@
 //! importing the CUDA backend; the backend allocates through `Pool` and reads pointers from here.
 //!
 //! The allocator: size classes (4 per power of two, ≤ 25% slack), free lists per class, blocks
-//! handed back when a buffer drops. After the first training step every request is served from
+//! handed back when a buffer drops; a request no list of its class serves takes the smallest
+//! cached block of up to twice its size. After the first training step every request is served from
 //! the lists: no cuMemAlloc/cuMemFree inside the step loop (those synchronise the device). On out
 //! of memory the cached blocks are released and the request retried once; if it still fails the
 //! error says how much was asked and is free.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys as cu;
@@ -31,7 +33,11 @@ pub(crate) fn dev_err(what: impl std::fmt::Display) -> impl FnOnce(DriverError) 
 pub struct Pool {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    free: Mutex<HashMap<usize, Vec<u64>>>,
+    free: Mutex<BTreeMap<usize, Vec<u64>>>,
+    /// Requests the free lists could not serve (each reached the driver).
+    misses: AtomicU64,
+    /// Device-to-device copies made by `DevBuf::try_clone` (a tensor's `clone`).
+    clones: AtomicU64,
 }
 
 /// Bytes actually reserved for a request: 4 size classes per power of two, 256 B minimum.
@@ -44,14 +50,21 @@ fn size_class(bytes: usize) -> usize {
 
 impl Pool {
     pub(crate) fn new(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Pool {
-        Pool { ctx, stream, free: Mutex::new(HashMap::new()) }
+        Pool { ctx, stream, free: Mutex::new(BTreeMap::new()), misses: AtomicU64::new(0), clones: AtomicU64::new(0) }
     }
 
     fn take(self: &Arc<Self>, bytes: usize) -> Result<(u64, usize)> {
         let class = size_class(bytes);
-        if let Some(p) = self.free.lock().ok().and_then(|mut f| f.get_mut(&class).and_then(|v| v.pop())) {
-            return Ok((p, class));
+        // The request's class, else the smallest cached block of at most twice its size: a
+        // batch whose masked-segment count moves between steps then still reuses the blocks
+        // of the earlier steps instead of reaching the driver (which synchronises).
+        if let Ok(mut f) = self.free.lock() {
+            let found = f.range_mut(class..=2 * class).find_map(|(&c, v)| v.pop().map(|p| (p, c)));
+            if let Some(hit) = found {
+                return Ok(hit);
+            }
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
         self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
         // SAFETY: a plain device allocation of `class` bytes in the bound context.
         match unsafe { result::malloc_sync(class) } {
@@ -86,7 +99,7 @@ impl Pool {
         self.stream.synchronize().map_err(dev_err("synchronize"))?;
         self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
         let blocks: Vec<u64> = match self.free.lock() {
-            Ok(mut f) => f.drain().flat_map(|(_, v)| v).collect(),
+            Ok(mut f) => std::mem::take(&mut *f).into_values().flatten().collect(),
             Err(_) => return Ok(()),
         };
         for p in blocks {
@@ -94,6 +107,16 @@ impl Pool {
             unsafe { result::free_sync(p) }.map_err(dev_err("free"))?;
         }
         Ok(())
+    }
+
+    /// Allocations that reached the driver so far (the free lists' misses).
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    /// Tensor clones (device-to-device copies) made through the pool so far.
+    pub fn clones(&self) -> u64 {
+        self.clones.load(Ordering::Relaxed)
     }
 
     /// Bytes held in the free lists.
@@ -145,6 +168,7 @@ impl DevBuf {
     /// A device copy (ordered on the pool's stream).
     pub fn try_clone(&self) -> Result<DevBuf> {
         let c = DevBuf::new(&self.pool, self.len)?;
+        self.pool.clones.fetch_add(1, Ordering::Relaxed);
         self.pool.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
         // SAFETY: both ranges are live pool blocks of at least len * 4 bytes.
         unsafe { result::memcpy_dtod_async(c.ptr, self.ptr, self.len * 4, self.pool.stream.cu_stream()) }

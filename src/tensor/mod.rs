@@ -274,6 +274,20 @@ impl<'a> ViewMut<'a> {
             ViewMut::Cuda(_) => panic!("a CUDA view was used as a CPU view"),
         }
     }
+    /// Two disjoint ranges: `..mid` and `mid..`.
+    pub fn split_at(self, mid: usize) -> (ViewMut<'a>, ViewMut<'a>) {
+        match self {
+            ViewMut::Cpu(s) => {
+                let (a, b) = s.split_at_mut(mid.min(s.len()));
+                (ViewMut::Cpu(a), ViewMut::Cpu(b))
+            }
+            #[cfg(feature = "cuda")]
+            ViewMut::Cuda(d) => {
+                let (a, b) = d.split_at(mid);
+                (ViewMut::Cuda(a), ViewMut::Cuda(b))
+            }
+        }
+    }
     pub fn reborrow(&mut self) -> ViewMut<'_> {
         match self {
             ViewMut::Cpu(s) => ViewMut::Cpu(s),

@@ -11,13 +11,14 @@ pub mod layernorm;
 pub mod losses;
 pub mod microkernel;
 pub mod optim;
+pub mod positions;
 pub mod profile;
 pub mod topk;
 
 use super::{
-    AdamW, Backend, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
-    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of,
-    same_shape,
+    AdamW, Backend, DecayMask, Gemm, GruStep, GuardParams, Segments, check_adamw_masked, check_attention,
+    check_attention_bwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k,
+    expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
@@ -229,6 +230,11 @@ impl Backend for Cpu {
         Ok(Tensor::from_cpu(y, &[seg.items(), x.cols()]))
     }
 
+    fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
+        let lengths: Vec<usize> = (0..seg.items()).map(|b| seg.len(b)).collect();
+        Ok(Tensor::from_cpu(positions::positions(&lengths, dim), &[seg.tokens(), dim]))
+    }
+
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {
         let _timer = profile::time("segment_mean_bwd");
         expect_len("segment_mean_bwd", "dy rows", dy.rows(), seg.items())?;
@@ -257,6 +263,39 @@ impl Backend for Cpu {
         check_layernorm_bwd(x, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
         let dx = layernorm::backward(x.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu());
         Ok(Tensor::from_cpu(dx, x.shape()))
+    }
+
+    fn residual_layernorm_fwd(
+        &mut self,
+        a: &mut Tensor,
+        x: &Tensor,
+        gamma: View,
+        beta: View,
+        eps: f32,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)> {
+        same_shape("residual_layernorm_fwd", a, x)?;
+        self.dropout_fwd(a, p, seed)?;
+        self.add_assign(a, x)?;
+        self.layernorm_fwd(a, gamma, beta, eps)
+    }
+
+    fn residual_layernorm_bwd(
+        &mut self,
+        s: &Tensor,
+        stats: &Tensor,
+        gamma: View,
+        dy: &Tensor,
+        dgamma: ViewMut,
+        dbeta: ViewMut,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)> {
+        let dx = self.layernorm_bwd(s, stats, gamma, dy, dgamma, dbeta)?;
+        let mut da = dx.clone();
+        self.dropout_bwd(&mut da, p, seed)?;
+        Ok((dx, da))
     }
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
@@ -328,20 +367,24 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {
+    fn bce_with_logits_into(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32, loss: ViewMut) -> Result<()> {
         let _timer = profile::time("bce_with_logits");
         same_shape("bce_with_logits", logits, targets)?;
         expect_cols("bce_with_logits", logits)?;
-        Ok(losses::bce_with_logits(logits.cpu_mut(), targets.cpu(), scale))
+        expect_len("bce_with_logits", "loss", loss.len(), 1)?;
+        loss.cpu()[0] = losses::bce_with_logits(logits.cpu_mut(), targets.cpu(), scale);
+        Ok(())
     }
 
-    fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
+    fn cross_entropy_into(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32, loss: ViewMut) -> Result<()> {
         let _timer = profile::time("cross_entropy");
         expect_len("cross_entropy", "targets", targets.len(), logits.rows())?;
         expect_cols("cross_entropy", logits)?;
+        expect_len("cross_entropy", "loss", loss.len(), 1)?;
         let classes = logits.cols();
         check_ids("cross_entropy", targets.cpu(), classes)?;
-        Ok(losses::cross_entropy(logits.cpu_mut(), classes, targets.cpu(), scale))
+        loss.cpu()[0] = losses::cross_entropy(logits.cpu_mut(), classes, targets.cpu(), scale);
+        Ok(())
     }
 
     fn top_k(&mut self, queries: View, gallery: View, dim: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
@@ -359,6 +402,35 @@ impl Backend for Cpu {
         expect_len("adamw", "m", m.len(), n)?;
         expect_len("adamw", "v", v.len(), n)?;
         optim::adamw(params.cpu(), grads.cpu(), m.cpu(), v.cpu(), hp);
+        Ok(())
+    }
+
+    fn sum_squares_into(&mut self, x: View, out: ViewMut) -> Result<()> {
+        expect_len("sum_squares_into", "out", out.len(), 1)?;
+        out.cpu()[0] = optim::sum_squares(x.cpu()) as f32;
+        Ok(())
+    }
+
+    fn step_guard(&mut self, record: ViewMut, halted: ViewMut, p: GuardParams) -> Result<()> {
+        expect_len("step_guard", "record", record.len(), super::step::record::LEN)?;
+        expect_len("step_guard", "halted", halted.len(), 1)?;
+        super::step::guard(record.cpu(), &mut halted.cpu()[0], p);
+        Ok(())
+    }
+
+    fn adamw_masked(
+        &mut self,
+        params: ViewMut,
+        grads: View,
+        m: ViewMut,
+        v: ViewMut,
+        mask: &DecayMask,
+        hp: AdamW,
+        record: View,
+    ) -> Result<()> {
+        hp.check()?;
+        check_adamw_masked(params.len(), grads.len(), m.len(), v.len(), mask, record.len())?;
+        optim::adamw_masked(params.cpu(), grads.cpu(), m.cpu(), v.cpu(), &mask.runs, hp, record.cpu());
         Ok(())
     }
 }

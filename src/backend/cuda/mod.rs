@@ -33,7 +33,9 @@
 
 pub mod attention;
 pub mod gru;
+mod norm;
 mod ops;
+mod step;
 pub mod topk;
 
 use std::collections::HashMap;
@@ -44,6 +46,7 @@ use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
 
+use crate::backend::{Counters, Segments};
 pub use crate::tensor::device::{DevBuf, DevIds, DevView, DevViewMut, Pool};
 pub(crate) use crate::tensor::device::{describe, dev_err};
 use crate::tensor::{Ids, Storage, Tensor, View, ViewMut};
@@ -195,6 +198,10 @@ pub struct Cuda {
     blas: cudarc::cublas::CudaBlas,
     tf32: bool,
     device_name: String,
+    /// Counted here, in the host code (`Backend::counters`); allocations and clones by the pool.
+    pub(crate) counts: Counters,
+    /// The position-encoding table on the device: (dim, rows, `[rows, dim]`), grown on demand.
+    positions: Option<(usize, usize, Tensor)>,
 }
 
 impl Drop for Cuda {
@@ -251,7 +258,18 @@ impl Cuda {
         let tf32 = std::env::var("SEMSHARE_TF32").is_ok_and(|v| v == "1");
         let pool = Arc::new(Pool::new(ctx.clone(), stream.clone()));
         set_math_mode(&mut blas, tf32)?;
-        Ok(Cuda { ctx, stream, pool, module: Module(module), functions: HashMap::new(), blas, tf32, device_name })
+        Ok(Cuda {
+            ctx,
+            stream,
+            pool,
+            module: Module(module),
+            functions: HashMap::new(),
+            blas,
+            tf32,
+            device_name,
+            counts: Counters::default(),
+            positions: None,
+        })
     }
 
     pub fn device_name(&self) -> &str {
@@ -282,8 +300,17 @@ impl Cuda {
     }
 
     /// Waits for every launch so far.
-    pub fn synchronize(&self) -> Result<()> {
+    pub fn synchronize(&mut self) -> Result<()> {
+        self.counts.syncs += 1;
         self.stream.synchronize().map_err(dev_err("synchronize"))
+    }
+
+    /// The counts so far (`Backend::counters`).
+    pub fn counts(&self) -> Counters {
+        let mut c = self.counts;
+        c.allocs = self.pool.misses();
+        c.copies += self.pool.clones();
+        c
     }
 
     /// An event recorded now on the stream; `a.elapsed_ms(&b)` after `b.synchronize()`.
@@ -339,6 +366,7 @@ impl Cuda {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(()); // nothing to do (an empty tensor)
         }
+        self.counts.kernels += 1;
         // SAFETY: f is a kernel of our module; params point to values that outlive the call and
         // match the kernel's signature (the `Arg` contract above); every pointer argument is a
         // live pool block or a view into one, kept alive by the caller's borrows until the
@@ -346,6 +374,33 @@ impl Cuda {
         // stream-ordered).
         unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream.cu_stream(), &mut params) }
             .map_err(dev_err(format!("launch {name} grid {grid:?} block {block:?} smem {shared_bytes}")))
+    }
+
+    /// Position encodings of every packed row (`Backend::positions`): rows of the table kept
+    /// on the device, which is uploaded only when a longer item or another width asks for it.
+    pub(crate) fn segment_positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
+        let need = seg.max_len;
+        let fits = matches!(&self.positions, Some((d, rows, _)) if *d == dim && *rows >= need);
+        if !fits {
+            let rows = need.next_power_of_two().max(64);
+            let table = crate::backend::cpu::positions::table(rows, dim);
+            let t = crate::backend::Backend::upload(self, &table, &[rows, dim])?;
+            self.positions = Some((dim, rows, t));
+        }
+        let out = self.alloc_tensor(&[seg.tokens(), dim])?;
+        let (items, table) = (seg.items(), tensor_ptr(&self.positions.as_ref().expect("made above").2)?);
+        if items == 0 || dim == 0 {
+            return Ok(out);
+        }
+        let args = [
+            Arg::Ptr(table),
+            Arg::ids(&seg.device)?,
+            Arg::int("positions", items)?,
+            Arg::int("positions", dim)?,
+            Arg::tensor(&out)?,
+        ];
+        self.launch("segment_rows_fwd_f32", (blocks(dim, 128), grid_y(items), 1), (128, 1, 1), 0, &args)?;
+        Ok(out)
     }
 
     /// A pooled tensor whose contents are unspecified.
@@ -383,6 +438,7 @@ impl Cuda {
             if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N }
         };
         self.bind()?;
+        self.counts.blas_calls += 1;
         // SAFETY: the caller's pointers are live device ranges covering every batch at these
         // strides and leading dimensions (checked by the ops that call this); alpha/beta are
         // host scalars read during the call.

@@ -6,9 +6,9 @@ use super::{
     view_ptr,
 };
 use crate::backend::{
-    AdamW, Backend, Gemm, GruStep, Segments, check_attention, check_attention_bwd, check_gru_step_bwd,
-    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of,
-    same_shape,
+    AdamW, Backend, Counters, DecayMask, Gemm, GruStep, GuardParams, Segments, check_attention, check_attention_bwd,
+    check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols,
+    expect_len, rows_of, same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -43,7 +43,14 @@ impl Cuda {
     }
 
     /// `out[c] += Σ_r x[r, c]` in two deterministic stages; `stage1` fills `[parts, cols]`.
-    fn column_sum(&mut self, stage1: &'static str, rows: usize, cols: usize, pre: &[Arg], outs: &[u64]) -> Result<()> {
+    pub(super) fn column_sum(
+        &mut self,
+        stage1: &'static str,
+        rows: usize,
+        cols: usize,
+        pre: &[Arg],
+        outs: &[u64],
+    ) -> Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
@@ -136,6 +143,7 @@ impl Cuda {
             return Ok(());
         }
         self.bind()?;
+        self.counts.copies += 1;
         // SAFETY: ptr..ptr + 4·elems is a live pool block or view into one.
         unsafe { result::memset_d8_async(ptr, 0, elems * 4, self.stream.cu_stream()) }.map_err(dev_err("memset"))
     }
@@ -144,6 +152,10 @@ impl Cuda {
 impl Backend for Cuda {
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn counters(&self) -> Option<Counters> {
+        Some(self.counts())
     }
 
     fn available_memory(&self) -> Option<u64> {
@@ -157,6 +169,7 @@ impl Backend for Cuda {
         let t = self.alloc_tensor(shape)?;
         self.bind()?;
         if !data.is_empty() {
+            self.counts.upload_bytes += 4 * data.len() as u64;
             let p = tensor_ptr(&t)?;
             // SAFETY: the block holds data.len() f32; pageable host memory is staged before
             // the call returns, so `data` may be dropped afterwards.
@@ -170,6 +183,7 @@ impl Backend for Cuda {
         let buf = DevBuf::new(&self.pool, data.len())?;
         self.bind()?;
         if !data.is_empty() {
+            self.counts.upload_bytes += 4 * data.len() as u64;
             // SAFETY: as in upload.
             unsafe { result::memcpy_htod_async(buf.ptr(), data, self.stream.cu_stream()) }
                 .map_err(dev_err(format!("upload {} bytes of indices", data.len() * 4)))?;
@@ -218,6 +232,7 @@ impl Backend for Cuda {
         }
         let (s, d) = (ptr_of(&src)?, ptr_of_mut(&dst)?);
         self.bind()?;
+        self.counts.copies += 1;
         // SAFETY: both are live device ranges of src.len() f32 (a view and a disjoint mutable view).
         unsafe { result::memcpy_dtod_async(d, s, src.len() * 4, self.stream.cu_stream()) }
             .map_err(dev_err("copy device to device"))
@@ -420,6 +435,10 @@ impl Backend for Cuda {
         Ok(y)
     }
 
+    fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
+        self.segment_positions(seg, dim)
+    }
+
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {
         expect_cols("segment_mean_bwd", dy)?;
         expect_len("segment_mean_bwd", "dy rows", dy.rows(), seg.items())?;
@@ -492,6 +511,33 @@ impl Backend for Cuda {
         Ok(dx)
     }
 
+    fn residual_layernorm_fwd(
+        &mut self,
+        a: &mut Tensor,
+        x: &Tensor,
+        gamma: View,
+        beta: View,
+        eps: f32,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)> {
+        super::norm::forward(self, a, x, gamma, beta, eps, p, seed)
+    }
+
+    fn residual_layernorm_bwd(
+        &mut self,
+        s: &Tensor,
+        stats: &Tensor,
+        gamma: View,
+        dy: &Tensor,
+        dgamma: ViewMut,
+        dbeta: ViewMut,
+        p: f32,
+        seed: u64,
+    ) -> Result<(Tensor, Tensor)> {
+        super::norm::backward(self, s, stats, gamma, dy, dgamma, dbeta, p, seed)
+    }
+
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
         check_attention("attention_fwd", qkv, seg, heads)?;
         super::attention::forward(self, qkv, seg, heads)
@@ -538,19 +584,16 @@ impl Backend for Cuda {
         super::gru::step_bwd(self, step, seg, gates, h_prev, dout, dh, dxproj, dhproj)
     }
 
-    fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {
+    fn bce_with_logits_into(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32, loss: ViewMut) -> Result<()> {
+        expect_len("bce_with_logits", "loss", loss.len(), 1)?;
         let partial = self.bce_with_logits_partials(logits, targets, scale)?;
-        let n = logits.len();
-        Ok((self.host_total(&partial)? / n.max(1) as f64) as f32)
+        self.finish_sum(&partial, logits.len(), &loss)
     }
 
-    fn cross_entropy(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32) -> Result<f32> {
+    fn cross_entropy_into(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32, loss: ViewMut) -> Result<()> {
+        expect_len("cross_entropy", "loss", loss.len(), 1)?;
         let row_loss = self.cross_entropy_rows(logits, targets, scale)?;
-        let rows = logits.rows();
-        if rows == 0 {
-            return Ok(0.0);
-        }
-        Ok((self.host_total(&row_loss)? / rows as f64) as f32)
+        self.finish_sum(&row_loss, logits.rows(), &loss)
     }
 
     fn top_k(&mut self, queries: View, gallery: View, dim: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
@@ -585,5 +628,26 @@ impl Backend for Cuda {
             Arg::F32(hp.grad_scale),
         ];
         self.flat("adamw_fwd_f32", n, &args)
+    }
+
+    fn sum_squares_into(&mut self, x: View, out: ViewMut) -> Result<()> {
+        super::step::sum_squares_into(self, x, out)
+    }
+
+    fn step_guard(&mut self, record: ViewMut, halted: ViewMut, p: GuardParams) -> Result<()> {
+        super::step::step_guard(self, record, halted, p)
+    }
+
+    fn adamw_masked(
+        &mut self,
+        params: ViewMut,
+        grads: View,
+        m: ViewMut,
+        v: ViewMut,
+        mask: &DecayMask,
+        hp: AdamW,
+        record: View,
+    ) -> Result<()> {
+        super::step::adamw_masked(self, params, grads, m, v, mask, hp, record)
     }
 }

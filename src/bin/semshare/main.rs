@@ -1,7 +1,8 @@
 //! The `semshare` command line: a dispatcher over one file per command (demo, synth, pack,
-//! check, train, eval, embed, score, index, query, export, experiment, tune); the commands are thin
-//! glue over the library.
+//! check, train, eval, embed, score, index, query, export, experiment, tune, bench-step); the
+//! commands are thin glue over the library.
 
+mod bench_step;
 mod check;
 mod common;
 mod demo;
@@ -222,6 +223,20 @@ const COMMANDS: &[Command] = &[
             ],
             switches: &[],
             run: tune::run,
+        },
+    },
+    Command {
+        name: "bench-step",
+        usage: "  bench-step  time training steps on synthetic batches of the benchmark's shape; one JSON line
+             [--model small|paper] [--device D] [--batch N (small 32, paper 128)] [--tokens T]
+             [--warmup N (default 2)] [--steps N (default 3)] [--counts]
+             --counts adds what one step launches, waits for (syncs), allocates and uploads, as
+             the CUDA backend counts them (the same on the emulated device as on a GPU)
+",
+        takes: Takes::Flags {
+            values: &["model", "device", "batch", "tokens", "warmup", "steps"],
+            switches: &["counts"],
+            run: bench_step::run,
         },
     },
 ];

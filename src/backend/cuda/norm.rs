@@ -1,0 +1,94 @@
+//! The fused post-LN join (`kernels/residual_norm.cu`): dropout, residual add and LayerNorm in
+//! one launch forward; LayerNorm backward and the dropout mask in one row launch backward.
+
+use super::{Arg, Cuda, tensor_ptr, view_mut_ptr};
+use crate::backend::{check_layernorm_bwd, check_layernorm_fwd, same_shape};
+use crate::tensor::{Tensor, View, ViewMut};
+use crate::{Error, Result};
+
+const THREADS: u32 = 256;
+
+fn dropout_scale(p: f32) -> Result<f32> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
+    }
+    Ok(1.0 / (1.0 - p)) // the CPU's f32 expression
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward(
+    cuda: &mut Cuda,
+    a: &mut Tensor,
+    x: &Tensor,
+    gamma: View,
+    beta: View,
+    eps: f32,
+    p: f32,
+    seed: u64,
+) -> Result<(Tensor, Tensor)> {
+    same_shape("residual_layernorm_fwd", a, x)?;
+    check_layernorm_fwd(a, &gamma, &beta)?;
+    let scale = dropout_scale(p)?;
+    let (rows, d) = (a.rows(), a.cols());
+    let y = cuda.alloc_tensor(a.shape())?;
+    let stats = cuda.alloc_tensor(&[rows, 2])?;
+    if rows == 0 {
+        return Ok((y, stats));
+    }
+    let args = [
+        Arg::tensor(a)?,
+        Arg::tensor(x)?,
+        Arg::view(gamma)?,
+        Arg::view(beta)?,
+        Arg::F32(eps),
+        Arg::F32(p),
+        Arg::F32(scale),
+        Arg::U64(seed),
+        Arg::int("residual_layernorm_fwd", rows)?,
+        Arg::int("residual_layernorm_fwd", d)?,
+        Arg::tensor(&y)?,
+        Arg::tensor(&stats)?,
+    ];
+    cuda.launch("residual_layernorm_fwd_f32", (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+    Ok((y, stats))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    cuda: &mut Cuda,
+    s: &Tensor,
+    stats: &Tensor,
+    gamma: View,
+    dy: &Tensor,
+    dgamma: ViewMut,
+    dbeta: ViewMut,
+    p: f32,
+    seed: u64,
+) -> Result<(Tensor, Tensor)> {
+    check_layernorm_bwd(s, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
+    let scale = dropout_scale(p)?;
+    let (rows, d) = (s.rows(), s.cols());
+    let dx = cuda.alloc_tensor(s.shape())?;
+    let da = cuda.alloc_tensor(s.shape())?;
+    if rows == 0 {
+        return Ok((dx, da));
+    }
+    let args = [
+        Arg::tensor(s)?,
+        Arg::tensor(stats)?,
+        Arg::view(gamma)?,
+        Arg::tensor(dy)?,
+        Arg::F32(p),
+        Arg::F32(scale),
+        Arg::U64(seed),
+        Arg::int("residual_layernorm_bwd", rows)?,
+        Arg::int("residual_layernorm_bwd", d)?,
+        Arg::tensor(&dx)?,
+        Arg::tensor(&da)?,
+    ];
+    cuda.launch("residual_layernorm_bwd_f32", (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+    let outs = [view_mut_ptr(&dgamma)?, view_mut_ptr(&dbeta)?];
+    let pre = [Arg::Ptr(tensor_ptr(s)?), Arg::tensor(stats)?, Arg::tensor(dy)?];
+    cuda.column_sum("layernorm_params_bwd_f32", rows, d, &pre, &outs)?;
+    Ok((dx, da))
+}

@@ -1,0 +1,88 @@
+//! The training step's device-side ops (`kernels/optim.cu`): losses and the gradient's Σx²
+//! finished on the device, the step guard, the one-launch AdamW. Nothing here reads back.
+
+use super::{Arg, Cuda, blocks, dev_ids, view_mut_ptr};
+use crate::backend::step::record;
+use crate::backend::{AdamW, DecayMask, GuardParams, check_adamw_masked, expect_len};
+use crate::tensor::{Tensor, View, ViewMut};
+use crate::{Error, Result};
+
+const THREADS: u32 = 256;
+
+impl Cuda {
+    /// `out[0] = Σ partial / divisor` in f64 on the device (one warp).
+    pub(crate) fn finish_sum(&mut self, partial: &Tensor, divisor: usize, out: &ViewMut) -> Result<()> {
+        let args = [
+            Arg::tensor(partial)?,
+            Arg::int("sum_finish", partial.len())?,
+            Arg::U64(divisor.max(1) as u64),
+            Arg::view_mut(out)?,
+        ];
+        self.launch("sum_finish_f32", (1, 1, 1), (32, 1, 1), 0, &args)
+    }
+}
+
+pub(super) fn sum_squares_into(cuda: &mut Cuda, x: View, out: ViewMut) -> Result<()> {
+    expect_len("sum_squares_into", "out", out.len(), 1)?;
+    let partial = cuda.sum_squares_partials(x)?;
+    cuda.finish_sum(&partial, 1, &out)
+}
+
+pub(super) fn step_guard(cuda: &mut Cuda, rec: ViewMut, halted: ViewMut, p: GuardParams) -> Result<()> {
+    expect_len("step_guard", "record", rec.len(), record::LEN)?;
+    expect_len("step_guard", "halted", halted.len(), 1)?;
+    let args = [
+        Arg::view_mut(&rec)?,
+        Arg::view_mut(&halted)?,
+        Arg::F32(p.label_weight),
+        Arg::F32(p.context_weight),
+        Arg::F32(p.clip_norm),
+    ];
+    cuda.launch("step_guard_f32", (1, 1, 1), (1, 1, 1), 0, &args)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn adamw_masked(
+    cuda: &mut Cuda,
+    params: ViewMut,
+    grads: View,
+    m: ViewMut,
+    v: ViewMut,
+    mask: &DecayMask,
+    hp: AdamW,
+    rec: View,
+) -> Result<()> {
+    hp.check()?;
+    let n = params.len();
+    check_adamw_masked(n, grads.len(), m.len(), v.len(), mask, rec.len())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let table = dev_ids(&mask.device)?;
+    if table.len() != 2 * mask.runs.len() + 1 {
+        return Err(Error::shape("adamw_masked", "decay mask table does not match its runs"));
+    }
+    // The CPU's host-side constants, computed the same way (f64 then f32).
+    let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
+    let bc2 = 1.0 - (hp.beta2 as f64).powi(hp.step as i32);
+    let step_size = (hp.lr as f64 / bc1) as f32;
+    let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+    let decay = 1.0 - hp.lr * hp.weight_decay;
+    let args = [
+        Arg::Ptr(view_mut_ptr(&params)?),
+        Arg::view(grads)?,
+        Arg::view_mut(&m)?,
+        Arg::view_mut(&v)?,
+        Arg::U64(n as u64),
+        Arg::Ptr(table.ptr()),
+        Arg::int("adamw_masked", mask.runs.len())?,
+        Arg::F32(hp.beta1),
+        Arg::F32(hp.beta2),
+        Arg::F32(hp.eps),
+        Arg::F32(step_size),
+        Arg::F32(inv_sqrt_bc2),
+        Arg::F32(decay),
+        Arg::view(rec)?,
+    ];
+    cuda.launch("adamw_masked_fwd_f32", (blocks(n, THREADS as usize).min(4096), 1, 1), (THREADS, 1, 1), 0, &args)
+}

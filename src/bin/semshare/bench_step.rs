@@ -1,0 +1,96 @@
+//! `semshare bench-step`: training steps of a preset on synthetic batches of the benchmark's
+//! shape (DESIGN.md §2: vocabulary 10,000, 24 labels, 1,600 object classes, every image with
+//! R regions and every text with T tokens). After the warm-up it prints one JSON line per
+//! configuration: wall milliseconds per step and, with `--counts`, what one step launches,
+//! waits for, allocates and uploads, as the backend's host code counts them (the same on the
+//! emulated device as on a GPU). The measured steps are deferred (`Trainer::step_deferred`):
+//! the counts are those of steps between two log points; `ms_per_step` includes the one read
+//! after them.
+
+use crate::common::device;
+use semshare::backend::Counters;
+use semshare::cli::Args;
+use semshare::model::{ImageBatch, ModelConfig, TextBatch};
+use semshare::rng::Rng;
+use semshare::train::{TrainConfig, Trainer};
+use semshare::{Error, Result};
+
+pub fn run(args: &Args) -> Result<()> {
+    let preset = args.get("model").unwrap_or("small");
+    let base = ModelConfig::preset(preset)?;
+    let model = ModelConfig { vocab: 10_000, object_classes: 1600, labels: 24, ..base };
+    let paper = preset == "paper";
+    let batch: usize = args.num("batch")?.unwrap_or(if paper { 128 } else { 32 });
+    let tokens: usize = args.num("tokens")?.unwrap_or(if paper { 32 } else { model.max_tokens });
+    let warmup: u64 = args.num("warmup")?.unwrap_or(2);
+    let steps: u64 = args.num("steps")?.unwrap_or(3);
+    if batch == 0 || steps == 0 {
+        return Err(Error::config("bench-step: --batch and --steps must be positive"));
+    }
+    if tokens == 0 || tokens > model.max_tokens.max(32) {
+        return Err(Error::config(format!("bench-step: --tokens {tokens} is not in 1..={}", model.max_tokens.max(32))));
+    }
+    let mut dev = device(args)?;
+    if args.has("counts") && dev.counters().is_none() {
+        return Err(Error::config(format!(
+            "bench-step: --counts needs a device that counts its launches (--device cuda), not `{}`",
+            dev.name()
+        )));
+    }
+    let model = ModelConfig { max_tokens: model.max_tokens.max(tokens), ..model };
+    let cfg = TrainConfig { batch_size: batch, steps: warmup + steps, warmup: 1, ..TrainConfig::default() };
+    let mut trainer = Trainer::new(dev.as_mut(), &model, cfg)?;
+    let regions = model.max_regions;
+    let batch_of = |step: u64| {
+        let mut rng = Rng::derive(0xBE7C, step);
+        let images = ImageBatch::random(&mut rng, &vec![regions; batch], model.region_dim, model.object_classes, 24);
+        let texts = TextBatch::random(&mut rng, &vec![tokens; batch], model.vocab, 24);
+        (images, texts)
+    };
+    for s in 0..warmup {
+        let (i, t) = batch_of(s);
+        trainer.step(dev.as_mut(), i, t)?;
+    }
+    let batches: Vec<_> = (warmup..warmup + steps).map(batch_of).collect();
+    // The measured steps are the steps between two log points: deferred, their stats read
+    // once after the count (the read is the log point's one sync).
+    let before = dev.counters().unwrap_or_default();
+    let start = std::time::Instant::now();
+    for (i, t) in batches {
+        trainer.step_deferred(dev.as_mut(), i, t)?;
+    }
+    let after = dev.counters().unwrap_or_default();
+    let stats = trainer.read_stats(dev.as_mut())?;
+    let seconds = start.elapsed().as_secs_f64();
+    if stats.len() as u64 != steps {
+        return Err(Error::Device { what: format!("bench-step: {} stats for {steps} steps", stats.len()) });
+    }
+    let mut line = format!(
+        "{{\"model\": \"{preset}\", \"device\": \"{}\", \"batch\": {batch}, \"regions\": {regions}, \"tokens\": {tokens}, \"steps\": {steps}, \"ms_per_step\": {:.3}",
+        dev.name(),
+        seconds * 1e3 / steps as f64
+    );
+    if args.has("counts") {
+        line += &per_step(&after.since(&before), steps);
+    }
+    println!("{line}, \"graph\": false}}");
+    Ok(())
+}
+
+/// The counts of `steps` steps as per-step JSON fields (a fraction where they differ per step).
+fn per_step(c: &Counters, steps: u64) -> String {
+    let f = |v: u64| {
+        let x = v as f64 / steps as f64;
+        if x.fract() == 0.0 { format!("{x}") } else { format!("{x:.2}") }
+    };
+    format!(
+        ", \"launches_per_step\": {}, \"kernels_per_step\": {}, \"blas_per_step\": {}, \"copies_per_step\": {}, \"syncs_per_step\": {}, \"allocs_per_step\": {}, \"upload_bytes_per_step\": {}",
+        f(c.launches()),
+        f(c.kernels),
+        f(c.blas_calls),
+        f(c.copies),
+        f(c.syncs),
+        f(c.allocs),
+        f(c.upload_bytes)
+    )
+}

@@ -1,0 +1,27 @@
+//! `semshare bench-step` on the CPU: one JSON line after the warm-up; `--counts` needs a
+//! device that counts (CUDA), and says so.
+
+mod common;
+
+use common::cli::{fails_with, ok, semshare};
+
+#[test]
+fn bench_step_prints_one_json_line() {
+    let out =
+        semshare(&["bench-step", "--device", "cpu", "--batch", "2", "--tokens", "3", "--warmup", "1", "--steps", "1"]);
+    let line = ok(&out);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{line}: {e}"));
+    assert_eq!(v["model"], "small");
+    assert_eq!(v["batch"], 2);
+    assert_eq!(v["graph"], false);
+    assert!(v["ms_per_step"].as_f64().is_some_and(|ms| ms > 0.0), "{line}");
+    assert!(v.get("syncs_per_step").is_none(), "counts without --counts: {line}");
+}
+
+#[test]
+fn counts_need_a_counting_device() {
+    let out = semshare(&["bench-step", "--device", "cpu", "--counts", "--steps", "1"]);
+    fails_with(&out, "--counts needs a device that counts its launches (--device cuda)");
+    let out = semshare(&["bench-step", "--device", "cpu", "--tokens", "0"]);
+    fails_with(&out, "--tokens 0 is not in 1..=");
+}

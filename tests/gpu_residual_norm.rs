@@ -1,0 +1,90 @@
+//! The fused post-LN join (`kernels/residual_norm.cu`) against its CPU twin (dropout, add,
+//! LayerNorm composed) on fresh random inputs, and against the unfused ops on the same device
+//! bit for bit (the same mask, the same rounding), forward and backward, with and without
+//! dropout. Outputs start as NaN (`poison`), so an element a kernel forgets fails.
+
+mod common;
+
+use common::gpu::{compare_twins, gpu_or_skip, poison};
+use common::{rand_range, randv};
+use semshare::backend::Backend;
+
+/// (rows, d): one row, odd widths, a partial last block of 8 rows, the `small` width.
+const SHAPES: [(usize, usize); 5] = [(1, 1), (3, 33), (9, 300), (17, 256), (40, 1024)];
+
+/// Forward then backward of the join; every output, named.
+fn join(dev: &mut dyn Backend, fused: bool, rows: usize, d: usize, p: f32, seed: u64) -> Vec<(&'static str, Vec<f32>)> {
+    poison(dev, &[rows * d, rows * 2]);
+    let n = rows * d;
+    let mut a = dev.upload(&randv(seed, n), &[rows, d]).unwrap();
+    let x = dev.upload(&randv(seed + 1, n), &[rows, d]).unwrap();
+    let gamma = dev.upload(&rand_range(seed + 2, d, 0.5, 1.5), &[d]).unwrap();
+    let beta = dev.upload(&randv(seed + 3, d), &[d]).unwrap();
+    let dy = dev.upload(&randv(seed + 4, n), &[rows, d]).unwrap();
+    let mut dgb = dev.upload(&randv(seed + 5, 2 * d), &[2 * d]).unwrap();
+    let drop_seed = seed ^ 0xD0;
+    let (y, stats, dx, da) = if fused {
+        let (y, stats) = dev.residual_layernorm_fwd(&mut a, &x, gamma.view(), beta.view(), 1e-5, p, drop_seed).unwrap();
+        let (dg, db) = dgb.sub_pair_mut((0, d), (d, d));
+        let (dx, da) = dev.residual_layernorm_bwd(&a, &stats, gamma.view(), &dy, dg, db, p, drop_seed).unwrap();
+        (y, stats, dx, da)
+    } else {
+        if p > 0.0 {
+            dev.dropout_fwd(&mut a, p, drop_seed).unwrap();
+        }
+        dev.add_assign(&mut a, &x).unwrap();
+        let (y, stats) = dev.layernorm_fwd(&a, gamma.view(), beta.view(), 1e-5).unwrap();
+        let (dg, db) = dgb.sub_pair_mut((0, d), (d, d));
+        let dx = dev.layernorm_bwd(&a, &stats, gamma.view(), &dy, dg, db).unwrap();
+        let mut da = dx.clone();
+        if p > 0.0 {
+            dev.dropout_bwd(&mut da, p, drop_seed).unwrap();
+        }
+        (y, stats, dx, da)
+    };
+    let mut down = |t: &semshare::tensor::Tensor| dev.download(t.view()).unwrap();
+    vec![
+        ("s (norm input)", down(&a)),
+        ("y", down(&y)),
+        ("stats", down(&stats)),
+        ("dx", down(&dx)),
+        ("da", down(&da)),
+        ("dgamma, dbeta", down(&dgb)),
+    ]
+}
+
+#[test]
+fn fused_join_matches_the_cpu_and_the_unfused_ops() {
+    let Some(mut gpu) = gpu_or_skip("fused residual + layer norm") else { return };
+    let mut cpu = common::cpu();
+    for (k, &(rows, d)) in SHAPES.iter().enumerate() {
+        for p in [0.0, 0.1] {
+            let seed = 100 + 7 * k as u64;
+            let want = join(&mut cpu, true, rows, d, p, seed);
+            let got = join(gpu.as_mut(), true, rows, d, p, seed);
+            let unfused = join(gpu.as_mut(), false, rows, d, p, seed);
+            for ((name, w), ((_, g), (_, u))) in want.iter().zip(got.iter().zip(&unfused)) {
+                compare_twins(&format!("residual_layernorm {rows}x{d} p {p} {name}"), g, w, 1e-4);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(g), bits(u), "{rows}x{d} p {p} {name}: fused and unfused differ on the device");
+            }
+            // The CPU's fused op is the composition itself.
+            assert_eq!(want, join(&mut cpu, false, rows, d, p, seed), "{rows}x{d} p {p}: CPU");
+        }
+    }
+}
+
+#[test]
+fn fused_join_refuses_bad_operands() {
+    let Some(mut gpu) = gpu_or_skip("fused join operands") else { return };
+    let mut cpu = common::cpu();
+    for dev in [&mut cpu as &mut dyn Backend, gpu.as_mut()] {
+        let mut a = dev.zeros(&[2, 3]).unwrap();
+        let x = dev.zeros(&[3, 2]).unwrap();
+        let g = dev.zeros(&[3]).unwrap();
+        assert!(dev.residual_layernorm_fwd(&mut a, &x, g.view(), g.view(), 1e-5, 0.1, 1).is_err(), "{}", dev.name());
+        let x = dev.zeros(&[2, 3]).unwrap();
+        let err = dev.residual_layernorm_fwd(&mut a, &x, g.view(), g.view(), 1e-5, 1.0, 1).unwrap_err();
+        assert!(err.to_string().contains("dropout probability 1"), "{}: {err}", dev.name());
+    }
+}
