@@ -323,7 +323,7 @@ def self_test():
     plants = [
         # (file, line to append, what the report must contain)
         ("src/eval/linalg.rs", "use crate::eval::cca::Cca;", ["file cycle", "src/eval/cca.rs", "src/eval/linalg.rs", "Cca"]),
-        ("src/nn/linear.rs", "fn f() { let _ = crate::train::MAX_BATCH; }", ["upward import: src/nn/linear.rs", "MAX_BATCH", "src/train.rs"]),
+        ("src/nn/linear.rs", "fn f() { let _ = crate::train::MAX_BATCH; }", ["upward import: src/nn/linear.rs", "MAX_BATCH", "src/train/config.rs"]),
         ("src/eval/linalg.rs", "use crate::data::Dataset;", ["module cycle data -> eval -> data", "Dataset", "Side"]),
     ]
     with tempfile.TemporaryDirectory() as tmp:
