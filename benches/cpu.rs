@@ -11,7 +11,7 @@ use std::hint::black_box;
 
 use semshare::backend::cpu::Cpu;
 use semshare::backend::cpu::{dispatch, gemm as cpu_gemm};
-use semshare::backend::{Backend, Gemm, Segments};
+use semshare::backend::{Backend, Gemm, Precision, Segments};
 use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
 use semshare::rng::Rng;
 use semshare::train::{TrainConfig, Trainer};
@@ -36,14 +36,22 @@ fn batches(cfg: &ModelConfig, full: bool, seed: u64) -> (ImageBatch, TextBatch) 
     )
 }
 
+/// (name, full lengths, precision of the layers' GEMMs).
+const CASES: [(&str, bool, Precision); 4] = [
+    ("full", true, Precision::F32),
+    ("mixed", false, Precision::F32),
+    ("full_bf16", true, Precision::Bf16),
+    ("mixed_bf16", false, Precision::Bf16),
+];
+
 fn train_step(c: &mut Criterion) {
     // tools/bench_cpu_report.py reads this line.
-    eprintln!("semshare CPU path: {}", dispatch::active().expect("SEMSHARE_CPU").path().name());
+    eprintln!("semshare CPU path: {}", dispatch::active().expect("SEMSHARE_CPU").describe());
     let cfg = config();
     let mut g = c.benchmark_group("train_step_small_b32");
     g.sample_size(20);
-    for (name, full) in [("full", true), ("mixed", false)] {
-        let mut dev = Cpu::new();
+    for (name, full, precision) in CASES {
+        let mut dev = Cpu::with_precision(precision);
         let mut trainer = Trainer::new(&mut dev, &cfg, TrainConfig::default()).unwrap();
         let (ib, tb) = batches(&cfg, full, 1);
         g.bench_function(name, |b| b.iter(|| black_box(trainer.step(&mut dev, ib.clone(), tb.clone()).unwrap())));
@@ -55,8 +63,8 @@ fn inference(c: &mut Criterion) {
     let cfg = config();
     let mut g = c.benchmark_group("embed_small_32img_32txt");
     g.sample_size(30);
-    for (name, full) in [("full", true), ("mixed", false)] {
-        let mut dev = Cpu::new();
+    for (name, full, precision) in CASES {
+        let mut dev = Cpu::with_precision(precision);
         let net = SemShare::new(&cfg).unwrap();
         let w = net.store.upload(&mut dev, &net.store.init_values(0)).unwrap();
         let (ib, tb) = batches(&cfg, full, 2);
@@ -151,7 +159,9 @@ fn gemm_versions(c: &mut Criterion) {
         let mut y = vec![0f32; m * n];
         let gm = Gemm { m, n, k, trans_a, trans_b, alpha: 1.0, beta: 0.0 };
         let ours = format!("semshare_{}/{name}", kernels.path().name());
-        g.bench_function(ours, |bn| bn.iter(|| cpu_gemm::gemm(kernels, gm, &a, &b, &mut y)));
+        g.bench_function(ours, |bn| bn.iter(|| cpu_gemm::gemm(kernels, Precision::F32, gm, &a, &b, &mut y)));
+        let bf16 = format!("semshare_{}_bf16/{name}", kernels.path().name());
+        g.bench_function(bf16, |bn| bn.iter(|| cpu_gemm::gemm(kernels, Precision::Bf16, gm, &a, &b, &mut y)));
         g.bench_function(format!("matrixmultiply/{name}"), |bn| bn.iter(|| matrixmultiply_rows(gm, &a, &b, &mut y)));
     }
     g.finish();

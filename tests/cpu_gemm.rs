@@ -1,10 +1,12 @@
-//! The CPU GEMM on every path this machine can run, against the f64 definition on fresh random
-//! inputs: odd sizes, every transpose, beta 0 and 1, alpha ≠ 1, strided operands. A path the
-//! machine lacks (or this version does not build) is printed as not run, by name, never passed.
+//! The CPU GEMM on every path this machine can run, in fp32 and in bf16, against the f64
+//! definition on fresh random inputs: odd sizes, every transpose, beta 0 and 1, alpha ≠ 1,
+//! strided operands. A path the machine lacks (or this version does not build) is printed as
+//! not run, by name, never passed; so is the bf16 unit (`vdpbf16ps`) of a path without it.
 
-use semshare::backend::Gemm;
 use semshare::backend::cpu::dispatch::{CpuPath, Kernels};
-use semshare::backend::cpu::gemm::{Strided, gemm, gemm_strided};
+use semshare::backend::cpu::gemm::{Strided, gemm_strided, gemm_strided_bf16};
+use semshare::backend::cpu::microkernel::{Bf16, Packed};
+use semshare::backend::{Gemm, Precision};
 use semshare::rng::Rng;
 
 fn runnable_paths() -> Vec<Kernels> {
@@ -23,17 +25,42 @@ fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.normal() as f32).collect()
 }
 
+/// Both precisions on every runnable path, saying which bf16 unit each used.
+fn runnable() -> Vec<(Kernels, Precision)> {
+    let mut run = Vec::new();
+    for k in runnable_paths() {
+        run.push((k, Precision::F32));
+        run.push((k, Precision::Bf16));
+    }
+    run
+}
+
+fn gemm(kernels: Kernels, precision: Precision, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    semshare::backend::cpu::gemm::gemm(kernels, precision, g, a, b, c)
+}
+
 /// element (i, j) of op(x) for a row-major x that is [rows, cols] before op.
 fn at(x: &[f32], trans: bool, i: usize, j: usize, rows_op: usize, cols_op: usize) -> f64 {
     (if trans { x[j * rows_op + i] } else { x[i * cols_op + j] }) as f64
 }
 
-fn check(kernels: Kernels, g: Gemm, rng: &mut Rng) {
+/// What the GEMM multiplies at `precision`: x itself, or x rounded to bf16.
+fn operand(x: &[f32], precision: Precision) -> Vec<f32> {
+    match precision {
+        Precision::F32 => x.to_vec(),
+        Precision::Bf16 => x.iter().map(|&v| Bf16::from_f32(v).to_f32()).collect(),
+    }
+}
+
+fn check((kernels, precision): (Kernels, Precision), g: Gemm, rng: &mut Rng) {
     let Gemm { m, n, k, trans_a, trans_b, alpha, beta } = g;
     let (a, b) = (random(rng, m * k), random(rng, k * n));
     let c0 = if beta == 0.0 { vec![f32::NAN; m * n] } else { random(rng, m * n) };
     let mut c = c0.clone();
-    gemm(kernels, g, &a, &b, &mut c);
+    gemm(kernels, precision, g, &a, &b, &mut c);
+    // The definition on the operands as rounded: the products of bf16 values are exact in
+    // fp32, so only the fp32 sums differ from f64, as in fp32.
+    let (a, b) = (operand(&a, precision), operand(&b, precision));
     for i in 0..m {
         for j in 0..n {
             let (mut dot, mut mag) = (0f64, 0f64);
@@ -48,7 +75,7 @@ fn check(kernels: Kernels, g: Gemm, rng: &mut Rng) {
             let got = c[i * n + j] as f64;
             assert!(
                 (got - want).abs() <= tol,
-                "{:?} {m}x{k}x{n} ta={trans_a} tb={trans_b} beta={beta}: c[{i},{j}] = {got}, want {want}",
+                "{:?} {precision:?} {m}x{k}x{n} ta={trans_a} tb={trans_b} beta={beta}: c[{i},{j}] = {got}, want {want}",
                 kernels.path()
             );
         }
@@ -59,15 +86,21 @@ fn check(kernels: Kernels, g: Gemm, rng: &mut Rng) {
 fn gemm_matches_f64_on_every_runnable_path() {
     let mut rng = Rng::new(0x6e3);
     let sizes = [(1, 1, 1), (7, 7, 7), (33, 33, 33), (1, 300, 17), (32, 128, 384), (97, 513, 50), (200, 5, 70)];
-    for kernels in runnable_paths() {
+    for run in runnable() {
         for &(m, k, n) in &sizes {
             for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                 for (alpha, beta) in [(1.0, 0.0), (1.0, 1.0), (-0.5, 0.75)] {
-                    check(kernels, Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha, beta }, &mut rng);
+                    check(run, Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha, beta }, &mut rng);
                 }
             }
         }
-        println!("ran: CPU path {}", kernels.path().name());
+        let (kernels, precision) = run;
+        let unit = match precision {
+            Precision::Bf16 if kernels.bf16_native() => " (vdpbf16ps)",
+            Precision::Bf16 => " (portable bf16 kernel: this path has no AVX-512 BF16)",
+            Precision::F32 => "",
+        };
+        println!("ran: CPU path {} {}{unit}", kernels.path().name(), precision.name());
     }
 }
 
@@ -76,26 +109,24 @@ fn gemm_matches_f64_on_every_runnable_path() {
 #[test]
 fn gemm_matches_f64_at_model_shape() {
     let mut rng = Rng::new(0x1152);
-    for kernels in runnable_paths() {
+    for run in runnable() {
         for beta in [0.0, 1.0] {
             let g = Gemm { m: 1152, n: 768, k: 256, trans_a: false, trans_b: true, alpha: 1.0, beta };
-            check(kernels, g, &mut rng);
+            check(run, g, &mut rng);
         }
-        // k beyond one KC slice, n beyond one NC panel, m not a multiple of MR.
-        check(
-            kernels,
-            Gemm { m: 131, n: 1100, k: 600, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 },
-            &mut rng,
-        );
+        // k beyond one KC slice (and odd: a half-filled bf16 pair), n beyond one NC panel
+        // (1024 fp32 or 2048 columns at 32 wide), m not a multiple of MR.
+        check(run, Gemm { m: 131, n: 2100, k: 601, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 }, &mut rng);
     }
 }
 
 #[test]
 fn zero_k_scales_c_by_beta() {
-    for kernels in runnable_paths() {
+    for (kernels, precision) in runnable() {
         let mut c = vec![2.0f32; 6];
         gemm(
             kernels,
+            precision,
             Gemm { m: 2, n: 3, k: 0, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.5 },
             &[],
             &[],
@@ -105,6 +136,7 @@ fn zero_k_scales_c_by_beta() {
         let mut c = vec![f32::NAN; 6];
         gemm(
             kernels,
+            precision,
             Gemm { m: 2, n: 3, k: 0, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 },
             &[],
             &[],
@@ -123,13 +155,17 @@ fn strided_operands() {
     let (lda, ldb, ldc) = (3 * k + 5, n + 9, 2 * m + 3);
     let a = random(&mut rng, m * lda);
     let b = random(&mut rng, k * ldb);
-    for kernels in runnable_paths() {
+    for (kernels, precision) in runnable() {
         // C stored transposed: element (i, j) at c[j·ldc + i].
         let c0 = random(&mut rng, n * ldc);
         let mut c = c0.clone();
+        let run = match precision {
+            Precision::F32 => gemm_strided,
+            Precision::Bf16 => gemm_strided_bf16,
+        };
         // SAFETY: every addressed element is inside a, b and c.
         unsafe {
-            gemm_strided(
+            run(
                 kernels,
                 m,
                 k,
@@ -144,6 +180,7 @@ fn strided_operands() {
                 Strided::transposed(ldc),
             );
         }
+        let (ar, br) = (operand(&a, precision), operand(&b, precision));
         for j in 0..n {
             for i in 0..ldc {
                 let got = c[j * ldc + i] as f64;
@@ -151,9 +188,13 @@ fn strided_operands() {
                     assert_eq!(got, c0[j * ldc + i] as f64, "outside the block");
                     continue;
                 }
-                let dot: f64 = (0..k).map(|p| a[2 + i * lda + p] as f64 * b[1 + p * ldb + j] as f64).sum();
+                let dot: f64 = (0..k).map(|p| ar[2 + i * lda + p] as f64 * br[1 + p * ldb + j] as f64).sum();
                 let want = dot + c0[j * ldc + i] as f64;
-                assert!((got - want).abs() < 1e-4, "{:?} c[{i},{j}] = {got}, want {want}", kernels.path());
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "{:?} {precision:?} c[{i},{j}] = {got}, want {want}",
+                    kernels.path()
+                );
             }
         }
     }

@@ -15,7 +15,7 @@ pub mod cuda;
 mod open;
 pub mod step;
 
-pub use open::open;
+pub use open::{open, open_at};
 pub(crate) use step::check_adamw_masked;
 pub use step::{DecayMask, GuardParams};
 
@@ -34,6 +34,33 @@ pub struct Gemm {
     pub trans_b: bool,
     pub alpha: f32,
     pub beta: f32,
+}
+
+/// The arithmetic of the GEMMs of the model's layers (config key `precision`, one meaning on
+/// every backend): `F32`, the default, or `Bf16`: operands rounded to bfloat16, products summed
+/// in fp32 (attention's softmax, the norms, the losses, the optimiser and top-k stay fp32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "fp32" | "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(crate::Error::config(format!("precision = `{s}`: expected fp32 or bf16"))),
+        }
+    }
 }
 
 /// A batch of variable-length sequences packed row after row.

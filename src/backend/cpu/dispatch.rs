@@ -1,10 +1,11 @@
 //! Which instruction-set path the CPU kernels take: detected once per process at run time, the
 //! best one this CPU can run, or the one `SEMSHARE_CPU=amx|avx512|avx2|portable` forces.
 //!
-//! Built paths: `avx2` (AVX2 + FMA, x86-64) and `portable` (plain Rust, every target). `avx512`
-//! and `amx` are named so that forcing them is a clear error rather than a silent fall-back:
-//! no machine this project has could run and test them, so they are owed (issue 17), and the
-//! best path on a CPU with AVX-512 or AMX is `avx2` until they exist.
+//! Built paths: `avx512` (AVX-512 F/BW/VL, x86-64; with AVX-512 BF16 its bf16 GEMM runs on
+//! `vdpbf16ps`), `avx2` (AVX2 + FMA) and `portable` (plain Rust, every target). `amx` is named
+//! so that forcing it is a clear error rather than a silent fall-back: no machine this project
+//! has could run and test it, so it is owed (issue 17), and the best path on a CPU with AMX is
+//! `avx512` until it exists.
 
 use std::sync::OnceLock;
 
@@ -73,7 +74,7 @@ impl CpuPath {
 
     /// Whether this version has kernels for the path.
     pub fn built(self) -> bool {
-        matches!(self, CpuPath::Avx2 | CpuPath::Portable)
+        matches!(self, CpuPath::Avx512 | CpuPath::Avx2 | CpuPath::Portable)
     }
 
     /// The kernels of this path, or why this machine cannot run them (one line).
@@ -111,6 +112,22 @@ pub struct Kernels(CpuPath);
 impl Kernels {
     pub fn path(self) -> CpuPath {
         self.0
+    }
+
+    /// Whether bf16 GEMMs run on `vdpbf16ps` (AVX-512 BF16) on this path; otherwise they take
+    /// the portable bf16 kernel (the same products, widened to fp32).
+    pub fn bf16_native(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            matches!(self.0, CpuPath::Avx512 | CpuPath::Amx) && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// The path's name and, where it has one, its bf16 unit: `avx512+bf16`.
+    pub fn describe(self) -> String {
+        if self.bf16_native() { format!("{}+bf16", self.0.name()) } else { self.0.name().to_string() }
     }
 }
 
@@ -167,7 +184,7 @@ mod tests {
 
     #[test]
     fn detection_prefers_the_best_built_path() {
-        let want = if CpuPath::Avx2.kernels().is_ok() { CpuPath::Avx2 } else { CpuPath::Portable };
-        assert_eq!(best().path(), want);
+        let want = [CpuPath::Avx512, CpuPath::Avx2].into_iter().find(|p| p.kernels().is_ok());
+        assert_eq!(best().path(), want.unwrap_or(CpuPath::Portable));
     }
 }

@@ -1,11 +1,13 @@
-//! fp32 GEMM of our own: `C = alpha·op(A)·op(B) + beta·C`, every operand given by strides (so
-//! the transposes and attention's per-head blocks cost no copy), the micro-kernel of the
-//! active path (microkernel.rs, dispatch.rs).
+//! GEMM of our own: `C = alpha·op(A)·op(B) + beta·C` on fp32 operands, every operand given by
+//! strides (so the transposes and attention's per-head blocks cost no copy), computed in fp32
+//! or, with [`Precision::Bf16`], on operands rounded to bf16 while they are packed (products
+//! exact, sums in fp32); the micro-kernel of the active path (microkernel.rs, dispatch.rs).
 //!
 //! Blocking (Goto/BLIS): for each NC-wide column panel and KC-deep slice of k, B's KC × NC block
-//! is packed into NR-wide slivers (16 KiB each at KC = 256, one stays in L1 across a column of
-//! tiles); for each MC-tall row block, A's MC × KC block is packed into MR-tall slivers (96 KiB,
-//! kept in Zen 3's 512 KiB L2) and every MR × NR tile of C is one micro-kernel call. The model's
+//! is packed into NR-wide slivers (16 KiB each for 16 fp32 columns at KC = 256, one stays in L1
+//! across a column of tiles); for each MC-tall row block, A's MC × KC block is packed into
+//! MR-tall slivers (96–128 KiB, kept in L2: 512 KiB on Zen 3, 1 MiB on Zen 4) and every MR × NR
+//! tile of C is one micro-kernel call. The model's
 //! shapes are tall-skinny activations [tokens, d] × [d, d] or [d, 4d] weights (k ≤ 1024: one
 //! to four KC slices) and the GRU's 32-row recurrent GEMMs (one MC block). Packing buffers are
 //! per thread, 64-byte aligned and reused (no allocation per call). Parallel on the rayon pool:
@@ -19,12 +21,12 @@ use std::thread::LocalKey;
 use rayon::prelude::*;
 
 use super::dispatch::{CpuPath, Kernels};
-use super::microkernel::{self, MR, NR, TileOut};
-use crate::backend::Gemm;
+use super::microkernel::{Bf16, Bf16Portable, F32Portable, Micro, Packed, TileOut};
+#[cfg(target_arch = "x86_64")]
+use super::microkernel::{Bf16Avx512, F32Avx2, F32Avx512};
+use crate::backend::{Gemm, Precision};
 
 const KC: usize = 256;
-const MC: usize = 16 * MR;
-const NC: usize = 64 * NR;
 
 /// A matrix inside a larger buffer: element (i, j) is at `ptr[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
@@ -43,24 +45,29 @@ impl Strided {
     }
 }
 
-/// Row-major `c[m, n] = alpha·op(a)·op(b) + beta·c` (the backend's `Gemm`).
+/// Row-major `c[m, n] = alpha·op(a)·op(b) + beta·c` (the backend's `Gemm`) at `precision`.
 ///
 /// # Panics
 /// If a slice is shorter than its shape (the callers check shapes first).
-pub fn gemm(kernels: Kernels, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+pub fn gemm(kernels: Kernels, precision: Precision, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     let Gemm { m, n, k, trans_a, trans_b, alpha, beta } = g;
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand shorter than its shape");
     let sa = if trans_a { Strided::transposed(m) } else { Strided::rows(k) };
     let sb = if trans_b { Strided::transposed(k) } else { Strided::rows(n) };
+    let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     // SAFETY: the strides address exactly a[..m·k], b[..k·n], c[..m·n], checked above; c is a
     // unique borrow, so it aliases neither a nor b.
     unsafe {
-        gemm_strided(kernels, m, k, n, alpha, a.as_ptr(), sa, b.as_ptr(), sb, beta, c.as_mut_ptr(), Strided::rows(n))
+        match precision {
+            Precision::F32 => gemm_strided(kernels, m, k, n, alpha, a, sa, b, sb, beta, c, Strided::rows(n)),
+            Precision::Bf16 => gemm_strided_bf16(kernels, m, k, n, alpha, a, sa, b, sb, beta, c, Strided::rows(n)),
+        }
     }
 }
 
-/// `c = alpha·a·b + beta·c` with a [m,k], b [k,n], c [m,n] given by their strides; used for
-/// the per-(item, head) products of attention, read straight out of the packed qkv rows.
+/// `c = alpha·a·b + beta·c` in fp32 with a [m,k], b [k,n], c [m,n] given by their strides;
+/// used for the per-(item, head) products of attention, read straight out of the packed qkv
+/// rows.
 ///
 /// # Safety
 /// Every addressed element must lie inside the allocation behind its pointer, `c` must not
@@ -80,20 +87,110 @@ pub unsafe fn gemm_strided(
     c: *mut f32,
     sc: Strided,
 ) {
+    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc };
+    // SAFETY (of each call): as the caller guarantees; `Kernels` for a path exists only on a
+    // CPU with that path's features.
+    unsafe {
+        match kernels.path() {
+            #[cfg(target_arch = "x86_64")]
+            CpuPath::Avx512 | CpuPath::Amx => run::<F32Avx512>(p),
+            #[cfg(target_arch = "x86_64")]
+            CpuPath::Avx2 => run::<F32Avx2>(p),
+            _ => run::<F32Portable>(p),
+        }
+    }
+}
+
+/// As [`gemm_strided`], on operands rounded to bf16 (`vdpbf16ps` where the CPU has AVX-512
+/// BF16; the same products widened to fp32 on every other path).
+///
+/// # Safety
+/// As [`gemm_strided`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided_bf16(
+    kernels: Kernels,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    sa: Strided,
+    b: *const f32,
+    sb: Strided,
+    beta: f32,
+    c: *mut f32,
+    sc: Strided,
+) {
+    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc };
+    // SAFETY: as above; `bf16_native` holds only on a CPU with AVX-512 F and BF16.
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        if kernels.bf16_native() {
+            return run::<Bf16Avx512>(p);
+        }
+        let _ = kernels;
+        run::<Bf16Portable>(p)
+    }
+}
+
+/// One call's operands (the arguments of [`gemm_strided`]).
+#[derive(Clone, Copy)]
+struct Problem {
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    sa: Strided,
+    b: *const f32,
+    sb: Strided,
+    beta: f32,
+    c: *mut f32,
+    sc: Strided,
+}
+
+// SAFETY: a `Problem` is shared between the threads of one call, which read A and B and write
+// disjoint blocks of C only (the blocking below).
+unsafe impl Send for Problem {}
+unsafe impl Sync for Problem {}
+
+impl Problem {
+    /// The sub-problem of rows i0.. (m rows) and columns j0.. (n columns), k from p0 (kc deep).
+    ///
+    /// # Safety
+    /// The block lies inside the problem.
+    unsafe fn block(self, i0: usize, m: usize, p0: usize, k: usize, j0: usize, n: usize) -> Problem {
+        let (i, p, j) = (i0 as isize, p0 as isize, j0 as isize);
+        // SAFETY: inside the operands, as the caller guarantees.
+        unsafe {
+            Problem {
+                m,
+                k,
+                n,
+                a: self.a.offset(i * self.sa.rs + p * self.sa.cs),
+                b: self.b.offset(p * self.sb.rs + j * self.sb.cs),
+                c: self.c.offset(i * self.sc.rs + j * self.sc.cs),
+                ..self
+            }
+        }
+    }
+}
+
+/// The blocking of the file header with micro-kernel `K`, split over the rayon pool.
+unsafe fn run<K: Micro>(p: Problem)
+where
+    K::Packed: Buffers,
+{
+    let Problem { m, k, n, .. } = p;
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         // SAFETY: as the caller guarantees for C.
-        unsafe { scale(m, n, beta, c, sc) };
+        unsafe { scale(m, n, p.beta, p.c, p.sc) };
         return;
     }
-    let kernel: Micro = match kernels.path() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY (of calling it): `Kernels` for this path exists only on a CPU with AVX2 + FMA.
-        CpuPath::Avx2 => microkernel::avx2,
-        _ => microkernel::portable,
-    };
+    let mc = 16 * K::MR;
     let threads = rayon::current_num_threads();
     // Below ~1 M multiply-adds waking a second thread costs more than it saves.
     let parallel = m * n * k >= (1 << 20) && threads > 1;
@@ -101,43 +198,52 @@ pub unsafe fn gemm_strided(
     // per thread. With too few rows for that, column blocks, each thread packing its own part
     // of B; but the GRU's 32-row recurrent GEMMs stay on one thread (latency-bound: waking a
     // second one made them 2x slower, `cargo bench --bench cpu -- gemm/.*gru`, loaded VM).
-    let row_parts = if parallel && m >= 2 * MC { threads.min(m.div_ceil(MC)) } else { 1 };
-    let col_parts = if parallel && row_parts == 1 && m >= 64 { threads.min(n.div_ceil(4 * NR)) } else { 1 };
+    let row_parts = if parallel && m >= 2 * mc { threads.min(m.div_ceil(mc)) } else { 1 };
+    let col_parts = if parallel && row_parts == 1 && m >= 64 { threads.min(n.div_ceil(4 * K::NR)) } else { 1 };
     if col_parts == 1 {
         // SAFETY: as the caller guarantees.
-        unsafe { blocked(kernel, row_parts, m, k, n, alpha, a, sa, b, sb, beta, c, sc) };
+        unsafe { blocked::<K>(row_parts, p) };
         return;
     }
-    let cols_per = n.div_ceil(col_parts).next_multiple_of(NR);
-    let (a, b, c) = (a as usize, b as usize, c as usize);
+    let cols_per = n.div_ceil(col_parts).next_multiple_of(K::NR);
     (0..col_parts).into_par_iter().for_each(|part| {
         let j0 = part * cols_per;
         let cols = cols_per.min(n.saturating_sub(j0));
         if cols > 0 {
             // SAFETY: columns j0..j0 + cols of B and C are inside them; the blocks of C are
             // disjoint, so each thread writes its own elements only.
-            unsafe {
-                let b = (b as *const f32).offset(j0 as isize * sb.cs);
-                let c = (c as *mut f32).offset(j0 as isize * sc.cs);
-                blocked(kernel, 1, m, k, cols, alpha, a as *const f32, sa, b, sb, beta, c, sc);
-            }
+            unsafe { blocked::<K>(1, p.block(0, m, 0, k, j0, cols)) };
         }
     });
 }
 
-type Micro = unsafe fn(usize, *const f32, *const f32, f32, f32, TileOut);
-
-thread_local! {
+/// Where a packed element type keeps each thread's buffers.
+trait Buffers: Packed {
     /// This thread's packed A block and B panel, grown once to their largest size.
-    static PACKED_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    fn buffers() -> [&'static LocalKey<RefCell<Vec<Self>>>; 2];
 }
 
-/// Runs `f` on this thread's buffer, `len` floats from a 64-byte boundary, or on a fresh one
-/// when the thread's is in use (a GEMM run by this thread while it waits inside another's
-/// parallel loop).
-fn with_buffer<R>(key: &'static LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    key.with(|cell| match cell.try_borrow_mut() {
+macro_rules! buffers {
+    ($t:ty, $a:ident, $b:ident) => {
+        thread_local! {
+            static $a: RefCell<Vec<$t>> = const { RefCell::new(Vec::new()) };
+            static $b: RefCell<Vec<$t>> = const { RefCell::new(Vec::new()) };
+        }
+        impl Buffers for $t {
+            fn buffers() -> [&'static LocalKey<RefCell<Vec<Self>>>; 2] {
+                [&$a, &$b]
+            }
+        }
+    };
+}
+buffers!(f32, F32_A, F32_B);
+buffers!(Bf16, BF16_A, BF16_B);
+
+/// Runs `f` on this thread's buffer `which` (0: A, 1: B), `len` elements from a 64-byte
+/// boundary, or on a fresh one when the thread's is in use (a GEMM run by this thread while it
+/// waits inside another's parallel loop).
+fn with_buffer<T: Buffers, R>(which: usize, len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    T::buffers()[which].with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => f(aligned(&mut buf, len)),
         Err(_) => f(aligned(&mut Vec::new(), len)),
     })
@@ -158,60 +264,46 @@ unsafe fn scale(m: usize, n: usize, beta: f32, c: *mut f32, sc: Strided) {
 
 /// The blocking of the file header; each packed B panel's rows of C split over `row_parts`
 /// threads (1: this thread alone).
-#[allow(clippy::too_many_arguments)]
-unsafe fn blocked(
-    kernel: Micro,
-    row_parts: usize,
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: *const f32,
-    sa: Strided,
-    b: *const f32,
-    sb: Strided,
-    beta: f32,
-    c: *mut f32,
-    sc: Strided,
-) {
-    let rows_per = m.div_ceil(row_parts).next_multiple_of(MR);
-    let (a, c) = (a as usize, c as usize);
-    with_buffer(&PACKED_B, n.min(NC).next_multiple_of(NR) * k.min(KC), |pb| {
-        for jc in (0..n).step_by(NC) {
-            let nc = NC.min(n - jc);
+unsafe fn blocked<K: Micro>(row_parts: usize, p: Problem)
+where
+    K::Packed: Buffers,
+{
+    let Problem { m, k, n, .. } = p;
+    let (nr, nc_max) = (K::NR, 64 * K::NR);
+    let rows_per = m.div_ceil(row_parts).next_multiple_of(K::MR);
+    let panel = |nc: usize, kc: usize| nc.next_multiple_of(nr) * kc.next_multiple_of(K::KG);
+    with_buffer::<K::Packed, _>(1, panel(n.min(nc_max), k.min(KC)), |pb| {
+        for jc in (0..n).step_by(nc_max) {
+            let nc = nc_max.min(n - jc);
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
                 // The first slice of k applies beta; the later ones add to what it wrote.
-                let beta = if pc == 0 { beta } else { 1.0 };
-                let pb = &mut pb[..nc.next_multiple_of(NR) * kc];
-                // SAFETY: the KC × NC block of B at (pc, jc) is inside B.
-                let src = unsafe { b.offset(pc as isize * sb.rs + jc as isize * sb.cs) } as usize;
+                let beta = if pc == 0 { p.beta } else { 1.0 };
+                // SAFETY: the kc × nc block at (pc, jc) is inside the problem.
+                let slice = Problem { beta, ..unsafe { p.block(0, m, pc, kc, jc, nc) } };
+                let pb = &mut pb[..panel(nc, kc)];
+                let (line, along) = (slice.sb.cs, slice.sb.rs);
                 if row_parts == 1 {
-                    unsafe { pack(pb, src as *const f32, sb.cs, sb.rs, nc, kc, NR) };
+                    unsafe { pack::<K>(pb, slice.b, line, along, nc, kc, nr) };
                 } else {
-                    let per = nc.div_ceil(NR).div_ceil(row_parts) * NR;
-                    pb.par_chunks_mut(per * kc).enumerate().for_each(|(i, dst)| {
+                    let per = nc.div_ceil(nr).div_ceil(row_parts) * nr;
+                    pb.par_chunks_mut(panel(per, kc)).enumerate().for_each(|(i, dst)| {
                         let first = i * per;
                         // SAFETY: columns first.. (< nc) of the block.
                         unsafe {
-                            let src = (src as *const f32).offset(first as isize * sb.cs);
-                            pack(dst, src, sb.cs, sb.rs, per.min(nc - first), kc, NR);
+                            let part = slice.block(0, 0, 0, kc, first, per.min(nc - first));
+                            pack::<K>(dst, part.b, line, along, part.n, kc, nr);
                         }
                     });
                 }
-                let pb: &[f32] = pb;
+                let pb: &[K::Packed] = pb;
                 let run = |part: usize| {
                     let i0 = part * rows_per;
                     let rows = rows_per.min(m.saturating_sub(i0));
-                    if rows == 0 {
-                        return;
-                    }
-                    // SAFETY: rows i0.. of A's slice pc.. and of C's panel jc.. are inside
-                    // them; the parts write disjoint rows of C.
-                    unsafe {
-                        let a = (a as *const f32).offset(i0 as isize * sa.rs + pc as isize * sa.cs);
-                        let c = (c as *mut f32).offset(i0 as isize * sc.rs + jc as isize * sc.cs);
-                        rows_times_panel(kernel, rows, kc, nc, alpha, a, sa, pb, beta, c, sc);
+                    if rows > 0 {
+                        // SAFETY: rows i0.. of the slice are inside it; the parts write
+                        // disjoint rows of C.
+                        unsafe { rows_times_panel::<K>(slice.block(i0, rows, 0, kc, 0, nc), pb) };
                     }
                 };
                 if row_parts == 1 {
@@ -226,39 +318,32 @@ unsafe fn blocked(
 
 /// C[m, nc] = alpha·A[m, kc]·B + beta·C for one packed B panel, A packed MC rows at a time;
 /// every MR × NR tile of C one micro-kernel call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_times_panel(
-    kernel: Micro,
-    m: usize,
-    kc: usize,
-    nc: usize,
-    alpha: f32,
-    a: *const f32,
-    sa: Strided,
-    pb: &[f32],
-    beta: f32,
-    c: *mut f32,
-    sc: Strided,
-) {
-    with_buffer(&PACKED_A, m.min(MC).next_multiple_of(MR) * kc, |pa| {
-        for ic in (0..m).step_by(MC) {
-            let mc = MC.min(m - ic);
+unsafe fn rows_times_panel<K: Micro>(p: Problem, pb: &[K::Packed])
+where
+    K::Packed: Buffers,
+{
+    let Problem { m, k: kc, n: nc, sa, sc, .. } = p;
+    let (mr, nr, mc_max) = (K::MR, K::NR, 16 * K::MR);
+    let kp = kc.next_multiple_of(K::KG);
+    with_buffer::<K::Packed, _>(0, m.min(mc_max).next_multiple_of(mr) * kp, |pa| {
+        for ic in (0..m).step_by(mc_max) {
+            let mc = mc_max.min(m - ic);
             // SAFETY (all below): the packed blocks are read inside what was packed, and
             // every tile of C written is inside the m × nc block.
             unsafe {
-                pack(pa, a.offset(ic as isize * sa.rs), sa.rs, sa.cs, mc, kc, MR);
-                for jr in (0..nc).step_by(NR) {
-                    let bs = pb.as_ptr().add(jr * kc);
-                    for ir in (0..mc).step_by(MR) {
+                pack::<K>(pa, p.a.offset(ic as isize * sa.rs), sa.rs, sa.cs, mc, kc, mr);
+                for jr in (0..nc).step_by(nr) {
+                    let bs = pb.as_ptr().add(jr * kp);
+                    for ir in (0..mc).step_by(mr) {
                         let (i, j) = ((ic + ir) as isize, jr as isize);
                         let out = TileOut {
-                            c: c.offset(i * sc.rs + j * sc.cs),
+                            c: p.c.offset(i * sc.rs + j * sc.cs),
                             rs: sc.rs,
                             cs: sc.cs,
-                            rows: MR.min(mc - ir),
-                            cols: NR.min(nc - jr),
+                            rows: mr.min(mc - ir),
+                            cols: nr.min(nc - jr),
                         };
-                        kernel(kc, pa.as_ptr().add(ir * kc), bs, alpha, beta, out);
+                        K::tile(kc, pa.as_ptr().add(ir * kp), bs, p.alpha, p.beta, out);
                     }
                 }
             }
@@ -267,50 +352,66 @@ unsafe fn rows_times_panel(
 }
 
 /// Packs `len` lines (rows of A or columns of B; `line` steps from one to the next, `along`
-/// along one) of `kc` elements into slivers of `w` lines: sliver s holds, for each p < kc,
-/// lines s·w .. s·w + w at p, zero past the last line.
+/// along one) of `kc` elements into slivers of `w` lines in `K`'s layout (microkernel.rs):
+/// sliver s holds, for each group g of `K::KG` steps of k, lines s·w .. s·w + w, each line's
+/// group together; zero past the last line and past kc.
 ///
 /// # Safety
 /// Every element of the `len` × `kc` block lies inside the allocation behind `src`.
-unsafe fn pack(dst: &mut [f32], src: *const f32, line: isize, along: isize, len: usize, kc: usize, w: usize) {
-    for (s, sliver) in dst[..len.next_multiple_of(w) * kc].chunks_exact_mut(w * kc).enumerate() {
+unsafe fn pack<K: Micro>(
+    dst: &mut [K::Packed],
+    src: *const f32,
+    line: isize,
+    along: isize,
+    len: usize,
+    kc: usize,
+    w: usize,
+) {
+    let g = K::KG;
+    let kp = kc.next_multiple_of(g);
+    let zero = K::Packed::from_f32(0.0);
+    for (s, sliver) in dst[..len.next_multiple_of(w) * kp].chunks_exact_mut(w * kp).enumerate() {
         let first = s * w;
         let lines = w.min(len - first);
         // SAFETY (all reads): line first + l < len and p < kc are inside the block.
         let base = unsafe { src.offset(first as isize * line) };
-        if lines < w {
-            sliver.fill(0.0);
+        if lines < w || kp > kc {
+            sliver.fill(zero);
         }
         if along == 1 {
             // Each line contiguous (A as stored, Bᵀ as the weights are): read along it.
             for l in 0..lines {
                 let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
                 for (p, &v) in from.iter().enumerate() {
-                    sliver[p * w + l] = v;
+                    sliver[(p / g * w + l) * g + p % g] = K::Packed::from_f32(v);
                 }
             }
-        } else if line == 1 {
-            // The lines side by side (B as stored, Aᵀ): copy a run of `lines` per p.
+        } else if line == 1 && g == 1 {
+            // The lines side by side (B as stored, Aᵀ): convert a run of `lines` per p.
             for (p, out) in sliver.chunks_exact_mut(w).enumerate() {
                 let from = unsafe { std::slice::from_raw_parts(base.offset(p as isize * along), lines) };
-                out[..lines].copy_from_slice(from);
+                for (o, &v) in out.iter_mut().zip(from) {
+                    *o = K::Packed::from_f32(v);
+                }
             }
         } else {
-            for (p, out) in sliver.chunks_exact_mut(w).enumerate() {
-                for (l, o) in out[..lines].iter_mut().enumerate() {
-                    *o = unsafe { *base.offset(l as isize * line + p as isize * along) };
+            for p in 0..kc {
+                let out = &mut sliver[p / g * w * g + p % g..];
+                for l in 0..lines {
+                    out[l * g] = K::Packed::from_f32(unsafe { *base.offset(l as isize * line + p as isize * along) });
                 }
             }
         }
     }
 }
 
-/// `buf` grown to hold `len` floats from a 64-byte boundary (a packed B row of 16 floats is
-/// one cache line, so no load of the micro-kernel splits two), and that aligned part.
-fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buf.len() < len + 16 {
-        buf.resize(len + 16, 0.0);
+/// `buf` grown to hold `len` elements from a 64-byte boundary (a packed B row of one sliver is
+/// a whole number of cache lines, so no load of the micro-kernel splits two), and that part.
+fn aligned<T: Packed>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    let per_line = 64 / size_of::<T>();
+    if buf.len() < len + per_line {
+        buf.resize(len + per_line, T::default());
     }
-    let skip = buf.as_ptr().align_offset(64).min(15);
+    let skip = buf.as_ptr().align_offset(64).min(per_line - 1);
     &mut buf[skip..skip + len]
 }

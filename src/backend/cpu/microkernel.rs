@@ -1,12 +1,21 @@
-//! The GEMM micro-kernels: one MR × NR tile of C from a packed A sliver (kc × MR, column after
-//! column) and a packed B sliver (kc × NR, row after row), `C = alpha·A·B + beta·C`.
-//! `beta == 0` never reads C (it may hold garbage or NaN). Blocking and packing: gemm.rs.
+//! The GEMM micro-kernels: one MR × NR tile of C from a packed A sliver and a packed B sliver,
+//! `C = alpha·A·B + beta·C`. `beta == 0` never reads C (it may hold garbage or NaN). Blocking
+//! and packing: gemm.rs.
 //!
-//! 6 × 16 on AVX2 + FMA: 12 accumulators of 8 floats, 2 registers of B and one broadcast of A
-//! make 15 of the 16 ymm registers; each step of k is 12 FMAs for 3 loads.
-
-pub const MR: usize = 6;
-pub const NR: usize = 16;
+//! A sliver holds, for each group of `KG` consecutive k, its `MR` (or `NR`) lines side by side,
+//! the group's `KG` values of a line together: `[k / KG][line][k % KG]`. fp32 kernels take one
+//! k per group; the bf16 kernels two (the pair that one `vdpbf16ps` lane multiplies and adds).
+//!
+//! | kernel | tile | registers | per group of k |
+//! |---|---|---|---|
+//! | `F32Avx2` | 6 × 16 | 12 of 16 ymm accumulate, 2 hold B, 1 A | 12 FMAs, 3 loads |
+//! | `F32Avx512` | 8 × 32 | 16 of 32 zmm accumulate, 2 hold B; A broadcast from memory | 16 FMAs, 10 loads |
+//! | `Bf16Avx512` | 8 × 32 | as `F32Avx512`, each lane a pair of k | 16 `vdpbf16ps` (2× the work), 10 loads |
+//! | `F32Portable`, `Bf16Portable` | 6 × 16 | whatever the target's baseline vectorises | |
+//!
+//! 8 × 32 because the model's row counts (1152, 768, the GRU's 32) and widths (256 … 768) are
+//! multiples of it: no partial tile in the model's GEMMs. 16 accumulators cover the FMA
+//! latency (4 cycles) at two issues per cycle.
 
 /// Where one tile of C goes: `c[i·rs + j·cs]` for i < rows ≤ MR, j < cols ≤ NR.
 #[derive(Clone, Copy)]
@@ -18,13 +27,64 @@ pub struct TileOut {
     pub cols: usize,
 }
 
-/// Writes an accumulated tile through `out`, scaled by alpha and added to beta·C.
+/// A packed operand element: fp32 as it is, or bf16.
+pub trait Packed: Copy + Default + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Packed for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+/// A bfloat16: the high half of an fp32, rounded to nearest even.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl Bf16 {
+    pub fn to_f32(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+}
+
+impl Packed for Bf16 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        let bits = x.to_bits();
+        if x.is_nan() {
+            // Keep it a NaN: rounding could carry its payload into infinity.
+            return Bf16((bits >> 16) as u16 | 0x40);
+        }
+        Bf16(((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16)
+    }
+}
+
+/// One micro-kernel and the shape of the slivers it reads.
+pub trait Micro {
+    type Packed: Packed;
+    const MR: usize;
+    const NR: usize;
+    /// k values per group (module header).
+    const KG: usize;
+    /// One tile over `kc` steps of k (slivers padded with zeros to a whole group).
+    ///
+    /// # Safety
+    /// `a` holds `kc.next_multiple_of(KG)·MR` elements, `b` the same times NR, `out` is in
+    /// bounds, and the CPU has the kernel's features (the caller holds `Kernels` for its path).
+    unsafe fn tile(kc: usize, a: *const Self::Packed, b: *const Self::Packed, alpha: f32, beta: f32, out: TileOut);
+}
+
+/// Writes an accumulated tile (row-major, `nr` wide) through `out`, scaled by alpha and added
+/// to beta·C.
 ///
 /// # Safety
 /// Every element of `out` (rows × cols) lies inside C's allocation.
 #[inline(always)]
-unsafe fn store_scalar(acc: &[[f32; NR]; MR], alpha: f32, beta: f32, out: TileOut) {
-    for (i, row) in acc.iter().enumerate().take(out.rows) {
+unsafe fn store_scalar(acc: &[f32], nr: usize, alpha: f32, beta: f32, out: TileOut) {
+    for (i, row) in acc.chunks_exact(nr).enumerate().take(out.rows) {
         for (j, &v) in row.iter().enumerate().take(out.cols) {
             // SAFETY: (i, j) is inside the tile, which the caller guarantees is in bounds.
             unsafe {
@@ -36,45 +96,92 @@ unsafe fn store_scalar(acc: &[[f32; NR]; MR], alpha: f32, beta: f32, out: TileOu
 }
 
 /// Plain Rust: the compiler vectorises the 16-wide rows for whatever the target guarantees.
-///
-/// # Safety
-/// `a` holds kc·MR floats, `b` kc·NR, and `out` is in bounds.
-pub unsafe fn portable(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
-    // SAFETY: the caller guarantees the packed slivers' lengths.
-    let (a, b) = unsafe { (std::slice::from_raw_parts(a, kc * MR), std::slice::from_raw_parts(b, kc * NR)) };
-    let mut acc = [[0f32; NR]; MR];
-    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
-        for (row, &ai) in acc.iter_mut().zip(ap) {
-            for (c, &bj) in row.iter_mut().zip(bp) {
-                *c += ai * bj;
+pub struct F32Portable;
+
+impl Micro for F32Portable {
+    type Packed = f32;
+    const MR: usize = 6;
+    const NR: usize = 16;
+    const KG: usize = 1;
+
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
+        // SAFETY: the caller guarantees the packed slivers' lengths.
+        let (a, b) = unsafe { (std::slice::from_raw_parts(a, kc * 6), std::slice::from_raw_parts(b, kc * 16)) };
+        let mut acc = [[0f32; 16]; 6];
+        for (ap, bp) in a.chunks_exact(6).zip(b.chunks_exact(16)) {
+            for (row, &ai) in acc.iter_mut().zip(ap) {
+                for (c, &bj) in row.iter_mut().zip(bp) {
+                    *c += ai * bj;
+                }
             }
         }
+        unsafe { store_scalar(acc.as_flattened(), 16, alpha, beta, out) }
     }
-    unsafe { store_scalar(&acc, alpha, beta, out) }
+}
+
+/// Plain Rust on bf16 slivers: each pair widened to fp32 (exact) and multiplied in fp32, the
+/// same products `vdpbf16ps` forms, so every path gives bf16 precision its own numbers.
+pub struct Bf16Portable;
+
+impl Micro for Bf16Portable {
+    type Packed = Bf16;
+    const MR: usize = 6;
+    const NR: usize = 16;
+    const KG: usize = 2;
+
+    unsafe fn tile(kc: usize, a: *const Bf16, b: *const Bf16, alpha: f32, beta: f32, out: TileOut) {
+        let groups = kc.div_ceil(2);
+        // SAFETY: the caller guarantees the packed slivers' lengths.
+        let (a, b) =
+            unsafe { (std::slice::from_raw_parts(a, groups * 12), std::slice::from_raw_parts(b, groups * 32)) };
+        let mut acc = [[0f32; 16]; 6];
+        for (ap, bp) in a.chunks_exact(12).zip(b.chunks_exact(32)) {
+            for (row, ai) in acc.iter_mut().zip(ap.chunks_exact(2)) {
+                let (a0, a1) = (ai[0].to_f32(), ai[1].to_f32());
+                for (c, bj) in row.iter_mut().zip(bp.chunks_exact(2)) {
+                    *c += a0 * bj[0].to_f32() + a1 * bj[1].to_f32();
+                }
+            }
+        }
+        unsafe { store_scalar(acc.as_flattened(), 16, alpha, beta, out) }
+    }
 }
 
 /// AVX2 + FMA.
-///
-/// # Safety
-/// As [`portable`], and the CPU has AVX2 and FMA (the caller holds `Kernels` for that path).
+#[cfg(target_arch = "x86_64")]
+pub struct F32Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Micro for F32Avx2 {
+    type Packed = f32;
+    const MR: usize = 6;
+    const NR: usize = 16;
+    const KG: usize = 1;
+
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
+        // SAFETY: as the trait's contract: the CPU has AVX2 + FMA.
+        unsafe { avx2_f32(kc, a, b, alpha, beta, out) }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
+unsafe fn avx2_f32(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    // SAFETY: step p reads a[p·MR .. +MR] and b[p·NR .. +NR], inside the slivers.
+    let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+    // SAFETY: step p reads a[p·6 .. +6] and b[p·16 .. +16], inside the slivers.
     unsafe {
         for p in 0..kc {
-            let bp = b.add(p * NR);
+            let bp = b.add(p * 16);
             let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
-            let ap = a.add(p * MR);
+            let ap = a.add(p * 6);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let ai = _mm256_broadcast_ss(&*ap.add(i));
                 acc[0] = _mm256_fmadd_ps(ai, b0, acc[0]);
                 acc[1] = _mm256_fmadd_ps(ai, b1, acc[1]);
             }
         }
-        if out.rows == MR && out.cols == NR && out.cs == 1 {
+        if out.rows == 6 && out.cols == 16 && out.cs == 1 {
             let (va, vb) = (_mm256_set1_ps(alpha), _mm256_set1_ps(beta));
             for (i, acc) in acc.iter().enumerate() {
                 let p = out.c.offset(i as isize * out.rs);
@@ -89,12 +196,150 @@ pub unsafe fn avx2(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f3
                 }
             }
         } else {
-            let mut tile = [[0f32; NR]; MR];
+            let mut tile = [[0f32; 16]; 6];
             for (row, acc) in tile.iter_mut().zip(&acc) {
                 _mm256_storeu_ps(row.as_mut_ptr(), acc[0]);
                 _mm256_storeu_ps(row.as_mut_ptr().add(8), acc[1]);
             }
-            store_scalar(&tile, alpha, beta, out);
+            store_scalar(tile.as_flattened(), 16, alpha, beta, out);
+        }
+    }
+}
+
+/// AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+pub struct F32Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Micro for F32Avx512 {
+    type Packed = f32;
+    const MR: usize = 8;
+    const NR: usize = 32;
+    const KG: usize = 1;
+
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
+        // SAFETY: as the trait's contract: the CPU has AVX-512 F.
+        unsafe { avx512_f32(kc, a, b, alpha, beta, out) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_f32(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+    // SAFETY: step p reads a[p·8 .. +8] and b[p·32 .. +32], inside the slivers.
+    unsafe {
+        for p in 0..kc {
+            let bp = b.add(p * 32);
+            let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)));
+            let ap = a.add(p * 8);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*ap.add(i));
+                acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
+            }
+        }
+        store_avx512(&acc, alpha, beta, out);
+    }
+}
+
+/// The 8 × 32 accumulators through `out`: masked vector stores along a contiguous row of C
+/// (edge tiles too), element by element otherwise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_avx512(acc: &[[std::arch::x86_64::__m512; 2]; 8], alpha: f32, beta: f32, out: TileOut) {
+    use std::arch::x86_64::*;
+    // SAFETY: only the rows × cols elements of the tile are read or written (masked lanes are
+    // neither loaded nor stored), which the caller guarantees are inside C.
+    unsafe {
+        if out.cs == 1 {
+            let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+            let masks = [0, 16].map(|first| {
+                let n = out.cols.saturating_sub(first).min(16) as u32;
+                ((1u32 << n) - 1) as __mmask16
+            });
+            for (i, acc) in acc.iter().enumerate().take(out.rows) {
+                let p = out.c.offset(i as isize * out.rs);
+                for (h, (&v, &mask)) in acc.iter().zip(&masks).enumerate() {
+                    let ph = p.add(16 * h);
+                    let r = if beta == 0.0 {
+                        _mm512_mul_ps(va, v)
+                    } else {
+                        _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask, ph), _mm512_mul_ps(va, v))
+                    };
+                    _mm512_mask_storeu_ps(ph, mask, r);
+                }
+            }
+        } else {
+            let mut tile = [[0f32; 32]; 8];
+            for (row, acc) in tile.iter_mut().zip(acc) {
+                _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+            }
+            store_scalar(tile.as_flattened(), 32, alpha, beta, out);
+        }
+    }
+}
+
+/// AVX-512 BF16: `vdpbf16ps` multiplies a pair of bf16 per fp32 lane and adds both products
+/// to the lane, so one instruction does the work of two FMAs.
+#[cfg(target_arch = "x86_64")]
+pub struct Bf16Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Micro for Bf16Avx512 {
+    type Packed = Bf16;
+    const MR: usize = 8;
+    const NR: usize = 32;
+    const KG: usize = 2;
+
+    unsafe fn tile(kc: usize, a: *const Bf16, b: *const Bf16, alpha: f32, beta: f32, out: TileOut) {
+        // SAFETY: as the trait's contract: the CPU has AVX-512 F and BF16.
+        unsafe { avx512_bf16(kc, a, b, alpha, beta, out) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn avx512_bf16(kc: usize, a: *const Bf16, b: *const Bf16, alpha: f32, beta: f32, out: TileOut) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+    // SAFETY: group q reads a[q·16 .. +16] and b[q·64 .. +64], inside the slivers; the A pair
+    // of a row is one 32-bit word (read unaligned: the sliver is only 2-byte aligned in type).
+    unsafe {
+        for q in 0..kc.div_ceil(2) {
+            let bp = b.add(q * 64) as *const __m512i;
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(1)));
+            let ap = a.add(q * 16) as *const i32;
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(ap.add(i).read_unaligned()));
+                acc[0] = _mm512_dpbf16_ps(acc[0], ai, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], ai, b1);
+            }
+        }
+        store_avx512(&acc, alpha, beta, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_and_keeps_specials() {
+        let round = |x: f32| Bf16::from_f32(x).to_f32();
+        assert_eq!(round(1.0), 1.0);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).
+        assert_eq!(round(1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(round(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2.0 * 2f32.powi(-7));
+        assert_eq!(round(-2.5), -2.5);
+        assert!(round(f32::NAN).is_nan());
+        assert_eq!(round(f32::INFINITY), f32::INFINITY);
+        assert_eq!(round(f32::MAX), f32::INFINITY, "rounds past the largest bf16");
+        for x in [0.1f32, -3.7, 1e-20, 6.5e4] {
+            assert!((round(x) - x).abs() <= x.abs() * 2f32.powi(-9), "{x}");
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod profile;
 pub mod topk;
 
 use super::{
-    AdamW, Backend, DecayMask, Gemm, GruStep, GuardParams, Segments, check_adamw_masked, check_attention,
+    AdamW, Backend, DecayMask, Gemm, GruStep, GuardParams, Precision, Segments, check_adamw_masked, check_attention,
     check_attention_bwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k,
     expect_cols, expect_len, rows_of, same_shape,
 };
@@ -24,11 +24,24 @@ use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
 
 #[derive(Debug, Default)]
-pub struct Cpu;
+pub struct Cpu {
+    /// The arithmetic of `gemm` (the model's layers); every other op is fp32.
+    precision: Precision,
+}
 
 impl Cpu {
     pub fn new() -> Self {
-        Cpu
+        Cpu::default()
+    }
+
+    /// A CPU whose layer GEMMs run at `precision` (bf16: AVX-512 BF16 where the CPU has it,
+    /// the same arithmetic widened to fp32 elsewhere).
+    pub fn with_precision(precision: Precision) -> Self {
+        Cpu { precision }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 }
 
@@ -48,18 +61,23 @@ fn dropout(x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
 }
 
 impl Backend for Cpu {
-    /// "cpu (avx2)": the device and the kernels' path (dispatch.rs), so that every command
-    /// and bench that prints the device says which path ran.
     fn on_host(&self) -> bool {
         true
     }
 
+    /// "cpu (avx2)": the device and the kernels' path (dispatch.rs), so that every command
+    /// and bench that prints the device says which path ran; ", bf16" when the layers are.
     fn name(&self) -> &'static str {
-        match dispatch::current().path() {
-            dispatch::CpuPath::Amx => "cpu (amx)",
-            dispatch::CpuPath::Avx512 => "cpu (avx512)",
-            dispatch::CpuPath::Avx2 => "cpu (avx2)",
-            dispatch::CpuPath::Portable => "cpu (portable)",
+        use dispatch::CpuPath::*;
+        match (dispatch::current().path(), self.precision) {
+            (Amx, Precision::F32) => "cpu (amx)",
+            (Avx512, Precision::F32) => "cpu (avx512)",
+            (Avx2, Precision::F32) => "cpu (avx2)",
+            (Portable, Precision::F32) => "cpu (portable)",
+            (Amx, Precision::Bf16) => "cpu (amx, bf16)",
+            (Avx512, Precision::Bf16) => "cpu (avx512, bf16)",
+            (Avx2, Precision::Bf16) => "cpu (avx2, bf16)",
+            (Portable, Precision::Bf16) => "cpu (portable, bf16)",
         }
     }
 
@@ -114,7 +132,7 @@ impl Backend for Cpu {
         expect_len("gemm", "a", a.len(), g.m * g.k)?;
         expect_len("gemm", "b", b.len(), g.k * g.n)?;
         expect_len("gemm", "c", c.len(), g.m * g.n)?;
-        gemm::gemm(dispatch::active()?, g, a.cpu(), b.cpu(), c.cpu());
+        gemm::gemm(dispatch::active()?, self.precision, g, a.cpu(), b.cpu(), c.cpu());
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::dispatch;
 use super::gemm::gemm;
-use crate::backend::Gemm;
+use crate::backend::{Gemm, Precision};
 
 /// Gallery rows per tile: a query block's scores against one tile are 1 MiB.
 pub const TILE: usize = 1024;
@@ -112,7 +112,7 @@ fn search(queries: &[f32], gallery: &[f32], dim: usize, k: usize, tile: usize, b
                 }
             } else {
                 let g = Gemm { m, n, k: dim, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
-                gemm(dispatch::current(), g, qb, gt, &mut scores[..m * n]);
+                gemm(dispatch::current(), Precision::F32, g, qb, gt, &mut scores[..m * n]);
             }
             for (i, r) in run.iter_mut().enumerate() {
                 merge(r, &scores[i * n..(i + 1) * n], base + t0, k);

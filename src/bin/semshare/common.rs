@@ -20,7 +20,9 @@ use semshare::train::{Progress, ProgressFn, TrainConfig};
 use semshare::{Error, Result};
 
 pub fn device(args: &Args) -> Result<Box<dyn Backend>> {
-    backend::open(args.get("device").unwrap_or("auto"))
+    let precision = backend::Precision::parse(args.get("precision").unwrap_or("fp32"))
+        .map_err(|e| Error::config(format!("--precision: {}", e.to_string().trim_start_matches("configuration: "))))?;
+    backend::open_at(args.get("device").unwrap_or("auto"), precision)
 }
 
 /// Model and training configuration: preset (and `base` for training), then the config file,

@@ -59,7 +59,7 @@ const COMMANDS: &[Command] = &[
              [--train N] [--val N] [--test N]   (defaults 2000 / 300 / 1000)
 ",
         takes: Takes::Flags {
-            values: &["steps", "out", "seed", "device", "train", "val", "test"],
+            values: &["steps", "out", "seed", "device", "precision", "train", "val", "test"],
             switches: &[],
             run: demo::run,
         },
@@ -107,7 +107,7 @@ const COMMANDS: &[Command] = &[
              printed with a reason each and written to --out as resolved-config.json
 ",
         takes: Takes::Flags {
-            values: &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device"],
+            values: &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device", "precision"],
             switches: &["force"],
             run: train::run,
         },
@@ -119,7 +119,7 @@ const COMMANDS: &[Command] = &[
              (test with a database split: test queries ranked against the database) [--embedding pooled|label] [--json] [--device D]
 ",
         takes: Takes::Flags {
-            values: &["data", "checkpoint", "split", "embedding", "device"],
+            values: &["data", "checkpoint", "split", "embedding", "device", "precision"],
             switches: &["json"],
             run: eval::run,
         },
@@ -130,7 +130,7 @@ const COMMANDS: &[Command] = &[
              --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--force] [--device D]
 ",
         takes: Takes::Flags {
-            values: &["data", "checkpoint", "out", "split", "embedding", "device"],
+            values: &["data", "checkpoint", "out", "split", "embedding", "device", "precision"],
             switches: &["force"],
             run: embed::run,
         },
@@ -158,7 +158,7 @@ const COMMANDS: &[Command] = &[
              [--append (add to INDEX: same model and embedding, new ids)] [--force] [--device D]
 ",
         takes: Takes::Flags {
-            values: &["checkpoint", "out", "data", "split", "side", "texts", "features", "vectors", "ids", "embedding", "device"],
+            values: &["checkpoint", "out", "data", "split", "side", "texts", "features", "vectors", "ids", "embedding", "device", "precision"],
             switches: &["append", "force"],
             run: index::run,
         },
@@ -175,7 +175,7 @@ const COMMANDS: &[Command] = &[
              [--timing (stderr: time to open the index, to search, in all)]
 ",
         takes: Takes::Flags {
-            values: &["index", "checkpoint", "text", "queries", "features", "side", "vectors", "k", "device"],
+            values: &["index", "checkpoint", "text", "queries", "features", "side", "vectors", "k", "device", "precision"],
             switches: &["json", "timing"],
             run: query::run,
         },
@@ -234,7 +234,7 @@ const COMMANDS: &[Command] = &[
              the CUDA backend counts them (the same on the emulated device as on a GPU)
 ",
         takes: Takes::Flags {
-            values: &["model", "device", "batch", "tokens", "warmup", "steps"],
+            values: &["model", "device", "precision", "batch", "tokens", "warmup", "steps"],
             switches: &["counts"],
             run: bench_step::run,
         },
@@ -246,6 +246,10 @@ const FORCE_NOTE: &str = "  An existing output is replaced only with --force and
   manifest says so); an output may not be one of the command's inputs.
 ";
 const DEVICE_NOTE: &str = "  --device auto|cpu|cuda   (default auto: CUDA when built with it and a GPU is present)
+";
+const PRECISION_NOTE: &str =
+    "  --precision fp32|bf16    the layers' GEMMs (default fp32); bf16 rounds their operands to
+                           bfloat16 and sums in fp32: AVX-512 BF16 where the CPU has it (CPU only)
 ";
 const CONFIG_NOTE: &str = "  A config file is JSON: {\"model\": {...}, \"train\": {...}}; flags override it.
 ";
@@ -272,7 +276,9 @@ impl Command {
             Takes::Dir(_) => "DIR",
         };
         let mut s = format!("USAGE: semshare {} {operands}\n\n{}\n", self.name, self.usage);
-        for (option, note) in [("force", FORCE_NOTE), ("device", DEVICE_NOTE), ("config", CONFIG_NOTE)] {
+        for (option, note) in
+            [("force", FORCE_NOTE), ("device", DEVICE_NOTE), ("precision", PRECISION_NOTE), ("config", CONFIG_NOTE)]
+        {
             if self.takes(option) {
                 s += note;
             }
@@ -284,7 +290,7 @@ impl Command {
 /// `semshare help`: every command and every note.
 fn usage() -> String {
     let commands: String = COMMANDS.iter().map(|c| c.usage).collect();
-    format!("{HEADER}{commands}\n{FORCE_NOTE}\n{DEVICE_NOTE}{CONFIG_NOTE}\n{GENERAL_NOTE}")
+    format!("{HEADER}{commands}\n{FORCE_NOTE}\n{DEVICE_NOTE}{PRECISION_NOTE}{CONFIG_NOTE}\n{GENERAL_NOTE}")
 }
 
 fn find(name: &str) -> std::result::Result<&'static Command, Failure> {
