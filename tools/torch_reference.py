@@ -305,7 +305,8 @@ class SemShare(nn.Module):
         h, valid = self.encode(kind, b)
         if which == "pooled":
             return masked_mean(h, valid)
-        s = l2norm(torch.sigmoid(self.classifier(h)))
+        # √softplus(g): model/semshare.rs `label_coordinates` says why not the paper's σ(g).
+        s = l2norm(torch.sqrt(F.softplus(self.classifier(h))))
         return l2norm(masked_mean(s, valid))
 
 
