@@ -4,18 +4,20 @@ measured in this one run on this machine, printed as one markdown table with rat
 
     python3 tools/bench_cpu_report.py [--skip-onnx] [--json] [--evidence DIR] > report.md
 
-Runs, in order: `cargo bench --bench cpu` (train step, embedding, full and mixed lengths, and
-the GEMM versions side by side), `tools/torch_reference.py bench-cpu` (full, mixed),
-`tools/onnx_baseline.py` (full, mixed). A ratio below 1 means semshare is faster. The load
-average next to each figure says how much other work shared the cores (a ratio is only
-meaningful when both sides saw the same).
+Runs, in order: `cargo bench --bench cpu` (train step, embedding, full and mixed lengths, fp32
+and bf16 (`--precision bf16`), and the GEMM versions side by side), `torch.mm` on the same GEMM
+shapes in fp32 and bf16 (median of 50, 2 threads), `tools/torch_reference.py bench-cpu` (full,
+mixed; fp32 and `--bf16`, CPU autocast), `tools/onnx_baseline.py` (full, mixed; fp32: ONNX
+Runtime's CPU provider has no bf16, so bf16 embedding is compared with its fp32). A ratio
+below 1 means semshare is faster. The load average next to each figure says how much other
+work shared the cores (a ratio is only meaningful when both sides saw the same).
 
 Evidence: the CPU's model and flags, the kernels' path semshare took (SEMSHARE_CPU or the best
 one detected) and the raw output of every run are written to a new directory (default
 target/bench_cpu_report/<UTC time>/; an existing one is refused, never overwritten).
 `--json` prints one line per figure instead of the table:
-{"measure", "inputs", "precision", "semshare_ms", "torch_ms", "ort_ms"} (null where not measured).
-Precision is fp32 only: the bf16 path (AMX) is owed (issue 17).
+{"measure", "inputs", "precision", "semshare_ms", "torch_ms", "ort_ms"} (null where not measured;
+the GEMMs as "gemm <shape>" with inputs "-").
 """
 
 import argparse
@@ -89,45 +91,62 @@ def main():
 
     load_before = os.getloadavg()[0]
     _, bench_err = run(["cargo", "bench", "--bench", "cpu", "--", "train_step|embed|gemm"], evidence, "cargo_bench")
-    path = re.search(r"semshare CPU path: (\w+)", bench_err)
-    path = path.group(1) if path else "unknown"
-    ours = {(kind, inputs): criterion_median_ms(group, inputs)
+    described = re.search(r"semshare CPU path: ([\w+]+)", bench_err)
+    described = described.group(1) if described else "unknown"
+    path = described.split("+")[0]
+    cases = [(inputs, precision) for precision in ("fp32", "bf16") for inputs in ("full", "mixed")]
+    ours = {(kind, inputs, precision): criterion_median_ms(group, inputs if precision == "fp32" else f"{inputs}_bf16")
             for kind, group in (("train", "train_step_small_b32"), ("embed", "embed_small_32img_32txt"))
-            for inputs in ("full", "mixed")}
-    gemm = {shape: (criterion_median_ms("gemm", f"semshare_{path}_{shape}"),
-                    criterion_median_ms("gemm", f"matrixmultiply_{shape}")) for shape in GEMM_SHAPES}
+            for inputs, precision in cases}
+    gemm = {shape: {"fp32": criterion_median_ms("gemm", f"semshare_{path}_{shape}"),
+                    "bf16": criterion_median_ms("gemm", f"semshare_{path}_bf16_{shape}"),
+                    "matrixmultiply": criterion_median_ms("gemm", f"matrixmultiply_{shape}")} for shape in GEMM_SHAPES}
     load_after_rust = os.getloadavg()[0]
 
+    out, _ = run([sys.executable, "-c", TORCH_GEMM, json.dumps(GEMM_SHAPES)], evidence, "torch_gemm")
+    for rec in json_lines(out):
+        gemm[rec["shape"]][f"torch_{rec['dtype']}"] = rec["median_ms"]
+
     torch_ms, onnx_ms = {}, {}
-    for inputs in ("full", "mixed"):
-        flags_ = ["--mixed"] if inputs == "mixed" else []
-        out, _ = run([sys.executable, "tools/torch_reference.py", "bench-cpu", "--attn", "sdpa"] + flags_, evidence, f"torch_{inputs}")
+    for inputs, precision in cases:
+        flags_ = (["--mixed"] if inputs == "mixed" else []) + (["--bf16"] if precision == "bf16" else [])
+        out, _ = run([sys.executable, "tools/torch_reference.py", "bench-cpu", "--attn", "sdpa"] + flags_, evidence,
+                     f"torch_{inputs}_{precision}")
         for rec in json_lines(out):
             if rec["measure"] == "train_step":
-                torch_ms[("train", inputs)] = rec["median_ms"]
-        if not a.skip_onnx:
+                torch_ms[("train", inputs, precision)] = rec["median_ms"]
+            if rec["measure"] == "embed_pooled" and precision == "bf16":
+                torch_ms[("embed", inputs, precision)] = rec["median_ms"]
+        if not a.skip_onnx and precision == "fp32":
             out, _ = run([sys.executable, "tools/onnx_baseline.py"] + flags_, evidence, f"onnx_{inputs}",
                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
             recs = json_lines(out)
-            onnx_ms[("embed", inputs)] = next(r["median_ms"] for r in recs if r["runtime"] == "onnxruntime")
+            onnx_ms[inputs] = next(r["median_ms"] for r in recs if r["runtime"] == "onnxruntime")
             # PyTorch eager embedding, timed in the same process as ONNX Runtime (median of its runs).
             eager = sorted(r["median_ms"] for r in recs if r["runtime"] == "torch_eager")
-            torch_ms[("embed", inputs)] = eager[len(eager) // 2]
+            torch_ms[("embed", inputs, precision)] = eager[len(eager) // 2]
     load_end = os.getloadavg()[0]
 
     import torch
-    machine = {"cpu": model, "cores": os.cpu_count(), "simd_flags": simd, "all_flags": flags, "semshare_cpu_path": path,
-               "torch": torch.__version__, "load_before": load_before, "load_after_semshare": load_after_rust,
-               "load_end": load_end, "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    machine = {"cpu": model, "cores": os.cpu_count(), "simd_flags": simd, "all_flags": flags,
+               "semshare_cpu_path": described, "torch": torch.__version__, "load_before": load_before,
+               "load_after_semshare": load_after_rust, "load_end": load_end,
+               "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     with open(os.path.join(evidence, "machine.json"), "x") as f:
         json.dump(machine, f, indent=1)
 
     figures = []
     for kind in ("train", "embed"):
-        for inputs in ("full", "mixed"):
+        for inputs, precision in cases:
             measure = "train step, batch 32" if kind == "train" else "embed 32 images + 32 texts"
-            figures.append({"measure": measure, "inputs": inputs, "precision": "fp32", "semshare_ms": ours[(kind, inputs)],
-                            "torch_ms": torch_ms.get((kind, inputs)), "ort_ms": onnx_ms.get((kind, inputs))})
+            figures.append({"measure": measure, "inputs": inputs, "precision": precision,
+                            "semshare_ms": ours[(kind, inputs, precision)],
+                            "torch_ms": torch_ms.get((kind, inputs, precision)),
+                            "ort_ms": onnx_ms.get(inputs) if kind == "embed" else None})
+    for shape, t in gemm.items():
+        for precision in ("fp32", "bf16"):
+            figures.append({"measure": f"gemm {shape}", "inputs": "-", "precision": precision,
+                            "semshare_ms": t[precision], "torch_ms": t.get(f"torch_{precision}"), "ort_ms": None})
     with open(os.path.join(evidence, "figures.jsonl"), "x") as f:
         f.writelines(json.dumps(r) + "\n" for r in figures)
     if a.json:
@@ -136,21 +155,50 @@ def main():
         return
 
     print(f"Machine: {model}, {os.cpu_count()} cores, SIMD flags {' '.join(simd) or 'none'}; semshare CPU path "
-          f"`{path}`; torch {torch.__version__}, 2 threads everywhere; load average 1 min: {load_before:.2f} before, "
+          f"`{described}`; torch {torch.__version__}, 2 threads everywhere; load average 1 min: {load_before:.2f} before, "
           f"{load_after_rust:.2f} after semshare, {load_end:.2f} at the end. Raw outputs: {evidence}.\n")
-    print("| measure | inputs | precision | semshare (ms) | PyTorch eager (ms) | ratio | ONNX Runtime (ms) | ratio |")
+    print("| measure | inputs | precision | semshare (ms) | PyTorch eager (ms) | ratio | ONNX Runtime fp32 (ms) | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for r in figures:
+        if r["measure"].startswith("gemm"):
+            continue
         o, t, x = r["semshare_ms"], r["torch_ms"], r["ort_ms"]
         cells = [f"{o:.1f}", f"{t:.1f}" if t else "—", f"{o / t:.2f}" if t else "—",
                  f"{x:.1f}" if x else "—", f"{o / x:.2f}" if x else "—"]
         print(f"| {r['measure']} | {r['inputs']} | {r['precision']} | " + " | ".join(cells) + " |")
-    print(f"\n| GEMM (m x k x n) | semshare `{path}` (ms) | matrixmultiply (ms) | ratio | semshare GFLOP/s |")
-    print("|---|---|---|---|---|")
-    for shape, (o, mm) in gemm.items():
+    print(f"\n| GEMM (m x k x n) | semshare `{path}` fp32 (ms) | torch.mm fp32 (ms) | ratio | semshare bf16 (ms) "
+          f"| torch.mm bf16 (ms) | ratio | matrixmultiply (ms) | semshare fp32 / bf16 GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape, t in gemm.items():
         m, k, n = (int(v) for v in shape.rsplit("_", 1)[1].split("x"))
-        print(f"| {shape} | {o:.3f} | {mm:.3f} | {o / mm:.2f} | {2 * m * k * n / o / 1e6:.0f} |")
+        flop = 2 * m * k * n / 1e6
+        tf, tb = t.get("torch_fp32"), t.get("torch_bf16")
+        print(f"| {shape} | {t['fp32']:.3f} | {tf:.3f} | {t['fp32'] / tf:.2f} | {t['bf16']:.3f} | {tb:.3f} "
+              f"| {t['bf16'] / tb:.2f} | {t['matrixmultiply']:.3f} | {flop / t['fp32']:.0f} / {flop / t['bf16']:.0f} |")
 
+
+# torch.mm on the GEMM shapes (name_MxKxN; "dw" shapes are Aᵀ·B, the others A·Bᵀ as the model
+# calls them), fp32 and bf16, 2 threads, median of 50 after 10 warm-up calls; one JSON line each.
+TORCH_GEMM = r"""
+import json, statistics, sys, time, torch
+torch.set_num_threads(2)
+for shape in json.loads(sys.argv[1]):
+    name, dims = shape.rsplit("_", 1)
+    m, k, n = (int(v) for v in dims.split("x"))
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        if name.endswith("_dw"):
+            a, b = torch.randn(k, m, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            f = lambda: torch.mm(a.t(), b)
+        else:
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+            f = lambda: torch.mm(a, b.t())
+        for _ in range(10):
+            f()
+        ts = []
+        for _ in range(50):
+            t0 = time.perf_counter(); f(); ts.append((time.perf_counter() - t0) * 1e3)
+        print(json.dumps({"shape": shape, "dtype": label, "median_ms": statistics.median(ts), "torch": torch.__version__}))
+"""
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ fixture --out FILE --seed S [--tiny-json JSON]
 check --file FILE
     Reload a fixture, load its parameters into this reference and recompute every expected
     value (self-consistency of the file and of `load_state_dict` by Rust names).
-bench-cpu [--mixed] [--attn explicit|sdpa] [--runs N] [--threads N]
+bench-cpu [--mixed] [--bf16] [--attn explicit|sdpa] [--runs N] [--threads N]
     The CPU anchor of ANCHORS.md: `small` preset, 32 images + 32 texts, V 2000, C 24,
     K_obj 100, mask prob 0.15, fp32 eager, AdamW step included. Prints one JSON line per
     measurement (median ms over --runs after warm-up).
@@ -60,6 +60,7 @@ expected (computed in float64, stored F32):
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -515,18 +516,25 @@ def bench_cpu(args):
     def mask_for(b):
         return (torch.rand(b["valid"].shape) < cfg["mask_prob"]) & b["valid"]
 
+    # --bf16: CPU autocast (matmuls and linears in bf16 on oneDNN, AMX where the CPU has it;
+    # the rest fp32), the PyTorch counterpart of semshare's `--precision bf16`.
+    def precision():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
     def step():
         model.train()
         im, tm = mask_for(img), mask_for(txt)
         opt.zero_grad(set_to_none=True)
-        il1, il2 = model.losses("image", img, im)
-        tl1, tl2 = model.losses("text", txt, tm)
-        (il1 + lam * il2 + tl1 + lam * tl2).backward()
+        with precision():
+            il1, il2 = model.losses("image", img, im)
+            tl1, tl2 = model.losses("text", txt, tm)
+            loss = il1 + lam * il2 + tl1 + lam * tl2
+        loss.backward()
         opt.step()
 
     def embed(which):
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), precision():
             model.embed("image", img, which)
             model.embed("text", txt, which)
 
@@ -541,7 +549,7 @@ def bench_cpu(args):
         return statistics.median(ts), min(ts)
 
     common = dict(torch=torch.__version__, threads=args.threads, preset="small", batch=B,
-                  inputs="mixed" if args.mixed else "full", attn=args.attn, dtype="fp32",
+                  inputs="mixed" if args.mixed else "full", attn=args.attn, dtype="bf16" if args.bf16 else "fp32",
                   runs=args.runs, regions=ni, tokens=nt)
 
     def load():  # other work on the machine distorts these timings: say how much there was
@@ -822,6 +830,7 @@ def main():
     c.add_argument("--file", required=True)
     b = sub.add_parser("bench-cpu")
     b.add_argument("--mixed", action="store_true")
+    b.add_argument("--bf16", action="store_true", help="CPU autocast to bfloat16")
     b.add_argument("--attn", choices=["explicit", "sdpa"], default="explicit")
     b.add_argument("--runs", type=int, default=20)
     b.add_argument("--warmup", type=int, default=3)

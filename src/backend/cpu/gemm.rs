@@ -370,6 +370,8 @@ unsafe fn pack<K: Micro>(
     let g = K::KG;
     let kp = kc.next_multiple_of(g);
     let zero = K::Packed::from_f32(0.0);
+    // One run converted at a time (vectorised: `Packed::convert`), then placed.
+    let mut run = [zero; if KC > 64 { KC } else { 64 }];
     for (s, sliver) in dst[..len.next_multiple_of(w) * kp].chunks_exact_mut(w * kp).enumerate() {
         let first = s * w;
         let lines = w.min(len - first);
@@ -382,16 +384,28 @@ unsafe fn pack<K: Micro>(
             // Each line contiguous (A as stored, Bᵀ as the weights are): read along it.
             for l in 0..lines {
                 let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
-                for (p, &v) in from.iter().enumerate() {
-                    sliver[(p / g * w + l) * g + p % g] = K::Packed::from_f32(v);
+                let per = run.len();
+                for (p0, chunk) in from.chunks(per).enumerate().map(|(c, ch)| (c * per, ch)) {
+                    K::Packed::convert(chunk, &mut run[..chunk.len()]);
+                    for (i, &v) in run[..chunk.len()].iter().enumerate() {
+                        let p = p0 + i;
+                        sliver[(p / g * w + l) * g + p % g] = v;
+                    }
                 }
             }
-        } else if line == 1 && g == 1 {
-            // The lines side by side (B as stored, Aᵀ): convert a run of `lines` per p.
-            for (p, out) in sliver.chunks_exact_mut(w).enumerate() {
+        } else if line == 1 && lines <= run.len() {
+            // The lines side by side (B as stored, Aᵀ): convert a run of `lines` per p, then
+            // place it at every g-th element from p's slot in its group.
+            for p in 0..kc {
                 let from = unsafe { std::slice::from_raw_parts(base.offset(p as isize * along), lines) };
-                for (o, &v) in out.iter_mut().zip(from) {
-                    *o = K::Packed::from_f32(v);
+                K::Packed::convert(from, &mut run[..lines]);
+                let out = &mut sliver[p / g * w * g + p % g..];
+                if g == 1 {
+                    out[..lines].copy_from_slice(&run[..lines]);
+                } else {
+                    for (o, &v) in out.iter_mut().step_by(g).zip(&run[..lines]) {
+                        *o = v;
+                    }
                 }
             }
         } else {

@@ -30,6 +30,13 @@ pub struct TileOut {
 /// A packed operand element: fp32 as it is, or bf16.
 pub trait Packed: Copy + Default + Send + Sync + 'static {
     fn from_f32(x: f32) -> Self;
+
+    /// `dst[i] = from_f32(src[i])` over a run (the packing's inner loop).
+    fn convert(src: &[f32], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(s);
+        }
+    }
 }
 
 impl Packed for f32 {
@@ -51,14 +58,46 @@ impl Bf16 {
 }
 
 impl Packed for Bf16 {
+    /// Round to nearest even, without a branch (so that runs vectorise).
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         let bits = x.to_bits();
-        if x.is_nan() {
-            // Keep it a NaN: rounding could carry its payload into infinity.
-            return Bf16((bits >> 16) as u16 | 0x40);
+        let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+        // Keep a NaN a NaN: rounding could carry its payload into infinity.
+        let quiet = (bits >> 16) as u16 | 0x40;
+        Bf16(if x.is_nan() { quiet } else { rounded })
+    }
+
+    /// `vcvtneps2bf16` where the CPU has AVX-512 BF16 (the same rounding; it also flushes
+    /// subnormal inputs to zero, below bf16's own resolution of the model's values).
+    fn convert(src: &[f32], dst: &mut [Self]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512 F, BW, VL and BF16 (BF16 implies F and VL).
+            return unsafe { convert_avx512_bf16(src, dst) };
         }
-        Bf16(((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16)
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(s);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn convert_avx512_bf16(src: &[f32], dst: &mut [Bf16]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    // SAFETY: each step reads src[i .. i + 16] and writes dst[i .. i + 16], both < n.
+    unsafe {
+        while i < n {
+            // The last run of fewer than 16 is masked (the packing's runs are often 8 long).
+            let mask = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+            let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src.as_ptr().add(i)));
+            let v = std::mem::transmute::<__m256bh, __m256i>(v);
+            _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, mask, v);
+            i += 16;
+        }
     }
 }
 
@@ -341,5 +380,26 @@ mod tests {
         for x in [0.1f32, -3.7, 1e-20, 6.5e4] {
             assert!((round(x) - x).abs() <= x.abs() * 2f32.powi(-9), "{x}");
         }
+    }
+
+    /// The vectorised run (vcvtneps2bf16 where the CPU has it) equals the scalar rounding on
+    /// every length up to two vectors and a half, specials included.
+    #[test]
+    fn bf16_runs_convert_as_the_scalar_rounding() {
+        let mut rng = crate::rng::Rng::new(16);
+        let specials = [0.0, -0.0, 1.0 + 2f32.powi(-8), f32::INFINITY, f32::NEG_INFINITY, 3.0e38, -1e-3];
+        for n in 0..=40 {
+            let src: Vec<f32> = (0..n)
+                .map(|i| if i % 5 == 4 { specials[i % specials.len()] } else { rng.normal() as f32 * 7.0 })
+                .collect();
+            let mut got = vec![Bf16(0xdead); n + 3];
+            Bf16::convert(&src, &mut got[..n]);
+            let want: Vec<Bf16> = src.iter().map(|&x| Bf16::from_f32(x)).collect();
+            assert_eq!(&got[..n], &want[..], "n = {n}");
+            assert!(got[n..].iter().all(|&b| b == Bf16(0xdead)), "wrote past the run (n = {n})");
+        }
+        let mut nan = [Bf16(0)];
+        Bf16::convert(&[f32::NAN], &mut nan);
+        assert!(nan[0].to_f32().is_nan());
     }
 }
