@@ -29,6 +29,9 @@ pub struct TileOut {
 
 /// A packed operand element: fp32 as it is, or bf16.
 pub trait Packed: Copy + Default + Send + Sync + 'static {
+    /// Packing copies this type as it is (fp32), with no conversion pass.
+    const IS_F32: bool = false;
+
     fn from_f32(x: f32) -> Self;
 
     /// `dst[i] = from_f32(src[i])` over a run (the packing's inner loop).
@@ -40,6 +43,8 @@ pub trait Packed: Copy + Default + Send + Sync + 'static {
 }
 
 impl Packed for f32 {
+    const IS_F32: bool = true;
+
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
@@ -108,6 +113,8 @@ pub trait Micro {
     const NR: usize;
     /// k values per group (module header).
     const KG: usize;
+    /// The packing may use AVX (8 × 8 transposes): the kernel's path has it.
+    const AVX_PACK: bool = false;
     /// One tile over `kc` steps of k (slivers padded with zeros to a whole group).
     ///
     /// # Safety
@@ -193,6 +200,7 @@ pub struct F32Avx2;
 #[cfg(target_arch = "x86_64")]
 impl Micro for F32Avx2 {
     type Packed = f32;
+    const AVX_PACK: bool = true;
     const MR: usize = 6;
     const NR: usize = 16;
     const KG: usize = 1;
@@ -252,6 +260,7 @@ pub struct F32Avx512;
 #[cfg(target_arch = "x86_64")]
 impl Micro for F32Avx512 {
     type Packed = f32;
+    const AVX_PACK: bool = true;
     const MR: usize = 8;
     const NR: usize = 32;
     const KG: usize = 1;

@@ -149,17 +149,25 @@ fn merge(run: &mut Vec<u64>, scores: &[f32], base: usize, k: usize) {
         bound = *run.iter().max().unwrap();
         floor = key_score(bound);
     }
-    for (j, &s) in scores.iter().enumerate() {
-        if s < floor {
+    for (c, chunk) in scores.chunks(16).enumerate() {
+        // Most chunks hold no candidate once the list is full: one vectorised test for all 16
+        // (no short circuit, so it compiles to compares and an or; a NaN counts as a candidate).
+        if !chunk.iter().fold(false, |any, &s| any | !(s < floor)) {
             continue;
         }
-        let key = rank_key(s, (base + j) as u32);
-        if key < bound {
-            run.push(key);
-            if run.len() >= 2 * k + 64 {
-                trim(run, k);
-                bound = *run.iter().max().unwrap();
-                floor = key_score(bound);
+        for (j, &s) in chunk.iter().enumerate() {
+            if s < floor {
+                continue;
+            }
+            let j = c * 16 + j;
+            let key = rank_key(s, (base + j) as u32);
+            if key < bound {
+                run.push(key);
+                if run.len() >= 2 * k + 64 {
+                    trim(run, k);
+                    bound = *run.iter().max().unwrap();
+                    floor = key_score(bound);
+                }
             }
         }
     }
