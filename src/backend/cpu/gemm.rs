@@ -383,7 +383,7 @@ unsafe fn pack<K: Micro>(
         if along == 1 {
             // Each line contiguous (A as stored, Bᵀ as the weights are): read along it.
             #[cfg(target_arch = "x86_64")]
-            if K::AVX_PACK && K::Packed::IS_F32 && lines == w && w % 8 == 0 {
+            if K::AVX_PACK && K::Packed::IS_F32 && lines == w && w.is_multiple_of(8) {
                 // SAFETY: the path has AVX (`AVX_PACK`); an fp32 sliver is f32 (`IS_F32`);
                 // lines < len and p < kc are inside the block.
                 unsafe {

@@ -152,6 +152,7 @@ fn merge(run: &mut Vec<u64>, scores: &[f32], base: usize, k: usize) {
     for (c, chunk) in scores.chunks(16).enumerate() {
         // Most chunks hold no candidate once the list is full: one vectorised test for all 16
         // (no short circuit, so it compiles to compares and an or; a NaN counts as a candidate).
+        #[allow(clippy::neg_cmp_op_on_partial_ord)] // a NaN must count as a candidate
         if !chunk.iter().fold(false, |any, &s| any | !(s < floor)) {
             continue;
         }
