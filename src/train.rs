@@ -265,19 +265,29 @@ pub fn train(
     let mut last_loss = f32::NAN;
     const POOL: usize = 3;
     let mut loader = Loader::new(Arc::clone(data), "train", cfg.batch_size, cfg.seed, first..cfg.steps, POOL)?;
+    // A device's steps are deferred (no host sync inside a step) and their losses read back
+    // at log points, every READ_EVERY steps and before each validation; the host's are read
+    // after every step, which costs nothing there.
+    const READ_EVERY: u64 = 16;
+    let read_every = if dev.on_host() { 1 } else { READ_EVERY };
     while trainer.step < cfg.steps {
         let (images, texts) = match loader.next_batch() {
             Some(Ok(b)) => (b.images.widen(), b.texts.widen()),
             Some(Err(e)) => return Err(e),
             None => return Err(Error::data("the loader stopped before the last step")),
         };
-        let stats = trainer.step(dev, images, texts)?;
-        losses.push(stats.loss);
-        last_loss = stats.loss;
+        trainer.step_deferred(dev, images, texts)?;
         let done = trainer.step;
+        let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
+        if !validate && done % read_every != 0 {
+            continue;
+        }
+        let read = trainer.read_stats(dev)?;
+        losses.extend(read.iter().map(|s| s.loss));
+        let Some(stats) = read.last().copied() else { continue };
+        last_loss = stats.loss;
         let steps_per_sec = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
         report(Progress::Step { step: done, total: cfg.steps, loss: stats.loss, steps_per_sec });
-        let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
         if validate {
             let mut scores = Vec::with_capacity(kinds.len());
             for &kind in &kinds {
