@@ -372,6 +372,40 @@ unsafe fn pack<K: Micro>(
     let zero = K::Packed::from_f32(0.0);
     // One run converted at a time (vectorised: `Packed::convert`), then placed.
     let mut run = [zero; if KC > 64 { KC } else { 64 }];
+    if line == 1 && along != 1 {
+        // The lines side by side (B as stored, Aᵀ): step k in the outer loop, so that each
+        // row of the source is read once, front to back, for every sliver. Sliver by sliver,
+        // a transposed A (rows 3 KiB apart) fell into a few cache sets and missed L1 at every
+        // step (the weight-gradient GEMM ran 1.7x torch.mm's time).
+        let dst = &mut dst[..len.next_multiple_of(w) * kp];
+        if len % w != 0 || kp > kc {
+            dst.fill(zero);
+        }
+        // Runs of whole slivers' lines, so that a converted run splits into slivers evenly.
+        let per = run.len() / w * w;
+        for p in 0..kc {
+            // SAFETY: step p of lines 0..len is inside the block.
+            let row = unsafe { std::slice::from_raw_parts(src.offset(p as isize * along), len) };
+            let slot = p / g * w * g + p % g;
+            for (c, chunk) in row.chunks(per).enumerate() {
+                let first_sliver = c * per / w;
+                if K::Packed::IS_F32 {
+                    for (s, lines) in chunk.chunks(w).enumerate() {
+                        place(&mut dst[(first_sliver + s) * w * kp + slot..], lines);
+                    }
+                    continue;
+                }
+                K::Packed::convert(chunk, &mut run[..chunk.len()]);
+                for (s, lines) in run[..chunk.len()].chunks(w).enumerate() {
+                    let out = &mut dst[(first_sliver + s) * w * kp + slot..];
+                    for (o, &v) in out.iter_mut().step_by(g).zip(lines) {
+                        *o = v;
+                    }
+                }
+            }
+        }
+        return;
+    }
     for (s, sliver) in dst[..len.next_multiple_of(w) * kp].chunks_exact_mut(w * kp).enumerate() {
         let first = s * w;
         let lines = w.min(len - first);
@@ -409,21 +443,6 @@ unsafe fn pack<K: Micro>(
                     }
                 }
             }
-        } else if line == 1 && lines <= run.len() {
-            // The lines side by side (B as stored, Aᵀ): convert a run of `lines` per p, then
-            // place it at every g-th element from p's slot in its group.
-            for p in 0..kc {
-                let from = unsafe { std::slice::from_raw_parts(base.offset(p as isize * along), lines) };
-                K::Packed::convert(from, &mut run[..lines]);
-                let out = &mut sliver[p / g * w * g + p % g..];
-                if g == 1 {
-                    out[..lines].copy_from_slice(&run[..lines]);
-                } else {
-                    for (o, &v) in out.iter_mut().step_by(g).zip(&run[..lines]) {
-                        *o = v;
-                    }
-                }
-            }
         } else {
             for p in 0..kc {
                 let out = &mut sliver[p / g * w * g + p % g..];
@@ -431,6 +450,28 @@ unsafe fn pack<K: Micro>(
                     out[l * g] = K::Packed::from_f32(unsafe { *base.offset(l as isize * line + p as isize * along) });
                 }
             }
+        }
+    }
+}
+
+/// `out[i] = lines[i]`, with the slivers' usual widths as fixed sizes (moved in registers;
+/// a length known only at run time became a `memmove` call per 8 floats).
+#[inline(always)]
+fn place<T: Packed>(out: &mut [T], lines: &[f32]) {
+    fn fixed<T: Packed, const N: usize>(out: &mut [T], lines: &[f32; N]) {
+        for (o, &v) in out[..N].iter_mut().zip(lines) {
+            *o = T::from_f32(v);
+        }
+    }
+    if let Ok(l) = <&[f32; 8]>::try_from(lines) {
+        fixed(out, l)
+    } else if let Ok(l) = <&[f32; 32]>::try_from(lines) {
+        fixed(out, l)
+    } else if let Ok(l) = <&[f32; 16]>::try_from(lines) {
+        fixed(out, l)
+    } else {
+        for (o, &v) in out.iter_mut().zip(lines) {
+            *o = T::from_f32(v);
         }
     }
 }
