@@ -378,7 +378,7 @@ unsafe fn pack<K: Micro>(
         // a transposed A (rows 3 KiB apart) fell into a few cache sets and missed L1 at every
         // step (the weight-gradient GEMM ran 1.7x torch.mm's time).
         let dst = &mut dst[..len.next_multiple_of(w) * kp];
-        if len % w != 0 || kp > kc {
+        if !len.is_multiple_of(w) || kp > kc {
             dst.fill(zero);
         }
         // Runs of whole slivers' lines, so that a converted run splits into slivers evenly.
