@@ -55,7 +55,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "demo",
         usage: "  demo     synthesize data, train, evaluate; prints the trained model against the untrained one
-             [--steps N] [--out DIR] [--seed S] [--device D]
+             [--steps N] [--out DIR] [--seed S] [--device D] [--precision P]
              [--train N] [--val N] [--test N]   (defaults 2000 / 300 / 1000)
 ",
         takes: Takes::Flags {
@@ -99,7 +99,7 @@ const COMMANDS: &[Command] = &[
         usage: "  train    train on a dataset directory
              --data DIR [--out DIR (default: a new runs/<dataset>-<k>)] [--config FILE.json]
              [--model small|paper] [--steps N] [--batch N] [--lr X] [--lambda X] [--seed S]
-             [--resume CKPT] [--force] [--device D]
+             [--resume CKPT] [--force] [--device D] [--precision P]
              --steps is the total: --resume continues CKPT's run up to it (nothing to do if
              CKPT is there already); --force replaces another run's checkpoints in --out
              What no flag or config key gives is decided from the data (normalisation, step
@@ -116,7 +116,7 @@ const COMMANDS: &[Command] = &[
         name: "eval",
         usage: "  eval     retrieval metrics of a checkpoint on a split
              --data DIR --checkpoint CKPT [--split test|val|train|database]
-             (test with a database split: test queries ranked against the database) [--embedding pooled|label] [--json] [--device D]
+             (test with a database split: test queries ranked against the database) [--embedding pooled|label] [--json] [--device D] [--precision P]
 ",
         takes: Takes::Flags {
             values: &["data", "checkpoint", "split", "embedding", "device", "precision"],
@@ -127,7 +127,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "embed",
         usage: "  embed    write the L2-normalised embeddings of a split (the input of `score`)
-             --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--force] [--device D]
+             --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--force] [--device D] [--precision P]
 ",
         takes: Takes::Flags {
             values: &["data", "checkpoint", "out", "split", "embedding", "device", "precision"],
@@ -155,7 +155,7 @@ const COMMANDS: &[Command] = &[
              or raw vectors, no model (only `query --vectors` searches them):
                --vectors V.npy               float32 [N, D], normalised here
              [--ids FILE (one per line; default FILE-stem/i)] [--embedding pooled|label]
-             [--append (add to INDEX: same model and embedding, new ids)] [--force] [--device D]
+             [--append (add to INDEX: same model and embedding, new ids)] [--force] [--device D] [--precision P]
 ",
         takes: Takes::Flags {
             values: &["checkpoint", "out", "data", "split", "side", "texts", "features", "vectors", "ids", "embedding", "device", "precision"],
@@ -171,7 +171,7 @@ const COMMANDS: &[Command] = &[
                --features Q.npy [--side image|text]   segment features, as for `index`
              or pre-computed query vectors (inner product, as given; CKPT optional):
                --vectors Q.npy               float32 [Q, D]
-             [--k N (default 10)] [--json (one {\"query\", \"results\": [{\"id\", \"score\"}]} per line)] [--device D]
+             [--k N (default 10)] [--json (one {\"query\", \"results\": [{\"id\", \"score\"}]} per line)] [--device D] [--precision P]
              [--timing (stderr: time to open the index, to search, in all)]
 ",
         takes: Takes::Flags {
@@ -228,7 +228,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "bench-step",
         usage: "  bench-step  time training steps on synthetic batches of the benchmark's shape; one JSON line
-             [--model small|paper] [--device D] [--batch N (small 32, paper 128)] [--tokens T]
+             [--model small|paper] [--device D] [--precision P] [--batch N (small 32, paper 128)] [--tokens T]
              [--warmup N (default 2)] [--steps N (default 3)] [--counts]
              --counts adds what one step launches, waits for (syncs), allocates and uploads, as
              the CUDA backend counts them (the same on the emulated device as on a GPU)
