@@ -110,9 +110,11 @@ def seed_results(args, sem, seed):
             res[r["key"]["variant"]] = {"recorded": scores(r["report"])}
     if args.tune:
         tune = os.path.join(w, "tune")
+        resumed = os.path.exists(os.path.join(tune, "best-config.json"))
         t = time.time()
         run([sem, "tune", "--data", data, "--out", tune, "--device", "cpu", "--seed", str(seed)], log)
-        res["tune_seconds"] = time.time() - t
+        if not resumed:  # a finished study is only read back: its time is not a tuning time
+            res["tune_seconds"] = time.time() - t
         res["tuned"] = trained(sem, data, os.path.join(w, "tuned"), log, os.path.join(tune, "best-config.json"))
     return res
 
@@ -189,7 +191,12 @@ def main():
     text.append("")
     if args.tune:
         secs = [r["tune_seconds"] for r in results.values() if "tune_seconds" in r]
-        text.append(f"`semshare tune` took {statistics.mean(secs) / 60:.1f} min per seed on average (defaults).")
+        if secs:
+            text.append(f"`semshare tune` took {statistics.mean(secs) / 60:.1f} min per seed on average "
+                        f"(defaults; {len(secs)} of {len(results)} seeds tuned in this invocation).")
+        else:
+            text.append("`semshare tune`: every study was finished before this invocation (resumed), so no time "
+                        "is reported.")
     # Our section of cub.md, between markers: the rest of the file (other measurements) stays.
     begin, end = "<!-- tools/cub_results.py: begin -->", "<!-- tools/cub_results.py: end -->"
     section = begin + "\n" + "\n".join(text[2:]) + "\n" + end

@@ -24,7 +24,7 @@ use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
 
 /// Below this many rows a `--precision bf16` GEMM runs in fp32 (`Backend::gemm`).
-pub const BF16_MIN_ROWS: usize = 128;
+pub const BF16_MIN_ROWS: usize = 64;
 
 #[derive(Debug, Default)]
 pub struct Cpu {
@@ -136,8 +136,8 @@ impl Backend for Cpu {
         expect_len("gemm", "b", b.len(), g.k * g.n)?;
         expect_len("gemm", "c", c.len(), g.m * g.n)?;
         // Products of few rows stay fp32: rounding their operands to bf16 costs more than bf16
-        // saves (the GRU's 32-row recurrent GEMM took 60 µs in bf16 and 33 µs in fp32 on Zen 4,
-        // docs/results/cpu.md), and they are the recurrence, where fp32 matters most.
+        // saves (the GRU's 32-row recurrent GEMM of a training batch took 60 µs in bf16 and
+        // 33 µs in fp32 on Zen 4, docs/results/cpu.md). Inference's 64-item chunks are bf16.
         let precision = if g.m < BF16_MIN_ROWS { Precision::F32 } else { self.precision };
         gemm::gemm(dispatch::active()?, precision, g, a.cpu(), b.cpu(), c.cpu());
         Ok(())
