@@ -4,7 +4,7 @@
 //! not run, by name, never passed; so is the bf16 unit (`vdpbf16ps`) of a path without it.
 
 use semshare::backend::cpu::dispatch::{CpuPath, Kernels};
-use semshare::backend::cpu::gemm::{Strided, gemm_strided, gemm_strided_bf16};
+use semshare::backend::cpu::gemm::{Strided, gemm_strided};
 use semshare::backend::cpu::microkernel::{Bf16, Packed};
 use semshare::backend::{Gemm, Precision};
 use semshare::rng::Rng;
@@ -159,14 +159,11 @@ fn strided_operands() {
         // C stored transposed: element (i, j) at c[j·ldc + i].
         let c0 = random(&mut rng, n * ldc);
         let mut c = c0.clone();
-        let run = match precision {
-            Precision::F32 => gemm_strided,
-            Precision::Bf16 => gemm_strided_bf16,
-        };
         // SAFETY: every addressed element is inside a, b and c.
         unsafe {
-            run(
+            gemm_strided(
                 kernels,
+                precision,
                 m,
                 k,
                 n,

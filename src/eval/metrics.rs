@@ -23,6 +23,7 @@
 //!
 //! Every score except the PR curve is a mean over queries ×100.
 
+use crate::backend::Precision;
 use crate::backend::cpu::dispatch;
 use crate::backend::cpu::gemm::{Strided, gemm_strided};
 use crate::backend::cpu::topk::rank_key;
@@ -513,6 +514,7 @@ fn direction<'p>(
         unsafe {
             gemm_strided(
                 dispatch::current(),
+                Precision::F32,
                 rows,
                 q.dim,
                 ng,

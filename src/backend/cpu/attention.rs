@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::dispatch;
 use super::gemm::{Strided, gemm_strided};
-use crate::backend::prob_offsets;
+use crate::backend::{Precision, prob_offsets};
 
 /// Split `buf` into consecutive chunks of `unit × (ends[i+1] - ends[i])` elements.
 fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a mut [T]> {
@@ -59,6 +59,7 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f
                 // S = scale · Q Kᵀ
                 gemm_strided(
                     kernels,
+                    Precision::F32,
                     len,
                     dh,
                     len,
@@ -77,6 +78,7 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f
                 // O = P V
                 gemm_strided(
                     kernels,
+                    Precision::F32,
                     len,
                     len,
                     dh,
@@ -120,6 +122,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
                 // dV = Pᵀ dO
                 gemm_strided(
                     kernels,
+                    Precision::F32,
                     len,
                     len,
                     dh,
@@ -135,6 +138,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
                 // dP = dO Vᵀ
                 gemm_strided(
                     kernels,
+                    Precision::F32,
                     len,
                     dh,
                     len,
@@ -159,6 +163,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
                 // dQ = dS K ; dK = dSᵀ Q
                 gemm_strided(
                     kernels,
+                    Precision::F32,
                     len,
                     len,
                     dh,
@@ -173,6 +178,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
                 );
                 gemm_strided(
                     kernels,
+                    Precision::F32,
                     len,
                     len,
                     dh,

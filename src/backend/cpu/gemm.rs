@@ -57,17 +57,13 @@ pub fn gemm(kernels: Kernels, precision: Precision, g: Gemm, a: &[f32], b: &[f32
     let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     // SAFETY: the strides address exactly a[..m·k], b[..k·n], c[..m·n], checked above; c is a
     // unique borrow, so it aliases neither a nor b.
-    unsafe {
-        match precision {
-            Precision::F32 => gemm_strided(kernels, m, k, n, alpha, a, sa, b, sb, beta, c, Strided::rows(n)),
-            Precision::Bf16 => gemm_strided_bf16(kernels, m, k, n, alpha, a, sa, b, sb, beta, c, Strided::rows(n)),
-        }
-    }
+    unsafe { gemm_strided(kernels, precision, m, k, n, alpha, a, sa, b, sb, beta, c, Strided::rows(n)) }
 }
 
-/// `c = alpha·a·b + beta·c` in fp32 with a [m,k], b [k,n], c [m,n] given by their strides;
-/// used for the per-(item, head) products of attention, read straight out of the packed qkv
-/// rows.
+/// `c = alpha·a·b + beta·c` at `precision` with a [m,k], b [k,n], c [m,n] given by their
+/// strides; used for the per-(item, head) products of attention (in fp32), read straight out
+/// of the packed qkv rows. bf16: `vdpbf16ps` where the CPU has AVX-512 BF16, the same products
+/// widened to fp32 on every other path.
 ///
 /// # Safety
 /// Every addressed element must lie inside the allocation behind its pointer, `c` must not
@@ -75,6 +71,7 @@ pub fn gemm(kernels: Kernels, precision: Precision, g: Gemm, a: &[f32], b: &[f32
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_strided(
     kernels: Kernels,
+    precision: Precision,
     m: usize,
     k: usize,
     n: usize,
@@ -89,47 +86,18 @@ pub unsafe fn gemm_strided(
 ) {
     let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc };
     // SAFETY (of each call): as the caller guarantees; `Kernels` for a path exists only on a
-    // CPU with that path's features.
+    // CPU with that path's features, and `bf16_native` only on one with AVX-512 F and BF16.
     unsafe {
-        match kernels.path() {
+        match (precision, kernels.path()) {
             #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx512 | CpuPath::Amx => run::<F32Avx512>(p),
+            (Precision::Bf16, _) if kernels.bf16_native() => run::<Bf16Avx512>(p),
+            (Precision::Bf16, _) => run::<Bf16Portable>(p),
             #[cfg(target_arch = "x86_64")]
-            CpuPath::Avx2 => run::<F32Avx2>(p),
-            _ => run::<F32Portable>(p),
+            (Precision::F32, CpuPath::Avx512 | CpuPath::Amx) => run::<F32Avx512>(p),
+            #[cfg(target_arch = "x86_64")]
+            (Precision::F32, CpuPath::Avx2) => run::<F32Avx2>(p),
+            (Precision::F32, _) => run::<F32Portable>(p),
         }
-    }
-}
-
-/// As [`gemm_strided`], on operands rounded to bf16 (`vdpbf16ps` where the CPU has AVX-512
-/// BF16; the same products widened to fp32 on every other path).
-///
-/// # Safety
-/// As [`gemm_strided`].
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_strided_bf16(
-    kernels: Kernels,
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: *const f32,
-    sa: Strided,
-    b: *const f32,
-    sb: Strided,
-    beta: f32,
-    c: *mut f32,
-    sc: Strided,
-) {
-    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc };
-    // SAFETY: as above; `bf16_native` holds only on a CPU with AVX-512 F and BF16.
-    unsafe {
-        #[cfg(target_arch = "x86_64")]
-        if kernels.bf16_native() {
-            return run::<Bf16Avx512>(p);
-        }
-        let _ = kernels;
-        run::<Bf16Portable>(p)
     }
 }
 
