@@ -340,6 +340,10 @@ unsafe fn pack<K: Micro>(
     let zero = K::Packed::from_f32(0.0);
     // One run converted at a time (vectorised: `Packed::convert`), then placed.
     let mut run = [zero; if KC > 64 { KC } else { 64 }];
+    // bf16 slivers' lines, converted whole before their transpose (below); unused, and
+    // optimised away, for every other kernel.
+    #[cfg(target_arch = "x86_64")]
+    let mut words = [zero; 32 * KC];
     if line == 1 && along != 1 {
         // The lines side by side (B as stored, Aᵀ): step k in the outer loop, so that each
         // row of the source is read once, front to back, for every sliver. Sliver by sliver,
@@ -391,6 +395,26 @@ unsafe fn pack<K: Micro>(
                 unsafe {
                     let sliver = std::slice::from_raw_parts_mut(sliver.as_mut_ptr() as *mut f32, sliver.len());
                     pack_lines_avx(sliver, base, line, kc, w);
+                }
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if K::AVX_PACK && g == 2 && size_of::<K::Packed>() == 2 && lines == w && w.is_multiple_of(8) && w <= 32 {
+                // bf16: each line converted whole into `words` (a pair of k is one 32-bit word,
+                // the unit a `vdpbf16ps` lane takes), then the words transposed 8 × 8 as fp32
+                // lines are: moves of 32-bit patterns, never arithmetic on them.
+                for l in 0..w {
+                    let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
+                    K::Packed::convert(from, &mut words[l * kp..l * kp + kc]);
+                    if kp > kc {
+                        words[l * kp + kc] = zero;
+                    }
+                }
+                // SAFETY: the path has AVX (`AVX_PACK`); `words` holds w lines of kp / 2 words
+                // and the sliver kp / 2 · w words (2-byte elements, g = 2).
+                unsafe {
+                    let out = std::slice::from_raw_parts_mut(sliver.as_mut_ptr() as *mut f32, sliver.len() / 2);
+                    pack_lines_avx(out, words.as_ptr() as *const f32, (kp / 2) as isize, kp / 2, w);
                 }
                 continue;
             }

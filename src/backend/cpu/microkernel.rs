@@ -113,7 +113,8 @@ pub trait Micro {
     const NR: usize;
     /// k values per group (module header).
     const KG: usize;
-    /// The packing may use AVX (8 × 8 transposes): the kernel's path has it.
+    /// The packing may use AVX (8 × 8 transposes of 32-bit elements: fp32 values or bf16
+    /// pairs): the kernel's path has it.
     const AVX_PACK: bool = false;
     /// One tile over `kc` steps of k (slivers padded with zeros to a whole group).
     ///
@@ -338,6 +339,7 @@ pub struct Bf16Avx512;
 #[cfg(target_arch = "x86_64")]
 impl Micro for Bf16Avx512 {
     type Packed = Bf16;
+    const AVX_PACK: bool = true;
     const MR: usize = 8;
     const NR: usize = 32;
     const KG: usize = 2;
