@@ -384,7 +384,29 @@ pub(crate) fn expect_cols(op: &'static str, x: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// AdamW's per-step scalars, computed on the host once for every element (f64 then f32, so
+/// that every backend's update uses the same rounded values).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWScalars {
+    /// lr / (1 − β1^step).
+    pub step_size: f32,
+    /// 1 / √(1 − β2^step).
+    pub inv_sqrt_bc2: f32,
+    /// 1 − lr · weight_decay (decay first, as PyTorch).
+    pub decay: f32,
+}
+
 impl AdamW {
+    pub fn scalars(&self) -> AdamWScalars {
+        let bc1 = 1.0 - (self.beta1 as f64).powi(self.step as i32);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(self.step as i32);
+        AdamWScalars {
+            step_size: (self.lr as f64 / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+            decay: 1.0 - self.lr * self.weight_decay,
+        }
+    }
+
     /// Bias correction divides by 1 − β^step: step 0 would write NaN into every parameter.
     pub(crate) fn check(&self) -> Result<()> {
         if self.step == 0 {

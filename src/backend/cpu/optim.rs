@@ -1,13 +1,9 @@
 //! AdamW over a range of the flat parameter buffer (PyTorch's update order: decay first).
 
-use crate::backend::AdamW;
+use crate::backend::{AdamW, AdamWScalars};
 
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamW) {
-    let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
-    let bc2 = 1.0 - (hp.beta2 as f64).powi(hp.step as i32);
-    let step_size = (hp.lr as f64 / bc1) as f32;
-    let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-    let decay = 1.0 - hp.lr * hp.weight_decay;
+    let AdamWScalars { step_size, inv_sqrt_bc2, decay } = hp.scalars();
     for i in 0..p.len() {
         let gi = g[i] * hp.grad_scale;
         m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * gi;

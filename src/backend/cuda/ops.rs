@@ -6,9 +6,9 @@ use super::{
     view_ptr,
 };
 use crate::backend::{
-    AdamW, Backend, Counters, DecayMask, Gemm, GruStep, GuardParams, Segments, check_attention, check_attention_bwd,
-    check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols,
-    expect_len, rows_of, same_shape,
+    AdamW, AdamWScalars, Backend, Counters, DecayMask, Gemm, GruStep, GuardParams, Segments, check_attention,
+    check_attention_bwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k,
+    expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -607,12 +607,8 @@ impl Backend for Cuda {
         expect_len("adamw", "grads", grads.len(), n)?;
         expect_len("adamw", "m", m.len(), n)?;
         expect_len("adamw", "v", v.len(), n)?;
-        // The CPU's host-side constants, computed the same way (f64 then f32).
-        let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
-        let bc2 = 1.0 - (hp.beta2 as f64).powi(hp.step as i32);
-        let step_size = (hp.lr as f64 / bc1) as f32;
-        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-        let decay = 1.0 - hp.lr * hp.weight_decay;
+        // The CPU's host-side constants (one definition: `AdamW::scalars`).
+        let AdamWScalars { step_size, inv_sqrt_bc2, decay } = hp.scalars();
         let args = [
             Arg::view_mut(&params)?,
             Arg::view(grads)?,

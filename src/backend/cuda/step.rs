@@ -3,7 +3,7 @@
 
 use super::{Arg, Cuda, blocks, dev_ids, view_mut_ptr};
 use crate::backend::step::record;
-use crate::backend::{AdamW, DecayMask, GuardParams, check_adamw_masked, expect_len};
+use crate::backend::{AdamW, AdamWScalars, DecayMask, GuardParams, check_adamw_masked, expect_len};
 use crate::tensor::{Tensor, View, ViewMut};
 use crate::{Error, Result};
 
@@ -62,12 +62,8 @@ pub(super) fn adamw_masked(
     if table.len() != 2 * mask.runs.len() + 1 {
         return Err(Error::shape("adamw_masked", "decay mask table does not match its runs"));
     }
-    // The CPU's host-side constants, computed the same way (f64 then f32).
-    let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
-    let bc2 = 1.0 - (hp.beta2 as f64).powi(hp.step as i32);
-    let step_size = (hp.lr as f64 / bc1) as f32;
-    let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-    let decay = 1.0 - hp.lr * hp.weight_decay;
+    // The CPU's host-side constants (one definition: `AdamW::scalars`).
+    let AdamWScalars { step_size, inv_sqrt_bc2, decay } = hp.scalars();
     let args = [
         Arg::Ptr(view_mut_ptr(&params)?),
         Arg::view(grads)?,
