@@ -325,7 +325,8 @@ where
 /// group together; zero past the last line and past kc.
 ///
 /// # Safety
-/// Every element of the `len` × `kc` block lies inside the allocation behind `src`.
+/// Every element of the `len` × `kc` block lies inside the allocation behind `src`, and the
+/// CPU has the features of K's path (as for [`Micro::tile`]).
 unsafe fn pack<K: Micro>(
     dst: &mut [K::Packed],
     src: *const f32,
@@ -338,7 +339,7 @@ unsafe fn pack<K: Micro>(
     let g = K::KG;
     let kp = kc.next_multiple_of(g);
     let zero = K::Packed::from_f32(0.0);
-    // One run converted at a time (vectorised: `Packed::convert`), then placed.
+    // One run converted at a time (vectorised: `Micro::convert`), then placed.
     let mut run = [zero; if KC > 64 { KC } else { 64 }];
     // bf16 slivers' lines, converted whole before their transpose (below); unused, and
     // optimised away, for every other kernel.
@@ -367,7 +368,8 @@ unsafe fn pack<K: Micro>(
                     }
                     continue;
                 }
-                K::Packed::convert(chunk, &mut run[..chunk.len()]);
+                // SAFETY: the CPU has K's features (pack's contract).
+                unsafe { K::convert(chunk, &mut run[..chunk.len()]) };
                 for (s, lines) in run[..chunk.len()].chunks(w).enumerate() {
                     let out = &mut dst[(first_sliver + s) * w * kp + slot..];
                     for (o, &v) in out.iter_mut().step_by(g).zip(lines) {
@@ -405,7 +407,8 @@ unsafe fn pack<K: Micro>(
                 // lines are: moves of 32-bit patterns, never arithmetic on them.
                 for l in 0..w {
                     let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
-                    K::Packed::convert(from, &mut words[l * kp..l * kp + kc]);
+                    // SAFETY: the CPU has K's features (pack's contract).
+                    unsafe { K::convert(from, &mut words[l * kp..l * kp + kc]) };
                     if kp > kc {
                         words[l * kp + kc] = zero;
                     }
@@ -428,7 +431,8 @@ unsafe fn pack<K: Micro>(
                 }
                 let per = run.len();
                 for (p0, chunk) in from.chunks(per).enumerate().map(|(c, ch)| (c * per, ch)) {
-                    K::Packed::convert(chunk, &mut run[..chunk.len()]);
+                    // SAFETY: the CPU has K's features (pack's contract).
+                    unsafe { K::convert(chunk, &mut run[..chunk.len()]) };
                     for (i, &v) in run[..chunk.len()].iter().enumerate() {
                         let p = p0 + i;
                         sliver[(p / g * w + l) * g + p % g] = v;

@@ -72,19 +72,6 @@ impl Packed for Bf16 {
         let quiet = (bits >> 16) as u16 | 0x40;
         Bf16(if x.is_nan() { quiet } else { rounded })
     }
-
-    /// `vcvtneps2bf16` where the CPU has AVX-512 BF16 (the same rounding; it also flushes
-    /// subnormal inputs to zero, below bf16's own resolution of the model's values).
-    fn convert(src: &[f32], dst: &mut [Self]) {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU has AVX-512 F, BW, VL and BF16 (BF16 implies F and VL).
-            return unsafe { convert_avx512_bf16(src, dst) };
-        }
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = Self::from_f32(s);
-        }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -122,6 +109,15 @@ pub trait Micro {
     /// `a` holds `kc.next_multiple_of(KG)·MR` elements, `b` the same times NR, `out` is in
     /// bounds, and the CPU has the kernel's features (the caller holds `Kernels` for its path).
     unsafe fn tile(kc: usize, a: *const Self::Packed, b: *const Self::Packed, alpha: f32, beta: f32, out: TileOut);
+
+    /// A run converted for the slivers (the packing's inner loop): `Packed::convert` unless
+    /// the kernel's path has an instruction for it, so a forced path never runs another's.
+    ///
+    /// # Safety
+    /// The CPU has the kernel's features, as for [`Micro::tile`].
+    unsafe fn convert(src: &[f32], dst: &mut [Self::Packed]) {
+        Self::Packed::convert(src, dst)
+    }
 }
 
 /// Writes an accumulated tile (row-major, `nr` wide) through `out`, scaled by alpha and added
@@ -348,6 +344,14 @@ impl Micro for Bf16Avx512 {
         // SAFETY: as the trait's contract: the CPU has AVX-512 F and BF16.
         unsafe { avx512_bf16(kc, a, b, alpha, beta, out) }
     }
+
+    /// `vcvtneps2bf16`: the same rounding (it also flushes subnormal inputs to zero, below
+    /// bf16's own resolution of the model's values).
+    unsafe fn convert(src: &[f32], dst: &mut [Bf16]) {
+        // SAFETY: as the trait's contract: the path (avx512) has AVX-512 F, BW and VL, and
+        // this kernel is chosen only where the CPU has AVX-512 BF16 (`Kernels::bf16_native`).
+        unsafe { convert_avx512_bf16(src, dst) }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -393,24 +397,35 @@ mod tests {
         }
     }
 
-    /// The vectorised run (vcvtneps2bf16 where the CPU has it) equals the scalar rounding on
-    /// every length up to two vectors and a half, specials included.
+    /// Each bf16 kernel's run conversion (vcvtneps2bf16 for `Bf16Avx512`, where the CPU has
+    /// it) equals the scalar rounding on every length up to two vectors and a half, specials
+    /// included.
     #[test]
     fn bf16_runs_convert_as_the_scalar_rounding() {
-        let mut rng = crate::rng::Rng::new(16);
-        let specials = [0.0, -0.0, 1.0 + 2f32.powi(-8), f32::INFINITY, f32::NEG_INFINITY, 3.0e38, -1e-3];
-        for n in 0..=40 {
-            let src: Vec<f32> = (0..n)
-                .map(|i| if i % 5 == 4 { specials[i % specials.len()] } else { rng.normal() as f32 * 7.0 })
-                .collect();
-            let mut got = vec![Bf16(0xdead); n + 3];
-            Bf16::convert(&src, &mut got[..n]);
-            let want: Vec<Bf16> = src.iter().map(|&x| Bf16::from_f32(x)).collect();
-            assert_eq!(&got[..n], &want[..], "n = {n}");
-            assert!(got[n..].iter().all(|&b| b == Bf16(0xdead)), "wrote past the run (n = {n})");
+        fn check<K: Micro<Packed = Bf16>>() {
+            let mut rng = crate::rng::Rng::new(16);
+            let specials = [0.0, -0.0, 1.0 + 2f32.powi(-8), f32::INFINITY, f32::NEG_INFINITY, 3.0e38, -1e-3];
+            for n in 0..=40 {
+                let src: Vec<f32> = (0..n)
+                    .map(|i| if i % 5 == 4 { specials[i % specials.len()] } else { rng.normal() as f32 * 7.0 })
+                    .collect();
+                let mut got = vec![Bf16(0xdead); n + 3];
+                // SAFETY: the caller checked the kernel's features.
+                unsafe { K::convert(&src, &mut got[..n]) };
+                let want: Vec<Bf16> = src.iter().map(|&x| Bf16::from_f32(x)).collect();
+                assert_eq!(&got[..n], &want[..], "n = {n}");
+                assert!(got[n..].iter().all(|&b| b == Bf16(0xdead)), "wrote past the run (n = {n})");
+            }
+            let mut nan = [Bf16(0)];
+            unsafe { K::convert(&[f32::NAN], &mut nan) };
+            assert!(nan[0].to_f32().is_nan());
         }
-        let mut nan = [Bf16(0)];
-        Bf16::convert(&[f32::NAN], &mut nan);
-        assert!(nan[0].to_f32().is_nan());
+        check::<Bf16Portable>();
+        #[cfg(target_arch = "x86_64")]
+        if crate::backend::cpu::dispatch::CpuPath::Avx512.kernels().is_ok_and(|k| k.bf16_native()) {
+            check::<Bf16Avx512>();
+        } else {
+            println!("not run: Bf16Avx512::convert (this CPU lacks AVX-512 BF16)");
+        }
     }
 }
