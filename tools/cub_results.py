@@ -110,11 +110,18 @@ def seed_results(args, sem, seed):
             res[r["key"]["variant"]] = {"recorded": scores(r["report"])}
     if args.tune:
         tune = os.path.join(w, "tune")
+        # The study's time is kept beside it: a finished study is only read back by a later
+        # invocation, whose time is not a tuning time.
+        timing = os.path.join(w, "tune-seconds.txt")
         resumed = os.path.exists(os.path.join(tune, "best-config.json"))
         t = time.time()
         run([sem, "tune", "--data", data, "--out", tune, "--device", "cpu", "--seed", str(seed)], log)
-        if not resumed:  # a finished study is only read back: its time is not a tuning time
-            res["tune_seconds"] = time.time() - t
+        if not resumed:
+            with open(timing, "w") as f:
+                f.write(f"{time.time() - t}\n")
+        if os.path.exists(timing):
+            with open(timing) as f:
+                res["tune_seconds"] = float(f.read())
         res["tuned"] = trained(sem, data, os.path.join(w, "tuned"), log, os.path.join(tune, "best-config.json"))
     return res
 
@@ -181,10 +188,9 @@ def main():
         table(results, methods),
         "",
     ]
-    # In points (×100), whichever scale the report's JSON uses.
-    scale = 100 if all(r["defaults"]["recorded"]["map_avg"] <= 1 for r in results.values()) else 1
-    deltas = {c: scale * max(abs(r["defaults"]["recorded_bf16"][c] - r["defaults"]["recorded"][c])
-                             for r in results.values()) for c in ("map_avg", f"ndcg{NDCG_KS[-1]}_avg")}
+    # `eval --json` reports ×100, so a difference is already in points.
+    deltas = {c: max(abs(r["defaults"]["recorded_bf16"][c] - r["defaults"]["recorded"][c]) for r in results.values())
+              for c in ("map_avg", f"ndcg{NDCG_KS[-1]}_avg")}
     text.append(f"bf16 inference (`eval --precision bf16`, the same checkpoints) against fp32: largest change over "
                 f"the seeds {deltas['map_avg']:.2f} points of mAP avg, {deltas[f'ndcg{NDCG_KS[-1]}_avg']:.2f} of "
                 f"NDCG@{NDCG_KS[-1]} avg.")
@@ -193,10 +199,9 @@ def main():
         secs = [r["tune_seconds"] for r in results.values() if "tune_seconds" in r]
         if secs:
             text.append(f"`semshare tune` took {statistics.mean(secs) / 60:.1f} min per seed on average "
-                        f"(defaults; {len(secs)} of {len(results)} seeds tuned in this invocation).")
+                        f"(defaults; {len(secs)} of {len(results)} seeds timed).")
         else:
-            text.append("`semshare tune`: every study was finished before this invocation (resumed), so no time "
-                        "is reported.")
+            text.append("`semshare tune`: no study was timed (each finished in a run that recorded no time).")
     # Our section of cub.md, between markers: the rest of the file (other measurements) stays.
     begin, end = "<!-- tools/cub_results.py: begin -->", "<!-- tools/cub_results.py: end -->"
     section = begin + "\n" + "\n".join(text[2:]) + "\n" + end
