@@ -20,8 +20,7 @@ use semshare::train::{Progress, ProgressFn, TrainConfig};
 use semshare::{Error, Result};
 
 pub fn device(args: &Args) -> Result<Box<dyn Backend>> {
-    let precision = backend::Precision::parse(args.get("precision").unwrap_or("fp32"))
-        .map_err(|e| Error::config(format!("--precision: {}", e.to_string().trim_start_matches("configuration: "))))?;
+    let precision = backend::Precision::parse(args.get("precision").unwrap_or("fp32"))?;
     backend::open_at(args.get("device").unwrap_or("auto"), precision)
 }
 
