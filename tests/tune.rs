@@ -39,6 +39,7 @@ fn config(data: &DatasetReader, dir: &Path, workers: usize) -> TuneConfig {
         min_steps: 2,
         reduction: 2,
         rungs: 3,
+        repeats: 2,
         seed: 11,
         workers,
         device: "cpu".into(),
@@ -47,9 +48,9 @@ fn config(data: &DatasetReader, dir: &Path, workers: usize) -> TuneConfig {
     }
 }
 
-fn scores(state: &TuneState) -> Vec<(usize, usize, Option<f64>)> {
-    let mut s: Vec<_> = state.finished.iter().map(|r| (r.key.trial, r.key.rung, r.score)).collect();
-    s.sort_by_key(|x| (x.1, x.0));
+fn scores(state: &TuneState) -> Vec<(usize, usize, usize, Option<f64>)> {
+    let mut s: Vec<_> = state.finished.iter().map(|r| (r.key.trial, r.key.rung, r.key.repeat, r.score)).collect();
+    s.sort_by_key(|x| (x.1, x.0, x.2));
     s
 }
 
@@ -60,19 +61,38 @@ fn halves_the_trials_rung_by_rung_and_writes_a_loadable_config() {
     let cfg = config(&data, &dir, 2);
     let state = run_tune(&data, &cfg, &|_| {}).unwrap();
     let plan = &state.suite;
-    // 5 trials, then the best 2, then the best 1; steps 2, 4, 8.
+    // 5 trials, then the best 2 (twice each: rung 1 chooses), then the best 1; steps 2, 4, 8.
     let per_rung: Vec<usize> = (0..3).map(|r| state.finished.iter().filter(|t| t.key.rung == r).count()).collect();
-    assert_eq!(per_rung, [5, 2, 1]);
-    assert_eq!((plan.steps(0), plan.steps(2), plan.budget()), (2, 8, 5 * 2 + 2 * 4 + 8));
-    for rung in 1..3 {
-        let promoted: Vec<usize> = TunePlan::ranking(&state.finished, rung - 1)
+    assert_eq!(per_rung, [5, 4, 1]);
+    assert_eq!((plan.steps(0), plan.steps(2), plan.budget()), (2, 8, 5 * 2 + 2 * 2 * 4 + 8));
+    // Trial 0 is the base configuration itself.
+    let base = &plan.trials[0];
+    assert_eq!(
+        (base.lr, base.weight_decay, base.batch_size),
+        (cfg.train.lr, cfg.train.weight_decay, cfg.train.batch_size)
+    );
+    assert_eq!(
+        (base.dim, base.layers, base.dropout, base.lambda),
+        (cfg.model.dim, cfg.model.layers, cfg.model.dropout, cfg.model.lambda)
+    );
+    // Rung 1 ranks by the mean of its two seeds.
+    for s in plan.ranking(&state.finished, 1) {
+        let runs: Vec<f64> = state
+            .finished
             .iter()
-            .take(plan.survivors(rung))
-            .map(|r| r.key.trial)
+            .filter(|r| r.key.rung == 1 && r.key.trial == s.trial)
+            .map(|r| r.score.unwrap())
             .collect();
+        assert_eq!(runs.len(), 2);
+        assert!((s.score.unwrap() - (runs[0] + runs[1]) / 2.0).abs() < 1e-12);
+    }
+    for rung in 1..3 {
+        let promoted: Vec<usize> =
+            plan.ranking(&state.finished, rung - 1).iter().take(plan.survivors(rung)).map(|r| r.trial).collect();
         let mut trained: Vec<usize> =
             state.finished.iter().filter(|r| r.key.rung == rung).map(|r| r.key.trial).collect();
         trained.sort();
+        trained.dedup();
         let mut expected = promoted.clone();
         expected.sort();
         assert_eq!(trained, expected, "rung {rung} trains the best of rung {}", rung - 1);
@@ -83,9 +103,9 @@ fn halves_the_trials_rung_by_rung_and_writes_a_loadable_config() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    let (winner, record) = best(&state).unwrap();
+    let (winner, top) = best(&state).unwrap();
     assert_eq!(kept, [format!("trial{}-rung2", winner.id)]);
-    assert_eq!(record.key.rung, 2);
+    assert_eq!(top.rung, 2);
 
     // best-config.json is a config file `train --config` reads, with the winner's values.
     let c = read_config_file(cfg.model.clone(), cfg.train.clone(), &cfg.out.join("best-config.json")).unwrap();
@@ -109,7 +129,7 @@ fn a_killed_tune_resumes_and_makes_the_same_choices() {
     let cfg = config(&data, &dir, 1);
     let full = run_tune(&data, &cfg, &|_| {}).unwrap();
 
-    // Killed after rung 0 and one trial of rung 1, with that rung's other trial half-way.
+    // Killed after rung 0 and one run of rung 1 (2 trials × 2 seeds), with the next half-way.
     let dir2 = tmp("resume-killed");
     let cfg2 = config(&data, &dir2, 2);
     let path = state_path(&cfg2.out);
@@ -126,16 +146,16 @@ fn a_killed_tune_resumes_and_makes_the_same_choices() {
         killed.record(&path, r).unwrap();
     }
     let pending = killed.remaining();
-    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending.len(), 3, "{pending:?}");
     let stale = semshare::experiment::tune::trial_dir(&cfg2.runs_dir, &pending[0]);
     std::fs::create_dir_all(&stale).unwrap();
     std::fs::write(stale.join("last.safetensors"), b"half-written").unwrap();
     let mut lines = std::sync::Mutex::new(Vec::new());
     let resumed = run_tune(&data, &cfg2, &|l| lines.lock().unwrap().push(l.to_string())).unwrap();
     assert_eq!(scores(&resumed), scores(&full));
-    // Only the two trials not recorded were trained again.
+    // Only the runs not recorded were trained again: rung 1's other three and rung 2's.
     let started = lines.get_mut().unwrap().iter().filter(|l| l.contains(" steps  lr ")).count();
-    assert_eq!(started, 2);
+    assert_eq!(started, 4);
 
     // Another seed's tune does not continue this state file.
     let other = TuneConfig { seed: 12, ..cfg2.clone() };
@@ -153,6 +173,7 @@ fn the_plan_promotes_only_after_a_rung_is_finished() {
     assert_eq!(plan.runs(&[]).len(), 5);
     assert!(TunePlan { reduction: 1, ..plan.clone() }.validate().is_err());
     assert!(TunePlan { rungs: 40, ..plan.clone() }.validate().is_err(), "2^39 steps");
+    assert!(TunePlan { repeats: 0, ..plan.clone() }.validate().is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

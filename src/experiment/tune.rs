@@ -1,11 +1,18 @@
 //! `semshare tune`: hyper-parameter search on the validation split by successive halving
 //! (Jamieson & Talwalkar 2016; the synchronous form of ASHA, Li et al. 2020).
 //!
-//! n trials are drawn from the search space by seed. Rung 0 trains each for `min_steps`; rung
-//! r + 1 trains the best ⌊n / η^(r+1)⌋ of rung r (validation score, ties to the lower trial) for
-//! η times as many steps, from scratch: the cosine schedule then spans each rung's budget, and a
-//! trial's score at a rung does not depend on which rung it came from. Every rung costs about
-//! n · `min_steps` steps, so the budget is `rungs · n · min_steps` steps.
+//! Trial 0 is the base configuration itself (the data-aware defaults `train` would use), so the
+//! search can only replace the defaults with something that beat them on validation; the other
+//! n − 1 trials are drawn from the search space by seed. Rung 0 trains each for `min_steps`;
+//! rung r + 1 trains the best ⌊n / η^(r+1)⌋ of rung r (validation score, ties to the lower
+//! trial) for η times as many steps, from scratch: the cosine schedule then spans each rung's
+//! budget, and a trial's score at a rung does not depend on which rung it came from.
+//!
+//! A small validation split makes one run's score noisy (CUB-10: 60 items; two seeds of one
+//! configuration differ by about as much as the trials that reach the later rungs), so the
+//! rungs after the first that still choose between trials train each trial `repeats` times
+//! with consecutive training seeds and rank by the mean. Rung 0 is a coarse filter and the last
+//! rung, with one trial, chooses nothing: both train once.
 //!
 //! The plan and the finished trials are a [`StudyState`] (the experiment runner's resumable
 //! state): a tune killed at any point restarts only its trials in progress, and the promotions
@@ -60,6 +67,22 @@ fn round3(x: f32) -> f32 {
 }
 
 impl Trial {
+    /// The base configuration's own values, as trial 0: warm-up as the fraction of the base's
+    /// steps it is, the batch at most `max_batch`.
+    pub fn base(model: &ModelConfig, train: &TrainConfig, max_batch: usize) -> Trial {
+        Trial {
+            id: 0,
+            lr: train.lr,
+            weight_decay: train.weight_decay,
+            dropout: model.dropout,
+            lambda: model.lambda,
+            warmup: round3(train.warmup as f32 / train.steps.max(1) as f32),
+            batch_size: train.batch_size.min(max_batch.max(1)),
+            dim: model.dim,
+            layers: model.layers,
+        }
+    }
+
     /// Trial `id` of the search space, drawn from `seed`'s stream `id` (so trial k is the same
     /// whatever the number of trials). Widths are multiples of the base model's heads; batches
     /// are at most `max_batch` (the training split's pairs).
@@ -108,17 +131,28 @@ impl Trial {
     }
 }
 
-/// A trial at a rung.
+/// A trial at a rung, trained with the base training seed + `repeat`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrialKey {
     pub trial: usize,
     pub rung: usize,
+    #[serde(default)]
+    pub repeat: usize,
 }
 
 impl fmt::Display for TrialKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "trial {} rung {}", self.trial, self.rung)
+        write!(f, "trial {} rung {}", self.trial, self.rung)?;
+        if self.repeat > 0 { write!(f, " repeat {}", self.repeat) } else { Ok(()) }
     }
+}
+
+/// A trial's score at a rung: the mean over its repeats (None if one failed).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RungScore {
+    pub trial: usize,
+    pub rung: usize,
+    pub score: Option<f64>,
 }
 
 /// A finished trial at a rung.
@@ -144,10 +178,18 @@ pub struct TunePlan {
     /// η of successive halving: each rung keeps 1/η of the trials and trains η times longer.
     pub reduction: usize,
     pub rungs: usize,
+    /// Runs of each trial at the rungs that choose between trials after the first
+    /// ([`TunePlan::repeats_at`]). A state file without it is from before repeats: one.
+    #[serde(default = "one")]
+    pub repeats: usize,
     pub seed: u64,
     /// The validation score trials are ranked by (`TrainConfig::metric_name`).
     pub metric: String,
     pub fingerprint: String,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TunePlan {
@@ -161,16 +203,38 @@ impl TunePlan {
         (self.trials.len() / self.reduction.pow(rung as u32)).max(1)
     }
 
-    /// Steps of the whole tune.
-    pub fn budget(&self) -> u64 {
-        (0..self.rungs).map(|r| self.survivors(r) as u64 * self.steps(r)).sum()
+    /// Runs of each trial at `rung`: `repeats` where the rung's ranking chooses between trials
+    /// after the first rung, else one.
+    pub fn repeats_at(&self, rung: usize) -> usize {
+        if rung > 0 && self.survivors(rung) > 1 { self.repeats } else { 1 }
     }
 
-    /// The trials of rung `rung`'s records, best first (failed last, ties to the lower trial).
-    pub fn ranking(finished: &[TrialRecord], rung: usize) -> Vec<&TrialRecord> {
-        let mut at: Vec<&TrialRecord> = finished.iter().filter(|r| r.key.rung == rung).collect();
-        let score = |r: &TrialRecord| r.score.unwrap_or(f64::NEG_INFINITY);
-        at.sort_by(|a, b| score(b).total_cmp(&score(a)).then(a.key.trial.cmp(&b.key.trial)));
+    /// Steps of the whole tune.
+    pub fn budget(&self) -> u64 {
+        (0..self.rungs).map(|r| (self.survivors(r) * self.repeats_at(r)) as u64 * self.steps(r)).sum()
+    }
+
+    /// The trials with every repeat of rung `rung` recorded, best first by their mean score
+    /// (failed last, ties to the lower trial).
+    pub fn ranking(&self, finished: &[TrialRecord], rung: usize) -> Vec<RungScore> {
+        let repeats = self.repeats_at(rung);
+        let mut trials: Vec<usize> = finished.iter().filter(|r| r.key.rung == rung).map(|r| r.key.trial).collect();
+        trials.sort();
+        trials.dedup();
+        let mut at: Vec<RungScore> = trials
+            .into_iter()
+            .filter_map(|trial| {
+                let runs: Vec<Option<f64>> = finished
+                    .iter()
+                    .filter(|r| r.key.rung == rung && r.key.trial == trial && r.key.repeat < repeats)
+                    .map(|r| r.score)
+                    .collect();
+                let score = runs.iter().copied().sum::<Option<f64>>().map(|s| s / runs.len() as f64);
+                (runs.len() == repeats).then_some(RungScore { trial, rung, score })
+            })
+            .collect();
+        let score = |r: &RungScore| r.score.unwrap_or(f64::NEG_INFINITY);
+        at.sort_by(|a, b| score(b).total_cmp(&score(a)).then(a.trial.cmp(&b.trial)));
         at
     }
 }
@@ -186,6 +250,9 @@ impl Plan for TunePlan {
     fn validate(&self) -> Result<()> {
         if self.trials.is_empty() || self.min_steps == 0 || self.rungs == 0 {
             return Err(Error::config("tune: trials, min_steps and rungs must be positive"));
+        }
+        if self.repeats == 0 {
+            return Err(Error::config("tune: repeats must be at least 1"));
         }
         if self.reduction < 2 {
             return Err(Error::config(format!("tune: reduction (η) = {} must be at least 2", self.reduction)));
@@ -207,14 +274,16 @@ impl Plan for TunePlan {
     }
 
     fn runs(&self, finished: &[TrialRecord]) -> Vec<TrialKey> {
-        let mut keys: Vec<TrialKey> = self.trials.iter().map(|t| TrialKey { trial: t.id, rung: 0 }).collect();
+        let mut keys: Vec<TrialKey> =
+            self.trials.iter().map(|t| TrialKey { trial: t.id, rung: 0, repeat: 0 }).collect();
         for rung in 1..self.rungs {
-            let previous = Self::ranking(finished, rung - 1);
+            let previous = self.ranking(finished, rung - 1);
             if previous.len() < self.survivors(rung - 1) {
                 break; // rung - 1 is not finished: who goes on is not known yet
             }
-            let promoted = previous.iter().take(self.survivors(rung)).map(|r| TrialKey { trial: r.key.trial, rung });
-            keys.extend(promoted);
+            for r in previous.iter().take(self.survivors(rung)) {
+                keys.extend((0..self.repeats_at(rung)).map(|repeat| TrialKey { trial: r.trial, rung, repeat }));
+            }
         }
         keys
     }
@@ -236,6 +305,8 @@ pub struct TuneConfig {
     pub min_steps: u64,
     pub reduction: usize,
     pub rungs: usize,
+    /// Runs per trial at the later rungs that choose ([`TunePlan::repeats_at`]).
+    pub repeats: usize,
     pub seed: u64,
     /// Trials trained at once, each on its own device.
     pub workers: usize,
@@ -264,11 +335,16 @@ pub fn state_path(out: &Path) -> PathBuf {
 /// The plan `cfg` describes on `data`.
 pub fn build_plan(data: &DatasetReader, cfg: &TuneConfig) -> Result<TunePlan> {
     let max_batch = data.split("train")?.num_images();
+    let trial = |id| match id {
+        0 => Trial::base(&cfg.model, &cfg.train, max_batch),
+        _ => Trial::sample(cfg.seed, id, &cfg.model, max_batch),
+    };
     let plan = TunePlan {
-        trials: (0..cfg.trials).map(|id| Trial::sample(cfg.seed, id, &cfg.model, max_batch)).collect(),
+        trials: (0..cfg.trials).map(trial).collect(),
         min_steps: cfg.min_steps,
         reduction: cfg.reduction,
         rungs: cfg.rungs,
+        repeats: cfg.repeats,
         seed: cfg.seed,
         metric: cfg.train.metric_name(),
         fingerprint: fingerprint(data, &cfg.model, &cfg.train)?,
@@ -279,7 +355,10 @@ pub fn build_plan(data: &DatasetReader, cfg: &TuneConfig) -> Result<TunePlan> {
 
 /// Where trial `key` trains.
 pub fn trial_dir(runs_dir: &Path, key: &TrialKey) -> PathBuf {
-    runs_dir.join(format!("trial{}-rung{}", key.trial, key.rung))
+    match key.repeat {
+        0 => runs_dir.join(format!("trial{}-rung{}", key.trial, key.rung)),
+        k => runs_dir.join(format!("trial{}-rung{}-repeat{k}", key.trial, key.rung)),
+    }
 }
 
 /// Trains every remaining trial, rung after rung, `cfg.workers` at a time, recording each;
@@ -347,7 +426,8 @@ fn worker(
     while let Some(key) = queue.lock().map_err(poisoned)?.pop_front() {
         let trial = &plan.trials[key.trial];
         let steps = plan.steps(key.rung);
-        let (model, train_cfg) = trial.apply(&cfg.model, &cfg.train, steps);
+        let (model, mut train_cfg) = trial.apply(&cfg.model, &cfg.train, steps);
+        train_cfg.seed = train_cfg.seed.wrapping_add(key.repeat as u64);
         let dir = trial_dir(&cfg.runs_dir, &key);
         if dir.exists() {
             // A trial killed half-way (the directory is the tune's own, named by the trial):
@@ -402,11 +482,12 @@ fn describe(t: &Trial) -> String {
     )
 }
 
-/// The best trial of the highest rung with a record, and its record.
-pub fn best(state: &TuneState) -> Option<(&Trial, &TrialRecord)> {
-    let top = state.finished.iter().map(|r| r.key.rung).max()?;
-    let record = TunePlan::ranking(&state.finished, top).into_iter().next().filter(|r| r.score.is_some())?;
-    Some((&state.suite.trials[record.key.trial], record))
+/// The best trial of the highest rung with a complete trial, and its score there.
+pub fn best(state: &TuneState) -> Option<(&Trial, RungScore)> {
+    let plan = &state.suite;
+    let ranked = (0..plan.rungs).rev().map(|rung| plan.ranking(&state.finished, rung)).find(|r| !r.is_empty())?;
+    let top = ranked.into_iter().next().filter(|r| r.score.is_some())?;
+    Some((&plan.trials[top.trial], top))
 }
 
 /// `trials.md`: every trial, its values and its score at each rung, best of the last rung first.
@@ -422,19 +503,25 @@ pub fn write_table(state: &TuneState, out: &Path) -> Result<()> {
         plan.budget(),
         plan.metric
     );
+    text += &format!(
+        "Trial 0 is the base configuration (the data-aware defaults). A rung that chooses between trials after the first shows the mean of {} runs (training seeds base + 0…{}).\n\n",
+        plan.repeats,
+        plan.repeats.saturating_sub(1)
+    );
     text += "| trial | lr | weight decay | dropout | λ | warm-up | batch | dim | layers |";
     text += &(0..plan.rungs).map(|r| format!(" rung {r} |")).collect::<String>();
     text += "\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
     text += &"---:|".repeat(plan.rungs);
     text += "\n";
-    // Trials by the highest rung reached, then by score there.
+    let rankings: Vec<Vec<RungScore>> = (0..plan.rungs).map(|r| plan.ranking(&state.finished, r)).collect();
+    let at = |id: usize, rung: usize| rankings[rung].iter().find(|s| s.trial == id);
+    // Trials by the highest rung completed, then by score there.
     let mut order: Vec<(usize, f64, usize)> = plan
         .trials
         .iter()
         .map(|t| {
-            let recs = state.finished.iter().filter(|r| r.key.trial == t.id);
-            let top = recs.max_by_key(|r| r.key.rung);
-            (top.map_or(0, |r| r.key.rung), top.and_then(|r| r.score).unwrap_or(f64::NEG_INFINITY), t.id)
+            let top = (0..plan.rungs).rev().find_map(|rung| at(t.id, rung));
+            (top.map_or(0, |s| s.rung), top.and_then(|s| s.score).unwrap_or(f64::NEG_INFINITY), t.id)
         })
         .collect();
     order.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then(a.2.cmp(&b.2)));
@@ -445,8 +532,8 @@ pub fn write_table(state: &TuneState, out: &Path) -> Result<()> {
             t.id, t.lr, t.weight_decay, t.dropout, t.lambda, t.warmup, t.batch_size, t.dim, t.layers
         );
         for rung in 0..plan.rungs {
-            let cell = match state.finished.iter().find(|r| r.key == TrialKey { trial: id, rung }) {
-                Some(TrialRecord { score: Some(s), .. }) => format!(" {s:.2} |"),
+            let cell = match at(id, rung) {
+                Some(RungScore { score: Some(s), .. }) => format!(" {s:.2} |"),
                 Some(_) => " failed |".to_string(),
                 None => " — |".to_string(),
             };
@@ -463,10 +550,10 @@ pub fn write_best_config(state: &TuneState, cfg: &TuneConfig) -> Result<Option<P
     if !state.remaining().is_empty() {
         return Ok(None);
     }
-    let Some((trial, record)) = best(state) else {
+    let Some((trial, top)) = best(state) else {
         return Err(Error::data("tune: every trial of the last rung failed: no configuration to recommend"));
     };
-    let (model, train) = trial.apply(&cfg.model, &cfg.train, record.steps);
+    let (model, train) = trial.apply(&cfg.model, &cfg.train, state.suite.steps(top.rung));
     // f32 values as their shortest decimal (0.0255, not 0.025499999523162842): they read back equal.
     let short = |x: f32| x.to_string().parse::<f64>().unwrap_or(f64::from(x));
     let json = serde_json::json!({

@@ -209,17 +209,19 @@ const COMMANDS: &[Command] = &[
         name: "tune",
         usage: "  tune     search hyper-parameters on the validation split by successive halving (resumable)
              --data DIR [--trials N (default 27)] [--reduction η (default 3)] [--rungs N]
-             [--min-steps N (default one epoch, at least 50)] [--seed S] [--workers N]
+             [--min-steps N (default one epoch, at least 50)] [--repeats N (default 3)]
+             [--seed S] [--workers N]
              [--model small|paper] [--config FILE.json] [--device D (default cpu)]
              [--out DIR (default runs/tune/<dataset>)] [--runs DIR (default <out>/trials)]
-             searches lr, weight decay, dropout, λ, warm-up, batch size, width and depth; rung r
-             trains the best n/η^r trials for min-steps·η^r steps; writes trials.md (every trial)
-             and best-config.json (for `train --config`)
+             searches lr, weight decay, dropout, λ, warm-up, batch size, width and depth; trial 0
+             is the data-aware defaults; rung r trains the best n/η^r trials for min-steps·η^r
+             steps, repeats times (seeds) at the later rungs that still choose, ranked by the
+             mean; writes trials.md (every trial) and best-config.json (for `train --config`)
 ",
         takes: Takes::Flags {
             values: &[
-                "data", "trials", "reduction", "rungs", "min-steps", "seed", "workers", "model", "config", "device",
-                "out", "runs",
+                "data", "trials", "reduction", "rungs", "min-steps", "repeats", "seed", "workers", "model", "config",
+                "device", "out", "runs",
             ],
             switches: &[],
             run: tune::run,

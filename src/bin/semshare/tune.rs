@@ -39,6 +39,7 @@ pub fn run(args: &Args) -> Result<()> {
         min_steps: args.num("min-steps")?.unwrap_or(epoch.max(50)),
         reduction,
         rungs: args.num("rungs")?.unwrap_or_else(|| default_rungs(trials, reduction)),
+        repeats: args.num("repeats")?.unwrap_or(3),
         seed: args.num("seed")?.unwrap_or(0),
         // Trials on the CPU share its cores; a GPU trains one at a time.
         workers: args.num("workers")?.unwrap_or(if device == "cpu" { cores } else { 1 }),
