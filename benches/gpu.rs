@@ -167,12 +167,13 @@ mod gpu {
         let tseg = Segments::from_lengths(dev, &[T; B]).expect("segments");
         let xproj = rand(dev, &mut rng, &[B * T, 3 * hd]);
         let hproj = rand(dev, &mut rng, &[B, 3 * hd]);
-        let mut hs = rand(dev, &mut rng, &[B, hd]);
+        let bias_hh = rand(dev, &mut rng, &[3 * hd]);
+        let mut hs = rand(dev, &mut rng, &[(T + 1) * B, hd]);
         let mut out = dev.zeros(&[B * T, 2 * hd]).expect("zeros");
-        let mut gates = dev.zeros(&[B, 4 * hd]).expect("zeros");
+        let mut gates = dev.zeros(&[T * B, 4 * hd]).expect("zeros");
         let step = GruStep { s: 3, reverse: false, hidden: hd, out_col: 0 };
         bench(&mut g, "gates_fwd", dev, |dev| {
-            dev.gru_step_fwd(step, &tseg, &xproj, &hproj, &mut hs, &mut out, &mut gates).expect("gru")
+            dev.gru_step_fwd(step, &tseg, &xproj, &hproj, bias_hh.view(), &mut hs, &mut out, &mut gates).expect("gru")
         });
         g.finish();
 

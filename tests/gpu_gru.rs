@@ -1,11 +1,12 @@
 //! GRU step gates on the GPU (kernels/gru.cu) against the CPU twin
 //! (`semshare::backend::cpu::Cpu`), forward and backward, one timestep at a time, on fresh
-//! random inputs: both directions, the first, a middle and the last step, a step where every
-//! item is idle, ragged lengths (idle items mid-batch), hidden sizes 1, 7, 128 and 512 (the
-//! paper preset), a single item, and an output column offset inside a wider output.
-//! Outputs are poisoned with NaN first: buffers the op writes whole (gates, dhproj) must come
-//! back finite; buffers it writes in part (the output rows and dxproj rows of this step) must
-//! keep NaN exactly where the CPU keeps it. Tolerance: relative norm 1e-5 (the only difference
+//! random inputs: both directions, the first, a middle and the last step, ragged lengths (idle
+//! items mid-batch), hidden sizes 1, 7, 128 and 512 (the paper preset), a single item, and an
+//! output column offset inside a wider output. The step reads and writes its own rows of the
+//! run's buffers (states hs, gates, dhproj): outputs are poisoned with NaN first, so the rows a
+//! step writes whole must come back finite and every other row (other steps' gates and dhproj,
+//! other items' output rows) must keep NaN exactly where the CPU keeps it. A step past the
+//! longest sequence is a shape error on both. Tolerance: relative norm 1e-5 (the only difference
 //! is expf/tanhf against Rust's exp/tanh and FMA contraction, ~1e-7).
 //!
 //! Without a GPU each test prints one skip line; with SEMSHARE_REQUIRE_GPU=1 it fails.
@@ -52,30 +53,43 @@ fn check_step(
     let (items, tokens, hd) = (cseg.items(), cseg.tokens(), step.hidden);
     let nan = |n: usize| vec![f32::NAN; n];
 
+    let steps = cseg.max_len;
+
     // ---- forward
     let (cx, gx) = pair(c, g, &randv(seed, tokens * 3 * hd), &[tokens, 3 * hd]);
     let (chp, ghp) = pair(c, g, &randv(seed ^ 0x11, items * 3 * hd), &[items, 3 * hd]);
-    let (mut ch, mut gh) = pair(c, g, &randv(seed ^ 0x22, items * hd), &[items, hd]);
+    let (cb, gb) = pair(c, g, &randv(seed ^ 0x12, 3 * hd), &[3 * hd]);
+    let (mut chs, mut ghs) = pair(c, g, &randv(seed ^ 0x22, (steps + 1) * items * hd), &[(steps + 1) * items, hd]);
     let (mut cout, mut gout) = pair(c, g, &nan(tokens * out_cols), &[tokens, out_cols]);
-    let (mut cgates, mut ggates) = pair(c, g, &nan(items * 4 * hd), &[items, 4 * hd]);
-    c.gru_step_fwd(step, cseg, &cx, &chp, &mut ch, &mut cout, &mut cgates).unwrap();
-    g.gru_step_fwd(step, gseg, &gx, &ghp, &mut gh, &mut gout, &mut ggates).unwrap();
-    compare_twins(&format!("gru_step_fwd h, {what}"), &g.download(gh.view()).unwrap(), ch.cpu(), TOL);
+    let (mut cgates, mut ggates) = pair(c, g, &nan(steps * items * 4 * hd), &[steps * items, 4 * hd]);
+    c.gru_step_fwd(step, cseg, &cx, &chp, cb.view(), &mut chs, &mut cout, &mut cgates).unwrap();
+    g.gru_step_fwd(step, gseg, &gx, &ghp, gb.view(), &mut ghs, &mut gout, &mut ggates).unwrap();
+    compare_twins(&format!("gru_step_fwd hs, {what}"), &g.download(ghs.view()).unwrap(), chs.cpu(), TOL);
     compare_twins(&format!("gru_step_fwd out, {what}"), &g.download(gout.view()).unwrap(), cout.cpu(), TOL);
     compare_twins(&format!("gru_step_fwd gates, {what}"), &g.download(ggates.view()).unwrap(), cgates.cpu(), TOL);
+    let written = &cgates.cpu()[step.s * items * 4 * hd..(step.s + 1) * items * 4 * hd];
+    assert!(written.iter().all(|v| v.is_finite()), "gru_step_fwd left this step's gates unwritten, {what}");
+    // A step past the longest sequence has no rows in the run's buffers: refused on both.
+    let past = GruStep { s: steps, ..step };
+    let e = c.gru_step_fwd(past, cseg, &cx, &chp, cb.view(), &mut chs, &mut cout, &mut cgates).unwrap_err();
+    assert!(e.to_string().contains("longest sequence"), "{e}");
+    let e = g.gru_step_fwd(past, gseg, &gx, &ghp, gb.view(), &mut ghs, &mut gout, &mut ggates).unwrap_err();
+    assert!(e.to_string().contains("longest sequence"), "{e}");
 
     // ---- backward
-    let (cg, gg) = pair(c, g, &random_gates(seed ^ 0x33, items, hd), &[items, 4 * hd]);
-    let (chprev, ghprev) = pair(c, g, &randv(seed ^ 0x44, items * hd), &[items, hd]);
+    let (cg, gg) = pair(c, g, &random_gates(seed ^ 0x33, steps * items, hd), &[steps * items, 4 * hd]);
+    let (chs, ghs) = pair(c, g, &randv(seed ^ 0x44, (steps + 1) * items * hd), &[(steps + 1) * items, hd]);
     let (cdo, gdo) = pair(c, g, &randv(seed ^ 0x55, tokens * out_cols), &[tokens, out_cols]);
     let (mut cdh, mut gdh) = pair(c, g, &randv(seed ^ 0x66, items * hd), &[items, hd]);
     let (mut cdx, mut gdx) = pair(c, g, &nan(tokens * 3 * hd), &[tokens, 3 * hd]);
-    let (mut cdhp, mut gdhp) = pair(c, g, &nan(items * 3 * hd), &[items, 3 * hd]);
-    c.gru_step_bwd(step, cseg, &cg, &chprev, &cdo, &mut cdh, &mut cdx, &mut cdhp).unwrap();
-    g.gru_step_bwd(step, gseg, &gg, &ghprev, &gdo, &mut gdh, &mut gdx, &mut gdhp).unwrap();
+    let (mut cdhp, mut gdhp) = pair(c, g, &nan(steps * items * 3 * hd), &[steps * items, 3 * hd]);
+    c.gru_step_bwd(step, cseg, &cg, &chs, &cdo, &mut cdh, &mut cdx, &mut cdhp).unwrap();
+    g.gru_step_bwd(step, gseg, &gg, &ghs, &gdo, &mut gdh, &mut gdx, &mut gdhp).unwrap();
     compare_twins(&format!("gru_step_bwd dh, {what}"), &g.download(gdh.view()).unwrap(), cdh.cpu(), TOL);
     compare_twins(&format!("gru_step_bwd dxproj, {what}"), &g.download(gdx.view()).unwrap(), cdx.cpu(), TOL);
     compare_twins(&format!("gru_step_bwd dhproj, {what}"), &g.download(gdhp.view()).unwrap(), cdhp.cpu(), TOL);
+    let written = &cdhp.cpu()[step.s * items * 3 * hd..(step.s + 1) * items * 3 * hd];
+    assert!(written.iter().all(|v| v.is_finite()), "gru_step_bwd left this step's dhproj unwritten, {what}");
 }
 
 fn check(g: &mut dyn Backend, lengths: &[usize], hidden: usize, extra_cols: usize, seed: u64) {
@@ -83,7 +97,7 @@ fn check(g: &mut dyn Backend, lengths: &[usize], hidden: usize, extra_cols: usiz
     let cseg = segments(&mut c, lengths);
     let gseg = segments(g, lengths);
     let max = cseg.max_len;
-    let mut steps = vec![0, 1, max / 2, max.saturating_sub(1), max]; // `max`: every item idle
+    let mut steps = vec![0, 1.min(max - 1), max / 2, max - 1];
     steps.sort_unstable();
     steps.dedup();
     for reverse in [false, true] {

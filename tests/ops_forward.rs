@@ -565,20 +565,34 @@ fn check_gru_step_fwd(lengths: &[usize], hd: usize, s: usize, reverse: bool, out
     let mut c = dev();
     let b: &mut dyn Backend = &mut c;
     let seg = segments(b, lengths);
-    let (items, tokens, oc) = (seg.items(), seg.tokens(), 2 * hd);
+    let (items, tokens, oc, steps) = (seg.items(), seg.tokens(), 2 * hd, seg.max_len);
     let xproj = randv(seed, tokens * 3 * hd);
     let hproj = randv(seed ^ 1, items * 3 * hd);
-    let h0 = randv(seed ^ 2, items * hd);
+    let bias = randv(seed ^ 4, 3 * hd);
+    // The run's states: h_s at rows s·items.. of hs; every other row a sentinel.
+    let hs0 = randv(seed ^ 2, (steps + 1) * items * hd);
+    let h0 = hs0[s * items * hd..(s + 1) * items * hd].to_vec();
     let sentinel = randv(seed ^ 3, tokens * oc);
     let step = GruStep { s, reverse, hidden: hd, out_col };
     let xt = b.upload(&xproj, &[tokens, 3 * hd]).unwrap();
     let ht = b.upload(&hproj, &[items, 3 * hd]).unwrap();
-    let mut h = b.upload(&h0, &[items, hd]).unwrap();
+    let bt = b.upload(&bias, &[3 * hd]).unwrap();
+    let mut hs = b.upload(&hs0, &[(steps + 1) * items, hd]).unwrap();
     let mut out = b.upload(&sentinel, &[tokens, oc]).unwrap();
-    let mut gates = b.upload(&vec![f32::NAN; items * 4 * hd], &[items, 4 * hd]).unwrap();
-    b.gru_step_fwd(step, &seg, &xt, &ht, &mut h, &mut out, &mut gates).unwrap();
-    let (h1, out1, gates1) =
-        (b.download(h.view()).unwrap(), b.download(out.view()).unwrap(), b.download(gates.view()).unwrap());
+    let mut gates = b.upload(&vec![f32::NAN; steps * items * 4 * hd], &[steps * items, 4 * hd]).unwrap();
+    b.gru_step_fwd(step, &seg, &xt, &ht, bt.view(), &mut hs, &mut out, &mut gates).unwrap();
+    let (hs1, out1, gates_all) =
+        (b.download(hs.view()).unwrap(), b.download(out.view()).unwrap(), b.download(gates.view()).unwrap());
+    let h1 = &hs1[(s + 1) * items * hd..(s + 2) * items * hd];
+    let gates1 = &gates_all[s * items * 4 * hd..(s + 1) * items * 4 * hd];
+    // Only h_{s+1} and this step's gates are written.
+    for (i, (&got, &was)) in hs1.iter().zip(&hs0).enumerate() {
+        if i / (items * hd) != s + 1 {
+            prop_assert_eq!(got.to_bits(), was.to_bits(), "hs[{}] outside h_(s+1) written", i);
+        }
+    }
+    let others = gates_all.iter().enumerate().filter(|(i, _)| i / (items * 4 * hd) != s);
+    prop_assert!(others.clone().all(|(_, v)| v.is_nan()), "gates of another step written");
 
     let mut want_out = to64(&sentinel);
     let mut want_h = to64(&h0);
@@ -595,7 +609,9 @@ fn check_gru_step_fwd(lengths: &[usize], hd: usize, s: usize, reverse: bool, out
         let row = seg.offsets[it] + if reverse { len - 1 - s } else { s };
         active_rows.push(row);
         let xp = to64(&xproj[row * 3 * hd..(row + 1) * 3 * hd]);
-        let hp = to64(&hproj[it * 3 * hd..(it + 1) * 3 * hd]);
+        // W_hh h + b_hh: the step adds the bias.
+        let hp: Vec<f64> =
+            hproj[it * 3 * hd..(it + 1) * 3 * hd].iter().zip(&bias).map(|(&a, &b)| a as f64 + b as f64).collect();
         let (hn, r, z, n) = naive::gru_cell(&xp, &hp, &want_h[it * hd..(it + 1) * hd]);
         for i in 0..hd {
             let j = it * hd + i;
@@ -609,12 +625,12 @@ fn check_gru_step_fwd(lengths: &[usize], hd: usize, s: usize, reverse: bool, out
         g[2 * hd..3 * hd].copy_from_slice(&n);
         g[3 * hd..].copy_from_slice(&hp[2 * hd..]);
     }
-    let e = err_floor(&h1, &want_h, common::norm(&h_terms));
+    let e = err_floor(h1, &want_h, common::norm(&h_terms));
     common::report("gru h", e);
     prop_assert!(e < TOL, "h rel err {e}");
     let e = rel_err(&out1, &want_out);
     prop_assert!(e < TOL, "out rel err {e}");
-    let e = rel_err(&gates1, &want_gates);
+    let e = rel_err(gates1, &want_gates);
     prop_assert!(e < TOL, "gates rel err {e}");
     // What the step must not touch stays bit-identical: other rows and the other direction's
     // columns of `out`, and the state of idle items.

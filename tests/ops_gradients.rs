@@ -412,18 +412,22 @@ fn check_gru_step_bwd(lengths: &[usize], hd: usize, s: usize, reverse: bool, see
     let r_h = randv(seed ^ 4, items * hd);
     let sentinel = randv(seed ^ 5, tokens * 3 * hd);
 
+    // The run's buffers: h_s = h0 at rows s·items.. of hs; b_hh = 0, so hproj is W_hh h + b_hh.
+    let steps = seg.max_len;
     let xt = b.upload(&xproj, &[tokens, 3 * hd]).unwrap();
     let ht = b.upload(&hproj, &[items, 3 * hd]).unwrap();
-    let hprev = b.upload(&h0, &[items, hd]).unwrap();
-    let mut h = hprev.clone();
+    let bias = b.zeros(&[3 * hd]).unwrap();
+    let mut hs = b.zeros(&[(steps + 1) * items, hd]).unwrap();
+    let h0t = b.upload(&h0, &[items, hd]).unwrap();
+    b.copy(h0t.view(), hs.sub_mut(s * items * hd, items * hd)).unwrap();
     let mut out = b.zeros(&[tokens, oc]).unwrap();
-    let mut gates = b.zeros(&[items, 4 * hd]).unwrap();
-    b.gru_step_fwd(step, &seg, &xt, &ht, &mut h, &mut out, &mut gates).unwrap();
+    let mut gates = b.zeros(&[steps * items, 4 * hd]).unwrap();
+    b.gru_step_fwd(step, &seg, &xt, &ht, bias.view(), &mut hs, &mut out, &mut gates).unwrap();
     let dout = b.upload(&r_out, &[tokens, oc]).unwrap();
     let mut dh = b.upload(&r_h, &[items, hd]).unwrap();
     let mut dxproj = b.upload(&sentinel, &[tokens, 3 * hd]).unwrap();
-    let mut dhproj = b.upload(&vec![f32::NAN; items * 3 * hd], &[items, 3 * hd]).unwrap();
-    b.gru_step_bwd(step, &seg, &gates, &hprev, &dout, &mut dh, &mut dxproj, &mut dhproj).unwrap();
+    let mut dhproj = b.upload(&vec![f32::NAN; steps * items * 3 * hd], &[steps * items, 3 * hd]).unwrap();
+    b.gru_step_bwd(step, &seg, &gates, &hs, &dout, &mut dh, &mut dxproj, &mut dhproj).unwrap();
 
     // L(xproj, hproj, h_prev) = Σ r_out ⊙ out + Σ r_h ⊙ h_new, from the f64 cell.
     let (nx, nh) = (xproj.len(), hproj.len());
@@ -494,8 +498,12 @@ fn check_gru_step_bwd(lengths: &[usize], hd: usize, s: usize, reverse: bool, see
         }
     }
     assert_grad_floor("dxproj (visited rows)", &got_x, &want_x, norm(&terms_x))?;
-    let dhp = b.download(dhproj.view()).unwrap();
-    assert_grad_floor("dhproj", &dhp, &g[nx..nx + nh], norm(&ga[nx..nx + nh]))?;
+    let dhp_all = b.download(dhproj.view()).unwrap();
+    let dhp = &dhp_all[s * items * 3 * hd..(s + 1) * items * 3 * hd];
+    assert_grad_floor("dhproj", dhp, &g[nx..nx + nh], norm(&ga[nx..nx + nh]))?;
+    // Other steps' rows of dhproj are not this step's to write.
+    let others = dhp_all.iter().enumerate().filter(|(i, _)| i / (items * 3 * hd) != s);
+    prop_assert!(others.clone().all(|(_, v)| v.is_nan()), "dhproj rows of another step were written");
     let dhv = b.download(dh.view()).unwrap();
     assert_grad_floor("dh_prev (the part bypassing W_hh)", &dhv, &g[nx + nh..], norm(&ga[nx + nh..]))?;
     Ok(())

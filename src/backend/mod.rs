@@ -293,10 +293,14 @@ pub trait Backend {
         heads: usize,
         dout: &Tensor,
     ) -> Result<Tensor>;
-    /// One GRU timestep for every item (gate order r, z, n as in PyTorch):
-    /// `xproj [tokens, 3H]` (input projections incl. b_ih), `hproj [items, 3H]` (W_hh·h + b_hh),
-    /// `h [items, H]` updated in place, the output row of each active item written at
-    /// `out[step.row(b), out_col..out_col + H]`, gates `[items, 4H]` (r, z, n, hproj_n) saved.
+    /// One GRU timestep for every item (gate order r, z, n as in PyTorch) over the run's
+    /// buffers: `xproj [tokens, 3H]` (input projections incl. b_ih), `hproj [items, 3H]`
+    /// (W_hh·h_s, without its bias), `bias_hh [3H]` (added here: no launch of its own),
+    /// `hs [(steps + 1)·items, H]` holding h_s at rows s·items.. (read) and receiving h_{s+1}
+    /// at rows (s + 1)·items.. (idle items copy h_s), the output row of each active item
+    /// written at `out[step.row(b), out_col..out_col + H]`, and this step's rows s·items.. of
+    /// `gates [steps·items, 4H]` (r, z, n, W_hn h + b_hn) saved. `steps` is the batch's longest
+    /// sequence. Nothing is copied or cleared per step: the states stay for the backward pass.
     #[allow(clippy::too_many_arguments)]
     fn gru_step_fwd(
         &mut self,
@@ -304,20 +308,23 @@ pub trait Backend {
         seg: &Segments,
         xproj: &Tensor,
         hproj: &Tensor,
-        h: &mut Tensor,
+        bias_hh: View,
+        hs: &mut Tensor,
         out: &mut Tensor,
         gates: &mut Tensor,
     ) -> Result<()>;
-    /// Backward of one timestep. `dh [items, H]` holds the gradient flowing into h_t from
-    /// later steps; on return it holds the part of dL/dh_{t-1} that bypasses W_hh
-    /// (the caller adds `dhproj · W_hh`). Writes this step's rows of `dxproj` and `dhproj`.
+    /// Backward of one timestep, over the forward's `gates` and `hs`. `dh [items, H]` holds
+    /// the gradient flowing into h_{s+1} from later steps; on return it holds the part of
+    /// dL/dh_s that bypasses W_hh (the caller adds `dhproj_s · W_hh`). Writes this step's rows
+    /// of `dxproj [tokens, 3H]` and rows s·items.. of `dhproj [steps·items, 3H]`, so that
+    /// the weight and bias gradients of W_hh are one GEMM and one reduction after the last step.
     #[allow(clippy::too_many_arguments)]
     fn gru_step_bwd(
         &mut self,
         step: GruStep,
         seg: &Segments,
         gates: &Tensor,
-        h_prev: &Tensor,
+        hs: &Tensor,
         dout: &Tensor,
         dh: &mut Tensor,
         dxproj: &mut Tensor,
@@ -498,26 +505,26 @@ pub(crate) fn check_attention_bwd(
 }
 
 /// The GRU step's operands against the batch and the hidden width (`Backend::gru_step_fwd`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_gru_step_fwd(
     step: GruStep,
     seg: &Segments,
     xproj: &Tensor,
     hproj: &Tensor,
-    h: &Tensor,
+    bias_hh: usize,
+    hs: &Tensor,
     out: &Tensor,
     gates: &Tensor,
 ) -> Result<()> {
-    let (b, hd) = (seg.items(), step.hidden);
+    let (b, hd, steps) = (seg.items(), step.hidden, seg.max_len);
     rows_of("gru_step_fwd", xproj, seg)?;
     rows_of("gru_step_fwd", out, seg)?;
     expect_len("gru_step_fwd", "xproj columns", xproj.cols(), 3 * hd)?;
     expect_len("gru_step_fwd", "hproj", hproj.len(), b * 3 * hd)?;
-    expect_len("gru_step_fwd", "h", h.len(), b * hd)?;
-    expect_len("gru_step_fwd", "gates", gates.len(), b * 4 * hd)?;
-    if step.out_col + hd > out.cols() {
-        return Err(crate::Error::shape("gru_step_fwd", "output columns too narrow"));
-    }
-    Ok(())
+    expect_len("gru_step_fwd", "bias_hh", bias_hh, 3 * hd)?;
+    expect_len("gru_step_fwd", "hs", hs.len(), (steps + 1) * b * hd)?;
+    expect_len("gru_step_fwd", "gates", gates.len(), steps * b * 4 * hd)?;
+    check_step_of("gru_step_fwd", step, steps, out.cols())
 }
 
 /// The GRU step backward's operands (`Backend::gru_step_bwd`).
@@ -526,21 +533,30 @@ pub(crate) fn check_gru_step_bwd(
     step: GruStep,
     seg: &Segments,
     gates: &Tensor,
-    h_prev: &Tensor,
+    hs: &Tensor,
     dout: &Tensor,
     dh: &Tensor,
     dxproj: &Tensor,
     dhproj: &Tensor,
 ) -> Result<()> {
-    let (b, hd) = (seg.items(), step.hidden);
+    let (b, hd, steps) = (seg.items(), step.hidden, seg.max_len);
     rows_of("gru_step_bwd", dout, seg)?;
     rows_of("gru_step_bwd", dxproj, seg)?;
-    expect_len("gru_step_bwd", "gates", gates.len(), b * 4 * hd)?;
-    expect_len("gru_step_bwd", "h_prev", h_prev.len(), b * hd)?;
+    expect_len("gru_step_bwd", "dxproj columns", dxproj.cols(), 3 * hd)?;
+    expect_len("gru_step_bwd", "gates", gates.len(), steps * b * 4 * hd)?;
+    expect_len("gru_step_bwd", "hs", hs.len(), (steps + 1) * b * hd)?;
     expect_len("gru_step_bwd", "dh", dh.len(), b * hd)?;
-    expect_len("gru_step_bwd", "dhproj", dhproj.len(), b * 3 * hd)?;
-    if step.out_col + hd > dout.cols() {
-        return Err(crate::Error::shape("gru_step_bwd", "output columns too narrow"));
+    expect_len("gru_step_bwd", "dhproj", dhproj.len(), steps * b * 3 * hd)?;
+    check_step_of("gru_step_bwd", step, steps, dout.cols())
+}
+
+/// A GRU step inside the batch's longest sequence, its output columns inside the rows.
+fn check_step_of(op: &'static str, step: GruStep, steps: usize, out_cols: usize) -> Result<()> {
+    if step.s >= steps {
+        return Err(crate::Error::shape(op, format!("step {} of a batch whose longest sequence is {steps}", step.s)));
+    }
+    if step.out_col + step.hidden > out_cols {
+        return Err(crate::Error::shape(op, "output columns too narrow"));
     }
     Ok(())
 }

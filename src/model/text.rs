@@ -32,7 +32,8 @@ pub enum TextInput {
 }
 
 pub struct TextCache {
-    words: Option<(Ids, BiGruCache)>,
+    /// Boxed: the GRU's run buffers make it the largest part of a modality's cache.
+    words: Option<Box<(Ids, BiGruCache)>>,
     embed: SegmentEmbedCache,
     drop: Dropout,
 }
@@ -69,7 +70,7 @@ impl TextEncoder {
             (TextInput::Tokens(tokens), Some(we)) => {
                 let vectors = we.embedding.forward(dev, w, &tokens)?;
                 let (states, gru) = we.gru.forward(dev, w, vectors, seg)?;
-                (states, Some((tokens, gru)))
+                (states, Some(Box::new((tokens, gru))))
             }
             (TextInput::Features(x), None) => (x, None),
             _ => return Err(Error::config("text batch (tokens or features) does not match the model's text side")),
@@ -92,7 +93,8 @@ impl TextEncoder {
         c.drop.backward(dev, &mut de)?;
         let dsegments = self.embed.backward(dev, w, g, c.embed, &de)?;
         // Pre-extracted features are inputs: their gradient stops here.
-        if let (Some(we), Some((tokens, gru))) = (&self.words, c.words) {
+        if let (Some(we), Some(words)) = (&self.words, c.words) {
+            let (tokens, gru) = *words;
             let dwords = we.gru.backward(dev, w, g, seg, gru, &dsegments)?;
             we.embedding.backward(dev, g, &tokens, &dwords)?;
         }

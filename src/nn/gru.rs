@@ -1,11 +1,12 @@
 //! Bidirectional GRU over packed variable-length sequences, with backprop through time.
 //! Per direction: one GEMM for the input projections of all timesteps, then per step one
-//! recurrent GEMM and one fused gate op; backward mirrors it and computes the recurrent
-//! weight gradient as ONE GEMM over all steps. Names follow torch.nn.GRU (`weight_ih_l0`,
+//! recurrent GEMM and one fused gate op (which adds b_hh and writes h_{s+1} beside h_s);
+//! backward mirrors it, two launches per step, and computes the recurrent weight gradient as
+//! ONE GEMM over all steps. Names follow torch.nn.GRU (`weight_ih_l0`,
 //! `weight_hh_l0_reverse`, ...), gate order (r, z, n).
 
 use super::linear::Linear;
-use super::params::{Init, ParamStore};
+use super::params::{Init, Param, ParamStore};
 use crate::Result;
 use crate::backend::{Backend, Gemm, GruStep, Segments};
 use crate::tensor::Tensor;
@@ -26,10 +27,10 @@ pub struct BiGru {
 }
 
 struct DirectionCache {
-    /// Per step: (r, z, n, W_hn h + b_hn), [items, 4H].
-    gates: Vec<Tensor>,
-    /// Per step: h before the step, [items, H].
-    h_prev: Vec<Tensor>,
+    /// (r, z, n, W_hn h + b_hn) of every step: [steps·items, 4H].
+    gates: Tensor,
+    /// h_0 = 0, h_1 … h_steps: [(steps + 1)·items, H].
+    hs: Tensor,
 }
 
 pub struct BiGruCache {
@@ -53,6 +54,11 @@ impl GruDirection {
         GruDirection { input, hidden: hid, reverse }
     }
 
+    /// b_hh, which the gate kernel adds (every GRU built by `new` has it).
+    fn bias_hh(&self) -> Result<Param> {
+        self.hidden.bias.ok_or_else(|| crate::Error::config("a GRU direction without its hidden bias b_hh"))
+    }
+
     fn step(&self, s: usize, hidden: usize) -> GruStep {
         GruStep { s, reverse: self.reverse, hidden, out_col: if self.reverse { hidden } else { 0 } }
     }
@@ -66,19 +72,21 @@ impl GruDirection {
         out: &mut Tensor,
         hidden: usize,
     ) -> Result<DirectionCache> {
-        let items = seg.items();
+        let (items, steps) = (seg.items(), seg.max_len);
         let xproj = self.input.forward(dev, w, x)?;
-        let mut h = dev.zeros(&[items, hidden])?;
-        let mut cache =
-            DirectionCache { gates: Vec::with_capacity(seg.max_len), h_prev: Vec::with_capacity(seg.max_len) };
-        for s in 0..seg.max_len {
-            let hproj = self.hidden.forward(dev, w, &h)?;
-            let mut gates = dev.zeros(&[items, 4 * hidden])?;
-            cache.h_prev.push(h.clone());
-            dev.gru_step_fwd(self.step(s, hidden), seg, &xproj, &hproj, &mut h, out, &mut gates)?;
-            cache.gates.push(gates);
+        // Per step: one GEMM (W_hh h_s, its bias added by the gate kernel) and the gate kernel,
+        // which writes h_{s+1} beside h_s: no state is cloned, no buffer cleared per step.
+        let mut hs = dev.alloc(&[(steps + 1) * items, hidden])?;
+        dev.fill(hs.sub_mut(0, items * hidden), 0.0)?;
+        let mut gates = dev.alloc(&[steps * items, 4 * hidden])?;
+        let mut hproj = dev.alloc(&[items, 3 * hidden])?;
+        let bias_hh = self.bias_hh()?.of(w);
+        let gh = Gemm { m: items, n: 3 * hidden, k: hidden, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+        for s in 0..steps {
+            dev.gemm(gh, hs.sub(s * items * hidden, items * hidden), self.hidden.weight.of(w), hproj.view_mut())?;
+            dev.gru_step_fwd(self.step(s, hidden), seg, &xproj, &hproj, bias_hh, &mut hs, out, &mut gates)?;
         }
-        Ok(cache)
+        Ok(DirectionCache { gates, hs })
     }
 
     /// Returns dx of this direction.
@@ -97,29 +105,21 @@ impl GruDirection {
         let (items, steps) = (seg.items(), seg.max_len);
         let mut dh = dev.zeros(&[items, hidden])?;
         let mut dxproj = dev.zeros(&[seg.tokens(), 3 * hidden])?;
-        // All steps' dhproj and h_prev side by side, for one weight-gradient GEMM at the end.
-        let mut dhproj_all = dev.zeros(&[steps * items, 3 * hidden])?;
-        let mut h_prev_all = dev.zeros(&[steps * items, hidden])?;
-        let mut dhproj = dev.zeros(&[items, 3 * hidden])?;
+        // Every step's dhproj at its own rows, beside the forward's h_s: the weight gradient
+        // of W_hh is then one GEMM over all steps, with nothing copied per step.
+        let mut dhproj = dev.alloc(&[steps * items, 3 * hidden])?;
         let w_hh = self.hidden.weight.of(w);
+        // dh_s += dhproj_s · W_hh
+        let gh = Gemm { m: items, n: hidden, k: 3 * hidden, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
         for s in (0..steps).rev() {
-            dev.gru_step_bwd(
-                self.step(s, hidden),
-                seg,
-                &c.gates[s],
-                &c.h_prev[s],
-                dout,
-                &mut dh,
-                &mut dxproj,
-                &mut dhproj,
-            )?;
-            // dh_{s-1} += dhproj · W_hh
-            let gh = Gemm { m: items, n: hidden, k: 3 * hidden, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
-            dev.gemm(gh, dhproj.view(), w_hh, dh.view_mut())?;
-            dev.copy(dhproj.view(), dhproj_all.sub_mut(s * items * 3 * hidden, items * 3 * hidden))?;
-            dev.copy(c.h_prev[s].view(), h_prev_all.sub_mut(s * items * hidden, items * hidden))?;
+            dev.gru_step_bwd(self.step(s, hidden), seg, &c.gates, &c.hs, dout, &mut dh, &mut dxproj, &mut dhproj)?;
+            dev.gemm(gh, dhproj.sub(s * items * 3 * hidden, items * 3 * hidden), w_hh, dh.view_mut())?;
         }
-        self.hidden.backward_params(dev, g, &h_prev_all, &dhproj_all)?;
+        // dW_hh += Σ_s dhproj_sᵀ h_s (rows 0..steps of hs), db_hh += Σ dhproj.
+        let gw =
+            Gemm { m: 3 * hidden, n: hidden, k: steps * items, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 };
+        dev.gemm(gw, dhproj.view(), c.hs.sub(0, steps * items * hidden), self.hidden.weight.of_mut(g))?;
+        dev.bias_bwd(&dhproj, self.bias_hh()?.of_mut(g))?;
         self.input.backward(dev, w, g, x, &dxproj)
     }
 }

@@ -1,8 +1,10 @@
 //! GRU gates for one timestep of a packed batch, forward and backward (PyTorch equations):
 //!   r = σ(x_r + h_r),  z = σ(x_z + h_z),  n = tanh(x_n + r ⊙ h_n),  h' = (1 − z) ⊙ n + z ⊙ h
 //! where x_* = W_i* x_t + b_i* (precomputed for all steps by one GEMM) and h_* = W_h* h + b_h*
-//! (one GEMM per step). Idle items (shorter than the step) keep h unchanged.
-//! Saved per step: gates [items, 4H] = (r, z, n, h_n).
+//! (one GEMM per step for W_h* h; the bias b_h* is added here). Idle items (shorter than the
+//! step) keep h unchanged. The run's states hs [(steps + 1)·items, H] hold h_s at rows
+//! s·items..: step s reads h_s and writes h_{s+1}, so no state is copied to be kept for the
+//! backward pass. Saved per step at rows s·items.. of gates [steps·items, 4H]: (r, z, n, h_n).
 //!
 //! σ and tanh are the branch-free rational forms (`tanh_fast`), so the gate loop vectorises:
 //! libm's expf/tanhf made these gates a third of the text side's non-GEMM time.
@@ -22,16 +24,26 @@ pub fn step_fwd(
     offsets: &[usize],
     xproj: &[f32],
     hproj: &[f32],
-    h: &mut [f32],
+    bias_hh: &[f32],
+    hs: &mut [f32],
     out: &mut [f32],
     out_cols: usize,
     gates: &mut [f32],
 ) {
-    let hd = step.hidden;
-    for b in 0..offsets.len() - 1 {
+    let (hd, items) = (step.hidden, offsets.len() - 1);
+    let (before, after) = hs.split_at_mut((step.s + 1) * items * hd);
+    let h_prev = &before[step.s * items * hd..];
+    let h_next = &mut after[..items * hd];
+    let gates = &mut gates[step.s * items * 4 * hd..(step.s + 1) * items * 4 * hd];
+    let (b_r, b) = bias_hh.split_at(hd);
+    let (b_z, b_n) = b.split_at(hd);
+    for b in 0..items {
         let g = &mut gates[b * 4 * hd..(b + 1) * 4 * hd];
+        let hb = &h_prev[b * hd..(b + 1) * hd];
+        let hn_b = &mut h_next[b * hd..(b + 1) * hd];
         let Some(row) = step.row(offsets, b) else {
             g.fill(0.0);
+            hn_b.copy_from_slice(hb);
             continue;
         };
         // Equal-length slices, so the loop below has no bounds checks and vectorises.
@@ -41,22 +53,22 @@ pub fn step_fwd(
         let hp = &hproj[b * 3 * hd..(b + 1) * 3 * hd];
         let (h_r, hp) = hp.split_at(hd);
         let (h_z, h_n) = hp.split_at(hd);
-        let hb = &mut h[b * hd..(b + 1) * hd];
         let o = &mut out[row * out_cols + step.out_col..row * out_cols + step.out_col + hd];
         let (g_r, g) = g.split_at_mut(hd);
         let (g_z, g) = g.split_at_mut(hd);
         let (g_n, g_hn) = g.split_at_mut(hd);
         for i in 0..hd {
-            let r = sigmoid_fast(x_r[i] + h_r[i]);
-            let z = sigmoid_fast(x_z[i] + h_z[i]);
-            let n = tanh_fast(x_n[i] + r * h_n[i]);
+            let r = sigmoid_fast(x_r[i] + h_r[i] + b_r[i]);
+            let z = sigmoid_fast(x_z[i] + h_z[i] + b_z[i]);
+            let hh_n = h_n[i] + b_n[i];
+            let n = tanh_fast(x_n[i] + r * hh_n);
             let hn = (1.0 - z) * n + z * hb[i];
-            hb[i] = hn;
+            hn_b[i] = hn;
             o[i] = hn;
             g_r[i] = r;
             g_z[i] = z;
             g_n[i] = n;
-            g_hn[i] = h_n[i];
+            g_hn[i] = hh_n;
         }
     }
 }
@@ -66,15 +78,18 @@ pub fn step_bwd(
     step: GruStep,
     offsets: &[usize],
     gates: &[f32],
-    h_prev: &[f32],
+    hs: &[f32],
     dout: &[f32],
     out_cols: usize,
     dh: &mut [f32],
     dxproj: &mut [f32],
     dhproj: &mut [f32],
 ) {
-    let hd = step.hidden;
-    for b in 0..offsets.len() - 1 {
+    let (hd, items, s) = (step.hidden, offsets.len() - 1, step.s);
+    let gates = &gates[s * items * 4 * hd..(s + 1) * items * 4 * hd];
+    let h_prev = &hs[s * items * hd..(s + 1) * items * hd];
+    let dhproj = &mut dhproj[s * items * 3 * hd..(s + 1) * items * 3 * hd];
+    for b in 0..items {
         let dhp = &mut dhproj[b * 3 * hd..(b + 1) * 3 * hd];
         let Some(row) = step.row(offsets, b) else {
             dhp.fill(0.0); // idle: dh passes through to the previous step untouched

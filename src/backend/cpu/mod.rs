@@ -355,14 +355,25 @@ impl Backend for Cpu {
         seg: &Segments,
         xproj: &Tensor,
         hproj: &Tensor,
-        h: &mut Tensor,
+        bias_hh: View,
+        hs: &mut Tensor,
         out: &mut Tensor,
         gates: &mut Tensor,
     ) -> Result<()> {
         let _timer = profile::time("gru_step_fwd");
-        check_gru_step_fwd(step, seg, xproj, hproj, h, out, gates)?;
+        check_gru_step_fwd(step, seg, xproj, hproj, bias_hh.len(), hs, out, gates)?;
         let oc = out.cols();
-        gru::step_fwd(step, &seg.offsets, xproj.cpu(), hproj.cpu(), h.cpu_mut(), out.cpu_mut(), oc, gates.cpu_mut());
+        gru::step_fwd(
+            step,
+            &seg.offsets,
+            xproj.cpu(),
+            hproj.cpu(),
+            bias_hh.cpu(),
+            hs.cpu_mut(),
+            out.cpu_mut(),
+            oc,
+            gates.cpu_mut(),
+        );
         Ok(())
     }
 
@@ -371,20 +382,20 @@ impl Backend for Cpu {
         step: GruStep,
         seg: &Segments,
         gates: &Tensor,
-        h_prev: &Tensor,
+        hs: &Tensor,
         dout: &Tensor,
         dh: &mut Tensor,
         dxproj: &mut Tensor,
         dhproj: &mut Tensor,
     ) -> Result<()> {
         let _timer = profile::time("gru_step_bwd");
-        check_gru_step_bwd(step, seg, gates, h_prev, dout, dh, dxproj, dhproj)?;
+        check_gru_step_bwd(step, seg, gates, hs, dout, dh, dxproj, dhproj)?;
         let oc = dout.cols();
         gru::step_bwd(
             step,
             &seg.offsets,
             gates.cpu(),
-            h_prev.cpu(),
+            hs.cpu(),
             dout.cpu(),
             oc,
             dh.cpu_mut(),

@@ -4,7 +4,7 @@
 
 use super::{Arg, Cuda, blocks, dev_ids};
 use crate::backend::{GruStep, Segments};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, View};
 use crate::{Error, Result};
 
 const THREADS: u32 = 256;
@@ -37,7 +37,8 @@ pub(super) fn step_fwd(
     seg: &Segments,
     xproj: &Tensor,
     hproj: &Tensor,
-    h: &mut Tensor,
+    bias_hh: View,
+    hs: &mut Tensor,
     out: &mut Tensor,
     gates: &mut Tensor,
 ) -> Result<()> {
@@ -49,7 +50,8 @@ pub(super) fn step_fwd(
     let mut args = vec![
         Arg::tensor(xproj)?,
         Arg::tensor(hproj)?,
-        Arg::tensor(h)?,
+        Arg::view(bias_hh)?,
+        Arg::tensor(hs)?,
         Arg::tensor(out)?,
         Arg::tensor(gates)?,
         Arg::ids(&seg.device)?,
@@ -64,26 +66,20 @@ pub(super) fn step_bwd(
     step: GruStep,
     seg: &Segments,
     gates: &Tensor,
-    h_prev: &Tensor,
+    hs: &Tensor,
     dout: &Tensor,
     dh: &mut Tensor,
     dxproj: &mut Tensor,
     dhproj: &mut Tensor,
 ) -> Result<()> {
     const K: &str = "gru_step_bwd_f32";
-    if dxproj.cols() != 3 * step.hidden {
-        return Err(Error::shape(
-            "gru_step_bwd",
-            format!("dxproj has {} columns, expected {}", dxproj.cols(), 3 * step.hidden),
-        ));
-    }
     let (grid, ints) = common_args("gru_step_bwd", step, seg, dout.cols())?;
     if seg.items() == 0 || step.hidden == 0 {
         return Ok(());
     }
     let mut args = vec![
         Arg::tensor(gates)?,
-        Arg::tensor(h_prev)?,
+        Arg::tensor(hs)?,
         Arg::tensor(dout)?,
         Arg::tensor(dh)?,
         Arg::tensor(dxproj)?,

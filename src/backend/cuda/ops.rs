@@ -561,12 +561,13 @@ impl Backend for Cuda {
         seg: &Segments,
         xproj: &Tensor,
         hproj: &Tensor,
-        h: &mut Tensor,
+        bias_hh: View,
+        hs: &mut Tensor,
         out: &mut Tensor,
         gates: &mut Tensor,
     ) -> Result<()> {
-        check_gru_step_fwd(step, seg, xproj, hproj, h, out, gates)?;
-        super::gru::step_fwd(self, step, seg, xproj, hproj, h, out, gates)
+        check_gru_step_fwd(step, seg, xproj, hproj, bias_hh.len(), hs, out, gates)?;
+        super::gru::step_fwd(self, step, seg, xproj, hproj, bias_hh, hs, out, gates)
     }
 
     fn gru_step_bwd(
@@ -574,14 +575,14 @@ impl Backend for Cuda {
         step: GruStep,
         seg: &Segments,
         gates: &Tensor,
-        h_prev: &Tensor,
+        hs: &Tensor,
         dout: &Tensor,
         dh: &mut Tensor,
         dxproj: &mut Tensor,
         dhproj: &mut Tensor,
     ) -> Result<()> {
-        check_gru_step_bwd(step, seg, gates, h_prev, dout, dh, dxproj, dhproj)?;
-        super::gru::step_bwd(self, step, seg, gates, h_prev, dout, dh, dxproj, dhproj)
+        check_gru_step_bwd(step, seg, gates, hs, dout, dh, dxproj, dhproj)?;
+        super::gru::step_bwd(self, step, seg, gates, hs, dout, dh, dxproj, dhproj)
     }
 
     fn bce_with_logits_into(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32, loss: ViewMut) -> Result<()> {
