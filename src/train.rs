@@ -23,7 +23,7 @@ use crate::{Error, Result};
 mod config;
 mod progress;
 mod trainer;
-pub use config::{MAX_BATCH, TrainConfig};
+pub use config::{ContextPass, MAX_BATCH, TrainConfig};
 pub use progress::{Progress, ProgressFn};
 pub use trainer::{STATS_ROWS, StepStats, Trainer};
 

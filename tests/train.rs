@@ -227,3 +227,68 @@ fn patience_stops_a_run_that_no_longer_improves() {
     let s = s.unwrap();
     assert_eq!((s.best_step, s.steps), (4, 12), "best at the first validation, stop after two more");
 }
+
+/// `context_pass = separate`: L1 is taken on the batch as it is and L2 on a second pass with the
+/// step's segments masked, and the step's gradient is the sum of the two passes' (each checked
+/// against `SemShare::loss_backward` on the same plan); `shared` takes both on the masked pass.
+#[test]
+fn the_separate_context_pass_keeps_masks_out_of_the_label_loss() {
+    use semshare::backend::Backend;
+    use semshare::model::{Batch, LossWeights, MaskPlan};
+    use semshare::nn::Dropout;
+    use semshare::train::ContextPass;
+
+    let data = tiny_data(9);
+    let dir = tmp("context-pass");
+    let reader = open(&data, &dir);
+    let split = reader.split("train").unwrap();
+    let items: Vec<usize> = (0..8).collect();
+    // No dropout: each pass is then a function of its plan alone.
+    let model = ModelConfig { dropout: 0.0, lambda: 0.3, ..tiny_model(&data) };
+    for pass in [ContextPass::Separate, ContextPass::Shared] {
+        let mut dev = Cpu::new();
+        let cfg = TrainConfig { batch_size: 8, context_pass: pass, ..TrainConfig::default() };
+        let mut t = Trainer::new(&mut dev, &model, cfg).unwrap();
+        let images = image_batch(&reader.layout, split, &items).unwrap();
+        let texts = text_batch(&reader.layout, split, &items).unwrap();
+        let (image_plan, text_plan, _) = t.draws(&images, &texts);
+        assert!(!image_plan.rows.is_empty() && !text_plan.rows.is_empty(), "the step masks segments");
+        let params = t.params.clone();
+        let (bi, bt) = (Batch::Image(images.clone()), Batch::Text(texts.clone()));
+        let stats = t.step(&mut dev, images, texts).unwrap();
+        let got = dev_download(&mut dev, &t.grads);
+
+        // The same step's losses and gradient from the model's own passes.
+        let mut g = dev.zeros(&[t.net.store.total]).unwrap();
+        let (label, context) = (LossWeights { label: 1.0, context: 0.0 }, LossWeights { label: 0.0, context: 0.3 });
+        let clean = MaskPlan::default();
+        let mut want = Vec::new();
+        for (b, plan) in [(&bi, &image_plan), (&bt, &text_plan)] {
+            let (l1, l2) = match pass {
+                ContextPass::Separate => {
+                    let l1 = t.net.loss_backward(&mut dev, &params, &mut g, b, &clean, Dropout::OFF, label).unwrap();
+                    let l2 = t.net.loss_backward(&mut dev, &params, &mut g, b, plan, Dropout::OFF, context).unwrap();
+                    (l1.label, l2.context)
+                }
+                ContextPass::Shared => {
+                    let both = LossWeights { label: 1.0, context: 0.3 };
+                    let l = t.net.loss_backward(&mut dev, &params, &mut g, b, plan, Dropout::OFF, both).unwrap();
+                    (l.label, l.context)
+                }
+            };
+            want.push((l1, l2));
+        }
+        let s = [(stats.image_label, stats.image_context), (stats.text_label, stats.text_context)];
+        for ((got_l1, got_l2), (want_l1, want_l2)) in s.iter().zip(&want) {
+            assert!((got_l1 - want_l1).abs() < 1e-6 && (got_l2 - want_l2).abs() < 1e-6, "{pass:?}: {s:?} vs {want:?}");
+        }
+        let want_g = dev.download(g.view()).unwrap();
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (a, b) in got.iter().zip(&want_g) {
+            num += ((a - b) as f64).powi(2);
+            den += (*b as f64).powi(2);
+        }
+        assert!(den > 0.0 && (num / den).sqrt() < 1e-5, "{pass:?}: gradient rel err {}", (num / den).sqrt());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -12,16 +12,16 @@ cd "$(dirname "$0")/.."
 DATA=${1:-/tmp/semshare-exp}
 SEEDS=${2:-3}
 shift $(( $# < 2 ? $# : 2 ))
-BIN=target/release/semshare
-cargo build --release --quiet
+BIN=${SEMSHARE_BIN:-target/release/semshare}
+[[ -n ${SEMSHARE_BIN:-} ]] || cargo build --release --quiet
 CONFIGS=$(mktemp -d)
 trap 'rm -rf "$CONFIGS"' EXIT
 
-# study NAME DATASET VARIANTS MODEL_JSON [EXTRA_ARGS...]
+# study NAME DATASET VARIANTS CONFIG_JSON [EXTRA_ARGS...]
 study() {
-  local name=$1 data=$2 variants=$3 model=$4
+  local name=$1 data=$2 variants=$3 config=$4
   shift 4
-  echo "{\"model\": $model}" > "$CONFIGS/$name.json"
+  echo "$config" > "$CONFIGS/$name.json"
   $BIN experiment --suite table1 --data "$DATA/$data" --seeds "$SEEDS" --variants "$variants" \
     --config "$CONFIGS/$name.json" --out "docs/results/context/$name" --runs "$DATA/runs/context/$name" "$@"
 }
@@ -32,17 +32,20 @@ run() {
     weak-base) study weak-base weak-image ours,wo-c '{}' ;;
     # Masking without L2: λ so small that L2's gradient is nothing, but 15 % of the segments
     # are still replaced by [MASK] in the pass that L1 also trains on.
-    weak-mask-only) study weak-mask-only weak-image ours '{"lambda": 1e-9}' ;;
+    weak-mask-only) study weak-mask-only weak-image ours '{"model": {"lambda": 1e-9}}' ;;
     # L2's weight.
-    weak-lambda-0.1) study weak-lambda-0.1 weak-image ours '{"lambda": 0.1}' ;;
-    weak-lambda-1) study weak-lambda-1 weak-image ours '{"lambda": 1.0}' ;;
+    weak-lambda-0.1) study weak-lambda-0.1 weak-image ours '{"model": {"lambda": 0.1}}' ;;
+    weak-lambda-1) study weak-lambda-1 weak-image ours '{"model": {"lambda": 1.0}}' ;;
     # The masking rate.
-    weak-mask-0.05) study weak-mask-0.05 weak-image ours '{"mask_prob": 0.05}' ;;
+    weak-mask-0.05) study weak-mask-0.05 weak-image ours '{"model": {"mask_prob": 0.05}}' ;;
     # The budget: 3x the steps (patience and validation interval as before).
     weak-1800) study weak-1800 weak-image ours,wo-c '{}' --steps 1800 ;;
     # flickr-tags: real tag lists (their co-occurrence is real context), synthetic regions.
     flickr-base) study flickr-base flickr-tags ours,wo-c '{}' ;;
-    flickr-mask-only) study flickr-mask-only flickr-tags ours '{"lambda": 1e-9}' ;;
+    flickr-mask-only) study flickr-mask-only flickr-tags ours '{"model": {"lambda": 1e-9}}' ;;
+    # L1 on the unmasked batch, L2 on a second, masked pass (twice the step's work).
+    weak-separate) study weak-separate weak-image ours '{"train": {"context_pass": "separate"}}' ;;
+    flickr-separate) study flickr-separate flickr-tags ours '{"train": {"context_pass": "separate"}}' ;;
     *) echo "unknown study $1" >&2; exit 2 ;;
   esac
 }

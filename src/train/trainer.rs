@@ -11,13 +11,14 @@ use crate::checkpoint::{Checkpoint, InferenceSpec};
 use crate::model::consistency::{
     BatchShape, DscmrWeights, PairBatch, dscmr_loss, imc_consistency, triplet_consistency,
 };
+use crate::model::semshare::Forward;
 use crate::model::{Batch, Consistency, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch};
 use crate::nn::Dropout;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
-use super::config::TrainConfig;
+use super::config::{ContextPass, TrainConfig};
 
 /// What one step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -124,24 +125,10 @@ impl Trainer {
         let pair_labels: Vec<u8> = images.labels.iter().map(|&y| (y > 0.5) as u8).collect();
 
         let (images, texts) = (Batch::Image(images), Batch::Text(texts));
-        let fi = self.net.forward_loss(
-            dev,
-            &self.params,
-            &images,
-            &image_plan,
-            drop.site(1),
-            weights,
-            self.records.sub_mut(row + record::IMAGE_LABEL, 2),
-        )?;
-        let ft = self.net.forward_loss(
-            dev,
-            &self.params,
-            &texts,
-            &text_plan,
-            drop.site(2),
-            weights,
-            self.records.sub_mut(row + record::TEXT_LABEL, 2),
-        )?;
+        let (fi, fi_masked) =
+            self.forward_losses(dev, &images, &image_plan, drop.site(1), weights, row + record::IMAGE_LABEL)?;
+        let (ft, ft_masked) =
+            self.forward_losses(dev, &texts, &text_plan, drop.site(2), weights, row + record::TEXT_LABEL)?;
         dev.fill(self.grads.view_mut(), 0.0)?;
         let (consistency, extra) = self.cross_modal(dev, &fi.z, &ft.z, &pair_labels)?;
         // A kernel fill, not an upload: the batch is the step's only upload.
@@ -152,6 +139,9 @@ impl Trainer {
         };
         self.net.backward_loss(dev, &self.params, &mut self.grads, fi, dz_images)?;
         self.net.backward_loss(dev, &self.params, &mut self.grads, ft, dz_texts)?;
+        for f in [fi_masked, ft_masked].into_iter().flatten() {
+            self.net.backward_loss(dev, &self.params, &mut self.grads, f, None)?;
+        }
 
         dev.sum_squares_into(self.grads.view(), self.records.sub_mut(row + record::SUM_SQUARES, 1))?;
         let guard =
@@ -162,6 +152,40 @@ impl Trainer {
         self.unread.push((self.step, lr));
         self.step += 1;
         Ok(())
+    }
+
+    /// One modality's forward pass, its losses written to `records[slot..slot + 2]`; with
+    /// masked segments and `ContextPass::Separate`, L1 on the batch as it is and L2 on a second,
+    /// masked pass (whose L1 slot is discarded).
+    fn forward_losses(
+        &mut self,
+        dev: &mut dyn Backend,
+        batch: &Batch,
+        plan: &MaskPlan,
+        drop: Dropout,
+        weights: LossWeights,
+        slot: usize,
+    ) -> Result<(Forward, Option<Forward>)> {
+        if plan.rows.is_empty() || self.cfg.context_pass == ContextPass::Shared {
+            let f =
+                self.net.forward_loss(dev, &self.params, batch, plan, drop, weights, self.records.sub_mut(slot, 2))?;
+            return Ok((f, None));
+        }
+        let clean = LossWeights { context: 0.0, ..weights };
+        let f = self.net.forward_loss(
+            dev,
+            &self.params,
+            batch,
+            &MaskPlan::default(),
+            drop,
+            clean,
+            self.records.sub_mut(slot, 2),
+        )?;
+        let mut losses = dev.alloc(&[2])?;
+        let masked = LossWeights { label: 0.0, ..weights };
+        let fm = self.net.forward_loss(dev, &self.params, batch, plan, drop.site(7), masked, losses.view_mut())?;
+        dev.copy(losses.sub(1, 1), self.records.sub_mut(slot + 1, 1))?;
+        Ok((f, Some(fm)))
     }
 
     /// What the next step draws for this batch: the masked segments of each modality and the
