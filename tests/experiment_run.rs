@@ -286,6 +286,35 @@ fn a_fingerprint_made_with_another_metadata_order_is_the_same_suite() {
     assert_eq!(state.suite.fingerprint, old_fp);
 }
 
+/// Suites recorded before the budget had `val_metric` and `normalize` (the committed Table 1
+/// suites of 2026-11-27) are the same suite when the budget has those keys' old values; the
+/// old form is rebuilt here from its definition (`experiment::run::fingerprint` of then).
+#[test]
+fn a_fingerprint_made_before_the_budget_had_val_metric_and_normalize_is_the_same_suite() {
+    let dir = tmp("legacy-keys");
+    let data = tiny_data(&dir);
+    let cfg = config(&data, &dir, &[Variant::Cca], 1);
+    let d = TrainConfig::default();
+    let budget = TrainConfig { variant: d.variant, seed: d.seed, eta: d.eta, ..cfg.train.clone() };
+    let json = serde_json::to_string(&budget).unwrap();
+    let json = json.replace(r#","val_metric":"ndcg""#, "").replace(r#","normalize":"none""#, "");
+    assert!(!json.contains("val_metric") && !json.contains("normalize"), "{json}");
+    let mut text = format!("dataset {}\n", data.meta().name);
+    for (split, entries) in data.shard_entries() {
+        for e in entries {
+            text += &format!("shard {split} {} {}\n", e.file, e.checksum);
+        }
+    }
+    text += &format!("model {}\n", serde_json::to_string(&cfg.model).unwrap());
+    text += &format!("train {json}\n");
+    let old = format!("{}:{:016x}", data.meta().name, semshare::data::checksum::checksum(text.as_bytes()));
+    assert_ne!(old, fingerprint(&data, &cfg.model, &cfg.train).unwrap());
+    assert!(is_legacy_fingerprint(&data, &cfg.model, &cfg.train, &old).unwrap());
+    // A budget with other values of those keys did not exist then.
+    let standardized = TrainConfig { normalize: "standardize".into(), ..cfg.train.clone() };
+    assert!(!is_legacy_fingerprint(&data, &cfg.model, &standardized, &old).unwrap());
+}
+
 #[test]
 fn a_state_of_another_suite_is_refused() {
     let dir = tmp("refuse");

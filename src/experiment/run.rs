@@ -87,20 +87,42 @@ pub fn fingerprint(data: &DatasetReader, model: &ModelConfig, train: &TrainConfi
 
 /// [`fingerprint`] with the shards' checksums given (in the manifest's order).
 fn fingerprint_with(data: &DatasetReader, model: &ModelConfig, train: &TrainConfig, sums: &[&str]) -> Result<String> {
-    let json = |v: serde_json::Result<String>| v.map_err(|e| Error::data(format!("fingerprint: {e}")));
+    fingerprint_of(data, model, train, sums, &[])
+}
+
+/// The `train` keys added since the first committed suites (2026-11-27), with the values those
+/// suites ran with: a suite recorded before a key existed has none of them in its fingerprint.
+const ADDED_TRAIN_KEYS: [(&str, &str); 2] = [("val_metric", "ndcg"), ("normalize", "none")];
+
+/// The fingerprint with the `train` keys in `without` left out of the budget's JSON.
+fn fingerprint_of(
+    data: &DatasetReader,
+    model: &ModelConfig,
+    train: &TrainConfig,
+    sums: &[&str],
+    without: &[&str],
+) -> Result<String> {
+    let err = |e: serde_json::Error| Error::data(format!("fingerprint: {e}"));
     let mut text = format!("dataset {}\n", data.meta().name);
     let shards = data.shard_entries().iter().flat_map(|(split, entries)| entries.iter().map(move |e| (split, e)));
     for ((split, e), sum) in shards.zip(sums) {
         text += &format!("shard {split} {} {sum}\n", e.file);
     }
-    text += &format!("model {}\n", json(serde_json::to_string(model))?);
-    text += &format!("train {}\n", json(serde_json::to_string(&budget_only(train)))?);
+    text += &format!("model {}\n", serde_json::to_string(model).map_err(err)?);
+    // The struct's own field order (a JSON map would sort the keys); a key left out is cut
+    // from the text as `,"key":value` (none of them is the first field).
+    let mut budget = serde_json::to_string(&budget_only(train)).map_err(err)?;
+    for (key, value) in ADDED_TRAIN_KEYS.iter().filter(|(k, _)| without.contains(k)) {
+        budget = budget.replacen(&format!(",\"{key}\":\"{value}\""), "", 1);
+    }
+    text += &format!("train {budget}\n");
     Ok(format!("{}:{:016x}", data.meta().name, checksum(text.as_bytes())))
 }
 
-/// Whether `recorded` is this suite's fingerprint as it was made before shard headers were
-/// written in one order: the same dataset, model and budget, the shards' `__metadata__` in
-/// another order. Then a dataset rebuilt with the documented commands resumes a committed suite.
+/// Whether `recorded` is this suite's fingerprint as an earlier version made it: before shard
+/// headers were written in one order (the shards' `__metadata__` in another order), and before
+/// the budget had the keys of [`ADDED_TRAIN_KEYS`] (when this budget has their old values).
+/// Then a dataset rebuilt with the documented commands resumes a committed suite.
 pub fn is_legacy_fingerprint(
     data: &DatasetReader,
     model: &ModelConfig,
@@ -132,6 +154,11 @@ pub fn is_legacy_fingerprint(
             })
             .collect();
         if fingerprint_with(data, model, train, &sums)? == recorded {
+            return Ok(true);
+        }
+        let old_values = train.val_metric == ADDED_TRAIN_KEYS[0].1 && train.normalize == ADDED_TRAIN_KEYS[1].1;
+        let keys: Vec<&str> = ADDED_TRAIN_KEYS.iter().map(|(k, _)| *k).collect();
+        if old_values && fingerprint_of(data, model, train, &sums, &keys)? == recorded {
             return Ok(true);
         }
     }
