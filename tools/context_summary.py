@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Summarises tools/context-study.sh (issue 15 item 5): for each study, the test NDCG@500 and
 mAP@all (average of I2T and T2I, ×100) of each variant with both embeddings, mean ± sample std
-over seeds, and the paired difference against the same dataset's `wo-c` (same seeds).
+over seeds, and the paired difference against `wo-c` of the same seeds: the study's own when it
+ran one (a changed budget), else the dataset's base study's.
 
     python3 tools/context_summary.py docs/results/context
 """
@@ -41,7 +42,8 @@ def main():
           "| − wo-c, NDCG@500 pooled (per seed) | − wo-c, NDCG@500 label (per seed) | best steps |")
     print("|---|---|---:|---:|---:|---:|---:|---|---|---|")
     for s in studies:
-        base = data.get(BASE.get(s.split("-")[0], ""), {}).get("wo-c", {})
+        # The study's own `wo-c` when it ran one (a changed budget), else its dataset's base.
+        base = data[s].get("wo-c") or data.get(BASE.get(s.split("-")[0], ""), {}).get("wo-c", {})
         for variant, by_seed in data[s].items():
             seeds = sorted(by_seed)
             col = lambda emb, i: [by_seed[k][emb][i] for k in seeds]  # noqa: E731
