@@ -356,32 +356,6 @@ unsafe fn pack<K: Micro>(
         }
         // Runs of whole slivers' lines, so that a converted run splits into slivers evenly.
         let per = run.len() / w * w;
-        if g == 2 && !K::Packed::IS_F32 {
-            // bf16: steps p and p + 1 converted side by side, then interleaved into the words
-            // one `vdpbf16ps` lane takes (a sliver's line l: [p, p + 1]), whole slivers at a
-            // time; element by element at a stride of two, this packing was a third of the
-            // weight-gradient GEMM's time.
-            let mut next = [zero; if KC > 64 { KC } else { 64 }];
-            for p in (0..kc).step_by(2) {
-                // SAFETY: steps p and p + 1 (when < kc) of lines 0..len are inside the block.
-                let row = |q: usize| unsafe { std::slice::from_raw_parts(src.offset(q as isize * along), len) };
-                let slot = p * w;
-                for c in 0..len.div_ceil(per) {
-                    let (from, to) = (c * per, (c * per + per).min(len));
-                    // SAFETY: the CPU has K's features (pack's contract).
-                    unsafe { K::convert(&row(p)[from..to], &mut run[..to - from]) };
-                    if p + 1 < kc {
-                        unsafe { K::convert(&row(p + 1)[from..to], &mut next[..to - from]) };
-                    } else {
-                        next[..to - from].fill(zero);
-                    }
-                    for (s, (even, odd)) in run[..to - from].chunks(w).zip(next[..to - from].chunks(w)).enumerate() {
-                        interleave(&mut dst[(from / w + s) * w * kp + slot..], even, odd);
-                    }
-                }
-            }
-            return;
-        }
         for p in 0..kc {
             // SAFETY: step p of lines 0..len is inside the block.
             let row = unsafe { std::slice::from_raw_parts(src.offset(p as isize * along), len) };
@@ -473,28 +447,6 @@ unsafe fn pack<K: Micro>(
                 }
             }
         }
-    }
-}
-
-/// `out[2i] = even[i]`, `out[2i + 1] = odd[i]`, with the slivers' usual widths as fixed sizes
-/// (so that the compiler interleaves whole registers).
-#[inline(always)]
-fn interleave<T: Packed>(out: &mut [T], even: &[T], odd: &[T]) {
-    fn fixed<T: Packed, const N: usize>(out: &mut [T], even: &[T; N], odd: &[T; N]) {
-        for (o, (&e, &d)) in out[..2 * N].chunks_exact_mut(2).zip(even.iter().zip(odd)) {
-            o[0] = e;
-            o[1] = d;
-        }
-    }
-    if let (Ok(e), Ok(d)) = (<&[T; 32]>::try_from(even), <&[T; 32]>::try_from(odd)) {
-        return fixed(out, e, d);
-    }
-    if let (Ok(e), Ok(d)) = (<&[T; 8]>::try_from(even), <&[T; 8]>::try_from(odd)) {
-        return fixed(out, e, d);
-    }
-    for (o, (&e, &d)) in out[..2 * even.len()].chunks_exact_mut(2).zip(even.iter().zip(odd)) {
-        o[0] = e;
-        o[1] = d;
     }
 }
 
