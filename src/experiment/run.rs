@@ -82,41 +82,49 @@ fn budget_only(train: &TrainConfig) -> TrainConfig {
 /// `<dataset name>:<fnv1a64x4 of all of it, hex>`.
 pub fn fingerprint(data: &DatasetReader, model: &ModelConfig, train: &TrainConfig) -> Result<String> {
     let sums: Vec<&str> = data.shard_entries().values().flatten().map(|e| e.checksum.as_str()).collect();
-    fingerprint_with(data, model, train, &sums)
+    Ok(fingerprint_with(data, &model_json(model)?, &budget_json(train)?, &sums))
 }
 
-/// [`fingerprint`] with the shards' checksums given (in the manifest's order).
-fn fingerprint_with(data: &DatasetReader, model: &ModelConfig, train: &TrainConfig, sums: &[&str]) -> Result<String> {
-    fingerprint_of(data, model, train, sums, &[])
+fn model_json(model: &ModelConfig) -> Result<String> {
+    serde_json::to_string(model).map_err(|e| Error::data(format!("fingerprint: {e}")))
+}
+
+/// The budget as the fingerprint hashes it: the struct's own field order (a JSON map would sort
+/// the keys).
+fn budget_json(train: &TrainConfig) -> Result<String> {
+    serde_json::to_string(&budget_only(train)).map_err(|e| Error::data(format!("fingerprint: {e}")))
+}
+
+/// [`fingerprint`] of the model's and the budget's JSON, with the shards' checksums given (in
+/// the manifest's order).
+fn fingerprint_with(data: &DatasetReader, model_json: &str, budget_json: &str, sums: &[&str]) -> String {
+    let mut text = format!("dataset {}\n", data.meta().name);
+    let shards = data.shard_entries().iter().flat_map(|(split, entries)| entries.iter().map(move |e| (split, e)));
+    for ((split, e), sum) in shards.zip(sums) {
+        text += &format!("shard {split} {} {sum}\n", e.file);
+    }
+    text += &format!("model {model_json}\n");
+    text += &format!("train {budget_json}\n");
+    format!("{}:{:016x}", data.meta().name, checksum(text.as_bytes()))
 }
 
 /// The `train` keys added since the first committed suites (2026-11-27), with the values those
 /// suites ran with: a suite recorded before a key existed has none of them in its fingerprint.
 const ADDED_TRAIN_KEYS: [(&str, &str); 2] = [("val_metric", "ndcg"), ("normalize", "none")];
 
-/// The fingerprint with the `train` keys in `without` left out of the budget's JSON.
-fn fingerprint_of(
-    data: &DatasetReader,
-    model: &ModelConfig,
-    train: &TrainConfig,
-    sums: &[&str],
-    without: &[&str],
-) -> Result<String> {
-    let err = |e: serde_json::Error| Error::data(format!("fingerprint: {e}"));
-    let mut text = format!("dataset {}\n", data.meta().name);
-    let shards = data.shard_entries().iter().flat_map(|(split, entries)| entries.iter().map(move |e| (split, e)));
-    for ((split, e), sum) in shards.zip(sums) {
-        text += &format!("shard {split} {} {sum}\n", e.file);
+/// `budget_json` as it was before [`ADDED_TRAIN_KEYS`] existed: each cut from the text as
+/// `,"key":"value"` (none is the first field); None when the budget has another value of one,
+/// a budget no suite of then could have had.
+fn legacy_budget_json(budget_json: &str) -> Option<String> {
+    let mut budget = budget_json.to_string();
+    for (key, value) in ADDED_TRAIN_KEYS {
+        let field = format!(",\"{key}\":\"{value}\"");
+        if !budget.contains(&field) {
+            return None;
+        }
+        budget = budget.replacen(&field, "", 1);
     }
-    text += &format!("model {}\n", serde_json::to_string(model).map_err(err)?);
-    // The struct's own field order (a JSON map would sort the keys); a key left out is cut
-    // from the text as `,"key":value` (none of them is the first field).
-    let mut budget = serde_json::to_string(&budget_only(train)).map_err(err)?;
-    for (key, value) in ADDED_TRAIN_KEYS.iter().filter(|(k, _)| without.contains(k)) {
-        budget = budget.replacen(&format!(",\"{key}\":\"{value}\""), "", 1);
-    }
-    text += &format!("train {budget}\n");
-    Ok(format!("{}:{:016x}", data.meta().name, checksum(text.as_bytes())))
+    Some(budget)
 }
 
 /// Whether `recorded` is this suite's fingerprint as an earlier version made it: before shard
@@ -132,6 +140,8 @@ pub fn is_legacy_fingerprint(
     if !recorded.starts_with(&format!("{}:", data.meta().name)) {
         return Ok(false);
     }
+    let (model, budget) = (model_json(model)?, budget_json(train)?);
+    let legacy = legacy_budget_json(&budget);
     // In the manifest's order, as `fingerprint` lists the shards.
     let mut candidates: Vec<Vec<String>> = Vec::new();
     for split in data.shard_entries().keys() {
@@ -153,12 +163,7 @@ pub fn is_legacy_fingerprint(
                 pick.as_str()
             })
             .collect();
-        if fingerprint_with(data, model, train, &sums)? == recorded {
-            return Ok(true);
-        }
-        let old_values = train.val_metric == ADDED_TRAIN_KEYS[0].1 && train.normalize == ADDED_TRAIN_KEYS[1].1;
-        let keys: Vec<&str> = ADDED_TRAIN_KEYS.iter().map(|(k, _)| *k).collect();
-        if old_values && fingerprint_of(data, model, train, &sums, &keys)? == recorded {
+        if std::iter::once(&budget).chain(&legacy).any(|b| fingerprint_with(data, &model, b, &sums) == recorded) {
             return Ok(true);
         }
     }
