@@ -116,10 +116,7 @@ impl GruDirection {
             dev.gemm(gh, dhproj.sub(s * items * 3 * hidden, items * 3 * hidden), w_hh, dh.view_mut())?;
         }
         // dW_hh += Σ_s dhproj_sᵀ h_s (rows 0..steps of hs), db_hh += Σ dhproj.
-        let gw =
-            Gemm { m: 3 * hidden, n: hidden, k: steps * items, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 };
-        dev.gemm(gw, dhproj.view(), c.hs.sub(0, steps * items * hidden), self.hidden.weight.of_mut(g))?;
-        dev.bias_bwd(&dhproj, self.bias_hh()?.of_mut(g))?;
+        self.hidden.backward_params(dev, g, c.hs.sub(0, steps * items * hidden), &dhproj)?;
         self.input.backward(dev, w, g, x, &dxproj)
     }
 }

@@ -3,7 +3,7 @@
 use super::params::{Init, Param, ParamStore};
 use crate::Result;
 use crate::backend::{Backend, Gemm};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, View};
 
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -50,12 +50,13 @@ impl Linear {
         Ok(y)
     }
 
-    /// Parameter gradients only (the input needs none, e.g. the first layer on data).
-    pub fn backward_params(&self, dev: &mut dyn Backend, g: &mut Tensor, x: &Tensor, dy: &Tensor) -> Result<()> {
-        let rows = x.rows();
+    /// Parameter gradients only (the input needs none, e.g. the first layer on data). `x` is
+    /// a view (the GRU's states are rows of a larger buffer) with `dy`'s rows.
+    pub fn backward_params(&self, dev: &mut dyn Backend, g: &mut Tensor, x: View, dy: &Tensor) -> Result<()> {
+        let rows = dy.rows();
         let gw =
             Gemm { m: self.outputs, n: self.inputs, k: rows, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 };
-        dev.gemm(gw, dy.view(), x.view(), self.weight.of_mut(g))?;
+        dev.gemm(gw, dy.view(), x, self.weight.of_mut(g))?;
         if let Some(b) = self.bias {
             dev.bias_bwd(dy, b.of_mut(g))?;
         }
@@ -71,7 +72,7 @@ impl Linear {
         x: &Tensor,
         dy: &Tensor,
     ) -> Result<Tensor> {
-        self.backward_params(dev, g, x, dy)?;
+        self.backward_params(dev, g, x.view(), dy)?;
         let rows = x.rows();
         let mut dx = dev.alloc(&[rows, self.inputs])?;
         let gx =

@@ -57,7 +57,7 @@ impl SegmentEmbed {
     ) -> Result<Tensor> {
         let dnormed = dev.gelu_bwd(&c.normed, de)?;
         let ds = self.norm.backward(dev, w, g, c.norm, &dnormed)?;
-        self.psi2.backward_params(dev, g, &c.loc, &ds)?;
+        self.psi2.backward_params(dev, g, c.loc.view(), &ds)?;
         self.psi1.backward(dev, w, g, &c.x, &ds)
     }
 }
