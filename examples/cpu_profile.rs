@@ -2,12 +2,13 @@
 //! item 4), the configuration of `cargo bench --bench cpu`: batch 32, every image 36 regions,
 //! every text 24 tokens.
 //!
-//!     cargo run --release --example cpu_profile [steps]
+//!     cargo run --release --example cpu_profile [steps] [fp32|bf16]
 //!
 //! Prints two markdown tables (train step, embed 32 images + 32 texts), time per step by kind
 //! of op and by op, after two untimed warm-up steps. The op timer (backend/cpu/profile.rs)
 //! measures each backend call's wall time; what the model does between calls is not in it.
 
+use semshare::backend::Precision;
 use semshare::backend::cpu::{Cpu, dispatch, profile};
 use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
 use semshare::rng::Rng;
@@ -20,15 +21,17 @@ fn main() -> semshare::Result<()> {
         Some(s) => s.parse().map_err(|_| semshare::Error::config(format!("steps: `{s}` is not a count")))?,
         None => 10,
     };
+    let precision = Precision::parse(std::env::args().nth(2).as_deref().unwrap_or("fp32"))?;
     profile::enable();
     let cfg = ModelConfig { vocab: 2000, object_classes: 100, labels: 24, ..ModelConfig::small() };
     let mut rng = Rng::new(1);
     let ib = ImageBatch::random(&mut rng, &[cfg.max_regions; BATCH], cfg.region_dim, cfg.object_classes, cfg.labels);
     let tb = TextBatch::random(&mut rng, &[cfg.max_tokens; BATCH], cfg.vocab, cfg.labels);
-    let mut dev = Cpu::new();
+    let mut dev = Cpu::with_precision(precision);
     println!(
-        "CPU path: {}; {} rayon threads; {steps} steps timed\n",
-        dispatch::active()?.path().name(),
+        "CPU path: {}, {}; {} rayon threads; {steps} steps timed\n",
+        dispatch::active()?.describe(),
+        precision.name(),
         rayon::current_num_threads()
     );
 

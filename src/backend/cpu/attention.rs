@@ -8,7 +8,9 @@
 use rayon::prelude::*;
 
 use super::dispatch;
+use super::elementwise::exp_fast;
 use super::gemm::{Strided, gemm_strided};
+use super::simd;
 use crate::backend::{Precision, prob_offsets};
 
 /// Split `buf` into consecutive chunks of `unit × (ends[i+1] - ends[i])` elements.
@@ -22,17 +24,27 @@ fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a
     parts
 }
 
+/// Each row of `p` (length `len`) replaced by its softmax: exponentials by `exp_fast` and the
+/// sum in eight partial sums, so both loops vectorise (`simd::vectorised`).
 fn softmax_rows(p: &mut [f32], len: usize) {
-    for row in p.chunks_exact_mut(len) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
+    simd::vectorised!({
+        for row in p.chunks_exact_mut(len) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for v in row.iter_mut() {
+                *v = exp_fast(*v - max);
+            }
+            let mut partial = [0.0f32; 8];
+            let chunks = row.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().sum();
+            for c in chunks {
+                for (s, v) in partial.iter_mut().zip(c) {
+                    *s += v;
+                }
+            }
+            let inv = 1.0 / (partial.iter().sum::<f32>() + tail);
+            row.iter_mut().for_each(|v| *v *= inv);
         }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
+    })
 }
 
 pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f32>) {

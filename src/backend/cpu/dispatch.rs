@@ -1,7 +1,7 @@
 //! Which instruction-set path the CPU kernels take: detected once per process at run time, the
 //! best one this CPU can run, or the one `SEMSHARE_CPU=amx|avx512|avx2|portable` forces.
 //!
-//! Built paths: `avx512` (AVX-512 F/BW/VL, x86-64; with AVX-512 BF16 its bf16 GEMM runs on
+//! Built paths: `avx512` (AVX-512 F/DQ/BW/VL, x86-64; with AVX-512 BF16 its bf16 GEMM runs on
 //! `vdpbf16ps`), `avx2` (AVX2 + FMA) and `portable` (plain Rust, every target). `amx` is named
 //! so that forcing it is a clear error rather than a silent fall-back: no machine this project
 //! has could run and test it, so it is owed (issue 17), and the best path on a CPU with AMX is
@@ -53,6 +53,7 @@ impl CpuPath {
                 ],
                 CpuPath::Avx512 => &[
                     ("avx512f", is_x86_feature_detected!("avx512f")),
+                    ("avx512dq", is_x86_feature_detected!("avx512dq")),
                     ("avx512bw", is_x86_feature_detected!("avx512bw")),
                     ("avx512vl", is_x86_feature_detected!("avx512vl")),
                 ],

@@ -7,9 +7,11 @@
 //! backward pass. Saved per step at rows s·items.. of gates [steps·items, 4H]: (r, z, n, h_n).
 //!
 //! σ and tanh are the branch-free rational forms (`tanh_fast`), so the gate loop vectorises:
-//! libm's expf/tanhf made these gates a third of the text side's non-GEMM time.
+//! libm's expf/tanhf made these gates a third of the text side's non-GEMM time; the loops are
+//! compiled for the active path (`simd::vectorised!`).
 
 use super::elementwise::tanh_fast;
+use super::simd;
 use crate::backend::GruStep;
 
 /// σ(x) = (1 + tanh(x/2)) / 2: abs error < 1e-6, no branch.
@@ -37,40 +39,42 @@ pub fn step_fwd(
     let gates = &mut gates[step.s * items * 4 * hd..(step.s + 1) * items * 4 * hd];
     let (b_r, b) = bias_hh.split_at(hd);
     let (b_z, b_n) = b.split_at(hd);
-    for b in 0..items {
-        let g = &mut gates[b * 4 * hd..(b + 1) * 4 * hd];
-        let hb = &h_prev[b * hd..(b + 1) * hd];
-        let hn_b = &mut h_next[b * hd..(b + 1) * hd];
-        let Some(row) = step.row(offsets, b) else {
-            g.fill(0.0);
-            hn_b.copy_from_slice(hb);
-            continue;
-        };
-        // Equal-length slices, so the loop below has no bounds checks and vectorises.
-        let x = &xproj[row * 3 * hd..(row + 1) * 3 * hd];
-        let (x_r, x) = x.split_at(hd);
-        let (x_z, x_n) = x.split_at(hd);
-        let hp = &hproj[b * 3 * hd..(b + 1) * 3 * hd];
-        let (h_r, hp) = hp.split_at(hd);
-        let (h_z, h_n) = hp.split_at(hd);
-        let o = &mut out[row * out_cols + step.out_col..row * out_cols + step.out_col + hd];
-        let (g_r, g) = g.split_at_mut(hd);
-        let (g_z, g) = g.split_at_mut(hd);
-        let (g_n, g_hn) = g.split_at_mut(hd);
-        for i in 0..hd {
-            let r = sigmoid_fast(x_r[i] + h_r[i] + b_r[i]);
-            let z = sigmoid_fast(x_z[i] + h_z[i] + b_z[i]);
-            let hh_n = h_n[i] + b_n[i];
-            let n = tanh_fast(x_n[i] + r * hh_n);
-            let hn = (1.0 - z) * n + z * hb[i];
-            hn_b[i] = hn;
-            o[i] = hn;
-            g_r[i] = r;
-            g_z[i] = z;
-            g_n[i] = n;
-            g_hn[i] = hh_n;
+    simd::vectorised!({
+        for b in 0..items {
+            let g = &mut gates[b * 4 * hd..(b + 1) * 4 * hd];
+            let hb = &h_prev[b * hd..(b + 1) * hd];
+            let hn_b = &mut h_next[b * hd..(b + 1) * hd];
+            let Some(row) = step.row(offsets, b) else {
+                g.fill(0.0);
+                hn_b.copy_from_slice(hb);
+                continue;
+            };
+            // Equal-length slices, so the loop below has no bounds checks and vectorises.
+            let x = &xproj[row * 3 * hd..(row + 1) * 3 * hd];
+            let (x_r, x) = x.split_at(hd);
+            let (x_z, x_n) = x.split_at(hd);
+            let hp = &hproj[b * 3 * hd..(b + 1) * 3 * hd];
+            let (h_r, hp) = hp.split_at(hd);
+            let (h_z, h_n) = hp.split_at(hd);
+            let o = &mut out[row * out_cols + step.out_col..row * out_cols + step.out_col + hd];
+            let (g_r, g) = g.split_at_mut(hd);
+            let (g_z, g) = g.split_at_mut(hd);
+            let (g_n, g_hn) = g.split_at_mut(hd);
+            for i in 0..hd {
+                let r = sigmoid_fast(x_r[i] + h_r[i] + b_r[i]);
+                let z = sigmoid_fast(x_z[i] + h_z[i] + b_z[i]);
+                let hh_n = h_n[i] + b_n[i];
+                let n = tanh_fast(x_n[i] + r * hh_n);
+                let hn = (1.0 - z) * n + z * hb[i];
+                hn_b[i] = hn;
+                o[i] = hn;
+                g_r[i] = r;
+                g_z[i] = z;
+                g_n[i] = n;
+                g_hn[i] = hh_n;
+            }
         }
-    }
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -89,35 +93,37 @@ pub fn step_bwd(
     let gates = &gates[s * items * 4 * hd..(s + 1) * items * 4 * hd];
     let h_prev = &hs[s * items * hd..(s + 1) * items * hd];
     let dhproj = &mut dhproj[s * items * 3 * hd..(s + 1) * items * 3 * hd];
-    for b in 0..items {
-        let dhp = &mut dhproj[b * 3 * hd..(b + 1) * 3 * hd];
-        let Some(row) = step.row(offsets, b) else {
-            dhp.fill(0.0); // idle: dh passes through to the previous step untouched
-            continue;
-        };
-        let g = &gates[b * 4 * hd..(b + 1) * 4 * hd];
-        let hp = &h_prev[b * hd..(b + 1) * hd];
-        let dob = &dout[row * out_cols + step.out_col..row * out_cols + step.out_col + hd];
-        let dx = &mut dxproj[row * 3 * hd..(row + 1) * 3 * hd];
-        let dhb = &mut dh[b * hd..(b + 1) * hd];
-        for i in 0..hd {
-            let (r, z, n, h_n) = (g[i], g[hd + i], g[2 * hd + i], g[3 * hd + i]);
-            let d = dhb[i] + dob[i];
-            let dn = d * (1.0 - z);
-            let dz = d * (hp[i] - n);
-            let da_n = dn * (1.0 - n * n);
-            let dr = da_n * h_n;
-            let da_r = dr * r * (1.0 - r);
-            let da_z = dz * z * (1.0 - z);
-            dx[i] = da_r;
-            dx[hd + i] = da_z;
-            dx[2 * hd + i] = da_n;
-            dhp[i] = da_r;
-            dhp[hd + i] = da_z;
-            dhp[2 * hd + i] = da_n * r;
-            dhb[i] = d * z;
+    simd::vectorised!({
+        for b in 0..items {
+            let dhp = &mut dhproj[b * 3 * hd..(b + 1) * 3 * hd];
+            let Some(row) = step.row(offsets, b) else {
+                dhp.fill(0.0); // idle: dh passes through to the previous step untouched
+                continue;
+            };
+            let g = &gates[b * 4 * hd..(b + 1) * 4 * hd];
+            let hp = &h_prev[b * hd..(b + 1) * hd];
+            let dob = &dout[row * out_cols + step.out_col..row * out_cols + step.out_col + hd];
+            let dx = &mut dxproj[row * 3 * hd..(row + 1) * 3 * hd];
+            let dhb = &mut dh[b * hd..(b + 1) * hd];
+            for i in 0..hd {
+                let (r, z, n, h_n) = (g[i], g[hd + i], g[2 * hd + i], g[3 * hd + i]);
+                let d = dhb[i] + dob[i];
+                let dn = d * (1.0 - z);
+                let dz = d * (hp[i] - n);
+                let da_n = dn * (1.0 - n * n);
+                let dr = da_n * h_n;
+                let da_r = dr * r * (1.0 - r);
+                let da_z = dz * z * (1.0 - z);
+                dx[i] = da_r;
+                dx[hd + i] = da_z;
+                dx[2 * hd + i] = da_n;
+                dhp[i] = da_r;
+                dhp[hd + i] = da_z;
+                dhp[2 * hd + i] = da_n * r;
+                dhb[i] = d * z;
+            }
         }
-    }
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use super::simd;
+
 const PAR_ROWS: usize = 64;
 const LANES: usize = 8;
 
@@ -29,14 +31,16 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, V
     let mut y = crate::tensor::host_pool::dirty(x.len()); // every element is written
     let mut stats = crate::tensor::host_pool::dirty(rows * 2); // every element is written
     let row = |(y, (st, x)): (&mut [f32], (&mut [f32], &[f32]))| {
-        let mean = sum2(x, x, |a, _| a) / d as f32;
-        let var = sum2(x, x, |a, _| (a - mean) * (a - mean)) / d as f32;
-        let rstd = 1.0 / (var + eps).sqrt();
-        for i in 0..d {
-            y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
-        }
-        st[0] = mean;
-        st[1] = rstd;
+        simd::vectorised!({
+            let mean = sum2(x, x, |a, _| a) / d as f32;
+            let var = sum2(x, x, |a, _| (a - mean) * (a - mean)) / d as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for i in 0..d {
+                y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
+            }
+            st[0] = mean;
+            st[1] = rstd;
+        })
     };
     if rows >= PAR_ROWS {
         y.par_chunks_mut(d).zip(stats.par_chunks_mut(2).zip(x.par_chunks(d))).for_each(row);
@@ -59,30 +63,34 @@ pub fn backward(
     let mut dx = crate::tensor::host_pool::dirty(x.len()); // every element is written
     type Row<'a> = (&'a mut [f32], (&'a [f32], (&'a [f32], &'a [f32])));
     let row = |(dx, (st, (x, dy))): Row| {
-        let (mean, rstd) = (st[0], st[1]);
-        // g = dy ⊙ γ; dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂))
-        for i in 0..d {
-            dx[i] = dy[i] * gamma[i];
-        }
-        let mg = sum2(dx, dx, |g, _| g) / d as f32;
-        let mgx = sum2(dx, x, |g, v| g * (v - mean)) * rstd / d as f32;
-        for i in 0..d {
-            let xhat = (x[i] - mean) * rstd;
-            dx[i] = rstd * (dx[i] - mg - xhat * mgx);
-        }
+        simd::vectorised!({
+            let (mean, rstd) = (st[0], st[1]);
+            // g = dy ⊙ γ; dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂))
+            for i in 0..d {
+                dx[i] = dy[i] * gamma[i];
+            }
+            let mg = sum2(dx, dx, |g, _| g) / d as f32;
+            let mgx = sum2(dx, x, |g, v| g * (v - mean)) * rstd / d as f32;
+            for i in 0..d {
+                let xhat = (x[i] - mean) * rstd;
+                dx[i] = rstd * (dx[i] - mg - xhat * mgx);
+            }
+        })
     };
     if rows >= PAR_ROWS {
         dx.par_chunks_mut(d).zip(stats.par_chunks(2).zip(x.par_chunks(d).zip(dy.par_chunks(d)))).for_each(row);
     } else {
         dx.chunks_mut(d).zip(stats.chunks(2).zip(x.chunks(d).zip(dy.chunks(d)))).for_each(row);
     }
-    for r in 0..rows {
-        let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
-        let (x, dy) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-        for i in 0..d {
-            dgamma[i] += dy[i] * (x[i] - mean) * rstd;
-            dbeta[i] += dy[i];
+    simd::vectorised!({
+        for r in 0..rows {
+            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+            let (x, dy) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+            for i in 0..d {
+                dgamma[i] += dy[i] * (x[i] - mean) * rstd;
+                dbeta[i] += dy[i];
+            }
         }
-    }
+    });
     dx
 }

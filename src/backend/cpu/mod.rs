@@ -13,6 +13,7 @@ pub mod microkernel;
 pub mod optim;
 pub mod positions;
 pub mod profile;
+pub mod simd;
 pub mod topk;
 
 use super::{
