@@ -263,45 +263,69 @@ impl Micro for F32Avx512 {
     const KG: usize = 1;
 
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
-        // SAFETY: as the trait's contract: the CPU has AVX-512 F.
-        unsafe { avx512_f32(kc, a, b, alpha, beta, out) }
+        // SAFETY: as the trait's contract: the CPU has AVX-512 F. An edge tile of at most 4
+        // rows or 16 columns multiplies only those (attention's 36 × 36 per-head products
+        // computed 64 columns for 36 and 40 rows for 36); each element of C gets the same
+        // products in the same order whichever variant computes it.
+        unsafe {
+            match (out.rows <= 4, out.cols <= 16) {
+                (false, false) => avx512_f32::<8, 2>(kc, a, b, alpha, beta, out),
+                (false, true) => avx512_f32::<8, 1>(kc, a, b, alpha, beta, out),
+                (true, false) => avx512_f32::<4, 2>(kc, a, b, alpha, beta, out),
+                (true, true) => avx512_f32::<4, 1>(kc, a, b, alpha, beta, out),
+            }
+        }
     }
 }
 
+/// The first R rows and 16·H columns of an 8 × 32 tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn avx512_f32(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
+unsafe fn avx512_f32<const R: usize, const H: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    alpha: f32,
+    beta: f32,
+    out: TileOut,
+) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
-    // SAFETY: step p reads a[p·8 .. +8] and b[p·32 .. +32], inside the slivers.
+    let mut acc = [[_mm512_setzero_ps(); H]; R];
+    // SAFETY: step p reads a[p·8 .. +R] and b[p·32 .. +16·H], inside the slivers.
     unsafe {
         for p in 0..kc {
             let bp = b.add(p * 32);
-            let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)));
+            let bv: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(bp.add(16 * h)));
             let ap = a.add(p * 8);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*ap.add(i));
-                acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
+                for (acc, &bh) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(ai, bh, *acc);
+                }
             }
         }
         store_avx512(&acc, alpha, beta, out);
     }
 }
 
-/// The 8 × 32 accumulators through `out`: masked vector stores along a contiguous row of C
+/// The R × 16·H accumulators through `out`: masked vector stores along a contiguous row of C
 /// (edge tiles too), element by element otherwise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn store_avx512(acc: &[[std::arch::x86_64::__m512; 2]; 8], alpha: f32, beta: f32, out: TileOut) {
+unsafe fn store_avx512<const R: usize, const H: usize>(
+    acc: &[[std::arch::x86_64::__m512; H]; R],
+    alpha: f32,
+    beta: f32,
+    out: TileOut,
+) {
     use std::arch::x86_64::*;
     // SAFETY: only the rows × cols elements of the tile are read or written (masked lanes are
     // neither loaded nor stored), which the caller guarantees are inside C.
     unsafe {
         if out.cs == 1 {
             let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
-            let masks = [0, 16].map(|first| {
-                let n = out.cols.saturating_sub(first).min(16) as u32;
+            let masks: [__mmask16; H] = std::array::from_fn(|h| {
+                let n = out.cols.saturating_sub(16 * h).min(16) as u32;
                 ((1u32 << n) - 1) as __mmask16
             });
             for (i, acc) in acc.iter().enumerate().take(out.rows) {
@@ -319,8 +343,9 @@ unsafe fn store_avx512(acc: &[[std::arch::x86_64::__m512; 2]; 8], alpha: f32, be
         } else {
             let mut tile = [[0f32; 32]; 8];
             for (row, acc) in tile.iter_mut().zip(acc) {
-                _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
-                _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+                for (h, &v) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(row.as_mut_ptr().add(16 * h), v);
+                }
             }
             store_scalar(tile.as_flattened(), 32, alpha, beta, out);
         }
