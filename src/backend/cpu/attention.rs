@@ -29,7 +29,19 @@ fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a
 fn softmax_rows(p: &mut [f32], len: usize) {
     simd::vectorised!({
         for row in p.chunks_exact_mut(len) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // Eight running maxima by comparison (`f32::max`'s NaN rule kept the fold scalar);
+            // a NaN still reaches every output through its exponential and the sum.
+            let mut maxima = [f32::NEG_INFINITY; 8];
+            let chunks = row.chunks_exact(8);
+            let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            for c in chunks {
+                for (m, &v) in maxima.iter_mut().zip(c) {
+                    *m = if v > *m { v } else { *m };
+                }
+            }
+            for m in maxima {
+                max = if m > max { m } else { max };
+            }
             for v in row.iter_mut() {
                 *v = exp_fast(*v - max);
             }
@@ -164,13 +176,23 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
                     Strided::rows(len),
                 );
             }
-            // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
-            for (dsr, pr) in ds.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
-                let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                for (g, &pij) in dsr.iter_mut().zip(pr) {
-                    *g = pij * (*g - dot) * scale;
+            // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, the row sums in eight partial sums
+            simd::vectorised!({
+                for (dsr, pr) in ds.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
+                    let mut partial = [0.0f32; 8];
+                    let (chunks, pchunks) = (dsr.chunks_exact(8), pr.chunks_exact(8));
+                    let tail: f32 = chunks.remainder().iter().zip(pchunks.remainder()).map(|(a, b)| a * b).sum();
+                    for (c, pc) in chunks.zip(pchunks) {
+                        for ((s, a), b) in partial.iter_mut().zip(c).zip(pc) {
+                            *s += a * b;
+                        }
+                    }
+                    let dot = partial.iter().sum::<f32>() + tail;
+                    for (g, &pij) in dsr.iter_mut().zip(pr) {
+                        *g = pij * (*g - dot) * scale;
+                    }
                 }
-            }
+            });
             unsafe {
                 // dQ = dS K ; dK = dSᵀ Q
                 gemm_strided(
