@@ -196,3 +196,33 @@ fn strided_operands() {
         }
     }
 }
+
+/// `gemm_bias` (the bias added where the micro-kernel stores a tile) is bit for bit `gemm`
+/// followed by adding the bias to every row, on every path and precision: edge tiles, several
+/// slices of k (the bias is added once), the row- and column-parallel splits, k = 0, beta ≠ 0.
+#[test]
+fn gemm_bias_is_gemm_then_bias_bitwise() {
+    let mut rng = Rng::new(17);
+    for run in runnable() {
+        for (m, k, n) in
+            [(1, 1, 1), (7, 33, 5), (37, 300, 19), (97, 513, 50), (1152, 256, 768), (100, 300, 600), (9, 0, 13)]
+        {
+            for (trans_b, beta) in [(true, 0.0), (false, 0.0), (true, 0.75)] {
+                let g = Gemm { m, n, k, trans_a: false, trans_b, alpha: 1.0, beta };
+                let (a, b, bias) = (random(&mut rng, m * k), random(&mut rng, k * n), random(&mut rng, n));
+                let c0 = random(&mut rng, m * n);
+                let mut want = c0.clone();
+                gemm(run.0, run.1, g, &a, &b, &mut want);
+                for row in want.chunks_exact_mut(n) {
+                    for (v, b) in row.iter_mut().zip(&bias) {
+                        *v += b;
+                    }
+                }
+                let mut got = c0.clone();
+                semshare::backend::cpu::gemm::gemm_bias(run.0, run.1, g, &a, &b, Some(&bias), &mut got);
+                let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{} {:?} {m}×{k}×{n} trans_b {trans_b} beta {beta}", run.0.describe(), run.1);
+            }
+        }
+    }
+}

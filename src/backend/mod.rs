@@ -199,6 +199,14 @@ pub trait Backend {
 
     // ---- dense algebra ------------------------------------------------------------------
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()>;
+    /// [`Backend::gemm`] into `c`, then `bias` added to each of its rows (a linear layer's
+    /// forward): the same values as `gemm` and `add_bias` in turn. The CPU adds the bias
+    /// where its micro-kernel stores a tile, so c is not read and written a second time; the
+    /// default runs the two ops.
+    fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
+        self.gemm(g, a, b, c.view_mut())?;
+        self.add_bias(c, bias)
+    }
     /// `y[r, :] += bias`.
     fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()>;
     /// `dbias += Σ_r dy[r, :]`.

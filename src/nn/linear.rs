@@ -43,9 +43,9 @@ impl Linear {
         }
         let mut y = dev.alloc(&[rows, self.outputs])?;
         let g = Gemm { m: rows, n: self.outputs, k: self.inputs, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
-        dev.gemm(g, x.view(), self.weight.of(w), y.view_mut())?;
-        if let Some(b) = self.bias {
-            dev.add_bias(&mut y, b.of(w))?;
+        match self.bias {
+            Some(b) => dev.gemm_bias(g, x.view(), self.weight.of(w), b.of(w), &mut y)?,
+            None => dev.gemm(g, x.view(), self.weight.of(w), y.view_mut())?,
         }
         Ok(y)
     }

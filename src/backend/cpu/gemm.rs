@@ -50,14 +50,35 @@ impl Strided {
 /// # Panics
 /// If a slice is shorter than its shape (the callers check shapes first).
 pub fn gemm(kernels: Kernels, precision: Precision, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    gemm_bias(kernels, precision, g, a, b, None, c)
+}
+
+/// [`gemm`], then `bias` (n values) added to every row of c in the same pass: the micro-kernel
+/// adds it where it stores the tile (`Backend::gemm_bias`, a linear layer's forward), so c is
+/// not read and written again. The same value as [`gemm`] followed by `add_bias`, bit for bit.
+///
+/// # Panics
+/// If a slice is shorter than its shape (the callers check shapes first).
+pub fn gemm_bias(
+    kernels: Kernels,
+    precision: Precision,
+    g: Gemm,
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+) {
     let Gemm { m, n, k, trans_a, trans_b, alpha, beta } = g;
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand shorter than its shape");
+    assert!(bias.is_none_or(|b| b.len() >= n), "gemm: bias shorter than a row");
     let sa = if trans_a { Strided::transposed(m) } else { Strided::rows(k) };
     let sb = if trans_b { Strided::transposed(k) } else { Strided::rows(n) };
-    let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-    // SAFETY: the strides address exactly a[..m·k], b[..k·n], c[..m·n], checked above; c is a
-    // unique borrow, so it aliases neither a nor b.
-    unsafe { gemm_strided(kernels, precision, m, k, n, alpha, a, sa, b, sb, beta, c, Strided::rows(n)) }
+    let bias = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
+    let (a, b, c, sc) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), Strided::rows(n));
+    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias };
+    // SAFETY: the strides address exactly a[..m·k], b[..k·n], c[..m·n] and bias[..n], checked
+    // above; c is a unique borrow, so it aliases none of the others.
+    unsafe { solve(kernels, precision, p) }
 }
 
 /// `c = alpha·a·b + beta·c` at `precision` with a [m,k], b [k,n], c [m,n] given by their
@@ -84,7 +105,16 @@ pub unsafe fn gemm_strided(
     c: *mut f32,
     sc: Strided,
 ) {
-    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc };
+    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias: std::ptr::null() };
+    // SAFETY: as the caller guarantees.
+    unsafe { solve(kernels, precision, p) }
+}
+
+/// One problem on the micro-kernel of `precision` and the path of `kernels`.
+///
+/// # Safety
+/// As for [`gemm_strided`]; a non-null bias holds n values.
+unsafe fn solve(kernels: Kernels, precision: Precision, p: Problem) {
     // SAFETY (of each call): as the caller guarantees; `Kernels` for a path exists only on a
     // CPU with that path's features, and `bf16_native` only on one with AVX-512 F and BF16.
     unsafe {
@@ -115,6 +145,8 @@ struct Problem {
     beta: f32,
     c: *mut f32,
     sc: Strided,
+    /// Added to every row of C with the last slice of k (null: none).
+    bias: *const f32,
 }
 
 // SAFETY: a `Problem` is shared between the threads of one call, which read A and B and write
@@ -138,6 +170,7 @@ impl Problem {
                 a: self.a.offset(i * self.sa.rs + p * self.sa.cs),
                 b: self.b.offset(p * self.sb.rs + j * self.sb.cs),
                 c: self.c.offset(i * self.sc.rs + j * self.sc.cs),
+                bias: if self.bias.is_null() { self.bias } else { self.bias.offset(j) },
                 ..self
             }
         }
@@ -154,8 +187,8 @@ where
         return;
     }
     if k == 0 {
-        // SAFETY: as the caller guarantees for C.
-        unsafe { scale(m, n, p.beta, p.c, p.sc) };
+        // SAFETY: as the caller guarantees for C and the bias.
+        unsafe { scale(m, n, p.beta, p.c, p.sc, p.bias) };
         return;
     }
     let mc = 16 * K::MR;
@@ -217,14 +250,17 @@ fn with_buffer<T: Buffers, R>(which: usize, len: usize, f: impl FnOnce(&mut [T])
     })
 }
 
-/// `c = beta·c` (k = 0); beta = 0 writes zeros without reading c.
-unsafe fn scale(m: usize, n: usize, beta: f32, c: *mut f32, sc: Strided) {
+/// `c = beta·c (+ bias)` (k = 0); beta = 0 writes zeros without reading c.
+unsafe fn scale(m: usize, n: usize, beta: f32, c: *mut f32, sc: Strided, bias: *const f32) {
     for i in 0..m as isize {
         for j in 0..n as isize {
-            // SAFETY: (i, j) is inside C.
+            // SAFETY: (i, j) is inside C, j inside a non-null bias.
             unsafe {
                 let p = c.offset(i * sc.rs + j * sc.cs);
                 *p = if beta == 0.0 { 0.0 } else { beta * *p };
+                if !bias.is_null() {
+                    *p += *bias.offset(j);
+                }
             }
         }
     }
@@ -245,10 +281,13 @@ where
             let nc = nc_max.min(n - jc);
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
-                // The first slice of k applies beta; the later ones add to what it wrote.
-                let beta = if pc == 0 { p.beta } else { 1.0 };
                 // SAFETY: the kc × nc block at (pc, jc) is inside the problem.
-                let slice = Problem { beta, ..unsafe { p.block(0, m, pc, kc, jc, nc) } };
+                let slice = unsafe { p.block(0, m, pc, kc, jc, nc) };
+                // The first slice of k applies beta, the later ones add to what it wrote, and
+                // the last adds the bias (as `add_bias` after the product would).
+                let beta = if pc == 0 { p.beta } else { 1.0 };
+                let bias = if pc + kc == k { slice.bias } else { std::ptr::null() };
+                let slice = Problem { beta, bias, ..slice };
                 let pb = &mut pb[..panel(nc, kc)];
                 let (line, along) = (slice.sb.cs, slice.sb.rs);
                 if row_parts == 1 {
@@ -310,6 +349,7 @@ where
                             cs: sc.cs,
                             rows: mr.min(mc - ir),
                             cols: nr.min(nc - jr),
+                            bias: if p.bias.is_null() { p.bias } else { p.bias.add(jr) },
                         };
                         K::tile(kc, pa.as_ptr().add(ir * kp), bs, p.alpha, p.beta, out);
                     }

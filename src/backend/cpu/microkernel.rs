@@ -1,6 +1,6 @@
 //! The GEMM micro-kernels: one MR × NR tile of C from a packed A sliver and a packed B sliver,
-//! `C = alpha·A·B + beta·C`. `beta == 0` never reads C (it may hold garbage or NaN). Blocking
-//! and packing: gemm.rs.
+//! `C = alpha·A·B + beta·C (+ bias on every row)`. `beta == 0` never reads C (it may hold
+//! garbage or NaN). Blocking and packing: gemm.rs.
 //!
 //! A sliver holds, for each group of `KG` consecutive k, its `MR` (or `NR`) lines side by side,
 //! the group's `KG` values of a line together: `[k / KG][line][k % KG]`. fp32 kernels take one
@@ -25,6 +25,8 @@ pub struct TileOut {
     pub cs: isize,
     pub rows: usize,
     pub cols: usize,
+    /// `bias[j]` added to column j of every row as the tile is stored (null: none).
+    pub bias: *const f32,
 }
 
 /// A packed operand element: fp32 as it is, or bf16.
@@ -133,6 +135,9 @@ unsafe fn store_scalar(acc: &[f32], nr: usize, alpha: f32, beta: f32, out: TileO
             unsafe {
                 let p = out.c.offset(i as isize * out.rs + j as isize * out.cs);
                 *p = if beta == 0.0 { alpha * v } else { alpha * v + beta * *p };
+                if !out.bias.is_null() {
+                    *p += *out.bias.add(j);
+                }
             }
         }
     }
@@ -236,6 +241,7 @@ unsafe fn avx2_f32(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f3
                     } else {
                         _mm256_fmadd_ps(vb, _mm256_loadu_ps(ph), _mm256_mul_ps(va, v))
                     };
+                    let r = if out.bias.is_null() { r } else { _mm256_add_ps(r, _mm256_loadu_ps(out.bias.add(8 * h))) };
                     _mm256_storeu_ps(ph, r);
                 }
             }
@@ -336,6 +342,10 @@ unsafe fn store_avx512<const R: usize, const H: usize>(
                         _mm512_mul_ps(va, v)
                     } else {
                         _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask, ph), _mm512_mul_ps(va, v))
+                    };
+                    let r = match out.bias.is_null() {
+                        true => r,
+                        false => _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask, out.bias.add(16 * h))),
                     };
                     _mm512_mask_storeu_ps(ph, mask, r);
                 }

@@ -47,6 +47,15 @@ impl Cpu {
     pub fn precision(&self) -> Precision {
         self.precision
     }
+
+    /// The arithmetic of one layer GEMM. Products of few rows (a training batch's 32-row GRU
+    /// recurrence) stay fp32. Chosen when bf16 was slower there (60 µs against 33 µs on Zen
+    /// 4); since bf16 pairs are packed by AVX transposes it is faster (21 µs). bf16 training's
+    /// loss curve was measured with this rule (within 2e-4 of fp32, docs/results/cpu.md); a
+    /// bf16 recurrence is not. Inference's 64-item chunks are bf16.
+    fn gemm_precision(&self, g: Gemm) -> Precision {
+        if g.m < BF16_MIN_ROWS { Precision::F32 } else { self.precision }
+    }
 }
 
 fn check_ids(op: &'static str, ids: &[u32], bound: usize) -> Result<()> {
@@ -136,13 +145,20 @@ impl Backend for Cpu {
         expect_len("gemm", "a", a.len(), g.m * g.k)?;
         expect_len("gemm", "b", b.len(), g.k * g.n)?;
         expect_len("gemm", "c", c.len(), g.m * g.n)?;
-        // Products of few rows (a training batch's 32-row GRU recurrence) stay fp32. Chosen when
-        // bf16 was slower there (60 µs against 33 µs on Zen 4); since bf16 pairs are packed by
-        // AVX transposes it is faster (21 µs). bf16 training's loss curve was measured with
-        // this rule (within 2e-4 of fp32, docs/results/cpu.md); a bf16 recurrence is not.
-        // Inference's 64-item chunks are bf16.
-        let precision = if g.m < BF16_MIN_ROWS { Precision::F32 } else { self.precision };
-        gemm::gemm(dispatch::active()?, precision, g, a.cpu(), b.cpu(), c.cpu());
+        gemm::gemm(dispatch::active()?, self.gemm_precision(g), g, a.cpu(), b.cpu(), c.cpu());
+        Ok(())
+    }
+
+    fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
+        let _timer = profile::time("gemm");
+        expect_len("gemm", "a", a.len(), g.m * g.k)?;
+        expect_len("gemm", "b", b.len(), g.k * g.n)?;
+        expect_len("gemm", "c", c.len(), g.m * g.n)?;
+        expect_cols("gemm_bias", c)?;
+        expect_len("gemm_bias", "bias", bias.len(), c.cols())?;
+        expect_len("gemm_bias", "bias", bias.len(), g.n)?;
+        let precision = self.gemm_precision(g);
+        gemm::gemm_bias(dispatch::active()?, precision, g, a.cpu(), b.cpu(), Some(bias.cpu()), c.cpu_mut());
         Ok(())
     }
 
