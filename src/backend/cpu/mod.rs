@@ -24,6 +24,19 @@ use super::{
 use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
 
+/// The op timer's name of a GEMM, by the role its transposes give it in the model: a layer's
+/// input gradient dY·W (`gemm dY·W`), its weight gradient dYᵀ·X (`gemm dYᵀ·X`), the forward
+/// without a bias (`gemm x·Wᵀ`); under 64 rows (the GRU's recurrence) `gemm < 64 rows`.
+fn gemm_name(g: Gemm) -> &'static str {
+    match (g.m < BF16_MIN_ROWS, g.trans_a, g.trans_b) {
+        (true, ..) => "gemm < 64 rows",
+        (false, false, true) => "gemm x·Wᵀ",
+        (false, false, false) => "gemm dY·W",
+        (false, true, false) => "gemm dYᵀ·X",
+        (false, true, true) => "gemm Aᵀ·Bᵀ",
+    }
+}
+
 /// Below this many rows a `--precision bf16` GEMM runs in fp32 (`Backend::gemm`).
 pub const BF16_MIN_ROWS: usize = 64;
 
@@ -141,7 +154,7 @@ impl Backend for Cpu {
     }
 
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
-        let _timer = profile::time("gemm");
+        let _timer = profile::time(gemm_name(g));
         expect_len("gemm", "a", a.len(), g.m * g.k)?;
         expect_len("gemm", "b", b.len(), g.k * g.n)?;
         expect_len("gemm", "c", c.len(), g.m * g.n)?;
@@ -150,7 +163,7 @@ impl Backend for Cpu {
     }
 
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
-        let _timer = profile::time("gemm");
+        let _timer = profile::time("gemm x·Wᵀ+b");
         expect_len("gemm", "a", a.len(), g.m * g.k)?;
         expect_len("gemm", "b", b.len(), g.k * g.n)?;
         expect_len("gemm", "c", c.len(), g.m * g.n)?;

@@ -47,7 +47,7 @@ pub fn reset() {
 /// The kind of work an op is, for the table's grouping.
 pub fn kind(op: &str) -> &'static str {
     match op {
-        "gemm" => "GEMM",
+        _ if op.starts_with("gemm") => "GEMM",
         "gru_step_fwd" | "gru_step_bwd" => "GRU (gates)",
         "attention_fwd" | "attention_bwd" => "attention",
         "layernorm_fwd" | "layernorm_bwd" => "layer norm",
