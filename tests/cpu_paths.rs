@@ -1,4 +1,4 @@
-//! The CPU's elementwise, norm and GRU-gate ops compiled for each instruction-set
+//! The CPU's elementwise, norm (plain and fused with the residual join) and GRU-gate ops compiled for each instruction-set
 //! path (`backend/cpu/simd.rs`) give bitwise the portable path's results, on fresh random
 //! inputs. The path is chosen once per process, so the test runs itself once per path with
 //! `SEMSHARE_CPU` forced and compares what each child prints, op by op. A path this machine
@@ -81,6 +81,17 @@ fn outputs(seed: u64) -> Vec<String> {
         put(&format!("layernorm_bwd {tag}"), &down(d, &dx));
         put(&format!("layernorm_bwd dgamma {tag}"), &down(d, &dgamma));
         put(&format!("layernorm_bwd dbeta {tag}"), &down(d, &dbeta));
+
+        let mut s = dy.clone();
+        let (y, stats) = d.residual_layernorm_fwd(&mut s, &x, gamma.view(), beta.view(), 1e-5, 0.3, seed).unwrap();
+        put(&format!("residual_layernorm_fwd s {tag}"), &down(d, &s));
+        put(&format!("residual_layernorm_fwd y {tag}"), &down(d, &y));
+        let (dx, da) = d
+            .residual_layernorm_bwd(&s, &stats, gamma.view(), &dy, dgamma.view_mut(), dbeta.view_mut(), 0.3, seed)
+            .unwrap();
+        put(&format!("residual_layernorm_bwd dx {tag}"), &down(d, &dx));
+        put(&format!("residual_layernorm_bwd da {tag}"), &down(d, &da));
+        put(&format!("residual_layernorm_bwd dgamma {tag}"), &down(d, &dgamma));
     }
 
     // Items of 36, 1, 17 and 40 steps (loops of every length mod 8 and 16).

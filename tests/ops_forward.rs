@@ -895,3 +895,56 @@ fn cpu_path_is_the_forced_one() {
         _ => assert_eq!(active, dispatch::best().path()),
     }
 }
+
+/// The CPU's fused post-LN join (`residual_layernorm_fwd`/`_bwd`, one visit per row) is bit
+/// for bit its definition as separate ops: dropout, residual add, LayerNorm; LayerNorm's
+/// backward, then the mask on a copy. Rows whose start is not a multiple of four (d = 19) take
+/// the dropout hash groups across rows, as the unfused op does.
+#[test]
+fn residual_layernorm_is_its_ops_bitwise() {
+    let bits = |t: &[f32]| t.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for (rows, d) in [(3, 19), (70, 19), (1152, 256), (5, 1)] {
+        for p in [0.0, 0.3] {
+            let mut dev = dev();
+            let b: &mut dyn Backend = &mut dev;
+            let seed = 11 + rows as u64;
+            let n = rows * d;
+            let (a0, x, dy) = (randv(seed, n), randv(seed ^ 1, n), randv(seed ^ 2, n));
+            let (gamma, beta) = (randv(seed ^ 3, d), randv(seed ^ 4, d));
+            let up = |b: &mut dyn Backend, v: &[f32], shape: &[usize]| b.upload(v, shape).unwrap();
+            let (xt, dyt) = (up(b, &x, &[rows, d]), up(b, &dy, &[rows, d]));
+            let (g, be) = (up(b, &gamma, &[d]), up(b, &beta, &[d]));
+
+            let mut a = up(b, &a0, &[rows, d]);
+            let (y, stats) = b.residual_layernorm_fwd(&mut a, &xt, g.view(), be.view(), 1e-5, p, 7).unwrap();
+            let mut dgamma = up(b, &vec![0.5; d], &[d]);
+            let mut dbeta = up(b, &vec![0.25; d], &[d]);
+            let (dx, da) = b
+                .residual_layernorm_bwd(&a, &stats, g.view(), &dyt, dgamma.view_mut(), dbeta.view_mut(), p, 7)
+                .unwrap();
+
+            let mut s = up(b, &a0, &[rows, d]);
+            b.dropout_fwd(&mut s, p, 7).unwrap();
+            b.add_assign(&mut s, &xt).unwrap();
+            let (y2, stats2) = b.layernorm_fwd(&s, g.view(), be.view(), 1e-5).unwrap();
+            let mut dgamma2 = up(b, &vec![0.5; d], &[d]);
+            let mut dbeta2 = up(b, &vec![0.25; d], &[d]);
+            let dx2 = b.layernorm_bwd(&s, &stats2, g.view(), &dyt, dgamma2.view_mut(), dbeta2.view_mut()).unwrap();
+            let mut da2 = dx2.clone();
+            b.dropout_bwd(&mut da2, p, 7).unwrap();
+
+            let what = format!("rows {rows}, d {d}, p {p}");
+            for (name, got, want) in [
+                ("s", &a, &s),
+                ("y", &y, &y2),
+                ("stats", &stats, &stats2),
+                ("dx", &dx, &dx2),
+                ("da", &da, &da2),
+                ("dgamma", &dgamma, &dgamma2),
+                ("dbeta", &dbeta, &dbeta2),
+            ] {
+                assert_eq!(bits(got.cpu()), bits(want.cpu()), "{name}: {what}");
+            }
+        }
+    }
+}

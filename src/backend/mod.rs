@@ -262,7 +262,8 @@ pub trait Backend {
     ) -> Result<Tensor>;
     /// The post-LN join of a sublayer: `a ← x + dropout(a)` (kept: LayerNorm backward reads
     /// it), then LayerNorm of it; returns y and the saved `[rows, 2]` (mean, rstd). The same
-    /// values as `dropout_fwd`, `add_assign`, `layernorm_fwd` in turn, in one pass on CUDA.
+    /// values as `dropout_fwd`, `add_assign`, `layernorm_fwd` in turn (bit for bit on the
+    /// CPU), in one pass over the rows on both devices.
     #[allow(clippy::too_many_arguments)]
     fn residual_layernorm_fwd(
         &mut self,
@@ -276,7 +277,7 @@ pub trait Backend {
     ) -> Result<(Tensor, Tensor)>;
     /// Backward of [`Backend::residual_layernorm_fwd`] from its saved input s: returns
     /// `(dx, da)`, the residual's gradient (`layernorm_bwd`) and the sublayer's (`dx` through
-    /// the dropout mask), and accumulates dgamma and dbeta. One row pass on CUDA, no copy.
+    /// the dropout mask), and accumulates dgamma and dbeta. One row pass, no copy.
     #[allow(clippy::too_many_arguments)]
     fn residual_layernorm_bwd(
         &mut self,

@@ -165,20 +165,45 @@ pub fn dropout_uniform(seed: u64, i: u64) -> f32 {
 /// Splits the tensor over the pool in blocks whose start is a multiple of four, so every block
 /// sees the same masks `dropout_uniform` defines.
 pub fn dropout(x: &mut [f32], p: f32, seed: u64) {
-    if p <= 0.0 {
+    let Some(rule) = DropoutRule::new(p, seed) else {
         return;
-    }
-    let scale = 1.0 / (1.0 - p);
-    // Keep iff the 16-bit draw u satisfies u / 65536 ≥ p, i.e. u ≥ ⌈p · 65536⌉.
-    let threshold = (p as f64 * 65536.0).ceil() as u32;
-    const BLOCK: usize = 4096;
-    let body = |(b, x): (usize, &mut [f32])| {
-        simd::vectorised!(dropout_block(x, (b * BLOCK / 4) as u64, seed, threshold, scale))
     };
+    const BLOCK: usize = 4096;
+    let body = |(b, x): (usize, &mut [f32])| simd::vectorised!(rule.apply(x, (b * BLOCK) as u64));
     if x.len() >= PAR_MIN {
         x.par_chunks_mut(BLOCK).enumerate().for_each(body);
     } else {
         x.chunks_mut(BLOCK).enumerate().for_each(body);
+    }
+}
+
+/// One dropout call's rule: keep element i iff its 16-bit draw u (`dropout_uniform`) satisfies
+/// u / 65536 ≥ p, i.e. u ≥ ⌈p · 65536⌉, and scale what is kept by 1/(1-p).
+#[derive(Clone, Copy, Debug)]
+pub struct DropoutRule {
+    seed: u64,
+    threshold: u32,
+    scale: f32,
+}
+
+impl DropoutRule {
+    /// None for p ≤ 0: nothing is dropped or scaled.
+    pub fn new(p: f32, seed: u64) -> Option<Self> {
+        (p > 0.0).then(|| DropoutRule { seed, threshold: (p as f64 * 65536.0).ceil() as u32, scale: 1.0 / (1.0 - p) })
+    }
+
+    /// Dropout of `x`, whose first element is element `first` of the tensor (any offset: a
+    /// row of a fused op starts wherever the row does).
+    #[inline(always)]
+    pub fn apply(self, x: &mut [f32], first: u64) {
+        let lead = (((4 - first % 4) % 4) as usize).min(x.len());
+        let (head, rest) = x.split_at_mut(lead);
+        for (i, v) in head.iter_mut().enumerate() {
+            let e = first + i as u64;
+            let u = (dropout_hash(self.seed, e / 4) >> (16 * (e % 4))) as u16 as u32;
+            *v = if u >= self.threshold { *v * self.scale } else { 0.0 };
+        }
+        dropout_block(rest, (first + lead as u64) / 4, self.seed, self.threshold, self.scale);
     }
 }
 

@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::elementwise::DropoutRule;
 use super::simd;
 
 const PAR_ROWS: usize = 64;
@@ -30,24 +31,133 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, V
     let rows = x.len() / d;
     let mut y = crate::tensor::host_pool::dirty(x.len()); // every element is written
     let mut stats = crate::tensor::host_pool::dirty(rows * 2); // every element is written
-    let row = |(y, (st, x)): (&mut [f32], (&mut [f32], &[f32]))| {
-        simd::vectorised!({
-            let mean = sum2(x, x, |a, _| a) / d as f32;
-            let var = sum2(x, x, |a, _| (a - mean) * (a - mean)) / d as f32;
-            let rstd = 1.0 / (var + eps).sqrt();
-            for i in 0..d {
-                y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
-            }
-            st[0] = mean;
-            st[1] = rstd;
-        })
-    };
+    let row =
+        |(y, (st, x)): (&mut [f32], (&mut [f32], &[f32]))| simd::vectorised!(normalize_row(y, st, x, gamma, beta, eps));
     if rows >= PAR_ROWS {
         y.par_chunks_mut(d).zip(stats.par_chunks_mut(2).zip(x.par_chunks(d))).for_each(row);
     } else {
         y.chunks_mut(d).zip(stats.chunks_mut(2).zip(x.chunks(d))).for_each(row);
     }
     (y, stats)
+}
+
+/// One row of LayerNorm: y, and (mean, rstd) into `st`.
+#[inline(always)]
+fn normalize_row(y: &mut [f32], st: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let d = gamma.len();
+    let mean = sum2(x, x, |a, _| a) / d as f32;
+    let var = sum2(x, x, |a, _| (a - mean) * (a - mean)) / d as f32;
+    let rstd = 1.0 / (var + eps).sqrt();
+    for i in 0..d {
+        y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
+    }
+    st[0] = mean;
+    st[1] = rstd;
+}
+
+/// The post-LN join `a ← x + dropout(a)`, then LayerNorm of a (`Backend::residual_layernorm_fwd`)
+/// in one visit of each row: bit for bit `dropout`, `add_assign` and `forward` in turn, without
+/// their two extra passes over the tensor.
+pub fn residual_forward(
+    a: &mut [f32],
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    dropout: Option<DropoutRule>,
+) -> (Vec<f32>, Vec<f32>) {
+    let d = gamma.len();
+    let rows = a.len() / d;
+    let mut y = crate::tensor::host_pool::dirty(a.len()); // every element is written
+    let mut stats = crate::tensor::host_pool::dirty(rows * 2); // every element is written
+    type Row<'a> = (usize, (&'a mut [f32], (&'a mut [f32], (&'a mut [f32], &'a [f32]))));
+    let row = |(r, (y, (st, (a, x)))): Row| {
+        simd::vectorised!({
+            if let Some(rule) = dropout {
+                rule.apply(a, (r * d) as u64);
+            }
+            for (a, x) in a.iter_mut().zip(x) {
+                *a += x;
+            }
+            normalize_row(y, st, a, gamma, beta, eps);
+        })
+    };
+    if rows >= PAR_ROWS {
+        let parts = stats.par_chunks_mut(2).zip(a.par_chunks_mut(d).zip(x.par_chunks(d)));
+        y.par_chunks_mut(d).zip(parts).enumerate().for_each(row);
+    } else {
+        y.chunks_mut(d).zip(stats.chunks_mut(2).zip(a.chunks_mut(d).zip(x.chunks(d)))).enumerate().for_each(row);
+    }
+    (y, stats)
+}
+
+/// Backward of [`residual_forward`] from its saved sum s: (dx, da), LayerNorm's gradient and
+/// that gradient through the dropout mask, in one visit of each row; dgamma and dbeta
+/// accumulated as in [`backward`].
+pub fn residual_backward(
+    s: &[f32],
+    stats: &[f32],
+    gamma: &[f32],
+    dy: &[f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    dropout: Option<DropoutRule>,
+) -> (Vec<f32>, Vec<f32>) {
+    let d = gamma.len();
+    let rows = s.len() / d;
+    let mut dx = crate::tensor::host_pool::dirty(s.len()); // every element is written
+    let mut da = crate::tensor::host_pool::dirty(s.len()); // every element is written
+    type Row<'a> = (usize, (&'a mut [f32], (&'a mut [f32], (&'a [f32], (&'a [f32], &'a [f32])))));
+    let row = |(r, (dx, (da, (st, (x, dy))))): Row| {
+        simd::vectorised!({
+            grad_row(dx, st, x, dy, gamma);
+            da.copy_from_slice(dx);
+            if let Some(rule) = dropout {
+                rule.apply(da, (r * d) as u64);
+            }
+        })
+    };
+    if rows >= PAR_ROWS {
+        let inputs = stats.par_chunks(2).zip(s.par_chunks(d).zip(dy.par_chunks(d)));
+        dx.par_chunks_mut(d).zip(da.par_chunks_mut(d).zip(inputs)).enumerate().for_each(row);
+    } else {
+        let inputs = stats.chunks(2).zip(s.chunks(d).zip(dy.chunks(d)));
+        dx.chunks_mut(d).zip(da.chunks_mut(d).zip(inputs)).enumerate().for_each(row);
+    }
+    accumulate_affine(s, stats, dy, dgamma, dbeta);
+    (dx, da)
+}
+
+/// One row of LayerNorm's input gradient from the saved (mean, rstd).
+#[inline(always)]
+fn grad_row(dx: &mut [f32], st: &[f32], x: &[f32], dy: &[f32], gamma: &[f32]) {
+    let d = gamma.len();
+    let (mean, rstd) = (st[0], st[1]);
+    // g = dy ⊙ γ; dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂))
+    for i in 0..d {
+        dx[i] = dy[i] * gamma[i];
+    }
+    let mg = sum2(dx, dx, |g, _| g) / d as f32;
+    let mgx = sum2(dx, x, |g, v| g * (v - mean)) * rstd / d as f32;
+    for i in 0..d {
+        let xhat = (x[i] - mean) * rstd;
+        dx[i] = rstd * (dx[i] - mg - xhat * mgx);
+    }
+}
+
+/// dgamma += Σ_r dy ⊙ x̂, dbeta += Σ_r dy, row after row (one order on every path).
+fn accumulate_affine(x: &[f32], stats: &[f32], dy: &[f32], dgamma: &mut [f32], dbeta: &mut [f32]) {
+    let d = dgamma.len();
+    simd::vectorised!({
+        for r in 0..x.len() / d {
+            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+            let (x, dy) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+            for i in 0..d {
+                dgamma[i] += dy[i] * (x[i] - mean) * rstd;
+                dbeta[i] += dy[i];
+            }
+        }
+    });
 }
 
 pub fn backward(
@@ -62,35 +172,12 @@ pub fn backward(
     let rows = x.len() / d;
     let mut dx = crate::tensor::host_pool::dirty(x.len()); // every element is written
     type Row<'a> = (&'a mut [f32], (&'a [f32], (&'a [f32], &'a [f32])));
-    let row = |(dx, (st, (x, dy))): Row| {
-        simd::vectorised!({
-            let (mean, rstd) = (st[0], st[1]);
-            // g = dy ⊙ γ; dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂))
-            for i in 0..d {
-                dx[i] = dy[i] * gamma[i];
-            }
-            let mg = sum2(dx, dx, |g, _| g) / d as f32;
-            let mgx = sum2(dx, x, |g, v| g * (v - mean)) * rstd / d as f32;
-            for i in 0..d {
-                let xhat = (x[i] - mean) * rstd;
-                dx[i] = rstd * (dx[i] - mg - xhat * mgx);
-            }
-        })
-    };
+    let row = |(dx, (st, (x, dy))): Row| simd::vectorised!(grad_row(dx, st, x, dy, gamma));
     if rows >= PAR_ROWS {
         dx.par_chunks_mut(d).zip(stats.par_chunks(2).zip(x.par_chunks(d).zip(dy.par_chunks(d)))).for_each(row);
     } else {
         dx.chunks_mut(d).zip(stats.chunks(2).zip(x.chunks(d).zip(dy.chunks(d)))).for_each(row);
     }
-    simd::vectorised!({
-        for r in 0..rows {
-            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
-            let (x, dy) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-            for i in 0..d {
-                dgamma[i] += dy[i] * (x[i] - mean) * rstd;
-                dbeta[i] += dy[i];
-            }
-        }
-    });
+    accumulate_affine(x, stats, dy, dgamma, dbeta);
     dx
 }

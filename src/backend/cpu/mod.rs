@@ -79,11 +79,17 @@ fn check_ids(op: &'static str, ids: &[u32], bound: usize) -> Result<()> {
 }
 
 fn dropout(x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
+    dropout_rule(p, seed)?;
+    elementwise::dropout(x.cpu_mut(), p, seed);
+    Ok(())
+}
+
+/// The rule of a dropout with probability p (None: p = 0), or why p is refused.
+fn dropout_rule(p: f32, seed: u64) -> Result<Option<elementwise::DropoutRule>> {
     if !(0.0..1.0).contains(&p) {
         return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
     }
-    elementwise::dropout(x.cpu_mut(), p, seed);
-    Ok(())
+    Ok(elementwise::DropoutRule::new(p, seed))
 }
 
 impl Backend for Cpu {
@@ -332,10 +338,13 @@ impl Backend for Cpu {
         p: f32,
         seed: u64,
     ) -> Result<(Tensor, Tensor)> {
+        let _timer = profile::time("residual_layernorm_fwd");
         same_shape("residual_layernorm_fwd", a, x)?;
-        self.dropout_fwd(a, p, seed)?;
-        self.add_assign(a, x)?;
-        self.layernorm_fwd(a, gamma, beta, eps)
+        check_layernorm_fwd(a, &gamma, &beta)?;
+        let rule = dropout_rule(p, seed)?;
+        let (shape, rows) = (a.shape().to_vec(), a.rows());
+        let (y, stats) = layernorm::residual_forward(a.cpu_mut(), x.cpu(), gamma.cpu(), beta.cpu(), eps, rule);
+        Ok((Tensor::from_cpu(y, &shape), Tensor::from_cpu(stats, &[rows, 2])))
     }
 
     fn residual_layernorm_bwd(
@@ -349,10 +358,12 @@ impl Backend for Cpu {
         p: f32,
         seed: u64,
     ) -> Result<(Tensor, Tensor)> {
-        let dx = self.layernorm_bwd(s, stats, gamma, dy, dgamma, dbeta)?;
-        let mut da = dx.clone();
-        self.dropout_bwd(&mut da, p, seed)?;
-        Ok((dx, da))
+        let _timer = profile::time("residual_layernorm_bwd");
+        check_layernorm_bwd(s, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
+        let rule = dropout_rule(p, seed)?;
+        let (dx, da) =
+            layernorm::residual_backward(s.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu(), rule);
+        Ok((Tensor::from_cpu(dx, s.shape()), Tensor::from_cpu(da, s.shape())))
     }
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {

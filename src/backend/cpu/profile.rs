@@ -50,7 +50,7 @@ pub fn kind(op: &str) -> &'static str {
         _ if op.starts_with("gemm") => "GEMM",
         "gru_step_fwd" | "gru_step_bwd" => "GRU (gates)",
         "attention_fwd" | "attention_bwd" => "attention",
-        "layernorm_fwd" | "layernorm_bwd" => "layer norm",
+        "layernorm_fwd" | "layernorm_bwd" | "residual_layernorm_fwd" | "residual_layernorm_bwd" => "layer norm",
         "upload" | "upload_ids" | "download" | "copy" | "fill" | "zeros" | "alloc" | "gather_rows"
         | "scatter_add_rows" | "set_rows" | "set_rows_bwd" => "copies",
         "adamw" => "optimizer",
