@@ -401,28 +401,30 @@ unsafe fn pack<K: Micro>(
             unsafe { pack_side_by_side_avx(dst.as_mut_ptr() as *mut f32, src, along, len, kc, w) };
             return;
         }
-        // Runs of whole slivers' lines, so that a converted run splits into slivers evenly.
-        let per = run.len() / w * w;
+        if g == 2 {
+            // bf16: two steps of k at a time, each sliver's group row made by the kernel's
+            // `interleave_pairs` (zeros for the second step past an odd kc).
+            let zeros = [0.0f32; 32];
+            // SAFETY: step q < kc of lines 0..len is inside the block.
+            let step = |q: usize| unsafe { std::slice::from_raw_parts(src.offset(q as isize * along), len) };
+            for p in (0..kc).step_by(2) {
+                let (first, second) = (step(p), (p + 1 < kc).then(|| step(p + 1)));
+                for s0 in (0..len).step_by(w) {
+                    let lines = w.min(len - s0);
+                    let out = &mut dst[s0 * kp + p * w..][..2 * lines];
+                    let b = second.map_or(&zeros[..lines], |r| &r[s0..s0 + lines]);
+                    // SAFETY: the CPU has K's features (pack's contract); out holds 2 · lines.
+                    unsafe { K::interleave_pairs(&first[s0..s0 + lines], b, out) };
+                }
+            }
+            return;
+        }
+        // fp32 on the portable path (g = 1): each step's lines copied into their slivers.
         for p in 0..kc {
             // SAFETY: step p of lines 0..len is inside the block.
             let row = unsafe { std::slice::from_raw_parts(src.offset(p as isize * along), len) };
-            let slot = p / g * w * g + p % g;
-            for (c, chunk) in row.chunks(per).enumerate() {
-                let first_sliver = c * per / w;
-                if K::Packed::IS_F32 {
-                    for (s, lines) in chunk.chunks(w).enumerate() {
-                        place(&mut dst[(first_sliver + s) * w * kp + slot..], lines);
-                    }
-                    continue;
-                }
-                // SAFETY: the CPU has K's features (pack's contract).
-                unsafe { K::convert(chunk, &mut run[..chunk.len()]) };
-                for (s, lines) in run[..chunk.len()].chunks(w).enumerate() {
-                    let out = &mut dst[(first_sliver + s) * w * kp + slot..];
-                    for (o, &v) in out.iter_mut().step_by(g).zip(lines) {
-                        *o = v;
-                    }
-                }
+            for s0 in (0..len).step_by(w) {
+                place(&mut dst[s0 * kp + p * w..], &row[s0..w.min(len - s0) + s0]);
             }
         }
         return;
