@@ -1,6 +1,6 @@
-//! The CPU's elementwise, norm (plain and fused with the residual join) and GRU-gate ops compiled for each instruction-set
-//! path (`backend/cpu/simd.rs`) give bitwise the portable path's results, on fresh random
-//! inputs. The path is chosen once per process, so the test runs itself once per path with
+//! The CPU's elementwise, norm (plain and fused with the residual join), cross-entropy and
+//! GRU-gate ops compiled for each instruction-set path (`backend/cpu/simd.rs`) give bitwise
+//! the portable path's results, on fresh random inputs. The path is chosen once per process, so the test runs itself once per path with
 //! `SEMSHARE_CPU` forced and compares what each child prints, op by op. A path this machine
 //! lacks is printed as not run, by name. (The GEMM's paths differ by rounding, not bitwise:
 //! `cpu_gemm.rs` checks each against the f64 definition; attention, whose per-head products
@@ -92,6 +92,14 @@ fn outputs(seed: u64) -> Vec<String> {
         put(&format!("residual_layernorm_bwd dx {tag}"), &down(d, &dx));
         put(&format!("residual_layernorm_bwd da {tag}"), &down(d, &da));
         put(&format!("residual_layernorm_bwd dgamma {tag}"), &down(d, &dgamma));
+
+        let targets: Vec<u32> = (0..rows).map(|r| ((r * 7 + seed as usize) % cols) as u32).collect();
+        let targets = d.upload_ids(&targets).unwrap();
+        let mut logits = x.clone();
+        let mut loss = upload(d, &[0.0], &[1]);
+        d.cross_entropy_into(&mut logits, &targets, 0.5, loss.view_mut()).unwrap();
+        put(&format!("cross_entropy grad {tag}"), &down(d, &logits));
+        put(&format!("cross_entropy loss {tag}"), &down(d, &loss));
     }
 
     // Items of 36, 1, 17 and 40 steps (loops of every length mod 8 and 16).

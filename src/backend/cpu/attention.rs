@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::dispatch;
-use super::elementwise::exp_fast;
+use super::elementwise::exp_shifted;
 use super::gemm::{Strided, gemm_strided};
 use super::simd;
 use crate::backend::{Precision, prob_offsets};
@@ -24,36 +24,13 @@ fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a
     parts
 }
 
-/// Each row of `p` (length `len`) replaced by its softmax: exponentials by `exp_fast` and the
-/// sum in eight partial sums, so both loops vectorise (`simd::vectorised`).
+/// Each row of `p` (length `len`) replaced by its softmax (`exp_shifted`, compiled for the
+/// path).
 fn softmax_rows(p: &mut [f32], len: usize) {
     simd::vectorised!({
         for row in p.chunks_exact_mut(len) {
-            // Eight running maxima by comparison (`f32::max`'s NaN rule kept the fold scalar);
-            // a NaN still reaches every output through its exponential and the sum.
-            let mut maxima = [f32::NEG_INFINITY; 8];
-            let chunks = row.chunks_exact(8);
-            let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-            for c in chunks {
-                for (m, &v) in maxima.iter_mut().zip(c) {
-                    *m = if v > *m { v } else { *m };
-                }
-            }
-            for m in maxima {
-                max = if m > max { m } else { max };
-            }
-            for v in row.iter_mut() {
-                *v = exp_fast(*v - max);
-            }
-            let mut partial = [0.0f32; 8];
-            let chunks = row.chunks_exact(8);
-            let tail: f32 = chunks.remainder().iter().sum();
-            for c in chunks {
-                for (s, v) in partial.iter_mut().zip(c) {
-                    *s += v;
-                }
-            }
-            let inv = 1.0 / (partial.iter().sum::<f32>() + tail);
+            let (_, sum) = exp_shifted(row);
+            let inv = 1.0 / sum;
             row.iter_mut().for_each(|v| *v *= inv);
         }
     })

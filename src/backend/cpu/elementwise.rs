@@ -95,6 +95,37 @@ pub fn exp_fast(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// A softmax row's numerator: each value replaced by e^(v − max), returning (max, Σ). The
+/// maximum and the sum are kept in eight partial lanes and the exponentials are `exp_fast`, so
+/// all three loops vectorise under `simd::vectorised!` (`f32::max`'s NaN rule and libm's
+/// `expf` kept them scalar). A NaN still reaches the sum through its exponential.
+#[inline(always)]
+pub fn exp_shifted(row: &mut [f32]) -> (f32, f32) {
+    let mut maxima = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for c in chunks {
+        for (m, &v) in maxima.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    for m in maxima {
+        max = if m > max { m } else { max };
+    }
+    for v in row.iter_mut() {
+        *v = exp_fast(*v - max);
+    }
+    let mut partial = [0.0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (s, v) in partial.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    (max, partial.iter().sum::<f32>() + tail)
+}
+
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + tanh_fast(GELU_C * (x + GELU_A * x * x * x)))

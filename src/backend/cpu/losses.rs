@@ -1,6 +1,7 @@
 //! Fused losses: the loss and its gradient in one pass, the gradient written over the logits.
 
-use super::elementwise::sigmoid;
+use super::elementwise::{exp_shifted, sigmoid};
+use super::simd;
 
 /// Mean over all entries of `max(x,0) − x·y + log(1 + e^{−|x|})` (stable BCE-with-logits).
 /// Gradient of the mean, times `scale`, replaces the logits. Returns the mean loss.
@@ -16,25 +17,23 @@ pub fn bce_with_logits(logits: &mut [f32], targets: &[f32], scale: f32) -> f32 {
 }
 
 /// Mean over rows of `−log softmax(x)[target]`; the gradient of the mean, times `scale`,
-/// replaces the logits. Returns the mean loss.
+/// replaces the logits. Returns the mean loss. Rows are compiled for the path
+/// (`simd::vectorised!`, `exp_shifted`).
 pub fn cross_entropy(logits: &mut [f32], classes: usize, targets: &[u32], scale: f32) -> f32 {
     let n = targets.len().max(1) as f32;
     let mut loss = 0.0f64;
-    for (row, &t) in logits.chunks_exact_mut(classes).zip(targets) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let t = t as usize;
-        // The target's shifted logit before exponentiating: ln(exp(x_t − max)) underflows to
-        // −∞ once the gap passes ~103.
-        let target = row[t] - max;
-        let mut sum = 0.0f32;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
+    simd::vectorised!({
+        for (row, &t) in logits.chunks_exact_mut(classes).zip(targets) {
+            let t = t as usize;
+            // The target's shifted logit before exponentiating: ln(exp(x_t − max)) underflows
+            // to −∞ once the gap passes ~103.
+            let logit = row[t];
+            let (max, sum) = exp_shifted(row);
+            loss += (sum.ln() - (logit - max)) as f64;
+            let k = scale / (sum * n);
+            row.iter_mut().for_each(|v| *v *= k);
+            row[t] -= scale / n;
         }
-        loss += (sum.ln() - target) as f64;
-        let k = scale / (sum * n);
-        row.iter_mut().for_each(|v| *v *= k);
-        row[t] -= scale / n;
-    }
+    });
     (loss / n as f64) as f32
 }
