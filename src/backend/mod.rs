@@ -453,6 +453,13 @@ pub(crate) fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()
     Ok(())
 }
 
+/// A GEMM's operand lengths: a `[m, k]`, b `[k, n]`, c `[m, n]` (either transposed).
+pub(crate) fn check_gemm(g: &Gemm, a: usize, b: usize, c: usize) -> Result<()> {
+    expect_len("gemm", "a", a, g.m * g.k)?;
+    expect_len("gemm", "b", b, g.k * g.n)?;
+    expect_len("gemm", "c", c, g.m * g.n)
+}
+
 /// Layer norm's operands: x `[rows, d]` with d > 0, γ and β of length d.
 pub(crate) fn check_layernorm_fwd(x: &Tensor, gamma: &View, beta: &View) -> Result<()> {
     expect_cols("layernorm_fwd", x)?;

@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::dispatch;
-use super::elementwise::exp_shifted;
+use super::elementwise::{exp_shifted, sum2};
 use super::gemm::{Strided, gemm_strided};
 use super::simd;
 use crate::backend::{Precision, prob_offsets};
@@ -156,15 +156,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
             // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, the row sums in eight partial sums
             simd::vectorised!({
                 for (dsr, pr) in ds.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
-                    let mut partial = [0.0f32; 8];
-                    let (chunks, pchunks) = (dsr.chunks_exact(8), pr.chunks_exact(8));
-                    let tail: f32 = chunks.remainder().iter().zip(pchunks.remainder()).map(|(a, b)| a * b).sum();
-                    for (c, pc) in chunks.zip(pchunks) {
-                        for ((s, a), b) in partial.iter_mut().zip(c).zip(pc) {
-                            *s += a * b;
-                        }
-                    }
-                    let dot = partial.iter().sum::<f32>() + tail;
+                    let dot = sum2(dsr, pr, |a, b| a * b);
                     for (g, &pij) in dsr.iter_mut().zip(pr) {
                         *g = pij * (*g - dot) * scale;
                     }

@@ -96,7 +96,8 @@ pub fn exp_fast(x: f32) -> f32 {
 }
 
 /// A softmax row's numerator: each value replaced by e^(v − max), returning (max, Σ). The
-/// maximum and the sum are kept in eight partial lanes and the exponentials are `exp_fast`, so
+/// maximum and the sum (`sum2`) are kept in eight partial lanes and the exponentials are
+/// `exp_fast`, so
 /// all three loops vectorise under `simd::vectorised!` (`f32::max`'s NaN rule and libm's
 /// `expf` kept them scalar). A NaN still reaches the sum through its exponential.
 #[inline(always)]
@@ -115,15 +116,24 @@ pub fn exp_shifted(row: &mut [f32]) -> (f32, f32) {
     for v in row.iter_mut() {
         *v = exp_fast(*v - max);
     }
-    let mut partial = [0.0f32; 8];
-    let chunks = row.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (s, v) in partial.iter_mut().zip(c) {
-            *s += v;
+    (max, sum2(row, row, |v, _| v))
+}
+
+/// Σ f(a_i, b_i) with eight partial sums: a single f32 accumulator is a serial dependency
+/// chain that the compiler may not reorder, so it would not vectorise.
+#[inline(always)]
+pub fn sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += f(x[l], y[l]);
         }
     }
-    (max, partial.iter().sum::<f32>() + tail)
+    let tail: f32 = ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]

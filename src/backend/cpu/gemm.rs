@@ -170,7 +170,7 @@ impl Problem {
                 a: self.a.offset(i * self.sa.rs + p * self.sa.cs),
                 b: self.b.offset(p * self.sb.rs + j * self.sb.cs),
                 c: self.c.offset(i * self.sc.rs + j * self.sc.cs),
-                bias: if self.bias.is_null() { self.bias } else { self.bias.offset(j) },
+                bias: bias_at(self.bias, j),
                 ..self
             }
         }
@@ -248,6 +248,15 @@ fn with_buffer<T: Buffers, R>(which: usize, len: usize, f: impl FnOnce(&mut [T])
         Ok(mut buf) => f(aligned(&mut buf, len)),
         Err(_) => f(aligned(&mut Vec::new(), len)),
     })
+}
+
+/// The bias of column j onwards (null stays null: no bias).
+///
+/// # Safety
+/// A non-null bias holds column j.
+unsafe fn bias_at(bias: *const f32, j: isize) -> *const f32 {
+    // SAFETY: as the caller guarantees.
+    if bias.is_null() { bias } else { unsafe { bias.offset(j) } }
 }
 
 /// `c = beta·c (+ bias)` (k = 0); beta = 0 writes zeros without reading c.
@@ -349,7 +358,7 @@ where
                             cs: sc.cs,
                             rows: mr.min(mc - ir),
                             cols: nr.min(nc - jr),
-                            bias: if p.bias.is_null() { p.bias } else { p.bias.add(jr) },
+                            bias: bias_at(p.bias, jr as isize),
                         };
                         K::tile(kc, pa.as_ptr().add(ir * kp), bs, p.alpha, p.beta, out);
                     }

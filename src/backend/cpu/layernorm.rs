@@ -1,31 +1,13 @@
 //! LayerNorm over the last dimension, forward and backward.
 //! Saved for backward: (mean, rstd) per row, so x is normalised once and never re-reduced.
-//! Row reductions use eight independent accumulators: a single f32 accumulator is a serial
-//! dependency chain that the compiler may not reorder, so it would not vectorise.
+//! Row reductions use eight independent accumulators (`elementwise::sum2`).
 
 use rayon::prelude::*;
 
-use super::elementwise::DropoutRule;
+use super::elementwise::{DropoutRule, sum2};
 use super::simd;
 
 const PAR_ROWS: usize = 64;
-const LANES: usize = 8;
-
-/// Σ f(a_i, b_i) with eight partial sums.
-#[inline(always)]
-fn sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += f(x[l], y[l]);
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
 pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     let rows = x.len() / d;

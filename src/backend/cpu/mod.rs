@@ -18,8 +18,8 @@ pub mod topk;
 
 use super::{
     AdamW, Backend, DecayMask, Gemm, GruStep, GuardParams, Precision, Segments, check_adamw_masked, check_attention,
-    check_attention_bwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k,
-    expect_cols, expect_len, rows_of, same_shape,
+    check_attention_bwd, check_gemm, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
+    check_top_k, expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
@@ -161,18 +161,14 @@ impl Backend for Cpu {
 
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
         let _timer = profile::time(gemm_name(g));
-        expect_len("gemm", "a", a.len(), g.m * g.k)?;
-        expect_len("gemm", "b", b.len(), g.k * g.n)?;
-        expect_len("gemm", "c", c.len(), g.m * g.n)?;
+        check_gemm(&g, a.len(), b.len(), c.len())?;
         gemm::gemm(dispatch::active()?, self.gemm_precision(g), g, a.cpu(), b.cpu(), c.cpu());
         Ok(())
     }
 
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
         let _timer = profile::time("gemm x·Wᵀ+b");
-        expect_len("gemm", "a", a.len(), g.m * g.k)?;
-        expect_len("gemm", "b", b.len(), g.k * g.n)?;
-        expect_len("gemm", "c", c.len(), g.m * g.n)?;
+        check_gemm(&g, a.len(), b.len(), c.len())?;
         expect_cols("gemm_bias", c)?;
         expect_len("gemm_bias", "bias", bias.len(), c.cols())?;
         expect_len("gemm_bias", "bias", bias.len(), g.n)?;

@@ -7,8 +7,8 @@ use super::{
 };
 use crate::backend::{
     AdamW, AdamWScalars, Backend, Counters, DecayMask, Gemm, GruStep, GuardParams, Segments, check_attention,
-    check_attention_bwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k,
-    expect_cols, expect_len, rows_of, same_shape,
+    check_attention_bwd, check_gemm, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
+    check_top_k, expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -239,9 +239,7 @@ impl Backend for Cuda {
     }
 
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
-        expect_len("gemm", "a", a.len(), g.m * g.k)?;
-        expect_len("gemm", "b", b.len(), g.k * g.n)?;
-        expect_len("gemm", "c", c.len(), g.m * g.n)?;
+        check_gemm(&g, a.len(), b.len(), c.len())?;
         let (pa, pb, pc) = (ptr_of(&a)?, ptr_of(&b)?, ptr_of_mut(&c)?);
         if g.k == 0 {
             // Nothing to multiply: the definition is C = beta·C (and exactly 0 for beta = 0,
