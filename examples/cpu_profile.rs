@@ -8,8 +8,8 @@
 //! of op and by op, after two untimed warm-up steps. The op timer (backend/cpu/profile.rs)
 //! measures each backend call's wall time; what the model does between calls is not in it.
 
-use semshare::backend::Precision;
 use semshare::backend::cpu::{Cpu, dispatch, profile};
+use semshare::backend::{Backend, Precision};
 use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
 use semshare::rng::Rng;
 use semshare::train::{TrainConfig, Trainer};
@@ -48,7 +48,9 @@ fn main() -> semshare::Result<()> {
     println!("## train step, full lengths: {wall:.1} ms per step (wall)\n\n{}", profile::table(steps));
 
     let net = SemShare::new(&cfg)?;
+    // Frozen, as inference's weights are (`inference::upload_model`): packed once.
     let w = net.store.upload(&mut dev, &net.store.init_values(0))?;
+    let w = dev.freeze(w)?;
     let (ib, tb) = (Batch::Image(ib), Batch::Text(tb));
     let embed = |dev: &mut Cpu| -> semshare::Result<()> {
         net.embed(dev, &w, &ib, EmbeddingKind::Pooled)?;

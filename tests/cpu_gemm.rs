@@ -226,3 +226,41 @@ fn gemm_bias_is_gemm_then_bias_bitwise() {
         }
     }
 }
+
+/// B packed once (`PackedB`, a frozen model's weights) gives bit for bit what packing it on
+/// every call gives, on every path and precision: several slices of k (601: a half-filled bf16
+/// pair in the last), several column panels (2100), the row- and column-parallel splits, the
+/// 32-row recurrence, both layouts of B, with and without a bias, beta ≠ 0; and a `PackedB`
+/// made for another shape or kernel is refused.
+#[test]
+fn packed_weights_are_bitwise_packed_per_call() {
+    use semshare::backend::cpu::gemm::{Kernel, PackedB, gemm_packed};
+    let mut rng = Rng::new(23);
+    for run in runnable() {
+        for (m, k, n) in [(1, 1, 1), (32, 128, 384), (37, 601, 19), (1152, 256, 768), (100, 300, 2100), (9, 0, 13)] {
+            for (trans_b, beta, with_bias) in [(true, 0.0, true), (false, 0.0, false), (true, 0.75, false)] {
+                let g = Gemm { m, n, k, trans_a: false, trans_b, alpha: 1.0, beta };
+                let (a, b, bias) = (random(&mut rng, m * k), random(&mut rng, k * n), random(&mut rng, n));
+                let bias = with_bias.then_some(&bias[..]);
+                let c0 = random(&mut rng, m * n);
+                let mut want = c0.clone();
+                semshare::backend::cpu::gemm::gemm_bias(run.0, run.1, g, &a, &b, bias, &mut want);
+                let packed = PackedB::new(run.0, run.1, g, &b).expect("memory for the packed operand");
+                assert!(packed.fits(g, Kernel::of(run.0, run.1)));
+                assert!(!packed.fits(Gemm { n: n + 1, ..g }, Kernel::of(run.0, run.1)));
+                assert!(!packed.fits(Gemm { trans_b: !trans_b, ..g }, Kernel::of(run.0, run.1)));
+                let other = match run.1 {
+                    Precision::F32 => Precision::Bf16,
+                    Precision::Bf16 => Precision::F32,
+                };
+                assert!(!packed.fits(g, Kernel::of(run.0, other)));
+                for _ in 0..2 {
+                    let mut got = c0.clone();
+                    gemm_packed(run.0, run.1, g, &a, &b, Some(&packed), bias, &mut got);
+                    let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{} {:?} {m}×{k}×{n} trans_b {trans_b} beta {beta}", run.0.describe(), run.1);
+                }
+            }
+        }
+    }
+}

@@ -948,3 +948,56 @@ fn residual_layernorm_is_its_ops_bitwise() {
         }
     }
 }
+
+/// A frozen model's weights (`Backend::freeze`: packed for the GEMM once, then reused) embed
+/// bit for bit as the same weights unfrozen, in fp32 and bf16, call after call; the packed
+/// copies are dropped with the weights, and the memory is never mistaken for them afterwards.
+#[test]
+fn frozen_weights_embed_bitwise_as_unfrozen() {
+    use semshare::backend::Precision;
+    use semshare::backend::cpu::Cpu;
+    use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
+    let cfg = ModelConfig { vocab: 300, object_classes: 20, labels: 6, ..ModelConfig::small() };
+    let net = SemShare::new(&cfg).unwrap();
+    let mut rng = semshare::rng::Rng::new(5);
+    let images = Batch::Image(ImageBatch::random(&mut rng, &[36, 7, 20, 30], cfg.region_dim, 20, 6));
+    let texts = Batch::Text(TextBatch::random(&mut rng, &[24, 3, 11, 9, 24, 20], cfg.vocab, 6));
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut dev = Cpu::with_precision(precision);
+        let values = net.store.init_values(1);
+        let w = net.store.upload(&mut dev, &values).unwrap();
+        let uploaded = net.store.upload(&mut dev, &values).unwrap();
+        let frozen = dev.freeze(uploaded).unwrap();
+        assert!(frozen.frozen().is_some() && w.frozen().is_none());
+        for kind in [EmbeddingKind::Pooled, EmbeddingKind::Label] {
+            for batch in [&images, &texts] {
+                let want = net.embed(&mut dev, &w, batch, kind).unwrap();
+                for _ in 0..2 {
+                    let got = net.embed(&mut dev, &frozen, batch, kind).unwrap();
+                    let same = got.cpu().iter().zip(want.cpu()).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{precision:?} {kind:?}");
+                }
+            }
+        }
+        assert!(dev.packed_bytes() > 0, "the frozen weights were packed");
+        drop(frozen);
+        assert_eq!(dev.packed_bytes(), 0, "the packed copies went with the weights");
+        // New weights, perhaps at the old address: embedded from their own values.
+        let other = net.store.init_values(2);
+        let unfrozen = net.store.upload(&mut dev, &other).unwrap();
+        let uploaded = net.store.upload(&mut dev, &other).unwrap();
+        let refrozen = dev.freeze(uploaded).unwrap();
+        let want = net.embed(&mut dev, &unfrozen, &images, EmbeddingKind::Pooled).unwrap();
+        let got = net.embed(&mut dev, &refrozen, &images, EmbeddingKind::Pooled).unwrap();
+        assert!(got.cpu().iter().zip(want.cpu()).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}
+
+/// Writing to frozen weights is a programming error, caught rather than served stale.
+#[test]
+#[should_panic(expected = "frozen tensor")]
+fn writing_frozen_weights_panics() {
+    let mut dev = dev();
+    let mut t = dev.freeze(Tensor::from_cpu(vec![1.0; 6], &[2, 3])).unwrap();
+    dev.fill(t.view_mut(), 0.0).unwrap();
+}

@@ -196,6 +196,14 @@ pub trait Backend {
     fn download(&mut self, x: View) -> Result<Vec<f32>>;
     fn fill(&mut self, x: ViewMut, value: f32) -> Result<()>;
     fn copy(&mut self, src: View, dst: ViewMut) -> Result<()>;
+    /// A loaded model's parameters, never to be written again (inference): the device may
+    /// then prepare what it computes from them once instead of on every call, as the CPU packs
+    /// (and in bf16 converts) a layer's weights for its GEMM on first use and keeps them for
+    /// as long as the parameters live. Writing to the returned tensor panics
+    /// ([`Tensor::freeze`]). Training's parameters are never frozen.
+    fn freeze(&mut self, params: Tensor) -> Result<Tensor> {
+        Ok(params)
+    }
 
     // ---- dense algebra ------------------------------------------------------------------
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()>;

@@ -28,12 +28,14 @@ pub fn load_model(dev: &mut dyn Backend, path: &std::path::Path) -> Result<(SemS
 }
 
 /// A loaded checkpoint's model and its parameters on `dev`, refused as [`load_model`] does.
+/// The parameters are frozen (`Backend::freeze`): read-only, so the device prepares its
+/// GEMM operands from them once.
 pub fn upload_model(dev: &mut dyn Backend, ckpt: &Checkpoint) -> Result<(SemShare, Tensor)> {
     let mut net = SemShare::new(&ckpt.model)?;
     net.set_input_norm(ckpt.spec.normalization.clone())?;
     crate::model::memory::check_memory(dev, &net, EMBED_CHUNK, false)?;
     let params = net.store.upload(dev, &ckpt.params)?;
-    Ok((net, params))
+    Ok((net, dev.freeze(params)?))
 }
 
 /// Items per forward pass of [`embed_split`].

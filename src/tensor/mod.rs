@@ -9,10 +9,15 @@
 pub mod device;
 pub mod host_pool;
 
+use std::sync::Arc;
+
 /// Where the numbers live. The CUDA backend adds its own variant.
 #[derive(Debug)]
 pub enum Storage {
     Cpu(Vec<f32>),
+    /// Host memory no one writes again ([`Tensor::freeze`]: a loaded model's parameters), so a
+    /// backend may keep what it derives from it for as long as the memory lives.
+    CpuFrozen(Arc<[f32]>),
     #[cfg(feature = "cuda")]
     Cuda(device::DevBuf),
 }
@@ -62,6 +67,7 @@ impl Clone for Tensor {
                 c.extend_from_slice(v);
                 Storage::Cpu(c)
             }
+            Storage::CpuFrozen(v) => Storage::CpuFrozen(Arc::clone(v)),
             // Clone cannot return an error: a device copy that fails (out of memory) panics
             // with the driver's message. The model clones only small activations.
             #[cfg(feature = "cuda")]
@@ -76,6 +82,7 @@ impl Drop for Tensor {
     fn drop(&mut self) {
         match &mut self.storage {
             Storage::Cpu(v) => host_pool::give(std::mem::take(v)),
+            Storage::CpuFrozen(_) => {}
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {} // DevBuf's own drop returns the block to its pool
         }
@@ -94,10 +101,31 @@ impl Tensor {
         Tensor { storage, shape: shape.to_vec() }
     }
 
+    /// This tensor, never to be written again: a CPU tensor's memory becomes shared and
+    /// read-only, so that what a backend derives from it (`Backend::freeze`) stays right for
+    /// as long as the memory lives. A device tensor is returned as it is. Writing to a frozen
+    /// tensor is a programming error: it panics.
+    pub fn freeze(mut self) -> Tensor {
+        if let Storage::Cpu(v) = &mut self.storage {
+            let v = std::mem::take(v);
+            self.storage = Storage::CpuFrozen(Arc::from(&v[..]));
+            host_pool::give(v);
+        }
+        self
+    }
+
+    /// The memory of a frozen CPU tensor ([`Tensor::freeze`]).
+    pub fn frozen(&self) -> Option<&Arc<[f32]>> {
+        match &self.storage {
+            Storage::CpuFrozen(v) => Some(v),
+            _ => None,
+        }
+    }
+
     /// The device this tensor lives on: "cpu" or "cuda".
     pub fn device(&self) -> &'static str {
         match &self.storage {
-            Storage::Cpu(_) => "cpu",
+            Storage::Cpu(_) | Storage::CpuFrozen(_) => "cpu",
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => "cuda",
         }
@@ -146,6 +174,7 @@ impl Tensor {
     pub fn sub(&self, offset: usize, len: usize) -> View<'_> {
         match &self.storage {
             Storage::Cpu(v) => View::Cpu(&v[offset..offset + len]),
+            Storage::CpuFrozen(v) => View::Cpu(&v[offset..offset + len]),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => {
                 assert!(offset + len <= b.len(), "range {offset}+{len} of a {}-element tensor", b.len());
@@ -157,6 +186,7 @@ impl Tensor {
     pub fn sub_mut(&mut self, offset: usize, len: usize) -> ViewMut<'_> {
         match &mut self.storage {
             Storage::Cpu(v) => ViewMut::Cpu(&mut v[offset..offset + len]),
+            Storage::CpuFrozen(_) => panic!("{FROZEN_WRITTEN}"),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => {
                 assert!(offset + len <= b.len(), "range {offset}+{len} of a {}-element tensor", b.len());
@@ -178,6 +208,7 @@ impl Tensor {
                     (ViewMut::Cpu(&mut hi[..a.1]), ViewMut::Cpu(&mut lo[b.0..b.0 + b.1]))
                 }
             }
+            Storage::CpuFrozen(_) => panic!("{FROZEN_WRITTEN}"),
             #[cfg(feature = "cuda")]
             Storage::Cuda(buf) => {
                 assert!(a.0 + a.1 <= buf.len() && b.0 + b.1 <= buf.len(), "ranges {a:?} {b:?} out of bounds");
@@ -196,6 +227,7 @@ impl Tensor {
     pub fn cpu(&self) -> &[f32] {
         match &self.storage {
             Storage::Cpu(v) => v,
+            Storage::CpuFrozen(v) => v,
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => panic!("a CUDA tensor was used as a CPU tensor"),
         }
@@ -204,11 +236,14 @@ impl Tensor {
     pub fn cpu_mut(&mut self) -> &mut [f32] {
         match &mut self.storage {
             Storage::Cpu(v) => v,
+            Storage::CpuFrozen(_) => panic!("{FROZEN_WRITTEN}"),
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => panic!("a CUDA tensor was used as a CPU tensor"),
         }
     }
 }
+
+const FROZEN_WRITTEN: &str = "a frozen tensor (a loaded model's parameters) was written";
 
 impl Ids {
     pub fn from_cpu(data: Vec<u32>) -> Ids {

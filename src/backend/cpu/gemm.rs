@@ -24,9 +24,8 @@ use super::dispatch::{CpuPath, Kernels};
 use super::microkernel::{Bf16, Bf16Portable, F32Portable, Micro, Packed, TileOut};
 #[cfg(target_arch = "x86_64")]
 use super::microkernel::{Bf16Avx512, F32Avx2, F32Avx512};
+use super::pack::{KC, aligned, pack};
 use crate::backend::{Gemm, Precision};
-
-const KC: usize = 256;
 
 /// A matrix inside a larger buffer: element (i, j) is at `ptr[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
@@ -68,17 +67,179 @@ pub fn gemm_bias(
     bias: Option<&[f32]>,
     c: &mut [f32],
 ) {
+    gemm_packed(kernels, precision, g, a, b, None, bias, c)
+}
+
+/// [`gemm_bias`] with B's slivers taken from `packed` (made by [`PackedB::new`] from this `b`,
+/// for this `g` and kernel) instead of packed on every call: a frozen model's weights
+/// (`Backend::freeze`). Bit for bit the same result, since the slivers are the same.
+///
+/// # Panics
+/// If a slice is shorter than its shape, or `packed` was made for another shape or kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_packed(
+    kernels: Kernels,
+    precision: Precision,
+    g: Gemm,
+    a: &[f32],
+    b: &[f32],
+    packed: Option<&PackedB>,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+) {
     let Gemm { m, n, k, trans_a, trans_b, alpha, beta } = g;
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand shorter than its shape");
     assert!(bias.is_none_or(|b| b.len() >= n), "gemm: bias shorter than a row");
+    let kernel = Kernel::of(kernels, precision);
+    assert!(packed.is_none_or(|pb| pb.fits(g, kernel)), "gemm: B was packed for another shape or kernel");
     let sa = if trans_a { Strided::transposed(m) } else { Strided::rows(k) };
     let sb = if trans_b { Strided::transposed(k) } else { Strided::rows(n) };
     let bias = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
+    let pre = packed.map(|pb| Prepacked { base: pb.as_ptr(), cols: pb.cols, j: 0 });
     let (a, b, c, sc) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), Strided::rows(n));
-    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias };
+    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias, pre };
     // SAFETY: the strides address exactly a[..m·k], b[..k·n], c[..m·n] and bias[..n], checked
-    // above; c is a unique borrow, so it aliases none of the others.
+    // above; c is a unique borrow, so it aliases none of the others; `packed` holds B's
+    // slivers for `kernel`, the one `solve` runs (checked above).
     unsafe { solve(kernels, precision, p) }
+}
+
+/// The micro-kernel a call runs on: the precision's on the path (`solve`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    Bf16Avx512,
+    Bf16Portable,
+    F32Avx512,
+    F32Avx2,
+    F32Portable,
+}
+
+impl Kernel {
+    pub fn of(kernels: Kernels, precision: Precision) -> Kernel {
+        match (precision, kernels.path()) {
+            #[cfg(target_arch = "x86_64")]
+            (Precision::Bf16, _) if kernels.bf16_native() => Kernel::Bf16Avx512,
+            (Precision::Bf16, _) => Kernel::Bf16Portable,
+            #[cfg(target_arch = "x86_64")]
+            (Precision::F32, CpuPath::Avx512 | CpuPath::Amx) => Kernel::F32Avx512,
+            #[cfg(target_arch = "x86_64")]
+            (Precision::F32, CpuPath::Avx2) => Kernel::F32Avx2,
+            (Precision::F32, _) => Kernel::F32Portable,
+        }
+    }
+}
+
+/// B of `C = op(A)·op(B)` packed once for one kernel: for each slice of k, the slivers of
+/// all its columns, each panel of them laid out as [`blocked`] packs it on every call.
+/// A frozen model's weights (`Backend::freeze`) keep theirs across calls: in fp32 the pack
+/// is a transpose of Wᵀ, in bf16 also the conversion, both once per weight instead of once
+/// per GEMM.
+pub struct PackedB {
+    kernel: Kernel,
+    k: usize,
+    n: usize,
+    trans_b: bool,
+    /// Columns of a slice, padded to whole slivers.
+    cols: usize,
+    data: PackedData,
+    /// Elements before the first (64-byte aligned) one.
+    skip: usize,
+}
+
+/// The slivers of a [`PackedB`], of the kernel's element type.
+enum PackedData {
+    F32(Vec<f32>),
+    Bf16(Vec<Bf16>),
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB({:?}, k {}, n {}, trans_b {})", self.kernel, self.k, self.n, self.trans_b)
+    }
+}
+
+impl PackedB {
+    /// `b` (k × n for `g`, transposed as `g.trans_b` says) packed for the kernel `gemm` runs
+    /// at `precision`; None when the memory for it cannot be had (the caller packs per call).
+    ///
+    /// # Panics
+    /// If `b` is shorter than its shape.
+    pub fn new(kernels: Kernels, precision: Precision, g: Gemm, b: &[f32]) -> Option<PackedB> {
+        assert!(b.len() >= g.k * g.n, "gemm: operand shorter than its shape");
+        let kernel = Kernel::of(kernels, precision);
+        // SAFETY (each): `Kernels` proves the CPU has the kernel's features; b holds k · n.
+        unsafe {
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Bf16Avx512 => PackedB::pack_as::<Bf16Avx512>(kernel, g, b),
+                Kernel::Bf16Portable => PackedB::pack_as::<Bf16Portable>(kernel, g, b),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::F32Avx512 => PackedB::pack_as::<F32Avx512>(kernel, g, b),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::F32Avx2 => PackedB::pack_as::<F32Avx2>(kernel, g, b),
+                Kernel::F32Portable => PackedB::pack_as::<F32Portable>(kernel, g, b),
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("x86 kernels exist only on x86"),
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has K's features; b holds k · n.
+    unsafe fn pack_as<K: Micro>(kernel: Kernel, g: Gemm, b: &[f32]) -> Option<PackedB>
+    where
+        K::Packed: Buffers,
+    {
+        let Gemm { k, n, trans_b, .. } = g;
+        let sb = if trans_b { Strided::transposed(k) } else { Strided::rows(n) };
+        let cols = n.next_multiple_of(K::NR);
+        let len = (0..k).step_by(KC).map(|pc| cols * KC.min(k - pc).next_multiple_of(K::KG)).sum::<usize>();
+        let per_line = 64 / size_of::<K::Packed>();
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len + per_line).ok()?;
+        let slivers = aligned::<K::Packed>(&mut buf, len);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            // SAFETY: the kc × n block at row pc is inside b; the CPU has K's features.
+            unsafe {
+                let src = b.as_ptr().offset(pc as isize * sb.rs);
+                pack::<K>(&mut slivers[pc / KC * cols * KC..], src, sb.cs, sb.rs, n, kc, K::NR);
+            }
+        }
+        // Where `aligned` put the first element (the buffer was not moved since).
+        let skip = buf.as_ptr().align_offset(64).min(per_line - 1);
+        Some(PackedB { kernel, k, n, trans_b, cols, data: K::Packed::wrap(buf), skip })
+    }
+
+    /// Whether this is B of `g` for `kernel`.
+    pub fn fits(&self, g: Gemm, kernel: Kernel) -> bool {
+        (self.kernel, self.k, self.n, self.trans_b) == (kernel, g.k, g.n, g.trans_b)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            PackedData::F32(v) => v.len() * 4,
+            PackedData::Bf16(v) => v.len() * 2,
+        }
+    }
+
+    fn as_ptr(&self) -> *const () {
+        match &self.data {
+            PackedData::F32(v) => v[self.skip..].as_ptr() as *const (),
+            PackedData::Bf16(v) => v[self.skip..].as_ptr() as *const (),
+        }
+    }
+}
+
+/// B's slivers packed beforehand ([`PackedB`]): slice `pc` (a multiple of KC) starts at
+/// `pc / KC · cols · KC` elements, column j of a slice kc deep at `j · kc` (rounded to the
+/// kernel's group) from there; this problem's first column is the packed B's column `j`.
+#[derive(Clone, Copy)]
+struct Prepacked {
+    base: *const (),
+    cols: usize,
+    j: usize,
 }
 
 /// `c = alpha·a·b + beta·c` at `precision` with a [m,k], b [k,n], c [m,n] given by their
@@ -105,7 +266,7 @@ pub unsafe fn gemm_strided(
     c: *mut f32,
     sc: Strided,
 ) {
-    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias: std::ptr::null() };
+    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias: std::ptr::null(), pre: None };
     // SAFETY: as the caller guarantees.
     unsafe { solve(kernels, precision, p) }
 }
@@ -118,15 +279,17 @@ unsafe fn solve(kernels: Kernels, precision: Precision, p: Problem) {
     // SAFETY (of each call): as the caller guarantees; `Kernels` for a path exists only on a
     // CPU with that path's features, and `bf16_native` only on one with AVX-512 F and BF16.
     unsafe {
-        match (precision, kernels.path()) {
+        match Kernel::of(kernels, precision) {
             #[cfg(target_arch = "x86_64")]
-            (Precision::Bf16, _) if kernels.bf16_native() => run::<Bf16Avx512>(p),
-            (Precision::Bf16, _) => run::<Bf16Portable>(p),
+            Kernel::Bf16Avx512 => run::<Bf16Avx512>(p),
+            Kernel::Bf16Portable => run::<Bf16Portable>(p),
             #[cfg(target_arch = "x86_64")]
-            (Precision::F32, CpuPath::Avx512 | CpuPath::Amx) => run::<F32Avx512>(p),
+            Kernel::F32Avx512 => run::<F32Avx512>(p),
             #[cfg(target_arch = "x86_64")]
-            (Precision::F32, CpuPath::Avx2) => run::<F32Avx2>(p),
-            (Precision::F32, _) => run::<F32Portable>(p),
+            Kernel::F32Avx2 => run::<F32Avx2>(p),
+            Kernel::F32Portable => run::<F32Portable>(p),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("x86 kernels exist only on x86"),
         }
     }
 }
@@ -147,6 +310,8 @@ struct Problem {
     sc: Strided,
     /// Added to every row of C with the last slice of k (null: none).
     bias: *const f32,
+    /// B's slivers, if packed beforehand (then `b` is not read).
+    pre: Option<Prepacked>,
 }
 
 // SAFETY: a `Problem` is shared between the threads of one call, which read A and B and write
@@ -158,7 +323,8 @@ impl Problem {
     /// The sub-problem of rows i0.. (m rows) and columns j0.. (n columns), k from p0 (kc deep).
     ///
     /// # Safety
-    /// The block lies inside the problem.
+    /// The block lies inside the problem; with B packed beforehand, it starts at k = 0 or is
+    /// only a slice `blocked` multiplies (whose B it takes from the whole problem's).
     unsafe fn block(self, i0: usize, m: usize, p0: usize, k: usize, j0: usize, n: usize) -> Problem {
         let (i, p, j) = (i0 as isize, p0 as isize, j0 as isize);
         // SAFETY: inside the operands, as the caller guarantees.
@@ -171,6 +337,7 @@ impl Problem {
                 b: self.b.offset(p * self.sb.rs + j * self.sb.cs),
                 c: self.c.offset(i * self.sc.rs + j * self.sc.cs),
                 bias: bias_at(self.bias, j),
+                pre: self.pre.map(|pre| Prepacked { j: pre.j + j0, ..pre }),
                 ..self
             }
         }
@@ -222,10 +389,12 @@ where
 trait Buffers: Packed {
     /// This thread's packed A block and B panel, grown once to their largest size.
     fn buffers() -> [&'static LocalKey<RefCell<Vec<Self>>>; 2];
+    /// Slivers of this type as a [`PackedB`] keeps them.
+    fn wrap(slivers: Vec<Self>) -> PackedData;
 }
 
 macro_rules! buffers {
-    ($t:ty, $a:ident, $b:ident) => {
+    ($t:ty, $a:ident, $b:ident, $variant:ident) => {
         thread_local! {
             static $a: RefCell<Vec<$t>> = const { RefCell::new(Vec::new()) };
             static $b: RefCell<Vec<$t>> = const { RefCell::new(Vec::new()) };
@@ -234,11 +403,14 @@ macro_rules! buffers {
             fn buffers() -> [&'static LocalKey<RefCell<Vec<Self>>>; 2] {
                 [&$a, &$b]
             }
+            fn wrap(slivers: Vec<Self>) -> PackedData {
+                PackedData::$variant(slivers)
+            }
         }
     };
 }
-buffers!(f32, F32_A, F32_B);
-buffers!(Bf16, BF16_A, BF16_B);
+buffers!(f32, F32_A, F32_B, F32);
+buffers!(Bf16, BF16_A, BF16_B, Bf16);
 
 /// Runs `f` on this thread's buffer `which` (0: A, 1: B), `len` elements from a 64-byte
 /// boundary, or on a fresh one when the thread's is in use (a GEMM run by this thread while it
@@ -285,7 +457,8 @@ where
     let (nr, nc_max) = (K::NR, 64 * K::NR);
     let rows_per = m.div_ceil(row_parts).next_multiple_of(K::MR);
     let panel = |nc: usize, kc: usize| nc.next_multiple_of(nr) * kc.next_multiple_of(K::KG);
-    with_buffer::<K::Packed, _>(1, panel(n.min(nc_max), k.min(KC)), |pb| {
+    let own = if p.pre.is_some() { 0 } else { panel(n.min(nc_max), k.min(KC)) };
+    with_buffer::<K::Packed, _>(1, own, |pb| {
         for jc in (0..n).step_by(nc_max) {
             let nc = nc_max.min(n - jc);
             for pc in (0..k).step_by(KC) {
@@ -297,22 +470,32 @@ where
                 let beta = if pc == 0 { p.beta } else { 1.0 };
                 let bias = if pc + kc == k { slice.bias } else { std::ptr::null() };
                 let slice = Problem { beta, bias, ..slice };
-                let pb = &mut pb[..panel(nc, kc)];
-                let (line, along) = (slice.sb.cs, slice.sb.rs);
-                if row_parts == 1 {
-                    unsafe { pack::<K>(pb, slice.b, line, along, nc, kc, nr) };
-                } else {
-                    let per = nc.div_ceil(nr).div_ceil(row_parts) * nr;
-                    pb.par_chunks_mut(panel(per, kc)).enumerate().for_each(|(i, dst)| {
-                        let first = i * per;
-                        // SAFETY: columns first.. (< nc) of the block.
-                        unsafe {
-                            let part = slice.block(0, 0, 0, kc, first, per.min(nc - first));
-                            pack::<K>(dst, part.b, line, along, part.n, kc, nr);
+                let pb: &[K::Packed] = match p.pre {
+                    // SAFETY: `pre` holds every panel of B packed for K (`gemm_packed`);
+                    // columns pre.j + jc .. + nc of slice pc are inside it.
+                    Some(pre) => unsafe {
+                        let at = pc / KC * pre.cols * KC + (pre.j + jc) * kc.next_multiple_of(K::KG);
+                        std::slice::from_raw_parts((pre.base as *const K::Packed).add(at), panel(nc, kc))
+                    },
+                    None => {
+                        let pb = &mut pb[..panel(nc, kc)];
+                        let (line, along) = (slice.sb.cs, slice.sb.rs);
+                        if row_parts == 1 {
+                            unsafe { pack::<K>(pb, slice.b, line, along, nc, kc, nr) };
+                        } else {
+                            let per = nc.div_ceil(nr).div_ceil(row_parts) * nr;
+                            pb.par_chunks_mut(panel(per, kc)).enumerate().for_each(|(i, dst)| {
+                                let first = i * per;
+                                // SAFETY: columns first.. (< nc) of the block.
+                                unsafe {
+                                    let part = slice.block(0, 0, 0, kc, first, per.min(nc - first));
+                                    pack::<K>(dst, part.b, line, along, part.n, kc, nr);
+                                }
+                            });
                         }
-                    });
-                }
-                let pb: &[K::Packed] = pb;
+                        pb
+                    }
+                };
                 let run = |part: usize| {
                     let i0 = part * rows_per;
                     let rows = rows_per.min(m.saturating_sub(i0));
@@ -366,270 +549,4 @@ where
             }
         }
     });
-}
-
-/// Packs `len` lines (rows of A or columns of B; `line` steps from one to the next, `along`
-/// along one) of `kc` elements into slivers of `w` lines in `K`'s layout (microkernel.rs):
-/// sliver s holds, for each group g of `K::KG` steps of k, lines s·w .. s·w + w, each line's
-/// group together; zero past the last line and past kc.
-///
-/// # Safety
-/// Every element of the `len` × `kc` block lies inside the allocation behind `src`, and the
-/// CPU has the features of K's path (as for [`Micro::tile`]).
-unsafe fn pack<K: Micro>(
-    dst: &mut [K::Packed],
-    src: *const f32,
-    line: isize,
-    along: isize,
-    len: usize,
-    kc: usize,
-    w: usize,
-) {
-    let g = K::KG;
-    let kp = kc.next_multiple_of(g);
-    let zero = K::Packed::from_f32(0.0);
-    // One run converted at a time (vectorised: `Micro::convert`), then placed.
-    let mut run = [zero; if KC > 64 { KC } else { 64 }];
-    // bf16 slivers' lines, converted whole before their transpose (below); unused, and
-    // optimised away, for every other kernel.
-    #[cfg(target_arch = "x86_64")]
-    let mut words = [zero; 32 * KC];
-    if line == 1 && along != 1 {
-        // The lines side by side (B as stored, Aᵀ): step k in the outer loop, so that each
-        // row of the source is read once, front to back, for every sliver. Sliver by sliver,
-        // a transposed A (rows 3 KiB apart) fell into a few cache sets and missed L1 at every
-        // step (the weight-gradient GEMM ran 1.7x torch.mm's time).
-        let dst = &mut dst[..len.next_multiple_of(w) * kp];
-        if !len.is_multiple_of(w) || kp > kc {
-            dst.fill(zero);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if K::AVX_PACK && K::Packed::IS_F32 {
-            // SAFETY: the path has AVX (`AVX_PACK`); an fp32 sliver is f32 (`IS_F32`, g = 1);
-            // the block is inside `src` (pack's contract) and dst holds its slivers.
-            unsafe { pack_side_by_side_avx(dst.as_mut_ptr() as *mut f32, src, along, len, kc, w) };
-            return;
-        }
-        if g == 2 {
-            // bf16: two steps of k at a time, each sliver's group row made by the kernel's
-            // `interleave_pairs` (zeros for the second step past an odd kc).
-            let zeros = [0.0f32; 32];
-            // SAFETY: step q < kc of lines 0..len is inside the block.
-            let step = |q: usize| unsafe { std::slice::from_raw_parts(src.offset(q as isize * along), len) };
-            for p in (0..kc).step_by(2) {
-                let (first, second) = (step(p), (p + 1 < kc).then(|| step(p + 1)));
-                for s0 in (0..len).step_by(w) {
-                    let lines = w.min(len - s0);
-                    let out = &mut dst[s0 * kp + p * w..][..2 * lines];
-                    let b = second.map_or(&zeros[..lines], |r| &r[s0..s0 + lines]);
-                    // SAFETY: the CPU has K's features (pack's contract); out holds 2 · lines.
-                    unsafe { K::interleave_pairs(&first[s0..s0 + lines], b, out) };
-                }
-            }
-            return;
-        }
-        // fp32 on the portable path (g = 1): each step's lines copied into their slivers.
-        for p in 0..kc {
-            // SAFETY: step p of lines 0..len is inside the block.
-            let row = unsafe { std::slice::from_raw_parts(src.offset(p as isize * along), len) };
-            for s0 in (0..len).step_by(w) {
-                place(&mut dst[s0 * kp + p * w..], &row[s0..w.min(len - s0) + s0]);
-            }
-        }
-        return;
-    }
-    for (s, sliver) in dst[..len.next_multiple_of(w) * kp].chunks_exact_mut(w * kp).enumerate() {
-        let first = s * w;
-        let lines = w.min(len - first);
-        // SAFETY (all reads): line first + l < len and p < kc are inside the block.
-        let base = unsafe { src.offset(first as isize * line) };
-        if lines < w || kp > kc {
-            sliver.fill(zero);
-        }
-        if along == 1 {
-            // Each line contiguous (A as stored, Bᵀ as the weights are): read along it.
-            #[cfg(target_arch = "x86_64")]
-            if K::AVX_PACK && K::Packed::IS_F32 && lines == w && w.is_multiple_of(8) {
-                // SAFETY: the path has AVX (`AVX_PACK`); an fp32 sliver is f32 (`IS_F32`);
-                // lines < len and p < kc are inside the block.
-                unsafe {
-                    let sliver = std::slice::from_raw_parts_mut(sliver.as_mut_ptr() as *mut f32, sliver.len());
-                    pack_lines_avx(sliver, base, line, kc, w);
-                }
-                continue;
-            }
-            #[cfg(target_arch = "x86_64")]
-            if K::AVX_PACK && g == 2 && size_of::<K::Packed>() == 2 && lines == w && w.is_multiple_of(8) && w <= 32 {
-                // bf16: each line converted whole into `words` (a pair of k is one 32-bit word,
-                // the unit a `vdpbf16ps` lane takes), then the words transposed 8 × 8 as fp32
-                // lines are: moves of 32-bit patterns, never arithmetic on them.
-                for l in 0..w {
-                    let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
-                    // SAFETY: the CPU has K's features (pack's contract).
-                    unsafe { K::convert(from, &mut words[l * kp..l * kp + kc]) };
-                    if kp > kc {
-                        words[l * kp + kc] = zero;
-                    }
-                }
-                // SAFETY: the path has AVX (`AVX_PACK`); `words` holds w lines of kp / 2 words
-                // and the sliver kp / 2 · w words (2-byte elements, g = 2).
-                unsafe {
-                    let out = std::slice::from_raw_parts_mut(sliver.as_mut_ptr() as *mut f32, sliver.len() / 2);
-                    pack_lines_avx(out, words.as_ptr() as *const f32, (kp / 2) as isize, kp / 2, w);
-                }
-                continue;
-            }
-            for l in 0..lines {
-                let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
-                if K::Packed::IS_F32 {
-                    for (p, &v) in from.iter().enumerate() {
-                        sliver[p * w + l] = K::Packed::from_f32(v);
-                    }
-                    continue;
-                }
-                let per = run.len();
-                for (p0, chunk) in from.chunks(per).enumerate().map(|(c, ch)| (c * per, ch)) {
-                    // SAFETY: the CPU has K's features (pack's contract).
-                    unsafe { K::convert(chunk, &mut run[..chunk.len()]) };
-                    for (i, &v) in run[..chunk.len()].iter().enumerate() {
-                        let p = p0 + i;
-                        sliver[(p / g * w + l) * g + p % g] = v;
-                    }
-                }
-            }
-        } else {
-            for p in 0..kc {
-                let out = &mut sliver[p / g * w * g + p % g..];
-                for l in 0..lines {
-                    out[l * g] = K::Packed::from_f32(unsafe { *base.offset(l as isize * line + p as isize * along) });
-                }
-            }
-        }
-    }
-}
-
-/// `out[i] = lines[i]`, with the slivers' usual widths as fixed sizes (moved in registers;
-/// a length known only at run time became a `memmove` call per 8 floats).
-#[inline(always)]
-fn place<T: Packed>(out: &mut [T], lines: &[f32]) {
-    fn fixed<T: Packed, const N: usize>(out: &mut [T], lines: &[f32; N]) {
-        for (o, &v) in out[..N].iter_mut().zip(lines) {
-            *o = T::from_f32(v);
-        }
-    }
-    if let Ok(l) = <&[f32; 8]>::try_from(lines) {
-        fixed(out, l)
-    } else if let Ok(l) = <&[f32; 32]>::try_from(lines) {
-        fixed(out, l)
-    } else if let Ok(l) = <&[f32; 16]>::try_from(lines) {
-        fixed(out, l)
-    } else {
-        for (o, &v) in out.iter_mut().zip(lines) {
-            *o = T::from_f32(v);
-        }
-    }
-}
-
-/// fp32 lines side by side (B as stored, Aᵀ): step p of all `len` lines is one contiguous run
-/// of the source, moved into row p of each `w`-wide sliver 8 floats to a register. Copied in
-/// Rust, each sliver row became a libc `memcpy` call: 11 % of attention's time, whose
-/// per-head products are 36 × 64 × 36 (`place`, the portable paths' version).
-///
-/// # Safety
-/// The CPU has AVX; steps 0..kc of lines 0..len are inside `src`; `dst` holds
-/// ⌈len / w⌉ slivers of kc · w floats.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn pack_side_by_side_avx(dst: *mut f32, src: *const f32, along: isize, len: usize, kc: usize, w: usize) {
-    use std::arch::x86_64::*;
-    // SAFETY: as the caller guarantees: reads run p, elements < len; writes row p < kc,
-    // columns < w, of sliver s0 / w.
-    unsafe {
-        for p in 0..kc {
-            let run = src.offset(p as isize * along);
-            for s0 in (0..len).step_by(w) {
-                let (out, from, lines) = (dst.add(s0 * kc + p * w), run.add(s0), w.min(len - s0));
-                let mut l = 0;
-                while l + 8 <= lines {
-                    _mm256_storeu_ps(out.add(l), _mm256_loadu_ps(from.add(l)));
-                    l += 8;
-                }
-                for l in l..lines {
-                    *out.add(l) = *from.add(l);
-                }
-            }
-        }
-    }
-}
-
-/// A full fp32 sliver of `w` (a multiple of 8) contiguous lines, `line` apart: 8 × 8 blocks
-/// (8 lines × 8 steps of k) loaded as rows and stored transposed, the k steps past the last
-/// whole block one by one. Packing this way (the activations, and the weights used
-/// transposed, are read along k) took a sixth of `query`'s time element by element.
-///
-/// # Safety
-/// The CPU has AVX; lines < w and k < kc are inside the allocation behind `base`, and
-/// `sliver` holds kc · w floats.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn pack_lines_avx(sliver: &mut [f32], base: *const f32, line: isize, kc: usize, w: usize) {
-    use std::arch::x86_64::*;
-    assert!(sliver.len() >= kc * w);
-    let k8 = kc / 8 * 8;
-    let out = sliver.as_mut_ptr();
-    // SAFETY: as the caller guarantees; stores go to rows p < kc, columns l < w of the sliver.
-    unsafe {
-        for l0 in (0..w).step_by(8) {
-            let row = |i: usize| base.offset((l0 + i) as isize * line);
-            for p0 in (0..k8).step_by(8) {
-                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(row(i).add(p0)));
-                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-                // s_j: k steps j and j + 4 of lines 0..4 (s0..s3) or 4..8 (s4..s7).
-                let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let s1 = _mm256_shuffle_ps::<0xee>(t0, t2);
-                let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let s3 = _mm256_shuffle_ps::<0xee>(t1, t3);
-                let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let s5 = _mm256_shuffle_ps::<0xee>(t4, t6);
-                let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let s7 = _mm256_shuffle_ps::<0xee>(t5, t7);
-                let cols = [
-                    _mm256_permute2f128_ps::<0x20>(s0, s4),
-                    _mm256_permute2f128_ps::<0x20>(s1, s5),
-                    _mm256_permute2f128_ps::<0x20>(s2, s6),
-                    _mm256_permute2f128_ps::<0x20>(s3, s7),
-                    _mm256_permute2f128_ps::<0x31>(s0, s4),
-                    _mm256_permute2f128_ps::<0x31>(s1, s5),
-                    _mm256_permute2f128_ps::<0x31>(s2, s6),
-                    _mm256_permute2f128_ps::<0x31>(s3, s7),
-                ];
-                for (i, c) in cols.into_iter().enumerate() {
-                    _mm256_storeu_ps(out.add((p0 + i) * w + l0), c);
-                }
-            }
-            for p in k8..kc {
-                for i in 0..8 {
-                    *out.add(p * w + l0 + i) = *row(i).add(p);
-                }
-            }
-        }
-    }
-}
-
-/// `buf` grown to hold `len` elements from a 64-byte boundary (a packed B row of one sliver is
-/// a whole number of cache lines, so no load of the micro-kernel splits two), and that part.
-fn aligned<T: Packed>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
-    let per_line = 64 / size_of::<T>();
-    if buf.len() < len + per_line {
-        buf.resize(len + per_line, T::default());
-    }
-    let skip = buf.as_ptr().align_offset(64).min(per_line - 1);
-    &mut buf[skip..skip + len]
 }

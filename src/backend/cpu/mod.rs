@@ -5,12 +5,14 @@
 pub mod attention;
 pub mod dispatch;
 pub mod elementwise;
+pub mod frozen;
 pub mod gemm;
 pub mod gru;
 pub mod layernorm;
 pub mod losses;
 pub mod microkernel;
 pub mod optim;
+pub mod pack;
 pub mod positions;
 pub mod profile;
 pub mod simd;
@@ -44,6 +46,8 @@ pub const BF16_MIN_ROWS: usize = 64;
 pub struct Cpu {
     /// The arithmetic of `gemm` (the model's layers); every other op is fp32.
     precision: Precision,
+    /// Weights of frozen parameters, packed for the GEMM once (`Backend::freeze`).
+    frozen: frozen::FrozenOperands,
 }
 
 impl Cpu {
@@ -54,11 +58,24 @@ impl Cpu {
     /// A CPU whose layer GEMMs run at `precision` (bf16: AVX-512 BF16 where the CPU has it,
     /// the same arithmetic widened to fp32 elsewhere).
     pub fn with_precision(precision: Precision) -> Self {
-        Cpu { precision }
+        Cpu { precision, ..Cpu::default() }
     }
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Bytes of frozen weights kept packed for the GEMM (`Backend::freeze`).
+    pub fn packed_bytes(&self) -> usize {
+        self.frozen.bytes()
+    }
+
+    /// `c = op(a)·op(b) (+ bias)` with b's packed slivers kept when b is a frozen weight.
+    fn gemm_into(&mut self, g: Gemm, a: &[f32], b: &[f32], bias: Option<&[f32]>, c: &mut [f32]) -> Result<()> {
+        let (kernels, precision) = (dispatch::active()?, self.gemm_precision(g));
+        let packed = self.frozen.packed_b(kernels, precision, g, b);
+        gemm::gemm_packed(kernels, precision, g, a, b, packed, bias, c);
+        Ok(())
     }
 
     /// The arithmetic of one layer GEMM. Products of few rows (a training batch's 32-row GRU
@@ -126,6 +143,14 @@ impl Backend for Cpu {
         Ok(Tensor::from_cpu(v, shape))
     }
 
+    fn freeze(&mut self, params: Tensor) -> Result<Tensor> {
+        let params = params.freeze();
+        if let Some(memory) = params.frozen() {
+            self.frozen.register(memory);
+        }
+        Ok(params)
+    }
+
     fn upload_ids(&mut self, data: &[u32]) -> Result<Ids> {
         let _timer = profile::time("upload_ids");
         Ok(Ids::from_cpu(data.to_vec()))
@@ -162,8 +187,7 @@ impl Backend for Cpu {
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
         let _timer = profile::time(gemm_name(g));
         check_gemm(&g, a.len(), b.len(), c.len())?;
-        gemm::gemm(dispatch::active()?, self.gemm_precision(g), g, a.cpu(), b.cpu(), c.cpu());
-        Ok(())
+        self.gemm_into(g, a.cpu(), b.cpu(), None, c.cpu())
     }
 
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
@@ -172,9 +196,7 @@ impl Backend for Cpu {
         expect_cols("gemm_bias", c)?;
         expect_len("gemm_bias", "bias", bias.len(), c.cols())?;
         expect_len("gemm_bias", "bias", bias.len(), g.n)?;
-        let precision = self.gemm_precision(g);
-        gemm::gemm_bias(dispatch::active()?, precision, g, a.cpu(), b.cpu(), Some(bias.cpu()), c.cpu_mut());
-        Ok(())
+        self.gemm_into(g, a.cpu(), b.cpu(), Some(bias.cpu()), c.cpu_mut())
     }
 
     fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()> {

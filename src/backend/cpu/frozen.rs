@@ -1,0 +1,70 @@
+//! GEMM operands of frozen parameters (`Backend::freeze`), packed once. A loaded model's
+//! layers multiply by the same weights on every call; packing B (a transpose of Wᵀ into
+//! slivers, in bf16 also the conversion) is then work done once per weight instead of once per
+//! GEMM. An operand is recognised by its address inside a frozen buffer, and each buffer's
+//! packed operands are kept only while the buffer lives (a `Weak` to it), so memory freed and
+//! reused for another tensor is never mistaken for the weights it held.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use super::dispatch::Kernels;
+use super::gemm::{Kernel, PackedB};
+use crate::backend::{Gemm, Precision};
+
+/// The frozen buffers a CPU backend has seen and the packed operands taken from each.
+#[derive(Debug, Default)]
+pub struct FrozenOperands {
+    buffers: Vec<Frozen>,
+}
+
+#[derive(Debug)]
+struct Frozen {
+    memory: Weak<[f32]>,
+    /// The buffer's address range, compared while `memory` is alive.
+    start: usize,
+    end: usize,
+    /// By (element offset, shape, transpose, kernel); None: packing was refused (no memory),
+    /// not tried again.
+    packed: HashMap<(usize, usize, usize, bool, Kernel), Option<PackedB>>,
+}
+
+impl FrozenOperands {
+    /// Remembers `memory` (a frozen tensor's, [`crate::tensor::Tensor::frozen`]).
+    pub fn register(&mut self, memory: &Arc<[f32]>) {
+        self.buffers.retain(|f| f.memory.strong_count() > 0);
+        let start = memory.as_ptr() as usize;
+        if self.buffers.iter().any(|f| f.start == start) {
+            return;
+        }
+        let end = start + memory.len() * size_of::<f32>();
+        self.buffers.push(Frozen { memory: Arc::downgrade(memory), start, end, packed: HashMap::new() });
+    }
+
+    /// `b` packed for `g` at `precision` when it lies inside a frozen buffer that still lives,
+    /// packed now if this is its first use; None for any other operand.
+    pub fn packed_b(&mut self, kernels: Kernels, precision: Precision, g: Gemm, b: &[f32]) -> Option<&PackedB> {
+        if self.buffers.is_empty() {
+            return None;
+        }
+        let (from, to) = (b.as_ptr() as usize, b.as_ptr() as usize + std::mem::size_of_val(b));
+        let i = self.buffers.iter().position(|f| f.start <= from && to <= f.end)?;
+        // The memory is alive while `b` (borrowed from it) is; a dead entry at this address
+        // is an old buffer's, whose operands would be wrong here.
+        if self.buffers[i].memory.strong_count() == 0 {
+            self.buffers.swap_remove(i);
+            return None;
+        }
+        let frozen = &mut self.buffers[i];
+        let kernel = Kernel::of(kernels, precision);
+        let key = ((from - frozen.start) / size_of::<f32>(), g.k, g.n, g.trans_b, kernel);
+        frozen.packed.entry(key).or_insert_with(|| PackedB::new(kernels, precision, g, b)).as_ref()
+    }
+
+    /// Bytes of packed operands of buffers still alive (a dead one's are dropped at the next
+    /// freeze or the next GEMM that reads its old addresses).
+    pub fn bytes(&self) -> usize {
+        let live = self.buffers.iter().filter(|f| f.memory.strong_count() > 0);
+        live.flat_map(|f| f.packed.values().flatten()).map(PackedB::bytes).sum()
+    }
+}

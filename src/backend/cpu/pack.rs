@@ -1,0 +1,275 @@
+//! Operands packed into the micro-kernel's slivers (microkernel.rs): rows of A or columns of
+//! B, `MR` or `NR` lines side by side for each group of k, converted to the kernel's element
+//! type on the way. gemm.rs packs each block as it multiplies it, or once for a frozen
+//! weight (`PackedB`).
+
+use super::microkernel::{Micro, Packed};
+
+/// The deepest slice of k one sliver holds (gemm.rs's blocking): 16 KiB per 16 fp32 lines.
+pub const KC: usize = 256;
+
+/// Packs `len` lines (rows of A or columns of B; `line` steps from one to the next, `along`
+/// along one) of `kc` elements into slivers of `w` lines in `K`'s layout (microkernel.rs):
+/// sliver s holds, for each group g of `K::KG` steps of k, lines s·w .. s·w + w, each line's
+/// group together; zero past the last line and past kc.
+///
+/// # Safety
+/// Every element of the `len` × `kc` block lies inside the allocation behind `src`, and the
+/// CPU has the features of K's path (as for [`Micro::tile`]).
+pub unsafe fn pack<K: Micro>(
+    dst: &mut [K::Packed],
+    src: *const f32,
+    line: isize,
+    along: isize,
+    len: usize,
+    kc: usize,
+    w: usize,
+) {
+    let g = K::KG;
+    let kp = kc.next_multiple_of(g);
+    let zero = K::Packed::from_f32(0.0);
+    // One run converted at a time (vectorised: `Micro::convert`), then placed.
+    let mut run = [zero; if KC > 64 { KC } else { 64 }];
+    // bf16 slivers' lines, converted whole before their transpose (below); unused, and
+    // optimised away, for every other kernel.
+    #[cfg(target_arch = "x86_64")]
+    let mut words = [zero; 32 * KC];
+    if line == 1 && along != 1 {
+        // The lines side by side (B as stored, Aᵀ): step k in the outer loop, so that each
+        // row of the source is read once, front to back, for every sliver. Sliver by sliver,
+        // a transposed A (rows 3 KiB apart) fell into a few cache sets and missed L1 at every
+        // step (the weight-gradient GEMM ran 1.7x torch.mm's time).
+        let dst = &mut dst[..len.next_multiple_of(w) * kp];
+        if !len.is_multiple_of(w) || kp > kc {
+            dst.fill(zero);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if K::AVX_PACK && K::Packed::IS_F32 {
+            // SAFETY: the path has AVX (`AVX_PACK`); an fp32 sliver is f32 (`IS_F32`, g = 1);
+            // the block is inside `src` (pack's contract) and dst holds its slivers.
+            unsafe { pack_side_by_side_avx(dst.as_mut_ptr() as *mut f32, src, along, len, kc, w) };
+            return;
+        }
+        if g == 2 {
+            // bf16: two steps of k at a time, each sliver's group row made by the kernel's
+            // `interleave_pairs` (zeros for the second step past an odd kc).
+            let zeros = [0.0f32; 32];
+            // SAFETY: step q < kc of lines 0..len is inside the block.
+            let step = |q: usize| unsafe { std::slice::from_raw_parts(src.offset(q as isize * along), len) };
+            for p in (0..kc).step_by(2) {
+                let (first, second) = (step(p), (p + 1 < kc).then(|| step(p + 1)));
+                for s0 in (0..len).step_by(w) {
+                    let lines = w.min(len - s0);
+                    let out = &mut dst[s0 * kp + p * w..][..2 * lines];
+                    let b = second.map_or(&zeros[..lines], |r| &r[s0..s0 + lines]);
+                    // SAFETY: the CPU has K's features (pack's contract); out holds 2 · lines.
+                    unsafe { K::interleave_pairs(&first[s0..s0 + lines], b, out) };
+                }
+            }
+            return;
+        }
+        // fp32 on the portable path (g = 1): each step's lines copied into their slivers.
+        for p in 0..kc {
+            // SAFETY: step p of lines 0..len is inside the block.
+            let row = unsafe { std::slice::from_raw_parts(src.offset(p as isize * along), len) };
+            for s0 in (0..len).step_by(w) {
+                place(&mut dst[s0 * kp + p * w..], &row[s0..w.min(len - s0) + s0]);
+            }
+        }
+        return;
+    }
+    for (s, sliver) in dst[..len.next_multiple_of(w) * kp].chunks_exact_mut(w * kp).enumerate() {
+        let first = s * w;
+        let lines = w.min(len - first);
+        // SAFETY (all reads): line first + l < len and p < kc are inside the block.
+        let base = unsafe { src.offset(first as isize * line) };
+        if lines < w || kp > kc {
+            sliver.fill(zero);
+        }
+        if along == 1 {
+            // Each line contiguous (A as stored, Bᵀ as the weights are): read along it.
+            #[cfg(target_arch = "x86_64")]
+            if K::AVX_PACK && K::Packed::IS_F32 && lines == w && w.is_multiple_of(8) {
+                // SAFETY: the path has AVX (`AVX_PACK`); an fp32 sliver is f32 (`IS_F32`);
+                // lines < len and p < kc are inside the block.
+                unsafe {
+                    let sliver = std::slice::from_raw_parts_mut(sliver.as_mut_ptr() as *mut f32, sliver.len());
+                    pack_lines_avx(sliver, base, line, kc, w);
+                }
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if K::AVX_PACK && g == 2 && size_of::<K::Packed>() == 2 && lines == w && w.is_multiple_of(8) && w <= 32 {
+                // bf16: each line converted whole into `words` (a pair of k is one 32-bit word,
+                // the unit a `vdpbf16ps` lane takes), then the words transposed 8 × 8 as fp32
+                // lines are: moves of 32-bit patterns, never arithmetic on them.
+                for l in 0..w {
+                    let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
+                    // SAFETY: the CPU has K's features (pack's contract).
+                    unsafe { K::convert(from, &mut words[l * kp..l * kp + kc]) };
+                    if kp > kc {
+                        words[l * kp + kc] = zero;
+                    }
+                }
+                // SAFETY: the path has AVX (`AVX_PACK`); `words` holds w lines of kp / 2 words
+                // and the sliver kp / 2 · w words (2-byte elements, g = 2).
+                unsafe {
+                    let out = std::slice::from_raw_parts_mut(sliver.as_mut_ptr() as *mut f32, sliver.len() / 2);
+                    pack_lines_avx(out, words.as_ptr() as *const f32, (kp / 2) as isize, kp / 2, w);
+                }
+                continue;
+            }
+            for l in 0..lines {
+                let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
+                if K::Packed::IS_F32 {
+                    for (p, &v) in from.iter().enumerate() {
+                        sliver[p * w + l] = K::Packed::from_f32(v);
+                    }
+                    continue;
+                }
+                let per = run.len();
+                for (p0, chunk) in from.chunks(per).enumerate().map(|(c, ch)| (c * per, ch)) {
+                    // SAFETY: the CPU has K's features (pack's contract).
+                    unsafe { K::convert(chunk, &mut run[..chunk.len()]) };
+                    for (i, &v) in run[..chunk.len()].iter().enumerate() {
+                        let p = p0 + i;
+                        sliver[(p / g * w + l) * g + p % g] = v;
+                    }
+                }
+            }
+        } else {
+            for p in 0..kc {
+                let out = &mut sliver[p / g * w * g + p % g..];
+                for l in 0..lines {
+                    out[l * g] = K::Packed::from_f32(unsafe { *base.offset(l as isize * line + p as isize * along) });
+                }
+            }
+        }
+    }
+}
+
+/// `out[i] = lines[i]`, with the slivers' usual widths as fixed sizes (moved in registers;
+/// a length known only at run time became a `memmove` call per 8 floats).
+#[inline(always)]
+fn place<T: Packed>(out: &mut [T], lines: &[f32]) {
+    fn fixed<T: Packed, const N: usize>(out: &mut [T], lines: &[f32; N]) {
+        for (o, &v) in out[..N].iter_mut().zip(lines) {
+            *o = T::from_f32(v);
+        }
+    }
+    if let Ok(l) = <&[f32; 8]>::try_from(lines) {
+        fixed(out, l)
+    } else if let Ok(l) = <&[f32; 32]>::try_from(lines) {
+        fixed(out, l)
+    } else if let Ok(l) = <&[f32; 16]>::try_from(lines) {
+        fixed(out, l)
+    } else {
+        for (o, &v) in out.iter_mut().zip(lines) {
+            *o = T::from_f32(v);
+        }
+    }
+}
+
+/// fp32 lines side by side (B as stored, Aᵀ): step p of all `len` lines is one contiguous run
+/// of the source, moved into row p of each `w`-wide sliver 8 floats to a register. Copied in
+/// Rust, each sliver row became a libc `memcpy` call: 11 % of attention's time, whose
+/// per-head products are 36 × 64 × 36 (`place`, the portable paths' version).
+///
+/// # Safety
+/// The CPU has AVX; steps 0..kc of lines 0..len are inside `src`; `dst` holds
+/// ⌈len / w⌉ slivers of kc · w floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn pack_side_by_side_avx(dst: *mut f32, src: *const f32, along: isize, len: usize, kc: usize, w: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller guarantees: reads run p, elements < len; writes row p < kc,
+    // columns < w, of sliver s0 / w.
+    unsafe {
+        for p in 0..kc {
+            let run = src.offset(p as isize * along);
+            for s0 in (0..len).step_by(w) {
+                let (out, from, lines) = (dst.add(s0 * kc + p * w), run.add(s0), w.min(len - s0));
+                let mut l = 0;
+                while l + 8 <= lines {
+                    _mm256_storeu_ps(out.add(l), _mm256_loadu_ps(from.add(l)));
+                    l += 8;
+                }
+                for l in l..lines {
+                    *out.add(l) = *from.add(l);
+                }
+            }
+        }
+    }
+}
+
+/// A full fp32 sliver of `w` (a multiple of 8) contiguous lines, `line` apart: 8 × 8 blocks
+/// (8 lines × 8 steps of k) loaded as rows and stored transposed, the k steps past the last
+/// whole block one by one. Packing this way (the activations, and the weights used
+/// transposed, are read along k) took a sixth of `query`'s time element by element.
+///
+/// # Safety
+/// The CPU has AVX; lines < w and k < kc are inside the allocation behind `base`, and
+/// `sliver` holds kc · w floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn pack_lines_avx(sliver: &mut [f32], base: *const f32, line: isize, kc: usize, w: usize) {
+    use std::arch::x86_64::*;
+    assert!(sliver.len() >= kc * w);
+    let k8 = kc / 8 * 8;
+    let out = sliver.as_mut_ptr();
+    // SAFETY: as the caller guarantees; stores go to rows p < kc, columns l < w of the sliver.
+    unsafe {
+        for l0 in (0..w).step_by(8) {
+            let row = |i: usize| base.offset((l0 + i) as isize * line);
+            for p0 in (0..k8).step_by(8) {
+                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(row(i).add(p0)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                // s_j: k steps j and j + 4 of lines 0..4 (s0..s3) or 4..8 (s4..s7).
+                let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let s1 = _mm256_shuffle_ps::<0xee>(t0, t2);
+                let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let s3 = _mm256_shuffle_ps::<0xee>(t1, t3);
+                let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let s5 = _mm256_shuffle_ps::<0xee>(t4, t6);
+                let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let s7 = _mm256_shuffle_ps::<0xee>(t5, t7);
+                let cols = [
+                    _mm256_permute2f128_ps::<0x20>(s0, s4),
+                    _mm256_permute2f128_ps::<0x20>(s1, s5),
+                    _mm256_permute2f128_ps::<0x20>(s2, s6),
+                    _mm256_permute2f128_ps::<0x20>(s3, s7),
+                    _mm256_permute2f128_ps::<0x31>(s0, s4),
+                    _mm256_permute2f128_ps::<0x31>(s1, s5),
+                    _mm256_permute2f128_ps::<0x31>(s2, s6),
+                    _mm256_permute2f128_ps::<0x31>(s3, s7),
+                ];
+                for (i, c) in cols.into_iter().enumerate() {
+                    _mm256_storeu_ps(out.add((p0 + i) * w + l0), c);
+                }
+            }
+            for p in k8..kc {
+                for i in 0..8 {
+                    *out.add(p * w + l0 + i) = *row(i).add(p);
+                }
+            }
+        }
+    }
+}
+
+/// `buf` grown to hold `len` elements from a 64-byte boundary (a packed B row of one sliver is
+/// a whole number of cache lines, so no load of the micro-kernel splits two), and that part.
+pub fn aligned<T: Packed>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    let per_line = 64 / size_of::<T>();
+    if buf.len() < len + per_line {
+        buf.resize(len + per_line, T::default());
+    }
+    let skip = buf.as_ptr().align_offset(64).min(per_line - 1);
+    &mut buf[skip..skip + len]
+}
