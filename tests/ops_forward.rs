@@ -1001,3 +1001,141 @@ fn writing_frozen_weights_panics() {
     let mut t = dev.freeze(Tensor::from_cpu(vec![1.0; 6], &[2, 3])).unwrap();
     dev.fill(t.view_mut(), 0.0).unwrap();
 }
+
+/// The CPU's Bi-GRU recurrence (`gru_fwd` / `gru_bwd`: both directions at once, one per
+/// thread) is bit for bit the step-by-step one every other device runs (`gru_fwd_by_steps`:
+/// a GEMM and a gate op per step, one direction after the other), in fp32 and in bf16 (70
+/// items: the recurrent GEMMs then take the bf16 kernel), with W_hh frozen or not; and both
+/// refuse operands of the wrong size.
+#[test]
+fn gru_recurrence_is_bitwise_the_step_by_step_one() {
+    use semshare::backend::cpu::Cpu;
+    use semshare::backend::{GruRunBwd, GruRunFwd, Precision, gru_bwd_by_steps, gru_fwd_by_steps};
+    let hd = 40;
+    for (precision, lengths) in [
+        (Precision::F32, vec![36, 1, 17, 40, 3]),
+        (Precision::Bf16, (0..70).map(|i| 1 + (i * 7) % 23).collect::<Vec<usize>>()),
+    ] {
+        for frozen in [false, true] {
+            let mut d = Cpu::with_precision(precision);
+            let seg = common::segments(&mut d, &lengths);
+            let (items, steps, tokens) = (seg.items(), seg.max_len, seg.tokens());
+            let up = |d: &mut Cpu, seed: u64, shape: &[usize]| {
+                common::upload(d, &randv(seed, shape.iter().product()), shape)
+            };
+            let xproj = [up(&mut d, 1, &[tokens, 3 * hd]), up(&mut d, 2, &[tokens, 3 * hd])];
+            let mut w = up(&mut d, 3, &[2, 3 * hd * hd + 3 * hd]);
+            if frozen {
+                w = d.freeze(w).unwrap();
+            }
+            let dout = up(&mut d, 4, &[tokens, 2 * hd]);
+            // Outputs of one run of each: hs, gates, out; dh, dxproj, dhproj.
+            let mut results = Vec::new();
+            for fused in [false, true] {
+                let zeros = |d: &mut Cpu, shape: &[usize]| d.zeros(shape).unwrap();
+                let mut hs = [zeros(&mut d, &[(steps + 1) * items, hd]), zeros(&mut d, &[(steps + 1) * items, hd])];
+                let mut gates = [zeros(&mut d, &[steps * items, 4 * hd]), zeros(&mut d, &[steps * items, 4 * hd])];
+                let mut out = zeros(&mut d, &[tokens, 2 * hd]);
+                let [h0, h1] = &mut hs;
+                let [g0, g1] = &mut gates;
+                let weights = |i: usize| w.sub(i * (3 * hd * hd + 3 * hd), 3 * hd * hd);
+                let bias = |i: usize| w.sub(i * (3 * hd * hd + 3 * hd) + 3 * hd * hd, 3 * hd);
+                let runs = [
+                    GruRunFwd {
+                        reverse: false,
+                        xproj: &xproj[0],
+                        w_hh: weights(0),
+                        bias_hh: bias(0),
+                        hs: h0,
+                        gates: g0,
+                    },
+                    GruRunFwd {
+                        reverse: true,
+                        xproj: &xproj[1],
+                        w_hh: weights(1),
+                        bias_hh: bias(1),
+                        hs: h1,
+                        gates: g1,
+                    },
+                ];
+                if fused {
+                    d.gru_fwd(&seg, hd, runs, &mut out).unwrap();
+                } else {
+                    gru_fwd_by_steps(&mut d, &seg, hd, runs, &mut out).unwrap();
+                }
+                let mut grads: Vec<[Tensor; 3]> = (0..2)
+                    .map(|_| {
+                        [
+                            zeros(&mut d, &[items, hd]),
+                            zeros(&mut d, &[tokens, 3 * hd]),
+                            zeros(&mut d, &[steps * items, 3 * hd]),
+                        ]
+                    })
+                    .collect();
+                let (a, b) = grads.split_at_mut(1);
+                let ([dh0, dx0, dp0], [dh1, dx1, dp1]) = (&mut a[0], &mut b[0]);
+                let runs = [
+                    GruRunBwd {
+                        reverse: false,
+                        w_hh: weights(0),
+                        gates: &gates[0],
+                        hs: &hs[0],
+                        dh: dh0,
+                        dxproj: dx0,
+                        dhproj: dp0,
+                    },
+                    GruRunBwd {
+                        reverse: true,
+                        w_hh: weights(1),
+                        gates: &gates[1],
+                        hs: &hs[1],
+                        dh: dh1,
+                        dxproj: dx1,
+                        dhproj: dp1,
+                    },
+                ];
+                if fused {
+                    d.gru_bwd(&seg, hd, runs, &dout).unwrap();
+                } else {
+                    gru_bwd_by_steps(&mut d, &seg, hd, runs, &dout).unwrap();
+                }
+                let mut all = vec![out.cpu().to_vec()];
+                for i in 0..2 {
+                    all.extend([hs[i].cpu().to_vec(), gates[i].cpu().to_vec()]);
+                    all.extend(grads[i].iter().map(|t| t.cpu().to_vec()));
+                }
+                results.push(all);
+            }
+            for (i, (want, got)) in results[0].iter().zip(&results[1]).enumerate() {
+                let same = want.iter().zip(got).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{precision:?} frozen {frozen}: output {i} differs");
+            }
+            assert!(results[1][0].iter().any(|&v| v != 0.0), "the recurrence wrote its outputs");
+            // A W_hh one row short is refused, naming the GEMM's operand.
+            let short = w.sub(0, 3 * hd * hd - hd);
+            let mut hs = d.zeros(&[(steps + 1) * items, hd]).unwrap();
+            let mut gates = d.zeros(&[steps * items, 4 * hd]).unwrap();
+            let (mut hs1, mut gates1) = (hs.clone(), gates.clone());
+            let mut out = d.zeros(&[tokens, 2 * hd]).unwrap();
+            let runs = [
+                GruRunFwd {
+                    reverse: false,
+                    xproj: &xproj[0],
+                    w_hh: short,
+                    bias_hh: w.sub(0, 3 * hd),
+                    hs: &mut hs,
+                    gates: &mut gates,
+                },
+                GruRunFwd {
+                    reverse: true,
+                    xproj: &xproj[1],
+                    w_hh: short,
+                    bias_hh: w.sub(0, 3 * hd),
+                    hs: &mut hs1,
+                    gates: &mut gates1,
+                },
+            ];
+            assert!(d.gru_fwd(&seg, hd, runs, &mut out).is_err());
+        }
+    }
+}

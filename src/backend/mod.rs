@@ -172,6 +172,85 @@ pub struct GruStep {
     pub out_col: usize,
 }
 
+/// One direction of a Bi-GRU's forward recurrence ([`Backend::gru_fwd`]): its input
+/// projections `xproj [tokens, 3H]` (b_ih added), `w_hh [3H, H]` and `bias_hh [3H]`, and what
+/// its steps write: `hs [(steps + 1)·items, H]` (h_0, at rows 0..items, already set) and
+/// `gates [steps·items, 4H]`, as [`Backend::gru_step_fwd`] describes them.
+pub struct GruRunFwd<'a> {
+    pub reverse: bool,
+    pub xproj: &'a Tensor,
+    pub w_hh: View<'a>,
+    pub bias_hh: View<'a>,
+    pub hs: &'a mut Tensor,
+    pub gates: &'a mut Tensor,
+}
+
+/// One direction of a Bi-GRU's backward recurrence ([`Backend::gru_bwd`]): the forward's
+/// `gates` and `hs`, `w_hh`, and what its steps write: `dh [items, H]` (zero on entry: the
+/// gradient into the last state), `dxproj [tokens, 3H]` (zero on entry) and
+/// `dhproj [steps·items, 3H]`, as [`Backend::gru_step_bwd`] describes them.
+pub struct GruRunBwd<'a> {
+    pub reverse: bool,
+    pub w_hh: View<'a>,
+    pub gates: &'a Tensor,
+    pub hs: &'a Tensor,
+    pub dh: &'a mut Tensor,
+    pub dxproj: &'a mut Tensor,
+    pub dhproj: &'a mut Tensor,
+}
+
+/// [`Backend::gru_fwd`] as a device without a fused recurrence runs it: each direction in
+/// turn, per step one GEMM (`hproj = h_s·W_hhᵀ`) and one [`Backend::gru_step_fwd`].
+pub fn gru_fwd_by_steps<B: Backend + ?Sized>(
+    dev: &mut B,
+    seg: &Segments,
+    hidden: usize,
+    runs: [GruRunFwd<'_>; 2],
+    out: &mut Tensor,
+) -> Result<()> {
+    let items = seg.items();
+    let gh = Gemm { m: items, n: 3 * hidden, k: hidden, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+    for run in runs {
+        let mut hproj = dev.alloc(&[items, 3 * hidden])?;
+        for s in 0..seg.max_len {
+            dev.gemm(gh, run.hs.sub(s * items * hidden, items * hidden), run.w_hh, hproj.view_mut())?;
+            let step = GruStep::of(s, run.reverse, hidden);
+            dev.gru_step_fwd(step, seg, run.xproj, &hproj, run.bias_hh, run.hs, out, run.gates)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`Backend::gru_bwd`] as a device without a fused recurrence runs it: each direction in
+/// turn, per step (last first) one [`Backend::gru_step_bwd`] and one GEMM
+/// (`dh += dhproj_s·W_hh`).
+pub fn gru_bwd_by_steps<B: Backend + ?Sized>(
+    dev: &mut B,
+    seg: &Segments,
+    hidden: usize,
+    runs: [GruRunBwd<'_>; 2],
+    dout: &Tensor,
+) -> Result<()> {
+    let items = seg.items();
+    let gh = Gemm { m: items, n: hidden, k: 3 * hidden, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
+    for run in runs {
+        for s in (0..seg.max_len).rev() {
+            let step = GruStep::of(s, run.reverse, hidden);
+            dev.gru_step_bwd(step, seg, run.gates, run.hs, dout, run.dh, run.dxproj, run.dhproj)?;
+            dev.gemm(gh, run.dhproj.sub(s * items * 3 * hidden, items * 3 * hidden), run.w_hh, run.dh.view_mut())?;
+        }
+    }
+    Ok(())
+}
+
+impl GruStep {
+    /// Step s of a direction whose output is the first (forward) or second (reverse) half of
+    /// rows [h→ ; h←].
+    pub fn of(s: usize, reverse: bool, hidden: usize) -> GruStep {
+        GruStep { s, reverse, hidden, out_col: if reverse { hidden } else { 0 } }
+    }
+}
+
 pub trait Backend {
     fn name(&self) -> &'static str;
     /// Whether this device computes on host memory, so that `View::Cpu` of any slice (a memory
@@ -347,6 +426,19 @@ pub trait Backend {
         dxproj: &mut Tensor,
         dhproj: &mut Tensor,
     ) -> Result<()>;
+
+    /// Both directions' forward recurrences of a Bi-GRU over the batch's longest sequence,
+    /// each direction's outputs written to its half of `out [tokens, 2H]` (forward first).
+    /// The two are independent, so a device may run them at once (the CPU does, one per
+    /// thread); by default they run one after the other ([`gru_fwd_by_steps`]).
+    fn gru_fwd(&mut self, seg: &Segments, hidden: usize, runs: [GruRunFwd<'_>; 2], out: &mut Tensor) -> Result<()> {
+        gru_fwd_by_steps(self, seg, hidden, runs, out)
+    }
+    /// Both directions' backward recurrences (over `dout [tokens, 2H]`), as [`Backend::gru_fwd`]
+    /// runs the forward ones; by default [`gru_bwd_by_steps`].
+    fn gru_bwd(&mut self, seg: &Segments, hidden: usize, runs: [GruRunBwd<'_>; 2], dout: &Tensor) -> Result<()> {
+        gru_bwd_by_steps(self, seg, hidden, runs, dout)
+    }
 
     // ---- losses (fused: loss and gradient in one pass) ---------------------------------
     /// Mean sigmoid binary cross-entropy over all `[n, C]` entries, written to `loss[0]` on

@@ -1,14 +1,15 @@
 //! Bidirectional GRU over packed variable-length sequences, with backprop through time.
-//! Per direction: one GEMM for the input projections of all timesteps, then per step one
-//! recurrent GEMM and one fused gate op (which adds b_hh and writes h_{s+1} beside h_s);
-//! backward mirrors it, two launches per step, and computes the recurrent weight gradient as
-//! ONE GEMM over all steps. Names follow torch.nn.GRU (`weight_ih_l0`,
+//! Per direction: one GEMM for the input projections of all timesteps, then the recurrence,
+//! both directions in one backend call (`Backend::gru_fwd`: per step one recurrent GEMM and
+//! one fused gate op, which adds b_hh and writes h_{s+1} beside h_s; the CPU runs the two
+//! directions at once); backward mirrors it (`Backend::gru_bwd`) and computes the recurrent
+//! weight gradient as ONE GEMM over all steps. Names follow torch.nn.GRU (`weight_ih_l0`,
 //! `weight_hh_l0_reverse`, ...), gate order (r, z, n).
 
 use super::linear::Linear;
 use super::params::{Init, Param, ParamStore};
 use crate::Result;
-use crate::backend::{Backend, Gemm, GruStep, Segments};
+use crate::backend::{Backend, GruRunBwd, GruRunFwd, Segments};
 use crate::tensor::Tensor;
 
 #[derive(Clone, Debug)]
@@ -59,66 +60,77 @@ impl GruDirection {
         self.hidden.bias.ok_or_else(|| crate::Error::config("a GRU direction without its hidden bias b_hh"))
     }
 
-    fn step(&self, s: usize, hidden: usize) -> GruStep {
-        GruStep { s, reverse: self.reverse, hidden, out_col: if self.reverse { hidden } else { 0 } }
-    }
-
-    fn forward(
-        &self,
-        dev: &mut dyn Backend,
-        w: &Tensor,
-        x: &Tensor,
-        seg: &Segments,
-        out: &mut Tensor,
-        hidden: usize,
-    ) -> Result<DirectionCache> {
+    /// The input projections of every step (x·W_ihᵀ + b_ih) and the buffers its recurrence
+    /// writes: hs with h_0 = 0, the gates.
+    fn prepare(&self, dev: &mut dyn Backend, w: &Tensor, x: &Tensor, seg: &Segments, hidden: usize) -> Result<Pending> {
         let (items, steps) = (seg.items(), seg.max_len);
         let xproj = self.input.forward(dev, w, x)?;
-        // Per step: one GEMM (W_hh h_s, its bias added by the gate kernel) and the gate kernel,
-        // which writes h_{s+1} beside h_s: no state is cloned, no buffer cleared per step.
         let mut hs = dev.alloc(&[(steps + 1) * items, hidden])?;
         dev.fill(hs.sub_mut(0, items * hidden), 0.0)?;
-        let mut gates = dev.alloc(&[steps * items, 4 * hidden])?;
-        let mut hproj = dev.alloc(&[items, 3 * hidden])?;
-        let bias_hh = self.bias_hh()?.of(w);
-        let gh = Gemm { m: items, n: 3 * hidden, k: hidden, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
-        for s in 0..steps {
-            dev.gemm(gh, hs.sub(s * items * hidden, items * hidden), self.hidden.weight.of(w), hproj.view_mut())?;
-            dev.gru_step_fwd(self.step(s, hidden), seg, &xproj, &hproj, bias_hh, &mut hs, out, &mut gates)?;
-        }
-        Ok(DirectionCache { gates, hs })
+        let gates = dev.alloc(&[steps * items, 4 * hidden])?;
+        Ok(Pending { xproj, cache: DirectionCache { gates, hs } })
     }
 
-    /// Returns dx of this direction.
+    fn run_fwd<'a>(&self, w: &'a Tensor, p: &'a mut Pending) -> Result<GruRunFwd<'a>> {
+        Ok(GruRunFwd {
+            reverse: self.reverse,
+            xproj: &p.xproj,
+            w_hh: self.hidden.weight.of(w),
+            bias_hh: self.bias_hh()?.of(w),
+            hs: &mut p.cache.hs,
+            gates: &mut p.cache.gates,
+        })
+    }
+
+    fn run_bwd<'a>(&self, w: &'a Tensor, c: &'a DirectionCache, grads: &'a mut [Tensor; 3]) -> GruRunBwd<'a> {
+        let [dh, dxproj, dhproj] = grads;
+        GruRunBwd {
+            reverse: self.reverse,
+            w_hh: self.hidden.weight.of(w),
+            gates: &c.gates,
+            hs: &c.hs,
+            dh,
+            dxproj,
+            dhproj,
+        }
+    }
+
+    /// The gradients a backward recurrence writes, zero: dh, dxproj; and dhproj.
+    fn grads(&self, dev: &mut dyn Backend, seg: &Segments, hidden: usize) -> Result<[Tensor; 3]> {
+        let (items, steps) = (seg.items(), seg.max_len);
+        // Every step's dhproj at its own rows, beside the forward's h_s: the weight gradient
+        // of W_hh is then one GEMM over all steps, with nothing copied per step.
+        Ok([
+            dev.zeros(&[items, hidden])?,
+            dev.zeros(&[seg.tokens(), 3 * hidden])?,
+            dev.alloc(&[steps * items, 3 * hidden])?,
+        ])
+    }
+
+    /// This direction's parameter gradients from its recurrence's; returns its dx.
     #[allow(clippy::too_many_arguments)]
-    fn backward(
+    fn backward_params(
         &self,
         dev: &mut dyn Backend,
         w: &Tensor,
         g: &mut Tensor,
         x: &Tensor,
         seg: &Segments,
-        c: DirectionCache,
-        dout: &Tensor,
+        hs: &Tensor,
+        [_, dxproj, dhproj]: &[Tensor; 3],
         hidden: usize,
     ) -> Result<Tensor> {
-        let (items, steps) = (seg.items(), seg.max_len);
-        let mut dh = dev.zeros(&[items, hidden])?;
-        let mut dxproj = dev.zeros(&[seg.tokens(), 3 * hidden])?;
-        // Every step's dhproj at its own rows, beside the forward's h_s: the weight gradient
-        // of W_hh is then one GEMM over all steps, with nothing copied per step.
-        let mut dhproj = dev.alloc(&[steps * items, 3 * hidden])?;
-        let w_hh = self.hidden.weight.of(w);
-        // dh_s += dhproj_s · W_hh
-        let gh = Gemm { m: items, n: hidden, k: 3 * hidden, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
-        for s in (0..steps).rev() {
-            dev.gru_step_bwd(self.step(s, hidden), seg, &c.gates, &c.hs, dout, &mut dh, &mut dxproj, &mut dhproj)?;
-            dev.gemm(gh, dhproj.sub(s * items * 3 * hidden, items * 3 * hidden), w_hh, dh.view_mut())?;
-        }
+        let rows = seg.max_len * seg.items() * hidden;
         // dW_hh += Σ_s dhproj_sᵀ h_s (rows 0..steps of hs), db_hh += Σ dhproj.
-        self.hidden.backward_params(dev, g, c.hs.sub(0, steps * items * hidden), &dhproj)?;
-        self.input.backward(dev, w, g, x, &dxproj)
+        self.hidden.backward_params(dev, g, hs.sub(0, rows), dhproj)?;
+        self.input.backward(dev, w, g, x, dxproj)
     }
+}
+
+/// A direction's input projections and buffers, before its recurrence runs.
+struct Pending {
+    xproj: Tensor,
+    cache: DirectionCache,
 }
 
 impl BiGru {
@@ -132,7 +144,8 @@ impl BiGru {
         }
     }
 
-    /// x [tokens, In] → [tokens, 2H] = [h→_t ; h←_t].
+    /// x [tokens, In] → [tokens, 2H] = [h→_t ; h←_t]. Both directions' recurrences in one
+    /// backend call (`Backend::gru_fwd`), so a device may run them at once.
     pub fn forward(
         &self,
         dev: &mut dyn Backend,
@@ -141,9 +154,11 @@ impl BiGru {
         seg: &Segments,
     ) -> Result<(Tensor, BiGruCache)> {
         let mut out = dev.zeros(&[seg.tokens(), 2 * self.hidden])?;
-        let fwd = self.dirs[0].forward(dev, w, &x, seg, &mut out, self.hidden)?;
-        let rev = self.dirs[1].forward(dev, w, &x, seg, &mut out, self.hidden)?;
-        Ok((out, BiGruCache { x, dirs: [fwd, rev] }))
+        let mut fwd = self.dirs[0].prepare(dev, w, &x, seg, self.hidden)?;
+        let mut rev = self.dirs[1].prepare(dev, w, &x, seg, self.hidden)?;
+        let runs = [self.dirs[0].run_fwd(w, &mut fwd)?, self.dirs[1].run_fwd(w, &mut rev)?];
+        dev.gru_fwd(seg, self.hidden, runs, &mut out)?;
+        Ok((out, BiGruCache { x, dirs: [fwd.cache, rev.cache] }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -156,9 +171,16 @@ impl BiGru {
         c: BiGruCache,
         dout: &Tensor,
     ) -> Result<Tensor> {
-        let [fwd, rev] = c.dirs;
-        let mut dx = self.dirs[0].backward(dev, w, g, &c.x, seg, fwd, dout, self.hidden)?;
-        let dx_rev = self.dirs[1].backward(dev, w, g, &c.x, seg, rev, dout, self.hidden)?;
+        let [fwd, rev] = &c.dirs;
+        let mut grads = [self.dirs[0].grads(dev, seg, self.hidden)?, self.dirs[1].grads(dev, seg, self.hidden)?];
+        {
+            let [g0, g1] = &mut grads;
+            let runs = [self.dirs[0].run_bwd(w, fwd, g0), self.dirs[1].run_bwd(w, rev, g1)];
+            dev.gru_bwd(seg, self.hidden, runs, dout)?;
+        }
+        let [g0, g1] = &grads;
+        let mut dx = self.dirs[0].backward_params(dev, w, g, &c.x, seg, &fwd.hs, g0, self.hidden)?;
+        let dx_rev = self.dirs[1].backward_params(dev, w, g, &c.x, seg, &rev.hs, g1, self.hidden)?;
         dev.add_assign(&mut dx, &dx_rev)?;
         Ok(dx)
     }

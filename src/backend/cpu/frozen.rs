@@ -26,8 +26,11 @@ struct Frozen {
     end: usize,
     /// By (element offset, shape, transpose, kernel); None: packing was refused (no memory),
     /// not tried again.
-    packed: HashMap<(usize, usize, usize, bool, Kernel), Option<PackedB>>,
+    packed: HashMap<OperandKey, Option<Arc<PackedB>>>,
 }
+
+/// An operand of a frozen buffer: (element offset, k, n, transposed, kernel).
+type OperandKey = (usize, usize, usize, bool, Kernel);
 
 impl FrozenOperands {
     /// Remembers `memory` (a frozen tensor's, [`crate::tensor::Tensor::frozen`]).
@@ -43,7 +46,7 @@ impl FrozenOperands {
 
     /// `b` packed for `g` at `precision` when it lies inside a frozen buffer that still lives,
     /// packed now if this is its first use; None for any other operand.
-    pub fn packed_b(&mut self, kernels: Kernels, precision: Precision, g: Gemm, b: &[f32]) -> Option<&PackedB> {
+    pub fn packed_b(&mut self, kernels: Kernels, precision: Precision, g: Gemm, b: &[f32]) -> Option<Arc<PackedB>> {
         if self.buffers.is_empty() {
             return None;
         }
@@ -58,13 +61,13 @@ impl FrozenOperands {
         let frozen = &mut self.buffers[i];
         let kernel = Kernel::of(kernels, precision);
         let key = ((from - frozen.start) / size_of::<f32>(), g.k, g.n, g.trans_b, kernel);
-        frozen.packed.entry(key).or_insert_with(|| PackedB::new(kernels, precision, g, b)).as_ref()
+        frozen.packed.entry(key).or_insert_with(|| PackedB::new(kernels, precision, g, b).map(Arc::new)).clone()
     }
 
     /// Bytes of packed operands of buffers still alive (a dead one's are dropped at the next
     /// freeze or the next GEMM that reads its old addresses).
     pub fn bytes(&self) -> usize {
         let live = self.buffers.iter().filter(|f| f.memory.strong_count() > 0);
-        live.flat_map(|f| f.packed.values().flatten()).map(PackedB::bytes).sum()
+        live.flat_map(|f| f.packed.values().flatten()).map(|p| p.bytes()).sum()
     }
 }

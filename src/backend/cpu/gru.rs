@@ -10,9 +10,11 @@
 //! libm's expf/tanhf made these gates a third of the text side's non-GEMM time; the loops are
 //! compiled for the active path (`simd::vectorised!`).
 
+use super::dispatch::Kernels;
 use super::elementwise::tanh_fast;
+use super::gemm::{PackedB, gemm_packed};
 use super::simd;
-use crate::backend::GruStep;
+use crate::backend::{Gemm, GruStep, Precision};
 
 /// σ(x) = (1 + tanh(x/2)) / 2: abs error < 1e-6, no branch.
 #[inline(always)]
@@ -28,8 +30,7 @@ pub fn step_fwd(
     hproj: &[f32],
     bias_hh: &[f32],
     hs: &mut [f32],
-    out: &mut [f32],
-    out_cols: usize,
+    out: &mut [&mut [f32]],
     gates: &mut [f32],
 ) {
     let (hd, items) = (step.hidden, offsets.len() - 1);
@@ -56,7 +57,7 @@ pub fn step_fwd(
             let hp = &hproj[b * 3 * hd..(b + 1) * 3 * hd];
             let (h_r, hp) = hp.split_at(hd);
             let (h_z, h_n) = hp.split_at(hd);
-            let o = &mut out[row * out_cols + step.out_col..row * out_cols + step.out_col + hd];
+            let o = &mut out[row][..hd];
             let (g_r, g) = g.split_at_mut(hd);
             let (g_z, g) = g.split_at_mut(hd);
             let (g_n, g_hn) = g.split_at_mut(hd);
@@ -124,6 +125,87 @@ pub fn step_bwd(
             }
         }
     })
+}
+
+/// The columns `from..from + width` of every `cols`-wide row of `out`: the part of the output
+/// rows one GRU direction writes (`step_fwd`).
+pub fn column_rows(out: &mut [f32], cols: usize, from: usize, width: usize) -> Vec<&mut [f32]> {
+    out.chunks_exact_mut(cols).map(|row| &mut row[from..from + width]).collect()
+}
+
+/// Both directions' parts of the output rows, [0, H) and [H, 2H) of each, borrowed apart so
+/// that the two recurrences write them at once.
+pub fn halves(out: &mut [f32], cols: usize, hd: usize) -> (Vec<&mut [f32]>, Vec<&mut [f32]>) {
+    out.chunks_exact_mut(cols)
+        .map(|row| {
+            let (forward, rest) = row.split_at_mut(hd);
+            (forward, &mut rest[..hd])
+        })
+        .unzip()
+}
+
+/// W_hh as one direction's recurrent GEMMs take it: the kernel, its precision, and the packed
+/// slivers of a frozen weight (None: packed per call).
+#[derive(Clone, Copy)]
+pub struct Recurrent<'a> {
+    pub kernels: Kernels,
+    pub precision: Precision,
+    pub w_hh: &'a [f32],
+    pub packed: Option<&'a PackedB>,
+}
+
+impl Recurrent<'_> {
+    fn gemm(&self, g: Gemm, a: &[f32], c: &mut [f32]) {
+        gemm_packed(self.kernels, self.precision, g, a, self.w_hh, self.packed, None, c);
+    }
+}
+
+/// One direction's forward recurrence on this thread, `steps` long: per step
+/// hproj = h_s·W_hhᵀ, then the gates ([`step_fwd`]); `hproj` is scratch of [items, 3H].
+#[allow(clippy::too_many_arguments)]
+pub fn recurrence_fwd(
+    w: Recurrent<'_>,
+    reverse: bool,
+    offsets: &[usize],
+    steps: usize,
+    xproj: &[f32],
+    bias_hh: &[f32],
+    hs: &mut [f32],
+    out: &mut [&mut [f32]],
+    gates: &mut [f32],
+    hproj: &mut [f32],
+) {
+    let (hd, items) = (bias_hh.len() / 3, offsets.len() - 1);
+    let g = Gemm { m: items, n: 3 * hd, k: hd, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+    for s in 0..steps {
+        w.gemm(g, &hs[s * items * hd..(s + 1) * items * hd], hproj);
+        step_fwd(GruStep::of(s, reverse, hd), offsets, xproj, hproj, bias_hh, hs, out, gates);
+    }
+}
+
+/// One direction's backward recurrence on this thread: per step, last first, the gates'
+/// backward ([`step_bwd`]), then dh += dhproj_s·W_hh.
+#[allow(clippy::too_many_arguments)]
+pub fn recurrence_bwd(
+    w: Recurrent<'_>,
+    reverse: bool,
+    offsets: &[usize],
+    steps: usize,
+    gates: &[f32],
+    hs: &[f32],
+    dout: &[f32],
+    out_cols: usize,
+    hd: usize,
+    dh: &mut [f32],
+    dxproj: &mut [f32],
+    dhproj: &mut [f32],
+) {
+    let items = offsets.len() - 1;
+    let g = Gemm { m: items, n: hd, k: 3 * hd, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
+    for s in (0..steps).rev() {
+        step_bwd(GruStep::of(s, reverse, hd), offsets, gates, hs, dout, out_cols, dh, dxproj, dhproj);
+        w.gemm(g, &dhproj[s * items * 3 * hd..(s + 1) * items * 3 * hd], dh);
+    }
 }
 
 #[cfg(test)]

@@ -19,9 +19,9 @@ pub mod simd;
 pub mod topk;
 
 use super::{
-    AdamW, Backend, DecayMask, Gemm, GruStep, GuardParams, Precision, Segments, check_adamw_masked, check_attention,
-    check_attention_bwd, check_gemm, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
-    check_top_k, expect_cols, expect_len, rows_of, same_shape,
+    AdamW, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Precision, Segments,
+    check_adamw_masked, check_attention, check_attention_bwd, check_gemm, check_gru_step_bwd, check_gru_step_fwd,
+    check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
@@ -74,7 +74,7 @@ impl Cpu {
     fn gemm_into(&mut self, g: Gemm, a: &[f32], b: &[f32], bias: Option<&[f32]>, c: &mut [f32]) -> Result<()> {
         let (kernels, precision) = (dispatch::active()?, self.gemm_precision(g));
         let packed = self.frozen.packed_b(kernels, precision, g, b);
-        gemm::gemm_packed(kernels, precision, g, a, b, packed, bias, c);
+        gemm::gemm_packed(kernels, precision, g, a, b, packed.as_deref(), bias, c);
         Ok(())
     }
 
@@ -408,6 +408,69 @@ impl Backend for Cpu {
         Ok(Tensor::from_cpu(dqkv, qkv.shape()))
     }
 
+    /// Both directions at once, one per thread of the pool (each step's 32-row GEMM is
+    /// latency-bound: one thread per direction instead of both threads on each GEMM).
+    fn gru_fwd(&mut self, seg: &Segments, hidden: usize, runs: [GruRunFwd<'_>; 2], out: &mut Tensor) -> Result<()> {
+        let _timer = profile::time("gru_fwd");
+        let (items, steps) = (seg.items(), seg.max_len);
+        if steps == 0 {
+            return Ok(());
+        }
+        let g = Gemm { m: items, n: 3 * hidden, k: hidden, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+        let mut hproj = [self.alloc(&[items, 3 * hidden])?, self.alloc(&[items, 3 * hidden])?];
+        for (run, hproj) in runs.iter().zip(&hproj) {
+            let step = GruStep::of(0, run.reverse, hidden);
+            check_gru_step_fwd(step, seg, run.xproj, hproj, run.bias_hh.len(), run.hs, out, run.gates)?;
+            check_gemm(&g, items * hidden, run.w_hh.len(), hproj.len())?;
+        }
+        let (kernels, precision) = (dispatch::active()?, self.gemm_precision(g));
+        let [p0, p1] = runs.each_ref().map(|r| self.frozen.packed_b(kernels, precision, g, r.w_hh.cpu()));
+        let oc = out.cols();
+        let (mut forward, mut reverse) = gru::halves(out.cpu_mut(), oc, hidden);
+        let [r0, r1] = runs;
+        let [h0, h1] = &mut hproj;
+        let offsets = &seg.offsets;
+        let w0 = gru::Recurrent { kernels, precision, w_hh: r0.w_hh.cpu(), packed: p0.as_deref() };
+        let w1 = gru::Recurrent { kernels, precision, w_hh: r1.w_hh.cpu(), packed: p1.as_deref() };
+        let (b0, b1) = (r0.bias_hh.cpu(), r1.bias_hh.cpu());
+        let (x0, x1) = (r0.xproj.cpu(), r1.xproj.cpu());
+        let (hs0, g0, hs1, g1) = (r0.hs.cpu_mut(), r0.gates.cpu_mut(), r1.hs.cpu_mut(), r1.gates.cpu_mut());
+        let (hp0, hp1) = (h0.cpu_mut(), h1.cpu_mut());
+        rayon::join(
+            || gru::recurrence_fwd(w0, r0.reverse, offsets, steps, x0, b0, hs0, &mut forward, g0, hp0),
+            || gru::recurrence_fwd(w1, r1.reverse, offsets, steps, x1, b1, hs1, &mut reverse, g1, hp1),
+        );
+        Ok(())
+    }
+
+    /// Both directions at once, as `gru_fwd`.
+    fn gru_bwd(&mut self, seg: &Segments, hidden: usize, runs: [GruRunBwd<'_>; 2], dout: &Tensor) -> Result<()> {
+        let _timer = profile::time("gru_bwd");
+        let (items, steps) = (seg.items(), seg.max_len);
+        if steps == 0 {
+            return Ok(());
+        }
+        let g = Gemm { m: items, n: hidden, k: 3 * hidden, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
+        for run in &runs {
+            let step = GruStep::of(0, run.reverse, hidden);
+            check_gru_step_bwd(step, seg, run.gates, run.hs, dout, run.dh, run.dxproj, run.dhproj)?;
+            check_gemm(&g, items * 3 * hidden, run.w_hh.len(), run.dh.len())?;
+        }
+        let (kernels, precision) = (dispatch::active()?, self.gemm_precision(g));
+        let [p0, p1] = runs.each_ref().map(|r| self.frozen.packed_b(kernels, precision, g, r.w_hh.cpu()));
+        let (oc, offsets, dout) = (dout.cols(), &seg.offsets, dout.cpu());
+        let [r0, r1] = runs;
+        let w0 = gru::Recurrent { kernels, precision, w_hh: r0.w_hh.cpu(), packed: p0.as_deref() };
+        let w1 = gru::Recurrent { kernels, precision, w_hh: r1.w_hh.cpu(), packed: p1.as_deref() };
+        let run = |w, r: GruRunBwd<'_>| {
+            let (gates, hs) = (r.gates.cpu(), r.hs.cpu());
+            let (dh, dxproj, dhproj) = (r.dh.cpu_mut(), r.dxproj.cpu_mut(), r.dhproj.cpu_mut());
+            gru::recurrence_bwd(w, r.reverse, offsets, steps, gates, hs, dout, oc, hidden, dh, dxproj, dhproj)
+        };
+        rayon::join(|| run(w0, r0), || run(w1, r1));
+        Ok(())
+    }
+
     fn gru_step_fwd(
         &mut self,
         step: GruStep,
@@ -422,6 +485,7 @@ impl Backend for Cpu {
         let _timer = profile::time("gru_step_fwd");
         check_gru_step_fwd(step, seg, xproj, hproj, bias_hh.len(), hs, out, gates)?;
         let oc = out.cols();
+        let mut rows = gru::column_rows(out.cpu_mut(), oc, step.out_col, step.hidden);
         gru::step_fwd(
             step,
             &seg.offsets,
@@ -429,8 +493,7 @@ impl Backend for Cpu {
             hproj.cpu(),
             bias_hh.cpu(),
             hs.cpu_mut(),
-            out.cpu_mut(),
-            oc,
+            &mut rows,
             gates.cpu_mut(),
         );
         Ok(())

@@ -48,6 +48,7 @@ pub fn reset() {
 pub fn kind(op: &str) -> &'static str {
     match op {
         _ if op.starts_with("gemm") => "GEMM",
+        "gru_fwd" | "gru_bwd" => "GRU recurrence (GEMMs + gates)",
         "gru_step_fwd" | "gru_step_bwd" => "GRU (gates)",
         "attention_fwd" | "attention_bwd" => "attention",
         "layernorm_fwd" | "layernorm_bwd" | "residual_layernorm_fwd" | "residual_layernorm_bwd" => "layer norm",
