@@ -1040,24 +1040,15 @@ fn gru_recurrence_is_bitwise_the_step_by_step_one() {
                 let [g0, g1] = &mut gates;
                 let weights = |i: usize| w.sub(i * (3 * hd * hd + 3 * hd), 3 * hd * hd);
                 let bias = |i: usize| w.sub(i * (3 * hd * hd + 3 * hd) + 3 * hd * hd, 3 * hd);
-                let runs = [
-                    GruRunFwd {
-                        reverse: false,
-                        xproj: &xproj[0],
-                        w_hh: weights(0),
-                        bias_hh: bias(0),
-                        hs: h0,
-                        gates: g0,
-                    },
-                    GruRunFwd {
-                        reverse: true,
-                        xproj: &xproj[1],
-                        w_hh: weights(1),
-                        bias_hh: bias(1),
-                        hs: h1,
-                        gates: g1,
-                    },
-                ];
+                let run = |i: usize, hs, gates| GruRunFwd {
+                    reverse: i == 1,
+                    xproj: &xproj[i],
+                    w_hh: weights(i),
+                    bias_hh: bias(i),
+                    hs,
+                    gates,
+                };
+                let runs = [run(0, h0, g0), run(1, h1, g1)];
                 if fused {
                     d.gru_fwd(&seg, hd, runs, &mut out).unwrap();
                 } else {
@@ -1074,26 +1065,16 @@ fn gru_recurrence_is_bitwise_the_step_by_step_one() {
                     .collect();
                 let (a, b) = grads.split_at_mut(1);
                 let ([dh0, dx0, dp0], [dh1, dx1, dp1]) = (&mut a[0], &mut b[0]);
-                let runs = [
-                    GruRunBwd {
-                        reverse: false,
-                        w_hh: weights(0),
-                        gates: &gates[0],
-                        hs: &hs[0],
-                        dh: dh0,
-                        dxproj: dx0,
-                        dhproj: dp0,
-                    },
-                    GruRunBwd {
-                        reverse: true,
-                        w_hh: weights(1),
-                        gates: &gates[1],
-                        hs: &hs[1],
-                        dh: dh1,
-                        dxproj: dx1,
-                        dhproj: dp1,
-                    },
-                ];
+                let run = |i: usize, dh, dxproj, dhproj| GruRunBwd {
+                    reverse: i == 1,
+                    w_hh: weights(i),
+                    gates: &gates[i],
+                    hs: &hs[i],
+                    dh,
+                    dxproj,
+                    dhproj,
+                };
+                let runs = [run(0, dh0, dx0, dp0), run(1, dh1, dx1, dp1)];
                 if fused {
                     d.gru_bwd(&seg, hd, runs, &dout).unwrap();
                 } else {
@@ -1111,30 +1092,21 @@ fn gru_recurrence_is_bitwise_the_step_by_step_one() {
                 assert!(same, "{precision:?} frozen {frozen}: output {i} differs");
             }
             assert!(results[1][0].iter().any(|&v| v != 0.0), "the recurrence wrote its outputs");
-            // A W_hh one row short is refused, naming the GEMM's operand.
+            // A W_hh one row short is refused.
             let short = w.sub(0, 3 * hd * hd - hd);
-            let mut hs = d.zeros(&[(steps + 1) * items, hd]).unwrap();
-            let mut gates = d.zeros(&[steps * items, 4 * hd]).unwrap();
-            let (mut hs1, mut gates1) = (hs.clone(), gates.clone());
+            let mut hs = [d.zeros(&[(steps + 1) * items, hd]).unwrap(), d.zeros(&[(steps + 1) * items, hd]).unwrap()];
+            let mut gates = [d.zeros(&[steps * items, 4 * hd]).unwrap(), d.zeros(&[steps * items, 4 * hd]).unwrap()];
             let mut out = d.zeros(&[tokens, 2 * hd]).unwrap();
-            let runs = [
-                GruRunFwd {
-                    reverse: false,
-                    xproj: &xproj[0],
-                    w_hh: short,
-                    bias_hh: w.sub(0, 3 * hd),
-                    hs: &mut hs,
-                    gates: &mut gates,
-                },
-                GruRunFwd {
-                    reverse: true,
-                    xproj: &xproj[1],
-                    w_hh: short,
-                    bias_hh: w.sub(0, 3 * hd),
-                    hs: &mut hs1,
-                    gates: &mut gates1,
-                },
-            ];
+            let ([h0, h1], [g0, g1]) = (&mut hs, &mut gates);
+            let run = |i: usize, hs, gates| GruRunFwd {
+                reverse: i == 1,
+                xproj: &xproj[i],
+                w_hh: short,
+                bias_hh: w.sub(0, 3 * hd),
+                hs,
+                gates,
+            };
+            let runs = [run(0, h0, g0), run(1, h1, g1)];
             assert!(d.gru_fwd(&seg, hd, runs, &mut out).is_err());
         }
     }

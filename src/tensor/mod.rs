@@ -173,8 +173,7 @@ impl Tensor {
     /// The contiguous range `offset..offset + len` (a parameter inside the flat buffer).
     pub fn sub(&self, offset: usize, len: usize) -> View<'_> {
         match &self.storage {
-            Storage::Cpu(v) => View::Cpu(&v[offset..offset + len]),
-            Storage::CpuFrozen(v) => View::Cpu(&v[offset..offset + len]),
+            Storage::Cpu(_) | Storage::CpuFrozen(_) => View::Cpu(&self.cpu()[offset..offset + len]),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => {
                 assert!(offset + len <= b.len(), "range {offset}+{len} of a {}-element tensor", b.len());

@@ -16,6 +16,7 @@
 //! recurrent GEMMs run on one thread: latency-bound).
 
 use std::cell::RefCell;
+use std::sync::Arc;
 use std::thread::LocalKey;
 
 use rayon::prelude::*;
@@ -41,6 +42,10 @@ impl Strided {
     /// The transpose of a row-major matrix with row stride `rs`.
     pub const fn transposed(rs: usize) -> Self {
         Strided { rs: 1, cs: rs as isize }
+    }
+    /// op(B) of `g` (k × n), B row-major as stored.
+    const fn of_b(g: Gemm) -> Self {
+        if g.trans_b { Strided::transposed(g.k) } else { Strided::rows(g.n) }
     }
 }
 
@@ -87,13 +92,13 @@ pub fn gemm_packed(
     bias: Option<&[f32]>,
     c: &mut [f32],
 ) {
-    let Gemm { m, n, k, trans_a, trans_b, alpha, beta } = g;
+    let Gemm { m, n, k, trans_a, alpha, beta, .. } = g;
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand shorter than its shape");
     assert!(bias.is_none_or(|b| b.len() >= n), "gemm: bias shorter than a row");
     let kernel = Kernel::of(kernels, precision);
     assert!(packed.is_none_or(|pb| pb.fits(g, kernel)), "gemm: B was packed for another shape or kernel");
     let sa = if trans_a { Strided::transposed(m) } else { Strided::rows(k) };
-    let sb = if trans_b { Strided::transposed(k) } else { Strided::rows(n) };
+    let sb = Strided::of_b(g);
     let bias = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
     let pre = packed.map(|pb| Prepacked { base: pb.as_ptr(), cols: pb.cols, j: 0 });
     let (a, b, c, sc) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), Strided::rows(n));
@@ -102,6 +107,23 @@ pub fn gemm_packed(
     // above; c is a unique borrow, so it aliases none of the others; `packed` holds B's
     // slivers for `kernel`, the one `solve` runs (checked above).
     unsafe { solve(kernels, precision, p) }
+}
+
+/// B of a layer's GEMMs as the CPU backend multiplies by it: the path and precision they run
+/// at, and B's slivers when it was packed beforehand (a frozen weight; None: packed per call).
+#[derive(Clone)]
+pub struct Operand<'a> {
+    pub kernels: Kernels,
+    pub precision: Precision,
+    pub b: &'a [f32],
+    pub packed: Option<Arc<PackedB>>,
+}
+
+impl Operand<'_> {
+    /// `c = alpha·op(a)·op(b) + beta·c (+ bias)` ([`gemm_packed`]).
+    pub fn gemm(&self, g: Gemm, a: &[f32], bias: Option<&[f32]>, c: &mut [f32]) {
+        gemm_packed(self.kernels, self.precision, g, a, self.b, self.packed.as_deref(), bias, c);
+    }
 }
 
 /// The micro-kernel a call runs on: the precision's on the path (`solve`).
@@ -191,7 +213,7 @@ impl PackedB {
         K::Packed: Buffers,
     {
         let Gemm { k, n, trans_b, .. } = g;
-        let sb = if trans_b { Strided::transposed(k) } else { Strided::rows(n) };
+        let sb = Strided::of_b(g);
         let cols = n.next_multiple_of(K::NR);
         let len = (0..k).step_by(KC).map(|pc| cols * KC.min(k - pc).next_multiple_of(K::KG)).sum::<usize>();
         let per_line = 64 / size_of::<K::Packed>();

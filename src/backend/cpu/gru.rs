@@ -10,11 +10,10 @@
 //! libm's expf/tanhf made these gates a third of the text side's non-GEMM time; the loops are
 //! compiled for the active path (`simd::vectorised!`).
 
-use super::dispatch::Kernels;
 use super::elementwise::tanh_fast;
-use super::gemm::{PackedB, gemm_packed};
+use super::gemm::Operand;
 use super::simd;
-use crate::backend::{Gemm, GruStep, Precision};
+use crate::backend::{Gemm, GruStep};
 
 /// σ(x) = (1 + tanh(x/2)) / 2: abs error < 1e-6, no branch.
 #[inline(always)]
@@ -144,27 +143,12 @@ pub fn halves(out: &mut [f32], cols: usize, hd: usize) -> (Vec<&mut [f32]>, Vec<
         .unzip()
 }
 
-/// W_hh as one direction's recurrent GEMMs take it: the kernel, its precision, and the packed
-/// slivers of a frozen weight (None: packed per call).
-#[derive(Clone, Copy)]
-pub struct Recurrent<'a> {
-    pub kernels: Kernels,
-    pub precision: Precision,
-    pub w_hh: &'a [f32],
-    pub packed: Option<&'a PackedB>,
-}
-
-impl Recurrent<'_> {
-    fn gemm(&self, g: Gemm, a: &[f32], c: &mut [f32]) {
-        gemm_packed(self.kernels, self.precision, g, a, self.w_hh, self.packed, None, c);
-    }
-}
-
 /// One direction's forward recurrence on this thread, `steps` long: per step
-/// hproj = h_s·W_hhᵀ, then the gates ([`step_fwd`]); `hproj` is scratch of [items, 3H].
+/// hproj = h_s·W_hhᵀ (`w_hh`), then the gates ([`step_fwd`]); `hproj` is scratch of
+/// [items, 3H].
 #[allow(clippy::too_many_arguments)]
 pub fn recurrence_fwd(
-    w: Recurrent<'_>,
+    w_hh: &Operand<'_>,
     reverse: bool,
     offsets: &[usize],
     steps: usize,
@@ -178,16 +162,16 @@ pub fn recurrence_fwd(
     let (hd, items) = (bias_hh.len() / 3, offsets.len() - 1);
     let g = Gemm { m: items, n: 3 * hd, k: hd, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
     for s in 0..steps {
-        w.gemm(g, &hs[s * items * hd..(s + 1) * items * hd], hproj);
+        w_hh.gemm(g, &hs[s * items * hd..(s + 1) * items * hd], None, hproj);
         step_fwd(GruStep::of(s, reverse, hd), offsets, xproj, hproj, bias_hh, hs, out, gates);
     }
 }
 
 /// One direction's backward recurrence on this thread: per step, last first, the gates'
-/// backward ([`step_bwd`]), then dh += dhproj_s·W_hh.
+/// backward ([`step_bwd`]), then dh += dhproj_s·W_hh (`w_hh`).
 #[allow(clippy::too_many_arguments)]
 pub fn recurrence_bwd(
-    w: Recurrent<'_>,
+    w_hh: &Operand<'_>,
     reverse: bool,
     offsets: &[usize],
     steps: usize,
@@ -204,7 +188,7 @@ pub fn recurrence_bwd(
     let g = Gemm { m: items, n: hd, k: 3 * hd, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
     for s in (0..steps).rev() {
         step_bwd(GruStep::of(s, reverse, hd), offsets, gates, hs, dout, out_cols, dh, dxproj, dhproj);
-        w.gemm(g, &dhproj[s * items * 3 * hd..(s + 1) * items * 3 * hd], dh);
+        w_hh.gemm(g, &dhproj[s * items * 3 * hd..(s + 1) * items * 3 * hd], None, dh);
     }
 }
 

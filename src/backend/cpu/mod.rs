@@ -70,12 +70,12 @@ impl Cpu {
         self.frozen.bytes()
     }
 
-    /// `c = op(a)·op(b) (+ bias)` with b's packed slivers kept when b is a frozen weight.
-    fn gemm_into(&mut self, g: Gemm, a: &[f32], b: &[f32], bias: Option<&[f32]>, c: &mut [f32]) -> Result<()> {
+    /// B of a layer GEMM `g` as it is multiplied: at `gemm_precision`, with its packed slivers
+    /// kept when b is a frozen weight.
+    fn operand<'a>(&mut self, g: Gemm, b: &'a [f32]) -> Result<gemm::Operand<'a>> {
         let (kernels, precision) = (dispatch::active()?, self.gemm_precision(g));
         let packed = self.frozen.packed_b(kernels, precision, g, b);
-        gemm::gemm_packed(kernels, precision, g, a, b, packed.as_deref(), bias, c);
-        Ok(())
+        Ok(gemm::Operand { kernels, precision, b, packed })
     }
 
     /// The arithmetic of one layer GEMM. Products of few rows (a training batch's 32-row GRU
@@ -187,7 +187,8 @@ impl Backend for Cpu {
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
         let _timer = profile::time(gemm_name(g));
         check_gemm(&g, a.len(), b.len(), c.len())?;
-        self.gemm_into(g, a.cpu(), b.cpu(), None, c.cpu())
+        self.operand(g, b.cpu())?.gemm(g, a.cpu(), None, c.cpu());
+        Ok(())
     }
 
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
@@ -196,7 +197,8 @@ impl Backend for Cpu {
         expect_cols("gemm_bias", c)?;
         expect_len("gemm_bias", "bias", bias.len(), c.cols())?;
         expect_len("gemm_bias", "bias", bias.len(), g.n)?;
-        self.gemm_into(g, a.cpu(), b.cpu(), Some(bias.cpu()), c.cpu_mut())
+        self.operand(g, b.cpu())?.gemm(g, a.cpu(), Some(bias.cpu()), c.cpu_mut());
+        Ok(())
     }
 
     fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()> {
@@ -423,22 +425,19 @@ impl Backend for Cpu {
             check_gru_step_fwd(step, seg, run.xproj, hproj, run.bias_hh.len(), run.hs, out, run.gates)?;
             check_gemm(&g, items * hidden, run.w_hh.len(), hproj.len())?;
         }
-        let (kernels, precision) = (dispatch::active()?, self.gemm_precision(g));
-        let [p0, p1] = runs.each_ref().map(|r| self.frozen.packed_b(kernels, precision, g, r.w_hh.cpu()));
+        let [r0, r1] = runs;
+        let (w0, w1) = (self.operand(g, r0.w_hh.cpu())?, self.operand(g, r1.w_hh.cpu())?);
         let oc = out.cols();
         let (mut forward, mut reverse) = gru::halves(out.cpu_mut(), oc, hidden);
-        let [r0, r1] = runs;
         let [h0, h1] = &mut hproj;
         let offsets = &seg.offsets;
-        let w0 = gru::Recurrent { kernels, precision, w_hh: r0.w_hh.cpu(), packed: p0.as_deref() };
-        let w1 = gru::Recurrent { kernels, precision, w_hh: r1.w_hh.cpu(), packed: p1.as_deref() };
         let (b0, b1) = (r0.bias_hh.cpu(), r1.bias_hh.cpu());
         let (x0, x1) = (r0.xproj.cpu(), r1.xproj.cpu());
         let (hs0, g0, hs1, g1) = (r0.hs.cpu_mut(), r0.gates.cpu_mut(), r1.hs.cpu_mut(), r1.gates.cpu_mut());
         let (hp0, hp1) = (h0.cpu_mut(), h1.cpu_mut());
         rayon::join(
-            || gru::recurrence_fwd(w0, r0.reverse, offsets, steps, x0, b0, hs0, &mut forward, g0, hp0),
-            || gru::recurrence_fwd(w1, r1.reverse, offsets, steps, x1, b1, hs1, &mut reverse, g1, hp1),
+            || gru::recurrence_fwd(&w0, r0.reverse, offsets, steps, x0, b0, hs0, &mut forward, g0, hp0),
+            || gru::recurrence_fwd(&w1, r1.reverse, offsets, steps, x1, b1, hs1, &mut reverse, g1, hp1),
         );
         Ok(())
     }
@@ -456,18 +455,15 @@ impl Backend for Cpu {
             check_gru_step_bwd(step, seg, run.gates, run.hs, dout, run.dh, run.dxproj, run.dhproj)?;
             check_gemm(&g, items * 3 * hidden, run.w_hh.len(), run.dh.len())?;
         }
-        let (kernels, precision) = (dispatch::active()?, self.gemm_precision(g));
-        let [p0, p1] = runs.each_ref().map(|r| self.frozen.packed_b(kernels, precision, g, r.w_hh.cpu()));
-        let (oc, offsets, dout) = (dout.cols(), &seg.offsets, dout.cpu());
         let [r0, r1] = runs;
-        let w0 = gru::Recurrent { kernels, precision, w_hh: r0.w_hh.cpu(), packed: p0.as_deref() };
-        let w1 = gru::Recurrent { kernels, precision, w_hh: r1.w_hh.cpu(), packed: p1.as_deref() };
-        let run = |w, r: GruRunBwd<'_>| {
+        let (w0, w1) = (self.operand(g, r0.w_hh.cpu())?, self.operand(g, r1.w_hh.cpu())?);
+        let (oc, offsets, dout) = (dout.cols(), &seg.offsets, dout.cpu());
+        let run = |w: &gemm::Operand<'_>, r: GruRunBwd<'_>| {
             let (gates, hs) = (r.gates.cpu(), r.hs.cpu());
             let (dh, dxproj, dhproj) = (r.dh.cpu_mut(), r.dxproj.cpu_mut(), r.dhproj.cpu_mut());
             gru::recurrence_bwd(w, r.reverse, offsets, steps, gates, hs, dout, oc, hidden, dh, dxproj, dhproj)
         };
-        rayon::join(|| run(w0, r0), || run(w1, r1));
+        rayon::join(|| run(&w0, r0), || run(&w1, r1));
         Ok(())
     }
 
