@@ -15,6 +15,12 @@
 //!   thread read or wrote, with no barrier in between (or, within one warp, no warp
 //!   collective), is an error naming both threads.
 //!
+//! - A cooperative launch (`Launch::co_resident`) runs every block on its own host thread, as
+//!   the hardware keeps every block of one resident, so a grid-wide barrier (blocks spinning
+//!   on a global flag) makes progress. `nanosleep` inside such a spin parks the host thread
+//!   until the word its last global atomic read changes (`wait_for_change`), so a hundred
+//!   waiting blocks cost no CPU.
+//!
 //! Every error names the kernel, the block, the thread and the PTX instruction.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -29,6 +35,8 @@ pub struct Launch<'a> {
     pub params: &'a [u8],
     /// Live device allocations (start, bytes), sorted by start.
     pub allocs: &'a [(u64, u64)],
+    /// A cooperative launch: every block runs at once, each on its own host thread.
+    pub co_resident: bool,
 }
 
 const NONE: u32 = u32::MAX;
@@ -71,6 +79,8 @@ struct Block<'k> {
     warp_epoch: Vec<u32>,
     /// The allocation of the last global access: most accesses of a kernel hit a few buffers.
     last_alloc: std::cell::Cell<(u64, u64)>,
+    /// Per thread, the last global atomic: (address, bytes, the value it read), for `Sleep`.
+    last_atomic: Vec<(u64, u64, u64)>,
 }
 
 pub fn launch(k: &Kernel, l: &Launch) -> Result<(), String> {
@@ -84,6 +94,7 @@ pub fn launch(k: &Kernel, l: &Launch) -> Result<(), String> {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
         .clamp(1, 64)
         .min(blocks);
+    let workers = if l.co_resident { blocks } else { workers };
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let run = || -> Option<(usize, String)> {
@@ -144,6 +155,7 @@ impl<'k> Block<'k> {
             epoch: 1,
             warp_epoch: vec![0; nthreads.div_ceil(32)],
             last_alloc: std::cell::Cell::new((0, 0)),
+            last_atomic: vec![(0, 0, 0); nthreads],
         }
     }
 
@@ -172,6 +184,7 @@ impl<'k> Block<'k> {
         self.shadow.fill(FRESH);
         self.epoch = 1;
         self.warp_epoch.fill(0);
+        self.last_atomic.fill((0, 0, 0));
         loop {
             for t in 0..self.nthreads {
                 if self.state[t] == State::Run {
@@ -857,7 +870,9 @@ impl<'k> Block<'k> {
                         old
                     } else {
                         self.check_global(t, l, a, bytes, "atomic")?;
-                        global_atomic(*op, *ty, a, bv, cv)
+                        let old = global_atomic(*op, *ty, a, bv, cv);
+                        self.last_atomic[t] = (a, bytes, old);
+                        old
                     };
                     if let Some(d) = d {
                         wr!(*d, old);
@@ -901,6 +916,14 @@ impl<'k> Block<'k> {
                     self.pc[t] = pc;
                     self.state[t] = State::Exited;
                     return Ok(());
+                }
+                Op::Sleep => {
+                    let (a, bytes, seen) = self.last_atomic[t];
+                    if bytes == 0 {
+                        std::thread::yield_now();
+                    } else {
+                        wait_for_change(a, bytes, seen);
+                    }
                 }
                 Op::Nop => {}
             }
@@ -1461,8 +1484,68 @@ fn atomic_op(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64) -> u64 {
     }
 }
 
-/// A real atomic read-modify-write on host memory (blocks run on several host threads).
+/// Host threads parked in `wait_for_change`: the words they watch (address → how many).
+static WATCHED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+static WOKEN: std::sync::Condvar = std::sync::Condvar::new();
+/// How many are parked: an atomic finds 0 here without taking the lock.
+static PARKED: AtomicUsize = AtomicUsize::new(0);
+
+fn read_word(addr: u64, bytes: u64) -> u64 {
+    // SAFETY: addr is a global word an atomic of this launch just accessed (checked then; the
+    // allocation outlives the launch), aligned to `bytes`.
+    unsafe {
+        if bytes == 8 {
+            (*(addr as *const AtomicU64)).load(Ordering::Acquire)
+        } else {
+            (*(addr as *const AtomicU32)).load(Ordering::Acquire) as u64
+        }
+    }
+}
+
+/// Parks the calling host thread until the global word at `addr` no longer holds `seen`
+/// (a spin on a flag: the thread polls it again when it wakes). The timeout covers a word
+/// changed by a plain store, which does not wake anyone.
+fn wait_for_change(addr: u64, bytes: u64, seen: u64) {
+    let mut watched = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
+    PARKED.fetch_add(1, Ordering::SeqCst);
+    if read_word(addr, bytes) != seen {
+        PARKED.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    watched.push(addr);
+    let (mut watched, _) = WOKEN
+        .wait_timeout(watched, std::time::Duration::from_millis(5))
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = watched.iter().position(|&w| w == addr) {
+        watched.swap_remove(i);
+    }
+    PARKED.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Wakes the threads parked on `addr` (an atomic just changed it).
+fn wake(addr: u64) {
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if PARKED.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    let watched = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
+    if watched.contains(&addr) {
+        WOKEN.notify_all();
+    }
+}
+
+/// A real atomic read-modify-write on host memory (blocks run on several host threads); a
+/// change wakes the threads waiting on the word.
 fn global_atomic(op: AtomOp, ty: Ty, addr: u64, b: u64, c: u64) -> u64 {
+    let old = atomic_rmw(op, ty, addr, b, c);
+    let mask = if ty.bytes() == 8 { u64::MAX } else { u32::MAX as u64 };
+    if atomic_op(op, ty, old, b, c) & mask != old & mask {
+        wake(addr);
+    }
+    old
+}
+
+fn atomic_rmw(op: AtomOp, ty: Ty, addr: u64, b: u64, c: u64) -> u64 {
     if ty.bytes() == 8 {
         // SAFETY: the caller checked that [addr, addr + 8) is inside a live allocation and aligned.
         let cell = unsafe { &*(addr as *const AtomicU64) };

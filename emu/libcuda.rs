@@ -41,12 +41,16 @@ const LAUNCH_OUT_OF_RESOURCES: CUresult = 701;
 const MISALIGNED_ADDRESS: CUresult = 716;
 const LAUNCH_FAILED: CUresult = 719;
 const NOT_SUPPORTED: CUresult = 801;
+const COOPERATIVE_LAUNCH_TOO_LARGE: CUresult = 720;
 const UNKNOWN: CUresult = 999;
 
 /// What the emulated device says it is: an sm_90 part with H100/H200 limits.
 const DEVICE_NAME: &str = "semshare emulated device (sm_90 PTX on the CPU)";
 const MAX_SHARED_DEFAULT: u64 = 48 * 1024;
 const MAX_SHARED_OPTIN: u64 = 227 * 1024;
+/// An H100/H200's multiprocessors and shared memory per multiprocessor.
+const MULTIPROCESSORS: u64 = 132;
+const SHARED_PER_SM: u64 = 233_472;
 
 struct State {
     allocs: BTreeMap<u64, (u64, Layout)>,
@@ -243,12 +247,13 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(v: *mut c_int, attr: c_int, _dev: 
         10 => 32,                         // warp size
         12 => 65536,                      // registers per block
         13 => 1_980_000,                  // clock rate (kHz)
-        16 => 132,                        // multiprocessors
+        16 => MULTIPROCESSORS as c_int,   // multiprocessors
         39 => 2048,                       // max threads per multiprocessor
         75 => 9,                          // compute capability major
         76 => 0,                          // compute capability minor
-        81 => 233_472,                    // shared memory per multiprocessor
+        81 => SHARED_PER_SM as c_int,     // shared memory per multiprocessor
         82 => 65536,                      // registers per multiprocessor
+        95 => 1,                          // cooperative launch
         97 => MAX_SHARED_OPTIN as c_int,  // shared memory per block, opt-in
         115 => 0,                         // memory pools: none (cudarc then allocates synchronously)
         _ => 0,
@@ -756,6 +761,37 @@ pub unsafe extern "C" fn cuLaunchKernel(
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) -> CUresult {
+    launch(f, [gx, gy, gz], [bx, by, bz], shared, params, extra, false)
+}
+
+/// A launch whose blocks must all be resident at once (a grid-wide barrier inside): the
+/// driver refuses a grid larger than the device holds, and the emulator runs every block on
+/// its own host thread.
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchCooperativeKernel(
+    f: *mut c_void,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shared: c_uint,
+    _stream: *mut c_void,
+    params: *mut *mut c_void,
+) -> CUresult {
+    launch(f, [gx, gy, gz], [bx, by, bz], shared, params, std::ptr::null_mut(), true)
+}
+
+unsafe fn launch(
+    f: *mut c_void,
+    [gx, gy, gz]: [c_uint; 3],
+    [bx, by, bz]: [c_uint; 3],
+    shared: c_uint,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+    cooperative: bool,
+) -> CUresult {
     if f.is_null() {
         return INVALID_HANDLE;
     }
@@ -820,6 +856,22 @@ pub unsafe extern "C" fn cuLaunchKernel(
     if !extra.is_null() {
         return fail(NOT_SUPPORTED, format!("cuLaunchKernel({name}): the `extra` parameter form is not emulated"));
     }
+    if cooperative {
+        // Blocks one multiprocessor holds at once, by threads (whole warps), shared memory
+        // and the block limit; registers are not modelled.
+        let warps = threads.div_ceil(32) as u64;
+        let smem = (k.dynamic_offset + shared as u64).max(k.static_shared).max(1);
+        let per_sm = (2048 / 32 / warps).min(SHARED_PER_SM / smem).min(32);
+        let blocks = gx as u64 * gy as u64 * gz as u64;
+        if blocks > MULTIPROCESSORS * per_sm {
+            return fail(
+                COOPERATIVE_LAUNCH_TOO_LARGE,
+                format!(
+                    "cuLaunchCooperativeKernel({name}): {cfg}: {blocks} blocks, but {MULTIPROCESSORS} multiprocessors hold {per_sm} each at once"
+                ),
+            );
+        }
+    }
     if params.is_null() && !k.params.is_empty() {
         return fail(
             INVALID_VALUE,
@@ -845,6 +897,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
             dynamic_shared: shared as u64,
             params: &buf,
             allocs: &allocs,
+            co_resident: cooperative,
         };
         match exec::launch(&k, &launch) {
             Ok(()) => SUCCESS,
@@ -879,6 +932,7 @@ fn error_name(code: CUresult) -> &'static CStr {
         MISALIGNED_ADDRESS => c"CUDA_ERROR_MISALIGNED_ADDRESS",
         LAUNCH_FAILED => c"CUDA_ERROR_LAUNCH_FAILED",
         NOT_SUPPORTED => c"CUDA_ERROR_NOT_SUPPORTED",
+        COOPERATIVE_LAUNCH_TOO_LARGE => c"CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE",
         _ => c"CUDA_ERROR_UNKNOWN",
     }
 }

@@ -424,6 +424,9 @@ pub enum Op {
         mask: Src,
     },
     Exit,
+    /// `nanosleep`: a hint on the GPU; here the thread waits for its last global atomic's word
+    /// to change (a spin-wait on a flag then costs no host CPU; see exec.rs `wait_for_change`).
+    Sleep,
     Nop,
 }
 
@@ -1438,7 +1441,8 @@ fn decode(ctx: &mut Ctx, s: &str) -> Result<Decoded, String> {
             Op::Vote { mode, d: ctx.dst(&ops[0])?, a: ctx.src(&a, Ty::Pred)?, negate, mask: ctx.src(&ops[2], Ty::B32)? }
         }
         "ret" | "exit" => Op::Exit,
-        "membar" | "fence" | "prefetch" | "prefetchu" | "pmevent" | "nanosleep" => Op::Nop,
+        "nanosleep" => Op::Sleep,
+        "membar" | "fence" | "prefetch" | "prefetchu" | "pmevent" => Op::Nop,
         _ => return Err(format!("`{opcode}` is not emulated")),
     };
     Ok((guard, op))

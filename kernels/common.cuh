@@ -60,13 +60,31 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   return warp_max(v);
 }
 
-// Stage 2 of every deterministic column reduction (bias grad, LayerNorm dgamma/dbeta):
-// out[c] += Σ_{k < parts} partial[k * cols + c], summed in k order.
-__device__ __forceinline__ void colsum_finish(const float* partial, int parts, int cols, float* out) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
+// Stage 2 of every deterministic column reduction (bias grad, LayerNorm dgamma/dbeta), run by
+// the last block of each column strip (blockIdx.x: 32 columns, 32 × 8 threads) to finish its
+// stage 1, so the reduction is one launch: out_y[c] += Σ_{k < parts} partial[y][k][c], summed
+// in k order by lane (threadIdx.x, y) whatever order the blocks ran in, so the sum is the same
+// bits run to run. out1 may be null (one output). counters[blockIdx.x] counts the strip's
+// finished blocks; the last resets it, so the next reduction on the stream finds it zero.
+// Why not a second launch: a launch costs about what this sum does (parts ≤ 72 at 4608 rows).
+__device__ __forceinline__ void colsum_finish_strip(const float* partial, int cols, float* out0, float* out1,
+                                                    unsigned* counters) {
+  __shared__ int last;
+  __threadfence();  // this block's partials are visible before it counts itself finished
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    last = atomicAdd(&counters[blockIdx.x], 1u) == gridDim.y - 1;
+    if (last) atomicExch(&counters[blockIdx.x], 0u);
+  }
+  __syncthreads();
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  float* out = threadIdx.y == 0 ? out0 : out1;
+  if (!last || threadIdx.y > 1 || out == nullptr || c >= cols) return;
+  __threadfence();
+  const int parts = gridDim.y;
+  const float* p = partial + (size_t)threadIdx.y * parts * cols;
   float s = 0.0f;
-  for (int k = 0; k < parts; ++k) s += partial[(size_t)k * cols + c];
+  for (int k = 0; k < parts; ++k) s += __ldcg(p + (size_t)k * cols + c);  // L2: other blocks wrote them
   out[c] += s;
 }
 
@@ -76,7 +94,3 @@ __device__ __forceinline__ void colsum_finish(const float* partial, int parts, i
 // ceil(rows / COLSUM_ROWS) x cols. Keep in step with COLSUM_ROWS in src/backend/cuda/mod.rs.
 #define COLSUM_ROWS 64
 
-// out[c] += Σ partial[k, c]: stage 2 shared by bias_bwd and layernorm_bwd.
-extern "C" __global__ void colsum_finish_f32(const float* partial, int parts, int cols, float* out) {
-  common::colsum_finish(partial, parts, cols, out);
-}

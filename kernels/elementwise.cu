@@ -20,8 +20,9 @@ template <typename T> __device__ void add_bias(T* y, const T* bias, size_t n, in
 
 // Stage 1 of dbias = Σ_r dy[r, :]: block (32 columns x 8 row lanes) sums COLSUM_ROWS rows;
 // the 8 lanes are combined in shared memory in a fixed order, so the result does not depend
-// on scheduling (no atomics). Stage 2 is colsum_finish_f32 in common.cuh.
-template <typename T> __device__ void bias_bwd_partial(const T* dy, int rows, int cols, float* partial) {
+// on scheduling. Stage 2 (common.cuh colsum_finish_strip) runs in the strip's last block.
+template <typename T>
+__device__ void bias_bwd_partial(const T* dy, int rows, int cols, float* partial, float* dbias, unsigned* counters) {
   __shared__ float acc[8][33];
   const int c = blockIdx.x * 32 + threadIdx.x;
   const int r0 = blockIdx.y * COLSUM_ROWS;
@@ -36,6 +37,7 @@ template <typename T> __device__ void bias_bwd_partial(const T* dy, int rows, in
     for (int k = 0; k < 8; ++k) t += acc[k][threadIdx.x];
     partial[(size_t)blockIdx.y * cols + c] = t;
   }
+  common::colsum_finish_strip(partial, cols, dbias, nullptr, counters);
 }
 
 template <typename T> __device__ void add_assign(T* y, const T* x, size_t n) {
@@ -110,8 +112,9 @@ template <typename T> __device__ void sigmoid_fwd(const T* x, T* y, size_t n) {
   extern "C" __global__ void add_bias_fwd_##SUF(T* y, const T* b, size_t n, int cols) {                      \
     elementwise::add_bias<T>(y, b, n, cols);                                                                 \
   }                                                                                                          \
-  extern "C" __global__ void bias_bwd_##SUF(const T* dy, int rows, int cols, float* partial) {               \
-    elementwise::bias_bwd_partial<T>(dy, rows, cols, partial);                                               \
+  extern "C" __global__ void bias_bwd_##SUF(const T* dy, int rows, int cols, float* partial, float* dbias,    \
+                                            unsigned* counters) {                                            \
+    elementwise::bias_bwd_partial<T>(dy, rows, cols, partial, dbias, counters);                              \
   }                                                                                                          \
   extern "C" __global__ void add_assign_fwd_##SUF(T* y, const T* x, size_t n) {                              \
     elementwise::add_assign<T>(y, x, n);                                                                     \

@@ -1,5 +1,5 @@
 // kernels/gru.cu — fused GRU gates for one timestep of a packed batch, forward and backward
-// (PyTorch equations, gate order r, z, n):
+// (PyTorch equations, gate order r, z, n; written once in gru.cuh):
 //   r = σ(x_r + h_r),  z = σ(x_z + h_z),  n = tanh(x_n + r ⊙ h_n),  h' = (1 − z) ⊙ n + z ⊙ h
 // x_* = W_i* x_t + b_i* (xproj [tokens, 3H], one GEMM for every step), h_* = W_h* h + b_h*
 // (hproj [items, 3H] = W_h* h from one cuBLAS GEMM per step; the bias b_hh is added here, which
@@ -22,37 +22,15 @@
 //         gru_step_bwd_f32: 32 registers; no shared memory
 //   sm_80 gru_step_fwd_f32: 40 registers; gru_step_bwd_f32: 32 registers
 //
-// The persistent alternative (DESIGN.md §5; not built): today each step is a cuBLAS GEMM
-// [items, H] × [H, 3H] plus this kernel, 2 × T launches per direction whose cost at B 128 is
-// mostly launch latency and re-reading W_hh (3H × H = 3 MB at H 512) from L2 every step. A
-// persistent kernel would launch once per direction with one cooperative grid of ~132 blocks,
-// block j owning a slice of hidden units j·H/G..: it keeps its rows of W_hh (3 · H/G × H; 24 KB of
-// bf16 or 48 KB of f32 at G = 128) in shared memory for all T steps, computes its slice of
-// hproj for every item from h_{t-1} (read from global/L2, [items, H]), applies these same gate
-// equations in registers, writes its slice of h_t, and then waits at a grid-wide barrier
-// (cooperative launch or a flag per step) before step t + 1 reads the whole h_t. Backward runs
-// the same schedule in reverse with W_hhᵀ slices, accumulating dhproj for the one weight-gradient
-// GEMM afterwards. What it buys: T·2 launches → 1, W_hh read from device memory once instead of T
-// times; what it costs: one grid barrier per step (~2–3 µs) and the tie to a co-resident grid.
+// These kernels are the step-by-step path: the CPU twin's shape, and the CUDA backend's
+// fallback where the persistent recurrence (gru_persistent.cu: the whole run in one cooperative
+// launch per pass, W_hh slices in shared memory) does not fit the device.
 #include "common.cuh"
+#include "gru.cuh"
 
 namespace gru {
 using common::from_f32;
 using common::to_f32;
-
-// The CPU twin's sigmoid: the branch keeps exp from overflowing for large |x|.
-__device__ __forceinline__ float sigmoid(float x) {
-  if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-  const float e = expf(x);
-  return e / (1.0f + e);
-}
-
-// The packed row item b reads at step s, or -1 when the item is idle.
-__device__ __forceinline__ long long step_row(const uint32_t* offsets, int b, int s, int reverse) {
-  const int start = offsets[b], len = offsets[b + 1] - start;
-  if (s >= len) return -1;
-  return (long long)start + (reverse ? len - 1 - s : s);
-}
 
 template <typename T>
 __device__ void step_fwd(const T* __restrict__ xproj, const T* __restrict__ hproj, const T* __restrict__ bias_hh,
@@ -74,17 +52,15 @@ __device__ void step_fwd(const T* __restrict__ xproj, const T* __restrict__ hpro
     }
     const T* x = xproj + (size_t)row * 3 * H;
     const T* hp = hproj + (size_t)b * 3 * H;
-    const float h_n = to_f32(hp[2 * H + i]) + to_f32(bias_hh[2 * H + i]);
-    const float r = sigmoid(to_f32(x[i]) + to_f32(hp[i]) + to_f32(bias_hh[i]));
-    const float z = sigmoid(to_f32(x[H + i]) + to_f32(hp[H + i]) + to_f32(bias_hh[H + i]));
-    const float nn = tanhf(to_f32(x[2 * H + i]) + r * h_n);
-    const float hn = (1.0f - z) * nn + z * to_f32(h[e]);
-    h_next[e] = from_f32<T>(hn);
-    out[(size_t)row * out_cols + out_col + i] = from_f32<T>(hn);
-    g[i] = from_f32<T>(r);
-    g[H + i] = from_f32<T>(z);
-    g[2 * H + i] = from_f32<T>(nn);
-    g[3 * H + i] = from_f32<T>(h_n);
+    const Gates o = gates_fwd(to_f32(x[i]), to_f32(x[H + i]), to_f32(x[2 * H + i]), to_f32(hp[i]), to_f32(hp[H + i]),
+                              to_f32(hp[2 * H + i]), to_f32(bias_hh[i]), to_f32(bias_hh[H + i]),
+                              to_f32(bias_hh[2 * H + i]), to_f32(h[e]));
+    h_next[e] = from_f32<T>(o.h_next);
+    out[(size_t)row * out_cols + out_col + i] = from_f32<T>(o.h_next);
+    g[i] = from_f32<T>(o.r);
+    g[H + i] = from_f32<T>(o.z);
+    g[2 * H + i] = from_f32<T>(o.n);
+    g[3 * H + i] = from_f32<T>(o.h_n);
   }
 }
 
@@ -108,22 +84,17 @@ __device__ void step_bwd(const T* __restrict__ gates, const T* __restrict__ hs, 
       continue;
     }
     const T* g = gates + (size_t)b * 4 * H;
-    const float r = to_f32(g[i]), z = to_f32(g[H + i]), nn = to_f32(g[2 * H + i]), h_n = to_f32(g[3 * H + i]);
     const float d = to_f32(dh[e]) + to_f32(dout[(size_t)row * out_cols + out_col + i]);
-    const float dn = d * (1.0f - z);
-    const float dz = d * (to_f32(h_prev[e]) - nn);
-    const float da_n = dn * (1.0f - nn * nn);
-    const float dr = da_n * h_n;
-    const float da_r = dr * r * (1.0f - r);
-    const float da_z = dz * z * (1.0f - z);
+    const GateGrads o = gates_bwd(d, to_f32(g[i]), to_f32(g[H + i]), to_f32(g[2 * H + i]), to_f32(g[3 * H + i]),
+                                  to_f32(h_prev[e]));
     T* dx = dxproj + (size_t)row * 3 * H;
-    dx[i] = from_f32<T>(da_r);
-    dx[H + i] = from_f32<T>(da_z);
-    dx[2 * H + i] = from_f32<T>(da_n);
-    dhp[i] = from_f32<T>(da_r);
-    dhp[H + i] = from_f32<T>(da_z);
-    dhp[2 * H + i] = from_f32<T>(da_n * r);
-    dh[e] = from_f32<T>(d * z);
+    dx[i] = from_f32<T>(o.da_r);
+    dx[H + i] = from_f32<T>(o.da_z);
+    dx[2 * H + i] = from_f32<T>(o.da_n);
+    dhp[i] = from_f32<T>(o.da_r);
+    dhp[H + i] = from_f32<T>(o.da_z);
+    dhp[2 * H + i] = from_f32<T>(o.dh_n);
+    dh[e] = from_f32<T>(o.dh_bypass);
   }
 }
 

@@ -1,7 +1,8 @@
 // kernels/layernorm.cu — LayerNorm over the last dimension, forward and backward.
 // Layout: x [rows, d] row-major; stats [rows, 2] = (mean, rstd) saved for backward.
 // Launch: one warp per row, 8 rows per 256-thread block; dgamma/dbeta by a deterministic
-// two-stage column reduction (layernorm_params_bwd + colsum_finish in common.cuh).
+// column reduction in one launch (layernorm_params_bwd; its strips' last blocks finish it,
+// common.cuh colsum_finish_strip).
 // CPU twin: src/backend/cpu/layernorm.rs. Test: tests/gpu_ops.rs.
 // Why a warp per row: d ≤ 2048 here, so a row is 64 values per lane at most; the reductions
 // are register shuffles with no shared memory or block barrier. The row is read once from
@@ -64,9 +65,11 @@ __device__ void bwd(const T* x, const float* stats, const T* gamma, const T* dy,
 }
 
 // Stage 1 of dgamma = Σ_r dy·x̂ and dbeta = Σ_r dy: block (32 columns x 8 row lanes) over
-// COLSUM_ROWS rows; partial = [2][parts][d] (dgamma parts, then dbeta parts).
+// COLSUM_ROWS rows; partial = [2][parts][d] (dgamma parts, then dbeta parts); stage 2 (into
+// dgamma, dbeta) in each strip's last block.
 template <typename T>
-__device__ void params_partial(const T* x, const float* stats, const T* dy, int rows, int d, float* partial) {
+__device__ void params_partial(const T* x, const float* stats, const T* dy, int rows, int d, float* partial,
+                               float* dgamma, float* dbeta, unsigned* counters) {
   __shared__ float acc_g[8][33], acc_b[8][33];
   const int c = blockIdx.x * 32 + threadIdx.x;
   const int r0 = blockIdx.y * COLSUM_ROWS, r1 = min(rows, r0 + COLSUM_ROWS);
@@ -91,6 +94,7 @@ __device__ void params_partial(const T* x, const float* stats, const T* dy, int 
     partial[(size_t)blockIdx.y * d + c] = tg;
     partial[parts * d + (size_t)blockIdx.y * d + c] = tb;
   }
+  common::colsum_finish_strip(partial, d, dgamma, dbeta, counters);
 }
 }  // namespace layernorm
 
@@ -104,8 +108,9 @@ __device__ void params_partial(const T* x, const float* stats, const T* dy, int 
     layernorm::bwd<T>(x, stats, gamma, dy, rows, d, dx);                                                      \
   }                                                                                                           \
   extern "C" __global__ void layernorm_params_bwd_##SUF(const T* x, const float* stats, const T* dy, int rows,  \
-                                                        int d, float* partial) {                              \
-    layernorm::params_partial<T>(x, stats, dy, rows, d, partial);                                             \
+                                                        int d, float* partial, float* dgamma, float* dbeta,   \
+                                                        unsigned* counters) {                                 \
+    layernorm::params_partial<T>(x, stats, dy, rows, d, partial, dgamma, dbeta, counters);                    \
   }
 
 LN_ENTRY(float, f32)

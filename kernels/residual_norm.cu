@@ -2,7 +2,7 @@
 // forward; backward dx = LN'(dy) with the sublayer's gradient da = dropout(dx) in the same pass.
 // Layout: a, x, s, y, dy, dx, da [rows, d] row-major; stats [rows, 2] (mean, rstd).
 // Launch: one warp per row, 8 rows per 256-thread block (as kernels/layernorm.cu, whose row
-// code it runs); dgamma/dbeta by layernorm_params_bwd + colsum_finish (deterministic).
+// code it runs); dgamma/dbeta by layernorm_params_bwd (one launch, deterministic).
 // CPU twin: the composition dropout → add → layernorm of src/backend/cpu (Backend::
 // residual_layernorm_fwd / _bwd). Test: tests/gpu_residual_norm.rs.
 // Why: unfused, the join is dropout (read+write a), add (read a, x, write a), LN (read s,

@@ -125,3 +125,118 @@ fn gru_step_matches_cpu() {
     check(g, &[1], 1, 0, 4);
     check(g, &[64, 2, 35, 36], 7, 1, 5);
 }
+
+/// A Bi-GRU's host inputs: per direction xproj, W_hh, b_hh; the output gradient.
+struct RecurrenceInputs {
+    dirs: Vec<[Vec<f32>; 3]>,
+    dout: Vec<f32>,
+    out_cols: usize,
+}
+
+/// Runs both directions' recurrences forward and backward on `be` from `inp`, every output
+/// poisoned with NaN first where the recurrence writes it whole; returns each output by name.
+fn run_recurrence(be: &mut dyn Backend, seg: &Segments, hd: usize, inp: &RecurrenceInputs) -> Vec<(String, Vec<f32>)> {
+    use semshare::backend::{GruRunBwd, GruRunFwd};
+    let (items, tokens, steps) = (seg.items(), seg.tokens(), seg.max_len);
+    let nan = |n: usize| vec![f32::NAN; n];
+    let mut h0 = nan((steps + 1) * items * hd);
+    h0[..items * hd].fill(0.0);
+    let mut up = |data: &[f32], shape: &[usize]| be.upload(data, shape).unwrap();
+    let (mut x, mut w, mut b, mut hs, mut gates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for [xp, wh, bh] in &inp.dirs {
+        x.push(up(xp, &[tokens, 3 * hd]));
+        w.push(up(wh, &[3 * hd, hd]));
+        b.push(up(bh, &[3 * hd]));
+        hs.push(up(&h0, &[(steps + 1) * items, hd]));
+        gates.push(up(&nan(steps * items * 4 * hd), &[steps * items, 4 * hd]));
+    }
+    let mut out = up(&nan(tokens * inp.out_cols), &[tokens, inp.out_cols]);
+    let dout = up(&inp.dout, &[tokens, inp.out_cols]);
+    let mut dh: Vec<_> = (0..2).map(|_| up(&vec![0.0; items * hd], &[items, hd])).collect();
+    let mut dx: Vec<_> = (0..2).map(|_| up(&vec![0.0; tokens * 3 * hd], &[tokens, 3 * hd])).collect();
+    let mut dp: Vec<_> = (0..2).map(|_| up(&nan(steps * items * 3 * hd), &[steps * items, 3 * hd])).collect();
+    {
+        let ([hs0, hs1], [g0, g1]) = (&mut hs[..], &mut gates[..]) else { unreachable!() };
+        let runs = [
+            GruRunFwd { reverse: false, xproj: &x[0], w_hh: w[0].view(), bias_hh: b[0].view(), hs: hs0, gates: g0 },
+            GruRunFwd { reverse: true, xproj: &x[1], w_hh: w[1].view(), bias_hh: b[1].view(), hs: hs1, gates: g1 },
+        ];
+        be.gru_fwd(seg, hd, runs, &mut out).unwrap();
+    }
+    {
+        let ([dh0, dh1], [dx0, dx1], [dp0, dp1]) = (&mut dh[..], &mut dx[..], &mut dp[..]) else { unreachable!() };
+        let runs = [
+            GruRunBwd {
+                reverse: false,
+                w_hh: w[0].view(),
+                gates: &gates[0],
+                hs: &hs[0],
+                dh: dh0,
+                dxproj: dx0,
+                dhproj: dp0,
+            },
+            GruRunBwd {
+                reverse: true,
+                w_hh: w[1].view(),
+                gates: &gates[1],
+                hs: &hs[1],
+                dh: dh1,
+                dxproj: dx1,
+                dhproj: dp1,
+            },
+        ];
+        be.gru_bwd(seg, hd, runs, &dout).unwrap();
+    }
+    let mut named = vec![("out".to_owned(), be.download(out.view()).unwrap())];
+    for d in 0..2 {
+        let dir = ["forward", "reverse"][d];
+        for (name, t) in [("hs", &hs[d]), ("gates", &gates[d]), ("dh", &dh[d]), ("dxproj", &dx[d]), ("dhproj", &dp[d])]
+        {
+            named.push((format!("{dir} {name}"), be.download(t.view()).unwrap()));
+        }
+    }
+    named
+}
+
+/// Both directions' whole recurrences (`Backend::gru_fwd` / `gru_bwd`: on a GPU the
+/// persistent kernels, kernels/gru_persistent.cu) against the CPU twin from the same inputs:
+/// every step's states, the saved gates, the output, then dh (dL/dh_0), dxproj and every step's
+/// dhproj. Tolerance 1e-5 of the norm: each dot product is summed in another order than the
+/// CPU's GEMM, over up to T steps.
+fn check_recurrence(g: &mut dyn Backend, lengths: &[usize], hd: usize, extra_cols: usize, seed: u64) {
+    let mut c = cpu();
+    let (cseg, gseg) = (segments(&mut c, lengths), segments(g, lengths));
+    let tokens = cseg.tokens();
+    let out_cols = 2 * hd + extra_cols;
+    // Weights at torch.nn.GRU's scale, U(±1/√H), so that the states stay in tanh's range.
+    let a = 1.0 / (hd as f64).sqrt();
+    let dirs = (0..2u64)
+        .map(|r| {
+            let s = seed * 16 + r;
+            [randv(s, tokens * 3 * hd), rand_range(s ^ 1, 3 * hd * hd, -a, a), rand_range(s ^ 2, 3 * hd, -a, a)]
+        })
+        .collect();
+    let inp = RecurrenceInputs { dirs, dout: randv(seed ^ 0x77, tokens * out_cols), out_cols };
+    let want = run_recurrence(&mut c, &cseg, hd, &inp);
+    let got = run_recurrence(g, &gseg, hd, &inp);
+    let what = format!("lengths {lengths:?} H {hd} cols +{extra_cols}");
+    for ((name, cv), (_, gv)) in want.iter().zip(&got) {
+        compare_twins(&format!("gru recurrence {name}, {what}"), gv, cv, TOL);
+    }
+}
+
+#[test]
+fn gru_recurrence_matches_cpu() {
+    let Some(mut g) = gpu_or_skip("gpu_gru::gru_recurrence_matches_cpu") else { return };
+    let g = g.as_mut();
+    // Small preset H 128 (2 units per block), ragged with idle items mid-batch.
+    check_recurrence(g, &[24, 1, 7, 24, 3], 128, 0, 1);
+    // H 133: 3 units per block, the last block owning one; rows wider than 2H.
+    check_recurrence(g, &[5, 2, 6], 133, 2, 2);
+    // The paper's H 512 (8 units per block): 33 items, more than one chunk of items each way.
+    let lengths: Vec<usize> = (0..33).map(|i| 1 + (i * 7) % 3).collect();
+    check_recurrence(g, &lengths, 512, 0, 3);
+    // Tiny widths: one unit per block, fewer blocks than multiprocessors; a single item.
+    check_recurrence(g, &[64, 2, 35, 36], 7, 1, 4);
+    check_recurrence(g, &[1], 1, 0, 5);
+}

@@ -1040,6 +1040,29 @@ fn gru_recurrence_is_bitwise_the_step_by_step_one() {
                 let [g0, g1] = &mut gates;
                 let weights = |i: usize| w.sub(i * (3 * hd * hd + 3 * hd), 3 * hd * hd);
                 let bias = |i: usize| w.sub(i * (3 * hd * hd + 3 * hd) + 3 * hd * hd, 3 * hd);
+                if fused {
+                    // The runs come forward first, then reverse: swapped, they are refused.
+                    let swapped = [
+                        GruRunFwd {
+                            reverse: true,
+                            xproj: &xproj[1],
+                            w_hh: weights(1),
+                            bias_hh: bias(1),
+                            hs: h1,
+                            gates: g1,
+                        },
+                        GruRunFwd {
+                            reverse: false,
+                            xproj: &xproj[0],
+                            w_hh: weights(0),
+                            bias_hh: bias(0),
+                            hs: h0,
+                            gates: g0,
+                        },
+                    ];
+                    let e = d.gru_fwd(&seg, hd, swapped, &mut out).unwrap_err().to_string();
+                    assert!(e.contains("gru_fwd") && e.contains("expected [false, true]"), "{e}");
+                }
                 let run = |i: usize, hs, gates| GruRunFwd {
                     reverse: i == 1,
                     xproj: &xproj[i],

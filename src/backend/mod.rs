@@ -626,7 +626,7 @@ pub(crate) fn check_gru_step_fwd(
     step: GruStep,
     seg: &Segments,
     xproj: &Tensor,
-    hproj: &Tensor,
+    hproj: usize,
     bias_hh: usize,
     hs: &Tensor,
     out: &Tensor,
@@ -636,7 +636,7 @@ pub(crate) fn check_gru_step_fwd(
     rows_of("gru_step_fwd", xproj, seg)?;
     rows_of("gru_step_fwd", out, seg)?;
     expect_len("gru_step_fwd", "xproj columns", xproj.cols(), 3 * hd)?;
-    expect_len("gru_step_fwd", "hproj", hproj.len(), b * 3 * hd)?;
+    expect_len("gru_step_fwd", "hproj", hproj, b * 3 * hd)?;
     expect_len("gru_step_fwd", "bias_hh", bias_hh, 3 * hd)?;
     expect_len("gru_step_fwd", "hs", hs.len(), (steps + 1) * b * hd)?;
     expect_len("gru_step_fwd", "gates", gates.len(), steps * b * 4 * hd)?;
@@ -664,6 +664,38 @@ pub(crate) fn check_gru_step_bwd(
     expect_len("gru_step_bwd", "dh", dh.len(), b * hd)?;
     expect_len("gru_step_bwd", "dhproj", dhproj.len(), steps * b * 3 * hd)?;
     check_step_of("gru_step_bwd", step, steps, dout.cols())
+}
+
+/// Both directions' forward recurrences (`Backend::gru_fwd`): each run's buffers as its steps
+/// check them, W_hh `[3H, H]`, one forward and one reverse direction. For a batch with steps.
+pub(crate) fn check_gru_fwd(seg: &Segments, hidden: usize, runs: &[GruRunFwd<'_>; 2], out: &Tensor) -> Result<()> {
+    check_gru_directions("gru_fwd", [runs[0].reverse, runs[1].reverse])?;
+    for run in runs {
+        let step = GruStep::of(0, run.reverse, hidden);
+        let hproj = seg.items() * 3 * hidden;
+        check_gru_step_fwd(step, seg, run.xproj, hproj, run.bias_hh.len(), run.hs, out, run.gates)?;
+        expect_len("gru_fwd", "w_hh", run.w_hh.len(), 3 * hidden * hidden)?;
+    }
+    Ok(())
+}
+
+/// Both directions' backward recurrences (`Backend::gru_bwd`), as `check_gru_fwd`.
+pub(crate) fn check_gru_bwd(seg: &Segments, hidden: usize, runs: &[GruRunBwd<'_>; 2], dout: &Tensor) -> Result<()> {
+    check_gru_directions("gru_bwd", [runs[0].reverse, runs[1].reverse])?;
+    for run in runs {
+        let step = GruStep::of(0, run.reverse, hidden);
+        check_gru_step_bwd(step, seg, run.gates, run.hs, dout, run.dh, run.dxproj, run.dhproj)?;
+        expect_len("gru_bwd", "w_hh", run.w_hh.len(), 3 * hidden * hidden)?;
+    }
+    Ok(())
+}
+
+/// The runs of a Bi-GRU: the forward direction, then the reverse one.
+fn check_gru_directions(op: &'static str, reverse: [bool; 2]) -> Result<()> {
+    if reverse != [false, true] {
+        return Err(crate::Error::shape(op, format!("directions {reverse:?} (reverse); expected [false, true]")));
+    }
+    Ok(())
 }
 
 /// A GRU step inside the batch's longest sequence, its output columns inside the rows.

@@ -20,8 +20,9 @@ pub mod topk;
 
 use super::{
     AdamW, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Precision, Segments,
-    check_adamw_masked, check_attention, check_attention_bwd, check_gemm, check_gru_step_bwd, check_gru_step_fwd,
-    check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of, same_shape,
+    check_adamw_masked, check_attention, check_attention_bwd, check_gemm, check_gru_bwd, check_gru_fwd,
+    check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols,
+    expect_len, rows_of, same_shape,
 };
 use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
@@ -419,12 +420,8 @@ impl Backend for Cpu {
             return Ok(());
         }
         let g = Gemm { m: items, n: 3 * hidden, k: hidden, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+        check_gru_fwd(seg, hidden, &runs, out)?;
         let mut hproj = [self.alloc(&[items, 3 * hidden])?, self.alloc(&[items, 3 * hidden])?];
-        for (run, hproj) in runs.iter().zip(&hproj) {
-            let step = GruStep::of(0, run.reverse, hidden);
-            check_gru_step_fwd(step, seg, run.xproj, hproj, run.bias_hh.len(), run.hs, out, run.gates)?;
-            check_gemm(&g, items * hidden, run.w_hh.len(), hproj.len())?;
-        }
         let [r0, r1] = runs;
         let (w0, w1) = (self.operand(g, r0.w_hh.cpu())?, self.operand(g, r1.w_hh.cpu())?);
         let oc = out.cols();
@@ -450,11 +447,7 @@ impl Backend for Cpu {
             return Ok(());
         }
         let g = Gemm { m: items, n: hidden, k: 3 * hidden, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
-        for run in &runs {
-            let step = GruStep::of(0, run.reverse, hidden);
-            check_gru_step_bwd(step, seg, run.gates, run.hs, dout, run.dh, run.dxproj, run.dhproj)?;
-            check_gemm(&g, items * 3 * hidden, run.w_hh.len(), run.dh.len())?;
-        }
+        check_gru_bwd(seg, hidden, &runs, dout)?;
         let [r0, r1] = runs;
         let (w0, w1) = (self.operand(g, r0.w_hh.cpu())?, self.operand(g, r1.w_hh.cpu())?);
         let (oc, offsets, dout) = (dout.cols(), &seg.offsets, dout.cpu());
@@ -479,7 +472,7 @@ impl Backend for Cpu {
         gates: &mut Tensor,
     ) -> Result<()> {
         let _timer = profile::time("gru_step_fwd");
-        check_gru_step_fwd(step, seg, xproj, hproj, bias_hh.len(), hs, out, gates)?;
+        check_gru_step_fwd(step, seg, xproj, hproj.len(), bias_hh.len(), hs, out, gates)?;
         let oc = out.cols();
         let mut rows = gru::column_rows(out.cpu_mut(), oc, step.out_col, step.hidden);
         gru::step_fwd(

@@ -7,10 +7,7 @@
 //! heads wider than `MAX_HEAD_DIM`, or a size the GPU's shared memory cannot hold, are refused
 //! with an error before anything is launched (never a truncated answer).
 
-use cudarc::driver::result;
-use cudarc::driver::sys as cu;
-
-use super::{Arg, Cuda, dev_err, dev_ids};
+use super::{Arg, Cuda, dev_ids};
 use crate::backend::Segments;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
@@ -19,8 +16,6 @@ use crate::{Error, Result};
 pub const MAX_LEN: usize = 64;
 /// Widest head the fused kernels hold on chip.
 pub const MAX_HEAD_DIM: usize = 128;
-/// Shared memory a block gets without opting in.
-const DEFAULT_SMEM: usize = 48 * 1024;
 
 /// Threads per block and dynamic shared-memory bytes for items up to `max_len` rows and head
 /// dim `dh` (mirrors `Shape` in kernels/attention.cu).
@@ -80,39 +75,18 @@ fn plan(
         .filter(|&g| g <= i32::MAX as usize)
         .ok_or_else(|| Error::shape(op, format!("{items} items × {heads} heads exceeds one launch")))?;
     let (threads, smem) = launch_shape(max_len, dh, backward);
-    cuda.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
-    let limit = cuda
-        .ctx
-        .attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_err(dev_err("query the shared-memory limit"))? as usize;
-    let f = cuda.function(kernel)?;
-    // SAFETY: f is a kernel of our loaded module.
-    let fixed = unsafe {
-        result::function::get_function_attribute(f, cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-    }
-    .map_err(dev_err(format!("query the static shared memory of {kernel}")))? as usize;
-    if smem + fixed > limit {
+    let limit = cuda.shared_limit(kernel)?;
+    if smem > limit {
         return Err(Error::shape(
             op,
             format!(
-                "items of {max_len} segments at head dim {dh} need {} bytes of shared memory per block; \
+                "items of {max_len} segments at head dim {dh} need {smem} bytes of dynamic shared memory per block; \
                  {} allows {limit}",
-                smem + fixed,
                 cuda.device_name()
             ),
         ));
     }
-    if smem > DEFAULT_SMEM {
-        // SAFETY: as above; static + dynamic stays within the device's opt-in limit (checked).
-        unsafe {
-            result::function::set_function_attribute(
-                f,
-                cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-        }
-        .map_err(dev_err(format!("allow {smem} bytes of shared memory for {kernel}")))?;
-    }
+    cuda.allow_shared(kernel, smem)?;
     Ok(Plan { dh, max_len, grid: grid as u32, threads, smem })
 }
 

@@ -1,9 +1,11 @@
-//! GRU step gates on the GPU (kernels/gru.cu): one launch per timestep and direction, one thread
-//! per (item, hidden unit). The recurrent GEMM around it is cuBLAS (`nn/gru.rs` drives both).
-//! `ops.rs` has already checked the shapes the CPU twin checks.
+//! The Bi-GRU's recurrence on the GPU. Where the device allows, both directions' whole
+//! recurrence runs as one cooperative launch per pass (kernels/gru_persistent.cu); elsewhere
+//! step by step: per timestep and direction a cuBLAS GEMM and the gate kernel
+//! (kernels/gru.cu), one thread per (item, hidden unit). `ops.rs` has already checked the
+//! shapes the CPU twin checks.
 
 use super::{Arg, Cuda, blocks, dev_ids};
-use crate::backend::{GruStep, Segments};
+use crate::backend::{GruRunBwd, GruRunFwd, GruStep, Segments, gru_bwd_by_steps, gru_fwd_by_steps};
 use crate::tensor::{Tensor, View};
 use crate::{Error, Result};
 
@@ -88,4 +90,130 @@ pub(super) fn step_bwd(
     ];
     args.extend(ints);
     cuda.launch(K, (grid, 1, 1), (THREADS, 1, 1), 0, &args)
+}
+
+/// The persistent recurrence's layout on this device (kernels/gru_persistent.cu): each
+/// direction's hidden units split over `blocks` blocks of `units`, `chunk` items staged at a
+/// time, `units · chunk` threads, `smem` bytes of dynamic shared memory.
+#[derive(Clone, Copy, Debug)]
+struct Persistent {
+    units: usize,
+    blocks: usize,
+    chunk: usize,
+    smem: usize,
+}
+
+/// Threads a persistent block aims for (its `__launch_bounds__` is 512).
+const PERSISTENT_THREADS: usize = 256;
+
+impl Persistent {
+    /// None where the device cannot run it (no cooperative launch, or not even one item's
+    /// row beside the W_hh slice fits in shared memory): the step-by-step path runs instead.
+    fn plan(
+        cuda: &mut Cuda,
+        kernel: &'static str,
+        hidden: usize,
+        items: usize,
+        backward: bool,
+    ) -> Result<Option<Self>> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        if cuda.attribute(A::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)? == 0 || hidden == 0 || items == 0 {
+            return Ok(None);
+        }
+        // One block per multiprocessor, half of them per direction: every block resident.
+        let per_direction = (cuda.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? / 2).min(hidden);
+        if per_direction == 0 {
+            return Ok(None);
+        }
+        let units = hidden.div_ceil(per_direction);
+        // Rows of `row` floats (kernels/gru_persistent.cu: `row_stride4`), W_hh's slice first.
+        let row_floats = |cols: usize| 4 * (cols.div_ceil(4) | 1);
+        let (slice, row) = if backward {
+            (units * row_floats(3 * hidden), row_floats(3 * hidden))
+        } else {
+            (3 * units * row_floats(hidden), row_floats(hidden))
+        };
+        let room = (cuda.shared_limit(kernel)? / 4).saturating_sub(slice) / row;
+        let chunk = (PERSISTENT_THREADS / units).max(1).min(items).min(room);
+        if chunk == 0 || units * chunk > 512 {
+            return Ok(None);
+        }
+        let smem = 4 * (slice + chunk * row);
+        cuda.allow_shared(kernel, smem)?;
+        Ok(Some(Persistent { units, blocks: hidden.div_ceil(units), chunk, smem }))
+    }
+
+    fn launch(self, cuda: &mut Cuda, kernel: &'static str, mut args: Vec<Arg>, shape: [usize; 4]) -> Result<()> {
+        let op = kernel;
+        args.push(cuda.grid_barrier()?);
+        for v in shape.into_iter().chain([self.units, self.chunk]) {
+            args.push(Arg::int(op, v)?);
+        }
+        let (grid, block) = ((self.blocks as u32, 2, 1), ((self.units * self.chunk) as u32, 1, 1));
+        cuda.launch_with(kernel, grid, block, self.smem as u32, &args, true)
+    }
+}
+
+/// Both directions' forward recurrences (`Backend::gru_fwd`, shapes checked) in one launch, or
+/// step by step where the persistent kernel does not fit.
+pub(super) fn recurrence_fwd(
+    cuda: &mut Cuda,
+    seg: &Segments,
+    hidden: usize,
+    runs: [GruRunFwd<'_>; 2],
+    out: &mut Tensor,
+) -> Result<()> {
+    const K: &str = "gru_fwd_persistent_f32";
+    let Some(plan) = Persistent::plan(cuda, K, hidden, seg.items(), false)? else {
+        return gru_fwd_by_steps(cuda, seg, hidden, runs, out);
+    };
+    let [r0, r1] = &runs;
+    let args = vec![
+        Arg::tensor(r0.xproj)?,
+        Arg::tensor(r1.xproj)?,
+        Arg::view(r0.w_hh)?,
+        Arg::view(r1.w_hh)?,
+        Arg::view(r0.bias_hh)?,
+        Arg::view(r1.bias_hh)?,
+        Arg::tensor(r0.hs)?,
+        Arg::tensor(r1.hs)?,
+        Arg::tensor(r0.gates)?,
+        Arg::tensor(r1.gates)?,
+        Arg::tensor(out)?,
+        Arg::ids(&seg.device)?,
+    ];
+    plan.launch(cuda, K, args, [seg.items(), hidden, seg.max_len, out.cols()])
+}
+
+/// Both directions' backward recurrences (`Backend::gru_bwd`, shapes checked), as
+/// `recurrence_fwd`.
+pub(super) fn recurrence_bwd(
+    cuda: &mut Cuda,
+    seg: &Segments,
+    hidden: usize,
+    runs: [GruRunBwd<'_>; 2],
+    dout: &Tensor,
+) -> Result<()> {
+    const K: &str = "gru_bwd_persistent_f32";
+    let Some(plan) = Persistent::plan(cuda, K, hidden, seg.items(), true)? else {
+        return gru_bwd_by_steps(cuda, seg, hidden, runs, dout);
+    };
+    let [r0, r1] = &runs;
+    let args = vec![
+        Arg::tensor(r0.gates)?,
+        Arg::tensor(r1.gates)?,
+        Arg::tensor(r0.hs)?,
+        Arg::tensor(r1.hs)?,
+        Arg::tensor(dout)?,
+        Arg::tensor(r0.dh)?,
+        Arg::tensor(r1.dh)?,
+        Arg::tensor(r0.dxproj)?,
+        Arg::tensor(r1.dxproj)?,
+        Arg::tensor(r0.dhproj)?,
+        Arg::tensor(r1.dhproj)?,
+        Arg::view(r0.w_hh)?,
+        Arg::view(r1.w_hh)?,
+        Arg::ids(&seg.device)?,
+    ];
+    plan.launch(cuda, K, args, [seg.items(), hidden, seg.max_len, dout.cols()])
 }

@@ -57,6 +57,8 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/semshare_kernel
 
 /// Rows per block in stage 1 of the deterministic column reductions (kernels/common.cuh).
 pub(crate) const COLSUM_ROWS: usize = 64;
+/// Shared memory a block gets without opting in.
+pub(crate) const DEFAULT_SHARED: usize = 48 * 1024;
 
 /// The hardware's limit on grid y and z (grid x goes to 2^31 - 1).
 pub(crate) const MAX_GRID_Y: usize = 65_535;
@@ -202,6 +204,12 @@ pub struct Cuda {
     pub(crate) counts: Counters,
     /// The position-encoding table on the device: (dim, rows, `[rows, dim]`), grown on demand.
     positions: Option<(usize, usize, Tensor)>,
+    /// Two u32 words for the grid-wide barrier of cooperative kernels (zeroed once; every
+    /// barrier leaves its count at zero again).
+    grid_barrier: Option<Tensor>,
+    /// One u32 per column strip for the one-launch column sums (zero between launches: each
+    /// strip's last block resets its word), grown on demand.
+    strip_counters: Option<Tensor>,
 }
 
 impl Drop for Cuda {
@@ -269,6 +277,8 @@ impl Cuda {
             device_name,
             counts: Counters::default(),
             positions: None,
+            grid_barrier: None,
+            strip_counters: None,
         })
     }
 
@@ -346,6 +356,20 @@ impl Cuda {
         shared_bytes: u32,
         args: &[Arg],
     ) -> Result<()> {
+        self.launch_with(name, grid, block, shared_bytes, args, false)
+    }
+
+    /// `launch`, or with `cooperative` a launch whose blocks wait for each other (a grid-wide
+    /// barrier): every block resident at once, which the driver checks (an error, never a hang).
+    pub fn launch_with(
+        &mut self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &[Arg],
+        cooperative: bool,
+    ) -> Result<()> {
         self.bind()?;
         let f = self.function(name)?;
         // cuLaunchKernel wants a pointer to each argument's value.
@@ -372,8 +396,71 @@ impl Cuda {
         // live pool block or a view into one, kept alive by the caller's borrows until the
         // stream runs the kernel (blocks return to the pool only on drop, and reuse is
         // stream-ordered).
-        unsafe { result::launch_kernel(f, grid, block, shared_bytes, self.stream.cu_stream(), &mut params) }
-            .map_err(dev_err(format!("launch {name} grid {grid:?} block {block:?} smem {shared_bytes}")))
+        let stream = self.stream.cu_stream();
+        unsafe {
+            if cooperative {
+                result::launch_cooperative_kernel(f, grid, block, shared_bytes, stream, &mut params)
+            } else {
+                result::launch_kernel(f, grid, block, shared_bytes, stream, &mut params)
+            }
+        }
+        .map_err(dev_err(format!("launch {name} grid {grid:?} block {block:?} smem {shared_bytes}")))
+    }
+
+    /// A device attribute (multiprocessors, shared memory, cooperative launch).
+    pub(crate) fn attribute(&mut self, what: cu::CUdevice_attribute) -> Result<usize> {
+        self.bind()?;
+        let v = self.ctx.attribute(what).map_err(dev_err(format!("query {what:?}")))?;
+        Ok(v.max(0) as usize)
+    }
+
+    /// Dynamic shared memory kernel `name` may still ask for per block: the device's opt-in
+    /// limit less the kernel's static shared memory.
+    pub(crate) fn shared_limit(&mut self, name: &'static str) -> Result<usize> {
+        let limit = self.attribute(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let f = self.function(name)?;
+        // SAFETY: f is a kernel of our loaded module.
+        let fixed = unsafe {
+            result::function::get_function_attribute(f, cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+        }
+        .map_err(dev_err(format!("query the static shared memory of {name}")))?;
+        Ok(limit.saturating_sub(fixed.max(0) as usize))
+    }
+
+    /// Lets kernel `name` launch with `bytes` of dynamic shared memory (past the 48 KiB a block
+    /// gets without asking); `bytes` within `shared_limit`.
+    pub(crate) fn allow_shared(&mut self, name: &'static str, bytes: usize) -> Result<()> {
+        if bytes <= DEFAULT_SHARED {
+            return Ok(());
+        }
+        let f = self.function(name)?;
+        // SAFETY: as above; the caller keeps static + dynamic within the opt-in limit.
+        unsafe {
+            result::function::set_function_attribute(
+                f,
+                cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }
+        .map_err(dev_err(format!("allow {bytes} bytes of shared memory for {name}")))
+    }
+
+    /// At least `strips` zero counters for a column sum (`column_sum`), kept between calls.
+    pub(crate) fn strip_counters(&mut self, strips: usize) -> Result<Arg> {
+        if self.strip_counters.as_ref().is_none_or(|t| t.len() < strips) {
+            let t = crate::backend::Backend::zeros(self, &[strips.next_power_of_two().max(64)])?;
+            self.strip_counters = Some(t);
+        }
+        Arg::tensor(self.strip_counters.as_ref().expect("set above"))
+    }
+
+    /// The grid barrier's two words (allocated and zeroed on first use, then kept).
+    pub(crate) fn grid_barrier(&mut self) -> Result<Arg> {
+        if self.grid_barrier.is_none() {
+            let t = crate::backend::Backend::zeros(self, &[2])?;
+            self.grid_barrier = Some(t);
+        }
+        Arg::tensor(self.grid_barrier.as_ref().expect("set above"))
     }
 
     /// Position encodings of every packed row (`Backend::positions`): rows of the table kept

@@ -6,9 +6,10 @@ use super::{
     view_ptr,
 };
 use crate::backend::{
-    AdamW, AdamWScalars, Backend, Counters, DecayMask, Gemm, GruStep, GuardParams, Segments, check_attention,
-    check_attention_bwd, check_gemm, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
-    check_top_k, expect_cols, expect_len, rows_of, same_shape,
+    AdamW, AdamWScalars, Backend, Counters, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Segments,
+    check_attention, check_attention_bwd, check_gemm, check_gru_bwd, check_gru_fwd, check_gru_step_bwd,
+    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of,
+    same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -42,7 +43,9 @@ impl Cuda {
         self.launch(name, (blocks(n, THREADS as usize).min(4096), 1, 1), (THREADS, 1, 1), 0, args)
     }
 
-    /// `out[c] += Σ_r x[r, c]` in two deterministic stages; `stage1` fills `[parts, cols]`.
+    /// `outs[i][c] += Σ_r x_i[r, c]` (one or two outputs) in one launch of `stage1`: its
+    /// blocks write partial sums `[outs][parts][cols]`, and each column strip's last block to
+    /// finish adds them up in a fixed order (kernels/common.cuh `colsum_finish_strip`).
     pub(super) fn column_sum(
         &mut self,
         stage1: &'static str,
@@ -64,22 +67,14 @@ impl Cuda {
                 ),
             ));
         }
+        let strips = cols.div_ceil(32);
         let partial = self.scratch(parts * cols * outs.len())?;
+        let counters = self.strip_counters(strips)?;
         let mut args = pre.to_vec();
         args.extend([Arg::int(stage1, rows)?, Arg::int(stage1, cols)?, Arg::tensor(&partial)?]);
-        self.launch(stage1, (cols.div_ceil(32) as u32, parts as u32, 1), (32, 8, 1), 0, &args)?;
-        let base = tensor_ptr(&partial)?;
-        for (i, &out) in outs.iter().enumerate() {
-            let p = Arg::Ptr(base + 4 * (i * parts * cols) as u64);
-            self.launch(
-                "colsum_finish_f32",
-                (blocks(cols, THREADS as usize), 1, 1),
-                (THREADS, 1, 1),
-                0,
-                &[p, Arg::int("colsum_finish", parts)?, Arg::int("colsum_finish", cols)?, Arg::Ptr(out)],
-            )?;
-        }
-        Ok(())
+        args.extend(outs.iter().map(|&o| Arg::Ptr(o)));
+        args.push(counters);
+        self.launch(stage1, (strips as u32, parts as u32, 1), (32, 8, 1), 0, &args)
     }
 
     /// Block partial sums written to scratch (left on the device: no synchronisation).
@@ -553,6 +548,22 @@ impl Backend for Cuda {
         super::attention::backward(self, qkv, probs, seg, heads, dout)
     }
 
+    fn gru_fwd(&mut self, seg: &Segments, hidden: usize, runs: [GruRunFwd<'_>; 2], out: &mut Tensor) -> Result<()> {
+        if seg.max_len == 0 {
+            return Ok(());
+        }
+        check_gru_fwd(seg, hidden, &runs, out)?;
+        super::gru::recurrence_fwd(self, seg, hidden, runs, out)
+    }
+
+    fn gru_bwd(&mut self, seg: &Segments, hidden: usize, runs: [GruRunBwd<'_>; 2], dout: &Tensor) -> Result<()> {
+        if seg.max_len == 0 {
+            return Ok(());
+        }
+        check_gru_bwd(seg, hidden, &runs, dout)?;
+        super::gru::recurrence_bwd(self, seg, hidden, runs, dout)
+    }
+
     fn gru_step_fwd(
         &mut self,
         step: GruStep,
@@ -564,7 +575,7 @@ impl Backend for Cuda {
         out: &mut Tensor,
         gates: &mut Tensor,
     ) -> Result<()> {
-        check_gru_step_fwd(step, seg, xproj, hproj, bias_hh.len(), hs, out, gates)?;
+        check_gru_step_fwd(step, seg, xproj, hproj.len(), bias_hh.len(), hs, out, gates)?;
         super::gru::step_fwd(self, step, seg, xproj, hproj, bias_hh, hs, out, gates)
     }
 
