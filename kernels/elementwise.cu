@@ -83,6 +83,38 @@ template <typename T> __device__ void gelu_bwd(const T* x, const T* dy, T* dx, s
   }
 }
 
+// The feed-forward's activation in one pass: u += bias (bias null: none), h = dropout(GELU(u))
+// with p (0: no dropout). The expressions of add_bias, gelu_fwd and dropout, each rounded as
+// there (__fmul_rn: no FMA across what were separate kernels), so bit for bit those three.
+// Why: 3 launches and 6 passes over the FFN's widest activation (read u, write u; read u, write
+// h; read h, write h) become 1 launch and 3 passes (read u, write u, write h).
+template <typename T>
+__device__ void bias_gelu_dropout_fwd(T* u, const T* bias, size_t cols, T* h, float p, float scale, uint64_t seed,
+                                      size_t n) {
+  GRID_STRIDE(i, n) {
+    float v = to_f32(u[i]);
+    if (bias != nullptr) {
+      v = to_f32(from_f32<T>(v + to_f32(bias[i % cols])));
+      u[i] = from_f32<T>(v);
+    }
+    const float g = to_f32(from_f32<T>(0.5f * v * (1.0f + tanh_fast(GELU_C * (v + GELU_A * v * v * v)))));
+    h[i] = p > 0.0f && common::dropout_uniform(seed, i) < p ? from_f32<T>(0.0f) : from_f32<T>(__fmul_rn(g, scale));
+  }
+}
+
+// Its backward in dh's memory: dh = GELU'(u) · dropout(dh), bit for bit dropout_bwd then
+// gelu_bwd (2 launches and 5 passes → 1 launch and 3: read dh, u, write dh).
+template <typename T> __device__ void gelu_dropout_bwd(const T* u, T* dh, float p, float scale, uint64_t seed, size_t n) {
+  GRID_STRIDE(i, n) {
+    const float d = p > 0.0f && common::dropout_uniform(seed, i) < p ? 0.0f
+                                                                     : to_f32(from_f32<T>(__fmul_rn(to_f32(dh[i]), scale)));
+    const float v = to_f32(u[i]);
+    const float t = tanh_fast(GELU_C * (v + GELU_A * v * v * v));
+    const float g = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * GELU_C * (1.0f + 3.0f * GELU_A * v * v);
+    dh[i] = from_f32<T>(d * g);
+  }
+}
+
 // `scale` = 1/(1-p) computed on the host in f32, exactly as the CPU does.
 template <typename T> __device__ void dropout(T* x, float p, float scale, uint64_t seed, size_t n) {
   GRID_STRIDE(i, n) x[i] = common::dropout_uniform(seed, i) < p ? from_f32<T>(0.0f) : from_f32<T>(to_f32(x[i]) * scale);
@@ -123,6 +155,14 @@ template <typename T> __device__ void sigmoid_fwd(const T* x, T* y, size_t n) {
   extern "C" __global__ void gelu_fwd_##SUF(const T* x, T* y, size_t n) { elementwise::gelu_fwd<T>(x, y, n); } \
   extern "C" __global__ void gelu_bwd_##SUF(const T* x, const T* dy, T* dx, size_t n) {                      \
     elementwise::gelu_bwd<T>(x, dy, dx, n);                                                                  \
+  }                                                                                                          \
+  extern "C" __global__ void bias_gelu_dropout_fwd_##SUF(T* u, const T* bias, size_t cols, T* h, float p,      \
+                                                         float scale, uint64_t seed, size_t n) {             \
+    elementwise::bias_gelu_dropout_fwd<T>(u, bias, cols, h, p, scale, seed, n);                              \
+  }                                                                                                          \
+  extern "C" __global__ void gelu_dropout_bwd_##SUF(const T* u, T* dh, float p, float scale, uint64_t seed,    \
+                                                    size_t n) {                                              \
+    elementwise::gelu_dropout_bwd<T>(u, dh, p, scale, seed, n);                                              \
   }                                                                                                          \
   extern "C" __global__ void dropout_fwd_##SUF(T* x, float p, float scale, uint64_t seed, size_t n) {        \
     elementwise::dropout<T>(x, p, scale, seed, n);                                                           \

@@ -403,3 +403,29 @@ fn empty_inputs() {
         assert_eq!(dev.segment_mean_fwd(&x, &seg).unwrap().shape(), &[0, 8], "{name} segment_mean");
     }
 }
+
+/// The feed-forward's fused activation (`bias_gelu_dropout_fwd`, `gelu_dropout_bwd`): against
+/// the CPU twin, and bit for bit against the same device's unfused ops (`add_bias`,
+/// `gelu_fwd`, `dropout_fwd`; `dropout_bwd`, `gelu_bwd`), with and without bias and dropout.
+#[test]
+fn bias_gelu_dropout_matches_the_cpu_and_the_unfused_ops() {
+    let Some(mut gpu) = gpu_or_skip("fused bias + GELU + dropout") else { return };
+    let mut cpu = common::cpu();
+    let bits = |t: &[f32]| t.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for (k, &shape) in SHAPES.iter().enumerate() {
+        for (p, with_bias) in [(0.0, true), (0.3, true), (0.3, false)] {
+            let seed = 900 + k as u64;
+            poison(gpu.as_mut(), &[shape.0 * shape.1]);
+            let got = common::ffn_activation_both_ways(gpu.as_mut(), shape, p, with_bias, seed);
+            let want = common::ffn_activation_both_ways(&mut cpu, shape, p, with_bias, seed);
+            let what = format!("{shape:?} p {p} bias {with_bias}");
+            for ((name, fused, ops), (_, cpu_fused, _)) in got.iter().zip(&want) {
+                assert_eq!(bits(fused), bits(ops), "{name}: fused and unfused differ on the device, {what}");
+                let w64: Vec<f64> = cpu_fused.iter().map(|&v| v as f64).collect();
+                let e = rel_err(fused, &w64);
+                common::report(&format!("bias_gelu_dropout {name}"), e);
+                assert!(e <= EXACT, "{name}: relative error {e:.3e} against the CPU, {what}");
+            }
+        }
+    }
+}

@@ -901,6 +901,30 @@ fn cpu_path_is_the_forced_one() {
 /// backward, then the mask on a copy. Rows whose start is not a multiple of four (d = 19) take
 /// the dropout hash groups across rows, as the unfused op does.
 #[test]
+fn bias_gelu_dropout_is_its_ops_bitwise() {
+    let bits = |t: &[f32]| t.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    // d 19: blocks of whole rows that start off a hash group of 4; 70 × 1024 runs in parallel.
+    for (rows, d) in [(3, 19), (70, 1024), (1152, 256), (5, 1)] {
+        for p in [0.0, 0.3] {
+            for with_bias in [true, false] {
+                let mut dev = dev();
+                let seed = 31 + rows as u64;
+                for (name, fused, ops) in common::ffn_activation_both_ways(&mut dev, (rows, d), p, with_bias, seed) {
+                    assert_eq!(bits(&fused), bits(&ops), "{name}: rows {rows}, d {d}, p {p}, bias {with_bias}");
+                }
+            }
+        }
+    }
+    let mut dev = dev();
+    let mut u = dev.upload(&[1.0; 6], &[2, 3]).unwrap();
+    let e = dev.bias_gelu_dropout_fwd(&mut u, None, 1.0, 7).unwrap_err().to_string();
+    assert!(e.contains("dropout probability 1"), "{e}");
+    let bias = dev.upload(&[1.0; 2], &[2]).unwrap();
+    let e = dev.bias_gelu_dropout_fwd(&mut u, Some(bias.view()), 0.1, 7).unwrap_err().to_string();
+    assert!(e.contains("bias_gelu_dropout_fwd") && e.contains("bias"), "{e}");
+}
+
+#[test]
 fn residual_layernorm_is_its_ops_bitwise() {
     let bits = |t: &[f32]| t.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     for (rows, d) in [(3, 19), (70, 19), (1152, 256), (5, 1)] {

@@ -309,6 +309,23 @@ pub trait Backend {
     /// GELU, tanh approximation (PyTorch `approximate="tanh"`).
     fn gelu_fwd(&mut self, x: &Tensor) -> Result<Tensor>;
     fn gelu_bwd(&mut self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
+    /// The feed-forward's activation: `u += bias` (the first linear's, when given; u then
+    /// holds the pre-activation the backward reads), returns `dropout(GELU(u))` with (p, seed).
+    /// Bit for bit `add_bias`, `gelu_fwd`, `dropout_fwd`; one pass where a device fuses them.
+    fn bias_gelu_dropout_fwd(&mut self, u: &mut Tensor, bias: Option<View>, p: f32, seed: u64) -> Result<Tensor> {
+        if let Some(b) = bias {
+            self.add_bias(u, b)?;
+        }
+        let mut h = self.gelu_fwd(u)?;
+        self.dropout_fwd(&mut h, p, seed)?;
+        Ok(h)
+    }
+    /// Its backward from the saved pre-activation u: `GELU'(u) ⊙ dropout(dh)`, in dh's memory.
+    /// Bit for bit `dropout_bwd` then `gelu_bwd`.
+    fn gelu_dropout_bwd(&mut self, u: &Tensor, mut dh: Tensor, p: f32, seed: u64) -> Result<Tensor> {
+        self.dropout_bwd(&mut dh, p, seed)?;
+        self.gelu_bwd(u, &dh)
+    }
     /// Inverted dropout in place; the keep mask is a hash of (seed, element index), so the
     /// backward pass recomputes it and every device draws the same mask.
     fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()>;

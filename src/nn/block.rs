@@ -61,9 +61,10 @@ impl EncoderBlock {
             }
             None => (x, None),
         };
-        let pre_gelu = self.fc1.forward(dev, w, &x1)?;
-        let mut hidden = dev.gelu_fwd(&pre_gelu)?;
-        drop.site(1).forward(dev, &mut hidden)?;
+        // The feed-forward: GELU(x1 W1ᵀ + b1), dropout, one pass after the GEMM.
+        let mut pre_gelu = self.fc1.forward_unbiased(dev, w, &x1)?;
+        let d1 = drop.site(1);
+        let hidden = dev.bias_gelu_dropout_fwd(&mut pre_gelu, self.fc1.bias_of(w), d1.p, d1.seed)?;
         let f = self.fc2.forward(dev, w, &hidden)?;
         let (y, norm2) = self.norm2.forward_residual(dev, w, f, &x1, drop.site(2))?;
         Ok((y, BlockCache { attention, x1, pre_gelu, hidden, norm2, drop }))
@@ -79,9 +80,9 @@ impl EncoderBlock {
         dy: &Tensor,
     ) -> Result<Tensor> {
         let (mut dx1, df) = self.norm2.backward_residual(dev, w, g, c.norm2, dy, c.drop.site(2))?;
-        let mut dhidden = self.fc2.backward(dev, w, g, &c.hidden, &df)?;
-        c.drop.site(1).backward(dev, &mut dhidden)?;
-        let dpre = dev.gelu_bwd(&c.pre_gelu, &dhidden)?;
+        let dhidden = self.fc2.backward(dev, w, g, &c.hidden, &df)?;
+        let d1 = c.drop.site(1);
+        let dpre = dev.gelu_dropout_bwd(&c.pre_gelu, dhidden, d1.p, d1.seed)?;
         let dx1_ffn = self.fc1.backward(dev, w, g, &c.x1, &dpre)?;
         dev.add_assign(&mut dx1, &dx1_ffn)?;
         let (Some((attn, norm1)), Some((x, attn_cache, norm1_cache))) = (&self.attention, c.attention) else {

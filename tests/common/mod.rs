@@ -135,6 +135,42 @@ pub fn upload(dev: &mut dyn Backend, data: &[f32], shape: &[usize]) -> Tensor {
     dev.upload(data, shape).expect("upload")
 }
 
+/// The feed-forward's activation on `dev` both ways, fused (`bias_gelu_dropout_fwd`,
+/// `gelu_dropout_bwd`) and as its ops (`add_bias`, `gelu_fwd`, `dropout_fwd`; `dropout_bwd`,
+/// `gelu_bwd`), from the same random inputs: (name, fused, ops) for the pre-activation u, the
+/// output h and the gradient du.
+pub fn ffn_activation_both_ways(
+    dev: &mut dyn Backend,
+    (rows, d): (usize, usize),
+    p: f32,
+    with_bias: bool,
+    seed: u64,
+) -> Vec<(&'static str, Vec<f32>, Vec<f32>)> {
+    let n = rows * d;
+    // Pre-activations around GELU's bend, where its tanh approximation matters.
+    let (u0, bias, dh) = (randv_scaled(seed, n, 2.0), randv(seed ^ 1, d), randv(seed ^ 2, n));
+    let bias = upload(dev, &bias, &[d]);
+    let dht = upload(dev, &dh, &[rows, d]);
+    let b = with_bias.then(|| bias.view());
+
+    let mut u = upload(dev, &u0, &[rows, d]);
+    let h = dev.bias_gelu_dropout_fwd(&mut u, b, p, 7).unwrap();
+    let du = dev.gelu_dropout_bwd(&u, dht.clone(), p, 7).unwrap();
+
+    let mut u2 = upload(dev, &u0, &[rows, d]);
+    if let Some(b) = b {
+        dev.add_bias(&mut u2, b).unwrap();
+    }
+    let mut h2 = dev.gelu_fwd(&u2).unwrap();
+    dev.dropout_fwd(&mut h2, p, 7).unwrap();
+    let mut dh2 = dht.clone();
+    dev.dropout_bwd(&mut dh2, p, 7).unwrap();
+    let du2 = dev.gelu_bwd(&u2, &dh2).unwrap();
+
+    let mut down = |t: &Tensor| dev.download(t.view()).unwrap();
+    vec![("u", down(&u), down(&u2)), ("h", down(&h), down(&h2)), ("du", down(&du), down(&du2))]
+}
+
 pub fn cpu() -> semshare::backend::cpu::Cpu {
     semshare::backend::cpu::Cpu::new()
 }

@@ -164,6 +164,62 @@ pub fn gelu_fwd(x: &[f32]) -> Vec<f32> {
     y
 }
 
+/// The feed-forward's activation in one pass (`Backend::bias_gelu_dropout_fwd`): `u += bias`
+/// by rows of `bias.len()` when given, then `h = dropout(GELU(u))`. Bit for bit `add_bias`,
+/// `gelu_fwd`, `dropout`: the same expressions per element, and the dropout rule applied at each
+/// element's index in the tensor. Blocks are whole rows, so a row's bias starts each one.
+pub fn bias_gelu_dropout(u: &mut [f32], bias: Option<&[f32]>, cols: usize, rule: Option<DropoutRule>) -> Vec<f32> {
+    let mut h = crate::tensor::host_pool::dirty(u.len()); // every element is written
+    if u.is_empty() {
+        return h;
+    }
+    let block = (4096 / cols).max(1) * cols;
+    let body = |(b, (h, u)): (usize, (&mut [f32], &mut [f32]))| {
+        simd::vectorised!({
+            if let Some(bias) = bias {
+                for row in u.chunks_exact_mut(cols) {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        *v += b;
+                    }
+                }
+            }
+            for (o, &v) in h.iter_mut().zip(u.iter()) {
+                *o = gelu(v);
+            }
+            if let Some(rule) = rule {
+                rule.apply(h, (b * block) as u64);
+            }
+        })
+    };
+    if u.len() >= PAR_MIN {
+        h.par_chunks_mut(block).zip(u.par_chunks_mut(block)).enumerate().for_each(body);
+    } else {
+        h.chunks_mut(block).zip(u.chunks_mut(block)).enumerate().for_each(body);
+    }
+    h
+}
+
+/// Its backward in dh's memory (`Backend::gelu_dropout_bwd`): `dh = GELU'(u) ⊙ dropout(dh)`,
+/// bit for bit `dropout` then `gelu_bwd`.
+pub fn dropout_gelu_bwd(u: &[f32], dh: &mut [f32], rule: Option<DropoutRule>) {
+    const BLOCK: usize = 4096;
+    let body = |(b, (dh, u)): (usize, (&mut [f32], &[f32]))| {
+        simd::vectorised!({
+            if let Some(rule) = rule {
+                rule.apply(dh, (b * BLOCK) as u64);
+            }
+            for (d, &v) in dh.iter_mut().zip(u) {
+                *d *= gelu_grad(v);
+            }
+        })
+    };
+    if u.len() >= PAR_MIN {
+        dh.par_chunks_mut(BLOCK).zip(u.par_chunks(BLOCK)).enumerate().for_each(body);
+    } else {
+        dh.chunks_mut(BLOCK).zip(u.chunks(BLOCK)).enumerate().for_each(body);
+    }
+}
+
 pub fn gelu_bwd(x: &[f32], dy: &[f32]) -> Vec<f32> {
     let mut dx = crate::tensor::host_pool::dirty(x.len()); // every element is written
     let body = |dx: &mut [f32], x: &[f32], dy: &[f32]| {

@@ -247,6 +247,27 @@ impl Backend for Cpu {
         Ok(Tensor::from_cpu(elementwise::gelu_bwd(x.cpu(), dy.cpu()), x.shape()))
     }
 
+    fn bias_gelu_dropout_fwd(&mut self, u: &mut Tensor, bias: Option<View>, p: f32, seed: u64) -> Result<Tensor> {
+        let _timer = profile::time("bias_gelu_dropout_fwd");
+        let rule = dropout_rule(p, seed)?;
+        if let Some(b) = bias {
+            expect_cols("bias_gelu_dropout_fwd", u)?;
+            expect_len("bias_gelu_dropout_fwd", "bias", b.len(), u.cols())?;
+        }
+        let cols = u.cols().max(1);
+        let shape = u.shape().to_vec();
+        let h = elementwise::bias_gelu_dropout(u.cpu_mut(), bias.map(|b| b.cpu()), cols, rule);
+        Ok(Tensor::from_cpu(h, &shape))
+    }
+
+    fn gelu_dropout_bwd(&mut self, u: &Tensor, mut dh: Tensor, p: f32, seed: u64) -> Result<Tensor> {
+        let _timer = profile::time("gelu_dropout_bwd");
+        same_shape("gelu_dropout_bwd", u, &dh)?;
+        let rule = dropout_rule(p, seed)?;
+        elementwise::dropout_gelu_bwd(u.cpu(), dh.cpu_mut(), rule);
+        Ok(dh)
+    }
+
     fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
         let _timer = profile::time("dropout_fwd");
         dropout(x, p, seed)

@@ -17,6 +17,15 @@ use cudarc::driver::result;
 
 const THREADS: u32 = 256;
 
+/// What dropout with probability p scales kept values by (1 for p = 0), or why p is refused.
+/// The CPU's f32 expression, so kept values match bit for bit.
+fn dropout_scale(p: f32) -> Result<f32> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
+    }
+    Ok(1.0 / (1.0 - p))
+}
+
 /// The bound is tracked on the host at upload, so this costs no device round trip.
 fn check_ids(op: &'static str, ids: &Ids, bound: usize) -> Result<()> {
     let b = dev_ids(ids)?.bound() as usize;
@@ -301,28 +310,58 @@ impl Backend for Cuda {
         Ok(dx)
     }
 
+    fn bias_gelu_dropout_fwd(&mut self, u: &mut Tensor, bias: Option<View>, p: f32, seed: u64) -> Result<Tensor> {
+        let scale = dropout_scale(p)?;
+        let bias = match bias {
+            Some(b) => {
+                expect_cols("bias_gelu_dropout_fwd", u)?;
+                expect_len("bias_gelu_dropout_fwd", "bias", b.len(), u.cols())?;
+                Arg::view(b)?
+            }
+            None => Arg::Ptr(0),
+        };
+        let h = self.alloc_tensor(u.shape())?;
+        let n = u.len();
+        let args = [
+            Arg::tensor(u)?,
+            bias,
+            Arg::U64(u.cols().max(1) as u64),
+            Arg::tensor(&h)?,
+            Arg::F32(p),
+            Arg::F32(scale),
+            Arg::U64(seed),
+            Arg::U64(n as u64),
+        ];
+        self.flat("bias_gelu_dropout_fwd_f32", n, &args)?;
+        Ok(h)
+    }
+
+    fn gelu_dropout_bwd(&mut self, u: &Tensor, dh: Tensor, p: f32, seed: u64) -> Result<Tensor> {
+        same_shape("gelu_dropout_bwd", u, &dh)?;
+        let scale = dropout_scale(p)?;
+        let n = u.len();
+        let args =
+            [Arg::tensor(u)?, Arg::tensor(&dh)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), Arg::U64(n as u64)];
+        self.flat("gelu_dropout_bwd_f32", n, &args)?;
+        Ok(dh)
+    }
+
     fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
-        }
+        let scale = dropout_scale(p)?;
         if p <= 0.0 {
             return Ok(());
         }
         let n = x.len();
-        let scale = 1.0 / (1.0 - p); // the CPU's f32 expression, so kept values match bit for bit
         let args = [Arg::tensor(x)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), Arg::U64(n as u64)];
         self.flat("dropout_fwd_f32", n, &args)
     }
 
     fn dropout_bwd(&mut self, dy: &mut Tensor, p: f32, seed: u64) -> Result<()> {
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
-        }
+        let scale = dropout_scale(p)?;
         if p <= 0.0 {
             return Ok(());
         }
         let n = dy.len();
-        let scale = 1.0 / (1.0 - p);
         let args = [Arg::tensor(dy)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), Arg::U64(n as u64)];
         self.flat("dropout_bwd_f32", n, &args)
     }
