@@ -259,7 +259,8 @@ fn check_mha(lengths: &[usize], heads: usize, dh: usize, seed: u64) -> R {
             let xt = up(b, x, dim);
             let (_, cache) = mha.forward(b, w, &xt, &seg).unwrap();
             let dy = up(b, r, dim);
-            let dx = mha.backward(b, w, g, &xt, &seg, cache, &dy).unwrap();
+            let mut dx = b.zeros(&[seg.tokens(), dim]).unwrap();
+            mha.backward_into(b, w, g, &xt, &seg, cache, &dy, &mut dx).unwrap();
             Some(b.download(dx.view()).unwrap())
         }),
     };

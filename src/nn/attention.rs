@@ -43,8 +43,9 @@ impl MultiHeadAttention {
         Ok((y, AttentionCache { qkv, probs, context }))
     }
 
+    /// Adds the block input's gradient through attention to `dx` (the residual's gradient).
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn backward_into(
         &self,
         dev: &mut dyn Backend,
         w: &Tensor,
@@ -53,9 +54,10 @@ impl MultiHeadAttention {
         seg: &Segments,
         c: AttentionCache,
         dy: &Tensor,
-    ) -> Result<Tensor> {
+        dx: &mut Tensor,
+    ) -> Result<()> {
         let dcontext = self.out.backward(dev, w, g, &c.context, dy)?;
         let dqkv = dev.attention_bwd(&c.qkv, &c.probs, seg, self.heads, &dcontext)?;
-        self.qkv.backward(dev, w, g, x, &dqkv)
+        self.qkv.backward_into(dev, w, g, x, &dqkv, dx)
     }
 }

@@ -83,14 +83,12 @@ impl EncoderBlock {
         let dhidden = self.fc2.backward(dev, w, g, &c.hidden, &df)?;
         let d1 = c.drop.site(1);
         let dpre = dev.gelu_dropout_bwd(&c.pre_gelu, dhidden, d1.p, d1.seed)?;
-        let dx1_ffn = self.fc1.backward(dev, w, g, &c.x1, &dpre)?;
-        dev.add_assign(&mut dx1, &dx1_ffn)?;
+        self.fc1.backward_into(dev, w, g, &c.x1, &dpre, &mut dx1)?;
         let (Some((attn, norm1)), Some((x, attn_cache, norm1_cache))) = (&self.attention, c.attention) else {
             return Ok(dx1);
         };
         let (mut dx, da) = norm1.backward_residual(dev, w, g, norm1_cache, &dx1, c.drop.site(0))?;
-        let dx_attn = attn.backward(dev, w, g, &x, seg, attn_cache, &da)?;
-        dev.add_assign(&mut dx, &dx_attn)?;
+        attn.backward_into(dev, w, g, &x, seg, attn_cache, &da, &mut dx)?;
         Ok(dx)
     }
 }

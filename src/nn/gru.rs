@@ -107,23 +107,19 @@ impl GruDirection {
         ])
     }
 
-    /// This direction's parameter gradients from its recurrence's; returns its dx.
-    #[allow(clippy::too_many_arguments)]
-    fn backward_params(
+    /// W_hh's and b_hh's gradients from this direction's recurrence.
+    fn recurrent_params(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
         g: &mut Tensor,
-        x: &Tensor,
         seg: &Segments,
         hs: &Tensor,
-        [_, dxproj, dhproj]: &[Tensor; 3],
+        dhproj: &Tensor,
         hidden: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<()> {
         let rows = seg.max_len * seg.items() * hidden;
         // dW_hh += Σ_s dhproj_sᵀ h_s (rows 0..steps of hs), db_hh += Σ dhproj.
-        self.hidden.backward_params(dev, g, hs.sub(0, rows), dhproj)?;
-        self.input.backward(dev, w, g, x, dxproj)
+        self.hidden.backward_params(dev, g, hs.sub(0, rows), dhproj)
     }
 }
 
@@ -178,10 +174,13 @@ impl BiGru {
             let runs = [self.dirs[0].run_bwd(w, fwd, g0), self.dirs[1].run_bwd(w, rev, g1)];
             dev.gru_bwd(seg, self.hidden, runs, dout)?;
         }
-        let [g0, g1] = &grads;
-        let mut dx = self.dirs[0].backward_params(dev, w, g, &c.x, seg, &fwd.hs, g0, self.hidden)?;
-        let dx_rev = self.dirs[1].backward_params(dev, w, g, &c.x, seg, &rev.hs, g1, self.hidden)?;
-        dev.add_assign(&mut dx, &dx_rev)?;
+        let [[_, dxproj0, dhproj0], [_, dxproj1, dhproj1]] = &grads;
+        let [d0, d1] = &self.dirs;
+        d0.recurrent_params(dev, g, seg, &fwd.hs, dhproj0, self.hidden)?;
+        d1.recurrent_params(dev, g, seg, &rev.hs, dhproj1, self.hidden)?;
+        // dx = dxproj→ W_ih→ + dxproj← W_ih←, the second added in its GEMM.
+        let mut dx = d0.input.backward(dev, w, g, &c.x, dxproj0)?;
+        d1.input.backward_into(dev, w, g, &c.x, dxproj1, &mut dx)?;
         Ok(dx)
     }
 }

@@ -34,6 +34,18 @@ impl Linear {
     }
 
     pub fn forward(&self, dev: &mut dyn Backend, w: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let mut y = dev.alloc(&[x.rows(), self.outputs])?;
+        self.product(dev, w, x, &mut y, 0.0)?;
+        Ok(y)
+    }
+
+    /// `y += x Wᵀ + b`: a sum of linear maps without a separate add (the GEMM's beta).
+    pub fn forward_into(&self, dev: &mut dyn Backend, w: &Tensor, x: &Tensor, y: &mut Tensor) -> Result<()> {
+        self.product(dev, w, x, y, 1.0)
+    }
+
+    /// `y = x Wᵀ + b + beta · y`.
+    fn product(&self, dev: &mut dyn Backend, w: &Tensor, x: &Tensor, y: &mut Tensor, beta: f32) -> Result<()> {
         let rows = x.rows();
         if x.cols() != self.inputs {
             return Err(crate::Error::shape(
@@ -41,13 +53,11 @@ impl Linear {
                 format!("input has {} columns, layer takes {}", x.cols(), self.inputs),
             ));
         }
-        let mut y = dev.alloc(&[rows, self.outputs])?;
-        let g = Gemm { m: rows, n: self.outputs, k: self.inputs, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+        let g = Gemm { m: rows, n: self.outputs, k: self.inputs, trans_a: false, trans_b: true, alpha: 1.0, beta };
         match self.bias {
-            Some(b) => dev.gemm_bias(g, x.view(), self.weight.of(w), b.of(w), &mut y)?,
-            None => dev.gemm(g, x.view(), self.weight.of(w), y.view_mut())?,
+            Some(b) => dev.gemm_bias(g, x.view(), self.weight.of(w), b.of(w), y),
+            None => dev.gemm(g, x.view(), self.weight.of(w), y.view_mut()),
         }
-        Ok(y)
     }
 
     /// x Wᵀ without the bias, for an op that adds it in its own pass
@@ -82,12 +92,39 @@ impl Linear {
         x: &Tensor,
         dy: &Tensor,
     ) -> Result<Tensor> {
-        self.backward_params(dev, g, x.view(), dy)?;
-        let rows = x.rows();
-        let mut dx = dev.alloc(&[rows, self.inputs])?;
-        let gx =
-            Gemm { m: rows, n: self.inputs, k: self.outputs, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
-        dev.gemm(gx, dy.view(), self.weight.of(w), dx.view_mut())?;
+        let mut dx = dev.alloc(&[x.rows(), self.inputs])?;
+        self.backward_with(dev, w, g, x, dy, &mut dx, 0.0)?;
         Ok(dx)
+    }
+
+    /// As `backward`, adding dy W to `dx` (a residual's or another branch's gradient) in the
+    /// GEMM instead of a separate add.
+    pub fn backward_into(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        g: &mut Tensor,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: &mut Tensor,
+    ) -> Result<()> {
+        self.backward_with(dev, w, g, x, dy, dx, 1.0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_with(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        g: &mut Tensor,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: &mut Tensor,
+        beta: f32,
+    ) -> Result<()> {
+        self.backward_params(dev, g, x.view(), dy)?;
+        let gx =
+            Gemm { m: x.rows(), n: self.inputs, k: self.outputs, trans_a: false, trans_b: false, alpha: 1.0, beta };
+        dev.gemm(gx, dy.view(), self.weight.of(w), dx.view_mut())
     }
 }

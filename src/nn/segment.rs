@@ -39,8 +39,7 @@ impl SegmentEmbed {
         loc: Tensor,
     ) -> Result<(Tensor, SegmentEmbedCache)> {
         let mut s = self.psi1.forward(dev, w, &x)?;
-        let l = self.psi2.forward(dev, w, &loc)?;
-        dev.add_assign(&mut s, &l)?;
+        self.psi2.forward_into(dev, w, &loc, &mut s)?;
         let (normed, norm) = self.norm.forward(dev, w, s)?;
         let e = dev.gelu_fwd(&normed)?;
         Ok((e, SegmentEmbedCache { x, loc, norm, normed }))
