@@ -48,8 +48,17 @@ def run(cmd, evidence, name, **kw):
     return p.stdout, p.stderr
 
 
+# When this run's `cargo bench` began: an estimate written before it is an earlier run's.
+BENCH_STARTED = None
+
+
 def criterion_median_ms(group, name):
-    path = os.path.join(ROOT, "target", "criterion", group, name, "new", "estimates.json")
+    """The median criterion just measured, from cargo's target directory (CARGO_TARGET_DIR
+    when set, as cargo does); an estimate older than this run's bench is refused."""
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+    path = os.path.join(target, "criterion", group, name, "new", "estimates.json")
+    if BENCH_STARTED is not None and os.path.getmtime(path) < BENCH_STARTED:
+        sys.exit(f"{path}: written before this run's cargo bench (a stale result); is CARGO_TARGET_DIR the bench's?")
     with open(path) as f:
         return json.load(f)["median"]["point_estimate"] / 1e6
 
@@ -90,6 +99,8 @@ def main():
     simd = [f for f in flags if re.match(r"(avx|fma|amx|sse4|f16c|asimd|sve)", f)]
 
     load_before = os.getloadavg()[0]
+    global BENCH_STARTED
+    BENCH_STARTED = time.time()
     _, bench_err = run(["cargo", "bench", "--bench", "cpu", "--", "train_step|embed|gemm"], evidence, "cargo_bench")
     described = re.search(r"semshare CPU path: ([\w+]+)", bench_err)
     described = described.group(1) if described else "unknown"
