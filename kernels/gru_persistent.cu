@@ -31,35 +31,14 @@
 // Launch (src/backend/cuda/gru.rs): grid (ceil(H / units), 2) ≤ the multiprocessor count, one
 // block per multiprocessor, block = units·chunk threads ≤ 512, as a cooperative launch (the
 // driver refuses a grid that cannot be resident at once, so the barrier cannot deadlock).
-// `barrier` is two u32 words, zero before the backend's first launch and zero again after
-// every barrier (the count) or only ever incremented (the generation).
+// `barrier` is grid_sync.cuh's two words (`Cuda::grid_barrier`).
 #include "common.cuh"
+#include "grid_sync.cuh"
 #include "gru.cuh"
 
 namespace gru_persistent {
+using grid::grid_sync;
 using gru::step_row;
-
-// Every block of the grid waits here until all have arrived; writes before it are visible
-// to every block after it. Thread 0 arrives for its block; the last to arrive resets the count
-// and moves the generation on, which releases the rest (they poll it with atomics, which go to
-// L2, never a stale L1 line).
-__device__ __forceinline__ void grid_sync(unsigned* barrier) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned blocks = gridDim.x * gridDim.y;
-    const unsigned gen = atomicAdd(&barrier[1], 0u);
-    __threadfence();
-    if (atomicAdd(&barrier[0], 1u) == blocks - 1) {
-      atomicExch(&barrier[0], 0u);
-      __threadfence();
-      atomicAdd(&barrier[1], 1u);
-    } else {
-      while (atomicAdd(&barrier[1], 0u) == gen) __nanosleep(32);
-    }
-    __threadfence();
-  }
-  __syncthreads();
-}
 
 // Row stride in float4s for rows of `cols` floats: rounded up to whole float4s (the tail
 // zero), then to an odd count, so that the 8 lanes of a quarter warp reading 8 different rows

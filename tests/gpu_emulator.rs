@@ -64,6 +64,41 @@ fn launch(d: &Device, name: &str, grid: u32, block: u32, args: &[u64]) -> Result
     }
 }
 
+/// As `launch`, cooperatively (every block resident at once).
+fn launch_cooperative(d: &Device, name: &str, grid: u32, block: u32, args: &[u64]) -> Result<(), String> {
+    let cname = std::ffi::CString::new(name).expect("name");
+    // SAFETY: as in `launch`.
+    unsafe {
+        let f = result::module::get_function(d.module, cname).map_err(text)?;
+        let mut slots: Vec<u64> = args.to_vec();
+        let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        result::launch_cooperative_kernel(f, (grid, 1, 1), (block, 1, 1), 0, std::ptr::null_mut(), &mut params)
+            .map_err(text)?;
+        result::ctx::synchronize().map_err(text)
+    }
+}
+
+#[test]
+fn a_cooperative_grid_meets_at_its_barrier_and_one_too_large_is_refused() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("cooperative launch") else { return };
+    // 128 blocks (one per host thread) meet at the barrier twice over: two launches reuse the
+    // words, which each barrier leaves at count zero.
+    let blocks = 128;
+    let input: Vec<f32> = (0..blocks).map(|i| i as f32).collect();
+    let (x, stage, y, bar) =
+        (upload(&input), upload(&vec![0.0; blocks]), upload(&vec![0.0; blocks]), upload(&[0.0; 2]));
+    for round in 0..2 {
+        launch_cooperative(&d, "grid_rotate", blocks as u32, 64, &[x, stage, y, bar]).expect("a resident grid runs");
+        let want: Vec<f32> = (0..blocks).map(|i| 2.0 * ((i + 1) % blocks) as f32).collect();
+        assert_eq!(download(y, blocks), want, "round {round}");
+        assert_eq!(download(bar, 1)[0].to_bits(), 0, "round {round}: the arrival count is reset");
+    }
+    // 1024-thread blocks: 2 fit on each of 132 multiprocessors, so 265 cannot all be resident.
+    let e = launch_cooperative(&d, "grid_rotate", 265, 1024, &[x, stage, y, bar]).unwrap_err();
+    assert!(e.contains("COOPERATIVE_LAUNCH_TOO_LARGE") && e.contains("grid_rotate") && e.contains("265 blocks"), "{e}");
+}
+
 fn text(e: DriverError) -> String {
     let s = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     format!("{:?}: {s}", e.0)

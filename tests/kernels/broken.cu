@@ -79,3 +79,14 @@ extern "C" __global__ void bit_ops(const unsigned* in, unsigned* out) {
   out[6 * threadIdx.x + 4] = pm;
   out[6 * threadIdx.x + 5] = bf;
 }
+
+// Not broken: a grid-wide barrier (kernels/grid_sync.cuh) in a cooperative launch. Each block
+// writes its doubled input, then reads its neighbour block's, which is only there after the
+// barrier. barrier: two zero u32 words.
+#include "../../kernels/grid_sync.cuh"
+extern "C" __global__ void grid_rotate(const float* in, float* stage, float* out, unsigned* barrier) {
+  const int b = blockIdx.x;
+  if (threadIdx.x == 0) stage[b] = 2.0f * in[b];
+  grid::grid_sync(barrier);
+  if (threadIdx.x == 0) out[b] = __ldcg(stage + (b + 1) % gridDim.x);
+}
