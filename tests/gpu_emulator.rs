@@ -52,28 +52,29 @@ fn download(p: u64, n: usize) -> Vec<f32> {
 
 /// Launches `name` with pointer and int arguments; the driver's error, if any, as text.
 fn launch(d: &Device, name: &str, grid: u32, block: u32, args: &[u64]) -> Result<(), String> {
+    launch_as(d, name, grid, block, args, false)
+}
+
+/// As `launch`, cooperatively (every block resident at once).
+fn launch_cooperative(d: &Device, name: &str, grid: u32, block: u32, args: &[u64]) -> Result<(), String> {
+    launch_as(d, name, grid, block, args, true)
+}
+
+fn launch_as(d: &Device, name: &str, grid: u32, block: u32, args: &[u64], cooperative: bool) -> Result<(), String> {
     let cname = std::ffi::CString::new(name).expect("name");
+    let (grid, block) = ((grid, 1, 1), (block, 1, 1));
     // SAFETY: the module is loaded; `args` match each kernel's signature (pointers and ints as
     // 8-byte slots, read at their declared size).
     unsafe {
         let f = result::module::get_function(d.module, cname).map_err(text)?;
         let mut slots: Vec<u64> = args.to_vec();
         let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
-        result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, std::ptr::null_mut(), &mut params).map_err(text)?;
-        result::ctx::synchronize().map_err(text)
-    }
-}
-
-/// As `launch`, cooperatively (every block resident at once).
-fn launch_cooperative(d: &Device, name: &str, grid: u32, block: u32, args: &[u64]) -> Result<(), String> {
-    let cname = std::ffi::CString::new(name).expect("name");
-    // SAFETY: as in `launch`.
-    unsafe {
-        let f = result::module::get_function(d.module, cname).map_err(text)?;
-        let mut slots: Vec<u64> = args.to_vec();
-        let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
-        result::launch_cooperative_kernel(f, (grid, 1, 1), (block, 1, 1), 0, std::ptr::null_mut(), &mut params)
-            .map_err(text)?;
+        let stream = std::ptr::null_mut();
+        if cooperative {
+            result::launch_cooperative_kernel(f, grid, block, 0, stream, &mut params).map_err(text)?;
+        } else {
+            result::launch_kernel(f, grid, block, 0, stream, &mut params).map_err(text)?;
+        }
         result::ctx::synchronize().map_err(text)
     }
 }
