@@ -22,7 +22,9 @@ mod gpu {
     use std::time::Duration;
 
     use semshare::backend::cuda::Cuda;
-    use semshare::backend::{AdamW, Backend, Gemm, GruStep, Segments};
+    use semshare::backend::{
+        AdamW, Backend, Gemm, GruRunBwd, GruRunFwd, GruStep, Segments, gru_bwd_by_steps, gru_fwd_by_steps,
+    };
     use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
     use semshare::nn::{BiGru, ParamStore};
     use semshare::rng::Rng;
@@ -202,6 +204,83 @@ mod gpu {
                 drop(black_box(gru.backward(dev, &gw, &mut gg, &tseg, cache, &gdout)));
             },
         );
+        g.finish();
+
+        // The recurrence alone, both directions: the persistent kernel (`Backend::gru_fwd` /
+        // `gru_bwd`, kernels/gru_persistent.cu) against the step-by-step path it replaced (a
+        // cuBLAS GEMM and the gate kernel per step and direction), same inputs, same call: the
+        // A/B that says whether the persistent kernel pays on this card. The backward zeroes
+        // dh first (it enters as zero in training), both ways alike.
+        let mut g = c.benchmark_group("bigru_recurrence_b128_t32_h512_ieee");
+        let rx = [rand(dev, &mut rng, &[B * T, 3 * hd]), rand(dev, &mut rng, &[B * T, 3 * hd])];
+        let rw = [rand(dev, &mut rng, &[3 * hd, hd]), rand(dev, &mut rng, &[3 * hd, hd])];
+        let rb = [rand(dev, &mut rng, &[3 * hd]), rand(dev, &mut rng, &[3 * hd])];
+        let zeros =
+            |dev: &mut Cuda, shape: &[usize]| [dev.zeros(shape).expect("zeros"), dev.zeros(shape).expect("zeros")];
+        let ([mut hs0, mut hs1], [mut g0, mut g1]) = (zeros(dev, &[(T + 1) * B, hd]), zeros(dev, &[T * B, 4 * hd]));
+        let ([mut dh0, mut dh1], [mut dx0, mut dx1]) = (zeros(dev, &[B, hd]), zeros(dev, &[B * T, 3 * hd]));
+        let [mut dp0, mut dp1] = zeros(dev, &[T * B, 3 * hd]);
+        let mut out = dev.zeros(&[B * T, 2 * hd]).expect("zeros");
+        let dout = rand(dev, &mut rng, &[B * T, 2 * hd]);
+        for persistent in [true, false] {
+            let way = if persistent { "persistent" } else { "by_steps" };
+            bench(&mut g, &format!("{way}_fwd"), dev, |dev| {
+                let runs = [
+                    GruRunFwd {
+                        reverse: false,
+                        xproj: &rx[0],
+                        w_hh: rw[0].view(),
+                        bias_hh: rb[0].view(),
+                        hs: &mut hs0,
+                        gates: &mut g0,
+                    },
+                    GruRunFwd {
+                        reverse: true,
+                        xproj: &rx[1],
+                        w_hh: rw[1].view(),
+                        bias_hh: rb[1].view(),
+                        hs: &mut hs1,
+                        gates: &mut g1,
+                    },
+                ];
+                let r = if persistent {
+                    dev.gru_fwd(&tseg, hd, runs, &mut out)
+                } else {
+                    gru_fwd_by_steps(dev, &tseg, hd, runs, &mut out)
+                };
+                r.expect("gru fwd");
+            });
+            bench(&mut g, &format!("{way}_bwd"), dev, |dev| {
+                dev.fill(dh0.view_mut(), 0.0).expect("fill");
+                dev.fill(dh1.view_mut(), 0.0).expect("fill");
+                let runs = [
+                    GruRunBwd {
+                        reverse: false,
+                        w_hh: rw[0].view(),
+                        gates: &g0,
+                        hs: &hs0,
+                        dh: &mut dh0,
+                        dxproj: &mut dx0,
+                        dhproj: &mut dp0,
+                    },
+                    GruRunBwd {
+                        reverse: true,
+                        w_hh: rw[1].view(),
+                        gates: &g1,
+                        hs: &hs1,
+                        dh: &mut dh1,
+                        dxproj: &mut dx1,
+                        dhproj: &mut dp1,
+                    },
+                ];
+                let r = if persistent {
+                    dev.gru_bwd(&tseg, hd, runs, &dout)
+                } else {
+                    gru_bwd_by_steps(dev, &tseg, hd, runs, &dout)
+                };
+                r.expect("gru bwd");
+            });
+        }
         g.finish();
         dev.set_tf32(tf32).expect("math mode");
 
