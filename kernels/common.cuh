@@ -18,6 +18,14 @@ __device__ __forceinline__ float dropout_uniform(uint64_t seed, uint64_t i) {
   return (float)((h >> (16 * (i % 4))) & 0xFFFF) * (1.0f / 65536.0f);
 }
 
+// Element i of inverted dropout: dropped (p > 0 and its draw below p) or scaled by `scale` =
+// 1/(1-p), which the host computes in f32 exactly as the CPU does. __fmul_rn: never fused
+// into a neighbouring add, so every kernel that drops (dropout, the fused FFN activation, the
+// fused post-LN join) rounds alike.
+__device__ __forceinline__ float dropout_value(float x, float p, float scale, uint64_t seed, uint64_t i) {
+  return p > 0.0f && dropout_uniform(seed, i) < p ? 0.0f : __fmul_rn(x, scale);
+}
+
 
 
 __device__ __forceinline__ float to_f32(float x) { return x; }

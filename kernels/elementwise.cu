@@ -67,25 +67,26 @@ __device__ __forceinline__ float tanh_fast(float x) {
 #define GELU_C 0.7978846f
 #define GELU_A 0.044715f
 
+// GELU and its derivative, the CPU twin's `gelu` / `gelu_grad` (cpu/elementwise.rs), written
+// once for the plain and the fused kernels so that they round alike.
+__device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.0f + tanh_fast(GELU_C * (v + GELU_A * v * v * v))); }
+
+__device__ __forceinline__ float gelu_grad(float v) {
+  const float t = tanh_fast(GELU_C * (v + GELU_A * v * v * v));
+  return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * GELU_C * (1.0f + 3.0f * GELU_A * v * v);
+}
+
 template <typename T> __device__ void gelu_fwd(const T* x, T* y, size_t n) {
-  GRID_STRIDE(i, n) {
-    const float v = to_f32(x[i]);
-    y[i] = from_f32<T>(0.5f * v * (1.0f + tanh_fast(GELU_C * (v + GELU_A * v * v * v))));
-  }
+  GRID_STRIDE(i, n) y[i] = from_f32<T>(gelu(to_f32(x[i])));
 }
 
 template <typename T> __device__ void gelu_bwd(const T* x, const T* dy, T* dx, size_t n) {
-  GRID_STRIDE(i, n) {
-    const float v = to_f32(x[i]);
-    const float t = tanh_fast(GELU_C * (v + GELU_A * v * v * v));
-    const float g = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * GELU_C * (1.0f + 3.0f * GELU_A * v * v);
-    dx[i] = from_f32<T>(to_f32(dy[i]) * g);
-  }
+  GRID_STRIDE(i, n) dx[i] = from_f32<T>(to_f32(dy[i]) * gelu_grad(to_f32(x[i])));
 }
 
 // The feed-forward's activation in one pass: u += bias (bias null: none), h = dropout(GELU(u))
-// with p (0: no dropout). The expressions of add_bias, gelu_fwd and dropout, each rounded as
-// there (__fmul_rn: no FMA across what were separate kernels), so bit for bit those three.
+// with p (0: no dropout). The helpers of add_bias, gelu_fwd and dropout, each value stored at
+// T's precision between them as those kernels store it, so bit for bit those three.
 // Why: 3 launches and 6 passes over the FFN's widest activation (read u, write u; read u, write
 // h; read h, write h) become 1 launch and 3 passes (read u, write u, write h).
 template <typename T>
@@ -97,8 +98,7 @@ __device__ void bias_gelu_dropout_fwd(T* u, const T* bias, size_t cols, T* h, fl
       v = to_f32(from_f32<T>(v + to_f32(bias[i % cols])));
       u[i] = from_f32<T>(v);
     }
-    const float g = to_f32(from_f32<T>(0.5f * v * (1.0f + tanh_fast(GELU_C * (v + GELU_A * v * v * v)))));
-    h[i] = p > 0.0f && common::dropout_uniform(seed, i) < p ? from_f32<T>(0.0f) : from_f32<T>(__fmul_rn(g, scale));
+    h[i] = from_f32<T>(common::dropout_value(to_f32(from_f32<T>(gelu(v))), p, scale, seed, i));
   }
 }
 
@@ -106,18 +106,13 @@ __device__ void bias_gelu_dropout_fwd(T* u, const T* bias, size_t cols, T* h, fl
 // gelu_bwd (2 launches and 5 passes → 1 launch and 3: read dh, u, write dh).
 template <typename T> __device__ void gelu_dropout_bwd(const T* u, T* dh, float p, float scale, uint64_t seed, size_t n) {
   GRID_STRIDE(i, n) {
-    const float d = p > 0.0f && common::dropout_uniform(seed, i) < p ? 0.0f
-                                                                     : to_f32(from_f32<T>(__fmul_rn(to_f32(dh[i]), scale)));
-    const float v = to_f32(u[i]);
-    const float t = tanh_fast(GELU_C * (v + GELU_A * v * v * v));
-    const float g = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * GELU_C * (1.0f + 3.0f * GELU_A * v * v);
-    dh[i] = from_f32<T>(d * g);
+    const float d = to_f32(from_f32<T>(common::dropout_value(to_f32(dh[i]), p, scale, seed, i)));
+    dh[i] = from_f32<T>(d * gelu_grad(to_f32(u[i])));
   }
 }
 
-// `scale` = 1/(1-p) computed on the host in f32, exactly as the CPU does.
 template <typename T> __device__ void dropout(T* x, float p, float scale, uint64_t seed, size_t n) {
-  GRID_STRIDE(i, n) x[i] = common::dropout_uniform(seed, i) < p ? from_f32<T>(0.0f) : from_f32<T>(to_f32(x[i]) * scale);
+  GRID_STRIDE(i, n) x[i] = from_f32<T>(common::dropout_value(to_f32(x[i]), p, scale, seed, i));
 }
 
 template <typename T> __device__ void fill(T* x, float v, size_t n) {

@@ -10,7 +10,7 @@
 // 3 launches, 7 and 6 passes over the activation. Fused: 1 launch, 4 passes (read a, x, write
 // s, y) forward; 1 row launch, 4 passes (read s, dy, write dx, da) backward, no clone. Each
 // lane re-reads only the elements it wrote itself, so no barrier is needed between the parts.
-// The mask is dropout_fwd's (common::dropout_uniform of the flat index) and the product is
+// The mask is dropout_fwd's (common::dropout_value of the flat index) and the product is
 // rounded before the add (__fmul_rn: no FMA), so the fused and unfused paths give the same bits.
 #include "common.cuh"
 
@@ -25,7 +25,7 @@ __device__ void fwd(T* a, const T* x, const T* gamma, const T* beta, float eps, 
   if (row >= rows) return;
   const size_t base = (size_t)row * d;
   for (int i = lane; i < d; i += 32) {
-    const float kept = common::dropout_uniform(seed, base + i) < p ? 0.0f : __fmul_rn(to_f32(a[base + i]), scale);
+    const float kept = common::dropout_value(to_f32(a[base + i]), p, scale, seed, base + i);
     a[base + i] = from_f32<T>(kept + to_f32(x[base + i]));
   }
   layernorm::fwd<T>(a, gamma, beta, eps, rows, d, y, stats);
@@ -39,8 +39,7 @@ __device__ void bwd(const T* s, const float* stats, const T* gamma, const T* dy,
   layernorm::bwd<T>(s, stats, gamma, dy, rows, d, dx);
   const size_t base = (size_t)row * d;
   for (int i = lane; i < d; i += 32)
-    da[base + i] = common::dropout_uniform(seed, base + i) < p ? from_f32<T>(0.0f)
-                                                               : from_f32<T>(to_f32(dx[base + i]) * scale);
+    da[base + i] = from_f32<T>(common::dropout_value(to_f32(dx[base + i]), p, scale, seed, base + i));
 }
 }  // namespace residual_norm
 

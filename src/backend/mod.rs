@@ -683,6 +683,14 @@ pub(crate) fn check_gru_step_bwd(
     check_step_of("gru_step_bwd", step, steps, dout.cols())
 }
 
+/// A dropout probability in [0, 1) (`Backend::dropout_fwd` and the ops that drop).
+pub(crate) fn check_dropout(p: f32) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(crate::Error::config(format!("dropout probability {p} is not in [0, 1)")));
+    }
+    Ok(())
+}
+
 /// Both directions' forward recurrences (`Backend::gru_fwd`): each run's buffers as its steps
 /// check them, W_hh `[3H, H]`, one forward and one reverse direction. For a batch with steps.
 pub(crate) fn check_gru_fwd(seg: &Segments, hidden: usize, runs: &[GruRunFwd<'_>; 2], out: &Tensor) -> Result<()> {

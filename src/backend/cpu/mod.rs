@@ -20,7 +20,7 @@ pub mod topk;
 
 use super::{
     AdamW, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Precision, Segments,
-    check_adamw_masked, check_attention, check_attention_bwd, check_gemm, check_gru_bwd, check_gru_fwd,
+    check_adamw_masked, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd, check_gru_fwd,
     check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols,
     expect_len, rows_of, same_shape,
 };
@@ -104,9 +104,7 @@ fn dropout(x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
 
 /// The rule of a dropout with probability p (None: p = 0), or why p is refused.
 fn dropout_rule(p: f32, seed: u64) -> Result<Option<elementwise::DropoutRule>> {
-    if !(0.0..1.0).contains(&p) {
-        return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
-    }
+    check_dropout(p)?;
     Ok(elementwise::DropoutRule::new(p, seed))
 }
 

@@ -144,10 +144,9 @@ impl Persistent {
     }
 
     fn launch(self, cuda: &mut Cuda, kernel: &'static str, mut args: Vec<Arg>, shape: [usize; 4]) -> Result<()> {
-        let op = kernel;
         args.push(cuda.grid_barrier()?);
         for v in shape.into_iter().chain([self.units, self.chunk]) {
-            args.push(Arg::int(op, v)?);
+            args.push(Arg::int(kernel, v)?);
         }
         let (grid, block) = ((self.blocks as u32, 2, 1), ((self.units * self.chunk) as u32, 1, 1));
         cuda.launch_with(kernel, grid, block, self.smem as u32, &args, true)

@@ -7,7 +7,7 @@ use super::{
 };
 use crate::backend::{
     AdamW, AdamWScalars, Backend, Counters, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Segments,
-    check_attention, check_attention_bwd, check_gemm, check_gru_bwd, check_gru_fwd, check_gru_step_bwd,
+    check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd, check_gru_fwd, check_gru_step_bwd,
     check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of,
     same_shape,
 };
@@ -20,9 +20,7 @@ const THREADS: u32 = 256;
 /// What dropout with probability p scales kept values by (1 for p = 0), or why p is refused.
 /// The CPU's f32 expression, so kept values match bit for bit.
 fn dropout_scale(p: f32) -> Result<f32> {
-    if !(0.0..1.0).contains(&p) {
-        return Err(Error::config(format!("dropout probability {p} is not in [0, 1)")));
-    }
+    check_dropout(p)?;
     Ok(1.0 / (1.0 - p))
 }
 
