@@ -1513,9 +1513,8 @@ fn wait_for_change(addr: u64, bytes: u64, seen: u64) {
         return;
     }
     watched.push(addr);
-    let (mut watched, _) = WOKEN
-        .wait_timeout(watched, std::time::Duration::from_millis(5))
-        .unwrap_or_else(|e| e.into_inner());
+    let (mut watched, _) =
+        WOKEN.wait_timeout(watched, std::time::Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner());
     if let Some(i) = watched.iter().position(|&w| w == addr) {
         watched.swap_remove(i);
     }

@@ -16,17 +16,21 @@ const SUCCESS: Status = 0;
 const NOT_INITIALIZED: Status = 1;
 const INVALID_VALUE: Status = 7;
 const EXECUTION_FAILED: Status = 13;
+const NOT_SUPPORTED: Status = 15;
 
 extern "C" {
     fn semshare_emu_sgemm(g: *const Sgemm, err: *mut c_char, err_len: usize) -> c_int;
     fn semshare_emu_fault(msg: *const c_char) -> u32;
     fn semshare_emu_sticky() -> u32;
+    fn cuStreamIsCapturing(s: *mut c_void, status: *mut c_int) -> u32;
 }
 
 struct Handle {
     math_mode: c_int,
     pointer_mode: c_int,
     stream: *mut c_void,
+    /// `cublasSetWorkspace`'s buffer (0: none set).
+    workspace: u64,
 }
 
 fn say(msg: &str) {
@@ -38,7 +42,8 @@ pub unsafe extern "C" fn cublasCreate_v2(h: *mut *mut c_void) -> Status {
     if h.is_null() {
         return INVALID_VALUE;
     }
-    *h = Box::into_raw(Box::new(Handle { math_mode: 0, pointer_mode: 0, stream: std::ptr::null_mut() })) as *mut c_void;
+    *h = Box::into_raw(Box::new(Handle { math_mode: 0, pointer_mode: 0, stream: std::ptr::null_mut(), workspace: 0 }))
+        as *mut c_void;
     SUCCESS
 }
 
@@ -114,12 +119,11 @@ pub unsafe extern "C" fn cublasGetPointerMode_v2(h: *mut c_void, mode: *mut c_in
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cublasSetWorkspace_v2(h: *mut c_void, _ws: *mut c_void, _bytes: usize) -> Status {
-    if h.is_null() {
-        NOT_INITIALIZED
-    } else {
+pub unsafe extern "C" fn cublasSetWorkspace_v2(h: *mut c_void, ws: *mut c_void, bytes: usize) -> Status {
+    with_handle(h, |h| {
+        h.workspace = if bytes == 0 { 0 } else { ws as u64 };
         SUCCESS
-    }
+    })
 }
 
 #[no_mangle]
@@ -198,7 +202,15 @@ unsafe fn sgemm(
         batch,
         // CUBLAS_TF32_TENSOR_OP_MATH = 3 (the low bits; 16 is a flag).
         tf32: ((hd.math_mode & 0xf) == 3) as i32,
+        stream: hd.stream as u64,
     };
+    // Real cuBLAS allocates its workspace on first use unless one is set, which a capture
+    // forbids: capturing a GEMM needs `cublasSetWorkspace` first.
+    let mut capturing = 0;
+    if cuStreamIsCapturing(hd.stream, &mut capturing) == 0 && capturing != 0 && hd.workspace == 0 {
+        say(&format!("{what}: CUBLAS_STATUS_NOT_SUPPORTED: captured without a workspace (cublasSetWorkspace)"));
+        return NOT_SUPPORTED;
+    }
     let mut err = [0 as c_char; 1024];
     if semshare_emu_sgemm(&g, err.as_mut_ptr(), err.len()) != 0 {
         // As on the GPU: an out-of-range operand faults the context.

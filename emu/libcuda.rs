@@ -8,7 +8,8 @@
 //!
 //! "Device" memory is host memory (pointers are host addresses), filled with NaN bytes when
 //! allocated; every copy, kernel access and GEMM operand is checked against the live
-//! allocations. Launches run synchronously (streams are trivially ordered). A fault in a kernel
+//! allocations. Launches run synchronously (streams are trivially ordered); a capturing stream
+//! records them into a graph instead (`graph.rs`). A fault in a kernel
 //! (out of bounds, misaligned, a shared-memory race, a deadlock) makes the context sticky-failed
 //! as on the hardware: every later call returns the error until the primary context is
 //! released; `cuGetErrorString` gives the detailed message (kernel, block, thread, PTX).
@@ -17,6 +18,7 @@
 
 mod exec;
 mod gemm;
+mod graph;
 mod ptx;
 mod sgemm_abi;
 
@@ -326,6 +328,9 @@ pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut c_int) -> CUresult {
 
 #[no_mangle]
 pub extern "C" fn cuCtxSynchronize() -> CUresult {
+    if let Some(e) = graph::refuse(None, false, "cuCtxSynchronize") {
+        return e;
+    }
     sticky().unwrap_or(SUCCESS)
 }
 
@@ -354,12 +359,18 @@ pub unsafe extern "C" fn cuStreamDestroy_v2(s: *mut c_void) -> CUresult {
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamSynchronize(_s: *mut c_void) -> CUresult {
+pub extern "C" fn cuStreamSynchronize(s: *mut c_void) -> CUresult {
+    if let Some(e) = graph::refuse(Some(s as u64), false, "cuStreamSynchronize") {
+        return e;
+    }
     sticky().unwrap_or(SUCCESS)
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamQuery(_s: *mut c_void) -> CUresult {
+pub extern "C" fn cuStreamQuery(s: *mut c_void) -> CUresult {
+    if let Some(e) = graph::refuse(Some(s as u64), false, "cuStreamQuery") {
+        return e;
+    }
     sticky().unwrap_or(SUCCESS)
 }
 
@@ -382,9 +393,12 @@ pub unsafe extern "C" fn cuEventCreate(e: *mut *mut c_void, _flags: c_uint) -> C
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuEventRecord(e: *mut c_void, _s: *mut c_void) -> CUresult {
+pub unsafe extern "C" fn cuEventRecord(e: *mut c_void, s: *mut c_void) -> CUresult {
     if e.is_null() {
         return INVALID_HANDLE;
+    }
+    if let Some(err) = graph::refuse(Some(s as u64), false, "cuEventRecord (event nodes are not emulated)") {
+        return err;
     }
     (*(e as *mut Event)).at = Some(Instant::now());
     sticky().unwrap_or(SUCCESS)
@@ -445,6 +459,9 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut u64, bytes: usize) -> CUresult 
     if bytes == 0 {
         return INVALID_VALUE;
     }
+    if let Some(e) = graph::refuse(None, true, "cuMemAlloc") {
+        return e;
+    }
     let mut s = lock();
     if s.used.saturating_add(bytes as u64) > total_memory() {
         return OUT_OF_MEMORY;
@@ -467,6 +484,9 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut u64, bytes: usize) -> CUresult 
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFree_v2(ptr: u64) -> CUresult {
+    if let Some(e) = graph::refuse(None, true, "cuMemFree") {
+        return e;
+    }
     let mut s = lock();
     match s.allocs.remove(&ptr) {
         Some((n, layout)) => {
@@ -530,7 +550,7 @@ pub unsafe extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
     }
 }
 
-fn copy(dst: u64, src: u64, bytes: usize, what: &str, check_dst: bool, check_src: bool) -> CUresult {
+pub(crate) fn run_copy(dst: u64, src: u64, bytes: usize, what: &str, check_dst: bool, check_src: bool) -> CUresult {
     if let Some(c) = sticky() {
         return c;
     }
@@ -554,35 +574,69 @@ fn copy(dst: u64, src: u64, bytes: usize, what: &str, check_dst: bool, check_src
 
 #[no_mangle]
 pub extern "C" fn cuMemcpyHtoD_v2(dst: u64, src: *const c_void, bytes: usize) -> CUresult {
-    copy(dst, src as u64, bytes, "cuMemcpyHtoD", true, false)
+    host_copy(None, dst, src as u64, bytes, "cuMemcpyHtoD", true, false)
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemcpyHtoDAsync_v2(dst: u64, src: *const c_void, bytes: usize, _s: *mut c_void) -> CUresult {
-    copy(dst, src as u64, bytes, "cuMemcpyHtoDAsync", true, false)
+pub extern "C" fn cuMemcpyHtoDAsync_v2(dst: u64, src: *const c_void, bytes: usize, s: *mut c_void) -> CUresult {
+    host_copy(Some(s as u64), dst, src as u64, bytes, "cuMemcpyHtoDAsync", true, false)
 }
 
 #[no_mangle]
 pub extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: u64, bytes: usize) -> CUresult {
-    copy(dst as u64, src, bytes, "cuMemcpyDtoH", false, true)
+    host_copy(None, dst as u64, src, bytes, "cuMemcpyDtoH", false, true)
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: u64, bytes: usize, _s: *mut c_void) -> CUresult {
-    copy(dst as u64, src, bytes, "cuMemcpyDtoHAsync", false, true)
+pub extern "C" fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: u64, bytes: usize, s: *mut c_void) -> CUresult {
+    host_copy(Some(s as u64), dst as u64, src, bytes, "cuMemcpyDtoHAsync", false, true)
 }
 
 #[no_mangle]
 pub extern "C" fn cuMemcpyDtoD_v2(dst: u64, src: u64, bytes: usize) -> CUresult {
-    copy(dst, src, bytes, "cuMemcpyDtoD", true, true)
+    if let Some(e) = graph::refuse(None, true, "cuMemcpyDtoD (synchronous)") {
+        return e;
+    }
+    run_copy(dst, src, bytes, "cuMemcpyDtoD", true, true)
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemcpyDtoDAsync_v2(dst: u64, src: u64, bytes: usize, _s: *mut c_void) -> CUresult {
-    copy(dst, src, bytes, "cuMemcpyDtoDAsync", true, true)
+pub extern "C" fn cuMemcpyDtoDAsync_v2(dst: u64, src: u64, bytes: usize, s: *mut c_void) -> CUresult {
+    if let Some(c) = sticky() {
+        return c;
+    }
+    submit(s as u64, graph::Node::Copy { dst, src, bytes })
 }
 
-fn memset(dst: u64, value: u32, width: usize, n: usize, what: &str) -> CUresult {
+/// A copy between host and device: never captured (the graph would keep the host pointer).
+fn host_copy(
+    stream: Option<u64>,
+    dst: u64,
+    src: u64,
+    bytes: usize,
+    what: &str,
+    check_dst: bool,
+    check_src: bool,
+) -> CUresult {
+    let refused = match stream {
+        Some(s) => graph::refuse(Some(s), false, what),
+        None => graph::refuse(None, true, what),
+    };
+    if let Some(e) = refused {
+        return e;
+    }
+    run_copy(dst, src, bytes, what, check_dst, check_src)
+}
+
+/// Puts recorded-or-run work on `stream`: captured if it captures, else run now.
+fn submit(stream: u64, node: graph::Node) -> CUresult {
+    match graph::record(stream, node) {
+        None => SUCCESS,
+        Some(n) => n.run(),
+    }
+}
+
+pub(crate) fn run_memset(dst: u64, value: u32, width: usize, n: usize, what: &str) -> CUresult {
     if let Some(c) = sticky() {
         return c;
     }
@@ -606,29 +660,43 @@ fn memset(dst: u64, value: u32, width: usize, n: usize, what: &str) -> CUresult 
     SUCCESS
 }
 
+/// A memset on a stream (captured when it captures), or a synchronous one.
+fn memset(stream: Option<u64>, dst: u64, value: u32, width: usize, n: usize, what: &str) -> CUresult {
+    if let Some(c) = sticky() {
+        return c;
+    }
+    match stream {
+        Some(s) => submit(s, graph::Node::Memset { dst, value, width, n }),
+        None => match graph::refuse(None, true, what) {
+            Some(e) => e,
+            None => run_memset(dst, value, width, n, what),
+        },
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn cuMemsetD8_v2(dst: u64, v: u8, n: usize) -> CUresult {
-    memset(dst, v as u32, 1, n, "cuMemsetD8")
+    memset(None, dst, v as u32, 1, n, "cuMemsetD8")
 }
 #[no_mangle]
-pub extern "C" fn cuMemsetD8Async(dst: u64, v: u8, n: usize, _s: *mut c_void) -> CUresult {
-    memset(dst, v as u32, 1, n, "cuMemsetD8Async")
+pub extern "C" fn cuMemsetD8Async(dst: u64, v: u8, n: usize, s: *mut c_void) -> CUresult {
+    memset(Some(s as u64), dst, v as u32, 1, n, "cuMemsetD8Async")
 }
 #[no_mangle]
 pub extern "C" fn cuMemsetD16_v2(dst: u64, v: u16, n: usize) -> CUresult {
-    memset(dst, v as u32, 2, n, "cuMemsetD16")
+    memset(None, dst, v as u32, 2, n, "cuMemsetD16")
 }
 #[no_mangle]
-pub extern "C" fn cuMemsetD16Async(dst: u64, v: u16, n: usize, _s: *mut c_void) -> CUresult {
-    memset(dst, v as u32, 2, n, "cuMemsetD16Async")
+pub extern "C" fn cuMemsetD16Async(dst: u64, v: u16, n: usize, s: *mut c_void) -> CUresult {
+    memset(Some(s as u64), dst, v as u32, 2, n, "cuMemsetD16Async")
 }
 #[no_mangle]
 pub extern "C" fn cuMemsetD32_v2(dst: u64, v: u32, n: usize) -> CUresult {
-    memset(dst, v, 4, n, "cuMemsetD32")
+    memset(None, dst, v, 4, n, "cuMemsetD32")
 }
 #[no_mangle]
-pub extern "C" fn cuMemsetD32Async(dst: u64, v: u32, n: usize, _s: *mut c_void) -> CUresult {
-    memset(dst, v, 4, n, "cuMemsetD32Async")
+pub extern "C" fn cuMemsetD32Async(dst: u64, v: u32, n: usize, s: *mut c_void) -> CUresult {
+    memset(Some(s as u64), dst, v, 4, n, "cuMemsetD32Async")
 }
 
 // ---- modules and launches -----------------------------------------------------------------------
@@ -757,11 +825,11 @@ pub unsafe extern "C" fn cuLaunchKernel(
     by: c_uint,
     bz: c_uint,
     shared: c_uint,
-    _stream: *mut c_void,
+    stream: *mut c_void,
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) -> CUresult {
-    launch(f, [gx, gy, gz], [bx, by, bz], shared, params, extra, false)
+    launch(f, [gx, gy, gz], [bx, by, bz], shared, stream as u64, params, extra, false)
 }
 
 /// A launch whose blocks must all be resident at once (a grid-wide barrier inside): the
@@ -777,17 +845,19 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
     by: c_uint,
     bz: c_uint,
     shared: c_uint,
-    _stream: *mut c_void,
+    stream: *mut c_void,
     params: *mut *mut c_void,
 ) -> CUresult {
-    launch(f, [gx, gy, gz], [bx, by, bz], shared, params, std::ptr::null_mut(), true)
+    launch(f, [gx, gy, gz], [bx, by, bz], shared, stream as u64, params, std::ptr::null_mut(), true)
 }
 
+#[allow(clippy::too_many_arguments)]
 unsafe fn launch(
     f: *mut c_void,
     [gx, gy, gz]: [c_uint; 3],
     [bx, by, bz]: [c_uint; 3],
     shared: c_uint,
+    stream: u64,
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
     cooperative: bool,
@@ -889,13 +959,30 @@ unsafe fn launch(
         }
         std::ptr::copy_nonoverlapping(src as *const u8, buf.as_mut_ptr().add(p.offset as usize), p.bytes as usize);
     }
+    let node =
+        graph::Node::Kernel { kernel: k, grid: [gx, gy, gz], block: [bx, by, bz], shared, params: buf, cooperative };
+    submit(stream, node)
+}
+
+/// Runs one validated launch now (from `cuLaunchKernel`, or a graph's kernel node).
+pub(crate) fn run_kernel(
+    k: Arc<ptx::Kernel>,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    shared: c_uint,
+    params: &[u8],
+    cooperative: bool,
+) -> CUresult {
+    if let Some(c) = sticky() {
+        return c;
+    }
     let allocs = allocations();
     guard(move || {
         let launch = exec::Launch {
-            grid: [gx, gy, gz],
-            block: [bx, by, bz],
+            grid,
+            block,
             dynamic_shared: shared as u64,
-            params: &buf,
+            params,
             allocs: &allocs,
             co_resident: cooperative,
         };
@@ -913,6 +1000,90 @@ unsafe fn launch(
             }
         }
     })
+}
+
+// ---- stream capture and graphs (graph.rs) -------------------------------------------------------
+
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCapture_v2(s: *mut c_void, mode: c_int) -> CUresult {
+    if let Some(c) = sticky() {
+        return c;
+    }
+    graph::begin(s as u64, mode)
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCapture(s: *mut c_void, mode: c_int) -> CUresult {
+    cuStreamBeginCapture_v2(s, mode)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamEndCapture(s: *mut c_void, out: *mut *mut c_void) -> CUresult {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    *out = std::ptr::null_mut();
+    match graph::end(s as u64) {
+        Ok(g) => {
+            *out = Box::into_raw(Box::new(g)) as *mut c_void;
+            sticky().unwrap_or(SUCCESS)
+        }
+        Err(e) => e,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamIsCapturing(s: *mut c_void, status: *mut c_int) -> CUresult {
+    if status.is_null() {
+        return INVALID_VALUE;
+    }
+    *status = graph::status(s as u64);
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphInstantiateWithFlags(exec: *mut *mut c_void, g: *mut c_void, _flags: u64) -> CUresult {
+    if exec.is_null() || g.is_null() {
+        return INVALID_VALUE;
+    }
+    let nodes = (*(g as *mut graph::Graph)).nodes.clone();
+    *exec = Box::into_raw(Box::new(graph::Graph { nodes })) as *mut c_void;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphLaunch(exec: *mut c_void, s: *mut c_void) -> CUresult {
+    if exec.is_null() {
+        return INVALID_HANDLE;
+    }
+    if let Some(c) = sticky() {
+        return c;
+    }
+    graph::launch(&*(exec as *mut graph::Graph), s as u64)
+}
+
+#[no_mangle]
+pub extern "C" fn cuGraphUpload(exec: *mut c_void, _s: *mut c_void) -> CUresult {
+    if exec.is_null() {
+        return INVALID_HANDLE;
+    }
+    sticky().unwrap_or(SUCCESS)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphExecDestroy(exec: *mut c_void) -> CUresult {
+    if !exec.is_null() {
+        drop(Box::from_raw(exec as *mut graph::Graph));
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphDestroy(g: *mut c_void) -> CUresult {
+    if !g.is_null() {
+        drop(Box::from_raw(g as *mut graph::Graph));
+    }
+    SUCCESS
 }
 
 // ---- errors ---------------------------------------------------------------------------------------
@@ -933,6 +1104,9 @@ fn error_name(code: CUresult) -> &'static CStr {
         LAUNCH_FAILED => c"CUDA_ERROR_LAUNCH_FAILED",
         NOT_SUPPORTED => c"CUDA_ERROR_NOT_SUPPORTED",
         COOPERATIVE_LAUNCH_TOO_LARGE => c"CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE",
+        graph::ILLEGAL_STATE => c"CUDA_ERROR_ILLEGAL_STATE",
+        graph::CAPTURE_UNSUPPORTED => c"CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+        graph::CAPTURE_INVALIDATED => c"CUDA_ERROR_STREAM_CAPTURE_INVALIDATED",
         _ => c"CUDA_ERROR_UNKNOWN",
     }
 }
@@ -982,6 +1156,9 @@ pub unsafe extern "C" fn semshare_emu_sgemm(g: *const gemm::Sgemm, err: *mut c_c
         return 1;
     }
     let g = &*g;
+    if graph::record(g.stream, graph::Node::Sgemm(*g)).is_none() {
+        return 0;
+    }
     let result =
         std::panic::catch_unwind(|| gemm::run(g)).unwrap_or_else(|_| Err("internal emulator error in sgemm".into()));
     match result {

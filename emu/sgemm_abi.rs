@@ -3,6 +3,7 @@
 
 /// Column-major `C_i = alpha · op(A_i) · op(B_i) + beta · C_i`, cuBLAS's argument meaning.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Sgemm {
     pub trans_a: i32,
     pub trans_b: i32,
@@ -23,4 +24,6 @@ pub struct Sgemm {
     pub batch: i32,
     /// Round A and B to TF32 (10-bit mantissa) as tensor cores do.
     pub tf32: i32,
+    /// The handle's stream: a capturing one records the GEMM instead of running it.
+    pub stream: u64,
 }

@@ -243,3 +243,82 @@ fn lop3_shf_prmt_bfind_match_their_definition() {
         assert_eq!(&got[6 * t..6 * t + 6], &[majority, left, right, clamped, permuted, msb], "thread {t}");
     }
 }
+
+/// Launches `name` (pointer arguments, one block) on `stream` without waiting.
+fn launch_on(d: &Device, stream: sys::CUstream, name: &str, block: u32, args: &[u64]) -> Result<(), String> {
+    let cname = std::ffi::CString::new(name).expect("name");
+    // SAFETY: as in `launch_as`.
+    unsafe {
+        let f = result::module::get_function(d.module, cname).map_err(text)?;
+        let mut slots: Vec<u64> = args.to_vec();
+        let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        result::launch_kernel(f, (1, 1, 1), (block, 1, 1), 0, stream, &mut params).map_err(text)
+    }
+}
+
+#[test]
+fn a_captured_stream_records_and_a_graph_replays_on_the_inputs_of_the_moment() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("graph capture") else { return };
+    let n = 64;
+    let (x, y, z) = (upload(&vec![0.0; n]), upload(&vec![0.0; n]), upload(&vec![0.0; n]));
+    // SAFETY: a stream of this context; every pointer is a live allocation of n floats.
+    unsafe {
+        let s = result::stream::create(result::stream::StreamKind::NonBlocking).expect("stream");
+        result::stream::begin_capture(s, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).expect("begin");
+        // Recorded, not run: y keeps its zeros until the graph is launched.
+        launch_on(&d, s, "with_barrier", n as u32, &[x, y]).expect("captured launch");
+        result::memcpy_dtod_async(z, y, n * 4, s).expect("captured copy");
+        result::memset_d8_async(x, 0, n * 4, s).expect("captured memset");
+        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        sys::cuStreamIsCapturing(s, &mut status).result().expect("status");
+        assert_eq!(status, sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE);
+        let graph = result::stream::end_capture(s).expect("end");
+        assert!(download(z, n).iter().all(|&v| v == 0.0), "capturing ran the work");
+        let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)).expect("instantiate");
+        // Each replay reads x as it is then: new inputs between launches, no new capture.
+        for round in 0..3 {
+            let input: Vec<f32> = (0..n).map(|i| (i * 10 + round) as f32).collect();
+            result::memcpy_htod_sync(x, &input).expect("new input");
+            result::graph::launch(exec, s).expect("replay");
+            result::stream::synchronize(s).expect("sync");
+            let want: Vec<f32> = (0..n).map(|i| input[(i + 1) % n]).collect();
+            assert_eq!(download(z, n), want, "round {round}");
+            assert!(download(x, n).iter().all(|&v| v == 0.0), "round {round}: the memset node ran");
+        }
+        result::graph::exec_destroy(exec).expect("destroy exec");
+        result::graph::destroy(graph).expect("destroy graph");
+        result::stream::destroy(s).expect("stream");
+    }
+}
+
+#[test]
+fn what_a_capture_cannot_hold_is_refused_and_invalidates_it() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("graph capture refusals") else { return };
+    let n = 32;
+    let x = upload(&vec![1.0; n]);
+    let host = vec![2.0f32; n];
+    type Refused = fn(sys::CUstream, u64, &[f32]) -> Result<(), DriverError>;
+    let cases: [(&str, Refused); 3] = [
+        ("cuStreamSynchronize", |s, _, _| unsafe { result::stream::synchronize(s) }),
+        ("cuMemcpyHtoDAsync", |s, x, h| unsafe { result::memcpy_htod_async(x, h, s) }),
+        ("cuMemAlloc", |_, _, _| unsafe { result::malloc_sync(256).map(|_| ()) }),
+    ];
+    for (what, call) in cases {
+        // SAFETY: a stream of this context; x holds n floats.
+        unsafe {
+            let s = result::stream::create(result::stream::StreamKind::NonBlocking).expect("stream");
+            result::stream::begin_capture(s, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL).expect("begin");
+            launch_on(&d, s, "with_barrier", n as u32, &[x, x]).expect("captured launch");
+            let e = text(call(s, x, &host).unwrap_err());
+            assert!(e.contains("CAPTURE_UNSUPPORTED") && e.contains(what), "{what}: {e}");
+            let e = text(result::stream::end_capture(s).unwrap_err());
+            assert!(e.contains("INVALIDATED") && e.contains(what), "{what}: {e}");
+            result::stream::destroy(s).expect("stream");
+        }
+    }
+    // Outside a capture the same calls work again.
+    unsafe { result::memcpy_htod_sync(x, &host) }.expect("upload after the captures");
+    assert_eq!(download(x, n), host);
+}
