@@ -152,18 +152,21 @@ template <typename T> __device__ void sigmoid_fwd(const T* x, T* y, size_t n) {
     elementwise::gelu_bwd<T>(x, dy, dx, n);                                                                  \
   }                                                                                                          \
   extern "C" __global__ void bias_gelu_dropout_fwd_##SUF(T* u, const T* bias, size_t cols, T* h, float p,      \
-                                                         float scale, uint64_t seed, size_t n) {             \
-    elementwise::bias_gelu_dropout_fwd<T>(u, bias, cols, h, p, scale, seed, n);                              \
+                                                         float scale, uint64_t seed, const uint64_t* salt, \
+                                                         size_t n) {                                         \
+    elementwise::bias_gelu_dropout_fwd<T>(u, bias, cols, h, p, scale, seed ^ *salt, n);                              \
   }                                                                                                          \
   extern "C" __global__ void gelu_dropout_bwd_##SUF(const T* u, T* dh, float p, float scale, uint64_t seed,    \
-                                                    size_t n) {                                              \
-    elementwise::gelu_dropout_bwd<T>(u, dh, p, scale, seed, n);                                              \
+                                                    const uint64_t* salt, size_t n) {                        \
+    elementwise::gelu_dropout_bwd<T>(u, dh, p, scale, seed ^ *salt, n);                                              \
   }                                                                                                          \
-  extern "C" __global__ void dropout_fwd_##SUF(T* x, float p, float scale, uint64_t seed, size_t n) {        \
-    elementwise::dropout<T>(x, p, scale, seed, n);                                                           \
+  extern "C" __global__ void dropout_fwd_##SUF(T* x, float p, float scale, uint64_t seed,                   \
+                                               const uint64_t* salt, size_t n) {                             \
+    elementwise::dropout<T>(x, p, scale, seed ^ *salt, n);                                                           \
   }                                                                                                          \
-  extern "C" __global__ void dropout_bwd_##SUF(T* dy, float p, float scale, uint64_t seed, size_t n) {       \
-    elementwise::dropout<T>(dy, p, scale, seed, n);                                                          \
+  extern "C" __global__ void dropout_bwd_##SUF(T* dy, float p, float scale, uint64_t seed,                  \
+                                               const uint64_t* salt, size_t n) {                             \
+    elementwise::dropout<T>(dy, p, scale, seed ^ *salt, n);                                                          \
   }                                                                                                          \
   extern "C" __global__ void fill_fwd_##SUF(T* x, float v, size_t n) { elementwise::fill<T>(x, v, n); }     \
   extern "C" __global__ void sigmoid_fwd_##SUF(const T* x, T* y, size_t n) { elementwise::sigmoid_fwd<T>(x, y, n); }

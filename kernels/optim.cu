@@ -15,7 +15,8 @@ using common::to_f32;
 // Slots of a step's record (src/backend/step.rs::record).
 constexpr int REC_IMAGE_LABEL = 0, REC_IMAGE_CONTEXT = 1, REC_TEXT_LABEL = 2, REC_TEXT_CONTEXT = 3;
 constexpr int REC_CONSISTENCY = 4, REC_SUM_SQUARES = 5, REC_LOSS = 6, REC_GRAD_NORM = 7, REC_CLIP = 8;
-constexpr int REC_STATUS = 9;
+constexpr int REC_STATUS = 9, REC_STEP_SIZE = 10, REC_INV_SQRT_BC2 = 11, REC_DECAY = 12, REC_LEN = 13;
+constexpr int STATE_HALTED = 0, STATE_ROWS = 1;
 constexpr unsigned NORM_BIT = 1u << 5, HALTED_BIT = 1u << 6;
 
 __device__ __forceinline__ void adamw_element(float* p, const float* g, float* m, float* v, size_t i, float beta1,
@@ -51,10 +52,12 @@ __device__ __forceinline__ int run_of(const uint32_t* starts, int runs, size_t i
 // earlier on the stream, so the host never reads the gradient norm. Why a run table and not a
 // byte per parameter: ~70 runs stay in L1, a byte mask would add 71 MB of reads per step.
 __device__ void adamw_masked(float* p, const float* g, float* m, float* v, size_t n, const uint32_t* mask, int runs,
-                             float beta1, float beta2, float eps, float step_size, float inv_sqrt_bc2, float decay,
-                             const float* rec) {
+                             float beta1, float beta2, float eps, const float* rec) {
   if (rec[REC_STATUS] != 0.0f) return;
   const float clip = rec[REC_CLIP];
+  // The step's scalars come from the record too (the host writes them with the batch), so a
+  // replayed graph updates with its own step's learning rate and bias correction.
+  const float step_size = rec[REC_STEP_SIZE], inv_sqrt_bc2 = rec[REC_INV_SQRT_BC2], decay = rec[REC_DECAY];
   const uint32_t* decayed = mask + runs + 1;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     const float d = decayed[run_of(mask, runs, i)] ? decay : 1.0f;
@@ -71,8 +74,11 @@ __device__ void sum_finish(const float* partial, int n, size_t divisor, float* o
   if (threadIdx.x == 0) out[0] = (float)(s / (double)divisor);
 }
 
-// The CPU's step::guard, operation for operation (explicit _rn: no contraction into FMA).
-__device__ void step_guard(float* rec, float* halted, float label_weight, float context_weight, float clip_norm) {
+// The CPU's step::guard, operation for operation (explicit _rn: no contraction into FMA); then
+// the record is appended to the ring of records the host has not read (state[STATE_ROWS] rows).
+__device__ void step_guard(float* rec, float* state, float* ring, int ring_rows, float label_weight,
+                           float context_weight, float clip_norm) {
+  float* halted = state + STATE_HALTED;
   const float labels = __fmul_rn(label_weight, __fadd_rn(rec[REC_IMAGE_LABEL], rec[REC_TEXT_LABEL]));
   const float contexts = __fmul_rn(context_weight, __fadd_rn(rec[REC_IMAGE_CONTEXT], rec[REC_TEXT_CONTEXT]));
   const float loss = __fadd_rn(__fadd_rn(labels, contexts), rec[REC_CONSISTENCY]);
@@ -90,6 +96,11 @@ __device__ void step_guard(float* rec, float* halted, float label_weight, float 
   rec[REC_GRAD_NORM] = norm;
   rec[REC_CLIP] = clip;
   rec[REC_STATUS] = (float)status;
+  const int row = (int)state[STATE_ROWS];
+  if (row < ring_rows) {
+    for (int i = 0; i < REC_LEN; ++i) ring[row * REC_LEN + i] = rec[i];
+    state[STATE_ROWS] = (float)(row + 1);
+  }
 }
 
 // partial[block] = Σ x² over this block's grid-stride share (f32); the host adds in f64.
@@ -112,17 +123,17 @@ extern "C" __global__ void adamw_fwd_f32(float* p, const float* g, float* m, flo
 }
 extern "C" __global__ void adamw_masked_fwd_f32(float* p, const float* g, float* m, float* v, size_t n,
                                                 const uint32_t* mask, int runs, float beta1, float beta2, float eps,
-                                                float step_size, float inv_sqrt_bc2, float decay, const float* rec) {
-  optim::adamw_masked(p, g, m, v, n, mask, runs, beta1, beta2, eps, step_size, inv_sqrt_bc2, decay, rec);
+                                                const float* rec) {
+  optim::adamw_masked(p, g, m, v, n, mask, runs, beta1, beta2, eps, rec);
 }
 // Launch: one warp.
 extern "C" __global__ void sum_finish_f32(const float* partial, int n, size_t divisor, float* out) {
   optim::sum_finish(partial, n, divisor, out);
 }
 // Launch: one thread.
-extern "C" __global__ void step_guard_f32(float* rec, float* halted, float label_weight, float context_weight,
-                                          float clip_norm) {
-  optim::step_guard(rec, halted, label_weight, context_weight, clip_norm);
+extern "C" __global__ void step_guard_f32(float* rec, float* state, float* ring, int ring_rows, float label_weight,
+                                          float context_weight, float clip_norm) {
+  optim::step_guard(rec, state, ring, ring_rows, label_weight, context_weight, clip_norm);
 }
 extern "C" __global__ void sum_squares_fwd_f32(const float* x, size_t n, float* partial) {
   optim::sum_squares<float>(x, n, partial);

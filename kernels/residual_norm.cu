@@ -45,14 +45,14 @@ __device__ void bwd(const T* s, const float* stats, const T* gamma, const T* dy,
 
 #define RESIDUAL_NORM_ENTRY(T, SUF)                                                                                \
   extern "C" __global__ void residual_layernorm_fwd_##SUF(T* a, const T* x, const T* gamma, const T* beta,         \
-                                                          float eps, float p, float scale, uint64_t seed, int rows, \
-                                                          int d, T* y, float* stats) {                             \
-    residual_norm::fwd<T>(a, x, gamma, beta, eps, p, scale, seed, rows, d, y, stats);                              \
+                                                          float eps, float p, float scale, uint64_t seed,            \
+                                                          const uint64_t* salt, int rows, int d, T* y, float* stats) { \
+    residual_norm::fwd<T>(a, x, gamma, beta, eps, p, scale, seed ^ *salt, rows, d, y, stats);                              \
   }                                                                                                                \
   extern "C" __global__ void residual_layernorm_bwd_##SUF(const T* s, const float* stats, const T* gamma,          \
                                                           const T* dy, float p, float scale, uint64_t seed,         \
-                                                          int rows, int d, T* dx, T* da) {                          \
-    residual_norm::bwd<T>(s, stats, gamma, dy, p, scale, seed, rows, d, dx, da);                                   \
+                                                          const uint64_t* salt, int rows, int d, T* dx, T* da) {    \
+    residual_norm::bwd<T>(s, stats, gamma, dy, p, scale, seed ^ *salt, rows, d, dx, da);                                   \
   }
 
 RESIDUAL_NORM_ENTRY(float, f32)

@@ -21,9 +21,11 @@ use crate::model::{EmbeddingKind, ModelConfig};
 use crate::{Error, Result};
 
 mod config;
+mod graphs;
 mod progress;
 mod trainer;
 pub use config::{ContextPass, MAX_BATCH, TrainConfig};
+pub use graphs::MAX_GRAPHS;
 pub use progress::{Progress, ProgressFn};
 pub use trainer::{STATS_ROWS, StepStats, Trainer};
 

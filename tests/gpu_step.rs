@@ -12,7 +12,7 @@ mod common;
 
 use common::gpu::gpu_or_skip;
 use common::{randv, rel_err, to64};
-use semshare::backend::step::{GuardParams, record};
+use semshare::backend::step::{GuardParams, record, state};
 use semshare::backend::{AdamW, Backend, DecayMask, Segments};
 use semshare::model::{ImageBatch, ModelConfig, TextBatch};
 use semshare::rng::Rng;
@@ -85,17 +85,28 @@ fn step_guard_matches_the_cpu_bit_for_bit() {
     let mut cpu = common::cpu();
     for seed in [3, 4] {
         for (i, (rec, halted, p)) in guard_cases(seed).into_iter().enumerate() {
+            // A ring of two records with `written` rows taken: the guard appends at row 1,
+            // and leaves a full ring as it is.
+            let written = (i % 3) as f32;
             let run = |dev: &mut dyn Backend| {
                 let mut r = dev.upload(&rec, &[record::LEN]).unwrap();
-                let mut h = dev.upload(&[halted], &[1]).unwrap();
-                dev.step_guard(r.view_mut(), h.view_mut(), p).unwrap();
-                (down(dev, &r), down(dev, &h))
+                let mut st = dev.upload(&[halted, written], &[state::LEN]).unwrap();
+                let mut ring = dev.upload(&[-1.0; 2 * record::LEN], &[2, record::LEN]).unwrap();
+                dev.step_guard(r.view_mut(), st.view_mut(), ring.view_mut(), p).unwrap();
+                (down(dev, &r), down(dev, &st), down(dev, &ring))
             };
-            let (want, want_h) = run(&mut cpu);
-            let (got, got_h) = run(gpu.as_mut());
+            let (want, want_st, want_ring) = run(&mut cpu);
+            let (got, got_st, got_ring) = run(gpu.as_mut());
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "case {i} seed {seed}: {got:?} vs {want:?}");
-            assert_eq!(got_h, want_h, "case {i} seed {seed}: halted");
+            assert_eq!(got_st, want_st, "case {i} seed {seed}: state");
+            assert_eq!(bits(&got_ring), bits(&want_ring), "case {i} seed {seed}: ring");
+            let row = written as usize;
+            assert_eq!(want_st[state::ROWS], (row + 1).min(2) as f32, "case {i}: rows written");
+            for (r, chunk) in want_ring.chunks_exact(record::LEN).enumerate() {
+                let expect = if r == row { bits(&want) } else { bits(&[-1.0; record::LEN]) };
+                assert_eq!(bits(chunk), expect, "case {i}: ring row {r} after writing row {row}");
+            }
             let status = want[record::STATUS] as u32;
             assert_eq!(status == 0, i < 3, "case {i}: status {status}");
             assert_eq!(want[record::CLIP] == 0.0, status != 0, "case {i}: a failed step must not update");
@@ -124,8 +135,10 @@ fn one_adamw_launch_matches_the_cpu_and_the_per_run_update() {
         let mut v = dev.upload(&v, &[n]).unwrap();
         let mut rec = vec![0.0; record::LEN];
         (rec[record::CLIP], rec[record::STATUS]) = (clip, status);
+        rec[record::SCALARS].copy_from_slice(&hp.scalars().slots());
         let rec = dev.upload(&rec, &[record::LEN]).unwrap();
-        dev.adamw_masked(p.view_mut(), g.view(), m.view_mut(), v.view_mut(), &mask, hp, rec.view()).unwrap();
+        let c = hp.constants();
+        dev.adamw_masked(p.view_mut(), g.view(), m.view_mut(), v.view_mut(), &mask, c, rec.view()).unwrap();
         [down(dev, &p), down(dev, &m), down(dev, &v)]
     };
     for seed in [5, 9] {
@@ -186,12 +199,12 @@ fn batch(cfg: &ModelConfig, items: usize, seed: u64) -> (ImageBatch, TextBatch) 
 }
 
 /// What a step must upload: the batch (features, boxes, tokens, labels), the segment offsets
-/// of each side, and the mask plan (masked rows, the image rows again to set [MASK], targets).
+/// of each side, and the mask plan (masked rows and their targets).
 fn batch_bytes(i: &ImageBatch, t: &TextBatch, masked_images: usize, masked_texts: usize) -> u64 {
     let items = i.lengths.len();
     let values = i.features.len() + i.boxes.len() + i.labels.len() + t.tokens.len() + t.labels.len();
     let offsets = 2 * (items + 1);
-    let plan = 3 * masked_images + 2 * masked_texts;
+    let plan = 2 * masked_images + 2 * masked_texts;
     4 * (values + offsets + plan) as u64
 }
 
@@ -213,6 +226,8 @@ fn a_deferred_step_neither_waits_nor_allocates_and_uploads_only_its_batch() {
     let cfg = tiny();
     let tc = TrainConfig { batch_size: 4, steps: 20, warmup: 1, ..TrainConfig::default() };
     let mut t = Trainer::new(dev, &cfg, tc).unwrap();
+    // The eager step's budgets (a captured step's are in `a_replayed_step_...`).
+    t.set_graphs(false, dev);
     // Warm-up: the pool must have seen the step's largest masked-segment count (a step that
     // masks more segments than every earlier one takes new blocks from the driver).
     for s in 0..WARMUP {
@@ -223,8 +238,9 @@ fn a_deferred_step_neither_waits_nor_allocates_and_uploads_only_its_batch() {
     for s in WARMUP..WARMUP + 2 {
         let (i, x) = batch(&cfg, 4, s);
         // The plan the trainer draws for this step, to count its bytes.
-        let (mi, mt, _) = t.draws(&i, &x);
-        let want = batch_bytes(&i, &x, mi.rows.len(), mt.rows.len());
+        let (mi, mt, _, _) = t.draws(&i, &x);
+        // The batch, and the step's own inputs: its dropout salt (u64) and AdamW's scalars.
+        let want = batch_bytes(&i, &x, mi.rows.len(), mt.rows.len()) + 8 + 4 * 3;
         let before = dev.counters().unwrap();
         t.step_deferred(dev, i, x).unwrap();
         let c = dev.counters().unwrap().since(&before);
@@ -281,4 +297,59 @@ fn deferred_stats_and_divergence_match_the_immediate_step() {
         assert_eq!(s.step, 2);
         assert_ne!(down(dev, &later.params), before, "{}: the step after the report applies", dev.name());
     }
+}
+
+/// Two trainers from the same start on the same batches, one eager and one capturing its step
+/// (the second time a shape comes) and replaying it: the same losses, norms and parameters,
+/// bit for bit, step after step; dropout on, so a replay that froze the capture's salt, seeds
+/// or learning rate would differ. A replayed step is one graph launch and one upload of the
+/// batch with its scalars, and waits for nothing.
+#[test]
+fn a_replayed_step_gives_the_bits_of_the_eager_step() {
+    let Some(mut gpu) = gpu_or_skip("graph replay") else { return };
+    let dev = gpu.as_mut();
+    // No masked segments: the shapes repeat from step to step (masked counts move with the draws).
+    let cfg = ModelConfig { mask_prob: 0.0, ..tiny() };
+    let tc = TrainConfig { batch_size: 4, steps: 20, warmup: 2, ..TrainConfig::default() };
+    let mut eager = Trainer::new(dev, &cfg, tc.clone()).unwrap();
+    eager.set_graphs(false, dev);
+    let mut graphed = Trainer::new(dev, &cfg, tc).unwrap();
+    for s in 0..6 {
+        let (i, x) = batch(&cfg, 4, 100 + s);
+        let want = eager.step(dev, i.clone(), x.clone()).unwrap();
+        let before = dev.counters().unwrap();
+        graphed.step_deferred(dev, i.clone(), x.clone()).unwrap();
+        let c = dev.counters().unwrap().since(&before);
+        let got = *graphed.read_stats(dev).unwrap().last().unwrap();
+        assert_eq!(format!("{got:?}"), format!("{want:?}"), "step {s}: stats");
+        assert_eq!(down(dev, &graphed.params), down(dev, &eager.params), "step {s}: parameters");
+        let held = graphed.graphs_held().0;
+        // Step 0 runs eagerly, step 1 is captured (and launched), steps 2.. replay.
+        assert_eq!(held, (s >= 1) as usize, "step {s}: graphs held");
+        if s >= 2 {
+            eprintln!("replayed step {s}: {c:?}");
+            assert_eq!((c.launches(), c.graphs, c.syncs, c.allocs), (1, 1, 0, 0), "step {s}: {c:?}");
+            let words = (batch_bytes(&i, &x, 0, 0) / 4 + 3).next_multiple_of(2) + 2;
+            assert_eq!(c.upload_bytes, 4 * words, "step {s}: the batch, the scalars and the salt");
+        }
+    }
+}
+
+/// A capture refuses what it cannot replay: an input whose buffer outlives it (the pool would
+/// hand the memory out while replays write it), a download inside it; the device stays usable.
+#[test]
+fn a_capture_refuses_inputs_it_does_not_own_and_host_reads() {
+    let Some(mut gpu) = gpu_or_skip("graph capture refusals") else { return };
+    let dev = gpu.as_mut();
+    let x = dev.upload(&randv(1, 64), &[64]).unwrap();
+    dev.begin_capture(&[semshare::backend::GraphInput::Values(x.view())]).unwrap();
+    let mut y = dev.alloc(&[64]).unwrap();
+    dev.copy(x.view(), y.view_mut()).unwrap();
+    let e = dev.end_capture().err().expect("x is still held").to_string();
+    assert!(e.contains("outlived the capture"), "{e}");
+    dev.begin_capture(&[]).unwrap();
+    let e = dev.download(x.view()).unwrap_err().to_string();
+    assert!(dev.end_capture().is_err(), "a capture with a host read must not end in a graph");
+    assert!(e.contains("CAPTURE"), "{e}");
+    assert_eq!(down(dev, &x), randv(1, 64), "the device works after the refusals");
 }

@@ -463,7 +463,8 @@ fn extra_pooled_gradient_matches_fd() {
     let mut eval = |w: &[f32], want_grad: bool| -> (f64, Vec<f32>) {
         let wt = b.upload(w, &[w.len()]).unwrap();
         let mut losses = b.zeros(&[2]).unwrap();
-        let f = s.model.forward_loss(b, &wt, &img, &pl, Dropout::OFF, weights(&cfg), losses.view_mut()).unwrap();
+        let staged = s.model.stage(b, &img, &pl, true).unwrap();
+        let f = s.model.forward_loss(b, &wt, staged, Dropout::OFF, weights(&cfg), losses.view_mut()).unwrap();
         let z = b.download(f.z.view()).unwrap();
         let l = b.download(losses.view()).unwrap();
         let loss = l[0] as f64

@@ -251,7 +251,7 @@ fn the_separate_context_pass_keeps_masks_out_of_the_label_loss() {
         let mut t = Trainer::new(&mut dev, &model, cfg).unwrap();
         let images = image_batch(&reader.layout, split, &items).unwrap();
         let texts = text_batch(&reader.layout, split, &items).unwrap();
-        let (image_plan, text_plan, _) = t.draws(&images, &texts);
+        let (image_plan, text_plan, _, _) = t.draws(&images, &texts);
         assert!(!image_plan.rows.is_empty() && !text_plan.rows.is_empty(), "the step masks segments");
         let params = t.params.clone();
         let (bi, bt) = (Batch::Image(images.clone()), Batch::Text(texts.clone()));

@@ -12,12 +12,14 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod graph;
 mod open;
 pub mod step;
 
+pub use graph::{Graph, GraphInput};
 pub use open::{open, open_at};
-pub(crate) use step::check_adamw_masked;
-pub use step::{DecayMask, GuardParams};
+pub use step::{AdamW, AdamWConstants, AdamWScalars, DecayMask, GuardParams};
+pub(crate) use step::{check_adamw_masked, check_step_guard};
 
 use crate::Result;
 use crate::tensor::{Ids, Tensor, View, ViewMut};
@@ -86,6 +88,13 @@ impl GruStep {
 
 impl Segments {
     pub fn from_lengths(b: &mut dyn Backend, lengths: &[usize]) -> Result<Segments> {
+        let offsets = Segments::offsets_of(lengths)?;
+        let device = b.upload_ids(&offsets.iter().map(|&o| o as u32).collect::<Vec<_>>())?;
+        Ok(Segments::from_offsets(offsets, device))
+    }
+
+    /// Offsets of items of `lengths` (each ≥ 1), from 0.
+    pub fn offsets_of(lengths: &[usize]) -> Result<Vec<usize>> {
         let mut offsets = Vec::with_capacity(lengths.len() + 1);
         offsets.push(0);
         for (i, &l) in lengths.iter().enumerate() {
@@ -94,9 +103,13 @@ impl Segments {
             }
             offsets.push(offsets[i] + l);
         }
-        let device = b.upload_ids(&offsets.iter().map(|&o| o as u32).collect::<Vec<_>>())?;
-        let max_len = lengths.iter().copied().max().unwrap_or(0);
-        Ok(Segments { offsets, device, max_len })
+        Ok(offsets)
+    }
+
+    /// Segments from host offsets and the same offsets already on the device.
+    pub fn from_offsets(offsets: Vec<usize>, device: Ids) -> Segments {
+        let max_len = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        Segments { offsets, device, max_len }
     }
     pub fn items(&self) -> usize {
         self.offsets.len() - 1
@@ -125,12 +138,14 @@ pub struct Counters {
     pub allocs: u64,
     /// Bytes copied host to device.
     pub upload_bytes: u64,
+    /// Graph launches (each replays a captured step: one launch for all its work).
+    pub graphs: u64,
 }
 
 impl Counters {
-    /// Everything the stream runs: kernels, cuBLAS calls, memsets and copies.
+    /// Everything the stream runs: kernels, cuBLAS calls, memsets, copies and graphs.
     pub fn launches(&self) -> u64 {
-        self.kernels + self.blas_calls + self.copies
+        self.kernels + self.blas_calls + self.copies + self.graphs
     }
 
     /// The counts since `earlier` (a snapshot of the same device).
@@ -142,22 +157,9 @@ impl Counters {
             syncs: self.syncs - earlier.syncs,
             allocs: self.allocs - earlier.allocs,
             upload_bytes: self.upload_bytes - earlier.upload_bytes,
+            graphs: self.graphs - earlier.graphs,
         }
     }
-}
-
-/// AdamW hyper-parameters of one update over a range of the flat buffer.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamW {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// 1-based step, for bias correction.
-    pub step: u64,
-    /// Multiplies every gradient first (gradient-norm clipping).
-    pub grad_scale: f32,
 }
 
 /// What the GRU step kernels need to find one timestep inside a packed batch.
@@ -266,6 +268,30 @@ pub trait Backend {
         None
     }
 
+    // ---- graphs (`graph.rs`) --------------------------------------------------------------
+    /// Starts recording the work of the calls that follow instead of running it, until
+    /// [`Backend::end_capture`]; `inputs` are refilled from the host at each launch. The
+    /// inputs' buffers must be dropped before the capture ends (the graph keeps their memory).
+    /// An error on a device without graphs.
+    fn begin_capture(&mut self, inputs: &[GraphInput]) -> Result<()> {
+        let _ = inputs;
+        Err(crate::Error::Device { what: format!("the {} backend does not capture graphs", self.name()) })
+    }
+    /// Whether `begin_capture` can work here.
+    fn captures_graphs(&self) -> bool {
+        false
+    }
+    /// Ends the capture begun last: the graph, or why the recording cannot be replayed.
+    fn end_capture(&mut self) -> Result<Graph> {
+        Err(crate::Error::Device { what: format!("the {} backend does not capture graphs", self.name()) })
+    }
+    /// Runs a captured graph: `inputs` (the capture's inputs' values end to end, 4-byte words)
+    /// and the dropout salt in one upload, then one launch.
+    fn launch_graph(&mut self, graph: &Graph, inputs: &[f32], dropout_salt: u64) -> Result<()> {
+        let _ = (graph, inputs, dropout_salt);
+        Err(crate::Error::Device { what: format!("the {} backend does not capture graphs", self.name()) })
+    }
+
     // ---- memory -------------------------------------------------------------------------
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor>;
     fn upload_ids(&mut self, data: &[u32]) -> Result<Ids>;
@@ -326,6 +352,12 @@ pub trait Backend {
         self.dropout_bwd(&mut dh, p, seed)?;
         self.gelu_bwd(u, &dh)
     }
+    /// Copies host values into device memory that exists (an upload without an allocation).
+    fn write(&mut self, dst: ViewMut, data: &[f32]) -> Result<()>;
+    /// The salt every later dropout XORs into its seed (0 at first): a training step sets its
+    /// own, so that the per-site seeds stay fixed and a captured step (CUDA graphs) still draws
+    /// new masks at each replay. On the CUDA device an 8-byte upload, read by the kernels.
+    fn set_dropout_salt(&mut self, salt: u64) -> Result<()>;
     /// Inverted dropout in place; the keep mask is a hash of (seed, element index), so the
     /// backward pass recomputes it and every device draws the same mask.
     fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()>;
@@ -491,11 +523,13 @@ pub trait Backend {
     /// `Σ x²` (f32) into `out[0]`, left on the device.
     fn sum_squares_into(&mut self, x: View, out: ViewMut) -> Result<()>;
     /// Completes a step's record (`step::record`) on the device: total loss, gradient norm,
-    /// clip factor and status (`step::guard`, the CPU's and the kernel's arithmetic).
-    fn step_guard(&mut self, record: ViewMut, halted: ViewMut, p: GuardParams) -> Result<()>;
+    /// clip factor and status (`step::guard`, the CPU's and the kernel's arithmetic), and
+    /// appends it to `ring` at row `state[ROWS]` (`step::state`).
+    fn step_guard(&mut self, record: ViewMut, state: ViewMut, ring: ViewMut, p: GuardParams) -> Result<()>;
     /// AdamW over the whole flat buffer in one pass, decaying the parameters `mask` says,
     /// every gradient times the record's clip factor; nothing changes when the record's status
-    /// is not 0. `hp.weight_decay` is the decayed runs' rate; `hp.grad_scale` is not used.
+    /// is not 0. β1, β2 and ε from `hp`; the step's scalars (step size, 1/√bc2, decay) from the
+    /// record's `SCALARS` slots, which the host writes before the step.
     #[allow(clippy::too_many_arguments)]
     fn adamw_masked(
         &mut self,
@@ -504,7 +538,7 @@ pub trait Backend {
         m: ViewMut,
         v: ViewMut,
         mask: &DecayMask,
-        hp: AdamW,
+        hp: AdamWConstants,
         record: View,
     ) -> Result<()>;
 }
@@ -515,44 +549,6 @@ pub(crate) fn expect_cols(op: &'static str, x: &Tensor) -> Result<()> {
         return Err(crate::Error::shape(op, format!("tensor of shape {:?} has no columns", x.shape())));
     }
     Ok(())
-}
-
-/// AdamW's per-step scalars, computed on the host once for every element (f64 then f32, so
-/// that every backend's update uses the same rounded values).
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWScalars {
-    /// lr / (1 − β1^step).
-    pub step_size: f32,
-    /// 1 / √(1 − β2^step).
-    pub inv_sqrt_bc2: f32,
-    /// 1 − lr · weight_decay (decay first, as PyTorch).
-    pub decay: f32,
-}
-
-impl AdamW {
-    pub fn scalars(&self) -> AdamWScalars {
-        let bc1 = 1.0 - (self.beta1 as f64).powi(self.step as i32);
-        let bc2 = 1.0 - (self.beta2 as f64).powi(self.step as i32);
-        AdamWScalars {
-            step_size: (self.lr as f64 / bc1) as f32,
-            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
-            decay: 1.0 - self.lr * self.weight_decay,
-        }
-    }
-
-    /// Bias correction divides by 1 − β^step: step 0 would write NaN into every parameter.
-    pub(crate) fn check(&self) -> Result<()> {
-        if self.step == 0 {
-            return Err(crate::Error::config("AdamW step is 1-based; step 0 would divide by zero"));
-        }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return Err(crate::Error::config(format!(
-                "AdamW betas ({}, {}) must be in [0, 1)",
-                self.beta1, self.beta2
-            )));
-        }
-        Ok(())
-    }
 }
 
 /// Shape checks every backend makes, so that both name the same op and operand.

@@ -9,6 +9,7 @@ pub mod input_norm;
 pub mod memory;
 pub mod semshare;
 pub mod shared;
+pub mod staged;
 pub mod text;
 pub mod variant;
 
@@ -16,4 +17,5 @@ pub use batch::{Batch, ImageBatch, MaskPlan, TextBatch};
 pub use config::{ModelConfig, Trunk};
 pub use input_norm::{FeatureNorm, InputNorm};
 pub use semshare::{EmbeddingKind, LossWeights, ModalityLoss, SemShare};
+pub use staged::{HostInputs, Staged};
 pub use variant::{Consistency, Variant, VariantSpec};

@@ -11,15 +11,16 @@
 
 use crate::backend::{Backend, Segments};
 use crate::nn::{Dropout, Linear, ParamStore};
-use crate::tensor::{Tensor, ViewMut};
+use crate::tensor::{Ids, Tensor, ViewMut};
 use crate::{Error, Result};
 
 use super::batch::{Batch, MaskPlan};
-use super::config::{MASK_TOKEN, ModelConfig};
+use super::config::ModelConfig;
 use super::image::{ImageCache, ImageEncoder};
 use super::input_norm::InputNorm;
 use super::shared::{SharedCache, SharedEncoder};
-use super::text::{TextCache, TextEncoder, TextInput};
+use super::staged::{HostInputs, Staged, StagedInput, Stager};
+use super::text::{TextCache, TextEncoder};
 
 #[derive(Clone, Debug)]
 pub struct SemShare {
@@ -112,6 +113,12 @@ enum SideCache {
     Text(TextCache),
 }
 
+/// What a staged batch holds for the losses, past the encoder.
+struct LossInputs {
+    labels: Option<Tensor>,
+    masked: Option<(Ids, Ids)>,
+}
+
 struct Encoded {
     hidden: Tensor,
     seg: Segments,
@@ -182,56 +189,58 @@ impl SemShare {
         }
     }
 
-    /// Modality-specific encoder, then the shared transformer.
+    fn stager(&self) -> Stager<'_> {
+        Stager { cfg: &self.cfg, norm: self.input_norm.as_ref() }
+    }
+
+    /// What the forward pass of `batch` reads from the host, with `plan`'s segments masked
+    /// (`labels` for a pass that computes the label loss): values the device-side pass never
+    /// computes, in the order [`SemShare::upload_inputs`] uploads them.
+    pub fn host_inputs(&self, batch: &Batch, plan: &MaskPlan, labels: bool) -> Result<HostInputs> {
+        self.stager().host_inputs(batch, plan, labels)
+    }
+
+    /// `host` (this batch's [`SemShare::host_inputs`]) on the device, part by part.
+    pub fn upload_inputs(&self, dev: &mut dyn Backend, batch: &Batch, host: &HostInputs) -> Result<Staged> {
+        self.stager().upload_inputs(dev, batch, host)
+    }
+
+    /// `batch` staged on `dev` for one forward pass.
+    pub fn stage(&self, dev: &mut dyn Backend, batch: &Batch, plan: &MaskPlan, labels: bool) -> Result<Staged> {
+        let host = self.host_inputs(batch, plan, labels)?;
+        self.upload_inputs(dev, batch, &host)
+    }
+
+    /// Modality-specific encoder, then the shared transformer, on a staged batch; gives back
+    /// what the losses read (the labels, the masked rows and their targets).
     fn encode(
         &self,
         dev: &mut dyn Backend,
         w: &Tensor,
-        batch: &Batch,
-        plan: &MaskPlan,
+        staged: Staged,
         drop: Dropout,
-    ) -> Result<Encoded> {
-        let seg = Segments::from_lengths(dev, batch.lengths())?;
-        let tokens = seg.tokens();
-        let (e, side) = match batch {
-            Batch::Image(b) => {
-                let features = match &self.input_norm {
-                    Some(n) => dev.upload(&n.image.apply(&b.features), &[tokens, self.cfg.region_dim])?,
-                    None => dev.upload(&b.features, &[tokens, self.cfg.region_dim])?,
-                };
-                let boxes = dev.upload(&b.boxes, &[tokens, 5])?;
-                let masked = if plan.rows.is_empty() { None } else { Some(dev.upload_ids(&plan.rows)?) };
-                let (e, c) = self.image.forward(dev, w, features, boxes, masked, drop.site(1))?;
+    ) -> Result<(Encoded, LossInputs)> {
+        let Staged { seg, global, input, labels, masked } = staged;
+        let text = matches!(input, StagedInput::Text(_));
+        let (e, side) = match input {
+            StagedInput::Image { features, boxes } => {
+                let rows = masked.as_ref().map(|m| m.0.clone());
+                let (e, c) = self.image.forward(dev, w, features, boxes, rows, drop.site(1))?;
                 (e, SideCache::Image(c))
             }
-            Batch::Text(b) => {
-                let input = if self.cfg.text_features() {
-                    let shape = [tokens, self.cfg.text_feature_dim];
-                    match self.input_norm.as_ref().and_then(|n| n.text.as_ref()) {
-                        Some(n) => TextInput::Features(dev.upload(&n.apply(&b.features), &shape)?),
-                        None => TextInput::Features(dev.upload(&b.features, &shape)?),
-                    }
-                } else {
-                    let mut ids = b.tokens.clone();
-                    for &r in &plan.rows {
-                        ids[r as usize] = MASK_TOKEN;
-                    }
-                    TextInput::Tokens(dev.upload_ids(&ids)?)
-                };
+            StagedInput::Text(input) => {
                 let pos = dev.positions(&seg, self.cfg.dim)?;
                 let (e, c) = self.text.forward(dev, w, input, pos, &seg, drop.site(2))?;
                 (e, SideCache::Text(c))
             }
         };
-        let (e, seg, local) = if self.cfg.global_segments {
-            let global = Segments::from_lengths(dev, &vec![1; seg.items()])?;
-            (dev.segment_mean_fwd(&e, &seg)?, global, Some(seg))
-        } else {
-            (e, seg, None)
+        let (e, seg, local) = match global {
+            Some(global) => (dev.segment_mean_fwd(&e, &seg)?, global, Some(seg)),
+            None => (e, seg, None),
         };
-        let trunk = self.models(matches!(batch, Batch::Text(_))).0;
+        let trunk = self.models(text).0;
         let (hidden, shared) = trunk.forward(dev, w, e, &seg, drop.site(3))?;
-        Ok(Encoded { hidden, seg, side, shared, local })
+        Ok((Encoded { hidden, seg, side, shared, local }, LossInputs { labels, masked }))
     }
 
     fn encode_backward(
@@ -279,23 +288,23 @@ impl SemShare {
         weights: LossWeights,
     ) -> Result<ModalityLoss> {
         let mut losses = dev.alloc(&[2])?;
-        let f = self.forward_loss(dev, w, batch, plan, drop, weights, losses.view_mut())?;
+        let staged = self.stage(dev, batch, plan, true)?;
+        let f = self.forward_loss(dev, w, staged, drop, weights, losses.view_mut())?;
         let masked = f.masked;
         self.backward_loss(dev, w, g, f, None)?;
         let l = dev.download(losses.view())?;
         Ok(ModalityLoss { label: l[0], context: l[1], masked })
     }
 
-    /// One modality's forward pass and its losses L1 (Eq. 4) and L2 (Eq. 5), unweighted,
-    /// written to `losses[0..2]` on the device (no host read; 0 for an L2 with nothing
-    /// masked); the weighted gradients are applied by [`SemShare::backward_loss`].
-    #[allow(clippy::too_many_arguments)]
+    /// One modality's forward pass on a batch staged with its labels (`SemShare::stage`) and
+    /// its losses L1 (Eq. 4) and L2 (Eq. 5), unweighted, written to `losses[0..2]` on the
+    /// device (no host read, no upload; 0 for an L2 with nothing masked); the weighted
+    /// gradients are applied by [`SemShare::backward_loss`].
     pub fn forward_loss(
         &self,
         dev: &mut dyn Backend,
         w: &Tensor,
-        batch: &Batch,
-        plan: &MaskPlan,
+        staged: Staged,
         drop: Dropout,
         weights: LossWeights,
         losses: ViewMut,
@@ -303,34 +312,30 @@ impl SemShare {
         if losses.len() != 2 {
             return Err(Error::shape("forward_loss", format!("{} loss slots, expected 2", losses.len())));
         }
-        if self.cfg.global_segments && !plan.rows.is_empty() {
-            return Err(Error::config("global segments cannot be masked: nothing is left to predict them from"));
-        }
-        let items = batch.items();
-        let text = matches!(batch, Batch::Text(_));
-        let enc = self.encode(dev, w, batch, plan, drop)?;
+        let text = matches!(staged.input, StagedInput::Text(_));
+        let (enc, LossInputs { labels, masked }) = self.encode(dev, w, staged, drop)?;
+        let labels = labels.ok_or_else(|| Error::shape("forward_loss", "the batch was staged without its labels"))?;
         // Eq. 4: L1 = BCE(g(z), y), z = mean_t h_t.
         let z = dev.segment_mean_fwd(&enc.hidden, &enc.seg)?;
         let mut dlogits = self.models(text).1.forward(dev, w, &z)?;
-        let labels = dev.upload(batch.labels(), &[items, self.cfg.labels])?;
         let (label_slot, mut context_slot) = losses.split_at(1);
         dev.bce_with_logits_into(&mut dlogits, &labels, weights.label, label_slot)?;
         // Eq. 5: L2 over the masked segments, by the modality's head.
         let mut context = None;
-        if plan.rows.is_empty() {
-            dev.fill(context_slot.reborrow(), 0.0)?;
-        } else {
-            let head = if text { &self.word_head } else { &self.object_head };
-            let rows = dev.upload_ids(&plan.rows)?;
-            let targets = dev.upload_ids(&plan.targets)?;
-            let hm = dev.gather_rows(enc.hidden.view(), self.cfg.dim, &rows)?;
-            let mut ctx_logits = head.forward(dev, w, &hm)?;
-            dev.cross_entropy_into(&mut ctx_logits, &targets, weights.context, context_slot)?;
-            if weights.context != 0.0 {
-                context = Some((rows, hm, ctx_logits));
+        let count = masked.as_ref().map_or(0, |m| m.0.len());
+        match masked {
+            None => dev.fill(context_slot.reborrow(), 0.0)?,
+            Some((rows, targets)) => {
+                let head = if text { &self.word_head } else { &self.object_head };
+                let hm = dev.gather_rows(enc.hidden.view(), self.cfg.dim, &rows)?;
+                let mut ctx_logits = head.forward(dev, w, &hm)?;
+                dev.cross_entropy_into(&mut ctx_logits, &targets, weights.context, context_slot)?;
+                if weights.context != 0.0 {
+                    context = Some((rows, hm, ctx_logits));
+                }
             }
         }
-        Ok(Forward { enc, z, dlogits, context, text, masked: plan.rows.len() })
+        Ok(Forward { enc, z, dlogits, context, text, masked: count })
     }
 
     /// Backward of [`SemShare::forward_loss`] into `g`, with `extra_dz` (the gradient of a
@@ -358,7 +363,8 @@ impl SemShare {
 
     /// Retrieval embeddings of a batch, `[items, d]` (pooled) or `[items, C]` (label).
     pub fn embed(&self, dev: &mut dyn Backend, w: &Tensor, batch: &Batch, kind: EmbeddingKind) -> Result<Tensor> {
-        let enc = self.encode(dev, w, batch, &MaskPlan::default(), Dropout::OFF)?;
+        let staged = self.stage(dev, batch, &MaskPlan::default(), false)?;
+        let (enc, _) = self.encode(dev, w, staged, Dropout::OFF)?;
         match kind {
             EmbeddingKind::Pooled => dev.segment_mean_fwd(&enc.hidden, &enc.seg),
             EmbeddingKind::Label => {

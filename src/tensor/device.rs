@@ -38,6 +38,55 @@ pub struct Pool {
     misses: AtomicU64,
     /// Device-to-device copies made by `DevBuf::try_clone` (a tensor's `clone`).
     clones: AtomicU64,
+    /// While a graph is captured: the arena that keeps every block the capture touches.
+    capturing: Mutex<Option<Arc<Arena>>>,
+}
+
+/// The blocks a captured graph (CUDA graphs) uses: every block the capture took or freed. A
+/// replay writes them again, so they stay out of the pool's lists while the graph lives; the
+/// arena's own list serves the capture's later requests, as the pool's would. Handed back to
+/// the pool when the graph and every buffer taken from the arena are gone.
+pub struct Arena {
+    pool: Arc<Pool>,
+    free: Mutex<BTreeMap<usize, Vec<u64>>>,
+    /// Every block the arena holds, free or in a live buffer: (start, bytes).
+    blocks: Mutex<Vec<(u64, usize)>>,
+}
+
+impl Arena {
+    /// Whether `[ptr, ptr + bytes)` lies in one of the arena's blocks.
+    pub fn holds(&self, ptr: u64, bytes: usize) -> bool {
+        let blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        blocks.iter().any(|&(s, n)| s <= ptr && ptr + bytes as u64 <= s + n as u64)
+    }
+
+    /// Bytes the arena holds.
+    pub fn bytes(&self) -> usize {
+        self.blocks.lock().map(|b| b.iter().map(|&(_, n)| n).sum()).unwrap_or(0)
+    }
+
+    fn keep(&self, ptr: u64, class: usize) {
+        if let Ok(mut b) = self.blocks.lock() {
+            b.push((ptr, class));
+        }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // Every buffer from the arena is gone (each holds it): all its blocks are free.
+        let free = self.free.get_mut().map(std::mem::take).unwrap_or_default();
+        for (class, ptrs) in free {
+            for p in ptrs {
+                self.pool.give(p, class, None);
+            }
+        }
+    }
+}
+
+/// The smallest cached block of `class`, or of at most twice its size.
+fn pop_fit(lists: &mut BTreeMap<usize, Vec<u64>>, class: usize) -> Option<(u64, usize)> {
+    lists.range_mut(class..=2 * class).find_map(|(&c, v)| v.pop().map(|p| (p, c)))
 }
 
 /// Bytes actually reserved for a request: 4 size classes per power of two, 256 B minimum.
@@ -50,19 +99,56 @@ fn size_class(bytes: usize) -> usize {
 
 impl Pool {
     pub(crate) fn new(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Pool {
-        Pool { ctx, stream, free: Mutex::new(BTreeMap::new()), misses: AtomicU64::new(0), clones: AtomicU64::new(0) }
+        Pool {
+            ctx,
+            stream,
+            free: Mutex::new(BTreeMap::new()),
+            misses: AtomicU64::new(0),
+            clones: AtomicU64::new(0),
+            capturing: Mutex::new(None),
+        }
     }
 
-    fn take(self: &Arc<Self>, bytes: usize) -> Result<(u64, usize)> {
+    /// From now until `end_capture`, every block taken or freed belongs to a new arena.
+    pub fn begin_capture(self: &Arc<Self>) -> Result<()> {
+        let mut c = self.capturing.lock().unwrap_or_else(|p| p.into_inner());
+        if c.is_some() {
+            return Err(Error::Device { what: "a graph is already being captured".into() });
+        }
+        let arena = Arena { pool: self.clone(), free: Mutex::new(BTreeMap::new()), blocks: Mutex::new(Vec::new()) };
+        *c = Some(Arc::new(arena));
+        Ok(())
+    }
+
+    /// The arena of the capture that ends (None if none was begun).
+    pub fn end_capture(&self) -> Option<Arc<Arena>> {
+        self.capturing.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn take(self: &Arc<Self>, bytes: usize) -> Result<(u64, usize, Option<Arc<Arena>>)> {
+        let arena = self.capturing.lock().ok().and_then(|c| c.clone());
+        let (ptr, class) = self.take_block(bytes, arena.as_ref())?;
+        Ok((ptr, class, arena))
+    }
+
+    fn take_block(self: &Arc<Self>, bytes: usize, arena: Option<&Arc<Arena>>) -> Result<(u64, usize)> {
         let class = size_class(bytes);
+        if let Some(hit) = arena.and_then(|a| a.free.lock().ok().and_then(|mut f| pop_fit(&mut f, class))) {
+            return Ok(hit);
+        }
+        let hit = self.take_general(bytes, class)?;
+        if let Some(a) = arena {
+            a.keep(hit.0, hit.1);
+        }
+        Ok(hit)
+    }
+
+    fn take_general(self: &Arc<Self>, bytes: usize, class: usize) -> Result<(u64, usize)> {
         // The request's class, else the smallest cached block of at most twice its size: a
         // batch whose masked-segment count moves between steps then still reuses the blocks
         // of the earlier steps instead of reaching the driver (which synchronises).
-        if let Ok(mut f) = self.free.lock() {
-            let found = f.range_mut(class..=2 * class).find_map(|(&c, v)| v.pop().map(|p| (p, c)));
-            if let Some(hit) = found {
-                return Ok(hit);
-            }
+        if let Some(hit) = self.free.lock().ok().and_then(|mut f| pop_fit(&mut f, class)) {
+            return Ok(hit);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
@@ -88,8 +174,21 @@ impl Pool {
         }
     }
 
-    fn give(&self, ptr: u64, class: usize) {
-        if let Ok(mut f) = self.free.lock() {
+    /// A block back: to the arena it came from, to the arena of a capture under way (a graph
+    /// may use a buffer it frees), else to the pool's lists.
+    fn give(&self, ptr: u64, class: usize, arena: Option<&Arc<Arena>>) {
+        let capturing = match arena {
+            Some(_) => None,
+            None => self.capturing.lock().ok().and_then(|c| c.clone()),
+        };
+        if let Some(a) = &capturing {
+            a.keep(ptr, class);
+        }
+        let lists = match arena.or(capturing.as_ref()) {
+            Some(a) => &a.free,
+            None => &self.free,
+        };
+        if let Ok(mut f) = lists.lock() {
             f.entry(class).or_default().push(ptr);
         }
     }
@@ -140,6 +239,8 @@ fn mib(b: usize) -> String {
 pub struct DevBuf {
     ptr: u64,
     class: usize,
+    /// The graph arena the block belongs to (taken while a graph was captured).
+    arena: Option<Arc<Arena>>,
     /// Elements (4 bytes each: f32 or u32) the owner asked for.
     len: usize,
     pool: Arc<Pool>,
@@ -162,8 +263,8 @@ impl DevBuf {
         self.len == 0
     }
     pub(crate) fn new(pool: &Arc<Pool>, len: usize) -> Result<DevBuf> {
-        let (ptr, class) = pool.take(len * 4)?;
-        Ok(DevBuf { ptr, class, len, pool: pool.clone() })
+        let (ptr, class, arena) = pool.take(len * 4)?;
+        Ok(DevBuf { ptr, class, arena, len, pool: pool.clone() })
     }
     /// A device copy (ordered on the pool's stream).
     pub fn try_clone(&self) -> Result<DevBuf> {
@@ -187,7 +288,7 @@ impl Drop for DevBuf {
     fn drop(&mut self) {
         // Stream order makes reuse safe: the next kernel using this block runs after every
         // earlier one that read or wrote it.
-        self.pool.give(self.ptr, self.class);
+        self.pool.give(self.ptr, self.class, self.arena.as_ref());
     }
 }
 

@@ -4,21 +4,21 @@
 
 use serde::Serialize;
 
-use crate::backend::step::record;
-use crate::backend::{AdamW, Backend, DecayMask, GuardParams};
+use crate::backend::step::{record, state};
+use crate::backend::{AdamW, Backend, DecayMask, GraphInput, GuardParams};
 use crate::checkpoint::{Checkpoint, InferenceSpec};
 
 use crate::model::consistency::{
     BatchShape, DscmrWeights, PairBatch, dscmr_loss, imc_consistency, triplet_consistency,
 };
-use crate::model::semshare::Forward;
-use crate::model::{Batch, Consistency, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch};
+use crate::model::{Batch, Consistency, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, Staged, TextBatch};
 use crate::nn::Dropout;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
 use super::config::{ContextPass, TrainConfig};
+use super::graphs::{Pass, StepGraphs};
 
 /// What one step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -51,14 +51,20 @@ pub struct Trainer {
     pub step: u64,
     pub cfg: TrainConfig,
     decay: DecayMask,
-    /// One `step::record` row per step not yet read: `[STATS_ROWS, record::LEN]`.
+    /// The record of the step being taken (`step::record`, `[record::LEN]`): its losses, then
+    /// the guard's total, norm, clip factor and status; AdamW's scalars written before it.
+    current: Tensor,
+    /// The guard's copies of every record not yet read, oldest first: `[STATS_ROWS, record::LEN]`.
     records: Tensor,
-    /// 1 on the device from a diverging step until the host reports it: later updates skip.
-    halted: Tensor,
+    /// `step::state`: the halt flag (1 from a diverging step until the host reports it: later
+    /// updates skip) and how many rows of `records` are written.
+    state: Tensor,
     /// (step, learning rate) of each record row in use, in order.
     unread: Vec<(u64, f32)>,
     /// Stats read early (the rows ran out) and not yet returned.
     read: Vec<StepStats>,
+    /// The step captured once per shape and replayed (CUDA graphs), where the device can.
+    graphs: StepGraphs,
 }
 
 impl Trainer {
@@ -93,10 +99,12 @@ impl Trainer {
             None => (dev.zeros(&[n])?, dev.zeros(&[n])?),
         };
         let decay = DecayMask::new(dev, net.store.decay_runs())?;
+        let current = dev.zeros(&[record::LEN])?;
         let records = dev.zeros(&[STATS_ROWS, record::LEN])?;
-        let halted = dev.zeros(&[1])?;
+        let state = dev.zeros(&[state::LEN])?;
         let (unread, read) = (Vec::new(), Vec::new());
-        Ok(Trainer { net, params, grads, m, v, step, cfg, decay, records, halted, unread, read })
+        let graphs = StepGraphs::new(dev.captures_graphs());
+        Ok(Trainer { net, params, grads, m, v, step, cfg, decay, current, records, state, unread, read, graphs })
     }
 
     /// One iteration of Algorithm 1 on a batch of pairs (text i describes image i), read back
@@ -119,78 +127,157 @@ impl Trainer {
             let early = self.read_stats(dev)?;
             self.read.extend(early);
         }
-        let row = self.unread.len() * record::LEN;
-        let weights = self.loss_weights();
-        let (image_plan, text_plan, drop) = self.draws(&images, &texts);
+        let (image_plan, text_plan, drop, salt) = self.draws(&images, &texts);
+        let lr = self.cfg.lr_at(self.step);
+        let scalars = self.optimizer(lr).scalars().slots();
         let pair_labels: Vec<u8> = images.labels.iter().map(|&y| (y > 0.5) as u8).collect();
+        let batches = [Batch::Image(images), Batch::Text(texts)];
+        let passes = self.passes([image_plan, text_plan], drop);
+        let hosts = passes
+            .iter()
+            .map(|p| self.net.host_inputs(&batches[p.text as usize], &p.plan, true))
+            .collect::<Result<Vec<_>>>()?;
+        // A step whose shapes were seen before replays its graph (captured the second time a
+        // shape comes): one upload of the batch and the step's scalars, one launch.
+        let capturable = self.graphs.on && self.cfg.variant.spec().consistency == Consistency::None;
+        let key = capturable.then(|| StepGraphs::key(&passes, &hosts));
+        let mut flat = Vec::new();
+        if let Some(graph) = key.as_ref().and_then(|k| self.graphs.get(k)) {
+            for h in &hosts {
+                h.flat(&mut flat);
+            }
+            flat.extend_from_slice(&scalars);
+            dev.launch_graph(graph, &flat, salt)?;
+            self.taken(lr);
+            return Ok(());
+        }
+        let capture = key.as_ref().is_some_and(|k| self.graphs.second_sighting(k));
+        dev.set_dropout_salt(salt)?;
+        dev.write(self.current.sub_mut(record::SCALARS.start, scalars.len()), &scalars)?;
+        let mut staged = Vec::with_capacity(passes.len());
+        for (p, host) in passes.iter().zip(&hosts) {
+            staged.push(self.net.upload_inputs(dev, &batches[p.text as usize], host)?);
+        }
+        let Some(key) = key.filter(|_| capture) else {
+            self.run_step(dev, passes, staged, &pair_labels)?;
+            self.taken(lr);
+            return Ok(());
+        };
+        let mut inputs: Vec<GraphInput> = staged.iter().flat_map(|s| s.inputs()).collect();
+        inputs.push(GraphInput::Kept(self.current.sub(record::SCALARS.start, scalars.len())));
+        dev.begin_capture(&inputs)?;
+        std::mem::drop(inputs);
+        let ran = self.run_step(dev, passes, staged, &pair_labels);
+        let graph = dev.end_capture();
+        ran?;
+        let graph = graph?;
+        // The capture ran nothing: its first launch takes the step.
+        for h in &hosts {
+            h.flat(&mut flat);
+        }
+        flat.extend_from_slice(&scalars);
+        dev.launch_graph(&graph, &flat, salt)?;
+        self.graphs.insert(key, graph);
+        self.taken(lr);
+        Ok(())
+    }
 
-        let (images, texts) = (Batch::Image(images), Batch::Text(texts));
-        let (fi, fi_masked) =
-            self.forward_losses(dev, &images, &image_plan, drop.site(1), weights, row + record::IMAGE_LABEL)?;
-        let (ft, ft_masked) =
-            self.forward_losses(dev, &texts, &text_plan, drop.site(2), weights, row + record::TEXT_LABEL)?;
+    /// Whether steps are captured and replayed as graphs (on by default where the device
+    /// can; a replay gives the same bits as the step run eagerly). Off drops every graph.
+    pub fn set_graphs(&mut self, on: bool, dev: &dyn Backend) {
+        self.graphs.on = on && dev.captures_graphs();
+        if !self.graphs.on {
+            self.graphs.clear();
+        }
+    }
+
+    /// Graphs kept, and the device bytes they hold.
+    pub fn graphs_held(&self) -> (usize, usize) {
+        self.graphs.held()
+    }
+
+    /// Books a step taken at learning rate `lr`: its record is the next unread one.
+    fn taken(&mut self, lr: f32) {
+        self.unread.push((self.step, lr));
+        self.step += 1;
+    }
+
+    /// The forward passes of a step: each modality's, and with masked segments and
+    /// `ContextPass::Separate` a second, masked one for L2 (L1 on the batch as it is).
+    fn passes(&self, [image_plan, text_plan]: [MaskPlan; 2], drop: Dropout) -> Vec<Pass> {
+        let weights = self.loss_weights();
+        let mut passes = Vec::new();
+        let mut masked = Vec::new();
+        for (text, plan, site, slot) in
+            [(false, image_plan, 1, record::IMAGE_LABEL), (true, text_plan, 2, record::TEXT_LABEL)]
+        {
+            let drop = drop.site(site);
+            if plan.rows.is_empty() || self.cfg.context_pass == ContextPass::Shared {
+                passes.push(Pass { text, plan, drop, weights, slot, context_only: false });
+                continue;
+            }
+            let clean = LossWeights { context: 0.0, ..weights };
+            passes.push(Pass { text, plan: MaskPlan::default(), drop, weights: clean, slot, context_only: false });
+            let weights = LossWeights { label: 0.0, ..weights };
+            masked.push(Pass { text, plan, drop: drop.site(7), weights, slot, context_only: true });
+        }
+        passes.extend(masked);
+        passes
+    }
+
+    /// The device's part of a step, on its staged passes: forward, losses, backward, the
+    /// gradient norm, the guard and the update. Reads nothing from the host but the
+    /// cross-modal loss of the variants that have one.
+    fn run_step(
+        &mut self,
+        dev: &mut dyn Backend,
+        passes: Vec<Pass>,
+        staged: Vec<Staged>,
+        pair_labels: &[u8],
+    ) -> Result<()> {
+        let weights = self.loss_weights();
+        let mut forwards = Vec::with_capacity(passes.len());
+        for (p, s) in passes.iter().zip(staged) {
+            let f = if p.context_only {
+                // L2 only: its L1 slot is discarded.
+                let mut losses = dev.alloc(&[2])?;
+                let f = self.net.forward_loss(dev, &self.params, s, p.drop, p.weights, losses.view_mut())?;
+                dev.copy(losses.sub(1, 1), self.current.sub_mut(p.slot + 1, 1))?;
+                f
+            } else {
+                self.net.forward_loss(dev, &self.params, s, p.drop, p.weights, self.current.sub_mut(p.slot, 2))?
+            };
+            forwards.push(f);
+        }
+        let mut forwards = forwards.into_iter();
+        let (fi, ft) = (forwards.next(), forwards.next());
+        let (fi, ft) = fi.zip(ft).ok_or_else(|| Error::shape("step", "a step has both modalities"))?;
         dev.fill(self.grads.view_mut(), 0.0)?;
-        let (consistency, extra) = self.cross_modal(dev, &fi.z, &ft.z, &pair_labels)?;
+        let (consistency, extra) = self.cross_modal(dev, &fi.z, &ft.z, pair_labels)?;
         // A kernel fill, not an upload: the batch is the step's only upload.
-        dev.fill(self.records.sub_mut(row + record::CONSISTENCY, 1), consistency)?;
+        dev.fill(self.current.sub_mut(record::CONSISTENCY, 1), consistency)?;
         let (dz_images, dz_texts) = match &extra {
             Some((du, dv)) => (Some(du), Some(dv)),
             None => (None, None),
         };
         self.net.backward_loss(dev, &self.params, &mut self.grads, fi, dz_images)?;
         self.net.backward_loss(dev, &self.params, &mut self.grads, ft, dz_texts)?;
-        for f in [fi_masked, ft_masked].into_iter().flatten() {
+        for f in forwards {
             self.net.backward_loss(dev, &self.params, &mut self.grads, f, None)?;
         }
 
-        dev.sum_squares_into(self.grads.view(), self.records.sub_mut(row + record::SUM_SQUARES, 1))?;
+        dev.sum_squares_into(self.grads.view(), self.current.sub_mut(record::SUM_SQUARES, 1))?;
         let guard =
             GuardParams { label_weight: weights.label, context_weight: weights.context, clip_norm: self.cfg.clip_norm };
-        dev.step_guard(self.records.sub_mut(row, record::LEN), self.halted.view_mut(), guard)?;
-        let lr = self.cfg.lr_at(self.step);
-        self.apply_update(dev, lr, row)?;
-        self.unread.push((self.step, lr));
-        self.step += 1;
-        Ok(())
+        dev.step_guard(self.current.view_mut(), self.state.view_mut(), self.records.view_mut(), guard)?;
+        self.apply_update(dev)
     }
 
-    /// One modality's forward pass, its losses written to `records[slot..slot + 2]`; with
-    /// masked segments and `ContextPass::Separate`, L1 on the batch as it is and L2 on a second,
-    /// masked pass (whose L1 slot is discarded).
-    fn forward_losses(
-        &mut self,
-        dev: &mut dyn Backend,
-        batch: &Batch,
-        plan: &MaskPlan,
-        drop: Dropout,
-        weights: LossWeights,
-        slot: usize,
-    ) -> Result<(Forward, Option<Forward>)> {
-        if plan.rows.is_empty() || self.cfg.context_pass == ContextPass::Shared {
-            let f =
-                self.net.forward_loss(dev, &self.params, batch, plan, drop, weights, self.records.sub_mut(slot, 2))?;
-            return Ok((f, None));
-        }
-        let clean = LossWeights { context: 0.0, ..weights };
-        let f = self.net.forward_loss(
-            dev,
-            &self.params,
-            batch,
-            &MaskPlan::default(),
-            drop,
-            clean,
-            self.records.sub_mut(slot, 2),
-        )?;
-        let mut losses = dev.alloc(&[2])?;
-        let masked = LossWeights { label: 0.0, ..weights };
-        let fm = self.net.forward_loss(dev, &self.params, batch, plan, drop.site(7), masked, losses.view_mut())?;
-        dev.copy(losses.sub(1, 1), self.records.sub_mut(slot + 1, 1))?;
-        Ok((f, Some(fm)))
-    }
-
-    /// What the next step draws for this batch: the masked segments of each modality and the
-    /// dropout seed (a function of the seed and the step alone).
-    pub fn draws(&self, images: &ImageBatch, texts: &TextBatch) -> (MaskPlan, MaskPlan, Dropout) {
+    /// What the next step draws for this batch: the masked segments of each modality, the
+    /// dropout (its per-site seeds a function of the run's seed alone) and the step's dropout
+    /// salt (`Backend::set_dropout_salt`), all functions of the seed and the step alone. The
+    /// seeds stay fixed and the salt moves, so a step captured once replays with new masks.
+    pub fn draws(&self, images: &ImageBatch, texts: &TextBatch) -> (MaskPlan, MaskPlan, Dropout, u64) {
         let cfg = &self.net.cfg;
         let mut rng = Rng::derive(self.cfg.seed ^ 0x5EED, self.step);
         // Segments are masked only for a context loss to predict them.
@@ -201,7 +288,8 @@ impl Trainer {
         } else {
             Default::default()
         };
-        (image_plan, text_plan, Dropout { p: cfg.dropout, seed: rng.next_u64() })
+        let drop = Dropout { p: cfg.dropout, seed: Rng::derive(self.cfg.seed ^ 0xD50D, 0).next_u64() };
+        (image_plan, text_plan, drop, rng.next_u64())
     }
 
     /// The stats of every step taken since the last read, oldest first, in one download (one
@@ -214,11 +302,12 @@ impl Trainer {
         }
         let unread = std::mem::take(&mut self.unread);
         let rows = dev.download(self.records.sub(0, unread.len() * record::LEN))?;
+        dev.fill(self.state.sub_mut(state::ROWS, 1), 0.0)?;
         for (&(step, lr), r) in unread.iter().zip(rows.chunks_exact(record::LEN)) {
             let status = r[record::STATUS] as u32;
             if status != 0 {
                 self.step = step;
-                dev.fill(self.halted.view_mut(), 0.0)?;
+                dev.fill(self.state.sub_mut(state::HALTED, 1), 0.0)?;
                 let bit = status.trailing_zeros() as usize;
                 let value = match bit {
                     0..=4 => r[bit],
@@ -242,10 +331,9 @@ impl Trainer {
         Ok(out)
     }
 
-    /// The AdamW update of `self.step` from the gradient buffer in one launch, the clip factor
-    /// and the go/skip status read on the device from record row `row` (element offset).
-    fn apply_update(&mut self, dev: &mut dyn Backend, lr: f32, row: usize) -> Result<()> {
-        let hp = AdamW {
+    /// AdamW at learning rate `lr` for step `self.step + 1` (bias correction is 1-based).
+    fn optimizer(&self, lr: f32) -> AdamW {
+        AdamW {
             lr,
             beta1: self.cfg.beta1,
             beta2: self.cfg.beta2,
@@ -253,7 +341,13 @@ impl Trainer {
             weight_decay: self.cfg.weight_decay,
             step: self.step + 1,
             grad_scale: 1.0,
-        };
+        }
+    }
+
+    /// The AdamW update of the current step from the gradient buffer in one launch: the step's
+    /// scalars, the clip factor and the go/skip status read on the device from its record.
+    fn apply_update(&mut self, dev: &mut dyn Backend) -> Result<()> {
+        let hp = self.optimizer(0.0).constants();
         dev.adamw_masked(
             self.params.view_mut(),
             self.grads.view(),
@@ -261,24 +355,19 @@ impl Trainer {
             self.v.view_mut(),
             &self.decay,
             hp,
-            self.records.sub(row, record::LEN),
+            self.current.view(),
         )
     }
 
     /// The AdamW update a step makes, with a clip factor given here: bias correction for
     /// step `self.step + 1` (the caller advances the step). Public so the GPU benchmark times
-    /// exactly what a step runs; the factor goes through the next free record row (one upload).
+    /// exactly what a step runs; the factor and the scalars go in as the step's do (one upload).
     pub fn optimizer_update(&mut self, dev: &mut dyn Backend, lr: f32, grad_scale: f32) -> Result<()> {
-        if self.unread.len() == STATS_ROWS {
-            let early = self.read_stats(dev)?;
-            self.read.extend(early);
-        }
         let mut rec = vec![0.0; record::LEN];
         rec[record::CLIP] = grad_scale;
-        let row = self.unread.len() * record::LEN;
-        let given = dev.upload(&rec, &[record::LEN])?;
-        dev.copy(given.view(), self.records.sub_mut(row, record::LEN))?;
-        self.apply_update(dev, lr, row)
+        rec[record::SCALARS].copy_from_slice(&self.optimizer(lr).scalars().slots());
+        dev.write(self.current.view_mut(), &rec)?;
+        self.apply_update(dev)
     }
 
     /// How many AdamW launches `optimizer_update` makes: one, whatever the decay runs.

@@ -19,10 +19,10 @@ pub mod simd;
 pub mod topk;
 
 use super::{
-    AdamW, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Precision, Segments,
+    AdamW, AdamWConstants, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Precision, Segments,
     check_adamw_masked, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd, check_gru_fwd,
-    check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols,
-    expect_len, rows_of, same_shape,
+    check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_step_guard, check_top_k,
+    expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
@@ -49,6 +49,8 @@ pub struct Cpu {
     precision: Precision,
     /// Weights of frozen parameters, packed for the GEMM once (`Backend::freeze`).
     frozen: frozen::FrozenOperands,
+    /// `Backend::set_dropout_salt`, XORed into every dropout seed.
+    dropout_salt: u64,
 }
 
 impl Cpu {
@@ -247,7 +249,7 @@ impl Backend for Cpu {
 
     fn bias_gelu_dropout_fwd(&mut self, u: &mut Tensor, bias: Option<View>, p: f32, seed: u64) -> Result<Tensor> {
         let _timer = profile::time("bias_gelu_dropout_fwd");
-        let rule = dropout_rule(p, seed)?;
+        let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
         if let Some(b) = bias {
             expect_cols("bias_gelu_dropout_fwd", u)?;
             expect_len("bias_gelu_dropout_fwd", "bias", b.len(), u.cols())?;
@@ -261,19 +263,30 @@ impl Backend for Cpu {
     fn gelu_dropout_bwd(&mut self, u: &Tensor, mut dh: Tensor, p: f32, seed: u64) -> Result<Tensor> {
         let _timer = profile::time("gelu_dropout_bwd");
         same_shape("gelu_dropout_bwd", u, &dh)?;
-        let rule = dropout_rule(p, seed)?;
+        let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
         elementwise::dropout_gelu_bwd(u.cpu(), dh.cpu_mut(), rule);
         Ok(dh)
     }
 
+    fn write(&mut self, dst: ViewMut, data: &[f32]) -> Result<()> {
+        expect_len("write", "data", data.len(), dst.len())?;
+        dst.cpu().copy_from_slice(data);
+        Ok(())
+    }
+
+    fn set_dropout_salt(&mut self, salt: u64) -> Result<()> {
+        self.dropout_salt = salt;
+        Ok(())
+    }
+
     fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
         let _timer = profile::time("dropout_fwd");
-        dropout(x, p, seed)
+        dropout(x, p, seed ^ self.dropout_salt)
     }
 
     fn dropout_bwd(&mut self, dy: &mut Tensor, p: f32, seed: u64) -> Result<()> {
         let _timer = profile::time("dropout_bwd");
-        dropout(dy, p, seed) // the same mask (same seed) on the gradient
+        dropout(dy, p, seed ^ self.dropout_salt) // the same mask (same seed) on the gradient
     }
 
     fn sigmoid(&mut self, x: &Tensor) -> Result<Tensor> {
@@ -381,7 +394,7 @@ impl Backend for Cpu {
         let _timer = profile::time("residual_layernorm_fwd");
         same_shape("residual_layernorm_fwd", a, x)?;
         check_layernorm_fwd(a, &gamma, &beta)?;
-        let rule = dropout_rule(p, seed)?;
+        let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
         let (shape, rows) = (a.shape().to_vec(), a.rows());
         let (y, stats) = layernorm::residual_forward(a.cpu_mut(), x.cpu(), gamma.cpu(), beta.cpu(), eps, rule);
         Ok((Tensor::from_cpu(y, &shape), Tensor::from_cpu(stats, &[rows, 2])))
@@ -400,7 +413,7 @@ impl Backend for Cpu {
     ) -> Result<(Tensor, Tensor)> {
         let _timer = profile::time("residual_layernorm_bwd");
         check_layernorm_bwd(s, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
-        let rule = dropout_rule(p, seed)?;
+        let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
         let (dx, da) =
             layernorm::residual_backward(s.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu(), rule);
         Ok((Tensor::from_cpu(dx, s.shape()), Tensor::from_cpu(da, s.shape())))
@@ -579,10 +592,9 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn step_guard(&mut self, record: ViewMut, halted: ViewMut, p: GuardParams) -> Result<()> {
-        expect_len("step_guard", "record", record.len(), super::step::record::LEN)?;
-        expect_len("step_guard", "halted", halted.len(), 1)?;
-        super::step::guard(record.cpu(), &mut halted.cpu()[0], p);
+    fn step_guard(&mut self, record: ViewMut, state: ViewMut, ring: ViewMut, p: GuardParams) -> Result<()> {
+        check_step_guard(record.len(), state.len(), ring.len())?;
+        super::step::guard(record.cpu(), state.cpu(), ring.cpu(), p);
         Ok(())
     }
 
@@ -593,7 +605,7 @@ impl Backend for Cpu {
         m: ViewMut,
         v: ViewMut,
         mask: &DecayMask,
-        hp: AdamW,
+        hp: AdamWConstants,
         record: View,
     ) -> Result<()> {
         hp.check()?;

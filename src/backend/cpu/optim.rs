@@ -1,37 +1,50 @@
 //! AdamW over a range of the flat parameter buffer (PyTorch's update order: decay first).
 
-use crate::backend::{AdamW, AdamWScalars};
+use crate::backend::{AdamW, AdamWConstants, AdamWScalars};
 
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamW) {
-    let AdamWScalars { step_size, inv_sqrt_bc2, decay } = hp.scalars();
+    adamw_with(p, g, m, v, hp.constants(), hp.scalars(), hp.grad_scale);
+}
+
+/// The update of every element, from the step's scalars (decay: this range's factor).
+fn adamw_with(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    hp: AdamWConstants,
+    AdamWScalars { step_size, inv_sqrt_bc2, decay }: AdamWScalars,
+    grad_scale: f32,
+) {
     for i in 0..p.len() {
-        let gi = g[i] * hp.grad_scale;
+        let gi = g[i] * grad_scale;
         m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * gi;
         v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * gi * gi;
         p[i] = p[i] * decay - step_size * m[i] / (v[i].sqrt() * inv_sqrt_bc2 + hp.eps);
     }
 }
 
-/// AdamW over the whole buffer, run by run (`hp.weight_decay` on the decayed runs, 0 on the
-/// others), every gradient times the record's clip factor; a no-op when the record's status is
-/// not 0 (`Backend::adamw_masked`).
+/// AdamW over the whole buffer, run by run (the record's decay factor on the decayed runs, 1
+/// on the others), with the record's step scalars, every gradient times the record's clip
+/// factor; a no-op when the record's status is not 0 (`Backend::adamw_masked`).
 pub fn adamw_masked(
     p: &mut [f32],
     g: &[f32],
     m: &mut [f32],
     v: &mut [f32],
     runs: &[(usize, usize, bool)],
-    hp: AdamW,
+    hp: AdamWConstants,
     record: &[f32],
 ) {
-    use crate::backend::step::record::{CLIP, STATUS};
+    use crate::backend::step::record::{CLIP, SCALARS, STATUS};
     if record[STATUS] != 0.0 {
         return;
     }
-    for &(off, len, decay) in runs {
+    let [step_size, inv_sqrt_bc2, decay] = record[SCALARS] else { unreachable!("SCALARS is three slots") };
+    for &(off, len, decayed) in runs {
         let r = off..off + len;
-        let hp = AdamW { weight_decay: if decay { hp.weight_decay } else { 0.0 }, grad_scale: record[CLIP], ..hp };
-        adamw(&mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r], hp);
+        let scalars = AdamWScalars { step_size, inv_sqrt_bc2, decay: if decayed { decay } else { 1.0 } };
+        adamw_with(&mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r], hp, scalars, record[CLIP]);
     }
 }
 

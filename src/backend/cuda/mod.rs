@@ -32,6 +32,7 @@
 //! - Timing: `Cuda::event()` / `elapsed_ms` wrap CUDA events on the one stream.
 
 pub mod attention;
+mod graph;
 pub mod gru;
 mod norm;
 mod ops;
@@ -62,6 +63,9 @@ pub(crate) const DEFAULT_SHARED: usize = 48 * 1024;
 
 /// The hardware's limit on grid y and z (grid x goes to 2^31 - 1).
 pub(crate) const MAX_GRID_Y: usize = 65_535;
+
+/// cuBLAS's workspace (`Cuda::new`).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Grid y for `n` rows of a kernel that strides over grid y: capped at the hardware's limit.
 pub fn grid_y(n: usize) -> u32 {
@@ -210,6 +214,29 @@ pub struct Cuda {
     /// One u32 per column strip for the one-launch column sums (zero between launches: each
     /// strip's last block resets its word), grown on demand.
     strip_counters: Option<Tensor>,
+    /// The dropout salt (`Backend::set_dropout_salt`): a u64 every dropping kernel XORs into
+    /// its seed, read on the device so that a captured step draws new masks at each replay.
+    dropout_salt: Option<Tensor>,
+    /// cuBLAS's workspace, set once so that a captured GEMM allocates nothing.
+    _blas_workspace: Option<Tensor>,
+    /// A graph capture under way (`graph.rs`).
+    capture: Option<Capture>,
+}
+
+/// A graph capture under way (`graph.rs`).
+pub(crate) struct Capture {
+    pub(crate) staging: Tensor,
+    pub(crate) slots: Vec<Slot>,
+    /// The counts when it began: recording runs nothing, so they are restored at its end.
+    pub(crate) counts: Counters,
+}
+
+/// One input: its device address, its length in 4-byte words, whether the caller keeps it.
+#[derive(Clone, Copy)]
+pub(crate) struct Slot {
+    pub(crate) ptr: u64,
+    pub(crate) len: usize,
+    pub(crate) kept: bool,
 }
 
 impl Drop for Cuda {
@@ -266,7 +293,7 @@ impl Cuda {
         let tf32 = std::env::var("SEMSHARE_TF32").is_ok_and(|v| v == "1");
         let pool = Arc::new(Pool::new(ctx.clone(), stream.clone()));
         set_math_mode(&mut blas, tf32)?;
-        Ok(Cuda {
+        let mut cuda = Cuda {
             ctx,
             stream,
             pool,
@@ -279,7 +306,43 @@ impl Cuda {
             positions: None,
             grid_barrier: None,
             strip_counters: None,
-        })
+            dropout_salt: None,
+            _blas_workspace: None,
+            capture: None,
+        };
+        let salt = crate::backend::Backend::zeros(&mut cuda, &[2])?;
+        cuda.dropout_salt = Some(salt);
+        // 32 MiB: NVIDIA's advice for Hopper; cuBLAS otherwise allocates on first use, which a
+        // graph capture must not do.
+        let workspace = cuda.alloc_tensor(&[BLAS_WORKSPACE_BYTES / 4])?;
+        let handle = *cuda.blas.handle();
+        // SAFETY: a live device buffer of BLAS_WORKSPACE_BYTES, kept as long as the handle.
+        unsafe {
+            cublas_sys::cublasSetWorkspace_v2(handle, tensor_ptr(&workspace)? as *mut c_void, BLAS_WORKSPACE_BYTES)
+        }
+        .result()
+        .map_err(blas_err("set the workspace"))?;
+        cuda._blas_workspace = Some(workspace);
+        Ok(cuda)
+    }
+
+    /// The dropout salt's device address, the argument after each dropping kernel's seed.
+    pub(crate) fn salt(&self) -> Result<Arg> {
+        Arg::tensor(self.dropout_salt.as_ref().ok_or_else(|| Error::Device { what: "no dropout salt".into() })?)
+    }
+
+    /// Copies host data to device memory at `dst` (stream-ordered; counted as an upload).
+    pub(crate) fn htod<T: cudarc::driver::DeviceRepr>(&mut self, dst: u64, data: &[T], what: &str) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        let bytes = std::mem::size_of_val(data);
+        self.counts.upload_bytes += bytes as u64;
+        // SAFETY: the caller names a device range of at least `bytes`; pageable host memory is
+        // staged before the call returns, so `data` may be dropped afterwards.
+        unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
+            .map_err(dev_err(format!("upload {bytes} bytes of {what}")))
     }
 
     pub fn device_name(&self) -> &str {
@@ -448,6 +511,7 @@ impl Cuda {
     /// At least `strips` zero counters for a column sum (`column_sum`), kept between calls.
     pub(crate) fn strip_counters(&mut self, strips: usize) -> Result<Arg> {
         if self.strip_counters.as_ref().is_none_or(|t| t.len() < strips) {
+            self.check_not_capturing("the column sums' strip counters")?;
             let t = crate::backend::Backend::zeros(self, &[strips.next_power_of_two().max(64)])?;
             self.strip_counters = Some(t);
         }
@@ -457,6 +521,7 @@ impl Cuda {
     /// The grid barrier's two words (allocated and zeroed on first use, then kept).
     pub(crate) fn grid_barrier(&mut self) -> Result<Arg> {
         if self.grid_barrier.is_none() {
+            self.check_not_capturing("the grid barrier")?;
             let t = crate::backend::Backend::zeros(self, &[2])?;
             self.grid_barrier = Some(t);
         }
@@ -469,6 +534,7 @@ impl Cuda {
         let need = seg.max_len;
         let fits = matches!(&self.positions, Some((d, rows, _)) if *d == dim && *rows >= need);
         if !fits {
+            self.check_not_capturing("the position table")?;
             let rows = need.next_power_of_two().max(64);
             let table = crate::backend::cpu::positions::table(rows, dim);
             let t = crate::backend::Backend::upload(self, &table, &[rows, dim])?;

@@ -6,10 +6,10 @@ use super::{
     view_ptr,
 };
 use crate::backend::{
-    AdamW, AdamWScalars, Backend, Counters, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Segments,
-    check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd, check_gru_fwd, check_gru_step_bwd,
-    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of,
-    same_shape,
+    AdamW, AdamWConstants, AdamWScalars, Backend, Counters, DecayMask, Gemm, Graph, GraphInput, GruRunBwd, GruRunFwd,
+    GruStep, GuardParams, Segments, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd,
+    check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k,
+    expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -328,6 +328,7 @@ impl Backend for Cuda {
             Arg::F32(p),
             Arg::F32(scale),
             Arg::U64(seed),
+            self.salt()?,
             Arg::U64(n as u64),
         ];
         self.flat("bias_gelu_dropout_fwd_f32", n, &args)?;
@@ -338,10 +339,44 @@ impl Backend for Cuda {
         same_shape("gelu_dropout_bwd", u, &dh)?;
         let scale = dropout_scale(p)?;
         let n = u.len();
-        let args =
-            [Arg::tensor(u)?, Arg::tensor(&dh)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), Arg::U64(n as u64)];
+        let args = [
+            Arg::tensor(u)?,
+            Arg::tensor(&dh)?,
+            Arg::F32(p),
+            Arg::F32(scale),
+            Arg::U64(seed),
+            self.salt()?,
+            Arg::U64(n as u64),
+        ];
         self.flat("gelu_dropout_bwd_f32", n, &args)?;
         Ok(dh)
+    }
+
+    fn begin_capture(&mut self, inputs: &[GraphInput]) -> Result<()> {
+        super::graph::begin(self, inputs)
+    }
+
+    fn captures_graphs(&self) -> bool {
+        true
+    }
+
+    fn end_capture(&mut self) -> Result<Graph> {
+        super::graph::end(self)
+    }
+
+    fn launch_graph(&mut self, graph: &Graph, inputs: &[f32], dropout_salt: u64) -> Result<()> {
+        super::graph::launch(self, graph, inputs, dropout_salt)
+    }
+
+    fn write(&mut self, dst: ViewMut, data: &[f32]) -> Result<()> {
+        expect_len("write", "data", data.len(), dst.len())?;
+        self.htod(view_mut_ptr(&dst)?, data, "values")
+    }
+
+    fn set_dropout_salt(&mut self, salt: u64) -> Result<()> {
+        let dst =
+            tensor_ptr(self.dropout_salt.as_ref().ok_or_else(|| Error::Device { what: "no dropout salt".into() })?)?;
+        self.htod(dst, &[salt], "the dropout salt")
     }
 
     fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
@@ -350,7 +385,7 @@ impl Backend for Cuda {
             return Ok(());
         }
         let n = x.len();
-        let args = [Arg::tensor(x)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), Arg::U64(n as u64)];
+        let args = [Arg::tensor(x)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), self.salt()?, Arg::U64(n as u64)];
         self.flat("dropout_fwd_f32", n, &args)
     }
 
@@ -360,7 +395,7 @@ impl Backend for Cuda {
             return Ok(());
         }
         let n = dy.len();
-        let args = [Arg::tensor(dy)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), Arg::U64(n as u64)];
+        let args = [Arg::tensor(dy)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), self.salt()?, Arg::U64(n as u64)];
         self.flat("dropout_bwd_f32", n, &args)
     }
 
@@ -677,8 +712,8 @@ impl Backend for Cuda {
         super::step::sum_squares_into(self, x, out)
     }
 
-    fn step_guard(&mut self, record: ViewMut, halted: ViewMut, p: GuardParams) -> Result<()> {
-        super::step::step_guard(self, record, halted, p)
+    fn step_guard(&mut self, record: ViewMut, state: ViewMut, ring: ViewMut, p: GuardParams) -> Result<()> {
+        super::step::step_guard(self, record, state, ring, p)
     }
 
     fn adamw_masked(
@@ -688,7 +723,7 @@ impl Backend for Cuda {
         m: ViewMut,
         v: ViewMut,
         mask: &DecayMask,
-        hp: AdamW,
+        hp: AdamWConstants,
         record: View,
     ) -> Result<()> {
         super::step::adamw_masked(self, params, grads, m, v, mask, hp, record)

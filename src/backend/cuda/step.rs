@@ -3,7 +3,7 @@
 
 use super::{Arg, Cuda, blocks, dev_ids, view_mut_ptr};
 use crate::backend::step::record;
-use crate::backend::{AdamW, AdamWScalars, DecayMask, GuardParams, check_adamw_masked, expect_len};
+use crate::backend::{AdamWConstants, DecayMask, GuardParams, check_adamw_masked, check_step_guard, expect_len};
 use crate::tensor::{Tensor, View, ViewMut};
 use crate::{Error, Result};
 
@@ -28,12 +28,13 @@ pub(super) fn sum_squares_into(cuda: &mut Cuda, x: View, out: ViewMut) -> Result
     cuda.finish_sum(&partial, 1, &out)
 }
 
-pub(super) fn step_guard(cuda: &mut Cuda, rec: ViewMut, halted: ViewMut, p: GuardParams) -> Result<()> {
-    expect_len("step_guard", "record", rec.len(), record::LEN)?;
-    expect_len("step_guard", "halted", halted.len(), 1)?;
+pub(super) fn step_guard(cuda: &mut Cuda, rec: ViewMut, state: ViewMut, ring: ViewMut, p: GuardParams) -> Result<()> {
+    check_step_guard(rec.len(), state.len(), ring.len())?;
     let args = [
         Arg::view_mut(&rec)?,
-        Arg::view_mut(&halted)?,
+        Arg::view_mut(&state)?,
+        Arg::view_mut(&ring)?,
+        Arg::int("step_guard", ring.len() / record::LEN)?,
         Arg::F32(p.label_weight),
         Arg::F32(p.context_weight),
         Arg::F32(p.clip_norm),
@@ -49,7 +50,7 @@ pub(super) fn adamw_masked(
     m: ViewMut,
     v: ViewMut,
     mask: &DecayMask,
-    hp: AdamW,
+    hp: AdamWConstants,
     rec: View,
 ) -> Result<()> {
     hp.check()?;
@@ -62,8 +63,6 @@ pub(super) fn adamw_masked(
     if table.len() != 2 * mask.runs.len() + 1 {
         return Err(Error::shape("adamw_masked", "decay mask table does not match its runs"));
     }
-    // The CPU's host-side constants (one definition: `AdamW::scalars`).
-    let AdamWScalars { step_size, inv_sqrt_bc2, decay } = hp.scalars();
     let args = [
         Arg::Ptr(view_mut_ptr(&params)?),
         Arg::view(grads)?,
@@ -75,9 +74,6 @@ pub(super) fn adamw_masked(
         Arg::F32(hp.beta1),
         Arg::F32(hp.beta2),
         Arg::F32(hp.eps),
-        Arg::F32(step_size),
-        Arg::F32(inv_sqrt_bc2),
-        Arg::F32(decay),
         Arg::view(rec)?,
     ];
     cuda.launch("adamw_masked_fwd_f32", (blocks(n, THREADS as usize).min(4096), 1, 1), (THREADS, 1, 1), 0, &args)

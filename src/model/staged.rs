@@ -1,0 +1,233 @@
+//! One modality's batch staged on the device: every value the forward pass reads from the host,
+//! computed from the batch and its mask plan (input normalisation, the [MASK] tokens, segment
+//! offsets, labels, the masked rows and their targets) and uploaded before the pass starts, so
+//! that the pass itself uploads nothing. A captured step (CUDA graph) replays on the same
+//! device memory: `HostInputs::flat` refills all of it with the next batch's values at once.
+
+use crate::backend::{Backend, GraphInput, Segments};
+use crate::tensor::{Ids, Tensor};
+use crate::{Error, Result};
+
+use super::batch::{Batch, MaskPlan};
+use super::config::{MASK_TOKEN, ModelConfig};
+use super::input_norm::InputNorm;
+use super::text::TextInput;
+
+/// A modality's batch on the device (`SemShare::stage`), consumed by one forward pass.
+pub struct Staged {
+    pub(crate) seg: Segments,
+    /// With global segments: one segment per item (the encoder's are averaged into it).
+    pub(crate) global: Option<Segments>,
+    pub(crate) input: StagedInput,
+    /// `[items, C]`, for the label loss (None when staged for embedding).
+    pub(crate) labels: Option<Tensor>,
+    /// The masked rows (packed row ids, ascending) and their targets.
+    pub(crate) masked: Option<(Ids, Ids)>,
+}
+
+pub(crate) enum StagedInput {
+    Image { features: Tensor, boxes: Tensor },
+    Text(TextInput),
+}
+
+/// One uploaded part: values with their shape, or indices.
+pub enum HostPart {
+    Values(Vec<f32>, Vec<usize>),
+    Ids(Vec<u32>),
+}
+
+impl HostPart {
+    pub fn len(&self) -> usize {
+        match self {
+            HostPart::Values(v, _) => v.len(),
+            HostPart::Ids(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The host values of a [`Staged`], in the order `SemShare::stage` uploads them and
+/// [`Staged::inputs`] lists their device memory.
+pub struct HostInputs {
+    pub parts: Vec<HostPart>,
+    /// Whether the parts hold the labels, and the masked rows and their targets.
+    pub labels: bool,
+    pub masked: bool,
+}
+
+impl HostInputs {
+    /// The items' segment offsets (the first part).
+    pub fn offsets(&self) -> &[u32] {
+        match self.parts.first() {
+            Some(HostPart::Ids(o)) => o,
+            _ => &[],
+        }
+    }
+
+    /// Every part end to end as 4-byte words (indices by their bits), the layout of a captured
+    /// step's input buffer.
+    pub fn flat(&self, out: &mut Vec<f32>) {
+        for p in &self.parts {
+            match p {
+                HostPart::Values(v, _) => out.extend_from_slice(v),
+                HostPart::Ids(v) => out.extend(v.iter().map(|&i| f32::from_bits(i))),
+            }
+        }
+    }
+}
+
+/// Every id below `limit`, or an error naming the first that is not.
+fn check_ids(what: &str, ids: &[u32], limit: usize) -> Result<()> {
+    match ids.iter().position(|&i| i as usize >= limit) {
+        Some(at) => Err(Error::data(format!("{what} {} at position {at} is out of range (< {limit})", ids[at]))),
+        None => Ok(()),
+    }
+}
+
+fn offsets_of(lengths: &[usize]) -> Result<Vec<u32>> {
+    let offsets = Segments::offsets_of(lengths)?;
+    offsets
+        .iter()
+        .map(|&o| u32::try_from(o).map_err(|_| Error::data(format!("a batch of {o} segments exceeds u32 offsets"))))
+        .collect()
+}
+
+/// What a model's inputs are made of: its widths and limits, and the input normalisation.
+pub(crate) struct Stager<'a> {
+    pub cfg: &'a ModelConfig,
+    pub norm: Option<&'a InputNorm>,
+}
+
+impl Stager<'_> {
+    /// What the forward pass of `batch` reads from the host, with `plan`'s segments masked;
+    /// `labels` for a pass that computes the label loss.
+    pub fn host_inputs(&self, batch: &Batch, plan: &MaskPlan, labels: bool) -> Result<HostInputs> {
+        let lengths = batch.lengths();
+        let tokens: usize = lengths.iter().sum();
+        let mut parts = vec![HostPart::Ids(offsets_of(lengths)?)];
+        if self.cfg.global_segments {
+            if !plan.rows.is_empty() {
+                return Err(Error::config("global segments cannot be masked: nothing is left to predict them from"));
+            }
+            parts.push(HostPart::Ids(offsets_of(&vec![1; lengths.len()])?));
+        }
+        match batch {
+            Batch::Image(b) => {
+                let features = match self.norm {
+                    Some(n) => n.image.apply(&b.features),
+                    None => b.features.clone(),
+                };
+                parts.push(HostPart::Values(features, vec![tokens, self.cfg.region_dim]));
+                parts.push(HostPart::Values(b.boxes.clone(), vec![tokens, 5]));
+            }
+            Batch::Text(b) if self.cfg.text_features() => {
+                let features = match self.norm.and_then(|n| n.text.as_ref()) {
+                    Some(n) => n.apply(&b.features),
+                    None => b.features.clone(),
+                };
+                parts.push(HostPart::Values(features, vec![tokens, self.cfg.text_feature_dim]));
+            }
+            Batch::Text(b) => {
+                let mut ids = b.tokens.clone();
+                check_ids("token id", &ids, self.cfg.vocab)?;
+                for &r in &plan.rows {
+                    let slot = ids
+                        .get_mut(r as usize)
+                        .ok_or_else(|| Error::data(format!("masked row {r} is outside the batch's {tokens} tokens")))?;
+                    *slot = MASK_TOKEN;
+                }
+                parts.push(HostPart::Ids(ids));
+            }
+        }
+        if labels {
+            parts.push(HostPart::Values(batch.labels().to_vec(), vec![batch.items(), self.cfg.labels]));
+        }
+        if !plan.rows.is_empty() {
+            // Checked here, against the limits the ops check: a captured step replays on new
+            // indices without running those checks again.
+            let classes = if matches!(batch, Batch::Text(_)) { self.cfg.vocab } else { self.cfg.object_classes };
+            check_ids("masked row", &plan.rows, tokens)?;
+            check_ids("masked segment's target", &plan.targets, classes)?;
+            if plan.targets.len() != plan.rows.len() {
+                return Err(Error::data(format!("{} masked rows but {} targets", plan.rows.len(), plan.targets.len())));
+            }
+            parts.push(HostPart::Ids(plan.rows.clone()));
+            parts.push(HostPart::Ids(plan.targets.clone()));
+        }
+        Ok(HostInputs { parts, labels, masked: !plan.rows.is_empty() })
+    }
+
+    /// `host` (this batch's `host_inputs`) uploaded part by part.
+    pub fn upload_inputs(&self, dev: &mut dyn Backend, batch: &Batch, host: &HostInputs) -> Result<Staged> {
+        let mut c = Cursor(host.parts.iter());
+        let seg = Segments::from_offsets(Segments::offsets_of(batch.lengths())?, c.ids(dev)?);
+        let global = match self.cfg.global_segments {
+            true => Some(Segments::from_offsets(Segments::offsets_of(&vec![1; batch.items()])?, c.ids(dev)?)),
+            false => None,
+        };
+        let input = match batch {
+            Batch::Image(_) => StagedInput::Image { features: c.values(dev)?, boxes: c.values(dev)? },
+            Batch::Text(_) if self.cfg.text_features() => StagedInput::Text(TextInput::Features(c.values(dev)?)),
+            Batch::Text(_) => StagedInput::Text(TextInput::Tokens(c.ids(dev)?)),
+        };
+        let labels = if host.labels { Some(c.values(dev)?) } else { None };
+        let masked = if host.masked { Some((c.ids(dev)?, c.ids(dev)?)) } else { None };
+        if c.0.next().is_some() {
+            return Err(Error::shape("stage", "more host inputs than the batch has parts"));
+        }
+        Ok(Staged { seg, global, input, labels, masked })
+    }
+}
+
+/// Uploads `host_inputs`' parts in order.
+struct Cursor<'a>(std::slice::Iter<'a, HostPart>);
+
+impl Cursor<'_> {
+    fn values(&mut self, dev: &mut dyn Backend) -> Result<Tensor> {
+        match self.0.next() {
+            Some(HostPart::Values(v, shape)) => dev.upload(v, shape),
+            _ => Err(Error::shape("stage", "expected values next in the host inputs")),
+        }
+    }
+
+    fn ids(&mut self, dev: &mut dyn Backend) -> Result<Ids> {
+        match self.0.next() {
+            Some(HostPart::Ids(v)) => dev.upload_ids(v),
+            _ => Err(Error::shape("stage", "expected indices next in the host inputs")),
+        }
+    }
+}
+
+impl Staged {
+    /// The device memory of every part, in `host_inputs`' order: a captured step's inputs.
+    pub fn inputs(&self) -> Vec<GraphInput<'_>> {
+        let mut out = vec![GraphInput::Ids(&self.seg.device)];
+        if let Some(g) = &self.global {
+            out.push(GraphInput::Ids(&g.device));
+        }
+        match &self.input {
+            StagedInput::Image { features, boxes } => {
+                out.push(GraphInput::Values(features.view()));
+                out.push(GraphInput::Values(boxes.view()));
+            }
+            StagedInput::Text(TextInput::Features(f)) => out.push(GraphInput::Values(f.view())),
+            StagedInput::Text(TextInput::Tokens(t)) => out.push(GraphInput::Ids(t)),
+        }
+        if let Some(l) = &self.labels {
+            out.push(GraphInput::Values(l.view()));
+        }
+        if let Some((rows, targets)) = &self.masked {
+            out.push(GraphInput::Ids(rows));
+            out.push(GraphInput::Ids(targets));
+        }
+        out
+    }
+
+    /// Segments masked for L2.
+    pub fn masked_rows(&self) -> usize {
+        self.masked.as_ref().map_or(0, |(r, _)| r.len())
+    }
+}
