@@ -33,7 +33,11 @@ __device__ void bce(T* logits, const T* targets, float scale, size_t n, float* p
 }
 
 // Softmax cross-entropy, one block per row (rows are vocabulary-wide: 10,000 classes).
-// row_loss[r] = log Σ e^{x−max} − (x_t − max); gradient (softmax − onehot)·scale/rows in place.
+// row_loss[r] = log Σ e^{x−max} − (x_t − max); gradient (softmax − onehot)·scale/n in place,
+// n the rows with a target. A row whose target is IGNORE (a bucket's padding) has neither loss
+// nor gradient; n is counted here by every block (the targets are a few hundred words) and
+// left in row_loss[rows] for the mean's finish, so no count comes from the host.
+constexpr uint32_t IGNORE = 0xFFFFFFFFu;
 template <typename T>
 __device__ void cross_entropy(T* logits, const uint32_t* targets, int rows, int classes, float scale,
                               float* row_loss) {
@@ -41,6 +45,15 @@ __device__ void cross_entropy(T* logits, const uint32_t* targets, int rows, int 
   const int r = blockIdx.x;
   if (r >= rows) return;
   T* x = logits + (size_t)r * classes;
+  float counted = 0.0f;
+  for (int i = threadIdx.x; i < rows; i += blockDim.x) counted += targets[i] != IGNORE ? 1.0f : 0.0f;
+  const float n = common::block_sum(counted, scratch);
+  if (r == 0 && threadIdx.x == 0) row_loss[rows] = n;
+  if (targets[r] == IGNORE) {
+    for (int j = threadIdx.x; j < classes; j += blockDim.x) x[j] = from_f32<T>(0.0f);
+    if (threadIdx.x == 0) row_loss[r] = 0.0f;
+    return;
+  }
   const int t = (int)targets[r];
   const float xt = to_f32(x[t]);  // read before any thread overwrites the row
   float m = -INFINITY;
@@ -53,7 +66,6 @@ __device__ void cross_entropy(T* logits, const uint32_t* targets, int rows, int 
     s += e;
   }
   s = common::block_sum(s, scratch);
-  const float n = (float)rows;
   const float k = scale / (s * n);
   for (int j = threadIdx.x; j < classes; j += blockDim.x) {
     float g = to_f32(x[j]) * k;

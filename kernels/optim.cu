@@ -67,11 +67,14 @@ __device__ void adamw_masked(float* p, const float* g, float* m, float* v, size_
 
 // out[0] = Σ partial / divisor, summed in f64 by one warp (lane-strided, then a shuffle tree):
 // the device's finish of what the host used to add up after a download.
-__device__ void sum_finish(const float* partial, int n, size_t divisor, float* out) {
+// The divisor is `divisor`, or the count a kernel left on the device at `divisor_at` (the
+// cross-entropy's rows that have a target), at least 1.
+__device__ void sum_finish(const float* partial, int n, size_t divisor, const float* divisor_at, float* out) {
   double s = 0.0;
   for (int i = threadIdx.x; i < n; i += 32) s += (double)partial[i];
   for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
-  if (threadIdx.x == 0) out[0] = (float)(s / (double)divisor);
+  const double d = divisor_at ? fmax((double)*divisor_at, 1.0) : (double)divisor;
+  if (threadIdx.x == 0) out[0] = (float)(s / d);
 }
 
 // The CPU's step::guard, operation for operation (explicit _rn: no contraction into FMA); then
@@ -127,8 +130,9 @@ extern "C" __global__ void adamw_masked_fwd_f32(float* p, const float* g, float*
   optim::adamw_masked(p, g, m, v, n, mask, runs, beta1, beta2, eps, rec);
 }
 // Launch: one warp.
-extern "C" __global__ void sum_finish_f32(const float* partial, int n, size_t divisor, float* out) {
-  optim::sum_finish(partial, n, divisor, out);
+extern "C" __global__ void sum_finish_f32(const float* partial, int n, size_t divisor, const float* divisor_at,
+                                          float* out) {
+  optim::sum_finish(partial, n, divisor, divisor_at, out);
 }
 // Launch: one thread.
 extern "C" __global__ void step_guard_f32(float* rec, float* state, float* ring, int ring_rows, float label_weight,

@@ -25,7 +25,7 @@ mod graphs;
 mod progress;
 mod trainer;
 pub use config::{ContextPass, MAX_BATCH, TrainConfig};
-pub use graphs::MAX_GRAPHS;
+pub use graphs::{MAX_GRAPHS, StepMode};
 pub use progress::{Progress, ProgressFn};
 pub use trainer::{STATS_ROWS, StepStats, Trainer};
 

@@ -16,7 +16,7 @@ use semshare::backend::step::{GuardParams, record, state};
 use semshare::backend::{AdamW, Backend, DecayMask, Segments};
 use semshare::model::{ImageBatch, ModelConfig, TextBatch};
 use semshare::rng::Rng;
-use semshare::train::{TrainConfig, Trainer};
+use semshare::train::{StepMode, TrainConfig, Trainer};
 
 fn down(dev: &mut dyn Backend, t: &semshare::tensor::Tensor) -> Vec<f32> {
     dev.download(t.view()).unwrap()
@@ -227,7 +227,7 @@ fn a_deferred_step_neither_waits_nor_allocates_and_uploads_only_its_batch() {
     let tc = TrainConfig { batch_size: 4, steps: 20, warmup: 1, ..TrainConfig::default() };
     let mut t = Trainer::new(dev, &cfg, tc).unwrap();
     // The eager step's budgets (a captured step's are in `a_replayed_step_...`).
-    t.set_graphs(false, dev);
+    t.set_step_mode(StepMode::Eager, dev);
     // Warm-up: the pool must have seen the step's largest masked-segment count (a step that
     // masks more segments than every earlier one takes new blocks from the driver).
     for s in 0..WARMUP {
@@ -312,7 +312,7 @@ fn a_replayed_step_gives_the_bits_of_the_eager_step() {
     let cfg = ModelConfig { mask_prob: 0.0, ..tiny() };
     let tc = TrainConfig { batch_size: 4, steps: 20, warmup: 2, ..TrainConfig::default() };
     let mut eager = Trainer::new(dev, &cfg, tc.clone()).unwrap();
-    eager.set_graphs(false, dev);
+    eager.set_step_mode(StepMode::Eager, dev);
     let mut graphed = Trainer::new(dev, &cfg, tc).unwrap();
     for s in 0..6 {
         let (i, x) = batch(&cfg, 4, 100 + s);
@@ -352,4 +352,78 @@ fn a_capture_refuses_inputs_it_does_not_own_and_host_reads() {
     assert!(dev.end_capture().is_err(), "a capture with a host read must not end in a graph");
     assert!(e.contains("CAPTURE"), "{e}");
     assert_eq!(down(dev, &x), randv(1, 64), "the device works after the refusals");
+}
+
+/// Cross-entropy rows whose target is `IGNORE_TARGET` (a masked-row bucket's padding) add no
+/// loss, no gradient and no count: on both devices the result is the cross-entropy of the
+/// other rows, and the device counts them itself.
+#[test]
+fn cross_entropy_skips_ignored_targets_on_both_devices() {
+    let Some(mut gpu) = gpu_or_skip("cross-entropy with ignored targets") else { return };
+    let mut cpu = common::cpu();
+    let (rows, classes) = (7, 50);
+    let logits = randv(61, rows * classes);
+    let mut targets = common::rand_ids(62, rows, classes);
+    for r in [2, 6] {
+        targets[r] = semshare::backend::IGNORE_TARGET;
+    }
+    let run = |dev: &mut dyn Backend, logits: &[f32], targets: &[u32]| {
+        let n = targets.len();
+        let mut x = dev.upload(logits, &[n, classes]).unwrap();
+        let ids = dev.upload_ids(targets).unwrap();
+        let loss = dev.cross_entropy(&mut x, &ids, 0.5).unwrap();
+        (loss, down(dev, &x))
+    };
+    let (want_loss, want_grad) = run(&mut cpu, &logits, &targets);
+    let (got_loss, got_grad) = run(gpu.as_mut(), &logits, &targets);
+    assert!(rel_err(&[got_loss], &[want_loss as f64]) <= 1e-6, "loss {got_loss} vs {want_loss}");
+    assert!(rel_err(&got_grad, &to64(&want_grad)) <= 1e-5, "gradient");
+    // The rows with a target alone give the same loss and gradient rows; the others are 0.
+    let kept: Vec<usize> = (0..rows).filter(|r| ![2, 6].contains(r)).collect();
+    let sub_logits: Vec<f32> = kept.iter().flat_map(|&r| logits[r * classes..(r + 1) * classes].to_vec()).collect();
+    let sub_targets: Vec<u32> = kept.iter().map(|&r| targets[r]).collect();
+    let (sub_loss, sub_grad) = run(&mut cpu, &sub_logits, &sub_targets);
+    assert_eq!(want_loss, sub_loss);
+    for (i, &r) in kept.iter().enumerate() {
+        assert_eq!(want_grad[r * classes..(r + 1) * classes], sub_grad[i * classes..(i + 1) * classes], "row {r}");
+    }
+    for r in [2, 6] {
+        assert!(want_grad[r * classes..(r + 1) * classes].iter().all(|&g| g == 0.0), "ignored row {r}");
+    }
+}
+
+/// With masking on, a captured step's masked rows are padded to their bucket
+/// (`model::staged::masked_bucket`): the steps whose buckets came before replay their graph.
+/// Against the same shaped steps taken eagerly: bit for bit. Against unpadded eager steps:
+/// the same to rounding (the padding changes only GEMM shapes).
+#[test]
+fn masked_steps_replay_by_bucket() {
+    let Some(mut gpu) = gpu_or_skip("masked steps by bucket") else { return };
+    let dev = gpu.as_mut();
+    let cfg = tiny();
+    assert!(cfg.mask_prob > 0.0);
+    let tc = TrainConfig { batch_size: 4, steps: 20, warmup: 2, ..TrainConfig::default() };
+    let mut captured = Trainer::new(dev, &cfg, tc.clone()).unwrap();
+    let mut shaped = Trainer::new(dev, &cfg, tc.clone()).unwrap();
+    shaped.set_step_mode(StepMode::Shaped, dev);
+    let mut eager = Trainer::new(dev, &cfg, tc).unwrap();
+    eager.set_step_mode(StepMode::Eager, dev);
+    let mut replays = 0;
+    for s in 0..8 {
+        let (i, x) = batch(&cfg, 4, 200 + s);
+        let want = shaped.step(dev, i.clone(), x.clone()).unwrap();
+        let plain = eager.step(dev, i.clone(), x.clone()).unwrap();
+        let before = dev.counters().unwrap();
+        let got = captured.step(dev, i, x).unwrap();
+        replays += dev.counters().unwrap().since(&before).graphs;
+        assert_eq!(format!("{got:?}"), format!("{want:?}"), "step {s}: stats against the shaped eager step");
+        let p = down(dev, &captured.params);
+        assert_eq!(p, down(dev, &shaped.params), "step {s}: parameters against the shaped eager step");
+        let e = rel_err(&[got.loss, got.grad_norm], &to64(&[plain.loss, plain.grad_norm]));
+        assert!(e <= 1e-5, "step {s}: loss and norm against the unpadded step: {e:.3e}");
+        let e = rel_err(&p, &to64(&down(dev, &eager.params)));
+        assert!(e <= 1e-5, "step {s}: parameters against the unpadded step: {e:.3e}");
+    }
+    eprintln!("masked steps: {replays} graph launches in 8 steps, {:?} graphs held", captured.graphs_held());
+    assert!(replays >= 4, "{replays} graph launches: the buckets should repeat");
 }

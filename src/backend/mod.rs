@@ -122,6 +122,9 @@ impl Segments {
     }
 }
 
+/// The target of a cross-entropy row to skip (`Backend::cross_entropy_into`).
+pub const IGNORE_TARGET: u32 = u32::MAX;
+
 /// What a device's host code submitted to the device and waited for. Counted in the backend's
 /// host code, not in a driver, so the emulated device and a GPU give the same counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -495,7 +498,9 @@ pub trait Backend {
     /// logits.
     fn bce_with_logits_into(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32, loss: ViewMut) -> Result<()>;
     /// Mean softmax cross-entropy over rows, written to `loss[0]` on the device; the gradient
-    /// of that mean (times `scale`) overwrites the logits.
+    /// of that mean (times `scale`) overwrites the logits. A row whose target is
+    /// [`IGNORE_TARGET`] has neither loss nor gradient and is not counted in the mean (the
+    /// padding of a masked-row bucket, `model/staged.rs`).
     fn cross_entropy_into(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32, loss: ViewMut) -> Result<()>;
     /// [`Backend::bce_with_logits_into`], read back (one host sync).
     fn bce_with_logits(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32) -> Result<f32> {

@@ -194,10 +194,11 @@ impl SemShare {
     }
 
     /// What the forward pass of `batch` reads from the host, with `plan`'s segments masked
-    /// (`labels` for a pass that computes the label loss): values the device-side pass never
-    /// computes, in the order [`SemShare::upload_inputs`] uploads them.
-    pub fn host_inputs(&self, batch: &Batch, plan: &MaskPlan, labels: bool) -> Result<HostInputs> {
-        self.stager().host_inputs(batch, plan, labels)
+    /// (`labels` for a pass that computes the label loss; `bucket` pads the masked rows, for a
+    /// captured step): values the device-side pass never computes, in the order
+    /// [`SemShare::upload_inputs`] uploads them.
+    pub fn host_inputs(&self, batch: &Batch, plan: &MaskPlan, labels: bool, bucket: bool) -> Result<HostInputs> {
+        self.stager().host_inputs(batch, plan, labels, bucket)
     }
 
     /// `host` (this batch's [`SemShare::host_inputs`]) on the device, part by part.
@@ -207,7 +208,7 @@ impl SemShare {
 
     /// `batch` staged on `dev` for one forward pass.
     pub fn stage(&self, dev: &mut dyn Backend, batch: &Batch, plan: &MaskPlan, labels: bool) -> Result<Staged> {
-        let host = self.host_inputs(batch, plan, labels)?;
+        let host = self.host_inputs(batch, plan, labels, false)?;
         self.upload_inputs(dev, batch, &host)
     }
 

@@ -4,7 +4,7 @@
 //! that the pass itself uploads nothing. A captured step (CUDA graph) replays on the same
 //! device memory: `HostInputs::flat` refills all of it with the next batch's values at once.
 
-use crate::backend::{Backend, GraphInput, Segments};
+use crate::backend::{Backend, GraphInput, IGNORE_TARGET, Segments};
 use crate::tensor::{Ids, Tensor};
 use crate::{Error, Result};
 
@@ -79,6 +79,18 @@ impl HostInputs {
     }
 }
 
+/// The masked-row count a captured step is shaped for: `n` rounded up to one of four sizes per
+/// power of two (at most 25 % padding, 8 at least), so that the counts a batch's random
+/// masking draws fall into a few buckets, each one graph (`train/graphs.rs`).
+pub fn masked_bucket(n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    let b = n.max(8);
+    let step = 1usize << (usize::BITS - 1 - b.leading_zeros() - 2);
+    b.div_ceil(step) * step
+}
+
 /// Every id below `limit`, or an error naming the first that is not.
 fn check_ids(what: &str, ids: &[u32], limit: usize) -> Result<()> {
     match ids.iter().position(|&i| i as usize >= limit) {
@@ -103,8 +115,9 @@ pub(crate) struct Stager<'a> {
 
 impl Stager<'_> {
     /// What the forward pass of `batch` reads from the host, with `plan`'s segments masked;
-    /// `labels` for a pass that computes the label loss.
-    pub fn host_inputs(&self, batch: &Batch, plan: &MaskPlan, labels: bool) -> Result<HostInputs> {
+    /// `labels` for a pass that computes the label loss; `bucket` pads the masked rows to
+    /// [`masked_bucket`] of their count.
+    pub fn host_inputs(&self, batch: &Batch, plan: &MaskPlan, labels: bool, bucket: bool) -> Result<HostInputs> {
         let lengths = batch.lengths();
         let tokens: usize = lengths.iter().sum();
         let mut parts = vec![HostPart::Ids(offsets_of(lengths)?)];
@@ -154,8 +167,17 @@ impl Stager<'_> {
             if plan.targets.len() != plan.rows.len() {
                 return Err(Error::data(format!("{} masked rows but {} targets", plan.rows.len(), plan.targets.len())));
             }
-            parts.push(HostPart::Ids(plan.rows.clone()));
-            parts.push(HostPart::Ids(plan.targets.clone()));
+            let (mut rows, mut targets) = (plan.rows.clone(), plan.targets.clone());
+            if bucket {
+                // The last masked row again, with no target: masking it twice is masking it
+                // once, its [MASK] gradient is taken once (`set_rows_bwd` zeroes what it
+                // takes), and the loss skips it (no loss, no gradient, not counted).
+                let padded = masked_bucket(rows.len());
+                rows.resize(padded, *plan.rows.last().expect("not empty"));
+                targets.resize(padded, IGNORE_TARGET);
+            }
+            parts.push(HostPart::Ids(rows));
+            parts.push(HostPart::Ids(targets));
         }
         Ok(HostInputs { parts, labels, masked: !plan.rows.is_empty() })
     }
@@ -229,5 +251,24 @@ impl Staged {
     /// Segments masked for L2.
     pub fn masked_rows(&self) -> usize {
         self.masked.as_ref().map_or(0, |(r, _)| r.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::masked_bucket;
+
+    #[test]
+    fn buckets_cover_every_count_with_at_most_a_quarter_of_padding() {
+        assert_eq!(masked_bucket(0), 0);
+        for n in 1..5000 {
+            let b = masked_bucket(n);
+            assert!(b >= n && b >= 8, "{n} -> {b}");
+            assert!(n < 8 || 4 * (b - n) <= b, "{n} -> {b}: more than a quarter is padding");
+            assert_eq!(masked_bucket(b), b, "{n} -> {b}: a bucket is its own bucket");
+        }
+        // The `small` preset's 32 texts of 24 tokens at 15 %: 115 ± 10 masked, four buckets.
+        let buckets: std::collections::BTreeSet<usize> = (95..=135).map(masked_bucket).collect();
+        assert_eq!(buckets.into_iter().collect::<Vec<_>>(), [96, 112, 128, 160]);
     }
 }

@@ -298,12 +298,18 @@ impl Drop for DevBuf {
 pub struct DevIds {
     buf: Arc<DevBuf>,
     bound: u32,
+    /// Whether some entry is `u32::MAX` (a target to ignore; left out of `bound`).
+    ignores: bool,
 }
 
 impl DevIds {
-    /// Index data in `buf` whose largest id is `bound - 1`.
-    pub(crate) fn new(buf: DevBuf, bound: u32) -> DevIds {
-        DevIds { buf: Arc::new(buf), bound }
+    /// Index data in `buf` whose largest id, `u32::MAX` aside, is `bound - 1`; `ignores` if
+    /// some entry is `u32::MAX`.
+    pub(crate) fn new(buf: DevBuf, bound: u32, ignores: bool) -> DevIds {
+        DevIds { buf: Arc::new(buf), bound, ignores }
+    }
+    pub fn ignores(&self) -> bool {
+        self.ignores
     }
     pub fn len(&self) -> usize {
         self.buf.len
@@ -314,7 +320,7 @@ impl DevIds {
     pub fn ptr(&self) -> u64 {
         self.buf.ptr
     }
-    /// 1 + the largest id (0 when empty).
+    /// 1 + the largest id other than `u32::MAX` (0 when there is none).
     pub fn bound(&self) -> u32 {
         self.bound
     }

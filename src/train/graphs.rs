@@ -13,7 +13,7 @@ use crate::model::{HostInputs, LossWeights, MaskPlan};
 use crate::nn::Dropout;
 
 /// Graphs kept at once; a shape past them runs eagerly.
-pub const MAX_GRAPHS: usize = 8;
+pub const MAX_GRAPHS: usize = 16;
 /// Shapes remembered (seen once, not captured) before the memory of them is cleared.
 const MAX_SEEN: usize = 4096;
 
@@ -29,16 +29,34 @@ pub(crate) struct Pass {
     pub context_only: bool,
 }
 
+/// How a trainer takes its steps on a device that captures graphs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepMode {
+    /// Each step run as it comes (the CPU's only mode).
+    Eager,
+    /// Eagerly, but shaped as a captured step is (masked rows padded to their bucket): the
+    /// reference a replay is checked against, bit for bit.
+    Shaped,
+    /// Captured once per shape and replayed (the default where the device can).
+    Captured,
+}
+
 pub(crate) struct StepGraphs {
-    /// Whether steps are captured (the device can, and nobody turned it off).
-    pub on: bool,
+    pub mode: StepMode,
     graphs: HashMap<Vec<u64>, Graph>,
     seen: HashSet<Vec<u64>>,
+    /// Why a capture failed, after which none is tried again.
+    pub refused: Option<String>,
 }
 
 impl StepGraphs {
-    pub fn new(on: bool) -> StepGraphs {
-        StepGraphs { on, graphs: HashMap::new(), seen: HashSet::new() }
+    pub fn new(mode: StepMode) -> StepGraphs {
+        StepGraphs { mode, graphs: HashMap::new(), seen: HashSet::new(), refused: None }
+    }
+
+    /// Whether a step's masked rows are padded to their bucket.
+    pub fn shaped(&self) -> bool {
+        self.mode != StepMode::Eager
     }
 
     /// What fixes a step's device work: per pass, its modality and kind, its segment
@@ -57,9 +75,12 @@ impl StepGraphs {
         self.graphs.get(key)
     }
 
-    /// Whether `key` came before (then it is worth capturing, if there is room): notes it.
-    pub fn second_sighting(&mut self, key: &[u64]) -> bool {
-        if self.graphs.len() >= MAX_GRAPHS {
+    /// Whether `key` came before, so that it is worth capturing, and there is room for one
+    /// more graph: fewer than [`MAX_GRAPHS`], and (where the device says) twice the largest
+    /// graph's memory free. Notes `key` as seen.
+    pub fn second_sighting(&mut self, key: &[u64], free: Option<u64>) -> bool {
+        let largest = self.graphs.values().map(|g| g.bytes as u64).max().unwrap_or(0);
+        if self.graphs.len() >= MAX_GRAPHS || free.is_some_and(|f| f < 2 * largest) {
             return false;
         }
         if self.seen.remove(key) {
@@ -79,6 +100,13 @@ impl StepGraphs {
     /// Graphs kept, and the device bytes they hold.
     pub fn held(&self) -> (usize, usize) {
         (self.graphs.len(), self.graphs.values().map(|g| g.bytes).sum())
+    }
+
+    /// Turns capturing off for good after a capture failed, saying why.
+    pub fn refuse(&mut self, why: String) {
+        self.clear();
+        self.mode = StepMode::Eager;
+        self.refused = Some(why);
     }
 
     /// Drops every graph (their memory goes back to the device's pool).

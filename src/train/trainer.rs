@@ -18,7 +18,7 @@ use crate::tensor::Tensor;
 use crate::{Error, Result};
 
 use super::config::{ContextPass, TrainConfig};
-use super::graphs::{Pass, StepGraphs};
+use super::graphs::{Pass, StepGraphs, StepMode};
 
 /// What one step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -103,7 +103,8 @@ impl Trainer {
         let records = dev.zeros(&[STATS_ROWS, record::LEN])?;
         let state = dev.zeros(&[state::LEN])?;
         let (unread, read) = (Vec::new(), Vec::new());
-        let graphs = StepGraphs::new(dev.captures_graphs());
+        let mode = if dev.captures_graphs() { StepMode::Captured } else { StepMode::Eager };
+        let graphs = StepGraphs::new(mode);
         Ok(Trainer { net, params, grads, m, v, step, cfg, decay, current, records, state, unread, read, graphs })
     }
 
@@ -135,11 +136,12 @@ impl Trainer {
         let passes = self.passes([image_plan, text_plan], drop);
         let hosts = passes
             .iter()
-            .map(|p| self.net.host_inputs(&batches[p.text as usize], &p.plan, true))
+            .map(|p| self.net.host_inputs(&batches[p.text as usize], &p.plan, true, self.graphs.shaped()))
             .collect::<Result<Vec<_>>>()?;
         // A step whose shapes were seen before replays its graph (captured the second time a
         // shape comes): one upload of the batch and the step's scalars, one launch.
-        let capturable = self.graphs.on && self.cfg.variant.spec().consistency == Consistency::None;
+        let capturable =
+            self.graphs.mode == StepMode::Captured && self.cfg.variant.spec().consistency == Consistency::None;
         let key = capturable.then(|| StepGraphs::key(&passes, &hosts));
         let mut flat = Vec::new();
         if let Some(graph) = key.as_ref().and_then(|k| self.graphs.get(k)) {
@@ -151,15 +153,16 @@ impl Trainer {
             self.taken(lr);
             return Ok(());
         }
-        let capture = key.as_ref().is_some_and(|k| self.graphs.second_sighting(k));
+        let free = dev.available_memory();
+        let capture = key.as_ref().is_some_and(|k| self.graphs.second_sighting(k, free));
         dev.set_dropout_salt(salt)?;
         dev.write(self.current.sub_mut(record::SCALARS.start, scalars.len()), &scalars)?;
-        let mut staged = Vec::with_capacity(passes.len());
-        for (p, host) in passes.iter().zip(&hosts) {
-            staged.push(self.net.upload_inputs(dev, &batches[p.text as usize], host)?);
-        }
+        let stage = |net: &SemShare, dev: &mut dyn Backend| -> Result<Vec<Staged>> {
+            passes.iter().zip(&hosts).map(|(p, h)| net.upload_inputs(dev, &batches[p.text as usize], h)).collect()
+        };
+        let staged = stage(&self.net, dev)?;
         let Some(key) = key.filter(|_| capture) else {
-            self.run_step(dev, passes, staged, &pair_labels)?;
+            self.run_step(dev, &passes, staged, &pair_labels)?;
             self.taken(lr);
             return Ok(());
         };
@@ -167,10 +170,20 @@ impl Trainer {
         inputs.push(GraphInput::Kept(self.current.sub(record::SCALARS.start, scalars.len())));
         dev.begin_capture(&inputs)?;
         std::mem::drop(inputs);
-        let ran = self.run_step(dev, passes, staged, &pair_labels);
+        let ran = self.run_step(dev, &passes, staged, &pair_labels);
         let graph = dev.end_capture();
-        ran?;
-        let graph = graph?;
+        let graph = match (ran, graph) {
+            (Ok(()), Ok(graph)) => graph,
+            (ran, graph) => {
+                // Nothing ran. Steps on this device are taken eagerly from now on, this one too.
+                let why = ran.err().or(graph.err()).map_or_else(String::new, |e| e.to_string());
+                self.graphs.refuse(why);
+                let staged = stage(&self.net, dev)?;
+                self.run_step(dev, &passes, staged, &pair_labels)?;
+                self.taken(lr);
+                return Ok(());
+            }
+        };
         // The capture ran nothing: its first launch takes the step.
         for h in &hosts {
             h.flat(&mut flat);
@@ -182,18 +195,28 @@ impl Trainer {
         Ok(())
     }
 
-    /// Whether steps are captured and replayed as graphs (on by default where the device
-    /// can; a replay gives the same bits as the step run eagerly). Off drops every graph.
-    pub fn set_graphs(&mut self, on: bool, dev: &dyn Backend) {
-        self.graphs.on = on && dev.captures_graphs();
-        if !self.graphs.on {
+    /// How steps are taken (`StepMode::Captured` by default where the device captures
+    /// graphs, `Eager` elsewhere, whatever is asked); leaving `Captured` drops every graph.
+    pub fn set_step_mode(&mut self, mode: StepMode, dev: &dyn Backend) {
+        self.graphs.mode = if dev.captures_graphs() { mode } else { StepMode::Eager };
+        if self.graphs.mode != StepMode::Captured {
             self.graphs.clear();
         }
+    }
+
+    pub fn step_mode(&self) -> StepMode {
+        self.graphs.mode
     }
 
     /// Graphs kept, and the device bytes they hold.
     pub fn graphs_held(&self) -> (usize, usize) {
         self.graphs.held()
+    }
+
+    /// Why steps stopped being captured on this device, if a capture failed (the step was
+    /// then taken eagerly, as every later one is).
+    pub fn graphs_refused(&self) -> Option<&str> {
+        self.graphs.refused.as_deref()
     }
 
     /// Books a step taken at learning rate `lr`: its record is the next unread one.
@@ -231,7 +254,7 @@ impl Trainer {
     fn run_step(
         &mut self,
         dev: &mut dyn Backend,
-        passes: Vec<Pass>,
+        passes: &[Pass],
         staged: Vec<Staged>,
         pair_labels: &[u8],
     ) -> Result<()> {

@@ -2,6 +2,7 @@
 
 use super::elementwise::{exp_shifted, sigmoid};
 use super::simd;
+use crate::backend::IGNORE_TARGET;
 
 /// Mean over all entries of `max(x,0) − x·y + log(1 + e^{−|x|})` (stable BCE-with-logits).
 /// Gradient of the mean, times `scale`, replaces the logits. Returns the mean loss.
@@ -17,13 +18,18 @@ pub fn bce_with_logits(logits: &mut [f32], targets: &[f32], scale: f32) -> f32 {
 }
 
 /// Mean over rows of `−log softmax(x)[target]`; the gradient of the mean, times `scale`,
-/// replaces the logits. Returns the mean loss. Rows are compiled for the path
+/// replaces the logits (rows whose target is `IGNORE_TARGET`: no loss, a zero gradient, not
+/// counted). Returns the mean loss. Rows are compiled for the path
 /// (`simd::vectorised!`, `exp_shifted`).
 pub fn cross_entropy(logits: &mut [f32], classes: usize, targets: &[u32], scale: f32) -> f32 {
-    let n = targets.len().max(1) as f32;
+    let n = targets.iter().filter(|&&t| t != IGNORE_TARGET).count().max(1) as f32;
     let mut loss = 0.0f64;
     simd::vectorised!({
         for (row, &t) in logits.chunks_exact_mut(classes).zip(targets) {
+            if t == IGNORE_TARGET {
+                row.fill(0.0);
+                continue;
+            }
             let t = t as usize;
             // The target's shifted logit before exponentiating: ln(exp(x_t − max)) underflows
             // to −∞ once the gap passes ~103.

@@ -563,7 +563,15 @@ impl Backend for Cpu {
         expect_cols("cross_entropy", logits)?;
         expect_len("cross_entropy", "loss", loss.len(), 1)?;
         let classes = logits.cols();
-        check_ids("cross_entropy", targets.cpu(), classes)?;
+        let ignored = |&(_, &t): &(usize, &u32)| t == super::IGNORE_TARGET;
+        if let Some((i, &t)) =
+            targets.cpu().iter().enumerate().filter(|e| !ignored(e)).find(|(_, t)| **t as usize >= classes)
+        {
+            return Err(Error::shape(
+                "cross_entropy",
+                format!("index {t} at position {i} is out of range (< {classes})"),
+            ));
+        }
         loss.cpu()[0] = losses::cross_entropy(logits.cpu_mut(), classes, targets.cpu(), scale);
         Ok(())
     }

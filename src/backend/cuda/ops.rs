@@ -7,9 +7,9 @@ use super::{
 };
 use crate::backend::{
     AdamW, AdamWConstants, AdamWScalars, Backend, Counters, DecayMask, Gemm, Graph, GraphInput, GruRunBwd, GruRunFwd,
-    GruStep, GuardParams, Segments, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd,
-    check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_top_k,
-    expect_cols, expect_len, rows_of, same_shape,
+    GruStep, GuardParams, IGNORE_TARGET, Segments, check_attention, check_attention_bwd, check_dropout, check_gemm,
+    check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
+    check_top_k, expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -26,6 +26,14 @@ fn dropout_scale(p: f32) -> Result<f32> {
 
 /// The bound is tracked on the host at upload, so this costs no device round trip.
 fn check_ids(op: &'static str, ids: &Ids, bound: usize) -> Result<()> {
+    if dev_ids(ids)?.ignores() {
+        return Err(Error::shape(op, format!("index {IGNORE_TARGET} (the ignore marker) is out of range (< {bound})")));
+    }
+    check_targets(op, ids, bound)
+}
+
+/// As `check_ids`, `IGNORE_TARGET` allowed (a target the loss skips).
+fn check_targets(op: &'static str, ids: &Ids, bound: usize) -> Result<()> {
     let b = dev_ids(ids)?.bound() as usize;
     if b > bound {
         return Err(Error::shape(op, format!("index {} is out of range (< {bound})", b - 1)));
@@ -123,9 +131,11 @@ impl Cuda {
         expect_cols("cross_entropy", logits)?;
         expect_len("cross_entropy", "targets", targets.len(), logits.rows())?;
         let (rows, classes) = (logits.rows(), logits.cols());
-        check_ids("cross_entropy", targets, classes)?;
-        let row_loss = self.scratch(rows)?;
+        check_targets("cross_entropy", targets, classes)?;
+        // The rows' losses, then how many rows have a target (the mean's divisor).
+        let mut row_loss = self.scratch(rows + 1)?;
         if rows == 0 {
+            self.fill(row_loss.view_mut(), 0.0)?;
             return Ok(row_loss);
         }
         let args = [
@@ -190,8 +200,9 @@ impl Backend for Cuda {
             unsafe { result::memcpy_htod_async(buf.ptr(), data, self.stream.cu_stream()) }
                 .map_err(dev_err(format!("upload {} bytes of indices", data.len() * 4)))?;
         }
-        let bound = data.iter().max().map_or(0, |&m| m.saturating_add(1));
-        Ok(Ids { storage: IdStorage::Cuda(DevIds::new(buf, bound)) })
+        let bound = data.iter().filter(|&&i| i != IGNORE_TARGET).max().map_or(0, |&m| m + 1);
+        let ignores = data.contains(&IGNORE_TARGET);
+        Ok(Ids { storage: IdStorage::Cuda(DevIds::new(buf, bound, ignores)) })
     }
 
     fn zeros(&mut self, shape: &[usize]) -> Result<Tensor> {
@@ -675,7 +686,7 @@ impl Backend for Cuda {
     fn cross_entropy_into(&mut self, logits: &mut Tensor, targets: &Ids, scale: f32, loss: ViewMut) -> Result<()> {
         expect_len("cross_entropy", "loss", loss.len(), 1)?;
         let row_loss = self.cross_entropy_rows(logits, targets, scale)?;
-        self.finish_sum(&row_loss, logits.rows(), &loss)
+        self.finish_mean_counted(&row_loss, &loss)
     }
 
     fn top_k(&mut self, queries: View, gallery: View, dim: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {

@@ -16,6 +16,21 @@ impl Cuda {
             Arg::tensor(partial)?,
             Arg::int("sum_finish", partial.len())?,
             Arg::U64(divisor.max(1) as u64),
+            Arg::Ptr(0),
+            Arg::view_mut(out)?,
+        ];
+        self.launch("sum_finish_f32", (1, 1, 1), (32, 1, 1), 0, &args)
+    }
+
+    /// `out[0]` = the mean of `row_loss[..n]` over the count in `row_loss[n]` (n = len − 1),
+    /// both left by the cross-entropy kernel: the divisor never comes from the host.
+    pub(crate) fn finish_mean_counted(&mut self, row_loss: &Tensor, out: &ViewMut) -> Result<()> {
+        let n = row_loss.len().saturating_sub(1);
+        let args = [
+            Arg::tensor(row_loss)?,
+            Arg::int("sum_finish", n)?,
+            Arg::U64(1),
+            Arg::Ptr(super::tensor_ptr(row_loss)? + 4 * n as u64),
             Arg::view_mut(out)?,
         ];
         self.launch("sum_finish_f32", (1, 1, 1), (32, 1, 1), 0, &args)
