@@ -29,7 +29,7 @@ mod gpu {
     use semshare::nn::{BiGru, ParamStore};
     use semshare::rng::Rng;
     use semshare::tensor::Tensor;
-    use semshare::train::{TrainConfig, Trainer};
+    use semshare::train::{StepMode, TrainConfig, Trainer};
 
     const B: usize = 128;
     const R: usize = 36;
@@ -363,12 +363,21 @@ mod gpu {
         let cfg = config();
         let mut g = c.benchmark_group("paper_b128_t32");
         g.sample_size(10);
-        let mut trainer = Trainer::new(dev, &cfg, TrainConfig::default()).expect("trainer");
         let (ib, tb) = batches(&cfg, 1);
         // The step takes its host batches by value: their clones are made before the clock.
+        // Eager steps, and the step as the trainer takes it by default: captured once per
+        // shape (masked-row bucket) and replayed; criterion's warm-up sees each bucket twice.
+        // One trainer per row: a graph keeps the math mode it was captured in.
         let tf32 = dev.tf32();
-        for (name, on) in [("train_step_tf32", true), ("train_step_ieee", false)] {
+        let rows = [
+            ("train_step_tf32", true, StepMode::Eager),
+            ("train_step_ieee", false, StepMode::Eager),
+            ("train_step_graph_tf32", true, StepMode::Captured),
+        ];
+        for (name, on, mode) in rows {
             dev.set_tf32(on).expect("math mode");
+            let mut trainer = Trainer::new(dev, &cfg, TrainConfig::default()).expect("trainer");
+            trainer.set_step_mode(mode, dev);
             bench_batched(
                 &mut g,
                 name,

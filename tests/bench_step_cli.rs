@@ -22,6 +22,8 @@ fn bench_step_prints_one_json_line() {
 fn counts_need_a_counting_device() {
     let out = semshare(&["bench-step", "--device", "cpu", "--counts", "--steps", "1"]);
     fails_with(&out, "--counts needs a device that counts its launches (--device cuda)");
+    let out = semshare(&["bench-step", "--device", "cpu", "--graph", "--steps", "1"]);
+    fails_with(&out, "--graph needs a device that captures graphs (--device cuda)");
     let out = semshare(&["bench-step", "--device", "cpu", "--tokens", "0"]);
     fails_with(&out, "--tokens 0 is not in 1..=");
 }

@@ -156,6 +156,7 @@ comparisons() {
       ratio("BCE fwd+bwd 128x24", "losses/bce_fwd_bwd_128x24", "bce_fwd_bwd fp32")
       ratio("CE fwd+bwd 614x10000", "losses/ce_fwd_bwd_614x10000", "ce_fwd_bwd fp32")
       ratio("train step TF32", "paper_b128_t32/train_step_tf32", "train_step tf32")
+      ratio("train step TF32, CUDA graph", "paper_b128_t32/train_step_graph_tf32", "train_step tf32")
       ratio("train step IEEE (fp32)", "paper_b128_t32/train_step_ieee", "train_step fp32")
       ratio("embed 128+128 (TF32)", "paper_b128_t32/embed_128img_128txt", "embed_128+128 tf32")
     }' "$WORK/bench.tsv" "$WORK/torch.tsv"

@@ -54,11 +54,6 @@ impl StepGraphs {
         StepGraphs { mode, graphs: HashMap::new(), seen: HashSet::new(), refused: None }
     }
 
-    /// Whether a step's masked rows are padded to their bucket.
-    pub fn shaped(&self) -> bool {
-        self.mode != StepMode::Eager
-    }
-
     /// What fixes a step's device work: per pass, its modality and kind, its segment
     /// offsets (the items' lengths) and the length of every input part.
     pub fn key(passes: &[Pass], hosts: &[HostInputs]) -> Vec<u64> {

@@ -134,14 +134,16 @@ impl Trainer {
         let pair_labels: Vec<u8> = images.labels.iter().map(|&y| (y > 0.5) as u8).collect();
         let batches = [Batch::Image(images), Batch::Text(texts)];
         let passes = self.passes([image_plan, text_plan], drop);
-        let hosts = passes
-            .iter()
-            .map(|p| self.net.host_inputs(&batches[p.text as usize], &p.plan, true, self.graphs.shaped()))
-            .collect::<Result<Vec<_>>>()?;
         // A step whose shapes were seen before replays its graph (captured the second time a
-        // shape comes): one upload of the batch and the step's scalars, one launch.
+        // shape comes): one upload of the batch and the step's scalars, one launch. Variants
+        // with a cross-modal loss read the embeddings on the host: never captured.
         let capturable =
             self.graphs.mode == StepMode::Captured && self.cfg.variant.spec().consistency == Consistency::None;
+        let shaped = capturable || self.graphs.mode == StepMode::Shaped;
+        let hosts = passes
+            .iter()
+            .map(|p| self.net.host_inputs(&batches[p.text as usize], &p.plan, true, shaped))
+            .collect::<Result<Vec<_>>>()?;
         let key = capturable.then(|| StepGraphs::key(&passes, &hosts));
         let mut flat = Vec::new();
         if let Some(graph) = key.as_ref().and_then(|k| self.graphs.get(k)) {

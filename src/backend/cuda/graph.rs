@@ -26,6 +26,8 @@ struct Captured {
     staging: Tensor,
     inputs: usize,
     stream: cu::CUstream,
+    /// The GEMMs' math mode when captured (the graph keeps the kernels cuBLAS chose then).
+    tf32: bool,
 }
 
 fn no_graph(what: &str) -> Error {
@@ -57,7 +59,8 @@ pub(super) fn begin(cuda: &mut Cuda, inputs: &[GraphInput]) -> Result<()> {
         .begin_capture(cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .map_err(dev_err("begin a graph capture"))?;
     cuda.pool.begin_capture()?;
-    cuda.capture = Some(Capture { staging, slots: slots.clone(), counts });
+    let clones = cuda.pool.clones();
+    cuda.capture = Some(Capture { staging, slots: slots.clone(), counts, clones });
     let mut at = 0u64;
     let copies = slots.iter().map(|s| {
         let c = (s.ptr, base + 4 * at, s.len * 4);
@@ -82,6 +85,7 @@ pub(super) fn end(cuda: &mut Cuda) -> Result<Graph> {
     let cap = cuda.capture.take().ok_or_else(|| no_graph("no capture is under way"))?;
     let arena = cuda.pool.end_capture().ok_or_else(|| no_graph("the pool was not capturing"))?;
     cuda.counts = cap.counts;
+    cuda.recorded_clones += cuda.pool.clones() - cap.clones;
     cuda.bind()?;
     let graph = cuda
         .stream
@@ -100,7 +104,7 @@ pub(super) fn end(cuda: &mut Cuda) -> Result<Graph> {
     let inputs = cap.slots.iter().map(|s| s.len).sum();
     let bytes = arena.bytes() + cap.staging.len() * 4;
     let stream = cuda.stream.cu_stream();
-    let captured = Captured { graph, _arena: arena, staging: cap.staging, inputs, stream };
+    let captured = Captured { graph, _arena: arena, staging: cap.staging, inputs, stream, tf32: cuda.tf32 };
     Ok(Graph { inner: Box::new(captured), inputs, bytes })
 }
 
@@ -111,6 +115,9 @@ pub(super) fn launch(cuda: &mut Cuda, graph: &Graph, inputs: &[f32], salt: u64) 
     }
     if cuda.capture.is_some() {
         return Err(no_graph("a graph cannot be launched inside a capture"));
+    }
+    if g.tf32 != cuda.tf32 {
+        return Err(no_graph("captured in another math mode (TF32 on or off) than the device's now: capture again"));
     }
     if inputs.len() != g.inputs {
         return Err(Error::shape("launch_graph", format!("{} input words for a graph of {}", inputs.len(), g.inputs)));

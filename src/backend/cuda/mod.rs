@@ -221,14 +221,18 @@ pub struct Cuda {
     _blas_workspace: Option<Tensor>,
     /// A graph capture under way (`graph.rs`).
     capture: Option<Capture>,
+    /// Tensor clones made inside captures: recorded into a graph, not run then.
+    recorded_clones: u64,
 }
 
 /// A graph capture under way (`graph.rs`).
 pub(crate) struct Capture {
     pub(crate) staging: Tensor,
     pub(crate) slots: Vec<Slot>,
-    /// The counts when it began: recording runs nothing, so they are restored at its end.
+    /// The counts when it began (and the pool's clones): recording runs nothing, so they
+    /// are restored at its end.
     pub(crate) counts: Counters,
+    pub(crate) clones: u64,
 }
 
 /// One input: its device address, its length in 4-byte words, whether the caller keeps it.
@@ -309,6 +313,7 @@ impl Cuda {
             dropout_salt: None,
             _blas_workspace: None,
             capture: None,
+            recorded_clones: 0,
         };
         let salt = crate::backend::Backend::zeros(&mut cuda, &[2])?;
         cuda.dropout_salt = Some(salt);
@@ -382,7 +387,7 @@ impl Cuda {
     pub fn counts(&self) -> Counters {
         let mut c = self.counts;
         c.allocs = self.pool.misses();
-        c.copies += self.pool.clones();
+        c.copies += self.pool.clones() - self.recorded_clones;
         c
     }
 

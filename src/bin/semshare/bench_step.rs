@@ -5,14 +5,16 @@
 //! waits for, allocates and uploads, as the backend's host code counts them (the same on the
 //! emulated device as on a GPU). The measured steps are deferred (`Trainer::step_deferred`):
 //! the counts are those of steps between two log points; `ms_per_step` includes the one read
-//! after them.
+//! after them. With `--graph` the steps are captured once per shape and replayed, as the
+//! trainer takes them on CUDA (a shape is captured the second time it comes: give the warm-up
+//! enough steps to see each masked-row bucket twice); without it every step runs eagerly.
 
 use crate::common::device;
 use semshare::backend::Counters;
 use semshare::cli::Args;
 use semshare::model::{ImageBatch, ModelConfig, TextBatch};
 use semshare::rng::Rng;
-use semshare::train::{TrainConfig, Trainer};
+use semshare::train::{StepMode, TrainConfig, Trainer};
 use semshare::{Error, Result};
 
 pub fn run(args: &Args) -> Result<()> {
@@ -37,9 +39,17 @@ pub fn run(args: &Args) -> Result<()> {
             dev.name()
         )));
     }
+    let graph = args.has("graph");
+    if graph && !dev.captures_graphs() {
+        return Err(Error::config(format!(
+            "bench-step: --graph needs a device that captures graphs (--device cuda), not `{}`",
+            dev.name()
+        )));
+    }
     let model = ModelConfig { max_tokens: model.max_tokens.max(tokens), ..model };
     let cfg = TrainConfig { batch_size: batch, steps: warmup + steps, warmup: 1, ..TrainConfig::default() };
     let mut trainer = Trainer::new(dev.as_mut(), &model, cfg)?;
+    trainer.set_step_mode(if graph { StepMode::Captured } else { StepMode::Eager }, dev.as_ref());
     let regions = model.max_regions;
     let batch_of = |step: u64| {
         let mut rng = Rng::derive(0xBE7C, step);
@@ -73,7 +83,14 @@ pub fn run(args: &Args) -> Result<()> {
     if args.has("counts") {
         line += &per_step(&after.since(&before), steps);
     }
-    println!("{line}, \"graph\": false}}");
+    if graph {
+        let (held, bytes) = trainer.graphs_held();
+        line += &format!(", \"graphs_held\": {held}, \"graph_mib\": {:.1}", bytes as f64 / (1 << 20) as f64);
+        if let Some(why) = trainer.graphs_refused() {
+            return Err(Error::Device { what: format!("bench-step: a capture failed: {why}") });
+        }
+    }
+    println!("{line}, \"graph\": {graph}}}");
     Ok(())
 }
 
@@ -84,8 +101,9 @@ fn per_step(c: &Counters, steps: u64) -> String {
         if x.fract() == 0.0 { format!("{x}") } else { format!("{x:.2}") }
     };
     format!(
-        ", \"launches_per_step\": {}, \"kernels_per_step\": {}, \"blas_per_step\": {}, \"copies_per_step\": {}, \"syncs_per_step\": {}, \"allocs_per_step\": {}, \"upload_bytes_per_step\": {}",
+        ", \"launches_per_step\": {}, \"graph_launches_per_step\": {}, \"kernels_per_step\": {}, \"blas_per_step\": {}, \"copies_per_step\": {}, \"syncs_per_step\": {}, \"allocs_per_step\": {}, \"upload_bytes_per_step\": {}",
         f(c.launches()),
+        f(c.graphs),
         f(c.kernels),
         f(c.blas_calls),
         f(c.copies),
