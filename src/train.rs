@@ -272,6 +272,8 @@ pub fn train(
     // after every step, which costs nothing there.
     const READ_EVERY: u64 = 16;
     let read_every = if dev.on_host() { 1 } else { READ_EVERY };
+    // A capture that fails turns the trainer's graphs off (the step runs eagerly): said once.
+    let mut graphs_noted = false;
     while trainer.step < cfg.steps {
         let (images, texts) = match loader.next_batch() {
             Some(Ok(b)) => (b.images.widen(), b.texts.widen()),
@@ -285,6 +287,10 @@ pub fn train(
             continue;
         }
         let read = trainer.read_stats(dev)?;
+        if let (false, Some(why)) = (graphs_noted, trainer.graphs_refused()) {
+            report(Progress::Note(format!("CUDA graphs are off for this run, steps run eagerly: {why}")));
+            graphs_noted = true;
+        }
         losses.extend(read.iter().map(|s| s.loss));
         let Some(stats) = read.last().copied() else { continue };
         last_loss = stats.loss;

@@ -146,7 +146,7 @@ impl Trainer {
             .collect::<Result<Vec<_>>>()?;
         let key = capturable.then(|| StepGraphs::key(&passes, &hosts));
         let mut flat = Vec::new();
-        if let Some(graph) = key.as_ref().and_then(|k| self.graphs.get(k)) {
+        if let Some(graph) = key.as_ref().and_then(|k| self.graphs.get_mut(k)) {
             for h in &hosts {
                 h.flat(&mut flat);
             }
@@ -174,7 +174,7 @@ impl Trainer {
         std::mem::drop(inputs);
         let ran = self.run_step(dev, &passes, staged, &pair_labels);
         let graph = dev.end_capture();
-        let graph = match (ran, graph) {
+        let mut graph = match (ran, graph) {
             (Ok(()), Ok(graph)) => graph,
             (ran, graph) => {
                 // Nothing ran. Steps on this device are taken eagerly from now on, this one too.
@@ -191,7 +191,7 @@ impl Trainer {
             h.flat(&mut flat);
         }
         flat.extend_from_slice(&scalars);
-        dev.launch_graph(&graph, &flat, salt)?;
+        dev.launch_graph(&mut graph, &flat, salt)?;
         self.graphs.insert(key, graph);
         self.taken(lr);
         Ok(())
