@@ -427,3 +427,36 @@ fn masked_steps_replay_by_bucket() {
     eprintln!("masked steps: {replays} graph launches in 8 steps, {:?} graphs held", captured.graphs_held());
     assert!(replays >= 4, "{replays} graph launches: the buckets should repeat");
 }
+
+/// The memory a captured graph uses is its own while it lives (replays write it): a block the
+/// capture took, or one taken before it and freed inside it, is not handed out after the
+/// capture; once the graph is dropped it is the pool's again.
+#[cfg(feature = "cuda")]
+#[test]
+fn a_graphs_memory_is_its_own_until_it_is_dropped() {
+    use semshare::backend::cuda::tensor_ptr;
+    let Some(mut cuda) = common::gpu::cuda_or_skip("graph arena") else { return };
+    let dev: &mut dyn Backend = &mut cuda;
+    let x = dev.upload(&randv(3, 1000), &[1000]).unwrap();
+    let mut before = dev.alloc(&[2048]).unwrap();
+    let before_ptr = tensor_ptr(&before).unwrap();
+    drop(dev.alloc(&[4096]).unwrap()); // a cached block the capture will take
+    dev.begin_capture(&[]).unwrap();
+    let mut y = dev.alloc(&[4096]).unwrap();
+    let y_ptr = tensor_ptr(&y).unwrap();
+    dev.copy(x.view(), y.sub_mut(0, 1000)).unwrap();
+    dev.copy(x.view(), before.sub_mut(0, 1000)).unwrap();
+    drop(y);
+    drop(before);
+    let graph = dev.end_capture().unwrap();
+    let other = dev.alloc(&[2048]).unwrap();
+    assert_ne!(tensor_ptr(&other).unwrap(), before_ptr, "a block freed inside the capture was handed out");
+    assert!(graph.bytes >= 4096 * 4, "the graph holds {} bytes", graph.bytes);
+    let z = dev.alloc(&[4096]).unwrap();
+    assert_ne!(tensor_ptr(&z).unwrap(), y_ptr, "the graph's block was handed out while the graph lives");
+    drop(z);
+    drop(graph);
+    // Both blocks are cached now; the pool hands out the last one returned: the graph's.
+    let w = dev.alloc(&[4096]).unwrap();
+    assert_eq!(tensor_ptr(&w).unwrap(), y_ptr, "the graph's block did not come back to the pool");
+}
