@@ -197,7 +197,13 @@ impl SemShare {
     /// (`labels` for a pass that computes the label loss; `bucket` pads the masked rows, for a
     /// captured step): values the device-side pass never computes, in the order
     /// [`SemShare::upload_inputs`] uploads them.
-    pub fn host_inputs(&self, batch: &Batch, plan: &MaskPlan, labels: bool, bucket: bool) -> Result<HostInputs> {
+    pub fn host_inputs<'b>(
+        &self,
+        batch: &'b Batch,
+        plan: &MaskPlan,
+        labels: bool,
+        bucket: bool,
+    ) -> Result<HostInputs<'b>> {
         self.stager().host_inputs(batch, plan, labels, bucket)
     }
 

@@ -4,6 +4,8 @@
 //! that the pass itself uploads nothing. A captured step (CUDA graph) replays on the same
 //! device memory: `HostInputs::flat` refills all of it with the next batch's values at once.
 
+use std::borrow::Cow;
+
 use crate::backend::{Backend, GraphInput, IGNORE_TARGET, Segments};
 use crate::tensor::{Ids, Tensor};
 use crate::{Error, Result};
@@ -30,13 +32,14 @@ pub(crate) enum StagedInput {
     Text(TextInput),
 }
 
-/// One uploaded part: values with their shape, or indices.
-pub enum HostPart {
-    Values(Vec<f32>, Vec<usize>),
-    Ids(Vec<u32>),
+/// One uploaded part: values with their shape, or indices; borrowed from the batch where
+/// the pass reads them as they are (no copy on the host).
+pub enum HostPart<'a> {
+    Values(Cow<'a, [f32]>, Vec<usize>),
+    Ids(Cow<'a, [u32]>),
 }
 
-impl HostPart {
+impl HostPart<'_> {
     pub fn len(&self) -> usize {
         match self {
             HostPart::Values(v, _) => v.len(),
@@ -51,14 +54,14 @@ impl HostPart {
 
 /// The host values of a [`Staged`], in the order `SemShare::stage` uploads them and
 /// [`Staged::inputs`] lists their device memory.
-pub struct HostInputs {
-    pub parts: Vec<HostPart>,
+pub struct HostInputs<'a> {
+    pub parts: Vec<HostPart<'a>>,
     /// Whether the parts hold the labels, and the masked rows and their targets.
     pub labels: bool,
     pub masked: bool,
 }
 
-impl HostInputs {
+impl HostInputs<'_> {
     /// The items' segment offsets (the first part).
     pub fn offsets(&self) -> &[u32] {
         match self.parts.first() {
@@ -117,37 +120,44 @@ impl Stager<'_> {
     /// What the forward pass of `batch` reads from the host, with `plan`'s segments masked;
     /// `labels` for a pass that computes the label loss; `bucket` pads the masked rows to
     /// [`masked_bucket`] of their count.
-    pub fn host_inputs(&self, batch: &Batch, plan: &MaskPlan, labels: bool, bucket: bool) -> Result<HostInputs> {
+    pub fn host_inputs<'b>(
+        &self,
+        batch: &'b Batch,
+        plan: &MaskPlan,
+        labels: bool,
+        bucket: bool,
+    ) -> Result<HostInputs<'b>> {
         let lengths = batch.lengths();
         let tokens: usize = lengths.iter().sum();
-        let mut parts = vec![HostPart::Ids(offsets_of(lengths)?)];
+        let mut parts = vec![HostPart::Ids(offsets_of(lengths)?.into())];
         if self.cfg.global_segments {
             if !plan.rows.is_empty() {
                 return Err(Error::config("global segments cannot be masked: nothing is left to predict them from"));
             }
-            parts.push(HostPart::Ids(offsets_of(&vec![1; lengths.len()])?));
+            parts.push(HostPart::Ids(offsets_of(&vec![1; lengths.len()])?.into()));
         }
         match batch {
             Batch::Image(b) => {
                 let features = match self.norm {
-                    Some(n) => n.image.apply(&b.features),
-                    None => b.features.clone(),
+                    Some(n) => n.image.apply(&b.features).into(),
+                    None => Cow::Borrowed(&b.features[..]),
                 };
                 parts.push(HostPart::Values(features, vec![tokens, self.cfg.region_dim]));
-                parts.push(HostPart::Values(b.boxes.clone(), vec![tokens, 5]));
+                parts.push(HostPart::Values(Cow::Borrowed(&b.boxes[..]), vec![tokens, 5]));
             }
             Batch::Text(b) if self.cfg.text_features() => {
                 let features = match self.norm.and_then(|n| n.text.as_ref()) {
-                    Some(n) => n.apply(&b.features),
-                    None => b.features.clone(),
+                    Some(n) => n.apply(&b.features).into(),
+                    None => Cow::Borrowed(&b.features[..]),
                 };
                 parts.push(HostPart::Values(features, vec![tokens, self.cfg.text_feature_dim]));
             }
             Batch::Text(b) => {
-                let mut ids = b.tokens.clone();
-                check_ids("token id", &ids, self.cfg.vocab)?;
+                check_ids("token id", &b.tokens, self.cfg.vocab)?;
+                let mut ids = Cow::Borrowed(&b.tokens[..]);
                 for &r in &plan.rows {
                     let slot = ids
+                        .to_mut()
                         .get_mut(r as usize)
                         .ok_or_else(|| Error::data(format!("masked row {r} is outside the batch's {tokens} tokens")))?;
                     *slot = MASK_TOKEN;
@@ -156,7 +166,7 @@ impl Stager<'_> {
             }
         }
         if labels {
-            parts.push(HostPart::Values(batch.labels().to_vec(), vec![batch.items(), self.cfg.labels]));
+            parts.push(HostPart::Values(Cow::Borrowed(batch.labels()), vec![batch.items(), self.cfg.labels]));
         }
         if !plan.rows.is_empty() {
             // Checked here, against the limits the ops check: a captured step replays on new
@@ -176,8 +186,8 @@ impl Stager<'_> {
                 rows.resize(padded, *plan.rows.last().expect("not empty"));
                 targets.resize(padded, IGNORE_TARGET);
             }
-            parts.push(HostPart::Ids(rows));
-            parts.push(HostPart::Ids(targets));
+            parts.push(HostPart::Ids(rows.into()));
+            parts.push(HostPart::Ids(targets.into()));
         }
         Ok(HostInputs { parts, labels, masked: !plan.rows.is_empty() })
     }
@@ -205,9 +215,9 @@ impl Stager<'_> {
 }
 
 /// Uploads `host_inputs`' parts in order.
-struct Cursor<'a>(std::slice::Iter<'a, HostPart>);
+struct Cursor<'a, 'b>(std::slice::Iter<'a, HostPart<'b>>);
 
-impl Cursor<'_> {
+impl Cursor<'_, '_> {
     fn values(&mut self, dev: &mut dyn Backend) -> Result<Tensor> {
         match self.0.next() {
             Some(HostPart::Values(v, shape)) => dev.upload(v, shape),
