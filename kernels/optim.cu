@@ -5,7 +5,9 @@
 // Why one launch over the whole flat buffer: 71 M parameters, four streams (p, g, m, v),
 // purely bandwidth-bound; per-tensor launches would add ~200 launches per step for nothing.
 // The bias corrections and decay factor are computed on the host (in f64, as the CPU does)
-// and passed in, so the per-element arithmetic is the CPU's expression for expression.
+// and passed in (the masked update reads them from the step's record, where the host writes
+// them with the batch, so a replayed graph uses its own step's), so the per-element
+// arithmetic is the CPU's expression for expression.
 // Parameters, moments and gradients stay f32 whatever the activation storage type.
 #include "common.cuh"
 

@@ -145,13 +145,17 @@ impl Trainer {
             .map(|p| self.net.host_inputs(&batches[p.text as usize], &p.plan, true, shaped))
             .collect::<Result<Vec<_>>>()?;
         let key = capturable.then(|| StepGraphs::key(&passes, &hosts));
-        let mut flat = Vec::new();
-        if let Some(graph) = key.as_ref().and_then(|k| self.graphs.get_mut(k)) {
+        // A launch's inputs: every pass's staged values, then the scalars (`GraphInput` order).
+        let flat = || {
+            let mut flat = Vec::new();
             for h in &hosts {
                 h.flat(&mut flat);
             }
             flat.extend_from_slice(&scalars);
-            dev.launch_graph(graph, &flat, salt)?;
+            flat
+        };
+        if let Some(graph) = key.as_ref().and_then(|k| self.graphs.get_mut(k)) {
+            dev.launch_graph(graph, &flat(), salt)?;
             self.taken(lr);
             return Ok(());
         }
@@ -170,29 +174,28 @@ impl Trainer {
         };
         let mut inputs: Vec<GraphInput> = staged.iter().flat_map(|s| s.inputs()).collect();
         inputs.push(GraphInput::Kept(self.current.sub(record::SCALARS.start, scalars.len())));
-        dev.begin_capture(&inputs)?;
+        let began = dev.begin_capture(&inputs);
         std::mem::drop(inputs);
-        let ran = self.run_step(dev, &passes, staged, &pair_labels);
-        let graph = dev.end_capture();
-        let mut graph = match (ran, graph) {
-            (Ok(()), Ok(graph)) => graph,
-            (ran, graph) => {
-                // Nothing ran. Steps on this device are taken eagerly from now on, this one too.
-                let why = ran.err().or(graph.err()).map_or_else(String::new, |e| e.to_string());
-                self.graphs.refuse(why);
-                let staged = stage(&self.net, dev)?;
-                self.run_step(dev, &passes, staged, &pair_labels)?;
-                self.taken(lr);
-                return Ok(());
+        // A capture that cannot begin or end ran nothing: steps on this device are taken
+        // eagerly from now on, this one too.
+        let (staged, failed) = match began {
+            Ok(()) => {
+                let ran = self.run_step(dev, &passes, staged, &pair_labels);
+                match (ran, dev.end_capture()) {
+                    (Ok(()), Ok(mut graph)) => {
+                        // The capture ran nothing: its first launch takes the step.
+                        dev.launch_graph(&mut graph, &flat(), salt)?;
+                        self.graphs.insert(key, graph);
+                        self.taken(lr);
+                        return Ok(());
+                    }
+                    (ran, graph) => (stage(&self.net, dev)?, ran.err().or(graph.err())),
+                }
             }
+            Err(e) => (staged, Some(e)),
         };
-        // The capture ran nothing: its first launch takes the step.
-        for h in &hosts {
-            h.flat(&mut flat);
-        }
-        flat.extend_from_slice(&scalars);
-        dev.launch_graph(&mut graph, &flat, salt)?;
-        self.graphs.insert(key, graph);
+        self.graphs.refuse(failed.map_or_else(String::new, |e| e.to_string()));
+        self.run_step(dev, &passes, staged, &pair_labels)?;
         self.taken(lr);
         Ok(())
     }
