@@ -19,7 +19,7 @@ use super::config::ModelConfig;
 use super::image::{ImageCache, ImageEncoder};
 use super::input_norm::InputNorm;
 use super::shared::{SharedCache, SharedEncoder};
-use super::staged::{HostInputs, Staged, StagedInput, Stager};
+use super::staged::{Staged, StagedInput, Stager};
 use super::text::{TextCache, TextEncoder};
 
 #[derive(Clone, Debug)]
@@ -189,33 +189,16 @@ impl SemShare {
         }
     }
 
-    fn stager(&self) -> Stager<'_> {
+    /// What this model's inputs are made of (`host_inputs`, `upload_inputs`).
+    pub(crate) fn stager(&self) -> Stager<'_> {
         Stager { cfg: &self.cfg, norm: self.input_norm.as_ref() }
-    }
-
-    /// What the forward pass of `batch` reads from the host, with `plan`'s segments masked
-    /// (`labels` for a pass that computes the label loss; `bucket` pads the masked rows, for a
-    /// captured step): values the device-side pass never computes, in the order
-    /// [`SemShare::upload_inputs`] uploads them.
-    pub fn host_inputs<'b>(
-        &self,
-        batch: &'b Batch,
-        plan: &MaskPlan,
-        labels: bool,
-        bucket: bool,
-    ) -> Result<HostInputs<'b>> {
-        self.stager().host_inputs(batch, plan, labels, bucket)
-    }
-
-    /// `host` (this batch's [`SemShare::host_inputs`]) on the device, part by part.
-    pub fn upload_inputs(&self, dev: &mut dyn Backend, batch: &Batch, host: &HostInputs) -> Result<Staged> {
-        self.stager().upload_inputs(dev, batch, host)
     }
 
     /// `batch` staged on `dev` for one forward pass.
     pub fn stage(&self, dev: &mut dyn Backend, batch: &Batch, plan: &MaskPlan, labels: bool) -> Result<Staged> {
-        let host = self.host_inputs(batch, plan, labels, false)?;
-        self.upload_inputs(dev, batch, &host)
+        let stager = self.stager();
+        let host = stager.host_inputs(batch, plan, labels, false)?;
+        stager.upload_inputs(dev, batch, &host)
     }
 
     /// Modality-specific encoder, then the shared transformer, on a staged batch; gives back

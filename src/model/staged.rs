@@ -195,11 +195,8 @@ impl Stager<'_> {
     /// `host` (this batch's `host_inputs`) uploaded part by part.
     pub fn upload_inputs(&self, dev: &mut dyn Backend, batch: &Batch, host: &HostInputs) -> Result<Staged> {
         let mut c = Cursor(host.parts.iter());
-        let seg = Segments::from_offsets(Segments::offsets_of(batch.lengths())?, c.ids(dev)?);
-        let global = match self.cfg.global_segments {
-            true => Some(Segments::from_offsets(Segments::offsets_of(&vec![1; batch.items()])?, c.ids(dev)?)),
-            false => None,
-        };
+        let seg = c.segments(dev)?;
+        let global = if self.cfg.global_segments { Some(c.segments(dev)?) } else { None };
         let input = match batch {
             Batch::Image(_) => StagedInput::Image { features: c.values(dev)?, boxes: c.values(dev)? },
             Batch::Text(_) if self.cfg.text_features() => StagedInput::Text(TextInput::Features(c.values(dev)?)),
@@ -222,6 +219,16 @@ impl Cursor<'_, '_> {
         match self.0.next() {
             Some(HostPart::Values(v, shape)) => dev.upload(v, shape),
             _ => Err(Error::shape("stage", "expected values next in the host inputs")),
+        }
+    }
+
+    /// Segment offsets: uploaded, and kept on the host as they are.
+    fn segments(&mut self, dev: &mut dyn Backend) -> Result<Segments> {
+        match self.0.next() {
+            Some(HostPart::Ids(o)) => {
+                Ok(Segments::from_offsets(o.iter().map(|&o| o as usize).collect(), dev.upload_ids(o)?))
+            }
+            _ => Err(Error::shape("stage", "expected segment offsets next in the host inputs")),
         }
     }
 

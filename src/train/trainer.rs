@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::backend::step::{record, state};
-use crate::backend::{AdamW, Backend, DecayMask, GraphInput, GuardParams};
+use crate::backend::{AdamW, AdamWConstants, Backend, DecayMask, GraphInput, GuardParams};
 use crate::checkpoint::{Checkpoint, InferenceSpec};
 
 use crate::model::consistency::{
@@ -142,7 +142,7 @@ impl Trainer {
         let shaped = capturable || self.graphs.mode == StepMode::Shaped;
         let hosts = passes
             .iter()
-            .map(|p| self.net.host_inputs(&batches[p.text as usize], &p.plan, true, shaped))
+            .map(|p| self.net.stager().host_inputs(&batches[p.text as usize], &p.plan, true, shaped))
             .collect::<Result<Vec<_>>>()?;
         let key = capturable.then(|| StepGraphs::key(&passes, &hosts));
         // A launch's inputs: every pass's staged values, then the scalars (`GraphInput` order).
@@ -164,7 +164,11 @@ impl Trainer {
         dev.set_dropout_salt(salt)?;
         dev.write(self.current.sub_mut(record::SCALARS.start, scalars.len()), &scalars)?;
         let stage = |net: &SemShare, dev: &mut dyn Backend| -> Result<Vec<Staged>> {
-            passes.iter().zip(&hosts).map(|(p, h)| net.upload_inputs(dev, &batches[p.text as usize], h)).collect()
+            passes
+                .iter()
+                .zip(&hosts)
+                .map(|(p, h)| net.stager().upload_inputs(dev, &batches[p.text as usize], h))
+                .collect()
         };
         let staged = stage(&self.net, dev)?;
         let Some(key) = key.filter(|_| capture) else {
@@ -375,7 +379,7 @@ impl Trainer {
     /// The AdamW update of the current step from the gradient buffer in one launch: the step's
     /// scalars, the clip factor and the go/skip status read on the device from its record.
     fn apply_update(&mut self, dev: &mut dyn Backend) -> Result<()> {
-        let hp = self.optimizer(0.0).constants();
+        let hp = AdamWConstants { beta1: self.cfg.beta1, beta2: self.cfg.beta2, eps: self.cfg.eps };
         dev.adamw_masked(
             self.params.view_mut(),
             self.grads.view(),

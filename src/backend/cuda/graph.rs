@@ -82,7 +82,7 @@ pub(super) fn begin(cuda: &mut Cuda, inputs: &[GraphInput]) -> Result<()> {
     let salt_at = words.next_multiple_of(2);
     let staging = cuda.alloc_tensor(&[salt_at + 2])?;
     let base = tensor_ptr(&staging)?;
-    let salt = tensor_ptr(cuda.dropout_salt.as_ref().ok_or_else(|| no_graph("no dropout salt"))?)?;
+    let salt = cuda.salt_ptr()?;
     cuda.bind()?;
     let counts = cuda.counts;
     cuda.stream

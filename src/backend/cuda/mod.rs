@@ -331,9 +331,14 @@ impl Cuda {
         Ok(cuda)
     }
 
-    /// The dropout salt's device address, the argument after each dropping kernel's seed.
+    /// The dropout salt's device address (`Backend::set_dropout_salt`).
+    pub(crate) fn salt_ptr(&self) -> Result<u64> {
+        tensor_ptr(self.dropout_salt.as_ref().ok_or_else(|| Error::Device { what: "no dropout salt".into() })?)
+    }
+
+    /// The dropout salt, the argument after each dropping kernel's seed.
     pub(crate) fn salt(&self) -> Result<Arg> {
-        Arg::tensor(self.dropout_salt.as_ref().ok_or_else(|| Error::Device { what: "no dropout salt".into() })?)
+        Ok(Arg::Ptr(self.salt_ptr()?))
     }
 
     /// Copies host data to device memory at `dst` (stream-ordered; counted as an upload).

@@ -179,27 +179,13 @@ impl Backend for Cuda {
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         expect_len("upload", "data", data.len(), shape.iter().product())?;
         let t = self.alloc_tensor(shape)?;
-        self.bind()?;
-        if !data.is_empty() {
-            self.counts.upload_bytes += 4 * data.len() as u64;
-            let p = tensor_ptr(&t)?;
-            // SAFETY: the block holds data.len() f32; pageable host memory is staged before
-            // the call returns, so `data` may be dropped afterwards.
-            unsafe { result::memcpy_htod_async(p, data, self.stream.cu_stream()) }
-                .map_err(dev_err(format!("upload {} bytes", data.len() * 4)))?;
-        }
+        self.htod(tensor_ptr(&t)?, data, "values")?;
         Ok(t)
     }
 
     fn upload_ids(&mut self, data: &[u32]) -> Result<Ids> {
         let buf = DevBuf::new(&self.pool, data.len())?;
-        self.bind()?;
-        if !data.is_empty() {
-            self.counts.upload_bytes += 4 * data.len() as u64;
-            // SAFETY: as in upload.
-            unsafe { result::memcpy_htod_async(buf.ptr(), data, self.stream.cu_stream()) }
-                .map_err(dev_err(format!("upload {} bytes of indices", data.len() * 4)))?;
-        }
+        self.htod(buf.ptr(), data, "indices")?;
         let bound = data.iter().filter(|&&i| i != IGNORE_TARGET).max().map_or(0, |&m| m + 1);
         let ignores = data.contains(&IGNORE_TARGET);
         Ok(Ids { storage: IdStorage::Cuda(DevIds::new(buf, bound, ignores)) })
@@ -385,8 +371,7 @@ impl Backend for Cuda {
     }
 
     fn set_dropout_salt(&mut self, salt: u64) -> Result<()> {
-        let dst =
-            tensor_ptr(self.dropout_salt.as_ref().ok_or_else(|| Error::Device { what: "no dropout salt".into() })?)?;
+        let dst = self.salt_ptr()?;
         self.htod(dst, &[salt], "the dropout salt")
     }
 
