@@ -51,7 +51,7 @@ fn train_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("train_step_small_b32");
     g.sample_size(20);
     for (name, full, precision) in CASES {
-        let mut dev = Cpu::with_precision(precision);
+        let mut dev = Cpu::with_precision(precision).unwrap();
         let mut trainer = Trainer::new(&mut dev, &cfg, TrainConfig::default()).unwrap();
         let (ib, tb) = batches(&cfg, full, 1);
         g.bench_function(name, |b| b.iter(|| black_box(trainer.step(&mut dev, ib.clone(), tb.clone()).unwrap())));
@@ -69,7 +69,7 @@ fn inference(c: &mut Criterion) {
     let unfrozen =
         [("full_packed_per_call", true, Precision::F32), ("full_bf16_packed_per_call", true, Precision::Bf16)];
     for (i, (name, full, precision)) in CASES.into_iter().chain(unfrozen).enumerate() {
-        let mut dev = Cpu::with_precision(precision);
+        let mut dev = Cpu::with_precision(precision).unwrap();
         let net = SemShare::new(&cfg).unwrap();
         let w = net.store.upload(&mut dev, &net.store.init_values(0)).unwrap();
         let w = if i < CASES.len() { dev.freeze(w).unwrap() } else { w };

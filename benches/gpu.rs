@@ -2,16 +2,18 @@
 //! 128 images (R = 36) + 128 texts (T = 32), V = 10,000, C = 24, K_obj = 1,600. One group per
 //! kernel at the shapes a training step gives it, the Bi-GRU layer at the text encoder's shape
 //! (against cuDNN), a device-to-device copy (the card's bandwidth, for "% of copy bandwidth"),
-//! then the whole training step (forward + backward of both modalities + AdamW, TF32 and IEEE
-//! GEMMs) and inference (embedding 128 images + 128 texts).
+//! then the whole training step (forward + backward of both modalities + AdamW; the layers'
+//! GEMMs in TF32, bf16 and IEEE f32) and inference (embedding 128 images + 128 texts, TF32 and
+//! bf16).
 //!
 //! Timing is GPU time from CUDA events around a batch of iterations (`iter_custom`), so host
 //! launch overhead shows only where it stalls the GPU. Only the work is timed: inputs an
 //! iteration consumes (the training step's host batches, the Bi-GRU's input) are built before
 //! the first event, reductions are timed without their download (which synchronises), and
 //! the optimiser is the trainer's own update (one AdamW launch per parameter run).
-//! TF32 GEMMs are on (the target is "f32 storage with TF32 GEMMs") except in
-//! `train_step_ieee`; `SEMSHARE_TF32=0` turns them off elsewhere too.
+//! The kernel groups' GEMMs are TF32 (the target is "f32 storage with TF32 GEMMs");
+//! `SEMSHARE_PRECISION=fp32|tf32|bf16` chooses another precision for them. The end-to-end
+//! rows name their own.
 //! Without a GPU (or without `--features cuda`) this prints one skip line and exits 0 (1 with
 //! `SEMSHARE_REQUIRE_GPU=1`, as tools/gpu-run.sh sets it).
 
@@ -23,7 +25,7 @@ mod gpu {
 
     use semshare::backend::cuda::Cuda;
     use semshare::backend::{
-        AdamW, Backend, Gemm, GruRunBwd, GruRunFwd, GruStep, Segments, gru_bwd_by_steps, gru_fwd_by_steps,
+        AdamW, Backend, Gemm, GruRunBwd, GruRunFwd, GruStep, Precision, Segments, gru_bwd_by_steps, gru_fwd_by_steps,
     };
     use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
     use semshare::nn::{BiGru, ParamStore};
@@ -183,8 +185,8 @@ mod gpu {
         // direction) against PyTorch's `bigru_*` (cuDNN, fp32 with TF32 off) at the same
         // shape, so with IEEE GEMMs here too. The layer consumes its input: each iteration gets
         // a device copy made before the clock starts.
-        let tf32 = dev.tf32();
-        dev.set_tf32(false).expect("math mode");
+        let precision = dev.precision();
+        dev.set_precision(Precision::F32);
         let mut g = c.benchmark_group("bigru_b128_t32_300x512_ieee");
         let mut store = ParamStore::new();
         let gru = BiGru::new(&mut store, "gru", cfg.word_dim, hd);
@@ -282,7 +284,7 @@ mod gpu {
             });
         }
         g.finish();
-        dev.set_tf32(tf32).expect("math mode");
+        dev.set_precision(precision);
 
         // The loss kernels alone: no clone, no download of the partial sums (the trainer's
         // download synchronises; it is in the training step). The gradient overwrites the
@@ -367,15 +369,17 @@ mod gpu {
         // The step takes its host batches by value: their clones are made before the clock.
         // Eager steps, and the step as the trainer takes it by default: captured once per
         // shape (masked-row bucket) and replayed; criterion's warm-up sees each bucket twice.
-        // One trainer per row: a graph keeps the math mode it was captured in.
-        let tf32 = dev.tf32();
+        // One trainer per row: a graph keeps the precision it was captured in.
+        let precision = dev.precision();
         let rows = [
-            ("train_step_tf32", true, StepMode::Eager),
-            ("train_step_ieee", false, StepMode::Eager),
-            ("train_step_graph_tf32", true, StepMode::Captured),
+            ("train_step_tf32", Precision::Tf32, StepMode::Eager),
+            ("train_step_ieee", Precision::F32, StepMode::Eager),
+            ("train_step_graph_tf32", Precision::Tf32, StepMode::Captured),
+            ("train_step_bf16", Precision::Bf16, StepMode::Eager),
+            ("train_step_graph_bf16", Precision::Bf16, StepMode::Captured),
         ];
-        for (name, on, mode) in rows {
-            dev.set_tf32(on).expect("math mode");
+        for (name, at, mode) in rows {
+            dev.set_precision(at);
             let mut trainer = Trainer::new(dev, &cfg, TrainConfig::default()).expect("trainer");
             trainer.set_step_mode(mode, dev);
             bench_batched(
@@ -388,15 +392,18 @@ mod gpu {
                 },
             );
         }
-        dev.set_tf32(tf32).expect("math mode");
         let net = SemShare::new(&cfg).expect("model");
         let w = net.store.upload(dev, &net.store.init_values(0)).expect("weights");
         let (ib, tb) = (Batch::Image(ib), Batch::Text(tb));
-        bench(&mut g, "embed_128img_128txt", dev, |dev| {
-            let i = net.embed(dev, &w, &ib, EmbeddingKind::Pooled).expect("embed");
-            let t = net.embed(dev, &w, &tb, EmbeddingKind::Pooled).expect("embed");
-            black_box((i, t));
-        });
+        for (name, at) in [("embed_128img_128txt", Precision::Tf32), ("embed_128img_128txt_bf16", Precision::Bf16)] {
+            dev.set_precision(at);
+            bench(&mut g, name, dev, |dev| {
+                let i = net.embed(dev, &w, &ib, EmbeddingKind::Pooled).expect("embed");
+                let t = net.embed(dev, &w, &tb, EmbeddingKind::Pooled).expect("embed");
+                black_box((i, t));
+            });
+        }
+        dev.set_precision(precision);
         g.finish();
     }
 }
@@ -420,12 +427,15 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        let tf32 = std::env::var("SEMSHARE_TF32").map_or(true, |v| v != "0");
-        if let Err(e) = dev.set_tf32(tf32) {
-            eprintln!("benches/gpu: {e}");
-            std::process::exit(1);
+        let precision = std::env::var("SEMSHARE_PRECISION").unwrap_or_else(|_| "tf32".into());
+        match semshare::backend::Precision::parse(&precision) {
+            Ok(p) => dev.set_precision(p),
+            Err(e) => {
+                eprintln!("benches/gpu: SEMSHARE_PRECISION: {e}");
+                std::process::exit(1);
+            }
         }
-        eprintln!("benches/gpu on {} (TF32 GEMMs {})", dev.device_name(), if tf32 { "on" } else { "off" });
+        eprintln!("benches/gpu on {} (kernel groups' GEMMs: {})", dev.device_name(), dev.precision().name());
         // Which driver and cuBLAS the loader picked (run.sh records it next to its own choice).
         if let Ok(maps) = std::fs::read_to_string("/proc/self/maps") {
             let mut libs: Vec<&str> = maps

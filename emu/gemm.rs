@@ -3,7 +3,7 @@
 //! each column accumulates in f32 (cuBLAS's order differs, as the CPU twin's does: the twin
 //! tests' tolerances cover it).
 
-pub use crate::sgemm_abi::Sgemm;
+pub use crate::sgemm_abi::{ROUND_BF16, ROUND_TF32, Sgemm};
 
 #[allow(clippy::too_many_arguments)]
 fn operand(
@@ -31,13 +31,17 @@ fn operand(
     )
 }
 
-fn tf32(x: f32) -> f32 {
-    if !x.is_finite() {
-        return x;
-    }
-    // Round to nearest (ties away) at 10 mantissa bits.
+/// An operand as the GEMM's `round` mode reads it.
+fn rounded(x: f32, round: i32) -> f32 {
     let b = x.to_bits();
-    f32::from_bits(b.wrapping_add(0x1000) & !0x1fff)
+    match round {
+        _ if !x.is_finite() => x,
+        // To nearest (ties away) at 10 mantissa bits.
+        ROUND_TF32 => f32::from_bits(b.wrapping_add(0x1000) & !0x1fff),
+        // To nearest, ties to even, at 7 mantissa bits (`__float2bfloat16_rn`).
+        ROUND_BF16 => f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000),
+        _ => x,
+    }
 }
 
 pub fn run(g: &Sgemm) -> Result<(), String> {
@@ -70,7 +74,7 @@ pub fn run(g: &Sgemm) -> Result<(), String> {
                             *a.add(p * g.lda as usize + i)
                         }
                     };
-                    aop[p * mu + i] = if g.tf32 != 0 { tf32(v) } else { v };
+                    aop[p * mu + i] = rounded(v, g.round);
                 }
             }
         }
@@ -88,16 +92,14 @@ pub fn run(g: &Sgemm) -> Result<(), String> {
                         if k > 0 && g.alpha != 0.0 {
                             for p in 0..ku {
                                 // SAFETY: inside the checked range of B.
-                                let mut bv = unsafe {
+                                let bv = unsafe {
                                     if tb {
                                         *b.add(p * g.ldb as usize + j)
                                     } else {
                                         *b.add(j * g.ldb as usize + p)
                                     }
                                 };
-                                if g.tf32 != 0 {
-                                    bv = tf32(bv);
-                                }
+                                let bv = rounded(bv, g.round);
                                 let col = &aop[p * mu..(p + 1) * mu];
                                 for (x, &av) in acc.iter_mut().zip(col) {
                                     *x += av * bv;

@@ -1,7 +1,8 @@
-//! The emulated device's stand-in for `libcublas.so`: handles, streams, math modes, and SGEMM
-//! (plain and strided-batched) with cuBLAS's argument validation. The arithmetic and the range
-//! checks run in `libcuda.so` (this library's one dependency), which owns the allocation table;
-//! TF32 math mode rounds the inputs to TF32 as tensor cores do.
+//! The emulated device's stand-in for `libcublas.so`: handles, streams, math modes, and f32
+//! GEMMs (SGEMM and `cublasGemmEx`, plain and strided-batched) with cuBLAS's argument
+//! validation. The arithmetic and the range checks run in `libcuda.so` (this library's one
+//! dependency), which owns the allocation table. TF32 math mode and the `_FAST_TF32` /
+//! `_FAST_16BF` compute types round the inputs to TF32 or bf16 as tensor cores read them.
 
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
@@ -9,7 +10,7 @@ mod sgemm_abi;
 
 use std::ffi::{c_char, c_int, c_void};
 
-use sgemm_abi::Sgemm;
+use sgemm_abi::{ROUND_BF16, ROUND_NONE, ROUND_TF32, Sgemm};
 
 type Status = c_int;
 const SUCCESS: Status = 0;
@@ -139,6 +140,7 @@ pub unsafe extern "C" fn cublasGetVersion_v2(_h: *mut c_void, v: *mut c_int) -> 
 unsafe fn sgemm(
     what: &str,
     h: *mut c_void,
+    compute: Option<c_int>,
     ta: c_int,
     tb: c_int,
     m: c_int,
@@ -200,8 +202,15 @@ unsafe fn sgemm(
         ldc,
         stride_c: sc,
         batch,
-        // CUBLAS_TF32_TENSOR_OP_MATH = 3 (the low bits; 16 is a flag).
-        tf32: ((hd.math_mode & 0xf) == 3) as i32,
+        round: match compute {
+            Some(COMPUTE_32F_FAST_16BF) => ROUND_BF16,
+            Some(COMPUTE_32F_FAST_TF32) => ROUND_TF32,
+            Some(COMPUTE_32F_PEDANTIC) => ROUND_NONE,
+            // CUBLAS_TF32_TENSOR_OP_MATH = 3 (the low bits; 16 is a flag) lets a plain f32
+            // GEMM (SGEMM, or compute type 32F) use TF32 tensor cores.
+            _ if (hd.math_mode & 0xf) == 3 => ROUND_TF32,
+            _ => ROUND_NONE,
+        },
         stream: hd.stream as u64,
     };
     // Real cuBLAS allocates its workspace on first use unless one is set, which a capture
@@ -239,7 +248,7 @@ pub unsafe extern "C" fn cublasSgemm_v2(
     c: *mut f32,
     ldc: c_int,
 ) -> Status {
-    sgemm("cublasSgemm", h, ta, tb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1)
+    sgemm("cublasSgemm", h, None, ta, tb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1)
 }
 
 #[no_mangle]
@@ -263,5 +272,90 @@ pub unsafe extern "C" fn cublasSgemmStridedBatched(
     sc: i64,
     batch: c_int,
 ) -> Status {
-    sgemm("cublasSgemmStridedBatched", h, ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch)
+    sgemm("cublasSgemmStridedBatched", h, None, ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch)
+}
+
+// cudaDataType and cublasComputeType_t values (library_types.h, cublas_api.h).
+const CUDA_R_32F: c_int = 0;
+const COMPUTE_32F: c_int = 68;
+const COMPUTE_32F_PEDANTIC: c_int = 69;
+const COMPUTE_32F_FAST_16BF: c_int = 75;
+const COMPUTE_32F_FAST_TF32: c_int = 77;
+
+/// The compute type of a `cublasGemmEx` call whose operands are all f32, or why it is not one
+/// the stand-in runs (half-precision storage, integer or f64 compute).
+fn f32_compute(what: &str, types: [c_int; 3], compute: c_int) -> Result<c_int, Status> {
+    if types.iter().any(|&t| t != CUDA_R_32F) {
+        say(&format!("{what}: CUBLAS_STATUS_NOT_SUPPORTED: data types {types:?} (the emulated device runs CUDA_R_32F storage only)"));
+        return Err(NOT_SUPPORTED);
+    }
+    if ![COMPUTE_32F, COMPUTE_32F_PEDANTIC, COMPUTE_32F_FAST_16BF, COMPUTE_32F_FAST_TF32].contains(&compute) {
+        say(&format!("{what}: CUBLAS_STATUS_NOT_SUPPORTED: compute type {compute} with f32 storage"));
+        return Err(NOT_SUPPORTED);
+    }
+    Ok(compute)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasGemmEx(
+    h: *mut c_void,
+    ta: c_int,
+    tb: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: *const c_void,
+    a: *const c_void,
+    a_type: c_int,
+    lda: c_int,
+    b: *const c_void,
+    b_type: c_int,
+    ldb: c_int,
+    beta: *const c_void,
+    c: *mut c_void,
+    c_type: c_int,
+    ldc: c_int,
+    compute: c_int,
+    algo: c_int,
+) -> Status {
+    // One product: the strided-batched call with a batch of one (its messages name that call).
+    cublasGemmStridedBatchedEx(
+        h, ta, tb, m, n, k, alpha, a, a_type, lda, 0, b, b_type, ldb, 0, beta, c, c_type, ldc, 0, 1, compute, algo,
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
+    h: *mut c_void,
+    ta: c_int,
+    tb: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: *const c_void,
+    a: *const c_void,
+    a_type: c_int,
+    lda: c_int,
+    sa: i64,
+    b: *const c_void,
+    b_type: c_int,
+    ldb: c_int,
+    sb: i64,
+    beta: *const c_void,
+    c: *mut c_void,
+    c_type: c_int,
+    ldc: c_int,
+    sc: i64,
+    batch: c_int,
+    compute: c_int,
+    _algo: c_int,
+) -> Status {
+    const WHAT: &str = "cublasGemmStridedBatchedEx";
+    let compute = match f32_compute(WHAT, [a_type, b_type, c_type], compute) {
+        Ok(c) => c,
+        Err(s) => return s,
+    };
+    let (alpha, beta) = (alpha as *const f32, beta as *const f32);
+    let (a, b, c) = (a as *const f32, b as *const f32, c as *mut f32);
+    sgemm(WHAT, h, Some(compute), ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch)
 }

@@ -22,8 +22,13 @@ pub struct Sgemm {
     pub ldc: i32,
     pub stride_c: i64,
     pub batch: i32,
-    /// Round A and B to TF32 (10-bit mantissa) as tensor cores do.
-    pub tf32: i32,
+    /// How A and B are rounded as they are read: [`ROUND_NONE`], [`ROUND_TF32`] (10-bit
+    /// mantissa, as TF32 tensor cores do) or [`ROUND_BF16`] (to nearest even, 7 bits).
+    pub round: i32,
     /// The handle's stream: a capturing one records the GEMM instead of running it.
     pub stream: u64,
 }
+
+pub const ROUND_NONE: i32 = 0;
+pub const ROUND_TF32: i32 = 1;
+pub const ROUND_BF16: i32 = 2;

@@ -27,7 +27,7 @@ fn main() -> semshare::Result<()> {
     let mut rng = Rng::new(1);
     let ib = ImageBatch::random(&mut rng, &[cfg.max_regions; BATCH], cfg.region_dim, cfg.object_classes, cfg.labels);
     let tb = TextBatch::random(&mut rng, &[cfg.max_tokens; BATCH], cfg.vocab, cfg.labels);
-    let mut dev = Cpu::with_precision(precision);
+    let mut dev = Cpu::with_precision(precision)?;
     println!(
         "CPU path: {}, {}; {} rayon threads; {steps} steps timed\n",
         dispatch::active()?.describe(),

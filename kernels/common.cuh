@@ -28,6 +28,11 @@ __device__ __forceinline__ float dropout_value(float x, float p, float scale, ui
 
 
 
+// x rounded to bf16 (to nearest, ties to even) and widened back: a `--precision bf16` operand,
+// as cuBLAS's FAST_16BF GEMMs and the CPU's bf16 kernels round it. Products of two such values
+// are exact in f32.
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 

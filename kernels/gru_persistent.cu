@@ -23,6 +23,9 @@
 //
 // Numerics: each dot product is summed in k order in f32 (cuBLAS sums in its own order), so
 // the result matches the step-by-step path and the CPU twin to rounding, not bit for bit.
+// With `bf16` set (`--precision bf16` and at least Precision::MIN_ROWS items, the rule of the
+// GEMMs it replaces) both operands are rounded to bf16 as they are staged in shared memory, as
+// cuBLAS's FAST_16BF GEMM and the CPU's bf16 kernel round them; sums stay f32.
 // CPU twin: src/backend/cpu/gru.rs (recurrence_fwd / recurrence_bwd); test: tests/gpu_gru.rs.
 // Shared memory, in rows of `ld` floats (the row rounded up to float4s, then to an odd count of
 // them, `row_stride4`: the 8 lanes of a quarter warp that read 8 rows at once hit 8 different
@@ -47,10 +50,12 @@ __device__ __forceinline__ int row_stride4(int cols) { return ((cols + 3) / 4) |
 
 // Rows [c0, c0 + n) of a row-major [*, cols] global matrix into shared rows of `ld` floats,
 // through L2 only (another block wrote them since this kernel began: L1 may hold stale lines).
-__device__ __forceinline__ void stage_rows(float* dst, int ld, const float* src, int c0, int n, int cols) {
+// Rounded to bf16 when `bf16` is set (the GEMM operands' precision, above).
+__device__ __forceinline__ void stage_rows(float* dst, int ld, const float* src, int c0, int n, int cols, int bf16) {
   for (int e = threadIdx.x; e < n * cols; e += blockDim.x) {
     const int r = e / cols, k = e - r * cols;
-    dst[r * ld + k] = __ldcg(src + (size_t)(c0 + r) * cols + k);
+    const float v = __ldcg(src + (size_t)(c0 + r) * cols + k);
+    dst[r * ld + k] = bf16 ? common::bf16_round(v) : v;
   }
 }
 
@@ -65,11 +70,11 @@ __device__ __forceinline__ void zero_tails(float* dst, int ld, int rows, int col
 // Both directions' forward recurrences: direction d reads xproj_d [tokens, 3H], w_d [3H, H],
 // b_d [3H], writes hs_d [(steps + 1)·items, H] (h_0 set by the caller), gates_d
 // [steps·items, 4H] and columns d·H.. of out [tokens, out_cols].
-extern "C" __global__ void __launch_bounds__(512)
+extern "C" __global__ void __launch_bounds__(512, 1)  // one block per multiprocessor: the grid is resident
     gru_fwd_persistent_f32(const float* xproj0, const float* xproj1, const float* w0, const float* w1,
                            const float* b0, const float* b1, float* hs0, float* hs1, float* gates0, float* gates1,
                            float* out, const uint32_t* offsets, unsigned* barrier, int items, int H, int steps,
-                           int out_cols, int units, int chunk) {
+                           int out_cols, int units, int chunk, int bf16) {
   using namespace gru_persistent;
   const int dir = blockIdx.y;
   const float* xproj = dir ? xproj1 : xproj0;
@@ -84,7 +89,8 @@ extern "C" __global__ void __launch_bounds__(512)
   const int u0 = blockIdx.x * units, own = min(units, H - u0);
   for (int e = threadIdx.x; e < 3 * own * H; e += blockDim.x) {
     const int r = e / H, k = e - r * H, g = r / own, ul = r - g * own;
-    ws[(g * units + ul) * ld + k] = w[((size_t)g * H + u0 + ul) * H + k];
+    const float v = w[((size_t)g * H + u0 + ul) * H + k];
+    ws[(g * units + ul) * ld + k] = bf16 ? common::bf16_round(v) : v;
   }
   zero_tails(ws, ld, 3 * units, H);
   zero_tails(hsm, ld, chunk, H);
@@ -103,16 +109,17 @@ extern "C" __global__ void __launch_bounds__(512)
     for (int c0 = 0; c0 < items; c0 += chunk) {
       const int rows = min(chunk, items - c0);
       __syncthreads();  // the previous chunk's reads of hsm (and, at first, the W_hh slice) are done
-      stage_rows(hsm, ld, h, c0, rows, H);
+      stage_rows(hsm, ld, h, c0, rows, H, bf16);
       __syncthreads();
       if (!mine || bl >= rows) continue;
       const int b = c0 + bl;
       const float* hv = hsm + bl * ld;
       float* g = gs + (size_t)b * 4 * H;
       const long long row = step_row(offsets, b, s, dir);
+      // The state itself, not its bf16-rounded copy: only the product W_hh·h is a GEMM's.
       if (row < 0) {
         g[u] = g[H + u] = g[2 * H + u] = g[3 * H + u] = 0.0f;
-        h_next[(size_t)b * H + u] = hv[u];
+        h_next[(size_t)b * H + u] = bf16 ? __ldcg(h + (size_t)b * H + u) : hv[u];
         continue;
       }
       float a_r = 0.0f, a_z = 0.0f, a_n = 0.0f;
@@ -124,7 +131,7 @@ extern "C" __global__ void __launch_bounds__(512)
         a_n = fmaf(n.w, x.w, fmaf(n.z, x.z, fmaf(n.y, x.y, fmaf(n.x, x.x, a_n))));
       }
       const float* x = xproj + (size_t)row * 3 * H;
-      const gru::Gates o = gru::gates_fwd(x[u], x[H + u], x[2 * H + u], a_r, a_z, a_n, b_r, b_z, b_n, hv[u]);
+      const gru::Gates o = gru::gates_fwd(x[u], x[H + u], x[2 * H + u], a_r, a_z, a_n, b_r, b_z, b_n, bf16 ? __ldcg(h + (size_t)b * H + u) : hv[u]);
       h_next[(size_t)b * H + u] = o.h_next;
       out[(size_t)row * out_cols + (size_t)dir * H + u] = o.h_next;
       g[u] = o.r;
@@ -140,11 +147,12 @@ extern "C" __global__ void __launch_bounds__(512)
 // d·H..): reads the forward's gates_d and hs_d and w_d; dh_d [items, H] holds dL/dh_T on entry
 // (zero) and dL/dh_0 on return; writes dxproj_d [tokens, 3H] rows of active items and every
 // row of dhproj_d [steps·items, 3H].
-extern "C" __global__ void __launch_bounds__(512)
+extern "C" __global__ void __launch_bounds__(512, 1)  // one block per multiprocessor: the grid is resident
     gru_bwd_persistent_f32(const float* gates0, const float* gates1, const float* hs0, const float* hs1,
                            const float* dout, float* dh0, float* dh1, float* dxproj0, float* dxproj1, float* dhproj0,
                            float* dhproj1, const float* w0, const float* w1, const uint32_t* offsets,
-                           unsigned* barrier, int items, int H, int steps, int out_cols, int units, int chunk) {
+                           unsigned* barrier, int items, int H, int steps, int out_cols, int units, int chunk,
+                           int bf16) {
   using namespace gru_persistent;
   const int dir = blockIdx.y;
   const float* gates = dir ? gates1 : gates0;
@@ -160,7 +168,8 @@ extern "C" __global__ void __launch_bounds__(512)
   const int u0 = blockIdx.x * units, own = min(units, H - u0);
   for (int e = threadIdx.x; e < 3 * H * own; e += blockDim.x) {
     const int j = e / own, ul = e - j * own;
-    wc[ul * ld + j] = w[(size_t)j * H + u0 + ul];
+    const float v = w[(size_t)j * H + u0 + ul];
+    wc[ul * ld + j] = bf16 ? common::bf16_round(v) : v;
   }
   zero_tails(wc, ld, units, 3 * H);
   zero_tails(dsm, ld, chunk, 3 * H);
@@ -197,7 +206,7 @@ extern "C" __global__ void __launch_bounds__(512)
     for (int c0 = 0; c0 < items; c0 += chunk) {
       const int rows = min(chunk, items - c0);
       __syncthreads();
-      stage_rows(dsm, ld, dps, c0, rows, 3 * H);
+      stage_rows(dsm, ld, dps, c0, rows, 3 * H, bf16);
       __syncthreads();
       if (!mine || bl >= rows) continue;
       const float4* dv = (const float4*)(dsm + bl * ld);

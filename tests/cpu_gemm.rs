@@ -47,8 +47,9 @@ fn at(x: &[f32], trans: bool, i: usize, j: usize, rows_op: usize, cols_op: usize
 /// What the GEMM multiplies at `precision`: x itself, or x rounded to bf16.
 fn operand(x: &[f32], precision: Precision) -> Vec<f32> {
     match precision {
-        Precision::F32 => x.to_vec(),
         Precision::Bf16 => x.iter().map(|&v| Bf16::from_f32(v).to_f32()).collect(),
+        // TF32 is never a CPU run (`runs` lists fp32 and bf16): fp32, as Kernel::of maps it.
+        Precision::F32 | Precision::Tf32 => x.to_vec(),
     }
 }
 
@@ -98,7 +99,7 @@ fn gemm_matches_f64_on_every_runnable_path() {
         let unit = match precision {
             Precision::Bf16 if kernels.bf16_native() => " (vdpbf16ps)",
             Precision::Bf16 => " (portable bf16 kernel: this path has no AVX-512 BF16)",
-            Precision::F32 => "",
+            Precision::F32 | Precision::Tf32 => "",
         };
         println!("ran: CPU path {} {}{unit}", kernels.path().name(), precision.name());
     }
@@ -249,10 +250,7 @@ fn packed_weights_are_bitwise_packed_per_call() {
                 assert!(packed.fits(g, Kernel::of(run.0, run.1)));
                 assert!(!packed.fits(Gemm { n: n + 1, ..g }, Kernel::of(run.0, run.1)));
                 assert!(!packed.fits(Gemm { trans_b: !trans_b, ..g }, Kernel::of(run.0, run.1)));
-                let other = match run.1 {
-                    Precision::F32 => Precision::Bf16,
-                    Precision::Bf16 => Precision::F32,
-                };
+                let other = if run.1 == Precision::Bf16 { Precision::F32 } else { Precision::Bf16 };
                 assert!(!packed.fits(g, Kernel::of(run.0, other)));
                 for _ in 0..2 {
                     let mut got = c0.clone();

@@ -204,8 +204,21 @@ fn run_recurrence(be: &mut dyn Backend, seg: &Segments, hd: usize, inp: &Recurre
 /// dhproj. Tolerance 1e-5 of the norm: each dot product is summed in another order than the
 /// CPU's GEMM, over up to T steps.
 fn check_recurrence(g: &mut dyn Backend, lengths: &[usize], hd: usize, extra_cols: usize, seed: u64) {
-    let mut c = cpu();
-    let (cseg, gseg) = (segments(&mut c, lengths), segments(g, lengths));
+    check_recurrence_against(g, &mut cpu(), lengths, hd, extra_cols, seed, TOL);
+}
+
+/// `check_recurrence` against the CPU twin `c` (a precision of its own) within `tol`; the
+/// worst relative error of any output.
+fn check_recurrence_against(
+    g: &mut dyn Backend,
+    c: &mut dyn Backend,
+    lengths: &[usize],
+    hd: usize,
+    extra_cols: usize,
+    seed: u64,
+    tol: f64,
+) -> f64 {
+    let (cseg, gseg) = (segments(c, lengths), segments(g, lengths));
     let tokens = cseg.tokens();
     let out_cols = 2 * hd + extra_cols;
     // Weights at torch.nn.GRU's scale, U(±1/√H), so that the states stay in tanh's range.
@@ -217,12 +230,18 @@ fn check_recurrence(g: &mut dyn Backend, lengths: &[usize], hd: usize, extra_col
         })
         .collect();
     let inp = RecurrenceInputs { dirs, dout: randv(seed ^ 0x77, tokens * out_cols), out_cols };
-    let want = run_recurrence(&mut c, &cseg, hd, &inp);
+    let want = run_recurrence(c, &cseg, hd, &inp);
     let got = run_recurrence(g, &gseg, hd, &inp);
-    let what = format!("lengths {lengths:?} H {hd} cols +{extra_cols}");
+    let what = format!("{} items H {hd} cols +{extra_cols}, {}", lengths.len(), c.name());
+    let mut worst = 0f64;
     for ((name, cv), (_, gv)) in want.iter().zip(&got) {
-        compare_twins(&format!("gru recurrence {name}, {what}"), gv, cv, TOL);
+        compare_twins(&format!("gru recurrence {name}, {what}"), gv, cv, tol);
+        let finite: Vec<(f32, f64)> =
+            gv.iter().zip(cv).filter(|(_, w)| !w.is_nan()).map(|(&g, &w)| (g, w as f64)).collect();
+        let (gf, wf): (Vec<f32>, Vec<f64>) = finite.into_iter().unzip();
+        worst = worst.max(common::rel_err(&gf, &wf));
     }
+    worst
 }
 
 #[test]
@@ -239,4 +258,26 @@ fn gru_recurrence_matches_cpu() {
     // Tiny widths: one unit per block, fewer blocks than multiprocessors; a single item.
     check_recurrence(g, &[64, 2, 35, 36], 7, 1, 4);
     check_recurrence(g, &[1], 1, 0, 5);
+}
+
+/// `--precision bf16`: from Precision::MIN_ROWS items the recurrence's products are a bf16
+/// GEMM's on both devices (operands rounded to nearest even, f32 sums), so the persistent
+/// kernel matches the CPU's bf16 recurrence, not its fp32 one; below, both stay fp32.
+/// Tolerance 1e-4: an h that differs in its last f32 bit between the devices can round to
+/// the neighbouring bf16 value (2⁻⁹ relative) on one of them.
+#[cfg(feature = "cuda")]
+#[test]
+fn gru_recurrence_in_bf16_matches_the_cpus_bf16() {
+    use semshare::backend::Precision;
+    use semshare::backend::cpu::Cpu;
+    let Some(mut g) = common::gpu::cuda_or_skip("gpu_gru::gru_recurrence_in_bf16") else { return };
+    g.set_precision(Precision::Bf16);
+    let bf16 = || Cpu::with_precision(Precision::Bf16).unwrap();
+    let many: Vec<usize> = (0..Precision::MIN_ROWS + 6).map(|i| 1 + (i * 5) % 7).collect();
+    check_recurrence_against(&mut g, &mut bf16(), &many, 33, 1, 6, 1e-4);
+    // The same inputs against the fp32 CPU: farther off, so the kernel did round.
+    let from_fp32 = check_recurrence_against(&mut g, &mut cpu(), &many, 33, 1, 6, 1.0);
+    assert!(from_fp32 > 1e-4, "bf16 recurrence within {from_fp32:.2e} of the fp32 one: its operands were not rounded");
+    let few = &many[..Precision::MIN_ROWS - 1];
+    check_recurrence_against(&mut g, &mut bf16(), few, 33, 1, 7, TOL);
 }

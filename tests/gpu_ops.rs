@@ -103,6 +103,90 @@ fn gemm_with_k_zero_scales_c() {
     });
 }
 
+/// `--precision tf32|bf16`: every element within the bound of its precision against the f64
+/// product of the unrounded operands, Σ_p |a_ip·b_pj| · (2u + u² + k·2⁻²⁴) with u the unit of
+/// the operands' rounding (2⁻⁸ for bf16's 8-bit mantissa, 2⁻¹⁰ for TF32's 11: the bound of
+/// truncation, so it holds however the tensor cores round), plus the f32 rounding of beta·c.
+/// bf16 also against the CPU's bf16 GEMM (the same operands, rounded to nearest even, and
+/// exact products: only the order of the f32 sums differs), and both must have rounded
+/// (farther from the f64 product than an IEEE GEMM gets) unless m < Precision::MIN_ROWS,
+/// where the GEMM is IEEE f32 on both devices.
+#[cfg(feature = "cuda")]
+#[test]
+fn gemm_at_reduced_precision_rounds_its_operands() {
+    use semshare::backend::Precision;
+    let Some(mut gpu) = common::gpu::cuda_or_skip("gemm tf32/bf16") else { return };
+    let cases = [
+        (64, 96, 256, false, true),
+        (130, 300, 257, true, false),
+        (200, 33, 70, true, true),
+        (63, 40, 129, false, false),
+    ];
+    for precision in [Precision::Bf16, Precision::Tf32] {
+        gpu.set_precision(precision);
+        let u: f64 = if precision == Precision::Bf16 { 2f64.powi(-8) } else { 2f64.powi(-10) };
+        for (i, &(m, n, k, ta, tb)) in cases.iter().enumerate() {
+            let seed = 40 + i as u64;
+            let (a, b, c0) = (randv(seed, m * k), randv(seed ^ 7, k * n), randv(seed ^ 9, m * n));
+            let g = Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha: 0.75, beta: 0.5 };
+            let run = |dev: &mut dyn Backend| {
+                let (ad, bd) = (up(dev, &a, &[m * k]), up(dev, &b, &[k * n]));
+                let mut c = up(dev, &c0, &[m, n]);
+                dev.gemm(g, ad.view(), bd.view(), c.view_mut()).unwrap();
+                down(dev, &c)
+            };
+            let got = run(&mut gpu);
+            let what = format!("gemm {} {m}x{n}x{k} ta={ta} tb={tb}", precision.name());
+            let at = |x: &[f32], t: bool, rows: usize, cols: usize, r: usize, c: usize| {
+                (if t { x[c * rows + r] } else { x[r * cols + c] }) as f64
+            };
+            let (mut exact, mut worst, mut bound_used) = (vec![0f64; m * n], 0f64, 0f64);
+            for r in 0..m {
+                for col in 0..n {
+                    let (mut dot, mut mag) = (0f64, 0f64);
+                    for p in 0..k {
+                        let prod = at(&a, ta, m, k, r, p) * at(&b, tb, k, n, p, col);
+                        dot += prod;
+                        mag += prod.abs();
+                    }
+                    let want = 0.75 * dot + 0.5 * c0[r * n + col] as f64;
+                    exact[r * n + col] = want;
+                    let bound = 0.75 * mag * (2.0 * u + u * u + k as f64 * 2f64.powi(-24)) + 4e-7 * want.abs().max(1.0);
+                    let err = (got[r * n + col] as f64 - want).abs();
+                    assert!(
+                        err <= bound,
+                        "{what}: element ({r}, {col}) is {} against {want} (error {err:.3e} > bound {bound:.3e})",
+                        got[r * n + col]
+                    );
+                    if err / bound > worst {
+                        (worst, bound_used) = (err / bound, bound);
+                    }
+                }
+            }
+            let e = rel_err(&got, &exact);
+            common::report(
+                &format!("{what}: against f64 (worst element at {worst:.2} of its bound {bound_used:.1e})"),
+                e,
+            );
+            if m < Precision::MIN_ROWS {
+                assert!(
+                    e < 1e-5,
+                    "{what}: under {} rows the GEMM is IEEE f32, yet it is {e:.2e} from the f64 product",
+                    Precision::MIN_ROWS
+                );
+            } else {
+                assert!(e > 1e-5, "{what}: {e:.2e} from the f64 product: the operands were not rounded");
+            }
+            if precision == Precision::Bf16 {
+                let want = run(&mut semshare::backend::cpu::Cpu::with_precision(precision).unwrap());
+                let e = rel_err(&got, &want.iter().map(|&v| v as f64).collect::<Vec<_>>());
+                common::report(&format!("{what}: against the CPU's bf16 GEMM"), e);
+                assert!(e <= REDUCE, "{what}: relative error {e:.3e} against the CPU's bf16 GEMM > {REDUCE:.0e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn bias_residual_scale() {
     twin("bias/residual/scale", EXACT, |dev, seed| {

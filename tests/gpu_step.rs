@@ -299,23 +299,43 @@ fn deferred_stats_and_divergence_match_the_immediate_step() {
     }
 }
 
+#[test]
+fn a_replayed_step_gives_the_bits_of_the_eager_step() {
+    let Some(mut gpu) = gpu_or_skip("graph replay") else { return };
+    replay_matches_eager(gpu.as_mut(), 4);
+}
+
+/// The same at `--precision bf16`, with 16 items (80 region rows, so the layers' GEMMs are
+/// bf16: Precision::MIN_ROWS); a graph captured in bf16 is refused once the device computes
+/// fp32.
+#[cfg(feature = "cuda")]
+#[test]
+fn a_replayed_bf16_step_gives_the_bits_of_the_eager_step() {
+    use semshare::backend::Precision;
+    let Some(mut cuda) = common::gpu::cuda_or_skip("graph replay, bf16") else { return };
+    cuda.set_precision(Precision::Bf16);
+    let mut graphed = replay_matches_eager(&mut cuda, 16);
+    cuda.set_precision(Precision::F32);
+    let cfg = ModelConfig { mask_prob: 0.0, ..tiny() };
+    let (i, x) = batch(&cfg, 16, 106);
+    let e = graphed.step_deferred(&mut cuda, i, x).expect_err("a bf16 graph launched on an fp32 device").to_string();
+    assert!(e.contains("captured with bf16 GEMMs"), "{e}");
+}
+
 /// Two trainers from the same start on the same batches, one eager and one capturing its step
 /// (the second time a shape comes) and replaying it: the same losses, norms and parameters,
 /// bit for bit, step after step; dropout on, so a replay that froze the capture's salt, seeds
 /// or learning rate would differ. A replayed step is one graph launch and one upload of the
-/// batch with its scalars, and waits for nothing.
-#[test]
-fn a_replayed_step_gives_the_bits_of_the_eager_step() {
-    let Some(mut gpu) = gpu_or_skip("graph replay") else { return };
-    let dev = gpu.as_mut();
+/// batch with its scalars, and waits for nothing. Returns the replaying trainer.
+fn replay_matches_eager(dev: &mut dyn Backend, items: usize) -> Trainer {
     // No masked segments: the shapes repeat from step to step (masked counts move with the draws).
     let cfg = ModelConfig { mask_prob: 0.0, ..tiny() };
-    let tc = TrainConfig { batch_size: 4, steps: 20, warmup: 2, ..TrainConfig::default() };
+    let tc = TrainConfig { batch_size: items, steps: 20, warmup: 2, ..TrainConfig::default() };
     let mut eager = Trainer::new(dev, &cfg, tc.clone()).unwrap();
     eager.set_step_mode(StepMode::Eager, dev);
     let mut graphed = Trainer::new(dev, &cfg, tc).unwrap();
     for s in 0..6 {
-        let (i, x) = batch(&cfg, 4, 100 + s);
+        let (i, x) = batch(&cfg, items, 100 + s);
         let want = eager.step(dev, i.clone(), x.clone()).unwrap();
         let before = dev.counters().unwrap();
         graphed.step_deferred(dev, i.clone(), x.clone()).unwrap();
@@ -333,6 +353,7 @@ fn a_replayed_step_gives_the_bits_of_the_eager_step() {
             assert_eq!(c.upload_bytes, 4 * words, "step {s}: the batch, the scalars and the salt");
         }
     }
+    graphed
 }
 
 /// A capture refuses what it cannot replay: an input whose buffer outlives it (the pool would

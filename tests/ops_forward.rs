@@ -987,7 +987,7 @@ fn frozen_weights_embed_bitwise_as_unfrozen() {
     let images = Batch::Image(ImageBatch::random(&mut rng, &[36, 7, 20, 30], cfg.region_dim, 20, 6));
     let texts = Batch::Text(TextBatch::random(&mut rng, &[24, 3, 11, 9, 24, 20], cfg.vocab, 6));
     for precision in [Precision::F32, Precision::Bf16] {
-        let mut dev = Cpu::with_precision(precision);
+        let mut dev = Cpu::with_precision(precision).unwrap();
         let values = net.store.init_values(1);
         let w = net.store.upload(&mut dev, &values).unwrap();
         let uploaded = net.store.upload(&mut dev, &values).unwrap();
@@ -1041,7 +1041,7 @@ fn gru_recurrence_is_bitwise_the_step_by_step_one() {
         (Precision::Bf16, (0..70).map(|i| 1 + (i * 7) % 23).collect::<Vec<usize>>()),
     ] {
         for frozen in [false, true] {
-            let mut d = Cpu::with_precision(precision);
+            let mut d = Cpu::with_precision(precision).unwrap();
             let seg = common::segments(&mut d, &lengths);
             let (items, steps, tokens) = (seg.items(), seg.max_len, seg.tokens());
             let up = |d: &mut Cpu, seed: u64, shape: &[usize]| {

@@ -12,7 +12,8 @@
 # tests: tests/gpu_* with SEMSHARE_REQUIRE_GPU=1 (a skip fails). demo: semshare demo --device
 # cuda. bench: criterion (benches/gpu) with CRITERION_HOME=$OUT/criterion, packed into
 # $OUT/criterion.tar.gz at the end (the device tool returns 8 files, 2 folders deep). torch: the
-# PyTorch baseline (torch_reference.py bench-gpu) on the same machine in the same call, so every
+# PyTorch baseline (torch_reference.py bench-gpu --compile: fp32, TF32, bf16 eager, then bf16 +
+# torch.compile, the bf16 target's baseline, last so a slow compile costs no other mode) on the same machine in the same call, so every
 # ratio and "% of copy bandwidth" in the summary is from one machine.
 # $OUT gets device.txt, <stage>.log, criterion.tar.gz and summary.txt; the summary is written
 # on every exit (a trap), by bash and awk alone. Exit 0 only if every selected stage passed.
@@ -158,7 +159,11 @@ comparisons() {
       ratio("train step TF32", "paper_b128_t32/train_step_tf32", "train_step tf32")
       ratio("train step TF32, CUDA graph", "paper_b128_t32/train_step_graph_tf32", "train_step tf32")
       ratio("train step IEEE (fp32)", "paper_b128_t32/train_step_ieee", "train_step fp32")
+      ratio("train step bf16", "paper_b128_t32/train_step_bf16", "train_step bf16")
+      ratio("train step bf16, CUDA graph", "paper_b128_t32/train_step_graph_bf16", "train_step bf16")
+      ratio("train step bf16 vs compile", "paper_b128_t32/train_step_graph_bf16", "train_step bf16-compile")
       ratio("embed 128+128 (TF32)", "paper_b128_t32/embed_128img_128txt", "embed_128+128 tf32")
+      ratio("embed 128+128 (bf16)", "paper_b128_t32/embed_128img_128txt_bf16", "embed_128+128 bf16")
     }' "$WORK/bench.tsv" "$WORK/torch.tsv"
 }
 
@@ -403,7 +408,7 @@ if has torch && can_start torch; then
     rc=0
     ldp=(-u LD_LIBRARY_PATH)
     if [[ -n $ORIG_LDP ]]; then ldp=(LD_LIBRARY_PATH="$ORIG_LDP"); fi
-    capped $((SECONDS + CAP[torch])) "$log" env "${ldp[@]}" PYTHONUNBUFFERED=1 python3 "$HERE/torch_reference.py" bench-gpu || rc=$?
+    capped $((SECONDS + CAP[torch])) "$log" env "${ldp[@]}" PYTHONUNBUFFERED=1 python3 "$HERE/torch_reference.py" bench-gpu --compile || rc=$?
     if ((rc == 0)); then
       STATUS[torch]=ok
       WHY[torch]="$(torch_rows | awk -F'\t' '$2 != "error"' | wc -l) measures; $(awk '/^\{/ && match($0, /"torch": "[^"]*"/) { print "torch " substr($0, RSTART + 10, RLENGTH - 11); exit }' "$log")"

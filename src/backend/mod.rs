@@ -39,19 +39,29 @@ pub struct Gemm {
 }
 
 /// The arithmetic of the GEMMs of the model's layers (config key `precision`, one meaning on
-/// every backend): `F32`, the default, or `Bf16`: operands rounded to bfloat16, products summed
-/// in fp32 (attention's softmax, the norms, the losses, the optimiser and top-k stay fp32).
+/// every backend): `F32`, the default (IEEE); `Bf16`: operands rounded to bfloat16 (to nearest,
+/// ties to even), products summed in fp32; `Tf32`: operands rounded to TF32 (10-bit mantissa),
+/// summed in fp32, on CUDA's tensor cores only (the CPU has no TF32 unit and refuses it).
+/// Attention's per-head products and softmax, the norms, the losses, the optimiser and top-k
+/// stay fp32 on every device. A GEMM of fewer than [`Precision::MIN_ROWS`] rows (a training
+/// batch's 32-item GRU recurrence) stays fp32 too: [`Precision::of_gemm`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     #[default]
     F32,
+    Tf32,
     Bf16,
 }
 
 impl Precision {
+    /// Below this many rows a reduced-precision GEMM runs in fp32 (the CPU chose it for speed:
+    /// docs/results/cpu.md; CUDA follows it so that both devices compute the same thing).
+    pub const MIN_ROWS: usize = 64;
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "fp32",
+            Precision::Tf32 => "tf32",
             Precision::Bf16 => "bf16",
         }
     }
@@ -59,9 +69,15 @@ impl Precision {
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "fp32" | "f32" => Ok(Precision::F32),
+            "tf32" => Ok(Precision::Tf32),
             "bf16" => Ok(Precision::Bf16),
-            _ => Err(crate::Error::config(format!("precision = `{s}`: expected fp32 or bf16"))),
+            _ => Err(crate::Error::config(format!("precision = `{s}`: expected fp32, tf32 or bf16"))),
         }
+    }
+
+    /// The arithmetic of one layer GEMM of `m` output rows at this precision.
+    pub fn of_gemm(self, m: usize) -> Precision {
+        if m < Precision::MIN_ROWS { Precision::F32 } else { self }
     }
 }
 

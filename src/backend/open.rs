@@ -12,18 +12,13 @@ pub fn open(device: &str) -> Result<Box<dyn Backend>> {
     open_at(device, Precision::F32)
 }
 
-/// As [`open`], with the layers' GEMMs at `precision` (`--precision`). bf16 is built on the
-/// CPU only; on CUDA it is a one-line error until the GPU's bf16 step exists (issue 12).
+/// As [`open`], with the layers' GEMMs at `precision` (`--precision`; tf32 on CUDA only).
 pub fn open_at(device: &str, precision: Precision) -> Result<Box<dyn Backend>> {
     #[cfg(feature = "cuda")]
     let cuda = || -> Result<Box<dyn Backend>> {
-        if precision != Precision::F32 {
-            return Err(crate::Error::config(format!(
-                "precision {} is not built for the CUDA backend yet (use fp32 there, or --device cpu)",
-                precision.name()
-            )));
-        }
-        Ok(Box::new(cuda::Cuda::new(0)?))
+        let mut dev = cuda::Cuda::new(0)?;
+        dev.set_precision(precision);
+        Ok(Box::new(dev))
     };
     let open_cpu = || open_cpu(precision);
     match device {
@@ -44,5 +39,5 @@ pub fn open_at(device: &str, precision: Precision) -> Result<Box<dyn Backend>> {
 /// The CPU, once its kernels' path is settled: a bad `SEMSHARE_CPU` fails here, in one line.
 fn open_cpu(precision: Precision) -> Result<Box<dyn Backend>> {
     cpu::dispatch::active()?;
-    Ok(Box::new(cpu::Cpu::with_precision(precision)))
+    Ok(Box::new(cpu::Cpu::with_precision(precision)?))
 }

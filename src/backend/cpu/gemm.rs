@@ -137,7 +137,10 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// The kernel for `precision` on this path. TF32 has no CPU unit: `Cpu` refuses it, so
+    /// only a direct caller of the kernels gets here with it, and gets fp32.
     pub fn of(kernels: Kernels, precision: Precision) -> Kernel {
+        let precision = if precision == Precision::Tf32 { Precision::F32 } else { precision };
         match (precision, kernels.path()) {
             #[cfg(target_arch = "x86_64")]
             (Precision::Bf16, _) if kernels.bf16_native() => Kernel::Bf16Avx512,
@@ -146,7 +149,7 @@ impl Kernel {
             (Precision::F32, CpuPath::Avx512 | CpuPath::Amx) => Kernel::F32Avx512,
             #[cfg(target_arch = "x86_64")]
             (Precision::F32, CpuPath::Avx2) => Kernel::F32Avx2,
-            (Precision::F32, _) => Kernel::F32Portable,
+            (_, _) => Kernel::F32Portable,
         }
     }
 }

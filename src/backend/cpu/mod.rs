@@ -31,7 +31,7 @@ use crate::{Error, Result};
 /// input gradient dY·W (`gemm dY·W`), its weight gradient dYᵀ·X (`gemm dYᵀ·X`), the forward
 /// without a bias (`gemm x·Wᵀ`); under 64 rows (the GRU's recurrence) `gemm < 64 rows`.
 fn gemm_name(g: Gemm) -> &'static str {
-    match (g.m < BF16_MIN_ROWS, g.trans_a, g.trans_b) {
+    match (g.m < Precision::MIN_ROWS, g.trans_a, g.trans_b) {
         (true, ..) => "gemm < 64 rows",
         (false, false, true) => "gemm x·Wᵀ",
         (false, false, false) => "gemm dY·W",
@@ -39,9 +39,6 @@ fn gemm_name(g: Gemm) -> &'static str {
         (false, true, true) => "gemm Aᵀ·Bᵀ",
     }
 }
-
-/// Below this many rows a `--precision bf16` GEMM runs in fp32 (`Backend::gemm`).
-pub const BF16_MIN_ROWS: usize = 64;
 
 #[derive(Debug, Default)]
 pub struct Cpu {
@@ -59,9 +56,14 @@ impl Cpu {
     }
 
     /// A CPU whose layer GEMMs run at `precision` (bf16: AVX-512 BF16 where the CPU has it,
-    /// the same arithmetic widened to fp32 elsewhere).
-    pub fn with_precision(precision: Precision) -> Self {
-        Cpu { precision, ..Cpu::default() }
+    /// the same arithmetic widened to fp32 elsewhere). TF32 is refused: no CPU unit has it.
+    pub fn with_precision(precision: Precision) -> Result<Self> {
+        if precision == Precision::Tf32 {
+            return Err(Error::config(
+                "precision tf32 is CUDA's tensor-core arithmetic: the CPU computes fp32 or bf16 (--precision fp32|bf16)",
+            ));
+        }
+        Ok(Cpu { precision, ..Cpu::default() })
     }
 
     pub fn precision(&self) -> Precision {
@@ -87,7 +89,7 @@ impl Cpu {
     /// loss curve was measured with this rule (within 2e-4 of fp32, docs/results/cpu.md); a
     /// bf16 recurrence is not. Inference's 64-item chunks are bf16.
     fn gemm_precision(&self, g: Gemm) -> Precision {
-        if g.m < BF16_MIN_ROWS { Precision::F32 } else { self.precision }
+        self.precision.of_gemm(g.m)
     }
 }
 
@@ -119,15 +121,15 @@ impl Backend for Cpu {
     /// and bench that prints the device says which path ran; ", bf16" when the layers are.
     fn name(&self) -> &'static str {
         use dispatch::CpuPath::*;
-        match (dispatch::current().path(), self.precision) {
-            (Amx, Precision::F32) => "cpu (amx)",
-            (Avx512, Precision::F32) => "cpu (avx512)",
-            (Avx2, Precision::F32) => "cpu (avx2)",
-            (Portable, Precision::F32) => "cpu (portable)",
-            (Amx, Precision::Bf16) => "cpu (amx, bf16)",
-            (Avx512, Precision::Bf16) => "cpu (avx512, bf16)",
-            (Avx2, Precision::Bf16) => "cpu (avx2, bf16)",
-            (Portable, Precision::Bf16) => "cpu (portable, bf16)",
+        match (dispatch::current().path(), self.precision == Precision::Bf16) {
+            (Amx, false) => "cpu (amx)",
+            (Avx512, false) => "cpu (avx512)",
+            (Avx2, false) => "cpu (avx2)",
+            (Portable, false) => "cpu (portable)",
+            (Amx, true) => "cpu (amx, bf16)",
+            (Avx512, true) => "cpu (avx512, bf16)",
+            (Avx2, true) => "cpu (avx2, bf16)",
+            (Portable, true) => "cpu (portable, bf16)",
         }
     }
 

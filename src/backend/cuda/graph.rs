@@ -13,7 +13,7 @@ use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaEvent, CudaGraph, result};
 
 use super::{Capture, Cuda, Slot, dev_err, dev_ids, tensor_ptr, view_ptr};
-use crate::backend::{Graph, GraphInput};
+use crate::backend::{Graph, GraphInput, Precision};
 use crate::tensor::Tensor;
 use crate::tensor::device::Arena;
 use crate::{Error, Result};
@@ -54,8 +54,8 @@ struct Captured {
     staging: Tensor,
     inputs: usize,
     stream: cu::CUstream,
-    /// The GEMMs' math mode when captured (the graph keeps the kernels cuBLAS chose then).
-    tf32: bool,
+    /// The layers' GEMM precision when captured (the graph keeps the kernels cuBLAS chose then).
+    precision: Precision,
     pinned: [Pinned; 2],
     next: usize,
 }
@@ -136,8 +136,8 @@ pub(super) fn end(cuda: &mut Cuda) -> Result<Graph> {
     let stream = cuda.stream.cu_stream();
     let words = cap.staging.len();
     let pinned = [Pinned::new(words)?, Pinned::new(words)?];
-    let tf32 = cuda.tf32;
-    let captured = Captured { graph, _arena: arena, staging: cap.staging, inputs, stream, tf32, pinned, next: 0 };
+    let precision = cuda.precision();
+    let captured = Captured { graph, _arena: arena, staging: cap.staging, inputs, stream, precision, pinned, next: 0 };
     Ok(Graph { inner: Box::new(captured), inputs, bytes })
 }
 
@@ -149,8 +149,12 @@ pub(super) fn launch(cuda: &mut Cuda, graph: &mut Graph, inputs: &[f32], salt: u
     if cuda.capture.is_some() {
         return Err(no_graph("a graph cannot be launched inside a capture"));
     }
-    if g.tf32 != cuda.tf32 {
-        return Err(no_graph("captured in another math mode (TF32 on or off) than the device's now: capture again"));
+    if g.precision != cuda.precision() {
+        return Err(no_graph(&format!(
+            "captured with {} GEMMs, the device computes {} now: capture again",
+            g.precision.name(),
+            cuda.precision().name()
+        )));
     }
     if inputs.len() != g.inputs {
         return Err(Error::shape("launch_graph", format!("{} input words for a graph of {}", inputs.len(), g.inputs)));

@@ -2,10 +2,12 @@
 //! recurrence runs as one cooperative launch per pass (kernels/gru_persistent.cu); elsewhere
 //! step by step: per timestep and direction a cuBLAS GEMM and the gate kernel
 //! (kernels/gru.cu), one thread per (item, hidden unit). `ops.rs` has already checked the
-//! shapes the CPU twin checks.
+//! shapes the CPU twin checks. At `--precision bf16` the persistent kernel rounds its operands
+//! as the GEMMs it replaces would; at `tf32` its products stay IEEE f32 (CUDA cores, not
+//! tensor cores), as on the step-by-step path under 64 items.
 
 use super::{Arg, Cuda, blocks, dev_ids};
-use crate::backend::{GruRunBwd, GruRunFwd, GruStep, Segments, gru_bwd_by_steps, gru_fwd_by_steps};
+use crate::backend::{GruRunBwd, GruRunFwd, GruStep, Precision, Segments, gru_bwd_by_steps, gru_fwd_by_steps};
 use crate::tensor::{Tensor, View};
 use crate::{Error, Result};
 
@@ -143,11 +145,15 @@ impl Persistent {
         Ok(Some(Persistent { units, blocks: hidden.div_ceil(units), chunk, smem }))
     }
 
+    /// `shape`: items, hidden, steps, output columns. The recurrence's products are the
+    /// layer GEMMs' of `items` rows (`Precision::of_gemm`): bf16 operands where those are.
     fn launch(self, cuda: &mut Cuda, kernel: &'static str, mut args: Vec<Arg>, shape: [usize; 4]) -> Result<()> {
+        let bf16 = cuda.precision().of_gemm(shape[0]) == Precision::Bf16;
         args.push(cuda.grid_barrier()?);
         for v in shape.into_iter().chain([self.units, self.chunk]) {
             args.push(Arg::int(kernel, v)?);
         }
+        args.push(Arg::I32(bf16 as i32));
         let (grid, block) = ((self.blocks as u32, 2, 1), ((self.units * self.chunk) as u32, 1, 1));
         cuda.launch_with(kernel, grid, block, self.smem as u32, &args, true)
     }

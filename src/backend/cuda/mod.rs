@@ -25,10 +25,12 @@
 //!   driver call (cudarc panics when libcuda is missing; we return an error).
 //! - Memory: the caching allocator (`Pool`) and the buffers a tensor holds live on the tensor's
 //!   floor, in `crate::tensor::device`; this backend allocates from one `Pool` per context.
-//! - TF32: off by default, so GEMMs are IEEE f32 and the GPU matches the CPU reference to
-//!   1e-4 over a whole training step (TF32's 10-bit mantissa gives ~1e-3). Turn it on with
-//!   `SEMSHARE_TF32=1` or `Cuda::set_tf32(true)`: the benchmarks do (the step target
-//!   is "f32 storage with TF32 GEMMs").
+//! - Precision (`Cuda::set_precision`, `--precision`): the layers' GEMMs are IEEE f32 by
+//!   default, so the GPU matches the CPU reference to 1e-4 over a whole training step. `tf32`
+//!   and `bf16` run them on tensor cores with fp32 storage and accumulation: cuBLAS rounds the
+//!   operands as it loads them (`CUBLAS_COMPUTE_32F_FAST_TF32` / `_FAST_16BF`), so no
+//!   conversion pass and no second copy of a tensor exists. Every other GEMM (top-k's scores)
+//!   stays IEEE.
 //! - Timing: `Cuda::event()` / `elapsed_ms` wrap CUDA events on the one stream.
 
 pub mod attention;
@@ -47,7 +49,7 @@ use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
 
-use crate::backend::{Counters, Segments};
+use crate::backend::{Counters, Precision, Segments};
 pub use crate::tensor::device::{DevBuf, DevIds, DevView, DevViewMut, Pool};
 pub(crate) use crate::tensor::device::{describe, dev_err};
 use crate::tensor::{Ids, Storage, Tensor, View, ViewMut};
@@ -202,7 +204,8 @@ pub struct Cuda {
     module: Module,
     functions: HashMap<&'static str, cu::CUfunction>,
     blas: cudarc::cublas::CudaBlas,
-    tf32: bool,
+    /// The arithmetic of the layers' GEMMs (`Backend::gemm`).
+    precision: Precision,
     device_name: String,
     /// Counted here, in the host code (`Backend::counters`); allocations and clones by the pool.
     pub(crate) counts: Counters,
@@ -293,10 +296,10 @@ impl Cuda {
                 ),
             }
         })?;
-        let mut blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(blas_err("create handle"))?;
-        let tf32 = std::env::var("SEMSHARE_TF32").is_ok_and(|v| v == "1");
+        // The handle keeps cuBLAS's default math mode (IEEE f32): each GEMM names its arithmetic
+        // in its compute type (`gemm_strided_batched`).
+        let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(blas_err("create handle"))?;
         let pool = Arc::new(Pool::new(ctx.clone(), stream.clone()));
-        set_math_mode(&mut blas, tf32)?;
         let mut cuda = Cuda {
             ctx,
             stream,
@@ -304,7 +307,7 @@ impl Cuda {
             module: Module(module),
             functions: HashMap::new(),
             blas,
-            tf32,
+            precision: Precision::F32,
             device_name,
             counts: Counters::default(),
             positions: None,
@@ -359,15 +362,14 @@ impl Cuda {
         &self.device_name
     }
 
-    /// TF32 tensor-core GEMMs (faster, ~1e-3 relative error) or IEEE f32 (the default).
-    pub fn set_tf32(&mut self, on: bool) -> Result<()> {
-        set_math_mode(&mut self.blas, on)?;
-        self.tf32 = on;
-        Ok(())
+    /// The arithmetic of the layers' GEMMs from now on: IEEE f32 (the default), or tensor
+    /// cores on operands rounded to TF32 (~1e-3 relative) or bf16 (~4e-3), summed in fp32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
-    pub fn tf32(&self) -> bool {
-        self.tf32
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -579,10 +581,13 @@ impl Cuda {
 
     /// Row-major strided-batched GEMM over `batch` independent products:
     /// `C_i = alpha · op(A_i) · op(B_i) + beta · C_i`, `op(A_i)` `[m, k]`, `op(B_i)` `[k, n]`,
-    /// pointers advancing by `stride_*` elements per batch; `lda/ldb/ldc` are row strides.
+    /// pointers advancing by `stride_*` elements per batch; `lda/ldb/ldc` are row strides. f32
+    /// storage; `precision` is the arithmetic (the compute type: operands rounded to TF32 or
+    /// bf16 as cuBLAS loads them, fp32 sums).
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_strided_batched(
         &mut self,
+        precision: Precision,
         (m, n, k): (usize, usize, usize),
         (trans_a, trans_b): (bool, bool),
         alpha: f32,
@@ -592,6 +597,7 @@ impl Cuda {
         (c, ldc, stride_c): (u64, usize, usize),
         batch: usize,
     ) -> Result<()> {
+        use cublas_sys::cublasComputeType_t as Compute;
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
@@ -600,45 +606,44 @@ impl Cuda {
         let op = |t: bool| {
             if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N }
         };
+        let compute = match precision {
+            Precision::F32 => Compute::CUBLAS_COMPUTE_32F,
+            Precision::Tf32 => Compute::CUBLAS_COMPUTE_32F_FAST_TF32,
+            Precision::Bf16 => Compute::CUBLAS_COMPUTE_32F_FAST_16BF,
+        };
+        let f32_ty = cublas_sys::cudaDataType::CUDA_R_32F;
         self.bind()?;
         self.counts.blas_calls += 1;
-        // SAFETY: the caller's pointers are live device ranges covering every batch at these
-        // strides and leading dimensions (checked by the ops that call this); alpha/beta are
-        // host scalars read during the call.
+        // SAFETY: the caller's pointers are live device ranges of f32 covering every batch at
+        // these strides and leading dimensions (checked by the ops that call this); alpha/beta
+        // are host f32 scalars (the handle's pointer mode is host) read during the call.
         unsafe {
-            cudarc::cublas::result::sgemm_strided_batched(
+            cudarc::cublas::result::gemm_strided_batched_ex(
                 *self.blas.handle(),
                 op(trans_b),
                 op(trans_a),
                 int(n)?,
                 int(m)?,
                 int(k)?,
-                &alpha,
-                b as *const f32,
+                (&alpha) as *const f32 as *const c_void,
+                b as *const c_void,
+                f32_ty,
                 int(ldb)?,
                 stride_b as i64,
-                a as *const f32,
+                a as *const c_void,
+                f32_ty,
                 int(lda)?,
                 stride_a as i64,
-                &beta,
-                c as *mut f32,
+                (&beta) as *const f32 as *const c_void,
+                c as *mut c_void,
+                f32_ty,
                 int(ldc)?,
                 stride_c as i64,
                 int(batch)?,
+                compute,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(blas_err(format!("sgemm_strided_batched m={m} n={n} k={k} batch={batch}")))
+        .map_err(blas_err(format!("gemm ({}) m={m} n={n} k={k} batch={batch}", precision.name())))
     }
-}
-
-fn set_math_mode(blas: &mut cudarc::cublas::CudaBlas, tf32: bool) -> Result<()> {
-    let mode = if tf32 {
-        cublas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
-    } else {
-        // DEFAULT: IEEE f32 SGEMM (since CUDA 11 TF32 is opt-in); PEDANTIC would also forbid
-        // split-K reductions and cost speed for no accuracy the tests need.
-        cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
-    };
-    // SAFETY: a live handle owned by `blas`.
-    unsafe { cublas_sys::cublasSetMathMode(*blas.handle(), mode) }.result().map_err(blas_err("set math mode"))
 }

@@ -7,9 +7,9 @@ use super::{
 };
 use crate::backend::{
     AdamW, AdamWConstants, AdamWScalars, Backend, Counters, DecayMask, Gemm, Graph, GraphInput, GruRunBwd, GruRunFwd,
-    GruStep, GuardParams, IGNORE_TARGET, Segments, check_attention, check_attention_bwd, check_dropout, check_gemm,
-    check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
-    check_top_k, expect_cols, expect_len, rows_of, same_shape,
+    GruStep, GuardParams, IGNORE_TARGET, Precision, Segments, check_attention, check_attention_bwd, check_dropout,
+    check_gemm, check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd,
+    check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -163,7 +163,11 @@ impl Cuda {
 
 impl Backend for Cuda {
     fn name(&self) -> &'static str {
-        "cuda"
+        match self.precision() {
+            Precision::F32 => "cuda",
+            Precision::Tf32 => "cuda (tf32)",
+            Precision::Bf16 => "cuda (bf16)",
+        }
     }
 
     fn counters(&self) -> Option<Counters> {
@@ -248,6 +252,7 @@ impl Backend for Cuda {
         let lda = if g.trans_a { g.m } else { g.k };
         let ldb = if g.trans_b { g.k } else { g.n };
         self.gemm_strided_batched(
+            self.precision().of_gemm(g.m),
             (g.m, g.n, g.k),
             (g.trans_a, g.trans_b),
             g.alpha,

@@ -1,12 +1,12 @@
 //! Exact top-k search on the device (`Backend::top_k`): per gallery tile, one cuBLAS GEMM of all
 //! queries against the tile into scratch, then `topk_merge_fwd_f32` (kernels/topk.cu) folds the
 //! tile's scores into each query's running top-k keys on the device. The keys (the CPU twin's
-//! `rank_key`) come back in one download at the end. Scores match the CPU's to GEMM rounding;
-//! with TF32 on they are TF32 products.
+//! `rank_key`) come back in one download at the end. Scores are IEEE f32 products at every
+//! precision (top-k is not a layer) and match the CPU's to GEMM rounding.
 
 use super::{Arg, Cuda, dev_err, tensor_ptr, view_ptr};
-use crate::backend::Backend;
 use crate::backend::cpu::topk::split_keys;
+use crate::backend::{Backend, Precision};
 use crate::tensor::{Tensor, View};
 use crate::{Error, Result};
 use cudarc::driver::result;
@@ -65,6 +65,7 @@ impl Cuda {
             let n = tile.min(ng - t0);
             let pt = pg + 4 * (t0 * dim) as u64;
             self.gemm_strided_batched(
+                Precision::F32,
                 (nq, n, dim),
                 (false, true),
                 1.0,
