@@ -271,14 +271,32 @@ fn train_resolves_defaults_from_the_data_and_the_written_config_loads_back() {
     // The dataset's own values are not in it: it loads on any split of the same data.
     assert!(doc["model"].get("region_dim").is_none() && doc["model"]["dim"] == 16);
 
+    // fp32, the default, is left out of the file (earlier fingerprints stay as they were).
+    assert!(doc["train"].get("precision").is_none(), "{doc}");
+
     let run2 = dir.join("run2");
     let args = ["train", "--data", path(&data), "--out", path(&run2), "--config", path(&resolved), "--steps", "3"];
+    let args = [&args[..], &["--precision", "bf16", "--device", "cpu"]].concat();
     let out = semshare(&args);
     let stdout = ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("train.steps = 3  (given explicitly)"), "{stderr}");
     assert!(stderr.contains("train.normalize = \"standardize\"  (given explicitly)"), "{stderr}");
     assert!(stdout.contains("trained 3 steps"), "{stdout}");
+    // The flag is the run's train.precision, recorded with it.
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run2.join("resolved-config.json")).unwrap()).unwrap();
+    assert_eq!(doc["train"]["precision"], "bf16", "{doc}");
+    // From the file too; TF32 is CUDA's alone, an unknown name is refused naming the key.
+    for (precision, error) in [("tf32", "precision tf32 is CUDA's"), ("fp16", "train.precision")] {
+        std::fs::write(&cfg, format!(r#"{{"train": {{"precision": "{precision}", "steps": 1}}}}"#)).unwrap();
+        let run = dir.join(format!("run-{precision}"));
+        fails_with(
+            &semshare(&["train", "--data", path(&data), "--out", path(&run), "--config", path(&cfg), "--device=cpu"]),
+            error,
+        );
+        assert!(!run.exists(), "a refused run left {}", run.display());
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -45,11 +45,14 @@ pub struct Gemm {
 /// Attention's per-head products and softmax, the norms, the losses, the optimiser and top-k
 /// stay fp32 on every device. A GEMM of fewer than [`Precision::MIN_ROWS`] rows (a training
 /// batch's 32-item GRU recurrence) stays fp32 too: [`Precision::of_gemm`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Precision {
     #[default]
+    #[serde(rename = "fp32", alias = "f32")]
     F32,
+    #[serde(rename = "tf32")]
     Tf32,
+    #[serde(rename = "bf16")]
     Bf16,
 }
 
@@ -57,6 +60,10 @@ impl Precision {
     /// Below this many rows a reduced-precision GEMM runs in fp32 (the CPU chose it for speed:
     /// docs/results/cpu.md; CUDA follows it so that both devices compute the same thing).
     pub const MIN_ROWS: usize = 64;
+
+    pub fn is_fp32(&self) -> bool {
+        *self == Precision::F32
+    }
 
     pub fn name(self) -> &'static str {
         match self {

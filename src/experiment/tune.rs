@@ -310,7 +310,7 @@ pub struct TuneConfig {
     pub seed: u64,
     /// Trials trained at once, each on its own device.
     pub workers: usize,
-    /// The device each worker opens (`backend::open`).
+    /// The device each worker opens (`backend::open_at`, at `train.precision`).
     pub device: String,
     /// `tune-state.json`, `trials.md`, `best-config.json`.
     pub out: PathBuf,
@@ -422,7 +422,7 @@ fn worker(
     path: &Path,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<()> {
-    let mut dev = crate::backend::open(&cfg.device)?;
+    let mut dev = crate::backend::open_at(&cfg.device, cfg.train.precision)?;
     while let Some(key) = queue.lock().map_err(poisoned)?.pop_front() {
         let trial = &plan.trials[key.trial];
         let steps = plan.steps(key.rung);

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Precision;
 use crate::model::{EmbeddingKind, Variant};
 use crate::{Error, Result};
 
@@ -56,6 +57,10 @@ pub struct TrainConfig {
     /// fingerprints still match.
     #[serde(skip_serializing_if = "ContextPass::is_shared")]
     pub context_pass: ContextPass,
+    /// The layers' GEMMs: "fp32" (IEEE, the default), "bf16" (CPU and CUDA) or "tf32" (CUDA);
+    /// `--precision` overrides it. Left out of the file at fp32, so earlier fingerprints match.
+    #[serde(skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
 }
 
 /// How a step trains L2 (Eq. 5) beside L1 (docs/results/EXPERIMENTS.md, "The context loss").
@@ -104,6 +109,7 @@ impl Default for TrainConfig {
             dscmr_alpha: 1e-3,
             dscmr_beta: 0.1,
             context_pass: ContextPass::Shared,
+            precision: Precision::F32,
         }
     }
 }

@@ -19,9 +19,15 @@ use semshare::tensor::Tensor;
 use semshare::train::{Progress, ProgressFn, TrainConfig};
 use semshare::{Error, Result};
 
+/// `--device` at `--precision` (default fp32), for the commands that read no configuration.
 pub fn device(args: &Args) -> Result<Box<dyn Backend>> {
     let precision = backend::Precision::parse(args.get("precision").unwrap_or("fp32"))?;
     backend::open_at(args.get("device").unwrap_or("auto"), precision)
+}
+
+/// `--device` at the configuration's `train.precision` (which `--precision` has overridden).
+pub fn device_for(args: &Args, c: &Configs) -> Result<Box<dyn Backend>> {
+    backend::open_at(args.get("device").unwrap_or("auto"), c.train.precision)
 }
 
 /// Model and training configuration: preset (and `base` for training), then the config file,
@@ -52,6 +58,10 @@ pub fn configs(args: &Args, base: TrainConfig) -> Result<Configs> {
     if let Some(v) = args.num("lambda")? {
         c.model.lambda = v;
         c.model_keys.insert("lambda".into());
+    }
+    if let Some(v) = args.get("precision") {
+        c.train.precision = backend::Precision::parse(v)?;
+        c.train_keys.insert("precision".into());
     }
     Ok(c)
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{configs, device, fit, load_data, progress_printer};
+use crate::common::{configs, device_for, fit, load_data, progress_printer};
 use semshare::cli::Args;
 use semshare::experiment::run::{ExperimentConfig, build_suite, default_budget, run_suite, state_path, suite_name};
 use semshare::experiment::suite::{SuiteKind, SuiteState};
@@ -44,7 +44,7 @@ pub fn run(args: &Args) -> Result<()> {
     refuse_overlap(&cfg.runs_dir, &data.dir, "dataset (--data)")?;
     // A bad --variants or another suite's state file is refused before anything is printed.
     SuiteState::open(&state_path(&cfg.out, suite), &build_suite(&data, &cfg)?)?;
-    let mut dev = device(args)?;
+    let mut dev = device_for(args, &c)?;
     let seed_text = only_seed.map_or_else(|| format!("{seeds} seed(s)"), |k| format!("seed {k}"));
     eprintln!(
         "experiment {} on {dataset} ({seed_text}, {} steps per run) on {}; results in {}",

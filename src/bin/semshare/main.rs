@@ -193,14 +193,16 @@ const COMMANDS: &[Command] = &[
         name: "experiment",
         usage: "  experiment  run a suite of docs/EXPERIMENTS-DESIGN.md (resumes where a killed one stopped)
              --suite table1|eta --data DIR [--seeds N (default 3) | --seed K] [--variants a,b,...]
-             [--model small|paper] [--config FILE.json] [--steps N] [--device D]
+             [--model small|paper] [--config FILE.json] [--steps N] [--device D] [--precision P]
              [--out DIR (default docs/results/<dataset>)] [--runs DIR (default runs/experiments/<dataset>)]
              budget per run unless the config file or --steps say otherwise: batch 32, 600 steps,
              warm-up 60, lr 5e-4, validation every 100 steps, patience 3
              --seed K runs seed K alone (adding it to the suite's state file)
 ",
         takes: Takes::Flags {
-            values: &["suite", "data", "seeds", "seed", "variants", "model", "config", "out", "runs", "steps", "device"],
+            values: &[
+                "suite", "data", "seeds", "seed", "variants", "model", "config", "out", "runs", "steps", "device", "precision",
+            ],
             switches: &[],
             run: experiment::run,
         },
@@ -211,7 +213,7 @@ const COMMANDS: &[Command] = &[
              --data DIR [--trials N (default 27)] [--reduction η (default 3)] [--rungs N]
              [--min-steps N (default one epoch, at least 50)] [--repeats N (default 3)]
              [--seed S] [--workers N]
-             [--model small|paper] [--config FILE.json] [--device D (default cpu)]
+             [--model small|paper] [--config FILE.json] [--device D (default cpu)] [--precision P]
              [--out DIR (default runs/tune/<dataset>)] [--runs DIR (default <out>/trials)]
              searches lr, weight decay, dropout, λ, warm-up, batch size, width and depth; trial 0
              is the data-aware defaults; rung r trains the best n/η^r trials for min-steps·η^r
@@ -221,7 +223,7 @@ const COMMANDS: &[Command] = &[
         takes: Takes::Flags {
             values: &[
                 "data", "trials", "reduction", "rungs", "min-steps", "repeats", "seed", "workers", "model", "config",
-                "device", "out", "runs",
+                "device", "precision", "out", "runs",
             ],
             switches: &[],
             run: tune::run,

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{configs, device, fit, load_data, progress_printer};
+use crate::common::{configs, device_for, fit, load_data, progress_printer};
 use semshare::Result;
 use semshare::cli::Args;
 use semshare::defaults::resolve;
@@ -10,9 +10,9 @@ use semshare::io::refuse_overlap;
 use semshare::train::{RunOptions, TrainConfig, fresh_run_dir, train};
 
 pub fn run(args: &Args) -> Result<()> {
-    let mut dev = device(args)?;
     let data = load_data(args)?;
     let c = configs(args, TrainConfig::default())?;
+    let mut dev = device_for(args, &c)?;
     // The variant's structure (trunk, separate models, segments) goes with it.
     let mut model = c.train.variant.configure(&c.model);
     fit(&mut model, &data.layout, &c, args)?;
