@@ -177,7 +177,7 @@ pub(super) fn launch(cuda: &mut Cuda, graph: &mut Graph, inputs: &[f32], salt: u
     host[g.inputs..salt_at].fill(0.0);
     // The salt's bits as two words (little-endian u64), carried as f32 bit patterns.
     host[salt_at..salt_at + 2].copy_from_slice(&[f32::from_bits(salt as u32), f32::from_bits((salt >> 32) as u32)]);
-    cuda.htod(tensor_ptr(&g.staging)?, &host[..salt_at + 2], "a graph's inputs")?;
+    cuda.htod_pinned(tensor_ptr(&g.staging)?, &host[..salt_at + 2], "a graph's inputs")?;
     pinned.copied = Some(
         cuda.stream
             .record_event(Some(cu::CUevent_flags::CU_EVENT_DISABLE_TIMING))

@@ -40,6 +40,7 @@ mod norm;
 mod ops;
 mod step;
 pub mod topk;
+mod upload;
 
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
@@ -198,6 +199,9 @@ pub(crate) fn dev_ids(i: &Ids) -> Result<&DevIds> {
 struct Module(cu::CUmodule);
 
 pub struct Cuda {
+    /// Pinned memory every upload is copied through (`upload.rs`). First: fields drop in
+    /// order, and its memory goes back while the context still lives.
+    uploads: upload::UploadRing,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     pool: Arc<Pool>,
@@ -224,6 +228,7 @@ pub struct Cuda {
     _blas_workspace: Option<Tensor>,
     /// A graph capture under way (`graph.rs`).
     capture: Option<Capture>,
+
     /// Tensor clones made inside captures: recorded into a graph, not run then.
     recorded_clones: u64,
 }
@@ -301,6 +306,7 @@ impl Cuda {
         let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(blas_err("create handle"))?;
         let pool = Arc::new(Pool::new(ctx.clone(), stream.clone()));
         let mut cuda = Cuda {
+            uploads: upload::UploadRing::default(),
             ctx,
             stream,
             pool,
@@ -344,7 +350,9 @@ impl Cuda {
         Ok(Arg::Ptr(self.salt_ptr()?))
     }
 
-    /// Copies host data to device memory at `dst` (stream-ordered; counted as an upload).
+    /// Copies host data to device memory at `dst`, stream-ordered, through the pinned upload
+    /// ring (`upload.rs`): the host does not wait for the stream unless it is two rings ahead.
+    /// Counted as an upload, and as a sync each time the host had to wait.
     pub(crate) fn htod<T: cudarc::driver::DeviceRepr>(&mut self, dst: u64, data: &[T], what: &str) -> Result<()> {
         if data.is_empty() {
             return Ok(());
@@ -352,9 +360,21 @@ impl Cuda {
         self.bind()?;
         let bytes = std::mem::size_of_val(data);
         self.counts.upload_bytes += bytes as u64;
-        // SAFETY: the caller names a device range of at least `bytes`; pageable host memory is
-        // staged before the call returns, so `data` may be dropped afterwards.
-        unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
+        // SAFETY: DeviceRepr types are plain data: their bytes are their value.
+        let raw = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes) };
+        self.counts.syncs += self.uploads.copy(&self.stream, dst, raw, what)?;
+        Ok(())
+    }
+
+    /// As `htod`, from pinned memory the caller keeps unchanged until the copy has run (a
+    /// graph's own input buffers): no copy into the ring first.
+    pub(crate) fn htod_pinned(&mut self, dst: u64, pinned: &[f32], what: &str) -> Result<()> {
+        self.bind()?;
+        let bytes = std::mem::size_of_val(pinned);
+        self.counts.upload_bytes += bytes as u64;
+        // SAFETY: the caller names a device range of at least `bytes` and keeps `pinned`
+        // (page-locked) unchanged until the copy has run.
+        unsafe { result::memcpy_htod_async(dst, pinned, self.stream.cu_stream()) }
             .map_err(dev_err(format!("upload {bytes} bytes of {what}")))
     }
 

@@ -1,0 +1,245 @@
+//! Uploads through pinned memory. A copy from pageable host memory makes the driver wait for
+//! the stream to drain before it starts (CUDA's documented behaviour), so every eager step and
+//! every chunk of an embedding would stall the host behind the work already queued, and the
+//! device would then idle while the host prepares the next batch. Here each upload is first
+//! copied by the host into a pinned ring, and the device copies from there with the stream,
+//! in order, while the host goes on. A region of the ring is written again only after the
+//! copy out of it is done (an event per copy); the host waits, and counts a sync, only when
+//! the ring is full of copies not yet run: when it is about two batches ahead of the device.
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+
+use cudarc::driver::sys as cu;
+use cudarc::driver::{CudaEvent, CudaStream, result};
+
+use super::dev_err;
+use crate::{Error, Result};
+
+/// The most pinned memory the ring holds. An upload larger than half of it goes in pieces of
+/// half (a model's weights, once): the ring never grows past it.
+pub(crate) const MAX_RING_BYTES: usize = 64 << 20;
+/// The smallest ring: a `small` training step's inputs (1.2 MB) fit it twice.
+const MIN_RING_BYTES: usize = 4 << 20;
+/// Regions start on this boundary (the DMA engines' preferred alignment).
+const ALIGN: usize = 256;
+
+/// What the ring needs of an event: whether the copy before it has run, and a wait for it.
+pub(crate) trait Completion {
+    fn done(&self) -> Result<bool>;
+    fn wait(&self) -> Result<()>;
+}
+
+impl Completion for CudaEvent {
+    fn done(&self) -> Result<bool> {
+        self.try_is_complete().map_err(dev_err("query an upload"))
+    }
+    fn wait(&self) -> Result<()> {
+        self.synchronize().map_err(dev_err("wait for an upload"))
+    }
+}
+
+/// The ring's bookkeeping, apart from its memory (so that it is tested without a device):
+/// regions `[start, end)` of `bytes`, each read by a copy that `E` says is done or not.
+pub(crate) struct Regions<E> {
+    bytes: usize,
+    /// Where the next region starts.
+    head: usize,
+    /// Regions whose copy may not have run yet, oldest first.
+    in_flight: VecDeque<(usize, usize, E)>,
+}
+
+impl<E: Completion> Regions<E> {
+    pub(crate) fn new(bytes: usize) -> Self {
+        Regions { bytes, head: 0, in_flight: VecDeque::new() }
+    }
+
+    /// Where the next `n` bytes (at most half the ring) go: after the last region, or from the
+    /// start when they do not fit before the end. Waits for the copies still reading there,
+    /// and returns (start, how many waits). Copies run in stream order, so waiting for the
+    /// newest overlapping region is waiting for every older one too.
+    pub(crate) fn place(&mut self, n: usize) -> Result<(usize, u64)> {
+        let start = if self.head + n > self.bytes { 0 } else { self.head };
+        let end = start + n;
+        let mut waits = 0;
+        if let Some(i) = self.in_flight.iter().rposition(|&(s, e, _)| s < end && start < e) {
+            let (_, _, event) = &self.in_flight[i];
+            if !event.done()? {
+                waits += 1;
+                event.wait()?;
+            }
+            self.in_flight.drain(..=i);
+        }
+        while let Some((_, _, e)) = self.in_flight.front() {
+            if !e.done()? {
+                break;
+            }
+            self.in_flight.pop_front();
+        }
+        Ok((start, waits))
+    }
+
+    /// The region `place` gave, now read by the copy `event` follows.
+    pub(crate) fn push(&mut self, start: usize, n: usize, event: E) {
+        self.in_flight.push_back((start, start + n, event));
+        self.head = (start + n).next_multiple_of(ALIGN);
+    }
+
+    /// Waits for every copy (1 if the host had to), and forgets them.
+    pub(crate) fn finish(&mut self) -> Result<u64> {
+        let waits = match self.in_flight.back() {
+            Some((_, _, e)) if !e.done()? => {
+                e.wait()?;
+                1
+            }
+            _ => 0,
+        };
+        self.in_flight.clear();
+        Ok(waits)
+    }
+}
+
+/// Pinned host memory used as a ring of upload regions.
+#[derive(Default)]
+pub(crate) struct UploadRing {
+    /// The pinned block's host address.
+    ptr: Option<usize>,
+    regions: Option<Regions<CudaEvent>>,
+}
+
+impl UploadRing {
+    /// Queues a copy of `data` to device memory at `dst` on `stream`. Returns how many times
+    /// the host had to wait for an earlier copy first.
+    pub(crate) fn copy(&mut self, stream: &CudaStream, dst: u64, data: &[u8], what: &str) -> Result<u64> {
+        let mut waits = 0;
+        let piece = MAX_RING_BYTES / 2;
+        for (i, part) in data.chunks(piece).enumerate() {
+            waits += self.copy_piece(stream, dst + (i * piece) as u64, part, what)?;
+        }
+        Ok(waits)
+    }
+
+    fn copy_piece(&mut self, stream: &CudaStream, dst: u64, data: &[u8], what: &str) -> Result<u64> {
+        let n = data.len();
+        let mut waits = 0;
+        if self.regions.as_ref().is_none_or(|r| r.bytes < 2 * n) {
+            waits += self.grow((2 * n).next_power_of_two().clamp(MIN_RING_BYTES, MAX_RING_BYTES))?;
+        }
+        let (Some(base), Some(regions)) = (self.ptr, self.regions.as_mut()) else {
+            return Err(Error::Device { what: format!("no pinned memory for {what}") });
+        };
+        let (start, waited) = regions.place(n)?;
+        // SAFETY: [start, start + n) is inside the ring (n ≤ bytes / 2, and `place` starts at
+        // 0 or where n bytes still fit) and no queued copy reads it (`place` waited).
+        let pinned = unsafe { std::slice::from_raw_parts_mut((base + start) as *mut u8, n) };
+        pinned.copy_from_slice(data);
+        // SAFETY: the caller names a device range of at least n bytes; `pinned` stays untouched
+        // until the event recorded after this copy has completed.
+        unsafe { result::memcpy_htod_async(dst, &pinned[..], stream.cu_stream()) }
+            .map_err(dev_err(format!("upload {n} bytes of {what}")))?;
+        let event = stream
+            .record_event(Some(cu::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(dev_err("record an upload's event"))?;
+        regions.push(start, n, event);
+        Ok(waits + waited)
+    }
+
+    /// A ring of `bytes`, once every copy out of the old one is done (counted as a wait if it
+    /// had to be waited for). Only while the uploads grow (a run's first steps).
+    fn grow(&mut self, bytes: usize) -> Result<u64> {
+        let waits = self.release()?;
+        // SAFETY: a plain pinned allocation, freed in `release`.
+        let ptr =
+            unsafe { result::malloc_host(bytes, 0) }.map_err(dev_err(format!("pin {bytes} bytes for uploads")))?;
+        (self.ptr, self.regions) = (Some(ptr as usize), Some(Regions::new(bytes)));
+        Ok(waits)
+    }
+
+    /// Frees the pinned memory once every copy out of it has run.
+    fn release(&mut self) -> Result<u64> {
+        let waits = match self.regions.take() {
+            Some(mut r) => r.finish()?,
+            None => 0,
+        };
+        if let Some(p) = self.ptr.take() {
+            // SAFETY: p came from malloc_host and no copy reads it any more (`finish`).
+            unsafe { result::free_host(p as *mut c_void) }.map_err(dev_err("free pinned upload memory"))?;
+        }
+        Ok(waits)
+    }
+}
+
+impl Drop for UploadRing {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    /// A device that runs copies in order, only as far as `ran` says (or a wait makes it).
+    struct Copy {
+        index: usize,
+        ran: Rc<Cell<usize>>,
+        waited: Rc<Cell<usize>>,
+    }
+
+    impl Completion for Copy {
+        fn done(&self) -> Result<bool> {
+            Ok(self.index < self.ran.get())
+        }
+        fn wait(&self) -> Result<()> {
+            self.waited.set(self.waited.get() + 1);
+            self.ran.set(self.ran.get().max(self.index + 1));
+            Ok(())
+        }
+    }
+
+    /// Copies of mixed sizes, the device `lag` copies behind the host: a region is never
+    /// handed out while a copy not yet run reads it, and the host waits only when the ring
+    /// holds no room that is not still being read.
+    #[test]
+    fn a_region_is_reused_only_after_its_copy_has_run() {
+        for lag in [0, 1, 3, 8, 40] {
+            let (ran, waited) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+            let mut r = Regions::new(1 << 16);
+            let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (copy, start, end)
+            let mut waits = 0;
+            for i in 0..500usize {
+                let n = 1 + (i * 7919) % (1 << 15);
+                ran.set(ran.get().max(i.saturating_sub(lag)));
+                let (start, w) = r.place(n).unwrap();
+                waits += w;
+                assert!(start + n <= 1 << 16, "copy {i}: region past the ring's end");
+                assert_eq!(start % ALIGN, 0, "copy {i}: unaligned region");
+                for &(j, s, e) in &live {
+                    let overlaps = s < start + n && start < e;
+                    assert!(
+                        !(overlaps && j >= ran.get()),
+                        "copy {i} at {start}..{} over copy {j}'s unread {s}..{e}",
+                        start + n
+                    );
+                }
+                live.retain(|&(j, ..)| j >= ran.get());
+                live.push((i, start, start + n));
+                r.push(start, n, Copy { index: i, ran: ran.clone(), waited: waited.clone() });
+            }
+            assert_eq!(waits as usize, waited.get(), "lag {lag}: every wait counted");
+            if lag == 0 {
+                assert_eq!(waits, 0, "a device that keeps up is never waited for");
+            } else if lag >= 8 {
+                assert!(waits > 0, "lag {lag}: a full ring must be waited for");
+            }
+            let last_unrun = (ran.get() < 500) as u64;
+            assert_eq!(
+                r.finish().unwrap(),
+                last_unrun,
+                "lag {lag}: finish waits for the last copy only if it has not run"
+            );
+        }
+    }
+}
