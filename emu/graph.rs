@@ -11,6 +11,11 @@
 //! whatever lies there at replay), and, in the global and thread-local modes, allocating or
 //! freeing device memory. cuBLAS GEMMs are captured only with a workspace set
 //! (`cublasSetWorkspace`), as real cuBLAS would otherwise allocate during the capture.
+//!
+//! `SEMSHARE_EMU_CAPTURE` makes captures fail as a driver might refuse one, so that the
+//! caller's fallback can be tested: `refuse-begin` (every `cuStreamBeginCapture` is
+//! `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`) or `invalidate` (every capture ends invalidated).
+//! Read at each call.
 
 use std::collections::HashMap;
 use std::ffi::c_int;
@@ -90,12 +95,21 @@ pub fn begin(stream: u64, mode: c_int) -> CUresult {
     if !(0..=2).contains(&mode) {
         return fail(crate::INVALID_VALUE, format!("cuStreamBeginCapture: unknown capture mode {mode}"));
     }
+    if forced() == "refuse-begin" {
+        return fail(CAPTURE_UNSUPPORTED, "cuStreamBeginCapture: refused (SEMSHARE_EMU_CAPTURE=refuse-begin)".into());
+    }
     let mut c = captures();
     if c.contains_key(&stream) {
         return fail(ILLEGAL_STATE, format!("cuStreamBeginCapture: stream {stream:#x} is already capturing"));
     }
-    c.insert(stream, Capture { mode, nodes: Vec::new(), broken: None });
+    let broken = (forced() == "invalidate").then(|| "SEMSHARE_EMU_CAPTURE=invalidate".to_string());
+    c.insert(stream, Capture { mode, nodes: Vec::new(), broken });
     SUCCESS
+}
+
+/// `SEMSHARE_EMU_CAPTURE`, or "" (the module's header).
+fn forced() -> String {
+    std::env::var("SEMSHARE_EMU_CAPTURE").unwrap_or_default()
 }
 
 /// Ends the capture of `stream`: its graph, or why there is none.
