@@ -2,7 +2,8 @@
 //! or invalidated by the time it ends) costs the trainer nothing but its graphs: that step and
 //! every later one run eagerly, with the bits of an eager trainer's steps, and the trainer
 //! says why (`Trainer::graphs_refused`). A binary of its own: the variable is process-wide.
-//! On a real GPU it prints that it ran nothing (no driver can be made to refuse on demand).
+//! Not `gpu_*`, so the GPU bundle (tools/gpu-check.sh) leaves it out: no driver can be made to
+//! refuse on demand, so on a real GPU it runs nothing.
 #![cfg(feature = "cuda")]
 
 mod common;
