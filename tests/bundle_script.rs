@@ -29,7 +29,8 @@ const ESTIMATE: &str = r#"{"confidence_interval":{"confidence_level":0.95,"lower
 
 /// A bundle in `dir`: run.sh, two passing test binaries (one failing if `fail_test`), a test
 /// that sleeps `SLOW` seconds, the demo, a bench writing criterion estimates, `python3` (on the
-/// PATH given to run.sh) printing the baseline's JSON lines, and fake libraries.
+/// PATH given to run.sh) printing the baseline's JSON lines, and fake libraries. Without a
+/// failing test the binaries are gzipped into bins.tar.gz, as tools/gpu-check.sh packs them.
 fn bundle(dir: &Path, fail_test: bool) {
     std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/gpu-run.sh"), dir.join("run.sh")).unwrap();
     std::fs::write(dir.join("MANIFEST"), "commit test\n").unwrap();
@@ -47,7 +48,7 @@ echo "test result: ok. 16 passed; 0 failed; 0 ignored; 0 measured; 0 filtered ou
 echo 'test result: FAILED. 1 passed; 1 failed'; exit 101"
     } else {
         "echo 'worst parameter gradient: w at 2.0e-5' >&2; echo '20 steps: worst loss error 1.0e-5, parameters 3.0e-4' >&2
-echo 'test result: ok. 2 passed; 0 failed'"
+echo 'bf16: whole gradient 3.4e-4 from the CPU' >&2; echo 'test result: ok. 2 passed; 0 failed'"
     };
     script(&dir.join("tests/gpu_train"), train);
     script(&dir.join("tests/gpu_wait"), "sleep \"${SLOW:-0}\"; echo 'test result: ok. 1 passed; 0 failed'");
@@ -75,6 +76,21 @@ echo '{"measure": "sdpa_fwd", "mode": "fp32", "shape": [128, 8, 36, 128], "media
 echo '{"measure": "bigru_fwd", "mode": "fp32", "error": "RuntimeError: no cuDNN"}'
 echo '{"measure": "copy_bandwidth", "bytes": 2147483648, "median_ms": 0.5, "gb_per_s_median": 4295.0}'"#,
     );
+    if !fail_test {
+        let packed = Command::new("tar")
+            .arg("-C")
+            .arg(dir)
+            .arg("-czf")
+            .arg(dir.join("bins.tar.gz"))
+            .args(["tests", "benches", "semshare"])
+            .status()
+            .expect("tar runs");
+        assert!(packed.success());
+        for p in ["tests", "benches"] {
+            std::fs::remove_dir_all(dir.join(p)).unwrap();
+        }
+        std::fs::remove_file(dir.join("semshare")).unwrap();
+    }
 }
 
 fn run(dir: &Path, out: &Path, env: &[(&str, &str)]) -> (Output, String) {
@@ -116,6 +132,7 @@ fn every_stage_is_summarised_with_ratios_from_one_call() {
     }
     assert!(line(&s, "test      gpu_ops").contains("16 passed, max error 3.00e-05 (layernorm)"), "{s}");
     assert!(s.contains("20 steps: worst loss error 1.0e-5, parameters 3.0e-4"), "{s}");
+    assert!(s.contains("bf16: whole gradient 3.4e-4 from the CPU"), "{s}");
     assert!(line(&s, "bench").contains("cuBLAS loaded: /x/libcublas.so.13.0"), "{s}");
     assert!(line(&s, "copy bandwidth").contains("semshare 4295.0 GB/s  pytorch 4295.0 GB/s"), "{s}");
     // 2 × 18.9 MB in 10 µs = 3774.9 GB/s = 87.9 % of 4295 GB/s.
