@@ -208,7 +208,8 @@ fn check_recurrence(g: &mut dyn Backend, lengths: &[usize], hd: usize, extra_col
 }
 
 /// `check_recurrence` against the CPU twin `c` (a precision of its own) within `tol`; the
-/// worst relative error of any output.
+/// worst relative error of any output. `tol` ≥ 1 only measures that (a distance from another
+/// precision, not a twin's error: nothing is checked or reported).
 fn check_recurrence_against(
     g: &mut dyn Backend,
     c: &mut dyn Backend,
@@ -235,7 +236,9 @@ fn check_recurrence_against(
     let what = format!("{} items H {hd} cols +{extra_cols}, {}", lengths.len(), c.name());
     let mut worst = 0f64;
     for ((name, cv), (_, gv)) in want.iter().zip(&got) {
-        compare_twins(&format!("gru recurrence {name}, {what}"), gv, cv, tol);
+        if tol < 1.0 {
+            compare_twins(&format!("gru recurrence {name}, {what}"), gv, cv, tol);
+        }
         let finite: Vec<(f32, f64)> =
             gv.iter().zip(cv).filter(|(_, w)| !w.is_nan()).map(|(&g, &w)| (g, w as f64)).collect();
         let (gf, wf): (Vec<f32>, Vec<f64>) = finite.into_iter().unzip();
