@@ -311,9 +311,10 @@ pub trait Backend {
     fn end_capture(&mut self) -> Result<Graph> {
         Err(crate::Error::Device { what: format!("the {} backend does not capture graphs", self.name()) })
     }
-    /// Runs a captured graph: `inputs` (the capture's inputs' values end to end, 4-byte words)
-    /// and the dropout salt in one upload, then one launch.
-    fn launch_graph(&mut self, graph: &mut Graph, inputs: &[f32], dropout_salt: u64) -> Result<()> {
+    /// Runs a captured graph: `inputs` (the capture's inputs' values in pieces that end to end
+    /// are its input words, 4-byte words each) and the dropout salt in one upload, then one
+    /// launch.
+    fn launch_graph(&mut self, graph: &mut Graph, inputs: &[&[f32]], dropout_salt: u64) -> Result<()> {
         let _ = (graph, inputs, dropout_salt);
         Err(crate::Error::Device { what: format!("the {} backend does not capture graphs", self.name()) })
     }

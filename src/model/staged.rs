@@ -70,15 +70,13 @@ impl HostInputs<'_> {
         }
     }
 
-    /// Every part end to end as 4-byte words (indices by their bits), the layout of a captured
-    /// step's input buffer.
-    pub fn flat(&self, out: &mut Vec<f32>) {
-        for p in &self.parts {
-            match p {
-                HostPart::Values(v, _) => out.extend_from_slice(v),
-                HostPart::Ids(v) => out.extend(v.iter().map(|&i| f32::from_bits(i))),
-            }
-        }
+    /// Every part as 4-byte words (indices by their bits), in order: end to end they are the
+    /// layout of a captured step's input buffer. Borrowed, not copied.
+    pub fn words(&self) -> impl Iterator<Item = &[f32]> {
+        self.parts.iter().map(|p| match p {
+            HostPart::Values(v, _) => &v[..],
+            HostPart::Ids(v) => bytemuck::cast_slice(&v[..]),
+        })
     }
 }
 

@@ -145,17 +145,11 @@ impl Trainer {
             .map(|p| self.net.stager().host_inputs(&batches[p.text as usize], &p.plan, true, shaped))
             .collect::<Result<Vec<_>>>()?;
         let key = capturable.then(|| StepGraphs::key(&passes, &hosts));
-        // A launch's inputs: every pass's staged values, then the scalars (`GraphInput` order).
-        let flat = || {
-            let mut flat = Vec::new();
-            for h in &hosts {
-                h.flat(&mut flat);
-            }
-            flat.extend_from_slice(&scalars);
-            flat
-        };
+        // A launch's inputs: every pass's staged values, then the scalars (`GraphInput` order),
+        // borrowed: the launch copies them straight into its pinned buffer.
+        let words = || -> Vec<&[f32]> { hosts.iter().flat_map(|h| h.words()).chain([&scalars[..]]).collect() };
         if let Some(graph) = key.as_ref().and_then(|k| self.graphs.get_mut(k)) {
-            dev.launch_graph(graph, &flat(), salt)?;
+            dev.launch_graph(graph, &words(), salt)?;
             self.taken(lr);
             return Ok(());
         }
@@ -188,7 +182,7 @@ impl Trainer {
                 match (ran, dev.end_capture()) {
                     (Ok(()), Ok(mut graph)) => {
                         // The capture ran nothing: its first launch takes the step.
-                        dev.launch_graph(&mut graph, &flat(), salt)?;
+                        dev.launch_graph(&mut graph, &words(), salt)?;
                         self.graphs.insert(key, graph);
                         self.taken(lr);
                         return Ok(());

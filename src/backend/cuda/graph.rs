@@ -141,7 +141,7 @@ pub(super) fn end(cuda: &mut Cuda) -> Result<Graph> {
     Ok(Graph { inner: Box::new(captured), inputs, bytes })
 }
 
-pub(super) fn launch(cuda: &mut Cuda, graph: &mut Graph, inputs: &[f32], salt: u64) -> Result<()> {
+pub(super) fn launch(cuda: &mut Cuda, graph: &mut Graph, inputs: &[&[f32]], salt: u64) -> Result<()> {
     let g = graph.inner.downcast_mut::<Captured>().ok_or_else(|| no_graph("captured by another backend"))?;
     if g.stream != cuda.stream.cu_stream() {
         return Err(no_graph("captured on another device's stream"));
@@ -156,8 +156,9 @@ pub(super) fn launch(cuda: &mut Cuda, graph: &mut Graph, inputs: &[f32], salt: u
             cuda.precision().name()
         )));
     }
-    if inputs.len() != g.inputs {
-        return Err(Error::shape("launch_graph", format!("{} input words for a graph of {}", inputs.len(), g.inputs)));
+    let words: usize = inputs.iter().map(|p| p.len()).sum();
+    if words != g.inputs {
+        return Err(Error::shape("launch_graph", format!("{words} input words for a graph of {}", g.inputs)));
     }
     cuda.bind()?;
     let pinned = &mut g.pinned[g.next];
@@ -173,7 +174,11 @@ pub(super) fn launch(cuda: &mut Cuda, graph: &mut Graph, inputs: &[f32], salt: u
     // SAFETY: `len` f32 of pinned memory this graph owns, not read by any copy in flight.
     let host = unsafe { std::slice::from_raw_parts_mut(pinned.ptr, pinned.len) };
     let salt_at = g.inputs.next_multiple_of(2);
-    host[..g.inputs].copy_from_slice(inputs);
+    let mut at = 0;
+    for part in inputs {
+        host[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
     host[g.inputs..salt_at].fill(0.0);
     // The salt's bits as two words (little-endian u64), carried as f32 bit patterns.
     host[salt_at..salt_at + 2].copy_from_slice(&[f32::from_bits(salt as u32), f32::from_bits((salt >> 32) as u32)]);
