@@ -55,6 +55,10 @@ pub fn embed_split(
     }
     let mut out = [Vec::new(), Vec::new()];
     let mut dim = 0;
+    // A chunk's embeddings are downloaded after the next chunk is read and queued: on a GPU the
+    // download waits for the device, which then has the next chunk's work while the host reads
+    // the one after (uploads do not wait: they go through pinned memory).
+    let mut pending: Option<(usize, Tensor)> = None;
     for (side, n) in [split.num_images(), split.num_texts()].into_iter().enumerate() {
         let idx: Vec<usize> = (0..n).collect();
         for c in idx.chunks(EMBED_CHUNK) {
@@ -64,8 +68,13 @@ pub fn embed_split(
             };
             let e = net.embed(dev, params, &batch, kind)?;
             dim = e.cols();
-            out[side].extend(dev.download(e.view())?);
+            if let Some((s, done)) = pending.replace((side, e)) {
+                out[s].extend(dev.download(done.view())?);
+            }
         }
+    }
+    if let Some((s, done)) = pending {
+        out[s].extend(dev.download(done.view())?);
     }
     let [ie, te] = out;
     Ok((ie, te, dim))
