@@ -129,6 +129,38 @@ fn a_trained_checkpoint_embeds_like_the_evaluation_path() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The library's `Model` on the GPU against the same checkpoint on the CPU, across a chunk
+/// boundary (each chunk's embeddings are downloaded after the next chunk is queued): images,
+/// texts and a split, both embeddings, within 1e-5 of the CPU's.
+#[test]
+fn the_model_embeds_on_the_gpu_as_on_the_cpu() {
+    let Some(gpu) = common::gpu::gpu_or_skip("Model on the GPU") else { return };
+    let dir = tmp("gpu");
+    let (data, reader, best) = trained(&dir);
+    let (mut on_gpu, mut on_cpu) =
+        (semshare::Model::load(&best, gpu).unwrap(), semshare::Model::load(&best, open("cpu").unwrap()).unwrap());
+    let (images, texts) = items(&data);
+    assert!(images.len() > semshare::inference::EMBED_CHUNK, "the test must cross a chunk boundary");
+    let regions: Vec<Regions> = images.iter().map(|(f, b)| Regions::new(f).with_boxes(b)).collect();
+    let split = reader.split("test").unwrap();
+    for kind in [EmbeddingKind::Pooled, EmbeddingKind::Label] {
+        on_gpu.set_embedding(kind);
+        on_cpu.set_embedding(kind);
+        let (gi, ci) = (on_gpu.embed_images(&regions).unwrap(), on_cpu.embed_images(&regions).unwrap());
+        let (gt, ct) = (on_gpu.embed_token_ids(&texts).unwrap(), on_cpu.embed_token_ids(&texts).unwrap());
+        let ((gsi, gst), (csi, cst)) =
+            (on_gpu.embed_split(&reader.layout, split).unwrap(), on_cpu.embed_split(&reader.layout, split).unwrap());
+        for (what, g, c) in
+            [("images", &gi, &ci), ("texts", &gt, &ct), ("split images", &gsi, &csi), ("split texts", &gst, &cst)]
+        {
+            assert_eq!(g.len(), c.len(), "{kind:?} {what}");
+            let d = max_diff(&g.values, &c.values);
+            assert!(d <= 1e-5, "{kind:?} {what}: the GPU's differ from the CPU's by {d}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn standardised_inputs_are_stored_in_the_checkpoint_and_applied_by_every_path() {
     let dir = tmp("norm");

@@ -607,10 +607,18 @@ impl Model {
     /// The embeddings of `n` checked items, [`EMBED_CHUNK`] per forward pass, normalised.
     fn embed_chunks(&mut self, n: usize, batch_of: impl Fn(std::ops::Range<usize>) -> Batch) -> Result<Embeddings> {
         let mut values = Vec::with_capacity(n * self.dim());
+        // Each chunk downloaded after the next is queued, as `embed_split` does: on a GPU the
+        // host builds the next batch while the device computes.
+        let mut pending = None;
         for start in (0..n).step_by(EMBED_CHUNK) {
             let batch = batch_of(start..(start + EMBED_CHUNK).min(n));
             let e = self.net.embed(self.dev.as_mut(), &self.params, &batch, self.embedding)?;
-            values.extend(self.dev.download(e.view())?);
+            if let Some(done) = pending.replace(e) {
+                values.extend(self.dev.download(done.view())?);
+            }
+        }
+        if let Some(done) = pending {
+            values.extend(self.dev.download(done.view())?);
         }
         let dim = self.dim();
         for row in values.chunks_exact_mut(dim) {
