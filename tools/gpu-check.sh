@@ -27,7 +27,8 @@ for l in sys.stdin:
 }
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/tests" "$BUNDLE/benches"
-build test --release --test 'gpu_*' | while read -r name exe; do cp "$exe" "$BUNDLE/tests/$name"; done
+# model_api: the library's Model on the GPU against the CPU (its CPU tests take a second).
+build test --release --test 'gpu_*' --test model_api | while read -r name exe; do cp "$exe" "$BUNDLE/tests/$name"; done
 build bench --bench gpu | while read -r name exe; do cp "$exe" "$BUNDLE/benches/$name"; done
 cargo build --release --features cuda --bin semshare
 cp target/release/semshare "$BUNDLE/semshare"
