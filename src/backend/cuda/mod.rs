@@ -228,7 +228,6 @@ pub struct Cuda {
     _blas_workspace: Option<Tensor>,
     /// A graph capture under way (`graph.rs`).
     capture: Option<Capture>,
-
     /// Tensor clones made inside captures: recorded into a graph, not run then.
     recorded_clones: u64,
 }
