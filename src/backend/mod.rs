@@ -314,7 +314,7 @@ pub trait Backend {
     /// Runs a captured graph: `inputs` (the capture's inputs' values in pieces that end to end
     /// are its input words, 4-byte words each) and the dropout salt in one upload, then one
     /// launch.
-    fn launch_graph(&mut self, graph: &mut Graph, inputs: &[&[f32]], dropout_salt: u64) -> Result<()> {
+    fn launch_graph(&mut self, graph: &Graph, inputs: &[&[f32]], dropout_salt: u64) -> Result<()> {
         let _ = (graph, inputs, dropout_salt);
         Err(crate::Error::Device { what: format!("the {} backend does not capture graphs", self.name()) })
     }

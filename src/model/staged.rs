@@ -2,7 +2,7 @@
 //! computed from the batch and its mask plan (input normalisation, the [MASK] tokens, segment
 //! offsets, labels, the masked rows and their targets) and uploaded before the pass starts, so
 //! that the pass itself uploads nothing. A captured step (CUDA graph) replays on the same
-//! device memory: `HostInputs::flat` refills all of it with the next batch's values at once.
+//! device memory: `HostInputs::words` refills all of it with the next batch's values at once.
 
 use std::borrow::Cow;
 

@@ -66,8 +66,8 @@ impl StepGraphs {
         key
     }
 
-    pub fn get_mut(&mut self, key: &[u64]) -> Option<&mut Graph> {
-        self.graphs.get_mut(key)
+    pub fn get(&self, key: &[u64]) -> Option<&Graph> {
+        self.graphs.get(key)
     }
 
     /// Whether `key` came before, so that it is worth capturing, and there is room for one

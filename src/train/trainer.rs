@@ -146,9 +146,9 @@ impl Trainer {
             .collect::<Result<Vec<_>>>()?;
         let key = capturable.then(|| StepGraphs::key(&passes, &hosts));
         // A launch's inputs: every pass's staged values, then the scalars (`GraphInput` order),
-        // borrowed: the launch copies them straight into its pinned buffer.
+        // borrowed: the launch gathers them straight into the pinned upload ring.
         let words = || -> Vec<&[f32]> { hosts.iter().flat_map(|h| h.words()).chain([&scalars[..]]).collect() };
-        if let Some(graph) = key.as_ref().and_then(|k| self.graphs.get_mut(k)) {
+        if let Some(graph) = key.as_ref().and_then(|k| self.graphs.get(k)) {
             dev.launch_graph(graph, &words(), salt)?;
             self.taken(lr);
             return Ok(());
@@ -180,9 +180,9 @@ impl Trainer {
             Ok(()) => {
                 let ran = self.run_step(dev, &passes, staged, &pair_labels);
                 match (ran, dev.end_capture()) {
-                    (Ok(()), Ok(mut graph)) => {
+                    (Ok(()), Ok(graph)) => {
                         // The capture ran nothing: its first launch takes the step.
-                        dev.launch_graph(&mut graph, &words(), salt)?;
+                        dev.launch_graph(&graph, &words(), salt)?;
                         self.graphs.insert(key, graph);
                         self.taken(lr);
                         return Ok(());

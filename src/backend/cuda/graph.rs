@@ -10,41 +10,13 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys as cu;
-use cudarc::driver::{CudaEvent, CudaGraph, result};
+use cudarc::driver::{CudaGraph, result};
 
 use super::{Capture, Cuda, Slot, dev_err, dev_ids, tensor_ptr, view_ptr};
 use crate::backend::{Graph, GraphInput, Precision};
 use crate::tensor::Tensor;
 use crate::tensor::device::Arena;
 use crate::{Error, Result};
-
-/// Pinned host memory for a graph's inputs: a copy from it is queued without waiting (from
-/// pageable memory the driver first waits for the stream to drain, which would stall the host
-/// at every step). Two per graph, used in turn; `copied` marks the last copy out of it.
-struct Pinned {
-    ptr: *mut f32,
-    len: usize,
-    copied: Option<CudaEvent>,
-}
-
-impl Pinned {
-    fn new(len: usize) -> Result<Pinned> {
-        // SAFETY: a plain pinned allocation of `len` f32, freed in Drop.
-        let ptr = unsafe { result::malloc_host(len * 4, 0) }.map_err(dev_err(format!("pin {} bytes", len * 4)))?;
-        Ok(Pinned { ptr: ptr as *mut f32, len, copied: None })
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        // The last copy out of it must be done before the memory goes.
-        if let Some(e) = self.copied.take() {
-            let _ = e.synchronize();
-        }
-        // SAFETY: ptr came from malloc_host and no copy reads it any more.
-        let _ = unsafe { result::free_host(self.ptr as *mut std::ffi::c_void) };
-    }
-}
 
 /// What `Graph::inner` holds on this backend.
 struct Captured {
@@ -56,8 +28,6 @@ struct Captured {
     stream: cu::CUstream,
     /// The layers' GEMM precision when captured (the graph keeps the kernels cuBLAS chose then).
     precision: Precision,
-    pinned: [Pinned; 2],
-    next: usize,
 }
 
 fn no_graph(what: &str) -> Error {
@@ -134,15 +104,13 @@ pub(super) fn end(cuda: &mut Cuda) -> Result<Graph> {
     let inputs = cap.slots.iter().map(|s| s.len).sum();
     let bytes = arena.bytes() + cap.staging.len() * 4;
     let stream = cuda.stream.cu_stream();
-    let words = cap.staging.len();
-    let pinned = [Pinned::new(words)?, Pinned::new(words)?];
     let precision = cuda.precision();
-    let captured = Captured { graph, _arena: arena, staging: cap.staging, inputs, stream, precision, pinned, next: 0 };
+    let captured = Captured { graph, _arena: arena, staging: cap.staging, inputs, stream, precision };
     Ok(Graph { inner: Box::new(captured), inputs, bytes })
 }
 
-pub(super) fn launch(cuda: &mut Cuda, graph: &mut Graph, inputs: &[&[f32]], salt: u64) -> Result<()> {
-    let g = graph.inner.downcast_mut::<Captured>().ok_or_else(|| no_graph("captured by another backend"))?;
+pub(super) fn launch(cuda: &mut Cuda, graph: &Graph, inputs: &[&[f32]], salt: u64) -> Result<()> {
+    let g = graph.inner.downcast_ref::<Captured>().ok_or_else(|| no_graph("captured by another backend"))?;
     if g.stream != cuda.stream.cu_stream() {
         return Err(no_graph("captured on another device's stream"));
     }
@@ -160,34 +128,13 @@ pub(super) fn launch(cuda: &mut Cuda, graph: &mut Graph, inputs: &[&[f32]], salt
     if words != g.inputs {
         return Err(Error::shape("launch_graph", format!("{words} input words for a graph of {}", g.inputs)));
     }
-    cuda.bind()?;
-    let pinned = &mut g.pinned[g.next];
-    g.next ^= 1;
-    // The copy out of this buffer two launches ago must be done before it is written again:
-    // the host waits only when it runs two steps ahead of the device (counted as a sync then).
-    if let Some(e) = pinned.copied.take()
-        && !e.try_is_complete().map_err(dev_err("query an input copy"))?
-    {
-        cuda.counts.syncs += 1;
-        e.synchronize().map_err(dev_err("wait for an input copy"))?;
-    }
-    // SAFETY: `len` f32 of pinned memory this graph owns, not read by any copy in flight.
-    let host = unsafe { std::slice::from_raw_parts_mut(pinned.ptr, pinned.len) };
-    let salt_at = g.inputs.next_multiple_of(2);
-    let mut at = 0;
-    for part in inputs {
-        host[at..at + part.len()].copy_from_slice(part);
-        at += part.len();
-    }
-    host[g.inputs..salt_at].fill(0.0);
-    // The salt's bits as two words (little-endian u64), carried as f32 bit patterns.
-    host[salt_at..salt_at + 2].copy_from_slice(&[f32::from_bits(salt as u32), f32::from_bits((salt >> 32) as u32)]);
-    cuda.htod_pinned(tensor_ptr(&g.staging)?, &host[..salt_at + 2], "a graph's inputs")?;
-    pinned.copied = Some(
-        cuda.stream
-            .record_event(Some(cu::CUevent_flags::CU_EVENT_DISABLE_TIMING))
-            .map_err(dev_err("record an event"))?,
-    );
+    // One upload: the inputs, a zero word to even them, the salt's bits (little-endian u64:
+    // the two words the kernels read), gathered straight into the pinned upload ring.
+    let pad: &[u8] = if g.inputs % 2 == 1 { &[0; 4] } else { &[] };
+    let salt = salt.to_le_bytes();
+    let mut parts: Vec<&[u8]> = inputs.iter().map(|p| bytemuck::cast_slice(p)).collect();
+    parts.extend([pad, &salt[..]]);
+    cuda.htod_parts(tensor_ptr(&g.staging)?, &parts, "a graph's inputs")?;
     g.graph.launch().map_err(dev_err("launch a graph"))?;
     cuda.counts.graphs += 1;
     Ok(())

@@ -353,28 +353,21 @@ impl Cuda {
     /// ring (`upload.rs`): the host does not wait for the stream unless it is two rings ahead.
     /// Counted as an upload, and as a sync each time the host had to wait.
     pub(crate) fn htod<T: cudarc::driver::DeviceRepr>(&mut self, dst: u64, data: &[T], what: &str) -> Result<()> {
-        if data.is_empty() {
+        // SAFETY: DeviceRepr types are plain data: their bytes are their value.
+        let raw = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
+        self.htod_parts(dst, &[raw], what)
+    }
+
+    /// As `htod`, for `parts` uploaded end to end as one.
+    pub(crate) fn htod_parts(&mut self, dst: u64, parts: &[&[u8]], what: &str) -> Result<()> {
+        let bytes: usize = parts.iter().map(|p| p.len()).sum();
+        if bytes == 0 {
             return Ok(());
         }
         self.bind()?;
-        let bytes = std::mem::size_of_val(data);
         self.counts.upload_bytes += bytes as u64;
-        // SAFETY: DeviceRepr types are plain data: their bytes are their value.
-        let raw = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes) };
-        self.counts.syncs += self.uploads.copy(&self.stream, dst, raw, what)?;
+        self.counts.syncs += self.uploads.copy(&self.stream, dst, parts, what)?;
         Ok(())
-    }
-
-    /// As `htod`, from pinned memory the caller keeps unchanged until the copy has run (a
-    /// graph's own input buffers): no copy into the ring first.
-    pub(crate) fn htod_pinned(&mut self, dst: u64, pinned: &[f32], what: &str) -> Result<()> {
-        self.bind()?;
-        let bytes = std::mem::size_of_val(pinned);
-        self.counts.upload_bytes += bytes as u64;
-        // SAFETY: the caller names a device range of at least `bytes` and keeps `pinned`
-        // (page-locked) unchanged until the copy has run.
-        unsafe { result::memcpy_htod_async(dst, pinned, self.stream.cu_stream()) }
-            .map_err(dev_err(format!("upload {bytes} bytes of {what}")))
     }
 
     pub fn device_name(&self) -> &str {

@@ -366,7 +366,7 @@ impl Backend for Cuda {
         super::graph::end(self)
     }
 
-    fn launch_graph(&mut self, graph: &mut Graph, inputs: &[&[f32]], dropout_salt: u64) -> Result<()> {
+    fn launch_graph(&mut self, graph: &Graph, inputs: &[&[f32]], dropout_salt: u64) -> Result<()> {
         super::graph::launch(self, graph, inputs, dropout_salt)
     }
 

@@ -2,7 +2,8 @@
 //! the stream to drain before it starts (CUDA's documented behaviour), so every eager step and
 //! every chunk of an embedding would stall the host behind the work already queued, and the
 //! device would then idle while the host prepares the next batch. Here each upload is first
-//! copied by the host into a pinned ring, and the device copies from there with the stream,
+//! copied by the host into a pinned ring (a graph's launch too: its inputs are gathered there
+//! from where they lie), and the device copies from there with the stream,
 //! in order, while the host goes on. A region of the ring is written again only after the
 //! copy out of it is done (an event per copy); the host waits, and counts a sync, only when
 //! the ring is full of copies not yet run: when it is about two batches ahead of the device.
@@ -108,19 +109,30 @@ pub(crate) struct UploadRing {
 }
 
 impl UploadRing {
-    /// Queues a copy of `data` to device memory at `dst` on `stream`. Returns how many times
-    /// the host had to wait for an earlier copy first.
-    pub(crate) fn copy(&mut self, stream: &CudaStream, dst: u64, data: &[u8], what: &str) -> Result<u64> {
-        let mut waits = 0;
+    /// Queues a copy of `parts`, end to end, to device memory at `dst` on `stream` (an eager
+    /// upload is one part; a graph's launch its batch's parts, scalars and salt, copied from
+    /// where they lie straight into the ring). Returns how many times the host had to wait for
+    /// an earlier copy first.
+    pub(crate) fn copy(&mut self, stream: &CudaStream, dst: u64, parts: &[&[u8]], what: &str) -> Result<u64> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
         let piece = MAX_RING_BYTES / 2;
-        for (i, part) in data.chunks(piece).enumerate() {
-            waits += self.copy_piece(stream, dst + (i * piece) as u64, part, what)?;
+        let mut waits = 0;
+        for at in (0..total).step_by(piece) {
+            let n = piece.min(total - at);
+            waits += self.copy_piece(stream, dst + at as u64, n, |out| gather(parts, at, out), what)?;
         }
         Ok(waits)
     }
 
-    fn copy_piece(&mut self, stream: &CudaStream, dst: u64, data: &[u8], what: &str) -> Result<u64> {
-        let n = data.len();
+    /// Bytes `[dst.., dst + n)` of the upload, written into the ring by `fill`.
+    fn copy_piece(
+        &mut self,
+        stream: &CudaStream,
+        dst: u64,
+        n: usize,
+        fill: impl FnOnce(&mut [u8]),
+        what: &str,
+    ) -> Result<u64> {
         let mut waits = 0;
         if self.regions.as_ref().is_none_or(|r| r.bytes < 2 * n) {
             waits += self.grow((2 * n).next_power_of_two().clamp(MIN_RING_BYTES, MAX_RING_BYTES))?;
@@ -132,7 +144,7 @@ impl UploadRing {
         // SAFETY: [start, start + n) is inside the ring (n ≤ bytes / 2, and `place` starts at
         // 0 or where n bytes still fit) and no queued copy reads it (`place` waited).
         let pinned = unsafe { std::slice::from_raw_parts_mut((base + start) as *mut u8, n) };
-        pinned.copy_from_slice(data);
+        fill(pinned);
         // SAFETY: the caller names a device range of at least n bytes; `pinned` stays untouched
         // until the event recorded after this copy has completed.
         unsafe { result::memcpy_htod_async(dst, &pinned[..], stream.cu_stream()) }
@@ -169,6 +181,23 @@ impl UploadRing {
     }
 }
 
+/// Bytes `[at, at + out.len())` of `parts` end to end, into `out`.
+fn gather(parts: &[&[u8]], mut at: usize, out: &mut [u8]) {
+    let mut filled = 0;
+    for part in parts {
+        if filled == out.len() {
+            break;
+        }
+        if at >= part.len() {
+            at -= part.len();
+            continue;
+        }
+        let n = (part.len() - at).min(out.len() - filled);
+        out[filled..filled + n].copy_from_slice(&part[at..at + n]);
+        (filled, at) = (filled + n, 0);
+    }
+}
+
 impl Drop for UploadRing {
     fn drop(&mut self) {
         let _ = self.release();
@@ -196,6 +225,20 @@ mod tests {
             self.waited.set(self.waited.get() + 1);
             self.ran.set(self.ran.get().max(self.index + 1));
             Ok(())
+        }
+    }
+
+    /// Any window of parts end to end is what their concatenation holds there.
+    #[test]
+    fn a_piece_gathers_its_window_of_the_parts() {
+        let parts: [&[u8]; 4] = [&[1, 2, 3], &[], &[4], &[5, 6, 7, 8]];
+        let whole: Vec<u8> = parts.concat();
+        for at in 0..whole.len() {
+            for n in 0..=whole.len() - at {
+                let mut out = vec![0; n];
+                gather(&parts, at, &mut out);
+                assert_eq!(out, whole[at..at + n], "at {at}, {n} bytes");
+            }
         }
     }
 
