@@ -137,30 +137,23 @@ fn gemm_at_reduced_precision_rounds_its_operands() {
             };
             let got = run(&mut gpu);
             let what = format!("gemm {} {m}x{n}x{k} ta={ta} tb={tb}", precision.name());
-            let at = |x: &[f32], t: bool, rows: usize, cols: usize, r: usize, c: usize| {
-                (if t { x[c * rows + r] } else { x[r * cols + c] }) as f64
-            };
-            let (mut exact, mut worst, mut bound_used) = (vec![0f64; m * n], 0f64, 0f64);
-            for r in 0..m {
-                for col in 0..n {
-                    let (mut dot, mut mag) = (0f64, 0f64);
-                    for p in 0..k {
-                        let prod = at(&a, ta, m, k, r, p) * at(&b, tb, k, n, p, col);
-                        dot += prod;
-                        mag += prod.abs();
-                    }
-                    let want = 0.75 * dot + 0.5 * c0[r * n + col] as f64;
-                    exact[r * n + col] = want;
-                    let bound = 0.75 * mag * (2.0 * u + u * u + k as f64 * 2f64.powi(-24)) + 4e-7 * want.abs().max(1.0);
-                    let err = (got[r * n + col] as f64 - want).abs();
-                    assert!(
-                        err <= bound,
-                        "{what}: element ({r}, {col}) is {} against {want} (error {err:.3e} > bound {bound:.3e})",
-                        got[r * n + col]
-                    );
-                    if err / bound > worst {
-                        (worst, bound_used) = (err / bound, bound);
-                    }
+            // The f64 definition (tests/common's), and Σ|a·b| per element from the magnitudes.
+            let (a64, b64, c64) = (common::to64(&a), common::to64(&b), common::to64(&c0));
+            let exact = common::naive::gemm(&a64, &b64, &c64, m, n, k, ta, tb, 0.75, 0.5);
+            let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+            let mag = common::naive::matmul(&abs(&a64), &abs(&b64), m, n, k, ta, tb);
+            let (mut worst, mut bound_used) = (0f64, 0f64);
+            for (i, ((&got, &want), &mag)) in got.iter().zip(&exact).zip(&mag).enumerate() {
+                let bound = 0.75 * mag * (2.0 * u + u * u + k as f64 * 2f64.powi(-24)) + 4e-7 * want.abs().max(1.0);
+                let err = (got as f64 - want).abs();
+                assert!(
+                    err <= bound,
+                    "{what}: element ({}, {}) is {got} against {want} (error {err:.3e} > bound {bound:.3e})",
+                    i / n,
+                    i % n
+                );
+                if err / bound > worst {
+                    (worst, bound_used) = (err / bound, bound);
                 }
             }
             let e = rel_err(&got, &exact);
