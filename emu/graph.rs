@@ -95,14 +95,15 @@ pub fn begin(stream: u64, mode: c_int) -> CUresult {
     if !(0..=2).contains(&mode) {
         return fail(crate::INVALID_VALUE, format!("cuStreamBeginCapture: unknown capture mode {mode}"));
     }
-    if forced() == "refuse-begin" {
+    let forced = forced();
+    if forced == "refuse-begin" {
         return fail(CAPTURE_UNSUPPORTED, "cuStreamBeginCapture: refused (SEMSHARE_EMU_CAPTURE=refuse-begin)".into());
     }
     let mut c = captures();
     if c.contains_key(&stream) {
         return fail(ILLEGAL_STATE, format!("cuStreamBeginCapture: stream {stream:#x} is already capturing"));
     }
-    let broken = (forced() == "invalidate").then(|| "SEMSHARE_EMU_CAPTURE=invalidate".to_string());
+    let broken = (forced == "invalidate").then(|| "SEMSHARE_EMU_CAPTURE=invalidate".to_string());
     c.insert(stream, Capture { mode, nodes: Vec::new(), broken });
     SUCCESS
 }
