@@ -3,18 +3,32 @@
 //! strided operands. A path the machine lacks (or this version does not build) is printed as
 //! not run, by name, never passed; so is the bf16 unit (`vdpbf16ps`) of a path without it.
 
+#[path = "common/amx_trap.rs"]
+mod amx_trap;
+
 use semshare::backend::cpu::dispatch::{CpuPath, Kernels};
 use semshare::backend::cpu::gemm::{Strided, gemm_strided};
 use semshare::backend::cpu::microkernel::{Bf16, Packed};
 use semshare::backend::{Gemm, Precision};
 use semshare::rng::Rng;
 
+/// Every path this CPU runs, and the `amx` path with AMX emulated where it runs the rest of
+/// that path but lacks AMX (`amx_trap`).
 fn runnable_paths() -> Vec<Kernels> {
     let mut run = Vec::new();
     for p in CpuPath::ALL {
         match p.kernels() {
             Ok(k) => run.push(k),
             Err(why) => println!("not run: CPU path {}: {why}", p.name()),
+        }
+    }
+    if !run.iter().any(|k| k.path() == CpuPath::Amx) {
+        match amx_trap::kernels() {
+            Ok(k) => {
+                println!("CPU path amx: run with its AMX instructions emulated (tests/common/amx_trap.rs)");
+                run.push(k);
+            }
+            Err(why) => println!("not run: CPU path amx, emulated: {why}"),
         }
     }
     assert!(run.iter().any(|k| k.path() == CpuPath::Portable));
@@ -97,6 +111,7 @@ fn gemm_matches_f64_on_every_runnable_path() {
         }
         let (kernels, precision) = run;
         let unit = match precision {
+            Precision::Bf16 if kernels.path() == CpuPath::Amx => " (AMX tiles)",
             Precision::Bf16 if kernels.bf16_native() => " (vdpbf16ps)",
             Precision::Bf16 => " (portable bf16 kernel: this path has no AVX-512 BF16)",
             Precision::F32 | Precision::Tf32 => "",

@@ -1,11 +1,11 @@
 //! Which instruction-set path the CPU kernels take: detected once per process at run time, the
 //! best one this CPU can run, or the one `SEMSHARE_CPU=amx|avx512|avx2|portable` forces.
 //!
-//! Built paths: `avx512` (AVX-512 F/DQ/BW/VL, x86-64; with AVX-512 BF16 its bf16 GEMM runs on
-//! `vdpbf16ps`), `avx2` (AVX2 + FMA) and `portable` (plain Rust, every target). `amx` is named
-//! so that forcing it is a clear error rather than a silent fall-back: no machine this project
-//! has could run and test it, so it is owed (issue 17), and the best path on a CPU with AMX is
-//! `avx512` until it exists.
+//! Paths: `amx` (the `avx512` path whose bf16 GEMM runs on AMX tiles, amx.rs: AMX-TILE and
+//! AMX-BF16, AVX-512 BF16, and Linux's permission for the tile data, asked once), `avx512`
+//! (AVX-512 F/DQ/BW/VL, x86-64; with AVX-512 BF16 its bf16 GEMM runs on `vdpbf16ps`), `avx2`
+//! (AVX2 + FMA) and `portable` (plain Rust, every target). On a CPU without AMX its tests run
+//! it with the AMX instructions trapped and emulated ([`Kernels::assume`]).
 
 use std::sync::OnceLock;
 
@@ -48,6 +48,10 @@ impl CpuPath {
             let needs: &[(&str, bool)] = match self {
                 CpuPath::Amx => &[
                     ("avx512f", is_x86_feature_detected!("avx512f")),
+                    ("avx512dq", is_x86_feature_detected!("avx512dq")),
+                    ("avx512bw", is_x86_feature_detected!("avx512bw")),
+                    ("avx512vl", is_x86_feature_detected!("avx512vl")),
+                    ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
                     ("amx-tile", amx_bits().0),
                     ("amx-bf16", amx_bits().1),
                 ],
@@ -73,21 +77,48 @@ impl CpuPath {
         }
     }
 
-    /// Whether this version has kernels for the path.
-    pub fn built(self) -> bool {
-        matches!(self, CpuPath::Avx512 | CpuPath::Avx2 | CpuPath::Portable)
-    }
-
     /// The kernels of this path, or why this machine cannot run them (one line).
     pub fn kernels(self) -> std::result::Result<Kernels, String> {
         if let Some(f) = self.missing_feature() {
             return Err(format!("the {} path needs {f}, which this CPU lacks", self.name()));
         }
-        if !self.built() {
-            return Err(format!("the {} path is not built in this version (owed: issue 17)", self.name()));
+        if self == CpuPath::Amx {
+            tile_permission().map_err(|why| format!("the amx path needs the AMX tile data: {why}"))?;
         }
         Ok(Kernels(self))
     }
+}
+
+/// Linux's permission for this process to use the AMX tile data (XTILEDATA, state component
+/// 18), asked once: without it the first tile instruction is an illegal-instruction signal.
+fn tile_permission() -> std::result::Result<(), String> {
+    static GRANTED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    GRANTED
+        .get_or_init(|| {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            {
+                const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
+                const XFEATURE_XTILEDATA: usize = 18;
+                let ret: isize;
+                // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM, 18) only asks the kernel to let this
+                // process enable a state component; it reads and writes no memory of ours.
+                unsafe {
+                    std::arch::asm!(
+                        "syscall",
+                        inlateout("rax") 158isize => ret, // SYS_arch_prctl
+                        in("rdi") ARCH_REQ_XCOMP_PERM,
+                        in("rsi") XFEATURE_XTILEDATA,
+                        lateout("rcx") _,
+                        lateout("r11") _,
+                        options(nostack)
+                    );
+                }
+                if ret == 0 { Ok(()) } else { Err(format!("Linux refused it (arch_prctl errno {})", -ret)) }
+            }
+            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+            Err("this version asks for it on Linux only".to_string())
+        })
+        .clone()
 }
 
 /// (AMX-TILE, AMX-BF16) from CPUID leaf 7 (EDX bits 24 and 22): `is_x86_feature_detected!`
@@ -115,6 +146,16 @@ impl Kernels {
         self.0
     }
 
+    /// The kernels of `path` without asking the CPU or the OS: for a harness that runs in
+    /// software the instructions this CPU lacks (tests/common/amx_trap.rs, for AMX's).
+    ///
+    /// # Safety
+    /// Every instruction of the path that this CPU lacks is emulated, for the rest of the
+    /// process, by a handler the caller installed.
+    pub unsafe fn assume(path: CpuPath) -> Kernels {
+        Kernels(path)
+    }
+
     /// Whether bf16 GEMMs run on `vdpbf16ps` (AVX-512 BF16) on this path; otherwise they take
     /// the portable bf16 kernel (the same products, widened to fp32).
     pub fn bf16_native(self) -> bool {
@@ -126,9 +167,13 @@ impl Kernels {
         false
     }
 
-    /// The path's name and, where it has one, its bf16 unit: `avx512+bf16`.
+    /// The path's name and, where it has one, its bf16 unit: `avx512+bf16` (`amx`: the tiles).
     pub fn describe(self) -> String {
-        if self.bf16_native() { format!("{}+bf16", self.0.name()) } else { self.0.name().to_string() }
+        if self.bf16_native() && self.0 != CpuPath::Amx {
+            format!("{}+bf16", self.0.name())
+        } else {
+            self.0.name().to_string()
+        }
     }
 }
 
@@ -146,6 +191,12 @@ pub fn select(forced: Option<&str>) -> Result<Kernels> {
 }
 
 static ACTIVE: OnceLock<std::result::Result<Kernels, String>> = OnceLock::new();
+
+/// Makes `kernels` this process's path ([`active`]) unless one was already chosen; false then.
+/// For a harness that made them with [`Kernels::assume`].
+pub fn set_active(kernels: Kernels) -> bool {
+    ACTIVE.set(Ok(kernels)).is_ok()
+}
 
 /// The path of this process, chosen on first use from `SEMSHARE_CPU` and the CPU's features;
 /// an unknown or unsupported forced path is an error every time it is asked for.
@@ -184,8 +235,13 @@ mod tests {
     }
 
     #[test]
-    fn detection_prefers_the_best_built_path() {
-        let want = [CpuPath::Avx512, CpuPath::Avx2].into_iter().find(|p| p.kernels().is_ok());
-        assert_eq!(best().path(), want.unwrap_or(CpuPath::Portable));
+    fn detection_prefers_the_best_path() {
+        let want = CpuPath::ALL.into_iter().find(|p| p.kernels().is_ok());
+        assert_eq!(best().path(), want.unwrap());
+        for p in CpuPath::ALL {
+            if p.kernels().is_ok() {
+                assert!(p.missing_feature().is_none(), "{p:?}");
+            }
+        }
     }
 }

@@ -21,6 +21,8 @@ use std::thread::LocalKey;
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::amx::Bf16Amx;
 use super::dispatch::{CpuPath, Kernels};
 use super::microkernel::{Bf16, Bf16Portable, F32Portable, Micro, Packed, TileOut};
 #[cfg(target_arch = "x86_64")]
@@ -129,6 +131,7 @@ impl Operand<'_> {
 /// The micro-kernel a call runs on: the precision's on the path (`solve`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
+    Bf16Amx,
     Bf16Avx512,
     Bf16Portable,
     F32Avx512,
@@ -142,6 +145,8 @@ impl Kernel {
     pub fn of(kernels: Kernels, precision: Precision) -> Kernel {
         let precision = if precision == Precision::Tf32 { Precision::F32 } else { precision };
         match (precision, kernels.path()) {
+            #[cfg(target_arch = "x86_64")]
+            (Precision::Bf16, CpuPath::Amx) => Kernel::Bf16Amx,
             #[cfg(target_arch = "x86_64")]
             (Precision::Bf16, _) if kernels.bf16_native() => Kernel::Bf16Avx512,
             (Precision::Bf16, _) => Kernel::Bf16Portable,
@@ -196,6 +201,8 @@ impl PackedB {
         unsafe {
             match kernel {
                 #[cfg(target_arch = "x86_64")]
+                Kernel::Bf16Amx => PackedB::pack_as::<Bf16Amx>(kernel, g, b),
+                #[cfg(target_arch = "x86_64")]
                 Kernel::Bf16Avx512 => PackedB::pack_as::<Bf16Avx512>(kernel, g, b),
                 Kernel::Bf16Portable => PackedB::pack_as::<Bf16Portable>(kernel, g, b),
                 #[cfg(target_arch = "x86_64")]
@@ -218,7 +225,7 @@ impl PackedB {
         let Gemm { k, n, trans_b, .. } = g;
         let sb = Strided::of_b(g);
         let cols = n.next_multiple_of(K::NR);
-        let len = (0..k).step_by(KC).map(|pc| cols * KC.min(k - pc).next_multiple_of(K::KG)).sum::<usize>();
+        let len = (0..k).step_by(KC).map(|pc| cols * K::B.padded(KC.min(k - pc))).sum::<usize>();
         let per_line = 64 / size_of::<K::Packed>();
         let mut buf = Vec::new();
         buf.try_reserve_exact(len + per_line).ok()?;
@@ -228,7 +235,7 @@ impl PackedB {
             // SAFETY: the kc × n block at row pc is inside b; the CPU has K's features.
             unsafe {
                 let src = b.as_ptr().offset(pc as isize * sb.rs);
-                pack::<K>(&mut slivers[pc / KC * cols * KC..], src, sb.cs, sb.rs, n, kc, K::NR);
+                pack::<K>(&mut slivers[pc / KC * cols * KC..], src, sb.cs, sb.rs, n, kc, K::NR, K::B);
             }
         }
         // Where `aligned` put the first element (the buffer was not moved since).
@@ -305,6 +312,8 @@ unsafe fn solve(kernels: Kernels, precision: Precision, p: Problem) {
     // CPU with that path's features, and `bf16_native` only on one with AVX-512 F and BF16.
     unsafe {
         match Kernel::of(kernels, precision) {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16Amx => run::<Bf16Amx>(p),
             #[cfg(target_arch = "x86_64")]
             Kernel::Bf16Avx512 => run::<Bf16Avx512>(p),
             Kernel::Bf16Portable => run::<Bf16Portable>(p),
@@ -481,7 +490,7 @@ where
     let Problem { m, k, n, .. } = p;
     let (nr, nc_max) = (K::NR, 64 * K::NR);
     let rows_per = m.div_ceil(row_parts).next_multiple_of(K::MR);
-    let panel = |nc: usize, kc: usize| nc.next_multiple_of(nr) * kc.next_multiple_of(K::KG);
+    let panel = |nc: usize, kc: usize| nc.next_multiple_of(nr) * K::B.padded(kc);
     let own = if p.pre.is_some() { 0 } else { panel(n.min(nc_max), k.min(KC)) };
     with_buffer::<K::Packed, _>(1, own, |pb| {
         for jc in (0..n).step_by(nc_max) {
@@ -499,14 +508,14 @@ where
                     // SAFETY: `pre` holds every panel of B packed for K (`gemm_packed`);
                     // columns pre.j + jc .. + nc of slice pc are inside it.
                     Some(pre) => unsafe {
-                        let at = pc / KC * pre.cols * KC + (pre.j + jc) * kc.next_multiple_of(K::KG);
+                        let at = pc / KC * pre.cols * KC + (pre.j + jc) * K::B.padded(kc);
                         std::slice::from_raw_parts((pre.base as *const K::Packed).add(at), panel(nc, kc))
                     },
                     None => {
                         let pb = &mut pb[..panel(nc, kc)];
                         let (line, along) = (slice.sb.cs, slice.sb.rs);
                         if row_parts == 1 {
-                            unsafe { pack::<K>(pb, slice.b, line, along, nc, kc, nr) };
+                            unsafe { pack::<K>(pb, slice.b, line, along, nc, kc, nr, K::B) };
                         } else {
                             let per = nc.div_ceil(nr).div_ceil(row_parts) * nr;
                             pb.par_chunks_mut(panel(per, kc)).enumerate().for_each(|(i, dst)| {
@@ -514,7 +523,7 @@ where
                                 // SAFETY: columns first.. (< nc) of the block.
                                 unsafe {
                                     let part = slice.block(0, 0, 0, kc, first, per.min(nc - first));
-                                    pack::<K>(dst, part.b, line, along, part.n, kc, nr);
+                                    pack::<K>(dst, part.b, line, along, part.n, kc, nr, K::B);
                                 }
                             });
                         }
@@ -548,16 +557,16 @@ where
 {
     let Problem { m, k: kc, n: nc, sa, sc, .. } = p;
     let (mr, nr, mc_max) = (K::MR, K::NR, 16 * K::MR);
-    let kp = kc.next_multiple_of(K::KG);
-    with_buffer::<K::Packed, _>(0, m.min(mc_max).next_multiple_of(mr) * kp, |pa| {
+    let (kpa, kpb) = (K::A.padded(kc), K::B.padded(kc));
+    with_buffer::<K::Packed, _>(0, m.min(mc_max).next_multiple_of(mr) * kpa, |pa| {
         for ic in (0..m).step_by(mc_max) {
             let mc = mc_max.min(m - ic);
             // SAFETY (all below): the packed blocks are read inside what was packed, and
             // every tile of C written is inside the m × nc block.
             unsafe {
-                pack::<K>(pa, p.a.offset(ic as isize * sa.rs), sa.rs, sa.cs, mc, kc, mr);
+                pack::<K>(pa, p.a.offset(ic as isize * sa.rs), sa.rs, sa.cs, mc, kc, mr, K::A);
                 for jr in (0..nc).step_by(nr) {
-                    let bs = pb.as_ptr().add(jr * kp);
+                    let bs = pb.as_ptr().add(jr * kpb);
                     for ir in (0..mc).step_by(mr) {
                         let (i, j) = ((ic + ir) as isize, jr as isize);
                         let out = TileOut {
@@ -568,7 +577,7 @@ where
                             cols: nr.min(nc - jr),
                             bias: bias_at(p.bias, jr as isize),
                         };
-                        K::tile(kc, pa.as_ptr().add(ir * kp), bs, p.alpha, p.beta, out);
+                        K::tile(kc, pa.as_ptr().add(ir * kpa), bs, p.alpha, p.beta, out);
                     }
                 }
             }

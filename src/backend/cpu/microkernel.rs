@@ -78,7 +78,7 @@ impl Packed for Bf16 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn convert_avx512_bf16(src: &[f32], dst: &mut [Bf16]) {
+pub(super) unsafe fn convert_avx512_bf16(src: &[f32], dst: &mut [Bf16]) {
     use std::arch::x86_64::*;
     let n = src.len().min(dst.len());
     let mut i = 0;
@@ -95,6 +95,27 @@ unsafe fn convert_avx512_bf16(src: &[f32], dst: &mut [Bf16]) {
     }
 }
 
+/// How a sliver lays k out: `group` consecutive values of a line together
+/// (`[k / group][line][k % group]`), zeros past the last k up to a multiple of `depth` (one
+/// step of the kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub group: usize,
+    pub depth: usize,
+}
+
+impl Layout {
+    /// Groups of `g`, padded to a whole group.
+    pub const fn groups_of(g: usize) -> Layout {
+        Layout { group: g, depth: g }
+    }
+
+    /// How many k a sliver holds per line for a slice `kc` deep.
+    pub const fn padded(self, kc: usize) -> usize {
+        kc.next_multiple_of(self.depth)
+    }
+}
+
 /// One micro-kernel and the shape of the slivers it reads.
 pub trait Micro {
     type Packed: Packed;
@@ -102,13 +123,17 @@ pub trait Micro {
     const NR: usize;
     /// k values per group (module header).
     const KG: usize;
+    /// A's and B's slivers: groups of `KG`, unless the kernel's unit wants another layout
+    /// (AMX's tiles: amx.rs).
+    const A: Layout = Layout::groups_of(Self::KG);
+    const B: Layout = Layout::groups_of(Self::KG);
     /// The packing may use AVX (8 × 8 transposes of 32-bit elements: fp32 values or bf16
     /// pairs): the kernel's path has it.
     const AVX_PACK: bool = false;
     /// One tile over `kc` steps of k (slivers padded with zeros to a whole group).
     ///
     /// # Safety
-    /// `a` holds `kc.next_multiple_of(KG)·MR` elements, `b` the same times NR, `out` is in
+    /// `a` holds `A.padded(kc)·MR` elements, `b` `B.padded(kc)·NR`, `out` is in
     /// bounds, and the CPU has the kernel's features (the caller holds `Kernels` for its path).
     unsafe fn tile(kc: usize, a: *const Self::Packed, b: *const Self::Packed, alpha: f32, beta: f32, out: TileOut);
 
@@ -142,7 +167,7 @@ pub trait Micro {
 /// # Safety
 /// Every element of `out` (rows × cols) lies inside C's allocation.
 #[inline(always)]
-unsafe fn store_scalar(acc: &[f32], nr: usize, alpha: f32, beta: f32, out: TileOut) {
+pub(super) unsafe fn store_scalar(acc: &[f32], nr: usize, alpha: f32, beta: f32, out: TileOut) {
     for (i, row) in acc.chunks_exact(nr).enumerate().take(out.rows) {
         for (j, &v) in row.iter().enumerate().take(out.cols) {
             // SAFETY: (i, j) is inside the tile, which the caller guarantees is in bounds.
@@ -332,7 +357,7 @@ unsafe fn avx512_f32<const R: usize, const H: usize>(
 /// (edge tiles too), element by element otherwise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn store_avx512<const R: usize, const H: usize>(
+pub(super) unsafe fn store_avx512<const R: usize, const H: usize>(
     acc: &[[std::arch::x86_64::__m512; H]; R],
     alpha: f32,
     beta: f32,
@@ -365,7 +390,7 @@ unsafe fn store_avx512<const R: usize, const H: usize>(
                 }
             }
         } else {
-            let mut tile = [[0f32; 32]; 8];
+            let mut tile = [[0f32; 32]; R];
             for (row, acc) in tile.iter_mut().zip(acc) {
                 for (h, &v) in acc.iter().enumerate() {
                     _mm512_storeu_ps(row.as_mut_ptr().add(16 * h), v);
@@ -415,7 +440,7 @@ impl Micro for Bf16Avx512 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn interleave_pairs_avx512_bf16(first: &[f32], second: &[f32], out: &mut [Bf16]) {
+pub(super) unsafe fn interleave_pairs_avx512_bf16(first: &[f32], second: &[f32], out: &mut [Bf16]) {
     use std::arch::x86_64::*;
     let n = first.len().min(second.len()).min(out.len() / 2);
     // vcvtne2ps2bf16(b, a) puts a's 16 values in the low half and b's in the high half;

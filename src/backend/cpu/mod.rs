@@ -2,6 +2,8 @@
 //! CI and embedded inference run on. Kernels live one concern per file as plain functions
 //! over slices; this file only checks shapes and dispatches.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 pub mod dispatch;
 pub mod elementwise;

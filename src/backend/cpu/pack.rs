@@ -3,19 +3,21 @@
 //! type on the way. gemm.rs packs each block as it multiplies it, or once for a frozen
 //! weight (`PackedB`).
 
-use super::microkernel::{Micro, Packed};
+use super::microkernel::{Layout, Micro, Packed};
 
 /// The deepest slice of k one sliver holds (gemm.rs's blocking): 16 KiB per 16 fp32 lines.
 pub const KC: usize = 256;
 
 /// Packs `len` lines (rows of A or columns of B; `line` steps from one to the next, `along`
-/// along one) of `kc` elements into slivers of `w` lines in `K`'s layout (microkernel.rs):
-/// sliver s holds, for each group g of `K::KG` steps of k, lines s·w .. s·w + w, each line's
-/// group together; zero past the last line and past kc.
+/// along one) of `kc` elements into slivers of `w` lines laid out as `layout` says (K's `A` or
+/// `B`, microkernel.rs): sliver s holds, for each group of `layout.group` steps of k, lines
+/// s·w .. s·w + w, each line's group together; zero past the last line and past kc (up to
+/// `layout.padded(kc)`).
 ///
 /// # Safety
 /// Every element of the `len` × `kc` block lies inside the allocation behind `src`, and the
 /// CPU has the features of K's path (as for [`Micro::tile`]).
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn pack<K: Micro>(
     dst: &mut [K::Packed],
     src: *const f32,
@@ -24,9 +26,10 @@ pub unsafe fn pack<K: Micro>(
     len: usize,
     kc: usize,
     w: usize,
+    layout: Layout,
 ) {
-    let g = K::KG;
-    let kp = kc.next_multiple_of(g);
+    let g = layout.group;
+    let kp = layout.padded(kc);
     let zero = K::Packed::from_f32(0.0);
     // One run converted at a time (vectorised: `Micro::convert`), then placed.
     let mut run = [zero; if KC > 64 { KC } else { 64 }];
@@ -64,6 +67,17 @@ pub unsafe fn pack<K: Micro>(
                     let b = second.map_or(&zeros[..lines], |r| &r[s0..s0 + lines]);
                     // SAFETY: the CPU has K's features (pack's contract); out holds 2 · lines.
                     unsafe { K::interleave_pairs(&first[s0..s0 + lines], b, out) };
+                }
+            }
+            return;
+        }
+        if g > 2 {
+            // Longer groups (AMX's A): each value to its place.
+            for p in 0..kc {
+                // SAFETY: step p of lines 0..len is inside the block.
+                let row = unsafe { std::slice::from_raw_parts(src.offset(p as isize * along), len) };
+                for (l, &v) in row.iter().enumerate() {
+                    dst[l / w * w * kp + (p / g * w + l % w) * g + p % g] = K::Packed::from_f32(v);
                 }
             }
             return;
@@ -107,9 +121,7 @@ pub unsafe fn pack<K: Micro>(
                     let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
                     // SAFETY: the CPU has K's features (pack's contract).
                     unsafe { K::convert(from, &mut words[l * kp..l * kp + kc]) };
-                    if kp > kc {
-                        words[l * kp + kc] = zero;
-                    }
+                    words[l * kp + kc..(l + 1) * kp].fill(zero);
                 }
                 // SAFETY: the path has AVX (`AVX_PACK`); `words` holds w lines of kp / 2 words
                 // and the sliver kp / 2 · w words (2-byte elements, g = 2).
