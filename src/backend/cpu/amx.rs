@@ -75,7 +75,8 @@ impl Micro for Bf16Amx {
     const B: Layout = Layout { group: 2, depth: 32 };
 
     unsafe fn tile(kc: usize, a: *const Bf16, b: *const Bf16, alpha: f32, beta: f32, out: TileOut) {
-        let mut block = Block([0.0; 32 * 32]);
+        // Written whole by the four tile stores below before it is read.
+        let mut block = std::mem::MaybeUninit::<Block>::uninit();
         // SAFETY: the CPU has AMX-TILE and AMX-BF16 and the permission (the trait's contract:
         // `Kernels` for the amx path exists only then); step t reads A at a + t·1024 (two
         // 16 × 64-byte tiles, 1 KiB apart) and B at b + t·1024 (16 rows of 128 bytes, the
@@ -110,7 +111,7 @@ impl Micro for Bf16Amx {
                     options(nostack, readonly, preserves_flags)
                 );
             }
-            let c = block.0.as_mut_ptr();
+            let c = block.as_mut_ptr() as *mut f32;
             asm!(
                 "tilestored [{c0} + {row}*1], tmm0",
                 "tilestored [{c1} + {row}*1], tmm1",
@@ -123,7 +124,7 @@ impl Micro for Bf16Amx {
                 row = in(reg) 128usize,
                 options(nostack, preserves_flags)
             );
-            store(&block, alpha, beta, out);
+            store(block.assume_init_ref(), alpha, beta, out);
         }
     }
 

@@ -131,6 +131,18 @@ pub unsafe fn pack<K: Micro>(
                 }
                 continue;
             }
+            if g > 2 {
+                // Long groups (AMX's A): a line's group is a contiguous run of the sliver, so
+                // each is converted straight into place.
+                for l in 0..lines {
+                    let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
+                    for (q, run) in from.chunks(g).enumerate() {
+                        // SAFETY: the CPU has K's features (pack's contract).
+                        unsafe { K::convert(run, &mut sliver[(q * w + l) * g..][..run.len()]) };
+                    }
+                }
+                continue;
+            }
             for l in 0..lines {
                 let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
                 if K::Packed::IS_F32 {
