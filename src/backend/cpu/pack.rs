@@ -71,8 +71,39 @@ pub unsafe fn pack<K: Micro>(
             }
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if K::AVX_PACK && g == 32 && w == 32 && size_of::<K::Packed>() == 2 {
+            // AMX's A transposed (a weight gradient's dYᵀ): for each 32 steps of k, the pairs
+            // of steps interleaved into words for each sliver's 32 lines (`interleave_pairs`:
+            // `[pair][line]`), then those 16 × 32 words transposed 8 × 8 into each line's 16
+            // words (`[line][pair]`, one tile row). Element by element this took several
+            // times the tiles' own time per block.
+            let zeros = [0.0f32; 32];
+            // SAFETY: step q < kc of lines 0..len is inside the block.
+            let step = |q: usize| unsafe { std::slice::from_raw_parts(src.offset(q as isize * along), len) };
+            for t in 0..kp / 32 {
+                for s0 in (0..len).step_by(w) {
+                    let lines = w.min(len - s0);
+                    let pairs = &mut words[..32 * 32];
+                    pairs.fill(zero);
+                    for (q, p) in (t * 32..kc.min(t * 32 + 32)).step_by(2).enumerate() {
+                        let second = if p + 1 < kc { &step(p + 1)[s0..s0 + lines] } else { &zeros[..lines] };
+                        // SAFETY: the CPU has K's features (pack's contract); 2 · lines fit.
+                        unsafe { K::interleave_pairs(&step(p)[s0..s0 + lines], second, &mut pairs[q * 64..]) };
+                    }
+                    // SAFETY: the path has AVX (`AVX_PACK`); `pairs` holds 16 rows of 32
+                    // words, and group t of sliver s0 / w is 32 lines of 16 words.
+                    unsafe {
+                        let out = dst[s0 * kp + t * 32 * w..][..32 * w].as_mut_ptr() as *mut f32;
+                        let out = std::slice::from_raw_parts_mut(out, 16 * w);
+                        pack_lines_avx(out, pairs.as_ptr() as *const f32, 32, 32, 16);
+                    }
+                }
+            }
+            return;
+        }
         if g > 2 {
-            // Longer groups (AMX's A): each value to its place.
+            // Longer groups on a kernel without AVX packing: each value to its place.
             for p in 0..kc {
                 // SAFETY: step p of lines 0..len is inside the block.
                 let row = unsafe { std::slice::from_raw_parts(src.offset(p as isize * along), len) };
