@@ -234,6 +234,19 @@ mod tests {
         assert_eq!(select(None).unwrap(), best());
     }
 
+    /// The permission request reaches Linux and its answer is kept: granted where the CPU has
+    /// AMX, refused with the kernel's errno (one line) where it has not.
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn the_tile_permission_is_asked_of_linux() {
+        match (amx_bits().0, tile_permission()) {
+            (true, r) => assert!(r.is_ok(), "{r:?}"),
+            (false, Ok(())) => panic!("Linux granted AMX tile data on a CPU without AMX"),
+            (false, Err(e)) => assert!(e.contains("arch_prctl errno") && !e.contains('\n'), "{e}"),
+        }
+        assert_eq!(tile_permission(), tile_permission(), "asked once, the answer kept");
+    }
+
     #[test]
     fn detection_prefers_the_best_path() {
         let want = CpuPath::ALL.into_iter().find(|p| p.kernels().is_ok());
