@@ -122,7 +122,8 @@ mod cuda {
     }
 
     /// The emulated device: `emu/libcuda.rs` → `$OUT_DIR/emu/libcuda.so` (soname `libcuda.so`),
-    /// `emu/libcublas.rs` → `libcublas.so` linked against it. Plain rustc, std only, optimised
+    /// `emu/libcublas.rs` → `libcublas.so` and `emu/libcublaslt.rs` → `libcublasLt.so`, linked
+    /// against it. Plain rustc, std only, optimised
     /// whatever the profile (it interprets every kernel instruction). Its folder reaches the
     /// crate as `SEMSHARE_EMU_DIR`.
     fn emulator(root: &Path, out: &Path) {
@@ -139,12 +140,17 @@ mod cuda {
                 "cublas",
                 vec!["-L".to_string(), dir.display().to_string(), "-l".into(), "dylib=cuda".into()],
             ),
+            (
+                "libcublaslt.rs",
+                "cublasLt",
+                vec!["-L".to_string(), dir.display().to_string(), "-l".into(), "dylib=cuda".into()],
+            ),
         ] {
             let file = src.join(root_file);
             println!("cargo:rerun-if-changed={}", file.display());
             let mut cmd = Command::new(&rustc);
             cmd.args(["--edition", "2021", "--crate-type", "cdylib", "--crate-name"])
-                .arg(format!("semshare_emu_{lib}"))
+                .arg(format!("semshare_emu_{}", lib.to_lowercase()))
                 .args(["-C", "opt-level=3", "-C", "debuginfo=0"])
                 .arg("-C")
                 .arg(format!("link-arg=-Wl,-soname,lib{lib}.so"))

@@ -55,6 +55,10 @@ pub fn run(g: &Sgemm) -> Result<(), String> {
         operand("B", g.b, tb, k, n, g.ldb as i64, g.stride_b, batch)?;
     }
     operand("C", g.c, false, m, n, g.ldc as i64, g.stride_c, batch)?;
+    if g.bias != 0 {
+        crate::check_range(g.bias, 4 * m as u64, &format!("cuBLASLt bias ({m} values)"))?;
+    }
+    let bias = g.bias as usize;
     let (mu, nu, ku) = (m as usize, n as usize, k as usize);
     let workers = std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1).min(nu).max(1);
     for bi in 0..batch {
@@ -114,6 +118,10 @@ pub fn run(g: &Sgemm) -> Result<(), String> {
                                 let dst = cp.add(i);
                                 // beta = 0 does not read C (it may hold NaN), as in cuBLAS.
                                 *dst = if g.beta == 0.0 { g.alpha * x } else { g.alpha * x + g.beta * *dst };
+                                // The epilogue's bias, added to the product as stored.
+                                if bias != 0 {
+                                    *dst += *(bias as *const f32).add(i);
+                                }
                             }
                         }
                     }

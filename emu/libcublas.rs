@@ -6,23 +6,15 @@
 
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
+mod blas_shared;
 mod sgemm_abi;
 
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_int, c_void};
 
+use blas_shared::*;
 use sgemm_abi::{ROUND_BF16, ROUND_NONE, ROUND_TF32, Sgemm};
 
-type Status = c_int;
-const SUCCESS: Status = 0;
-const NOT_INITIALIZED: Status = 1;
-const INVALID_VALUE: Status = 7;
-const EXECUTION_FAILED: Status = 13;
-const NOT_SUPPORTED: Status = 15;
-
 extern "C" {
-    fn semshare_emu_sgemm(g: *const Sgemm, err: *mut c_char, err_len: usize) -> c_int;
-    fn semshare_emu_fault(msg: *const c_char) -> u32;
-    fn semshare_emu_sticky() -> u32;
     fn cuStreamIsCapturing(s: *mut c_void, status: *mut c_int) -> u32;
 }
 
@@ -32,10 +24,6 @@ struct Handle {
     stream: *mut c_void,
     /// `cublasSetWorkspace`'s buffer (0: none set).
     workspace: u64,
-}
-
-fn say(msg: &str) {
-    eprintln!("semshare-emu: {msg}");
 }
 
 #[no_mangle]
@@ -212,6 +200,7 @@ unsafe fn sgemm(
             _ => ROUND_NONE,
         },
         stream: hd.stream as u64,
+        bias: 0,
     };
     // Real cuBLAS allocates its workspace on first use unless one is set, which a capture
     // forbids: capturing a GEMM needs `cublasSetWorkspace` first.
@@ -220,15 +209,7 @@ unsafe fn sgemm(
         say(&format!("{what}: CUBLAS_STATUS_NOT_SUPPORTED: captured without a workspace (cublasSetWorkspace)"));
         return NOT_SUPPORTED;
     }
-    let mut err = [0 as c_char; 1024];
-    if semshare_emu_sgemm(&g, err.as_mut_ptr(), err.len()) != 0 {
-        // As on the GPU: an out-of-range operand faults the context.
-        let msg = std::ffi::CStr::from_ptr(err.as_ptr()).to_string_lossy().into_owned();
-        let full = std::ffi::CString::new(format!("{what}: {msg}")).unwrap_or_default();
-        semshare_emu_fault(full.as_ptr());
-        return EXECUTION_FAILED;
-    }
-    SUCCESS
+    blas_shared::sgemm(what, &g)
 }
 
 #[no_mangle]
@@ -275,13 +256,6 @@ pub unsafe extern "C" fn cublasSgemmStridedBatched(
     sgemm("cublasSgemmStridedBatched", h, None, ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch)
 }
 
-// cudaDataType and cublasComputeType_t values (library_types.h, cublas_api.h).
-const CUDA_R_32F: c_int = 0;
-const COMPUTE_32F: c_int = 68;
-const COMPUTE_32F_PEDANTIC: c_int = 69;
-const COMPUTE_32F_FAST_16BF: c_int = 75;
-const COMPUTE_32F_FAST_TF32: c_int = 77;
-
 /// The compute type of a `cublasGemmEx` call whose operands are all f32, or why it is not one
 /// the stand-in runs (half-precision storage, integer or f64 compute).
 fn f32_compute(what: &str, types: [c_int; 3], compute: c_int) -> Result<c_int, Status> {
@@ -289,7 +263,7 @@ fn f32_compute(what: &str, types: [c_int; 3], compute: c_int) -> Result<c_int, S
         say(&format!("{what}: CUBLAS_STATUS_NOT_SUPPORTED: data types {types:?} (the emulated device runs CUDA_R_32F storage only)"));
         return Err(NOT_SUPPORTED);
     }
-    if ![COMPUTE_32F, COMPUTE_32F_PEDANTIC, COMPUTE_32F_FAST_16BF, COMPUTE_32F_FAST_TF32].contains(&compute) {
+    if !F32_COMPUTE.contains(&compute) {
         say(&format!("{what}: CUBLAS_STATUS_NOT_SUPPORTED: compute type {compute} with f32 storage"));
         return Err(NOT_SUPPORTED);
     }

@@ -1,5 +1,5 @@
-//! The one call between the two stand-ins: `libcublas.so` hands a GEMM to `libcuda.so`, which
-//! owns the allocation table the operands are checked against.
+//! The one call between the stand-ins: `libcublas.so` and `libcublasLt.so` hand a GEMM to
+//! `libcuda.so`, which owns the allocation table the operands are checked against.
 
 /// Column-major `C_i = alpha · op(A_i) · op(B_i) + beta · C_i`, cuBLAS's argument meaning.
 #[repr(C)]
@@ -27,6 +27,9 @@ pub struct Sgemm {
     pub round: i32,
     /// The handle's stream: a capturing one records the GEMM instead of running it.
     pub stream: u64,
+    /// cuBLASLt's `BIAS` epilogue: `m` values added to every column of each C_i after the
+    /// product (0: none).
+    pub bias: u64,
 }
 
 pub const ROUND_NONE: i32 = 0;

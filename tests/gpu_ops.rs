@@ -180,6 +180,64 @@ fn gemm_at_reduced_precision_rounds_its_operands() {
     }
 }
 
+/// `gemm_bias` on CUDA is one cuBLASLt matmul whose epilogue adds the bias (one library call,
+/// no kernel of ours): at each precision it gives what `gemm` then `add_bias` give on the
+/// same device (the emulated device: bit for bit; a GPU's epilogue runs another kernel,
+/// hence the tolerance on Σ|a·b|), and in fp32 what the CPU's `gemm_bias` gives. Every
+/// transpose, beta 0 and beta ≠ 0 (C read in place), fewer rows than `MIN_ROWS` (IEEE).
+#[cfg(feature = "cuda")]
+#[test]
+fn gemm_bias_in_the_epilogue_matches_gemm_then_bias() {
+    use semshare::backend::Precision;
+    let Some(mut gpu) = common::gpu::cuda_or_skip("gemm + bias epilogue") else { return };
+    let cases = [
+        (64, 96, 256, false, true, 1.0, 0.0),
+        (130, 300, 257, true, false, 0.75, 0.5),
+        (7, 33, 70, true, true, 1.0, 1.0),
+        (200, 1, 5, false, false, -0.5, 0.0),
+    ];
+    for precision in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+        gpu.set_precision(precision);
+        for (i, &(m, n, k, ta, tb, alpha, beta)) in cases.iter().enumerate() {
+            let seed = 60 + i as u64;
+            let (a, b, c0, bias) =
+                (randv(seed, m * k), randv(seed ^ 7, k * n), randv(seed ^ 9, m * n), randv(seed ^ 3, n));
+            let g = Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha, beta };
+            let what = format!("gemm_bias {} {m}x{n}x{k} ta={ta} tb={tb} beta={beta}", precision.name());
+            let fused = |dev: &mut dyn Backend| {
+                let (ad, bd, biasd) = (up(dev, &a, &[m * k]), up(dev, &b, &[k * n]), up(dev, &bias, &[n]));
+                let mut c = up(dev, &c0, &[m, n]);
+                let before = dev.counters();
+                dev.gemm_bias(g, ad.view(), bd.view(), biasd.view(), &mut c).unwrap();
+                let spent = dev.counters().zip(before).map(|(after, before)| after.since(&before));
+                (down(dev, &c), spent)
+            };
+            let (got, spent) = fused(&mut gpu);
+            let spent = spent.expect("the CUDA backend counts");
+            assert_eq!((spent.kernels, spent.blas_calls), (0, 1), "{what}: {spent:?}");
+            let (ad, bd, biasd) = (up(&mut gpu, &a, &[m * k]), up(&mut gpu, &b, &[k * n]), up(&mut gpu, &bias, &[n]));
+            let mut c = up(&mut gpu, &c0, &[m, n]);
+            gpu.gemm(g, ad.view(), bd.view(), c.view_mut()).unwrap();
+            gpu.add_bias(&mut c, biasd.view()).unwrap();
+            let want = down(&mut gpu, &c);
+            let abs = |v: &[f32]| v.iter().map(|x| x.abs() as f64).collect::<Vec<_>>();
+            let mag = common::naive::matmul(&abs(&a), &abs(&b), m, n, k, ta, tb);
+            for (j, ((&x, &y), &mag)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                let scale = alpha.abs() as f64 * mag + (beta * c0[j]).abs() as f64 + bias[j % n].abs() as f64;
+                let err = (x as f64 - y as f64).abs();
+                assert!(err <= 1e-5 * scale + 1e-6, "{what}: element {j}: {x} fused against {y} unfused");
+            }
+            common::report(&format!("{what}: against gemm + add_bias"), rel_err(&got, &common::to64(&want)));
+            if precision == Precision::F32 {
+                let (cpu_got, _) = fused(&mut semshare::backend::cpu::Cpu::new());
+                let e = rel_err(&got, &common::to64(&cpu_got));
+                common::report(&format!("{what}: against the CPU"), e);
+                assert!(e <= EXACT, "{what}: {e:.3e} from the CPU's gemm_bias");
+            }
+        }
+    }
+}
+
 #[test]
 fn bias_residual_scale() {
     twin("bias/residual/scale", EXACT, |dev, seed| {

@@ -203,6 +203,7 @@ finish() {
     echo "GPU CHECK SUMMARY  $(date -u +%FT%TZ)  stages $STAGES  $((SECONDS - T0)) s of the ${DEADLINE_S} s deadline"
     echo "card:   $(awk -F': ' '/^card: /{print $2; f=1} END{if(!f) print "unknown"}' "$OUT/device.txt" 2>/dev/null)"
     echo "cuBLAS: ${CUBLAS:-none}"
+  echo "cuBLASLt: ${CUBLASLT:-none}"
     if [[ ${SEMSHARE_GPU:-} == emulated ]]; then echo "device: EMULATED (SEMSHARE_GPU=emulated): a dry run, no GPU figure"; fi
     echo "bundle: $(head -1 "$HERE/MANIFEST" 2>/dev/null || echo 'no MANIFEST')"
     echo
@@ -284,12 +285,18 @@ cublas_candidates() {
 if [[ ${SEMSHARE_GPU:-} == emulated ]]; then
   # A dry run on the emulated device (emu/, built into the binaries): every stage's plumbing and
   # the summary's parsing before GPU time is spent. Its timings are no GPU figure.
-  LIBCUDA="" CUBLAS="" FOUND=()
+  LIBCUDA="" CUBLAS="" CUBLASLT="" FOUND=()
   DEMO_ARGS=${DEMO_ARGS:---steps 3 --train 64 --val 16 --test 32}
 else
   LIBCUDA=$(find_lib libcuda.so.1 /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib/wsl/lib | awk 'NR == 1')
   mapfile -t FOUND < <(cublas_candidates | while read -r f; do [[ -e $f ]] && readlink -f "$f"; done | awk '!seen[$0]++')
   CUBLAS=${FOUND[0]:-}
+  # cuBLASLt (the bias epilogue's GEMMs) ships beside cuBLAS: the one of the same folder.
+  CUBLASLT=""
+  if [[ -n $CUBLAS ]]; then
+    CUBLASLT=$(for f in "$(dirname "$CUBLAS")"/libcublasLt.so.13*; do if [[ -e $f ]]; then readlink -f "$f"; fi; done | awk 'NR == 1')
+    if [[ -z $CUBLASLT ]]; then BLOCK="no libcublasLt.so.13 beside $CUBLAS"; fi
+  fi
   if [[ -z $LIBCUDA ]]; then
     BLOCK="no NVIDIA driver (libcuda.so.1 not found)"
   fi
@@ -299,12 +306,14 @@ else
   fi
 fi
 
-# cudarc dlopens "libcuda.so" and "libcublas.so" first: links in a private folder, first on
-# LD_LIBRARY_PATH, make those names resolve to the libraries chosen here and nothing else.
+# cudarc dlopens "libcuda.so", "libcublas.so" and "libcublasLt.so" first: links in a private
+# folder, first on LD_LIBRARY_PATH, make those names resolve to the libraries chosen here and
+# nothing else.
 # PyTorch keeps the caller's LD_LIBRARY_PATH (ORIG_LDP): its wheels carry their own cuBLAS.
 mkdir -p "$WORK/lib"
 if [[ -n $LIBCUDA ]]; then ln -sf "$(readlink -f "$LIBCUDA")" "$WORK/lib/libcuda.so"; fi
 if [[ -n $CUBLAS ]]; then ln -sf "$CUBLAS" "$WORK/lib/libcublas.so"; fi
+if [[ -n $CUBLASLT ]]; then ln -sf "$CUBLASLT" "$WORK/lib/libcublasLt.so"; fi
 ORIG_LDP=${LD_LIBRARY_PATH:-}
 export LD_LIBRARY_PATH=$WORK/lib${CUBLAS:+:$(dirname "$CUBLAS")}${LIBCUDA:+:$(dirname "$LIBCUDA")}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export SEMSHARE_REQUIRE_GPU=1
@@ -312,6 +321,7 @@ export SEMSHARE_REQUIRE_GPU=1
 {
   echo "driver: ${LIBCUDA:-none} ${LIBCUDA:+-> $(readlink -f "$LIBCUDA")}"
   echo "cuBLAS: ${CUBLAS:-none}"
+  echo "cuBLASLt: ${CUBLASLT:-none}"
   if ((${#FOUND[@]} > 1)); then echo "cuBLAS also found: ${FOUND[*]:1}"; fi
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   if command -v nvidia-smi >/dev/null; then

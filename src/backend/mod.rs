@@ -45,7 +45,7 @@ pub struct Gemm {
 /// Attention's per-head products and softmax, the norms, the losses, the optimiser and top-k
 /// stay fp32 on every device. A GEMM of fewer than [`Precision::MIN_ROWS`] rows (a training
 /// batch's 32-item GRU recurrence) stays fp32 too: [`Precision::of_gemm`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Precision {
     #[default]
     #[serde(rename = "fp32", alias = "f32")]

@@ -36,6 +36,7 @@
 pub mod attention;
 mod graph;
 pub mod gru;
+mod lt;
 mod norm;
 mod ops;
 mod step;
@@ -50,7 +51,7 @@ use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
 
-use crate::backend::{Counters, Precision, Segments};
+use crate::backend::{Counters, Gemm, Precision, Segments};
 pub use crate::tensor::device::{DevBuf, DevIds, DevView, DevViewMut, Pool};
 pub(crate) use crate::tensor::device::{describe, dev_err};
 use crate::tensor::{Ids, Storage, Tensor, View, ViewMut};
@@ -90,8 +91,9 @@ pub fn emulated() -> bool {
     std::env::var("SEMSHARE_GPU").is_ok_and(|v| v == "emulated")
 }
 
-/// With `SEMSHARE_GPU=emulated`: opens the emulated device's `libcuda.so` and `libcublas.so`
-/// (`emu/`, built by build.rs) by path, once, before cudarc's first driver call. cudarc's own
+/// With `SEMSHARE_GPU=emulated`: opens the emulated device's `libcuda.so`, `libcublas.so` and
+/// `libcublasLt.so` (`emu/`, built by build.rs) by path, once, before cudarc's first driver
+/// call. cudarc's own
 /// `dlopen("libcuda.so")` then finds them by their soname, so everything below, cudarc
 /// included, runs exactly as on a GPU.
 fn load_emulator_if_asked() -> Result<()> {
@@ -101,7 +103,7 @@ fn load_emulator_if_asked() -> Result<()> {
     }
     let loaded = LOADED.get_or_init(|| {
         let dir = std::path::Path::new(env!("SEMSHARE_EMU_DIR"));
-        for lib in ["libcuda.so", "libcublas.so"] {
+        for lib in ["libcuda.so", "libcublas.so", "libcublasLt.so"] {
             let path = dir.join(lib);
             // SAFETY: our own library (emu/), whose loading runs no initialisers.
             let l = unsafe { libloading::Library::new(&path) }
@@ -208,6 +210,8 @@ pub struct Cuda {
     module: Module,
     functions: HashMap<&'static str, cu::CUfunction>,
     blas: cudarc::cublas::CudaBlas,
+    /// cuBLASLt, for the GEMMs whose epilogue adds a bias (`lt.rs`).
+    lt: lt::Lt,
     /// The arithmetic of the layers' GEMMs (`Backend::gemm`).
     precision: Precision,
     device_name: String,
@@ -224,8 +228,9 @@ pub struct Cuda {
     /// The dropout salt (`Backend::set_dropout_salt`): a u64 every dropping kernel XORs into
     /// its seed, read on the device so that a captured step draws new masks at each replay.
     dropout_salt: Option<Tensor>,
-    /// cuBLAS's workspace, set once so that a captured GEMM allocates nothing.
-    _blas_workspace: Option<Tensor>,
+    /// cuBLAS's workspace, set once so that a captured GEMM allocates nothing; cuBLASLt's
+    /// calls take it too (both run on the one stream, one at a time).
+    blas_workspace: Option<Tensor>,
     /// A graph capture under way (`graph.rs`).
     capture: Option<Capture>,
     /// Tensor clones made inside captures: recorded into a graph, not run then.
@@ -303,6 +308,7 @@ impl Cuda {
         // The handle keeps cuBLAS's default math mode (IEEE f32): each GEMM names its arithmetic
         // in its compute type (`gemm_strided_batched`).
         let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(blas_err("create handle"))?;
+        let lt = lt::Lt::new()?;
         let pool = Arc::new(Pool::new(ctx.clone(), stream.clone()));
         let mut cuda = Cuda {
             uploads: upload::UploadRing::default(),
@@ -312,6 +318,7 @@ impl Cuda {
             module: Module(module),
             functions: HashMap::new(),
             blas,
+            lt,
             precision: Precision::F32,
             device_name,
             counts: Counters::default(),
@@ -319,7 +326,7 @@ impl Cuda {
             grid_barrier: None,
             strip_counters: None,
             dropout_salt: None,
-            _blas_workspace: None,
+            blas_workspace: None,
             capture: None,
             recorded_clones: 0,
         };
@@ -335,7 +342,7 @@ impl Cuda {
         }
         .result()
         .map_err(blas_err("set the workspace"))?;
-        cuda._blas_workspace = Some(workspace);
+        cuda.blas_workspace = Some(workspace);
         Ok(cuda)
     }
 
@@ -657,5 +664,17 @@ impl Cuda {
             )
         }
         .map_err(blas_err(format!("gemm ({}) m={m} n={n} k={k} batch={batch}", precision.name())))
+    }
+
+    /// Row-major `c[m, n] = alpha·op(a)·op(b) + beta·c + bias` in one cuBLASLt matmul
+    /// (`lt.rs`), at `precision`; device pointers as the caller checked them.
+    pub(crate) fn gemm_bias_lt(&mut self, precision: Precision, g: Gemm, ptrs: (u64, u64, u64, u64)) -> Result<()> {
+        let workspace = (tensor_ptr(self.blas_workspace.as_ref().expect("set in Cuda::new"))?, BLAS_WORKSPACE_BYTES);
+        self.bind()?;
+        self.counts.blas_calls += 1;
+        let stream = self.stream.cu_stream();
+        // SAFETY: the caller checked the operands' shapes and that they live on this device;
+        // the stream and workspace are this context's.
+        unsafe { self.lt.gemm_bias(stream, workspace, precision, g, ptrs) }
     }
 }

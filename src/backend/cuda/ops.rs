@@ -264,6 +264,19 @@ impl Backend for Cuda {
         )
     }
 
+    /// One cuBLASLt matmul with the bias in its epilogue (`lt.rs`).
+    fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
+        check_gemm(&g, a.len(), b.len(), c.len())?;
+        expect_cols("gemm_bias", c)?;
+        expect_len("gemm_bias", "bias", bias.len(), c.cols())?;
+        if g.k == 0 || c.cols() != g.n {
+            self.gemm(g, a, b, c.view_mut())?;
+            return self.add_bias(c, bias);
+        }
+        let ptrs = (ptr_of(&a)?, ptr_of(&b)?, ptr_of(&bias)?, tensor_ptr(c)?);
+        self.gemm_bias_lt(self.precision().of_gemm(g.m), g, ptrs)
+    }
+
     fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()> {
         expect_cols("add_bias", y)?;
         expect_len("add_bias", "bias", bias.len(), y.cols())?;
