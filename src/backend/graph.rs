@@ -39,6 +39,8 @@ impl GraphInput<'_> {
 /// A captured graph, owned by the caller and launched on the backend that captured it.
 pub struct Graph {
     /// The backend's own state of the graph (its recording, its memory, its input buffer).
+    /// Only a CUDA build has a backend that captures, hence reads it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) inner: Box<dyn std::any::Any>,
     /// Words of host values each launch takes (the inputs' lengths summed).
     pub inputs: usize,
