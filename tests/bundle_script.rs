@@ -35,7 +35,7 @@ fn bundle(dir: &Path, fail_test: bool) {
     std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/gpu-run.sh"), dir.join("run.sh")).unwrap();
     std::fs::write(dir.join("MANIFEST"), "commit test\n").unwrap();
     std::fs::create_dir_all(dir.join("lib")).unwrap();
-    for f in ["libcuda.so.1", "libcublas.so.13"] {
+    for f in ["libcuda.so.1", "libcublas.so.13", "libcublasLt.so.13"] {
         std::fs::write(dir.join("lib").join(f), "").unwrap();
     }
     script(
@@ -150,6 +150,8 @@ fn every_stage_is_summarised_with_ratios_from_one_call() {
     let device = std::fs::read_to_string(out.join("device.txt")).unwrap();
     let cublas = dir.join("lib/libcublas.so.13").canonicalize().unwrap();
     assert!(device.contains(&format!("cuBLAS: {}", cublas.display())), "{device}");
+    let lt = dir.join("lib/libcublasLt.so.13").canonicalize().unwrap();
+    assert!(device.contains(&format!("cuBLASLt: {}", lt.display())), "{device}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -173,5 +175,12 @@ fn a_failure_names_its_test_and_the_deadline_stops_a_hung_stage() {
     for stage in ["demo ", "bench ", "torch "] {
         assert!(line(&s, stage).contains("not run: the 27 s deadline was reached"), "{stage}: {s}");
     }
+
+    // cuBLASLt (the bias epilogue's GEMMs) must lie beside the chosen cuBLAS: without it
+    // nothing runs, and the summary says why.
+    std::fs::remove_file(dir.join("lib/libcublasLt.so.13")).unwrap();
+    let (o, s) = run(&dir, &dir.join("out-no-lt"), &[("STAGES", "tests")]);
+    assert!(!o.status.success(), "{s}");
+    assert!(line(&s, "tests ").contains("not run: no libcublasLt.so.13 beside"), "{s}");
     let _ = std::fs::remove_dir_all(&dir);
 }
