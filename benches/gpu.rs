@@ -25,7 +25,8 @@ mod gpu {
 
     use semshare::backend::cuda::Cuda;
     use semshare::backend::{
-        AdamW, Backend, Gemm, GruRunBwd, GruRunFwd, GruStep, Precision, Segments, gru_bwd_by_steps, gru_fwd_by_steps,
+        AdamW, Backend, Gemm, GruRunBwd, GruRunFwd, GruStep, Half, Precision, Segments, gru_bwd_by_steps,
+        gru_fwd_by_steps,
     };
     use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
     use semshare::nn::{BiGru, ParamStore};
@@ -41,12 +42,13 @@ mod gpu {
         ModelConfig { vocab: 10_000, object_classes: 1600, labels: 24, ..ModelConfig::paper() }
     }
 
+    /// The region features as an fp16 shard delivers them (uploaded as they are, widened on
+    /// the device: 9.4 MB of a step's upload instead of 18.9 MB).
     fn batches(cfg: &ModelConfig, seed: u64) -> (ImageBatch, TextBatch) {
         let mut rng = Rng::new(seed);
-        (
-            ImageBatch::random(&mut rng, &[R; B], cfg.region_dim, cfg.object_classes, cfg.labels),
-            TextBatch::random(&mut rng, &[T; B], cfg.vocab, cfg.labels),
-        )
+        let mut images = ImageBatch::random(&mut rng, &[R; B], cfg.region_dim, cfg.object_classes, cfg.labels);
+        images.features = images.features.to_half(Half::F16);
+        (images, TextBatch::random(&mut rng, &[T; B], cfg.vocab, cfg.labels))
     }
 
     /// GPU time of `f` over each input, from events on the backend's one stream.

@@ -57,11 +57,12 @@ pub fn run(dir: &Path, queries: usize, out: &mut dyn Write) -> Result<()> {
     let all: Vec<usize> = (0..test.num_images()).collect();
     let images = image_batch(&data.layout, test, &all)?;
     let (dr, mut region) = (model.config().region_dim, 0);
+    let features = images.features.to_f32(); // fp16 or bf16 shards: widened here
     let regions: Vec<Regions> = images
         .lengths
         .iter()
         .map(|&n| {
-            let r = Regions::new(&images.features[region * dr..(region + n) * dr])
+            let r = Regions::new(&features[region * dr..(region + n) * dr])
                 .with_boxes(&images.boxes[region * 5..(region + n) * 5]);
             region += n;
             r

@@ -276,7 +276,7 @@ pub fn train(
     let mut graphs_noted = false;
     while trainer.step < cfg.steps {
         let (images, texts) = match loader.next_batch() {
-            Some(Ok(b)) => (b.images.widen(), b.texts.widen()),
+            Some(Ok(b)) => (b.images.batch(), b.texts.batch()),
             Some(Err(e)) => return Err(e),
             None => return Err(Error::data("the loader stopped before the last step")),
         };

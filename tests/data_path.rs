@@ -527,11 +527,12 @@ fn batches_equal_the_loaded_dataset() {
     let split = data.split("train").unwrap();
     let items = [39, 0, 17, 17, 24, 5];
     let b = image_batch(&data.layout, split, &items).unwrap();
+    let features = b.features.to_f32();
     let (mut at, mut box_at) = (0, 0);
     for (n, &i) in items.iter().enumerate() {
         let count = mem.train.image_count[i] as usize;
         assert_eq!(b.lengths[n], count);
-        assert_eq!(b.features[at..at + count * DR], mem.train.image_features[i * R * DR..(i * R + count) * DR]);
+        assert_eq!(features[at..at + count * DR], mem.train.image_features[i * R * DR..(i * R + count) * DR]);
         assert_eq!(b.boxes[box_at..box_at + 5 * count], mem.train.image_boxes[i * R * 5..(i * R + count) * 5]);
         let classes = &mem.train.image_classes.as_ref().unwrap()[i * R..i * R + count];
         let got: Vec<u16> = b.classes.as_ref().unwrap()[at / DR..at / DR + count].iter().map(|&k| k as u16).collect();

@@ -564,3 +564,43 @@ fn bias_gelu_dropout_matches_the_cpu_and_the_unfused_ops() {
         }
     }
 }
+
+/// fp16/bf16 features widened and normalised on the device (`kernels/inputs.cu`): bit for bit
+/// the CPU's (which is the host's widening and input normalisation), every shape, odd counts
+/// (the last word half used), with and without a normalisation; a normalisation is uploaded
+/// once and reused.
+#[test]
+fn widen_features_is_bit_for_bit_the_cpu() {
+    use semshare::backend::Half;
+    let Some(mut gpu) = gpu_or_skip("widen_features") else { return };
+    let mut cpu = common::cpu();
+    let run = |dev: &mut dyn Backend, words: &[f32], half, rows, dim, norm: Option<(&[f32], &[f32])>| {
+        let w = dev.upload(words, &[words.len()]).unwrap();
+        poison(dev, &[rows * dim]);
+        let y = dev.widen_features(w.view(), half, rows, dim, norm).unwrap();
+        assert_eq!(y.shape(), [rows, dim]);
+        dev.download(y.view()).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    };
+    for half in [Half::F16, Half::Bf16] {
+        for (seed, &(rows, dim)) in SHAPES.iter().enumerate() {
+            let seed = seed as u64 ^ 0x5eed;
+            let (words, _) = common::halves(seed, rows * dim, half);
+            let (mean, inv_std) = (randv(seed ^ 1, dim), rand_range(seed ^ 2, dim, 0.1, 30.0));
+            for norm in [None, Some((&mean[..], &inv_std[..]))] {
+                let want = run(&mut cpu, &words, half, rows, dim, norm);
+                let got = run(gpu.as_mut(), &words, half, rows, dim, norm);
+                assert_eq!(got, want, "{half:?} {rows}x{dim} normalised {}", norm.is_some());
+            }
+        }
+    }
+    // One normalisation, many batches: uploaded the first time only.
+    let (words, _) = common::halves(9, 64 * 33, Half::F16);
+    let (mean, inv_std) = (randv(3, 33), rand_range(4, 33, 0.5, 2.0));
+    let w = gpu.upload(&words, &[words.len()]).unwrap();
+    gpu.widen_features(w.view(), Half::F16, 64, 33, Some((&mean, &inv_std))).unwrap();
+    let before = gpu.counters().unwrap();
+    gpu.widen_features(w.view(), Half::F16, 64, 33, Some((&mean, &inv_std))).unwrap();
+    let after = gpu.counters().unwrap();
+    assert_eq!(after.upload_bytes, before.upload_bytes, "the normalisation is kept on the device");
+    assert_eq!(after.launches() - before.launches(), 1, "one launch");
+}

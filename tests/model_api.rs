@@ -171,7 +171,7 @@ fn standardised_inputs_are_stored_in_the_checkpoint_and_applied_by_every_path() 
     assert_eq!(norm, semshare::data::stats::input_norm(&reader.layout, train_split).unwrap());
     // The training split's regions, standardised, have mean 0 and variance 1 per feature.
     let b = semshare::data::batches::image_batch(&reader.layout, train_split, &(0..32).collect::<Vec<_>>()).unwrap();
-    let x = norm.image.apply(&b.features);
+    let x = norm.image.apply(&b.features.to_f32());
     let rows = (x.len() / 12) as f64;
     for j in 0..12 {
         let mean = x.iter().skip(j).step_by(12).map(|&v| v as f64).sum::<f64>() / rows;

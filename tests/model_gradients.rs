@@ -67,7 +67,7 @@ fn image_batch(cfg: &ModelConfig, lengths: &[usize], with_classes: bool, seed: u
     let tokens: usize = lengths.iter().sum();
     Batch::Image(ImageBatch {
         lengths: lengths.to_vec(),
-        features: randv(seed, tokens * cfg.region_dim),
+        features: randv(seed, tokens * cfg.region_dim).into(),
         boxes: rand_range(seed ^ 1, tokens * 5, 0.0, 1.0),
         classes: with_classes.then(|| rand_ids(seed ^ 2, tokens, cfg.object_classes)),
         labels: labels(seed ^ 3, lengths.len(), cfg.labels),
@@ -199,7 +199,7 @@ fn text_feature_loss_gradient_matches_fd() {
     let lengths = [4, 1, 3];
     let batch = Batch::Text(TextBatch {
         lengths: lengths.to_vec(),
-        features: rand_range(12, 8 * 5, -1.0, 1.0),
+        features: rand_range(12, 8 * 5, -1.0, 1.0).into(),
         labels: labels(13, lengths.len(), cfg.labels),
         ..TextBatch::default()
     });
@@ -328,7 +328,9 @@ fn embeddings_do_not_depend_on_the_rest_of_the_batch() {
                 let single = match &batch {
                     Batch::Image(x) => Batch::Image(ImageBatch {
                         lengths: vec![lengths[item]],
-                        features: x.features[off[item] * cfg.region_dim..off[item + 1] * cfg.region_dim].to_vec(),
+                        features: x.features.to_f32()[off[item] * cfg.region_dim..off[item + 1] * cfg.region_dim]
+                            .to_vec()
+                            .into(),
                         boxes: x.boxes[off[item] * 5..off[item + 1] * 5].to_vec(),
                         classes: None,
                         labels: x.labels[item * cfg.labels..(item + 1) * cfg.labels].to_vec(),
@@ -337,7 +339,7 @@ fn embeddings_do_not_depend_on_the_rest_of_the_batch() {
                         lengths: vec![lengths[item]],
                         tokens: x.tokens[off[item]..off[item + 1]].to_vec(),
                         labels: x.labels[item * cfg.labels..(item + 1) * cfg.labels].to_vec(),
-                        features: Vec::new(),
+                        features: Default::default(),
                     }),
                 };
                 let one = s.model.embed(b, &w, &single, kind).unwrap();
@@ -403,7 +405,7 @@ fn fc_trunk_and_global_segments_gradients_match_fd() {
             let (r, dr) = (0..3, global.region_dim);
             let mut y = x.clone();
             for (i, j) in r.clone().zip(r.rev()) {
-                y.features[i * dr..(i + 1) * dr].copy_from_slice(&x.features[j * dr..(j + 1) * dr]);
+                y.features.make_f32()[i * dr..(i + 1) * dr].copy_from_slice(&x.features.to_f32()[j * dr..(j + 1) * dr]);
                 y.boxes[i * 5..(i + 1) * 5].copy_from_slice(&x.boxes[j * 5..(j + 1) * 5]);
             }
             Batch::Image(y)

@@ -94,6 +94,45 @@ fn b_view(v: &[f32]) -> Tensor {
     Tensor::from_cpu(v.to_vec(), &[v.len()])
 }
 
+/// fp16/bf16 features widened (and normalised) by the backend are, bit for bit, the `half`
+/// crate's widening followed by the host's input normalisation (`FeatureNorm::apply`): what a
+/// batch of f32 features read from the same shard gave before.
+#[test]
+fn widen_features_is_the_host_widening_and_normalisation_bit_for_bit() {
+    use semshare::backend::Half;
+    use semshare::model::FeatureNorm;
+    let mut dev = dev();
+    for half in [Half::F16, Half::Bf16] {
+        for (seed, &(rows, dim)) in [(1, 1), (1, 7), (3, 5), (7, 33), (64, 256), (5, 2048)].iter().enumerate() {
+            let seed = seed as u64;
+            let (words, values) = common::halves(seed, rows * dim, half);
+            let norm = FeatureNorm { mean: randv(seed ^ 5, dim), inv_std: rand_range(seed ^ 6, dim, 0.1, 30.0) };
+            let w = dev.upload(&words, &[words.len()]).unwrap();
+            for normalised in [false, true] {
+                let n = normalised.then(|| (&norm.mean[..], &norm.inv_std[..]));
+                let got = dev.widen_features(w.view(), half, rows, dim, n).unwrap();
+                assert_eq!(got.shape(), [rows, dim]);
+                let want = if normalised { norm.apply(&values) } else { values.clone() };
+                let got = dev.download(got.view()).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{half:?} {rows}x{dim} normalised {normalised}");
+            }
+        }
+    }
+    // Each operand's length is checked, naming the op and the operand.
+    let w = dev.upload(&[0.0; 3], &[3]).unwrap();
+    let (mean, inv_std) = ([0.0f32; 2], [1.0f32; 3]);
+    for (rows, dim, norm, what) in [
+        (2, 2, None, "words"),
+        (3, 2, Some((&inv_std[..], &mean[..])), "mean"),
+        (3, 2, Some((&mean[..], &inv_std[..])), "inv_std"),
+        (usize::MAX, 2, None, "too many"),
+    ] {
+        let e = dev.widen_features(w.view(), Half::F16, rows, dim, norm).unwrap_err().to_string();
+        assert!(e.contains("widen_features") && e.contains(what), "{rows}x{dim}: {e}");
+    }
+}
+
 #[test]
 fn memory_ops_reject_mismatched_lengths() {
     let mut c = dev();

@@ -88,7 +88,7 @@ impl Fixture {
         let targets = rows.iter().map(|&r| classes[r as usize]).collect();
         let batch = ImageBatch {
             lengths: self.lengths("input.image.lengths"),
-            features: self.f("input.image.features").to_vec(),
+            features: self.f("input.image.features").to_vec().into(),
             boxes: self.f("input.image.boxes").to_vec(),
             classes: Some(classes),
             labels: self.f("input.image.labels").to_vec(),

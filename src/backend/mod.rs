@@ -14,10 +14,12 @@ pub mod cpu;
 pub mod cuda;
 pub mod graph;
 mod open;
+mod precision;
 pub mod step;
 
 pub use graph::{Graph, GraphInput};
 pub use open::{open, open_at};
+pub use precision::{Half, Precision};
 pub use step::{AdamW, AdamWConstants, AdamWScalars, DecayMask, GuardParams};
 pub(crate) use step::{check_adamw_masked, check_step_guard};
 
@@ -36,56 +38,6 @@ pub struct Gemm {
     pub trans_b: bool,
     pub alpha: f32,
     pub beta: f32,
-}
-
-/// The arithmetic of the GEMMs of the model's layers (config key `precision`, one meaning on
-/// every backend): `F32`, the default (IEEE); `Bf16`: operands rounded to bfloat16 (to nearest,
-/// ties to even), products summed in fp32; `Tf32`: operands rounded to TF32 (10-bit mantissa),
-/// summed in fp32, on CUDA's tensor cores only (the CPU has no TF32 unit and refuses it).
-/// Attention's per-head products and softmax, the norms, the losses, the optimiser and top-k
-/// stay fp32 on every device. A GEMM of fewer than [`Precision::MIN_ROWS`] rows (a training
-/// batch's 32-item GRU recurrence) stays fp32 too: [`Precision::of_gemm`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum Precision {
-    #[default]
-    #[serde(rename = "fp32", alias = "f32")]
-    F32,
-    #[serde(rename = "tf32")]
-    Tf32,
-    #[serde(rename = "bf16")]
-    Bf16,
-}
-
-impl Precision {
-    /// Below this many rows a reduced-precision GEMM runs in fp32 (the CPU chose it for speed:
-    /// docs/results/cpu.md; CUDA follows it so that both devices compute the same thing).
-    pub const MIN_ROWS: usize = 64;
-
-    pub fn is_fp32(&self) -> bool {
-        *self == Precision::F32
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "fp32",
-            Precision::Tf32 => "tf32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "fp32" | "f32" => Ok(Precision::F32),
-            "tf32" => Ok(Precision::Tf32),
-            "bf16" => Ok(Precision::Bf16),
-            _ => Err(crate::Error::config(format!("precision = `{s}`: expected fp32, tf32 or bf16"))),
-        }
-    }
-
-    /// The arithmetic of one layer GEMM of `m` output rows at this precision.
-    pub fn of_gemm(self, m: usize) -> Precision {
-        if m < Precision::MIN_ROWS { Precision::F32 } else { self }
-    }
 }
 
 /// A batch of variable-length sequences packed row after row.
@@ -336,6 +288,21 @@ pub trait Backend {
     fn freeze(&mut self, params: Tensor) -> Result<Tensor> {
         Ok(params)
     }
+
+    /// `[rows, dim]` f32 from 16-bit floats: `words` holds `rows · dim` of them two to a
+    /// 4-byte word, the first in the low half (the last word's high half unused when the count
+    /// is odd), as the loader read them from an fp16 or bf16 shard and a step uploads them:
+    /// half the bytes of f32. With `norm` (each feature's mean and 1/std, `dim` long) every
+    /// value is then standardised, `(x − mean) · inv_std`, rounded as the host's input
+    /// normalisation rounds it: bit for bit the values of widening on the host and normalising.
+    fn widen_features(
+        &mut self,
+        words: View,
+        half: Half,
+        rows: usize,
+        dim: usize,
+        norm: Option<(&[f32], &[f32])>,
+    ) -> Result<Tensor>;
 
     // ---- dense algebra ------------------------------------------------------------------
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()>;
@@ -706,6 +673,21 @@ pub(crate) fn check_gru_step_bwd(
     expect_len("gru_step_bwd", "dh", dh.len(), b * hd)?;
     expect_len("gru_step_bwd", "dhproj", dhproj.len(), steps * b * 3 * hd)?;
     check_step_of("gru_step_bwd", step, steps, dout.cols())
+}
+
+/// `widen_features`' operands: `rows · dim` halves in `words` (rounded up to whole words), a
+/// normalisation `dim` long. The element count, checked for overflow.
+pub(crate) fn check_widen(words: usize, rows: usize, dim: usize, norm: Option<(&[f32], &[f32])>) -> Result<usize> {
+    let n = rows
+        .checked_mul(dim)
+        .filter(|&n| n <= i32::MAX as usize)
+        .ok_or_else(|| crate::Error::shape("widen_features", format!("{rows} × {dim} features is too many")))?;
+    expect_len("widen_features", "words", words, n.div_ceil(2))?;
+    if let Some((mean, inv_std)) = norm {
+        expect_len("widen_features", "mean", mean.len(), dim)?;
+        expect_len("widen_features", "inv_std", inv_std.len(), dim)?;
+    }
+    Ok(n)
 }
 
 /// A dropout probability in [0, 1) (`Backend::dropout_fwd` and the ops that drop).

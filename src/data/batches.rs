@@ -5,8 +5,8 @@
 //! through the map, so streaming keeps the resident set at the pool's size; each item's content
 //! is checked on the way ([`Shard::check_image`],
 //! [`Shard::check_text`]): a NaN feature is an error naming file, tensor and item, never a
-//! silent input. [`RawImages::widen`] and [`RawTexts::widen`] make the f32 batches of the CPU
-//! model.
+//! silent input. [`RawImages::batch`] and [`RawTexts::batch`] make the model's batches: f32
+//! features, or fp16/bf16 ones kept as stored, uploaded so and widened on the device.
 
 use rayon::prelude::*;
 
@@ -108,13 +108,11 @@ impl RawImages {
         results.into_iter().collect()
     }
 
-    /// The f32 batch of the CPU model.
-    pub fn widen(&self) -> ImageBatch {
-        let mut features = Vec::new();
-        self.dtype.unwrap_or(FeatureDtype::F32).widen_into(&self.features, &mut features);
+    /// The model's batch: f32 features, or 16-bit ones as stored (widened on the device).
+    pub fn batch(&self) -> ImageBatch {
         ImageBatch {
             lengths: self.lengths.clone(),
-            features,
+            features: self.dtype.unwrap_or(FeatureDtype::F32).features(&self.features),
             boxes: self.boxes.clone(),
             classes: self.classes.clone(),
             labels: self.labels.clone(),
@@ -157,27 +155,25 @@ impl RawTexts {
         Ok(())
     }
 
-    pub fn widen(&self) -> TextBatch {
-        let mut features = Vec::new();
-        if let Some(d) = self.dtype {
-            d.widen_into(&self.features, &mut features);
-        }
+    /// The model's batch: tokens, or features as [`RawImages::batch`] gives them.
+    pub fn batch(&self) -> TextBatch {
+        let features = self.dtype.map(|d| d.features(&self.features)).unwrap_or_default();
         TextBatch { lengths: self.lengths.clone(), tokens: self.tokens.clone(), features, labels: self.labels.clone() }
     }
 }
 
-/// Images `items` of a split as one f32 batch.
+/// Images `items` of a split as one batch.
 pub fn image_batch(layout: &Layout, split: &SplitReader, items: &[usize]) -> Result<ImageBatch> {
     let mut raw = RawImages::default();
     raw.fill(layout, split, items)?;
-    Ok(raw.widen())
+    Ok(raw.batch())
 }
 
-/// Texts `texts` of a split as one f32 batch.
+/// Texts `texts` of a split as one batch.
 pub fn text_batch(layout: &Layout, split: &SplitReader, texts: &[usize]) -> Result<TextBatch> {
     let mut raw = RawTexts::default();
     raw.fill(layout, split, texts)?;
-    Ok(raw.widen())
+    Ok(raw.batch())
 }
 
 /// Algorithm 1's sampling: each epoch visits every image once in a seeded random order,

@@ -12,6 +12,8 @@ use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorInfo};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Half;
+use crate::model::Features;
 use crate::{Error, Result};
 
 /// The manifest file of a dataset directory.
@@ -143,7 +145,8 @@ impl Meta {
     }
 }
 
-/// Storage type of region or text features; widened to f32 when a batch is built.
+/// Storage type of region or text features: f32, or 16-bit values a batch keeps as they are
+/// (`FeatureDtype::features`) until the device widens them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FeatureDtype {
     F32,
@@ -198,6 +201,21 @@ impl FeatureDtype {
                     }
                 }
             },
+        }
+    }
+
+    /// `bytes` as the model's batch holds them: f32, or the 16-bit values as they are (the
+    /// device widens them where they are read: half the upload).
+    pub fn features(self, bytes: &[u8]) -> Features {
+        let halves = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        match self {
+            FeatureDtype::F32 => {
+                let mut v = Vec::new();
+                self.widen_into(bytes, &mut v);
+                Features::F32(v)
+            }
+            FeatureDtype::F16 => Features::Half(Half::F16, halves()),
+            FeatureDtype::BF16 => Features::Half(Half::Bf16, halves()),
         }
     }
 

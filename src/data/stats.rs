@@ -29,7 +29,7 @@ pub fn input_norm(layout: &Layout, split: &SplitReader) -> Result<InputNorm> {
     let images: Vec<usize> = (0..split.num_images()).collect();
     for c in images.chunks(CHUNK) {
         let b = image_batch(layout, split, c)?;
-        accumulate(&mut s1, &mut s2, &b.features);
+        accumulate(&mut s1, &mut s2, &b.features.to_f32());
         rows += b.features.len() / dr.max(1);
     }
     let image = FeatureNorm::from_moments(&s1, &s2, rows);
@@ -41,7 +41,7 @@ pub fn input_norm(layout: &Layout, split: &SplitReader) -> Result<InputNorm> {
         let texts: Vec<usize> = (0..split.num_texts()).collect();
         for c in texts.chunks(CHUNK) {
             let b = text_batch(layout, split, c)?;
-            accumulate(&mut s1, &mut s2, &b.features);
+            accumulate(&mut s1, &mut s2, &b.features.to_f32());
             rows += b.features.len() / dt;
         }
         Some(FeatureNorm::from_moments(&s1, &s2, rows))

@@ -9,7 +9,7 @@ use crate::checkpoint::{Checkpoint, InferenceSpec};
 use crate::data::format::{Layout, PAD, UNK};
 use crate::data::reader::SplitReader;
 use crate::eval::metrics::normalize_rows;
-use crate::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
+use crate::model::{Batch, EmbeddingKind, Features, ImageBatch, ModelConfig, SemShare, TextBatch};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
@@ -441,7 +441,12 @@ impl Model {
         self.embed_chunks(texts.len(), |items| {
             let lengths = items.clone().map(|i| texts[i].as_ref().len()).collect();
             let tokens = items.clone().flat_map(|i| texts[i].as_ref().iter().copied()).collect();
-            Batch::Text(TextBatch { lengths, tokens, features: Vec::new(), labels: vec![0.0; items.len() * labels] })
+            Batch::Text(TextBatch {
+                lengths,
+                tokens,
+                features: Features::default(),
+                labels: vec![0.0; items.len() * labels],
+            })
         })
     }
 
@@ -488,7 +493,12 @@ impl Model {
         self.embed_chunks(texts.len(), |items| {
             let lengths = texts[items.clone()].iter().map(|t| t.len() / dt).collect();
             let features = texts[items.clone()].concat();
-            Batch::Text(TextBatch { lengths, tokens: Vec::new(), features, labels: vec![0.0; items.len() * labels] })
+            Batch::Text(TextBatch {
+                lengths,
+                tokens: Vec::new(),
+                features: features.into(),
+                labels: vec![0.0; items.len() * labels],
+            })
         })
     }
 
@@ -540,15 +550,17 @@ impl Model {
         let labels = cfg.labels;
         self.embed_chunks(images.len(), |items| {
             let mut b = ImageBatch { labels: vec![0.0; items.len() * labels], ..ImageBatch::default() };
+            let mut features = Vec::new();
             for im in &images[items] {
                 let regions = im.features.len() / dr;
                 b.lengths.push(regions);
-                b.features.extend_from_slice(im.features);
+                features.extend_from_slice(im.features);
                 match im.boxes {
                     Some(boxes) => b.boxes.extend_from_slice(boxes),
                     None => (0..regions).for_each(|_| b.boxes.extend_from_slice(&WHOLE_IMAGE_BOX)),
                 }
             }
+            b.features = features.into();
             Batch::Image(b)
         })
     }

@@ -52,9 +52,8 @@ impl ImageEncoder {
         w: &Tensor,
         g: &mut Tensor,
         c: ImageCache,
-        de: &Tensor,
+        mut de: Tensor,
     ) -> Result<()> {
-        let mut de = de.clone();
         c.drop.backward(dev, &mut de)?;
         let mut dfeatures = self.embed.backward(dev, w, g, c.embed, &de)?;
         // Only the masked rows carry a gradient anywhere: into the [MASK] feature.

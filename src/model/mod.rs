@@ -13,7 +13,7 @@ pub mod staged;
 pub mod text;
 pub mod variant;
 
-pub use batch::{Batch, ImageBatch, MaskPlan, TextBatch};
+pub use batch::{Batch, Features, ImageBatch, MaskPlan, TextBatch};
 pub use config::{ModelConfig, Trunk};
 pub use input_norm::{FeatureNorm, InputNorm};
 pub use semshare::{EmbeddingKind, LossWeights, ModalityLoss, SemShare};

@@ -212,13 +212,16 @@ impl SemShare {
     ) -> Result<(Encoded, LossInputs)> {
         let Staged { seg, global, input, labels, masked } = staged;
         let text = matches!(input, StagedInput::Text(_));
+        let norm = self.input_norm.as_ref();
         let (e, side) = match input {
             StagedInput::Image { features, boxes } => {
+                let features = features.widen(dev, norm.map(|n| &n.image))?;
                 let rows = masked.as_ref().map(|m| m.0.clone());
                 let (e, c) = self.image.forward(dev, w, features, boxes, rows, drop.site(1))?;
                 (e, SideCache::Image(c))
             }
             StagedInput::Text(input) => {
+                let input = input.widen(dev, norm.and_then(|n| n.text.as_ref()))?;
                 let pos = dev.positions(&seg, self.cfg.dim)?;
                 let (e, c) = self.text.forward(dev, w, input, pos, &seg, drop.site(2))?;
                 (e, SideCache::Text(c))
@@ -248,8 +251,8 @@ impl SemShare {
             None => (de, enc.seg),
         };
         match enc.side {
-            SideCache::Image(c) => self.image.backward(dev, w, g, c, &de),
-            SideCache::Text(c) => self.text.backward(dev, w, g, &seg, c, &de),
+            SideCache::Image(c) => self.image.backward(dev, w, g, c, de),
+            SideCache::Text(c) => self.text.backward(dev, w, g, &seg, c, de),
         }
     }
 

@@ -6,13 +6,13 @@
 
 use std::borrow::Cow;
 
-use crate::backend::{Backend, GraphInput, IGNORE_TARGET, Segments};
+use crate::backend::{Backend, GraphInput, Half, IGNORE_TARGET, Segments};
 use crate::tensor::{Ids, Tensor};
 use crate::{Error, Result};
 
-use super::batch::{Batch, MaskPlan};
+use super::batch::{Batch, Features, MaskPlan};
 use super::config::{MASK_TOKEN, ModelConfig};
-use super::input_norm::InputNorm;
+use super::input_norm::{FeatureNorm, InputNorm};
 use super::text::TextInput;
 
 /// A modality's batch on the device (`SemShare::stage`), consumed by one forward pass.
@@ -28,8 +28,52 @@ pub struct Staged {
 }
 
 pub(crate) enum StagedInput {
-    Image { features: Tensor, boxes: Tensor },
-    Text(TextInput),
+    Image { features: StagedFeatures, boxes: Tensor },
+    Text(StagedText),
+}
+
+/// A text batch on the device: token ids, or segment features.
+pub(crate) enum StagedText {
+    Tokens(Ids),
+    Features(StagedFeatures),
+}
+
+impl StagedText {
+    /// What the text encoder reads, features widened.
+    pub fn widen(self, dev: &mut dyn Backend, norm: Option<&FeatureNorm>) -> Result<TextInput> {
+        Ok(match self {
+            StagedText::Tokens(t) => TextInput::Tokens(t),
+            StagedText::Features(f) => TextInput::Features(f.widen(dev, norm)?),
+        })
+    }
+}
+
+/// Input features on the device as uploaded: f32 (normalised on the host), or 16-bit floats
+/// two to a word that [`StagedFeatures::widen`] turns into f32 (and normalises) inside the
+/// forward pass, so that a captured step widens each replay's new values.
+pub(crate) enum StagedFeatures {
+    F32(Tensor),
+    Half { words: Tensor, half: Half, rows: usize, dim: usize },
+}
+
+impl StagedFeatures {
+    /// The `[rows, dim]` f32 features the encoder reads.
+    pub fn widen(self, dev: &mut dyn Backend, norm: Option<&FeatureNorm>) -> Result<Tensor> {
+        match self {
+            StagedFeatures::F32(x) => Ok(x),
+            StagedFeatures::Half { words, half, rows, dim } => {
+                let norm = norm.map(|n| (&n.mean[..], &n.inv_std[..]));
+                dev.widen_features(words.view(), half, rows, dim, norm)
+            }
+        }
+    }
+
+    fn view(&self) -> crate::tensor::View<'_> {
+        match self {
+            StagedFeatures::F32(x) => x.view(),
+            StagedFeatures::Half { words, .. } => words.view(),
+        }
+    }
 }
 
 /// One uploaded part: values with their shape, or indices; borrowed from the batch where
@@ -37,13 +81,33 @@ pub(crate) enum StagedInput {
 pub enum HostPart<'a> {
     Values(Cow<'a, [f32]>, Vec<usize>),
     Ids(Cow<'a, [u32]>),
+    /// `[rows, dim]` 16-bit floats, two to a word (the first in the low half).
+    Halves {
+        half: Half,
+        words: Cow<'a, [u32]>,
+        rows: usize,
+        dim: usize,
+    },
 }
 
 impl HostPart<'_> {
+    /// Its 4-byte words.
     pub fn len(&self) -> usize {
         match self {
             HostPart::Values(v, _) => v.len(),
             HostPart::Ids(v) => v.len(),
+            HostPart::Halves { words, .. } => words.len(),
+        }
+    }
+
+    /// Which kind of part it is: with [`HostPart::len`], what a captured step's shape is
+    /// keyed by (f32 values and halves of the same word count are different steps).
+    pub fn kind(&self) -> u64 {
+        match self {
+            HostPart::Values(..) => 0,
+            HostPart::Ids(_) => 1,
+            HostPart::Halves { half: Half::F16, .. } => 2,
+            HostPart::Halves { half: Half::Bf16, .. } => 3,
         }
     }
 
@@ -75,7 +139,7 @@ impl HostInputs<'_> {
     pub fn words(&self) -> impl Iterator<Item = &[f32]> {
         self.parts.iter().map(|p| match p {
             HostPart::Values(v, _) => &v[..],
-            HostPart::Ids(v) => bytemuck::cast_slice(&v[..]),
+            HostPart::Ids(v) | HostPart::Halves { words: v, .. } => bytemuck::cast_slice(&v[..]),
         })
     }
 }
@@ -98,6 +162,36 @@ fn check_ids(what: &str, ids: &[u32], limit: usize) -> Result<()> {
         Some(at) => Err(Error::data(format!("{what} {} at position {at} is out of range (< {limit})", ids[at]))),
         None => Ok(()),
     }
+}
+
+/// A batch's `[rows, dim]` features as the step uploads them: f32 normalised here, or halves
+/// as they are (normalised on the device), their words borrowed where the values are aligned.
+fn feature_part<'b>(
+    features: &'b Features,
+    norm: Option<&FeatureNorm>,
+    rows: usize,
+    dim: usize,
+) -> Result<HostPart<'b>> {
+    if features.len() != rows * dim {
+        return Err(Error::shape("stage", format!("{} feature values for {rows} segments of {dim}", features.len())));
+    }
+    Ok(match features {
+        Features::F32(v) => {
+            let v = match norm {
+                Some(n) => n.apply(v).into(),
+                None => Cow::Borrowed(&v[..]),
+            };
+            HostPart::Values(v, vec![rows, dim])
+        }
+        Features::Half(half, v) => {
+            let words = match bytemuck::try_cast_slice::<u16, u32>(v) {
+                Ok(w) if cfg!(target_endian = "little") => Cow::Borrowed(w),
+                // An odd count (the last word's high half is unused) or an unaligned vector.
+                _ => Cow::Owned(v.chunks(2).map(|p| p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16).collect()),
+            };
+            HostPart::Halves { half: *half, words, rows, dim }
+        }
+    })
 }
 
 fn offsets_of(lengths: &[usize]) -> Result<Vec<u32>> {
@@ -136,19 +230,13 @@ impl Stager<'_> {
         }
         match batch {
             Batch::Image(b) => {
-                let features = match self.norm {
-                    Some(n) => n.image.apply(&b.features).into(),
-                    None => Cow::Borrowed(&b.features[..]),
-                };
-                parts.push(HostPart::Values(features, vec![tokens, self.cfg.region_dim]));
+                let norm = self.norm.map(|n| &n.image);
+                parts.push(feature_part(&b.features, norm, tokens, self.cfg.region_dim)?);
                 parts.push(HostPart::Values(Cow::Borrowed(&b.boxes[..]), vec![tokens, 5]));
             }
             Batch::Text(b) if self.cfg.text_features() => {
-                let features = match self.norm.and_then(|n| n.text.as_ref()) {
-                    Some(n) => n.apply(&b.features).into(),
-                    None => Cow::Borrowed(&b.features[..]),
-                };
-                parts.push(HostPart::Values(features, vec![tokens, self.cfg.text_feature_dim]));
+                let norm = self.norm.and_then(|n| n.text.as_ref());
+                parts.push(feature_part(&b.features, norm, tokens, self.cfg.text_feature_dim)?);
             }
             Batch::Text(b) => {
                 check_ids("token id", &b.tokens, self.cfg.vocab)?;
@@ -196,9 +284,9 @@ impl Stager<'_> {
         let seg = c.segments(dev)?;
         let global = if self.cfg.global_segments { Some(c.segments(dev)?) } else { None };
         let input = match batch {
-            Batch::Image(_) => StagedInput::Image { features: c.values(dev)?, boxes: c.values(dev)? },
-            Batch::Text(_) if self.cfg.text_features() => StagedInput::Text(TextInput::Features(c.values(dev)?)),
-            Batch::Text(_) => StagedInput::Text(TextInput::Tokens(c.ids(dev)?)),
+            Batch::Image(_) => StagedInput::Image { features: c.features(dev)?, boxes: c.values(dev)? },
+            Batch::Text(_) if self.cfg.text_features() => StagedInput::Text(StagedText::Features(c.features(dev)?)),
+            Batch::Text(_) => StagedInput::Text(StagedText::Tokens(c.ids(dev)?)),
         };
         let labels = if host.labels { Some(c.values(dev)?) } else { None };
         let masked = if host.masked { Some((c.ids(dev)?, c.ids(dev)?)) } else { None };
@@ -217,6 +305,18 @@ impl Cursor<'_, '_> {
         match self.0.next() {
             Some(HostPart::Values(v, shape)) => dev.upload(v, shape),
             _ => Err(Error::shape("stage", "expected values next in the host inputs")),
+        }
+    }
+
+    /// Features: f32 values, or halves uploaded as their words.
+    fn features(&mut self, dev: &mut dyn Backend) -> Result<StagedFeatures> {
+        match self.0.next() {
+            Some(HostPart::Values(v, shape)) => Ok(StagedFeatures::F32(dev.upload(v, shape)?)),
+            Some(HostPart::Halves { half, words, rows, dim }) => {
+                let words = dev.upload(bytemuck::cast_slice(&words[..]), &[words.len()])?;
+                Ok(StagedFeatures::Half { words, half: *half, rows: *rows, dim: *dim })
+            }
+            _ => Err(Error::shape("stage", "expected features next in the host inputs")),
         }
     }
 
@@ -250,8 +350,8 @@ impl Staged {
                 out.push(GraphInput::Values(features.view()));
                 out.push(GraphInput::Values(boxes.view()));
             }
-            StagedInput::Text(TextInput::Features(f)) => out.push(GraphInput::Values(f.view())),
-            StagedInput::Text(TextInput::Tokens(t)) => out.push(GraphInput::Ids(t)),
+            StagedInput::Text(StagedText::Features(f)) => out.push(GraphInput::Values(f.view())),
+            StagedInput::Text(StagedText::Tokens(t)) => out.push(GraphInput::Ids(t)),
         }
         if let Some(l) = &self.labels {
             out.push(GraphInput::Values(l.view()));

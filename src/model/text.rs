@@ -87,9 +87,8 @@ impl TextEncoder {
         g: &mut Tensor,
         seg: &Segments,
         c: TextCache,
-        de: &Tensor,
+        mut de: Tensor,
     ) -> Result<()> {
-        let mut de = de.clone();
         c.drop.backward(dev, &mut de)?;
         let dsegments = self.embed.backward(dev, w, g, c.embed, &de)?;
         // Pre-extracted features are inputs: their gradient stops here.

@@ -85,6 +85,35 @@ pub fn rand_ids(seed: u64, n: usize, bound: usize) -> Vec<u32> {
     (0..n).map(|_| g.below(bound) as u32).collect()
 }
 
+/// `n` random finite 16-bit floats of `half` (zeros, subnormals, both signs and the largest
+/// exponents among them): their bits, packed two to a word as a step uploads them (the words'
+/// f32 bits), and their values as the `half` crate widens them (the reference).
+#[allow(dead_code)]
+pub fn halves(seed: u64, n: usize, half: semshare::backend::Half) -> (Vec<f32>, Vec<f32>) {
+    use semshare::backend::Half;
+    let mut g = Gen::new(seed);
+    let exponent = match half {
+        Half::F16 => 0x7C00u16,
+        Half::Bf16 => 0x7F80,
+    };
+    let bits: Vec<u16> = (0..n)
+        .map(|_| {
+            let b = g.next_u64() as u16;
+            // All exponent bits set is inf or NaN, which a shard never holds: one bit fewer.
+            if b & exponent == exponent { b & !0x4000 } else { b }
+        })
+        .collect();
+    let words = bits.chunks(2).map(|p| f32::from_bits(p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16)).collect();
+    let values = bits
+        .iter()
+        .map(|&b| match half {
+            Half::F16 => half::f16::from_bits(b).to_f32(),
+            Half::Bf16 => half::bf16::from_bits(b).to_f32(),
+        })
+        .collect();
+    (words, values)
+}
+
 /// `k` distinct coordinates of `0..n` (all of them if `n <= k`), in random order.
 pub fn sample_coords(seed: u64, n: usize, k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();

@@ -10,6 +10,7 @@ pub mod elementwise;
 pub mod frozen;
 pub mod gemm;
 pub mod gru;
+pub mod inputs;
 pub mod layernorm;
 pub mod losses;
 pub mod microkernel;
@@ -21,10 +22,10 @@ pub mod simd;
 pub mod topk;
 
 use super::{
-    AdamW, AdamWConstants, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Precision, Segments,
-    check_adamw_masked, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd, check_gru_fwd,
-    check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_step_guard, check_top_k,
-    expect_cols, expect_len, rows_of, same_shape,
+    AdamW, AdamWConstants, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Half, Precision,
+    Segments, check_adamw_masked, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd,
+    check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_step_guard,
+    check_top_k, check_widen, expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
@@ -348,6 +349,23 @@ impl Backend for Cpu {
         expect_cols("segment_mean_fwd", x)?;
         let y = elementwise::segment_mean_fwd(x.cpu(), x.cols(), &seg.offsets);
         Ok(Tensor::from_cpu(y, &[seg.items(), x.cols()]))
+    }
+
+    fn widen_features(
+        &mut self,
+        words: View,
+        half: Half,
+        rows: usize,
+        dim: usize,
+        norm: Option<(&[f32], &[f32])>,
+    ) -> Result<Tensor> {
+        let _timer = profile::time("widen_features");
+        let n = check_widen(words.len(), rows, dim, norm)?;
+        let mut out = host_pool::take(n);
+        out.clear();
+        out.resize(n, 0.0);
+        inputs::widen_features(words.cpu(), half, dim, norm, &mut out);
+        Ok(Tensor::from_cpu(out, &[rows, dim]))
     }
 
     fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {

@@ -219,6 +219,10 @@ pub struct Cuda {
     pub(crate) counts: Counters,
     /// The position-encoding table on the device: (dim, rows, `[rows, dim]`), grown on demand.
     positions: Option<(usize, usize, Tensor)>,
+    /// Input normalisations on the device (`Backend::widen_features`): each `[mean; inv_std]`
+    /// as the host gave it and its `[2, dim]` copy, uploaded on first use (a few: one per
+    /// modality and model).
+    input_norms: Vec<(Vec<f32>, Tensor)>,
     /// Two u32 words for the grid-wide barrier of cooperative kernels (zeroed once; every
     /// barrier leaves its count at zero again).
     grid_barrier: Option<Tensor>,
@@ -323,6 +327,7 @@ impl Cuda {
             device_name,
             counts: Counters::default(),
             positions: None,
+            input_norms: Vec::new(),
             grid_barrier: None,
             strip_counters: None,
             dropout_salt: None,
@@ -585,6 +590,26 @@ impl Cuda {
         ];
         self.launch("segment_rows_fwd_f32", (blocks(dim, 128), grid_y(items), 1), (128, 1, 1), 0, &args)?;
         Ok(out)
+    }
+
+    /// The device copy of an input normalisation, uploaded the first time it is seen.
+    pub(crate) fn input_norm(&mut self, mean: &[f32], inv_std: &[f32]) -> Result<u64> {
+        let same =
+            |key: &[f32]| key.len() == 2 * mean.len() && key[..mean.len()] == *mean && key[mean.len()..] == *inv_std;
+        let at = match self.input_norms.iter().position(|(key, _)| same(key)) {
+            Some(at) => at,
+            None => {
+                self.check_not_capturing("an input normalisation")?;
+                if self.input_norms.len() == 4 {
+                    self.input_norms.remove(0);
+                }
+                let key = [mean, inv_std].concat();
+                let t = crate::backend::Backend::upload(self, &key, &[2, mean.len()])?;
+                self.input_norms.push((key, t));
+                self.input_norms.len() - 1
+            }
+        };
+        tensor_ptr(&self.input_norms[at].1)
     }
 
     /// A pooled tensor whose contents are unspecified.

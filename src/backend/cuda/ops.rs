@@ -7,9 +7,9 @@ use super::{
 };
 use crate::backend::{
     AdamW, AdamWConstants, AdamWScalars, Backend, Counters, DecayMask, Gemm, Graph, GraphInput, GruRunBwd, GruRunFwd,
-    GruStep, GuardParams, IGNORE_TARGET, Precision, Segments, check_attention, check_attention_bwd, check_dropout,
-    check_gemm, check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd,
-    check_layernorm_fwd, check_top_k, expect_cols, expect_len, rows_of, same_shape,
+    GruStep, GuardParams, Half, IGNORE_TARGET, Precision, Segments, check_attention, check_attention_bwd,
+    check_dropout, check_gemm, check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd,
+    check_layernorm_bwd, check_layernorm_fwd, check_top_k, check_widen, expect_cols, expect_len, rows_of, same_shape,
 };
 use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -516,6 +516,35 @@ impl Backend for Cuda {
 
     fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
         self.segment_positions(seg, dim)
+    }
+
+    fn widen_features(
+        &mut self,
+        words: View,
+        half: Half,
+        rows: usize,
+        dim: usize,
+        norm: Option<(&[f32], &[f32])>,
+    ) -> Result<Tensor> {
+        let n = check_widen(words.len(), rows, dim, norm)?;
+        let norm = match norm {
+            Some((mean, inv_std)) => Arg::Ptr(self.input_norm(mean, inv_std)?),
+            None => Arg::Ptr(0),
+        };
+        let out = self.alloc_tensor(&[rows, dim])?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let args = [
+            Arg::view(words)?,
+            Arg::I32((half == Half::Bf16) as i32),
+            Arg::int("widen_features", n)?,
+            Arg::int("widen_features", dim)?,
+            norm,
+            Arg::tensor(&out)?,
+        ];
+        self.launch("widen_features_f32", (blocks(n.div_ceil(2), 256), 1, 1), (256, 1, 1), 0, &args)?;
+        Ok(out)
     }
 
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {

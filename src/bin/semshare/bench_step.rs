@@ -10,7 +10,7 @@
 //! enough steps to see each masked-row bucket twice); without it every step runs eagerly.
 
 use crate::common::device;
-use semshare::backend::Counters;
+use semshare::backend::{Counters, Half};
 use semshare::cli::Args;
 use semshare::model::{ImageBatch, ModelConfig, TextBatch};
 use semshare::rng::Rng;
@@ -32,6 +32,12 @@ pub fn run(args: &Args) -> Result<()> {
     if tokens == 0 || tokens > model.max_tokens.max(32) {
         return Err(Error::config(format!("bench-step: --tokens {tokens} is not in 1..={}", model.max_tokens.max(32))));
     }
+    let half = match args.get("feature-dtype").unwrap_or("f32") {
+        "f32" => None,
+        "f16" => Some(Half::F16),
+        "bf16" => Some(Half::Bf16),
+        other => return Err(Error::config(format!("bench-step: --feature-dtype {other}: expected f32, f16 or bf16"))),
+    };
     let mut dev = device(args)?;
     if args.has("counts") && dev.counters().is_none() {
         return Err(Error::config(format!(
@@ -53,7 +59,11 @@ pub fn run(args: &Args) -> Result<()> {
     let regions = model.max_regions;
     let batch_of = |step: u64| {
         let mut rng = Rng::derive(0xBE7C, step);
-        let images = ImageBatch::random(&mut rng, &vec![regions; batch], model.region_dim, model.object_classes, 24);
+        let mut images =
+            ImageBatch::random(&mut rng, &vec![regions; batch], model.region_dim, model.object_classes, 24);
+        if let Some(h) = half {
+            images.features = images.features.to_half(h);
+        }
         let texts = TextBatch::random(&mut rng, &vec![tokens; batch], model.vocab, 24);
         (images, texts)
     };
@@ -76,8 +86,9 @@ pub fn run(args: &Args) -> Result<()> {
         return Err(Error::Device { what: format!("bench-step: {} stats for {steps} steps", stats.len()) });
     }
     let mut line = format!(
-        "{{\"model\": \"{preset}\", \"device\": \"{}\", \"batch\": {batch}, \"regions\": {regions}, \"tokens\": {tokens}, \"steps\": {steps}, \"ms_per_step\": {:.3}",
+        "{{\"model\": \"{preset}\", \"device\": \"{}\", \"batch\": {batch}, \"regions\": {regions}, \"tokens\": {tokens}, \"features\": \"{}\", \"steps\": {steps}, \"ms_per_step\": {:.3}",
         dev.name(),
+        half.map_or("f32", Half::name),
         seconds * 1e3 / steps as f64
     );
     if args.has("counts") {

@@ -233,14 +233,16 @@ const COMMANDS: &[Command] = &[
         name: "bench-step",
         usage: "  bench-step  time training steps on synthetic batches of the benchmark's shape; one JSON line
              [--model small|paper] [--device D] [--precision P] [--batch N (small 32, paper 128)] [--tokens T]
-             [--warmup N (default 2)] [--steps N (default 3)] [--counts] [--graph]
+             [--warmup N (default 2)] [--steps N (default 3)] [--feature-dtype f32|f16|bf16] [--counts] [--graph]
+             --feature-dtype: the region features as a shard of that dtype gives them (f16 and
+             bf16 are uploaded as they are and widened on the device; default f32)
              --counts adds what one step launches, waits for (syncs), allocates and uploads, as
              the CUDA backend counts them (the same on the emulated device as on a GPU)
              --graph takes the steps as the trainer does on CUDA: captured once per shape and
              replayed (CUDA graphs); without it every step runs eagerly
 ",
         takes: Takes::Flags {
-            values: &["model", "device", "precision", "batch", "tokens", "warmup", "steps"],
+            values: &["model", "device", "precision", "batch", "tokens", "warmup", "steps", "feature-dtype"],
             switches: &["counts", "graph"],
             run: bench_step::run,
         },
