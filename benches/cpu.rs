@@ -7,12 +7,13 @@
 //! like the synthetic data (regions 12..=36, tokens 6..=24), where packing skips the padding.
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use std::hint::black_box;
 
 use semshare::backend::cpu::Cpu;
 use semshare::backend::cpu::{dispatch, gemm as cpu_gemm};
-use semshare::backend::{Backend, Gemm, Precision, Segments};
-use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
+use semshare::backend::{Backend, Gemm, Half, Precision, Segments};
+use semshare::model::{Batch, EmbeddingKind, FeatureNorm, ImageBatch, ModelConfig, SemShare, TextBatch};
 use semshare::rng::Rng;
 use semshare::train::{TrainConfig, Trainer};
 
@@ -104,6 +105,24 @@ fn ops(c: &mut Criterion) {
     let (ctx, probs) = dev.attention_fwd(&qkv, &seg, 4).unwrap();
     g.bench_function("attention_bwd_32x4x36x64", |b| {
         b.iter(|| black_box(dev.attention_bwd(&qkv, &probs, &seg, 4, &ctx).unwrap()))
+    });
+    // A `paper` batch's region features from an fp16 shard (128 × 36 × 1024), widened and
+    // standardised: the op (F16C, rayon) against what the host did before session 10 (`half`'s
+    // slice conversion in the loader, then `FeatureNorm::apply`), same bits.
+    let (rows, dim) = (128 * 36, 1024);
+    let halves: Vec<u16> = rand(rows * dim).iter().map(|&x| Half::F16.narrow(x)).collect();
+    let words = dev.upload(bytemuck::cast_slice(&halves), &[rows * dim / 2]).unwrap();
+    let norm = FeatureNorm { mean: rand(dim), inv_std: rand(dim).iter().map(|x| 1.0 + x.abs()).collect() };
+    let n = Some((&norm.mean[..], &norm.inv_std[..]));
+    g.bench_function("widen_features_f16_norm_4608x1024", |b| {
+        b.iter(|| black_box(dev.widen_features(words.view(), Half::F16, rows, dim, n).unwrap()))
+    });
+    g.bench_function("host_widen_then_apply_4608x1024", |b| {
+        b.iter(|| {
+            let mut wide = vec![0.0f32; rows * dim];
+            halves.reinterpret_cast::<half::f16>().convert_to_f32_slice(&mut wide);
+            black_box(norm.apply(&wide))
+        })
     });
     g.finish();
 }

@@ -21,15 +21,11 @@ template <typename T> __device__ void add_bias(T* y, const T* bias, size_t n, in
 // Stage 1 of dbias = Σ_r dy[r, :]: block (32 columns x 8 row lanes) sums COLSUM_ROWS rows;
 // the 8 lanes are combined in shared memory in a fixed order, so the result does not depend
 // on scheduling. Stage 2 (common.cuh colsum_finish_strip) runs in the strip's last block.
-template <typename T>
-__device__ void bias_bwd_partial(const T* dy, int rows, int cols, float* partial, float* dbias, unsigned* counters) {
+// The end of stage 1 for a block whose lanes hold their column sums `s`: the 8 row lanes
+// combined in order, the block's partial written, the strip finished by its last block.
+__device__ __forceinline__ void colsum_block(float s, int cols, float* partial, float* dbias, unsigned* counters) {
   __shared__ float acc[8][33];
   const int c = blockIdx.x * 32 + threadIdx.x;
-  const int r0 = blockIdx.y * COLSUM_ROWS;
-  const int r1 = min(rows, r0 + COLSUM_ROWS);
-  float s = 0.0f;
-  if (c < cols)
-    for (int r = r0 + threadIdx.y; r < r1; r += 8) s += to_f32(dy[(size_t)r * cols + c]);
   acc[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && c < cols) {
@@ -38,6 +34,17 @@ __device__ void bias_bwd_partial(const T* dy, int rows, int cols, float* partial
     partial[(size_t)blockIdx.y * cols + c] = t;
   }
   common::colsum_finish_strip(partial, cols, dbias, nullptr, counters);
+}
+
+template <typename T>
+__device__ void bias_bwd_partial(const T* dy, int rows, int cols, float* partial, float* dbias, unsigned* counters) {
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const int r0 = blockIdx.y * COLSUM_ROWS;
+  const int r1 = min(rows, r0 + COLSUM_ROWS);
+  float s = 0.0f;
+  if (c < cols)
+    for (int r = r0 + threadIdx.y; r < r1; r += 8) s += to_f32(dy[(size_t)r * cols + c]);
+  colsum_block(s, cols, partial, dbias, counters);
 }
 
 template <typename T> __device__ void add_assign(T* y, const T* x, size_t n) {
@@ -111,6 +118,28 @@ template <typename T> __device__ void gelu_dropout_bwd(const T* u, T* dh, float 
   }
 }
 
+// gelu_dropout_bwd with the first linear's bias gradient taken from the values it writes:
+// dbias += Σ_r dh[r, :], laid out and summed as bias_bwd_partial sums (32-column strips, 8 row
+// lanes, COLSUM_ROWS rows a block), so dh and dbias are bit for bit the two kernels' in turn,
+// in one launch and without reading dh a second time (4 of a layer's activation passes).
+template <typename T>
+__device__ void gelu_dropout_bias_bwd(const T* u, T* dh, float p, float scale, uint64_t seed, int rows, int cols,
+                                      float* partial, float* dbias, unsigned* counters) {
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const int r0 = blockIdx.y * COLSUM_ROWS;
+  const int r1 = min(rows, r0 + COLSUM_ROWS);
+  float s = 0.0f;
+  if (c < cols)
+    for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+      const size_t i = (size_t)r * cols + c;
+      const float d = to_f32(from_f32<T>(common::dropout_value(to_f32(dh[i]), p, scale, seed, i)));
+      const T v = from_f32<T>(d * gelu_grad(to_f32(u[i])));
+      dh[i] = v;
+      s += to_f32(v);
+    }
+  colsum_block(s, cols, partial, dbias, counters);
+}
+
 template <typename T> __device__ void dropout(T* x, float p, float scale, uint64_t seed, size_t n) {
   GRID_STRIDE(i, n) x[i] = from_f32<T>(common::dropout_value(to_f32(x[i]), p, scale, seed, i));
 }
@@ -159,6 +188,11 @@ template <typename T> __device__ void sigmoid_fwd(const T* x, T* y, size_t n) {
   extern "C" __global__ void gelu_dropout_bwd_##SUF(const T* u, T* dh, float p, float scale, uint64_t seed,    \
                                                     const uint64_t* salt, size_t n) {                        \
     elementwise::gelu_dropout_bwd<T>(u, dh, p, scale, seed ^ *salt, n);                                              \
+  }                                                                                                          \
+  extern "C" __global__ void gelu_dropout_bias_bwd_##SUF(const T* u, T* dh, float p, float scale, uint64_t seed, \
+                                                         const uint64_t* salt, int rows, int cols, float* partial, \
+                                                         float* dbias, unsigned* counters) {                    \
+    elementwise::gelu_dropout_bias_bwd<T>(u, dh, p, scale, seed ^ *salt, rows, cols, partial, dbias, counters);  \
   }                                                                                                          \
   extern "C" __global__ void dropout_fwd_##SUF(T* x, float p, float scale, uint64_t seed,                   \
                                                const uint64_t* salt, size_t n) {                             \

@@ -539,7 +539,8 @@ fn empty_inputs() {
     }
 }
 
-/// The feed-forward's fused activation (`bias_gelu_dropout_fwd`, `gelu_dropout_bwd`): against
+/// The feed-forward's fused activation (`bias_gelu_dropout_fwd`, `gelu_dropout_bwd`,
+/// `gelu_dropout_bias_bwd`): against
 /// the CPU twin, and bit for bit against the same device's unfused ops (`add_bias`,
 /// `gelu_fwd`, `dropout_fwd`; `dropout_bwd`, `gelu_bwd`), with and without bias and dropout.
 #[test]
@@ -559,7 +560,9 @@ fn bias_gelu_dropout_matches_the_cpu_and_the_unfused_ops() {
                 let w64: Vec<f64> = cpu_fused.iter().map(|&v| v as f64).collect();
                 let e = rel_err(fused, &w64);
                 common::report(&format!("bias_gelu_dropout {name}"), e);
-                assert!(e <= EXACT, "{name}: relative error {e:.3e} against the CPU, {what}");
+                // The bias gradient is a column sum, in another order than the CPU's.
+                let tol = if *name == "dbias" { REDUCE } else { EXACT };
+                assert!(e <= tol, "{name}: relative error {e:.3e} against the CPU, {what}");
             }
         }
     }

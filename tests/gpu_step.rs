@@ -216,9 +216,10 @@ const WARMUP: u64 = 8;
 /// Bi-GRU (one launch per pass) and one-launch column sums (bias and LayerNorm gradients),
 /// 231 with the feed-forward's bias + GELU + dropout in one kernel each way, 220 with sums of
 /// linear maps added in their GEMMs, 198 with the linear layers' biases in a cuBLASLt
-/// epilogue, 196 with no copy of the encoders' input gradient. A regression guard; lower it when a fusion lands (docs/results/gpu.md has the
+/// epilogue, 196 with no copy of the encoders' input gradient, 192 with fc1's bias gradient
+/// summed by the GELU backward. A regression guard; lower it when a fusion lands (docs/results/gpu.md has the
 /// `small` preset's counts).
-const LAUNCH_BUDGET: u64 = 196;
+const LAUNCH_BUDGET: u64 = 192;
 
 #[test]
 fn a_deferred_step_neither_waits_nor_allocates_and_uploads_only_its_batch() {

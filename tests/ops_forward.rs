@@ -103,7 +103,9 @@ fn widen_features_is_the_host_widening_and_normalisation_bit_for_bit() {
     use semshare::model::FeatureNorm;
     let mut dev = dev();
     for half in [Half::F16, Half::Bf16] {
-        for (seed, &(rows, dim)) in [(1, 1), (1, 7), (3, 5), (7, 33), (64, 256), (5, 2048)].iter().enumerate() {
+        // The last two are split over threads (whole rows per task).
+        let shapes = [(1, 1), (1, 7), (3, 5), (7, 33), (64, 256), (5, 2048), (301, 999), (70_001, 1)];
+        for (seed, &(rows, dim)) in shapes.iter().enumerate() {
             let seed = seed as u64;
             let (words, values) = common::halves(seed, rows * dim, half);
             let norm = FeatureNorm { mean: randv(seed ^ 5, dim), inv_std: rand_range(seed ^ 6, dim, 0.1, 30.0) };

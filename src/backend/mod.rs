@@ -346,6 +346,14 @@ pub trait Backend {
         self.dropout_bwd(&mut dh, p, seed)?;
         self.gelu_bwd(u, &dh)
     }
+    /// [`Backend::gelu_dropout_bwd`], then `dbias += Σ_rows` of what it wrote (the first
+    /// linear's bias gradient, [`Backend::bias_bwd`]): bit for bit the two ops in turn. CUDA
+    /// sums the columns as it writes them: one launch, and the gradient is not read again.
+    fn gelu_dropout_bias_bwd(&mut self, u: &Tensor, dh: Tensor, p: f32, seed: u64, dbias: ViewMut) -> Result<Tensor> {
+        let dh = self.gelu_dropout_bwd(u, dh, p, seed)?;
+        self.bias_bwd(&dh, dbias)?;
+        Ok(dh)
+    }
     /// Copies host values into device memory that exists (an upload without an allocation).
     fn write(&mut self, dst: ViewMut, data: &[f32]) -> Result<()>;
     /// The salt every later dropout XORs into its seed (0 at first): a training step sets its

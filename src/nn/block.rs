@@ -61,10 +61,11 @@ impl EncoderBlock {
             }
             None => (x, None),
         };
-        // The feed-forward: GELU(x1 W1ᵀ + b1), dropout, one pass after the GEMM.
-        let mut pre_gelu = self.fc1.forward_unbiased(dev, w, &x1)?;
+        // The feed-forward: u = x1 W1ᵀ + b1 (the bias added where the GEMM stores u), then
+        // GELU and dropout in one pass that reads u and writes the hidden activation.
+        let mut pre_gelu = self.fc1.forward(dev, w, &x1)?;
         let d1 = drop.site(1);
-        let hidden = dev.bias_gelu_dropout_fwd(&mut pre_gelu, self.fc1.bias_of(w), d1.p, d1.seed)?;
+        let hidden = dev.bias_gelu_dropout_fwd(&mut pre_gelu, None, d1.p, d1.seed)?;
         let f = self.fc2.forward(dev, w, &hidden)?;
         let (y, norm2) = self.norm2.forward_residual(dev, w, f, &x1, drop.site(2))?;
         Ok((y, BlockCache { attention, x1, pre_gelu, hidden, norm2, drop }))
@@ -82,8 +83,12 @@ impl EncoderBlock {
         let (mut dx1, df) = self.norm2.backward_residual(dev, w, g, c.norm2, dy, c.drop.site(2))?;
         let dhidden = self.fc2.backward(dev, w, g, &c.hidden, &df)?;
         let d1 = c.drop.site(1);
-        let dpre = dev.gelu_dropout_bwd(&c.pre_gelu, dhidden, d1.p, d1.seed)?;
-        self.fc1.backward_into(dev, w, g, &c.x1, &dpre, &mut dx1)?;
+        // fc1's bias gradient is summed by the activation's backward as it writes dpre.
+        let dpre = match self.fc1.bias {
+            Some(b) => dev.gelu_dropout_bias_bwd(&c.pre_gelu, dhidden, d1.p, d1.seed, b.of_mut(g))?,
+            None => dev.gelu_dropout_bwd(&c.pre_gelu, dhidden, d1.p, d1.seed)?,
+        };
+        Linear { bias: None, ..self.fc1.clone() }.backward_into(dev, w, g, &c.x1, &dpre, &mut dx1)?;
         let (Some((attn, norm1)), Some((x, attn_cache, norm1_cache))) = (&self.attention, c.attention) else {
             return Ok(dx1);
         };

@@ -60,16 +60,6 @@ impl Linear {
         }
     }
 
-    /// x Wᵀ without the bias, for an op that adds it in its own pass
-    /// (`Backend::bias_gelu_dropout_fwd`); the bias is `bias_of(w)`.
-    pub fn forward_unbiased(&self, dev: &mut dyn Backend, w: &Tensor, x: &Tensor) -> Result<Tensor> {
-        Linear { bias: None, ..self.clone() }.forward(dev, w, x)
-    }
-
-    pub fn bias_of<'a>(&self, w: &'a Tensor) -> Option<View<'a>> {
-        self.bias.map(|b| b.of(w))
-    }
-
     /// Parameter gradients only (the input needs none, e.g. the first layer on data). `x` is
     /// a view (the GRU's states are rows of a larger buffer) with `dy`'s rows.
     pub fn backward_params(&self, dev: &mut dyn Backend, g: &mut Tensor, x: View, dy: &Tensor) -> Result<()> {

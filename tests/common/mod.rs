@@ -167,7 +167,8 @@ pub fn upload(dev: &mut dyn Backend, data: &[f32], shape: &[usize]) -> Tensor {
 /// The feed-forward's activation on `dev` both ways, fused (`bias_gelu_dropout_fwd`,
 /// `gelu_dropout_bwd`) and as its ops (`add_bias`, `gelu_fwd`, `dropout_fwd`; `dropout_bwd`,
 /// `gelu_bwd`), from the same random inputs: (name, fused, ops) for the pre-activation u, the
-/// output h and the gradient du.
+/// output h and the gradient du; and `gelu_dropout_bias_bwd` against those ops and `bias_bwd`:
+/// its du, and the bias gradient it adds to a random start.
 pub fn ffn_activation_both_ways(
     dev: &mut dyn Backend,
     (rows, d): (usize, usize),
@@ -196,8 +197,20 @@ pub fn ffn_activation_both_ways(
     dev.dropout_bwd(&mut dh2, p, 7).unwrap();
     let du2 = dev.gelu_bwd(&u2, &dh2).unwrap();
 
+    let db0 = randv(seed ^ 3, d);
+    let mut db = upload(dev, &db0, &[d]);
+    let du_b = dev.gelu_dropout_bias_bwd(&u, dht.clone(), p, 7, db.view_mut()).unwrap();
+    let mut db2 = upload(dev, &db0, &[d]);
+    dev.bias_bwd(&du2, db2.view_mut()).unwrap();
+
     let mut down = |t: &Tensor| dev.download(t.view()).unwrap();
-    vec![("u", down(&u), down(&u2)), ("h", down(&h), down(&h2)), ("du", down(&du), down(&du2))]
+    vec![
+        ("u", down(&u), down(&u2)),
+        ("h", down(&h), down(&h2)),
+        ("du", down(&du), down(&du2)),
+        ("du (with the bias gradient)", down(&du_b), down(&du2)),
+        ("dbias", down(&db), down(&db2)),
+    ]
 }
 
 pub fn cpu() -> semshare::backend::cpu::Cpu {

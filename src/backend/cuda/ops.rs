@@ -367,6 +367,17 @@ impl Backend for Cuda {
         Ok(dh)
     }
 
+    fn gelu_dropout_bias_bwd(&mut self, u: &Tensor, dh: Tensor, p: f32, seed: u64, dbias: ViewMut) -> Result<Tensor> {
+        same_shape("gelu_dropout_bias_bwd", u, &dh)?;
+        expect_cols("gelu_dropout_bias_bwd", &dh)?;
+        expect_len("gelu_dropout_bias_bwd", "dbias", dbias.len(), dh.cols())?;
+        let scale = dropout_scale(p)?;
+        let pre = [Arg::tensor(u)?, Arg::tensor(&dh)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), self.salt()?];
+        let out = ptr_of_mut(&dbias)?;
+        self.column_sum("gelu_dropout_bias_bwd_f32", dh.rows(), dh.cols(), &pre, &[out])?;
+        Ok(dh)
+    }
+
     fn begin_capture(&mut self, inputs: &[GraphInput]) -> Result<()> {
         super::graph::begin(self, inputs)
     }
