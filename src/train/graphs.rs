@@ -55,12 +55,12 @@ impl StepGraphs {
     }
 
     /// What fixes a step's device work: per pass, its modality and kind, its segment
-    /// offsets (the items' lengths) and the length of every input part.
+    /// offsets (the items' lengths) and the kind and length of every input part.
     pub fn key(passes: &[Pass], hosts: &[HostInputs]) -> Vec<u64> {
         let mut key = Vec::new();
         for (p, h) in passes.iter().zip(hosts) {
             key.extend([p.text as u64, p.context_only as u64, h.parts.len() as u64]);
-            key.extend(h.parts.iter().map(|part| part.len() as u64));
+            key.extend(h.parts.iter().flat_map(|part| [part.kind(), part.len() as u64]));
             key.extend(h.offsets().iter().map(|&o| o as u64));
         }
         key
