@@ -7,12 +7,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
-use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Half;
+use crate::backend::cpu::inputs::widen_halves;
 use crate::model::Features;
 use crate::{Error, Result};
 
@@ -183,39 +182,40 @@ impl FeatureDtype {
         let start = out.len();
         out.resize(start + n, 0.0);
         let dst = &mut out[start..];
-        match self {
-            FeatureDtype::F32 => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(&bytes[..4 * n]),
-            FeatureDtype::F16 => match bytemuck::try_cast_slice::<u8, u16>(&bytes[..2 * n]) {
-                Ok(src) => src.reinterpret_cast::<f16>().convert_to_f32_slice(dst),
-                Err(_) => {
+        match self.half() {
+            None => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(&bytes[..4 * n]),
+            Some(half) => match bytemuck::try_cast_slice::<u8, u16>(&bytes[..2 * n]) {
+                Ok(src) if cfg!(target_endian = "little") => widen_halves(half, src, dst),
+                _ => {
                     for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
-                        *d = f16::from_le_bytes([c[0], c[1]]).to_f32();
-                    }
-                }
-            },
-            FeatureDtype::BF16 => match bytemuck::try_cast_slice::<u8, u16>(&bytes[..2 * n]) {
-                Ok(src) => src.reinterpret_cast::<bf16>().convert_to_f32_slice(dst),
-                Err(_) => {
-                    for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
-                        *d = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                        *d = half.widen(u16::from_le_bytes([c[0], c[1]]));
                     }
                 }
             },
         }
     }
 
+    /// The 16-bit format, for F16 and BF16.
+    pub fn half(self) -> Option<Half> {
+        match self {
+            FeatureDtype::F32 => None,
+            FeatureDtype::F16 => Some(Half::F16),
+            FeatureDtype::BF16 => Some(Half::Bf16),
+        }
+    }
+
     /// `bytes` as the model's batch holds them: f32, or the 16-bit values as they are (the
     /// device widens them where they are read: half the upload).
     pub fn features(self, bytes: &[u8]) -> Features {
-        let halves = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-        match self {
-            FeatureDtype::F32 => {
+        match self.half() {
+            Some(half) => {
+                Features::Half(half, bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+            }
+            None => {
                 let mut v = Vec::new();
                 self.widen_into(bytes, &mut v);
                 Features::F32(v)
             }
-            FeatureDtype::F16 => Features::Half(Half::F16, halves()),
-            FeatureDtype::BF16 => Features::Half(Half::Bf16, halves()),
         }
     }
 
@@ -394,6 +394,7 @@ pub(crate) fn diagnose(bytes: &[u8], err: &safetensors::SafeTensorError) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::{bf16, f16};
 
     fn f16s(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect()

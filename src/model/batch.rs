@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 
 use crate::backend::Half;
+use crate::backend::cpu::inputs::widen_halves;
 use crate::rng::Rng;
 
 /// Feature values as the loader read them: f32, or 16-bit floats in their storage bits (an
@@ -31,7 +32,11 @@ impl Features {
     pub fn to_f32(&self) -> Cow<'_, [f32]> {
         match self {
             Features::F32(v) => Cow::Borrowed(v),
-            Features::Half(h, v) => Cow::Owned(v.iter().map(|&b| h.widen(b)).collect()),
+            Features::Half(h, v) => {
+                let mut wide = vec![0.0; v.len()];
+                widen_halves(*h, v, &mut wide);
+                Cow::Owned(wide)
+            }
         }
     }
 

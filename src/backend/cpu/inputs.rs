@@ -21,7 +21,7 @@ pub fn widen_features(words: &[f32], half: Half, dim: usize, norm: Option<(&[f32
     let rows_per_task = (TASK_VALUES / dim).max(1);
     let task = |(t, out): (usize, &mut [f32])| {
         let at = t * rows_per_task * dim;
-        widen(half, &halves[at..at + out.len()], out);
+        widen_halves(half, &halves[at..at + out.len()], out);
         if let Some((mean, inv_std)) = norm {
             for row in out.chunks_exact_mut(dim) {
                 vectorised!(row.iter_mut().zip(mean).zip(inv_std).for_each(|((x, &m), &s)| *x = (*x - m) * s));
@@ -44,8 +44,9 @@ fn halves_of(words: &[f32]) -> std::borrow::Cow<'_, [u16]> {
     }
 }
 
-/// `dst[i]` = `src[i]` widened.
-fn widen(half: Half, src: &[u16], dst: &mut [f32]) {
+/// `dst[i]` = `src[i]` widened: the host's one widening of 16-bit features (the op above, a
+/// batch's `Features::to_f32`, a shard's `FeatureDtype::widen_into`).
+pub fn widen_halves(half: Half, src: &[u16], dst: &mut [f32]) {
     match half {
         Half::F16 => {
             #[cfg(target_arch = "x86_64")]
@@ -53,7 +54,7 @@ fn widen(half: Half, src: &[u16], dst: &mut [f32]) {
                 // SAFETY: F16C (and the AVX it implies) is checked just above.
                 return unsafe { widen_f16c(src, dst) };
             }
-            dst.iter_mut().zip(src).for_each(|(d, &b)| *d = half::f16::from_bits(b).to_f32());
+            dst.iter_mut().zip(src).for_each(|(d, &b)| *d = half.widen(b));
         }
         Half::Bf16 => vectorised!(dst.iter_mut().zip(src).for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16))),
     }
@@ -77,6 +78,6 @@ unsafe fn widen_f16c(src: &[u16], dst: &mut [f32]) {
         }
     }
     for i in whole..n {
-        dst[i] = half::f16::from_bits(src[i]).to_f32();
+        dst[i] = Half::F16.widen(src[i]);
     }
 }

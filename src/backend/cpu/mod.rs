@@ -361,9 +361,7 @@ impl Backend for Cpu {
     ) -> Result<Tensor> {
         let _timer = profile::time("widen_features");
         let n = check_widen(words.len(), rows, dim, norm)?;
-        let mut out = host_pool::take(n);
-        out.clear();
-        out.resize(n, 0.0);
+        let mut out = host_pool::dirty(n);
         inputs::widen_features(words.cpu(), half, dim, norm, &mut out);
         Ok(Tensor::from_cpu(out, &[rows, dim]))
     }
