@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::streams::{self, Access};
 use crate::{fail, CUresult, SUCCESS};
 
 pub const CAPTURE_UNSUPPORTED: CUresult = 900;
@@ -56,6 +57,32 @@ pub enum Node {
 }
 
 impl Node {
+    /// The memory it may read or write, for the check against other streams (`streams.rs`).
+    pub fn accesses(&self) -> Vec<Access> {
+        match self {
+            Node::Kernel { params, .. } => streams::kernel_accesses(params),
+            Node::Memset { dst, width, n, .. } => vec![Access::new(*dst, (width * n) as u64, true)],
+            Node::Copy { dst, src, bytes } => {
+                vec![Access::new(*dst, *bytes as u64, true), Access::new(*src, *bytes as u64, false)]
+            }
+            Node::Sgemm(g) => [(g.a, false), (g.b, false), (g.c, true), (g.bias, false)]
+                .into_iter()
+                .filter(|&(p, _)| p != 0)
+                .filter_map(|(p, writes)| streams::allocation_of(p, writes))
+                .collect(),
+        }
+    }
+
+    /// What it is, for messages.
+    pub fn what(&self) -> &'static str {
+        match self {
+            Node::Kernel { .. } => "a kernel",
+            Node::Memset { .. } => "a memset",
+            Node::Copy { .. } => "a device copy",
+            Node::Sgemm(_) => "a cuBLAS GEMM",
+        }
+    }
+
     pub fn run(&self) -> CUresult {
         match self {
             Node::Kernel { kernel, grid, block, shared, params, cooperative } => {
@@ -179,6 +206,9 @@ pub fn launch(graph: &Graph, stream: u64) -> CUresult {
         return fail(crate::NOT_SUPPORTED, "cuGraphLaunch into a capturing stream is not emulated".into());
     }
     for node in graph.nodes.iter() {
+        if let Some(e) = streams::before(stream, &node.accesses(), node.what()) {
+            return e;
+        }
         let r = node.run();
         if r != SUCCESS {
             return r;

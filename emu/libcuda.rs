@@ -8,8 +8,9 @@
 //!
 //! "Device" memory is host memory (pointers are host addresses), filled with NaN bytes when
 //! allocated; every copy, kernel access and GEMM operand is checked against the live
-//! allocations. Launches run synchronously (streams are trivially ordered); a capturing stream
-//! records them into a graph instead (`graph.rs`). A fault in a kernel
+//! allocations. Launches run when they are made; copies to the device wait on their stream
+//! until something orders them, and work that races a copy queued on another stream fails
+//! (`streams.rs`); a capturing stream records its work into a graph instead (`graph.rs`). A fault in a kernel
 //! (out of bounds, misaligned, a shared-memory race, a deadlock) makes the context sticky-failed
 //! as on the hardware: every later call returns the error until the primary context is
 //! released; `cuGetErrorString` gives the detailed message (kernel, block, thread, PTX).
@@ -21,6 +22,7 @@ mod gemm;
 mod graph;
 mod ptx;
 mod sgemm_abi;
+mod streams;
 
 use std::alloc::Layout;
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +45,7 @@ const LAUNCH_OUT_OF_RESOURCES: CUresult = 701;
 const MISALIGNED_ADDRESS: CUresult = 716;
 const LAUNCH_FAILED: CUresult = 719;
 const NOT_SUPPORTED: CUresult = 801;
+const NOT_READY: CUresult = 600;
 const COOPERATIVE_LAUNCH_TOO_LARGE: CUresult = 720;
 const UNKNOWN: CUresult = 999;
 
@@ -331,6 +334,14 @@ pub extern "C" fn cuCtxSynchronize() -> CUresult {
     if let Some(e) = graph::refuse(None, false, "cuCtxSynchronize") {
         return e;
     }
+    or_sticky(streams::drain_all())
+}
+
+/// `r` if it is a failure, else the context's sticky fault, if any.
+fn or_sticky(r: CUresult) -> CUresult {
+    if r != SUCCESS {
+        return r;
+    }
     sticky().unwrap_or(SUCCESS)
 }
 
@@ -352,6 +363,11 @@ pub unsafe extern "C" fn cuStreamCreateWithPriority(s: *mut *mut c_void, flags: 
 
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamDestroy_v2(s: *mut c_void) -> CUresult {
+    // Work queued on a destroyed stream still runs (CUDA's documented behaviour).
+    let r = streams::drain(s as u64, None);
+    if r != SUCCESS {
+        return r;
+    }
     if !s.is_null() {
         drop(Box::from_raw(s as *mut u64));
     }
@@ -363,7 +379,7 @@ pub extern "C" fn cuStreamSynchronize(s: *mut c_void) -> CUresult {
     if let Some(e) = graph::refuse(Some(s as u64), false, "cuStreamSynchronize") {
         return e;
     }
-    sticky().unwrap_or(SUCCESS)
+    or_sticky(streams::drain(s as u64, None))
 }
 
 #[no_mangle]
@@ -371,16 +387,34 @@ pub extern "C" fn cuStreamQuery(s: *mut c_void) -> CUresult {
     if let Some(e) = graph::refuse(Some(s as u64), false, "cuStreamQuery") {
         return e;
     }
+    // Not ready while a copy waits on it: the device gets to it only when something orders it.
+    if streams::waiting(s as u64, None) {
+        return sticky().unwrap_or(NOT_READY);
+    }
     sticky().unwrap_or(SUCCESS)
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamWaitEvent(_s: *mut c_void, _e: *mut c_void, _flags: c_uint) -> CUresult {
-    sticky().unwrap_or(SUCCESS)
+pub unsafe extern "C" fn cuStreamWaitEvent(_s: *mut c_void, e: *mut c_void, _flags: c_uint) -> CUresult {
+    if e.is_null() {
+        return INVALID_HANDLE;
+    }
+    // Later work on the waiting stream runs at once, so what the event follows runs now.
+    or_sticky(event_done(&*(e as *mut Event)))
 }
 
 struct Event {
     at: Option<Instant>,
+    /// The stream it was last recorded on and its place there (`streams::position`).
+    recorded: Option<(u64, u64)>,
+}
+
+/// Runs the copies an event follows.
+fn event_done(e: &Event) -> CUresult {
+    match e.recorded {
+        Some((stream, at)) => streams::drain(stream, Some(at)),
+        None => SUCCESS,
+    }
 }
 
 #[no_mangle]
@@ -388,7 +422,7 @@ pub unsafe extern "C" fn cuEventCreate(e: *mut *mut c_void, _flags: c_uint) -> C
     if e.is_null() {
         return INVALID_VALUE;
     }
-    *e = Box::into_raw(Box::new(Event { at: None })) as *mut c_void;
+    *e = Box::into_raw(Box::new(Event { at: None, recorded: None })) as *mut c_void;
     SUCCESS
 }
 
@@ -400,7 +434,9 @@ pub unsafe extern "C" fn cuEventRecord(e: *mut c_void, s: *mut c_void) -> CUresu
     if let Some(err) = graph::refuse(Some(s as u64), false, "cuEventRecord (event nodes are not emulated)") {
         return err;
     }
-    (*(e as *mut Event)).at = Some(Instant::now());
+    let event = &mut *(e as *mut Event);
+    event.at = Some(Instant::now());
+    event.recorded = Some((s as u64, streams::position()));
     sticky().unwrap_or(SUCCESS)
 }
 
@@ -410,12 +446,24 @@ pub unsafe extern "C" fn cuEventRecordWithFlags(e: *mut c_void, s: *mut c_void, 
 }
 
 #[no_mangle]
-pub extern "C" fn cuEventSynchronize(_e: *mut c_void) -> CUresult {
-    sticky().unwrap_or(SUCCESS)
+pub unsafe extern "C" fn cuEventSynchronize(e: *mut c_void) -> CUresult {
+    if e.is_null() {
+        return INVALID_HANDLE;
+    }
+    or_sticky(event_done(&*(e as *mut Event)))
 }
 
 #[no_mangle]
-pub extern "C" fn cuEventQuery(_e: *mut c_void) -> CUresult {
+pub unsafe extern "C" fn cuEventQuery(e: *mut c_void) -> CUresult {
+    if e.is_null() {
+        return INVALID_HANDLE;
+    }
+    // As cuStreamQuery: not ready while a copy the event follows still waits.
+    if let Some((stream, at)) = (*(e as *mut Event)).recorded {
+        if streams::waiting(stream, Some(at)) {
+            return sticky().unwrap_or(NOT_READY);
+        }
+    }
     sticky().unwrap_or(SUCCESS)
 }
 
@@ -487,6 +535,11 @@ pub unsafe extern "C" fn cuMemFree_v2(ptr: u64) -> CUresult {
     if let Some(e) = graph::refuse(None, true, "cuMemFree") {
         return e;
     }
+    // A free waits for the device, queued copies included.
+    let r = streams::drain_all();
+    if r != SUCCESS {
+        return r;
+    }
     let mut s = lock();
     match s.allocs.remove(&ptr) {
         Some((n, layout)) => {
@@ -539,6 +592,10 @@ pub unsafe extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
     if p.is_null() {
         return SUCCESS;
     }
+    let r = streams::drain_all();
+    if r != SUCCESS {
+        return r;
+    }
     let base = (p as *mut u8).sub(64);
     let size = *(base as *mut usize);
     match Layout::from_size_align(size, 64) {
@@ -579,7 +636,10 @@ pub extern "C" fn cuMemcpyHtoD_v2(dst: u64, src: *const c_void, bytes: usize) ->
 
 #[no_mangle]
 pub extern "C" fn cuMemcpyHtoDAsync_v2(dst: u64, src: *const c_void, bytes: usize, s: *mut c_void) -> CUresult {
-    host_copy(Some(s as u64), dst, src as u64, bytes, "cuMemcpyHtoDAsync", true, false)
+    if let Some(e) = graph::refuse(Some(s as u64), false, "cuMemcpyHtoDAsync") {
+        return e;
+    }
+    queue_copy(s as u64, dst, src as u64, bytes, false, "cuMemcpyHtoDAsync")
 }
 
 #[no_mangle]
@@ -589,6 +649,12 @@ pub extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: u64, bytes: usize) -> C
 
 #[no_mangle]
 pub extern "C" fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: u64, bytes: usize, s: *mut c_void) -> CUresult {
+    if graph::status(s as u64) == 0 {
+        let reads = [streams::Access::new(src, bytes as u64, false)];
+        if let Some(e) = streams::before(s as u64, &reads, "cuMemcpyDtoHAsync") {
+            return e;
+        }
+    }
     host_copy(Some(s as u64), dst as u64, src, bytes, "cuMemcpyDtoHAsync", false, true)
 }
 
@@ -596,6 +662,10 @@ pub extern "C" fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: u64, bytes: usize,
 pub extern "C" fn cuMemcpyDtoD_v2(dst: u64, src: u64, bytes: usize) -> CUresult {
     if let Some(e) = graph::refuse(None, true, "cuMemcpyDtoD (synchronous)") {
         return e;
+    }
+    let r = streams::drain_all();
+    if r != SUCCESS {
+        return r;
     }
     run_copy(dst, src, bytes, "cuMemcpyDtoD", true, true)
 }
@@ -605,7 +675,31 @@ pub extern "C" fn cuMemcpyDtoDAsync_v2(dst: u64, src: u64, bytes: usize, s: *mut
     if let Some(c) = sticky() {
         return c;
     }
-    submit(s as u64, graph::Node::Copy { dst, src, bytes })
+    if graph::status(s as u64) != 0 {
+        return submit(s as u64, graph::Node::Copy { dst, src, bytes });
+    }
+    queue_copy(s as u64, dst, src, bytes, true, "cuMemcpyDtoDAsync")
+}
+
+/// Checks a copy's device ranges now (as the driver checks its arguments) and queues it on
+/// `stream` (`streams.rs`).
+fn queue_copy(stream: u64, dst: u64, src: u64, bytes: usize, src_on_device: bool, what: &'static str) -> CUresult {
+    if let Some(c) = sticky() {
+        return c;
+    }
+    if bytes == 0 {
+        return SUCCESS;
+    }
+    if let Err(e) = check_range(dst, bytes as u64, &format!("{what} destination")) {
+        return fail(INVALID_VALUE, e);
+    }
+    if src_on_device {
+        if let Err(e) = check_range(src, bytes as u64, &format!("{what} source")) {
+            return fail(INVALID_VALUE, e);
+        }
+    }
+    streams::enqueue(stream, dst, src, bytes, src_on_device, what);
+    SUCCESS
 }
 
 /// A copy between host and device: never captured (the graph would keep the host pointer).
@@ -625,6 +719,13 @@ fn host_copy(
     if let Some(e) = refused {
         return e;
     }
+    if stream.is_none() {
+        // A synchronous copy waits for the device, queued copies included.
+        let r = streams::drain_all();
+        if r != SUCCESS {
+            return r;
+        }
+    }
     run_copy(dst, src, bytes, what, check_dst, check_src)
 }
 
@@ -632,7 +733,10 @@ fn host_copy(
 fn submit(stream: u64, node: graph::Node) -> CUresult {
     match graph::record(stream, node) {
         None => SUCCESS,
-        Some(n) => n.run(),
+        Some(n) => match streams::before(stream, &n.accesses(), n.what()) {
+            Some(e) => e,
+            None => n.run(),
+        },
     }
 }
 
@@ -669,7 +773,10 @@ fn memset(stream: Option<u64>, dst: u64, value: u32, width: usize, n: usize, wha
         Some(s) => submit(s, graph::Node::Memset { dst, value, width, n }),
         None => match graph::refuse(None, true, what) {
             Some(e) => e,
-            None => run_memset(dst, value, width, n, what),
+            None => match streams::drain_all() {
+                SUCCESS => run_memset(dst, value, width, n, what),
+                e => e,
+            },
         },
     }
 }
@@ -1102,6 +1209,7 @@ fn error_name(code: CUresult) -> &'static CStr {
         LAUNCH_OUT_OF_RESOURCES => c"CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES",
         MISALIGNED_ADDRESS => c"CUDA_ERROR_MISALIGNED_ADDRESS",
         LAUNCH_FAILED => c"CUDA_ERROR_LAUNCH_FAILED",
+        NOT_READY => c"CUDA_ERROR_NOT_READY",
         NOT_SUPPORTED => c"CUDA_ERROR_NOT_SUPPORTED",
         COOPERATIVE_LAUNCH_TOO_LARGE => c"CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE",
         graph::ILLEGAL_STATE => c"CUDA_ERROR_ILLEGAL_STATE",
@@ -1156,11 +1264,14 @@ pub unsafe extern "C" fn semshare_emu_sgemm(g: *const gemm::Sgemm, err: *mut c_c
         return 1;
     }
     let g = &*g;
-    if graph::record(g.stream, graph::Node::Sgemm(*g)).is_none() {
+    let Some(node) = graph::record(g.stream, graph::Node::Sgemm(*g)) else {
         return 0;
-    }
-    let result =
-        std::panic::catch_unwind(|| gemm::run(g)).unwrap_or_else(|_| Err("internal emulator error in sgemm".into()));
+    };
+    let result = match streams::before(g.stream, &node.accesses(), node.what()) {
+        Some(_) => Err(lock().sticky.as_ref().map(|(_, m)| m.clone()).unwrap_or_default()),
+        None => std::panic::catch_unwind(|| gemm::run(g))
+            .unwrap_or_else(|_| Err("internal emulator error in sgemm".into())),
+    };
     match result {
         Ok(()) => 0,
         Err(e) => {

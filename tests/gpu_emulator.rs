@@ -322,3 +322,58 @@ fn what_a_capture_cannot_hold_is_refused_and_invalidates_it() {
     unsafe { result::memcpy_htod_sync(x, &host) }.expect("upload after the captures");
     assert_eq!(download(x, n), host);
 }
+
+/// Two streams run apart on the emulated device as on a GPU: a copy to the device waits on its
+/// stream until an event wait (or the host) orders it, and work on another stream that touches
+/// its memory before that is a race, named with both sides. Ordered by an event, the same
+/// copy arrives before the work that reads it.
+#[test]
+fn a_copy_on_another_stream_is_ordered_only_by_an_event_wait() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("streams") else { return };
+    let n = 64;
+    let (x, y) = (upload(&vec![0.0; n]), upload(&vec![0.0; n]));
+    let values: Vec<f32> = (0..n).map(|i| i as f32 + 0.5).collect();
+    // SAFETY: streams and an event of this context; x and y hold n floats; `values` outlives
+    // every copy out of it (each is run before the test reads or drops anything).
+    unsafe {
+        let copies = result::stream::create(result::stream::StreamKind::NonBlocking).expect("stream");
+        let compute = result::stream::create(result::stream::StreamKind::NonBlocking).expect("stream");
+        let arrived = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).expect("event");
+        // Ordered: the copy arrives, then y = x on the compute stream.
+        result::memcpy_htod_async(x, &values, copies).expect("queue the upload");
+        result::event::record(arrived, copies).expect("record");
+        result::stream::wait_event(compute, arrived, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT).expect("wait");
+        result::memcpy_dtod_async(y, x, n * 4, compute).expect("queue the move");
+        result::stream::synchronize(compute).expect("sync");
+        assert_eq!(download(y, n), values, "the ordered copy arrived first");
+        // Not ordered: a kernel on the compute stream reads x while a copy into it waits on
+        // the other stream.
+        result::memcpy_htod_async(x, &values, copies).expect("queue the upload");
+        let e = launch_on(&d, compute, "with_barrier", n as u32, &[x, y]).unwrap_err();
+        assert!(e.contains("race between streams") && e.contains("cuMemcpyHtoDAsync") && e.contains("a kernel"), "{e}");
+        result::event::destroy(arrived).ok();
+        result::stream::destroy(compute).ok();
+        result::stream::destroy(copies).ok();
+    }
+}
+
+/// The other way round: a copy waiting on one stream that reads memory a later kernel on
+/// another stream overwrites, with no event between them, is caught when the copy runs.
+#[test]
+fn a_copy_still_reading_memory_another_stream_overwrites_is_a_race() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("streams, write after read") else { return };
+    let n = 64;
+    let (x, y) = (upload(&vec![1.0; n]), upload(&vec![0.0; n]));
+    // SAFETY: as above.
+    unsafe {
+        let copies = result::stream::create(result::stream::StreamKind::NonBlocking).expect("stream");
+        let compute = result::stream::create(result::stream::StreamKind::NonBlocking).expect("stream");
+        result::memcpy_dtod_async(y, x, n * 4, copies).expect("queue a copy out of x");
+        let e = launch_on(&d, compute, "with_barrier", n as u32, &[x, x]).unwrap_err();
+        assert!(e.contains("race between streams") && e.contains("cuMemcpyDtoDAsync") && e.contains("reads"), "{e}");
+        result::stream::destroy(compute).ok();
+        result::stream::destroy(copies).ok();
+    }
+}

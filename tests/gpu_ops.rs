@@ -73,6 +73,35 @@ fn upload_download_zeros_fill_copy() {
     });
 }
 
+/// Uploads queued back to back, with no wait between them, each arrive whole: through the
+/// rings' first growth (4 MiB to 64 MiB), their wrap-arounds, and an upload larger than half
+/// the ring (sent in pieces). On the emulated device each copy across the bus waits on the
+/// copy stream until the compute stream's wait orders it, and a region reused too early would
+/// race its earlier copies (`emu/streams.rs`).
+#[test]
+fn uploads_queued_back_to_back_arrive_whole_through_every_turn_of_the_rings() {
+    let Some(mut dev) = common::gpu::gpu_or_skip("upload rings") else { return };
+    let dev = dev.as_mut();
+    // Sizes in floats: small ones, ones that fill the first ring, then the large ring's half
+    // and more (9 M floats = 36 MB: two pieces of 32 MiB at most).
+    let sizes = [1usize, 700, 300_000, 600_000, 5, 900_000, 2_000_000, 9_000_000, 3, 4_500_000, 6_000_000, 17];
+    let before = dev.counters().unwrap();
+    let mut sent = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let v: Vec<f32> = (0..n).map(|j| (i * 1_000_003 + j) as f32).collect();
+        let t = up(dev, &v, &[n]);
+        sent.push((v, t));
+    }
+    let spent = dev.counters().unwrap().since(&before);
+    for (i, (v, t)) in sent.iter().enumerate() {
+        assert!(down(dev, t) == *v, "upload {i} ({} floats) did not arrive whole", v.len());
+    }
+    let bytes: usize = sizes.iter().sum::<usize>() * 4;
+    assert_eq!(spent.upload_bytes, bytes as u64, "every byte counted once");
+    let pieces: usize = sizes.iter().map(|n| (4 * n).div_ceil(32 << 20)).sum();
+    assert_eq!(spent.copies, pieces as u64, "one move into place per piece");
+}
+
 #[test]
 fn gemm_all_transpositions() {
     // Each output is a k-term dot product in a different order (cuBLAS tiles vs matrixmultiply).

@@ -361,8 +361,9 @@ impl Cuda {
         Ok(Arg::Ptr(self.salt_ptr()?))
     }
 
-    /// Copies host data to device memory at `dst`, stream-ordered, through the pinned upload
-    /// ring (`upload.rs`): the host does not wait for the stream unless it is two rings ahead.
+    /// Copies host data to device memory at `dst`, in the stream's order, through the upload
+    /// rings and the copy stream (`upload.rs`): the host does not wait for the stream unless it
+    /// is two rings ahead.
     /// Counted as an upload, and as a sync each time the host had to wait.
     pub(crate) fn htod<T: cudarc::driver::DeviceRepr>(&mut self, dst: u64, data: &[T], what: &str) -> Result<()> {
         // SAFETY: DeviceRepr types are plain data: their bytes are their value.
@@ -376,9 +377,16 @@ impl Cuda {
         if bytes == 0 {
             return Ok(());
         }
+        if self.capture.is_some() {
+            // The copy would run now and its move into place at every replay, from a region
+            // long since reused: a graph's inputs go through its staging (`launch_graph`).
+            return Err(Error::Device { what: format!("an upload of {what} inside a graph capture") });
+        }
         self.bind()?;
         self.counts.upload_bytes += bytes as u64;
         self.counts.syncs += self.uploads.copy(&self.stream, dst, parts, what)?;
+        // Each piece is moved into place by a device copy on the stream (`upload.rs`).
+        self.counts.copies += bytes.div_ceil(upload::MAX_RING_BYTES / 2) as u64;
         Ok(())
     }
 

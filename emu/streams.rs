@@ -1,0 +1,201 @@
+//! Streams that run apart. On a GPU a copy put on one stream may run before, during or after
+//! work on another, unless an event wait orders them; a device that runs everything at once,
+//! in the order the host asked, would hide every missing wait. So here:
+//!
+//! - A copy to the device (`cuMemcpyHtoDAsync`, `cuMemcpyDtoDAsync`) is queued on its stream,
+//!   as a DMA engine holds it, and runs only when something orders it: a stream that waits for
+//!   an event recorded after it (`cuStreamWaitEvent`), the host waiting for such an event, its
+//!   stream or the context, a synchronous copy or a free, or later work on its own stream.
+//!   Until then a query of its stream, or of an event recorded after it, is not ready.
+//! - Any other work (kernels, memsets, GEMMs, copies to the host, graphs) runs at once, after
+//!   the copies queued before it on its own stream.
+//! - Before anything runs it is checked against the copies still queued on other streams:
+//!   touching memory such a copy writes, or writing memory it reads, is a race that the device
+//!   may lose, and fails with both named (a kernel touches every allocation a pointer argument
+//!   lies in).
+//!
+//! A queued copy reads its host source when it runs, so a host that rewrites pinned memory
+//! before the copy out of it has run sends the new bytes, as a GPU might.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use crate::{CUresult, SUCCESS};
+
+/// Memory an operation reads or writes: `[start, end)`.
+#[derive(Clone, Copy)]
+pub struct Access {
+    pub start: u64,
+    pub end: u64,
+    pub writes: bool,
+}
+
+impl Access {
+    pub fn new(start: u64, bytes: u64, writes: bool) -> Access {
+        Access { start, end: start.saturating_add(bytes), writes }
+    }
+
+    fn conflicts(&self, other: &Access) -> bool {
+        (self.writes || other.writes) && self.start < other.end && other.start < self.end
+    }
+}
+
+/// A copy waiting on its stream.
+struct Queued {
+    seq: u64,
+    dst: u64,
+    src: u64,
+    bytes: usize,
+    src_on_device: bool,
+    what: &'static str,
+}
+
+impl Queued {
+    fn accesses(&self) -> Vec<Access> {
+        let mut a = vec![Access::new(self.dst, self.bytes as u64, true)];
+        if self.src_on_device {
+            a.push(Access::new(self.src, self.bytes as u64, false));
+        }
+        a
+    }
+}
+
+struct Queues {
+    next: u64,
+    by_stream: HashMap<u64, VecDeque<Queued>>,
+}
+
+fn queues() -> MutexGuard<'static, Queues> {
+    static Q: OnceLock<Mutex<Queues>> = OnceLock::new();
+    Q.get_or_init(|| Mutex::new(Queues { next: 1, by_stream: HashMap::new() }))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Queues a copy of `bytes` from `src` (host memory unless `src_on_device`) to `dst` on `stream`.
+pub fn enqueue(stream: u64, dst: u64, src: u64, bytes: usize, src_on_device: bool, what: &'static str) {
+    let mut q = queues();
+    let seq = q.next;
+    q.next += 1;
+    q.by_stream.entry(stream).or_default().push_back(Queued { seq, dst, src, bytes, src_on_device, what });
+}
+
+/// Where an event recorded on `stream` now stands: it completes when every copy queued on the
+/// stream before it has run.
+pub fn position() -> u64 {
+    let mut q = queues();
+    let seq = q.next;
+    q.next += 1;
+    seq
+}
+
+/// Runs the copies queued on `stream` before `until` (all of them for None), oldest first.
+pub fn drain(stream: u64, until: Option<u64>) -> CUresult {
+    loop {
+        let next = {
+            let mut q = queues();
+            let Some(queue) = q.by_stream.get_mut(&stream) else { return SUCCESS };
+            match queue.front() {
+                Some(c) if until.is_none_or(|u| c.seq < u) => queue.pop_front(),
+                _ => None,
+            }
+        };
+        let Some(copy) = next else { return SUCCESS };
+        let r = run(stream, &copy);
+        if r != SUCCESS {
+            return r;
+        }
+    }
+}
+
+/// Whether a copy queued on `stream` before `until` (at all, for None) has not run yet.
+pub fn waiting(stream: u64, until: Option<u64>) -> bool {
+    queues().by_stream.get(&stream).and_then(|q| q.front()).is_some_and(|c| until.is_none_or(|u| c.seq < u))
+}
+
+/// Runs every queued copy of every stream, in the order they were queued.
+pub fn drain_all() -> CUresult {
+    loop {
+        let next = {
+            let mut q = queues();
+            let oldest = q.by_stream.iter().filter_map(|(&s, queue)| queue.front().map(|c| (c.seq, s))).min();
+            oldest.and_then(|(_, s)| q.by_stream.get_mut(&s).and_then(|queue| queue.pop_front()).map(|c| (s, c)))
+        };
+        let Some((stream, copy)) = next else { return SUCCESS };
+        let r = run(stream, &copy);
+        if r != SUCCESS {
+            return r;
+        }
+    }
+}
+
+fn run(stream: u64, copy: &Queued) -> CUresult {
+    if let Err(e) = check(stream, &copy.accesses(), copy.what) {
+        return crate::fault(crate::LAUNCH_FAILED, e);
+    }
+    crate::run_copy(copy.dst, copy.src, copy.bytes, copy.what, true, copy.src_on_device)
+}
+
+/// Work about to run on `stream`: the copies queued before it there run first, and it must
+/// not race a copy still queued on another stream. Returns the fault to give, if any.
+pub fn before(stream: u64, accesses: &[Access], what: &str) -> Option<CUresult> {
+    let r = drain(stream, None);
+    if r != SUCCESS {
+        return Some(r);
+    }
+    check(stream, accesses, what).err().map(|e| crate::fault(crate::LAUNCH_FAILED, e))
+}
+
+/// Whether `accesses` by work on `stream` race a copy queued on another stream.
+fn check(stream: u64, accesses: &[Access], what: &str) -> Result<(), String> {
+    let q = queues();
+    for (&other, queue) in q.by_stream.iter().filter(|(&s, _)| s != stream) {
+        for copy in queue {
+            for theirs in copy.accesses() {
+                if let Some(ours) = accesses.iter().find(|a| a.conflicts(&theirs)) {
+                    let (verb, their_verb) = (rw(ours.writes), rw(theirs.writes));
+                    return Err(format!(
+                        "a race between streams: {what} on stream {stream:#x} {verb} {:#x}..{:#x}, which {} queued on \
+                         stream {other:#x} {their_verb} ({:#x}..{:#x}) with no event wait ordering them",
+                        ours.start, ours.end, copy.what, theirs.start, theirs.end
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rw(writes: bool) -> &'static str {
+    if writes {
+        "writes"
+    } else {
+        "reads"
+    }
+}
+
+/// The allocations a kernel may touch: each one a pointer-sized argument points into, read and
+/// written.
+pub fn kernel_accesses(params: &[u8]) -> Vec<Access> {
+    let allocs = crate::allocations();
+    let mut out: Vec<Access> = Vec::new();
+    for word in params.chunks_exact(8) {
+        let p = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        let i = allocs.partition_point(|&(s, _)| s <= p);
+        if i > 0 {
+            let (s, n) = allocs[i - 1];
+            if p < s + n && !out.iter().any(|a| a.start == s) {
+                out.push(Access::new(s, n, true));
+            }
+        }
+    }
+    out
+}
+
+/// The allocation `p` lies in, as an access (nothing when it lies in none: the work's own
+/// range checks report that).
+pub fn allocation_of(p: u64, writes: bool) -> Option<Access> {
+    let allocs = crate::allocations();
+    let i = allocs.partition_point(|&(s, _)| s <= p);
+    (i > 0 && p < allocs[i - 1].0 + allocs[i - 1].1).then(|| Access::new(allocs[i - 1].0, allocs[i - 1].1, writes))
+}
