@@ -293,8 +293,11 @@ pub extern "C" fn cuDevicePrimaryCtxRelease_v2(_dev: c_int) -> CUresult {
     let mut s = lock();
     s.ctx_refs = s.ctx_refs.saturating_sub(1);
     if s.ctx_refs == 0 {
-        // As a reset of the primary context: a sticky fault is gone with it.
+        // As a reset of the primary context: a sticky fault and the copies queued in it are
+        // gone with it.
         s.sticky = None;
+        drop(s);
+        streams::clear();
     }
     SUCCESS
 }
@@ -302,6 +305,7 @@ pub extern "C" fn cuDevicePrimaryCtxRelease_v2(_dev: c_int) -> CUresult {
 #[no_mangle]
 pub extern "C" fn cuDevicePrimaryCtxReset_v2(_dev: c_int) -> CUresult {
     lock().sticky = None;
+    streams::clear();
     SUCCESS
 }
 
@@ -395,12 +399,17 @@ pub extern "C" fn cuStreamQuery(s: *mut c_void) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuStreamWaitEvent(_s: *mut c_void, e: *mut c_void, _flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuStreamWaitEvent(s: *mut c_void, e: *mut c_void, _flags: c_uint) -> CUresult {
     if e.is_null() {
         return INVALID_HANDLE;
     }
-    // Later work on the waiting stream runs at once, so what the event follows runs now.
-    or_sticky(event_done(&*(e as *mut Event)))
+    let event = &*(e as *mut Event);
+    // A stream waiting for its own event orders nothing new. Another's: later work on the
+    // waiting stream runs at once, so what the event follows runs now.
+    if event.recorded.is_some_and(|(stream, _)| stream == s as u64) {
+        return sticky().unwrap_or(SUCCESS);
+    }
+    or_sticky(event_done(event))
 }
 
 struct Event {
@@ -579,7 +588,19 @@ pub unsafe extern "C" fn cuMemAllocHost_v2(p: *mut *mut c_void, bytes: usize) ->
     // The size rides in front of the block so cuMemFreeHost can rebuild the layout.
     *(base as *mut usize) = bytes.max(1) + 64;
     *p = base.add(64) as *mut c_void;
+    pinned_blocks().insert(base.add(64) as u64, bytes);
     SUCCESS
+}
+
+/// Live pinned host blocks (`cuMemAllocHost`): start → bytes.
+fn pinned_blocks() -> std::sync::MutexGuard<'static, BTreeMap<u64, usize>> {
+    static P: OnceLock<Mutex<BTreeMap<u64, usize>>> = OnceLock::new();
+    P.get_or_init(|| Mutex::new(BTreeMap::new())).lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether host bytes `[p, p + bytes)` lie inside one pinned block.
+pub fn pinned(p: u64, bytes: usize) -> bool {
+    pinned_blocks().range(..=p).next_back().is_some_and(|(&s, &n)| p + bytes as u64 <= s + n as u64)
 }
 
 #[no_mangle]
@@ -596,6 +617,7 @@ pub unsafe extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
     if r != SUCCESS {
         return r;
     }
+    pinned_blocks().remove(&(p as u64));
     let base = (p as *mut u8).sub(64);
     let size = *(base as *mut usize);
     match Layout::from_size_align(size, 64) {
@@ -663,9 +685,9 @@ pub extern "C" fn cuMemcpyDtoD_v2(dst: u64, src: u64, bytes: usize) -> CUresult 
     if let Some(e) = graph::refuse(None, true, "cuMemcpyDtoD (synchronous)") {
         return e;
     }
-    let r = streams::drain_all();
-    if r != SUCCESS {
-        return r;
+    let touched = [streams::Access::new(dst, bytes as u64, true), streams::Access::new(src, bytes as u64, false)];
+    if let Some(e) = streams::before(0, &touched, "cuMemcpyDtoD") {
+        return e;
     }
     run_copy(dst, src, bytes, "cuMemcpyDtoD", true, true)
 }
@@ -698,7 +720,9 @@ fn queue_copy(stream: u64, dst: u64, src: u64, bytes: usize, src_on_device: bool
             return fail(INVALID_VALUE, e);
         }
     }
-    streams::enqueue(stream, dst, src, bytes, src_on_device, what);
+    // SAFETY: the caller's host source holds `bytes` now (CUDA's contract) and, if pinned,
+    // until the copy has run (as on a GPU).
+    unsafe { streams::enqueue(stream, dst, src, bytes, src_on_device, what) };
     SUCCESS
 }
 
@@ -720,10 +744,17 @@ fn host_copy(
         return e;
     }
     if stream.is_none() {
-        // A synchronous copy waits for the device, queued copies included.
-        let r = streams::drain_all();
-        if r != SUCCESS {
-            return r;
+        // A synchronous copy goes on the legacy stream, which orders it after that stream's
+        // work only (every stream here is non-blocking, as cudarc makes them).
+        let mut touched = Vec::new();
+        if check_dst {
+            touched.push(streams::Access::new(dst, bytes as u64, true));
+        }
+        if check_src {
+            touched.push(streams::Access::new(src, bytes as u64, false));
+        }
+        if let Some(e) = streams::before(0, &touched, what) {
+            return e;
         }
     }
     run_copy(dst, src, bytes, what, check_dst, check_src)
@@ -773,9 +804,9 @@ fn memset(stream: Option<u64>, dst: u64, value: u32, width: usize, n: usize, wha
         Some(s) => submit(s, graph::Node::Memset { dst, value, width, n }),
         None => match graph::refuse(None, true, what) {
             Some(e) => e,
-            None => match streams::drain_all() {
-                SUCCESS => run_memset(dst, value, width, n, what),
-                e => e,
+            None => match streams::before(0, &[streams::Access::new(dst, (n * width) as u64, true)], what) {
+                Some(e) => e,
+                None => run_memset(dst, value, width, n, what),
             },
         },
     }

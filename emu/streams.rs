@@ -14,8 +14,14 @@
 //!   may lose, and fails with both named (a kernel touches every allocation a pointer argument
 //!   lies in).
 //!
-//! A queued copy reads its host source when it runs, so a host that rewrites pinned memory
-//! before the copy out of it has run sends the new bytes, as a GPU might.
+//! A queued copy reads pinned host memory (`cuMemAllocHost`) when it runs, so a host that
+//! rewrites it before the copy out of it has run sends the new bytes, as a GPU might; from
+//! pageable memory the bytes are taken when the copy is queued, as the driver stages them.
+//!
+//! The queues are the process's, shared by every thread (the tests run in parallel): a copy is
+//! checked and run with them locked, so no other thread sees its stream empty before it is
+//! done. A query does not make progress (the device gets to a copy only when something orders
+//! it), so a host that spins on a query waits forever here; semshare never spins.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -47,6 +53,8 @@ struct Queued {
     src: u64,
     bytes: usize,
     src_on_device: bool,
+    /// The source's bytes, taken when it was queued (pageable host memory).
+    taken: Option<Vec<u8>>,
     what: &'static str,
 }
 
@@ -72,12 +80,24 @@ fn queues() -> MutexGuard<'static, Queues> {
         .unwrap_or_else(|p| p.into_inner())
 }
 
-/// Queues a copy of `bytes` from `src` (host memory unless `src_on_device`) to `dst` on `stream`.
-pub fn enqueue(stream: u64, dst: u64, src: u64, bytes: usize, src_on_device: bool, what: &'static str) {
+/// Queues a copy of `bytes` from `src` (host memory unless `src_on_device`; pinned memory read
+/// when the copy runs, pageable memory now) to `dst` on `stream`.
+///
+/// # Safety
+/// A host `src` holds `bytes` bytes now and, if pinned, until the copy has run.
+pub unsafe fn enqueue(stream: u64, dst: u64, src: u64, bytes: usize, src_on_device: bool, what: &'static str) {
+    let taken = (!src_on_device && !crate::pinned(src, bytes))
+        .then(|| unsafe { std::slice::from_raw_parts(src as *const u8, bytes) }.to_vec());
     let mut q = queues();
     let seq = q.next;
     q.next += 1;
-    q.by_stream.entry(stream).or_default().push_back(Queued { seq, dst, src, bytes, src_on_device, what });
+    let copy = Queued { seq, dst, src, bytes, src_on_device, taken, what };
+    q.by_stream.entry(stream).or_default().push_back(copy);
+}
+
+/// Forgets every queued copy: the context they were queued in is gone.
+pub fn clear() {
+    queues().by_stream.clear();
 }
 
 /// Where an event recorded on `stream` now stands: it completes when every copy queued on the
@@ -91,17 +111,15 @@ pub fn position() -> u64 {
 
 /// Runs the copies queued on `stream` before `until` (all of them for None), oldest first.
 pub fn drain(stream: u64, until: Option<u64>) -> CUresult {
+    let mut q = queues();
     loop {
-        let next = {
-            let mut q = queues();
-            let Some(queue) = q.by_stream.get_mut(&stream) else { return SUCCESS };
-            match queue.front() {
-                Some(c) if until.is_none_or(|u| c.seq < u) => queue.pop_front(),
-                _ => None,
-            }
+        let Some(queue) = q.by_stream.get_mut(&stream) else { return SUCCESS };
+        let copy = match queue.front() {
+            Some(c) if until.is_none_or(|u| c.seq < u) => queue.pop_front(),
+            _ => None,
         };
-        let Some(copy) = next else { return SUCCESS };
-        let r = run(stream, &copy);
+        let Some(copy) = copy else { return SUCCESS };
+        let r = run(&q, stream, &copy);
         if r != SUCCESS {
             return r;
         }
@@ -115,25 +133,33 @@ pub fn waiting(stream: u64, until: Option<u64>) -> bool {
 
 /// Runs every queued copy of every stream, in the order they were queued.
 pub fn drain_all() -> CUresult {
+    let mut q = queues();
     loop {
-        let next = {
-            let mut q = queues();
-            let oldest = q.by_stream.iter().filter_map(|(&s, queue)| queue.front().map(|c| (c.seq, s))).min();
-            oldest.and_then(|(_, s)| q.by_stream.get_mut(&s).and_then(|queue| queue.pop_front()).map(|c| (s, c)))
-        };
-        let Some((stream, copy)) = next else { return SUCCESS };
-        let r = run(stream, &copy);
+        let oldest = q.by_stream.iter().filter_map(|(&s, queue)| queue.front().map(|c| (c.seq, s))).min();
+        let Some((_, stream)) = oldest else { return SUCCESS };
+        let Some(copy) = q.by_stream.get_mut(&stream).and_then(VecDeque::pop_front) else { return SUCCESS };
+        let r = run(&q, stream, &copy);
         if r != SUCCESS {
             return r;
         }
     }
 }
 
-fn run(stream: u64, copy: &Queued) -> CUresult {
-    if let Err(e) = check(stream, &copy.accesses(), copy.what) {
+/// Runs a copy taken off `stream`'s queue (the queues locked as `q`). A failure is the
+/// context's: the copy's caller has long returned.
+fn run(q: &Queues, stream: u64, copy: &Queued) -> CUresult {
+    let checked = check(q, stream, &copy.accesses(), copy.what).and_then(|()| {
+        crate::check_range(copy.dst, copy.bytes as u64, &format!("{} destination", copy.what))?;
+        match copy.src_on_device {
+            true => crate::check_range(copy.src, copy.bytes as u64, &format!("{} source", copy.what)),
+            false => Ok(()),
+        }
+    });
+    if let Err(e) = checked {
         return crate::fault(crate::LAUNCH_FAILED, e);
     }
-    crate::run_copy(copy.dst, copy.src, copy.bytes, copy.what, true, copy.src_on_device)
+    let src = copy.taken.as_ref().map_or(copy.src, |t| t.as_ptr() as u64);
+    crate::run_copy(copy.dst, src, copy.bytes, copy.what, true, copy.src_on_device)
 }
 
 /// Work about to run on `stream`: the copies queued before it there run first, and it must
@@ -143,12 +169,11 @@ pub fn before(stream: u64, accesses: &[Access], what: &str) -> Option<CUresult> 
     if r != SUCCESS {
         return Some(r);
     }
-    check(stream, accesses, what).err().map(|e| crate::fault(crate::LAUNCH_FAILED, e))
+    check(&queues(), stream, accesses, what).err().map(|e| crate::fault(crate::LAUNCH_FAILED, e))
 }
 
 /// Whether `accesses` by work on `stream` race a copy queued on another stream.
-fn check(stream: u64, accesses: &[Access], what: &str) -> Result<(), String> {
-    let q = queues();
+fn check(q: &Queues, stream: u64, accesses: &[Access], what: &str) -> Result<(), String> {
     for (&other, queue) in q.by_stream.iter().filter(|(&s, _)| s != stream) {
         for copy in queue {
             for theirs in copy.accesses() {

@@ -326,7 +326,8 @@ fn what_a_capture_cannot_hold_is_refused_and_invalidates_it() {
 /// Two streams run apart on the emulated device as on a GPU: a copy to the device waits on its
 /// stream until an event wait (or the host) orders it, and work on another stream that touches
 /// its memory before that is a race, named with both sides. Ordered by an event, the same
-/// copy arrives before the work that reads it.
+/// copy arrives before the work that reads it; a wait by the copy's own stream orders nothing.
+/// Pageable host memory is read when the copy is queued (the driver stages it).
 #[test]
 fn a_copy_on_another_stream_is_ordered_only_by_an_event_wait() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -340,16 +341,21 @@ fn a_copy_on_another_stream_is_ordered_only_by_an_event_wait() {
         let copies = result::stream::create(result::stream::StreamKind::NonBlocking).expect("stream");
         let compute = result::stream::create(result::stream::StreamKind::NonBlocking).expect("stream");
         let arrived = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).expect("event");
-        // Ordered: the copy arrives, then y = x on the compute stream.
-        result::memcpy_htod_async(x, &values, copies).expect("queue the upload");
+        // Ordered: the copy arrives, then y = x on the compute stream. The pageable source may
+        // be reused as soon as the copy is queued.
+        let mut pageable = values.clone();
+        result::memcpy_htod_async(x, &pageable, copies).expect("queue the upload");
+        pageable.fill(-1.0);
         result::event::record(arrived, copies).expect("record");
         result::stream::wait_event(compute, arrived, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT).expect("wait");
         result::memcpy_dtod_async(y, x, n * 4, compute).expect("queue the move");
         result::stream::synchronize(compute).expect("sync");
         assert_eq!(download(y, n), values, "the ordered copy arrived first");
-        // Not ordered: a kernel on the compute stream reads x while a copy into it waits on
-        // the other stream.
+        // Not ordered (the copy stream waits for its own event, not the compute stream): a
+        // kernel on the compute stream reads x while a copy into it waits on the other stream.
         result::memcpy_htod_async(x, &values, copies).expect("queue the upload");
+        result::event::record(arrived, copies).expect("record");
+        result::stream::wait_event(copies, arrived, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT).expect("wait");
         let e = launch_on(&d, compute, "with_barrier", n as u32, &[x, y]).unwrap_err();
         assert!(e.contains("race between streams") && e.contains("cuMemcpyHtoDAsync") && e.contains("a kernel"), "{e}");
         result::event::destroy(arrived).ok();
