@@ -73,6 +73,14 @@ struct Queues {
     by_stream: HashMap<u64, VecDeque<Queued>>,
 }
 
+impl Queues {
+    /// The next place in the one order of copies and events.
+    fn take_seq(&mut self) -> u64 {
+        self.next += 1;
+        self.next - 1
+    }
+}
+
 fn queues() -> MutexGuard<'static, Queues> {
     static Q: OnceLock<Mutex<Queues>> = OnceLock::new();
     Q.get_or_init(|| Mutex::new(Queues { next: 1, by_stream: HashMap::new() }))
@@ -89,8 +97,7 @@ pub unsafe fn enqueue(stream: u64, dst: u64, src: u64, bytes: usize, src_on_devi
     let taken = (!src_on_device && !crate::pinned(src, bytes))
         .then(|| unsafe { std::slice::from_raw_parts(src as *const u8, bytes) }.to_vec());
     let mut q = queues();
-    let seq = q.next;
-    q.next += 1;
+    let seq = q.take_seq();
     let copy = Queued { seq, dst, src, bytes, src_on_device, taken, what };
     q.by_stream.entry(stream).or_default().push_back(copy);
 }
@@ -103,10 +110,7 @@ pub fn clear() {
 /// Where an event recorded on `stream` now stands: it completes when every copy queued on the
 /// stream before it has run.
 pub fn position() -> u64 {
-    let mut q = queues();
-    let seq = q.next;
-    q.next += 1;
-    seq
+    queues().take_seq()
 }
 
 /// Runs the copies queued on `stream` before `until` (all of them for None), oldest first.
@@ -145,17 +149,11 @@ pub fn drain_all() -> CUresult {
     }
 }
 
-/// Runs a copy taken off `stream`'s queue (the queues locked as `q`). A failure is the
-/// context's: the copy's caller has long returned.
+/// Runs a copy taken off `stream`'s queue (the queues locked as `q`). A race is the
+/// context's fault: the copy's caller has long returned. (Its ranges were checked when it was
+/// queued, and a free runs every queued copy first, so they still hold.)
 fn run(q: &Queues, stream: u64, copy: &Queued) -> CUresult {
-    let checked = check(q, stream, &copy.accesses(), copy.what).and_then(|()| {
-        crate::check_range(copy.dst, copy.bytes as u64, &format!("{} destination", copy.what))?;
-        match copy.src_on_device {
-            true => crate::check_range(copy.src, copy.bytes as u64, &format!("{} source", copy.what)),
-            false => Ok(()),
-        }
-    });
-    if let Err(e) = checked {
+    if let Err(e) = check(q, stream, &copy.accesses(), copy.what) {
         return crate::fault(crate::LAUNCH_FAILED, e);
     }
     let src = copy.taken.as_ref().map_or(copy.src, |t| t.as_ptr() as u64);
@@ -202,16 +200,11 @@ fn rw(writes: bool) -> &'static str {
 /// The allocations a kernel may touch: each one a pointer-sized argument points into, read and
 /// written.
 pub fn kernel_accesses(params: &[u8]) -> Vec<Access> {
-    let allocs = crate::allocations();
     let mut out: Vec<Access> = Vec::new();
     for word in params.chunks_exact(8) {
         let p = u64::from_le_bytes(word.try_into().unwrap_or_default());
-        let i = allocs.partition_point(|&(s, _)| s <= p);
-        if i > 0 {
-            let (s, n) = allocs[i - 1];
-            if p < s + n && !out.iter().any(|a| a.start == s) {
-                out.push(Access::new(s, n, true));
-            }
+        if let Some(a) = allocation_of(p, true).filter(|a| !out.iter().any(|o| o.start == a.start)) {
+            out.push(a);
         }
     }
     out

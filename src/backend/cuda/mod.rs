@@ -386,7 +386,7 @@ impl Cuda {
         self.counts.upload_bytes += bytes as u64;
         self.counts.syncs += self.uploads.copy(&self.stream, dst, parts, what)?;
         // Each piece is moved into place by a device copy on the stream (`upload.rs`).
-        self.counts.copies += bytes.div_ceil(upload::MAX_RING_BYTES / 2) as u64;
+        self.counts.copies += bytes.div_ceil(upload::PIECE_BYTES) as u64;
         Ok(())
     }
 

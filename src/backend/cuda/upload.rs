@@ -28,6 +28,8 @@ use crate::{Error, Result};
 /// The most pinned memory the ring holds. An upload larger than half of it goes in pieces of
 /// half (a model's weights, once): the ring never grows past it.
 pub(crate) const MAX_RING_BYTES: usize = 64 << 20;
+/// The largest piece one copy sends: half the largest ring.
+pub(crate) const PIECE_BYTES: usize = MAX_RING_BYTES / 2;
 /// The smallest ring: a `small` training step's inputs (1.2 MB) fit it twice.
 const MIN_RING_BYTES: usize = 4 << 20;
 /// Regions start on this boundary (the DMA engines' preferred alignment).
@@ -129,10 +131,9 @@ impl UploadRing {
     /// an earlier copy first.
     pub(crate) fn copy(&mut self, stream: &CudaStream, dst: u64, parts: &[&[u8]], what: &str) -> Result<u64> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
-        let piece = MAX_RING_BYTES / 2;
         let mut waits = 0;
-        for at in (0..total).step_by(piece) {
-            let n = piece.min(total - at);
+        for at in (0..total).step_by(PIECE_BYTES) {
+            let n = PIECE_BYTES.min(total - at);
             waits += self.copy_piece(stream, dst + at as u64, n, |out| gather(parts, at, out), what)?;
         }
         Ok(waits)
