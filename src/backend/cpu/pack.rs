@@ -50,7 +50,17 @@ pub unsafe fn pack<K: Micro>(
         if K::AVX_PACK && K::Packed::IS_F32 {
             // SAFETY: the path has AVX (`AVX_PACK`); an fp32 sliver is f32 (`IS_F32`, g = 1);
             // the block is inside `src` (pack's contract) and dst holds its slivers.
-            unsafe { pack_side_by_side_avx(dst.as_mut_ptr() as *mut f32, src, along, len, kc, w) };
+            unsafe {
+                let dst = dst.as_mut_ptr() as *mut f32;
+                // The kernels' widths as constants: each sliver row a few fixed moves.
+                match w {
+                    6 => pack_side_by_side_avx::<6>(dst, src, along, len, kc, w),
+                    8 => pack_side_by_side_avx::<8>(dst, src, along, len, kc, w),
+                    16 => pack_side_by_side_avx::<16>(dst, src, along, len, kc, w),
+                    32 => pack_side_by_side_avx::<32>(dst, src, along, len, kc, w),
+                    _ => pack_side_by_side_avx::<0>(dst, src, along, len, kc, w),
+                }
+            };
             return;
         }
         if g == 2 {
@@ -226,28 +236,63 @@ fn place<T: Packed>(out: &mut [T], lines: &[f32]) {
 }
 
 /// fp32 lines side by side (B as stored, Aᵀ): step p of all `len` lines is one contiguous run
-/// of the source, moved into row p of each `w`-wide sliver 8 floats to a register. Copied in
-/// Rust, each sliver row became a libc `memcpy` call: 11 % of attention's time, whose
-/// per-head products are 36 × 64 × 36 (`place`, the portable paths' version).
+/// of the source, moved into row p of each `w`-wide sliver 8 floats to a register (then 4,
+/// then one: the avx2 kernel's A slivers are 6 wide). Copied in Rust, each sliver row became a
+/// libc `memcpy` call: 11 % of attention's time, whose per-head products are 36 × 64 × 36
+/// (`place`, the portable paths' version).
+///
+/// The runs lie `along` apart: a weight gradient's dYᵀ has rows of 3 KiB (d 768), so each run
+/// is on another page, where the hardware prefetcher does not follow, and every line of it
+/// was a cache miss: this copy was a quarter of that GEMM's time on Zen 3. So the run
+/// `AHEAD` steps on is prefetched. `W` is `w` when the caller knows it at compile time (0:
+/// not), so that a whole sliver's row is a few fixed moves, not a loop.
 ///
 /// # Safety
 /// The CPU has AVX; steps 0..kc of lines 0..len are inside `src`; `dst` holds
-/// ⌈len / w⌉ slivers of kc · w floats.
+/// ⌈len / w⌉ slivers of kc · w floats; W is 0 or w.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn pack_side_by_side_avx(dst: *mut f32, src: *const f32, along: isize, len: usize, kc: usize, w: usize) {
+unsafe fn pack_side_by_side_avx<const W: usize>(
+    dst: *mut f32,
+    src: *const f32,
+    along: isize,
+    len: usize,
+    kc: usize,
+    w: usize,
+) {
     use std::arch::x86_64::*;
     // SAFETY: as the caller guarantees: reads run p, elements < len; writes row p < kc,
     // columns < w, of sliver s0 / w.
+    const AHEAD: usize = 8;
     unsafe {
         for p in 0..kc {
             let run = src.offset(p as isize * along);
+            if p + AHEAD < kc {
+                // A hint only: no fault, whatever the address.
+                let ahead = run.offset(AHEAD as isize * along) as *const i8;
+                let mut byte = 0;
+                while byte < len * 4 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(byte));
+                    byte += 64;
+                }
+                // The run's last line, when the run does not start on a line.
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(len * 4).wrapping_sub(1));
+            }
             for s0 in (0..len).step_by(w) {
-                let (out, from, lines) = (dst.add(s0 * kc + p * w), run.add(s0), w.min(len - s0));
+                let (out, from) = (dst.add(s0 * kc + p * w), run.add(s0));
+                let lines = if W > 0 && s0 + W <= len { W } else { w.min(len - s0) };
                 let mut l = 0;
                 while l + 8 <= lines {
                     _mm256_storeu_ps(out.add(l), _mm256_loadu_ps(from.add(l)));
                     l += 8;
+                }
+                if l + 4 <= lines {
+                    _mm_storeu_ps(out.add(l), _mm_loadu_ps(from.add(l)));
+                    l += 4;
+                }
+                if l + 2 <= lines {
+                    _mm_store_sd(out.add(l) as *mut f64, _mm_load_sd(from.add(l) as *const f64));
+                    l += 2;
                 }
                 for l in l..lines {
                     *out.add(l) = *from.add(l);
