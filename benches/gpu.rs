@@ -141,7 +141,18 @@ mod gpu {
             let dy = &dys[i % 4];
             drop(black_box(dev.layernorm_bwd(x, &s, gamma.view(), dy, dg.view_mut(), db.view_mut())));
         });
-        drop((xs, dys));
+        // The post-LN join's backward as a block runs it: dx, da through dropout 0.1, and the
+        // column sums dgamma, dbeta and the sublayer's bias gradient (kernels/residual_norm.cu).
+        let mut dbias = dev.zeros(&[d]).expect("zeros");
+        let stats: Vec<Tensor> =
+            xs.iter().map(|x| dev.layernorm_fwd(x, gamma.view(), beta.view(), 1e-5).expect("ln").1).collect();
+        bench(&mut g, "join_bwd", dev, |dev| {
+            i += 1;
+            let (x, s, dy) = (&xs[i % 4], &stats[i % 4], &dys[i % 4]);
+            let sums = (dg.view_mut(), db.view_mut(), Some(dbias.view_mut()));
+            drop(black_box(dev.residual_layernorm_bwd(x, s, gamma.view(), dy, sums.0, sums.1, sums.2, 0.1, 5)));
+        });
+        drop((xs, dys, stats, dbias));
         g.finish();
 
         let mut g = c.benchmark_group("gelu_4608x2048");

@@ -87,7 +87,7 @@ fn outputs(seed: u64) -> Vec<String> {
         put(&format!("residual_layernorm_fwd s {tag}"), &down(d, &s));
         put(&format!("residual_layernorm_fwd y {tag}"), &down(d, &y));
         let (dx, da) = d
-            .residual_layernorm_bwd(&s, &stats, gamma.view(), &dy, dgamma.view_mut(), dbeta.view_mut(), 0.3, seed)
+            .residual_layernorm_bwd(&s, &stats, gamma.view(), &dy, dgamma.view_mut(), dbeta.view_mut(), None, 0.3, seed)
             .unwrap();
         put(&format!("residual_layernorm_bwd dx {tag}"), &down(d, &dx));
         put(&format!("residual_layernorm_bwd da {tag}"), &down(d, &da));

@@ -1,7 +1,10 @@
 //! The fused post-LN join (`kernels/residual_norm.cu`) against its CPU twin (dropout, add,
-//! LayerNorm composed) on fresh random inputs, and against the unfused ops on the same device
-//! bit for bit (the same mask, the same rounding), forward and backward, with and without
-//! dropout. Outputs start as NaN (`poison`), so an element a kernel forgets fails.
+//! LayerNorm composed, and the sublayer's bias gradient `bias_bwd` of da) on fresh random
+//! inputs, and against the unfused ops on the same device: bit for bit for every row output
+//! (the same mask, the same rounding), to summation order for the column sums (dgamma, dbeta,
+//! dbias: the fused backward adds each block's 8 rows first), forward and backward, with and
+//! without dropout and the bias gradient. Outputs start as NaN (`poison`), so an element a
+//! kernel forgets fails.
 
 mod common;
 
@@ -9,11 +12,24 @@ use common::gpu::{compare_twins, gpu_or_skip, poison};
 use common::{rand_range, randv};
 use semshare::backend::Backend;
 
-/// (rows, d): one row, odd widths, a partial last block of 8 rows, the `small` width.
-const SHAPES: [(usize, usize); 5] = [(1, 1), (3, 33), (9, 300), (17, 256), (40, 1024)];
+/// (rows, d): one row, odd widths, a partial last block of 8 rows, the `small` width, a
+/// width past one 128-column chunk that is not a multiple of it, and more blocks of 8 rows
+/// than the finishing kernel's 8 lanes.
+const SHAPES: [(usize, usize); 7] = [(1, 1), (3, 33), (9, 300), (17, 256), (40, 1024), (75, 130), (203, 96)];
+
+/// The outputs that are row by row (bit for bit the unfused ops'), then the column sums.
+const ROW_OUTPUTS: usize = 5;
 
 /// Forward then backward of the join; every output, named.
-fn join(dev: &mut dyn Backend, fused: bool, rows: usize, d: usize, p: f32, seed: u64) -> Vec<(&'static str, Vec<f32>)> {
+fn join(
+    dev: &mut dyn Backend,
+    fused: bool,
+    rows: usize,
+    d: usize,
+    p: f32,
+    bias: bool,
+    seed: u64,
+) -> Vec<(&'static str, Vec<f32>)> {
     poison(dev, &[rows * d, rows * 2]);
     let n = rows * d;
     let mut a = dev.upload(&randv(seed, n), &[rows, d]).unwrap();
@@ -21,12 +37,14 @@ fn join(dev: &mut dyn Backend, fused: bool, rows: usize, d: usize, p: f32, seed:
     let gamma = dev.upload(&rand_range(seed + 2, d, 0.5, 1.5), &[d]).unwrap();
     let beta = dev.upload(&randv(seed + 3, d), &[d]).unwrap();
     let dy = dev.upload(&randv(seed + 4, n), &[rows, d]).unwrap();
-    let mut dgb = dev.upload(&randv(seed + 5, 2 * d), &[2 * d]).unwrap();
+    // dgamma, dbeta and the sublayer's dbias, accumulated into (not overwritten).
+    let mut sums = dev.upload(&randv(seed + 5, 3 * d), &[3 * d]).unwrap();
     let drop_seed = seed ^ 0xD0;
     let (y, stats, dx, da) = if fused {
         let (y, stats) = dev.residual_layernorm_fwd(&mut a, &x, gamma.view(), beta.view(), 1e-5, p, drop_seed).unwrap();
-        let (dg, db) = dgb.sub_pair_mut((0, d), (d, d));
-        let (dx, da) = dev.residual_layernorm_bwd(&a, &stats, gamma.view(), &dy, dg, db, p, drop_seed).unwrap();
+        let [dg, db, dbias] = sums.subs_mut([(0, d), (d, d), (2 * d, d)]);
+        let dbias = bias.then_some(dbias);
+        let (dx, da) = dev.residual_layernorm_bwd(&a, &stats, gamma.view(), &dy, dg, db, dbias, p, drop_seed).unwrap();
         (y, stats, dx, da)
     } else {
         if p > 0.0 {
@@ -34,11 +52,14 @@ fn join(dev: &mut dyn Backend, fused: bool, rows: usize, d: usize, p: f32, seed:
         }
         dev.add_assign(&mut a, &x).unwrap();
         let (y, stats) = dev.layernorm_fwd(&a, gamma.view(), beta.view(), 1e-5).unwrap();
-        let (dg, db) = dgb.sub_pair_mut((0, d), (d, d));
+        let [dg, db, dbias] = sums.subs_mut([(0, d), (d, d), (2 * d, d)]);
         let dx = dev.layernorm_bwd(&a, &stats, gamma.view(), &dy, dg, db).unwrap();
         let mut da = dx.clone();
         if p > 0.0 {
             dev.dropout_bwd(&mut da, p, drop_seed).unwrap();
+        }
+        if bias {
+            dev.bias_bwd(&da, dbias).unwrap();
         }
         (y, stats, dx, da)
     };
@@ -49,7 +70,7 @@ fn join(dev: &mut dyn Backend, fused: bool, rows: usize, d: usize, p: f32, seed:
         ("stats", down(&stats)),
         ("dx", down(&dx)),
         ("da", down(&da)),
-        ("dgamma, dbeta", down(&dgb)),
+        ("dgamma, dbeta, dbias", down(&sums)),
     ]
 }
 
@@ -57,19 +78,26 @@ fn join(dev: &mut dyn Backend, fused: bool, rows: usize, d: usize, p: f32, seed:
 fn fused_join_matches_the_cpu_and_the_unfused_ops() {
     let Some(mut gpu) = gpu_or_skip("fused residual + layer norm") else { return };
     let mut cpu = common::cpu();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (k, &(rows, d)) in SHAPES.iter().enumerate() {
-        for p in [0.0, 0.1] {
+        for (p, bias) in [(0.0, false), (0.1, false), (0.1, true)] {
             let seed = 100 + 7 * k as u64;
-            let want = join(&mut cpu, true, rows, d, p, seed);
-            let got = join(gpu.as_mut(), true, rows, d, p, seed);
-            let unfused = join(gpu.as_mut(), false, rows, d, p, seed);
-            for ((name, w), ((_, g), (_, u))) in want.iter().zip(got.iter().zip(&unfused)) {
-                compare_twins(&format!("residual_layernorm {rows}x{d} p {p} {name}"), g, w, 1e-4);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(g), bits(u), "{rows}x{d} p {p} {name}: fused and unfused differ on the device");
+            let what = format!("{rows}x{d} p {p} bias {bias}");
+            let want = join(&mut cpu, true, rows, d, p, bias, seed);
+            let got = join(gpu.as_mut(), true, rows, d, p, bias, seed);
+            let unfused = join(gpu.as_mut(), false, rows, d, p, bias, seed);
+            for (i, ((name, w), ((_, g), (_, u)))) in want.iter().zip(got.iter().zip(&unfused)).enumerate() {
+                compare_twins(&format!("residual_layernorm {what} {name}"), g, w, 1e-4);
+                if i < ROW_OUTPUTS {
+                    assert_eq!(bits(g), bits(u), "{what} {name}: fused and unfused differ on the device");
+                } else {
+                    compare_twins(&format!("residual_layernorm {what} {name}, fused vs unfused"), g, u, 1e-5);
+                }
             }
+            // The column sums are added in a fixed order: the same bits run to run.
+            assert_eq!(got, join(gpu.as_mut(), true, rows, d, p, bias, seed), "{what}: a second run");
             // The CPU's fused op is the composition itself.
-            assert_eq!(want, join(&mut cpu, false, rows, d, p, seed), "{rows}x{d} p {p}: CPU");
+            assert_eq!(want, join(&mut cpu, false, rows, d, p, bias, seed), "{what}: CPU");
         }
     }
 }

@@ -984,8 +984,19 @@ fn residual_layernorm_is_its_ops_bitwise() {
             let (y, stats) = b.residual_layernorm_fwd(&mut a, &xt, g.view(), be.view(), 1e-5, p, 7).unwrap();
             let mut dgamma = up(b, &vec![0.5; d], &[d]);
             let mut dbeta = up(b, &vec![0.25; d], &[d]);
+            let mut dbias = up(b, &vec![-0.5; d], &[d]);
             let (dx, da) = b
-                .residual_layernorm_bwd(&a, &stats, g.view(), &dyt, dgamma.view_mut(), dbeta.view_mut(), p, 7)
+                .residual_layernorm_bwd(
+                    &a,
+                    &stats,
+                    g.view(),
+                    &dyt,
+                    dgamma.view_mut(),
+                    dbeta.view_mut(),
+                    Some(dbias.view_mut()),
+                    p,
+                    7,
+                )
                 .unwrap();
 
             let mut s = up(b, &a0, &[rows, d]);
@@ -997,6 +1008,8 @@ fn residual_layernorm_is_its_ops_bitwise() {
             let dx2 = b.layernorm_bwd(&s, &stats2, g.view(), &dyt, dgamma2.view_mut(), dbeta2.view_mut()).unwrap();
             let mut da2 = dx2.clone();
             b.dropout_bwd(&mut da2, p, 7).unwrap();
+            let mut dbias2 = up(b, &vec![-0.5; d], &[d]);
+            b.bias_bwd(&da2, dbias2.view_mut()).unwrap();
 
             let what = format!("rows {rows}, d {d}, p {p}");
             for (name, got, want) in [
@@ -1007,6 +1020,7 @@ fn residual_layernorm_is_its_ops_bitwise() {
                 ("da", &da, &da2),
                 ("dgamma", &dgamma, &dgamma2),
                 ("dbeta", &dbeta, &dbeta2),
+                ("the sublayer's dbias", &dbias, &dbias2),
             ] {
                 assert_eq!(bits(got.cpu()), bits(want.cpu()), "{name}: {what}");
             }

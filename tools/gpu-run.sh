@@ -135,7 +135,7 @@ comparisons() {
     { t[$1] = $2; g[$1] = $3; nt++ }
     function gbs(bytes, ms) { return bytes / ms / 1e6 }
     function missing(a, b) { # the names of what this call did not measure
-      return "missing: " (a in s ? "" : "semshare " a " ") (b in t ? "" : "pytorch " b (b in err ? " (error)" : ""))
+      return "missing: " (a in s ? "" : "semshare " a " ") (b == "" || b in t ? "" : "pytorch " b (b in err ? " (error)" : ""))
     }
     function ratio(label, a, b) {
       if (a in s && b in t) printf "%-28s semshare %9.4f ms  pytorch %9.4f ms  ratio %.2f (semshare/pytorch)\n", label, s[a], t[b], s[a] / t[b]
@@ -145,7 +145,7 @@ comparisons() {
       line = sprintf("%-28s", label)
       if (a in s) { x = gbs(bytes, s[a]); line = line sprintf(" semshare %8.1f GB/s", x); if (copy > 0) line = line sprintf(" = %5.1f%% of copy", 100 * x / copy) }
       if (b in t) { x = gbs(bytes, t[b]); line = line sprintf("  pytorch %8.1f GB/s", x); if (copy > 0) line = line sprintf(" = %5.1f%%", 100 * x / copy) }
-      if (!(a in s) || !(b in t)) line = line "  " missing(a, b)
+      if (!(a in s) || (b != "" && !(b in t))) line = line "  " missing(a, b)
       print line
     }
     END {
@@ -158,6 +158,7 @@ comparisons() {
       printf "%-28s semshare %s  pytorch %s (read + written)\n", "copy bandwidth", ("copy/dtod_1GiB" in s ? sprintf("%.1f GB/s", gbs(2 * 2^30, s["copy/dtod_1GiB"])) : "-"), (tcopy > 0 ? sprintf("%.1f GB/s", tcopy) : "-")
       bw("layernorm fwd (2 x 18.9 MB)", 2 * N, "layernorm_4608x1024/fwd", "layernorm_fwd fp32")
       bw("layernorm fwd+bwd (5 x)", 5 * N, "layernorm_4608x1024/fwd_bwd", "layernorm_fwd_bwd fp32")
+      bw("join bwd + sums (4 x)", 4 * N, "layernorm_4608x1024/join_bwd", "")
       ratio("attention fwd vs SDPA", "attention_128x8x36x128/fwd", "sdpa_fwd fp32")
       ratio("attention fwd+bwd vs SDPA", "attention_128x8x36x128/fwd_bwd", "sdpa_fwd_bwd fp32")
       ratio("Bi-GRU fwd vs cuDNN", "bigru_b128_t32_300x512_ieee/fwd", "bigru_fwd fp32")

@@ -415,7 +415,8 @@ pub trait Backend {
     ) -> Result<(Tensor, Tensor)>;
     /// Backward of [`Backend::residual_layernorm_fwd`] from its saved input s: returns
     /// `(dx, da)`, the residual's gradient (`layernorm_bwd`) and the sublayer's (`dx` through
-    /// the dropout mask), and accumulates dgamma and dbeta. One row pass, no copy.
+    /// the dropout mask), and accumulates dgamma and dbeta and, when given, `dbias` (the
+    /// sublayer's output bias: `bias_bwd` of da). One row pass over the activations, no copy.
     #[allow(clippy::too_many_arguments)]
     fn residual_layernorm_bwd(
         &mut self,
@@ -425,6 +426,7 @@ pub trait Backend {
         dy: &Tensor,
         dgamma: ViewMut,
         dbeta: ViewMut,
+        dbias: Option<ViewMut>,
         p: f32,
         seed: u64,
     ) -> Result<(Tensor, Tensor)>;

@@ -56,7 +56,27 @@ impl MultiHeadAttention {
         dy: &Tensor,
         dx: &mut Tensor,
     ) -> Result<()> {
-        let dcontext = self.out.backward(dev, w, g, &c.context, dy)?;
+        if let Some(b) = self.out.bias {
+            dev.bias_bwd(dy, b.of_mut(g))?;
+        }
+        self.backward_into_but_out_bias(dev, w, g, x, seg, c, dy, dx)
+    }
+
+    /// [`MultiHeadAttention::backward_into`] less the out-projection's bias gradient (Σ_rows
+    /// dy), which the block's join sums as it writes dy (`LayerNorm::backward_residual`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into_but_out_bias(
+        &self,
+        dev: &mut dyn Backend,
+        w: &Tensor,
+        g: &mut Tensor,
+        x: &Tensor,
+        seg: &Segments,
+        c: AttentionCache,
+        dy: &Tensor,
+        dx: &mut Tensor,
+    ) -> Result<()> {
+        let dcontext = Linear { bias: None, ..self.out.clone() }.backward(dev, w, g, &c.context, dy)?;
         let dqkv = dev.attention_bwd(&c.qkv, &c.probs, seg, self.heads, &dcontext)?;
         self.qkv.backward_into(dev, w, g, x, &dqkv, dx)
     }

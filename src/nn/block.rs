@@ -80,8 +80,9 @@ impl EncoderBlock {
         c: BlockCache,
         dy: &Tensor,
     ) -> Result<Tensor> {
-        let (mut dx1, df) = self.norm2.backward_residual(dev, w, g, c.norm2, dy, c.drop.site(2))?;
-        let dhidden = self.fc2.backward(dev, w, g, &c.hidden, &df)?;
+        // fc2's bias gradient is summed by the join's backward as it writes df.
+        let (mut dx1, df) = self.norm2.backward_residual(dev, w, g, c.norm2, dy, c.drop.site(2), self.fc2.bias)?;
+        let dhidden = Linear { bias: None, ..self.fc2.clone() }.backward(dev, w, g, &c.hidden, &df)?;
         let d1 = c.drop.site(1);
         // fc1's bias gradient is summed by the activation's backward as it writes dpre.
         let dpre = match self.fc1.bias {
@@ -92,8 +93,9 @@ impl EncoderBlock {
         let (Some((attn, norm1)), Some((x, attn_cache, norm1_cache))) = (&self.attention, c.attention) else {
             return Ok(dx1);
         };
-        let (mut dx, da) = norm1.backward_residual(dev, w, g, norm1_cache, &dx1, c.drop.site(0))?;
-        attn.backward_into(dev, w, g, &x, seg, attn_cache, &da, &mut dx)?;
+        // The out-projection's bias gradient likewise, as it writes da.
+        let (mut dx, da) = norm1.backward_residual(dev, w, g, norm1_cache, &dx1, c.drop.site(0), attn.out.bias)?;
+        attn.backward_into_but_out_bias(dev, w, g, &x, seg, attn_cache, &da, &mut dx)?;
         Ok(dx)
     }
 }

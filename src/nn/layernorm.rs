@@ -49,7 +49,10 @@ impl LayerNorm {
     }
 
     /// Backward of [`LayerNorm::forward_residual`]: `(d x, d a)`, the residual's gradient and
-    /// the sublayer's (through the same dropout mask).
+    /// the sublayer's (through the same dropout mask). With `sublayer_bias` (the bias of the
+    /// linear map that made `a`), its gradient Σ_rows d a is summed in the same pass; the
+    /// caller then runs that linear's backward without it.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward_residual(
         &self,
         dev: &mut dyn Backend,
@@ -58,9 +61,20 @@ impl LayerNorm {
         c: LayerNormCache,
         dy: &Tensor,
         drop: Dropout,
+        sublayer_bias: Option<Param>,
     ) -> Result<(Tensor, Tensor)> {
-        let (dg, db) = self.weight.with_mut(self.bias, g);
-        dev.residual_layernorm_bwd(&c.x, &c.stats, self.weight.of(w), dy, dg, db, drop.p, drop.seed)
+        let gamma = self.weight.of(w);
+        let (dg, db, dbias) = match sublayer_bias {
+            Some(bias) => {
+                let [dg, db, dbias] = self.weight.with_two_mut(self.bias, bias, g);
+                (dg, db, Some(dbias))
+            }
+            None => {
+                let (dg, db) = self.weight.with_mut(self.bias, g);
+                (dg, db, None)
+            }
+        };
+        dev.residual_layernorm_bwd(&c.x, &c.stats, gamma, dy, dg, db, dbias, drop.p, drop.seed)
     }
 
     pub fn backward(

@@ -103,4 +103,8 @@ impl Param {
     pub fn with_mut(self, other: Param, t: &mut Tensor) -> (ViewMut<'_>, ViewMut<'_>) {
         t.sub_pair_mut((self.offset, self.len), (other.offset, other.len))
     }
+    /// This parameter's and two others' gradient views at once.
+    pub fn with_two_mut(self, b: Param, c: Param, t: &mut Tensor) -> [ViewMut<'_>; 3] {
+        t.subs_mut([(self.offset, self.len), (b.offset, b.len), (c.offset, c.len)])
+    }
 }

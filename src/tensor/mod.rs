@@ -196,29 +196,50 @@ impl Tensor {
 
     /// Two disjoint mutable ranges at once (a weight's and a bias's gradient).
     pub fn sub_pair_mut(&mut self, a: (usize, usize), b: (usize, usize)) -> (ViewMut<'_>, ViewMut<'_>) {
-        assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "overlapping ranges {a:?} {b:?}");
+        let [a, b] = self.subs_mut([a, b]);
+        (a, b)
+    }
+
+    /// `N` disjoint mutable ranges (offset, len) at once, in the order given (a LayerNorm's
+    /// gradients and the bias gradient of the sublayer before it).
+    ///
+    /// # Panics
+    /// If two ranges overlap or one ends past the tensor.
+    pub fn subs_mut<const N: usize>(&mut self, ranges: [(usize, usize); N]) -> [ViewMut<'_>; N] {
+        let mut order: [usize; N] = std::array::from_fn(|i| i);
+        order.sort_by_key(|&i| ranges[i].0);
+        for pair in order.windows(2) {
+            let (a, b) = (ranges[pair[0]], ranges[pair[1]]);
+            assert!(a.0 + a.1 <= b.0, "overlapping ranges {a:?} {b:?}");
+        }
+        let mut out: [Option<ViewMut<'_>>; N] = std::array::from_fn(|_| None);
         match &mut self.storage {
             Storage::Cpu(v) => {
-                if a.0 < b.0 {
-                    let (lo, hi) = v.split_at_mut(b.0);
-                    (ViewMut::Cpu(&mut lo[a.0..a.0 + a.1]), ViewMut::Cpu(&mut hi[..b.1]))
-                } else {
-                    let (lo, hi) = v.split_at_mut(a.0);
-                    (ViewMut::Cpu(&mut hi[..a.1]), ViewMut::Cpu(&mut lo[b.0..b.0 + b.1]))
+                let (mut rest, mut at): (&mut [f32], usize) = (v, 0);
+                for &i in &order {
+                    let (offset, len) = ranges[i];
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(offset - at);
+                    let (mine, tail) = tail.split_at_mut(len);
+                    out[i] = Some(ViewMut::Cpu(mine));
+                    (rest, at) = (tail, offset + len);
                 }
             }
             Storage::CpuFrozen(_) => panic!("{FROZEN_WRITTEN}"),
             #[cfg(feature = "cuda")]
             Storage::Cuda(buf) => {
-                assert!(a.0 + a.1 <= buf.len() && b.0 + b.1 <= buf.len(), "ranges {a:?} {b:?} out of bounds");
-                let (lo, hi) = if a.0 < b.0 { (a, b) } else { (b, a) };
-                let (x, y) = buf.view_mut(0, buf.len()).split_at(hi.0);
-                let (x, _) = x.split_at(lo.0 + lo.1);
-                let (_, x) = x.split_at(lo.0);
-                let (y, _) = y.split_at(hi.1);
-                if a.0 < b.0 { (ViewMut::Cuda(x), ViewMut::Cuda(y)) } else { (ViewMut::Cuda(y), ViewMut::Cuda(x)) }
+                let total = buf.len();
+                let (mut rest, mut at) = (Some(buf.view_mut(0, total)), 0);
+                for &i in &order {
+                    let (offset, len) = ranges[i];
+                    assert!(offset + len <= total, "range {offset}+{len} of a {total}-element tensor");
+                    let (_, tail) = rest.take().expect("set each turn").split_at(offset - at);
+                    let (mine, tail) = tail.split_at(len);
+                    out[i] = Some(ViewMut::Cuda(mine));
+                    (rest, at) = (Some(tail), offset + len);
+                }
             }
         }
+        out.map(|v| v.expect("every range is placed"))
     }
 
     /// Host data of a CPU tensor. Panics on a device tensor: handing one backend's tensor to

@@ -428,14 +428,21 @@ impl Backend for Cpu {
         dy: &Tensor,
         dgamma: ViewMut,
         dbeta: ViewMut,
+        dbias: Option<ViewMut>,
         p: f32,
         seed: u64,
     ) -> Result<(Tensor, Tensor)> {
         let _timer = profile::time("residual_layernorm_bwd");
         check_layernorm_bwd(s, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
+        if let Some(b) = &dbias {
+            expect_len("residual_layernorm_bwd", "dbias", b.len(), s.cols())?;
+        }
         let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
         let (dx, da) =
             layernorm::residual_backward(s.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu(), rule);
+        if let Some(b) = dbias {
+            elementwise::bias_bwd(&da, b.cpu());
+        }
         Ok((Tensor::from_cpu(dx, s.shape()), Tensor::from_cpu(da, s.shape())))
     }
 

@@ -1,8 +1,10 @@
 //! The fused post-LN join (`kernels/residual_norm.cu`): dropout, residual add and LayerNorm in
-//! one launch forward; LayerNorm backward and the dropout mask in one row launch backward.
+//! one launch forward; backward, LayerNorm's, the dropout mask and the first stage of the
+//! column sums (dgamma, dbeta and the sublayer's bias gradient) in one row launch, and one
+//! launch that finishes the sums.
 
-use super::{Arg, Cuda, tensor_ptr, view_mut_ptr};
-use crate::backend::{check_layernorm_bwd, check_layernorm_fwd, same_shape};
+use super::{Arg, Cuda, view_mut_ptr};
+use crate::backend::{check_layernorm_bwd, check_layernorm_fwd, expect_len, same_shape};
 use crate::tensor::{Tensor, View, ViewMut};
 use crate::{Error, Result};
 
@@ -54,6 +56,9 @@ pub(super) fn forward(
     Ok((y, stats))
 }
 
+/// Rows per block of the backward (a warp each), so the rows of one column partial.
+const ROWS_PER_BLOCK: usize = THREADS as usize / 32;
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     cuda: &mut Cuda,
@@ -63,17 +68,24 @@ pub(super) fn backward(
     dy: &Tensor,
     dgamma: ViewMut,
     dbeta: ViewMut,
+    dbias: Option<ViewMut>,
     p: f32,
     seed: u64,
 ) -> Result<(Tensor, Tensor)> {
     check_layernorm_bwd(s, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
+    if let Some(b) = &dbias {
+        expect_len("residual_layernorm_bwd", "dbias", b.len(), s.cols())?;
+    }
     let scale = dropout_scale(p)?;
     let (rows, d) = (s.rows(), s.cols());
     let dx = cuda.alloc_tensor(s.shape())?;
     let da = cuda.alloc_tensor(s.shape())?;
-    if rows == 0 {
+    if rows == 0 || d == 0 {
         return Ok((dx, da));
     }
+    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
+    let outs = if dbias.is_some() { 3 } else { 2 };
+    let partial = cuda.scratch(outs * blocks * d)?;
     let args = [
         Arg::tensor(s)?,
         Arg::tensor(stats)?,
@@ -87,10 +99,20 @@ pub(super) fn backward(
         Arg::int("residual_layernorm_bwd", d)?,
         Arg::tensor(&dx)?,
         Arg::tensor(&da)?,
+        Arg::I32(outs as i32),
+        Arg::tensor(&partial)?,
     ];
-    cuda.launch("residual_layernorm_bwd_f32", (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
-    let outs = [view_mut_ptr(&dgamma)?, view_mut_ptr(&dbeta)?];
-    let pre = [Arg::Ptr(tensor_ptr(s)?), Arg::tensor(stats)?, Arg::tensor(dy)?];
-    cuda.column_sum("layernorm_params_bwd_f32", rows, d, &pre, &outs)?;
+    cuda.launch("residual_layernorm_bwd_f32", (blocks as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+    let bias = dbias.as_ref().map_or(Ok(0), view_mut_ptr)?;
+    let finish = [
+        Arg::tensor(&partial)?,
+        Arg::int("residual_layernorm_params_finish", blocks)?,
+        Arg::int("residual_layernorm_params_finish", d)?,
+        Arg::Ptr(view_mut_ptr(&dgamma)?),
+        Arg::Ptr(view_mut_ptr(&dbeta)?),
+        Arg::Ptr(bias),
+    ];
+    let grid = (d.div_ceil(32) as u32, outs as u32, 1);
+    cuda.launch("residual_layernorm_params_finish", grid, (32, 8, 1), 0, &finish)?;
     Ok((dx, da))
 }

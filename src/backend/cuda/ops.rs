@@ -651,10 +651,11 @@ impl Backend for Cuda {
         dy: &Tensor,
         dgamma: ViewMut,
         dbeta: ViewMut,
+        dbias: Option<ViewMut>,
         p: f32,
         seed: u64,
     ) -> Result<(Tensor, Tensor)> {
-        super::norm::backward(self, s, stats, gamma, dy, dgamma, dbeta, p, seed)
+        super::norm::backward(self, s, stats, gamma, dy, dgamma, dbeta, dbias, p, seed)
     }
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
