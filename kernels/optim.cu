@@ -61,8 +61,15 @@ __device__ void adamw_masked(float* p, const float* g, float* m, float* v, size_
   // replayed graph updates with its own step's learning rate and bias correction.
   const float step_size = rec[REC_STEP_SIZE], inv_sqrt_bc2 = rec[REC_INV_SQRT_BC2], decay = rec[REC_DECAY];
   const uint32_t* decayed = mask + runs + 1;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    const float d = decayed[run_of(mask, runs, i)] ? decay : 1.0f;
+  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  // The first element's run by binary search; a thread's later elements lie one grid stride
+  // further each, so its run only moves forward, mostly not at all: one comparison per
+  // element, not a search (7 dependent loads at ~70 runs).
+  int r = run_of(mask, runs, i);
+  for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    while (r + 1 < runs && mask[r + 1] <= i) ++r;
+    const float d = decayed[r] ? decay : 1.0f;
     adamw_element(p, g, m, v, i, beta1, beta2, eps, step_size, inv_sqrt_bc2, d, clip);
   }
 }

@@ -114,9 +114,12 @@ fn step_guard_matches_the_cpu_bit_for_bit() {
     }
 }
 
-/// Runs of the flat buffer as a model's decay runs look: alternating, odd lengths.
+/// Runs of the flat buffer as a model's decay runs look: alternating, odd lengths; past the
+/// launch's 1024 × 256 threads too, so that a thread's later elements (one grid stride on)
+/// fall in later runs, and some skip the one-element run.
 fn runs(n: usize) -> Vec<(usize, usize, bool)> {
-    let cuts = [0, 1, 257, 300, 1200, 1201, n];
+    let cuts = [0, 1, 257, 300, 1200, 1201, 1_048_573, 1_048_580, 1_500_001, 1_500_002, 2_097_157];
+    let cuts: Vec<usize> = cuts.into_iter().filter(|&c| c < n).chain([n]).collect();
     cuts.windows(2).enumerate().map(|(i, w)| (w[0], w[1] - w[0], i % 2 == 0)).collect()
 }
 
@@ -124,7 +127,12 @@ fn runs(n: usize) -> Vec<(usize, usize, bool)> {
 fn one_adamw_launch_matches_the_cpu_and_the_per_run_update() {
     let Some(mut gpu) = gpu_or_skip("one-launch AdamW") else { return };
     let mut cpu = common::cpu();
-    let n = 5003;
+    for n in [5003, 2_200_003] {
+        adamw_masked_matches(gpu.as_mut(), &mut cpu, n);
+    }
+}
+
+fn adamw_masked_matches<'a>(gpu: &'a mut dyn Backend, cpu: &'a mut dyn Backend, n: usize) {
     let hp = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 1.0 };
     let run = |dev: &mut dyn Backend, seed: u64, clip: f32, status: f32| {
         let mask = DecayMask::new(dev, runs(n)).unwrap();
@@ -142,12 +150,16 @@ fn one_adamw_launch_matches_the_cpu_and_the_per_run_update() {
         [down(dev, &p), down(dev, &m), down(dev, &v)]
     };
     for seed in [5, 9] {
-        let want = run(&mut cpu, seed, 0.37, 0.0);
-        let got = run(gpu.as_mut(), seed, 0.37, 0.0);
+        let want = run(&mut *cpu, seed, 0.37, 0.0);
+        let got = run(&mut *gpu, seed, 0.37, 0.0);
         for (name, (g, w)) in ["p", "m", "v"].iter().zip(got.iter().zip(&want)) {
             let e = rel_err(g, &to64(w));
             common::report(&format!("adamw_masked {name}"), e);
             assert!(e <= 1e-6, "adamw_masked {name} seed {seed}: {e:.3e}");
+            // Element by element too: a run given the wrong decay moves its p by 1e-3
+            // (relative), which a norm over millions of elements would hide.
+            let worst = g.iter().zip(w).map(|(a, b)| (a - b).abs() / b.abs().max(1e-3)).fold(0.0, f32::max);
+            assert!(worst <= 1e-5, "adamw_masked {name} n {n} seed {seed}: element error {worst:.3e}");
         }
         // The CPU twin is the per-run update the trainer made before, bit for bit.
         let mut p = randv(seed, n);
@@ -162,7 +174,7 @@ fn one_adamw_launch_matches_the_cpu_and_the_per_run_update() {
         }
         assert_eq!([p, m, v], want, "seed {seed}: one pass vs per run");
         // A failed step's record: nothing moves, on either device.
-        for dev in [&mut cpu as &mut dyn Backend, gpu.as_mut()] {
+        for dev in [&mut *cpu, &mut *gpu] {
             let [p, m, _] = run(dev, seed, 0.0, 1.0);
             assert_eq!(p, randv(seed, n), "{}: parameters moved on a failed step", dev.name());
             assert_eq!(m, randv(seed + 2, n), "{}: moments moved on a failed step", dev.name());
@@ -184,8 +196,22 @@ fn positions_on_the_device_match_the_cpu() {
     }
 }
 
+/// The `small` preset's layers and heads (so its launches and uploads per step) at a quarter of
+/// its widths: the emulated device interprets every parameter's AdamW update and every hidden
+/// unit's recurrence, and what these tests check (counts, bits, buckets) does not depend on
+/// width.
 fn tiny() -> ModelConfig {
-    ModelConfig { vocab: 300, object_classes: 20, labels: 6, region_dim: 32, ..ModelConfig::small() }
+    ModelConfig {
+        vocab: 300,
+        object_classes: 20,
+        labels: 6,
+        region_dim: 32,
+        dim: 64,
+        ffn: 128,
+        word_dim: 32,
+        gru_hidden: 32,
+        ..ModelConfig::small()
+    }
 }
 
 /// A batch of `items` pairs, every image with 5 regions and every text 4 tokens (fixed shapes,

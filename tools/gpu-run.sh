@@ -287,7 +287,7 @@ if [[ ${SEMSHARE_GPU:-} == emulated ]]; then
   # A dry run on the emulated device (emu/, built into the binaries): every stage's plumbing and
   # the summary's parsing before GPU time is spent. Its timings are no GPU figure.
   LIBCUDA="" CUBLAS="" CUBLASLT="" FOUND=()
-  DEMO_ARGS=${DEMO_ARGS:---steps 3 --train 64 --val 16 --test 32}
+  DEMO_ARGS=${DEMO_ARGS:---steps 1 --train 32 --val 8 --test 16}
 else
   LIBCUDA=$(find_lib libcuda.so.1 /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib/wsl/lib | awk 'NR == 1')
   mapfile -t FOUND < <(cublas_candidates | while read -r f; do [[ -e $f ]] && readlink -f "$f"; done | awk '!seen[$0]++')
