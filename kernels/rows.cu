@@ -20,17 +20,18 @@ __device__ void gather(const T* table, const uint32_t* ids, int n, int cols, T* 
   }
 }
 
-// dtable[ids[i], :] += dy[i, :] with float atomics: sort-free and fast, but the order in which
-// repeated ids add up is not fixed, so the result is reproducible to rounding only (the test
-// allows 1e-5 relative). A deterministic variant would sort ids (segmented reduction); the
-// embedding gradient is one small op of the step, so atomics win here.
+// dtable[ids[i], :] += dy[i, :], one thread per column adding the rows in order (a warp's
+// lanes on consecutive columns: coalesced), so repeated ids (the [MASK] token, an object
+// class) add up in the same order on every run and on the CPU: bit for bit its twin. Float
+// atomics made the order the scheduler's, and a replayed step then differed from its eager
+// run in the last bits (gpu_step's replay tests failed one run in three on the emulated
+// device, whose blocks run on two host threads). The cost: each thread walks all n rows, a
+// load-add-store chain per row; a card's time for it is owed (a segmented sum over sorted ids
+// would be the fast deterministic form).
 template <typename T>
 __device__ void scatter_add(const T* dy, const uint32_t* ids, int n, int cols, float* dtable) {
-  const size_t total = (size_t)n * cols;
-  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
-    const size_t i = e / cols, c = e % cols;
-    atomicAdd(&dtable[(size_t)ids[i] * cols + c], to_f32(dy[e]));
-  }
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
+    for (int i = 0; i < n; ++i) dtable[(size_t)ids[i] * cols + c] += to_f32(dy[(size_t)i * cols + c]);
 }
 
 template <typename T>

@@ -6,8 +6,7 @@
 //! Tolerances (relative L2 norm of the difference): `EXACT` 1e-5 where the GPU does the CPU's
 //! arithmetic in the same order (FMA contraction and expf/sqrtf ulps only); `REDUCE` 1e-4 where
 //! a sum runs in a different order (tree/blocked reductions on the GPU, sequential loops on the
-//! CPU: each reordering costs ~n·eps relative on an element, 1e-5 for n ≈ 100 terms) or with
-//! atomics (scatter-add).
+//! CPU: each reordering costs ~n·eps relative on an element, 1e-5 for n ≈ 100 terms).
 //! Attention and the GRU step have their own tests (tests/gpu_attention.rs, tests/gpu_gru.rs).
 
 mod common;
@@ -382,11 +381,31 @@ fn gather_and_set_rows() {
     });
 }
 
+/// Repeated ids (most rows share a few) add up in row order on both devices: the GPU's sums
+/// are the CPU's bit for bit, and the same bits run to run (a replayed step depends on it).
+#[test]
+fn scatter_add_adds_repeated_ids_in_row_order() {
+    let Some(mut gpu) = gpu_or_skip("scatter_add order") else { return };
+    let mut cpu = common::cpu();
+    for (n, cols, table) in [(1, 1, 1), (700, 33, 3), (40, 300, 7), (5, 1030, 2)] {
+        let run = |dev: &mut dyn Backend| {
+            let dy = up(dev, &randv(n as u64, n * cols), &[n, cols]);
+            let ids = dev.upload_ids(&rand_ids(n as u64 ^ 1, n, table)).unwrap();
+            let mut dtable = up(dev, &randv(n as u64 ^ 2, table * cols), &[table, cols]);
+            dev.scatter_add_rows(&dy, &ids, dtable.view_mut()).unwrap();
+            down(dev, &dtable).iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let want = run(&mut cpu);
+        assert_eq!(run(gpu.as_mut()), want, "{n} rows of {cols} into {table}: against the CPU");
+        assert_eq!(run(gpu.as_mut()), want, "{n} rows of {cols} into {table}: a second run");
+    }
+}
+
 #[test]
 fn scatter_add_and_set_rows_bwd() {
-    // scatter_add: float atomics, repeated ids add in a run-dependent order. set_rows_bwd sums
-    // the masked rows in list order on both devices but the values are then compared after
-    // the scatter's reordering too, so both use the reduction tolerance.
+    // set_rows_bwd sums the masked rows in list order on both devices but the values are
+    // compared after the scatter too, so both use the reduction tolerance (the scatter itself
+    // is bit for bit: the test above).
     twin("scatter_add/set_rows_bwd", REDUCE, |dev, seed| {
         let mut out = vec![];
         for &(r, c) in &SHAPES {

@@ -464,7 +464,9 @@ impl Backend for Cuda {
         let cols = dy.cols();
         expect_len("scatter_add_rows", "dy", dy.rows(), ids.len())?;
         check_ids("scatter_add_rows", ids, dtable.len() / cols.max(1))?;
-        let n = dy.len();
+        if dy.is_empty() {
+            return Ok(());
+        }
         let args = [
             Arg::tensor(dy)?,
             Arg::ids(ids)?,
@@ -472,7 +474,8 @@ impl Backend for Cuda {
             Arg::int("scatter_add_rows", cols)?,
             Arg::view_mut(&dtable)?,
         ];
-        self.flat("scatter_add_rows_bwd_f32", n, &args)
+        // One thread per column (kernels/rows.cu: rows added in order, deterministic).
+        self.flat("scatter_add_rows_bwd_f32", cols, &args)
     }
 
     fn set_rows(&mut self, x: &mut Tensor, rows: &Ids, value: View) -> Result<()> {
