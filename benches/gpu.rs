@@ -149,8 +149,8 @@ mod gpu {
         bench(&mut g, "join_bwd", dev, |dev| {
             i += 1;
             let (x, s, dy) = (&xs[i % 4], &stats[i % 4], &dys[i % 4]);
-            let sums = (dg.view_mut(), db.view_mut(), Some(dbias.view_mut()));
-            drop(black_box(dev.residual_layernorm_bwd(x, s, gamma.view(), dy, sums.0, sums.1, sums.2, 0.1, 5)));
+            let (dgamma, dbeta, dbias) = (dg.view_mut(), db.view_mut(), Some(dbias.view_mut()));
+            drop(black_box(dev.residual_layernorm_bwd(x, s, gamma.view(), dy, dgamma, dbeta, dbias, 0.1, 5)));
         });
         drop((xs, dys, stats, dbias));
         g.finish();

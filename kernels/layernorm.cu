@@ -40,27 +40,41 @@ __device__ void fwd(const T* x, const T* gamma, const T* beta, float eps, int ro
   }
 }
 
-// dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ γ.
+// dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ γ. A row's two means, by its warp
+// (also the fused join's backward, kernels/residual_norm.cu: one definition, the same bits).
+struct RowGrad {
+  float mean, rstd, mg, mgx;
+};
+
 template <typename T>
-__device__ void bwd(const T* x, const float* stats, const T* gamma, const T* dy, int rows, int d, T* dx) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const T* xr = x + (size_t)row * d;
-  const T* gr = dy + (size_t)row * d;
-  const float mean = stats[2 * (size_t)row], rstd = stats[2 * (size_t)row + 1];
+__device__ RowGrad bwd_row(const T* xr, const T* gr, const T* gamma, const float* st, int d, int lane) {
+  const float mean = st[0], rstd = st[1];
   float sg = 0.0f, sgx = 0.0f;
   for (int i = lane; i < d; i += 32) {
     const float g = to_f32(gr[i]) * to_f32(gamma[i]);
     sg += g;
     sgx += g * (to_f32(xr[i]) - mean);
   }
-  const float mg = warp_sum(sg) / (float)d;
-  const float mgx = warp_sum(sgx) * rstd / (float)d;
+  return {mean, rstd, warp_sum(sg) / (float)d, warp_sum(sgx) * rstd / (float)d};
+}
+
+// Element i's dx from its row's means (g = dy·γ, x̂ = (x − mean)·rstd).
+__device__ __forceinline__ float bwd_value(const RowGrad& r, float g, float xhat) {
+  return r.rstd * (g - r.mg - xhat * r.mgx);
+}
+
+template <typename T>
+__device__ void bwd(const T* x, const float* stats, const T* gamma, const T* dy, int rows, int d, T* dx) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const T* xr = x + (size_t)row * d;
+  const T* gr = dy + (size_t)row * d;
+  const RowGrad r = bwd_row(xr, gr, gamma, stats + 2 * (size_t)row, d, lane);
   T* out = dx + (size_t)row * d;
   for (int i = lane; i < d; i += 32) {
     const float g = to_f32(gr[i]) * to_f32(gamma[i]);
-    const float xhat = (to_f32(xr[i]) - mean) * rstd;
-    out[i] = from_f32<T>(rstd * (g - mg - xhat * mgx));
+    const float xhat = (to_f32(xr[i]) - r.mean) * r.rstd;
+    out[i] = from_f32<T>(bwd_value(r, g, xhat));
   }
 }
 

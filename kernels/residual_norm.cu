@@ -39,7 +39,7 @@ __device__ void fwd(T* a, const T* x, const T* gamma, const T* beta, float eps, 
   layernorm::fwd<T>(a, gamma, beta, eps, rows, d, y, stats);
 }
 
-// Rows as layernorm::bwd computes them (the same expressions, so the same bits); the columns'
+// Rows as layernorm::bwd computes them (its bwd_row and bwd_value, so the same bits); the columns'
 // contributions of the block's 8 rows summed in warp order, CHUNK columns per barrier, into
 // partial[k][blockIdx.x][c]: k 0 Σ dy·x̂, 1 Σ dy, 2 Σ da (outs 3). Rows past the end add 0
 // and still meet at every barrier.
@@ -53,19 +53,8 @@ __device__ void bwd(const T* s, const float* stats, const T* gamma, const T* dy,
   const int row = blockIdx.x * 8 + warp;
   const bool live = row < rows;
   const size_t base = (size_t)row * d;
-  float mean = 0.0f, rstd = 0.0f, mg = 0.0f, mgx = 0.0f;
-  if (live) {
-    mean = stats[2 * (size_t)row];
-    rstd = stats[2 * (size_t)row + 1];
-    float sg = 0.0f, sgx = 0.0f;
-    for (int i = lane; i < d; i += 32) {
-      const float g = to_f32(dy[base + i]) * to_f32(gamma[i]);
-      sg += g;
-      sgx += g * (to_f32(s[base + i]) - mean);
-    }
-    mg = common::warp_sum(sg) / (float)d;
-    mgx = common::warp_sum(sgx) * rstd / (float)d;
-  }
+  layernorm::RowGrad r{};
+  if (live) r = layernorm::bwd_row(s + base, dy + base, gamma, stats + 2 * (size_t)row, d, lane);
   const size_t blocks = gridDim.x;
   for (int c0 = 0; c0 < d; c0 += CHUNK) {
     for (int j = lane; j < CHUNK; j += 32) {
@@ -74,8 +63,8 @@ __device__ void bwd(const T* s, const float* stats, const T* gamma, const T* dy,
       if (live && i < d) {
         const float dyv = to_f32(dy[base + i]);
         const float g = dyv * to_f32(gamma[i]);
-        const float xhat = (to_f32(s[base + i]) - mean) * rstd;
-        const T dxv = from_f32<T>(rstd * (g - mg - xhat * mgx));
+        const float xhat = (to_f32(s[base + i]) - r.mean) * r.rstd;
+        const T dxv = from_f32<T>(layernorm::bwd_value(r, g, xhat));
         const T dav = from_f32<T>(common::dropout_value(to_f32(dxv), p, scale, seed, base + i));
         dx[base + i] = dxv;
         da[base + i] = dav;

@@ -260,6 +260,8 @@ fn check_mha(lengths: &[usize], heads: usize, dh: usize, seed: u64) -> R {
             let (_, cache) = mha.forward(b, w, &xt, &seg).unwrap();
             let dy = up(b, r, dim);
             let mut dx = b.zeros(&[seg.tokens(), dim]).unwrap();
+            // The out-projection's bias gradient is the caller's (the block's join sums it).
+            b.bias_bwd(&dy, mha.out.bias.expect("a bias").of_mut(g)).unwrap();
             mha.backward_into(b, w, g, &xt, &seg, cache, &dy, &mut dx).unwrap();
             Some(b.download(dx.view()).unwrap())
         }),

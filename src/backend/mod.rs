@@ -603,6 +603,20 @@ pub(crate) fn check_layernorm_bwd(
     expect_len("layernorm_bwd", "dbeta", dbeta_len, x.cols())
 }
 
+/// [`check_layernorm_bwd`] for the join's backward, and its sublayer's bias gradient if given.
+pub(crate) fn check_residual_layernorm_bwd(
+    s: &Tensor,
+    stats: &Tensor,
+    gamma: &View,
+    dy: &Tensor,
+    dgamma: &ViewMut,
+    dbeta: &ViewMut,
+    dbias: Option<&ViewMut>,
+) -> Result<()> {
+    check_layernorm_bwd(s, stats, gamma, dy, dgamma.len(), dbeta.len())?;
+    dbias.map_or(Ok(()), |b| expect_len("residual_layernorm_bwd", "dbias", b.len(), s.cols()))
+}
+
 /// qkv `[tokens, 3·d]` for the batch, with d split into `heads` heads.
 pub(crate) fn check_attention(op: &'static str, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<()> {
     rows_of(op, qkv, seg)?;

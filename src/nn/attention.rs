@@ -43,29 +43,12 @@ impl MultiHeadAttention {
         Ok((y, AttentionCache { qkv, probs, context }))
     }
 
-    /// Adds the block input's gradient through attention to `dx` (the residual's gradient).
+    /// Adds the block input's gradient through attention to `dx` (the residual's gradient),
+    /// and accumulates every parameter's gradient but the out-projection's bias: that one is
+    /// Σ_rows dy, which the block's join sums as it writes dy (`LayerNorm::backward_residual`;
+    /// alone, `Backend::bias_bwd` of dy).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into(
-        &self,
-        dev: &mut dyn Backend,
-        w: &Tensor,
-        g: &mut Tensor,
-        x: &Tensor,
-        seg: &Segments,
-        c: AttentionCache,
-        dy: &Tensor,
-        dx: &mut Tensor,
-    ) -> Result<()> {
-        if let Some(b) = self.out.bias {
-            dev.bias_bwd(dy, b.of_mut(g))?;
-        }
-        self.backward_into_but_out_bias(dev, w, g, x, seg, c, dy, dx)
-    }
-
-    /// [`MultiHeadAttention::backward_into`] less the out-projection's bias gradient (Σ_rows
-    /// dy), which the block's join sums as it writes dy (`LayerNorm::backward_residual`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward_into_but_out_bias(
         &self,
         dev: &mut dyn Backend,
         w: &Tensor,

@@ -95,7 +95,7 @@ impl EncoderBlock {
         };
         // The out-projection's bias gradient likewise, as it writes da.
         let (mut dx, da) = norm1.backward_residual(dev, w, g, norm1_cache, &dx1, c.drop.site(0), attn.out.bias)?;
-        attn.backward_into_but_out_bias(dev, w, g, &x, seg, attn_cache, &da, &mut dx)?;
+        attn.backward_into(dev, w, g, &x, seg, attn_cache, &da, &mut dx)?;
         Ok(dx)
     }
 }

@@ -24,8 +24,9 @@ pub mod topk;
 use super::{
     AdamW, AdamWConstants, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Half, Precision,
     Segments, check_adamw_masked, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd,
-    check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_step_guard,
-    check_top_k, check_widen, expect_cols, expect_len, rows_of, same_shape,
+    check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
+    check_residual_layernorm_bwd, check_step_guard, check_top_k, check_widen, expect_cols, expect_len, rows_of,
+    same_shape,
 };
 use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
@@ -433,10 +434,7 @@ impl Backend for Cpu {
         seed: u64,
     ) -> Result<(Tensor, Tensor)> {
         let _timer = profile::time("residual_layernorm_bwd");
-        check_layernorm_bwd(s, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
-        if let Some(b) = &dbias {
-            expect_len("residual_layernorm_bwd", "dbias", b.len(), s.cols())?;
-        }
+        check_residual_layernorm_bwd(s, stats, &gamma, dy, &dgamma, &dbeta, dbias.as_ref())?;
         let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
         let (dx, da) =
             layernorm::residual_backward(s.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu(), rule);

@@ -4,7 +4,7 @@
 //! launch that finishes the sums.
 
 use super::{Arg, Cuda, view_mut_ptr};
-use crate::backend::{check_layernorm_bwd, check_layernorm_fwd, expect_len, same_shape};
+use crate::backend::{check_layernorm_fwd, check_residual_layernorm_bwd, same_shape};
 use crate::tensor::{Tensor, View, ViewMut};
 use crate::{Error, Result};
 
@@ -72,10 +72,7 @@ pub(super) fn backward(
     p: f32,
     seed: u64,
 ) -> Result<(Tensor, Tensor)> {
-    check_layernorm_bwd(s, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
-    if let Some(b) = &dbias {
-        expect_len("residual_layernorm_bwd", "dbias", b.len(), s.cols())?;
-    }
+    check_residual_layernorm_bwd(s, stats, &gamma, dy, &dgamma, &dbeta, dbias.as_ref())?;
     let scale = dropout_scale(p)?;
     let (rows, d) = (s.rows(), s.cols());
     let dx = cuda.alloc_tensor(s.shape())?;
