@@ -104,7 +104,7 @@ fn ops(c: &mut Criterion) {
     g.bench_function("attention_fwd_32x4x36x64", |b| b.iter(|| black_box(dev.attention_fwd(&qkv, &seg, 4).unwrap())));
     let (ctx, probs) = dev.attention_fwd(&qkv, &seg, 4).unwrap();
     g.bench_function("attention_bwd_32x4x36x64", |b| {
-        b.iter(|| black_box(dev.attention_bwd(&qkv, &probs, &seg, 4, &ctx).unwrap()))
+        b.iter(|| black_box(dev.attention_bwd(&qkv, &probs, &seg, 4, &ctx, None).unwrap()))
     });
     // A `paper` batch's region features from an fp16 shard (128 × 36 × 1024), widened and
     // standardised: the op (F16C, rayon) against what the host did before session 10 (`half`'s

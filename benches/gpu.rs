@@ -175,7 +175,18 @@ mod gpu {
         bench(&mut g, "fwd", dev, |dev| drop(black_box(dev.attention_fwd(&qkv, &seg, cfg.heads))));
         bench(&mut g, "fwd_bwd", dev, |dev| {
             let (o, p) = dev.attention_fwd(&qkv, &seg, cfg.heads).expect("attention");
-            drop(black_box(dev.attention_bwd(&qkv, &p, &seg, cfg.heads, &o)));
+            drop(black_box(dev.attention_bwd(&qkv, &p, &seg, cfg.heads, &o, None)));
+        });
+        // The qkv bias's gradient summed by the backward's blocks, against a column sum after it.
+        let mut dbias = dev.zeros(&[3 * d]).expect("dbias");
+        bench(&mut g, "fwd_bwd_bias", dev, |dev| {
+            let (o, p) = dev.attention_fwd(&qkv, &seg, cfg.heads).expect("attention");
+            drop(black_box(dev.attention_bwd(&qkv, &p, &seg, cfg.heads, &o, Some(dbias.view_mut()))));
+        });
+        bench(&mut g, "fwd_bwd_then_bias_bwd", dev, |dev| {
+            let (o, p) = dev.attention_fwd(&qkv, &seg, cfg.heads).expect("attention");
+            let dqkv = dev.attention_bwd(&qkv, &p, &seg, cfg.heads, &o, None).expect("attention");
+            black_box(dev.bias_bwd(&dqkv, dbias.view_mut())).expect("bias_bwd");
         });
         g.finish();
 

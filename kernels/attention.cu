@@ -6,7 +6,8 @@
 // packed (item b starts at heads · Σ_{b'<b} len_b'²): the CPU twin's layout.
 // Launch: one block per (item, head), blockIdx.x = item · heads + head; blockDim.x and the dynamic
 // shared memory come from the batch's longest item (src/backend/cuda/attention.rs).
-// CPU twin: src/backend/cpu/attention.rs::{forward, backward}. Test: tests/gpu_attention.rs.
+// CPU twin: src/backend/cpu/attention.rs::{forward, backward} (and bias_bwd of dqkv for the bias
+// gradient). Test: tests/gpu_attention.rs.
 //
 // Why one block holds everything: at len 36 a head's Q, K, V are 55 KB and the score matrix
 // 5 KB, so the whole problem of an (item, head) fits on chip; each input is read from device
@@ -30,6 +31,9 @@
 // Arithmetic: f32 FFMA throughout (tensor cores would need TF32 and miss the 1e-5 check against
 //   the CPU), softmax in f32 with the row max subtracted, same operation order as the CPU twin.
 //
+// The backward also sums the qkv projection's bias gradient when asked (bias_grad below): each
+// block re-reads the dqkv piece it just wrote (from the cache) instead of a column sum reading
+// all of dqkv again after the kernel (3 passes over a [tokens, d] tensor, 56.6 MB at this size).
 // Floors at (128 items, 8 heads, len 36, dh 128), f32: fwd reads qkv 56.6 MB, writes out 18.9 MB
 // and probs 5.3 MB; bwd reads qkv, probs, dout (80.8 MB) and writes dqkv (56.6 MB): 218 MB in all,
 // 73 µs at 2.97 TB/s. FLOPs: 2.0 G (0.68 fwd + 1.36 bwd), 40 µs at 50.5 TFLOP/s. Target ≤ 247 µs
@@ -47,8 +51,11 @@
 //   attention_fwd_f32  sm_90: 64 registers (capped by __launch_bounds__(512, 2), so three
 //                      288-thread blocks fit an SM at len 36), 128 B static smem + dynamic
 //                      sm_80: 64 registers, 128 B static smem + dynamic
-//   attention_bwd_f32  sm_90: 110 registers, 128 B static smem + dynamic (smem allows 2 blocks
-//                      per SM at len 36 anyway); sm_80: 110 registers, same
+//   attention_bwd_f32  sm_90: 98 registers, 144 B static smem + dynamic (smem allows 2 blocks
+//                      per SM at len 36 anyway); sm_80: 98 registers, same. (110 before the qkv
+//                      bias gradient was added; inlined inside bwd() it took 116, which at 288
+//                      threads would have left one block per SM, so it runs after bwd() returns,
+//                      from the kernel's parameters, holding none of bwd()'s registers.)
 #include "common.cuh"
 
 namespace attention {
@@ -342,6 +349,47 @@ __device__ void fwd(const T* __restrict__ qkv, const uint32_t* __restrict__ offs
   }
 }
 
+// The qkv projection's bias gradient, when asked for (partial non-null), in the same launch:
+// block (b, h) sums the rows of the [len, 3·dh] piece of dqkv it has just written, in row order,
+// into partial[b][part·d + h·dh + c] (read back from the cache: the block wrote those 55 KB a
+// moment ago, so no pass over dqkv in device memory, where the column sum after the kernel read
+// all of it again); the last of head h's blocks to finish adds the items' partials in item order
+// into dbias (common::colsum_finish_strip's pattern, one counter per head, reset by that block),
+// so the sum is the same bits run to run. Every block takes part, an empty item with zeros.
+template <typename T>
+__device__ void bias_grad(const T* dqkv, const uint32_t* __restrict__ offsets, int heads, int dh,
+                          float* __restrict__ partial, float* __restrict__ dbias, unsigned* counters) {
+  __shared__ int last;
+  const int b = blockIdx.x / heads, h = blockIdx.x - b * heads, items = gridDim.x / heads, cols = 3 * dh;
+  const size_t d = (size_t)heads * dh;
+  const int start = offsets[b], len = max(0, (int)offsets[b + 1] - start);
+  const T* dx = dqkv + (size_t)start * 3 * d + (size_t)h * dh;
+  __syncthreads();  // every tile of this block's dqkv is written (and visible to the block)
+  for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+    const int part = j / dh, c = j - part * dh;
+    const T* col = dx + part * d + c;
+    float s = 0.0f;
+    for (int i = 0; i < len; ++i) s += to_f32(col[(size_t)i * 3 * d]);
+    partial[(size_t)b * 3 * d + part * d + (size_t)h * dh + c] = s;
+  }
+  __threadfence();  // this block's partials are visible before it counts itself finished
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&counters[h], 1u) == (unsigned)items - 1;
+    if (last) atomicExch(&counters[h], 0u);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+    const int part = j / dh, c = j - part * dh;
+    const size_t col = part * d + (size_t)h * dh + c;
+    float s = 0.0f;
+    for (int k = 0; k < items; ++k) s += __ldcg(partial + (size_t)k * 3 * d + col);  // L2: other blocks wrote them
+    dbias[col] += s;
+  }
+}
+
 template <typename T>
 __device__ void bwd(const T* __restrict__ qkv, const T* __restrict__ probs, const uint32_t* __restrict__ offsets,
                     int heads, int dh, int max_len, float scale, const T* __restrict__ dout, T* __restrict__ dqkv) {
@@ -349,12 +397,11 @@ __device__ void bwd(const T* __restrict__ qkv, const T* __restrict__ probs, cons
   __shared__ unsigned long long red[MAX_THREADS / 32];
   const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
   const size_t d = (size_t)heads * dh;
-  const int start = offsets[b], len = offsets[b + 1] - start;
-  if (len <= 0) return;
+  const int start = offsets[b], len = max(0, (int)offsets[b + 1] - start);
   const T* x = qkv + (size_t)start * 3 * d + (size_t)h * dh;
   const T* dO_g = dout + (size_t)start * d + (size_t)h * dh;
   T* dx = dqkv + (size_t)start * 3 * d + (size_t)h * dh;
-  if (len > max_len) {
+  if (len == 0 || len > max_len) {
     for (int part = 0; part < 3; ++part) poison_rows(dx + part * d, 3 * d, len, dh);
     return;
   }
@@ -423,9 +470,11 @@ extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS, 2)
   attention::fwd<float>(qkv, offsets, heads, dh, max_len, scale, out, probs);
 }
 
-// dqkv [tokens, 3d] (written whole: every row of every item, every head's columns).
+// dqkv [tokens, 3d] (written whole: every row of every item, every head's columns); with
+// partial [items, 3d] non-null, also dbias [3d] += Σ_rows dqkv (counters: heads zero words).
 extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS)
     attention_bwd_f32(const float* qkv, const float* probs, const uint32_t* offsets, int heads, int dh, int max_len,
-                      float scale, const float* dout, float* dqkv) {
+                      float scale, const float* dout, float* dqkv, float* partial, float* dbias, unsigned* counters) {
   attention::bwd<float>(qkv, probs, offsets, heads, dh, max_len, scale, dout, dqkv);
+  if (partial != nullptr) attention::bias_grad<float>(dqkv, offsets, heads, dh, partial, dbias, counters);
 }

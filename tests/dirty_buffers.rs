@@ -129,7 +129,7 @@ fn outputs_in_recycled_buffers_are_overwritten_whole() {
     let probs_len = heads * alen.iter().map(|l| l * l).sum::<usize>();
     check(b, "attention_fwd/bwd", &[aseg.tokens() * d, probs_len, aseg.tokens() * 3 * d], &mut |b| {
         let (out, probs) = b.attention_fwd(&qkv, &aseg, heads).unwrap();
-        let dqkv = b.attention_bwd(&qkv, &probs, &aseg, heads, &dout).unwrap();
+        let dqkv = b.attention_bwd(&qkv, &probs, &aseg, heads, &dout, None).unwrap();
         vec![host(&out), host(&probs), host(&dqkv)]
     });
 

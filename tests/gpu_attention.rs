@@ -31,7 +31,6 @@ fn check(g: &mut dyn Backend, lengths: &[usize], heads: usize, dh: usize, seed: 
     let cq = c.upload(&qkv, &[tokens, 3 * d]).unwrap();
     let (c_out, c_probs) = c.attention_fwd(&cq, &cseg, heads).unwrap();
     let cdo = c.upload(&dout, &[tokens, d]).unwrap();
-    let c_dqkv = c.attention_bwd(&cq, &c_probs, &cseg, heads, &cdo).unwrap();
 
     let gseg = segments(g, lengths);
     let gq = g.upload(&qkv, &[tokens, 3 * d]).unwrap();
@@ -42,10 +41,43 @@ fn check(g: &mut dyn Backend, lengths: &[usize], heads: usize, dh: usize, seed: 
     assert_eq!(g_probs.shape(), c_probs.shape(), "{what}: probs shape");
     compare_twins(&format!("attention_fwd out, {what}"), &g.download(g_out.view()).unwrap(), c_out.cpu(), TOL);
     compare_twins(&format!("attention_fwd probs, {what}"), &g.download(g_probs.view()).unwrap(), c_probs.cpu(), TOL);
-    poison(g, &[tokens * 3 * d]);
-    let g_dqkv = g.attention_bwd(&gq, &g_probs, &gseg, heads, &gdo).unwrap();
-    assert_eq!(g_dqkv.shape(), c_dqkv.shape(), "{what}: dqkv shape");
-    compare_twins(&format!("attention_bwd dqkv, {what}"), &g.download(g_dqkv.view()).unwrap(), c_dqkv.cpu(), TOL);
+    // The backward with the qkv bias's gradient summed in the same launch, added to what the
+    // gradient held: dqkv and dbias against the CPU, dbias against the device's own bias_bwd of
+    // that dqkv (another order: to rounding). Small cases (the emulated suite's time) run it
+    // again, bit for bit, and without the bias gradient: the same dqkv, bit for bit. Every
+    // output and the partials' scratch are poisoned first.
+    let db0 = randv(seed ^ 0xB1A5, 3 * d);
+    let mut c_db = c.upload(&db0, &[3 * d]).unwrap();
+    let c_dqkv = c.attention_bwd(&cq, &c_probs, &cseg, heads, &cdo, Some(c_db.view_mut())).unwrap();
+    let added = |db: &[f32]| -> Vec<f32> { db.iter().zip(&db0).map(|(x, x0)| x - x0).collect() };
+    let small = tokens * 3 * d <= 1 << 16;
+    let mut runs: Vec<(Vec<f32>, Option<Vec<f32>>)> = Vec::new();
+    for with_bias in if small { vec![true, true, false] } else { vec![true] } {
+        poison(g, &[tokens * 3 * d, lengths.len() * 3 * d]);
+        let mut g_db = g.upload(&db0, &[3 * d]).unwrap();
+        let dqkv = g.attention_bwd(&gq, &g_probs, &gseg, heads, &gdo, with_bias.then(|| g_db.view_mut())).unwrap();
+        assert_eq!(dqkv.shape(), c_dqkv.shape(), "{what}: dqkv shape");
+        let dqkv = g.download(dqkv.view()).unwrap();
+        runs.push((dqkv, with_bias.then(|| g.download(g_db.view()).unwrap())));
+    }
+    let (g_dqkv, fused) = (&runs[0].0, runs[0].1.as_deref().expect("first run has the bias"));
+    compare_twins(&format!("attention_bwd dqkv, {what}"), g_dqkv, c_dqkv.cpu(), TOL);
+    compare_twins(&format!("attention_bwd dbias, {what}"), &added(fused), &added(c_db.cpu()), TOL);
+    let mut unfused = g.upload(&db0, &[3 * d]).unwrap();
+    let dqkv = g.upload(g_dqkv, &[tokens, 3 * d]).unwrap();
+    g.bias_bwd(&dqkv, unfused.view_mut()).unwrap();
+    let unfused = g.download(unfused.view()).unwrap();
+    compare_twins(&format!("attention_bwd dbias against bias_bwd, {what}"), &added(fused), &added(&unfused), TOL);
+    for (dqkv, db) in &runs[1..] {
+        assert!(bits(dqkv) == bits(g_dqkv), "{what}: dqkv differs between runs (with and without the bias gradient)");
+        if let Some(db) = db {
+            assert!(bits(db) == bits(fused), "{what}: the qkv bias gradient differs between two runs");
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }
 
 #[test]
@@ -98,7 +130,7 @@ fn attention_refuses_what_it_cannot_hold() {
         }
         let probs = g.zeros(&[lengths.iter().map(|l| heads * l * l).sum()]).unwrap();
         let dout = g.upload(&randv(8, tokens * d), &[tokens, d]).unwrap();
-        match g.attention_bwd(&qkv, &probs, &seg, heads, &dout) {
+        match g.attention_bwd(&qkv, &probs, &seg, heads, &dout, None) {
             Err(Error::Shape { op: "attention_bwd", .. }) => {}
             other => panic!("attention_bwd at lengths {lengths:?}, dh {dh}: expected a shape error, got {other:?}"),
         }
@@ -110,7 +142,7 @@ fn attention_refuses_what_it_cannot_hold() {
     let dout = g.upload(&randv(10, 7 * 9), &[7, 9]).unwrap();
     assert!(matches!(g.attention_fwd(&qkv, &seg, 2), Err(Error::Shape { .. })), "attention_fwd, 27 columns, 2 heads");
     assert!(
-        matches!(g.attention_bwd(&qkv, &probs, &seg, 2, &dout), Err(Error::Shape { .. })),
+        matches!(g.attention_bwd(&qkv, &probs, &seg, 2, &dout, None), Err(Error::Shape { .. })),
         "attention_bwd, 27 columns, 2 heads"
     );
 }

@@ -921,7 +921,7 @@ fn row_ops_reject_tensors_without_columns_and_attention_zero_heads() {
     let qkv = b.zeros(&[3, 12]).unwrap();
     assert!(b.attention_fwd(&qkv, &seg, 0).is_err());
     let (dout, probs) = (b.zeros(&[3, 4]).unwrap(), b.zeros(&[5]).unwrap());
-    assert!(b.attention_bwd(&qkv, &probs, &seg, 0, &dout).is_err());
+    assert!(b.attention_bwd(&qkv, &probs, &seg, 0, &dout, None).is_err());
 }
 
 /// The suite runs per forced path (`SEMSHARE_CPU=portable cargo test --test ops_forward`, .ci/run):
@@ -1025,6 +1025,34 @@ fn residual_layernorm_is_its_ops_bitwise() {
                 assert_eq!(bits(got.cpu()), bits(want.cpu()), "{name}: {what}");
             }
         }
+    }
+}
+
+/// The attention backward with the qkv bias's gradient is the backward then `bias_bwd` of
+/// dqkv, bit for bit, and it adds to what the gradient held.
+#[test]
+fn attention_bwd_with_bias_is_its_ops_bitwise() {
+    let bits = |t: &[f32]| t.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for (lengths, heads, dh) in [(vec![1], 1, 1), (vec![5, 1, 36], 2, 3), (vec![36; 16], 4, 16)] {
+        let mut dev = dev();
+        let b: &mut dyn Backend = &mut dev;
+        let seg = segments(b, &lengths);
+        let (t, d) = (seg.tokens(), heads * dh);
+        let qkv = b.upload(&randv(t as u64, t * 3 * d), &[t, 3 * d]).unwrap();
+        let dout = b.upload(&randv(5, t * d), &[t, d]).unwrap();
+        let (_, probs) = b.attention_fwd(&qkv, &seg, heads).unwrap();
+        let db0 = randv(6, 3 * d);
+        let mut dbias = b.upload(&db0, &[3 * d]).unwrap();
+        let dqkv = b.attention_bwd(&qkv, &probs, &seg, heads, &dout, Some(dbias.view_mut())).unwrap();
+        let dqkv2 = b.attention_bwd(&qkv, &probs, &seg, heads, &dout, None).unwrap();
+        let mut dbias2 = b.upload(&db0, &[3 * d]).unwrap();
+        b.bias_bwd(&dqkv2, dbias2.view_mut()).unwrap();
+        let what = format!("lengths {lengths:?}, {heads} heads of {dh}");
+        assert_eq!(bits(dqkv.cpu()), bits(dqkv2.cpu()), "dqkv: {what}");
+        assert_eq!(bits(dbias.cpu()), bits(dbias2.cpu()), "dbias: {what}");
+        assert_ne!(bits(dbias.cpu()), bits(&db0), "dbias unchanged: {what}");
+        let mut short = b.zeros(&[3 * d - 1]).unwrap();
+        assert!(b.attention_bwd(&qkv, &probs, &seg, heads, &dout, Some(short.view_mut())).is_err(), "{what}");
     }
 }
 

@@ -373,7 +373,7 @@ fn check_attention_bwd(lengths: &[usize], heads: usize, dh: usize, seed: u64) ->
     let qt = b.upload(&qkv, &[seg.tokens(), 3 * d]).unwrap();
     let (_, probs) = b.attention_fwd(&qt, &seg, heads).unwrap();
     let rt = b.upload(&r, &[seg.tokens(), d]).unwrap();
-    let dqkv = b.attention_bwd(&qt, &probs, &seg, heads, &rt).unwrap();
+    let dqkv = b.attention_bwd(&qt, &probs, &seg, heads, &rt, None).unwrap();
     prop_assert_eq!(dqkv.shape(), qt.shape());
     let (r64, off) = (to64(&r), seg.offsets.clone());
     let want = fd_grad(&mut |p| dot64(&r64, &naive::attention(p, &off, heads).0), &to64(&qkv), H);

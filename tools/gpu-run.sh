@@ -161,6 +161,9 @@ comparisons() {
       bw("join bwd + sums (4 x)", 4 * N, "layernorm_4608x1024/join_bwd", "")
       ratio("attention fwd vs SDPA", "attention_128x8x36x128/fwd", "sdpa_fwd fp32")
       ratio("attention fwd+bwd vs SDPA", "attention_128x8x36x128/fwd_bwd", "sdpa_fwd_bwd fp32")
+      a = "attention_128x8x36x128/fwd_bwd_bias"; b = "attention_128x8x36x128/fwd_bwd_then_bias_bwd"
+      if (a in s && b in s) printf "%-28s fused %9.4f ms  unfused %9.4f ms  ratio %.2f (fused/unfused)\n", "attention + qkv bias grad", s[a], s[b], s[a] / s[b]
+      else printf "%-28s missing: %s %s\n", "attention + qkv bias grad", (a in s ? "" : a), (b in s ? "" : b)
       ratio("Bi-GRU fwd vs cuDNN", "bigru_b128_t32_300x512_ieee/fwd", "bigru_fwd fp32")
       ratio("Bi-GRU fwd+bwd vs cuDNN", "bigru_b128_t32_300x512_ieee/fwd_bwd", "bigru_fwd_bwd fp32")
       ratio("BCE fwd+bwd 128x24", "losses/bce_fwd_bwd_128x24", "bce_fwd_bwd fp32")

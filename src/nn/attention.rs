@@ -46,7 +46,8 @@ impl MultiHeadAttention {
     /// Adds the block input's gradient through attention to `dx` (the residual's gradient),
     /// and accumulates every parameter's gradient but the out-projection's bias: that one is
     /// Σ_rows dy, which the block's join sums as it writes dy (`LayerNorm::backward_residual`;
-    /// alone, `Backend::bias_bwd` of dy).
+    /// alone, `Backend::bias_bwd` of dy). The qkv bias's, Σ_rows dqkv, is summed by the
+    /// attention backward as it writes dqkv.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into(
         &self,
@@ -60,7 +61,8 @@ impl MultiHeadAttention {
         dx: &mut Tensor,
     ) -> Result<()> {
         let dcontext = Linear { bias: None, ..self.out.clone() }.backward(dev, w, g, &c.context, dy)?;
-        let dqkv = dev.attention_bwd(&c.qkv, &c.probs, seg, self.heads, &dcontext)?;
-        self.qkv.backward_into(dev, w, g, x, &dqkv, dx)
+        let dbias = self.qkv.bias.map(|b| b.of_mut(g));
+        let dqkv = dev.attention_bwd(&c.qkv, &c.probs, seg, self.heads, &dcontext, dbias)?;
+        Linear { bias: None, ..self.qkv.clone() }.backward_into(dev, w, g, x, &dqkv, dx)
     }
 }

@@ -460,11 +460,15 @@ impl Backend for Cpu {
         seg: &Segments,
         heads: usize,
         dout: &Tensor,
+        dbias: Option<ViewMut>,
     ) -> Result<Tensor> {
         let _timer = profile::time("attention_bwd");
-        check_attention_bwd(qkv, probs, seg, heads, dout)?;
+        check_attention_bwd(qkv, probs, seg, heads, dout, dbias.as_ref())?;
         dispatch::active()?;
         let dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu());
+        if let Some(db) = dbias {
+            elementwise::bias_bwd(&dqkv, db.cpu());
+        }
         Ok(Tensor::from_cpu(dqkv, qkv.shape()))
     }
 

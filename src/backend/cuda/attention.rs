@@ -7,9 +7,9 @@
 //! heads wider than `MAX_HEAD_DIM`, or a size the GPU's shared memory cannot hold, are refused
 //! with an error before anything is launched (never a truncated answer).
 
-use super::{Arg, Cuda, dev_ids};
+use super::{Arg, Cuda, dev_ids, view_mut_ptr};
 use crate::backend::Segments;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, ViewMut};
 use crate::{Error, Result};
 
 /// Longest item (rows of one sequence) the fused kernels hold on chip.
@@ -117,7 +117,8 @@ pub(super) fn forward(cuda: &mut Cuda, qkv: &Tensor, seg: &Segments, heads: usiz
     Ok((out, probs))
 }
 
-/// `dqkv [tokens, 3d]`.
+/// `dqkv [tokens, 3d]`, and with `dbias` its column sums added to it in the same launch
+/// (per item and head, then the items in order: kernels/attention.cu `bias_grad`).
 pub(super) fn backward(
     cuda: &mut Cuda,
     qkv: &Tensor,
@@ -125,6 +126,7 @@ pub(super) fn backward(
     seg: &Segments,
     heads: usize,
     dout: &Tensor,
+    dbias: Option<ViewMut>,
 ) -> Result<Tensor> {
     const K: &str = "attention_bwd_f32";
     let p = plan(cuda, ("attention_bwd", K, true), qkv, seg, heads)?;
@@ -133,6 +135,14 @@ pub(super) fn backward(
         return Ok(dqkv);
     }
     let scale = 1.0 / (p.dh as f32).sqrt();
+    let partial = match &dbias {
+        Some(_) => Some(cuda.scratch(seg.items() * qkv.cols())?),
+        None => None,
+    };
+    let (bias, counters) = match &dbias {
+        Some(v) => (Arg::Ptr(view_mut_ptr(v)?), cuda.strip_counters(heads)?),
+        None => (Arg::Ptr(0), Arg::Ptr(0)),
+    };
     let args = [
         Arg::tensor(qkv)?,
         Arg::tensor(probs)?,
@@ -143,6 +153,9 @@ pub(super) fn backward(
         Arg::F32(scale),
         Arg::tensor(dout)?,
         Arg::tensor(&dqkv)?,
+        partial.as_ref().map_or(Ok(Arg::Ptr(0)), Arg::tensor)?,
+        bias,
+        counters,
     ];
     cuda.launch(K, (p.grid, 1, 1), (p.threads, 1, 1), p.smem as u32, &args)?;
     Ok(dqkv)

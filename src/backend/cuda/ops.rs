@@ -673,9 +673,10 @@ impl Backend for Cuda {
         seg: &Segments,
         heads: usize,
         dout: &Tensor,
+        dbias: Option<ViewMut>,
     ) -> Result<Tensor> {
-        check_attention_bwd(qkv, probs, seg, heads, dout)?;
-        super::attention::backward(self, qkv, probs, seg, heads, dout)
+        check_attention_bwd(qkv, probs, seg, heads, dout, dbias.as_ref())?;
+        super::attention::backward(self, qkv, probs, seg, heads, dout, dbias)
     }
 
     fn gru_fwd(&mut self, seg: &Segments, hidden: usize, runs: [GruRunFwd<'_>; 2], out: &mut Tensor) -> Result<()> {
