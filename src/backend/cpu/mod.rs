@@ -368,6 +368,7 @@ impl Backend for Cpu {
     }
 
     fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
+        let _timer = profile::time("positions");
         let lengths: Vec<usize> = (0..seg.items()).map(|b| seg.len(b)).collect();
         Ok(Tensor::from_cpu(positions::positions(&lengths, dim), &[seg.tokens(), dim]))
     }
@@ -624,12 +625,14 @@ impl Backend for Cpu {
     }
 
     fn sum_squares_into(&mut self, x: View, out: ViewMut) -> Result<()> {
+        let _timer = profile::time("sum_squares_into");
         expect_len("sum_squares_into", "out", out.len(), 1)?;
         out.cpu()[0] = optim::sum_squares(x.cpu()) as f32;
         Ok(())
     }
 
     fn step_guard(&mut self, record: ViewMut, state: ViewMut, ring: ViewMut, p: GuardParams) -> Result<()> {
+        let _timer = profile::time("step_guard");
         check_step_guard(record.len(), state.len(), ring.len())?;
         super::step::guard(record.cpu(), state.cpu(), ring.cpu(), p);
         Ok(())
@@ -645,6 +648,7 @@ impl Backend for Cpu {
         hp: AdamWConstants,
         record: View,
     ) -> Result<()> {
+        let _timer = profile::time("adamw_masked");
         hp.check()?;
         check_adamw_masked(params.len(), grads.len(), m.len(), v.len(), mask, record.len())?;
         optim::adamw_masked(params.cpu(), grads.cpu(), m.cpu(), v.cpu(), &mask.runs, hp, record.cpu());

@@ -54,7 +54,7 @@ pub fn kind(op: &str) -> &'static str {
         "layernorm_fwd" | "layernorm_bwd" | "residual_layernorm_fwd" | "residual_layernorm_bwd" => "layer norm",
         "upload" | "upload_ids" | "download" | "copy" | "fill" | "zeros" | "alloc" | "gather_rows"
         | "scatter_add_rows" | "set_rows" | "set_rows_bwd" => "copies",
-        "adamw" => "optimizer",
+        "adamw" | "adamw_masked" | "sum_squares_into" | "step_guard" => "optimizer",
         "bce_with_logits" | "cross_entropy" => "losses",
         "top_k" => "top-k",
         _ => "elementwise",
