@@ -52,6 +52,8 @@ pub struct Cpu {
     frozen: frozen::FrozenOperands,
     /// `Backend::set_dropout_salt`, XORed into every dropout seed.
     dropout_salt: u64,
+    /// The position-encoding rows `Backend::positions` copies, kept between batches.
+    positions: positions::Table,
 }
 
 impl Cpu {
@@ -370,7 +372,7 @@ impl Backend for Cpu {
     fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
         let _timer = profile::time("positions");
         let lengths: Vec<usize> = (0..seg.items()).map(|b| seg.len(b)).collect();
-        Ok(Tensor::from_cpu(positions::positions(&lengths, dim), &[seg.tokens(), dim]))
+        Ok(Tensor::from_cpu(self.positions.positions(&lengths, dim), &[seg.tokens(), dim]))
     }
 
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {
