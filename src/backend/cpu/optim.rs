@@ -1,5 +1,6 @@
 //! AdamW over a range of the flat parameter buffer (PyTorch's update order: decay first).
 
+use super::simd;
 use crate::backend::{AdamW, AdamWConstants, AdamWScalars};
 
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamW) {
@@ -16,12 +17,17 @@ fn adamw_with(
     AdamWScalars { step_size, inv_sqrt_bc2, decay }: AdamWScalars,
     grad_scale: f32,
 ) {
-    for i in 0..p.len() {
-        let gi = g[i] * grad_scale;
-        m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * gi;
-        v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * gi * gi;
-        p[i] = p[i] * decay - step_size * m[i] / (v[i].sqrt() * inv_sqrt_bc2 + hp.eps);
-    }
+    // Zipped rather than indexed (no bounds checks, so the loop vectorises) and compiled for the
+    // path (`simd::vectorised!`): the same operations in the same order, the same bits.
+    assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len(), "adamw: lengths differ");
+    simd::vectorised!({
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let gi = g * grad_scale;
+            *m = hp.beta1 * *m + (1.0 - hp.beta1) * gi;
+            *v = hp.beta2 * *v + (1.0 - hp.beta2) * gi * gi;
+            *p = *p * decay - step_size * *m / (v.sqrt() * inv_sqrt_bc2 + hp.eps);
+        }
+    })
 }
 
 /// AdamW over the whole buffer, run by run (the record's decay factor on the decayed runs, 1
