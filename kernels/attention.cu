@@ -51,7 +51,7 @@
 //   attention_fwd_f32  sm_90: 64 registers (capped by __launch_bounds__(512, 2), so three
 //                      288-thread blocks fit an SM at len 36), 128 B static smem + dynamic
 //                      sm_80: 64 registers, 128 B static smem + dynamic
-//   attention_bwd_f32  sm_90: 98 registers, 144 B static smem + dynamic (smem allows 2 blocks
+//   attention_bwd_f32  sm_90: 96 registers, 144 B static smem + dynamic (smem allows 2 blocks
 //                      per SM at len 36 anyway); sm_80: 98 registers, same. (110 before the qkv
 //                      bias gradient was added; inlined inside bwd() it took 116, which at 288
 //                      threads would have left one block per SM, so it runs after bwd() returns,
@@ -354,12 +354,11 @@ __device__ void fwd(const T* __restrict__ qkv, const uint32_t* __restrict__ offs
 // into partial[b][part·d + h·dh + c] (read back from the cache: the block wrote those 55 KB a
 // moment ago, so no pass over dqkv in device memory, where the column sum after the kernel read
 // all of it again); the last of head h's blocks to finish adds the items' partials in item order
-// into dbias (common::colsum_finish_strip's pattern, one counter per head, reset by that block),
+// into dbias (common::last_to_finish, as the column sums use it: one counter per head),
 // so the sum is the same bits run to run. Every block takes part, an empty item with zeros.
 template <typename T>
 __device__ void bias_grad(const T* dqkv, const uint32_t* __restrict__ offsets, int heads, int dh,
                           float* __restrict__ partial, float* __restrict__ dbias, unsigned* counters) {
-  __shared__ int last;
   const int b = blockIdx.x / heads, h = blockIdx.x - b * heads, items = gridDim.x / heads, cols = 3 * dh;
   const size_t d = (size_t)heads * dh;
   const int start = offsets[b], len = max(0, (int)offsets[b + 1] - start);
@@ -372,15 +371,7 @@ __device__ void bias_grad(const T* dqkv, const uint32_t* __restrict__ offsets, i
     for (int i = 0; i < len; ++i) s += to_f32(col[(size_t)i * 3 * d]);
     partial[(size_t)b * 3 * d + part * d + (size_t)h * dh + c] = s;
   }
-  __threadfence();  // this block's partials are visible before it counts itself finished
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&counters[h], 1u) == (unsigned)items - 1;
-    if (last) atomicExch(&counters[h], 0u);
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!common::last_to_finish(&counters[h], items)) return;
   for (int j = threadIdx.x; j < cols; j += blockDim.x) {
     const int part = j / dh, c = j - part * dh;
     const size_t col = part * d + (size_t)h * dh + c;

@@ -73,6 +73,23 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   return warp_max(v);
 }
 
+// Whether this block is the last of `blocks` sharing *counter to finish writing its partials
+// (the whole block calls it; the answer is the same in every thread). The last resets the
+// counter, so the next reduction on the stream finds it zero, and its later reads of the other
+// blocks' partials see them (the fence on each side of the count).
+__device__ __forceinline__ bool last_to_finish(unsigned* counter, unsigned blocks) {
+  __shared__ int last;
+  __threadfence();  // this block's partials are visible before it counts itself finished
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    last = atomicAdd(counter, 1u) == blocks - 1;
+    if (last) atomicExch(counter, 0u);
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // Stage 2 of every deterministic column reduction (bias grad, LayerNorm dgamma/dbeta), run by
 // the last block of each column strip (blockIdx.x: 32 columns, 32 × 8 threads) to finish its
 // stage 1, so the reduction is one launch: out_y[c] += Σ_{k < parts} partial[y][k][c], summed
@@ -82,18 +99,10 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // Why not a second launch: a launch costs about what this sum does (parts ≤ 72 at 4608 rows).
 __device__ __forceinline__ void colsum_finish_strip(const float* partial, int cols, float* out0, float* out1,
                                                     unsigned* counters) {
-  __shared__ int last;
-  __threadfence();  // this block's partials are visible before it counts itself finished
-  __syncthreads();
-  if (threadIdx.x == 0 && threadIdx.y == 0) {
-    last = atomicAdd(&counters[blockIdx.x], 1u) == gridDim.y - 1;
-    if (last) atomicExch(&counters[blockIdx.x], 0u);
-  }
-  __syncthreads();
+  if (!last_to_finish(&counters[blockIdx.x], gridDim.y)) return;
   const int c = blockIdx.x * 32 + threadIdx.x;
   float* out = threadIdx.y == 0 ? out0 : out1;
-  if (!last || threadIdx.y > 1 || out == nullptr || c >= cols) return;
-  __threadfence();
+  if (threadIdx.y > 1 || out == nullptr || c >= cols) return;
   const int parts = gridDim.y;
   const float* p = partial + (size_t)threadIdx.y * parts * cols;
   float s = 0.0f;

@@ -135,13 +135,13 @@ pub(super) fn backward(
         return Ok(dqkv);
     }
     let scale = 1.0 / (p.dh as f32).sqrt();
-    let partial = match &dbias {
-        Some(_) => Some(cuda.scratch(seg.items() * qkv.cols())?),
-        None => None,
-    };
-    let (bias, counters) = match &dbias {
-        Some(v) => (Arg::Ptr(view_mut_ptr(v)?), cuda.strip_counters(heads)?),
-        None => (Arg::Ptr(0), Arg::Ptr(0)),
+    // Null pointers: no bias gradient (the kernel skips it).
+    let (partial, bias, counters) = match &dbias {
+        Some(v) => {
+            let partial = cuda.scratch(seg.items() * qkv.cols())?;
+            (Some(partial), Arg::Ptr(view_mut_ptr(v)?), cuda.strip_counters(heads)?)
+        }
+        None => (None, Arg::Ptr(0), Arg::Ptr(0)),
     };
     let args = [
         Arg::tensor(qkv)?,
