@@ -1,7 +1,7 @@
 //! The CPU GEMM on every path this machine can run, in fp32 and in bf16, against the f64
 //! definition on fresh random inputs: odd sizes, every transpose, beta 0 and 1, alpha ≠ 1,
 //! strided operands. A path the machine lacks (or this version does not build) is printed as
-//! not run, by name, never passed; so is the bf16 unit (`vdpbf16ps`) of a path without it.
+//! not run, by name, never passed; a path without a bf16 unit (`vdpbf16ps`) says so.
 
 #[path = "common/amx_trap.rs"]
 mod amx_trap;
@@ -113,7 +113,7 @@ fn gemm_matches_f64_on_every_runnable_path() {
         let unit = match precision {
             Precision::Bf16 if kernels.path() == CpuPath::Amx => " (AMX tiles)",
             Precision::Bf16 if kernels.bf16_native() => " (vdpbf16ps)",
-            Precision::Bf16 => " (portable bf16 kernel: this path has no AVX-512 BF16)",
+            Precision::Bf16 => " (the fp32 kernel on operands rounded to bf16: this path has no AVX-512 BF16)",
             Precision::F32 | Precision::Tf32 => "",
         };
         println!("ran: CPU path {} {}{unit}", kernels.path().name(), precision.name());

@@ -156,8 +156,8 @@ impl Kernels {
         Kernels(path)
     }
 
-    /// Whether bf16 GEMMs run on `vdpbf16ps` (AVX-512 BF16) on this path; otherwise they take
-    /// the portable bf16 kernel (the same products, widened to fp32).
+    /// Whether bf16 GEMMs run on `vdpbf16ps` (AVX-512 BF16) on this path; otherwise the path's
+    /// fp32 kernel multiplies operands rounded to bf16 (the same products, `Bf16OnF32`).
     pub fn bf16_native(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::amx::Bf16Amx;
 use super::dispatch::{CpuPath, Kernels};
-use super::microkernel::{Bf16, Bf16Portable, F32Portable, Micro, Packed, TileOut};
+use super::microkernel::{Bf16, Bf16OnF32, F32Portable, Micro, Packed, TileOut};
 #[cfg(target_arch = "x86_64")]
 use super::microkernel::{Bf16Avx512, F32Avx2, F32Avx512};
 use super::pack::{KC, aligned, pack};
@@ -133,7 +133,10 @@ impl Operand<'_> {
 pub enum Kernel {
     Bf16Amx,
     Bf16Avx512,
-    Bf16Portable,
+    /// bf16 operands on the fp32 kernel of the path (no bf16 unit: `Bf16OnF32`).
+    Bf16OnAvx512,
+    Bf16OnAvx2,
+    Bf16OnPortable,
     F32Avx512,
     F32Avx2,
     F32Portable,
@@ -149,7 +152,11 @@ impl Kernel {
             (Precision::Bf16, CpuPath::Amx) => Kernel::Bf16Amx,
             #[cfg(target_arch = "x86_64")]
             (Precision::Bf16, _) if kernels.bf16_native() => Kernel::Bf16Avx512,
-            (Precision::Bf16, _) => Kernel::Bf16Portable,
+            #[cfg(target_arch = "x86_64")]
+            (Precision::Bf16, CpuPath::Avx512) => Kernel::Bf16OnAvx512,
+            #[cfg(target_arch = "x86_64")]
+            (Precision::Bf16, CpuPath::Avx2) => Kernel::Bf16OnAvx2,
+            (Precision::Bf16, _) => Kernel::Bf16OnPortable,
             #[cfg(target_arch = "x86_64")]
             (Precision::F32, CpuPath::Avx512 | CpuPath::Amx) => Kernel::F32Avx512,
             #[cfg(target_arch = "x86_64")]
@@ -204,7 +211,11 @@ impl PackedB {
                 Kernel::Bf16Amx => PackedB::pack_as::<Bf16Amx>(kernel, g, b),
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Bf16Avx512 => PackedB::pack_as::<Bf16Avx512>(kernel, g, b),
-                Kernel::Bf16Portable => PackedB::pack_as::<Bf16Portable>(kernel, g, b),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Bf16OnAvx512 => PackedB::pack_as::<Bf16OnF32<F32Avx512>>(kernel, g, b),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Bf16OnAvx2 => PackedB::pack_as::<Bf16OnF32<F32Avx2>>(kernel, g, b),
+                Kernel::Bf16OnPortable => PackedB::pack_as::<Bf16OnF32<F32Portable>>(kernel, g, b),
                 #[cfg(target_arch = "x86_64")]
                 Kernel::F32Avx512 => PackedB::pack_as::<F32Avx512>(kernel, g, b),
                 #[cfg(target_arch = "x86_64")]
@@ -277,7 +288,7 @@ struct Prepacked {
 /// `c = alpha·a·b + beta·c` at `precision` with a [m,k], b [k,n], c [m,n] given by their
 /// strides; used for the per-(item, head) products of attention (in fp32), read straight out
 /// of the packed qkv rows. bf16: `vdpbf16ps` where the CPU has AVX-512 BF16, the same products
-/// widened to fp32 on every other path.
+/// on the path's fp32 kernel everywhere else.
 ///
 /// # Safety
 /// Every addressed element must lie inside the allocation behind its pointer, `c` must not
@@ -316,7 +327,11 @@ unsafe fn solve(kernels: Kernels, precision: Precision, p: Problem) {
             Kernel::Bf16Amx => run::<Bf16Amx>(p),
             #[cfg(target_arch = "x86_64")]
             Kernel::Bf16Avx512 => run::<Bf16Avx512>(p),
-            Kernel::Bf16Portable => run::<Bf16Portable>(p),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16OnAvx512 => run::<Bf16OnF32<F32Avx512>>(p),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16OnAvx2 => run::<Bf16OnF32<F32Avx2>>(p),
+            Kernel::Bf16OnPortable => run::<Bf16OnF32<F32Portable>>(p),
             #[cfg(target_arch = "x86_64")]
             Kernel::F32Avx512 => run::<F32Avx512>(p),
             #[cfg(target_arch = "x86_64")]
@@ -583,4 +598,75 @@ where
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::microkernel::F32Unit;
+    use super::*;
+
+    /// bf16 on a path's fp32 kernel is that kernel on the operands rounded to bf16, bit for
+    /// bit (the rounding is all `Bf16OnF32` adds), on every fp32 kernel this CPU runs, whether
+    /// or not dispatch picks it (`Bf16OnF32<F32Avx512>` serves only a CPU with AVX-512 but no
+    /// AVX-512 BF16); operands transposed or not, B packed per call or beforehand, with a bias.
+    #[test]
+    fn bf16_on_an_fp32_kernel_is_that_kernel_on_rounded_operands() {
+        unsafe fn both<K: F32Unit>(name: &str)
+        where
+            f32: Buffers,
+        {
+            let mut rng = crate::rng::Rng::new(23);
+            let round = |x: &[f32]| x.iter().map(|&v| Bf16::from_f32(v).to_f32()).collect::<Vec<_>>();
+            for (m, k, n) in [(1, 1, 1), (7, 300, 17), (70, 513, 50), (130, 33, 1030)] {
+                for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+                    let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+                    let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+                    let bias: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+                    let g = Gemm { m, n, k, trans_a, trans_b, alpha: 0.5, beta: 0.0 };
+                    let problem = |a: &[f32], b: &[f32], c: &mut [f32], pre: Option<&PackedB>| Problem {
+                        m,
+                        k,
+                        n,
+                        alpha: g.alpha,
+                        a: a.as_ptr(),
+                        sa: if trans_a { Strided::transposed(m) } else { Strided::rows(k) },
+                        b: b.as_ptr(),
+                        sb: Strided::of_b(g),
+                        beta: 0.0,
+                        c: c.as_mut_ptr(),
+                        sc: Strided::rows(n),
+                        bias: bias.as_ptr(),
+                        pre: pre.map(|pb| Prepacked { base: pb.as_ptr(), cols: pb.cols, j: 0 }),
+                    };
+                    let (mut want, mut got) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                    let (ra, rb) = (round(&a), round(&b));
+                    // SAFETY (each): the operands hold their shapes; the CPU has K's features
+                    // (the caller checked); the packed B was made from b for this kernel.
+                    unsafe {
+                        run::<K>(problem(&ra, &rb, &mut want, None));
+                        run::<Bf16OnF32<K>>(problem(&a, &b, &mut got, None));
+                        assert_eq!(got, want, "{name}: {m}×{k}×{n} trans {trans_a} {trans_b}");
+                        let packed = PackedB::pack_as::<Bf16OnF32<K>>(Kernel::Bf16OnPortable, g, &b).unwrap();
+                        got.fill(f32::NAN);
+                        run::<Bf16OnF32<K>>(problem(&a, &b, &mut got, Some(&packed)));
+                        assert_eq!(got, want, "{name} packed beforehand: {m}×{k}×{n} trans {trans_a} {trans_b}");
+                    }
+                }
+            }
+            println!("ran: Bf16OnF32<{name}>");
+        }
+        // SAFETY (each): the CPU has the kernel's features (checked).
+        unsafe { both::<F32Portable>("F32Portable") };
+        #[cfg(target_arch = "x86_64")]
+        {
+            match CpuPath::Avx2.kernels() {
+                Ok(_) => unsafe { both::<F32Avx2>("F32Avx2") },
+                Err(why) => println!("not run: Bf16OnF32<F32Avx2> ({why})"),
+            }
+            match CpuPath::Avx512.kernels() {
+                Ok(_) => unsafe { both::<F32Avx512>("F32Avx512") },
+                Err(why) => println!("not run: Bf16OnF32<F32Avx512> ({why})"),
+            }
+        }
+    }
 }

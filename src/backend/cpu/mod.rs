@@ -62,7 +62,7 @@ impl Cpu {
     }
 
     /// A CPU whose layer GEMMs run at `precision` (bf16: AVX-512 BF16 where the CPU has it,
-    /// the same arithmetic widened to fp32 elsewhere). TF32 is refused: no CPU unit has it.
+    /// the path's fp32 kernel on operands rounded to bf16 elsewhere). TF32 is refused: no CPU unit has it.
     pub fn with_precision(precision: Precision) -> Result<Self> {
         if precision == Precision::Tf32 {
             return Err(Error::config(

@@ -12,7 +12,8 @@ pub const KC: usize = 256;
 /// along one) of `kc` elements into slivers of `w` lines laid out as `layout` says (K's `A` or
 /// `B`, microkernel.rs): sliver s holds, for each group of `layout.group` steps of k, lines
 /// s·w .. s·w + w, each line's group together; zero past the last line and past kc (up to
-/// `layout.padded(kc)`).
+/// `layout.padded(kc)`). Then the kernel's `finish_pack` (a bf16 kernel on fp32 units rounds
+/// the slivers there, after the fp32 packing's fast moves).
 ///
 /// # Safety
 /// Every element of the `len` × `kc` block lies inside the allocation behind `src`, and the
@@ -28,189 +29,196 @@ pub unsafe fn pack<K: Micro>(
     w: usize,
     layout: Layout,
 ) {
-    let g = layout.group;
-    let kp = layout.padded(kc);
-    let zero = K::Packed::from_f32(0.0);
-    // One run converted at a time (vectorised: `Micro::convert`), then placed.
-    let mut run = [zero; if KC > 64 { KC } else { 64 }];
-    // bf16 slivers' lines, converted whole before their transpose (below); unused, and
-    // optimised away, for every other kernel.
-    #[cfg(target_arch = "x86_64")]
-    let mut words = [zero; 32 * KC];
-    if line == 1 && along != 1 {
-        // The lines side by side (B as stored, Aᵀ): step k in the outer loop, so that each
-        // row of the source is read once, front to back, for every sliver. Sliver by sliver,
-        // a transposed A (rows 3 KiB apart) fell into a few cache sets and missed L1 at every
-        // step (the weight-gradient GEMM ran 1.7x torch.mm's time).
-        let dst = &mut dst[..len.next_multiple_of(w) * kp];
-        if !len.is_multiple_of(w) || kp > kc {
-            dst.fill(zero);
-        }
+    let slivers = len.next_multiple_of(w) * layout.padded(kc);
+    'placed: {
+        let g = layout.group;
+        let kp = layout.padded(kc);
+        let zero = K::Packed::from_f32(0.0);
+        // One run converted at a time (vectorised: `Micro::convert`), then placed.
+        let mut run = [zero; if KC > 64 { KC } else { 64 }];
+        // bf16 slivers' lines, converted whole before their transpose (below); unused, and
+        // optimised away, for every other kernel.
         #[cfg(target_arch = "x86_64")]
-        if K::AVX_PACK && K::Packed::IS_F32 {
-            // SAFETY: the path has AVX (`AVX_PACK`); an fp32 sliver is f32 (`IS_F32`, g = 1);
-            // the block is inside `src` (pack's contract) and dst holds its slivers.
-            unsafe {
-                let dst = dst.as_mut_ptr() as *mut f32;
-                // The kernels' widths as constants: each sliver row a few fixed moves.
-                match w {
-                    6 => pack_side_by_side_avx::<6>(dst, src, along, len, kc, w),
-                    8 => pack_side_by_side_avx::<8>(dst, src, along, len, kc, w),
-                    16 => pack_side_by_side_avx::<16>(dst, src, along, len, kc, w),
-                    32 => pack_side_by_side_avx::<32>(dst, src, along, len, kc, w),
-                    _ => pack_side_by_side_avx::<0>(dst, src, along, len, kc, w),
-                }
-            };
-            return;
-        }
-        if g == 2 {
-            // bf16: two steps of k at a time, each sliver's group row made by the kernel's
-            // `interleave_pairs` (zeros for the second step past an odd kc).
-            let zeros = [0.0f32; 32];
-            // SAFETY: step q < kc of lines 0..len is inside the block.
-            let step = |q: usize| unsafe { std::slice::from_raw_parts(src.offset(q as isize * along), len) };
-            for p in (0..kc).step_by(2) {
-                let (first, second) = (step(p), (p + 1 < kc).then(|| step(p + 1)));
-                for s0 in (0..len).step_by(w) {
-                    let lines = w.min(len - s0);
-                    let out = &mut dst[s0 * kp + p * w..][..2 * lines];
-                    let b = second.map_or(&zeros[..lines], |r| &r[s0..s0 + lines]);
-                    // SAFETY: the CPU has K's features (pack's contract); out holds 2 · lines.
-                    unsafe { K::interleave_pairs(&first[s0..s0 + lines], b, out) };
-                }
+        let mut words = [zero; 32 * KC];
+        if line == 1 && along != 1 {
+            // The lines side by side (B as stored, Aᵀ): step k in the outer loop, so that each
+            // row of the source is read once, front to back, for every sliver. Sliver by sliver,
+            // a transposed A (rows 3 KiB apart) fell into a few cache sets and missed L1 at every
+            // step (the weight-gradient GEMM ran 1.7x torch.mm's time).
+            let dst = &mut dst[..len.next_multiple_of(w) * kp];
+            if !len.is_multiple_of(w) || kp > kc {
+                dst.fill(zero);
             }
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if K::AVX_PACK && g == 32 && w == 32 && size_of::<K::Packed>() == 2 {
-            // AMX's A transposed (a weight gradient's dYᵀ): for each 32 steps of k, the pairs
-            // of steps interleaved into words for each sliver's 32 lines (`interleave_pairs`:
-            // `[pair][line]`), then those 16 × 32 words transposed 8 × 8 into each line's 16
-            // words (`[line][pair]`, one tile row). Element by element this took several
-            // times the tiles' own time per block.
-            let zeros = [0.0f32; 32];
-            // SAFETY: step q < kc of lines 0..len is inside the block.
-            let step = |q: usize| unsafe { std::slice::from_raw_parts(src.offset(q as isize * along), len) };
-            for t in 0..kp / 32 {
-                for s0 in (0..len).step_by(w) {
-                    let lines = w.min(len - s0);
-                    let pairs = &mut words[..32 * 32];
-                    pairs.fill(zero);
-                    for (q, p) in (t * 32..kc.min(t * 32 + 32)).step_by(2).enumerate() {
-                        let second = if p + 1 < kc { &step(p + 1)[s0..s0 + lines] } else { &zeros[..lines] };
-                        // SAFETY: the CPU has K's features (pack's contract); 2 · lines fit.
-                        unsafe { K::interleave_pairs(&step(p)[s0..s0 + lines], second, &mut pairs[q * 64..]) };
+            #[cfg(target_arch = "x86_64")]
+            if K::AVX_PACK && K::Packed::IS_F32 {
+                // SAFETY: the path has AVX (`AVX_PACK`); an fp32 sliver is f32 (`IS_F32`, g = 1);
+                // the block is inside `src` (pack's contract) and dst holds its slivers.
+                unsafe {
+                    let dst = dst.as_mut_ptr() as *mut f32;
+                    // The kernels' widths as constants: each sliver row a few fixed moves.
+                    match w {
+                        6 => pack_side_by_side_avx::<6>(dst, src, along, len, kc, w),
+                        8 => pack_side_by_side_avx::<8>(dst, src, along, len, kc, w),
+                        16 => pack_side_by_side_avx::<16>(dst, src, along, len, kc, w),
+                        32 => pack_side_by_side_avx::<32>(dst, src, along, len, kc, w),
+                        _ => pack_side_by_side_avx::<0>(dst, src, along, len, kc, w),
                     }
-                    // SAFETY: the path has AVX (`AVX_PACK`); `pairs` holds 16 rows of 32
-                    // words, and group t of sliver s0 / w is 32 lines of 16 words.
-                    unsafe {
-                        let out = dst[s0 * kp + t * 32 * w..][..32 * w].as_mut_ptr() as *mut f32;
-                        let out = std::slice::from_raw_parts_mut(out, 16 * w);
-                        pack_lines_avx(out, pairs.as_ptr() as *const f32, 32, 32, 16);
+                };
+                break 'placed;
+            }
+            if g == 2 {
+                // bf16: two steps of k at a time, each sliver's group row made by the kernel's
+                // `interleave_pairs` (zeros for the second step past an odd kc).
+                let zeros = [0.0f32; 32];
+                // SAFETY: step q < kc of lines 0..len is inside the block.
+                let step = |q: usize| unsafe { std::slice::from_raw_parts(src.offset(q as isize * along), len) };
+                for p in (0..kc).step_by(2) {
+                    let (first, second) = (step(p), (p + 1 < kc).then(|| step(p + 1)));
+                    for s0 in (0..len).step_by(w) {
+                        let lines = w.min(len - s0);
+                        let out = &mut dst[s0 * kp + p * w..][..2 * lines];
+                        let b = second.map_or(&zeros[..lines], |r| &r[s0..s0 + lines]);
+                        // SAFETY: the CPU has K's features (pack's contract); out holds 2 · lines.
+                        unsafe { K::interleave_pairs(&first[s0..s0 + lines], b, out) };
                     }
                 }
+                break 'placed;
             }
-            return;
-        }
-        if g > 2 {
-            // Longer groups on a kernel without AVX packing: each value to its place.
+            #[cfg(target_arch = "x86_64")]
+            if K::AVX_PACK && g == 32 && w == 32 && size_of::<K::Packed>() == 2 {
+                // AMX's A transposed (a weight gradient's dYᵀ): for each 32 steps of k, the pairs
+                // of steps interleaved into words for each sliver's 32 lines (`interleave_pairs`:
+                // `[pair][line]`), then those 16 × 32 words transposed 8 × 8 into each line's 16
+                // words (`[line][pair]`, one tile row). Element by element this took several
+                // times the tiles' own time per block.
+                let zeros = [0.0f32; 32];
+                // SAFETY: step q < kc of lines 0..len is inside the block.
+                let step = |q: usize| unsafe { std::slice::from_raw_parts(src.offset(q as isize * along), len) };
+                for t in 0..kp / 32 {
+                    for s0 in (0..len).step_by(w) {
+                        let lines = w.min(len - s0);
+                        let pairs = &mut words[..32 * 32];
+                        pairs.fill(zero);
+                        for (q, p) in (t * 32..kc.min(t * 32 + 32)).step_by(2).enumerate() {
+                            let second = if p + 1 < kc { &step(p + 1)[s0..s0 + lines] } else { &zeros[..lines] };
+                            // SAFETY: the CPU has K's features (pack's contract); 2 · lines fit.
+                            unsafe { K::interleave_pairs(&step(p)[s0..s0 + lines], second, &mut pairs[q * 64..]) };
+                        }
+                        // SAFETY: the path has AVX (`AVX_PACK`); `pairs` holds 16 rows of 32
+                        // words, and group t of sliver s0 / w is 32 lines of 16 words.
+                        unsafe {
+                            let out = dst[s0 * kp + t * 32 * w..][..32 * w].as_mut_ptr() as *mut f32;
+                            let out = std::slice::from_raw_parts_mut(out, 16 * w);
+                            pack_lines_avx(out, pairs.as_ptr() as *const f32, 32, 32, 16);
+                        }
+                    }
+                }
+                break 'placed;
+            }
+            if g > 2 {
+                // Longer groups on a kernel without AVX packing: each value to its place.
+                for p in 0..kc {
+                    // SAFETY: step p of lines 0..len is inside the block.
+                    let row = unsafe { std::slice::from_raw_parts(src.offset(p as isize * along), len) };
+                    for (l, &v) in row.iter().enumerate() {
+                        dst[l / w * w * kp + (p / g * w + l % w) * g + p % g] = K::Packed::from_f32(v);
+                    }
+                }
+                break 'placed;
+            }
+            // fp32 on the portable path (g = 1): each step's lines copied into their slivers.
             for p in 0..kc {
                 // SAFETY: step p of lines 0..len is inside the block.
                 let row = unsafe { std::slice::from_raw_parts(src.offset(p as isize * along), len) };
-                for (l, &v) in row.iter().enumerate() {
-                    dst[l / w * w * kp + (p / g * w + l % w) * g + p % g] = K::Packed::from_f32(v);
+                for s0 in (0..len).step_by(w) {
+                    place(&mut dst[s0 * kp + p * w..], &row[s0..w.min(len - s0) + s0]);
                 }
             }
-            return;
+            break 'placed;
         }
-        // fp32 on the portable path (g = 1): each step's lines copied into their slivers.
-        for p in 0..kc {
-            // SAFETY: step p of lines 0..len is inside the block.
-            let row = unsafe { std::slice::from_raw_parts(src.offset(p as isize * along), len) };
-            for s0 in (0..len).step_by(w) {
-                place(&mut dst[s0 * kp + p * w..], &row[s0..w.min(len - s0) + s0]);
+        for (s, sliver) in dst[..len.next_multiple_of(w) * kp].chunks_exact_mut(w * kp).enumerate() {
+            let first = s * w;
+            let lines = w.min(len - first);
+            // SAFETY (all reads): line first + l < len and p < kc are inside the block.
+            let base = unsafe { src.offset(first as isize * line) };
+            if lines < w || kp > kc {
+                sliver.fill(zero);
             }
-        }
-        return;
-    }
-    for (s, sliver) in dst[..len.next_multiple_of(w) * kp].chunks_exact_mut(w * kp).enumerate() {
-        let first = s * w;
-        let lines = w.min(len - first);
-        // SAFETY (all reads): line first + l < len and p < kc are inside the block.
-        let base = unsafe { src.offset(first as isize * line) };
-        if lines < w || kp > kc {
-            sliver.fill(zero);
-        }
-        if along == 1 {
-            // Each line contiguous (A as stored, Bᵀ as the weights are): read along it.
-            #[cfg(target_arch = "x86_64")]
-            if K::AVX_PACK && K::Packed::IS_F32 && lines == w && w.is_multiple_of(8) {
-                // SAFETY: the path has AVX (`AVX_PACK`); an fp32 sliver is f32 (`IS_F32`);
-                // lines < len and p < kc are inside the block.
-                unsafe {
-                    let sliver = std::slice::from_raw_parts_mut(sliver.as_mut_ptr() as *mut f32, sliver.len());
-                    pack_lines_avx(sliver, base, line, kc, w);
-                }
-                continue;
-            }
-            #[cfg(target_arch = "x86_64")]
-            if K::AVX_PACK && g == 2 && size_of::<K::Packed>() == 2 && lines == w && w.is_multiple_of(8) && w <= 32 {
-                // bf16: each line converted whole into `words` (a pair of k is one 32-bit word,
-                // the unit a `vdpbf16ps` lane takes), then the words transposed 8 × 8 as fp32
-                // lines are: moves of 32-bit patterns, never arithmetic on them.
-                for l in 0..w {
-                    let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
-                    // SAFETY: the CPU has K's features (pack's contract).
-                    unsafe { K::convert(from, &mut words[l * kp..l * kp + kc]) };
-                    words[l * kp + kc..(l + 1) * kp].fill(zero);
-                }
-                // SAFETY: the path has AVX (`AVX_PACK`); `words` holds w lines of kp / 2 words
-                // and the sliver kp / 2 · w words (2-byte elements, g = 2).
-                unsafe {
-                    let out = std::slice::from_raw_parts_mut(sliver.as_mut_ptr() as *mut f32, sliver.len() / 2);
-                    pack_lines_avx(out, words.as_ptr() as *const f32, (kp / 2) as isize, kp / 2, w);
-                }
-                continue;
-            }
-            if g > 2 {
-                // Long groups (AMX's A): a line's group is a contiguous run of the sliver, so
-                // each is converted straight into place.
-                for l in 0..lines {
-                    let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
-                    for (q, run) in from.chunks(g).enumerate() {
-                        // SAFETY: the CPU has K's features (pack's contract).
-                        unsafe { K::convert(run, &mut sliver[(q * w + l) * g..][..run.len()]) };
-                    }
-                }
-                continue;
-            }
-            for l in 0..lines {
-                let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
-                if K::Packed::IS_F32 {
-                    for (p, &v) in from.iter().enumerate() {
-                        sliver[p * w + l] = K::Packed::from_f32(v);
+            if along == 1 {
+                // Each line contiguous (A as stored, Bᵀ as the weights are): read along it.
+                #[cfg(target_arch = "x86_64")]
+                if K::AVX_PACK && K::Packed::IS_F32 && lines == w && w.is_multiple_of(8) {
+                    // SAFETY: the path has AVX (`AVX_PACK`); an fp32 sliver is f32 (`IS_F32`);
+                    // lines < len and p < kc are inside the block.
+                    unsafe {
+                        let sliver = std::slice::from_raw_parts_mut(sliver.as_mut_ptr() as *mut f32, sliver.len());
+                        pack_lines_avx(sliver, base, line, kc, w);
                     }
                     continue;
                 }
-                let per = run.len();
-                for (p0, chunk) in from.chunks(per).enumerate().map(|(c, ch)| (c * per, ch)) {
-                    // SAFETY: the CPU has K's features (pack's contract).
-                    unsafe { K::convert(chunk, &mut run[..chunk.len()]) };
-                    for (i, &v) in run[..chunk.len()].iter().enumerate() {
-                        let p = p0 + i;
-                        sliver[(p / g * w + l) * g + p % g] = v;
+                #[cfg(target_arch = "x86_64")]
+                if K::AVX_PACK && g == 2 && size_of::<K::Packed>() == 2 && lines == w && w.is_multiple_of(8) && w <= 32
+                {
+                    // bf16: each line converted whole into `words` (a pair of k is one 32-bit word,
+                    // the unit a `vdpbf16ps` lane takes), then the words transposed 8 × 8 as fp32
+                    // lines are: moves of 32-bit patterns, never arithmetic on them.
+                    for l in 0..w {
+                        let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
+                        // SAFETY: the CPU has K's features (pack's contract).
+                        unsafe { K::convert(from, &mut words[l * kp..l * kp + kc]) };
+                        words[l * kp + kc..(l + 1) * kp].fill(zero);
+                    }
+                    // SAFETY: the path has AVX (`AVX_PACK`); `words` holds w lines of kp / 2 words
+                    // and the sliver kp / 2 · w words (2-byte elements, g = 2).
+                    unsafe {
+                        let out = std::slice::from_raw_parts_mut(sliver.as_mut_ptr() as *mut f32, sliver.len() / 2);
+                        pack_lines_avx(out, words.as_ptr() as *const f32, (kp / 2) as isize, kp / 2, w);
+                    }
+                    continue;
+                }
+                if g > 2 {
+                    // Long groups (AMX's A): a line's group is a contiguous run of the sliver, so
+                    // each is converted straight into place.
+                    for l in 0..lines {
+                        let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
+                        for (q, run) in from.chunks(g).enumerate() {
+                            // SAFETY: the CPU has K's features (pack's contract).
+                            unsafe { K::convert(run, &mut sliver[(q * w + l) * g..][..run.len()]) };
+                        }
+                    }
+                    continue;
+                }
+                for l in 0..lines {
+                    let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
+                    if K::Packed::IS_F32 {
+                        for (p, &v) in from.iter().enumerate() {
+                            sliver[p * w + l] = K::Packed::from_f32(v);
+                        }
+                        continue;
+                    }
+                    let per = run.len();
+                    for (p0, chunk) in from.chunks(per).enumerate().map(|(c, ch)| (c * per, ch)) {
+                        // SAFETY: the CPU has K's features (pack's contract).
+                        unsafe { K::convert(chunk, &mut run[..chunk.len()]) };
+                        for (i, &v) in run[..chunk.len()].iter().enumerate() {
+                            let p = p0 + i;
+                            sliver[(p / g * w + l) * g + p % g] = v;
+                        }
                     }
                 }
-            }
-        } else {
-            for p in 0..kc {
-                let out = &mut sliver[p / g * w * g + p % g..];
-                for l in 0..lines {
-                    out[l * g] = K::Packed::from_f32(unsafe { *base.offset(l as isize * line + p as isize * along) });
+            } else {
+                for p in 0..kc {
+                    let out = &mut sliver[p / g * w * g + p % g..];
+                    for l in 0..lines {
+                        out[l * g] =
+                            K::Packed::from_f32(unsafe { *base.offset(l as isize * line + p as isize * along) });
+                    }
                 }
             }
         }
     }
+    // SAFETY: the CPU has K's features (pack's contract).
+    unsafe { K::finish_pack(&mut dst[..slivers]) }
 }
 
 /// `out[i] = lines[i]`, with the slivers' usual widths as fixed sizes (moved in registers;
