@@ -10,7 +10,12 @@
 //! portable path (`tests/cpu_elementwise.rs` compares them).
 //!
 //! One closure shared by the three paths would have three callers and stay out of line,
-//! compiled for the baseline: that is why this is a macro.
+//! compiled for the baseline: that is why this is a macro. Even so LLVM may leave a closure
+//! with a long body out of line (and merge the avx2 and avx512 copies into one, compiled for
+//! the baseline): attention's softmax was, in some builds and not others, 1.6× slower. Such a
+//! body goes into an `#[inline(always)]` function that the closure calls (attention.rs's two),
+//! and `tools/check_vectorised.py` (CI) checks the release binary's machine code for any
+//! `simd::avx2` or `simd::avx512` that calls a closure instead of holding its body.
 
 /// `$body`, compiled for the active path (see the file header).
 macro_rules! vectorised {
