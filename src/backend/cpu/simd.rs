@@ -12,10 +12,12 @@
 //! One closure shared by the three paths would have three callers and stay out of line,
 //! compiled for the baseline: that is why this is a macro. Even so LLVM may leave a closure
 //! with a long body out of line (and merge the avx2 and avx512 copies into one, compiled for
-//! the baseline): attention's softmax was, in some builds and not others, 1.6× slower. Such a
-//! body goes into an `#[inline(always)]` function that the closure calls (attention.rs's two),
-//! and `tools/check_vectorised.py` (CI) checks the release binary's machine code for any
-//! `simd::avx2` or `simd::avx512` that calls a closure instead of holding its body.
+//! the baseline): attention's softmax was, in some builds and not others, 1.6× slower (with
+//! 4 codegen units the closure could land in another unit than its caller). Release builds
+//! now have one codegen unit (Cargo.toml), attention.rs's two long bodies are
+//! `#[inline(always)]` functions that the closures call, and `tools/check_vectorised.py` (CI)
+//! checks the release binary's machine code for any `simd::avx2` or `simd::avx512` that calls
+//! a closure instead of holding its body.
 
 /// `$body`, compiled for the active path (see the file header).
 macro_rules! vectorised {
