@@ -347,11 +347,35 @@ fn check_segment_embed(tokens: usize, content: usize, location: usize, dim: usiz
             let (xt, lt) = (up(b, x, content), up(b, &loc, location));
             let (_, cache) = se.forward(b, w, xt, lt).unwrap();
             let dy = up(b, r, dim);
-            let dx = se.backward(b, w, g, cache, &dy).unwrap();
+            let dx = se.backward(b, w, g, cache, &dy, true).unwrap().unwrap();
             Some(b.download(dx.view()).unwrap())
         }),
     };
     check_layer("SegmentEmbed", layer, seed)
+}
+
+/// Without the content's gradient (features that are data), the parameters get the same
+/// gradients, bit for bit, and no dx is made.
+#[test]
+fn segment_embed_without_the_content_gradient_gives_the_same_parameter_gradients() {
+    let (tokens, content, location, dim) = (7, 5, 3, 8);
+    let mut store = ParamStore::new();
+    let se = SegmentEmbed::new(&mut store, "seg", content, location, dim);
+    let mut c = common::cpu();
+    let b: &mut dyn Backend = &mut c;
+    let w = b.upload(&params(&store, 3), &[store.total]).unwrap();
+    let dy = up(b, &randv(4, tokens * dim), dim);
+    let mut grads = Vec::new();
+    for content_grad in [true, false] {
+        let (x, loc) = (up(b, &randv(1, tokens * content), content), up(b, &randv(2, tokens * location), location));
+        let (_, cache) = se.forward(b, &w, x, loc).unwrap();
+        let mut g = b.zeros(&[store.total]).unwrap();
+        let dx = se.backward(b, &w, &mut g, cache, &dy, content_grad).unwrap();
+        assert_eq!(dx.is_some(), content_grad);
+        grads.push(b.download(g.view()).unwrap());
+    }
+    assert_eq!(grads[0], grads[1]);
+    assert!(grads[0].iter().any(|&v| v != 0.0));
 }
 
 proptest! {

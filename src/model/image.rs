@@ -55,9 +55,10 @@ impl ImageEncoder {
         mut de: Tensor,
     ) -> Result<()> {
         c.drop.backward(dev, &mut de)?;
-        let mut dfeatures = self.embed.backward(dev, w, g, c.embed, &de)?;
-        // Only the masked rows carry a gradient anywhere: into the [MASK] feature.
-        if let Some(rows) = &c.masked {
+        // Only the masked rows carry a gradient anywhere: into the [MASK] feature. The
+        // features are data, so with no masked row their gradient is not computed.
+        let dfeatures = self.embed.backward(dev, w, g, c.embed, &de, c.masked.is_some())?;
+        if let (Some(rows), Some(mut dfeatures)) = (&c.masked, dfeatures) {
             dev.set_rows_bwd(&mut dfeatures, rows, self.mask_feature.of_mut(g))?;
         }
         Ok(())

@@ -90,9 +90,9 @@ impl TextEncoder {
         mut de: Tensor,
     ) -> Result<()> {
         c.drop.backward(dev, &mut de)?;
-        let dsegments = self.embed.backward(dev, w, g, c.embed, &de)?;
-        // Pre-extracted features are inputs: their gradient stops here.
-        if let (Some(we), Some(words)) = (&self.words, c.words) {
+        // Pre-extracted features are inputs: their gradient is not computed.
+        let dsegments = self.embed.backward(dev, w, g, c.embed, &de, c.words.is_some())?;
+        if let (Some(we), Some(words), Some(dsegments)) = (&self.words, c.words, dsegments) {
             let (tokens, gru) = *words;
             let dwords = we.gru.backward(dev, w, g, seg, gru, &dsegments)?;
             we.embedding.backward(dev, g, &tokens, &dwords)?;

@@ -45,7 +45,9 @@ impl SegmentEmbed {
         Ok((e, SegmentEmbedCache { x, loc, norm, normed }))
     }
 
-    /// Returns dx (the content's gradient); the location is data and gets none.
+    /// The parameters' gradients, and with `content_grad` dx, the content's (None without:
+    /// features that are data need none, and its GEMM is not run). The location is data and
+    /// gets none.
     pub fn backward(
         &self,
         dev: &mut dyn Backend,
@@ -53,10 +55,14 @@ impl SegmentEmbed {
         g: &mut Tensor,
         c: SegmentEmbedCache,
         de: &Tensor,
-    ) -> Result<Tensor> {
+        content_grad: bool,
+    ) -> Result<Option<Tensor>> {
         let dnormed = dev.gelu_bwd(&c.normed, de)?;
         let ds = self.norm.backward(dev, w, g, c.norm, &dnormed)?;
         self.psi2.backward_params(dev, g, c.loc.view(), &ds)?;
-        self.psi1.backward(dev, w, g, &c.x, &ds)
+        if !content_grad {
+            return self.psi1.backward_params(dev, g, c.x.view(), &ds).map(|()| None);
+        }
+        self.psi1.backward(dev, w, g, &c.x, &ds).map(Some)
     }
 }
