@@ -611,7 +611,7 @@ mod tests {
     /// AVX-512 BF16); operands transposed or not, B packed per call or beforehand, with a bias.
     #[test]
     fn bf16_on_an_fp32_kernel_is_that_kernel_on_rounded_operands() {
-        unsafe fn both<K: F32Unit>(name: &str)
+        unsafe fn both<K: F32Unit>(name: &str, kernel: Kernel)
         where
             f32: Buffers,
         {
@@ -646,7 +646,7 @@ mod tests {
                         run::<K>(problem(&ra, &rb, &mut want, None));
                         run::<Bf16OnF32<K>>(problem(&a, &b, &mut got, None));
                         assert_eq!(got, want, "{name}: {m}×{k}×{n} trans {trans_a} {trans_b}");
-                        let packed = PackedB::pack_as::<Bf16OnF32<K>>(Kernel::Bf16OnPortable, g, &b).unwrap();
+                        let packed = PackedB::pack_as::<Bf16OnF32<K>>(kernel, g, &b).unwrap();
                         got.fill(f32::NAN);
                         run::<Bf16OnF32<K>>(problem(&a, &b, &mut got, Some(&packed)));
                         assert_eq!(got, want, "{name} packed beforehand: {m}×{k}×{n} trans {trans_a} {trans_b}");
@@ -656,15 +656,15 @@ mod tests {
             println!("ran: Bf16OnF32<{name}>");
         }
         // SAFETY (each): the CPU has the kernel's features (checked).
-        unsafe { both::<F32Portable>("F32Portable") };
+        unsafe { both::<F32Portable>("F32Portable", Kernel::Bf16OnPortable) };
         #[cfg(target_arch = "x86_64")]
         {
             match CpuPath::Avx2.kernels() {
-                Ok(_) => unsafe { both::<F32Avx2>("F32Avx2") },
+                Ok(_) => unsafe { both::<F32Avx2>("F32Avx2", Kernel::Bf16OnAvx2) },
                 Err(why) => println!("not run: Bf16OnF32<F32Avx2> ({why})"),
             }
             match CpuPath::Avx512.kernels() {
-                Ok(_) => unsafe { both::<F32Avx512>("F32Avx512") },
+                Ok(_) => unsafe { both::<F32Avx512>("F32Avx512", Kernel::Bf16OnAvx512) },
                 Err(why) => println!("not run: Bf16OnF32<F32Avx512> ({why})"),
             }
         }
