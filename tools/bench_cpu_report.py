@@ -2,22 +2,27 @@
 """CPU benchmark report: semshare (criterion) against PyTorch eager and ONNX Runtime, all
 measured in this one run on this machine, printed as one markdown table with ratios.
 
-    python3 tools/bench_cpu_report.py [--skip-onnx] [--json] [--evidence DIR] > report.md
+    python3 tools/bench_cpu_report.py [--rounds N] [--skip-onnx] [--json] [--evidence DIR] > report.md
 
-Runs, in order: `cargo bench --bench cpu` (train step, embedding, full and mixed lengths, fp32
-and bf16 (`--precision bf16`), and the GEMM versions side by side), `torch.mm` on the same GEMM
-shapes in fp32 and bf16 (median of 50, 2 threads), `tools/torch_reference.py bench-cpu` (full,
-mixed; fp32 and `--bf16`, CPU autocast), `tools/onnx_baseline.py` (full, mixed; fp32: ONNX
-Runtime's CPU provider has no bf16, so bf16 embedding is compared with its fp32). A ratio
-below 1 means semshare is faster. The load average next to each figure says how much other
-work shared the cores (a ratio is only meaningful when both sides saw the same).
+Each measure's two sides run back to back, so that a ratio compares the same minutes of this
+machine (a VM's speed moves by 25 % and more over the minutes a whole suite takes; measured
+suite after suite, the two sides of a ratio did not always see the same machine). For each
+case (full or mixed lengths; fp32, then bf16 via `--precision bf16`): `cargo bench --bench cpu`
+on that case's train step and embedding, then `tools/torch_reference.py bench-cpu` (bf16: CPU
+autocast), then `tools/onnx_baseline.py` (fp32 only: ONNX Runtime's CPU provider has no bf16,
+so the bf16 embedding is compared with its fp32, measured again beside it). Then each GEMM
+shape: ours in fp32 and bf16 and `matrixmultiply`, then `torch.mm` on it in fp32 and bf16
+(median of 50, 2 threads). The whole sequence runs `--rounds` times (default 2: every figure
+twice); each cell of the table lists the rounds' values. A ratio below 1 means semshare is
+faster.
 
 Evidence: the CPU's model and flags, the kernels' path semshare took (SEMSHARE_CPU or the best
-one detected) and the raw output of every run are written to a new directory (default
+one detected), the load average around each round and the raw output of every run (under
+round1/, round2/, …) are written to a new directory (default
 target/bench_cpu_report/<UTC time>/; an existing one is refused, never overwritten).
-`--json` prints one line per figure instead of the table:
-{"measure", "inputs", "precision", "semshare_ms", "torch_ms", "ort_ms"} (null where not measured;
-the GEMMs as "gemm <shape>" with inputs "-").
+`--json` prints one line per figure and round instead of the table:
+{"measure", "inputs", "precision", "semshare_ms", "torch_ms", "ort_ms", "round"} (null where not
+measured; the GEMMs as "gemm <shape>" with inputs "-" and also "matrixmultiply_ms").
 """
 
 import argparse
@@ -83,12 +88,87 @@ def cpu_info():
     return model, flags
 
 
+def measure_round(a, evidence, path_line):
+    """One round: each measure's semshare side and its baselines back to back, so that the two
+    sides of a ratio see the same minute of this machine (a VM's speed moves by 25 % and more
+    over the minutes a whole suite takes). Returns (figures, the bench's path description)."""
+    cases = [(inputs, precision) for precision in ("fp32", "bf16") for inputs in ("full", "mixed")]
+    figures = []
+    for inputs, precision in cases:
+        name = inputs if precision == "fp32" else f"{inputs}_bf16"
+        tag = f"{inputs}_{precision}"
+        ours = criterion(["train_step_small_b32", "embed_small_32img_32txt"], name, evidence, f"cargo_bench_{tag}")
+        path_line = path_line or ours["path"]
+        flags_ = (["--mixed"] if inputs == "mixed" else []) + (["--bf16"] if precision == "bf16" else [])
+        out, _ = run([sys.executable, "tools/torch_reference.py", "bench-cpu", "--attn", "sdpa"] + flags_, evidence,
+                     f"torch_{tag}")
+        torch_ms = {}
+        for rec in json_lines(out):
+            if rec["measure"] == "train_step":
+                torch_ms["train"] = rec["median_ms"]
+            if rec["measure"] == "embed_pooled" and precision == "bf16":
+                torch_ms["embed"] = rec["median_ms"]
+        ort = None
+        if not a.skip_onnx:
+            # ONNX Runtime's CPU provider has no bf16: the bf16 embedding is compared with its fp32,
+            # measured again next to it.
+            fl = ["--mixed"] if inputs == "mixed" else []
+            out, _ = run([sys.executable, "tools/onnx_baseline.py"] + fl, evidence, f"onnx_{tag}",
+                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            recs = json_lines(out)
+            ort = next(r["median_ms"] for r in recs if r["runtime"] == "onnxruntime")
+            if precision == "fp32":
+                # PyTorch eager embedding, timed in the same process as ONNX Runtime (median of its runs).
+                eager = sorted(r["median_ms"] for r in recs if r["runtime"] == "torch_eager")
+                torch_ms["embed"] = eager[len(eager) // 2]
+        for kind, group in (("train", "train_step_small_b32"), ("embed", "embed_small_32img_32txt")):
+            measure = "train step, batch 32" if kind == "train" else "embed 32 images + 32 texts"
+            figures.append({"measure": measure, "inputs": inputs, "precision": precision,
+                            "semshare_ms": ours[group], "torch_ms": torch_ms.get(kind),
+                            "ort_ms": ort if kind == "embed" else None})
+    path = path_line.split("+")[0]
+    for shape in GEMM_SHAPES:
+        names = {"fp32": f"gemm/semshare_{path}/{shape}", "bf16": f"gemm/semshare_{path}_bf16/{shape}",
+                 "matrixmultiply": f"gemm/matrixmultiply/{shape}"}
+        ours = criterion(["gemm"], None, evidence, f"cargo_bench_gemm_{shape}", ids=list(names.values()))
+        out, _ = run([sys.executable, "-c", TORCH_GEMM, json.dumps([shape])], evidence, f"torch_gemm_{shape}")
+        theirs = {rec["dtype"]: rec["median_ms"] for rec in json_lines(out)}
+        for precision in ("fp32", "bf16"):
+            figures.append({"measure": f"gemm {shape}", "inputs": "-", "precision": precision,
+                            "semshare_ms": ours[names[precision]], "torch_ms": theirs.get(precision), "ort_ms": None,
+                            "matrixmultiply_ms": ours[names["matrixmultiply"]]})
+    return figures, path_line
+
+
+def criterion(groups, name, evidence, label, ids=None):
+    """Runs `cargo bench --bench cpu` on the benches `group/name` (or the ids given) and returns
+    their medians (ms) by group (or id), with the path line the bench prints as "path"."""
+    ids = ids or [f"{g}/{name}" for g in groups]
+    pattern = "^(" + "|".join(re.escape(i) for i in ids) + ")$"
+    global BENCH_STARTED
+    BENCH_STARTED = time.time()
+    _, err = run(["cargo", "bench", "--bench", "cpu", "--", pattern], evidence, label)
+    described = re.search(r"semshare CPU path: ([\w+]+)", err)
+    got = {"path": described.group(1) if described else "unknown"}
+    for i in ids:
+        group, bench = i.split("/", 1)
+        got[group if name is not None else i] = criterion_median_ms(group, bench.replace("/", "_"))
+    return got
+
+
+def cells(values, fmt):
+    return " / ".join(fmt.format(v) if v else "—" for v in values)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-onnx", action="store_true")
     ap.add_argument("--json", action="store_true", help="one JSON line per figure instead of the markdown table")
     ap.add_argument("--evidence", help="directory for the raw outputs (must not exist)")
+    ap.add_argument("--rounds", type=int, default=2, help="times the whole sequence runs (default 2)")
     a = ap.parse_args()
+    if not 1 <= a.rounds <= 20:
+        sys.exit(f"--rounds {a.rounds}: give 1 to 20")
 
     evidence = a.evidence or os.path.join(ROOT, "target", "bench_cpu_report", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     try:
@@ -98,94 +178,63 @@ def main():
     model, flags = cpu_info()
     simd = [f for f in flags if re.match(r"(avx|fma|amx|sse4|f16c|asimd|sve)", f)]
 
-    load_before = os.getloadavg()[0]
-    global BENCH_STARTED
-    BENCH_STARTED = time.time()
-    _, bench_err = run(["cargo", "bench", "--bench", "cpu", "--", "train_step|embed|gemm"], evidence, "cargo_bench")
-    described = re.search(r"semshare CPU path: ([\w+]+)", bench_err)
-    described = described.group(1) if described else "unknown"
-    path = described.split("+")[0]
-    cases = [(inputs, precision) for precision in ("fp32", "bf16") for inputs in ("full", "mixed")]
-    ours = {(kind, inputs, precision): criterion_median_ms(group, inputs if precision == "fp32" else f"{inputs}_bf16")
-            for kind, group in (("train", "train_step_small_b32"), ("embed", "embed_small_32img_32txt"))
-            for inputs, precision in cases}
-    gemm = {shape: {"fp32": criterion_median_ms("gemm", f"semshare_{path}_{shape}"),
-                    "bf16": criterion_median_ms("gemm", f"semshare_{path}_bf16_{shape}"),
-                    "matrixmultiply": criterion_median_ms("gemm", f"matrixmultiply_{shape}")} for shape in GEMM_SHAPES}
-    load_after_rust = os.getloadavg()[0]
-
-    out, _ = run([sys.executable, "-c", TORCH_GEMM, json.dumps(GEMM_SHAPES)], evidence, "torch_gemm")
-    for rec in json_lines(out):
-        gemm[rec["shape"]][f"torch_{rec['dtype']}"] = rec["median_ms"]
-
-    torch_ms, onnx_ms = {}, {}
-    for inputs, precision in cases:
-        flags_ = (["--mixed"] if inputs == "mixed" else []) + (["--bf16"] if precision == "bf16" else [])
-        out, _ = run([sys.executable, "tools/torch_reference.py", "bench-cpu", "--attn", "sdpa"] + flags_, evidence,
-                     f"torch_{inputs}_{precision}")
-        for rec in json_lines(out):
-            if rec["measure"] == "train_step":
-                torch_ms[("train", inputs, precision)] = rec["median_ms"]
-            if rec["measure"] == "embed_pooled" and precision == "bf16":
-                torch_ms[("embed", inputs, precision)] = rec["median_ms"]
-        if not a.skip_onnx and precision == "fp32":
-            out, _ = run([sys.executable, "tools/onnx_baseline.py"] + flags_, evidence, f"onnx_{inputs}",
-                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
-            recs = json_lines(out)
-            onnx_ms[inputs] = next(r["median_ms"] for r in recs if r["runtime"] == "onnxruntime")
-            # PyTorch eager embedding, timed in the same process as ONNX Runtime (median of its runs).
-            eager = sorted(r["median_ms"] for r in recs if r["runtime"] == "torch_eager")
-            torch_ms[("embed", inputs, precision)] = eager[len(eager) // 2]
-    load_end = os.getloadavg()[0]
+    # Built once before any timing, so that no round's first measure waits on the compiler.
+    run(["cargo", "bench", "--bench", "cpu", "--no-run"], evidence, "cargo_build")
+    loads, rounds, described = [os.getloadavg()[0]], [], None
+    for r in range(a.rounds):
+        where = os.path.join(evidence, f"round{r + 1}")
+        os.makedirs(where)
+        figures, described = measure_round(a, where, described)
+        rounds.append(figures)
+        loads.append(os.getloadavg()[0])
 
     import torch
     machine = {"cpu": model, "cores": os.cpu_count(), "simd_flags": simd, "all_flags": flags,
-               "semshare_cpu_path": described, "torch": torch.__version__, "load_before": load_before,
-               "load_after_semshare": load_after_rust, "load_end": load_end,
-               "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+               "semshare_cpu_path": described, "torch": torch.__version__, "rounds": a.rounds,
+               "load_before_and_after_each_round": loads, "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     with open(os.path.join(evidence, "machine.json"), "x") as f:
         json.dump(machine, f, indent=1)
-
-    figures = []
-    for kind in ("train", "embed"):
-        for inputs, precision in cases:
-            measure = "train step, batch 32" if kind == "train" else "embed 32 images + 32 texts"
-            figures.append({"measure": measure, "inputs": inputs, "precision": precision,
-                            "semshare_ms": ours[(kind, inputs, precision)],
-                            "torch_ms": torch_ms.get((kind, inputs, precision)),
-                            "ort_ms": onnx_ms.get(inputs) if kind == "embed" else None})
-    for shape, t in gemm.items():
-        for precision in ("fp32", "bf16"):
-            figures.append({"measure": f"gemm {shape}", "inputs": "-", "precision": precision,
-                            "semshare_ms": t[precision], "torch_ms": t.get(f"torch_{precision}"), "ort_ms": None})
     with open(os.path.join(evidence, "figures.jsonl"), "x") as f:
-        f.writelines(json.dumps(r) + "\n" for r in figures)
+        f.writelines(json.dumps(dict(fig, round=r + 1)) + "\n" for r, figs in enumerate(rounds) for fig in figs)
     if a.json:
-        for r in figures:
-            print(json.dumps(r))
+        for r, figs in enumerate(rounds):
+            for fig in figs:
+                print(json.dumps(dict(fig, round=r + 1)))
         return
 
+    path = described.split("+")[0]
     print(f"Machine: {model}, {os.cpu_count()} cores, SIMD flags {' '.join(simd) or 'none'}; semshare CPU path "
-          f"`{described}`; torch {torch.__version__}, 2 threads everywhere; load average 1 min: {load_before:.2f} before, "
-          f"{load_after_rust:.2f} after semshare, {load_end:.2f} at the end. Raw outputs: {evidence}.\n")
+          f"`{described}`; torch {torch.__version__}, 2 threads everywhere; {a.rounds} rounds, each measure's sides "
+          f"back to back; load average 1 min before and after each round: {', '.join(f'{l:.2f}' for l in loads)}. "
+          f"Raw outputs: {evidence}. Each cell: round 1 / round 2 / …\n")
     print("| measure | inputs | precision | semshare (ms) | PyTorch eager (ms) | ratio | ONNX Runtime fp32 (ms) | ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in figures:
-        if r["measure"].startswith("gemm"):
+    for i, fig in enumerate(rounds[0]):
+        if fig["measure"].startswith("gemm"):
             continue
-        o, t, x = r["semshare_ms"], r["torch_ms"], r["ort_ms"]
-        cells = [f"{o:.1f}", f"{t:.1f}" if t else "—", f"{o / t:.2f}" if t else "—",
-                 f"{x:.1f}" if x else "—", f"{o / x:.2f}" if x else "—"]
-        print(f"| {r['measure']} | {r['inputs']} | {r['precision']} | " + " | ".join(cells) + " |")
-    print(f"\n| GEMM (m x k x n) | semshare `{path}` fp32 (ms) | torch.mm fp32 (ms) | ratio | semshare bf16 (ms) "
-          f"| torch.mm bf16 (ms) | ratio | matrixmultiply (ms) | semshare fp32 / bf16 GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for shape, t in gemm.items():
+        per = [figs[i] for figs in rounds]
+        o = [f["semshare_ms"] for f in per]
+        t = [f["torch_ms"] for f in per]
+        x = [f["ort_ms"] for f in per]
+        print(f"| {fig['measure']} | {fig['inputs']} | {fig['precision']} | {cells(o, '{:.1f}')} | {cells(t, '{:.1f}')} "
+              f"| {cells([a_ / b if b else None for a_, b in zip(o, t)], '{:.2f}')} | {cells(x, '{:.1f}')} "
+              f"| {cells([a_ / b if b else None for a_, b in zip(o, x)], '{:.2f}')} |")
+    print(f"\n| GEMM (m x k x n) | precision | semshare `{path}` (ms) | torch.mm (ms) | ratio | matrixmultiply fp32 (ms) "
+          f"| semshare GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for i, fig in enumerate(rounds[0]):
+        if not fig["measure"].startswith("gemm"):
+            continue
+        shape = fig["measure"].split(" ", 1)[1]
         m, k, n = (int(v) for v in shape.rsplit("_", 1)[1].split("x"))
         flop = 2 * m * k * n / 1e6
-        tf, tb = t.get("torch_fp32"), t.get("torch_bf16")
-        print(f"| {shape} | {t['fp32']:.3f} | {tf:.3f} | {t['fp32'] / tf:.2f} | {t['bf16']:.3f} | {tb:.3f} "
-              f"| {t['bf16'] / tb:.2f} | {t['matrixmultiply']:.3f} | {flop / t['fp32']:.0f} / {flop / t['bf16']:.0f} |")
+        per = [figs[i] for figs in rounds]
+        o = [f["semshare_ms"] for f in per]
+        t = [f["torch_ms"] for f in per]
+        mm = [f["matrixmultiply_ms"] for f in per] if fig["precision"] == "fp32" else [None] * len(per)
+        print(f"| {shape} | {fig['precision']} | {cells(o, '{:.3f}')} | {cells(t, '{:.3f}')} "
+              f"| {cells([a_ / b if b else None for a_, b in zip(o, t)], '{:.2f}')} | {cells(mm, '{:.3f}')} "
+              f"| {cells([flop / v for v in o], '{:.0f}')} |")
 
 
 # torch.mm on the GEMM shapes (name_MxKxN; "dw" shapes are Aᵀ·B, the others A·Bᵀ as the model

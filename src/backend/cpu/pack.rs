@@ -321,11 +321,31 @@ unsafe fn pack_side_by_side_avx<const W: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 unsafe fn pack_lines_avx(sliver: &mut [f32], base: *const f32, line: isize, kc: usize, w: usize) {
-    use std::arch::x86_64::*;
     assert!(sliver.len() >= kc * w);
+    // SAFETY: as the caller guarantees; the sliver holds kc rows of w.
+    unsafe { transpose_lines_avx(sliver.as_mut_ptr(), w, base, line, kc, w) }
+}
+
+/// Lines 0..w (w a multiple of 8) of kc elements, `line` apart, transposed as
+/// [`pack_lines_avx`] does: `out[p · stride + l]` = element p of line l (attention's keys,
+/// too).
+///
+/// # Safety
+/// The CPU has AVX; lines < w and k < kc are inside the allocation behind `base`; `out` holds
+/// rows p < kc of `stride` ≥ w floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+pub(super) unsafe fn transpose_lines_avx(
+    out: *mut f32,
+    stride: usize,
+    base: *const f32,
+    line: isize,
+    kc: usize,
+    w: usize,
+) {
+    use std::arch::x86_64::*;
     let k8 = kc / 8 * 8;
-    let out = sliver.as_mut_ptr();
-    // SAFETY: as the caller guarantees; stores go to rows p < kc, columns l < w of the sliver.
+    // SAFETY: as the caller guarantees; stores go to rows p < kc, columns l < w of out.
     unsafe {
         for l0 in (0..w).step_by(8) {
             let row = |i: usize| base.offset((l0 + i) as isize * line);
@@ -359,12 +379,12 @@ unsafe fn pack_lines_avx(sliver: &mut [f32], base: *const f32, line: isize, kc: 
                     _mm256_permute2f128_ps::<0x31>(s3, s7),
                 ];
                 for (i, c) in cols.into_iter().enumerate() {
-                    _mm256_storeu_ps(out.add((p0 + i) * w + l0), c);
+                    _mm256_storeu_ps(out.add((p0 + i) * stride + l0), c);
                 }
             }
             for p in k8..kc {
                 for i in 0..8 {
-                    *out.add(p * w + l0 + i) = *row(i).add(p);
+                    *out.add(p * stride + l0 + i) = *row(i).add(p);
                 }
             }
         }
