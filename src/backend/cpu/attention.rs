@@ -3,7 +3,8 @@
 //! Every key of an item is valid (packing removed the padding), so no mask is needed.
 //! Saved for backward: the softmax probabilities, per item then head, len × len.
 //! Parallel over items (each owns disjoint rows of every output); within an item, each
-//! head's four products are small GEMMs read in place from the qkv rows via strides.
+//! head's four products are small GEMMs read in place from the qkv rows via strides (on the
+//! avx512 path, for items up to 64 long, products of its own without the GEMM's packing).
 
 use rayon::prelude::*;
 
@@ -96,6 +97,7 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f
             }
             return;
         }
+        #[cfg(not(target_arch = "x86_64"))]
         let _ = direct;
         for h in 0..heads {
             let p = &mut p[h * len * len..(h + 1) * len * len];
@@ -198,9 +200,9 @@ fn direct_fits(len: usize, dh: usize) -> bool {
 /// [`head_forward_gemm`] without the GEMM's packing, on AVX-512. For a 36 × 64 head the
 /// GEMM packed Q, Kᵀ, P and V into slivers for products of 36 × 36 × 64, and padded Kᵀ's 36
 /// columns to 64. Here K is transposed once into `kt` (16-wide column vectors, held in L1
-/// through the head), Q and P are broadcast from where they lie and
-/// V's rows are read in place. Each element is the GEMM micro-kernel's chain of FMAs in the same
-/// order, scaled the same way, so the result is the GEMM route's, bit for bit (tested).
+/// through the head), Q and P are broadcast from where they lie and V's rows are read in place.
+/// Each element is the GEMM micro-kernel's chain of FMAs in the same order, scaled the same
+/// way, so the result is the GEMM route's, bit for bit (tested).
 ///
 /// # Safety
 /// As [`head_forward_gemm`]'s, and the CPU has AVX-512 F; `direct_fits(len, dh)`; `kt` holds
@@ -208,43 +210,145 @@ fn direct_fits(len: usize, dh: usize) -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn head_forward_avx512(hd: Head, scale: f32, kt: &mut [f32], p: &mut [f32], out: *mut f32, out_row: usize) {
-    let Head { k, row, len, dh, .. } = hd;
-    let vectors = len.div_ceil(16);
-    let stride = 16 * vectors;
-    // Kᵀ: whole groups of 8 keys by 8 × 8 AVX transposes, the rest one by one (element by
-    // element, the transpose was a quarter of this function's time).
+    let Head { q, k, v, row, len, dh } = hd;
+    // SAFETY (all below): as the caller guarantees.
+    unsafe {
+        transpose_keys(k, row, len, dh, kt);
+        times_keys_avx512(q, row, kt, len, dh, scale, p);
+        softmax_rows(p, len);
+        times_rows_avx512(Operand { at: p.as_ptr(), rs: len, cs: 1 }, v, row, len, dh, out, out_row);
+    }
+}
+
+/// [`head_backward_gemm`] as [`head_forward_avx512`] does the forward: V transposed once for
+/// dP = dO Vᵀ; dV = Pᵀ dO, dQ = dS K and dK = dSᵀ Q with P and dS broadcast (read down their
+/// columns where transposed) and dO, K and Q read in place. Bit for bit the GEMM route (tested).
+///
+/// # Safety
+/// As [`head_backward_gemm`]'s and [`head_forward_avx512`]'s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_backward_avx512(
+    hd: Head,
+    scale: f32,
+    p: &[f32],
+    d_o: *const f32,
+    d_row: usize,
+    kt: &mut [f32],
+    ds: &mut [f32],
+    dx: *mut f32,
+    dx_row: usize,
+    at: [usize; 3],
+) {
+    let Head { q, k, v, row, len, dh } = hd;
+    let [dq, dk, dv] = at;
+    // SAFETY (all below): as the caller guarantees.
+    unsafe {
+        // dV = Pᵀ dO
+        times_rows_avx512(Operand { at: p.as_ptr(), rs: 1, cs: len }, d_o, d_row, len, dh, dx.add(dv), dx_row);
+        // dP = dO Vᵀ
+        transpose_keys(v, row, len, dh, kt);
+        times_keys_avx512(d_o, d_row, kt, len, dh, 1.0, ds);
+    }
+    simd::vectorised!(softmax_bwd_rows_inline(ds, p, len, scale));
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        // dQ = dS K ; dK = dSᵀ Q
+        times_rows_avx512(Operand { at: ds.as_ptr(), rs: len, cs: 1 }, k, row, len, dh, dx.add(dq), dx_row);
+        times_rows_avx512(Operand { at: ds.as_ptr(), rs: 1, cs: len }, q, row, len, dh, dx.add(dk), dx_row);
+    }
+}
+
+/// Rows 0..len (columns 0..dh, `row` apart) of `keys` transposed into `kt`: element e of key
+/// j at `e · 16·len.div_ceil(16) + j`. Whole groups of 8 keys by 8 × 8 AVX transposes, the rest
+/// one by one (element by element, the transpose was a quarter of the forward's time).
+///
+/// # Safety
+/// The CPU has AVX; the len × dh block is inside the allocation behind `keys`; len ≤ 64 and
+/// kt holds dh rows of 16·len.div_ceil(16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_keys(keys: *const f32, row: usize, len: usize, dh: usize, kt: &mut [f32]) {
+    let stride = 16 * len.div_ceil(16);
     let len8 = len / 8 * 8;
     assert!(kt.len() >= dh * stride);
-    // SAFETY: keys 0..len8, columns 0..dh of k are the caller's block; kt holds dh rows of
-    // stride ≥ len8.
-    unsafe { transpose_lines_avx(kt.as_mut_ptr(), stride, k, row as isize, dh, len8) };
+    // SAFETY: keys 0..len8, columns 0..dh are the caller's block; kt holds dh rows of stride.
+    unsafe { transpose_lines_avx(kt.as_mut_ptr(), stride, keys, row as isize, dh, len8) };
     for j in len8..len {
-        // SAFETY: row j, columns 0..dh of k (the caller's block).
-        let key = unsafe { std::slice::from_raw_parts(k.add(j * row), dh) };
+        // SAFETY: row j, columns 0..dh (the caller's block).
+        let key = unsafe { std::slice::from_raw_parts(keys.add(j * row), dh) };
         for (e, &x) in key.iter().enumerate() {
             kt[e * stride + j] = x;
         }
     }
-    // SAFETY: as the caller guarantees; `vectors` ≤ 4 (len ≤ 64).
+}
+
+/// `out` (len × len) = alpha · A Kᵀ, A's rows `a_row` apart, Kᵀ as [`transpose_keys`] left
+/// it.
+///
+/// # Safety
+/// The CPU has AVX-512 F; A's len × dh block is inside its allocation; len ≤ 64; out holds
+/// len × len.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn times_keys_avx512(
+    a: *const f32,
+    a_row: usize,
+    kt: &[f32],
+    len: usize,
+    dh: usize,
+    alpha: f32,
+    out: &mut [f32],
+) {
+    // SAFETY: as the caller guarantees; `vectors` ≤ 4.
     unsafe {
-        match vectors {
-            1 => scores_avx512::<1>(hd, scale, kt, p),
-            2 => scores_avx512::<2>(hd, scale, kt, p),
-            3 => scores_avx512::<3>(hd, scale, kt, p),
-            _ => scores_avx512::<4>(hd, scale, kt, p),
+        match len.div_ceil(16) {
+            1 => times_keys::<1>(a, a_row, kt, len, dh, alpha, out),
+            2 => times_keys::<2>(a, a_row, kt, len, dh, alpha, out),
+            3 => times_keys::<3>(a, a_row, kt, len, dh, alpha, out),
+            _ => times_keys::<4>(a, a_row, kt, len, dh, alpha, out),
         }
     }
-    softmax_rows(p, len);
-    // Output columns 64 at a time (4 row-blocks × 4 vectors: 16 accumulators).
-    for c0 in (0..dh).step_by(64) {
-        let cols = (dh - c0).min(64);
-        // SAFETY: columns c0.. (+ cols) of v's rows and of out's rows, inside the caller's blocks.
+}
+
+/// A len × len operand of [`times_rows_avx512`]: element (i, j) at `at + i·rs + j·cs` (a
+/// matrix as stored, or transposed).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Operand {
+    at: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+/// `out` (len × cols, rows `out_row` apart) = A B, A len × len, B's len rows of `cols`
+/// columns `b_row` apart: 64 columns at a time.
+///
+/// # Safety
+/// The CPU has AVX-512 F; A's elements, B's len × cols block and out's len × cols block are
+/// inside their allocations.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn times_rows_avx512(
+    a: Operand,
+    b: *const f32,
+    b_row: usize,
+    len: usize,
+    cols: usize,
+    out: *mut f32,
+    out_row: usize,
+) {
+    for c0 in (0..cols).step_by(64) {
+        let n = (cols - c0).min(64);
+        // SAFETY: columns c0.. (+ n) of b's rows and of out's rows, inside the caller's blocks.
         unsafe {
-            match cols.div_ceil(16) {
-                1 => context_avx512::<1>(hd, p, c0, cols, out, out_row),
-                2 => context_avx512::<2>(hd, p, c0, cols, out, out_row),
-                3 => context_avx512::<3>(hd, p, c0, cols, out, out_row),
-                _ => context_avx512::<4>(hd, p, c0, cols, out, out_row),
+            let (b, out) = (b.add(c0), out.add(c0));
+            match n.div_ceil(16) {
+                1 => times_rows::<1>(a, b, b_row, len, n, out, out_row),
+                2 => times_rows::<2>(a, b, b_row, len, n, out, out_row),
+                3 => times_rows::<3>(a, b, b_row, len, n, out, out_row),
+                _ => times_rows::<4>(a, b, b_row, len, n, out, out_row),
             }
         }
     }
@@ -256,37 +360,44 @@ fn lanes(n: usize) -> u16 {
     ((1u32 << n.min(16)) - 1) as u16
 }
 
-/// S = scale · Q Kᵀ, 4 rows at a time, each row `V` vectors of 16 scores: for each step e of
-/// dh, Kᵀ's row e (V loads) times each row's q[e] (a broadcast), as the GEMM's micro-kernel.
+/// [`times_keys_avx512`] for `V` = len.div_ceil(16): 4 rows at a time, for each step e of dh
+/// Kᵀ's row e (V loads) times each row's a[e] (a broadcast), as the GEMM's micro-kernel.
 ///
 /// # Safety
-/// As [`head_forward_avx512`]'s, with `V` = len.div_ceil(16) and `kt` holding Kᵀ at stride 16·V.
+/// As [`times_keys_avx512`]'s.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn scores_avx512<const V: usize>(hd: Head, scale: f32, kt: &[f32], p: &mut [f32]) {
+unsafe fn times_keys<const V: usize>(
+    a: *const f32,
+    a_row: usize,
+    kt: &[f32],
+    len: usize,
+    dh: usize,
+    alpha: f32,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let Head { q, row, len, dh, .. } = hd;
     let masks: [u16; V] = std::array::from_fn(|c| lanes(len.saturating_sub(16 * c)));
     for i0 in (0..len).step_by(4) {
         let rows = (len - i0).min(4);
-        // Past the item's last row, its last row again (computed, not stored): no branch inside.
-        let qr: [*const f32; 4] = std::array::from_fn(|r| unsafe { q.add((i0 + r.min(rows - 1)) * row) });
-        // SAFETY (all below): kt's rows e < dh hold 16·V values; q's rows < len hold dh;
-        // p's rows i0 + r < len hold len values, and the masks keep the stores inside them.
+        // Past the last row, the last row again (computed, not stored): no branch inside.
+        let ar: [*const f32; 4] = std::array::from_fn(|r| unsafe { a.add((i0 + r.min(rows - 1)) * a_row) });
+        // SAFETY (all below): kt's rows e < dh hold 16·V values; A's rows < len hold dh;
+        // out's rows i0 + r < len hold len values, and the masks keep the stores inside them.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); V]; 4];
             for e in 0..dh {
                 let b: [__m512; V] = std::array::from_fn(|c| _mm512_loadu_ps(kt.as_ptr().add(e * 16 * V + 16 * c)));
-                for (acc, &qr) in acc.iter_mut().zip(&qr) {
-                    let a = _mm512_set1_ps(*qr.add(e));
+                for (acc, &ar) in acc.iter_mut().zip(&ar) {
+                    let a = _mm512_set1_ps(*ar.add(e));
                     for (acc, &b) in acc.iter_mut().zip(&b) {
                         *acc = _mm512_fmadd_ps(a, b, *acc);
                     }
                 }
             }
-            let va = _mm512_set1_ps(scale);
+            let va = _mm512_set1_ps(alpha);
             for (r, acc) in acc.iter().enumerate().take(rows) {
-                let to = p.as_mut_ptr().add((i0 + r) * len);
+                let to = out.as_mut_ptr().add((i0 + r) * len);
                 for (c, (&acc, &mask)) in acc.iter().zip(&masks).enumerate() {
                     _mm512_mask_storeu_ps(to.add(16 * c), mask, _mm512_mul_ps(va, acc));
                 }
@@ -295,37 +406,44 @@ unsafe fn scores_avx512<const V: usize>(hd: Head, scale: f32, kt: &[f32], p: &mu
     }
 }
 
-/// O[:, c0 .. c0 + cols] = P V[:, c0 ..], 4 rows at a time, `V` vectors of 16 columns: for each
-/// key j, V's row j (V masked loads, read in place) times each row's p[j] (a broadcast).
+/// [`times_rows_avx512`] for one group of `cols` ≤ 16·V columns: 4 rows at a time, for each
+/// step j B's row j (V masked loads, in place) times each row's a(i, j) (a broadcast).
 ///
 /// # Safety
-/// As [`head_forward_avx512`]'s, with cols ≤ 16·V and c0 + cols ≤ dh.
+/// As [`times_rows_avx512`]'s.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn context_avx512<const V: usize>(hd: Head, p: &[f32], c0: usize, cols: usize, out: *mut f32, out_row: usize) {
+unsafe fn times_rows<const V: usize>(
+    a: Operand,
+    b: *const f32,
+    b_row: usize,
+    len: usize,
+    cols: usize,
+    out: *mut f32,
+    out_row: usize,
+) {
     use std::arch::x86_64::*;
-    let Head { v, row, len, .. } = hd;
     let masks: [u16; V] = std::array::from_fn(|c| lanes(cols.saturating_sub(16 * c)));
     for i0 in (0..len).step_by(4) {
         let rows = (len - i0).min(4);
-        let pr: [&[f32]; 4] = std::array::from_fn(|r| &p[(i0 + r.min(rows - 1)) * len..][..len]);
-        // SAFETY (all below): v's rows j < len hold columns c0 .. c0 + cols, the masks keep the
-        // loads and stores to those; out's rows i0 + r < len.
+        let ar: [*const f32; 4] = std::array::from_fn(|r| unsafe { a.at.add((i0 + r.min(rows - 1)) * a.rs) });
+        // SAFETY (all below): A's (i, j) for i, j < len, B's rows j < len with columns < cols
+        // (the masks keep the loads and stores to those), out's rows i0 + r < len.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); V]; 4];
             for j in 0..len {
-                let from = v.add(j * row + c0);
-                let b: [__m512; V] = std::array::from_fn(|c| _mm512_maskz_loadu_ps(masks[c], from.add(16 * c)));
-                for (acc, pr) in acc.iter_mut().zip(&pr) {
-                    let a = _mm512_set1_ps(pr[j]);
-                    for (acc, &b) in acc.iter_mut().zip(&b) {
-                        *acc = _mm512_fmadd_ps(a, b, *acc);
+                let from = b.add(j * b_row);
+                let bv: [__m512; V] = std::array::from_fn(|c| _mm512_maskz_loadu_ps(masks[c], from.add(16 * c)));
+                for (acc, &ar) in acc.iter_mut().zip(&ar) {
+                    let x = _mm512_set1_ps(*ar.add(j * a.cs));
+                    for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                        *acc = _mm512_fmadd_ps(x, bv, *acc);
                     }
                 }
             }
             let one = _mm512_set1_ps(1.0);
             for (r, acc) in acc.iter().enumerate().take(rows) {
-                let to = out.add((i0 + r) * out_row + c0);
+                let to = out.add((i0 + r) * out_row);
                 for (c, (&acc, &mask)) in acc.iter().zip(&masks).enumerate() {
                     // alpha = 1 as the GEMM applies it (exact).
                     _mm512_mask_storeu_ps(to.add(16 * c), mask, _mm512_mul_ps(one, acc));
@@ -344,135 +462,199 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
     let poff = prob_offsets(offsets, heads);
     let mut dqkv = crate::tensor::host_pool::dirty(qkv.len()); // every element is written
     let parts = split_by(&mut dqkv, offsets, 3 * d);
-    let row3 = Strided::rows(3 * d);
+    // As in forward: the avx512 (and amx) path's small heads go without the GEMM's packing.
+    let direct = matches!(kernels.path(), CpuPath::Avx512 | CpuPath::Amx);
     parts.into_par_iter().enumerate().for_each(|(b, dx)| {
         let (s, len) = (offsets[b], offsets[b + 1] - offsets[b]);
         let x = &qkv[s * 3 * d..(s + len) * 3 * d];
         let dout = &dout[s * d..(s + len) * d];
         let mut ds = crate::tensor::host_pool::zeroed(len * len);
+        #[cfg(target_arch = "x86_64")]
+        let mut kt = if direct && direct_fits(len, dh) { Some([0f32; DIRECT_DH * DIRECT_LEN]) } else { None };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = direct;
         for h in 0..heads {
             let p = &probs[poff[b] + h * len * len..poff[b] + (h + 1) * len * len];
             let (q, k, v) = (x[h * dh..].as_ptr(), x[d + h * dh..].as_ptr(), x[2 * d + h * dh..].as_ptr());
+            let hd = Head { q, k, v, row: 3 * d, len, dh };
             let d_o = dout[h * dh..].as_ptr();
-            let (dq, dk, dv) = (h * dh, d + h * dh, 2 * d + h * dh);
-            // SAFETY: as in forward; dq/dk/dv address disjoint column blocks of dx.
-            unsafe {
-                // dV = Pᵀ dO
-                gemm_strided(
-                    kernels,
-                    Precision::F32,
-                    len,
-                    len,
-                    dh,
-                    1.0,
-                    p.as_ptr(),
-                    Strided::transposed(len),
-                    d_o,
-                    Strided::rows(d),
-                    0.0,
-                    dx[dv..].as_mut_ptr(),
-                    row3,
-                );
-                // dP = dO Vᵀ
-                gemm_strided(
-                    kernels,
-                    Precision::F32,
-                    len,
-                    dh,
-                    len,
-                    1.0,
-                    d_o,
-                    Strided::rows(d),
-                    v,
-                    Strided::transposed(3 * d),
-                    0.0,
-                    ds.as_mut_ptr(),
-                    Strided::rows(len),
-                );
+            let at = [h * dh, d + h * dh, 2 * d + h * dh];
+            #[cfg(target_arch = "x86_64")]
+            if let Some(kt) = kt.as_mut() {
+                // SAFETY: the path has AVX-512 F (`direct`) and the head fits; as below.
+                unsafe { head_backward_avx512(hd, scale, p, d_o, d, kt, &mut ds, dx.as_mut_ptr(), 3 * d, at) };
+                continue;
             }
-            simd::vectorised!(softmax_bwd_rows_inline(&mut ds, p, len, scale));
-            unsafe {
-                // dQ = dS K ; dK = dSᵀ Q
-                gemm_strided(
-                    kernels,
-                    Precision::F32,
-                    len,
-                    len,
-                    dh,
-                    1.0,
-                    ds.as_ptr(),
-                    Strided::rows(len),
-                    k,
-                    row3,
-                    0.0,
-                    dx[dq..].as_mut_ptr(),
-                    row3,
-                );
-                gemm_strided(
-                    kernels,
-                    Precision::F32,
-                    len,
-                    len,
-                    dh,
-                    1.0,
-                    ds.as_ptr(),
-                    Strided::transposed(len),
-                    q,
-                    row3,
-                    0.0,
-                    dx[dk..].as_mut_ptr(),
-                    row3,
-                );
-            }
+            // SAFETY: hd's blocks and dO's len × dh block lie in x and dout; dq/dk/dv address
+            // disjoint column blocks of dx's len rows of 3d.
+            unsafe { head_backward_gemm(kernels, hd, scale, p, d_o, d, &mut ds, dx.as_mut_ptr(), 3 * d, at) };
         }
     });
     dqkv
+}
+
+/// One head's backward as four GEMMs: dV = Pᵀ dO, dP = dO Vᵀ (into `ds`), dS = the softmax's
+/// backward of dP (scaled), dQ = dS K, dK = dSᵀ Q, written into dx's columns `at` = [dq, dk,
+/// dv] of its rows (`dx_row` apart); dO's rows are `d_row` apart.
+///
+/// # Safety
+/// `hd`'s pointers address its len × dh blocks, `d_o` a len × dh block; dx holds len rows of
+/// `dx_row` with the three dh-wide blocks at `at`; p and ds hold len × len.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_backward_gemm(
+    kernels: dispatch::Kernels,
+    hd: Head,
+    scale: f32,
+    p: &[f32],
+    d_o: *const f32,
+    d_row: usize,
+    ds: &mut [f32],
+    dx: *mut f32,
+    dx_row: usize,
+    at: [usize; 3],
+) {
+    let Head { q, k, v, row, len, dh } = hd;
+    let [dq, dk, dv] = at;
+    let (rows_of, dx_rows) = (Strided::rows(row), Strided::rows(dx_row));
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        // dV = Pᵀ dO
+        gemm_strided(
+            kernels,
+            Precision::F32,
+            len,
+            len,
+            dh,
+            1.0,
+            p.as_ptr(),
+            Strided::transposed(len),
+            d_o,
+            Strided::rows(d_row),
+            0.0,
+            dx.add(dv),
+            dx_rows,
+        );
+        // dP = dO Vᵀ
+        gemm_strided(
+            kernels,
+            Precision::F32,
+            len,
+            dh,
+            len,
+            1.0,
+            d_o,
+            Strided::rows(d_row),
+            v,
+            Strided::transposed(row),
+            0.0,
+            ds.as_mut_ptr(),
+            Strided::rows(len),
+        );
+    }
+    simd::vectorised!(softmax_bwd_rows_inline(ds, p, len, scale));
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        // dQ = dS K ; dK = dSᵀ Q
+        gemm_strided(
+            kernels,
+            Precision::F32,
+            len,
+            len,
+            dh,
+            1.0,
+            ds.as_ptr(),
+            Strided::rows(len),
+            k,
+            rows_of,
+            0.0,
+            dx.add(dq),
+            dx_rows,
+        );
+        gemm_strided(
+            kernels,
+            Precision::F32,
+            len,
+            len,
+            dh,
+            1.0,
+            ds.as_ptr(),
+            Strided::transposed(len),
+            q,
+            rows_of,
+            0.0,
+            dx.add(dk),
+            dx_rows,
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The avx512 head forward is the GEMM route's, bit for bit (probabilities and context),
-    /// for lengths 1 to 64 and head widths 1 to 128 (multiples of 16 and not), its head's
-    /// columns in the middle of rows wider than the head, on values that make every lane
-    /// differ; the columns of `out` beside the head are left as they were.
+    /// (len, dh): edges of the direct kernels (one lane, whole and partial vectors, the
+    /// largest head) and 20 drawn at random.
+    #[cfg(target_arch = "x86_64")]
+    fn shapes(rng: &mut crate::rng::Rng) -> Vec<(usize, usize)> {
+        let mut shapes = vec![(1, 1), (36, 64), (64, 128), (24, 64), (17, 16), (33, 100), (5, 128), (64, 1), (48, 63)];
+        shapes.extend((0..20).map(|_| (1 + rng.below(64), 1 + rng.below(128))));
+        shapes
+    }
+
+    /// The avx512 head forward and backward are the GEMM route's, bit for bit (probabilities,
+    /// context; dQ, dK, dV), for lengths 1 to 64 and head widths 1 to 128 (multiples of 16 and
+    /// not), the head's columns in the middle of rows wider than the head, the transposed block
+    /// full of NaN beforehand (its lanes past the keys are computed, never stored); the columns
+    /// of the outputs beside the head are left as they were.
     #[test]
-    fn direct_head_forward_is_the_gemm_route_bitwise() {
+    fn direct_head_forward_and_backward_are_the_gemm_route_bitwise() {
         #[cfg(target_arch = "x86_64")]
         {
             let Ok(kernels) = CpuPath::Avx512.kernels() else {
-                eprintln!("not run: head_forward_avx512 (this CPU lacks the avx512 path)");
+                eprintln!("not run: head_forward_avx512, head_backward_avx512 (this CPU lacks the avx512 path)");
                 return;
             };
             let mut rng = crate::rng::Rng::new(91);
             let mut kt = [0f32; DIRECT_DH * DIRECT_LEN];
-            let mut shapes =
-                vec![(1, 1), (36, 64), (64, 128), (24, 64), (17, 16), (33, 100), (5, 128), (64, 1), (48, 63)];
-            shapes.extend((0..20).map(|_| (1 + rng.below(64), 1 + rng.below(128))));
-            for (len, dh) in shapes {
-                // Rows of 3 heads' width (q | k | v of this head among others), out rows wider too.
+            let differs = |a: &[f32], b: &[f32]| a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits());
+            for (len, dh) in shapes(&mut rng) {
+                // Rows of 3 heads' width and a little more (q | k | v of this head among
+                // others); dO, the context and dx in rows wider than they need too.
                 let row = 3 * dh + 5;
                 let x: Vec<f32> = (0..len * row).map(|_| rng.normal() as f32).collect();
-                let out_row = dh + 3;
+                let (d_row, out_row, dx_row) = (dh + 4, dh + 3, 3 * dh + 7);
+                let dout: Vec<f32> = (0..len * d_row).map(|_| rng.normal() as f32).collect();
                 let (q, k, v) = (x[1..].as_ptr(), x[1 + dh..].as_ptr(), x[1 + 2 * dh..].as_ptr());
                 let hd = Head { q, k, v, row, len, dh };
                 let scale = 1.0 / (dh as f32).sqrt();
+                let at = [1, 1 + dh, 1 + 2 * dh];
                 let (mut p_gemm, mut p_direct) = (vec![f32::NAN; len * len], vec![f32::NAN; len * len]);
                 let (mut o_gemm, mut o_direct) = (vec![-7.0f32; len * out_row], vec![-7.0f32; len * out_row]);
-                // Whatever lies past the keys in the transposed block is never stored.
-                kt.fill(f32::NAN);
-                // SAFETY: hd's blocks lie in x, the outputs hold len rows of out_row ≥ dh + 2; the
-                // CPU has AVX-512 F (the path's kernels exist).
+                let (mut ds_gemm, mut ds_direct) = (vec![f32::NAN; len * len], vec![f32::NAN; len * len]);
+                let (mut dx_gemm, mut dx_direct) = (vec![-7.0f32; len * dx_row], vec![-7.0f32; len * dx_row]);
+                // SAFETY: hd's blocks lie in x, dO's in dout; the outputs hold len rows of their
+                // widths, which leave room beside the head; the CPU has AVX-512 F (the path's
+                // kernels exist).
                 unsafe {
+                    kt.fill(f32::NAN);
                     head_forward_gemm(kernels, hd, scale, &mut p_gemm, o_gemm[2..].as_mut_ptr(), out_row);
                     head_forward_avx512(hd, scale, &mut kt, &mut p_direct, o_direct[2..].as_mut_ptr(), out_row);
+                    let d_o = dout[2..].as_ptr();
+                    kt.fill(f32::NAN);
+                    let (ds, dx) = (&mut ds_gemm, dx_gemm.as_mut_ptr());
+                    head_backward_gemm(kernels, hd, scale, &p_gemm, d_o, d_row, ds, dx, dx_row, at);
+                    let (ds, dx) = (&mut ds_direct, dx_direct.as_mut_ptr());
+                    head_backward_avx512(hd, scale, &p_gemm, d_o, d_row, &mut kt, ds, dx, dx_row, at);
                 }
-                let differs = |a: &[f32], b: &[f32]| a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits());
                 assert_eq!(differs(&p_gemm, &p_direct), None, "probabilities, len {len}, dh {dh}");
                 assert_eq!(differs(&o_gemm, &o_direct), None, "context, len {len}, dh {dh}");
+                assert_eq!(differs(&dx_gemm, &dx_direct), None, "dqkv, len {len}, dh {dh}");
                 assert!(
                     o_direct.chunks(out_row).all(|r| r[..2] == [-7.0; 2] && r[dh + 2..] == [-7.0]),
+                    "len {len}, dh {dh}"
+                );
+                assert!(
+                    dx_direct.chunks(dx_row).all(|r| r[0] == -7.0 && r[1 + 3 * dh..] == [-7.0; 6]),
                     "len {len}, dh {dh}"
                 );
             }
