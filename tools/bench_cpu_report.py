@@ -97,7 +97,8 @@ def measure_round(a, evidence, path_line):
     for inputs, precision in cases:
         name = inputs if precision == "fp32" else f"{inputs}_bf16"
         tag = f"{inputs}_{precision}"
-        ours = criterion(["train_step_small_b32", "embed_small_32img_32txt"], name, evidence, f"cargo_bench_{tag}")
+        groups = {"train": "train_step_small_b32", "embed": "embed_small_32img_32txt"}
+        ours = criterion([f"{group}/{name}" for group in groups.values()], evidence, f"cargo_bench_{tag}")
         path_line = path_line or ours["path"]
         flags_ = (["--mixed"] if inputs == "mixed" else []) + (["--bf16"] if precision == "bf16" else [])
         out, _ = run([sys.executable, "tools/torch_reference.py", "bench-cpu", "--attn", "sdpa"] + flags_, evidence,
@@ -121,16 +122,16 @@ def measure_round(a, evidence, path_line):
                 # PyTorch eager embedding, timed in the same process as ONNX Runtime (median of its runs).
                 eager = sorted(r["median_ms"] for r in recs if r["runtime"] == "torch_eager")
                 torch_ms["embed"] = eager[len(eager) // 2]
-        for kind, group in (("train", "train_step_small_b32"), ("embed", "embed_small_32img_32txt")):
+        for kind, group in groups.items():
             measure = "train step, batch 32" if kind == "train" else "embed 32 images + 32 texts"
             figures.append({"measure": measure, "inputs": inputs, "precision": precision,
-                            "semshare_ms": ours[group], "torch_ms": torch_ms.get(kind),
+                            "semshare_ms": ours[f"{group}/{name}"], "torch_ms": torch_ms.get(kind),
                             "ort_ms": ort if kind == "embed" else None})
     path = path_line.split("+")[0]
     for shape in GEMM_SHAPES:
         names = {"fp32": f"gemm/semshare_{path}/{shape}", "bf16": f"gemm/semshare_{path}_bf16/{shape}",
                  "matrixmultiply": f"gemm/matrixmultiply/{shape}"}
-        ours = criterion(["gemm"], None, evidence, f"cargo_bench_gemm_{shape}", ids=list(names.values()))
+        ours = criterion(list(names.values()), evidence, f"cargo_bench_gemm_{shape}")
         out, _ = run([sys.executable, "-c", TORCH_GEMM, json.dumps([shape])], evidence, f"torch_gemm_{shape}")
         theirs = {rec["dtype"]: rec["median_ms"] for rec in json_lines(out)}
         for precision in ("fp32", "bf16"):
@@ -140,10 +141,9 @@ def measure_round(a, evidence, path_line):
     return figures, path_line
 
 
-def criterion(groups, name, evidence, label, ids=None):
-    """Runs `cargo bench --bench cpu` on the benches `group/name` (or the ids given) and returns
-    their medians (ms) by group (or id), with the path line the bench prints as "path"."""
-    ids = ids or [f"{g}/{name}" for g in groups]
+def criterion(ids, evidence, label):
+    """Runs `cargo bench --bench cpu` on exactly the benches `ids` ("group/function") and returns
+    their medians (ms) by id, with the path line the bench prints as "path"."""
     pattern = "^(" + "|".join(re.escape(i) for i in ids) + ")$"
     global BENCH_STARTED
     BENCH_STARTED = time.time()
@@ -152,7 +152,7 @@ def criterion(groups, name, evidence, label, ids=None):
     got = {"path": described.group(1) if described else "unknown"}
     for i in ids:
         group, bench = i.split("/", 1)
-        got[group if name is not None else i] = criterion_median_ms(group, bench.replace("/", "_"))
+        got[i] = criterion_median_ms(group, bench.replace("/", "_"))
     return got
 
 

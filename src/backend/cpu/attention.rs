@@ -213,10 +213,12 @@ unsafe fn head_forward_avx512(hd: Head, scale: f32, kt: &mut [f32], p: &mut [f32
     let Head { q, k, v, row, len, dh } = hd;
     // SAFETY (all below): as the caller guarantees.
     unsafe {
-        transpose_keys(k, row, len, dh, kt);
-        times_keys_avx512(q, row, kt, len, dh, scale, p);
+        // S = scale · Q Kᵀ
+        let stride = transpose_keys(k, row, len, dh, kt);
+        times_avx512(Operand::rows(q, row), kt.as_ptr(), stride, len, dh, len, scale, p.as_mut_ptr(), len);
         softmax_rows(p, len);
-        times_rows_avx512(Operand { at: p.as_ptr(), rs: len, cs: 1 }, v, row, len, dh, out, out_row);
+        // O = P V
+        times_avx512(Operand::rows(p.as_ptr(), len), v, row, len, len, dh, 1.0, out, out_row);
     }
 }
 
@@ -246,22 +248,24 @@ unsafe fn head_backward_avx512(
     // SAFETY (all below): as the caller guarantees.
     unsafe {
         // dV = Pᵀ dO
-        times_rows_avx512(Operand { at: p.as_ptr(), rs: 1, cs: len }, d_o, d_row, len, dh, dx.add(dv), dx_row);
+        let p_t = Operand { at: p.as_ptr(), rs: 1, cs: len };
+        times_avx512(p_t, d_o, d_row, len, len, dh, 1.0, dx.add(dv), dx_row);
         // dP = dO Vᵀ
-        transpose_keys(v, row, len, dh, kt);
-        times_keys_avx512(d_o, d_row, kt, len, dh, 1.0, ds);
+        let stride = transpose_keys(v, row, len, dh, kt);
+        times_avx512(Operand::rows(d_o, d_row), kt.as_ptr(), stride, len, dh, len, 1.0, ds.as_mut_ptr(), len);
     }
     simd::vectorised!(softmax_bwd_rows_inline(ds, p, len, scale));
     // SAFETY: as the caller guarantees.
     unsafe {
         // dQ = dS K ; dK = dSᵀ Q
-        times_rows_avx512(Operand { at: ds.as_ptr(), rs: len, cs: 1 }, k, row, len, dh, dx.add(dq), dx_row);
-        times_rows_avx512(Operand { at: ds.as_ptr(), rs: 1, cs: len }, q, row, len, dh, dx.add(dk), dx_row);
+        times_avx512(Operand::rows(ds.as_ptr(), len), k, row, len, len, dh, 1.0, dx.add(dq), dx_row);
+        let ds_t = Operand { at: ds.as_ptr(), rs: 1, cs: len };
+        times_avx512(ds_t, q, row, len, len, dh, 1.0, dx.add(dk), dx_row);
     }
 }
 
 /// Rows 0..len (columns 0..dh, `row` apart) of `keys` transposed into `kt`: element e of key
-/// j at `e · 16·len.div_ceil(16) + j`. Whole groups of 8 keys by 8 × 8 AVX transposes, the rest
+/// j at `e · stride + j`, stride = 16·len.div_ceil(16) (returned). Whole groups of 8 keys by 8 × 8 AVX transposes, the rest
 /// one by one (element by element, the transpose was a quarter of the forward's time).
 ///
 /// # Safety
@@ -269,7 +273,7 @@ unsafe fn head_backward_avx512(
 /// kt holds dh rows of 16·len.div_ceil(16).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn transpose_keys(keys: *const f32, row: usize, len: usize, dh: usize, kt: &mut [f32]) {
+unsafe fn transpose_keys(keys: *const f32, row: usize, len: usize, dh: usize, kt: &mut [f32]) -> usize {
     let stride = 16 * len.div_ceil(16);
     let len8 = len / 8 * 8;
     assert!(kt.len() >= dh * stride);
@@ -282,38 +286,11 @@ unsafe fn transpose_keys(keys: *const f32, row: usize, len: usize, dh: usize, kt
             kt[e * stride + j] = x;
         }
     }
+    stride
 }
 
-/// `out` (len × len) = alpha · A Kᵀ, A's rows `a_row` apart, Kᵀ as [`transpose_keys`] left
-/// it.
-///
-/// # Safety
-/// The CPU has AVX-512 F; A's len × dh block is inside its allocation; len ≤ 64; out holds
-/// len × len.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn times_keys_avx512(
-    a: *const f32,
-    a_row: usize,
-    kt: &[f32],
-    len: usize,
-    dh: usize,
-    alpha: f32,
-    out: &mut [f32],
-) {
-    // SAFETY: as the caller guarantees; `vectors` ≤ 4.
-    unsafe {
-        match len.div_ceil(16) {
-            1 => times_keys::<1>(a, a_row, kt, len, dh, alpha, out),
-            2 => times_keys::<2>(a, a_row, kt, len, dh, alpha, out),
-            3 => times_keys::<3>(a, a_row, kt, len, dh, alpha, out),
-            _ => times_keys::<4>(a, a_row, kt, len, dh, alpha, out),
-        }
-    }
-}
-
-/// A len × len operand of [`times_rows_avx512`]: element (i, j) at `at + i·rs + j·cs` (a
-/// matrix as stored, or transposed).
+/// A matrix operand of [`times_avx512`]: element (i, j) at `at + i·rs + j·cs` (a matrix as
+/// stored, or transposed).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Operand {
@@ -322,20 +299,32 @@ struct Operand {
     cs: usize,
 }
 
-/// `out` (len × cols, rows `out_row` apart) = A B, A len × len, B's len rows of `cols`
-/// columns `b_row` apart: 64 columns at a time.
+#[cfg(target_arch = "x86_64")]
+impl Operand {
+    /// A matrix as stored, rows `rs` apart.
+    fn rows(at: *const f32, rs: usize) -> Self {
+        Operand { at, rs, cs: 1 }
+    }
+}
+
+/// `out` (m × cols, rows `out_row` apart) = alpha · A B: A m × k as `a` says, B's k rows of
+/// `cols` columns `b_row` apart (read in place, or Kᵀ as [`transpose_keys`] left it), 64
+/// columns at a time.
 ///
 /// # Safety
-/// The CPU has AVX-512 F; A's elements, B's len × cols block and out's len × cols block are
+/// The CPU has AVX-512 F; A's m × k elements, B's k × cols block and out's m × cols block are
 /// inside their allocations.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn times_rows_avx512(
+#[allow(clippy::too_many_arguments)]
+unsafe fn times_avx512(
     a: Operand,
     b: *const f32,
     b_row: usize,
-    len: usize,
+    m: usize,
+    k: usize,
     cols: usize,
+    alpha: f32,
     out: *mut f32,
     out_row: usize,
 ) {
@@ -345,10 +334,10 @@ unsafe fn times_rows_avx512(
         unsafe {
             let (b, out) = (b.add(c0), out.add(c0));
             match n.div_ceil(16) {
-                1 => times_rows::<1>(a, b, b_row, len, n, out, out_row),
-                2 => times_rows::<2>(a, b, b_row, len, n, out, out_row),
-                3 => times_rows::<3>(a, b, b_row, len, n, out, out_row),
-                _ => times_rows::<4>(a, b, b_row, len, n, out, out_row),
+                1 => times::<1>(a, b, b_row, m, k, n, alpha, out, out_row),
+                2 => times::<2>(a, b, b_row, m, k, n, alpha, out, out_row),
+                3 => times::<3>(a, b, b_row, m, k, n, alpha, out, out_row),
+                _ => times::<4>(a, b, b_row, m, k, n, alpha, out, out_row),
             }
         }
     }
@@ -360,78 +349,37 @@ fn lanes(n: usize) -> u16 {
     ((1u32 << n.min(16)) - 1) as u16
 }
 
-/// [`times_keys_avx512`] for `V` = len.div_ceil(16): 4 rows at a time, for each step e of dh
-/// Kᵀ's row e (V loads) times each row's a[e] (a broadcast), as the GEMM's micro-kernel.
+/// [`times_avx512`] for one group of `cols` ≤ 16·V columns, as the GEMM's micro-kernel: 4 rows
+/// at a time, for each step j of k B's row j (V masked loads) times each row's a(i, j) (a
+/// broadcast), then alpha times the sum.
 ///
 /// # Safety
-/// As [`times_keys_avx512`]'s.
+/// As [`times_avx512`]'s.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn times_keys<const V: usize>(
-    a: *const f32,
-    a_row: usize,
-    kt: &[f32],
-    len: usize,
-    dh: usize,
-    alpha: f32,
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let masks: [u16; V] = std::array::from_fn(|c| lanes(len.saturating_sub(16 * c)));
-    for i0 in (0..len).step_by(4) {
-        let rows = (len - i0).min(4);
-        // Past the last row, the last row again (computed, not stored): no branch inside.
-        let ar: [*const f32; 4] = std::array::from_fn(|r| unsafe { a.add((i0 + r.min(rows - 1)) * a_row) });
-        // SAFETY (all below): kt's rows e < dh hold 16·V values; A's rows < len hold dh;
-        // out's rows i0 + r < len hold len values, and the masks keep the stores inside them.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); V]; 4];
-            for e in 0..dh {
-                let b: [__m512; V] = std::array::from_fn(|c| _mm512_loadu_ps(kt.as_ptr().add(e * 16 * V + 16 * c)));
-                for (acc, &ar) in acc.iter_mut().zip(&ar) {
-                    let a = _mm512_set1_ps(*ar.add(e));
-                    for (acc, &b) in acc.iter_mut().zip(&b) {
-                        *acc = _mm512_fmadd_ps(a, b, *acc);
-                    }
-                }
-            }
-            let va = _mm512_set1_ps(alpha);
-            for (r, acc) in acc.iter().enumerate().take(rows) {
-                let to = out.as_mut_ptr().add((i0 + r) * len);
-                for (c, (&acc, &mask)) in acc.iter().zip(&masks).enumerate() {
-                    _mm512_mask_storeu_ps(to.add(16 * c), mask, _mm512_mul_ps(va, acc));
-                }
-            }
-        }
-    }
-}
-
-/// [`times_rows_avx512`] for one group of `cols` ≤ 16·V columns: 4 rows at a time, for each
-/// step j B's row j (V masked loads, in place) times each row's a(i, j) (a broadcast).
-///
-/// # Safety
-/// As [`times_rows_avx512`]'s.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn times_rows<const V: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn times<const V: usize>(
     a: Operand,
     b: *const f32,
     b_row: usize,
-    len: usize,
+    m: usize,
+    k: usize,
     cols: usize,
+    alpha: f32,
     out: *mut f32,
     out_row: usize,
 ) {
     use std::arch::x86_64::*;
     let masks: [u16; V] = std::array::from_fn(|c| lanes(cols.saturating_sub(16 * c)));
-    for i0 in (0..len).step_by(4) {
-        let rows = (len - i0).min(4);
+    for i0 in (0..m).step_by(4) {
+        let rows = (m - i0).min(4);
+        // Past the last row, the last row again (computed, not stored): no branch inside.
         let ar: [*const f32; 4] = std::array::from_fn(|r| unsafe { a.at.add((i0 + r.min(rows - 1)) * a.rs) });
-        // SAFETY (all below): A's (i, j) for i, j < len, B's rows j < len with columns < cols
-        // (the masks keep the loads and stores to those), out's rows i0 + r < len.
+        // SAFETY (all below): A's (i, j) for i < m, j < k, B's rows j < k with columns < cols
+        // (the masks keep the loads and stores to those), out's rows i0 + r < m.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); V]; 4];
-            for j in 0..len {
+            for j in 0..k {
                 let from = b.add(j * b_row);
                 let bv: [__m512; V] = std::array::from_fn(|c| _mm512_maskz_loadu_ps(masks[c], from.add(16 * c)));
                 for (acc, &ar) in acc.iter_mut().zip(&ar) {
@@ -441,12 +389,12 @@ unsafe fn times_rows<const V: usize>(
                     }
                 }
             }
-            let one = _mm512_set1_ps(1.0);
+            let va = _mm512_set1_ps(alpha);
             for (r, acc) in acc.iter().enumerate().take(rows) {
                 let to = out.add((i0 + r) * out_row);
                 for (c, (&acc, &mask)) in acc.iter().zip(&masks).enumerate() {
-                    // alpha = 1 as the GEMM applies it (exact).
-                    _mm512_mask_storeu_ps(to.add(16 * c), mask, _mm512_mul_ps(one, acc));
+                    // alpha times the sum, as the GEMM's store applies it.
+                    _mm512_mask_storeu_ps(to.add(16 * c), mask, _mm512_mul_ps(va, acc));
                 }
             }
         }
