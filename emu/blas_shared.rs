@@ -16,6 +16,7 @@ pub const NOT_SUPPORTED: Status = 15;
 
 // cudaDataType and cublasComputeType_t values (library_types.h, cublas_api.h).
 pub const CUDA_R_32F: c_int = 0;
+pub const CUDA_R_16BF: c_int = 14;
 pub const COMPUTE_32F: c_int = 68;
 pub const COMPUTE_32F_PEDANTIC: c_int = 69;
 pub const COMPUTE_32F_FAST_16BF: c_int = 75;

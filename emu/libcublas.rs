@@ -1,6 +1,6 @@
-//! The emulated device's stand-in for `libcublas.so`: handles, streams, math modes, and f32
-//! GEMMs (SGEMM and `cublasGemmEx`, plain and strided-batched) with cuBLAS's argument
-//! validation. The arithmetic and the range checks run in `libcuda.so` (this library's one
+//! The emulated device's stand-in for `libcublas.so`: handles, streams, math modes, and the
+//! GEMMs the backend runs (SGEMM, and `cublasGemmEx` on f32 or bf16 storage, plain and
+//! strided-batched) with cuBLAS's argument validation. The arithmetic and the range checks run in `libcuda.so` (this library's one
 //! dependency), which owns the allocation table. TF32 math mode and the `_FAST_TF32` /
 //! `_FAST_16BF` compute types round the inputs to TF32 or bf16 as tensor cores read them.
 
@@ -12,7 +12,7 @@ mod sgemm_abi;
 use std::ffi::{c_int, c_void};
 
 use blas_shared::*;
-use sgemm_abi::{ROUND_BF16, ROUND_NONE, ROUND_TF32, Sgemm};
+use sgemm_abi::{R_16BF, R_32F, ROUND_BF16, ROUND_NONE, ROUND_TF32, Sgemm};
 
 extern "C" {
     fn cuStreamIsCapturing(s: *mut c_void, status: *mut c_int) -> u32;
@@ -129,6 +129,7 @@ unsafe fn sgemm(
     what: &str,
     h: *mut c_void,
     compute: Option<c_int>,
+    (ab_type, c_type): (c_int, c_int),
     ta: c_int,
     tb: c_int,
     m: c_int,
@@ -201,6 +202,9 @@ unsafe fn sgemm(
         },
         stream: hd.stream as u64,
         bias: 0,
+        ab_type,
+        c_type,
+        bias_type: R_32F,
     };
     // Real cuBLAS allocates its workspace on first use unless one is set, which a capture
     // forbids: capturing a GEMM needs `cublasSetWorkspace` first.
@@ -229,7 +233,7 @@ pub unsafe extern "C" fn cublasSgemm_v2(
     c: *mut f32,
     ldc: c_int,
 ) -> Status {
-    sgemm("cublasSgemm", h, None, ta, tb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1)
+    sgemm("cublasSgemm", h, None, (R_32F, R_32F), ta, tb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1)
 }
 
 #[no_mangle]
@@ -253,21 +257,23 @@ pub unsafe extern "C" fn cublasSgemmStridedBatched(
     sc: i64,
     batch: c_int,
 ) -> Status {
-    sgemm("cublasSgemmStridedBatched", h, None, ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch)
+    sgemm("cublasSgemmStridedBatched", h, None, (R_32F, R_32F), ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch)
 }
 
-/// The compute type of a `cublasGemmEx` call whose operands are all f32, or why it is not one
-/// the stand-in runs (half-precision storage, integer or f64 compute).
-fn f32_compute(what: &str, types: [c_int; 3], compute: c_int) -> Result<c_int, Status> {
-    if types.iter().any(|&t| t != CUDA_R_32F) {
-        say(&format!("{what}: CUBLAS_STATUS_NOT_SUPPORTED: data types {types:?} (the emulated device runs CUDA_R_32F storage only)"));
+/// Whether a `cublasGemmEx` call's storage and compute types are a combination cuBLAS runs and
+/// the stand-in does: all f32 with an f32 compute type; or bf16 A and B, bf16 or f32 C, with
+/// `CUBLAS_COMPUTE_32F` (cuBLAS's table has no `_FAST_*` compute type for 16-bit storage).
+fn supported(what: &str, [a, b, c]: [c_int; 3], compute: c_int) -> Result<(), Status> {
+    let ok = if a == R_32F && b == R_32F && c == R_32F {
+        F32_COMPUTE.contains(&compute)
+    } else {
+        a == R_16BF && b == R_16BF && (c == R_16BF || c == R_32F) && [COMPUTE_32F, COMPUTE_32F_PEDANTIC].contains(&compute)
+    };
+    if !ok {
+        say(&format!("{what}: CUBLAS_STATUS_NOT_SUPPORTED: data types A {a}, B {b}, C {c} with compute type {compute} (the emulated device runs f32 storage, and bf16 A and B with CUBLAS_COMPUTE_32F)"));
         return Err(NOT_SUPPORTED);
     }
-    if !F32_COMPUTE.contains(&compute) {
-        say(&format!("{what}: CUBLAS_STATUS_NOT_SUPPORTED: compute type {compute} with f32 storage"));
-        return Err(NOT_SUPPORTED);
-    }
-    Ok(compute)
+    Ok(())
 }
 
 #[no_mangle]
@@ -325,11 +331,10 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
     _algo: c_int,
 ) -> Status {
     const WHAT: &str = "cublasGemmStridedBatchedEx";
-    let compute = match f32_compute(WHAT, [a_type, b_type, c_type], compute) {
-        Ok(c) => c,
-        Err(s) => return s,
-    };
+    if let Err(s) = supported(WHAT, [a_type, b_type, c_type], compute) {
+        return s;
+    }
     let (alpha, beta) = (alpha as *const f32, beta as *const f32);
     let (a, b, c) = (a as *const f32, b as *const f32, c as *mut f32);
-    sgemm(WHAT, h, Some(compute), ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch)
+    sgemm(WHAT, h, Some(compute), (a_type, c_type), ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch)
 }

@@ -1,5 +1,5 @@
 //! The emulated device's stand-in for `libcublasLt.so`: handles, matmul descriptors, matrix
-//! layouts and `cublasLtMatmul` on f32 storage, with the epilogues the backend uses (none,
+//! layouts and `cublasLtMatmul` on f32 storage or bf16 A and B (D bf16 or f32), with the epilogues the backend uses (none,
 //! and `BIAS`: a vector added to every column of D), checked as cuBLASLt checks its arguments.
 //! The arithmetic and the range checks run in `libcuda.so`, as for `libcublas.so`.
 
@@ -11,7 +11,7 @@ mod sgemm_abi;
 use std::ffi::{c_int, c_void};
 
 use blas_shared::*;
-use sgemm_abi::{ROUND_BF16, ROUND_NONE, ROUND_TF32, Sgemm};
+use sgemm_abi::{R_16BF, R_32F, ROUND_BF16, ROUND_NONE, ROUND_TF32, Sgemm};
 
 // cublasLtMatmulDescAttributes_t and cublasLtEpilogue_t values (cublasLt.h).
 const DESC_POINTER_MODE: c_int = 2;
@@ -19,6 +19,7 @@ const DESC_TRANSA: c_int = 3;
 const DESC_TRANSB: c_int = 4;
 const DESC_EPILOGUE: c_int = 7;
 const DESC_BIAS_POINTER: c_int = 8;
+const DESC_BIAS_DATA_TYPE: c_int = 26;
 const EPILOGUE_DEFAULT: u32 = 1;
 const EPILOGUE_BIAS: u32 = 4;
 
@@ -28,6 +29,8 @@ struct Desc {
     transb: c_int,
     epilogue: u32,
     bias: u64,
+    /// `BIAS_DATA_TYPE`; unset (-1), the bias has D's type, as in cuBLASLt.
+    bias_type: c_int,
     pointer_mode: c_int,
 }
 
@@ -73,7 +76,7 @@ pub unsafe extern "C" fn cublasLtMatmulDescCreate(d: *mut *mut c_void, compute: 
         say(&format!("cublasLtMatmulDescCreate: CUBLAS_STATUS_NOT_SUPPORTED: compute type {compute}, scale type {scale} (the emulated device runs f32 only)"));
         return NOT_SUPPORTED;
     }
-    create(d, Desc { compute, transa: 0, transb: 0, epilogue: EPILOGUE_DEFAULT, bias: 0, pointer_mode: 0 })
+    create(d, Desc { compute, transa: 0, transb: 0, epilogue: EPILOGUE_DEFAULT, bias: 0, bias_type: -1, pointer_mode: 0 })
 }
 
 #[no_mangle]
@@ -99,8 +102,9 @@ pub unsafe extern "C" fn cublasLtMatmulDescSetAttribute(
         DESC_TRANSB => int(4).map(|_| d.transb = *(buf as *const c_int)),
         DESC_EPILOGUE => int(4).map(|_| d.epilogue = *(buf as *const u32)),
         DESC_BIAS_POINTER => int(8).map(|_| d.bias = *(buf as *const u64)),
+        DESC_BIAS_DATA_TYPE => int(4).map(|_| d.bias_type = *(buf as *const c_int)),
         _ => {
-            say(&format!("cublasLtMatmulDescSetAttribute: CUBLAS_STATUS_NOT_SUPPORTED: attribute {attr} (the stand-in knows pointer mode, transa/b, epilogue, bias pointer)"));
+            say(&format!("cublasLtMatmulDescSetAttribute: CUBLAS_STATUS_NOT_SUPPORTED: attribute {attr} (the stand-in knows pointer mode, transa/b, epilogue, bias pointer and type)"));
             Err(NOT_SUPPORTED)
         }
     };
@@ -166,8 +170,18 @@ pub unsafe extern "C" fn cublasLtMatmul(
     // op(X) of a layout: rows × cols, transposed when t is set.
     let op = |l: &Layout, t: c_int| if t == 0 { (l.rows, l.cols) } else { (l.cols, l.rows) };
     let ((m, k), (kb, n)) = (op(la, desc.transa), op(lb, desc.transb));
-    let bad = if [la.ty, lb.ty, lc.ty, ld.ty].iter().any(|&t| t != CUDA_R_32F) {
-        Some((NOT_SUPPORTED, "a layout that is not CUDA_R_32F".to_string()))
+    let bias_type = if desc.bias_type == -1 { ld.ty } else { desc.bias_type };
+    let f32_only = [la.ty, lb.ty, lc.ty, ld.ty].iter().all(|&t| t == CUDA_R_32F);
+    let bf16_ab = la.ty == CUDA_R_16BF
+        && lb.ty == CUDA_R_16BF
+        && lc.ty == ld.ty
+        && [CUDA_R_16BF, CUDA_R_32F].contains(&ld.ty)
+        && [COMPUTE_32F, COMPUTE_32F_PEDANTIC].contains(&desc.compute);
+    let bad = if !f32_only && !bf16_ab {
+        let types = [la.ty, lb.ty, lc.ty, ld.ty];
+        Some((NOT_SUPPORTED, format!("layout types {types:?} with compute type {} (the stand-in runs f32, and bf16 A and B with CUBLAS_COMPUTE_32F)", desc.compute)))
+    } else if desc.epilogue == EPILOGUE_BIAS && ![CUDA_R_16BF, CUDA_R_32F].contains(&bias_type) {
+        Some((NOT_SUPPORTED, format!("bias type {bias_type}")))
     } else if !(0..=1).contains(&desc.transa) || !(0..=1).contains(&desc.transb) {
         Some((INVALID_VALUE, "transa/transb must be N or T".into()))
     } else if desc.epilogue != EPILOGUE_DEFAULT && desc.epilogue != EPILOGUE_BIAS {
@@ -219,6 +233,9 @@ pub unsafe extern "C" fn cublasLtMatmul(
         },
         stream: stream as u64,
         bias: if desc.epilogue == EPILOGUE_BIAS { desc.bias } else { 0 },
+        ab_type: if la.ty == CUDA_R_16BF { R_16BF } else { R_32F },
+        c_type: if ld.ty == CUDA_R_16BF { R_16BF } else { R_32F },
+        bias_type: if bias_type == CUDA_R_16BF { R_16BF } else { R_32F },
     };
     blas_shared::sgemm(WHAT, &g)
 }

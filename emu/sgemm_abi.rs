@@ -30,7 +30,15 @@ pub struct Sgemm {
     /// cuBLASLt's `BIAS` epilogue: `m` values added to every column of each C_i after the
     /// product (0: none).
     pub bias: u64,
+    /// Storage types (cudaDataType: [`R_32F`] or [`R_16BF`]) of A and B (one type), of C, and
+    /// of the bias.
+    pub ab_type: i32,
+    pub c_type: i32,
+    pub bias_type: i32,
 }
+
+pub const R_32F: i32 = 0;
+pub const R_16BF: i32 = 14;
 
 pub const ROUND_NONE: i32 = 0;
 pub const ROUND_TF32: i32 = 1;

@@ -207,3 +207,14 @@ template <typename T> __device__ void sigmoid_fwd(const T* x, T* y, size_t n) {
 
 EW_ENTRY(float, f32)
 EW_ENTRY(__nv_bfloat16, bf16)
+
+// Conversion between the storage types (`Backend::convert`; CPU twin: `DType::round`). Named
+// for their bf16 side, so that `Cuda::launch` lets a bf16 pointer through.
+// f32 -> bf16: to nearest, ties to even (cvt.rn.bf16.f32).
+extern "C" __global__ void convert_from_f32_bf16(const float* x, __nv_bfloat16* y, size_t n) {
+  GRID_STRIDE(i, n) y[i] = __float2bfloat16_rn(x[i]);
+}
+// bf16 -> f32: exact.
+extern "C" __global__ void convert_to_f32_bf16(const __nv_bfloat16* x, float* y, size_t n) {
+  GRID_STRIDE(i, n) y[i] = __bfloat162float(x[i]);
+}

@@ -13,6 +13,8 @@ pub enum Error {
     Format { path: PathBuf, what: String },
     /// A tensor with the wrong shape for an op or a layer.
     Shape { op: &'static str, what: String },
+    /// A tensor of an element type the op does not take (a bf16 tensor given to an f32 op).
+    Type { op: &'static str, what: String },
     /// Bad input data: out-of-range id or label, non-finite feature, inconsistent lengths.
     Data { what: String },
     /// A bad configuration value or command-line argument.
@@ -35,6 +37,9 @@ impl Error {
     pub fn shape(op: &'static str, what: impl Into<String>) -> Self {
         Error::Shape { op, what: what.into() }
     }
+    pub fn dtype(op: &'static str, what: impl Into<String>) -> Self {
+        Error::Type { op, what: what.into() }
+    }
     pub fn data(what: impl Into<String>) -> Self {
         Error::Data { what: what.into() }
     }
@@ -52,6 +57,7 @@ impl fmt::Display for Error {
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Format { path, what } => write!(f, "{}: {what}", path.display()),
             Error::Shape { op, what } => write!(f, "{op}: shape mismatch: {what}"),
+            Error::Type { op, what } => write!(f, "{op}: element type: {what}"),
             Error::Data { what } => write!(f, "bad input: {what}"),
             Error::Config { what } => write!(f, "configuration: {what}"),
             Error::Device { what } => write!(f, "device: {what}"),

@@ -3,7 +3,27 @@
 
 use super::{Gemm, GruRunBwd, GruRunFwd, GruStep, Segments};
 use crate::Result;
-use crate::tensor::{Tensor, View, ViewMut};
+use crate::tensor::{DType, Tensor, View, ViewMut};
+
+/// An operand of the type the op takes (`what` names it).
+pub(crate) fn expect_dtype(op: &'static str, what: &str, got: DType, want: DType) -> Result<()> {
+    if got != want {
+        return Err(crate::Error::dtype(op, format!("{what} is {}, expected {}", got.name(), want.name())));
+    }
+    Ok(())
+}
+
+/// A GEMM's operand types: A and B share one, f32 or bf16 (a bf16 product needs both in bf16,
+/// as cuBLAS does); C may be either.
+pub(crate) fn check_gemm_types(op: &'static str, a: DType, b: DType) -> Result<()> {
+    if a != b {
+        return Err(crate::Error::dtype(
+            op,
+            format!("a is {} and b {}; a GEMM's operands share one type", a.name(), b.name()),
+        ));
+    }
+    Ok(())
+}
 
 /// Row-wise ops need at least one column: a `[rows, 0]` tensor has no rows to walk.
 pub(crate) fn expect_cols(op: &'static str, x: &Tensor) -> Result<()> {
@@ -24,6 +44,22 @@ pub(crate) fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()>
 pub(crate) fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()> {
     if x.rows() != seg.tokens() {
         return Err(crate::Error::shape(op, format!("{} rows for a batch of {} segments", x.rows(), seg.tokens())));
+    }
+    Ok(())
+}
+
+/// `gemm_bias`'s operands (`Backend::gemm_bias`): the GEMM's, an f32 bias of one value per
+/// column of c, and, for a bf16 c, a product to add it to (k > 0, c's rows of n) so that the
+/// sum is rounded once.
+pub(crate) fn check_gemm_bias(g: &Gemm, a: &View, b: &View, bias: &View, c: &Tensor) -> Result<()> {
+    check_gemm(g, a.len(), b.len(), c.len())?;
+    check_gemm_types("gemm_bias", a.dtype(), b.dtype())?;
+    expect_cols("gemm_bias", c)?;
+    expect_len("gemm_bias", "bias", bias.len(), c.cols())?;
+    expect_len("gemm_bias", "bias", bias.len(), g.n)?;
+    expect_dtype("gemm_bias", "the bias", bias.dtype(), DType::F32)?;
+    if c.dtype() == DType::Bf16 && g.k == 0 {
+        return Err(crate::Error::dtype("gemm_bias", "a bf16 output needs a product (k > 0) to round with its bias"));
     }
     Ok(())
 }

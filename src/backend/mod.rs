@@ -20,9 +20,9 @@ pub mod step;
 
 pub use checks::prob_offsets;
 pub(crate) use checks::{
-    check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd, check_gru_fwd, check_gru_step_bwd,
-    check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd, check_residual_layernorm_bwd, check_top_k,
-    check_widen, expect_cols, expect_len, rows_of, same_shape,
+    check_attention, check_attention_bwd, check_dropout, check_gemm, check_gemm_bias, check_gemm_types, check_gru_bwd,
+    check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
+    check_residual_layernorm_bwd, check_top_k, check_widen, expect_cols, expect_dtype, expect_len, rows_of, same_shape,
 };
 pub use graph::{Graph, GraphInput};
 pub use open::{open, open_at};
@@ -31,7 +31,7 @@ pub use step::{AdamW, AdamWConstants, AdamWScalars, DecayMask, GuardParams};
 pub(crate) use step::{check_adamw_masked, check_step_guard};
 
 use crate::Result;
-use crate::tensor::{Ids, Tensor, View, ViewMut};
+use crate::tensor::{DType, Ids, Tensor, View, ViewMut};
 
 /// `c = alpha · op(a) · op(b) + beta · c`, row-major; op(a) is `[m, k]`, op(b) is `[k, n]`.
 #[derive(Clone, Copy, Debug)]
@@ -284,8 +284,16 @@ pub trait Backend {
     fn zeros(&mut self, shape: &[usize]) -> Result<Tensor>;
     /// A tensor whose contents are unspecified: only for outputs an op overwrites whole.
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor>;
+    /// [`Backend::alloc`] of a tensor of `dtype`.
+    fn alloc_as(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor>;
+    /// `x` stored as `dtype`: to bf16 each value rounded to nearest, ties to even (a NaN stays
+    /// a NaN); to f32 widened exactly; to its own type a copy.
+    fn convert(&mut self, x: &Tensor, dtype: DType) -> Result<Tensor>;
+    /// The values of `x` as f32 (a bf16 view widened).
     fn download(&mut self, x: View) -> Result<Vec<f32>>;
+    /// `value` stored in every element, as `x`'s type stores it.
     fn fill(&mut self, x: ViewMut, value: f32) -> Result<()>;
+    /// `src` into `dst`, of one type and length.
     fn copy(&mut self, src: View, dst: ViewMut) -> Result<()>;
     /// A loaded model's parameters, never to be written again (inference): the device may
     /// then prepare what it computes from them once instead of on every call, as the CPU packs
@@ -312,9 +320,14 @@ pub trait Backend {
     ) -> Result<Tensor>;
 
     // ---- dense algebra ------------------------------------------------------------------
+    /// `c = alpha·op(a)·op(b) + beta·c` ([`Gemm`]). `a` and `b` are both f32 or both bf16;
+    /// `c` either. bf16 operands' products are exact in f32 and summed in f32 whatever the
+    /// precision (f32 operands: [`Precision`] says how they are rounded); a bf16 `c` is read
+    /// widened and the result rounded once, as it is stored.
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()>;
-    /// [`Backend::gemm`] into `c`, then `bias` added to each of its rows (a linear layer's
-    /// forward): the same values as `gemm` and `add_bias` in turn. The CPU adds the bias
+    /// [`Backend::gemm`] into `c`, then `bias` (f32) added to each of its rows (a linear
+    /// layer's forward), in f32 before a bf16 `c` is rounded: the same values as `gemm` and
+    /// `add_bias` in turn on f32. The CPU adds the bias
     /// where its micro-kernel stores a tile, so c is not read and written a second time; the
     /// default runs the two ops.
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
@@ -327,7 +340,7 @@ pub trait Backend {
     fn bias_bwd(&mut self, dy: &Tensor, dbias: ViewMut) -> Result<()>;
     /// `y += x` (the residual stream).
     fn add_assign(&mut self, y: &mut Tensor, x: &Tensor) -> Result<()>;
-    /// `x *= s`.
+    /// `x *= s` (stored as `x`'s type).
     fn scale(&mut self, x: ViewMut, s: f32) -> Result<()>;
     /// `Σ x²`, accumulated in f64 on the host side of the reduction.
     fn sum_squares(&mut self, x: View) -> Result<f64>;
@@ -361,7 +374,8 @@ pub trait Backend {
         self.bias_bwd(&dh, dbias)?;
         Ok(dh)
     }
-    /// Copies host values into device memory that exists (an upload without an allocation).
+    /// Copies host values into device memory that exists (an upload without an allocation),
+    /// stored as `dst`'s type.
     fn write(&mut self, dst: ViewMut, data: &[f32]) -> Result<()>;
     /// The salt every later dropout XORs into its seed (0 at first): a training step sets its
     /// own, so that the per-site seeds stay fixed and a captured step (CUDA graphs) still draws

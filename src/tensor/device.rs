@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
 
+use super::dtype::DType;
 use crate::{Error, Result};
 
 pub(crate) fn describe(e: DriverError) -> String {
@@ -241,14 +242,16 @@ pub struct DevBuf {
     class: usize,
     /// The graph arena the block belongs to (taken while a graph was captured).
     arena: Option<Arc<Arena>>,
-    /// Elements (4 bytes each: f32 or u32) the owner asked for.
+    /// Elements the owner asked for.
     len: usize,
+    /// Their type (u32 index data is stored as `F32`'s 4 bytes).
+    dtype: DType,
     pool: Arc<Pool>,
 }
 
 impl std::fmt::Debug for DevBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DevBuf({:#x}, {} elements)", self.ptr, self.len)
+        write!(f, "DevBuf({:#x}, {} {} elements)", self.ptr, self.len, self.dtype.name())
     }
 }
 
@@ -262,25 +265,35 @@ impl DevBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    pub(crate) fn new(pool: &Arc<Pool>, len: usize) -> Result<DevBuf> {
-        let (ptr, class, arena) = pool.take(len * 4)?;
-        Ok(DevBuf { ptr, class, arena, len, pool: pool.clone() })
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// `len` elements of `dtype` from the pool. The byte count is checked, not wrapped.
+    pub(crate) fn new(pool: &Arc<Pool>, len: usize, dtype: DType) -> Result<DevBuf> {
+        let bytes = len.checked_mul(dtype.bytes()).ok_or_else(|| Error::Device {
+            what: format!("CUDA: {len} {} elements do not fit in memory", dtype.name()),
+        })?;
+        let (ptr, class, arena) = pool.take(bytes)?;
+        Ok(DevBuf { ptr, class, arena, len, dtype, pool: pool.clone() })
     }
     /// A device copy (ordered on the pool's stream).
     pub fn try_clone(&self) -> Result<DevBuf> {
-        let c = DevBuf::new(&self.pool, self.len)?;
+        let c = DevBuf::new(&self.pool, self.len, self.dtype)?;
         self.pool.clones.fetch_add(1, Ordering::Relaxed);
         self.pool.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
-        // SAFETY: both ranges are live pool blocks of at least len * 4 bytes.
-        unsafe { result::memcpy_dtod_async(c.ptr, self.ptr, self.len * 4, self.pool.stream.cu_stream()) }
+        let bytes = self.len * self.dtype.bytes();
+        // SAFETY: both ranges are live pool blocks of at least `bytes` bytes.
+        unsafe { result::memcpy_dtod_async(c.ptr, self.ptr, bytes, self.pool.stream.cu_stream()) }
             .map_err(dev_err("copy device to device"))?;
         Ok(c)
     }
     pub fn view(&self, offset: usize, len: usize) -> DevView<'_> {
-        DevView { ptr: self.ptr + 4 * offset as u64, len, _b: std::marker::PhantomData }
+        let ptr = self.ptr + (offset * self.dtype.bytes()) as u64;
+        DevView { ptr, len, dtype: self.dtype, _b: std::marker::PhantomData }
     }
     pub fn view_mut(&mut self, offset: usize, len: usize) -> DevViewMut<'_> {
-        DevViewMut { ptr: self.ptr + 4 * offset as u64, len, _b: std::marker::PhantomData }
+        let ptr = self.ptr + (offset * self.dtype.bytes()) as u64;
+        DevViewMut { ptr, len, dtype: self.dtype, _b: std::marker::PhantomData }
     }
 }
 
@@ -326,11 +339,12 @@ impl DevIds {
     }
 }
 
-/// A borrowed device range of f32.
+/// A borrowed device range of `len` elements of `dtype`.
 #[derive(Clone, Copy, Debug)]
 pub struct DevView<'a> {
     ptr: u64,
     len: usize,
+    dtype: DType,
     _b: std::marker::PhantomData<&'a ()>,
 }
 
@@ -338,6 +352,7 @@ pub struct DevView<'a> {
 pub struct DevViewMut<'a> {
     ptr: u64,
     len: usize,
+    dtype: DType,
     _b: std::marker::PhantomData<&'a mut ()>,
 }
 
@@ -351,8 +366,11 @@ impl<'a> DevView<'a> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
     pub fn sub(self, offset: usize, len: usize) -> DevView<'a> {
-        DevView { ptr: self.ptr + 4 * offset as u64, len, _b: std::marker::PhantomData }
+        DevView { ptr: self.ptr + (offset * self.dtype.bytes()) as u64, len, ..self }
     }
 }
 
@@ -366,15 +384,19 @@ impl<'a> DevViewMut<'a> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
     pub fn reborrow(&mut self) -> DevViewMut<'_> {
-        DevViewMut { ptr: self.ptr, len: self.len, _b: std::marker::PhantomData }
+        DevViewMut { ptr: self.ptr, len: self.len, dtype: self.dtype, _b: std::marker::PhantomData }
     }
     /// Split at `mid` into two disjoint mutable ranges.
     pub fn split_at(self, mid: usize) -> (DevViewMut<'a>, DevViewMut<'a>) {
-        let mid = mid.min(self.len);
+        let (mid, dtype) = (mid.min(self.len), self.dtype);
+        let tail = self.ptr + (mid * dtype.bytes()) as u64;
         (
-            DevViewMut { ptr: self.ptr, len: mid, _b: std::marker::PhantomData },
-            DevViewMut { ptr: self.ptr + 4 * mid as u64, len: self.len - mid, _b: std::marker::PhantomData },
+            DevViewMut { ptr: self.ptr, len: mid, dtype, _b: std::marker::PhantomData },
+            DevViewMut { ptr: tail, len: self.len - mid, dtype, _b: std::marker::PhantomData },
         )
     }
 }

@@ -1,13 +1,16 @@
 //! Device tensors: a shape plus storage on one backend.
 //!
-//! Activations are `Tensor`s of f32 (row-major, last dimension contiguous). Index data
-//! (token ids, segment offsets, class targets) are `Ids` of u32. Both are owned by the
+//! Activations are `Tensor`s of f32 or bf16 ([`DType`]; row-major, last dimension
+//! contiguous). Index data (token ids, segment offsets, class targets) are `Ids` of u32. Both are owned by the
 //! caller; a backend only allocates, reads and writes them. Parameters are not tensors of
 //! their own: they are ranges of one flat buffer (`crate::nn::params`), passed to ops as views.
 
 #[cfg(feature = "cuda")]
 pub mod device;
+mod dtype;
 pub mod host_pool;
+
+pub use dtype::{DType, bf16_bits};
 
 use std::sync::Arc;
 
@@ -33,6 +36,7 @@ pub enum IdStorage {
 pub struct Tensor {
     pub(crate) storage: Storage,
     shape: Vec<usize>,
+    dtype: DType,
 }
 
 /// u32 index data on a device: token ids, targets, segment offsets.
@@ -43,10 +47,12 @@ pub struct Ids {
 
 /// A borrowed contiguous range of device memory: a parameter inside the flat buffer, or a
 /// whole tensor. Views are slices, so disjoint mutable views (a weight's and a bias's gradient)
-/// can coexist.
+/// can coexist. A view keeps its tensor's [`DType`]: `CpuBf16` is a bf16 tensor's range on the
+/// CPU (f32 values rounded to bf16), a device view carries its own.
 #[derive(Clone, Copy, Debug)]
 pub enum View<'a> {
     Cpu(&'a [f32]),
+    CpuBf16(&'a [f32]),
     #[cfg(feature = "cuda")]
     Cuda(device::DevView<'a>),
 }
@@ -54,6 +60,7 @@ pub enum View<'a> {
 #[derive(Debug)]
 pub enum ViewMut<'a> {
     Cpu(&'a mut [f32]),
+    CpuBf16(&'a mut [f32]),
     #[cfg(feature = "cuda")]
     Cuda(device::DevViewMut<'a>),
 }
@@ -73,7 +80,7 @@ impl Clone for Tensor {
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => Storage::Cuda(b.try_clone().unwrap_or_else(|e| panic!("cloning a CUDA tensor: {e}"))),
         };
-        Tensor { storage, shape: self.shape.clone() }
+        Tensor { storage, shape: self.shape.clone(), dtype: self.dtype }
     }
 }
 
@@ -92,13 +99,43 @@ impl Drop for Tensor {
 impl Tensor {
     pub fn from_cpu(data: Vec<f32>, shape: &[usize]) -> Tensor {
         assert_eq!(data.len(), shape.iter().product::<usize>(), "tensor data does not match shape {shape:?}");
-        Tensor { storage: Storage::Cpu(data), shape: shape.to_vec() }
+        Tensor { storage: Storage::Cpu(data), shape: shape.to_vec(), dtype: DType::F32 }
     }
 
-    /// A tensor over storage a backend allocated (`len(storage) == shape.product()`).
+    /// A CPU tensor of `dtype` holding `data` as that type stores it (bf16: each value
+    /// rounded, [`DType::round`]).
+    pub fn from_cpu_as(mut data: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
+        if dtype != DType::F32 {
+            data.iter_mut().for_each(|x| *x = dtype.round(*x));
+        }
+        let mut t = Tensor::from_cpu(data, shape);
+        t.dtype = dtype;
+        t
+    }
+
+    /// A tensor over storage a backend allocated (`len(storage) == shape.product()`); a device
+    /// buffer's type is the tensor's, a CPU buffer's is f32.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn from_storage(storage: Storage, shape: &[usize]) -> Tensor {
-        Tensor { storage, shape: shape.to_vec() }
+        let dtype = match &storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.dtype(),
+            _ => DType::F32,
+        };
+        Tensor { storage, shape: shape.to_vec(), dtype }
+    }
+
+    /// A CPU tensor whose values the caller has rounded to `dtype` already, marked as of that
+    /// type (a backend's output).
+    pub(crate) fn with_dtype(mut self, dtype: DType) -> Tensor {
+        debug_assert!(matches!(self.storage, Storage::Cpu(_)), "only a CPU tensor is retyped");
+        self.dtype = dtype;
+        self
+    }
+
+    /// How this tensor stores its elements.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// This tensor, never to be written again: a CPU tensor's memory becomes shared and
@@ -173,7 +210,10 @@ impl Tensor {
     /// The contiguous range `offset..offset + len` (a parameter inside the flat buffer).
     pub fn sub(&self, offset: usize, len: usize) -> View<'_> {
         match &self.storage {
-            Storage::Cpu(_) | Storage::CpuFrozen(_) => View::Cpu(&self.cpu()[offset..offset + len]),
+            Storage::Cpu(_) | Storage::CpuFrozen(_) => {
+                let s = &self.cpu()[offset..offset + len];
+                if self.dtype == DType::Bf16 { View::CpuBf16(s) } else { View::Cpu(s) }
+            }
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => {
                 assert!(offset + len <= b.len(), "range {offset}+{len} of a {}-element tensor", b.len());
@@ -184,7 +224,10 @@ impl Tensor {
 
     pub fn sub_mut(&mut self, offset: usize, len: usize) -> ViewMut<'_> {
         match &mut self.storage {
-            Storage::Cpu(v) => ViewMut::Cpu(&mut v[offset..offset + len]),
+            Storage::Cpu(v) => {
+                let s = &mut v[offset..offset + len];
+                if self.dtype == DType::Bf16 { ViewMut::CpuBf16(s) } else { ViewMut::Cpu(s) }
+            }
             Storage::CpuFrozen(_) => panic!("{FROZEN_WRITTEN}"),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => {
@@ -213,6 +256,7 @@ impl Tensor {
             assert!(a.0 + a.1 <= b.0, "overlapping ranges {a:?} {b:?}");
         }
         let mut out: [Option<ViewMut<'_>>; N] = std::array::from_fn(|_| None);
+        let bf16 = self.dtype == DType::Bf16;
         match &mut self.storage {
             Storage::Cpu(v) => {
                 let (mut rest, mut at): (&mut [f32], usize) = (v, 0);
@@ -220,7 +264,7 @@ impl Tensor {
                     let (offset, len) = ranges[i];
                     let (_, tail) = std::mem::take(&mut rest).split_at_mut(offset - at);
                     let (mine, tail) = tail.split_at_mut(len);
-                    out[i] = Some(ViewMut::Cpu(mine));
+                    out[i] = Some(if bf16 { ViewMut::CpuBf16(mine) } else { ViewMut::Cpu(mine) });
                     (rest, at) = (tail, offset + len);
                 }
             }
@@ -292,9 +336,17 @@ impl Ids {
 }
 
 impl<'a> View<'a> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            View::Cpu(_) => DType::F32,
+            View::CpuBf16(_) => DType::Bf16,
+            #[cfg(feature = "cuda")]
+            View::Cuda(d) => d.dtype(),
+        }
+    }
     pub fn len(&self) -> usize {
         match self {
-            View::Cpu(s) => s.len(),
+            View::Cpu(s) | View::CpuBf16(s) => s.len(),
             #[cfg(feature = "cuda")]
             View::Cuda(d) => d.len(),
         }
@@ -304,7 +356,7 @@ impl<'a> View<'a> {
     }
     pub fn cpu(self) -> &'a [f32] {
         match self {
-            View::Cpu(s) => s,
+            View::Cpu(s) | View::CpuBf16(s) => s,
             #[cfg(feature = "cuda")]
             View::Cuda(_) => panic!("a CUDA view was used as a CPU view"),
         }
@@ -312,9 +364,17 @@ impl<'a> View<'a> {
 }
 
 impl<'a> ViewMut<'a> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            ViewMut::Cpu(_) => DType::F32,
+            ViewMut::CpuBf16(_) => DType::Bf16,
+            #[cfg(feature = "cuda")]
+            ViewMut::Cuda(d) => d.dtype(),
+        }
+    }
     pub fn len(&self) -> usize {
         match self {
-            ViewMut::Cpu(s) => s.len(),
+            ViewMut::Cpu(s) | ViewMut::CpuBf16(s) => s.len(),
             #[cfg(feature = "cuda")]
             ViewMut::Cuda(d) => d.len(),
         }
@@ -324,7 +384,7 @@ impl<'a> ViewMut<'a> {
     }
     pub fn cpu(self) -> &'a mut [f32] {
         match self {
-            ViewMut::Cpu(s) => s,
+            ViewMut::Cpu(s) | ViewMut::CpuBf16(s) => s,
             #[cfg(feature = "cuda")]
             ViewMut::Cuda(_) => panic!("a CUDA view was used as a CPU view"),
         }
@@ -336,6 +396,10 @@ impl<'a> ViewMut<'a> {
                 let (a, b) = s.split_at_mut(mid.min(s.len()));
                 (ViewMut::Cpu(a), ViewMut::Cpu(b))
             }
+            ViewMut::CpuBf16(s) => {
+                let (a, b) = s.split_at_mut(mid.min(s.len()));
+                (ViewMut::CpuBf16(a), ViewMut::CpuBf16(b))
+            }
             #[cfg(feature = "cuda")]
             ViewMut::Cuda(d) => {
                 let (a, b) = d.split_at(mid);
@@ -346,6 +410,7 @@ impl<'a> ViewMut<'a> {
     pub fn reborrow(&mut self) -> ViewMut<'_> {
         match self {
             ViewMut::Cpu(s) => ViewMut::Cpu(s),
+            ViewMut::CpuBf16(s) => ViewMut::CpuBf16(s),
             #[cfg(feature = "cuda")]
             ViewMut::Cuda(d) => ViewMut::Cuda(d.reborrow()),
         }

@@ -23,12 +23,12 @@ pub mod topk;
 
 use super::{
     AdamW, AdamWConstants, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Half, Precision,
-    Segments, check_adamw_masked, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gru_bwd,
-    check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
-    check_residual_layernorm_bwd, check_step_guard, check_top_k, check_widen, expect_cols, expect_len, rows_of,
-    same_shape,
+    Segments, check_adamw_masked, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gemm_bias,
+    check_gemm_types, check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd,
+    check_layernorm_fwd, check_residual_layernorm_bwd, check_step_guard, check_top_k, check_widen, expect_cols,
+    expect_dtype, expect_len, rows_of, same_shape,
 };
-use crate::tensor::{Ids, Tensor, View, ViewMut, host_pool};
+use crate::tensor::{DType, Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
 
 /// The op timer's name of a GEMM, by the role its transposes give it in the model: a layer's
@@ -175,6 +175,19 @@ impl Backend for Cpu {
         Ok(Tensor::from_cpu(host_pool::dirty(shape.iter().product()), shape))
     }
 
+    fn alloc_as(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Ok(self.alloc(shape)?.with_dtype(dtype))
+    }
+
+    fn convert(&mut self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let _timer = profile::time("convert");
+        let mut y = self.alloc_as(x.shape(), dtype)?;
+        let out = y.cpu_mut();
+        out.copy_from_slice(x.cpu());
+        dtype.round_all(out);
+        Ok(y)
+    }
+
     fn download(&mut self, x: View) -> Result<Vec<f32>> {
         let _timer = profile::time("download");
         Ok(x.cpu().to_vec())
@@ -182,6 +195,7 @@ impl Backend for Cpu {
 
     fn fill(&mut self, x: ViewMut, value: f32) -> Result<()> {
         let _timer = profile::time("fill");
+        let value = x.dtype().round(value);
         x.cpu().fill(value);
         Ok(())
     }
@@ -189,6 +203,7 @@ impl Backend for Cpu {
     fn copy(&mut self, src: View, dst: ViewMut) -> Result<()> {
         let _timer = profile::time("copy");
         expect_len("copy", "destination", dst.len(), src.len())?;
+        expect_dtype("copy", "the destination", dst.dtype(), src.dtype())?;
         dst.cpu().copy_from_slice(src.cpu());
         Ok(())
     }
@@ -196,17 +211,20 @@ impl Backend for Cpu {
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
         let _timer = profile::time(gemm_name(g));
         check_gemm(&g, a.len(), b.len(), c.len())?;
-        self.operand(g, b.cpu())?.gemm(g, a.cpu(), None, c.cpu());
+        check_gemm_types("gemm", a.dtype(), b.dtype())?;
+        let stored = c.dtype();
+        let c = c.cpu();
+        self.operand(g, b.cpu())?.gemm(g, a.cpu(), None, c);
+        stored.round_all(c);
         Ok(())
     }
 
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
         let _timer = profile::time("gemm x·Wᵀ+b");
-        check_gemm(&g, a.len(), b.len(), c.len())?;
-        expect_cols("gemm_bias", c)?;
-        expect_len("gemm_bias", "bias", bias.len(), c.cols())?;
-        expect_len("gemm_bias", "bias", bias.len(), g.n)?;
+        check_gemm_bias(&g, &a, &b, &bias, c)?;
+        let stored = c.dtype();
         self.operand(g, b.cpu())?.gemm(g, a.cpu(), Some(bias.cpu()), c.cpu_mut());
+        stored.round_all(c.cpu_mut());
         Ok(())
     }
 
@@ -235,7 +253,8 @@ impl Backend for Cpu {
 
     fn scale(&mut self, x: ViewMut, s: f32) -> Result<()> {
         let _timer = profile::time("scale");
-        x.cpu().iter_mut().for_each(|v| *v *= s);
+        let stored = x.dtype();
+        x.cpu().iter_mut().for_each(|v| *v = stored.round(*v * s));
         Ok(())
     }
 
@@ -278,7 +297,10 @@ impl Backend for Cpu {
 
     fn write(&mut self, dst: ViewMut, data: &[f32]) -> Result<()> {
         expect_len("write", "data", data.len(), dst.len())?;
-        dst.cpu().copy_from_slice(data);
+        let stored = dst.dtype();
+        let dst = dst.cpu();
+        dst.copy_from_slice(data);
+        stored.round_all(dst);
         Ok(())
     }
 

@@ -10,6 +10,7 @@ use std::ffi::c_void;
 use cudarc::cublaslt::sys as lt;
 
 use crate::backend::{Gemm, Precision};
+use crate::tensor::DType;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -20,6 +21,8 @@ struct Key {
     trans_a: bool,
     trans_b: bool,
     precision: Precision,
+    /// Storage of A and B, and of C = D.
+    types: (DType, DType),
 }
 
 /// What one shape's matmuls reuse.
@@ -65,25 +68,36 @@ impl Lt {
         })
     }
 
-    /// Row-major `c[m, n] = alpha·op(a)·op(b) + beta·c + bias` (bias: n values, on every row)
-    /// on `stream`, at `precision`'s compute type, with `workspace` (pointer, bytes).
+    /// Row-major `c[m, n] = alpha·op(a)·op(b) + beta·c + bias` (bias: n f32 values, on every
+    /// row) on `stream`, at `precision`'s compute type (bf16 A and B: `CUBLAS_COMPUTE_32F`),
+    /// A and B stored as `types.0`, C as `types.1`, with `workspace` (pointer, bytes).
     ///
     /// # Safety
-    /// a, b, c and bias are live device ranges of f32 of the shapes `g` gives (`c` row-major
-    /// `[m, n]`, unaliased), and the stream and workspace belong to the handle's context.
+    /// a, b, c and bias are live device ranges of their types and of the shapes `g` gives
+    /// (`c` row-major `[m, n]`, unaliased), and the stream and workspace belong to the
+    /// handle's context.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm_bias(
         &mut self,
         stream: cudarc::driver::sys::CUstream,
         workspace: (u64, usize),
         precision: Precision,
+        types: (DType, DType),
         g: Gemm,
         (a, b, bias, c): (u64, u64, u64, u64),
     ) -> Result<()> {
-        let key = Key { m: g.m, n: g.n, k: g.k, trans_a: g.trans_a, trans_b: g.trans_b, precision };
+        let key = Key { m: g.m, n: g.n, k: g.k, trans_a: g.trans_a, trans_b: g.trans_b, precision, types };
         let handle = self.handle;
         let plan = self.plan(key)?;
-        let what = format!("gemm + bias ({}) m={} n={} k={}", precision.name(), g.m, g.n, g.k);
+        let what = format!(
+            "gemm + bias ({}, {} operands, {} output) m={} n={} k={}",
+            precision.name(),
+            types.0.name(),
+            types.1.name(),
+            g.m,
+            g.n,
+            g.k
+        );
         // SAFETY: the plan's descriptor and layouts are live; the pointers are as the caller
         // guarantees; alpha and beta are host scalars read during the call.
         unsafe {
@@ -127,12 +141,16 @@ impl Plan {
     /// Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLASLt's A is our B,
     /// its B our A, its D (= C) our C as stored; the bias runs along D's rows, our columns.
     fn new(key: Key) -> Result<Plan> {
-        let Key { m, n, k, trans_a, trans_b, precision } = key;
+        let Key { m, n, k, trans_a, trans_b, precision, types: (ab, c_type) } = key;
         use lt::cublasComputeType_t as Compute;
-        let compute = match precision {
-            Precision::F32 => Compute::CUBLAS_COMPUTE_32F,
-            Precision::Tf32 => Compute::CUBLAS_COMPUTE_32F_FAST_TF32,
-            Precision::Bf16 => Compute::CUBLAS_COMPUTE_32F_FAST_16BF,
+        let compute = match (ab, precision) {
+            (DType::Bf16, _) | (_, Precision::F32) => Compute::CUBLAS_COMPUTE_32F,
+            (_, Precision::Tf32) => Compute::CUBLAS_COMPUTE_32F_FAST_TF32,
+            (_, Precision::Bf16) => Compute::CUBLAS_COMPUTE_32F_FAST_16BF,
+        };
+        let ty = |d: DType| match d {
+            DType::F32 => lt::cudaDataType_t::CUDA_R_32F,
+            DType::Bf16 => lt::cudaDataType_t::CUDA_R_16BF,
         };
         let f32_ty = lt::cudaDataType_t::CUDA_R_32F;
         // cublasOperation_t (cublas_api.h): N 0, T 1.
@@ -153,14 +171,17 @@ impl Plan {
                     lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
                     lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32,
                 ),
+                // The bias is an f32 parameter whatever D's type (unset, cuBLASLt takes D's).
+                (lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, f32_ty as u32),
             ] {
                 check(
                     lt::cublasLtMatmulDescSetAttribute(plan.desc, attr, &value as *const u32 as *const c_void, 4),
                     &what,
                 )?;
             }
-            for (slot, (rows, cols, ld)) in plan.layouts.iter_mut().zip([ours_b, ours_a, (n, m, n)]) {
-                check(lt::cublasLtMatrixLayoutCreate(slot, f32_ty, rows as u64, cols as u64, ld as i64), &what)?;
+            let layouts = [(ours_b, ab), (ours_a, ab), ((n, m, n), c_type)];
+            for (slot, ((rows, cols, ld), d)) in plan.layouts.iter_mut().zip(layouts) {
+                check(lt::cublasLtMatrixLayoutCreate(slot, ty(d), rows as u64, cols as u64, ld as i64), &what)?;
             }
         }
         Ok(plan)

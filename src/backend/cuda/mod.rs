@@ -41,6 +41,7 @@ mod norm;
 mod ops;
 mod step;
 pub mod topk;
+mod typed;
 mod upload;
 
 use std::collections::HashMap;
@@ -54,7 +55,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
 use crate::backend::{Counters, Gemm, Precision, Segments};
 pub use crate::tensor::device::{DevBuf, DevIds, DevView, DevViewMut, Pool};
 pub(crate) use crate::tensor::device::{describe, dev_err};
-use crate::tensor::{Ids, Storage, Tensor, View, ViewMut};
+use crate::tensor::{DType, Ids, Storage, Tensor, View, ViewMut};
 use crate::{Error, Result};
 
 /// The kernels, compiled by build.rs (SASS sm_80 + sm_90, PTX compute_90).
@@ -132,8 +133,12 @@ pub fn available() -> bool {
 /// One kernel parameter, in the order of the kernel's C signature.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
-    /// A device pointer (`T*`).
+    /// A device pointer (`T*`): f32 data, index data, or scratch.
     Ptr(u64),
+    /// A pointer to bf16 elements (`__nv_bfloat16*`), from a bf16 tensor or view: only a
+    /// kernel whose name ends in `_bf16` takes one, so that a bf16 tensor handed to an op that
+    /// reads f32 is an error naming the kernel, never 2-byte values read as 4.
+    Bf16(u64),
     I32(i32),
     U32(u32),
     U64(u64),
@@ -170,14 +175,20 @@ pub fn view_mut_ptr(v: &ViewMut) -> Result<u64> {
 }
 
 impl Arg {
+    fn typed(ptr: u64, dtype: DType) -> Arg {
+        match dtype {
+            DType::F32 => Arg::Ptr(ptr),
+            DType::Bf16 => Arg::Bf16(ptr),
+        }
+    }
     pub fn tensor(t: &Tensor) -> Result<Arg> {
-        tensor_ptr(t).map(Arg::Ptr)
+        tensor_ptr(t).map(|p| Arg::typed(p, t.dtype()))
     }
     pub fn view(v: View) -> Result<Arg> {
-        view_ptr(v).map(Arg::Ptr)
+        view_ptr(v).map(|p| Arg::typed(p, v.dtype()))
     }
     pub fn view_mut(v: &ViewMut) -> Result<Arg> {
-        view_mut_ptr(v).map(Arg::Ptr)
+        view_mut_ptr(v).map(|p| Arg::typed(p, v.dtype()))
     }
     pub fn ids(i: &Ids) -> Result<Arg> {
         Ok(Arg::Ptr(dev_ids(i)?.ptr()))
@@ -477,6 +488,11 @@ impl Cuda {
         args: &[Arg],
         cooperative: bool,
     ) -> Result<()> {
+        if !name.ends_with("_bf16")
+            && let Some(i) = args.iter().position(|a| matches!(a, Arg::Bf16(_)))
+        {
+            return Err(Error::dtype(name, format!("argument {i} is a bf16 tensor; this kernel reads and writes f32")));
+        }
         self.bind()?;
         let f = self.function(name)?;
         // cuLaunchKernel wants a pointer to each argument's value.
@@ -485,7 +501,7 @@ impl Cuda {
             .map(|a| {
                 let mut v = [0u8; 8];
                 match *a {
-                    Arg::Ptr(p) | Arg::U64(p) => v.copy_from_slice(&p.to_ne_bytes()),
+                    Arg::Ptr(p) | Arg::Bf16(p) | Arg::U64(p) => v.copy_from_slice(&p.to_ne_bytes()),
                     Arg::I32(x) => v[..4].copy_from_slice(&x.to_ne_bytes()),
                     Arg::U32(x) => v[..4].copy_from_slice(&x.to_ne_bytes()),
                     Arg::F32(x) => v[..4].copy_from_slice(&x.to_ne_bytes()),
@@ -620,10 +636,15 @@ impl Cuda {
         tensor_ptr(&self.input_norms[at].1)
     }
 
-    /// A pooled tensor whose contents are unspecified.
+    /// A pooled f32 tensor whose contents are unspecified.
     pub fn alloc_tensor(&mut self, shape: &[usize]) -> Result<Tensor> {
+        self.alloc_typed(shape, DType::F32)
+    }
+
+    /// A pooled tensor of `dtype` whose contents are unspecified.
+    pub fn alloc_typed(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let n = shape.iter().product();
-        Ok(Tensor::from_storage(Storage::Cuda(DevBuf::new(&self.pool, n)?), shape))
+        Ok(Tensor::from_storage(Storage::Cuda(DevBuf::new(&self.pool, n, dtype)?), shape))
     }
 
     /// Pooled scratch space of `elems` f32 (returned to the pool on drop).
@@ -633,13 +654,16 @@ impl Cuda {
 
     /// Row-major strided-batched GEMM over `batch` independent products:
     /// `C_i = alpha · op(A_i) · op(B_i) + beta · C_i`, `op(A_i)` `[m, k]`, `op(B_i)` `[k, n]`,
-    /// pointers advancing by `stride_*` elements per batch; `lda/ldb/ldc` are row strides. f32
-    /// storage; `precision` is the arithmetic (the compute type: operands rounded to TF32 or
-    /// bf16 as cuBLAS loads them, fp32 sums).
+    /// pointers advancing by `stride_*` elements per batch; `lda/ldb/ldc` are row strides.
+    /// `(ab, c)` are the storage types of A and B (one type) and of C. With f32 A and B,
+    /// `precision` is the arithmetic (the compute type: operands rounded to TF32 or bf16 as
+    /// cuBLAS loads them, fp32 sums); bf16 A and B are multiplied exactly and summed in fp32
+    /// (`CUBLAS_COMPUTE_32F`) at any precision, and a bf16 C is rounded once, as it is stored.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_strided_batched(
         &mut self,
         precision: Precision,
+        (ab, c_type): (DType, DType),
         (m, n, k): (usize, usize, usize),
         (trans_a, trans_b): (bool, bool),
         alpha: f32,
@@ -658,12 +682,15 @@ impl Cuda {
         let op = |t: bool| {
             if t { cublas_sys::cublasOperation_t::CUBLAS_OP_T } else { cublas_sys::cublasOperation_t::CUBLAS_OP_N }
         };
-        let compute = match precision {
-            Precision::F32 => Compute::CUBLAS_COMPUTE_32F,
-            Precision::Tf32 => Compute::CUBLAS_COMPUTE_32F_FAST_TF32,
-            Precision::Bf16 => Compute::CUBLAS_COMPUTE_32F_FAST_16BF,
+        let compute = match (ab, precision) {
+            (DType::Bf16, _) | (_, Precision::F32) => Compute::CUBLAS_COMPUTE_32F,
+            (_, Precision::Tf32) => Compute::CUBLAS_COMPUTE_32F_FAST_TF32,
+            (_, Precision::Bf16) => Compute::CUBLAS_COMPUTE_32F_FAST_16BF,
         };
-        let f32_ty = cublas_sys::cudaDataType::CUDA_R_32F;
+        let ty = |d: DType| match d {
+            DType::F32 => cublas_sys::cudaDataType::CUDA_R_32F,
+            DType::Bf16 => cublas_sys::cudaDataType::CUDA_R_16BF,
+        };
         self.bind()?;
         self.counts.blas_calls += 1;
         // SAFETY: the caller's pointers are live device ranges of f32 covering every batch at
@@ -679,16 +706,16 @@ impl Cuda {
                 int(k)?,
                 (&alpha) as *const f32 as *const c_void,
                 b as *const c_void,
-                f32_ty,
+                ty(ab),
                 int(ldb)?,
                 stride_b as i64,
                 a as *const c_void,
-                f32_ty,
+                ty(ab),
                 int(lda)?,
                 stride_a as i64,
                 (&beta) as *const f32 as *const c_void,
                 c as *mut c_void,
-                f32_ty,
+                ty(c_type),
                 int(ldc)?,
                 stride_c as i64,
                 int(batch)?,
@@ -696,18 +723,30 @@ impl Cuda {
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(blas_err(format!("gemm ({}) m={m} n={n} k={k} batch={batch}", precision.name())))
+        .map_err(blas_err(format!(
+            "gemm ({}, {} operands, {} output) m={m} n={n} k={k} batch={batch}",
+            precision.name(),
+            ab.name(),
+            c_type.name()
+        )))
     }
 
     /// Row-major `c[m, n] = alpha·op(a)·op(b) + beta·c + bias` in one cuBLASLt matmul
-    /// (`lt.rs`), at `precision`; device pointers as the caller checked them.
-    pub(crate) fn gemm_bias_lt(&mut self, precision: Precision, g: Gemm, ptrs: (u64, u64, u64, u64)) -> Result<()> {
+    /// (`lt.rs`), at `precision`, A and B stored as `types.0`, C as `types.1`, the bias f32;
+    /// device pointers as the caller checked them.
+    pub(crate) fn gemm_bias_lt(
+        &mut self,
+        precision: Precision,
+        types: (DType, DType),
+        g: Gemm,
+        ptrs: (u64, u64, u64, u64),
+    ) -> Result<()> {
         let workspace = (tensor_ptr(self.blas_workspace.as_ref().expect("set in Cuda::new"))?, BLAS_WORKSPACE_BYTES);
         self.bind()?;
         self.counts.blas_calls += 1;
         let stream = self.stream.cu_stream();
         // SAFETY: the caller checked the operands' shapes and that they live on this device;
         // the stream and workspace are this context's.
-        unsafe { self.lt.gemm_bias(stream, workspace, precision, g, ptrs) }
+        unsafe { self.lt.gemm_bias(stream, workspace, precision, types, g, ptrs) }
     }
 }

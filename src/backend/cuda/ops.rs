@@ -2,18 +2,16 @@
 //! one launch per op. Attention and the GRU step live in `attention.rs` and `gru.rs`.
 
 use super::{
-    Arg, COLSUM_ROWS, Cuda, DevBuf, DevIds, MAX_GRID_Y, blocks, dev_err, dev_ids, grid_y, tensor_ptr, view_mut_ptr,
-    view_ptr,
+    Arg, COLSUM_ROWS, Cuda, DevBuf, DevIds, MAX_GRID_Y, blocks, dev_ids, grid_y, tensor_ptr, view_mut_ptr, view_ptr,
 };
 use crate::backend::{
     AdamW, AdamWConstants, AdamWScalars, Backend, Counters, DecayMask, Gemm, Graph, GraphInput, GruRunBwd, GruRunFwd,
     GruStep, GuardParams, Half, IGNORE_TARGET, Precision, Segments, check_attention, check_attention_bwd,
-    check_dropout, check_gemm, check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd,
-    check_layernorm_bwd, check_layernorm_fwd, check_top_k, check_widen, expect_cols, expect_len, rows_of, same_shape,
+    check_dropout, check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd,
+    check_layernorm_fwd, check_top_k, check_widen, expect_cols, expect_len, rows_of, same_shape,
 };
-use crate::tensor::{IdStorage, Ids, Tensor, View, ViewMut};
+use crate::tensor::{DType, IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
-use cudarc::driver::result;
 
 const THREADS: u32 = 256;
 
@@ -149,16 +147,6 @@ impl Cuda {
         self.launch("cross_entropy_fwd_f32", (rows as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
         Ok(row_loss)
     }
-
-    fn memset0(&mut self, ptr: u64, elems: usize) -> Result<()> {
-        if elems == 0 {
-            return Ok(());
-        }
-        self.bind()?;
-        self.counts.copies += 1;
-        // SAFETY: ptr..ptr + 4·elems is a live pool block or view into one.
-        unsafe { result::memset_d8_async(ptr, 0, elems * 4, self.stream.cu_stream()) }.map_err(dev_err("memset"))
-    }
 }
 
 impl Backend for Cuda {
@@ -188,7 +176,7 @@ impl Backend for Cuda {
     }
 
     fn upload_ids(&mut self, data: &[u32]) -> Result<Ids> {
-        let buf = DevBuf::new(&self.pool, data.len())?;
+        let buf = DevBuf::new(&self.pool, data.len(), DType::F32)?;
         self.htod(buf.ptr(), data, "indices")?;
         let bound = data.iter().filter(|&&i| i != IGNORE_TARGET).max().map_or(0, |&m| m + 1);
         let ignores = data.contains(&IGNORE_TARGET);
@@ -198,7 +186,7 @@ impl Backend for Cuda {
     fn zeros(&mut self, shape: &[usize]) -> Result<Tensor> {
         let t = self.alloc_tensor(shape)?;
         let p = ptr_of(&t.view())?;
-        self.memset0(p, t.len())?;
+        self.memset0(p, t.len() * 4)?;
         Ok(t)
     }
 
@@ -206,75 +194,32 @@ impl Backend for Cuda {
         self.alloc_tensor(shape)
     }
 
+    fn alloc_as(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.alloc_typed(shape, dtype)
+    }
+
+    fn convert(&mut self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.convert_tensor(x, dtype)
+    }
+
     fn download(&mut self, x: View) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; x.len()];
-        self.bind()?;
-        if !out.is_empty() {
-            let p = ptr_of(&x)?;
-            // SAFETY: x is a live device range of out.len() f32; we synchronise before reading.
-            unsafe { result::memcpy_dtoh_async(&mut out, p, self.stream.cu_stream()) }
-                .map_err(dev_err(format!("download {} bytes", out.len() * 4)))?;
-        }
-        self.synchronize()?;
-        Ok(out)
+        self.download_values(x)
     }
 
     fn fill(&mut self, x: ViewMut, value: f32) -> Result<()> {
-        let n = x.len();
-        if value == 0.0 && value.is_sign_positive() {
-            let p = ptr_of_mut(&x)?;
-            return self.memset0(p, n);
-        }
-        self.flat("fill_fwd_f32", n, &[Arg::view_mut(&x)?, Arg::F32(value), Arg::U64(n as u64)])
+        self.fill_values(x, value)
     }
 
     fn copy(&mut self, src: View, dst: ViewMut) -> Result<()> {
-        expect_len("copy", "destination", dst.len(), src.len())?;
-        if src.is_empty() {
-            return Ok(());
-        }
-        let (s, d) = (ptr_of(&src)?, ptr_of_mut(&dst)?);
-        self.bind()?;
-        self.counts.copies += 1;
-        // SAFETY: both are live device ranges of src.len() f32 (a view and a disjoint mutable view).
-        unsafe { result::memcpy_dtod_async(d, s, src.len() * 4, self.stream.cu_stream()) }
-            .map_err(dev_err("copy device to device"))
+        self.copy_values(src, dst)
     }
 
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
-        check_gemm(&g, a.len(), b.len(), c.len())?;
-        let (pa, pb, pc) = (ptr_of(&a)?, ptr_of(&b)?, ptr_of_mut(&c)?);
-        if g.k == 0 {
-            // Nothing to multiply: the definition is C = beta·C (and exactly 0 for beta = 0,
-            // as cuBLAS would write, even over NaN).
-            return if g.beta == 0.0 { self.fill(c, 0.0) } else { self.scale(c, g.beta) };
-        }
-        let lda = if g.trans_a { g.m } else { g.k };
-        let ldb = if g.trans_b { g.k } else { g.n };
-        self.gemm_strided_batched(
-            self.precision().of_gemm(g.m),
-            (g.m, g.n, g.k),
-            (g.trans_a, g.trans_b),
-            g.alpha,
-            (pa, lda, 0),
-            (pb, ldb, 0),
-            g.beta,
-            (pc, g.n, 0),
-            1,
-        )
+        self.gemm_typed(g, a, b, c)
     }
 
-    /// One cuBLASLt matmul with the bias in its epilogue (`lt.rs`).
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
-        check_gemm(&g, a.len(), b.len(), c.len())?;
-        expect_cols("gemm_bias", c)?;
-        expect_len("gemm_bias", "bias", bias.len(), c.cols())?;
-        if g.k == 0 || c.cols() != g.n {
-            self.gemm(g, a, b, c.view_mut())?;
-            return self.add_bias(c, bias);
-        }
-        let ptrs = (ptr_of(&a)?, ptr_of(&b)?, ptr_of(&bias)?, tensor_ptr(c)?);
-        self.gemm_bias_lt(self.precision().of_gemm(g.m), g, ptrs)
+        self.gemm_bias_typed(g, a, b, bias, c)
     }
 
     fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()> {
@@ -299,8 +244,7 @@ impl Backend for Cuda {
     }
 
     fn scale(&mut self, x: ViewMut, s: f32) -> Result<()> {
-        let n = x.len();
-        self.flat("scale_fwd_f32", n, &[Arg::view_mut(&x)?, Arg::F32(s), Arg::U64(n as u64)])
+        self.scale_values(x, s)
     }
 
     fn sum_squares(&mut self, x: View) -> Result<f64> {
@@ -395,8 +339,7 @@ impl Backend for Cuda {
     }
 
     fn write(&mut self, dst: ViewMut, data: &[f32]) -> Result<()> {
-        expect_len("write", "data", data.len(), dst.len())?;
-        self.htod(view_mut_ptr(&dst)?, data, "values")
+        self.write_values(dst, data)
     }
 
     fn set_dropout_salt(&mut self, salt: u64) -> Result<()> {

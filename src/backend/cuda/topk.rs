@@ -7,7 +7,7 @@
 use super::{Arg, Cuda, dev_err, tensor_ptr, view_ptr};
 use crate::backend::cpu::topk::split_keys;
 use crate::backend::{Backend, Precision};
-use crate::tensor::{Tensor, View};
+use crate::tensor::{DType, Tensor, View};
 use crate::{Error, Result};
 use cudarc::driver::result;
 
@@ -66,6 +66,7 @@ impl Cuda {
             let pt = pg + 4 * (t0 * dim) as u64;
             self.gemm_strided_batched(
                 Precision::F32,
+                (DType::F32, DType::F32),
                 (nq, n, dim),
                 (false, true),
                 1.0,

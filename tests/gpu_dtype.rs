@@ -1,0 +1,323 @@
+//! Tensors stored as bf16 (issue 12 item 6, its first two steps): conversion, the memory ops
+//! and the GEMMs on bf16 storage, each on the CPU (the reference: f32 values rounded to bf16)
+//! and on the CUDA device (2-byte storage, cuBLAS's `CUDA_R_16BF`), and the refusals: a bf16
+//! tensor handed to an op that reads f32 is an `Error::Type` naming the kernel or op, never
+//! 2-byte values read as 4.
+
+mod common;
+
+use common::gpu::gpu_or_skip;
+use common::{rand_range, randv, rel_err};
+use semshare::Error;
+use semshare::backend::cpu::Cpu;
+use semshare::backend::{Backend, Gemm, Precision};
+use semshare::tensor::{DType, Tensor, bf16_bits};
+
+/// `got` is `want` bit for bit (a NaN as a NaN), or a failure naming the first element apart.
+fn same_values(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let apart = |(g, w): (&f32, &f32)| if w.is_nan() { !g.is_nan() } else { g.to_bits() != w.to_bits() };
+    if let Some(i) = got.iter().zip(want).position(apart) {
+        panic!("{what}: element {i} is {:e}, not {:e}", got[i], want[i]);
+    }
+}
+
+/// The GPU computing at `precision`, or None after a skip line.
+fn gpu_at(test: &str, precision: Precision) -> Option<Box<dyn Backend>> {
+    #[cfg(feature = "cuda")]
+    {
+        common::gpu::cuda_or_skip(test).map(|mut g| {
+            g.set_precision(precision);
+            Box::new(g) as Box<dyn Backend>
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = precision;
+        gpu_or_skip(test)
+    }
+}
+
+/// Values that exercise the rounding: random ones, exact ties (to even, both ways), values
+/// just past a tie, signed zeros, infinities, the largest finite f32 (which rounds to
+/// infinity), subnormals.
+fn awkward(seed: u64, n: usize) -> Vec<f32> {
+    let mut v = rand_range(seed, n, -1e3, 1e3);
+    let specials = [
+        f32::from_bits(0x3f80_8000), // a tie, even below: rounds down
+        f32::from_bits(0x3f81_8000), // a tie, odd below: rounds up
+        f32::from_bits(0x3f80_8001), // just past a tie: up
+        f32::from_bits(0xbf80_7fff), // just under a tie, negative: down in magnitude
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::from_bits(0x0000_8000), // a subnormal tie
+        f32::MIN_POSITIVE,
+    ];
+    for (i, s) in specials.into_iter().enumerate() {
+        if i < n {
+            v[i * n / specials.len().max(1)] = s;
+        }
+    }
+    v
+}
+
+/// `DType::round` is the nearest bf16, ties to even: checked on the bits themselves.
+#[test]
+fn the_rounding_is_to_nearest_even() {
+    let cases: [(u32, u16); 8] = [
+        (0x3f80_0000, 0x3f80),
+        (0x3f80_8000, 0x3f80), // tie, even kept
+        (0x3f81_8000, 0x3f82), // tie, odd rounds up to even
+        (0x3f80_8001, 0x3f81),
+        (0x3f80_7fff, 0x3f80),
+        (0x7f7f_ffff, 0x7f80), // f32::MAX rounds to infinity
+        (0xff80_0000, 0xff80),
+        (0x8000_0000, 0x8000),
+    ];
+    for (bits, want) in cases {
+        let x = f32::from_bits(bits);
+        assert_eq!(bf16_bits(x), want, "{bits:#010x}");
+        assert_eq!(DType::Bf16.round(x).to_bits(), (want as u32) << 16, "{bits:#010x}");
+        assert_eq!(DType::F32.round(x).to_bits(), bits);
+    }
+    assert!(DType::Bf16.round(f32::NAN).is_nan());
+    assert!(DType::Bf16.round(f32::from_bits(0x7f80_0001)).is_nan(), "a NaN whose payload would carry into infinity");
+    let t = Tensor::from_cpu_as(vec![1.0 + 2f32.powi(-9), 3.0], &[2], DType::Bf16);
+    assert_eq!((t.dtype(), t.cpu()), (DType::Bf16, &[1.0f32, 3.0][..]));
+}
+
+/// f32 → bf16 → f32 on each device: bf16 is `DType::round` of each value (bit for bit, NaN as
+/// NaN), and widening back is exact.
+#[test]
+fn conversion_rounds_as_the_cpu_does() {
+    let mut devices: Vec<Box<dyn Backend>> = vec![Box::new(common::cpu())];
+    devices.extend(gpu_or_skip("convert"));
+    for dev in &mut devices {
+        for n in [1usize, 7, 300, 4099] {
+            let mut x = awkward(n as u64, n);
+            x[n / 2] = f32::NAN;
+            let t = dev.upload(&x, &[n]).unwrap();
+            let h = dev.convert(&t, DType::Bf16).unwrap();
+            assert_eq!((h.dtype(), h.shape()), (DType::Bf16, &[n][..]));
+            let back = dev.convert(&h, DType::F32).unwrap();
+            assert_eq!(back.dtype(), DType::F32);
+            let same = dev.convert(&h, DType::Bf16).unwrap();
+            let want: Vec<f32> = x.iter().map(|&v| DType::Bf16.round(v)).collect();
+            for (what, got) in [
+                ("download of the bf16 tensor", dev.download(h.view()).unwrap()),
+                ("converted back to f32", dev.download(back.view()).unwrap()),
+                ("a bf16 copy of it", dev.download(same.view()).unwrap()),
+            ] {
+                same_values(&format!("{} n={n} {what}", dev.name()), &got, &want);
+            }
+        }
+    }
+}
+
+/// fill, write, scale and copy store their results as the destination's type; a copy between
+/// types is refused on both devices.
+#[test]
+fn memory_ops_store_the_destination_type() {
+    let mut devices: Vec<Box<dyn Backend>> = vec![Box::new(common::cpu())];
+    devices.extend(gpu_or_skip("bf16 memory ops"));
+    for dev in &mut devices {
+        let n = 1000;
+        let x = randv(3, n);
+        let mut t = dev.alloc_as(&[n], DType::Bf16).unwrap();
+        dev.write(t.view_mut(), &x).unwrap();
+        let rounded: Vec<f32> = x.iter().map(|&v| DType::Bf16.round(v)).collect();
+        same_values(&format!("{}: write", dev.name()), &dev.download(t.view()).unwrap(), &rounded);
+        dev.scale(t.view_mut(), 1.0 / 3.0).unwrap();
+        let scaled: Vec<f32> = rounded.iter().map(|&v| DType::Bf16.round(v * (1.0 / 3.0))).collect();
+        same_values(&format!("{}: scale", dev.name()), &dev.download(t.view()).unwrap(), &scaled);
+        let mut u = dev.alloc_as(&[n], DType::Bf16).unwrap();
+        dev.copy(t.view(), u.view_mut()).unwrap();
+        same_values(&format!("{}: copy", dev.name()), &dev.download(u.view()).unwrap(), &scaled);
+        // A range inside the tensor: offsets count elements of the tensor's type.
+        dev.fill(u.sub_mut(10, 20), 0.1).unwrap();
+        dev.fill(u.sub_mut(40, 5), 0.0).unwrap();
+        let got = dev.download(u.view()).unwrap();
+        for (i, &g) in got.iter().enumerate() {
+            let want = match i {
+                10..30 => DType::Bf16.round(0.1),
+                40..45 => 0.0,
+                _ => scaled[i],
+            };
+            assert_eq!(g.to_bits(), want.to_bits(), "{}: fill, element {i}", dev.name());
+        }
+        assert_eq!(dev.download(u.sub(10, 3)).unwrap(), vec![DType::Bf16.round(0.1); 3]);
+        let mut f = dev.alloc(&[n]).unwrap();
+        match dev.copy(t.view(), f.view_mut()) {
+            Err(e @ Error::Type { op: "copy", .. }) => {
+                assert_eq!(e.to_string(), "copy: element type: the destination is f32, expected bf16")
+            }
+            other => panic!("{}: a bf16 → f32 copy gave {other:?}", dev.name()),
+        }
+    }
+}
+
+/// C = alpha·op(A)·op(B) + beta·C with A and B in bf16 and C in f32 or bf16, on both devices:
+/// against the f64 product of the stored operands (exact products, f32 sums: k·2⁻²⁴ relative
+/// to Σ|a·b|, plus one bf16 rounding of C when C is bf16), and the devices against each other.
+#[test]
+fn bf16_gemms_multiply_the_stored_values_and_round_once() {
+    let cases = [
+        (64, 96, 256, false, true, 0.0),
+        (130, 300, 257, true, false, 0.5),
+        (200, 33, 70, true, true, 1.0),
+        (7, 40, 129, false, false, -0.25),
+        (3, 5, 1, false, true, 0.0),
+    ];
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut devices: Vec<Box<dyn Backend>> = vec![Box::new(Cpu::with_precision(precision).unwrap())];
+        devices.extend(gpu_at("bf16 gemm", precision));
+        let mut results: Vec<Vec<Vec<f32>>> = vec![];
+        for dev in &mut devices {
+            let mut mine = vec![];
+            for (i, &(m, n, k, ta, tb, beta)) in cases.iter().enumerate() {
+                let seed = 70 + i as u64;
+                let (a, b, c0) = (randv(seed, m * k), randv(seed ^ 5, k * n), randv(seed ^ 11, m * n));
+                let g = Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha: 0.75, beta };
+                let ah = {
+                    let t = dev.upload(&a, &[m * k]).unwrap();
+                    dev.convert(&t, DType::Bf16).unwrap()
+                };
+                let bh = {
+                    let t = dev.upload(&b, &[k * n]).unwrap();
+                    dev.convert(&t, DType::Bf16).unwrap()
+                };
+                for c_type in [DType::F32, DType::Bf16] {
+                    let c_start = {
+                        let t = dev.upload(&c0, &[m, n]).unwrap();
+                        dev.convert(&t, c_type).unwrap()
+                    };
+                    let mut c = c_start;
+                    dev.gemm(g, ah.view(), bh.view(), c.view_mut()).unwrap();
+                    assert_eq!(c.dtype(), c_type);
+                    let got = dev.download(c.view()).unwrap();
+                    let what = format!("{} {m}x{n}x{k} ta={ta} tb={tb} beta={beta} into {}", dev.name(), c_type.name());
+                    // The definition on the stored values.
+                    let r = |v: &[f32]| v.iter().map(|&x| DType::Bf16.round(x) as f64).collect::<Vec<_>>();
+                    let c_in: Vec<f64> = c0.iter().map(|&x| c_type.round(x) as f64).collect();
+                    let (a64, b64) = (r(&a), r(&b));
+                    let exact = common::naive::gemm(&a64, &b64, &c_in, m, n, k, ta, tb, 0.75, beta as f64);
+                    let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+                    let mag = common::naive::matmul(&abs(&a64), &abs(&b64), m, n, k, ta, tb);
+                    for (j, ((&got, &want), &mag)) in got.iter().zip(&exact).zip(&mag).enumerate() {
+                        let sums = 0.75 * mag * (k as f64 + 2.0) * 2f64.powi(-24) + 1e-7 * want.abs();
+                        let store = if c_type == DType::Bf16 { want.abs() * 2f64.powi(-8) } else { 0.0 };
+                        let err = (got as f64 - want).abs();
+                        assert!(err <= sums + store, "{what}: element {j} is {got} against {want} (error {err:.2e})");
+                        if c_type == DType::Bf16 {
+                            assert_eq!(got, DType::Bf16.round(got), "{what}: element {j} is not a bf16 value");
+                        }
+                    }
+                    let e = rel_err(&got, &exact);
+                    eprintln!("{what}: {e:.2e} from the f64 product of the stored values");
+                    mine.push(got);
+                }
+            }
+            results.push(mine);
+        }
+        // The devices against each other: f32 outputs to 1e-5; bf16 outputs may round a sum
+        // that lies near a boundary to neighbouring values (one bf16 step, 2⁻⁸ relative).
+        if let [cpu, gpu] = &results[..] {
+            for (i, (c, g)) in cpu.iter().zip(gpu).enumerate() {
+                let e = rel_err(g, &c.iter().map(|&v| v as f64).collect::<Vec<_>>());
+                let tol = if i % 2 == 0 { 1e-5 } else { 4e-3 };
+                common::report(
+                    &format!(
+                        "bf16 gemm {} case {} ({}): GPU against the CPU",
+                        precision.name(),
+                        i / 2,
+                        ["f32 output", "bf16 output"][i % 2]
+                    ),
+                    e,
+                );
+                assert!(e <= tol, "bf16 gemm case {i}: the devices differ by {e:.2e}");
+            }
+        }
+    }
+}
+
+/// The linear layer's GEMM with its f32 bias into a bf16 output (cuBLASLt's `BIAS` epilogue
+/// with `BIAS_DATA_TYPE` f32 on the device): the bias added in f32, then one rounding.
+#[test]
+fn bf16_gemm_bias_rounds_product_and_bias_once() {
+    let gpu = gpu_or_skip("bf16 gemm_bias");
+    let mut devices: Vec<Box<dyn Backend>> = vec![Box::new(common::cpu())];
+    devices.extend(gpu);
+    let (m, n, k) = (96, 80, 130);
+    let (x, w, bias) = (randv(1, m * k), randv(2, n * k), randv(3, n));
+    let g = Gemm { m, n, k, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+    let mut outs = vec![];
+    for dev in &mut devices {
+        let xh = {
+            let t = dev.upload(&x, &[m, k]).unwrap();
+            dev.convert(&t, DType::Bf16).unwrap()
+        };
+        let wh = {
+            let t = dev.upload(&w, &[n, k]).unwrap();
+            dev.convert(&t, DType::Bf16).unwrap()
+        };
+        let b = dev.upload(&bias, &[n]).unwrap();
+        let mut y = dev.alloc_as(&[m, n], DType::Bf16).unwrap();
+        dev.gemm_bias(g, xh.view(), wh.view(), b.view(), &mut y).unwrap();
+        let got = dev.download(y.view()).unwrap();
+        // The f32 product with its bias, then rounded once, as a bf16 GEMM into f32 would give.
+        let mut f = dev.alloc(&[m, n]).unwrap();
+        dev.gemm(g, xh.view(), wh.view(), f.view_mut()).unwrap();
+        dev.add_bias(&mut f, b.view()).unwrap();
+        let want: Vec<f32> = dev.download(f.view()).unwrap().iter().map(|&v| DType::Bf16.round(v)).collect();
+        same_values(&format!("{}: gemm_bias into bf16 against the f32 result rounded once", dev.name()), &got, &want);
+        outs.push(got);
+    }
+    if let [c, g] = &outs[..] {
+        let e = rel_err(g, &c.iter().map(|&v| v as f64).collect::<Vec<_>>());
+        common::report("bf16 gemm_bias: GPU against the CPU", e);
+        assert!(e <= 4e-3, "{e:.2e}");
+    }
+}
+
+/// Mixed operand types and a bf16 tensor handed to an op that reads f32 are refused with one
+/// line naming the op (the CPU) or the kernel (the device), before anything runs.
+#[test]
+fn bf16_where_f32_is_read_is_an_error_naming_the_op() {
+    let mut devices: Vec<Box<dyn Backend>> = vec![Box::new(common::cpu())];
+    devices.extend(gpu_or_skip("bf16 refused"));
+    for dev in &mut devices {
+        let a = dev.upload(&randv(1, 12), &[3, 4]).unwrap();
+        let ah = dev.convert(&a, DType::Bf16).unwrap();
+        let mut c = dev.zeros(&[3, 3]).unwrap();
+        let g = Gemm { m: 3, n: 3, k: 4, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+        match dev.gemm(g, ah.view(), a.view(), c.view_mut()) {
+            Err(e @ Error::Type { op: "gemm", .. }) => {
+                assert_eq!(e.to_string(), "gemm: element type: a is bf16 and b f32; a GEMM's operands share one type")
+            }
+            other => panic!("{}: mixed GEMM operands gave {other:?}", dev.name()),
+        }
+        let zeros = dev.zeros(&[3]).unwrap();
+        let bias = dev.convert(&zeros, DType::Bf16).unwrap();
+        let r = dev.gemm_bias(g, a.view(), a.view(), bias.view(), &mut c);
+        assert!(matches!(r, Err(Error::Type { op: "gemm_bias", .. })), "{}: a bf16 bias gave {r:?}", dev.name());
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(mut gpu) = common::gpu::cuda_or_skip("bf16 refused by an f32 kernel") {
+        let a = gpu.upload(&randv(1, 12), &[3, 4]).unwrap();
+        let ah = gpu.convert(&a, DType::Bf16).unwrap();
+        match gpu.gelu_fwd(&ah) {
+            Err(e @ Error::Type { op: "gelu_fwd_f32", .. }) => assert_eq!(
+                e.to_string(),
+                "gelu_fwd_f32: element type: argument 0 is a bf16 tensor; this kernel reads and writes f32"
+            ),
+            other => panic!("gelu on a bf16 tensor gave {other:?}"),
+        }
+        let launches = gpu.counts().launches();
+        let r = gpu.layernorm_fwd(&ah, a.sub(0, 4), a.sub(4, 4), 1e-5);
+        assert!(matches!(r, Err(Error::Type { .. })), "layernorm on bf16 gave {r:?}");
+        assert_eq!(gpu.counts().launches(), launches, "a refused op launched something");
+    }
+}
