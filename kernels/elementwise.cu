@@ -14,8 +14,8 @@ using common::to_f32;
 #define GRID_STRIDE(i, n) \
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 
-template <typename T> __device__ void add_bias(T* y, const T* bias, size_t n, int cols) {
-  GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(y[i]) + to_f32(bias[i % cols]));
+template <typename T> __device__ void add_bias(T* y, const float* bias, size_t n, int cols) {
+  GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(y[i]) + bias[i % cols]);
 }
 
 // Stage 1 of dbias = Σ_r dy[r, :]: block (32 columns x 8 row lanes) sums COLSUM_ROWS rows;
@@ -92,28 +92,30 @@ template <typename T> __device__ void gelu_bwd(const T* x, const T* dy, T* dx, s
 }
 
 // The feed-forward's activation in one pass: u += bias (bias null: none), h = dropout(GELU(u))
-// with p (0: no dropout). The helpers of add_bias, gelu_fwd and dropout, each value stored at
-// T's precision between them as those kernels store it, so bit for bit those three.
+// with p (0: no dropout). The helpers of add_bias, gelu_fwd and dropout, so in f32 bit for bit
+// those three; in bf16 u is rounded as it is stored (and GELU reads it so) and h once.
 // Why: 3 launches and 6 passes over the FFN's widest activation (read u, write u; read u, write
 // h; read h, write h) become 1 launch and 3 passes (read u, write u, write h).
 template <typename T>
-__device__ void bias_gelu_dropout_fwd(T* u, const T* bias, size_t cols, T* h, float p, float scale, uint64_t seed,
-                                      size_t n) {
+__device__ void bias_gelu_dropout_fwd(T* u, const float* bias, size_t cols, T* h, float p, float scale,
+                                      uint64_t seed, size_t n) {
   GRID_STRIDE(i, n) {
     float v = to_f32(u[i]);
     if (bias != nullptr) {
-      v = to_f32(from_f32<T>(v + to_f32(bias[i % cols])));
-      u[i] = from_f32<T>(v);
+      const T stored = from_f32<T>(v + bias[i % cols]);
+      u[i] = stored;
+      v = to_f32(stored);
     }
-    h[i] = from_f32<T>(common::dropout_value(to_f32(from_f32<T>(gelu(v))), p, scale, seed, i));
+    h[i] = from_f32<T>(common::dropout_value(gelu(v), p, scale, seed, i));
   }
 }
 
-// Its backward in dh's memory: dh = GELU'(u) · dropout(dh), bit for bit dropout_bwd then
-// gelu_bwd (2 launches and 5 passes → 1 launch and 3: read dh, u, write dh).
+// Its backward in dh's memory: dh = GELU'(u) · dropout(dh), in f32 bit for bit dropout_bwd
+// then gelu_bwd (2 launches and 5 passes → 1 launch and 3: read dh, u, write dh); in bf16
+// rounded once, as it is stored.
 template <typename T> __device__ void gelu_dropout_bwd(const T* u, T* dh, float p, float scale, uint64_t seed, size_t n) {
   GRID_STRIDE(i, n) {
-    const float d = to_f32(from_f32<T>(common::dropout_value(to_f32(dh[i]), p, scale, seed, i)));
+    const float d = common::dropout_value(to_f32(dh[i]), p, scale, seed, i);
     dh[i] = from_f32<T>(d * gelu_grad(to_f32(u[i])));
   }
 }
@@ -121,7 +123,8 @@ template <typename T> __device__ void gelu_dropout_bwd(const T* u, T* dh, float 
 // gelu_dropout_bwd with the first linear's bias gradient taken from the values it writes:
 // dbias += Σ_r dh[r, :], laid out and summed as bias_bwd_partial sums (32-column strips, 8 row
 // lanes, COLSUM_ROWS rows a block), so dh and dbias are bit for bit the two kernels' in turn,
-// in one launch and without reading dh a second time (4 of a layer's activation passes).
+// in one launch and without reading dh a second time (4 of a layer's activation passes). The
+// sum adds the values as stored (in bf16, rounded).
 template <typename T>
 __device__ void gelu_dropout_bias_bwd(const T* u, T* dh, float p, float scale, uint64_t seed, int rows, int cols,
                                       float* partial, float* dbias, unsigned* counters) {
@@ -132,7 +135,7 @@ __device__ void gelu_dropout_bias_bwd(const T* u, T* dh, float p, float scale, u
   if (c < cols)
     for (int r = r0 + threadIdx.y; r < r1; r += 8) {
       const size_t i = (size_t)r * cols + c;
-      const float d = to_f32(from_f32<T>(common::dropout_value(to_f32(dh[i]), p, scale, seed, i)));
+      const float d = common::dropout_value(to_f32(dh[i]), p, scale, seed, i);
       const T v = from_f32<T>(d * gelu_grad(to_f32(u[i])));
       dh[i] = v;
       s += to_f32(v);
@@ -165,7 +168,7 @@ template <typename T> __device__ void sigmoid_fwd(const T* x, T* y, size_t n) {
 }  // namespace elementwise
 
 #define EW_ENTRY(T, SUF)                                                                                    \
-  extern "C" __global__ void add_bias_fwd_##SUF(T* y, const T* b, size_t n, int cols) {                      \
+  extern "C" __global__ void add_bias_fwd_##SUF(T* y, const float* b, size_t n, int cols) {                  \
     elementwise::add_bias<T>(y, b, n, cols);                                                                 \
   }                                                                                                          \
   extern "C" __global__ void bias_bwd_##SUF(const T* dy, int rows, int cols, float* partial, float* dbias,    \
@@ -180,7 +183,7 @@ template <typename T> __device__ void sigmoid_fwd(const T* x, T* y, size_t n) {
   extern "C" __global__ void gelu_bwd_##SUF(const T* x, const T* dy, T* dx, size_t n) {                      \
     elementwise::gelu_bwd<T>(x, dy, dx, n);                                                                  \
   }                                                                                                          \
-  extern "C" __global__ void bias_gelu_dropout_fwd_##SUF(T* u, const T* bias, size_t cols, T* h, float p,      \
+  extern "C" __global__ void bias_gelu_dropout_fwd_##SUF(T* u, const float* bias, size_t cols, T* h, float p,  \
                                                          float scale, uint64_t seed, const uint64_t* salt, \
                                                          size_t n) {                                         \
     elementwise::bias_gelu_dropout_fwd<T>(u, bias, cols, h, p, scale, seed ^ *salt, n);                              \

@@ -1,5 +1,7 @@
 // kernels/layernorm.cu — LayerNorm over the last dimension, forward and backward.
 // Layout: x [rows, d] row-major; stats [rows, 2] = (mean, rstd) saved for backward.
+// Storage: x, y, dy, dx of type T (f32 or bf16, each value rounded once, as it is stored);
+// gamma, beta, stats and the parameter gradients f32 (parameters stay f32).
 // Launch: one warp per row, 8 rows per 256-thread block; dgamma/dbeta by a deterministic
 // column reduction in one launch (layernorm_params_bwd; its strips' last blocks finish it,
 // common.cuh colsum_finish_strip).
@@ -18,7 +20,7 @@ using common::to_f32;
 using common::warp_sum;
 
 template <typename T>
-__device__ void fwd(const T* x, const T* gamma, const T* beta, float eps, int rows, int d, T* y, float* stats) {
+__device__ void fwd(const T* x, const float* gamma, const float* beta, float eps, int rows, int d, T* y, float* stats) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
   if (row >= rows) return;
   const T* xr = x + (size_t)row * d;
@@ -33,7 +35,7 @@ __device__ void fwd(const T* x, const T* gamma, const T* beta, float eps, int ro
   }
   const float rstd = 1.0f / sqrtf(warp_sum(v) / (float)d + eps);
   for (int i = lane; i < d; i += 32)
-    yr[i] = from_f32<T>((to_f32(xr[i]) - mean) * rstd * to_f32(gamma[i]) + to_f32(beta[i]));
+    yr[i] = from_f32<T>((to_f32(xr[i]) - mean) * rstd * gamma[i] + beta[i]);
   if (lane == 0) {
     stats[2 * (size_t)row] = mean;
     stats[2 * (size_t)row + 1] = rstd;
@@ -47,11 +49,11 @@ struct RowGrad {
 };
 
 template <typename T>
-__device__ RowGrad bwd_row(const T* xr, const T* gr, const T* gamma, const float* st, int d, int lane) {
+__device__ RowGrad bwd_row(const T* xr, const T* gr, const float* gamma, const float* st, int d, int lane) {
   const float mean = st[0], rstd = st[1];
   float sg = 0.0f, sgx = 0.0f;
   for (int i = lane; i < d; i += 32) {
-    const float g = to_f32(gr[i]) * to_f32(gamma[i]);
+    const float g = to_f32(gr[i]) * gamma[i];
     sg += g;
     sgx += g * (to_f32(xr[i]) - mean);
   }
@@ -64,7 +66,7 @@ __device__ __forceinline__ float bwd_value(const RowGrad& r, float g, float xhat
 }
 
 template <typename T>
-__device__ void bwd(const T* x, const float* stats, const T* gamma, const T* dy, int rows, int d, T* dx) {
+__device__ void bwd(const T* x, const float* stats, const float* gamma, const T* dy, int rows, int d, T* dx) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
   if (row >= rows) return;
   const T* xr = x + (size_t)row * d;
@@ -72,7 +74,7 @@ __device__ void bwd(const T* x, const float* stats, const T* gamma, const T* dy,
   const RowGrad r = bwd_row(xr, gr, gamma, stats + 2 * (size_t)row, d, lane);
   T* out = dx + (size_t)row * d;
   for (int i = lane; i < d; i += 32) {
-    const float g = to_f32(gr[i]) * to_f32(gamma[i]);
+    const float g = to_f32(gr[i]) * gamma[i];
     const float xhat = (to_f32(xr[i]) - r.mean) * r.rstd;
     out[i] = from_f32<T>(bwd_value(r, g, xhat));
   }
@@ -113,11 +115,12 @@ __device__ void params_partial(const T* x, const float* stats, const T* dy, int 
 }  // namespace layernorm
 
 #define LN_ENTRY(T, SUF)                                                                                      \
-  extern "C" __global__ void layernorm_fwd_##SUF(const T* x, const T* gamma, const T* beta, float eps, int rows, \
+  extern "C" __global__ void layernorm_fwd_##SUF(const T* x, const float* gamma, const float* beta, float eps,    \
+                                                 int rows,                                                    \
                                                  int d, T* y, float* stats) {                                 \
     layernorm::fwd<T>(x, gamma, beta, eps, rows, d, y, stats);                                                \
   }                                                                                                           \
-  extern "C" __global__ void layernorm_bwd_##SUF(const T* x, const float* stats, const T* gamma, const T* dy,   \
+  extern "C" __global__ void layernorm_bwd_##SUF(const T* x, const float* stats, const float* gamma, const T* dy, \
                                                  int rows, int d, T* dx) {                                    \
     layernorm::bwd<T>(x, stats, gamma, dy, rows, d, dx);                                                      \
   }                                                                                                           \

@@ -2,6 +2,8 @@
 // forward; backward dx = LN'(dy) with the sublayer's gradient da = dropout(dx) in the same pass,
 // and the first stage of the column sums dgamma = Σ dy·x̂, dbeta = Σ dy and (optionally) the
 // sublayer's output bias gradient Σ da taken from the values the pass already holds.
+// Storage: a, x, s, y, dy, dx, da of type T (f32 or bf16): s is rounded as it is stored and
+// the norm reads it back, da is the dropout of dx as stored; gamma, beta, stats and the sums f32.
 // Layout: a, x, s, y, dy, dx, da [rows, d] row-major; stats [rows, 2] (mean, rstd);
 // partial [outs][blocks][d], one row per block of 8 rows and column sum.
 // Launch: one warp per row, 8 rows per 256-thread block (as kernels/layernorm.cu, whose row
@@ -27,7 +29,7 @@ using common::from_f32;
 using common::to_f32;
 
 template <typename T>
-__device__ void fwd(T* a, const T* x, const T* gamma, const T* beta, float eps, float p, float scale, uint64_t seed,
+__device__ void fwd(T* a, const T* x, const float* gamma, const float* beta, float eps, float p, float scale, uint64_t seed,
                     int rows, int d, T* y, float* stats) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
   if (row >= rows) return;
@@ -46,7 +48,7 @@ __device__ void fwd(T* a, const T* x, const T* gamma, const T* beta, float eps, 
 constexpr int CHUNK = 128;
 
 template <typename T>
-__device__ void bwd(const T* s, const float* stats, const T* gamma, const T* dy, float p, float scale, uint64_t seed,
+__device__ void bwd(const T* s, const float* stats, const float* gamma, const T* dy, float p, float scale, uint64_t seed,
                     int rows, int d, T* dx, T* da, int outs, float* partial) {
   __shared__ float part[3][8][CHUNK];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -62,7 +64,7 @@ __device__ void bwd(const T* s, const float* stats, const T* gamma, const T* dy,
       float vg = 0.0f, vb = 0.0f, va = 0.0f;
       if (live && i < d) {
         const float dyv = to_f32(dy[base + i]);
-        const float g = dyv * to_f32(gamma[i]);
+        const float g = dyv * gamma[i];
         const float xhat = (to_f32(s[base + i]) - r.mean) * r.rstd;
         const T dxv = from_f32<T>(layernorm::bwd_value(r, g, xhat));
         const T dav = from_f32<T>(common::dropout_value(to_f32(dxv), p, scale, seed, base + i));
@@ -109,12 +111,12 @@ __device__ void params_finish(const float* partial, int blocks, int d, float* ou
 }  // namespace residual_norm
 
 #define RESIDUAL_NORM_ENTRY(T, SUF)                                                                                \
-  extern "C" __global__ void residual_layernorm_fwd_##SUF(T* a, const T* x, const T* gamma, const T* beta,         \
+  extern "C" __global__ void residual_layernorm_fwd_##SUF(T* a, const T* x, const float* gamma, const float* beta, \
                                                           float eps, float p, float scale, uint64_t seed,            \
                                                           const uint64_t* salt, int rows, int d, T* y, float* stats) { \
     residual_norm::fwd<T>(a, x, gamma, beta, eps, p, scale, seed ^ *salt, rows, d, y, stats);                              \
   }                                                                                                                \
-  extern "C" __global__ void residual_layernorm_bwd_##SUF(const T* s, const float* stats, const T* gamma,          \
+  extern "C" __global__ void residual_layernorm_bwd_##SUF(const T* s, const float* stats, const float* gamma,      \
                                                           const T* dy, float p, float scale, uint64_t seed,         \
                                                           const uint64_t* salt, int rows, int d, T* dx, T* da,      \
                                                           int outs, float* partial) {                               \

@@ -303,6 +303,19 @@ fn bf16_where_f32_is_read_is_an_error_naming_the_op() {
         let bias = dev.convert(&zeros, DType::Bf16).unwrap();
         let r = dev.gemm_bias(g, a.view(), a.view(), bias.view(), &mut c);
         assert!(matches!(r, Err(Error::Type { op: "gemm_bias", .. })), "{}: a bf16 bias gave {r:?}", dev.name());
+        // Parameters stay f32 under bf16 activations; activations of one op share a type.
+        let z4 = dev.zeros(&[4]).unwrap();
+        let g4 = dev.convert(&z4, DType::Bf16).unwrap();
+        let r = dev.layernorm_fwd(&ah, g4.view(), z4.view(), 1e-5);
+        match r {
+            Err(e @ Error::Type { op: "layernorm_fwd", .. }) => {
+                assert_eq!(e.to_string(), "layernorm_fwd: element type: gamma is bf16, expected f32")
+            }
+            other => panic!("{}: a bf16 gamma gave {other:?}", dev.name()),
+        }
+        let mut ah2 = dev.convert(&a, DType::Bf16).unwrap();
+        let r = dev.residual_layernorm_fwd(&mut ah2, &a, z4.view(), z4.view(), 1e-5, 0.0, 1);
+        assert!(matches!(r, Err(Error::Type { op: "residual_layernorm_fwd", .. })), "{}: gave {r:?}", dev.name());
     }
     #[cfg(feature = "cuda")]
     if let Some(mut gpu) = common::gpu::cuda_or_skip("bf16 refused by an f32 kernel") {
@@ -316,8 +329,220 @@ fn bf16_where_f32_is_read_is_an_error_naming_the_op() {
             other => panic!("gelu on a bf16 tensor gave {other:?}"),
         }
         let launches = gpu.counts().launches();
-        let r = gpu.layernorm_fwd(&ah, a.sub(0, 4), a.sub(4, 4), 1e-5);
-        assert!(matches!(r, Err(Error::Type { .. })), "layernorm on bf16 gave {r:?}");
+        let r = gpu.sigmoid(&ah);
+        assert!(matches!(r, Err(Error::Type { op: "sigmoid_fwd_f32", .. })), "sigmoid on bf16 gave {r:?}");
         assert_eq!(gpu.counts().launches(), launches, "a refused op launched something");
     }
+}
+
+// ---- the transformer block's memory-bound ops on bf16 activations ------------------------
+//
+// Each op's bf16 entry computes in f32 from the stored values and rounds what it stores, so on
+// each device it is checked bit for bit against its f32 entry run on the same values widened
+// (then rounded), or, where it stores an intermediate it reads back (the join's sum s), against
+// the ops that define it; and the two devices against each other, within one bf16 step.
+
+/// `x` stored as bf16 on `dev`.
+fn bf16(dev: &mut dyn Backend, x: &[f32], shape: &[usize]) -> Tensor {
+    let t = dev.upload(x, shape).unwrap();
+    dev.convert(&t, DType::Bf16).unwrap()
+}
+
+/// `x` rounded to bf16, as an f32 tensor (the values a bf16 op reads).
+fn widened(dev: &mut dyn Backend, x: &[f32], shape: &[usize]) -> Tensor {
+    let r: Vec<f32> = x.iter().map(|&v| DType::Bf16.round(v)).collect();
+    dev.upload(&r, shape).unwrap()
+}
+
+fn rounded(v: Vec<f32>) -> Vec<f32> {
+    v.into_iter().map(|x| DType::Bf16.round(x)).collect()
+}
+
+/// Runs `body` on the CPU and the GPU; compares their outputs within `tol` (relative norm).
+fn bf16_twin(test: &str, body: impl Fn(&mut dyn Backend) -> Vec<(&'static str, Vec<f32>)>) {
+    let mut devices: Vec<Box<dyn Backend>> = vec![Box::new(common::cpu())];
+    devices.extend(gpu_or_skip(test));
+    let outs: Vec<_> = devices.iter_mut().map(|d| body(d.as_mut())).collect();
+    if let [cpu, gpu] = &outs[..] {
+        for ((name, c), (_, g)) in cpu.iter().zip(gpu) {
+            // One bf16 step (2⁻⁸ relative) where the devices' f32 values straddle a rounding
+            // boundary; f32 sums (parameter gradients) to their own REDUCE tolerance.
+            common::gpu::compare_twins(&format!("{test} {name}"), g, c, 1e-3);
+        }
+    }
+}
+
+const BLOCK_SHAPES: [(usize, usize); 4] = [(1, 1), (7, 33), (64, 256), (130, 300)];
+
+#[test]
+fn layernorm_in_bf16_is_the_f32_norm_rounded() {
+    bf16_twin("layernorm bf16", |dev| {
+        let mut out = vec![];
+        for (i, &(r, d)) in BLOCK_SHAPES.iter().enumerate() {
+            let (x, dy, gb) = (randv(10 + i as u64, r * d), randv(20 + i as u64, r * d), randv(30 + i as u64, 2 * d));
+            let params = dev.upload(&gb, &[2 * d]).unwrap();
+            let (xh, dyh) = (bf16(dev, &x, &[r, d]), bf16(dev, &dy, &[r, d]));
+            let (xw, dyw) = (widened(dev, &x, &[r, d]), widened(dev, &dy, &[r, d]));
+            let (y, stats) = dev.layernorm_fwd(&xh, params.sub(0, d), params.sub(d, d), 1e-5).unwrap();
+            let (yf, statsf) = dev.layernorm_fwd(&xw, params.sub(0, d), params.sub(d, d), 1e-5).unwrap();
+            assert_eq!(y.dtype(), DType::Bf16);
+            let what = format!("{} layernorm_fwd {r}x{d}", dev.name());
+            same_values(&what, &dev.download(y.view()).unwrap(), &rounded(dev.download(yf.view()).unwrap()));
+            same_values(
+                &format!("{what} stats"),
+                &dev.download(stats.view()).unwrap(),
+                &dev.download(statsf.view()).unwrap(),
+            );
+            let mut grads = dev.zeros(&[4 * d]).unwrap();
+            let [g1, b1, g2, b2] = grads.subs_mut([(0, d), (d, d), (2 * d, d), (3 * d, d)]);
+            let dx = dev.layernorm_bwd(&xh, &stats, params.sub(0, d), &dyh, g1, b1).unwrap();
+            let dxf = dev.layernorm_bwd(&xw, &stats, params.sub(0, d), &dyw, g2, b2).unwrap();
+            let what = format!("{} layernorm_bwd {r}x{d}", dev.name());
+            same_values(&what, &dev.download(dx.view()).unwrap(), &rounded(dev.download(dxf.view()).unwrap()));
+            let g = dev.download(grads.view()).unwrap();
+            same_values(&format!("{what} dgamma, dbeta"), &g[..2 * d], &g[2 * d..]);
+            out.extend([("y", dev.download(y.view()).unwrap()), ("dx", dev.download(dx.view()).unwrap())]);
+            out.push(("dgamma, dbeta", g[..2 * d].to_vec()));
+        }
+        out
+    });
+}
+
+#[test]
+fn the_join_in_bf16_rounds_its_sum_and_norms_it_as_stored() {
+    bf16_twin("residual layernorm bf16", |dev| {
+        let mut out = vec![];
+        for (i, &(r, d)) in BLOCK_SHAPES.iter().enumerate() {
+            for p in [0.0f32, 0.25] {
+                let seed = 40 + i as u64;
+                let (a, x, dy, gb) =
+                    (randv(seed, r * d), randv(seed ^ 3, r * d), randv(seed ^ 5, r * d), randv(seed ^ 7, 2 * d));
+                let params = dev.upload(&gb, &[2 * d]).unwrap();
+                let (mut ah, xh, dyh) = (bf16(dev, &a, &[r, d]), bf16(dev, &x, &[r, d]), bf16(dev, &dy, &[r, d]));
+                let (mut af, xf) = (widened(dev, &a, &[r, d]), widened(dev, &x, &[r, d]));
+                let (y, stats) = dev
+                    .residual_layernorm_fwd(&mut ah, &xh, params.sub(0, d), params.sub(d, d), 1e-5, p, seed)
+                    .unwrap();
+                dev.residual_layernorm_fwd(&mut af, &xf, params.sub(0, d), params.sub(d, d), 1e-5, p, seed).unwrap();
+                let what = format!("{} residual_layernorm_fwd {r}x{d} p={p}", dev.name());
+                // s = x + dropout(a), rounded once as stored; y = LN(s as stored), rounded.
+                same_values(
+                    &format!("{what} s"),
+                    &dev.download(ah.view()).unwrap(),
+                    &rounded(dev.download(af.view()).unwrap()),
+                );
+                let (y_of_s, stats_of_s) = dev.layernorm_fwd(&ah, params.sub(0, d), params.sub(d, d), 1e-5).unwrap();
+                same_values(
+                    &format!("{what} y"),
+                    &dev.download(y.view()).unwrap(),
+                    &dev.download(y_of_s.view()).unwrap(),
+                );
+                same_values(
+                    &format!("{what} stats"),
+                    &dev.download(stats.view()).unwrap(),
+                    &dev.download(stats_of_s.view()).unwrap(),
+                );
+                // Backward: dx as layernorm_bwd gives it; da = dropout(dx as stored), rounded;
+                // the bias gradient Σ da of the stored values.
+                let mut grads = dev.zeros(&[5 * d]).unwrap();
+                let [g1, b1, bias, g2, b2] = grads.subs_mut([(0, d), (d, d), (2 * d, d), (3 * d, d), (4 * d, d)]);
+                let (dx, da) = dev
+                    .residual_layernorm_bwd(&ah, &stats, params.sub(0, d), &dyh, g1, b1, Some(bias), p, seed)
+                    .unwrap();
+                let dx_ln = dev.layernorm_bwd(&ah, &stats, params.sub(0, d), &dyh, g2, b2).unwrap();
+                let what = format!("{} residual_layernorm_bwd {r}x{d} p={p}", dev.name());
+                let dxv = dev.download(dx.view()).unwrap();
+                same_values(&format!("{what} dx"), &dxv, &dev.download(dx_ln.view()).unwrap());
+                let dav = dev.download(da.view()).unwrap();
+                let mut dxf = widened(dev, &dxv, &[r, d]);
+                dev.dropout_fwd(&mut dxf, p, seed).unwrap();
+                same_values(&format!("{what} da"), &dav, &rounded(dev.download(dxf.view()).unwrap()));
+                let mut sum = dev.zeros(&[d]).unwrap();
+                dev.bias_bwd(&da, sum.view_mut()).unwrap();
+                let g = dev.download(grads.view()).unwrap();
+                let sums = dev.download(sum.view()).unwrap();
+                let e = rel_err(&g[2 * d..3 * d], &sums.iter().map(|&v| v as f64).collect::<Vec<_>>());
+                assert!(e <= 1e-5, "{what}: the bias gradient is {e:.2e} from bias_bwd of da");
+                let e = rel_err(&g[..2 * d], &g[3 * d..].iter().map(|&v| v as f64).collect::<Vec<_>>());
+                assert!(e <= 1e-5, "{what}: dgamma, dbeta are {e:.2e} from layernorm_bwd's");
+                out.extend([
+                    ("s", dev.download(ah.view()).unwrap()),
+                    ("y", dev.download(y.view()).unwrap()),
+                    ("dx", dxv),
+                    ("da", dav),
+                    ("dgamma, dbeta, dbias", g[..3 * d].to_vec()),
+                ]);
+            }
+        }
+        out
+    });
+}
+
+#[test]
+fn the_feed_forward_activation_in_bf16_is_the_f32_one_rounded() {
+    bf16_twin("gelu dropout bf16", |dev| {
+        let mut out = vec![];
+        for (i, &(r, d)) in BLOCK_SHAPES.iter().enumerate() {
+            for p in [0.0f32, 0.1] {
+                let seed = 60 + i as u64;
+                let (u, dh, b) = (randv(seed, r * d), randv(seed ^ 1, r * d), randv(seed ^ 2, d));
+                let bias = dev.upload(&b, &[d]).unwrap();
+                let what = format!("{} bias_gelu_dropout_fwd {r}x{d} p={p}", dev.name());
+                // Without a bias: h is the f32 op's h rounded.
+                let mut uh = bf16(dev, &u, &[r, d]);
+                let mut uf = widened(dev, &u, &[r, d]);
+                let h = dev.bias_gelu_dropout_fwd(&mut uh, None, p, seed).unwrap();
+                let hf = dev.bias_gelu_dropout_fwd(&mut uf, None, p, seed).unwrap();
+                assert_eq!(h.dtype(), DType::Bf16);
+                same_values(&what, &dev.download(h.view()).unwrap(), &rounded(dev.download(hf.view()).unwrap()));
+                // With one: u + b rounded as stored, and h of u as stored.
+                let mut ub = bf16(dev, &u, &[r, d]);
+                let hb = dev.bias_gelu_dropout_fwd(&mut ub, Some(bias.view()), p, seed).unwrap();
+                let mut uw = widened(dev, &u, &[r, d]);
+                dev.add_bias(&mut uw, bias.view()).unwrap();
+                let ubv = dev.download(ub.view()).unwrap();
+                same_values(&format!("{what}, bias: u"), &ubv, &rounded(dev.download(uw.view()).unwrap()));
+                let mut us = dev.upload(&ubv, &[r, d]).unwrap();
+                let hs = dev.bias_gelu_dropout_fwd(&mut us, None, p, seed).unwrap();
+                same_values(
+                    &format!("{what}, bias: h"),
+                    &dev.download(hb.view()).unwrap(),
+                    &rounded(dev.download(hs.view()).unwrap()),
+                );
+                // Backward in dh's memory, with and without fc1's bias gradient.
+                let what = format!("{} gelu_dropout_bwd {r}x{d} p={p}", dev.name());
+                let dhh = bf16(dev, &dh, &[r, d]);
+                let dx = dev.gelu_dropout_bwd(&uh, dhh, p, seed).unwrap();
+                let (uw, dhw) = (widened(dev, &u, &[r, d]), widened(dev, &dh, &[r, d]));
+                let dxf = dev.gelu_dropout_bwd(&uw, dhw, p, seed).unwrap();
+                let dxv = dev.download(dx.view()).unwrap();
+                same_values(&what, &dxv, &rounded(dev.download(dxf.view()).unwrap()));
+                let mut sums = dev.zeros(&[2 * d]).unwrap();
+                let [s1, s2] = sums.subs_mut([(0, d), (d, d)]);
+                let dhh = bf16(dev, &dh, &[r, d]);
+                let dxb = dev.gelu_dropout_bias_bwd(&uh, dhh, p, seed, s1).unwrap();
+                same_values(&format!("{what} with the bias gradient"), &dev.download(dxb.view()).unwrap(), &dxv);
+                // Σ of the stored values, in bias_bwd's order: bias_bwd of dx (bf16) and of it
+                // widened (f32) give the same bits.
+                dev.bias_bwd(&dxb, s2).unwrap();
+                let sv = dev.download(sums.view()).unwrap();
+                same_values(&format!("{what}: the bias gradient against bias_bwd"), &sv[..d], &sv[d..]);
+                let mut again = dev.zeros(&[d]).unwrap();
+                let dxw = dev.upload(&dxv, &[r, d]).unwrap();
+                dev.bias_bwd(&dxw, again.view_mut()).unwrap();
+                same_values(
+                    &format!("{what}: bias_bwd in bf16 against f32"),
+                    &dev.download(again.view()).unwrap(),
+                    &sv[..d],
+                );
+                out.extend([
+                    ("h", dev.download(h.view()).unwrap()),
+                    ("h with bias", dev.download(hb.view()).unwrap()),
+                    ("dpre", dxv),
+                    ("dbias", sv[..d].to_vec()),
+                ]);
+            }
+        }
+        out
+    });
 }

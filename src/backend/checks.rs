@@ -13,6 +13,16 @@ pub(crate) fn expect_dtype(op: &'static str, what: &str, got: DType, want: DType
     Ok(())
 }
 
+/// An op's activation operands share one type (`b`, named `what`, has `a`'s).
+pub(crate) fn same_dtype(op: &'static str, what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+    expect_dtype(op, what, b.dtype(), a.dtype())
+}
+
+/// Parameters, their gradients and statistics are f32 whatever the activations' type.
+pub(crate) fn f32s<const N: usize>(op: &'static str, operands: [(&str, DType); N]) -> Result<()> {
+    operands.into_iter().try_for_each(|(what, dtype)| expect_dtype(op, what, dtype, DType::F32))
+}
+
 /// A GEMM's operand types: A and B share one, f32 or bf16 (a bf16 product needs both in bf16,
 /// as cuBLAS does); C may be either.
 pub(crate) fn check_gemm_types(op: &'static str, a: DType, b: DType) -> Result<()> {
@@ -74,6 +84,7 @@ pub(crate) fn check_gemm(g: &Gemm, a: usize, b: usize, c: usize) -> Result<()> {
 /// Layer norm's operands: x `[rows, d]` with d > 0, γ and β of length d.
 pub(crate) fn check_layernorm_fwd(x: &Tensor, gamma: &View, beta: &View) -> Result<()> {
     expect_cols("layernorm_fwd", x)?;
+    f32s("layernorm_fwd", [("gamma", gamma.dtype()), ("beta", beta.dtype())])?;
     expect_len("layernorm_fwd", "gamma", gamma.len(), x.cols())?;
     expect_len("layernorm_fwd", "beta", beta.len(), x.cols())
 }
@@ -84,15 +95,19 @@ pub(crate) fn check_layernorm_bwd(
     stats: &Tensor,
     gamma: &View,
     dy: &Tensor,
-    dgamma_len: usize,
-    dbeta_len: usize,
+    dgamma: &ViewMut,
+    dbeta: &ViewMut,
 ) -> Result<()> {
     same_shape("layernorm_bwd", x, dy)?;
+    same_dtype("layernorm_bwd", "dy", x, dy)?;
     expect_cols("layernorm_bwd", x)?;
     expect_len("layernorm_bwd", "stats", stats.len(), 2 * x.rows())?;
     expect_len("layernorm_bwd", "gamma", gamma.len(), x.cols())?;
-    expect_len("layernorm_bwd", "dgamma", dgamma_len, x.cols())?;
-    expect_len("layernorm_bwd", "dbeta", dbeta_len, x.cols())
+    expect_len("layernorm_bwd", "dgamma", dgamma.len(), x.cols())?;
+    expect_len("layernorm_bwd", "dbeta", dbeta.len(), x.cols())?;
+    let types =
+        [("stats", stats.dtype()), ("gamma", gamma.dtype()), ("dgamma", dgamma.dtype()), ("dbeta", dbeta.dtype())];
+    f32s("layernorm_bwd", types)
 }
 
 /// [`check_layernorm_bwd`] for the join's backward, and its sublayer's bias gradient if given.
@@ -105,8 +120,11 @@ pub(crate) fn check_residual_layernorm_bwd(
     dbeta: &ViewMut,
     dbias: Option<&ViewMut>,
 ) -> Result<()> {
-    check_layernorm_bwd(s, stats, gamma, dy, dgamma.len(), dbeta.len())?;
-    dbias.map_or(Ok(()), |b| expect_len("residual_layernorm_bwd", "dbias", b.len(), s.cols()))
+    check_layernorm_bwd(s, stats, gamma, dy, dgamma, dbeta)?;
+    dbias.map_or(Ok(()), |b| {
+        expect_len("residual_layernorm_bwd", "dbias", b.len(), s.cols())?;
+        f32s("residual_layernorm_bwd", [("dbias", b.dtype())])
+    })
 }
 
 /// qkv `[tokens, 3·d]` for the batch, with d split into `heads` heads.

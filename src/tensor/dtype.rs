@@ -37,6 +37,7 @@ impl DType {
     }
 
     /// Every value of `x` as this type stores it (a CPU tensor's values after an op).
+    #[inline]
     pub fn round_all(self, x: &mut [f32]) {
         if self == DType::Bf16 {
             x.iter_mut().for_each(|v| *v = self.round(*v));

@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+use crate::tensor::DType;
+
 use super::simd;
 
 /// Below this many elements a loop is cheaper than waking the thread pool.
@@ -165,10 +167,18 @@ pub fn gelu_fwd(x: &[f32]) -> Vec<f32> {
 }
 
 /// The feed-forward's activation in one pass (`Backend::bias_gelu_dropout_fwd`): `u += bias`
-/// by rows of `bias.len()` when given, then `h = dropout(GELU(u))`. Bit for bit `add_bias`,
-/// `gelu_fwd`, `dropout`: the same expressions per element, and the dropout rule applied at each
-/// element's index in the tensor. Blocks are whole rows, so a row's bias starts each one.
-pub fn bias_gelu_dropout(u: &mut [f32], bias: Option<&[f32]>, cols: usize, rule: Option<DropoutRule>) -> Vec<f32> {
+/// by rows of `bias.len()` when given, then `h = dropout(GELU(u))`. In f32 bit for bit
+/// `add_bias`, `gelu_fwd`, `dropout`: the same expressions per element, and the dropout rule
+/// applied at each element's index in the tensor. With `store` bf16, u (when the bias changes
+/// it) and h are rounded as they are stored, and GELU reads u as stored. Blocks are whole rows,
+/// so a row's bias starts each one.
+pub fn bias_gelu_dropout(
+    u: &mut [f32],
+    bias: Option<&[f32]>,
+    cols: usize,
+    rule: Option<DropoutRule>,
+    store: DType,
+) -> Vec<f32> {
     let mut h = crate::tensor::host_pool::dirty(u.len()); // every element is written
     if u.is_empty() {
         return h;
@@ -182,6 +192,7 @@ pub fn bias_gelu_dropout(u: &mut [f32], bias: Option<&[f32]>, cols: usize, rule:
                         *v += b;
                     }
                 }
+                store.round_all(u);
             }
             for (o, &v) in h.iter_mut().zip(u.iter()) {
                 *o = gelu(v);
@@ -189,6 +200,7 @@ pub fn bias_gelu_dropout(u: &mut [f32], bias: Option<&[f32]>, cols: usize, rule:
             if let Some(rule) = rule {
                 rule.apply(h, (b * block) as u64);
             }
+            store.round_all(h);
         })
     };
     if u.len() >= PAR_MIN {
@@ -200,8 +212,8 @@ pub fn bias_gelu_dropout(u: &mut [f32], bias: Option<&[f32]>, cols: usize, rule:
 }
 
 /// Its backward in dh's memory (`Backend::gelu_dropout_bwd`): `dh = GELU'(u) ⊙ dropout(dh)`,
-/// bit for bit `dropout` then `gelu_bwd`.
-pub fn dropout_gelu_bwd(u: &[f32], dh: &mut [f32], rule: Option<DropoutRule>) {
+/// in f32 bit for bit `dropout` then `gelu_bwd`; stored as `store` (bf16: rounded once).
+pub fn dropout_gelu_bwd(u: &[f32], dh: &mut [f32], rule: Option<DropoutRule>, store: DType) {
     const BLOCK: usize = 4096;
     let body = |(b, (dh, u)): (usize, (&mut [f32], &[f32]))| {
         simd::vectorised!({
@@ -211,6 +223,7 @@ pub fn dropout_gelu_bwd(u: &[f32], dh: &mut [f32], rule: Option<DropoutRule>) {
             for (d, &v) in dh.iter_mut().zip(u) {
                 *d *= gelu_grad(v);
             }
+            store.round_all(dh);
         })
     };
     if u.len() >= PAR_MIN {

@@ -6,15 +6,21 @@ use rayon::prelude::*;
 
 use super::elementwise::{DropoutRule, sum2};
 use super::simd;
+use crate::tensor::DType;
 
 const PAR_ROWS: usize = 64;
-pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+/// y = LN(x) stored as `store` (bf16: each value rounded once), and (mean, rstd) per row.
+pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, store: DType) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     let rows = x.len() / d;
     let mut y = crate::tensor::host_pool::dirty(x.len()); // every element is written
     let mut stats = crate::tensor::host_pool::dirty(rows * 2); // every element is written
-    let row =
-        |(y, (st, x)): (&mut [f32], (&mut [f32], &[f32]))| simd::vectorised!(normalize_row(y, st, x, gamma, beta, eps));
+    let row = |(y, (st, x)): (&mut [f32], (&mut [f32], &[f32]))| {
+        simd::vectorised!({
+            normalize_row(y, st, x, gamma, beta, eps);
+            store.round_all(y);
+        })
+    };
     if rows >= PAR_ROWS {
         y.par_chunks_mut(d).zip(stats.par_chunks_mut(2).zip(x.par_chunks(d))).for_each(row);
     } else {
@@ -38,8 +44,9 @@ fn normalize_row(y: &mut [f32], st: &mut [f32], x: &[f32], gamma: &[f32], beta: 
 }
 
 /// The post-LN join `a ← x + dropout(a)`, then LayerNorm of a (`Backend::residual_layernorm_fwd`)
-/// in one visit of each row: bit for bit `dropout`, `add_assign` and `forward` in turn, without
-/// their two extra passes over the tensor.
+/// in one visit of each row: in f32 bit for bit `dropout`, `add_assign` and `forward` in turn,
+/// without their two extra passes over the tensor. With `store` bf16, a and y are rounded as
+/// they are stored, and the norm is of a as stored (the device's kernel reads it back).
 pub fn residual_forward(
     a: &mut [f32],
     x: &[f32],
@@ -47,6 +54,7 @@ pub fn residual_forward(
     beta: &[f32],
     eps: f32,
     dropout: Option<DropoutRule>,
+    store: DType,
 ) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     let rows = a.len() / d;
@@ -61,7 +69,9 @@ pub fn residual_forward(
             for (a, x) in a.iter_mut().zip(x) {
                 *a += x;
             }
+            store.round_all(a);
             normalize_row(y, st, a, gamma, beta, eps);
+            store.round_all(y);
         })
     };
     if rows >= PAR_ROWS {
@@ -76,6 +86,7 @@ pub fn residual_forward(
 /// Backward of [`residual_forward`] from its saved sum s: (dx, da), LayerNorm's gradient and
 /// that gradient through the dropout mask, in one visit of each row; dgamma and dbeta
 /// accumulated as in [`backward`].
+#[allow(clippy::too_many_arguments)]
 pub fn residual_backward(
     s: &[f32],
     stats: &[f32],
@@ -84,6 +95,7 @@ pub fn residual_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
     dropout: Option<DropoutRule>,
+    store: DType,
 ) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     let rows = s.len() / d;
@@ -93,10 +105,12 @@ pub fn residual_backward(
     let row = |(r, (dx, (da, (st, (x, dy))))): Row| {
         simd::vectorised!({
             grad_row(dx, st, x, dy, gamma);
+            store.round_all(dx);
             da.copy_from_slice(dx);
             if let Some(rule) = dropout {
                 rule.apply(da, (r * d) as u64);
             }
+            store.round_all(da);
         })
     };
     if rows >= PAR_ROWS {
@@ -142,6 +156,7 @@ fn accumulate_affine(x: &[f32], stats: &[f32], dy: &[f32], dgamma: &mut [f32], d
     });
 }
 
+/// dx stored as `store`; dgamma += Σ dy·x̂, dbeta += Σ dy.
 pub fn backward(
     x: &[f32],
     stats: &[f32],
@@ -149,12 +164,18 @@ pub fn backward(
     dy: &[f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
+    store: DType,
 ) -> Vec<f32> {
     let d = gamma.len();
     let rows = x.len() / d;
     let mut dx = crate::tensor::host_pool::dirty(x.len()); // every element is written
     type Row<'a> = (&'a mut [f32], (&'a [f32], (&'a [f32], &'a [f32])));
-    let row = |(dx, (st, (x, dy))): Row| simd::vectorised!(grad_row(dx, st, x, dy, gamma));
+    let row = |(dx, (st, (x, dy))): Row| {
+        simd::vectorised!({
+            grad_row(dx, st, x, dy, gamma);
+            store.round_all(dx);
+        })
+    };
     if rows >= PAR_ROWS {
         dx.par_chunks_mut(d).zip(stats.par_chunks(2).zip(x.par_chunks(d).zip(dy.par_chunks(d)))).for_each(row);
     } else {

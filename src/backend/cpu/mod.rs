@@ -26,7 +26,7 @@ use super::{
     Segments, check_adamw_masked, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gemm_bias,
     check_gemm_types, check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd,
     check_layernorm_fwd, check_residual_layernorm_bwd, check_step_guard, check_top_k, check_widen, expect_cols,
-    expect_dtype, expect_len, rows_of, same_shape,
+    expect_dtype, expect_len, f32s, rows_of, same_dtype, same_shape,
 };
 use crate::tensor::{DType, Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
@@ -240,6 +240,7 @@ impl Backend for Cpu {
         let _timer = profile::time("bias_bwd");
         expect_cols("bias_bwd", dy)?;
         expect_len("bias_bwd", "dbias", dbias.len(), dy.cols())?;
+        f32s("bias_bwd", [("dbias", dbias.dtype())])?;
         elementwise::bias_bwd(dy.cpu(), dbias.cpu());
         Ok(())
     }
@@ -280,18 +281,20 @@ impl Backend for Cpu {
         if let Some(b) = bias {
             expect_cols("bias_gelu_dropout_fwd", u)?;
             expect_len("bias_gelu_dropout_fwd", "bias", b.len(), u.cols())?;
+            f32s("bias_gelu_dropout_fwd", [("bias", b.dtype())])?;
         }
         let cols = u.cols().max(1);
-        let shape = u.shape().to_vec();
-        let h = elementwise::bias_gelu_dropout(u.cpu_mut(), bias.map(|b| b.cpu()), cols, rule);
-        Ok(Tensor::from_cpu(h, &shape))
+        let (shape, store) = (u.shape().to_vec(), u.dtype());
+        let h = elementwise::bias_gelu_dropout(u.cpu_mut(), bias.map(|b| b.cpu()), cols, rule, store);
+        Ok(Tensor::from_cpu(h, &shape).with_dtype(store))
     }
 
     fn gelu_dropout_bwd(&mut self, u: &Tensor, mut dh: Tensor, p: f32, seed: u64) -> Result<Tensor> {
         let _timer = profile::time("gelu_dropout_bwd");
         same_shape("gelu_dropout_bwd", u, &dh)?;
+        same_dtype("gelu_dropout_bwd", "dh", u, &dh)?;
         let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
-        elementwise::dropout_gelu_bwd(u.cpu(), dh.cpu_mut(), rule);
+        elementwise::dropout_gelu_bwd(u.cpu(), dh.cpu_mut(), rule, u.dtype());
         Ok(dh)
     }
 
@@ -408,8 +411,8 @@ impl Backend for Cpu {
     fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
         let _timer = profile::time("layernorm_fwd");
         check_layernorm_fwd(x, &gamma, &beta)?;
-        let (y, stats) = layernorm::forward(x.cpu(), gamma.cpu(), beta.cpu(), eps);
-        Ok((Tensor::from_cpu(y, x.shape()), Tensor::from_cpu(stats, &[x.rows(), 2])))
+        let (y, stats) = layernorm::forward(x.cpu(), gamma.cpu(), beta.cpu(), eps, x.dtype());
+        Ok((Tensor::from_cpu(y, x.shape()).with_dtype(x.dtype()), Tensor::from_cpu(stats, &[x.rows(), 2])))
     }
 
     fn layernorm_bwd(
@@ -422,9 +425,10 @@ impl Backend for Cpu {
         dbeta: ViewMut,
     ) -> Result<Tensor> {
         let _timer = profile::time("layernorm_bwd");
-        check_layernorm_bwd(x, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
-        let dx = layernorm::backward(x.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu());
-        Ok(Tensor::from_cpu(dx, x.shape()))
+        check_layernorm_bwd(x, stats, &gamma, dy, &dgamma, &dbeta)?;
+        let store = x.dtype();
+        let dx = layernorm::backward(x.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu(), store);
+        Ok(Tensor::from_cpu(dx, x.shape()).with_dtype(store))
     }
 
     fn residual_layernorm_fwd(
@@ -439,11 +443,12 @@ impl Backend for Cpu {
     ) -> Result<(Tensor, Tensor)> {
         let _timer = profile::time("residual_layernorm_fwd");
         same_shape("residual_layernorm_fwd", a, x)?;
+        same_dtype("residual_layernorm_fwd", "x", a, x)?;
         check_layernorm_fwd(a, &gamma, &beta)?;
         let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
-        let (shape, rows) = (a.shape().to_vec(), a.rows());
-        let (y, stats) = layernorm::residual_forward(a.cpu_mut(), x.cpu(), gamma.cpu(), beta.cpu(), eps, rule);
-        Ok((Tensor::from_cpu(y, &shape), Tensor::from_cpu(stats, &[rows, 2])))
+        let (shape, rows, store) = (a.shape().to_vec(), a.rows(), a.dtype());
+        let (y, stats) = layernorm::residual_forward(a.cpu_mut(), x.cpu(), gamma.cpu(), beta.cpu(), eps, rule, store);
+        Ok((Tensor::from_cpu(y, &shape).with_dtype(store), Tensor::from_cpu(stats, &[rows, 2])))
     }
 
     fn residual_layernorm_bwd(
@@ -461,12 +466,21 @@ impl Backend for Cpu {
         let _timer = profile::time("residual_layernorm_bwd");
         check_residual_layernorm_bwd(s, stats, &gamma, dy, &dgamma, &dbeta, dbias.as_ref())?;
         let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
-        let (dx, da) =
-            layernorm::residual_backward(s.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu(), rule);
+        let store = s.dtype();
+        let (dx, da) = layernorm::residual_backward(
+            s.cpu(),
+            stats.cpu(),
+            gamma.cpu(),
+            dy.cpu(),
+            dgamma.cpu(),
+            dbeta.cpu(),
+            rule,
+            store,
+        );
         if let Some(b) = dbias {
             elementwise::bias_bwd(&da, b.cpu());
         }
-        Ok((Tensor::from_cpu(dx, s.shape()), Tensor::from_cpu(da, s.shape())))
+        Ok((Tensor::from_cpu(dx, s.shape()).with_dtype(store), Tensor::from_cpu(da, s.shape()).with_dtype(store)))
     }
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {

@@ -3,8 +3,9 @@
 //! column sums (dgamma, dbeta and the sublayer's bias gradient) in one row launch, and one
 //! launch that finishes the sums.
 
+use super::typed::entry;
 use super::{Arg, Cuda, view_mut_ptr};
-use crate::backend::{check_layernorm_fwd, check_residual_layernorm_bwd, same_shape};
+use crate::backend::{check_layernorm_fwd, check_residual_layernorm_bwd, same_dtype, same_shape};
 use crate::tensor::{Tensor, View, ViewMut};
 use crate::{Error, Result};
 
@@ -29,10 +30,11 @@ pub(super) fn forward(
     seed: u64,
 ) -> Result<(Tensor, Tensor)> {
     same_shape("residual_layernorm_fwd", a, x)?;
+    same_dtype("residual_layernorm_fwd", "x", a, x)?;
     check_layernorm_fwd(a, &gamma, &beta)?;
     let scale = dropout_scale(p)?;
     let (rows, d) = (a.rows(), a.cols());
-    let y = cuda.alloc_tensor(a.shape())?;
+    let y = cuda.alloc_typed(a.shape(), a.dtype())?;
     let stats = cuda.alloc_tensor(&[rows, 2])?;
     if rows == 0 {
         return Ok((y, stats));
@@ -52,7 +54,8 @@ pub(super) fn forward(
         Arg::tensor(&y)?,
         Arg::tensor(&stats)?,
     ];
-    cuda.launch("residual_layernorm_fwd_f32", (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+    let name = entry(a.dtype(), "residual_layernorm_fwd_f32", "residual_layernorm_fwd_bf16");
+    cuda.launch(name, (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
     Ok((y, stats))
 }
 
@@ -75,8 +78,8 @@ pub(super) fn backward(
     check_residual_layernorm_bwd(s, stats, &gamma, dy, &dgamma, &dbeta, dbias.as_ref())?;
     let scale = dropout_scale(p)?;
     let (rows, d) = (s.rows(), s.cols());
-    let dx = cuda.alloc_tensor(s.shape())?;
-    let da = cuda.alloc_tensor(s.shape())?;
+    let dx = cuda.alloc_typed(s.shape(), s.dtype())?;
+    let da = cuda.alloc_typed(s.shape(), s.dtype())?;
     if rows == 0 || d == 0 {
         return Ok((dx, da));
     }
@@ -99,7 +102,8 @@ pub(super) fn backward(
         Arg::I32(outs as i32),
         Arg::tensor(&partial)?,
     ];
-    cuda.launch("residual_layernorm_bwd_f32", (blocks as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+    let name = entry(s.dtype(), "residual_layernorm_bwd_f32", "residual_layernorm_bwd_bf16");
+    cuda.launch(name, (blocks as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
     let bias = dbias.as_ref().map_or(Ok(0), view_mut_ptr)?;
     let finish = [
         Arg::tensor(&partial)?,

@@ -1,6 +1,7 @@
 //! `impl Backend for Cuda`: shape checks (the CPU twin's, word for word in the messages) and
 //! one launch per op. Attention and the GRU step live in `attention.rs` and `gru.rs`.
 
+use super::typed::entry;
 use super::{
     Arg, COLSUM_ROWS, Cuda, DevBuf, DevIds, MAX_GRID_Y, blocks, dev_ids, grid_y, tensor_ptr, view_mut_ptr, view_ptr,
 };
@@ -8,7 +9,7 @@ use crate::backend::{
     AdamW, AdamWConstants, AdamWScalars, Backend, Counters, DecayMask, Gemm, Graph, GraphInput, GruRunBwd, GruRunFwd,
     GruStep, GuardParams, Half, IGNORE_TARGET, Precision, Segments, check_attention, check_attention_bwd,
     check_dropout, check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd,
-    check_layernorm_fwd, check_top_k, check_widen, expect_cols, expect_len, rows_of, same_shape,
+    check_layernorm_fwd, check_top_k, check_widen, expect_cols, expect_len, f32s, rows_of, same_dtype, same_shape,
 };
 use crate::tensor::{DType, IdStorage, Ids, Tensor, View, ViewMut};
 use crate::{Error, Result};
@@ -233,8 +234,10 @@ impl Backend for Cuda {
     fn bias_bwd(&mut self, dy: &Tensor, dbias: ViewMut) -> Result<()> {
         expect_cols("bias_bwd", dy)?;
         expect_len("bias_bwd", "dbias", dbias.len(), dy.cols())?;
+        f32s("bias_bwd", [("dbias", dbias.dtype())])?;
         let out = ptr_of_mut(&dbias)?;
-        self.column_sum("bias_bwd_f32", dy.rows(), dy.cols(), &[Arg::tensor(dy)?], &[out])
+        let name = entry(dy.dtype(), "bias_bwd_f32", "bias_bwd_bf16");
+        self.column_sum(name, dy.rows(), dy.cols(), &[Arg::tensor(dy)?], &[out])
     }
 
     fn add_assign(&mut self, y: &mut Tensor, x: &Tensor) -> Result<()> {
@@ -273,11 +276,12 @@ impl Backend for Cuda {
             Some(b) => {
                 expect_cols("bias_gelu_dropout_fwd", u)?;
                 expect_len("bias_gelu_dropout_fwd", "bias", b.len(), u.cols())?;
+                f32s("bias_gelu_dropout_fwd", [("bias", b.dtype())])?;
                 Arg::view(b)?
             }
             None => Arg::Ptr(0),
         };
-        let h = self.alloc_tensor(u.shape())?;
+        let h = self.alloc_typed(u.shape(), u.dtype())?;
         let n = u.len();
         let args = [
             Arg::tensor(u)?,
@@ -290,12 +294,14 @@ impl Backend for Cuda {
             self.salt()?,
             Arg::U64(n as u64),
         ];
-        self.flat("bias_gelu_dropout_fwd_f32", n, &args)?;
+        let name = entry(u.dtype(), "bias_gelu_dropout_fwd_f32", "bias_gelu_dropout_fwd_bf16");
+        self.flat(name, n, &args)?;
         Ok(h)
     }
 
     fn gelu_dropout_bwd(&mut self, u: &Tensor, dh: Tensor, p: f32, seed: u64) -> Result<Tensor> {
         same_shape("gelu_dropout_bwd", u, &dh)?;
+        same_dtype("gelu_dropout_bwd", "dh", u, &dh)?;
         let scale = dropout_scale(p)?;
         let n = u.len();
         let args = [
@@ -307,18 +313,21 @@ impl Backend for Cuda {
             self.salt()?,
             Arg::U64(n as u64),
         ];
-        self.flat("gelu_dropout_bwd_f32", n, &args)?;
+        self.flat(entry(u.dtype(), "gelu_dropout_bwd_f32", "gelu_dropout_bwd_bf16"), n, &args)?;
         Ok(dh)
     }
 
     fn gelu_dropout_bias_bwd(&mut self, u: &Tensor, dh: Tensor, p: f32, seed: u64, dbias: ViewMut) -> Result<Tensor> {
         same_shape("gelu_dropout_bias_bwd", u, &dh)?;
+        same_dtype("gelu_dropout_bias_bwd", "dh", u, &dh)?;
         expect_cols("gelu_dropout_bias_bwd", &dh)?;
         expect_len("gelu_dropout_bias_bwd", "dbias", dbias.len(), dh.cols())?;
+        f32s("gelu_dropout_bias_bwd", [("dbias", dbias.dtype())])?;
         let scale = dropout_scale(p)?;
         let pre = [Arg::tensor(u)?, Arg::tensor(&dh)?, Arg::F32(p), Arg::F32(scale), Arg::U64(seed), self.salt()?];
         let out = ptr_of_mut(&dbias)?;
-        self.column_sum("gelu_dropout_bias_bwd_f32", dh.rows(), dh.cols(), &pre, &[out])?;
+        let name = entry(u.dtype(), "gelu_dropout_bias_bwd_f32", "gelu_dropout_bias_bwd_bf16");
+        self.column_sum(name, dh.rows(), dh.cols(), &pre, &[out])?;
         Ok(dh)
     }
 
@@ -526,7 +535,7 @@ impl Backend for Cuda {
     fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
         check_layernorm_fwd(x, &gamma, &beta)?;
         let (rows, d) = (x.rows(), x.cols());
-        let y = self.alloc_tensor(x.shape())?;
+        let y = self.alloc_typed(x.shape(), x.dtype())?;
         let stats = self.alloc_tensor(&[rows, 2])?;
         if rows == 0 || d == 0 {
             return Ok((y, stats));
@@ -541,7 +550,8 @@ impl Backend for Cuda {
             Arg::tensor(&y)?,
             Arg::tensor(&stats)?,
         ];
-        self.launch("layernorm_fwd_f32", (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+        let name = entry(x.dtype(), "layernorm_fwd_f32", "layernorm_fwd_bf16");
+        self.launch(name, (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
         Ok((y, stats))
     }
 
@@ -554,9 +564,9 @@ impl Backend for Cuda {
         dgamma: ViewMut,
         dbeta: ViewMut,
     ) -> Result<Tensor> {
-        check_layernorm_bwd(x, stats, &gamma, dy, dgamma.len(), dbeta.len())?;
+        check_layernorm_bwd(x, stats, &gamma, dy, &dgamma, &dbeta)?;
         let (rows, d) = (x.rows(), x.cols());
-        let dx = self.alloc_tensor(x.shape())?;
+        let dx = self.alloc_typed(x.shape(), x.dtype())?;
         if rows == 0 || d == 0 {
             return Ok(dx);
         }
@@ -569,10 +579,12 @@ impl Backend for Cuda {
             Arg::int("layernorm_bwd", d)?,
             Arg::tensor(&dx)?,
         ];
-        self.launch("layernorm_bwd_f32", (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+        let name = entry(x.dtype(), "layernorm_bwd_f32", "layernorm_bwd_bf16");
+        self.launch(name, (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
         let outs = [ptr_of_mut(&dgamma)?, ptr_of_mut(&dbeta)?];
         let pre = [Arg::tensor(x)?, Arg::tensor(stats)?, Arg::tensor(dy)?];
-        self.column_sum("layernorm_params_bwd_f32", rows, d, &pre, &outs)?;
+        let name = entry(x.dtype(), "layernorm_params_bwd_f32", "layernorm_params_bwd_bf16");
+        self.column_sum(name, rows, d, &pre, &outs)?;
         Ok(dx)
     }
 

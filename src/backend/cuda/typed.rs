@@ -12,7 +12,7 @@ use cudarc::driver::result;
 const THREADS: u32 = 256;
 
 /// The entry of an elementwise kernel for `dtype` (`<op>_fwd_f32` or `<op>_fwd_bf16`).
-fn entry(dtype: DType, f32_name: &'static str, bf16_name: &'static str) -> &'static str {
+pub(super) fn entry(dtype: DType, f32_name: &'static str, bf16_name: &'static str) -> &'static str {
     match dtype {
         DType::F32 => f32_name,
         DType::Bf16 => bf16_name,
