@@ -460,6 +460,13 @@ extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS, 2)
                       float* out, float* probs) {
   attention::fwd<float>(qkv, offsets, heads, dh, max_len, scale, out, probs);
 }
+// bf16 storage: qkv, out and probs stored as bf16 (each value rounded once, as it is stored);
+// the arithmetic is the f32 entry's, on the values widened as they are loaded.
+extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS, 2)
+    attention_fwd_bf16(const __nv_bfloat16* qkv, const uint32_t* offsets, int heads, int dh, int max_len,
+                       float scale, __nv_bfloat16* out, __nv_bfloat16* probs) {
+  attention::fwd<__nv_bfloat16>(qkv, offsets, heads, dh, max_len, scale, out, probs);
+}
 
 // dqkv [tokens, 3d] (written whole: every row of every item, every head's columns); with
 // partial [items, 3d] non-null, also dbias [3d] += Σ_rows dqkv (counters: heads zero words).
@@ -468,4 +475,13 @@ extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS)
                       float scale, const float* dout, float* dqkv, float* partial, float* dbias, unsigned* counters) {
   attention::bwd<float>(qkv, probs, offsets, heads, dh, max_len, scale, dout, dqkv);
   if (partial != nullptr) attention::bias_grad<float>(dqkv, offsets, heads, dh, partial, dbias, counters);
+}
+
+// bf16 storage of qkv, probs, dout and dqkv; the bias gradient (f32) sums dqkv as stored.
+extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS)
+    attention_bwd_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* probs, const uint32_t* offsets, int heads,
+                       int dh, int max_len, float scale, const __nv_bfloat16* dout, __nv_bfloat16* dqkv,
+                       float* partial, float* dbias, unsigned* counters) {
+  attention::bwd<__nv_bfloat16>(qkv, probs, offsets, heads, dh, max_len, scale, dout, dqkv);
+  if (partial != nullptr) attention::bias_grad<__nv_bfloat16>(dqkv, offsets, heads, dh, partial, dbias, counters);
 }

@@ -546,3 +546,52 @@ fn the_feed_forward_activation_in_bf16_is_the_f32_one_rounded() {
         out
     });
 }
+
+/// Attention on bf16 storage: the context and the saved probabilities are the f32 entry's on
+/// the same values, rounded once; the backward from bf16 probabilities, qkv and dout is the f32
+/// entry's on those values widened, rounded; the qkv bias gradient sums dqkv as stored.
+#[test]
+fn attention_in_bf16_is_the_f32_attention_rounded() {
+    bf16_twin("attention bf16", |dev| {
+        let mut out = vec![];
+        for (lengths, heads, dh) in
+            [(&[1usize, 5, 36, 17][..], 2usize, 8usize), (&[64, 3][..], 4, 33), (&[36; 3][..], 8, 16)]
+        {
+            let seg = common::segments(dev, lengths);
+            let (t, d) = (seg.tokens(), heads * dh);
+            let seed = (t * d) as u64;
+            let (qkv, dout) = (randv(seed, t * 3 * d), randv(seed ^ 1, t * d));
+            let what = format!("{} attention {lengths:?} {heads}x{dh}", dev.name());
+            let (qh, qf) = (bf16(dev, &qkv, &[t, 3 * d]), widened(dev, &qkv, &[t, 3 * d]));
+            let (ctx, probs) = dev.attention_fwd(&qh, &seg, heads).unwrap();
+            let (ctxf, probsf) = dev.attention_fwd(&qf, &seg, heads).unwrap();
+            assert_eq!((ctx.dtype(), probs.dtype()), (DType::Bf16, DType::Bf16));
+            same_values(
+                &format!("{what} context"),
+                &dev.download(ctx.view()).unwrap(),
+                &rounded(dev.download(ctxf.view()).unwrap()),
+            );
+            let pv = dev.download(probs.view()).unwrap();
+            same_values(&format!("{what} probabilities"), &pv, &rounded(dev.download(probsf.view()).unwrap()));
+            let (dh_, dw) = (bf16(dev, &dout, &[t, d]), widened(dev, &dout, &[t, d]));
+            let pw = dev.upload(&pv, &[pv.len()]).unwrap();
+            let mut sums = dev.zeros(&[6 * d]).unwrap();
+            let [s1, s2] = sums.subs_mut([(0, 3 * d), (3 * d, 3 * d)]);
+            let dq = dev.attention_bwd(&qh, &probs, &seg, heads, &dh_, Some(s1)).unwrap();
+            let dqf = dev.attention_bwd(&qf, &pw, &seg, heads, &dw, None).unwrap();
+            let dqv = dev.download(dq.view()).unwrap();
+            same_values(&format!("{what} dqkv"), &dqv, &rounded(dev.download(dqf.view()).unwrap()));
+            dev.bias_bwd(&dq, s2).unwrap();
+            let sv = dev.download(sums.view()).unwrap();
+            let e = rel_err(&sv[..3 * d], &sv[3 * d..].iter().map(|&v| v as f64).collect::<Vec<_>>());
+            assert!(e <= 1e-5, "{what}: the bias gradient is {e:.2e} from bias_bwd of dqkv as stored");
+            out.extend([
+                ("context", dev.download(ctx.view()).unwrap()),
+                ("probabilities", pv),
+                ("dqkv", dqv),
+                ("dbias", sv[..3 * d].to_vec()),
+            ]);
+        }
+        out
+    });
+}

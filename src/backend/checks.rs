@@ -160,8 +160,11 @@ pub(crate) fn check_attention_bwd(
     check_attention("attention_bwd", qkv, seg, heads)?;
     rows_of("attention_bwd", dout, seg)?;
     expect_len("attention_bwd", "dout columns", dout.cols() * 3, qkv.cols())?;
+    same_dtype("attention_bwd", "probs", qkv, probs)?;
+    same_dtype("attention_bwd", "dout", qkv, dout)?;
     if let Some(db) = dbias {
         expect_len("attention_bwd", "dbias", db.len(), qkv.cols())?;
+        f32s("attention_bwd", [("dbias", db.dtype())])?;
     }
     let poff = prob_offsets(&seg.offsets, heads);
     expect_len("attention_bwd", "probs", probs.len(), poff[poff.len() - 1])

@@ -487,9 +487,12 @@ impl Backend for Cpu {
         let _timer = profile::time("attention_fwd");
         check_attention("attention_fwd", qkv, seg, heads)?;
         dispatch::active()?;
-        let (out, probs) = attention::forward(qkv.cpu(), &seg.offsets, heads);
-        let n = probs.len();
-        Ok((Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]), Tensor::from_cpu(probs, &[n])))
+        let (mut out, mut probs) = attention::forward(qkv.cpu(), &seg.offsets, heads);
+        let (n, store) = (probs.len(), qkv.dtype());
+        store.round_all(&mut out);
+        store.round_all(&mut probs);
+        let out = Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]).with_dtype(store);
+        Ok((out, Tensor::from_cpu(probs, &[n]).with_dtype(store)))
     }
 
     fn attention_bwd(
@@ -504,11 +507,12 @@ impl Backend for Cpu {
         let _timer = profile::time("attention_bwd");
         check_attention_bwd(qkv, probs, seg, heads, dout, dbias.as_ref())?;
         dispatch::active()?;
-        let dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu());
+        let mut dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu());
+        qkv.dtype().round_all(&mut dqkv);
         if let Some(db) = dbias {
             elementwise::bias_bwd(&dqkv, db.cpu());
         }
-        Ok(Tensor::from_cpu(dqkv, qkv.shape()))
+        Ok(Tensor::from_cpu(dqkv, qkv.shape()).with_dtype(qkv.dtype()))
     }
 
     /// Both directions at once, one per thread of the pool (each step's 32-row GEMM is

@@ -7,6 +7,7 @@
 //! heads wider than `MAX_HEAD_DIM`, or a size the GPU's shared memory cannot hold, are refused
 //! with an error before anything is launched (never a truncated answer).
 
+use super::typed::entry;
 use super::{Arg, Cuda, dev_ids, view_mut_ptr};
 use crate::backend::Segments;
 use crate::tensor::{Tensor, ViewMut};
@@ -93,12 +94,13 @@ fn plan(
 /// Context `[tokens, d]` and the saved probabilities (per item and head, `len × len`, packed
 /// like the CPU's `prob_offsets`).
 pub(super) fn forward(cuda: &mut Cuda, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
-    const K: &str = "attention_fwd_f32";
-    let p = plan(cuda, ("attention_fwd", K, false), qkv, seg, heads)?;
+    let store = qkv.dtype();
+    let k = entry(store, "attention_fwd_f32", "attention_fwd_bf16");
+    let p = plan(cuda, ("attention_fwd", k, false), qkv, seg, heads)?;
     let tokens = seg.tokens();
     let n_probs = crate::backend::prob_offsets(&seg.offsets, heads)[seg.items()];
-    let out = cuda.alloc_tensor(&[tokens, qkv.cols() / 3])?;
-    let probs = cuda.alloc_tensor(&[n_probs])?;
+    let out = cuda.alloc_typed(&[tokens, qkv.cols() / 3], store)?;
+    let probs = cuda.alloc_typed(&[n_probs], store)?;
     if tokens == 0 {
         return Ok((out, probs));
     }
@@ -106,14 +108,14 @@ pub(super) fn forward(cuda: &mut Cuda, qkv: &Tensor, seg: &Segments, heads: usiz
     let args = [
         Arg::tensor(qkv)?,
         Arg::ids(&seg.device)?,
-        Arg::int(K, heads)?,
-        Arg::int(K, p.dh)?,
-        Arg::int(K, p.max_len)?,
+        Arg::int(k, heads)?,
+        Arg::int(k, p.dh)?,
+        Arg::int(k, p.max_len)?,
         Arg::F32(scale),
         Arg::tensor(&out)?,
         Arg::tensor(&probs)?,
     ];
-    cuda.launch(K, (p.grid, 1, 1), (p.threads, 1, 1), p.smem as u32, &args)?;
+    cuda.launch(k, (p.grid, 1, 1), (p.threads, 1, 1), p.smem as u32, &args)?;
     Ok((out, probs))
 }
 
@@ -128,9 +130,9 @@ pub(super) fn backward(
     dout: &Tensor,
     dbias: Option<ViewMut>,
 ) -> Result<Tensor> {
-    const K: &str = "attention_bwd_f32";
-    let p = plan(cuda, ("attention_bwd", K, true), qkv, seg, heads)?;
-    let dqkv = cuda.alloc_tensor(qkv.shape())?;
+    let k = entry(qkv.dtype(), "attention_bwd_f32", "attention_bwd_bf16");
+    let p = plan(cuda, ("attention_bwd", k, true), qkv, seg, heads)?;
+    let dqkv = cuda.alloc_typed(qkv.shape(), qkv.dtype())?;
     if seg.tokens() == 0 {
         return Ok(dqkv);
     }
@@ -147,9 +149,9 @@ pub(super) fn backward(
         Arg::tensor(qkv)?,
         Arg::tensor(probs)?,
         Arg::ids(&seg.device)?,
-        Arg::int(K, heads)?,
-        Arg::int(K, p.dh)?,
-        Arg::int(K, p.max_len)?,
+        Arg::int(k, heads)?,
+        Arg::int(k, p.dh)?,
+        Arg::int(k, p.max_len)?,
         Arg::F32(scale),
         Arg::tensor(dout)?,
         Arg::tensor(&dqkv)?,
@@ -157,7 +159,7 @@ pub(super) fn backward(
         bias,
         counters,
     ];
-    cuda.launch(K, (p.grid, 1, 1), (p.threads, 1, 1), p.smem as u32, &args)?;
+    cuda.launch(k, (p.grid, 1, 1), (p.threads, 1, 1), p.smem as u32, &args)?;
     Ok(dqkv)
 }
 
