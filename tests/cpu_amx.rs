@@ -194,11 +194,11 @@ fn rel(x: &[f32], y: &[f32]) -> f64 {
 
 /// The model in bf16 on the amx path gives the outputs of the avx512 path's bf16 kernel
 /// (`vdpbf16ps`) to within what the order of the fp32 sums moves (the same bf16 products; the
-/// tiles add a pair's two products in another order): at least ten times closer than bf16 is
-/// to fp32. A sum that moves by an ulp can round the next GEMM's operand to the neighbouring
-/// bf16, so the difference grows through the layers: 1.1e-4 here, as the avx512 and portable
-/// bf16 kernels differ by 2.3e-4 on the model's embeddings, against 3.9e-3 from fp32. The
-/// GEMMs ran on the tiles.
+/// tiles add a pair's two products in another order): at least four times closer than bf16 is
+/// to fp32. A sum that moves by an ulp can round a stored activation (the trunk stores bf16)
+/// to the neighbouring bf16, so the difference grows through the layers: up to 9.4e-4 here
+/// (1.1e-4 while the activations were f32), against 4.6e-3 from fp32. A kernel that drops or
+/// misplaces a tile is as far from avx512 as from fp32 or farther. The GEMMs ran on the tiles.
 #[test]
 fn the_model_in_bf16_on_amx_matches_avx512() {
     if let Ok(path) = std::env::var(CHILD) {
@@ -220,7 +220,7 @@ fn the_model_in_bf16_on_amx_matches_avx512() {
         let (err, bf16_err) = (rel(x, y), rel(y, f));
         println!("{name}: amx vs avx512, both bf16: {err:.2e}; avx512 bf16 vs fp32: {bf16_err:.2e}");
         assert!(x.iter().all(|v| v.is_finite()), "{name}");
-        assert!(err <= 1e-3 && err <= 0.1 * bf16_err, "{name}: amx bf16 differs from avx512 bf16 by {err:.2e}");
+        assert!(err <= 2e-3 && err <= 0.25 * bf16_err, "{name}: amx bf16 differs from avx512 bf16 by {err:.2e}");
         assert!(x != y, "{name}: bitwise equal: did the amx child run the tiles?");
     }
     if how == "emulated" {

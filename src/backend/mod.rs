@@ -248,6 +248,13 @@ pub trait Backend {
     }
     /// Bytes this device can still allocate (None: unknown, and no size check is made).
     fn available_memory(&self) -> Option<u64>;
+    /// The type the model's transformer trunk stores its activations and their gradients in:
+    /// bf16 at `--precision bf16` (each layer's GEMMs then multiply bf16 by bf16, its norms,
+    /// activation and attention read and write bf16), f32 otherwise. One meaning on every
+    /// device, so that the CPU stays the GPU's twin.
+    fn activations(&self) -> DType {
+        DType::F32
+    }
     /// What this device has run and waited for since it was opened (None: not counted, as on
     /// the CPU, where nothing is launched or waited for).
     fn counters(&self) -> Option<Counters> {

@@ -1,7 +1,7 @@
 //! Multi-head self-attention: qkv = x W_qkvᵀ, per-head softmax(q kᵀ/√dh) v, out projection.
 
 use super::linear::Linear;
-use super::params::ParamStore;
+use super::params::{ParamStore, Weights};
 use crate::Result;
 use crate::backend::{Backend, Segments};
 use crate::tensor::Tensor;
@@ -30,13 +30,14 @@ impl MultiHeadAttention {
     }
 
     /// The input x is not cached here: the block keeps it (it is also the residual).
-    pub fn forward(
+    pub fn forward<'w>(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: impl Into<Weights<'w>>,
         x: &Tensor,
         seg: &Segments,
     ) -> Result<(Tensor, AttentionCache)> {
+        let w = w.into();
         let qkv = self.qkv.forward(dev, w, x)?;
         let (context, probs) = dev.attention_fwd(&qkv, seg, self.heads)?;
         let y = self.out.forward(dev, w, &context)?;
@@ -49,10 +50,10 @@ impl MultiHeadAttention {
     /// alone, `Backend::bias_bwd` of dy). The qkv bias's, Σ_rows dqkv, is summed by the
     /// attention backward as it writes dqkv.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_into(
+    pub fn backward_into<'w>(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: impl Into<Weights<'w>>,
         g: &mut Tensor,
         x: &Tensor,
         seg: &Segments,
@@ -60,6 +61,7 @@ impl MultiHeadAttention {
         dy: &Tensor,
         dx: &mut Tensor,
     ) -> Result<()> {
+        let w = w.into();
         let dcontext = Linear { bias: None, ..self.out.clone() }.backward(dev, w, g, &c.context, dy)?;
         let dbias = self.qkv.bias.map(|b| b.of_mut(g));
         let dqkv = dev.attention_bwd(&c.qkv, &c.probs, seg, self.heads, &dcontext, dbias)?;

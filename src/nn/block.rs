@@ -8,7 +8,7 @@ use super::Dropout;
 use super::attention::{AttentionCache, MultiHeadAttention};
 use super::layernorm::{LayerNorm, LayerNormCache};
 use super::linear::Linear;
-use super::params::ParamStore;
+use super::params::{ParamStore, Weights};
 use crate::Result;
 use crate::backend::{Backend, Segments};
 use crate::tensor::Tensor;
@@ -45,18 +45,21 @@ impl EncoderBlock {
         }
     }
 
-    pub fn forward(
+    /// The block on x, with bf16 activations when x is bf16 (then `w` holds the weights'
+    /// bf16 copy).
+    pub fn forward<'w>(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: impl Into<Weights<'w>>,
         x: Tensor,
         seg: &Segments,
         drop: Dropout,
     ) -> Result<(Tensor, BlockCache)> {
+        let w = w.into();
         let (x1, attention) = match &self.attention {
             Some((attn, norm1)) => {
                 let (a, attn_cache) = attn.forward(dev, w, &x, seg)?;
-                let (x1, norm1_cache) = norm1.forward_residual(dev, w, a, &x, drop.site(0))?;
+                let (x1, norm1_cache) = norm1.forward_residual(dev, w.values, a, &x, drop.site(0))?;
                 (x1, Some((x, attn_cache, norm1_cache)))
             }
             None => (x, None),
@@ -67,21 +70,23 @@ impl EncoderBlock {
         let d1 = drop.site(1);
         let hidden = dev.bias_gelu_dropout_fwd(&mut pre_gelu, None, d1.p, d1.seed)?;
         let f = self.fc2.forward(dev, w, &hidden)?;
-        let (y, norm2) = self.norm2.forward_residual(dev, w, f, &x1, drop.site(2))?;
+        let (y, norm2) = self.norm2.forward_residual(dev, w.values, f, &x1, drop.site(2))?;
         Ok((y, BlockCache { attention, x1, pre_gelu, hidden, norm2, drop }))
     }
 
-    pub fn backward(
+    pub fn backward<'w>(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: impl Into<Weights<'w>>,
         g: &mut Tensor,
         seg: &Segments,
         c: BlockCache,
         dy: &Tensor,
     ) -> Result<Tensor> {
+        let w = w.into();
         // fc2's bias gradient is summed by the join's backward as it writes df.
-        let (mut dx1, df) = self.norm2.backward_residual(dev, w, g, c.norm2, dy, c.drop.site(2), self.fc2.bias)?;
+        let (mut dx1, df) =
+            self.norm2.backward_residual(dev, w.values, g, c.norm2, dy, c.drop.site(2), self.fc2.bias)?;
         let dhidden = Linear { bias: None, ..self.fc2.clone() }.backward(dev, w, g, &c.hidden, &df)?;
         let d1 = c.drop.site(1);
         // fc1's bias gradient is summed by the activation's backward as it writes dpre.
@@ -94,7 +99,8 @@ impl EncoderBlock {
             return Ok(dx1);
         };
         // The out-projection's bias gradient likewise, as it writes da.
-        let (mut dx, da) = norm1.backward_residual(dev, w, g, norm1_cache, &dx1, c.drop.site(0), attn.out.bias)?;
+        let (mut dx, da) =
+            norm1.backward_residual(dev, w.values, g, norm1_cache, &dx1, c.drop.site(0), attn.out.bias)?;
         attn.backward_into(dev, w, g, &x, seg, attn_cache, &da, &mut dx)?;
         Ok(dx)
     }

@@ -1,6 +1,6 @@
 //! y = x Wᵀ + b, W stored [out, in] as in PyTorch.
 
-use super::params::{Init, Param, ParamStore};
+use super::params::{Init, Param, ParamStore, Weights};
 use crate::Result;
 use crate::backend::{Backend, Gemm};
 use crate::tensor::{Tensor, View};
@@ -33,19 +33,20 @@ impl Linear {
         Linear { weight, bias, inputs, outputs }
     }
 
-    pub fn forward(&self, dev: &mut dyn Backend, w: &Tensor, x: &Tensor) -> Result<Tensor> {
-        let mut y = dev.alloc(&[x.rows(), self.outputs])?;
-        self.product(dev, w, x, &mut y, 0.0)?;
+    /// `y = x Wᵀ + b`, stored as x is (bf16 activations multiply `w`'s bf16 copy).
+    pub fn forward<'w>(&self, dev: &mut dyn Backend, w: impl Into<Weights<'w>>, x: &Tensor) -> Result<Tensor> {
+        let mut y = dev.alloc_as(&[x.rows(), self.outputs], x.dtype())?;
+        self.product(dev, w.into(), x, &mut y, 0.0)?;
         Ok(y)
     }
 
     /// `y += x Wᵀ + b`: a sum of linear maps without a separate add (the GEMM's beta).
     pub fn forward_into(&self, dev: &mut dyn Backend, w: &Tensor, x: &Tensor, y: &mut Tensor) -> Result<()> {
-        self.product(dev, w, x, y, 1.0)
+        self.product(dev, w.into(), x, y, 1.0)
     }
 
     /// `y = x Wᵀ + b + beta · y`.
-    fn product(&self, dev: &mut dyn Backend, w: &Tensor, x: &Tensor, y: &mut Tensor, beta: f32) -> Result<()> {
+    fn product(&self, dev: &mut dyn Backend, w: Weights, x: &Tensor, y: &mut Tensor, beta: f32) -> Result<()> {
         let rows = x.rows();
         if x.cols() != self.inputs {
             return Err(crate::Error::shape(
@@ -54,9 +55,10 @@ impl Linear {
             ));
         }
         let g = Gemm { m: rows, n: self.outputs, k: self.inputs, trans_a: false, trans_b: true, alpha: 1.0, beta };
+        let weight = w.matrix(self.weight, x.dtype())?;
         match self.bias {
-            Some(b) => dev.gemm_bias(g, x.view(), self.weight.of(w), b.of(w), y),
-            None => dev.gemm(g, x.view(), self.weight.of(w), y.view_mut()),
+            Some(b) => dev.gemm_bias(g, x.view(), weight, b.of(w.values), y),
+            None => dev.gemm(g, x.view(), weight, y.view_mut()),
         }
     }
 
@@ -73,39 +75,39 @@ impl Linear {
         Ok(())
     }
 
-    /// Accumulates dW += dyᵀ x, db += Σ dy; returns dx = dy W.
-    pub fn backward(
+    /// Accumulates dW += dyᵀ x, db += Σ dy; returns dx = dy W, stored as dy is.
+    pub fn backward<'w>(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: impl Into<Weights<'w>>,
         g: &mut Tensor,
         x: &Tensor,
         dy: &Tensor,
     ) -> Result<Tensor> {
-        let mut dx = dev.alloc(&[x.rows(), self.inputs])?;
-        self.backward_with(dev, w, g, x, dy, &mut dx, 0.0)?;
+        let mut dx = dev.alloc_as(&[x.rows(), self.inputs], dy.dtype())?;
+        self.backward_with(dev, w.into(), g, x, dy, &mut dx, 0.0)?;
         Ok(dx)
     }
 
     /// As `backward`, adding dy W to `dx` (a residual's or another branch's gradient) in the
     /// GEMM instead of a separate add.
-    pub fn backward_into(
+    pub fn backward_into<'w>(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: impl Into<Weights<'w>>,
         g: &mut Tensor,
         x: &Tensor,
         dy: &Tensor,
         dx: &mut Tensor,
     ) -> Result<()> {
-        self.backward_with(dev, w, g, x, dy, dx, 1.0)
+        self.backward_with(dev, w.into(), g, x, dy, dx, 1.0)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn backward_with(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: Weights,
         g: &mut Tensor,
         x: &Tensor,
         dy: &Tensor,
@@ -115,6 +117,6 @@ impl Linear {
         self.backward_params(dev, g, x.view(), dy)?;
         let gx =
             Gemm { m: x.rows(), n: self.inputs, k: self.outputs, trans_a: false, trans_b: false, alpha: 1.0, beta };
-        dev.gemm(gx, dy.view(), self.weight.of(w), dx.view_mut())
+        dev.gemm(gx, dy.view(), w.matrix(self.weight, dy.dtype())?, dx.view_mut())
     }
 }

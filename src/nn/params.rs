@@ -8,7 +8,36 @@
 use crate::Result;
 use crate::backend::Backend;
 use crate::rng::Rng;
-use crate::tensor::{Tensor, View, ViewMut};
+use crate::tensor::{DType, Tensor, View, ViewMut};
+
+/// What a layer reads its parameters from: the f32 values, and, for a pass whose activations
+/// are bf16, their bf16 copy, which a GEMM then multiplies (its operands share one type).
+/// Biases, norms and every gradient stay f32.
+#[derive(Clone, Copy, Debug)]
+pub struct Weights<'a> {
+    pub values: &'a Tensor,
+    pub bf16: Option<&'a Tensor>,
+}
+
+impl<'a> From<&'a Tensor> for Weights<'a> {
+    fn from(values: &'a Tensor) -> Self {
+        Weights { values, bf16: None }
+    }
+}
+
+impl<'a> Weights<'a> {
+    /// Weight matrix `p` as a GEMM with activations of type `x` reads it.
+    pub fn matrix(&self, p: Param, x: DType) -> crate::Result<View<'a>> {
+        match (x, self.bf16) {
+            (DType::F32, _) => Ok(p.of(self.values)),
+            (DType::Bf16, Some(w)) => Ok(p.of(w)),
+            (DType::Bf16, None) => Err(crate::Error::dtype(
+                "linear",
+                "bf16 activations, and no bf16 copy of the weights to multiply them by",
+            )),
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Param {

@@ -32,7 +32,14 @@ impl DType {
     pub fn round(self, x: f32) -> f32 {
         match self {
             DType::F32 => x,
-            DType::Bf16 => f32::from_bits((bf16_bits(x) as u32) << 16),
+            // bf16_bits's rounding kept in the high half, without a branch, so that loops of it
+            // vectorise.
+            DType::Bf16 => {
+                let b = x.to_bits();
+                let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+                let quiet = (b | 0x0040_0000) & 0xffff_0000;
+                f32::from_bits(if x.is_nan() { quiet } else { rounded })
+            }
         }
     }
 

@@ -11,6 +11,20 @@ use super::simd;
 /// Below this many elements a loop is cheaper than waking the thread pool.
 const PAR_MIN: usize = 1 << 15;
 
+/// Every value of `x` as `store` keeps it (bf16: rounded to nearest, ties to even): an op's
+/// output on bf16 activations, at the path's width and over the pool when large.
+pub fn store_as(store: DType, x: &mut [f32]) {
+    if store == DType::F32 {
+        return;
+    }
+    let body = |x: &mut [f32]| simd::vectorised!(store.round_all(x));
+    if x.len() >= PAR_MIN {
+        x.par_chunks_mut(PAR_MIN).for_each(body);
+    } else {
+        body(x);
+    }
+}
+
 pub fn add_bias(y: &mut [f32], bias: &[f32]) {
     simd::vectorised!({
         for row in y.chunks_exact_mut(bias.len()) {

@@ -54,6 +54,10 @@ pub struct Cpu {
     dropout_salt: u64,
     /// The position-encoding rows `Backend::positions` copies, kept between batches.
     positions: positions::Table,
+    /// bf16 copies of frozen tensors (`Backend::convert` of a loaded model's parameters, once
+    /// per model rather than once per pass), each frozen and registered in `frozen` so that
+    /// its weights are packed once too; kept while the source lives.
+    frozen_bf16: Vec<(std::sync::Weak<[f32]>, Tensor)>,
 }
 
 impl Cpu {
@@ -76,8 +80,26 @@ impl Cpu {
         self.precision
     }
 
-    /// Bytes of frozen weights kept packed for the GEMM (`Backend::freeze`).
-    pub fn packed_bytes(&self) -> usize {
+    /// The frozen bf16 copy of frozen memory `source` (of `shape`), made on first use; a copy
+    /// whose source is gone is let go at the next call (or `freeze`, `packed_bytes`).
+    fn frozen_bf16_of(&mut self, source: &std::sync::Arc<[f32]>, shape: &[usize]) -> Tensor {
+        self.frozen_bf16.retain(|(s, _)| s.strong_count() > 0);
+        let hit = self.frozen_bf16.iter().find(|(s, _)| std::ptr::eq(s.as_ptr(), std::sync::Arc::as_ptr(source)));
+        if let Some((_, copy)) = hit {
+            return copy.clone();
+        }
+        let copy = Tensor::from_cpu_as(source.to_vec(), shape, DType::Bf16).freeze();
+        if let Some(memory) = copy.frozen() {
+            self.frozen.register(memory);
+        }
+        self.frozen_bf16.push((std::sync::Arc::downgrade(source), copy.clone()));
+        copy
+    }
+
+    /// Bytes of frozen weights kept packed for the GEMM (`Backend::freeze`), those of weights
+    /// dropped since (and of their bf16 copies) let go first.
+    pub fn packed_bytes(&mut self) -> usize {
+        self.frozen_bf16.retain(|(s, _)| s.strong_count() > 0);
         self.frozen.bytes()
     }
 
@@ -143,6 +165,10 @@ impl Backend for Cpu {
         crate::io::host_available_memory()
     }
 
+    fn activations(&self) -> DType {
+        if self.precision == Precision::Bf16 { DType::Bf16 } else { DType::F32 }
+    }
+
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         let _timer = profile::time("upload");
         expect_len("upload", "data", data.len(), shape.iter().product())?;
@@ -153,6 +179,7 @@ impl Backend for Cpu {
     }
 
     fn freeze(&mut self, params: Tensor) -> Result<Tensor> {
+        self.frozen_bf16.retain(|(s, _)| s.strong_count() > 0);
         let params = params.freeze();
         if let Some(memory) = params.frozen() {
             self.frozen.register(memory);
@@ -181,10 +208,13 @@ impl Backend for Cpu {
 
     fn convert(&mut self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let _timer = profile::time("convert");
+        if let (Some(source), DType::Bf16) = (x.frozen(), dtype) {
+            return Ok(self.frozen_bf16_of(source, x.shape()));
+        }
         let mut y = self.alloc_as(x.shape(), dtype)?;
         let out = y.cpu_mut();
         out.copy_from_slice(x.cpu());
-        dtype.round_all(out);
+        elementwise::store_as(dtype, out);
         Ok(y)
     }
 
@@ -213,9 +243,7 @@ impl Backend for Cpu {
         check_gemm(&g, a.len(), b.len(), c.len())?;
         check_gemm_types("gemm", a.dtype(), b.dtype())?;
         let stored = c.dtype();
-        let c = c.cpu();
-        self.operand(g, b.cpu())?.gemm(g, a.cpu(), None, c);
-        stored.round_all(c);
+        self.operand(g, b.cpu())?.gemm_stored(g, a.cpu(), None, c.cpu(), stored);
         Ok(())
     }
 
@@ -223,8 +251,7 @@ impl Backend for Cpu {
         let _timer = profile::time("gemm x·Wᵀ+b");
         check_gemm_bias(&g, &a, &b, &bias, c)?;
         let stored = c.dtype();
-        self.operand(g, b.cpu())?.gemm(g, a.cpu(), Some(bias.cpu()), c.cpu_mut());
-        stored.round_all(c.cpu_mut());
+        self.operand(g, b.cpu())?.gemm_stored(g, a.cpu(), Some(bias.cpu()), c.cpu_mut(), stored);
         Ok(())
     }
 
@@ -303,7 +330,7 @@ impl Backend for Cpu {
         let stored = dst.dtype();
         let dst = dst.cpu();
         dst.copy_from_slice(data);
-        stored.round_all(dst);
+        elementwise::store_as(stored, dst);
         Ok(())
     }
 
@@ -489,8 +516,8 @@ impl Backend for Cpu {
         dispatch::active()?;
         let (mut out, mut probs) = attention::forward(qkv.cpu(), &seg.offsets, heads);
         let (n, store) = (probs.len(), qkv.dtype());
-        store.round_all(&mut out);
-        store.round_all(&mut probs);
+        elementwise::store_as(store, &mut out);
+        elementwise::store_as(store, &mut probs);
         let out = Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]).with_dtype(store);
         Ok((out, Tensor::from_cpu(probs, &[n]).with_dtype(store)))
     }
@@ -508,7 +535,7 @@ impl Backend for Cpu {
         check_attention_bwd(qkv, probs, seg, heads, dout, dbias.as_ref())?;
         dispatch::active()?;
         let mut dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu());
-        qkv.dtype().round_all(&mut dqkv);
+        elementwise::store_as(qkv.dtype(), &mut dqkv);
         if let Some(db) = dbias {
             elementwise::bias_bwd(&dqkv, db.cpu());
         }

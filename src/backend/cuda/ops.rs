@@ -169,6 +169,10 @@ impl Backend for Cuda {
         Some(free as u64 + self.pool.cached_bytes() as u64)
     }
 
+    fn activations(&self) -> DType {
+        if self.precision() == Precision::Bf16 { DType::Bf16 } else { DType::F32 }
+    }
+
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         expect_len("upload", "data", data.len(), shape.iter().product())?;
         let t = self.alloc_tensor(shape)?;
