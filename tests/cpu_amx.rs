@@ -16,6 +16,7 @@ use semshare::backend::cpu::{Cpu, microkernel::Bf16, microkernel::Packed};
 use semshare::backend::{Backend, Gemm, Precision};
 use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
 use semshare::rng::Rng;
+use semshare::tensor::DType;
 use semshare::train::{TrainConfig, Trainer};
 
 /// The amx path's kernels (native or emulated), or why neither runs here.
@@ -94,7 +95,7 @@ fn a_bf16_gemm_runs_on_the_tiles() {
     let before = amx_trap::counts();
     gemm(kernels, Precision::Bf16, g, &a, &b, &mut c);
     let packed = PackedB::new(kernels, Precision::Bf16, g, &b).expect("memory for a packed B");
-    gemm_packed(kernels, Precision::Bf16, g, &a, &b, Some(&packed), None, &mut c_packed);
+    gemm_packed(kernels, Precision::Bf16, g, &a, &b, Some(&packed), None, &mut c_packed, DType::F32);
     assert_eq!(c, c_packed, "packed once or per call: the same slivers, the same bits");
     // One element by hand, on the operands rounded to bf16.
     let round = |x: f32| Bf16::from_f32(x).to_f32() as f64;

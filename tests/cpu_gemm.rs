@@ -11,6 +11,7 @@ use semshare::backend::cpu::gemm::{Strided, gemm_strided};
 use semshare::backend::cpu::microkernel::{Bf16, Packed};
 use semshare::backend::{Gemm, Precision};
 use semshare::rng::Rng;
+use semshare::tensor::DType;
 
 /// Every path this CPU runs, and the `amx` path with AMX emulated where it runs the rest of
 /// that path but lacks AMX (`amx_trap`).
@@ -269,7 +270,7 @@ fn packed_weights_are_bitwise_packed_per_call() {
                 assert!(!packed.fits(g, Kernel::of(run.0, other)));
                 for _ in 0..2 {
                     let mut got = c0.clone();
-                    gemm_packed(run.0, run.1, g, &a, &b, Some(&packed), bias, &mut got);
+                    gemm_packed(run.0, run.1, g, &a, &b, Some(&packed), bias, &mut got, DType::F32);
                     let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(same, "{} {:?} {m}×{k}×{n} trans_b {trans_b} beta {beta}", run.0.describe(), run.1);
                 }

@@ -76,12 +76,15 @@ pub fn gemm_bias(
     bias: Option<&[f32]>,
     c: &mut [f32],
 ) {
-    gemm_packed(kernels, precision, g, a, b, None, bias, c)
+    gemm_packed(kernels, precision, g, a, b, None, bias, c, DType::F32)
 }
 
 /// [`gemm_bias`] with B's slivers taken from `packed` (made by [`PackedB::new`] from this `b`,
 /// for this `g` and kernel) instead of packed on every call: a frozen model's weights
-/// (`Backend::freeze`). Bit for bit the same result, since the slivers are the same.
+/// (`Backend::freeze`). Bit for bit the same result, since the slivers are the same. A c of
+/// type `store` bf16 has each value rounded once, after its last slice of k and its bias,
+/// block by block while the block is in cache (a pass over c afterwards cost 8 % of the
+/// training step's GEMM time).
 ///
 /// # Panics
 /// If a slice is shorter than its shape, or `packed` was made for another shape or kernel.
@@ -95,23 +98,9 @@ pub fn gemm_packed(
     packed: Option<&PackedB>,
     bias: Option<&[f32]>,
     c: &mut [f32],
+    store: DType,
 ) {
-    run_checked(kernels, precision, g, a, b, packed, bias, c, false)
-}
-
-/// [`gemm_packed`], c rounded to bf16 as it is stored when `round`.
-#[allow(clippy::too_many_arguments)]
-fn run_checked(
-    kernels: Kernels,
-    precision: Precision,
-    g: Gemm,
-    a: &[f32],
-    b: &[f32],
-    packed: Option<&PackedB>,
-    bias: Option<&[f32]>,
-    c: &mut [f32],
-    round: bool,
-) {
+    let round = store == DType::Bf16;
     let Gemm { m, n, k, trans_a, alpha, beta, .. } = g;
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand shorter than its shape");
     assert!(bias.is_none_or(|b| b.len() >= n), "gemm: bias shorter than a row");
@@ -145,12 +134,9 @@ impl Operand<'_> {
         self.gemm_stored(g, a, bias, c, DType::F32);
     }
 
-    /// [`Operand::gemm`] into a c of type `store`: bf16 rounds each value once, after its last
-    /// slice of k and its bias, block by block while the block is in cache (a pass over c
-    /// afterwards cost 8 % of the training step's GEMM time).
+    /// [`Operand::gemm`] into a c of type `store` ([`gemm_packed`]).
     pub fn gemm_stored(&self, g: Gemm, a: &[f32], bias: Option<&[f32]>, c: &mut [f32], store: DType) {
-        let pb = self.packed.as_deref();
-        run_checked(self.kernels, self.precision, g, a, self.b, pb, bias, c, store == DType::Bf16);
+        gemm_packed(self.kernels, self.precision, g, a, self.b, self.packed.as_deref(), bias, c, store);
     }
 }
 
