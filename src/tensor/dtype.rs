@@ -32,14 +32,7 @@ impl DType {
     pub fn round(self, x: f32) -> f32 {
         match self {
             DType::F32 => x,
-            // bf16_bits's rounding kept in the high half, without a branch, so that loops of it
-            // vectorise.
-            DType::Bf16 => {
-                let b = x.to_bits();
-                let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
-                let quiet = (b | 0x0040_0000) & 0xffff_0000;
-                f32::from_bits(if x.is_nan() { quiet } else { rounded })
-            }
+            DType::Bf16 => f32::from_bits((bf16_bits(x) as u32) << 16),
         }
     }
 
@@ -53,7 +46,8 @@ impl DType {
 }
 
 /// The bf16 nearest to `x` (ties to even) as its 16 bits: the high half of an f32. A NaN stays
-/// a NaN (quietened), which a plain rounding could carry into infinity.
+/// a NaN (quietened), which a plain rounding could carry into infinity. Without a branch, so
+/// that loops of it vectorise (the CPU's GEMM packing rounds its operands with it).
 #[inline(always)]
 pub fn bf16_bits(x: f32) -> u16 {
     let bits = x.to_bits();

@@ -67,14 +67,10 @@ impl Bf16 {
 }
 
 impl Packed for Bf16 {
-    /// Round to nearest even, without a branch (so that runs vectorise).
+    /// Round to nearest even, as every bf16 in the crate is (`tensor::bf16_bits`).
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
-        let bits = x.to_bits();
-        let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-        // Keep a NaN a NaN: rounding could carry its payload into infinity.
-        let quiet = (bits >> 16) as u16 | 0x40;
-        Bf16(if x.is_nan() { quiet } else { rounded })
+        Bf16(crate::tensor::bf16_bits(x))
     }
 }
 

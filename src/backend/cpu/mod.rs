@@ -54,10 +54,6 @@ pub struct Cpu {
     dropout_salt: u64,
     /// The position-encoding rows `Backend::positions` copies, kept between batches.
     positions: positions::Table,
-    /// bf16 copies of frozen tensors (`Backend::convert` of a loaded model's parameters, once
-    /// per model rather than once per pass), each frozen and registered in `frozen` so that
-    /// its weights are packed once too; kept while the source lives.
-    frozen_bf16: Vec<(std::sync::Weak<[f32]>, Tensor)>,
 }
 
 impl Cpu {
@@ -80,26 +76,9 @@ impl Cpu {
         self.precision
     }
 
-    /// The frozen bf16 copy of frozen memory `source` (of `shape`), made on first use; a copy
-    /// whose source is gone is let go at the next call (or `freeze`, `packed_bytes`).
-    fn frozen_bf16_of(&mut self, source: &std::sync::Arc<[f32]>, shape: &[usize]) -> Tensor {
-        self.frozen_bf16.retain(|(s, _)| s.strong_count() > 0);
-        let hit = self.frozen_bf16.iter().find(|(s, _)| std::ptr::eq(s.as_ptr(), std::sync::Arc::as_ptr(source)));
-        if let Some((_, copy)) = hit {
-            return copy.clone();
-        }
-        let copy = Tensor::from_cpu_as(source.to_vec(), shape, DType::Bf16).freeze();
-        if let Some(memory) = copy.frozen() {
-            self.frozen.register(memory);
-        }
-        self.frozen_bf16.push((std::sync::Arc::downgrade(source), copy.clone()));
-        copy
-    }
-
     /// Bytes of frozen weights kept packed for the GEMM (`Backend::freeze`), those of weights
     /// dropped since (and of their bf16 copies) let go first.
     pub fn packed_bytes(&mut self) -> usize {
-        self.frozen_bf16.retain(|(s, _)| s.strong_count() > 0);
         self.frozen.bytes()
     }
 
@@ -179,7 +158,6 @@ impl Backend for Cpu {
     }
 
     fn freeze(&mut self, params: Tensor) -> Result<Tensor> {
-        self.frozen_bf16.retain(|(s, _)| s.strong_count() > 0);
         let params = params.freeze();
         if let Some(memory) = params.frozen() {
             self.frozen.register(memory);
@@ -209,7 +187,8 @@ impl Backend for Cpu {
     fn convert(&mut self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let _timer = profile::time("convert");
         if let (Some(source), DType::Bf16) = (x.frozen(), dtype) {
-            return Ok(self.frozen_bf16_of(source, x.shape()));
+            // A loaded model's bf16 weights: copied (and packed) once, not once per pass.
+            return Ok(self.frozen.bf16_copy(source, x.shape()));
         }
         let mut y = self.alloc_as(x.shape(), dtype)?;
         let out = y.cpu_mut();

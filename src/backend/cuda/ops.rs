@@ -50,7 +50,7 @@ fn ptr_of_mut(v: &ViewMut) -> Result<u64> {
 
 impl Cuda {
     /// A flat elementwise launch: grid-stride over `n`.
-    fn flat(&mut self, name: &'static str, n: usize, args: &[Arg]) -> Result<()> {
+    pub(super) fn flat(&mut self, name: &'static str, n: usize, args: &[Arg]) -> Result<()> {
         if n == 0 {
             return Ok(());
         }

@@ -3,13 +3,11 @@
 //! f32 only, which `Cuda::launch` enforces: a bf16 tensor handed to an `_f32` kernel is an
 //! error naming the kernel (`Arg::Bf16`).
 
-use super::{Arg, Cuda, blocks, dev_err, tensor_ptr, view_mut_ptr, view_ptr};
+use super::{Arg, Cuda, dev_err, tensor_ptr, view_mut_ptr, view_ptr};
 use crate::Result;
 use crate::backend::{Backend, Gemm, check_gemm, check_gemm_bias, check_gemm_types, expect_dtype, expect_len};
 use crate::tensor::{DType, Tensor, View, ViewMut, bf16_bits};
 use cudarc::driver::result;
-
-const THREADS: u32 = 256;
 
 /// The entry of an elementwise kernel for `dtype` (`<op>_fwd_f32` or `<op>_fwd_bf16`).
 pub(super) fn entry(dtype: DType, f32_name: &'static str, bf16_name: &'static str) -> &'static str {
@@ -20,13 +18,6 @@ pub(super) fn entry(dtype: DType, f32_name: &'static str, bf16_name: &'static st
 }
 
 impl Cuda {
-    fn flat_typed(&mut self, name: &'static str, n: usize, args: &[Arg]) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        self.launch(name, (blocks(n, THREADS as usize).min(4096), 1, 1), (THREADS, 1, 1), 0, args)
-    }
-
     /// Zeroes `bytes` bytes at `ptr` (a live pool block or a view into one).
     pub(super) fn memset0(&mut self, ptr: u64, bytes: usize) -> Result<()> {
         if bytes == 0 {
@@ -39,31 +30,25 @@ impl Cuda {
     }
 
     pub(super) fn download_values(&mut self, x: View) -> Result<Vec<f32>> {
-        let n = x.len();
+        Ok(match x.dtype() {
+            DType::F32 => self.download_as::<f32>(x)?,
+            DType::Bf16 => self.download_as::<u16>(x)?.into_iter().map(|w| f32::from_bits((w as u32) << 16)).collect(),
+        })
+    }
+
+    /// The `x.len()` stored elements of `x`, as `T` (its storage type's size), after the
+    /// stream has run up to here.
+    fn download_as<T: cudarc::driver::DeviceRepr + Default + Clone>(&mut self, x: View) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); x.len()];
         self.bind()?;
-        let p = if n == 0 { 0 } else { view_ptr(x)? };
-        let out = match x.dtype() {
-            DType::F32 => {
-                let mut out = vec![0.0f32; n];
-                if n > 0 {
-                    // SAFETY: x is a live device range of n f32; we synchronise before reading.
-                    unsafe { result::memcpy_dtoh_async(&mut out, p, self.stream.cu_stream()) }
-                        .map_err(dev_err(format!("download {} bytes", n * 4)))?;
-                }
-                self.synchronize()?;
-                out
-            }
-            DType::Bf16 => {
-                let mut words = vec![0u16; n];
-                if n > 0 {
-                    // SAFETY: x is a live device range of n bf16; we synchronise before reading.
-                    unsafe { result::memcpy_dtoh_async(&mut words, p, self.stream.cu_stream()) }
-                        .map_err(dev_err(format!("download {} bytes", n * 2)))?;
-                }
-                self.synchronize()?;
-                words.into_iter().map(|w| f32::from_bits((w as u32) << 16)).collect()
-            }
-        };
+        if !out.is_empty() {
+            let bytes = std::mem::size_of_val(&out[..]);
+            // SAFETY: x is a live device range of x.len() elements of T's size (the caller
+            // matches T to x's type); we synchronise before reading.
+            unsafe { result::memcpy_dtoh_async(&mut out, view_ptr(x)?, self.stream.cu_stream()) }
+                .map_err(dev_err(format!("download {bytes} bytes")))?;
+        }
+        self.synchronize()?;
         Ok(out)
     }
 
@@ -74,7 +59,7 @@ impl Cuda {
             return self.memset0(p, n * x.dtype().bytes());
         }
         let name = entry(x.dtype(), "fill_fwd_f32", "fill_fwd_bf16");
-        self.flat_typed(name, n, &[Arg::view_mut(&x)?, Arg::F32(value), Arg::U64(n as u64)])
+        self.flat(name, n, &[Arg::view_mut(&x)?, Arg::F32(value), Arg::U64(n as u64)])
     }
 
     pub(super) fn copy_values(&mut self, src: View, dst: ViewMut) -> Result<()> {
@@ -106,7 +91,7 @@ impl Cuda {
     pub(super) fn scale_values(&mut self, x: ViewMut, s: f32) -> Result<()> {
         let n = x.len();
         let name = entry(x.dtype(), "scale_fwd_f32", "scale_fwd_bf16");
-        self.flat_typed(name, n, &[Arg::view_mut(&x)?, Arg::F32(s), Arg::U64(n as u64)])
+        self.flat(name, n, &[Arg::view_mut(&x)?, Arg::F32(s), Arg::U64(n as u64)])
     }
 
     pub(super) fn convert_tensor(&mut self, x: &Tensor, dtype: DType) -> Result<Tensor> {
@@ -121,7 +106,7 @@ impl Cuda {
                 return Ok(y);
             }
         };
-        self.flat_typed(name, n, &[Arg::tensor(x)?, Arg::tensor(&y)?, Arg::U64(n as u64)])?;
+        self.flat(name, n, &[Arg::tensor(x)?, Arg::tensor(&y)?, Arg::U64(n as u64)])?;
         Ok(y)
     }
 
@@ -153,7 +138,7 @@ impl Cuda {
     /// One cuBLASLt matmul with the bias in its epilogue (`lt.rs`).
     pub(super) fn gemm_bias_typed(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
         check_gemm_bias(&g, &a, &b, &bias, c)?;
-        if g.k == 0 || c.cols() != g.n {
+        if g.k == 0 {
             // f32 only (`check_gemm_bias`): beta·c, then the bias.
             self.gemm_typed(g, a, b, c.view_mut())?;
             return self.add_bias(c, bias);
