@@ -100,11 +100,11 @@ fn conversion_rounds_as_the_cpu_does() {
             let mut x = awkward(n as u64, n);
             x[n / 2] = f32::NAN;
             let t = dev.upload(&x, &[n]).unwrap();
-            let h = dev.convert(&t, DType::Bf16).unwrap();
+            let h = dev.convert(t.view(), DType::Bf16).unwrap().reshape(t.shape());
             assert_eq!((h.dtype(), h.shape()), (DType::Bf16, &[n][..]));
-            let back = dev.convert(&h, DType::F32).unwrap();
+            let back = dev.convert(h.view(), DType::F32).unwrap().reshape(h.shape());
             assert_eq!(back.dtype(), DType::F32);
-            let same = dev.convert(&h, DType::Bf16).unwrap();
+            let same = dev.convert(h.view(), DType::Bf16).unwrap().reshape(h.shape());
             let want: Vec<f32> = x.iter().map(|&v| DType::Bf16.round(v)).collect();
             for (what, got) in [
                 ("download of the bf16 tensor", dev.download(h.view()).unwrap()),
@@ -183,16 +183,16 @@ fn bf16_gemms_multiply_the_stored_values_and_round_once() {
                 let g = Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha: 0.75, beta };
                 let ah = {
                     let t = dev.upload(&a, &[m * k]).unwrap();
-                    dev.convert(&t, DType::Bf16).unwrap()
+                    dev.convert(t.view(), DType::Bf16).unwrap().reshape(t.shape())
                 };
                 let bh = {
                     let t = dev.upload(&b, &[k * n]).unwrap();
-                    dev.convert(&t, DType::Bf16).unwrap()
+                    dev.convert(t.view(), DType::Bf16).unwrap().reshape(t.shape())
                 };
                 for c_type in [DType::F32, DType::Bf16] {
                     let c_start = {
                         let t = dev.upload(&c0, &[m, n]).unwrap();
-                        dev.convert(&t, c_type).unwrap()
+                        dev.convert(t.view(), c_type).unwrap().reshape(t.shape())
                     };
                     let mut c = c_start;
                     dev.gemm(g, ah.view(), bh.view(), c.view_mut()).unwrap();
@@ -257,11 +257,11 @@ fn bf16_gemm_bias_rounds_product_and_bias_once() {
     for dev in &mut devices {
         let xh = {
             let t = dev.upload(&x, &[m, k]).unwrap();
-            dev.convert(&t, DType::Bf16).unwrap()
+            dev.convert(t.view(), DType::Bf16).unwrap().reshape(t.shape())
         };
         let wh = {
             let t = dev.upload(&w, &[n, k]).unwrap();
-            dev.convert(&t, DType::Bf16).unwrap()
+            dev.convert(t.view(), DType::Bf16).unwrap().reshape(t.shape())
         };
         let b = dev.upload(&bias, &[n]).unwrap();
         let mut y = dev.alloc_as(&[m, n], DType::Bf16).unwrap();
@@ -290,7 +290,7 @@ fn bf16_where_f32_is_read_is_an_error_naming_the_op() {
     devices.extend(gpu_or_skip("bf16 refused"));
     for dev in &mut devices {
         let a = dev.upload(&randv(1, 12), &[3, 4]).unwrap();
-        let ah = dev.convert(&a, DType::Bf16).unwrap();
+        let ah = dev.convert(a.view(), DType::Bf16).unwrap().reshape(a.shape());
         let mut c = dev.zeros(&[3, 3]).unwrap();
         let g = Gemm { m: 3, n: 3, k: 4, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
         match dev.gemm(g, ah.view(), a.view(), c.view_mut()) {
@@ -300,12 +300,12 @@ fn bf16_where_f32_is_read_is_an_error_naming_the_op() {
             other => panic!("{}: mixed GEMM operands gave {other:?}", dev.name()),
         }
         let zeros = dev.zeros(&[3]).unwrap();
-        let bias = dev.convert(&zeros, DType::Bf16).unwrap();
+        let bias = dev.convert(zeros.view(), DType::Bf16).unwrap().reshape(zeros.shape());
         let r = dev.gemm_bias(g, a.view(), a.view(), bias.view(), &mut c);
         assert!(matches!(r, Err(Error::Type { op: "gemm_bias", .. })), "{}: a bf16 bias gave {r:?}", dev.name());
         // Parameters stay f32 under bf16 activations; activations of one op share a type.
         let z4 = dev.zeros(&[4]).unwrap();
-        let g4 = dev.convert(&z4, DType::Bf16).unwrap();
+        let g4 = dev.convert(z4.view(), DType::Bf16).unwrap().reshape(z4.shape());
         let r = dev.layernorm_fwd(&ah, g4.view(), z4.view(), 1e-5);
         match r {
             Err(e @ Error::Type { op: "layernorm_fwd", .. }) => {
@@ -313,14 +313,14 @@ fn bf16_where_f32_is_read_is_an_error_naming_the_op() {
             }
             other => panic!("{}: a bf16 gamma gave {other:?}", dev.name()),
         }
-        let mut ah2 = dev.convert(&a, DType::Bf16).unwrap();
+        let mut ah2 = dev.convert(a.view(), DType::Bf16).unwrap().reshape(a.shape());
         let r = dev.residual_layernorm_fwd(&mut ah2, &a, z4.view(), z4.view(), 1e-5, 0.0, 1);
         assert!(matches!(r, Err(Error::Type { op: "residual_layernorm_fwd", .. })), "{}: gave {r:?}", dev.name());
     }
     #[cfg(feature = "cuda")]
     if let Some(mut gpu) = common::gpu::cuda_or_skip("bf16 refused by an f32 kernel") {
         let a = gpu.upload(&randv(1, 12), &[3, 4]).unwrap();
-        let ah = gpu.convert(&a, DType::Bf16).unwrap();
+        let ah = gpu.convert(a.view(), DType::Bf16).unwrap().reshape(a.shape());
         match gpu.gelu_fwd(&ah) {
             Err(e @ Error::Type { op: "gelu_fwd_f32", .. }) => assert_eq!(
                 e.to_string(),
@@ -345,7 +345,7 @@ fn bf16_where_f32_is_read_is_an_error_naming_the_op() {
 /// `x` stored as bf16 on `dev`.
 fn bf16(dev: &mut dyn Backend, x: &[f32], shape: &[usize]) -> Tensor {
     let t = dev.upload(x, shape).unwrap();
-    dev.convert(&t, DType::Bf16).unwrap()
+    dev.convert(t.view(), DType::Bf16).unwrap().reshape(t.shape())
 }
 
 /// `x` rounded to bf16, as an f32 tensor (the values a bf16 op reads).

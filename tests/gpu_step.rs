@@ -410,6 +410,37 @@ fn a_replayed_bf16_step_gives_the_bits_of_the_eager_step() {
     assert!(e.contains("captured with bf16 GEMMs"), "{e}");
 }
 
+/// At `--precision bf16` a step makes one bf16 copy of the trunk's weights, which every pass
+/// multiplies, and converts each modality's trunk input and output both ways: 1 + 2 · 4 kernels
+/// more than the fp32 step, and the same cuBLAS calls and copies (a copy per pass would be 10).
+#[cfg(feature = "cuda")]
+#[test]
+fn a_bf16_step_copies_the_trunk_once() {
+    use semshare::backend::{Counters, Precision};
+    let Some(mut cuda) = common::gpu::cuda_or_skip("bf16 step counts") else { return };
+    let cfg = ModelConfig { mask_prob: 0.0, ..tiny() };
+    let mut count = |precision: Precision| -> Counters {
+        cuda.set_precision(precision);
+        let tc = TrainConfig { batch_size: 16, steps: 20, warmup: 1, ..TrainConfig::default() };
+        let mut t = Trainer::new(&mut cuda, &cfg, tc).unwrap();
+        t.set_step_mode(StepMode::Eager, &cuda);
+        for s in 0..3 {
+            let (i, x) = batch(&cfg, 16, 300 + s);
+            t.step_deferred(&mut cuda, i, x).unwrap();
+        }
+        let (i, x) = batch(&cfg, 16, 303);
+        let before = cuda.counters().unwrap();
+        t.step_deferred(&mut cuda, i, x).unwrap();
+        cuda.counters().unwrap().since(&before)
+    };
+    let (f32s, bf16s) = (count(Precision::F32), count(Precision::Bf16));
+    cuda.set_precision(Precision::F32);
+    eprintln!("fp32 step {f32s:?}\nbf16 step {bf16s:?}");
+    assert_eq!(bf16s.kernels, f32s.kernels + 9, "kernels: fp32 {}, bf16 {}", f32s.kernels, bf16s.kernels);
+    assert_eq!((bf16s.blas_calls, bf16s.copies), (f32s.blas_calls, f32s.copies));
+    assert_eq!((bf16s.syncs, bf16s.allocs), (0, 0));
+}
+
 /// Two trainers from the same start on the same batches, one eager and one capturing its step
 /// (the second time a shape comes) and replaying it: the same losses, norms and parameters,
 /// bit for bit, step after step; dropout on, so a replay that froze the capture's salt, seeds

@@ -1086,7 +1086,10 @@ fn frozen_weights_embed_bitwise_as_unfrozen() {
                 }
             }
         }
-        assert!(dev.packed_bytes() > 0, "the frozen weights were packed");
+        let packed = dev.packed_bytes();
+        assert!(packed > 0, "the frozen weights were packed");
+        net.embed(&mut dev, &frozen, &texts, EmbeddingKind::Pooled).unwrap();
+        assert_eq!(dev.packed_bytes(), packed, "{precision:?}: a later call copied or packed again");
         drop(frozen);
         assert_eq!(dev.packed_bytes(), 0, "the packed copies went with the weights");
         // New weights, perhaps at the old address: embedded from their own values.

@@ -294,9 +294,10 @@ pub trait Backend {
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor>;
     /// [`Backend::alloc`] of a tensor of `dtype`.
     fn alloc_as(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor>;
-    /// `x` stored as `dtype`: to bf16 each value rounded to nearest, ties to even (a NaN stays
-    /// a NaN); to f32 widened exactly; to its own type a copy.
-    fn convert(&mut self, x: &Tensor, dtype: DType) -> Result<Tensor>;
+    /// `x` stored as `dtype`, a `[x.len()]` tensor: to bf16 each value rounded to nearest, ties
+    /// to even (a NaN stays a NaN); to f32 widened exactly; to its own type a copy. A view, so
+    /// that a run of the flat parameters (the trunk's) is converted without the rest.
+    fn convert(&mut self, x: View, dtype: DType) -> Result<Tensor>;
     /// The values of `x` as f32 (a bf16 view widened).
     fn download(&mut self, x: View) -> Result<Vec<f32>>;
     /// `value` stored in every element, as `x`'s type stores it.

@@ -18,6 +18,7 @@ use crate::data::format::Layout;
 use crate::data::reader::{DatasetReader, SplitReader};
 use crate::eval::metrics::{EvalConfig, Report, Side, evaluate, evaluate_against_gallery};
 use crate::model::{Batch, EmbeddingKind, SemShare};
+use crate::nn::Weights;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
@@ -59,6 +60,9 @@ pub fn embed_split(
     // download waits for the device, which then has the next chunk's work while the host reads
     // the one after (uploads do not wait: they go through pinned memory).
     let mut pending: Option<(usize, Tensor)> = None;
+    // At bf16 activations every chunk multiplies one bf16 copy of the trunk.
+    let bf16 = net.bf16_weights(dev, params)?;
+    let w = Weights { values: params, bf16: bf16.as_ref() };
     for (side, n) in [split.num_images(), split.num_texts()].into_iter().enumerate() {
         let idx: Vec<usize> = (0..n).collect();
         for c in idx.chunks(EMBED_CHUNK) {
@@ -66,7 +70,7 @@ pub fn embed_split(
                 0 => Batch::Image(image_batch(layout, split, c)?),
                 _ => Batch::Text(text_batch(layout, split, c)?),
             };
-            let e = net.embed(dev, params, &batch, kind)?;
+            let e = net.embed(dev, w, &batch, kind)?;
             dim = e.cols();
             if let Some((s, done)) = pending.replace((side, e)) {
                 out[s].extend(dev.download(done.view())?);

@@ -10,6 +10,7 @@ use crate::data::format::{Layout, PAD, UNK};
 use crate::data::reader::SplitReader;
 use crate::eval::metrics::normalize_rows;
 use crate::model::{Batch, EmbeddingKind, Features, ImageBatch, ModelConfig, SemShare, TextBatch};
+use crate::nn::{Bf16Copy, Weights};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
@@ -49,6 +50,8 @@ pub struct Model {
     dev: Box<dyn Backend>,
     net: SemShare,
     params: Tensor,
+    /// The trunk's bf16 copy on a device with bf16 activations, made once at load.
+    bf16: Option<Bf16Copy>,
     spec: InferenceSpec,
     embedding: EmbeddingKind,
     /// Word → id of the stored vocabulary (None for a checkpoint without one).
@@ -177,11 +180,12 @@ impl Model {
         let path = path.as_ref().to_path_buf();
         let ckpt = Checkpoint::load_for_inference(&path)?;
         let (net, params) = upload_model(dev.as_mut(), &ckpt)?;
+        let bf16 = net.bf16_weights(dev.as_mut(), &params)?;
         let words =
             ckpt.spec.vocab.as_ref().map(|v| v.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect());
         let embedding = ckpt.spec.embedding.unwrap_or(EmbeddingKind::Pooled);
         let fingerprint = ckpt.fingerprint();
-        Ok(Model { dev, net, params, spec: ckpt.spec, embedding, words, path, fingerprint })
+        Ok(Model { dev, net, params, bf16, spec: ckpt.spec, embedding, words, path, fingerprint })
     }
 
     /// The checkpoint file this model was loaded from.
@@ -624,7 +628,8 @@ impl Model {
         let mut pending = None;
         for start in (0..n).step_by(EMBED_CHUNK) {
             let batch = batch_of(start..(start + EMBED_CHUNK).min(n));
-            let e = self.net.embed(self.dev.as_mut(), &self.params, &batch, self.embedding)?;
+            let w = Weights { values: &self.params, bf16: self.bf16.as_ref() };
+            let e = self.net.embed(self.dev.as_mut(), w, &batch, self.embedding)?;
             if let Some(done) = pending.replace(e) {
                 values.extend(self.dev.download(done.view())?);
             }

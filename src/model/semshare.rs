@@ -10,8 +10,8 @@
 //! `global_segments` one segment per item (`wo-r`).
 
 use crate::backend::{Backend, Segments};
-use crate::nn::{Dropout, Linear, ParamStore};
-use crate::tensor::{Ids, Tensor, ViewMut};
+use crate::nn::{Bf16Copy, Dropout, Linear, ParamStore, Weights};
+use crate::tensor::{DType, Ids, Tensor, ViewMut};
 use crate::{Error, Result};
 
 use super::batch::{Batch, MaskPlan};
@@ -189,6 +189,17 @@ impl SemShare {
         }
     }
 
+    /// The bf16 copy of the shared trunk's weights when `dev` runs bf16 activations (None: it
+    /// runs f32). Made once and handed to every pass as [`Weights::bf16`] (a training step's
+    /// passes, a loaded model's embeddings); a trunk the copy does not cover (the text side's
+    /// own, `separate_models`) makes its own copy per pass.
+    pub fn bf16_weights(&self, dev: &mut dyn Backend, w: &Tensor) -> Result<Option<Bf16Copy>> {
+        match dev.activations() {
+            DType::Bf16 => Bf16Copy::of(dev, w, self.shared.params.clone()).map(Some),
+            DType::F32 => Ok(None),
+        }
+    }
+
     /// What this model's inputs are made of (`host_inputs`, `upload_inputs`).
     pub(crate) fn stager(&self) -> Stager<'_> {
         Stager { cfg: &self.cfg, norm: self.input_norm.as_ref() }
@@ -206,7 +217,7 @@ impl SemShare {
     fn encode(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: Weights,
         staged: Staged,
         drop: Dropout,
     ) -> Result<(Encoded, LossInputs)> {
@@ -217,13 +228,13 @@ impl SemShare {
             StagedInput::Image { features, boxes } => {
                 let features = features.widen(dev, norm.map(|n| &n.image))?;
                 let rows = masked.as_ref().map(|m| m.0.clone());
-                let (e, c) = self.image.forward(dev, w, features, boxes, rows, drop.site(1))?;
+                let (e, c) = self.image.forward(dev, w.values, features, boxes, rows, drop.site(1))?;
                 (e, SideCache::Image(c))
             }
             StagedInput::Text(input) => {
                 let input = input.widen(dev, norm.and_then(|n| n.text.as_ref()))?;
                 let pos = dev.positions(&seg, self.cfg.dim)?;
-                let (e, c) = self.text.forward(dev, w, input, pos, &seg, drop.site(2))?;
+                let (e, c) = self.text.forward(dev, w.values, input, pos, &seg, drop.site(2))?;
                 (e, SideCache::Text(c))
             }
         };
@@ -239,7 +250,7 @@ impl SemShare {
     fn encode_backward(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: Weights,
         g: &mut Tensor,
         enc: Encoded,
         dh: Tensor,
@@ -251,8 +262,8 @@ impl SemShare {
             None => (de, enc.seg),
         };
         match enc.side {
-            SideCache::Image(c) => self.image.backward(dev, w, g, c, de),
-            SideCache::Text(c) => self.text.backward(dev, w, g, &seg, c, de),
+            SideCache::Image(c) => self.image.backward(dev, w.values, g, c, de),
+            SideCache::Text(c) => self.text.backward(dev, w.values, g, &seg, c, de),
         }
     }
 
@@ -270,16 +281,17 @@ impl SemShare {
     /// Forward and backward of one modality: accumulates the gradient of
     /// `weights.label · L1 + weights.context · L2` into `g` and returns the unweighted losses.
     #[allow(clippy::too_many_arguments)]
-    pub fn loss_backward(
+    pub fn loss_backward<'w>(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: impl Into<Weights<'w>>,
         g: &mut Tensor,
         batch: &Batch,
         plan: &MaskPlan,
         drop: Dropout,
         weights: LossWeights,
     ) -> Result<ModalityLoss> {
+        let w = w.into();
         let mut losses = dev.alloc(&[2])?;
         let staged = self.stage(dev, batch, plan, true)?;
         let f = self.forward_loss(dev, w, staged, drop, weights, losses.view_mut())?;
@@ -293,10 +305,10 @@ impl SemShare {
     /// its losses L1 (Eq. 4) and L2 (Eq. 5), unweighted, written to `losses[0..2]` on the
     /// device (no host read, no upload; 0 for an L2 with nothing masked); the weighted
     /// gradients are applied by [`SemShare::backward_loss`].
-    pub fn forward_loss(
+    pub fn forward_loss<'w>(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: impl Into<Weights<'w>>,
         staged: Staged,
         drop: Dropout,
         weights: LossWeights,
@@ -305,6 +317,7 @@ impl SemShare {
         if losses.len() != 2 {
             return Err(Error::shape("forward_loss", format!("{} loss slots, expected 2", losses.len())));
         }
+        let w = w.into();
         let text = matches!(staged.input, StagedInput::Text(_));
         let (enc, LossInputs { labels, masked }) = self.encode(dev, w, staged, drop)?;
         let labels = labels.ok_or_else(|| Error::shape("forward_loss", "the batch was staged without its labels"))?;
@@ -333,14 +346,15 @@ impl SemShare {
 
     /// Backward of [`SemShare::forward_loss`] into `g`, with `extra_dz` (the gradient of a
     /// further loss with respect to the pooled embedding z) added where z's gradient is formed.
-    pub fn backward_loss(
+    pub fn backward_loss<'w>(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: impl Into<Weights<'w>>,
         g: &mut Tensor,
         f: Forward,
         extra_dz: Option<&Tensor>,
     ) -> Result<()> {
+        let w = w.into();
         let mut dz = self.models(f.text).1.backward(dev, w, g, &f.z, &f.dlogits)?;
         if let Some(extra) = extra_dz {
             dev.add_assign(&mut dz, extra)?;
@@ -355,7 +369,14 @@ impl SemShare {
     }
 
     /// Retrieval embeddings of a batch, `[items, d]` (pooled) or `[items, C]` (label).
-    pub fn embed(&self, dev: &mut dyn Backend, w: &Tensor, batch: &Batch, kind: EmbeddingKind) -> Result<Tensor> {
+    pub fn embed<'w>(
+        &self,
+        dev: &mut dyn Backend,
+        w: impl Into<Weights<'w>>,
+        batch: &Batch,
+        kind: EmbeddingKind,
+    ) -> Result<Tensor> {
+        let w = w.into();
         let staged = self.stage(dev, batch, &MaskPlan::default(), false)?;
         let (enc, _) = self.encode(dev, w, staged, Dropout::OFF)?;
         match kind {
@@ -375,7 +396,8 @@ impl SemShare {
     }
 
     /// Label logits g(z) of a batch, `[items, C]` (evaluation of the classifier itself).
-    pub fn classify(&self, dev: &mut dyn Backend, w: &Tensor, batch: &Batch) -> Result<Tensor> {
+    pub fn classify<'w>(&self, dev: &mut dyn Backend, w: impl Into<Weights<'w>>, batch: &Batch) -> Result<Tensor> {
+        let w = w.into();
         let z = self.embed(dev, w, batch, EmbeddingKind::Pooled)?;
         self.models(matches!(batch, Batch::Text(_))).1.forward(dev, w, &z)
     }

@@ -4,13 +4,16 @@
 //!
 //! At `--precision bf16` the blocks run on bf16 activations (`Backend::activations`): the
 //! input is rounded once as it enters, every block's GEMMs multiply it by a bf16 copy of the
-//! weights made once per pass, its norms, GELU and attention store bf16, and the output and
-//! the input's gradient leave as f32. Parameters and their gradients stay f32.
+//! trunk's weights (the caller's, made once per training step or loaded model, else its own,
+//! made once per pass), its norms, GELU and attention store bf16, and the output and the
+//! input's gradient leave as f32. Parameters and their gradients stay f32.
+
+use std::ops::Range;
 
 use crate::Result;
 use crate::backend::{Backend, Segments};
 use crate::nn::block::BlockCache;
-use crate::nn::{Dropout, EncoderBlock, ParamStore, Weights};
+use crate::nn::{Bf16Copy, Dropout, EncoderBlock, ParamStore, Weights};
 use crate::tensor::{DType, Tensor};
 
 use super::config::{ModelConfig, Trunk};
@@ -18,40 +21,52 @@ use super::config::{ModelConfig, Trunk};
 #[derive(Clone, Debug)]
 pub struct SharedEncoder {
     pub blocks: Vec<EncoderBlock>,
+    /// The run of the flat parameters the blocks own: what a bf16 pass copies.
+    pub params: Range<usize>,
 }
 
 pub struct SharedCache {
     blocks: Vec<BlockCache>,
-    /// The weights' bf16 copy the forward multiplied (bf16 activations), for the backward.
-    bf16: Option<Tensor>,
+    /// The activations' type.
+    act: DType,
+    /// The bf16 copy of the weights the forward made itself, for the backward.
+    own: Option<Bf16Copy>,
 }
 
 /// `x` as `dtype` stores it (itself when it already is).
 fn stored_as(dev: &mut dyn Backend, x: Tensor, dtype: DType) -> Result<Tensor> {
-    if x.dtype() == dtype { Ok(x) } else { dev.convert(&x, dtype) }
+    if x.dtype() == dtype {
+        return Ok(x);
+    }
+    Ok(dev.convert(x.view(), dtype)?.reshape(x.shape()))
 }
 
 impl SharedEncoder {
     pub fn new(store: &mut ParamStore, name: &str, cfg: &ModelConfig) -> Self {
         let heads = (cfg.trunk == Trunk::Transformer).then_some(cfg.heads);
+        let start = store.total;
         let blocks = (0..cfg.layers)
             .map(|i| EncoderBlock::new(store, &format!("{name}.layers.{i}"), cfg.dim, heads, cfg.ffn))
             .collect();
-        SharedEncoder { blocks }
+        SharedEncoder { blocks, params: start..store.total }
     }
 
     /// e [tokens, d] → final hidden states h [tokens, d].
     pub fn forward(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: Weights,
         e: Tensor,
         seg: &Segments,
         drop: Dropout,
     ) -> Result<(Tensor, SharedCache)> {
         let act = dev.activations();
-        let bf16 = if act == DType::Bf16 { Some(dev.convert(w, DType::Bf16)?) } else { None };
-        let weights = Weights { values: w, bf16: bf16.as_ref() };
+        let own = match (act, w.bf16) {
+            (DType::Bf16, Some(copy)) if copy.covers(&self.params) => None,
+            (DType::Bf16, _) => Some(Bf16Copy::of(dev, w.values, self.params.clone())?),
+            (DType::F32, _) => None,
+        };
+        let weights = Weights { values: w.values, bf16: own.as_ref().or(w.bf16) };
         let mut x = stored_as(dev, e, act)?;
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
@@ -59,21 +74,20 @@ impl SharedEncoder {
             blocks.push(c);
             x = y;
         }
-        Ok((stored_as(dev, x, DType::F32)?, SharedCache { blocks, bf16 }))
+        Ok((stored_as(dev, x, DType::F32)?, SharedCache { blocks, act, own }))
     }
 
     pub fn backward(
         &self,
         dev: &mut dyn Backend,
-        w: &Tensor,
+        w: Weights,
         g: &mut Tensor,
         seg: &Segments,
         c: SharedCache,
         dh: Tensor,
     ) -> Result<Tensor> {
-        let weights = Weights { values: w, bf16: c.bf16.as_ref() };
-        let act = if c.bf16.is_some() { DType::Bf16 } else { DType::F32 };
-        let mut d = stored_as(dev, dh, act)?;
+        let weights = Weights { values: w.values, bf16: c.own.as_ref().or(w.bf16) };
+        let mut d = stored_as(dev, dh, c.act)?;
         for (block, cache) in self.blocks.iter().zip(c.blocks).rev() {
             d = block.backward(dev, weights, g, seg, cache, &d)?;
         }

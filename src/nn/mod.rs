@@ -22,7 +22,7 @@ pub use embedding::Embedding;
 pub use gru::BiGru;
 pub use layernorm::LayerNorm;
 pub use linear::Linear;
-pub use params::{Init, Param, ParamStore, Weights};
+pub use params::{Bf16Copy, Init, Param, ParamStore, Weights};
 pub use segment::SegmentEmbed;
 
 use crate::Result;

@@ -5,18 +5,41 @@
 //! are four flat buffers with the same layout, so the optimizer is one fused pass and a
 //! checkpoint is a list of (name, shape, range).
 
+use std::ops::Range;
+
 use crate::Result;
 use crate::backend::Backend;
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor, View, ViewMut};
 
 /// What a layer reads its parameters from: the f32 values, and, for a pass whose activations
-/// are bf16, their bf16 copy, which a GEMM then multiplies (its operands share one type).
-/// Biases, norms and every gradient stay f32.
+/// are bf16, a bf16 copy of the trunk's run of them, which a GEMM then multiplies (its
+/// operands share one type). Biases, norms and every gradient stay f32.
 #[derive(Clone, Copy, Debug)]
 pub struct Weights<'a> {
     pub values: &'a Tensor,
-    pub bf16: Option<&'a Tensor>,
+    pub bf16: Option<&'a Bf16Copy>,
+}
+
+/// A bf16 copy of the flat parameters' run `offset..offset + values.len()`, made once for
+/// every pass that multiplies by it (a training step's, a loaded model's).
+#[derive(Debug)]
+pub struct Bf16Copy {
+    pub values: Tensor,
+    pub offset: usize,
+}
+
+impl Bf16Copy {
+    /// The bf16 copy of `w`'s run `range`.
+    pub fn of(dev: &mut dyn Backend, w: &Tensor, range: Range<usize>) -> Result<Bf16Copy> {
+        let values = dev.convert(w.sub(range.start, range.len()), DType::Bf16)?;
+        Ok(Bf16Copy { values, offset: range.start })
+    }
+
+    /// Whether the copy holds every element of `range`.
+    pub fn covers(&self, range: &Range<usize>) -> bool {
+        self.offset <= range.start && range.end <= self.offset + self.values.len()
+    }
 }
 
 impl<'a> From<&'a Tensor> for Weights<'a> {
@@ -27,13 +50,18 @@ impl<'a> From<&'a Tensor> for Weights<'a> {
 
 impl<'a> Weights<'a> {
     /// Weight matrix `p` as a GEMM with activations of type `x` reads it.
-    pub fn matrix(&self, p: Param, x: DType) -> crate::Result<View<'a>> {
+    pub fn matrix(&self, p: Param, x: DType) -> Result<View<'a>> {
         match (x, self.bf16) {
             (DType::F32, _) => Ok(p.of(self.values)),
-            (DType::Bf16, Some(w)) => Ok(p.of(w)),
-            (DType::Bf16, None) => Err(crate::Error::dtype(
+            (DType::Bf16, Some(copy)) if copy.covers(&(p.offset..p.offset + p.len)) => {
+                Ok(copy.values.sub(p.offset - copy.offset, p.len))
+            }
+            (DType::Bf16, copy) => Err(crate::Error::dtype(
                 "linear",
-                "bf16 activations, and no bf16 copy of the weights to multiply them by",
+                match copy {
+                    Some(_) => "bf16 activations, and a weight outside the bf16 copy to multiply them by",
+                    None => "bf16 activations, and no bf16 copy of the weights to multiply them by",
+                },
             )),
         }
     }
@@ -135,5 +163,32 @@ impl Param {
     /// This parameter's and two others' gradient views at once.
     pub fn with_two_mut(self, b: Param, c: Param, t: &mut Tensor) -> [ViewMut<'_>; 3] {
         t.subs_mut([(self.offset, self.len), (b.offset, b.len), (c.offset, c.len)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Precision, open_at};
+
+    #[test]
+    fn a_bf16_copy_of_a_run_serves_its_weights_and_refuses_the_others() {
+        let mut dev = open_at("cpu", Precision::Bf16).unwrap();
+        let values: Vec<f32> = (0..10).map(|i| 1.0 + i as f32 / 3.0).collect();
+        let w = dev.upload(&values, &[10]).unwrap();
+        let copy = Bf16Copy::of(dev.as_mut(), &w, 3..8).unwrap();
+        let weights = Weights { values: &w, bf16: Some(&copy) };
+        let inside = Param { offset: 4, len: 4 };
+        let got = dev.download(weights.matrix(inside, DType::Bf16).unwrap()).unwrap();
+        let want: Vec<f32> = values[4..8].iter().map(|&x| DType::Bf16.round(x)).collect();
+        assert_eq!(got, want);
+        // f32 activations read the values themselves, inside the run or not.
+        assert_eq!(dev.download(weights.matrix(inside, DType::F32).unwrap()).unwrap(), values[4..8]);
+        for outside in [Param { offset: 2, len: 3 }, Param { offset: 6, len: 3 }] {
+            let e = weights.matrix(outside, DType::Bf16).unwrap_err().to_string();
+            assert!(e.contains("outside the bf16 copy"), "{e}");
+        }
+        let e = Weights::from(&w).matrix(inside, DType::Bf16).unwrap_err().to_string();
+        assert!(e.contains("no bf16 copy"), "{e}");
     }
 }

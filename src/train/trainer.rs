@@ -12,7 +12,7 @@ use crate::model::consistency::{
     BatchShape, DscmrWeights, PairBatch, dscmr_loss, imc_consistency, triplet_consistency,
 };
 use crate::model::{Batch, Consistency, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, Staged, TextBatch};
-use crate::nn::Dropout;
+use crate::nn::{Dropout, Weights};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::{Error, Result};
@@ -262,16 +262,19 @@ impl Trainer {
         pair_labels: &[u8],
     ) -> Result<()> {
         let weights = self.loss_weights();
+        // At bf16 activations every pass multiplies one bf16 copy of the trunk, made here.
+        let bf16 = self.net.bf16_weights(dev, &self.params)?;
+        let w = Weights { values: &self.params, bf16: bf16.as_ref() };
         let mut forwards = Vec::with_capacity(passes.len());
         for (p, s) in passes.iter().zip(staged) {
             let f = if p.context_only {
                 // L2 only: its L1 slot is discarded.
                 let mut losses = dev.alloc(&[2])?;
-                let f = self.net.forward_loss(dev, &self.params, s, p.drop, p.weights, losses.view_mut())?;
+                let f = self.net.forward_loss(dev, w, s, p.drop, p.weights, losses.view_mut())?;
                 dev.copy(losses.sub(1, 1), self.current.sub_mut(p.slot + 1, 1))?;
                 f
             } else {
-                self.net.forward_loss(dev, &self.params, s, p.drop, p.weights, self.current.sub_mut(p.slot, 2))?
+                self.net.forward_loss(dev, w, s, p.drop, p.weights, self.current.sub_mut(p.slot, 2))?
             };
             forwards.push(f);
         }
@@ -286,10 +289,11 @@ impl Trainer {
             Some((du, dv)) => (Some(du), Some(dv)),
             None => (None, None),
         };
-        self.net.backward_loss(dev, &self.params, &mut self.grads, fi, dz_images)?;
-        self.net.backward_loss(dev, &self.params, &mut self.grads, ft, dz_texts)?;
+        let w = Weights { values: &self.params, bf16: bf16.as_ref() };
+        self.net.backward_loss(dev, w, &mut self.grads, fi, dz_images)?;
+        self.net.backward_loss(dev, w, &mut self.grads, ft, dz_texts)?;
         for f in forwards {
-            self.net.backward_loss(dev, &self.params, &mut self.grads, f, None)?;
+            self.net.backward_loss(dev, w, &mut self.grads, f, None)?;
         }
 
         dev.sum_squares_into(self.grads.view(), self.current.sub_mut(record::SUM_SQUARES, 1))?;

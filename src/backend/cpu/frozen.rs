@@ -4,8 +4,8 @@
 //! GEMM. An operand is recognised by its address inside a frozen buffer, and each buffer's
 //! packed operands are kept only while the buffer lives (a `Weak` to it), so memory freed and
 //! reused for another tensor is never mistaken for the weights it held. A frozen buffer's bf16
-//! copy (bf16 activations multiply bf16 weights) is made once too, frozen and registered like
-//! the buffer itself, and kept while the buffer lives.
+//! run's bf16 copy (bf16 activations multiply the trunk's weights in bf16) is made once too,
+//! frozen and registered like the buffer itself, and kept while the buffer lives.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -19,8 +19,16 @@ use crate::tensor::{DType, Tensor};
 #[derive(Debug, Default)]
 pub struct FrozenOperands {
     buffers: Vec<Frozen>,
-    /// bf16 copies of frozen buffers, by the buffer they copy.
-    bf16_copies: Vec<(Weak<[f32]>, Tensor)>,
+    bf16_copies: Vec<Bf16Run>,
+}
+
+/// The bf16 copy of a run of a frozen buffer.
+#[derive(Debug)]
+struct Bf16Run {
+    source: Weak<[f32]>,
+    /// (element offset, length) in the buffer.
+    run: (usize, usize),
+    copy: Tensor,
 }
 
 #[derive(Debug)]
@@ -41,7 +49,7 @@ impl FrozenOperands {
     /// Remembers `memory` (a frozen tensor's, [`crate::tensor::Tensor::frozen`]).
     pub fn register(&mut self, memory: &Arc<[f32]>) {
         self.buffers.retain(|f| f.memory.strong_count() > 0);
-        self.bf16_copies.retain(|(source, _)| source.strong_count() > 0);
+        self.bf16_copies.retain(|c| c.source.strong_count() > 0);
         let start = memory.as_ptr() as usize;
         if self.buffers.iter().any(|f| f.start == start) {
             return;
@@ -70,25 +78,34 @@ impl FrozenOperands {
         frozen.packed.entry(key).or_insert_with(|| PackedB::new(kernels, precision, g, b).map(Arc::new)).clone()
     }
 
-    /// The frozen bf16 copy of frozen `source` (of `shape`), made and registered on first use.
-    pub fn bf16_copy(&mut self, source: &Arc<[f32]>, shape: &[usize]) -> Tensor {
-        let hit = self.bf16_copies.iter().find(|(s, _)| std::ptr::eq(s.as_ptr(), Arc::as_ptr(source)));
-        if let Some((_, copy)) = hit {
-            return copy.clone();
+    /// The frozen bf16 copy of `values` when they lie inside a frozen buffer that still lives,
+    /// made and registered on first use; None for any other values.
+    pub fn bf16_copy(&mut self, values: &[f32]) -> Option<Tensor> {
+        let (from, to) = (values.as_ptr() as usize, values.as_ptr() as usize + size_of_val(values));
+        let frozen = self.buffers.iter().find(|f| f.start <= from && to <= f.end)?;
+        // Alive while `values` (borrowed from it) is; a dead entry at this address is an old
+        // buffer's, and so would be its copies.
+        let source = frozen.memory.upgrade()?;
+        let key = ((from - frozen.start) / size_of::<f32>(), values.len());
+        self.bf16_copies.retain(|c| c.source.strong_count() > 0);
+        let hit =
+            self.bf16_copies.iter().find(|c| std::ptr::eq(c.source.as_ptr(), Arc::as_ptr(&source)) && c.run == key);
+        if let Some(hit) = hit {
+            return Some(hit.copy.clone());
         }
-        let copy = Tensor::from_cpu_as(source.to_vec(), shape, DType::Bf16).freeze();
+        let copy = Tensor::from_cpu_as(values.to_vec(), &[values.len()], DType::Bf16).freeze();
         if let Some(memory) = copy.frozen() {
             self.register(memory);
         }
-        self.bf16_copies.push((Arc::downgrade(source), copy.clone()));
-        copy
+        self.bf16_copies.push(Bf16Run { source: Arc::downgrade(&source), run: key, copy: copy.clone() });
+        Some(copy)
     }
 
     /// Bytes of packed operands of buffers still alive, the bf16 copies of buffers dropped
     /// since let go first (a dead buffer's operands are dropped at the next freeze or the
     /// next GEMM that reads its old addresses).
     pub fn bytes(&mut self) -> usize {
-        self.bf16_copies.retain(|(source, _)| source.strong_count() > 0);
+        self.bf16_copies.retain(|c| c.source.strong_count() > 0);
         let live = self.buffers.iter().filter(|f| f.memory.strong_count() > 0);
         live.flat_map(|f| f.packed.values().flatten()).map(|p| p.bytes()).sum()
     }

@@ -184,13 +184,15 @@ impl Backend for Cpu {
         Ok(self.alloc(shape)?.with_dtype(dtype))
     }
 
-    fn convert(&mut self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+    fn convert(&mut self, x: View, dtype: DType) -> Result<Tensor> {
         let _timer = profile::time("convert");
-        if let (Some(source), DType::Bf16) = (x.frozen(), dtype) {
+        if let (View::Cpu(values), DType::Bf16) = (x, dtype) {
             // A loaded model's bf16 weights: copied (and packed) once, not once per pass.
-            return Ok(self.frozen.bf16_copy(source, x.shape()));
+            if let Some(copy) = self.frozen.bf16_copy(values) {
+                return Ok(copy);
+            }
         }
-        let mut y = self.alloc_as(x.shape(), dtype)?;
+        let mut y = self.alloc_as(&[x.len()], dtype)?;
         let out = y.cpu_mut();
         out.copy_from_slice(x.cpu());
         elementwise::store_as(dtype, out);

@@ -203,8 +203,8 @@ impl Backend for Cuda {
         self.alloc_typed(shape, dtype)
     }
 
-    fn convert(&mut self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        self.convert_tensor(x, dtype)
+    fn convert(&mut self, x: View, dtype: DType) -> Result<Tensor> {
+        self.convert_values(x, dtype)
     }
 
     fn download(&mut self, x: View) -> Result<Vec<f32>> {

@@ -94,19 +94,19 @@ impl Cuda {
         self.flat(name, n, &[Arg::view_mut(&x)?, Arg::F32(s), Arg::U64(n as u64)])
     }
 
-    pub(super) fn convert_tensor(&mut self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let y = self.alloc_typed(x.shape(), dtype)?;
+    pub(super) fn convert_values(&mut self, x: View, dtype: DType) -> Result<Tensor> {
+        let y = self.alloc_typed(&[x.len()], dtype)?;
         let n = x.len();
         let name = match (x.dtype(), dtype) {
             (DType::F32, DType::Bf16) => "convert_from_f32_bf16",
             (DType::Bf16, DType::F32) => "convert_to_f32_bf16",
             _ => {
                 let mut y = y;
-                self.copy_values(x.view(), y.view_mut())?;
+                self.copy_values(x, y.view_mut())?;
                 return Ok(y);
             }
         };
-        self.flat(name, n, &[Arg::tensor(x)?, Arg::tensor(&y)?, Arg::U64(n as u64)])?;
+        self.flat(name, n, &[Arg::view(x)?, Arg::tensor(&y)?, Arg::U64(n as u64)])?;
         Ok(y)
     }
 

@@ -255,10 +255,12 @@ const FORCE_NOTE: &str = "  An existing output is replaced only with --force and
 ";
 const DEVICE_NOTE: &str = "  --device auto|cpu|cuda   (default auto: CUDA when built with it and a GPU is present)
 ";
-const PRECISION_NOTE: &str = "  --precision fp32|tf32|bf16  the layers' GEMMs (default fp32, IEEE); bf16 rounds their
-                           operands to bfloat16 and sums in fp32 (AMX or AVX-512 BF16 where the
-                           CPU has them, its fp32 units at fp32's speed where not; tensor cores
-                           on CUDA); tf32 rounds them to TF32 (CUDA only)
+const PRECISION_NOTE: &str =
+    "  --precision fp32|tf32|bf16  the layers' arithmetic (default fp32, IEEE); bf16 stores the
+                           transformer's activations as bfloat16 and multiplies them by bf16
+                           weights with fp32 sums (AMX or AVX-512 BF16 where the CPU has them,
+                           its fp32 units where not; tensor cores on CUDA); parameters stay
+                           fp32; tf32 rounds the GEMMs' operands to TF32 (CUDA only)
 ";
 const CONFIG_NOTE: &str = "  A config file is JSON: {\"model\": {...}, \"train\": {...}}; flags override it.
 ";
