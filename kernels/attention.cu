@@ -56,6 +56,9 @@
 //                      bias gradient was added; inlined inside bwd() it took 116, which at 288
 //                      threads would have left one block per SM, so it runs after bwd() returns,
 //                      from the kernel's parameters, holding none of bwd()'s registers.)
+//   the _bf16 entries  (session 17, rows loaded 4 values per 8-byte load and stored 4 per
+//                      8-byte write): fwd 64 registers, bwd 96, on sm_80 and sm_90; the f32
+//                      entries in that build: fwd 64, bwd 98 on both.
 #include "common.cuh"
 
 namespace attention {
@@ -97,23 +100,30 @@ __device__ __forceinline__ Shape make_shape(int len, int dh) {
 }
 
 // sm[r][c] = g[r · stride + c] for r < len, c < dh; zero for the pad rows (r < Lp) and pad
-// columns (c < DP). `vec`: 16-byte copies (f32 storage, dh, stride and base all 16-byte aligned).
+// columns (c < DP). `vec` (dh % 4 == 0, so no pad columns; stride and base aligned to 4
+// elements): f32 rows by 16-byte asynchronous copies, bf16 rows by 8-byte loads of 4 values
+// widened in registers (exactly: a bf16 is the top half of its f32) and stored as a float4.
 template <typename T>
 __device__ __forceinline__ void load_rows(float* sm, const T* g, size_t stride, const Shape& s, bool vec) {
   const int tid = threadIdx.x, nt = blockDim.x;
-  if constexpr (sizeof(T) == 4) {
-    if (vec) {
-      const int cg = s.dh >> 2;
-      for (int e = tid; e < s.len * cg; e += nt) {
-        const int r = e / cg, c = (e - r * cg) << 2;
+  if (vec) {
+    const int cg = s.dh >> 2;
+    for (int e = tid; e < s.len * cg; e += nt) {
+      const int r = e / cg, c = (e - r * cg) << 2;
+      if constexpr (sizeof(T) == 4) {
         cp_async16(sm + r * s.ds + c, reinterpret_cast<const float*>(g) + r * stride + c);
+      } else {
+        const uint2 w = *reinterpret_cast<const uint2*>(g + r * stride + c);
+        *reinterpret_cast<float4*>(sm + r * s.ds + c) =
+            make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
+                        __uint_as_float(w.y & 0xffff0000u));
       }
-      for (int e = tid; e < (s.lp - s.len) * s.dp; e += nt) {
-        const int r = s.len + e / s.dp, c = e % s.dp;
-        sm[r * s.ds + c] = 0.0f;
-      }
-      return;
     }
+    for (int e = tid; e < (s.lp - s.len) * s.dp; e += nt) {
+      const int r = s.len + e / s.dp, c = e % s.dp;
+      sm[r * s.ds + c] = 0.0f;
+    }
+    return;
   }
   for (int e = tid; e < s.lp * s.dp; e += nt) {
     const int r = e / s.dp, c = e - r * s.dp;
@@ -138,11 +148,15 @@ __device__ __forceinline__ void store_tile(T* g, size_t stride, const Shape& s, 
     const int r = r0 + rr;
     if (r >= s.len) break;
     T* row = g + r * stride;
-    if constexpr (sizeof(T) == 4) {
-      if (vec) {  // dh % 4 == 0 here, so c0 + 3 < dh
+    if (vec) {  // dh % 4 == 0 here, so c0 + 3 < dh
+      if constexpr (sizeof(T) == 4) {
         *reinterpret_cast<float4*>(row + c0) = make_float4(acc[rr][0], acc[rr][1], acc[rr][2], acc[rr][3]);
-        continue;
+      } else {  // 4 values rounded one by one, stored in one 8-byte write
+        const auto bits = [](float x) { return (unsigned)__bfloat16_as_ushort(__float2bfloat16(x)); };
+        *reinterpret_cast<uint2*>(row + c0) = make_uint2(bits(acc[rr][0]) | bits(acc[rr][1]) << 16,
+                                                         bits(acc[rr][2]) | bits(acc[rr][3]) << 16);
       }
+      continue;
     }
 #pragma unroll
     for (int cc = 0; cc < 4; ++cc)
@@ -280,8 +294,9 @@ template <typename T> __device__ void poison_rows(T* g, size_t stride, int len, 
     g[(e / cols) * stride + e % cols] = from_f32<T>(__int_as_float(0x7fc00000));
 }
 
-template <typename T> __device__ __forceinline__ bool aligned16(const T* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+// Whether p is aligned to 4 elements: one float4 of f32, 8 bytes of bf16.
+template <typename T> __device__ __forceinline__ bool aligned4(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) & (4 * sizeof(T) - 1)) == 0;
 }
 
 template <typename T>
@@ -304,7 +319,7 @@ __device__ void fwd(const T* __restrict__ qkv, const uint32_t* __restrict__ offs
   float* K = Q + s.lp * s.ds;
   float* V = K + s.lp * s.ds;
   float* S = V + s.lp * s.ds;
-  const bool vec = sizeof(T) == 4 && dh % 4 == 0 && aligned16(qkv) && aligned16(out);
+  const bool vec = dh % 4 == 0 && aligned4(qkv) && aligned4(out);
   load_rows(Q, x, 3 * d, s, vec);
   load_rows(K, x + d, 3 * d, s, vec);
   load_rows(V, x + 2 * d, 3 * d, s, vec);
@@ -403,7 +418,7 @@ __device__ void bwd(const T* __restrict__ qkv, const T* __restrict__ probs, cons
   float* dO = V + s.lp * s.ds;
   float* P = dO + s.lp * s.ds;
   float* dS = P + s.lp * s.ls;
-  const bool vec = sizeof(T) == 4 && dh % 4 == 0 && aligned16(qkv) && aligned16(dout) && aligned16(dqkv);
+  const bool vec = dh % 4 == 0 && aligned4(qkv) && aligned4(dout) && aligned4(dqkv);
   load_rows(Q, x, 3 * d, s, vec);
   load_rows(K, x + d, 3 * d, s, vec);
   load_rows(V, x + 2 * d, 3 * d, s, vec);
