@@ -134,6 +134,8 @@ fn gemm_matches_f64_at_model_shape() {
         // k beyond one KC slice (and odd: a half-filled bf16 pair), n beyond one NC panel
         // (1024 fp32 or 2048 columns at 32 wide), m not a multiple of MR.
         check(run, Gemm { m: 131, n: 2100, k: 601, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 }, &mut rng);
+        // A weight gradient dW += dYᵀ·X: rows split over the threads, five slices of k.
+        check(run, Gemm { m: 768, n: 256, k: 1152, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 }, &mut rng);
     }
 }
 
@@ -221,9 +223,16 @@ fn strided_operands() {
 fn gemm_bias_is_gemm_then_bias_bitwise() {
     let mut rng = Rng::new(17);
     for run in runnable() {
-        for (m, k, n) in
-            [(1, 1, 1), (7, 33, 5), (37, 300, 19), (97, 513, 50), (1152, 256, 768), (100, 300, 600), (9, 0, 13)]
-        {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (7, 33, 5),
+            (37, 300, 19),
+            (97, 513, 50),
+            (1152, 256, 768),
+            (100, 300, 600),
+            (300, 600, 40),
+            (9, 0, 13),
+        ] {
             for (trans_b, beta) in [(true, 0.0), (false, 0.0), (true, 0.75)] {
                 let g = Gemm { m, n, k, trans_a: false, trans_b, alpha: 1.0, beta };
                 let (a, b, bias) = (random(&mut rng, m * k), random(&mut rng, k * n), random(&mut rng, n));
@@ -254,7 +263,9 @@ fn packed_weights_are_bitwise_packed_per_call() {
     use semshare::backend::cpu::gemm::{Kernel, PackedB, gemm_packed};
     let mut rng = Rng::new(23);
     for run in runnable() {
-        for (m, k, n) in [(1, 1, 1), (32, 128, 384), (37, 601, 19), (1152, 256, 768), (100, 300, 2100), (9, 0, 13)] {
+        for (m, k, n) in
+            [(1, 1, 1), (32, 128, 384), (37, 601, 19), (1152, 256, 768), (100, 300, 2100), (300, 700, 90), (9, 0, 13)]
+        {
             for (trans_b, beta, with_bias) in [(true, 0.0, true), (false, 0.0, false), (true, 0.75, false)] {
                 let g = Gemm { m, n, k, trans_a: false, trans_b, alpha: 1.0, beta };
                 let (a, b, bias) = (random(&mut rng, m * k), random(&mut rng, k * n), random(&mut rng, n));

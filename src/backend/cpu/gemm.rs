@@ -11,9 +11,10 @@
 //! shapes are tall-skinny activations [tokens, d] × [d, d] or [d, 4d] weights (k ≤ 1024: one
 //! to four KC slices) and the GRU's 32-row recurrent GEMMs (one MC block). Packing buffers are
 //! per thread, 64-byte aligned and reused (no allocation per call). Parallel on the rayon pool:
-//! the threads pack each B panel together and then take row blocks of C against it (B is
-//! packed once, not once per thread), or, with fewer rows, column blocks (the GRU's 32-row
-//! recurrent GEMMs run on one thread: latency-bound).
+//! with one slice of k the threads pack each B panel together and then take row blocks of C
+//! against it (B is packed once, not once per thread); with several (weight gradients) each
+//! thread takes its rows of C and packs its own B, so that a slice costs no barrier; with fewer
+//! rows, column blocks (the GRU's 32-row recurrent GEMMs run on one thread: latency-bound).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -436,6 +437,23 @@ where
     // second one made them 2x slower, `cargo bench --bench cpu -- gemm/.*gru`, loaded VM).
     let row_parts = if parallel && m >= 2 * mc { threads.min(m.div_ceil(mc)) } else { 1 };
     let col_parts = if parallel && row_parts == 1 && m >= 64 { threads.min(n.div_ceil(4 * K::NR)) } else { 1 };
+    if row_parts > 1 && k > KC {
+        // More than one slice of k (weight gradients: k = tokens): one parallel region, each
+        // thread its own rows and its own packed B. Sharing B cost two barriers per slice,
+        // each a wait for the slower core, and half of every panel came from the other core's
+        // cache; packing B twice costs 2/m of the work (`cpu_profile`, Zen 4 VM, session 17).
+        let rows_per = m.div_ceil(row_parts).next_multiple_of(K::MR);
+        (0..row_parts).into_par_iter().for_each(|part| {
+            let i0 = part * rows_per;
+            let rows = rows_per.min(m.saturating_sub(i0));
+            if rows > 0 {
+                // SAFETY: rows i0.. of the problem are inside it; the parts write disjoint
+                // rows of C.
+                unsafe { blocked::<K>(1, p.block(i0, rows, 0, k, 0, n)) };
+            }
+        });
+        return;
+    }
     if col_parts == 1 {
         // SAFETY: as the caller guarantees.
         unsafe { blocked::<K>(row_parts, p) };
