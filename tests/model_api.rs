@@ -129,6 +129,30 @@ fn a_trained_checkpoint_embeds_like_the_evaluation_path() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// At `--precision bf16` the `Model` multiplies the trunk's bf16 copy it made at load, and the
+/// evaluation path one made per split: the same embeddings, and not the fp32 ones.
+#[test]
+fn a_bf16_model_embeds_like_the_bf16_evaluation_path() {
+    use semshare::backend::{Precision, open_at};
+    let dir = tmp("bf16");
+    let (data, reader, best) = trained(&dir);
+    let mut model = semshare::Model::load(&best, open_at("cpu", Precision::Bf16).unwrap()).unwrap();
+    let mut fp32 = semshare::Model::load(&best, open("cpu").unwrap()).unwrap();
+    let (images, texts) = items(&data);
+    let regions: Vec<Regions> = images.iter().map(|(f, b)| Regions::new(f).with_boxes(b)).collect();
+    let mut dev = Cpu::with_precision(Precision::Bf16).unwrap();
+    let (net, params) = load_model(&mut dev, &best).unwrap();
+    let split = reader.split("test").unwrap();
+    let (ie, te) = (model.embed_images(&regions).unwrap(), model.embed_token_ids(&texts).unwrap());
+    let kind = model.embedding();
+    let (want_i, want_t, dim) = embed_split(&mut dev, &net, &params, &reader.layout, split, kind).unwrap();
+    let (di, dt) = (max_diff(&ie.values, &normalised(&want_i, dim)), max_diff(&te.values, &normalised(&want_t, dim)));
+    assert!(di <= 1e-6 && dt <= 1e-6, "images differ by {di}, texts by {dt}");
+    let from_fp32 = max_diff(&ie.values, &fp32.embed_images(&regions).unwrap().values);
+    assert!(from_fp32 > 1e-5, "bf16 embeddings within {from_fp32} of fp32: was bf16 used?");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The library's `Model` on the GPU against the same checkpoint on the CPU, across a chunk
 /// boundary (each chunk's embeddings are downloaded after the next chunk is queued): images,
 /// texts and a split, both embeddings, within 1e-5 of the CPU's.
