@@ -442,16 +442,8 @@ where
         // thread its own rows and its own packed B. Sharing B cost two barriers per slice,
         // each a wait for the slower core, and half of every panel came from the other core's
         // cache; packing B twice costs 2/m of the work (`cpu_profile`, Zen 4 VM, session 17).
-        let rows_per = m.div_ceil(row_parts).next_multiple_of(K::MR);
-        (0..row_parts).into_par_iter().for_each(|part| {
-            let i0 = part * rows_per;
-            let rows = rows_per.min(m.saturating_sub(i0));
-            if rows > 0 {
-                // SAFETY: rows i0.. of the problem are inside it; the parts write disjoint
-                // rows of C.
-                unsafe { blocked::<K>(1, p.block(i0, rows, 0, k, 0, n)) };
-            }
-        });
+        // SAFETY: rows i0.. of the problem are inside it; the parts write disjoint rows of C.
+        for_parts(m, row_parts, K::MR, |i0, rows| unsafe { blocked::<K>(1, p.block(i0, rows, 0, k, 0, n)) });
         return;
     }
     if col_parts == 1 {
@@ -459,16 +451,24 @@ where
         unsafe { blocked::<K>(row_parts, p) };
         return;
     }
-    let cols_per = n.div_ceil(col_parts).next_multiple_of(K::NR);
-    (0..col_parts).into_par_iter().for_each(|part| {
-        let j0 = part * cols_per;
-        let cols = cols_per.min(n.saturating_sub(j0));
-        if cols > 0 {
-            // SAFETY: columns j0..j0 + cols of B and C are inside them; the blocks of C are
-            // disjoint, so each thread writes its own elements only.
-            unsafe { blocked::<K>(1, p.block(0, m, 0, k, j0, cols)) };
+    // SAFETY: columns j0..j0 + cols of B and C are inside them; the blocks of C are disjoint,
+    // so each thread writes its own elements only.
+    for_parts(n, col_parts, K::NR, |j0, cols| unsafe { blocked::<K>(1, p.block(0, m, 0, k, j0, cols)) });
+}
+
+/// `f(start, len)` on each of `parts` consecutive pieces of `0..total`, each piece but the
+/// last a multiple of `unit` long (an empty one skipped), on the rayon pool when there are
+/// several.
+fn for_parts(total: usize, parts: usize, unit: usize, f: impl Fn(usize, usize) + Sync) {
+    let per = total.div_ceil(parts).next_multiple_of(unit);
+    let piece = |part: usize| {
+        let start = part * per;
+        let len = per.min(total.saturating_sub(start));
+        if len > 0 {
+            f(start, len);
         }
-    });
+    };
+    if parts == 1 { piece(0) } else { (0..parts).into_par_iter().for_each(piece) }
 }
 
 /// Where a packed element type keeps each thread's buffers.
@@ -541,7 +541,6 @@ where
 {
     let Problem { m, k, n, .. } = p;
     let (nr, nc_max) = (K::NR, 64 * K::NR);
-    let rows_per = m.div_ceil(row_parts).next_multiple_of(K::MR);
     let panel = |nc: usize, kc: usize| nc.next_multiple_of(nr) * K::B.padded(kc);
     let own = if p.pre.is_some() { 0 } else { panel(n.min(nc_max), k.min(KC)) };
     with_buffer::<K::Packed, _>(1, own, |pb| {
@@ -583,20 +582,11 @@ where
                         pb
                     }
                 };
-                let run = |part: usize| {
-                    let i0 = part * rows_per;
-                    let rows = rows_per.min(m.saturating_sub(i0));
-                    if rows > 0 {
-                        // SAFETY: rows i0.. of the slice are inside it; the parts write
-                        // disjoint rows of C.
-                        unsafe { rows_times_panel::<K>(slice.block(i0, rows, 0, kc, 0, nc), pb) };
-                    }
-                };
-                if row_parts == 1 {
-                    run(0);
-                } else {
-                    (0..row_parts).into_par_iter().for_each(run);
-                }
+                // SAFETY: rows i0.. of the slice are inside it; the parts write disjoint rows
+                // of C.
+                for_parts(m, row_parts, K::MR, |i0, rows| unsafe {
+                    rows_times_panel::<K>(slice.block(i0, rows, 0, kc, 0, nc), pb)
+                });
             }
         }
     });
