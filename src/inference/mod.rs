@@ -43,10 +43,10 @@ pub fn upload_model(dev: &mut dyn Backend, ckpt: &Checkpoint) -> Result<(SemShar
 pub const EMBED_CHUNK: usize = 64;
 
 /// Embeddings of every image and text of a split, `[N, D]` and `[M, D]`.
-pub fn embed_split(
+pub fn embed_split<'w>(
     dev: &mut dyn Backend,
     net: &SemShare,
-    params: &Tensor,
+    params: impl Into<Weights<'w>>,
     layout: &Layout,
     split: &SplitReader,
     kind: EmbeddingKind,
@@ -60,9 +60,11 @@ pub fn embed_split(
     // download waits for the device, which then has the next chunk's work while the host reads
     // the one after (uploads do not wait: they go through pinned memory).
     let mut pending: Option<(usize, Tensor)> = None;
-    // At bf16 activations every chunk multiplies one bf16 copy of the trunk.
-    let bf16 = net.bf16_weights(dev, params)?;
-    let w = Weights { values: params, bf16: bf16.as_ref() };
+    // At bf16 activations every chunk multiplies one bf16 copy of the trunk: the caller's
+    // (a loaded `Model`'s) or one made here.
+    let w = params.into();
+    let own = net.bf16_weights(dev, w)?;
+    let w = Weights { values: w.values, bf16: own.as_ref().or(w.bf16) };
     for (side, n) in [split.num_images(), split.num_texts()].into_iter().enumerate() {
         let idx: Vec<usize> = (0..n).collect();
         for c in idx.chunks(EMBED_CHUNK) {

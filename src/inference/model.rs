@@ -613,8 +613,9 @@ impl Model {
     /// fit: `train::check_fits`), by the evaluation's own path ([`super::embed_split`]), each
     /// row normalised as `eval` normalises before ranking. No labels are read.
     pub fn embed_split(&mut self, layout: &Layout, split: &SplitReader) -> Result<(Embeddings, Embeddings)> {
+        let w = Weights { values: &self.params, bf16: self.bf16.as_ref() };
         let (mut images, mut texts, dim) =
-            super::embed_split(self.dev.as_mut(), &self.net, &self.params, layout, split, self.embedding)?;
+            super::embed_split(self.dev.as_mut(), &self.net, w, layout, split, self.embedding)?;
         normalize_rows(&mut images, dim);
         normalize_rows(&mut texts, dim);
         Ok((Embeddings { values: images, dim }, Embeddings { values: texts, dim }))

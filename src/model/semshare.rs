@@ -11,7 +11,7 @@
 
 use crate::backend::{Backend, Segments};
 use crate::nn::{Bf16Copy, Dropout, Linear, ParamStore, Weights};
-use crate::tensor::{DType, Ids, Tensor, ViewMut};
+use crate::tensor::{Ids, Tensor, ViewMut};
 use crate::{Error, Result};
 
 use super::batch::{Batch, MaskPlan};
@@ -189,15 +189,12 @@ impl SemShare {
         }
     }
 
-    /// The bf16 copy of the shared trunk's weights when `dev` runs bf16 activations (None: it
-    /// runs f32). Made once and handed to every pass as [`Weights::bf16`] (a training step's
-    /// passes, a loaded model's embeddings); a trunk the copy does not cover (the text side's
-    /// own, `separate_models`) makes its own copy per pass.
-    pub fn bf16_weights(&self, dev: &mut dyn Backend, w: &Tensor) -> Result<Option<Bf16Copy>> {
-        match dev.activations() {
-            DType::Bf16 => Bf16Copy::of(dev, w, self.shared.params.clone()).map(Some),
-            DType::F32 => Ok(None),
-        }
+    /// The bf16 copy of the shared trunk's weights when `dev` runs bf16 activations and `w`
+    /// holds none ([`Bf16Copy::missing`]). Made once and handed to every pass as
+    /// [`Weights::bf16`] (a training step's passes, a loaded model's embeddings); a trunk the
+    /// copy does not cover (the text side's own, `separate_models`) makes its own per pass.
+    pub fn bf16_weights<'w>(&self, dev: &mut dyn Backend, w: impl Into<Weights<'w>>) -> Result<Option<Bf16Copy>> {
+        Bf16Copy::missing(dev, w.into(), self.shared.params.clone())
     }
 
     /// What this model's inputs are made of (`host_inputs`, `upload_inputs`).

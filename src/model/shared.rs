@@ -61,11 +61,7 @@ impl SharedEncoder {
         drop: Dropout,
     ) -> Result<(Tensor, SharedCache)> {
         let act = dev.activations();
-        let own = match (act, w.bf16) {
-            (DType::Bf16, Some(copy)) if copy.covers(&self.params) => None,
-            (DType::Bf16, _) => Some(Bf16Copy::of(dev, w.values, self.params.clone())?),
-            (DType::F32, _) => None,
-        };
+        let own = Bf16Copy::missing(dev, w, self.params.clone())?;
         let weights = Weights { values: w.values, bf16: own.as_ref().or(w.bf16) };
         let mut x = stored_as(dev, e, act)?;
         let mut blocks = Vec::with_capacity(self.blocks.len());

@@ -36,6 +36,16 @@ impl Bf16Copy {
         Ok(Bf16Copy { values, offset: range.start })
     }
 
+    /// The copy of `w`'s run `range` that a pass on `dev` multiplies and `w` does not hold
+    /// (None: `dev` runs f32 activations, or `w`'s copy covers the run).
+    pub fn missing(dev: &mut dyn Backend, w: Weights, range: Range<usize>) -> Result<Option<Bf16Copy>> {
+        match (dev.activations(), w.bf16) {
+            (DType::Bf16, Some(copy)) if copy.covers(&range) => Ok(None),
+            (DType::Bf16, _) => Bf16Copy::of(dev, w.values, range).map(Some),
+            (DType::F32, _) => Ok(None),
+        }
+    }
+
     /// Whether the copy holds every element of `range`.
     pub fn covers(&self, range: &Range<usize>) -> bool {
         self.offset <= range.start && range.end <= self.offset + self.values.len()
@@ -56,12 +66,13 @@ impl<'a> Weights<'a> {
             (DType::Bf16, Some(copy)) if copy.covers(&(p.offset..p.offset + p.len)) => {
                 Ok(copy.values.sub(p.offset - copy.offset, p.len))
             }
-            (DType::Bf16, copy) => Err(crate::Error::dtype(
+            (DType::Bf16, Some(_)) => Err(crate::Error::dtype(
                 "linear",
-                match copy {
-                    Some(_) => "bf16 activations, and a weight outside the bf16 copy to multiply them by",
-                    None => "bf16 activations, and no bf16 copy of the weights to multiply them by",
-                },
+                "bf16 activations, and a weight outside the bf16 copy to multiply them by",
+            )),
+            (DType::Bf16, None) => Err(crate::Error::dtype(
+                "linear",
+                "bf16 activations, and no bf16 copy of the weights to multiply them by",
             )),
         }
     }

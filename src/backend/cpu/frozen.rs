@@ -3,8 +3,8 @@
 //! slivers, in bf16 also the conversion) is then work done once per weight instead of once per
 //! GEMM. An operand is recognised by its address inside a frozen buffer, and each buffer's
 //! packed operands are kept only while the buffer lives (a `Weak` to it), so memory freed and
-//! reused for another tensor is never mistaken for the weights it held. A frozen buffer's bf16
-//! run's bf16 copy (bf16 activations multiply the trunk's weights in bf16) is made once too,
+//! reused for another tensor is never mistaken for the weights it held. The bf16 copy of a run
+//! of a frozen buffer (bf16 activations multiply the trunk's weights in bf16) is made once too,
 //! frozen and registered like the buffer itself, and kept while the buffer lives.
 
 use std::collections::HashMap;
