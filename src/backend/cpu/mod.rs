@@ -90,6 +90,18 @@ impl Cpu {
         Ok(gemm::Operand { kernels, precision, b, packed })
     }
 
+    /// [`Cpu::operand`] for a B that one call multiplies by many times (the GRU's W_hh, once
+    /// per step): packed once for the call when it is not frozen, instead of once per product
+    /// (48 packings of W_hh per direction and step of a training batch). The same slivers, so
+    /// the same bits.
+    fn operand_for_run<'a>(&mut self, g: Gemm, b: &'a [f32]) -> Result<gemm::Operand<'a>> {
+        let mut operand = self.operand(g, b)?;
+        if operand.packed.is_none() {
+            operand.packed = gemm::PackedB::new(operand.kernels, operand.precision, g, b).map(std::sync::Arc::new);
+        }
+        Ok(operand)
+    }
+
     /// The arithmetic of one layer GEMM. Products of few rows (a training batch's 32-row GRU
     /// recurrence) stay fp32. Chosen when bf16 was slower there (60 µs against 33 µs on Zen
     /// 4); since bf16 pairs are packed by AVX transposes it is faster (21 µs). bf16 training's
@@ -535,7 +547,7 @@ impl Backend for Cpu {
         check_gru_fwd(seg, hidden, &runs, out)?;
         let mut hproj = [self.alloc(&[items, 3 * hidden])?, self.alloc(&[items, 3 * hidden])?];
         let [r0, r1] = runs;
-        let (w0, w1) = (self.operand(g, r0.w_hh.cpu())?, self.operand(g, r1.w_hh.cpu())?);
+        let (w0, w1) = (self.operand_for_run(g, r0.w_hh.cpu())?, self.operand_for_run(g, r1.w_hh.cpu())?);
         let oc = out.cols();
         let (mut forward, mut reverse) = gru::halves(out.cpu_mut(), oc, hidden);
         let [h0, h1] = &mut hproj;
@@ -561,7 +573,7 @@ impl Backend for Cpu {
         let g = Gemm { m: items, n: hidden, k: 3 * hidden, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
         check_gru_bwd(seg, hidden, &runs, dout)?;
         let [r0, r1] = runs;
-        let (w0, w1) = (self.operand(g, r0.w_hh.cpu())?, self.operand(g, r1.w_hh.cpu())?);
+        let (w0, w1) = (self.operand_for_run(g, r0.w_hh.cpu())?, self.operand_for_run(g, r1.w_hh.cpu())?);
         let (oc, offsets, dout) = (dout.cols(), &seg.offsets, dout.cpu());
         let run = |w: &gemm::Operand<'_>, r: GruRunBwd<'_>| {
             let (gates, hs) = (r.gates.cpu(), r.hs.cpu());
