@@ -384,10 +384,14 @@ unsafe fn prefetch_tile(out: &TileOut) {
         return;
     }
     for i in 0..out.rows as isize {
-        // SAFETY: a prefetch never faults; the addresses are C's row i, first and last column.
+        // SAFETY: a prefetch never faults; the addresses are elements of C's row i: every 16th
+        // column and the last, so each 64-byte line the row's columns touch is asked for (a
+        // row of 32 that does not start a line spans three).
         unsafe {
             let row = out.c.offset(i * out.rs);
-            _mm_prefetch::<_MM_HINT_T0>(row as *const i8);
+            for j in (0..out.cols).step_by(16) {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(j) as *const i8);
+            }
             _mm_prefetch::<_MM_HINT_T0>(row.add(out.cols.max(1) - 1) as *const i8);
         }
     }
