@@ -620,6 +620,7 @@ where
                             cols: nr.min(nc - jr),
                             bias: bias_at(p.bias, jr as isize),
                         };
+                        out.prefetch();
                         K::tile(kc, pa.as_ptr().add(ir * kpa), bs, p.alpha, p.beta, out);
                     }
                 }

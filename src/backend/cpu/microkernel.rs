@@ -31,6 +31,34 @@ pub struct TileOut {
     pub bias: *const f32,
 }
 
+impl TileOut {
+    /// The tile's lines of C asked for before a kernel's k loop, so that their misses (C is
+    /// larger than L2 in the model's GEMMs, and a store must read its line first) overlap the
+    /// products instead of stalling the stores at the end. No value changes.
+    ///
+    /// # Safety
+    /// The tile is inside C.
+    #[inline(always)]
+    pub unsafe fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if self.cs == 1 {
+            use std::arch::x86_64::*;
+            for i in 0..self.rows as isize {
+                // SAFETY: a prefetch never faults; the addresses are elements of C's row i:
+                // every 16th column and the last, so each 64-byte line the row's columns touch
+                // is asked for (a row of 32 that does not start a line spans three).
+                unsafe {
+                    let row = self.c.offset(i * self.rs);
+                    for j in (0..self.cols).step_by(16) {
+                        _mm_prefetch::<_MM_HINT_T0>(row.add(j) as *const i8);
+                    }
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(self.cols.max(1) - 1) as *const i8);
+                }
+            }
+        }
+    }
+}
+
 /// A packed operand element: fp32 as it is, or bf16.
 pub trait Packed: Copy + Default + Send + Sync + 'static {
     /// Packing copies this type as it is (fp32), with no conversion pass.
@@ -293,8 +321,6 @@ impl F32Unit for F32Avx2 {
 unsafe fn avx2_f32(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-    // SAFETY: out is the caller's tile.
-    unsafe { prefetch_tile(&out) };
     // SAFETY: step p reads a[p·6 .. +6] and b[p·16 .. +16], inside the slivers.
     unsafe {
         for p in 0..kc {
@@ -373,30 +399,6 @@ impl F32Unit for F32Avx512 {
     }
 }
 
-/// The tile's lines of C asked for before its k loop, so that their misses (C is larger than
-/// L2 in the model's GEMMs, and a store must read its line first) overlap the products
-/// instead of stalling the stores at the end.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn prefetch_tile(out: &TileOut) {
-    use std::arch::x86_64::*;
-    if out.cs != 1 {
-        return;
-    }
-    for i in 0..out.rows as isize {
-        // SAFETY: a prefetch never faults; the addresses are elements of C's row i: every 16th
-        // column and the last, so each 64-byte line the row's columns touch is asked for (a
-        // row of 32 that does not start a line spans three).
-        unsafe {
-            let row = out.c.offset(i * out.rs);
-            for j in (0..out.cols).step_by(16) {
-                _mm_prefetch::<_MM_HINT_T0>(row.add(j) as *const i8);
-            }
-            _mm_prefetch::<_MM_HINT_T0>(row.add(out.cols.max(1) - 1) as *const i8);
-        }
-    }
-}
-
 /// The first R rows and 16·H columns of an 8 × 32 tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -410,8 +412,6 @@ unsafe fn avx512_f32<const R: usize, const H: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); H]; R];
-    // SAFETY: out is the caller's tile.
-    unsafe { prefetch_tile(&out) };
     // SAFETY: step p reads a[p·8 .. +R] and b[p·32 .. +16·H], inside the slivers.
     unsafe {
         for p in 0..kc {
@@ -554,8 +554,6 @@ pub(super) unsafe fn interleave_pairs_avx512_bf16(first: &[f32], second: &[f32],
 unsafe fn avx512_bf16(kc: usize, a: *const Bf16, b: *const Bf16, alpha: f32, beta: f32, out: TileOut) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; 8];
-    // SAFETY: out is the caller's tile.
-    unsafe { prefetch_tile(&out) };
     // SAFETY: group q reads a[q·16 .. +16] and b[q·64 .. +64], inside the slivers; the A pair
     // of a row is one 32-bit word (read unaligned: the sliver is only 2-byte aligned in type).
     unsafe {
