@@ -31,7 +31,7 @@ mod gpu {
     use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
     use semshare::nn::{BiGru, ParamStore};
     use semshare::rng::Rng;
-    use semshare::tensor::Tensor;
+    use semshare::tensor::{DType, Tensor};
     use semshare::train::{StepMode, TrainConfig, Trainer};
 
     const B: usize = 128;
@@ -187,6 +187,14 @@ mod gpu {
             let (o, p) = dev.attention_fwd(&qkv, &seg, cfg.heads).expect("attention");
             let dqkv = dev.attention_bwd(&qkv, &p, &seg, cfg.heads, &o, None).expect("attention");
             black_box(dev.bias_bwd(&dqkv, dbias.view_mut())).expect("bias_bwd");
+        });
+        // bf16 storage: the forward on tensor cores (kernels/attention.cu, version 2), the
+        // backward on the FMA units from bf16 values.
+        let qkv16 = dev.convert(qkv.view(), DType::Bf16).expect("bf16 qkv").reshape(qkv.shape());
+        bench(&mut g, "fwd_bf16", dev, |dev| drop(black_box(dev.attention_fwd(&qkv16, &seg, cfg.heads))));
+        bench(&mut g, "fwd_bwd_bf16", dev, |dev| {
+            let (o, p) = dev.attention_fwd(&qkv16, &seg, cfg.heads).expect("attention");
+            drop(black_box(dev.attention_bwd(&qkv16, &p, &seg, cfg.heads, &o, None)));
         });
         g.finish();
 

@@ -244,6 +244,7 @@ impl<'k> Block<'k> {
             for &t in waiting {
                 let mask = match &self.k.code[self.pc[t]].op {
                     Op::Shfl { mask, .. } | Op::Vote { mask, .. } | Op::BarWarp { mask } => self.val(t, mask) as u32,
+                    Op::Mma { .. } => u32::MAX,
                     _ => 0,
                 };
                 if mask & (1 << (t % 32)) == 0 {
@@ -262,6 +263,12 @@ impl<'k> Block<'k> {
                 }
             }
             if !ready {
+                continue;
+            }
+            if let Op::Mma { .. } = self.k.code[self.pc[waiting[0]]].op {
+                self.mma_m16n8k16(w, waiting)?;
+                self.warp_epoch[w] += 1;
+                any = true;
                 continue;
             }
             // Results first (every lane reads the others' values before any writes).
@@ -352,6 +359,57 @@ impl<'k> Block<'k> {
             any = true;
         }
         Ok(any)
+    }
+
+    /// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` for warp `w`, every lane waiting
+    /// at it. Fragments as the PTX ISA assigns them (g = lane / 4, t = lane % 4; a register's
+    /// low half is its first element):
+    /// - A (16 × 16, row): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
+    ///   a3 = A[g+8][2t+8, 2t+9];
+    /// - B (16 × 8, col): b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g];
+    /// - C, D (16 × 8, f32): c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1].
+    ///
+    /// The hardware's order of the f32 accumulation is unspecified. Here each product (exact
+    /// in f64, as bf16 × bf16 is) and C are summed exactly enough in f64 and rounded once, so a
+    /// kernel's test can rely on a bound, not on an order.
+    fn mma_m16n8k16(&mut self, w: usize, waiting: &[usize]) -> Result<(), String> {
+        let pc = self.pc[waiting[0]];
+        if waiting.len() != 32 || waiting.iter().any(|&t| self.pc[t] != pc) {
+            let t = waiting[0];
+            return Err(self.err(t, format!("mma.sync needs all 32 lanes of warp {w} at the same mma ({} are)", waiting.len())));
+        }
+        let Op::Mma { d, a, b, c } = self.k.code[pc].op.clone() else { unreachable!("checked by the caller") };
+        let (mut am, mut bm, mut cm) = ([[0f64; 16]; 16], [[0f64; 8]; 16], [[0f64; 8]; 16]);
+        let half = |v: u64, hi: bool| bf16_to_f32(if hi { v >> 16 } else { v }) as f64;
+        for &t in waiting {
+            let lane = t % 32;
+            let (g, q) = (lane / 4, 2 * (lane % 4));
+            for (i, (row, col)) in [(g, q), (g + 8, q), (g, q + 8), (g + 8, q + 8)].into_iter().enumerate() {
+                let v = self.val(t, &a[i]);
+                am[row][col] = half(v, false);
+                am[row][col + 1] = half(v, true);
+            }
+            for (i, k) in [q, q + 8].into_iter().enumerate() {
+                let v = self.val(t, &b[i]);
+                bm[k][g] = half(v, false);
+                bm[k + 1][g] = half(v, true);
+            }
+            for (i, (row, col)) in [(g, q), (g, q + 1), (g + 8, q), (g + 8, q + 1)].into_iter().enumerate() {
+                cm[row][col] = f32::from_bits(self.val(t, &c[i]) as u32) as f64;
+            }
+        }
+        let nregs = self.k.nregs as usize;
+        for &t in waiting {
+            let lane = t % 32;
+            let (g, q) = (lane / 4, 2 * (lane % 4));
+            for (i, (row, col)) in [(g, q), (g, q + 1), (g + 8, q), (g + 8, q + 1)].into_iter().enumerate() {
+                let sum: f64 = cm[row][col] + (0..16).map(|k| am[row][k] * bm[k][col]).sum::<f64>();
+                self.regs[t * nregs + d[i] as usize] = (sum as f32).to_bits() as u64;
+            }
+            self.pc[t] += 1;
+            self.state[t] = State::Run;
+        }
+        Ok(())
     }
 
     #[inline(never)]
@@ -907,7 +965,7 @@ impl<'k> Block<'k> {
                     self.state[t] = State::Barrier;
                     return Ok(());
                 }
-                Op::BarWarp { .. } | Op::Shfl { .. } | Op::Vote { .. } => {
+                Op::BarWarp { .. } | Op::Shfl { .. } | Op::Vote { .. } | Op::Mma { .. } => {
                     self.pc[t] = pc;
                     self.state[t] = State::Warp;
                     return Ok(());

@@ -423,6 +423,15 @@ pub enum Op {
         negate: bool,
         mask: Src,
     },
+    /// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 d, a, b, c`: a warp's 16×16 bf16
+    /// A times 16×8 bf16 B plus f32 C, each lane holding the fragments the PTX ISA assigns it
+    /// (exec.rs `mma_m16n8k16`).
+    Mma {
+        d: [u32; 4],
+        a: [Src; 4],
+        b: [Src; 2],
+        c: [Src; 4],
+    },
     Exit,
     /// `nanosleep`: a hint on the GPU; here the thread waits for its last global atomic's word
     /// to change (a spin-wait on a flag then costs no host CPU; see exec.rs `wait_for_change`).
@@ -1439,6 +1448,23 @@ fn decode(ctx: &mut Ctx, s: &str) -> Result<Decoded, String> {
                 None => (false, ops[1].clone()),
             };
             Op::Vote { mode, d: ctx.dst(&ops[0])?, a: ctx.src(&a, Ty::Pred)?, negate, mask: ctx.src(&ops[2], Ty::B32)? }
+        }
+        "mma" => {
+            want(4)?;
+            if mods != ["sync", "aligned", "m16n8k16", "row", "col", "f32", "bf16", "bf16", "f32"] {
+                return Err(format!("`{opcode}` is not emulated (only mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32)"));
+            }
+            let regs = |s: &str, n: usize| match vector(s) {
+                Some(v) if v.len() == n => Ok(v),
+                _ => Err(format!("mma operand {s}: a vector of {n} registers expected")),
+            };
+            let (d, a, b, c) = (regs(&ops[0], 4)?, regs(&ops[1], 4)?, regs(&ops[2], 2)?, regs(&ops[3], 4)?);
+            Op::Mma {
+                d: [ctx.dst(&d[0])?, ctx.dst(&d[1])?, ctx.dst(&d[2])?, ctx.dst(&d[3])?],
+                a: [ctx.src(&a[0], Ty::B32)?, ctx.src(&a[1], Ty::B32)?, ctx.src(&a[2], Ty::B32)?, ctx.src(&a[3], Ty::B32)?],
+                b: [ctx.src(&b[0], Ty::B32)?, ctx.src(&b[1], Ty::B32)?],
+                c: [ctx.src(&c[0], Ty::F32)?, ctx.src(&c[1], Ty::F32)?, ctx.src(&c[2], Ty::F32)?, ctx.src(&c[3], Ty::F32)?],
+            }
         }
         "ret" | "exit" => Op::Exit,
         "nanosleep" => Op::Sleep,

@@ -8,6 +8,9 @@
 // shared memory come from the batch's longest item (src/backend/cuda/attention.rs).
 // CPU twin: src/backend/cpu/attention.rs::{forward, backward} (and bias_bwd of dqkv for the bias
 // gradient). Test: tests/gpu_attention.rs.
+// Two forwards: version 1 (below, `fwd`) computes in f32 on the FMA units, for f32 storage;
+// version 2 (`fwd_mma`, after the backward) multiplies bf16 storage on the tensor cores. The
+// backward is version 1's design for both storage types.
 //
 // Why one block holds everything: at len 36 a head's Q, K, V are 55 KB and the score matrix
 // 5 KB, so the whole problem of an (item, head) fits on chip; each input is read from device
@@ -467,6 +470,199 @@ __device__ void bwd(const T* __restrict__ qkv, const T* __restrict__ probs, cons
   }
 }
 
+
+// ---- Version 2 of the forward, on tensor cores (bf16 storage) -------------------------------
+// The FMA forward above computes in f32 from the widened values; this one multiplies the bf16
+// values as stored on the tensor cores (mma.sync m16n8k16: bf16 in, f32 sums), as FlashAttention
+// 2 does within one tile. CPU twin: src/backend/cpu/attention.rs::forward with bf16 storage (the
+// probabilities rounded to bf16 before P·V, as the saved ones are). Test: tests/gpu_dtype.rs.
+// Layout: one block per (item, head) as above; warp w owns query rows 16w..16w+15, so
+//   blockDim.x = 32 · ceil(max_len / 16) (at most 4 warps; src/backend/cuda/attention.rs).
+// Shared memory, bf16 bits: Qs, Ks [L16][D16 + 8] and Vt [D16][L16 + 8] (V transposed, so a B
+//   fragment of P·V, two consecutive keys of one column, is one 32-bit load); L16 and D16 are
+//   len and dh rounded up to 16, pads zero. A row of D16 + 8 values is D16/2 + 4 words (4 mod 8),
+//   so the 8 rows × 4 words of a fragment load fall in 32 different banks; likewise Vt's rows.
+//   len 36, dh 128: 2 · 48 · 136 · 2 + 128 · 56 · 2 = 40.4 KB; len 64: 53.2 KB.
+// Per warp, everything in registers between the two products:
+//   S = Q·Kᵀ: per 16-wide step of dh one A fragment of Q (4 LDS.32), per 8-key tile one B
+//     fragment of K (2 LDS.32) and one mma. S: ≤ 8 tiles × 4 floats.
+//   Softmax: a row's keys are spread over the 4 lanes of a quad (2 per tile), so its max and sum
+//     are 2 shuffles each; pad keys are -inf (exp gives exact zeros). Rounded to bf16, P is both
+//     the saved probabilities and P·V's operand: S's accumulator tiles 2j and 2j + 1 are exactly
+//     the A fragment of keys 16j..16j+15, so P never goes through shared memory.
+//   O = P·V: per 8-column tile of dh one B fragment of Vt and one mma per 16 keys. O: ≤ 16
+//     tiles × 4 floats, rounded to bf16 and stored 2 values per 4-byte write.
+// FLOPs on the tensor cores at the bench shape: 0.68 G per forward, about 1 µs at H100's dense
+// bf16 rate; what is left is the loads (qkv once, 18.9 MB in bf16 at this shape) and the
+// latency of one short chain per warp. Timing on a card: owed (docs/results/gpu.md).
+// Summation order: the mma's f32 sums are in the hardware's order, so S and O differ from the
+// CPU's in their last bits (and P, after rounding, by at most one bf16 step); the test's
+// tolerance is derived from bf16's 8-bit mantissa.
+constexpr int MMA_MAX_WARPS = 4;  // len <= 64
+
+// d += A·B on the tensor cores: A a 16×16 bf16 fragment (a0..a3), B 16×8 (b0, b1), d 16×8 f32
+// (fragments as the PTX ISA assigns them: lane = 4g + t holds rows g and g + 8, columns 2t, 2t + 1).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                         unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two consecutive bf16 of shared memory as one fragment register (the first in the low half).
+__device__ __forceinline__ unsigned pair_at(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+  return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) |
+         (unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16;
+}
+
+// Four bf16 of `row` from column c as two words, zero past dh (and for a row past the item:
+// row == nullptr). `vec`: dh % 4 == 0 and the rows 8-byte aligned, so one 8-byte load.
+__device__ __forceinline__ uint2 four_at(const unsigned short* row, int c, int dh, bool vec) {
+  if (row == nullptr || c >= dh) return make_uint2(0, 0);
+  if (vec) return *reinterpret_cast<const uint2*>(row + c);
+  unsigned v[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = c + i < dh ? row[c + i] : 0u;
+  return make_uint2(v[0] | v[1] << 16, v[2] | v[3] << 16);
+}
+
+__device__ void fwd_mma(const __nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ offsets, int heads, int dh,
+                        int max_len, float scale, __nv_bfloat16* __restrict__ out, __nv_bfloat16* __restrict__ probs) {
+  extern __shared__ float4 attn_mma_smem[];
+  __shared__ unsigned long long red[MMA_MAX_WARPS];
+  const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
+  const size_t d = (size_t)heads * dh;
+  const int start = offsets[b], len = offsets[b + 1] - start;
+  if (len <= 0) return;
+  const unsigned short* x = reinterpret_cast<const unsigned short*>(qkv) + (size_t)start * 3 * d + (size_t)h * dh;
+  __nv_bfloat16* o = out + (size_t)start * d + (size_t)h * dh;
+  if (len > max_len) {
+    poison_rows(o, d, len, dh);
+    return;
+  }
+  const int l16 = (len + 15) & ~15, d16 = (dh + 15) & ~15, qs = d16 + 8, vs = l16 + 8;
+  unsigned short* Qs = reinterpret_cast<unsigned short*>(attn_mma_smem);
+  unsigned short* Ks = Qs + l16 * qs;
+  unsigned short* Vt = Ks + l16 * qs;
+  const int tid = threadIdx.x, nt = blockDim.x, cg = d16 >> 2;
+  const bool vec = dh % 4 == 0 && aligned4(qkv);
+  // Q and K as they are, pads included: each thread writes whole words (no two threads share
+  // one), consecutive threads consecutive columns of a row.
+  for (int e = tid; e < l16 * cg; e += nt) {
+    const int r = e / cg, c = (e - r * cg) << 2;
+    const unsigned short* row = r < len ? x + (size_t)r * 3 * d : nullptr;
+    *reinterpret_cast<uint2*>(Qs + r * qs + c) = four_at(row, c, dh, vec);
+    *reinterpret_cast<uint2*>(Ks + r * qs + c) = four_at(row ? row + d : nullptr, c, dh, vec);
+  }
+  // V transposed: a thread takes two consecutive rows (keys) of four columns, so each word of
+  // Vt (two keys of one column) is written whole by one thread.
+  for (int e = tid; e < (l16 >> 1) * cg; e += nt) {
+    const int r = (e / cg) << 1, c = (e % cg) << 2;
+    const uint2 v0 = four_at(r < len ? x + (size_t)r * 3 * d + 2 * d : nullptr, c, dh, vec);
+    const uint2 v1 = four_at(r + 1 < len ? x + (size_t)(r + 1) * 3 * d + 2 * d : nullptr, c, dh, vec);
+    unsigned* col = reinterpret_cast<unsigned*>(Vt + c * vs + r);
+    col[0] = (v0.x & 0xffffu) | v1.x << 16;
+    col[vs / 2] = v0.x >> 16 | (v1.x & 0xffff0000u);
+    col[vs] = (v0.y & 0xffffu) | v1.y << 16;
+    col[3 * vs / 2] = v0.y >> 16 | (v1.y & 0xffff0000u);
+  }
+  const size_t poff = prob_offset(offsets, b, heads, red) + (size_t)h * len * len;
+  __syncthreads();
+
+  const int lane = tid & 31, g = lane >> 2, t2 = (lane & 3) << 1, r0 = (tid >> 5) << 4;
+  // S = Q·Kᵀ for rows r0..r0+15: s[n] is keys 8n..8n+7 (lane: rows r0+g, r0+g+8, keys 8n+t2, +1).
+  float s[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+  for (int k0 = 0; k0 < d16; k0 += 16) {
+    const unsigned short* qa = Qs + (r0 + g) * qs + k0 + t2;
+    const unsigned a0 = pair_at(qa), a1 = pair_at(qa + 8 * qs), a2 = pair_at(qa + 8), a3 = pair_at(qa + 8 * qs + 8);
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      if (n < (l16 >> 3)) {
+        const unsigned short* kb = Ks + (n * 8 + g) * qs + k0 + t2;
+        mma_bf16(s[n], a0, a1, a2, a3, pair_at(kb), pair_at(kb + 8));
+      }
+    }
+  }
+
+  // Softmax of each row (index i >> 1 of the lane's two rows), pad keys -inf.
+  float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      s[n][i] = n * 8 + t2 + (i & 1) < len ? s[n][i] * scale : -INFINITY;
+      m[i >> 1] = fmaxf(m[i >> 1], s[n][i]);
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 1));
+    m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 2));
+  }
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      s[n][i] = expf(s[n][i] - m[i >> 1]);
+      sum[i >> 1] += s[n][i];
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+    sum[r] = 1.0f / sum[r];
+  }
+  __nv_bfloat16* pg = probs + poff;
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      s[n][i] *= sum[i >> 1];
+      const int row = r0 + g + ((i >> 1) << 3), key = n * 8 + t2 + (i & 1);
+      if (row < len && key < len) pg[row * len + key] = __float2bfloat16(s[n][i]);
+    }
+
+  // O = P·V: keys 16j..16j+15 of P are S's tiles 2j and 2j + 1, rounded as stored.
+  float acc[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (j < (l16 >> 4)) {
+      const unsigned a0 = bf16_pair(s[2 * j][0], s[2 * j][1]), a1 = bf16_pair(s[2 * j][2], s[2 * j][3]);
+      const unsigned a2 = bf16_pair(s[2 * j + 1][0], s[2 * j + 1][1]), a3 = bf16_pair(s[2 * j + 1][2], s[2 * j + 1][3]);
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        if (n < (d16 >> 3)) {
+          const unsigned short* vb = Vt + (n * 8 + g) * vs + j * 16 + t2;
+          mma_bf16(acc[n], a0, a1, a2, a3, pair_at(vb), pair_at(vb + 8));
+        }
+      }
+    }
+  }
+  // Columns 8n + t2, +1 of rows r0 + g (acc[n][0..1]) and r0 + g + 8 (acc[n][2..3]).
+  const bool words = dh % 2 == 0 && (reinterpret_cast<uintptr_t>(out) & 3) == 0;
+#pragma unroll
+  for (int n = 0; n < 16; ++n)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = r0 + g + (half << 3), c = n * 8 + t2;
+      if (n >= (d16 >> 3) || row >= len || c >= dh) continue;
+      __nv_bfloat16* dst = o + (size_t)row * d + c;
+      const float v0 = acc[n][2 * half], v1 = acc[n][2 * half + 1];
+      if (words) {  // dh even, so c + 1 < dh
+        *reinterpret_cast<unsigned*>(dst) = bf16_pair(v0, v1);
+      } else {
+        dst[0] = __float2bfloat16(v0);
+        if (c + 1 < dh) dst[1] = __float2bfloat16(v1);
+      }
+    }
+}
+
 }  // namespace attention
 
 // out [tokens, d] = softmax(scale · Q Kᵀ) V per (item, head); probs as described above.
@@ -475,12 +671,12 @@ extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS, 2)
                       float* out, float* probs) {
   attention::fwd<float>(qkv, offsets, heads, dh, max_len, scale, out, probs);
 }
-// bf16 storage: qkv, out and probs stored as bf16 (each value rounded once, as it is stored);
-// the arithmetic is the f32 entry's, on the values widened as they are loaded.
-extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS, 2)
+// bf16 storage: qkv, out and probs stored as bf16, the products on the tensor cores
+// (version 2 above: one warp per 16 query rows, blockDim.x = 32 · ceil(max_len / 16)).
+extern "C" __global__ void __launch_bounds__(32 * attention::MMA_MAX_WARPS)
     attention_fwd_bf16(const __nv_bfloat16* qkv, const uint32_t* offsets, int heads, int dh, int max_len,
                        float scale, __nv_bfloat16* out, __nv_bfloat16* probs) {
-  attention::fwd<__nv_bfloat16>(qkv, offsets, heads, dh, max_len, scale, out, probs);
+  attention::fwd_mma(qkv, offsets, heads, dh, max_len, scale, out, probs);
 }
 
 // dqkv [tokens, 3d] (written whole: every row of every item, every head's columns); with

@@ -383,3 +383,33 @@ fn a_copy_still_reading_memory_another_stream_overwrites_is_a_race() {
         result::stream::destroy(copies).ok();
     }
 }
+
+/// bf16 bits of small multiples of 1/4 (exact in bf16, and every sum of their products exact
+/// in f32), two to a 32-bit word, the first in the low half.
+fn bf16_words(v: &[f32]) -> u64 {
+    let words: Vec<f32> =
+        v.chunks(2).map(|p| f32::from_bits((p[0].to_bits() >> 16) | (p[1].to_bits() & 0xffff_0000))).collect();
+    upload(&words)
+}
+
+#[test]
+fn mma_computes_a_warps_tile_from_the_fragments_the_ptx_isa_assigns() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("mma_tile") else { return };
+    let a: Vec<f32> = (0..256).map(|i| ((i * 7 % 13) as f32 - 6.0) / 4.0).collect();
+    let b: Vec<f32> = (0..128).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+    let c: Vec<f32> = (0..128).map(|i| (i % 9) as f32 - 4.0).collect();
+    let (pa, pb, pc, pd) = (bf16_words(&a), bf16_words(&b), upload(&c), upload(&[0.0; 128]));
+    launch(&d, "mma_tile", 1, 32, &[pa, pb, pc, pd]).expect("one whole warp");
+    let got = download(pd, 128);
+    for i in 0..16 {
+        for j in 0..8 {
+            let want = c[i * 8 + j] + (0..16).map(|k| a[i * 16 + k] * b[k * 8 + j]).sum::<f32>();
+            assert_eq!(got[i * 8 + j], want, "D[{i}][{j}]");
+        }
+    }
+    let e = launch(&d, "mma_tile", 1, 16, &[pa, pb, pc, pd]).expect_err("half a warp");
+    for part in ["kernel `mma_tile`", "mma.sync needs all 32 lanes of warp 0"] {
+        assert!(e.contains(part), "missing `{part}` in: {e}");
+    }
+}

@@ -161,6 +161,11 @@ comparisons() {
       bw("join bwd + sums (4 x)", 4 * N, "layernorm_4608x1024/join_bwd", "")
       ratio("attention fwd vs SDPA", "attention_128x8x36x128/fwd", "sdpa_fwd fp32")
       ratio("attention fwd+bwd vs SDPA", "attention_128x8x36x128/fwd_bwd", "sdpa_fwd_bwd fp32")
+      ratio("attention bf16 fwd (tensor cores) vs SDPA bf16", "attention_128x8x36x128/fwd_bf16", "sdpa_fwd bf16")
+      ratio("attention bf16 fwd+bwd vs SDPA bf16", "attention_128x8x36x128/fwd_bwd_bf16", "sdpa_fwd_bwd bf16")
+      a = "attention_128x8x36x128/fwd_bf16"; b = "attention_128x8x36x128/fwd"
+      if (a in s && b in s) printf "%-28s tensor cores %9.4f ms  fp32 FMA %9.4f ms  ratio %.2f\n", "attention fwd: bf16 mma vs fp32 FMA", s[a], s[b], s[a] / s[b]
+      else printf "%-28s missing: %s %s\n", "attention fwd: bf16 mma vs fp32 FMA", (a in s ? "" : a), (b in s ? "" : b)
       a = "attention_128x8x36x128/fwd_bwd_bias"; b = "attention_128x8x36x128/fwd_bwd_then_bias_bwd"
       if (a in s && b in s) printf "%-28s fused %9.4f ms  unfused %9.4f ms  ratio %.2f (fused/unfused)\n", "attention + qkv bias grad", s[a], s[b], s[a] / s[b]
       else printf "%-28s missing: %s %s\n", "attention + qkv bias grad", (a in s ? "" : a), (b in s ? "" : b)

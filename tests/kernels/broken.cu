@@ -90,3 +90,25 @@ extern "C" __global__ void grid_rotate(const float* in, float* stage, float* out
   grid::grid_sync(barrier);
   if (threadIdx.x == 0) out[b] = __ldcg(stage + (b + 1) % gridDim.x);
 }
+
+// One warp-wide bf16 tensor-core product, D = A·B + C (A 16×16 row-major, B 16×8 row-major
+// [k][n], C and D 16×8 row-major), each lane gathering the fragments the PTX ISA assigns it
+// (g = lane / 4, t = lane % 4; a 32-bit register holds two bf16, the first in its low half).
+// Correct with a whole warp; with fewer lanes it is illegal (mma.sync is warp-wide).
+extern "C" __global__ void mma_tile(const unsigned short* a, const unsigned short* b, const float* c, float* d) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = (lane & 3) * 2;
+  const auto pair = [](const unsigned short* p, int i, int j) { return (unsigned)p[i] | (unsigned)p[j] << 16; };
+  const unsigned a0 = pair(a, g * 16 + t, g * 16 + t + 1), a1 = pair(a, (g + 8) * 16 + t, (g + 8) * 16 + t + 1),
+                 a2 = pair(a, g * 16 + t + 8, g * 16 + t + 9), a3 = pair(a, (g + 8) * 16 + t + 8, (g + 8) * 16 + t + 9);
+  const unsigned b0 = pair(b, t * 8 + g, (t + 1) * 8 + g), b1 = pair(b, (t + 8) * 8 + g, (t + 9) * 8 + g);
+  float d0 = c[g * 8 + t], d1 = c[g * 8 + t + 1], d2 = c[(g + 8) * 8 + t], d3 = c[(g + 8) * 8 + t + 1];
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  d[g * 8 + t] = d0;
+  d[g * 8 + t + 1] = d1;
+  d[(g + 8) * 8 + t] = d2;
+  d[(g + 8) * 8 + t + 1] = d3;
+}

@@ -15,6 +15,7 @@ use super::gemm::{Strided, gemm_strided};
 use super::pack::transpose_lines_avx;
 use super::simd;
 use crate::backend::{Precision, prob_offsets};
+use crate::tensor::DType;
 
 /// Split `buf` into consecutive chunks of `unit × (ends[i+1] - ends[i])` elements.
 fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a mut [T]> {
@@ -31,6 +32,16 @@ fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a
 /// path.
 fn softmax_rows(p: &mut [f32], len: usize) {
     simd::vectorised!(softmax_rows_inline(p, len))
+}
+
+/// The probabilities P V multiplies: each row's softmax, stored as `store` stores them (bf16:
+/// rounded here, before the product, so that the context is the stored probabilities times V,
+/// as the backward differentiates it and as the GPU's tensor-core kernel multiplies them).
+fn probabilities(p: &mut [f32], len: usize, store: DType) {
+    softmax_rows(p, len);
+    if store != DType::F32 {
+        simd::vectorised!(store.round_all(p))
+    }
 }
 
 /// [`softmax_rows`]' loop, always inlined into the function `vectorised!` compiles for the
@@ -58,7 +69,9 @@ fn softmax_bwd_rows_inline(ds: &mut [f32], p: &[f32], len: usize, scale: f32) {
     }
 }
 
-pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f32>) {
+/// Context `[tokens, d]` and probabilities (per item and head, `len × len`) of values stored
+/// as `store`; with bf16 the probabilities are rounded before P V (`probabilities`).
+pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize, store: DType) -> (Vec<f32>, Vec<f32>) {
     let kernels = dispatch::current();
     let tokens = offsets[offsets.len() - 1];
     let d = qkv.len() / tokens.max(1) / 3;
@@ -87,7 +100,7 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f
                     let (q, k, v) = (x[h * dh..].as_ptr(), x[d + h * dh..].as_ptr(), x[2 * d + h * dh..].as_ptr());
                     head_forward_avx512(
                         Head { q, k, v, row: 3 * d, len, dh },
-                        scale,
+                        (scale, store),
                         &mut kt,
                         p,
                         out[h * dh..].as_mut_ptr(),
@@ -108,7 +121,7 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize) -> (Vec<f32>, Vec<f
                 head_forward_gemm(
                     kernels,
                     Head { q, k, v, row: 3 * d, len, dh },
-                    scale,
+                    (scale, store),
                     p,
                     out[h * dh..].as_mut_ptr(),
                     d,
@@ -138,7 +151,7 @@ struct Head {
 unsafe fn head_forward_gemm(
     kernels: dispatch::Kernels,
     hd: Head,
-    scale: f32,
+    (scale, store): (f32, DType),
     p: &mut [f32],
     out: *mut f32,
     out_row: usize,
@@ -163,7 +176,7 @@ unsafe fn head_forward_gemm(
             Strided::rows(len),
         );
     }
-    softmax_rows(p, len);
+    probabilities(p, len, store);
     // SAFETY: as the caller guarantees.
     unsafe {
         // O = P V
@@ -209,14 +222,21 @@ fn direct_fits(len: usize, dh: usize) -> bool {
 /// `DIRECT_DH * DIRECT_LEN` values (scratch: the lanes past len are computed, never stored).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn head_forward_avx512(hd: Head, scale: f32, kt: &mut [f32], p: &mut [f32], out: *mut f32, out_row: usize) {
+unsafe fn head_forward_avx512(
+    hd: Head,
+    (scale, store): (f32, DType),
+    kt: &mut [f32],
+    p: &mut [f32],
+    out: *mut f32,
+    out_row: usize,
+) {
     let Head { q, k, v, row, len, dh } = hd;
     // SAFETY (all below): as the caller guarantees.
     unsafe {
         // S = scale · Q Kᵀ
         let stride = transpose_keys(k, row, len, dh, kt);
         times_avx512(Operand::rows(q, row), kt.as_ptr(), stride, len, dh, len, scale, p.as_mut_ptr(), len);
-        softmax_rows(p, len);
+        probabilities(p, len, store);
         // O = P V
         times_avx512(Operand::rows(p.as_ptr(), len), v, row, len, len, dh, 1.0, out, out_row);
     }
@@ -585,8 +605,10 @@ mod tests {
                 // kernels exist).
                 unsafe {
                     kt.fill(f32::NAN);
-                    head_forward_gemm(kernels, hd, scale, &mut p_gemm, o_gemm[2..].as_mut_ptr(), out_row);
-                    head_forward_avx512(hd, scale, &mut kt, &mut p_direct, o_direct[2..].as_mut_ptr(), out_row);
+                    // bf16 storage on every other shape (its probabilities rounded before P V).
+                    let how = (scale, if len % 2 == 0 { DType::Bf16 } else { DType::F32 });
+                    head_forward_gemm(kernels, hd, how, &mut p_gemm, o_gemm[2..].as_mut_ptr(), out_row);
+                    head_forward_avx512(hd, how, &mut kt, &mut p_direct, o_direct[2..].as_mut_ptr(), out_row);
                     let d_o = dout[2..].as_ptr();
                     kt.fill(f32::NAN);
                     let (ds, dx) = (&mut ds_gemm, dx_gemm.as_mut_ptr());
