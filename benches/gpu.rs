@@ -188,8 +188,7 @@ mod gpu {
             let dqkv = dev.attention_bwd(&qkv, &p, &seg, cfg.heads, &o, None).expect("attention");
             black_box(dev.bias_bwd(&dqkv, dbias.view_mut())).expect("bias_bwd");
         });
-        // bf16 storage: the forward on tensor cores (kernels/attention.cu, version 2), the
-        // backward on the FMA units from bf16 values.
+        // bf16 storage: forward and backward on the tensor cores (kernels/attention.cu, version 2).
         let qkv16 = dev.convert(qkv.view(), DType::Bf16).expect("bf16 qkv").reshape(qkv.shape());
         bench(&mut g, "fwd_bf16", dev, |dev| drop(black_box(dev.attention_fwd(&qkv16, &seg, cfg.heads))));
         bench(&mut g, "fwd_bwd_bf16", dev, |dev| {

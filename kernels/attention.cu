@@ -8,9 +8,9 @@
 // shared memory come from the batch's longest item (src/backend/cuda/attention.rs).
 // CPU twin: src/backend/cpu/attention.rs::{forward, backward} (and bias_bwd of dqkv for the bias
 // gradient). Test: tests/gpu_attention.rs.
-// Two forwards: version 1 (below, `fwd`) computes in f32 on the FMA units, for f32 storage;
-// version 2 (`fwd_mma`, after the backward) multiplies bf16 storage on the tensor cores. The
-// backward is version 1's design for both storage types.
+// Two versions: version 1 (below, `fwd`, `bwd`) computes in f32 on the FMA units, for f32
+// storage; version 2 (`fwd_mma`, `bwd_mma`, after them) multiplies bf16 storage on the tensor
+// cores (mma.sync m16n8k16), a warp per 16 rows.
 //
 // Why one block holds everything: at len 36 a head's Q, K, V are 55 KB and the score matrix
 // 5 KB, so the whole problem of an (item, head) fits on chip; each input is read from device
@@ -529,6 +529,103 @@ __device__ __forceinline__ uint2 four_at(const unsigned short* row, int c, int d
   return make_uint2(v[0] | v[1] << 16, v[2] | v[3] << 16);
 }
 
+// Rows r, r + 1 (four columns from c: v0, v1) into the transposed T [D16][ts]: four words,
+// each two consecutive rows of one column, each written whole by this thread (so no two
+// threads share a shared-memory word).
+__device__ __forceinline__ void transpose_pair(unsigned short* T, int ts, int r, int c, uint2 v0, uint2 v1) {
+  unsigned* col = reinterpret_cast<unsigned*>(T + c * ts + r);
+  col[0] = (v0.x & 0xffffu) | v1.x << 16;
+  col[ts / 2] = v0.x >> 16 | (v1.x & 0xffff0000u);
+  col[ts] = (v0.y & 0xffffu) | v1.y << 16;
+  col[3 * ts / 2] = v0.y >> 16 | (v1.y & 0xffff0000u);
+}
+
+// A warp's 16 rows (r0..) of accumulator tiles acc[n] (columns 8n..8n+7) rounded to bf16 into
+// g[row · stride + col], rows < len, columns < dh; 2 values per 4-byte write when `words`
+// (dh even, stride even, g 4-byte aligned). Lane 4·gi + t holds rows r0 + gi (acc[n][0..1])
+// and r0 + gi + 8 (acc[n][2..3]), columns 8n + 2t, + 1.
+__device__ __forceinline__ void store_tiles(__nv_bfloat16* g, size_t stride, const float (&acc)[16][4], int r0,
+                                            int len, int dh, bool words) {
+  const int lane = threadIdx.x & 31, gi = lane >> 2, t2 = (lane & 3) << 1;
+#pragma unroll
+  for (int n = 0; n < 16; ++n)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = r0 + gi + (half << 3), c = n * 8 + t2;
+      if (row >= len || c >= dh) continue;
+      __nv_bfloat16* dst = g + (size_t)row * stride + c;
+      const float v0 = acc[n][2 * half], v1 = acc[n][2 * half + 1];
+      if (words) {  // dh even, so c + 1 < dh
+        *reinterpret_cast<unsigned*>(dst) = bf16_pair(v0, v1);
+      } else {
+        dst[0] = __float2bfloat16(v0);
+        if (c + 1 < dh) dst[1] = __float2bfloat16(v1);
+      }
+    }
+}
+
+// The value x rounds to as bf16, in f32.
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// A fragment of Mᵀ (rows m0..m0+15 of Mᵀ, columns k0..k0+15) from M, f32 [..][ls] holding bf16
+// values (so the pairs are exact): register (row i, columns 2t, 2t + 1) of Mᵀ is M[k0 + 2t][m0 + i],
+// M[k0 + 2t + 1][m0 + i], two rows of M, one column.
+__device__ __forceinline__ void a_of_transposed(const float* M, int ls, int m0, int k0, unsigned (&a)[4]) {
+  const int lane = threadIdx.x & 31, gi = lane >> 2, t2 = (lane & 3) << 1;
+  const auto pair = [&](int k, int m) { return bf16_pair(M[k * ls + m], M[(k + 1) * ls + m]); };
+  a[0] = pair(k0 + t2, m0 + gi);
+  a[1] = pair(k0 + t2, m0 + gi + 8);
+  a[2] = pair(k0 + t2 + 8, m0 + gi);
+  a[3] = pair(k0 + t2 + 8, m0 + gi + 8);
+}
+
+// s = A·Bᵀ for a warp's 16 rows r0.. of A and the first `keys` (a multiple of 16) rows of B,
+// both bf16 [..][stride] with k along the row (d16 of it): s[n] is B's rows 8n..8n+7. Each 16
+// of k: one A fragment (4 loads), then per 8 rows of B a B fragment (2 loads) and an mma.
+__device__ __forceinline__ void rows_times_rows(const unsigned short* A, const unsigned short* B, int stride, int r0,
+                                                int keys, int d16, float (&s)[8][4]) {
+  const int lane = threadIdx.x & 31, gi = lane >> 2, t2 = (lane & 3) << 1;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+  for (int k0 = 0; k0 < d16; k0 += 16) {
+    const unsigned short* a = A + (r0 + gi) * stride + k0 + t2;
+    const unsigned a0 = pair_at(a), a1 = pair_at(a + 8 * stride), a2 = pair_at(a + 8), a3 = pair_at(a + 8 * stride + 8);
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      if (n < (keys >> 3)) {
+        const unsigned short* b = B + (n * 8 + gi) * stride + k0 + t2;
+        mma_bf16(s[n], a0, a1, a2, a3, pair_at(b), pair_at(b + 8));
+      }
+    }
+  }
+}
+
+// acc = T·B for the warp's 16 rows of T, held as accumulator tiles t[n] (columns 8n..8n+7 of
+// `keys`, a multiple of 16; values rounded to bf16 here), and Bt = Bᵀ, bf16 [d16][ts]: the tiles
+// 2j and 2j + 1 of T are exactly the A fragment of its columns 16j..16j+15, so T never leaves
+// the registers; a B fragment is two consecutive rows of B, one 32-bit load of Bt.
+__device__ __forceinline__ void tiles_times(const float (&t)[8][4], const unsigned short* Bt, int ts, int keys, int d16,
+                                            float (&acc)[16][4]) {
+  const int lane = threadIdx.x & 31, gi = lane >> 2, t2 = (lane & 3) << 1;
+#pragma unroll
+  for (int n = 0; n < 16; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (j < (keys >> 4)) {
+      const unsigned a0 = bf16_pair(t[2 * j][0], t[2 * j][1]), a1 = bf16_pair(t[2 * j][2], t[2 * j][3]);
+      const unsigned a2 = bf16_pair(t[2 * j + 1][0], t[2 * j + 1][1]);
+      const unsigned a3 = bf16_pair(t[2 * j + 1][2], t[2 * j + 1][3]);
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        if (n < (d16 >> 3)) {
+          const unsigned short* b = Bt + (n * 8 + gi) * ts + j * 16 + t2;
+          mma_bf16(acc[n], a0, a1, a2, a3, pair_at(b), pair_at(b + 8));
+        }
+      }
+    }
+  }
+}
+
 __device__ void fwd_mma(const __nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ offsets, int heads, int dh,
                         int max_len, float scale, __nv_bfloat16* __restrict__ out, __nv_bfloat16* __restrict__ probs) {
   extern __shared__ float4 attn_mma_smem[];
@@ -563,31 +660,16 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ qkv, const uint32_t* _
     const int r = (e / cg) << 1, c = (e % cg) << 2;
     const uint2 v0 = four_at(r < len ? x + (size_t)r * 3 * d + 2 * d : nullptr, c, dh, vec);
     const uint2 v1 = four_at(r + 1 < len ? x + (size_t)(r + 1) * 3 * d + 2 * d : nullptr, c, dh, vec);
-    unsigned* col = reinterpret_cast<unsigned*>(Vt + c * vs + r);
-    col[0] = (v0.x & 0xffffu) | v1.x << 16;
-    col[vs / 2] = v0.x >> 16 | (v1.x & 0xffff0000u);
-    col[vs] = (v0.y & 0xffffu) | v1.y << 16;
-    col[3 * vs / 2] = v0.y >> 16 | (v1.y & 0xffff0000u);
+    transpose_pair(Vt, vs, r, c, v0, v1);
   }
   const size_t poff = prob_offset(offsets, b, heads, red) + (size_t)h * len * len;
   __syncthreads();
 
   const int lane = tid & 31, g = lane >> 2, t2 = (lane & 3) << 1, r0 = (tid >> 5) << 4;
+  if (r0 >= l16) return;  // a warp the batch's longest item needs and this one does not
   // S = Q·Kᵀ for rows r0..r0+15: s[n] is keys 8n..8n+7 (lane: rows r0+g, r0+g+8, keys 8n+t2, +1).
   float s[8][4];
-#pragma unroll
-  for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-  for (int k0 = 0; k0 < d16; k0 += 16) {
-    const unsigned short* qa = Qs + (r0 + g) * qs + k0 + t2;
-    const unsigned a0 = pair_at(qa), a1 = pair_at(qa + 8 * qs), a2 = pair_at(qa + 8), a3 = pair_at(qa + 8 * qs + 8);
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      if (n < (l16 >> 3)) {
-        const unsigned short* kb = Ks + (n * 8 + g) * qs + k0 + t2;
-        mma_bf16(s[n], a0, a1, a2, a3, pair_at(kb), pair_at(kb + 8));
-      }
-    }
-  }
+  rows_times_rows(Qs, Ks, qs, r0, l16, d16, s);
 
   // Softmax of each row (index i >> 1 of the lane's two rows), pad keys -inf.
   float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.0f, 0.0f};
@@ -626,41 +708,146 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ qkv, const uint32_t* _
       if (row < len && key < len) pg[row * len + key] = __float2bfloat16(s[n][i]);
     }
 
-  // O = P·V: keys 16j..16j+15 of P are S's tiles 2j and 2j + 1, rounded as stored.
+  // O = P·V, P rounded as stored.
   float acc[16][4];
+  tiles_times(s, Vt, vs, l16, d16, acc);
+  store_tiles(o, d, acc, r0, len, dh, dh % 2 == 0 && (reinterpret_cast<uintptr_t>(out) & 3) == 0);
+}
+
+// ---- Version 2 of the backward, on tensor cores (bf16 storage) ------------------------------
+// The five products of version 1's backward on mma.sync, as the forward above. CPU twin:
+// src/backend/cpu/attention.rs::backward with bf16 storage, which rounds dS to bf16 before
+// dQ = dS·K and dK = dSᵀ·Q (the tensor cores multiply bf16; every other operand, P, dO, Q, K,
+// V, is bf16 as stored already). Test: tests/gpu_dtype.rs.
+// Shared memory (bf16 bits unless said):
+//   dO, V        [L16][D16 + 8]  as stored: dP = dO·Vᵀ's A (dO's rows) and B (V's rows)
+//   Kt, Qt, dOt  [D16][L16 + 8]  transposed: the B of dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO, whose
+//                                k runs down the tokens (a register: two consecutive tokens)
+//   P, dS (f32)  [L16][L16 + 4]  P widened from the saved probabilities; dS as phase 1 leaves
+//                                it (bf16 values), for phase 2's transposed A fragments
+//   len 36, dh 128: 2 · 13.1 + 3 · 14.3 + 2 · 10.0 KB = 89.1 KB; len 64: 124.9 KB.
+// Phase 1, warp w owns query rows 16w..16w+15: dP = dO·Vᵀ in registers (as S in the forward);
+//   dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, the row sums over a quad (2 shuffles), rounded to
+//   bf16 and written to dS; dQ = dS·K with dS's tiles as the A fragments (as P in the
+//   forward), stored. A barrier. Phase 2, warp w owns key rows 16w..16w+15: dV = Pᵀ·dO, stored,
+//   then dK = dSᵀ·Q, stored; Pᵀ's and dSᵀ's A fragments are gathered from two rows of P, dS.
+// FLOPs at the bench shape: 1.36 G, about 2 µs at H100's dense bf16 rate; the loads (qkv, dout,
+// probs: 40 MB in bf16) and the stores (dqkv, 28 MB) set its floor. Timing: owed to a card.
+constexpr int MMA_BWD_MAX_WARPS = 4;  // len <= 64
+
+__device__ void bwd_mma(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ probs,
+                        const uint32_t* __restrict__ offsets, int heads, int dh, int max_len, float scale,
+                        const __nv_bfloat16* __restrict__ dout, __nv_bfloat16* __restrict__ dqkv) {
+  extern __shared__ float4 attn_mma_bwd_smem[];
+  __shared__ unsigned long long red[MMA_BWD_MAX_WARPS];
+  const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
+  const size_t d = (size_t)heads * dh;
+  const int start = offsets[b], len = max(0, (int)offsets[b + 1] - start);
+  __nv_bfloat16* dx = dqkv + (size_t)start * 3 * d + (size_t)h * dh;
+  if (len == 0 || len > max_len) {
+    for (int part = 0; part < 3; ++part) poison_rows(dx + part * d, 3 * d, len, dh);
+    return;
+  }
+  const unsigned short* x = reinterpret_cast<const unsigned short*>(qkv) + (size_t)start * 3 * d + (size_t)h * dh;
+  const unsigned short* go = reinterpret_cast<const unsigned short*>(dout) + (size_t)start * d + (size_t)h * dh;
+  const int l16 = (len + 15) & ~15, d16 = (dh + 15) & ~15, qs = d16 + 8, ts = l16 + 8, ps = l16 + 4;
+  unsigned short* dOs = reinterpret_cast<unsigned short*>(attn_mma_bwd_smem);
+  unsigned short* Vs = dOs + l16 * qs;
+  unsigned short* Kt = Vs + l16 * qs;
+  unsigned short* Qt = Kt + d16 * ts;
+  unsigned short* dOt = Qt + d16 * ts;
+  float* P = reinterpret_cast<float*>(dOt + d16 * ts);  // 16-byte aligned: every array above is
+  float* dS = P + l16 * ps;                              // a multiple of 16 rows of 8 values
+  const size_t poff = prob_offset(offsets, b, heads, red) + (size_t)h * len * len;
+  const int tid = threadIdx.x, nt = blockDim.x, cg = d16 >> 2;
+  const bool vec = dh % 4 == 0 && aligned4(qkv) && aligned4(dout);
+  // Two consecutive tokens of four columns per thread: dO and V as stored, Q, K and dO
+  // transposed; consecutive threads read consecutive columns.
+  for (int e = tid; e < (l16 >> 1) * cg; e += nt) {
+    const int r = (e / cg) << 1, c = (e % cg) << 2;
+    const unsigned short* x0 = r < len ? x + (size_t)r * 3 * d : nullptr;
+    const unsigned short* x1 = r + 1 < len ? x + (size_t)(r + 1) * 3 * d : nullptr;
+    const unsigned short* o0 = r < len ? go + (size_t)r * d : nullptr;
+    const unsigned short* o1 = r + 1 < len ? go + (size_t)(r + 1) * d : nullptr;
+    const uint2 q0 = four_at(x0, c, dh, vec), q1 = four_at(x1, c, dh, vec);
+    const uint2 k0 = four_at(x0 ? x0 + d : nullptr, c, dh, vec), k1 = four_at(x1 ? x1 + d : nullptr, c, dh, vec);
+    const uint2 v0 = four_at(x0 ? x0 + 2 * d : nullptr, c, dh, vec);
+    const uint2 v1 = four_at(x1 ? x1 + 2 * d : nullptr, c, dh, vec);
+    const uint2 g0 = four_at(o0, c, dh, vec), g1 = four_at(o1, c, dh, vec);
+    *reinterpret_cast<uint2*>(dOs + r * qs + c) = g0;
+    *reinterpret_cast<uint2*>(dOs + (r + 1) * qs + c) = g1;
+    *reinterpret_cast<uint2*>(Vs + r * qs + c) = v0;
+    *reinterpret_cast<uint2*>(Vs + (r + 1) * qs + c) = v1;
+    transpose_pair(Kt, ts, r, c, k0, k1);
+    transpose_pair(Qt, ts, r, c, q0, q1);
+    transpose_pair(dOt, ts, r, c, g0, g1);
+  }
+  const __nv_bfloat16* pg = probs + poff;
+  for (int e = tid; e < l16 * l16; e += nt) {
+    const int r = e / l16, c = e - r * l16;
+    P[r * ps + c] = r < len && c < len ? __bfloat162float(pg[r * len + c]) : 0.0f;
+  }
+  __syncthreads();
+
+  const int lane = tid & 31, g = lane >> 2, t2 = (lane & 3) << 1, w16 = (tid >> 5) << 4;
+  const bool mine = w16 < l16;  // warps the batch's longest item needs and this one does not idle
+  float acc[16][4];
+  const bool words = dh % 2 == 0 && (reinterpret_cast<uintptr_t>(dqkv) & 3) == 0;
+  if (mine) {
+    // Phase 1, query rows w16..w16+15. dP = dO·Vᵀ: ds[n] is keys 8n..8n+7.
+    float ds[8][4];
+    rows_times_rows(dOs, Vs, qs, w16, l16, d16, ds);
+    // dS = P ⊙ (dP − Σ_keys P ⊙ dP) · scale, rounded to bf16; pads have P = 0, so dS = 0.
+    float dot[2] = {0.0f, 0.0f};
 #pragma unroll
-  for (int n = 0; n < 16; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    for (int n = 0; n < 8; ++n)
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    if (j < (l16 >> 4)) {
-      const unsigned a0 = bf16_pair(s[2 * j][0], s[2 * j][1]), a1 = bf16_pair(s[2 * j][2], s[2 * j][3]);
-      const unsigned a2 = bf16_pair(s[2 * j + 1][0], s[2 * j + 1][1]), a3 = bf16_pair(s[2 * j + 1][2], s[2 * j + 1][3]);
+      for (int i = 0; i < 4; ++i)
+        if (n < (l16 >> 3)) dot[i >> 1] += P[(w16 + g + ((i >> 1) << 3)) * ps + n * 8 + t2 + (i & 1)] * ds[n][i];
 #pragma unroll
-      for (int n = 0; n < 16; ++n) {
-        if (n < (d16 >> 3)) {
-          const unsigned short* vb = Vt + (n * 8 + g) * vs + j * 16 + t2;
-          mma_bf16(acc[n], a0, a1, a2, a3, pair_at(vb), pair_at(vb + 8));
+    for (int r = 0; r < 2; ++r) {
+      dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
+      dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
+    }
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (n >= (l16 >> 3)) continue;
+        const int at = (w16 + g + ((i >> 1) << 3)) * ps + n * 8 + t2 + (i & 1);
+        ds[n][i] = bf16_round(P[at] * (ds[n][i] - dot[i >> 1]) * scale);
+        dS[at] = ds[n][i];
+      }
+    // dQ = dS·K
+    tiles_times(ds, Kt, ts, l16, d16, acc);
+    store_tiles(dx, 3 * d, acc, w16, len, dh, words);
+  }
+  __syncthreads();  // every warp's rows of dS are written
+  if (!mine) return;
+
+  // Phase 2, key rows w16..w16+15: dV = Pᵀ·dO, then dK = dSᵀ·Q.
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    const float* M = part == 0 ? P : dS;
+    const unsigned short* B = part == 0 ? dOt : Qt;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j < (l16 >> 4)) {
+        unsigned a[4];
+        a_of_transposed(M, ps, w16, j * 16, a);
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+          if (n < (d16 >> 3)) {
+            const unsigned short* bb = B + (n * 8 + g) * ts + j * 16 + t2;
+            mma_bf16(acc[n], a[0], a[1], a[2], a[3], pair_at(bb), pair_at(bb + 8));
+          }
         }
       }
     }
+    store_tiles(dx + (part == 0 ? 2 : 1) * d, 3 * d, acc, w16, len, dh, words);
   }
-  // Columns 8n + t2, +1 of rows r0 + g (acc[n][0..1]) and r0 + g + 8 (acc[n][2..3]).
-  const bool words = dh % 2 == 0 && (reinterpret_cast<uintptr_t>(out) & 3) == 0;
-#pragma unroll
-  for (int n = 0; n < 16; ++n)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = r0 + g + (half << 3), c = n * 8 + t2;
-      if (n >= (d16 >> 3) || row >= len || c >= dh) continue;
-      __nv_bfloat16* dst = o + (size_t)row * d + c;
-      const float v0 = acc[n][2 * half], v1 = acc[n][2 * half + 1];
-      if (words) {  // dh even, so c + 1 < dh
-        *reinterpret_cast<unsigned*>(dst) = bf16_pair(v0, v1);
-      } else {
-        dst[0] = __float2bfloat16(v0);
-        if (c + 1 < dh) dst[1] = __float2bfloat16(v1);
-      }
-    }
 }
 
 }  // namespace attention
@@ -688,11 +875,12 @@ extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS)
   if (partial != nullptr) attention::bias_grad<float>(dqkv, offsets, heads, dh, partial, dbias, counters);
 }
 
-// bf16 storage of qkv, probs, dout and dqkv; the bias gradient (f32) sums dqkv as stored.
-extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS)
+// bf16 storage of qkv, probs, dout and dqkv, the products on the tensor cores (version 2 above:
+// blockDim.x = 32 · ceil(max_len / 16)); the bias gradient (f32) sums dqkv as stored.
+extern "C" __global__ void __launch_bounds__(32 * attention::MMA_BWD_MAX_WARPS)
     attention_bwd_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* probs, const uint32_t* offsets, int heads,
                        int dh, int max_len, float scale, const __nv_bfloat16* dout, __nv_bfloat16* dqkv,
                        float* partial, float* dbias, unsigned* counters) {
-  attention::bwd<__nv_bfloat16>(qkv, probs, offsets, heads, dh, max_len, scale, dout, dqkv);
+  attention::bwd_mma(qkv, probs, offsets, heads, dh, max_len, scale, dout, dqkv);
   if (partial != nullptr) attention::bias_grad<__nv_bfloat16>(dqkv, offsets, heads, dh, partial, dbias, counters);
 }

@@ -57,6 +57,15 @@ fn softmax_rows_inline(p: &mut [f32], len: usize) {
     }
 }
 
+/// dS from dP in place (`softmax_bwd_rows_inline`), stored as `store` stores it: bf16 rounds
+/// it before dQ = dS K and dK = dSᵀ Q, as the GPU's tensor cores multiply it.
+fn score_gradients(ds: &mut [f32], p: &[f32], len: usize, (scale, store): (f32, DType)) {
+    simd::vectorised!(softmax_bwd_rows_inline(ds, p, len, scale));
+    if store != DType::F32 {
+        simd::vectorised!(store.round_all(ds))
+    }
+}
+
 /// dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, in place of dP (`ds`), each row's sum in eight
 /// partial sums; always inlined, as [`softmax_rows_inline`] is and for the same reason.
 #[inline(always)]
@@ -253,7 +262,7 @@ unsafe fn head_forward_avx512(
 #[allow(clippy::too_many_arguments)]
 unsafe fn head_backward_avx512(
     hd: Head,
-    scale: f32,
+    (scale, store): (f32, DType),
     p: &[f32],
     d_o: *const f32,
     d_row: usize,
@@ -274,7 +283,7 @@ unsafe fn head_backward_avx512(
         let stride = transpose_keys(v, row, len, dh, kt);
         times_avx512(Operand::rows(d_o, d_row), kt.as_ptr(), stride, len, dh, len, 1.0, ds.as_mut_ptr(), len);
     }
-    simd::vectorised!(softmax_bwd_rows_inline(ds, p, len, scale));
+    score_gradients(ds, p, len, (scale, store));
     // SAFETY: as the caller guarantees.
     unsafe {
         // dQ = dS K ; dK = dSᵀ Q
@@ -421,7 +430,9 @@ unsafe fn times<const V: usize>(
     }
 }
 
-pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dout: &[f32]) -> Vec<f32> {
+/// dqkv `[tokens, 3d]` of values stored as `store`; with bf16, dS is rounded before dQ and dK
+/// (`score_gradients`).
+pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dout: &[f32], store: DType) -> Vec<f32> {
     let kernels = dispatch::current();
     let tokens = offsets[offsets.len() - 1];
     let d = qkv.len() / tokens.max(1) / 3;
@@ -450,12 +461,12 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
             #[cfg(target_arch = "x86_64")]
             if let Some(kt) = kt.as_mut() {
                 // SAFETY: the path has AVX-512 F (`direct`) and the head fits; as below.
-                unsafe { head_backward_avx512(hd, scale, p, d_o, d, kt, &mut ds, dx.as_mut_ptr(), 3 * d, at) };
+                unsafe { head_backward_avx512(hd, (scale, store), p, d_o, d, kt, &mut ds, dx.as_mut_ptr(), 3 * d, at) };
                 continue;
             }
             // SAFETY: hd's blocks and dO's len × dh block lie in x and dout; dq/dk/dv address
             // disjoint column blocks of dx's len rows of 3d.
-            unsafe { head_backward_gemm(kernels, hd, scale, p, d_o, d, &mut ds, dx.as_mut_ptr(), 3 * d, at) };
+            unsafe { head_backward_gemm(kernels, hd, (scale, store), p, d_o, d, &mut ds, dx.as_mut_ptr(), 3 * d, at) };
         }
     });
     dqkv
@@ -472,7 +483,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dou
 unsafe fn head_backward_gemm(
     kernels: dispatch::Kernels,
     hd: Head,
-    scale: f32,
+    (scale, store): (f32, DType),
     p: &[f32],
     d_o: *const f32,
     d_row: usize,
@@ -519,7 +530,7 @@ unsafe fn head_backward_gemm(
             Strided::rows(len),
         );
     }
-    simd::vectorised!(softmax_bwd_rows_inline(ds, p, len, scale));
+    score_gradients(ds, p, len, (scale, store));
     // SAFETY: as the caller guarantees.
     unsafe {
         // dQ = dS K ; dK = dSᵀ Q
@@ -612,9 +623,9 @@ mod tests {
                     let d_o = dout[2..].as_ptr();
                     kt.fill(f32::NAN);
                     let (ds, dx) = (&mut ds_gemm, dx_gemm.as_mut_ptr());
-                    head_backward_gemm(kernels, hd, scale, &p_gemm, d_o, d_row, ds, dx, dx_row, at);
+                    head_backward_gemm(kernels, hd, how, &p_gemm, d_o, d_row, ds, dx, dx_row, at);
                     let (ds, dx) = (&mut ds_direct, dx_direct.as_mut_ptr());
-                    head_backward_avx512(hd, scale, &p_gemm, d_o, d_row, &mut kt, ds, dx, dx_row, at);
+                    head_backward_avx512(hd, how, &p_gemm, d_o, d_row, &mut kt, ds, dx, dx_row, at);
                 }
                 assert_eq!(differs(&p_gemm, &p_direct), None, "probabilities, len {len}, dh {dh}");
                 assert_eq!(differs(&o_gemm, &o_direct), None, "context, len {len}, dh {dh}");

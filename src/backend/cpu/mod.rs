@@ -528,7 +528,7 @@ impl Backend for Cpu {
         let _timer = profile::time("attention_bwd");
         check_attention_bwd(qkv, probs, seg, heads, dout, dbias.as_ref())?;
         dispatch::active()?;
-        let mut dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu());
+        let mut dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu(), qkv.dtype());
         elementwise::store_as(qkv.dtype(), &mut dqkv);
         if let Some(db) = dbias {
             elementwise::bias_bwd(&dqkv, db.cpu());

@@ -3,12 +3,11 @@
 //!
 //! One block per (item, head) holds that head's Q, K, V (and dO) plus the `len × len` scores in
 //! shared memory, so the launch is sized by the batch's longest item: `threads` one per 4×4
-//! output tile, shared memory as in the kernel file's header; the bf16 forward on tensor cores
-//! a warp per 16 query rows (`mma_launch_shape`). Items longer than `MAX_LEN` or
+//! output tile, shared memory as in the kernel file's header; on bf16 storage, the tensor-core
+//! versions a warp per 16 rows (`mma_launch_shape`, `mma_bwd_launch_shape`). Items longer than `MAX_LEN` or
 //! heads wider than `MAX_HEAD_DIM`, or a size the GPU's shared memory cannot hold, are refused
 //! with an error before anything is launched (never a truncated answer).
 
-use super::typed::entry;
 use super::{Arg, Cuda, dev_ids, view_mut_ptr};
 use crate::backend::Segments;
 use crate::tensor::{DType, Tensor, ViewMut};
@@ -38,6 +37,15 @@ pub fn mma_launch_shape(max_len: usize, dh: usize) -> (u32, usize) {
     let (l16, d16) = (max_len.div_ceil(16) * 16, dh.div_ceil(16) * 16);
     let halves = 2 * l16 * (d16 + 8) + d16 * (l16 + 8);
     ((l16.max(16) / 16 * 32) as u32, halves * 2)
+}
+
+/// The same for the bf16 backward on tensor cores (`bwd_mma`): a warp per 16 rows; dO and V
+/// `[L16][D16 + 8]`, K, Q and dO transposed `[D16][L16 + 8]` in bf16, P and dS `[L16][L16 + 4]`
+/// in f32.
+pub fn mma_bwd_launch_shape(max_len: usize, dh: usize) -> (u32, usize) {
+    let (l16, d16) = (max_len.div_ceil(16) * 16, dh.div_ceil(16) * 16);
+    let halves = 2 * l16 * (d16 + 8) + 3 * d16 * (l16 + 8);
+    ((l16.max(16) / 16 * 32) as u32, halves * 2 + 2 * l16 * (l16 + 4) * 4)
 }
 
 /// Threads per block and dynamic shared-memory bytes of a kernel, for (longest item, head dim).
@@ -147,8 +155,11 @@ pub(super) fn backward(
     dout: &Tensor,
     dbias: Option<ViewMut>,
 ) -> Result<Tensor> {
-    let k = entry(qkv.dtype(), "attention_bwd_f32", "attention_bwd_bf16");
-    let p = plan(cuda, ("attention_bwd", k), |len, dh| launch_shape(len, dh, true), qkv, seg, heads)?;
+    let (k, shape): (_, LaunchShape) = match qkv.dtype() {
+        DType::F32 => ("attention_bwd_f32", |len, dh| launch_shape(len, dh, true)),
+        DType::Bf16 => ("attention_bwd_bf16", mma_bwd_launch_shape),
+    };
+    let p = plan(cuda, ("attention_bwd", k), shape, qkv, seg, heads)?;
     let dqkv = cuda.alloc_typed(qkv.shape(), qkv.dtype())?;
     if seg.tokens() == 0 {
         return Ok(dqkv);
@@ -196,5 +207,8 @@ mod tests {
         assert_eq!(mma_launch_shape(36, 128), (96, 40_448));
         assert_eq!(mma_launch_shape(MAX_LEN, MAX_HEAD_DIM), (128, 53_248)); // MMA_MAX_WARPS
         assert_eq!(mma_launch_shape(1, 1), (32, 2 * (2 * 16 * 24 + 16 * 24)));
+        // The tensor-core backward: len 36, dh 128 → 89.1 KB; len 64 → 124.9 KB.
+        assert_eq!(mma_bwd_launch_shape(36, 128), (96, 89_088));
+        assert_eq!(mma_bwd_launch_shape(MAX_LEN, MAX_HEAD_DIM), (128, 124_928)); // MMA_BWD_MAX_WARPS
     }
 }
