@@ -265,7 +265,9 @@ impl<'k> Block<'k> {
             if !ready {
                 continue;
             }
-            if let Op::Mma { .. } = self.k.code[self.pc[waiting[0]]].op {
+            // Any lane at an mma: the whole warp must be at that mma (else an error, never a
+            // lane let through without its product).
+            if waiting.iter().any(|&t| matches!(self.k.code[self.pc[t]].op, Op::Mma { .. })) {
                 self.mma_m16n8k16(w, waiting)?;
                 self.warp_epoch[w] += 1;
                 any = true;
@@ -373,10 +375,11 @@ impl<'k> Block<'k> {
     /// in f64, as bf16 × bf16 is) and C are summed exactly enough in f64 and rounded once, so a
     /// kernel's test can rely on a bound, not on an order.
     fn mma_m16n8k16(&mut self, w: usize, waiting: &[usize]) -> Result<(), String> {
-        let pc = self.pc[waiting[0]];
-        if waiting.len() != 32 || waiting.iter().any(|&t| self.pc[t] != pc) {
-            let t = waiting[0];
-            return Err(self.err(t, format!("mma.sync needs all 32 lanes of warp {w} at the same mma ({} are)", waiting.len())));
+        let t0 = *waiting.iter().find(|&&t| matches!(self.k.code[self.pc[t]].op, Op::Mma { .. })).expect("the caller saw one");
+        let pc = self.pc[t0];
+        let here = waiting.iter().filter(|&&t| self.pc[t] == pc).count();
+        if here != 32 {
+            return Err(self.err(t0, format!("mma.sync needs all 32 lanes of warp {w} at the same mma ({here} are)")));
         }
         let Op::Mma { d, a, b, c } = self.k.code[pc].op.clone() else { unreachable!("checked by the caller") };
         let (mut am, mut bm, mut cm) = ([[0f64; 16]; 16], [[0f64; 8]; 16], [[0f64; 8]; 16]);
