@@ -265,9 +265,11 @@ impl<'k> Block<'k> {
             if !ready {
                 continue;
             }
-            // Any lane at an mma: the whole warp must be at that mma (else an error, never a
-            // lane let through without its product).
-            if waiting.iter().any(|&t| matches!(self.k.code[self.pc[t]].op, Op::Mma { .. })) {
+            // Every waiting lane at an mma: the whole warp must be at that one (else an error).
+            // Lanes at an mma beside lanes at another collective wait on while that one
+            // completes (a lane that shuffles alone first reaches the mma after it).
+            let at_mma = |t: usize| matches!(self.k.code[self.pc[t]].op, Op::Mma { .. });
+            if waiting.iter().all(|&t| at_mma(t)) {
                 self.mma_m16n8k16(w, waiting)?;
                 self.warp_epoch[w] += 1;
                 any = true;
@@ -340,6 +342,7 @@ impl<'k> Block<'k> {
                         results[nres] = (t, Some((*d, v)), None);
                         nres += 1;
                     }
+                    Op::Mma { .. } => {}
                     _ => {
                         results[nres] = (t, None, None);
                         nres += 1;
@@ -363,8 +366,8 @@ impl<'k> Block<'k> {
         Ok(any)
     }
 
-    /// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` for warp `w`, every lane waiting
-    /// at it. Fragments as the PTX ISA assigns them (g = lane / 4, t = lane % 4; a register's
+    /// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` for warp `w`, every waiting lane
+    /// at an mma (all 32 at this one, or an error). Fragments as the PTX ISA assigns them (g = lane / 4, t = lane % 4; a register's
     /// low half is its first element):
     /// - A (16 × 16, row): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
     ///   a3 = A[g+8][2t+8, 2t+9];
@@ -375,7 +378,7 @@ impl<'k> Block<'k> {
     /// in f64, as bf16 × bf16 is) and C are summed exactly enough in f64 and rounded once, so a
     /// kernel's test can rely on a bound, not on an order.
     fn mma_m16n8k16(&mut self, w: usize, waiting: &[usize]) -> Result<(), String> {
-        let t0 = *waiting.iter().find(|&&t| matches!(self.k.code[self.pc[t]].op, Op::Mma { .. })).expect("the caller saw one");
+        let t0 = waiting[0];
         let pc = self.pc[t0];
         let here = waiting.iter().filter(|&&t| self.pc[t] == pc).count();
         if here != 32 {

@@ -392,6 +392,9 @@ fn bf16_words(v: &[f32]) -> u64 {
     upload(&words)
 }
 
+/// The product of one warp's mma, element for element; lane 0 shuffles alone first, and the
+/// other 31 lanes wait for it at the mma (routing the warp by lane 0 once let them through
+/// without their product); half a warp at an mma is an error.
 #[test]
 fn mma_computes_a_warps_tile_from_the_fragments_the_ptx_isa_assigns() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());

@@ -102,6 +102,9 @@ extern "C" __global__ void mma_tile(const unsigned short* a, const unsigned shor
                  a2 = pair(a, g * 16 + t + 8, g * 16 + t + 9), a3 = pair(a, (g + 8) * 16 + t + 8, (g + 8) * 16 + t + 9);
   const unsigned b0 = pair(b, t * 8 + g, (t + 1) * 8 + g), b1 = pair(b, (t + 8) * 8 + g, (t + 9) * 8 + g);
   float d0 = c[g * 8 + t], d1 = c[g * 8 + t + 1], d2 = c[(g + 8) * 8 + t], d3 = c[(g + 8) * 8 + t + 1];
+  // Lane 0 alone shuffles first (legal: its mask is itself): the other lanes wait at the mma
+  // until it arrives.
+  if (lane == 0) d0 = __shfl_sync(1u, d0, 0);
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
