@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::dispatch::{self, CpuPath};
-use super::elementwise::{exp_shifted, sum2};
+use super::elementwise::{exp_shifted, store_as, sum2};
 use super::gemm::{Strided, gemm_strided};
 #[cfg(target_arch = "x86_64")]
 use super::pack::transpose_lines_avx;
@@ -39,9 +39,7 @@ fn softmax_rows(p: &mut [f32], len: usize) {
 /// as the backward differentiates it and as the GPU's tensor-core kernel multiplies them).
 fn probabilities(p: &mut [f32], len: usize, store: DType) {
     softmax_rows(p, len);
-    if store != DType::F32 {
-        simd::vectorised!(store.round_all(p))
-    }
+    store_as(store, p);
 }
 
 /// [`softmax_rows`]' loop, always inlined into the function `vectorised!` compiles for the
@@ -61,9 +59,7 @@ fn softmax_rows_inline(p: &mut [f32], len: usize) {
 /// it before dQ = dS K and dK = dSᵀ Q, as the GPU's tensor cores multiply it.
 fn score_gradients(ds: &mut [f32], p: &[f32], len: usize, (scale, store): (f32, DType)) {
     simd::vectorised!(softmax_bwd_rows_inline(ds, p, len, scale));
-    if store != DType::F32 {
-        simd::vectorised!(store.round_all(ds))
-    }
+    store_as(store, ds);
 }
 
 /// dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, in place of dP (`ds`), each row's sum in eight

@@ -507,11 +507,11 @@ impl Backend for Cpu {
         let _timer = profile::time("attention_fwd");
         check_attention("attention_fwd", qkv, seg, heads)?;
         dispatch::active()?;
+        // The probabilities come back as stored already: P V multiplied them so.
         let store = qkv.dtype();
-        let (mut out, mut probs) = attention::forward(qkv.cpu(), &seg.offsets, heads, store);
+        let (mut out, probs) = attention::forward(qkv.cpu(), &seg.offsets, heads, store);
         let n = probs.len();
         elementwise::store_as(store, &mut out);
-        elementwise::store_as(store, &mut probs);
         let out = Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]).with_dtype(store);
         Ok((out, Tensor::from_cpu(probs, &[n]).with_dtype(store)))
     }

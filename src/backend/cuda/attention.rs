@@ -4,10 +4,11 @@
 //! One block per (item, head) holds that head's Q, K, V (and dO) plus the `len × len` scores in
 //! shared memory, so the launch is sized by the batch's longest item: `threads` one per 4×4
 //! output tile, shared memory as in the kernel file's header; on bf16 storage, the tensor-core
-//! versions a warp per 16 rows (`mma_launch_shape`, `mma_bwd_launch_shape`). Items longer than `MAX_LEN` or
-//! heads wider than `MAX_HEAD_DIM`, or a size the GPU's shared memory cannot hold, are refused
+//! versions a warp per 16 rows (`mma_launch_shape`). Items longer than `MAX_LEN` or heads
+//! wider than `MAX_HEAD_DIM`, or a size the GPU's shared memory cannot hold, are refused
 //! with an error before anything is launched (never a truncated answer).
 
+use super::typed::entry;
 use super::{Arg, Cuda, dev_ids, view_mut_ptr};
 use crate::backend::Segments;
 use crate::tensor::{DType, Tensor, ViewMut};
@@ -30,26 +31,16 @@ pub fn launch_shape(max_len: usize, dh: usize, backward: bool) -> (u32, usize) {
     (threads as u32, floats * 4)
 }
 
-/// The same for the bf16 forward on tensor cores (`fwd_mma`): a warp per 16 query rows; Q and
-/// K `[L16][D16 + 8]` and V transposed `[D16][L16 + 8]`, in bf16, `L16`/`D16` the length and
-/// head dim rounded up to 16.
-pub fn mma_launch_shape(max_len: usize, dh: usize) -> (u32, usize) {
+/// The same for the bf16 versions on tensor cores (`fwd_mma`, `bwd_mma`): a warp per 16 rows;
+/// in bf16, `L16`/`D16` the length and head dim rounded up to 16, the forward holds Q and K
+/// `[L16][D16 + 8]` and V transposed `[D16][L16 + 8]`; the backward dO and V `[L16][D16 + 8]`,
+/// K, Q and dO transposed `[D16][L16 + 8]`, and P and dS `[L16][L16 + 4]` in f32.
+pub fn mma_launch_shape(max_len: usize, dh: usize, backward: bool) -> (u32, usize) {
     let (l16, d16) = (max_len.div_ceil(16) * 16, dh.div_ceil(16) * 16);
-    let halves = 2 * l16 * (d16 + 8) + d16 * (l16 + 8);
-    ((l16.max(16) / 16 * 32) as u32, halves * 2)
+    let (rows, transposed) = (2 * l16 * (d16 + 8), d16 * (l16 + 8));
+    let bytes = if backward { (rows + 3 * transposed) * 2 + 2 * l16 * (l16 + 4) * 4 } else { (rows + transposed) * 2 };
+    ((l16.max(16) / 16 * 32) as u32, bytes)
 }
-
-/// The same for the bf16 backward on tensor cores (`bwd_mma`): a warp per 16 rows; dO and V
-/// `[L16][D16 + 8]`, K, Q and dO transposed `[D16][L16 + 8]` in bf16, P and dS `[L16][L16 + 4]`
-/// in f32.
-pub fn mma_bwd_launch_shape(max_len: usize, dh: usize) -> (u32, usize) {
-    let (l16, d16) = (max_len.div_ceil(16) * 16, dh.div_ceil(16) * 16);
-    let halves = 2 * l16 * (d16 + 8) + 3 * d16 * (l16 + 8);
-    ((l16.max(16) / 16 * 32) as u32, halves * 2 + 2 * l16 * (l16 + 4) * 4)
-}
-
-/// Threads per block and dynamic shared-memory bytes of a kernel, for (longest item, head dim).
-type LaunchShape = fn(usize, usize) -> (u32, usize);
 
 /// Everything the two launches share: checked geometry and the launch configuration.
 struct Plan {
@@ -62,8 +53,7 @@ struct Plan {
 
 fn plan(
     cuda: &mut Cuda,
-    (op, kernel): (&'static str, &'static str),
-    shape: LaunchShape,
+    (op, kernel, backward): (&'static str, &'static str, bool),
     qkv: &Tensor,
     seg: &Segments,
     heads: usize,
@@ -97,7 +87,10 @@ fn plan(
         .checked_mul(heads)
         .filter(|&g| g <= i32::MAX as usize)
         .ok_or_else(|| Error::shape(op, format!("{items} items × {heads} heads exceeds one launch")))?;
-    let (threads, smem) = shape(max_len, dh);
+    let (threads, smem) = match qkv.dtype() {
+        DType::F32 => launch_shape(max_len, dh, backward),
+        DType::Bf16 => mma_launch_shape(max_len, dh, backward),
+    };
     let limit = cuda.shared_limit(kernel)?;
     if smem > limit {
         return Err(Error::shape(
@@ -117,11 +110,8 @@ fn plan(
 /// like the CPU's `prob_offsets`).
 pub(super) fn forward(cuda: &mut Cuda, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
     let store = qkv.dtype();
-    let (k, shape): (_, LaunchShape) = match store {
-        DType::F32 => ("attention_fwd_f32", |len, dh| launch_shape(len, dh, false)),
-        DType::Bf16 => ("attention_fwd_bf16", mma_launch_shape),
-    };
-    let p = plan(cuda, ("attention_fwd", k), shape, qkv, seg, heads)?;
+    let k = entry(store, "attention_fwd_f32", "attention_fwd_bf16");
+    let p = plan(cuda, ("attention_fwd", k, false), qkv, seg, heads)?;
     let tokens = seg.tokens();
     let n_probs = crate::backend::prob_offsets(&seg.offsets, heads)[seg.items()];
     let out = cuda.alloc_typed(&[tokens, qkv.cols() / 3], store)?;
@@ -155,11 +145,8 @@ pub(super) fn backward(
     dout: &Tensor,
     dbias: Option<ViewMut>,
 ) -> Result<Tensor> {
-    let (k, shape): (_, LaunchShape) = match qkv.dtype() {
-        DType::F32 => ("attention_bwd_f32", |len, dh| launch_shape(len, dh, true)),
-        DType::Bf16 => ("attention_bwd_bf16", mma_bwd_launch_shape),
-    };
-    let p = plan(cuda, ("attention_bwd", k), shape, qkv, seg, heads)?;
+    let k = entry(qkv.dtype(), "attention_bwd_f32", "attention_bwd_bf16");
+    let p = plan(cuda, ("attention_bwd", k, true), qkv, seg, heads)?;
     let dqkv = cuda.alloc_typed(qkv.shape(), qkv.dtype())?;
     if seg.tokens() == 0 {
         return Ok(dqkv);
@@ -204,11 +191,11 @@ mod tests {
         assert_eq!(launch_shape(1, 64, false).0, 32);
         assert!(launch_shape(MAX_LEN, MAX_HEAD_DIM, false).0 <= 512); // __launch_bounds__
         // The tensor-core forward: len 36, dh 128 → 3 warps, 40.4 KB; len 64 → 4 warps, 53.2 KB.
-        assert_eq!(mma_launch_shape(36, 128), (96, 40_448));
-        assert_eq!(mma_launch_shape(MAX_LEN, MAX_HEAD_DIM), (128, 53_248)); // MMA_MAX_WARPS
-        assert_eq!(mma_launch_shape(1, 1), (32, 2 * (2 * 16 * 24 + 16 * 24)));
+        assert_eq!(mma_launch_shape(36, 128, false), (96, 40_448));
+        assert_eq!(mma_launch_shape(MAX_LEN, MAX_HEAD_DIM, false), (128, 53_248)); // MMA_MAX_WARPS
+        assert_eq!(mma_launch_shape(1, 1, false), (32, 2 * (2 * 16 * 24 + 16 * 24)));
         // The tensor-core backward: len 36, dh 128 → 89.1 KB; len 64 → 124.9 KB.
-        assert_eq!(mma_bwd_launch_shape(36, 128), (96, 89_088));
-        assert_eq!(mma_bwd_launch_shape(MAX_LEN, MAX_HEAD_DIM), (128, 124_928)); // MMA_BWD_MAX_WARPS
+        assert_eq!(mma_launch_shape(36, 128, true), (96, 89_088));
+        assert_eq!(mma_launch_shape(MAX_LEN, MAX_HEAD_DIM, true), (128, 124_928)); // MMA_BWD_MAX_WARPS
     }
 }
