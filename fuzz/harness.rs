@@ -17,6 +17,13 @@ use semshare::data::pack::pack;
 use semshare::data::reader::DatasetReader;
 use semshare::data::shard::Shard;
 use semshare::eval::{EmbeddingSet, EvalConfig};
+use semshare::experiment::plot::{eta_curves, figure1_svg};
+use semshare::experiment::report::{Tables, table1_markdown};
+use semshare::experiment::suite::{Suite, SuiteState};
+use semshare::index::build::{feature_items, from_vectors, generated_ids, read_ids, read_lines};
+use semshare::index::npy::parse_npy;
+use semshare::index::{Index, search};
+use semshare::inference::{Model, Regions, tiny_checkpoint};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
 use semshare::train::TrainConfig;
 
@@ -33,6 +40,10 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("pack_source", pack_source),
     ("cli", cli),
+    ("npy", npy),
+    ("index", index),
+    ("texts", texts),
+    ("suite_state", suite_state),
 ];
 
 /// A dataset of the fuzz layout (token texts): train in two shards, val, test, database.
@@ -51,16 +62,88 @@ pub const DATASET_FILES: &[(&str, &[u8])] = &[
 /// data files `f3.safetensors`, `f4.safetensors`, … (named by their position).
 pub const FILE_SEPARATOR: &[u8] = b"\n--8<--\n";
 
-/// The commands of `src/bin/semshare.rs` with the options each takes (values, then switches).
+/// The commands of `src/bin/semshare/main.rs` that take options, with the options each takes
+/// (values, then switches): a copy, since a fuzz target cannot reach a binary's items; the
+/// binary's test `the_cli_fuzz_target_parses_each_command_as_the_binary_does` keeps it equal.
 pub const COMMANDS: &[(&str, &[&str], &[&str])] = &[
-    ("demo", &["steps", "out", "seed", "device"], &[]),
-    ("synth", &["out", "preset", "seed", "train", "val", "test", "labels", "format"], &[]),
-    ("pack", &["from", "out", "shard-mb"], &[]),
-    ("train", &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device"], &[]),
-    ("eval", &["data", "checkpoint", "split", "embedding", "device"], &["json"]),
-    ("embed", &["data", "checkpoint", "out", "split", "embedding", "device"], &[]),
+    ("demo", &["steps", "out", "seed", "device", "precision", "train", "val", "test"], &[]),
+    ("synth", &["out", "preset", "seed", "train", "val", "test", "labels", "format"], &["force"]),
+    ("pack", &["from", "out", "shard-mb"], &["force"]),
+    (
+        "train",
+        &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device", "precision"],
+        &["force"],
+    ),
+    ("eval", &["data", "checkpoint", "split", "embedding", "device", "precision"], &["json"]),
+    ("embed", &["data", "checkpoint", "out", "split", "embedding", "device", "precision"], &["force"]),
     ("score", &["embeddings"], &["json"]),
-    ("experiment", &["suite", "data", "seeds", "variants", "model", "config", "out", "runs", "steps", "device"], &[]),
+    (
+        "index",
+        &[
+            "checkpoint",
+            "out",
+            "data",
+            "split",
+            "side",
+            "texts",
+            "features",
+            "vectors",
+            "ids",
+            "embedding",
+            "device",
+            "precision",
+        ],
+        &["append", "force"],
+    ),
+    (
+        "query",
+        &["index", "checkpoint", "text", "queries", "features", "side", "vectors", "k", "device", "precision"],
+        &["json", "timing"],
+    ),
+    ("export", &["index", "format", "out"], &["force"]),
+    (
+        "experiment",
+        &[
+            "suite",
+            "data",
+            "seeds",
+            "seed",
+            "variants",
+            "model",
+            "config",
+            "out",
+            "runs",
+            "steps",
+            "device",
+            "precision",
+        ],
+        &[],
+    ),
+    (
+        "tune",
+        &[
+            "data",
+            "trials",
+            "reduction",
+            "rungs",
+            "min-steps",
+            "repeats",
+            "seed",
+            "workers",
+            "model",
+            "config",
+            "device",
+            "precision",
+            "out",
+            "runs",
+        ],
+        &[],
+    ),
+    (
+        "bench-step",
+        &["model", "device", "precision", "batch", "tokens", "warmup", "steps", "feature-dtype"],
+        &["counts", "graph"],
+    ),
 ];
 
 /// The layout of the shard target and of the fixture dataset.
@@ -246,6 +329,7 @@ pub fn cli(data: &[u8]) {
     let Some(&(_, takes, switches)) = COMMANDS.iter().find(|c| c.0 == cmd) else { return };
     let Ok(args) = Args::parse(rest, takes, switches) else { return };
     for &name in takes {
+        let _ = args.all(name);
         let _ = args.need(name);
         let _ = args.path(name);
         let _ = args.num::<u64>(name);
@@ -269,7 +353,91 @@ pub fn cli(data: &[u8]) {
             let _ = v.trim().parse::<semshare::model::Variant>();
         }
     }
+    if let Some(p) = args.get("precision") {
+        let _ = semshare::backend::Precision::parse(p);
+    }
+    if let Some(s) = args.get("side") {
+        let _ = s.parse::<semshare::index::Modality>();
+    }
     if let Some(p) = args.get("preset") {
         let _ = p.parse::<semshare::data::SynthPreset>();
+    }
+}
+
+/// Runs `f` on this thread's tiny model (`inference::tiny_checkpoint`: 7 words, regions of
+/// width 4, at most 3 regions and 6 tokens) on the CPU, loaded once.
+fn with_model(f: impl FnOnce(&mut Model)) {
+    thread_local! {
+        static MODEL: std::cell::RefCell<Model> = {
+            let path = tiny_checkpoint("fuzz").expect("the tiny checkpoint is written");
+            let dev = semshare::backend::open("cpu").expect("the CPU backend");
+            let model = Model::load(&path, dev).expect("the tiny checkpoint loads");
+            let _ = std::fs::remove_file(&path);
+            std::cell::RefCell::new(model)
+        };
+    }
+    MODEL.with(|m| f(&mut m.borrow_mut()));
+}
+
+/// Arbitrary bytes as a `.npy` file (`index` and `query`, `--features` and `--vectors`): parsed;
+/// as features, cut into items and embedded as images by the tiny model; as raw vectors, a
+/// gallery with the ids `index` gives them, which must be written, open again and be searched
+/// with its own rows.
+pub fn npy(data: &[u8]) {
+    let Ok(array) = parse_npy(data) else { return };
+    if let Ok(items) = feature_items(&array) {
+        with_model(|m| drop(m.embed_images(&items.iter().map(|f| Regions::new(f)).collect::<Vec<_>>())));
+    }
+    let n = array.shape.first().copied().unwrap_or(0); // as `index --vectors` counts its ids
+    let queries = array.values.clone();
+    let Ok(gallery) = from_vectors(array, generated_ids("v", n)) else { return };
+    let path = scratch().join("vectors.idx");
+    gallery.save(&path).expect("a gallery of normalised vectors is written");
+    let index = Index::open(&path).expect("a written gallery opens");
+    with_model(|m| drop(search(m.device(), &index, &queries, 5)));
+}
+
+/// Arbitrary bytes as a gallery index (`query`, `export`, `index --append`): opened and
+/// validated; one that opens is searched with its first row, and written back, which must open
+/// again with the same items; appended to itself, it is refused (its ids are taken).
+pub fn index(data: &[u8]) {
+    let Some(path) = write_scratch_file("gallery.idx", data) else { return };
+    let Ok(index) = Index::open(&path) else { return };
+    for i in 0..index.len() {
+        let _ = (index.id(i), index.labels(i));
+    }
+    let first = index.vectors()[..index.dim()].to_vec();
+    with_model(|m| drop(search(m.device(), &index, &first, 3)));
+    let gallery = index.to_gallery();
+    let copy = scratch().join("copy.idx");
+    gallery.save(&copy).expect("an index that opened is written back");
+    let reopened = Index::open(&copy).expect("an index written back opens");
+    assert_eq!(reopened.to_gallery(), gallery, "written back, an index keeps its items");
+    assert!(gallery.clone().append(gallery).is_err(), "an index appended to itself is refused");
+}
+
+/// Arbitrary bytes as a text file of `index --texts`, `query --queries` or `--ids`: read as
+/// lines (and as 3 ids), each line tokenised and embedded by the tiny model.
+pub fn texts(data: &[u8]) {
+    let Some(path) = write_scratch_file("texts.txt", data) else { return };
+    let _ = read_ids(&path, 3);
+    let Ok(lines) = read_lines(&path) else { return };
+    with_model(|m| drop(m.embed_texts(&lines)));
+}
+
+/// Arbitrary bytes as the state file of an `experiment` suite (what a resumed suite reads),
+/// opened as Table 1's and as the η sweep's (3 seeds each); a state that opens gives its
+/// remaining runs, its tables in markdown, and Figure 1's curves and SVG.
+pub fn suite_state(data: &[u8]) {
+    let Some(path) = write_scratch_file("suite-state.json", data) else { return };
+    for suite in [Suite::table1(3, "fuzz"), Suite::eta_sweep(3, "fuzz")] {
+        let Ok(state) = SuiteState::open(&path, &suite.expect("a valid suite")) else { continue };
+        let _ = (state.remaining(), state.progress());
+        if let Ok(tables) = Tables::of(&state, "pooled") {
+            let _ = table1_markdown("fuzz", &tables);
+        }
+        if let Ok(curves) = eta_curves(&state) {
+            let _ = figure1_svg("fuzz", 500, &curves);
+        }
     }
 }

@@ -48,6 +48,7 @@ fn fuzz_seeds_run_through_every_target() {
 /// Seeds must be valid inputs (each reaches the end of its parser), or the fuzzer starts lost.
 #[test]
 fn fuzz_seeds_are_accepted_where_they_should_be() {
+    use semshare::experiment::suite::{Suite, SuiteState};
     let seed = |target: &str, file: &str| std::fs::read(root().join("fuzz/seeds").join(target).join(file)).unwrap();
     let dir = harness::scratch().join("dataset");
     harness::manifest(&seed("manifest", "dataset.json"));
@@ -65,6 +66,21 @@ fn fuzz_seeds_are_accepted_where_they_should_be() {
     let (model, train) = (semshare::model::ModelConfig::small(), semshare::train::TrainConfig::default());
     semshare::config::apply_config_json(model, train, &text, Path::new("variant.json"))
         .expect("the config seed applies");
+    let vectors = semshare::index::npy::parse_npy(&seed("npy", "vectors.npy")).expect("the vectors seed parses");
+    let features = semshare::index::npy::parse_npy(&seed("npy", "features.npy")).expect("the features seed parses");
+    let items = semshare::index::build::feature_items(&features).expect("the features seed has items");
+    assert_eq!((vectors.shape, items.len(), items[1].len()), (vec![3, 4], 2, 8), "padding cut from item 1");
+    for name in ["labelled.idx", "model.idx"] {
+        std::fs::write(&path, seed("index", name)).unwrap();
+        semshare::index::Index::open(&path).expect("the index seeds open");
+    }
+    for (name, suite) in [("table1.json", Suite::table1(3, "fuzz")), ("eta.json", Suite::eta_sweep(3, "fuzz"))] {
+        std::fs::write(&path, seed("suite_state", name)).unwrap();
+        let state = SuiteState::open(&path, &suite.unwrap()).expect("the suite state seeds open");
+        assert_eq!(state.progress().0, 2);
+    }
+    std::fs::write(&path, seed("texts", "queries.txt")).unwrap();
+    assert_eq!(semshare::index::build::read_lines(&path).expect("the texts seed reads").len(), 3);
     harness::remove_scratch();
 }
 
@@ -209,4 +225,82 @@ fn write_fuzz_fixtures_and_seeds() {
     put("cli", "experiment.txt", b"experiment\n--suite\ntable1\n--variants\nours,cca\n--seeds\n2\n--data\nd");
     put("cli", "synth.txt", b"synth\n--preset\nweak-image\n--train\n10\n--out\no");
     put("cli", "pack.txt", b"pack\n--from\na\n--out\nb\n--shard-mb\n1");
+    put("cli", "index.txt", b"index\n--checkpoint\nc\n--out\ng.idx\n--features\nf.npy\n--side\ntext\n--append");
+    put("cli", "query.txt", b"query\n--index\ng.idx\n--text\nsky\n--text\nsea\n--k\n3\n--precision\nbf16\n--json");
+
+    // Raw vectors [3, 4], and features [2, 3, 4] of the tiny model's width, the second item's
+    // last region all zeros (padding).
+    use semshare::index::npy::npy_bytes;
+    put("npy", "vectors.npy", &npy_bytes(&[0.5, -1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 1e-3], &[3, 4]));
+    let mut features: Vec<f32> = (0..24).map(|i| i as f32 * 0.25 - 2.0).collect();
+    features[20..].fill(0.0);
+    put("npy", "features.npy", &npy_bytes(&features, &[2, 3, 4]));
+
+    use semshare::index::{Gallery, Labels, Modality, Origin};
+    let labelled = Gallery {
+        origin: Origin::Vectors,
+        dim: 2,
+        vectors: vec![0.6, 0.8, 1.0, 0.0, 0.0, 0.0],
+        ids: vec!["a/0".into(), "é/1".into(), "z".into()],
+        labels: Some(Labels {
+            values: vec![1, 0, 0, 1, 1, 1],
+            count: 2,
+            names: Some(vec!["sky".into(), "sea".into()]),
+        }),
+    };
+    let model = Gallery {
+        origin: Origin::Model {
+            fingerprint: "0123456789abcdef".into(),
+            checkpoint: "runs/x/best.safetensors".into(),
+            embedding: semshare::model::EmbeddingKind::Label,
+            modality: Modality::Text,
+        },
+        labels: None,
+        ..labelled.clone()
+    };
+    std::fs::create_dir_all(seeds.join("index")).unwrap();
+    labelled.save(&seeds.join("index/labelled.idx")).unwrap();
+    model.save(&seeds.join("index/model.idx")).unwrap();
+
+    put("texts", "queries.txt", "sky clouds\nA dog, by the SEA!\r\nnuage\u{e9} ?\n".as_bytes());
+
+    // Suite states with finished runs: Table 1's (ours with both embeddings' scores, CCA with
+    // the pooled one only) and the η sweep's (imc at two η).
+    use semshare::experiment::scores::{Directions, Scores};
+    use semshare::experiment::suite::{RunKey, RunRecord, Suite, SuiteState};
+    use semshare::model::Variant;
+    let scores = |x: f64| Scores {
+        k: 500,
+        ndcg: Directions { i2t: x, t2i: x + 1.5, avg: x + 0.75 },
+        map_all: Directions { i2t: x - 10.0, t2i: x - 9.0, avg: x - 9.5 },
+    };
+    let record = |variant, seed, eta, x| RunRecord {
+        key: RunKey { variant, seed, eta },
+        scores: scores(x),
+        label: (variant != Variant::Cca).then(|| scores(x + 2.0)),
+        report: serde_json::json!({"note": "the eval report"}),
+        seconds: 12.5,
+        best_step: 40,
+    };
+    let dir = seeds.join("suite_state");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, suite, records) in [
+        (
+            "table1.json",
+            Suite::table1(3, "fuzz").unwrap(),
+            vec![record(Variant::Ours, 0, None, 60.0), record(Variant::Cca, 0, None, 40.0)],
+        ),
+        (
+            "eta.json",
+            Suite::eta_sweep(3, "fuzz").unwrap(),
+            vec![record(Variant::Imc, 0, Some(0.0), 55.0), record(Variant::Imc, 0, Some(0.01), 56.0)],
+        ),
+    ] {
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        let mut state = SuiteState::open(&path, &suite).unwrap();
+        for r in records {
+            state.record(&path, r).unwrap();
+        }
+    }
 }

@@ -339,6 +339,17 @@ fn another_models_index_and_bad_queries_are_refused_with_one_line() {
     ok(&semshare(&["index", "--vectors", path(&dir.join("g.npy")), "--out", path(&dir.join("raw.idx"))]));
     let raw = semshare(&["query", "--index", path(&dir.join("raw.idx")), "--checkpoint", ck, "--text", "a"]);
     fails_with(&raw, "holds raw vectors");
+    // Arrays with no values (found by the `npy` fuzz target): 2⁴⁰ rows of nothing once had
+    // ids made for each (the process aborted out of memory), items of no segments divided by 0.
+    write_npy(&dir.join("rows.npy"), &[], &[1 << 40, 0]).unwrap();
+    let out = dir.join("none.idx");
+    fails_with(&semshare(&["index", "--vectors", path(&dir.join("rows.npy")), "--out", path(&out)]), "holds no values");
+    write_npy(&dir.join("f.npy"), &[], &[2, 0, 16]).unwrap();
+    let f_npy = dir.join("f.npy");
+    let features = ["--checkpoint", ck, "--features", path(&f_npy)];
+    fails_with(&semshare(&[&["index", "--out", path(&out)][..], &features].concat()), "holds no values");
+    fails_with(&q(&features), "holds no values");
+    assert!(!out.exists(), "nothing written");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -27,15 +27,25 @@ pub fn generated_ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}/{i}")).collect()
 }
 
+/// The lines of a text file (`index --texts`, `query --queries`, `--ids`), a trailing `\r`
+/// dropped; no line, or a blank one, is an error naming the file.
+pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+    let text = crate::io::read_text(path, u64::MAX)?;
+    let lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
+    if lines.is_empty() {
+        return Err(Error::format(path, "no lines"));
+    }
+    if let Some(i) = lines.iter().position(|l| l.trim().is_empty()) {
+        return Err(Error::format(path, format!("line {} is empty", i + 1)));
+    }
+    Ok(lines)
+}
+
 /// One id per line of `path` (a trailing empty line aside), `n` of them.
 pub fn read_ids(path: &Path, n: usize) -> Result<Vec<String>> {
-    let text = crate::io::read_text(path, u64::MAX)?;
-    let ids: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
+    let ids = read_lines(path)?;
     if ids.len() != n {
         return Err(Error::format(path, format!("{} ids (one per line) for {n} items", ids.len())));
-    }
-    if let Some(i) = ids.iter().position(String::is_empty) {
-        return Err(Error::format(path, format!("line {} is an empty id", i + 1)));
     }
     Ok(ids)
 }
@@ -83,6 +93,9 @@ pub fn feature_items(features: &NpyF32) -> Result<Vec<&[f32]>> {
         return Err(Error::data(format!("features of shape {:?}: no items", features.shape)));
     }
     let per_item = features.values.len() / n;
+    if per_item == 0 {
+        return Err(Error::data(format!("features of shape {:?}: no values", features.shape)));
+    }
     let mut items = Vec::with_capacity(n);
     for (i, item) in features.values.chunks_exact(per_item).enumerate() {
         let used = item.chunks_exact(d).rposition(|s| s.iter().any(|&x| x != 0.0)).map_or(0, |p| p + 1);

@@ -58,9 +58,10 @@ pub fn write_npy(path: &Path, values: &[f32], shape: &[usize]) -> Result<()> {
 }
 
 /// Reads a `.npy` of little-endian float32 in C order (versions 1 to 3). Refused, naming the
-/// file: another dtype, Fortran order, a truncated or overlong data part, a malformed header.
+/// file: another dtype, Fortran order, a truncated or overlong data part, a malformed header,
+/// an array with no values.
 pub fn read_npy(path: &Path) -> Result<NpyF32> {
-    parse_npy(&read(path)?).map_err(|what| Error::format(path, format!("not a float32 .npy file: {what}")))
+    parse_npy(&read(path)?).map_err(|what| Error::format(path, format!("not a usable float32 .npy file: {what}")))
 }
 
 /// [`read_npy`] of bytes in memory; the error says what is wrong.
@@ -87,6 +88,11 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyF32, String> {
     }
     let shape = parse_shape(dict_value(header, "shape").ok_or("the header has no 'shape'")?)?;
     let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("the shape overflows")?;
+    // Every use needs values; refused here, a zero dimension could not make another one's
+    // size (ids for 2⁴⁰ rows of nothing) look backed by data.
+    if count == 0 {
+        return Err(format!("shape {shape:?} holds no values"));
+    }
     let data = &bytes[start + len..];
     let want = count.checked_mul(4).ok_or("the shape overflows")?;
     if data.len() != want {
@@ -129,7 +135,7 @@ mod tests {
 
     #[test]
     fn written_files_read_back_and_have_numpys_header_layout() {
-        for shape in [vec![3, 2], vec![5], vec![0, 4], vec![2, 1, 3]] {
+        for shape in [vec![3, 2], vec![5], vec![2, 1, 3]] {
             let n: usize = shape.iter().product();
             let values: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 1.25).collect();
             let bytes = npy_bytes(&values, &shape);
@@ -160,5 +166,9 @@ mod tests {
         assert!(err(&long).contains("longer than its shape"));
         assert!(err(b"not numpy at all").contains("magic"));
         assert!(err(&good[..12]).contains("cut short"));
+        // No values: a zero dimension beside 2⁴⁰ rows (whose ids were once generated) or
+        // beside the segments of features.
+        assert!(err(&npy_bytes(&[], &[1 << 40, 0])).contains("holds no values"));
+        assert!(err(&npy_bytes(&[], &[2, 0, 4])).contains("holds no values"));
     }
 }

@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use crate::common::{device, split_name};
 use semshare::cli::Args;
 use semshare::data::reader::DatasetReader;
-use semshare::index::build::{from_features, from_split, from_texts, from_vectors, generated_ids, read_ids};
+use semshare::index::build::{
+    from_features, from_split, from_texts, from_vectors, generated_ids, read_ids, read_lines,
+};
 use semshare::index::npy::read_npy;
 use semshare::index::{Gallery, Index, Modality};
-use semshare::io::{claim_output, read_text, refuse_overlap};
+use semshare::io::{claim_output, refuse_overlap};
 use semshare::{Error, Model, Result};
 
 /// The sources, exactly one of which is given.
@@ -119,19 +121,6 @@ fn ids(args: &Args, input: &Path, n: usize) -> Result<Vec<String>> {
             Ok(generated_ids(&stem, n))
         }
     }
-}
-
-/// One text per line; an empty line is an error naming it.
-pub fn read_lines(path: &Path) -> Result<Vec<String>> {
-    let text = read_text(path, u64::MAX)?;
-    let lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
-    if lines.is_empty() {
-        return Err(Error::format(path, "no lines: nothing to embed"));
-    }
-    if let Some(i) = lines.iter().position(|l| l.trim().is_empty()) {
-        return Err(Error::format(path, format!("line {} is empty", i + 1)));
-    }
-    Ok(lines)
 }
 
 /// A data error of a file's content, said with the file's name.

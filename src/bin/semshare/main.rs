@@ -389,9 +389,28 @@ fn run(argv: &[String]) -> std::result::Result<(), Failure> {
     }
 }
 
+/// The fuzz targets' code, whose copy of [`COMMANDS`] a test compares.
+#[cfg(test)]
+#[path = "../../../fuzz/harness.rs"]
+mod harness;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fuzz target `cli` parses each command line with a copy of this table's options (a
+    /// fuzz target cannot reach a binary's items): the copy is this table, command by command.
+    #[test]
+    fn the_cli_fuzz_target_parses_each_command_as_the_binary_does() {
+        let ours: Vec<(&str, &[&str], &[&str])> = COMMANDS
+            .iter()
+            .filter_map(|c| match &c.takes {
+                Takes::Flags { values, switches, .. } => Some((c.name, *values, *switches)),
+                Takes::Dir(_) => None,
+            })
+            .collect();
+        assert_eq!(harness::COMMANDS, &ours[..]);
+    }
 
     /// The usage text and the parser come from one table: every option a command accepts is in
     /// its usage, and its help is its block of the full usage.

@@ -1,9 +1,8 @@
 //! `semshare query`: the top-k items of an index for texts, features or pre-computed vectors.
 
 use crate::common::device;
-use crate::index::read_lines;
 use semshare::cli::Args;
-use semshare::index::build::feature_items;
+use semshare::index::build::{feature_items, read_lines};
 use semshare::index::npy::read_npy;
 use semshare::index::{Hit, Index, Modality, Origin, search};
 use semshare::inference::Regions;
@@ -53,9 +52,6 @@ pub fn run(args: &Args) -> Result<()> {
                     index.dim()
                 ),
             ));
-        }
-        if q.shape[0] == 0 {
-            return Err(Error::format(&path, "no query vectors"));
         }
         // Vectors carry no model; a --checkpoint says which model made them, checked when the
         // index was made by one.

@@ -1,0 +1,7 @@
+//! Arbitrary bytes through `harness::texts` (fuzz/harness.rs), which tests/fuzz_regressions.rs replays.
+#![no_main]
+
+#[path = "../harness.rs"]
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::texts(data));
