@@ -197,5 +197,8 @@ fn the_command_tunes_and_refuses_bad_options() {
     let best = out.join("best-config.json");
     ok(&semshare(&["train", "--data", d, "--config", best.to_str().unwrap(), "--out", train_out.to_str().unwrap()]));
     common::cli::fails_with(&semshare(&["tune", "--data", d, "--out", o, "--reduction", "1"]), "reduction");
+    // Counts that would size the plan (10⁹ trials once aborted the process out of memory).
+    common::cli::fails_with(&semshare(&["tune", "--data", d, "--out", o, "--trials", "1000000000"]), "trials");
+    common::cli::fails_with(&semshare(&["tune", "--data", d, "--out", o, "--repeats", "1000000000"]), "repeats");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -251,9 +251,7 @@ impl Plan for TunePlan {
         if self.trials.is_empty() || self.min_steps == 0 || self.rungs == 0 {
             return Err(Error::config("tune: trials, min_steps and rungs must be positive"));
         }
-        if self.repeats == 0 {
-            return Err(Error::config("tune: repeats must be at least 1"));
-        }
+        check_counts(self.trials.len(), self.repeats)?;
         if self.reduction < 2 {
             return Err(Error::config(format!("tune: reduction (η) = {} must be at least 2", self.reduction)));
         }
@@ -333,7 +331,23 @@ pub fn state_path(out: &Path) -> PathBuf {
 }
 
 /// The plan `cfg` describes on `data`.
+/// More trials than a search can train, or repeats than a ranking needs, are refused before
+/// anything is sized by them (each trial and repeat is a record, a directory, a training run).
+const MAX_TRIALS: usize = 10_000;
+const MAX_REPEATS: usize = 100;
+
+fn check_counts(trials: usize, repeats: usize) -> Result<()> {
+    if trials > MAX_TRIALS {
+        return Err(Error::config(format!("tune: {trials} trials, more than the {MAX_TRIALS} a search can train")));
+    }
+    if !(1..=MAX_REPEATS).contains(&repeats) {
+        return Err(Error::config(format!("tune: repeats = {repeats} is not in 1..={MAX_REPEATS}")));
+    }
+    Ok(())
+}
+
 pub fn build_plan(data: &DatasetReader, cfg: &TuneConfig) -> Result<TunePlan> {
+    check_counts(cfg.trials, cfg.repeats)?;
     let max_batch = data.split("train")?.num_images();
     let trial = |id| match id {
         0 => Trial::base(&cfg.model, &cfg.train, max_batch),
