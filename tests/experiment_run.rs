@@ -639,6 +639,8 @@ fn semshare_experiment_runs_a_restricted_suite_and_refuses_bad_arguments() {
     let d = p(&data);
     fails_with(&semshare(&["experiment", "--suite", "table2", "--data", &d]), "unknown suite `table2`");
     fails_with(&semshare(&["experiment", "--data", &d]), "--suite is required");
+    // 10¹² seeds were once listed before anything was checked: the process aborted out of memory.
+    fails_with(&semshare(&["experiment", "--suite", "table1", "--data", &d, "--seeds", "1000000000000"]), "seeds");
     fails_with(&semshare(&["experiment", "--suite", "eta", "--data", &p(&dir.join("nope"))]), "does not exist");
     fails_with(
         &semshare(&["experiment", "--suite", "eta", "--data", &d, "--variants", "ours,foo"]),

@@ -76,13 +76,24 @@ pub struct Suite {
     pub fingerprint: String,
 }
 
+/// More seeds than a suite could train (each is a whole table of runs), refused before they
+/// are listed.
+const MAX_SEEDS: u64 = 1000;
+
+fn seeds_up_to(seeds: u64) -> Result<Vec<u64>> {
+    if seeds > MAX_SEEDS {
+        return Err(Error::config(format!("{seeds} seeds, more than the {MAX_SEEDS} a suite can run")));
+    }
+    Ok((0..seeds).collect())
+}
+
 impl Suite {
     /// Table 1 over seeds 0..seeds.
     pub fn table1(seeds: u64, fingerprint: impl Into<String>) -> Result<Suite> {
         let s = Suite {
             kind: SuiteKind::Table1,
             variants: Variant::ALL.to_vec(),
-            seeds: (0..seeds).collect(),
+            seeds: seeds_up_to(seeds)?,
             etas: vec![TABLE1_ETA],
             fingerprint: fingerprint.into(),
         };
@@ -95,7 +106,7 @@ impl Suite {
         let s = Suite {
             kind: SuiteKind::Eta,
             variants: Variant::ETA_SWEEP.to_vec(),
-            seeds: (0..seeds).collect(),
+            seeds: seeds_up_to(seeds)?,
             etas: ETA_GRID.to_vec(),
             fingerprint: fingerprint.into(),
         };
@@ -106,6 +117,12 @@ impl Suite {
     pub fn validate(&self) -> Result<()> {
         if self.variants.is_empty() || self.seeds.is_empty() || self.etas.is_empty() {
             return Err(Error::config("a suite needs at least one variant, one seed and one η"));
+        }
+        if self.seeds.len() as u64 > MAX_SEEDS {
+            return Err(Error::config(format!(
+                "{} seeds, more than the {MAX_SEEDS} a suite can run",
+                self.seeds.len()
+            )));
         }
         if let Some(eta) = self.etas.iter().find(|e| !(e.is_finite() && **e >= 0.0)) {
             return Err(Error::config(format!("η = {eta} must be finite and ≥ 0")));
