@@ -200,5 +200,6 @@ fn the_command_tunes_and_refuses_bad_options() {
     // Counts that would size the plan (10⁹ trials once aborted the process out of memory).
     common::cli::fails_with(&semshare(&["tune", "--data", d, "--out", o, "--trials", "1000000000"]), "trials");
     common::cli::fails_with(&semshare(&["tune", "--data", d, "--out", o, "--repeats", "1000000000"]), "repeats");
+    common::cli::fails_with(&semshare(&["tune", "--data", d, "--out", o, "--rungs", "4294967297"]), "rungs");
     let _ = std::fs::remove_dir_all(&dir);
 }

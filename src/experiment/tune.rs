@@ -256,8 +256,11 @@ impl Plan for TunePlan {
             return Err(Error::config(format!("tune: reduction (η) = {} must be at least 2", self.reduction)));
         }
         // Rung r trains min_steps · η^r steps: no overflow, and not absurdly long.
-        let last =
-            (self.reduction as u64).checked_pow(self.rungs as u32 - 1).and_then(|f| f.checked_mul(self.min_steps));
+        // (`rungs - 1` taken whole: cast to u32, 2³² + 1 rungs once passed as 1.)
+        let last = u32::try_from(self.rungs - 1)
+            .ok()
+            .and_then(|r| (self.reduction as u64).checked_pow(r))
+            .and_then(|f| f.checked_mul(self.min_steps));
         if last.is_none_or(|s| s > 10_000_000) {
             return Err(Error::config(format!(
                 "tune: {} rungs from {} steps at η = {} is more than 10,000,000 steps for the last rung",
