@@ -20,6 +20,7 @@ use semshare::eval::{EmbeddingSet, EvalConfig};
 use semshare::experiment::plot::{eta_curves, figure1_svg};
 use semshare::experiment::report::{Tables, table1_markdown};
 use semshare::experiment::suite::{Suite, SuiteState};
+use semshare::experiment::tune::{Trial, TunePlan, TuneState, best, write_table};
 use semshare::index::build::{feature_items, from_vectors, generated_ids, read_ids, read_lines};
 use semshare::index::npy::parse_npy;
 use semshare::index::{Index, search};
@@ -44,6 +45,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("index", index),
     ("texts", texts),
     ("suite_state", suite_state),
+    ("tune_state", tune_state),
 ];
 
 /// A dataset of the fuzz layout (token texts): train in two shards, val, test, database.
@@ -440,4 +442,41 @@ pub fn suite_state(data: &[u8]) {
             let _ = figure1_svg("fuzz", 500, &curves);
         }
     }
+}
+
+/// The plan of the `tune_state` target and its seed: 4 trials, 3 rungs from 2 steps at η = 2,
+/// 2 repeats where a rung chooses after the first.
+pub fn tune_plan() -> TunePlan {
+    let base = ModelConfig::small();
+    let trials = (0..4)
+        .map(|id| match id {
+            0 => Trial::base(&base, &TrainConfig::default(), 32),
+            _ => Trial::sample(0, id, &base, 32),
+        })
+        .collect();
+    TunePlan {
+        trials,
+        min_steps: 2,
+        reduction: 2,
+        rungs: 3,
+        repeats: 2,
+        seed: 0,
+        metric: "ndcg@500".into(),
+        fingerprint: "fuzz".into(),
+    }
+}
+
+/// Arbitrary bytes as the state file of `tune` (what a resumed tune reads), opened against
+/// [`tune_plan`]; a state that opens gives its remaining trials, each rung's ranking, the best
+/// trial and `trials.md`.
+pub fn tune_state(data: &[u8]) {
+    let Some(path) = write_scratch_file("tune-state.json", data) else { return };
+    let plan = tune_plan();
+    let Ok(state) = TuneState::open(&path, &plan) else { return };
+    let _ = (state.remaining(), state.progress());
+    for rung in 0..plan.rungs {
+        let _ = plan.ranking(&state.finished, rung);
+    }
+    let _ = best(&state);
+    let _ = write_table(&state, &scratch());
 }

@@ -60,14 +60,20 @@ pub fn open_regular(path: &Path) -> Result<(fs::File, u64)> {
     Ok((file, meta.len()))
 }
 
-/// The whole of regular file `path`, refused when it is larger than `limit` bytes.
+/// The whole of regular file `path`, refused when it is larger than `limit` bytes or than the
+/// memory the machine can give (a 1 TB sparse file once aborted the process).
 pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let (file, len) = open_regular(path)?;
     if len > limit {
         return Err(Error::format(path, format!("{len} bytes, more than the {limit} this file may have")));
     }
-    let mut bytes = Vec::with_capacity(len as usize);
+    let no_memory = || Error::format(path, format!("{len} bytes, more than the memory available to read it into"));
+    if host_available_memory().is_some_and(|available| len > available) {
+        return Err(no_memory());
+    }
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(usize::try_from(len).map_err(|_| no_memory())?).map_err(|_| no_memory())?;
     // `take`: a file growing while it is read stops at the limit, not at memory's end.
     file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
     if bytes.len() as u64 > limit {
@@ -379,6 +385,11 @@ mod tests {
         assert!(read(&d).unwrap_err().to_string().contains("is a directory, not a regular file"));
         #[cfg(target_os = "linux")]
         assert!(read(Path::new("/dev/zero")).unwrap_err().to_string().contains("is a device"));
+        // A sparse file larger than memory is refused before anything is allocated for it.
+        let huge = fs::File::create(d.join("sparse")).unwrap();
+        huge.set_len(1 << 40).unwrap();
+        let e = read(&d.join("sparse")).unwrap_err().to_string();
+        assert!(e.contains("1099511627776 bytes, more than the memory available") && e.contains("sparse"), "{e}");
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -79,6 +79,9 @@ fn fuzz_seeds_are_accepted_where_they_should_be() {
         let state = SuiteState::open(&path, &suite.unwrap()).expect("the suite state seeds open");
         assert_eq!(state.progress().0, 2);
     }
+    std::fs::write(&path, seed("tune_state", "rung1.json")).unwrap();
+    let tune = semshare::experiment::tune::TuneState::open(&path, &harness::tune_plan()).expect("the tune seed opens");
+    assert_eq!(tune.progress(), (5, 8), "rung 0's 4 trials, rung 1's 2 trials × 2 repeats");
     std::fs::write(&path, seed("texts", "queries.txt")).unwrap();
     assert_eq!(semshare::index::build::read_lines(&path).expect("the texts seed reads").len(), 3);
     harness::remove_scratch();
@@ -282,6 +285,26 @@ fn write_fuzz_fixtures_and_seeds() {
         seconds: 12.5,
         best_step: 40,
     };
+    // A tune state with rung 0 finished (trial 2 failed) and one repeat of rung 1.
+    use semshare::experiment::tune::{TrialKey, TrialRecord, TuneState};
+    let dir = seeds.join("tune_state");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("rung1.json");
+    let _ = std::fs::remove_file(&path);
+    let mut state = TuneState::open(&path, &harness::tune_plan()).unwrap();
+    let trial = |trial, rung, repeat, score| TrialRecord {
+        key: TrialKey { trial, rung, repeat },
+        steps: 2 << rung,
+        score,
+        best_step: 2,
+        seconds: 0.5,
+        error: score.is_none().then(|| "diverged".to_string()),
+    };
+    for (t, score) in [(0, Some(40.0)), (1, Some(42.5)), (2, None), (3, Some(41.0))] {
+        state.record(&path, trial(t, 0, 0, score)).unwrap();
+    }
+    state.record(&path, trial(1, 1, 0, Some(44.0))).unwrap();
+
     let dir = seeds.join("suite_state");
     std::fs::create_dir_all(&dir).unwrap();
     for (name, suite, records) in [
