@@ -200,6 +200,14 @@ fn unknown_options_and_stray_arguments_exit_2_with_one_line() {
     usage_error(&semshare(&["check"]), "check takes one directory");
     usage_error(&semshare(&["check", "a", "b"]), "check takes one directory");
     usage_error(&semshare(&["check", "--json"]), "unknown option --json");
+    // A Linux file name may be any bytes; `env::args` panicked on one that is not UTF-8.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let name = std::ffi::OsStr::from_bytes(b"/tmp/\xff\xfe");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_semshare")).arg("check").arg(name).output().unwrap();
+        usage_error(&out, "is not UTF-8");
+    }
     // A value the parser took but the command refuses is an ordinary error (exit 1).
     fails_with(&semshare(&["demo", "--steps=many"]), "--steps: `many` is not a valid number");
 }

@@ -324,8 +324,17 @@ impl From<Error> for Failure {
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    match run(&argv) {
+    // `env::args` panics on an argument that is not UTF-8 (a Linux file name may be any bytes).
+    let argv: std::result::Result<Vec<String>, Failure> = std::env::args_os()
+        .skip(1)
+        .map(|a| {
+            a.into_string().map_err(|a| Failure::Usage {
+                error: Error::config(format!("argument {a:?} is not UTF-8, which semshare's options must be")),
+                command: None,
+            })
+        })
+        .collect();
+    match argv.and_then(|argv| run(&argv)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Run(e)) => {
             eprintln!("error: {e}");
