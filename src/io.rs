@@ -237,7 +237,12 @@ pub fn remove_stale_temps(dir: &Path, prefix: &str) -> Vec<PathBuf> {
             _ => fs::remove_file(&path),
         };
         if gone.is_ok() {
-            eprintln!("removed {}, left behind by process {pid} (no longer running)", path.display());
+            // A notice, never a panic when stderr is closed.
+            let _ = writeln!(
+                std::io::stderr(),
+                "removed {}, left behind by process {pid} (no longer running)",
+                path.display()
+            );
             removed.push(path);
         }
     }

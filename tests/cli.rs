@@ -246,6 +246,20 @@ fn piped_progress_is_plain_lines() {
         assert!(stderr.lines().any(|l| l.starts_with(&line)), "no line for step {step}: {stderr}");
     }
     assert!(stderr.lines().any(|l| l.starts_with("step      6/6") && l.contains("val NDCG@")), "{stderr}");
+
+    // The reader gone (`semshare train … 2>&1 | head -1`): the std print macros panicked at the
+    // next line (exit 101, the run lost); the run now goes on and writes its checkpoints.
+    let again = dir.join("again");
+    let args = ["train", "--data", path(&data), "--out", path(&again), "--config", path(&cfg)];
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_semshare"))
+        .args([&args[..], &["--steps=6", "--batch=8", "--device=cpu"]].concat())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop((child.stdout.take(), child.stderr.take()));
+    assert!(child.wait().unwrap().success());
+    assert!(again.join("best.safetensors").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
