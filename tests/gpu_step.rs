@@ -13,8 +13,9 @@ mod common;
 use common::gpu::gpu_or_skip;
 use common::{randv, rel_err, to64};
 use semshare::backend::step::{GuardParams, record, state};
-use semshare::backend::{AdamW, Backend, DecayMask, Half, Segments};
-use semshare::model::{FeatureNorm, ImageBatch, InputNorm, ModelConfig, TextBatch};
+use semshare::backend::{AdamW, Backend, DecayMask, Half, Precision, Segments};
+use semshare::model::{Batch, EmbeddingKind, FeatureNorm, ImageBatch, InputNorm, ModelConfig, SemShare, TextBatch};
+use semshare::nn::Weights;
 use semshare::rng::Rng;
 use semshare::train::{StepMode, TrainConfig, Trainer};
 
@@ -610,4 +611,49 @@ fn a_graphs_memory_is_its_own_until_it_is_dropped() {
     // Both blocks are cached now; the pool hands out the last one returned: the graph's.
     let w = dev.alloc(&[4096]).unwrap();
     assert_eq!(tensor_ptr(&w).unwrap(), y_ptr, "the graph's block did not come back to the pool");
+}
+
+/// Launches of one embedding pass of 8 items of this config today (image, text), f32 and bf16
+/// activations (bf16: the input's and output's conversions). A regression guard, as
+/// `LAUNCH_BUDGET` is for the step.
+const EMBED_LAUNCHES: [(Precision, u64, u64); 2] = [(Precision::F32, 24, 31), (Precision::Bf16, 26, 33)];
+
+/// Inference as a loaded model runs it (weights frozen, the trunk's bf16 copy made once): after
+/// two passes, an embedding pass waits for nothing and allocates nothing on the device, and
+/// uploads only its items (image: features, boxes and segment offsets; text: tokens and
+/// offsets), so the card's embedding throughput is the kernels' alone.
+#[test]
+fn an_embedding_pass_neither_waits_nor_allocates_and_uploads_only_its_items() {
+    let Some(_gpu) = gpu_or_skip("embedding budgets") else { return };
+    let cfg = tiny();
+    let net = SemShare::new(&cfg).unwrap();
+    for (precision, image_launches, text_launches) in EMBED_LAUNCHES {
+        let mut opened = semshare::backend::open_at("cuda", precision).unwrap();
+        let dev = opened.as_mut();
+        let w = net.store.upload(dev, &net.store.init_values(0)).unwrap();
+        let w = dev.freeze(w).unwrap();
+        let copy = net.bf16_weights(dev, &w).unwrap();
+        let weights = Weights { values: &w, bf16: copy.as_ref() };
+        for pass in 0..4u64 {
+            let (i, t) = batch(&cfg, 8, pass);
+            let offsets = 4 * (i.lengths.len() + 1);
+            let image_bytes = (i.features.bytes() + 4 * i.boxes.len() + offsets) as u64;
+            let text_bytes = (4 * t.tokens.len() + offsets) as u64;
+            for (batch, bytes, launches) in
+                [(Batch::Image(i), image_bytes, image_launches), (Batch::Text(t), text_bytes, text_launches)]
+            {
+                let before = dev.counters().unwrap();
+                let e = net.embed(dev, weights, &batch, EmbeddingKind::Pooled).unwrap();
+                let c = dev.counters().unwrap().since(&before);
+                assert_eq!(c.syncs, 0, "{precision:?} pass {pass}: host syncs ({c:?})");
+                if pass >= 2 {
+                    let what = format!("{precision:?} pass {pass} ({c:?})");
+                    assert_eq!(c.allocs, 0, "{what}: device allocations");
+                    assert_eq!(c.upload_bytes, bytes, "{what}: uploaded bytes beyond the items'");
+                    assert!(c.launches() <= launches, "{what}: {} launches > {launches}", c.launches());
+                }
+                assert_eq!((e.rows(), e.cols()), (8, cfg.dim));
+            }
+        }
+    }
 }
