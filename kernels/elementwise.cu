@@ -1,4 +1,4 @@
-// kernels/elementwise.cu — fill, bias, residual, scale, GELU, dropout, sigmoid.
+// kernels/elementwise.cu — fill, bias, residual, scale, GELU, dropout, label coordinates.
 // Layout: flat or row-major [rows, cols]. Launch: one thread per element, grid-stride loops
 // (so any n fits a grid capped at a few waves), except bias_bwd (column reduction, below).
 // CPU twin: src/backend/cpu/elementwise.rs. Test: tests/gpu_ops.rs.
@@ -151,18 +151,22 @@ template <typename T> __device__ void fill(T* x, float v, size_t n) {
   GRID_STRIDE(i, n) x[i] = from_f32<T>(v);
 }
 
-template <typename T> __device__ void sigmoid_fwd(const T* x, T* y, size_t n) {
+// Label coordinates √softplus(g), in place (CPU twin: `elementwise::label_coordinates`, in
+// f64). softplus without overflow (g + log1p(e^{−g}) for g > 0); below −20 it is e^g to f32
+// precision (log1p(x) = x(1 − x/2 …)), and e^{g/2} keeps the small coordinates exact where
+// log1pf(expf(g)) would go through a subnormal e^g and lose their bits.
+__device__ void label_coordinates(float* g, size_t n) {
   GRID_STRIDE(i, n) {
-    const float v = to_f32(x[i]);
-    // The stable two-branch form of the CPU twin: never exp of a large positive number.
-    float s;
-    if (v >= 0.0f) {
-      s = 1.0f / (1.0f + expf(-v));
+    const float v = g[i];
+    float c;
+    if (v > 0.0f) {
+      c = sqrtf(v + log1pf(expf(-v)));
+    } else if (v > -20.0f) {
+      c = sqrtf(log1pf(expf(v)));
     } else {
-      const float e = expf(v);
-      s = e / (1.0f + e);
+      c = expf(0.5f * v);
     }
-    y[i] = from_f32<T>(s);
+    g[i] = c;
   }
 }
 }  // namespace elementwise
@@ -205,11 +209,12 @@ template <typename T> __device__ void sigmoid_fwd(const T* x, T* y, size_t n) {
                                                const uint64_t* salt, size_t n) {                             \
     elementwise::dropout<T>(dy, p, scale, seed ^ *salt, n);                                                          \
   }                                                                                                          \
-  extern "C" __global__ void fill_fwd_##SUF(T* x, float v, size_t n) { elementwise::fill<T>(x, v, n); }     \
-  extern "C" __global__ void sigmoid_fwd_##SUF(const T* x, T* y, size_t n) { elementwise::sigmoid_fwd<T>(x, y, n); }
+  extern "C" __global__ void fill_fwd_##SUF(T* x, float v, size_t n) { elementwise::fill<T>(x, v, n); }
 
 EW_ENTRY(float, f32)
 EW_ENTRY(__nv_bfloat16, bf16)
+
+extern "C" __global__ void label_coordinates_f32(float* g, size_t n) { elementwise::label_coordinates(g, n); }
 
 // Conversion between the storage types (`Backend::convert`; CPU twin: `DType::round`). Named
 // for their bf16 side, so that `Cuda::launch` lets a bf16 pointer through.

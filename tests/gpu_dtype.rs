@@ -328,9 +328,13 @@ fn bf16_where_f32_is_read_is_an_error_naming_the_op() {
             ),
             other => panic!("gelu on a bf16 tensor gave {other:?}"),
         }
+        let mut g = ah.clone();
         let launches = gpu.counts().launches();
-        let r = gpu.sigmoid(&ah);
-        assert!(matches!(r, Err(Error::Type { op: "sigmoid_fwd_f32", .. })), "sigmoid on bf16 gave {r:?}");
+        let r = gpu.label_coordinates(&mut g);
+        assert!(
+            matches!(r, Err(Error::Type { op: "label_coordinates_f32", .. })),
+            "label coordinates on bf16 gave {r:?}"
+        );
         assert_eq!(gpu.counts().launches(), launches, "a refused op launched something");
     }
 }

@@ -619,8 +619,8 @@ fn a_graphs_memory_is_its_own_until_it_is_dropped() {
 const EMBED_LAUNCHES: [(Precision, u64, u64); 2] = [(Precision::F32, 24, 31), (Precision::Bf16, 26, 33)];
 
 /// Inference as a loaded model runs it (weights frozen, the trunk's bf16 copy made once): after
-/// two passes, an embedding pass waits for nothing and allocates nothing on the device, and
-/// uploads only its items (image: features, boxes and segment offsets; text: tokens and
+/// two passes, an embedding pass (pooled; the label embedding's waits and uploads too) waits for
+/// nothing and allocates nothing on the device, and uploads only its items (image: features, boxes and segment offsets; text: tokens and
 /// offsets), so the card's embedding throughput is the kernels' alone.
 #[test]
 fn an_embedding_pass_neither_waits_nor_allocates_and_uploads_only_its_items() {
@@ -653,6 +653,16 @@ fn an_embedding_pass_neither_waits_nor_allocates_and_uploads_only_its_items() {
                     assert!(c.launches() <= launches, "{what}: {} launches > {launches}", c.launches());
                 }
                 assert_eq!((e.rows(), e.cols()), (8, cfg.dim));
+                // The label embedding, on the device too since session 20 (its coordinates
+                // were mapped on the host: a wait and an upload per pass).
+                let before = dev.counters().unwrap();
+                let e = net.embed(dev, weights, &batch, EmbeddingKind::Label).unwrap();
+                let c = dev.counters().unwrap().since(&before);
+                assert_eq!(c.syncs, 0, "{precision:?} pass {pass}, label embedding: host syncs ({c:?})");
+                if pass >= 2 {
+                    assert_eq!(c.upload_bytes, bytes, "{precision:?} pass {pass}, label embedding: uploads ({c:?})");
+                }
+                assert_eq!((e.rows(), e.cols()), (8, cfg.labels));
             }
         }
     }

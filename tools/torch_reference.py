@@ -306,7 +306,7 @@ class SemShare(nn.Module):
         h, valid = self.encode(kind, b)
         if which == "pooled":
             return masked_mean(h, valid)
-        # √softplus(g): model/semshare.rs `label_coordinates` says why not the paper's σ(g).
+        # √softplus(g): `Backend::label_coordinates` (src/backend/mod.rs) says why not the paper's σ(g).
         s = l2norm(torch.sqrt(F.softplus(self.classifier(h))))
         return l2norm(masked_mean(s, valid))
 

@@ -394,7 +394,18 @@ pub trait Backend {
     /// backward pass recomputes it and every device draws the same mask.
     fn dropout_fwd(&mut self, x: &mut Tensor, p: f32, seed: u64) -> Result<()>;
     fn dropout_bwd(&mut self, dy: &mut Tensor, p: f32, seed: u64) -> Result<()>;
-    fn sigmoid(&mut self, x: &Tensor) -> Result<Tensor>;
+    /// The label embedding's coordinates from label logits g, in place (f32): `√softplus(g)` =
+    /// `√(−log(1 − σ(g)))`, the square root of the negative log-probability that the label is
+    /// absent. The authors' `σ(g)` saturates after training: the top label rounds to 1.0 and
+    /// the rest fall to ≈ 1e-4, so the items of a class become one vector whose cosines differ
+    /// below f32 rounding, and ties, not the model, order them. Like σ this is increasing in g
+    /// (every label keeps its order of items) and ≈ `e^{g/2}` for a negative g, but it grows
+    /// without bound with the top label's confidence, and the square root (power
+    /// normalisation) lifts the small coordinates far enough above rounding to keep
+    /// near-duplicates apart. On CUB-10 and the synthetic sets it ranks as well as σ
+    /// (docs/results/cub.md, "defaults"). On the device, so that a label embedding does not
+    /// wait for the host.
+    fn label_coordinates(&mut self, g: &mut Tensor) -> Result<()>;
     /// Each row scaled to unit L2 norm (a zero row stays zero).
     fn l2_normalize_rows(&mut self, x: &mut Tensor) -> Result<()>;
 

@@ -49,7 +49,7 @@ pub enum EmbeddingKind {
     /// z: the mean of the final hidden states.
     Pooled,
     /// The label space: mean over segments of the L2-normalised [`label_coordinates`] of
-    /// g(h_t), normalised. The authors' code takes sigmoid(g(h_t)); see [`label_coordinates`]
+    /// g(h_t), normalised. The authors' code takes sigmoid(g(h_t)); see [`Backend::label_coordinates`]
     /// for why the coordinates are √(−log(1 − sigmoid)) here.
     Label,
 }
@@ -72,24 +72,6 @@ impl std::str::FromStr for EmbeddingKind {
             "label" => Ok(EmbeddingKind::Label),
             _ => Err(Error::config(format!("unknown embedding `{s}` (expected pooled or label)"))),
         }
-    }
-}
-
-/// The label embedding's coordinates from label logits g, in place: `√softplus(g)` =
-/// `√(−log(1 − σ(g)))`, the square root of the negative log-probability that the label is
-/// absent. The authors' `σ(g)` saturates after training: the top label rounds to 1.0 and the
-/// rest fall to ≈ 1e-4, so the items of a class become one vector whose cosines differ below
-/// f32 rounding, and ties, not the model, order them. Like σ this is increasing in g (every
-/// label keeps its order of items) and ≈ `e^{g/2}` for a negative g, but it grows without
-/// bound with the top label's confidence, and the square root (power normalisation) lifts the
-/// small coordinates far enough above rounding to keep near-duplicates apart. On CUB-10 and the
-/// synthetic sets it ranks as well as σ (docs/results/cub.md, "defaults").
-pub fn label_coordinates(logits: &mut [f32]) {
-    for x in logits {
-        let g = f64::from(*x);
-        // softplus without overflow: g + log(1 + e^{−g}) for g > 0.
-        let softplus = if g > 0.0 { g + (-g).exp().ln_1p() } else { g.exp().ln_1p() };
-        *x = softplus.sqrt() as f32;
     }
 }
 
@@ -379,11 +361,8 @@ impl SemShare {
         match kind {
             EmbeddingKind::Pooled => dev.segment_mean_fwd(&enc.hidden, &enc.seg),
             EmbeddingKind::Label => {
-                let logits = self.models(matches!(batch, Batch::Text(_))).1.forward(dev, w, &enc.hidden)?;
-                // A [segments, C] map on the host: small next to the trunk's work.
-                let mut coords = dev.download(logits.view())?;
-                label_coordinates(&mut coords);
-                let mut s = dev.upload(&coords, &[logits.rows(), logits.cols()])?;
+                let mut s = self.models(matches!(batch, Batch::Text(_))).1.forward(dev, w, &enc.hidden)?;
+                dev.label_coordinates(&mut s)?; // √softplus(g): `Backend::label_coordinates` says why not σ(g)
                 dev.l2_normalize_rows(&mut s)?;
                 let mut e = dev.segment_mean_fwd(&s, &enc.seg)?;
                 dev.l2_normalize_rows(&mut e)?;
@@ -402,7 +381,7 @@ impl SemShare {
 
 #[cfg(test)]
 mod tests {
-    use super::label_coordinates;
+    use crate::backend::cpu::elementwise::label_coordinates;
 
     #[test]
     fn label_coordinates_are_increasing_unsaturated_and_match_the_f64_definition() {

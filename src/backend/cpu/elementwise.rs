@@ -372,6 +372,17 @@ pub fn sigmoid(x: f32) -> f32 {
     }
 }
 
+/// `Backend::label_coordinates`: √softplus(g) of each label logit, in place, in f64 rounded
+/// once (the definition the device's f32 kernel is tested against).
+pub fn label_coordinates(logits: &mut [f32]) {
+    for x in logits {
+        let g = f64::from(*x);
+        // softplus without overflow: g + log(1 + e^{−g}) for g > 0.
+        let softplus = if g > 0.0 { g + (-g).exp().ln_1p() } else { g.exp().ln_1p() };
+        *x = softplus.sqrt() as f32;
+    }
+}
+
 pub fn l2_normalize_rows(x: &mut [f32], cols: usize) {
     for row in x.chunks_exact_mut(cols) {
         // f64: a long row of small values would lose digits in an f32 sum of squares.
