@@ -80,10 +80,15 @@ pub struct Suite {
 /// are listed.
 const MAX_SEEDS: u64 = 1000;
 
-fn seeds_up_to(seeds: u64) -> Result<Vec<u64>> {
+fn check_seed_count(seeds: u64) -> Result<()> {
     if seeds > MAX_SEEDS {
         return Err(Error::config(format!("{seeds} seeds, more than the {MAX_SEEDS} a suite can run")));
     }
+    Ok(())
+}
+
+fn seeds_up_to(seeds: u64) -> Result<Vec<u64>> {
+    check_seed_count(seeds)?;
     Ok((0..seeds).collect())
 }
 
@@ -118,12 +123,7 @@ impl Suite {
         if self.variants.is_empty() || self.seeds.is_empty() || self.etas.is_empty() {
             return Err(Error::config("a suite needs at least one variant, one seed and one η"));
         }
-        if self.seeds.len() as u64 > MAX_SEEDS {
-            return Err(Error::config(format!(
-                "{} seeds, more than the {MAX_SEEDS} a suite can run",
-                self.seeds.len()
-            )));
-        }
+        check_seed_count(self.seeds.len() as u64)?;
         if let Some(eta) = self.etas.iter().find(|e| !(e.is_finite() && **e >= 0.0)) {
             return Err(Error::config(format!("η = {eta} must be finite and ≥ 0")));
         }
