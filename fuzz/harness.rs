@@ -239,11 +239,19 @@ pub fn manifest(data: &[u8]) {
     read_all_items(&reader);
 }
 
-/// Arbitrary bytes as a checkpoint (`eval`, `embed`, `train --resume`).
+/// Arbitrary bytes as a checkpoint (`eval`, `embed`, `train --resume`), and as the library's
+/// `Model::load` reads one (`index`, `query`): a model that loads embeds an image of its region
+/// width and a text through its vocabulary.
 pub fn checkpoint(data: &[u8]) {
     let Some(path) = write_scratch_file("checkpoint.safetensors", data) else { return };
     if let Ok(ckpt) = Checkpoint::load(&path) {
         let _ = SemShare::new(&ckpt.model);
+    }
+    let Ok(cpu) = semshare::backend::open("cpu") else { return };
+    if let Ok(mut model) = Model::load(&path, cpu) {
+        let width = model.config().region_dim;
+        let _ = model.embed_images(&[Regions::new(&vec![0.5; width])]);
+        let _ = model.embed_texts(&["sky clouds"]);
     }
 }
 

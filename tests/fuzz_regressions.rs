@@ -57,6 +57,10 @@ fn fuzz_seeds_are_accepted_where_they_should_be() {
     let path = harness::scratch().join("c.safetensors");
     std::fs::write(&path, seed("checkpoint", "tiny.safetensors")).unwrap();
     semshare::checkpoint::Checkpoint::load(&path).expect("the checkpoint seed loads");
+    std::fs::write(&path, seed("checkpoint", "with-vocabulary.safetensors")).unwrap();
+    let cpu = semshare::backend::open("cpu").unwrap();
+    let mut model = semshare::Model::load(&path, cpu).expect("the vocabulary seed loads as a Model");
+    model.embed_texts(&["sky clouds"]).expect("the vocabulary seed tokenises");
     std::fs::write(&path, seed("embeddings", "with-items.safetensors")).unwrap();
     semshare::eval::EmbeddingSet::load(&path).expect("the embeddings seed loads");
     harness::pack_source(&seed("pack_source", "fixture.bin"));
@@ -181,6 +185,10 @@ fn write_fuzz_fixtures_and_seeds() {
     .save(&path)
     .unwrap();
     put("checkpoint_model", "tiny.json", serde_json::to_string(&model).unwrap().as_bytes());
+    // The library's example checkpoint: a vocabulary, label names, what `Model::load` reads.
+    let example = semshare::inference::tiny_checkpoint("fuzz-seed").unwrap();
+    put("checkpoint", "with-vocabulary.safetensors", &std::fs::read(&example).unwrap());
+    std::fs::remove_file(&example).unwrap();
     let path = seeds.join("checkpoint/inference.safetensors");
     Checkpoint { model, params, optimizer: None, step: 0, state: String::new(), spec: Default::default() }
         .save(&path)
