@@ -333,7 +333,6 @@ pub fn state_path(out: &Path) -> PathBuf {
     out.join("tune-state.json")
 }
 
-/// The plan `cfg` describes on `data`.
 /// More trials than a search can train, or repeats than a ranking needs, are refused before
 /// anything is sized by them (each trial and repeat is a record, a directory, a training run).
 const MAX_TRIALS: usize = 10_000;
@@ -349,6 +348,7 @@ fn check_counts(trials: usize, repeats: usize) -> Result<()> {
     Ok(())
 }
 
+/// The plan `cfg` describes on `data`.
 pub fn build_plan(data: &DatasetReader, cfg: &TuneConfig) -> Result<TunePlan> {
     check_counts(cfg.trials, cfg.repeats)?;
     let max_batch = data.split("train")?.num_images();
