@@ -5,30 +5,16 @@
 // The std print macros panic when stdout or stderr is closed (`semshare demo 2>&1 | head -1`
 // ended the run with exit 101): these drop the text and let the command go on (its files are
 // its work). Defined before the modules, so every command's printing is these.
-macro_rules! print {
-    ($($t:tt)*) => {{
+macro_rules! write_or_drop {
+    ($stream:ident, $how:ident, $($t:tt)*) => {{
         use std::io::Write as _;
-        let _ = write!(std::io::stdout(), $($t)*);
+        let _ = $how!(std::io::$stream(), $($t)*);
     }};
 }
-macro_rules! println {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($t)*);
-    }};
-}
-macro_rules! eprint {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = write!(std::io::stderr(), $($t)*);
-    }};
-}
-macro_rules! eprintln {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
-}
+macro_rules! print { ($($t:tt)*) => { write_or_drop!(stdout, write, $($t)*) }; }
+macro_rules! println { ($($t:tt)*) => { write_or_drop!(stdout, writeln, $($t)*) }; }
+macro_rules! eprint { ($($t:tt)*) => { write_or_drop!(stderr, write, $($t)*) }; }
+macro_rules! eprintln { ($($t:tt)*) => { write_or_drop!(stderr, writeln, $($t)*) }; }
 
 mod bench_step;
 mod check;
