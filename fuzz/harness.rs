@@ -64,90 +64,6 @@ pub const DATASET_FILES: &[(&str, &[u8])] = &[
 /// data files `f3.safetensors`, `f4.safetensors`, … (named by their position).
 pub const FILE_SEPARATOR: &[u8] = b"\n--8<--\n";
 
-/// The commands of `src/bin/semshare/main.rs` that take options, with the options each takes
-/// (values, then switches): a copy, since a fuzz target cannot reach a binary's items; the
-/// binary's test `the_cli_fuzz_target_parses_each_command_as_the_binary_does` keeps it equal.
-pub const COMMANDS: &[(&str, &[&str], &[&str])] = &[
-    ("demo", &["steps", "out", "seed", "device", "precision", "train", "val", "test"], &[]),
-    ("synth", &["out", "preset", "seed", "train", "val", "test", "labels", "format"], &["force"]),
-    ("pack", &["from", "out", "shard-mb"], &["force"]),
-    (
-        "train",
-        &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device", "precision"],
-        &["force"],
-    ),
-    ("eval", &["data", "checkpoint", "split", "embedding", "device", "precision"], &["json"]),
-    ("embed", &["data", "checkpoint", "out", "split", "embedding", "device", "precision"], &["force"]),
-    ("score", &["embeddings"], &["json"]),
-    (
-        "index",
-        &[
-            "checkpoint",
-            "out",
-            "data",
-            "split",
-            "side",
-            "texts",
-            "features",
-            "vectors",
-            "ids",
-            "embedding",
-            "device",
-            "precision",
-        ],
-        &["append", "force"],
-    ),
-    (
-        "query",
-        &["index", "checkpoint", "text", "queries", "features", "side", "vectors", "k", "device", "precision"],
-        &["json", "timing"],
-    ),
-    ("export", &["index", "format", "out"], &["force"]),
-    (
-        "experiment",
-        &[
-            "suite",
-            "data",
-            "seeds",
-            "seed",
-            "variants",
-            "model",
-            "config",
-            "out",
-            "runs",
-            "steps",
-            "device",
-            "precision",
-        ],
-        &[],
-    ),
-    (
-        "tune",
-        &[
-            "data",
-            "trials",
-            "reduction",
-            "rungs",
-            "min-steps",
-            "repeats",
-            "seed",
-            "workers",
-            "model",
-            "config",
-            "device",
-            "precision",
-            "out",
-            "runs",
-        ],
-        &[],
-    ),
-    (
-        "bench-step",
-        &["model", "device", "precision", "batch", "tokens", "warmup", "steps", "feature-dtype"],
-        &["counts", "graph"],
-    ),
-];
-
 /// The layout of the shard target and of the fixture dataset.
 pub fn layout(text_feature_dim: usize) -> Layout {
     let mut vocab = reserved_vocab();
@@ -336,7 +252,7 @@ pub fn cli(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let argv: Vec<String> = text.split('\n').map(str::to_string).collect();
     let Some((cmd, rest)) = argv.split_first() else { return };
-    let Some(&(_, takes, switches)) = COMMANDS.iter().find(|c| c.0 == cmd) else { return };
+    let Some(&(_, takes, switches)) = semshare::cli::COMMAND_OPTIONS.iter().find(|c| c.0 == cmd) else { return };
     let Ok(args) = Args::parse(rest, takes, switches) else { return };
     for &name in takes {
         let _ = args.all(name);

@@ -68,6 +68,95 @@ impl Args {
     }
 }
 
+/// The options of each command that takes them: (command, options that take a value,
+/// switches). The one list the binary parses a command line against, and the `cli` fuzz
+/// target's (fuzz/harness.rs); the binary's usage text names each option (a test checks).
+pub const COMMAND_OPTIONS: &[(&str, &[&str], &[&str])] = &[
+    ("demo", &["steps", "out", "seed", "device", "precision", "train", "val", "test"], &[]),
+    ("synth", &["out", "preset", "seed", "train", "val", "test", "labels", "format"], &["force"]),
+    ("pack", &["from", "out", "shard-mb"], &["force"]),
+    (
+        "train",
+        &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device", "precision"],
+        &["force"],
+    ),
+    ("eval", &["data", "checkpoint", "split", "embedding", "device", "precision"], &["json"]),
+    ("embed", &["data", "checkpoint", "out", "split", "embedding", "device", "precision"], &["force"]),
+    ("score", &["embeddings"], &["json"]),
+    (
+        "index",
+        &[
+            "checkpoint",
+            "out",
+            "data",
+            "split",
+            "side",
+            "texts",
+            "features",
+            "vectors",
+            "ids",
+            "embedding",
+            "device",
+            "precision",
+        ],
+        &["append", "force"],
+    ),
+    (
+        "query",
+        &["index", "checkpoint", "text", "queries", "features", "side", "vectors", "k", "device", "precision"],
+        &["json", "timing"],
+    ),
+    ("export", &["index", "format", "out"], &["force"]),
+    (
+        "experiment",
+        &[
+            "suite",
+            "data",
+            "seeds",
+            "seed",
+            "variants",
+            "model",
+            "config",
+            "out",
+            "runs",
+            "steps",
+            "device",
+            "precision",
+        ],
+        &[],
+    ),
+    (
+        "tune",
+        &[
+            "data",
+            "trials",
+            "reduction",
+            "rungs",
+            "min-steps",
+            "repeats",
+            "seed",
+            "workers",
+            "model",
+            "config",
+            "device",
+            "precision",
+            "out",
+            "runs",
+        ],
+        &[],
+    ),
+    (
+        "bench-step",
+        &["model", "device", "precision", "batch", "tokens", "warmup", "steps", "feature-dtype"],
+        &["counts", "graph"],
+    ),
+];
+
+/// `command`'s options (values, switches) from [`COMMAND_OPTIONS`]; none for another command.
+pub fn options(command: &str) -> (&'static [&'static str], &'static [&'static str]) {
+    COMMAND_OPTIONS.iter().find(|c| c.0 == command).map_or((&[], &[]), |c| (c.1, c.2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,7 @@ mod tune;
 
 use std::process::ExitCode;
 
-use semshare::cli::Args;
+use semshare::cli::{self, Args};
 use semshare::{Error, Result};
 
 /// What `semshare` and `semshare help` print above the commands.
@@ -50,8 +50,9 @@ COMMANDS:
 
 /// How a command takes its arguments.
 enum Takes {
-    /// `--flag value` options (`values`) and `--switch`es, parsed by [`Args`].
-    Flags { values: &'static [&'static str], switches: &'static [&'static str], run: fn(&Args) -> Result<()> },
+    /// `--flag value` options and `--switch`es, those [`cli::options`] gives the command,
+    /// parsed by [`Args`].
+    Flags(fn(&Args) -> Result<()>),
     /// One directory, no options.
     Dir(fn(&str) -> Result<()>),
 }
@@ -72,11 +73,7 @@ const COMMANDS: &[Command] = &[
              [--steps N] [--out DIR] [--seed S] [--device D] [--precision P]
              [--train N] [--val N] [--test N]   (defaults 2000 / 300 / 1000)
 ",
-        takes: Takes::Flags {
-            values: &["steps", "out", "seed", "device", "precision", "train", "val", "test"],
-            switches: &[],
-            run: demo::run,
-        },
+        takes: Takes::Flags(demo::run),
     },
     Command {
         name: "synth",
@@ -88,18 +85,14 @@ const COMMANDS: &[Command] = &[
              [--train N] [--val N] [--test N] [--force]  (defaults 10000 / 1000 / 2000 queries)
              --format source writes a source directory for `pack`, retrieval set included
 ",
-        takes: Takes::Flags {
-            values: &["out", "preset", "seed", "train", "val", "test", "labels", "format"],
-            switches: &["force"],
-            run: synth::run,
-        },
+        takes: Takes::Flags(synth::run),
     },
     Command {
         name: "pack",
         usage: "  pack     build a dataset directory from a source directory (docs/FORMAT.md)
              --from SRC --out DIR [--shard-mb N (default 256)] [--force]
 ",
-        takes: Takes::Flags { values: &["from", "out", "shard-mb"], switches: &["force"], run: pack::run },
+        takes: Takes::Flags(pack::run),
     },
     Command {
         name: "check",
@@ -120,11 +113,7 @@ const COMMANDS: &[Command] = &[
              cap and early stopping by epochs, context loss, validation score, embedding),
              printed with a reason each and written to --out as resolved-config.json
 ",
-        takes: Takes::Flags {
-            values: &["data", "out", "config", "model", "steps", "batch", "lr", "lambda", "seed", "resume", "device", "precision"],
-            switches: &["force"],
-            run: train::run,
-        },
+        takes: Takes::Flags(train::run),
     },
     Command {
         name: "eval",
@@ -132,22 +121,14 @@ const COMMANDS: &[Command] = &[
              --data DIR --checkpoint CKPT [--split test|val|train|database]
              (test with a database split: test queries ranked against the database) [--embedding pooled|label] [--json] [--device D] [--precision P]
 ",
-        takes: Takes::Flags {
-            values: &["data", "checkpoint", "split", "embedding", "device", "precision"],
-            switches: &["json"],
-            run: eval::run,
-        },
+        takes: Takes::Flags(eval::run),
     },
     Command {
         name: "embed",
         usage: "  embed    write the L2-normalised embeddings of a split (the input of `score`)
              --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--force] [--device D] [--precision P]
 ",
-        takes: Takes::Flags {
-            values: &["data", "checkpoint", "out", "split", "embedding", "device", "precision"],
-            switches: &["force"],
-            run: embed::run,
-        },
+        takes: Takes::Flags(embed::run),
     },
     Command {
         name: "score",
@@ -156,7 +137,7 @@ const COMMANDS: &[Command] = &[
              without `text.item` and with more (or fewer) texts than images, nothing pairs them:
              the label metrics only, R@K left out (absent from --json)
 ",
-        takes: Takes::Flags { values: &["embeddings"], switches: &["json"], run: score::run },
+        takes: Takes::Flags(score::run),
     },
     Command {
         name: "index",
@@ -171,11 +152,7 @@ const COMMANDS: &[Command] = &[
              [--ids FILE (one per line; default FILE-stem/i)] [--embedding pooled|label]
              [--append (add to INDEX: same model and embedding, new ids)] [--force] [--device D] [--precision P]
 ",
-        takes: Takes::Flags {
-            values: &["checkpoint", "out", "data", "split", "side", "texts", "features", "vectors", "ids", "embedding", "device", "precision"],
-            switches: &["append", "force"],
-            run: index::run,
-        },
+        takes: Takes::Flags(index::run),
     },
     Command {
         name: "query",
@@ -188,11 +165,7 @@ const COMMANDS: &[Command] = &[
              [--k N (default 10)] [--json (one {\"query\", \"results\": [{\"id\", \"score\"}]} per line)] [--device D] [--precision P]
              [--timing (stderr: time to open the index, to search, in all)]
 ",
-        takes: Takes::Flags {
-            values: &["index", "checkpoint", "text", "queries", "features", "side", "vectors", "k", "device", "precision"],
-            switches: &["json", "timing"],
-            run: query::run,
-        },
+        takes: Takes::Flags(query::run),
     },
     Command {
         name: "export",
@@ -201,7 +174,7 @@ const COMMANDS: &[Command] = &[
              npy: PATH holds float32 [N, D] (.npy v1), PATH.ids.txt (for X.npy: X.ids.txt) the ids;
              jsonl: one {\"id\", \"vector\", \"payload\": {\"labels\": [...]}} per line (Qdrant, Milvus)
 ",
-        takes: Takes::Flags { values: &["index", "format", "out"], switches: &["force"], run: export::run },
+        takes: Takes::Flags(export::run),
     },
     Command {
         name: "experiment",
@@ -213,13 +186,7 @@ const COMMANDS: &[Command] = &[
              warm-up 60, lr 5e-4, validation every 100 steps, patience 3
              --seed K runs seed K alone (adding it to the suite's state file)
 ",
-        takes: Takes::Flags {
-            values: &[
-                "suite", "data", "seeds", "seed", "variants", "model", "config", "out", "runs", "steps", "device", "precision",
-            ],
-            switches: &[],
-            run: experiment::run,
-        },
+        takes: Takes::Flags(experiment::run),
     },
     Command {
         name: "tune",
@@ -234,14 +201,7 @@ const COMMANDS: &[Command] = &[
              steps, repeats times (seeds) at the later rungs that still choose, ranked by the
              mean; writes trials.md (every trial) and best-config.json (for `train --config`)
 ",
-        takes: Takes::Flags {
-            values: &[
-                "data", "trials", "reduction", "rungs", "min-steps", "repeats", "seed", "workers", "model", "config",
-                "device", "precision", "out", "runs",
-            ],
-            switches: &[],
-            run: tune::run,
-        },
+        takes: Takes::Flags(tune::run),
     },
     Command {
         name: "bench-step",
@@ -255,11 +215,7 @@ const COMMANDS: &[Command] = &[
              --graph takes the steps as the trainer does on CUDA: captured once per shape and
              replayed (CUDA graphs); without it every step runs eagerly
 ",
-        takes: Takes::Flags {
-            values: &["model", "device", "precision", "batch", "tokens", "warmup", "steps", "feature-dtype"],
-            switches: &["counts", "graph"],
-            run: bench_step::run,
-        },
+        takes: Takes::Flags(bench_step::run),
     },
 ];
 
@@ -288,16 +244,14 @@ const USAGE_ERROR: u8 = 2;
 
 impl Command {
     fn takes(&self, option: &str) -> bool {
-        match &self.takes {
-            Takes::Flags { values, switches, .. } => values.contains(&option) || switches.contains(&option),
-            Takes::Dir(_) => false,
-        }
+        let (values, switches) = cli::options(self.name);
+        values.contains(&option) || switches.contains(&option)
     }
 
     /// `semshare help CMD`: this command's part of the usage and the notes that concern it.
     fn help(&self) -> String {
         let operands = match self.takes {
-            Takes::Flags { .. } => "[OPTIONS]",
+            Takes::Flags(_) => "[OPTIONS]",
             Takes::Dir(_) => "DIR",
         };
         let mut s = format!("USAGE: semshare {} {operands}\n\n{}\n", self.name, self.usage);
@@ -398,7 +352,8 @@ fn run(argv: &[String]) -> std::result::Result<(), Failure> {
     }
     let usage_error = |error| Failure::Usage { error, command: Some(cmd.name) };
     match &cmd.takes {
-        Takes::Flags { values, switches, run } => {
+        Takes::Flags(run) => {
+            let (values, switches) = cli::options(cmd.name);
             let args = Args::parse(rest, values, switches).map_err(usage_error)?;
             Ok(run(&args)?)
         }
@@ -412,27 +367,17 @@ fn run(argv: &[String]) -> std::result::Result<(), Failure> {
     }
 }
 
-/// The fuzz targets' code, whose copy of [`COMMANDS`] a test compares.
-#[cfg(test)]
-#[path = "../../../fuzz/harness.rs"]
-mod harness;
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The fuzz target `cli` parses each command line with a copy of this table's options (a
-    /// fuzz target cannot reach a binary's items): the copy is this table, command by command.
+    /// The options live in the library (`cli::COMMAND_OPTIONS`, which the fuzz target `cli`
+    /// parses with too): a command that takes flags is there, and every entry is such a command.
     #[test]
-    fn the_cli_fuzz_target_parses_each_command_as_the_binary_does() {
-        let ours: Vec<(&str, &[&str], &[&str])> = COMMANDS
-            .iter()
-            .filter_map(|c| match &c.takes {
-                Takes::Flags { values, switches, .. } => Some((c.name, *values, *switches)),
-                Takes::Dir(_) => None,
-            })
-            .collect();
-        assert_eq!(harness::COMMANDS, &ours[..]);
+    fn every_command_that_takes_flags_has_its_options_in_the_library() {
+        let flags: Vec<&str> = COMMANDS.iter().filter(|c| matches!(c.takes, Takes::Flags(_))).map(|c| c.name).collect();
+        let listed: Vec<&str> = cli::COMMAND_OPTIONS.iter().map(|c| c.0).collect();
+        assert_eq!(flags, listed);
     }
 
     /// The usage text and the parser come from one table: every option a command accepts is in
@@ -443,7 +388,8 @@ mod tests {
         for c in COMMANDS {
             assert!(c.usage.starts_with(&format!("  {} ", c.name)), "{}", c.usage);
             assert!(full.contains(c.usage) && c.help().contains(c.usage), "{}", c.name);
-            if let Takes::Flags { values, switches, .. } = &c.takes {
+            if let Takes::Flags(_) = c.takes {
+                let (values, switches) = cli::options(c.name);
                 for option in values.iter().chain(switches.iter()) {
                     assert!(c.usage.contains(&format!("--{option}")), "{}: --{option} is not in its usage", c.name);
                 }
