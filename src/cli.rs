@@ -66,6 +66,17 @@ impl Args {
             .map(|v| v.parse().map_err(|_| Error::config(format!("--{name}: `{v}` is not a valid number"))))
             .transpose()
     }
+    /// A real-valued flag: [`Args::num`] that also refuses what f32 holds only as NaN or
+    /// infinity (`--lr 1e300`), naming the flag rather than the config key it sets.
+    pub fn real(&self, name: &str) -> Result<Option<f32>> {
+        match self.num::<f32>(name)? {
+            Some(v) if !v.is_finite() => Err(Error::config(format!(
+                "--{name}: `{}` is not a finite 32-bit number",
+                self.get(name).unwrap_or("")
+            ))),
+            v => Ok(v),
+        }
+    }
 }
 
 /// The options of each command that takes them: (command, options that take a value,

@@ -119,6 +119,18 @@ fn bad_input_gives_one_line_errors() {
         "missing.safetensors",
     );
     fails_with(&semshare(&["score", "--embeddings", path(&ckpt)]), "corrupt.safetensors");
+    // f32 holds 1e300 only as infinity: the flag is named, not the config key it would set.
+    let never = dir.join("never");
+    let out = path(&never);
+    fails_with(
+        &semshare(&["train", "--data", path(&data), "--out", out, "--lr", "1e300"]),
+        "--lr: `1e300` is not a finite",
+    );
+    fails_with(
+        &semshare(&["train", "--data", path(&data), "--out", out, "--lambda", "nan"]),
+        "--lambda: `nan` is not a finite",
+    );
+    assert!(!never.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -344,4 +356,22 @@ fn forced_cpu_path_errors_are_one_line() {
     }
     assert!(!dir.join("out").exists(), "nothing written before the device opened");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A `SEMSHARE_GPU` other than `emulated` is a one-line error on `auto` and `cuda` alike: a
+/// typo never runs the suite on the card, or on the CPU, as if it had been emulated.
+#[cfg(feature = "cuda")]
+#[test]
+fn a_misspelt_gpu_emulation_is_an_error() {
+    let dir = tmp("gpu-env");
+    for device in ["auto", "cuda"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_semshare"))
+            .env("SEMSHARE_GPU", "emulatd")
+            .args(["demo", "--device", device, "--steps", "1", "--out", path(&dir.join("out"))])
+            .output()
+            .unwrap();
+        fails_with(&out, "SEMSHARE_GPU = `emulatd` (expected `emulated`");
+    }
+    assert!(!dir.join("out").exists(), "nothing written before the device opened");
+    let _ = std::fs::remove_dir_all(&dir);
 }

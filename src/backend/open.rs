@@ -24,7 +24,8 @@ pub fn open_at(device: &str, precision: Precision) -> Result<Box<dyn Backend>> {
     match device {
         "cpu" => open_cpu(),
         #[cfg(feature = "cuda")]
-        "auto" if cuda::available() => cuda(),
+        // A bad SEMSHARE_GPU is an error here too, and `emulated` is asked for, not probed.
+        "auto" if cuda::emulation_requested()? || cuda::available() => cuda(),
         "auto" => open_cpu(),
         #[cfg(feature = "cuda")]
         "cuda" => cuda(),

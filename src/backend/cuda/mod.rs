@@ -89,7 +89,21 @@ fn blas_err(what: impl std::fmt::Display) -> impl FnOnce(cudarc::cublas::result:
 
 /// Whether `SEMSHARE_GPU=emulated` asks for the emulated device instead of a GPU.
 pub fn emulated() -> bool {
-    std::env::var("SEMSHARE_GPU").is_ok_and(|v| v == "emulated")
+    matches!(emulation_requested(), Ok(true))
+}
+
+/// `SEMSHARE_GPU`: unset or empty for a GPU, `emulated` for the emulated device; any other
+/// value is an error naming it, so that a typo never runs on the card (or the CPU) unnoticed.
+pub fn emulation_requested() -> Result<bool> {
+    match std::env::var_os("SEMSHARE_GPU") {
+        None => Ok(false),
+        Some(v) if v.is_empty() => Ok(false),
+        Some(v) if v == "emulated" => Ok(true),
+        Some(v) => Err(Error::config(format!(
+            "SEMSHARE_GPU = `{}` (expected `emulated`, or unset for a GPU)",
+            v.to_string_lossy()
+        ))),
+    }
 }
 
 /// With `SEMSHARE_GPU=emulated`: opens the emulated device's `libcuda.so`, `libcublas.so` and
@@ -99,7 +113,7 @@ pub fn emulated() -> bool {
 /// included, runs exactly as on a GPU.
 fn load_emulator_if_asked() -> Result<()> {
     static LOADED: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
-    if !emulated() {
+    if !emulation_requested()? {
         return Ok(());
     }
     let loaded = LOADED.get_or_init(|| {

@@ -47,7 +47,7 @@ pub fn configs(args: &Args, base: TrainConfig) -> Result<Configs> {
         c.train.batch_size = v;
         c.train_keys.insert("batch_size".into());
     }
-    if let Some(v) = args.num("lr")? {
+    if let Some(v) = args.real("lr")? {
         c.train.lr = v;
         c.train_keys.insert("lr".into());
     }
@@ -55,7 +55,7 @@ pub fn configs(args: &Args, base: TrainConfig) -> Result<Configs> {
         c.train.seed = v;
         c.train_keys.insert("seed".into());
     }
-    if let Some(v) = args.num("lambda")? {
+    if let Some(v) = args.real("lambda")? {
         c.model.lambda = v;
         c.model_keys.insert("lambda".into());
     }
