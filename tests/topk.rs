@@ -154,3 +154,132 @@ fn infinite_scores_and_ties_at_the_kth_are_kept_by_the_float_filter() {
         }
     }
 }
+
+// ---- the bf16 search (`--precision bf16`): a bf16 pass, then the f32 scores --------------
+
+use semshare::backend::Precision;
+use semshare::backend::cpu::topk::{FilterCounts, bf16_error_bound, top_k_keys_filtered};
+
+/// Each query searched alone: with one query the search scores every row by its f32 dot
+/// product, the score the bf16 search ranks its candidates by, so the keys must be equal.
+fn one_by_one(q: &[f32], g: &[f32], dim: usize, k: usize) -> Vec<u64> {
+    q.chunks(dim).flat_map(|qr| top_k_keys(qr, g, dim, k, 1000)).collect()
+}
+
+/// Rows of `base` plus a perturbation of relative size `eps`: scores that differ by less than
+/// bf16 resolves, so the bf16 pass alone would rank them by its rounding.
+fn near(base: &[f32], seed: u64, rows: usize, eps: f64) -> Vec<f32> {
+    let noise = common::randv(seed, rows * base.len());
+    noise
+        .chunks(base.len())
+        .flat_map(|n| base.iter().zip(n).map(move |(&b, &x)| b + (eps * f64::from(x)) as f32))
+        .collect()
+}
+
+#[test]
+fn bf16_search_of_random_rows_proves_its_candidates() {
+    let (nq, ng, dim, k) = (300, 3000, 64, 10);
+    let (q, g) = (common::randv(1, nq * dim), common::randv(2, ng * dim));
+    let (keys, counts) = top_k_keys_filtered(&q, &g, dim, k, 1000);
+    assert_eq!(keys, one_by_one(&q, &g, dim, k));
+    assert_eq!(
+        counts,
+        FilterCounts { proven: nq, second_pass: 0, f32_only: 0 },
+        "spread-out scores need no second pass"
+    );
+}
+
+#[test]
+fn bf16_search_among_near_ties_takes_the_second_pass_and_stays_exact() {
+    // 1,500 rows within 1e-3 of one vector, 1,500 random; queries near it and random.
+    let (dim, k) = (64, 10);
+    let b = common::randv(3, dim);
+    let mut g = near(&b, 4, 1500, 1e-3);
+    g.extend(common::randv(5, 1500 * dim));
+    let mut q = near(&b, 6, 200, 1e-2);
+    q.extend(common::randv(7, 100 * dim));
+    for k in [1, k, 300] {
+        let (keys, counts) = top_k_keys_filtered(&q, &g, dim, k, 1000);
+        assert_eq!(keys, one_by_one(&q, &g, dim, k), "k {k}");
+        assert!(counts.second_pass >= 200 && counts.proven >= 1, "k {k}: {counts:?}");
+    }
+    // Gallery ranges in parallel (a few queries): the same keys.
+    let (keys, _) = top_k_keys_filtered(&q[..5 * dim], &g, dim, k, 700);
+    assert_eq!(keys, one_by_one(&q[..5 * dim], &g, dim, k));
+}
+
+#[test]
+fn bf16_search_leaves_rows_and_queries_the_bound_cannot_cover_to_f32() {
+    let (nq, ng, dim, k) = (6, 3000, 16, 5);
+    let q = common::randv(8, nq * dim);
+    let mut g = common::randv(9, ng * dim);
+    // A query too large for the bound: searched in f32 alone, the others as usual.
+    let mut big = q.clone();
+    big[..dim].iter_mut().for_each(|x| *x *= 1e35);
+    let (keys, counts) = top_k_keys_filtered(&big, &g, dim, k, 1000);
+    assert_eq!(keys, one_by_one(&big, &g, dim, k));
+    assert_eq!((counts.f32_only, counts.proven + counts.second_pass), (1, nq - 1));
+    // A NaN or an infinity in the gallery: every query in f32, as the f32 search orders them.
+    for bad in [f32::NAN, f32::INFINITY] {
+        g[dim * 1234 + 3] = bad;
+        let (keys, counts) = top_k_keys_filtered(&q, &g, dim, k, 1000);
+        assert_eq!(keys, one_by_one(&q, &g, dim, k), "{bad}");
+        assert_eq!(counts.f32_only, nq, "{bad}");
+    }
+}
+
+#[test]
+fn bf16_error_bound_holds_and_is_tight_where_every_rounding_errs_one_way() {
+    use semshare::backend::Gemm;
+    use semshare::backend::cpu::{dispatch, gemm::gemm};
+    let kernels = dispatch::active().unwrap();
+    let dim = 256;
+    // Just below 1 + 2^-8, the midpoint between bf16's 1 and 1 + 2^-7: rounded down to 1 in
+    // both operands, so every product loses the same ~2u of its value.
+    let worst = vec![1.0 + 2f32.powi(-8) - 2f32.powi(-20); dim];
+    let mut cases = vec![(worst.clone(), worst, true)];
+    for s in 0..20 {
+        let scale = [1e-30, 1e-3, 1.0, 1e6][s % 4];
+        cases.push((common::randv_scaled(100 + s as u64, dim, scale), common::randv(200 + s as u64, dim), false));
+    }
+    for (i, (q, g, tight)) in cases.iter().enumerate() {
+        let mut s = [0.0f32];
+        gemm(
+            kernels,
+            Precision::Bf16,
+            Gemm { m: 1, n: 1, k: dim, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 },
+            q,
+            g,
+            &mut s,
+        );
+        let exact: f64 = q.iter().zip(g).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+        let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+        let bound = f64::from(bf16_error_bound(norm(q), norm(g), dim));
+        let err = (f64::from(s[0]) - exact).abs();
+        assert!(err <= bound, "case {i}: |bf16 − exact| = {err:e} > bound {bound:e}");
+        if *tight {
+            assert!(err >= 0.98 * bound, "case {i}: the bound {bound:e} is loose against {err:e}");
+        }
+    }
+}
+
+#[test]
+fn bf16_backend_search_gives_the_f32_top_k() {
+    // Through `Backend::top_k` at bf16: enough queries for the bf16 pass where the CPU has a
+    // bf16 unit, the f32 search elsewhere; the keys are those of the f32 scores either way.
+    let (nq, ng, dim, k) = (300, 2000, 64, 10);
+    let b = common::randv(10, dim);
+    let mut g = near(&b, 11, 1000, 1e-3);
+    g.extend(common::randv(12, 1000 * dim));
+    let q = near(&b, 13, nq, 1e-2);
+    let mut cpu = semshare::backend::cpu::Cpu::with_precision(Precision::Bf16).unwrap();
+    let (qt, gt) = (cpu.upload(&q, &[nq, dim]).unwrap(), cpu.upload(&g, &[ng, dim]).unwrap());
+    let got = cpu.top_k(qt.view(), gt.view(), dim, k).unwrap();
+    let want = if semshare::backend::cpu::dispatch::current().bf16_native() {
+        one_by_one(&q, &g, dim, k)
+    } else {
+        println!("not run: the bf16 pass (no bf16 unit on this CPU path); the f32 search checked");
+        top_k_keys(&q, &g, dim, k, semshare::backend::cpu::topk::TILE)
+    };
+    assert_eq!(got, split_keys(&want));
+}

@@ -84,6 +84,8 @@ def main():
     ap.add_argument("--checkpoint", help="for the start-to-answer time (default: train a small model for one step)")
     ap.add_argument("--skip-text", action="store_true", help="throughput only")
     ap.add_argument("--dir", help="working directory (default: a new temporary one)")
+    ap.add_argument("--precision", default="fp32,bf16",
+                    help="semshare's precisions, comma-separated (bf16: a bf16 pass, the f32 top k)")
     a = ap.parse_args()
 
     import faiss
@@ -104,33 +106,40 @@ def main():
     print(f"gallery {a.gallery} x {a.dim}, {a.queries} queries, top-{a.k}, {a.threads} threads, seed {a.seed}")
     print(f"semshare {a.bin}; faiss {faiss.__version__}; numpy {np.__version__}; work dir {work}")
 
-    sem_search, sem_wall, lines = [], [], None
-    query_cmd = [a.bin, "query", "--index", p("gallery.idx"), "--vectors", p("queries.npy"),
-                 "--k", str(a.k), "--json", "--timing", "--device", "cpu"]
-    for _ in range(a.repeat):
-        t = time.perf_counter()
-        out = run(query_cmd, env)
-        sem_wall.append(time.perf_counter() - t)
-        timing = next(l for l in out.stderr.splitlines() if l.startswith("timing:"))
-        sem_search.append(float(timing.split(" items in ")[1].split(" s ")[0]))
-        lines = out.stdout.splitlines()
-
+    # Each precision's runs and FAISS's alternate, so that a slow minute of a shared machine
+    # falls on both sides.
     faiss.omp_set_num_threads(a.threads)
     index = faiss.IndexFlatIP(a.dim)
     index.add(vectors)
-    f_times = []
+    precisions = a.precision.split(",")
+    sem_search = {pr: [] for pr in precisions}
+    sem_wall = {pr: [] for pr in precisions}
+    lines, f_times = {}, []
     for _ in range(a.repeat):
+        for pr in precisions:
+            query_cmd = [a.bin, "query", "--index", p("gallery.idx"), "--vectors", p("queries.npy"),
+                         "--k", str(a.k), "--json", "--timing", "--device", "cpu", "--precision", pr]
+            t = time.perf_counter()
+            out = run(query_cmd, env)
+            sem_wall[pr].append(time.perf_counter() - t)
+            timing = next(l for l in out.stderr.splitlines() if l.startswith("timing:"))
+            sem_search[pr].append(float(timing.split(" items in ")[1].split(" s ")[0]))
+            lines[pr] = out.stdout.splitlines()
         t = time.perf_counter()
         f_scores, f_ids = index.search(queries, a.k)
         f_times.append(time.perf_counter() - t)
 
-    identical, near, mismatch = compare(lines, f_ids, f_scores, ids)
-    s, w, f = min(sem_search), min(sem_wall), min(f_times)
-    print(f"semshare query: search {s:.3f} s = {a.queries / s:,.0f} queries/s "
-          f"(whole process {w:.3f} s = {a.queries / w:,.0f} queries/s)")
+    f = min(f_times)
     print(f"faiss IndexFlatIP.search: {f:.3f} s = {a.queries / f:,.0f} queries/s")
-    print(f"ratio semshare / faiss (queries/s): search {f / s:.2f}x, whole process {f / w:.2f}x")
-    print(f"results: {identical} identical, {near} differing only within near ties (< 1e-5), {mismatch} mismatches")
+    mismatch = 0
+    for pr in precisions:
+        identical, near, bad = compare(lines[pr], f_ids, f_scores, ids)
+        mismatch += bad
+        s, w = min(sem_search[pr]), min(sem_wall[pr])
+        print(f"semshare query --precision {pr}: search {s:.3f} s = {a.queries / s:,.0f} queries/s "
+              f"(whole process {w:.3f} s = {a.queries / w:,.0f} queries/s)")
+        print(f"  ratio semshare / faiss (queries/s): search {f / s:.2f}x, whole process {f / w:.2f}x")
+        print(f"  results: {identical} identical, {near} differing only within near ties (< 1e-5), {bad} mismatches")
 
     if not a.skip_text:
         start_to_answer(a, p, env)

@@ -565,7 +565,10 @@ pub trait Backend {
     /// `gallery [ng, dim]` with the largest score, best first, ties to the lower gallery id
     /// (`cpu::topk::rank_key`). Returns (ids, scores), `nq · k` each, query after query. The
     /// full score matrix is never built (the gallery is tiled). Errors for dim = 0, an empty
-    /// side, a length that is not a multiple of dim, k = 0 or k > ng (no clamping).
+    /// side, a length that is not a multiple of dim, k = 0 or k > ng (no clamping). At bf16
+    /// the CPU may choose candidates by a pass on bf16 operands first (`cpu::topk::
+    /// top_k_keys_filtered`), but ranks by f32 scores and proves that no other row can enter:
+    /// the result is the f32 top k at every precision.
     fn top_k(&mut self, queries: View, gallery: View, dim: usize, k: usize) -> Result<(Vec<u32>, Vec<f32>)>;
 
     // ---- optimizer ----------------------------------------------------------------------

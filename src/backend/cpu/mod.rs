@@ -674,7 +674,8 @@ impl Backend for Cpu {
         let _timer = profile::time("top_k");
         check_top_k(queries.len(), gallery.len(), dim, k)?;
         dispatch::active()?;
-        Ok(topk::split_keys(&topk::top_k_keys(queries.cpu(), gallery.cpu(), dim, k, topk::TILE)))
+        let search = if self.precision == Precision::Bf16 { topk::top_k_keys_bf16 } else { topk::top_k_keys };
+        Ok(topk::split_keys(&search(queries.cpu(), gallery.cpu(), dim, k, topk::TILE)))
     }
 
     fn adamw(&mut self, params: ViewMut, grads: View, m: ViewMut, v: ViewMut, hp: AdamW) -> Result<()> {
