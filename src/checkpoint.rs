@@ -242,6 +242,16 @@ impl Checkpoint {
         Self::load_with(path, true)
     }
 
+    /// Whether `path` is a regular file whose safetensors header names this format: what may be
+    /// replaced as a checkpoint semshare wrote. Reads the header only.
+    pub fn is_checkpoint(path: &Path) -> bool {
+        let Ok((file, _)) = open_regular(path) else { return false };
+        // SAFETY: read-only map of a file that checkpoints replace by rename, never in place.
+        let Ok(bytes) = (unsafe { memmap2::Mmap::map(&file) }) else { return false };
+        SafeTensors::read_metadata(&bytes)
+            .is_ok_and(|(_, h)| h.metadata().as_ref().and_then(|m| m.get("format")).is_some_and(|f| f == FORMAT))
+    }
+
     /// [`Checkpoint::load`] for inference: the optimizer moments (two thirds of a training
     /// checkpoint) are checked for presence, dtype and shape but not converted, and `optimizer`
     /// is None; a query's start-up does not pay for them.

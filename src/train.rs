@@ -43,6 +43,9 @@ pub struct RunOptions {
     /// The configuration as resolved for this run (`defaults::resolve`), written to the run
     /// directory as [`RESOLVED_CONFIG`] once the directory is claimed.
     pub resolved_config: Option<String>,
+    /// Entries of `out_dir` that are the caller's and not the run's (the demo's `data`): left
+    /// alone. Anything else that no run writes makes the directory refused.
+    pub shared: Vec<&'static str>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -115,11 +118,89 @@ pub fn fresh_run_dir(root: &Path, name: &str) -> Result<PathBuf> {
     Err(Error::config(format!("{}: no free run directory name", root.display())))
 }
 
-/// Makes `out` this run's directory: creates it and takes its lock (a second `train` into it
-/// fails here; the lock goes with the process, so a killed run leaves none behind). The
-/// checkpoints of another run there are refused unless `resume` continues that run (it lies in
-/// `out`) or `replace` says to remove them. The returned file holds the lock.
-fn claim_run_dir(out: &Path, resume: Option<&Path>, replace: bool) -> Result<std::fs::File> {
+/// Whether `path` is a resolved configuration a run wrote ([`RESOLVED_CONFIG`]).
+fn is_resolved_config(path: &Path) -> bool {
+    crate::io::read_text(path, crate::io::SMALL_FILE_LIMIT)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| ["model", "train", "reasons"].iter().all(|k| v.get(k).is_some_and(|x| x.is_object())))
+}
+
+/// What a run directory holds that a run may replace: the checkpoints of another run, which
+/// `replace` removes once this run writes its first checkpoint (so that a run failing before
+/// it leaves them as they were).
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub stale: Vec<PathBuf>,
+}
+
+/// Checks that `out` may be a run directory, before anything is written there: missing or
+/// empty; or holding only what runs write (checkpoints semshare wrote, a resolved
+/// configuration, the lock, a killed write's temp file) and the caller's own `shared` entries
+/// (the demo's `data`). Anything else is somebody's, and `out` is refused even with `replace`.
+/// Another run's checkpoints are refused unless `resume` is one of them (continuing that run)
+/// or `replace` is set, when they are listed as stale.
+pub fn check_run_dir(out: &Path, resume: Option<&Path>, replace: bool, shared: &[&str]) -> Result<Claimed> {
+    let entries = match std::fs::read_dir(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Claimed::default()),
+        Err(e) => return Err(Error::io(out, e)),
+        Ok(d) => d,
+    };
+    let mut existing = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(out, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let (ours, what) = match name.as_str() {
+            BEST_CHECKPOINT | LAST_CHECKPOINT => (Checkpoint::is_checkpoint(&path), "a checkpoint semshare wrote"),
+            RESOLVED_CONFIG => (is_resolved_config(&path), "a configuration semshare wrote"),
+            LOCK_FILE => (std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0), "a run's lock"),
+            n if shared.contains(&n) => (true, ""),
+            n => (
+                [BEST_CHECKPOINT, LAST_CHECKPOINT, RESOLVED_CONFIG]
+                    .iter()
+                    .any(|f| n.starts_with(&format!(".{f}.tmp."))),
+                "a file a training run writes",
+            ),
+        };
+        if !ours {
+            return Err(Error::refused(
+                out,
+                format!("holds `{name}`, which is not {what}; refusing to write a run there (choose another --out)"),
+            ));
+        }
+        if [BEST_CHECKPOINT, LAST_CHECKPOINT].contains(&name.as_str()) {
+            existing.push(name);
+        }
+    }
+    existing.sort();
+    let continuing = resume.is_some_and(|r| existing.iter().any(|f| crate::io::same_path(r, &out.join(f))));
+    if existing.is_empty() || continuing {
+        return Ok(Claimed::default());
+    }
+    if !replace {
+        return Err(Error::refused(
+            out,
+            format!(
+                "holds the checkpoints of another run ({}); pass --resume {} to continue it, --force to replace it, or choose another --out",
+                existing.join(", "),
+                out.join(LAST_CHECKPOINT).display()
+            ),
+        ));
+    }
+    Ok(Claimed { stale: existing.iter().map(|f| out.join(f)).collect() })
+}
+
+/// Makes `out` this run's directory: [`check_run_dir`], then creates it and takes its lock (a
+/// second `train` into it fails here; the lock goes with the process, so a killed run leaves
+/// none behind), then checks again under the lock. The returned file holds the lock.
+fn claim_run_dir(
+    out: &Path,
+    resume: Option<&Path>,
+    replace: bool,
+    shared: &[&str],
+) -> Result<(std::fs::File, Claimed)> {
+    check_run_dir(out, resume, replace, shared)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let lock_path = out.join(LOCK_FILE);
     let lock = std::fs::OpenOptions::new()
@@ -140,24 +221,8 @@ fn claim_run_dir(out: &Path, resume: Option<&Path>, replace: bool) -> Result<std
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
     }
-    let continuing = resume.and_then(Path::parent).is_some_and(|dir| crate::io::same_path(dir, out));
-    let existing: Vec<&str> = [BEST_CHECKPOINT, LAST_CHECKPOINT].into_iter().filter(|f| out.join(f).exists()).collect();
-    if !existing.is_empty() && !continuing {
-        if !replace {
-            return Err(Error::refused(
-                out,
-                format!(
-                    "holds the checkpoints of another run ({}); pass --resume {} to continue it, --force to replace it, or choose another --out",
-                    existing.join(", "),
-                    out.join(LAST_CHECKPOINT).display()
-                ),
-            ));
-        }
-        for f in existing {
-            std::fs::remove_file(out.join(f)).map_err(|e| Error::io(out.join(f), e))?;
-        }
-    }
-    Ok(lock)
+    let claimed = check_run_dir(out, resume, replace, shared)?;
+    Ok((lock, claimed))
 }
 
 /// A split that must hold items: refused before any work, naming the split and what needs it.
@@ -216,9 +281,22 @@ pub fn train(
         }
         None => None,
     };
-    let _lock = claim_run_dir(&opts.out_dir, opts.resume.as_deref(), opts.replace)?;
-    if let Some(text) = &opts.resolved_config {
-        crate::io::atomic_write(&opts.out_dir.join(RESOLVED_CONFIG), text.as_bytes())?;
+    let (_lock, claimed) = claim_run_dir(&opts.out_dir, opts.resume.as_deref(), opts.replace, &opts.shared)?;
+    // Replacing another run: its checkpoints and configuration stay until this run writes its
+    // first checkpoint, so that a run failing before then changes nothing.
+    let mut stale = Some(claimed.stale);
+    let take_over = |stale: &mut Option<Vec<PathBuf>>| -> Result<()> {
+        let Some(files) = stale.take() else { return Ok(()) };
+        for f in files {
+            std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+        }
+        if let Some(text) = &opts.resolved_config {
+            crate::io::atomic_write(&opts.out_dir.join(RESOLVED_CONFIG), text.as_bytes())?;
+        }
+        Ok(())
+    };
+    if stale.as_ref().is_some_and(Vec::is_empty) {
+        take_over(&mut stale)?;
     }
     let train_split = data.split("train")?;
     let (mut trainer, mut state, norm) = match resumed {
@@ -305,6 +383,7 @@ pub fn train(
             // The better embedding; on equal scores the first (pooled).
             let (kind, score) =
                 scores.iter().copied().reduce(|a, b| if b.1 > a.1 { b } else { a }).expect("one embedding at least");
+            take_over(&mut stale)?;
             if score > state.best_score {
                 let best_embedding = Some(kind.name().to_string());
                 state = RunState { best_score: score, best_step: done, stale: 0, best_embedding };

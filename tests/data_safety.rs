@@ -565,3 +565,105 @@ fn synth_train_and_embed_twice_give_byte_identical_files() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--force` replaces what semshare wrote and nothing else: a dataset, a run directory or the
+/// demo's directory that also holds a user's own file is refused whole, naming the file, and a
+/// replacing run that fails before its first checkpoint leaves the old run as it was.
+#[test]
+fn force_never_deletes_a_users_own_files() {
+    let dir = tmp("force");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+
+    // A dataset holding a user's notes: synth --force would have replaced the directory whole.
+    std::fs::write(data.join("notes.txt"), "mine").unwrap();
+    let before = snapshot(&dir);
+    fails_with(
+        &semshare(&["synth", "--out", path(&data), "--force"]),
+        "holds an entry that its manifest does not list (`notes.txt`)",
+    );
+    assert_eq!(snapshot(&dir), before);
+    std::fs::remove_file(data.join("notes.txt")).unwrap();
+
+    // A run directory: the user's files are refused, with or without --force.
+    let run = dir.join("run");
+    ok(&train(&data, &cfg, &run, "2", &[]));
+    std::fs::write(run.join("notes.txt"), "mine").unwrap();
+    let before = snapshot(&dir);
+    fails_with(
+        &train(&data, &cfg, &run, "2", &["--force"]),
+        "holds `notes.txt`, which is not a file a training run writes",
+    );
+    assert_eq!(snapshot(&dir), before);
+    std::fs::remove_file(run.join("notes.txt")).unwrap();
+    let mine = dir.join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("best.safetensors"), "not a checkpoint").unwrap();
+    std::fs::write(mine.join("resolved-config.json"), "{\"mine\": 1}").unwrap();
+    let before = snapshot(&dir);
+    fails_with(&train(&data, &cfg, &mine, "2", &["--force"]), "which is not a checkpoint semshare wrote");
+    std::fs::remove_file(mine.join("best.safetensors")).unwrap();
+    fails_with(
+        &train(&data, &cfg, &mine, "2", &[]),
+        "holds `resolved-config.json`, which is not a configuration semshare wrote",
+    );
+    std::fs::write(mine.join("best.safetensors"), "not a checkpoint").unwrap();
+    assert_eq!(snapshot(&dir), before);
+
+    // Resuming a checkpoint that lies among a user's files, without --out: not a run directory.
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::copy(run.join("last.safetensors"), models.join("model.safetensors")).unwrap();
+    std::fs::write(models.join("last.safetensors"), "another model").unwrap();
+    let before = snapshot(&dir);
+    let resume = models.join("model.safetensors");
+    let out = semshare(&[
+        "train",
+        "--data",
+        path(&data),
+        "--config",
+        path(&cfg),
+        "--resume",
+        path(&resume),
+        "--steps",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    fails_with(&out, "holds `last.safetensors`, which is not a checkpoint semshare wrote");
+    assert_eq!(snapshot(&dir), before);
+
+    // --force over our own run, failing before its first checkpoint: the old run is unchanged.
+    let before = snapshot(&run);
+    fails_with(&train(&data, &cfg, &run, "2", &["--force", "--batch", "300"]), "fewer paired images");
+    assert_eq!(snapshot(&run), before);
+
+    // The demo replaces its own earlier output only.
+    let demo = |out: &Path| {
+        semshare(&[
+            "demo",
+            "--out",
+            path(out),
+            "--steps",
+            "1",
+            "--train",
+            "64",
+            "--val",
+            "16",
+            "--test",
+            "16",
+            "--device",
+            "cpu",
+        ])
+    };
+    let d = dir.join("demo");
+    ok(&demo(&d));
+    ok(&demo(&d));
+    std::fs::write(d.join("data").join("notes.txt"), "mine").unwrap();
+    let before = snapshot(&dir);
+    fails_with(&demo(&d), "(`notes.txt`)");
+    fails_with(&demo(&data), "which is not a file a training run writes");
+    fails_with(&demo(&mine), "which is not a checkpoint semshare wrote");
+    assert_eq!(snapshot(&dir), before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -71,8 +71,14 @@ fn confident_run(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathB
         embedding: "label".into(),
         ..TrainConfig::default()
     };
-    let opts =
-        RunOptions { out_dir: dir.join("run"), resume: None, replace: false, progress: None, resolved_config: None };
+    let opts = RunOptions {
+        out_dir: dir.join("run"),
+        resume: None,
+        replace: false,
+        progress: None,
+        resolved_config: None,
+        shared: vec![],
+    };
     let summary = train(&mut Cpu::new(), &reader, &model, &train_cfg, &opts).unwrap();
     (data, summary.best_checkpoint.unwrap())
 }

@@ -47,6 +47,7 @@ fn fixture() -> &'static Fixture {
             replace: false,
             progress: None,
             resolved_config: None,
+            shared: vec![],
         };
         let summary = train(&mut Cpu::new(), &reader, &model, &train_cfg, &opts).unwrap();
         let ckpt = summary.best_checkpoint.unwrap();

@@ -329,6 +329,24 @@ pub fn is_dataset(dir: &Path) -> bool {
         .is_ok_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(FORMAT_NAME))
 }
 
+/// The entries of dataset directory `dir` that its manifest does not name (the manifest, the
+/// vocabulary, the label names and the shards are the dataset; anything else is somebody's own
+/// file, which replacing the dataset would delete). None when `dir` is not a readable dataset.
+pub fn foreign_entries(dir: &Path) -> Option<Vec<String>> {
+    let text = crate::io::read_text(&dir.join(MANIFEST_FILE), crate::io::SMALL_FILE_LIMIT).ok()?;
+    let m: Manifest = serde_json::from_str(&text).ok()?;
+    let mut ours: Vec<&str> = vec![MANIFEST_FILE, &m.vocab_file, &m.labels_file];
+    ours.extend(m.splits.values().flatten().map(|e| e.file.as_str()));
+    let mut foreign: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !ours.contains(&name.as_str()))
+        .collect();
+    foreign.sort();
+    Some(foreign)
+}
+
 /// The reserved vocabulary alone (datasets whose texts are features).
 pub fn reserved_vocab() -> Vec<String> {
     RESERVED_TOKENS.iter().map(|s| s.to_string()).collect()

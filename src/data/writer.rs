@@ -15,7 +15,7 @@ use safetensors::tensor::{Dtype, View};
 use super::checksum::{checksum, format_checksum};
 use super::format::{
     FORMAT_NAME, FORMAT_VERSION, FeatureDtype, LABELS_FILE, Layout, MANIFEST_FILE, Manifest, REQUIRED_SPLITS, SPLITS,
-    ShardEntry, TEXT_FEATURES, VOCAB_FILE, is_dataset, tensor::*,
+    ShardEntry, TEXT_FEATURES, VOCAB_FILE, foreign_entries, is_dataset, tensor::*,
 };
 use crate::{Error, Result};
 
@@ -314,9 +314,32 @@ impl Drop for DatasetWriter {
 }
 
 /// A writer replaces a dataset (or an empty directory), never anything else; whether it may
-/// replace a dataset is the caller's decision (the CLI's `--force`, [`crate::io::claim_output`]).
+/// replace a dataset is the caller's decision (the CLI's `--force`, [`claim_dataset_output`]).
 fn refuse_non_dataset(out: &Path) -> Result<()> {
-    crate::io::claim_output(out, "dataset", true, is_dataset)
+    claim_dataset_output(out, true)
+}
+
+/// [`crate::io::claim_output`] for a dataset directory: a dataset is replaced whole, so one
+/// holding anything its manifest does not list (a user's notes, another program's output) is
+/// refused, naming what is there, even with `force`.
+pub fn claim_dataset_output(out: &Path, force: bool) -> Result<()> {
+    if is_dataset(out) {
+        let why = match foreign_entries(out) {
+            Some(f) if f.is_empty() => None,
+            Some(f) => Some(format!(
+                "holds {} that its manifest does not list ({}); refusing to replace the dataset (move {} away first)",
+                if f.len() == 1 { "an entry".to_string() } else { format!("{} entries", f.len()) },
+                f.iter().take(3).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                    + if f.len() > 3 { ", …" } else { "" },
+                if f.len() == 1 { "it" } else { "them" },
+            )),
+            None => Some("holds a dataset manifest this version cannot read; refusing to replace it".into()),
+        };
+        if let Some(why) = why {
+            return Err(Error::refused(out, why));
+        }
+    }
+    crate::io::claim_output(out, "dataset", force, is_dataset)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

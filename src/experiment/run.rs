@@ -384,6 +384,7 @@ fn train_run(
         replace: false,
         progress: cfg.progress.clone(),
         resolved_config: None,
+        shared: vec![],
     };
     let summary = train(dev, data, &model, &train_cfg, &opts)?;
     let best = summary

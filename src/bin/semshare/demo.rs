@@ -10,10 +10,11 @@ use semshare::cli::Args;
 use semshare::config::fit_to_data;
 use semshare::data::reader::DatasetReader;
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
+use semshare::data::writer::claim_dataset_output;
 use semshare::eval::{EvalConfig, Report};
 use semshare::inference::{evaluate_split, load_model};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
-use semshare::train::{RunOptions, TrainConfig, train};
+use semshare::train::{RunOptions, TrainConfig, check_run_dir, train};
 use semshare::{Error, Result};
 
 pub fn run(args: &Args) -> Result<()> {
@@ -28,6 +29,10 @@ pub fn run(args: &Args) -> Result<()> {
         "synthesizing {} / {} / {} images (balanced preset, seed {seed}) ...",
         synth_cfg.train, synth_cfg.val, synth_cfg.test
     );
+    // The demo's own directory: its earlier output (data/, checkpoints) is replaced, anything
+    // else there is refused before a file is written.
+    check_run_dir(&out, None, true, &["data"])?;
+    claim_dataset_output(&out.join("data"), true)?;
     generate(&synth_cfg)?.save(out.join("data"))?;
     let data = Arc::new(DatasetReader::open(out.join("data"))?);
     let mut model = ModelConfig::small();
@@ -51,6 +56,7 @@ pub fn run(args: &Args) -> Result<()> {
         replace: true,
         progress: Some(progress_printer()),
         resolved_config: None,
+        shared: vec!["data"],
     };
     let summary = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
     let best = summary.best_checkpoint.clone().ok_or_else(|| Error::data("the demo run wrote no checkpoint"))?;

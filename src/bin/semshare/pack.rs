@@ -1,9 +1,9 @@
 //! `semshare pack`: a source directory (docs/FORMAT.md) into a dataset.
 
 use semshare::cli::Args;
-use semshare::data::format::is_dataset;
 use semshare::data::pack::pack;
-use semshare::io::{claim_output, refuse_replacing};
+use semshare::data::writer::claim_dataset_output;
+use semshare::io::refuse_replacing;
 use semshare::{Error, Result};
 
 /// Most MiB per shard `pack` takes (1 TiB).
@@ -17,7 +17,7 @@ pub fn run(args: &Args) -> Result<()> {
         .ok_or_else(|| Error::config(format!("--shard-mb {mb} is outside 1..={MAX_SHARD_MB}")))?;
     let (from, out) = (args.path("from")?, args.path("out")?);
     refuse_replacing(&out, &from, "source directory (--from)")?;
-    claim_output(&out, "dataset", args.has("force"), is_dataset)?;
+    claim_dataset_output(&out, args.has("force"))?;
     let s = pack(&from, &out, shard_bytes)?;
     for (name, n, m, shards) in &s.splits {
         println!("{name}: {n} images, {m} texts in {shards} shard(s)");

@@ -3,9 +3,9 @@
 
 use semshare::cli::Args;
 use semshare::data::flickr_tags::{FlickrTagsConfig, RealTags, generate_flickr_tags};
-use semshare::data::format::is_dataset;
 use semshare::data::pack::is_source;
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
+use semshare::data::writer::claim_dataset_output;
 use semshare::io::{claim_output, refuse_replacing};
 use semshare::{Error, Result};
 
@@ -33,7 +33,7 @@ pub fn run(args: &Args) -> Result<()> {
         cfg.test = n;
     }
     let out = args.path("out")?;
-    claim_output(&out, "dataset", args.has("force"), is_dataset)?;
+    claim_dataset_output(&out, args.has("force"))?;
     let data = generate(&cfg)?;
     data.save(&out)?;
     println!(
@@ -65,7 +65,7 @@ fn synth_flickr_tags(args: &Args) -> Result<()> {
     if source {
         claim_output(&out, "source directory", args.has("force"), is_source)?;
     } else {
-        claim_output(&out, "dataset", args.has("force"), is_dataset)?;
+        claim_dataset_output(&out, args.has("force"))?;
     }
     let data = generate_flickr_tags(&cfg, &RealTags::load(&labels)?)?;
     let sizes = format!(

@@ -40,6 +40,7 @@ pub fn run(args: &Args) -> Result<()> {
         replace: args.has("force"),
         progress: Some(progress_printer()),
         resolved_config: Some(resolved.to_json()),
+        shared: vec![],
     };
     let s = train(dev.as_mut(), &data, &model, &cfg, &opts).inspect_err(|_| {
         if fresh {
