@@ -48,6 +48,20 @@ pub struct RunOptions {
     pub shared: Vec<&'static str>,
 }
 
+impl RunOptions {
+    /// A new run into `out_dir`: no resume, no replacing, no progress, nothing shared.
+    pub fn new(out_dir: impl Into<PathBuf>) -> RunOptions {
+        RunOptions {
+            out_dir: out_dir.into(),
+            resume: None,
+            replace: false,
+            progress: None,
+            resolved_config: None,
+            shared: vec![],
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainSummary {
     /// The step the run ended at (the resumed checkpoint's when there was nothing to train).

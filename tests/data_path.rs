@@ -159,14 +159,7 @@ fn pack_train_eval_shaped(
 
     let model = tiny_model(&data);
     let cfg = TrainConfig { steps: 4, batch_size: 8, eval_every: 0, warmup: 1, ..TrainConfig::default() };
-    let run = RunOptions {
-        out_dir: src.join("run"),
-        resume: None,
-        replace: false,
-        progress: None,
-        resolved_config: None,
-        shared: vec![],
-    };
+    let run = RunOptions::new(src.join("run"));
     let s = train(&mut Cpu::new(), &data, &model, &cfg, &run).unwrap();
     assert!(s.losses.iter().all(|l| l.is_finite()) && s.losses.len() == 4);
     let net = semshare::model::SemShare::new(&model).unwrap();

@@ -71,14 +71,7 @@ fn confident_run(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathB
         embedding: "label".into(),
         ..TrainConfig::default()
     };
-    let opts = RunOptions {
-        out_dir: dir.join("run"),
-        resume: None,
-        replace: false,
-        progress: None,
-        resolved_config: None,
-        shared: vec![],
-    };
+    let opts = RunOptions::new(dir.join("run"));
     let summary = train(&mut Cpu::new(), &reader, &model, &train_cfg, &opts).unwrap();
     (data, summary.best_checkpoint.unwrap())
 }

@@ -41,14 +41,7 @@ fn fixture() -> &'static Fixture {
         let reader = std::sync::Arc::new(DatasetReader::open(dir.join("data")).unwrap());
         let model = common::tiny_model_of(&data.meta, 0);
         let train_cfg = TrainConfig { steps: 4, batch_size: 8, eval_every: 2, warmup: 1, ..TrainConfig::default() };
-        let opts = RunOptions {
-            out_dir: dir.join("run"),
-            resume: None,
-            replace: false,
-            progress: None,
-            resolved_config: None,
-            shared: vec![],
-        };
+        let opts = RunOptions::new(dir.join("run"));
         let summary = train(&mut Cpu::new(), &reader, &model, &train_cfg, &opts).unwrap();
         let ckpt = summary.best_checkpoint.unwrap();
         let mut c = Checkpoint::load(&ckpt).unwrap();

@@ -43,14 +43,7 @@ fn trained_cfg(dir: &Path, change: impl FnOnce(&mut TrainConfig)) -> (Dataset, A
     let model = common::tiny_model_of(&data.meta, 0);
     let mut train_cfg = TrainConfig { steps: 4, batch_size: 8, eval_every: 2, warmup: 1, ..TrainConfig::default() };
     change(&mut train_cfg);
-    let opts = RunOptions {
-        out_dir: dir.join("run"),
-        resume: None,
-        replace: false,
-        progress: None,
-        resolved_config: None,
-        shared: vec![],
-    };
+    let opts = RunOptions::new(dir.join("run"));
     let summary = train(&mut Cpu::new(), &reader, &model, &train_cfg, &opts).unwrap();
     (data, reader, summary.best_checkpoint.unwrap())
 }

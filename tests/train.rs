@@ -32,14 +32,7 @@ fn open(data: &Dataset, dir: &Path) -> Arc<DatasetReader> {
 }
 
 fn run(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::Result<semshare::train::TrainSummary> {
-    let opts = RunOptions {
-        out_dir: dir.to_path_buf(),
-        resume: None,
-        replace: false,
-        progress: None,
-        resolved_config: None,
-        shared: vec!["data"],
-    };
+    let opts = RunOptions { shared: vec!["data"], ..RunOptions::new(dir) };
     train(&mut Cpu::new(), &open(data, dir), &tiny_model(data), cfg, &opts)
 }
 
@@ -127,14 +120,7 @@ use semshare::model::Variant;
 use semshare::train::Trainer;
 
 fn run_variant(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::train::TrainSummary {
-    let opts = RunOptions {
-        out_dir: dir.to_path_buf(),
-        resume: None,
-        replace: false,
-        progress: None,
-        resolved_config: None,
-        shared: vec!["data"],
-    };
+    let opts = RunOptions { shared: vec!["data"], ..RunOptions::new(dir) };
     let model = cfg.variant.configure(&tiny_model(data));
     train(&mut Cpu::new(), &open(data, dir), &model, cfg, &opts).unwrap()
 }

@@ -453,14 +453,7 @@ fn worker(
         }
         progress(&format!("{key}: {steps} steps  {}", describe(trial)));
         let start = Instant::now();
-        let opts = RunOptions {
-            out_dir: dir.clone(),
-            resume: None,
-            replace: false,
-            progress: None,
-            resolved_config: None,
-            shared: vec![],
-        };
+        let opts = RunOptions::new(dir.clone());
         let record = match train(dev.as_mut(), data, &model, &train_cfg, &opts) {
             Ok(summary) => TrialRecord {
                 key,
