@@ -205,6 +205,20 @@ pub fn check_run_dir(out: &Path, resume: Option<&Path>, replace: bool, shared: &
     Ok(Claimed { stale: existing.iter().map(|f| out.join(f)).collect() })
 }
 
+/// Deletes run directory `dir`: its checkpoints, configuration and lock, then the directory.
+/// A directory holding anything else is refused ([`check_run_dir`]) and left as it is.
+pub fn remove_run_dir(dir: &Path) -> Result<()> {
+    check_run_dir(dir, None, true, &[])?;
+    for f in [BEST_CHECKPOINT, LAST_CHECKPOINT, RESOLVED_CONFIG, LOCK_FILE] {
+        match std::fs::remove_file(dir.join(f)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(dir.join(f), e)),
+            _ => {}
+        }
+    }
+    let _ = std::fs::remove_dir(dir); // best effort: a killed write's temp file keeps it
+    Ok(())
+}
+
 /// Makes `out` this run's directory: [`check_run_dir`], then creates it and takes its lock (a
 /// second `train` into it fails here; the lock goes with the process, so a killed run leaves
 /// none behind), then checks again under the lock. The returned file holds the lock.

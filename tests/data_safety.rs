@@ -667,3 +667,57 @@ fn force_never_deletes_a_users_own_files() {
     assert_eq!(snapshot(&dir), before);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Studies (`experiment`, `tune`) share nothing they did not make: a runs directory belongs to
+/// the state file that claimed it (another study's runs were deleted, and its checkpoints
+/// read as this one's), and a report file with no state file beside it is somebody's.
+#[test]
+fn studies_never_replace_another_studys_runs_or_reports() {
+    let dir = tmp("studies");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_config(&dir);
+    let experiment = |out: &str, runs: &str| {
+        let (out, runs) = (dir.join(out), dir.join(runs));
+        semshare(&[
+            "experiment",
+            "--suite",
+            "table1",
+            "--data",
+            path(&data),
+            "--config",
+            path(&cfg),
+            "--seed",
+            "0",
+            "--steps",
+            "2",
+            "--variants",
+            "ridge",
+            "--out",
+            path(&out),
+            "--runs",
+            path(&runs),
+            "--device",
+            "cpu",
+        ])
+    };
+    ok(&experiment("a", "runs"));
+    ok(&experiment("a", "runs")); // its own runs: resumed
+    let before = snapshot(&dir);
+    fails_with(&experiment("b", "runs"), "holds the runs of the study whose state is");
+    assert_eq!(snapshot(&dir), before);
+
+    // A report without its state file beside it.
+    let mine = dir.join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("table1.md"), "# my own table").unwrap();
+    let before = snapshot(&dir);
+    fails_with(&experiment("mine", "runs-mine"), "table1.md: exists, and no table1-state.json beside it");
+    assert_eq!(snapshot(&dir), before);
+
+    // A runs directory holding somebody's files.
+    std::fs::create_dir_all(dir.join("theirs/table1")).unwrap();
+    std::fs::write(dir.join("theirs/table1/notes.txt"), "mine").unwrap();
+    fails_with(&experiment("c", "theirs"), "is not empty and names no study");
+    assert!(dir.join("theirs/table1/notes.txt").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

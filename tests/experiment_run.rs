@@ -154,21 +154,31 @@ fn a_resumed_suite_does_only_the_remaining_runs() {
     let full = run_suite(&mut Cpu::new(), &data, &full_cfg).unwrap();
     assert_eq!(full.finished.len(), 4);
 
-    // A suite killed during its third run (ours, seed 1): two records on disk, a half-written
-    // run directory.
+    // A suite killed during its third run (ours, seed 1): two records on disk, its runs
+    // directory claimed, a half-written run directory: a stale checkpoint (another run's
+    // bytes), the lock, the temp file of a write the kill interrupted.
     let cfg = config(&data, &dir.join("killed"), &[Variant::Ours, Variant::Cca], 2);
     let killed = SuiteState { suite: full.suite.clone(), finished: full.finished[..2].to_vec() };
     std::fs::create_dir_all(&cfg.out).unwrap();
-    std::fs::write(state_path(&cfg.out, SuiteKind::Table1), serde_json::to_vec(&killed).unwrap()).unwrap();
+    let path = state_path(&cfg.out, SuiteKind::Table1);
+    std::fs::write(&path, serde_json::to_vec(&killed).unwrap()).unwrap();
+    semshare::experiment::state::claim_runs_dir(&cfg.runs_dir.join("table1"), &path).unwrap();
     let stale = cfg.runs_dir.join("table1/ours-s1");
     std::fs::create_dir_all(&stale).unwrap();
-    std::fs::write(stale.join("stale.txt"), "from the killed run").unwrap();
+    let old_best = full_cfg.runs_dir.join("table1/ours-s0/best.safetensors");
+    std::fs::copy(&old_best, stale.join("best.safetensors")).unwrap();
+    std::fs::write(stale.join(".lock"), "").unwrap();
+    let dead =
+        std::fs::read_to_string("/proc/sys/kernel/pid_max").map_or(4_194_304, |s| s.trim().parse::<u64>().unwrap()) + 1;
+    let temp = stale.join(format!(".last.safetensors.tmp.{dead}"));
+    std::fs::write(&temp, "half").unwrap();
 
     let resumed = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
     assert_eq!(keys(&resumed), keys(&full));
     same_records(&resumed.finished[..2], &full.finished[..2]); // kept as recorded
     assert!(!cfg.runs_dir.join("table1/ours-s0").exists(), "the recorded run was trained again");
-    assert!(stale.join("best.safetensors").is_file() && !stale.join("stale.txt").exists());
+    let best = std::fs::read(stale.join("best.safetensors")).unwrap();
+    assert!(best != std::fs::read(&old_best).unwrap() && !temp.exists(), "the stale run was replaced");
     // Training and evaluation are deterministic on the CPU: the redone run scores the same.
     assert_eq!(resumed.finished[2].scores, full.finished[2].scores);
     assert_eq!(resumed.finished[2].best_step, full.finished[2].best_step);

@@ -102,6 +102,7 @@ fn halves_the_trials_rung_by_rung_and_writes_a_loadable_config() {
     let kept: Vec<String> = std::fs::read_dir(&cfg.runs_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != semshare::experiment::state::OWNER_FILE)
         .collect();
     let (winner, top) = best(&state).unwrap();
     assert_eq!(kept, [format!("trial{}-rung2", winner.id)]);
@@ -150,9 +151,15 @@ fn a_killed_tune_resumes_and_makes_the_same_choices() {
     }
     let pending = killed.remaining();
     assert_eq!(pending.len(), 3, "{pending:?}");
+    // Its runs directory claimed, a trial's directory as the kill left it: the lock, and the
+    // temp file of an interrupted checkpoint write (checkpoints are renamed into place whole).
+    semshare::experiment::state::claim_runs_dir(&cfg2.runs_dir, &path).unwrap();
     let stale = semshare::experiment::tune::trial_dir(&cfg2.runs_dir, &pending[0]);
     std::fs::create_dir_all(&stale).unwrap();
-    std::fs::write(stale.join("last.safetensors"), b"half-written").unwrap();
+    std::fs::write(stale.join(".lock"), b"").unwrap();
+    let dead =
+        std::fs::read_to_string("/proc/sys/kernel/pid_max").map_or(4_194_304, |s| s.trim().parse::<u64>().unwrap()) + 1;
+    std::fs::write(stale.join(format!(".last.safetensors.tmp.{dead}")), b"half-written").unwrap();
     let mut lines = std::sync::Mutex::new(Vec::new());
     let resumed = run_tune(&data, &cfg2, &|l| lines.lock().unwrap().push(l.to_string())).unwrap();
     assert_eq!(scores(&resumed), scores(&full));

@@ -14,6 +14,7 @@ use super::plot::{eta_curves, write_figure1};
 use super::report::{Tables, write_table};
 pub use super::scores::NDCG_K;
 use super::scores::Scores;
+use super::state::{claim_runs_dir, refuse_foreign_reports};
 use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState};
 use crate::backend::Backend;
 use crate::data::checksum::{checksum, format_checksum};
@@ -244,6 +245,12 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     crate::train::require_items(data, "test", "the suite")?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let path = state_path(&cfg.out, cfg.suite);
+    let reports: &[&str] = match cfg.suite {
+        SuiteKind::Table1 => &["table1.md", "table1.json"],
+        SuiteKind::Eta => &["eta.md", "eta.json", "figure1.svg"],
+    };
+    refuse_foreign_reports(&cfg.out, &path, reports)?;
+    claim_runs_dir(&cfg.runs_dir.join(suite_name(cfg.suite)), &path)?;
     let mut state = SuiteState::open(&path, &suite)?;
     fill_in_label_scores(dev, data, cfg, &mut state, &path)?;
     write_reports(&state, data.meta().name.as_str(), &cfg.out, &cfg.train.embedding)?;
@@ -373,19 +380,9 @@ fn train_run(
         ..cfg.train.clone()
     };
     let dir = run_dir(&cfg.runs_dir, cfg.suite, key);
-    if dir.exists() {
-        // A run killed half-way (the directory is the suite's own, named by the run): start it
-        // again, not from its stale checkpoints.
-        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    }
-    let opts = RunOptions {
-        out_dir: dir.clone(),
-        resume: None,
-        replace: false,
-        progress: cfg.progress.clone(),
-        resolved_config: None,
-        shared: vec![],
-    };
+    // A run killed half-way (in the suite's own runs directory, named by the run) starts
+    // again, replacing its stale checkpoints.
+    let opts = RunOptions { replace: true, progress: cfg.progress.clone(), ..RunOptions::new(&dir) };
     let summary = train(dev, data, &model, &train_cfg, &opts)?;
     let best = summary
         .best_checkpoint

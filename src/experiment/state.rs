@@ -11,6 +11,65 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// The file of a study's runs directory that names the state file whose runs it holds.
+pub const OWNER_FILE: &str = "owner.txt";
+
+/// Claims `root` for the runs of the study whose state file is `state`: a missing or empty
+/// `root` becomes its own (the state's absolute path written to [`OWNER_FILE`]); one this state
+/// owns is taken again. Anything else (another study's runs, somebody's files) is refused,
+/// so that no run directory of another study is replaced, or read as this one's.
+pub fn claim_runs_dir(root: &Path, state: &Path) -> Result<()> {
+    let owner = root.join(OWNER_FILE);
+    let empty = match std::fs::read_dir(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(Error::io(root, e)),
+        Ok(mut d) => d.next().is_none(),
+    };
+    if empty {
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let dir = state.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let absolute =
+            std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?.join(state.file_name().unwrap_or_default());
+        return crate::io::atomic_write(&owner, format!("{}\n", absolute.display()).as_bytes());
+    }
+    match crate::io::read_text(&owner, 4096) {
+        Ok(text) if crate::io::same_path(Path::new(text.trim_end_matches('\n')), state) => Ok(()),
+        Ok(text) => Err(Error::refused(
+            root,
+            format!(
+                "holds the runs of the study whose state is {}, not {}; choose another --runs",
+                text.trim_end(),
+                state.display()
+            ),
+        )),
+        Err(_) => Err(Error::refused(
+            root,
+            format!(
+                "is not empty and names no study ({OWNER_FILE}); refusing to put runs there (choose another --runs)"
+            ),
+        )),
+    }
+}
+
+/// Refuses a study's first start in `out` where one of its `reports` exists already: with no
+/// state file beside it, that report is not this study's to rewrite (another program's, or a
+/// study whose state was moved away).
+pub fn refuse_foreign_reports(out: &Path, state: &Path, reports: &[&str]) -> Result<()> {
+    if state.exists() {
+        return Ok(());
+    }
+    match reports.iter().map(|r| out.join(r)).find(|p| std::fs::symlink_metadata(p).is_ok()) {
+        Some(p) => Err(Error::refused(
+            &p,
+            format!(
+                "exists, and no {} beside it says this study wrote it; refusing to replace it (choose another --out)",
+                state.file_name().unwrap_or_default().to_string_lossy()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// What a study runs. The plan may depend on results: successive halving promotes the best
 /// trials of a rung only once the rung is finished, so [`Plan::runs`] sees the finished records.
 pub trait Plan: Clone + PartialEq + Serialize + DeserializeOwned {

@@ -29,11 +29,11 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::run::fingerprint;
-use super::state::{Plan, StudyState};
+use super::state::{Plan, StudyState, claim_runs_dir, refuse_foreign_reports};
 use crate::data::reader::DatasetReader;
 use crate::model::ModelConfig;
 use crate::rng::Rng;
-use crate::train::{RunOptions, TrainConfig, check_fits, require_items, train};
+use crate::train::{RunOptions, TrainConfig, check_fits, remove_run_dir, require_items, train};
 use crate::{Error, Result};
 
 /// One point of the search space. `dim` and `layers` size the shared model; heads stay the
@@ -396,6 +396,8 @@ pub fn run_tune(data: &Arc<DatasetReader>, cfg: &TuneConfig, progress: &(dyn Fn(
     require_items(data, "val", "tune")?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let path = state_path(&cfg.out);
+    refuse_foreign_reports(&cfg.out, &path, &["trials.md", "best-config.json"])?;
+    claim_runs_dir(&cfg.runs_dir, &path)?;
     let state = Mutex::new(TuneState::open(&path, &plan)?);
     loop {
         let remaining: VecDeque<TrialKey> = state.lock().map_err(poisoned)?.remaining().into();
@@ -446,14 +448,11 @@ fn worker(
         let (model, mut train_cfg) = trial.apply(&cfg.model, &cfg.train, steps);
         train_cfg.seed = train_cfg.seed.wrapping_add(key.repeat as u64);
         let dir = trial_dir(&cfg.runs_dir, &key);
-        if dir.exists() {
-            // A trial killed half-way (the directory is the tune's own, named by the trial):
-            // start it again, not from its stale checkpoints.
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
         progress(&format!("{key}: {steps} steps  {}", describe(trial)));
         let start = Instant::now();
-        let opts = RunOptions::new(dir.clone());
+        // A trial killed half-way (in the tune's own runs directory, named by the trial) starts
+        // again, replacing its stale checkpoints.
+        let opts = RunOptions { replace: true, ..RunOptions::new(&dir) };
         let record = match train(dev.as_mut(), data, &model, &train_cfg, &opts) {
             Ok(summary) => TrialRecord {
                 key,
@@ -484,7 +483,7 @@ fn worker(
         state.lock().map_err(poisoned)?.record(path, record)?;
         if key.rung + 1 < plan.rungs {
             // Later rungs train from scratch: only the last rung's checkpoints are worth keeping.
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            remove_run_dir(&dir)?;
         }
         progress(&line);
     }
