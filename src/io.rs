@@ -148,6 +148,15 @@ pub fn claim_output(out: &Path, what: &str, force: bool, is_ours: impl Fn(&Path)
     ))
 }
 
+/// [`claim_output`] for an output that is one file: a directory there (even an empty one) is
+/// refused before anything is computed or written beside it.
+pub fn claim_file_output(out: &Path, what: &str, force: bool, is_ours: impl Fn(&Path) -> bool) -> Result<()> {
+    if fs::symlink_metadata(out).is_ok_and(|m| m.is_dir()) {
+        return Err(Error::refused(out, format!("is a directory; the {what} is a file (name the file to write)")));
+    }
+    claim_output(out, what, force, is_ours)
+}
+
 /// `path` made absolute with symbolic links resolved as far as it exists (an output may not).
 fn resolved(path: &Path) -> PathBuf {
     if let Ok(p) = fs::canonicalize(path) {

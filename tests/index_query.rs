@@ -446,6 +446,52 @@ fn outputs_are_replaced_only_when_ours_and_forced() {
         "expected npy or jsonl",
     );
     assert_eq!(snapshot(&dir), before);
+
+    // Files that only look like exports: a user's array with no ids beside it, another tool's
+    // JSON lines; a directory where the export's file would go; a link --append would replace.
+    semshare::index::npy::write_npy(&dir.join("mine.npy"), &[1.0, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
+    std::fs::write(dir.join("dump.jsonl"), "{\"id\": \"a\", \"vector\": [1.0]}\n").unwrap();
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let before = snapshot(&dir);
+    let export = |format: &str, out: &str| {
+        semshare(&["export", "--index", path(&idx), "--format", format, "--out", path(&dir.join(out)), "--force"])
+    };
+    fails_with(&export("npy", "mine.npy"), "not a .npy export written by semshare");
+    fails_with(&export("jsonl", "dump.jsonl"), "not a JSON-lines export written by semshare");
+    fails_with(&export("npy", "empty"), "is a directory; the .npy export is a file");
+    let link = dir.join("link.idx");
+    std::os::unix::fs::symlink(&idx, &link).unwrap();
+    let append = [
+        "index",
+        "--checkpoint",
+        path(&f.ckpt),
+        "--out",
+        path(&link),
+        "--data",
+        path(&f.data),
+        "--split",
+        "train",
+        "--append",
+    ];
+    fails_with(&semshare(&append), "is a symbolic link");
+    std::fs::remove_file(&link).unwrap();
+    assert_eq!(snapshot(&dir), before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn raw_vectors_need_a_direction_and_no_checkpoint() {
+    let dir = tmp("index", "raw");
+    let npy = dir.join("v.npy");
+    semshare::index::npy::write_npy(&npy, &[1.0, 0.0, 0.0, 0.0, 0.5, 0.5], &[3, 2]).unwrap();
+    let out = dir.join("v.idx");
+    fails_with(&semshare(&["index", "--vectors", path(&npy), "--out", path(&out)]), "vector 1 is all zeros");
+    semshare::index::npy::write_npy(&npy, &[1.0, 0.0, 0.0, 2.0, 0.5, 0.5], &[3, 2]).unwrap();
+    ok(&semshare(&["index", "--vectors", path(&npy), "--out", path(&out)]));
+    let f = fixture();
+    let q = ["query", "--index", path(&out), "--vectors", path(&npy), "--checkpoint", path(&f.ckpt)];
+    fails_with(&semshare(&q), "holds raw vectors, made by no model");
+    ok(&semshare(&q[..5]));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -27,18 +27,18 @@ pub fn claim_runs_dir(root: &Path, state: &Path) -> Result<()> {
     };
     if empty {
         std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let canonical = |p: &Path| std::fs::canonicalize(p).map_err(|e| Error::io(p, e));
         let dir = state.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let absolute =
-            std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?.join(state.file_name().unwrap_or_default());
-        return crate::io::atomic_write(&owner, format!("{}\n", absolute.display()).as_bytes());
+        let from_root = relative(&canonical(root)?, &canonical(dir)?).join(state.file_name().unwrap_or_default());
+        return crate::io::atomic_write(&owner, format!("{}\n", from_root.display()).as_bytes());
     }
     match crate::io::read_text(&owner, 4096) {
-        Ok(text) if crate::io::same_path(Path::new(text.trim_end_matches('\n')), state) => Ok(()),
+        Ok(text) if crate::io::same_path(&root.join(text.trim_end_matches('\n')), state) => Ok(()),
         Ok(text) => Err(Error::refused(
             root,
             format!(
                 "holds the runs of the study whose state is {}, not {}; choose another --runs",
-                text.trim_end(),
+                root.join(text.trim_end()).display(),
                 state.display()
             ),
         )),
@@ -49,6 +49,17 @@ pub fn claim_runs_dir(root: &Path, state: &Path) -> Result<()> {
             ),
         )),
     }
+}
+
+/// `to` as a path from directory `from` (both absolute): the runs directory names its state
+/// file relatively, so that the two can be moved together, and two identical studies in two
+/// places write the same bytes.
+fn relative(from: &Path, to: &Path) -> std::path::PathBuf {
+    let (a, b): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut path: std::path::PathBuf = a[common..].iter().map(|_| "..").collect();
+    path.extend(&b[common..]);
+    path
 }
 
 /// Refuses a study's first start in `out` where one of its `reports` exists already: with no

@@ -118,6 +118,10 @@ pub fn from_vectors(vectors: NpyF32, ids: Vec<String>) -> Result<Gallery> {
     if let Some(i) = vectors.values.iter().position(|x| !x.is_finite()) {
         return Err(Error::data(format!("vector {} holds a non-finite value", i / dim)));
     }
+    // Normalised, a zero row would score 0 against every query: it has no direction.
+    if let Some(i) = vectors.values.chunks_exact(dim).position(|r| r.iter().all(|&x| x == 0.0)) {
+        return Err(Error::data(format!("vector {i} is all zeros: it has no direction to search by")));
+    }
     let mut values = vectors.values;
     normalize_rows(&mut values, dim);
     Ok(Gallery { origin: Origin::Vectors, dim, vectors: values, ids, labels: None })

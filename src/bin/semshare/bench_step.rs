@@ -29,6 +29,11 @@ pub fn run(args: &Args) -> Result<()> {
     if batch == 0 || steps == 0 {
         return Err(Error::config("bench-step: --batch and --steps must be positive"));
     }
+    // A benchmark's steps, not a training run's: bounded so that a typo does not run for days.
+    const MOST_STEPS: u64 = 100_000;
+    if steps > MOST_STEPS || warmup > MOST_STEPS {
+        return Err(Error::config(format!("bench-step: --steps and --warmup are at most {MOST_STEPS}")));
+    }
     if tokens == 0 || tokens > model.max_tokens.max(32) {
         return Err(Error::config(format!("bench-step: --tokens {tokens} is not in 1..={}", model.max_tokens.max(32))));
     }

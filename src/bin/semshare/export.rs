@@ -7,7 +7,7 @@ use std::path::Path;
 use semshare::cli::Args;
 use semshare::index::npy::{npy_bytes, parse_npy, read_npy};
 use semshare::index::{Index, export_ids_path};
-use semshare::io::{atomic_write, claim_output, read_text, refuse_overlap};
+use semshare::io::{atomic_write, claim_file_output, read_text, refuse_overlap};
 use semshare::{Error, Result};
 
 /// One line of a JSON-lines export.
@@ -32,8 +32,10 @@ pub fn run(args: &Args) -> Result<()> {
     if format == "npy" {
         let ids_path = export_ids_path(&out);
         refuse_overlap(&ids_path, &index_path, "index (--index)")?;
-        claim_output(&out, ".npy export", force, |p| read_npy(p).is_ok_and(|a| a.shape.len() == 2))?;
-        claim_output(&ids_path, "ids file of an export", force, |p| ours_ids(p, &out))?;
+        // An .npy is an export of ours only with its ids file beside it, one line a row.
+        let ours_npy = |p: &Path| read_npy(p).is_ok_and(|a| a.shape.len() == 2) && ours_ids(&export_ids_path(p), p);
+        claim_file_output(&out, ".npy export", force, ours_npy)?;
+        claim_file_output(&ids_path, "ids file of an export", force, |p| ours_ids(p, &out))?;
         // The ids first: a killed run leaves a new ids file beside an old npy only if the
         // counts differ, which a reader sees; both are written atomically.
         let ids: String = (0..n).map(|i| format!("{}\n", index.id(i))).collect();
@@ -42,7 +44,7 @@ pub fn run(args: &Args) -> Result<()> {
         atomic_write(&out, &npy)?;
         println!("wrote {n} vectors of dimension {dim} to {} and their ids to {}", out.display(), ids_path.display());
     } else {
-        claim_output(&out, "JSON-lines export", force, ours_jsonl)?;
+        claim_file_output(&out, "JSON-lines export", force, ours_jsonl)?;
         let mut text = String::new();
         for i in 0..n {
             let mut payload = serde_json::Map::new();
@@ -72,9 +74,20 @@ fn ours_ids(ids: &Path, npy: &Path) -> bool {
     rows.is_some() && rows == lines
 }
 
-/// A JSON-lines export: its first line is an object with `id` and `vector`.
+/// A JSON-lines export: every line an object of exactly `id` (a string), `vector` (numbers)
+/// and `payload` (an object), as [`Line`] writes them; another tool's dump of ids and vectors
+/// is not ours to replace.
 fn ours_jsonl(path: &Path) -> bool {
     let Ok(text) = read_text(path, u64::MAX) else { return false };
-    let first: Option<serde_json::Value> = text.lines().next().and_then(|l| serde_json::from_str(l).ok());
-    first.is_some_and(|v| v.get("id").is_some() && v.get("vector").is_some())
+    let line_is_ours = |l: &str| {
+        serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.as_object().cloned()).is_some_and(|o| {
+            o.len() == 3
+                && o.get("id").is_some_and(serde_json::Value::is_string)
+                && o.get("vector")
+                    .and_then(|v| v.as_array())
+                    .is_some_and(|a| a.iter().all(serde_json::Value::is_number))
+                && o.get("payload").is_some_and(serde_json::Value::is_object)
+        })
+    };
+    !text.is_empty() && text.lines().all(line_is_ours)
 }

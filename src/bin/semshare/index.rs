@@ -11,7 +11,7 @@ use semshare::index::build::{
 };
 use semshare::index::npy::read_npy;
 use semshare::index::{Gallery, Index, Modality};
-use semshare::io::{claim_output, refuse_overlap};
+use semshare::io::{claim_file_output, refuse_overlap};
 use semshare::{Error, Model, Result};
 
 /// The sources, exactly one of which is given.
@@ -47,6 +47,10 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     let existing = if args.has("append") {
+        // Written by rename, a link would be replaced by a file and its target left as it was.
+        if std::fs::symlink_metadata(&out).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::refused(&out, "is a symbolic link; --append writes the index itself (name its target)"));
+        }
         if !out.exists() {
             return Err(Error::config(format!(
                 "--append: {} does not exist yet (build it without --append)",
@@ -55,7 +59,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
         Some(Index::open(&out)?)
     } else {
-        claim_output(&out, "gallery index", args.has("force"), |p| Index::open(p).is_ok())?;
+        claim_file_output(&out, "gallery index", args.has("force"), |p| Index::open(p).is_ok())?;
         None
     };
     let side: Option<Modality> = args.get("side").map(str::parse).transpose()?;

@@ -55,9 +55,13 @@ pub fn run(args: &Args) -> Result<()> {
         }
         // Vectors carry no model; a --checkpoint says which model made them, checked when the
         // index was made by one.
-        if let Some(ckpt) = args.get("checkpoint")
-            && matches!(index.origin(), Origin::Model { .. })
-        {
+        if let Some(ckpt) = args.get("checkpoint") {
+            if !matches!(index.origin(), Origin::Model { .. }) {
+                return Err(Error::config(format!(
+                    "--checkpoint {ckpt}: the index {} holds raw vectors, made by no model, so there is nothing to check it against",
+                    index.path().display()
+                )));
+            }
             let model = Model::load(ckpt, device(args)?)?;
             index.check_model(model.fingerprint(), model.path())?;
         }
