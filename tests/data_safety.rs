@@ -638,6 +638,11 @@ fn force_never_deletes_a_users_own_files() {
     fails_with(&train(&data, &cfg, &run, "2", &["--force", "--batch", "300"]), "fewer paired images");
     assert_eq!(snapshot(&run), before);
 
+    // A run that made its directory and fails before a checkpoint leaves no directory behind.
+    let fresh = dir.join("fresh");
+    fails_with(&train(&data, &cfg, &fresh, "2", &["--batch", "300"]), "fewer paired images");
+    assert!(!fresh.exists(), "a failed run leaves no directory it made");
+
     // The demo replaces its own earlier output only.
     let demo = |out: &Path| {
         semshare(&[

@@ -223,7 +223,8 @@ const COMMANDS: &[Command] = &[
 const FORCE_NOTE: &str = "  An existing output is replaced only with --force and only if semshare wrote it (its
   manifest says so); an output may not be one of the command's inputs.
 ";
-const DEVICE_NOTE: &str = "  --device auto|cpu|cuda   (default auto: CUDA when built with it and a GPU is present)
+const DEVICE_NOTE: &str = "  --device auto|cpu|cuda   (auto: CUDA when built with it and a GPU is present; the default
+                           unless the command names another)
 ";
 const PRECISION_NOTE: &str =
     "  --precision fp32|tf32|bf16  the layers' arithmetic (default fp32, IEEE); bf16 stores the

@@ -7,7 +7,9 @@ use semshare::Result;
 use semshare::cli::Args;
 use semshare::defaults::resolve;
 use semshare::io::refuse_overlap;
-use semshare::train::{RunOptions, TrainConfig, fresh_run_dir, train};
+use semshare::train::{
+    BEST_CHECKPOINT, LAST_CHECKPOINT, LOCK_FILE, RESOLVED_CONFIG, RunOptions, TrainConfig, fresh_run_dir, train,
+};
 
 pub fn run(args: &Args) -> Result<()> {
     let data = load_data(args)?;
@@ -34,6 +36,7 @@ pub fn run(args: &Args) -> Result<()> {
         },
     };
     refuse_overlap(&out_dir, &data.dir, "dataset (--data)")?;
+    let created = fresh || !out_dir.exists();
     let opts = RunOptions {
         out_dir,
         resume,
@@ -43,11 +46,14 @@ pub fn run(args: &Args) -> Result<()> {
         shared: vec![],
     };
     let s = train(dev.as_mut(), &data, &model, &cfg, &opts).inspect_err(|_| {
-        if fresh {
-            // A run refused before writing a checkpoint leaves no empty directory behind
-            // (remove_dir keeps one that holds anything).
-            let _ = std::fs::remove_file(opts.out_dir.join(semshare::train::LOCK_FILE));
-            let _ = std::fs::remove_dir(&opts.out_dir);
+        let dir = &opts.out_dir;
+        let wrote_checkpoints = [BEST_CHECKPOINT, LAST_CHECKPOINT].iter().any(|f| dir.join(f).exists());
+        if created && !wrote_checkpoints {
+            // A run that made its directory and failed before a checkpoint leaves nothing
+            // behind (remove_dir keeps one that holds anything else).
+            let _ = std::fs::remove_file(dir.join(LOCK_FILE));
+            let _ = std::fs::remove_file(dir.join(RESOLVED_CONFIG));
+            let _ = std::fs::remove_dir(dir);
         }
     })?;
     let Some(best) = &s.best_checkpoint else {

@@ -32,6 +32,8 @@ pub fn run(args: &Args) -> Result<()> {
     let device = args.get("device").unwrap_or("cpu").to_string();
     let out = args.get("out").map_or_else(|| Path::new("runs/tune").join(&dataset), PathBuf::from);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Trials on the CPU share its cores; a GPU trains one at a time. `auto` is whichever it opens.
+    let on_cpu = semshare::backend::open(&device)?.on_host();
     let cfg = TuneConfig {
         model: resolved.model,
         train: resolved.train,
@@ -41,8 +43,7 @@ pub fn run(args: &Args) -> Result<()> {
         rungs: args.num("rungs")?.unwrap_or_else(|| default_rungs(trials, reduction)),
         repeats: args.num("repeats")?.unwrap_or(3),
         seed: args.num("seed")?.unwrap_or(0),
-        // Trials on the CPU share its cores; a GPU trains one at a time.
-        workers: args.num("workers")?.unwrap_or(if device == "cpu" { cores } else { 1 }),
+        workers: args.num("workers")?.unwrap_or(if on_cpu { cores } else { 1 }),
         device,
         runs_dir: args.get("runs").map_or_else(|| out.join("trials"), PathBuf::from),
         out,
