@@ -1,5 +1,6 @@
-//! The command line's option parser: in the library rather than in `src/bin/semshare.rs` so that
-//! fuzz targets (fuzz/) reach it. (A `--config` file is merged by `crate::config`.)
+//! The command line's option parser: in the library rather than in the binary
+//! (`src/bin/semshare/main.rs`) so that fuzz targets (fuzz/) reach it. (A `--config` file is
+//! merged by `crate::config`.)
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -19,7 +19,8 @@
 //! # let checkpoint = semshare::inference::tiny_checkpoint("crate")?;
 //! use semshare::{Model, inference::Regions};
 //!
-//! // `checkpoint`: e.g. `runs/demo/best.safetensors`; "auto" is CUDA when built and present.
+//! // `checkpoint`: e.g. `semshare demo`'s `best.safetensors` (in `$TMPDIR/semshare-demo` or its
+//! // `--out`); "auto" is CUDA when built and present.
 //! let mut model = Model::load(&checkpoint, semshare::backend::open("cpu")?)?;
 //!
 //! // A gallery of images, each its detector regions `[regions, Dr]` (here Dr = 4).
@@ -80,7 +81,7 @@
 //! | 3 | [`nn`]: layers with forward + backward |
 //! | 4 | [`model`]: the encoders, the shared model, the objective (Eqs. 3–6) |
 //! | 5 | [`data`], [`eval`], [`checkpoint`] |
-//! | 6 | [`train`], [`inference`] ([`Model`]), [`config`], [`index`] |
+//! | 6 | [`train`], [`inference`] ([`Model`]), [`config`], [`defaults`], [`index`] |
 //! | 7 | [`experiment`] |
 //!
 //! Errors are one [`Error`] type whose message names the file, tensor, item or option at

@@ -2,9 +2,11 @@
 //!
 //! `model/` and `nn/` call only this trait, so a CUDA backend fills it in without touching
 //! them. Conventions, stated once:
-//! - Activations are row-major `[rows, cols]` f32 tensors; a batch of variable-length
-//!   sequences is packed without padding, item `b` owning rows `offsets[b]..offsets[b+1]`
-//!   (`Segments`). Padding is never computed on.
+//! - Activations are row-major `[rows, cols]` tensors, f32 except in the transformer trunk at
+//!   `--precision bf16`, which stores its activations and their gradients as bf16
+//!   ([`Backend::activations`]); a batch of variable-length sequences is packed without
+//!   padding, item `b` owning rows `offsets[b]..offsets[b+1]` (`Segments`). Padding is never
+//!   computed on.
 //! - Ops that produce a new activation return it; ops named `*_bwd` return the input gradient
 //!   (written, `=`) and accumulate parameter gradients (`+=`) into the views they are given.
 //! - Shapes are checked at this boundary and reported as `Error::Shape` naming the op.

@@ -107,7 +107,7 @@ pub fn feature_items(features: &NpyF32) -> Result<Vec<&[f32]>> {
     Ok(items)
 }
 
-/// Raw vectors `[N, D]`, normalised here (a zero row stays zero); no model, no labels.
+/// Raw vectors `[N, D]`, normalised here (an all-zero row is refused); no model, no labels.
 pub fn from_vectors(vectors: NpyF32, ids: Vec<String>) -> Result<Gallery> {
     let [n, dim] = vectors.shape[..] else {
         return Err(Error::data(format!("vectors of shape {:?}: expected [N, D]", vectors.shape)));

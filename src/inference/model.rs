@@ -31,7 +31,8 @@ use super::{EMBED_CHUNK, upload_model};
 /// # let path = semshare::inference::tiny_checkpoint("model")?;
 /// use semshare::{Model, inference::Regions};
 ///
-/// // `path`: a checkpoint of `semshare train`, e.g. `runs/demo/best.safetensors`.
+/// // `path`: a checkpoint of `semshare train`, e.g. the `best.safetensors` `semshare demo`
+/// // writes to `$TMPDIR/semshare-demo`.
 /// let mut model = Model::load(&path, semshare::backend::open("cpu")?)?;
 /// let texts = model.embed_texts(&["sky clouds", "a dog by the sea"])?;
 /// let images = model.embed_images(&[Regions::new(&[0.5; 8])])?; // two regions of width 4
@@ -45,7 +46,7 @@ use super::{EMBED_CHUNK, upload_model};
 /// # std::fs::remove_file(&path).ok();
 /// # Ok(())
 /// # }
-/// /// ```
+/// ```
 pub struct Model {
     dev: Box<dyn Backend>,
     net: SemShare,
