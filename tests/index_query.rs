@@ -486,6 +486,10 @@ fn raw_vectors_need_a_direction_and_no_checkpoint() {
     semshare::index::npy::write_npy(&npy, &[1.0, 0.0, 0.0, 0.0, 0.5, 0.5], &[3, 2]).unwrap();
     let out = dir.join("v.idx");
     fails_with(&semshare(&["index", "--vectors", path(&npy), "--out", path(&out)]), "vector 1 is all zeros");
+    let ids = dir.join("ids.txt");
+    std::fs::write(&ids, "a\nb\na\n").unwrap();
+    let dup = semshare(&["index", "--vectors", path(&npy), "--ids", path(&ids), "--out", path(&out)]);
+    fails_with(&dup, "ids.txt: id `a` appears twice (lines 1 and 3)");
     semshare::index::npy::write_npy(&npy, &[1.0, 0.0, 0.0, 2.0, 0.5, 0.5], &[3, 2]).unwrap();
     ok(&semshare(&["index", "--vectors", path(&npy), "--out", path(&out)]));
     let f = fixture();

@@ -47,6 +47,13 @@ pub fn read_ids(path: &Path, n: usize) -> Result<Vec<String>> {
     if ids.len() != n {
         return Err(Error::format(path, format!("{} ids (one per line) for {n} items", ids.len())));
     }
+    // Said of this file, before anything is embedded (the index would refuse it when written).
+    let mut seen = std::collections::HashMap::with_capacity(n);
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(j) = seen.insert(id.as_str(), i) {
+            return Err(Error::format(path, format!("id `{id}` appears twice (lines {} and {})", j + 1, i + 1)));
+        }
+    }
     Ok(ids)
 }
 
