@@ -43,22 +43,12 @@ pub struct RunOptions {
     /// The configuration as resolved for this run (`defaults::resolve`), written to the run
     /// directory as [`RESOLVED_CONFIG`] once the directory is claimed.
     pub resolved_config: Option<String>,
-    /// Entries of `out_dir` that are the caller's and not the run's (the demo's `data`): left
-    /// alone. Anything else that no run writes makes the directory refused.
-    pub shared: Vec<&'static str>,
 }
 
 impl RunOptions {
-    /// A new run into `out_dir`: no resume, no replacing, no progress, nothing shared.
+    /// A new run into `out_dir`: no resume, no replacing, no progress.
     pub fn new(out_dir: impl Into<PathBuf>) -> RunOptions {
-        RunOptions {
-            out_dir: out_dir.into(),
-            resume: None,
-            replace: false,
-            progress: None,
-            resolved_config: None,
-            shared: vec![],
-        }
+        RunOptions { out_dir: out_dir.into(), resume: None, replace: false, progress: None, resolved_config: None }
     }
 }
 
@@ -140,57 +130,59 @@ fn is_resolved_config(path: &Path) -> bool {
         .is_some_and(|v| ["model", "train", "reasons"].iter().all(|k| v.get(k).is_some_and(|x| x.is_object())))
 }
 
-/// What a run directory holds that a run may replace: the checkpoints of another run, which
-/// `replace` removes once this run writes its first checkpoint (so that a run failing before
-/// it leaves them as they were).
+/// What claiming a run directory found: the checkpoints of another run, which `replace`
+/// removes once this run writes its first checkpoint (so that a run failing before it leaves
+/// them as they were), and whether the directory was missing or empty (a run that fails
+/// before its first checkpoint then leaves nothing behind).
 #[derive(Debug, Default)]
 pub struct Claimed {
     pub stale: Vec<PathBuf>,
+    pub fresh: bool,
 }
 
-/// Checks that `out` may be a run directory, before anything is written there: missing or
-/// empty; or holding only what runs write (checkpoints semshare wrote, a resolved
-/// configuration, the lock, a killed write's temp file) and the caller's own `shared` entries
-/// (the demo's `data`). Anything else is somebody's, and `out` is refused even with `replace`.
-/// Another run's checkpoints are refused unless `resume` is one of them (continuing that run)
-/// or `replace` is set, when they are listed as stale.
-pub fn check_run_dir(out: &Path, resume: Option<&Path>, replace: bool, shared: &[&str]) -> Result<Claimed> {
-    let entries = match std::fs::read_dir(out) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Claimed::default()),
+/// Checks that `out` may be a run directory, before anything is written there. A run writes
+/// `best.safetensors`, `last.safetensors`, [`RESOLVED_CONFIG`] and [`LOCK_FILE`] and nothing
+/// else, so only those names are checked: each that exists must be what a run wrote (a
+/// checkpoint's header, a parsed configuration, an empty lock), else `out` is refused even
+/// with `replace`. Other entries (a log, an index built from the checkpoints) are never
+/// touched. A dataset is not a run directory. Another run's checkpoints are refused unless
+/// `resume` is one of them (continuing that run) or `replace` is set, when they are stale.
+pub fn check_run_dir(out: &Path, resume: Option<&Path>, replace: bool) -> Result<Claimed> {
+    let fresh = match std::fs::read_dir(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
         Err(e) => return Err(Error::io(out, e)),
-        Ok(d) => d,
+        Ok(mut d) => d.next().is_none(),
     };
+    if crate::data::format::is_dataset(out) {
+        return Err(Error::refused(out, "is a dataset; a run directory may not be one (choose another output)"));
+    }
     let mut existing = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(out, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        let (ours, what) = match name.as_str() {
-            BEST_CHECKPOINT | LAST_CHECKPOINT => (Checkpoint::is_checkpoint(&path), "a checkpoint semshare wrote"),
-            RESOLVED_CONFIG => (is_resolved_config(&path), "a configuration semshare wrote"),
-            LOCK_FILE => (std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0), "a run's lock"),
-            n if shared.contains(&n) => (true, ""),
-            n => (
-                [BEST_CHECKPOINT, LAST_CHECKPOINT, RESOLVED_CONFIG]
-                    .iter()
-                    .any(|f| n.starts_with(&format!(".{f}.tmp."))),
-                "a file a training run writes",
-            ),
+    for (name, what) in [
+        (BEST_CHECKPOINT, "a checkpoint semshare wrote"),
+        (LAST_CHECKPOINT, "a checkpoint semshare wrote"),
+        (RESOLVED_CONFIG, "a configuration semshare wrote"),
+        (LOCK_FILE, "a run's lock"),
+    ] {
+        let path = out.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        let ours = match name {
+            RESOLVED_CONFIG => is_resolved_config(&path),
+            LOCK_FILE => meta.is_file() && meta.len() == 0,
+            _ => meta.is_file() && Checkpoint::is_checkpoint(&path),
         };
         if !ours {
             return Err(Error::refused(
                 out,
-                format!("holds `{name}`, which is not {what}; refusing to write a run there (choose another --out)"),
+                format!("holds `{name}`, which is not {what}; refusing to write a run there (choose another output)"),
             ));
         }
-        if [BEST_CHECKPOINT, LAST_CHECKPOINT].contains(&name.as_str()) {
+        if name.ends_with(".safetensors") {
             existing.push(name);
         }
     }
-    existing.sort();
     let continuing = resume.is_some_and(|r| existing.iter().any(|f| crate::io::same_path(r, &out.join(f))));
     if existing.is_empty() || continuing {
-        return Ok(Claimed::default());
+        return Ok(Claimed { stale: Vec::new(), fresh });
     }
     if !replace {
         return Err(Error::refused(
@@ -202,33 +194,32 @@ pub fn check_run_dir(out: &Path, resume: Option<&Path>, replace: bool, shared: &
             ),
         ));
     }
-    Ok(Claimed { stale: existing.iter().map(|f| out.join(f)).collect() })
+    Ok(Claimed { stale: existing.iter().map(|f| out.join(f)).collect(), fresh })
 }
 
-/// Deletes run directory `dir`: its checkpoints, configuration and lock, then the directory.
-/// A directory holding anything else is refused ([`check_run_dir`]) and left as it is.
+/// Deletes what a run wrote in `dir` (checkpoints, configuration, lock), then `dir` if that
+/// leaves it empty; anything else is left. Refused where [`check_run_dir`] refuses.
 pub fn remove_run_dir(dir: &Path) -> Result<()> {
-    check_run_dir(dir, None, true, &[])?;
-    for f in [BEST_CHECKPOINT, LAST_CHECKPOINT, RESOLVED_CONFIG, LOCK_FILE] {
+    check_run_dir(dir, None, true)?;
+    remove_run_files(dir, &[BEST_CHECKPOINT, LAST_CHECKPOINT, RESOLVED_CONFIG, LOCK_FILE])
+}
+
+fn remove_run_files(dir: &Path, files: &[&str]) -> Result<()> {
+    for f in files {
         match std::fs::remove_file(dir.join(f)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(dir.join(f), e)),
             _ => {}
         }
     }
-    let _ = std::fs::remove_dir(dir); // best effort: a killed write's temp file keeps it
+    let _ = std::fs::remove_dir(dir); // kept when anything else is there
     Ok(())
 }
 
 /// Makes `out` this run's directory: [`check_run_dir`], then creates it and takes its lock (a
 /// second `train` into it fails here; the lock goes with the process, so a killed run leaves
 /// none behind), then checks again under the lock. The returned file holds the lock.
-fn claim_run_dir(
-    out: &Path,
-    resume: Option<&Path>,
-    replace: bool,
-    shared: &[&str],
-) -> Result<(std::fs::File, Claimed)> {
-    check_run_dir(out, resume, replace, shared)?;
+fn claim_run_dir(out: &Path, resume: Option<&Path>, replace: bool) -> Result<(std::fs::File, Claimed)> {
+    let before = check_run_dir(out, resume, replace)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let lock_path = out.join(LOCK_FILE);
     let lock = std::fs::OpenOptions::new()
@@ -249,8 +240,8 @@ fn claim_run_dir(
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
     }
-    let claimed = check_run_dir(out, resume, replace, shared)?;
-    Ok((lock, claimed))
+    let claimed = check_run_dir(out, resume, replace)?;
+    Ok((lock, Claimed { fresh: before.fresh, ..claimed }))
 }
 
 /// A split that must hold items: refused before any work, naming the split and what needs it.
@@ -309,143 +300,159 @@ pub fn train(
         }
         None => None,
     };
-    let (_lock, claimed) = claim_run_dir(&opts.out_dir, opts.resume.as_deref(), opts.replace, &opts.shared)?;
-    // Replacing another run: its checkpoints and configuration stay until this run writes its
-    // first checkpoint, so that a run failing before then changes nothing.
-    let mut stale = Some(claimed.stale);
-    let take_over = |stale: &mut Option<Vec<PathBuf>>| -> Result<()> {
-        let Some(files) = stale.take() else { return Ok(()) };
-        for f in files {
-            std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
-        }
-        if let Some(text) = &opts.resolved_config {
-            crate::io::atomic_write(&opts.out_dir.join(RESOLVED_CONFIG), text.as_bytes())?;
-        }
-        Ok(())
-    };
-    if stale.as_ref().is_some_and(Vec::is_empty) {
-        take_over(&mut stale)?;
-    }
-    let train_split = data.split("train")?;
-    let (mut trainer, mut state, norm) = match resumed {
-        Some((ckpt, state)) => {
-            // Continued elsewhere, the best checkpoint is chosen anew among the steps trained
-            // here: the resumed run's best lies in its own directory.
-            let same_dir =
-                opts.resume.as_deref().and_then(Path::parent).is_some_and(|d| crate::io::same_path(d, &opts.out_dir));
-            // A resumed run keeps the inputs it was trained on.
-            let norm = ckpt.spec.normalization.clone();
-            (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, if same_dir { state } else { fresh }, norm)
-        }
-        None => {
-            let norm = match cfg.normalize.as_str() {
-                "standardize" => Some(crate::data::stats::input_norm(&data.layout, train_split)?),
-                _ => None,
-            };
-            (Trainer::new(dev, model, cfg.clone())?, fresh, norm)
-        }
-    };
-    trainer.net.set_input_norm(norm.clone())?;
-    let kinds = cfg.validation_embeddings()?;
-    // Every checkpoint of the run carries what inference needs from this dataset.
-    let spec = InferenceSpec {
-        normalization: norm,
-        ..InferenceSpec::of(&data.layout, train_split.feature_dtype(), train_split.text_dtype(), kinds[0])
-    };
-    let checkpoint = |trainer: &Trainer, dev: &mut dyn Backend, state: &RunState| -> Result<Checkpoint> {
-        let embedding = Some(state.embedding().unwrap_or(kinds[0]));
-        let spec = InferenceSpec { embedding, ..spec.clone() };
-        let state = serde_json::to_string(state).expect("state serialises");
-        Ok(Checkpoint { spec, ..trainer.checkpoint(dev, state)? })
-    };
-    let metric = cfg.metric_name();
-    let report = |p: Progress| {
-        if let Some(f) = &opts.progress {
-            f.report(p);
-        }
-    };
-    let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
-    let best_path = opts.out_dir.join(BEST_CHECKPOINT);
-    let last_path = opts.out_dir.join(LAST_CHECKPOINT);
-    let start = Instant::now();
-    let first = trainer.step;
-    let mut losses = Vec::new();
-    let mut last_loss = f32::NAN;
-    const POOL: usize = 3;
-    let mut loader = Loader::new(Arc::clone(data), "train", cfg.batch_size, cfg.seed, first..cfg.steps, POOL)?;
-    // A device's steps are deferred (no host sync inside a step) and their losses read back
-    // at log points, every READ_EVERY steps and before each validation; the host's are read
-    // after every step, which costs nothing there.
-    const READ_EVERY: u64 = 16;
-    let read_every = if dev.on_host() { 1 } else { READ_EVERY };
-    // A capture that fails turns the trainer's graphs off (the step runs eagerly): said once.
-    let mut graphs_noted = false;
-    while trainer.step < cfg.steps {
-        let (images, texts) = match loader.next_batch() {
-            Some(Ok(b)) => (b.images.batch(), b.texts.batch()),
-            Some(Err(e)) => return Err(e),
-            None => return Err(Error::data("the loader stopped before the last step")),
+    let (_lock, claimed) = claim_run_dir(&opts.out_dir, opts.resume.as_deref(), opts.replace)?;
+    let made_here = claimed.fresh;
+    let result = (|| -> Result<TrainSummary> {
+        // Replacing another run: its checkpoints and configuration stay until this run writes its
+        // first checkpoint, so that a run failing before then changes nothing.
+        let mut stale = Some(claimed.stale);
+        let take_over = |stale: &mut Option<Vec<PathBuf>>| -> Result<()> {
+            let Some(files) = stale.take() else { return Ok(()) };
+            for f in files {
+                std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+            }
+            if let Some(text) = &opts.resolved_config {
+                crate::io::atomic_write(&opts.out_dir.join(RESOLVED_CONFIG), text.as_bytes())?;
+            }
+            Ok(())
         };
-        trainer.step_deferred(dev, images, texts)?;
-        let done = trainer.step;
-        let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
-        if !validate && done % read_every != 0 {
-            continue;
-        }
-        let read = trainer.read_stats(dev)?;
-        if let (false, Some(why)) = (graphs_noted, trainer.graphs_refused()) {
-            report(Progress::Note(format!("CUDA graphs are off for this run, steps run eagerly: {why}")));
-            graphs_noted = true;
-        }
-        losses.extend(read.iter().map(|s| s.loss));
-        let Some(stats) = read.last().copied() else { continue };
-        last_loss = stats.loss;
-        let steps_per_sec = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
-        report(Progress::Step { step: done, total: cfg.steps, loss: stats.loss, steps_per_sec });
-        if validate {
-            let mut scores = Vec::with_capacity(kinds.len());
-            for &kind in &kinds {
-                let r = evaluate_split(dev, &trainer.net, &trainer.params, data, "val", kind, &eval_cfg)?;
-                scores.push((kind, validation_score(&r, cfg)));
-            }
-            // The better embedding; on equal scores the first (pooled).
-            let (kind, score) =
-                scores.iter().copied().reduce(|a, b| if b.1 > a.1 { b } else { a }).expect("one embedding at least");
+        if stale.as_ref().is_some_and(Vec::is_empty) {
             take_over(&mut stale)?;
-            if score > state.best_score {
-                let best_embedding = Some(kind.name().to_string());
-                state = RunState { best_score: score, best_step: done, stale: 0, best_embedding };
-                checkpoint(&trainer, dev, &state)?.save(&best_path)?;
-            } else {
-                state.stale += 1;
+        }
+        let train_split = data.split("train")?;
+        let (mut trainer, mut state, norm) = match resumed {
+            Some((ckpt, state)) => {
+                // Continued elsewhere, the best checkpoint is chosen anew among the steps trained
+                // here: the resumed run's best lies in its own directory.
+                let same_dir = opts
+                    .resume
+                    .as_deref()
+                    .and_then(Path::parent)
+                    .is_some_and(|d| crate::io::same_path(d, &opts.out_dir));
+                // A resumed run keeps the inputs it was trained on.
+                let norm = ckpt.spec.normalization.clone();
+                (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, if same_dir { state } else { fresh }, norm)
             }
-            report(Progress::Validation {
-                step: done,
-                total: cfg.steps,
-                loss: stats.loss,
-                metric: metric.clone(),
-                scores,
-                best: state.best_score,
-                best_step: state.best_step,
-                best_embedding: state.embedding(),
-            });
-            checkpoint(&trainer, dev, &state)?.save(&last_path)?;
-            if cfg.patience > 0 && state.stale >= cfg.patience {
-                report(Progress::EarlyStop { stale: state.stale, metric: metric.clone() });
-                break;
+            None => {
+                let norm = match cfg.normalize.as_str() {
+                    "standardize" => Some(crate::data::stats::input_norm(&data.layout, train_split)?),
+                    _ => None,
+                };
+                (Trainer::new(dev, model, cfg.clone())?, fresh, norm)
+            }
+        };
+        trainer.net.set_input_norm(norm.clone())?;
+        let kinds = cfg.validation_embeddings()?;
+        // Every checkpoint of the run carries what inference needs from this dataset.
+        let spec = InferenceSpec {
+            normalization: norm,
+            ..InferenceSpec::of(&data.layout, train_split.feature_dtype(), train_split.text_dtype(), kinds[0])
+        };
+        let checkpoint = |trainer: &Trainer, dev: &mut dyn Backend, state: &RunState| -> Result<Checkpoint> {
+            let embedding = Some(state.embedding().unwrap_or(kinds[0]));
+            let spec = InferenceSpec { embedding, ..spec.clone() };
+            let state = serde_json::to_string(state).expect("state serialises");
+            Ok(Checkpoint { spec, ..trainer.checkpoint(dev, state)? })
+        };
+        let metric = cfg.metric_name();
+        let report = |p: Progress| {
+            if let Some(f) = &opts.progress {
+                f.report(p);
+            }
+        };
+        let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
+        let best_path = opts.out_dir.join(BEST_CHECKPOINT);
+        let last_path = opts.out_dir.join(LAST_CHECKPOINT);
+        let start = Instant::now();
+        let first = trainer.step;
+        let mut losses = Vec::new();
+        let mut last_loss = f32::NAN;
+        const POOL: usize = 3;
+        let mut loader = Loader::new(Arc::clone(data), "train", cfg.batch_size, cfg.seed, first..cfg.steps, POOL)?;
+        // A device's steps are deferred (no host sync inside a step) and their losses read back
+        // at log points, every READ_EVERY steps and before each validation; the host's are read
+        // after every step, which costs nothing there.
+        const READ_EVERY: u64 = 16;
+        let read_every = if dev.on_host() { 1 } else { READ_EVERY };
+        // A capture that fails turns the trainer's graphs off (the step runs eagerly): said once.
+        let mut graphs_noted = false;
+        while trainer.step < cfg.steps {
+            let (images, texts) = match loader.next_batch() {
+                Some(Ok(b)) => (b.images.batch(), b.texts.batch()),
+                Some(Err(e)) => return Err(e),
+                None => return Err(Error::data("the loader stopped before the last step")),
+            };
+            trainer.step_deferred(dev, images, texts)?;
+            let done = trainer.step;
+            let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
+            if !validate && done % read_every != 0 {
+                continue;
+            }
+            let read = trainer.read_stats(dev)?;
+            if let (false, Some(why)) = (graphs_noted, trainer.graphs_refused()) {
+                report(Progress::Note(format!("CUDA graphs are off for this run, steps run eagerly: {why}")));
+                graphs_noted = true;
+            }
+            losses.extend(read.iter().map(|s| s.loss));
+            let Some(stats) = read.last().copied() else { continue };
+            last_loss = stats.loss;
+            let steps_per_sec = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            report(Progress::Step { step: done, total: cfg.steps, loss: stats.loss, steps_per_sec });
+            if validate {
+                let mut scores = Vec::with_capacity(kinds.len());
+                for &kind in &kinds {
+                    let r = evaluate_split(dev, &trainer.net, &trainer.params, data, "val", kind, &eval_cfg)?;
+                    scores.push((kind, validation_score(&r, cfg)));
+                }
+                // The better embedding; on equal scores the first (pooled).
+                let (kind, score) = scores
+                    .iter()
+                    .copied()
+                    .reduce(|a, b| if b.1 > a.1 { b } else { a })
+                    .expect("one embedding at least");
+                take_over(&mut stale)?;
+                if score > state.best_score {
+                    let best_embedding = Some(kind.name().to_string());
+                    state = RunState { best_score: score, best_step: done, stale: 0, best_embedding };
+                    checkpoint(&trainer, dev, &state)?.save(&best_path)?;
+                } else {
+                    state.stale += 1;
+                }
+                report(Progress::Validation {
+                    step: done,
+                    total: cfg.steps,
+                    loss: stats.loss,
+                    metric: metric.clone(),
+                    scores,
+                    best: state.best_score,
+                    best_step: state.best_step,
+                    best_embedding: state.embedding(),
+                });
+                checkpoint(&trainer, dev, &state)?.save(&last_path)?;
+                if cfg.patience > 0 && state.stale >= cfg.patience {
+                    report(Progress::EarlyStop { stale: state.stale, metric: metric.clone() });
+                    break;
+                }
             }
         }
+        Ok(TrainSummary {
+            steps: trainer.step,
+            final_loss: last_loss,
+            best_score: state.best_score,
+            best_step: state.best_step,
+            best_embedding: state.embedding(),
+            seconds: start.elapsed().as_secs_f64(),
+            losses,
+            best_checkpoint: best_path.is_file().then_some(best_path),
+        })
+    })();
+    let dir = &opts.out_dir;
+    if result.is_err() && made_here && ![BEST_CHECKPOINT, LAST_CHECKPOINT].iter().any(|f| dir.join(f).exists()) {
+        // A run that found its directory missing or empty and failed before a checkpoint
+        // leaves nothing behind. It still holds the lock: nobody else wrote there.
+        let _ = remove_run_files(dir, &[RESOLVED_CONFIG, LOCK_FILE]);
     }
-    Ok(TrainSummary {
-        steps: trainer.step,
-        final_loss: last_loss,
-        best_score: state.best_score,
-        best_step: state.best_step,
-        best_embedding: state.embedding(),
-        seconds: start.elapsed().as_secs_f64(),
-        losses,
-        best_checkpoint: best_path.is_file().then_some(best_path),
-    })
+    result
 }
 
 /// The dataset's shapes must match the model's.

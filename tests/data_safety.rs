@@ -585,17 +585,15 @@ fn force_never_deletes_a_users_own_files() {
     assert_eq!(snapshot(&dir), before);
     std::fs::remove_file(data.join("notes.txt")).unwrap();
 
-    // A run directory: the user's files are refused, with or without --force.
+    // A run directory: the user's own files there (a log, an index) are never touched, and do
+    // not stop a resume or a replacing run.
     let run = dir.join("run");
     ok(&train(&data, &cfg, &run, "2", &[]));
-    std::fs::write(run.join("notes.txt"), "mine").unwrap();
-    let before = snapshot(&dir);
-    fails_with(
-        &train(&data, &cfg, &run, "2", &["--force"]),
-        "holds `notes.txt`, which is not a file a training run writes",
-    );
-    assert_eq!(snapshot(&dir), before);
-    std::fs::remove_file(run.join("notes.txt")).unwrap();
+    std::fs::write(run.join("train.log"), "mine").unwrap();
+    ok(&train(&data, &cfg, &run, "4", &["--resume", path(&run.join("last.safetensors"))]));
+    ok(&train(&data, &cfg, &run, "2", &["--force"]));
+    assert_eq!(std::fs::read(run.join("train.log")).unwrap(), b"mine");
+    std::fs::remove_file(run.join("train.log")).unwrap();
     let mine = dir.join("mine");
     std::fs::create_dir_all(&mine).unwrap();
     std::fs::write(mine.join("best.safetensors"), "not a checkpoint").unwrap();
@@ -667,8 +665,9 @@ fn force_never_deletes_a_users_own_files() {
     std::fs::write(d.join("data").join("notes.txt"), "mine").unwrap();
     let before = snapshot(&dir);
     fails_with(&demo(&d), "(`notes.txt`)");
-    fails_with(&demo(&data), "which is not a file a training run writes");
-    fails_with(&demo(&mine), "which is not a checkpoint semshare wrote");
+    fails_with(&demo(&data), "is a dataset; a run directory may not be one");
+    fails_with(&demo(&mine), "holds a `semshare train` run");
+    fails_with(&demo(&run), "holds a `semshare train` run");
     assert_eq!(snapshot(&dir), before);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -707,6 +706,11 @@ fn studies_never_replace_another_studys_runs_or_reports() {
     };
     ok(&experiment("a", "runs"));
     ok(&experiment("a", "runs")); // its own runs: resumed
+    // A study from before owner.txt (its state file there, run directories only): adopted.
+    std::fs::create_dir_all(dir.join("runs/table1/ours-s0")).unwrap();
+    std::fs::remove_file(dir.join("runs/table1/owner.txt")).unwrap();
+    ok(&experiment("a", "runs"));
+    assert!(dir.join("runs/table1/owner.txt").is_file());
     let before = snapshot(&dir);
     fails_with(&experiment("b", "runs"), "holds the runs of the study whose state is");
     assert_eq!(snapshot(&dir), before);

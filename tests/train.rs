@@ -32,7 +32,7 @@ fn open(data: &Dataset, dir: &Path) -> Arc<DatasetReader> {
 }
 
 fn run(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::Result<semshare::train::TrainSummary> {
-    let opts = RunOptions { shared: vec!["data"], ..RunOptions::new(dir) };
+    let opts = RunOptions::new(dir);
     train(&mut Cpu::new(), &open(data, dir), &tiny_model(data), cfg, &opts)
 }
 
@@ -80,7 +80,6 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
         replace: false,
         progress: None,
         resolved_config: None,
-        shared: vec!["data"],
     };
     let reader = open(&data, &dir);
     let err = train(&mut Cpu::new(), &reader, &tiny_model(&data), &TrainConfig { steps: 8, ..cfg }, &opts).unwrap_err();
@@ -106,7 +105,6 @@ fn resuming_reproduces_an_uninterrupted_run() {
         replace: false,
         progress: None,
         resolved_config: None,
-        shared: vec!["data"],
     };
     let rest = train(&mut Cpu::new(), &open(&data, &dir), &tiny_model(&data), &cfg, &opts).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -120,7 +118,7 @@ use semshare::model::Variant;
 use semshare::train::Trainer;
 
 fn run_variant(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::train::TrainSummary {
-    let opts = RunOptions { shared: vec!["data"], ..RunOptions::new(dir) };
+    let opts = RunOptions::new(dir);
     let model = cfg.variant.configure(&tiny_model(data));
     train(&mut Cpu::new(), &open(data, dir), &model, cfg, &opts).unwrap()
 }

@@ -333,7 +333,9 @@ pub fn claim_dataset_output(out: &Path, force: bool) -> Result<()> {
                     + if f.len() > 3 { ", …" } else { "" },
                 if f.len() == 1 { "it" } else { "them" },
             )),
-            None => Some("holds a dataset manifest this version cannot read; refusing to replace it".into()),
+            None => Some(
+                "holds a dataset manifest this version cannot read, so which files are the dataset's is unknown; refusing to replace it (delete it yourself first)".into(),
+            ),
         };
         if let Some(why) = why {
             return Err(Error::refused(out, why));

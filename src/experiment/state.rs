@@ -15,40 +15,59 @@ use crate::{Error, Result};
 pub const OWNER_FILE: &str = "owner.txt";
 
 /// Claims `root` for the runs of the study whose state file is `state`: a missing or empty
-/// `root` becomes its own (the state's absolute path written to [`OWNER_FILE`]); one this state
-/// owns is taken again. Anything else (another study's runs, somebody's files) is refused,
-/// so that no run directory of another study is replaced, or read as this one's.
+/// `root` becomes its own (the state's path, relative to `root`, written to [`OWNER_FILE`],
+/// created exclusively so that two studies starting at once cannot both claim it); one this
+/// state owns is taken again, and so is one from before [`OWNER_FILE`] existed (the state file
+/// exists, and `root` holds run directories only). Anything else (another study's runs,
+/// somebody's files) is refused, so that no run directory of another study is replaced, or
+/// read as this one's.
 pub fn claim_runs_dir(root: &Path, state: &Path) -> Result<()> {
     let owner = root.join(OWNER_FILE);
-    let empty = match std::fs::read_dir(root) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => return Err(Error::io(root, e)),
-        Ok(mut d) => d.next().is_none(),
-    };
-    if empty {
-        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-        let canonical = |p: &Path| std::fs::canonicalize(p).map_err(|e| Error::io(p, e));
-        let dir = state.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let from_root = relative(&canonical(root)?, &canonical(dir)?).join(state.file_name().unwrap_or_default());
-        return crate::io::atomic_write(&owner, format!("{}\n", from_root.display()).as_bytes());
+    if let Ok(text) = crate::io::read_text(&owner, 4096) {
+        return check_owner(root, state, &text);
     }
-    match crate::io::read_text(&owner, 4096) {
-        Ok(text) if crate::io::same_path(&root.join(text.trim_end_matches('\n')), state) => Ok(()),
-        Ok(text) => Err(Error::refused(
-            root,
-            format!(
-                "holds the runs of the study whose state is {}, not {}; choose another --runs",
-                root.join(text.trim_end()).display(),
-                state.display()
-            ),
-        )),
-        Err(_) => Err(Error::refused(
+    let entries: Vec<std::fs::DirEntry> = match std::fs::read_dir(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io(root, e)),
+        Ok(d) => d.collect::<std::io::Result<_>>().map_err(|e| Error::io(root, e))?,
+    };
+    let older_study = state.exists() && entries.iter().all(|e| e.file_type().is_ok_and(|t| t.is_dir()));
+    if !entries.is_empty() && !older_study {
+        return Err(Error::refused(
             root,
             format!(
                 "is not empty and names no study ({OWNER_FILE}); refusing to put runs there (choose another --runs)"
             ),
-        )),
+        ));
     }
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+    let canonical = |p: &Path| std::fs::canonicalize(p).map_err(|e| Error::io(p, e));
+    let dir = state.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let from_root = relative(&canonical(root)?, &canonical(dir)?).join(state.file_name().unwrap_or_default());
+    let text = format!("{}\n", from_root.display());
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&owner) {
+        Ok(mut f) => std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| Error::io(&owner, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            check_owner(root, state, &crate::io::read_text(&owner, 4096)?)
+        }
+        Err(e) => Err(Error::io(&owner, e)),
+    }
+}
+
+/// Whether [`OWNER_FILE`]'s `text` names `state`; an error naming the owner if not.
+fn check_owner(root: &Path, state: &Path, text: &str) -> Result<()> {
+    let named = root.join(text.trim_end_matches('\n'));
+    if crate::io::same_path(&named, state) {
+        return Ok(());
+    }
+    Err(Error::refused(
+        root,
+        format!(
+            "holds the runs of the study whose state is {}, not {}; choose another --runs",
+            named.display(),
+            state.display()
+        ),
+    ))
 }
 
 /// `to` as a path from directory `from` (both absolute): the runs directory names its state

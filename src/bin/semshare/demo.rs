@@ -14,7 +14,7 @@ use semshare::data::writer::claim_dataset_output;
 use semshare::eval::{EvalConfig, Report};
 use semshare::inference::{evaluate_split, load_model};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
-use semshare::train::{RunOptions, TrainConfig, check_run_dir, train};
+use semshare::train::{RESOLVED_CONFIG, RunOptions, TrainConfig, check_run_dir, train};
 use semshare::{Error, Result};
 
 pub fn run(args: &Args) -> Result<()> {
@@ -29,9 +29,17 @@ pub fn run(args: &Args) -> Result<()> {
         "synthesizing {} / {} / {} images (balanced preset, seed {seed}) ...",
         synth_cfg.train, synth_cfg.val, synth_cfg.test
     );
-    // The demo's own directory: its earlier output (data/, checkpoints) is replaced, anything
-    // else there is refused before a file is written.
-    check_run_dir(&out, None, true, &["data"])?;
+    // The demo's own directory: its earlier output (data/, checkpoints) is replaced, checked
+    // before a file is written; a `train` run's (which writes its configuration) is not.
+    if out.join(RESOLVED_CONFIG).exists() {
+        return Err(Error::refused(
+            &out,
+            format!(
+                "holds a `semshare train` run ({RESOLVED_CONFIG}); the demo replaces only its own output (choose another --out)"
+            ),
+        ));
+    }
+    check_run_dir(&out, None, true)?;
     claim_dataset_output(&out.join("data"), true)?;
     generate(&synth_cfg)?.save(out.join("data"))?;
     let data = Arc::new(DatasetReader::open(out.join("data"))?);
@@ -56,7 +64,6 @@ pub fn run(args: &Args) -> Result<()> {
         replace: true,
         progress: Some(progress_printer()),
         resolved_config: None,
-        shared: vec!["data"],
     };
     let summary = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
     let best = summary.best_checkpoint.clone().ok_or_else(|| Error::data("the demo run wrote no checkpoint"))?;

@@ -7,9 +7,7 @@ use semshare::Result;
 use semshare::cli::Args;
 use semshare::defaults::resolve;
 use semshare::io::refuse_overlap;
-use semshare::train::{
-    BEST_CHECKPOINT, LAST_CHECKPOINT, LOCK_FILE, RESOLVED_CONFIG, RunOptions, TrainConfig, fresh_run_dir, train,
-};
+use semshare::train::{RunOptions, TrainConfig, fresh_run_dir, train};
 
 pub fn run(args: &Args) -> Result<()> {
     let data = load_data(args)?;
@@ -36,24 +34,17 @@ pub fn run(args: &Args) -> Result<()> {
         },
     };
     refuse_overlap(&out_dir, &data.dir, "dataset (--data)")?;
-    let created = fresh || !out_dir.exists();
     let opts = RunOptions {
         out_dir,
         resume,
         replace: args.has("force"),
         progress: Some(progress_printer()),
         resolved_config: Some(resolved.to_json()),
-        shared: vec![],
     };
     let s = train(dev.as_mut(), &data, &model, &cfg, &opts).inspect_err(|_| {
-        let dir = &opts.out_dir;
-        let wrote_checkpoints = [BEST_CHECKPOINT, LAST_CHECKPOINT].iter().any(|f| dir.join(f).exists());
-        if created && !wrote_checkpoints {
-            // A run that made its directory and failed before a checkpoint leaves nothing
-            // behind (remove_dir keeps one that holds anything else).
-            let _ = std::fs::remove_file(dir.join(LOCK_FILE));
-            let _ = std::fs::remove_file(dir.join(RESOLVED_CONFIG));
-            let _ = std::fs::remove_dir(dir);
+        if fresh {
+            // The new directory of a run refused before it claimed it: still empty.
+            let _ = std::fs::remove_dir(&opts.out_dir);
         }
     })?;
     let Some(best) = &s.best_checkpoint else {
