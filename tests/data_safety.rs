@@ -416,6 +416,10 @@ fn every_hyper_parameter_has_a_range_and_the_dataset_decides_its_own_sizes() {
         (r#"{"train": {"lr": 0}}"#, "train.lr = 0"),
         (r#"{"train": {"beta2": 1.5}}"#, "train.beta2 = 1.5"),
         (r#"{"train": {"weight_decay": -0.1}}"#, "train.weight_decay"),
+        (
+            r#"{"train": {"eval_k": 18446744073709551615}}"#,
+            "train.eval_k = 18446744073709551615 is not in 1..=16777216",
+        ),
         (r#"{"model": {"region_dim": 7}}"#, "model.region_dim = 7, but dataset"),
         (r#"{"model": {"vocab": 5}}"#, "model.vocab = 5, but dataset"),
         (r#"{"model": {"text_feature_dim": 12}}"#, "model.text_feature_dim = 12, but dataset"),
@@ -727,6 +731,8 @@ fn studies_never_replace_another_studys_runs_or_reports() {
     std::fs::create_dir_all(dir.join("theirs/table1")).unwrap();
     std::fs::write(dir.join("theirs/table1/notes.txt"), "mine").unwrap();
     fails_with(&experiment("c", "theirs"), "is not empty and names no study");
+    std::fs::write(dir.join("file.txt"), "mine").unwrap();
+    fails_with(&experiment("file.txt", "runs-file"), "file.txt: is not a directory");
     assert!(dir.join("theirs/table1/notes.txt").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -496,6 +496,9 @@ fn raw_vectors_need_a_direction_and_no_checkpoint() {
     let q = ["query", "--index", path(&out), "--vectors", path(&npy), "--checkpoint", path(&f.ckpt)];
     fails_with(&semshare(&q), "holds raw vectors, made by no model");
     ok(&semshare(&q[..5]));
+    let huge = dir.join("huge.npy");
+    semshare::index::npy::write_npy(&huge, &[1.0, 0.0, 3e38, 3e38], &[2, 2]).unwrap();
+    fails_with(&semshare(&["query", "--index", path(&out), "--vectors", path(&huge)]), "query vector 1 has norm");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -81,6 +81,17 @@ fn relative(from: &Path, to: &Path) -> std::path::PathBuf {
     path
 }
 
+/// A study's `--out` holds its state file and reports: a directory, or nothing yet.
+pub fn check_out_dir(out: &Path) -> Result<()> {
+    match std::fs::metadata(out) {
+        Ok(m) if !m.is_dir() => Err(Error::refused(
+            out,
+            "is not a directory; --out names the directory of the study's state file and reports",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a study's first start in `out` where one of its `reports` exists already: with no
 /// state file beside it, that report is not this study's to rewrite (another program's, or a
 /// study whose state was moved away).

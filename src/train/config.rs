@@ -122,8 +122,9 @@ impl TrainConfig {
         if self.batch_size > MAX_BATCH {
             return Err(Error::config(format!("train.batch_size = {} is larger than {MAX_BATCH}", self.batch_size)));
         }
-        if self.eval_k == 0 {
-            return Err(Error::config("train.eval_k must be positive"));
+        // NDCG@k of a split larger than 2^24 items is beyond what validation scores.
+        if self.eval_k == 0 || self.eval_k > 1 << 24 {
+            return Err(Error::config(format!("train.eval_k = {} is not in 1..=16777216", self.eval_k)));
         }
         for (name, v) in [("lr", self.lr), ("eps", self.eps)] {
             if !(v > 0.0 && v.is_finite()) {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::common::{configs, device_for, fit, load_data, progress_printer};
 use semshare::cli::Args;
 use semshare::experiment::run::{ExperimentConfig, build_suite, default_budget, run_suite, state_path, suite_name};
+use semshare::experiment::state::check_out_dir;
 use semshare::experiment::suite::{SuiteKind, SuiteState};
 use semshare::io::refuse_overlap;
 use semshare::model::Variant;
@@ -40,6 +41,7 @@ pub fn run(args: &Args) -> Result<()> {
         runs_dir: args.get("runs").map_or_else(|| Path::new("runs/experiments").join(&dataset), PathBuf::from),
         progress: Some(progress_printer()),
     };
+    check_out_dir(&cfg.out)?;
     refuse_overlap(&cfg.out, &data.dir, "dataset (--data)")?;
     refuse_overlap(&cfg.runs_dir, &data.dir, "dataset (--data)")?;
     // A bad --variants or another suite's state file is refused before anything is printed.

@@ -65,6 +65,19 @@ pub fn run(args: &Args) -> Result<()> {
             let model = Model::load(ckpt, device(args)?)?;
             index.check_model(model.fingerprint(), model.path())?;
         }
+        let dim = index.dim();
+        if let Some(i) = q.values.iter().position(|x| !x.is_finite()) {
+            return Err(Error::format(&path, format!("query vector {} holds a non-finite value", i / dim)));
+        }
+        // The gallery's rows are unit vectors, so a score is at most the query's norm: one past
+        // f32's range would print as infinity.
+        let norm = |r: &[f32]| r.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+        if let Some((i, n)) = q.values.chunks_exact(dim).map(norm).enumerate().find(|(_, n)| *n > f64::from(f32::MAX)) {
+            return Err(Error::format(
+                &path,
+                format!("query vector {i} has norm {n:e}: its scores would not fit a float32 (scale it down)"),
+            ));
+        }
         let names = (0..q.shape[0]).map(Named::Row).collect();
         let mut dev = device(args)?;
         let t = std::time::Instant::now();

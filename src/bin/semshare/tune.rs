@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use crate::common::{configs, fit, load_data};
 use semshare::cli::Args;
 use semshare::defaults::resolve;
+use semshare::experiment::state::check_out_dir;
 use semshare::experiment::tune::{TuneConfig, build_plan, default_rungs, run_tune, state_path};
 use semshare::io::refuse_overlap;
 use semshare::train::TrainConfig;
@@ -51,6 +52,7 @@ pub fn run(args: &Args) -> Result<()> {
     if cfg.workers == 0 {
         return Err(Error::config("--workers must be positive"));
     }
+    check_out_dir(&cfg.out)?;
     refuse_overlap(&cfg.out, &data.dir, "dataset (--data)")?;
     refuse_overlap(&cfg.runs_dir, &data.dir, "dataset (--data)")?;
     let plan = build_plan(&data, &cfg)?;
