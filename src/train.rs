@@ -270,7 +270,6 @@ pub fn train(
     cfg.validate()?;
     require_items(data, "train", "training")?;
     require_items(data, "val", "selecting the best checkpoint")?;
-    let fresh = RunState { best_score: -1.0, best_step: 0, stale: 0, best_embedding: None };
     let resumed = match &opts.resume {
         Some(path) => {
             let ckpt = Checkpoint::load(path)?;
@@ -301,158 +300,164 @@ pub fn train(
         None => None,
     };
     let (_lock, claimed) = claim_run_dir(&opts.out_dir, opts.resume.as_deref(), opts.replace)?;
-    let made_here = claimed.fresh;
-    let result = (|| -> Result<TrainSummary> {
-        // Replacing another run: its checkpoints and configuration stay until this run writes its
-        // first checkpoint, so that a run failing before then changes nothing.
-        let mut stale = Some(claimed.stale);
-        let take_over = |stale: &mut Option<Vec<PathBuf>>| -> Result<()> {
-            let Some(files) = stale.take() else { return Ok(()) };
-            for f in files {
-                std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
-            }
-            if let Some(text) = &opts.resolved_config {
-                crate::io::atomic_write(&opts.out_dir.join(RESOLVED_CONFIG), text.as_bytes())?;
-            }
-            Ok(())
-        };
-        if stale.as_ref().is_some_and(Vec::is_empty) {
-            take_over(&mut stale)?;
-        }
-        let train_split = data.split("train")?;
-        let (mut trainer, mut state, norm) = match resumed {
-            Some((ckpt, state)) => {
-                // Continued elsewhere, the best checkpoint is chosen anew among the steps trained
-                // here: the resumed run's best lies in its own directory.
-                let same_dir = opts
-                    .resume
-                    .as_deref()
-                    .and_then(Path::parent)
-                    .is_some_and(|d| crate::io::same_path(d, &opts.out_dir));
-                // A resumed run keeps the inputs it was trained on.
-                let norm = ckpt.spec.normalization.clone();
-                (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, if same_dir { state } else { fresh }, norm)
-            }
-            None => {
-                let norm = match cfg.normalize.as_str() {
-                    "standardize" => Some(crate::data::stats::input_norm(&data.layout, train_split)?),
-                    _ => None,
-                };
-                (Trainer::new(dev, model, cfg.clone())?, fresh, norm)
-            }
-        };
-        trainer.net.set_input_norm(norm.clone())?;
-        let kinds = cfg.validation_embeddings()?;
-        // Every checkpoint of the run carries what inference needs from this dataset.
-        let spec = InferenceSpec {
-            normalization: norm,
-            ..InferenceSpec::of(&data.layout, train_split.feature_dtype(), train_split.text_dtype(), kinds[0])
-        };
-        let checkpoint = |trainer: &Trainer, dev: &mut dyn Backend, state: &RunState| -> Result<Checkpoint> {
-            let embedding = Some(state.embedding().unwrap_or(kinds[0]));
-            let spec = InferenceSpec { embedding, ..spec.clone() };
-            let state = serde_json::to_string(state).expect("state serialises");
-            Ok(Checkpoint { spec, ..trainer.checkpoint(dev, state)? })
-        };
-        let metric = cfg.metric_name();
-        let report = |p: Progress| {
-            if let Some(f) = &opts.progress {
-                f.report(p);
-            }
-        };
-        let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
-        let best_path = opts.out_dir.join(BEST_CHECKPOINT);
-        let last_path = opts.out_dir.join(LAST_CHECKPOINT);
-        let start = Instant::now();
-        let first = trainer.step;
-        let mut losses = Vec::new();
-        let mut last_loss = f32::NAN;
-        const POOL: usize = 3;
-        let mut loader = Loader::new(Arc::clone(data), "train", cfg.batch_size, cfg.seed, first..cfg.steps, POOL)?;
-        // A device's steps are deferred (no host sync inside a step) and their losses read back
-        // at log points, every READ_EVERY steps and before each validation; the host's are read
-        // after every step, which costs nothing there.
-        const READ_EVERY: u64 = 16;
-        let read_every = if dev.on_host() { 1 } else { READ_EVERY };
-        // A capture that fails turns the trainer's graphs off (the step runs eagerly): said once.
-        let mut graphs_noted = false;
-        while trainer.step < cfg.steps {
-            let (images, texts) = match loader.next_batch() {
-                Some(Ok(b)) => (b.images.batch(), b.texts.batch()),
-                Some(Err(e)) => return Err(e),
-                None => return Err(Error::data("the loader stopped before the last step")),
-            };
-            trainer.step_deferred(dev, images, texts)?;
-            let done = trainer.step;
-            let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
-            if !validate && done % read_every != 0 {
-                continue;
-            }
-            let read = trainer.read_stats(dev)?;
-            if let (false, Some(why)) = (graphs_noted, trainer.graphs_refused()) {
-                report(Progress::Note(format!("CUDA graphs are off for this run, steps run eagerly: {why}")));
-                graphs_noted = true;
-            }
-            losses.extend(read.iter().map(|s| s.loss));
-            let Some(stats) = read.last().copied() else { continue };
-            last_loss = stats.loss;
-            let steps_per_sec = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
-            report(Progress::Step { step: done, total: cfg.steps, loss: stats.loss, steps_per_sec });
-            if validate {
-                let mut scores = Vec::with_capacity(kinds.len());
-                for &kind in &kinds {
-                    let r = evaluate_split(dev, &trainer.net, &trainer.params, data, "val", kind, &eval_cfg)?;
-                    scores.push((kind, validation_score(&r, cfg)));
-                }
-                // The better embedding; on equal scores the first (pooled).
-                let (kind, score) = scores
-                    .iter()
-                    .copied()
-                    .reduce(|a, b| if b.1 > a.1 { b } else { a })
-                    .expect("one embedding at least");
-                take_over(&mut stale)?;
-                if score > state.best_score {
-                    let best_embedding = Some(kind.name().to_string());
-                    state = RunState { best_score: score, best_step: done, stale: 0, best_embedding };
-                    checkpoint(&trainer, dev, &state)?.save(&best_path)?;
-                } else {
-                    state.stale += 1;
-                }
-                report(Progress::Validation {
-                    step: done,
-                    total: cfg.steps,
-                    loss: stats.loss,
-                    metric: metric.clone(),
-                    scores,
-                    best: state.best_score,
-                    best_step: state.best_step,
-                    best_embedding: state.embedding(),
-                });
-                checkpoint(&trainer, dev, &state)?.save(&last_path)?;
-                if cfg.patience > 0 && state.stale >= cfg.patience {
-                    report(Progress::EarlyStop { stale: state.stale, metric: metric.clone() });
-                    break;
-                }
-            }
-        }
-        Ok(TrainSummary {
-            steps: trainer.step,
-            final_loss: last_loss,
-            best_score: state.best_score,
-            best_step: state.best_step,
-            best_embedding: state.embedding(),
-            seconds: start.elapsed().as_secs_f64(),
-            losses,
-            best_checkpoint: best_path.is_file().then_some(best_path),
-        })
-    })();
+    let result = train_in_claimed_dir(dev, data, model, cfg, opts, resumed, claimed.stale);
     let dir = &opts.out_dir;
-    if result.is_err() && made_here && ![BEST_CHECKPOINT, LAST_CHECKPOINT].iter().any(|f| dir.join(f).exists()) {
+    if result.is_err() && claimed.fresh && ![BEST_CHECKPOINT, LAST_CHECKPOINT].iter().any(|f| dir.join(f).exists()) {
         // A run that found its directory missing or empty and failed before a checkpoint
         // leaves nothing behind. It still holds the lock: nobody else wrote there.
         let _ = remove_run_files(dir, &[RESOLVED_CONFIG, LOCK_FILE]);
     }
     result
+}
+
+/// [`train`] once the run directory is claimed: `stale` holds the checkpoints of the run it
+/// replaces, if any.
+fn train_in_claimed_dir(
+    dev: &mut dyn Backend,
+    data: &Arc<DatasetReader>,
+    model: &ModelConfig,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    resumed: Option<(Checkpoint, RunState)>,
+    stale: Vec<PathBuf>,
+) -> Result<TrainSummary> {
+    let fresh = RunState { best_score: -1.0, best_step: 0, stale: 0, best_embedding: None };
+    // Replacing another run: its checkpoints and configuration stay until this run writes its
+    // first checkpoint, so that a run failing before then changes nothing.
+    let mut stale = Some(stale);
+    let take_over = |stale: &mut Option<Vec<PathBuf>>| -> Result<()> {
+        let Some(files) = stale.take() else { return Ok(()) };
+        for f in files {
+            std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+        }
+        if let Some(text) = &opts.resolved_config {
+            crate::io::atomic_write(&opts.out_dir.join(RESOLVED_CONFIG), text.as_bytes())?;
+        }
+        Ok(())
+    };
+    if stale.as_ref().is_some_and(Vec::is_empty) {
+        take_over(&mut stale)?;
+    }
+    let train_split = data.split("train")?;
+    let (mut trainer, mut state, norm) = match resumed {
+        Some((ckpt, state)) => {
+            // Continued elsewhere, the best checkpoint is chosen anew among the steps trained
+            // here: the resumed run's best lies in its own directory.
+            let same_dir =
+                opts.resume.as_deref().and_then(Path::parent).is_some_and(|d| crate::io::same_path(d, &opts.out_dir));
+            // A resumed run keeps the inputs it was trained on.
+            let norm = ckpt.spec.normalization.clone();
+            (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, if same_dir { state } else { fresh }, norm)
+        }
+        None => {
+            let norm = match cfg.normalize.as_str() {
+                "standardize" => Some(crate::data::stats::input_norm(&data.layout, train_split)?),
+                _ => None,
+            };
+            (Trainer::new(dev, model, cfg.clone())?, fresh, norm)
+        }
+    };
+    trainer.net.set_input_norm(norm.clone())?;
+    let kinds = cfg.validation_embeddings()?;
+    // Every checkpoint of the run carries what inference needs from this dataset.
+    let spec = InferenceSpec {
+        normalization: norm,
+        ..InferenceSpec::of(&data.layout, train_split.feature_dtype(), train_split.text_dtype(), kinds[0])
+    };
+    let checkpoint = |trainer: &Trainer, dev: &mut dyn Backend, state: &RunState| -> Result<Checkpoint> {
+        let embedding = Some(state.embedding().unwrap_or(kinds[0]));
+        let spec = InferenceSpec { embedding, ..spec.clone() };
+        let state = serde_json::to_string(state).expect("state serialises");
+        Ok(Checkpoint { spec, ..trainer.checkpoint(dev, state)? })
+    };
+    let metric = cfg.metric_name();
+    let report = |p: Progress| {
+        if let Some(f) = &opts.progress {
+            f.report(p);
+        }
+    };
+    let eval_cfg = EvalConfig { ndcg_ks: vec![cfg.eval_k], precision_ks: vec![], recall_ks: vec![], pr_points: 1 };
+    let best_path = opts.out_dir.join(BEST_CHECKPOINT);
+    let last_path = opts.out_dir.join(LAST_CHECKPOINT);
+    let start = Instant::now();
+    let first = trainer.step;
+    let mut losses = Vec::new();
+    let mut last_loss = f32::NAN;
+    const POOL: usize = 3;
+    let mut loader = Loader::new(Arc::clone(data), "train", cfg.batch_size, cfg.seed, first..cfg.steps, POOL)?;
+    // A device's steps are deferred (no host sync inside a step) and their losses read back
+    // at log points, every READ_EVERY steps and before each validation; the host's are read
+    // after every step, which costs nothing there.
+    const READ_EVERY: u64 = 16;
+    let read_every = if dev.on_host() { 1 } else { READ_EVERY };
+    // A capture that fails turns the trainer's graphs off (the step runs eagerly): said once.
+    let mut graphs_noted = false;
+    while trainer.step < cfg.steps {
+        let (images, texts) = match loader.next_batch() {
+            Some(Ok(b)) => (b.images.batch(), b.texts.batch()),
+            Some(Err(e)) => return Err(e),
+            None => return Err(Error::data("the loader stopped before the last step")),
+        };
+        trainer.step_deferred(dev, images, texts)?;
+        let done = trainer.step;
+        let validate = done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0);
+        if !validate && done % read_every != 0 {
+            continue;
+        }
+        let read = trainer.read_stats(dev)?;
+        if let (false, Some(why)) = (graphs_noted, trainer.graphs_refused()) {
+            report(Progress::Note(format!("CUDA graphs are off for this run, steps run eagerly: {why}")));
+            graphs_noted = true;
+        }
+        losses.extend(read.iter().map(|s| s.loss));
+        let Some(stats) = read.last().copied() else { continue };
+        last_loss = stats.loss;
+        let steps_per_sec = (done - first) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        report(Progress::Step { step: done, total: cfg.steps, loss: stats.loss, steps_per_sec });
+        if validate {
+            let mut scores = Vec::with_capacity(kinds.len());
+            for &kind in &kinds {
+                let r = evaluate_split(dev, &trainer.net, &trainer.params, data, "val", kind, &eval_cfg)?;
+                scores.push((kind, validation_score(&r, cfg)));
+            }
+            // The better embedding; on equal scores the first (pooled).
+            let (kind, score) =
+                scores.iter().copied().reduce(|a, b| if b.1 > a.1 { b } else { a }).expect("one embedding at least");
+            take_over(&mut stale)?;
+            if score > state.best_score {
+                let best_embedding = Some(kind.name().to_string());
+                state = RunState { best_score: score, best_step: done, stale: 0, best_embedding };
+                checkpoint(&trainer, dev, &state)?.save(&best_path)?;
+            } else {
+                state.stale += 1;
+            }
+            report(Progress::Validation {
+                step: done,
+                total: cfg.steps,
+                loss: stats.loss,
+                metric: metric.clone(),
+                scores,
+                best: state.best_score,
+                best_step: state.best_step,
+                best_embedding: state.embedding(),
+            });
+            checkpoint(&trainer, dev, &state)?.save(&last_path)?;
+            if cfg.patience > 0 && state.stale >= cfg.patience {
+                report(Progress::EarlyStop { stale: state.stale, metric: metric.clone() });
+                break;
+            }
+        }
+    }
+    Ok(TrainSummary {
+        steps: trainer.step,
+        final_loss: last_loss,
+        best_score: state.best_score,
+        best_step: state.best_step,
+        best_embedding: state.embedding(),
+        seconds: start.elapsed().as_secs_f64(),
+        losses,
+        best_checkpoint: best_path.is_file().then_some(best_path),
+    })
 }
 
 /// The dataset's shapes must match the model's.
