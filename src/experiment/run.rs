@@ -245,11 +245,8 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     crate::train::require_items(data, "test", "the suite")?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let path = state_path(&cfg.out, cfg.suite);
-    let reports: &[&str] = match cfg.suite {
-        SuiteKind::Table1 => &["table1.md", "table1.json"],
-        SuiteKind::Eta => &["eta.md", "eta.json", "figure1.svg"],
-    };
-    refuse_foreign_reports(&cfg.out, &path, reports)?;
+    let reports = report_files(cfg.suite);
+    refuse_foreign_reports(&cfg.out, &path, &reports.iter().map(String::as_str).collect::<Vec<_>>())?;
     claim_runs_dir(&cfg.runs_dir.join(suite_name(cfg.suite)), &path)?;
     let mut state = SuiteState::open(&path, &suite)?;
     fill_in_label_scores(dev, data, cfg, &mut state, &path)?;
@@ -390,6 +387,20 @@ fn train_run(
     Ok((best, summary.best_step))
 }
 
+/// Figure 1, the η sweep's plot.
+const FIGURE1_FILE: &str = "figure1.svg";
+
+/// The reports [`write_reports`] writes for a suite of `kind`: its table as markdown and JSON,
+/// named by the suite, and for the η sweep Figure 1.
+fn report_files(kind: SuiteKind) -> Vec<String> {
+    let stem = suite_name(kind);
+    let mut files = vec![format!("{stem}.md"), format!("{stem}.json")];
+    if kind == SuiteKind::Eta {
+        files.push(FIGURE1_FILE.into());
+    }
+    files
+}
+
 /// Rewrites the suite's reports from its state: Table 1 (`table1.md`, `table1.json`), or for
 /// the η sweep Figure 1 (`figure1.svg`) and its rows as a table (`eta.md`, `eta.json`).
 pub fn write_reports(state: &SuiteState, dataset: &str, out: &Path, selected_with: &str) -> Result<()> {
@@ -398,11 +409,11 @@ pub fn write_reports(state: &SuiteState, dataset: &str, out: &Path, selected_wit
         return Ok(());
     }
     match state.suite.kind {
-        SuiteKind::Table1 => write_table(out, "table1", &format!("Table 1 — {dataset}"), &tables),
+        SuiteKind::Table1 => write_table(out, suite_name(SuiteKind::Table1), &format!("Table 1 — {dataset}"), &tables),
         SuiteKind::Eta => {
-            write_table(out, "eta", &format!("η sweep — {dataset}"), &tables)?;
+            write_table(out, suite_name(SuiteKind::Eta), &format!("η sweep — {dataset}"), &tables)?;
             let title = format!("Figure 1 — {dataset}: NDCG@{NDCG_K} against η");
-            write_figure1(&out.join("figure1.svg"), &title, NDCG_K, &eta_curves(state)?)
+            write_figure1(&out.join(FIGURE1_FILE), &title, NDCG_K, &eta_curves(state)?)
         }
     }
 }

@@ -329,6 +329,11 @@ pub fn default_rungs(trials: usize, reduction: usize) -> usize {
     rungs
 }
 
+/// The tune's report of every trial ([`write_table`]), beside its state file.
+const TRIALS_FILE: &str = "trials.md";
+/// The winner as a config file ([`write_best_config`]), beside the state file.
+const BEST_CONFIG_FILE: &str = "best-config.json";
+
 pub fn state_path(out: &Path) -> PathBuf {
     out.join("tune-state.json")
 }
@@ -396,7 +401,7 @@ pub fn run_tune(data: &Arc<DatasetReader>, cfg: &TuneConfig, progress: &(dyn Fn(
     require_items(data, "val", "tune")?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let path = state_path(&cfg.out);
-    refuse_foreign_reports(&cfg.out, &path, &["trials.md", "best-config.json"])?;
+    refuse_foreign_reports(&cfg.out, &path, &[TRIALS_FILE, BEST_CONFIG_FILE])?;
     claim_runs_dir(&cfg.runs_dir, &path)?;
     let state = Mutex::new(TuneState::open(&path, &plan)?);
     loop {
@@ -556,7 +561,7 @@ pub fn write_table(state: &TuneState, out: &Path) -> Result<()> {
         }
         text += "\n";
     }
-    crate::io::atomic_write(&out.join("trials.md"), text.as_bytes())
+    crate::io::atomic_write(&out.join(TRIALS_FILE), text.as_bytes())
 }
 
 /// `best-config.json`: the best trial's values as a config file for `train --config` (or, for
@@ -586,7 +591,7 @@ pub fn write_best_config(state: &TuneState, cfg: &TuneConfig) -> Result<Option<P
         }
     });
     let text = serde_json::to_string_pretty(&json).map_err(|e| Error::data(format!("best config: {e}")))? + "\n";
-    let path = cfg.out.join("best-config.json");
+    let path = cfg.out.join(BEST_CONFIG_FILE);
     crate::io::atomic_write(&path, text.as_bytes())?;
     Ok(Some(path))
 }
