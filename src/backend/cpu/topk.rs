@@ -220,10 +220,8 @@ pub fn top_k_keys_filtered(
     let wide = k + SLACK;
     let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
     // The largest row norm; a NaN anywhere makes it NaN (f64::max would drop it).
-    let gmax = gallery
-        .par_chunks(dim * 1024)
-        .map(|c| c.chunks_exact(dim).map(norm).fold(0.0, |m: f64, x| if x > m || x.is_nan() { x } else { m }))
-        .reduce(|| 0.0, |m, x| if x > m || x.is_nan() { x } else { m });
+    let max = |m: f64, x: f64| if x > m || x.is_nan() { x } else { m };
+    let gmax = gallery.par_chunks(dim * 1024).map(|c| c.chunks_exact(dim).map(norm).fold(0.0, max)).reduce(|| 0.0, max);
     let exact_only = || {
         let keys: Vec<u64> = (0..nq)
             .into_par_iter()
