@@ -24,7 +24,7 @@ use semshare::experiment::tune::{Trial, TunePlan, TuneState, best, write_table};
 use semshare::index::build::{feature_items, from_vectors, generated_ids, read_ids, read_lines};
 use semshare::index::npy::parse_npy;
 use semshare::index::{Index, search};
-use semshare::inference::{Model, Regions, tiny_checkpoint};
+use semshare::inference::{Embeddings, Model, Regions, tiny_checkpoint};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
 use semshare::train::TrainConfig;
 
@@ -315,7 +315,7 @@ pub fn npy(data: &[u8]) {
         with_model(|m| drop(m.embed_images(&items.iter().map(|f| Regions::new(f)).collect::<Vec<_>>())));
     }
     let n = array.shape.first().copied().unwrap_or(0); // as `index --vectors` counts its ids
-    let queries = array.values.clone();
+    let queries = Embeddings { values: array.values.clone(), dim: array.shape.last().copied().unwrap_or(0) };
     let Ok(gallery) = from_vectors(array, generated_ids("v", n)) else { return };
     let path = scratch().join("vectors.idx");
     gallery.save(&path).expect("a gallery of normalised vectors is written");
@@ -332,7 +332,7 @@ pub fn index(data: &[u8]) {
     for i in 0..index.len() {
         let _ = (index.id(i), index.labels(i));
     }
-    let first = index.vectors()[..index.dim()].to_vec();
+    let first = Embeddings { values: index.vectors()[..index.dim()].to_vec(), dim: index.dim() };
     with_model(|m| drop(search(m.device(), &index, &first, 3)));
     let gallery = index.to_gallery();
     let copy = scratch().join("copy.idx");

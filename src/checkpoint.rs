@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::checksum::Checksum;
 use crate::data::format::{FeatureDtype, Layout, RESERVED_TOKENS};
-use crate::io::{atomic_write, bytes_to_f32, f32_to_bytes, open_regular, safetensors_bytes};
+use crate::io::{Staged, bytes_to_f32, f32_to_bytes, open_regular, safetensors_bytes, stage};
 use crate::model::{EmbeddingKind, InputNorm, ModelConfig, SemShare};
 use crate::{Error, Result};
 
@@ -74,6 +74,34 @@ pub struct InputSpec {
 }
 
 impl InferenceSpec {
+    /// Refuses a dataset whose words or labels are not the ones the model was trained on: the
+    /// same counts with other entries would read its tokens as other words and score its items
+    /// against other classes. Names the first entry that differs. What the spec does not record
+    /// (an old checkpoint's vocabulary or label names) is not compared.
+    pub fn check_data(&self, layout: &Layout) -> Result<()> {
+        let m = &layout.meta;
+        let vocab =
+            self.vocab.as_ref().filter(|_| !layout.text_features()).map(|v| ("vocabulary", "word", v, &m.vocab));
+        let labels = self.label_names.as_ref().map(|n| ("labels", "label", n, &m.label_names));
+        for (list, entry, ours, theirs) in vocab.into_iter().chain(labels) {
+            if ours.len() != theirs.len() {
+                return Err(Error::config(format!(
+                    "dataset `{}` has {} entries in its {list}, the checkpoint {}",
+                    m.name,
+                    theirs.len(),
+                    ours.len()
+                )));
+            }
+            if let Some(i) = ours.iter().zip(theirs).position(|(a, b)| a != b) {
+                return Err(Error::config(format!(
+                    "dataset `{}` is not the data this model was trained on: its {entry} {i} is `{}`, the checkpoint's `{}`",
+                    m.name, theirs[i], ours[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The spec of a model trained on a dataset of `layout` whose features are stored as
     /// `region_dtype` and `text_dtype`, selected by `embedding`.
     pub fn of(
@@ -197,6 +225,12 @@ impl Checkpoint {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.stage(path)?.commit()
+    }
+
+    /// The checkpoint written beside `path` and synced, not yet in place ([`crate::io::stage`]):
+    /// a run that replaces another stages both of its checkpoints before committing either.
+    pub fn stage(&self, path: &Path) -> Result<Staged> {
         let net = SemShare::new(&self.model)?;
         if self.params.len() != net.store.total {
             return Err(Error::shape(
@@ -204,7 +238,25 @@ impl Checkpoint {
                 format!("{} parameters for a model of {}", self.params.len(), net.store.total),
             ));
         }
-        self.spec.check(&self.model).map_err(|e| Error::format(path, format!("not written: {e}")))?;
+        let not_written = |e: String| Error::format(path, format!("not written: {e}"));
+        self.spec.check(&self.model).map_err(not_written)?;
+        // What `load` refuses is not written.
+        for info in &net.store.infos {
+            check_values(&info.name, &self.params[info.param.offset..][..info.param.len], false)
+                .map_err(not_written)?;
+        }
+        if let Some((m, v)) = &self.optimizer {
+            for (name, moment, nonnegative) in [(EXP_AVG, m, false), (EXP_AVG_SQ, v, true)] {
+                if moment.len() != net.store.total {
+                    return Err(not_written(format!(
+                        "tensor `{name}` has {} values for {} parameters",
+                        moment.len(),
+                        net.store.total
+                    )));
+                }
+                check_values(name, moment, nonnegative).map_err(not_written)?;
+            }
+        }
         let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = net
             .store
             .infos
@@ -235,7 +287,7 @@ impl Checkpoint {
         let mut meta = meta;
         self.spec.write(&mut meta);
         let bytes = safetensors_bytes(views, &meta).map_err(|e| Error::format(path, e))?;
-        atomic_write(path, &bytes)
+        stage(path, &bytes)
     }
 
     pub fn load(path: &Path) -> Result<Checkpoint> {
@@ -302,33 +354,35 @@ impl Checkpoint {
             (false, false) => None,
             _ => return Err(bad("only one of the two optimizer moments is present".into())),
         };
-        let values = |name: &str, t: &TensorView<'_>| -> Result<Vec<f32>> {
+        let values = |name: &str, t: &TensorView<'_>, nonnegative: bool| -> Result<Vec<f32>> {
             let v = bytes_to_f32(t.data());
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(bad(format!("tensor `{name}` holds a non-finite value at element {i}")));
-            }
+            check_values(name, &v, nonnegative).map_err(bad)?;
             Ok(v)
         };
         let mut params = vec![0.0f32; net.store.total];
         for (info, view) in net.store.infos.iter().zip(&views) {
-            let v = values(&info.name, view)?;
+            let v = values(&info.name, view, false)?;
             params[info.param.offset..info.param.offset + info.param.len].copy_from_slice(&v);
         }
         let optimizer = match moments {
             Some(_) if !with_optimizer => None,
-            Some((m, v)) => {
-                let (m, v) = (values(EXP_AVG, &m)?, values(EXP_AVG_SQ, &v)?);
-                // A second moment is a mean of squares: negative means corrupt (AdamW would
-                // take its square root).
-                if let Some(i) = v.iter().position(|&x| x < 0.0) {
-                    return Err(bad(format!("tensor `{EXP_AVG_SQ}` holds a negative value {} at element {i}", v[i])));
-                }
-                Some((m, v))
-            }
+            Some((m, v)) => Some((values(EXP_AVG, &m, false)?, values(EXP_AVG_SQ, &v, true)?)),
             None => None,
         };
         Ok(Checkpoint { model, params, optimizer, step, state, spec })
     }
+}
+
+/// Every value finite, and with `nonnegative` none below zero (a second moment is a mean of
+/// squares: negative means corrupt, and AdamW would take its square root); says where not.
+fn check_values(name: &str, v: &[f32], nonnegative: bool) -> std::result::Result<(), String> {
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(format!("tensor `{name}` holds a non-finite value at element {i}"));
+    }
+    if nonnegative && let Some(i) = v.iter().position(|&x| x < 0.0) {
+        return Err(format!("tensor `{name}` holds a negative value {} at element {i}", v[i]));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

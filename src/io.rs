@@ -10,8 +10,17 @@ use safetensors::tensor::View;
 use crate::{Error, Result};
 
 /// Write `bytes` to `path` so that a reader sees the old file or the new one, never a torn
-/// mix: write a sibling temp file, fsync it, rename over the target, fsync the directory.
+/// mix: [`stage`] it, then [`Staged::commit`].
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    stage(path, bytes)?.commit()
+}
+
+/// `bytes` written to a new sibling temp file of `path` and synced, not yet in place: commit
+/// it, or drop it to remove it. Staging every file of a pair before either is committed leaves
+/// the old pair whole when the disk fills or the process dies while they are written. Errors
+/// name `path`, the file asked for, not the temp.
+pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -19,21 +28,58 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().ok_or_else(|| Error::config(format!("{} is not a file path", path.display())))?;
     let prefix = format!(".{}.tmp.", name.to_string_lossy());
     remove_stale_temps(&dir, &prefix);
-    let tmp = dir.join(format!("{prefix}{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-        if let Ok(d) = fs::File::open(&dir) {
+    // PID, then a count: two writers of one process never share a temp file.
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("{prefix}{}.{n}", std::process::id()));
+    let staged = Staged { tmp, target: path.to_path_buf(), dir };
+    let mut f =
+        fs::OpenOptions::new().write(true).create_new(true).open(&staged.tmp).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))?;
+    Ok(staged)
+}
+
+/// A file [`stage`] wrote beside its target; removed when dropped uncommitted.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    target: PathBuf,
+    dir: PathBuf,
+}
+
+impl Staged {
+    /// Renames the file over its target, then syncs the directory.
+    pub fn commit(self) -> Result<()> {
+        fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        self.sync_dir();
+        Ok(())
+    }
+
+    /// Puts the file at its target only if nothing is there (a hard link: exclusive, as
+    /// `create_new` is, but the file appears whole); false if something was.
+    pub fn commit_new(self) -> Result<bool> {
+        match fs::hard_link(&self.tmp, &self.target) {
+            Ok(()) => {
+                self.sync_dir();
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::io(&self.target, e)),
+        }
+    }
+
+    fn sync_dir(&self) {
+        if let Ok(d) = fs::File::open(&self.dir) {
             let _ = d.sync_all(); // best effort: not every filesystem syncs directories
         }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
     }
-    result
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // After a commit the temp is gone (renamed) or a second link to the target.
+        let _ = fs::remove_file(&self.tmp);
+    }
 }
 
 /// The whole of a regular file (see [`read_limited`]).
@@ -219,7 +265,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// Whether process `pid` may still be running (unknown counts as running: nothing is removed).
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     if pid == std::process::id() {
         return true;
     }
@@ -227,7 +273,7 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// Removes what killed processes left in `dir`: entries named `prefix` + PID (+ anything) whose
-/// process is gone (temporary files `.NAME.tmp.PID`, dataset directories `.NAME.tmp-PID-K`).
+/// process is gone (temporary files `.NAME.tmp.PID.N`, dataset directories `.NAME.tmp-PID-K`).
 /// Each removal is reported on stderr; returns what was removed.
 pub fn remove_stale_temps(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };

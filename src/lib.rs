@@ -55,10 +55,10 @@
 //! index::build::from_texts(&mut model, &captions, ids)?.save(&file)?;
 //!
 //! let gallery = index::Index::open(&file)?; // mapped, checked, not copied
-//! gallery.check_model(model.fingerprint(), model.path())?; // the model that built it
+//! gallery.check_model(&model)?; // the model that built it, with the same embedding
 //! let query = model.embed_texts(&["dog"])?;
-//! let hits = index::search(model.device(), &gallery, &query.values, 2)?;
-//! assert_eq!(gallery.id(hits[0][0].item), "c2");
+//! let hits = index::search(model.device(), &gallery, &query, 2)?;
+//! assert_eq!(gallery.id(hits[0][0].item), Some("c2"));
 //! # std::fs::remove_file(&file).ok();
 //! # std::fs::remove_file(&checkpoint).ok();
 //! # Ok(())
@@ -85,7 +85,10 @@
 //! | 7 | [`experiment`] |
 //!
 //! Errors are one [`Error`] type whose message names the file, tensor, item or option at
-//! fault; no function of the library exits or panics on bad input.
+//! fault. From the `data` floor up no function exits or panics on bad input. The floors below
+//! are building blocks that trust their caller for sizes: a `Tensor` constructor asserts that
+//! its values fit its shape, and a `Backend`'s allocations (reachable through
+//! [`Model::device`]) are not checked against the memory available.
 
 pub mod backend;
 pub mod checkpoint;

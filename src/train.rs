@@ -12,7 +12,6 @@ use crate::backend::Backend;
 use crate::checkpoint::{Checkpoint, InferenceSpec};
 use std::sync::Arc;
 
-use crate::data::format::Layout;
 use crate::data::loader::Loader;
 use crate::data::reader::DatasetReader;
 use crate::eval::metrics::{EvalConfig, Report};
@@ -266,13 +265,14 @@ pub fn train(
     cfg: &TrainConfig,
     opts: &RunOptions,
 ) -> Result<TrainSummary> {
-    check_fits(&data.layout, model)?;
+    data.layout.check_fits(model)?;
     cfg.validate()?;
     require_items(data, "train", "training")?;
     require_items(data, "val", "selecting the best checkpoint")?;
     let resumed = match &opts.resume {
         Some(path) => {
             let ckpt = Checkpoint::load(path)?;
+            ckpt.spec.check_data(&data.layout)?;
             if &ckpt.model != model {
                 return Err(Error::config(format!(
                     "{}: the checkpoint's model configuration differs from the requested one",
@@ -322,13 +322,14 @@ fn train_in_claimed_dir(
     stale: Vec<PathBuf>,
 ) -> Result<TrainSummary> {
     let fresh = RunState { best_score: -1.0, best_step: 0, stale: 0, best_embedding: None };
-    // Replacing another run: its checkpoints and configuration stay until this run writes its
-    // first checkpoint, so that a run failing before then changes nothing.
+    // Replacing another run: its checkpoints and configuration stay until this run's first
+    // checkpoints are in place (they replace the old ones by rename), so that a run failing
+    // before then, or while writing them, changes nothing. Then what they did not replace goes.
     let mut stale = Some(stale);
-    let take_over = |stale: &mut Option<Vec<PathBuf>>| -> Result<()> {
+    let take_over = |stale: &mut Option<Vec<PathBuf>>, written: &[&Path]| -> Result<()> {
         let Some(files) = stale.take() else { return Ok(()) };
-        for f in files {
-            std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+        for f in files.iter().filter(|f| !written.contains(&f.as_path())) {
+            std::fs::remove_file(f).map_err(|e| Error::io(f, e))?;
         }
         if let Some(text) = &opts.resolved_config {
             crate::io::atomic_write(&opts.out_dir.join(RESOLVED_CONFIG), text.as_bytes())?;
@@ -336,7 +337,7 @@ fn train_in_claimed_dir(
         Ok(())
     };
     if stale.as_ref().is_some_and(Vec::is_empty) {
-        take_over(&mut stale)?;
+        take_over(&mut stale, &[])?;
     }
     let train_split = data.split("train")?;
     let (mut trainer, mut state, norm) = match resumed {
@@ -423,14 +424,23 @@ fn train_in_claimed_dir(
             // The better embedding; on equal scores the first (pooled).
             let (kind, score) =
                 scores.iter().copied().reduce(|a, b| if b.1 > a.1 { b } else { a }).expect("one embedding at least");
-            take_over(&mut stale)?;
-            if score > state.best_score {
+            let best = if score > state.best_score {
                 let best_embedding = Some(kind.name().to_string());
                 state = RunState { best_score: score, best_step: done, stale: 0, best_embedding };
-                checkpoint(&trainer, dev, &state)?.save(&best_path)?;
+                Some(checkpoint(&trainer, dev, &state)?.stage(&best_path)?)
             } else {
                 state.stale += 1;
+                None
+            };
+            // Both written before either is put in place: a kill or a full disk in between
+            // leaves the directory's pair as it was.
+            let last = checkpoint(&trainer, dev, &state)?.stage(&last_path)?;
+            let written: &[&Path] = if best.is_some() { &[&best_path, &last_path] } else { &[&last_path] };
+            if let Some(best) = best {
+                best.commit()?;
             }
+            last.commit()?;
+            take_over(&mut stale, written)?;
             report(Progress::Validation {
                 step: done,
                 total: cfg.steps,
@@ -441,7 +451,6 @@ fn train_in_claimed_dir(
                 best_step: state.best_step,
                 best_embedding: state.embedding(),
             });
-            checkpoint(&trainer, dev, &state)?.save(&last_path)?;
             if cfg.patience > 0 && state.stale >= cfg.patience {
                 report(Progress::EarlyStop { stale: state.stale, metric: metric.clone() });
                 break;
@@ -458,27 +467,4 @@ fn train_in_claimed_dir(
         losses,
         best_checkpoint: best_path.is_file().then_some(best_path),
     })
-}
-
-/// The dataset's shapes must match the model's.
-pub fn check_fits(layout: &Layout, model: &ModelConfig) -> Result<()> {
-    let m = &layout.meta;
-    let checks = [
-        ("region feature width (Dr)", m.feature_dim, model.region_dim),
-        ("vocabulary size (V)", m.vocab_size(), model.vocab),
-        ("label count (C)", m.num_labels, model.labels),
-        ("text feature width (Dt, 0 for tokens)", layout.text_feature_dim, model.text_feature_dim),
-    ];
-    for (what, d, want) in checks {
-        if d != want {
-            return Err(Error::config(format!("dataset `{}` has {what} {d}, the model expects {want}", m.name)));
-        }
-    }
-    if m.num_object_classes > model.object_classes {
-        return Err(Error::config(format!(
-            "dataset `{}` has {} object classes, the model has {}",
-            m.name, m.num_object_classes, model.object_classes
-        )));
-    }
-    Ok(())
 }

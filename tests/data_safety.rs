@@ -148,6 +148,17 @@ fn train_never_replaces_another_runs_checkpoints() {
     // Continuing that run is what --resume is for; replacing it, what --force is for.
     let last = run.join("last.safetensors");
     ok(&train(&data, &cfg, &run, "4", &["--resume", path(&last)]));
+    // A replacing run that cannot write its first checkpoints (here past a file-size limit;
+    // a full disk alike) leaves the run it was replacing as it was.
+    let before = snapshot(&run);
+    let size = std::fs::metadata(&last).unwrap().len();
+    let limit = format!("ulimit -f {}", size / 2048);
+    let args = ["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run), "--steps", "2"];
+    let capped = semshare_in_shell(&limit, &[&args[..], &["--seed", "1", "--force", "--device", "cpu"]].concat(), "");
+    fails_with(&capped, "best.safetensors: File too large");
+    let after = snapshot(&run);
+    assert_eq!(after.keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>());
+    assert!(after.iter().all(|(f, bytes)| f.ends_with(".lock") || before[f] == *bytes), "the old run changed");
     ok(&train(&data, &cfg, &run, "2", &["--seed", "1", "--force"]));
     // Into the dataset: refused.
     let before = snapshot(&data);
@@ -239,6 +250,16 @@ fn temporary_files_of_killed_processes_are_removed_when_the_output_is_written_ag
     let data = synth(&dir, "data", &[]);
     assert!(!stale_dataset.exists(), "a dead process's temporary dataset is removed");
     assert!(live.exists(), "a running process's is not");
+    // Killed between a replacement's two renames: the old dataset aside, none in its place.
+    // The next command to write there puts it back first, and without --force then refuses
+    // to replace it.
+    let aside = dir.join(format!(".data.tmp-{pid}-1.old"));
+    std::fs::rename(&data, &aside).unwrap();
+    let again = semshare(&["synth", "--out", path(&data), "--train", "40", "--val", "12", "--test", "12"]);
+    fails_with(&again, "already holds a dataset; pass --force to replace it");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("restored"), "{again:?}");
+    assert!(!aside.exists());
+    ok(&semshare(&["check", path(&data)]));
 
     let cfg = tiny_config(&dir);
     let run = dir.join("run");
@@ -402,6 +423,50 @@ fn a_shard_truncated_under_check_is_an_error_not_a_signal() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `semshare args…` run by bash with `setup` first (a file-size limit, a redirection).
+fn semshare_in_shell(setup: &str, args: &[&str], redirect: &str) -> Output {
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let line = format!("{setup}; exec '{}' {} {redirect}", env!("CARGO_BIN_EXE_semshare"), quoted.join(" "));
+    Command::new("bash").args(["-c", &line]).output().expect("bash runs")
+}
+
+#[test]
+fn a_full_disk_or_a_file_size_limit_is_an_error_naming_the_file_not_a_kill() {
+    let dir = tmp("limits");
+    let npy = dir.join("v.npy");
+    let values: Vec<f32> = (0..4000 * 16).map(|i| (i % 7) as f32 + 1.0).collect();
+    semshare::index::npy::write_npy(&npy, &values, &[4000, 16]).unwrap();
+    let idx = dir.join("g.idx");
+    let small = dir.join("small.idx");
+    ok(&semshare(&["index", "--vectors", path(&npy), "--out", path(&small)]));
+    // Past `ulimit -f` (16 KiB), the 256 KiB index cannot be written: EFBIG, not SIGXFSZ.
+    let out = semshare_in_shell("ulimit -f 16", &["index", "--vectors", path(&npy), "--out", path(&idx)], "");
+    fails_with(&out, &format!("{}: File too large", idx.display()));
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.iter().all(|n| !n.to_string_lossy().contains(".tmp.")), "temp files left: {left:?}");
+    // An export is a pair, vectors and ids: both are written before either replaces the old
+    // pair, so a failure in the larger one leaves the old ids beside the old vectors.
+    let ids = dir.join("ids.txt");
+    std::fs::write(&ids, (0..4000).map(|i| format!("other-{i}\n")).collect::<String>()).unwrap();
+    let other = dir.join("other.idx");
+    ok(&semshare(&["index", "--vectors", path(&npy), "--ids", path(&ids), "--out", path(&other)]));
+    let export = dir.join("e.npy");
+    ok(&semshare(&["export", "--index", path(&small), "--format", "npy", "--out", path(&export)]));
+    let pair = |d: &Path| (std::fs::read(d.join("e.npy")).unwrap(), std::fs::read(d.join("e.ids.txt")).unwrap());
+    let before = pair(&dir);
+    let again = ["export", "--index", path(&other), "--format", "npy", "--out", path(&export), "--force"];
+    fails_with(&semshare_in_shell("ulimit -f 100", &again, ""), "e.npy: File too large");
+    assert!(pair(&dir) == before, "the old export changed");
+    // The results of `query` are its output: lost to a full disk, the command says so.
+    let query = ["query", "--index", path(&small), "--vectors", path(&npy), "--k", "3"];
+    fails_with(&semshare_in_shell("true", &query, "> /dev/full"), "stdout: No space left on device");
+    // A reader that stops early is not an error.
+    let head = semshare_in_shell("set -o pipefail", &query, "| head -1");
+    assert_eq!(head.status.code(), Some(0), "{head:?}");
+    assert_eq!(String::from_utf8_lossy(&head.stdout).lines().count(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 // ---- silently accepted ------------------------------------------------------------------------
 
 #[test]
@@ -465,9 +530,12 @@ fn corrupt_optimiser_state_is_an_error_naming_file_and_tensor() {
         &train(&data, &cfg, &dir.join("r1"), "4", &["--resume", path(&bad)]),
         "bad.safetensors: metadata `state`",
     );
-    let mut ckpt = Checkpoint::load(&last).unwrap();
-    ckpt.optimizer.as_mut().unwrap().1[3] = -1.0;
-    ckpt.save(&bad).unwrap();
+    // `save` refuses a negative second moment, so the file is corrupted in place.
+    let mut bytes = std::fs::read(&last).unwrap();
+    let (header_len, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let start = 8 + header_len + header.info("optimizer.exp_avg_sq").unwrap().data_offsets.0 + 3 * 4;
+    bytes[start..start + 4].copy_from_slice(&(-1.0f32).to_le_bytes());
+    std::fs::write(&bad, bytes).unwrap();
     fails_with(
         &train(&data, &cfg, &dir.join("r2"), "4", &["--resume", path(&bad)]),
         "bad.safetensors: not a valid semshare checkpoint: tensor `optimizer.exp_avg_sq` holds a negative value",

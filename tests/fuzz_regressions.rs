@@ -242,10 +242,14 @@ fn write_fuzz_fixtures_and_seeds() {
     // Raw vectors [3, 4], and features [2, 3, 4] of the tiny model's width, the second item's
     // last region all zeros (padding).
     use semshare::index::npy::npy_bytes;
-    put("npy", "vectors.npy", &npy_bytes(&[0.5, -1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 1e-3], &[3, 4]));
+    put(
+        "npy",
+        "vectors.npy",
+        &npy_bytes(&[0.5, -1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 1e-3], &[3, 4]).unwrap(),
+    );
     let mut features: Vec<f32> = (0..24).map(|i| i as f32 * 0.25 - 2.0).collect();
     features[20..].fill(0.0);
-    put("npy", "features.npy", &npy_bytes(&features, &[2, 3, 4]));
+    put("npy", "features.npy", &npy_bytes(&features, &[2, 3, 4]).unwrap());
 
     use semshare::index::{Gallery, Labels, Modality, Origin};
     let labelled = Gallery {

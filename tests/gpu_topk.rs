@@ -131,7 +131,7 @@ fn index_search_on_the_gpu_equals_the_cpu() {
     let path = std::env::temp_dir().join(format!("semshare-gpu-index-{}.idx", std::process::id()));
     gallery.save(&path).unwrap();
     let index = semshare::index::Index::open(&path).unwrap();
-    let queries = four_halves(22, nq, dim);
+    let queries = semshare::inference::Embeddings { values: four_halves(22, nq, dim), dim };
     for k in [1, 10, 128] {
         let want = semshare::index::search(&mut cpu(), &index, &queries, k).unwrap();
         let got = semshare::index::search(gpu.as_mut(), &index, &queries, k).unwrap();

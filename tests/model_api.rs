@@ -331,6 +331,80 @@ fn bad_inputs_are_errors_naming_the_item() {
 }
 
 #[test]
+fn searches_and_datasets_the_model_cannot_rank_are_refused() {
+    let dir = tmp("refusals");
+    let (_, reader, best) = trained(&dir);
+    let mut model = semshare::Model::load(&best, open("cpu").unwrap()).unwrap();
+    let err = |r: semshare::Result<Vec<semshare::inference::Hits>>| r.unwrap_err().to_string();
+    let gallery = model.embed_texts(&["sky", "sea", "dog"]).unwrap();
+    let query = model.embed_texts(&["sky"]).unwrap();
+    let dim = query.dim;
+    let with = |at: usize, x: f32, e: &Embeddings| {
+        let mut values = e.values.clone();
+        values[at] = x;
+        Embeddings { values, dim }
+    };
+    // NaN would rank first, an infinite or overflowing score would tie: both refused, by row.
+    let e = err(model.search(&query, &with(dim + 1, f32::NAN, &gallery), 2));
+    assert!(e.contains("gallery item 1 holds a non-finite value"), "{e}");
+    let e = err(model.search(&with(0, f32::INFINITY, &query), &gallery, 2));
+    assert!(e.contains("query 0 holds a non-finite value"), "{e}");
+    let e = err(model.search(&with(0, 1e30, &query), &with(0, 1e30, &gallery), 2));
+    assert!(e.contains("gallery item 0 has norm") && e.contains("would not fit a float32"), "{e}");
+    let ragged = Embeddings { values: vec![0.5; dim + 1], dim };
+    let e = err(model.search(&ragged, &gallery, 2));
+    assert!(e.contains(&format!("query: {} values are not whole rows of width {dim}", dim + 1)), "{e}");
+
+    // An index knows its embedding: a model set to the other one is refused, not searched.
+    let file = dir.join("label.idx");
+    model.set_embedding(EmbeddingKind::Label);
+    let ids = (0..3).map(|i| format!("c{i}")).collect();
+    let captions = ["sky", "sea", "dog"].map(String::from);
+    semshare::index::build::from_texts(&mut model, &captions, ids).unwrap().save(&file).unwrap();
+    let index = semshare::index::Index::open(&file).unwrap();
+    model.set_embedding(EmbeddingKind::Pooled);
+    let e = index.check_model(&model).unwrap_err().to_string();
+    assert!(e.contains("holds the label embedding") && e.contains("set_embedding(EmbeddingKind::Label)"), "{e}");
+    let pooled = model.embed_texts(&["dog"]).unwrap();
+    let e = semshare::index::search(model.device(), &index, &pooled, 2).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("queries of width {dim}")) && e.contains(&format!("holds width {}", index.dim())),
+        "{e}"
+    );
+    model.set_embedding(EmbeddingKind::Label);
+    index.check_model(&model).unwrap();
+    let label = model.embed_texts(&["dog"]).unwrap();
+    let hits = semshare::index::search(model.device(), &index, &label, 2).unwrap();
+    assert_eq!(hits[0].len(), 2);
+    assert_eq!((index.id(2), index.id(3), index.labels(0)), (Some("c2"), None, None));
+
+    // A dataset with the model's shapes but another word at id 5 (or another label) would be
+    // read as other words: refused, naming the entry.
+    let split = reader.split("test").unwrap();
+    model.embed_split(&reader.layout, split).unwrap();
+    let mut other = reader.layout.clone();
+    other.meta.vocab[5] = "elsewhere".into();
+    let e = model.embed_split(&other, split).unwrap_err().to_string();
+    assert!(e.contains("its word 5 is `elsewhere`"), "{e}");
+    let mut other = reader.layout.clone();
+    other.meta.label_names[2] = "renamed".into();
+    let e = model.embed_split(&other, split).unwrap_err().to_string();
+    assert!(e.contains("its label 2 is `renamed`"), "{e}");
+
+    // Finite inputs far outside the data's range overflow the network: an error, not NaN rows.
+    let e = model.embed_images(&[Regions::new(&[3e38; 12 * 2])]).unwrap_err().to_string();
+    assert!(e.contains("image 0: its embedding is not finite"), "{e}");
+
+    // What `load` refuses, `save` does not write.
+    let mut ckpt = Checkpoint::load(&best).unwrap();
+    ckpt.params[7] = f32::NAN;
+    let e = ckpt.save(&dir.join("nan.safetensors")).unwrap_err().to_string();
+    assert!(e.contains("not written") && e.contains("non-finite value"), "{e}");
+    assert!(!dir.join("nan.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_model_of_text_features_embeds_features_and_refuses_tokens() {
     let dir = tmp("features");
     std::fs::create_dir_all(&dir).unwrap();

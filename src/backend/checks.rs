@@ -303,6 +303,18 @@ pub(crate) fn check_top_k(queries: usize, gallery: usize, dim: usize, k: usize) 
     if k == 0 || k > ng {
         return err(format!("k = {k} for a gallery of {ng} rows (1 ≤ k ≤ {ng})"));
     }
+    // Held at once: every result (a key, an id and a score, and the caller's copy: 32 bytes)
+    // and, on each thread, the candidates of a block of up to 256 queries (2k + 64 keys each).
+    let bytes = (nq as u128 * k as u128 * 32)
+        + rayon::current_num_threads() as u128 * nq.min(256) as u128 * (2 * k as u128 + 64) * 8;
+    if let Some(available) = crate::io::host_available_memory().filter(|&a| bytes > u128::from(a)) {
+        const GIB: f64 = (1u64 << 30) as f64;
+        return Err(crate::Error::config(format!(
+            "top_k: {nq} queries × k = {k} need about {:.1} GiB for their results, more than the {:.1} GiB available: ask for fewer (a smaller k, or the queries in parts)",
+            bytes as f64 / GIB,
+            available as f64 / GIB
+        )));
+    }
     Ok((nq, ng))
 }
 
@@ -312,4 +324,19 @@ pub(crate) fn expect_len(op: &'static str, what: &str, got: usize, want: usize) 
         return Err(crate::Error::shape(op, format!("{what} has {got} elements, expected {want}")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_top_k;
+
+    #[test]
+    fn a_top_k_larger_than_memory_is_refused_before_anything_is_allocated() {
+        assert_eq!(check_top_k(10 * 4, 100 * 4, 4, 10).unwrap(), (10, 100));
+        // A million queries × k of a billion: results of 32 PB.
+        if crate::io::host_available_memory().is_some() {
+            let e = check_top_k(1 << 20, 1 << 30, 1, 1 << 30).unwrap_err().to_string();
+            assert!(e.contains("1048576 queries × k = 1073741824 need about") && e.contains("GiB available"), "{e}");
+        }
+    }
 }

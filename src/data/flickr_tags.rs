@@ -172,28 +172,26 @@ impl FlickrTags {
     }
 
     /// Writes a source directory for `semshare pack`: one safetensors file per split (database
-    /// included), `labels.txt`, `vocab.txt`, then `source.json` (each file via temp + rename,
-    /// the manifest last, so a crash never leaves a manifest naming a half-written file).
+    /// included), `labels.txt`, `vocab.txt` and `source.json`. Every file is written and synced
+    /// beside its target first, so a full disk or a kill while they are written leaves the old
+    /// directory as it was; then the old manifest goes, the files are renamed into place and
+    /// the manifest last, so no manifest ever names a file of another write.
     pub fn save_source(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let manifest = dir.join("source.json");
-        match fs::remove_file(&manifest) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&manifest, e)),
-            _ => {}
-        }
         let m = &self.meta;
         let mut files = serde_json::Map::new();
+        let mut staged = Vec::new();
         for (name, s) in self.splits() {
             let file = format!("{name}.safetensors");
             let path = dir.join(&file);
             let bytes = encode_source_file(name, s, m).map_err(|e| Error::format(&path, e))?;
-            crate::io::atomic_write(&path, &bytes)?;
+            staged.push(crate::io::stage(&path, &bytes)?);
             files.insert(name.into(), serde_json::json!([file]));
         }
         let lines = |v: &[String]| v.iter().flat_map(|s| [s.as_str(), "\n"]).collect::<String>();
-        crate::io::atomic_write(&dir.join("labels.txt"), lines(&m.label_names).as_bytes())?;
-        crate::io::atomic_write(&dir.join("vocab.txt"), lines(&m.vocab).as_bytes())?;
+        staged.push(crate::io::stage(&dir.join("labels.txt"), lines(&m.label_names).as_bytes())?);
+        staged.push(crate::io::stage(&dir.join("vocab.txt"), lines(&m.vocab).as_bytes())?);
         let doc = serde_json::json!({
             "format": "semshare-source",
             "version": 1,
@@ -203,7 +201,16 @@ impl FlickrTags {
         });
         let mut json = serde_json::to_string_pretty(&doc).expect("a JSON value serialises");
         json.push('\n');
-        crate::io::atomic_write(&manifest, json.as_bytes())
+        let manifest = dir.join("source.json");
+        let new_manifest = crate::io::stage(&manifest, json.as_bytes())?;
+        match fs::remove_file(&manifest) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&manifest, e)),
+            _ => {}
+        }
+        for file in staged {
+            file.commit()?;
+        }
+        new_manifest.commit()
     }
 }
 

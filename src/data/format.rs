@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Half;
 use crate::backend::cpu::inputs::widen_halves;
-use crate::model::Features;
+use crate::model::{Features, ModelConfig};
 use crate::{Error, Result};
 
 /// The manifest file of a dataset directory.
@@ -297,6 +297,29 @@ pub struct Layout {
 impl Layout {
     pub fn text_features(&self) -> bool {
         self.text_feature_dim > 0
+    }
+
+    /// Refuses a model whose shapes are not this dataset's.
+    pub fn check_fits(&self, model: &ModelConfig) -> Result<()> {
+        let m = &self.meta;
+        let checks = [
+            ("region feature width (Dr)", m.feature_dim, model.region_dim),
+            ("vocabulary size (V)", m.vocab_size(), model.vocab),
+            ("label count (C)", m.num_labels, model.labels),
+            ("text feature width (Dt, 0 for tokens)", self.text_feature_dim, model.text_feature_dim),
+        ];
+        for (what, d, want) in checks {
+            if d != want {
+                return Err(Error::config(format!("dataset `{}` has {what} {d}, the model expects {want}", m.name)));
+            }
+        }
+        if m.num_object_classes > model.object_classes {
+            return Err(Error::config(format!(
+                "dataset `{}` has {} object classes, the model has {}",
+                m.name, m.num_object_classes, model.object_classes
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -287,11 +287,19 @@ impl DatasetWriter {
         let mut old = self.tmp.clone().into_os_string();
         old.push(".old");
         let old = PathBuf::from(old);
+        if let Ok(d) = fs::File::open(&self.tmp) {
+            let _ = d.sync_all(); // the new dataset's entries, before it is renamed into place
+        }
         let had_old = self.out.exists();
         if had_old {
             fs::rename(&self.out, &old).map_err(|e| Error::io(&self.out, e))?;
         }
-        fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
+        if let Err(e) = fs::rename(&self.tmp, &self.out) {
+            if had_old {
+                let _ = fs::rename(&old, &self.out); // the old dataset back where it was
+            }
+            return Err(Error::io(&self.out, e));
+        }
         if had_old {
             let _ = fs::remove_dir_all(&old);
         }
@@ -323,6 +331,7 @@ fn refuse_non_dataset(out: &Path) -> Result<()> {
 /// holding anything its manifest does not list (a user's notes, another program's output) is
 /// refused, naming what is there, even with `force`.
 pub fn claim_dataset_output(out: &Path, force: bool) -> Result<()> {
+    restore_aside(out);
     if is_dataset(out) {
         let why = match foreign_entries(out) {
             Some(f) if f.is_empty() => None,
@@ -342,6 +351,37 @@ pub fn claim_dataset_output(out: &Path, force: bool) -> Result<()> {
         }
     }
     crate::io::claim_output(out, "dataset", force, is_dataset)
+}
+
+/// A process killed between [`DatasetWriter::finish`]'s two renames left the old dataset aside
+/// (`.NAME.tmp-PID-K.old`) and none at `out`: it is put back, with a notice, before `out` is
+/// judged or the dead process's temps are removed.
+fn restore_aside(out: &Path) {
+    let Some(name) = out.file_name() else { return };
+    if fs::symlink_metadata(out).is_ok() {
+        return;
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if rest.ends_with(".old")
+            && pid.is_some_and(|p| !crate::io::process_alive(p))
+            && fs::rename(entry.path(), out).is_ok()
+        {
+            let _ = writeln!(
+                std::io::stderr(),
+                "restored {} from {}, set aside by process {} (killed while replacing it)",
+                out.display(),
+                entry.path().display(),
+                pid.unwrap_or_default()
+            );
+            return;
+        }
+    }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

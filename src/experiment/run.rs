@@ -23,7 +23,7 @@ use crate::eval::metrics::{EvalConfig, Report};
 use crate::inference::{evaluate_split, load_model};
 use crate::model::{EmbeddingKind, ModelConfig, SemShare, Variant};
 use crate::tensor::Tensor;
-use crate::train::{Progress, ProgressFn, RunOptions, TrainConfig, check_fits, train};
+use crate::train::{Progress, ProgressFn, RunOptions, TrainConfig, train};
 use crate::{Error, Result};
 
 /// What `semshare experiment` runs.
@@ -238,7 +238,7 @@ fn duration(secs: f64) -> String {
 pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &ExperimentConfig) -> Result<SuiteState> {
     let suite = build_suite(data, cfg)?;
     TrainConfig { variant: Variant::Ours, ..cfg.train.clone() }.validate()?;
-    check_fits(&data.layout, &cfg.model)?;
+    data.layout.check_fits(&cfg.model)?;
     // Every run needs all three; an empty one is found now, not after the first training.
     crate::train::require_items(data, "train", "the suite")?;
     crate::train::require_items(data, "val", "the suite")?;

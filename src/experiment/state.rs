@@ -45,13 +45,12 @@ pub fn claim_runs_dir(root: &Path, state: &Path) -> Result<()> {
     let dir = state.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let from_root = relative(&canonical(root)?, &canonical(dir)?).join(state.file_name().unwrap_or_default());
     let text = format!("{}\n", from_root.display());
-    match std::fs::OpenOptions::new().write(true).create_new(true).open(&owner) {
-        Ok(mut f) => std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| Error::io(&owner, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            check_owner(root, state, &crate::io::read_text(&owner, 4096)?)
-        }
-        Err(e) => Err(Error::io(&owner, e)),
+    // Written whole beside it, then linked in only if no other study claimed `root` meanwhile:
+    // a full disk or a kill never leaves an empty owner file that would lock the study out.
+    if crate::io::stage(&owner, text.as_bytes())?.commit_new()? {
+        return Ok(());
     }
+    check_owner(root, state, &crate::io::read_text(&owner, 4096)?)
 }
 
 /// Whether [`OWNER_FILE`]'s `text` names `state`; an error naming the owner if not.

@@ -33,7 +33,7 @@ use super::state::{Plan, StudyState, claim_runs_dir, refuse_foreign_reports};
 use crate::data::reader::DatasetReader;
 use crate::model::ModelConfig;
 use crate::rng::Rng;
-use crate::train::{RunOptions, TrainConfig, check_fits, remove_run_dir, require_items, train};
+use crate::train::{RunOptions, TrainConfig, remove_run_dir, require_items, train};
 use crate::{Error, Result};
 
 /// One point of the search space. `dim` and `layers` size the shared model; heads stay the
@@ -395,7 +395,7 @@ pub fn run_tune(data: &Arc<DatasetReader>, cfg: &TuneConfig, progress: &(dyn Fn(
         let (model, train) = trial.apply(&cfg.model, &cfg.train, plan.steps(plan.rungs - 1));
         model.validate()?;
         train.validate()?;
-        check_fits(&data.layout, &model)?;
+        data.layout.check_fits(&model)?;
     }
     require_items(data, "train", "tune")?;
     require_items(data, "val", "tune")?;

@@ -92,6 +92,7 @@ pub fn from_features(model: &mut Model, features: &NpyF32, side: Modality, ids: 
 
 /// Each item's segments of a `[N, S, D]` or `[N, D]` array, trailing all-zero segments cut.
 pub fn feature_items(features: &NpyF32) -> Result<Vec<&[f32]>> {
+    features.check()?;
     let (n, d) = match features.shape[..] {
         [n, d] | [n, _, d] => (n, d),
         _ => return Err(Error::data(format!("features of shape {:?}: expected [N, S, D] or [N, D]", features.shape))),
@@ -116,6 +117,7 @@ pub fn feature_items(features: &NpyF32) -> Result<Vec<&[f32]>> {
 
 /// Raw vectors `[N, D]`, normalised here (an all-zero row is refused); no model, no labels.
 pub fn from_vectors(vectors: NpyF32, ids: Vec<String>) -> Result<Gallery> {
+    vectors.check()?;
     let [n, dim] = vectors.shape[..] else {
         return Err(Error::data(format!("vectors of shape {:?}: expected [N, D]", vectors.shape)));
     };

@@ -26,6 +26,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
+use crate::inference::Model;
 use crate::io::{atomic_write, f32_to_bytes, open_regular, safetensors_bytes};
 use crate::model::EmbeddingKind;
 use crate::{Error, Result};
@@ -124,7 +125,7 @@ impl Gallery {
         if n == 0 {
             return Err("no items".into());
         }
-        if self.dim == 0 || self.vectors.len() != n * self.dim {
+        if self.dim == 0 || n.checked_mul(self.dim) != Some(self.vectors.len()) {
             return Err(format!("{} values for {n} items of dimension {}", self.vectors.len(), self.dim));
         }
         check_rows(&self.vectors, self.dim)?;
@@ -270,7 +271,7 @@ fn check_ids<'a>(ids: impl Iterator<Item = &'a str>) -> std::result::Result<(), 
 }
 
 fn check_labels(values: &[u8], n: usize, count: usize) -> std::result::Result<(), String> {
-    if values.len() != n * count {
+    if n.checked_mul(count) != Some(values.len()) {
         return Err(format!("{} label values for {n} items of {count} labels", values.len()));
     }
     if let Some(at) = values.iter().position(|&v| v > 1) {
@@ -428,37 +429,57 @@ impl Index {
         bytemuck::cast_slice(&self.map[self.vectors.clone()])
     }
 
-    /// Item `i`'s id.
-    pub fn id(&self, i: usize) -> &str {
-        let bytes = &self.map[self.id_bytes.start + self.id_offsets[i]..self.id_bytes.start + self.id_offsets[i + 1]];
-        std::str::from_utf8(bytes).unwrap_or_default() // checked in `open`
+    /// Item `i`'s id; None past the last item.
+    pub fn id(&self, i: usize) -> Option<&str> {
+        let (start, end) = (self.id_offsets.get(i)?, self.id_offsets.get(i + 1)?);
+        let bytes = &self.map[self.id_bytes.start + start..self.id_bytes.start + end];
+        std::str::from_utf8(bytes).ok() // checked in `open`
     }
 
-    /// Item `i`'s labels (multi-hot), if the index has labels.
+    /// The items' ids in order.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        (0..self.n).filter_map(|i| self.id(i))
+    }
+
+    /// Item `i`'s labels (multi-hot); None without labels or past the last item.
     pub fn labels(&self, i: usize) -> Option<&[u8]> {
-        self.labels.as_ref().map(|(r, c)| &self.map[r.start + i * c..r.start + (i + 1) * c])
+        let (r, c) = self.labels.as_ref().filter(|_| i < self.n)?;
+        Some(&self.map[r.start + i * c..r.start + (i + 1) * c])
     }
 
     pub fn label_names(&self) -> Option<&[String]> {
         self.label_names.as_deref()
     }
 
-    /// Refuses a model other than the one that built the index; names both files.
-    pub fn check_model(&self, fingerprint: &str, checkpoint: &Path) -> Result<()> {
+    /// Refuses a model other than the one that built the index, or the same model set to the
+    /// other embedding (its queries would land in another space: [`Model::set_embedding`] to
+    /// the index's first); names both files.
+    pub fn check_model(&self, model: &Model) -> Result<()> {
+        let (fingerprint, checkpoint) = (model.fingerprint(), model.path().display());
         match &self.origin {
-            Origin::Model { fingerprint: ours, .. } if ours == fingerprint => Ok(()),
+            Origin::Model { fingerprint: ours, embedding, .. } if ours == fingerprint => {
+                if *embedding == model.embedding() {
+                    return Ok(());
+                }
+                Err(Error::refused(
+                    &self.path,
+                    format!(
+                        "holds the {} embedding, but {checkpoint} is set to the {} embedding: set_embedding(EmbeddingKind::{embedding:?}) before embedding queries",
+                        embedding.name(),
+                        model.embedding().name()
+                    ),
+                ))
+            }
             Origin::Model { fingerprint: ours, checkpoint: built, .. } => Err(Error::refused(
                 &self.path,
                 format!(
-                    "was built by model {ours} ({built}), but {} is model {fingerprint}: query with the checkpoint that built the index",
-                    checkpoint.display()
+                    "was built by model {ours} ({built}), but {checkpoint} is model {fingerprint}: query with the checkpoint that built the index"
                 ),
             )),
             Origin::Vectors => Err(Error::refused(
                 &self.path,
                 format!(
-                    "holds raw vectors (index --vectors), not a model's embeddings: {} cannot query it; pass query vectors with --vectors",
-                    checkpoint.display()
+                    "holds raw vectors (index --vectors), not a model's embeddings: {checkpoint} cannot query it; pass query vectors with --vectors"
                 ),
             )),
         }
@@ -475,7 +496,7 @@ impl Index {
             origin: self.origin.clone(),
             dim: self.dim,
             vectors: self.vectors().to_vec(),
-            ids: (0..self.n).map(|i| self.id(i).to_string()).collect(),
+            ids: self.ids().map(String::from).collect(),
             labels,
         }
     }
@@ -505,7 +526,7 @@ mod tests {
         let g = gallery(&["x/10", "x/11", "é"]);
         g.save(&path).unwrap();
         let index = Index::open(&path).unwrap();
-        assert_eq!((index.len(), index.dim(), index.id(2), index.vectors()), (3, 2, "é", &g.vectors[..]));
+        assert_eq!((index.len(), index.dim(), index.id(2), index.vectors()), (3, 2, Some("é"), &g.vectors[..]));
         assert_eq!(index.to_gallery(), g);
         // The same length, another id: x/11 becomes x/10.
         let mut bytes = std::fs::read(&path).unwrap();

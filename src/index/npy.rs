@@ -30,10 +30,25 @@ pub struct NpyF32 {
     pub values: Vec<f32>,
 }
 
+impl NpyF32 {
+    /// Refuses values that are not as many as the shape says.
+    pub fn check(&self) -> Result<()> {
+        Self::check_len(&self.shape, self.values.len())
+    }
+
+    fn check_len(shape: &[usize], len: usize) -> Result<()> {
+        match shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) {
+            Some(n) if n == len => Ok(()),
+            _ => Err(Error::data(format!("an array of shape {shape:?} cannot hold {len} values"))),
+        }
+    }
+}
+
 /// The bytes of a version 1.0 `.npy` file holding `values` as float32 of `shape` (C order):
 /// header padded with spaces to a multiple of 64 bytes, as NumPy writes it.
-pub fn npy_bytes(values: &[f32], shape: &[usize]) -> Vec<u8> {
-    debug_assert_eq!(values.len(), shape.iter().product::<usize>());
+/// Values that are not the shape's count are an error.
+pub fn npy_bytes(values: &[f32], shape: &[usize]) -> Result<Vec<u8>> {
+    NpyF32::check_len(shape, values.len())?;
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
     // A one-element tuple needs its trailing comma: `(5,)`.
     let tuple = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
@@ -49,12 +64,12 @@ pub fn npy_bytes(values: &[f32], shape: &[usize]) -> Vec<u8> {
     for v in values {
         out.extend_from_slice(&v.to_le_bytes());
     }
-    out
+    Ok(out)
 }
 
 /// Writes `values` as a float32 `.npy` of `shape`, atomically.
 pub fn write_npy(path: &Path, values: &[f32], shape: &[usize]) -> Result<()> {
-    atomic_write(path, &npy_bytes(values, shape))
+    atomic_write(path, &npy_bytes(values, shape)?)
 }
 
 /// Reads a `.npy` of little-endian float32 in C order (versions 1 to 3). Refused, naming the
@@ -138,19 +153,19 @@ mod tests {
         for shape in [vec![3, 2], vec![5], vec![2, 1, 3]] {
             let n: usize = shape.iter().product();
             let values: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 1.25).collect();
-            let bytes = npy_bytes(&values, &shape);
+            let bytes = npy_bytes(&values, &shape).unwrap();
             let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
             assert_eq!((10 + header_len) % 64, 0);
             assert_eq!(bytes[10 + header_len - 1], b'\n');
             assert_eq!(parse_npy(&bytes).unwrap(), NpyF32 { shape, values });
         }
-        let one = String::from_utf8_lossy(&npy_bytes(&[1.0; 5], &[5])).into_owned();
+        let one = String::from_utf8_lossy(&npy_bytes(&[1.0; 5], &[5]).unwrap()).into_owned();
         assert!(one.contains("'shape': (5,)"), "{one}");
     }
 
     #[test]
     fn other_dtypes_fortran_order_and_bad_lengths_are_refused() {
-        let good = npy_bytes(&[1.0, 2.0, 3.0, 4.0], &[2, 2]);
+        let good = npy_bytes(&[1.0, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
         let err = |b: &[u8]| parse_npy(b).unwrap_err();
         let mut f8 = good.clone();
         let at = f8.windows(5).position(|w| w == b"'<f4'").unwrap();
@@ -168,7 +183,7 @@ mod tests {
         assert!(err(&good[..12]).contains("cut short"));
         // No values: a zero dimension beside 2⁴⁰ rows (whose ids were once generated) or
         // beside the segments of features.
-        assert!(err(&npy_bytes(&[], &[1 << 40, 0])).contains("holds no values"));
-        assert!(err(&npy_bytes(&[], &[2, 0, 4])).contains("holds no values"));
+        assert!(err(&npy_bytes(&[], &[1 << 40, 0]).unwrap()).contains("holds no values"));
+        assert!(err(&npy_bytes(&[], &[2, 0, 4]).unwrap()).contains("holds no values"));
     }
 }

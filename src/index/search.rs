@@ -4,6 +4,7 @@
 
 use super::file::Index;
 use crate::backend::Backend;
+use crate::inference::Embeddings;
 use crate::tensor::View;
 use crate::{Error, Result};
 
@@ -14,24 +15,25 @@ pub struct Hit {
     pub score: f32,
 }
 
-/// The top `k` items of `index` for each row of `queries [nq, dim]` (used as given: pass
-/// normalised rows for cosine), best first, ties to the lower item. `k` above the index's size
-/// returns every item.
-pub fn search(dev: &mut dyn Backend, index: &Index, queries: &[f32], k: usize) -> Result<Vec<Vec<Hit>>> {
+/// The top `k` items of `index` for each of `queries` (used as given: pass normalised rows for
+/// cosine; [`Model`](crate::Model)'s embeddings are), best first, ties to the lower item. `k`
+/// above the index's size returns every item. Queries of another width than the index's, a
+/// non-finite value or a norm past f32's range are errors.
+pub fn search(dev: &mut dyn Backend, index: &Index, queries: &Embeddings, k: usize) -> Result<Vec<Vec<Hit>>> {
     let dim = index.dim();
     if k == 0 {
         return Err(Error::config("k must be at least 1"));
     }
-    if queries.is_empty() || !queries.len().is_multiple_of(dim) {
+    if queries.dim != dim {
         return Err(Error::data(format!(
-            "{} query values are not whole rows of the index's dimension {dim} ({})",
-            queries.len(),
+            "queries of width {}, the index {} holds width {dim}",
+            queries.dim,
             index.path().display()
         )));
     }
-    if let Some(i) = queries.iter().position(|x| !x.is_finite()) {
-        return Err(Error::data(format!("query {} holds a non-finite value", i / dim)));
-    }
+    // The index's rows are unit vectors, so a score is at most its query's norm.
+    queries.check_rows("query", f64::from(f32::MAX))?;
+    let queries = queries.values.as_slice();
     let k = k.min(index.len());
     let (ids, scores) = if dev.on_host() {
         dev.top_k(View::Cpu(queries), View::Cpu(index.vectors()), dim, k)?

@@ -117,7 +117,13 @@ pub fn evaluate_embedded(
     let (images, texts) = (Side::new(&ie, dim, &image_labels, c), Side::new(&te, dim, &text_labels, c));
     match data.database() {
         Some(db) if name == "test" => {
-            let (gie, gte, _) = embed(db)?;
+            let (gie, gte, db_dim) = embed(db)?;
+            if db_dim != dim {
+                return Err(Error::shape(
+                    "evaluate",
+                    format!("the database's embeddings have width {db_dim}, the test split's {dim}"),
+                ));
+            }
             let (gil, gtl) = (db.image_labels(), db.text_labels());
             let gallery_images = Side::new(&gie, dim, &gil, c);
             evaluate_against_gallery(&images, &texts, &gallery_images, &Side::new(&gte, dim, &gtl, c), cfg)

@@ -147,6 +147,33 @@ impl Embeddings {
     pub fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
         self.values.chunks_exact(self.dim.max(1))
     }
+
+    /// Refuses what a search cannot rank, naming the row as `what` and its number ("query 3"):
+    /// no rows, values that are not whole rows of `dim`, a non-finite value, or a row whose
+    /// norm exceeds `max_norm` (where its scores would overflow f32). Returns the largest norm.
+    pub fn check_rows(&self, what: &str, max_norm: f64) -> Result<f64> {
+        if self.dim == 0 || self.values.is_empty() || !self.values.len().is_multiple_of(self.dim) {
+            return Err(Error::data(format!(
+                "{what}: {} values are not whole rows of width {}",
+                self.values.len(),
+                self.dim
+            )));
+        }
+        let mut largest = 0.0f64;
+        for (i, row) in self.rows().enumerate() {
+            if row.iter().any(|x| !x.is_finite()) {
+                return Err(Error::data(format!("{what} {i} holds a non-finite value")));
+            }
+            let norm = row.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+            if norm > max_norm {
+                return Err(Error::data(format!(
+                    "{what} {i} has norm {norm:e}: its scores would not fit a float32 (scale it down)"
+                )));
+            }
+            largest = largest.max(norm);
+        }
+        Ok(largest)
+    }
 }
 
 /// One query's nearest gallery items, best first: their rows in the gallery and their scores
@@ -361,7 +388,12 @@ impl Model {
         })?;
         let not_alphanumeric = |c: char| !c.is_alphanumeric();
         let mut ids = Vec::new();
-        for piece in text.to_lowercase().split_whitespace() {
+        // Word by word, up to T tokens: a huge text costs no more than its first T words.
+        for piece in text.split_whitespace().map(str::to_lowercase) {
+            if ids.len() >= self.net.cfg.max_tokens {
+                break;
+            }
+            let piece = piece.as_str();
             let trimmed = piece.trim_matches(not_alphanumeric);
             match vocab.get(piece).or_else(|| vocab.get(trimmed)) {
                 Some(&id) => ids.push(id),
@@ -392,6 +424,9 @@ impl Model {
     /// # }
     /// ```
     pub fn embed_texts<S: AsRef<str>>(&mut self, texts: &[S]) -> Result<Embeddings> {
+        if texts.is_empty() {
+            return Err(Error::data("embed_texts: no texts given"));
+        }
         let ids = texts.iter().map(|t| self.tokenize(t.as_ref())).collect::<Result<Vec<_>>>()?;
         if let Some(i) = ids.iter().position(Vec::is_empty) {
             return Err(Error::data(format!("embed_texts: text {i} ({:?}) has no word", texts[i].as_ref())));
@@ -443,7 +478,7 @@ impl Model {
             }
         }
         let labels = cfg.labels;
-        self.embed_chunks(texts.len(), |items| {
+        self.embed_chunks("text", texts.len(), |items| {
             let lengths = items.clone().map(|i| texts[i].as_ref().len()).collect();
             let tokens = items.clone().flat_map(|i| texts[i].as_ref().iter().copied()).collect();
             Batch::Text(TextBatch {
@@ -495,7 +530,7 @@ impl Model {
             }
         }
         let labels = cfg.labels;
-        self.embed_chunks(texts.len(), |items| {
+        self.embed_chunks("text", texts.len(), |items| {
             let lengths = texts[items.clone()].iter().map(|t| t.len() / dt).collect();
             let features = texts[items.clone()].concat();
             Batch::Text(TextBatch {
@@ -553,7 +588,7 @@ impl Model {
             }
         }
         let labels = cfg.labels;
-        self.embed_chunks(images.len(), |items| {
+        self.embed_chunks("image", images.len(), |items| {
             let mut b = ImageBatch { labels: vec![0.0; items.len() * labels], ..ImageBatch::default() };
             let mut features = Vec::new();
             for im in &images[items] {
@@ -596,6 +631,9 @@ impl Model {
                 format!("queries have width {} and the gallery {}", queries.dim, gallery.dim),
             ));
         }
+        // A score is at most the product of the two norms, which must fit an f32.
+        let largest_query = queries.check_rows("query", f64::from(f32::MAX))?;
+        gallery.check_rows("gallery item", f64::from(f32::MAX) / largest_query.max(1.0))?;
         if k == 0 || k > gallery.len() {
             return Err(Error::config(format!("search: k = {k}, the gallery has {} items", gallery.len())));
         }
@@ -610,20 +648,29 @@ impl Model {
             .collect())
     }
 
-    /// The embeddings of every image and every text of a dataset split (which the model must
-    /// fit: `train::check_fits`), by the evaluation's own path ([`super::embed_split`]), each
-    /// row normalised as `eval` normalises before ranking. No labels are read.
+    /// The embeddings of every image and every text of a dataset split, by the evaluation's own
+    /// path ([`super::embed_split`]), each row normalised as `eval` normalises before ranking.
+    /// A dataset of other shapes, another vocabulary or other labels than the model was trained
+    /// on is refused. No labels are read.
     pub fn embed_split(&mut self, layout: &Layout, split: &SplitReader) -> Result<(Embeddings, Embeddings)> {
+        layout.check_fits(self.config())?;
+        self.spec.check_data(layout)?;
         let w = Weights { values: &self.params, bf16: self.bf16.as_ref() };
         let (mut images, mut texts, dim) =
             super::embed_split(self.dev.as_mut(), &self.net, w, layout, split, self.embedding)?;
-        normalize_rows(&mut images, dim);
-        normalize_rows(&mut texts, dim);
+        unit_rows(&mut images, dim, "image")?;
+        unit_rows(&mut texts, dim, "text")?;
         Ok((Embeddings { values: images, dim }, Embeddings { values: texts, dim }))
     }
 
-    /// The embeddings of `n` checked items, [`EMBED_CHUNK`] per forward pass, normalised.
-    fn embed_chunks(&mut self, n: usize, batch_of: impl Fn(std::ops::Range<usize>) -> Batch) -> Result<Embeddings> {
+    /// The embeddings of `n` checked items (`what`: image or text), [`EMBED_CHUNK`] per forward
+    /// pass, normalised.
+    fn embed_chunks(
+        &mut self,
+        what: &str,
+        n: usize,
+        batch_of: impl Fn(std::ops::Range<usize>) -> Batch,
+    ) -> Result<Embeddings> {
         let mut values = Vec::with_capacity(n * self.dim());
         // Each chunk downloaded after the next is queued, as `embed_split` does: on a GPU the
         // host builds the next batch while the device computes.
@@ -640,13 +687,20 @@ impl Model {
             values.extend(self.dev.download(done.view())?);
         }
         let dim = self.dim();
-        for row in values.chunks_exact_mut(dim) {
-            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-            // A zero row has no direction; it stays zero rather than becoming NaN.
-            if norm > 0.0 {
-                row.iter_mut().for_each(|x| *x /= norm);
-            }
-        }
+        unit_rows(&mut values, dim, what)?;
         Ok(Embeddings { values, dim })
     }
+}
+
+/// Each row scaled to unit length as `eval` ranks them (a zero row, which has no direction,
+/// stays zero); a row that is not finite (inputs far outside the training data's range can
+/// overflow the network) is an error naming `what` and its number.
+fn unit_rows(values: &mut [f32], dim: usize, what: &str) -> Result<()> {
+    if let Some(i) = values.chunks_exact(dim).position(|row| row.iter().any(|x| !x.is_finite())) {
+        return Err(Error::data(format!(
+            "{what} {i}: its embedding is not finite (are its input values far outside the training data's range?)"
+        )));
+    }
+    normalize_rows(values, dim);
+    Ok(())
 }

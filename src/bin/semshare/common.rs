@@ -107,7 +107,8 @@ impl Trained {
         let data = load_data(args)?;
         let ckpt = Checkpoint::load(&args.path("checkpoint")?)?;
         let (net, params) = upload_model(dev.as_mut(), &ckpt)?;
-        semshare::train::check_fits(&data.layout, &net.cfg)?;
+        data.layout.check_fits(&net.cfg)?;
+        ckpt.spec.check_data(&data.layout)?;
         // Without --embedding, the one the checkpoint was selected with (pooled if it has none).
         let kind = match args.get("embedding") {
             Some(name) => name.parse()?,

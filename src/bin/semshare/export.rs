@@ -7,7 +7,7 @@ use std::path::Path;
 use semshare::cli::Args;
 use semshare::index::npy::{npy_bytes, parse_npy, read_npy};
 use semshare::index::{Index, export_ids_path};
-use semshare::io::{atomic_write, claim_file_output, read_text, refuse_overlap};
+use semshare::io::{atomic_write, claim_file_output, read_text, refuse_overlap, stage};
 use semshare::{Error, Result};
 
 /// One line of a JSON-lines export.
@@ -36,17 +36,19 @@ pub fn run(args: &Args) -> Result<()> {
         let ours_npy = |p: &Path| read_npy(p).is_ok_and(|a| a.shape.len() == 2) && ours_ids(&export_ids_path(p), p);
         claim_file_output(&out, ".npy export", force, ours_npy)?;
         claim_file_output(&ids_path, "ids file of an export", force, |p| ours_ids(p, &out))?;
-        // The ids first: a killed run leaves a new ids file beside an old npy only if the
-        // counts differ, which a reader sees; both are written atomically.
-        let ids: String = (0..n).map(|i| format!("{}\n", index.id(i))).collect();
-        let npy = npy_bytes(index.vectors(), &[n, dim]);
-        atomic_write(&ids_path, ids.as_bytes())?;
-        atomic_write(&out, &npy)?;
+        // Both written and synced before either replaces anything: a full disk or a kill
+        // while they are written leaves the old pair whole; only the two renames lie between
+        // the new vectors and their ids.
+        let ids: String = index.ids().map(|id| format!("{id}\n")).collect();
+        let ids = stage(&ids_path, ids.as_bytes())?;
+        let npy = stage(&out, &npy_bytes(index.vectors(), &[n, dim])?)?;
+        npy.commit()?;
+        ids.commit()?;
         println!("wrote {n} vectors of dimension {dim} to {} and their ids to {}", out.display(), ids_path.display());
     } else {
         claim_file_output(&out, "JSON-lines export", force, ours_jsonl)?;
         let mut text = String::new();
-        for i in 0..n {
+        for (i, (id, vector)) in index.ids().zip(index.vectors().chunks_exact(dim)).enumerate() {
             let mut payload = serde_json::Map::new();
             if let Some(row) = index.labels(i) {
                 let on = row.iter().enumerate().filter(|(_, v)| **v == 1).map(|(c, _)| c);
@@ -56,7 +58,7 @@ pub fn run(args: &Args) -> Result<()> {
                 };
                 payload.insert("labels".into(), labels.into());
             }
-            let line = Line { id: index.id(i), vector: &index.vectors()[i * dim..(i + 1) * dim], payload };
+            let line = Line { id, vector, payload };
             // The writer prints each f32 in its shortest round-trip form.
             text += &serde_json::to_string(&line).expect("a line serialises");
             text.push('\n');

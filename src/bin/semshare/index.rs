@@ -76,7 +76,6 @@ pub fn run(args: &Args) -> Result<()> {
         match source {
             "data" => {
                 let data = DatasetReader::open(&input)?;
-                semshare::train::check_fits(&data.layout, model.config())?;
                 let split = data.split(split_name(args))?;
                 from_split(&mut model, &data.layout, split, side.unwrap_or(Modality::Image))?
             }

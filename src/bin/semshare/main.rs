@@ -293,6 +293,14 @@ impl From<Error> for Failure {
 }
 
 fn main() -> ExitCode {
+    // A write past `ulimit -f` raises SIGXFSZ, whose default kills the process with its temp
+    // files in place; ignored, the write fails with EFBIG: a one-line error naming the file,
+    // and the temps removed.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to "ignore" before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // `env::args` panics on an argument that is not UTF-8 (a Linux file name may be any bytes).
     let argv: std::result::Result<Vec<String>, Failure> = std::env::args_os()
         .skip(1)

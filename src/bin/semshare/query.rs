@@ -5,7 +5,7 @@ use semshare::cli::Args;
 use semshare::index::build::{feature_items, read_lines};
 use semshare::index::npy::read_npy;
 use semshare::index::{Hit, Index, Modality, Origin, search};
-use semshare::inference::Regions;
+use semshare::inference::{Embeddings, Regions};
 use semshare::{Error, Model, Result};
 
 /// What a result line says a query was: its text, or its row in a file.
@@ -62,35 +62,24 @@ pub fn run(args: &Args) -> Result<()> {
                     index.path().display()
                 )));
             }
-            let model = Model::load(ckpt, device(args)?)?;
-            index.check_model(model.fingerprint(), model.path())?;
-        }
-        let dim = index.dim();
-        if let Some(i) = q.values.iter().position(|x| !x.is_finite()) {
-            return Err(Error::format(&path, format!("query vector {} holds a non-finite value", i / dim)));
-        }
-        // The gallery's rows are unit vectors, so a score is at most the query's norm: one past
-        // f32's range would print as infinity.
-        let norm = |r: &[f32]| r.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
-        if let Some((i, n)) = q.values.chunks_exact(dim).map(norm).enumerate().find(|(_, n)| *n > f64::from(f32::MAX)) {
-            return Err(Error::format(
-                &path,
-                format!("query vector {i} has norm {n:e}: its scores would not fit a float32 (scale it down)"),
-            ));
+            let mut model = Model::load(ckpt, device(args)?)?;
+            index.check_model(model_for(&index, &mut model))?;
         }
         let names = (0..q.shape[0]).map(Named::Row).collect();
         let mut dev = device(args)?;
         let t = std::time::Instant::now();
-        let results = search(dev.as_mut(), &index, &q.values, k)?;
+        let queries = Embeddings { values: q.values, dim: q.shape[1] };
+        // What search says of the queries' rows is said of this file.
+        let results = search(dev.as_mut(), &index, &queries, k).map_err(|e| match e {
+            Error::Data { what } => Error::format(&path, what),
+            e => e,
+        })?;
         searched = t.elapsed();
         (names, results)
     } else {
         let checkpoint = args.path("checkpoint")?;
         let mut model = Model::load(&checkpoint, device(args)?)?;
-        index.check_model(model.fingerprint(), &checkpoint)?;
-        if let Origin::Model { embedding, .. } = index.origin() {
-            model.set_embedding(*embedding);
-        }
+        index.check_model(model_for(&index, &mut model))?;
         let (names, emb) = if kinds[0] == "text" {
             let mut texts: Vec<String> = args.all("text").into_iter().map(String::from).collect();
             if let Some(path) = args.get("queries") {
@@ -113,11 +102,11 @@ pub fn run(args: &Args) -> Result<()> {
             ((0..items.len()).map(Named::Row).collect(), emb)
         };
         let t = std::time::Instant::now();
-        let results = search(model.device(), &index, &emb.values, k)?;
+        let results = search(model.device(), &index, &emb, k)?;
         searched = t.elapsed();
         (names, results)
     };
-    print_results(&index, &names, &results, args.has("json"));
+    print_results(&index, &names, &results, args.has("json"))?;
     if args.has("timing") {
         let (nq, s) = (results.len(), searched.as_secs_f64());
         eprintln!(
@@ -131,27 +120,48 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn print_results(index: &Index, names: &[Named], results: &[Vec<Hit>], json: bool) {
+/// `model` set to embed with the index's embedding, as its items were.
+fn model_for<'m>(index: &Index, model: &'m mut Model) -> &'m Model {
+    if let Origin::Model { embedding, .. } = index.origin() {
+        model.set_embedding(*embedding);
+    }
+    model
+}
+
+/// The results on stdout, which are the command's output: a write that fails (a full disk,
+/// `> /dev/full`) is an error; a reader that closed the pipe (`| head -1`) has what it wanted.
+fn print_results(index: &Index, names: &[Named], results: &[Vec<Hit>], json: bool) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for (name, hits) in names.iter().zip(results) {
-        if json {
-            let query = match name {
-                Named::Text(t) => serde_json::Value::from(t.as_str()),
-                Named::Row(i) => serde_json::Value::from(*i),
-            };
-            let results: Vec<serde_json::Value> =
-                hits.iter().map(|h| serde_json::json!({"id": index.id(h.item), "score": shortest(h.score)})).collect();
-            let _ = writeln!(out, "{}", serde_json::json!({"query": query, "results": results}));
-        } else {
-            let _ = match name {
-                Named::Text(t) => writeln!(out, "query {t:?}"),
-                Named::Row(i) => writeln!(out, "query {i}"),
-            };
-            for (rank, h) in hits.iter().enumerate() {
-                let _ = writeln!(out, "  {:>3}  {:.6}  {}", rank + 1, h.score, index.id(h.item));
+    let written = (|| -> std::io::Result<()> {
+        for (name, hits) in names.iter().zip(results) {
+            if json {
+                let query = match name {
+                    Named::Text(t) => serde_json::Value::from(t.as_str()),
+                    Named::Row(i) => serde_json::Value::from(*i),
+                };
+                let results: Vec<serde_json::Value> = hits
+                    .iter()
+                    .map(
+                        |h| serde_json::json!({"id": index.id(h.item).unwrap_or_default(), "score": shortest(h.score)}),
+                    )
+                    .collect();
+                writeln!(out, "{}", serde_json::json!({"query": query, "results": results}))?;
+            } else {
+                match name {
+                    Named::Text(t) => writeln!(out, "query {t:?}")?,
+                    Named::Row(i) => writeln!(out, "query {i}")?,
+                }
+                for (rank, h) in hits.iter().enumerate() {
+                    writeln!(out, "  {:>3}  {:.6}  {}", rank + 1, h.score, index.id(h.item).unwrap_or_default())?;
+                }
             }
         }
+        out.flush()
+    })();
+    match written {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("stdout", e)),
+        _ => Ok(()),
     }
 }
 
