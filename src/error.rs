@@ -6,6 +6,7 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// An I/O failure on a named file.
     Io { path: PathBuf, source: std::io::Error },

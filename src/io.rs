@@ -34,6 +34,10 @@ pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
     let staged = Staged { tmp, target: path.to_path_buf(), dir };
     let mut f =
         fs::OpenOptions::new().write(true).create_new(true).open(&staged.tmp).map_err(|e| Error::io(path, e))?;
+    // A replaced file keeps its permissions (a private checkpoint stays private); best effort.
+    if let Ok(old) = fs::metadata(path) {
+        let _ = f.set_permissions(old.permissions());
+    }
     f.write_all(bytes).map_err(|e| Error::io(path, e))?;
     f.sync_all().map_err(|e| Error::io(path, e))?;
     Ok(staged)
@@ -364,6 +368,33 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn a_staged_file_appears_whole_or_not_at_all_and_keeps_the_permissions_it_replaces() {
+        let d = temp("stage");
+        let f = d.join("f.bin");
+        atomic_write(&f, b"old").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+            atomic_write(&f, b"new").unwrap();
+            assert_eq!(fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        // Dropped uncommitted: the target as it was, no temp left.
+        drop(stage(&f, b"never").unwrap());
+        let (a, b) = (stage(&f, b"a").unwrap(), stage(&f, b"b").unwrap());
+        b.commit().unwrap();
+        assert_eq!(fs::read(&f).unwrap(), b"b");
+        drop(a);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1, "only f.bin");
+        // commit_new never replaces.
+        assert!(!stage(&f, b"c").unwrap().commit_new().unwrap());
+        assert!(stage(&d.join("g.bin"), b"g").unwrap().commit_new().unwrap());
+        assert_eq!((fs::read(&f).unwrap(), fs::read(d.join("g.bin")).unwrap()), (b"b".to_vec(), b"g".to_vec()));
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 2, "f.bin and g.bin");
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

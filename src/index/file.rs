@@ -302,7 +302,9 @@ impl std::fmt::Debug for Index {
 }
 
 impl Index {
-    /// Maps and validates the index at `path`; every error names the file.
+    /// Maps and validates the index at `path`; every error names the file. The file is read
+    /// through the map, not copied: semshare replaces an index by rename, never in place, but
+    /// another program that truncates it while it is open makes the next read a SIGBUS.
     pub fn open(path: &Path) -> Result<Index> {
         let bad = |what: String| Error::format(path, format!("not a valid semshare index: {what}"));
         if cfg!(target_endian = "big") {
