@@ -31,9 +31,18 @@ pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
     // PID, then a count: two writers of one process never share a temp file.
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!("{prefix}{}.{n}", std::process::id()));
+    let create = || fs::OpenOptions::new().write(true).create_new(true).open(&tmp);
+    // A file by that name is not this process's (its counts are unique) but an earlier one's
+    // that had the same PID (a container's PID 1 has it every run) and was killed: replaced.
+    let mut f = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            fs::remove_file(&tmp).map_err(|e| Error::io(path, e))?;
+            create()
+        }
+        opened => opened,
+    }
+    .map_err(|e| Error::io(path, e))?;
     let staged = Staged { tmp, target: path.to_path_buf(), dir };
-    let mut f =
-        fs::OpenOptions::new().write(true).create_new(true).open(&staged.tmp).map_err(|e| Error::io(path, e))?;
     // A replaced file keeps its permissions (a private checkpoint stays private); best effort.
     if let Ok(old) = fs::metadata(path) {
         let _ = f.set_permissions(old.permissions());
@@ -45,6 +54,7 @@ pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
 
 /// A file [`stage`] wrote beside its target; removed when dropped uncommitted.
 #[derive(Debug)]
+#[must_use = "a staged file is removed unless it is committed"]
 pub struct Staged {
     tmp: PathBuf,
     target: PathBuf,
@@ -60,16 +70,29 @@ impl Staged {
     }
 
     /// Puts the file at its target only if nothing is there (a hard link: exclusive, as
-    /// `create_new` is, but the file appears whole); false if something was.
+    /// `create_new` is, but the file appears whole); false if something was. On a filesystem
+    /// without hard links (FAT, some FUSE and SMB mounts) the target is created exclusively
+    /// and the bytes copied in.
     pub fn commit_new(self) -> Result<bool> {
+        let exists = |e: &std::io::Error| e.kind() == std::io::ErrorKind::AlreadyExists;
         match fs::hard_link(&self.tmp, &self.target) {
-            Ok(()) => {
-                self.sync_dir();
-                Ok(true)
+            Err(e) if exists(&e) => return Ok(false),
+            Err(_) => {
+                let bytes = fs::read(&self.tmp).map_err(|e| Error::io(&self.target, e))?;
+                let mut f = match fs::OpenOptions::new().write(true).create_new(true).open(&self.target) {
+                    Err(e) if exists(&e) => return Ok(false),
+                    Err(e) => return Err(Error::io(&self.target, e)),
+                    Ok(f) => f,
+                };
+                if let Err(e) = f.write_all(&bytes).and_then(|()| f.sync_all()) {
+                    let _ = fs::remove_file(&self.target); // created above: ours, and partial
+                    return Err(Error::io(&self.target, e));
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(Error::io(&self.target, e)),
+            Ok(()) => {}
         }
+        self.sync_dir();
+        Ok(true)
     }
 
     fn sync_dir(&self) {

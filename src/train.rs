@@ -16,6 +16,7 @@ use crate::data::loader::Loader;
 use crate::data::reader::DatasetReader;
 use crate::eval::metrics::{EvalConfig, Report};
 use crate::inference::evaluate_split;
+use crate::io::Staged;
 use crate::model::{EmbeddingKind, ModelConfig};
 use crate::{Error, Result};
 
@@ -322,22 +323,29 @@ fn train_in_claimed_dir(
     stale: Vec<PathBuf>,
 ) -> Result<TrainSummary> {
     let fresh = RunState { best_score: -1.0, best_step: 0, stale: 0, best_embedding: None };
-    // Replacing another run: its checkpoints and configuration stay until this run's first
-    // checkpoints are in place (they replace the old ones by rename), so that a run failing
-    // before then, or while writing them, changes nothing. Then what they did not replace goes.
+    // The checkpoints of a validation, written (staged) before any is put in place. Replacing
+    // another run, this run's resolved configuration goes with its first ones; they are renamed
+    // over the old run's files together, and what they did not replace is removed: a run that
+    // fails before then, or while writing them, changes nothing.
     let mut stale = Some(stale);
-    let take_over = |stale: &mut Option<Vec<PathBuf>>, written: &[&Path]| -> Result<()> {
-        let Some(files) = stale.take() else { return Ok(()) };
-        for f in files.iter().filter(|f| !written.contains(&f.as_path())) {
-            std::fs::remove_file(f).map_err(|e| Error::io(f, e))?;
+    let put_in_place = |stale: &mut Option<Vec<PathBuf>>, mut staged: Vec<(PathBuf, Staged)>| -> Result<()> {
+        if stale.is_some()
+            && let Some(text) = &opts.resolved_config
+        {
+            let path = opts.out_dir.join(RESOLVED_CONFIG);
+            staged.push((path.clone(), crate::io::stage(&path, text.as_bytes())?));
         }
-        if let Some(text) = &opts.resolved_config {
-            crate::io::atomic_write(&opts.out_dir.join(RESOLVED_CONFIG), text.as_bytes())?;
+        let written: Vec<PathBuf> = staged.iter().map(|(path, _)| path.clone()).collect();
+        for (_, file) in staged {
+            file.commit()?;
+        }
+        for f in stale.take().unwrap_or_default().iter().filter(|f| !written.contains(f)) {
+            std::fs::remove_file(f).map_err(|e| Error::io(f, e))?;
         }
         Ok(())
     };
     if stale.as_ref().is_some_and(Vec::is_empty) {
-        take_over(&mut stale, &[])?;
+        put_in_place(&mut stale, Vec::new())?;
     }
     let train_split = data.split("train")?;
     let (mut trainer, mut state, norm) = match resumed {
@@ -424,23 +432,20 @@ fn train_in_claimed_dir(
             // The better embedding; on equal scores the first (pooled).
             let (kind, score) =
                 scores.iter().copied().reduce(|a, b| if b.1 > a.1 { b } else { a }).expect("one embedding at least");
-            let best = if score > state.best_score {
+            let improved = score > state.best_score;
+            if improved {
                 let best_embedding = Some(kind.name().to_string());
                 state = RunState { best_score: score, best_step: done, stale: 0, best_embedding };
-                Some(checkpoint(&trainer, dev, &state)?.stage(&best_path)?)
             } else {
                 state.stale += 1;
-                None
-            };
-            // Both written before either is put in place: a kill or a full disk in between
-            // leaves the directory's pair as it was.
-            let last = checkpoint(&trainer, dev, &state)?.stage(&last_path)?;
-            let written: &[&Path] = if best.is_some() { &[&best_path, &last_path] } else { &[&last_path] };
-            if let Some(best) = best {
-                best.commit()?;
             }
-            last.commit()?;
-            take_over(&mut stale, written)?;
+            let ckpt = checkpoint(&trainer, dev, &state)?;
+            let mut staged = Vec::with_capacity(2);
+            if improved {
+                staged.push((best_path.clone(), ckpt.stage(&best_path)?));
+            }
+            staged.push((last_path.clone(), ckpt.stage(&last_path)?));
+            put_in_place(&mut stale, staged)?;
             report(Progress::Validation {
                 step: done,
                 total: cfg.steps,

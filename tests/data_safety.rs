@@ -778,11 +778,14 @@ fn studies_never_replace_another_studys_runs_or_reports() {
     };
     ok(&experiment("a", "runs"));
     ok(&experiment("a", "runs")); // its own runs: resumed
-    // A study from before owner.txt (its state file there, run directories only): adopted.
+    // A study from before owner.txt (its state file there, run directories only): adopted,
+    // also when a study killed while writing owner.txt left its temp file there.
     std::fs::create_dir_all(dir.join("runs/table1/ours-s0")).unwrap();
     std::fs::remove_file(dir.join("runs/table1/owner.txt")).unwrap();
+    let killed = dir.join(format!("runs/table1/.owner.txt.tmp.{}.0", dead_pid()));
+    std::fs::write(&killed, "").unwrap();
     ok(&experiment("a", "runs"));
-    assert!(dir.join("runs/table1/owner.txt").is_file());
+    assert!(dir.join("runs/table1/owner.txt").is_file() && !killed.exists());
     let before = snapshot(&dir);
     fails_with(&experiment("b", "runs"), "holds the runs of the study whose state is");
     assert_eq!(snapshot(&dir), before);

@@ -499,7 +499,10 @@ fn raw_vectors_need_a_direction_and_no_checkpoint() {
     ok(&semshare(&q[..5]));
     let huge = dir.join("huge.npy");
     semshare::index::npy::write_npy(&huge, &[1.0, 0.0, 3e38, 3e38], &[2, 2]).unwrap();
-    fails_with(&semshare(&["query", "--index", path(&out), "--vectors", path(&huge)]), "huge.npy: query 1 has norm");
+    fails_with(
+        &semshare(&["query", "--index", path(&out), "--vectors", path(&huge)]),
+        "huge.npy: query vector 1 has norm",
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -307,7 +307,9 @@ pub(crate) fn check_top_k(queries: usize, gallery: usize, dim: usize, k: usize) 
     // and, on each thread, the candidates of a block of up to 256 queries (2k + 64 keys each).
     let bytes = (nq as u128 * k as u128 * 32)
         + rayon::current_num_threads() as u128 * nq.min(256) as u128 * (2 * k as u128 + 64) * 8;
-    if let Some(available) = crate::io::host_available_memory().filter(|&a| bytes > u128::from(a)) {
+    // Below a GiB not worth reading /proc/meminfo for on every search.
+    let large = bytes > 1 << 30;
+    if let Some(available) = large.then(crate::io::host_available_memory).flatten().filter(|&a| bytes > u128::from(a)) {
         const GIB: f64 = (1u64 << 30) as f64;
         return Err(crate::Error::config(format!(
             "top_k: {nq} queries × k = {k} need about {:.1} GiB for their results, more than the {:.1} GiB available: ask for fewer (a smaller k, or the queries in parts)",

@@ -26,10 +26,17 @@ pub fn claim_runs_dir(root: &Path, state: &Path) -> Result<()> {
     if let Ok(text) = crate::io::read_text(&owner, 4096) {
         return check_owner(root, state, &text);
     }
+    // The owner file being written (by a study starting now, or one killed while writing it)
+    // is not a foreign entry; a killed one's is removed.
+    let writing = format!(".{OWNER_FILE}.tmp.");
+    crate::io::remove_stale_temps(root, &writing);
     let entries: Vec<std::fs::DirEntry> = match std::fs::read_dir(root) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(Error::io(root, e)),
-        Ok(d) => d.collect::<std::io::Result<_>>().map_err(|e| Error::io(root, e))?,
+        Ok(d) => d
+            .filter(|e| e.as_ref().map_or(true, |e| !e.file_name().to_string_lossy().starts_with(&writing)))
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| Error::io(root, e))?,
     };
     let older_study = state.exists() && entries.iter().all(|e| e.file_type().is_ok_and(|t| t.is_dir()));
     if !entries.is_empty() && !older_study {

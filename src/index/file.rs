@@ -440,7 +440,7 @@ impl Index {
 
     /// The items' ids in order.
     pub fn ids(&self) -> impl Iterator<Item = &str> {
-        (0..self.n).filter_map(|i| self.id(i))
+        (0..self.n).map(|i| self.id(i).unwrap_or_default()) // every id checked in `open`
     }
 
     /// Item `i`'s labels (multi-hot); None without labels or past the last item.

@@ -2,6 +2,8 @@
 //! embeddings of texts and images out, no dataset and no labels needed.
 
 use std::collections::HashMap;
+
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 use crate::backend::Backend;
@@ -159,12 +161,20 @@ impl Embeddings {
                 self.dim
             )));
         }
+        // On all threads: a gallery is checked on every search. NaN marks a non-finite row.
+        let norms: Vec<f64> = self
+            .values
+            .par_chunks(self.dim)
+            .map(|row| match row.iter().all(|x| x.is_finite()) {
+                true => row.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt(),
+                false => f64::NAN,
+            })
+            .collect();
         let mut largest = 0.0f64;
-        for (i, row) in self.rows().enumerate() {
-            if row.iter().any(|x| !x.is_finite()) {
+        for (i, &norm) in norms.iter().enumerate() {
+            if norm.is_nan() {
                 return Err(Error::data(format!("{what} {i} holds a non-finite value")));
             }
-            let norm = row.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
             if norm > max_norm {
                 return Err(Error::data(format!(
                     "{what} {i} has norm {norm:e}: its scores would not fit a float32 (scale it down)"

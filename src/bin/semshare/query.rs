@@ -66,14 +66,15 @@ pub fn run(args: &Args) -> Result<()> {
             index.check_model(model_for(&index, &mut model))?;
         }
         let names = (0..q.shape[0]).map(Named::Row).collect();
-        let mut dev = device(args)?;
-        let t = std::time::Instant::now();
         let queries = Embeddings { values: q.values, dim: q.shape[1] };
-        // What search says of the queries' rows is said of this file.
-        let results = search(dev.as_mut(), &index, &queries, k).map_err(|e| match e {
+        // Said of this file here; search checks them again, as it does for any caller.
+        queries.check_rows("query vector", f64::from(f32::MAX)).map_err(|e| match e {
             Error::Data { what } => Error::format(&path, what),
             e => e,
         })?;
+        let mut dev = device(args)?;
+        let t = std::time::Instant::now();
+        let results = search(dev.as_mut(), &index, &queries, k)?;
         searched = t.elapsed();
         (names, results)
     } else {
