@@ -257,6 +257,14 @@ fn append_adds_new_ids_of_the_same_model_only() {
         "--append",
     ];
     fails_with(&semshare(&other), "cannot append");
+    // While another append holds the index, a second is refused: it would write the index
+    // without the first one's items.
+    let held = std::fs::File::open(&idx).unwrap();
+    held.try_lock().unwrap();
+    let mut train = again;
+    train[8] = "train";
+    fails_with(&semshare(&train), "another `semshare index --append` is adding to this index");
+    drop(held);
     assert_eq!(std::fs::read(&idx).unwrap(), before, "a refused append leaves the index as it was");
     // Texts from files, the second with its own ids, appended; labelled items do not mix in.
     let t = dir.join("t.idx");

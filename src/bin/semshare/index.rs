@@ -46,7 +46,7 @@ pub fn run(args: &Args) -> Result<()> {
             refuse_overlap(&out, Path::new(p), &format!("input (--{extra})"))?;
         }
     }
-    let existing = if args.has("append") {
+    let (existing, _append_lock) = if args.has("append") {
         // Written by rename, a link would be replaced by a file and its target left as it was.
         if std::fs::symlink_metadata(&out).is_ok_and(|m| m.file_type().is_symlink()) {
             return Err(Error::refused(&out, "is a symbolic link; --append writes the index itself (name its target)"));
@@ -57,10 +57,11 @@ pub fn run(args: &Args) -> Result<()> {
                 out.display()
             )));
         }
-        Some(Index::open(&out)?)
+        let lock = lock_for_append(&out)?;
+        (Some(Index::open(&out)?), Some(lock))
     } else {
         claim_file_output(&out, "gallery index", args.has("force"), |p| Index::open(p).is_ok())?;
-        None
+        (None, None)
     };
     let side: Option<Modality> = args.get("side").map(str::parse).transpose()?;
     let gallery = if source == "vectors" {
@@ -104,6 +105,29 @@ pub fn run(args: &Args) -> Result<()> {
     gallery.save(&out)?;
     println!("wrote {} ({added} {what} added, {} in all, dimension {})", out.display(), gallery.len(), gallery.dim);
     Ok(())
+}
+
+/// The index at `out` locked against a second `--append` until the file is dropped: one that
+/// read the index before this one renamed its new version in would write it without this one's
+/// items. The lock holds the file as opened, so one replaced in between is refused too.
+fn lock_for_append(out: &Path) -> Result<std::fs::File> {
+    let busy = "another `semshare index --append` is adding to this index; run again when it is done";
+    let file = std::fs::File::open(out).map_err(|e| Error::io(out, e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(Error::refused(out, busy)),
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(out, e)),
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let inode = |m: std::fs::Metadata| (m.dev(), m.ino());
+        let held = file.metadata().map(inode).map_err(|e| Error::io(out, e))?;
+        if std::fs::metadata(out).map(inode).ok() != Some(held) {
+            return Err(Error::refused(out, busy));
+        }
+    }
+    Ok(file)
 }
 
 fn describe(g: &Gallery) -> String {
