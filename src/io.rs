@@ -206,7 +206,7 @@ pub fn claim_output(out: &Path, what: &str, force: bool, is_ours: impl Fn(&Path)
         return if force {
             Ok(())
         } else {
-            Err(Error::refused(out, format!("already holds a {what}; pass --force to replace it")))
+            Err(Error::refused(out, format!("already holds {}; pass --force to replace it", with_article(what))))
         };
     }
     let there = if meta.is_dir() {
@@ -217,7 +217,10 @@ pub fn claim_output(out: &Path, what: &str, force: bool, is_ours: impl Fn(&Path)
     };
     Err(Error::refused(
         out,
-        format!("is {there}, not a {what} written by semshare; refusing to replace it (choose another output)"),
+        format!(
+            "is {there}, not {} written by semshare; refusing to replace it (choose another output)",
+            with_article(what)
+        ),
     ))
 }
 
@@ -289,6 +292,12 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
     let _ = (a, b);
     false
+}
+
+/// "a dataset", "an embeddings file".
+fn with_article(what: &str) -> String {
+    let vowel = what.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {what}", if vowel { "an" } else { "a" })
 }
 
 /// Whether process `pid` may still be running (unknown counts as running: nothing is removed).

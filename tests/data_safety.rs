@@ -255,10 +255,12 @@ fn temporary_files_of_killed_processes_are_removed_when_the_output_is_written_ag
     // to replace it.
     let aside = dir.join(format!(".data.tmp-{pid}-1.old"));
     std::fs::rename(&data, &aside).unwrap();
+    let finished = dir.join(format!(".data.tmp-{pid}-1"));
+    std::fs::create_dir_all(&finished).unwrap();
     let again = semshare(&["synth", "--out", path(&data), "--train", "40", "--val", "12", "--test", "12"]);
     fails_with(&again, "already holds a dataset; pass --force to replace it");
     assert!(String::from_utf8_lossy(&again.stderr).contains("restored"), "{again:?}");
-    assert!(!aside.exists());
+    assert!(!aside.exists() && !finished.exists());
     ok(&semshare(&["check", path(&data)]));
 
     let cfg = tiny_config(&dir);
@@ -444,6 +446,13 @@ fn a_full_disk_or_a_file_size_limit_is_an_error_naming_the_file_not_a_kill() {
     fails_with(&out, &format!("{}: File too large", idx.display()));
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.iter().all(|n| !n.to_string_lossy().contains(".tmp.")), "temp files left: {left:?}");
+    // A dataset's error names the file as the dataset would call it, not its hidden build.
+    let d = dir.join("d");
+    let synth = ["synth", "--out", path(&d), "--train", "40", "--val", "12", "--test", "12"];
+    fails_with(
+        &semshare_in_shell("ulimit -f 16", &synth, ""),
+        &format!("{}: File too large", d.join("train-00000.safetensors").display()),
+    );
     // An export is a pair, vectors and ids: both are written before either replaces the old
     // pair, so a failure in the larger one leaves the old ids beside the old vectors.
     let ids = dir.join("ids.txt");

@@ -230,7 +230,8 @@ impl DatasetWriter {
             tensors.push((IMAGE_CLASSES, RawTensor { dtype: Dtype::U16, shape: vec![n, r], data: &b.class_bytes }));
         }
         let file = format!("{split}-{:05}.safetensors", list.len());
-        let path = self.tmp.join(&file);
+        // Errors name the file as it will be called, not the hidden directory it is built in.
+        let path = self.out.join(&file);
         let info = BTreeMap::from([
             ("format", "semshare-shard".to_string()),
             ("version", FORMAT_VERSION.to_string()),
@@ -238,7 +239,7 @@ impl DatasetWriter {
         ]);
         let bytes = crate::io::safetensors_bytes(tensors.iter().map(|(k, v)| (*k, v)), &info)
             .map_err(|e| Error::format(&path, format!("cannot encode shard: {e}")))?;
-        write_synced(&path, &bytes)?;
+        write_synced(&self.tmp.join(&file), &path, &bytes)?;
         list.push(ShardEntry {
             file,
             images: n,
@@ -258,8 +259,8 @@ impl DatasetWriter {
         }
         let m = &self.layout.meta;
         let lines = |v: &[String]| v.iter().flat_map(|s| [s.as_str(), "\n"]).collect::<String>();
-        write_synced(&self.tmp.join(VOCAB_FILE), lines(&m.vocab).as_bytes())?;
-        write_synced(&self.tmp.join(LABELS_FILE), lines(&m.label_names).as_bytes())?;
+        write_synced(&self.tmp.join(VOCAB_FILE), &self.out.join(VOCAB_FILE), lines(&m.vocab).as_bytes())?;
+        write_synced(&self.tmp.join(LABELS_FILE), &self.out.join(LABELS_FILE), lines(&m.label_names).as_bytes())?;
         let manifest = Manifest {
             format: FORMAT_NAME.into(),
             version: FORMAT_VERSION,
@@ -275,11 +276,11 @@ impl DatasetWriter {
             labels_file: LABELS_FILE.into(),
             splits: std::mem::take(&mut self.splits),
         };
-        let mpath = self.tmp.join(MANIFEST_FILE);
+        let mpath = self.out.join(MANIFEST_FILE);
         let mut json = serde_json::to_string_pretty(&manifest)
             .map_err(|e| Error::format(&mpath, format!("cannot encode manifest: {e}")))?;
         json.push('\n');
-        write_synced(&mpath, json.as_bytes())?;
+        write_synced(&self.tmp.join(MANIFEST_FILE), &mpath, json.as_bytes())?;
         // Checked again: something may have appeared at `out` while the dataset was written.
         refuse_non_dataset(&self.out)?;
         // Replace: old aside, new in, old removed. A reader sees the old or the new dataset
@@ -379,13 +380,17 @@ fn restore_aside(out: &Path) {
                 entry.path().display(),
                 pid.unwrap_or_default()
             );
+            // The new dataset that process had finished goes too, whatever follows.
+            crate::io::remove_stale_temps(parent, &prefix);
             return;
         }
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    f.sync_all().map_err(|e| Error::io(path, e))
+/// `bytes` to `path` (inside the dataset being built), synced; errors name `named`, the file
+/// as the finished dataset will call it.
+fn write_synced(path: &Path, named: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).map_err(|e| Error::io(named, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(named, e))?;
+    f.sync_all().map_err(|e| Error::io(named, e))
 }
