@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::checkpoint::{Checkpoint, InferenceSpec};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::data::loader::Loader;
 use crate::data::reader::DatasetReader;
@@ -43,12 +44,23 @@ pub struct RunOptions {
     /// The configuration as resolved for this run (`defaults::resolve`), written to the run
     /// directory as [`RESOLVED_CONFIG`] once the directory is claimed.
     pub resolved_config: Option<String>,
+    /// Checked before every step: once it is true the run stops where it is, writes
+    /// `last.safetensors` at the step it reached (resumable as if never stopped) and returns
+    /// with [`TrainSummary::stopped`] set. The CLI sets it on SIGINT and SIGTERM.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl RunOptions {
     /// A new run into `out_dir`: no resume, no replacing, no progress.
     pub fn new(out_dir: impl Into<PathBuf>) -> RunOptions {
-        RunOptions { out_dir: out_dir.into(), resume: None, replace: false, progress: None, resolved_config: None }
+        RunOptions {
+            out_dir: out_dir.into(),
+            resume: None,
+            replace: false,
+            progress: None,
+            resolved_config: None,
+            stop: None,
+        }
     }
 }
 
@@ -66,6 +78,9 @@ pub struct TrainSummary {
     pub losses: Vec<f32>,
     /// The run directory's best checkpoint; None when the run wrote none.
     pub best_checkpoint: Option<PathBuf>,
+    /// Stopped by [`RunOptions::stop`] before `steps`: `last.safetensors` holds step `steps`
+    /// (unless no step was trained).
+    pub stopped: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -98,7 +113,8 @@ fn validation_score(report: &Report, cfg: &TrainConfig) -> f64 {
 
 /// The checkpoint file of the best validation step in a run directory.
 pub const BEST_CHECKPOINT: &str = "best.safetensors";
-/// The checkpoint of the last validation step, to resume from.
+/// The checkpoint of the last validation step, or of the step a stopped run reached: to resume
+/// from.
 pub const LAST_CHECKPOINT: &str = "last.safetensors";
 /// Locked by the process training into a run directory (`flock`: released when it exits).
 pub const LOCK_FILE: &str = ".lock";
@@ -294,6 +310,7 @@ pub fn train(
                     seconds: 0.0,
                     losses: Vec::new(),
                     best_checkpoint: None,
+                    stopped: false,
                 });
             }
             Some((ckpt, state))
@@ -303,7 +320,8 @@ pub fn train(
     let (_lock, claimed) = claim_run_dir(&opts.out_dir, opts.resume.as_deref(), opts.replace)?;
     let result = train_in_claimed_dir(dev, data, model, cfg, opts, resumed, claimed.stale);
     let dir = &opts.out_dir;
-    if result.is_err() && claimed.fresh && ![BEST_CHECKPOINT, LAST_CHECKPOINT].iter().any(|f| dir.join(f).exists()) {
+    let nothing_written = result.as_ref().map_or(true, |s| s.stopped);
+    if nothing_written && claimed.fresh && ![BEST_CHECKPOINT, LAST_CHECKPOINT].iter().any(|f| dir.join(f).exists()) {
         // A run that found its directory missing or empty and failed before a checkpoint
         // leaves nothing behind. It still holds the lock: nobody else wrote there.
         let _ = remove_run_files(dir, &[RESOLVED_CONFIG, LOCK_FILE]);
@@ -401,7 +419,15 @@ fn train_in_claimed_dir(
     let read_every = if dev.on_host() { 1 } else { READ_EVERY };
     // A capture that fails turns the trainer's graphs off (the step runs eagerly): said once.
     let mut graphs_noted = false;
+    // The step `last.safetensors` holds: a stopped run writes it if it has trained since.
+    let mut saved_step = first;
+    let stop_asked = || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
+    let mut stopped = false;
     while trainer.step < cfg.steps {
+        if stop_asked() {
+            stopped = true;
+            break;
+        }
         let (images, texts) = match loader.next_batch() {
             Some(Ok(b)) => (b.images.batch(), b.texts.batch()),
             Some(Err(e)) => return Err(e),
@@ -446,6 +472,7 @@ fn train_in_claimed_dir(
             }
             staged.push((last_path.clone(), ckpt.stage(&last_path)?));
             put_in_place(&mut stale, staged)?;
+            saved_step = done;
             report(Progress::Validation {
                 step: done,
                 total: cfg.steps,
@@ -462,6 +489,14 @@ fn train_in_claimed_dir(
             }
         }
     }
+    if stopped && trainer.step > saved_step {
+        // The steps not read back yet are read (and checked for a non-finite loss) first.
+        let read = trainer.read_stats(dev)?;
+        losses.extend(read.iter().map(|s| s.loss));
+        last_loss = read.last().map_or(last_loss, |s| s.loss);
+        let ckpt = checkpoint(&trainer, dev, &state)?;
+        put_in_place(&mut stale, vec![(last_path.clone(), ckpt.stage(&last_path)?)])?;
+    }
     Ok(TrainSummary {
         steps: trainer.step,
         final_loss: last_loss,
@@ -471,5 +506,6 @@ fn train_in_claimed_dir(
         seconds: start.elapsed().as_secs_f64(),
         losses,
         best_checkpoint: best_path.is_file().then_some(best_path),
+        stopped,
     })
 }

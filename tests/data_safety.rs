@@ -349,6 +349,50 @@ fn checkpoints_are_checked_before_anything_is_allocated() {
 }
 
 /// Runs the binary, killing it if it has not finished within a minute (a hang is a failure).
+/// Ctrl-C (SIGINT) or a scheduler's SIGTERM stops `train` after the step under way: exit
+/// 128 + the signal, `last.safetensors` at the step reached, and `--resume` continues it.
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_train_with_a_checkpoint_to_resume_from() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tmp("signal");
+    let data = synth(&dir, "data", &[]);
+    let cfg = config(
+        &dir,
+        r#"{"model": {"layers": 1, "dim": 16, "heads": 2, "ffn": 32, "word_dim": 8, "gru_hidden": 8},
+            "train": {"eval_every": 2, "warmup": 1, "batch_size": 8, "patience": 0}}"#,
+    );
+    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+        let run = dir.join(signal);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_semshare"))
+            .args(["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run)])
+            .args(["--steps", "1000000", "--device", "cpu"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A validation's line: steps are being trained.
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        while !seen.contains(" val ") {
+            assert_ne!(stderr.read_line(&mut seen).unwrap(), 0, "train ended before a validation: {seen}");
+        }
+        let sent = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        assert!(sent.success());
+        stderr.read_to_string(&mut seen).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{seen}");
+        assert!(seen.contains("stopping after this step"), "{seen}");
+        let last = Checkpoint::load(&run.join("last.safetensors")).unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(&format!("stopped by SIG{signal} at step {} of 1000000", last.step)), "{stdout}");
+        let total = (last.step + 2).to_string();
+        let resumed = ok(&train(&data, &cfg, &run, &total, &["--resume", path(&run.join("last.safetensors"))]));
+        assert!(resumed.contains(&format!("trained {total} steps")), "{resumed}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn semshare_within_a_minute(args: &[&str]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_semshare"))
         .args(args)

@@ -188,3 +188,14 @@ fn demo_runs_on_the_device() {
     assert_eq!(values.len(), 4, "{ndcg}");
     assert!(values.iter().all(|v| v.is_finite() && (0.0..=100.0).contains(v)), "{ndcg}");
 }
+
+/// Stopped between log points (Ctrl-C in the CLI), a run on the device reads the steps it has
+/// not read back yet, writes `last.safetensors` there, and resumes as if it had not stopped.
+#[test]
+fn a_stopped_run_on_the_device_resumes_as_if_it_had_not_stopped() {
+    if gpu_or_skip("a_stopped_run_on_the_device_resumes_as_if_it_had_not_stopped").is_none() {
+        return;
+    }
+    let device = || gpu_or_skip("a stopped run").expect("the device opened once already");
+    common::training::stopped_run_resumes(&device, "gpu", false);
+}

@@ -6,40 +6,19 @@ mod common;
 use semshare::Error;
 use semshare::backend::cpu::Cpu;
 use std::path::Path;
-use std::sync::Arc;
 
 use semshare::data::Dataset;
-use semshare::data::reader::DatasetReader;
-use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::model::ModelConfig;
 use semshare::train::{RunOptions, TrainConfig, train};
 
-fn tiny_data(seed: u64) -> Dataset {
-    let mut cfg = SynthConfig::preset(SynthPreset::Balanced, seed);
-    (cfg.train, cfg.val, cfg.test) = (64, 24, 24);
-    (cfg.feature_dim, cfg.vocab_size, cfg.max_tokens, cfg.regions) = (16, 60, 8, 6);
-    generate(&cfg).unwrap()
-}
-
-fn tiny_model(data: &Dataset) -> ModelConfig {
-    common::tiny_model_of(&data.meta, 0)
-}
-
-/// Training reads datasets from disk: `data` is written to `dir/data` and opened.
-fn open(data: &Dataset, dir: &Path) -> Arc<DatasetReader> {
-    data.save(dir.join("data")).unwrap();
-    Arc::new(DatasetReader::open(dir.join("data")).unwrap())
-}
+use common::training::{open, tiny_data, tiny_model};
 
 fn run(data: &Dataset, cfg: &TrainConfig, dir: &Path) -> semshare::Result<semshare::train::TrainSummary> {
-    let opts = RunOptions::new(dir);
-    train(&mut Cpu::new(), &open(data, dir), &tiny_model(data), cfg, &opts)
+    common::training::run(&mut Cpu::new(), data, cfg, dir)
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("semshare-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::training::tmp("train", name)
 }
 
 #[test]
@@ -74,13 +53,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     let before = std::fs::read(&last).unwrap();
     // Finite (a NaN could not get past the loader) but large enough to overflow ψ1.
     data.train.image_features.iter_mut().for_each(|x| *x = f32::MAX);
-    let opts = RunOptions {
-        out_dir: dir.clone(),
-        resume: Some(last.clone()),
-        replace: false,
-        progress: None,
-        resolved_config: None,
-    };
+    let opts = RunOptions { resume: Some(last.clone()), ..RunOptions::new(&dir) };
     let reader = open(&data, &dir);
     let err = train(&mut Cpu::new(), &reader, &tiny_model(&data), &TrainConfig { steps: 8, ..cfg }, &opts).unwrap_err();
     assert!(matches!(err, Error::NonFinite { .. }), "{err}");
@@ -99,16 +72,17 @@ fn resuming_reproduces_an_uninterrupted_run() {
     let dir = tmp("parts");
     run(&data, &TrainConfig { steps: 5, ..cfg.clone() }, &dir).unwrap();
     // Continued from step 5 to 10.
-    let opts = RunOptions {
-        out_dir: dir.clone(),
-        resume: Some(dir.join("last.safetensors")),
-        replace: false,
-        progress: None,
-        resolved_config: None,
-    };
+    let opts = RunOptions { resume: Some(dir.join("last.safetensors")), ..RunOptions::new(&dir) };
     let rest = train(&mut Cpu::new(), &open(&data, &dir), &tiny_model(&data), &cfg, &opts).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&rest.losses), bits(&whole.losses[5..]));
+}
+
+/// A run told to stop (Ctrl-C in the CLI) between validations writes `last.safetensors` at the
+/// step it reached, and resuming from it gives bitwise the rest of the uninterrupted run.
+#[test]
+fn a_stopped_run_resumes_as_if_it_had_not_stopped() {
+    common::training::stopped_run_resumes(&|| Box::new(Cpu::new()), "cpu", true);
 }
 
 // ---- Table 1's variants in the trainer ------------------------------------------------------

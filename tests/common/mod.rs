@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod gpu;
+pub mod training;
 
 use semshare::backend::{Backend, Segments};
 use semshare::tensor::Tensor;

@@ -58,13 +58,7 @@ pub fn run(args: &Args) -> Result<()> {
     let before = evaluate_split(dev.as_mut(), &untrained, &init, &data, "test", EmbeddingKind::Pooled, &eval_cfg)?;
     eprintln!("training the `small` model for {} steps of {} pairs on {} ...", cfg.steps, cfg.batch_size, dev.name());
     // The demo's own directory: its previous checkpoints are replaced.
-    let opts = RunOptions {
-        out_dir: out.clone(),
-        resume: None,
-        replace: true,
-        progress: Some(progress_printer()),
-        resolved_config: None,
-    };
+    let opts = RunOptions { replace: true, progress: Some(progress_printer()), ..RunOptions::new(out.clone()) };
     let summary = train(dev.as_mut(), &data, &model, &cfg, &opts)?;
     let best = summary.best_checkpoint.clone().ok_or_else(|| Error::data("the demo run wrote no checkpoint"))?;
     let (net, params) = load_model(dev.as_mut(), &best)?;
