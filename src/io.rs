@@ -300,6 +300,59 @@ fn with_article(what: &str) -> String {
     format!("{} {what}", if vowel { "an" } else { "a" })
 }
 
+/// Puts the directory `new` in place of the directory `out` and removes the one that was
+/// there. Where Linux can swap two names in one step (`renameat2(RENAME_EXCHANGE)`), a reader
+/// of `out` sees the old directory or the new one, always one of them; elsewhere (another OS,
+/// a filesystem without the swap) the old one is renamed to `aside` first, so that between
+/// the two renames there is none, and a failed second rename puts it back. A process killed
+/// between them leaves the old directory at `aside`, for its next writer to restore.
+pub fn replace_dir(new: &Path, out: &Path, aside: &Path) -> Result<()> {
+    match swap_names(new, out) {
+        // `new` is the old directory now.
+        Ok(true) => {
+            let _ = fs::remove_dir_all(new);
+            Ok(())
+        }
+        Ok(false) => replace_dir_by_renames(new, out, aside),
+        Err(e) => Err(Error::io(out, e)),
+    }
+}
+
+fn replace_dir_by_renames(new: &Path, out: &Path, aside: &Path) -> Result<()> {
+    fs::rename(out, aside).map_err(|e| Error::io(out, e))?;
+    if let Err(e) = fs::rename(new, out) {
+        let _ = fs::rename(aside, out);
+        return Err(Error::io(out, e));
+    }
+    let _ = fs::remove_dir_all(aside);
+    Ok(())
+}
+
+/// Swaps what the names `a` and `b` refer to in one step; Ok(false) where this system or
+/// filesystem cannot.
+#[cfg(target_os = "linux")]
+fn swap_names(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    // EINVAL: the filesystem has no exchange; ENOSYS: the kernel (before 3.15) or a sandbox.
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn swap_names(_: &Path, _: &Path) -> std::io::Result<bool> {
+    Ok(false)
+}
+
 /// Whether process `pid` may still be running (unknown counts as running: nothing is removed).
 pub(crate) fn process_alive(pid: u32) -> bool {
     if pid == std::process::id() {
@@ -400,6 +453,35 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// Both ways of replacing a directory leave the new one in place, the old one gone, and
+    /// nothing aside; a failed second rename puts the old one back.
+    #[test]
+    fn a_replaced_directory_is_the_new_one_and_the_old_one_is_gone() {
+        let d = temp("replace");
+        let dir = |name: &str, marker: &str| {
+            let p = d.join(name);
+            fs::create_dir_all(&p).unwrap();
+            fs::write(p.join("marker"), marker).unwrap();
+            p
+        };
+        let (out, aside) = (d.join("out"), d.join("aside"));
+        let replacers: [fn(&Path, &Path, &Path) -> Result<()>; 2] = [replace_dir, replace_dir_by_renames];
+        for (i, replace) in replacers.into_iter().enumerate() {
+            let _ = fs::remove_dir_all(&out);
+            dir("out", "old");
+            let new = dir(&format!("new{i}"), "new");
+            replace(&new, &out, &aside).unwrap();
+            assert_eq!(fs::read_to_string(out.join("marker")).unwrap(), "new");
+            assert!(!new.exists() && !aside.exists());
+        }
+        // The new directory vanished before its rename: the old one is back at `out`.
+        let err = replace_dir_by_renames(&d.join("missing"), &out, &aside).unwrap_err();
+        assert!(err.to_string().contains("out"), "{err}");
+        assert_eq!(fs::read_to_string(out.join("marker")).unwrap(), "new");
+        assert!(!aside.exists());
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

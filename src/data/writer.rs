@@ -283,26 +283,16 @@ impl DatasetWriter {
         write_synced(&self.tmp.join(MANIFEST_FILE), &mpath, json.as_bytes())?;
         // Checked again: something may have appeared at `out` while the dataset was written.
         refuse_non_dataset(&self.out)?;
-        // Replace: old aside, new in, old removed. A reader sees the old or the new dataset
-        // (or, between the two renames, none), never a mix.
-        let mut old = self.tmp.clone().into_os_string();
-        old.push(".old");
-        let old = PathBuf::from(old);
         if let Ok(d) = fs::File::open(&self.tmp) {
             let _ = d.sync_all(); // the new dataset's entries, before it is renamed into place
         }
-        let had_old = self.out.exists();
-        if had_old {
-            fs::rename(&self.out, &old).map_err(|e| Error::io(&self.out, e))?;
-        }
-        if let Err(e) = fs::rename(&self.tmp, &self.out) {
-            if had_old {
-                let _ = fs::rename(&old, &self.out); // the old dataset back where it was
-            }
-            return Err(Error::io(&self.out, e));
-        }
-        if had_old {
-            let _ = fs::remove_dir_all(&old);
+        // A reader sees the old or the new dataset, never a mix.
+        if self.out.exists() {
+            let mut aside = self.tmp.clone().into_os_string();
+            aside.push(".old");
+            crate::io::replace_dir(&self.tmp, &self.out, Path::new(&aside))?;
+        } else {
+            fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
         }
         if let Some(parent) = self.out.parent()
             && let Ok(d) = fs::File::open(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
