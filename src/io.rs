@@ -467,8 +467,8 @@ mod tests {
             p
         };
         let (out, aside) = (d.join("out"), d.join("aside"));
-        let replacers: [fn(&Path, &Path, &Path) -> Result<()>; 2] = [replace_dir, replace_dir_by_renames];
-        for (i, replace) in replacers.into_iter().enumerate() {
+        type Replace = fn(&Path, &Path, &Path) -> Result<()>;
+        for (i, replace) in [replace_dir as Replace, replace_dir_by_renames].into_iter().enumerate() {
             let _ = fs::remove_dir_all(&out);
             dir("out", "old");
             let new = dir(&format!("new{i}"), "new");
