@@ -21,9 +21,9 @@ use semshare::experiment::plot::{eta_curves, figure1_svg};
 use semshare::experiment::report::{Tables, table1_markdown};
 use semshare::experiment::suite::{Suite, SuiteState};
 use semshare::experiment::tune::{Trial, TunePlan, TuneState, best, write_table};
-use semshare::index::build::{feature_items, from_vectors, generated_ids, read_ids, read_lines};
+use semshare::index::build::{embed_features, from_vectors, generated_ids, read_ids, read_lines};
 use semshare::index::npy::parse_npy;
-use semshare::index::{Index, search};
+use semshare::index::{Index, Modality, search};
 use semshare::inference::{Embeddings, Model, Regions, tiny_checkpoint};
 use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
 use semshare::train::TrainConfig;
@@ -311,9 +311,7 @@ fn with_model(f: impl FnOnce(&mut Model)) {
 /// with its own rows.
 pub fn npy(data: &[u8]) {
     let Ok(array) = parse_npy(data) else { return };
-    if let Ok(items) = feature_items(&array) {
-        with_model(|m| drop(m.embed_images(&items.iter().map(|f| Regions::new(f)).collect::<Vec<_>>())));
-    }
+    with_model(|m| drop(embed_features(m, &array, Modality::Image)));
     let n = array.shape.first().copied().unwrap_or(0); // as `index --vectors` counts its ids
     let queries = Embeddings { values: array.values.clone(), dim: array.shape.last().copied().unwrap_or(0) };
     let Ok(gallery) = from_vectors(array, generated_ids("v", n)) else { return };

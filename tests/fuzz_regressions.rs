@@ -72,7 +72,8 @@ fn fuzz_seeds_are_accepted_where_they_should_be() {
         .expect("the config seed applies");
     let vectors = semshare::index::npy::parse_npy(&seed("npy", "vectors.npy")).expect("the vectors seed parses");
     let features = semshare::index::npy::parse_npy(&seed("npy", "features.npy")).expect("the features seed parses");
-    let items = semshare::index::build::feature_items(&features).expect("the features seed has items");
+    let items = semshare::index::build::feature_items(&features, semshare::index::Modality::Image, 4, 0)
+        .expect("the features seed has items");
     assert_eq!((vectors.shape, items.len(), items[1].len()), (vec![3, 4], 2, 8), "padding cut from item 1");
     for name in ["labelled.idx", "model.idx"] {
         std::fs::write(&path, seed("index", name)).unwrap();

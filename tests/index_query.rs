@@ -640,6 +640,17 @@ fn a_feature_file_gallery_needs_no_labels() {
         ]),
         "give one source",
     );
+    // Segments of another width were once cut into the model's: any multiple of its width
+    // embedded (and ranked) garbage without a word.
+    let (wide, z, g) = (dir.join("wide.npy"), dir.join("z.idx"), dir.join("gallery.npy"));
+    write_npy(&wide, &feats, &[5, 2 * dr]).unwrap();
+    let (wide, z, g, ck) = (path(&wide), path(&z), path(&g), path(&f.ckpt));
+    let widths = format!("segments of {} values, but the model's image regions have {dr}", 2 * dr);
+    fails_with(&semshare(&["index", "--checkpoint", ck, "--out", z, "--features", wide]), &widths);
+    fails_with(&semshare(&["query", "--index", path(&idx), "--checkpoint", ck, "--features", wide]), &widths);
+    let as_texts = ["index", "--checkpoint", ck, "--out", z, "--features", g, "--side", "text"];
+    fails_with(&semshare(&as_texts), "the model reads texts as words");
+    assert!(!dir.join("z.idx").exists());
     let (g, out) = (dir.join("gallery.npy"), dir.join("z.idx"));
     let (g, out) = (path(&g), path(&out));
     let ck = path(&f.ckpt);

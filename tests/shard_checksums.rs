@@ -95,3 +95,38 @@ fn a_flipped_byte_is_refused_by_train_eval_and_embed() {
     ok(&semshare(&["eval", "--data", path(&data), "--checkpoint", path(&ckpt), "--device", "cpu"]));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `check` says a shard's checksum mismatch once (each item read once repeated it, a hundred
+/// lines of one problem) and still finds the items that are wrong in other ways.
+#[test]
+fn check_reports_a_mismatch_once_and_the_items_behind_it() {
+    let dir = tmp("check");
+    let data = dir.join("data");
+    ok(&semshare(&["synth", "--out", path(&data), "--train", "40", "--val", "10", "--test", "10"]));
+    let shard = data.join("train-00000.safetensors");
+    flip_first_feature_bit(&shard);
+    // Image 3's first feature value made NaN, in the features' own dtype.
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let features = &header["image.features"];
+    let shape: Vec<usize> = features["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let nan: &[u8] = match features["dtype"].as_str().unwrap() {
+        "F32" => &[0x00, 0x00, 0xc0, 0x7f],
+        "F16" => &[0x00, 0x7e],
+        "BF16" => &[0xc0, 0x7f],
+        other => panic!("features of dtype {other}"),
+    };
+    let item = shape[1..].iter().product::<usize>() * nan.len();
+    let at = 8 + n + features["data_offsets"][0].as_u64().unwrap() as usize + 3 * item;
+    bytes[at..at + nan.len()].copy_from_slice(nan);
+    std::fs::write(&shard, &bytes).unwrap();
+
+    let out = semshare(&["check", path(&data)]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(stdout.matches("checksum mismatch").count(), 1, "{stdout}");
+    assert!(stdout.contains("non-finite value NaN"), "{stdout}");
+    assert!(stdout.contains("image 3") || stdout.contains("item 3"), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -82,16 +82,25 @@ pub fn from_texts(model: &mut Model, texts: &[String], ids: Vec<String>) -> Resu
 /// Items as segment features `[N, S, D]` (or `[N, D]`, one segment each): image regions, or a
 /// text-feature model's text segments. Trailing all-zero segments of an item are padding.
 pub fn from_features(model: &mut Model, features: &NpyF32, side: Modality, ids: Vec<String>) -> Result<Gallery> {
-    let items = feature_items(features)?;
-    let emb = match side {
-        Modality::Image => model.embed_images(&items.iter().map(|f| Regions::new(f)).collect::<Vec<_>>())?,
-        Modality::Text => model.embed_text_features(&items)?,
-    };
+    let emb = embed_features(model, features, side)?;
     Ok(unlabelled(model_origin(model, side), emb, ids))
 }
 
-/// Each item's segments of a `[N, S, D]` or `[N, D]` array, trailing all-zero segments cut.
-pub fn feature_items(features: &NpyF32) -> Result<Vec<&[f32]>> {
+/// Items as segment features `[N, S, D]` or `[N, D]` embedded by `model` as images or texts;
+/// D must be the model's width for that side.
+pub fn embed_features(model: &mut Model, features: &NpyF32, side: Modality) -> Result<Embeddings> {
+    let cfg = model.config();
+    let (image_width, text_width) = (cfg.region_dim, cfg.text_feature_dim);
+    let items = feature_items(features, side, image_width, text_width)?;
+    match side {
+        Modality::Image => model.embed_images(&items.iter().map(|f| Regions::new(f)).collect::<Vec<_>>()),
+        Modality::Text => model.embed_text_features(&items),
+    }
+}
+
+/// Each item's segments of a `[N, S, D]` or `[N, D]` array, trailing all-zero segments cut;
+/// D is refused unless it is the `side`'s width (`text_width` 0: the model reads tokens).
+pub fn feature_items(features: &NpyF32, side: Modality, image_width: usize, text_width: usize) -> Result<Vec<&[f32]>> {
     features.check()?;
     let (n, d) = match features.shape[..] {
         [n, d] | [n, _, d] => (n, d),
@@ -99,6 +108,23 @@ pub fn feature_items(features: &NpyF32) -> Result<Vec<&[f32]>> {
     };
     if n == 0 || d == 0 {
         return Err(Error::data(format!("features of shape {:?}: no items", features.shape)));
+    }
+    let (width, what, other, other_what) = match side {
+        Modality::Image => (image_width, "image regions", text_width, "text segments"),
+        Modality::Text => (text_width, "text segments", image_width, "image regions"),
+    };
+    if width == 0 {
+        return Err(Error::data(format!(
+            "features of shape {:?} as texts: the model reads texts as words (token ids), not features",
+            features.shape
+        )));
+    }
+    if d != width {
+        let hint = if d == other { format!(" ({d} is the width of its {other_what})") } else { String::new() };
+        return Err(Error::data(format!(
+            "features of shape {:?}: segments of {d} values, but the model's {what} have {width}{hint}",
+            features.shape
+        )));
     }
     let per_item = features.values.len() / n;
     if per_item == 0 {

@@ -2,10 +2,10 @@
 
 use crate::common::device;
 use semshare::cli::Args;
-use semshare::index::build::{feature_items, read_lines};
+use semshare::index::build::{embed_features, read_lines};
 use semshare::index::npy::read_npy;
 use semshare::index::{Hit, Index, Modality, Origin, search};
-use semshare::inference::{Embeddings, Regions};
+use semshare::inference::Embeddings;
 use semshare::{Error, Model, Result};
 
 /// What a result line says a query was: its text, or its row in a file.
@@ -94,13 +94,9 @@ pub fn run(args: &Args) -> Result<()> {
         } else {
             let path = args.path("features")?;
             let features = read_npy(&path)?;
-            let items = feature_items(&features).map_err(|e| Error::format(&path, e.to_string()))?;
-            let emb = match args.get("side").map(str::parse).transpose()?.unwrap_or(Modality::Image) {
-                Modality::Image => model.embed_images(&items.iter().map(|f| Regions::new(f)).collect::<Vec<_>>()),
-                Modality::Text => model.embed_text_features(&items),
-            }
-            .map_err(|e| Error::format(&path, e.to_string()))?;
-            ((0..items.len()).map(Named::Row).collect(), emb)
+            let side = args.get("side").map(str::parse).transpose()?.unwrap_or(Modality::Image);
+            let emb = embed_features(&mut model, &features, side).map_err(|e| Error::format(&path, e.to_string()))?;
+            ((0..emb.len()).map(Named::Row).collect(), emb)
         };
         let t = std::time::Instant::now();
         let results = search(model.device(), &index, &emb, k)?;
