@@ -34,9 +34,10 @@ impl Args {
                     Some(v) => v,
                     None => it.next().ok_or_else(|| Error::config(format!("--{name} needs a value")))?,
                 };
-                // `--out=` is a missing value, not an empty path.
+                // `--out=` is a missing value, not an empty path; `--text ""` an empty one.
                 if v.is_empty() {
-                    return Err(Error::config(format!("--{name} needs a value")));
+                    let what = if inline.is_some() { "needs a value" } else { "is empty: give it a value" };
+                    return Err(Error::config(format!("--{name} {what}")));
                 }
                 flags.entry(name.to_string()).or_insert_with(Vec::new).push(v.to_string());
             } else {
@@ -195,6 +196,7 @@ mod tests {
         let err = |raw: &[&str]| parse(raw).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err(&["--out="]).contains("--out needs a value"));
         assert!(err(&["--out"]).contains("--out needs a value"));
+        assert!(err(&["--out", ""]).contains("--out is empty"));
         assert!(err(&["--force=yes"]).contains("--force is a switch"));
         assert!(err(&["--nope=1"]).contains("unknown option --nope"));
         assert!(err(&["--nope"]).contains("unknown option --nope"));

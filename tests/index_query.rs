@@ -651,6 +651,18 @@ fn a_feature_file_gallery_needs_no_labels() {
     let as_texts = ["index", "--checkpoint", ck, "--out", z, "--features", g, "--side", "text"];
     fails_with(&semshare(&as_texts), "the model reads texts as words");
     assert!(!dir.join("z.idx").exists());
+    // A model trained on text features takes no words; the command line says how to give texts.
+    let cfg = semshare::model::ModelConfig { text_feature_dim: 5, ..m.config().clone() };
+    let params = semshare::model::SemShare::new(&cfg).unwrap().store.init_values(1);
+    let spec = semshare::checkpoint::InferenceSpec { inputs: None, ..m.spec().clone() };
+    let text_features = dir.join("text-features.safetensors");
+    Checkpoint { model: cfg, params, optimizer: None, step: 0, state: String::new(), spec }
+        .save(&text_features)
+        .unwrap();
+    let (tf, lines) = (path(&text_features), dir.join("texts.txt"));
+    std::fs::write(&lines, "sky\n").unwrap();
+    let hint = "not words: give them with --features FILE.npy --side text";
+    fails_with(&semshare(&["index", "--checkpoint", tf, "--out", z, "--texts", path(&lines)]), hint);
     let (g, out) = (dir.join("gallery.npy"), dir.join("z.idx"));
     let (g, out) = (path(&g), path(&out));
     let ck = path(&f.ckpt);

@@ -110,7 +110,8 @@ fn check_reports_a_mismatch_once_and_the_items_behind_it() {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let features = &header["image.features"];
-    let shape: Vec<usize> = features["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let shape: Vec<usize> =
+        features["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let nan: &[u8] = match features["dtype"].as_str().unwrap() {
         "F32" => &[0x00, 0x00, 0xc0, 0x7f],
         "F16" => &[0x00, 0x7e],

@@ -26,6 +26,12 @@ pub fn open_at(device: &str, precision: Precision) -> Result<Box<dyn Backend>> {
         #[cfg(feature = "cuda")]
         // A bad SEMSHARE_GPU is an error here too, and `emulated` is asked for, not probed.
         "auto" if cuda::emulation_requested()? || cuda::available() => cuda(),
+        // Asked for an emulated (or any) CUDA device that this build cannot open.
+        #[cfg(not(feature = "cuda"))]
+        "auto" if std::env::var_os("SEMSHARE_GPU").is_some_and(|v| !v.is_empty()) => Err(crate::Error::Device {
+            what: "SEMSHARE_GPU is set, but this build of semshare has no CUDA support (rebuild with `--features cuda`, or unset it)"
+                .into(),
+        }),
         "auto" => open_cpu(),
         #[cfg(feature = "cuda")]
         "cuda" => cuda(),

@@ -160,3 +160,15 @@ pub fn progress_printer() -> ProgressFn {
         Progress::Note(line) => eprintln!("{line}"),
     })
 }
+
+/// Words for a model trained on text features: refused in the command line's terms (the
+/// library's error names its own function).
+pub fn words_for(model: &semshare::Model) -> Result<()> {
+    match model.config().text_feature_dim {
+        0 => Ok(()),
+        width => Err(Error::config(format!(
+            "{}: this model reads texts as segment features of width {width}, not words: give them with --features FILE.npy --side text",
+            model.path().display()
+        ))),
+    }
+}

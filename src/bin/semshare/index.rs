@@ -81,6 +81,7 @@ pub fn run(args: &Args) -> Result<()> {
                 from_split(&mut model, &data.layout, split, side.unwrap_or(Modality::Image))?
             }
             "texts" => {
+                crate::common::words_for(&model)?;
                 let texts = read_lines(&input)?;
                 let ids = ids(args, &input, texts.len())?;
                 from_texts(&mut model, &texts, ids).map_err(|e| in_file(&input, e))?

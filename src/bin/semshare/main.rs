@@ -340,12 +340,18 @@ fn run(argv: &[String]) -> std::result::Result<(), Failure> {
     };
     match first.as_str() {
         "--version" | "-V" => {
+            if let Some(extra) = rest.first() {
+                let error = Error::config(format!("unexpected argument `{extra}`: --version takes none"));
+                return Err(Failure::Usage { error, command: None });
+            }
             println!("semshare {}", env!("CARGO_PKG_VERSION"));
             return Ok(());
         }
         "help" | "--help" | "-h" => {
             match rest {
                 [] => print!("{}", usage()),
+                // `help --help`, `help help`: help's own usage is the whole of it.
+                [name] if ["help", "--help", "-h"].contains(&name.as_str()) => print!("{}", usage()),
                 [name] => print!("{}", find(name)?.help()),
                 [_, extra, ..] => {
                     let error = Error::config(format!("unexpected argument `{extra}`: help takes one command"));

@@ -1,6 +1,6 @@
 //! `semshare query`: the top-k items of an index for texts, features or pre-computed vectors.
 
-use crate::common::device;
+use crate::common::{device, words_for};
 use semshare::cli::Args;
 use semshare::index::build::{embed_features, read_lines};
 use semshare::index::npy::read_npy;
@@ -82,6 +82,7 @@ pub fn run(args: &Args) -> Result<()> {
         let mut model = Model::load(&checkpoint, device(args)?)?;
         index.check_model(model_for(&index, &mut model))?;
         let (names, emb) = if kinds[0] == "text" {
+            words_for(&model)?;
             let mut texts: Vec<String> = args.all("text").into_iter().map(String::from).collect();
             if let Some(path) = args.get("queries") {
                 texts.extend(read_lines(std::path::Path::new(path))?);
