@@ -103,6 +103,10 @@ fn synth_train_eval_embed_score() {
 fn bad_input_gives_one_line_errors() {
     let dir = tmp("bad");
     fails_with(&semshare(&["train", "--data", path(&dir.join("nope"))]), "does not exist");
+    fails_with(&semshare(&["train"]), "--data is required (see `semshare train --help`)");
+    fails_with(&semshare(&["check", path(&dir)]), "holds no dataset.json: not a dataset");
+    usage_error(&semshare(&["--version", "extra"]), "--version takes none");
+    assert!(semshare(&["help", "--help"]).status.success());
     fails_with(&semshare(&["demo", "--device", "cuda"]), "CUDA");
     fails_with(&semshare(&["demo", "--device", "tpu"]), "unknown device");
     usage_error(&semshare(&["frobnicate"]), "unknown command `frobnicate`");

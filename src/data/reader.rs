@@ -120,6 +120,16 @@ impl DatasetReader {
     pub fn open(dir: impl AsRef<Path>) -> Result<DatasetReader> {
         let dir = dir.as_ref();
         let mpath = dir.join(MANIFEST_FILE);
+        // Said of the directory, not as an OS error about the manifest inside it.
+        let not_a_dataset = match std::fs::metadata(dir) {
+            Err(_) => Some("the data directory does not exist"),
+            Ok(m) if !m.is_dir() => Some("not a directory: a dataset is a directory holding dataset.json"),
+            Ok(_) if std::fs::symlink_metadata(&mpath).is_err() => Some("holds no dataset.json: not a dataset"),
+            Ok(_) => None,
+        };
+        if let Some(what) = not_a_dataset {
+            return Err(Error::format(dir, what));
+        }
         let text = crate::io::read_text(&mpath, crate::io::SMALL_FILE_LIMIT)?;
         let probe: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::format(&mpath, format!("not a valid manifest: {e}")))?;

@@ -72,11 +72,7 @@ pub fn fit(model: &mut ModelConfig, layout: &Layout, c: &Configs, args: &Args) -
 }
 
 pub fn load_data(args: &Args) -> Result<Arc<DatasetReader>> {
-    let dir = args.path("data")?;
-    if !dir.is_dir() {
-        return Err(Error::config(format!("data directory {} does not exist", dir.display())));
-    }
-    Ok(Arc::new(DatasetReader::open(&dir)?))
+    Ok(Arc::new(DatasetReader::open(args.path("data")?)?))
 }
 
 pub fn split_name(args: &Args) -> &str {

@@ -286,6 +286,9 @@ fn find(name: &str) -> std::result::Result<&'static Command, Failure> {
 /// Why `semshare` stopped: a command line it did not understand (exit 2) or an error (exit 1).
 enum Failure {
     Usage { error: Error, command: Option<&'static str> },
+    /// A command's option refused once read (`--data is required`, `--k must be at least 1`):
+    /// exit 1, with the pointer to the command's usage.
+    Option { what: String, command: &'static str },
     Run(Error),
 }
 
@@ -318,6 +321,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Run(e)) => {
             eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Err(Failure::Option { what, command }) => {
+            eprintln!("error: {what} (see `semshare {command} --help`)");
             ExitCode::FAILURE
         }
         Err(Failure::Usage { error, command }) => {
@@ -373,7 +380,11 @@ fn run(argv: &[String]) -> std::result::Result<(), Failure> {
         Takes::Flags(run) => {
             let (values, switches) = cli::options(cmd.name);
             let args = Args::parse(rest, values, switches).map_err(usage_error)?;
-            Ok(run(&args)?)
+            run(&args).map_err(|error| match error {
+                // An option missing or out of range: the command's usage says what it takes.
+                Error::Config { what } if what.starts_with("--") => Failure::Option { what, command: cmd.name },
+                other => Failure::Run(other),
+            })
         }
         Takes::Dir(run) => match rest {
             [dir] if !dir.starts_with("--") => Ok(run(dir)?),
