@@ -199,7 +199,7 @@ fn the_command_tunes_and_refuses_bad_options() {
     let c = config.to_str().unwrap();
     let args = ["tune", "--data", d, "--out", o, "--config", c, "--trials", "3", "--min-steps", "1", "--workers", "1"];
     let stdout = ok(&semshare(&args));
-    assert!(stdout.contains("trials finished") && out.join("best-config.json").exists(), "{stdout}");
+    assert!(stdout.contains("training runs finished") && out.join("best-config.json").exists(), "{stdout}");
     let train_out = dir.join("run");
     let best = out.join("best-config.json");
     ok(&semshare(&["train", "--data", d, "--config", best.to_str().unwrap(), "--out", train_out.to_str().unwrap()]));

@@ -70,16 +70,16 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "demo",
         usage: "  demo     synthesize data, train, evaluate; prints the trained model against the untrained one
-             [--steps N] [--out DIR] [--seed S] [--device D] [--precision P]
-             [--train N] [--val N] [--test N]   (defaults 2000 / 300 / 1000)
+             [--steps N (default 800)] [--out DIR (default <temp dir>/semshare-demo)] [--seed S (default 0)]
+             [--device D] [--precision P] [--train N] [--val N] [--test N]   (defaults 2000 / 300 / 1000)
 ",
         takes: Takes::Flags(demo::run),
     },
     Command {
         name: "synth",
         usage: "  synth    write a synthetic dataset
-             --out DIR [--preset balanced|weak-image|weak-text] [--seed S]
-             [--train N] [--val N] [--test N] [--force]
+             --out DIR [--preset balanced|weak-image|weak-text (default balanced)] [--seed S (default 0)]
+             [--train N] [--val N] [--test N] [--force]   (defaults 4000 / 500 / 1000)
            or real MIRFlickr-25K labels and tag texts with synthetic regions
              --preset flickr-tags --labels DIR --out DIR [--seed S] [--format dataset|source]
              [--train N] [--val N] [--test N] [--force]  (defaults 10000 / 1000 / 2000 queries)
@@ -105,7 +105,8 @@ const COMMANDS: &[Command] = &[
         name: "train",
         usage: "  train    train on a dataset directory
              --data DIR [--out DIR (default: a new runs/<dataset>-<k>)] [--config FILE.json]
-             [--model small|paper] [--steps N] [--batch N] [--lr X] [--lambda X] [--seed S]
+             [--model small|paper] [--steps N] [--batch N (default 32)] [--lr X (peak, default 5e-4)]
+             [--lambda X (weight of the context loss L2: L = L1 + λ·L2)] [--seed S (default 0)]
              [--resume CKPT] [--force] [--device D] [--precision P]
              --steps is the total: --resume continues CKPT's run up to it (nothing to do if
              CKPT is there already); --force replaces another run's checkpoints in --out
@@ -128,7 +129,9 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "embed",
         usage: "  embed    write the L2-normalised embeddings of a split (the input of `score`)
-             --data DIR --checkpoint CKPT --out FILE [--split S] [--embedding E] [--force] [--device D] [--precision P]
+             --data DIR --checkpoint CKPT --out FILE [--split S (default test)]
+             [--embedding pooled|label (default: the one the checkpoint was selected with)]
+             [--force] [--device D] [--precision P]
 ",
         takes: Takes::Flags(embed::run),
     },
@@ -147,7 +150,8 @@ const COMMANDS: &[Command] = &[
              --checkpoint CKPT --out INDEX and one source:
                --data DIR [--split S (default test)] [--side image|text]   a split; ids split/i, split/text/j
                --texts FILE                  one text per line (unlabelled)
-               --features F.npy [--side image|text]   float32 [N, S, D] or [N, D] segment features
+               --features F.npy [--side image|text (default image)]   float32 [N, S, D] or [N, D]
+                                             segment features of the model's width for that side
                                              (unlabelled; trailing all-zero segments are padding)
              or raw vectors, no model (only `query --vectors` searches them):
                --vectors V.npy               float32 [N, D], normalised here
@@ -181,7 +185,9 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "experiment",
         usage: "  experiment  run a suite of docs/EXPERIMENTS-DESIGN.md (resumes where a killed one stopped)
-             --suite table1|eta --data DIR [--seeds N (default 3) | --seed K] [--variants a,b,...]
+             --suite table1|eta --data DIR [--seeds N (default 3) | --seed K]
+             [--variants a,b,... (default: the suite's; of ours, ours+con, imc, st, wo-r, wo-t, wo-c,
+             wo-l, dscmr, cca, ridge, linear)]
              [--model small|paper] [--config FILE.json] [--steps N] [--device D] [--precision P]
              [--out DIR (default docs/results/<dataset>)] [--runs DIR (default runs/experiments/<dataset>)]
              budget per run unless the config file or --steps say otherwise: batch 32, 600 steps,
@@ -193,9 +199,10 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "tune",
         usage: "  tune     search hyper-parameters on the validation split by successive halving (resumable)
-             --data DIR [--trials N (default 27)] [--reduction η (default 3)] [--rungs N]
+             --data DIR [--trials N (default 27)] [--reduction η (default 3)]
+             [--rungs N (default: until one trial is left)]
              [--min-steps N (default one epoch, at least 50)] [--repeats N (default 3)]
-             [--seed S] [--workers N]
+             [--seed S (default 0)] [--workers N (default: the cores on the CPU, 1 on a GPU)]
              [--model small|paper] [--config FILE.json] [--device D (default cpu)] [--precision P]
              [--out DIR (default runs/tune/<dataset>)] [--runs DIR (default <out>/trials)]
              searches lr, weight decay, dropout, λ, warm-up, batch size, width and depth; trial 0
@@ -208,7 +215,8 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "bench-step",
         usage: "  bench-step  time training steps on synthetic batches of the benchmark's shape; one JSON line
-             [--model small|paper] [--device D] [--precision P] [--batch N (small 32, paper 128)] [--tokens T]
+             [--model small|paper] [--device D] [--precision P] [--batch N (small 32, paper 128)]
+             [--tokens T (small 24, paper 32)]
              [--warmup N (default 2)] [--steps N (default 3)] [--feature-dtype f32|f16|bf16] [--counts] [--graph]
              --feature-dtype: the region features as a shard of that dtype gives them (f16 and
              bf16 are uploaded as they are and widened on the device; default f32)
@@ -285,10 +293,16 @@ fn find(name: &str) -> std::result::Result<&'static Command, Failure> {
 
 /// Why `semshare` stopped: a command line it did not understand (exit 2) or an error (exit 1).
 enum Failure {
-    Usage { error: Error, command: Option<&'static str> },
+    Usage {
+        error: Error,
+        command: Option<&'static str>,
+    },
     /// A command's option refused once read (`--data is required`, `--k must be at least 1`):
     /// exit 1, with the pointer to the command's usage.
-    Option { what: String, command: &'static str },
+    Option {
+        what: String,
+        command: &'static str,
+    },
     Run(Error),
 }
 

@@ -20,10 +20,6 @@ pub fn run(args: &Args) -> Result<()> {
     fit(&mut model, &data.layout, &c, args)?;
     // What was not given is decided from the data, each choice with its reason.
     let resolved = resolve(&c, &model, &data)?;
-    eprintln!("configuration for {} (given values kept):", data.meta().name);
-    for line in resolved.lines() {
-        eprintln!("  {line}");
-    }
     let (model, cfg) = (resolved.model.clone(), resolved.train.clone());
     let resume = args.get("resume").map(PathBuf::from);
     let (out_dir, fresh) = match args.get("out") {
@@ -36,6 +32,10 @@ pub fn run(args: &Args) -> Result<()> {
         },
     };
     refuse_overlap(&out_dir, &data.dir, "dataset (--data)")?;
+    eprintln!("configuration for {} (given values kept):", data.meta().name);
+    for line in resolved.lines() {
+        eprintln!("  {line}");
+    }
     let opts = RunOptions {
         out_dir,
         resume,

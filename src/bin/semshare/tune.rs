@@ -21,10 +21,8 @@ pub fn run(args: &Args) -> Result<()> {
     // The base every trial starts from: what `train` would resolve from the data (input
     // normalisation, validation score and embedding, λ when there is nothing to predict).
     let resolved = resolve(&c, &model, &data)?;
-    eprintln!("base configuration for {} (given values kept; the search sets its own):", data.meta().name);
-    for line in resolved.lines() {
-        eprintln!("  {line}");
-    }
+    // Printed once the options are known to be usable: a refusal is then the last line.
+    let base: Vec<String> = resolved.lines().iter().map(|l| format!("  {l}")).collect();
     let trials = args.num("trials")?.unwrap_or(27);
     let reduction = args.num("reduction")?.unwrap_or(3);
     // One epoch of the training split at the base batch, at least 50 steps.
@@ -56,6 +54,7 @@ pub fn run(args: &Args) -> Result<()> {
     refuse_overlap(&cfg.out, &data.dir, "dataset (--data)")?;
     refuse_overlap(&cfg.runs_dir, &data.dir, "dataset (--data)")?;
     let plan = build_plan(&data, &cfg)?;
+    eprintln!("base configuration for {dataset} (given values kept; the search sets its own):\n{}", base.join("\n"));
     eprintln!(
         "tune on {dataset}: {} trials, {} rungs of {} steps (η = {}), {} worker(s) on {}; budget {} steps; results in {}",
         cfg.trials,
@@ -76,7 +75,7 @@ pub fn run(args: &Args) -> Result<()> {
     let state = run_tune(&data, &cfg, &progress)?;
     let (done, total) = state.progress();
     println!(
-        "{done}/{total} trials finished; wrote trials.md, best-config.json and {} in {}",
+        "{done}/{total} training runs finished; wrote trials.md, best-config.json and {} in {}",
         state_path(&cfg.out).file_name().and_then(|n| n.to_str()).unwrap_or(""),
         cfg.out.display()
     );
