@@ -361,23 +361,30 @@ pub(crate) fn process_alive(pid: u32) -> bool {
     if cfg!(target_os = "linux") { Path::new("/proc").join(pid.to_string()).exists() } else { true }
 }
 
-/// Removes what killed processes left in `dir`: entries named `prefix` + PID (+ anything) whose
-/// process is gone (temporary files `.NAME.tmp.PID.N`, dataset directories `.NAME.tmp-PID-K`).
-/// Each removal is reported on stderr; returns what was removed.
-pub fn remove_stale_temps(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+/// The entries of `dir` named `prefix` + PID (+ anything) whose process is gone, with that PID.
+pub fn stale_temps(dir: &Path, prefix: &str) -> Vec<(PathBuf, u32)> {
     let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
-    let mut removed = Vec::new();
+    let mut stale = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else { continue };
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        let Ok(pid) = digits.parse::<u32>() else { continue };
-        if process_alive(pid) {
-            continue;
+        match digits.parse::<u32>() {
+            Ok(pid) if !process_alive(pid) => stale.push((entry.path(), pid)),
+            _ => {}
         }
-        let path = entry.path();
-        let gone = match entry.file_type() {
-            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+    }
+    stale
+}
+
+/// Removes what killed processes left in `dir`: entries named `prefix` + PID (+ anything) whose
+/// process is gone (temporary files `.NAME.tmp.PID.N`, dataset directories `.NAME.tmp-PID-K`).
+/// Each removal is reported on stderr; returns what was removed.
+pub fn remove_stale_temps(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for (path, pid) in stale_temps(dir, prefix) {
+        let gone = match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&path),
             _ => fs::remove_file(&path),
         };
         if gone.is_ok() {

@@ -783,8 +783,10 @@ mod tests {
         let (dir, _) = saved("missing");
         let d = &dir.0;
         let e = Dataset::load(d.join("nowhere")).unwrap_err();
-        assert!(matches!(e, Error::Io { .. }));
-        assert_mentions(&e.to_string(), &["nowhere", "dataset.json"]);
+        assert!(matches!(e, Error::Format { .. }));
+        assert_mentions(&e.to_string(), &["nowhere", "does not exist"]);
+        fs::create_dir_all(d.join("empty")).unwrap();
+        assert_mentions(&load_err(&d.join("empty")), &["empty", "holds no dataset.json"]);
 
         let manifest = fs::read_to_string(d.join(MANIFEST_FILE)).unwrap();
         let restore = || fs::write(d.join(MANIFEST_FILE), &manifest).unwrap();

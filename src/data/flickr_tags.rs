@@ -22,7 +22,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 
 use super::dataset::{Dataset, Split};
 use super::format::Layout;
-use super::format::{Meta, RESERVED_TOKENS};
+use super::format::{Meta, RESERVED_TOKENS, one_per_line};
 use super::synth::{SynthConfig, SynthPreset, generate};
 use super::writer::{DatasetWriter, RawTensor};
 use crate::rng::Rng;
@@ -189,9 +189,8 @@ impl FlickrTags {
             staged.push(crate::io::stage(&path, &bytes)?);
             files.insert(name.into(), serde_json::json!([file]));
         }
-        let lines = |v: &[String]| v.iter().flat_map(|s| [s.as_str(), "\n"]).collect::<String>();
-        staged.push(crate::io::stage(&dir.join("labels.txt"), lines(&m.label_names).as_bytes())?);
-        staged.push(crate::io::stage(&dir.join("vocab.txt"), lines(&m.vocab).as_bytes())?);
+        staged.push(crate::io::stage(&dir.join("labels.txt"), one_per_line(&m.label_names).as_bytes())?);
+        staged.push(crate::io::stage(&dir.join("vocab.txt"), one_per_line(&m.vocab).as_bytes())?);
         let doc = serde_json::json!({
             "format": "semshare-source",
             "version": 1,

@@ -50,6 +50,11 @@ pub const SPLITS: [&str; 4] = ["train", "val", "test", "database"];
 pub const REQUIRED_SPLITS: [&str; 3] = ["train", "val", "test"];
 pub const VOCAB_FILE: &str = "vocab.txt";
 pub const LABELS_FILE: &str = "labels.txt";
+
+/// The text of [`VOCAB_FILE`] or [`LABELS_FILE`]: one entry per line.
+pub fn one_per_line(entries: &[String]) -> String {
+    entries.iter().flat_map(|s| [s.as_str(), "\n"]).collect()
+}
 /// Pre-extracted text segments (instead of `text.tokens`).
 pub const TEXT_FEATURES: &str = "text.features";
 

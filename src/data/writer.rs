@@ -15,7 +15,7 @@ use safetensors::tensor::{Dtype, View};
 use super::checksum::{checksum, format_checksum};
 use super::format::{
     FORMAT_NAME, FORMAT_VERSION, FeatureDtype, LABELS_FILE, Layout, MANIFEST_FILE, Manifest, REQUIRED_SPLITS, SPLITS,
-    ShardEntry, TEXT_FEATURES, VOCAB_FILE, foreign_entries, is_dataset, tensor::*,
+    ShardEntry, TEXT_FEATURES, VOCAB_FILE, foreign_entries, is_dataset, one_per_line, tensor::*,
 };
 use crate::{Error, Result};
 
@@ -258,9 +258,9 @@ impl DatasetWriter {
             self.splits.entry(name.to_string()).or_default();
         }
         let m = &self.layout.meta;
-        let lines = |v: &[String]| v.iter().flat_map(|s| [s.as_str(), "\n"]).collect::<String>();
-        write_synced(&self.tmp.join(VOCAB_FILE), &self.out.join(VOCAB_FILE), lines(&m.vocab).as_bytes())?;
-        write_synced(&self.tmp.join(LABELS_FILE), &self.out.join(LABELS_FILE), lines(&m.label_names).as_bytes())?;
+        write_synced(&self.tmp.join(VOCAB_FILE), &self.out.join(VOCAB_FILE), one_per_line(&m.vocab).as_bytes())?;
+        let labels = one_per_line(&m.label_names);
+        write_synced(&self.tmp.join(LABELS_FILE), &self.out.join(LABELS_FILE), labels.as_bytes())?;
         let manifest = Manifest {
             format: FORMAT_NAME.into(),
             version: FORMAT_VERSION,
@@ -354,21 +354,13 @@ fn restore_aside(out: &Path) {
     }
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let prefix = format!(".{}.tmp-", name.to_string_lossy());
-    let Ok(entries) = fs::read_dir(parent) else { return };
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if rest.ends_with(".old")
-            && pid.is_some_and(|p| !crate::io::process_alive(p))
-            && fs::rename(entry.path(), out).is_ok()
-        {
+    for (aside, pid) in crate::io::stale_temps(parent, &prefix) {
+        if aside.extension().is_some_and(|e| e == "old") && fs::rename(&aside, out).is_ok() {
             let _ = writeln!(
                 std::io::stderr(),
-                "restored {} from {}, set aside by process {} (killed while replacing it)",
+                "restored {} from {}, set aside by process {pid} (killed while replacing it)",
                 out.display(),
-                entry.path().display(),
-                pid.unwrap_or_default()
+                aside.display()
             );
             // The new dataset that process had finished goes too, whatever follows.
             crate::io::remove_stale_temps(parent, &prefix);
