@@ -94,8 +94,14 @@ fn outputs_never_replace_what_semshare_did_not_write() {
     let kept = snapshot(&data);
     fails_with(&semshare(&["synth", "--out", path(&data), "--seed", "9"]), "pass --force");
     assert_eq!(snapshot(&data), kept);
+    #[cfg(unix)]
+    let mode = |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
+    #[cfg(unix)]
+    std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
     ok(&semshare(&["synth", "--out", path(&data), "--seed", "9", "--train", "40", "--force"]));
     assert_ne!(snapshot(&data), kept);
+    #[cfg(unix)]
+    assert_eq!(mode(&data), 0o750, "the replaced dataset's permissions stay");
 
     // `pack --from src --out src`, and an output holding the source: the source stays.
     let src = dir.join("src");

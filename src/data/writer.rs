@@ -287,7 +287,9 @@ impl DatasetWriter {
             let _ = d.sync_all(); // the new dataset's entries, before it is renamed into place
         }
         // A reader sees the old or the new dataset, never a mix.
-        if self.out.exists() {
+        if let Ok(old) = fs::metadata(&self.out) {
+            // The replaced dataset's permissions stay (a shared group's access, say).
+            let _ = fs::set_permissions(&self.tmp, old.permissions());
             let mut aside = self.tmp.clone().into_os_string();
             aside.push(".old");
             crate::io::replace_dir(&self.tmp, &self.out, Path::new(&aside))?;
