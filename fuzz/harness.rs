@@ -21,7 +21,7 @@ use semshare::experiment::plot::{eta_curves, figure1_svg};
 use semshare::experiment::report::{Tables, table1_markdown};
 use semshare::experiment::suite::{Suite, SuiteState};
 use semshare::experiment::tune::{Trial, TunePlan, TuneState, best, write_table};
-use semshare::index::build::{embed_features, from_vectors, generated_ids, read_ids, read_lines};
+use semshare::index::build::{embed_features, feature_items, from_vectors, generated_ids, read_ids, read_lines};
 use semshare::index::npy::parse_npy;
 use semshare::index::{Index, Modality, search};
 use semshare::inference::{Embeddings, Model, Regions, tiny_checkpoint};
@@ -311,6 +311,9 @@ fn with_model(f: impl FnOnce(&mut Model)) {
 /// with its own rows.
 pub fn npy(data: &[u8]) {
     let Ok(array) = parse_npy(data) else { return };
+    // The segments cut at the array's own width, then embedded by a model of width 4.
+    let width = array.shape.last().copied().unwrap_or(0);
+    let _ = feature_items(&array, Modality::Image, width, 0);
     with_model(|m| drop(embed_features(m, &array, Modality::Image)));
     let n = array.shape.first().copied().unwrap_or(0); // as `index --vectors` counts its ids
     let queries = Embeddings { values: array.values.clone(), dim: array.shape.last().copied().unwrap_or(0) };

@@ -307,15 +307,12 @@ fn with_article(what: &str) -> String {
 /// the two renames there is none, and a failed second rename puts it back. A process killed
 /// between them leaves the old directory at `aside`, for its next writer to restore.
 pub fn replace_dir(new: &Path, out: &Path, aside: &Path) -> Result<()> {
-    match swap_names(new, out) {
+    if swap_names(new, out) {
         // `new` is the old directory now.
-        Ok(true) => {
-            let _ = fs::remove_dir_all(new);
-            Ok(())
-        }
-        Ok(false) => replace_dir_by_renames(new, out, aside),
-        Err(e) => Err(Error::io(out, e)),
+        let _ = fs::remove_dir_all(new);
+        return Ok(());
     }
+    replace_dir_by_renames(new, out, aside)
 }
 
 fn replace_dir_by_renames(new: &Path, out: &Path, aside: &Path) -> Result<()> {
@@ -328,29 +325,32 @@ fn replace_dir_by_renames(new: &Path, out: &Path, aside: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Swaps what the names `a` and `b` refer to in one step; Ok(false) where this system or
-/// filesystem cannot.
+/// Swaps what the names `a` and `b` refer to in one step; false where it did not (a kernel
+/// before 3.15, a filesystem or sandbox without the exchange, any other error): a failed swap
+/// changes nothing, and the renames that follow report what is wrong. Called as a system call,
+/// not through glibc's wrapper (glibc 2.28 and later only).
 #[cfg(target_os = "linux")]
-fn swap_names(a: &Path, b: &Path) -> std::io::Result<bool> {
+fn swap_names(a: &Path, b: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
-    let (a, b) = (c(a)?, c(b)?);
-    // SAFETY: two NUL-terminated paths that outlive the call.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    // EINVAL: the filesystem has no exchange; ENOSYS: the kernel (before 3.15) or a sandbox.
-    match e.raw_os_error() {
-        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
-        _ => Err(e),
-    }
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).ok();
+    let (Some(a), Some(b)) = (c(a), c(b)) else { return false };
+    // SAFETY: two NUL-terminated paths that outlive the call; renameat2's five arguments.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    r == 0
 }
 
 #[cfg(not(target_os = "linux"))]
-fn swap_names(_: &Path, _: &Path) -> std::io::Result<bool> {
-    Ok(false)
+fn swap_names(_: &Path, _: &Path) -> bool {
+    false
 }
 
 /// Whether process `pid` may still be running (unknown counts as running: nothing is removed).

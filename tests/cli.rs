@@ -105,8 +105,15 @@ fn bad_input_gives_one_line_errors() {
     fails_with(&semshare(&["train", "--data", path(&dir.join("nope"))]), "does not exist");
     fails_with(&semshare(&["train"]), "--data is required (see `semshare train --help`)");
     fails_with(&semshare(&["check", path(&dir)]), "holds no dataset.json: not a dataset");
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, "x").unwrap();
+    fails_with(&semshare(&["check", path(&file)]), "not a directory: a dataset is a directory");
     usage_error(&semshare(&["--version", "extra"]), "--version takes none");
-    assert!(semshare(&["help", "--help"]).status.success());
+    usage_error(&semshare(&["query", "--index", "i.idx", "--text", ""]), "--text is empty");
+    for help in [["help", "--help"], ["help", "help"]] {
+        let out = semshare(&help);
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("COMMANDS:"), "{help:?}");
+    }
     fails_with(&semshare(&["demo", "--device", "cuda"]), "CUDA");
     fails_with(&semshare(&["demo", "--device", "tpu"]), "unknown device");
     usage_error(&semshare(&["frobnicate"]), "unknown command `frobnicate`");

@@ -354,13 +354,14 @@ fn checkpoints_are_checked_before_anything_is_allocated() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Runs the binary, killing it if it has not finished within a minute (a hang is a failure).
-/// Ctrl-C (SIGINT) or a scheduler's SIGTERM stops `train` after the step under way: exit
-/// 128 + the signal, `last.safetensors` at the step reached, and `--resume` continues it.
+/// Ctrl-C (SIGINT) or a scheduler's SIGTERM stops `train` after the step under way: it ends
+/// by that signal (so a script running it stops too), `last.safetensors` at the step reached,
+/// and `--resume` continues it.
 #[cfg(unix)]
 #[test]
 fn a_signal_stops_train_with_a_checkpoint_to_resume_from() {
     use std::io::{BufRead, BufReader, Read};
+    use std::os::unix::process::ExitStatusExt;
     let dir = tmp("signal");
     let data = synth(&dir, "data", &[]);
     let cfg = config(
@@ -368,7 +369,7 @@ fn a_signal_stops_train_with_a_checkpoint_to_resume_from() {
         r#"{"model": {"layers": 1, "dim": 16, "heads": 2, "ffn": 32, "word_dim": 8, "gru_hidden": 8},
             "train": {"eval_every": 2, "warmup": 1, "batch_size": 8, "patience": 0}}"#,
     );
-    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+    for (signal, number) in [("INT", 2), ("TERM", 15)] {
         let run = dir.join(signal);
         let mut child = Command::new(env!("CARGO_BIN_EXE_semshare"))
             .args(["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run)])
@@ -385,12 +386,29 @@ fn a_signal_stops_train_with_a_checkpoint_to_resume_from() {
         }
         let sent = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
         assert!(sent.success());
+        // A stop that hangs fails the test rather than CI: the process is killed after a minute
+        // (its PID is still its own: the child is not reaped before `done`).
+        let (pid, done) = (child.id().to_string(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let watched = std::sync::Arc::clone(&done);
+        let watchdog = std::thread::spawn(move || {
+            let start = Instant::now();
+            while !watched.load(std::sync::atomic::Ordering::SeqCst) {
+                if start.elapsed() > Duration::from_secs(60) {
+                    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
         stderr.read_to_string(&mut seen).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert_eq!(out.status.code(), Some(code), "{seen}");
+        let mut stdout = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        watchdog.join().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(number), "ended by SIG{signal}: {seen}");
         assert!(seen.contains("stopping after this step"), "{seen}");
         let last = Checkpoint::load(&run.join("last.safetensors")).unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains(&format!("stopped by SIG{signal} at step {} of 1000000", last.step)), "{stdout}");
         let total = (last.step + 2).to_string();
         let resumed = ok(&train(&data, &cfg, &run, &total, &["--resume", path(&run.join("last.safetensors"))]));
@@ -399,6 +417,7 @@ fn a_signal_stops_train_with_a_checkpoint_to_resume_from() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Runs the binary, killing it if it has not finished within a minute (a hang is a failure).
 fn semshare_within_a_minute(args: &[&str]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_semshare"))
         .args(args)

@@ -189,8 +189,10 @@ fn demo_runs_on_the_device() {
     assert!(values.iter().all(|v| v.is_finite() && (0.0..=100.0).contains(v)), "{ndcg}");
 }
 
-/// Stopped between log points (Ctrl-C in the CLI), a run on the device reads the steps it has
-/// not read back yet, writes `last.safetensors` there, and resumes as if it had not stopped.
+/// Stopped (Ctrl-C in the CLI) at its step-16 log point, a run on the device writes
+/// `last.safetensors` there and resumes as if it had not stopped. (A stop between log points
+/// reads the steps not yet read with the same `read_stats` a log point uses, tested against
+/// the immediate step in `gpu_step`.)
 #[test]
 fn a_stopped_run_on_the_device_resumes_as_if_it_had_not_stopped() {
     if gpu_or_skip("a_stopped_run_on_the_device_resumes_as_if_it_had_not_stopped").is_none() {

@@ -121,11 +121,16 @@ impl DatasetReader {
         let dir = dir.as_ref();
         let mpath = dir.join(MANIFEST_FILE);
         // Said of the directory, not as an OS error about the manifest inside it.
+        let missing = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
         let not_a_dataset = match std::fs::metadata(dir) {
-            Err(_) => Some("the data directory does not exist"),
+            Err(e) if missing(&e) => Some("the data directory does not exist"),
+            Err(e) => return Err(Error::io(dir, e)),
             Ok(m) if !m.is_dir() => Some("not a directory: a dataset is a directory holding dataset.json"),
-            Ok(_) if std::fs::symlink_metadata(&mpath).is_err() => Some("holds no dataset.json: not a dataset"),
-            Ok(_) => None,
+            Ok(_) => match std::fs::symlink_metadata(&mpath) {
+                Err(e) if missing(&e) => Some("holds no dataset.json: not a dataset"),
+                // Permission denied and the like: said by the read below, naming the file.
+                _ => None,
+            },
         };
         if let Some(what) = not_a_dataset {
             return Err(Error::format(dir, what));

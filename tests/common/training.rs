@@ -50,7 +50,8 @@ pub fn stopped_run_resumes(device: &dyn Fn() -> Box<dyn Backend>, tag: &str, exa
     let data = tiny_data(5);
     let cfg =
         TrainConfig { steps: 20, batch_size: 8, eval_every: 0, warmup: 2, min_lr_ratio: 1.0, ..TrainConfig::default() };
-    let whole = run(device().as_mut(), &data, &cfg, &tmp(tag, "stop-whole")).unwrap();
+    let whole_dir = tmp(tag, "stop-whole");
+    let whole = run(device().as_mut(), &data, &cfg, &whole_dir).unwrap();
     let dir = tmp(tag, "stop-parts");
     let stop = Arc::new(AtomicBool::new(false));
     let asker = Arc::clone(&stop);
@@ -88,7 +89,7 @@ pub fn stopped_run_resumes(device: &dyn Fn() -> Box<dyn Backend>, tag: &str, exa
     let none = train(device().as_mut(), &open(&data, &empty), &model, &cfg, &opts).unwrap();
     assert!(none.stopped && none.losses.is_empty() && none.best_checkpoint.is_none());
     assert!(!empty.join("last.safetensors").exists());
-    for d in [dir, empty] {
+    for d in [whole_dir, dir, empty] {
         std::fs::remove_dir_all(d).unwrap();
     }
 }

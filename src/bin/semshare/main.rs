@@ -114,7 +114,7 @@ const COMMANDS: &[Command] = &[
              cap and early stopping by epochs, context loss, validation score, embedding),
              printed with a reason each and written to --out as resolved-config.json
              Ctrl-C (SIGINT) or SIGTERM stops it after the step under way and writes
-             last.safetensors there, to --resume from (exit 130 or 143); a second one at once
+             last.safetensors there, to --resume from, then ends by it; a second one at once
 ",
         takes: Takes::Flags(train::run),
     },
@@ -248,7 +248,8 @@ const CONFIG_NOTE: &str = "  A config file is JSON: {\"model\": {...}, \"train\"
 const GENERAL_NOTE: &str = "  --flag=value is the same as --flag value. Progress goes to stderr: redrawn in place on a
   terminal, a plain line now and then when piped. Exit status: 0 success, 1 error,
   2 command line not understood (unknown command or option, missing value, stray argument),
-  130 or 143 train stopped by SIGINT or SIGTERM (with a checkpoint to resume from).
+  train stopped by SIGINT or SIGTERM ends by that signal (130 or 143 in a shell) after
+  writing a checkpoint to resume from.
 ";
 
 /// Exit status of a command line that is not understood (1 is every other error).

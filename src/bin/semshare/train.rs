@@ -65,7 +65,9 @@ pub fn run(args: &Args) -> Result<()> {
                 last.display()
             );
         }
-        // The shell's status of a process ended by that signal; everything it wrote is whole.
+        // Ended by that signal, as its default would (everything written is whole): a shell
+        // script running `train` stops on Ctrl-C too, which an exit status would not make it do.
+        signals::end_by(signal);
         std::process::exit(128 + signal);
     }
     let Some(best) = &s.best_checkpoint else {
@@ -110,19 +112,40 @@ mod signals {
     static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     static RECEIVED: AtomicI32 = AtomicI32::new(0);
 
-    /// Only async-signal-safe work: atomics, write(2), _exit(2). A second signal ends the
-    /// process at once, as its default would; a checkpoint being written then stays a temp
+    /// Only async-signal-safe work: atomics, write(2), signal(2), raise(3). A second signal
+    /// ends the process at once, by that signal; a checkpoint being written then stays a temp
     /// file beside the last whole one (every write is staged and renamed).
     extern "C" fn on_signal(signal: libc::c_int) {
         let Some(stop) = STOP.get() else { return };
+        // Before the flag: the main thread reads which signal it was once it sees the flag.
+        RECEIVED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst).ok();
         if stop.swap(true, Ordering::SeqCst) {
-            // SAFETY: _exit is async-signal-safe.
-            unsafe { libc::_exit(128 + signal) }
+            end_by(signal);
+            return;
         }
-        RECEIVED.store(signal, Ordering::SeqCst);
+        #[cfg(target_os = "linux")]
+        // SAFETY: errno is this thread's; write(2) may set it, and the code this handler
+        // interrupted may be about to read it.
+        let saved = unsafe { *libc::__errno_location() };
         let note = b"\nstopping after this step to write a checkpoint (signal again to stop at once)\n";
         // SAFETY: write(2) is async-signal-safe; the buffer outlives the call.
         unsafe { libc::write(2, note.as_ptr().cast(), note.len()) };
+        #[cfg(target_os = "linux")]
+        // SAFETY: as above.
+        unsafe {
+            *libc::__errno_location() = saved
+        };
+    }
+
+    /// Ends the process by `signal`'s default action: what a parent (a shell, `make`,
+    /// `subprocess`) sees of a process killed by it. Inside the handler the signal is blocked,
+    /// so it arrives as the handler returns.
+    pub fn end_by(signal: libc::c_int) {
+        // SAFETY: signal(2) and raise(3) are async-signal-safe.
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+            libc::raise(signal);
+        }
     }
 
     pub fn install(stop: Arc<AtomicBool>) {
@@ -130,9 +153,15 @@ mod signals {
             return;
         }
         for signal in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: a zeroed sigaction is valid; the handler is an `extern "C" fn(c_int)`,
+            // SAFETY: zeroed sigactions are valid; the handler is an `extern "C" fn(c_int)`,
             // and SA_RESTART keeps interrupted reads and writes from failing with EINTR.
             unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(signal, std::ptr::null(), &mut old);
+                // A signal the parent ignores (a background job of a script) stays ignored.
+                if old.sa_sigaction == libc::SIG_IGN {
+                    continue;
+                }
                 let mut action: libc::sigaction = std::mem::zeroed();
                 action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
                 action.sa_flags = libc::SA_RESTART;
@@ -160,6 +189,9 @@ mod signals {
 mod signals {
     pub fn received() -> i32 {
         0
+    }
+    pub fn end_by(_: i32) {
+        std::process::exit(1)
     }
     pub fn name(_: i32) -> &'static str {
         "a signal"
