@@ -416,7 +416,7 @@ pub trait Backend {
     fn gather_rows(&mut self, table: View, cols: usize, ids: &Ids) -> Result<Tensor>;
     /// `dtable[ids[i], :] += dy[i, :]`.
     fn scatter_add_rows(&mut self, dy: &Tensor, ids: &Ids, dtable: ViewMut) -> Result<()>;
-    /// `x[rows[i], :] = value` (the learned [MASK] feature).
+    /// `x[rows[i], :] = value` (the learned `[MASK]` feature).
     fn set_rows(&mut self, x: &mut Tensor, rows: &Ids, value: View) -> Result<()>;
     /// `dvalue += Σ_i dx[rows[i], :]`, then those rows of dx are zeroed.
     fn set_rows_bwd(&mut self, dx: &mut Tensor, rows: &Ids, dvalue: ViewMut) -> Result<()>;

@@ -54,7 +54,7 @@ impl Precision {
 }
 
 /// A 16-bit float format input features may arrive in (an fp16 or bf16 shard): uploaded as
-/// they are, two to a 4-byte word, and widened to f32 on the device ([`Backend::widen_features`]).
+/// they are, two to a 4-byte word, and widened to f32 on the device ([`Backend::widen_features`](super::Backend::widen_features)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Half {
     /// IEEE binary16.

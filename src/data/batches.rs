@@ -27,7 +27,7 @@ pub struct RawImages {
     pub dtype: Option<FeatureDtype>,
     /// [regions, 5]
     pub boxes: Vec<f32>,
-    /// [regions], when the split has object classes.
+    /// `[regions]`, when the split has object classes.
     pub classes: Option<Vec<u32>>,
     /// [items, C] as 0/1 floats.
     pub labels: Vec<f32>,

@@ -10,11 +10,11 @@
 //! |---|---|---|
 //! | `image.features` | [N, R, Dr] | f32 |
 //! | `image.boxes` | [N, R, 5] | f32, (x1/W, y1/H, x2/W, y2/H, area/(W·H)) |
-//! | `image.count` | [N] | u16, valid regions per image, 1..=R |
+//! | `image.count` | `[N]` | u16, valid regions per image, 1..=R |
 //! | `image.classes` | [N, R] | u16, optional, object class < K_obj |
 //! | `text.tokens` | [M, T] | u32, 0-padded after `text.length` |
-//! | `text.length` | [M] | u16, 1..=T |
-//! | `text.item` | [M] | u32, image index of each text |
+//! | `text.length` | `[M]` | u16, 1..=T |
+//! | `text.item` | `[M]` | u32, image index of each text |
 //! | `labels` | [N, C] | u8, 0/1, ≥ 1 label per image |
 //!
 //! Everything is validated; every error names the split or file, the tensor and, where it
@@ -36,15 +36,15 @@ pub struct Split {
     pub image_features: Vec<f32>,
     /// [N, R, 5]
     pub image_boxes: Vec<f32>,
-    /// [N], each in 1..=R
+    /// `[N]`, each in 1..=R
     pub image_count: Vec<u16>,
     /// [N, R], each < K_obj
     pub image_classes: Option<Vec<u16>>,
     /// [M, T], 0-padded
     pub text_tokens: Vec<u32>,
-    /// [M], each in 1..=T
+    /// `[M]`, each in 1..=T
     pub text_length: Vec<u16>,
-    /// [M], image index of each text
+    /// `[M]`, image index of each text
     pub text_item: Vec<u32>,
     /// [N, C], 0/1
     pub labels: Vec<u8>,

@@ -1,7 +1,7 @@
 //! `synth --preset flickr-tags` (DESIGN.md §6): the real MIRFlickr-25K labels and tag texts
 //! (`../shared/data/mirflickr25k`, DCMH's `LAll` and `YAll`) with synthetic regions.
 //!
-//! **Images.** [`generate`](super::synth::generate) with the real label matrix (all rows, in file
+//! **Images.** [`synth::generate`](super::synth::generate) with the real label matrix (all rows, in file
 //! order) and the `balanced` image knobs: each item's regions come from its own stream, keyed by
 //! its MIRFlickr row, so an item has the same image in every split it is in.
 //!

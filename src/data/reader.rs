@@ -81,7 +81,7 @@ impl SplitReader {
     pub fn text_labels(&self) -> Vec<u8> {
         (0..self.num_texts()).flat_map(|j| self.labels(self.text_image(j)).iter().copied()).collect()
     }
-    /// [M] global image of each text.
+    /// `[M]` global image of each text.
     pub fn text_items(&self) -> Vec<u32> {
         (0..self.num_texts()).map(|j| self.text_image(j) as u32).collect()
     }

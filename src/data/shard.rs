@@ -458,7 +458,7 @@ impl Shard {
         }
     }
 
-    /// The checksum of the whole file ([`checksum`]), read by pread in blocks.
+    /// The checksum of the whole file (`checksum`), read by pread in blocks.
     pub fn file_checksum(&self) -> Result<u64> {
         let mut sum = Checksum::new();
         self.checksum_from(0, &mut sum)?;

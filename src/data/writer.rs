@@ -19,7 +19,7 @@ use super::format::{
 };
 use crate::{Error, Result};
 
-/// One image as raw little-endian rows (shapes of the shard table: [R, Dr], [R, 5], [R]).
+/// One image as raw little-endian rows (shapes of the shard table: `[R, Dr]`, `[R, 5]`, `[R]`).
 pub struct ImageRecord<'a> {
     pub features: &'a [u8],
     pub feature_dtype: FeatureDtype,

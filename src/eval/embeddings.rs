@@ -6,7 +6,7 @@
 //! | `text.embedding`  | F32   | [M, D] |                                                  |
 //! | `image.labels`    | U8    | [N, C] | multi-hot, 0 or 1                                |
 //! | `text.labels`     | U8    | [M, C] | multi-hot, 0 or 1                                |
-//! | `text.item`       | U32   | [M]    | optional: the image of each text (see below)      |
+//! | `text.item`       | U32   | `[M]`  | optional: the image of each text (see below)      |
 //!
 //! Without `text.item`, M = N pairs text i with image i; M ≠ N leaves the set unpaired: it is
 //! scored with the label metrics only, since R@K needs to know which text belongs to which

@@ -130,7 +130,7 @@ fn legacy_budget_json(budget_json: &str) -> Option<String> {
 
 /// Whether `recorded` is this suite's fingerprint as an earlier version made it: before shard
 /// headers were written in one order (the shards' `__metadata__` in another order), and before
-/// the budget had the keys of [`ADDED_TRAIN_KEYS`] (when this budget has their old values).
+/// the budget had the keys of `ADDED_TRAIN_KEYS` (when this budget has their old values).
 /// Then a dataset rebuilt with the documented commands resumes a committed suite.
 pub fn is_legacy_fingerprint(
     data: &DatasetReader,

@@ -5,7 +5,7 @@
 //! |---------------|-------|---------|-------------------------------------------------------|
 //! | `embeddings`  | F32   | [N, D]  | one L2-normalised row per item (a zero row stays zero) |
 //! | `ids.offsets` | U64   | [N + 1] | item i's id is `ids.bytes[offsets[i]..offsets[i+1]]`   |
-//! | `ids.bytes`   | U8    | [B]     | the ids, UTF-8, concatenated                           |
+//! | `ids.bytes`   | U8    | `[B]`   | the ids, UTF-8, concatenated                           |
 //! | `labels`      | U8    | [N, C]  | optional: multi-hot, 0 or 1                            |
 //!
 //! Metadata: `format` = `semshare-index-1`; `origin` = `model` or `vectors`; for a model's

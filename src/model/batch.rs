@@ -1,4 +1,4 @@
-//! Host-side batches, packed without padding: item b owns rows offsets[b]..offsets[b+1].
+//! Host-side batches, packed without padding: item b owns rows `offsets[b]..offsets[b+1]`.
 
 use std::borrow::Cow;
 
@@ -88,7 +88,7 @@ pub struct ImageBatch {
     pub features: Features,
     /// [regions, 5]: x1/W, y1/H, x2/W, y2/H, area/(W·H).
     pub boxes: Vec<f32>,
-    /// [regions] detector class of each region, if known (the image context target).
+    /// `[regions]` detector class of each region, if known (the image context target).
     pub classes: Option<Vec<u32>>,
     /// [items, C] multi-hot as 0/1 floats.
     pub labels: Vec<f32>,
@@ -98,7 +98,7 @@ pub struct ImageBatch {
 #[derive(Clone, Debug, Default)]
 pub struct TextBatch {
     pub lengths: Vec<usize>,
-    /// [tokens] ids < V, never [PAD]; empty when the texts are `features`.
+    /// `[tokens]` ids < V, never `[PAD]`; empty when the texts are `features`.
     pub tokens: Vec<u32>,
     /// [segments, Dt] pre-extracted segment features; empty when the texts are `tokens`.
     pub features: Features,

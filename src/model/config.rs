@@ -25,7 +25,7 @@ pub struct ModelConfig {
     pub ffn: usize,
     /// T: most tokens per text.
     pub max_tokens: usize,
-    /// V: vocabulary size (ids 0 [PAD], 1 [UNK], 2 [MASK]).
+    /// V: vocabulary size (ids 0 `[PAD]`, 1 `[UNK]`, 2 `[MASK]`).
     pub vocab: usize,
     /// C: labels.
     pub labels: usize,

@@ -1,5 +1,5 @@
 //! Image side (modality-specific): a region x_t with box b_t becomes
-//! e_t = φ(ψ1(x̂_t) + ψ2(b_t)), where x̂_t is the learned [MASK] feature if t is masked.
+//! e_t = φ(ψ1(x̂_t) + ψ2(b_t)), where x̂_t is the learned `[MASK]` feature if t is masked.
 
 use crate::Result;
 use crate::backend::Backend;

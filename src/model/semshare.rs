@@ -48,7 +48,7 @@ pub struct SemShare {
 pub enum EmbeddingKind {
     /// z: the mean of the final hidden states.
     Pooled,
-    /// The label space: mean over segments of the L2-normalised [`label_coordinates`] of
+    /// The label space: mean over segments of the L2-normalised `label_coordinates` of
     /// g(h_t), normalised. The authors' code takes sigmoid(g(h_t)); see [`Backend::label_coordinates`]
     /// for why the coordinates are √(−log(1 − sigmoid)) here.
     Label,

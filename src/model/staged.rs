@@ -1,5 +1,5 @@
 //! One modality's batch staged on the device: every value the forward pass reads from the host,
-//! computed from the batch and its mask plan (input normalisation, the [MASK] tokens, segment
+//! computed from the batch and its mask plan (input normalisation, the `[MASK]` tokens, segment
 //! offsets, labels, the masked rows and their targets) and uploaded before the pass starts, so
 //! that the pass itself uploads nothing. A captured step (CUDA graph) replays on the same
 //! device memory: `HostInputs::words` refills all of it with the next batch's values at once.

@@ -14,9 +14,9 @@ use crate::tensor::Tensor;
 
 #[derive(Clone, Debug)]
 pub struct GruDirection {
-    /// x → (r, z, n) pre-activations: weight_ih [3H, In], bias_ih [3H].
+    /// x → (r, z, n) pre-activations: weight_ih `[3H, In]`, bias_ih `[3H]`.
     pub input: Linear,
-    /// h → (r, z, n): weight_hh [3H, H], bias_hh [3H].
+    /// h → (r, z, n): weight_hh `[3H, H]`, bias_hh `[3H]`.
     pub hidden: Linear,
     pub reverse: bool,
 }

@@ -72,7 +72,7 @@ pub enum ContextPass {
     #[serde(rename = "shared")]
     Shared,
     /// L1 on the batch as it is, L2 on a second pass with the segments masked: the label loss
-    /// never sees a [MASK]. Costs a second forward and backward pass of each modality.
+    /// never sees a `[MASK]`. Costs a second forward and backward pass of each modality.
     #[serde(rename = "separate")]
     Separate,
 }

@@ -180,7 +180,7 @@ impl Kernel {
 }
 
 /// B of `C = op(A)·op(B)` packed once for one kernel: for each slice of k, the slivers of
-/// all its columns, each panel of them laid out as [`blocked`] packs it on every call.
+/// all its columns, each panel of them laid out as `blocked` packs it on every call.
 /// A frozen model's weights (`Backend::freeze`) keep theirs across calls: in fp32 the pack
 /// is a transpose of Wᵀ, in bf16 also the conversion, both once per weight instead of once
 /// per GEMM.
@@ -298,7 +298,7 @@ struct Prepacked {
     j: usize,
 }
 
-/// `c = alpha·a·b + beta·c` at `precision` with a [m,k], b [k,n], c [m,n] given by their
+/// `c = alpha·a·b + beta·c` at `precision` with a `[m, k]`, b `[k, n]`, c `[m, n]` given by their
 /// strides; used for the per-(item, head) products of attention (in fp32), read straight out
 /// of the packed qkv rows. bf16: `vdpbf16ps` where the CPU has AVX-512 BF16, the same products
 /// on the path's fp32 kernel everywhere else.

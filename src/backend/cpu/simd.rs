@@ -1,7 +1,7 @@
 //! The memory-bound and elementwise loops compiled for the active path's instruction set.
 //!
 //! The crate is built for baseline x86-64 (SSE2), so a plain loop is vectorised four lanes wide,
-//! `floor` is a libm call and a 64-bit multiply is not vectorised at all. [`vectorised!`] runs
+//! `floor` is a libm call and a 64-bit multiply is not vectorised at all. `vectorised!` runs
 //! an expression inside a function compiled with the path's features, written out once per
 //! path as a closure with that one caller, which LLVM inlines there: the same Rust is then
 //! vectorised 16 lanes wide on `avx512` and 8 on `avx2`, with no intrinsics to keep in step

@@ -186,7 +186,7 @@ const MIN_BF16_DIM: usize = 64;
 
 /// [`top_k_keys`] for `--precision bf16`: the same top k by f32 score, found faster where the
 /// CPU has a bf16 unit (AVX-512 BF16, AMX), the queries fill a GEMM block and the rows are
-/// [`MIN_BF16_DIM`] long; elsewhere it is [`top_k_keys`] itself (a bf16 pass without a bf16
+/// `MIN_BF16_DIM` long; elsewhere it is [`top_k_keys`] itself (a bf16 pass without a bf16
 /// unit is no faster).
 pub fn top_k_keys_bf16(queries: &[f32], gallery: &[f32], dim: usize, k: usize, tile: usize) -> Vec<u64> {
     if dispatch::current().bf16_native() && queries.len() / dim >= QUERY_BLOCK && dim >= MIN_BF16_DIM {
@@ -198,9 +198,9 @@ pub fn top_k_keys_bf16(queries: &[f32], gallery: &[f32], dim: usize, k: usize, t
 
 /// The top k by f32 score, each query's gallery scored first on operands rounded to bf16:
 ///
-/// 1. A bf16 pass keeps each query's k + [`SLACK`] best rows by bf16 score (gallery ranges in
+/// 1. A bf16 pass keeps each query's k + `SLACK` best rows by bf16 score (gallery ranges in
 ///    parallel when the queries are few, each range's list kept whole).
-/// 2. Those candidates are scored again in f32 ([`dot`]); s_k is the k-th best of them, a lower
+/// 2. Those candidates are scored again in f32 (`dot`); s_k is the k-th best of them, a lower
 ///    bound of the true k-th score. A row left out scored at most `a` in bf16 (the worst kept
 ///    score of its range), so at most `a + E` in f32, where `E` ([`bf16_error_bound`]) bounds
 ///    |bf16 score − f32 score|. If `a + E < s_k`, no left-out row can enter the top k, which
@@ -208,7 +208,7 @@ pub fn top_k_keys_bf16(queries: &[f32], gallery: &[f32], dim: usize, k: usize, t
 /// 3. Otherwise a second bf16 pass rescores in f32 every row whose bf16 score reaches
 ///    `s_k − E`: a superset of the true top k, since each of those rows scores at least s_k.
 ///
-/// The keys equal those of a search that scores every row by [`dot`].
+/// The keys equal those of a search that scores every row by `dot`.
 pub fn top_k_keys_filtered(
     queries: &[f32],
     gallery: &[f32],
@@ -338,7 +338,7 @@ const PRODUCT_LIMIT: f64 = 1.267_650_600_228_229_4e30; // 2^100
 /// An upper bound of |s̃ − s| for one query row q (norm `qn`) and any gallery row g (norm at
 /// most `gmax`) of `dim` values: s̃ the GEMM's score on q and g rounded to bf16 (products
 /// exact in f32, sums in f32, denormals flushed: AVX-512 BF16, AMX, or f32 FMA on rounded
-/// operands), s the f32 [`dot`]. With u = 2^-8 (bf16's unit roundoff) and γ = dim·2^-24 /
+/// operands), s the f32 `dot`. With u = 2^-8 (bf16's unit roundoff) and γ = dim·2^-24 /
 /// (1 − dim·2^-24) (a sum of dim terms in f32, any order), by Cauchy–Schwarz
 /// Σ|qᵢgᵢ| ≤ ‖q‖‖g‖:
 ///   rounding the operands moves the exact sum by ≤ (2u + u²)·‖q‖‖g‖;
