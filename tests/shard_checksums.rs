@@ -24,15 +24,23 @@ fn ok(out: &Output) {
     assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Flips the lowest bit of the first value of `image.features` (still a finite feature, so only
-/// the checksum can tell).
-fn flip_first_feature_bit(shard: &Path) {
+/// Rewrites the bytes of a shard's `image.features` in place: `edit` gets them and the tensor's
+/// header entry (dtype, shape).
+fn edit_features(shard: &Path, edit: impl FnOnce(&mut [u8], &serde_json::Value)) {
     let mut bytes = std::fs::read(shard).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let start = header["image.features"]["data_offsets"][0].as_u64().unwrap() as usize;
-    bytes[8 + n + start] ^= 1;
+    let features = &header["image.features"];
+    let offset = |i: usize| 8 + n + features["data_offsets"][i].as_u64().unwrap() as usize;
+    let (start, end) = (offset(0), offset(1));
+    edit(&mut bytes[start..end], features);
     std::fs::write(shard, &bytes).unwrap();
+}
+
+/// Flips the lowest bit of the first value of `image.features` (still a finite feature, so only
+/// the checksum can tell).
+fn flip_first_feature_bit(shard: &Path) {
+    edit_features(shard, |data, _| data[0] ^= 1);
 }
 
 fn copy_dataset(from: &Path, to: &Path) {
@@ -106,22 +114,18 @@ fn check_reports_a_mismatch_once_and_the_items_behind_it() {
     let shard = data.join("train-00000.safetensors");
     flip_first_feature_bit(&shard);
     // Image 3's first feature value made NaN, in the features' own dtype.
-    let mut bytes = std::fs::read(&shard).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let features = &header["image.features"];
-    let shape: Vec<usize> =
-        features["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let nan: &[u8] = match features["dtype"].as_str().unwrap() {
-        "F32" => &[0x00, 0x00, 0xc0, 0x7f],
-        "F16" => &[0x00, 0x7e],
-        "BF16" => &[0xc0, 0x7f],
-        other => panic!("features of dtype {other}"),
-    };
-    let item = shape[1..].iter().product::<usize>() * nan.len();
-    let at = 8 + n + features["data_offsets"][0].as_u64().unwrap() as usize + 3 * item;
-    bytes[at..at + nan.len()].copy_from_slice(nan);
-    std::fs::write(&shard, &bytes).unwrap();
+    edit_features(&shard, |data, features| {
+        let shape: Vec<usize> =
+            features["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let nan: &[u8] = match features["dtype"].as_str().unwrap() {
+            "F32" => &[0x00, 0x00, 0xc0, 0x7f],
+            "F16" => &[0x00, 0x7e],
+            "BF16" => &[0xc0, 0x7f],
+            other => panic!("features of dtype {other}"),
+        };
+        let at = 3 * shape[1..].iter().product::<usize>() * nan.len();
+        data[at..at + nan.len()].copy_from_slice(nan);
+    });
 
     let out = semshare(&["check", path(&data)]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
