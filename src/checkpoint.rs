@@ -297,11 +297,22 @@ impl Checkpoint {
     /// Whether `path` is a regular file whose safetensors header names this format: what may be
     /// replaced as a checkpoint semshare wrote. Reads the header only.
     pub fn is_checkpoint(path: &Path) -> bool {
-        let Ok((file, _)) = open_regular(path) else { return false };
+        Self::header_entry(path, "format").is_some_and(|f| f == FORMAT)
+    }
+
+    /// The trainer state (`state` in the metadata) of the checkpoint at `path`, read from its
+    /// header alone; None when `path` is not a checkpoint semshare wrote or has none.
+    pub fn read_state(path: &Path) -> Option<String> {
+        Self::is_checkpoint(path).then(|| Self::header_entry(path, "state")).flatten()
+    }
+
+    /// One entry of a safetensors file's metadata, reading the header only.
+    fn header_entry(path: &Path, key: &str) -> Option<String> {
+        let (file, _) = open_regular(path).ok()?;
         // SAFETY: read-only map of a file that checkpoints replace by rename, never in place.
-        let Ok(bytes) = (unsafe { memmap2::Mmap::map(&file) }) else { return false };
-        SafeTensors::read_metadata(&bytes)
-            .is_ok_and(|(_, h)| h.metadata().as_ref().and_then(|m| m.get("format")).is_some_and(|f| f == FORMAT))
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+        let (_, header) = SafeTensors::read_metadata(&bytes).ok()?;
+        header.metadata().as_ref()?.get(key).cloned()
     }
 
     /// [`Checkpoint::load`] for inference: the optimizer moments (two thirds of a training

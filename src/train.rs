@@ -48,6 +48,11 @@ pub struct RunOptions {
     /// `last.safetensors` at the step it reached (resumable as if never stopped) and returns
     /// with [`TrainSummary::stopped`] set. The CLI sets it on SIGINT and SIGTERM.
     pub stop: Option<Arc<AtomicBool>>,
+    /// What this run is (a study's run: its data, model and configuration, hashed), written
+    /// into its checkpoints. Without `resume`, a `last.safetensors` in `out_dir` that carries
+    /// the same identity is continued rather than replaced: a study stopped or killed during a
+    /// run goes on from that run's last checkpoint, to the same result.
+    pub identity: Option<String>,
 }
 
 impl RunOptions {
@@ -60,6 +65,7 @@ impl RunOptions {
             progress: None,
             resolved_config: None,
             stop: None,
+            identity: None,
         }
     }
 }
@@ -83,7 +89,7 @@ pub struct TrainSummary {
     pub stopped: bool,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct RunState {
     /// The best validation score (named `best_ndcg` by checkpoints before other scores existed).
     #[serde(alias = "best_ndcg")]
@@ -95,12 +101,33 @@ struct RunState {
     /// The embedding the best score was reached with.
     #[serde(default)]
     best_embedding: Option<String>,
+    /// [`RunOptions::identity`] of the run that wrote the checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<String>,
 }
 
 impl RunState {
+    /// Before the first validation.
+    fn fresh() -> RunState {
+        RunState { best_score: -1.0, best_step: 0, stale: 0, best_embedding: None, identity: None }
+    }
+
     fn embedding(&self) -> Option<EmbeddingKind> {
         self.best_embedding.as_deref().and_then(|e| e.parse().ok())
     }
+
+    /// Whether the run stopped early: `patience` validations in a row without a better score.
+    fn stopped_early(&self, cfg: &TrainConfig) -> bool {
+        cfg.patience > 0 && self.stale >= cfg.patience
+    }
+}
+
+/// `out_dir`'s last checkpoint when it was written by the run `identity` names (a run of a
+/// study, stopped or killed before it finished): what [`train`] continues without `resume`.
+pub fn own_last_checkpoint(out_dir: &Path, identity: &str) -> Option<PathBuf> {
+    let last = out_dir.join(LAST_CHECKPOINT);
+    let state: RunState = serde_json::from_str(&Checkpoint::read_state(&last)?).ok()?;
+    (state.identity.as_deref() == Some(identity)).then_some(last)
 }
 
 /// The averaged validation score `cfg.val_metric` of a report.
@@ -286,7 +313,15 @@ pub fn train(
     cfg.validate()?;
     require_items(data, "train", "training")?;
     require_items(data, "val", "selecting the best checkpoint")?;
-    let resumed = match &opts.resume {
+    let own_last = match (&opts.resume, &opts.identity) {
+        (None, Some(identity)) => own_last_checkpoint(&opts.out_dir, identity),
+        _ => None,
+    };
+    let resume = opts.resume.clone().or(own_last.clone());
+    // Continued elsewhere, the best checkpoint is chosen anew among the steps trained here: the
+    // resumed run's best lies in its own directory.
+    let here = resume.as_deref().and_then(Path::parent).is_some_and(|d| crate::io::same_path(d, &opts.out_dir));
+    let resumed = match &resume {
         Some(path) => {
             let ckpt = Checkpoint::load(path)?;
             ckpt.spec.check_data(&data.layout)?;
@@ -299,8 +334,19 @@ pub fn train(
             let state: RunState = serde_json::from_str(&ckpt.state).map_err(|e| {
                 Error::format(path, format!("metadata `state` is not a trainer state ({e}); cannot resume from it"))
             })?;
-            if ckpt.step >= cfg.steps {
-                // Nothing to train: `steps` is the total, and this run has done it.
+            if let Some(last) = &own_last
+                && let Some(f) = &opts.progress
+            {
+                f.report(Progress::Note(format!(
+                    "continuing this run from {} at step {} (written before it was stopped or killed)",
+                    last.display(),
+                    ckpt.step
+                )));
+            }
+            if ckpt.step >= cfg.steps || (here && state.stopped_early(cfg)) {
+                // Nothing to train: `steps` is the total, or this run stopped early with this
+                // patience; either way it has done what was asked.
+                let best = opts.out_dir.join(BEST_CHECKPOINT);
                 return Ok(TrainSummary {
                     steps: ckpt.step,
                     final_loss: f32::NAN,
@@ -309,15 +355,15 @@ pub fn train(
                     best_embedding: state.embedding(),
                     seconds: 0.0,
                     losses: Vec::new(),
-                    best_checkpoint: None,
+                    best_checkpoint: (here && best.is_file()).then_some(best),
                     stopped: false,
                 });
             }
-            Some((ckpt, state))
+            Some((ckpt, if here { state } else { RunState::fresh() }))
         }
         None => None,
     };
-    let (_lock, claimed) = claim_run_dir(&opts.out_dir, opts.resume.as_deref(), opts.replace)?;
+    let (_lock, claimed) = claim_run_dir(&opts.out_dir, resume.as_deref(), opts.replace)?;
     let result = train_in_claimed_dir(dev, data, model, cfg, opts, resumed, claimed.stale);
     let dir = &opts.out_dir;
     let nothing_written = result.as_ref().map_or(true, |s| s.stopped);
@@ -329,8 +375,8 @@ pub fn train(
     result
 }
 
-/// [`train`] once the run directory is claimed: `stale` holds the checkpoints of the run it
-/// replaces, if any.
+/// [`train`] once the run directory is claimed: `resumed` is the checkpoint resumed from and
+/// the run state to go on with, `stale` holds the checkpoints of the run it replaces, if any.
 fn train_in_claimed_dir(
     dev: &mut dyn Backend,
     data: &Arc<DatasetReader>,
@@ -340,7 +386,6 @@ fn train_in_claimed_dir(
     resumed: Option<(Checkpoint, RunState)>,
     stale: Vec<PathBuf>,
 ) -> Result<TrainSummary> {
-    let fresh = RunState { best_score: -1.0, best_step: 0, stale: 0, best_embedding: None };
     // The checkpoints of a validation, written (staged) before any is put in place. Replacing
     // another run, this run's resolved configuration goes with its first ones; they are renamed
     // over the old run's files together, and what they did not replace is removed: a run that
@@ -368,20 +413,16 @@ fn train_in_claimed_dir(
     let train_split = data.split("train")?;
     let (mut trainer, mut state, norm) = match resumed {
         Some((ckpt, state)) => {
-            // Continued elsewhere, the best checkpoint is chosen anew among the steps trained
-            // here: the resumed run's best lies in its own directory.
-            let same_dir =
-                opts.resume.as_deref().and_then(Path::parent).is_some_and(|d| crate::io::same_path(d, &opts.out_dir));
             // A resumed run keeps the inputs it was trained on.
             let norm = ckpt.spec.normalization.clone();
-            (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, if same_dir { state } else { fresh }, norm)
+            (Trainer::from_checkpoint(dev, &ckpt, cfg.clone())?, state, norm)
         }
         None => {
             let norm = match cfg.normalize.as_str() {
                 "standardize" => Some(crate::data::stats::input_norm(&data.layout, train_split)?),
                 _ => None,
             };
-            (Trainer::new(dev, model, cfg.clone())?, fresh, norm)
+            (Trainer::new(dev, model, cfg.clone())?, RunState::fresh(), norm)
         }
     };
     trainer.net.set_input_norm(norm.clone())?;
@@ -394,7 +435,8 @@ fn train_in_claimed_dir(
     let checkpoint = |trainer: &Trainer, dev: &mut dyn Backend, state: &RunState| -> Result<Checkpoint> {
         let embedding = Some(state.embedding().unwrap_or(kinds[0]));
         let spec = InferenceSpec { embedding, ..spec.clone() };
-        let state = serde_json::to_string(state).expect("state serialises");
+        let state = RunState { identity: opts.identity.clone(), ..state.clone() };
+        let state = serde_json::to_string(&state).expect("state serialises");
         Ok(Checkpoint { spec, ..trainer.checkpoint(dev, state)? })
     };
     let metric = cfg.metric_name();
@@ -461,7 +503,7 @@ fn train_in_claimed_dir(
             let improved = score > state.best_score;
             if improved {
                 let best_embedding = Some(kind.name().to_string());
-                state = RunState { best_score: score, best_step: done, stale: 0, best_embedding };
+                state = RunState { best_score: score, best_step: done, stale: 0, best_embedding, identity: None };
             } else {
                 state.stale += 1;
             }

@@ -27,13 +27,14 @@ fn synth(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
 
 /// A tiny model and budget, as a config file in `dir`.
 fn tiny_config(dir: &Path) -> PathBuf {
+    tiny_model_config(dir, r#"{"eval_every": 2, "warmup": 1, "batch_size": 8}"#)
+}
+
+/// The tiny model with the `train` section `train`, as a config file in `dir`.
+fn tiny_model_config(dir: &Path, train: &str) -> PathBuf {
+    let model = r#"{"layers": 1, "dim": 16, "heads": 2, "ffn": 32, "word_dim": 8, "gru_hidden": 8}"#;
     let cfg = dir.join("tiny.json");
-    std::fs::write(
-        &cfg,
-        r#"{"model": {"layers": 1, "dim": 16, "heads": 2, "ffn": 32, "word_dim": 8, "gru_hidden": 8},
-            "train": {"eval_every": 2, "warmup": 1, "batch_size": 8}}"#,
-    )
-    .unwrap();
+    std::fs::write(&cfg, format!(r#"{{"model": {model}, "train": {train}}}"#)).unwrap();
     cfg
 }
 
@@ -354,58 +355,62 @@ fn checkpoints_are_checked_before_anything_is_allocated() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Ctrl-C (SIGINT) or a scheduler's SIGTERM stops `train` after the step under way: it ends
-/// by that signal (so a script running it stops too), `last.safetensors` at the step reached,
+#[cfg(unix)]
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Runs `semshare args`, sends it `signal` (`INT`, `TERM`) once a line of its standard error
+/// contains `cue`, and returns how it ended, its standard output and its standard error. A
+/// stop that hangs fails the test rather than CI: the process is killed after a minute.
+#[cfg(unix)]
+fn stopped_by(args: &[&str], cue: &str, signal: &str) -> (std::process::ExitStatus, String, String) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = spawn(args);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains(cue) {
+        assert_ne!(stderr.read_line(&mut seen).unwrap(), 0, "ended before `{cue}`: {seen}");
+    }
+    let sent = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+    assert!(sent.success());
+    // The PID is still the child's: it is not reaped before `done`.
+    let (pid, done) = (child.id().to_string(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let watched = std::sync::Arc::clone(&done);
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while !watched.load(std::sync::atomic::Ordering::SeqCst) {
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    stderr.read_to_string(&mut seen).unwrap();
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+    (child.wait().unwrap(), stdout, seen)
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice) to a running `train`: it stops after the
+/// step under way, writes `last.safetensors` at that step, says so, and ends by the signal;
 /// and `--resume` continues it.
 #[cfg(unix)]
 #[test]
 fn a_signal_stops_train_with_a_checkpoint_to_resume_from() {
-    use std::io::{BufRead, BufReader, Read};
     use std::os::unix::process::ExitStatusExt;
     let dir = tmp("signal");
     let data = synth(&dir, "data", &[]);
-    let cfg = config(
-        &dir,
-        r#"{"model": {"layers": 1, "dim": 16, "heads": 2, "ffn": 32, "word_dim": 8, "gru_hidden": 8},
-            "train": {"eval_every": 2, "warmup": 1, "batch_size": 8, "patience": 0}}"#,
-    );
+    let cfg = tiny_model_config(&dir, r#"{"eval_every": 2, "warmup": 1, "batch_size": 8, "patience": 0}"#);
     for (signal, number) in [("INT", 2), ("TERM", 15)] {
         let run = dir.join(signal);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_semshare"))
-            .args(["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run)])
-            .args(["--steps", "1000000", "--device", "cpu"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A validation's line: steps are being trained.
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        while !seen.contains(" val ") {
-            assert_ne!(stderr.read_line(&mut seen).unwrap(), 0, "train ended before a validation: {seen}");
-        }
-        let sent = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
-        assert!(sent.success());
-        // A stop that hangs fails the test rather than CI: the process is killed after a minute
-        // (its PID is still its own: the child is not reaped before `done`).
-        let (pid, done) = (child.id().to_string(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
-        let watched = std::sync::Arc::clone(&done);
-        let watchdog = std::thread::spawn(move || {
-            let start = Instant::now();
-            while !watched.load(std::sync::atomic::Ordering::SeqCst) {
-                if start.elapsed() > Duration::from_secs(60) {
-                    let _ = Command::new("kill").args(["-KILL", &pid]).status();
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        stderr.read_to_string(&mut seen).unwrap();
-        let mut stdout = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
-        watchdog.join().unwrap();
-        let status = child.wait().unwrap();
+        let args = ["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run)];
+        // After a validation's line: steps are being trained.
+        let (status, stdout, seen) =
+            stopped_by(&[&args[..], &["--steps", "1000000", "--device", "cpu"]].concat(), " val ", signal);
         assert_eq!(status.signal(), Some(number), "ended by SIG{signal}: {seen}");
         assert!(seen.contains("stopping after this step"), "{seen}");
         let last = Checkpoint::load(&run.join("last.safetensors")).unwrap();
@@ -417,14 +422,82 @@ fn a_signal_stops_train_with_a_checkpoint_to_resume_from() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Runs the binary, killing it if it has not finished within a minute (a hang is a failure).
-fn semshare_within_a_minute(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_semshare"))
+/// The studies stop the same way: `experiment` and `tune` end by the signal once the run or
+/// trial in progress has written its checkpoint, and the same command continues from it to
+/// the results of a study never stopped.
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_a_study_and_the_same_command_continues_it() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tmp("signal-study");
+    let data = synth(&dir, "data", &[]);
+    let cfg = tiny_model_config(&dir, r#"{"eval_every": 100, "warmup": 1, "batch_size": 8}"#);
+    let experiment = |out: &Path| -> Vec<String> {
+        let (results, runs) = (out.join("results"), out.join("runs"));
+        let fixed = ["experiment", "--suite", "table1", "--variants", "ours", "--seeds", "1", "--steps", "300"];
+        let paths = [("--data", data.clone()), ("--config", cfg.clone()), ("--out", results), ("--runs", runs)];
+        let paths = paths.into_iter().flat_map(|(flag, p)| [flag.to_string(), path(&p).to_string()]);
+        fixed.iter().map(|a| a.to_string()).chain(["--device".into(), "cpu".into()]).chain(paths).collect()
+    };
+    let stopped = experiment(&dir.join("stopped"));
+    // Piped, the progress prints every tenth of the run: the first line is at step 30 of 300.
+    let (status, stdout, stderr) = stopped_by(&strs(&stopped), "/300  loss", "TERM");
+    assert_eq!(status.signal(), Some(15), "{stderr}");
+    assert!(stdout.contains("stopped by SIGTERM: 0/1 runs finished; the same command continues"), "{stdout}");
+    assert!(stderr.contains("run ours seed 0 stopped at step "), "{stderr}");
+    let resumed = semshare(&strs(&stopped));
+    let text = format!("{}{}", ok(&resumed), String::from_utf8_lossy(&resumed.stderr));
+    assert!(text.contains("continuing this run from") && text.contains("1/1 runs finished"), "{text}");
+    ok(&semshare(&strs(&experiment(&dir.join("whole")))));
+    let scores = |out: &str| {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(out).join("results/table1-state.json")).unwrap()).unwrap();
+        (state["finished"][0]["scores"].clone(), state["finished"][0]["best_step"].clone())
+    };
+    assert_eq!(scores("stopped"), scores("whole"));
+
+    let tune = [
+        "tune",
+        "--trials",
+        "3",
+        "--rungs",
+        "1",
+        "--min-steps",
+        "200",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--data",
+        path(&data),
+        "--config",
+        path(&cfg),
+        "--out",
+    ];
+    let out = dir.join("tune");
+    let tune = [&tune[..], &[path(&out)]].concat();
+    let (status, stdout, stderr) = stopped_by(&tune, "trial 1 rung 0: 200 steps", "INT");
+    assert_eq!(status.signal(), Some(2), "{stderr}");
+    assert!(stdout.contains("stopped by SIGINT: 1/3 training runs finished; the same command continues"), "{stdout}");
+    assert!(stderr.contains("trial 1 rung 0: stopped at step "), "{stderr}");
+    let resumed = ok(&semshare(&tune));
+    assert!(resumed.contains("3/3 training runs finished"), "{resumed}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The binary started with `args`, its output piped.
+fn spawn(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_semshare"))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs the binary, killing it if it has not finished within a minute (a hang is a failure).
+fn semshare_within_a_minute(args: &[&str]) -> Output {
+    let mut child = spawn(args);
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if start.elapsed() > Duration::from_secs(60) {

@@ -55,6 +55,7 @@ fn config(data: &DatasetReader, dir: &Path, variants: &[Variant], seeds: u64) ->
         out: dir.join("results"),
         runs_dir: dir.join("runs"),
         progress: None,
+        stop: None,
     }
 }
 
@@ -165,8 +166,11 @@ fn a_resumed_suite_does_only_the_remaining_runs() {
     semshare::experiment::state::claim_runs_dir(&cfg.runs_dir.join("table1"), &path).unwrap();
     let stale = cfg.runs_dir.join("table1/ours-s1");
     std::fs::create_dir_all(&stale).unwrap();
+    // Another run's checkpoints (seed 0's; a suite before this state file could have left
+    // them): not this run's to continue.
     let old_best = full_cfg.runs_dir.join("table1/ours-s0/best.safetensors");
     std::fs::copy(&old_best, stale.join("best.safetensors")).unwrap();
+    std::fs::copy(old_best.with_file_name("last.safetensors"), stale.join("last.safetensors")).unwrap();
     std::fs::write(stale.join(".lock"), "").unwrap();
     let dead =
         std::fs::read_to_string("/proc/sys/kernel/pid_max").map_or(4_194_304, |s| s.trim().parse::<u64>().unwrap()) + 1;
@@ -183,6 +187,102 @@ fn a_resumed_suite_does_only_the_remaining_runs() {
     assert_eq!(resumed.finished[2].scores, full.finished[2].scores);
     assert_eq!(resumed.finished[2].best_step, full.finished[2].best_step);
     assert!(resumed.finished[2].seconds != full.finished[2].seconds, "timed anew");
+}
+
+/// A progress report that keeps the notes.
+fn collect_notes(notes: &std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> semshare::train::ProgressFn {
+    let notes = std::sync::Arc::clone(notes);
+    semshare::train::ProgressFn::new(move |p| {
+        if let semshare::train::Progress::Note(n) = p {
+            notes.lock().unwrap().push(n.clone());
+        }
+    })
+}
+
+/// The checkpoints of the trained run `key` in a suite's runs directory.
+fn run_files(cfg: &ExperimentConfig, key: &str) -> (Vec<u8>, Vec<u8>) {
+    let run = cfg.runs_dir.join("table1").join(key);
+    (std::fs::read(run.join("best.safetensors")).unwrap(), std::fs::read(run.join("last.safetensors")).unwrap())
+}
+
+/// A suite told to stop (Ctrl-C in the CLI) during a run, or killed there (a panic in its
+/// progress report stands in for the kill), goes on from that run's last checkpoint: the stop's
+/// step, or the kill's last validation. Its records and checkpoints are those of a suite never
+/// interrupted, bit for bit.
+#[test]
+fn a_stopped_or_killed_suite_continues_its_run_in_progress_to_the_same_result() {
+    use semshare::train::{Progress, ProgressFn};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tmp("stop");
+    let data = tiny_data(&dir);
+    let base = config(&data, &dir.join("whole"), &[Variant::Ours, Variant::Cca], 1);
+    let base = ExperimentConfig { train: TrainConfig { steps: 6, eval_every: 2, ..base.train.clone() }, ..base };
+    let whole = run_suite(&mut Cpu::new(), &data, &base).unwrap();
+
+    let notes = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, flag) = (Arc::clone(&notes), Arc::clone(&stop));
+    // Stop asked after step 3 (between validations): the run stops before step 4.
+    let progress = ProgressFn::new(move |p| match p {
+        Progress::Step { step: 3, .. } => flag.store(true, Ordering::SeqCst),
+        Progress::Note(n) => seen.lock().unwrap().push(n.clone()),
+        _ => {}
+    });
+    let cfg = ExperimentConfig {
+        out: dir.join("stopped/results"),
+        runs_dir: dir.join("stopped/runs"),
+        progress: Some(progress),
+        stop: Some(Arc::clone(&stop)),
+        ..base.clone()
+    };
+    let stopped = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    assert!(stopped.finished.is_empty(), "nothing recorded: {:?}", keys(&stopped));
+    let last = cfg.runs_dir.join("table1/ours-s0/last.safetensors");
+    assert_eq!(semshare::checkpoint::Checkpoint::load(&last).unwrap().step, 3);
+    assert!(notes.lock().unwrap().iter().any(|n| n.starts_with("run ours seed 0 stopped at step 3 (")), "{notes:?}");
+
+    stop.store(false, Ordering::SeqCst);
+    let cfg = ExperimentConfig { progress: Some(collect_notes(&notes)), ..cfg };
+    let resumed = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    assert!(notes.lock().unwrap().iter().any(|n| n.contains("continuing this run from") && n.contains("at step 3")));
+    assert_eq!(keys(&resumed), keys(&whole));
+    let same_scores = |a: &SuiteState| {
+        a.finished
+            .iter()
+            .zip(&whole.finished)
+            .all(|(x, y)| (x.scores, x.label, x.best_step, &x.report) == (y.scores, y.label, y.best_step, &y.report))
+    };
+    assert!(same_scores(&resumed));
+    assert!(run_files(&cfg, "ours-s0") == run_files(&base, "ours-s0"), "the checkpoints of the uninterrupted run");
+
+    // Killed after the validation at step 4 (the panic unwinds out of step 5's report).
+    let killed = ExperimentConfig {
+        out: dir.join("killed/results"),
+        runs_dir: dir.join("killed/runs"),
+        progress: Some(ProgressFn::new(|p| {
+            if let Progress::Step { step: 5, .. } = p {
+                panic!("killed");
+            }
+        })),
+        stop: None,
+        ..base.clone()
+    };
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_suite(&mut Cpu::new(), &data, &killed)));
+    assert!(run.is_err());
+    let last = killed.runs_dir.join("table1/ours-s0/last.safetensors");
+    assert_eq!(semshare::checkpoint::Checkpoint::load(&last).unwrap().step, 4);
+    notes.lock().unwrap().clear();
+    let resumed = run_suite(
+        &mut Cpu::new(),
+        &data,
+        &ExperimentConfig { progress: Some(collect_notes(&notes)), ..killed.clone() },
+    )
+    .unwrap();
+    assert!(notes.lock().unwrap().iter().any(|n| n.contains("continuing this run from") && n.contains("at step 4")));
+    assert!(same_scores(&resumed));
+    assert!(run_files(&killed, "ours-s0") == run_files(&base, "ours-s0"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -181,7 +181,9 @@ fn a_model_without_the_variants_structure_is_refused() {
     assert!(Trainer::new(&mut Cpu::new(), &tiny_model(&data), cca).is_err(), "CCA is not trained");
 }
 
-/// With patience p, training stops after p validations without a better validation NDCG.
+/// With patience p, training stops after p validations without a better validation NDCG. The
+/// run has then done what its options ask: resumed with the same patience it trains nothing
+/// (its best checkpoint still named), with a larger one it goes on.
 #[test]
 fn patience_stops_a_run_that_no_longer_improves() {
     let data = tiny_data(10);
@@ -195,9 +197,18 @@ fn patience_stops_a_run_that_no_longer_improves() {
         patience: 2,
         ..TrainConfig::default()
     };
-    let s = run(&data, &cfg, &tmp("patience"));
-    let s = s.unwrap();
+    let dir = tmp("patience");
+    let s = run(&data, &cfg, &dir).unwrap();
     assert_eq!((s.best_step, s.steps), (4, 12), "best at the first validation, stop after two more");
+    let opts = RunOptions { resume: Some(dir.join("last.safetensors")), ..RunOptions::new(&dir) };
+    let (reader, model) = (open(&data, &dir), tiny_model(&data));
+    let again = train(&mut Cpu::new(), &reader, &model, &cfg, &opts).unwrap();
+    assert!(again.losses.is_empty() && !again.stopped, "{again:?}");
+    assert_eq!((again.best_step, again.steps), (4, 12));
+    assert_eq!(again.best_checkpoint, Some(dir.join("best.safetensors")));
+    let more = train(&mut Cpu::new(), &reader, &model, &TrainConfig { patience: 3, ..cfg }, &opts).unwrap();
+    assert_eq!((more.steps, more.losses.len()), (16, 4), "one more validation without a better score");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `context_pass = separate`: L1 is taken on the batch as it is and L2 on a second pass with the

@@ -45,6 +45,7 @@ fn config(data: &DatasetReader, dir: &Path, workers: usize) -> TuneConfig {
         device: "cpu".into(),
         out: dir.join("out"),
         runs_dir: dir.join("out/trials"),
+        stop: None,
     }
 }
 
@@ -173,6 +174,69 @@ fn a_killed_tune_resumes_and_makes_the_same_choices() {
     assert!(e.contains("holds a different tune"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&dir2);
+}
+
+/// A tune told to stop (Ctrl-C in the CLI) records no trial it stopped, and takes no other; a
+/// trial in progress goes on from its own last checkpoint (left by a stop or a kill), and the
+/// tune ends with the scores and choices of one never interrupted.
+#[test]
+fn a_stopped_tune_continues_its_trials_from_their_checkpoints() {
+    use semshare::train::{Progress, ProgressFn, RunOptions, own_last_checkpoint, train};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tmp("stop");
+    let data = dataset(&dir);
+    let full = run_tune(&data, &config(&data, &dir.join("whole"), 1), &|_| {}).unwrap();
+
+    // Stopped as the second trial starts: it trains no step, nothing else is started.
+    let stop = Arc::new(AtomicBool::new(false));
+    let cfg = TuneConfig { stop: Some(Arc::clone(&stop)), ..config(&data, &dir.join("stopped"), 1) };
+    let started = std::sync::Mutex::new(0);
+    let stopped = run_tune(&data, &cfg, &|l| {
+        if l.contains(" steps  lr ") {
+            let mut n = started.lock().unwrap();
+            *n += 1;
+            if *n == 2 {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+    })
+    .unwrap();
+    assert_eq!((stopped.finished.len(), *started.lock().unwrap()), (1, 2));
+    assert!(!cfg.out.join("best-config.json").exists(), "no winner before the tune ends");
+
+    // The trial after it half-way: a checkpoint at step 1 of its 2, written by the run the
+    // tune would start (its configuration and identity), as a stop or a kill leaves it.
+    let plan = build_plan(&data, &cfg).unwrap();
+    let key = stopped.remaining()[0];
+    let (model, train_cfg) = plan.run_configs(&cfg.model, &cfg.train, &key);
+    let identity = semshare::experiment::run::run_identity(&data, &model, &train_cfg).unwrap();
+    let trial_dir = semshare::experiment::tune::trial_dir(&cfg.runs_dir, &key);
+    let half = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&half);
+    let opts = RunOptions {
+        progress: Some(ProgressFn::new(move |p| {
+            if let Progress::Step { step: 1, .. } = p {
+                flag.store(true, Ordering::SeqCst);
+            }
+        })),
+        stop: Some(half),
+        identity: Some(identity.clone()),
+        ..RunOptions::new(&trial_dir)
+    };
+    let mut dev = semshare::backend::cpu::Cpu::new();
+    assert!(train(&mut dev, &data, &model, &train_cfg, &opts).unwrap().stopped);
+    assert!(own_last_checkpoint(&trial_dir, &identity).is_some());
+    assert!(own_last_checkpoint(&trial_dir, "another run").is_none());
+
+    stop.store(false, Ordering::SeqCst);
+    let lines = std::sync::Mutex::new(Vec::new());
+    let resumed = run_tune(&data, &cfg, &|l| lines.lock().unwrap().push(l.to_string())).unwrap();
+    let lines = lines.into_inner().unwrap();
+    assert!(lines.iter().any(|l| l.starts_with(&format!("{key}: continuing from "))), "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l.contains("continuing from")).count(), 1, "{lines:?}");
+    assert_eq!(scores(&resumed), scores(&full));
+    assert_eq!(best(&resumed).unwrap().0, best(&full).unwrap().0);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -2,11 +2,14 @@
 //! remaining runs one after the other (train, test-evaluate the best checkpoint, record), rewrites
 //! the reports after each, and fits the CCA baseline in closed form.
 //!
-//! A suite killed at any point resumes from `<out>/<suite>-state.json`: the run in progress is
-//! started again from scratch (its run directory is removed first), finished runs are kept.
+//! A suite stopped (SIGINT, SIGTERM: [`ExperimentConfig::stop`]) or killed at any point resumes
+//! from `<out>/<suite>-state.json`: finished runs are kept, and the run in progress goes on from
+//! its last checkpoint (the step it was stopped at, or its last validation when killed), to the
+//! result it would have had without the interruption.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::baselines::closed_form_run;
@@ -23,7 +26,7 @@ use crate::eval::metrics::{EvalConfig, Report};
 use crate::inference::{evaluate_split, load_model};
 use crate::model::{EmbeddingKind, ModelConfig, SemShare, Variant};
 use crate::tensor::Tensor;
-use crate::train::{Progress, ProgressFn, RunOptions, TrainConfig, train};
+use crate::train::{LAST_CHECKPOINT, Progress, ProgressFn, RunOptions, TrainConfig, train};
 use crate::{Error, Result};
 
 /// What `semshare experiment` runs.
@@ -47,6 +50,9 @@ pub struct ExperimentConfig {
     pub runs_dir: PathBuf,
     /// Receives the suite's and each training run's progress (None: nothing is reported).
     pub progress: Option<ProgressFn>,
+    /// Checked before each run and each training step: once true, the suite stops, the run in
+    /// progress writing a checkpoint that the next start continues (`RunOptions::stop`).
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// The per-run budget of docs/EXPERIMENTS-DESIGN.md §5: batch 32, 600 steps, warm-up 60,
@@ -94,6 +100,15 @@ fn model_json(model: &ModelConfig) -> Result<String> {
 /// the keys).
 fn budget_json(train: &TrainConfig) -> Result<String> {
     serde_json::to_string(&budget_only(train)).map_err(|e| Error::data(format!("fingerprint: {e}")))
+}
+
+/// What one run of a study is, for `RunOptions::identity`: the dataset as [`fingerprint`] sees
+/// it, the run's model and its whole training configuration (seed, η, steps included). A run
+/// continues only a checkpoint of the same identity.
+pub fn run_identity(data: &DatasetReader, model: &ModelConfig, train: &TrainConfig) -> Result<String> {
+    let sums: Vec<&str> = data.shard_entries().values().flatten().map(|e| e.checksum.as_str()).collect();
+    let train = serde_json::to_string(train).map_err(|e| Error::data(format!("run identity: {e}")))?;
+    Ok(fingerprint_with(data, &model_json(model)?, &train, &sums))
 }
 
 /// [`fingerprint`] of the model's and the budget's JSON, with the shards' checksums given (in
@@ -255,7 +270,11 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
         state.remaining().into_iter().filter(|k| cfg.only_seed.is_none_or(|s| k.seed == s)).collect();
     let total = state.finished.len() + remaining.len();
     let mut fitted: Vec<(Variant, Report)> = Vec::new();
+    let stop_asked = || cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed));
     for key in remaining {
+        if stop_asked() {
+            break;
+        }
         let k = state.finished.len() + 1;
         if let Some(p) = &cfg.progress {
             let done: Vec<f64> = state.finished.iter().map(|r| r.seconds).collect();
@@ -268,7 +287,9 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
         }
         let start = Instant::now();
         let (report, label, best_step) = if key.variant.spec().trained {
-            let (ckpt, best_step) = train_run(dev, data, cfg, &key)?;
+            let Some((ckpt, best_step)) = train_run(dev, data, cfg, &key)? else {
+                break; // stopped: its last checkpoint holds the step it reached
+            };
             let (net, params) = load_model(dev, &ckpt)?;
             let report = test_report(dev, data, &net, &params, EmbeddingKind::Pooled)?;
             let label = test_report(dev, data, &net, &params, EmbeddingKind::Label)?;
@@ -362,13 +383,14 @@ fn test_report(
     evaluate_split(dev, net, params, data, "test", embedding, &EvalConfig::default())
 }
 
-/// Trains run `key` from scratch; returns its best checkpoint and that checkpoint's step.
+/// Trains run `key`, from its own last checkpoint when an earlier start of the suite left one;
+/// returns its best checkpoint and that checkpoint's step, or None when `cfg.stop` stopped it.
 fn train_run(
     dev: &mut dyn Backend,
     data: &Arc<DatasetReader>,
     cfg: &ExperimentConfig,
     key: &RunKey,
-) -> Result<(PathBuf, u64)> {
+) -> Result<Option<(PathBuf, u64)>> {
     let model = key.variant.configure(&cfg.model);
     let train_cfg = TrainConfig {
         variant: key.variant,
@@ -377,14 +399,31 @@ fn train_run(
         ..cfg.train.clone()
     };
     let dir = run_dir(&cfg.runs_dir, cfg.suite, key);
-    // A run killed half-way (in the suite's own runs directory, named by the run) starts
-    // again, replacing its stale checkpoints.
-    let opts = RunOptions { replace: true, progress: cfg.progress.clone(), ..RunOptions::new(&dir) };
+    // The suite's own runs directory, a directory per run: a checkpoint there that is not this
+    // run's (another suite's, before this state file) is replaced.
+    let opts = RunOptions {
+        replace: true,
+        progress: cfg.progress.clone(),
+        stop: cfg.stop.clone(),
+        identity: Some(run_identity(data, &model, &train_cfg)?),
+        ..RunOptions::new(&dir)
+    };
     let summary = train(dev, data, &model, &train_cfg, &opts)?;
+    if summary.stopped {
+        if let Some(p) = &cfg.progress {
+            let last = dir.join(LAST_CHECKPOINT);
+            let at = match summary.steps > 0 && last.is_file() {
+                true => format!("at step {} ({} holds it)", summary.steps, last.display()),
+                false => "before its first step".to_string(),
+            };
+            p.report(Progress::Note(format!("run {key} stopped {at}")));
+        }
+        return Ok(None);
+    }
     let best = summary
         .best_checkpoint
         .ok_or_else(|| Error::data(format!("run {key}: no best checkpoint in {}", dir.display())))?;
-    Ok((best, summary.best_step))
+    Ok(Some((best, summary.best_step)))
 }
 
 /// Figure 1, the η sweep's plot.

@@ -1,7 +1,8 @@
 //! The resumable bookkeeping every study shares (a Table 1 suite, an η sweep, a tuning run): a
 //! plan of runs and the runs finished so far, in one JSON file rewritten atomically after each.
-//! A study killed at any point loses at most its runs in progress; the next start does exactly
-//! the planned runs not yet recorded.
+//! A study stopped or killed at any point loses at most the steps of its runs in progress since
+//! their last checkpoints (each run continues its own: `RunOptions::identity`); the next start
+//! does exactly the planned runs not yet recorded.
 
 use std::fmt::Display;
 use std::path::Path;

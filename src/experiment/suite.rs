@@ -3,8 +3,9 @@
 //!
 //! A suite is an ordered list of runs (variant, seed, η). The runner asks `SuiteState::remaining`
 //! for what is left, trains one run, and calls `SuiteState::record`, which rewrites the state
-//! file atomically; a suite killed at any point loses at most the run in progress, and the next
-//! start does exactly the runs not yet recorded, in the suite's order.
+//! file atomically; a suite stopped or killed at any point loses at most the steps of the run in
+//! progress since its last checkpoint, and the next start does exactly the runs not yet
+//! recorded, in the suite's order.
 
 use std::fmt;
 use std::path::Path;

@@ -15,25 +15,27 @@
 //! rung, with one trial, chooses nothing: both train once.
 //!
 //! The plan and the finished trials are a [`StudyState`] (the experiment runner's resumable
-//! state): a tune killed at any point restarts only its trials in progress, and the promotions
-//! are a function of the recorded scores, so a resumed tune makes the same choices. Trials run
+//! state): a tune stopped or killed at any point continues only its trials in progress, each
+//! from its last checkpoint, and the promotions are a function of the recorded scores, so a
+//! resumed tune makes the same choices. Trials run
 //! in parallel, one device per worker; each is deterministic by seed, so the result does not
 //! depend on the number of workers.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::run::fingerprint;
+use super::run::{fingerprint, run_identity};
 use super::state::{Plan, StudyState, claim_runs_dir, refuse_foreign_reports};
 use crate::data::reader::DatasetReader;
 use crate::model::ModelConfig;
 use crate::rng::Rng;
-use crate::train::{RunOptions, TrainConfig, remove_run_dir, require_items, train};
+use crate::train::{RunOptions, TrainConfig, own_last_checkpoint, remove_run_dir, require_items, train};
 use crate::{Error, Result};
 
 /// One point of the search space. `dim` and `layers` size the shared model; heads stay the
@@ -209,6 +211,14 @@ impl TunePlan {
         if rung > 0 && self.survivors(rung) > 1 { self.repeats } else { 1 }
     }
 
+    /// The model and training configuration run `key` trains with: its trial's values on the
+    /// base, its rung's steps, the base's seed + its repeat.
+    pub fn run_configs(&self, model: &ModelConfig, train: &TrainConfig, key: &TrialKey) -> (ModelConfig, TrainConfig) {
+        let (model, mut train) = self.trials[key.trial].apply(model, train, self.steps(key.rung));
+        train.seed = train.seed.wrapping_add(key.repeat as u64);
+        (model, train)
+    }
+
     /// Steps of the whole tune.
     pub fn budget(&self) -> u64 {
         (0..self.rungs).map(|r| (self.survivors(r) * self.repeats_at(r)) as u64 * self.steps(r)).sum()
@@ -317,6 +327,9 @@ pub struct TuneConfig {
     pub out: PathBuf,
     /// A directory per trial and rung; those of the last rung are kept.
     pub runs_dir: PathBuf,
+    /// Checked before each trial and each training step: once true, the tune stops, each
+    /// trial in progress writing a checkpoint that the next start continues.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// Rungs so that the last trains a single trial: ⌊log_η n⌋ + 1.
@@ -425,11 +438,18 @@ pub fn run_tune(data: &Arc<DatasetReader>, cfg: &TuneConfig, progress: &(dyn Fn(
             return Err(e);
         }
         write_table(&*state.lock().map_err(poisoned)?, &cfg.out)?;
+        if stop_asked(cfg) {
+            return state.into_inner().map_err(poisoned);
+        }
     }
     let state = state.into_inner().map_err(poisoned)?;
     write_table(&state, &cfg.out)?;
     write_best_config(&state, cfg)?;
     Ok(state)
+}
+
+fn stop_asked(cfg: &TuneConfig) -> bool {
+    cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed))
 }
 
 fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
@@ -447,18 +467,28 @@ fn worker(
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<()> {
     let mut dev = crate::backend::open_at(&cfg.device, cfg.train.precision)?;
-    while let Some(key) = queue.lock().map_err(poisoned)?.pop_front() {
+    while !stop_asked(cfg)
+        && let Some(key) = queue.lock().map_err(poisoned)?.pop_front()
+    {
         let trial = &plan.trials[key.trial];
         let steps = plan.steps(key.rung);
-        let (model, mut train_cfg) = trial.apply(&cfg.model, &cfg.train, steps);
-        train_cfg.seed = train_cfg.seed.wrapping_add(key.repeat as u64);
+        let (model, train_cfg) = plan.run_configs(&cfg.model, &cfg.train, &key);
         let dir = trial_dir(&cfg.runs_dir, &key);
         progress(&format!("{key}: {steps} steps  {}", describe(trial)));
         let start = Instant::now();
-        // A trial killed half-way (in the tune's own runs directory, named by the trial) starts
-        // again, replacing its stale checkpoints.
-        let opts = RunOptions { replace: true, ..RunOptions::new(&dir) };
+        // The tune's own runs directory, a directory per trial: a trial stopped or killed
+        // half-way goes on from its last checkpoint; another run's checkpoints are replaced.
+        let identity = run_identity(data, &model, &train_cfg)?;
+        if let Some(last) = own_last_checkpoint(&dir, &identity) {
+            progress(&format!("{key}: continuing from {}", last.display()));
+        }
+        let opts =
+            RunOptions { replace: true, stop: cfg.stop.clone(), identity: Some(identity), ..RunOptions::new(&dir) };
         let record = match train(dev.as_mut(), data, &model, &train_cfg, &opts) {
+            Ok(summary) if summary.stopped => {
+                progress(&format!("{key}: stopped at step {} of {steps}", summary.steps));
+                return Ok(());
+            }
             Ok(summary) => TrialRecord {
                 key,
                 steps,

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::common::{configs, device_for, fit, load_data, progress_printer};
+use crate::signals::{self, stop_on_signals};
 use semshare::cli::Args;
 use semshare::experiment::run::{ExperimentConfig, build_suite, default_budget, run_suite, state_path, suite_name};
 use semshare::experiment::state::check_out_dir;
@@ -40,6 +41,7 @@ pub fn run(args: &Args) -> Result<()> {
         out: args.get("out").map_or_else(|| Path::new("docs/results").join(&dataset), PathBuf::from),
         runs_dir: args.get("runs").map_or_else(|| Path::new("runs/experiments").join(&dataset), PathBuf::from),
         progress: Some(progress_printer()),
+        stop: None,
     };
     check_out_dir(&cfg.out)?;
     refuse_overlap(&cfg.out, &data.dir, "dataset (--data)")?;
@@ -55,8 +57,15 @@ pub fn run(args: &Args) -> Result<()> {
         dev.name(),
         cfg.out.display()
     );
+    let stop = stop_on_signals();
+    let cfg = ExperimentConfig { stop: Some(stop.clone()), ..cfg };
     let state = run_suite(dev.as_mut(), &data, &cfg)?;
     let (done, total) = state.progress();
+    signals::end_if_stopped(&stop, || {
+        format!(
+            "{done}/{total} runs finished; the same command continues the suite (a run in progress from its last checkpoint, to the same result)"
+        )
+    });
     let files = match suite {
         SuiteKind::Table1 => "table1.md, table1.json",
         SuiteKind::Eta => "figure1.svg, eta.md, eta.json",

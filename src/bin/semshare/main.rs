@@ -28,6 +28,7 @@ mod index;
 mod pack;
 mod query;
 mod score;
+mod signals;
 mod synth;
 mod train;
 mod tune;
@@ -184,7 +185,7 @@ const COMMANDS: &[Command] = &[
     },
     Command {
         name: "experiment",
-        usage: "  experiment  run a suite of docs/EXPERIMENTS-DESIGN.md (resumes where a killed one stopped)
+        usage: "  experiment  run a suite of docs/EXPERIMENTS-DESIGN.md (resumable)
              --suite table1|eta --data DIR [--seeds N (default 3) | --seed K]
              [--variants a,b,... (default: the suite's; of ours, ours+con, imc, st, wo-r, wo-t, wo-c,
              wo-l, dscmr, cca, ridge, linear)]
@@ -193,6 +194,8 @@ const COMMANDS: &[Command] = &[
              budget per run unless the config file or --steps say otherwise: batch 32, 600 steps,
              warm-up 60, lr 5e-4, validation every 100 steps, patience 3
              --seed K runs seed K alone (adding it to the suite's state file)
+             stopped (Ctrl-C, SIGTERM: after the step under way) or killed, the same command
+             continues it: finished runs kept, the run in progress from its last checkpoint
 ",
         takes: Takes::Flags(experiment::run),
     },
@@ -209,6 +212,8 @@ const COMMANDS: &[Command] = &[
              is the data-aware defaults; rung r trains the best n/η^r trials for min-steps·η^r
              steps, repeats times (seeds) at the later rungs that still choose, ranked by the
              mean; writes trials.md (every trial) and best-config.json (for `train --config`)
+             stopped (Ctrl-C, SIGTERM: after the step under way) or killed, the same command
+             continues it: finished trials kept, those in progress from their last checkpoints
 ",
         takes: Takes::Flags(tune::run),
     },
@@ -248,8 +253,8 @@ const CONFIG_NOTE: &str = "  A config file is JSON: {\"model\": {...}, \"train\"
 const GENERAL_NOTE: &str = "  --flag=value is the same as --flag value. Progress goes to stderr: redrawn in place on a
   terminal, a plain line now and then when piped. Exit status: 0 success, 1 error,
   2 command line not understood (unknown command or option, missing value, stray argument),
-  train stopped by SIGINT or SIGTERM ends by that signal (130 or 143 in a shell) after
-  writing a checkpoint to resume from.
+  train, experiment and tune stopped by SIGINT or SIGTERM end by that signal (130 or 143 in
+  a shell) after writing a checkpoint to resume from.
 ";
 
 /// Exit status of a command line that is not understood (1 is every other error).

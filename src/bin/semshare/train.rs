@@ -1,10 +1,9 @@
 //! `semshare train`: one training run into a run directory.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use crate::common::{configs, device_for, fit, load_data, progress_printer};
+use crate::signals::{self, stop_on_signals};
 use semshare::Result;
 use semshare::cli::Args;
 use semshare::defaults::resolve;
@@ -43,6 +42,7 @@ pub fn run(args: &Args) -> Result<()> {
         progress: Some(progress_printer()),
         resolved_config: Some(resolved.to_json()),
         stop: Some(stop_on_signals()),
+        identity: None,
     };
     let s = train(dev.as_mut(), &data, &model, &cfg, &opts).inspect_err(|_| {
         if fresh {
@@ -65,20 +65,31 @@ pub fn run(args: &Args) -> Result<()> {
                 last.display()
             );
         }
-        // Ended by that signal, as its default would (everything written is whole): a shell
-        // script running `train` stops on Ctrl-C too, which an exit status would not make it do.
-        signals::end_by(signal);
-        std::process::exit(128 + signal);
+        signals::end_by_now(signal);
+    }
+    if s.losses.is_empty() {
+        let from = opts.resume.as_deref().unwrap_or(Path::new("the checkpoint"));
+        if s.steps >= cfg.steps {
+            println!(
+                "{} is at step {} already, and --steps {} is the total: nothing trained, no checkpoint written (pass a larger --steps to continue)",
+                from.display(),
+                s.steps,
+                cfg.steps
+            );
+        } else {
+            println!(
+                "{} stopped early at step {}: {} validations without a better {} (--patience {}); nothing trained, no checkpoint written (pass a larger --patience to continue)",
+                from.display(),
+                s.steps,
+                cfg.patience,
+                cfg.metric_name(),
+                cfg.patience
+            );
+        }
+        return Ok(());
     }
     let Some(best) = &s.best_checkpoint else {
-        let from = opts.resume.as_deref().unwrap_or(Path::new("the checkpoint"));
-        println!(
-            "{} is at step {} already, and --steps {} is the total: nothing trained, no checkpoint written (pass a larger --steps to continue)",
-            from.display(),
-            s.steps,
-            cfg.steps
-        );
-        return Ok(());
+        return Err(semshare::Error::data(format!("{}: no best checkpoint written", opts.out_dir.display())));
     };
     let with = s.best_embedding.map(|k| format!(" with the {} embedding", k.name())).unwrap_or_default();
     println!(
@@ -93,107 +104,4 @@ pub fn run(args: &Args) -> Result<()> {
         best.display()
     );
     Ok(())
-}
-
-/// The flag the run checks before each step, set by SIGINT (Ctrl-C) or SIGTERM (a scheduler's
-/// notice): the run stops after the step under way and writes a checkpoint to resume from.
-fn stop_on_signals() -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    #[cfg(unix)]
-    signals::install(Arc::clone(&stop));
-    stop
-}
-
-#[cfg(unix)]
-mod signals {
-    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-    use std::sync::{Arc, OnceLock};
-
-    static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    static RECEIVED: AtomicI32 = AtomicI32::new(0);
-
-    /// Only async-signal-safe work: atomics, write(2), signal(2), raise(3). A second signal
-    /// ends the process at once, by that signal; a checkpoint being written then stays a temp
-    /// file beside the last whole one (every write is staged and renamed).
-    extern "C" fn on_signal(signal: libc::c_int) {
-        let Some(stop) = STOP.get() else { return };
-        // Before the flag: the main thread reads which signal it was once it sees the flag.
-        RECEIVED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst).ok();
-        if stop.swap(true, Ordering::SeqCst) {
-            end_by(signal);
-            return;
-        }
-        #[cfg(target_os = "linux")]
-        // SAFETY: errno is this thread's; write(2) may set it, and the code this handler
-        // interrupted may be about to read it.
-        let saved = unsafe { *libc::__errno_location() };
-        let note = b"\nstopping after this step to write a checkpoint (signal again to stop at once)\n";
-        // SAFETY: write(2) is async-signal-safe; the buffer outlives the call.
-        unsafe { libc::write(2, note.as_ptr().cast(), note.len()) };
-        #[cfg(target_os = "linux")]
-        // SAFETY: as above.
-        unsafe {
-            *libc::__errno_location() = saved
-        };
-    }
-
-    /// Ends the process by `signal`'s default action: what a parent (a shell, `make`,
-    /// `subprocess`) sees of a process killed by it. Inside the handler the signal is blocked,
-    /// so it arrives as the handler returns.
-    pub fn end_by(signal: libc::c_int) {
-        // SAFETY: signal(2) and raise(3) are async-signal-safe.
-        unsafe {
-            libc::signal(signal, libc::SIG_DFL);
-            libc::raise(signal);
-        }
-    }
-
-    pub fn install(stop: Arc<AtomicBool>) {
-        if STOP.set(stop).is_err() {
-            return;
-        }
-        for signal in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: zeroed sigactions are valid; the handler is an `extern "C" fn(c_int)`,
-            // and SA_RESTART keeps interrupted reads and writes from failing with EINTR.
-            unsafe {
-                let mut old: libc::sigaction = std::mem::zeroed();
-                libc::sigaction(signal, std::ptr::null(), &mut old);
-                // A signal the parent ignores (a background job of a script) stays ignored.
-                if old.sa_sigaction == libc::SIG_IGN {
-                    continue;
-                }
-                let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-                action.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut action.sa_mask);
-                libc::sigaction(signal, &action, std::ptr::null_mut());
-            }
-        }
-    }
-
-    pub fn received() -> i32 {
-        RECEIVED.load(Ordering::SeqCst)
-    }
-
-    pub fn name(signal: i32) -> &'static str {
-        match signal {
-            libc::SIGINT => "SIGINT",
-            libc::SIGTERM => "SIGTERM",
-            _ => "a signal",
-        }
-    }
-}
-
-/// No signals to catch: the flag stays false.
-#[cfg(not(unix))]
-mod signals {
-    pub fn received() -> i32 {
-        0
-    }
-    pub fn end_by(_: i32) {
-        std::process::exit(1)
-    }
-    pub fn name(_: i32) -> &'static str {
-        "a signal"
-    }
 }

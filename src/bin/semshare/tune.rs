@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::common::{configs, fit, load_data};
+use crate::signals::{self, stop_on_signals};
 use semshare::cli::Args;
 use semshare::defaults::resolve;
 use semshare::experiment::state::check_out_dir;
@@ -46,6 +47,7 @@ pub fn run(args: &Args) -> Result<()> {
         device,
         runs_dir: args.get("runs").map_or_else(|| out.join("trials"), PathBuf::from),
         out,
+        stop: None,
     };
     if cfg.workers == 0 {
         return Err(Error::config("--workers must be positive"));
@@ -72,8 +74,15 @@ pub fn run(args: &Args) -> Result<()> {
         let _one = stderr.lock();
         eprintln!("{line}");
     };
+    let stop = stop_on_signals();
+    let cfg = TuneConfig { stop: Some(stop.clone()), ..cfg };
     let state = run_tune(&data, &cfg, &progress)?;
     let (done, total) = state.progress();
+    signals::end_if_stopped(&stop, || {
+        format!(
+            "{done}/{total} training runs finished; the same command continues the tune (a trial in progress from its last checkpoint, to the same result)"
+        )
+    });
     println!(
         "{done}/{total} training runs finished; wrote trials.md, best-config.json and {} in {}",
         state_path(&cfg.out).file_name().and_then(|n| n.to_str()).unwrap_or(""),
