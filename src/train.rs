@@ -313,17 +313,40 @@ pub fn train(
     cfg.validate()?;
     require_items(data, "train", "training")?;
     require_items(data, "val", "selecting the best checkpoint")?;
-    let own_last = match (&opts.resume, &opts.identity) {
-        (None, Some(identity)) => own_last_checkpoint(&opts.out_dir, identity),
-        _ => None,
+    let note = |line: String| {
+        if let Some(f) = &opts.progress {
+            f.report(Progress::Note(line));
+        }
     };
-    let resume = opts.resume.clone().or(own_last.clone());
+    let loaded = match (&opts.resume, &opts.identity) {
+        (Some(path), _) => Some((path.clone(), Checkpoint::load(path)?)),
+        // A study's run goes on from its own last checkpoint; one that no longer loads (a
+        // damaged disk) is this run's to replace: the run starts again, as it would have.
+        (None, Some(identity)) => match own_last_checkpoint(&opts.out_dir, identity) {
+            Some(last) => match Checkpoint::load(&last) {
+                Ok(ckpt) => {
+                    note(format!(
+                        "continuing this run from {} at step {} (written before it was stopped or killed)",
+                        last.display(),
+                        ckpt.step
+                    ));
+                    Some((last, ckpt))
+                }
+                Err(e) => {
+                    note(format!("{e}: not continued; this run starts again"));
+                    None
+                }
+            },
+            None => None,
+        },
+        (None, None) => None,
+    };
+    let resume = loaded.as_ref().map(|(path, _)| path.clone());
     // Continued elsewhere, the best checkpoint is chosen anew among the steps trained here: the
     // resumed run's best lies in its own directory.
     let here = resume.as_deref().and_then(Path::parent).is_some_and(|d| crate::io::same_path(d, &opts.out_dir));
-    let resumed = match &resume {
-        Some(path) => {
-            let ckpt = Checkpoint::load(path)?;
+    let resumed = match loaded {
+        Some((path, ckpt)) => {
             ckpt.spec.check_data(&data.layout)?;
             if &ckpt.model != model {
                 return Err(Error::config(format!(
@@ -332,17 +355,8 @@ pub fn train(
                 )));
             }
             let state: RunState = serde_json::from_str(&ckpt.state).map_err(|e| {
-                Error::format(path, format!("metadata `state` is not a trainer state ({e}); cannot resume from it"))
+                Error::format(&path, format!("metadata `state` is not a trainer state ({e}); cannot resume from it"))
             })?;
-            if let Some(last) = &own_last
-                && let Some(f) = &opts.progress
-            {
-                f.report(Progress::Note(format!(
-                    "continuing this run from {} at step {} (written before it was stopped or killed)",
-                    last.display(),
-                    ckpt.step
-                )));
-            }
             if ckpt.step >= cfg.steps || (here && state.stopped_early(cfg)) {
                 // Nothing to train: `steps` is the total, or this run stopped early with this
                 // patience; either way it has done what was asked.

@@ -272,6 +272,25 @@ fn a_stopped_or_killed_suite_continues_its_run_in_progress_to_the_same_result() 
     assert!(run.is_err());
     let last = killed.runs_dir.join("table1/ours-s0/last.safetensors");
     assert_eq!(semshare::checkpoint::Checkpoint::load(&last).unwrap().step, 4);
+    // The same, with that checkpoint's values damaged (a bad disk): the run starts again.
+    assert!(Command::new("cp").arg("-a").arg(dir.join("killed")).arg(dir.join("damaged")).status().unwrap().success());
+    let damaged = ExperimentConfig {
+        out: dir.join("damaged/results"),
+        runs_dir: dir.join("damaged/runs"),
+        progress: Some(collect_notes(&notes)),
+        ..killed.clone()
+    };
+    let mut bytes = std::fs::read(&last).unwrap();
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[header..header + 64].fill(0xff); // NaNs where the first parameters were
+    std::fs::write(damaged.runs_dir.join("table1/ours-s0/last.safetensors"), &bytes).unwrap();
+    notes.lock().unwrap().clear();
+    let resumed = run_suite(&mut Cpu::new(), &data, &damaged).unwrap();
+    let said = notes.lock().unwrap().clone();
+    assert!(said.iter().any(|n| n.ends_with(": not continued; this run starts again")), "{said:?}");
+    assert!(!said.iter().any(|n| n.contains("continuing this run")), "{said:?}");
+    assert!(same_scores(&resumed));
+    assert!(run_files(&damaged, "ours-s0") == run_files(&base, "ours-s0"));
     notes.lock().unwrap().clear();
     let resumed = run_suite(
         &mut Cpu::new(),
