@@ -37,7 +37,7 @@ pub struct RunOptions {
     /// `TrainConfig::steps`, the total step count.
     pub resume: Option<PathBuf>,
     /// Replace the checkpoints of another run in `out_dir` (the CLI's `--force`); without it
-    /// they are refused, unless `resume` continues that run.
+    /// they are refused, unless `resume` (or `identity`) continues that run.
     pub replace: bool,
     /// Receives a report after every step and validation (None: nothing is reported).
     pub progress: Option<ProgressFn>,
@@ -48,11 +48,13 @@ pub struct RunOptions {
     /// `last.safetensors` at the step it reached (resumable as if never stopped) and returns
     /// with [`TrainSummary::stopped`] set. The CLI sets it on SIGINT and SIGTERM.
     pub stop: Option<Arc<AtomicBool>>,
-    /// What this run is (a study's run: its data, model and configuration, hashed), written
-    /// into its checkpoints. Without `resume`, a `last.safetensors` in `out_dir` that carries
-    /// the same identity is continued rather than replaced: a study stopped or killed during a
-    /// run goes on from that run's last checkpoint, to the same result.
+    /// What this run is (a study's run: its data, model, configuration and device), written
+    /// into its checkpoints.
     pub identity: Option<String>,
+    /// Without `resume`, continue `out_dir`'s `last.safetensors` when it carries `identity`,
+    /// rather than replace it: a study stopped or killed during a run goes on from that run's
+    /// last checkpoint at its next start, to the same result.
+    pub continue_own: bool,
 }
 
 impl RunOptions {
@@ -66,6 +68,7 @@ impl RunOptions {
             resolved_config: None,
             stop: None,
             identity: None,
+            continue_own: false,
         }
     }
 }
@@ -80,7 +83,8 @@ pub struct TrainSummary {
     pub best_step: u64,
     pub best_embedding: Option<EmbeddingKind>,
     pub seconds: f64,
-    /// The loss of each step trained; empty when a resumed checkpoint had reached `steps`.
+    /// The loss of each step trained; empty when a resumed checkpoint had reached `steps`, or
+    /// its run had stopped early with this patience.
     pub losses: Vec<f32>,
     /// The run directory's best checkpoint; None when the run wrote none.
     pub best_checkpoint: Option<PathBuf>,
@@ -126,8 +130,13 @@ impl RunState {
 /// study, stopped or killed before it finished): what [`train`] continues without `resume`.
 pub fn own_last_checkpoint(out_dir: &Path, identity: &str) -> Option<PathBuf> {
     let last = out_dir.join(LAST_CHECKPOINT);
-    let state: RunState = serde_json::from_str(&Checkpoint::read_state(&last)?).ok()?;
-    (state.identity.as_deref() == Some(identity)).then_some(last)
+    written_by(&last, identity).then_some(last)
+}
+
+/// Whether the checkpoint at `path` was written by the run `identity` names.
+fn written_by(path: &Path, identity: &str) -> bool {
+    let state = Checkpoint::read_state(path).and_then(|s| serde_json::from_str::<RunState>(&s).ok());
+    state.is_some_and(|s| s.identity.as_deref() == Some(identity))
 }
 
 /// The averaged validation score `cfg.val_metric` of a report.
@@ -318,7 +327,8 @@ pub fn train(
             f.report(Progress::Note(line));
         }
     };
-    let loaded = match (&opts.resume, &opts.identity) {
+    let own = opts.identity.as_ref().filter(|_| opts.continue_own);
+    let loaded = match (&opts.resume, own) {
         (Some(path), _) => Some((path.clone(), Checkpoint::load(path)?)),
         // A study's run goes on from its own last checkpoint; one that no longer loads (a
         // damaged disk) is this run's to replace: the run starts again, as it would have.
@@ -326,7 +336,7 @@ pub fn train(
             Some(last) => match Checkpoint::load(&last) {
                 Ok(ckpt) => {
                     note(format!(
-                        "continuing this run from {} at step {} (written before it was stopped or killed)",
+                        "continuing this run from {} at step {} (left by an earlier start of its study)",
                         last.display(),
                         ckpt.step
                     ));
@@ -361,6 +371,7 @@ pub fn train(
                 // Nothing to train: `steps` is the total, or this run stopped early with this
                 // patience; either way it has done what was asked.
                 let best = opts.out_dir.join(BEST_CHECKPOINT);
+                let ours = here && best.is_file() && opts.identity.as_ref().is_none_or(|id| written_by(&best, id));
                 return Ok(TrainSummary {
                     steps: ckpt.step,
                     final_loss: f32::NAN,
@@ -369,7 +380,7 @@ pub fn train(
                     best_embedding: state.embedding(),
                     seconds: 0.0,
                     losses: Vec::new(),
-                    best_checkpoint: (here && best.is_file()).then_some(best),
+                    best_checkpoint: ours.then_some(best),
                     stopped: false,
                 });
             }
@@ -377,7 +388,16 @@ pub fn train(
         }
         None => None,
     };
-    let (_lock, claimed) = claim_run_dir(&opts.out_dir, resume.as_deref(), opts.replace)?;
+    let (_lock, mut claimed) = claim_run_dir(&opts.out_dir, resume.as_deref(), opts.replace)?;
+    if let (None, Some(identity), Some(_)) = (&opts.resume, own, &resume) {
+        // Continuing its own last checkpoint, a run may find another run's best beside it (a
+        // kill between putting its first checkpoint in place and removing the one it
+        // replaced): that one is stale too.
+        let best = opts.out_dir.join(BEST_CHECKPOINT);
+        if best.is_file() && !written_by(&best, identity) {
+            claimed.stale.push(best);
+        }
+    }
     let result = train_in_claimed_dir(dev, data, model, cfg, opts, resumed, claimed.stale);
     let dir = &opts.out_dir;
     let nothing_written = result.as_ref().map_or(true, |s| s.stopped);

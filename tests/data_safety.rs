@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cli::{fails_with, ok, path, semshare, snapshot};
+use common::cli::{fails_with, ok, path, semshare, snapshot, spawn};
 use semshare::checkpoint::Checkpoint;
 
 fn tmp(name: &str) -> PathBuf {
@@ -483,16 +483,6 @@ fn a_signal_stops_a_study_and_the_same_command_continues_it() {
     let resumed = ok(&semshare(&tune));
     assert!(resumed.contains("3/3 training runs finished"), "{resumed}");
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// The binary started with `args`, its output piped.
-fn spawn(args: &[&str]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_semshare"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 /// Runs the binary, killing it if it has not finished within a minute (a hang is a failure).

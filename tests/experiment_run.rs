@@ -242,7 +242,25 @@ fn a_stopped_or_killed_suite_continues_its_run_in_progress_to_the_same_result() 
     assert_eq!(semshare::checkpoint::Checkpoint::load(&last).unwrap().step, 3);
     assert!(notes.lock().unwrap().iter().any(|n| n.starts_with("run ours seed 0 stopped at step 3 (")), "{notes:?}");
 
+    // A copy whose state file is then removed: a new study in the same runs directory, which
+    // trains its runs again rather than continue the old study's checkpoints.
+    assert!(
+        Command::new("cp").arg("-a").arg(dir.join("stopped")).arg(dir.join("forgotten")).status().unwrap().success()
+    );
     stop.store(false, Ordering::SeqCst);
+    let forgotten = ExperimentConfig {
+        out: dir.join("forgotten/results"),
+        runs_dir: dir.join("forgotten/runs"),
+        progress: Some(collect_notes(&notes)),
+        stop: None,
+        ..cfg.clone()
+    };
+    std::fs::remove_file(state_path(&forgotten.out, SuiteKind::Table1)).unwrap();
+    notes.lock().unwrap().clear();
+    let anew = run_suite(&mut Cpu::new(), &data, &forgotten).unwrap();
+    assert!(!notes.lock().unwrap().iter().any(|n| n.contains("continuing")), "{notes:?}");
+    assert_eq!(keys(&anew), keys(&whole));
+    notes.lock().unwrap().clear();
     let cfg = ExperimentConfig { progress: Some(collect_notes(&notes)), ..cfg };
     let resumed = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
     assert!(notes.lock().unwrap().iter().any(|n| n.contains("continuing this run from") && n.contains("at step 3")));

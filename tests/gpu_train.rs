@@ -173,7 +173,7 @@ fn demo_runs_on_the_device() {
         return;
     }
     let out = std::env::temp_dir().join(format!("semshare-gpu-demo-{}", std::process::id()));
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_semshare"))
+    let run = std::process::Command::new(common::cli::binary())
         .args(["demo", "--device", "cuda", "--steps", "1", "--train", "32", "--val", "8", "--test", "16", "--out"])
         .arg(&out)
         .output()

@@ -181,6 +181,7 @@ fn a_killed_tune_resumes_and_makes_the_same_choices() {
 /// tune ends with the scores and choices of one never interrupted.
 #[test]
 fn a_stopped_tune_continues_its_trials_from_their_checkpoints() {
+    use semshare::backend::Backend;
     use semshare::train::{Progress, ProgressFn, RunOptions, own_last_checkpoint, train};
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tmp("stop");
@@ -209,7 +210,8 @@ fn a_stopped_tune_continues_its_trials_from_their_checkpoints() {
     let plan = build_plan(&data, &cfg).unwrap();
     let key = stopped.remaining()[0];
     let (model, train_cfg) = plan.run_configs(&cfg.model, &cfg.train, &key);
-    let identity = semshare::experiment::run::run_identity(&data, &model, &train_cfg).unwrap();
+    let mut dev = semshare::backend::cpu::Cpu::new();
+    let identity = semshare::experiment::run::run_identity(dev.name(), &data, &model, &train_cfg).unwrap();
     let trial_dir = semshare::experiment::tune::trial_dir(&cfg.runs_dir, &key);
     let half = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&half);
@@ -223,14 +225,22 @@ fn a_stopped_tune_continues_its_trials_from_their_checkpoints() {
         identity: Some(identity.clone()),
         ..RunOptions::new(&trial_dir)
     };
-    let mut dev = semshare::backend::cpu::Cpu::new();
     assert!(train(&mut dev, &data, &model, &train_cfg, &opts).unwrap().stopped);
     assert!(own_last_checkpoint(&trial_dir, &identity).is_some());
     assert!(own_last_checkpoint(&trial_dir, "another run").is_none());
 
     stop.store(false, Ordering::SeqCst);
     let lines = std::sync::Mutex::new(Vec::new());
-    let resumed = run_tune(&data, &cfg, &|l| lines.lock().unwrap().push(l.to_string())).unwrap();
+    // A stop asked once the last trial is recorded (its result's line) finds nothing left to
+    // stop: the tune ends as it would have, its winner written.
+    let resumed = run_tune(&data, &cfg, &|l| {
+        if l.contains("rung 2: validation") {
+            stop.store(true, Ordering::SeqCst);
+        }
+        lines.lock().unwrap().push(l.to_string())
+    })
+    .unwrap();
+    assert!(stop.load(Ordering::SeqCst) && cfg.out.join("best-config.json").is_file());
     let lines = lines.into_inner().unwrap();
     assert!(lines.iter().any(|l| l.starts_with(&format!("{key}: continuing from "))), "{lines:?}");
     assert_eq!(lines.iter().filter(|l| l.contains("continuing from")).count(), 1, "{lines:?}");

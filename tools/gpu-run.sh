@@ -365,7 +365,9 @@ if has tests && can_start tests; then
     rc=0
     # --nocapture and SEMSHARE_PRINT_ERRORS: the measured errors (ERR lines, gpu_train's
     # worst gradient and 20-step drift) are figures to record, not only pass/fail.
-    capped "$end" "$log" env SEMSHARE_PRINT_ERRORS=1 "$t" --test-threads=4 --nocapture || rc=$?
+    # SEMSHARE_BIN: the tests that run the CLI (gpu_train's demo) would look for it where cargo
+    # built it, on the machine that built the bundle.
+    capped "$end" "$log" env SEMSHARE_PRINT_ERRORS=1 SEMSHARE_BIN="$BIN/semshare" "$t" --test-threads=4 --nocapture || rc=$?
     part=$WORK/part.log
     tail -n +"$start" "$log" >"$part"
     passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^passed/) p += $i } END { print p + 0 }' "$part")

@@ -103,12 +103,14 @@ fn budget_json(train: &TrainConfig) -> Result<String> {
 }
 
 /// What one run of a study is, for `RunOptions::identity`: the dataset as [`fingerprint`] sees
-/// it, the run's model and its whole training configuration (seed, η, steps included). A run
+/// it, the run's model and its whole training configuration (seed, η, steps included), the
+/// device that trains it (its name: path and precision) and this version of semshare. A run
 /// continues only a checkpoint of the same identity.
-pub fn run_identity(data: &DatasetReader, model: &ModelConfig, train: &TrainConfig) -> Result<String> {
+pub fn run_identity(device: &str, data: &DatasetReader, model: &ModelConfig, train: &TrainConfig) -> Result<String> {
     let sums: Vec<&str> = data.shard_entries().values().flatten().map(|e| e.checksum.as_str()).collect();
     let train = serde_json::to_string(train).map_err(|e| Error::data(format!("run identity: {e}")))?;
-    Ok(fingerprint_with(data, &model_json(model)?, &train, &sums))
+    let run = fingerprint_with(data, &model_json(model)?, &train, &sums);
+    Ok(format!("{run} on {device} by semshare {}", env!("CARGO_PKG_VERSION")))
 }
 
 /// [`fingerprint`] of the model's and the budget's JSON, with the shards' checksums given (in
@@ -264,6 +266,7 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     refuse_foreign_reports(&cfg.out, &path, &reports.iter().map(String::as_str).collect::<Vec<_>>())?;
     claim_runs_dir(&cfg.runs_dir.join(suite_name(cfg.suite)), &path)?;
     let mut state = SuiteState::open(&path, &suite)?;
+    let started_before = state.begin(&path)?;
     fill_in_label_scores(dev, data, cfg, &mut state, &path)?;
     write_reports(&state, data.meta().name.as_str(), &cfg.out, &cfg.train.embedding)?;
     let remaining: Vec<RunKey> =
@@ -287,7 +290,7 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
         }
         let start = Instant::now();
         let (report, label, best_step) = if key.variant.spec().trained {
-            let Some((ckpt, best_step)) = train_run(dev, data, cfg, &key)? else {
+            let Some((ckpt, best_step)) = train_run(dev, data, cfg, started_before, &key)? else {
                 break; // stopped: its last checkpoint holds the step it reached
             };
             let (net, params) = load_model(dev, &ckpt)?;
@@ -383,12 +386,14 @@ fn test_report(
     evaluate_split(dev, net, params, data, "test", embedding, &EvalConfig::default())
 }
 
-/// Trains run `key`, from its own last checkpoint when an earlier start of the suite left one;
-/// returns its best checkpoint and that checkpoint's step, or None when `cfg.stop` stopped it.
+/// Trains run `key`, from its own last checkpoint when an earlier start of the suite
+/// (`started_before`) left one; returns its best checkpoint and that checkpoint's step, or None
+/// when `cfg.stop` stopped it.
 fn train_run(
     dev: &mut dyn Backend,
     data: &Arc<DatasetReader>,
     cfg: &ExperimentConfig,
+    started_before: bool,
     key: &RunKey,
 ) -> Result<Option<(PathBuf, u64)>> {
     let model = key.variant.configure(&cfg.model);
@@ -405,7 +410,8 @@ fn train_run(
         replace: true,
         progress: cfg.progress.clone(),
         stop: cfg.stop.clone(),
-        identity: Some(run_identity(data, &model, &train_cfg)?),
+        identity: Some(run_identity(dev.name(), data, &model, &train_cfg)?),
+        continue_own: started_before,
         ..RunOptions::new(&dir)
     };
     let summary = train(dev, data, &model, &train_cfg, &opts)?;

@@ -181,6 +181,19 @@ impl<P: Plan> StudyState<P> {
         Ok(state)
     }
 
+    /// Whether the study at `path` was started before: then its runs in progress continue
+    /// their own checkpoints (`RunOptions::continue_own`). At its first start the state file is
+    /// written now, before any run, so that a run killed during it is continued too; a study
+    /// whose state file was removed starts anew, and trains again the runs whose checkpoints
+    /// it finds.
+    pub fn begin(&self, path: &Path) -> Result<bool> {
+        if path.exists() {
+            return Ok(true);
+        }
+        self.save(path)?;
+        Ok(false)
+    }
+
     /// The planned runs not yet recorded, in the plan's order.
     pub fn remaining(&self) -> Vec<P::Key> {
         let done: Vec<&P::Key> = self.finished.iter().map(P::key).collect();

@@ -184,7 +184,8 @@ pub struct RunRecord {
     pub label: Option<Scores>,
     /// The full `eval::Report` of the test split (PR curves, every cut-off), kept as JSON.
     pub report: serde_json::Value,
-    /// Wall-clock seconds of the run (training + evaluation).
+    /// Wall-clock seconds of the run (training + evaluation) in the start of the suite that
+    /// finished it: a run continued from its checkpoint counts the time after it only.
     pub seconds: f64,
     /// The step whose checkpoint (best validation NDCG) was evaluated; 0 for CCA.
     pub best_step: u64,

@@ -166,6 +166,8 @@ pub struct TrialRecord {
     /// (`error` says why), which ranks it last.
     pub score: Option<f64>,
     pub best_step: u64,
+    /// Wall-clock seconds of training in the start of the tune that finished the trial (one
+    /// continued from its checkpoint counts the time after it only).
     pub seconds: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -416,18 +418,24 @@ pub fn run_tune(data: &Arc<DatasetReader>, cfg: &TuneConfig, progress: &(dyn Fn(
     let path = state_path(&cfg.out);
     refuse_foreign_reports(&cfg.out, &path, &[TRIALS_FILE, BEST_CONFIG_FILE])?;
     claim_runs_dir(&cfg.runs_dir, &path)?;
-    let state = Mutex::new(TuneState::open(&path, &plan)?);
+    let state = TuneState::open(&path, &plan)?;
+    let started_before = state.begin(&path)?;
+    let state = Mutex::new(state);
+    let study = Study { plan: &plan, state: &state, path: &path, started_before };
     loop {
         let remaining: VecDeque<TrialKey> = state.lock().map_err(poisoned)?.remaining().into();
         if remaining.is_empty() {
             break;
+        }
+        if stop_asked(cfg) {
+            return state.into_inner().map_err(poisoned);
         }
         let queue = Mutex::new(remaining);
         let first_error: Mutex<Option<Error>> = Mutex::new(None);
         std::thread::scope(|s| {
             for _ in 0..cfg.workers.min(queue.lock().map_or(1, |q| q.len())) {
                 s.spawn(|| {
-                    if let Err(e) = worker(data, cfg, &plan, &queue, &state, &path, progress) {
+                    if let Err(e) = worker(data, cfg, &study, &queue, progress) {
                         queue.lock().map(|mut q| q.clear()).ok(); // the others stop after their trial
                         first_error.lock().map(|mut f| f.get_or_insert(e).to_string()).ok();
                     }
@@ -438,9 +446,6 @@ pub fn run_tune(data: &Arc<DatasetReader>, cfg: &TuneConfig, progress: &(dyn Fn(
             return Err(e);
         }
         write_table(&*state.lock().map_err(poisoned)?, &cfg.out)?;
-        if stop_asked(cfg) {
-            return state.into_inner().map_err(poisoned);
-        }
     }
     let state = state.into_inner().map_err(poisoned)?;
     write_table(&state, &cfg.out)?;
@@ -456,16 +461,24 @@ fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
     Error::data("tune: a worker panicked")
 }
 
+/// What the workers share of a tune: its plan, its state (at `path`), and whether it was
+/// started before (its trials in progress then continue their checkpoints).
+struct Study<'a> {
+    plan: &'a TunePlan,
+    state: &'a Mutex<TuneState>,
+    path: &'a Path,
+    started_before: bool,
+}
+
 /// Takes trials off `queue` until it is empty, training and recording each.
 fn worker(
     data: &Arc<DatasetReader>,
     cfg: &TuneConfig,
-    plan: &TunePlan,
+    study: &Study<'_>,
     queue: &Mutex<VecDeque<TrialKey>>,
-    state: &Mutex<TuneState>,
-    path: &Path,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<()> {
+    let Study { plan, state, path, started_before } = *study;
     let mut dev = crate::backend::open_at(&cfg.device, cfg.train.precision)?;
     while !stop_asked(cfg)
         && let Some(key) = queue.lock().map_err(poisoned)?.pop_front()
@@ -478,12 +491,17 @@ fn worker(
         let start = Instant::now();
         // The tune's own runs directory, a directory per trial: a trial stopped or killed
         // half-way goes on from its last checkpoint; another run's checkpoints are replaced.
-        let identity = run_identity(data, &model, &train_cfg)?;
-        if let Some(last) = own_last_checkpoint(&dir, &identity) {
+        let identity = run_identity(dev.name(), data, &model, &train_cfg)?;
+        if let Some(last) = own_last_checkpoint(&dir, &identity).filter(|_| started_before) {
             progress(&format!("{key}: continuing from {}", last.display()));
         }
-        let opts =
-            RunOptions { replace: true, stop: cfg.stop.clone(), identity: Some(identity), ..RunOptions::new(&dir) };
+        let opts = RunOptions {
+            replace: true,
+            stop: cfg.stop.clone(),
+            identity: Some(identity),
+            continue_own: started_before,
+            ..RunOptions::new(&dir)
+        };
         let record = match train(dev.as_mut(), data, &model, &train_cfg, &opts) {
             Ok(summary) if summary.stopped => {
                 progress(&format!("{key}: stopped at step {} of {steps}", summary.steps));

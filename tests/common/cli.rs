@@ -4,7 +4,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn semshare(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_semshare")).args(args).output().expect("the binary runs")
+    Command::new(binary()).args(args).output().expect("the binary runs")
+}
+
+/// The `semshare` binary: cargo's build of it, or `SEMSHARE_BIN` where the test binaries run
+/// away from the tree they were built in (the GPU bundle on the device machine: cargo's path
+/// is this machine's).
+pub fn binary() -> PathBuf {
+    std::env::var_os("SEMSHARE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_semshare")), PathBuf::from)
+}
+
+/// The binary started with `args`, its output piped.
+pub fn spawn(args: &[&str]) -> std::process::Child {
+    use std::process::Stdio;
+    Command::new(binary()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the binary runs")
 }
 
 /// A fresh, empty directory `semshare-<tag>-<pid>-<name>` in the system temp folder.

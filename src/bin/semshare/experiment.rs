@@ -61,11 +61,13 @@ pub fn run(args: &Args) -> Result<()> {
     let cfg = ExperimentConfig { stop: Some(stop.clone()), ..cfg };
     let state = run_suite(dev.as_mut(), &data, &cfg)?;
     let (done, total) = state.progress();
-    signals::end_if_stopped(&stop, || {
-        format!(
-            "{done}/{total} runs finished; the same command continues the suite (a run in progress from its last checkpoint, to the same result)"
-        )
-    });
+    if done < total {
+        signals::end_if_stopped(&stop, || {
+            format!(
+                "{done}/{total} runs finished; the same command continues the suite (a run in progress from its last checkpoint, to the same result)"
+            )
+        });
+    }
     let files = match suite {
         SuiteKind::Table1 => "table1.md, table1.json",
         SuiteKind::Eta => "figure1.svg, eta.md, eta.json",
@@ -75,5 +77,6 @@ pub fn run(args: &Args) -> Result<()> {
         state_path(&cfg.out, suite).file_name().and_then(|n| n.to_str()).unwrap_or(""),
         cfg.out.display()
     );
+    signals::end_if_stopped(&stop, || "the suite was finished by then".into());
     Ok(())
 }

@@ -110,7 +110,9 @@ const COMMANDS: &[Command] = &[
              [--lambda X (weight of the context loss L2: L = L1 + λ·L2)] [--seed S (default 0)]
              [--resume CKPT] [--force] [--device D] [--precision P]
              --steps is the total: --resume continues CKPT's run up to it (nothing to do if
-             CKPT is there already); --force replaces another run's checkpoints in --out
+             CKPT is there already, or its run stopped early with this patience: a larger
+             \"patience\" in a --config file continues it); --force replaces another run's
+             checkpoints in --out
              What no flag or config key gives is decided from the data (normalisation, step
              cap and early stopping by epochs, context loss, validation score, embedding),
              printed with a reason each and written to --out as resolved-config.json

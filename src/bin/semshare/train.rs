@@ -43,6 +43,7 @@ pub fn run(args: &Args) -> Result<()> {
         resolved_config: Some(resolved.to_json()),
         stop: Some(stop_on_signals()),
         identity: None,
+        continue_own: false,
     };
     let s = train(dev.as_mut(), &data, &model, &cfg, &opts).inspect_err(|_| {
         if fresh {
@@ -78,7 +79,7 @@ pub fn run(args: &Args) -> Result<()> {
             );
         } else {
             println!(
-                "{} stopped early at step {}: {} validations without a better {} (--patience {}); nothing trained, no checkpoint written (pass a larger --patience to continue)",
+                "{}: its run stopped early at step {}, {} validations without a better {} (patience {}): nothing trained, no checkpoint written (a larger \"patience\" in a --config file continues it)",
                 from.display(),
                 s.steps,
                 cfg.patience,

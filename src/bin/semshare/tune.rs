@@ -78,15 +78,18 @@ pub fn run(args: &Args) -> Result<()> {
     let cfg = TuneConfig { stop: Some(stop.clone()), ..cfg };
     let state = run_tune(&data, &cfg, &progress)?;
     let (done, total) = state.progress();
-    signals::end_if_stopped(&stop, || {
-        format!(
-            "{done}/{total} training runs finished; the same command continues the tune (a trial in progress from its last checkpoint, to the same result)"
-        )
-    });
+    if done < total {
+        signals::end_if_stopped(&stop, || {
+            format!(
+                "{done}/{total} training runs finished; the same command continues the tune (a trial in progress from its last checkpoint, to the same result)"
+            )
+        });
+    }
     println!(
         "{done}/{total} training runs finished; wrote trials.md, best-config.json and {} in {}",
         state_path(&cfg.out).file_name().and_then(|n| n.to_str()).unwrap_or(""),
         cfg.out.display()
     );
+    signals::end_if_stopped(&stop, || "the tune was finished by then".into());
     Ok(())
 }
