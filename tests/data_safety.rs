@@ -10,6 +10,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cli::{fails_with, ok, path, semshare, snapshot, spawn};
+#[cfg(unix)]
+use common::cli::{stopped_by, strs};
 use semshare::checkpoint::Checkpoint;
 
 fn tmp(name: &str) -> PathBuf {
@@ -353,46 +355,6 @@ fn checkpoints_are_checked_before_anything_is_allocated() {
         fails_with(&train(&data, &cfg, &dir.join("resumed"), "4", &["--resume", path(&bad)]), "bad.safetensors");
     }
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-#[cfg(unix)]
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-/// Runs `semshare args`, sends it `signal` (`INT`, `TERM`) once a line of its standard error
-/// contains `cue`, and returns how it ended, its standard output and its standard error. A
-/// stop that hangs fails the test rather than CI: the process is killed after a minute.
-#[cfg(unix)]
-fn stopped_by(args: &[&str], cue: &str, signal: &str) -> (std::process::ExitStatus, String, String) {
-    use std::io::{BufRead, BufReader, Read};
-    let mut child = spawn(args);
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    while !seen.contains(cue) {
-        assert_ne!(stderr.read_line(&mut seen).unwrap(), 0, "ended before `{cue}`: {seen}");
-    }
-    let sent = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
-    assert!(sent.success());
-    // The PID is still the child's: it is not reaped before `done`.
-    let (pid, done) = (child.id().to_string(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
-    let watched = std::sync::Arc::clone(&done);
-    let watchdog = std::thread::spawn(move || {
-        let start = Instant::now();
-        while !watched.load(std::sync::atomic::Ordering::SeqCst) {
-            if start.elapsed() > Duration::from_secs(60) {
-                let _ = Command::new("kill").args(["-KILL", &pid]).status();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    });
-    stderr.read_to_string(&mut seen).unwrap();
-    let mut stdout = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    watchdog.join().unwrap();
-    (child.wait().unwrap(), stdout, seen)
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice) to a running `train`: it stops after the

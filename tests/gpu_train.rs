@@ -190,9 +190,8 @@ fn demo_runs_on_the_device() {
 }
 
 /// Stopped (Ctrl-C in the CLI) at its step-16 log point, a run on the device writes
-/// `last.safetensors` there and resumes as if it had not stopped. (A stop between log points
-/// reads the steps not yet read with the same `read_stats` a log point uses, tested against
-/// the immediate step in `gpu_step`.)
+/// `last.safetensors` there and resumes as if it had not stopped. (A stop between log points,
+/// which reads the steps not yet read first: the signal test below.)
 #[test]
 fn a_stopped_run_on_the_device_resumes_as_if_it_had_not_stopped() {
     if gpu_or_skip("a_stopped_run_on_the_device_resumes_as_if_it_had_not_stopped").is_none() {
@@ -200,4 +199,50 @@ fn a_stopped_run_on_the_device_resumes_as_if_it_had_not_stopped() {
     }
     let device = || gpu_or_skip("a stopped run").expect("the device opened once already");
     common::training::stopped_run_resumes(&device, "gpu", false);
+}
+
+/// SIGINT to `train --device cuda`, whose steps are deferred and read back every 16 steps and
+/// at each validation (every 5 here): the run stops after the step under way, most often
+/// between those reads, so the steps not yet read are read (and checked) before
+/// `last.safetensors` is written at the step reached. Resumed, it ends where an uninterrupted
+/// run of as many steps ends (constant learning rate after warm-up: a longer run's prefix).
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_a_run_on_the_device_with_a_checkpoint_to_resume_from() {
+    use common::cli::{ok, path, semshare, stopped_by, strs, tmp};
+    use semshare::checkpoint::Checkpoint;
+    use std::os::unix::process::ExitStatusExt;
+    if gpu_or_skip("a_signal_stops_a_run_on_the_device_with_a_checkpoint_to_resume_from").is_none() {
+        return;
+    }
+    let dir = tmp("gpu-signal", "run");
+    let data = dir.join("data");
+    ok(&semshare(&["synth", "--out", path(&data), "--train", "40", "--val", "12", "--test", "12", "--seed", "2"]));
+    let cfg = dir.join("tiny.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model": {"layers": 1, "dim": 16, "heads": 2, "ffn": 32, "word_dim": 8, "gru_hidden": 8},
+            "train": {"eval_every": 5, "warmup": 1, "batch_size": 8, "patience": 0, "min_lr_ratio": 1.0}}"#,
+    )
+    .unwrap();
+    let train = |out: &str, steps: &str, more: &[&str]| -> Vec<String> {
+        let run = dir.join(out);
+        let args = ["train", "--data", path(&data), "--config", path(&cfg), "--out", path(&run), "--steps", steps];
+        args.iter().chain(&["--device", "cuda"]).chain(more).map(|a| a.to_string()).collect()
+    };
+    let (status, stdout, stderr) = stopped_by(&strs(&train("part", "1000000", &[])), " val ", "INT");
+    assert_eq!(status.signal(), Some(2), "{stderr}");
+    let last = dir.join("part/last.safetensors");
+    let at = Checkpoint::load(&last).unwrap().step;
+    assert!(stdout.contains(&format!("stopped by SIGINT at step {at} of 1000000")), "{stdout}");
+    eprintln!("stopped at step {at} (reads every 16 steps and every 5th)");
+    let total = (at + 3).to_string();
+    ok(&semshare(&strs(&train("part", &total, &["--resume", path(&last)]))));
+    ok(&semshare(&strs(&train("whole", &total, &[]))));
+    let (resumed, whole) =
+        (Checkpoint::load(&last).unwrap(), Checkpoint::load(&dir.join("whole/last.safetensors")).unwrap());
+    assert_eq!(resumed.step, whole.step);
+    let err = rel_err(&resumed.params, &common::to64(&whole.params));
+    assert!(err <= 1e-5, "resumed parameters differ from the uninterrupted run's by {err:e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

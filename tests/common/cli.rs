@@ -61,6 +61,11 @@ pub fn usage_error(out: &Output, needle: &str) {
     assert!(lines[0].contains("--help`)") || lines[0].contains("`semshare help`)"), "{stderr}");
 }
 
+/// Owned arguments as `semshare` takes them.
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 pub fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -80,4 +85,40 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
         }
     }
     out
+}
+
+/// Runs `semshare args`, sends it `signal` (`INT`, `TERM`) once a line of its standard error
+/// contains `cue`, and returns how it ended, its standard output and its standard error. A
+/// stop that hangs fails the test rather than CI: the process is killed after a minute.
+#[cfg(unix)]
+pub fn stopped_by(args: &[&str], cue: &str, signal: &str) -> (std::process::ExitStatus, String, String) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = spawn(args);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains(cue) {
+        assert_ne!(stderr.read_line(&mut seen).unwrap(), 0, "ended before `{cue}`: {seen}");
+    }
+    let sent =
+        std::process::Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+    assert!(sent.success());
+    // The PID is still the child's: it is not reaped before `done`.
+    let (pid, done) = (child.id().to_string(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let watched = std::sync::Arc::clone(&done);
+    let watchdog = std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        while !watched.load(std::sync::atomic::Ordering::SeqCst) {
+            if start.elapsed() > std::time::Duration::from_secs(60) {
+                let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    stderr.read_to_string(&mut seen).unwrap();
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+    (child.wait().unwrap(), stdout, seen)
 }
