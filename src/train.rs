@@ -49,12 +49,11 @@ pub struct RunOptions {
     /// with [`TrainSummary::stopped`] set. The CLI sets it on SIGINT and SIGTERM.
     pub stop: Option<Arc<AtomicBool>>,
     /// What this run is (a study's run: its data, model, configuration and device), written
-    /// into its checkpoints.
+    /// into its checkpoints. Without `resume`, a `last.safetensors` in `out_dir` that carries
+    /// the same identity is continued rather than replaced: a study stopped or killed during a
+    /// run goes on from that run's last checkpoint, to the same result. (A study empties the
+    /// directory of a run it starts afresh, so what it continues is its own.)
     pub identity: Option<String>,
-    /// Without `resume`, continue `out_dir`'s `last.safetensors` when it carries `identity`,
-    /// rather than replace it: a study stopped or killed during a run goes on from that run's
-    /// last checkpoint at its next start, to the same result.
-    pub continue_own: bool,
 }
 
 impl RunOptions {
@@ -68,7 +67,6 @@ impl RunOptions {
             resolved_config: None,
             stop: None,
             identity: None,
-            continue_own: false,
         }
     }
 }
@@ -327,7 +325,7 @@ pub fn train(
             f.report(Progress::Note(line));
         }
     };
-    let own = opts.identity.as_ref().filter(|_| opts.continue_own);
+    let own = opts.identity.as_ref();
     let loaded = match (&opts.resume, own) {
         (Some(path), _) => Some((path.clone(), Checkpoint::load(path)?)),
         // A study's run goes on from its own last checkpoint; one that no longer loads (a

@@ -159,7 +159,11 @@ fn a_resumed_suite_does_only_the_remaining_runs() {
     // directory claimed, a half-written run directory: a stale checkpoint (another run's
     // bytes), the lock, the temp file of a write the kill interrupted.
     let cfg = config(&data, &dir.join("killed"), &[Variant::Ours, Variant::Cca], 2);
-    let killed = SuiteState { suite: full.suite.clone(), finished: full.finished[..2].to_vec() };
+    let killed = SuiteState {
+        suite: full.suite.clone(),
+        finished: full.finished[..2].to_vec(),
+        in_progress: vec![full.finished[2].key],
+    };
     std::fs::create_dir_all(&cfg.out).unwrap();
     let path = state_path(&cfg.out, SuiteKind::Table1);
     std::fs::write(&path, serde_json::to_vec(&killed).unwrap()).unwrap();
@@ -478,6 +482,14 @@ fn a_state_of_another_suite_is_refused() {
     // Fewer seeds than recorded: the recorded seed-1 run is not in the suite asked for.
     let e = run_suite(&mut Cpu::new(), &data, &cfg).unwrap_err();
     assert!(e.to_string().contains("not in the requested suite"), "{e}");
+    // A state that finished no run (a first start that failed, its first run in progress)
+    // does not hold the study to its options: another budget starts the study anew.
+    let path = state_path(&cfg.out, SuiteKind::Table1);
+    let failed = SuiteState { finished: Vec::new(), in_progress: vec![extended.finished[0].key], ..extended.clone() };
+    std::fs::write(&path, serde_json::to_vec(&failed).unwrap()).unwrap();
+    let anew = run_suite(&mut Cpu::new(), &data, &longer).unwrap();
+    assert_eq!(anew.finished.len(), 1);
+    assert!(anew.in_progress.is_empty() && anew.suite != failed.suite);
 
     // The fingerprint: dataset and budget, not what each run sets.
     let fp = fingerprint(&data, &cfg.model, &cfg.train).unwrap();

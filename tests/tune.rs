@@ -205,29 +205,35 @@ fn a_stopped_tune_continues_its_trials_from_their_checkpoints() {
     assert_eq!((stopped.finished.len(), *started.lock().unwrap()), (1, 2));
     assert!(!cfg.out.join("best-config.json").exists(), "no winner before the tune ends");
 
-    // The trial after it half-way: a checkpoint at step 1 of its 2, written by the run the
-    // tune would start (its configuration and identity), as a stop or a kill leaves it.
+    // The trial it stopped, and the next one, half-way: a checkpoint at step 1 of their 2,
+    // written by the run the tune would start (its configuration and identity), as a stop or a
+    // kill leaves it. The first is in progress in the state file (started, not recorded), and
+    // goes on from it; the second was never started by this tune, so what its directory holds
+    // is not its own (an earlier tune's, say): emptied, and trained afresh.
     let plan = build_plan(&data, &cfg).unwrap();
-    let key = stopped.remaining()[0];
-    let (model, train_cfg) = plan.run_configs(&cfg.model, &cfg.train, &key);
-    let mut dev = semshare::backend::cpu::Cpu::new();
-    let identity = semshare::experiment::run::run_identity(dev.name(), &data, &model, &train_cfg).unwrap();
-    let trial_dir = semshare::experiment::tune::trial_dir(&cfg.runs_dir, &key);
-    let half = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&half);
-    let opts = RunOptions {
-        progress: Some(ProgressFn::new(move |p| {
-            if let Progress::Step { step: 1, .. } = p {
-                flag.store(true, Ordering::SeqCst);
-            }
-        })),
-        stop: Some(half),
-        identity: Some(identity.clone()),
-        ..RunOptions::new(&trial_dir)
-    };
-    assert!(train(&mut dev, &data, &model, &train_cfg, &opts).unwrap().stopped);
-    assert!(own_last_checkpoint(&trial_dir, &identity).is_some());
-    assert!(own_last_checkpoint(&trial_dir, "another run").is_none());
+    let (key, unstarted) = (stopped.remaining()[0], stopped.remaining()[1]);
+    assert_eq!(stopped.in_progress, [key]);
+    for k in [key, unstarted] {
+        let (model, train_cfg) = plan.run_configs(&cfg.model, &cfg.train, &k);
+        let mut dev = semshare::backend::cpu::Cpu::new();
+        let identity = semshare::experiment::run::run_identity(dev.name(), &data, &model, &train_cfg).unwrap();
+        let trial_dir = semshare::experiment::tune::trial_dir(&cfg.runs_dir, &k);
+        let half = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&half);
+        let opts = RunOptions {
+            progress: Some(ProgressFn::new(move |p| {
+                if let Progress::Step { step: 1, .. } = p {
+                    flag.store(true, Ordering::SeqCst);
+                }
+            })),
+            stop: Some(half),
+            identity: Some(identity.clone()),
+            ..RunOptions::new(&trial_dir)
+        };
+        assert!(train(&mut dev, &data, &model, &train_cfg, &opts).unwrap().stopped);
+        assert!(own_last_checkpoint(&trial_dir, &identity).is_some());
+        assert!(own_last_checkpoint(&trial_dir, "another run").is_none());
+    }
 
     stop.store(false, Ordering::SeqCst);
     let lines = std::sync::Mutex::new(Vec::new());
@@ -242,8 +248,8 @@ fn a_stopped_tune_continues_its_trials_from_their_checkpoints() {
     .unwrap();
     assert!(stop.load(Ordering::SeqCst) && cfg.out.join("best-config.json").is_file());
     let lines = lines.into_inner().unwrap();
-    assert!(lines.iter().any(|l| l.starts_with(&format!("{key}: continuing from "))), "{lines:?}");
-    assert_eq!(lines.iter().filter(|l| l.contains("continuing from")).count(), 1, "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("{key}: continuing this run from "))), "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l.contains("continuing this run from")).count(), 1, "{lines:?}");
     assert_eq!(scores(&resumed), scores(&full));
     assert_eq!(best(&resumed).unwrap().0, best(&full).unwrap().0);
     let _ = std::fs::remove_dir_all(&dir);

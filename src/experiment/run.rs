@@ -20,13 +20,14 @@ use super::scores::Scores;
 use super::state::{claim_runs_dir, refuse_foreign_reports};
 use super::suite::{RunKey, RunRecord, Suite, SuiteKind, SuiteState};
 use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
 use crate::data::checksum::{checksum, format_checksum};
 use crate::data::reader::DatasetReader;
 use crate::eval::metrics::{EvalConfig, Report};
 use crate::inference::{evaluate_split, load_model};
 use crate::model::{EmbeddingKind, ModelConfig, SemShare, Variant};
 use crate::tensor::Tensor;
-use crate::train::{LAST_CHECKPOINT, Progress, ProgressFn, RunOptions, TrainConfig, train};
+use crate::train::{LAST_CHECKPOINT, Progress, ProgressFn, RunOptions, TrainConfig, remove_run_dir, train};
 use crate::{Error, Result};
 
 /// What `semshare experiment` runs.
@@ -266,7 +267,6 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     refuse_foreign_reports(&cfg.out, &path, &reports.iter().map(String::as_str).collect::<Vec<_>>())?;
     claim_runs_dir(&cfg.runs_dir.join(suite_name(cfg.suite)), &path)?;
     let mut state = SuiteState::open(&path, &suite)?;
-    let started_before = state.begin(&path)?;
     fill_in_label_scores(dev, data, cfg, &mut state, &path)?;
     write_reports(&state, data.meta().name.as_str(), &cfg.out, &cfg.train.embedding)?;
     let remaining: Vec<RunKey> =
@@ -289,8 +289,9 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
             p.report(Progress::Note(format!("run {k}/{total}  {key}  starting  (suite ETA {eta})")));
         }
         let start = Instant::now();
+        let continuing = state.start(&path, &key)?;
         let (report, label, best_step) = if key.variant.spec().trained {
-            let Some((ckpt, best_step)) = train_run(dev, data, cfg, started_before, &key)? else {
+            let Some((ckpt, best_step)) = train_run(dev, data, cfg, continuing, &key)? else {
                 break; // stopped: its last checkpoint holds the step it reached
             };
             let (net, params) = load_model(dev, &ckpt)?;
@@ -386,14 +387,14 @@ fn test_report(
     evaluate_split(dev, net, params, data, "test", embedding, &EvalConfig::default())
 }
 
-/// Trains run `key`, from its own last checkpoint when an earlier start of the suite
-/// (`started_before`) left one; returns its best checkpoint and that checkpoint's step, or None
-/// when `cfg.stop` stopped it.
+/// Trains run `key`: when `continuing` (an earlier start of the suite started it, and was
+/// stopped or killed) from its own last checkpoint, else afresh in an emptied run directory.
+/// Returns its best checkpoint and that checkpoint's step, or None when `cfg.stop` stopped it.
 fn train_run(
     dev: &mut dyn Backend,
     data: &Arc<DatasetReader>,
     cfg: &ExperimentConfig,
-    started_before: bool,
+    continuing: bool,
     key: &RunKey,
 ) -> Result<Option<(PathBuf, u64)>> {
     let model = key.variant.configure(&cfg.model);
@@ -404,17 +405,29 @@ fn train_run(
         ..cfg.train.clone()
     };
     let dir = run_dir(&cfg.runs_dir, cfg.suite, key);
-    // The suite's own runs directory, a directory per run: a checkpoint there that is not this
-    // run's (another suite's, before this state file) is replaced.
+    // The suite's own runs directory, a directory per run: what a run started afresh finds
+    // there was left by an earlier study (its state file removed), and is not continued.
+    if !continuing {
+        remove_run_dir(&dir)?;
+    }
     let opts = RunOptions {
         replace: true,
         progress: cfg.progress.clone(),
         stop: cfg.stop.clone(),
         identity: Some(run_identity(dev.name(), data, &model, &train_cfg)?),
-        continue_own: started_before,
         ..RunOptions::new(&dir)
     };
-    let summary = train(dev, data, &model, &train_cfg, &opts)?;
+    let mut summary = train(dev, data, &model, &train_cfg, &opts)?;
+    // Continued at its end (killed after its last validation, before it was recorded), a run
+    // whose best checkpoint is gone or no longer loads (a damaged disk) is trained again.
+    let usable = |best: &Option<PathBuf>| best.as_deref().is_some_and(|b| Checkpoint::load_for_inference(b).is_ok());
+    if summary.losses.is_empty() && !summary.stopped && !usable(&summary.best_checkpoint) {
+        if let Some(p) = &cfg.progress {
+            p.report(Progress::Note(format!("run {key}: its best checkpoint cannot be used; the run starts again")));
+        }
+        remove_run_dir(&dir)?;
+        summary = train(dev, data, &model, &train_cfg, &opts)?;
+    }
     if summary.stopped {
         if let Some(p) = &cfg.progress {
             let last = dir.join(LAST_CHECKPOINT);

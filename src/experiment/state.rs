@@ -1,8 +1,8 @@
 //! The resumable bookkeeping every study shares (a Table 1 suite, an η sweep, a tuning run): a
 //! plan of runs and the runs finished so far, in one JSON file rewritten atomically after each.
 //! A study stopped or killed at any point loses at most the steps of its runs in progress since
-//! their last checkpoints (each run continues its own: `RunOptions::identity`); the next start
-//! does exactly the planned runs not yet recorded.
+//! their last checkpoints (each run it started continues its own: [`StudyState::start`],
+//! `RunOptions::identity`); the next start does exactly the planned runs not yet recorded.
 
 use std::fmt::Display;
 use std::path::Path;
@@ -122,7 +122,7 @@ pub fn refuse_foreign_reports(out: &Path, state: &Path, reports: &[&str]) -> Res
 /// trials of a rung only once the rung is finished, so [`Plan::runs`] sees the finished records.
 pub trait Plan: Clone + PartialEq + Serialize + DeserializeOwned {
     /// Names one run.
-    type Key: Clone + PartialEq + Display;
+    type Key: Clone + PartialEq + Display + Serialize + DeserializeOwned;
     /// What a finished run recorded.
     type Record: Clone + Serialize + DeserializeOwned;
 
@@ -139,25 +139,37 @@ pub trait Plan: Clone + PartialEq + Serialize + DeserializeOwned {
     fn widen_hint(&self) -> &'static str;
 }
 
-/// A plan and its finished runs; on disk as one JSON file (`suite`, `finished`).
+/// A plan, its finished runs and those in progress; on disk as one JSON file (`suite`,
+/// `finished`, `in_progress`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(bound(serialize = "P: Serialize", deserialize = "P: DeserializeOwned"))]
 pub struct StudyState<P: Plan> {
     pub suite: P,
     pub finished: Vec<P::Record>,
+    /// Runs this state file started and has not recorded yet ([`start`](Self::start)): a run
+    /// stopped or killed goes on from its own checkpoint only if it is here, so that a study
+    /// whose state file was removed never continues what the earlier one left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_progress: Vec<P::Key>,
 }
 
 impl<P: Plan> StudyState<P> {
-    /// The state at `path` if it exists (it must be of a plan this one continues), else a fresh
-    /// one (written at the first [`record`](Self::record)).
+    /// The state at `path` if it exists (it must be of a plan this one continues, unless it
+    /// has finished no run: a first start that failed, say with a diverging learning rate,
+    /// does not hold the study to its options), else a fresh one (written when its first run
+    /// starts).
     pub fn open(path: &Path, plan: &P) -> Result<Self> {
         plan.validate()?;
+        let fresh = || StudyState { suite: plan.clone(), finished: Vec::new(), in_progress: Vec::new() };
         if !path.exists() {
-            return Ok(StudyState { suite: plan.clone(), finished: Vec::new() });
+            return Ok(fresh());
         }
         let bytes = crate::io::read(path)?;
         let mut state: Self =
             serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("not a state file: {e}")))?;
+        if state.finished.is_empty() && plan.conflict(&state.suite).is_some() {
+            return Ok(fresh());
+        }
         if let Some(why) = plan.conflict(&state.suite) {
             return Err(Error::config(format!(
                 "{}: holds a different {why}; use another output directory or remove the file to start over",
@@ -181,16 +193,17 @@ impl<P: Plan> StudyState<P> {
         Ok(state)
     }
 
-    /// Whether the study at `path` was started before: then its runs in progress continue
-    /// their own checkpoints (`RunOptions::continue_own`). At its first start the state file is
-    /// written now, before any run, so that a run killed during it is continued too; a study
-    /// whose state file was removed starts anew, and trains again the runs whose checkpoints
-    /// it finds.
-    pub fn begin(&self, path: &Path) -> Result<bool> {
-        if path.exists() {
+    /// Marks run `key` in progress (rewriting the state file) and says whether it was already:
+    /// started by an earlier start of this study that was stopped or killed. Such a run goes
+    /// on from its own last checkpoint; any other starts afresh, from an empty run directory.
+    pub fn start(&mut self, path: &Path, key: &P::Key) -> Result<bool> {
+        if self.in_progress.contains(key) {
             return Ok(true);
         }
-        self.save(path)?;
+        self.in_progress.push(key.clone());
+        self.save(path).inspect_err(|_| {
+            self.in_progress.pop(); // memory stays what the disk says
+        })?;
         Ok(false)
     }
 
@@ -214,9 +227,12 @@ impl<P: Plan> StudyState<P> {
         if self.finished.iter().any(|r| P::key(r) == key) {
             return Err(Error::config(format!("run `{key}` is already recorded")));
         }
+        let in_progress = self.in_progress.clone();
+        self.in_progress.retain(|k| k != key);
         self.finished.push(record);
         self.save(path).inspect_err(|_| {
             self.finished.pop(); // memory stays what the disk says
+            self.in_progress = in_progress;
         })
     }
 

@@ -35,7 +35,7 @@ use super::state::{Plan, StudyState, claim_runs_dir, refuse_foreign_reports};
 use crate::data::reader::DatasetReader;
 use crate::model::ModelConfig;
 use crate::rng::Rng;
-use crate::train::{RunOptions, TrainConfig, own_last_checkpoint, remove_run_dir, require_items, train};
+use crate::train::{Progress, ProgressFn, RunOptions, TrainConfig, remove_run_dir, require_items, train};
 use crate::{Error, Result};
 
 /// One point of the search space. `dim` and `layers` size the shared model; heads stay the
@@ -418,10 +418,8 @@ pub fn run_tune(data: &Arc<DatasetReader>, cfg: &TuneConfig, progress: &(dyn Fn(
     let path = state_path(&cfg.out);
     refuse_foreign_reports(&cfg.out, &path, &[TRIALS_FILE, BEST_CONFIG_FILE])?;
     claim_runs_dir(&cfg.runs_dir, &path)?;
-    let state = TuneState::open(&path, &plan)?;
-    let started_before = state.begin(&path)?;
-    let state = Mutex::new(state);
-    let study = Study { plan: &plan, state: &state, path: &path, started_before };
+    let state = Mutex::new(TuneState::open(&path, &plan)?);
+    let study = Study { plan: &plan, state: &state, path: &path };
     loop {
         let remaining: VecDeque<TrialKey> = state.lock().map_err(poisoned)?.remaining().into();
         if remaining.is_empty() {
@@ -461,13 +459,11 @@ fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
     Error::data("tune: a worker panicked")
 }
 
-/// What the workers share of a tune: its plan, its state (at `path`), and whether it was
-/// started before (its trials in progress then continue their checkpoints).
+/// What the workers share of a tune: its plan and its state (at `path`).
 struct Study<'a> {
     plan: &'a TunePlan,
     state: &'a Mutex<TuneState>,
     path: &'a Path,
-    started_before: bool,
 }
 
 /// Takes trials off `queue` until it is empty, training and recording each.
@@ -478,7 +474,7 @@ fn worker(
     queue: &Mutex<VecDeque<TrialKey>>,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<()> {
-    let Study { plan, state, path, started_before } = *study;
+    let Study { plan, state, path } = *study;
     let mut dev = crate::backend::open_at(&cfg.device, cfg.train.precision)?;
     while !stop_asked(cfg)
         && let Some(key) = queue.lock().map_err(poisoned)?.pop_front()
@@ -491,18 +487,32 @@ fn worker(
         let start = Instant::now();
         // The tune's own runs directory, a directory per trial: a trial stopped or killed
         // half-way goes on from its last checkpoint; another run's checkpoints are replaced.
-        let identity = run_identity(dev.name(), data, &model, &train_cfg)?;
-        if let Some(last) = own_last_checkpoint(&dir, &identity).filter(|_| started_before) {
-            progress(&format!("{key}: continuing from {}", last.display()));
+        // A trial started afresh finds in its directory only what an earlier tune (its state
+        // file removed) left: emptied. One this tune started goes on from its last checkpoint.
+        if !state.lock().map_err(poisoned)?.start(path, &key)? {
+            remove_run_dir(&dir)?;
         }
+        // The run's notes (continuing, or why not), each said once the trial ends.
+        let notes = Arc::new(Mutex::new(Vec::new()));
         let opts = RunOptions {
             replace: true,
             stop: cfg.stop.clone(),
-            identity: Some(identity),
-            continue_own: started_before,
+            identity: Some(run_identity(dev.name(), data, &model, &train_cfg)?),
+            progress: Some(ProgressFn::new({
+                let notes = Arc::clone(&notes);
+                move |p| {
+                    if let Progress::Note(n) = p {
+                        notes.lock().map(|mut v| v.push(n.clone())).ok();
+                    }
+                }
+            })),
             ..RunOptions::new(&dir)
         };
-        let record = match train(dev.as_mut(), data, &model, &train_cfg, &opts) {
+        let result = train(dev.as_mut(), data, &model, &train_cfg, &opts);
+        for note in notes.lock().map_err(poisoned)?.iter() {
+            progress(&format!("{key}: {note}"));
+        }
+        let record = match result {
             Ok(summary) if summary.stopped => {
                 progress(&format!("{key}: stopped at step {} of {steps}", summary.steps));
                 return Ok(());

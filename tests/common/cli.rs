@@ -93,7 +93,20 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
 #[cfg(unix)]
 pub fn stopped_by(args: &[&str], cue: &str, signal: &str) -> (std::process::ExitStatus, String, String) {
     use std::io::{BufRead, BufReader, Read};
-    let mut child = spawn(args);
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let mut command = Command::new(binary());
+    command.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: signal(2) is async-signal-safe. A test run as a script's background job inherits
+    // SIGINT ignored, which semshare keeps ignored (as a user's would be): the signal this test
+    // sends must reach it.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        })
+    };
+    let mut child = command.spawn().expect("the binary runs");
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
     while !seen.contains(cue) {

@@ -61,7 +61,8 @@ pub fn run(args: &Args) -> Result<()> {
     let cfg = ExperimentConfig { stop: Some(stop.clone()), ..cfg };
     let state = run_suite(dev.as_mut(), &data, &cfg)?;
     let (done, total) = state.progress();
-    if done < total {
+    // With --seed K, the runs of the other seeds are not this command's to finish.
+    if state.remaining().iter().any(|k| only_seed.is_none_or(|s| k.seed == s)) {
         signals::end_if_stopped(&stop, || {
             format!(
                 "{done}/{total} runs finished; the same command continues the suite (a run in progress from its last checkpoint, to the same result)"

@@ -43,7 +43,6 @@ pub fn run(args: &Args) -> Result<()> {
         resolved_config: Some(resolved.to_json()),
         stop: Some(stop_on_signals()),
         identity: None,
-        continue_own: false,
     };
     let s = train(dev.as_mut(), &data, &model, &cfg, &opts).inspect_err(|_| {
         if fresh {
