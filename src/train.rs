@@ -248,9 +248,25 @@ pub fn check_run_dir(out: &Path, resume: Option<&Path>, replace: bool) -> Result
 }
 
 /// Deletes what a run wrote in `dir` (checkpoints, configuration, lock), then `dir` if that
-/// leaves it empty; anything else is left. Refused where [`check_run_dir`] refuses.
+/// leaves it empty; anything else is left. Refused where [`check_run_dir`] refuses, and while
+/// a `train` holds the directory's lock.
 pub fn remove_run_dir(dir: &Path) -> Result<()> {
     check_run_dir(dir, None, true)?;
+    let lock_path = dir.join(LOCK_FILE);
+    // Held until the files are gone (the lock file last).
+    let _held = match std::fs::File::open(&lock_path) {
+        Ok(lock) => match lock.try_lock() {
+            Ok(()) => Some(lock),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::refused(
+                    dir,
+                    format!("another `semshare train` is writing this run directory (it holds {LOCK_FILE})"),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+        },
+        Err(_) => None,
+    };
     remove_run_files(dir, &[BEST_CHECKPOINT, LAST_CHECKPOINT, RESOLVED_CONFIG, LOCK_FILE])
 }
 

@@ -326,6 +326,32 @@ fn a_stopped_or_killed_suite_continues_its_run_in_progress_to_the_same_result() 
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// One process at a time runs a study: a second start while the first holds its runs
+/// directory is refused (both would train the same run in one directory), and a run directory
+/// a `train` is writing is not emptied under it.
+#[test]
+fn a_study_runs_in_one_process_at_a_time() {
+    let dir = tmp("one-at-a-time");
+    let data = tiny_data(&dir);
+    let cfg = config(&data, &dir, &[Variant::Ours], 1);
+    std::fs::create_dir_all(&cfg.out).unwrap();
+    let path = state_path(&cfg.out, SuiteKind::Table1);
+    let held = semshare::experiment::state::claim_runs_dir(&cfg.runs_dir.join("table1"), &path).unwrap();
+    let e = run_suite(&mut Cpu::new(), &data, &cfg).unwrap_err().to_string();
+    assert!(e.contains("another semshare process is running the study"), "{e}");
+    drop(held);
+    run_suite(&mut Cpu::new(), &data, &cfg).unwrap();
+    let run = cfg.runs_dir.join("table1/ours-s0");
+    let lock = std::fs::File::open(run.join(".lock")).unwrap();
+    lock.try_lock().unwrap();
+    let e = semshare::train::remove_run_dir(&run).unwrap_err().to_string();
+    assert!(e.contains("another `semshare train` is writing"), "{e}");
+    assert!(run.join("best.safetensors").is_file());
+    drop(lock);
+    semshare::train::remove_run_dir(&run).unwrap();
+    assert!(!run.exists());
+}
+
 #[test]
 fn runs_recorded_without_label_scores_get_them_from_their_checkpoints() {
     let dir = tmp("fill-label");

@@ -265,7 +265,7 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
     let path = state_path(&cfg.out, cfg.suite);
     let reports = report_files(cfg.suite);
     refuse_foreign_reports(&cfg.out, &path, &reports.iter().map(String::as_str).collect::<Vec<_>>())?;
-    claim_runs_dir(&cfg.runs_dir.join(suite_name(cfg.suite)), &path)?;
+    let _one_at_a_time = claim_runs_dir(&cfg.runs_dir.join(suite_name(cfg.suite)), &path)?;
     let mut state = SuiteState::open(&path, &suite)?;
     fill_in_label_scores(dev, data, cfg, &mut state, &path)?;
     write_reports(&state, data.meta().name.as_str(), &cfg.out, &cfg.train.embedding)?;

@@ -22,7 +22,29 @@ pub const OWNER_FILE: &str = "owner.txt";
 /// exists, and `root` holds run directories only). Anything else (another study's runs,
 /// somebody's files) is refused, so that no run directory of another study is replaced, or
 /// read as this one's.
-pub fn claim_runs_dir(root: &Path, state: &Path) -> Result<()> {
+///
+/// Returns [`OWNER_FILE`] locked (`flock`, released when the file is dropped or the process
+/// ends): one process at a time runs a study, a second start of it while the first runs is
+/// refused (both would train the same run in the same directory).
+pub fn claim_runs_dir(root: &Path, state: &Path) -> Result<std::fs::File> {
+    claim_owner(root, state)?;
+    let owner = root.join(OWNER_FILE);
+    let file = std::fs::File::open(&owner).map_err(|e| Error::io(&owner, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::refused(
+            root,
+            format!(
+                "another semshare process is running the study whose state is {} (it holds {OWNER_FILE}); wait for it, or stop it",
+                state.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&owner, e)),
+    }
+}
+
+/// [`claim_runs_dir`] without the lock.
+fn claim_owner(root: &Path, state: &Path) -> Result<()> {
     let owner = root.join(OWNER_FILE);
     if let Ok(text) = crate::io::read_text(&owner, 4096) {
         return check_owner(root, state, &text);

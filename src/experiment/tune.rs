@@ -417,7 +417,7 @@ pub fn run_tune(data: &Arc<DatasetReader>, cfg: &TuneConfig, progress: &(dyn Fn(
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let path = state_path(&cfg.out);
     refuse_foreign_reports(&cfg.out, &path, &[TRIALS_FILE, BEST_CONFIG_FILE])?;
-    claim_runs_dir(&cfg.runs_dir, &path)?;
+    let _one_at_a_time = claim_runs_dir(&cfg.runs_dir, &path)?;
     let state = Mutex::new(TuneState::open(&path, &plan)?);
     let study = Study { plan: &plan, state: &state, path: &path };
     loop {
