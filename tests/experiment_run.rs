@@ -260,6 +260,14 @@ fn a_stopped_or_killed_suite_continues_its_run_in_progress_to_the_same_result() 
         ..cfg.clone()
     };
     std::fs::remove_file(state_path(&forgotten.out, SuiteKind::Table1)).unwrap();
+    // Its directory cannot be emptied (a file by a run's name that semshare did not write):
+    // refused, and the run is not marked in progress, so that nothing of the old study is
+    // continued once the file is gone.
+    let foreign = forgotten.runs_dir.join("table1/ours-s0/resolved-config.json");
+    std::fs::write(&foreign, "{}").unwrap();
+    let e = run_suite(&mut Cpu::new(), &data, &forgotten).unwrap_err().to_string();
+    assert!(e.contains("not a configuration semshare wrote"), "{e}");
+    std::fs::remove_file(&foreign).unwrap();
     notes.lock().unwrap().clear();
     let anew = run_suite(&mut Cpu::new(), &data, &forgotten).unwrap();
     assert!(!notes.lock().unwrap().iter().any(|n| n.contains("continuing")), "{notes:?}");
@@ -508,14 +516,13 @@ fn a_state_of_another_suite_is_refused() {
     // Fewer seeds than recorded: the recorded seed-1 run is not in the suite asked for.
     let e = run_suite(&mut Cpu::new(), &data, &cfg).unwrap_err();
     assert!(e.to_string().contains("not in the requested suite"), "{e}");
-    // A state that finished no run (a first start that failed, its first run in progress)
-    // does not hold the study to its options: another budget starts the study anew.
+    // A state that finished no run still holds its run in progress (its checkpoints): another
+    // budget is refused as well.
     let path = state_path(&cfg.out, SuiteKind::Table1);
-    let failed = SuiteState { finished: Vec::new(), in_progress: vec![extended.finished[0].key], ..extended.clone() };
-    std::fs::write(&path, serde_json::to_vec(&failed).unwrap()).unwrap();
-    let anew = run_suite(&mut Cpu::new(), &data, &longer).unwrap();
-    assert_eq!(anew.finished.len(), 1);
-    assert!(anew.in_progress.is_empty() && anew.suite != failed.suite);
+    let started = SuiteState { finished: Vec::new(), in_progress: vec![extended.finished[0].key], ..extended.clone() };
+    std::fs::write(&path, serde_json::to_vec(&started).unwrap()).unwrap();
+    let e = run_suite(&mut Cpu::new(), &data, &longer).unwrap_err();
+    assert!(e.to_string().contains("different suite"), "{e}");
 
     // The fingerprint: dataset and budget, not what each run sets.
     let fp = fingerprint(&data, &cfg.model, &cfg.train).unwrap();

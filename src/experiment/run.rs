@@ -289,9 +289,15 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
             p.report(Progress::Note(format!("run {k}/{total}  {key}  starting  (suite ETA {eta})")));
         }
         let start = Instant::now();
-        let continuing = state.start(&path, &key)?;
+        // A run this state did not start finds in its directory only what an earlier study
+        // (its state file removed) left: emptied first, then the run is marked in progress, so
+        // that a kill in between empties it again. A run it started continues its checkpoint.
+        if !state.in_progress.contains(&key) && key.variant.spec().trained {
+            remove_run_dir(&run_dir(&cfg.runs_dir, cfg.suite, &key))?;
+        }
+        state.start(&path, &key)?;
         let (report, label, best_step) = if key.variant.spec().trained {
-            let Some((ckpt, best_step)) = train_run(dev, data, cfg, continuing, &key)? else {
+            let Some((ckpt, best_step)) = train_run(dev, data, cfg, &key)? else {
                 break; // stopped: its last checkpoint holds the step it reached
             };
             let (net, params) = load_model(dev, &ckpt)?;
@@ -387,14 +393,13 @@ fn test_report(
     evaluate_split(dev, net, params, data, "test", embedding, &EvalConfig::default())
 }
 
-/// Trains run `key`: when `continuing` (an earlier start of the suite started it, and was
-/// stopped or killed) from its own last checkpoint, else afresh in an emptied run directory.
-/// Returns its best checkpoint and that checkpoint's step, or None when `cfg.stop` stopped it.
+/// Trains run `key`, from its own last checkpoint when an earlier start of the suite started
+/// it and was stopped or killed. Returns its best checkpoint and that checkpoint's step, or
+/// None when `cfg.stop` stopped it.
 fn train_run(
     dev: &mut dyn Backend,
     data: &Arc<DatasetReader>,
     cfg: &ExperimentConfig,
-    continuing: bool,
     key: &RunKey,
 ) -> Result<Option<(PathBuf, u64)>> {
     let model = key.variant.configure(&cfg.model);
@@ -405,11 +410,6 @@ fn train_run(
         ..cfg.train.clone()
     };
     let dir = run_dir(&cfg.runs_dir, cfg.suite, key);
-    // The suite's own runs directory, a directory per run: what a run started afresh finds
-    // there was left by an earlier study (its state file removed), and is not continued.
-    if !continuing {
-        remove_run_dir(&dir)?;
-    }
     let opts = RunOptions {
         replace: true,
         progress: cfg.progress.clone(),

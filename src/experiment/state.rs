@@ -1,5 +1,6 @@
 //! The resumable bookkeeping every study shares (a Table 1 suite, an η sweep, a tuning run): a
-//! plan of runs and the runs finished so far, in one JSON file rewritten atomically after each.
+//! plan of runs, the runs in progress and those finished, in one JSON file rewritten atomically
+//! as each run starts and after each finishes.
 //! A study stopped or killed at any point loses at most the steps of its runs in progress since
 //! their last checkpoints (each run it started continues its own: [`StudyState::start`],
 //! `RunOptions::identity`); the next start does exactly the planned runs not yet recorded.
@@ -176,22 +177,17 @@ pub struct StudyState<P: Plan> {
 }
 
 impl<P: Plan> StudyState<P> {
-    /// The state at `path` if it exists (it must be of a plan this one continues, unless it
-    /// has finished no run: a first start that failed, say with a diverging learning rate,
-    /// does not hold the study to its options), else a fresh one (written when its first run
-    /// starts).
+    /// The state at `path` if it exists (it must be of a plan this one continues: even one
+    /// that finished no run holds its runs in progress), else a fresh one (written when its
+    /// first run starts).
     pub fn open(path: &Path, plan: &P) -> Result<Self> {
         plan.validate()?;
-        let fresh = || StudyState { suite: plan.clone(), finished: Vec::new(), in_progress: Vec::new() };
         if !path.exists() {
-            return Ok(fresh());
+            return Ok(StudyState { suite: plan.clone(), finished: Vec::new(), in_progress: Vec::new() });
         }
         let bytes = crate::io::read(path)?;
         let mut state: Self =
             serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("not a state file: {e}")))?;
-        if state.finished.is_empty() && plan.conflict(&state.suite).is_some() {
-            return Ok(fresh());
-        }
         if let Some(why) = plan.conflict(&state.suite) {
             return Err(Error::config(format!(
                 "{}: holds a different {why}; use another output directory or remove the file to start over",

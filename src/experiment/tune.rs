@@ -489,9 +489,11 @@ fn worker(
         // half-way goes on from its last checkpoint; another run's checkpoints are replaced.
         // A trial started afresh finds in its directory only what an earlier tune (its state
         // file removed) left: emptied. One this tune started goes on from its last checkpoint.
-        if !state.lock().map_err(poisoned)?.start(path, &key)? {
+        // (Emptied before the trial is marked in progress: a kill in between empties it again.)
+        if !state.lock().map_err(poisoned)?.in_progress.contains(&key) {
             remove_run_dir(&dir)?;
         }
+        state.lock().map_err(poisoned)?.start(path, &key)?;
         // The run's notes (continuing, or why not), each said once the trial ends.
         let notes = Arc::new(Mutex::new(Vec::new()));
         let opts = RunOptions {
