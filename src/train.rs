@@ -252,19 +252,9 @@ pub fn check_run_dir(out: &Path, resume: Option<&Path>, replace: bool) -> Result
 /// a `train` holds the directory's lock.
 pub fn remove_run_dir(dir: &Path) -> Result<()> {
     check_run_dir(dir, None, true)?;
-    let lock_path = dir.join(LOCK_FILE);
     // Held until the files are gone (the lock file last).
-    let _held = match std::fs::File::open(&lock_path) {
-        Ok(lock) => match lock.try_lock() {
-            Ok(()) => Some(lock),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::refused(
-                    dir,
-                    format!("another `semshare train` is writing this run directory (it holds {LOCK_FILE})"),
-                ));
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
-        },
+    let _held = match std::fs::File::open(dir.join(LOCK_FILE)) {
+        Ok(lock) => Some(lock_run_dir(dir, lock, "")?),
         Err(_) => None,
     };
     remove_run_files(dir, &[BEST_CHECKPOINT, LAST_CHECKPOINT, RESOLVED_CONFIG, LOCK_FILE])
@@ -294,20 +284,22 @@ fn claim_run_dir(out: &Path, resume: Option<&Path>, replace: bool) -> Result<(st
         .write(true)
         .open(&lock_path)
         .map_err(|e| Error::io(&lock_path, e))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(Error::refused(
-                out,
-                format!(
-                    "another `semshare train` is writing this run directory (it holds {LOCK_FILE}); choose another --out"
-                ),
-            ));
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
-    }
+    let lock = lock_run_dir(out, lock, "; choose another --out")?;
     let claimed = check_run_dir(out, resume, replace)?;
     Ok((lock, Claimed { fresh: before.fresh, ..claimed }))
+}
+
+/// `lock`, the opened [`LOCK_FILE`] of run directory `dir`, locked; refused (with `hint`
+/// appended) while another process holds it.
+fn lock_run_dir(dir: &Path, lock: std::fs::File, hint: &str) -> Result<std::fs::File> {
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::refused(
+            dir,
+            format!("another `semshare train` is writing this run directory (it holds {LOCK_FILE}){hint}"),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(dir.join(LOCK_FILE), e)),
+    }
 }
 
 /// A split that must hold items: refused before any work, naming the split and what needs it.
