@@ -289,13 +289,8 @@ pub fn run_suite(dev: &mut dyn Backend, data: &Arc<DatasetReader>, cfg: &Experim
             p.report(Progress::Note(format!("run {k}/{total}  {key}  starting  (suite ETA {eta})")));
         }
         let start = Instant::now();
-        // A run this state did not start finds in its directory only what an earlier study
-        // (its state file removed) left: emptied first, then the run is marked in progress, so
-        // that a kill in between empties it again. A run it started continues its checkpoint.
-        if !state.in_progress.contains(&key) && key.variant.spec().trained {
-            remove_run_dir(&run_dir(&cfg.runs_dir, cfg.suite, &key))?;
-        }
-        state.start(&path, &key)?;
+        let dir = key.variant.spec().trained.then(|| run_dir(&cfg.runs_dir, cfg.suite, &key));
+        state.start(&path, &key, dir.as_deref())?;
         let (report, label, best_step) = if key.variant.spec().trained {
             let Some((ckpt, best_step)) = train_run(dev, data, cfg, &key)? else {
                 break; // stopped: its last checkpoint holds the step it reached

@@ -211,18 +211,22 @@ impl<P: Plan> StudyState<P> {
         Ok(state)
     }
 
-    /// Marks run `key` in progress (rewriting the state file) and says whether it was already:
-    /// started by an earlier start of this study that was stopped or killed. Such a run goes
-    /// on from its own last checkpoint; any other starts afresh, from an empty run directory.
-    pub fn start(&mut self, path: &Path, key: &P::Key) -> Result<bool> {
+    /// Marks run `key` in progress, rewriting the state file. A run already in progress (an
+    /// earlier start of this study started it, and was stopped or killed) goes on from its own
+    /// last checkpoint in `run_dir`. Any other starts afresh: what its `run_dir` holds was left
+    /// by an earlier study (its state file removed), and is removed before the run is marked,
+    /// so that a kill in between empties it again.
+    pub fn start(&mut self, path: &Path, key: &P::Key, run_dir: Option<&Path>) -> Result<()> {
         if self.in_progress.contains(key) {
-            return Ok(true);
+            return Ok(());
+        }
+        if let Some(dir) = run_dir {
+            crate::train::remove_run_dir(dir)?;
         }
         self.in_progress.push(key.clone());
         self.save(path).inspect_err(|_| {
             self.in_progress.pop(); // memory stays what the disk says
-        })?;
-        Ok(false)
+        })
     }
 
     /// The planned runs not yet recorded, in the plan's order.

@@ -487,13 +487,8 @@ fn worker(
         let start = Instant::now();
         // The tune's own runs directory, a directory per trial: a trial stopped or killed
         // half-way goes on from its last checkpoint; another run's checkpoints are replaced.
-        // A trial started afresh finds in its directory only what an earlier tune (its state
-        // file removed) left: emptied. One this tune started goes on from its last checkpoint.
-        // (Emptied before the trial is marked in progress: a kill in between empties it again.)
-        if !state.lock().map_err(poisoned)?.in_progress.contains(&key) {
-            remove_run_dir(&dir)?;
-        }
-        state.lock().map_err(poisoned)?.start(path, &key)?;
+        // Afresh in an emptied directory, or on from its last checkpoint (`StudyState::start`).
+        state.lock().map_err(poisoned)?.start(path, &key, Some(&dir))?;
         // The run's notes (continuing, or why not), each said once the trial ends.
         let notes = Arc::new(Mutex::new(Vec::new()));
         let opts = RunOptions {
