@@ -50,6 +50,14 @@ impl Error {
     pub fn refused(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
         Error::Refused { path: path.into(), what: what.into() }
     }
+    /// A configuration error found in the file at `path` (a checkpoint that does not fit the
+    /// data), naming it; any other error as it is.
+    pub fn about(self, path: &std::path::Path) -> Self {
+        match self {
+            Error::Config { what } => Error::Config { what: format!("{}: {what}", path.display()) },
+            e => e,
+        }
+    }
 }
 
 impl fmt::Display for Error {

@@ -363,7 +363,7 @@ pub fn train(
     let here = resume.as_deref().and_then(Path::parent).is_some_and(|d| crate::io::same_path(d, &opts.out_dir));
     let resumed = match loaded {
         Some((path, ckpt)) => {
-            ckpt.spec.check_data(&data.layout)?;
+            ckpt.spec.check_data(&data.layout).map_err(|e| e.about(&path))?;
             if &ckpt.model != model {
                 return Err(Error::config(format!(
                     "{}: the checkpoint's model configuration differs from the requested one",

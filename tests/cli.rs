@@ -67,7 +67,7 @@ fn synth_train_eval_embed_score() {
         "--resume",
         path(&run.join("last.safetensors")),
     ]));
-    assert!(out.contains("trained 8 steps"), "{out}");
+    assert!(out.contains("trained 2 steps (6 → 8)"), "{out}");
 
     let table = ok(&semshare(&["eval", "--data", path(&data), "--checkpoint", path(&best)]));
     assert!(table.contains("NDCG@500") && table.contains("mAP@all") && table.contains("R@10"), "{table}");

@@ -243,7 +243,7 @@ fn train_writes_a_fresh_run_directory_by_default() {
     assert!(!dir.join("runs/synth-balanced-2-3").exists());
     // Resuming without --out continues in the checkpoint's directory.
     let c = ok(&run(&["--steps", "4", "--resume", "runs/synth-balanced-2-1/last.safetensors"]));
-    assert!(c.contains("trained 4 steps") && c.contains("runs/synth-balanced-2-1/best"), "{c}");
+    assert!(c.contains("trained 2 steps (2 → 4)") && c.contains("runs/synth-balanced-2-1/best"), "{c}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -379,7 +379,7 @@ fn a_signal_stops_train_with_a_checkpoint_to_resume_from() {
         assert!(stdout.contains(&format!("stopped by SIG{signal} at step {} of 1000000", last.step)), "{stdout}");
         let total = (last.step + 2).to_string();
         let resumed = ok(&train(&data, &cfg, &run, &total, &["--resume", path(&run.join("last.safetensors"))]));
-        assert!(resumed.contains(&format!("trained {total} steps")), "{resumed}");
+        assert!(resumed.contains(&format!("trained 2 steps ({} → {total})", last.step)), "{resumed}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -613,7 +613,7 @@ fn resuming_a_finished_run_says_so_and_claims_no_checkpoint() {
     assert!(!out.contains("b/best.safetensors") && !b.exists(), "{out}");
     // Continued into another directory, the run gets its own best checkpoint there.
     let out = ok(&train(&data, &cfg, &b, "4", &["--resume", path(&a.join("last.safetensors"))]));
-    assert!(out.contains("trained 4 steps") && b.join("best.safetensors").is_file(), "{out}");
+    assert!(out.contains("trained 2 steps (2 → 4)") && b.join("best.safetensors").is_file(), "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -742,7 +742,8 @@ fn synth_train_and_embed_twice_give_byte_identical_files() {
 }
 
 /// `--force` replaces what semshare wrote and nothing else: a dataset, a run directory or the
-/// demo's directory that also holds a user's own file is refused whole, naming the file, and a
+/// demo's directory that also holds a user's own file is refused whole, naming the file, the
+/// demo writes only where it wrote before (its mark) or into a new directory, and a
 /// replacing run that fails before its first checkpoint leaves the old run as it was.
 #[test]
 fn force_never_deletes_a_users_own_files() {
@@ -838,7 +839,16 @@ fn force_never_deletes_a_users_own_files() {
     ok(&demo(&d));
     ok(&demo(&d));
     std::fs::write(d.join("data").join("notes.txt"), "mine").unwrap();
+    // semshare's own files in a directory the demo did not mark are a user's: a dataset where
+    // the demo puts its data, a model where it puts its checkpoints.
+    let project = dir.join("project");
+    synth(&project, "data", &[]);
+    let kept = dir.join("kept");
+    std::fs::create_dir_all(&kept).unwrap();
+    std::fs::copy(run.join("best.safetensors"), kept.join("best.safetensors")).unwrap();
     let before = snapshot(&dir);
+    fails_with(&demo(&project), "holds an entry and is not marked as the demo's (semshare-demo.txt)");
+    fails_with(&demo(&kept), "is not marked as the demo's");
     fails_with(&demo(&d), "(`notes.txt`)");
     fails_with(&demo(&data), "is a dataset; a run directory may not be one");
     fails_with(&demo(&mine), "holds a `semshare train` run");

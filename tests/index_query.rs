@@ -458,8 +458,11 @@ fn outputs_are_replaced_only_when_ours_and_forced() {
 
     // Files that only look like exports: a user's array with no ids beside it, another tool's
     // JSON lines; a directory where the export's file would go; a link --append would replace.
+    // Of the export's own shapes: an array with as many ids beside it as it has rows, lines of
+    // `id`, `vector` and `payload` (only the export's manifest makes them ours).
     semshare::index::npy::write_npy(&dir.join("mine.npy"), &[1.0, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
-    std::fs::write(dir.join("dump.jsonl"), "{\"id\": \"a\", \"vector\": [1.0]}\n").unwrap();
+    std::fs::write(dir.join("mine.ids.txt"), "a\nb\n").unwrap();
+    std::fs::write(dir.join("dump.jsonl"), "{\"id\": \"a\", \"vector\": [1.0], \"payload\": {}}\n").unwrap();
     std::fs::create_dir_all(dir.join("empty")).unwrap();
     let before = snapshot(&dir);
     let export = |format: &str, out: &str| {
@@ -528,8 +531,22 @@ fn export_round_trips_vectors_ids_and_labels() {
     let ids: Vec<String> =
         std::fs::read_to_string(dir.join("gallery.ids.txt")).unwrap().lines().map(String::from).collect();
     assert_eq!(ids, g.ids().map(String::from).collect::<Vec<_>>());
-    // Again with --force: replaces the export it wrote.
-    ok(&semshare(&["export", "--index", path(&idx), "--format", "npy", "--out", path(&npy), "--force"]));
+    // Again with --force: replaces the export it wrote, as its manifest lists it.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("gallery.npy.export.json")).unwrap()).unwrap();
+    let files: Vec<&str> = manifest["files"].as_array().unwrap().iter().map(|f| f["file"].as_str().unwrap()).collect();
+    assert_eq!(files, ["gallery.npy", "gallery.ids.txt"]);
+    let force =
+        |out: &Path| semshare(&["export", "--index", path(&idx), "--format", "npy", "--out", path(out), "--force"]);
+    ok(&force(&npy));
+    // Not once edited since: it is then the user's.
+    let mut ids_text = std::fs::read_to_string(dir.join("gallery.ids.txt")).unwrap();
+    ids_text = ids_text.replacen('\n', " (renamed)\n", 1);
+    std::fs::write(dir.join("gallery.ids.txt"), &ids_text).unwrap();
+    fails_with(&force(&npy), "gallery.ids.txt: is a file of");
+    assert_eq!(std::fs::read_to_string(dir.join("gallery.ids.txt")).unwrap(), ids_text);
+    std::fs::remove_file(dir.join("gallery.ids.txt")).unwrap();
+    ok(&force(&npy));
 
     let jsonl = dir.join("g.jsonl");
     ok(&semshare(&["export", "--index", path(&idx), "--format", "jsonl", "--out", path(&jsonl)]));
@@ -648,6 +665,17 @@ fn a_feature_file_gallery_needs_no_labels() {
     let widths = format!("segments of {} values, but the model's image regions have {dr}", 2 * dr);
     fails_with(&semshare(&["index", "--checkpoint", ck, "--out", z, "--features", wide]), &widths);
     fails_with(&semshare(&["query", "--index", path(&idx), "--checkpoint", ck, "--features", wide]), &widths);
+    // More segments an item than the model takes: the error names the file's shape, not a
+    // library call.
+    let most = m.config().max_regions;
+    let many = dir.join("many.npy");
+    write_npy(&many, &vec![0.5; 5 * (most + 1) * dr], &[5, most + 1, dr]).unwrap();
+    let too_many = format!(
+        "many.npy: bad input: feature item 0 has {} segments (of shape [5, {}, {dr}], trailing all-zero segments left out), but the model's images have at most {most}",
+        most + 1,
+        most + 1
+    );
+    fails_with(&semshare(&["query", "--index", path(&idx), "--checkpoint", ck, "--features", path(&many)]), &too_many);
     let as_texts = ["index", "--checkpoint", ck, "--out", z, "--features", g, "--side", "text"];
     fails_with(&semshare(&as_texts), "the model reads texts as words");
     assert!(!dir.join("z.idx").exists());

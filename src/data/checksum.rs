@@ -81,23 +81,23 @@ impl Checksum {
     }
 }
 
-/// [`checksum`] of the first `len` bytes of `file`, read by pread in 1 MiB pieces rather than
-/// through a memory map: a file truncated meanwhile is an I/O error, not a SIGBUS.
-#[cfg(unix)]
-pub fn checksum_file(file: &std::fs::File, len: u64) -> std::io::Result<u64> {
-    use std::os::unix::fs::FileExt;
+/// [`checksum`] of the first `len` bytes of `file` from its start, read in 1 MiB pieces rather
+/// than through a memory map: a file truncated meanwhile is an I/O error, not a SIGBUS.
+pub fn checksum_file(mut file: &std::fs::File, len: u64) -> std::io::Result<u64> {
+    use std::io::{Read, Seek};
+    file.rewind()?;
     let mut sum = Checksum::new();
     let mut buf = vec![0u8; (1usize << 20).min(len as usize)];
-    let mut at = 0u64;
-    while at < len {
-        let n = buf.len().min((len - at) as usize);
-        file.read_exact_at(&mut buf[..n], at)?;
+    let mut left = len;
+    while left > 0 {
+        let n = buf.len().min(left as usize);
+        file.read_exact(&mut buf[..n])?;
         sum.update(&buf[..n]);
-        at += n as u64;
+        left -= n as u64;
     }
     Ok(sum.finish())
 }
 
-pub(crate) fn format_checksum(c: u64) -> String {
+pub fn format_checksum(c: u64) -> String {
     format!("fnv1a64x4:{c:016x}")
 }

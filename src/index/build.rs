@@ -91,7 +91,18 @@ pub fn from_features(model: &mut Model, features: &NpyF32, side: Modality, ids: 
 pub fn embed_features(model: &mut Model, features: &NpyF32, side: Modality) -> Result<Embeddings> {
     let cfg = model.config();
     let (image_width, text_width) = (cfg.region_dim, cfg.text_feature_dim);
+    let (width, most, what) = match side {
+        Modality::Image => (image_width, cfg.max_regions, "images have"),
+        Modality::Text => (text_width, cfg.max_tokens, "texts have"),
+    };
     let items = feature_items(features, side, image_width, text_width)?;
+    if let Some((i, item)) = items.iter().enumerate().find(|(_, item)| item.len() / width > most) {
+        return Err(Error::data(format!(
+            "feature item {i} has {} segments (of shape {:?}, trailing all-zero segments left out), but the model's {what} at most {most}",
+            item.len() / width,
+            features.shape
+        )));
+    }
     match side {
         Modality::Image => model.embed_images(&items.iter().map(|f| Regions::new(f)).collect::<Vec<_>>()),
         Modality::Text => model.embed_text_features(&items),

@@ -116,8 +116,10 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 || self.steps == 0 {
-            return Err(Error::config("train.batch_size and train.steps must be positive"));
+        for (name, value) in [("batch_size", self.batch_size as u64), ("steps", self.steps)] {
+            if value == 0 {
+                return Err(Error::config(format!("train.{name} = 0: it must be positive")));
+            }
         }
         if self.batch_size > MAX_BATCH {
             return Err(Error::config(format!("train.batch_size = {} is larger than {MAX_BATCH}", self.batch_size)));

@@ -101,10 +101,13 @@ impl Trained {
     pub fn open(args: &Args) -> Result<Trained> {
         let mut dev = device(args)?;
         let data = load_data(args)?;
-        let ckpt = Checkpoint::load(&args.path("checkpoint")?)?;
+        let path = args.path("checkpoint")?;
+        let ckpt = Checkpoint::load(&path)?;
         let (net, params) = upload_model(dev.as_mut(), &ckpt)?;
-        data.layout.check_fits(&net.cfg)?;
-        ckpt.spec.check_data(&data.layout)?;
+        data.layout
+            .check_fits(&net.cfg)
+            .and_then(|()| ckpt.spec.check_data(&data.layout))
+            .map_err(|e| e.about(&path))?;
         // Without --embedding, the one the checkpoint was selected with (pooled if it has none).
         let kind = match args.get("embedding") {
             Some(name) => name.parse()?,

@@ -17,18 +17,55 @@ use semshare::model::{EmbeddingKind, ModelConfig, SemShare};
 use semshare::train::{RESOLVED_CONFIG, RunOptions, TrainConfig, check_run_dir, train};
 use semshare::{Error, Result};
 
+/// The file that makes a directory the demo's own: the next demo there replaces what the demo
+/// wrote (`data/`, the checkpoints). A directory without it that holds anything is not the
+/// demo's to write into, whatever semshare files it holds (a user's dataset or model).
+const DEMO_MARK: &str = "semshare-demo.txt";
+const DEMO_MARK_TEXT: &str =
+    "written by `semshare demo`: the next demo into this directory replaces its data/ and checkpoints\n";
+
+/// What the demo wrote before it marked its directory (at its default place only).
+const UNMARKED_DEMO_OUTPUT: [&str; 4] = ["data", "best.safetensors", "last.safetensors", ".lock"];
+
+/// Makes `out` the demo's (created and marked) when it is new or empty; takes it again when
+/// marked, or when it is `default` and holds only what an earlier demo wrote there; refuses it
+/// otherwise, before anything is written.
+fn claim_demo_dir(out: &Path, default: bool) -> Result<()> {
+    let entries: Vec<String> = match std::fs::read_dir(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io(out, e)),
+        Ok(d) => d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+    };
+    let mark = out.join(DEMO_MARK);
+    let marked = std::fs::symlink_metadata(&mark).is_ok_and(|m| m.is_file())
+        && semshare::io::read_text(&mark, 4096).is_ok_and(|t| t == DEMO_MARK_TEXT);
+    let earlier_default = default && entries.iter().all(|e| UNMARKED_DEMO_OUTPUT.contains(&e.as_str()));
+    if !(entries.is_empty() || marked || earlier_default) {
+        return Err(Error::refused(
+            out,
+            format!(
+                "holds {} and is not marked as the demo's ({DEMO_MARK}); the demo writes into a new or empty directory or its own earlier one (choose another --out)",
+                if entries.len() == 1 { "an entry".to_string() } else { format!("{} entries", entries.len()) }
+            ),
+        ));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if !marked {
+        semshare::io::atomic_write(&mark, DEMO_MARK_TEXT.as_bytes())?;
+    }
+    Ok(())
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let mut dev = device(args)?;
     let seed = args.num("seed")?.unwrap_or(0);
-    let out = args.get("out").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("semshare-demo"));
+    let default_out = std::env::temp_dir().join("semshare-demo");
+    let out = args.get("out").map(PathBuf::from).unwrap_or_else(|| default_out.clone());
     let mut synth_cfg = SynthConfig::preset(SynthPreset::Balanced, seed);
     synth_cfg.train = args.num("train")?.unwrap_or(2000);
     synth_cfg.val = args.num("val")?.unwrap_or(300);
     synth_cfg.test = args.num("test")?.unwrap_or(1000);
-    eprintln!(
-        "synthesizing {} / {} / {} images (balanced preset, seed {seed}) ...",
-        synth_cfg.train, synth_cfg.val, synth_cfg.test
-    );
+    let steps = args.num("steps")?.unwrap_or(800);
     // The demo's own directory: its earlier output (data/, checkpoints) is replaced, checked
     // before a file is written; a `train` run's (which writes its configuration) is not.
     if out.join(RESOLVED_CONFIG).exists() {
@@ -40,18 +77,17 @@ pub fn run(args: &Args) -> Result<()> {
         ));
     }
     check_run_dir(&out, None, true)?;
+    claim_demo_dir(&out, out == default_out)?;
     claim_dataset_output(&out.join("data"), true)?;
+    eprintln!(
+        "synthesizing {} / {} / {} images (balanced preset, seed {seed}) ...",
+        synth_cfg.train, synth_cfg.val, synth_cfg.test
+    );
     generate(&synth_cfg)?.save(out.join("data"))?;
     let data = Arc::new(DatasetReader::open(out.join("data"))?);
     let mut model = ModelConfig::small();
     fit_to_data(&mut model, &data.layout, &BTreeSet::new(), Path::new("the small preset"))?;
-    let cfg = TrainConfig {
-        steps: args.num("steps")?.unwrap_or(800),
-        eval_every: 200,
-        seed,
-        warmup: 50,
-        ..TrainConfig::default()
-    };
+    let cfg = TrainConfig { steps, eval_every: 200, seed, warmup: 50, ..TrainConfig::default() };
     let eval_cfg = EvalConfig::default();
     let untrained = SemShare::new(&model)?;
     let init = untrained.store.upload(dev.as_mut(), &untrained.store.init_values(seed))?;

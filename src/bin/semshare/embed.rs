@@ -28,5 +28,11 @@ pub fn run(args: &Args) -> Result<()> {
         split.num_texts(),
         out.display()
     );
+    if let Some(db) = data.database().filter(|_| split.name == "test") {
+        eprintln!(
+            "note: `score` ranks these test items among themselves; `eval` ranks them against the database split ({} images), so their figures differ",
+            db.num_images()
+        );
+    }
     Ok(())
 }

@@ -1,13 +1,17 @@
 //! `semshare export`: an index's vectors for vector databases. `npy`: `PATH` (float32 `[N, D]`)
 //! and its ids beside it (`semshare::index::export_ids_path`); `jsonl`: one
-//! `{"id", "vector", "payload": {"labels": [...]}}` per line (Qdrant, Milvus).
+//! `{"id", "vector", "payload": {"labels": [...]}}` per line (Qdrant, Milvus). Beside them, the
+//! export's manifest (`PATH.export.json`) lists the files it wrote with their checksums: the
+//! formats are other tools', so only the manifest can tell an export of ours from a user's
+//! array or JSON lines of the same shape.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use semshare::cli::Args;
-use semshare::index::npy::{npy_bytes, parse_npy, read_npy};
+use semshare::data::checksum::{checksum, checksum_file, format_checksum};
+use semshare::index::npy::npy_bytes;
 use semshare::index::{Index, export_ids_path};
-use semshare::io::{atomic_write, claim_file_output, read_text, refuse_overlap, stage};
+use semshare::io::{Staged, claim_file_output, read_text, refuse_overlap, stage};
 use semshare::{Error, Result};
 
 /// One line of a JSON-lines export.
@@ -18,6 +22,31 @@ struct Line<'a> {
     payload: serde_json::Map<String, serde_json::Value>,
 }
 
+/// `PATH.export.json`: what one export wrote. `--force` replaces a file only while this lists
+/// it as it is now (its size and checksum), so neither a user's file nor an export edited since
+/// is ever replaced.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    written_by: String,
+    version: String,
+    /// The index exported, as the command named it.
+    index: String,
+    format: String,
+    items: usize,
+    dim: usize,
+    files: Vec<Written>,
+}
+
+/// A file of an export, named relative to its manifest's folder (they are siblings).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Written {
+    file: String,
+    bytes: u64,
+    checksum: String,
+}
+
+const WRITTEN_BY: &str = "semshare export";
+
 pub fn run(args: &Args) -> Result<()> {
     let index_path = args.path("index")?;
     let out = args.path("out")?;
@@ -25,71 +54,107 @@ pub fn run(args: &Args) -> Result<()> {
     if !["npy", "jsonl"].contains(&format) {
         return Err(Error::config(format!("--format {format}: expected npy or jsonl")));
     }
-    refuse_overlap(&out, &index_path, "index (--index)")?;
     let force = args.has("force");
+    let manifest_path = manifest_path(&out)?;
+    let mut outputs = vec![(out.clone(), if format == "npy" { ".npy export" } else { "JSON-lines export" })];
+    if format == "npy" {
+        outputs.push((export_ids_path(&out), "ids file of an export"));
+    }
+    for (path, _) in outputs.iter().chain([&(manifest_path.clone(), "export's manifest")]) {
+        refuse_overlap(path, &index_path, "index (--index)")?;
+    }
+    claim_file_output(&manifest_path, "export's manifest", force, |p| read_manifest(p).is_some())?;
+    for (path, what) in &outputs {
+        claim_file_output(path, what, force, |p| listed(&manifest_path, p))?;
+    }
+
     let index = Index::open(&index_path)?;
     let (n, dim) = (index.len(), index.dim());
-    if format == "npy" {
-        let ids_path = export_ids_path(&out);
-        refuse_overlap(&ids_path, &index_path, "index (--index)")?;
-        // An .npy is an export of ours only with its ids file beside it, one line a row.
-        let ours_npy = |p: &Path| read_npy(p).is_ok_and(|a| a.shape.len() == 2) && ours_ids(&export_ids_path(p), p);
-        claim_file_output(&out, ".npy export", force, ours_npy)?;
-        claim_file_output(&ids_path, "ids file of an export", force, |p| ours_ids(p, &out))?;
-        // Both written and synced before either replaces anything: a full disk or a kill
-        // while they are written leaves the old pair whole; only the two renames lie between
-        // the new vectors and their ids.
+    let contents = if format == "npy" {
         let ids: String = index.ids().map(|id| format!("{id}\n")).collect();
-        let ids = stage(&ids_path, ids.as_bytes())?;
-        let npy = stage(&out, &npy_bytes(index.vectors(), &[n, dim])?)?;
-        npy.commit()?;
-        ids.commit()?;
-        println!("wrote {n} vectors of dimension {dim} to {} and their ids to {}", out.display(), ids_path.display());
+        vec![npy_bytes(index.vectors(), &[n, dim])?, ids.into_bytes()]
     } else {
-        claim_file_output(&out, "JSON-lines export", force, ours_jsonl)?;
-        let mut text = String::new();
-        for (i, (id, vector)) in index.ids().zip(index.vectors().chunks_exact(dim)).enumerate() {
-            let mut payload = serde_json::Map::new();
-            if let Some(row) = index.labels(i) {
-                let on = row.iter().enumerate().filter(|(_, v)| **v == 1).map(|(c, _)| c);
-                let labels: Vec<serde_json::Value> = match index.label_names() {
-                    Some(names) => on.map(|c| names[c].as_str().into()).collect(),
-                    None => on.map(serde_json::Value::from).collect(),
-                };
-                payload.insert("labels".into(), labels.into());
-            }
-            let line = Line { id, vector, payload };
-            // The writer prints each f32 in its shortest round-trip form.
-            text += &serde_json::to_string(&line).expect("a line serialises");
-            text.push('\n');
-        }
-        atomic_write(&out, text.as_bytes())?;
-        println!("wrote {n} items of dimension {dim} to {}", out.display());
+        vec![jsonl_bytes(&index)]
+    };
+    let mut files = Vec::new();
+    for ((path, _), bytes) in outputs.iter().zip(&contents) {
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        files.push(Written { file, bytes: bytes.len() as u64, checksum: format_checksum(checksum(bytes)) });
+    }
+    let manifest = Manifest {
+        written_by: WRITTEN_BY.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        index: index_path.display().to_string(),
+        format: format.into(),
+        items: n,
+        dim,
+        files,
+    };
+    let manifest_json = serde_json::to_string_pretty(&manifest).expect("a manifest serialises") + "\n";
+    // Every file written and synced before any replaces the old export: a full disk or a kill
+    // while they are written leaves the old one whole; only the renames lie between the new
+    // vectors, their ids and the manifest that lists them.
+    let mut staged: Vec<Staged> = Vec::new();
+    for ((path, _), bytes) in outputs.iter().zip(&contents) {
+        staged.push(stage(path, bytes)?);
+    }
+    staged.push(stage(&manifest_path, manifest_json.as_bytes())?);
+    for file in staged {
+        file.commit()?;
+    }
+    match format {
+        "npy" => println!(
+            "wrote {n} vectors of dimension {dim} to {} and their ids to {} ({} lists them)",
+            out.display(),
+            outputs[1].0.display(),
+            manifest_path.display()
+        ),
+        _ => println!("wrote {n} items of dimension {dim} to {} ({} lists it)", out.display(), manifest_path.display()),
     }
     Ok(())
 }
 
-/// An ids file an npy export wrote: one line per row of the `.npy` beside it.
-fn ours_ids(ids: &Path, npy: &Path) -> bool {
-    let rows = std::fs::read(npy).ok().and_then(|b| parse_npy(&b).ok()).map(|a| a.shape.first().copied().unwrap_or(0));
-    let lines = read_text(ids, u64::MAX).ok().map(|t| t.lines().count());
-    rows.is_some() && rows == lines
+/// `out` with `.export.json` appended to its name: `gallery.npy` → `gallery.npy.export.json`
+/// (an npy and a JSON-lines export of one stem keep apart).
+fn manifest_path(out: &Path) -> Result<PathBuf> {
+    let name = out.file_name().ok_or_else(|| Error::config(format!("--out {}: not a file path", out.display())))?;
+    let mut name = name.to_owned();
+    name.push(".export.json");
+    Ok(out.with_file_name(name))
 }
 
-/// A JSON-lines export: every line an object of exactly `id` (a string), `vector` (numbers)
-/// and `payload` (an object), as [`Line`] writes them; another tool's dump of ids and vectors
-/// is not ours to replace.
-fn ours_jsonl(path: &Path) -> bool {
-    let Ok(text) = read_text(path, u64::MAX) else { return false };
-    let line_is_ours = |l: &str| {
-        serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.as_object().cloned()).is_some_and(|o| {
-            o.len() == 3
-                && o.get("id").is_some_and(serde_json::Value::is_string)
-                && o.get("vector")
-                    .and_then(|v| v.as_array())
-                    .is_some_and(|a| a.iter().all(serde_json::Value::is_number))
-                && o.get("payload").is_some_and(serde_json::Value::is_object)
-        })
-    };
-    !text.is_empty() && text.lines().all(line_is_ours)
+fn read_manifest(path: &Path) -> Option<Manifest> {
+    let text = read_text(path, 1 << 20).ok()?;
+    serde_json::from_str::<Manifest>(&text).ok().filter(|m| m.written_by == WRITTEN_BY)
+}
+
+/// Whether the export manifest at `manifest` lists `file` with its present size and checksum.
+fn listed(manifest: &Path, file: &Path) -> bool {
+    let (Some(m), Some(name)) = (read_manifest(manifest), file.file_name()) else { return false };
+    let Some(entry) = m.files.iter().find(|w| std::ffi::OsStr::new(&w.file) == name) else { return false };
+    let Ok(f) = std::fs::File::open(file) else { return false };
+    let Ok(meta) = f.metadata() else { return false };
+    meta.len() == entry.bytes && checksum_file(&f, meta.len()).is_ok_and(|c| format_checksum(c) == entry.checksum)
+}
+
+/// The JSON-lines export of `index`: its labels by name where it knows them.
+fn jsonl_bytes(index: &Index) -> Vec<u8> {
+    let dim = index.dim();
+    let mut text = String::new();
+    for (i, (id, vector)) in index.ids().zip(index.vectors().chunks_exact(dim)).enumerate() {
+        let mut payload = serde_json::Map::new();
+        if let Some(row) = index.labels(i) {
+            let on = row.iter().enumerate().filter(|(_, v)| **v == 1).map(|(c, _)| c);
+            let labels: Vec<serde_json::Value> = match index.label_names() {
+                Some(names) => on.map(|c| names[c].as_str().into()).collect(),
+                None => on.map(serde_json::Value::from).collect(),
+            };
+            payload.insert("labels".into(), labels.into());
+        }
+        let line = Line { id, vector, payload };
+        // The writer prints each f32 in its shortest round-trip form.
+        text += &serde_json::to_string(&line).expect("a line serialises");
+        text.push('\n');
+    }
+    text.into_bytes()
 }

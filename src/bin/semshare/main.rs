@@ -73,6 +73,7 @@ const COMMANDS: &[Command] = &[
         usage: "  demo     synthesize data, train, evaluate; prints the trained model against the untrained one
              [--steps N (default 800)] [--out DIR (default <temp dir>/semshare-demo)] [--seed S (default 0)]
              [--device D] [--precision P] [--train N] [--val N] [--test N]   (defaults 2000 / 300 / 1000)
+             --out: a new or empty directory, or one an earlier demo wrote (its semshare-demo.txt)
 ",
         takes: Takes::Flags(demo::run),
     },
@@ -181,7 +182,8 @@ const COMMANDS: &[Command] = &[
         usage: "  export   an index's vectors for FAISS, hnswlib, USearch or a vector database
              --index INDEX --format npy|jsonl --out PATH [--force]
              npy: PATH holds float32 [N, D] (.npy v1), PATH.ids.txt (for X.npy: X.ids.txt) the ids;
-             jsonl: one {\"id\", \"vector\", \"payload\": {\"labels\": [...]}} per line (Qdrant, Milvus)
+             jsonl: one {\"id\", \"vector\", \"payload\": {\"labels\": [...]}} per line (Qdrant, Milvus);
+             PATH.export.json lists what it wrote: --force replaces only files listed there as they are
 ",
         takes: Takes::Flags(export::run),
     },

@@ -92,9 +92,14 @@ pub fn run(args: &Args) -> Result<()> {
         return Err(semshare::Error::data(format!("{}: no best checkpoint written", opts.out_dir.display())));
     };
     let with = s.best_embedding.map(|k| format!(" with the {} embedding", k.name())).unwrap_or_default();
+    // A resumed run trained the steps after its checkpoint's.
+    let here = s.losses.len() as u64;
+    let trained = match s.steps - here {
+        0 => format!("{here} steps"),
+        from => format!("{here} steps ({from} → {})", s.steps),
+    };
     println!(
-        "trained {} steps in {:.1}s on {}: final loss {:.4}, best validation {} {:.2} at step {}{with} ({})",
-        s.steps,
+        "trained {trained} in {:.1}s on {}: final loss {:.4}, best validation {} {:.2} at step {}{with} ({})",
         s.seconds,
         dev.name(),
         s.final_loss,
