@@ -28,27 +28,37 @@ pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
     let name = path.file_name().ok_or_else(|| Error::config(format!("{} is not a file path", path.display())))?;
     let prefix = format!(".{}.tmp.", name.to_string_lossy());
     remove_stale_temps(&dir, &prefix);
-    // PID, then a count: two writers of one process never share a temp file.
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!("{prefix}{}.{n}", std::process::id()));
-    let create = || fs::OpenOptions::new().write(true).create_new(true).open(&tmp);
-    // A file by that name is not this process's (its counts are unique) but an earlier one's
-    // that had the same PID (a container's PID 1 has it every run) and was killed: replaced.
-    let mut f = match create() {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            fs::remove_file(&tmp).map_err(|e| Error::io(path, e))?;
-            create()
-        }
-        opened => opened,
-    }
-    .map_err(|e| Error::io(path, e))?;
-    let staged = Staged { tmp, target: path.to_path_buf(), dir };
+    // PID, then a count: two writers of one process never share a temp file. A file by that
+    // name is not this process's (its counts are unique) but an earlier one's that had the same
+    // PID (a container's PID 1 has it every run): replaced if its writer is gone, passed over
+    // while another PID namespace's writer holds it locked.
+    let (tmp, mut file) = loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("{prefix}{}.{n}", std::process::id()));
+        let create = || fs::OpenOptions::new().write(true).create_new(true).open(&tmp);
+        let opened = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if locked(&tmp) {
+                    continue;
+                }
+                fs::remove_file(&tmp).map_err(|e| Error::io(path, e))?;
+                create()
+            }
+            opened => opened,
+        };
+        break (tmp, opened.map_err(|e| Error::io(path, e))?);
+    };
+    // Locked while it exists, so that a process that cannot see this one's PID (another PID
+    // namespace on a shared volume) does not take it for a dead one's. Best effort: not every
+    // filesystem has locks.
+    let _ = file.try_lock();
     // A replaced file keeps its permissions (a private checkpoint stays private); best effort.
     if let Ok(old) = fs::metadata(path) {
-        let _ = f.set_permissions(old.permissions());
+        let _ = file.set_permissions(old.permissions());
     }
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    f.sync_all().map_err(|e| Error::io(path, e))?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    let staged = Staged { tmp, target: path.to_path_buf(), dir, _file: file };
+    written.map_err(|e| Error::io(path, e))?;
     Ok(staged)
 }
 
@@ -59,6 +69,8 @@ pub struct Staged {
     tmp: PathBuf,
     target: PathBuf,
     dir: PathBuf,
+    /// The temp file, open so that its lock holds until it is committed or removed.
+    _file: fs::File,
 }
 
 impl Staged {
@@ -267,11 +279,13 @@ pub fn refuse_replacing(out: &Path, input: &Path, input_what: &str) -> Result<()
 
 fn overlap(out: &Path, input: &Path, input_what: &str, refuse_inside: bool) -> Result<()> {
     let (o, i) = (resolved(out), resolved(input));
+    // By name, and by identity: a bind mount (or a second mount) names a directory another way.
+    let under = |path: &Path, dir: &Path| path.starts_with(dir) || path.ancestors().skip(1).any(|a| same_file(a, dir));
     let why = if o == i {
         Some(format!("is the {input_what} {}", input.display()))
-    } else if i.starts_with(&o) {
+    } else if under(&i, &o) {
         Some(format!("contains the {input_what} {}", input.display()))
-    } else if refuse_inside && o.starts_with(&i) && i.is_dir() {
+    } else if refuse_inside && i.is_dir() && under(&o, &i) {
         Some(format!("is inside the {input_what} {}", input.display()))
     } else {
         same_file(out, input).then(|| format!("is the same file as the {input_what} {}", input.display()))
@@ -361,24 +375,39 @@ pub(crate) fn process_alive(pid: u32) -> bool {
     if cfg!(target_os = "linux") { Path::new("/proc").join(pid.to_string()).exists() } else { true }
 }
 
-/// The entries of `dir` named `prefix` + PID (+ anything) whose process is gone, with that PID.
+/// The entries of `dir` that are temporaries semshare made and a process that is gone left,
+/// with its PID: named exactly `prefix` + PID + sep + count, sep the prefix's last character
+/// (files `.NAME.tmp.PID.N`, dataset directories `.NAME.tmp-PID-K` and `.NAME.tmp-PID-K.old`),
+/// and not locked (a writer in another PID namespace, a container sharing the volume, holds its
+/// temporary locked: [`stage`], the dataset writer). A user's `.NAME.tmp.2024.bak` is none.
 pub fn stale_temps(dir: &Path, prefix: &str) -> Vec<(PathBuf, u32)> {
     let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let Some(sep) = prefix.chars().last() else { return Vec::new() };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let mut stale = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else { continue };
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        match digits.parse::<u32>() {
-            Ok(pid) if !process_alive(pid) => stale.push((entry.path(), pid)),
+        let rest = if sep == '-' { rest.strip_suffix(".old").unwrap_or(rest) } else { rest };
+        let Some((pid, count)) = rest.split_once(sep) else { continue };
+        if !(digits(pid) && digits(count)) {
+            continue;
+        }
+        match pid.parse::<u32>() {
+            Ok(pid) if !process_alive(pid) && !locked(&entry.path()) => stale.push((entry.path(), pid)),
             _ => {}
         }
     }
     stale
 }
 
-/// Removes what killed processes left in `dir`: entries named `prefix` + PID (+ anything) whose
-/// process is gone (temporary files `.NAME.tmp.PID.N`, dataset directories `.NAME.tmp-PID-K`).
+/// Whether another process holds `path` locked (`flock`); false where it cannot be opened or
+/// the filesystem has no locks.
+pub(crate) fn locked(path: &Path) -> bool {
+    fs::File::open(path).is_ok_and(|f| matches!(f.try_lock(), Err(fs::TryLockError::WouldBlock)))
+}
+
+/// Removes what killed processes left in `dir`: the temporaries [`stale_temps`] finds.
 /// Each removal is reported on stderr; returns what was removed.
 pub fn remove_stale_temps(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     let mut removed = Vec::new();
@@ -437,17 +466,87 @@ where
     Ok(out)
 }
 
-/// Bytes the machine can give this process now: `MemAvailable` of /proc/meminfo (`MemTotal` on
-/// kernels without it); None where there is no /proc/meminfo (no check is made then).
+/// Bytes this process can still allocate: the least of the machine's `MemAvailable` (of
+/// /proc/meminfo; `MemTotal` on kernels without it), its memory cgroup's limit less the
+/// cgroup's anonymous memory (a container's `--memory`, a batch job's allocation; cgroup v2
+/// and v1, every level up to the root), and `ulimit -v` / `-d` less what the process maps
+/// already. Past any of them an allocation aborts the process or has it killed. None where
+/// none is known (no check is made then).
 pub fn host_available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kib| kib.saturating_mul(1024))
+    let meminfo = fs::read_to_string("/proc/meminfo").ok();
+    let machine = meminfo.as_deref().and_then(|t| kib_field(t, "MemAvailable:").or_else(|| kib_field(t, "MemTotal:")));
+    [machine, cgroup_headroom(), rlimit_headroom()].into_iter().flatten().min()
+}
+
+/// `name`'s value in a /proc file of `name  N kB` lines, in bytes.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib.saturating_mul(1024))
+}
+
+/// The least headroom of this process's memory cgroups: limit less anonymous memory (page
+/// cache is reclaimed before the limit bites, so it is not counted as used).
+fn cgroup_headroom() -> Option<u64> {
+    let cgroups = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let number = |p: &Path| fs::read_to_string(p).ok()?.trim().parse::<u64>().ok(); // "max": none
+    let stat = |p: &Path, key: &str| {
+        let text = fs::read_to_string(p).ok()?;
+        text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
     };
-    field("MemAvailable:").or_else(|| field("MemTotal:"))
+    let mut least: Option<u64> = None;
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        // (where the hierarchy is mounted, the limit's file, memory.stat's key for anonymous)
+        let (roots, limit, anon): (&[&str], &str, &str) = if controllers.is_empty() {
+            (&["/sys/fs/cgroup", "/sys/fs/cgroup/unified"], "memory.max", "anon")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (&["/sys/fs/cgroup/memory"], "memory.limit_in_bytes", "total_rss")
+        } else {
+            continue;
+        };
+        for root in roots {
+            // The process's own group and each above it (inside a container, its path may not
+            // exist under the container's mount: its root is then the container's group).
+            let mut group = Some(Path::new(path.trim_start_matches('/')));
+            while let Some(g) = group {
+                let dir = Path::new(root).join(g);
+                if let (Some(l), Some(used)) = (number(&dir.join(limit)), stat(&dir.join("memory.stat"), anon)) {
+                    let room = l.saturating_sub(used);
+                    least = Some(least.map_or(room, |x| x.min(room)));
+                }
+                group = g.parent();
+            }
+        }
+    }
+    least
+}
+
+/// Room left under `ulimit -v` (`RLIMIT_AS`, against the process's mapped size) and
+/// `ulimit -d` (`RLIMIT_DATA`, against its data segment).
+#[cfg(target_os = "linux")]
+fn rlimit_headroom() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let mut least: Option<u64> = None;
+    for (resource, field) in [(libc::RLIMIT_AS, "VmSize:"), (libc::RLIMIT_DATA, "VmData:")] {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes the struct it is given and nothing else.
+        if unsafe { libc::getrlimit(resource, &mut lim) } != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+            continue;
+        }
+        let used = kib_field(&status, field).unwrap_or(0);
+        #[allow(clippy::useless_conversion)] // rlim_t is 32-bit on some Linux targets
+        let room = u64::from(lim.rlim_cur).saturating_sub(used);
+        least = Some(least.map_or(room, |x| x.min(room)));
+    }
+    least
+}
+
+#[cfg(not(target_os = "linux"))]
+fn rlimit_headroom() -> Option<u64> {
+    None
 }
 
 #[cfg(test)]
@@ -578,13 +677,29 @@ mod tests {
     fn only_temporaries_of_dead_processes_are_removed() {
         let d = temp("stale");
         let dead = u32::MAX; // above any pid_max
-        fs::write(d.join(format!(".x.tmp.{dead}")), "left").unwrap();
-        fs::write(d.join(format!(".x.tmp.{}", std::process::id())), "mine").unwrap();
-        fs::write(d.join(".x.tmp.notapid"), "other").unwrap();
-        fs::write(d.join(format!(".y.tmp.{dead}")), "another target's").unwrap();
-        let removed = remove_stale_temps(&d, ".x.tmp.");
-        assert_eq!(removed, [d.join(format!(".x.tmp.{dead}"))]);
-        assert_eq!(fs::read_dir(&d).unwrap().count(), 3);
+        fs::write(d.join(format!(".x.tmp.{dead}.0")), "left").unwrap();
+        fs::write(d.join(format!(".x.tmp.{}.0", std::process::id())), "mine").unwrap();
+        fs::write(d.join(".x.tmp.notapid.0"), "other").unwrap();
+        fs::write(d.join(format!(".y.tmp.{dead}.0")), "another target's").unwrap();
+        // Names semshare never makes are a user's, whatever number they start with.
+        fs::write(d.join(format!(".x.tmp.{dead}.0.bak")), "a user's").unwrap();
+        fs::write(d.join(format!(".x.tmp.{dead}")), "a user's").unwrap();
+        fs::create_dir(d.join(format!(".x.tmp.{dead}.mine"))).unwrap();
+        // A temporary its writer holds locked is alive, wherever that writer's PID is.
+        let held = d.join(format!(".x.tmp.{dead}.1"));
+        let lock = fs::File::create(&held).unwrap();
+        lock.lock().unwrap();
+        assert_eq!(remove_stale_temps(&d, ".x.tmp."), [d.join(format!(".x.tmp.{dead}.0"))]);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 7);
+        drop(lock);
+        assert_eq!(remove_stale_temps(&d, ".x.tmp."), [held]);
+        // A dataset's temporary directory and the old dataset it set aside.
+        for name in [format!(".s.tmp-{dead}-3"), format!(".s.tmp-{dead}-3.old"), format!(".s.tmp-{dead}-backup")] {
+            fs::create_dir(d.join(name)).unwrap();
+        }
+        let mut removed = remove_stale_temps(&d, ".s.tmp-");
+        removed.sort();
+        assert_eq!(removed, [d.join(format!(".s.tmp-{dead}-3")), d.join(format!(".s.tmp-{dead}-3.old"))]);
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -275,7 +275,7 @@ fn temporary_files_of_killed_processes_are_removed_when_the_output_is_written_ag
     let cfg = tiny_config(&dir);
     let run = dir.join("run");
     ok(&train(&data, &cfg, &run, "2", &[]));
-    let stale = run.join(format!(".last.safetensors.tmp.{pid}"));
+    let stale = run.join(format!(".last.safetensors.tmp.{pid}.0"));
     std::fs::write(&stale, vec![0u8; 1000]).unwrap();
     let out = train(&data, &cfg, &run, "4", &["--resume", path(&run.join("last.safetensors"))]);
     ok(&out);
@@ -524,6 +524,27 @@ fn semshare_in_shell(setup: &str, args: &[&str], redirect: &str) -> Output {
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
     let line = format!("{setup}; exec '{}' {} {redirect}", env!("CARGO_BIN_EXE_semshare"), quoted.join(" "));
     Command::new("bash").args(["-c", &line]).output().expect("bash runs")
+}
+
+/// A memory limit of the process (`ulimit -v`, as a batch scheduler sets one) counts as the
+/// machine's memory does: a one-line refusal before the allocation, not an abort (SIGABRT).
+#[test]
+fn a_process_memory_limit_is_a_refusal_not_an_abort() {
+    let dir = tmp("rlimit");
+    let (d, v) = (dir.join("d"), dir.join("v.idx"));
+    let big = ["synth", "--out", path(&d), "--train", "200000", "--val", "5", "--test", "5"];
+    let out = semshare_in_shell("ulimit -v 1000000", &big, "");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    fails_with(&out, "200010 images need about");
+    // A sparse 3 GiB array is refused before it is read into memory.
+    let npy = dir.join("big.npy");
+    semshare::index::npy::write_npy(&npy, &[1.0; 256], &[1, 256]).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&npy).unwrap();
+    f.set_len(3 << 30).unwrap();
+    let index = ["index", "--vectors", path(&npy), "--out", path(&v)];
+    fails_with(&semshare_in_shell("ulimit -v 1000000", &index, ""), "more than the memory available to read it into");
+    assert!(!d.exists() && !v.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -178,7 +178,7 @@ fn a_resumed_suite_does_only_the_remaining_runs() {
     std::fs::write(stale.join(".lock"), "").unwrap();
     let dead =
         std::fs::read_to_string("/proc/sys/kernel/pid_max").map_or(4_194_304, |s| s.trim().parse::<u64>().unwrap()) + 1;
-    let temp = stale.join(format!(".last.safetensors.tmp.{dead}"));
+    let temp = stale.join(format!(".last.safetensors.tmp.{dead}.0"));
     std::fs::write(&temp, "half").unwrap();
 
     let resumed = run_suite(&mut Cpu::new(), &data, &cfg).unwrap();

@@ -128,5 +128,21 @@ fn flickr_tags_source_packs_and_checks() {
     ok(&semshare(&[&args[..], &["--train", "30", "--val", "8", "--test", "10"]].concat()));
     ok(&semshare(&["pack", "--from", p(&src), "--out", p(&packed)]));
     ok(&semshare(&["check", p(&packed)]));
+    // --force replaces a source directory synth wrote, and no other: not once a user's file is
+    // in it, nor an importer's (or a hand-made) one, whose source.json names no writer.
+    let again = [&args[..], &["--train", "30", "--val", "8", "--test", "10", "--force"]].concat();
+    ok(&semshare(&again));
+    std::fs::write(src.join("README.txt"), "my notes").unwrap();
+    fails_with(&semshare(&again), "not a source directory written by semshare");
+    std::fs::remove_file(src.join("README.txt")).unwrap();
+    let manifest = src.join("source.json");
+    let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    assert_eq!(doc["written_by"], "semshare synth");
+    doc.as_object_mut().unwrap().remove("written_by");
+    std::fs::write(&manifest, doc.to_string()).unwrap();
+    let imported = std::fs::read(src.join("train.safetensors")).unwrap();
+    fails_with(&semshare(&again), "not a source directory written by semshare");
+    assert_eq!(std::fs::read(src.join("train.safetensors")).unwrap(), imported);
+    ok(&semshare(&["pack", "--from", p(&src), "--out", p(&packed), "--force"]));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -30,8 +30,15 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        // The fixture outlives every test (a static has no drop): earlier runs' are removed here.
-        semshare::io::remove_stale_temps(&std::env::temp_dir(), "semshare-index-");
+        // The fixture outlives every test (a static has no drop): earlier runs' are removed here
+        // (`semshare-index-PID-…` of a process gone).
+        for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("semshare-index-").and_then(|r| r.split('-').next()?.parse::<u32>().ok());
+            if pid.is_some_and(|p| !Path::new("/proc").join(p.to_string()).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         let dir = tmp("index", "fixture");
         let mut cfg = SynthConfig::preset(SynthPreset::Balanced, 11);
         (cfg.train, cfg.val, cfg.test) = (32, 12, 40);
@@ -613,6 +620,17 @@ fn embed_writes_unit_rows_and_score_still_reads_them() {
     let evaluated =
         ok(&semshare(&["eval", "--data", path(&f.data), "--checkpoint", path(&f.ckpt), "--json", "--device", "cpu"]));
     assert_eq!(scored, evaluated);
+    // Another producer's file (the same tensors, no mark of ours): score reads it, and embed
+    // --force does not replace it.
+    let theirs = dir.join("theirs.safetensors");
+    std::fs::write(&theirs, safetensors::serialize(st.tensors(), None).unwrap()).unwrap();
+    assert_eq!(ok(&semshare(&["score", "--embeddings", path(&theirs), "--json"])), scored);
+    let mut again = vec!["embed", "--data", path(&f.data), "--checkpoint", path(&f.ckpt), "--device", "cpu"];
+    again.extend(["--force", "--out", path(&theirs)]);
+    fails_with(&semshare(&again), "not an embeddings file written by semshare");
+    again.pop();
+    again.push(path(&out));
+    ok(&semshare(&again));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -160,7 +160,7 @@ fn a_killed_tune_resumes_and_makes_the_same_choices() {
     std::fs::write(stale.join(".lock"), b"").unwrap();
     let dead =
         std::fs::read_to_string("/proc/sys/kernel/pid_max").map_or(4_194_304, |s| s.trim().parse::<u64>().unwrap()) + 1;
-    std::fs::write(stale.join(format!(".last.safetensors.tmp.{dead}")), b"half-written").unwrap();
+    std::fs::write(stale.join(format!(".last.safetensors.tmp.{dead}.0")), b"half-written").unwrap();
     let mut lines = std::sync::Mutex::new(Vec::new());
     let resumed = run_tune(&data, &cfg2, &|l| lines.lock().unwrap().push(l.to_string())).unwrap();
     assert_eq!(scores(&resumed), scores(&full));

@@ -197,6 +197,7 @@ impl FlickrTags {
             "name": m.name,
             "num_object_classes": m.num_object_classes,
             "splits": files,
+            "written_by": crate::data::pack::SYNTH_WRITER,
         });
         let mut json = serde_json::to_string_pretty(&doc).expect("a JSON value serialises");
         json.push('\n');

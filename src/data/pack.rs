@@ -28,14 +28,32 @@ struct Source {
     /// K_obj; absent: the largest class id found + 1.
     #[serde(default)]
     num_object_classes: Option<usize>,
+    /// What wrote the directory: [`SYNTH_WRITER`] for `synth --format source`; absent for the
+    /// importers' and a user's own.
+    #[serde(default)]
+    written_by: Option<String>,
 }
 
-/// Whether `dir` is a source directory by its `source.json`'s `format` (what
-/// `synth --format source` may replace).
-pub fn is_source(dir: &Path) -> bool {
+/// `source.json`'s `written_by` of a source directory `synth --format source` wrote.
+pub const SYNTH_WRITER: &str = "semshare synth";
+
+/// Whether `dir` is a source directory `synth --format source` wrote (its `source.json` says
+/// so) holding nothing but what it lists, the label and word lists and semshare's temporaries:
+/// the only kind `synth --force` may replace. An importer's or a user's source (their data),
+/// or one a user has added a file to, is not.
+pub fn is_synth_source(dir: &Path) -> bool {
     let Ok(text) = crate::io::read_text(&dir.join(SOURCE_FILE), crate::io::SMALL_FILE_LIMIT) else { return false };
-    serde_json::from_str::<serde_json::Value>(&text)
-        .is_ok_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(SOURCE_FORMAT))
+    let Ok(src) = serde_json::from_str::<Source>(&text) else { return false };
+    if src.format != SOURCE_FORMAT || src.written_by.as_deref() != Some(SYNTH_WRITER) {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().all(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        [SOURCE_FILE, "labels.txt", "vocab.txt"].contains(&name.as_str())
+            || src.splits.values().flatten().any(|f| *f == name)
+            || (name.starts_with('.') && name.contains(".tmp."))
+    })
 }
 
 /// What `pack` wrote.

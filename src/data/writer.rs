@@ -89,6 +89,8 @@ impl<B: AsRef<[u8]>> View for &RawTensor<B> {
 pub struct DatasetWriter {
     out: PathBuf,
     tmp: PathBuf,
+    /// `tmp` open and locked, so that no other process takes it for a dead one's.
+    _tmp_lock: Option<fs::File>,
     layout: Layout,
     shard_bytes: usize,
     splits: BTreeMap<String, Vec<ShardEntry>>,
@@ -115,15 +117,28 @@ impl DatasetWriter {
         refuse_non_dataset(&out)?;
         fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let k = NEXT.fetch_add(1, Ordering::Relaxed);
         let prefix = format!(".{}.tmp-", name.to_string_lossy());
         crate::io::remove_stale_temps(&parent, &prefix);
-        let tmp = parent.join(format!("{prefix}{}-{k}", std::process::id()));
+        // One by this name is an earlier process's with this PID (a container's PID 1): removed
+        // when gone, passed over while a writer in another PID namespace holds it locked.
+        let tmp = loop {
+            let k = NEXT.fetch_add(1, Ordering::Relaxed);
+            let tmp = parent.join(format!("{prefix}{}-{k}", std::process::id()));
+            if !crate::io::locked(&tmp) {
+                break tmp;
+            }
+        };
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        // Locked while this writer lives (best effort: not every filesystem has locks).
+        let tmp_lock = fs::File::open(&tmp).ok();
+        if let Some(dir) = &tmp_lock {
+            let _ = dir.try_lock();
+        }
         Ok(DatasetWriter {
             out,
             tmp,
+            _tmp_lock: tmp_lock,
             layout,
             shard_bytes: shard_bytes.max(1),
             splits: BTreeMap::new(),

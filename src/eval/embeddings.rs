@@ -40,6 +40,10 @@ pub struct EmbeddingSet {
     text_item: Option<Vec<u32>>,
 }
 
+/// The metadata entry that marks a file semshare wrote, and its value.
+const WRITTEN_BY: &str = "written_by";
+const WRITER: &str = "semshare";
+
 impl EmbeddingSet {
     /// Builds a set from row-major `[N, dim]` / `[M, dim]` embeddings and `[N, num_labels]` /
     /// `[M, num_labels]` labels; `text_item = None` pairs text i with image i when M = N and
@@ -237,8 +241,20 @@ impl EmbeddingSet {
         if let Some(item) = &item {
             tensors.push((TEXT_ITEM, view(Dtype::U32, vec![m], item)?));
         }
-        let bytes = safetensors::serialize(tensors, None).map_err(bad)?;
+        let meta = std::collections::BTreeMap::from([(WRITTEN_BY, WRITER.to_string())]);
+        let bytes = crate::io::safetensors_bytes(tensors, &meta).map_err(|e| Error::format(path, e))?;
         crate::io::atomic_write(path, &bytes)
+    }
+
+    /// Whether `path` is an embeddings file semshare wrote (its metadata says so, and it loads):
+    /// `score` reads any producer's, but `embed --force` replaces only its own.
+    pub fn written_by_semshare(path: &Path) -> bool {
+        let Ok(bytes) = crate::io::read(path) else { return false };
+        let ours = SafeTensors::read_metadata(&bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().as_ref().and_then(|m| m.get(WRITTEN_BY).cloned()))
+            .is_some_and(|w| w == WRITER);
+        ours && EmbeddingSet::load(path).is_ok()
     }
 }
 

@@ -14,7 +14,7 @@ pub fn run(args: &Args) -> Result<()> {
     let out = args.path("out")?;
     refuse_overlap(&out, &args.path("checkpoint")?, "checkpoint (--checkpoint)")?;
     refuse_overlap(&out, &data.dir, "dataset (--data)")?;
-    claim_file_output(&out, "embeddings file", args.has("force"), |p| EmbeddingSet::load(p).is_ok())?;
+    claim_file_output(&out, "embeddings file", args.has("force"), EmbeddingSet::written_by_semshare)?;
     let (mut ie, mut te, dim) = embed_split(dev.as_mut(), &net, &params, &data.layout, split, kind)?;
     // Unit rows, as `eval` ranks them (it normalises too, so the metrics are the same).
     normalize_rows(&mut ie, dim);

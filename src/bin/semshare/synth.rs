@@ -3,7 +3,7 @@
 
 use semshare::cli::Args;
 use semshare::data::flickr_tags::{FlickrTagsConfig, RealTags, generate_flickr_tags};
-use semshare::data::pack::is_source;
+use semshare::data::pack::is_synth_source;
 use semshare::data::synth::{SynthConfig, SynthPreset, generate};
 use semshare::data::writer::claim_dataset_output;
 use semshare::io::{claim_output, refuse_replacing};
@@ -63,7 +63,7 @@ fn synth_flickr_tags(args: &Args) -> Result<()> {
     let out = args.path("out")?;
     refuse_replacing(&out, &labels, "labels directory (--labels)")?;
     if source {
-        claim_output(&out, "source directory", args.has("force"), is_source)?;
+        claim_output(&out, "source directory", args.has("force"), is_synth_source)?;
     } else {
         claim_dataset_output(&out, args.has("force"))?;
     }
