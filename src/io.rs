@@ -51,6 +51,7 @@ pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
     // Locked while it exists, so that a process that cannot see this one's PID (another PID
     // namespace on a shared volume) does not take it for a dead one's. Best effort: not every
     // filesystem has locks.
+    #[cfg(unix)]
     let _ = file.try_lock();
     // A replaced file keeps its permissions (a private checkpoint stays private); best effort.
     if let Ok(old) = fs::metadata(path) {
@@ -402,9 +403,31 @@ pub fn stale_temps(dir: &Path, prefix: &str) -> Vec<(PathBuf, u32)> {
 }
 
 /// Whether another process holds `path` locked (`flock`); false where it cannot be opened or
-/// the filesystem has no locks.
+/// the filesystem has no locks. A file is opened for writing (nothing is written): NFS emulates
+/// `flock` with byte-range locks, which need it. Only a file or a directory is opened (a FIFO
+/// would block).
 pub(crate) fn locked(path: &Path) -> bool {
-    fs::File::open(path).is_ok_and(|f| matches!(f.try_lock(), Err(fs::TryLockError::WouldBlock)))
+    let Ok(meta) = fs::symlink_metadata(path) else { return false };
+    let opened = if meta.is_file() {
+        fs::OpenOptions::new().write(true).open(path)
+    } else if meta.is_dir() {
+        fs::File::open(path)
+    } else {
+        return false;
+    };
+    opened.is_ok_and(|f| matches!(f.try_lock(), Err(fs::TryLockError::WouldBlock)))
+}
+
+/// Whether `name` is a temporary semshare makes, of any target: `.NAME.tmp.PID.N`,
+/// `.NAME.tmp-PID-K` or `.NAME.tmp-PID-K.old`.
+pub fn is_temp_name(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let pid_count = |rest: &str, sep: char| rest.split_once(sep).is_some_and(|(p, n)| digits(p) && digits(n));
+    name.starts_with('.')
+        && (name.rsplit_once(".tmp.").is_some_and(|(_, rest)| pid_count(rest, '.'))
+            || name
+                .rsplit_once(".tmp-")
+                .is_some_and(|(_, rest)| pid_count(rest.strip_suffix(".old").unwrap_or(rest), '-')))
 }
 
 /// Removes what killed processes left in `dir`: the temporaries [`stale_temps`] finds.
@@ -513,7 +536,10 @@ fn cgroup_headroom() -> Option<u64> {
             let mut group = Some(Path::new(path.trim_start_matches('/')));
             while let Some(g) = group {
                 let dir = Path::new(root).join(g);
-                if let (Some(l), Some(used)) = (number(&dir.join(limit)), stat(&dir.join("memory.stat"), anon)) {
+                // v1's own limit may be above an ancestor's: memory.stat says the one in force.
+                let in_force =
+                    stat(&dir.join("memory.stat"), "hierarchical_memory_limit").or_else(|| number(&dir.join(limit)));
+                if let (Some(l), Some(used)) = (in_force, stat(&dir.join("memory.stat"), anon)) {
                     let room = l.saturating_sub(used);
                     least = Some(least.map_or(room, |x| x.min(room)));
                 }

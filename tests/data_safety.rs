@@ -529,6 +529,7 @@ fn semshare_in_shell(setup: &str, args: &[&str], redirect: &str) -> Output {
 /// A memory limit of the process (`ulimit -v`, as a batch scheduler sets one) counts as the
 /// machine's memory does: a one-line refusal before the allocation, not an abort (SIGABRT).
 #[test]
+#[cfg(target_os = "linux")]
 fn a_process_memory_limit_is_a_refusal_not_an_abort() {
     let dir = tmp("rlimit");
     let (d, v) = (dir.join("d"), dir.join("v.idx"));

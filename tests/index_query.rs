@@ -35,7 +35,7 @@ fn fixture() -> &'static Fixture {
         for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let pid = name.strip_prefix("semshare-index-").and_then(|r| r.split('-').next()?.parse::<u32>().ok());
-            if pid.is_some_and(|p| !Path::new("/proc").join(p.to_string()).exists()) {
+            if cfg!(target_os = "linux") && pid.is_some_and(|p| !Path::new("/proc").join(p.to_string()).exists()) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }

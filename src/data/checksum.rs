@@ -87,7 +87,7 @@ pub fn checksum_file(mut file: &std::fs::File, len: u64) -> std::io::Result<u64>
     use std::io::{Read, Seek};
     file.rewind()?;
     let mut sum = Checksum::new();
-    let mut buf = vec![0u8; (1usize << 20).min(len as usize)];
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX).min(1 << 20)];
     let mut left = len;
     while left > 0 {
         let n = buf.len().min(left as usize);

@@ -52,7 +52,7 @@ pub fn is_synth_source(dir: &Path) -> bool {
         let name = e.file_name().to_string_lossy().into_owned();
         [SOURCE_FILE, "labels.txt", "vocab.txt"].contains(&name.as_str())
             || src.splits.values().flatten().any(|f| *f == name)
-            || (name.starts_with('.') && name.contains(".tmp."))
+            || crate::io::is_temp_name(&name)
     })
 }
 

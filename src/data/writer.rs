@@ -132,6 +132,7 @@ impl DatasetWriter {
         fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
         // Locked while this writer lives (best effort: not every filesystem has locks).
         let tmp_lock = fs::File::open(&tmp).ok();
+        #[cfg(unix)]
         if let Some(dir) = &tmp_lock {
             let _ = dir.try_lock();
         }

@@ -34,7 +34,12 @@ fn claim_demo_dir(out: &Path, default: bool) -> Result<()> {
     let entries: Vec<String> = match std::fs::read_dir(out) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(Error::io(out, e)),
-        Ok(d) => d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        // A killed demo's temporaries are its own (the next write removes them).
+        Ok(d) => d
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| !semshare::io::is_temp_name(name))
+            .collect(),
     };
     let mark = out.join(DEMO_MARK);
     let marked = std::fs::symlink_metadata(&mark).is_ok_and(|m| m.is_file())

@@ -11,7 +11,7 @@ use semshare::cli::Args;
 use semshare::data::checksum::{checksum, checksum_file, format_checksum};
 use semshare::index::npy::npy_bytes;
 use semshare::index::{Index, export_ids_path};
-use semshare::io::{Staged, claim_file_output, read_text, refuse_overlap, stage};
+use semshare::io::{Staged, claim_file_output, open_regular, read_text, refuse_overlap, stage};
 use semshare::{Error, Result};
 
 /// One line of a JSON-lines export.
@@ -25,7 +25,7 @@ struct Line<'a> {
 /// `PATH.export.json`: what one export wrote. `--force` replaces a file only while this lists
 /// it as it is now (its size and checksum), so neither a user's file nor an export edited since
 /// is ever replaced.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Manifest {
     written_by: String,
     version: String,
@@ -38,7 +38,7 @@ struct Manifest {
 }
 
 /// A file of an export, named relative to its manifest's folder (they are siblings).
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Written {
     file: String,
     bytes: u64,
@@ -90,18 +90,23 @@ pub fn run(args: &Args) -> Result<()> {
         dim,
         files,
     };
-    let manifest_json = serde_json::to_string_pretty(&manifest).expect("a manifest serialises") + "\n";
+    let json = |m: &Manifest| serde_json::to_string_pretty(m).expect("a manifest serialises") + "\n";
     // Every file written and synced before any replaces the old export: a full disk or a kill
-    // while they are written leaves the old one whole; only the renames lie between the new
-    // vectors, their ids and the manifest that lists them.
+    // while they are written leaves the old one whole. While the files are renamed, a manifest
+    // listing both the old export's files and the new ones is in place, so a kill between the
+    // renames leaves files a later --force still knows as ours.
     let mut staged: Vec<Staged> = Vec::new();
     for ((path, _), bytes) in outputs.iter().zip(&contents) {
         staged.push(stage(path, bytes)?);
     }
-    staged.push(stage(&manifest_path, manifest_json.as_bytes())?);
+    let old_files = read_manifest(&manifest_path).map(|m| m.files).unwrap_or_default();
+    let both = Manifest { files: manifest.files.iter().cloned().chain(old_files).collect(), ..manifest.clone() };
+    let final_manifest = stage(&manifest_path, json(&manifest).as_bytes())?;
+    stage(&manifest_path, json(&both).as_bytes())?.commit()?;
     for file in staged {
         file.commit()?;
     }
+    final_manifest.commit()?;
     match format {
         "npy" => println!(
             "wrote {n} vectors of dimension {dim} to {} and their ids to {} ({} lists them)",
@@ -131,10 +136,12 @@ fn read_manifest(path: &Path) -> Option<Manifest> {
 /// Whether the export manifest at `manifest` lists `file` with its present size and checksum.
 fn listed(manifest: &Path, file: &Path) -> bool {
     let (Some(m), Some(name)) = (read_manifest(manifest), file.file_name()) else { return false };
-    let Some(entry) = m.files.iter().find(|w| std::ffi::OsStr::new(&w.file) == name) else { return false };
-    let Ok(f) = std::fs::File::open(file) else { return false };
-    let Ok(meta) = f.metadata() else { return false };
-    meta.len() == entry.bytes && checksum_file(&f, meta.len()).is_ok_and(|c| format_checksum(c) == entry.checksum)
+    let Ok((f, len)) = open_regular(file) else { return false };
+    let mut sum = None;
+    m.files.iter().filter(|w| std::ffi::OsStr::new(&w.file) == name && w.bytes == len).any(|w| {
+        let sum = sum.get_or_insert_with(|| checksum_file(&f, len).ok().map(format_checksum));
+        sum.as_ref() == Some(&w.checksum)
+    })
 }
 
 /// The JSON-lines export of `index`: its labels by name where it knows them.
