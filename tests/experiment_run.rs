@@ -334,6 +334,26 @@ fn a_stopped_or_killed_suite_continues_its_run_in_progress_to_the_same_result() 
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A study whose state lies under a name that is not UTF-8 is found again by its runs
+/// directory (the owner file records the name's bytes, not a lossy rendering of them).
+#[test]
+#[cfg(target_os = "linux")]
+fn a_study_under_a_non_utf8_name_claims_its_runs_again() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tmp("non-utf8");
+    let out = dir.join(std::ffi::OsStr::from_bytes(b"nd\xff"));
+    std::fs::create_dir_all(&out).unwrap();
+    let state = out.join("table1-state.json");
+    std::fs::write(&state, "{}").unwrap();
+    let runs = dir.join("runs");
+    drop(semshare::experiment::state::claim_runs_dir(&runs, &state).unwrap());
+    drop(semshare::experiment::state::claim_runs_dir(&runs, &state).unwrap());
+    let other = dir.join("other-state.json");
+    let e = semshare::experiment::state::claim_runs_dir(&runs, &other).unwrap_err().to_string();
+    assert!(e.contains("holds the runs of the study whose state is"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// One process at a time runs a study: a second start while the first holds its runs
 /// directory is refused (both would train the same run in one directory), and a run directory
 /// a `train` is writing is not emptied under it.

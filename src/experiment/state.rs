@@ -47,7 +47,7 @@ pub fn claim_runs_dir(root: &Path, state: &Path) -> Result<std::fs::File> {
 /// [`claim_runs_dir`] without the lock.
 fn claim_owner(root: &Path, state: &Path) -> Result<()> {
     let owner = root.join(OWNER_FILE);
-    if let Ok(text) = crate::io::read_text(&owner, 4096) {
+    if let Ok(text) = crate::io::read_limited(&owner, 4096) {
         return check_owner(root, state, &text);
     }
     // The owner file being written (by a study starting now, or one killed while writing it)
@@ -75,18 +75,43 @@ fn claim_owner(root: &Path, state: &Path) -> Result<()> {
     let canonical = |p: &Path| std::fs::canonicalize(p).map_err(|e| Error::io(p, e));
     let dir = state.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let from_root = relative(&canonical(root)?, &canonical(dir)?).join(state.file_name().unwrap_or_default());
-    let text = format!("{}\n", from_root.display());
+    let mut text = path_bytes(&from_root).ok_or_else(|| {
+        Error::config(format!(
+            "{}: the state file's path is not Unicode, which {OWNER_FILE} cannot record",
+            state.display()
+        ))
+    })?;
+    text.push(b'\n');
     // Written whole beside it, then linked in only if no other study claimed `root` meanwhile:
     // a full disk or a kill never leaves an empty owner file that would lock the study out.
-    if crate::io::stage(&owner, text.as_bytes())?.commit_new()? {
+    if crate::io::stage(&owner, &text)?.commit_new()? {
         return Ok(());
     }
-    check_owner(root, state, &crate::io::read_text(&owner, 4096)?)
+    check_owner(root, state, &crate::io::read_limited(&owner, 4096)?)
+}
+
+/// A path as the bytes [`OWNER_FILE`] records: on Unix the name's own bytes (a name need not be
+/// UTF-8; `display()` would replace what is not, and the study could not be found again).
+fn path_bytes(path: &Path) -> Option<Vec<u8>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Some(path.as_os_str().as_bytes().to_vec())
+    }
+    #[cfg(not(unix))]
+    {
+        path.to_str().map(|s| s.as_bytes().to_vec())
+    }
 }
 
 /// Whether [`OWNER_FILE`]'s `text` names `state`; an error naming the owner if not.
-fn check_owner(root: &Path, state: &Path, text: &str) -> Result<()> {
-    let named = root.join(text.trim_end_matches('\n'));
+fn check_owner(root: &Path, state: &Path, text: &[u8]) -> Result<()> {
+    let text = text.strip_suffix(b"\n").unwrap_or(text);
+    #[cfg(unix)]
+    let recorded = std::path::PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(text));
+    #[cfg(not(unix))]
+    let recorded = std::path::PathBuf::from(String::from_utf8_lossy(text).as_ref());
+    let named = root.join(recorded);
     if crate::io::same_path(&named, state) {
         return Ok(());
     }
