@@ -384,22 +384,25 @@ pub(crate) fn process_alive(pid: u32) -> bool {
 pub fn stale_temps(dir: &Path, prefix: &str) -> Vec<(PathBuf, u32)> {
     let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
     let Some(sep) = prefix.chars().last() else { return Vec::new() };
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let mut stale = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else { continue };
-        let rest = if sep == '-' { rest.strip_suffix(".old").unwrap_or(rest) } else { rest };
-        let Some((pid, count)) = rest.split_once(sep) else { continue };
-        if !(digits(pid) && digits(count)) {
-            continue;
-        }
-        match pid.parse::<u32>() {
-            Ok(pid) if !process_alive(pid) && !locked(&entry.path()) => stale.push((entry.path(), pid)),
+        match temp_pid(rest, sep) {
+            Some(pid) if !process_alive(pid) && !locked(&entry.path()) => stale.push((entry.path(), pid)),
             _ => {}
         }
     }
     stale
+}
+
+/// The PID of a temporary's name after its `.NAME.tmp` + `sep`: `PID.N` for a file (`sep` '.'),
+/// `PID-K` or `PID-K.old` for a dataset directory (`sep` '-'); None for any other name.
+fn temp_pid(rest: &str, sep: char) -> Option<u32> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let rest = if sep == '-' { rest.strip_suffix(".old").unwrap_or(rest) } else { rest };
+    let (pid, count) = rest.split_once(sep)?;
+    if digits(pid) && digits(count) { pid.parse().ok() } else { None }
 }
 
 /// Whether another process holds `path` locked (`flock`); false where it cannot be opened or
@@ -421,13 +424,10 @@ pub(crate) fn locked(path: &Path) -> bool {
 /// Whether `name` is a temporary semshare makes, of any target: `.NAME.tmp.PID.N`,
 /// `.NAME.tmp-PID-K` or `.NAME.tmp-PID-K.old`.
 pub fn is_temp_name(name: &str) -> bool {
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let pid_count = |rest: &str, sep: char| rest.split_once(sep).is_some_and(|(p, n)| digits(p) && digits(n));
     name.starts_with('.')
-        && (name.rsplit_once(".tmp.").is_some_and(|(_, rest)| pid_count(rest, '.'))
-            || name
-                .rsplit_once(".tmp-")
-                .is_some_and(|(_, rest)| pid_count(rest.strip_suffix(".old").unwrap_or(rest), '-')))
+        && [(".tmp.", '.'), (".tmp-", '-')]
+            .into_iter()
+            .any(|(marker, sep)| name.rsplit_once(marker).is_some_and(|(_, rest)| temp_pid(rest, sep).is_some()))
 }
 
 /// Removes what killed processes left in `dir`: the temporaries [`stale_temps`] finds.
@@ -514,8 +514,7 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
 fn cgroup_headroom() -> Option<u64> {
     let cgroups = fs::read_to_string("/proc/self/cgroup").ok()?;
     let number = |p: &Path| fs::read_to_string(p).ok()?.trim().parse::<u64>().ok(); // "max": none
-    let stat = |p: &Path, key: &str| {
-        let text = fs::read_to_string(p).ok()?;
+    let stat = |text: &str, key: &str| {
         text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
     };
     let mut least: Option<u64> = None;
@@ -536,10 +535,10 @@ fn cgroup_headroom() -> Option<u64> {
             let mut group = Some(Path::new(path.trim_start_matches('/')));
             while let Some(g) = group {
                 let dir = Path::new(root).join(g);
+                let stats = fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
                 // v1's own limit may be above an ancestor's: memory.stat says the one in force.
-                let in_force =
-                    stat(&dir.join("memory.stat"), "hierarchical_memory_limit").or_else(|| number(&dir.join(limit)));
-                if let (Some(l), Some(used)) = (in_force, stat(&dir.join("memory.stat"), anon)) {
+                let in_force = stat(&stats, "hierarchical_memory_limit").or_else(|| number(&dir.join(limit)));
+                if let (Some(l), Some(used)) = (in_force, stat(&stats, anon)) {
                     let room = l.saturating_sub(used);
                     least = Some(least.map_or(room, |x| x.min(room)));
                 }

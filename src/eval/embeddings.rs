@@ -164,9 +164,13 @@ impl EmbeddingSet {
 
     /// Reads and validates an embeddings file.
     pub fn load(path: &Path) -> Result<EmbeddingSet> {
-        let bytes = crate::io::read(path)?;
+        EmbeddingSet::parse(path, &crate::io::read(path)?)
+    }
+
+    /// [`EmbeddingSet::load`] of the bytes read from `path`.
+    fn parse(path: &Path, bytes: &[u8]) -> Result<EmbeddingSet> {
         let bad = |what: String| Error::format(path, what);
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
 
         let tensor = |name: &str, dtype: Dtype, rank: usize| -> Result<Option<TensorView<'_>>> {
             let view = match st.tensor(name) {
@@ -254,7 +258,7 @@ impl EmbeddingSet {
             .ok()
             .and_then(|(_, m)| m.metadata().as_ref().and_then(|m| m.get(WRITTEN_BY).cloned()))
             .is_some_and(|w| w == WRITER);
-        ours && EmbeddingSet::load(path).is_ok()
+        ours && EmbeddingSet::parse(path, &bytes).is_ok()
     }
 }
 
