@@ -24,6 +24,7 @@ mod gpu {
     use std::time::Duration;
 
     use semshare::backend::cuda::Cuda;
+    use semshare::backend::cuda::gru::GruPath;
     use semshare::backend::{
         AdamW, Backend, Gemm, GruRunBwd, GruRunFwd, GruStep, Half, Precision, Segments, gru_bwd_by_steps,
         gru_fwd_by_steps,
@@ -244,77 +245,85 @@ mod gpu {
         // cuBLAS GEMM and the gate kernel per step and direction), same inputs, same call: the
         // A/B that says whether the persistent kernel pays on this card. The backward zeroes
         // dh first (it enters as zero in training), both ways alike.
-        let mut g = c.benchmark_group("bigru_recurrence_b128_t32_h512_ieee");
-        let rx = [rand(dev, &mut rng, &[B * T, 3 * hd]), rand(dev, &mut rng, &[B * T, 3 * hd])];
-        let rw = [rand(dev, &mut rng, &[3 * hd, hd]), rand(dev, &mut rng, &[3 * hd, hd])];
-        let rb = [rand(dev, &mut rng, &[3 * hd]), rand(dev, &mut rng, &[3 * hd])];
-        let zeros =
-            |dev: &mut Cuda, shape: &[usize]| [dev.zeros(shape).expect("zeros"), dev.zeros(shape).expect("zeros")];
-        let ([mut hs0, mut hs1], [mut g0, mut g1]) = (zeros(dev, &[(T + 1) * B, hd]), zeros(dev, &[T * B, 4 * hd]));
-        let ([mut dh0, mut dh1], [mut dx0, mut dx1]) = (zeros(dev, &[B, hd]), zeros(dev, &[B * T, 3 * hd]));
-        let [mut dp0, mut dp1] = zeros(dev, &[T * B, 3 * hd]);
-        let mut out = dev.zeros(&[B * T, 2 * hd]).expect("zeros");
-        let dout = rand(dev, &mut rng, &[B * T, 2 * hd]);
-        for persistent in [true, false] {
-            let way = if persistent { "persistent" } else { "by_steps" };
-            bench(&mut g, &format!("{way}_fwd"), dev, |dev| {
-                let runs = [
-                    GruRunFwd {
-                        reverse: false,
-                        xproj: &rx[0],
-                        w_hh: rw[0].view(),
-                        bias_hh: rb[0].view(),
-                        hs: &mut hs0,
-                        gates: &mut g0,
-                    },
-                    GruRunFwd {
-                        reverse: true,
-                        xproj: &rx[1],
-                        w_hh: rw[1].view(),
-                        bias_hh: rb[1].view(),
-                        hs: &mut hs1,
-                        gates: &mut g1,
-                    },
-                ];
-                let r = if persistent {
-                    dev.gru_fwd(&tseg, hd, runs, &mut out)
-                } else {
-                    gru_fwd_by_steps(dev, &tseg, hd, runs, &mut out)
-                };
-                r.expect("gru fwd");
-            });
-            bench(&mut g, &format!("{way}_bwd"), dev, |dev| {
-                dev.fill(dh0.view_mut(), 0.0).expect("fill");
-                dev.fill(dh1.view_mut(), 0.0).expect("fill");
-                let runs = [
-                    GruRunBwd {
-                        reverse: false,
-                        w_hh: rw[0].view(),
-                        gates: &g0,
-                        hs: &hs0,
-                        dh: &mut dh0,
-                        dxproj: &mut dx0,
-                        dhproj: &mut dp0,
-                    },
-                    GruRunBwd {
-                        reverse: true,
-                        w_hh: rw[1].view(),
-                        gates: &g1,
-                        hs: &hs1,
-                        dh: &mut dh1,
-                        dxproj: &mut dx1,
-                        dhproj: &mut dp1,
-                    },
-                ];
-                let r = if persistent {
-                    dev.gru_bwd(&tseg, hd, runs, &dout)
-                } else {
-                    gru_bwd_by_steps(dev, &tseg, hd, runs, &dout)
-                };
-                r.expect("gru bwd");
-            });
+        // At 128 items (four chunks of the persistent kernel: `GruPath::Auto` takes the steps)
+        // and 32 (one chunk: Auto takes the persistent kernel).
+        for b in [B, 32] {
+            let rseg = Segments::from_lengths(dev, &vec![T; b]).expect("segments");
+            // `Backend::gru_fwd` / `gru_bwd` below: the persistent kernel at any item count.
+            dev.set_gru_path(GruPath::Persistent);
+            let mut g = c.benchmark_group(format!("bigru_recurrence_b{b}_t32_h512_ieee"));
+            let rx = [rand(dev, &mut rng, &[b * T, 3 * hd]), rand(dev, &mut rng, &[b * T, 3 * hd])];
+            let rw = [rand(dev, &mut rng, &[3 * hd, hd]), rand(dev, &mut rng, &[3 * hd, hd])];
+            let rb = [rand(dev, &mut rng, &[3 * hd]), rand(dev, &mut rng, &[3 * hd])];
+            let zeros =
+                |dev: &mut Cuda, shape: &[usize]| [dev.zeros(shape).expect("zeros"), dev.zeros(shape).expect("zeros")];
+            let ([mut hs0, mut hs1], [mut g0, mut g1]) = (zeros(dev, &[(T + 1) * b, hd]), zeros(dev, &[T * b, 4 * hd]));
+            let ([mut dh0, mut dh1], [mut dx0, mut dx1]) = (zeros(dev, &[b, hd]), zeros(dev, &[b * T, 3 * hd]));
+            let [mut dp0, mut dp1] = zeros(dev, &[T * b, 3 * hd]);
+            let mut out = dev.zeros(&[b * T, 2 * hd]).expect("zeros");
+            let dout = rand(dev, &mut rng, &[b * T, 2 * hd]);
+            for persistent in [true, false] {
+                let way = if persistent { "persistent" } else { "by_steps" };
+                bench(&mut g, &format!("{way}_fwd"), dev, |dev| {
+                    let runs = [
+                        GruRunFwd {
+                            reverse: false,
+                            xproj: &rx[0],
+                            w_hh: rw[0].view(),
+                            bias_hh: rb[0].view(),
+                            hs: &mut hs0,
+                            gates: &mut g0,
+                        },
+                        GruRunFwd {
+                            reverse: true,
+                            xproj: &rx[1],
+                            w_hh: rw[1].view(),
+                            bias_hh: rb[1].view(),
+                            hs: &mut hs1,
+                            gates: &mut g1,
+                        },
+                    ];
+                    let r = if persistent {
+                        dev.gru_fwd(&rseg, hd, runs, &mut out)
+                    } else {
+                        gru_fwd_by_steps(dev, &rseg, hd, runs, &mut out)
+                    };
+                    r.expect("gru fwd");
+                });
+                bench(&mut g, &format!("{way}_bwd"), dev, |dev| {
+                    dev.fill(dh0.view_mut(), 0.0).expect("fill");
+                    dev.fill(dh1.view_mut(), 0.0).expect("fill");
+                    let runs = [
+                        GruRunBwd {
+                            reverse: false,
+                            w_hh: rw[0].view(),
+                            gates: &g0,
+                            hs: &hs0,
+                            dh: &mut dh0,
+                            dxproj: &mut dx0,
+                            dhproj: &mut dp0,
+                        },
+                        GruRunBwd {
+                            reverse: true,
+                            w_hh: rw[1].view(),
+                            gates: &g1,
+                            hs: &hs1,
+                            dh: &mut dh1,
+                            dxproj: &mut dx1,
+                            dhproj: &mut dp1,
+                        },
+                    ];
+                    let r = if persistent {
+                        dev.gru_bwd(&rseg, hd, runs, &dout)
+                    } else {
+                        gru_bwd_by_steps(dev, &rseg, hd, runs, &dout)
+                    };
+                    r.expect("gru bwd");
+                });
+            }
+            g.finish();
         }
-        g.finish();
+        dev.set_gru_path(GruPath::Auto);
         dev.set_precision(precision);
 
         // The loss kernels alone: no clone, no download of the partial sums (the trainer's

@@ -182,6 +182,9 @@ pub unsafe extern "C" fn cublasLtMatmul(
         Some((NOT_SUPPORTED, format!("layout types {types:?} with compute type {} (the stand-in runs f32, and bf16 A and B with CUBLAS_COMPUTE_32F)", desc.compute)))
     } else if desc.epilogue == EPILOGUE_BIAS && ![CUDA_R_16BF, CUDA_R_32F].contains(&bias_type) {
         Some((NOT_SUPPORTED, format!("bias type {bias_type}")))
+    } else if desc.epilogue == EPILOGUE_BIAS && ld.ty == CUDA_R_16BF && bias_type == CUDA_R_32F {
+        // As cuBLASLt 13.1 answered on an H200 (2026-12-04), for every shape tried.
+        Some((INVALID_VALUE, "an f32 bias on a bf16 D".into()))
     } else if !(0..=1).contains(&desc.transa) || !(0..=1).contains(&desc.transb) {
         Some((INVALID_VALUE, "transa/transb must be N or T".into()))
     } else if desc.epilogue != EPILOGUE_DEFAULT && desc.epilogue != EPILOGUE_BIAS {

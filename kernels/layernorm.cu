@@ -44,6 +44,12 @@ __device__ void fwd(const T* x, const float* gamma, const float* beta, float eps
 
 // dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ γ. A row's two means, by its warp
 // (also the fused join's backward, kernels/residual_norm.cu: one definition, the same bits).
+// g is rounded as the CPU rounds it (__fmul_rn: never fused): contracted into g − mean(g) as
+// an FMA, the product's rounding error survived the subtraction, and a row whose dx is 0 on
+// the CPU (d = 1) came out ±5e-7 on an H200 (2026-12-04). The emulator missed it: it runs the
+// PTX's mul.f32 and sub.f32 apart, where ptxas may fuse a mul without .rn into an FFMA.
+__device__ __forceinline__ float grad_in(float dy, float gamma) { return __fmul_rn(dy, gamma); }
+
 struct RowGrad {
   float mean, rstd, mg, mgx;
 };
@@ -53,7 +59,7 @@ __device__ RowGrad bwd_row(const T* xr, const T* gr, const float* gamma, const f
   const float mean = st[0], rstd = st[1];
   float sg = 0.0f, sgx = 0.0f;
   for (int i = lane; i < d; i += 32) {
-    const float g = to_f32(gr[i]) * gamma[i];
+    const float g = grad_in(to_f32(gr[i]), gamma[i]);
     sg += g;
     sgx += g * (to_f32(xr[i]) - mean);
   }
@@ -74,7 +80,7 @@ __device__ void bwd(const T* x, const float* stats, const float* gamma, const T*
   const RowGrad r = bwd_row(xr, gr, gamma, stats + 2 * (size_t)row, d, lane);
   T* out = dx + (size_t)row * d;
   for (int i = lane; i < d; i += 32) {
-    const float g = to_f32(gr[i]) * gamma[i];
+    const float g = grad_in(to_f32(gr[i]), gamma[i]);
     const float xhat = (to_f32(xr[i]) - r.mean) * r.rstd;
     out[i] = from_f32<T>(bwd_value(r, g, xhat));
   }

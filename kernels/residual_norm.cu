@@ -64,7 +64,7 @@ __device__ void bwd(const T* s, const float* stats, const float* gamma, const T*
       float vg = 0.0f, vb = 0.0f, va = 0.0f;
       if (live && i < d) {
         const float dyv = to_f32(dy[base + i]);
-        const float g = dyv * gamma[i];
+        const float g = layernorm::grad_in(dyv, gamma[i]);
         const float xhat = (to_f32(s[base + i]) - r.mean) * r.rstd;
         const T dxv = from_f32<T>(layernorm::bwd_value(r, g, xhat));
         const T dav = from_f32<T>(common::dropout_value(to_f32(dxv), p, scale, seed, base + i));

@@ -255,12 +255,25 @@ fn gru_recurrence_matches_cpu() {
     check_recurrence(g, &[24, 1, 7, 24, 3], 128, 0, 1);
     // H 133: 3 units per block, the last block owning one; rows wider than 2H.
     check_recurrence(g, &[5, 2, 6], 133, 2, 2);
-    // The paper's H 512 (8 units per block): 33 items, more than one chunk of items each way.
+    // The paper's H 512 (8 units per block): 33 items, more than one chunk of 32, so
+    // `GruPath::Auto` runs it step by step (the persistent kernel over chunks: below).
     let lengths: Vec<usize> = (0..33).map(|i| 1 + (i * 7) % 3).collect();
     check_recurrence(g, &lengths, 512, 0, 3);
     // Tiny widths: one unit per block, fewer blocks than multiprocessors; a single item.
     check_recurrence(g, &[64, 2, 35, 36], 7, 1, 4);
     check_recurrence(g, &[1], 1, 0, 5);
+}
+
+/// The persistent kernel where its items take several chunks (`GruPath::Persistent`; the
+/// model takes it only where one chunk holds them all).
+#[cfg(feature = "cuda")]
+#[test]
+fn gru_recurrence_over_several_chunks_matches_cpu() {
+    let Some(mut g) = common::gpu::cuda_or_skip("gpu_gru::gru_recurrence_over_several_chunks") else { return };
+    g.set_gru_path(semshare::backend::cuda::gru::GruPath::Persistent);
+    let lengths: Vec<usize> = (0..33).map(|i| 1 + (i * 7) % 3).collect();
+    check_recurrence(&mut g, &lengths, 512, 0, 3);
+    check_recurrence(&mut g, &[24, 1, 7, 24, 3, 9, 9, 2, 11], 133, 2, 8);
 }
 
 /// `--precision bf16`: from Precision::MIN_ROWS items the recurrence's products are a bf16

@@ -198,11 +198,19 @@ fn gemm_at_reduced_precision_rounds_its_operands() {
             } else {
                 assert!(e > 1e-5, "{what}: {e:.2e} from the f64 product: the operands were not rounded");
             }
-            if precision == Precision::Bf16 {
+            if precision == Precision::Bf16 && m >= Precision::MIN_ROWS {
+                // FAST_16BF lets cuBLAS round f32 operands to bf16; it need not. On an H200
+                // (cuBLAS 13.1, 2026-12-04) the 64x96x256 product came out 2.6e-4 from the f64
+                // one, the CPU's operands-rounded-to-bf16 GEMM 1.6e-3: 2.1e-3 apart. So the
+                // device is held to at most the CPU's bf16 error, not to the CPU's bits (the
+                // emulated device rounds as the CPU does, and meets it with equality).
                 let want = run(&mut semshare::backend::cpu::Cpu::with_precision(precision).unwrap());
-                let e = rel_err(&got, &want.iter().map(|&v| v as f64).collect::<Vec<_>>());
-                common::report(&format!("{what}: against the CPU's bf16 GEMM"), e);
-                assert!(e <= REDUCE, "{what}: relative error {e:.3e} against the CPU's bf16 GEMM > {REDUCE:.0e}");
+                let e_cpu = rel_err(&want, &exact);
+                common::report(&format!("{what}: against the CPU's bf16 GEMM"), rel_err(&got, &common::to64(&want)));
+                assert!(
+                    e <= e_cpu * (1.0 + 1e-3),
+                    "{what}: {e:.3e} from the f64 product, farther than the CPU's bf16 GEMM ({e_cpu:.3e})"
+                );
             }
         }
     }

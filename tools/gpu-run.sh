@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, on the GPU machine (tools/gpu-check.sh copies it to target/gpu-bundle/run.sh).
-#   STAGES      tests,demo,bench,torch (default all). Two device calls of 540 s cover it:
-#               STAGES=tests,demo and STAGES=bench,torch (docs/results/gpu.md).
+#   STAGES      tests,demo,bench,torch,profile (default the first four). Two device calls of
+#               540 s cover those: STAGES=tests,demo and STAGES=bench,torch (docs/results/gpu.md).
+#               profile: Nsight Compute's time of every kernel of one paper-preset TF32 step
+#               (semshare bench-step, eager, after one warm-up step), summed by kernel name.
 #   DEADLINE_S  one deadline for the whole run (default 540 s, under the device tool's 600);
 #               each stage is capped by the time left and by its own cap (TESTS_S, DEMO_S,
 #               BENCH_S, TORCH_S).
@@ -15,7 +17,7 @@
 # PyTorch baseline (torch_reference.py bench-gpu --compile: fp32, TF32, bf16 eager, then bf16 +
 # torch.compile, the bf16 target's baseline, last so a slow compile costs no other mode) on the same machine in the same call, so every
 # ratio and "% of copy bandwidth" in the summary is from one machine.
-# $OUT gets device.txt, <stage>.log, criterion.tar.gz and summary.txt; the summary is written
+# $OUT gets device.txt, <stage>.log, criterion.tar.gz, profile.csv/.txt and summary.txt; the summary is written
 # on every exit (a trap), by bash and awk alone. Exit 0 only if every selected stage passed.
 set -euo pipefail
 shopt -s nullglob
@@ -26,8 +28,8 @@ STAGES=${STAGES:-tests,demo,bench,torch}
 DEADLINE_S=${DEADLINE_S:-540}
 RESERVE_S=15 # kept back for packing and the summary
 T0=$SECONDS
-ALL_STAGES=(tests demo bench torch)
-declare -A CAP=([tests]=${TESTS_S:-300} [demo]=${DEMO_S:-200} [bench]=${BENCH_S:-330} [torch]=${TORCH_S:-180})
+ALL_STAGES=(tests demo bench torch profile)
+declare -A CAP=([tests]=${TESTS_S:-300} [demo]=${DEMO_S:-200} [bench]=${BENCH_S:-330} [torch]=${TORCH_S:-180} [profile]=${PROFILE_S:-180})
 declare -A STATUS=() WHY=()
 BLOCK=""      # why no GPU stage can run (no driver, no cuBLAS)
 CUBLAS=""     # the cuBLAS every stage loads
@@ -443,6 +445,53 @@ if has torch && can_start torch; then
       WHY[torch]="$(torch_rows | awk -F'\t' '$2 != "error"' | wc -l) measures; $(awk '/^\{/ && match($0, /"torch": "[^"]*"/) { print "torch " substr($0, RSTART + 10, RLENGTH - 11); exit }' "$log")"
     else
       fail torch "$(reason "$rc" "$log")"
+    fi
+  fi
+fi
+
+if has profile && can_start profile; then
+  log=$OUT/profile.log
+  : >"$log"
+  ncu=$(command -v ncu || true)
+  if [[ -z $ncu ]]; then
+    for f in /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu; do [[ -x $f ]] && { ncu=$f; break; }; done
+  fi
+  if [[ -z $ncu || ${SEMSHARE_GPU:-} == emulated ]]; then
+    echo "ncu not found (or the emulated device)" >"$log"
+    fail profile "not run: ${ncu:+the emulated device has no counters}${ncu:-ncu not found}"
+  else
+    rc=0
+    # One pass of one metric: application replay runs the program once, nothing saved and
+    # restored per kernel. The clocks stay as the card has them (METHOD.md). Two steps run
+    # (warm-up and measured); launches of the first are skipped by name count below.
+    capped $((SECONDS + CAP[profile])) "$log" "$ncu" --clock-control none --replay-mode application \
+      --metrics gpu__time_duration.sum --csv --page raw --print-units base --print-kernel-base function \
+      --log-file "$OUT/profile.csv" "$BIN/semshare" bench-step --model paper --device cuda --precision tf32 \
+      --warmup 1 --steps 1 || rc=$?
+    if ((rc == 0)) && python3 - "$OUT/profile.csv" >"$OUT/profile.txt" 2>>"$log" <<'PY'
+import collections, csv, sys
+lines = open(sys.argv[1], errors="replace").read().splitlines()
+start = next(i for i, l in enumerate(lines) if l.startswith('"ID"'))
+tot, n = collections.defaultdict(float), collections.Counter()
+for row in csv.DictReader(lines[start:]):
+    try:
+        v = float(row["gpu__time_duration.sum"])
+    except (KeyError, ValueError):
+        continue  # the units row
+    tot[row["Kernel Name"]] += v
+    n[row["Kernel Name"]] += 1
+T = sum(tot.values())
+# Two steps ran (one warm-up): per step is half of each total; setup kernels are few.
+print(f"profile: 2 paper TF32 steps, {sum(n.values())} kernel launches, {T / 2e6:.3f} ms of kernel time per step (serialised by ncu)")
+for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:40]:
+    print(f"{v / 2e6:9.3f} ms/step {100 * v / T:5.1f}%  {n[k] / 2:7.1f}x/step  {k[:100]}")
+PY
+    then
+      STATUS[profile]=ok
+      WHY[profile]=$(head -1 "$OUT/profile.txt")
+      sed -n '2,16p' "$OUT/profile.txt" | while read -r l; do row profile "$l" "" ""; done
+    else
+      fail profile "$(reason "${rc/#0/1}" "$log")"
     fi
   fi
 fi

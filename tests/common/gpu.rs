@@ -69,3 +69,13 @@ pub fn compare_twins(what: &str, got: &[f32], want: &[f32], tol: f64) {
     super::report(what, err);
     assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");
 }
+
+/// Whether the GPU tests run on the emulated device, which computes what the PTX says in the
+/// order it says it (a card's compiler may fuse a multiply and an add): where a test holds
+/// the emulated device to the CPU's bits, a card gets a tolerance.
+pub fn emulated() -> bool {
+    #[cfg(feature = "cuda")]
+    return semshare::backend::cuda::emulated();
+    #[cfg(not(feature = "cuda"))]
+    false
+}

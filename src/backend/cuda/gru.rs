@@ -1,7 +1,7 @@
-//! The Bi-GRU's recurrence on the GPU. Where the device allows, both directions' whole
-//! recurrence runs as one cooperative launch per pass (kernels/gru_persistent.cu); elsewhere
-//! step by step: per timestep and direction a cuBLAS GEMM and the gate kernel
-//! (kernels/gru.cu), one thread per (item, hidden unit). `ops.rs` has already checked the
+//! The Bi-GRU's recurrence on the GPU. Where every item fits one chunk of the persistent
+//! kernel (`GruPath::Auto`), both directions' whole recurrence runs as one cooperative launch
+//! per pass (kernels/gru_persistent.cu); elsewhere step by step: per timestep and direction a
+//! cuBLAS GEMM and the gate kernel (kernels/gru.cu), one thread per (item, hidden unit). `ops.rs` has already checked the
 //! shapes the CPU twin checks. At `--precision bf16` the persistent kernel rounds its operands
 //! as the GEMMs it replaces would; at `tf32` its products stay IEEE f32 (CUDA cores, not
 //! tensor cores), as on the step-by-step path under 64 items.
@@ -108,6 +108,37 @@ struct Persistent {
 /// Threads a persistent block aims for (its `__launch_bounds__` is 512).
 const PERSISTENT_THREADS: usize = 256;
 
+/// Which recurrence a Bi-GRU pass runs (`Cuda::set_gru_path`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GruPath {
+    /// The persistent kernel where every item fits one chunk (each step one pass over the
+    /// block's W_hh slice), else step by step. Its time grows with the chunks it stages one
+    /// after another: on an H200 (2026-12-04; B 128, H 512, four chunks) it took 3.42 ms
+    /// forward and 8.16 ms backward, the step-by-step path 1.13 and 1.19 ms.
+    #[default]
+    Auto,
+    /// The persistent kernel wherever it fits the device.
+    Persistent,
+    /// A cuBLAS GEMM and the gate kernel per step and direction.
+    BySteps,
+}
+
+/// The persistent kernel's plan where `cuda.gru_path` takes it for `items`, else None.
+fn chosen(
+    cuda: &mut Cuda,
+    kernel: &'static str,
+    hidden: usize,
+    items: usize,
+    backward: bool,
+) -> Result<Option<Persistent>> {
+    let path = cuda.gru_path;
+    if path == GruPath::BySteps {
+        return Ok(None);
+    }
+    let plan = Persistent::plan(cuda, kernel, hidden, items, backward)?;
+    Ok(plan.filter(|p| path == GruPath::Persistent || p.chunk == items))
+}
+
 impl Persistent {
     /// None where the device cannot run it (no cooperative launch, or not even one item's
     /// row beside the W_hh slice fits in shared memory): the step-by-step path runs instead.
@@ -169,7 +200,7 @@ pub(super) fn recurrence_fwd(
     out: &mut Tensor,
 ) -> Result<()> {
     const K: &str = "gru_fwd_persistent_f32";
-    let Some(plan) = Persistent::plan(cuda, K, hidden, seg.items(), false)? else {
+    let Some(plan) = chosen(cuda, K, hidden, seg.items(), false)? else {
         return gru_fwd_by_steps(cuda, seg, hidden, runs, out);
     };
     let [r0, r1] = &runs;
@@ -200,7 +231,7 @@ pub(super) fn recurrence_bwd(
     dout: &Tensor,
 ) -> Result<()> {
     const K: &str = "gru_bwd_persistent_f32";
-    let Some(plan) = Persistent::plan(cuda, K, hidden, seg.items(), true)? else {
+    let Some(plan) = chosen(cuda, K, hidden, seg.items(), true)? else {
         return gru_bwd_by_steps(cuda, seg, hidden, runs, dout);
     };
     let [r0, r1] = &runs;

@@ -239,6 +239,8 @@ pub struct Cuda {
     lt: lt::Lt,
     /// The arithmetic of the layers' GEMMs (`Backend::gemm`).
     precision: Precision,
+    /// Which recurrence the Bi-GRU runs (`gru.rs`).
+    pub(crate) gru_path: gru::GruPath,
     device_name: String,
     /// Counted here, in the host code (`Backend::counters`); allocations and clones by the pool.
     pub(crate) counts: Counters,
@@ -349,6 +351,7 @@ impl Cuda {
             blas,
             lt,
             precision: Precision::F32,
+            gru_path: gru::GruPath::Auto,
             device_name,
             counts: Counters::default(),
             positions: None,
@@ -427,6 +430,12 @@ impl Cuda {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// The Bi-GRU's recurrence from now on: the benchmark and the tests pick one to compare
+    /// the two; a model runs `GruPath::Auto`.
+    pub fn set_gru_path(&mut self, path: gru::GruPath) {
+        self.gru_path = path;
     }
 
     pub fn pool(&self) -> &Arc<Pool> {

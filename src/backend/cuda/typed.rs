@@ -143,8 +143,26 @@ impl Cuda {
             self.gemm_typed(g, a, b, c.view_mut())?;
             return self.add_bias(c, bias);
         }
+        let precision = self.precision().of_gemm(g.m);
+        if c.dtype() == DType::Bf16 {
+            // cuBLASLt 13 refuses an f32 bias on a bf16 D (CUBLAS_STATUS_INVALID_VALUE on an
+            // H200, 2026-12-04), and a bf16 copy of the bias would round it before the sum. So
+            // the matmul and its bias go into f32, then one rounding into c: the CPU's order.
+            let wide = if g.beta != 0.0 {
+                self.convert_values(c.view(), DType::F32)?
+            } else {
+                self.alloc_typed(&[c.len()], DType::F32)?
+            };
+            let ptrs = (view_ptr(a)?, view_ptr(b)?, view_ptr(bias)?, tensor_ptr(&wide)?);
+            self.gemm_bias_lt(precision, (a.dtype(), DType::F32), g, ptrs)?;
+            let n = c.len();
+            return self.flat(
+                "convert_from_f32_bf16",
+                n,
+                &[Arg::tensor(&wide)?, Arg::view_mut(&c.view_mut())?, Arg::U64(n as u64)],
+            );
+        }
         let ptrs = (view_ptr(a)?, view_ptr(b)?, view_ptr(bias)?, tensor_ptr(c)?);
-        let types = (a.dtype(), c.dtype());
-        self.gemm_bias_lt(self.precision().of_gemm(g.m), types, g, ptrs)
+        self.gemm_bias_lt(precision, (a.dtype(), c.dtype()), g, ptrs)
     }
 }
