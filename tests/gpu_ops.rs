@@ -425,7 +425,8 @@ fn gather_and_set_rows() {
 fn scatter_add_adds_repeated_ids_in_row_order() {
     let Some(mut gpu) = gpu_or_skip("scatter_add order") else { return };
     let mut cpu = common::cpu();
-    for (n, cols, table) in [(1, 1, 1), (700, 33, 3), (40, 300, 7), (5, 1030, 2)] {
+    // Tables past the kernel's 64 id residues too, with every residue holding repeated ids.
+    for (n, cols, table) in [(1, 1, 1), (700, 33, 3), (40, 300, 7), (5, 1030, 2), (3000, 40, 1600), (2000, 130, 100)] {
         let run = |dev: &mut dyn Backend| {
             let dy = up(dev, &randv(n as u64, n * cols), &[n, cols]);
             let ids = dev.upload_ids(&rand_ids(n as u64 ^ 1, n, table)).unwrap();

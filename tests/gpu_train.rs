@@ -72,6 +72,8 @@ fn one_training_step_matches_the_cpu() {
     let (lg, gg) = one_step(gpu.as_mut(), &net, &w, 11);
     let e = rel_err(&lg, &to64(&lw));
     assert!(e <= 1e-4, "losses {lg:?} vs {lw:?}: {e:.3e}");
+    let emulated = common::gpu::emulated();
+    let (per_param, whole_bound) = if emulated { (5e-3, 1e-3) } else { (2e-2, 1e-2) };
     let mut worst = (0.0, String::new());
     for info in &net.store.infos {
         let r = info.param.offset..info.param.offset + info.param.len;
@@ -96,6 +98,13 @@ fn one_training_step_matches_the_cpu() {
 /// emulated device), each parameter's within 5e-3 (measured at most 2.1e-3); and the whole
 /// gradient at least 4× closer to the CPU's bf16 step than to its fp32 one (measured 11×),
 /// so the GPU did round.
+///
+/// On a card those bounds hold for the emulated device only. A GEMM of f32 operands (the
+/// region features into ψ1, and its weight gradient) may keep more than bf16's bits there
+/// (cuBLAS's FAST_16BF: gpu_ops), and an H200 (2026-12-04) put ψ1's weight gradient 7.9e-3
+/// from the CPU's bf16 one: the size of bf16's own error. So a card is held to bf16's
+/// spread: each parameter within 2e-2, the whole gradient within 1e-2 of the CPU's bf16
+/// step, and still measurably off its fp32 one (the bf16 trunk did round).
 #[cfg(feature = "cuda")]
 #[test]
 fn one_bf16_training_step_matches_the_cpus_bf16() {
@@ -111,12 +120,14 @@ fn one_bf16_training_step_matches_the_cpus_bf16() {
     let e = rel_err(&lg, &to64(&lw));
     common::report("bf16 losses", e);
     assert!(e <= 1e-4, "bf16 losses {lg:?} vs the CPU's {lw:?}: {e:.3e}");
+    let emulated = common::gpu::emulated();
+    let (per_param, whole_bound) = if emulated { (5e-3, 1e-3) } else { (2e-2, 1e-2) };
     let mut worst = (0.0, String::new());
     for info in &net.store.infos {
         let r = info.param.offset..info.param.offset + info.param.len;
         let e = rel_err(&gg[r.clone()], &to64(&gw[r]));
         common::report(&format!("bf16 gradient {}", info.name), e);
-        assert!(e <= 5e-3, "bf16 gradient of {}: relative error {e:.3e} against the CPU's bf16", info.name);
+        assert!(e <= per_param, "bf16 gradient of {}: relative error {e:.3e} against the CPU's bf16", info.name);
         if e > worst.0 {
             worst = (e, info.name.clone());
         }
@@ -126,9 +137,10 @@ fn one_bf16_training_step_matches_the_cpus_bf16() {
         "bf16: whole gradient {whole:.3e} from the CPU's bf16 step, {from_fp32:.3e} from its fp32 step; worst parameter {} at {:.3e}",
         worst.1, worst.0
     );
-    assert!(whole <= 1e-3, "bf16 gradient: relative error {whole:.3e} against the CPU's bf16 step");
+    assert!(whole <= whole_bound, "bf16 gradient: relative error {whole:.3e} against the CPU's bf16 step");
+    assert!(from_fp32 > 1e-4, "bf16 gradient {from_fp32:.2e} from fp32's: did the trunk round?");
     assert!(
-        from_fp32 > 4.0 * whole,
+        !emulated || from_fp32 > 4.0 * whole,
         "bf16 gradient {from_fp32:.2e} from fp32's, {whole:.2e} from bf16's: did the GEMMs round?"
     );
 }

@@ -7,6 +7,7 @@
 #   DEADLINE_S  one deadline for the whole run (default 540 s, under the device tool's 600);
 #               each stage is capped by the time left and by its own cap (TESTS_S, DEMO_S,
 #               BENCH_S, TORCH_S).
+#   BENCH_FILTER  a criterion filter (a regex of group/bench names): only those benchmarks.
 #   OUT         logs and results (default: out/ beside this script).
 #   SEMSHARE_GPU=emulated  a dry run on the emulated device (no driver needed): tests every
 #               stage's plumbing and the summary before GPU time is spent (DEMO_ARGS shrinks the
@@ -416,7 +417,7 @@ if has bench && can_start bench; then
   rc=0
   mkdir -p "$OUT/criterion"
   cd "$WORK" # criterion writes nothing else, but keep the bundle clean
-  capped $((SECONDS + CAP[bench])) "$log" env CRITERION_HOME="$OUT/criterion" "$BIN/benches/gpu" --bench || rc=$?
+  capped $((SECONDS + CAP[bench])) "$log" env CRITERION_HOME="$OUT/criterion" "$BIN/benches/gpu" --bench ${BENCH_FILTER:+"$BENCH_FILTER"} || rc=$?
   results=$(criterion_rows | wc -l)
   loaded=$(awk '/benches\/gpu: loaded .*libcublas/ { print $NF; exit }' "$log")
   if ((rc == 0 && results > 0)); then
@@ -475,7 +476,7 @@ start = next(i for i, l in enumerate(lines) if l.startswith('"ID"'))
 tot, n = collections.defaultdict(float), collections.Counter()
 for row in csv.DictReader(lines[start:]):
     try:
-        v = float(row["gpu__time_duration.sum"])
+        v = float(row["gpu__time_duration.sum"].replace(",", ""))  # ncu groups thousands
     except (KeyError, ValueError):
         continue  # the units row
     tot[row["Kernel Name"]] += v

@@ -428,8 +428,10 @@ impl Backend for Cuda {
             Arg::int("scatter_add_rows", cols)?,
             Arg::view_mut(&dtable)?,
         ];
-        // One thread per column (kernels/rows.cu: rows added in order, deterministic).
-        self.flat("scatter_add_rows_bwd_f32", cols, &args)
+        // A thread per column and id residue mod PARTS (kernels/rows.cu, version 2: each id's
+        // rows added in order, deterministic); PARTS a power of two, the kernel's mask.
+        const PARTS: u32 = 64;
+        self.launch("scatter_add_rows_bwd_f32", (cols.div_ceil(128) as u32, PARTS, 1), (128, 1, 1), 0, &args)
     }
 
     fn set_rows(&mut self, x: &mut Tensor, rows: &Ids, value: View) -> Result<()> {
