@@ -24,7 +24,7 @@ mod gpu {
     use std::time::Duration;
 
     use semshare::backend::cuda::Cuda;
-    use semshare::backend::cuda::gru::GruPath;
+    use semshare::backend::cuda::GruPath;
     use semshare::backend::{
         AdamW, Backend, Gemm, GruRunBwd, GruRunFwd, GruStep, Half, Precision, Segments, gru_bwd_by_steps,
         gru_fwd_by_steps,

@@ -270,7 +270,7 @@ fn gru_recurrence_matches_cpu() {
 #[test]
 fn gru_recurrence_over_several_chunks_matches_cpu() {
     let Some(mut g) = common::gpu::cuda_or_skip("gpu_gru::gru_recurrence_over_several_chunks") else { return };
-    g.set_gru_path(semshare::backend::cuda::gru::GruPath::Persistent);
+    g.set_gru_path(semshare::backend::cuda::GruPath::Persistent);
     let lengths: Vec<usize> = (0..33).map(|i| 1 + (i * 7) % 3).collect();
     check_recurrence(&mut g, &lengths, 512, 0, 3);
     check_recurrence(&mut g, &[24, 1, 7, 24, 3, 9, 9, 2, 11], 133, 2, 8);

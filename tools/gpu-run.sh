@@ -2,8 +2,9 @@
 # The GPU check, on the GPU machine (tools/gpu-check.sh copies it to target/gpu-bundle/run.sh).
 #   STAGES      tests,demo,bench,torch,profile (default the first four). Two device calls of
 #               540 s cover those: STAGES=tests,demo and STAGES=bench,torch (docs/results/gpu.md).
-#               profile: Nsight Compute's time of every kernel of one paper-preset TF32 step
-#               (semshare bench-step, eager, after one warm-up step), summed by kernel name.
+#               profile: Nsight Compute's time of every kernel of one paper-preset step
+#               (semshare bench-step, eager, after one warm-up step), summed by kernel name;
+#               PROFILE_ARGS: bench-step's flags for it (default --precision tf32).
 #   DEADLINE_S  one deadline for the whole run (default 540 s, under the device tool's 600);
 #               each stage is capped by the time left and by its own cap (TESTS_S, DEMO_S,
 #               BENCH_S, TORCH_S).
@@ -451,7 +452,8 @@ if has torch && can_start torch; then
 fi
 
 if has profile && can_start profile; then
-  log=$OUT/profile.log
+  # Its log joins profile.txt at the end: the device tool returns 8 files, all stages make 8.
+  log=$WORK/profile.log
   : >"$log"
   ncu=$(command -v ncu || true)
   if [[ -z $ncu ]]; then
@@ -467,9 +469,10 @@ if has profile && can_start profile; then
     # (warm-up and measured); launches of the first are skipped by name count below.
     capped $((SECONDS + CAP[profile])) "$log" "$ncu" --clock-control none --replay-mode application \
       --metrics gpu__time_duration.sum --csv --page raw --print-units base --print-kernel-base function \
-      --log-file "$OUT/profile.csv" "$BIN/semshare" bench-step --model paper --device cuda --precision tf32 \
-      --warmup 1 --steps 1 || rc=$?
-    if ((rc == 0)) && python3 - "$OUT/profile.csv" >"$OUT/profile.txt" 2>>"$log" <<'PY'
+      --log-file "$WORK/profile.csv" "$BIN/semshare" bench-step --model paper --device cuda \
+      ${PROFILE_ARGS:---precision tf32} --warmup 1 --steps 1 || rc=$?
+    # The raw CSV stays behind (the device tool returns 8 files); its sums by kernel come back.
+    if ((rc == 0)) && python3 - "$WORK/profile.csv" "${PROFILE_ARGS:---precision tf32}" >"$OUT/profile.txt" 2>>"$log" <<'PY'
 import collections, csv, sys
 lines = open(sys.argv[1], errors="replace").read().splitlines()
 start = next(i for i, l in enumerate(lines) if l.startswith('"ID"'))
@@ -483,7 +486,7 @@ for row in csv.DictReader(lines[start:]):
     n[row["Kernel Name"]] += 1
 T = sum(tot.values())
 # Two steps ran (one warm-up): per step is half of each total; setup kernels are few.
-print(f"profile: 2 paper TF32 steps, {sum(n.values())} kernel launches, {T / 2e6:.3f} ms of kernel time per step (serialised by ncu)")
+print(f"profile: 2 paper steps ({sys.argv[2]}), {sum(n.values())} kernel launches, {T / 2e6:.3f} ms of kernel time per step (serialised by ncu)")
 for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:40]:
     print(f"{v / 2e6:9.3f} ms/step {100 * v / T:5.1f}%  {n[k] / 2:7.1f}x/step  {k[:100]}")
 PY
@@ -495,4 +498,5 @@ PY
       fail profile "$(reason "${rc/#0/1}" "$log")"
     fi
   fi
+  { echo "--- log"; cat "$log"; } >>"$OUT/profile.txt"
 fi

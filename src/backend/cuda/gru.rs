@@ -6,7 +6,7 @@
 //! as the GEMMs it replaces would; at `tf32` its products stay IEEE f32 (CUDA cores, not
 //! tensor cores), as on the step-by-step path under 64 items.
 
-use super::{Arg, Cuda, blocks, dev_ids};
+use super::{Arg, Cuda, GruPath, blocks, dev_ids};
 use crate::backend::{GruRunBwd, GruRunFwd, GruStep, Precision, Segments, gru_bwd_by_steps, gru_fwd_by_steps};
 use crate::tensor::{Tensor, View};
 use crate::{Error, Result};
@@ -107,21 +107,6 @@ struct Persistent {
 
 /// Threads a persistent block aims for (its `__launch_bounds__` is 512).
 const PERSISTENT_THREADS: usize = 256;
-
-/// Which recurrence a Bi-GRU pass runs (`Cuda::set_gru_path`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum GruPath {
-    /// The persistent kernel where every item fits one chunk (each step one pass over the
-    /// block's W_hh slice), else step by step. Its time grows with the chunks it stages one
-    /// after another: on an H200 (2026-12-04; B 128, H 512, four chunks) it took 3.42 ms
-    /// forward and 8.16 ms backward, the step-by-step path 1.13 and 1.19 ms.
-    #[default]
-    Auto,
-    /// The persistent kernel wherever it fits the device.
-    Persistent,
-    /// A cuBLAS GEMM and the gate kernel per step and direction.
-    BySteps,
-}
 
 /// The persistent kernel's plan where `cuda.gru_path` takes it for `items`, else None.
 fn chosen(
