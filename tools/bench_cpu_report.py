@@ -2,7 +2,8 @@
 """CPU benchmark report: semshare (criterion) against PyTorch eager and ONNX Runtime, all
 measured in this one run on this machine, printed as one markdown table with ratios.
 
-    python3 tools/bench_cpu_report.py [--rounds N] [--skip-onnx] [--json] [--evidence DIR] > report.md
+    python3 tools/bench_cpu_report.py [--rounds N] [--skip-onnx] [--json] [--evidence DIR]
+        [--bench-binary PATH] > report.md
 
 Each measure's two sides run back to back, so that a ratio compares the same minutes of this
 machine (a VM's speed moves by 25 % and more over the minutes a whole suite takes; measured
@@ -57,11 +58,19 @@ def run(cmd, evidence, name, **kw):
 BENCH_STARTED = None
 
 
+# A prebuilt `benches/cpu` executable run in place of `cargo bench` (--bench-binary: a machine
+# with no Rust toolchain, the lent GPU machine's Xeon), and where its criterion writes.
+BENCH_BINARY = None
+CRITERION_HOME = None
+
+
 def criterion_median_ms(group, name):
     """The median criterion just measured, from cargo's target directory (CARGO_TARGET_DIR
-    when set, as cargo does); an estimate older than this run's bench is refused."""
+    when set, as cargo does) or the prebuilt bench's CRITERION_HOME; an estimate older than
+    this run's bench is refused."""
     target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
-    path = os.path.join(target, "criterion", group, name, "new", "estimates.json")
+    home = CRITERION_HOME or os.path.join(target, "criterion")
+    path = os.path.join(home, group, name, "new", "estimates.json")
     if BENCH_STARTED is not None and os.path.getmtime(path) < BENCH_STARTED:
         sys.exit(f"{path}: written before this run's cargo bench (a stale result); is CARGO_TARGET_DIR the bench's?")
     with open(path) as f:
@@ -147,7 +156,11 @@ def criterion(ids, evidence, label):
     pattern = "^(" + "|".join(re.escape(i) for i in ids) + ")$"
     global BENCH_STARTED
     BENCH_STARTED = time.time()
-    _, err = run(["cargo", "bench", "--bench", "cpu", "--", pattern], evidence, label)
+    if BENCH_BINARY:
+        _, err = run([BENCH_BINARY, "--bench", pattern], evidence, label,
+                     env=dict(os.environ, CRITERION_HOME=CRITERION_HOME))
+    else:
+        _, err = run(["cargo", "bench", "--bench", "cpu", "--", pattern], evidence, label)
     described = re.search(r"semshare CPU path: ([\w+]+)", err)
     got = {"path": described.group(1) if described else "unknown"}
     for i in ids:
@@ -166,6 +179,8 @@ def main():
     ap.add_argument("--json", action="store_true", help="one JSON line per figure instead of the markdown table")
     ap.add_argument("--evidence", help="directory for the raw outputs (must not exist)")
     ap.add_argument("--rounds", type=int, default=2, help="times the whole sequence runs (default 2)")
+    ap.add_argument("--bench-binary", help="a prebuilt benches/cpu executable to run instead of cargo bench "
+                    "(tools/gpu-check.sh bundles one: the GPU machine has no Rust toolchain)")
     a = ap.parse_args()
     if not 1 <= a.rounds <= 20:
         sys.exit(f"--rounds {a.rounds}: give 1 to 20")
@@ -178,8 +193,14 @@ def main():
     model, flags = cpu_info()
     simd = [f for f in flags if re.match(r"(avx|fma|amx|sse4|f16c|asimd|sve)", f)]
 
-    # Built once before any timing, so that no round's first measure waits on the compiler.
-    run(["cargo", "bench", "--bench", "cpu", "--no-run"], evidence, "cargo_build")
+    if a.bench_binary:
+        global BENCH_BINARY, CRITERION_HOME
+        if not os.access(a.bench_binary, os.X_OK):
+            sys.exit(f"--bench-binary {a.bench_binary}: not an executable file")
+        BENCH_BINARY, CRITERION_HOME = os.path.abspath(a.bench_binary), os.path.join(evidence, "criterion")
+    else:
+        # Built once before any timing, so that no round's first measure waits on the compiler.
+        run(["cargo", "bench", "--bench", "cpu", "--no-run"], evidence, "cargo_build")
     loads, rounds, described = [os.getloadavg()[0]], [], None
     for r in range(a.rounds):
         where = os.path.join(evidence, f"round{r + 1}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the GPU check bundle here (no GPU needed) and leaves it in target/gpu-bundle/:
-# release GPU test binaries (tests/gpu_*.rs), the GPU benchmark, the CLI (demo), the PyTorch
-# baseline and run.sh (the binaries gzipped in bins.tar.gz, which run.sh unpacks). The GPU
+# release GPU test binaries (tests/gpu_*.rs), the GPU and CPU benchmarks, the CLI (demo), the
+# PyTorch, ONNX Runtime and CPU report scripts (tools/) and run.sh (the binaries gzipped in bins.tar.gz, which run.sh unpacks). The GPU
 # machine has no Rust toolchain: build here, run there in two
 # device calls of at most 540 s each (device tool: carry ["target/gpu-bundle"]):
 #     STAGES=tests,demo  bash target/gpu-bundle/run.sh
@@ -29,11 +29,14 @@ rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/tests" "$BUNDLE/benches"
 # model_api: the library's Model on the GPU against the CPU (its CPU tests take a second).
 build test --release --test 'gpu_*' --test model_api | while read -r name exe; do cp "$exe" "$BUNDLE/tests/$name"; done
-build bench --bench gpu | while read -r name exe; do cp "$exe" "$BUNDLE/benches/$name"; done
+# The CPU bench too: the GPU machine's host is a Xeon with AMX (issue 17's figures; run.sh's
+# cpu stage runs tools/bench_cpu_report.py with it, PyTorch and ONNX Runtime being there).
+build bench --bench gpu --bench cpu | while read -r name exe; do cp "$exe" "$BUNDLE/benches/$name"; done
 cargo build --release --features cuda --bin semshare
 cp target/release/semshare "$BUNDLE/semshare"
 strip "$BUNDLE"/tests/* "$BUNDLE"/benches/* "$BUNDLE/semshare"
-cp tools/torch_reference.py "$BUNDLE/"
+mkdir -p "$BUNDLE/tools"
+cp tools/torch_reference.py tools/onnx_baseline.py tools/bench_cpu_report.py "$BUNDLE/tools/"
 cp tools/gpu-run.sh "$BUNDLE/run.sh"
 chmod +x "$BUNDLE/run.sh"
 {

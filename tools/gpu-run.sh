@@ -5,6 +5,9 @@
 #               profile: Nsight Compute's time of every kernel of one paper-preset step
 #               (semshare bench-step, eager, after one warm-up step), summed by kernel name;
 #               PROFILE_ARGS: bench-step's flags for it (default --precision tf32).
+#               cpu: issue 17's CPU figures on this machine's own processor (the H200's host is
+#               a Xeon with AMX): tools/bench_cpu_report.py with the bundled benches/cpu, on 2
+#               CPUs (taskset), CPU_ROUNDS rounds (default 1); cpu.md and the evidence back.
 #   DEADLINE_S  one deadline for the whole run (default 540 s, under the device tool's 600);
 #               each stage is capped by the time left and by its own cap (TESTS_S, DEMO_S,
 #               BENCH_S, TORCH_S).
@@ -30,8 +33,8 @@ STAGES=${STAGES:-tests,demo,bench,torch}
 DEADLINE_S=${DEADLINE_S:-540}
 RESERVE_S=15 # kept back for packing and the summary
 T0=$SECONDS
-ALL_STAGES=(tests demo bench torch profile)
-declare -A CAP=([tests]=${TESTS_S:-300} [demo]=${DEMO_S:-200} [bench]=${BENCH_S:-330} [torch]=${TORCH_S:-180} [profile]=${PROFILE_S:-180})
+ALL_STAGES=(tests demo bench torch profile cpu)
+declare -A CAP=([tests]=${TESTS_S:-300} [demo]=${DEMO_S:-200} [bench]=${BENCH_S:-330} [torch]=${TORCH_S:-180} [profile]=${PROFILE_S:-180} [cpu]=${CPU_S:-540})
 declare -A STATUS=() WHY=()
 BLOCK=""      # why no GPU stage can run (no driver, no cuBLAS)
 CUBLAS=""     # the cuBLAS every stage loads
@@ -441,7 +444,7 @@ if has torch && can_start torch; then
     rc=0
     ldp=(-u LD_LIBRARY_PATH)
     if [[ -n $ORIG_LDP ]]; then ldp=(LD_LIBRARY_PATH="$ORIG_LDP"); fi
-    capped $((SECONDS + CAP[torch])) "$log" env "${ldp[@]}" PYTHONUNBUFFERED=1 python3 "$HERE/torch_reference.py" bench-gpu --compile || rc=$?
+    capped $((SECONDS + CAP[torch])) "$log" env "${ldp[@]}" PYTHONUNBUFFERED=1 python3 "$HERE/tools/torch_reference.py" bench-gpu --compile || rc=$?
     if ((rc == 0)); then
       STATUS[torch]=ok
       WHY[torch]="$(torch_rows | awk -F'\t' '$2 != "error"' | wc -l) measures; $(awk '/^\{/ && match($0, /"torch": "[^"]*"/) { print "torch " substr($0, RSTART + 10, RLENGTH - 11); exit }' "$log")"
@@ -499,4 +502,28 @@ PY
     fi
   fi
   { echo "--- log"; cat "$log"; } >>"$OUT/profile.txt"
+fi
+
+if has cpu && can_start cpu; then
+  log=$OUT/cpu.log
+  : >"$log"
+  rc=0
+  # Two CPUs, as issue 17's figures are defined (2 threads each side); PyTorch keeps its own
+  # libraries (the caller's LD_LIBRARY_PATH), as in the torch stage.
+  ldp=(-u LD_LIBRARY_PATH)
+  if [[ -n $ORIG_LDP ]]; then ldp=(LD_LIBRARY_PATH="$ORIG_LDP"); fi
+  n=$(nproc)
+  pair=$((n > 1 ? n - 2 : 0)),$((n - 1)) # the last two: away from CPU 0's interrupts
+  capped $((SECONDS + CAP[cpu])) "$log" env "${ldp[@]}" PYTHONUNBUFFERED=1 taskset -c "$pair" python3 \
+    "$HERE/tools/bench_cpu_report.py" --bench-binary "$BIN/benches/cpu" --rounds "${CPU_ROUNDS:-1}" \
+    --evidence "$WORK/cpu-evidence" || rc=$?
+  # The report's table is the log's stdout part; the raw runs come back packed.
+  if [[ -d $WORK/cpu-evidence ]]; then tar -C "$WORK" -czf "$OUT/cpu-evidence.tar.gz" cpu-evidence; fi
+  if ((rc == 0)); then
+    STATUS[cpu]=ok
+    WHY[cpu]=$(awk '/^Machine:/ { print substr($0, 1, 150); exit }' "$log")
+    awk '/^\| [a-z]/ && !/^\| (measure|GEMM)/' "$log" | while read -r l; do row cpu "$l" "" ""; done
+  else
+    fail cpu "$(reason "$rc" "$log")"
+  fi
 fi
