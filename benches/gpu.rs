@@ -245,8 +245,9 @@ mod gpu {
         // cuBLAS GEMM and the gate kernel per step and direction), same inputs, same call: the
         // A/B that says whether the persistent kernel pays on this card. The backward zeroes
         // dh first (it enters as zero in training), both ways alike.
-        // At 128 items (four chunks of the persistent kernel: `GruPath::Auto` takes the steps)
-        // and 32 (one chunk: Auto takes the persistent kernel).
+        // At 128 items (four chunks of the persistent kernel each way: `GruPath::Auto` takes
+        // the steps) and 32 (forward one chunk, which Auto takes persistent; backward two at
+        // H 512, 29 + 3, for shared memory: Auto takes the steps).
         for b in [B, 32] {
             let rseg = Segments::from_lengths(dev, &vec![T; b]).expect("segments");
             // `Backend::gru_fwd` / `gru_bwd` below: the persistent kernel at any item count.

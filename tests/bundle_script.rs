@@ -184,3 +184,22 @@ fn a_failure_names_its_test_and_the_deadline_stops_a_hung_stage() {
     assert!(line(&s, "tests ").contains("not run: no libcublasLt.so.13 beside"), "{s}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The device tool returns at most 8 files from `$OUT`: a set of stages that would leave more
+/// is refused before any stage runs (as an unknown stage is), and says how many.
+#[test]
+fn stages_that_would_leave_more_than_eight_files_are_refused() {
+    let dir = tmp("files");
+    bundle(&dir, false);
+    let o = Command::new("bash")
+        .arg(dir.join("run.sh"))
+        .env("OUT", dir.join("out"))
+        .env("STAGES", "tests,demo,bench,torch,profile,cpu")
+        .output()
+        .expect("bash runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("leave 9 files in $OUT and the device tool returns 8"), "{err}");
+    assert!(!dir.join("out/tests.log").exists(), "a stage ran");
+    let _ = std::fs::remove_dir_all(&dir);
+}

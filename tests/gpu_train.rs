@@ -137,6 +137,7 @@ fn one_bf16_training_step_matches_the_cpus_bf16() {
     );
     assert!(whole <= whole_bound, "bf16 gradient: relative error {whole:.3e} against the CPU's bf16 step");
     assert!(from_fp32 > 1e-4, "bf16 gradient {from_fp32:.2e} from fp32's: did the trunk round?");
+    assert!(from_fp32 > whole, "bf16 gradient {from_fp32:.2e} from fp32's, {whole:.2e} from bf16's");
     assert!(
         !emulated || from_fp32 > 4.0 * whole,
         "bf16 gradient {from_fp32:.2e} from fp32's, {whole:.2e} from bf16's: did the GEMMs round?"

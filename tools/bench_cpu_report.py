@@ -72,7 +72,7 @@ def criterion_median_ms(group, name):
     home = CRITERION_HOME or os.path.join(target, "criterion")
     path = os.path.join(home, group, name, "new", "estimates.json")
     if BENCH_STARTED is not None and os.path.getmtime(path) < BENCH_STARTED:
-        sys.exit(f"{path}: written before this run's cargo bench (a stale result); is CARGO_TARGET_DIR the bench's?")
+        sys.exit(f"{path}: written before this run's bench (a stale result); is CARGO_TARGET_DIR the bench's?")
     with open(path) as f:
         return json.load(f)["median"]["point_estimate"] / 1e6
 
@@ -185,7 +185,8 @@ def main():
     if not 1 <= a.rounds <= 20:
         sys.exit(f"--rounds {a.rounds}: give 1 to 20")
 
-    evidence = a.evidence or os.path.join(ROOT, "target", "bench_cpu_report", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    evidence = os.path.abspath(a.evidence or os.path.join(ROOT, "target", "bench_cpu_report",
+                                                          time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())))
     try:
         os.makedirs(evidence)
     except FileExistsError:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, on the GPU machine (tools/gpu-check.sh copies it to target/gpu-bundle/run.sh).
-#   STAGES      tests,demo,bench,torch,profile (default the first four). Two device calls of
-#               540 s cover those: STAGES=tests,demo and STAGES=bench,torch (docs/results/gpu.md).
+#   STAGES      tests,demo,bench,torch,profile,cpu (default the first four). Two device calls
+#               of 540 s cover those: STAGES=tests,demo and STAGES=bench,torch (docs/results/gpu.md).
+#               At most 8 files come back from a call (FILES below): a set that would leave
+#               more is refused before anything runs.
 #               profile: Nsight Compute's time of every kernel of one paper-preset step
 #               (semshare bench-step, eager, after one warm-up step), summed by kernel name;
 #               PROFILE_ARGS: bench-step's flags for it (default --precision tf32).
@@ -10,7 +12,7 @@
 #               CPUs (taskset), CPU_ROUNDS rounds (default 1); cpu.md and the evidence back.
 #   DEADLINE_S  one deadline for the whole run (default 540 s, under the device tool's 600);
 #               each stage is capped by the time left and by its own cap (TESTS_S, DEMO_S,
-#               BENCH_S, TORCH_S).
+#               BENCH_S, TORCH_S, PROFILE_S, CPU_S).
 #   BENCH_FILTER  a criterion filter (a regex of group/bench names): only those benchmarks.
 #   OUT         logs and results (default: out/ beside this script).
 #   SEMSHARE_GPU=emulated  a dry run on the emulated device (no driver needed): tests every
@@ -22,7 +24,7 @@
 # PyTorch baseline (torch_reference.py bench-gpu --compile: fp32, TF32, bf16 eager, then bf16 +
 # torch.compile, the bf16 target's baseline, last so a slow compile costs no other mode) on the same machine in the same call, so every
 # ratio and "% of copy bandwidth" in the summary is from one machine.
-# $OUT gets device.txt, <stage>.log, criterion.tar.gz, profile.csv/.txt and summary.txt; the summary is written
+# $OUT gets device.txt, <stage>.log (profile.txt, cpu-evidence.tar.gz), criterion.tar.gz and summary.txt; the summary is written
 # on every exit (a trap), by bash and awk alone. Exit 0 only if every selected stage passed.
 set -euo pipefail
 shopt -s nullglob
@@ -60,6 +62,15 @@ fail() { STATUS[$1]=FAIL; WHY[$1]=$2; }
 for s in ${STAGES//,/ }; do
   [[ " ${ALL_STAGES[*]} " == *" $s "* ]] || { echo "run.sh: error: unknown stage '$s' (${ALL_STAGES[*]})" >&2; exit 2; }
 done
+# The device tool returns at most 8 files from $OUT: what each stage leaves there, with
+# device.txt and summary.txt.
+declare -A FILES=([tests]=1 [demo]=1 [bench]=2 [torch]=1 [profile]=1 [cpu]=1)
+nfiles=2
+for s in ${STAGES//,/ }; do nfiles=$((nfiles + FILES[$s])); done
+if ((nfiles > 8)); then
+  echo "run.sh: error: STAGES=$STAGES leave $nfiles files in \$OUT and the device tool returns 8: split them over two calls" >&2
+  exit 2
+fi
 
 # What went wrong, from a log: the first panic's message, else the last error-like line, else
 # the last line.
@@ -455,7 +466,7 @@ if has torch && can_start torch; then
 fi
 
 if has profile && can_start profile; then
-  # Its log joins profile.txt at the end: the device tool returns 8 files, all stages make 8.
+  # Its log joins profile.txt at the end (the device tool returns 8 files: see FILES above).
   log=$WORK/profile.log
   : >"$log"
   ncu=$(command -v ncu || true)
@@ -464,7 +475,7 @@ if has profile && can_start profile; then
   fi
   if [[ -z $ncu || ${SEMSHARE_GPU:-} == emulated ]]; then
     echo "ncu not found (or the emulated device)" >"$log"
-    fail profile "not run: ${ncu:+the emulated device has no counters}${ncu:-ncu not found}"
+    if [[ -z $ncu ]]; then fail profile "not run: ncu not found"; else fail profile "not run: the emulated device has no counters"; fi
   else
     rc=0
     # One pass of one metric: application replay runs the program once, nothing saved and
@@ -488,6 +499,8 @@ for row in csv.DictReader(lines[start:]):
     tot[row["Kernel Name"]] += v
     n[row["Kernel Name"]] += 1
 T = sum(tot.values())
+if not n or T <= 0:
+    sys.exit("profile: no kernel durations in ncu's CSV")
 # Two steps ran (one warm-up): per step is half of each total; setup kernels are few.
 print(f"profile: 2 paper steps ({sys.argv[2]}), {sum(n.values())} kernel launches, {T / 2e6:.3f} ms of kernel time per step (serialised by ncu)")
 for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:40]:
@@ -505,20 +518,30 @@ PY
 fi
 
 if has cpu && can_start cpu; then
-  log=$OUT/cpu.log
+  # Its log travels in the evidence tarball (one file back); its table rows in the summary.
+  mkdir -p "$WORK/cpu-evidence-log"
+  log=$WORK/cpu-evidence-log/cpu.log
   : >"$log"
   rc=0
   # Two CPUs, as issue 17's figures are defined (2 threads each side); PyTorch keeps its own
   # libraries (the caller's LD_LIBRARY_PATH), as in the torch stage.
   ldp=(-u LD_LIBRARY_PATH)
   if [[ -n $ORIG_LDP ]]; then ldp=(LD_LIBRARY_PATH="$ORIG_LDP"); fi
+  skip_onnx=()
+  if ! env "${ldp[@]}" python3 -c 'import onnxruntime' 2>/dev/null; then
+    skip_onnx=(--skip-onnx)
+    echo "onnxruntime not importable: the report runs with --skip-onnx" >>"$log"
+  fi
   n=$(nproc)
   pair=$((n > 1 ? n - 2 : 0)),$((n - 1)) # the last two: away from CPU 0's interrupts
   capped $((SECONDS + CAP[cpu])) "$log" env "${ldp[@]}" PYTHONUNBUFFERED=1 taskset -c "$pair" python3 \
     "$HERE/tools/bench_cpu_report.py" --bench-binary "$BIN/benches/cpu" --rounds "${CPU_ROUNDS:-1}" \
-    --evidence "$WORK/cpu-evidence" || rc=$?
-  # The report's table is the log's stdout part; the raw runs come back packed.
-  if [[ -d $WORK/cpu-evidence ]]; then tar -C "$WORK" -czf "$OUT/cpu-evidence.tar.gz" cpu-evidence; fi
+    --evidence "$WORK/cpu-evidence" "${skip_onnx[@]}" || rc=$?
+  # The report's table is in the log; the raw runs (every measure finished, should the cap stop
+  # it: the report prints its table only at the end) come back packed with it.
+  packed=(cpu-evidence-log)
+  if [[ -d $WORK/cpu-evidence ]]; then packed+=(cpu-evidence); fi
+  tar -C "$WORK" -czf "$OUT/cpu-evidence.tar.gz" "${packed[@]}" || echo "run.sh: could not pack the cpu evidence" >&2
   if ((rc == 0)); then
     STATUS[cpu]=ok
     WHY[cpu]=$(awk '/^Machine:/ { print substr($0, 1, 150); exit }' "$log")

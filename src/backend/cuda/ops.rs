@@ -431,6 +431,7 @@ impl Backend for Cuda {
         // A thread per column and id residue mod PARTS (kernels/rows.cu, version 2: each id's
         // rows added in order, deterministic); PARTS a power of two, the kernel's mask.
         const PARTS: u32 = 64;
+        const _: () = assert!(PARTS.is_power_of_two());
         self.launch("scatter_add_rows_bwd_f32", (cols.div_ceil(128) as u32, PARTS, 1), (128, 1, 1), 0, &args)
     }
 
