@@ -19,23 +19,58 @@ using common::from_f32;
 using common::to_f32;
 using common::warp_sum;
 
+// A row of up to 32 · ROW_REGS values (the paper's d 1024) is read once into registers: every
+// load of the row issued before the first sum needs it (64 values a lane took 167 registers,
+// one block per multiprocessor; 32 leave room for two). Version 1 read the row
+// three times in a loop (the sum, the variance, the output; the later passes from L1), and on
+// an H200 (2026-12-04) moved 55 % of the copy bandwidth forward; the loads in flight per SM
+// were too few for the latency. Each lane still holds and sums the elements lane, lane + 32, …
+// in that order: version 1's arithmetic, in the fused join too (it runs this code). Its time
+// on a card is owed.
+constexpr int ROW_REGS = 32;
+
 template <typename T>
 __device__ void fwd(const T* x, const float* gamma, const float* beta, float eps, int rows, int d, T* y, float* stats) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
   if (row >= rows) return;
   const T* xr = x + (size_t)row * d;
   T* yr = y + (size_t)row * d;
-  float s = 0.0f;
-  for (int i = lane; i < d; i += 32) s += to_f32(xr[i]);
-  const float mean = warp_sum(s) / (float)d;
-  float v = 0.0f;
-  for (int i = lane; i < d; i += 32) {
-    const float t = to_f32(xr[i]) - mean;
-    v += t * t;
+  float mean, rstd;
+  if (d <= 32 * ROW_REGS) {
+    float v[ROW_REGS];
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; ++k) v[k] = lane + 32 * k < d ? to_f32(xr[lane + 32 * k]) : 0.0f;
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; ++k)
+      if (lane + 32 * k < d) s += v[k];
+    mean = warp_sum(s) / (float)d;
+    float q = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; ++k)
+      if (lane + 32 * k < d) {
+        const float t = v[k] - mean;
+        q += t * t;
+      }
+    rstd = 1.0f / sqrtf(warp_sum(q) / (float)d + eps);
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; ++k) {
+      const int i = lane + 32 * k;
+      if (i < d) yr[i] = from_f32<T>((v[k] - mean) * rstd * gamma[i] + beta[i]);
+    }
+  } else {  // wider rows: version 1, streamed
+    float s = 0.0f;
+    for (int i = lane; i < d; i += 32) s += to_f32(xr[i]);
+    mean = warp_sum(s) / (float)d;
+    float q = 0.0f;
+    for (int i = lane; i < d; i += 32) {
+      const float t = to_f32(xr[i]) - mean;
+      q += t * t;
+    }
+    rstd = 1.0f / sqrtf(warp_sum(q) / (float)d + eps);
+    for (int i = lane; i < d; i += 32)
+      yr[i] = from_f32<T>((to_f32(xr[i]) - mean) * rstd * gamma[i] + beta[i]);
   }
-  const float rstd = 1.0f / sqrtf(warp_sum(v) / (float)d + eps);
-  for (int i = lane; i < d; i += 32)
-    yr[i] = from_f32<T>((to_f32(xr[i]) - mean) * rstd * gamma[i] + beta[i]);
   if (lane == 0) {
     stats[2 * (size_t)row] = mean;
     stats[2 * (size_t)row + 1] = rstd;
