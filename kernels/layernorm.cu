@@ -112,8 +112,34 @@ __device__ void bwd(const T* x, const float* stats, const float* gamma, const T*
   if (row >= rows) return;
   const T* xr = x + (size_t)row * d;
   const T* gr = dy + (size_t)row * d;
-  const RowGrad r = bwd_row(xr, gr, gamma, stats + 2 * (size_t)row, d, lane);
   T* out = dx + (size_t)row * d;
+  if (d <= 32 * ROW_REGS) {
+    // The row's x and g in registers, as the forward holds x: bwd_row's sums in its order
+    // (gpu_residual_norm holds the fused join, which runs bwd_row, to these bits).
+    const float mean = stats[2 * (size_t)row], rstd = stats[2 * (size_t)row + 1];
+    float xv[ROW_REGS], gv[ROW_REGS];
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; ++k) {
+      const int i = lane + 32 * k;
+      xv[k] = i < d ? to_f32(xr[i]) : 0.0f;
+      gv[k] = i < d ? grad_in(to_f32(gr[i]), gamma[i]) : 0.0f;
+    }
+    float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; ++k)
+      if (lane + 32 * k < d) {
+        sg += gv[k];
+        sgx += gv[k] * (xv[k] - mean);
+      }
+    const RowGrad r{mean, rstd, warp_sum(sg) / (float)d, warp_sum(sgx) * rstd / (float)d};
+#pragma unroll
+    for (int k = 0; k < ROW_REGS; ++k) {
+      const int i = lane + 32 * k;
+      if (i < d) out[i] = from_f32<T>(bwd_value(r, gv[k], (xv[k] - r.mean) * r.rstd));
+    }
+    return;
+  }
+  const RowGrad r = bwd_row(xr, gr, gamma, stats + 2 * (size_t)row, d, lane);
   for (int i = lane; i < d; i += 32) {
     const float g = grad_in(to_f32(gr[i]), gamma[i]);
     const float xhat = (to_f32(xr[i]) - r.mean) * r.rstd;
