@@ -6,9 +6,9 @@
 // column reduction in one launch (layernorm_params_bwd; its strips' last blocks finish it,
 // common.cuh colsum_finish_strip).
 // CPU twin: src/backend/cpu/layernorm.rs. Test: tests/gpu_ops.rs.
-// Why a warp per row: d ≤ 2048 here, so a row is 64 values per lane at most; the reductions
-// are register shuffles with no shared memory or block barrier. The row is read once from
-// DRAM; the later passes over it hit L1 (a 4 KB row per warp, 32 KB per block).
+// Why a warp per row: a row is d / 32 values per lane; the reductions are register shuffles
+// with no shared memory or block barrier. Rows up to 1,024 wide are held in registers; wider
+// ones are read again for each pass, the later passes from L1 (Held and Streamed below).
 // Why two-pass variance (mean first, then Σ(x−mean)²): the CPU twin's formula, and it does not
 // cancel catastrophically the way E[x²]−mean² does for rows with a large mean.
 // Why dgamma/dbeta in a separate pass rather than atomics: run-to-run identical gradients.
@@ -19,15 +19,84 @@ using common::from_f32;
 using common::to_f32;
 using common::warp_sum;
 
-// A row of up to 32 · ROW_REGS values (the paper's d 1024) is read once into registers: every
-// load of the row issued before the first sum needs it (64 values a lane took 167 registers,
-// one block per multiprocessor; 32 leave room for two). Version 1 read the row
-// three times in a loop (the sum, the variance, the output; the later passes from L1), and on
-// an H200 (2026-12-04) moved 55 % of the copy bandwidth forward; the loads in flight per SM
-// were too few for the latency. Each lane still holds and sums the elements lane, lane + 32, …
-// in that order: version 1's arithmetic, in the fused join too (it runs this code). Its time
-// on a card is owed.
+// A lane's values of a row, v(k) = the row's element lane + 32 k for k < lane_values(d, lane),
+// either read where they lie each time they are used (Streamed: any d; version 1) or loaded
+// once into registers (Held: d ≤ 32 · ROW_REGS, the paper's 1024). The row code below is
+// written once over them, so both give the same arithmetic in the same order, in the fused
+// join too (kernels/residual_norm.cu runs it).
+// Why Held: version 1 read the row three times in a loop (the sum, the variance, the output;
+// the later passes from L1), and on an H200 (2026-12-04) its forward moved 55 % of the copy
+// bandwidth: too few loads in flight per multiprocessor for the latency. Held issues every
+// load of the row before the first sum needs it. 32 values a lane (79 registers forward, 96
+// backward in f32) leave room for two or three blocks per multiprocessor; 64 took 167, one
+// block. Its time on a card is owed.
 constexpr int ROW_REGS = 32;
+
+__device__ __forceinline__ int lane_values(int d, int lane) { return lane < d ? (d - 1 - lane) / 32 + 1 : 0; }
+
+// dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ γ.
+// g is rounded as the CPU rounds it (__fmul_rn: never fused): contracted into g − mean(g) as
+// an FMA, the product's rounding error survived the subtraction, and a row whose dx is 0 on
+// the CPU (d = 1) came out ±5e-7 on an H200 (2026-12-04). The emulator missed it: it runs the
+// PTX's mul.f32 and sub.f32 apart, where ptxas may fuse a mul without .rn into an FFMA.
+__device__ __forceinline__ float grad_in(float dy, float gamma) { return __fmul_rn(dy, gamma); }
+
+template <typename T>
+struct Streamed {
+  const T* row;
+  int lane;
+  __device__ float operator()(int k) const { return to_f32(row[lane + 32 * k]); }
+};
+
+// g = dy·γ of the lane's elements, read where dy lies.
+template <typename T>
+struct StreamedGrad {
+  const T* row;
+  const float* gamma;
+  int lane;
+  __device__ float operator()(int k) const {
+    const int i = lane + 32 * k;
+    return grad_in(to_f32(row[i]), gamma[i]);
+  }
+};
+
+struct Held {
+  float v[ROW_REGS];
+  __device__ float operator()(int k) const { return v[k]; }
+};
+
+// The lane's values of `src` in registers (d ≤ 32 · ROW_REGS).
+template <typename Values>
+__device__ Held hold(const Values& src, int lane, int d) {
+  Held h;
+#pragma unroll
+  for (int k = 0; k < ROW_REGS; ++k) h.v[k] = lane + 32 * k < d ? src(k) : 0.0f;
+  return h;
+}
+
+// Loops over a lane's k < n values: K > 0 (held) unrolled over K with a guard, K = 0 as many
+// as there are.
+#define LANE_VALUES(K, n, k) _Pragma("unroll") for (int k = 0; k < ((K) > 0 ? (K) : (n)); ++k) if (k < (n))
+
+// The row's mean and rstd, and y, from the lane's values x (two-pass variance, in k order).
+template <int K, typename T, typename Values>
+__device__ void fwd_row(const Values& x, int lane, int d, const float* gamma, const float* beta, float eps, T* yr,
+                        float& mean, float& rstd) {
+  const int n = lane_values(d, lane);
+  float s = 0.0f;
+  LANE_VALUES(K, n, k) s += x(k);
+  mean = warp_sum(s) / (float)d;
+  float q = 0.0f;
+  LANE_VALUES(K, n, k) {
+    const float t = x(k) - mean;
+    q += t * t;
+  }
+  rstd = 1.0f / sqrtf(warp_sum(q) / (float)d + eps);
+  LANE_VALUES(K, n, k) {
+    const int i = lane + 32 * k;
+    yr[i] = from_f32<T>((x(k) - mean) * rstd * gamma[i] + beta[i]);
+  }
+}
 
 template <typename T>
 __device__ void fwd(const T* x, const float* gamma, const float* beta, float eps, int rows, int d, T* y, float* stats) {
@@ -35,70 +104,39 @@ __device__ void fwd(const T* x, const float* gamma, const float* beta, float eps
   if (row >= rows) return;
   const T* xr = x + (size_t)row * d;
   T* yr = y + (size_t)row * d;
+  const Streamed<T> streamed{xr, lane};
   float mean, rstd;
-  if (d <= 32 * ROW_REGS) {
-    float v[ROW_REGS];
-#pragma unroll
-    for (int k = 0; k < ROW_REGS; ++k) v[k] = lane + 32 * k < d ? to_f32(xr[lane + 32 * k]) : 0.0f;
-    float s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < ROW_REGS; ++k)
-      if (lane + 32 * k < d) s += v[k];
-    mean = warp_sum(s) / (float)d;
-    float q = 0.0f;
-#pragma unroll
-    for (int k = 0; k < ROW_REGS; ++k)
-      if (lane + 32 * k < d) {
-        const float t = v[k] - mean;
-        q += t * t;
-      }
-    rstd = 1.0f / sqrtf(warp_sum(q) / (float)d + eps);
-#pragma unroll
-    for (int k = 0; k < ROW_REGS; ++k) {
-      const int i = lane + 32 * k;
-      if (i < d) yr[i] = from_f32<T>((v[k] - mean) * rstd * gamma[i] + beta[i]);
-    }
-  } else {  // wider rows: version 1, streamed
-    float s = 0.0f;
-    for (int i = lane; i < d; i += 32) s += to_f32(xr[i]);
-    mean = warp_sum(s) / (float)d;
-    float q = 0.0f;
-    for (int i = lane; i < d; i += 32) {
-      const float t = to_f32(xr[i]) - mean;
-      q += t * t;
-    }
-    rstd = 1.0f / sqrtf(warp_sum(q) / (float)d + eps);
-    for (int i = lane; i < d; i += 32)
-      yr[i] = from_f32<T>((to_f32(xr[i]) - mean) * rstd * gamma[i] + beta[i]);
-  }
+  if (d <= 32 * ROW_REGS)
+    fwd_row<ROW_REGS>(hold(streamed, lane, d), lane, d, gamma, beta, eps, yr, mean, rstd);
+  else
+    fwd_row<0>(streamed, lane, d, gamma, beta, eps, yr, mean, rstd);
   if (lane == 0) {
     stats[2 * (size_t)row] = mean;
     stats[2 * (size_t)row + 1] = rstd;
   }
 }
 
-// dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ γ. A row's two means, by its warp
-// (also the fused join's backward, kernels/residual_norm.cu: one definition, the same bits).
-// g is rounded as the CPU rounds it (__fmul_rn: never fused): contracted into g − mean(g) as
-// an FMA, the product's rounding error survived the subtraction, and a row whose dx is 0 on
-// the CPU (d = 1) came out ±5e-7 on an H200 (2026-12-04). The emulator missed it: it runs the
-// PTX's mul.f32 and sub.f32 apart, where ptxas may fuse a mul without .rn into an FFMA.
-__device__ __forceinline__ float grad_in(float dy, float gamma) { return __fmul_rn(dy, gamma); }
-
+// A row's two means, by its warp, from the lane's values of x and g = dy·γ.
 struct RowGrad {
   float mean, rstd, mg, mgx;
 };
 
-template <typename T>
-__device__ RowGrad bwd_row(const T* xr, const T* gr, const float* gamma, const float* st, int d, int lane) {
+template <int K, typename X, typename G>
+__device__ RowGrad bwd_sums(const X& x, const G& g, const float* st, int d, int lane) {
   const float mean = st[0], rstd = st[1];
+  const int n = lane_values(d, lane);
   float sg = 0.0f, sgx = 0.0f;
-  for (int i = lane; i < d; i += 32) {
-    const float g = grad_in(to_f32(gr[i]), gamma[i]);
-    sg += g;
-    sgx += g * (to_f32(xr[i]) - mean);
+  LANE_VALUES(K, n, k) {
+    sg += g(k);
+    sgx += g(k) * (x(k) - mean);
   }
   return {mean, rstd, warp_sum(sg) / (float)d, warp_sum(sgx) * rstd / (float)d};
+}
+
+// The same, read where the row lies (the fused join's backward, kernels/residual_norm.cu).
+template <typename T>
+__device__ RowGrad bwd_row(const T* xr, const T* gr, const float* gamma, const float* st, int d, int lane) {
+  return bwd_sums<0>(Streamed<T>{xr, lane}, StreamedGrad<T>{gr, gamma, lane}, st, d, lane);
 }
 
 // Element i's dx from its row's means (g = dy·γ, x̂ = (x − mean)·rstd).
@@ -106,46 +144,27 @@ __device__ __forceinline__ float bwd_value(const RowGrad& r, float g, float xhat
   return r.rstd * (g - r.mg - xhat * r.mgx);
 }
 
+template <int K, typename T, typename X, typename G>
+__device__ void bwd_row_dx(const X& x, const G& g, const float* st, int d, int lane, T* out) {
+  const RowGrad r = bwd_sums<K>(x, g, st, d, lane);
+  const int n = lane_values(d, lane);
+  LANE_VALUES(K, n, k) out[lane + 32 * k] = from_f32<T>(bwd_value(r, g(k), (x(k) - r.mean) * r.rstd));
+}
+
 template <typename T>
 __device__ void bwd(const T* x, const float* stats, const float* gamma, const T* dy, int rows, int d, T* dx) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
   if (row >= rows) return;
-  const T* xr = x + (size_t)row * d;
-  const T* gr = dy + (size_t)row * d;
+  const Streamed<T> xs{x + (size_t)row * d, lane};
+  const StreamedGrad<T> gs{dy + (size_t)row * d, gamma, lane};
+  const float* st = stats + 2 * (size_t)row;
   T* out = dx + (size_t)row * d;
-  if (d <= 32 * ROW_REGS) {
-    // The row's x and g in registers, as the forward holds x: bwd_row's sums in its order
-    // (gpu_residual_norm holds the fused join, which runs bwd_row, to these bits).
-    const float mean = stats[2 * (size_t)row], rstd = stats[2 * (size_t)row + 1];
-    float xv[ROW_REGS], gv[ROW_REGS];
-#pragma unroll
-    for (int k = 0; k < ROW_REGS; ++k) {
-      const int i = lane + 32 * k;
-      xv[k] = i < d ? to_f32(xr[i]) : 0.0f;
-      gv[k] = i < d ? grad_in(to_f32(gr[i]), gamma[i]) : 0.0f;
-    }
-    float sg = 0.0f, sgx = 0.0f;
-#pragma unroll
-    for (int k = 0; k < ROW_REGS; ++k)
-      if (lane + 32 * k < d) {
-        sg += gv[k];
-        sgx += gv[k] * (xv[k] - mean);
-      }
-    const RowGrad r{mean, rstd, warp_sum(sg) / (float)d, warp_sum(sgx) * rstd / (float)d};
-#pragma unroll
-    for (int k = 0; k < ROW_REGS; ++k) {
-      const int i = lane + 32 * k;
-      if (i < d) out[i] = from_f32<T>(bwd_value(r, gv[k], (xv[k] - r.mean) * r.rstd));
-    }
-    return;
-  }
-  const RowGrad r = bwd_row(xr, gr, gamma, stats + 2 * (size_t)row, d, lane);
-  for (int i = lane; i < d; i += 32) {
-    const float g = grad_in(to_f32(gr[i]), gamma[i]);
-    const float xhat = (to_f32(xr[i]) - r.mean) * r.rstd;
-    out[i] = from_f32<T>(bwd_value(r, g, xhat));
-  }
+  if (d <= 32 * ROW_REGS)
+    bwd_row_dx<ROW_REGS>(hold(xs, lane, d), hold(gs, lane, d), st, d, lane, out);
+  else
+    bwd_row_dx<0>(xs, gs, st, d, lane, out);
 }
+#undef LANE_VALUES
 
 // Stage 1 of dgamma = Σ_r dy·x̂ and dbeta = Σ_r dy: block (32 columns x 8 row lanes) over
 // COLSUM_ROWS rows; partial = [2][parts][d] (dgamma parts, then dbeta parts); stage 2 (into
