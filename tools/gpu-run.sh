@@ -342,6 +342,10 @@ if [[ -n $LIBCUDA ]]; then ln -sf "$(readlink -f "$LIBCUDA")" "$WORK/lib/libcuda
 if [[ -n $CUBLAS ]]; then ln -sf "$CUBLAS" "$WORK/lib/libcublas.so"; fi
 if [[ -n $CUBLASLT ]]; then ln -sf "$CUBLASLT" "$WORK/lib/libcublasLt.so"; fi
 ORIG_LDP=${LD_LIBRARY_PATH:-}
+# PyTorch's stages (torch, cpu) run under the caller's LD_LIBRARY_PATH: its wheels carry their
+# own cuBLAS.
+TORCH_LDP=(-u LD_LIBRARY_PATH)
+if [[ -n $ORIG_LDP ]]; then TORCH_LDP=(LD_LIBRARY_PATH="$ORIG_LDP"); fi
 export LD_LIBRARY_PATH=$WORK/lib${CUBLAS:+:$(dirname "$CUBLAS")}${LIBCUDA:+:$(dirname "$LIBCUDA")}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export SEMSHARE_REQUIRE_GPU=1
 
@@ -453,9 +457,7 @@ if has torch && can_start torch; then
     fail torch "not run: python3 not found"
   else
     rc=0
-    ldp=(-u LD_LIBRARY_PATH)
-    if [[ -n $ORIG_LDP ]]; then ldp=(LD_LIBRARY_PATH="$ORIG_LDP"); fi
-    capped $((SECONDS + CAP[torch])) "$log" env "${ldp[@]}" PYTHONUNBUFFERED=1 python3 "$HERE/tools/torch_reference.py" bench-gpu --compile || rc=$?
+    capped $((SECONDS + CAP[torch])) "$log" env "${TORCH_LDP[@]}" PYTHONUNBUFFERED=1 python3 "$HERE/tools/torch_reference.py" bench-gpu --compile || rc=$?
     if ((rc == 0)); then
       STATUS[torch]=ok
       WHY[torch]="$(torch_rows | awk -F'\t' '$2 != "error"' | wc -l) measures; $(awk '/^\{/ && match($0, /"torch": "[^"]*"/) { print "torch " substr($0, RSTART + 10, RLENGTH - 11); exit }' "$log")"
@@ -523,18 +525,15 @@ if has cpu && can_start cpu; then
   log=$WORK/cpu-evidence-log/cpu.log
   : >"$log"
   rc=0
-  # Two CPUs, as issue 17's figures are defined (2 threads each side); PyTorch keeps its own
-  # libraries (the caller's LD_LIBRARY_PATH), as in the torch stage.
-  ldp=(-u LD_LIBRARY_PATH)
-  if [[ -n $ORIG_LDP ]]; then ldp=(LD_LIBRARY_PATH="$ORIG_LDP"); fi
+  # Two CPUs, as issue 17's figures are defined (2 threads each side).
   skip_onnx=()
-  if ! env "${ldp[@]}" python3 -c 'import onnxruntime' 2>/dev/null; then
+  if ! env "${TORCH_LDP[@]}" python3 -c 'import onnxruntime' 2>/dev/null; then
     skip_onnx=(--skip-onnx)
     echo "onnxruntime not importable: the report runs with --skip-onnx" >>"$log"
   fi
   n=$(nproc)
   pair=$((n > 1 ? n - 2 : 0)),$((n - 1)) # the last two: away from CPU 0's interrupts
-  capped $((SECONDS + CAP[cpu])) "$log" env "${ldp[@]}" PYTHONUNBUFFERED=1 taskset -c "$pair" python3 \
+  capped $((SECONDS + CAP[cpu])) "$log" env "${TORCH_LDP[@]}" PYTHONUNBUFFERED=1 taskset -c "$pair" python3 \
     "$HERE/tools/bench_cpu_report.py" --bench-binary "$BIN/benches/cpu" --rounds "${CPU_ROUNDS:-1}" \
     --evidence "$WORK/cpu-evidence" "${skip_onnx[@]}" || rc=$?
   # The report's table is in the log; the raw runs (every measure finished, should the cap stop

@@ -95,19 +95,21 @@ impl Cuda {
     }
 
     pub(super) fn convert_values(&mut self, x: View, dtype: DType) -> Result<Tensor> {
-        let y = self.alloc_typed(&[x.len()], dtype)?;
+        let mut y = self.alloc_typed(&[x.len()], dtype)?;
+        self.convert_into(x, y.view_mut())?;
+        Ok(y)
+    }
+
+    /// `y = x` in `y`'s type (rounded to nearest even into bf16; exact into f32).
+    fn convert_into(&mut self, x: View, y: ViewMut) -> Result<()> {
+        expect_len("convert", "destination", y.len(), x.len())?;
         let n = x.len();
-        let name = match (x.dtype(), dtype) {
+        let name = match (x.dtype(), y.dtype()) {
             (DType::F32, DType::Bf16) => "convert_from_f32_bf16",
             (DType::Bf16, DType::F32) => "convert_to_f32_bf16",
-            _ => {
-                let mut y = y;
-                self.copy_values(x, y.view_mut())?;
-                return Ok(y);
-            }
+            _ => return self.copy_values(x, y),
         };
-        self.flat(name, n, &[Arg::view(x)?, Arg::tensor(&y)?, Arg::U64(n as u64)])?;
-        Ok(y)
+        self.flat(name, n, &[Arg::view(x)?, Arg::view_mut(&y)?, Arg::U64(n as u64)])
     }
 
     pub(super) fn gemm_typed(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
@@ -155,12 +157,7 @@ impl Cuda {
             };
             let ptrs = (view_ptr(a)?, view_ptr(b)?, view_ptr(bias)?, tensor_ptr(&wide)?);
             self.gemm_bias_lt(precision, (a.dtype(), DType::F32), g, ptrs)?;
-            let n = c.len();
-            return self.flat(
-                "convert_from_f32_bf16",
-                n,
-                &[Arg::tensor(&wide)?, Arg::view_mut(&c.view_mut())?, Arg::U64(n as u64)],
-            );
+            return self.convert_into(wide.view(), c.view_mut());
         }
         let ptrs = (view_ptr(a)?, view_ptr(b)?, view_ptr(bias)?, tensor_ptr(c)?);
         self.gemm_bias_lt(precision, (a.dtype(), c.dtype()), g, ptrs)
