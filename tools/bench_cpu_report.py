@@ -11,9 +11,9 @@ suite after suite, the two sides of a ratio did not always see the same machine)
 case (full or mixed lengths; fp32, then bf16 via `--precision bf16`): `cargo bench --bench cpu`
 on that case's train step and embedding, then `tools/torch_reference.py bench-cpu` (bf16: CPU
 autocast), then `tools/onnx_baseline.py` (fp32 only: ONNX Runtime's CPU provider has no bf16,
-so the bf16 embedding is compared with its fp32, measured again beside it). Then each GEMM
-shape: ours in fp32 and bf16 and `matrixmultiply`, then `torch.mm` on it in fp32 and bf16
-(median of 50, 2 threads). The whole sequence runs `--rounds` times (default 2: every figure
+so the bf16 embedding is compared with its fp32, measured again beside it). Before them each
+GEMM shape: ours in fp32 and bf16 and `matrixmultiply`, then `torch.mm` on it in fp32 and bf16
+(median of 50, 2 threads). `--inputs full` leaves the mixed lengths out. The whole sequence runs `--rounds` times (default 2: every figure
 twice); each cell of the table lists the rounds' values. A ratio below 1 means semshare is
 faster.
 
@@ -101,8 +101,11 @@ def measure_round(a, evidence, path_line):
     """One round: each measure's semshare side and its baselines back to back, so that the two
     sides of a ratio see the same minute of this machine (a VM's speed moves by 25 % and more
     over the minutes a whole suite takes). Returns (figures, the bench's path description)."""
-    cases = [(inputs, precision) for precision in ("fp32", "bf16") for inputs in ("full", "mixed")]
-    figures = []
+    figures = gemm_figures(evidence, path_line)
+    path_line = path_line or figures[0]["path"]
+    for fig in figures:
+        del fig["path"]
+    cases = [(inputs, precision) for precision in ("fp32", "bf16") for inputs in a.inputs]
     for inputs, precision in cases:
         name = inputs if precision == "fp32" else f"{inputs}_bf16"
         tag = f"{inputs}_{precision}"
@@ -136,24 +139,35 @@ def measure_round(a, evidence, path_line):
             figures.append({"measure": measure, "inputs": inputs, "precision": precision,
                             "semshare_ms": ours[f"{group}/{name}"], "torch_ms": torch_ms.get(kind),
                             "ort_ms": ort if kind == "embed" else None})
-    path = path_line.split("+")[0]
+    return figures, path_line
+
+
+def gemm_figures(evidence, path_line):
+    """Each GEMM shape: ours in fp32 and bf16 and `matrixmultiply`, then `torch.mm` in fp32 and
+    bf16. First in a round: they are the quickest figures, so a capped run still has them. Each
+    figure carries the bench's path line as "path" (the first one learns it)."""
+    figures = []
     for shape in GEMM_SHAPES:
-        names = {"fp32": f"gemm/semshare_{path}/{shape}", "bf16": f"gemm/semshare_{path}_bf16/{shape}",
+        names = {"fp32": f"gemm/semshare_{{path}}/{shape}", "bf16": f"gemm/semshare_{{path}}_bf16/{shape}",
                  "matrixmultiply": f"gemm/matrixmultiply/{shape}"}
         ours = criterion(list(names.values()), evidence, f"cargo_bench_gemm_{shape}")
+        path_line = path_line or ours["path"]
+        names = {k: v.replace("{path}", path_line.split("+")[0]) for k, v in names.items()}
         out, _ = run([sys.executable, "-c", TORCH_GEMM, json.dumps([shape])], evidence, f"torch_gemm_{shape}")
         theirs = {rec["dtype"]: rec["median_ms"] for rec in json_lines(out)}
         for precision in ("fp32", "bf16"):
             figures.append({"measure": f"gemm {shape}", "inputs": "-", "precision": precision,
                             "semshare_ms": ours[names[precision]], "torch_ms": theirs.get(precision), "ort_ms": None,
-                            "matrixmultiply_ms": ours[names["matrixmultiply"]]})
-    return figures, path_line
+                            "matrixmultiply_ms": ours[names["matrixmultiply"]], "path": path_line})
+    return figures
 
 
 def criterion(ids, evidence, label):
     """Runs `cargo bench --bench cpu` on exactly the benches `ids` ("group/function") and returns
-    their medians (ms) by id, with the path line the bench prints as "path"."""
-    pattern = "^(" + "|".join(re.escape(i) for i in ids) + ")$"
+    their medians (ms) by id, with the path line the bench prints as "path". "{path}" in an id
+    stands for the kernels' path, which names the GEMM benches; the result is keyed by the
+    id with it filled in."""
+    pattern = "^(" + "|".join(re.escape(i).replace(re.escape("{path}"), "[a-z0-9]+") for i in ids) + ")$"
     global BENCH_STARTED
     BENCH_STARTED = time.time()
     if BENCH_BINARY:
@@ -163,7 +177,7 @@ def criterion(ids, evidence, label):
         _, err = run(["cargo", "bench", "--bench", "cpu", "--", pattern], evidence, label)
     described = re.search(r"semshare CPU path: ([\w+]+)", err)
     got = {"path": described.group(1) if described else "unknown"}
-    for i in ids:
+    for i in (i.replace("{path}", got["path"].split("+")[0]) for i in ids):
         group, bench = i.split("/", 1)
         got[i] = criterion_median_ms(group, bench.replace("/", "_"))
     return got
@@ -179,11 +193,15 @@ def main():
     ap.add_argument("--json", action="store_true", help="one JSON line per figure instead of the markdown table")
     ap.add_argument("--evidence", help="directory for the raw outputs (must not exist)")
     ap.add_argument("--rounds", type=int, default=2, help="times the whole sequence runs (default 2)")
+    ap.add_argument("--inputs", default="full,mixed", type=lambda v: v.split(","),
+                    help="the lengths measured, full and/or mixed (default full,mixed; issue 17's figures are full)")
     ap.add_argument("--bench-binary", help="a prebuilt benches/cpu executable to run instead of cargo bench "
                     "(tools/gpu-check.sh bundles one: the GPU machine has no Rust toolchain)")
     a = ap.parse_args()
     if not 1 <= a.rounds <= 20:
         sys.exit(f"--rounds {a.rounds}: give 1 to 20")
+    if not a.inputs or not set(a.inputs) <= {"full", "mixed"} or len(set(a.inputs)) != len(a.inputs):
+        sys.exit(f"--inputs {','.join(a.inputs)}: give full, mixed or full,mixed")
 
     evidence = os.path.abspath(a.evidence or os.path.join(ROOT, "target", "bench_cpu_report",
                                                           time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())))

@@ -9,7 +9,8 @@
 #               PROFILE_ARGS: bench-step's flags for it (default --precision tf32).
 #               cpu: issue 17's CPU figures on this machine's own processor (the H200's host is
 #               a Xeon with AMX): tools/bench_cpu_report.py with the bundled benches/cpu, on 2
-#               CPUs (taskset), CPU_ROUNDS rounds (default 1); cpu.md and the evidence back.
+#               CPUs (taskset), CPU_ROUNDS rounds (default 1), CPU_INPUTS lengths (default
+#               full,mixed); cpu.md and the evidence back.
 #   DEADLINE_S  one deadline for the whole run (default 540 s, under the device tool's 600);
 #               each stage is capped by the time left and by its own cap (TESTS_S, DEMO_S,
 #               BENCH_S, TORCH_S, PROFILE_S, CPU_S).
@@ -535,7 +536,7 @@ if has cpu && can_start cpu; then
   pair=$((n > 1 ? n - 2 : 0)),$((n - 1)) # the last two: away from CPU 0's interrupts
   capped $((SECONDS + CAP[cpu])) "$log" env "${TORCH_LDP[@]}" PYTHONUNBUFFERED=1 taskset -c "$pair" python3 \
     "$HERE/tools/bench_cpu_report.py" --bench-binary "$BIN/benches/cpu" --rounds "${CPU_ROUNDS:-1}" \
-    --evidence "$WORK/cpu-evidence" "${skip_onnx[@]}" || rc=$?
+    --inputs "${CPU_INPUTS:-full,mixed}" --evidence "$WORK/cpu-evidence" "${skip_onnx[@]}" || rc=$?
   # The report's table is in the log; the raw runs (every measure finished, should the cap stop
   # it: the report prints its table only at the end) come back packed with it.
   packed=(cpu-evidence-log)
