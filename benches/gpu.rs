@@ -153,7 +153,39 @@ mod gpu {
             let (dgamma, dbeta, dbias) = (dg.view_mut(), db.view_mut(), Some(dbias.view_mut()));
             drop(black_box(dev.residual_layernorm_bwd(x, s, gamma.view(), dy, dgamma, dbeta, dbias, 0.1, 5)));
         });
-        drop((xs, dys, stats, dbias));
+        // The join's forward, s = x + dropout 0.1 (a) in place of a, then y = LN(s), in f32 and
+        // bf16, and the bf16 backward. A new seed a call: the same mask every call would grow
+        // the kept elements of a without bound (× 1/(1 − p) each time).
+        let mut sublayer: Vec<Tensor> = (0..4).map(|_| rand(dev, &mut rng, &[rows, d])).collect();
+        bench(&mut g, "join_fwd", dev, |dev| {
+            i += 1;
+            let a = &mut sublayer[i % 4];
+            drop(black_box(dev.residual_layernorm_fwd(a, &xs[i % 4], gamma.view(), beta.view(), 1e-5, 0.1, i as u64)));
+        });
+        let bf16 = |dev: &mut Cuda, t: &Tensor| dev.convert(t.view(), DType::Bf16).expect("bf16").reshape(t.shape());
+        let xs16: Vec<Tensor> = xs.iter().map(|t| bf16(dev, t)).collect();
+        let dys16: Vec<Tensor> = dys.iter().map(|t| bf16(dev, t)).collect();
+        let mut sublayer16: Vec<Tensor> = sublayer.iter().map(|t| bf16(dev, t)).collect();
+        bench(&mut g, "join_fwd_bf16", dev, |dev| {
+            i += 1;
+            let a = &mut sublayer16[i % 4];
+            drop(black_box(dev.residual_layernorm_fwd(
+                a,
+                &xs16[i % 4],
+                gamma.view(),
+                beta.view(),
+                1e-5,
+                0.1,
+                i as u64,
+            )));
+        });
+        bench(&mut g, "join_bwd_bf16", dev, |dev| {
+            i += 1;
+            let (x, s, dy) = (&xs16[i % 4], &stats[i % 4], &dys16[i % 4]);
+            let (dgamma, dbeta, dbias) = (dg.view_mut(), db.view_mut(), Some(dbias.view_mut()));
+            drop(black_box(dev.residual_layernorm_bwd(x, s, gamma.view(), dy, dgamma, dbeta, dbias, 0.1, 5)));
+        });
+        drop((xs, dys, stats, dbias, sublayer, xs16, dys16, sublayer16));
         g.finish();
 
         let mut g = c.benchmark_group("gelu_4608x2048");

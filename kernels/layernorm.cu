@@ -48,21 +48,18 @@ struct Streamed {
   __device__ float operator()(int k) const { return to_f32(row[lane + 32 * k]); }
 };
 
-// g = dy·γ of the lane's elements, read where dy lies.
-template <typename T>
-struct StreamedGrad {
-  const T* row;
-  const float* gamma;
-  int lane;
-  __device__ float operator()(int k) const {
-    const int i = lane + 32 * k;
-    return grad_in(to_f32(row[i]), gamma[i]);
-  }
-};
-
 struct Held {
   float v[ROW_REGS];
   __device__ float operator()(int k) const { return v[k]; }
+};
+
+// g = dy·γ of the lane's elements, from dy's values (held or streamed).
+template <typename Values>
+struct Grad {
+  Values dy;
+  const float* gamma;
+  int lane;
+  __device__ float operator()(int k) const { return grad_in(dy(k), gamma[lane + 32 * k]); }
 };
 
 // The lane's values of `src` in registers (d ≤ 32 · ROW_REGS).
@@ -75,7 +72,7 @@ __device__ Held hold(const Values& src, int lane, int d) {
 }
 
 // Loops over a lane's k < n values: K > 0 (held) unrolled over K with a guard, K = 0 as many
-// as there are.
+// as there are. (Used by kernels/residual_norm.cu too.)
 #define LANE_VALUES(K, n, k) _Pragma("unroll") for (int k = 0; k < ((K) > 0 ? (K) : (n)); ++k) if (k < (n))
 
 // The row's mean and rstd, and y, from the lane's values x (two-pass variance, in k order).
@@ -98,22 +95,27 @@ __device__ void fwd_row(const Values& x, int lane, int d, const float* gamma, co
   }
 }
 
-template <typename T>
-__device__ void fwd(const T* x, const float* gamma, const float* beta, float eps, int rows, int d, T* y, float* stats) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const T* xr = x + (size_t)row * d;
-  T* yr = y + (size_t)row * d;
-  const Streamed<T> streamed{xr, lane};
+// Row `row` of y and its (mean, rstd) in stats, from the lane's values x.
+template <int K, typename T, typename Values>
+__device__ void norm_row(const Values& x, int row, int lane, int d, const float* gamma, const float* beta, float eps,
+                         T* y, float* stats) {
   float mean, rstd;
-  if (d <= 32 * ROW_REGS)
-    fwd_row<ROW_REGS>(hold(streamed, lane, d), lane, d, gamma, beta, eps, yr, mean, rstd);
-  else
-    fwd_row<0>(streamed, lane, d, gamma, beta, eps, yr, mean, rstd);
+  fwd_row<K>(x, lane, d, gamma, beta, eps, y + (size_t)row * d, mean, rstd);
   if (lane == 0) {
     stats[2 * (size_t)row] = mean;
     stats[2 * (size_t)row + 1] = rstd;
   }
+}
+
+template <typename T>
+__device__ void fwd(const T* x, const float* gamma, const float* beta, float eps, int rows, int d, T* y, float* stats) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const Streamed<T> streamed{x + (size_t)row * d, lane};
+  if (d <= 32 * ROW_REGS)
+    norm_row<ROW_REGS>(hold(streamed, lane, d), row, lane, d, gamma, beta, eps, y, stats);
+  else
+    norm_row<0>(streamed, row, lane, d, gamma, beta, eps, y, stats);
 }
 
 // A row's two means, by its warp, from the lane's values of x and g = dy·γ.
@@ -133,12 +135,6 @@ __device__ RowGrad bwd_sums(const X& x, const G& g, const float* st, int d, int 
   return {mean, rstd, warp_sum(sg) / (float)d, warp_sum(sgx) * rstd / (float)d};
 }
 
-// The same, read where the row lies (the fused join's backward, kernels/residual_norm.cu).
-template <typename T>
-__device__ RowGrad bwd_row(const T* xr, const T* gr, const float* gamma, const float* st, int d, int lane) {
-  return bwd_sums<0>(Streamed<T>{xr, lane}, StreamedGrad<T>{gr, gamma, lane}, st, d, lane);
-}
-
 // Element i's dx from its row's means (g = dy·γ, x̂ = (x − mean)·rstd).
 __device__ __forceinline__ float bwd_value(const RowGrad& r, float g, float xhat) {
   return r.rstd * (g - r.mg - xhat * r.mgx);
@@ -156,7 +152,7 @@ __device__ void bwd(const T* x, const float* stats, const float* gamma, const T*
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
   if (row >= rows) return;
   const Streamed<T> xs{x + (size_t)row * d, lane};
-  const StreamedGrad<T> gs{dy + (size_t)row * d, gamma, lane};
+  const Grad<Streamed<T>> gs{{dy + (size_t)row * d, lane}, gamma, lane};
   const float* st = stats + 2 * (size_t)row;
   T* out = dx + (size_t)row * d;
   if (d <= 32 * ROW_REGS)
@@ -164,7 +160,6 @@ __device__ void bwd(const T* x, const float* stats, const float* gamma, const T*
   else
     bwd_row_dx<0>(xs, gs, st, d, lane, out);
 }
-#undef LANE_VALUES
 
 // Stage 1 of dgamma = Σ_r dy·x̂ and dbeta = Σ_r dy: block (32 columns x 8 row lanes) over
 // COLSUM_ROWS rows; partial = [2][parts][d] (dgamma parts, then dbeta parts); stage 2 (into

@@ -3,12 +3,13 @@
 // and the first stage of the column sums dgamma = Σ dy·x̂, dbeta = Σ dy and (optionally) the
 // sublayer's output bias gradient Σ da taken from the values the pass already holds.
 // Storage: a, x, s, y, dy, dx, da of type T (f32 or bf16): s is rounded as it is stored and
-// the norm reads it back, da is the dropout of dx as stored; gamma, beta, stats and the sums f32.
+// the norm runs on the rounded values, da is the dropout of dx as stored; gamma, beta, stats and the sums f32.
 // Layout: a, x, s, y, dy, dx, da [rows, d] row-major; stats [rows, 2] (mean, rstd);
 // partial [outs][blocks][d], one row per block of 8 rows and column sum.
-// Launch: one warp per row, 8 rows per 256-thread block (as kernels/layernorm.cu, whose row
-// code it runs); the partials finished by residual_layernorm_params_finish, grid (d/32, outs),
-// block 32 x 8, in block order (deterministic).
+// Launch: one warp per row (kernels/layernorm.cu's row code), forward 2 rows per 64-thread
+// block (146 registers: see src/backend/cuda/norm.rs), backward 8 per 256; the partials
+// finished by residual_layernorm_params_finish, grid (d/32, outs), block 32 x 8, in block
+// order (deterministic).
 // CPU twin: the composition dropout → add → layernorm (→ bias_bwd of da) of src/backend/cpu
 // (Backend::residual_layernorm_fwd / _bwd). Test: tests/gpu_residual_norm.rs.
 // Why: unfused, the join is dropout (read+write a), add (read a, x, write a), LN (read s,
@@ -28,50 +29,78 @@ namespace residual_norm {
 using common::from_f32;
 using common::to_f32;
 
+using layernorm::Held;
+using layernorm::ROW_REGS;
+using layernorm::Streamed;
+
+// Rows of up to 32 · ROW_REGS: the lane's a and x loaded into registers at once, s stored and
+// kept there (rounded as stored), the norm run on it. Version 1, the loop below for wider rows,
+// stored s element by element and the norm read it back: each iteration's loads waited on the
+// last one's store (a and x may alias), one memory latency per 32 elements, and its bf16
+// entry took 227 µs a join in an H200's bf16 step (2026-12-04; ncu), 27.6 % of the step.
 template <typename T>
 __device__ void fwd(T* a, const T* x, const float* gamma, const float* beta, float eps, float p, float scale, uint64_t seed,
                     int rows, int d, T* y, float* stats) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
   if (row >= rows) return;
   const size_t base = (size_t)row * d;
-  for (int i = lane; i < d; i += 32) {
-    const float kept = common::dropout_value(to_f32(a[base + i]), p, scale, seed, base + i);
-    a[base + i] = from_f32<T>(kept + to_f32(x[base + i]));
+  T* ar = a + base;
+  if (d <= 32 * ROW_REGS) {
+    Held s = layernorm::hold(Streamed<T>{ar, lane}, lane, d);
+    const Held xs = layernorm::hold(Streamed<T>{x + base, lane}, lane, d);
+    const int n = layernorm::lane_values(d, lane);
+    LANE_VALUES(ROW_REGS, n, k) {
+      const int i = lane + 32 * k;
+      const T v = from_f32<T>(common::dropout_value(s.v[k], p, scale, seed, base + i) + xs.v[k]);
+      ar[i] = v;
+      s.v[k] = to_f32(v);
+    }
+    layernorm::norm_row<ROW_REGS>(s, row, lane, d, gamma, beta, eps, y, stats);
+    return;
   }
-  layernorm::fwd<T>(a, gamma, beta, eps, rows, d, y, stats);
+  for (int i = lane; i < d; i += 32) {
+    const float kept = common::dropout_value(to_f32(ar[i]), p, scale, seed, base + i);
+    ar[i] = from_f32<T>(kept + to_f32(x[base + i]));
+  }
+  layernorm::norm_row<0>(Streamed<T>{ar, lane}, row, lane, d, gamma, beta, eps, y, stats);
 }
 
-// Rows as layernorm::bwd computes them (its bwd_row and bwd_value, so the same bits); the columns'
-// contributions of the block's 8 rows summed in warp order, CHUNK columns per barrier, into
-// partial[k][blockIdx.x][c]: k 0 Σ dy·x̂, 1 Σ dy, 2 Σ da (outs 3). Rows past the end add 0
-// and still meet at every barrier.
+// Rows as layernorm::bwd computes them (its bwd_sums and bwd_value, so the same bits); the
+// columns' contributions of the block's 8 rows summed in warp order, CHUNK columns per barrier,
+// into partial[k][blockIdx.x][c]: k 0 Σ dy·x̂, 1 Σ dy, 2 Σ da (outs 3). Rows past the end add
+// 0 and still meet at every barrier. The lane's s and dy: held in registers (K = ROW_REGS,
+// rows up to 1,024) or read where they lie (K = 0: version 1, three reads of each).
 constexpr int CHUNK = 128;
+constexpr int CHUNK_VALUES = CHUNK / 32;  // a lane's values per chunk
+static_assert(ROW_REGS % CHUNK_VALUES == 0, "held rows are whole chunks");
 
-template <typename T>
-__device__ void bwd(const T* s, const float* stats, const float* gamma, const T* dy, float p, float scale, uint64_t seed,
-                    int rows, int d, T* dx, T* da, int outs, float* partial) {
-  __shared__ float part[3][8][CHUNK];
+template <int K, typename T, typename S, typename DY>
+__device__ void bwd_rows(const S& sv, const DY& dyv, const float* gamma, const float* st, bool live, size_t base, int d,
+                         float p, float scale, uint64_t seed, T* dx, T* da, int outs, float* partial,
+                         float (&part)[3][8][CHUNK]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int row = blockIdx.x * 8 + warp;
-  const bool live = row < rows;
-  const size_t base = (size_t)row * d;
+  const layernorm::Grad<DY> g{dyv, gamma, lane};
   layernorm::RowGrad r{};
-  if (live) r = layernorm::bwd_row(s + base, dy + base, gamma, stats + 2 * (size_t)row, d, lane);
+  if (live) r = layernorm::bwd_sums<K>(sv, g, st, d, lane);
   const size_t blocks = gridDim.x;
-  for (int c0 = 0; c0 < d; c0 += CHUNK) {
-    for (int j = lane; j < CHUNK; j += 32) {
-      const int i = c0 + j;
+  const int chunks = (d + CHUNK - 1) / CHUNK;
+#pragma unroll
+  for (int c = 0; c < (K > 0 ? K / CHUNK_VALUES : chunks); ++c) {
+    if (c >= chunks) break;
+    const int c0 = c * CHUNK;
+#pragma unroll
+    for (int m = 0; m < CHUNK_VALUES; ++m) {
+      const int j = lane + 32 * m, k = c * CHUNK_VALUES + m, i = c0 + j;
       float vg = 0.0f, vb = 0.0f, va = 0.0f;
       if (live && i < d) {
-        const float dyv = to_f32(dy[base + i]);
-        const float g = layernorm::grad_in(dyv, gamma[i]);
-        const float xhat = (to_f32(s[base + i]) - r.mean) * r.rstd;
-        const T dxv = from_f32<T>(layernorm::bwd_value(r, g, xhat));
+        const float dyk = dyv(k);
+        const float xhat = (sv(k) - r.mean) * r.rstd;
+        const T dxv = from_f32<T>(layernorm::bwd_value(r, g(k), xhat));
         const T dav = from_f32<T>(common::dropout_value(to_f32(dxv), p, scale, seed, base + i));
         dx[base + i] = dxv;
         da[base + i] = dav;
-        vg = dyv * xhat;
-        vb = dyv;
+        vg = dyk * xhat;
+        vb = dyk;
         va = to_f32(dav);
       }
       part[0][warp][j] = vg;
@@ -90,6 +119,28 @@ __device__ void bwd(const T* s, const float* stats, const float* gamma, const T*
     __syncthreads();  // part is overwritten by the next chunk
   }
 }
+
+template <typename T>
+__device__ void bwd(const T* s, const float* stats, const float* gamma, const T* dy, float p, float scale, uint64_t seed,
+                    int rows, int d, T* dx, T* da, int outs, float* partial) {
+  __shared__ float part[3][8][CHUNK];
+  const int lane = threadIdx.x & 31, row = blockIdx.x * 8 + threadIdx.x / 32;
+  const bool live = row < rows;
+  const size_t base = (size_t)row * d;
+  const float* st = stats + 2 * (size_t)row;
+  const Streamed<T> ss{s + base, lane}, dys{dy + base, lane};
+  if (d <= 32 * ROW_REGS) {
+    Held sh{}, dyh{};
+    if (live) {
+      sh = layernorm::hold(ss, lane, d);
+      dyh = layernorm::hold(dys, lane, d);
+    }
+    bwd_rows<ROW_REGS>(sh, dyh, gamma, st, live, base, d, p, scale, seed, dx, da, outs, partial, part);
+  } else {
+    bwd_rows<0>(ss, dys, gamma, st, live, base, d, p, scale, seed, dx, da, outs, partial, part);
+  }
+}
+#undef LANE_VALUES
 
 // out_k[c] += Σ_b partial[k][b][c] for k = blockIdx.y (out0 dgamma, out1 dbeta, out2 the
 // sublayer's dbias): lane (x, y) sums blocks y, y + 8, …, then the 8 lanes in order.

@@ -376,7 +376,8 @@ fn bf16_twin(test: &str, body: impl Fn(&mut dyn Backend) -> Vec<(&'static str, V
     }
 }
 
-const BLOCK_SHAPES: [(usize, usize); 4] = [(1, 1), (7, 33), (64, 256), (130, 300)];
+/// The last two: a row of the 1,024 a lane's registers hold, and a wider one read where it lies.
+const BLOCK_SHAPES: [(usize, usize); 6] = [(1, 1), (7, 33), (64, 256), (130, 300), (3, 1024), (5, 1031)];
 
 #[test]
 fn layernorm_in_bf16_is_the_f32_norm_rounded() {
