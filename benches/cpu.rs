@@ -15,6 +15,7 @@ use semshare::backend::cpu::{dispatch, gemm as cpu_gemm};
 use semshare::backend::{Backend, Gemm, Half, Precision, Segments};
 use semshare::model::{Batch, EmbeddingKind, FeatureNorm, ImageBatch, ModelConfig, SemShare, TextBatch};
 use semshare::rng::Rng;
+use semshare::tensor::DType;
 use semshare::train::{TrainConfig, Trainer};
 
 const BATCH: usize = 32;
@@ -187,6 +188,16 @@ fn gemm_versions(c: &mut Criterion) {
         g.bench_function(ours, |bn| bn.iter(|| cpu_gemm::gemm(kernels, Precision::F32, gm, &a, &b, &mut y)));
         let bf16 = format!("semshare_{}_bf16/{name}", kernels.path().name());
         g.bench_function(bf16, |bn| bn.iter(|| cpu_gemm::gemm(kernels, Precision::Bf16, gm, &a, &b, &mut y)));
+        // B converted and packed once, as a frozen model's weights are (embedding, eval, index,
+        // query): the bf16 product alone, as `torch.mm` on bf16 tensors measures it.
+        if let Some(packed) = cpu_gemm::PackedB::new(kernels, Precision::Bf16, gm, &b) {
+            let name = format!("semshare_{}_bf16_packed/{name}", kernels.path().name());
+            g.bench_function(name, |bn| {
+                bn.iter(|| {
+                    cpu_gemm::gemm_packed(kernels, Precision::Bf16, gm, &a, &b, Some(&packed), None, &mut y, DType::F32)
+                })
+            });
+        }
         g.bench_function(format!("matrixmultiply/{name}"), |bn| bn.iter(|| matrixmultiply_rows(gm, &a, &b, &mut y)));
     }
     g.finish();

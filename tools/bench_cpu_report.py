@@ -143,21 +143,24 @@ def measure_round(a, evidence, path_line):
 
 
 def gemm_figures(evidence, path_line):
-    """Each GEMM shape: ours in fp32 and bf16 and `matrixmultiply`, then `torch.mm` in fp32 and
-    bf16. First in a round: they are the quickest figures, so a capped run still has them. Each
+    """Each GEMM shape: ours in fp32, bf16 and bf16 with B packed once (a frozen model's weights:
+    the product alone, as `torch.mm` on bf16 tensors) and `matrixmultiply`, then `torch.mm` in
+    fp32 and bf16. First in a round: they are the quickest figures, so a capped run still has them. Each
     figure carries the bench's path line as "path" (the first one learns it)."""
     figures = []
     for shape in GEMM_SHAPES:
         names = {"fp32": f"gemm/semshare_{{path}}/{shape}", "bf16": f"gemm/semshare_{{path}}_bf16/{shape}",
+                 "bf16 packed B": f"gemm/semshare_{{path}}_bf16_packed/{shape}",
                  "matrixmultiply": f"gemm/matrixmultiply/{shape}"}
         ours = criterion(list(names.values()), evidence, f"cargo_bench_gemm_{shape}")
         path_line = path_line or ours["path"]
         names = {k: v.replace("{path}", path_line.split("+")[0]) for k, v in names.items()}
         out, _ = run([sys.executable, "-c", TORCH_GEMM, json.dumps([shape])], evidence, f"torch_gemm_{shape}")
         theirs = {rec["dtype"]: rec["median_ms"] for rec in json_lines(out)}
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16", "bf16 packed B"):
             figures.append({"measure": f"gemm {shape}", "inputs": "-", "precision": precision,
-                            "semshare_ms": ours[names[precision]], "torch_ms": theirs.get(precision), "ort_ms": None,
+                            "semshare_ms": ours[names[precision]], "torch_ms": theirs.get(precision.split()[0]),
+                            "ort_ms": None,
                             "matrixmultiply_ms": ours[names["matrixmultiply"]], "path": path_line})
     return figures
 
