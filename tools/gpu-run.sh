@@ -311,6 +311,9 @@ cublas_candidates() {
 {
   cat "$HERE/MANIFEST" 2>/dev/null || echo "no MANIFEST"
   echo "run $(date -u +%FT%TZ) on $(hostname 2>/dev/null || echo '?') ($(uname -srm)), stages $STAGES, deadline ${DEADLINE_S} s"
+  # The host's processor (the cpu stage's figures name it; its report prints it only at its end).
+  echo "host cpu: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null), $(nproc) CPUs," \
+    "load $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null), flags: $(grep -m1 -o -w -E 'avx512(f|_bf16|_fp16)|amx_(bf16|tile|int8)' /proc/cpuinfo 2>/dev/null | tr '\n' ' ')"
 } >"$OUT/device.txt"
 
 if [[ ${SEMSHARE_GPU:-} == emulated ]]; then
