@@ -29,9 +29,9 @@ using common::warp_sum;
 // bandwidth: too few loads in flight per multiprocessor for the latency. Held issues every
 // load of the row before the first sum needs it. 32 values a lane (80 registers forward, 96
 // backward in f32) leave room for two or three blocks per multiprocessor; 64 took 167, one
-// block. Measured on an H200 (2026-12-04, second session): forward 49 % of copy, forward +
-// backward 34.5 % (version 1: 55 %, 31 %). The forward's y stores then waited each on its
-// γ and β loads (γ might alias y): read through __ldg now, they are issued together.
+// block. On an H200 (2026-12-04, session 27) it first moved 49 % of copy forward and 34.5 %
+// forward + backward (version 1: 55 %, 31 %): the y stores waited each on its γ and β loads
+// (γ might alias y). Read through __ldg, they go out together: 60 % and 39 %.
 constexpr int ROW_REGS = 32;
 
 __device__ __forceinline__ int lane_values(int d, int lane) { return lane < d ? (d - 1 - lane) / 32 + 1 : 0; }
