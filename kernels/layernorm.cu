@@ -19,11 +19,15 @@ using common::from_f32;
 using common::to_f32;
 using common::warp_sum;
 
-// A lane's values of a row, v(k) = the row's element lane + 32 k for k < lane_values(d, lane),
-// either read where they lie each time they are used (Streamed: any d; version 1) or loaded
-// once into registers (Held: d ≤ 32 · ROW_REGS, the paper's 1024). The row code below is
-// written once over them, so both give the same arithmetic in the same order, in the fused
-// join too (kernels/residual_norm.cu runs it).
+// A lane's values of a row: its k-th value is the row's element `element<W>(lane, k)`, in
+// groups of W consecutive elements, group q at W·lane + 32·W·q, for k < lane_values<W>(d, lane).
+// W = 1 (lane + 32 k) for any row; W = 4 where a row is whole groups of 4 (d % 4 == 0) and
+// its tensors start 4-element aligned, so that a group is one 16-byte (f32) or 8-byte (bf16)
+// load or store. The values are either read where they lie each time they are used (Streamed:
+// W = 1, any d; version 1) or loaded once into registers (Held: d ≤ 32 · ROW_REGS, the
+// paper's 1024). The row code below is written once over them, so every choice gives the same
+// arithmetic in k order for its W, in the fused join too (kernels/residual_norm.cu runs it:
+// the fused and the plain kernels choose W alike, so they give the same bits).
 // Why Held: version 1 read the row three times in a loop (the sum, the variance, the output;
 // the later passes from L1), and on an H200 (2026-12-04) its forward moved 55 % of the copy
 // bandwidth: too few loads in flight per multiprocessor for the latency. Held issues every
@@ -32,9 +36,27 @@ using common::warp_sum;
 // block. On an H200 (2026-12-04, session 27) it first moved 49 % of copy forward and 34.5 %
 // forward + backward (version 1: 55 %, 31 %): the y stores waited each on its γ and β loads
 // (γ might alias y). Read through __ldg, they go out together: 60 % and 39 %.
+// Why W = 4 (version 3, session 27; its time is owed): with one value per load the bf16 fused
+// join took as long as the f32 one (31.6 against 33.8 µs forward on the H200) though it moves
+// half the bytes: bound by load instructions, not bytes. Groups of 4 take a quarter of them.
 constexpr int ROW_REGS = 32;
 
-__device__ __forceinline__ int lane_values(int d, int lane) { return lane < d ? (d - 1 - lane) / 32 + 1 : 0; }
+template <int W> __device__ __forceinline__ int element(int lane, int k) {
+  return W * lane + 32 * W * (k / W) + k % W;
+}
+
+template <int W> __device__ __forceinline__ int lane_values(int d, int lane) {
+  return W * lane < d ? ((d - 1 - W * lane) / (32 * W) + 1) * W : 0;
+}
+
+// Whether rows of d elements of these tensors are whole 4-element groups, each aligned for
+// one vector access (4 f32: 16 bytes; 4 bf16: 8).
+template <typename T> __device__ __forceinline__ bool grouped(int d, const void* p) {
+  return d % 4 == 0 && (reinterpret_cast<uintptr_t>(p) & (4 * sizeof(T) - 1)) == 0;
+}
+template <typename T, typename... P> __device__ __forceinline__ bool grouped(int d, const void* p, P... rest) {
+  return grouped<T>(d, p) && grouped<T>(d, rest...);
+}
 
 // dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ γ.
 // g is rounded as the CPU rounds it (__fmul_rn: never fused): contracted into g − mean(g) as
@@ -56,15 +78,15 @@ struct Held {
 };
 
 // g = dy·γ of the lane's elements, from dy's values (held or streamed).
-template <typename Values>
+template <int W, typename Values>
 struct Grad {
   Values dy;
   const float* gamma;
   int lane;
-  __device__ float operator()(int k) const { return grad_in(dy(k), __ldg(gamma + lane + 32 * k)); }
+  __device__ float operator()(int k) const { return grad_in(dy(k), __ldg(gamma + element<W>(lane, k))); }
 };
 
-// The lane's values of `src` in registers (d ≤ 32 · ROW_REGS).
+// The lane's values of `src` in registers (W = 1, d ≤ 32 · ROW_REGS).
 template <typename Values>
 __device__ Held hold(const Values& src, int lane, int d) {
   Held h;
@@ -73,15 +95,67 @@ __device__ Held hold(const Values& src, int lane, int d) {
   return h;
 }
 
+// Four values from one vector load at p (aligned: `grouped`), and four stored with one.
+__device__ __forceinline__ void load4(const float* p, float* v) {
+  const float4 w = *reinterpret_cast<const float4*>(p);
+  v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
+}
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, float* v) {
+  const uint2 w = *reinterpret_cast<const uint2*>(p);  // a bf16 is the top half of its f32
+  v[0] = __uint_as_float(w.x << 16), v[1] = __uint_as_float(w.x & 0xffff0000u);
+  v[2] = __uint_as_float(w.y << 16), v[3] = __uint_as_float(w.y & 0xffff0000u);
+}
+__device__ __forceinline__ void store4(float* p, const float* v) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(__nv_bfloat16* p, const float* v) {
+  const auto bits = [](float x) { return (unsigned)__bfloat16_as_ushort(__float2bfloat16(x)); };
+  *reinterpret_cast<uint2*>(p) = make_uint2(bits(v[0]) | bits(v[1]) << 16, bits(v[2]) | bits(v[3]) << 16);
+}
+
+// The lane's values of `row` in registers in groups of 4 (W = 4, d ≤ 32 · ROW_REGS).
+template <typename T>
+__device__ Held hold4(const T* row, int lane, int d) {
+  Held h;
+#pragma unroll
+  for (int q = 0; q < ROW_REGS / 4; ++q) {
+    const int i = 4 * lane + 128 * q;
+    if (i < d) {
+      load4(row + i, h.v + 4 * q);
+    } else {
+      h.v[4 * q] = h.v[4 * q + 1] = h.v[4 * q + 2] = h.v[4 * q + 3] = 0.0f;
+    }
+  }
+  return h;
+}
+
 // Loops over a lane's k < n values: K > 0 (held) unrolled over K with a guard, K = 0 as many
 // as there are. (Used by kernels/residual_norm.cu too.)
 #define LANE_VALUES(K, n, k) _Pragma("unroll") for (int k = 0; k < ((K) > 0 ? (K) : (n)); ++k) if (k < (n))
 
+// out's elements of the lane's values k < n: value(k), rounded as stored, a group of W per
+// store.
+template <int K, int W, typename T, typename F>
+__device__ __forceinline__ void put_row(T* out, int lane, int n, F value) {
+  if constexpr (W == 4) {
+#pragma unroll
+    for (int q = 0; q < K / 4; ++q) {
+      if (4 * q >= n) break;
+      float v[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) v[c] = value(4 * q + c);
+      store4(out + element<4>(lane, 4 * q), v);
+    }
+  } else {
+    LANE_VALUES(K, n, k) out[element<1>(lane, k)] = from_f32<T>(value(k));
+  }
+}
+
 // The row's mean and rstd, and y, from the lane's values x (two-pass variance, in k order).
-template <int K, typename T, typename Values>
+template <int K, int W, typename T, typename Values>
 __device__ void fwd_row(const Values& x, int lane, int d, const float* gamma, const float* beta, float eps, T* yr,
                         float& mean, float& rstd) {
-  const int n = lane_values(d, lane);
+  const int n = lane_values<W>(d, lane);
   float s = 0.0f;
   LANE_VALUES(K, n, k) s += x(k);
   mean = warp_sum(s) / (float)d;
@@ -91,18 +165,19 @@ __device__ void fwd_row(const Values& x, int lane, int d, const float* gamma, co
     q += t * t;
   }
   rstd = 1.0f / sqrtf(warp_sum(q) / (float)d + eps);
-  LANE_VALUES(K, n, k) {
-    const int i = lane + 32 * k;
-    yr[i] = from_f32<T>((x(k) - mean) * rstd * __ldg(gamma + i) + __ldg(beta + i));
-  }
+  const float m = mean, r = rstd;
+  put_row<K, W>(yr, lane, n, [&](int k) {
+    const int i = element<W>(lane, k);
+    return (x(k) - m) * r * __ldg(gamma + i) + __ldg(beta + i);
+  });
 }
 
 // Row `row` of y and its (mean, rstd) in stats, from the lane's values x.
-template <int K, typename T, typename Values>
+template <int K, int W, typename T, typename Values>
 __device__ void norm_row(const Values& x, int row, int lane, int d, const float* gamma, const float* beta, float eps,
                          T* y, float* stats) {
   float mean, rstd;
-  fwd_row<K>(x, lane, d, gamma, beta, eps, y + (size_t)row * d, mean, rstd);
+  fwd_row<K, W>(x, lane, d, gamma, beta, eps, y + (size_t)row * d, mean, rstd);
   if (lane == 0) {
     stats[2 * (size_t)row] = mean;
     stats[2 * (size_t)row + 1] = rstd;
@@ -113,11 +188,14 @@ template <typename T>
 __device__ void fwd(const T* x, const float* gamma, const float* beta, float eps, int rows, int d, T* y, float* stats) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
   if (row >= rows) return;
-  const Streamed<T> streamed{x + (size_t)row * d, lane};
-  if (d <= 32 * ROW_REGS)
-    norm_row<ROW_REGS>(hold(streamed, lane, d), row, lane, d, gamma, beta, eps, y, stats);
+  const T* xr = x + (size_t)row * d;
+  const Streamed<T> streamed{xr, lane};
+  if (d > 32 * ROW_REGS)
+    norm_row<0, 1>(streamed, row, lane, d, gamma, beta, eps, y, stats);
+  else if (grouped<T>(d, x, y))
+    norm_row<ROW_REGS, 4>(hold4(xr, lane, d), row, lane, d, gamma, beta, eps, y, stats);
   else
-    norm_row<0>(streamed, row, lane, d, gamma, beta, eps, y, stats);
+    norm_row<ROW_REGS, 1>(hold(streamed, lane, d), row, lane, d, gamma, beta, eps, y, stats);
 }
 
 // A row's two means, by its warp, from the lane's values of x and g = dy·γ.
@@ -125,10 +203,10 @@ struct RowGrad {
   float mean, rstd, mg, mgx;
 };
 
-template <int K, typename X, typename G>
+template <int K, int W, typename X, typename G>
 __device__ RowGrad bwd_sums(const X& x, const G& g, const float* st, int d, int lane) {
   const float mean = st[0], rstd = st[1];
-  const int n = lane_values(d, lane);
+  const int n = lane_values<W>(d, lane);
   float sg = 0.0f, sgx = 0.0f;
   LANE_VALUES(K, n, k) {
     sg += g(k);
@@ -142,25 +220,40 @@ __device__ __forceinline__ float bwd_value(const RowGrad& r, float g, float xhat
   return r.rstd * (g - r.mg - xhat * r.mgx);
 }
 
-template <int K, typename T, typename X, typename G>
+template <int K, int W, typename T, typename X, typename G>
 __device__ void bwd_row_dx(const X& x, const G& g, const float* st, int d, int lane, T* out) {
-  const RowGrad r = bwd_sums<K>(x, g, st, d, lane);
-  const int n = lane_values(d, lane);
-  LANE_VALUES(K, n, k) out[lane + 32 * k] = from_f32<T>(bwd_value(r, g(k), (x(k) - r.mean) * r.rstd));
+  const RowGrad r = bwd_sums<K, W>(x, g, st, d, lane);
+  put_row<K, W>(out, lane, lane_values<W>(d, lane),
+                [&](int k) { return bwd_value(r, g(k), (x(k) - r.mean) * r.rstd); });
+}
+
+// g = dy·γ of the lane's held dy values, in registers (W: their elements).
+template <int W>
+__device__ Held held_grads(const Held& dy, const float* gamma, int lane, int d) {
+  const Grad<W, Held> g{dy, gamma, lane};
+  const int n = lane_values<W>(d, lane);
+  Held h;
+#pragma unroll
+  for (int k = 0; k < ROW_REGS; ++k) h.v[k] = k < n ? g(k) : 0.0f;
+  return h;
 }
 
 template <typename T>
 __device__ void bwd(const T* x, const float* stats, const float* gamma, const T* dy, int rows, int d, T* dx) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
   if (row >= rows) return;
-  const Streamed<T> xs{x + (size_t)row * d, lane};
-  const Grad<Streamed<T>> gs{{dy + (size_t)row * d, lane}, gamma, lane};
+  const T* xr = x + (size_t)row * d;
+  const T* dyr = dy + (size_t)row * d;
+  const Streamed<T> xs{xr, lane};
+  const Grad<1, Streamed<T>> gs{{dyr, lane}, gamma, lane};
   const float* st = stats + 2 * (size_t)row;
   T* out = dx + (size_t)row * d;
-  if (d <= 32 * ROW_REGS)
-    bwd_row_dx<ROW_REGS>(hold(xs, lane, d), hold(gs, lane, d), st, d, lane, out);
+  if (d > 32 * ROW_REGS)
+    bwd_row_dx<0, 1>(xs, gs, st, d, lane, out);
+  else if (grouped<T>(d, x, dy, dx))
+    bwd_row_dx<ROW_REGS, 4>(hold4(xr, lane, d), held_grads<4>(hold4(dyr, lane, d), gamma, lane, d), st, d, lane, out);
   else
-    bwd_row_dx<0>(xs, gs, st, d, lane, out);
+    bwd_row_dx<ROW_REGS, 1>(hold(xs, lane, d), hold(gs, lane, d), st, d, lane, out);
 }
 
 // Stage 1 of dgamma = Σ_r dy·x̂ and dbeta = Σ_r dy: block (32 columns x 8 row lanes) over

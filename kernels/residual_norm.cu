@@ -38,6 +38,21 @@ using layernorm::Streamed;
 // stored s element by element and the norm read it back: each iteration's loads waited on the
 // last one's store (a and x may alias), one memory latency per 32 elements, and its bf16
 // entry took 227 µs a join in an H200's bf16 step (2026-12-04; ncu), 27.6 % of the step.
+// s = x + dropout(a) from the lane's held a and x (W: their elements), stored into ar (a's
+// row) rounded and kept so, then the row normed from it.
+template <int W, typename T>
+__device__ void held_fwd(Held s, const Held& xs, T* ar, int row, int lane, int d, const float* gamma, const float* beta,
+                         float eps, float p, float scale, uint64_t seed, T* y, float* stats) {
+  const size_t base = (size_t)row * d;
+  const int n = layernorm::lane_values<W>(d, lane);
+  LANE_VALUES(ROW_REGS, n, k) {
+    const int i = layernorm::element<W>(lane, k);
+    s.v[k] = to_f32(from_f32<T>(common::dropout_value(s.v[k], p, scale, seed, base + i) + xs.v[k]));
+  }
+  layernorm::put_row<ROW_REGS, W>(ar, lane, n, [&](int k) { return s.v[k]; });
+  layernorm::norm_row<ROW_REGS, W>(s, row, lane, d, gamma, beta, eps, y, stats);
+}
+
 template <typename T>
 __device__ void fwd(T* a, const T* x, const float* gamma, const float* beta, float eps, float p, float scale, uint64_t seed,
                     int rows, int d, T* y, float* stats) {
@@ -45,24 +60,19 @@ __device__ void fwd(T* a, const T* x, const float* gamma, const float* beta, flo
   if (row >= rows) return;
   const size_t base = (size_t)row * d;
   T* ar = a + base;
-  if (d <= 32 * ROW_REGS) {
-    Held s = layernorm::hold(Streamed<T>{ar, lane}, lane, d);
-    const Held xs = layernorm::hold(Streamed<T>{x + base, lane}, lane, d);
-    const int n = layernorm::lane_values(d, lane);
-    LANE_VALUES(ROW_REGS, n, k) {
-      const int i = lane + 32 * k;
-      const T v = from_f32<T>(common::dropout_value(s.v[k], p, scale, seed, base + i) + xs.v[k]);
-      ar[i] = v;
-      s.v[k] = to_f32(v);
+  if (d > 32 * ROW_REGS) {
+    for (int i = lane; i < d; i += 32) {
+      const float kept = common::dropout_value(to_f32(ar[i]), p, scale, seed, base + i);
+      ar[i] = from_f32<T>(kept + to_f32(x[base + i]));
     }
-    layernorm::norm_row<ROW_REGS>(s, row, lane, d, gamma, beta, eps, y, stats);
-    return;
+    layernorm::norm_row<0, 1>(Streamed<T>{ar, lane}, row, lane, d, gamma, beta, eps, y, stats);
+  } else if (layernorm::grouped<T>(d, a, x, y)) {
+    held_fwd<4>(layernorm::hold4(ar, lane, d), layernorm::hold4(x + base, lane, d), ar, row, lane, d, gamma, beta, eps,
+                p, scale, seed, y, stats);
+  } else {
+    held_fwd<1>(layernorm::hold(Streamed<T>{ar, lane}, lane, d), layernorm::hold(Streamed<T>{x + base, lane}, lane, d),
+                ar, row, lane, d, gamma, beta, eps, p, scale, seed, y, stats);
   }
-  for (int i = lane; i < d; i += 32) {
-    const float kept = common::dropout_value(to_f32(ar[i]), p, scale, seed, base + i);
-    ar[i] = from_f32<T>(kept + to_f32(x[base + i]));
-  }
-  layernorm::norm_row<0>(Streamed<T>{ar, lane}, row, lane, d, gamma, beta, eps, y, stats);
 }
 
 // Rows as layernorm::bwd computes them (its bwd_sums and bwd_value, so the same bits); the
@@ -74,38 +84,56 @@ constexpr int CHUNK = 128;
 constexpr int CHUNK_VALUES = CHUNK / 32;  // a lane's values per chunk
 static_assert(ROW_REGS % CHUNK_VALUES == 0, "held rows are whole chunks");
 
-template <int K, typename T, typename S, typename DY>
+template <int K, int W, typename T, typename S, typename DY>
 __device__ void bwd_rows(const S& sv, const DY& dyv, const float* gamma, const float* st, bool live, size_t base, int d,
                          float p, float scale, uint64_t seed, T* dx, T* da, int outs, float* partial,
                          float (&part)[3][8][CHUNK]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const layernorm::Grad<DY> g{dyv, gamma, lane};
+  const layernorm::Grad<W, DY> g{dyv, gamma, lane};
   layernorm::RowGrad r{};
-  if (live) r = layernorm::bwd_sums<K>(sv, g, st, d, lane);
+  if (live) r = layernorm::bwd_sums<K, W>(sv, g, st, d, lane);
   const size_t blocks = gridDim.x;
   const int chunks = (d + CHUNK - 1) / CHUNK;
 #pragma unroll
   for (int c = 0; c < (K > 0 ? K / CHUNK_VALUES : chunks); ++c) {
     if (c >= chunks) break;
     const int c0 = c * CHUNK;
+    // The lane's values of this chunk: k = c · CHUNK_VALUES + m, its column j in the chunk.
+    float vg[CHUNK_VALUES], vb[CHUNK_VALUES], vdx[CHUNK_VALUES], vda[CHUNK_VALUES];
 #pragma unroll
     for (int m = 0; m < CHUNK_VALUES; ++m) {
-      const int j = lane + 32 * m, k = c * CHUNK_VALUES + m, i = c0 + j;
-      float vg = 0.0f, vb = 0.0f, va = 0.0f;
+      const int k = c * CHUNK_VALUES + m, i = layernorm::element<W>(lane, k);
+      vg[m] = vb[m] = vdx[m] = vda[m] = 0.0f;
       if (live && i < d) {
         const float dyk = dyv(k);
         const float xhat = (sv(k) - r.mean) * r.rstd;
-        const T dxv = from_f32<T>(layernorm::bwd_value(r, g(k), xhat));
-        const T dav = from_f32<T>(common::dropout_value(to_f32(dxv), p, scale, seed, base + i));
-        dx[base + i] = dxv;
-        da[base + i] = dav;
-        vg = dyk * xhat;
-        vb = dyk;
-        va = to_f32(dav);
+        vdx[m] = to_f32(from_f32<T>(layernorm::bwd_value(r, g(k), xhat)));
+        vda[m] = to_f32(from_f32<T>(common::dropout_value(vdx[m], p, scale, seed, base + i)));
+        vg[m] = dyk * xhat;
+        vb[m] = dyk;
       }
-      part[0][warp][j] = vg;
-      part[1][warp][j] = vb;
-      part[2][warp][j] = va;
+    }
+    if constexpr (W == 4) {  // the lane's 4 consecutive columns of the chunk, one store each
+      const int j = 4 * lane;
+      if (live && c0 + j < d) {
+        layernorm::store4(dx + base + c0 + j, vdx);
+        layernorm::store4(da + base + c0 + j, vda);
+      }
+      *reinterpret_cast<float4*>(&part[0][warp][j]) = make_float4(vg[0], vg[1], vg[2], vg[3]);
+      *reinterpret_cast<float4*>(&part[1][warp][j]) = make_float4(vb[0], vb[1], vb[2], vb[3]);
+      *reinterpret_cast<float4*>(&part[2][warp][j]) = make_float4(vda[0], vda[1], vda[2], vda[3]);
+    } else {
+#pragma unroll
+      for (int m = 0; m < CHUNK_VALUES; ++m) {
+        const int j = lane + 32 * m;
+        if (live && c0 + j < d) {
+          dx[base + c0 + j] = from_f32<T>(vdx[m]);
+          da[base + c0 + j] = from_f32<T>(vda[m]);
+        }
+        part[0][warp][j] = vg[m];
+        part[1][warp][j] = vb[m];
+        part[2][warp][j] = vda[m];
+      }
     }
     __syncthreads();
     for (int t = threadIdx.x; t < outs * CHUNK; t += blockDim.x) {
@@ -123,21 +151,28 @@ __device__ void bwd_rows(const S& sv, const DY& dyv, const float* gamma, const f
 template <typename T>
 __device__ void bwd(const T* s, const float* stats, const float* gamma, const T* dy, float p, float scale, uint64_t seed,
                     int rows, int d, T* dx, T* da, int outs, float* partial) {
-  __shared__ float part[3][8][CHUNK];
+  __shared__ __align__(16) float part[3][8][CHUNK];
   const int lane = threadIdx.x & 31, row = blockIdx.x * 8 + threadIdx.x / 32;
   const bool live = row < rows;
   const size_t base = (size_t)row * d;
   const float* st = stats + 2 * (size_t)row;
   const Streamed<T> ss{s + base, lane}, dys{dy + base, lane};
-  if (d <= 32 * ROW_REGS) {
+  if (d > 32 * ROW_REGS) {
+    bwd_rows<0, 1>(ss, dys, gamma, st, live, base, d, p, scale, seed, dx, da, outs, partial, part);
+  } else if (layernorm::grouped<T>(d, s, dy, dx, da)) {
+    Held sh{}, dyh{};
+    if (live) {
+      sh = layernorm::hold4(s + base, lane, d);
+      dyh = layernorm::hold4(dy + base, lane, d);
+    }
+    bwd_rows<ROW_REGS, 4>(sh, dyh, gamma, st, live, base, d, p, scale, seed, dx, da, outs, partial, part);
+  } else {
     Held sh{}, dyh{};
     if (live) {
       sh = layernorm::hold(ss, lane, d);
       dyh = layernorm::hold(dys, lane, d);
     }
-    bwd_rows<ROW_REGS>(sh, dyh, gamma, st, live, base, d, p, scale, seed, dx, da, outs, partial, part);
-  } else {
-    bwd_rows<0>(ss, dys, gamma, st, live, base, d, p, scale, seed, dx, da, outs, partial, part);
+    bwd_rows<ROW_REGS, 1>(sh, dyh, gamma, st, live, base, d, p, scale, seed, dx, da, outs, partial, part);
   }
 }
 #undef LANE_VALUES
