@@ -733,13 +733,20 @@ __device__ void fwd_mma(const __nv_bfloat16* __restrict__ qkv, const uint32_t* _
 //   then dK = dSᵀ·Q, stored; Pᵀ's and dSᵀ's A fragments are gathered from two rows of P, dS.
 // FLOPs at the bench shape: 1.36 G, about 2 µs at H100's dense bf16 rate; the loads (qkv, dout,
 // probs: 40 MB in bf16) and the stores (dqkv, 28 MB) set its floor. Timing: owed to a card.
-constexpr int MMA_BWD_MAX_WARPS = 4;  // len <= 64
+// The backward's block: 8 warps whatever the length. A warp per 16 rows needs at most 4 (len
+// ≤ 64; 3 at the bench's 36); the rest only load. Sized by the rows alone (3 warps at len 36,
+// 89 KB of shared memory: 2 blocks and so 6 warps a multiprocessor), the load phase kept too
+// few loads in flight: on an H200 (2026-12-04, session 27) it took 148 µs a call in the bf16
+// step, more than the f32 version's 128 µs; its floor is about 17 µs. 124 registers × 256
+// threads still fit 2 blocks. The time of 8 warps is owed.
+constexpr int MMA_BWD_WARPS = 8;
+static_assert(MMA_BWD_WARPS * 16 >= 64, "a warp per 16 rows of the longest item (MAX_LEN 64)");
 
 __device__ void bwd_mma(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ probs,
                         const uint32_t* __restrict__ offsets, int heads, int dh, int max_len, float scale,
                         const __nv_bfloat16* __restrict__ dout, __nv_bfloat16* __restrict__ dqkv) {
   extern __shared__ float4 attn_mma_bwd_smem[];
-  __shared__ unsigned long long red[MMA_BWD_MAX_WARPS];
+  __shared__ unsigned long long red[MMA_BWD_WARPS];
   const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
   const size_t d = (size_t)heads * dh;
   const int start = offsets[b], len = max(0, (int)offsets[b + 1] - start);
@@ -876,8 +883,8 @@ extern "C" __global__ void __launch_bounds__(attention::MAX_THREADS)
 }
 
 // bf16 storage of qkv, probs, dout and dqkv, the products on the tensor cores (version 2 above:
-// blockDim.x = 32 · ceil(max_len / 16)); the bias gradient (f32) sums dqkv as stored.
-extern "C" __global__ void __launch_bounds__(32 * attention::MMA_BWD_MAX_WARPS)
+// blockDim.x = 32 · MMA_BWD_WARPS); the bias gradient (f32) sums dqkv as stored.
+extern "C" __global__ void __launch_bounds__(32 * attention::MMA_BWD_WARPS)
     attention_bwd_bf16(const __nv_bfloat16* qkv, const __nv_bfloat16* probs, const uint32_t* offsets, int heads,
                        int dh, int max_len, float scale, const __nv_bfloat16* dout, __nv_bfloat16* dqkv,
                        float* partial, float* dbias, unsigned* counters) {

@@ -31,15 +31,20 @@ pub fn launch_shape(max_len: usize, dh: usize, backward: bool) -> (u32, usize) {
     (threads as u32, floats * 4)
 }
 
-/// The same for the bf16 versions on tensor cores (`fwd_mma`, `bwd_mma`): a warp per 16 rows;
-/// in bf16, `L16`/`D16` the length and head dim rounded up to 16, the forward holds Q and K
+/// kernels/attention.cu's `MMA_BWD_WARPS`.
+const MMA_BWD_WARPS: usize = 8;
+
+/// The same for the bf16 versions on tensor cores (`fwd_mma`, `bwd_mma`): the forward a warp
+/// per 16 rows, the backward 8 warps (`MMA_BWD_WARPS`: those past the rows' only load); in
+/// bf16, `L16`/`D16` the length and head dim rounded up to 16, the forward holds Q and K
 /// `[L16][D16 + 8]` and V transposed `[D16][L16 + 8]`; the backward dO and V `[L16][D16 + 8]`,
 /// K, Q and dO transposed `[D16][L16 + 8]`, and P and dS `[L16][L16 + 4]` in f32.
 pub fn mma_launch_shape(max_len: usize, dh: usize, backward: bool) -> (u32, usize) {
     let (l16, d16) = (max_len.div_ceil(16) * 16, dh.div_ceil(16) * 16);
     let (rows, transposed) = (2 * l16 * (d16 + 8), d16 * (l16 + 8));
     let bytes = if backward { (rows + 3 * transposed) * 2 + 2 * l16 * (l16 + 4) * 4 } else { (rows + transposed) * 2 };
-    ((l16.max(16) / 16 * 32) as u32, bytes)
+    let warps = if backward { MMA_BWD_WARPS } else { l16.max(16) / 16 };
+    ((warps * 32) as u32, bytes)
 }
 
 /// Everything the two launches share: checked geometry and the launch configuration.
@@ -195,7 +200,7 @@ mod tests {
         assert_eq!(mma_launch_shape(MAX_LEN, MAX_HEAD_DIM, false), (128, 53_248)); // MMA_MAX_WARPS
         assert_eq!(mma_launch_shape(1, 1, false), (32, 2 * (2 * 16 * 24 + 16 * 24)));
         // The tensor-core backward: len 36, dh 128 → 89.1 KB; len 64 → 124.9 KB.
-        assert_eq!(mma_launch_shape(36, 128, true), (96, 89_088));
-        assert_eq!(mma_launch_shape(MAX_LEN, MAX_HEAD_DIM, true), (128, 124_928)); // MMA_BWD_MAX_WARPS
+        assert_eq!(mma_launch_shape(36, 128, true), (256, 89_088)); // MMA_BWD_WARPS
+        assert_eq!(mma_launch_shape(MAX_LEN, MAX_HEAD_DIM, true), (256, 124_928));
     }
 }
