@@ -8,6 +8,9 @@
 #     STAGES=bench,torch bash target/gpu-bundle/run.sh
 # The kernels are inside the binaries (embedded fatbin); libcuda and cuBLAS are found there by
 # run.sh. Binaries are stripped so the bundle stays under 64 MiB.
+# BASE=<commit>: also that commit's GPU benchmarks (benches/gpu_base, built in a worktree under
+# target/, its own target folder kept for the next time), which run.sh's bench stage runs
+# after this commit's: an A/B of two kernel versions in one device call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -32,6 +35,18 @@ build test --release --test 'gpu_*' --test model_api | while read -r name exe; d
 # The CPU bench too: the GPU machine's host is a Xeon with AMX (issue 17's figures; run.sh's
 # cpu stage runs tools/bench_cpu_report.py with it, PyTorch and ONNX Runtime being there).
 build bench --bench gpu --bench cpu | while read -r name exe; do cp "$exe" "$BUNDLE/benches/$name"; done
+if [[ -n ${BASE:-} ]]; then
+  base=$(git rev-parse --short "$BASE^{commit}") || { echo "error: BASE=$BASE is not a commit" >&2; exit 1; }
+  src=target/gpu-base-src
+  git worktree remove --force "$src" 2>/dev/null || rm -rf "$src"
+  git worktree add --detach "$src" "$base" >/dev/null
+  # The base builds with this checkout's pinned nvcc; its own target folder, so the two builds
+  # do not undo each other's incremental state.
+  (cd "$src" && export NVCC=$ROOT/.cuda-toolchain/cuda/bin/nvcc CARGO_TARGET_DIR=$ROOT/target/gpu-base-target &&
+    build bench --bench gpu) | while read -r name exe; do cp "$exe" "$ROOT/$BUNDLE/benches/${name}_base"; done
+  git worktree remove --force "$src"
+  [[ -x $BUNDLE/benches/gpu_base ]] || { echo "error: the base commit's benches/gpu was not built" >&2; exit 1; }
+fi
 cargo build --release --features cuda --bin semshare
 cp target/release/semshare "$BUNDLE/semshare"
 strip "$BUNDLE"/tests/* "$BUNDLE"/benches/* "$BUNDLE/semshare"
@@ -41,6 +56,7 @@ cp tools/gpu-run.sh "$BUNDLE/run.sh"
 chmod +x "$BUNDLE/run.sh"
 {
   echo "commit $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (dirty)')"
+  if [[ -n ${BASE:-} ]]; then echo "base $base"; fi
   echo "built $(date -u +%FT%TZ) on $(uname -m)"
   .cuda-toolchain/cuda/bin/nvcc --version | tail -1
 } >"$BUNDLE/MANIFEST"

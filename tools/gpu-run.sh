@@ -15,6 +15,9 @@
 #               each stage is capped by the time left and by its own cap (TESTS_S, DEMO_S,
 #               BENCH_S, TORCH_S, PROFILE_S, CPU_S).
 #   BENCH_FILTER  a criterion filter (a regex of group/bench names): only those benchmarks.
+#               A bundle built with BASE=<commit> (tools/gpu-check.sh) also holds that commit's
+#               benches/gpu: the bench stage runs it after this one's, same filter, and the
+#               summary's "A/B" section gives each benchmark's ratio (one call, one card).
 #   OUT         logs and results (default: out/ beside this script).
 #   SEMSHARE_GPU=emulated  a dry run on the emulated device (no driver needed): tests every
 #               stage's plumbing and the summary before GPU time is spent (DEMO_ARGS shrinks the
@@ -125,9 +128,9 @@ reason() { # rc log
 
 # Criterion medians (ms) under $OUT/criterion: group/bench<TAB>ms lines.
 criterion_rows() {
-  local f name
-  for f in "$OUT"/criterion/*/*/new/estimates.json "$OUT"/criterion/*/new/estimates.json; do
-    name=${f#"$OUT/criterion/"}
+  local f name dir=${1:-criterion}
+  for f in "$OUT/$dir"/*/*/new/estimates.json "$OUT/$dir"/*/new/estimates.json; do
+    name=${f#"$OUT/$dir/"}
     name=${name%/new/estimates.json}
     sed -E 's/.*"median":\{"confidence_interval":\{[^}]*\},"point_estimate":([-0-9.eE+]+).*/\1/' "$f" |
       awk -v n="$name" '$1 ~ /^[-0-9.eE+]+$/ { printf "%s\t%.4f\n", n, $1 / 1e6 }'
@@ -225,10 +228,15 @@ finish() {
     fi
   done
   criterion_rows >"$WORK/bench.tsv"
+  criterion_rows criterion-base >"$WORK/base.tsv"
   torch_rows >"$WORK/torch.tsv"
-  rmdir "$OUT/criterion" 2>/dev/null # nothing in it
-  if [[ -d $OUT/criterion ]]; then
-    tar -C "$OUT" -czf "$OUT/criterion.tar.gz" criterion && rm -rf "$OUT/criterion"
+  rmdir "$OUT/criterion" "$OUT/criterion-base" 2>/dev/null # nothing in them
+  packed=()
+  for d in criterion criterion-base; do
+    if [[ -d $OUT/$d ]]; then packed+=("$d"); fi
+  done
+  if ((${#packed[@]})); then
+    tar -C "$OUT" -czf "$OUT/criterion.tar.gz" "${packed[@]}" && (cd "$OUT" && rm -rf "${packed[@]}")
   fi
   {
     echo "GPU CHECK SUMMARY  $(date -u +%FT%TZ)  stages $STAGES  $((SECONDS - T0)) s of the ${DEADLINE_S} s deadline"
@@ -248,10 +256,18 @@ finish() {
       echo
       { cat "$ROWS"
         awk -F'\t' '{ printf "semshare\t%s\t%s ms\t\n", $1, $2 }' "$WORK/bench.tsv"
+        awk -F'\t' '{ printf "base\t%s\t%s ms\t\n", $1, $2 }' "$WORK/base.tsv"
         awk -F'\t' '{ printf "pytorch\t%s\t%s\t\n", $1, ($2 == "error" ? "error: " substr($3, 1, 60) : $2 " ms" ($3 != "" ? " (" $3 " GB/s)" : "")) }' "$WORK/torch.tsv"
       } | awk -F'\t' '{ printf "%-9s %-44s %-5s %s\n", $1, $2, $4, $3 }'
     fi
     comparisons
+    if [[ -s $WORK/base.tsv ]]; then
+      echo
+      echo "A/B: this bundle's commit against base $(awk '/^base / { print $2 }' "$HERE/MANIFEST") (ratio below 1: this one faster)"
+      awk -F'\t' 'NR == FNR { base[$1] = $2; next }
+        ($1 in base) && base[$1] > 0 { printf "%-50s %9.4f ms  base %9.4f ms  ratio %.2f\n", $1, $2, base[$1], $2 / base[$1] }' \
+        "$WORK/base.tsv" "$WORK/bench.tsv"
+    fi
     echo
     echo "OVERALL: $([[ $bad == 0 ]] && echo ok || echo FAIL)   (logs and device.txt in $OUT)"
   } >"$OUT/summary.txt" 2>&1
@@ -443,7 +459,15 @@ if has bench && can_start bench; then
   rc=0
   mkdir -p "$OUT/criterion"
   cd "$WORK" # criterion writes nothing else, but keep the bundle clean
-  capped $((SECONDS + CAP[bench])) "$log" env CRITERION_HOME="$OUT/criterion" "$BIN/benches/gpu" --bench ${BENCH_FILTER:+"$BENCH_FILTER"} || rc=$?
+  end=$((SECONDS + CAP[bench]))
+  capped "$end" "$log" env CRITERION_HOME="$OUT/criterion" "$BIN/benches/gpu" --bench ${BENCH_FILTER:+"$BENCH_FILTER"} || rc=$?
+  # The base commit's benchmarks (tools/gpu-check.sh BASE=<commit>), the same filter, right
+  # after: an A/B of two versions in one call, on one card.
+  if ((rc == 0)) && [[ -x $BIN/benches/gpu_base ]]; then
+    echo "=== benches/gpu_base ($(awk '/^base / { print $2 }' "$HERE/MANIFEST"))" >>"$log"
+    mkdir -p "$OUT/criterion-base"
+    capped "$end" "$log" env CRITERION_HOME="$OUT/criterion-base" "$BIN/benches/gpu_base" --bench ${BENCH_FILTER:+"$BENCH_FILTER"} || rc=$?
+  fi
   results=$(criterion_rows | wc -l)
   loaded=$(awk '/benches\/gpu: loaded .*libcublas/ { print $NF; exit }' "$log")
   if ((rc == 0 && results > 0)); then
