@@ -31,9 +31,11 @@ const ESTIMATE: &str = r#"{"confidence_interval":{"confidence_level":0.95,"lower
 /// that sleeps `SLOW` seconds, the demo, a bench writing criterion estimates, `python3` (on the
 /// PATH given to run.sh) printing the baseline's JSON lines, and fake libraries. Without a
 /// failing test the binaries are gzipped into bins.tar.gz, as tools/gpu-check.sh packs them.
-fn bundle(dir: &Path, fail_test: bool) {
+/// With `base`, also a base commit's bench (`BASE=` in tools/gpu-check.sh), its times 1.25×.
+fn bundle(dir: &Path, fail_test: bool, base: bool) {
     std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/gpu-run.sh"), dir.join("run.sh")).unwrap();
-    std::fs::write(dir.join("MANIFEST"), "commit test\n").unwrap();
+    let manifest = if base { "commit test\nbase abc1234\n" } else { "commit test\n" };
+    std::fs::write(dir.join("MANIFEST"), manifest).unwrap();
     std::fs::create_dir_all(dir.join("lib")).unwrap();
     for f in ["libcuda.so.1", "libcublas.so.13", "libcublasLt.so.13"] {
         std::fs::write(dir.join("lib").join(f), "").unwrap();
@@ -56,18 +58,25 @@ echo 'bf16: whole gradient 3.4e-4 from the CPU' >&2; echo 'test result: ok. 2 pa
         &dir.join("semshare"),
         "printf 'semshare demo: 1000 test images / 1000 texts, trained 800 steps in 9s\\nmAP@all 0.30 0.70 0.69 0.71\\n'",
     );
-    let mut bench = String::from("echo \"benches/gpu: loaded /x/libcublas.so.13.0\" >&2\n");
-    for (name, ns) in [
-        ("copy/dtod_1GiB", 500_000.0),
-        ("layernorm_4608x1024/fwd", 10_000.0),
-        ("attention_128x8x36x128/fwd", 80_000.0),
-        ("paper_b128_t32/train_step_tf32", 95e6),
-    ] {
-        bench += &format!(
-            "mkdir -p \"$CRITERION_HOME/{name}/new\"; echo '{{\"mean\":{ESTIMATE},\"median\":{{\"confidence_interval\":{{\"confidence_level\":0.95,\"lower_bound\":1.0,\"upper_bound\":2.0}},\"point_estimate\":{ns},\"standard_error\":0.1}},\"median_abs_dev\":{ESTIMATE},\"slope\":null,\"std_dev\":{ESTIMATE}}}' >\"$CRITERION_HOME/{name}/new/estimates.json\"\n"
-        );
+    let bench = |scale: f64| {
+        let mut bench = String::from("echo \"benches/gpu: loaded /x/libcublas.so.13.0\" >&2\n");
+        for (name, ns) in [
+            ("copy/dtod_1GiB", 500_000.0),
+            ("layernorm_4608x1024/fwd", 10_000.0),
+            ("attention_128x8x36x128/fwd", 80_000.0),
+            ("paper_b128_t32/train_step_tf32", 95e6),
+        ] {
+            let ns = ns * scale;
+            bench += &format!(
+                "mkdir -p \"$CRITERION_HOME/{name}/new\"; echo '{{\"mean\":{ESTIMATE},\"median\":{{\"confidence_interval\":{{\"confidence_level\":0.95,\"lower_bound\":1.0,\"upper_bound\":2.0}},\"point_estimate\":{ns},\"standard_error\":0.1}},\"median_abs_dev\":{ESTIMATE},\"slope\":null,\"std_dev\":{ESTIMATE}}}' >\"$CRITERION_HOME/{name}/new/estimates.json\"\n"
+            );
+        }
+        bench
+    };
+    script(&dir.join("benches/gpu"), &bench(1.0));
+    if base {
+        script(&dir.join("benches/gpu_base"), &bench(1.25));
     }
-    script(&dir.join("benches/gpu"), &bench);
     script(
         &dir.join("bin/python3"),
         r#"[[ $1 == -c ]] && exit 0
@@ -122,7 +131,7 @@ fn line<'a>(summary: &'a str, start: &str) -> &'a str {
 #[test]
 fn every_stage_is_summarised_with_ratios_from_one_call() {
     let dir = tmp("ok");
-    bundle(&dir, false);
+    bundle(&dir, false, false);
     let out = dir.join("out");
     let (o, s) = run(&dir, &out, &[]);
     assert!(o.status.success(), "{s}");
@@ -158,7 +167,7 @@ fn every_stage_is_summarised_with_ratios_from_one_call() {
 #[test]
 fn a_failure_names_its_test_and_the_deadline_stops_a_hung_stage() {
     let dir = tmp("fail");
-    bundle(&dir, true);
+    bundle(&dir, true, false);
     let out = dir.join("out");
     let (o, s) = run(&dir, &out, &[("STAGES", "tests,torch")]);
     assert!(!o.status.success(), "{s}");
@@ -190,7 +199,7 @@ fn a_failure_names_its_test_and_the_deadline_stops_a_hung_stage() {
 #[test]
 fn stages_that_would_leave_more_than_eight_files_are_refused() {
     let dir = tmp("files");
-    bundle(&dir, false);
+    bundle(&dir, false, false);
     let o = Command::new("bash")
         .arg(dir.join("run.sh"))
         .env("OUT", dir.join("out"))
@@ -201,5 +210,25 @@ fn stages_that_would_leave_more_than_eight_files_are_refused() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("leave 9 files in $OUT and the device tool returns 8"), "{err}");
     assert!(!dir.join("out/tests.log").exists(), "a stage ran");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A bundle with a base commit's bench (`BASE=` in tools/gpu-check.sh): the bench stage runs
+/// both, and the summary gives each benchmark's time against the base's, packed together.
+#[test]
+fn a_base_commits_benchmarks_come_back_as_an_a_b_section() {
+    let dir = tmp("ab");
+    bundle(&dir, false, true);
+    let out = dir.join("out");
+    let (o, s) = run(&dir, &out, &[("STAGES", "bench")]);
+    assert!(o.status.success(), "{s}");
+    assert!(line(&s, "A/B: ").contains("against base abc1234"), "{s}");
+    assert!(line(&s, "layernorm_4608x1024/fwd").contains("0.0100 ms  base    0.0125 ms  ratio 0.80"), "{s}");
+    assert!(line(&s, "paper_b128_t32/train_step_tf32 ").contains("ratio 0.80"), "{s}");
+    assert!(line(&s, "base      copy/dtod_1GiB").contains("0.6250 ms"), "{s}");
+    let listed = Command::new("tar").arg("-tzf").arg(out.join("criterion.tar.gz")).output().expect("tar runs");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("criterion-base/copy/dtod_1GiB/new/estimates.json"), "{listed}");
+    assert!(!out.join("criterion-base").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
