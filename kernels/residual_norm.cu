@@ -79,10 +79,13 @@ __device__ void fwd(T* a, const T* x, const float* gamma, const float* beta, flo
 // columns' contributions of the block's 8 rows summed in warp order, CHUNK columns per barrier,
 // into partial[k][blockIdx.x][c]: k 0 Σ dy·x̂, 1 Σ dy, 2 Σ da (outs 3). Rows past the end add
 // 0 and still meet at every barrier. The lane's s and dy: held in registers (K = ROW_REGS,
-// rows up to 1,024) or read where they lie (K = 0: version 1, three reads of each).
+// rows up to 1,024; W 4 or 1 as layernorm.cu chooses) or read where they lie (K = 0: version
+// 1, three reads of each). With W = 4 a lane's values of a chunk are one group: 4 consecutive
+// columns, stored with one access each for dx and da.
 constexpr int CHUNK = 128;
 constexpr int CHUNK_VALUES = CHUNK / 32;  // a lane's values per chunk
 static_assert(ROW_REGS % CHUNK_VALUES == 0, "held rows are whole chunks");
+static_assert(CHUNK_VALUES == 4, "with W = 4 a lane's values of a chunk are one group");
 
 template <int K, int W, typename T, typename S, typename DY>
 __device__ void bwd_rows(const S& sv, const DY& dyv, const float* gamma, const float* st, bool live, size_t base, int d,
