@@ -1,17 +1,20 @@
-// kernels/layernorm.cu — LayerNorm over the last dimension, forward and backward.
+// kernels/layernorm.cu — LayerNorm over the last dimension: the forward, and the row code
+// (forward and backward) that it and the fused post-LN join share. The backward's kernel is the
+// join's (kernels/residual_norm.cu, with no dropout and no da): dx and the first stage of
+// dgamma, dbeta from one pass over x and dy (a separate column pass read them again: 7
+// passes over the activation forward and backward, now 5).
 // Layout: x [rows, d] row-major; stats [rows, 2] = (mean, rstd) saved for backward.
 // Storage: x, y, dy, dx of type T (f32 or bf16, each value rounded once, as it is stored);
 // gamma, beta, stats and the parameter gradients f32 (parameters stay f32).
-// Launch: one warp per row, 8 rows per 256-thread block; dgamma/dbeta by a deterministic
-// column reduction in one launch (layernorm_params_bwd; its strips' last blocks finish it,
-// common.cuh colsum_finish_strip).
+// Launch: one warp per row, 8 rows per 256-thread block.
 // CPU twin: src/backend/cpu/layernorm.rs. Test: tests/gpu_ops.rs.
 // Why a warp per row: a row is d / 32 values per lane; the reductions are register shuffles
 // with no shared memory or block barrier. Rows up to 1,024 wide are held in registers; wider
 // ones are read again for each pass, the later passes from L1 (Held and Streamed below).
 // Why two-pass variance (mean first, then Σ(x−mean)²): the CPU twin's formula, and it does not
 // cancel catastrophically the way E[x²]−mean² does for rows with a large mean.
-// Why dgamma/dbeta in a separate pass rather than atomics: run-to-run identical gradients.
+// Why dgamma/dbeta from per-block partials finished in block order rather than atomics:
+// run-to-run identical gradients.
 #include "common.cuh"
 
 namespace layernorm {
@@ -220,90 +223,12 @@ __device__ __forceinline__ float bwd_value(const RowGrad& r, float g, float xhat
   return r.rstd * (g - r.mg - xhat * r.mgx);
 }
 
-template <int K, int W, typename T, typename X, typename G>
-__device__ void bwd_row_dx(const X& x, const G& g, const float* st, int d, int lane, T* out) {
-  const RowGrad r = bwd_sums<K, W>(x, g, st, d, lane);
-  put_row<K, W>(out, lane, lane_values<W>(d, lane),
-                [&](int k) { return bwd_value(r, g(k), (x(k) - r.mean) * r.rstd); });
-}
-
-// g = dy·γ of the lane's held dy values, in registers (W: their elements).
-template <int W>
-__device__ Held held_grads(const Held& dy, const float* gamma, int lane, int d) {
-  const Grad<W, Held> g{dy, gamma, lane};
-  const int n = lane_values<W>(d, lane);
-  Held h;
-#pragma unroll
-  for (int k = 0; k < ROW_REGS; ++k) h.v[k] = k < n ? g(k) : 0.0f;
-  return h;
-}
-
-template <typename T>
-__device__ void bwd(const T* x, const float* stats, const float* gamma, const T* dy, int rows, int d, T* dx) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const T* xr = x + (size_t)row * d;
-  const T* dyr = dy + (size_t)row * d;
-  const Streamed<T> xs{xr, lane};
-  const Grad<1, Streamed<T>> gs{{dyr, lane}, gamma, lane};
-  const float* st = stats + 2 * (size_t)row;
-  T* out = dx + (size_t)row * d;
-  if (d > 32 * ROW_REGS)
-    bwd_row_dx<0, 1>(xs, gs, st, d, lane, out);
-  else if (grouped<T>(d, x, dy, dx))
-    bwd_row_dx<ROW_REGS, 4>(hold4(xr, lane, d), held_grads<4>(hold4(dyr, lane, d), gamma, lane, d), st, d, lane, out);
-  else
-    bwd_row_dx<ROW_REGS, 1>(hold(xs, lane, d), hold(gs, lane, d), st, d, lane, out);
-}
-
-// Stage 1 of dgamma = Σ_r dy·x̂ and dbeta = Σ_r dy: block (32 columns x 8 row lanes) over
-// COLSUM_ROWS rows; partial = [2][parts][d] (dgamma parts, then dbeta parts); stage 2 (into
-// dgamma, dbeta) in each strip's last block.
-template <typename T>
-__device__ void params_partial(const T* x, const float* stats, const T* dy, int rows, int d, float* partial,
-                               float* dgamma, float* dbeta, unsigned* counters) {
-  __shared__ float acc_g[8][33], acc_b[8][33];
-  const int c = blockIdx.x * 32 + threadIdx.x;
-  const int r0 = blockIdx.y * COLSUM_ROWS, r1 = min(rows, r0 + COLSUM_ROWS);
-  float sg = 0.0f, sb = 0.0f;
-  if (c < d)
-    for (int r = r0 + threadIdx.y; r < r1; r += 8) {
-      const float g = to_f32(dy[(size_t)r * d + c]);
-      const float xhat = (to_f32(x[(size_t)r * d + c]) - stats[2 * (size_t)r]) * stats[2 * (size_t)r + 1];
-      sg += g * xhat;
-      sb += g;
-    }
-  acc_g[threadIdx.y][threadIdx.x] = sg;
-  acc_b[threadIdx.y][threadIdx.x] = sb;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < d) {
-    float tg = 0.0f, tb = 0.0f;
-    for (int k = 0; k < 8; ++k) {
-      tg += acc_g[k][threadIdx.x];
-      tb += acc_b[k][threadIdx.x];
-    }
-    const size_t parts = gridDim.y;
-    partial[(size_t)blockIdx.y * d + c] = tg;
-    partial[parts * d + (size_t)blockIdx.y * d + c] = tb;
-  }
-  common::colsum_finish_strip(partial, d, dgamma, dbeta, counters);
-}
 }  // namespace layernorm
 
-#define LN_ENTRY(T, SUF)                                                                                      \
-  extern "C" __global__ void layernorm_fwd_##SUF(const T* x, const float* gamma, const float* beta, float eps,    \
-                                                 int rows,                                                    \
-                                                 int d, T* y, float* stats) {                                 \
-    layernorm::fwd<T>(x, gamma, beta, eps, rows, d, y, stats);                                                \
-  }                                                                                                           \
-  extern "C" __global__ void layernorm_bwd_##SUF(const T* x, const float* stats, const float* gamma, const T* dy, \
-                                                 int rows, int d, T* dx) {                                    \
-    layernorm::bwd<T>(x, stats, gamma, dy, rows, d, dx);                                                      \
-  }                                                                                                           \
-  extern "C" __global__ void layernorm_params_bwd_##SUF(const T* x, const float* stats, const T* dy, int rows,  \
-                                                        int d, float* partial, float* dgamma, float* dbeta,   \
-                                                        unsigned* counters) {                                 \
-    layernorm::params_partial<T>(x, stats, dy, rows, d, partial, dgamma, dbeta, counters);                    \
+#define LN_ENTRY(T, SUF)                                                                                   \
+  extern "C" __global__ void layernorm_fwd_##SUF(const T* x, const float* gamma, const float* beta, float eps, \
+                                                 int rows, int d, T* y, float* stats) {                       \
+    layernorm::fwd<T>(x, gamma, beta, eps, rows, d, y, stats);                                             \
   }
 
 LN_ENTRY(float, f32)

@@ -22,7 +22,8 @@
 // meet once per 128 columns to add their rows' contributions in warp order.
 // The mask is dropout_fwd's (common::dropout_value of the flat index) and the product is
 // rounded before the add (__fmul_rn: no FMA), so the fused and unfused paths give the same bits
-// (dx, da; the column sums are added in another order than layernorm_params_bwd's).
+// (dx, da). LayerNorm's own backward is this one with no dropout and no da (da null, outs 2):
+// its column sums come from the row pass, not from a second read of x and dy.
 #include "common.cuh"
 
 namespace residual_norm {
@@ -120,7 +121,7 @@ __device__ void bwd_rows(const S& sv, const DY& dyv, const float* gamma, const f
       const int j = 4 * lane;
       if (live && c0 + j < d) {
         layernorm::store4(dx + base + c0 + j, vdx);
-        layernorm::store4(da + base + c0 + j, vda);
+        if (da != nullptr) layernorm::store4(da + base + c0 + j, vda);
       }
       *reinterpret_cast<float4*>(&part[0][warp][j]) = make_float4(vg[0], vg[1], vg[2], vg[3]);
       *reinterpret_cast<float4*>(&part[1][warp][j]) = make_float4(vb[0], vb[1], vb[2], vb[3]);
@@ -131,7 +132,7 @@ __device__ void bwd_rows(const S& sv, const DY& dyv, const float* gamma, const f
         const int j = lane + 32 * m;
         if (live && c0 + j < d) {
           dx[base + c0 + j] = from_f32<T>(vdx[m]);
-          da[base + c0 + j] = from_f32<T>(vda[m]);
+          if (da != nullptr) da[base + c0 + j] = from_f32<T>(vda[m]);
         }
         part[0][warp][j] = vg[m];
         part[1][warp][j] = vb[m];

@@ -79,12 +79,44 @@ pub(super) fn backward(
     seed: u64,
 ) -> Result<(Tensor, Tensor)> {
     check_residual_layernorm_bwd(s, stats, &gamma, dy, &dgamma, &dbeta, dbias.as_ref())?;
+    let da = cuda.alloc_typed(s.shape(), s.dtype())?;
+    let dx = rows_backward(cuda, s, stats, gamma, dy, (dgamma, dbeta, dbias), Some(&da), (p, seed))?;
+    Ok((dx, da))
+}
+
+/// LayerNorm's backward (`Backend::layernorm_bwd`, operands checked): the join's with no
+/// dropout and no da, so dgamma and dbeta come from the row pass's partial sums instead of a
+/// second read of x and dy (5 passes over the activation in all, forward and backward, not 7).
+pub(super) fn layernorm_backward(
+    cuda: &mut Cuda,
+    x: &Tensor,
+    stats: &Tensor,
+    gamma: View,
+    dy: &Tensor,
+    dgamma: ViewMut,
+    dbeta: ViewMut,
+) -> Result<Tensor> {
+    rows_backward(cuda, x, stats, gamma, dy, (dgamma, dbeta, None), None, (0.0, 0))
+}
+
+/// dx (returned) and, given `da`, dropout(dx) into it; the column sums added into dgamma,
+/// dbeta and (given) dbias.
+#[allow(clippy::too_many_arguments)]
+fn rows_backward(
+    cuda: &mut Cuda,
+    s: &Tensor,
+    stats: &Tensor,
+    gamma: View,
+    dy: &Tensor,
+    (dgamma, dbeta, dbias): (ViewMut, ViewMut, Option<ViewMut>),
+    da: Option<&Tensor>,
+    (p, seed): (f32, u64),
+) -> Result<Tensor> {
     let scale = dropout_scale(p)?;
     let (rows, d) = (s.rows(), s.cols());
     let dx = cuda.alloc_typed(s.shape(), s.dtype())?;
-    let da = cuda.alloc_typed(s.shape(), s.dtype())?;
     if rows == 0 || d == 0 {
-        return Ok((dx, da));
+        return Ok(dx);
     }
     let blocks = rows.div_ceil(ROWS_PER_BLOCK);
     let outs = if dbias.is_some() { 3 } else { 2 };
@@ -101,7 +133,10 @@ pub(super) fn backward(
         Arg::int("residual_layernorm_bwd", rows)?,
         Arg::int("residual_layernorm_bwd", d)?,
         Arg::tensor(&dx)?,
-        Arg::tensor(&da)?,
+        match da {
+            Some(da) => Arg::tensor(da)?,
+            None => Arg::Ptr(0),
+        },
         Arg::I32(outs as i32),
         Arg::tensor(&partial)?,
     ];
@@ -118,5 +153,5 @@ pub(super) fn backward(
     ];
     let grid = (d.div_ceil(32) as u32, outs as u32, 1);
     cuda.launch("residual_layernorm_params_finish", grid, (32, 8, 1), 0, &finish)?;
-    Ok((dx, da))
+    Ok(dx)
 }

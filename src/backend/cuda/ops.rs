@@ -570,27 +570,7 @@ impl Backend for Cuda {
         dbeta: ViewMut,
     ) -> Result<Tensor> {
         check_layernorm_bwd(x, stats, &gamma, dy, &dgamma, &dbeta)?;
-        let (rows, d) = (x.rows(), x.cols());
-        let dx = self.alloc_typed(x.shape(), x.dtype())?;
-        if rows == 0 || d == 0 {
-            return Ok(dx);
-        }
-        let args = [
-            Arg::tensor(x)?,
-            Arg::tensor(stats)?,
-            Arg::view(gamma)?,
-            Arg::tensor(dy)?,
-            Arg::int("layernorm_bwd", rows)?,
-            Arg::int("layernorm_bwd", d)?,
-            Arg::tensor(&dx)?,
-        ];
-        let name = entry(x.dtype(), "layernorm_bwd_f32", "layernorm_bwd_bf16");
-        self.launch(name, (rows.div_ceil(8) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
-        let outs = [ptr_of_mut(&dgamma)?, ptr_of_mut(&dbeta)?];
-        let pre = [Arg::tensor(x)?, Arg::tensor(stats)?, Arg::tensor(dy)?];
-        let name = entry(x.dtype(), "layernorm_params_bwd_f32", "layernorm_params_bwd_bf16");
-        self.column_sum(name, rows, d, &pre, &outs)?;
-        Ok(dx)
+        super::norm::layernorm_backward(self, x, stats, gamma, dy, dgamma, dbeta)
     }
 
     fn residual_layernorm_fwd(
