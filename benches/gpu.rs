@@ -282,8 +282,6 @@ mod gpu {
         // H 512, 29 + 3, for shared memory: Auto takes the steps).
         for b in [B, 32] {
             let rseg = Segments::from_lengths(dev, &vec![T; b]).expect("segments");
-            // `Backend::gru_fwd` / `gru_bwd` below: the persistent kernel at any item count.
-            dev.set_gru_path(GruPath::Persistent);
             let mut g = c.benchmark_group(format!("bigru_recurrence_b{b}_t32_h512_ieee"));
             let rx = [rand(dev, &mut rng, &[b * T, 3 * hd]), rand(dev, &mut rng, &[b * T, 3 * hd])];
             let rw = [rand(dev, &mut rng, &[3 * hd, hd]), rand(dev, &mut rng, &[3 * hd, hd])];
@@ -295,8 +293,19 @@ mod gpu {
             let [mut dp0, mut dp1] = zeros(dev, &[T * b, 3 * hd]);
             let mut out = dev.zeros(&[b * T, 2 * hd]).expect("zeros");
             let dout = rand(dev, &mut rng, &[b * T, 2 * hd]);
-            for persistent in [true, false] {
-                let way = if persistent { "persistent" } else { "by_steps" };
+            // Three ways: the persistent kernel; the steps with both directions' GEMMs in one
+            // batched call per step (`GruPath::BySteps`, what Auto takes here); and the steps
+            // one direction after the other (`gru_fwd_by_steps`, before session 27).
+            for (way, path) in [
+                ("persistent", Some(GruPath::Persistent)),
+                ("by_steps_batched", Some(GruPath::BySteps)),
+                ("by_steps", None),
+            ] {
+                // The first two through `Backend::gru_fwd` / `gru_bwd` on the path set.
+                let through_backend = path.is_some();
+                if let Some(path) = path {
+                    dev.set_gru_path(path);
+                }
                 bench(&mut g, &format!("{way}_fwd"), dev, |dev| {
                     let runs = [
                         GruRunFwd {
@@ -316,7 +325,7 @@ mod gpu {
                             gates: &mut g1,
                         },
                     ];
-                    let r = if persistent {
+                    let r = if through_backend {
                         dev.gru_fwd(&rseg, hd, runs, &mut out)
                     } else {
                         gru_fwd_by_steps(dev, &rseg, hd, runs, &mut out)
@@ -346,7 +355,7 @@ mod gpu {
                             dhproj: &mut dp1,
                         },
                     ];
-                    let r = if persistent {
+                    let r = if through_backend {
                         dev.gru_bwd(&rseg, hd, runs, &dout)
                     } else {
                         gru_bwd_by_steps(dev, &rseg, hd, runs, &dout)

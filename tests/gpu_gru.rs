@@ -279,6 +279,20 @@ fn gru_recurrence_over_several_chunks_matches_cpu() {
     check_recurrence(&mut g, &lengths, 133, 2, 8);
 }
 
+/// The step-by-step path (`GruPath::BySteps`: per step one batched GEMM for both directions'
+/// W_hh·h, then each direction's gate kernel) on the shapes above, where `Auto` would mostly
+/// take the persistent kernel.
+#[cfg(feature = "cuda")]
+#[test]
+fn gru_recurrence_step_by_step_matches_cpu() {
+    let Some(mut g) = common::gpu::cuda_or_skip("gpu_gru::gru_recurrence_step_by_step") else { return };
+    g.set_gru_path(semshare::backend::cuda::GruPath::BySteps);
+    check_recurrence(&mut g, &[24, 1, 7, 24, 3], 128, 0, 1);
+    check_recurrence(&mut g, &[5, 2, 6], 133, 2, 2);
+    check_recurrence(&mut g, &[64, 2, 35, 36], 7, 1, 4);
+    check_recurrence(&mut g, &[1], 1, 0, 5);
+}
+
 /// `--precision bf16`: from Precision::MIN_ROWS items the recurrence's products are a bf16
 /// GEMM's on both devices (operands rounded to nearest even, f32 sums), so the persistent
 /// kernel matches the CPU's bf16 recurrence, not its fp32 one; below, both stay fp32.

@@ -6,9 +6,9 @@
 //! as the GEMMs it replaces would; at `tf32` its products stay IEEE f32 (CUDA cores, not
 //! tensor cores), as on the step-by-step path under 64 items.
 
-use super::{Arg, Cuda, GruPath, blocks, dev_ids};
-use crate::backend::{GruRunBwd, GruRunFwd, GruStep, Precision, Segments, gru_bwd_by_steps, gru_fwd_by_steps};
-use crate::tensor::{Tensor, View};
+use super::{Arg, Cuda, GruPath, blocks, dev_ids, tensor_ptr};
+use crate::backend::{Backend, GruRunBwd, GruRunFwd, GruStep, Precision, Segments};
+use crate::tensor::{DType, Tensor, View, ViewMut};
 use crate::{Error, Result};
 
 const THREADS: u32 = 256;
@@ -40,9 +40,9 @@ pub(super) fn step_fwd(
     step: GruStep,
     seg: &Segments,
     xproj: &Tensor,
-    hproj: &Tensor,
+    hproj: View,
     bias_hh: View,
-    hs: &mut Tensor,
+    hs: ViewMut,
     out: &mut Tensor,
     gates: &mut Tensor,
 ) -> Result<()> {
@@ -53,9 +53,9 @@ pub(super) fn step_fwd(
     }
     let mut args = vec![
         Arg::tensor(xproj)?,
-        Arg::tensor(hproj)?,
+        Arg::view(hproj)?,
         Arg::view(bias_hh)?,
-        Arg::tensor(hs)?,
+        Arg::view_mut(&hs)?,
         Arg::tensor(out)?,
         Arg::tensor(gates)?,
         Arg::ids(&seg.device)?,
@@ -72,9 +72,9 @@ pub(super) fn step_bwd(
     gates: &Tensor,
     hs: &Tensor,
     dout: &Tensor,
-    dh: &mut Tensor,
+    dh: ViewMut,
     dxproj: &mut Tensor,
-    dhproj: &mut Tensor,
+    dhproj: ViewMut,
 ) -> Result<()> {
     const K: &str = "gru_step_bwd_f32";
     let (grid, ints) = common_args("gru_step_bwd", step, seg, dout.cols())?;
@@ -85,9 +85,9 @@ pub(super) fn step_bwd(
         Arg::tensor(gates)?,
         Arg::tensor(hs)?,
         Arg::tensor(dout)?,
-        Arg::tensor(dh)?,
+        Arg::view_mut(&dh)?,
         Arg::tensor(dxproj)?,
-        Arg::tensor(dhproj)?,
+        Arg::view_mut(&dhproj)?,
         Arg::ids(&seg.device)?,
     ];
     args.extend(ints);
@@ -186,7 +186,7 @@ pub(super) fn recurrence_fwd(
 ) -> Result<()> {
     const K: &str = "gru_fwd_persistent_f32";
     let Some(plan) = chosen(cuda, K, hidden, seg.items(), false)? else {
-        return gru_fwd_by_steps(cuda, seg, hidden, runs, out);
+        return by_steps_fwd(cuda, seg, hidden, runs, out);
     };
     let [r0, r1] = &runs;
     let args = vec![
@@ -217,7 +217,7 @@ pub(super) fn recurrence_bwd(
 ) -> Result<()> {
     const K: &str = "gru_bwd_persistent_f32";
     let Some(plan) = chosen(cuda, K, hidden, seg.items(), true)? else {
-        return gru_bwd_by_steps(cuda, seg, hidden, runs, dout);
+        return by_steps_bwd(cuda, seg, hidden, runs, dout);
     };
     let [r0, r1] = &runs;
     let args = vec![
@@ -237,4 +237,87 @@ pub(super) fn recurrence_bwd(
         Arg::ids(&seg.device)?,
     ];
     plan.launch(cuda, K, args, [seg.items(), hidden, seg.max_len, dout.cols()])
+}
+
+/// The step-by-step recurrences of both directions, interleaved: per step one strided-batched
+/// GEMM forms both directions' W_hh·h (two GEMMs of 12 output tiles each at 128 items and H 512
+/// left most of the card idle, and their launches were 10 % of an H200's TF32 step), then
+/// each direction's gate kernel. The batch needs each operand of the two directions a fixed
+/// distance apart: W_hh and the states are copied into buffers of this pass's own, and the
+/// states copied back after (a few µs).
+fn by_steps_fwd(
+    cuda: &mut Cuda,
+    seg: &Segments,
+    hidden: usize,
+    mut runs: [GruRunFwd<'_>; 2],
+    out: &mut Tensor,
+) -> Result<()> {
+    let items = seg.items();
+    let (n_w, n_h, n_p) = (3 * hidden * hidden, runs[0].hs.len(), items * 3 * hidden);
+    let mut w = cuda.alloc_typed(&[2 * n_w], DType::F32)?;
+    let mut hs = cuda.alloc_typed(&[2 * n_h], DType::F32)?;
+    let hproj = cuda.alloc_typed(&[2 * n_p], DType::F32)?;
+    for (d, run) in runs.iter().enumerate() {
+        cuda.copy(run.w_hh, w.sub_mut(d * n_w, n_w))?;
+        // h_0, set by the caller.
+        cuda.copy(run.hs.sub(0, items * hidden), hs.sub_mut(d * n_h, items * hidden))?;
+    }
+    let (pw, ph, pp) = (tensor_ptr(&w)?, tensor_ptr(&hs)?, tensor_ptr(&hproj)?);
+    let precision = cuda.precision().of_gemm(items);
+    for s in 0..seg.max_len {
+        // hproj_d = h_s,d · W_hh,dᵀ for d = 0, 1.
+        let h_s = ph + (s * items * hidden * 4) as u64;
+        let (mnk, trans) = ((items, 3 * hidden, hidden), (false, true));
+        let (a, b, c) = ((h_s, hidden, n_h), (pw, hidden, n_w), (pp, 3 * hidden, n_p));
+        cuda.gemm_strided_batched(precision, (DType::F32, DType::F32), mnk, trans, 1.0, a, b, 0.0, c, 2)?;
+        for (d, run) in runs.iter_mut().enumerate() {
+            let step = GruStep::of(s, run.reverse, hidden);
+            let (hp, h) = (hproj.sub(d * n_p, n_p), hs.sub_mut(d * n_h, n_h));
+            step_fwd(cuda, step, seg, run.xproj, hp, run.bias_hh, h, out, run.gates)?;
+        }
+    }
+    for (d, run) in runs.iter_mut().enumerate() {
+        cuda.copy(hs.sub(d * n_h, n_h), run.hs.view_mut())?;
+    }
+    Ok(())
+}
+
+/// The backward of [`by_steps_fwd`]: per step (last first) each direction's gate kernel, then
+/// one strided-batched GEMM adds both directions' dhproj_s·W_hh into their dh. dh and dhproj
+/// live in this pass's buffers, copied back after.
+fn by_steps_bwd(
+    cuda: &mut Cuda,
+    seg: &Segments,
+    hidden: usize,
+    mut runs: [GruRunBwd<'_>; 2],
+    dout: &Tensor,
+) -> Result<()> {
+    let items = seg.items();
+    let (n_w, n_dh, n_dp) = (3 * hidden * hidden, items * hidden, runs[0].dhproj.len());
+    let mut w = cuda.alloc_typed(&[2 * n_w], DType::F32)?;
+    let mut dh = cuda.alloc_typed(&[2 * n_dh], DType::F32)?;
+    let mut dhproj = cuda.alloc_typed(&[2 * n_dp], DType::F32)?;
+    for (d, run) in runs.iter().enumerate() {
+        cuda.copy(run.w_hh, w.sub_mut(d * n_w, n_w))?;
+        cuda.copy(run.dh.view(), dh.sub_mut(d * n_dh, n_dh))?;
+    }
+    let (pw, pdh, pdp) = (tensor_ptr(&w)?, tensor_ptr(&dh)?, tensor_ptr(&dhproj)?);
+    let precision = cuda.precision().of_gemm(items);
+    for s in (0..seg.max_len).rev() {
+        for (d, run) in runs.iter_mut().enumerate() {
+            let step = GruStep::of(s, run.reverse, hidden);
+            let (h, p) = (dh.sub_mut(d * n_dh, n_dh), dhproj.sub_mut(d * n_dp, n_dp));
+            step_bwd(cuda, step, seg, run.gates, run.hs, dout, h, run.dxproj, p)?;
+        }
+        // dh_d += dhproj_s,d · W_hh,d for d = 0, 1.
+        let dp_s = pdp + (s * items * 3 * hidden * 4) as u64;
+        let (mnk, trans) = ((items, hidden, 3 * hidden), (false, false));
+        let (a, b, c) = ((dp_s, 3 * hidden, n_dp), (pw, hidden, n_w), (pdh, hidden, n_dh));
+        cuda.gemm_strided_batched(precision, (DType::F32, DType::F32), mnk, trans, 1.0, a, b, 1.0, c, 2)?;
+    }
+    for (d, run) in runs.iter_mut().enumerate() {
+        cuda.copy(dh.sub(d * n_dh, n_dh), run.dh.view_mut())?;
+        cuda.copy(dhproj.sub(d * n_dp, n_dp), run.dhproj.view_mut())?;
+    }
+    Ok(())
 }

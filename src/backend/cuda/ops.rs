@@ -647,7 +647,7 @@ impl Backend for Cuda {
         gates: &mut Tensor,
     ) -> Result<()> {
         check_gru_step_fwd(step, seg, xproj, hproj.len(), bias_hh.len(), hs, out, gates)?;
-        super::gru::step_fwd(self, step, seg, xproj, hproj, bias_hh, hs, out, gates)
+        super::gru::step_fwd(self, step, seg, xproj, hproj.view(), bias_hh, hs.view_mut(), out, gates)
     }
 
     fn gru_step_bwd(
@@ -662,7 +662,7 @@ impl Backend for Cuda {
         dhproj: &mut Tensor,
     ) -> Result<()> {
         check_gru_step_bwd(step, seg, gates, hs, dout, dh, dxproj, dhproj)?;
-        super::gru::step_bwd(self, step, seg, gates, hs, dout, dh, dxproj, dhproj)
+        super::gru::step_bwd(self, step, seg, gates, hs, dout, dh.view_mut(), dxproj, dhproj.view_mut())
     }
 
     fn bce_with_logits_into(&mut self, logits: &mut Tensor, targets: &Tensor, scale: f32, loss: ViewMut) -> Result<()> {
