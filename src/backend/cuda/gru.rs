@@ -7,7 +7,7 @@
 //! tensor cores), as on the step-by-step path under 64 items.
 
 use super::{Arg, Cuda, GruPath, blocks, dev_ids, tensor_ptr};
-use crate::backend::{Backend, GruRunBwd, GruRunFwd, GruStep, Precision, Segments};
+use crate::backend::{Backend, GruRunBwd, GruRunFwd, GruStep, Precision, Segments, f32s};
 use crate::tensor::{DType, Tensor, View, ViewMut};
 use crate::{Error, Result};
 
@@ -253,6 +253,12 @@ fn by_steps_fwd(
     out: &mut Tensor,
 ) -> Result<()> {
     let items = seg.items();
+    for run in &runs {
+        // The gate kernel and the batched GEMM below read and write f32 (as the model's GRU).
+        let types = [("xproj", run.xproj.dtype()), ("w_hh", run.w_hh.dtype()), ("hs", run.hs.dtype())];
+        f32s("gru_fwd", types)?;
+        f32s("gru_fwd", [("bias_hh", run.bias_hh.dtype()), ("gates", run.gates.dtype()), ("out", out.dtype())])?;
+    }
     let (n_w, n_h, n_p) = (3 * hidden * hidden, runs[0].hs.len(), items * 3 * hidden);
     let mut w = cuda.alloc_typed(&[2 * n_w], DType::F32)?;
     let mut hs = cuda.alloc_typed(&[2 * n_h], DType::F32)?;
@@ -293,6 +299,11 @@ fn by_steps_bwd(
     dout: &Tensor,
 ) -> Result<()> {
     let items = seg.items();
+    for run in &runs {
+        let types = [("w_hh", run.w_hh.dtype()), ("dh", run.dh.dtype()), ("dhproj", run.dhproj.dtype())];
+        f32s("gru_bwd", types)?;
+        f32s("gru_bwd", [("gates", run.gates.dtype()), ("hs", run.hs.dtype()), ("dout", dout.dtype())])?;
+    }
     let (n_w, n_dh, n_dp) = (3 * hidden * hidden, items * hidden, runs[0].dhproj.len());
     let mut w = cuda.alloc_typed(&[2 * n_w], DType::F32)?;
     let mut dh = cuda.alloc_typed(&[2 * n_dh], DType::F32)?;
