@@ -65,7 +65,11 @@
 #include "common.cuh"
 
 namespace attention {
+using common::bf16_pair;
+using common::bf16_round;
 using common::from_f32;
+using common::load4;
+using common::store4;
 using common::to_f32;
 using common::warp_max;
 using common::warp_sum;
@@ -116,10 +120,9 @@ __device__ __forceinline__ void load_rows(float* sm, const T* g, size_t stride, 
       if constexpr (sizeof(T) == 4) {
         cp_async16(sm + r * s.ds + c, reinterpret_cast<const float*>(g) + r * stride + c);
       } else {
-        const uint2 w = *reinterpret_cast<const uint2*>(g + r * stride + c);
-        *reinterpret_cast<float4*>(sm + r * s.ds + c) =
-            make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
-                        __uint_as_float(w.y & 0xffff0000u));
+        float v[4];
+        load4(g + r * stride + c, v);
+        *reinterpret_cast<float4*>(sm + r * s.ds + c) = make_float4(v[0], v[1], v[2], v[3]);
       }
     }
     for (int e = tid; e < (s.lp - s.len) * s.dp; e += nt) {
@@ -151,14 +154,8 @@ __device__ __forceinline__ void store_tile(T* g, size_t stride, const Shape& s, 
     const int r = r0 + rr;
     if (r >= s.len) break;
     T* row = g + r * stride;
-    if (vec) {  // dh % 4 == 0 here, so c0 + 3 < dh
-      if constexpr (sizeof(T) == 4) {
-        *reinterpret_cast<float4*>(row + c0) = make_float4(acc[rr][0], acc[rr][1], acc[rr][2], acc[rr][3]);
-      } else {  // 4 values rounded one by one, stored in one 8-byte write
-        const auto bits = [](float x) { return (unsigned)__bfloat16_as_ushort(__float2bfloat16(x)); };
-        *reinterpret_cast<uint2*>(row + c0) = make_uint2(bits(acc[rr][0]) | bits(acc[rr][1]) << 16,
-                                                         bits(acc[rr][2]) | bits(acc[rr][3]) << 16);
-      }
+    if (vec) {  // dh % 4 == 0 here, so c0 + 3 < dh: one 16-byte (f32) or 8-byte (bf16) write
+      store4(row + c0, acc[rr]);
       continue;
     }
 #pragma unroll
@@ -513,10 +510,6 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], unsigned a0, unsigned a1
 // Two consecutive bf16 of shared memory as one fragment register (the first in the low half).
 __device__ __forceinline__ unsigned pair_at(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
 
-__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
-  return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) |
-         (unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16;
-}
 
 // Four bf16 of `row` from column c as two words, zero past dh (and for a row past the item:
 // row == nullptr). `vec`: dh % 4 == 0 and the rows 8-byte aligned, so one 8-byte load.
@@ -563,9 +556,6 @@ __device__ __forceinline__ void store_tiles(__nv_bfloat16* g, size_t stride, con
       }
     }
 }
-
-// The value x rounds to as bf16, in f32.
-__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
 // A fragment of Mᵀ (rows m0..m0+15 of Mᵀ, columns k0..k0+15) from M, f32 [..][ls] holding bf16
 // values (so the pairs are exact): register (row i, columns 2t, 2t + 1) of Mᵀ is M[k0 + 2t][m0 + i],

@@ -19,6 +19,8 @@
 
 namespace layernorm {
 using common::from_f32;
+using common::load4;
+using common::store4;
 using common::to_f32;
 using common::warp_sum;
 
@@ -98,25 +100,8 @@ __device__ Held hold(const Values& src, int lane, int d) {
   return h;
 }
 
-// Four values from one vector load at p (aligned: `grouped`), and four stored with one.
-__device__ __forceinline__ void load4(const float* p, float* v) {
-  const float4 w = *reinterpret_cast<const float4*>(p);
-  v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
-}
-__device__ __forceinline__ void load4(const __nv_bfloat16* p, float* v) {
-  const uint2 w = *reinterpret_cast<const uint2*>(p);  // a bf16 is the top half of its f32
-  v[0] = __uint_as_float(w.x << 16), v[1] = __uint_as_float(w.x & 0xffff0000u);
-  v[2] = __uint_as_float(w.y << 16), v[3] = __uint_as_float(w.y & 0xffff0000u);
-}
-__device__ __forceinline__ void store4(float* p, const float* v) {
-  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-}
-__device__ __forceinline__ void store4(__nv_bfloat16* p, const float* v) {
-  const auto bits = [](float x) { return (unsigned)__bfloat16_as_ushort(__float2bfloat16(x)); };
-  *reinterpret_cast<uint2*>(p) = make_uint2(bits(v[0]) | bits(v[1]) << 16, bits(v[2]) | bits(v[3]) << 16);
-}
-
-// The lane's values of `row` in registers in groups of 4 (W = 4, d ≤ 32 · ROW_REGS).
+// The lane's values of `row` in registers in groups of 4 (W = 4, d ≤ 32 · ROW_REGS; each
+// group one access: `grouped`).
 template <typename T>
 __device__ Held hold4(const T* row, int lane, int d) {
   Held h;

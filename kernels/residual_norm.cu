@@ -120,8 +120,8 @@ __device__ void bwd_rows(const S& sv, const DY& dyv, const float* gamma, const f
     if constexpr (W == 4) {  // the lane's 4 consecutive columns of the chunk, one store each
       const int j = 4 * lane;
       if (live && c0 + j < d) {
-        layernorm::store4(dx + base + c0 + j, vdx);
-        if (da != nullptr) layernorm::store4(da + base + c0 + j, vda);
+        common::store4(dx + base + c0 + j, vdx);
+        if (da != nullptr) common::store4(da + base + c0 + j, vda);
       }
       *reinterpret_cast<float4*>(&part[0][warp][j]) = make_float4(vg[0], vg[1], vg[2], vg[3]);
       *reinterpret_cast<float4*>(&part[1][warp][j]) = make_float4(vb[0], vb[1], vb[2], vb[3]);
