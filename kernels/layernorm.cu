@@ -36,9 +36,9 @@ using common::warp_sum;
 // Why Held: version 1 read the row three times in a loop (the sum, the variance, the output;
 // the later passes from L1), and on an H200 (2026-12-04) its forward moved 55 % of the copy
 // bandwidth: too few loads in flight per multiprocessor for the latency. Held issues every
-// load of the row before the first sum needs it. 32 values a lane (80 registers forward, 96
-// backward in f32) leave room for two or three blocks per multiprocessor; 64 took 167, one
-// block. On an H200 (2026-12-04, session 27) it first moved 49 % of copy forward and 34.5 %
+// load of the row before the first sum needs it. 32 values a lane (forward 56 registers in
+// groups of 4, the join's backward 102) leave room for two or more blocks per multiprocessor;
+// 64 took 167, one block. On an H200 (2026-12-04, session 27) it first moved 49 % of copy forward and 34.5 %
 // forward + backward (version 1: 55 %, 31 %): the y stores waited each on its γ and β loads
 // (γ might alias y). Read through __ldg, they go out together: 60 % and 39 %.
 // Why W = 4 (version 3, session 27; its time is owed): with one value per load the bf16 fused
