@@ -7,7 +7,7 @@
 // Layout: a, x, s, y, dy, dx, da [rows, d] row-major; stats [rows, 2] (mean, rstd);
 // partial [outs][blocks][d], one row per block of 8 rows and column sum.
 // Launch: one warp per row (kernels/layernorm.cu's row code), forward 2 rows per 64-thread
-// block (146 registers: see src/backend/cuda/norm.rs), backward 8 per 256; the partials
+// block (about 145 registers: see src/backend/cuda/norm.rs), backward 8 per 256; the partials
 // finished by residual_layernorm_params_finish, grid (d/32, outs), block 32 x 8, in block
 // order (deterministic).
 // CPU twin: the composition dropout → add → layernorm (→ bias_bwd of da) of src/backend/cpu

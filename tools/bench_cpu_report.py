@@ -101,17 +101,13 @@ def measure_round(a, evidence, path_line):
     """One round: each measure's semshare side and its baselines back to back, so that the two
     sides of a ratio see the same minute of this machine (a VM's speed moves by 25 % and more
     over the minutes a whole suite takes). Returns (figures, the bench's path description)."""
-    figures = gemm_figures(evidence, path_line)
-    path_line = path_line or figures[0]["path"]
-    for fig in figures:
-        del fig["path"]
+    figures, path_line = gemm_figures(evidence, path_line)
     cases = [(inputs, precision) for precision in ("fp32", "bf16") for inputs in a.inputs]
     for inputs, precision in cases:
         name = inputs if precision == "fp32" else f"{inputs}_bf16"
         tag = f"{inputs}_{precision}"
         groups = {"train": "train_step_small_b32", "embed": "embed_small_32img_32txt"}
         ours = criterion([f"{group}/{name}" for group in groups.values()], evidence, f"cargo_bench_{tag}")
-        path_line = path_line or ours["path"]
         flags_ = (["--mixed"] if inputs == "mixed" else []) + (["--bf16"] if precision == "bf16" else [])
         out, _ = run([sys.executable, "tools/torch_reference.py", "bench-cpu", "--attn", "sdpa"] + flags_, evidence,
                      f"torch_{tag}")
@@ -145,8 +141,8 @@ def measure_round(a, evidence, path_line):
 def gemm_figures(evidence, path_line):
     """Each GEMM shape: ours in fp32, bf16 and bf16 with B packed once (a frozen model's weights:
     the product alone, as `torch.mm` on bf16 tensors) and `matrixmultiply`, then `torch.mm` in
-    fp32 and bf16. First in a round: they are the quickest figures, so a capped run still has them. Each
-    figure carries the bench's path line as "path" (the first one learns it)."""
+    fp32 and bf16. First in a round: they are the quickest figures, so a capped run still has
+    them. Returns (figures, the bench's path description: `path_line`, or the first run's)."""
     figures = []
     for shape in GEMM_SHAPES:
         names = {"fp32": f"gemm/semshare_{{path}}/{shape}", "bf16": f"gemm/semshare_{{path}}_bf16/{shape}",
@@ -154,15 +150,15 @@ def gemm_figures(evidence, path_line):
                  "matrixmultiply": f"gemm/matrixmultiply/{shape}"}
         ours = criterion(list(names.values()), evidence, f"cargo_bench_gemm_{shape}")
         path_line = path_line or ours["path"]
-        names = {k: v.replace("{path}", path_line.split("+")[0]) for k, v in names.items()}
+        names = {k: v.replace("{path}", ours["path"].split("+")[0]) for k, v in names.items()}
         out, _ = run([sys.executable, "-c", TORCH_GEMM, json.dumps([shape])], evidence, f"torch_gemm_{shape}")
         theirs = {rec["dtype"]: rec["median_ms"] for rec in json_lines(out)}
         for precision in ("fp32", "bf16", "bf16 packed B"):
             figures.append({"measure": f"gemm {shape}", "inputs": "-", "precision": precision,
                             "semshare_ms": ours[names[precision]], "torch_ms": theirs.get(precision.split()[0]),
                             "ort_ms": None,
-                            "matrixmultiply_ms": ours[names["matrixmultiply"]], "path": path_line})
-    return figures
+                            "matrixmultiply_ms": ours[names["matrixmultiply"]]})
+    return figures, path_line
 
 
 def criterion(ids, evidence, label):

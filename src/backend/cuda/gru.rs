@@ -1,8 +1,9 @@
 //! The Bi-GRU's recurrence on the GPU. Where every item fits one chunk of the persistent
 //! kernel (`GruPath::Auto`), both directions' whole recurrence runs as one cooperative launch
-//! per pass (kernels/gru_persistent.cu); elsewhere step by step: per timestep and direction a
-//! cuBLAS GEMM and the gate kernel (kernels/gru.cu), one thread per (item, hidden unit).
-//! `ops.rs` has already checked the shapes the CPU twin checks. At `--precision bf16` the persistent kernel rounds its operands
+//! per pass (kernels/gru_persistent.cu); elsewhere step by step: per timestep one cuBLAS
+//! GEMM for both directions (strided-batched) and each direction's gate kernel
+//! (kernels/gru.cu), one thread per (item, hidden unit). `ops.rs` has already checked the
+//! shapes the CPU twin checks. At `--precision bf16` the persistent kernel rounds its operands
 //! as the GEMMs it replaces would; at `tf32` its products stay IEEE f32 (CUDA cores, not
 //! tensor cores), as on the step-by-step path under 64 items.
 

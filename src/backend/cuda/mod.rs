@@ -236,7 +236,7 @@ pub enum GruPath {
     Auto,
     /// The persistent kernel wherever it fits the device.
     Persistent,
-    /// A cuBLAS GEMM and the gate kernel per step and direction.
+    /// Per step one cuBLAS GEMM for both directions and each direction's gate kernel.
     BySteps,
 }
 

@@ -10,7 +10,7 @@ use crate::tensor::{Tensor, View, ViewMut};
 use crate::{Error, Result};
 
 const THREADS: u32 = 256;
-/// The forward's block: 2 rows. Holding a row's a and x takes 146 registers a thread, so an
+/// The forward's block: 2 rows. Holding a row's a and x takes 142–145 registers a thread, so an
 /// SM fits 14 warps; in 256-thread blocks only 8 of them (one block).
 const FWD_THREADS: u32 = 64;
 
