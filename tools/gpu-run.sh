@@ -34,6 +34,8 @@ set -euo pipefail
 shopt -s nullglob
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# The base commit whose benches/gpu_base the bundle holds (tools/gpu-check.sh BASE=), if any.
+BASE_COMMIT=$(awk '/^base / { print $2 }' "$HERE/MANIFEST" 2>/dev/null || true)
 OUT=${OUT:-$HERE/out}
 STAGES=${STAGES:-tests,demo,bench,torch}
 DEADLINE_S=${DEADLINE_S:-540}
@@ -263,7 +265,7 @@ finish() {
     comparisons
     if [[ -s $WORK/base.tsv ]]; then
       echo
-      echo "A/B: this bundle's commit against base $(awk '/^base / { print $2 }' "$HERE/MANIFEST") (ratio below 1: this one faster)"
+      echo "A/B: this bundle's commit against base $BASE_COMMIT (ratio below 1: this one faster)"
       awk -F'\t' 'NR == FNR { base[$1] = $2; next }
         ($1 in base) && base[$1] > 0 { printf "%-50s %9.4f ms  base %9.4f ms  ratio %.2f\n", $1, $2, base[$1], $2 / base[$1] }' \
         "$WORK/base.tsv" "$WORK/bench.tsv"
@@ -464,7 +466,7 @@ if has bench && can_start bench; then
   # The base commit's benchmarks (tools/gpu-check.sh BASE=<commit>), the same filter, right
   # after: an A/B of two versions in one call, on one card.
   if ((rc == 0)) && [[ -x $BIN/benches/gpu_base ]]; then
-    echo "=== benches/gpu_base ($(awk '/^base / { print $2 }' "$HERE/MANIFEST"))" >>"$log"
+    echo "=== benches/gpu_base ($BASE_COMMIT)" >>"$log"
     mkdir -p "$OUT/criterion-base"
     capped "$end" "$log" env CRITERION_HOME="$OUT/criterion-base" "$BIN/benches/gpu_base" --bench ${BENCH_FILTER:+"$BENCH_FILTER"} || rc=$?
   fi
