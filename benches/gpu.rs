@@ -142,50 +142,34 @@ mod gpu {
             let dy = &dys[i % 4];
             drop(black_box(dev.layernorm_bwd(x, &s, gamma.view(), dy, dg.view_mut(), db.view_mut())));
         });
-        // The post-LN join's backward as a block runs it: dx, da through dropout 0.1, and the
-        // column sums dgamma, dbeta and the sublayer's bias gradient (kernels/residual_norm.cu).
+        // The post-LN join (kernels/residual_norm.cu), f32 and bf16 storage. Backward as a block
+        // runs it: dx, da through dropout 0.1, and the column sums dgamma, dbeta and the
+        // sublayer's bias gradient. Forward: s = x + dropout 0.1 (a) in place of a, then
+        // y = LN(s); a new seed a call, since the same mask every call would grow the kept
+        // elements of a without bound (× 1/(1 − p) each time).
         let mut dbias = dev.zeros(&[d]).expect("zeros");
         let stats: Vec<Tensor> =
             xs.iter().map(|x| dev.layernorm_fwd(x, gamma.view(), beta.view(), 1e-5).expect("ln").1).collect();
-        bench(&mut g, "join_bwd", dev, |dev| {
-            i += 1;
-            let (x, s, dy) = (&xs[i % 4], &stats[i % 4], &dys[i % 4]);
-            let (dgamma, dbeta, dbias) = (dg.view_mut(), db.view_mut(), Some(dbias.view_mut()));
-            drop(black_box(dev.residual_layernorm_bwd(x, s, gamma.view(), dy, dgamma, dbeta, dbias, 0.1, 5)));
-        });
-        // The join's forward, s = x + dropout 0.1 (a) in place of a, then y = LN(s), in f32 and
-        // bf16, and the bf16 backward. A new seed a call: the same mask every call would grow
-        // the kept elements of a without bound (× 1/(1 − p) each time).
-        let mut sublayer: Vec<Tensor> = (0..4).map(|_| rand(dev, &mut rng, &[rows, d])).collect();
-        bench(&mut g, "join_fwd", dev, |dev| {
-            i += 1;
-            let a = &mut sublayer[i % 4];
-            drop(black_box(dev.residual_layernorm_fwd(a, &xs[i % 4], gamma.view(), beta.view(), 1e-5, 0.1, i as u64)));
-        });
-        let bf16 = |dev: &mut Cuda, t: &Tensor| dev.convert(t.view(), DType::Bf16).expect("bf16").reshape(t.shape());
-        let xs16: Vec<Tensor> = xs.iter().map(|t| bf16(dev, t)).collect();
-        let dys16: Vec<Tensor> = dys.iter().map(|t| bf16(dev, t)).collect();
-        let mut sublayer16: Vec<Tensor> = sublayer.iter().map(|t| bf16(dev, t)).collect();
-        bench(&mut g, "join_fwd_bf16", dev, |dev| {
-            i += 1;
-            let a = &mut sublayer16[i % 4];
-            drop(black_box(dev.residual_layernorm_fwd(
-                a,
-                &xs16[i % 4],
-                gamma.view(),
-                beta.view(),
-                1e-5,
-                0.1,
-                i as u64,
-            )));
-        });
-        bench(&mut g, "join_bwd_bf16", dev, |dev| {
-            i += 1;
-            let (x, s, dy) = (&xs16[i % 4], &stats[i % 4], &dys16[i % 4]);
-            let (dgamma, dbeta, dbias) = (dg.view_mut(), db.view_mut(), Some(dbias.view_mut()));
-            drop(black_box(dev.residual_layernorm_bwd(x, s, gamma.view(), dy, dgamma, dbeta, dbias, 0.1, 5)));
-        });
-        drop((xs, dys, stats, dbias, sublayer, xs16, dys16, sublayer16));
+        let sublayer: Vec<Tensor> = (0..4).map(|_| rand(dev, &mut rng, &[rows, d])).collect();
+        let typed = |dev: &mut Cuda, ts: &[Tensor], dtype| -> Vec<Tensor> {
+            ts.iter().map(|t| dev.convert(t.view(), dtype).expect("convert").reshape(t.shape())).collect()
+        };
+        for (suffix, dtype) in [("", DType::F32), ("_bf16", DType::Bf16)] {
+            let (xs, dys, mut sublayer) =
+                (typed(dev, &xs, dtype), typed(dev, &dys, dtype), typed(dev, &sublayer, dtype));
+            bench(&mut g, &format!("join_bwd{suffix}"), dev, |dev| {
+                i += 1;
+                let (x, s, dy) = (&xs[i % 4], &stats[i % 4], &dys[i % 4]);
+                let (dgamma, dbeta, dbias) = (dg.view_mut(), db.view_mut(), Some(dbias.view_mut()));
+                drop(black_box(dev.residual_layernorm_bwd(x, s, gamma.view(), dy, dgamma, dbeta, dbias, 0.1, 5)));
+            });
+            bench(&mut g, &format!("join_fwd{suffix}"), dev, |dev| {
+                i += 1;
+                let (a, x) = (&mut sublayer[i % 4], &xs[i % 4]);
+                drop(black_box(dev.residual_layernorm_fwd(a, x, gamma.view(), beta.view(), 1e-5, 0.1, i as u64)));
+            });
+        }
+        drop((xs, dys, stats, dbias, sublayer));
         g.finish();
 
         let mut g = c.benchmark_group("gelu_4608x2048");
