@@ -252,14 +252,19 @@ fn check_recurrence_against(
 fn gru_recurrence_matches_cpu() {
     let Some(mut g) = gpu_or_skip("gpu_gru::gru_recurrence_matches_cpu") else { return };
     let g = g.as_mut();
-    // Small preset H 128 (2 units per block), ragged with idle items mid-batch.
-    check_recurrence(g, &[24, 1, 7, 24, 3], 128, 0, 1);
-    // H 133: 3 units per block, the last block owning one; rows wider than 2H.
-    check_recurrence(g, &[5, 2, 6], 133, 2, 2);
+    check_small_recurrences(g);
     // The paper's H 512 (8 units per block): 33 items, more than one chunk of 32, so
     // `GruPath::Auto` runs it step by step (the persistent kernel over chunks: below).
     let lengths: Vec<usize> = (0..33).map(|i| 1 + (i * 7) % 3).collect();
     check_recurrence(g, &lengths, 512, 0, 3);
+}
+
+/// Recurrences one chunk of the persistent kernel holds (so `GruPath::Auto` takes it).
+fn check_small_recurrences(g: &mut dyn Backend) {
+    // Small preset H 128 (2 units per block), ragged with idle items mid-batch.
+    check_recurrence(g, &[24, 1, 7, 24, 3], 128, 0, 1);
+    // H 133: 3 units per block, the last block owning one; rows wider than 2H.
+    check_recurrence(g, &[5, 2, 6], 133, 2, 2);
     // Tiny widths: one unit per block, fewer blocks than multiprocessors; a single item.
     check_recurrence(g, &[64, 2, 35, 36], 7, 1, 4);
     check_recurrence(g, &[1], 1, 0, 5);
@@ -280,17 +285,13 @@ fn gru_recurrence_over_several_chunks_matches_cpu() {
 }
 
 /// The step-by-step path (`GruPath::BySteps`: per step one batched GEMM for both directions'
-/// W_hh·h, then each direction's gate kernel) on the shapes above, where `Auto` would mostly
-/// take the persistent kernel.
+/// W_hh·h, then each direction's gate kernel) on the shapes `Auto` gives the persistent kernel.
 #[cfg(feature = "cuda")]
 #[test]
 fn gru_recurrence_step_by_step_matches_cpu() {
     let Some(mut g) = common::gpu::cuda_or_skip("gpu_gru::gru_recurrence_step_by_step") else { return };
     g.set_gru_path(semshare::backend::cuda::GruPath::BySteps);
-    check_recurrence(&mut g, &[24, 1, 7, 24, 3], 128, 0, 1);
-    check_recurrence(&mut g, &[5, 2, 6], 133, 2, 2);
-    check_recurrence(&mut g, &[64, 2, 35, 36], 7, 1, 4);
-    check_recurrence(&mut g, &[1], 1, 0, 5);
+    check_small_recurrences(&mut g);
 }
 
 /// `--precision bf16`: from Precision::MIN_ROWS items the recurrence's products are a bf16
