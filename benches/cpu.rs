@@ -188,20 +188,45 @@ fn gemm_versions(c: &mut Criterion) {
         g.bench_function(ours, |bn| bn.iter(|| cpu_gemm::gemm(kernels, Precision::F32, gm, &a, &b, &mut y)));
         let bf16 = format!("semshare_{}_bf16/{name}", kernels.path().name());
         g.bench_function(bf16, |bn| bn.iter(|| cpu_gemm::gemm(kernels, Precision::Bf16, gm, &a, &b, &mut y)));
-        // B converted and packed once, as a frozen model's weights are (embedding, eval, index,
-        // query): the bf16 product alone, as `torch.mm` on bf16 tensors measures it.
-        if let Some(packed) = cpu_gemm::PackedB::new(kernels, Precision::Bf16, gm, &b) {
-            let name = format!("semshare_{}_bf16_packed/{name}", kernels.path().name());
-            g.bench_function(name, |bn| {
-                bn.iter(|| {
-                    cpu_gemm::gemm_packed(kernels, Precision::Bf16, gm, &a, &b, Some(&packed), None, &mut y, DType::F32)
-                })
-            });
+        // B packed (and converted) once, as a frozen model's weights are (embedding, eval,
+        // index, query) and the GRU's W_hh is for a whole recurrence: the product alone, as
+        // `torch.mm` measures it on tensors of its type.
+        for (precision, suffix) in [(Precision::F32, "packed"), (Precision::Bf16, "bf16_packed")] {
+            if let Some(packed) = cpu_gemm::PackedB::new(kernels, precision, gm, &b) {
+                let name = format!("semshare_{}_{suffix}/{name}", kernels.path().name());
+                g.bench_function(name, |bn| {
+                    bn.iter(|| {
+                        cpu_gemm::gemm_packed(kernels, precision, gm, &a, &b, Some(&packed), None, &mut y, DType::F32)
+                    })
+                });
+            }
         }
         g.bench_function(format!("matrixmultiply/{name}"), |bn| bn.iter(|| matrixmultiply_rows(gm, &a, &b, &mut y)));
     }
     g.finish();
 }
 
-criterion_group!(benches, train_step, inference, ops, gemm_versions);
+/// This machine's copy bandwidth on the rayon pool (2 threads in tools/bench_cpu_report.py):
+/// the ceiling of a product whose operands and result pass through memory once. At 8 MiB a
+/// copy is the size of the `gemm` group's operands and result together (served from L3 where
+/// it holds them); at 256 MiB it is memory's. Criterion prints bytes read + written per second.
+fn memory(c: &mut Criterion) {
+    use criterion::Throughput;
+    use rayon::prelude::*;
+    let mut g = c.benchmark_group("memory");
+    for mib in [8usize, 256] {
+        let len = mib << 18; // f32s in `mib` MiB
+        let src: Vec<f32> = (0..len).map(|i| i as f32).collect();
+        let mut dst = vec![0f32; len];
+        let chunk = len.div_ceil(rayon::current_num_threads()).next_multiple_of(16);
+        g.throughput(Throughput::Bytes(2 * 4 * len as u64));
+        g.bench_function(format!("copy_{mib}MiB"), |b| {
+            b.iter(|| dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s)))
+        });
+        black_box(&dst);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, train_step, inference, ops, gemm_versions, memory);
 criterion_main!(benches);

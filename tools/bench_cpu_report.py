@@ -13,7 +13,10 @@ on that case's train step and embedding, then `tools/torch_reference.py bench-cp
 autocast), then `tools/onnx_baseline.py` (fp32 only: ONNX Runtime's CPU provider has no bf16,
 so the bf16 embedding is compared with its fp32, measured again beside it). Before them each
 GEMM shape: ours in fp32 and bf16 and `matrixmultiply`, then `torch.mm` on it in fp32 and bf16
-(median of 50, 2 threads). `--inputs full` leaves the mixed lengths out. The whole sequence runs `--rounds` times (default 2: every figure
+(median of 50, 2 threads), and this machine's copy bandwidth (`memory/copy_*`, 2 threads): the
+GEMM table gives each side's bytes in and out (each operand and the result once, at the
+precision it is stored in: semshare's f32, `torch.mm`'s bf16 tensors) and the rate they imply,
+so a product bound by memory, not by its arithmetic, shows as a rate near the copy's. `--inputs full` leaves the mixed lengths out. The whole sequence runs `--rounds` times (default 2: every figure
 twice); each cell of the table lists the rounds' values. A ratio below 1 means semshare is
 faster.
 
@@ -23,7 +26,8 @@ round1/, round2/, …) are written to a new directory (default
 target/bench_cpu_report/<UTC time>/; an existing one is refused, never overwritten).
 `--json` prints one line per figure and round instead of the table:
 {"measure", "inputs", "precision", "semshare_ms", "torch_ms", "ort_ms", "round"} (null where not
-measured; the GEMMs as "gemm <shape>" with inputs "-" and also "matrixmultiply_ms").
+measured; the GEMMs as "gemm <shape>" with inputs "-" and also "matrixmultiply_ms"; the copies as
+"memory copy <size>" with semshare_ms the copy's time).
 """
 
 import argparse
@@ -36,6 +40,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The copies of benches/cpu.rs's `memory` group (MiB copied).
+COPY_MIB = (8, 256)
 
 # The model's GEMM shapes in benches/cpu.rs's `gemm` group.
 GEMM_SHAPES = ("image_qkv_1152x256x768", "image_ffn_up_1152x256x512", "image_ffn_down_1152x512x256",
@@ -139,13 +146,18 @@ def measure_round(a, evidence, path_line):
 
 
 def gemm_figures(evidence, path_line):
-    """Each GEMM shape: ours in fp32, bf16 and bf16 with B packed once (a frozen model's weights:
-    the product alone, as `torch.mm` on bf16 tensors) and `matrixmultiply`, then `torch.mm` in
-    fp32 and bf16. First in a round: they are the quickest figures, so a capped run still has
+    """This machine's copies (`memory` group), then each GEMM shape: ours in fp32 and bf16, each
+    also with B packed once (a frozen model's weights, the GRU's W_hh over a recurrence: the
+    product alone, as `torch.mm` measures it) and `matrixmultiply`, then `torch.mm` in fp32 and
+    bf16. First in a round: they are the quickest figures, so a capped run still has
     them. Returns (figures, the bench's path description: `path_line`, or the first run's)."""
-    figures = []
+    copies = criterion([f"memory/copy_{mib}MiB" for mib in COPY_MIB], evidence, "cargo_bench_memory")
+    path_line = path_line or copies["path"]
+    figures = [{"measure": f"memory copy {mib}MiB", "inputs": "-", "precision": "-",
+                "semshare_ms": copies[f"memory/copy_{mib}MiB"], "torch_ms": None, "ort_ms": None} for mib in COPY_MIB]
     for shape in GEMM_SHAPES:
-        names = {"fp32": f"gemm/semshare_{{path}}/{shape}", "bf16": f"gemm/semshare_{{path}}_bf16/{shape}",
+        names = {"fp32": f"gemm/semshare_{{path}}/{shape}", "fp32 packed B": f"gemm/semshare_{{path}}_packed/{shape}",
+                 "bf16": f"gemm/semshare_{{path}}_bf16/{shape}",
                  "bf16 packed B": f"gemm/semshare_{{path}}_bf16_packed/{shape}",
                  "matrixmultiply": f"gemm/matrixmultiply/{shape}"}
         ours = criterion(list(names.values()), evidence, f"cargo_bench_gemm_{shape}")
@@ -153,7 +165,7 @@ def gemm_figures(evidence, path_line):
         names = {k: v.replace("{path}", ours["path"].split("+")[0]) for k, v in names.items()}
         out, _ = run([sys.executable, "-c", TORCH_GEMM, json.dumps([shape])], evidence, f"torch_gemm_{shape}")
         theirs = {rec["dtype"]: rec["median_ms"] for rec in json_lines(out)}
-        for precision in ("fp32", "bf16", "bf16 packed B"):
+        for precision in ("fp32", "fp32 packed B", "bf16", "bf16 packed B"):
             figures.append({"measure": f"gemm {shape}", "inputs": "-", "precision": precision,
                             "semshare_ms": ours[names[precision]], "torch_ms": theirs.get(precision.split()[0]),
                             "ort_ms": None,
@@ -184,6 +196,16 @@ def criterion(ids, evidence, label):
 
 def cells(values, fmt):
     return " / ".join(fmt.format(v) if v else "—" for v in values)
+
+
+def gemm_bytes(m, k, n, precision):
+    """Bytes a product must move at least, each operand and the result once, as each side stores
+    them: (semshare: f32 A, B and C, B as bf16 slivers once packed; torch.mm: its tensors' type)."""
+    elems = m * k + k * n + m * n
+    if precision.startswith("fp32"):
+        return 4 * elems, 4 * elems
+    ours = 4 * m * k + 2 * k * n + 4 * m * n if precision == "bf16 packed B" else 4 * elems
+    return ours, 2 * elems
 
 
 def main():
@@ -249,7 +271,7 @@ def main():
     print("| measure | inputs | precision | semshare (ms) | PyTorch eager (ms) | ratio | ONNX Runtime fp32 (ms) | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for i, fig in enumerate(rounds[0]):
-        if fig["measure"].startswith("gemm"):
+        if fig["measure"].startswith(("gemm", "memory")):
             continue
         per = [figs[i] for figs in rounds]
         o = [f["semshare_ms"] for f in per]
@@ -258,9 +280,15 @@ def main():
         print(f"| {fig['measure']} | {fig['inputs']} | {fig['precision']} | {cells(o, '{:.1f}')} | {cells(t, '{:.1f}')} "
               f"| {cells([a_ / b if b else None for a_, b in zip(o, t)], '{:.2f}')} | {cells(x, '{:.1f}')} "
               f"| {cells([a_ / b if b else None for a_, b in zip(o, x)], '{:.2f}')} |")
+    print("\n| copy, 2 threads | ms | GB/s (read + written) |\n|---|---|---|")
+    for i, fig in enumerate(rounds[0]):
+        if fig["measure"].startswith("memory"):
+            mib = int(fig["measure"].rsplit(" ", 1)[1].removesuffix("MiB"))
+            ms = [figs[i]["semshare_ms"] for figs in rounds]
+            print(f"| {mib} MiB | {cells(ms, '{:.3f}')} | {cells([2 * mib * 2**20 / 1e6 / v for v in ms], '{:.1f}')} |")
     print(f"\n| GEMM (m x k x n) | precision | semshare `{path}` (ms) | torch.mm (ms) | ratio | matrixmultiply fp32 (ms) "
-          f"| semshare GFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+          f"| semshare GFLOP/s | MB in + out: semshare, torch | GB/s: semshare | GB/s: torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for i, fig in enumerate(rounds[0]):
         if not fig["measure"].startswith("gemm"):
             continue
@@ -271,9 +299,12 @@ def main():
         o = [f["semshare_ms"] for f in per]
         t = [f["torch_ms"] for f in per]
         mm = [f["matrixmultiply_ms"] for f in per] if fig["precision"] == "fp32" else [None] * len(per)
+        ours_b, torch_b = gemm_bytes(m, k, n, fig["precision"])
         print(f"| {shape} | {fig['precision']} | {cells(o, '{:.3f}')} | {cells(t, '{:.3f}')} "
               f"| {cells([a_ / b if b else None for a_, b in zip(o, t)], '{:.2f}')} | {cells(mm, '{:.3f}')} "
-              f"| {cells([flop / v for v in o], '{:.0f}')} |")
+              f"| {cells([flop / v for v in o], '{:.0f}')} | {ours_b / 1e6:.1f}, {torch_b / 1e6:.1f} "
+              f"| {cells([ours_b / 1e6 / v for v in o], '{:.1f}')} "
+              f"| {cells([torch_b / 1e6 / v if v else None for v in t], '{:.1f}')} |")
 
 
 # torch.mm on the GEMM shapes (name_MxKxN; "dw" shapes are Aᵀ·B, the others A·Bᵀ as the model

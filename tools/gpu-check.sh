@@ -47,9 +47,11 @@ if [[ -n ${BASE:-} ]]; then
   git worktree remove --force "$src"
   [[ -x $BUNDLE/benches/gpu_base ]] || { echo "error: the base commit's benches/gpu was not built" >&2; exit 1; }
 fi
-cargo build --release --features cuda --bin semshare
+cargo build --release --features cuda --bin semshare --example cpu_profile
 cp target/release/semshare "$BUNDLE/semshare"
-strip "$BUNDLE"/tests/* "$BUNDLE"/benches/* "$BUNDLE/semshare"
+# Time by op on the host's CPU (run.sh's cpu stage, before issue 17's report).
+cp target/release/examples/cpu_profile "$BUNDLE/cpu_profile"
+strip "$BUNDLE"/tests/* "$BUNDLE"/benches/* "$BUNDLE/semshare" "$BUNDLE/cpu_profile"
 mkdir -p "$BUNDLE/tools"
 cp tools/torch_reference.py tools/onnx_baseline.py tools/bench_cpu_report.py "$BUNDLE/tools/"
 cp tools/gpu-run.sh "$BUNDLE/run.sh"
@@ -65,8 +67,8 @@ ls "$BUNDLE/tests" | grep -q . || { echo "error: no GPU test binaries were built
 names=$(ls "$BUNDLE/tests" | tr '\n' ' ')
 # Gzipped: each binary embeds the kernels and the library (about 5.5 MiB each stripped, 63 MiB
 # in all at 10 of them, against the 64 MiB a carry holds); run.sh unpacks them first.
-tar -C "$BUNDLE" -czf "$BUNDLE/bins.tar.gz" tests benches semshare
-rm -rf "$BUNDLE/tests" "$BUNDLE/benches" "$BUNDLE/semshare"
+tar -C "$BUNDLE" -czf "$BUNDLE/bins.tar.gz" tests benches semshare cpu_profile
+rm -rf "$BUNDLE/tests" "$BUNDLE/benches" "$BUNDLE/semshare" "$BUNDLE/cpu_profile"
 size=$(du -sb "$BUNDLE" | cut -f1)
 if (( size > 64 * 1024 * 1024 )); then
   echo "error: $BUNDLE is $((size >> 20)) MiB, over the 64 MiB the device tool carries" >&2

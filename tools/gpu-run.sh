@@ -8,9 +8,10 @@
 #               (semshare bench-step, eager, after one warm-up step), summed by kernel name;
 #               PROFILE_ARGS: bench-step's flags for it (default --precision tf32).
 #               cpu: issue 17's CPU figures on this machine's own processor (the H200's host is
-#               a Xeon with AMX): tools/bench_cpu_report.py with the bundled benches/cpu, on 2
-#               CPUs (taskset), CPU_ROUNDS rounds (default 1), CPU_INPUTS lengths (default
-#               full,mixed); cpu.md and the evidence back.
+#               a Xeon with AMX): the bundled cpu_profile (time by op, fp32 and bf16), then
+#               tools/bench_cpu_report.py with the bundled benches/cpu, on 2 CPUs (taskset),
+#               CPU_ROUNDS rounds (default 1), CPU_INPUTS lengths (default full,mixed);
+#               cpu.md and the evidence back.
 #   DEADLINE_S  one deadline for the whole run (default 540 s, under the device tool's 600);
 #               each stage is capped by the time left and by its own cap (TESTS_S, DEMO_S,
 #               BENCH_S, TORCH_S, PROFILE_S, CPU_S).
@@ -566,7 +567,15 @@ if has cpu && can_start cpu; then
   fi
   n=$(nproc)
   pair=$((n > 1 ? n - 2 : 0)),$((n - 1)) # the last two: away from CPU 0's interrupts
-  capped $((SECONDS + CAP[cpu])) "$log" env "${TORCH_LDP[@]}" PYTHONUNBUFFERED=1 taskset -c "$pair" python3 \
+  end=$((SECONDS + CAP[cpu]))
+  # First where the time goes by op (examples/cpu_profile: the full-length step and embedding,
+  # fp32 and bf16; about 10 s in all), on the same two CPUs: the report says how fast, this why.
+  for precision in fp32 bf16; do
+    echo "=== cpu_profile 10 $precision" >>"$log"
+    capped $((SECONDS + 60 < end ? SECONDS + 60 : end)) "$log" taskset -c "$pair" "$BIN/cpu_profile" 10 "$precision" ||
+      echo "run.sh: cpu_profile $precision failed; the report goes on" >>"$log"
+  done
+  capped "$end" "$log" env "${TORCH_LDP[@]}" PYTHONUNBUFFERED=1 taskset -c "$pair" python3 \
     "$HERE/tools/bench_cpu_report.py" --bench-binary "$BIN/benches/cpu" --rounds "${CPU_ROUNDS:-1}" \
     --inputs "${CPU_INPUTS:-full,mixed}" --evidence "$WORK/cpu-evidence" "${skip_onnx[@]}" || rc=$?
   # The report's table is in the log; the raw runs (every measure finished, should the cap stop
@@ -577,7 +586,7 @@ if has cpu && can_start cpu; then
   if ((rc == 0)); then
     STATUS[cpu]=ok
     WHY[cpu]=$(awk '/^Machine:/ { print substr($0, 1, 150); exit }' "$log")
-    awk '/^\| [a-z]/ && !/^\| (measure|GEMM)/' "$log" | while read -r l; do row cpu "$l" "" ""; done
+    awk '/^\| [a-z0-9]/ && !/^\| (measure|GEMM|copy)/' "$log" | while read -r l; do row cpu "$l" "" ""; done
   else
     fail cpu "$(reason "$rc" "$log")"
   fi
