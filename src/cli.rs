@@ -161,7 +161,7 @@ pub const COMMAND_OPTIONS: &[(&str, &[&str], &[&str])] = &[
     (
         "bench-step",
         &["model", "device", "precision", "batch", "tokens", "warmup", "steps", "feature-dtype"],
-        &["counts", "graph"],
+        &["counts", "graph", "embed"],
     ),
 ];
 

@@ -644,6 +644,25 @@ fn a_graphs_memory_is_its_own_until_it_is_dropped() {
     assert_eq!(tensor_ptr(&w).unwrap(), y_ptr, "the graph's block did not come back to the pool");
 }
 
+/// `semshare bench-step --embed --counts` on the GPU (the profile stage's way to an embedding
+/// pass, `tools/gpu-run.sh`): after the pool has grown, a pass of images and texts waits for
+/// nothing and allocates nothing, as the library test below asserts op by op; and it refuses
+/// `--graph` (a captured graph is a training step's).
+#[test]
+fn bench_step_embeds_through_the_cli_without_waits_or_allocations() {
+    use common::cli::{fails_with, ok, semshare};
+    let Some(_gpu) = gpu_or_skip("bench-step --embed") else { return };
+    let args = ["bench-step", "--device", "cuda", "--embed", "--batch", "2", "--tokens", "3", "--warmup", "4"];
+    let out = semshare(&[&args[..], &["--steps", "2", "--counts", "--precision", "bf16"]].concat());
+    let line = ok(&out);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{line}: {e}"));
+    assert_eq!(v["embed"], true, "{line}");
+    assert_eq!((v["syncs_per_step"].as_f64(), v["allocs_per_step"].as_f64()), (Some(0.0), Some(0.0)), "{line}");
+    assert!(v["upload_bytes_per_step"].as_f64().is_some_and(|b| b > 0.0), "{line}");
+    let out = semshare(&[&args[..], &["--steps", "1", "--graph"]].concat());
+    fails_with(&out, "--graph captures training steps; --embed times embedding passes");
+}
+
 /// Launches of one embedding pass of 8 items of this config today (image, text), f32 and bf16
 /// activations (bf16: the input's and output's conversions, and the rounding of each of the 8
 /// bias GEMMs' f32 results). A regression guard, as `LAUNCH_BUDGET` is for the step.

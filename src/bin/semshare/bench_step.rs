@@ -8,11 +8,15 @@
 //! after them. With `--graph` the steps are captured once per shape and replayed, as the
 //! trainer takes them on CUDA (a shape is captured the second time it comes: give the warm-up
 //! enough steps to see each masked-row bucket twice); without it every step runs eagerly.
+//! With `--embed` a step is an embedding pass instead, as a loaded model runs it (weights
+//! frozen, the trunk's bf16 copy made once): the batch's images, then its texts, pooled; the
+//! line gives milliseconds per pass and items per second, and `--counts` the pass's counts.
 
 use crate::common::device;
-use semshare::backend::{Counters, Half};
+use semshare::backend::{Backend, Counters, Half};
 use semshare::cli::Args;
-use semshare::model::{ImageBatch, ModelConfig, TextBatch};
+use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
+use semshare::nn::Weights;
 use semshare::rng::Rng;
 use semshare::train::{StepMode, TrainConfig, Trainer};
 use semshare::{Error, Result};
@@ -58,9 +62,6 @@ pub fn run(args: &Args) -> Result<()> {
         )));
     }
     let model = ModelConfig { max_tokens: model.max_tokens.max(tokens), ..model };
-    let cfg = TrainConfig { batch_size: batch, steps: warmup + steps, warmup: 1, ..TrainConfig::default() };
-    let mut trainer = Trainer::new(dev.as_mut(), &model, cfg)?;
-    trainer.set_step_mode(if graph { StepMode::Captured } else { StepMode::Eager }, dev.as_ref());
     let regions = model.max_regions;
     let batch_of = |step: u64| {
         let mut rng = Rng::derive(0xBE7C, step);
@@ -72,6 +73,22 @@ pub fn run(args: &Args) -> Result<()> {
         let texts = TextBatch::random(&mut rng, &vec![tokens; batch], model.vocab, 24);
         (images, texts)
     };
+    let shape = format!(
+        "\"model\": \"{preset}\", \"device\": \"{}\", \"batch\": {batch}, \"regions\": {regions}, \"tokens\": {tokens}, \"features\": \"{}\"",
+        dev.name(),
+        half.map_or("f32", Half::name)
+    );
+    if args.has("embed") {
+        if graph {
+            return Err(Error::config(
+                "bench-step: --graph captures training steps; --embed times embedding passes, taken eagerly",
+            ));
+        }
+        return embed(dev.as_mut(), &model, batch, (warmup, steps), batch_of, &shape, args.has("counts"));
+    }
+    let cfg = TrainConfig { batch_size: batch, steps: warmup + steps, warmup: 1, ..TrainConfig::default() };
+    let mut trainer = Trainer::new(dev.as_mut(), &model, cfg)?;
+    trainer.set_step_mode(if graph { StepMode::Captured } else { StepMode::Eager }, dev.as_ref());
     for s in 0..warmup {
         let (i, t) = batch_of(s);
         trainer.step(dev.as_mut(), i, t)?;
@@ -90,12 +107,7 @@ pub fn run(args: &Args) -> Result<()> {
     if stats.len() as u64 != steps {
         return Err(Error::Device { what: format!("bench-step: {} stats for {steps} steps", stats.len()) });
     }
-    let mut line = format!(
-        "{{\"model\": \"{preset}\", \"device\": \"{}\", \"batch\": {batch}, \"regions\": {regions}, \"tokens\": {tokens}, \"features\": \"{}\", \"steps\": {steps}, \"ms_per_step\": {:.3}",
-        dev.name(),
-        half.map_or("f32", Half::name),
-        seconds * 1e3 / steps as f64
-    );
+    let mut line = format!("{{{shape}, \"steps\": {steps}, \"ms_per_step\": {:.3}", seconds * 1e3 / steps as f64);
     if args.has("counts") {
         line += &per_step(&after.since(&before), steps);
     }
@@ -107,6 +119,61 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     println!("{line}, \"graph\": {graph}}}");
+    Ok(())
+}
+
+/// `passes.1` embedding passes after `passes.0` untimed ones, each the batch's images then its
+/// texts (pooled), as a loaded model embeds: its parameters frozen and the trunk's bf16 copy
+/// made once. Timed to the last pass's embeddings downloaded (on a GPU the host runs ahead).
+fn embed(
+    dev: &mut dyn Backend,
+    model: &ModelConfig,
+    batch: usize,
+    (warmup, passes): (u64, u64),
+    batch_of: impl Fn(u64) -> (ImageBatch, TextBatch),
+    shape: &str,
+    counts: bool,
+) -> Result<()> {
+    let net = SemShare::new(model)?;
+    semshare::model::memory::check_memory(dev, &net, batch, false)?;
+    let w = net.store.upload(dev, &net.store.init_values(0))?;
+    let w = dev.freeze(w)?;
+    let copy = net.bf16_weights(dev, &w)?;
+    let weights = Weights { values: &w, bf16: copy.as_ref() };
+    let pass = |dev: &mut dyn Backend, (i, t): (ImageBatch, TextBatch)| -> Result<[semshare::tensor::Tensor; 2]> {
+        Ok([
+            net.embed(dev, weights, &Batch::Image(i), EmbeddingKind::Pooled)?,
+            net.embed(dev, weights, &Batch::Text(t), EmbeddingKind::Pooled)?,
+        ])
+    };
+    // Each pass's embeddings live until the next pass has run, as `embed_split` keeps a chunk's
+    // until the next is queued; so from the second warm-up pass on the pool holds both.
+    let mut held = None;
+    for s in 0..warmup {
+        held = Some(pass(dev, batch_of(s))?);
+    }
+    for e in held.iter().flatten() {
+        dev.download(e.view())?; // the device idle before the clock starts
+    }
+    let batches: Vec<_> = (warmup..warmup + passes).map(batch_of).collect();
+    let before = dev.counters().unwrap_or_default();
+    let start = std::time::Instant::now();
+    for b in batches {
+        held = Some(pass(dev, b)?);
+    }
+    let after = dev.counters().unwrap_or_default();
+    for e in held.iter().flatten() {
+        dev.download(e.view())?;
+    }
+    let ms = start.elapsed().as_secs_f64() * 1e3 / passes as f64;
+    let mut line = format!(
+        "{{{shape}, \"embed\": true, \"passes\": {passes}, \"ms_per_pass\": {ms:.3}, \"items_per_s\": {:.0}",
+        2.0 * batch as f64 / (ms / 1e3)
+    );
+    if counts {
+        line += &per_step(&after.since(&before), passes);
+    }
+    println!("{line}}}");
     Ok(())
 }
 

@@ -227,12 +227,17 @@ const COMMANDS: &[Command] = &[
              [--model small|paper] [--device D] [--precision P] [--batch N (small 32, paper 128)]
              [--tokens T (small 24, paper 32)]
              [--warmup N (default 2)] [--steps N (default 3)] [--feature-dtype f32|f16|bf16] [--counts] [--graph]
+             [--embed]
              --feature-dtype: the region features as a shard of that dtype gives them (f16 and
              bf16 are uploaded as they are and widened on the device; default f32)
              --counts adds what one step launches, waits for (syncs), allocates and uploads, as
              the CUDA backend counts them (the same on the emulated device as on a GPU)
              --graph takes the steps as the trainer does on CUDA: captured once per shape and
              replayed (CUDA graphs); without it every step runs eagerly
+             --embed times embedding passes instead, as a loaded model runs them (its
+             weights frozen): per step the batch's images, then its texts; the line gives
+             ms_per_pass and items_per_s (--counts: one pass's counts; the device's pool
+             grows over the first few passes, so warm up with 4 or more for steady counts)
 ",
         takes: Takes::Flags(bench_step::run),
     },
