@@ -587,7 +587,8 @@ if has cpu && can_start cpu; then
   if ((rc == 0)); then
     STATUS[cpu]=ok
     WHY[cpu]=$(awk '/^Machine:/ { print substr($0, 1, 150); exit }' "$log")
-    awk '/^\| [a-z0-9]/ && !/^\| (measure|GEMM|copy)/' "$log" | while read -r l; do row cpu "$l" "" ""; done
+    # The report's rows (cpu_profile's tables, before them in the log, stay in the evidence).
+    awk '/^Machine:/ { r = 1 } r && /^\| [a-z0-9]/ && !/^\| (measure|GEMM|copy)/' "$log" | while read -r l; do row cpu "$l" "" ""; done
   else
     fail cpu "$(reason "$rc" "$log")"
   fi
