@@ -147,13 +147,21 @@ fn accumulate_affine(x: &[f32], stats: &[f32], dy: &[f32], dgamma: &mut [f32], d
     simd::vectorised!({
         for r in 0..x.len() / d {
             let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
-            let (x, dy) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-            for i in 0..d {
-                dgamma[i] += dy[i] * (x[i] - mean) * rstd;
-                dbeta[i] += dy[i];
-            }
+            affine_row(dgamma, dbeta, &x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d], mean, rstd);
         }
     });
+}
+
+/// One row's terms of [`accumulate_affine`]. A function of its own (inlined) so that its
+/// slices are distinct references to LLVM (`noalias`), as `gru::gates_fwd_row`'s are: the
+/// join's backward took 4–5 % less time (`cpu_profile`, Zen 4, binaries alternated).
+#[inline(always)]
+fn affine_row(dgamma: &mut [f32], dbeta: &mut [f32], x: &[f32], dy: &[f32], mean: f32, rstd: f32) {
+    let (dbeta, x, dy) = (&mut dbeta[..dgamma.len()], &x[..dgamma.len()], &dy[..dgamma.len()]);
+    for i in 0..dgamma.len() {
+        dgamma[i] += dy[i] * (x[i] - mean) * rstd;
+        dbeta[i] += dy[i];
+    }
 }
 
 /// dx stored as `store`; dgamma += Σ dy·x̂, dbeta += Σ dy.
