@@ -59,9 +59,9 @@ pub fn step_fwd(
 /// One item's gates (module header): x = [x_r | x_z | x_n] and hp = [h_r | h_z | h_n] (H each),
 /// bias (b_r, b_z, b_n), h the state; writes h' into `h_next` and `o`, and (r, z, n, h_n) into
 /// g [4H]. A function of its own, inlined, so that its slices are distinct references to
-/// LLVM (`noalias`): written inline, the loop was vectorised behind a run-time overlap test of
-/// its eleven slices, which failed, and its scalar copy ran (15 µs a step at 32 items and H
-/// 128 on Zen 4, where the vector loop takes a third of that).
+/// LLVM (`noalias`): written inline, with eleven slices LLVM could separate only by run-time
+/// tests, it was the scalar copy of the loop that ran (`perf annotate`; 15 µs a step at 32
+/// items and H 128 on Zen 4, about half that now).
 #[inline(always)]
 fn gates_fwd_row(
     [x, hp]: [&[f32]; 2],
