@@ -84,25 +84,10 @@ pub(super) fn backward(
     Ok((dx, da))
 }
 
-/// LayerNorm's backward (`Backend::layernorm_bwd`, operands checked): the join's with no
-/// dropout and no da, so dgamma and dbeta come from the row pass's partial sums instead of a
-/// second read of x and dy (5 passes over the activation in all, forward and backward, not 7).
-pub(super) fn layernorm_backward(
-    cuda: &mut Cuda,
-    x: &Tensor,
-    stats: &Tensor,
-    gamma: View,
-    dy: &Tensor,
-    dgamma: ViewMut,
-    dbeta: ViewMut,
-) -> Result<Tensor> {
-    rows_backward(cuda, x, stats, gamma, dy, (dgamma, dbeta, None), None, (0.0, 0))
-}
-
 /// dx (returned) and, given `da`, dropout(dx) into it; the column sums added into dgamma,
-/// dbeta and (given) dbias.
+/// dbeta and (given) dbias. Also LayerNorm's own backward (no da, p 0): `Cuda::layernorm_bwd`.
 #[allow(clippy::too_many_arguments)]
-fn rows_backward(
+pub(super) fn rows_backward(
     cuda: &mut Cuda,
     s: &Tensor,
     stats: &Tensor,

@@ -570,7 +570,10 @@ impl Backend for Cuda {
         dbeta: ViewMut,
     ) -> Result<Tensor> {
         check_layernorm_bwd(x, stats, &gamma, dy, &dgamma, &dbeta)?;
-        super::norm::layernorm_backward(self, x, stats, gamma, dy, dgamma, dbeta)
+        // The join's backward with no dropout and no da: dgamma and dbeta come from the row
+        // pass's partial sums, not a second read of x and dy (5 passes over the activation
+        // forward and backward, not 7).
+        super::norm::rows_backward(self, x, stats, gamma, dy, (dgamma, dbeta, None), None, (0.0, 0))
     }
 
     fn residual_layernorm_fwd(
