@@ -37,8 +37,6 @@ pub fn step_fwd(
     let h_prev = &before[step.s * items * hd..];
     let h_next = &mut after[..items * hd];
     let gates = &mut gates[step.s * items * 4 * hd..(step.s + 1) * items * 4 * hd];
-    let (b_r, b) = bias_hh.split_at(hd);
-    let (b_z, b_n) = b.split_at(hd);
     simd::vectorised!({
         for b in 0..items {
             let g = &mut gates[b * 4 * hd..(b + 1) * 4 * hd];
@@ -51,38 +49,27 @@ pub fn step_fwd(
             };
             let x = &xproj[row * 3 * hd..(row + 1) * 3 * hd];
             let hp = &hproj[b * 3 * hd..(b + 1) * 3 * hd];
-            gates_fwd_row([x, hp], [b_r, b_z, b_n], hb, hn_b, &mut out[row][..hd], g);
+            gates_fwd_row([x, hp, bias_hh], hb, hn_b, &mut out[row][..hd], g);
         }
     })
 }
 
-/// One item's gates (module header): x = [x_r | x_z | x_n] and hp = [h_r | h_z | h_n] (H each),
-/// bias (b_r, b_z, b_n), h the state; writes h' into `h_next` and `o`, and (r, z, n, h_n) into
+/// One item's gates (module header): x = [x_r | x_z | x_n], hp = [h_r | h_z | h_n] and the
+/// bias [b_r | b_z | b_n] (H each), h the state; writes h' into `h_next` and `o`, and (r, z, n, h_n) into
 /// g [4H]. A function of its own, inlined, so that its slices are distinct references to
 /// LLVM (`noalias`): written inline, with eleven slices LLVM could separate only by run-time
 /// tests, it was the scalar copy of the loop that ran (`perf annotate`; 15 µs a step at 32
 /// items and H 128 on Zen 4, about half that now).
 #[inline(always)]
-fn gates_fwd_row(
-    [x, hp]: [&[f32]; 2],
-    [b_r, b_z, b_n]: [&[f32]; 3],
-    h: &[f32],
-    h_next: &mut [f32],
-    o: &mut [f32],
-    g: &mut [f32],
-) {
+fn gates_fwd_row([x, hp, bias]: [&[f32]; 3], h: &[f32], h_next: &mut [f32], o: &mut [f32], g: &mut [f32]) {
     let hd = h.len();
     // Equal-length slices, so the loop below has no bounds checks.
-    let (x_r, x) = x.split_at(hd);
-    let (x_z, x_n) = x.split_at(hd);
-    let (h_r, hp) = hp.split_at(hd);
-    let (h_z, h_n) = hp.split_at(hd);
+    let [[x_r, x_z, x_n], [h_r, h_z, h_n], [b_r, b_z, b_n]] = [x, hp, bias].map(|v| thirds(v, hd));
     let (h_next, o) = (&mut h_next[..hd], &mut o[..hd]);
-    let (b_r, b_z, b_n) = (&b_r[..hd], &b_z[..hd], &b_n[..hd]);
     let (g_r, g) = g.split_at_mut(hd);
     let (g_z, g) = g.split_at_mut(hd);
     let (g_n, g_hn) = g.split_at_mut(hd);
-    let (x_n, h_n, g_hn) = (&x_n[..hd], &h_n[..hd], &mut g_hn[..hd]);
+    let g_hn = &mut g_hn[..hd];
     for i in 0..hd {
         let r = sigmoid_fast(x_r[i] + h_r[i] + b_r[i]);
         let z = sigmoid_fast(x_z[i] + h_z[i] + b_z[i]);
@@ -128,6 +115,12 @@ pub fn step_bwd(
             gates_bwd_row(g, hp, dob, &mut dh[b * hd..(b + 1) * hd], dx, dhp);
         }
     })
+}
+
+/// `v`'s first three runs of `hd`.
+#[inline(always)]
+fn thirds(v: &[f32], hd: usize) -> [&[f32]; 3] {
+    [&v[..hd], &v[hd..2 * hd], &v[2 * hd..3 * hd]]
 }
 
 /// One item's gate gradients: from its saved gates g = [r | z | n | h_n], h the state it
