@@ -538,10 +538,11 @@ T = sum(tot.values())
 if not n or T <= 0:
     sys.exit("profile: no kernel durations in ncu's CSV")
 # Two steps ran (one warm-up): per step is half of each total; setup kernels are few.
-what = "embedding pass" if "--embed" in sys.argv[2].split() else "step"
-print(f"profile: 2 paper {what}s ({sys.argv[2]}), {sum(n.values())} kernel launches, {T / 2e6:.3f} ms of kernel time per {what} (serialised by ncu)")
+embed = "--embed" in sys.argv[2].split()
+what, whats, unit = ("embedding pass", "embedding passes", "pass") if embed else ("step", "steps", "step")
+print(f"profile: 2 paper {whats} ({sys.argv[2]}), {sum(n.values())} kernel launches, {T / 2e6:.3f} ms of kernel time per {what} (serialised by ncu)")
 for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:40]:
-    print(f"{v / 2e6:9.3f} ms/step {100 * v / T:5.1f}%  {n[k] / 2:7.1f}x/step  {k[:100]}")
+    print(f"{v / 2e6:9.3f} ms/{unit} {100 * v / T:5.1f}%  {n[k] / 2:7.1f}x/{unit}  {k[:100]}")
 PY
     then
       STATUS[profile]=ok

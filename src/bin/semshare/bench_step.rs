@@ -147,7 +147,8 @@ fn embed(
         ])
     };
     // Each pass's embeddings live until the next pass has run, as `embed_split` keeps a chunk's
-    // until the next is queued; so from the second warm-up pass on the pool holds both.
+    // until the next is queued; the device's pool grows to hold both over the first few passes
+    // (4 at a small batch on the emulated device), so steady counts need that much warm-up.
     let mut held = None;
     for s in 0..warmup {
         held = Some(pass(dev, batch_of(s))?);
