@@ -1,21 +1,42 @@
 // kernels/elementwise.cu — fill, bias, residual, scale, GELU, dropout, label coordinates.
-// Layout: flat or row-major [rows, cols]. Launch: one thread per element, grid-stride loops
-// (so any n fits a grid capped at a few waves), except bias_bwd (column reduction, below).
+// Layout: flat or row-major [rows, cols]. Launch: grid-stride loops over the elements (so any
+// n fits a grid capped at a few waves), except bias_bwd (column reduction, below).
 // CPU twin: src/backend/cpu/elementwise.rs. Test: tests/gpu_ops.rs.
-// Why no vector (float4) loads: every op here is memory-bound and already coalesced; the
-// row-major tensors have odd column counts (e.g. 3·300), so a float4 path needs a scalar tail
-// and alignment checks for a few percent at most — left for when a profile says so.
+// Why no vector (float4) loads: the row-major tensors have odd column counts (e.g. 3·300), so
+// a float4 path needs a scalar tail and alignment checks; what bound these ops was not the
+// width of a load but how many were in flight (each_element, below).
 #include "common.cuh"
 
 namespace elementwise {
 using common::from_f32;
 using common::to_f32;
 
-#define GRID_STRIDE(i, n) \
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+// Elements [0, n) over the grid, BATCH a thread per pass: i, i + stride, … (each a coalesced
+// warp access). Every element of a pass is loaded (`load(i)`) before the first is finished
+// (`finish(i, loaded)`, which computes and stores). Why: a store may alias the next element's
+// load (in-place ops, and nvcc cannot tell two tensors apart), so a loop that loads, computes
+// and stores one element at a time waits one memory latency per element; the bf16 step's
+// profile had the FFN's GELU kernels at 25–35 % of copy bandwidth on an H200 (session 27, as
+// the joins' forward was before it held its row). Each element's arithmetic is the loop's,
+// so its bits are.
+#define BATCH 4
+template <typename Load, typename Finish> __device__ __forceinline__ void each_element(size_t n, Load load, Finish finish) {
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t base = blockIdx.x * (size_t)blockDim.x + threadIdx.x; base < n; base += BATCH * stride) {
+    decltype(load(base)) v[BATCH];
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j)
+      if (base + j * stride < n) v[j] = load(base + j * stride);
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j)
+      if (base + j * stride < n) finish(base + j * stride, v[j]);
+  }
+}
 
 template <typename T> __device__ void add_bias(T* y, const float* bias, size_t n, int cols) {
-  GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(y[i]) + bias[i % cols]);
+  each_element(
+      n, [&](size_t i) { return make_float2(to_f32(y[i]), bias[i % cols]); },
+      [&](size_t i, float2 v) { y[i] = from_f32<T>(v.x + v.y); });
 }
 
 // Stage 1 of dbias = Σ_r dy[r, :]: block (32 columns x 8 row lanes) sums COLSUM_ROWS rows;
@@ -48,11 +69,13 @@ __device__ void bias_bwd_partial(const T* dy, int rows, int cols, float* partial
 }
 
 template <typename T> __device__ void add_assign(T* y, const T* x, size_t n) {
-  GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(y[i]) + to_f32(x[i]));
+  each_element(
+      n, [&](size_t i) { return make_float2(to_f32(y[i]), to_f32(x[i])); },
+      [&](size_t i, float2 v) { y[i] = from_f32<T>(v.x + v.y); });
 }
 
 template <typename T> __device__ void scale(T* x, float s, size_t n) {
-  GRID_STRIDE(i, n) x[i] = from_f32<T>(to_f32(x[i]) * s);
+  each_element(n, [&](size_t i) { return to_f32(x[i]); }, [&](size_t i, float v) { x[i] = from_f32<T>(v * s); });
 }
 
 // The CPU's tanh_fast, coefficient for coefficient (clamped rational 13/6, max error < 1e-6),
@@ -84,11 +107,13 @@ __device__ __forceinline__ float gelu_grad(float v) {
 }
 
 template <typename T> __device__ void gelu_fwd(const T* x, T* y, size_t n) {
-  GRID_STRIDE(i, n) y[i] = from_f32<T>(gelu(to_f32(x[i])));
+  each_element(n, [&](size_t i) { return to_f32(x[i]); }, [&](size_t i, float v) { y[i] = from_f32<T>(gelu(v)); });
 }
 
 template <typename T> __device__ void gelu_bwd(const T* x, const T* dy, T* dx, size_t n) {
-  GRID_STRIDE(i, n) dx[i] = from_f32<T>(to_f32(dy[i]) * gelu_grad(to_f32(x[i])));
+  each_element(
+      n, [&](size_t i) { return make_float2(to_f32(dy[i]), to_f32(x[i])); },
+      [&](size_t i, float2 v) { dx[i] = from_f32<T>(v.x * gelu_grad(v.y)); });
 }
 
 // The feed-forward's activation in one pass: u += bias (bias null: none), h = dropout(GELU(u))
@@ -99,25 +124,28 @@ template <typename T> __device__ void gelu_bwd(const T* x, const T* dy, T* dx, s
 template <typename T>
 __device__ void bias_gelu_dropout_fwd(T* u, const float* bias, size_t cols, T* h, float p, float scale,
                                       uint64_t seed, size_t n) {
-  GRID_STRIDE(i, n) {
-    float v = to_f32(u[i]);
-    if (bias != nullptr) {
-      const T stored = from_f32<T>(v + bias[i % cols]);
-      u[i] = stored;
-      v = to_f32(stored);
-    }
-    h[i] = from_f32<T>(common::dropout_value(gelu(v), p, scale, seed, i));
-  }
+  each_element(
+      n, [&](size_t i) { return to_f32(u[i]); },
+      [&](size_t i, float v) {
+        if (bias != nullptr) {
+          const T stored = from_f32<T>(v + bias[i % cols]);
+          u[i] = stored;
+          v = to_f32(stored);
+        }
+        h[i] = from_f32<T>(common::dropout_value(gelu(v), p, scale, seed, i));
+      });
 }
 
 // Its backward in dh's memory: dh = GELU'(u) · dropout(dh), in f32 bit for bit dropout_bwd
 // then gelu_bwd (2 launches and 5 passes → 1 launch and 3: read dh, u, write dh); in bf16
 // rounded once, as it is stored.
 template <typename T> __device__ void gelu_dropout_bwd(const T* u, T* dh, float p, float scale, uint64_t seed, size_t n) {
-  GRID_STRIDE(i, n) {
-    const float d = common::dropout_value(to_f32(dh[i]), p, scale, seed, i);
-    dh[i] = from_f32<T>(d * gelu_grad(to_f32(u[i])));
-  }
+  each_element(
+      n, [&](size_t i) { return make_float2(to_f32(dh[i]), to_f32(u[i])); },
+      [&](size_t i, float2 v) {
+        const float d = common::dropout_value(v.x, p, scale, seed, i);
+        dh[i] = from_f32<T>(d * gelu_grad(v.y));
+      });
 }
 
 // gelu_dropout_bwd with the first linear's bias gradient taken from the values it writes:
@@ -131,24 +159,43 @@ __device__ void gelu_dropout_bias_bwd(const T* u, T* dh, float p, float scale, u
   const int c = blockIdx.x * 32 + threadIdx.x;
   const int r0 = blockIdx.y * COLSUM_ROWS;
   const int r1 = min(rows, r0 + COLSUM_ROWS);
-  float s = 0.0f;
-  if (c < cols)
-    for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+  // Each lane's COLSUM_ROWS / 8 rows loaded before the first is stored (each_element's why),
+  // then finished and summed in row order, as one row at a time did.
+  constexpr int LANE_ROWS = COLSUM_ROWS / 8;
+  float dv[LANE_ROWS], uv[LANE_ROWS];
+#pragma unroll
+  for (int j = 0; j < LANE_ROWS; ++j) {
+    const int r = r0 + threadIdx.y + 8 * j;
+    if (c < cols && r < r1) {
       const size_t i = (size_t)r * cols + c;
-      const float d = common::dropout_value(to_f32(dh[i]), p, scale, seed, i);
-      const T v = from_f32<T>(d * gelu_grad(to_f32(u[i])));
+      dv[j] = to_f32(dh[i]);
+      uv[j] = to_f32(u[i]);
+    }
+  }
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < LANE_ROWS; ++j) {
+    const int r = r0 + threadIdx.y + 8 * j;
+    if (c < cols && r < r1) {
+      const size_t i = (size_t)r * cols + c;
+      const T v = from_f32<T>(common::dropout_value(dv[j], p, scale, seed, i) * gelu_grad(uv[j]));
       dh[i] = v;
       s += to_f32(v);
     }
+  }
   colsum_block(s, cols, partial, dbias, counters);
 }
 
 template <typename T> __device__ void dropout(T* x, float p, float scale, uint64_t seed, size_t n) {
-  GRID_STRIDE(i, n) x[i] = from_f32<T>(common::dropout_value(to_f32(x[i]), p, scale, seed, i));
+  each_element(
+      n, [&](size_t i) { return to_f32(x[i]); },
+      [&](size_t i, float v) { x[i] = from_f32<T>(common::dropout_value(v, p, scale, seed, i)); });
 }
 
+// Nothing to load: a store-only loop has no latency to wait on.
 template <typename T> __device__ void fill(T* x, float v, size_t n) {
-  GRID_STRIDE(i, n) x[i] = from_f32<T>(v);
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    x[i] = from_f32<T>(v);
 }
 
 // Label coordinates √softplus(g), in place (CPU twin: `elementwise::label_coordinates`, in
@@ -156,8 +203,7 @@ template <typename T> __device__ void fill(T* x, float v, size_t n) {
 // precision (log1p(x) = x(1 − x/2 …)), and e^{g/2} keeps the small coordinates exact where
 // log1pf(expf(g)) would go through a subnormal e^g and lose their bits.
 __device__ void label_coordinates(float* g, size_t n) {
-  GRID_STRIDE(i, n) {
-    const float v = g[i];
+  each_element(n, [&](size_t i) { return g[i]; }, [&](size_t i, float v) {
     float c;
     if (v > 0.0f) {
       c = sqrtf(v + log1pf(expf(-v)));
@@ -167,7 +213,7 @@ __device__ void label_coordinates(float* g, size_t n) {
       c = expf(0.5f * v);
     }
     g[i] = c;
-  }
+  });
 }
 }  // namespace elementwise
 
@@ -220,9 +266,9 @@ extern "C" __global__ void label_coordinates_f32(float* g, size_t n) { elementwi
 // for their bf16 side, so that `Cuda::launch` lets a bf16 pointer through.
 // f32 -> bf16: to nearest, ties to even (cvt.rn.bf16.f32).
 extern "C" __global__ void convert_from_f32_bf16(const float* x, __nv_bfloat16* y, size_t n) {
-  GRID_STRIDE(i, n) y[i] = __float2bfloat16_rn(x[i]);
+  elementwise::each_element(n, [&](size_t i) { return x[i]; }, [&](size_t i, float v) { y[i] = __float2bfloat16_rn(v); });
 }
 // bf16 -> f32: exact.
 extern "C" __global__ void convert_to_f32_bf16(const __nv_bfloat16* x, float* y, size_t n) {
-  GRID_STRIDE(i, n) y[i] = __bfloat162float(x[i]);
+  elementwise::each_element(n, [&](size_t i) { return __bfloat162float(x[i]); }, [&](size_t i, float v) { y[i] = v; });
 }

@@ -243,8 +243,9 @@ fn bf16_gemms_multiply_the_stored_values_and_round_once() {
     }
 }
 
-/// The linear layer's GEMM with its f32 bias into a bf16 output (cuBLASLt's `BIAS` epilogue
-/// with `BIAS_DATA_TYPE` f32 on the device): the bias added in f32, then one rounding.
+/// The linear layer's GEMM with its bf16 bias into a bf16 output (cuBLASLt's `BIAS`
+/// epilogue, the bias of D's type, on the device): the product and the bias summed in f32,
+/// then one rounding; one launch.
 #[test]
 fn bf16_gemm_bias_rounds_product_and_bias_once() {
     let gpu = gpu_or_skip("bf16 gemm_bias");
@@ -264,10 +265,17 @@ fn bf16_gemm_bias_rounds_product_and_bias_once() {
             dev.convert(t.view(), DType::Bf16).unwrap().reshape(t.shape())
         };
         let b = dev.upload(&bias, &[n]).unwrap();
+        let bh = dev.convert(b.view(), DType::Bf16).unwrap();
         let mut y = dev.alloc_as(&[m, n], DType::Bf16).unwrap();
-        dev.gemm_bias(g, xh.view(), wh.view(), b.view(), &mut y).unwrap();
+        let launches = dev.counters().map(|c| c.launches());
+        dev.gemm_bias(g, xh.view(), wh.view(), bh.view(), &mut y).unwrap();
+        if let (Some(before), Some(after)) = (launches, dev.counters().map(|c| c.launches())) {
+            assert_eq!(after - before, 1, "{}: a bf16 gemm_bias is one launch", dev.name());
+        }
         let got = dev.download(y.view()).unwrap();
-        // The f32 product with its bias, then rounded once, as a bf16 GEMM into f32 would give.
+        // The f32 product plus the bias's bf16 values, then rounded once.
+        let rounded_bias: Vec<f32> = bias.iter().map(|&v| DType::Bf16.round(v)).collect();
+        let b = dev.upload(&rounded_bias, &[n]).unwrap();
         let mut f = dev.alloc(&[m, n]).unwrap();
         dev.gemm(g, xh.view(), wh.view(), f.view_mut()).unwrap();
         dev.add_bias(&mut f, b.view()).unwrap();
@@ -302,7 +310,20 @@ fn bf16_where_f32_is_read_is_an_error_naming_the_op() {
         let zeros = dev.zeros(&[3]).unwrap();
         let bias = dev.convert(zeros.view(), DType::Bf16).unwrap().reshape(zeros.shape());
         let r = dev.gemm_bias(g, a.view(), a.view(), bias.view(), &mut c);
-        assert!(matches!(r, Err(Error::Type { op: "gemm_bias", .. })), "{}: a bf16 bias gave {r:?}", dev.name());
+        match r {
+            Err(e @ Error::Type { op: "gemm_bias", .. }) => assert_eq!(
+                e.to_string(),
+                "gemm_bias: element type: the bias is bf16 and the output f32; a bias has its output's type"
+            ),
+            other => panic!("{}: a bf16 bias on an f32 output gave {other:?}", dev.name()),
+        }
+        let mut ch = dev.alloc_as(&[3, 3], DType::Bf16).unwrap();
+        let r = dev.gemm_bias(g, ah.view(), ah.view(), zeros.view(), &mut ch);
+        assert!(
+            matches!(r, Err(Error::Type { op: "gemm_bias", .. })),
+            "{}: an f32 bias on a bf16 output gave {r:?}",
+            dev.name()
+        );
         // Parameters stay f32 under bf16 activations; activations of one op share a type.
         let z4 = dev.zeros(&[4]).unwrap();
         let g4 = dev.convert(z4.view(), DType::Bf16).unwrap().reshape(z4.shape());

@@ -660,6 +660,50 @@ fn bias_gelu_dropout_matches_the_cpu_and_the_unfused_ops() {
     }
 }
 
+/// The element-wise kernels past one pass of their grid: `flat` launches at most 4,096
+/// blocks of 256 threads, so over 1,048,576 elements a thread takes several, all of a batch
+/// loaded before the first is stored (`each_element`, kernels/elementwise.cu). 2.6 passes'
+/// worth here: whole batches, a partial one and idle slots. The fused activation both ways,
+/// bias, residual and scale, and the bf16 conversions, against the CPU as at every other size.
+#[test]
+fn elementwise_ops_past_one_pass_of_the_grid_match_the_cpu() {
+    let Some(mut gpu) = gpu_or_skip("element-wise ops past one grid pass") else { return };
+    let mut cpu = common::cpu();
+    // The first element whose bits differ (a whole tensor's bits would fill the log).
+    let same = |a: &[f32], b: &[f32], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+            panic!("{what}: element {i} of {} is {} against {}", a.len(), a[i], b[i]);
+        }
+    };
+    let shape = (2700, 1021);
+    let n = shape.0 * shape.1;
+    assert!(n > 2 * 4096 * 256 && n < 3 * 4096 * 256);
+    let got = common::ffn_activation_both_ways(gpu.as_mut(), shape, 0.3, true, 77);
+    let want = common::ffn_activation_both_ways(&mut cpu, shape, 0.3, true, 77);
+    for ((name, fused, ops), (_, cpu_fused, _)) in got.iter().zip(&want) {
+        same(fused, ops, &format!("{name}: fused against unfused on the device"));
+        let e = rel_err(fused, &cpu_fused.iter().map(|&v| v as f64).collect::<Vec<_>>());
+        let tol = if *name == "dbias" { REDUCE } else { EXACT };
+        assert!(e <= tol, "{name}: relative error {e:.3e} against the CPU");
+    }
+    let run = |dev: &mut dyn Backend| {
+        let mut y = up(dev, &randv(5, n), &[shape.0, shape.1]);
+        let b = up(dev, &randv(6, shape.1), &[shape.1]);
+        dev.add_bias(&mut y, b.view()).unwrap();
+        let x = up(dev, &randv(7, n), &[shape.0, shape.1]);
+        dev.add_assign(&mut y, &x).unwrap();
+        dev.scale(y.view_mut(), -1.5).unwrap();
+        let h = dev.convert(y.view(), semshare::tensor::DType::Bf16).unwrap();
+        let back = dev.convert(h.view(), semshare::tensor::DType::F32).unwrap();
+        (down(dev, &y), down(dev, &back))
+    };
+    let ((y, back), (want_y, want_back)) = (run(gpu.as_mut()), run(&mut cpu));
+    same(&back, &want_back, "bf16 round trip against the CPU");
+    let e = rel_err(&y, &want_y.iter().map(|&v| v as f64).collect::<Vec<_>>());
+    assert!(e <= EXACT, "bias, residual, scale: relative error {e:.3e} against the CPU");
+}
+
 /// fp16/bf16 features widened and normalised on the device (`kernels/inputs.cu`): bit for bit
 /// the CPU's (which is the host's widening and input normalisation), every shape, odd counts
 /// (the last word half used), with and without a normalisation; a normalisation is uploaded

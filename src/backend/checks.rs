@@ -58,16 +58,22 @@ pub(crate) fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()
     Ok(())
 }
 
-/// `gemm_bias`'s operands (`Backend::gemm_bias`): the GEMM's, an f32 bias of one value per
-/// column of c, and, for a bf16 c, a product to add it to (k > 0, c's rows of n) so that the
-/// sum is rounded once.
+/// `gemm_bias`'s operands (`Backend::gemm_bias`): the GEMM's, a bias of c's type with one
+/// value per column of c, and, for a bf16 c, a product to add it to (k > 0, c's rows of n)
+/// so that the sum is rounded once.
 pub(crate) fn check_gemm_bias(g: &Gemm, a: &View, b: &View, bias: &View, c: &Tensor) -> Result<()> {
     check_gemm(g, a.len(), b.len(), c.len())?;
     check_gemm_types("gemm_bias", a.dtype(), b.dtype())?;
     expect_cols("gemm_bias", c)?;
     expect_len("gemm_bias", "bias", bias.len(), c.cols())?;
     expect_len("gemm_bias", "bias", bias.len(), g.n)?;
-    expect_dtype("gemm_bias", "the bias", bias.dtype(), DType::F32)?;
+    if bias.dtype() != c.dtype() {
+        let (b, c) = (bias.dtype().name(), c.dtype().name());
+        return Err(crate::Error::dtype(
+            "gemm_bias",
+            format!("the bias is {b} and the output {c}; a bias has its output's type"),
+        ));
+    }
     if c.dtype() == DType::Bf16 && g.k == 0 {
         return Err(crate::Error::dtype("gemm_bias", "a bf16 output needs a product (k > 0) to round with its bias"));
     }

@@ -336,9 +336,10 @@ pub trait Backend {
     /// precision (f32 operands: [`Precision`] says how they are rounded); a bf16 `c` is read
     /// widened and the result rounded once, as it is stored.
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()>;
-    /// [`Backend::gemm`] into `c`, then `bias` (f32) added to each of its rows (a linear
-    /// layer's forward), in f32 before a bf16 `c` is rounded: the same values as `gemm` and
-    /// `add_bias` in turn on f32. The CPU adds the bias
+    /// [`Backend::gemm`] into `c`, then `bias` (of `c`'s type) added to each of its rows (a
+    /// linear layer's forward), in f32 before a bf16 `c` is rounded: the same values as `gemm`
+    /// and `add_bias` in turn on f32 (a bf16 bias is rounded already, as PyTorch's autocast
+    /// rounds it; CUDA's cuBLASLt takes no f32 bias for a bf16 output). The CPU adds the bias
     /// where its micro-kernel stores a tile, so c is not read and written a second time; the
     /// default runs the two ops.
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {

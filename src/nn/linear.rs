@@ -55,9 +55,9 @@ impl Linear {
             ));
         }
         let g = Gemm { m: rows, n: self.outputs, k: self.inputs, trans_a: false, trans_b: true, alpha: 1.0, beta };
-        let weight = w.matrix(self.weight, x.dtype())?;
+        let weight = w.read(self.weight, x.dtype())?;
         match self.bias {
-            Some(b) => dev.gemm_bias(g, x.view(), weight, b.of(w.values), y),
+            Some(b) => dev.gemm_bias(g, x.view(), weight, w.read(b, y.dtype())?, y),
             None => dev.gemm(g, x.view(), weight, y.view_mut()),
         }
     }
@@ -117,6 +117,6 @@ impl Linear {
         self.backward_params(dev, g, x.view(), dy)?;
         let gx =
             Gemm { m: x.rows(), n: self.inputs, k: self.outputs, trans_a: false, trans_b: false, alpha: 1.0, beta };
-        dev.gemm(gx, dy.view(), w.matrix(self.weight, dy.dtype())?, dx.view_mut())
+        dev.gemm(gx, dy.view(), w.read(self.weight, dy.dtype())?, dx.view_mut())
     }
 }

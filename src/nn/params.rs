@@ -14,7 +14,8 @@ use crate::tensor::{DType, Tensor, View, ViewMut};
 
 /// What a layer reads its parameters from: the f32 values, and, for a pass whose activations
 /// are bf16, a bf16 copy of the trunk's run of them, which a GEMM then multiplies (its
-/// operands share one type). Biases, norms and every gradient stay f32.
+/// operands share one type) and whose biases it adds (the bias has the output's type, as
+/// PyTorch's autocast rounds a linear layer's bias). Norms and every gradient stay f32.
 #[derive(Clone, Copy, Debug)]
 pub struct Weights<'a> {
     pub values: &'a Tensor,
@@ -59,8 +60,9 @@ impl<'a> From<&'a Tensor> for Weights<'a> {
 }
 
 impl<'a> Weights<'a> {
-    /// Weight matrix `p` as a GEMM with activations of type `x` reads it.
-    pub fn matrix(&self, p: Param, x: DType) -> Result<View<'a>> {
+    /// Parameter `p` as a linear layer on activations of type `x` reads it (its weight, its
+    /// bias): the f32 values, or their bf16 copy.
+    pub fn read(&self, p: Param, x: DType) -> Result<View<'a>> {
         match (x, self.bf16) {
             (DType::F32, _) => Ok(p.of(self.values)),
             (DType::Bf16, Some(copy)) if copy.covers(&(p.offset..p.offset + p.len)) => {
@@ -68,7 +70,7 @@ impl<'a> Weights<'a> {
             }
             (DType::Bf16, Some(_)) => Err(crate::Error::dtype(
                 "linear",
-                "bf16 activations, and a weight outside the bf16 copy to multiply them by",
+                "bf16 activations, and a parameter outside the bf16 copy of the weights",
             )),
             (DType::Bf16, None) => Err(crate::Error::dtype(
                 "linear",
@@ -190,16 +192,16 @@ mod tests {
         let copy = Bf16Copy::of(dev.as_mut(), &w, 3..8).unwrap();
         let weights = Weights { values: &w, bf16: Some(&copy) };
         let inside = Param { offset: 4, len: 4 };
-        let got = dev.download(weights.matrix(inside, DType::Bf16).unwrap()).unwrap();
+        let got = dev.download(weights.read(inside, DType::Bf16).unwrap()).unwrap();
         let want: Vec<f32> = values[4..8].iter().map(|&x| DType::Bf16.round(x)).collect();
         assert_eq!(got, want);
         // f32 activations read the values themselves, inside the run or not.
-        assert_eq!(dev.download(weights.matrix(inside, DType::F32).unwrap()).unwrap(), values[4..8]);
+        assert_eq!(dev.download(weights.read(inside, DType::F32).unwrap()).unwrap(), values[4..8]);
         for outside in [Param { offset: 2, len: 3 }, Param { offset: 6, len: 3 }] {
-            let e = weights.matrix(outside, DType::Bf16).unwrap_err().to_string();
+            let e = weights.read(outside, DType::Bf16).unwrap_err().to_string();
             assert!(e.contains("outside the bf16 copy"), "{e}");
         }
-        let e = Weights::from(&w).matrix(inside, DType::Bf16).unwrap_err().to_string();
+        let e = Weights::from(&w).read(inside, DType::Bf16).unwrap_err().to_string();
         assert!(e.contains("no bf16 copy"), "{e}");
     }
 }

@@ -68,8 +68,8 @@ impl Lt {
         })
     }
 
-    /// Row-major `c[m, n] = alpha·op(a)·op(b) + beta·c + bias` (bias: n f32 values, on every
-    /// row) on `stream`, at `precision`'s compute type (bf16 A and B: `CUBLAS_COMPUTE_32F`),
+    /// Row-major `c[m, n] = alpha·op(a)·op(b) + beta·c + bias` (bias: n values of c's type, on
+    /// every row; the sum in f32, rounded once into a bf16 c) on `stream`, at `precision`'s compute type (bf16 A and B: `CUBLAS_COMPUTE_32F`),
     /// A and B stored as `types.0`, C as `types.1`, with `workspace` (pointer, bytes).
     ///
     /// # Safety
@@ -171,8 +171,6 @@ impl Plan {
                     lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
                     lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32,
                 ),
-                // The bias is an f32 parameter whatever D's type (unset, cuBLASLt takes D's).
-                (lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, f32_ty as u32),
             ] {
                 check(
                     lt::cublasLtMatmulDescSetAttribute(plan.desc, attr, &value as *const u32 as *const c_void, 4),

@@ -146,19 +146,6 @@ impl Cuda {
             return self.add_bias(c, bias);
         }
         let precision = self.precision().of_gemm(g.m);
-        if c.dtype() == DType::Bf16 {
-            // cuBLASLt 13 refuses an f32 bias on a bf16 D (CUBLAS_STATUS_INVALID_VALUE on an
-            // H200, 2026-12-04), and a bf16 copy of the bias would round it before the sum. So
-            // the matmul and its bias go into f32, then one rounding into c: the CPU's order.
-            let wide = if g.beta != 0.0 {
-                self.convert_values(c.view(), DType::F32)?
-            } else {
-                self.alloc_typed(&[c.len()], DType::F32)?
-            };
-            let ptrs = (view_ptr(a)?, view_ptr(b)?, view_ptr(bias)?, tensor_ptr(&wide)?);
-            self.gemm_bias_lt(precision, (a.dtype(), DType::F32), g, ptrs)?;
-            return self.convert_into(wide.view(), c.view_mut());
-        }
         let ptrs = (view_ptr(a)?, view_ptr(b)?, view_ptr(bias)?, tensor_ptr(c)?);
         self.gemm_bias_lt(precision, (a.dtype(), c.dtype()), g, ptrs)
     }
