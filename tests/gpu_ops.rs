@@ -464,6 +464,12 @@ fn scatter_add_and_set_rows_bwd() {
             dev.set_rows_bwd(&mut dx, &rows, dvalue.view_mut()).unwrap();
             out.extend([("scatter_add", down(dev, &dtable)), ("dx", down(dev, &dx)), ("dvalue", down(dev, &dvalue))]);
         }
+        // Repeats inside one batch of the kernel's 8 rows and across batches: each row once.
+        let mut dx = up(dev, &randv(seed ^ 7, 3 * 40), &[3, 40]);
+        let rows = dev.upload_ids(&[2, 2, 0, 2, 1, 0, 0, 2, 2, 1, 0, 2]).unwrap();
+        let mut dvalue = up(dev, &randv(seed ^ 8, 40), &[40]);
+        dev.set_rows_bwd(&mut dx, &rows, dvalue.view_mut()).unwrap();
+        out.extend([("dx, repeated rows", down(dev, &dx)), ("dvalue, repeated rows", down(dev, &dvalue))]);
         out
     });
 }
