@@ -176,6 +176,21 @@ mod gpu {
         let h = rand(dev, &mut rng, &[rows, f]);
         bench(&mut g, "fwd", dev, |dev| drop(black_box(dev.gelu_fwd(&h))));
         bench(&mut g, "bwd", dev, |dev| drop(black_box(dev.gelu_bwd(&h, &h))));
+        // The FFN's activation as a block runs it (kernels/elementwise.cu), f32 and bf16
+        // storage: h = dropout 0.1 (GELU(u)), and backward in dh's memory with fc1's bias
+        // gradient (dh shrinks call by call; the kernel's time does not depend on its values).
+        let mut dbias = dev.zeros(&[f]).expect("zeros");
+        for (suffix, dtype) in [("", DType::F32), ("_bf16", DType::Bf16)] {
+            let mut u = dev.convert(h.view(), dtype).expect("convert").reshape(h.shape());
+            let mut dh = Some(dev.convert(h.view(), dtype).expect("convert").reshape(h.shape()));
+            bench(&mut g, &format!("ffn_fwd{suffix}"), dev, |dev| {
+                drop(black_box(dev.bias_gelu_dropout_fwd(&mut u, None, 0.1, 3)))
+            });
+            bench(&mut g, &format!("ffn_bwd{suffix}"), dev, |dev| {
+                let t = dh.take().expect("dh");
+                dh = Some(dev.gelu_dropout_bias_bwd(&u, t, 0.1, 3, dbias.view_mut()).expect("ffn bwd"));
+            });
+        }
         g.finish();
 
         let mut g = c.benchmark_group("elementwise_4608x1024");
@@ -379,6 +394,12 @@ mod gpu {
         bench(&mut g, "gather_4096x300", dev, |dev| drop(black_box(dev.gather_rows(table.view(), cfg.word_dim, &tok))));
         bench(&mut g, "scatter_add_4096x300", dev, |dev| {
             dev.scatter_add_rows(&emb, &tok, dtable.view_mut()).expect("scatter")
+        });
+        // As the masked-word step has it: 15 % of the rows the one [MASK] id (token 3 here).
+        let masked: Vec<u32> = (0..B * T).map(|i| if i % 20 < 3 { 3 } else { (i * 31 % cfg.vocab) as u32 }).collect();
+        let masked = dev.upload_ids(&masked).expect("ids");
+        bench(&mut g, "scatter_add_4096x300_masked", dev, |dev| {
+            dev.scatter_add_rows(&emb, &masked, dtable.view_mut()).expect("scatter")
         });
         bench(&mut g, "segment_mean_fwd_4608x1024", dev, |dev| drop(black_box(dev.segment_mean_fwd(&x, &seg))));
         g.finish();

@@ -26,19 +26,94 @@ __device__ void gather(const T* table, const uint32_t* ids, int n, int cols, T* 
 // from its eager run in the last bits.
 // Version 1, one thread per column walking all n rows, took 0.81 ms for 4096 x 300 on an
 // H200 (2026-12-04; 2.4 ms of a 22 ms paper step, three calls): 300 threads in flight, each a
-// chain of n dependent load-add-stores. Version 2 (this): blockIdx.y owns the ids of one
-// residue mod gridDim.y (a power of two), so the blocks of one column stripe touch disjoint
-// dtable rows and need no order between them; each thread still walks every id (the same
-// word for the whole warp: one L1 broadcast) but adds only its own ids' rows, in row order.
+// chain of n dependent load-add-stores. Version 2: blockIdx.y owns the ids of one residue mod
+// gridDim.y (a power of two), so the blocks of one column stripe touch disjoint dtable rows
+// and need no order between them; each thread walked every id and added its own ids' rows one
+// at a time, a memory latency each (184 µs a call in the bf16 paper step, 3.7 % of it: the
+// [MASK] token's hundreds of rows fall in one residue).
+// Version 3 (this): the residues as in version 2; the block stages the ids in shared memory
+// a tile at a time, and each warp (32 columns) finds its residue's rows 32 ids at a time with
+// one ballot, queues them in shared memory, and adds them SCATTER_BATCH at a time: the batch's
+// dy and dtable values loaded at once, then summed in row order (a row whose id came earlier
+// in the batch adds to that one's sum, held in a register), then stored. The same sums in the
+// same order: the same bits.
+#define SCATTER_TILE 1024
+#define SCATTER_BATCH 16
+#define SCATTER_WARPS 8
+
+// dtable[q_id[b], :] += dy[q_row[b], :] for the queued rows b < m, in queue order, column c.
+// The whole warp calls it. Lane b reads entry b and hands it round (one reader per word: the
+// emulated device's race check orders a warp's accesses one thread to one thread).
+template <typename T>
+__device__ __forceinline__ void scatter_batch(const T* dy, int cols, float* dtable, int c, const uint32_t* q_row,
+                                              const uint32_t* q_id, int m) {
+  const int lane = threadIdx.x;
+  const uint32_t my_row = lane < m ? q_row[lane] : 0u, my_id = lane < m ? q_id[lane] : 0u;
+  uint32_t row[SCATTER_BATCH], id[SCATTER_BATCH];
+#pragma unroll
+  for (int b = 0; b < SCATTER_BATCH; ++b) {
+    row[b] = __shfl_sync(0xffffffffu, my_row, b);
+    id[b] = __shfl_sync(0xffffffffu, my_id, b);
+  }
+  if (c >= cols) return;
+  float v[SCATTER_BATCH], sum[SCATTER_BATCH];
+#pragma unroll
+  for (int b = 0; b < SCATTER_BATCH; ++b)
+    if (b < m) {
+      v[b] = to_f32(dy[(size_t)row[b] * cols + c]);
+      sum[b] = dtable[(size_t)id[b] * cols + c];
+    }
+#pragma unroll
+  for (int b = 0; b < SCATTER_BATCH; ++b)
+    if (b < m) {
+      float base = sum[b];
+#pragma unroll
+      for (int e = 0; e < b; ++e)
+        if (id[e] == id[b]) base = sum[e];  // the latest earlier row of this id
+      sum[b] = base + v[b];
+    }
+#pragma unroll
+  for (int b = 0; b < SCATTER_BATCH; ++b)
+    if (b < m) dtable[(size_t)id[b] * cols + c] = sum[b];  // a repeated id: the last store wins
+}
+
 template <typename T>
 __device__ void scatter_add(const T* dy, const uint32_t* ids, int n, int cols, float* dtable) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  __shared__ uint32_t tile[SCATTER_TILE];
+  __shared__ uint32_t q_row[SCATTER_WARPS][SCATTER_BATCH], q_id[SCATTER_WARPS][SCATTER_BATCH];
+  const int lane = threadIdx.x, warp = threadIdx.y;
+  const int first = (blockIdx.x * SCATTER_WARPS + warp) * 32, c = first + lane;
   const uint32_t mask = gridDim.y - 1, part = blockIdx.y;
-  if (c >= cols) return;
-  for (int i = 0; i < n; ++i) {
-    const uint32_t id = __ldg(ids + i);
-    if ((id & mask) == part) dtable[(size_t)id * cols + c] += to_f32(dy[(size_t)i * cols + c]);
+  int queued = 0;  // the same in every lane of the warp
+  for (int t0 = 0; t0 < n; t0 += SCATTER_TILE) {
+    const int len = min(SCATTER_TILE, n - t0);
+    __syncthreads();  // the last tile was read
+    for (int k = warp * 32 + lane; k < len; k += 32 * SCATTER_WARPS) tile[k] = ids[t0 + k];
+    __syncthreads();
+    if (first >= cols) continue;  // a warp past the columns only helps stage the ids
+    for (int k0 = 0; k0 < len; k0 += 32) {
+      const bool valid = k0 + lane < len;
+      const uint32_t id = valid ? tile[k0 + lane] : 0u;
+      unsigned bits = __ballot_sync(0xffffffffu, valid && (id & mask) == part);
+      while (bits != 0u) {
+        const int take = min(__popc(bits), SCATTER_BATCH - queued);
+        const int rank = __popc(bits & ((1u << lane) - 1u));
+        if ((bits >> lane & 1u) && rank < take) {
+          q_row[warp][queued + rank] = t0 + k0 + lane;
+          q_id[warp][queued + rank] = id;
+        }
+        __syncwarp();
+        for (int t = 0; t < take; ++t) bits &= bits - 1u;
+        queued += take;
+        if (queued == SCATTER_BATCH) {
+          scatter_batch(dy, cols, dtable, c, q_row[warp], q_id[warp], queued);
+          __syncwarp();  // the queue is read before it is refilled
+          queued = 0;
+        }
+      }
+    }
   }
+  if (first < cols && queued > 0) scatter_batch(dy, cols, dtable, c, q_row[warp], q_id[warp], queued);
 }
 
 template <typename T>

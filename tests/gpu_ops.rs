@@ -442,6 +442,29 @@ fn scatter_add_adds_repeated_ids_in_row_order() {
         assert_eq!(run(gpu.as_mut()), want, "{n} rows of {cols} into {table}: against the CPU");
         assert_eq!(run(gpu.as_mut()), want, "{n} rows of {cols} into {table}: a second run");
     }
+    // A masked batch: one id (the [MASK] token) in every third row, another of its residue mod
+    // 64 in every seventh, the rest spread over a 10,000-word table; past the kernel's tiles
+    // of 1,024 ids and its batches of 16 queued rows.
+    let (n, cols, table) = (4100, 300, 10_000);
+    let mut ids = rand_ids(11, n, table);
+    for (i, id) in ids.iter_mut().enumerate() {
+        if i % 3 == 0 {
+            *id = 4;
+        } else if i % 7 == 0 {
+            *id = 4 + 64;
+        }
+    }
+    let run = |dev: &mut dyn Backend| {
+        let dy = up(dev, &randv(12, n * cols), &[n, cols]);
+        let ids = dev.upload_ids(&ids).unwrap();
+        let mut dtable = up(dev, &randv(13, table * cols), &[table, cols]);
+        dev.scatter_add_rows(&dy, &ids, dtable.view_mut()).unwrap();
+        down(dev, &dtable).iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    let want = run(&mut cpu);
+    let got = run(gpu.as_mut());
+    let first = (0..want.len()).find(|&i| got[i] != want[i]);
+    assert!(first.is_none(), "a masked batch: element {first:?} differs from the CPU's");
 }
 
 #[test]
