@@ -11,6 +11,7 @@
 #               a Xeon with AMX): the bundled cpu_profile (time by op, fp32 and bf16), then
 #               tools/bench_cpu_report.py with the bundled benches/cpu, on 2 CPUs (taskset),
 #               CPU_ROUNDS rounds (default 1), CPU_INPUTS lengths (default full,mixed);
+#               on an AMX CPU then the avx512 path's bf16 GEMMs too (about a minute);
 #               cpu.md and the evidence back.
 #   DEADLINE_S  one deadline for the whole run (default 540 s, under the device tool's 600);
 #               each stage is capped by the time left and by its own cap (TESTS_S, DEMO_S,
@@ -580,6 +581,23 @@ if has cpu && can_start cpu; then
   capped "$end" "$log" env "${TORCH_LDP[@]}" PYTHONUNBUFFERED=1 taskset -c "$pair" python3 \
     "$HERE/tools/bench_cpu_report.py" --bench-binary "$BIN/benches/cpu" --rounds "${CPU_ROUNDS:-1}" \
     --inputs "${CPU_INPUTS:-full,mixed}" --evidence "$WORK/cpu-evidence" "${skip_onnx[@]}" || rc=$?
+  # On an AMX CPU, the avx512 path's bf16 kernel (vdpbf16ps) on the same shapes, after the
+  # report: the two bf16 kernels of one CPU under the same blocking and bytes, which tells
+  # the tile kernel's cost from the rest (issue 17: AMX at 2-5x oneDNN's time, session 27).
+  if ((rc == 0)) && grep -qw amx_tile /proc/cpuinfo && ((SECONDS + 90 < end)); then
+    home=$WORK/cpu-evidence/criterion-avx512-bf16
+    mkdir -p "$home"
+    echo "=== the avx512 path's bf16 GEMMs (SEMSHARE_CPU=avx512)" >>"$log"
+    if capped "$end" "$log" env SEMSHARE_CPU=avx512 CRITERION_HOME="$home" taskset -c "$pair" \
+      "$BIN/benches/cpu" --bench '^gemm/semshare_avx512_bf16(_packed)?/'; then
+      python3 - "$home" >>"$log" <<'PY' || echo "run.sh: could not read the avx512 bf16 medians" >>"$log"
+import json, pathlib, sys
+for p in sorted(pathlib.Path(sys.argv[1]).glob("gemm/*/new/estimates.json")):
+    ms = json.load(open(p))["median"]["point_estimate"] / 1e6
+    print(f"| {p.parts[-3]}: the avx512 path's bf16 kernel on this AMX CPU | {ms:.3f} ms |")
+PY
+    fi
+  fi
   # The report's table is in the log; the raw runs (every measure finished, should the cap stop
   # it: the report prints its table only at the end) come back packed with it.
   packed=(cpu-evidence-log)
