@@ -40,7 +40,23 @@ pub struct Launch<'a> {
 }
 
 const NONE: u32 = u32::MAX;
+/// Readers in more than one warp (ordered only by a block barrier).
 const MULTI: u32 = u32::MAX - 1;
+
+/// The reader tag of several threads of warp `w` (a block has at most 32 warps): ordered
+/// before a later access of that warp by a warp barrier, as one reader of it would be.
+fn warp_readers(w: usize) -> u32 {
+    MULTI - 1 - w as u32
+}
+
+/// The warp a reader tag names: its thread's, or that of `warp_readers`; None for MULTI.
+fn readers_warp(tag: u32) -> Option<usize> {
+    match tag {
+        MULTI => None,
+        t if t >= MULTI - 32 => Some((MULTI - 1 - t) as usize),
+        t => Some(t as usize / 32),
+    }
+}
 /// What a shuffle from a missing lane returns: NaN as f32, absurd as an index.
 const POISON: u64 = 0x7fff_ffff;
 
@@ -530,15 +546,15 @@ impl<'k> Block<'k> {
     fn ordered(&self, prev: u32, prev_epoch: u32, prev_wepoch: u32, t: usize) -> bool {
         prev == t as u32
             || prev_epoch != self.epoch
-            || (prev != MULTI && prev as usize / 32 == t / 32 && self.warp_epoch[t / 32] != prev_wepoch)
+            || (readers_warp(prev) == Some(t / 32) && self.warp_epoch[t / 32] != prev_wepoch)
     }
 
     /// `t` did `now` to a word that `other` did `before` with no barrier in between.
     fn race(&self, t: usize, other: u32, off: u64, now: &str, before: &str) -> String {
-        let who = if other == MULTI {
-            "several other threads".to_string()
-        } else {
-            format!("thread {}", dim3(self.tid3(other as usize)))
+        let who = match readers_warp(other) {
+            None => "several other threads".to_string(),
+            Some(w) if other >= MULTI - 32 => format!("several threads of warp {w}"),
+            Some(_) => format!("thread {}", dim3(self.tid3(other as usize))),
         };
         self.err(
             t,
@@ -560,7 +576,14 @@ impl<'k> Block<'k> {
             let s = &mut self.shadow[w as usize];
             if s.r_tid == NONE || s.r_epoch != self.epoch {
                 *s = Shadow { r_tid: t as u32, r_epoch: self.epoch, r_wepoch: wep, ..*s };
-            } else if s.r_tid != t as u32 {
+            } else if readers_warp(s.r_tid) == Some(t / 32) {
+                // This warp's readers so far and this one: a later access by the warp must
+                // come after a warp barrier newer than the newest read.
+                if s.r_tid != t as u32 {
+                    s.r_tid = warp_readers(t / 32);
+                }
+                s.r_wepoch = wep;
+            } else {
                 s.r_tid = MULTI;
             }
         }

@@ -42,25 +42,17 @@ __device__ void gather(const T* table, const uint32_t* ids, int n, int cols, T* 
 #define SCATTER_WARPS 8
 
 // dtable[q_id[b], :] += dy[q_row[b], :] for the queued rows b < m, in queue order, column c.
-// The whole warp calls it. Lane b reads entry b and hands it round (one reader per word: the
-// emulated device's race check orders a warp's accesses one thread to one thread).
 template <typename T>
 __device__ __forceinline__ void scatter_batch(const T* dy, int cols, float* dtable, int c, const uint32_t* q_row,
                                               const uint32_t* q_id, int m) {
-  const int lane = threadIdx.x;
-  const uint32_t my_row = lane < m ? q_row[lane] : 0u, my_id = lane < m ? q_id[lane] : 0u;
-  uint32_t row[SCATTER_BATCH], id[SCATTER_BATCH];
-#pragma unroll
-  for (int b = 0; b < SCATTER_BATCH; ++b) {
-    row[b] = __shfl_sync(0xffffffffu, my_row, b);
-    id[b] = __shfl_sync(0xffffffffu, my_id, b);
-  }
   if (c >= cols) return;
+  uint32_t id[SCATTER_BATCH];
   float v[SCATTER_BATCH], sum[SCATTER_BATCH];
 #pragma unroll
   for (int b = 0; b < SCATTER_BATCH; ++b)
     if (b < m) {
-      v[b] = to_f32(dy[(size_t)row[b] * cols + c]);
+      id[b] = q_id[b];
+      v[b] = to_f32(dy[(size_t)q_row[b] * cols + c]);
       sum[b] = dtable[(size_t)id[b] * cols + c];
     }
 #pragma unroll

@@ -123,6 +123,24 @@ fn a_missing_barrier_is_a_race_naming_both_threads() {
     }
 }
 
+/// A warp's readers of a shared word, then a write by one of its lanes after `__syncwarp`:
+/// ordered, as on the hardware. The same write from another warp: a race naming the readers'
+/// warp.
+#[test]
+fn a_warps_readers_are_ordered_by_its_warp_barrier_and_no_other_warps() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(d) = device("warp_readers_then_writer") else { return };
+    let y = upload(&[0.0; 64]);
+    launch(&d, "warp_readers_then_writer", 1, 64, &[y, 0])
+        .expect("a lane of the readers' warp writes after its barrier");
+    let want: Vec<f32> = (0..64).map(|t| if t < 32 { 1.0 } else { 0.0 }).collect();
+    assert_eq!(download(y, 64), want);
+    let e = launch(&d, "warp_readers_then_writer", 1, 64, &[y, 1]).expect_err("another warp's write must fail");
+    for part in ["kernel `warp_readers_then_writer`", "race", "several threads of warp 0", "__syncthreads"] {
+        assert!(e.contains(part), "missing `{part}` in: {e}");
+    }
+}
+
 #[test]
 fn an_index_one_past_the_end_names_kernel_thread_and_index() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());

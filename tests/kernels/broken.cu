@@ -21,6 +21,20 @@ extern "C" __global__ void with_barrier(const float* in, float* out) {
   out[t] = s[(t + 1) % blockDim.x];
 }
 
+// Warp 0's lanes all read one shared word, then a lane of warp `writer_warp` writes it after
+// a warp barrier: ordered inside warp 0 (must pass), a race from warp 1 (needs __syncthreads).
+extern "C" __global__ void warp_readers_then_writer(float* out, int writer_warp) {
+  __shared__ float s[1];
+  const int t = threadIdx.x;
+  if (t == 0) s[0] = 1.0f;
+  __syncthreads();
+  float v = 0.0f;
+  if (t < 32) v = *(volatile float*)s;  // volatile: warp 1 must not load it speculatively
+  __syncwarp();
+  if (t == writer_warp * 32) s[0] = 2.0f;
+  out[t] = v;
+}
+
 // `<=` where `<` was meant: the thread with i == n writes one element past the end.
 extern "C" __global__ void one_past_the_end(float* out, int n) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
