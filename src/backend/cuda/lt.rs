@@ -69,8 +69,9 @@ impl Lt {
     }
 
     /// Row-major `c[m, n] = alpha·op(a)·op(b) + beta·c + bias` (bias: n values of c's type, on
-    /// every row; the sum in f32, rounded once into a bf16 c) on `stream`, at `precision`'s compute type (bf16 A and B: `CUBLAS_COMPUTE_32F`),
-    /// A and B stored as `types.0`, C as `types.1`, with `workspace` (pointer, bytes).
+    /// every row; the sum in f32, rounded once into a bf16 c) on `stream`, at `precision`'s
+    /// compute type (bf16 A and B: `CUBLAS_COMPUTE_32F`), A and B stored as `types.0`, C as
+    /// `types.1`, with `workspace` (pointer, bytes).
     ///
     /// # Safety
     /// a, b, c and bias are live device ranges of their types and of the shapes `g` gives
