@@ -49,11 +49,12 @@ fn warp_readers(w: usize) -> u32 {
     MULTI - 1 - w as u32
 }
 
-/// The warp a reader tag names: its thread's, or that of `warp_readers`; None for MULTI.
+/// The warp a reader tag names: its thread's, or that of `warp_readers`; None for MULTI
+/// (and NONE: no reader).
 fn readers_warp(tag: u32) -> Option<usize> {
     match tag {
-        MULTI => None,
-        t if t >= MULTI - 32 => Some((MULTI - 1 - t) as usize),
+        NONE | MULTI => None,
+        t if t >= warp_readers(31) => Some((MULTI - 1 - t) as usize),
         t => Some(t as usize / 32),
     }
 }
@@ -553,7 +554,7 @@ impl<'k> Block<'k> {
     fn race(&self, t: usize, other: u32, off: u64, now: &str, before: &str) -> String {
         let who = match readers_warp(other) {
             None => "several other threads".to_string(),
-            Some(w) if other >= MULTI - 32 => format!("several threads of warp {w}"),
+            Some(w) if other >= warp_readers(31) => format!("several threads of warp {w}"),
             Some(_) => format!("thread {}", dim3(self.tid3(other as usize))),
         };
         self.err(

@@ -7,20 +7,11 @@
 mod common;
 
 use common::gpu::gpu_or_skip;
-use common::{rand_range, randv, rel_err};
+use common::{rand_range, randv, rel_err, same_values};
 use semshare::Error;
 use semshare::backend::cpu::Cpu;
 use semshare::backend::{Backend, Gemm, Precision};
 use semshare::tensor::{DType, Tensor, bf16_bits};
-
-/// `got` is `want` bit for bit (a NaN as a NaN), or a failure naming the first element apart.
-fn same_values(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let apart = |(g, w): (&f32, &f32)| if w.is_nan() { !g.is_nan() } else { g.to_bits() != w.to_bits() };
-    if let Some(i) = got.iter().zip(want).position(apart) {
-        panic!("{what}: element {i} is {:e}, not {:e}", got[i], want[i]);
-    }
-}
 
 /// The GPU computing at `precision`, or None after a skip line.
 fn gpu_at(test: &str, precision: Precision) -> Option<Box<dyn Backend>> {

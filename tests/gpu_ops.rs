@@ -459,12 +459,10 @@ fn scatter_add_adds_repeated_ids_in_row_order() {
         let ids = dev.upload_ids(&ids).unwrap();
         let mut dtable = up(dev, &randv(13, table * cols), &[table, cols]);
         dev.scatter_add_rows(&dy, &ids, dtable.view_mut()).unwrap();
-        down(dev, &dtable).iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        down(dev, &dtable)
     };
     let want = run(&mut cpu);
-    let got = run(gpu.as_mut());
-    let first = (0..want.len()).find(|&i| got[i] != want[i]);
-    assert!(first.is_none(), "a masked batch: element {first:?} differs from the CPU's");
+    common::same_values("a masked batch against the CPU", &run(gpu.as_mut()), &want);
 }
 
 #[test]
@@ -698,20 +696,13 @@ fn bias_gelu_dropout_matches_the_cpu_and_the_unfused_ops() {
 fn elementwise_ops_past_one_pass_of_the_grid_match_the_cpu() {
     let Some(mut gpu) = gpu_or_skip("element-wise ops past one grid pass") else { return };
     let mut cpu = common::cpu();
-    // The first element whose bits differ (a whole tensor's bits would fill the log).
-    let same = |a: &[f32], b: &[f32], what: &str| {
-        assert_eq!(a.len(), b.len(), "{what}: length");
-        if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
-            panic!("{what}: element {i} of {} is {} against {}", a.len(), a[i], b[i]);
-        }
-    };
     let shape = (2700, 1021);
     let n = shape.0 * shape.1;
     assert!(n > 2 * 4096 * 256 && n < 3 * 4096 * 256);
     let got = common::ffn_activation_both_ways(gpu.as_mut(), shape, 0.3, true, 77);
     let want = common::ffn_activation_both_ways(&mut cpu, shape, 0.3, true, 77);
     for ((name, fused, ops), (_, cpu_fused, _)) in got.iter().zip(&want) {
-        same(fused, ops, &format!("{name}: fused against unfused on the device"));
+        common::same_values(&format!("{name}: fused against unfused on the device"), fused, ops);
         let e = rel_err(fused, &cpu_fused.iter().map(|&v| v as f64).collect::<Vec<_>>());
         let tol = if *name == "dbias" { REDUCE } else { EXACT };
         assert!(e <= tol, "{name}: relative error {e:.3e} against the CPU");
@@ -728,7 +719,7 @@ fn elementwise_ops_past_one_pass_of_the_grid_match_the_cpu() {
         (down(dev, &y), down(dev, &back))
     };
     let ((y, back), (want_y, want_back)) = (run(gpu.as_mut()), run(&mut cpu));
-    same(&back, &want_back, "bf16 round trip against the CPU");
+    common::same_values("bf16 round trip against the CPU", &back, &want_back);
     let e = rel_err(&y, &want_y.iter().map(|&v| v as f64).collect::<Vec<_>>());
     assert!(e <= EXACT, "bias, residual, scale: relative error {e:.3e} against the CPU");
 }

@@ -15,6 +15,16 @@ pub mod training;
 use semshare::backend::{Backend, Segments};
 use semshare::tensor::Tensor;
 
+/// `got` is `want` bit for bit (a NaN as a NaN), or a failure naming the first element apart
+/// (a whole tensor's bits in an `assert_eq!` would fill the log).
+pub fn same_values(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let apart = |(g, w): (&f32, &f32)| if w.is_nan() { !g.is_nan() } else { g.to_bits() != w.to_bits() };
+    if let Some(i) = got.iter().zip(want).position(apart) {
+        panic!("{what}: element {i} is {:e}, not {:e}", got[i], want[i]);
+    }
+}
+
 /// Proptest settings: `cases` random cases (`PROPTEST_CASES` overrides, e.g. for a long
 /// soak), no regression files written into the tree (a failure prints its minimal case and
 /// seed, which is what a fixed test should then pin).
