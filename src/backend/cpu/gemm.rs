@@ -7,7 +7,9 @@
 //! is packed into NR-wide slivers (16 KiB each for 16 fp32 columns at KC = 256, one stays in L1
 //! across a column of tiles); for each MC-tall row block, A's MC × KC block is packed into
 //! MR-tall slivers (96–128 KiB, kept in L2: 512 KiB on Zen 3, 1 MiB on Zen 4) and every MR × NR
-//! tile of C is one micro-kernel call. The model's
+//! tile of C is one micro-kernel call. The AVX fp32 kernels read A's rows where they lie when
+//! they run along k (activations as stored; `Micro::tile_rows`), packing only a last partial
+//! sliver: a packed copy of the same values cost 3 % of the fp32 embedding. The model's
 //! shapes are tall-skinny activations [tokens, d] × [d, d] or [d, 4d] weights (k ≤ 1024: one
 //! to four KC slices) and the GRU's 32-row recurrent GEMMs (one MC block). Packing buffers are
 //! per thread, 64-byte aligned and reused (no allocation per call). Parallel on the rayon pool:
@@ -601,13 +603,20 @@ where
     let Problem { m, k: kc, n: nc, sa, sc, .. } = p;
     let (mr, nr, mc_max) = (K::MR, K::NR, 16 * K::MR);
     let (kpa, kpb) = (K::A.padded(kc), K::B.padded(kc));
+    // A's rows read where they lie when they run along k: only a last, partial sliver is
+    // packed (the kernel reads MR whole rows).
+    let rows_a = K::ROWS_A && sa.cs == 1;
     with_buffer::<K::Packed, _>(0, m.min(mc_max).next_multiple_of(mr) * kpa, |pa| {
         for ic in (0..m).step_by(mc_max) {
             let mc = mc_max.min(m - ic);
-            // SAFETY (all below): the packed blocks are read inside what was packed, and
-            // every tile of C written is inside the m × nc block.
+            let whole = if rows_a { mc - mc % mr } else { 0 };
+            // SAFETY (all below): the packed blocks are read inside what was packed, A's
+            // whole slivers inside A, and every tile of C written is inside the m × nc block.
             unsafe {
-                pack::<K>(pa, p.a.offset(ic as isize * sa.rs), sa.rs, sa.cs, mc, kc, mr, K::A);
+                let rest = p.a.offset((ic + whole) as isize * sa.rs);
+                if whole < mc {
+                    pack::<K>(pa, rest, sa.rs, sa.cs, mc - whole, kc, mr, K::A);
+                }
                 for jr in (0..nc).step_by(nr) {
                     let bs = pb.as_ptr().add(jr * kpb);
                     for ir in (0..mc).step_by(mr) {
@@ -621,7 +630,12 @@ where
                             bias: bias_at(p.bias, jr as isize),
                         };
                         out.prefetch();
-                        K::tile(kc, pa.as_ptr().add(ir * kpa), bs, p.alpha, p.beta, out);
+                        if ir < whole {
+                            let a = p.a.offset((ic + ir) as isize * sa.rs);
+                            K::tile_rows(kc, a, sa.rs as usize, bs, p.alpha, p.beta, out);
+                        } else {
+                            K::tile(kc, pa.as_ptr().add((ir - whole) * kpa), bs, p.alpha, p.beta, out);
+                        }
                     }
                 }
                 if p.round {

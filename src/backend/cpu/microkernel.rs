@@ -5,7 +5,8 @@
 //! A sliver holds, for each group of `KG` consecutive k, its `MR` (or `NR`) lines side by side,
 //! the group's `KG` values of a line together: `[k / KG][line][k % KG]`. fp32 kernels take one
 //! k per group; the kernels of a bf16 unit two (the pair that one `vdpbf16ps` lane multiplies
-//! and adds).
+//! and adds). The AVX fp32 kernels also take A's rows where they lie (`tile_rows`), when
+//! they run along k: a packed sliver would hold the same values.
 //!
 //! | kernel | tile | registers | per group of k |
 //! |---|---|---|---|
@@ -186,6 +187,29 @@ pub trait Micro {
         }
     }
 
+    /// The kernel multiplies A's rows where they lie ([`Micro::tile_rows`]), with no packed
+    /// copy of them: an fp32 kernel reading A as stored (rows contiguous along k).
+    const ROWS_A: bool = false;
+
+    /// [`Micro::tile`] on A's `MR` rows where they lie, row i's `kc` values contiguous from
+    /// `a + i·lda`, instead of a packed sliver: the same products in the same order, so the
+    /// same bits. Packing A cost 3 % of the fp32 embedding (`perf`, Zen 4 VM, session 30).
+    ///
+    /// # Safety
+    /// As for [`Micro::tile`], with `MR` whole rows at `a` (`out.rows == MR`), and only on a
+    /// kernel with `ROWS_A`.
+    unsafe fn tile_rows(
+        _kc: usize,
+        _a: *const f32,
+        _lda: usize,
+        _b: *const Self::Packed,
+        _alpha: f32,
+        _beta: f32,
+        _out: TileOut,
+    ) {
+        unreachable!("tile_rows on a kernel that multiplies packed A only")
+    }
+
     /// Called on a block's slivers once they are packed (`pack`): `Bf16OnF32` rounds them.
     ///
     /// # Safety
@@ -300,7 +324,14 @@ impl Micro for F32Avx2 {
 
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
         // SAFETY: as the trait's contract: the CPU has AVX2 + FMA.
-        unsafe { avx2_f32(kc, a, b, alpha, beta, out) }
+        unsafe { avx2_f32::<false>(kc, a, 0, b, alpha, beta, out) }
+    }
+
+    const ROWS_A: bool = true;
+
+    unsafe fn tile_rows(kc: usize, a: *const f32, lda: usize, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
+        // SAFETY: as the trait's contract: 6 whole rows at a, the CPU has AVX2 + FMA.
+        unsafe { avx2_f32::<true>(kc, a, lda, b, alpha, beta, out) }
     }
 }
 
@@ -316,19 +347,28 @@ impl F32Unit for F32Avx2 {
     }
 }
 
+/// A 6 × 16 tile; A a packed sliver (element (i, p) at `a[p·6 + i]`) or, with `ROWS`, rows
+/// where they lie (at `a[i·lda + p]`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_f32(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
+unsafe fn avx2_f32<const ROWS: bool>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    alpha: f32,
+    beta: f32,
+    out: TileOut,
+) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-    // SAFETY: step p reads a[p·6 .. +6] and b[p·16 .. +16], inside the slivers.
+    // SAFETY: step p reads A's (i, p) for i < 6 and b[p·16 .. +16], inside the operands.
     unsafe {
         for p in 0..kc {
             let bp = b.add(p * 16);
             let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
-            let ap = a.add(p * 6);
             for (i, acc) in acc.iter_mut().enumerate() {
-                let ai = _mm256_broadcast_ss(&*ap.add(i));
+                let ai = _mm256_broadcast_ss(&*if ROWS { a.add(i * lda + p) } else { a.add(p * 6 + i) });
                 acc[0] = _mm256_fmadd_ps(ai, b0, acc[0]);
                 acc[1] = _mm256_fmadd_ps(ai, b1, acc[1]);
             }
@@ -378,10 +418,22 @@ impl Micro for F32Avx512 {
         // products in the same order whichever variant computes it.
         unsafe {
             match (out.rows <= 4, out.cols <= 16) {
-                (false, false) => avx512_f32::<8, 2>(kc, a, b, alpha, beta, out),
-                (false, true) => avx512_f32::<8, 1>(kc, a, b, alpha, beta, out),
-                (true, false) => avx512_f32::<4, 2>(kc, a, b, alpha, beta, out),
-                (true, true) => avx512_f32::<4, 1>(kc, a, b, alpha, beta, out),
+                (false, false) => avx512_f32::<8, 2, false>(kc, a, 0, b, alpha, beta, out),
+                (false, true) => avx512_f32::<8, 1, false>(kc, a, 0, b, alpha, beta, out),
+                (true, false) => avx512_f32::<4, 2, false>(kc, a, 0, b, alpha, beta, out),
+                (true, true) => avx512_f32::<4, 1, false>(kc, a, 0, b, alpha, beta, out),
+            }
+        }
+    }
+
+    const ROWS_A: bool = true;
+
+    unsafe fn tile_rows(kc: usize, a: *const f32, lda: usize, b: *const f32, alpha: f32, beta: f32, out: TileOut) {
+        // SAFETY: as the trait's contract: 8 whole rows at a, the CPU has AVX-512 F.
+        unsafe {
+            match out.cols <= 16 {
+                false => avx512_f32::<8, 2, true>(kc, a, lda, b, alpha, beta, out),
+                true => avx512_f32::<8, 1, true>(kc, a, lda, b, alpha, beta, out),
             }
         }
     }
@@ -399,12 +451,14 @@ impl F32Unit for F32Avx512 {
     }
 }
 
-/// The first R rows and 16·H columns of an 8 × 32 tile.
+/// The first R rows and 16·H columns of an 8 × 32 tile; A a packed sliver (element (i, p) at
+/// `a[p·8 + i]`) or, with `ROWS`, rows where they lie (at `a[i·lda + p]`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn avx512_f32<const R: usize, const H: usize>(
+unsafe fn avx512_f32<const R: usize, const H: usize, const ROWS: bool>(
     kc: usize,
     a: *const f32,
+    lda: usize,
     b: *const f32,
     alpha: f32,
     beta: f32,
@@ -412,14 +466,13 @@ unsafe fn avx512_f32<const R: usize, const H: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); H]; R];
-    // SAFETY: step p reads a[p·8 .. +R] and b[p·32 .. +16·H], inside the slivers.
+    // SAFETY: step p reads A's (i, p) for i < R and b[p·32 .. +16·H], inside the operands.
     unsafe {
         for p in 0..kc {
             let bp = b.add(p * 32);
             let bv: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(bp.add(16 * h)));
-            let ap = a.add(p * 8);
             for (i, acc) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*ap.add(i));
+                let ai = _mm512_set1_ps(if ROWS { *a.add(i * lda + p) } else { *a.add(p * 8 + i) });
                 for (acc, &bh) in acc.iter_mut().zip(&bv) {
                     *acc = _mm512_fmadd_ps(ai, bh, *acc);
                 }
