@@ -356,6 +356,16 @@ impl SemShare {
         kind: EmbeddingKind,
     ) -> Result<Tensor> {
         let w = w.into();
+        let mut out = None;
+        dev.run_pooled(&mut |dev| {
+            out = Some(self.embed_here(dev, w, batch, kind)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| crate::Error::Device { what: format!("{} did not run the embedding", dev.name()) })
+    }
+
+    /// [`SemShare::embed`] on the calling thread.
+    fn embed_here(&self, dev: &mut dyn Backend, w: Weights, batch: &Batch, kind: EmbeddingKind) -> Result<Tensor> {
         let staged = self.stage(dev, batch, &MaskPlan::default(), false)?;
         let (enc, _) = self.encode(dev, w, staged, Dropout::OFF)?;
         match kind {

@@ -19,6 +19,7 @@ pub mod pack;
 pub mod positions;
 pub mod profile;
 pub mod simd;
+pub mod threads;
 pub mod topk;
 
 use super::{
@@ -154,6 +155,15 @@ impl Backend for Cpu {
 
     fn available_memory(&self) -> Option<u64> {
         crate::io::host_available_memory()
+    }
+
+    fn run_pooled(&mut self, f: &mut (dyn FnMut(&mut dyn Backend) -> Result<()> + Send)) -> Result<()> {
+        if rayon::current_thread_index().is_some() {
+            return f(self);
+        }
+        // From outside the pool `scope` hands its body to a worker and waits once.
+        let dev = self;
+        rayon::scope(|_| f(dev))
     }
 
     fn activations(&self) -> DType {

@@ -169,6 +169,10 @@ impl Backend for Cuda {
         Some(free as u64 + self.pool.cached_bytes() as u64)
     }
 
+    fn run_pooled(&mut self, f: &mut (dyn FnMut(&mut dyn Backend) -> Result<()> + Send)) -> Result<()> {
+        f(self)
+    }
+
     fn activations(&self) -> DType {
         if self.precision() == Precision::Bf16 { DType::Bf16 } else { DType::F32 }
     }
