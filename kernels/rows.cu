@@ -180,7 +180,8 @@ __device__ void segment_mean_bwd(const T* dy, const uint32_t* offsets, int items
   }
 }
 
-// out[offsets[b] + t, :] = table[t, :] for every row t of item b (position encodings).
+// out[offsets[b] + t, :] = table[t, :] for every row t of item b (a value per position: ψ2 of the
+// position encodings).
 template <typename T>
 __device__ void segment_rows(const float* table, const uint32_t* offsets, int items, int cols, T* out) {
   for (int b = blockIdx.y; b < items; b += gridDim.y) {
@@ -188,6 +189,21 @@ __device__ void segment_rows(const float* table, const uint32_t* offsets, int it
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
       for (uint32_t r = s; r < e; ++r) out[(size_t)r * cols + c] = from_f32<T>(table[(size_t)(r - s) * cols + c]);
   }
+}
+
+// Its backward: dtable[t, c] = the sum of dy[offsets[b] + t, c] over the items b that have a row t,
+// items in order (the CPU twin's order: the same bits), 0 where none has. One thread per (t, c).
+__device__ void segment_rows_bwd(const float* dy, const uint32_t* offsets, int items, int rows, int cols,
+                                 float* dtable) {
+  for (int t = blockIdx.y; t < rows; t += gridDim.y)
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+      float acc = 0.0f;
+      for (int b = 0; b < items; ++b) {
+        const uint32_t s = offsets[b];
+        if ((uint32_t)t < offsets[b + 1] - s) acc += dy[(size_t)(s + t) * cols + c];
+      }
+      dtable[(size_t)t * cols + c] = acc;
+    }
 }
 
 // One warp per row: the squared norm is a warp butterfly sum; a zero row stays zero.
@@ -236,3 +252,8 @@ template <typename T> __device__ void l2norm(T* x, int rows, int cols) {
 
 ROWS_ENTRY(float, f32)
 ROWS_ENTRY(__nv_bfloat16, bf16)
+
+extern "C" __global__ void segment_rows_bwd_f32(const float* dy, const uint32_t* off, int items, int rows, int cols,
+                                                float* dtable) {
+  rows::segment_rows_bwd(dy, off, items, rows, cols, dtable);
+}

@@ -36,6 +36,7 @@ use common::{
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use semshare::backend::{Backend, Segments};
+use semshare::nn::segment::Location;
 use semshare::nn::{
     BiGru, Dropout, Embedding, EncoderBlock, LayerNorm, Linear, MultiHeadAttention, ParamStore, SegmentEmbed,
 };
@@ -329,29 +330,42 @@ fn check_bigru(lengths: &[usize], inputs: usize, hidden: usize, seed: u64) -> R 
 
 // ---- SegmentEmbed ---------------------------------------------------------------------------
 
-fn check_segment_embed(tokens: usize, content: usize, location: usize, dim: usize, seed: u64) -> R {
+/// With `positions`, ψ2 reads each segment's position in its item (the text side: one row
+/// of ψ2 per position, copied to the items' rows and summed back); else a row of data each.
+fn check_segment_embed(
+    lengths: &[usize],
+    content: usize,
+    location: usize,
+    dim: usize,
+    positions: bool,
+    seed: u64,
+) -> R {
+    let seg: Segments = segments(&mut common::cpu(), lengths);
+    let tokens = seg.tokens();
     let mut store = ParamStore::new();
     let se = SegmentEmbed::new(&mut store, "seg", content, location, dim);
     let loc = randv(seed ^ 9, tokens * location);
+    let place =
+        |b: &mut dyn Backend| if positions { Location::Positions(&seg) } else { Location::Rows(up(b, &loc, location)) };
     let layer = Layer {
         store: &store,
         w: params(&store, seed),
         x: randv(seed ^ 1, tokens * content),
         out_len: tokens * dim,
         fwd: Box::new(|b, w, x| {
-            let (xt, lt) = (up(b, x, content), up(b, &loc, location));
+            let (xt, lt) = (up(b, x, content), place(b));
             let (y, _) = se.forward(b, w, xt, lt).unwrap();
             b.download(y.view()).unwrap()
         }),
         bwd: Box::new(|b, w, g, x, r| {
-            let (xt, lt) = (up(b, x, content), up(b, &loc, location));
+            let (xt, lt) = (up(b, x, content), place(b));
             let (_, cache) = se.forward(b, w, xt, lt).unwrap();
             let dy = up(b, r, dim);
-            let dx = se.backward(b, w, g, cache, &dy, true).unwrap().unwrap();
+            let dx = se.backward(b, w, g, &seg, cache, &dy, true).unwrap().unwrap();
             Some(b.download(dx.view()).unwrap())
         }),
     };
-    check_layer("SegmentEmbed", layer, seed)
+    check_layer(if positions { "SegmentEmbed by position" } else { "SegmentEmbed" }, layer, seed)
 }
 
 /// Without the content's gradient (features that are data), the parameters get the same
@@ -366,11 +380,12 @@ fn segment_embed_without_the_content_gradient_gives_the_same_parameter_gradients
     let w = b.upload(&params(&store, 3), &[store.total]).unwrap();
     let dy = up(b, &randv(4, tokens * dim), dim);
     let mut grads = Vec::new();
+    let seg = segments(b, &[tokens]);
     for content_grad in [true, false] {
         let (x, loc) = (up(b, &randv(1, tokens * content), content), up(b, &randv(2, tokens * location), location));
-        let (_, cache) = se.forward(b, &w, x, loc).unwrap();
+        let (_, cache) = se.forward(b, &w, x, Location::Rows(loc)).unwrap();
         let mut g = b.zeros(&[store.total]).unwrap();
-        let dx = se.backward(b, &w, &mut g, cache, &dy, content_grad).unwrap();
+        let dx = se.backward(b, &w, &mut g, &seg, cache, &dy, content_grad).unwrap();
         assert_eq!(dx.is_some(), content_grad);
         grads.push(b.download(g.view()).unwrap());
     }
@@ -412,8 +427,8 @@ proptest! {
     }
 
     #[test]
-    fn segment_embed_gradients(tokens in 1usize..6, content in 1usize..7, location in 1usize..6, dim in 4usize..9, seed: u64) {
-        check_segment_embed(tokens, content, location, dim, seed)?;
+    fn segment_embed_gradients(lengths in lengths_strategy(3, 4), content in 1usize..7, location in 1usize..6, dim in 4usize..9, positions: bool, seed: u64) {
+        check_segment_embed(&lengths, content, location, dim, positions, seed)?;
     }
 }
 
@@ -429,8 +444,10 @@ fn layer_gradients_fixed_cases() {
     check_block(&[3, 1, 2], None, 4, 7, Dropout { p: 0.3, seed: 78 }, 8).unwrap(); // FC block
     check_bigru(&[1], 2, 3, 8).unwrap();
     check_bigru(&[4, 1, 3], 3, 2, 9).unwrap();
-    check_segment_embed(1, 3, 5, 4, 10).unwrap(); // one token
-    check_segment_embed(6, 7, 5, 8, 11).unwrap();
+    check_segment_embed(&[1], 3, 5, 4, false, 10).unwrap(); // one token
+    check_segment_embed(&[6], 7, 5, 8, false, 11).unwrap();
+    check_segment_embed(&[1], 3, 5, 4, true, 12).unwrap();
+    check_segment_embed(&[4, 1, 3], 7, 6, 8, true, 13).unwrap();
 }
 
 /// The dropout inside a block really drops (and the gradient check above therefore covers

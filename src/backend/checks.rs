@@ -58,6 +58,30 @@ pub(crate) fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()
     Ok(())
 }
 
+/// `segment_rows`' table: f32, with a row for every position of the longest item.
+pub(crate) fn check_segment_table(op: &'static str, table: &Tensor, seg: &Segments) -> Result<()> {
+    expect_dtype(op, "table", table.dtype(), DType::F32)?;
+    if table.rows() < seg.max_len {
+        return Err(crate::Error::shape(
+            op,
+            format!("table has {} rows for items up to {} long", table.rows(), seg.max_len),
+        ));
+    }
+    Ok(())
+}
+
+/// `segment_rows_bwd`'s operands: an f32 gradient of the batch's rows, and a row out for
+/// every position of the longest item.
+pub(crate) fn check_segment_rows_bwd(dy: &Tensor, seg: &Segments, rows: usize) -> Result<()> {
+    let op = "segment_rows_bwd";
+    rows_of(op, dy, seg)?;
+    expect_dtype(op, "dy", dy.dtype(), DType::F32)?;
+    if rows < seg.max_len {
+        return Err(crate::Error::shape(op, format!("{rows} rows out for items up to {} long", seg.max_len)));
+    }
+    Ok(())
+}
+
 /// `gemm_bias`'s operands (`Backend::gemm_bias`): the GEMM's, a bias of c's type with one
 /// value per column of c, and, for a bf16 c, a product to add it to (k > 0, c's rows of n)
 /// so that the sum is rounded once.

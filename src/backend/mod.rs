@@ -24,8 +24,8 @@ pub use checks::prob_offsets;
 pub(crate) use checks::{
     check_attention, check_attention_bwd, check_dropout, check_gemm, check_gemm_bias, check_gemm_types, check_gru_bwd,
     check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
-    check_residual_layernorm_bwd, check_top_k, check_widen, expect_cols, expect_dtype, expect_len, f32s, rows_of,
-    same_dtype, same_shape,
+    check_residual_layernorm_bwd, check_segment_rows_bwd, check_segment_table, check_top_k, check_widen, expect_cols,
+    expect_dtype, expect_len, f32s, rows_of, same_dtype, same_shape,
 };
 pub use graph::{Graph, GraphInput};
 pub use open::{open, open_at};
@@ -430,10 +430,16 @@ pub trait Backend {
     /// Mean over each item's rows: `[tokens, d] -> [items, d]`.
     fn segment_mean_fwd(&mut self, x: &Tensor, seg: &Segments) -> Result<Tensor>;
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor>;
-    /// `[tokens, dim]`: each row's sinusoidal position encoding, the position counted inside
-    /// its item (`cpu::positions`). The CUDA backend keeps the table on the device, so a batch
-    /// uploads none of it.
-    fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor>;
+    /// `[rows, dim]`: the sinusoidal position encodings of positions 0..rows
+    /// (`cpu::positions`). The CUDA backend keeps the table on the device, so a batch uploads
+    /// none of it.
+    fn position_table(&mut self, rows: usize, dim: usize) -> Result<Tensor>;
+    /// `[tokens, d]`: row t of each item is `table`'s row t (a value per position in an item,
+    /// as ψ2 of the position encodings). `table` is f32 with at least `seg.max_len` rows.
+    fn segment_rows(&mut self, table: &Tensor, seg: &Segments) -> Result<Tensor>;
+    /// Its backward, `[rows, d]`: row t is the sum of dy's row t of every item that has one,
+    /// items in order (zero where none has), f32.
+    fn segment_rows_bwd(&mut self, dy: &Tensor, seg: &Segments, rows: usize) -> Result<Tensor>;
 
     // ---- layers -------------------------------------------------------------------------
     /// LayerNorm over the last dimension; returns y and the saved `[rows, 2]` (mean, rstd).

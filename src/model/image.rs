@@ -2,8 +2,8 @@
 //! e_t = φ(ψ1(x̂_t) + ψ2(b_t)), where x̂_t is the learned `[MASK]` feature if t is masked.
 
 use crate::Result;
-use crate::backend::Backend;
-use crate::nn::segment::SegmentEmbedCache;
+use crate::backend::{Backend, Segments};
+use crate::nn::segment::{Location, SegmentEmbedCache};
 use crate::nn::{Dropout, Init, Param, ParamStore, SegmentEmbed};
 use crate::tensor::{Ids, Tensor};
 
@@ -41,7 +41,7 @@ impl ImageEncoder {
         if let Some(rows) = &masked {
             dev.set_rows(&mut features, rows, self.mask_feature.of(w))?;
         }
-        let (mut e, embed) = self.embed.forward(dev, w, features, boxes)?;
+        let (mut e, embed) = self.embed.forward(dev, w, features, Location::Rows(boxes))?;
         drop.forward(dev, &mut e)?;
         Ok((e, ImageCache { embed, masked, drop }))
     }
@@ -51,13 +51,14 @@ impl ImageEncoder {
         dev: &mut dyn Backend,
         w: &Tensor,
         g: &mut Tensor,
+        seg: &Segments,
         c: ImageCache,
         mut de: Tensor,
     ) -> Result<()> {
         c.drop.backward(dev, &mut de)?;
         // Only the masked rows carry a gradient anywhere: into the [MASK] feature. The
         // features are data, so with no masked row their gradient is not computed.
-        let dfeatures = self.embed.backward(dev, w, g, c.embed, &de, c.masked.is_some())?;
+        let dfeatures = self.embed.backward(dev, w, g, seg, c.embed, &de, c.masked.is_some())?;
         if let (Some(rows), Some(mut dfeatures)) = (&c.masked, dfeatures) {
             dev.set_rows_bwd(&mut dfeatures, rows, self.mask_feature.of_mut(g))?;
         }

@@ -212,8 +212,7 @@ impl SemShare {
             }
             StagedInput::Text(input) => {
                 let input = input.widen(dev, norm.and_then(|n| n.text.as_ref()))?;
-                let pos = dev.positions(&seg, self.cfg.dim)?;
-                let (e, c) = self.text.forward(dev, w.values, input, pos, &seg, drop.site(2))?;
+                let (e, c) = self.text.forward(dev, w.values, input, &seg, drop.site(2))?;
                 (e, SideCache::Text(c))
             }
         };
@@ -241,7 +240,7 @@ impl SemShare {
             None => (de, enc.seg),
         };
         match enc.side {
-            SideCache::Image(c) => self.image.backward(dev, w.values, g, c, de),
+            SideCache::Image(c) => self.image.backward(dev, w.values, g, &seg, c, de),
             SideCache::Text(c) => self.text.backward(dev, w.values, g, &seg, c, de),
         }
     }

@@ -3,7 +3,7 @@
 
 use crate::backend::{Backend, Segments};
 use crate::nn::gru::BiGruCache;
-use crate::nn::segment::SegmentEmbedCache;
+use crate::nn::segment::{Location, SegmentEmbedCache};
 use crate::nn::{BiGru, Dropout, Embedding, ParamStore, SegmentEmbed};
 use crate::tensor::{Ids, Tensor};
 use crate::{Error, Result};
@@ -38,7 +38,7 @@ pub struct TextCache {
     drop: Dropout,
 }
 
-pub use crate::backend::cpu::positions::{position_encoding, positions};
+pub use crate::backend::cpu::positions::position_encoding;
 
 impl TextEncoder {
     pub fn new(store: &mut ParamStore, cfg: &ModelConfig) -> Self {
@@ -62,7 +62,6 @@ impl TextEncoder {
         dev: &mut dyn Backend,
         w: &Tensor,
         input: TextInput,
-        positions: Tensor,
         seg: &Segments,
         drop: Dropout,
     ) -> Result<(Tensor, TextCache)> {
@@ -75,7 +74,7 @@ impl TextEncoder {
             (TextInput::Features(x), None) => (x, None),
             _ => return Err(Error::config("text batch (tokens or features) does not match the model's text side")),
         };
-        let (mut e, embed) = self.embed.forward(dev, w, segments, positions)?;
+        let (mut e, embed) = self.embed.forward(dev, w, segments, Location::Positions(seg))?;
         drop.forward(dev, &mut e)?;
         Ok((e, TextCache { words, embed, drop }))
     }
@@ -91,7 +90,7 @@ impl TextEncoder {
     ) -> Result<()> {
         c.drop.backward(dev, &mut de)?;
         // Pre-extracted features are inputs: their gradient is not computed.
-        let dsegments = self.embed.backward(dev, w, g, c.embed, &de, c.words.is_some())?;
+        let dsegments = self.embed.backward(dev, w, g, seg, c.embed, &de, c.words.is_some())?;
         if let (Some(we), Some(words), Some(dsegments)) = (&self.words, c.words, dsegments) {
             let (tokens, gru) = *words;
             let dwords = we.gru.backward(dev, w, g, seg, gru, &dsegments)?;

@@ -26,8 +26,8 @@ use super::{
     AdamW, AdamWConstants, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Half, Precision,
     Segments, check_adamw_masked, check_attention, check_attention_bwd, check_dropout, check_gemm, check_gemm_bias,
     check_gemm_types, check_gru_bwd, check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd,
-    check_layernorm_fwd, check_residual_layernorm_bwd, check_step_guard, check_top_k, check_widen, expect_cols,
-    expect_dtype, expect_len, f32s, rows_of, same_dtype, same_shape,
+    check_layernorm_fwd, check_residual_layernorm_bwd, check_segment_rows_bwd, check_segment_table, check_step_guard,
+    check_top_k, check_widen, expect_cols, expect_dtype, expect_len, f32s, rows_of, same_dtype, same_shape,
 };
 use crate::tensor::{DType, Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
@@ -53,7 +53,7 @@ pub struct Cpu {
     frozen: frozen::FrozenOperands,
     /// `Backend::set_dropout_salt`, XORed into every dropout seed.
     dropout_salt: u64,
-    /// The position-encoding rows `Backend::positions` copies, kept between batches.
+    /// The position encodings `Backend::position_table` copies rows of, kept between calls.
     positions: positions::Table,
 }
 
@@ -425,10 +425,23 @@ impl Backend for Cpu {
         Ok(Tensor::from_cpu(out, &[rows, dim]))
     }
 
-    fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
-        let _timer = profile::time("positions");
-        let lengths: Vec<usize> = (0..seg.items()).map(|b| seg.len(b)).collect();
-        Ok(Tensor::from_cpu(self.positions.positions(&lengths, dim), &[seg.tokens(), dim]))
+    fn position_table(&mut self, rows: usize, dim: usize) -> Result<Tensor> {
+        let _timer = profile::time("position_table");
+        Ok(Tensor::from_cpu(self.positions.rows(rows, dim).to_vec(), &[rows, dim]))
+    }
+
+    fn segment_rows(&mut self, table: &Tensor, seg: &Segments) -> Result<Tensor> {
+        let _timer = profile::time("segment_rows");
+        check_segment_table("segment_rows", table, seg)?;
+        let d = table.cols();
+        Ok(Tensor::from_cpu(positions::segment_rows(table.cpu(), d, &seg.offsets), &[seg.tokens(), d]))
+    }
+
+    fn segment_rows_bwd(&mut self, dy: &Tensor, seg: &Segments, rows: usize) -> Result<Tensor> {
+        let _timer = profile::time("segment_rows_bwd");
+        check_segment_rows_bwd(dy, seg, rows)?;
+        let d = dy.cols();
+        Ok(Tensor::from_cpu(positions::segment_rows_bwd(dy.cpu(), d, &seg.offsets, rows), &[rows, d]))
     }
 
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {

@@ -1,6 +1,6 @@
-//! Sinusoidal position encodings of packed sequences (the text side's ψ2 input). The CUDA
-//! backend uploads a table made here once and copies its rows per item on the device
-//! (`kernels/rows.cu::segment_rows`), so both devices give the same bits.
+//! Sinusoidal position encodings (the text side's ψ2 input), and a table's rows copied to each
+//! item's rows by position and summed back. The CUDA backend uploads a table made here once
+//! (`kernels/rows.cu` has the rows' kernels), so both devices give the same bits.
 
 /// PE(t)_{2i} = sin(t / 10000^{2i/d}), PE(t)_{2i+1} = cos(t / 10000^{2i/d}).
 pub fn position_encoding(t: usize, dim: usize, out: &mut [f32]) {
@@ -32,13 +32,8 @@ pub fn table(rows: usize, dim: usize) -> Vec<f32> {
     table
 }
 
-/// The position encodings of every packed row.
-pub fn positions(lengths: &[usize], dim: usize) -> Vec<f32> {
-    Table::default().positions(lengths, dim)
-}
-
-/// The table's first rows, kept between batches (the CPU backend's `Backend::positions`) and
-/// made again only for a longer item or another width, as the CUDA backend keeps its copy.
+/// The table's first rows, kept between batches (the CPU backend's `Backend::position_table`)
+/// and made again only for more rows or another width, as the CUDA backend keeps its copy.
 #[derive(Debug, Default)]
 pub struct Table {
     dim: usize,
@@ -47,22 +42,39 @@ pub struct Table {
 }
 
 impl Table {
-    /// The position encodings of every packed row.
-    pub fn positions(&mut self, lengths: &[usize], dim: usize) -> Vec<f32> {
-        let need = lengths.iter().copied().max().unwrap_or(0);
-        if self.dim != dim || self.rows < need {
-            *self = Table { dim, rows: need, data: table(need, dim) };
+    /// Rows `0..rows` of the encoding table, `[rows, dim]`.
+    pub fn rows(&mut self, rows: usize, dim: usize) -> &[f32] {
+        if self.dim != dim || self.rows < rows {
+            *self = Table { dim, rows, data: table(rows, dim) };
         }
-        let total: usize = lengths.iter().sum();
-        // A recycled buffer: a fresh one this size (0.8 MB for 32 texts at d 256) costs more
-        // in first-touch page faults than the copy.
-        let mut out = crate::tensor::host_pool::take(total * dim);
-        out.clear();
-        for &l in lengths {
-            out.extend_from_slice(&self.data[..l * dim]);
-        }
-        out
+        &self.data[..rows * dim]
     }
+}
+
+/// `[tokens, d]` from `table` (`[≥ longest item, d]`): item b's row t is the table's row t
+/// (`Backend::segment_rows`).
+pub fn segment_rows(table: &[f32], d: usize, offsets: &[usize]) -> Vec<f32> {
+    // A recycled buffer: a fresh one this size (0.8 MB for 32 texts at d 256) costs more in
+    // first-touch page faults than the copy.
+    let mut out = crate::tensor::host_pool::take(offsets.last().map_or(0, |&t| t * d));
+    out.clear();
+    for w in offsets.windows(2) {
+        out.extend_from_slice(&table[..(w[1] - w[0]) * d]);
+    }
+    out
+}
+
+/// Its backward, `[rows, d]`: row t is Σ over the items b that have a row t of dy's row
+/// `offsets[b] + t`, added item after item (the CUDA kernel's order: the same bits).
+pub fn segment_rows_bwd(dy: &[f32], d: usize, offsets: &[usize], rows: usize) -> Vec<f32> {
+    let mut out = vec![0.0; rows * d];
+    for w in offsets.windows(2) {
+        let item = &dy[w[0] * d..w[1] * d];
+        for (o, g) in out.iter_mut().zip(item) {
+            *o += g;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -83,19 +95,44 @@ mod tests {
         }
     }
 
-    /// A kept table gives what a fresh one gives, batch after batch: shorter items (rows kept),
-    /// a longer one (the table grows), another width (made again), an empty batch.
+    /// A kept table gives what a fresh one gives, call after call: fewer rows (kept), more
+    /// (the table grows), another width (made again), none.
     #[test]
-    fn a_kept_table_gives_fresh_positions() {
+    fn a_kept_table_gives_fresh_rows() {
         let mut kept = Table::default();
-        for (lengths, dim) in
-            [(vec![3, 5], 8), (vec![2], 8), (vec![9, 1, 4], 8), (vec![4], 6), (vec![], 6), (vec![30, 2], 16)]
-        {
-            let fresh = table(lengths.iter().copied().max().unwrap_or(0), dim);
-            let want: Vec<f32> = lengths.iter().flat_map(|&l| fresh[..l * dim].to_vec()).collect();
-            let got = kept.positions(&lengths, dim);
-            assert_eq!(got.len(), want.len(), "{lengths:?}, dim {dim}");
-            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{lengths:?}, dim {dim}");
+        for (rows, dim) in [(5, 8), (2, 8), (9, 8), (4, 6), (0, 6), (30, 16)] {
+            let fresh = table(rows, dim);
+            let got = kept.rows(rows, dim);
+            assert_eq!(got.len(), fresh.len(), "{rows} rows, dim {dim}");
+            assert!(got.iter().zip(&fresh).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows} rows, dim {dim}");
+        }
+    }
+
+    /// Rows by position and their backward against the definitions, on items of several
+    /// lengths (one empty, one longer than the rest).
+    #[test]
+    fn segment_rows_and_their_backward_match_the_definition() {
+        let d = 3;
+        let offsets = [0, 2, 2, 7, 8];
+        let table: Vec<f32> = (0..7 * d).map(|i| i as f32).collect();
+        let rows = segment_rows(&table, d, &offsets);
+        for w in offsets.windows(2) {
+            for t in 0..w[1] - w[0] {
+                assert_eq!(rows[(w[0] + t) * d..][..d], table[t * d..][..d], "item at {}, row {t}", w[0]);
+            }
+        }
+        let dy: Vec<f32> = (0..8 * d).map(|i| (i * i) as f32 * 0.5).collect();
+        let back = segment_rows_bwd(&dy, d, &offsets, 9);
+        for t in 0..9 {
+            for c in 0..d {
+                let mut want = 0.0f32;
+                for w in offsets.windows(2) {
+                    if t < w[1] - w[0] {
+                        want += dy[(w[0] + t) * d + c];
+                    }
+                }
+                assert_eq!(back[t * d + c].to_bits(), want.to_bits(), "row {t}, column {c}");
+            }
         }
     }
 }

@@ -39,6 +39,7 @@ pub mod gru;
 mod lt;
 mod norm;
 mod ops;
+mod positions;
 mod step;
 pub mod topk;
 mod typed;
@@ -52,7 +53,7 @@ use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
 
-use crate::backend::{Counters, Gemm, Precision, Segments};
+use crate::backend::{Counters, Gemm, Precision};
 pub use crate::tensor::device::{DevBuf, DevIds, DevView, DevViewMut, Pool};
 pub(crate) use crate::tensor::device::{describe, dev_err};
 use crate::tensor::{DType, Ids, Storage, Tensor, View, ViewMut};
@@ -624,34 +625,6 @@ impl Cuda {
             self.grid_barrier = Some(t);
         }
         Arg::tensor(self.grid_barrier.as_ref().expect("set above"))
-    }
-
-    /// Position encodings of every packed row (`Backend::positions`): rows of the table kept
-    /// on the device, which is uploaded only when a longer item or another width asks for it.
-    pub(crate) fn segment_positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
-        let need = seg.max_len;
-        let fits = matches!(&self.positions, Some((d, rows, _)) if *d == dim && *rows >= need);
-        if !fits {
-            self.check_not_capturing("the position table")?;
-            let rows = need.next_power_of_two().max(64);
-            let table = crate::backend::cpu::positions::table(rows, dim);
-            let t = crate::backend::Backend::upload(self, &table, &[rows, dim])?;
-            self.positions = Some((dim, rows, t));
-        }
-        let out = self.alloc_tensor(&[seg.tokens(), dim])?;
-        let (items, table) = (seg.items(), tensor_ptr(&self.positions.as_ref().expect("made above").2)?);
-        if items == 0 || dim == 0 {
-            return Ok(out);
-        }
-        let args = [
-            Arg::Ptr(table),
-            Arg::ids(&seg.device)?,
-            Arg::int("positions", items)?,
-            Arg::int("positions", dim)?,
-            Arg::tensor(&out)?,
-        ];
-        self.launch("segment_rows_fwd_f32", (blocks(dim, 128), grid_y(items), 1), (128, 1, 1), 0, &args)?;
-        Ok(out)
     }
 
     /// The device copy of an input normalisation, uploaded the first time it is seen.

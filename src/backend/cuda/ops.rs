@@ -497,8 +497,16 @@ impl Backend for Cuda {
         Ok(y)
     }
 
-    fn positions(&mut self, seg: &Segments, dim: usize) -> Result<Tensor> {
-        self.segment_positions(seg, dim)
+    fn position_table(&mut self, rows: usize, dim: usize) -> Result<Tensor> {
+        self.kept_positions(rows, dim)
+    }
+
+    fn segment_rows(&mut self, table: &Tensor, seg: &Segments) -> Result<Tensor> {
+        self.rows_by_position(table, seg)
+    }
+
+    fn segment_rows_bwd(&mut self, dy: &Tensor, seg: &Segments, rows: usize) -> Result<Tensor> {
+        self.rows_by_position_bwd(dy, seg, rows)
     }
 
     fn widen_features(
