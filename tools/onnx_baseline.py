@@ -4,16 +4,27 @@
 timed in the same process as PyTorch eager, so both figures come from one run on one machine.
 
     python3 tools/onnx_baseline.py [--mixed] [--threads 2] [--runs 30]
+        [--alternate-with BENCH_BINARY [--alternations 10]]
 
 Prints one JSON line per runtime: median and min milliseconds to embed 32 images + 32 texts
 (`pooled`), and the largest difference between the ONNX and PyTorch outputs.
+
+`--alternate-with` (a built `benches/cpu`, e.g. `cargo bench --bench cpu --no-run`'s) instead
+alternates ONNX Runtime's embedding with semshare's, `--alternations` times, each semshare
+turn a short criterion run of `embed_small_32img_32txt/full` (or `/mixed`) right after an
+ONNX Runtime turn in the same minute; one JSON line per turn, then the median of the ratios.
+On a VM whose speed moves by 25 % from minute to minute, the
+ratio of neighbouring turns is steadier than that of two medians minutes apart.
 Needs: torch, onnx, onnxruntime (`pip install onnx onnxruntime`).
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -55,6 +66,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--alternate-with", metavar="BENCH_BINARY", help="alternate with semshare's embedding")
+    ap.add_argument("--alternations", type=int, default=10)
     a = ap.parse_args()
 
     import onnxruntime as ort
@@ -105,11 +118,34 @@ def main():
 
         common = dict(threads=a.threads, preset="small", batch=B, inputs="mixed" if a.mixed else "full",
                       regions=ni, tokens=nt, runs=a.runs, torch=torch.__version__, onnxruntime=ort.__version__)
+        if a.alternate_with:
+            alternate(a, onnx_embed, common)
+            return
         for runtime, fn in (("torch_eager", torch_embed), ("onnxruntime", onnx_embed), ("torch_eager", torch_embed)):
             med, best = timed(fn, a.warmup, a.runs)
             print(json.dumps(dict(measure="embed_pooled", runtime=runtime, median_ms=med, min_ms=best,
                                   onnx_max_rel_diff=worst, loadavg_1m=round(os.getloadavg()[0], 2), **common)),
                   flush=True)
+
+
+def alternate(a, onnx_embed, common):
+    """ONNX Runtime's embedding and semshare's (the bench binary's criterion run), turn about."""
+    bench = ["embed_small_32img_32txt/" + ("mixed" if a.mixed else "full")]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
+    ratios = []
+    for turn in range(1, a.alternations + 1):
+        ort_ms, _ = timed(onnx_embed, a.warmup, a.runs)
+        out = subprocess.run([a.alternate_with, "--bench", f"^{bench[0]}$", "--warm-up-time", "1",
+                              "--measurement-time", "3", "--noplot"], capture_output=True, text=True, env=env)
+        found = re.search(r"time:\s+\[\S+ \S+ (\S+) (\S+)", out.stdout)
+        if out.returncode != 0 or not found:
+            sys.exit(f"onnx_baseline: {a.alternate_with} gave no time for {bench[0]}:\n{out.stderr[-2000:]}")
+        semshare_ms = float(found.group(1)) * {"ms": 1.0, "s": 1e3, "µs": 1e-3, "us": 1e-3}[found.group(2)]
+        ratios.append(semshare_ms / ort_ms)
+        print(json.dumps(dict(measure="embed_pooled", turn=turn, onnxruntime_ms=ort_ms, semshare_ms=round(semshare_ms, 2),
+                              ratio=round(ratios[-1], 3), loadavg_1m=round(os.getloadavg()[0], 2), **common)), flush=True)
+    print(json.dumps(dict(measure="embed_pooled", turns=len(ratios), ratio_median=round(statistics.median(ratios), 3),
+                          ratio_min=round(min(ratios), 3), ratio_max=round(max(ratios), 3))), flush=True)
 
 
 if __name__ == "__main__":
