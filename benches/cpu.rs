@@ -6,7 +6,7 @@
 //! the same work a padded implementation (the PyTorch baseline) does; `mixed` — lengths drawn
 //! like the synthetic data (regions 12..=36, tokens 6..=24), where packing skips the padding.
 
-use criterion::{Criterion, criterion_group};
+use criterion::{Criterion, criterion_group, criterion_main};
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use std::hint::black_box;
 
@@ -229,10 +229,4 @@ fn memory(c: &mut Criterion) {
 }
 
 criterion_group!(benches, train_step, inference, ops, gemm_versions, memory);
-// `criterion_main!`, with this thread first made one of the pool's threads, as the `semshare`
-// binary's is: then the ops' parallel loops start in place (backend/cpu/threads.rs).
-fn main() {
-    semshare::backend::cpu::threads::join_global_pool();
-    benches();
-    Criterion::default().configure_from_args().final_summary();
-}
+criterion_main!(benches);

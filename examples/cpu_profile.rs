@@ -22,7 +22,6 @@ fn main() -> semshare::Result<()> {
         None => 10,
     };
     let precision = Precision::parse(std::env::args().nth(2).as_deref().unwrap_or("fp32"))?;
-    semshare::backend::cpu::threads::join_global_pool(); // as the `semshare` binary does
     profile::enable();
     let cfg = ModelConfig { vocab: 2000, object_classes: 100, labels: 24, ..ModelConfig::small() };
     let mut rng = Rng::new(1);

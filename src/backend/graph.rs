@@ -41,7 +41,7 @@ pub struct Graph {
     /// The backend's own state of the graph (its recording, its memory, its input buffer).
     /// Only a CUDA build has a backend that captures, hence reads it.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) inner: Box<dyn std::any::Any>,
+    pub(crate) inner: Box<dyn std::any::Any + Send>,
     /// Words of host values each launch takes (the inputs' lengths summed).
     pub inputs: usize,
     /// Device bytes the graph keeps for its own use while it lives.

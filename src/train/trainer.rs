@@ -124,6 +124,15 @@ impl Trainer {
     /// a diverging step leaves the parameters untouched, and so does every step after it until
     /// [`Trainer::read_stats`] reports it.
     pub fn step_deferred(&mut self, dev: &mut dyn Backend, images: ImageBatch, texts: TextBatch) -> Result<()> {
+        let mut batches = Some((images, texts));
+        dev.run_pooled(&mut |dev| match batches.take() {
+            Some((images, texts)) => self.step_here(dev, images, texts),
+            None => Ok(()),
+        })
+    }
+
+    /// [`Trainer::step_deferred`] on the calling thread.
+    fn step_here(&mut self, dev: &mut dyn Backend, images: ImageBatch, texts: TextBatch) -> Result<()> {
         if self.unread.len() == STATS_ROWS {
             let early = self.read_stats(dev)?;
             self.read.extend(early);

@@ -19,7 +19,6 @@ pub mod pack;
 pub mod positions;
 pub mod profile;
 pub mod simd;
-pub mod threads;
 pub mod topk;
 
 use super::{

@@ -30,6 +30,14 @@ struct Captured {
     precision: Precision,
 }
 
+// SAFETY: CUDA's graphs are not internally synchronised: calls on one graph must not run
+// concurrently from several threads (so `Captured` is not `Sync`), but one owner may use it
+// from any thread, the driver API being thread-safe otherwise; the stream handle is only
+// compared, and the arena and staging tensor are `Send`. A graph moves with the trainer that
+// holds it when a step runs on a thread of the CPU pool (`Backend::run_pooled`), which on a
+// CUDA device is the caller's own.
+unsafe impl Send for Captured {}
+
 fn no_graph(what: &str) -> Error {
     Error::Device { what: format!("CUDA graph: {what}") }
 }

@@ -336,9 +336,6 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    // This thread calls every op: as one of the pool's threads it starts their parallel loops
-    // in place instead of waking the pool and sleeping through each (threads.rs).
-    semshare::backend::cpu::threads::join_global_pool();
     // `env::args` panics on an argument that is not UTF-8 (a Linux file name may be any bytes).
     let argv: std::result::Result<Vec<String>, Failure> = std::env::args_os()
         .skip(1)
