@@ -59,7 +59,8 @@ pub(crate) fn rows_of(op: &'static str, x: &Tensor, seg: &Segments) -> Result<()
 }
 
 /// `segment_rows`' table: f32, with a row for every position of the longest item.
-pub(crate) fn check_segment_table(op: &'static str, table: &Tensor, seg: &Segments) -> Result<()> {
+pub(crate) fn check_segment_table(table: &Tensor, seg: &Segments) -> Result<()> {
+    let op = "segment_rows";
     expect_dtype(op, "table", table.dtype(), DType::F32)?;
     if table.rows() < seg.max_len {
         return Err(crate::Error::shape(

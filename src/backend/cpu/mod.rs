@@ -431,7 +431,7 @@ impl Backend for Cpu {
 
     fn segment_rows(&mut self, table: &Tensor, seg: &Segments) -> Result<Tensor> {
         let _timer = profile::time("segment_rows");
-        check_segment_table("segment_rows", table, seg)?;
+        check_segment_table(table, seg)?;
         let d = table.cols();
         Ok(Tensor::from_cpu(positions::segment_rows(table.cpu(), d, &seg.offsets), &[seg.tokens(), d]))
     }

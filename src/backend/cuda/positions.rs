@@ -30,7 +30,7 @@ impl Cuda {
 
     /// Item b's row t is `table`'s row t (`Backend::segment_rows`).
     pub(super) fn rows_by_position(&mut self, table: &Tensor, seg: &Segments) -> Result<Tensor> {
-        check_segment_table("segment_rows", table, seg)?;
+        check_segment_table(table, seg)?;
         let (items, dim) = (seg.items(), table.cols());
         let out = self.alloc_tensor(&[seg.tokens(), dim])?;
         if items == 0 || dim == 0 {
