@@ -4,14 +4,15 @@
 timed in the same process as PyTorch eager, so both figures come from one run on one machine.
 
     python3 tools/onnx_baseline.py [--mixed] [--threads 2] [--runs 30]
-        [--alternate-with BENCH_BINARY [--alternations 10]]
+        [--alternate-with BENCH_BINARY [--alternations 10] [--bf16]]
 
 Prints one JSON line per runtime: median and min milliseconds to embed 32 images + 32 texts
 (`pooled`), and the largest difference between the ONNX and PyTorch outputs.
 
 `--alternate-with` (a built `benches/cpu`, e.g. `cargo bench --bench cpu --no-run`'s) instead
 alternates ONNX Runtime's embedding with semshare's, `--alternations` times, each semshare
-turn a short criterion run of `embed_small_32img_32txt/full` (or `/mixed`) right after an
+turn a short criterion run of `embed_small_32img_32txt/full` (or `/mixed`; `--bf16`: `/full_bf16`,
+semshare at `--precision bf16` against ONNX Runtime's fp32, which has no bf16) right after an
 ONNX Runtime turn in the same minute; one JSON line per turn, then the median of the ratios.
 On a VM whose speed moves by 25 % from minute to minute, the
 ratio of neighbouring turns is steadier than that of two medians minutes apart.
@@ -68,6 +69,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--alternate-with", metavar="BENCH_BINARY", help="alternate with semshare's embedding")
     ap.add_argument("--alternations", type=int, default=10)
+    ap.add_argument("--bf16", action="store_true",
+                    help="with --alternate-with: semshare's embedding in bf16 (ONNX Runtime's CPU has no bf16: "
+                         "its fp32 is the reference, issue 17)")
     a = ap.parse_args()
 
     import onnxruntime as ort
@@ -130,7 +134,7 @@ def main():
 
 def alternate(a, onnx_embed, common):
     """ONNX Runtime's embedding and semshare's (the bench binary's criterion run), turn about."""
-    bench = ["embed_small_32img_32txt/" + ("mixed" if a.mixed else "full")]
+    bench = ["embed_small_32img_32txt/" + ("mixed" if a.mixed else "full") + ("_bf16" if a.bf16 else "")]
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     ratios = []
     for turn in range(1, a.alternations + 1):
@@ -142,9 +146,10 @@ def alternate(a, onnx_embed, common):
             sys.exit(f"onnx_baseline: {a.alternate_with} gave no time for {bench[0]}:\n{out.stderr[-2000:]}")
         semshare_ms = float(found.group(1)) * {"ms": 1.0, "s": 1e3, "µs": 1e-3, "us": 1e-3}[found.group(2)]
         ratios.append(semshare_ms / ort_ms)
-        print(json.dumps(dict(measure="embed_pooled", turn=turn, onnxruntime_ms=ort_ms, semshare_ms=round(semshare_ms, 2),
+        print(json.dumps(dict(measure="embed_pooled", semshare_precision="bf16" if a.bf16 else "fp32", turn=turn,
+                              onnxruntime_ms=ort_ms, semshare_ms=round(semshare_ms, 2),
                               ratio=round(ratios[-1], 3), loadavg_1m=round(os.getloadavg()[0], 2), **common)), flush=True)
-    print(json.dumps(dict(measure="embed_pooled", turns=len(ratios), ratio_median=round(statistics.median(ratios), 3),
+    print(json.dumps(dict(measure="embed_pooled", semshare_precision="bf16" if a.bf16 else "fp32", turns=len(ratios), ratio_median=round(statistics.median(ratios), 3),
                           ratio_min=round(min(ratios), 3), ratio_max=round(max(ratios), 3))), flush=True)
 
 
