@@ -193,12 +193,30 @@ fn gemm_versions(c: &mut Criterion) {
         // `torch.mm` measures it on tensors of its type.
         for (precision, suffix) in [(Precision::F32, "packed"), (Precision::Bf16, "bf16_packed")] {
             if let Some(packed) = cpu_gemm::PackedB::new(kernels, precision, gm, &b) {
-                let name = format!("semshare_{}_{suffix}/{name}", kernels.path().name());
-                g.bench_function(name, |bn| {
+                let id = |suffix: &str| format!("semshare_{}_{suffix}/{name}", kernels.path().name());
+                g.bench_function(id(suffix), |bn| {
                     bn.iter(|| {
                         cpu_gemm::gemm_packed(kernels, precision, gm, &a, &b, Some(&packed), None, &mut y, DType::F32)
                     })
                 });
+                if precision == Precision::Bf16 {
+                    // Into a C stored as bf16, as the trunk's GEMMs at `--precision bf16` are.
+                    g.bench_function(id(&format!("{suffix}_to_bf16")), |bn| {
+                        bn.iter(|| {
+                            cpu_gemm::gemm_packed(
+                                kernels,
+                                precision,
+                                gm,
+                                &a,
+                                &b,
+                                Some(&packed),
+                                None,
+                                &mut y,
+                                DType::Bf16,
+                            )
+                        })
+                    });
+                }
             }
         }
         g.bench_function(format!("matrixmultiply/{name}"), |bn| bn.iter(|| matrixmultiply_rows(gm, &a, &b, &mut y)));

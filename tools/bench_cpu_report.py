@@ -148,8 +148,9 @@ def measure_round(a, evidence, path_line):
 def gemm_figures(evidence, path_line):
     """This machine's copies (`memory` group), then each GEMM shape: ours in fp32 and bf16, each
     also with B packed once (a frozen model's weights, the GRU's W_hh over a recurrence: the
-    product alone, as `torch.mm` measures it) and `matrixmultiply`, then `torch.mm` in fp32 and
-    bf16. First in a round: they are the quickest figures, so a capped run still has
+    product alone, as `torch.mm` measures it; bf16 also into a C stored as bf16, as the trunk's
+    GEMMs are and as `torch.mm`'s bf16 result is) and `matrixmultiply`, then `torch.mm` in fp32
+    and bf16. First in a round: they are the quickest figures, so a capped run still has
     them. Returns (figures, the bench's path description: `path_line`, or the first run's)."""
     copies = criterion([f"memory/copy_{mib}MiB" for mib in COPY_MIB], evidence, "cargo_bench_memory")
     path_line = path_line or copies["path"]
@@ -159,13 +160,14 @@ def gemm_figures(evidence, path_line):
         names = {"fp32": f"gemm/semshare_{{path}}/{shape}", "fp32 packed B": f"gemm/semshare_{{path}}_packed/{shape}",
                  "bf16": f"gemm/semshare_{{path}}_bf16/{shape}",
                  "bf16 packed B": f"gemm/semshare_{{path}}_bf16_packed/{shape}",
+                 "bf16 packed B, C bf16": f"gemm/semshare_{{path}}_bf16_packed_to_bf16/{shape}",
                  "matrixmultiply": f"gemm/matrixmultiply/{shape}"}
         ours = criterion(list(names.values()), evidence, f"cargo_bench_gemm_{shape}")
         path_line = path_line or ours["path"]
         names = {k: v.replace("{path}", ours["path"].split("+")[0]) for k, v in names.items()}
         out, _ = run([sys.executable, "-c", TORCH_GEMM, json.dumps([shape])], evidence, f"torch_gemm_{shape}")
         theirs = {rec["dtype"]: rec["median_ms"] for rec in json_lines(out)}
-        for precision in ("fp32", "fp32 packed B", "bf16", "bf16 packed B"):
+        for precision in ("fp32", "fp32 packed B", "bf16", "bf16 packed B", "bf16 packed B, C bf16"):
             figures.append({"measure": f"gemm {shape}", "inputs": "-", "precision": precision,
                             "semshare_ms": ours[names[precision]], "torch_ms": theirs.get(precision.split()[0]),
                             "ort_ms": None,
@@ -204,7 +206,7 @@ def gemm_bytes(m, k, n, precision):
     elems = m * k + k * n + m * n
     if precision.startswith("fp32"):
         return 4 * elems, 4 * elems
-    ours = 4 * m * k + 2 * k * n + 4 * m * n if precision == "bf16 packed B" else 4 * elems
+    ours = 4 * m * k + 2 * k * n + 4 * m * n if precision.startswith("bf16 packed B") else 4 * elems
     return ours, 2 * elems
 
 
