@@ -2,9 +2,7 @@
 //! one launch per op. Attention and the GRU step live in `attention.rs` and `gru.rs`.
 
 use super::typed::entry;
-use super::{
-    Arg, COLSUM_ROWS, Cuda, DevBuf, DevIds, MAX_GRID_Y, blocks, dev_ids, grid_y, tensor_ptr, view_mut_ptr, view_ptr,
-};
+use super::{Arg, COLSUM_ROWS, Cuda, DevBuf, DevIds, MAX_GRID_Y, blocks, dev_ids, tensor_ptr, view_mut_ptr, view_ptr};
 use crate::backend::{
     AdamW, AdamWConstants, AdamWScalars, Backend, Counters, DecayMask, Gemm, Graph, GraphInput, GruRunBwd, GruRunFwd,
     GruStep, GuardParams, Half, IGNORE_TARGET, Precision, Segments, check_attention, check_attention_bwd,
@@ -481,20 +479,7 @@ impl Backend for Cuda {
     fn segment_mean_fwd(&mut self, x: &Tensor, seg: &Segments) -> Result<Tensor> {
         expect_cols("segment_mean_fwd", x)?;
         rows_of("segment_mean_fwd", x, seg)?;
-        let (items, cols) = (seg.items(), x.cols());
-        let y = self.alloc_tensor(&[items, cols])?;
-        if items == 0 || cols == 0 {
-            return Ok(y);
-        }
-        let args = [
-            Arg::tensor(x)?,
-            Arg::ids(&seg.device)?,
-            Arg::int("segment_mean_fwd", items)?,
-            Arg::int("segment_mean_fwd", cols)?,
-            Arg::tensor(&y)?,
-        ];
-        self.launch("segment_mean_fwd_f32", (blocks(cols, 128), grid_y(items), 1), (128, 1, 1), 0, &args)?;
-        Ok(y)
+        self.per_item("segment_mean_fwd", "segment_mean_fwd_f32", x, seg, seg.items())
     }
 
     fn position_table(&mut self, rows: usize, dim: usize) -> Result<Tensor> {
@@ -541,20 +526,7 @@ impl Backend for Cuda {
     fn segment_mean_bwd(&mut self, dy: &Tensor, seg: &Segments) -> Result<Tensor> {
         expect_cols("segment_mean_bwd", dy)?;
         expect_len("segment_mean_bwd", "dy rows", dy.rows(), seg.items())?;
-        let (items, cols) = (seg.items(), dy.cols());
-        let dx = self.alloc_tensor(&[seg.tokens(), cols])?;
-        if items == 0 || cols == 0 {
-            return Ok(dx);
-        }
-        let args = [
-            Arg::tensor(dy)?,
-            Arg::ids(&seg.device)?,
-            Arg::int("segment_mean_bwd", items)?,
-            Arg::int("segment_mean_bwd", cols)?,
-            Arg::tensor(&dx)?,
-        ];
-        self.launch("segment_mean_bwd_f32", (blocks(cols, 128), grid_y(items), 1), (128, 1, 1), 0, &args)?;
-        Ok(dx)
+        self.per_item("segment_mean_bwd", "segment_mean_bwd_f32", dy, seg, seg.tokens())
     }
 
     fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {

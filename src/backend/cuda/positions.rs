@@ -31,19 +31,29 @@ impl Cuda {
     /// Item b's row t is `table`'s row t (`Backend::segment_rows`).
     pub(super) fn rows_by_position(&mut self, table: &Tensor, seg: &Segments) -> Result<Tensor> {
         check_segment_table(table, seg)?;
-        let (items, dim) = (seg.items(), table.cols());
-        let out = self.alloc_tensor(&[seg.tokens(), dim])?;
-        if items == 0 || dim == 0 {
+        self.per_item("segment_rows", "segment_rows_fwd_f32", table, seg, seg.tokens())
+    }
+
+    /// `kernel` run on one row of blocks per item and 128 columns per block (the segment
+    /// kernels of `kernels/rows.cu`): arguments `x`, the items' offsets, the item count, the
+    /// width, and a new `[rows, x.cols()]` output, which it returns. `op` names the caller in
+    /// errors.
+    pub(super) fn per_item(
+        &mut self,
+        op: &'static str,
+        kernel: &'static str,
+        x: &Tensor,
+        seg: &Segments,
+        rows: usize,
+    ) -> Result<Tensor> {
+        let (items, cols) = (seg.items(), x.cols());
+        let out = self.alloc_tensor(&[rows, cols])?;
+        if items == 0 || cols == 0 {
             return Ok(out);
         }
-        let args = [
-            Arg::tensor(table)?,
-            Arg::ids(&seg.device)?,
-            Arg::int("segment_rows", items)?,
-            Arg::int("segment_rows", dim)?,
-            Arg::tensor(&out)?,
-        ];
-        self.launch("segment_rows_fwd_f32", (blocks(dim, 128), grid_y(items), 1), (128, 1, 1), 0, &args)?;
+        let args =
+            [Arg::tensor(x)?, Arg::ids(&seg.device)?, Arg::int(op, items)?, Arg::int(op, cols)?, Arg::tensor(&out)?];
+        self.launch(kernel, (blocks(cols, 128), grid_y(items), 1), (128, 1, 1), 0, &args)?;
         Ok(out)
     }
 
