@@ -193,27 +193,16 @@ fn gemm_versions(c: &mut Criterion) {
         // `torch.mm` measures it on tensors of its type.
         for (precision, suffix) in [(Precision::F32, "packed"), (Precision::Bf16, "bf16_packed")] {
             if let Some(packed) = cpu_gemm::PackedB::new(kernels, precision, gm, &b) {
-                let id = |suffix: &str| format!("semshare_{}_{suffix}/{name}", kernels.path().name());
-                g.bench_function(id(suffix), |bn| {
-                    bn.iter(|| {
-                        cpu_gemm::gemm_packed(kernels, precision, gm, &a, &b, Some(&packed), None, &mut y, DType::F32)
-                    })
-                });
-                if precision == Precision::Bf16 {
-                    // Into a C stored as bf16, as the trunk's GEMMs at `--precision bf16` are.
-                    g.bench_function(id(&format!("{suffix}_to_bf16")), |bn| {
+                // bf16 also into a C stored as bf16, as the trunk's GEMMs at `--precision bf16` are.
+                let stores: &[(DType, &str)] = match precision {
+                    Precision::Bf16 => &[(DType::F32, ""), (DType::Bf16, "_to_bf16")],
+                    _ => &[(DType::F32, "")],
+                };
+                for &(store, to) in stores {
+                    let id = format!("semshare_{}_{suffix}{to}/{name}", kernels.path().name());
+                    g.bench_function(id, |bn| {
                         bn.iter(|| {
-                            cpu_gemm::gemm_packed(
-                                kernels,
-                                precision,
-                                gm,
-                                &a,
-                                &b,
-                                Some(&packed),
-                                None,
-                                &mut y,
-                                DType::Bf16,
-                            )
+                            cpu_gemm::gemm_packed(kernels, precision, gm, &a, &b, Some(&packed), None, &mut y, store)
                         })
                     });
                 }

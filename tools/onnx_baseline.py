@@ -11,7 +11,7 @@ Prints one JSON line per runtime: median and min milliseconds to embed 32 images
 
 `--alternate-with` (a built `benches/cpu`, e.g. `cargo bench --bench cpu --no-run`'s) instead
 alternates ONNX Runtime's embedding with semshare's, `--alternations` times, each semshare
-turn a short criterion run of `embed_small_32img_32txt/full` (or `/mixed`; `--bf16`: `/full_bf16`,
+turn a short criterion run of `embed_small_32img_32txt/full` (or `/mixed`; `--bf16`: `_bf16` after it,
 semshare at `--precision bf16` against ONNX Runtime's fp32, which has no bf16) right after an
 ONNX Runtime turn in the same minute; one JSON line per turn, then the median of the ratios.
 On a VM whose speed moves by 25 % from minute to minute, the
