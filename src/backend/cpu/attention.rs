@@ -9,8 +9,12 @@
 use rayon::prelude::*;
 
 use super::dispatch::{self, CpuPath};
+#[cfg(target_arch = "x86_64")]
+use super::elementwise::exp_fast_avx512;
 use super::elementwise::{exp_shifted, store_as, sum2};
 use super::gemm::{Strided, gemm_strided};
+#[cfg(target_arch = "x86_64")]
+use super::microkernel::round_bf16_avx512;
 #[cfg(target_arch = "x86_64")]
 use super::pack::transpose_lines_avx;
 use super::simd;
@@ -240,10 +244,12 @@ unsafe fn head_forward_avx512(
     unsafe {
         // S = scale · Q Kᵀ
         let stride = transpose_keys(k, row, len, dh, kt);
-        times_avx512(Operand::rows(q, row), kt.as_ptr(), stride, len, dh, len, scale, p.as_mut_ptr(), len);
-        probabilities(p, len, store);
+        // and P = softmax(S) by rows, in registers (`softmax_row_avx512`): every row is one
+        // group of at most 64 columns.
+        let p_out = p.as_mut_ptr();
+        times_avx512(Operand::rows(q, row), kt.as_ptr(), stride, len, dh, len, scale, p_out, len, Some(store));
         // O = P V
-        times_avx512(Operand::rows(p.as_ptr(), len), v, row, len, len, dh, 1.0, out, out_row);
+        times_avx512(Operand::rows(p.as_ptr(), len), v, row, len, len, dh, 1.0, out, out_row, None);
     }
 }
 
@@ -274,18 +280,18 @@ unsafe fn head_backward_avx512(
     unsafe {
         // dV = Pᵀ dO
         let p_t = Operand { at: p.as_ptr(), rs: 1, cs: len };
-        times_avx512(p_t, d_o, d_row, len, len, dh, 1.0, dx.add(dv), dx_row);
+        times_avx512(p_t, d_o, d_row, len, len, dh, 1.0, dx.add(dv), dx_row, None);
         // dP = dO Vᵀ
         let stride = transpose_keys(v, row, len, dh, kt);
-        times_avx512(Operand::rows(d_o, d_row), kt.as_ptr(), stride, len, dh, len, 1.0, ds.as_mut_ptr(), len);
+        times_avx512(Operand::rows(d_o, d_row), kt.as_ptr(), stride, len, dh, len, 1.0, ds.as_mut_ptr(), len, None);
     }
     score_gradients(ds, p, len, (scale, store));
     // SAFETY: as the caller guarantees.
     unsafe {
         // dQ = dS K ; dK = dSᵀ Q
-        times_avx512(Operand::rows(ds.as_ptr(), len), k, row, len, len, dh, 1.0, dx.add(dq), dx_row);
+        times_avx512(Operand::rows(ds.as_ptr(), len), k, row, len, len, dh, 1.0, dx.add(dq), dx_row, None);
         let ds_t = Operand { at: ds.as_ptr(), rs: 1, cs: len };
-        times_avx512(ds_t, q, row, len, len, dh, 1.0, dx.add(dk), dx_row);
+        times_avx512(ds_t, q, row, len, len, dh, 1.0, dx.add(dk), dx_row, None);
     }
 }
 
@@ -334,11 +340,12 @@ impl Operand {
 
 /// `out` (m × cols, rows `out_row` apart) = alpha · A B: A m × k as `a` says, B's k rows of
 /// `cols` columns `b_row` apart (read in place, or Kᵀ as [`transpose_keys`] left it), 64
-/// columns at a time.
+/// columns at a time. With `softmax` (cols ≤ 64), each row of the product replaced by its
+/// softmax before it is stored, stored as the type says ([`softmax_row_avx512`]).
 ///
 /// # Safety
 /// The CPU has AVX-512 F; A's m × k elements, B's k × cols block and out's m × cols block are
-/// inside their allocations.
+/// inside their allocations; cols ≤ 64 with `softmax`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -352,19 +359,75 @@ unsafe fn times_avx512(
     alpha: f32,
     out: *mut f32,
     out_row: usize,
+    softmax: Option<DType>,
 ) {
+    debug_assert!(softmax.is_none() || cols <= 64);
     for c0 in (0..cols).step_by(64) {
         let n = (cols - c0).min(64);
         // SAFETY: columns c0.. (+ n) of b's rows and of out's rows, inside the caller's blocks.
         unsafe {
             let (b, out) = (b.add(c0), out.add(c0));
+            let to = (out, out_row, softmax);
             match n.div_ceil(16) {
-                1 => times::<1>(a, b, b_row, m, k, n, alpha, out, out_row),
-                2 => times::<2>(a, b, b_row, m, k, n, alpha, out, out_row),
-                3 => times::<3>(a, b, b_row, m, k, n, alpha, out, out_row),
-                _ => times::<4>(a, b, b_row, m, k, n, alpha, out, out_row),
+                1 => times::<1>(a, b, b_row, m, k, n, alpha, to),
+                2 => times::<2>(a, b, b_row, m, k, n, alpha, to),
+                3 => times::<3>(a, b, b_row, m, k, n, alpha, to),
+                _ => times::<4>(a, b, b_row, m, k, n, alpha, to),
             }
         }
+    }
+}
+
+/// One row of `len` ≤ 16·V scores (`x`, lanes past len unused) replaced by its softmax, as
+/// [`probabilities`] computes it: the same operations in the same order as `exp_shifted` (its
+/// maximum passes over a NaN), `sum2` (eight partial sums over whole chunks of 8, folded left
+/// to right, then the remainder's values one by one) and `store_as`, so the same bits
+/// (tested). Done in registers as the product leaves them: as a pass over the stored rows it
+/// was more of the forward's time than the products (the vectorised loops' 8-lane chunks,
+/// scalar remainder and folds, and the reloads of rows just stored under a mask: 37 % of
+/// the samples against 29 %, `perf`, one thread, session 32).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn softmax_row_avx512<const V: usize>(x: &mut [std::arch::x86_64::__m512; V], len: usize, store: DType) {
+    use std::arch::x86_64::*;
+    let none = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut max = none;
+    for (c, x) in x.iter().enumerate() {
+        // (x > max) ? x : max, lanes past len as −∞.
+        max = _mm512_max_ps(_mm512_mask_blend_ps(lanes(len.saturating_sub(16 * c)), none, *x), max);
+    }
+    let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+    for x in x.iter_mut() {
+        *x = exp_fast_avx512(_mm512_sub_ps(*x, max));
+    }
+    let half = |chunk: usize| -> __m256 {
+        let v = x[chunk / 2];
+        if chunk.is_multiple_of(2) {
+            _mm512_castps512_ps256(v)
+        } else {
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+        }
+    };
+    let (chunks, rest) = (len / 8, len % 8);
+    let mut partial = _mm256_setzero_ps();
+    for chunk in 0..chunks {
+        partial = _mm256_add_ps(partial, half(chunk));
+    }
+    let mut lanes8 = [0f32; 8];
+    // SAFETY: lanes8 holds 8 values.
+    unsafe { _mm256_storeu_ps(lanes8.as_mut_ptr(), partial) };
+    let whole = lanes8.iter().fold(-0.0f32, |s, &v| s + v);
+    let mut tail = -0.0f32;
+    if rest > 0 {
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(lanes8.as_mut_ptr(), half(chunks)) };
+        tail = lanes8[..rest].iter().fold(tail, |s, &v| s + v);
+    }
+    let inv = _mm512_set1_ps(1.0 / (whole + tail));
+    for x in x.iter_mut() {
+        let v = _mm512_mul_ps(*x, inv);
+        *x = if store == DType::Bf16 { round_bf16_avx512(v) } else { v };
     }
 }
 
@@ -376,7 +439,7 @@ fn lanes(n: usize) -> u16 {
 
 /// [`times_avx512`] for one group of `cols` ≤ 16·V columns, as the GEMM's micro-kernel: 4 rows
 /// at a time, for each step j of k B's row j (V masked loads) times each row's a(i, j) (a
-/// broadcast), then alpha times the sum.
+/// broadcast), then alpha times the sum (and with `softmax`, each row's softmax).
 ///
 /// # Safety
 /// As [`times_avx512`]'s.
@@ -391,8 +454,7 @@ unsafe fn times<const V: usize>(
     k: usize,
     cols: usize,
     alpha: f32,
-    out: *mut f32,
-    out_row: usize,
+    (out, out_row, softmax): (*mut f32, usize, Option<DType>),
 ) {
     use std::arch::x86_64::*;
     let masks: [u16; V] = std::array::from_fn(|c| lanes(cols.saturating_sub(16 * c)));
@@ -415,11 +477,15 @@ unsafe fn times<const V: usize>(
                 }
             }
             let va = _mm512_set1_ps(alpha);
-            for (r, acc) in acc.iter().enumerate().take(rows) {
+            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                // alpha times the sum, as the GEMM's store applies it.
+                acc.iter_mut().for_each(|v| *v = _mm512_mul_ps(va, *v));
+                if let Some(store) = softmax {
+                    softmax_row_avx512(acc, cols, store);
+                }
                 let to = out.add((i0 + r) * out_row);
                 for (c, (&acc, &mask)) in acc.iter().zip(&masks).enumerate() {
-                    // alpha times the sum, as the GEMM's store applies it.
-                    _mm512_mask_storeu_ps(to.add(16 * c), mask, _mm512_mul_ps(va, acc));
+                    _mm512_mask_storeu_ps(to.add(16 * c), mask, acc);
                 }
             }
         }
@@ -574,6 +640,66 @@ mod tests {
         let mut shapes = vec![(1, 1), (36, 64), (64, 128), (24, 64), (17, 16), (33, 100), (5, 128), (64, 1), (48, 63)];
         shapes.extend((0..20).map(|_| (1 + rng.below(64), 1 + rng.below(128))));
         shapes
+    }
+
+    /// The register softmax is `probabilities`' bit for bit, stored as f32 and as bf16, for
+    /// every length 1 to 64, in as many vectors as the product uses and in four (the lanes
+    /// past the row NaN): scores spread wide enough to reach the exponential's clamp, and
+    /// rows holding an infinity of either sign or a NaN (all NaN on both routes).
+    #[test]
+    fn register_softmax_is_probabilities() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            if CpuPath::Avx512.kernels().is_err() {
+                eprintln!("not run: softmax_row_avx512 (this CPU lacks the avx512 path)");
+                return;
+            }
+            /// The row through `softmax_row_avx512` in V vectors.
+            fn through<const V: usize>(row: &[f32], store: DType) -> Vec<f32> {
+                let mut lanes = [f32::NAN; 64];
+                lanes[..row.len()].copy_from_slice(row);
+                // SAFETY: the CPU has AVX-512 F (its path exists); lanes holds 16·V ≤ 64
+                // values and the row ≤ 16·V.
+                unsafe {
+                    let mut x: [__m512; V] = std::array::from_fn(|c| _mm512_loadu_ps(lanes[16 * c..].as_ptr()));
+                    softmax_row_avx512(&mut x, row.len(), store);
+                    x.iter().enumerate().for_each(|(c, &v)| _mm512_storeu_ps(lanes[16 * c..].as_mut_ptr(), v));
+                }
+                lanes[..row.len()].to_vec()
+            }
+            let mut rng = crate::rng::Rng::new(92);
+            let specials = [None, Some(f32::INFINITY), Some(f32::NEG_INFINITY), Some(f32::NAN)];
+            for len in 1..=64 {
+                for (spread, special) in
+                    [(1.0, None), (60.0, None)].into_iter().chain(specials[1..].iter().map(|&v| (1.0, v)))
+                {
+                    let mut row: Vec<f32> = (0..len).map(|_| spread * rng.normal() as f32).collect();
+                    if let Some(v) = special {
+                        row[rng.below(len)] = v;
+                    }
+                    for store in [DType::F32, DType::Bf16] {
+                        let mut want = row.clone();
+                        probabilities(&mut want, len, store);
+                        let exact = match len.div_ceil(16) {
+                            1 => through::<1>(&row, store),
+                            2 => through::<2>(&row, store),
+                            3 => through::<3>(&row, store),
+                            _ => through::<4>(&row, store),
+                        };
+                        for got in [exact, through::<4>(&row, store)] {
+                            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                                let same = w.to_bits() == g.to_bits() || (w.is_nan() && g.is_nan());
+                                assert!(
+                                    same,
+                                    "len {len}, spread {spread}, {special:?}, {store:?}, value {i}: {g:e}, want {w:e}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The avx512 head forward and backward are the GEMM route's, bit for bit (probabilities,
