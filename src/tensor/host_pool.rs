@@ -42,13 +42,16 @@ pub fn dirty(n: usize) -> Vec<f32> {
 pub fn take(n: usize) -> Vec<f32> {
     if n >= MIN_LEN {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        // Best fit among buffers no more than twice the request.
+        // Best fit among buffers no more than twice the request, and first among those whose
+        // old contents already cover n: `dirty` takes them as they are, where a shorter one is
+        // zero-filled up to n (image and text batches alternate between sizes; that fill was
+        // 2.3 % of a one-thread bf16 embedding's samples, session 32).
         let best = pool
             .free
             .iter()
             .enumerate()
             .filter(|(_, v)| v.capacity() >= n && v.capacity() <= 2 * n)
-            .min_by_key(|(_, v)| v.capacity())
+            .min_by_key(|(_, v)| (v.len() < n, v.capacity()))
             .map(|(i, _)| i);
         if let Some(i) = best {
             let v = pool.free.swap_remove(i);
@@ -68,5 +71,29 @@ pub fn give(v: Vec<f32>) {
     if pool.bytes + v.capacity() * 4 <= MAX_BYTES {
         pool.bytes += v.capacity() * 4;
         pool.free.push(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Of two buffers of the same capacity, `dirty` takes the one whose old contents already
+    /// cover the request (no zero fill), whichever was given back first.
+    #[test]
+    fn dirty_prefers_a_buffer_already_long_enough() {
+        // A capacity no other test allocates, so the pool's other buffers cannot tie with it.
+        let n = 1_234_567;
+        let mut short = Vec::with_capacity(n);
+        short.resize(n / 2, 1.0f32);
+        let mut long = Vec::with_capacity(n);
+        long.resize(n, 2.0f32);
+        assert_eq!((short.capacity(), long.capacity()), (n, n), "the allocator rounded a capacity");
+        let want = long.as_ptr();
+        give(short);
+        give(long);
+        let got = dirty(n - 1);
+        assert_eq!(got.as_ptr(), want);
+        assert_eq!(got.len(), n - 1);
     }
 }

@@ -22,7 +22,8 @@ use std::arch::x86_64::{_mm512_loadu_ps, _mm512_setzero_ps};
 use std::cell::Cell;
 
 use super::microkernel::{
-    Bf16, Layout, Micro, TileOut, convert_avx512_bf16, interleave_pairs_avx512_bf16, store_avx512,
+    Bf16, Layout, Micro, TileOut, convert_avx512_bf16, convert_runs_avx512_bf16, interleave_pairs_avx512_bf16,
+    store_avx512,
 };
 
 /// The `amx` path's bf16 kernel (module header).
@@ -132,6 +133,11 @@ impl Micro for Bf16Amx {
     unsafe fn convert(src: &[f32], dst: &mut [Bf16]) {
         // SAFETY: the amx path needs AVX-512 F, BW, VL and BF16 (`CpuPath::missing_feature`).
         unsafe { convert_avx512_bf16(src, dst) }
+    }
+
+    unsafe fn convert_runs(src: &[f32], dst: &mut [Bf16], run: usize, stride: usize) {
+        // SAFETY: as `convert`'s.
+        unsafe { convert_runs_avx512_bf16(src, dst, run, stride) }
     }
 
     unsafe fn interleave_pairs(first: &[f32], second: &[f32], out: &mut [Bf16]) {

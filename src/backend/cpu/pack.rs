@@ -181,10 +181,8 @@ pub unsafe fn pack<K: Micro>(
                     // each is converted straight into place.
                     for l in 0..lines {
                         let from = unsafe { std::slice::from_raw_parts(base.offset(l as isize * line), kc) };
-                        for (q, run) in from.chunks(g).enumerate() {
-                            // SAFETY: the CPU has K's features (pack's contract).
-                            unsafe { K::convert(run, &mut sliver[(q * w + l) * g..][..run.len()]) };
-                        }
+                        // SAFETY: the CPU has K's features (pack's contract).
+                        unsafe { K::convert_runs(from, &mut sliver[l * g..], g, w * g) };
                     }
                     continue;
                 }
