@@ -108,6 +108,40 @@ fn conversion_rounds_as_the_cpu_does() {
     }
 }
 
+/// `convert_owned` is `convert` keeping the shape (the CPU's in place): to bf16, back to f32, to
+/// its own type, and from a frozen tensor, which is left as it was.
+#[test]
+fn convert_owned_is_convert_keeping_the_shape() {
+    let mut devices: Vec<Box<dyn Backend>> = vec![Box::new(common::cpu())];
+    devices.extend(gpu_or_skip("convert_owned"));
+    for dev in &mut devices {
+        for (rows, cols) in [(1usize, 1usize), (3, 7), (41, 100)] {
+            let n = rows * cols;
+            let mut x = awkward(n as u64 + 5, n);
+            x[n / 2] = f32::NAN;
+            let want: Vec<f32> = x.iter().map(|&v| DType::Bf16.round(v)).collect();
+            let t = dev.upload(&x, &[rows, cols]).unwrap();
+            let h = dev.convert_owned(t, DType::Bf16).unwrap();
+            assert_eq!((h.dtype(), h.shape()), (DType::Bf16, &[rows, cols][..]));
+            same_values(&format!("{} {rows}x{cols} to bf16", dev.name()), &dev.download(h.view()).unwrap(), &want);
+            let h = dev.convert_owned(h, DType::Bf16).unwrap();
+            let back = dev.convert_owned(h, DType::F32).unwrap();
+            assert_eq!((back.dtype(), back.shape()), (DType::F32, &[rows, cols][..]));
+            same_values(
+                &format!("{} {rows}x{cols} back to f32", dev.name()),
+                &dev.download(back.view()).unwrap(),
+                &want,
+            );
+            let up = dev.upload(&x, &[n]).unwrap();
+            let frozen = dev.freeze(up).unwrap();
+            let kept = frozen.clone();
+            let h = dev.convert_owned(frozen, DType::Bf16).unwrap();
+            same_values(&format!("{} frozen {n} to bf16", dev.name()), &dev.download(h.view()).unwrap(), &want);
+            same_values(&format!("{} frozen {n} left as it was", dev.name()), &dev.download(kept.view()).unwrap(), &x);
+        }
+    }
+}
+
 /// fill, write, scale and copy store their results as the destination's type; a copy between
 /// types is refused on both devices.
 #[test]

@@ -307,6 +307,15 @@ pub trait Backend {
     /// to even (a NaN stays a NaN); to f32 widened exactly; to its own type a copy. A view, so
     /// that a run of the flat parameters (the trunk's) is converted without the rest.
     fn convert(&mut self, x: View, dtype: DType) -> Result<Tensor>;
+    /// `x` stored as `dtype`, of x's shape, taking x: a backend that can retype its memory
+    /// in place (the CPU, whose bf16 values are f32 rounded) need not copy it; itself when it
+    /// already is of that type.
+    fn convert_owned(&mut self, x: Tensor, dtype: DType) -> Result<Tensor> {
+        if x.dtype() == dtype {
+            return Ok(x);
+        }
+        Ok(self.convert(x.view(), dtype)?.reshape(x.shape()))
+    }
     /// The values of `x` as f32 (a bf16 view widened).
     fn download(&mut self, x: View) -> Result<Vec<f32>>;
     /// `value` stored in every element, as `x`'s type stores it.

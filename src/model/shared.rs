@@ -33,14 +33,6 @@ pub struct SharedCache {
     own: Option<Bf16Copy>,
 }
 
-/// `x` as `dtype` stores it (itself when it already is).
-fn stored_as(dev: &mut dyn Backend, x: Tensor, dtype: DType) -> Result<Tensor> {
-    if x.dtype() == dtype {
-        return Ok(x);
-    }
-    Ok(dev.convert(x.view(), dtype)?.reshape(x.shape()))
-}
-
 impl SharedEncoder {
     pub fn new(store: &mut ParamStore, name: &str, cfg: &ModelConfig) -> Self {
         let heads = (cfg.trunk == Trunk::Transformer).then_some(cfg.heads);
@@ -63,14 +55,14 @@ impl SharedEncoder {
         let act = dev.activations();
         let own = Bf16Copy::missing(dev, w, self.params.clone())?;
         let weights = Weights { values: w.values, bf16: own.as_ref().or(w.bf16) };
-        let mut x = stored_as(dev, e, act)?;
+        let mut x = dev.convert_owned(e, act)?;
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
             let (y, c) = block.forward(dev, weights, x, seg, drop.site(100 + i as u64))?;
             blocks.push(c);
             x = y;
         }
-        Ok((stored_as(dev, x, DType::F32)?, SharedCache { blocks, act, own }))
+        Ok((dev.convert_owned(x, DType::F32)?, SharedCache { blocks, act, own }))
     }
 
     pub fn backward(
@@ -83,10 +75,10 @@ impl SharedEncoder {
         dh: Tensor,
     ) -> Result<Tensor> {
         let weights = Weights { values: w.values, bf16: c.own.as_ref().or(w.bf16) };
-        let mut d = stored_as(dev, dh, c.act)?;
+        let mut d = dev.convert_owned(dh, c.act)?;
         for (block, cache) in self.blocks.iter().zip(c.blocks).rev() {
             d = block.backward(dev, weights, g, seg, cache, &d)?;
         }
-        stored_as(dev, d, DType::F32)
+        dev.convert_owned(d, DType::F32)
     }
 }

@@ -220,6 +220,20 @@ impl Backend for Cpu {
         Ok(y)
     }
 
+    /// In place: to bf16 each value rounded, to f32 a relabel (a bf16 value is an f32 one).
+    /// A frozen tensor (memory no one writes again) is copied.
+    fn convert_owned(&mut self, mut x: Tensor, dtype: DType) -> Result<Tensor> {
+        if x.dtype() == dtype {
+            return Ok(x);
+        }
+        if x.frozen().is_some() {
+            return self.convert(x.view(), dtype).map(|y| y.reshape(x.shape()));
+        }
+        let _timer = profile::time("convert");
+        elementwise::store_as(dtype, x.cpu_mut());
+        Ok(x.with_dtype(dtype))
+    }
+
     fn download(&mut self, x: View) -> Result<Vec<f32>> {
         let _timer = profile::time("download");
         Ok(x.cpu().to_vec())
