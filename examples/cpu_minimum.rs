@@ -1,0 +1,115 @@
+//! The minimum, lower quartile and median time of the `small` embedding (32 images + 32 texts,
+//! full lengths, weights frozen as inference's are) or of one GEMM (B packed once), over N
+//! runs. On a VM whose speed swings 2× within seconds (docs/results/cpu.md, sessions 31–32) a
+//! median says which phase it met; the minimum of many is what stays steady enough for an A/B
+//! between two builds, run in turn on one pinned core:
+//!
+//!     RAYON_NUM_THREADS=1 taskset -c 0 target/release/examples/cpu_minimum embed bf16 30
+//!     RAYON_NUM_THREADS=1 taskset -c 0 target/release/examples/cpu_minimum gemm 1152 256 256 bf16 bf16 1000
+//!
+//! `embed fp32|bf16 [runs]`; `gemm M K N fp32|bf16 [C: f32|bf16] [runs]` (C = x·Wᵀ, W packed
+//! as a frozen weight is). Prints one line.
+
+use semshare::backend::cpu::{Cpu, dispatch, gemm as cpu_gemm};
+use semshare::backend::{Backend, Gemm, Precision};
+use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
+use semshare::rng::Rng;
+use semshare::tensor::DType;
+use semshare::{Error, Result};
+use std::time::Instant;
+
+fn count(what: &str, s: Option<&String>, default: usize) -> Result<usize> {
+    s.map_or(Ok(default), |s| s.parse().map_err(|_| Error::config(format!("{what}: `{s}` is not a count"))))
+}
+
+/// `f` run `runs` times after `warm` untimed runs: (minimum, lower quartile, median) in ms.
+fn timed(warm: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<[f64; 3]> {
+    for _ in 0..warm {
+        f()?;
+    }
+    let mut ms = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok([ms[0], ms[ms.len() / 4], ms[ms.len() / 2]])
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("cpu_minimum: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = || Error::config("usage: cpu_minimum embed fp32|bf16 [runs] | gemm M K N fp32|bf16 [f32|bf16] [runs]");
+    let path = dispatch::active()?.describe();
+    let threads = rayon::current_num_threads();
+    match args.first().map(String::as_str) {
+        Some("embed") => {
+            let precision = Precision::parse(args.get(1).ok_or_else(usage)?)?;
+            let runs = count("runs", args.get(2), 30)?;
+            let cfg = ModelConfig { vocab: 2000, object_classes: 100, labels: 24, ..ModelConfig::small() };
+            let mut rng = Rng::new(1);
+            let ib =
+                ImageBatch::random(&mut rng, &[cfg.max_regions; 32], cfg.region_dim, cfg.object_classes, cfg.labels);
+            let tb = TextBatch::random(&mut rng, &[cfg.max_tokens; 32], cfg.vocab, cfg.labels);
+            let mut dev = Cpu::with_precision(precision)?;
+            let net = SemShare::new(&cfg)?;
+            let w = net.store.upload(&mut dev, &net.store.init_values(0))?;
+            let w = dev.freeze(w)?;
+            let (ib, tb) = (Batch::Image(ib), Batch::Text(tb));
+            let [min, q1, med] = timed(3, runs, || {
+                net.embed(&mut dev, &w, &ib, EmbeddingKind::Pooled)?;
+                net.embed(&mut dev, &w, &tb, EmbeddingKind::Pooled)?;
+                Ok(())
+            })?;
+            println!(
+                "embed 32 + 32, {}, path {path}, {threads} threads, {runs} runs: min {min:.2} q25 {q1:.2} median {med:.2} ms",
+                precision.name()
+            );
+        }
+        Some("gemm") => {
+            let dims = (1..4).map(|i| count("M K N", args.get(i), 0)).collect::<Result<Vec<_>>>()?;
+            let (m, k, n) = (dims[0], dims[1], dims[2]);
+            if m == 0 || k == 0 || n == 0 || m * k * n > 1 << 34 {
+                return Err(Error::config(format!("gemm {m} × {k} × {n}: each size from 1, the product at most 2^34")));
+            }
+            let precision = Precision::parse(args.get(4).ok_or_else(usage)?)?;
+            if precision == Precision::Tf32 {
+                return Err(Error::config("precision tf32: the CPU has no TF32 unit"));
+            }
+            let store = match args.get(5).map(String::as_str) {
+                None | Some("f32") => DType::F32,
+                Some("bf16") => DType::Bf16,
+                Some(other) => return Err(Error::config(format!("C: `{other}` (expected f32 or bf16)"))),
+            };
+            let runs = count("runs", args.get(6), 300)?;
+            let kernels = dispatch::active()?;
+            let g = Gemm { m, n, k, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+            let mut rng = Rng::new(2);
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+            let packed = cpu_gemm::PackedB::new(kernels, precision, g, &b);
+            let mut c = vec![0f32; m * n];
+            let [min, q1, med] = timed(3, runs, || {
+                cpu_gemm::gemm_packed(kernels, precision, g, &a, &b, packed.as_ref(), None, &mut c, store);
+                Ok(())
+            })?;
+            let gflops = 2.0 * (m * k * n) as f64 / min / 1e6;
+            println!(
+                "gemm {m}x{k}x{n}, {}, C {store:?}, path {path}, {threads} threads, {runs} runs: min {:.1} q25 {:.1} median {:.1} µs ({gflops:.0} GFLOP/s at the minimum)",
+                precision.name(),
+                min * 1e3,
+                q1 * 1e3,
+                med * 1e3
+            );
+        }
+        _ => return Err(usage()),
+    }
+    Ok(())
+}
