@@ -7,8 +7,9 @@
 //!     RAYON_NUM_THREADS=1 taskset -c 0 target/release/examples/cpu_minimum embed bf16 30
 //!     RAYON_NUM_THREADS=1 taskset -c 0 target/release/examples/cpu_minimum gemm 1152 256 256 bf16 bf16 1000
 //!
-//! `embed fp32|bf16 [runs]`; `gemm M K N fp32|bf16 [C: f32|bf16] [runs]` (C = x·Wᵀ, W packed
-//! as a frozen weight is). Prints one line.
+//! `embed fp32|bf16 [runs]`; `gemm M K N fp32|bf16 [C: f32|bf16] [runs] [packed|per-call]`
+//! (C = x·Wᵀ; W packed once as a frozen weight is, or packed by every call as `torch.mm`
+//! does). Prints one line. `tools/gemm_turnabout.py` runs it in turn with `torch.mm`.
 
 use semshare::backend::cpu::{Cpu, dispatch, gemm as cpu_gemm};
 use semshare::backend::{Backend, Gemm, Precision};
@@ -46,7 +47,11 @@ fn main() {
 
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = || Error::config("usage: cpu_minimum embed fp32|bf16 [runs] | gemm M K N fp32|bf16 [f32|bf16] [runs]");
+    let usage = || {
+        Error::config(
+            "usage: cpu_minimum embed fp32|bf16 [runs] | gemm M K N fp32|bf16 [f32|bf16] [runs] [packed|per-call]",
+        )
+    };
     let path = dispatch::active()?.describe();
     let threads = rayon::current_num_threads();
     match args.first().map(String::as_str) {
@@ -89,12 +94,17 @@ fn run() -> Result<()> {
                 Some(other) => return Err(Error::config(format!("C: `{other}` (expected f32 or bf16)"))),
             };
             let runs = count("runs", args.get(6), 300)?;
+            let once = match args.get(7).map(String::as_str) {
+                None | Some("packed") => true,
+                Some("per-call") => false,
+                Some(other) => return Err(Error::config(format!("B: `{other}` (expected packed or per-call)"))),
+            };
             let kernels = dispatch::active()?;
             let g = Gemm { m, n, k, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
             let mut rng = Rng::new(2);
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
-            let packed = cpu_gemm::PackedB::new(kernels, precision, g, &b);
+            let packed = if once { cpu_gemm::PackedB::new(kernels, precision, g, &b) } else { None };
             let mut c = vec![0f32; m * n];
             let [min, q1, med] = timed(3, runs, || {
                 cpu_gemm::gemm_packed(kernels, precision, g, &a, &b, packed.as_ref(), None, &mut c, store);
@@ -102,8 +112,9 @@ fn run() -> Result<()> {
             })?;
             let gflops = 2.0 * (m * k * n) as f64 / min / 1e6;
             println!(
-                "gemm {m}x{k}x{n}, {}, C {store:?}, path {path}, {threads} threads, {runs} runs: min {:.1} q25 {:.1} median {:.1} µs ({gflops:.0} GFLOP/s at the minimum)",
+                "gemm {m}x{k}x{n}, {}, C {store:?}, B {}, path {path}, {threads} threads, {runs} runs: min {:.1} q25 {:.1} median {:.1} µs ({gflops:.0} GFLOP/s at the minimum)",
                 precision.name(),
+                if packed.is_some() { "packed once" } else { "packed per call" },
                 min * 1e3,
                 q1 * 1e3,
                 med * 1e3
