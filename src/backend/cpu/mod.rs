@@ -255,7 +255,7 @@ impl Backend for Cpu {
     }
 
     fn gemm(&mut self, g: Gemm, a: View, b: View, c: ViewMut) -> Result<()> {
-        let _timer = profile::time(gemm_name(g));
+        let _timer = profile::time_gemm(gemm_name(g), (g.m, g.k, g.n));
         check_gemm(&g, a.len(), b.len(), c.len())?;
         check_gemm_types("gemm", a.dtype(), b.dtype())?;
         let stored = c.dtype();
@@ -264,7 +264,7 @@ impl Backend for Cpu {
     }
 
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
-        let _timer = profile::time("gemm x·Wᵀ+b");
+        let _timer = profile::time_gemm("gemm x·Wᵀ+b", (g.m, g.k, g.n));
         check_gemm_bias(&g, &a, &b, &bias, c)?;
         let stored = c.dtype();
         self.operand(g, b.cpu())?.gemm_stored(g, a.cpu(), Some(bias.cpu()), c.cpu_mut(), stored);
