@@ -4,8 +4,9 @@
 //!
 //!     cargo run --release --example cpu_profile [steps] [fp32|bf16]
 //!
-//! Prints two markdown tables (train step, embed 32 images + 32 texts), time per step by kind
-//! of op and by op, after two untimed warm-up steps. The op timer (backend/cpu/profile.rs)
+//! Prints, for the train step and for embedding 32 images + 32 texts, markdown tables of the
+//! time per step by kind of op, by op, and of the GEMMs by shape, after two untimed warm-up
+//! steps. The op timer (backend/cpu/profile.rs)
 //! measures each backend call's wall time; what the model does between calls is not in it.
 
 use semshare::backend::cpu::{Cpu, dispatch, profile};
