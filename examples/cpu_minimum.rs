@@ -19,8 +19,13 @@ use semshare::tensor::DType;
 use semshare::{Error, Result};
 use std::time::Instant;
 
+/// A count from the command line, at most 10^7 (runs) or 2^28 (a size).
 fn count(what: &str, s: Option<&String>, default: usize) -> Result<usize> {
-    s.map_or(Ok(default), |s| s.parse().map_err(|_| Error::config(format!("{what}: `{s}` is not a count"))))
+    let Some(s) = s else { return Ok(default) };
+    match s.parse::<usize>() {
+        Ok(v) if v <= 1 << 28 && (what != "runs" || v <= 10_000_000) => Ok(v),
+        _ => Err(Error::config(format!("{what}: `{s}` is not a count (runs at most 10^7, sizes 2^28)"))),
+    }
 }
 
 /// `f` run `runs` times after `warm` untimed runs: (minimum, lower quartile, median) in ms.
@@ -81,8 +86,12 @@ fn run() -> Result<()> {
         Some("gemm") => {
             let dims = (1..4).map(|i| count("M K N", args.get(i), 0)).collect::<Result<Vec<_>>>()?;
             let (m, k, n) = (dims[0], dims[1], dims[2]);
-            if m == 0 || k == 0 || n == 0 || m * k * n > 1 << 34 {
-                return Err(Error::config(format!("gemm {m} × {k} × {n}: each size from 1, the product at most 2^34")));
+            // Each operand at most 2^28 values (1 GiB), checked before anything is allocated.
+            let fits = |a: usize, b: usize| a.checked_mul(b).is_some_and(|v| v <= 1 << 28);
+            if m == 0 || k == 0 || n == 0 || !fits(m, k) || !fits(k, n) || !fits(m, n) {
+                return Err(Error::config(format!(
+                    "gemm {m} × {k} × {n}: each size from 1, each operand at most 2^28 values"
+                )));
             }
             let precision = Precision::parse(args.get(4).ok_or_else(usage)?)?;
             if precision == Precision::Tf32 {
