@@ -4,7 +4,8 @@
 //! Saved for backward: the softmax probabilities, per item then head, len × len.
 //! Parallel over items (each owns disjoint rows of every output); within an item, each
 //! head's four products are small GEMMs read in place from the qkv rows via strides (on the
-//! avx512 path, for items up to 64 long, products of its own without the GEMM's packing).
+//! avx512 path, for items up to 64 long, products of its own without the GEMM's packing and
+//! the softmax in registers).
 
 use rayon::prelude::*;
 
@@ -222,9 +223,10 @@ fn direct_fits(len: usize, dh: usize) -> bool {
 /// [`head_forward_gemm`] without the GEMM's packing, on AVX-512. For a 36 × 64 head the
 /// GEMM packed Q, Kᵀ, P and V into slivers for products of 36 × 36 × 64, and padded Kᵀ's 36
 /// columns to 64. Here K is transposed once into `kt` (16-wide column vectors, held in L1
-/// through the head), Q and P are broadcast from where they lie and V's rows are read in place.
+/// through the head), Q and P are broadcast from where they lie and V's rows are read in place;
+/// each row of S becomes P in the registers the product leaves it in ([`softmax_row_avx512`]).
 /// Each element is the GEMM micro-kernel's chain of FMAs in the same order, scaled the same
-/// way, so the result is the GEMM route's, bit for bit (tested).
+/// way, and the same softmax, so the result is the GEMM route's, bit for bit (tested).
 ///
 /// # Safety
 /// As [`head_forward_gemm`]'s, and the CPU has AVX-512 F; `direct_fits(len, dh)`; `kt` holds
