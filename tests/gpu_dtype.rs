@@ -315,6 +315,48 @@ fn bf16_gemm_bias_rounds_product_and_bias_once() {
     }
 }
 
+/// `gemm_bias_gelu` (inference's fc1 and its activation) is bit for bit `gemm_bias` then
+/// `bias_gelu_dropout_fwd` without bias or dropout on each device, into f32 and bf16; the
+/// devices agree within the GEMM's tolerance; a bias of another length is refused naming the op.
+#[test]
+fn gemm_bias_gelu_is_the_gemm_then_the_activation() {
+    let mut devices: Vec<Box<dyn Backend>> = vec![Box::new(common::cpu())];
+    devices.extend(gpu_or_skip("gemm_bias_gelu"));
+    let (m, n, k) = (150, 96, 130);
+    let (x, w, bias) = (randv(11, m * k), randv(12, n * k), randv(13, n));
+    let g = Gemm { m, n, k, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
+    let mut outs = vec![];
+    for dev in &mut devices {
+        for dtype in [DType::F32, DType::Bf16] {
+            let what = format!("{} gemm_bias_gelu into {}", dev.name(), dtype.name());
+            let up = |dev: &mut Box<dyn Backend>, v: &[f32], shape: &[usize]| {
+                let t = dev.upload(v, shape).unwrap();
+                dev.convert(t.view(), dtype).unwrap().reshape(shape)
+            };
+            let (xd, wd, bd) = (up(dev, &x, &[m, k]), up(dev, &w, &[n, k]), up(dev, &bias, &[n]));
+            let mut y = dev.alloc_as(&[m, n], dtype).unwrap();
+            dev.gemm_bias_gelu(g, xd.view(), wd.view(), bd.view(), &mut y).unwrap();
+            let mut u = dev.alloc_as(&[m, n], dtype).unwrap();
+            dev.gemm_bias(g, xd.view(), wd.view(), bd.view(), &mut u).unwrap();
+            let h = dev.bias_gelu_dropout_fwd(&mut u, None, 0.0, 0).unwrap();
+            let (got, want) = (dev.download(y.view()).unwrap(), dev.download(h.view()).unwrap());
+            same_values(&what, &got, &want);
+            assert!(got.iter().any(|&v| v < 0.0) && got.iter().all(|&v| v > -0.2), "{what}: not GELU");
+            let short = up(dev, &bias[..n - 1], &[n - 1]);
+            let e = dev.gemm_bias_gelu(g, xd.view(), wd.view(), short.view(), &mut y).unwrap_err().to_string();
+            assert!(e.contains("gemm_bias") && e.contains("bias"), "{what}: {e}");
+            outs.push(got);
+        }
+    }
+    if let [cf, cb, gf, gb] = &outs[..] {
+        for (c, g, tol) in [(cf, gf, 1e-5), (cb, gb, 2e-2)] {
+            let e = rel_err(g, &c.iter().map(|&v| v as f64).collect::<Vec<_>>());
+            common::report("gemm_bias_gelu: GPU against the CPU", e);
+            assert!(e <= tol, "{e:.2e}");
+        }
+    }
+}
+
 /// Mixed operand types and a bf16 tensor handed to an op that reads f32 are refused with one
 /// line naming the op (the CPU) or the kernel (the device), before anything runs.
 #[test]

@@ -118,3 +118,41 @@ fn fused_join_refuses_bad_operands() {
         assert!(err.to_string().contains("dropout probability 1"), "{}: {err}", dev.name());
     }
 }
+
+/// The join at inference (`residual_layernorm`: in a's memory, nothing kept) is the forward
+/// join's y with p = 0, bit for bit, in f32 and bf16, on the CPU and on the device; a bad
+/// operand is refused naming the op.
+#[test]
+fn the_join_at_inference_is_the_forward_y() {
+    use semshare::tensor::DType;
+    let mut devices: Vec<Box<dyn Backend>> = vec![Box::new(common::cpu())];
+    devices.extend(gpu_or_skip("the join at inference"));
+    for dev in &mut devices {
+        for (k, &(rows, d)) in SHAPES.iter().enumerate() {
+            for dtype in [DType::F32, DType::Bf16] {
+                let seed = 300 + 5 * k as u64;
+                let what = format!("{} {rows}x{d} {}", dev.name(), dtype.name());
+                let up = |dev: &mut Box<dyn Backend>, v: &[f32], shape: &[usize]| {
+                    let t = dev.upload(v, shape).unwrap();
+                    dev.convert(t.view(), dtype).unwrap().reshape(shape)
+                };
+                let (a0, x0) = (randv(seed, rows * d), randv(seed + 1, rows * d));
+                let gamma = dev.upload(&rand_range(seed + 2, d, 0.5, 1.5), &[d]).unwrap();
+                let beta = dev.upload(&randv(seed + 3, d), &[d]).unwrap();
+                let x = up(dev, &x0, &[rows, d]);
+                let mut a = up(dev, &a0, &[rows, d]);
+                let (want, _) =
+                    dev.residual_layernorm_fwd(&mut a, &x, gamma.view(), beta.view(), 1e-5, 0.0, 0).unwrap();
+                let a = up(dev, &a0, &[rows, d]);
+                let got = dev.residual_layernorm(a, &x, gamma.view(), beta.view(), 1e-5).unwrap();
+                assert_eq!((got.shape(), got.dtype()), (want.shape(), want.dtype()), "{what}");
+                let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let (got, want) = (dev.download(got.view()).unwrap(), dev.download(want.view()).unwrap());
+                assert_eq!(bits(got), bits(want), "{what}");
+            }
+        }
+        let (a, x, g) = (dev.zeros(&[2, 3]).unwrap(), dev.zeros(&[3, 2]).unwrap(), dev.zeros(&[3]).unwrap());
+        let err = dev.residual_layernorm(a, &x, g.view(), g.view(), 1e-5).unwrap_err().to_string();
+        assert!(err.contains("residual_layernorm"), "{}: {err}", dev.name());
+    }
+}

@@ -1105,6 +1105,48 @@ fn frozen_weights_embed_bitwise_as_unfrozen() {
     }
 }
 
+/// The embedding at inference (`SharedEncoder::infer`: no cache kept, GELU in fc1's GEMM) is
+/// the training forward's pooled z with dropout off, bit for bit: fp32 and bf16, images and
+/// texts, the transformer trunk and the FC trunk, frozen and unfrozen weights.
+#[test]
+fn inference_embeds_bitwise_as_the_training_forward() {
+    use semshare::backend::Precision;
+    use semshare::backend::cpu::Cpu;
+    use semshare::model::{
+        Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch, Trunk,
+    };
+    use semshare::nn::Dropout;
+    for trunk in [Trunk::Transformer, Trunk::Fc] {
+        let cfg = ModelConfig { vocab: 300, object_classes: 20, labels: 6, trunk, ..ModelConfig::small() };
+        let net = SemShare::new(&cfg).unwrap();
+        let mut rng = semshare::rng::Rng::new(8);
+        let images = Batch::Image(ImageBatch::random(&mut rng, &[36, 7, 20, 30, 36], cfg.region_dim, 20, 6));
+        let texts = Batch::Text(TextBatch::random(&mut rng, &[24, 3, 11, 9, 24, 20], cfg.vocab, 6));
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut dev = Cpu::with_precision(precision).unwrap();
+            let values = net.store.init_values(3);
+            let w = net.store.upload(&mut dev, &values).unwrap();
+            let frozen = {
+                let uploaded = net.store.upload(&mut dev, &values).unwrap();
+                dev.freeze(uploaded).unwrap()
+            };
+            for batch in [&images, &texts] {
+                let staged = net.stage(&mut dev, batch, &MaskPlan::default(), true).unwrap();
+                let mut losses = dev.zeros(&[2]).unwrap();
+                let weights = LossWeights { label: 1.0, context: 0.0 };
+                let f = net.forward_loss(&mut dev, &w, staged, Dropout::OFF, weights, losses.view_mut()).unwrap();
+                let want = f.z.cpu().to_vec();
+                for weights in [&w, &frozen] {
+                    let got = net.embed(&mut dev, weights, batch, EmbeddingKind::Pooled).unwrap();
+                    let same = got.cpu().len() == want.len()
+                        && got.cpu().iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{trunk:?} {precision:?}: the embedding differs from the forward's z");
+                }
+            }
+        }
+    }
+}
+
 /// Writing to frozen weights is a programming error, caught rather than served stale.
 #[test]
 #[should_panic(expected = "frozen tensor")]

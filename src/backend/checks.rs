@@ -83,24 +83,24 @@ pub(crate) fn check_segment_rows_bwd(dy: &Tensor, seg: &Segments, rows: usize) -
     Ok(())
 }
 
-/// `gemm_bias`'s operands (`Backend::gemm_bias`): the GEMM's, a bias of c's type with one
+/// `gemm_bias`'s operands (`Backend::gemm_bias`, `gemm_bias_gelu`; `op` names which): the GEMM's, a bias of c's type with one
 /// value per column of c, and, for a bf16 c, a product to add it to (k > 0, c's rows of n)
 /// so that the sum is rounded once.
-pub(crate) fn check_gemm_bias(g: &Gemm, a: &View, b: &View, bias: &View, c: &Tensor) -> Result<()> {
+pub(crate) fn check_gemm_bias(op: &'static str, g: &Gemm, a: &View, b: &View, bias: &View, c: &Tensor) -> Result<()> {
     check_gemm(g, a.len(), b.len(), c.len())?;
-    check_gemm_types("gemm_bias", a.dtype(), b.dtype())?;
-    expect_cols("gemm_bias", c)?;
-    expect_len("gemm_bias", "bias", bias.len(), c.cols())?;
-    expect_len("gemm_bias", "bias", bias.len(), g.n)?;
+    check_gemm_types(op, a.dtype(), b.dtype())?;
+    expect_cols(op, c)?;
+    expect_len(op, "bias", bias.len(), c.cols())?;
+    expect_len(op, "bias", bias.len(), g.n)?;
     if bias.dtype() != c.dtype() {
         let (b, c) = (bias.dtype().name(), c.dtype().name());
         return Err(crate::Error::dtype(
-            "gemm_bias",
+            op,
             format!("the bias is {b} and the output {c}; a bias has its output's type"),
         ));
     }
     if c.dtype() == DType::Bf16 && g.k == 0 {
-        return Err(crate::Error::dtype("gemm_bias", "a bf16 output needs a product (k > 0) to round with its bias"));
+        return Err(crate::Error::dtype(op, "a bf16 output needs a product (k > 0) to round with its bias"));
     }
     Ok(())
 }

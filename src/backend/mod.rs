@@ -362,6 +362,16 @@ pub trait Backend {
         self.gemm(g, a, b, c.view_mut())?;
         self.add_bias(c, bias)
     }
+    /// [`Backend::gemm_bias`], then GELU of `c` in place, stored as `c`'s type: a linear layer
+    /// and the feed-forward's activation at inference, where no backward reads the
+    /// pre-activation. Bit for bit `gemm_bias` then [`Backend::bias_gelu_dropout_fwd`] without
+    /// a bias or dropout. The CPU applies GELU to each tile of c as its micro-kernel stores it,
+    /// so c is not read back nor a second tensor written; the default runs the two ops.
+    fn gemm_bias_gelu(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
+        self.gemm_bias(g, a, b, bias, c)?;
+        *c = self.bias_gelu_dropout_fwd(c, None, 0.0, 0)?;
+        Ok(())
+    }
     /// `y[r, :] += bias`.
     fn add_bias(&mut self, y: &mut Tensor, bias: View) -> Result<()>;
     /// `dbias += Σ_r dy[r, :]`.
@@ -479,6 +489,12 @@ pub trait Backend {
         p: f32,
         seed: u64,
     ) -> Result<(Tensor, Tensor)>;
+    /// The join at inference, `LN(x + a)` in a's memory: no dropout, and neither the sum nor
+    /// the stats kept (no backward reads them). Bit for bit `residual_layernorm_fwd`'s y with
+    /// p = 0; the CPU normalises each row where it lies, the default runs that op.
+    fn residual_layernorm(&mut self, mut a: Tensor, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<Tensor> {
+        Ok(self.residual_layernorm_fwd(&mut a, x, gamma, beta, eps, 0.0, 0)?.0)
+    }
     /// Backward of [`Backend::residual_layernorm_fwd`] from its saved input s: returns
     /// `(dx, da)`, the residual's gradient (`layernorm_bwd`) and the sublayer's (`dx` through
     /// the dropout mask), and accumulates dgamma and dbeta and, when given, `dbias` (the

@@ -101,6 +101,17 @@ struct LossInputs {
     masked: Option<(Ids, Ids)>,
 }
 
+/// A staged batch past its modality's encoder: the trunk's input e and segments, and what
+/// the backward reads.
+struct Sided {
+    e: Tensor,
+    seg: Segments,
+    side: SideCache,
+    /// With global segments: the encoder's segments, averaged into one per item.
+    local: Option<Segments>,
+    text: bool,
+}
+
 struct Encoded {
     hidden: Tensor,
     seg: Segments,
@@ -200,6 +211,20 @@ impl SemShare {
         staged: Staged,
         drop: Dropout,
     ) -> Result<(Encoded, LossInputs)> {
+        let (Sided { e, seg, side, local, text }, losses) = self.encode_side(dev, w, staged, drop)?;
+        let trunk = self.models(text).0;
+        let (hidden, shared) = trunk.forward(dev, w, e, &seg, drop.site(3))?;
+        Ok((Encoded { hidden, seg, side, shared, local }, losses))
+    }
+
+    /// The modality-specific encoder on a staged batch: the trunk's input e and segments.
+    fn encode_side(
+        &self,
+        dev: &mut dyn Backend,
+        w: Weights,
+        staged: Staged,
+        drop: Dropout,
+    ) -> Result<(Sided, LossInputs)> {
         let Staged { seg, global, input, labels, masked } = staged;
         let text = matches!(input, StagedInput::Text(_));
         let norm = self.input_norm.as_ref();
@@ -220,9 +245,7 @@ impl SemShare {
             Some(global) => (dev.segment_mean_fwd(&e, &seg)?, global, Some(seg)),
             None => (e, seg, None),
         };
-        let trunk = self.models(text).0;
-        let (hidden, shared) = trunk.forward(dev, w, e, &seg, drop.site(3))?;
-        Ok((Encoded { hidden, seg, side, shared, local }, LossInputs { labels, masked }))
+        Ok((Sided { e, seg, side, local, text }, LossInputs { labels, masked }))
     }
 
     fn encode_backward(
@@ -363,17 +386,19 @@ impl SemShare {
         out.ok_or_else(|| crate::Error::Device { what: format!("{} did not run the embedding", dev.name()) })
     }
 
-    /// [`SemShare::embed`] on the calling thread.
+    /// [`SemShare::embed`] on the calling thread: the encoders at inference, keeping nothing
+    /// for a backward (`SharedEncoder::infer`).
     fn embed_here(&self, dev: &mut dyn Backend, w: Weights, batch: &Batch, kind: EmbeddingKind) -> Result<Tensor> {
         let staged = self.stage(dev, batch, &MaskPlan::default(), false)?;
-        let (enc, _) = self.encode(dev, w, staged, Dropout::OFF)?;
+        let (Sided { e, seg, text, .. }, _) = self.encode_side(dev, w, staged, Dropout::OFF)?;
+        let hidden = self.models(text).0.infer(dev, w, e, &seg)?;
         match kind {
-            EmbeddingKind::Pooled => dev.segment_mean_fwd(&enc.hidden, &enc.seg),
+            EmbeddingKind::Pooled => dev.segment_mean_fwd(&hidden, &seg),
             EmbeddingKind::Label => {
-                let mut s = self.models(matches!(batch, Batch::Text(_))).1.forward(dev, w, &enc.hidden)?;
+                let mut s = self.models(text).1.forward(dev, w, &hidden)?;
                 dev.label_coordinates(&mut s)?; // √softplus(g): `Backend::label_coordinates` says why not σ(g)
                 dev.l2_normalize_rows(&mut s)?;
-                let mut e = dev.segment_mean_fwd(&s, &enc.seg)?;
+                let mut e = dev.segment_mean_fwd(&s, &seg)?;
                 dev.l2_normalize_rows(&mut e)?;
                 Ok(e)
             }

@@ -65,6 +65,19 @@ impl SharedEncoder {
         Ok((dev.convert_owned(x, DType::F32)?, SharedCache { blocks, act, own }))
     }
 
+    /// [`SharedEncoder::forward`] at inference: the same values, each block's `infer` keeping
+    /// nothing for a backward, so an activation's memory is reused once the next op has read it.
+    pub fn infer(&self, dev: &mut dyn Backend, w: Weights, e: Tensor, seg: &Segments) -> Result<Tensor> {
+        let act = dev.activations();
+        let own = Bf16Copy::missing(dev, w, self.params.clone())?;
+        let weights = Weights { values: w.values, bf16: own.as_ref().or(w.bf16) };
+        let mut x = dev.convert_owned(e, act)?;
+        for block in &self.blocks {
+            x = block.infer(dev, weights, x, seg)?;
+        }
+        dev.convert_owned(x, DType::F32)
+    }
+
     pub fn backward(
         &self,
         dev: &mut dyn Backend,

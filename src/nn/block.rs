@@ -74,6 +74,32 @@ impl EncoderBlock {
         Ok((y, BlockCache { attention, x1, pre_gelu, hidden, norm2, drop }))
     }
 
+    /// The block at inference: [`EncoderBlock::forward`]'s values with no dropout and nothing
+    /// kept for a backward, so each activation goes back to the pool once the next op has read
+    /// it, and GELU applied where fc1's GEMM stores each tile (`Linear::forward_gelu`), not in
+    /// a pass of its own.
+    pub fn infer<'w>(
+        &self,
+        dev: &mut dyn Backend,
+        w: impl Into<Weights<'w>>,
+        x: Tensor,
+        seg: &Segments,
+    ) -> Result<Tensor> {
+        let w = w.into();
+        let x1 = match &self.attention {
+            Some((attn, norm1)) => {
+                let a = attn.forward(dev, w, &x, seg)?.0;
+                norm1.infer_residual(dev, w.values, a, &x)?
+            }
+            None => x,
+        };
+        let f = {
+            let hidden = self.fc1.forward_gelu(dev, w, &x1)?;
+            self.fc2.forward(dev, w, &hidden)?
+        };
+        self.norm2.infer_residual(dev, w.values, f, &x1)
+    }
+
     pub fn backward<'w>(
         &self,
         dev: &mut dyn Backend,

@@ -48,6 +48,12 @@ impl LayerNorm {
         Ok((y, LayerNormCache { x: a, stats }))
     }
 
+    /// [`LayerNorm::forward_residual`] at inference: `LN(x + a)` in a's memory, no dropout,
+    /// nothing kept (`Backend::residual_layernorm`).
+    pub fn infer_residual(&self, dev: &mut dyn Backend, w: &Tensor, a: Tensor, x: &Tensor) -> Result<Tensor> {
+        dev.residual_layernorm(a, x, self.weight.of(w), self.bias.of(w), EPS)
+    }
+
     /// Backward of [`LayerNorm::forward_residual`]: `(d x, d a)`, the residual's gradient and
     /// the sublayer's (through the same dropout mask). With `sublayer_bias` (the bias of the
     /// linear map that made `a`), its gradient Σ_rows d a is summed in the same pass; the

@@ -45,21 +45,43 @@ impl Linear {
         self.product(dev, w.into(), x, y, 1.0)
     }
 
+    /// `GELU(x Wᵀ + b)` at inference (the feed-forward's first layer): GELU applied where the
+    /// GEMM stores each tile (`Backend::gemm_bias_gelu`), the pre-activation a backward would
+    /// read not kept. The values of `forward` then `bias_gelu_dropout_fwd` without dropout.
+    pub fn forward_gelu<'w>(&self, dev: &mut dyn Backend, w: impl Into<Weights<'w>>, x: &Tensor) -> Result<Tensor> {
+        let w = w.into();
+        let mut y = dev.alloc_as(&[x.rows(), self.outputs], x.dtype())?;
+        let g = self.gemm_of(x, 0.0)?;
+        let weight = w.read(self.weight, x.dtype())?;
+        match self.bias {
+            Some(b) => dev.gemm_bias_gelu(g, x.view(), weight, w.read(b, y.dtype())?, &mut y)?,
+            None => {
+                dev.gemm(g, x.view(), weight, y.view_mut())?;
+                y = dev.bias_gelu_dropout_fwd(&mut y, None, 0.0, 0)?;
+            }
+        }
+        Ok(y)
+    }
+
     /// `y = x Wᵀ + b + beta · y`.
     fn product(&self, dev: &mut dyn Backend, w: Weights, x: &Tensor, y: &mut Tensor, beta: f32) -> Result<()> {
-        let rows = x.rows();
+        let g = self.gemm_of(x, beta)?;
+        let weight = w.read(self.weight, x.dtype())?;
+        match self.bias {
+            Some(b) => dev.gemm_bias(g, x.view(), weight, w.read(b, y.dtype())?, y),
+            None => dev.gemm(g, x.view(), weight, y.view_mut()),
+        }
+    }
+
+    /// The layer's GEMM on x (`x Wᵀ`, then `+ beta · y`), or why x does not fit the layer.
+    fn gemm_of(&self, x: &Tensor, beta: f32) -> Result<Gemm> {
         if x.cols() != self.inputs {
             return Err(crate::Error::shape(
                 "linear",
                 format!("input has {} columns, layer takes {}", x.cols(), self.inputs),
             ));
         }
-        let g = Gemm { m: rows, n: self.outputs, k: self.inputs, trans_a: false, trans_b: true, alpha: 1.0, beta };
-        let weight = w.read(self.weight, x.dtype())?;
-        match self.bias {
-            Some(b) => dev.gemm_bias(g, x.view(), weight, w.read(b, y.dtype())?, y),
-            None => dev.gemm(g, x.view(), weight, y.view_mut()),
-        }
+        Ok(Gemm { m: x.rows(), n: self.outputs, k: self.inputs, trans_a: false, trans_b: true, alpha: 1.0, beta })
     }
 
     /// Parameter gradients only (the input needs none, e.g. the first layer on data). `x` is

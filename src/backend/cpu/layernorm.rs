@@ -35,14 +35,32 @@ fn normalize_row(y: &mut [f32], st: &mut [f32], x: &[f32], gamma: &[f32], beta: 
     let d = gamma.len();
     // Every slice cut to d, so the loop has no bounds checks (with them it ran scalar).
     let (y, x, beta) = (&mut y[..d], &x[..d], &beta[..d]);
-    let mean = sum2(x, x, |a, _| a) / d as f32;
-    let var = sum2(x, x, |a, _| (a - mean) * (a - mean)) / d as f32;
-    let rstd = 1.0 / (var + eps).sqrt();
+    let (mean, rstd) = row_stats(x, eps);
     for i in 0..d {
         y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
     }
     st[0] = mean;
     st[1] = rstd;
+}
+
+/// [`normalize_row`] in x's memory, without the stats: the same values.
+#[inline(always)]
+fn normalize_row_in_place(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let d = gamma.len();
+    let (x, beta) = (&mut x[..d], &beta[..d]);
+    let (mean, rstd) = row_stats(x, eps);
+    for i in 0..d {
+        x[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
+    }
+}
+
+/// A row's (mean, 1/√(variance + eps)), each sum over eight accumulators.
+#[inline(always)]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len();
+    let mean = sum2(x, x, |a, _| a) / d as f32;
+    let var = sum2(x, x, |a, _| (a - mean) * (a - mean)) / d as f32;
+    (mean, 1.0 / (var + eps).sqrt())
 }
 
 /// The post-LN join `a ← x + dropout(a)`, then LayerNorm of a (`Backend::residual_layernorm_fwd`)
@@ -83,6 +101,28 @@ pub fn residual_forward(
         y.chunks_mut(d).zip(stats.chunks_mut(2).zip(a.chunks_mut(d).zip(x.chunks(d)))).enumerate().for_each(row);
     }
     (y, stats)
+}
+
+/// [`residual_forward`] at inference, in a's memory: `a ← LN(x + a)`, no dropout, no stats
+/// and no second tensor (the backward that reads them never comes). The values of
+/// `residual_forward`'s y, bit for bit.
+pub fn residual_in_place(a: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, store: DType) {
+    let d = gamma.len();
+    let row = |(a, x): (&mut [f32], &[f32])| {
+        simd::vectorised!({
+            for (a, x) in a.iter_mut().zip(x) {
+                *a += x;
+            }
+            store.round_all(a);
+            normalize_row_in_place(a, gamma, beta, eps);
+            store.round_all(a);
+        })
+    };
+    if a.len() / d >= PAR_ROWS {
+        a.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(row);
+    } else {
+        a.chunks_mut(d).zip(x.chunks(d)).for_each(row);
+    }
 }
 
 /// Backward of [`residual_forward`] from its saved sum s: (dx, da), LayerNorm's gradient and

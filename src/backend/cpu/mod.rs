@@ -265,9 +265,17 @@ impl Backend for Cpu {
 
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
         let _timer = profile::time_gemm("gemm x·Wᵀ+b", (g.m, g.k, g.n));
-        check_gemm_bias(&g, &a, &b, &bias, c)?;
+        check_gemm_bias("gemm_bias", &g, &a, &b, &bias, c)?;
         let stored = c.dtype();
         self.operand(g, b.cpu())?.gemm_stored(g, a.cpu(), Some(bias.cpu()), c.cpu_mut(), stored);
+        Ok(())
+    }
+
+    fn gemm_bias_gelu(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
+        let _timer = profile::time_gemm("gemm GELU(x·Wᵀ+b)", (g.m, g.k, g.n));
+        check_gemm_bias("gemm_bias_gelu", &g, &a, &b, &bias, c)?;
+        let stored = c.dtype();
+        self.operand(g, b.cpu())?.gemm_gelu(g, a.cpu(), Some(bias.cpu()), c.cpu_mut(), stored);
         Ok(())
     }
 
@@ -506,6 +514,16 @@ impl Backend for Cpu {
         let (shape, rows, store) = (a.shape().to_vec(), a.rows(), a.dtype());
         let (y, stats) = layernorm::residual_forward(a.cpu_mut(), x.cpu(), gamma.cpu(), beta.cpu(), eps, rule, store);
         Ok((Tensor::from_cpu(y, &shape).with_dtype(store), Tensor::from_cpu(stats, &[rows, 2])))
+    }
+
+    fn residual_layernorm(&mut self, mut a: Tensor, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<Tensor> {
+        let _timer = profile::time("residual_layernorm");
+        same_shape("residual_layernorm", &a, x)?;
+        same_dtype("residual_layernorm", "x", &a, x)?;
+        check_layernorm_fwd(&a, &gamma, &beta)?;
+        let store = a.dtype();
+        layernorm::residual_in_place(a.cpu_mut(), x.cpu(), gamma.cpu(), beta.cpu(), eps, store);
+        Ok(a)
     }
 
     fn residual_layernorm_bwd(
