@@ -253,45 +253,6 @@ fn gemm_bias_is_gemm_then_bias_bitwise() {
     }
 }
 
-/// GELU in the GEMM's store (`Epilogue::gelu`, inference's feed-forward) is bit for bit the
-/// GEMM and then the activation's own pass (`elementwise::bias_gelu_dropout` without bias or
-/// dropout), on every path and precision, into f32 and bf16, B packed or not: several slices of
-/// k (GELU only after the last), several column panels, the row- and column-parallel splits,
-/// k = 0, beta ≠ 0. And the activation did act: the values differ from the GEMM's alone.
-#[test]
-fn gelu_in_the_store_is_the_activation_pass_bitwise() {
-    use semshare::backend::cpu::elementwise::bias_gelu_dropout;
-    use semshare::backend::cpu::gemm::{Epilogue, PackedB, gemm_packed};
-    let mut rng = Rng::new(41);
-    for run in runnable() {
-        for (m, k, n) in [(1, 1, 1), (32, 128, 384), (37, 601, 19), (1152, 256, 512), (100, 300, 2100), (9, 0, 13)] {
-            for (trans_b, beta, store) in [(true, 0.0, DType::F32), (true, 0.0, DType::Bf16), (false, 0.75, DType::F32)]
-            {
-                let g = Gemm { m, n, k, trans_a: false, trans_b, alpha: 1.0, beta };
-                let (a, b, bias) = (random(&mut rng, m * k), random(&mut rng, k * n), random(&mut rng, n));
-                let c0: Vec<f32> = random(&mut rng, m * n).iter().map(|&v| store.round(v)).collect();
-                let packed = PackedB::new(run.0, run.1, g, &b);
-                for pre in [None, packed.as_ref()] {
-                    let mut u = c0.clone();
-                    gemm_packed(run.0, run.1, g, &a, &b, pre, Some(&bias), &mut u, store);
-                    let want = bias_gelu_dropout(&mut u.clone(), None, n, None, store);
-                    let mut got = c0.clone();
-                    let epilogue = Epilogue { store, gelu: true };
-                    gemm_packed(run.0, run.1, g, &a, &b, pre, Some(&bias), &mut got, epilogue);
-                    let what = format!(
-                        "{} {:?} {m}×{k}×{n} trans_b {trans_b} beta {beta} {store:?} packed {}",
-                        run.0.describe(),
-                        run.1,
-                        pre.is_some()
-                    );
-                    assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}");
-                    assert!(got.iter().zip(&u).any(|(x, y)| x != y), "{what}: no activation applied");
-                }
-            }
-        }
-    }
-}
-
 /// B packed once (`PackedB`, a frozen model's weights) gives bit for bit what packing it on
 /// every call gives, on every path and precision: several slices of k (601: a half-filled bf16
 /// pair in the last), several column panels (2100), the row- and column-parallel splits, the

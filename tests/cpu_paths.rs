@@ -1,4 +1,4 @@
-//! The CPU's elementwise, norm (plain and fused with the residual join), cross-entropy and
+//! The CPU's elementwise, norm (plain and fused with the residual join, for training and in place), cross-entropy and
 //! GRU-gate ops compiled for each instruction-set path (`backend/cpu/simd.rs`) give bitwise
 //! the portable path's results, on fresh random inputs. The path is chosen once per process, so the test runs itself once per path with
 //! `SEMSHARE_CPU` forced and compares what each child prints, op by op. A path this machine
@@ -92,6 +92,8 @@ fn outputs(seed: u64) -> Vec<String> {
         put(&format!("residual_layernorm_bwd dx {tag}"), &down(d, &dx));
         put(&format!("residual_layernorm_bwd da {tag}"), &down(d, &da));
         put(&format!("residual_layernorm_bwd dgamma {tag}"), &down(d, &dgamma));
+        let y = d.residual_layernorm(dy.clone(), &x, gamma.view(), beta.view(), 1e-5).unwrap();
+        put(&format!("residual_layernorm (inference) {tag}"), &down(d, &y));
 
         let targets: Vec<u32> = (0..rows).map(|r| ((r * 7 + seed as usize) % cols) as u32).collect();
         let targets = d.upload_ids(&targets).unwrap();

@@ -365,8 +365,8 @@ pub trait Backend {
     /// [`Backend::gemm_bias`], then GELU of `c` in place, stored as `c`'s type: a linear layer
     /// and the feed-forward's activation at inference, where no backward reads the
     /// pre-activation. Bit for bit `gemm_bias` then [`Backend::bias_gelu_dropout_fwd`] without
-    /// a bias or dropout. The CPU applies GELU to each tile of c as its micro-kernel stores it,
-    /// so c is not read back nor a second tensor written; the default runs the two ops.
+    /// a bias or dropout. The CPU applies GELU in c's memory, so no second tensor is written;
+    /// the default runs the two ops.
     fn gemm_bias_gelu(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
         self.gemm_bias(g, a, b, bias, c)?;
         *c = self.bias_gelu_dropout_fwd(c, None, 0.0, 0)?;

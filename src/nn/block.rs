@@ -76,8 +76,8 @@ impl EncoderBlock {
 
     /// The block at inference: [`EncoderBlock::forward`]'s values with no dropout and nothing
     /// kept for a backward, so each activation goes back to the pool once the next op has read
-    /// it, and GELU applied where fc1's GEMM stores each tile (`Linear::forward_gelu`), not in
-    /// a pass of its own.
+    /// it; GELU in the memory fc1's GEMM wrote (`Linear::forward_gelu`), and each join in the
+    /// sublayer's (`LayerNorm::infer_residual`).
     pub fn infer<'w>(
         &self,
         dev: &mut dyn Backend,

@@ -45,9 +45,9 @@ impl Linear {
         self.product(dev, w.into(), x, y, 1.0)
     }
 
-    /// `GELU(x Wᵀ + b)` at inference (the feed-forward's first layer): GELU applied where the
-    /// GEMM stores each tile (`Backend::gemm_bias_gelu`), the pre-activation a backward would
-    /// read not kept. The values of `forward` then `bias_gelu_dropout_fwd` without dropout.
+    /// `GELU(x Wᵀ + b)` at inference (the feed-forward's first layer, `Backend::gemm_bias_gelu`):
+    /// the pre-activation a backward would read is not kept. The values of `forward` then
+    /// `bias_gelu_dropout_fwd` without dropout.
     pub fn forward_gelu<'w>(&self, dev: &mut dyn Backend, w: impl Into<Weights<'w>>, x: &Tensor) -> Result<Tensor> {
         let w = w.into();
         let mut y = dev.alloc_as(&[x.rows(), self.outputs], x.dtype())?;

@@ -249,6 +249,24 @@ pub fn bias_gelu_dropout(
     h
 }
 
+/// `x ← GELU(x)` stored as `store`: [`bias_gelu_dropout`]'s h without a bias or a dropout, in
+/// x's memory (`Backend::gemm_bias_gelu`: at inference no backward reads the pre-activation).
+pub fn gelu_in_place(x: &mut [f32], store: DType) {
+    let body = |x: &mut [f32]| {
+        simd::vectorised!({
+            for v in x.iter_mut() {
+                *v = gelu(*v);
+            }
+            store.round_all(x);
+        })
+    };
+    if x.len() >= PAR_MIN {
+        x.par_chunks_mut(4096).for_each(body);
+    } else {
+        body(x);
+    }
+}
+
 /// Its backward in dh's memory (`Backend::gelu_dropout_bwd`): `dh = GELU'(u) ⊙ dropout(dh)`,
 /// in f32 bit for bit `dropout` then `gelu_bwd`; stored as `store` (bf16: rounded once).
 pub fn dropout_gelu_bwd(u: &[f32], dh: &mut [f32], rule: Option<DropoutRule>, store: DType) {

@@ -29,7 +29,6 @@ use crate::tensor::DType;
 #[cfg(target_arch = "x86_64")]
 use super::amx::Bf16Amx;
 use super::dispatch::{CpuPath, Kernels};
-use super::elementwise::gelu;
 use super::microkernel::{Bf16, Bf16OnF32, F32Portable, Micro, Packed, TileOut};
 #[cfg(target_arch = "x86_64")]
 use super::microkernel::{Bf16Avx512, F32Avx2, F32Avx512};
@@ -83,21 +82,6 @@ pub fn gemm_bias(
     gemm_packed(kernels, precision, g, a, b, None, bias, c, DType::F32)
 }
 
-/// What the GEMM's store does to each value of c after its last slice of k and its bias: the
-/// type it is stored as, and whether GELU is applied to it (a linear layer and the activation
-/// after it at inference, `Backend::gemm_bias_gelu`). A bare `DType` is its type alone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Epilogue {
-    pub store: DType,
-    pub gelu: bool,
-}
-
-impl From<DType> for Epilogue {
-    fn from(store: DType) -> Self {
-        Epilogue { store, gelu: false }
-    }
-}
-
 /// [`gemm_bias`] with B's slivers taken from `packed` (made by [`PackedB::new`] from this `b`,
 /// for this `g` and kernel) instead of packed on every call: a frozen model's weights
 /// (`Backend::freeze`). Bit for bit the same result, since the slivers are the same. A c of
@@ -105,11 +89,6 @@ impl From<DType> for Epilogue {
 /// by the micro-kernel's store as it writes the tile (`TileOut::round`): a pass over c
 /// afterwards cost 8 % of the training step's GEMM time, and one per block of c 15–20 % of
 /// an AMX product (session 31).
-///
-/// With `gelu`, each tile of c goes through GELU as soon as its last slice of k is stored,
-/// while it is still in L1, where a separate pass (`bias_gelu_dropout_fwd`) read the whole of c
-/// back and wrote a second tensor: bit for bit that pass, the same `elementwise::gelu` of each
-/// value as stored, rounded once more.
 ///
 /// # Panics
 /// If a slice is shorter than its shape, or `packed` was made for another shape or kernel.
@@ -123,9 +102,8 @@ pub fn gemm_packed(
     packed: Option<&PackedB>,
     bias: Option<&[f32]>,
     c: &mut [f32],
-    epilogue: impl Into<Epilogue>,
+    store: DType,
 ) {
-    let Epilogue { store, gelu } = epilogue.into();
     let round = store == DType::Bf16;
     let Gemm { m, n, k, trans_a, alpha, beta, .. } = g;
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand shorter than its shape");
@@ -137,7 +115,7 @@ pub fn gemm_packed(
     let bias = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
     let pre = packed.map(|pb| Prepacked { base: pb.as_ptr(), cols: pb.cols, j: 0 });
     let (a, b, c, sc) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), Strided::rows(n));
-    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias, pre, round, gelu };
+    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias, pre, round };
     // SAFETY: the strides address exactly a[..m·k], b[..k·n], c[..m·n] and bias[..n], checked
     // above; c is a unique borrow, so it aliases none of the others; `packed` holds B's
     // slivers for `kernel`, the one `solve` runs (checked above).
@@ -163,12 +141,6 @@ impl Operand<'_> {
     /// [`Operand::gemm`] into a c of type `store` ([`gemm_packed`]).
     pub fn gemm_stored(&self, g: Gemm, a: &[f32], bias: Option<&[f32]>, c: &mut [f32], store: DType) {
         gemm_packed(self.kernels, self.precision, g, a, self.b, self.packed.as_deref(), bias, c, store);
-    }
-
-    /// [`Operand::gemm_stored`], then GELU of c ([`gemm_packed`]'s [`Epilogue`]).
-    pub fn gemm_gelu(&self, g: Gemm, a: &[f32], bias: Option<&[f32]>, c: &mut [f32], store: DType) {
-        let epilogue = Epilogue { store, gelu: true };
-        gemm_packed(self.kernels, self.precision, g, a, self.b, self.packed.as_deref(), bias, c, epilogue);
     }
 }
 
@@ -353,23 +325,7 @@ pub unsafe fn gemm_strided(
     c: *mut f32,
     sc: Strided,
 ) {
-    let p = Problem {
-        m,
-        k,
-        n,
-        alpha,
-        a,
-        sa,
-        b,
-        sb,
-        beta,
-        c,
-        sc,
-        bias: std::ptr::null(),
-        pre: None,
-        round: false,
-        gelu: false,
-    };
+    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias: std::ptr::null(), pre: None, round: false };
     // SAFETY: as the caller guarantees.
     unsafe { solve(kernels, precision, p) }
 }
@@ -423,8 +379,6 @@ struct Problem {
     pre: Option<Prepacked>,
     /// C is stored as bf16: each value rounded once, after the last slice of k (and the bias).
     round: bool,
-    /// GELU of each value of C as stored, after the last slice of k ([`Epilogue`]).
-    gelu: bool,
 }
 
 // SAFETY: a `Problem` is shared between the threads of one call, which read A and B and write
@@ -472,9 +426,6 @@ where
             scale(m, n, p.beta, p.c, p.sc, p.bias);
             if p.round {
                 round_rows(p.c, p.sc, m, n);
-            }
-            if p.gelu {
-                gelu_rows(p.c, p.sc, m, n, p.round);
             }
         }
         return;
@@ -607,7 +558,7 @@ where
                 let beta = if pc == 0 { p.beta } else { 1.0 };
                 let last = pc + kc == k;
                 let bias = if last { slice.bias } else { std::ptr::null() };
-                let slice = Problem { beta, bias, round: p.round && last, gelu: p.gelu && last, ..slice };
+                let slice = Problem { beta, bias, round: p.round && last, ..slice };
                 let pb: &[K::Packed] = match p.pre {
                     // SAFETY: `pre` holds every panel of B packed for K (`gemm_packed`);
                     // columns pre.j + jc .. + nc of slice pc are inside it.
@@ -687,9 +638,6 @@ where
                         } else {
                             K::tile(kc, pa.as_ptr().add((ir - whole) * kpa), bs, p.alpha, p.beta, out);
                         }
-                        if p.gelu {
-                            gelu_rows(out.c, sc, out.rows, out.cols, p.round);
-                        }
                     }
                 }
             }
@@ -715,37 +663,6 @@ unsafe fn round_rows(c: *mut f32, sc: Strided, rows: usize, cols: usize) {
                 unsafe {
                     let x = row.offset(j * sc.cs);
                     *x = DType::Bf16.round(*x);
-                }
-            }
-        }
-    }
-}
-
-/// GELU of rows × cols of C (strides `sc`) in place, each value rounded to bf16 again when
-/// `round`: `elementwise::bias_gelu_dropout` without a bias or a dropout.
-///
-/// # Safety
-/// Every element addressed lies in C, which no other thread reads or writes meanwhile.
-unsafe fn gelu_rows(c: *mut f32, sc: Strided, rows: usize, cols: usize, round: bool) {
-    let store = if round { DType::Bf16 } else { DType::F32 };
-    for i in 0..rows as isize {
-        // SAFETY: as the caller guarantees.
-        let row = unsafe { c.offset(i * sc.rs) };
-        if sc.cs == 1 {
-            // SAFETY: the row's `cols` elements are contiguous in C.
-            let row = unsafe { std::slice::from_raw_parts_mut(row, cols) };
-            super::simd::vectorised!({
-                for v in row.iter_mut() {
-                    *v = gelu(*v);
-                }
-                store.round_all(row)
-            });
-        } else {
-            for j in 0..cols as isize {
-                // SAFETY: as the caller guarantees.
-                unsafe {
-                    let x = row.offset(j * sc.cs);
-                    *x = store.round(gelu(*x));
                 }
             }
         }
@@ -790,7 +707,6 @@ mod tests {
                         bias: bias.as_ptr(),
                         pre: pre.map(|pb| Prepacked { base: pb.as_ptr(), cols: pb.cols, j: 0 }),
                         round: false,
-                        gelu: false,
                     };
                     let (mut want, mut got) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
                     let (ra, rb) = (round(&a), round(&b));
