@@ -61,7 +61,11 @@ pub fn kind(op: &str) -> &'static str {
         "gru_fwd" | "gru_bwd" => "GRU recurrence (GEMMs + gates)",
         "gru_step_fwd" | "gru_step_bwd" => "GRU (gates)",
         "attention_fwd" | "attention_bwd" => "attention",
-        "layernorm_fwd" | "layernorm_bwd" | "residual_layernorm_fwd" | "residual_layernorm_bwd" => "layer norm",
+        "layernorm_fwd"
+        | "layernorm_bwd"
+        | "residual_layernorm_fwd"
+        | "residual_layernorm_bwd"
+        | "residual_layernorm" => "layer norm",
         "upload" | "upload_ids" | "download" | "copy" | "fill" | "zeros" | "alloc" | "gather_rows"
         | "scatter_add_rows" | "set_rows" | "set_rows_bwd" => "copies",
         "adamw" | "adamw_masked" | "sum_squares_into" | "step_guard" => "optimizer",
