@@ -154,5 +154,8 @@ fn the_join_at_inference_is_the_forward_y() {
         let (a, x, g) = (dev.zeros(&[2, 3]).unwrap(), dev.zeros(&[3, 2]).unwrap(), dev.zeros(&[3]).unwrap());
         let err = dev.residual_layernorm(a, &x, g.view(), g.view(), 1e-5).unwrap_err().to_string();
         assert!(err.contains("residual_layernorm"), "{}: {err}", dev.name());
+        let (a, x) = (dev.zeros(&[3, 2]).unwrap(), dev.zeros(&[3, 2]).unwrap());
+        let err = dev.residual_layernorm(a, &x, g.view(), g.view(), 1e-5).unwrap_err().to_string();
+        assert!(err.contains("residual_layernorm") && err.contains("gamma"), "{}: {err}", dev.name());
     }
 }

@@ -112,12 +112,13 @@ pub(crate) fn check_gemm(g: &Gemm, a: usize, b: usize, c: usize) -> Result<()> {
     expect_len("gemm", "c", c, g.m * g.n)
 }
 
-/// Layer norm's operands: x `[rows, d]` with d > 0, γ and β of length d.
-pub(crate) fn check_layernorm_fwd(x: &Tensor, gamma: &View, beta: &View) -> Result<()> {
-    expect_cols("layernorm_fwd", x)?;
-    f32s("layernorm_fwd", [("gamma", gamma.dtype()), ("beta", beta.dtype())])?;
-    expect_len("layernorm_fwd", "gamma", gamma.len(), x.cols())?;
-    expect_len("layernorm_fwd", "beta", beta.len(), x.cols())
+/// Layer norm's operands (for `op`: the plain norm or a join): x `[rows, d]` with d > 0, γ and
+/// β of length d.
+pub(crate) fn check_layernorm_fwd(op: &'static str, x: &Tensor, gamma: &View, beta: &View) -> Result<()> {
+    expect_cols(op, x)?;
+    f32s(op, [("gamma", gamma.dtype()), ("beta", beta.dtype())])?;
+    expect_len(op, "gamma", gamma.len(), x.cols())?;
+    expect_len(op, "beta", beta.len(), x.cols())
 }
 
 /// Layer norm backward's operands (`Backend::layernorm_bwd`).

@@ -482,7 +482,7 @@ impl Backend for Cpu {
 
     fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
         let _timer = profile::time("layernorm_fwd");
-        check_layernorm_fwd(x, &gamma, &beta)?;
+        check_layernorm_fwd("layernorm_fwd", x, &gamma, &beta)?;
         let (y, stats) = layernorm::forward(x.cpu(), gamma.cpu(), beta.cpu(), eps, x.dtype());
         Ok((Tensor::from_cpu(y, x.shape()).with_dtype(x.dtype()), Tensor::from_cpu(stats, &[x.rows(), 2])))
     }
@@ -516,7 +516,7 @@ impl Backend for Cpu {
         let _timer = profile::time("residual_layernorm_fwd");
         same_shape("residual_layernorm_fwd", a, x)?;
         same_dtype("residual_layernorm_fwd", "x", a, x)?;
-        check_layernorm_fwd(a, &gamma, &beta)?;
+        check_layernorm_fwd("residual_layernorm_fwd", a, &gamma, &beta)?;
         let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
         let (shape, rows, store) = (a.shape().to_vec(), a.rows(), a.dtype());
         let (y, stats) = layernorm::residual_forward(a.cpu_mut(), x.cpu(), gamma.cpu(), beta.cpu(), eps, rule, store);
@@ -527,7 +527,7 @@ impl Backend for Cpu {
         let _timer = profile::time("residual_layernorm");
         same_shape("residual_layernorm", &a, x)?;
         same_dtype("residual_layernorm", "x", &a, x)?;
-        check_layernorm_fwd(&a, &gamma, &beta)?;
+        check_layernorm_fwd("residual_layernorm", &a, &gamma, &beta)?;
         let store = a.dtype();
         layernorm::residual_in_place(a.cpu_mut(), x.cpu(), gamma.cpu(), beta.cpu(), eps, store);
         Ok(a)

@@ -34,7 +34,7 @@ pub(super) fn forward(
 ) -> Result<(Tensor, Tensor)> {
     same_shape("residual_layernorm_fwd", a, x)?;
     same_dtype("residual_layernorm_fwd", "x", a, x)?;
-    check_layernorm_fwd(a, &gamma, &beta)?;
+    check_layernorm_fwd("residual_layernorm_fwd", a, &gamma, &beta)?;
     let scale = dropout_scale(p)?;
     let (rows, d) = (a.rows(), a.cols());
     let y = cuda.alloc_typed(a.shape(), a.dtype())?;

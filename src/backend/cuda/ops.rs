@@ -530,7 +530,7 @@ impl Backend for Cuda {
     }
 
     fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
-        check_layernorm_fwd(x, &gamma, &beta)?;
+        check_layernorm_fwd("layernorm_fwd", x, &gamma, &beta)?;
         let (rows, d) = (x.rows(), x.cols());
         let y = self.alloc_typed(x.shape(), x.dtype())?;
         let stats = self.alloc_tensor(&[rows, 2])?;
