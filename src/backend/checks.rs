@@ -83,10 +83,11 @@ pub(crate) fn check_segment_rows_bwd(dy: &Tensor, seg: &Segments, rows: usize) -
     Ok(())
 }
 
-/// `gemm_bias`'s operands (`Backend::gemm_bias`, `gemm_bias_gelu`; `op` names which): the GEMM's, a bias of c's type with one
+/// `gemm_bias`'s operands (`Backend::gemm_bias`): the GEMM's, a bias of c's type with one
 /// value per column of c, and, for a bf16 c, a product to add it to (k > 0, c's rows of n)
 /// so that the sum is rounded once.
-pub(crate) fn check_gemm_bias(op: &'static str, g: &Gemm, a: &View, b: &View, bias: &View, c: &Tensor) -> Result<()> {
+pub(crate) fn check_gemm_bias(g: &Gemm, a: &View, b: &View, bias: &View, c: &Tensor) -> Result<()> {
+    let op = "gemm_bias";
     check_gemm(g, a.len(), b.len(), c.len())?;
     check_gemm_types(op, a.dtype(), b.dtype())?;
     expect_cols(op, c)?;
@@ -140,6 +141,20 @@ pub(crate) fn check_layernorm_bwd(
     let types =
         [("stats", stats.dtype()), ("gamma", gamma.dtype()), ("dgamma", dgamma.dtype()), ("dbeta", dbeta.dtype())];
     f32s("layernorm_bwd", types)
+}
+
+/// A join's operands (`Backend::residual_layernorm_fwd`, `residual_layernorm`; `op` names
+/// which): a and x of one shape and type, and [`check_layernorm_fwd`]'s.
+pub(crate) fn check_residual_layernorm_fwd(
+    op: &'static str,
+    a: &Tensor,
+    x: &Tensor,
+    gamma: &View,
+    beta: &View,
+) -> Result<()> {
+    same_shape(op, a, x)?;
+    same_dtype(op, "x", a, x)?;
+    check_layernorm_fwd(op, a, gamma, beta)
 }
 
 /// [`check_layernorm_bwd`] for the join's backward, and its sublayer's bias gradient if given.

@@ -24,8 +24,8 @@ pub use checks::prob_offsets;
 pub(crate) use checks::{
     check_attention, check_attention_bwd, check_dropout, check_gemm, check_gemm_bias, check_gemm_types, check_gru_bwd,
     check_gru_fwd, check_gru_step_bwd, check_gru_step_fwd, check_layernorm_bwd, check_layernorm_fwd,
-    check_residual_layernorm_bwd, check_segment_rows_bwd, check_segment_table, check_top_k, check_widen, expect_cols,
-    expect_dtype, expect_len, f32s, rows_of, same_dtype, same_shape,
+    check_residual_layernorm_bwd, check_residual_layernorm_fwd, check_segment_rows_bwd, check_segment_table,
+    check_top_k, check_widen, expect_cols, expect_dtype, expect_len, f32s, rows_of, same_dtype, same_shape,
 };
 pub use graph::{Graph, GraphInput};
 pub use open::{open, open_at};

@@ -5,7 +5,7 @@
 
 use super::typed::entry;
 use super::{Arg, Cuda, view_mut_ptr};
-use crate::backend::{check_layernorm_fwd, check_residual_layernorm_bwd, same_dtype, same_shape};
+use crate::backend::{check_residual_layernorm_bwd, check_residual_layernorm_fwd};
 use crate::tensor::{Tensor, View, ViewMut};
 use crate::{Error, Result};
 
@@ -32,9 +32,7 @@ pub(super) fn forward(
     p: f32,
     seed: u64,
 ) -> Result<(Tensor, Tensor)> {
-    same_shape("residual_layernorm_fwd", a, x)?;
-    same_dtype("residual_layernorm_fwd", "x", a, x)?;
-    check_layernorm_fwd("residual_layernorm_fwd", a, &gamma, &beta)?;
+    check_residual_layernorm_fwd("residual_layernorm_fwd", a, x, &gamma, &beta)?;
     let scale = dropout_scale(p)?;
     let (rows, d) = (a.rows(), a.cols());
     let y = cuda.alloc_typed(a.shape(), a.dtype())?;

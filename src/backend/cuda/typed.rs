@@ -139,7 +139,7 @@ impl Cuda {
 
     /// One cuBLASLt matmul with the bias in its epilogue (`lt.rs`).
     pub(super) fn gemm_bias_typed(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
-        check_gemm_bias("gemm_bias", &g, &a, &b, &bias, c)?;
+        check_gemm_bias(&g, &a, &b, &bias, c)?;
         if g.k == 0 {
             // f32 only (`check_gemm_bias`): beta·c, then the bias.
             self.gemm_typed(g, a, b, c.view_mut())?;
