@@ -294,24 +294,33 @@ fn gru_recurrence_step_by_step_matches_cpu() {
     check_small_recurrences(&mut g);
 }
 
-/// `--precision bf16`: from Precision::MIN_ROWS items the recurrence's products are a bf16
-/// GEMM's on both devices (operands rounded to nearest even, f32 sums), so the persistent
-/// kernel matches the CPU's bf16 recurrence, not its fp32 one; below, both stay fp32.
-/// Tolerance 1e-4: an h that differs in its last f32 bit between the devices can round to
-/// the neighbouring bf16 value (2⁻⁹ relative) on one of them.
+/// `--precision bf16`: the recurrence's products are a bf16 GEMM's on both devices whatever the
+/// batch (operands rounded to nearest even, f32 sums), on the persistent kernel and step by
+/// step, so each matches the CPU's bf16 recurrence, not its fp32 one: for 70 items and for 9.
+/// (Until session 34 fewer than 64 items stayed fp32, so an item's embedding depended on the
+/// size of its batch.) Tolerance 1e-4: an h that differs in its last f32 bit between the
+/// devices can round to the neighbouring bf16 value (2⁻⁹ relative) on one of them.
 #[cfg(feature = "cuda")]
 #[test]
 fn gru_recurrence_in_bf16_matches_the_cpus_bf16() {
     use semshare::backend::Precision;
     use semshare::backend::cpu::Cpu;
+    use semshare::backend::cuda::GruPath;
     let Some(mut g) = common::gpu::cuda_or_skip("gpu_gru::gru_recurrence_in_bf16") else { return };
     g.set_precision(Precision::Bf16);
     let bf16 = || Cpu::with_precision(Precision::Bf16).unwrap();
-    let many: Vec<usize> = (0..Precision::MIN_ROWS + 6).map(|i| 1 + (i * 5) % 7).collect();
-    check_recurrence_against(&mut g, &mut bf16(), &many, 33, 1, 6, Some(1e-4));
-    // The same inputs against the fp32 CPU: farther off, so the kernel did round.
-    let from_fp32 = check_recurrence_against(&mut g, &mut cpu(), &many, 33, 1, 6, None);
-    assert!(from_fp32 > 1e-4, "bf16 recurrence within {from_fp32:.2e} of the fp32 one: its operands were not rounded");
-    let few = &many[..Precision::MIN_ROWS - 1];
-    check_recurrence_against(&mut g, &mut bf16(), few, 33, 1, 7, Some(TOL));
+    let many: Vec<usize> = (0..70).map(|i| 1 + (i * 5) % 7).collect();
+    for path in [GruPath::Auto, GruPath::BySteps] {
+        g.set_gru_path(path);
+        for (items, seed) in [(70, 6), (9, 7)] {
+            let lengths = &many[..items];
+            check_recurrence_against(&mut g, &mut bf16(), lengths, 33, 1, seed, Some(1e-4));
+            // The same inputs against the fp32 CPU: farther off, so the kernel did round.
+            let from_fp32 = check_recurrence_against(&mut g, &mut cpu(), lengths, 33, 1, seed, None);
+            assert!(
+                from_fp32 > 1e-4,
+                "{path:?}, {items} items: bf16 recurrence within {from_fp32:.2e} of the fp32 one: its operands were not rounded"
+            );
+        }
+    }
 }

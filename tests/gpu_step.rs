@@ -410,9 +410,8 @@ fn a_step_on_16_bit_features_is_the_step_on_their_f32_values() {
     }
 }
 
-/// The same at `--precision bf16`, with 16 items (80 region rows, so the layers' GEMMs are
-/// bf16: Precision::MIN_ROWS); a graph captured in bf16 is refused once the device computes
-/// fp32.
+/// The same at `--precision bf16`, with 16 items; a graph captured in bf16 is refused once the
+/// device computes fp32.
 #[cfg(feature = "cuda")]
 #[test]
 fn a_replayed_bf16_step_gives_the_bits_of_the_eager_step() {

@@ -85,8 +85,8 @@ fn one_training_step_matches_the_cpu() {
     eprintln!("worst parameter gradient: {} at {:.3e}", worst.1, worst.0);
 }
 
-/// `--precision bf16` on both devices: the layers' GEMMs of at least Precision::MIN_ROWS rows
-/// take bf16 operands (rounded to nearest even) and sum in f32 on both. Each such GEMM matches
+/// `--precision bf16` on both devices: the layers' GEMMs and the GRU's recurrence take bf16
+/// operands (rounded to nearest even) and sum in f32 on both. Each such GEMM matches
 /// the CPU's to 1e-7 on the same inputs (gpu_ops), but across a step the devices' f32 values
 /// differ in their last bits, an operand near a rounding boundary then lands on the other bf16
 /// value (2⁻⁸ away) on one device, and the differences grow layer by layer. The CPU's own

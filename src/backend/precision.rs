@@ -8,8 +8,9 @@ use crate::Result;
 /// ties to even), products summed in fp32; `Tf32`: operands rounded to TF32 (10-bit mantissa),
 /// summed in fp32, on CUDA's tensor cores only (the CPU has no TF32 unit and refuses it).
 /// Attention's per-head products and softmax, the norms, the losses, the optimiser and top-k
-/// stay fp32 on every device. A GEMM of fewer than [`Precision::MIN_ROWS`] rows (a training
-/// batch's 32-item GRU recurrence) stays fp32 too: [`Precision::of_gemm`].
+/// stay fp32 on every device. A layer GEMM has the precision whatever its rows, so that an
+/// item's embedding does not depend on the size of its batch; the GRU's recurrence follows it
+/// but for TF32 ([`Precision::of_recurrence`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Precision {
     #[default]
@@ -22,10 +23,6 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// Below this many rows a reduced-precision GEMM runs in fp32 (the CPU chose it for speed:
-    /// docs/results/cpu.md; CUDA follows it so that both devices compute the same thing).
-    pub const MIN_ROWS: usize = 64;
-
     pub fn is_fp32(&self) -> bool {
         *self == Precision::F32
     }
@@ -47,9 +44,11 @@ impl Precision {
         }
     }
 
-    /// The arithmetic of one layer GEMM of `m` output rows at this precision.
-    pub fn of_gemm(self, m: usize) -> Precision {
-        if m < Precision::MIN_ROWS { Precision::F32 } else { self }
+    /// The arithmetic of the GRU's recurrent products h·W_hhᵀ: the layers' for bf16 (operands
+    /// rounded, f32 sums, on every device); IEEE f32 for TF32, since CUDA's persistent Bi-GRU
+    /// kernel multiplies on CUDA cores, not tensor cores, and its step-by-step path must agree.
+    pub fn of_recurrence(self) -> Precision {
+        if self == Precision::Tf32 { Precision::F32 } else { self }
     }
 }
 

@@ -34,14 +34,13 @@ use crate::{Error, Result};
 
 /// The op timer's name of a GEMM, by the role its transposes give it in the model: a layer's
 /// input gradient dY·W (`gemm dY·W`), its weight gradient dYᵀ·X (`gemm dYᵀ·X`), the forward
-/// without a bias (`gemm x·Wᵀ`); under 64 rows (the GRU's recurrence) `gemm < 64 rows`.
+/// without a bias (`gemm x·Wᵀ`).
 fn gemm_name(g: Gemm) -> &'static str {
-    match (g.m < Precision::MIN_ROWS, g.trans_a, g.trans_b) {
-        (true, ..) => "gemm < 64 rows",
-        (false, false, true) => "gemm x·Wᵀ",
-        (false, false, false) => "gemm dY·W",
-        (false, true, false) => "gemm dYᵀ·X",
-        (false, true, true) => "gemm Aᵀ·Bᵀ",
+    match (g.trans_a, g.trans_b) {
+        (false, true) => "gemm x·Wᵀ",
+        (false, false) => "gemm dY·W",
+        (true, false) => "gemm dYᵀ·X",
+        (true, true) => "gemm Aᵀ·Bᵀ",
     }
 }
 
@@ -83,10 +82,10 @@ impl Cpu {
         self.frozen.bytes()
     }
 
-    /// B of a layer GEMM `g` as it is multiplied: at `gemm_precision`, with its packed slivers
-    /// kept when b is a frozen weight.
+    /// B of a layer GEMM `g` as it is multiplied: at the layers' precision, whatever the rows
+    /// (`Precision`), with its packed slivers kept when b is a frozen weight.
     fn operand<'a>(&mut self, g: Gemm, b: &'a [f32]) -> Result<gemm::Operand<'a>> {
-        let (kernels, precision) = (dispatch::active()?, self.gemm_precision(g));
+        let (kernels, precision) = (dispatch::active()?, self.precision);
         let packed = self.frozen.packed_b(kernels, precision, g, b);
         Ok(gemm::Operand { kernels, precision, b, packed })
     }
@@ -101,15 +100,6 @@ impl Cpu {
             operand.packed = gemm::PackedB::new(operand.kernels, operand.precision, g, b).map(std::sync::Arc::new);
         }
         Ok(operand)
-    }
-
-    /// The arithmetic of one layer GEMM. Products of few rows (a training batch's 32-row GRU
-    /// recurrence) stay fp32. Chosen when bf16 was slower there (60 µs against 33 µs on Zen
-    /// 4); since bf16 pairs are packed by AVX transposes it is faster (21 µs). bf16 training's
-    /// loss curve was measured with this rule (within 2e-4 of fp32, docs/results/cpu.md); a
-    /// bf16 recurrence is not. Inference's 64-item chunks are bf16.
-    fn gemm_precision(&self, g: Gemm) -> Precision {
-        self.precision.of_gemm(g.m)
     }
 }
 

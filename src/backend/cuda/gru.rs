@@ -5,7 +5,7 @@
 //! (kernels/gru.cu), one thread per (item, hidden unit). `ops.rs` has already checked the
 //! shapes the CPU twin checks. At `--precision bf16` the persistent kernel rounds its operands
 //! as the GEMMs it replaces would; at `tf32` its products stay IEEE f32 (CUDA cores, not
-//! tensor cores), as on the step-by-step path under 64 items.
+//! tensor cores), and so do the step-by-step path's (`Precision::of_recurrence`).
 
 use super::{Arg, Cuda, GruPath, blocks, dev_ids, tensor_ptr};
 use crate::backend::{Backend, GruRunBwd, GruRunFwd, GruStep, Precision, Segments, f32s};
@@ -162,10 +162,10 @@ impl Persistent {
         Ok(Some(Persistent { units, blocks: hidden.div_ceil(units), chunk, smem }))
     }
 
-    /// `shape`: items, hidden, steps, output columns. The recurrence's products are the
-    /// layer GEMMs' of `items` rows (`Precision::of_gemm`): bf16 operands where those are.
+    /// `shape`: items, hidden, steps, output columns. The recurrence's products round their
+    /// operands to bf16 at bf16 (`Precision::of_recurrence`).
     fn launch(self, cuda: &mut Cuda, kernel: &'static str, mut args: Vec<Arg>, shape: [usize; 4]) -> Result<()> {
-        let bf16 = cuda.precision().of_gemm(shape[0]) == Precision::Bf16;
+        let bf16 = cuda.precision().of_recurrence() == Precision::Bf16;
         args.push(cuda.grid_barrier()?);
         for v in shape.into_iter().chain([self.units, self.chunk]) {
             args.push(Arg::int(kernel, v)?);
@@ -270,7 +270,7 @@ fn by_steps_fwd(
         cuda.copy(run.hs.sub(0, items * hidden), hs.sub_mut(d * n_h, items * hidden))?;
     }
     let (pw, ph, pp) = (tensor_ptr(&w)?, tensor_ptr(&hs)?, tensor_ptr(&hproj)?);
-    let precision = cuda.precision().of_gemm(items);
+    let precision = cuda.precision().of_recurrence();
     for s in 0..seg.max_len {
         // hproj_d = h_s,d · W_hh,dᵀ for d = 0, 1.
         let h_s = ph + (s * items * hidden * 4) as u64;
@@ -314,7 +314,7 @@ fn by_steps_bwd(
         cuda.copy(run.dh.view(), dh.sub_mut(d * n_dh, n_dh))?;
     }
     let (pw, pdh, pdp) = (tensor_ptr(&w)?, tensor_ptr(&dh)?, tensor_ptr(&dhproj)?);
-    let precision = cuda.precision().of_gemm(items);
+    let precision = cuda.precision().of_recurrence();
     for s in (0..seg.max_len).rev() {
         for (d, run) in runs.iter_mut().enumerate() {
             let step = GruStep::of(s, run.reverse, hidden);

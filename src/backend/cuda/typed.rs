@@ -124,7 +124,7 @@ impl Cuda {
         let lda = if g.trans_a { g.m } else { g.k };
         let ldb = if g.trans_b { g.k } else { g.n };
         self.gemm_strided_batched(
-            self.precision().of_gemm(g.m),
+            self.precision(),
             (a.dtype(), c.dtype()),
             (g.m, g.n, g.k),
             (g.trans_a, g.trans_b),
@@ -145,7 +145,7 @@ impl Cuda {
             self.gemm_typed(g, a, b, c.view_mut())?;
             return self.add_bias(c, bias);
         }
-        let precision = self.precision().of_gemm(g.m);
+        let precision = self.precision();
         let ptrs = (view_ptr(a)?, view_ptr(b)?, view_ptr(bias)?, tensor_ptr(c)?);
         self.gemm_bias_lt(precision, (a.dtype(), c.dtype()), g, ptrs)
     }
