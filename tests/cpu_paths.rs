@@ -14,6 +14,7 @@ use common::{randv, segments, upload};
 use semshare::backend::cpu::Cpu;
 use semshare::backend::cpu::dispatch::{CpuPath, ENV};
 use semshare::backend::{Backend, GruStep};
+use semshare::tensor::DType;
 use semshare::tensor::Tensor;
 
 /// Set in a child: it prints its op outputs instead of comparing.
@@ -102,6 +103,24 @@ fn outputs(seed: u64) -> Vec<String> {
         d.cross_entropy_into(&mut logits, &targets, 0.5, loss.view_mut()).unwrap();
         put(&format!("cross_entropy grad {tag}"), &down(d, &logits));
         put(&format!("cross_entropy loss {tag}"), &down(d, &loss));
+    }
+
+    // The feed-forward's activation on bf16 activations, forward and backward: GELU looked up by each value's 16 bits
+    // (`elementwise::gelu_tables`), the chunks of other values computed.
+    for (rows, cols) in [(1152, 40), (37, 19)] {
+        let n = rows * cols;
+        let bias = upload(d, &randv(seed ^ 5, cols), &[cols]);
+        let bf16 = |d: &mut Cpu, data: &[f32]| {
+            let t = upload(d, data, &[rows, cols]);
+            d.convert(t.view(), DType::Bf16).unwrap().reshape(&[rows, cols])
+        };
+        let mut u = bf16(d, &randv(seed ^ 6 ^ n as u64, n));
+        let h = d.bias_gelu_dropout_fwd(&mut u, Some(bias.view()), 0.3, seed).unwrap();
+        put(&format!("bias_gelu_dropout_fwd bf16 h {rows}x{cols}"), &down(d, &h));
+        put(&format!("bias_gelu_dropout_fwd bf16 u {rows}x{cols}"), &down(d, &u));
+        let dh = bf16(d, &randv(seed ^ 7 ^ n as u64, n));
+        let du = d.gelu_dropout_bwd(&u, dh, 0.3, seed).unwrap();
+        put(&format!("gelu_dropout_bwd bf16 {rows}x{cols}"), &down(d, &du));
     }
 
     // Items of 36, 1, 17 and 40 steps (loops of every length mod 8 and 16).
