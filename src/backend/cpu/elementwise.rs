@@ -193,14 +193,14 @@ type Bf16Table = [f32; 1 << 16];
 /// GELU and its derivative tabulated over the bf16 values. A bf16 activation's GELU is then a
 /// load instead of the rational tanh, whose division made GELU 0.6–0.7 ns a value on the Xeon
 /// VM (session 33), and the same bits: the table holds what `gelu` computes on that value.
-pub struct GeluTables {
-    pub value: Box<Bf16Table>,
-    pub grad: Box<Bf16Table>,
+struct GeluTables {
+    value: Box<Bf16Table>,
+    grad: Box<Bf16Table>,
 }
 
 /// The tables, made on first use (a quarter of a millisecond; 512 KiB, only where a model
 /// runs in bf16).
-pub fn gelu_tables() -> &'static GeluTables {
+fn gelu_tables() -> &'static GeluTables {
     static TABLES: std::sync::OnceLock<GeluTables> = std::sync::OnceLock::new();
     TABLES.get_or_init(|| {
         let of = |f: fn(f32) -> f32| -> Box<Bf16Table> {
