@@ -105,8 +105,8 @@ fn outputs(seed: u64) -> Vec<String> {
         put(&format!("cross_entropy loss {tag}"), &down(d, &loss));
     }
 
-    // The feed-forward's activation on bf16 activations, forward and backward: GELU looked up by each value's 16 bits
-    // (`elementwise::gelu_tables`), the chunks of other values computed.
+    // The feed-forward's activation on bf16 activations, forward and backward: GELU looked up
+    // by each value's 16 bits (`elementwise::gelu_tables`), chunks of other values computed.
     for (rows, cols) in [(1152, 40), (37, 19)] {
         let n = rows * cols;
         let bias = upload(d, &randv(seed ^ 5, cols), &[cols]);
