@@ -308,27 +308,6 @@ fn two_modalities_accumulate_into_one_buffer() {
     assert!(e < 1e-6, "image + text in one buffer differs from the sum of the two: {e:e}");
 }
 
-/// Item `item` of a packed batch, as a batch of its own.
-fn item_of(batch: &Batch, cfg: &ModelConfig, item: usize) -> Batch {
-    let off = common::offsets_of(batch.lengths());
-    let (rows, labels) = (off[item]..off[item + 1], item * cfg.labels..(item + 1) * cfg.labels);
-    match batch {
-        Batch::Image(x) => Batch::Image(ImageBatch {
-            lengths: vec![rows.len()],
-            features: x.features.to_f32()[rows.start * cfg.region_dim..rows.end * cfg.region_dim].to_vec().into(),
-            boxes: x.boxes[rows.start * 5..rows.end * 5].to_vec(),
-            classes: None,
-            labels: x.labels[labels].to_vec(),
-        }),
-        Batch::Text(x) => Batch::Text(TextBatch {
-            lengths: vec![rows.len()],
-            tokens: x.tokens[rows].to_vec(),
-            labels: x.labels[labels].to_vec(),
-            features: Default::default(),
-        }),
-    }
-}
-
 /// Packing without padding means an item's embedding cannot depend on its batch-mates.
 #[test]
 fn embeddings_do_not_depend_on_the_rest_of_the_batch() {
@@ -345,7 +324,7 @@ fn embeddings_do_not_depend_on_the_rest_of_the_batch() {
             assert_eq!(all.shape(), &[3, if kind == EmbeddingKind::Pooled { cfg.dim } else { cfg.labels }][..]);
             let all = b.download(all.view()).unwrap();
             for item in 0..lengths.len() {
-                let one = s.model.embed(b, &w, &item_of(&batch, &cfg, item), kind).unwrap();
+                let one = s.model.embed(b, &w, &common::item_of(&batch, &cfg, item), kind).unwrap();
                 let one = b.download(one.view()).unwrap();
                 let row = &all[item * cols..(item + 1) * cols];
                 let e = rel_err(&one, &common::to64(row));
@@ -355,35 +334,6 @@ fn embeddings_do_not_depend_on_the_rest_of_the_batch() {
                     assert!((n - 1.0).abs() < 1e-5, "label embedding of item {item} has norm {n}");
                 }
             }
-        }
-    }
-}
-
-/// The same at `--precision bf16`, on the `small` preset, bit for bit: a query embedded alone
-/// is the embedding the gallery indexed it with. An item alone has fewer rows than its batch
-/// (36 regions against 92; 24 tokens against 72), and until session 34 a GEMM of fewer than
-/// 64 rows ran in fp32 at bf16 (2.7e-3 relative apart for an image, the GRU's recurrence
-/// fp32 at any batch under 64 texts).
-#[test]
-fn bf16_embeddings_do_not_depend_on_the_rest_of_the_batch() {
-    use semshare::backend::Precision;
-    use semshare::backend::cpu::Cpu;
-    let cfg = ModelConfig { vocab: 300, object_classes: 20, labels: 6, ..ModelConfig::small() };
-    let model = SemShare::new(&cfg).unwrap();
-    let mut dev = Cpu::with_precision(Precision::Bf16).unwrap();
-    let w = model.store.upload(&mut dev, &params(&model, 23)).unwrap();
-    let batches = [image_batch(&cfg, &[36, 20, 36], false, 24), text_batch(&cfg, &[24, 24, 24], 25)];
-    for batch in batches {
-        let all = model.embed(&mut dev, &w, &batch, EmbeddingKind::Pooled).unwrap();
-        let all = dev.download(all.view()).unwrap();
-        for item in 0..3 {
-            let one = model.embed(&mut dev, &w, &item_of(&batch, &cfg, item), EmbeddingKind::Pooled).unwrap();
-            let one = dev.download(one.view()).unwrap();
-            let row = &all[item * cfg.dim..(item + 1) * cfg.dim];
-            let what = format!("{} item {item}", if matches!(batch, Batch::Image(_)) { "image" } else { "text" });
-            assert!(one.iter().all(|v| v.is_finite()), "{what}: not finite");
-            let e = rel_err(&one, &common::to64(row));
-            assert!(one == row, "{what}: alone and in a batch of 3, at bf16, {e:.2e} relative apart");
         }
     }
 }

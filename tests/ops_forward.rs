@@ -1147,6 +1147,42 @@ fn inference_embeds_bitwise_as_the_training_forward() {
     }
 }
 
+/// An item's bf16 embedding does not depend on its batch, bit for bit (`small` preset): a
+/// query embedded alone is the embedding the gallery indexed it with. An item alone has fewer
+/// rows than its batch (36 regions against 92; 24 tokens against 72); until session 34 a GEMM
+/// of fewer than 64 rows ran in fp32 at bf16 (2.7e-3 relative apart for an image), and the
+/// GRU's recurrence was fp32 under 64 texts. Here so that CI runs it on the portable path too.
+#[test]
+fn bf16_embeddings_do_not_depend_on_the_rest_of_the_batch() {
+    use semshare::backend::Precision;
+    use semshare::backend::cpu::Cpu;
+    use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
+    let cfg = ModelConfig { vocab: 300, object_classes: 20, labels: 6, ..ModelConfig::small() };
+    let model = SemShare::new(&cfg).unwrap();
+    let mut dev = Cpu::with_precision(Precision::Bf16).unwrap();
+    // Initial values plus noise: LayerNorm gains not all 1, biases not all 0.
+    let noise = randv_scaled(23, model.store.total, 0.2);
+    let values: Vec<f32> = model.store.init_values(23).iter().zip(&noise).map(|(a, b)| a + b).collect();
+    let w = model.store.upload(&mut dev, &values).unwrap();
+    let mut rng = semshare::rng::Rng::new(24);
+    let batches = [
+        Batch::Image(ImageBatch::random(&mut rng, &[36, 20, 36], cfg.region_dim, 20, 6)),
+        Batch::Text(TextBatch::random(&mut rng, &[24, 24, 24], cfg.vocab, 6)),
+    ];
+    for batch in &batches {
+        let all = model.embed(&mut dev, &w, batch, EmbeddingKind::Pooled).unwrap();
+        let all = dev.download(all.view()).unwrap();
+        for item in 0..3 {
+            let one = model.embed(&mut dev, &w, &common::item_of(batch, &cfg, item), EmbeddingKind::Pooled).unwrap();
+            let one = dev.download(one.view()).unwrap();
+            let kind = if matches!(batch, Batch::Image(_)) { "image" } else { "text" };
+            let what = format!("{kind} item {item}, alone and in a batch of 3, at bf16");
+            assert!(one.iter().all(|v| v.is_finite()), "{what}: not finite");
+            common::same_values(&what, &one, &all[item * cfg.dim..(item + 1) * cfg.dim]);
+        }
+    }
+}
+
 /// Writing to frozen weights is a programming error, caught rather than served stale.
 #[test]
 #[should_panic(expected = "frozen tensor")]

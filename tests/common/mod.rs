@@ -13,6 +13,7 @@ pub mod gpu;
 pub mod training;
 
 use semshare::backend::{Backend, Segments};
+use semshare::model::Batch;
 use semshare::tensor::Tensor;
 
 /// `got` is `want` bit for bit (a NaN as a NaN), or a failure naming the first element apart
@@ -165,6 +166,27 @@ pub fn offsets_of(lengths: &[usize]) -> Vec<usize> {
         o.push(o.last().unwrap() + l);
     }
     o
+}
+
+/// Item `item` of a packed batch, as a batch of its own.
+pub fn item_of(batch: &Batch, cfg: &semshare::model::ModelConfig, item: usize) -> Batch {
+    let off = offsets_of(batch.lengths());
+    let (rows, labels) = (off[item]..off[item + 1], item * cfg.labels..(item + 1) * cfg.labels);
+    match batch {
+        Batch::Image(x) => Batch::Image(semshare::model::ImageBatch {
+            lengths: vec![rows.len()],
+            features: x.features.to_f32()[rows.start * cfg.region_dim..rows.end * cfg.region_dim].to_vec().into(),
+            boxes: x.boxes[rows.start * 5..rows.end * 5].to_vec(),
+            classes: None,
+            labels: x.labels[labels].to_vec(),
+        }),
+        Batch::Text(x) => Batch::Text(semshare::model::TextBatch {
+            lengths: vec![rows.len()],
+            tokens: x.tokens[rows].to_vec(),
+            labels: x.labels[labels].to_vec(),
+            features: Default::default(),
+        }),
+    }
 }
 
 pub fn segments(dev: &mut dyn Backend, lengths: &[usize]) -> Segments {
