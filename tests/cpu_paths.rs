@@ -10,11 +10,10 @@ mod common;
 
 use std::process::Command;
 
-use common::{randv, segments, upload};
+use common::{randv, segments, upload, upload_bf16};
 use semshare::backend::cpu::Cpu;
 use semshare::backend::cpu::dispatch::{CpuPath, ENV};
 use semshare::backend::{Backend, GruStep};
-use semshare::tensor::DType;
 use semshare::tensor::Tensor;
 
 /// Set in a child: it prints its op outputs instead of comparing.
@@ -110,15 +109,11 @@ fn outputs(seed: u64) -> Vec<String> {
     for (rows, cols) in [(1152, 40), (37, 19)] {
         let n = rows * cols;
         let bias = upload(d, &randv(seed ^ 5, cols), &[cols]);
-        let bf16 = |d: &mut Cpu, data: &[f32]| {
-            let t = upload(d, data, &[rows, cols]);
-            d.convert(t.view(), DType::Bf16).unwrap().reshape(&[rows, cols])
-        };
-        let mut u = bf16(d, &randv(seed ^ 6 ^ n as u64, n));
+        let mut u = upload_bf16(d, &randv(seed ^ 6 ^ n as u64, n), &[rows, cols]);
         let h = d.bias_gelu_dropout_fwd(&mut u, Some(bias.view()), 0.3, seed).unwrap();
         put(&format!("bias_gelu_dropout_fwd bf16 h {rows}x{cols}"), &down(d, &h));
         put(&format!("bias_gelu_dropout_fwd bf16 u {rows}x{cols}"), &down(d, &u));
-        let dh = bf16(d, &randv(seed ^ 7 ^ n as u64, n));
+        let dh = upload_bf16(d, &randv(seed ^ 7 ^ n as u64, n), &[rows, cols]);
         let du = d.gelu_dropout_bwd(&u, dh, 0.3, seed).unwrap();
         put(&format!("gelu_dropout_bwd bf16 {rows}x{cols}"), &down(d, &du));
     }

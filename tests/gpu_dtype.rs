@@ -7,7 +7,7 @@
 mod common;
 
 use common::gpu::gpu_or_skip;
-use common::{rand_range, randv, rel_err, same_values};
+use common::{rand_range, randv, rel_err, same_values, upload_bf16};
 use semshare::Error;
 use semshare::backend::cpu::Cpu;
 use semshare::backend::{Backend, Gemm, Precision};
@@ -435,12 +435,6 @@ fn bf16_where_f32_is_read_is_an_error_naming_the_op() {
 // (then rounded), or, where it stores an intermediate it reads back (the join's sum s), against
 // the ops that define it; and the two devices against each other, within one bf16 step.
 
-/// `x` stored as bf16 on `dev`.
-fn bf16(dev: &mut dyn Backend, x: &[f32], shape: &[usize]) -> Tensor {
-    let t = dev.upload(x, shape).unwrap();
-    dev.convert(t.view(), DType::Bf16).unwrap().reshape(t.shape())
-}
-
 /// `x` rounded to bf16, as an f32 tensor (the values a bf16 op reads).
 fn widened(dev: &mut dyn Backend, x: &[f32], shape: &[usize]) -> Tensor {
     let r: Vec<f32> = x.iter().map(|&v| DType::Bf16.round(v)).collect();
@@ -475,7 +469,7 @@ fn layernorm_in_bf16_is_the_f32_norm_rounded() {
         for (i, &(r, d)) in BLOCK_SHAPES.iter().enumerate() {
             let (x, dy, gb) = (randv(10 + i as u64, r * d), randv(20 + i as u64, r * d), randv(30 + i as u64, 2 * d));
             let params = dev.upload(&gb, &[2 * d]).unwrap();
-            let (xh, dyh) = (bf16(dev, &x, &[r, d]), bf16(dev, &dy, &[r, d]));
+            let (xh, dyh) = (upload_bf16(dev, &x, &[r, d]), upload_bf16(dev, &dy, &[r, d]));
             let (xw, dyw) = (widened(dev, &x, &[r, d]), widened(dev, &dy, &[r, d]));
             let (y, stats) = dev.layernorm_fwd(&xh, params.sub(0, d), params.sub(d, d), 1e-5).unwrap();
             let (yf, statsf) = dev.layernorm_fwd(&xw, params.sub(0, d), params.sub(d, d), 1e-5).unwrap();
@@ -512,7 +506,8 @@ fn the_join_in_bf16_rounds_its_sum_and_norms_it_as_stored() {
                 let (a, x, dy, gb) =
                     (randv(seed, r * d), randv(seed ^ 3, r * d), randv(seed ^ 5, r * d), randv(seed ^ 7, 2 * d));
                 let params = dev.upload(&gb, &[2 * d]).unwrap();
-                let (mut ah, xh, dyh) = (bf16(dev, &a, &[r, d]), bf16(dev, &x, &[r, d]), bf16(dev, &dy, &[r, d]));
+                let (mut ah, xh, dyh) =
+                    (upload_bf16(dev, &a, &[r, d]), upload_bf16(dev, &x, &[r, d]), upload_bf16(dev, &dy, &[r, d]));
                 let (mut af, xf) = (widened(dev, &a, &[r, d]), widened(dev, &x, &[r, d]));
                 let (y, stats) = dev
                     .residual_layernorm_fwd(&mut ah, &xh, params.sub(0, d), params.sub(d, d), 1e-5, p, seed)
@@ -583,14 +578,14 @@ fn the_feed_forward_activation_in_bf16_is_the_f32_one_rounded() {
                 let bias = dev.upload(&b, &[d]).unwrap();
                 let what = format!("{} bias_gelu_dropout_fwd {r}x{d} p={p}", dev.name());
                 // Without a bias: h is the f32 op's h rounded.
-                let mut uh = bf16(dev, &u, &[r, d]);
+                let mut uh = upload_bf16(dev, &u, &[r, d]);
                 let mut uf = widened(dev, &u, &[r, d]);
                 let h = dev.bias_gelu_dropout_fwd(&mut uh, None, p, seed).unwrap();
                 let hf = dev.bias_gelu_dropout_fwd(&mut uf, None, p, seed).unwrap();
                 assert_eq!(h.dtype(), DType::Bf16);
                 same_values(&what, &dev.download(h.view()).unwrap(), &rounded(dev.download(hf.view()).unwrap()));
                 // With one: u + b rounded as stored, and h of u as stored.
-                let mut ub = bf16(dev, &u, &[r, d]);
+                let mut ub = upload_bf16(dev, &u, &[r, d]);
                 let hb = dev.bias_gelu_dropout_fwd(&mut ub, Some(bias.view()), p, seed).unwrap();
                 let mut uw = widened(dev, &u, &[r, d]);
                 dev.add_bias(&mut uw, bias.view()).unwrap();
@@ -605,7 +600,7 @@ fn the_feed_forward_activation_in_bf16_is_the_f32_one_rounded() {
                 );
                 // Backward in dh's memory, with and without fc1's bias gradient.
                 let what = format!("{} gelu_dropout_bwd {r}x{d} p={p}", dev.name());
-                let dhh = bf16(dev, &dh, &[r, d]);
+                let dhh = upload_bf16(dev, &dh, &[r, d]);
                 let dx = dev.gelu_dropout_bwd(&uh, dhh, p, seed).unwrap();
                 let (uw, dhw) = (widened(dev, &u, &[r, d]), widened(dev, &dh, &[r, d]));
                 let dxf = dev.gelu_dropout_bwd(&uw, dhw, p, seed).unwrap();
@@ -613,7 +608,7 @@ fn the_feed_forward_activation_in_bf16_is_the_f32_one_rounded() {
                 same_values(&what, &dxv, &rounded(dev.download(dxf.view()).unwrap()));
                 let mut sums = dev.zeros(&[2 * d]).unwrap();
                 let [s1, s2] = sums.subs_mut([(0, d), (d, d)]);
-                let dhh = bf16(dev, &dh, &[r, d]);
+                let dhh = upload_bf16(dev, &dh, &[r, d]);
                 let dxb = dev.gelu_dropout_bias_bwd(&uh, dhh, p, seed, s1).unwrap();
                 same_values(&format!("{what} with the bias gradient"), &dev.download(dxb.view()).unwrap(), &dxv);
                 // Σ of the stored values, in bias_bwd's order: bias_bwd of dx (bf16) and of it
@@ -753,7 +748,7 @@ fn attention_in_bf16_multiplies_the_saved_probabilities() {
             let seed = (t * d) as u64;
             let (qkv, dout) = (randv(seed, t * 3 * d), randv(seed ^ 1, t * d));
             let what = format!("{} attention {lengths:?} {heads}x{dh}", dev.name());
-            let (qh, qf) = (bf16(dev, &qkv, &[t, 3 * d]), widened(dev, &qkv, &[t, 3 * d]));
+            let (qh, qf) = (upload_bf16(dev, &qkv, &[t, 3 * d]), widened(dev, &qkv, &[t, 3 * d]));
             let (ctx, probs) = dev.attention_fwd(&qh, &seg, heads).unwrap();
             let (_, probsf) = dev.attention_fwd(&qf, &seg, heads).unwrap();
             assert_eq!((ctx.dtype(), probs.dtype()), (DType::Bf16, DType::Bf16));
@@ -783,7 +778,7 @@ fn attention_in_bf16_multiplies_the_saved_probabilities() {
                     }
                 }
             }
-            let dh_ = bf16(dev, &dout, &[t, d]);
+            let dh_ = upload_bf16(dev, &dout, &[t, d]);
             let mut sums = dev.zeros(&[6 * d]).unwrap();
             let [s1, s2] = sums.subs_mut([(0, 3 * d), (3 * d, 3 * d)]);
             let dq = dev.attention_bwd(&qh, &probs, &seg, heads, &dh_, Some(s1)).unwrap();

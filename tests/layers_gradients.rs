@@ -31,7 +31,7 @@
 mod common;
 
 use common::{
-    fd32_with_curvature_at, naive, rand_ids, randv, randv_scaled, rel_err, rel_err64, sample_coords, segments, to64,
+    fd32_with_curvature_at, naive, noisy_params, rand_ids, randv, rel_err, rel_err64, sample_coords, segments, to64,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -62,15 +62,6 @@ type R = Result<(), TestCaseError>;
 type Fwd<'a> = Box<dyn FnMut(&mut dyn Backend, &Tensor, &[f32]) -> Vec<f32> + 'a>;
 /// Forward + backward with output gradient r, accumulating into g; returns dx (if any).
 type Bwd<'a> = Box<dyn FnMut(&mut dyn Backend, &Tensor, &mut Tensor, &[f32], &[f32]) -> Option<Vec<f32>> + 'a>;
-
-/// Parameter values: the layer's own initialisation plus noise, so LayerNorm gains are not
-/// all 1 and biases not all 0 (a bias gradient of a zero bias is still checked, but a wrong
-/// use of γ would hide behind γ = 1).
-fn params(store: &ParamStore, seed: u64) -> Vec<f32> {
-    let init = store.init_values(seed);
-    let noise = randv_scaled(seed ^ 0xABCD, store.total, 0.2);
-    init.iter().zip(&noise).map(|(a, b)| a + b).collect()
-}
 
 struct Layer<'a> {
     store: &'a ParamStore,
@@ -168,7 +159,7 @@ fn check_linear(rows: usize, inputs: usize, outputs: usize, bias: bool, seed: u6
     let lin = Linear::new(&mut store, "lin", inputs, outputs, bias);
     let layer = Layer {
         store: &store,
-        w: params(&store, seed),
+        w: noisy_params(&store, seed),
         x: randv(seed ^ 1, rows * inputs),
         out_len: rows * outputs,
         fwd: Box::new(|b, w, x| {
@@ -193,7 +184,7 @@ fn check_layernorm(rows: usize, dim: usize, seed: u64) -> R {
     let ln = LayerNorm::new(&mut store, "ln", dim);
     let layer = Layer {
         store: &store,
-        w: params(&store, seed),
+        w: noisy_params(&store, seed),
         x: randv(seed ^ 1, rows * dim),
         out_len: rows * dim,
         fwd: Box::new(|b, w, x| {
@@ -220,7 +211,7 @@ fn check_embedding(vocab: usize, dim: usize, n: usize, seed: u64) -> R {
     let ids = rand_ids(seed ^ 3, n, vocab);
     let layer = Layer {
         store: &store,
-        w: params(&store, seed),
+        w: noisy_params(&store, seed),
         x: vec![],
         out_len: n * dim,
         fwd: Box::new(|b, w, _| {
@@ -248,7 +239,7 @@ fn check_mha(lengths: &[usize], heads: usize, dh: usize, seed: u64) -> R {
     let mha = MultiHeadAttention::new(&mut store, "attn", dim, heads);
     let layer = Layer {
         store: &store,
-        w: params(&store, seed),
+        w: noisy_params(&store, seed),
         x: randv(seed ^ 1, seg.tokens() * dim),
         out_len: seg.tokens() * dim,
         fwd: Box::new(|b, w, x| {
@@ -281,7 +272,7 @@ fn check_block(lengths: &[usize], heads: Option<usize>, dh: usize, ffn: usize, d
     let block = EncoderBlock::new(&mut store, "block", dim, heads, ffn);
     let layer = Layer {
         store: &store,
-        w: params(&store, seed),
+        w: noisy_params(&store, seed),
         x: randv(seed ^ 1, seg.tokens() * dim),
         out_len: seg.tokens() * dim,
         fwd: Box::new(|b, w, x| {
@@ -309,7 +300,7 @@ fn check_bigru(lengths: &[usize], inputs: usize, hidden: usize, seed: u64) -> R 
     let gru = BiGru::new(&mut store, "gru", inputs, hidden);
     let layer = Layer {
         store: &store,
-        w: params(&store, seed),
+        w: noisy_params(&store, seed),
         x: randv(seed ^ 1, seg.tokens() * inputs),
         out_len: seg.tokens() * 2 * hidden,
         fwd: Box::new(|b, w, x| {
@@ -349,7 +340,7 @@ fn check_segment_embed(
         |b: &mut dyn Backend| if positions { Location::Positions(&seg) } else { Location::Rows(up(b, &loc, location)) };
     let layer = Layer {
         store: &store,
-        w: params(&store, seed),
+        w: noisy_params(&store, seed),
         x: randv(seed ^ 1, tokens * content),
         out_len: tokens * dim,
         fwd: Box::new(|b, w, x| {
@@ -377,7 +368,7 @@ fn segment_embed_without_the_content_gradient_gives_the_same_parameter_gradients
     let se = SegmentEmbed::new(&mut store, "seg", content, location, dim);
     let mut c = common::cpu();
     let b: &mut dyn Backend = &mut c;
-    let w = b.upload(&params(&store, 3), &[store.total]).unwrap();
+    let w = b.upload(&noisy_params(&store, 3), &[store.total]).unwrap();
     let dy = up(b, &randv(4, tokens * dim), dim);
     let mut grads = Vec::new();
     let seg = segments(b, &[tokens]);
@@ -460,7 +451,7 @@ fn encoder_block_dropout_is_active_and_deterministic() {
     let seg = segments(b, &[3, 2]);
     let mut store = ParamStore::new();
     let block = EncoderBlock::new(&mut store, "block", 4, Some(2), 6);
-    let w = b.upload(&params(&store, 1), &[store.total]).unwrap();
+    let w = b.upload(&noisy_params(&store, 1), &[store.total]).unwrap();
     let x = randv(2, 5 * 4);
     let run = |b: &mut dyn Backend, drop: Dropout| {
         let xt = up(b, &x, 4);
@@ -487,7 +478,7 @@ fn bigru_forward_matches_reference() {
     let (inputs, hidden) = (3, 2);
     let mut store = ParamStore::new();
     let gru = BiGru::new(&mut store, "gru", inputs, hidden);
-    let wv = params(&store, 5);
+    let wv = noisy_params(&store, 5);
     let x = randv(6, seg.tokens() * inputs);
     let w = b.upload(&wv, &[store.total]).unwrap();
     let xt = up(b, &x, inputs);

@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{fd32_at, rand_ids, rand_range, randv, randv_scaled, rel_err, sample_coords};
+use common::{fd32_at, noisy_params, rand_ids, rand_range, randv, rel_err, sample_coords};
 use semshare::backend::Backend;
 use semshare::model::{Batch, EmbeddingKind, ImageBatch, LossWeights, MaskPlan, ModelConfig, SemShare, TextBatch};
 use semshare::nn::Dropout;
@@ -50,13 +50,6 @@ fn tiny() -> ModelConfig {
 
 fn weights(cfg: &ModelConfig) -> LossWeights {
     LossWeights { label: 1.0, context: cfg.lambda }
-}
-
-/// Initial values plus noise: LayerNorm gains not all 1, biases not all 0.
-fn params(model: &SemShare, seed: u64) -> Vec<f32> {
-    let init = model.store.init_values(seed);
-    let noise = randv_scaled(seed ^ 0xABCD, model.store.total, 0.2);
-    init.iter().zip(&noise).map(|(a, b)| a + b).collect()
 }
 
 fn labels(seed: u64, items: usize, c: usize) -> Vec<f32> {
@@ -99,7 +92,7 @@ struct Setup {
 impl Setup {
     fn new(seed: u64) -> Self {
         let model = SemShare::new(&tiny()).unwrap();
-        let wv = params(&model, seed);
+        let wv = noisy_params(&model.store, seed);
         Setup { model, wv }
     }
 
@@ -194,7 +187,7 @@ fn text_feature_loss_gradient_matches_fd() {
     let model = SemShare::new(&cfg).unwrap();
     assert!(model.store.find("text.embedding.weight").is_none() && model.store.find("text.psi1.weight").is_some());
     assert_eq!(model.store.find("text.psi1.weight").unwrap().param.len, 5 * cfg.dim);
-    let wv = params(&model, 11);
+    let wv = noisy_params(&model.store, 11);
     let s = Setup { model, wv };
     let lengths = [4, 1, 3];
     let batch = Batch::Text(TextBatch {
@@ -342,7 +335,7 @@ fn embeddings_do_not_depend_on_the_rest_of_the_batch() {
 
 fn setup_with(cfg: ModelConfig, seed: u64) -> Setup {
     let model = SemShare::new(&cfg).unwrap();
-    let wv = params(&model, seed);
+    let wv = noisy_params(&model.store, seed);
     Setup { model, wv }
 }
 

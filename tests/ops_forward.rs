@@ -1160,10 +1160,7 @@ fn bf16_embeddings_do_not_depend_on_the_rest_of_the_batch() {
     let cfg = ModelConfig { vocab: 300, object_classes: 20, labels: 6, ..ModelConfig::small() };
     let model = SemShare::new(&cfg).unwrap();
     let mut dev = Cpu::with_precision(Precision::Bf16).unwrap();
-    // Initial values plus noise: LayerNorm gains not all 1, biases not all 0.
-    let noise = randv_scaled(23, model.store.total, 0.2);
-    let values: Vec<f32> = model.store.init_values(23).iter().zip(&noise).map(|(a, b)| a + b).collect();
-    let w = model.store.upload(&mut dev, &values).unwrap();
+    let w = model.store.upload(&mut dev, &common::noisy_params(&model.store, 23)).unwrap();
     let mut rng = semshare::rng::Rng::new(24);
     let batches = [
         Batch::Image(ImageBatch::random(&mut rng, &[36, 20, 36], cfg.region_dim, 20, 6)),

@@ -168,6 +168,21 @@ pub fn offsets_of(lengths: &[usize]) -> Vec<usize> {
     o
 }
 
+/// `x` stored as bf16 on `dev` (each value rounded by the device's `convert`).
+pub fn upload_bf16(dev: &mut dyn Backend, x: &[f32], shape: &[usize]) -> Tensor {
+    let t = upload(dev, x, shape);
+    dev.convert(t.view(), semshare::tensor::DType::Bf16).unwrap().reshape(shape)
+}
+
+/// Parameter values: the initialisation plus noise (both from `seed`), so LayerNorm gains are
+/// not all 1 and biases not all 0 (a bias gradient of a zero bias is still checked, but a wrong
+/// use of γ would hide behind γ = 1).
+pub fn noisy_params(store: &semshare::nn::params::ParamStore, seed: u64) -> Vec<f32> {
+    let init = store.init_values(seed);
+    let noise = randv_scaled(seed ^ 0xABCD, store.total, 0.2);
+    init.iter().zip(&noise).map(|(a, b)| a + b).collect()
+}
+
 /// Item `item` of a packed batch, as a batch of its own.
 pub fn item_of(batch: &Batch, cfg: &semshare::model::ModelConfig, item: usize) -> Batch {
     let off = offsets_of(batch.lengths());
