@@ -194,15 +194,25 @@ fn gemm_versions(c: &mut Criterion) {
         for (precision, suffix) in [(Precision::F32, "packed"), (Precision::Bf16, "bf16_packed")] {
             if let Some(packed) = cpu_gemm::PackedB::new(kernels, precision, gm, &b) {
                 // bf16 also into a C stored as bf16, as the trunk's GEMMs at `--precision bf16` are.
-                let stores: &[(DType, &str)] = match precision {
-                    Precision::Bf16 => &[(DType::F32, ""), (DType::Bf16, "_to_bf16")],
-                    _ => &[(DType::F32, "")],
+                // bf16 also into a C stored as bf16, and with A and C in 2 bytes (what
+                // `torch.mm` in bf16 is given and writes).
+                let stores: &[(DType, bool, &str)] = match precision {
+                    Precision::Bf16 => {
+                        &[(DType::F32, false, ""), (DType::Bf16, false, "_to_bf16"), (DType::Bf16, true, "_2byte")]
+                    }
+                    _ => &[(DType::F32, false, "")],
                 };
-                for &(store, to) in stores {
+                let a16: Vec<u16> = a.iter().map(|&x| semshare::tensor::bf16_bits(x)).collect();
+                let mut y16 = vec![0u16; y.len()];
+                for &(store, two_bytes, to) in stores {
                     let id = format!("semshare_{}_{suffix}{to}/{name}", kernels.path().name());
                     g.bench_function(id, |bn| {
                         bn.iter(|| {
-                            cpu_gemm::gemm_packed(kernels, precision, gm, &a, &b, Some(&packed), None, &mut y, store)
+                            let (input, output) = match two_bytes {
+                                true => (cpu_gemm::Input::Bf16(&a16), cpu_gemm::Output::Bf16(&mut y16)),
+                                false => (cpu_gemm::Input::F32(&a), cpu_gemm::Output::F32(&mut y, store)),
+                            };
+                            cpu_gemm::gemm_packed(kernels, precision, gm, input, &b, Some(&packed), None, output)
                         })
                     });
                 }

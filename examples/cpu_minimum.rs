@@ -7,7 +7,7 @@
 //!     RAYON_NUM_THREADS=1 taskset -c 0 target/release/examples/cpu_minimum embed bf16 30
 //!     RAYON_NUM_THREADS=1 taskset -c 0 target/release/examples/cpu_minimum gemm 1152 256 256 bf16 bf16 1000
 //!
-//! `embed fp32|bf16 [runs]`; `gemm M K N fp32|bf16 [C: f32|bf16] [runs] [packed|per-call]`
+//! `embed fp32|bf16 [runs]`; `gemm M K N fp32|bf16 [C: f32|bf16|bf16-2byte] [runs] [packed|per-call]`
 //! (C = x·Wᵀ; W packed once as a frozen weight is, or packed by every call as `torch.mm`
 //! does). Prints one line. `tools/gemm_turnabout.py` runs it in turn with `torch.mm`.
 
@@ -54,7 +54,7 @@ fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = || {
         Error::config(
-            "usage: cpu_minimum embed fp32|bf16 [runs] | gemm M K N fp32|bf16 [f32|bf16] [runs] [packed|per-call]",
+            "usage: cpu_minimum embed fp32|bf16 [runs] | gemm M K N fp32|bf16 [f32|bf16|bf16-2byte] [runs] [packed|per-call]",
         )
     };
     let path = dispatch::active()?.describe();
@@ -97,10 +97,12 @@ fn run() -> Result<()> {
             if precision == Precision::Tf32 {
                 return Err(Error::config("precision tf32: the CPU has no TF32 unit"));
             }
-            let store = match args.get(5).map(String::as_str) {
-                None | Some("f32") => DType::F32,
-                Some("bf16") => DType::Bf16,
-                Some(other) => return Err(Error::config(format!("C: `{other}` (expected f32 or bf16)"))),
+            // bf16-2byte: A and C hold bf16 in 2 bytes (`gemm::Input::Bf16`, `Output::Bf16`).
+            let (store, two_bytes) = match args.get(5).map(String::as_str) {
+                None | Some("f32") => (DType::F32, false),
+                Some("bf16") => (DType::Bf16, false),
+                Some("bf16-2byte") => (DType::Bf16, true),
+                Some(other) => return Err(Error::config(format!("C: `{other}` (expected f32, bf16 or bf16-2byte)"))),
             };
             let runs = count("runs", args.get(6), 300)?;
             let once = match args.get(7).map(String::as_str) {
@@ -115,14 +117,25 @@ fn run() -> Result<()> {
             let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
             let packed = if once { cpu_gemm::PackedB::new(kernels, precision, g, &b) } else { None };
             let mut c = vec![0f32; m * n];
+            let a16: Vec<u16> = a.iter().map(|&x| semshare::tensor::bf16_bits(x)).collect();
+            let mut c16 = vec![0u16; m * n];
             let [min, q1, med] = timed(3, runs, || {
-                cpu_gemm::gemm_packed(kernels, precision, g, &a, &b, packed.as_ref(), None, &mut c, store);
+                let (input, output) = match two_bytes {
+                    true => (cpu_gemm::Input::Bf16(&a16), cpu_gemm::Output::Bf16(&mut c16)),
+                    false => (cpu_gemm::Input::F32(&a), cpu_gemm::Output::F32(&mut c, store)),
+                };
+                cpu_gemm::gemm_packed(kernels, precision, g, input, &b, packed.as_ref(), None, output);
                 Ok(())
             })?;
             let gflops = 2.0 * (m * k * n) as f64 / min / 1e6;
             println!(
-                "gemm {m}x{k}x{n}, {}, C {store:?}, B {}, path {path}, {threads} threads, {runs} runs: min {:.1} q25 {:.1} median {:.1} µs ({gflops:.0} GFLOP/s at the minimum)",
+                "gemm {m}x{k}x{n}, {}, C {}, B {}, path {path}, {threads} threads, {runs} runs: min {:.1} q25 {:.1} median {:.1} µs ({gflops:.0} GFLOP/s at the minimum)",
                 precision.name(),
+                match (store, two_bytes) {
+                    (_, true) => "and A bf16 in 2 bytes",
+                    (DType::Bf16, false) => "f32 rounded to bf16",
+                    _ => "f32",
+                },
                 if packed.is_some() { "packed once" } else { "packed per call" },
                 min * 1e3,
                 q1 * 1e3,

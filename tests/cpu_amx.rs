@@ -11,7 +11,7 @@ mod amx_trap;
 use std::process::Command;
 
 use semshare::backend::cpu::dispatch::{self, CpuPath, ENV, Kernels};
-use semshare::backend::cpu::gemm::{PackedB, gemm, gemm_packed};
+use semshare::backend::cpu::gemm::{Input, Output, PackedB, gemm, gemm_packed};
 use semshare::backend::cpu::{Cpu, microkernel::Bf16, microkernel::Packed};
 use semshare::backend::{Backend, Gemm, Precision};
 use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
@@ -95,7 +95,16 @@ fn a_bf16_gemm_runs_on_the_tiles() {
     let before = amx_trap::counts();
     gemm(kernels, Precision::Bf16, g, &a, &b, &mut c);
     let packed = PackedB::new(kernels, Precision::Bf16, g, &b).expect("memory for a packed B");
-    gemm_packed(kernels, Precision::Bf16, g, &a, &b, Some(&packed), None, &mut c_packed, DType::F32);
+    gemm_packed(
+        kernels,
+        Precision::Bf16,
+        g,
+        Input::F32(&a),
+        &b,
+        Some(&packed),
+        None,
+        Output::F32(&mut c_packed, DType::F32),
+    );
     assert_eq!(c, c_packed, "packed once or per call: the same slivers, the same bits");
     // One element by hand, on the operands rounded to bf16.
     let round = |x: f32| Bf16::from_f32(x).to_f32() as f64;

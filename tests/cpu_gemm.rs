@@ -260,7 +260,7 @@ fn gemm_bias_is_gemm_then_bias_bitwise() {
 /// made for another shape or kernel is refused.
 #[test]
 fn packed_weights_are_bitwise_packed_per_call() {
-    use semshare::backend::cpu::gemm::{Kernel, PackedB, gemm_packed};
+    use semshare::backend::cpu::gemm::{Input, Kernel, Output, PackedB, gemm_packed};
     let mut rng = Rng::new(23);
     for run in runnable() {
         for (m, k, n) in
@@ -281,7 +281,16 @@ fn packed_weights_are_bitwise_packed_per_call() {
                 assert!(!packed.fits(g, Kernel::of(run.0, other)));
                 for _ in 0..2 {
                     let mut got = c0.clone();
-                    gemm_packed(run.0, run.1, g, &a, &b, Some(&packed), bias, &mut got, DType::F32);
+                    gemm_packed(
+                        run.0,
+                        run.1,
+                        g,
+                        Input::F32(&a),
+                        &b,
+                        Some(&packed),
+                        bias,
+                        Output::F32(&mut got, DType::F32),
+                    );
                     let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(same, "{} {:?} {m}×{k}×{n} trans_b {trans_b} beta {beta}", run.0.describe(), run.1);
                 }

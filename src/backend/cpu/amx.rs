@@ -23,7 +23,7 @@ use std::cell::Cell;
 
 use super::microkernel::{
     Bf16, Layout, Micro, TileOut, convert_avx512_bf16, convert_runs_avx512_bf16, interleave_pairs_avx512_bf16,
-    store_avx512,
+    store_avx512_native,
 };
 
 /// The `amx` path's bf16 kernel (module header).
@@ -147,7 +147,7 @@ impl Micro for Bf16Amx {
 }
 
 /// The stored block through `out` (alpha, beta, bias, edges) by the AVX-512 store.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn store(block: &Block, alpha: f32, beta: f32, out: TileOut) {
     // SAFETY: row i's two halves are inside the block; `out` as the caller guarantees.
     unsafe {
@@ -157,6 +157,6 @@ unsafe fn store(block: &Block, alpha: f32, beta: f32, out: TileOut) {
                 *v = _mm512_loadu_ps(block.0.as_ptr().add(32 * i + 16 * h));
             }
         }
-        store_avx512(&acc, alpha, beta, out);
+        store_avx512_native(&acc, alpha, beta, out);
     }
 }

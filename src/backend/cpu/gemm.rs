@@ -32,7 +32,7 @@ use super::dispatch::{CpuPath, Kernels};
 use super::microkernel::{Bf16, Bf16OnF32, F32Portable, Micro, Packed, TileOut};
 #[cfg(target_arch = "x86_64")]
 use super::microkernel::{Bf16Avx512, F32Avx2, F32Avx512};
-use super::pack::{KC, aligned, pack};
+use super::pack::{KC, Source, aligned, pack};
 use crate::backend::{Gemm, Precision};
 
 /// A matrix inside a larger buffer: element (i, j) is at `ptr[i·rs + j·cs]`.
@@ -53,6 +53,48 @@ impl Strided {
     /// op(B) of `g` (k × n), B row-major as stored.
     const fn of_b(g: Gemm) -> Self {
         if g.trans_b { Strided::transposed(g.k) } else { Strided::rows(g.n) }
+    }
+}
+
+/// A GEMM's A as the CPU holds it: f32 values, or bf16 values in 2 bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Input<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Input::F32(a) => a.len(),
+            Input::Bf16(a) => a.len(),
+        }
+    }
+
+    fn source(&self) -> Source {
+        match self {
+            Input::F32(a) => Source::F32(a.as_ptr()),
+            Input::Bf16(a) => Source::Bf16(a.as_ptr()),
+        }
+    }
+}
+
+/// C as the CPU holds it.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// f32 values; of type bf16, each value rounded to bf16 once, after its last slice of k
+    /// and its bias, by the micro-kernel's store as it writes the tile (`TileOut::round`).
+    F32(&'a mut [f32], DType),
+    /// bf16 values in 2 bytes (`TileOut::bf16`): half the bytes of the rounded f32s.
+    Bf16(&'a mut [u16]),
+}
+
+impl Output<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Output::F32(c, _) => c.len(),
+            Output::Bf16(c) => c.len(),
+        }
     }
 }
 
@@ -79,16 +121,19 @@ pub fn gemm_bias(
     bias: Option<&[f32]>,
     c: &mut [f32],
 ) {
-    gemm_packed(kernels, precision, g, a, b, None, bias, c, DType::F32)
+    gemm_packed(kernels, precision, g, Input::F32(a), b, None, bias, Output::F32(c, DType::F32))
 }
 
 /// [`gemm_bias`] with B's slivers taken from `packed` (made by [`PackedB::new`] from this `b`,
 /// for this `g` and kernel) instead of packed on every call: a frozen model's weights
-/// (`Backend::freeze`). Bit for bit the same result, since the slivers are the same. A c of
-/// type `store` bf16 has each value rounded once, after its last slice of k and its bias,
-/// by the micro-kernel's store as it writes the tile (`TileOut::round`): a pass over c
-/// afterwards cost 8 % of the training step's GEMM time, and one per block of c 15–20 % of
-/// an AMX product (session 31).
+/// (`Backend::freeze`). Bit for bit the same result, since the slivers are the same. A bf16 c
+/// ([`Output`]) has each value rounded once, after its last slice of k and its bias, by the
+/// micro-kernel's store as it writes the tile: a pass over c afterwards cost 8 % of the
+/// training step's GEMM time, and one per block of c 15–20 % of an AMX product (session 31).
+///
+/// A 2-byte bf16 c gets the same bits as a rounded f32 one. With more than one slice of k its
+/// partial sums cannot wait in it (each would be rounded): the product is made in an f32 copy
+/// of c and narrowed once.
 ///
 /// # Panics
 /// If a slice is shorter than its shape, or `packed` was made for another shape or kernel.
@@ -97,14 +142,12 @@ pub fn gemm_packed(
     kernels: Kernels,
     precision: Precision,
     g: Gemm,
-    a: &[f32],
+    a: Input,
     b: &[f32],
     packed: Option<&PackedB>,
     bias: Option<&[f32]>,
-    c: &mut [f32],
-    store: DType,
+    c: Output,
 ) {
-    let round = store == DType::Bf16;
     let Gemm { m, n, k, trans_a, alpha, beta, .. } = g;
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand shorter than its shape");
     assert!(bias.is_none_or(|b| b.len() >= n), "gemm: bias shorter than a row");
@@ -112,13 +155,27 @@ pub fn gemm_packed(
     assert!(packed.is_none_or(|pb| pb.fits(g, kernel)), "gemm: B was packed for another shape or kernel");
     let sa = if trans_a { Strided::transposed(m) } else { Strided::rows(k) };
     let sb = Strided::of_b(g);
+    let (c, round, c_bf16) = match c {
+        Output::F32(c, store) => (c.as_mut_ptr(), store == DType::Bf16, false),
+        Output::Bf16(c) if k > KC => {
+            let mut wide = crate::tensor::host_pool::dirty(m * n);
+            if beta != 0.0 {
+                wide.iter_mut().zip(&c[..m * n]).for_each(|(w, &v)| *w = f32::from_bits((v as u32) << 16));
+            }
+            gemm_packed(kernels, precision, g, a, b, packed, bias, Output::F32(&mut wide, DType::Bf16));
+            c[..m * n].iter_mut().zip(&wide).for_each(|(v, &w)| *v = (w.to_bits() >> 16) as u16);
+            crate::tensor::host_pool::give(wide);
+            return;
+        }
+        Output::Bf16(c) => (c.as_mut_ptr() as *mut f32, true, true),
+    };
     let bias = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
     let pre = packed.map(|pb| Prepacked { base: pb.as_ptr(), cols: pb.cols, j: 0 });
-    let (a, b, c, sc) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), Strided::rows(n));
-    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias, pre, round };
+    let (a, b, sc) = (a.source(), Source::F32(b.as_ptr()), Strided::rows(n));
+    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias, pre, round, c_bf16 };
     // SAFETY: the strides address exactly a[..m·k], b[..k·n], c[..m·n] and bias[..n], checked
     // above; c is a unique borrow, so it aliases none of the others; `packed` holds B's
-    // slivers for `kernel`, the one `solve` runs (checked above).
+    // slivers for `kernel`, the one `solve` runs (checked above); a bf16 c has k ≤ KC.
     unsafe { solve(kernels, precision, p) }
 }
 
@@ -140,7 +197,12 @@ impl Operand<'_> {
 
     /// [`Operand::gemm`] into a c of type `store` ([`gemm_packed`]).
     pub fn gemm_stored(&self, g: Gemm, a: &[f32], bias: Option<&[f32]>, c: &mut [f32], store: DType) {
-        gemm_packed(self.kernels, self.precision, g, a, self.b, self.packed.as_deref(), bias, c, store);
+        self.gemm_typed(g, Input::F32(a), bias, Output::F32(c, store));
+    }
+
+    /// [`Operand::gemm`] with A and C as the CPU holds them ([`gemm_packed`]).
+    pub fn gemm_typed(&self, g: Gemm, a: Input, bias: Option<&[f32]>, c: Output) {
+        gemm_packed(self.kernels, self.precision, g, a, self.b, self.packed.as_deref(), bias, c);
     }
 }
 
@@ -261,7 +323,7 @@ impl PackedB {
             let kc = KC.min(k - pc);
             // SAFETY: the kc × n block at row pc is inside b; the CPU has K's features.
             unsafe {
-                let src = b.as_ptr().offset(pc as isize * sb.rs);
+                let src = Source::F32(b.as_ptr().offset(pc as isize * sb.rs));
                 pack::<K>(&mut slivers[pc / KC * cols * KC..], src, sb.cs, sb.rs, n, kc, K::NR, K::B);
             }
         }
@@ -325,7 +387,9 @@ pub unsafe fn gemm_strided(
     c: *mut f32,
     sc: Strided,
 ) {
-    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias: std::ptr::null(), pre: None, round: false };
+    let (a, b) = (Source::F32(a), Source::F32(b));
+    let (bias, pre, round, c_bf16) = (std::ptr::null(), None, false, false);
+    let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias, pre, round, c_bf16 };
     // SAFETY: as the caller guarantees.
     unsafe { solve(kernels, precision, p) }
 }
@@ -366,11 +430,12 @@ struct Problem {
     k: usize,
     n: usize,
     alpha: f32,
-    a: *const f32,
+    a: Source,
     sa: Strided,
-    b: *const f32,
+    b: Source,
     sb: Strided,
     beta: f32,
+    /// C's first element: an f32, or with `c_bf16` a u16.
     c: *mut f32,
     sc: Strided,
     /// Added to every row of C with the last slice of k (null: none).
@@ -379,6 +444,8 @@ struct Problem {
     pre: Option<Prepacked>,
     /// C is stored as bf16: each value rounded once, after the last slice of k (and the bias).
     round: bool,
+    /// C holds bf16 values in 2 bytes (`TileOut::bf16`; then one slice of k: `gemm_packed`).
+    c_bf16: bool,
 }
 
 // SAFETY: a `Problem` is shared between the threads of one call, which read A and B and write
@@ -402,10 +469,26 @@ impl Problem {
                 n,
                 a: self.a.offset(i * self.sa.rs + p * self.sa.cs),
                 b: self.b.offset(p * self.sb.rs + j * self.sb.cs),
-                c: self.c.offset(i * self.sc.rs + j * self.sc.cs),
+                c: self.c_at(i * self.sc.rs + j * self.sc.cs),
                 bias: bias_at(self.bias, j),
                 pre: self.pre.map(|pre| Prepacked { j: pre.j + j0, ..pre }),
                 ..self
+            }
+        }
+    }
+}
+
+impl Problem {
+    /// C's element `elements` on from the first, whichever its type.
+    ///
+    /// # Safety
+    /// That element lies inside C.
+    unsafe fn c_at(&self, elements: isize) -> *mut f32 {
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            match self.c_bf16 {
+                true => (self.c as *mut u16).offset(elements) as *mut f32,
+                false => self.c.offset(elements),
             }
         }
     }
@@ -423,6 +506,10 @@ where
     if k == 0 {
         // SAFETY: as the caller guarantees for C and the bias.
         unsafe {
+            if p.c_bf16 {
+                scale_bf16(m, n, p.beta, p.c as *mut u16, p.sc, p.bias);
+                return;
+            }
             scale(m, n, p.beta, p.c, p.sc, p.bias);
             if p.round {
                 round_rows(p.c, p.sc, m, n);
@@ -536,6 +623,23 @@ unsafe fn scale(m: usize, n: usize, beta: f32, c: *mut f32, sc: Strided, bias: *
     }
 }
 
+/// [`scale`] into a bf16 C in 2 bytes, each value rounded once.
+unsafe fn scale_bf16(m: usize, n: usize, beta: f32, c: *mut u16, sc: Strided, bias: *const f32) {
+    for i in 0..m as isize {
+        for j in 0..n as isize {
+            // SAFETY: (i, j) is inside C, j inside a non-null bias.
+            unsafe {
+                let p = c.offset(i * sc.rs + j * sc.cs);
+                let mut x = if beta == 0.0 { 0.0 } else { beta * f32::from_bits((*p as u32) << 16) };
+                if !bias.is_null() {
+                    x += *bias.offset(j);
+                }
+                *p = crate::tensor::bf16_bits(x);
+            }
+        }
+    }
+}
+
 /// The blocking of the file header; each packed B panel's rows of C split over `row_parts`
 /// threads (1: this thread alone).
 unsafe fn blocked<K: Micro>(row_parts: usize, p: Problem)
@@ -606,7 +710,7 @@ where
     let (kpa, kpb) = (K::A.padded(kc), K::B.padded(kc));
     // A's rows read where they lie when they run along k: only a last, partial sliver is
     // packed (the kernel reads MR whole rows).
-    let rows_a = K::ROWS_A && sa.cs == 1;
+    let rows_a = K::ROWS_A && sa.cs == 1 && matches!(p.a, Source::F32(_));
     with_buffer::<K::Packed, _>(0, m.min(mc_max).next_multiple_of(mr) * kpa, |pa| {
         for ic in (0..m).step_by(mc_max) {
             let mc = mc_max.min(m - ic);
@@ -623,17 +727,18 @@ where
                     for ir in (0..mc).step_by(mr) {
                         let (i, j) = ((ic + ir) as isize, jr as isize);
                         let out = TileOut {
-                            c: p.c.offset(i * sc.rs + j * sc.cs),
+                            c: p.c_at(i * sc.rs + j * sc.cs),
                             rs: sc.rs,
                             cs: sc.cs,
                             rows: mr.min(mc - ir),
                             cols: nr.min(nc - jr),
                             bias: bias_at(p.bias, jr as isize),
                             round: p.round,
+                            bf16: p.c_bf16,
                         };
                         out.prefetch();
-                        if ir < whole {
-                            let a = p.a.offset((ic + ir) as isize * sa.rs);
+                        if let (true, Source::F32(a)) = (ir < whole, p.a) {
+                            let a = a.offset((ic + ir) as isize * sa.rs);
                             K::tile_rows(kc, a, sa.rs as usize, bs, p.alpha, p.beta, out);
                         } else {
                             K::tile(kc, pa.as_ptr().add((ir - whole) * kpa), bs, p.alpha, p.beta, out);
@@ -697,9 +802,9 @@ mod tests {
                         k,
                         n,
                         alpha: g.alpha,
-                        a: a.as_ptr(),
+                        a: Source::F32(a.as_ptr()),
                         sa: if trans_a { Strided::transposed(m) } else { Strided::rows(k) },
-                        b: b.as_ptr(),
+                        b: Source::F32(b.as_ptr()),
                         sb: Strided::of_b(g),
                         beta: 0.0,
                         c: c.as_mut_ptr(),
@@ -707,6 +812,7 @@ mod tests {
                         bias: bias.as_ptr(),
                         pre: pre.map(|pb| Prepacked { base: pb.as_ptr(), cols: pb.cols, j: 0 }),
                         round: false,
+                        c_bf16: false,
                     };
                     let (mut want, mut got) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
                     let (ra, rb) = (round(&a), round(&b));
@@ -771,6 +877,65 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A and C in 2 bytes give the bits of the f32 form of the same bf16 values (A holding
+    /// rounded f32s, C rounded once): on every path this CPU runs, at each precision, A as
+    /// stored or transposed, B packed per call or beforehand, with and without a bias, beta 0
+    /// or not, one slice of k or several (C's partial sums in f32), k = 0, edge tiles.
+    #[test]
+    fn two_byte_bf16_operands_give_the_bits_of_rounded_f32s() {
+        use crate::backend::cpu::dispatch::CpuPath;
+        let bits = |x: &[f32]| x.iter().map(|v| (v.to_bits() >> 16) as u16).collect::<Vec<u16>>();
+        let mut rng = crate::rng::Rng::new(31);
+        let shapes = [(1, 1, 1), (64, 96, 256), (130, 257, 300), (97, 40, 513), (33, 70, 0), (1152, 64, 32)];
+        for path in [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512, CpuPath::Amx] {
+            let kernels = match path.kernels() {
+                Ok(kernels) => kernels,
+                Err(why) => {
+                    println!("not run: CPU path {} ({why})", path.name());
+                    continue;
+                }
+            };
+            for precision in [Precision::F32, Precision::Bf16] {
+                for (m, n, k) in shapes {
+                    // alpha 1e-39: subnormal values of C, which `vcvtne2ps2bf16` would flush.
+                    let cases = [
+                        (false, true, 0.0, 0.75),
+                        (true, false, 0.5, 0.75),
+                        (false, false, -1.25, 0.75),
+                        (false, true, 0.0, 1e-39),
+                    ];
+                    for (trans_a, trans_b, beta, alpha) in cases {
+                        let mut v = |len: usize| -> Vec<f32> {
+                            (0..len).map(|_| DType::Bf16.round(rng.normal() as f32)).collect()
+                        };
+                        let (a, b, bias, c0) = (v(m * k), v(k * n), v(n), v(m * n));
+                        let g = Gemm { m, n, k, trans_a, trans_b, alpha, beta };
+                        let packed = PackedB::new(kernels, precision, g, &b).map(Arc::new);
+                        for (bias, packed) in [(None, None), (Some(&bias[..]), packed)] {
+                            let op = Operand { kernels, precision, b: &b, packed };
+                            let mut want = c0.clone();
+                            op.gemm_typed(g, Input::F32(&a), bias, Output::F32(&mut want, DType::Bf16));
+                            let (a16, mut got) = (bits(&a), bits(&c0));
+                            op.gemm_typed(g, Input::Bf16(&a16), bias, Output::Bf16(&mut got));
+                            let what = format!(
+                                "{} {} {m}×{k}×{n} trans {trans_a} {trans_b} alpha {alpha} beta {beta} bias {}",
+                                path.name(),
+                                precision.name(),
+                                bias.is_some()
+                            );
+                            assert_eq!(got, bits(&want), "A and C in 2 bytes, {what}");
+                            let mut got = c0.clone();
+                            op.gemm_typed(g, Input::Bf16(&a16), bias, Output::F32(&mut got, DType::Bf16));
+                            let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                            assert!(same, "A in 2 bytes, {what}");
+                        }
+                    }
+                }
+            }
+            println!("ran: CPU path {}", path.name());
         }
     }
 }

@@ -25,6 +25,8 @@ use crate::tensor::DType;
 /// Where one tile of C goes: `c[i·rs + j·cs]` for i < rows ≤ MR, j < cols ≤ NR.
 #[derive(Clone, Copy)]
 pub struct TileOut {
+    /// C's element (0, 0): an f32, or with `bf16` a bf16's 16 bits (a `u16`; strides count
+    /// elements either way).
     pub c: *mut f32,
     pub rs: isize,
     pub cs: isize,
@@ -37,6 +39,9 @@ pub struct TileOut {
     /// tiles, the values came back from memory: 15–20 % of a 1152 × 256 × 768 AMX product on
     /// the Xeon VM (session 31).
     pub round: bool,
+    /// C holds bf16 values in 2 bytes: each value rounded (as `round`) and its 16 bits
+    /// written, and beta·C read back from them. Always with `round` (the last slice of k).
+    pub bf16: bool,
 }
 
 impl TileOut {
@@ -51,19 +56,30 @@ impl TileOut {
         #[cfg(target_arch = "x86_64")]
         if self.cs == 1 {
             use std::arch::x86_64::*;
+            let size = if self.bf16 { 2 } else { 4 };
             for i in 0..self.rows as isize {
                 // SAFETY: a prefetch never faults; the addresses are elements of C's row i:
-                // every 16th column and the last, so each 64-byte line the row's columns touch
-                // is asked for (a row of 32 that does not start a line spans three).
+                // one a line's width apart and the last, so each 64-byte line the row's
+                // columns touch is asked for (a row that does not start a line spans more).
                 unsafe {
-                    let row = self.c.offset(i * self.rs);
-                    for j in (0..self.cols).step_by(16) {
-                        _mm_prefetch::<_MM_HINT_T0>(row.add(j) as *const i8);
+                    let row = (self.c as *const i8).offset(i * self.rs * size);
+                    for j in (0..self.cols).step_by(64 / size as usize) {
+                        _mm_prefetch::<_MM_HINT_T0>(row.add(j * size as usize));
                     }
-                    _mm_prefetch::<_MM_HINT_T0>(row.add(self.cols.max(1) - 1) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(row.add((self.cols.max(1) - 1) * size as usize));
                 }
             }
         }
+    }
+
+    /// Element (i, j) of a bf16 C (`bf16`).
+    ///
+    /// # Safety
+    /// (i, j) is inside the tile, which is inside C.
+    #[inline(always)]
+    pub unsafe fn bf16_at(&self, i: usize, j: usize) -> *mut u16 {
+        // SAFETY: as the caller guarantees.
+        unsafe { (self.c as *mut u16).offset(i as isize * self.rs + j as isize * self.cs) }
     }
 }
 
@@ -260,6 +276,15 @@ pub(super) unsafe fn store_scalar(acc: &[f32], nr: usize, alpha: f32, beta: f32,
         for (j, &v) in row.iter().enumerate().take(out.cols) {
             // SAFETY: (i, j) is inside the tile, which the caller guarantees is in bounds.
             unsafe {
+                if out.bf16 {
+                    let p = out.bf16_at(i, j);
+                    let mut x = if beta == 0.0 { alpha * v } else { alpha * v + beta * Bf16(*p).to_f32() };
+                    if !out.bias.is_null() {
+                        x += *out.bias.add(j);
+                    }
+                    *p = crate::tensor::bf16_bits(x);
+                    continue;
+                }
                 let p = out.c.offset(i as isize * out.rs + j as isize * out.cs);
                 let mut x = if beta == 0.0 { alpha * v } else { alpha * v + beta * *p };
                 if !out.bias.is_null() {
@@ -406,7 +431,7 @@ unsafe fn avx2_f32<const ROWS: bool>(
                 acc[1] = _mm256_fmadd_ps(ai, b1, acc[1]);
             }
         }
-        if out.rows == 6 && out.cols == 16 && out.cs == 1 {
+        if out.rows == 6 && out.cols == 16 && out.cs == 1 && !out.bf16 {
             let (va, vb) = (_mm256_set1_ps(alpha), _mm256_set1_ps(beta));
             for (i, acc) in acc.iter().enumerate() {
                 let p = out.c.offset(i as isize * out.rs);
@@ -529,7 +554,9 @@ pub(super) unsafe fn store_avx512<const R: usize, const H: usize>(
     // SAFETY: only the rows × cols elements of the tile are read or written (masked lanes are
     // neither loaded nor stored), which the caller guarantees are inside C.
     unsafe {
-        if out.cs == 1 {
+        if out.cs == 1 && out.bf16 {
+            store_avx512_bf16(acc, alpha, beta, out);
+        } else if out.cs == 1 {
             let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
             let masks: [__mmask16; H] = std::array::from_fn(|h| {
                 let n = out.cols.saturating_sub(16 * h).min(16) as u32;
@@ -559,6 +586,52 @@ pub(super) unsafe fn store_avx512<const R: usize, const H: usize>(
                 }
             }
             store_scalar(tile.as_flattened(), 32, alpha, beta, out);
+        }
+    }
+}
+
+/// [`store_avx512`] into a bf16 C (`TileOut::bf16`, rows contiguous): each lane rounded as
+/// `round_bf16_avx512` rounds it and its high 16 bits kept (`vpmovdw`), 16 values in 32 bytes.
+/// An integer rounding, not `vcvtneps2bf16`, which flushes subnormals: the same bits as every
+/// other store.
+///
+/// # Safety
+/// As for [`store_avx512`], with `out.cs == 1`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn store_avx512_bf16<const R: usize, const H: usize>(
+    acc: &[[std::arch::x86_64::__m512; H]; R],
+    alpha: f32,
+    beta: f32,
+    out: TileOut,
+) {
+    use std::arch::x86_64::*;
+    let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+    let masks: [__mmask16; H] = std::array::from_fn(|h| {
+        let n = out.cols.saturating_sub(16 * h).min(16) as u32;
+        ((1u32 << n) - 1) as __mmask16
+    });
+    // SAFETY: only the rows × cols elements of the tile are read or written (masked lanes are
+    // neither loaded nor stored), which the caller guarantees are inside C.
+    unsafe {
+        for (i, acc) in acc.iter().enumerate().take(out.rows) {
+            let p = out.bf16_at(i, 0);
+            for (h, (&v, &mask)) in acc.iter().zip(&masks).enumerate() {
+                let ph = p.add(16 * h);
+                let r = if beta == 0.0 {
+                    _mm512_mul_ps(va, v)
+                } else {
+                    let old = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, ph as *const i16));
+                    let old = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(old));
+                    _mm512_fmadd_ps(vb, old, _mm512_mul_ps(va, v))
+                };
+                let r = match out.bias.is_null() {
+                    true => r,
+                    false => _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask, out.bias.add(16 * h))),
+                };
+                let bits = _mm512_srli_epi32::<16>(_mm512_castps_si512(round_bf16_avx512(r)));
+                _mm256_mask_storeu_epi16(ph as *mut i16, mask, _mm512_cvtepi32_epi16(bits));
+            }
         }
     }
 }
@@ -685,7 +758,62 @@ unsafe fn avx512_bf16(kc: usize, a: *const Bf16, b: *const Bf16, alpha: f32, bet
                 acc[1] = _mm512_dpbf16_ps(acc[1], ai, b1);
             }
         }
-        store_avx512(&acc, alpha, beta, out);
+        store_avx512_native(&acc, alpha, beta, out);
+    }
+}
+
+/// [`store_avx512`] on a CPU with AVX-512 BF16 (the `Bf16Avx512` and AMX kernels): into a bf16
+/// C in 2 bytes, each row's 32 values rounded and packed by one `vcvtne2ps2bf16`, a quarter of
+/// the integer rounding's instructions. That instruction flushes a subnormal to zero, so a
+/// row holding one is stored by the integer rounding: the same bits as every other store.
+///
+/// # Safety
+/// As for [`store_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn store_avx512_native<const R: usize>(
+    acc: &[[std::arch::x86_64::__m512; 2]; R],
+    alpha: f32,
+    beta: f32,
+    out: TileOut,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: only the rows × cols elements of the tile are read or written (masked lanes are
+    // neither loaded nor stored), which the caller guarantees are inside C.
+    unsafe {
+        if !(out.bf16 && out.cs == 1) {
+            return store_avx512(acc, alpha, beta, out);
+        }
+        let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+        let mask: __mmask32 = if out.cols >= 32 { u32::MAX } else { (1u32 << out.cols) - 1 };
+        let (exponent, magnitude) = (_mm512_set1_epi32(0x7f80_0000), _mm512_set1_epi32(0x7fff_ffff));
+        for (i, row) in acc.iter().enumerate().take(out.rows) {
+            let p = out.bf16_at(i, 0);
+            let mut v = [_mm512_mul_ps(va, row[0]), _mm512_mul_ps(va, row[1])];
+            if beta != 0.0 {
+                let old = _mm512_maskz_loadu_epi16(mask, p as *const i16);
+                let low = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(old)));
+                let high = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(old)));
+                v[0] = _mm512_fmadd_ps(vb, _mm512_castsi512_ps(low), v[0]);
+                v[1] = _mm512_fmadd_ps(vb, _mm512_castsi512_ps(high), v[1]);
+            }
+            if !out.bias.is_null() {
+                v[0] = _mm512_add_ps(v[0], _mm512_maskz_loadu_ps(mask as __mmask16, out.bias));
+                v[1] = _mm512_add_ps(v[1], _mm512_maskz_loadu_ps((mask >> 16) as __mmask16, out.bias.add(16)));
+            }
+            let subnormal = |x: __m512| {
+                let bits = _mm512_castps_si512(x);
+                _mm512_testn_epi32_mask(bits, exponent) & _mm512_test_epi32_mask(bits, magnitude)
+            };
+            let packed = if subnormal(v[0]) | subnormal(v[1]) == 0 {
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(v[1], v[0]))
+            } else {
+                let [low, high] = v
+                    .map(|x| _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(round_bf16_avx512(x)))));
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
+            };
+            _mm512_mask_storeu_epi16(p as *mut i16, mask, packed);
+        }
     }
 }
 

@@ -3,10 +3,40 @@
 //! type on the way. gemm.rs packs each block as it multiplies it, or once for a frozen
 //! weight (`PackedB`).
 
+use std::cell::RefCell;
+
 use super::microkernel::{Layout, Micro, Packed};
 
 /// The deepest slice of k one sliver holds (gemm.rs's blocking): 16 KiB per 16 fp32 lines.
 pub const KC: usize = 256;
+
+/// What a packing reads: f32 values, or bf16 values stored in 2 bytes (their 16 bits).
+#[derive(Clone, Copy, Debug)]
+pub enum Source {
+    F32(*const f32),
+    Bf16(*const u16),
+}
+
+impl Source {
+    /// The element `elements` on from this one.
+    ///
+    /// # Safety
+    /// That element lies inside the same allocation.
+    pub unsafe fn offset(self, elements: isize) -> Source {
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            match self {
+                Source::F32(p) => Source::F32(p.offset(elements)),
+                Source::Bf16(p) => Source::Bf16(p.offset(elements)),
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// A bf16 block widened to f32 for the packings that read f32 ([`pack`]).
+    static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Packs `len` lines (rows of A or columns of B; `line` steps from one to the next, `along`
 /// along one) of `kc` elements into slivers of `w` lines laid out as `layout` says (K's `A` or
@@ -15,13 +45,17 @@ pub const KC: usize = 256;
 /// `layout.padded(kc)`). Then the kernel's `finish_pack` (a bf16 kernel on fp32 units rounds
 /// the slivers there, after the fp32 packing's fast moves).
 ///
+/// A bf16 source in 2 bytes: AMX's A as stored (lines along k, long groups) is copied run by
+/// run, bits as they are; any other block is widened to f32 (exactly: a bf16 is the high half
+/// of an f32) and packed as an f32 block is, so every layout keeps one packing.
+///
 /// # Safety
 /// Every element of the `len` × `kc` block lies inside the allocation behind `src`, and the
 /// CPU has the features of K's path (as for [`Micro::tile`]).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn pack<K: Micro>(
     dst: &mut [K::Packed],
-    src: *const f32,
+    src: Source,
     line: isize,
     along: isize,
     len: usize,
@@ -29,6 +63,14 @@ pub unsafe fn pack<K: Micro>(
     w: usize,
     layout: Layout,
 ) {
+    let src = match src {
+        Source::F32(p) => p,
+        Source::Bf16(p) => {
+            // SAFETY: as the caller guarantees.
+            unsafe { pack_bf16::<K>(dst, p, line, along, len, kc, w, layout) };
+            return;
+        }
+    };
     let slivers = len.next_multiple_of(w) * layout.padded(kc);
     'placed: {
         let g = layout.group;
@@ -217,6 +259,69 @@ pub unsafe fn pack<K: Micro>(
     }
     // SAFETY: the CPU has K's features (pack's contract).
     unsafe { K::finish_pack(&mut dst[..slivers]) }
+}
+
+/// [`pack`] of a bf16 source in 2 bytes.
+///
+/// # Safety
+/// As for [`pack`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_bf16<K: Micro>(
+    dst: &mut [K::Packed],
+    src: *const u16,
+    line: isize,
+    along: isize,
+    len: usize,
+    kc: usize,
+    w: usize,
+    layout: Layout,
+) {
+    let (g, kp) = (layout.group, layout.padded(kc));
+    if along == 1 && g > 2 && size_of::<K::Packed>() == 2 {
+        // AMX's A: each line's group of g steps is a contiguous run of its sliver.
+        for (s, sliver) in dst[..len.next_multiple_of(w) * kp].chunks_exact_mut(w * kp).enumerate() {
+            let lines = w.min(len - s * w);
+            if lines < w || kp > kc {
+                sliver.fill(K::Packed::default());
+            }
+            // The only 2-byte packed type is `Bf16`, a u16's bits (repr(transparent)).
+            let out = sliver.as_mut_ptr() as *mut u16;
+            for l in 0..lines {
+                for p0 in (0..kc).step_by(g) {
+                    // SAFETY: line s·w + l and steps p0.. < kc are inside the block; the run's
+                    // place in the sliver is inside it (kp ≥ kc).
+                    unsafe {
+                        let from = src.offset((s * w + l) as isize * line + p0 as isize);
+                        let to = out.add(p0 / g * w * g + l * g);
+                        std::ptr::copy_nonoverlapping(from, to, g.min(kc - p0));
+                    }
+                }
+            }
+        }
+        // SAFETY: the CPU has K's features (pack's contract).
+        unsafe { K::finish_pack(&mut dst[..len.next_multiple_of(w) * kp]) };
+        return;
+    }
+    // Widened in the block's own orientation, so that the f32 packing takes the same branch.
+    let (wide_line, wide_along) = if along == 1 { (kc as isize, 1) } else { (1, len as isize) };
+    let mut widen = |wide: &mut Vec<f32>| {
+        wide.clear();
+        wide.resize(len * kc, 0.0);
+        for l in 0..len {
+            for p in 0..kc {
+                // SAFETY: line l and step p are inside the block.
+                let bits = unsafe { *src.offset(l as isize * line + p as isize * along) };
+                wide[l * wide_line as usize + p * wide_along as usize] = f32::from_bits((bits as u32) << 16);
+            }
+        }
+        // SAFETY: `wide` holds the whole block in the orientation given; as the caller
+        // guarantees for the rest.
+        unsafe { pack::<K>(dst, Source::F32(wide.as_ptr()), wide_line, wide_along, len, kc, w, layout) };
+    };
+    WIDENED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut wide) => widen(&mut wide),
+        Err(_) => widen(&mut Vec::new()),
+    });
 }
 
 /// `out[i] = lines[i]`, with the slivers' usual widths as fixed sizes (moved in registers;
