@@ -192,7 +192,7 @@ fn gemm_versions(c: &mut Criterion) {
         // index, query) and the GRU's W_hh is for a whole recurrence: the product alone, as
         // `torch.mm` measures it on tensors of its type.
         for (precision, suffix) in [(Precision::F32, "packed"), (Precision::Bf16, "bf16_packed")] {
-            if let Some(packed) = cpu_gemm::PackedB::new(kernels, precision, gm, &b) {
+            if let Some(packed) = cpu_gemm::PackedB::new(kernels, precision, gm, cpu_gemm::Input::F32(&b)) {
                 // bf16 also into a C stored as bf16, as the trunk's GEMMs at `--precision bf16` are.
                 // bf16 also into a C stored as bf16, and with A and C in 2 bytes (what
                 // `torch.mm` in bf16 is given and writes).
@@ -212,7 +212,16 @@ fn gemm_versions(c: &mut Criterion) {
                                 true => (cpu_gemm::Input::Bf16(&a16), cpu_gemm::Output::Bf16(&mut y16)),
                                 false => (cpu_gemm::Input::F32(&a), cpu_gemm::Output::F32(&mut y, store)),
                             };
-                            cpu_gemm::gemm_packed(kernels, precision, gm, input, &b, Some(&packed), None, output)
+                            cpu_gemm::gemm_packed(
+                                kernels,
+                                precision,
+                                gm,
+                                input,
+                                cpu_gemm::Input::F32(&b),
+                                Some(&packed),
+                                None,
+                                output,
+                            )
                         })
                     });
                 }

@@ -115,7 +115,8 @@ fn run() -> Result<()> {
             let mut rng = Rng::new(2);
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
-            let packed = if once { cpu_gemm::PackedB::new(kernels, precision, g, &b) } else { None };
+            let packed =
+                if once { cpu_gemm::PackedB::new(kernels, precision, g, cpu_gemm::Input::F32(&b)) } else { None };
             let mut c = vec![0f32; m * n];
             let a16: Vec<u16> = a.iter().map(|&x| semshare::tensor::bf16_bits(x)).collect();
             let mut c16 = vec![0u16; m * n];
@@ -124,7 +125,16 @@ fn run() -> Result<()> {
                     true => (cpu_gemm::Input::Bf16(&a16), cpu_gemm::Output::Bf16(&mut c16)),
                     false => (cpu_gemm::Input::F32(&a), cpu_gemm::Output::F32(&mut c, store)),
                 };
-                cpu_gemm::gemm_packed(kernels, precision, g, input, &b, packed.as_ref(), None, output);
+                cpu_gemm::gemm_packed(
+                    kernels,
+                    precision,
+                    g,
+                    input,
+                    cpu_gemm::Input::F32(&b),
+                    packed.as_ref(),
+                    None,
+                    output,
+                );
                 Ok(())
             })?;
             let gflops = 2.0 * (m * k * n) as f64 / min / 1e6;

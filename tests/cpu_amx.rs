@@ -94,13 +94,13 @@ fn a_bf16_gemm_runs_on_the_tiles() {
     let (mut c, mut c_packed) = (vec![0f32; m * n], vec![0f32; m * n]);
     let before = amx_trap::counts();
     gemm(kernels, Precision::Bf16, g, &a, &b, &mut c);
-    let packed = PackedB::new(kernels, Precision::Bf16, g, &b).expect("memory for a packed B");
+    let packed = PackedB::new(kernels, Precision::Bf16, g, Input::F32(&b)).expect("memory for a packed B");
     gemm_packed(
         kernels,
         Precision::Bf16,
         g,
         Input::F32(&a),
-        &b,
+        Input::F32(&b),
         Some(&packed),
         None,
         Output::F32(&mut c_packed, DType::F32),

@@ -273,7 +273,7 @@ fn packed_weights_are_bitwise_packed_per_call() {
                 let c0 = random(&mut rng, m * n);
                 let mut want = c0.clone();
                 semshare::backend::cpu::gemm::gemm_bias(run.0, run.1, g, &a, &b, bias, &mut want);
-                let packed = PackedB::new(run.0, run.1, g, &b).expect("memory for the packed operand");
+                let packed = PackedB::new(run.0, run.1, g, Input::F32(&b)).expect("memory for the packed operand");
                 assert!(packed.fits(g, Kernel::of(run.0, run.1)));
                 assert!(!packed.fits(Gemm { n: n + 1, ..g }, Kernel::of(run.0, run.1)));
                 assert!(!packed.fits(Gemm { trans_b: !trans_b, ..g }, Kernel::of(run.0, run.1)));
@@ -286,7 +286,7 @@ fn packed_weights_are_bitwise_packed_per_call() {
                         run.1,
                         g,
                         Input::F32(&a),
-                        &b,
+                        Input::F32(&b),
                         Some(&packed),
                         bias,
                         Output::F32(&mut got, DType::F32),

@@ -39,8 +39,13 @@ fn check(g: &mut dyn Backend, lengths: &[usize], heads: usize, dh: usize, seed: 
     let (g_out, g_probs) = g.attention_fwd(&gq, &gseg, heads).unwrap();
     assert_eq!(g_out.shape(), c_out.shape(), "{what}: out shape");
     assert_eq!(g_probs.shape(), c_probs.shape(), "{what}: probs shape");
-    compare_twins(&format!("attention_fwd out, {what}"), &g.download(g_out.view()).unwrap(), c_out.cpu(), TOL);
-    compare_twins(&format!("attention_fwd probs, {what}"), &g.download(g_probs.view()).unwrap(), c_probs.cpu(), TOL);
+    compare_twins(&format!("attention_fwd out, {what}"), &g.download(g_out.view()).unwrap(), &c_out.to_f32s(), TOL);
+    compare_twins(
+        &format!("attention_fwd probs, {what}"),
+        &g.download(g_probs.view()).unwrap(),
+        &c_probs.to_f32s(),
+        TOL,
+    );
     // The backward with the qkv bias's gradient summed in the same launch, added to what the
     // gradient held: dqkv and dbias against the CPU, dbias against the device's own bias_bwd of
     // that dqkv (another order: to rounding). Small cases (the emulated suite's time) run it
@@ -61,7 +66,7 @@ fn check(g: &mut dyn Backend, lengths: &[usize], heads: usize, dh: usize, seed: 
         runs.push((dqkv, with_bias.then(|| g.download(g_db.view()).unwrap())));
     }
     let (g_dqkv, fused) = (&runs[0].0, runs[0].1.as_deref().expect("first run has the bias"));
-    compare_twins(&format!("attention_bwd dqkv, {what}"), g_dqkv, c_dqkv.cpu(), TOL);
+    compare_twins(&format!("attention_bwd dqkv, {what}"), g_dqkv, &c_dqkv.to_f32s(), TOL);
     compare_twins(&format!("attention_bwd dbias, {what}"), &added(fused), &added(c_db.cpu()), TOL);
     let mut unfused = g.upload(&db0, &[3 * d]).unwrap();
     let dqkv = g.upload(g_dqkv, &[tokens, 3 * d]).unwrap();

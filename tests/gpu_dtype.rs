@@ -76,8 +76,10 @@ fn the_rounding_is_to_nearest_even() {
     }
     assert!(DType::Bf16.round(f32::NAN).is_nan());
     assert!(DType::Bf16.round(f32::from_bits(0x7f80_0001)).is_nan(), "a NaN whose payload would carry into infinity");
-    let t = Tensor::from_cpu_as(vec![1.0 + 2f32.powi(-9), 3.0], &[2], DType::Bf16);
-    assert_eq!((t.dtype(), t.cpu()), (DType::Bf16, &[1.0f32, 3.0][..]));
+    // A CPU tensor holds bf16 in 2 bytes, and widens back exactly.
+    let t = Tensor::from_cpu_as(vec![1.0 + 2f32.powi(-9), 3.0, -0.5], &[3], DType::Bf16);
+    assert_eq!((t.dtype(), t.cpu_bf16()), (DType::Bf16, &[0x3f80u16, 0x4040, 0xbf00][..]));
+    assert_eq!(t.to_f32s(), [1.0f32, 3.0, -0.5]);
 }
 
 /// f32 → bf16 → f32 on each device: bf16 is `DType::round` of each value (bit for bit, NaN as

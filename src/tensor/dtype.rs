@@ -1,8 +1,8 @@
 //! The element types a tensor stores ([`DType`]) and the rounding to bf16 both devices share.
 
-/// How a tensor stores each element. A device stores bf16 in 2 bytes; the CPU, the reference,
-/// keeps a bf16 tensor's values as f32 rounded to bf16 ([`DType::round`]), so that it
-/// computes what a device computes on its stored values and runs the same kernels.
+/// How a tensor stores each element. Both devices store bf16 in 2 bytes. The CPU's kernels
+/// that compute in f32 read a bf16 value widened exactly and round what they store
+/// ([`DType::round`]), so the CPU computes what a device computes on its stored values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum DType {
     #[default]

@@ -15,6 +15,10 @@ pub use dtype::{DType, bf16_bits};
 use std::sync::Arc;
 
 /// Where the numbers live. The CUDA backend adds its own variant.
+///
+/// A CPU tensor's buffer is f32 words: an f32 tensor's values, or a bf16 tensor's values in
+/// 2 bytes each, two to a word (⌈len / 2⌉ words), so that both kinds share the buffer pool
+/// (`host_pool`) and a frozen model's memory.
 #[derive(Debug)]
 pub enum Storage {
     Cpu(Vec<f32>),
@@ -48,11 +52,11 @@ pub struct Ids {
 /// A borrowed contiguous range of device memory: a parameter inside the flat buffer, or a
 /// whole tensor. Views are slices, so disjoint mutable views (a weight's and a bias's gradient)
 /// can coexist. A view keeps its tensor's [`DType`]: `CpuBf16` is a bf16 tensor's range on the
-/// CPU (f32 values rounded to bf16), a device view carries its own.
+/// CPU (each value's 16 bits: `bf16_bits`), a device view carries its own.
 #[derive(Clone, Copy, Debug)]
 pub enum View<'a> {
     Cpu(&'a [f32]),
-    CpuBf16(&'a [f32]),
+    CpuBf16(&'a [u16]),
     #[cfg(feature = "cuda")]
     Cuda(device::DevView<'a>),
 }
@@ -60,7 +64,7 @@ pub enum View<'a> {
 #[derive(Debug)]
 pub enum ViewMut<'a> {
     Cpu(&'a mut [f32]),
-    CpuBf16(&'a mut [f32]),
+    CpuBf16(&'a mut [u16]),
     #[cfg(feature = "cuda")]
     Cuda(device::DevViewMut<'a>),
 }
@@ -103,14 +107,18 @@ impl Tensor {
     }
 
     /// A CPU tensor of `dtype` holding `data` as that type stores it (bf16: each value
-    /// rounded, [`DType::round`]).
-    pub fn from_cpu_as(mut data: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
-        if dtype != DType::F32 {
-            data.iter_mut().for_each(|x| *x = dtype.round(*x));
-        }
-        let mut t = Tensor::from_cpu(data, shape);
-        t.dtype = dtype;
-        t
+    /// rounded, [`DType::round`], and kept in 2 bytes).
+    pub fn from_cpu_as(data: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::from_cpu(data, shape).with_dtype(dtype)
+    }
+
+    /// A CPU tensor of `dtype` over `words`, its buffer as `Storage` lays it out (bf16: two
+    /// values to a word); the contents are the caller's (a backend's output buffer).
+    pub(crate) fn from_cpu_words(words: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let need = if dtype == DType::Bf16 { n.div_ceil(2) } else { n };
+        assert_eq!(words.len(), need, "tensor buffer does not match shape {shape:?} of {}", dtype.name());
+        Tensor { storage: Storage::Cpu(words), shape: shape.to_vec(), dtype }
     }
 
     /// A tensor over storage a backend allocated (`len(storage) == shape.product()`); a device
@@ -125,10 +133,32 @@ impl Tensor {
         Tensor { storage, shape: shape.to_vec(), dtype }
     }
 
-    /// A CPU tensor whose values the caller has rounded to `dtype` already, marked as of that
-    /// type (a backend's output).
+    /// An f32 CPU tensor's values as `dtype` stores them: to bf16 each value rounded and
+    /// narrowed to 2 bytes in its own buffer, a bf16 tensor's values widened (in a new one).
     pub(crate) fn with_dtype(mut self, dtype: DType) -> Tensor {
-        debug_assert!(matches!(self.storage, Storage::Cpu(_)), "only a CPU tensor is retyped");
+        let Storage::Cpu(v) = &mut self.storage else { panic!("only a CPU tensor is retyped") };
+        match (self.dtype, dtype) {
+            (DType::F32, DType::Bf16) => {
+                let n = v.len();
+                let base = v.as_mut_ptr();
+                for i in 0..n {
+                    // SAFETY: value i is read (bytes 4i..) before bits i are written (bytes
+                    // 2i.., at or before them), and each value is read once, in order.
+                    unsafe {
+                        let x = base.add(i).read();
+                        (base as *mut u16).add(i).write(bf16_bits(x));
+                    }
+                }
+                v.truncate(n.div_ceil(2));
+            }
+            (DType::Bf16, DType::F32) => {
+                let n = self.len();
+                let mut wide = host_pool::dirty(n);
+                widen(self.cpu_bf16(), &mut wide);
+                return Tensor::from_cpu(wide, &self.shape);
+            }
+            _ => {}
+        }
         self.dtype = dtype;
         self
     }
@@ -210,10 +240,10 @@ impl Tensor {
     /// The contiguous range `offset..offset + len` (a parameter inside the flat buffer).
     pub fn sub(&self, offset: usize, len: usize) -> View<'_> {
         match &self.storage {
-            Storage::Cpu(_) | Storage::CpuFrozen(_) => {
-                let s = &self.cpu()[offset..offset + len];
-                if self.dtype == DType::Bf16 { View::CpuBf16(s) } else { View::Cpu(s) }
-            }
+            Storage::Cpu(_) | Storage::CpuFrozen(_) => match self.dtype {
+                DType::Bf16 => View::CpuBf16(&self.cpu_bf16()[offset..offset + len]),
+                DType::F32 => View::Cpu(&self.cpu()[offset..offset + len]),
+            },
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => {
                 assert!(offset + len <= b.len(), "range {offset}+{len} of a {}-element tensor", b.len());
@@ -223,11 +253,14 @@ impl Tensor {
     }
 
     pub fn sub_mut(&mut self, offset: usize, len: usize) -> ViewMut<'_> {
+        let (dtype, n) = (self.dtype, self.len());
         match &mut self.storage {
-            Storage::Cpu(v) => {
-                let s = &mut v[offset..offset + len];
-                if self.dtype == DType::Bf16 { ViewMut::CpuBf16(s) } else { ViewMut::Cpu(s) }
-            }
+            Storage::Cpu(v) => match cpu_view_mut(v, dtype, n) {
+                ViewMut::CpuBf16(s) => ViewMut::CpuBf16(&mut s[offset..offset + len]),
+                ViewMut::Cpu(s) => ViewMut::Cpu(&mut s[offset..offset + len]),
+                #[cfg(feature = "cuda")]
+                ViewMut::Cuda(_) => unreachable!("a CPU buffer's view"),
+            },
             Storage::CpuFrozen(_) => panic!("{FROZEN_WRITTEN}"),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => {
@@ -256,15 +289,15 @@ impl Tensor {
             assert!(a.0 + a.1 <= b.0, "overlapping ranges {a:?} {b:?}");
         }
         let mut out: [Option<ViewMut<'_>>; N] = std::array::from_fn(|_| None);
-        let bf16 = self.dtype == DType::Bf16;
+        let (dtype, n) = (self.dtype, self.len());
         match &mut self.storage {
             Storage::Cpu(v) => {
-                let (mut rest, mut at): (&mut [f32], usize) = (v, 0);
+                let (mut rest, mut at) = (cpu_view_mut(v, dtype, n), 0);
                 for &i in &order {
                     let (offset, len) = ranges[i];
-                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(offset - at);
-                    let (mine, tail) = tail.split_at_mut(len);
-                    out[i] = Some(if bf16 { ViewMut::CpuBf16(mine) } else { ViewMut::Cpu(mine) });
+                    let (_, tail) = rest.split_at(offset - at);
+                    let (mine, tail) = tail.split_at(len);
+                    out[i] = Some(mine);
                     (rest, at) = (tail, offset + len);
                 }
             }
@@ -286,9 +319,51 @@ impl Tensor {
         out.map(|v| v.expect("every range is placed"))
     }
 
-    /// Host data of a CPU tensor. Panics on a device tensor: handing one backend's tensor to
-    /// another is a programming error (download it first).
+    /// Host data of an f32 CPU tensor. Panics on a device tensor: handing one backend's
+    /// tensor to another is a programming error (download it first); and on a bf16 one
+    /// ([`Tensor::cpu_bf16`], or [`Tensor::to_f32s`]).
     pub fn cpu(&self) -> &[f32] {
+        assert_eq!(self.dtype, DType::F32, "{BF16_AS_F32}");
+        self.words()
+    }
+
+    pub fn cpu_mut(&mut self) -> &mut [f32] {
+        assert_eq!(self.dtype, DType::F32, "{BF16_AS_F32}");
+        self.words_mut()
+    }
+
+    /// Host data of a bf16 CPU tensor: each value's 16 bits ([`bf16_bits`]).
+    pub fn cpu_bf16(&self) -> &[u16] {
+        assert_eq!(self.dtype, DType::Bf16, "an f32 tensor was read as bf16");
+        let (words, len) = (self.words(), self.len());
+        assert!(2 * words.len() >= len, "a bf16 tensor's buffer holds its values");
+        // SAFETY: the words hold 2 · words.len() u16s (u16's alignment divides f32's), of
+        // which the first len are the values; the borrow is the tensor's.
+        unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u16, len) }
+    }
+
+    pub fn cpu_bf16_mut(&mut self) -> &mut [u16] {
+        assert_eq!(self.dtype, DType::Bf16, "an f32 tensor was written as bf16");
+        let len = self.len();
+        match cpu_view_mut(self.words_mut(), DType::Bf16, len) {
+            ViewMut::CpuBf16(s) => s,
+            _ => unreachable!("a bf16 view"),
+        }
+    }
+
+    /// A CPU tensor's values as f32, whichever its type (a bf16 value widened exactly).
+    pub fn to_f32s(&self) -> Vec<f32> {
+        match self.dtype {
+            DType::F32 => self.cpu().to_vec(),
+            DType::Bf16 => {
+                let mut wide = vec![0.0; self.len()];
+                widen(self.cpu_bf16(), &mut wide);
+                wide
+            }
+        }
+    }
+
+    fn words(&self) -> &[f32] {
         match &self.storage {
             Storage::Cpu(v) => v,
             Storage::CpuFrozen(v) => v,
@@ -297,7 +372,7 @@ impl Tensor {
         }
     }
 
-    pub fn cpu_mut(&mut self) -> &mut [f32] {
+    fn words_mut(&mut self) -> &mut [f32] {
         match &mut self.storage {
             Storage::Cpu(v) => v,
             Storage::CpuFrozen(_) => panic!("{FROZEN_WRITTEN}"),
@@ -308,6 +383,34 @@ impl Tensor {
 }
 
 const FROZEN_WRITTEN: &str = "a frozen tensor (a loaded model's parameters) was written";
+const BF16_AS_F32: &str = "a bf16 tensor was used as an f32 one";
+
+/// The whole of a CPU buffer of `len` values of `dtype` (`Storage`'s layout).
+fn cpu_view_mut(words: &mut [f32], dtype: DType, len: usize) -> ViewMut<'_> {
+    match dtype {
+        DType::F32 => ViewMut::Cpu(&mut words[..len]),
+        DType::Bf16 => {
+            assert!(2 * words.len() >= len, "a bf16 tensor's buffer holds its values");
+            // SAFETY: the words hold 2 · words.len() u16s (u16's alignment divides f32's), of
+            // which the first len are the values; the borrow is unique.
+            ViewMut::CpuBf16(unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u16, len) })
+        }
+    }
+}
+
+/// `wide[i]` = the f32 whose high half is `bits[i]` (exact: every bf16 is an f32).
+pub fn widen(bits: &[u16], wide: &mut [f32]) {
+    for (w, &b) in wide.iter_mut().zip(bits) {
+        *w = f32::from_bits((b as u32) << 16);
+    }
+}
+
+/// `bits[i]` = `wide[i]` rounded to bf16 ([`bf16_bits`]).
+pub fn narrow(wide: &[f32], bits: &mut [u16]) {
+    for (b, &w) in bits.iter_mut().zip(wide) {
+        *b = bf16_bits(w);
+    }
+}
 
 impl Ids {
     pub fn from_cpu(data: Vec<u32>) -> Ids {
@@ -346,7 +449,8 @@ impl<'a> View<'a> {
     }
     pub fn len(&self) -> usize {
         match self {
-            View::Cpu(s) | View::CpuBf16(s) => s.len(),
+            View::Cpu(s) => s.len(),
+            View::CpuBf16(s) => s.len(),
             #[cfg(feature = "cuda")]
             View::Cuda(d) => d.len(),
         }
@@ -354,9 +458,11 @@ impl<'a> View<'a> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// An f32 CPU view's values (panics on a bf16 or device view, as [`Tensor::cpu`]).
     pub fn cpu(self) -> &'a [f32] {
         match self {
-            View::Cpu(s) | View::CpuBf16(s) => s,
+            View::Cpu(s) => s,
+            View::CpuBf16(_) => panic!("{BF16_AS_F32}"),
             #[cfg(feature = "cuda")]
             View::Cuda(_) => panic!("a CUDA view was used as a CPU view"),
         }
@@ -374,7 +480,8 @@ impl<'a> ViewMut<'a> {
     }
     pub fn len(&self) -> usize {
         match self {
-            ViewMut::Cpu(s) | ViewMut::CpuBf16(s) => s.len(),
+            ViewMut::Cpu(s) => s.len(),
+            ViewMut::CpuBf16(s) => s.len(),
             #[cfg(feature = "cuda")]
             ViewMut::Cuda(d) => d.len(),
         }
@@ -382,9 +489,11 @@ impl<'a> ViewMut<'a> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// An f32 CPU view's values (panics on a bf16 or device view, as [`Tensor::cpu_mut`]).
     pub fn cpu(self) -> &'a mut [f32] {
         match self {
-            ViewMut::Cpu(s) | ViewMut::CpuBf16(s) => s,
+            ViewMut::Cpu(s) => s,
+            ViewMut::CpuBf16(_) => panic!("{BF16_AS_F32}"),
             #[cfg(feature = "cuda")]
             ViewMut::Cuda(_) => panic!("a CUDA view was used as a CPU view"),
         }

@@ -22,9 +22,9 @@ use std::arch::x86_64::{_mm512_loadu_ps, _mm512_setzero_ps};
 use std::cell::Cell;
 
 use super::microkernel::{
-    Bf16, Layout, Micro, TileOut, convert_avx512_bf16, convert_runs_avx512_bf16, interleave_pairs_avx512_bf16,
-    store_avx512_native,
+    Bf16, Layout, Micro, convert_avx512_bf16, convert_runs_avx512_bf16, interleave_pairs_avx512_bf16,
 };
+use super::store::{TileOut, store_avx512_native};
 
 /// The `amx` path's bf16 kernel (module header).
 pub struct Bf16Amx;

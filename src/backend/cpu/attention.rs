@@ -15,12 +15,12 @@ use super::elementwise::exp_fast_avx512;
 use super::elementwise::{exp_shifted, store_as, sum2};
 use super::gemm::{Strided, gemm_strided};
 #[cfg(target_arch = "x86_64")]
-use super::microkernel::round_bf16_avx512;
-#[cfg(target_arch = "x86_64")]
 use super::pack::transpose_lines_avx;
 use super::simd;
+#[cfg(target_arch = "x86_64")]
+use super::store::round_bf16_avx512;
 use crate::backend::{Precision, prob_offsets};
-use crate::tensor::DType;
+use crate::tensor::{DType, View};
 
 /// Split `buf` into consecutive chunks of `unit × (ends[i+1] - ends[i])` elements.
 fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a mut [T]> {
@@ -80,8 +80,9 @@ fn softmax_bwd_rows_inline(ds: &mut [f32], p: &[f32], len: usize, scale: f32) {
 }
 
 /// Context `[tokens, d]` and probabilities (per item and head, `len × len`) of values stored
-/// as `store`; with bf16 the probabilities are rounded before P V (`probabilities`).
-pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize, store: DType) -> (Vec<f32>, Vec<f32>) {
+/// as `store`; with bf16 the probabilities are rounded before P V (`probabilities`). A bf16
+/// qkv in 2 bytes is widened an item at a time, while the item's rows are in cache.
+pub fn forward(qkv: View, offsets: &[usize], heads: usize, store: DType) -> (Vec<f32>, Vec<f32>) {
     let kernels = dispatch::current();
     let tokens = offsets[offsets.len() - 1];
     let d = qkv.len() / tokens.max(1) / 3;
@@ -97,49 +98,84 @@ pub fn forward(qkv: &[f32], offsets: &[usize], heads: usize, store: DType) -> (V
     let direct = matches!(kernels.path(), CpuPath::Avx512 | CpuPath::Amx);
     outs.into_par_iter().zip(ps).enumerate().for_each(|(b, (out, p))| {
         let (s, len) = (offsets[b], offsets[b + 1] - offsets[b]);
-        let x = &qkv[s * 3 * d..(s + len) * 3 * d];
-        #[cfg(target_arch = "x86_64")]
-        if direct && direct_fits(len, dh) {
-            let mut kt = [0f32; DIRECT_DH * DIRECT_LEN];
-            for h in 0..heads {
-                let p = &mut p[h * len * len..(h + 1) * len * len];
-                // SAFETY: the path has AVX-512 F (`direct`); the head's q, k and v columns of
-                // rows 0..len lie in x (row stride 3d); out's head block is rows 0..len,
-                // columns h·dh.. (+dh) of its d-wide rows.
-                unsafe {
-                    let (q, k, v) = (x[h * dh..].as_ptr(), x[d + h * dh..].as_ptr(), x[2 * d + h * dh..].as_ptr());
-                    head_forward_avx512(
-                        Head { q, k, v, row: 3 * d, len, dh },
-                        (scale, store),
-                        &mut kt,
-                        p,
-                        out[h * dh..].as_mut_ptr(),
-                        d,
+        let rows = s * 3 * d..(s + len) * 3 * d;
+        WIDE_ITEM.with_borrow_mut(|wide| {
+            let x = match qkv {
+                View::CpuBf16(bits) => {
+                    wide.resize(rows.len(), 0.0);
+                    let bits = &bits[rows];
+                    simd::vectorised!(
+                        wide.iter_mut().zip(bits).for_each(|(w, &b)| *w = f32::from_bits((b as u32) << 16))
                     );
+                    &wide[..]
                 }
-            }
-            return;
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = direct;
+                _ => &qkv.cpu()[rows],
+            };
+            item_forward(kernels, x, (len, d, heads), (scale, store), direct, out, p);
+        });
+    });
+    (out, probs)
+}
+
+thread_local! {
+    /// An item's qkv rows widened from 2-byte bf16 ([`forward`]): reused, so they are written
+    /// to memory already in cache.
+    static WIDE_ITEM: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One item's heads of [`forward`]: its qkv rows `x` (len × 3d), its context rows `out` and
+/// its probabilities `p`.
+#[inline(always)]
+fn item_forward(
+    kernels: dispatch::Kernels,
+    x: &[f32],
+    (len, d, heads): (usize, usize, usize),
+    (scale, store): (f32, DType),
+    direct: bool,
+    out: &mut [f32],
+    p: &mut [f32],
+) {
+    let dh = d / heads;
+    #[cfg(target_arch = "x86_64")]
+    if direct && direct_fits(len, dh) {
+        let mut kt = [0f32; DIRECT_DH * DIRECT_LEN];
         for h in 0..heads {
             let p = &mut p[h * len * len..(h + 1) * len * len];
-            // SAFETY: q, k, v address rows 0..len, columns 0..dh of their part of x (row
-            // stride 3d); p is len×len; out's head block is rows 0..len, columns h·dh.. (+dh).
+            // SAFETY: the path has AVX-512 F (`direct`); the head's q, k and v columns of
+            // rows 0..len lie in x (row stride 3d); out's head block is rows 0..len,
+            // columns h·dh.. (+dh) of its d-wide rows.
             unsafe {
                 let (q, k, v) = (x[h * dh..].as_ptr(), x[d + h * dh..].as_ptr(), x[2 * d + h * dh..].as_ptr());
-                head_forward_gemm(
-                    kernels,
+                head_forward_avx512(
                     Head { q, k, v, row: 3 * d, len, dh },
                     (scale, store),
+                    &mut kt,
                     p,
                     out[h * dh..].as_mut_ptr(),
                     d,
                 );
             }
         }
-    });
-    (out, probs)
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = direct;
+    for h in 0..heads {
+        let p = &mut p[h * len * len..(h + 1) * len * len];
+        // SAFETY: q, k, v address rows 0..len, columns 0..dh of their part of x (row
+        // stride 3d); p is len×len; out's head block is rows 0..len, columns h·dh.. (+dh).
+        unsafe {
+            let (q, k, v) = (x[h * dh..].as_ptr(), x[d + h * dh..].as_ptr(), x[2 * d + h * dh..].as_ptr());
+            head_forward_gemm(
+                kernels,
+                Head { q, k, v, row: 3 * d, len, dh },
+                (scale, store),
+                p,
+                out[h * dh..].as_mut_ptr(),
+                d,
+            );
+        }
+    }
 }
 
 /// One head of one item: its q, k and v columns (`dh` wide) of `len` rows, `row` apart.

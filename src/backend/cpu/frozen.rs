@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use super::dispatch::Kernels;
-use super::gemm::{Kernel, PackedB};
+use super::gemm::{Input, Kernel, PackedB};
 use crate::backend::{Gemm, Precision};
 use crate::tensor::{DType, Tensor};
 
@@ -42,7 +42,7 @@ struct Frozen {
     packed: HashMap<OperandKey, Option<Arc<PackedB>>>,
 }
 
-/// An operand of a frozen buffer: (element offset, k, n, transposed, kernel).
+/// An operand of a frozen buffer: (byte offset, k, n, transposed, kernel).
 type OperandKey = (usize, usize, usize, bool, Kernel);
 
 impl FrozenOperands {
@@ -60,11 +60,11 @@ impl FrozenOperands {
 
     /// `b` packed for `g` at `precision` when it lies inside a frozen buffer that still lives,
     /// packed now if this is its first use; None for any other operand.
-    pub fn packed_b(&mut self, kernels: Kernels, precision: Precision, g: Gemm, b: &[f32]) -> Option<Arc<PackedB>> {
+    pub fn packed_b(&mut self, kernels: Kernels, precision: Precision, g: Gemm, b: Input) -> Option<Arc<PackedB>> {
         if self.buffers.is_empty() {
             return None;
         }
-        let (from, to) = (b.as_ptr() as usize, b.as_ptr() as usize + std::mem::size_of_val(b));
+        let (from, to) = b.address_range();
         let i = self.buffers.iter().position(|f| f.start <= from && to <= f.end)?;
         // The memory is alive while `b` (borrowed from it) is; a dead entry at this address
         // is an old buffer's, whose operands would be wrong here.
@@ -74,7 +74,7 @@ impl FrozenOperands {
         }
         let frozen = &mut self.buffers[i];
         let kernel = Kernel::of(kernels, precision);
-        let key = ((from - frozen.start) / size_of::<f32>(), g.k, g.n, g.trans_b, kernel);
+        let key = (from - frozen.start, g.k, g.n, g.trans_b, kernel);
         frozen.packed.entry(key).or_insert_with(|| PackedB::new(kernels, precision, g, b).map(Arc::new)).clone()
     }
 

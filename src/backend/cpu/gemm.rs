@@ -29,74 +29,13 @@ use crate::tensor::DType;
 #[cfg(target_arch = "x86_64")]
 use super::amx::Bf16Amx;
 use super::dispatch::{CpuPath, Kernels};
-use super::microkernel::{Bf16, Bf16OnF32, F32Portable, Micro, Packed, TileOut};
+use super::microkernel::{Bf16, Bf16OnF32, F32Portable, Micro, Packed};
 #[cfg(target_arch = "x86_64")]
 use super::microkernel::{Bf16Avx512, F32Avx2, F32Avx512};
+pub use super::operands::{Input, Output, Strided};
 use super::pack::{KC, Source, aligned, pack};
+use super::store::TileOut;
 use crate::backend::{Gemm, Precision};
-
-/// A matrix inside a larger buffer: element (i, j) is at `ptr[i·rs + j·cs]`.
-#[derive(Clone, Copy)]
-pub struct Strided {
-    pub rs: isize,
-    pub cs: isize,
-}
-
-impl Strided {
-    pub const fn rows(rs: usize) -> Self {
-        Strided { rs: rs as isize, cs: 1 }
-    }
-    /// The transpose of a row-major matrix with row stride `rs`.
-    pub const fn transposed(rs: usize) -> Self {
-        Strided { rs: 1, cs: rs as isize }
-    }
-    /// op(B) of `g` (k × n), B row-major as stored.
-    const fn of_b(g: Gemm) -> Self {
-        if g.trans_b { Strided::transposed(g.k) } else { Strided::rows(g.n) }
-    }
-}
-
-/// A GEMM's A as the CPU holds it: f32 values, or bf16 values in 2 bytes.
-#[derive(Clone, Copy, Debug)]
-pub enum Input<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [u16]),
-}
-
-impl Input<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Input::F32(a) => a.len(),
-            Input::Bf16(a) => a.len(),
-        }
-    }
-
-    fn source(&self) -> Source {
-        match self {
-            Input::F32(a) => Source::F32(a.as_ptr()),
-            Input::Bf16(a) => Source::Bf16(a.as_ptr()),
-        }
-    }
-}
-
-/// C as the CPU holds it.
-#[derive(Debug)]
-pub enum Output<'a> {
-    /// f32 values; of type bf16, each value rounded to bf16 once, after its last slice of k
-    /// and its bias, by the micro-kernel's store as it writes the tile (`TileOut::round`).
-    F32(&'a mut [f32], DType),
-    /// bf16 values in 2 bytes (`TileOut::bf16`): half the bytes of the rounded f32s.
-    Bf16(&'a mut [u16]),
-}
-
-impl Output<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Output::F32(c, _) => c.len(),
-            Output::Bf16(c) => c.len(),
-        }
-    }
-}
 
 /// Row-major `c[m, n] = alpha·op(a)·op(b) + beta·c` (the backend's `Gemm`) at `precision`.
 ///
@@ -121,7 +60,7 @@ pub fn gemm_bias(
     bias: Option<&[f32]>,
     c: &mut [f32],
 ) {
-    gemm_packed(kernels, precision, g, Input::F32(a), b, None, bias, Output::F32(c, DType::F32))
+    gemm_packed(kernels, precision, g, Input::F32(a), Input::F32(b), None, bias, Output::F32(c, DType::F32))
 }
 
 /// [`gemm_bias`] with B's slivers taken from `packed` (made by [`PackedB::new`] from this `b`,
@@ -143,7 +82,7 @@ pub fn gemm_packed(
     precision: Precision,
     g: Gemm,
     a: Input,
-    b: &[f32],
+    b: Input,
     packed: Option<&PackedB>,
     bias: Option<&[f32]>,
     c: Output,
@@ -158,12 +97,25 @@ pub fn gemm_packed(
     let (c, round, c_bf16) = match c {
         Output::F32(c, store) => (c.as_mut_ptr(), store == DType::Bf16, false),
         Output::Bf16(c) if k > KC => {
-            let mut wide = crate::tensor::host_pool::dirty(m * n);
-            if beta != 0.0 {
-                wide.iter_mut().zip(&c[..m * n]).for_each(|(w, &v)| *w = f32::from_bits((v as u32) << 16));
+            // With B packed beforehand and A's rows as stored, a block of rows at a time, so
+            // that the f32 copy stays in cache (B is not packed again per block).
+            let block = if packed.is_some() && !trans_a { DEEP_ROWS } else { m.max(1) };
+            let mut wide = crate::tensor::host_pool::dirty(block.min(m) * n);
+            for i0 in (0..m).step_by(block) {
+                let rows = block.min(m - i0);
+                let (part, wide) = (&mut c[i0 * n..(i0 + rows) * n], &mut wide[..rows * n]);
+                if beta != 0.0 {
+                    wide.iter_mut().zip(part.iter()).for_each(|(w, &v)| *w = f32::from_bits((v as u32) << 16));
+                }
+                let a = match (a, rows < m) {
+                    (Input::F32(a), true) => Input::F32(&a[i0 * k..(i0 + rows) * k]),
+                    (Input::Bf16(a), true) => Input::Bf16(&a[i0 * k..(i0 + rows) * k]),
+                    (a, false) => a,
+                };
+                let g = Gemm { m: rows, ..g };
+                gemm_packed(kernels, precision, g, a, b, packed, bias, Output::F32(wide, DType::Bf16));
+                part.iter_mut().zip(wide.iter()).for_each(|(v, &w)| *v = (w.to_bits() >> 16) as u16);
             }
-            gemm_packed(kernels, precision, g, a, b, packed, bias, Output::F32(&mut wide, DType::Bf16));
-            c[..m * n].iter_mut().zip(&wide).for_each(|(v, &w)| *v = (w.to_bits() >> 16) as u16);
             crate::tensor::host_pool::give(wide);
             return;
         }
@@ -171,7 +123,7 @@ pub fn gemm_packed(
     };
     let bias = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
     let pre = packed.map(|pb| Prepacked { base: pb.as_ptr(), cols: pb.cols, j: 0 });
-    let (a, b, sc) = (a.source(), Source::F32(b.as_ptr()), Strided::rows(n));
+    let (a, b, sc) = (a.source(), b.source(), Strided::rows(n));
     let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias, pre, round, c_bf16 };
     // SAFETY: the strides address exactly a[..m·k], b[..k·n], c[..m·n] and bias[..n], checked
     // above; c is a unique borrow, so it aliases none of the others; `packed` holds B's
@@ -179,13 +131,17 @@ pub fn gemm_packed(
     unsafe { solve(kernels, precision, p) }
 }
 
+/// Rows of a bf16 C in 2 bytes made at a time through an f32 copy when k takes several slices
+/// (`gemm_packed`): 256 KiB of f32 at n = 256, kept in L2.
+const DEEP_ROWS: usize = 256;
+
 /// B of a layer's GEMMs as the CPU backend multiplies by it: the path and precision they run
 /// at, and B's slivers when it was packed beforehand (a frozen weight; None: packed per call).
 #[derive(Clone)]
 pub struct Operand<'a> {
     pub kernels: Kernels,
     pub precision: Precision,
-    pub b: &'a [f32],
+    pub b: Input<'a>,
     pub packed: Option<Arc<PackedB>>,
 }
 
@@ -279,7 +235,7 @@ impl PackedB {
     ///
     /// # Panics
     /// If `b` is shorter than its shape.
-    pub fn new(kernels: Kernels, precision: Precision, g: Gemm, b: &[f32]) -> Option<PackedB> {
+    pub fn new(kernels: Kernels, precision: Precision, g: Gemm, b: Input) -> Option<PackedB> {
         assert!(b.len() >= g.k * g.n, "gemm: operand shorter than its shape");
         let kernel = Kernel::of(kernels, precision);
         // SAFETY (each): `Kernels` proves the CPU has the kernel's features; b holds k · n.
@@ -307,7 +263,7 @@ impl PackedB {
 
     /// # Safety
     /// The CPU has K's features; b holds k · n.
-    unsafe fn pack_as<K: Micro>(kernel: Kernel, g: Gemm, b: &[f32]) -> Option<PackedB>
+    unsafe fn pack_as<K: Micro>(kernel: Kernel, g: Gemm, b: Input) -> Option<PackedB>
     where
         K::Packed: Buffers,
     {
@@ -323,7 +279,7 @@ impl PackedB {
             let kc = KC.min(k - pc);
             // SAFETY: the kc × n block at row pc is inside b; the CPU has K's features.
             unsafe {
-                let src = Source::F32(b.as_ptr().offset(pc as isize * sb.rs));
+                let src = b.source().offset(pc as isize * sb.rs);
                 pack::<K>(&mut slivers[pc / KC * cols * KC..], src, sb.cs, sb.rs, n, kc, K::NR, K::B);
             }
         }
@@ -822,7 +778,7 @@ mod tests {
                         run::<K>(problem(&ra, &rb, &mut want, None));
                         run::<Bf16OnF32<K>>(problem(&a, &b, &mut got, None));
                         assert_eq!(got, want, "{name}: {m}×{k}×{n} trans {trans_a} {trans_b}");
-                        let packed = PackedB::pack_as::<Bf16OnF32<K>>(kernel, g, &b).unwrap();
+                        let packed = PackedB::pack_as::<Bf16OnF32<K>>(kernel, g, Input::F32(&b)).unwrap();
                         got.fill(f32::NAN);
                         run::<Bf16OnF32<K>>(problem(&a, &b, &mut got, Some(&packed)));
                         assert_eq!(got, want, "{name} packed beforehand: {m}×{k}×{n} trans {trans_a} {trans_b}");
@@ -862,7 +818,7 @@ mod tests {
                         (v(m * k, &mut rng), v(k * n, &mut rng), v(n, &mut rng), v(m * n, &mut rng));
                     let c0: Vec<f32> = c0.iter().map(|&x| DType::Bf16.round(x)).collect();
                     let g = Gemm { m, n, k, trans_a, trans_b, alpha: 0.75, beta: 0.5 };
-                    let op = Operand { kernels, precision, b: &b, packed: None };
+                    let op = Operand { kernels, precision, b: Input::F32(&b), packed: None };
                     for bias in [None, Some(&bias[..])] {
                         let (mut want, mut got) = (c0.clone(), c0.clone());
                         op.gemm(g, &a, bias, &mut want);
@@ -880,16 +836,18 @@ mod tests {
         }
     }
 
-    /// A and C in 2 bytes give the bits of the f32 form of the same bf16 values (A holding
-    /// rounded f32s, C rounded once): on every path this CPU runs, at each precision, A as
-    /// stored or transposed, B packed per call or beforehand, with and without a bias, beta 0
-    /// or not, one slice of k or several (C's partial sums in f32), k = 0, edge tiles.
+    /// A, B and C in 2 bytes give the bits of the f32 form of the same bf16 values (operands
+    /// holding rounded f32s, C rounded once): on every path this CPU runs, at each precision,
+    /// A as stored or transposed, B f32 or 2 bytes and packed per call or beforehand, with and
+    /// without a bias, beta 0 or not, one slice of k or several (C's partial sums in f32),
+    /// k = 0, edge tiles, subnormal results.
     #[test]
     fn two_byte_bf16_operands_give_the_bits_of_rounded_f32s() {
         use crate::backend::cpu::dispatch::CpuPath;
         let bits = |x: &[f32]| x.iter().map(|v| (v.to_bits() >> 16) as u16).collect::<Vec<u16>>();
         let mut rng = crate::rng::Rng::new(31);
-        let shapes = [(1, 1, 1), (64, 96, 256), (130, 257, 300), (97, 40, 513), (33, 70, 0), (1152, 64, 32)];
+        let shapes =
+            [(1, 1, 1), (64, 96, 256), (130, 257, 300), (97, 40, 513), (600, 33, 520), (33, 70, 0), (1152, 64, 32)];
         for path in [CpuPath::Portable, CpuPath::Avx2, CpuPath::Avx512, CpuPath::Amx] {
             let kernels = match path.kernels() {
                 Ok(kernels) => kernels,
@@ -913,18 +871,29 @@ mod tests {
                         };
                         let (a, b, bias, c0) = (v(m * k), v(k * n), v(n), v(m * n));
                         let g = Gemm { m, n, k, trans_a, trans_b, alpha, beta };
-                        let packed = PackedB::new(kernels, precision, g, &b).map(Arc::new);
-                        for (bias, packed) in [(None, None), (Some(&bias[..]), packed)] {
-                            let op = Operand { kernels, precision, b: &b, packed };
+                        let b16 = bits(&b);
+                        let packed = PackedB::new(kernels, precision, g, Input::F32(&b)).map(Arc::new);
+                        let packed16 = PackedB::new(kernels, precision, g, Input::Bf16(&b16)).map(Arc::new);
+                        let (b32, b16) = (Input::F32(&b), Input::Bf16(&b16));
+                        let runs = [
+                            (None, b32, None),
+                            (Some(&bias[..]), b32, packed),
+                            (None, b16, None),
+                            (Some(&bias[..]), b16, packed16),
+                        ];
+                        for (bias, b, packed) in runs {
+                            let op = Operand { kernels, precision, b, packed };
                             let mut want = c0.clone();
-                            op.gemm_typed(g, Input::F32(&a), bias, Output::F32(&mut want, DType::Bf16));
+                            let f32_op = Operand { b: b32, packed: None, ..op.clone() };
+                            f32_op.gemm_typed(g, Input::F32(&a), bias, Output::F32(&mut want, DType::Bf16));
                             let (a16, mut got) = (bits(&a), bits(&c0));
                             op.gemm_typed(g, Input::Bf16(&a16), bias, Output::Bf16(&mut got));
                             let what = format!(
-                                "{} {} {m}×{k}×{n} trans {trans_a} {trans_b} alpha {alpha} beta {beta} bias {}",
+                                "{} {} {m}×{k}×{n} trans {trans_a} {trans_b} alpha {alpha} beta {beta} bias {} B {:?}",
                                 path.name(),
                                 precision.name(),
-                                bias.is_some()
+                                bias.is_some(),
+                                matches!(b, Input::Bf16(_)).then_some("2 bytes"),
                             );
                             assert_eq!(got, bits(&want), "A and C in 2 bytes, {what}");
                             let mut got = c0.clone();

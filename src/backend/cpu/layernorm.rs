@@ -125,6 +125,38 @@ pub fn residual_in_place(a: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], 
     }
 }
 
+/// [`residual_in_place`] on bf16 tensors in 2 bytes: each row widened into a buffer on the
+/// stack (d ≤ 1024; a wider row through a heap buffer), joined and normalised as there, and
+/// narrowed back into a. The same bits as `residual_in_place` on the widened values at bf16.
+pub fn residual_in_place_bf16(a: &mut [u16], x: &[u16], gamma: &[f32], beta: &[f32], eps: f32) {
+    let d = gamma.len();
+    let row = |(a, x): (&mut [u16], &[u16])| {
+        let mut stack = [0f32; 1024];
+        let mut heap = Vec::new();
+        let wide = if d <= stack.len() {
+            &mut stack[..d]
+        } else {
+            heap.resize(d, 0.0);
+            &mut heap[..]
+        };
+        simd::vectorised!({
+            for ((w, &a), &x) in wide.iter_mut().zip(a.iter()).zip(x) {
+                *w = f32::from_bits((a as u32) << 16) + f32::from_bits((x as u32) << 16);
+            }
+            DType::Bf16.round_all(wide);
+            normalize_row_in_place(wide, gamma, beta, eps);
+            for (a, &w) in a.iter_mut().zip(wide.iter()) {
+                *a = crate::tensor::bf16_bits(w);
+            }
+        })
+    };
+    if a.len() / d >= PAR_ROWS {
+        a.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(row);
+    } else {
+        a.chunks_mut(d).zip(x.chunks(d)).for_each(row);
+    }
+}
+
 /// Backward of [`residual_forward`] from its saved sum s: (dx, da), LayerNorm's gradient and
 /// that gradient through the dropout mask, in one visit of each row; dgamma and dbeta
 /// accumulated as in [`backward`].

@@ -14,12 +14,15 @@ pub mod inputs;
 pub mod layernorm;
 pub mod losses;
 pub mod microkernel;
+pub mod operands;
 pub mod optim;
 pub mod pack;
 pub mod positions;
 pub mod profile;
 pub mod simd;
+pub mod store;
 pub mod topk;
+pub mod typed;
 
 use super::{
     AdamW, AdamWConstants, Backend, DecayMask, Gemm, GruRunBwd, GruRunFwd, GruStep, GuardParams, Half, Precision,
@@ -31,6 +34,7 @@ use super::{
 };
 use crate::tensor::{DType, Ids, Tensor, View, ViewMut, host_pool};
 use crate::{Error, Result};
+use typed::{in_f32, input, output, retyped, stored, tensor_in_f32, wide};
 
 /// The op timer's name of a GEMM, by the role its transposes give it in the model: a layer's
 /// input gradient dY·W (`gemm dY·W`), its weight gradient dYᵀ·X (`gemm dYᵀ·X`), the forward
@@ -84,7 +88,7 @@ impl Cpu {
 
     /// B of a layer GEMM `g` as it is multiplied: at the layers' precision, whatever the rows
     /// (`Precision`), with its packed slivers kept when b is a frozen weight.
-    fn operand<'a>(&mut self, g: Gemm, b: &'a [f32]) -> Result<gemm::Operand<'a>> {
+    fn operand<'a>(&mut self, g: Gemm, b: gemm::Input<'a>) -> Result<gemm::Operand<'a>> {
         let (kernels, precision) = (dispatch::active()?, self.precision);
         let packed = self.frozen.packed_b(kernels, precision, g, b);
         Ok(gemm::Operand { kernels, precision, b, packed })
@@ -94,7 +98,7 @@ impl Cpu {
     /// per step): packed once for the call when it is not frozen, instead of once per product
     /// (48 packings of W_hh per direction and step of a training batch). The same slivers, so
     /// the same bits.
-    fn operand_for_run<'a>(&mut self, g: Gemm, b: &'a [f32]) -> Result<gemm::Operand<'a>> {
+    fn operand_for_run<'a>(&mut self, g: Gemm, b: gemm::Input<'a>) -> Result<gemm::Operand<'a>> {
         let mut operand = self.operand(g, b)?;
         if operand.packed.is_none() {
             operand.packed = gemm::PackedB::new(operand.kernels, operand.precision, g, b).map(std::sync::Arc::new);
@@ -112,7 +116,7 @@ fn check_ids(op: &'static str, ids: &[u32], bound: usize) -> Result<()> {
 
 fn dropout(x: &mut Tensor, p: f32, seed: u64) -> Result<()> {
     dropout_rule(p, seed)?;
-    elementwise::dropout(x.cpu_mut(), p, seed);
+    tensor_in_f32(x, |x| elementwise::dropout(x, p, seed));
     Ok(())
 }
 
@@ -193,7 +197,10 @@ impl Backend for Cpu {
     }
 
     fn alloc_as(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        Ok(self.alloc(shape)?.with_dtype(dtype))
+        let _timer = profile::time("alloc");
+        let n: usize = shape.iter().product();
+        let words = if dtype == DType::Bf16 { n.div_ceil(2) } else { n };
+        Ok(Tensor::from_cpu_words(host_pool::dirty(words), shape, dtype))
     }
 
     fn convert(&mut self, x: View, dtype: DType) -> Result<Tensor> {
@@ -205,35 +212,33 @@ impl Backend for Cpu {
             }
         }
         let mut y = self.alloc_as(&[x.len()], dtype)?;
-        let out = y.cpu_mut();
-        out.copy_from_slice(x.cpu());
-        elementwise::store_as(dtype, out);
+        match (x, y.view_mut()) {
+            (View::CpuBf16(x), ViewMut::CpuBf16(y)) => y.copy_from_slice(x),
+            (View::CpuBf16(x), y) => elementwise::widen(x, y.cpu()),
+            (x, ViewMut::CpuBf16(y)) => elementwise::narrow(x.cpu(), y),
+            (x, y) => y.cpu().copy_from_slice(x.cpu()),
+        }
         Ok(y)
     }
 
-    /// In place: to bf16 each value rounded, to f32 a relabel (a bf16 value is an f32 one).
-    /// A frozen tensor (memory no one writes again) is copied.
-    fn convert_owned(&mut self, mut x: Tensor, dtype: DType) -> Result<Tensor> {
-        if x.dtype() == dtype {
-            return Ok(x);
-        }
-        if x.frozen().is_some() {
-            return self.convert(x.view(), dtype).map(|y| y.reshape(x.shape()));
-        }
+    /// To bf16 each value rounded into 2 bytes, to f32 widened (exactly), each in a buffer of
+    /// its own; x itself when it has the type already.
+    fn convert_owned(&mut self, x: Tensor, dtype: DType) -> Result<Tensor> {
         let _timer = profile::time("convert");
-        elementwise::store_as(dtype, x.cpu_mut());
-        Ok(x.with_dtype(dtype))
+        Ok(retyped(x, dtype))
     }
 
     fn download(&mut self, x: View) -> Result<Vec<f32>> {
         let _timer = profile::time("download");
-        Ok(x.cpu().to_vec())
+        Ok(wide(x).to_vec())
     }
 
     fn fill(&mut self, x: ViewMut, value: f32) -> Result<()> {
         let _timer = profile::time("fill");
-        let value = x.dtype().round(value);
-        x.cpu().fill(value);
+        match x {
+            ViewMut::CpuBf16(bits) => bits.fill(crate::tensor::bf16_bits(value)),
+            x => x.cpu().fill(value),
+        }
         Ok(())
     }
 
@@ -241,7 +246,10 @@ impl Backend for Cpu {
         let _timer = profile::time("copy");
         expect_len("copy", "destination", dst.len(), src.len())?;
         expect_dtype("copy", "the destination", dst.dtype(), src.dtype())?;
-        dst.cpu().copy_from_slice(src.cpu());
+        match (src, dst) {
+            (View::CpuBf16(src), ViewMut::CpuBf16(dst)) => dst.copy_from_slice(src),
+            (src, dst) => dst.cpu().copy_from_slice(src.cpu()),
+        }
         Ok(())
     }
 
@@ -249,16 +257,15 @@ impl Backend for Cpu {
         let _timer = profile::time_gemm(gemm_name(g), (g.m, g.k, g.n));
         check_gemm(&g, a.len(), b.len(), c.len())?;
         check_gemm_types("gemm", a.dtype(), b.dtype())?;
-        let stored = c.dtype();
-        self.operand(g, b.cpu())?.gemm_stored(g, a.cpu(), None, c.cpu(), stored);
+        self.operand(g, input(b))?.gemm_typed(g, input(a), None, output(c));
         Ok(())
     }
 
     fn gemm_bias(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
         let _timer = profile::time_gemm("gemm x·Wᵀ+b", (g.m, g.k, g.n));
         check_gemm_bias(&g, &a, &b, &bias, c)?;
-        let stored = c.dtype();
-        self.operand(g, b.cpu())?.gemm_stored(g, a.cpu(), Some(bias.cpu()), c.cpu_mut(), stored);
+        let bias = wide(bias);
+        self.operand(g, input(b))?.gemm_typed(g, input(a), Some(&bias), output(c.view_mut()));
         Ok(())
     }
 
@@ -268,8 +275,10 @@ impl Backend for Cpu {
     fn gemm_bias_gelu(&mut self, g: Gemm, a: View, b: View, bias: View, c: &mut Tensor) -> Result<()> {
         self.gemm_bias(g, a, b, bias, c)?;
         let _timer = profile::time("gelu_in_place");
-        let stored = c.dtype();
-        elementwise::gelu_in_place(c.cpu_mut(), stored);
+        match c.view_mut() {
+            ViewMut::CpuBf16(bits) => elementwise::gelu_bf16_in_place(bits),
+            c => elementwise::gelu_in_place(c.cpu(), DType::F32),
+        }
         Ok(())
     }
 
@@ -277,7 +286,11 @@ impl Backend for Cpu {
         let _timer = profile::time("add_bias");
         expect_cols("add_bias", y)?;
         expect_len("add_bias", "bias", bias.len(), y.cols())?;
-        elementwise::add_bias(y.cpu_mut(), bias.cpu());
+        let (bias, stored) = (wide(bias), y.dtype());
+        tensor_in_f32(y, |y| {
+            elementwise::add_bias(y, &bias);
+            elementwise::store_as(stored, y);
+        });
         Ok(())
     }
 
@@ -286,38 +299,42 @@ impl Backend for Cpu {
         expect_cols("bias_bwd", dy)?;
         expect_len("bias_bwd", "dbias", dbias.len(), dy.cols())?;
         f32s("bias_bwd", [("dbias", dbias.dtype())])?;
-        elementwise::bias_bwd(dy.cpu(), dbias.cpu());
+        elementwise::bias_bwd(&wide(dy.view()), dbias.cpu());
         Ok(())
     }
 
     fn add_assign(&mut self, y: &mut Tensor, x: &Tensor) -> Result<()> {
         let _timer = profile::time("add_assign");
         same_shape("add_assign", y, x)?;
-        elementwise::add_assign(y.cpu_mut(), x.cpu());
+        let (x, stored) = (wide(x.view()), y.dtype());
+        tensor_in_f32(y, |y| {
+            elementwise::add_assign(y, &x);
+            elementwise::store_as(stored, y);
+        });
         Ok(())
     }
 
     fn scale(&mut self, x: ViewMut, s: f32) -> Result<()> {
         let _timer = profile::time("scale");
         let stored = x.dtype();
-        x.cpu().iter_mut().for_each(|v| *v = stored.round(*v * s));
+        in_f32(x, |x| x.iter_mut().for_each(|v| *v = stored.round(*v * s)));
         Ok(())
     }
 
     fn sum_squares(&mut self, x: View) -> Result<f64> {
         let _timer = profile::time("sum_squares");
-        Ok(optim::sum_squares(x.cpu()))
+        Ok(optim::sum_squares(&wide(x)))
     }
 
     fn gelu_fwd(&mut self, x: &Tensor) -> Result<Tensor> {
         let _timer = profile::time("gelu_fwd");
-        Ok(Tensor::from_cpu(elementwise::gelu_fwd(x.cpu()), x.shape()))
+        Ok(Tensor::from_cpu(elementwise::gelu_fwd(&wide(x.view())), x.shape()))
     }
 
     fn gelu_bwd(&mut self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         let _timer = profile::time("gelu_bwd");
         same_shape("gelu_bwd", x, dy)?;
-        Ok(Tensor::from_cpu(elementwise::gelu_bwd(x.cpu(), dy.cpu()), x.shape()))
+        Ok(Tensor::from_cpu(elementwise::gelu_bwd(&wide(x.view()), &wide(dy.view())), x.shape()))
     }
 
     fn bias_gelu_dropout_fwd(&mut self, u: &mut Tensor, bias: Option<View>, p: f32, seed: u64) -> Result<Tensor> {
@@ -330,8 +347,9 @@ impl Backend for Cpu {
         }
         let cols = u.cols().max(1);
         let (shape, store) = (u.shape().to_vec(), u.dtype());
-        let h = elementwise::bias_gelu_dropout(u.cpu_mut(), bias.map(|b| b.cpu()), cols, rule, store);
-        Ok(Tensor::from_cpu(h, &shape).with_dtype(store))
+        let bias = bias.map(wide);
+        let h = tensor_in_f32(u, |u| elementwise::bias_gelu_dropout(u, bias.as_deref(), cols, rule, store));
+        Ok(stored(h, &shape, store))
     }
 
     fn gelu_dropout_bwd(&mut self, u: &Tensor, mut dh: Tensor, p: f32, seed: u64) -> Result<Tensor> {
@@ -339,16 +357,17 @@ impl Backend for Cpu {
         same_shape("gelu_dropout_bwd", u, &dh)?;
         same_dtype("gelu_dropout_bwd", "dh", u, &dh)?;
         let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
-        elementwise::dropout_gelu_bwd(u.cpu(), dh.cpu_mut(), rule, u.dtype());
+        let (store, u) = (u.dtype(), wide(u.view()));
+        tensor_in_f32(&mut dh, |dh| elementwise::dropout_gelu_bwd(&u, dh, rule, store));
         Ok(dh)
     }
 
     fn write(&mut self, dst: ViewMut, data: &[f32]) -> Result<()> {
         expect_len("write", "data", data.len(), dst.len())?;
-        let stored = dst.dtype();
-        let dst = dst.cpu();
-        dst.copy_from_slice(data);
-        elementwise::store_as(stored, dst);
+        match dst {
+            ViewMut::CpuBf16(bits) => crate::tensor::narrow(data, bits),
+            dst => dst.cpu().copy_from_slice(data),
+        }
         Ok(())
     }
 
@@ -388,7 +407,7 @@ impl Backend for Cpu {
             return Err(Error::shape("gather_rows", format!("table of {} values with {cols} columns", table.len())));
         }
         check_ids("gather_rows", ids.cpu(), table.len() / cols)?;
-        Ok(Tensor::from_cpu(elementwise::gather_rows(table.cpu(), cols, ids.cpu()), &[ids.len(), cols]))
+        Ok(Tensor::from_cpu(elementwise::gather_rows(&wide(table), cols, ids.cpu()), &[ids.len(), cols]))
     }
 
     fn scatter_add_rows(&mut self, dy: &Tensor, ids: &Ids, dtable: ViewMut) -> Result<()> {
@@ -397,7 +416,7 @@ impl Backend for Cpu {
         let cols = dy.cols();
         expect_len("scatter_add_rows", "dy", dy.rows(), ids.len())?;
         check_ids("scatter_add_rows", ids.cpu(), dtable.len() / cols.max(1))?;
-        elementwise::scatter_add_rows(dy.cpu(), cols, ids.cpu(), dtable.cpu());
+        elementwise::scatter_add_rows(&wide(dy.view()), cols, ids.cpu(), dtable.cpu());
         Ok(())
     }
 
@@ -421,7 +440,7 @@ impl Backend for Cpu {
         let _timer = profile::time("segment_mean_fwd");
         rows_of("segment_mean_fwd", x, seg)?;
         expect_cols("segment_mean_fwd", x)?;
-        let y = elementwise::segment_mean_fwd(x.cpu(), x.cols(), &seg.offsets);
+        let y = elementwise::segment_mean_fwd(&wide(x.view()), x.cols(), &seg.offsets);
         Ok(Tensor::from_cpu(y, &[seg.items(), x.cols()]))
     }
 
@@ -463,15 +482,15 @@ impl Backend for Cpu {
         let _timer = profile::time("segment_mean_bwd");
         expect_len("segment_mean_bwd", "dy rows", dy.rows(), seg.items())?;
         expect_cols("segment_mean_bwd", dy)?;
-        let dx = elementwise::segment_mean_bwd(dy.cpu(), dy.cols(), &seg.offsets);
+        let dx = elementwise::segment_mean_bwd(&wide(dy.view()), dy.cols(), &seg.offsets);
         Ok(Tensor::from_cpu(dx, &[seg.tokens(), dy.cols()]))
     }
 
     fn layernorm_fwd(&mut self, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<(Tensor, Tensor)> {
         let _timer = profile::time("layernorm_fwd");
         check_layernorm_fwd("layernorm_fwd", x, &gamma, &beta)?;
-        let (y, stats) = layernorm::forward(x.cpu(), gamma.cpu(), beta.cpu(), eps, x.dtype());
-        Ok((Tensor::from_cpu(y, x.shape()).with_dtype(x.dtype()), Tensor::from_cpu(stats, &[x.rows(), 2])))
+        let (y, stats) = layernorm::forward(&wide(x.view()), &wide(gamma), &wide(beta), eps, x.dtype());
+        Ok((stored(y, x.shape(), x.dtype()), Tensor::from_cpu(stats, &[x.rows(), 2])))
     }
 
     fn layernorm_bwd(
@@ -485,9 +504,10 @@ impl Backend for Cpu {
     ) -> Result<Tensor> {
         let _timer = profile::time("layernorm_bwd");
         check_layernorm_bwd(x, stats, &gamma, dy, &dgamma, &dbeta)?;
-        let store = x.dtype();
-        let dx = layernorm::backward(x.cpu(), stats.cpu(), gamma.cpu(), dy.cpu(), dgamma.cpu(), dbeta.cpu(), store);
-        Ok(Tensor::from_cpu(dx, x.shape()).with_dtype(store))
+        let (store, shape) = (x.dtype(), x.shape().to_vec());
+        let (x, gamma, dy) = (wide(x.view()), wide(gamma), wide(dy.view()));
+        let dx = layernorm::backward(&x, stats.cpu(), &gamma, &dy, dgamma.cpu(), dbeta.cpu(), store);
+        Ok(stored(dx, &shape, store))
     }
 
     fn residual_layernorm_fwd(
@@ -504,15 +524,19 @@ impl Backend for Cpu {
         check_residual_layernorm_fwd("residual_layernorm_fwd", a, x, &gamma, &beta)?;
         let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
         let (shape, rows, store) = (a.shape().to_vec(), a.rows(), a.dtype());
-        let (y, stats) = layernorm::residual_forward(a.cpu_mut(), x.cpu(), gamma.cpu(), beta.cpu(), eps, rule, store);
-        Ok((Tensor::from_cpu(y, &shape).with_dtype(store), Tensor::from_cpu(stats, &[rows, 2])))
+        let (x, gamma, beta) = (wide(x.view()), wide(gamma), wide(beta));
+        let (y, stats) = tensor_in_f32(a, |a| layernorm::residual_forward(a, &x, &gamma, &beta, eps, rule, store));
+        Ok((stored(y, &shape, store), Tensor::from_cpu(stats, &[rows, 2])))
     }
 
     fn residual_layernorm(&mut self, mut a: Tensor, x: &Tensor, gamma: View, beta: View, eps: f32) -> Result<Tensor> {
         let _timer = profile::time("residual_layernorm");
         check_residual_layernorm_fwd("residual_layernorm", &a, x, &gamma, &beta)?;
-        let store = a.dtype();
-        layernorm::residual_in_place(a.cpu_mut(), x.cpu(), gamma.cpu(), beta.cpu(), eps, store);
+        let (gamma, beta) = (wide(gamma), wide(beta));
+        match (a.view_mut(), x.view()) {
+            (ViewMut::CpuBf16(a), View::CpuBf16(x)) => layernorm::residual_in_place_bf16(a, x, &gamma, &beta, eps),
+            (a, x) => layernorm::residual_in_place(a.cpu(), x.cpu(), &gamma, &beta, eps, DType::F32),
+        }
         Ok(a)
     }
 
@@ -531,21 +555,14 @@ impl Backend for Cpu {
         let _timer = profile::time("residual_layernorm_bwd");
         check_residual_layernorm_bwd(s, stats, &gamma, dy, &dgamma, &dbeta, dbias.as_ref())?;
         let rule = dropout_rule(p, seed ^ self.dropout_salt)?;
-        let store = s.dtype();
-        let (dx, da) = layernorm::residual_backward(
-            s.cpu(),
-            stats.cpu(),
-            gamma.cpu(),
-            dy.cpu(),
-            dgamma.cpu(),
-            dbeta.cpu(),
-            rule,
-            store,
-        );
+        let (store, shape) = (s.dtype(), s.shape().to_vec());
+        let (s, gamma, dy) = (wide(s.view()), wide(gamma), wide(dy.view()));
+        let (dx, da) =
+            layernorm::residual_backward(&s, stats.cpu(), &gamma, &dy, dgamma.cpu(), dbeta.cpu(), rule, store);
         if let Some(b) = dbias {
             elementwise::bias_bwd(&da, b.cpu());
         }
-        Ok((Tensor::from_cpu(dx, s.shape()).with_dtype(store), Tensor::from_cpu(da, s.shape()).with_dtype(store)))
+        Ok((stored(dx, &shape, store), stored(da, &shape, store)))
     }
 
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)> {
@@ -554,11 +571,11 @@ impl Backend for Cpu {
         dispatch::active()?;
         // The probabilities come back as stored already: P V multiplied them so.
         let store = qkv.dtype();
-        let (mut out, probs) = attention::forward(qkv.cpu(), &seg.offsets, heads, store);
+        let (mut out, probs) = attention::forward(qkv.view(), &seg.offsets, heads, store);
         let n = probs.len();
         elementwise::store_as(store, &mut out);
-        let out = Tensor::from_cpu(out, &[seg.tokens(), qkv.cols() / 3]).with_dtype(store);
-        Ok((out, Tensor::from_cpu(probs, &[n]).with_dtype(store)))
+        let out = stored(out, &[seg.tokens(), qkv.cols() / 3], store);
+        Ok((out, stored(probs, &[n], store)))
     }
 
     fn attention_bwd(
@@ -573,12 +590,13 @@ impl Backend for Cpu {
         let _timer = profile::time("attention_bwd");
         check_attention_bwd(qkv, probs, seg, heads, dout, dbias.as_ref())?;
         dispatch::active()?;
-        let mut dqkv = attention::backward(qkv.cpu(), probs.cpu(), &seg.offsets, heads, dout.cpu(), qkv.dtype());
+        let (q, p, d) = (wide(qkv.view()), wide(probs.view()), wide(dout.view()));
+        let mut dqkv = attention::backward(&q, &p, &seg.offsets, heads, &d, qkv.dtype());
         elementwise::store_as(qkv.dtype(), &mut dqkv);
         if let Some(db) = dbias {
             elementwise::bias_bwd(&dqkv, db.cpu());
         }
-        Ok(Tensor::from_cpu(dqkv, qkv.shape()).with_dtype(qkv.dtype()))
+        Ok(stored(dqkv, qkv.shape(), qkv.dtype()))
     }
 
     /// Both directions at once, one per thread of the pool (each step's 32-row GEMM is
@@ -593,7 +611,7 @@ impl Backend for Cpu {
         check_gru_fwd(seg, hidden, &runs, out)?;
         let mut hproj = [self.alloc(&[items, 3 * hidden])?, self.alloc(&[items, 3 * hidden])?];
         let [r0, r1] = runs;
-        let (w0, w1) = (self.operand_for_run(g, r0.w_hh.cpu())?, self.operand_for_run(g, r1.w_hh.cpu())?);
+        let (w0, w1) = (self.operand_for_run(g, input(r0.w_hh))?, self.operand_for_run(g, input(r1.w_hh))?);
         let oc = out.cols();
         let (mut forward, mut reverse) = gru::halves(out.cpu_mut(), oc, hidden);
         let [h0, h1] = &mut hproj;
@@ -619,7 +637,7 @@ impl Backend for Cpu {
         let g = Gemm { m: items, n: hidden, k: 3 * hidden, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
         check_gru_bwd(seg, hidden, &runs, dout)?;
         let [r0, r1] = runs;
-        let (w0, w1) = (self.operand_for_run(g, r0.w_hh.cpu())?, self.operand_for_run(g, r1.w_hh.cpu())?);
+        let (w0, w1) = (self.operand_for_run(g, input(r0.w_hh))?, self.operand_for_run(g, input(r1.w_hh))?);
         let (oc, offsets, dout) = (dout.cols(), &seg.offsets, dout.cpu());
         let run = |w: &gemm::Operand<'_>, r: GruRunBwd<'_>| {
             let (gates, hs) = (r.gates.cpu(), r.hs.cpu());
