@@ -71,8 +71,8 @@ pub fn gemm_bias(
 /// training step's GEMM time, and one per block of c 15–20 % of an AMX product (session 31).
 ///
 /// A 2-byte bf16 c gets the same bits as a rounded f32 one. With more than one slice of k its
-/// partial sums cannot wait in it (each would be rounded): the product is made in an f32 copy
-/// of c and narrowed once.
+/// partial sums cannot wait in it (each would be rounded): they wait in an f32 copy of a
+/// block of its rows, narrowed once (`deep_bf16`).
 ///
 /// # Panics
 /// If a slice is shorter than its shape, or `packed` was made for another shape or kernel.
@@ -96,29 +96,6 @@ pub fn gemm_packed(
     let sb = Strided::of_b(g);
     let (c, round, c_bf16) = match c {
         Output::F32(c, store) => (c.as_mut_ptr(), store == DType::Bf16, false),
-        Output::Bf16(c) if k > KC => {
-            // With B packed beforehand and A's rows as stored, a block of rows at a time, so
-            // that the f32 copy stays in cache (B is not packed again per block).
-            let block = if packed.is_some() && !trans_a { DEEP_ROWS } else { m.max(1) };
-            let mut wide = crate::tensor::host_pool::dirty(block.min(m) * n);
-            for i0 in (0..m).step_by(block) {
-                let rows = block.min(m - i0);
-                let (part, wide) = (&mut c[i0 * n..(i0 + rows) * n], &mut wide[..rows * n]);
-                if beta != 0.0 {
-                    wide.iter_mut().zip(part.iter()).for_each(|(w, &v)| *w = f32::from_bits((v as u32) << 16));
-                }
-                let a = match (a, rows < m) {
-                    (Input::F32(a), true) => Input::F32(&a[i0 * k..(i0 + rows) * k]),
-                    (Input::Bf16(a), true) => Input::Bf16(&a[i0 * k..(i0 + rows) * k]),
-                    (a, false) => a,
-                };
-                let g = Gemm { m: rows, ..g };
-                gemm_packed(kernels, precision, g, a, b, packed, bias, Output::F32(wide, DType::Bf16));
-                part.iter_mut().zip(wide.iter()).for_each(|(v, &w)| *v = (w.to_bits() >> 16) as u16);
-            }
-            crate::tensor::host_pool::give(wide);
-            return;
-        }
         Output::Bf16(c) => (c.as_mut_ptr() as *mut f32, true, true),
     };
     let bias = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
@@ -127,12 +104,12 @@ pub fn gemm_packed(
     let p = Problem { m, k, n, alpha, a, sa, b, sb, beta, c, sc, bias, pre, round, c_bf16 };
     // SAFETY: the strides address exactly a[..m·k], b[..k·n], c[..m·n] and bias[..n], checked
     // above; c is a unique borrow, so it aliases none of the others; `packed` holds B's
-    // slivers for `kernel`, the one `solve` runs (checked above); a bf16 c has k ≤ KC.
+    // slivers for `kernel`, the one `solve` runs (checked above).
     unsafe { solve(kernels, precision, p) }
 }
 
 /// Rows of a bf16 C in 2 bytes made at a time through an f32 copy when k takes several slices
-/// (`gemm_packed`): 256 KiB of f32 at n = 256, kept in L2.
+/// (`deep_bf16`): 256 KiB of f32 at n = 256, kept in L2.
 const DEEP_ROWS: usize = 256;
 
 /// B of a layer's GEMMs as the CPU backend multiplies by it: the path and precision they run
@@ -400,7 +377,7 @@ struct Problem {
     pre: Option<Prepacked>,
     /// C is stored as bf16: each value rounded once, after the last slice of k (and the bias).
     round: bool,
-    /// C holds bf16 values in 2 bytes (`TileOut::bf16`; then one slice of k: `gemm_packed`).
+    /// C holds bf16 values in 2 bytes (`TileOut::bf16`; several slices of k: `deep_bf16`).
     c_bf16: bool,
 }
 
@@ -477,6 +454,16 @@ where
     let threads = rayon::current_num_threads();
     // Below ~1 M multiply-adds waking a second thread costs more than it saves.
     let parallel = m * n * k >= (1 << 20) && threads > 1;
+    if p.c_bf16 && k > KC {
+        // C's partial sums cannot wait in 2 bytes (each slice's would be rounded): each
+        // thread takes its rows and makes them through an f32 copy, DEEP_ROWS at a time with
+        // B packed beforehand (the copy stays in L2), all at once otherwise (B is packed per
+        // block). The same products in the same order: the same bits.
+        let parts = if parallel { threads.min(m.div_ceil(K::MR)) } else { 1 };
+        // SAFETY: rows i0.. of the problem are inside it; the parts write disjoint rows of C.
+        for_parts(m, parts, K::MR, |i0, rows| unsafe { deep_bf16::<K>(p.block(i0, rows, 0, k, 0, n)) });
+        return;
+    }
     // Row blocks share one packed B panel (packed by all threads together); only A is packed
     // per thread. With too few rows for that, column blocks, each thread packing its own part
     // of B; but the GRU's 32-row recurrent GEMMs stay on one thread (latency-bound: waking a
@@ -500,6 +487,49 @@ where
     // SAFETY: columns j0..j0 + cols of B and C are inside them; the blocks of C are disjoint,
     // so each thread writes its own elements only.
     for_parts(n, col_parts, K::NR, |j0, cols| unsafe { blocked::<K>(1, p.block(0, m, 0, k, j0, cols)) });
+}
+
+/// A bf16 C in 2 bytes with several slices of k, on this thread (`run`).
+///
+/// # Safety
+/// As for [`run`]'s problem, whose C holds bf16 (`c_bf16`).
+unsafe fn deep_bf16<K: Micro>(p: Problem)
+where
+    K::Packed: Buffers,
+{
+    let Problem { m, n, .. } = p;
+    let block = if p.pre.is_some() { DEEP_ROWS.min(m) } else { m };
+    let mut wide = crate::tensor::host_pool::dirty(block * n);
+    for i0 in (0..m).step_by(block) {
+        let rows = block.min(m - i0);
+        // SAFETY: rows i0.. (rows of them) are inside the problem.
+        let part = unsafe { p.block(i0, rows, 0, p.k, 0, n) };
+        let c = part.c as *mut u16;
+        // SAFETY (each use): (i, j) is inside the part's rows × n block of C.
+        let at = |i: usize, j: usize| unsafe { c.offset(i as isize * p.sc.rs + j as isize * p.sc.cs) };
+        if p.beta != 0.0 {
+            for i in 0..rows {
+                for j in 0..n {
+                    // SAFETY: as `at`'s.
+                    wide[i * n + j] = f32::from_bits((unsafe { *at(i, j) } as u32) << 16);
+                }
+            }
+        }
+        let sc = Strided::rows(n);
+        // SAFETY: `wide` holds the part's rows × n, as C with row stride n.
+        unsafe { blocked::<K>(1, Problem { c: wide.as_mut_ptr(), sc, round: true, c_bf16: false, ..part }) };
+        for (i, row) in wide.chunks_exact(n).take(rows).enumerate() {
+            if p.sc.cs == 1 {
+                // SAFETY: row i's n elements of C are contiguous.
+                let out = unsafe { std::slice::from_raw_parts_mut(at(i, 0), n) };
+                super::simd::vectorised!(out.iter_mut().zip(row).for_each(|(v, &w)| *v = (w.to_bits() >> 16) as u16));
+            } else {
+                // SAFETY: as `at`'s.
+                row.iter().enumerate().for_each(|(j, &w)| unsafe { *at(i, j) = (w.to_bits() >> 16) as u16 });
+            }
+        }
+    }
+    crate::tensor::host_pool::give(wide);
 }
 
 /// `f(start, len)` on each of `parts` consecutive pieces of `0..total`, each piece but the
