@@ -571,9 +571,9 @@ impl Backend for Cpu {
         dispatch::active()?;
         // The probabilities come back as stored already: P V multiplied them so.
         let store = qkv.dtype();
-        let (mut out, probs) = attention::forward(qkv.view(), &seg.offsets, heads, store);
+        let (out, probs) = attention::forward(qkv.view(), &seg.offsets, heads, store);
         let n = probs.len();
-        elementwise::store_as(store, &mut out);
+        // A bf16 context is rounded as it is narrowed.
         let out = stored(out, &[seg.tokens(), qkv.cols() / 3], store);
         Ok((out, stored(probs, &[n], store)))
     }
