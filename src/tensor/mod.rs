@@ -109,7 +109,13 @@ impl Tensor {
     /// A CPU tensor of `dtype` holding `data` as that type stores it (bf16: each value
     /// rounded, [`DType::round`], and kept in 2 bytes).
     pub fn from_cpu_as(data: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::from_cpu(data, shape).with_dtype(dtype)
+        let t = Tensor::from_cpu(data, shape);
+        if dtype == DType::F32 {
+            return t;
+        }
+        let mut bits = Tensor::from_cpu_words(host_pool::dirty(t.len().div_ceil(2)), shape, dtype);
+        narrow(t.cpu(), bits.cpu_bf16_mut());
+        bits
     }
 
     /// A CPU tensor of `dtype` over `words`, its buffer as `Storage` lays it out (bf16: two
@@ -131,36 +137,6 @@ impl Tensor {
             _ => DType::F32,
         };
         Tensor { storage, shape: shape.to_vec(), dtype }
-    }
-
-    /// An f32 CPU tensor's values as `dtype` stores them: to bf16 each value rounded and
-    /// narrowed to 2 bytes in its own buffer, a bf16 tensor's values widened (in a new one).
-    pub(crate) fn with_dtype(mut self, dtype: DType) -> Tensor {
-        let Storage::Cpu(v) = &mut self.storage else { panic!("only a CPU tensor is retyped") };
-        match (self.dtype, dtype) {
-            (DType::F32, DType::Bf16) => {
-                let n = v.len();
-                let base = v.as_mut_ptr();
-                for i in 0..n {
-                    // SAFETY: value i is read (bytes 4i..) before bits i are written (bytes
-                    // 2i.., at or before them), and each value is read once, in order.
-                    unsafe {
-                        let x = base.add(i).read();
-                        (base as *mut u16).add(i).write(bf16_bits(x));
-                    }
-                }
-                v.truncate(n.div_ceil(2));
-            }
-            (DType::Bf16, DType::F32) => {
-                let n = self.len();
-                let mut wide = host_pool::dirty(n);
-                widen(self.cpu_bf16(), &mut wide);
-                return Tensor::from_cpu(wide, &self.shape);
-            }
-            _ => {}
-        }
-        self.dtype = dtype;
-        self
     }
 
     /// How this tensor stores its elements.

@@ -103,10 +103,7 @@ pub fn forward(qkv: View, offsets: &[usize], heads: usize, store: DType) -> (Vec
             let x = match qkv {
                 View::CpuBf16(bits) => {
                     wide.resize(rows.len(), 0.0);
-                    let bits = &bits[rows];
-                    simd::vectorised!(
-                        wide.iter_mut().zip(bits).for_each(|(w, &b)| *w = f32::from_bits((b as u32) << 16))
-                    );
+                    super::elementwise::widen_run(&bits[rows], wide);
                     &wide[..]
                 }
                 _ => &qkv.cpu()[rows],

@@ -25,16 +25,20 @@ pub fn store_as(store: DType, x: &mut [f32]) {
     }
 }
 
-/// `wide[i]` = the f32 whose high half is `bits[i]` (`tensor::widen` at the path's width).
+/// `wide[i]` = the f32 whose high half is `bits[i]` (`tensor::widen` at the path's width),
+/// on the pool when long.
 pub fn widen(bits: &[u16], wide: &mut [f32]) {
-    let body = |(w, b): (&mut [f32], &[u16])| {
-        simd::vectorised!(w.iter_mut().zip(b).for_each(|(w, &b)| *w = f32::from_bits((b as u32) << 16)))
-    };
     if wide.len() >= PAR_MIN {
-        wide.par_chunks_mut(PAR_MIN).zip(bits.par_chunks(PAR_MIN)).for_each(body);
+        wide.par_chunks_mut(PAR_MIN).zip(bits.par_chunks(PAR_MIN)).for_each(|(w, b)| widen_run(b, w));
     } else {
-        body((wide, bits));
+        widen_run(bits, wide);
     }
+}
+
+/// [`widen`] on this thread (a kernel's own block, inside its parallel loop).
+#[inline]
+pub fn widen_run(bits: &[u16], wide: &mut [f32]) {
+    simd::vectorised!(wide.iter_mut().zip(bits).for_each(|(w, &b)| *w = f32::from_bits((b as u32) << 16)))
 }
 
 /// `bits[i]` = `wide[i]` rounded to bf16 (`tensor::narrow` at the path's width).

@@ -286,11 +286,8 @@ impl Backend for Cpu {
         let _timer = profile::time("add_bias");
         expect_cols("add_bias", y)?;
         expect_len("add_bias", "bias", bias.len(), y.cols())?;
-        let (bias, stored) = (wide(bias), y.dtype());
-        tensor_in_f32(y, |y| {
-            elementwise::add_bias(y, &bias);
-            elementwise::store_as(stored, y);
-        });
+        let bias = wide(bias);
+        tensor_in_f32(y, |y| elementwise::add_bias(y, &bias));
         Ok(())
     }
 
@@ -306,18 +303,14 @@ impl Backend for Cpu {
     fn add_assign(&mut self, y: &mut Tensor, x: &Tensor) -> Result<()> {
         let _timer = profile::time("add_assign");
         same_shape("add_assign", y, x)?;
-        let (x, stored) = (wide(x.view()), y.dtype());
-        tensor_in_f32(y, |y| {
-            elementwise::add_assign(y, &x);
-            elementwise::store_as(stored, y);
-        });
+        let x = wide(x.view());
+        tensor_in_f32(y, |y| elementwise::add_assign(y, &x));
         Ok(())
     }
 
     fn scale(&mut self, x: ViewMut, s: f32) -> Result<()> {
         let _timer = profile::time("scale");
-        let stored = x.dtype();
-        in_f32(x, |x| x.iter_mut().for_each(|v| *v = stored.round(*v * s)));
+        in_f32(x, |x| x.iter_mut().for_each(|v| *v *= s));
         Ok(())
     }
 
@@ -365,7 +358,7 @@ impl Backend for Cpu {
     fn write(&mut self, dst: ViewMut, data: &[f32]) -> Result<()> {
         expect_len("write", "data", data.len(), dst.len())?;
         match dst {
-            ViewMut::CpuBf16(bits) => crate::tensor::narrow(data, bits),
+            ViewMut::CpuBf16(bits) => elementwise::narrow(data, bits),
             dst => dst.cpu().copy_from_slice(data),
         }
         Ok(())

@@ -322,9 +322,7 @@ unsafe fn pack_bf16<K: Micro>(
             if across == 1 {
                 // SAFETY: run r's `run` elements are contiguous inside the block.
                 let bits = unsafe { std::slice::from_raw_parts(src.offset(r as isize * step), run) };
-                super::simd::vectorised!(
-                    out.iter_mut().zip(bits).for_each(|(w, &b)| *w = f32::from_bits((b as u32) << 16))
-                );
+                super::elementwise::widen_run(bits, out);
             } else {
                 for (i, w) in out.iter_mut().enumerate() {
                     // SAFETY: element i of run r is inside the block.
