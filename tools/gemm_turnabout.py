@@ -11,12 +11,13 @@ side taken a minute after the other's says which phase each met; neighbouring mi
 
     cargo build --release --example cpu_minimum
     python3 tools/gemm_turnabout.py [--turns 6] [--runs 300] [--threads 2] [--per-call]
-        [--shapes 1152x256x768,...] [--precisions fp32,bf16]
+        [--shapes 1152x256x768,...] [--precisions fp32,bf16] [--binary PATH]
 
 C = A·Wᵀ as the model's layers compute it. fp32: both sides fp32. bf16: `torch.mm` on bf16
-operands into a bf16 C; semshare on the model's f32 activations (converted as it packs them)
-into a C stored as bf16. semshare's W is packed once, as a frozen model's weights are;
-`--per-call` packs it in every call, as `torch.mm` does. Needs torch.
+operands into a bf16 C; semshare on bf16 activations into a bf16 C, both in 2 bytes, as the
+model's bf16 tensors are since session 35. semshare's W is packed once, as a frozen model's weights are;
+`--per-call` packs it in every call, as `torch.mm` does. `--binary` times another build of
+`cpu_minimum` (two builds against the same `torch.mm`, in turn). Needs torch.
 """
 
 import argparse
@@ -33,9 +34,9 @@ BINARY = os.path.join(ROOT, "target", "release", "examples", "cpu_minimum")
 SHAPES = "1152x256x768,1152x256x512,1152x512x256,768x256x768,32x128x384"
 
 
-def ours(m, k, n, precision, runs, per_call):
-    store = "bf16" if precision == "bf16" else "f32"
-    cmd = [BINARY, "gemm", str(m), str(k), str(n), precision, store, str(runs), "per-call" if per_call else "packed"]
+def ours(binary, m, k, n, precision, runs, per_call):
+    store = "bf16-2byte" if precision == "bf16" else "f32"
+    cmd = [binary, "gemm", str(m), str(k), str(n), precision, store, str(runs), "per-call" if per_call else "packed"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"gemm_turnabout: {' '.join(cmd)}: {done.stderr.strip()}")
@@ -66,6 +67,7 @@ def main():
     ap.add_argument("--per-call", action="store_true", help="semshare packs W in every call")
     ap.add_argument("--shapes", default=SHAPES, help=f"m x k x n, comma-separated (default {SHAPES})")
     ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--binary", default=BINARY, help="the cpu_minimum to time (default: this checkout's)")
     a = ap.parse_args()
     if a.turns < 1 or a.runs < 1 or a.threads < 1:
         sys.exit("gemm_turnabout: --turns, --runs and --threads count from 1")
@@ -77,8 +79,8 @@ def main():
     precisions = a.precisions.split(",")
     if any(p not in ("fp32", "bf16") for p in precisions):
         sys.exit(f"gemm_turnabout: --precisions: `{a.precisions}` (fp32 and/or bf16)")
-    if not os.path.exists(BINARY):
-        sys.exit(f"gemm_turnabout: {BINARY} is missing: cargo build --release --example cpu_minimum")
+    if not os.path.exists(a.binary):
+        sys.exit(f"gemm_turnabout: {a.binary} is missing: cargo build --release --example cpu_minimum")
     import torch
     torch.set_num_threads(a.threads)
     os.environ["RAYON_NUM_THREADS"] = str(a.threads)
@@ -86,7 +88,7 @@ def main():
         for precision in precisions:
             ratios = []
             for turn in range(a.turns):
-                path, ms = ours(m, k, n, precision, a.runs, a.per_call)
+                path, ms = ours(a.binary, m, k, n, precision, a.runs, a.per_call)
                 torch_ms = theirs(torch, m, k, n, precision, a.runs)
                 ratios.append(ms / torch_ms)
                 print(json.dumps({"shape": f"{m}x{k}x{n}", "precision": precision, "turn": turn + 1, "path": path,

@@ -710,26 +710,36 @@ where
                 }
                 for jr in (0..nc).step_by(nr) {
                     let bs = pb.as_ptr().add(jr * kpb);
-                    for ir in (0..mc).step_by(mr) {
+                    let out_at = |ir: usize| {
                         let (i, j) = ((ic + ir) as isize, jr as isize);
-                        let out = TileOut {
+                        TileOut {
                             c: p.c_at(i * sc.rs + j * sc.cs),
                             rs: sc.rs,
                             cs: sc.cs,
                             rows: mr.min(mc - ir),
                             cols: nr.min(nc - jr),
-                            bias: bias_at(p.bias, jr as isize),
+                            bias: bias_at(p.bias, j),
                             round: p.round,
                             bf16: p.c_bf16,
-                        };
-                        out.prefetch();
-                        if let (true, Source::F32(a)) = (ir < whole, p.a) {
-                            let a = a.offset((ic + ir) as isize * sa.rs);
-                            K::tile_rows(kc, a, sa.rs as usize, bs, p.alpha, p.beta, out);
-                        } else {
-                            K::tile(kc, pa.as_ptr().add((ir - whole) * kpa), bs, p.alpha, p.beta, out);
+                        }
+                    };
+                    if let Source::F32(a) = p.a {
+                        for ir in (0..whole).step_by(mr) {
+                            let out = out_at(ir);
+                            out.prefetch();
+                            K::tile_rows(
+                                kc,
+                                a.offset((ic + ir) as isize * sa.rs),
+                                sa.rs as usize,
+                                bs,
+                                p.alpha,
+                                p.beta,
+                                out,
+                            );
                         }
                     }
+                    let packed = (whole..mc).step_by(mr).map(out_at);
+                    K::column(kc, pa.as_ptr(), mr * kpa, bs, p.alpha, p.beta, packed);
                 }
             }
         }

@@ -141,6 +141,31 @@ pub trait Micro {
     /// bounds, and the CPU has the kernel's features (the caller holds `Kernels` for its path).
     unsafe fn tile(kc: usize, a: *const Self::Packed, b: *const Self::Packed, alpha: f32, beta: f32, out: TileOut);
 
+    /// The tiles of one column of C, all against the B sliver `b`: tile i multiplies A's
+    /// sliver at `a + i·step` and is written through the iterator's item i. Each tile's
+    /// lines of C are asked for before its products; AMX overrides this to store one tile
+    /// while the next one's products run (amx.rs).
+    ///
+    /// # Safety
+    /// As for [`Micro::tile`], for every tile.
+    unsafe fn column(
+        kc: usize,
+        a: *const Self::Packed,
+        step: usize,
+        b: *const Self::Packed,
+        alpha: f32,
+        beta: f32,
+        outs: impl Iterator<Item = TileOut>,
+    ) {
+        for (i, out) in outs.enumerate() {
+            // SAFETY: as the caller guarantees.
+            unsafe {
+                out.prefetch();
+                Self::tile(kc, a.add(i * step), b, alpha, beta, out);
+            }
+        }
+    }
+
     /// A run converted for the slivers (the packing's inner loop): `Packed::convert` unless
     /// the kernel's path has an instruction for it, so a forced path never runs another's.
     ///

@@ -54,6 +54,18 @@ impl TileOut {
         }
     }
 
+    /// The tile's rows from `first` on, at most `rows` of them (none past its last).
+    ///
+    /// # Safety
+    /// `first` is at most the tile's rows.
+    #[inline(always)]
+    pub unsafe fn rows_from(&self, first: usize, rows: usize) -> TileOut {
+        let size = if self.bf16 { 2 } else { 4 };
+        // SAFETY: row `first` starts inside C or one row past the tile (then `rows` is 0).
+        let c = unsafe { (self.c as *mut u8).offset(first as isize * self.rs * size) as *mut f32 };
+        TileOut { c, rows: rows.min(self.rows - first), ..*self }
+    }
+
     /// Element (i, j) of a bf16 C (`bf16`).
     ///
     /// # Safety
