@@ -73,6 +73,10 @@ impl Micro for Bf16Amx {
     const MR: usize = 32;
     const NR: usize = 32;
     const KG: usize = 2;
+    /// k = 512 in one slice (the feed-forward's second layer), its sums kept in the tiles:
+    /// with two slices a bf16 C waited in an f32 copy (gemm.rs's `deep_bf16`). A's sliver is
+    /// then 32 KiB, B's 32 KiB (in L1 across a column), A's block 512 KiB (in L2).
+    const KC: usize = 512;
     const A: Layout = Layout { group: 32, depth: 32 };
     const B: Layout = Layout { group: 2, depth: 32 };
 

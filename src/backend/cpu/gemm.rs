@@ -33,7 +33,7 @@ use super::microkernel::{Bf16, Bf16OnF32, F32Portable, Micro, Packed};
 #[cfg(target_arch = "x86_64")]
 use super::microkernel::{Bf16Avx512, F32Avx2, F32Avx512};
 pub use super::operands::{Input, Output, Strided};
-use super::pack::{KC, Source, aligned, pack};
+use super::pack::{Source, aligned, pack};
 use super::store::TileOut;
 use crate::backend::{Gemm, Precision};
 
@@ -247,17 +247,17 @@ impl PackedB {
         let Gemm { k, n, trans_b, .. } = g;
         let sb = Strided::of_b(g);
         let cols = n.next_multiple_of(K::NR);
-        let len = (0..k).step_by(KC).map(|pc| cols * K::B.padded(KC.min(k - pc))).sum::<usize>();
+        let len = (0..k).step_by(K::KC).map(|pc| cols * K::B.padded(K::KC.min(k - pc))).sum::<usize>();
         let per_line = 64 / size_of::<K::Packed>();
         let mut buf = Vec::new();
         buf.try_reserve_exact(len + per_line).ok()?;
         let slivers = aligned::<K::Packed>(&mut buf, len);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
+        for pc in (0..k).step_by(K::KC) {
+            let kc = K::KC.min(k - pc);
             // SAFETY: the kc × n block at row pc is inside b; the CPU has K's features.
             unsafe {
                 let src = b.source().offset(pc as isize * sb.rs);
-                pack::<K>(&mut slivers[pc / KC * cols * KC..], src, sb.cs, sb.rs, n, kc, K::NR, K::B);
+                pack::<K>(&mut slivers[pc / K::KC * cols * K::KC..], src, sb.cs, sb.rs, n, kc, K::NR, K::B);
             }
         }
         // Where `aligned` put the first element (the buffer was not moved since).
@@ -286,8 +286,8 @@ impl PackedB {
     }
 }
 
-/// B's slivers packed beforehand ([`PackedB`]): slice `pc` (a multiple of KC) starts at
-/// `pc / KC · cols · KC` elements, column j of a slice kc deep at `j · kc` (rounded to the
+/// B's slivers packed beforehand ([`PackedB`]): slice `pc` (a multiple of the kernel's KC)
+/// starts at `pc / KC · cols · KC` elements, column j of a slice kc deep at `j · kc` (rounded to the
 /// kernel's group) from there; this problem's first column is the packed B's column `j`.
 #[derive(Clone, Copy)]
 struct Prepacked {
@@ -454,7 +454,7 @@ where
     let threads = rayon::current_num_threads();
     // Below ~1 M multiply-adds waking a second thread costs more than it saves.
     let parallel = m * n * k >= (1 << 20) && threads > 1;
-    if p.c_bf16 && k > KC {
+    if p.c_bf16 && k > K::KC {
         // C's partial sums cannot wait in 2 bytes (each slice's would be rounded): each
         // thread takes its rows and makes them through an f32 copy, DEEP_ROWS at a time with
         // B packed beforehand (the copy stays in L2), all at once otherwise (B is packed per
@@ -470,7 +470,7 @@ where
     // second one made them 2x slower, `cargo bench --bench cpu -- gemm/.*gru`, loaded VM).
     let row_parts = if parallel && m >= 2 * mc { threads.min(m.div_ceil(mc)) } else { 1 };
     let col_parts = if parallel && row_parts == 1 && m >= 64 { threads.min(n.div_ceil(4 * K::NR)) } else { 1 };
-    if row_parts > 1 && k > KC {
+    if row_parts > 1 && k > K::KC {
         // More than one slice of k (weight gradients: k = tokens): one parallel region, each
         // thread its own rows and its own packed B. Sharing B cost two barriers per slice,
         // each a wait for the slower core, and half of every panel came from the other core's
@@ -635,12 +635,12 @@ where
     let Problem { m, k, n, .. } = p;
     let (nr, nc_max) = (K::NR, 64 * K::NR);
     let panel = |nc: usize, kc: usize| nc.next_multiple_of(nr) * K::B.padded(kc);
-    let own = if p.pre.is_some() { 0 } else { panel(n.min(nc_max), k.min(KC)) };
+    let own = if p.pre.is_some() { 0 } else { panel(n.min(nc_max), k.min(K::KC)) };
     with_buffer::<K::Packed, _>(1, own, |pb| {
         for jc in (0..n).step_by(nc_max) {
             let nc = nc_max.min(n - jc);
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
+            for pc in (0..k).step_by(K::KC) {
+                let kc = K::KC.min(k - pc);
                 // SAFETY: the kc × nc block at (pc, jc) is inside the problem.
                 let slice = unsafe { p.block(0, m, pc, kc, jc, nc) };
                 // The first slice of k applies beta, the later ones add to what it wrote, and
@@ -653,7 +653,7 @@ where
                     // SAFETY: `pre` holds every panel of B packed for K (`gemm_packed`);
                     // columns pre.j + jc .. + nc of slice pc are inside it.
                     Some(pre) => unsafe {
-                        let at = pc / KC * pre.cols * KC + (pre.j + jc) * K::B.padded(kc);
+                        let at = pc / K::KC * pre.cols * K::KC + (pre.j + jc) * K::B.padded(kc);
                         std::slice::from_raw_parts((pre.base as *const K::Packed).add(at), panel(nc, kc))
                     },
                     None => {

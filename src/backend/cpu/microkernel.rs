@@ -127,6 +127,8 @@ pub trait Micro {
     const NR: usize;
     /// k values per group (module header).
     const KG: usize;
+    /// The deepest slice of k a tile takes (at most `pack::KC_MAX`): gemm.rs's blocking.
+    const KC: usize = super::pack::KC;
     /// A's and B's slivers: groups of `KG`, unless the kernel's unit wants another layout
     /// (AMX's tiles: amx.rs).
     const A: Layout = Layout::groups_of(Self::KG);

@@ -8,7 +8,10 @@ use std::cell::RefCell;
 use super::microkernel::{Layout, Micro, Packed};
 
 /// The deepest slice of k one sliver holds (gemm.rs's blocking): 16 KiB per 16 fp32 lines.
+/// A kernel may take deeper ones (`Micro::KC`), up to [`KC_MAX`].
 pub const KC: usize = 256;
+/// The deepest `Micro::KC` of any kernel: the packing's buffers on the stack hold it.
+pub const KC_MAX: usize = 512;
 
 /// What a packing reads: f32 values, or bf16 values stored in 2 bytes (their 16 bits).
 #[derive(Clone, Copy, Debug)]
@@ -77,11 +80,11 @@ pub unsafe fn pack<K: Micro>(
         let kp = layout.padded(kc);
         let zero = K::Packed::from_f32(0.0);
         // One run converted at a time (vectorised: `Micro::convert`), then placed.
-        let mut run = [zero; if KC > 64 { KC } else { 64 }];
+        let mut run = [zero; KC_MAX];
         // bf16 slivers' lines, converted whole before their transpose (below); unused, and
         // optimised away, for every other kernel.
         #[cfg(target_arch = "x86_64")]
-        let mut words = [zero; 32 * KC];
+        let mut words = [zero; 32 * KC_MAX];
         if line == 1 && along != 1 {
             // The lines side by side (B as stored, Aᵀ): step k in the outer loop, so that each
             // row of the source is read once, front to back, for every sliver. Sliver by sliver,
