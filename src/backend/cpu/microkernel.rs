@@ -120,6 +120,12 @@ impl Layout {
     }
 }
 
+/// The deepest slice of k one sliver holds unless its kernel says otherwise (`Micro::KC`;
+/// gemm.rs's blocking): 16 KiB per 16 fp32 lines.
+pub const KC: usize = 256;
+/// The deepest `Micro::KC` of any kernel: the packing's buffers on the stack hold it.
+pub const KC_MAX: usize = 512;
+
 /// One micro-kernel and the shape of the slivers it reads.
 pub trait Micro {
     type Packed: Packed;
@@ -127,8 +133,8 @@ pub trait Micro {
     const NR: usize;
     /// k values per group (module header).
     const KG: usize;
-    /// The deepest slice of k a tile takes (at most `pack::KC_MAX`): gemm.rs's blocking.
-    const KC: usize = super::pack::KC;
+    /// The deepest slice of k a tile takes (at most [`KC_MAX`]): gemm.rs's blocking.
+    const KC: usize = KC;
     /// A's and B's slivers: groups of `KG`, unless the kernel's unit wants another layout
     /// (AMX's tiles: amx.rs).
     const A: Layout = Layout::groups_of(Self::KG);

@@ -5,13 +5,7 @@
 
 use std::cell::RefCell;
 
-use super::microkernel::{Layout, Micro, Packed};
-
-/// The deepest slice of k one sliver holds (gemm.rs's blocking): 16 KiB per 16 fp32 lines.
-/// A kernel may take deeper ones (`Micro::KC`), up to [`KC_MAX`].
-pub const KC: usize = 256;
-/// The deepest `Micro::KC` of any kernel: the packing's buffers on the stack hold it.
-pub const KC_MAX: usize = 512;
+use super::microkernel::{KC_MAX, Layout, Micro, Packed};
 
 /// What a packing reads: f32 values, or bf16 values stored in 2 bytes (their 16 bits).
 #[derive(Clone, Copy, Debug)]
