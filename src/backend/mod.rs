@@ -516,6 +516,11 @@ pub trait Backend {
     /// contiguous inside each): returns the context `[tokens, d]` and the saved softmax
     /// probabilities (per item and head, `len × len`, packed).
     fn attention_fwd(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<(Tensor, Tensor)>;
+    /// [`Backend::attention_fwd`]'s context alone, at inference: a backend may skip keeping
+    /// the probabilities, which only the backward reads.
+    fn attention(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<Tensor> {
+        Ok(self.attention_fwd(qkv, seg, heads)?.0)
+    }
     /// `dqkv`; with `dbias`, also `dbias += Σ_rows dqkv` (the qkv projection's bias gradient,
     /// summed as the pass writes dqkv rather than by a `bias_bwd` that reads it again).
     fn attention_bwd(

@@ -44,6 +44,20 @@ impl MultiHeadAttention {
         Ok((y, AttentionCache { qkv, probs, context }))
     }
 
+    /// [`MultiHeadAttention::forward`] at inference: y alone, nothing kept for a backward.
+    pub fn infer<'w>(
+        &self,
+        dev: &mut dyn Backend,
+        w: impl Into<Weights<'w>>,
+        x: &Tensor,
+        seg: &Segments,
+    ) -> Result<Tensor> {
+        let w = w.into();
+        let qkv = self.qkv.forward(dev, w, x)?;
+        let context = dev.attention(&qkv, seg, self.heads)?;
+        self.out.forward(dev, w, &context)
+    }
+
     /// Adds the block input's gradient through attention to `dx` (the residual's gradient),
     /// and accumulates every parameter's gradient but the out-projection's bias: that one is
     /// Σ_rows dy, which the block's join sums as it writes dy (`LayerNorm::backward_residual`;

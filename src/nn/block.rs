@@ -88,7 +88,7 @@ impl EncoderBlock {
         let w = w.into();
         let x1 = match &self.attention {
             Some((attn, norm1)) => {
-                let a = attn.forward(dev, w, &x, seg)?.0;
+                let a = attn.infer(dev, w, &x, seg)?;
                 norm1.infer_residual(dev, w.values, a, &x)?
             }
             None => x,

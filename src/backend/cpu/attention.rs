@@ -20,7 +20,7 @@ use super::simd;
 #[cfg(target_arch = "x86_64")]
 use super::store::round_bf16_avx512;
 use crate::backend::{Precision, prob_offsets};
-use crate::tensor::{DType, View};
+use crate::tensor::{DType, Tensor, View};
 
 /// Split `buf` into consecutive chunks of `unit × (ends[i+1] - ends[i])` elements.
 fn split_by<'a, T>(mut buf: &'a mut [T], ends: &[usize], unit: usize) -> Vec<&'a mut [T]> {
@@ -97,27 +97,83 @@ pub fn forward(qkv: View, offsets: &[usize], heads: usize, store: DType) -> (Vec
     // amx path's fp32 is avx512's.
     let direct = matches!(kernels.path(), CpuPath::Avx512 | CpuPath::Amx);
     outs.into_par_iter().zip(ps).enumerate().for_each(|(b, (out, p))| {
-        let (s, len) = (offsets[b], offsets[b + 1] - offsets[b]);
-        let rows = s * 3 * d..(s + len) * 3 * d;
-        WIDE_ITEM.with_borrow_mut(|wide| {
-            let x = match qkv {
-                View::CpuBf16(bits) => {
-                    wide.resize(rows.len(), 0.0);
-                    super::elementwise::widen_run(&bits[rows], wide);
-                    &wide[..]
-                }
-                _ => &qkv.cpu()[rows],
-            };
-            item_forward(kernels, x, (len, d, heads), (scale, store), direct, out, p);
+        SCRATCH.with_borrow_mut(|scratch| {
+            let x = scratch.item_qkv(qkv, offsets, b, d);
+            item_forward(kernels, x, (offsets[b + 1] - offsets[b], d, heads), (scale, store), direct, out, p);
         });
     });
     (out, probs)
 }
 
+/// [`forward`]'s context alone, at inference, stored as `store`: no probabilities kept (the
+/// backward that reads them never comes; each item's stay in a buffer in cache), and a bf16
+/// context narrowed an item at a time. The same bits as `forward`'s context as stored.
+pub fn infer(qkv: View, offsets: &[usize], heads: usize, store: DType) -> Tensor {
+    let kernels = dispatch::current();
+    let tokens = offsets[offsets.len() - 1];
+    let d = qkv.len() / tokens.max(1) / 3;
+    let scale = 1.0 / ((d / heads) as f32).sqrt();
+    let direct = matches!(kernels.path(), CpuPath::Avx512 | CpuPath::Amx);
+    let words = if store == DType::Bf16 { (tokens * d).div_ceil(2) } else { tokens * d };
+    // Every element is written.
+    let mut out = Tensor::from_cpu_words(crate::tensor::host_pool::dirty(words), &[tokens, d], store);
+    // Item b's context into `context` (len × d).
+    let item = |b: usize, scratch: &mut Scratch, context: &mut [f32]| {
+        let len = offsets[b + 1] - offsets[b];
+        let mut p = std::mem::take(&mut scratch.probs);
+        p.resize(heads * len * len, 0.0);
+        let x = scratch.item_qkv(qkv, offsets, b, d);
+        item_forward(kernels, x, (len, d, heads), (scale, store), direct, context, &mut p);
+        scratch.probs = p;
+    };
+    if store == DType::Bf16 {
+        let outs = split_by(out.cpu_bf16_mut(), offsets, d);
+        outs.into_par_iter().enumerate().for_each(|(b, bits)| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let mut context = std::mem::take(&mut scratch.context);
+                context.resize(bits.len(), 0.0);
+                item(b, scratch, &mut context);
+                super::elementwise::narrow(&context, bits);
+                scratch.context = context;
+            });
+        });
+    } else {
+        let outs = split_by(out.cpu_mut(), offsets, d);
+        outs.into_par_iter().enumerate().for_each(|(b, context)| SCRATCH.with_borrow_mut(|s| item(b, s, context)));
+    }
+    out
+}
+
+/// A thread's buffers for one item at a time ([`forward`], [`infer`]): reused, so they are
+/// written to memory already in cache.
+#[derive(Default)]
+struct Scratch {
+    /// The item's qkv rows widened from 2-byte bf16.
+    qkv: Vec<f32>,
+    /// Its probabilities ([`infer`]).
+    probs: Vec<f32>,
+    /// Its bf16 context before it is narrowed ([`infer`]).
+    context: Vec<f32>,
+}
+
+impl Scratch {
+    /// Item b's qkv rows (len × 3d) as f32: a bf16 qkv in 2 bytes widened into `self.qkv`
+    /// while the item's rows are in cache.
+    fn item_qkv<'a>(&'a mut self, qkv: View<'a>, offsets: &[usize], b: usize, d: usize) -> &'a [f32] {
+        let rows = offsets[b] * 3 * d..offsets[b + 1] * 3 * d;
+        match qkv {
+            View::CpuBf16(bits) => {
+                self.qkv.resize(rows.len(), 0.0);
+                super::elementwise::widen_run(&bits[rows], &mut self.qkv);
+                &self.qkv
+            }
+            _ => &qkv.cpu()[rows],
+        }
+    }
+}
+
 thread_local! {
-    /// An item's qkv rows widened from 2-byte bf16 ([`forward`]): reused, so they are written
-    /// to memory already in cache.
-    static WIDE_ITEM: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// One item's heads of [`forward`]: its qkv rows `x` (len × 3d), its context rows `out` and
@@ -667,6 +723,29 @@ unsafe fn head_backward_gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `infer`'s context is `forward`'s as stored, bit for bit, f32 and bf16 (qkv in 2 bytes),
+    /// on the path this CPU runs: items short enough for the direct kernels and longer ones
+    /// (the GEMM route), heads of 16 and 64.
+    #[test]
+    fn infer_is_the_stored_context_of_forward() {
+        let mut rng = crate::rng::Rng::new(17);
+        for (lens, heads, d) in [(vec![36, 1, 20, 64], 4, 256), (vec![70, 3, 129], 2, 32)] {
+            let mut offsets = vec![0];
+            lens.iter().for_each(|l| offsets.push(offsets.last().unwrap() + l));
+            let tokens = offsets[lens.len()];
+            let qkv: Vec<f32> = (0..tokens * 3 * d).map(|_| rng.normal() as f32).collect();
+            for store in [DType::F32, DType::Bf16] {
+                let qkv = crate::backend::cpu::typed::stored(qkv.clone(), &[tokens, 3 * d], store);
+                let (context, _) = forward(qkv.view(), &offsets, heads, store);
+                let want = crate::backend::cpu::typed::stored(context, &[tokens, d], store).to_f32s();
+                let got = infer(qkv.view(), &offsets, heads, store).to_f32s();
+                let differs = want.iter().zip(&got).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(differs, None, "lengths {lens:?}, {store:?}");
+                assert_eq!(want.len(), got.len());
+            }
+        }
+    }
 
     /// (len, dh): edges of the direct kernels (one lane, whole and partial vectors, the
     /// largest head) and 20 drawn at random.

@@ -571,6 +571,13 @@ impl Backend for Cpu {
         Ok((out, stored(probs, &[n], store)))
     }
 
+    fn attention(&mut self, qkv: &Tensor, seg: &Segments, heads: usize) -> Result<Tensor> {
+        let _timer = profile::time("attention");
+        check_attention("attention", qkv, seg, heads)?;
+        dispatch::active()?;
+        Ok(attention::infer(qkv.view(), &seg.offsets, heads, qkv.dtype()))
+    }
+
     fn attention_bwd(
         &mut self,
         qkv: &Tensor,
