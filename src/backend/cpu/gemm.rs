@@ -3,7 +3,8 @@
 //! or, with [`Precision::Bf16`], on operands rounded to bf16 while they are packed (products
 //! exact, sums in fp32); the micro-kernel of the active path (microkernel.rs, dispatch.rs).
 //!
-//! Blocking (Goto/BLIS): for each NC-wide column panel and KC-deep slice of k, B's KC × NC block
+//! Blocking (Goto/BLIS; KC is the kernel's `Micro::KC`: 256, AMX's 512): for each NC-wide
+//! column panel and KC-deep slice of k, B's KC × NC block
 //! is packed into NR-wide slivers (16 KiB each for 16 fp32 columns at KC = 256, one stays in L1
 //! across a column of tiles); for each MC-tall row block, A's MC × KC block is packed into
 //! MR-tall slivers (96–128 KiB, kept in L2: 512 KiB on Zen 3, 1 MiB on Zen 4) and every MR × NR
