@@ -97,7 +97,7 @@ pub fn forward(qkv: View, offsets: &[usize], heads: usize, store: DType) -> (Vec
     // amx path's fp32 is avx512's.
     let direct = matches!(kernels.path(), CpuPath::Avx512 | CpuPath::Amx);
     outs.into_par_iter().zip(ps).enumerate().for_each(|(b, (out, p))| {
-        SCRATCH.with_borrow_mut(|scratch| {
+        with_scratch(|scratch| {
             let x = scratch.item_qkv(qkv, offsets, b, d);
             item_forward(kernels, x, (offsets[b + 1] - offsets[b], d, heads), (scale, store), direct, out, p);
         });
@@ -129,7 +129,7 @@ pub fn infer(qkv: View, offsets: &[usize], heads: usize, store: DType) -> Tensor
     if store == DType::Bf16 {
         let outs = split_by(out.cpu_bf16_mut(), offsets, d);
         outs.into_par_iter().enumerate().for_each(|(b, bits)| {
-            SCRATCH.with_borrow_mut(|scratch| {
+            with_scratch(|scratch| {
                 let mut context = std::mem::take(&mut scratch.context);
                 context.resize(bits.len(), 0.0);
                 item(b, scratch, &mut context);
@@ -139,7 +139,7 @@ pub fn infer(qkv: View, offsets: &[usize], heads: usize, store: DType) -> Tensor
         });
     } else {
         let outs = split_by(out.cpu_mut(), offsets, d);
-        outs.into_par_iter().enumerate().for_each(|(b, context)| SCRATCH.with_borrow_mut(|s| item(b, s, context)));
+        outs.into_par_iter().enumerate().for_each(|(b, context)| with_scratch(|s| item(b, s, context)));
     }
     out
 }
@@ -174,6 +174,15 @@ impl Scratch {
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// `f` on this thread's [`Scratch`], or on a fresh one when it is in use: a long item's
+/// parallel GEMM may, while it waits, run another item on this thread.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        Err(_) => f(&mut Scratch::default()),
+    })
 }
 
 /// One item's heads of [`forward`]: its qkv rows `x` (len × 3d), its context rows `out` and
@@ -726,11 +735,12 @@ mod tests {
 
     /// `infer`'s context is `forward`'s as stored, bit for bit, f32 and bf16 (qkv in 2 bytes),
     /// on the path this CPU runs: items short enough for the direct kernels and longer ones
-    /// (the GEMM route), heads of 16 and 64.
+    /// (the GEMM route; at 200 × 64 × 200 its GEMMs run on the pool), heads of 16 and 64.
     #[test]
     fn infer_is_the_stored_context_of_forward() {
         let mut rng = crate::rng::Rng::new(17);
-        for (lens, heads, d) in [(vec![36, 1, 20, 64], 4, 256), (vec![70, 3, 129], 2, 32)] {
+        let shapes = [(vec![36, 1, 20, 64], 4, 256), (vec![70, 3, 129], 2, 32), (vec![200, 150, 36, 200], 1, 64)];
+        for (lens, heads, d) in shapes {
             let mut offsets = vec![0];
             lens.iter().for_each(|l| offsets.push(offsets.last().unwrap() + l));
             let tokens = offsets[lens.len()];
