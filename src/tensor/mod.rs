@@ -113,16 +113,21 @@ impl Tensor {
         if dtype == DType::F32 {
             return t;
         }
-        let mut bits = Tensor::from_cpu_words(host_pool::dirty(t.len().div_ceil(2)), shape, dtype);
+        let mut bits = Tensor::cpu_dirty(shape, dtype);
         narrow(t.cpu(), bits.cpu_bf16_mut());
         bits
+    }
+
+    /// A CPU tensor of `dtype` over a pooled buffer whose old contents are still there: every
+    /// element is the caller's to write (a backend's output).
+    pub(crate) fn cpu_dirty(shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::from_cpu_words(host_pool::dirty(cpu_words(shape.iter().product(), dtype)), shape, dtype)
     }
 
     /// A CPU tensor of `dtype` over `words`, its buffer as `Storage` lays it out (bf16: two
     /// values to a word); the contents are the caller's (a backend's output buffer).
     pub(crate) fn from_cpu_words(words: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
-        let n: usize = shape.iter().product();
-        let need = if dtype == DType::Bf16 { n.div_ceil(2) } else { n };
+        let need = cpu_words(shape.iter().product(), dtype);
         assert_eq!(words.len(), need, "tensor buffer does not match shape {shape:?} of {}", dtype.name());
         Tensor { storage: Storage::Cpu(words), shape: shape.to_vec(), dtype }
     }
@@ -360,6 +365,11 @@ impl Tensor {
 
 const FROZEN_WRITTEN: &str = "a frozen tensor (a loaded model's parameters) was written";
 const BF16_AS_F32: &str = "a bf16 tensor was used as an f32 one";
+
+/// The f32 words `Storage::Cpu` takes for `n` values of `dtype` (bf16: two to a word).
+fn cpu_words(n: usize, dtype: DType) -> usize {
+    if dtype == DType::Bf16 { n.div_ceil(2) } else { n }
+}
 
 /// The whole of a CPU buffer of `len` values of `dtype` (`Storage`'s layout).
 fn cpu_view_mut(words: &mut [f32], dtype: DType, len: usize) -> ViewMut<'_> {

@@ -114,9 +114,7 @@ pub fn infer(qkv: View, offsets: &[usize], heads: usize, store: DType) -> Tensor
     let d = qkv.len() / tokens.max(1) / 3;
     let scale = 1.0 / ((d / heads) as f32).sqrt();
     let direct = matches!(kernels.path(), CpuPath::Avx512 | CpuPath::Amx);
-    let words = if store == DType::Bf16 { (tokens * d).div_ceil(2) } else { tokens * d };
-    // Every element is written.
-    let mut out = Tensor::from_cpu_words(crate::tensor::host_pool::dirty(words), &[tokens, d], store);
+    let mut out = Tensor::cpu_dirty(&[tokens, d], store); // every element is written
     // Item b's context into `context` (len × d).
     let item = |b: usize, scratch: &mut Scratch, context: &mut [f32]| {
         let len = offsets[b + 1] - offsets[b];
@@ -133,7 +131,7 @@ pub fn infer(qkv: View, offsets: &[usize], heads: usize, store: DType) -> Tensor
                 let mut context = std::mem::take(&mut scratch.context);
                 context.resize(bits.len(), 0.0);
                 item(b, scratch, &mut context);
-                super::elementwise::narrow(&context, bits);
+                super::elementwise::narrow_run(&context, bits);
                 scratch.context = context;
             });
         });

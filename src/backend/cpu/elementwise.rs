@@ -41,16 +41,20 @@ pub fn widen_run(bits: &[u16], wide: &mut [f32]) {
     simd::vectorised!(wide.iter_mut().zip(bits).for_each(|(w, &b)| *w = f32::from_bits((b as u32) << 16)))
 }
 
-/// `bits[i]` = `wide[i]` rounded to bf16 (`tensor::narrow` at the path's width).
+/// `bits[i]` = `wide[i]` rounded to bf16 (`tensor::narrow` at the path's width), on the pool
+/// when long.
 pub fn narrow(wide: &[f32], bits: &mut [u16]) {
-    let body = |(b, w): (&mut [u16], &[f32])| {
-        simd::vectorised!(b.iter_mut().zip(w).for_each(|(b, &w)| *b = crate::tensor::bf16_bits(w)))
-    };
     if wide.len() >= PAR_MIN {
-        bits.par_chunks_mut(PAR_MIN).zip(wide.par_chunks(PAR_MIN)).for_each(body);
+        bits.par_chunks_mut(PAR_MIN).zip(wide.par_chunks(PAR_MIN)).for_each(|(b, w)| narrow_run(w, b));
     } else {
-        body((bits, wide));
+        narrow_run(wide, bits);
     }
+}
+
+/// [`narrow`] on this thread (a kernel's own block, inside its parallel loop).
+#[inline]
+pub fn narrow_run(wide: &[f32], bits: &mut [u16]) {
+    simd::vectorised!(bits.iter_mut().zip(wide).for_each(|(b, &w)| *b = crate::tensor::bf16_bits(w)))
 }
 
 pub fn add_bias(y: &mut [f32], bias: &[f32]) {

@@ -192,15 +192,12 @@ impl Backend for Cpu {
     }
 
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
-        let _timer = profile::time("alloc");
-        Ok(Tensor::from_cpu(host_pool::dirty(shape.iter().product()), shape))
+        self.alloc_as(shape, DType::F32)
     }
 
     fn alloc_as(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let _timer = profile::time("alloc");
-        let n: usize = shape.iter().product();
-        let words = if dtype == DType::Bf16 { n.div_ceil(2) } else { n };
-        Ok(Tensor::from_cpu_words(host_pool::dirty(words), shape, dtype))
+        Ok(Tensor::cpu_dirty(shape, dtype))
     }
 
     fn convert(&mut self, x: View, dtype: DType) -> Result<Tensor> {

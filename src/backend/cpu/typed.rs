@@ -94,15 +94,14 @@ pub fn stored(values: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
 
 /// A CPU tensor as `dtype` stores it (bf16 ↔ f32; the same type is the tensor itself).
 pub fn retyped(t: Tensor, dtype: DType) -> Tensor {
-    let words = |n: usize| if dtype == DType::Bf16 { n.div_ceil(2) } else { n };
     match (t.dtype(), dtype) {
         (DType::F32, DType::Bf16) => {
-            let mut out = Tensor::from_cpu_words(host_pool::dirty(words(t.len())), t.shape(), dtype);
+            let mut out = Tensor::cpu_dirty(t.shape(), dtype);
             narrow(t.cpu(), out.cpu_bf16_mut());
             out
         }
         (DType::Bf16, DType::F32) => {
-            let mut out = Tensor::from_cpu_words(host_pool::dirty(t.len()), t.shape(), dtype);
+            let mut out = Tensor::cpu_dirty(t.shape(), dtype);
             widen(t.cpu_bf16(), out.cpu_mut());
             out
         }
