@@ -15,7 +15,7 @@ use semshare::backend::cpu::{Cpu, dispatch, gemm as cpu_gemm};
 use semshare::backend::{Backend, Gemm, Precision};
 use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
 use semshare::rng::Rng;
-use semshare::tensor::DType;
+use semshare::tensor::{DType, Tensor};
 use semshare::{Error, Result};
 use std::time::Instant;
 
@@ -118,11 +118,12 @@ fn run() -> Result<()> {
             let packed =
                 if once { cpu_gemm::PackedB::new(kernels, precision, g, cpu_gemm::Input::F32(&b)) } else { None };
             let mut c = vec![0f32; m * n];
-            let a16: Vec<u16> = a.iter().map(|&x| semshare::tensor::bf16_bits(x)).collect();
-            let mut c16 = vec![0u16; m * n];
+            // In tensors, as the model's are: each buffer starts on a 64-byte line.
+            let a16 = Tensor::from_cpu_as(a.clone(), &[m, k], DType::Bf16);
+            let mut c16 = Tensor::from_cpu_as(vec![0.0; m * n], &[m, n], DType::Bf16);
             let [min, q1, med] = timed(3, runs, || {
                 let (input, output) = match two_bytes {
-                    true => (cpu_gemm::Input::Bf16(&a16), cpu_gemm::Output::Bf16(&mut c16)),
+                    true => (cpu_gemm::Input::Bf16(a16.cpu_bf16()), cpu_gemm::Output::Bf16(c16.cpu_bf16_mut())),
                     false => (cpu_gemm::Input::F32(&a), cpu_gemm::Output::F32(&mut c, store)),
                 };
                 cpu_gemm::gemm_packed(

@@ -119,6 +119,64 @@ fn a_bf16_gemm_runs_on_the_tiles() {
     println!("ran: amx bf16 GEMM ({how})");
 }
 
+/// A bf16 A in 2 bytes whose rows start on 64-byte lines is multiplied where it lies
+/// (`Micro::column_rows`), the same A a line's half off is packed first: the same bits either
+/// way, with a partial last tile of rows, beta and a bias, into an f32 and a bf16 C; k not a
+/// whole number of tile rows (80) is packed even on lines. Emulated, the loads' row stride
+/// shows which ran.
+#[test]
+fn a_bf16_a_on_lines_is_read_where_it_lies() {
+    let (kernels, how) = match amx() {
+        Ok(k) => k,
+        Err(why) => return println!("not run: {why}"),
+    };
+    /// A 64-byte line of bf16s: a buffer of them starts on a line.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([u16; 32]);
+    let mut rng = Rng::new(23);
+    let shapes: [(usize, usize, usize); 4] = [(32 * 3 + 7, 256, 96), (64, 512, 64), (40, 96, 33), (64, 80, 32)];
+    for (m, k, n) in shapes {
+        let bits: Vec<u16> = (0..m * k).map(|_| Bf16::from_f32(rng.normal() as f32).0).collect();
+        let b: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+        let bias: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let start: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
+        // The same values on a line and 32 bytes past one.
+        let mut lines = vec![Line([0; 32]); (m * k).div_ceil(32) + 1];
+        // SAFETY: `lines` holds (m·k / 32 + 1)·32 u16s, of which these are the first m·k + 16.
+        let flat = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u16, m * k + 16) };
+        flat[..m * k].copy_from_slice(&bits);
+        let mut off = vec![Line([0; 32]); (m * k).div_ceil(32) + 1];
+        // SAFETY: as above.
+        let off_flat = unsafe { std::slice::from_raw_parts_mut(off.as_mut_ptr() as *mut u16, m * k + 16) };
+        off_flat[16..].copy_from_slice(&bits);
+        let (on_line, off_line) = (&flat[..m * k], &off_flat[16..]);
+        let g = Gemm { m, n, k, trans_a: false, trans_b: true, alpha: 0.5, beta: 0.75 };
+        let packed = PackedB::new(kernels, Precision::Bf16, g, Input::F32(&b)).expect("memory for a packed B");
+        let run = |a: &[u16], c: Output| {
+            gemm_packed(kernels, Precision::Bf16, g, Input::Bf16(a), Input::F32(&b), Some(&packed), Some(&bias), c)
+        };
+        amx_trap::take_widest_load();
+        let (mut c_line, mut c_off) = (start.clone(), start.clone());
+        run(on_line, Output::F32(&mut c_line, DType::F32));
+        let widest = amx_trap::take_widest_load();
+        run(off_line, Output::F32(&mut c_off, DType::F32));
+        assert!(c_line == c_off, "{m} × {k} × {n}: A on a line and off it differ (f32 C)");
+        let start16: Vec<u16> = start.iter().map(|&x| Bf16::from_f32(x).0).collect();
+        let (mut c_line, mut c_off) = (start16.clone(), start16);
+        run(on_line, Output::Bf16(&mut c_line));
+        run(off_line, Output::Bf16(&mut c_off));
+        assert!(c_line == c_off, "{m} × {k} × {n}: A on a line and off it differ (bf16 C)");
+        if how == "emulated" {
+            // Packed slivers' rows are 64 and 128 bytes apart; A's own rows 2k > 128 (no other
+            // test in this file loads rows further apart than 128).
+            let in_place = k % 32 == 0;
+            assert_eq!(widest == 2 * k as u64, in_place, "{m} × {k} × {n}: widest tile load {widest} bytes");
+        }
+    }
+    println!("ran: amx bf16 A read in place ({how})");
+}
+
 /// Set in a child: which path it runs the model on (`amx` or `avx512`), printing its outputs.
 const CHILD: &str = "SEMSHARE_CPU_AMX_CHILD";
 

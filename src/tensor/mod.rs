@@ -11,6 +11,7 @@ mod dtype;
 pub mod host_pool;
 
 pub use dtype::{DType, bf16_bits};
+pub use host_pool::HostBuf;
 
 use std::sync::Arc;
 
@@ -18,10 +19,11 @@ use std::sync::Arc;
 ///
 /// A CPU tensor's buffer is f32 words: an f32 tensor's values, or a bf16 tensor's values in
 /// 2 bytes each, two to a word (⌈len / 2⌉ words), so that both kinds share the buffer pool
-/// (`host_pool`) and a frozen model's memory.
+/// (`host_pool`) and a frozen model's memory. A pooled buffer starts on a 64-byte line
+/// ([`HostBuf`]).
 #[derive(Debug)]
 pub enum Storage {
-    Cpu(Vec<f32>),
+    Cpu(HostBuf),
     /// Host memory no one writes again ([`Tensor::freeze`]: a loaded model's parameters), so a
     /// backend may keep what it derives from it for as long as the memory lives.
     CpuFrozen(Arc<[f32]>),
@@ -73,9 +75,8 @@ impl Clone for Tensor {
     fn clone(&self) -> Self {
         let storage = match &self.storage {
             Storage::Cpu(v) => {
-                let mut c = host_pool::take(v.len());
-                c.clear();
-                c.extend_from_slice(v);
+                let mut c = host_pool::dirty(v.len());
+                c.copy_from_slice(v);
                 Storage::Cpu(c)
             }
             Storage::CpuFrozen(v) => Storage::CpuFrozen(Arc::clone(v)),
@@ -92,7 +93,7 @@ impl Clone for Tensor {
 impl Drop for Tensor {
     fn drop(&mut self) {
         match &mut self.storage {
-            Storage::Cpu(v) => host_pool::give(std::mem::take(v)),
+            Storage::Cpu(v) => host_pool::give(std::mem::take(v).into_words()),
             Storage::CpuFrozen(_) => {}
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {} // DevBuf's own drop returns the block to its pool
@@ -101,14 +102,17 @@ impl Drop for Tensor {
 }
 
 impl Tensor {
-    pub fn from_cpu(data: Vec<f32>, shape: &[usize]) -> Tensor {
+    /// An f32 CPU tensor over `data`: a `Vec<f32>` (taken as it is, not copied) or a pooled
+    /// [`HostBuf`].
+    pub fn from_cpu(data: impl Into<HostBuf>, shape: &[usize]) -> Tensor {
+        let data = data.into();
         assert_eq!(data.len(), shape.iter().product::<usize>(), "tensor data does not match shape {shape:?}");
         Tensor { storage: Storage::Cpu(data), shape: shape.to_vec(), dtype: DType::F32 }
     }
 
     /// A CPU tensor of `dtype` holding `data` as that type stores it (bf16: each value
     /// rounded, [`DType::round`], and kept in 2 bytes).
-    pub fn from_cpu_as(data: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
+    pub fn from_cpu_as(data: impl Into<HostBuf>, shape: &[usize], dtype: DType) -> Tensor {
         let t = Tensor::from_cpu(data, shape);
         if dtype == DType::F32 {
             return t;
@@ -126,7 +130,7 @@ impl Tensor {
 
     /// A CPU tensor of `dtype` over `words`, its buffer as `Storage` lays it out (bf16: two
     /// values to a word); the contents are the caller's (a backend's output buffer).
-    pub(crate) fn from_cpu_words(words: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
+    pub(crate) fn from_cpu_words(words: HostBuf, shape: &[usize], dtype: DType) -> Tensor {
         let need = cpu_words(shape.iter().product(), dtype);
         assert_eq!(words.len(), need, "tensor buffer does not match shape {shape:?} of {}", dtype.name());
         Tensor { storage: Storage::Cpu(words), shape: shape.to_vec(), dtype }
@@ -157,7 +161,7 @@ impl Tensor {
         if let Storage::Cpu(v) = &mut self.storage {
             let v = std::mem::take(v);
             self.storage = Storage::CpuFrozen(Arc::from(&v[..]));
-            host_pool::give(v);
+            host_pool::give(v.into_words());
         }
         self
     }

@@ -37,6 +37,13 @@ const TILELOADD: usize = 2;
 const TILESTORED: usize = 3;
 const TDPBF16PS: usize = 4;
 const TILERELEASE: usize = 5;
+static WIDEST_LOAD: AtomicU64 = AtomicU64::new(0);
+
+/// The widest row stride (bytes) a `tileloadd` has used since the last call: 64 or 128 on
+/// packed slivers, a row's bytes on A read where it lies.
+pub fn take_widest_load() -> u64 {
+    WIDEST_LOAD.swap(0, Relaxed)
+}
 
 /// What every thread has run so far.
 pub fn counts() -> Counts {
@@ -227,6 +234,9 @@ unsafe fn emulate(ip: *const u8, g: &[i64; 23], t: &mut Tiles) -> Result<usize, 
                 }
             }
             COUNTS[if pp == 2 { TILESTORED } else { TILELOADD }].fetch_add(1, Relaxed);
+            if pp != 2 {
+                WIDEST_LOAD.fetch_max(stride, Relaxed);
+            }
             Ok(len)
         }
         // TDPBF16PS tmm1, tmm2, tmm3 (F3): tmm1 (ModRM.reg) += tmm2 (ModRM.rm) · tmm3 (vvvv),

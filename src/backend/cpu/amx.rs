@@ -63,6 +63,24 @@ unsafe fn configure() {
     }
 }
 
+/// Where a column's A tiles are: tile i's rows 0–15 for k-step t (32 k) at
+/// `at + i·tile + t·step`, rows 16–31 `half` further, each tile row `row` bytes after the last.
+#[derive(Clone, Copy)]
+struct ATiles {
+    at: *const Bf16,
+    tile: usize,
+    step: usize,
+    half: usize,
+    row: usize,
+}
+
+impl ATiles {
+    /// Packed slivers (`Layout { group: 32, depth: 32 }`), `step` elements apart.
+    fn packed(at: *const Bf16, tile: usize) -> Self {
+        ATiles { at, tile, step: 1024, half: 512, row: 64 }
+    }
+}
+
 /// 32 × 32 fp32, 64-byte aligned: where the four C tiles are stored.
 #[repr(C, align(64))]
 struct Block([f32; 32 * 32]);
@@ -82,7 +100,7 @@ impl Micro for Bf16Amx {
 
     unsafe fn tile(kc: usize, a: *const Bf16, b: *const Bf16, alpha: f32, beta: f32, out: TileOut) {
         // SAFETY: as the caller guarantees.
-        unsafe { pipelined(kc, (a, 0), b, (alpha, beta), std::iter::once(out)) }
+        unsafe { pipelined(kc, ATiles::packed(a, 0), b, (alpha, beta), std::iter::once(out)) }
     }
 
     unsafe fn column(
@@ -95,7 +113,26 @@ impl Micro for Bf16Amx {
         outs: impl Iterator<Item = TileOut>,
     ) {
         // SAFETY: as the caller guarantees.
-        unsafe { pipelined(kc, (a, step), b, (alpha, beta), outs) }
+        unsafe { pipelined(kc, ATiles::packed(a, step), b, (alpha, beta), outs) }
+    }
+
+    /// A's rows read where they lie when each starts on a 64-byte line and k is whole tile
+    /// rows (`gemm.rs` checks both): a tile row is then one line. Packing A was 11 % of a
+    /// 1152 × 256 × 768 product on one core (Xeon VM, session 37).
+    const ROWS_A_BF16: bool = true;
+
+    unsafe fn column_rows(
+        kc: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const Bf16,
+        alpha: f32,
+        beta: f32,
+        outs: impl Iterator<Item = TileOut>,
+    ) {
+        let rows = ATiles { at: a as *const Bf16, tile: 32 * lda, step: 32, half: 16 * lda, row: 2 * lda };
+        // SAFETY: as the caller guarantees (kc a multiple of 32: every tile row read is A's).
+        unsafe { pipelined(kc, rows, b, (alpha, beta), outs) }
     }
 
     /// `vcvtneps2bf16`, as `Bf16Avx512` (every AMX CPU has AVX-512 BF16: `dispatch.rs`).
@@ -129,7 +166,7 @@ impl Micro for Bf16Amx {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn pipelined(
     kc: usize,
-    (a, step): (*const Bf16, usize),
+    a: ATiles,
     b: *const Bf16,
     (alpha, beta): (f32, f32),
     outs: impl Iterator<Item = TileOut>,
@@ -138,15 +175,14 @@ unsafe fn pipelined(
     let blocks = [blocks[0].as_mut_ptr(), blocks[1].as_mut_ptr()];
     // The tile whose block waits to be written, and that block.
     let mut pending: Option<(TileOut, *const Block)> = None;
-    // SAFETY: tile i's step t reads A at a + i·step + t·1024 (two 16 × 64-byte tiles, 1 KiB
-    // apart) and B at b + t·1024 (16 rows of 128 bytes, the second tile 64 bytes in), inside
-    // the slivers padded to 32 k; the stores write a 4 KiB block, read back only once
-    // written; the rest as the caller guarantees.
+    // SAFETY: tile i's step t reads A's two 16-row tiles as `a` places them and B at
+    // b + t·1024 (16 rows of 128 bytes, the second tile 64 bytes in), inside the slivers
+    // padded to 32 k; the stores write a 4 KiB block, read back only once written; the rest
+    // as the caller guarantees.
     unsafe {
         configure();
         for (i, out) in outs.enumerate() {
-            let (at, block) = (a.add(i * step), blocks[i % 2]);
-            out.prefetch();
+            let (at, block) = (a.at.add(i * a.tile), blocks[i % 2]);
             asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
@@ -155,8 +191,11 @@ unsafe fn pipelined(
                 options(nostack, nomem, preserves_flags)
             );
             let steps = kc.div_ceil(32);
+            // This tile's rows of C, stored during the next tile's products, asked for into
+            // L2 a few rows a step.
+            let rows_a_step = 32usize.div_ceil(steps);
             for t in 0..steps {
-                let (at, bt) = (at.add(t * 1024), b.add(t * 1024));
+                let (at, bt) = (at.add(t * a.step), b.add(t * 1024));
                 // Each product issued as soon as its two tiles are loaded.
                 asm!(
                     "tileloadd tmm4, [{a0} + {row_a}*1]",
@@ -168,13 +207,14 @@ unsafe fn pipelined(
                     "tdpbf16ps tmm2, tmm5, tmm6",
                     "tdpbf16ps tmm3, tmm5, tmm7",
                     a0 = in(reg) at,
-                    a1 = in(reg) at.add(512),
+                    a1 = in(reg) at.add(a.half),
                     b0 = in(reg) bt,
                     b1 = in(reg) bt.add(32),
-                    row_a = in(reg) 64usize,
+                    row_a = in(reg) a.row,
                     row_b = in(reg) 128usize,
                     options(nostack, readonly, preserves_flags)
                 );
+                out.prefetch_rows_to_l2(t * rows_a_step, rows_a_step);
                 if let Some((out, stored)) = pending {
                     store_rows(stored, 4 * t, 4 * t + 4, alpha, beta, out);
                 }

@@ -9,6 +9,8 @@
 
 use rayon::prelude::*;
 
+use crate::tensor::HostBuf;
+
 use super::dispatch::{self, CpuPath};
 #[cfg(target_arch = "x86_64")]
 use super::elementwise::exp_fast_avx512;
@@ -82,7 +84,7 @@ fn softmax_bwd_rows_inline(ds: &mut [f32], p: &[f32], len: usize, scale: f32) {
 /// Context `[tokens, d]` and probabilities (per item and head, `len × len`) of values stored
 /// as `store`; with bf16 the probabilities are rounded before P V (`probabilities`). A bf16
 /// qkv in 2 bytes is widened an item at a time, while the item's rows are in cache.
-pub fn forward(qkv: View, offsets: &[usize], heads: usize, store: DType) -> (Vec<f32>, Vec<f32>) {
+pub fn forward(qkv: View, offsets: &[usize], heads: usize, store: DType) -> (HostBuf, HostBuf) {
     let kernels = dispatch::current();
     let tokens = offsets[offsets.len() - 1];
     let d = qkv.len() / tokens.max(1) / 3;
@@ -592,7 +594,7 @@ unsafe fn times<const V: usize>(
 
 /// dqkv `[tokens, 3d]` of values stored as `store`; with bf16, dS is rounded before dQ and dK
 /// (`score_gradients`).
-pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dout: &[f32], store: DType) -> Vec<f32> {
+pub fn backward(qkv: &[f32], probs: &[f32], offsets: &[usize], heads: usize, dout: &[f32], store: DType) -> HostBuf {
     let kernels = dispatch::current();
     let tokens = offsets[offsets.len() - 1];
     let d = qkv.len() / tokens.max(1) / 3;

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::tensor::DType;
+use crate::tensor::{DType, HostBuf};
 
 use super::simd;
 
@@ -261,7 +261,7 @@ fn table_at(table: &Bf16Table, v: f32) -> f32 {
     table[(v.to_bits() >> 16) as usize]
 }
 
-pub fn gelu_fwd(x: &[f32]) -> Vec<f32> {
+pub fn gelu_fwd(x: &[f32]) -> HostBuf {
     let mut y = crate::tensor::host_pool::dirty(x.len()); // every element is written
     let body = |y: &mut [f32], x: &[f32]| {
         simd::vectorised!({
@@ -290,7 +290,7 @@ pub fn bias_gelu_dropout(
     cols: usize,
     rule: Option<DropoutRule>,
     store: DType,
-) -> Vec<f32> {
+) -> HostBuf {
     let mut h = crate::tensor::host_pool::dirty(u.len()); // every element is written
     if u.is_empty() {
         return h;
@@ -381,7 +381,7 @@ pub fn dropout_gelu_bwd(u: &[f32], dh: &mut [f32], rule: Option<DropoutRule>, st
     }
 }
 
-pub fn gelu_bwd(x: &[f32], dy: &[f32]) -> Vec<f32> {
+pub fn gelu_bwd(x: &[f32], dy: &[f32]) -> HostBuf {
     let mut dx = crate::tensor::host_pool::dirty(x.len()); // every element is written
     let body = |dx: &mut [f32], x: &[f32], dy: &[f32]| {
         simd::vectorised!({
@@ -527,7 +527,7 @@ pub fn l2_normalize_rows(x: &mut [f32], cols: usize) {
     }
 }
 
-pub fn gather_rows(table: &[f32], cols: usize, ids: &[u32]) -> Vec<f32> {
+pub fn gather_rows(table: &[f32], cols: usize, ids: &[u32]) -> HostBuf {
     let mut out = crate::tensor::host_pool::dirty(ids.len() * cols); // every element is written
     for (row, &id) in out.chunks_exact_mut(cols).zip(ids) {
         let id = id as usize;
@@ -560,7 +560,7 @@ pub fn set_rows_bwd(dx: &mut [f32], rows: &[u32], dvalue: &mut [f32]) {
     }
 }
 
-pub fn segment_mean_fwd(x: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
+pub fn segment_mean_fwd(x: &[f32], cols: usize, offsets: &[usize]) -> HostBuf {
     let items = offsets.len() - 1;
     let mut y = crate::tensor::host_pool::zeroed(items * cols);
     for (b, out) in y.chunks_exact_mut(cols).enumerate() {
@@ -574,7 +574,7 @@ pub fn segment_mean_fwd(x: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
     y
 }
 
-pub fn segment_mean_bwd(dy: &[f32], cols: usize, offsets: &[usize]) -> Vec<f32> {
+pub fn segment_mean_bwd(dy: &[f32], cols: usize, offsets: &[usize]) -> HostBuf {
     let mut dx = crate::tensor::host_pool::dirty(offsets[offsets.len() - 1] * cols); // every element is written
     for (b, g) in dy.chunks_exact(cols).enumerate() {
         let (s, e) = (offsets[b], offsets[b + 1]);

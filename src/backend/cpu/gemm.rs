@@ -533,7 +533,7 @@ where
             }
         }
     }
-    crate::tensor::host_pool::give(wide);
+    crate::tensor::host_pool::give(wide.into_words());
 }
 
 /// `f(start, len)` on each of `parts` consecutive pieces of `0..total`, each piece but the
@@ -701,10 +701,17 @@ where
     // A's rows read where they lie when they run along k: only a last, partial sliver is
     // packed (the kernel reads MR whole rows).
     let rows_a = K::ROWS_A && sa.cs == 1 && matches!(p.a, Source::F32(_));
+    // A bf16 A's rows too, on AMX, when each row starts on a 64-byte line and k is whole tile
+    // rows (`Micro::column_rows`): a misaligned tile row spans two lines, and the tile loads
+    // then took 2–3× as long (session 36).
+    let rows_bf16 = K::ROWS_A_BF16
+        && sa.cs == 1
+        && kc.is_multiple_of(32)
+        && matches!(p.a, Source::Bf16(a) if (a as usize).is_multiple_of(64) && (2 * sa.rs as usize).is_multiple_of(64));
     with_buffer::<K::Packed, _>(0, m.min(mc_max).next_multiple_of(mr) * kpa, |pa| {
         for ic in (0..m).step_by(mc_max) {
             let mc = mc_max.min(m - ic);
-            let whole = if rows_a { mc - mc % mr } else { 0 };
+            let whole = if rows_a || rows_bf16 { mc - mc % mr } else { 0 };
             // SAFETY (all below): the packed blocks are read inside what was packed, A's
             // whole slivers inside A, and every tile of C written is inside the m × nc block.
             unsafe {
@@ -727,20 +734,28 @@ where
                             bf16: p.c_bf16,
                         }
                     };
-                    if let Source::F32(a) = p.a {
-                        for ir in (0..whole).step_by(mr) {
-                            let out = out_at(ir);
-                            out.prefetch();
-                            K::tile_rows(
-                                kc,
-                                a.offset((ic + ir) as isize * sa.rs),
-                                sa.rs as usize,
-                                bs,
-                                p.alpha,
-                                p.beta,
-                                out,
-                            );
+                    match p.a {
+                        Source::F32(a) => {
+                            for ir in (0..whole).step_by(mr) {
+                                let out = out_at(ir);
+                                out.prefetch();
+                                K::tile_rows(
+                                    kc,
+                                    a.offset((ic + ir) as isize * sa.rs),
+                                    sa.rs as usize,
+                                    bs,
+                                    p.alpha,
+                                    p.beta,
+                                    out,
+                                );
+                            }
                         }
+                        Source::Bf16(a) if whole > 0 => {
+                            let rows = (0..whole).step_by(mr).map(out_at);
+                            let a = a.offset(ic as isize * sa.rs);
+                            K::column_rows(kc, a, sa.rs as usize, bs, p.alpha, p.beta, rows);
+                        }
+                        Source::Bf16(_) => {}
                     }
                     let packed = (whole..mc).step_by(mr).map(out_at);
                     K::column(kc, pa.as_ptr(), mr * kpa, bs, p.alpha, p.beta, packed);

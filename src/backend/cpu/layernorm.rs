@@ -6,11 +6,11 @@ use rayon::prelude::*;
 
 use super::elementwise::{DropoutRule, sum2};
 use super::simd;
-use crate::tensor::DType;
+use crate::tensor::{DType, HostBuf};
 
 const PAR_ROWS: usize = 64;
 /// y = LN(x) stored as `store` (bf16: each value rounded once), and (mean, rstd) per row.
-pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, store: DType) -> (Vec<f32>, Vec<f32>) {
+pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, store: DType) -> (HostBuf, HostBuf) {
     let d = gamma.len();
     let rows = x.len() / d;
     let mut y = crate::tensor::host_pool::dirty(x.len()); // every element is written
@@ -75,7 +75,7 @@ pub fn residual_forward(
     eps: f32,
     dropout: Option<DropoutRule>,
     store: DType,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (HostBuf, HostBuf) {
     let d = gamma.len();
     let rows = a.len() / d;
     let mut y = crate::tensor::host_pool::dirty(a.len()); // every element is written
@@ -170,7 +170,7 @@ pub fn residual_backward(
     dbeta: &mut [f32],
     dropout: Option<DropoutRule>,
     store: DType,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (HostBuf, HostBuf) {
     let d = gamma.len();
     let rows = s.len() / d;
     let mut dx = crate::tensor::host_pool::dirty(s.len()); // every element is written
@@ -249,7 +249,7 @@ pub fn backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
     store: DType,
-) -> Vec<f32> {
+) -> HostBuf {
     let d = gamma.len();
     let rows = x.len() / d;
     let mut dx = crate::tensor::host_pool::dirty(x.len()); // every element is written

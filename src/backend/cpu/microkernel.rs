@@ -232,6 +232,29 @@ pub trait Micro {
         unreachable!("tile_rows on a kernel that multiplies packed A only")
     }
 
+    /// The kernel multiplies a bf16 A's rows where they lie ([`Micro::column_rows`]): AMX,
+    /// whose A tile rows are 32 consecutive k of one row, as a row-major A holds them.
+    const ROWS_A_BF16: bool = false;
+
+    /// [`Micro::column`] on bf16 A's rows where they lie: tile i's `MR` rows from
+    /// `a + i·MR·lda`, row r's `kc` values contiguous from `a + r·lda`. The same products in
+    /// the same order as on the packed slivers, so the same bits.
+    ///
+    /// # Safety
+    /// As for [`Micro::column`], with each tile's `MR` whole rows at `a` (`out.rows == MR`), and
+    /// only on a kernel with `ROWS_A_BF16`, with `a` and `lda` as that kernel requires.
+    unsafe fn column_rows(
+        _kc: usize,
+        _a: *const u16,
+        _lda: usize,
+        _b: *const Self::Packed,
+        _alpha: f32,
+        _beta: f32,
+        _outs: impl Iterator<Item = TileOut>,
+    ) {
+        unreachable!("column_rows on a kernel that multiplies packed A only")
+    }
+
     /// Called on a block's slivers once they are packed (`pack`): `Bf16OnF32` rounds them.
     ///
     /// # Safety

@@ -167,9 +167,8 @@ impl Backend for Cpu {
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         let _timer = profile::time("upload");
         expect_len("upload", "data", data.len(), shape.iter().product())?;
-        let mut v = host_pool::take(data.len());
-        v.clear();
-        v.extend_from_slice(data);
+        let mut v = host_pool::dirty(data.len());
+        v.copy_from_slice(data);
         Ok(Tensor::from_cpu(v, shape))
     }
 

@@ -4,6 +4,15 @@
 
 use crate::tensor::DType;
 
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_L1: i32 = std::arch::x86_64::_MM_HINT_T0;
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_L2: i32 = std::arch::x86_64::_MM_HINT_T1;
+#[cfg(not(target_arch = "x86_64"))]
+const PREFETCH_L1: i32 = 0;
+#[cfg(not(target_arch = "x86_64"))]
+const PREFETCH_L2: i32 = 0;
+
 /// Where one tile of C goes: `c[i·rs + j·cs]` for i < rows ≤ MR, j < cols ≤ NR.
 #[derive(Clone, Copy)]
 pub struct TileOut {
@@ -35,23 +44,46 @@ impl TileOut {
     /// The tile is inside C.
     #[inline(always)]
     pub unsafe fn prefetch(&self) {
+        // SAFETY: as the caller guarantees.
+        unsafe { self.prefetch_rows::<{ PREFETCH_L1 }>(0, self.rows) }
+    }
+
+    /// Rows `first..first + rows` of the tile (those of them it has) asked for into L2 only,
+    /// a few at a time beside a kernel's products (AMX's `pipelined`): the 32 lines of a
+    /// tile asked for into L1 at once held the fill buffers its operands' tile loads wait
+    /// on (session 37).
+    ///
+    /// # Safety
+    /// The tile is inside C.
+    #[inline(always)]
+    pub unsafe fn prefetch_rows_to_l2(&self, first: usize, rows: usize) {
+        // SAFETY: as the caller guarantees.
+        unsafe { self.prefetch_rows::<{ PREFETCH_L2 }>(first, rows) }
+    }
+
+    /// Each 64-byte line of rows `first..first + rows` (within the tile's) asked for with
+    /// `HINT`, when C's rows are contiguous (`cs` = 1).
+    #[inline(always)]
+    unsafe fn prefetch_rows<const HINT: i32>(&self, first: usize, rows: usize) {
         #[cfg(target_arch = "x86_64")]
         if self.cs == 1 {
             use std::arch::x86_64::*;
             let size = if self.bf16 { 2 } else { 4 };
-            for i in 0..self.rows as isize {
+            for i in first..(first + rows).min(self.rows) {
                 // SAFETY: a prefetch never faults; the addresses are elements of C's row i:
                 // one a line's width apart and the last, so each 64-byte line the row's
                 // columns touch is asked for (a row that does not start a line spans more).
                 unsafe {
-                    let row = (self.c as *const i8).offset(i * self.rs * size);
+                    let row = (self.c as *const i8).offset(i as isize * self.rs * size);
                     for j in (0..self.cols).step_by(64 / size as usize) {
-                        _mm_prefetch::<_MM_HINT_T0>(row.add(j * size as usize));
+                        _mm_prefetch::<HINT>(row.add(j * size as usize));
                     }
-                    _mm_prefetch::<_MM_HINT_T0>(row.add((self.cols.max(1) - 1) * size as usize));
+                    _mm_prefetch::<HINT>(row.add((self.cols.max(1) - 1) * size as usize));
                 }
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (first, rows);
     }
 
     /// The tile's rows from `first` on, at most `rows` of them (none past its last).

@@ -9,12 +9,12 @@ use std::ops::Deref;
 
 use super::elementwise::{narrow, widen};
 use super::gemm::{Input, Output};
-use crate::tensor::{DType, Tensor, View, ViewMut, host_pool};
+use crate::tensor::{DType, HostBuf, Tensor, View, ViewMut, host_pool};
 
 /// A view's values as f32: an f32 view's own, a bf16 one's widened into a pooled buffer.
 pub enum Wide<'a> {
     Borrowed(&'a [f32]),
-    Owned(Vec<f32>),
+    Owned(HostBuf),
 }
 
 impl Deref for Wide<'_> {
@@ -31,7 +31,7 @@ impl Deref for Wide<'_> {
 impl Drop for Wide<'_> {
     fn drop(&mut self) {
         if let Wide::Owned(v) = self {
-            host_pool::give(std::mem::take(v));
+            host_pool::give(std::mem::take(v).into_words());
         }
     }
 }
@@ -73,7 +73,7 @@ pub fn in_f32<R>(v: ViewMut<'_>, f: impl FnOnce(&mut [f32]) -> R) -> R {
             widen(bits, &mut values);
             let r = f(&mut values);
             narrow(&values, bits);
-            host_pool::give(values);
+            host_pool::give(values.into_words());
             r
         }
         v => f(v.cpu()),
@@ -87,7 +87,7 @@ pub fn tensor_in_f32<R>(t: &mut Tensor, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// A backend op's output: `values` (already rounded to `dtype`) as a tensor of `dtype`; bf16
 /// narrowed into a buffer of its own, `values` going back to the pool.
-pub fn stored(values: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
+pub fn stored(values: impl Into<HostBuf>, shape: &[usize], dtype: DType) -> Tensor {
     let t = Tensor::from_cpu(values, shape);
     retyped(t, dtype)
 }
