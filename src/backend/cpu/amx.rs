@@ -8,7 +8,8 @@
 //! The tiles' operand layouts are the slivers':
 //!
 //! - A: `[k / 32][32 rows][32 k]`: a tile row is one row's 32 k, 64 bytes, rows 64 apart
-//!   (`Layout { group: 32, depth: 32 }`);
+//!   (`Layout { group: 32, depth: 32 }`); or A's own rows where they lie, when each starts on
+//!   a 64-byte line (`column_rows`), rows a row's bytes apart;
 //! - B: `[k / 2][32 columns][2 k]`, the pair layout of `vdpbf16ps` (microkernel.rs), padded
 //!   to 32 k: 16 pair rows of 32 columns are two B tiles side by side, rows 128 bytes apart.
 //!
@@ -158,7 +159,10 @@ impl Micro for Bf16Amx {
 /// rows a step of k. The AMX unit runs the products while the AVX-512 units convert and store.
 /// A 32 × 32 tile at k = 256 (256 KiB of A slivers in L2, B's in L1; Xeon VM, session 36)
 /// took 270–280 ns for its products and 445–470 ns with its store after them; 385–430 ns with
-/// the previous tile's store interleaved.
+/// the previous tile's store interleaved. The tile's own rows of C are asked for into L2 a few
+/// a step: all 32 lines into L1 before the products (session 36) held the fill buffers the
+/// tile loads wait on, and cost as much as the stores (1152 × 256 × 768 on one core, C on
+/// lines: 410–440 µs against 350–375; session 37).
 ///
 /// # Safety
 /// As `Micro::tile`'s, for every tile: the CPU has AMX-TILE and AMX-BF16, the permission,
