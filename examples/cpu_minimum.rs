@@ -15,7 +15,7 @@ use semshare::backend::cpu::{Cpu, dispatch, gemm as cpu_gemm};
 use semshare::backend::{Backend, Gemm, Precision};
 use semshare::model::{Batch, EmbeddingKind, ImageBatch, ModelConfig, SemShare, TextBatch};
 use semshare::rng::Rng;
-use semshare::tensor::{DType, Tensor};
+use semshare::tensor::{DType, Tensor, host_pool};
 use semshare::{Error, Result};
 use std::time::Instant;
 
@@ -117,14 +117,16 @@ fn run() -> Result<()> {
             let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
             let packed =
                 if once { cpu_gemm::PackedB::new(kernels, precision, g, cpu_gemm::Input::F32(&b)) } else { None };
-            let mut c = vec![0f32; m * n];
-            // In tensors, as the model's are: each buffer starts on a 64-byte line.
+            // A and C in pooled buffers, as the model's tensors are: each starts on a 64-byte line.
+            let mut a32 = host_pool::dirty(m * k);
+            a32.copy_from_slice(&a);
+            let mut c = host_pool::zeroed(m * n);
             let a16 = Tensor::from_cpu_as(a.clone(), &[m, k], DType::Bf16);
             let mut c16 = Tensor::from_cpu_as(vec![0.0; m * n], &[m, n], DType::Bf16);
             let [min, q1, med] = timed(3, runs, || {
                 let (input, output) = match two_bytes {
                     true => (cpu_gemm::Input::Bf16(a16.cpu_bf16()), cpu_gemm::Output::Bf16(c16.cpu_bf16_mut())),
-                    false => (cpu_gemm::Input::F32(&a), cpu_gemm::Output::F32(&mut c, store)),
+                    false => (cpu_gemm::Input::F32(&a32), cpu_gemm::Output::F32(&mut c, store)),
                 };
                 cpu_gemm::gemm_packed(
                     kernels,
