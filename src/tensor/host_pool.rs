@@ -77,8 +77,10 @@ pub fn zeroed(n: usize) -> HostBuf {
 /// overwritten whole (a GEMM with beta = 0): a recycled buffer's old contents are kept, not
 /// cleared.
 pub fn dirty(n: usize) -> HostBuf {
-    let mut words = take(n + SLACK);
+    let mut words = take(n);
     let skip = skip_of(&words);
+    // Room for the line's skip too, so the resize below never moves the buffer off its line.
+    debug_assert!(words.capacity() >= skip + n);
     if words.len() >= skip + n {
         words.truncate(skip + n);
     } else {
@@ -87,9 +89,10 @@ pub fn dirty(n: usize) -> HostBuf {
     HostBuf { words, skip, len: n }
 }
 
-/// A recycled buffer (its old contents still there) with capacity for at least `n` elements,
-/// or a new empty one.
+/// A recycled buffer (its old contents still there) with room for `n` elements from its first
+/// line, or a new empty one.
 fn take(n: usize) -> Vec<f32> {
+    let room = |v: &Vec<f32>| skip_of(v) + n;
     if n >= MIN_LEN {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         // Best fit among buffers no more than twice the request, and first among those whose
@@ -100,8 +103,8 @@ fn take(n: usize) -> Vec<f32> {
             .free
             .iter()
             .enumerate()
-            .filter(|(_, v)| v.capacity() >= n && v.capacity() <= 2 * n)
-            .min_by_key(|(_, v)| (v.len() < n, v.capacity()))
+            .filter(|(_, v)| v.capacity() >= room(v) && v.capacity() <= 2 * n)
+            .min_by_key(|(_, v)| (v.len() < room(v), v.capacity()))
             .map(|(i, _)| i);
         if let Some(i) = best {
             let v = pool.free.swap_remove(i);
@@ -109,7 +112,7 @@ fn take(n: usize) -> Vec<f32> {
             return v;
         }
     }
-    Vec::with_capacity(n)
+    Vec::with_capacity(n + SLACK)
 }
 
 /// Hand a buffer back for reuse.
@@ -145,6 +148,10 @@ mod tests {
         let got = dirty(n - 1 - SLACK);
         assert_eq!(got.words.as_ptr(), want);
         assert_eq!(got.len(), n - 1 - SLACK);
+        give(got.into_words());
+        // Given back, it covers the same request again from its line: taken as it is.
+        let again = dirty(n - 1 - SLACK);
+        assert_eq!(again.words.as_ptr(), want);
     }
 
     /// Every buffer `dirty` and `zeroed` hand out starts on a 64-byte line, new or recycled,
