@@ -6,6 +6,8 @@
 //! outputs must be finite and bit-identical under both poisons: an element the op forgot to
 //! write would hold the poison.
 //!
+//! Every output must also start on a 64-byte line (`host`).
+//!
 //! One #[test] only, so no other test of this binary takes or returns pool buffers meanwhile.
 
 mod common;
@@ -14,8 +16,11 @@ use common::{rand_ids, randv, segments};
 use semshare::backend::Backend;
 use semshare::nn::{Dropout, EncoderBlock, Linear, ParamStore};
 
-/// A CPU tensor's values (`download`, without borrowing the backend).
+/// A CPU tensor's values (`download`, without borrowing the backend). Each backend output
+/// starts on a 64-byte line, recycled or not (`tensor::HostBuf`: the AMX GEMM reads A's rows
+/// in place only then).
 fn host(t: &semshare::tensor::Tensor) -> Vec<f32> {
+    assert_eq!(t.cpu().as_ptr() as usize % 64, 0, "an output of {} values is off a 64-byte line", t.len());
     t.cpu().to_vec()
 }
 
