@@ -35,13 +35,6 @@ pub struct HostBuf {
     len: usize,
 }
 
-impl HostBuf {
-    /// The whole allocation back, for the pool.
-    pub fn into_words(self) -> Vec<f32> {
-        self.words
-    }
-}
-
 impl From<Vec<f32>> for HostBuf {
     fn from(words: Vec<f32>) -> Self {
         HostBuf { len: words.len(), words, skip: 0 }
@@ -115,8 +108,9 @@ fn take(n: usize) -> Vec<f32> {
     Vec::with_capacity(n + SLACK)
 }
 
-/// Hand a buffer back for reuse.
-pub fn give(v: Vec<f32>) {
+/// Hand a buffer back for reuse: its whole allocation, wherever its line started.
+pub fn give(buf: HostBuf) {
+    let v = buf.words;
     if v.capacity() < MIN_LEN {
         return;
     }
@@ -143,12 +137,12 @@ mod tests {
         long.resize(n, 2.0f32);
         assert_eq!((short.capacity(), long.capacity()), (n, n), "the allocator rounded a capacity");
         let want = long.as_ptr();
-        give(short);
-        give(long);
+        give(short.into());
+        give(long.into());
         let got = dirty(n - 1 - SLACK);
         assert_eq!(got.words.as_ptr(), want);
         assert_eq!(got.len(), n - 1 - SLACK);
-        give(got.into_words());
+        give(got);
         // Given back, it covers the same request again from its line: taken as it is.
         let again = dirty(n - 1 - SLACK);
         assert_eq!(again.words.as_ptr(), want);
@@ -161,11 +155,11 @@ mod tests {
         for n in [1, 15, 16, 4095, 4096, 10_000, 123_457] {
             let b = dirty(n);
             assert_eq!((b.as_ptr() as usize % LINE, b.len()), (0, n), "dirty({n})");
-            give(b.into_words());
+            give(b);
             let z = zeroed(n);
             assert_eq!(z.as_ptr() as usize % LINE, 0, "zeroed({n})");
             assert!(z.iter().all(|&v| v == 0.0), "zeroed({n})");
-            give(z.into_words());
+            give(z);
         }
     }
 }

@@ -93,7 +93,7 @@ impl Clone for Tensor {
 impl Drop for Tensor {
     fn drop(&mut self) {
         match &mut self.storage {
-            Storage::Cpu(v) => host_pool::give(std::mem::take(v).into_words()),
+            Storage::Cpu(v) => host_pool::give(std::mem::take(v)),
             Storage::CpuFrozen(_) => {}
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {} // DevBuf's own drop returns the block to its pool
@@ -161,7 +161,7 @@ impl Tensor {
         if let Storage::Cpu(v) = &mut self.storage {
             let v = std::mem::take(v);
             self.storage = Storage::CpuFrozen(Arc::from(&v[..]));
-            host_pool::give(v.into_words());
+            host_pool::give(v);
         }
         self
     }

@@ -533,7 +533,7 @@ where
             }
         }
     }
-    crate::tensor::host_pool::give(wide.into_words());
+    crate::tensor::host_pool::give(wide);
 }
 
 /// `f(start, len)` on each of `parts` consecutive pieces of `0..total`, each piece but the

@@ -31,7 +31,7 @@ impl Deref for Wide<'_> {
 impl Drop for Wide<'_> {
     fn drop(&mut self) {
         if let Wide::Owned(v) = self {
-            host_pool::give(std::mem::take(v).into_words());
+            host_pool::give(std::mem::take(v));
         }
     }
 }
@@ -73,7 +73,7 @@ pub fn in_f32<R>(v: ViewMut<'_>, f: impl FnOnce(&mut [f32]) -> R) -> R {
             widen(bits, &mut values);
             let r = f(&mut values);
             narrow(&values, bits);
-            host_pool::give(values.into_words());
+            host_pool::give(values);
             r
         }
         v => f(v.cpu()),
