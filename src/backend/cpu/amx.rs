@@ -118,9 +118,12 @@ impl Micro for Bf16Amx {
     }
 
     /// A's rows read where they lie when each starts on a 64-byte line and k is whole tile
-    /// rows (`gemm.rs` checks both): a tile row is then one line. Packing A was 11 % of a
-    /// 1152 × 256 × 768 product on one core (Xeon VM, session 37).
-    const ROWS_A_BF16: bool = true;
+    /// rows: a tile row is then one line (a misaligned one spans two, and the tile loads took
+    /// 2–3× as long, session 36). Packing A was 11 % of a 1152 × 256 × 768 product on one core
+    /// (Xeon VM, session 37).
+    fn reads_bf16_rows(a: *const u16, lda: usize, kc: usize) -> bool {
+        (a as usize).is_multiple_of(64) && (2 * lda).is_multiple_of(64) && kc.is_multiple_of(32)
+    }
 
     unsafe fn column_rows(
         kc: usize,

@@ -701,13 +701,8 @@ where
     // A's rows read where they lie when they run along k: only a last, partial sliver is
     // packed (the kernel reads MR whole rows).
     let rows_a = K::ROWS_A && sa.cs == 1 && matches!(p.a, Source::F32(_));
-    // A bf16 A's rows too, on AMX, when each row starts on a 64-byte line and k is whole tile
-    // rows (`Micro::column_rows`): a misaligned tile row spans two lines, and the tile loads
-    // then took 2–3× as long (session 36).
-    let rows_bf16 = K::ROWS_A_BF16
-        && sa.cs == 1
-        && kc.is_multiple_of(32)
-        && matches!(p.a, Source::Bf16(a) if (a as usize).is_multiple_of(64) && (2 * sa.rs as usize).is_multiple_of(64));
+    // A bf16 A's rows too, where the kernel can (AMX, rows on lines: `Micro::column_rows`).
+    let rows_bf16 = sa.cs == 1 && matches!(p.a, Source::Bf16(a) if K::reads_bf16_rows(a, sa.rs as usize, kc));
     with_buffer::<K::Packed, _>(0, m.min(mc_max).next_multiple_of(mr) * kpa, |pa| {
         for ic in (0..m).step_by(mc_max) {
             let mc = mc_max.min(m - ic);

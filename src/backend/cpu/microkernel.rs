@@ -232,9 +232,12 @@ pub trait Micro {
         unreachable!("tile_rows on a kernel that multiplies packed A only")
     }
 
-    /// The kernel multiplies a bf16 A's rows where they lie ([`Micro::column_rows`]): AMX,
-    /// whose A tile rows are 32 consecutive k of one row, as a row-major A holds them.
-    const ROWS_A_BF16: bool = false;
+    /// Whether the kernel multiplies a bf16 A's rows where they lie ([`Micro::column_rows`]),
+    /// rows `lda` elements apart from `a`, over `kc` steps of k: AMX, whose A tile rows are 32
+    /// consecutive k of one row as a row-major A holds them, when its rows start on lines.
+    fn reads_bf16_rows(_a: *const u16, _lda: usize, _kc: usize) -> bool {
+        false
+    }
 
     /// [`Micro::column`] on bf16 A's rows where they lie: tile i's `MR` rows from
     /// `a + i·MR·lda`, row r's `kc` values contiguous from `a + r·lda`. The same products in
@@ -242,7 +245,7 @@ pub trait Micro {
     ///
     /// # Safety
     /// As for [`Micro::column`], with each tile's `MR` whole rows at `a` (`out.rows == MR`), and
-    /// only on a kernel with `ROWS_A_BF16`, with `a` and `lda` as that kernel requires.
+    /// only where [`Micro::reads_bf16_rows`] holds for `a`, `lda` and `kc`.
     unsafe fn column_rows(
         _kc: usize,
         _a: *const u16,
